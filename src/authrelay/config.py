@@ -1,0 +1,446 @@
+"""Configuration: one TOML file -> frozen dataclasses.
+
+Owns: the names of every setting (the product's interface: keep them stable), their
+defaults, and validation. Contract: `load(path)` returns a `Config` or raises
+`ConfigError` whose message names the offending key path (e.g. `limits.max_recipients`)
+and why. Unknown keys are errors, so a typo never silently falls back to a default.
+
+Lookup order for every command: --config FILE, $AUTHRELAY_CONFIG, ./authrelay.toml,
+else the embedded default (state under ./var, self-signed cert, ports 2525/2587/2465
+when not root).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_VAR = "AUTHRELAY_CONFIG"
+LOCAL_FILE = "authrelay.toml"
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key path and the reason."""
+
+
+# --------------------------------------------------------------------------- values
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.I)
+_SIZE_UNITS = {
+    None: 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+    "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+}
+
+
+def parse_duration(value: Any, key: str = "duration") -> float:
+    """'10m' -> 600.0 seconds; bare numbers are seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration like '10m', got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ConfigError(f"{key}: expected a duration like '30s', '10m', '4h', '5d', got {value!r}")
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """'20MB' -> 20000000 bytes; bare numbers are bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size like '20MB', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            unit = m.group(2).lower() if m.group(2) else None
+            return int(m.group(1)) * _SIZE_UNITS[unit]
+    raise ConfigError(f"{key}: expected a size like '20MB' or a number of bytes, got {value!r}")
+
+
+def parse_hostport(value: str, key: str, default_port: int | None = None) -> tuple[str, int]:
+    """'host:port', '[::1]:587', or 'host' when a default port is given."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected 'host:port', got {value!r}")
+    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", value)
+    if m:
+        host, port = m.group(1), m.group(2)
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    elif value.count(":") == 0:
+        host, port = value, None
+    else:  # bare IPv6 without brackets: no port
+        host, port = value, None
+    if port is None:
+        if default_port is None:
+            raise ConfigError(f"{key}: {value!r} has no port (write host:port)")
+        return host, default_port
+    p = int(port)
+    if not 0 <= p <= 65535:
+        raise ConfigError(f"{key}: port {p} out of range")
+    return host, p
+
+
+# --------------------------------------------------------------------------- sections
+
+@dataclass(frozen=True)
+class Listen:
+    address: str = "127.0.0.1:2587"
+    mode: str = "submission"  # smtp | submission | submissions
+    proxy_protocol: bool = False
+
+    @property
+    def host(self) -> str:
+        return parse_hostport(self.address, "listen.address")[0]
+
+    @property
+    def port(self) -> int:
+        return parse_hostport(self.address, "listen.address")[1]
+
+
+@dataclass(frozen=True)
+class TLS:
+    cert: str = ""  # empty: <state_dir>/tls/cert.pem, self-signed on first start
+    key: str = ""
+    min_version: str = "1.2"  # 1.2 | 1.3
+
+
+@dataclass(frozen=True)
+class Auth:
+    backend: str = "userdb"  # userdb | saslauthd:PATH | dovecot:PATH
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    sender_policy: str = "any"  # any | own
+    backend_timeout: float = 5.0
+    cache_ttl: float = 300.0  # verified-credential cache lifetime; 0 disables
+    hash_threads: int = 4  # bounded pool for argon2 so hashing never starves sessions
+    failure_window: float = 900.0  # per-IP / per-user failure counting window
+    max_failures_per_ip: int = 10
+    max_failures_per_user: int = 10
+    failure_delay: float = 1.0  # every failed AUTH answered after this delay
+
+
+@dataclass(frozen=True)
+class Relay:
+    local_domains: tuple[str, ...] = ()
+    trusted_networks: tuple[str, ...] = ()
+    smart_host: tuple[str, ...] = ()
+    smart_host_tls: str = "starttls"  # starttls | tls | none
+    smart_host_user: str = ""
+    smart_host_password_file: str = ""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    port: int = 25
+    tls: str = "may"  # may | encrypt
+    nameservers: tuple[str, ...] = ()
+    retry: tuple[float, ...] = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
+    max_queue_lifetime: float = 5 * 86400.0
+    delay_warning: float = 4 * 3600.0  # 0 disables delay DSNs
+    concurrency: int = 100  # deliveries in flight, all destinations
+    concurrency_per_domain: int = 20
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0  # RFC 5321 4.5.3.2: 5 min for MAIL/RCPT
+    data_timeout: float = 600.0  # RFC 5321 4.5.3.2: 10 min for the final dot
+    dns_timeout: float = 10.0
+    tls_verify: bool = False  # opportunistic TLS to MX does not verify (RFC 7435)
+    max_idle_connections: int = 50  # outbound connection cache
+    idle_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_size: int = 20480000
+    max_recipients: int = 100
+    max_connections: int = 100
+    max_connections_per_ip: int = 20
+    connection_rate: int = 0  # per second, all clients; 0 = off
+    connection_rate_per_ip: int = 60  # per minute; 0 = off
+    bad_rcpt_throttle: int = 5
+    bad_rcpt_limit: int = 20  # hard limit: then 421 and close
+    max_auth_failures: int = 3
+    command_timeout: float = 300.0
+    data_block_timeout: float = 600.0
+    data_final_timeout: float = 600.0
+    tls_handshake_timeout: float = 30.0
+    session_timeout: float = 3600.0
+    max_line_length: int = 512  # RFC 5321 4.5.3.1.4 command line incl. CRLF
+    max_auth_line_length: int = 12288  # RFC 4954 4: AUTH lines may be longer
+    max_text_line_length: int = 998  # RFC 5322 2.1.1 excluding CRLF
+    max_errors: int = 20  # syntax / protocol errors per session before 421
+    user_messages_per_hour: int = 0  # 0 = off
+    user_recipients_per_hour: int = 0  # 0 = off
+
+
+@dataclass(frozen=True)
+class Checks:
+    require_reverse_dns: bool = False  # only for clients that did not authenticate
+    dnsbl: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Log:
+    target: str = "stdout"  # stdout | stderr | file:PATH | syslog
+    format: str = "text"  # text | json
+    level: str = "info"  # debug tracing level for the `logging` module
+
+
+@dataclass(frozen=True)
+class Metrics:
+    address: str = ""  # e.g. "127.0.0.1:9587"; empty: off
+
+
+def _default_hostname() -> str:
+    name = socket.getfqdn()
+    return name if name and name != "localhost" else socket.gethostname() or "localhost"
+
+
+def _default_listeners() -> tuple[Listen, ...]:
+    # The embedded default is a first start or a trial: loopback only (never an open
+    # service) and unprivileged dev ports, so it runs the same as root or not. Production
+    # listeners (25/587/465 on public addresses) are set in the config file.
+    return (
+        Listen(address="127.0.0.1:2525", mode="smtp"),
+        Listen(address="127.0.0.1:2587", mode="submission"),
+        Listen(address="127.0.0.1:2465", mode="submissions"),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str = field(default_factory=_default_hostname)
+    state_dir: str = "./var"
+    user: str = ""  # run as this user after binding ports (when started as root)
+    workers: int = 0  # receiving processes sharing the ports; 0 = one per core
+    shutdown_timeout: float = 30.0
+    listen: tuple[Listen, ...] = field(default_factory=_default_listeners)
+    tls: TLS = field(default_factory=TLS)
+    auth: Auth = field(default_factory=Auth)
+    relay: Relay = field(default_factory=Relay)
+    delivery: Delivery = field(default_factory=Delivery)
+    limits: Limits = field(default_factory=Limits)
+    checks: Checks = field(default_factory=Checks)
+    log: Log = field(default_factory=Log)
+    metrics: Metrics = field(default_factory=Metrics)
+    source: str = "<embedded default>"  # where this config came from (not a TOML key)
+
+    # Derived paths -------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_path / "spool"
+
+    @property
+    def userdb_path(self) -> Path:
+        return self.state_path / "users.db"
+
+    @property
+    def cert_path(self) -> Path:
+        return Path(self.tls.cert) if self.tls.cert else self.state_path / "tls" / "cert.pem"
+
+    @property
+    def key_path(self) -> Path:
+        return Path(self.tls.key) if self.tls.key else self.state_path / "tls" / "key.pem"
+
+    @property
+    def self_signed(self) -> bool:
+        """True when no certificate was configured: one is made on first start."""
+        return not self.tls.cert and not self.tls.key
+
+
+# --------------------------------------------------------------------------- parsing
+
+_SECTIONS: dict[str, type] = {
+    "tls": TLS, "auth": Auth, "relay": Relay, "delivery": Delivery, "limits": Limits,
+    "checks": Checks, "log": Log, "metrics": Metrics,
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "listen.mode": ("smtp", "submission", "submissions"),
+    "tls.min_version": ("1.2", "1.3"),
+    "auth.sender_policy": ("any", "own"),
+    "relay.smart_host_tls": ("starttls", "tls", "none"),
+    "delivery.tls": ("may", "encrypt"),
+    "log.format": ("text", "json"),
+    "log.level": ("debug", "info", "warning", "error"),
+}
+_DURATIONS = {
+    "shutdown_timeout", "auth.backend_timeout", "auth.cache_ttl", "auth.failure_window",
+    "auth.failure_delay", "delivery.max_queue_lifetime", "delivery.delay_warning",
+    "delivery.connect_timeout", "delivery.command_timeout", "delivery.data_timeout",
+    "delivery.dns_timeout", "delivery.idle_timeout", "limits.command_timeout",
+    "limits.data_block_timeout", "limits.data_final_timeout", "limits.tls_handshake_timeout",
+    "limits.session_timeout",
+}
+_SIZES = {"limits.max_message_size"}
+
+
+def _convert(key: str, value: Any, default: Any) -> Any:
+    if key in _DURATIONS:
+        return parse_duration(value, key)
+    if key in _SIZES:
+        return parse_size(value, key)
+    if key == "delivery.retry":
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{key}: expected a non-empty list of durations like ['5m', '1h']")
+        return tuple(parse_duration(v, f"{key}[{i}]") for i, v in enumerate(value))
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        choices = _CHOICES.get(key)
+        if choices and value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        return value
+    raise ConfigError(f"{key}: unsupported value {value!r}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a table")
+    known = {f.name: f for f in fields(cls) if f.name != "source"}
+    defaults = cls()
+    kwargs: dict[str, Any] = {}
+    for k, v in data.items():
+        path = f"{prefix}.{k}" if prefix else k
+        if k not in known:
+            raise ConfigError(f"{path}: unknown key")
+        kwargs[k] = _convert(path, v, getattr(defaults, k))
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    if not cfg.listen:
+        raise ConfigError("listen: at least one [[listen]] is required")
+    for i, ln in enumerate(cfg.listen):
+        parse_hostport(ln.address, f"listen[{i}].address")
+    for i, net in enumerate(cfg.relay.trusted_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"relay.trusted_networks[{i}]: {net!r} is not a network (CIDR)"
+            ) from None
+    for i, hp in enumerate(cfg.relay.smart_host):
+        parse_hostport(hp, f"relay.smart_host[{i}]", default_port=25)
+    for i, ns in enumerate(cfg.delivery.nameservers):
+        parse_hostport(ns, f"delivery.nameservers[{i}]", default_port=53)
+    be = cfg.auth.backend
+    if not (be == "userdb" or be.startswith("saslauthd:") or be.startswith("dovecot:")):
+        raise ConfigError(
+            f"auth.backend: {be!r} is not userdb, saslauthd:PATH or dovecot:PATH"
+        )
+    for i, mech in enumerate(cfg.auth.mechanisms):
+        if mech.upper() not in ("PLAIN", "LOGIN"):
+            raise ConfigError(f"auth.mechanisms[{i}]: {mech!r} unsupported (PLAIN, LOGIN)")
+    if cfg.metrics.address:
+        parse_hostport(cfg.metrics.address, "metrics.address")
+    t = cfg.log.target
+    if not (t in ("stdout", "stderr", "syslog") or t.startswith("file:")):
+        raise ConfigError(f"log.target: {t!r} is not stdout, stderr, syslog or file:PATH")
+    if cfg.limits.max_line_length < 512:
+        raise ConfigError("limits.max_line_length: RFC 5321 4.5.3.1.4 requires at least 512")
+    if cfg.limits.max_text_line_length < 998:
+        raise ConfigError("limits.max_text_line_length: RFC 5322 2.1.1 requires at least 998")
+
+
+def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Build a Config from parsed TOML (also the test-override entry point)."""
+    kwargs: dict[str, Any] = {"source": source}
+    top = {f.name: f for f in fields(Config)}
+    defaults = Config()
+    for k, v in data.items():
+        if k == "source" or k not in top:
+            raise ConfigError(f"{k}: unknown key")
+        if k == "listen":
+            if not isinstance(v, list):
+                raise ConfigError("listen: expected [[listen]] tables")
+            items = []
+            for i, item in enumerate(v):
+                ln = _build(Listen, item, f"listen[{i}]")
+                if ln.mode not in _CHOICES["listen.mode"]:
+                    raise ConfigError(
+                        f"listen[{i}].mode: {ln.mode!r} is not one of smtp, submission, "
+                        "submissions"
+                    )
+                items.append(ln)
+            kwargs["listen"] = tuple(items)
+        elif k in _SECTIONS:
+            kwargs[k] = _build(_SECTIONS[k], v, k)
+        else:
+            kwargs[k] = _convert(k, v, getattr(defaults, k))
+    cfg = Config(**kwargs)
+    if cfg.auth.mechanisms:
+        cfg = replace(cfg, auth=replace(cfg.auth,
+                                        mechanisms=tuple(m.upper() for m in cfg.auth.mechanisms)))
+    cfg = replace(cfg, relay=replace(cfg.relay, local_domains=tuple(
+        d.lower().rstrip(".") for d in cfg.relay.local_domains)))
+    _validate(cfg)
+    return cfg
+
+
+def load_file(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    try:
+        return from_dict(data, source=str(p))
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def find_config_path(explicit: str | None) -> str | None:
+    """--config, else $AUTHRELAY_CONFIG, else ./authrelay.toml, else None (embedded)."""
+    if explicit:
+        return explicit
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return env
+    if Path(LOCAL_FILE).is_file():
+        return LOCAL_FILE
+    return None
+
+
+def load(explicit: str | None = None) -> Config:
+    path = find_config_path(explicit)
+    if path is None:
+        return Config()
+    return load_file(path)

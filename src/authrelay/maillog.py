@@ -1,0 +1,115 @@
+"""maillog: the operator's audit trail, one line per event, queue id first.
+
+Owns the stable log format admins grep and fail2ban parses. Text lines look like
+sendmail/Postfix maillog lines:
+
+    2N53XR3DNR: from=<a@x>, size=812, nrcpts=1, relay=laptop [192.0.2.7], auth=alice
+
+JSON lines carry the same fields as keys. Contract: never raises into the caller (a full
+disk must not fail a session), never logs an AUTH payload or password: callers pass only
+the fields below, and values are sanitised of CR/LF so a client cannot forge log lines.
+Targets: stdout, stderr, file:PATH (reopened on SIGHUP for logrotate), syslog (mail facility).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+NOQUEUE = "NOQUEUE"
+
+
+def _clean(value: Any) -> str:
+    s = str(value)
+    if any(c in s for c in "\r\n\x00"):
+        s = s.replace("\r", "\\r").replace("\n", "\\n").replace("\x00", "\\0")
+    return s
+
+
+class MailLog:
+    def __init__(self, target: str = "stdout", fmt: str = "text", ident: str = "authrelay"):
+        self.target = target
+        self.fmt = fmt
+        self.ident = ident
+        self._lock = threading.Lock()
+        self._fh: TextIO | None = None
+        self._syslog: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        if self.target == "stdout":
+            self._fh = sys.stdout
+        elif self.target == "stderr":
+            self._fh = sys.stderr
+        elif self.target.startswith("file:"):
+            path = self.target[5:]
+            self._fh = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        elif self.target == "syslog":
+            import syslog
+
+            syslog.openlog(self.ident, syslog.LOG_PID, syslog.LOG_MAIL)
+            self._syslog = syslog
+        else:
+            self._fh = sys.stdout
+
+    def reopen(self) -> None:
+        """SIGHUP: reopen a file target so logrotate's rename takes effect."""
+        with self._lock:
+            if self.target.startswith("file:") and self._fh is not None:
+                try:
+                    self._fh.close()
+                except OSError:
+                    pass
+                self._open()
+
+    def event(self, queue_id: str | None, **fields: Any) -> None:
+        """One line: `QID: k=v, k=v`. Keys with value None are left out."""
+        qid = queue_id or NOQUEUE
+        items = [(k, v) for k, v in fields.items() if v is not None]
+        try:
+            if self.fmt == "json":
+                rec: dict[str, Any] = {"ts": round(time.time(), 6), "queue_id": qid}
+                for k, v in items:
+                    rec[k] = v if isinstance(v, int | float | bool) else _clean(v)
+                line = json.dumps(rec, ensure_ascii=False)
+            else:
+                body = ", ".join(f"{k}={_clean(v)}" for k, v in items)
+                line = f"{qid}: {body}"
+            self._emit(line)
+        except Exception:  # the audit log must never break mail flow
+            pass
+
+    def _emit(self, line: str) -> None:
+        if self._syslog is not None:
+            self._syslog.syslog(self._syslog.LOG_INFO, line)
+            return
+        if self.fmt == "text" and self.target in ("stdout", "stderr") or \
+                self.target.startswith("file:"):
+            if self.fmt == "text":
+                stamp = time.strftime("%b %d %H:%M:%S")
+                line = f"{stamp} {self.ident}[{os.getpid()}]: {line}"
+        with self._lock:
+            assert self._fh is not None
+            self._fh.write(line + "\n")
+            self._fh.flush()
+
+
+_current: MailLog | None = None
+
+
+def configure(target: str = "stdout", fmt: str = "text") -> MailLog:
+    global _current
+    _current = MailLog(target, fmt)
+    return _current
+
+
+def get() -> MailLog:
+    """The process-wide maillog (stdout text until configured)."""
+    global _current
+    if _current is None:
+        _current = MailLog()
+    return _current

@@ -1,0 +1,92 @@
+"""Envelope: who sent a message, to whom, how it arrived, and per-recipient state.
+
+Owns the envelope record and its versioned on-disk codec (JSON with `"v": 1`). A newer
+reader must keep reading every older version; an unknown newer version is refused rather
+than misread (the message stays in the queue untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+# Recipient states. A message leaves the spool only when no recipient is PENDING.
+PENDING = "pending"
+SENT = "sent"
+FAILED = "failed"  # permanently; a bounce has been queued (or suppressed for <>)
+
+
+@dataclass(slots=True)
+class Recipient:
+    address: str  # RFC 5321 path without angle brackets, as accepted
+    state: str = PENDING
+    attempts: int = 0
+    last_code: int = 0
+    last_reply: str = ""  # "451 4.4.1 connection refused" etc.
+    next_attempt: float = 0.0
+    notify: str = ""  # RFC 3461 NOTIFY, if given
+    orcpt: str = ""  # RFC 3461 ORCPT, if given
+    delay_warned: bool = False
+
+
+@dataclass(slots=True)
+class Envelope:
+    queue_id: str
+    sender: str  # "" is the null reverse-path
+    recipients: list[Recipient] = field(default_factory=list)
+    received_at: float = field(default_factory=time.time)
+    client_ip: str = ""
+    client_port: int = 0
+    client_rdns: str = ""  # verified reverse name, "" if unknown
+    helo: str = ""
+    auth_user: str = ""  # "" when not authenticated
+    protocol: str = "ESMTP"  # RFC 3848 WITH value: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
+    listener: str = ""  # "submission 127.0.0.1:587"
+    size: int = 0  # bytes of the stored message (with our headers)
+    body_8bit: bool = False  # BODY=8BITMIME was given
+    smtputf8: bool = False  # SMTPUTF8 was given
+    envid: str = ""  # RFC 3461 ENVID
+    ret: str = ""  # RFC 3461 RET (FULL | HDRS)
+    is_bounce: bool = False  # a DSN we generated: never bounced itself
+    held: bool = False
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["v"] = FORMAT_VERSION
+        return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Envelope:
+        d: dict[str, Any] = json.loads(raw)
+        v = d.pop("v", None)
+        if v != FORMAT_VERSION:
+            raise ValueError(f"unsupported envelope format version {v!r}")
+        rcpts = [Recipient(**r) for r in d.pop("recipients", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(recipients=rcpts, **{k: v for k, v in d.items() if k in known})
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == PENDING]
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+
+_B32 = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
+
+
+def new_queue_id() -> str:
+    """Sortable by arrival (microsecond clock first), unique across processes (random tail)."""
+    n = (time.time_ns() // 1000) << 30 | secrets.randbits(30)
+    out = []
+    while n:
+        n, r = divmod(n, len(_B32))
+        out.append(_B32[r])
+    return "".join(reversed(out))

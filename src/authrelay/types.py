@@ -1,0 +1,68 @@
+"""Types that cross module boundaries: `Reply` and `DeliveryResult`.
+
+Every layer speaks "transient vs permanent" (RFC 5321 4.2.1: 4yz vs 5yz) with an RFC 3463
+enhanced status code, so a result can travel from the outbound client to a bounce or a
+maillog line without being re-interpreted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply: code, RFC 3463 enhanced code, text (may hold several lines)."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    def lines(self) -> bytes:
+        """Wire form; a multi-line text gives 'code-' continuation lines (RFC 5321 4.2.1)."""
+        parts = self.text.split("\n")
+        out = []
+        for i, part in enumerate(parts):
+            sep = " " if i == len(parts) - 1 else "-"
+            prefix = f"{self.code}{sep}{self.enhanced} " if self.enhanced else f"{self.code}{sep}"
+            out.append(f"{prefix}{part}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """The outcome of one delivery attempt for one recipient."""
+
+    code: int
+    enhanced: str
+    text: str
+    permanent: bool
+    remote: str = ""  # "mx.example.org [192.0.2.1]:25" when a server answered
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @classmethod
+    def sent(cls, code: int, enhanced: str, text: str, remote: str = "") -> DeliveryResult:
+        return cls(code, enhanced, text, False, remote)
+
+    @classmethod
+    def temp(cls, text: str, enhanced: str = "4.4.1", code: int = 451,
+             remote: str = "") -> DeliveryResult:
+        return cls(code, enhanced, text, False, remote)
+
+    @classmethod
+    def perm(cls, text: str, enhanced: str = "5.0.0", code: int = 550,
+             remote: str = "") -> DeliveryResult:
+        return cls(code, enhanced, text, True, remote)
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
