@@ -1,0 +1,46 @@
+"""Retry back-off and queue lifetime.
+
+Owns when a deferred recipient is tried again. Contract: `next_delay(retry, attempts)`
+walks `[delivery] retry` (e.g. 5m, 10m, 20m, 40m, 1h) by the number of attempts made, then
+repeats the last interval; so the delay grows with time in the queue. Each delay gets
++-10% jitter so a queue that filled during an outage does not retry in lock step, and is
+clamped to [MIN_DELAY, MAX_DELAY]. `expired()` says when a message has been queued longer
+than `max_queue_lifetime` (RFC 5321 4.5.4.1: give up after 4-5 days) and must bounce.
+Pure functions: no I/O, no failure modes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+from authrelay.spool.envelope import Envelope
+
+MIN_DELAY = 1.0  # never hammer a host, even with a silly config
+MAX_DELAY = 7 * 86400.0
+JITTER = 0.10
+
+
+def next_delay(retry: Sequence[float], attempts: int, *, jitter: float = JITTER,
+               rand: Callable[[], float] = random.random) -> float:
+    """Seconds until the next try after `attempts` (>= 1) failed tries."""
+    if not retry:
+        retry = (300.0,)
+    base = retry[min(max(attempts, 1), len(retry)) - 1]
+    delay = base * (1.0 + jitter * (2.0 * rand() - 1.0))
+    return min(max(delay, MIN_DELAY), MAX_DELAY)
+
+
+def next_attempt(env: Envelope, now: float, retry: Sequence[float], attempts: int,
+                 max_queue_lifetime: float, **kw) -> float:
+    """Absolute time of the next try; never later than the expiry, so the last try
+    happens when the lifetime runs out and the bounce goes out then, not an interval later."""
+    t = now + next_delay(retry, attempts, **kw)
+    if max_queue_lifetime > 0:
+        t = min(t, max(env.received_at + max_queue_lifetime, now + MIN_DELAY))
+    return t
+
+
+def expired(env: Envelope, now: float, max_queue_lifetime: float) -> bool:
+    """True when the message has been queued for `max_queue_lifetime` or more (0 = never)."""
+    return max_queue_lifetime > 0 and now - env.received_at >= max_queue_lifetime

@@ -1,0 +1,196 @@
+"""Delivery status notifications (bounces and delay warnings), RFC 3464.
+
+Owns the DSN message format. Contract: `make_bounce(env, failed, original_headers,
+hostname, action)` returns a new Envelope (null sender, `is_bounce=True`, one recipient:
+the original envelope sender) and the message bytes (CRLF line ends, ready to spool):
+a multipart/report; report-type=delivery-status (RFC 6522) with
+  1. a text/plain human explanation,
+  2. message/delivery-status (RFC 3464 2.2/2.3): Reporting-MTA, Arrival-Date, and per
+     recipient Final-Recipient, Action, Status (RFC 3463 enhanced code), Diagnostic-Code,
+     Remote-MTA when known, Last-Attempt-Date (and Will-Retry-Until for `delayed`),
+  3. text/rfc822-headers: the original message's header section (RET=HDRS by default).
+`should_notify(env, rcpt, action)` says whether a DSN may be sent at all: never to the null
+sender and never about a bounce (RFC 3464 2: no DSN about a DSN, so bounces cannot loop),
+and RFC 3461 4.1 NOTIFY (NEVER, or a list without FAILURE / DELAY) is honoured.
+`make_bounce` raises ValueError if called for a message that must not get one.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import format_datetime, formatdate
+
+from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+
+_ENHANCED = re.compile(r"^\s*(\d{3})[ -]([245]\.\d{1,3}\.\d{1,3})\b")
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _date(ts: float) -> str:
+    return format_datetime(datetime.fromtimestamp(ts, UTC))
+
+
+def _clean(s: str) -> str:
+    """One header line: no CR/LF/controls a remote reply could smuggle in."""
+    return _CTL.sub(" ", s).strip()
+
+
+def status_of(r: Recipient, action: str) -> str:
+    """The RFC 3463 code for a recipient: from its last reply, else by class."""
+    m = _ENHANCED.match(r.last_reply or "")
+    if m:
+        # An expired message keeps its last transient code (as Postfix does): it says why.
+        return m.group(2)
+    if action == "delayed":
+        return "4.0.0"
+    if r.last_code and 400 <= r.last_code < 500:
+        return "4.4.7"
+    return "5.0.0"
+
+
+def should_notify(env: Envelope, r: Recipient | None, action: str) -> bool:
+    if env.sender == "" or env.is_bounce:
+        return False
+    if r is None or not r.notify:
+        return True
+    notify = {n.strip().upper() for n in r.notify.split(",")}
+    if "NEVER" in notify:
+        return False
+    return ("FAILURE" if action == "failed" else "DELAY") in notify
+
+
+def _needs_8bit(b: bytes) -> bool:
+    return any(c >= 0x80 for c in b)
+
+
+def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
+                hostname: str, action: str = "failed", *,
+                remote: Mapping[str, str] | None = None, now: float | None = None,
+                will_retry_until: float | None = None) -> tuple[Envelope, bytes]:
+    """Build a DSN about `failed` recipients of `env`; see module docstring."""
+    if action not in ("failed", "delayed"):
+        raise ValueError(f"unknown DSN action {action!r}")
+    if env.sender == "" or env.is_bounce:
+        raise ValueError("no DSN for the null sender or for a bounce (RFC 3464 2)")
+    if not failed:
+        raise ValueError("no recipients to report")
+    remote = remote or {}
+    now = time.time() if now is None else now
+    qid = new_queue_id()
+    boundary = f"{qid}.{secrets.token_hex(8)}/{hostname}"
+    crlf = "\r\n"
+
+    if action == "failed":
+        subject = "Undelivered Mail Returned to Sender"
+        human = [
+            f"This is the mail system at host {hostname}.",
+            "",
+            "I'm sorry to have to inform you that your message could not",
+            "be delivered to one or more recipients. It's attached below.",
+            "",
+            "For further assistance, please contact your postmaster.",
+            "",
+            "The mail system",
+            "",
+        ]
+    else:
+        subject = "Delayed Mail (still being retried)"
+        until = _date(will_retry_until) if will_retry_until else "later"
+        human = [
+            f"This is the mail system at host {hostname}.",
+            "",
+            "####################################################################",
+            "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+            "####################################################################",
+            "",
+            "Your message could not be delivered yet. The mail system will keep",
+            f"trying until {until}.",
+            "",
+            "The mail system",
+            "",
+        ]
+    for r in failed:
+        human.append(f"<{r.address}>: {_clean(r.last_reply) or 'delivery failed'}")
+
+    status = [
+        f"Reporting-MTA: dns; {hostname}",
+        f"X-Authrelay-Queue-ID: {env.queue_id}",
+    ]
+    if env.envid:
+        status.append(f"Original-Envelope-Id: {_clean(env.envid)}")
+    status.append(f"Arrival-Date: {_date(env.received_at)}")
+    for r in failed:
+        status.append("")
+        if r.orcpt:
+            status.append(f"Original-Recipient: {_clean(r.orcpt)}")
+        status.append(f"Final-Recipient: rfc822; {r.address}")
+        status.append(f"Action: {action}")
+        status.append(f"Status: {status_of(r, action)}")
+        rm = remote.get(r.address, "")
+        if rm:
+            # "mx.example.org [192.0.2.1]:25" -> the name (RFC 3464 2.3.5 mta-name-type dns)
+            status.append(f"Remote-MTA: dns; {_clean(rm.split()[0])}")
+        if r.last_reply:
+            status.append(f"Diagnostic-Code: smtp; {_clean(r.last_reply)}")
+        if r.attempts:
+            status.append(f"Last-Attempt-Date: {_date(now)}")
+        if action == "delayed" and will_retry_until:
+            status.append(f"Will-Retry-Until: {_date(will_retry_until)}")
+
+    headers_part = original_headers
+    if headers_part and not headers_part.endswith(b"\r\n"):
+        headers_part += b"\r\n"
+    status_b = (crlf.join(status) + crlf).encode("utf-8")
+    human_b = (crlf.join(human) + crlf).encode("utf-8")
+    eightbit = _needs_8bit(headers_part) or _needs_8bit(status_b) or _needs_8bit(human_b)
+
+    top = [
+        f"Date: {formatdate(now, localtime=False)}",
+        f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
+        f"To: {env.sender}",
+        f"Subject: {subject}",
+        f"Message-ID: <{qid}.{int(now)}@{hostname}>",
+        "Auto-Submitted: auto-replied",  # RFC 3834 5: no auto-reply to this
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status;{crlf}'
+        f'\tboundary="{boundary}"',
+        f"Content-Transfer-Encoding: {'8bit' if eightbit else '7bit'}",
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+    ]
+    cte = "8bit" if eightbit else "7bit"
+    parts = [
+        (crlf.join(top) + crlf).encode("utf-8"),
+        f"--{boundary}{crlf}Content-Description: Notification{crlf}"
+        f"Content-Type: text/plain; charset=utf-8{crlf}"
+        f"Content-Transfer-Encoding: {cte}{crlf}{crlf}".encode(),
+        human_b,
+        f"{crlf}--{boundary}{crlf}Content-Description: Delivery report{crlf}"
+        f"Content-Type: message/delivery-status{crlf}{crlf}".encode(),
+        status_b,
+        f"{crlf}--{boundary}{crlf}Content-Description: Undelivered Message Headers{crlf}"
+        f"Content-Type: text/rfc822-headers{crlf}"
+        f"Content-Transfer-Encoding: {cte}{crlf}{crlf}".encode(),
+        headers_part,
+        f"{crlf}--{boundary}--{crlf}".encode(),
+    ]
+    data = b"".join(parts)
+    benv = Envelope(
+        queue_id=qid,
+        sender="",
+        recipients=[Recipient(address=env.sender)],
+        received_at=now,
+        helo=hostname,
+        protocol="local",
+        listener="bounce",
+        size=len(data),
+        body_8bit=eightbit,
+        smtputf8=env.smtputf8 and not env.sender.isascii(),
+        is_bounce=True,
+    )
+    return benv, data

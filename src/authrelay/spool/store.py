@@ -1,0 +1,482 @@
+"""Durable spool: the only hand-off between receiving and delivering.
+
+Owns the on-disk queue under `cfg.spool_dir` (docs/INTERFACES.md):
+
+    tmp/ID          being received; a crash leaves garbage that `recover()` removes
+    queue/ID        one immutable file per message:
+                    `AUTHRELAY-SPOOL 1 <envlen>\\n` + envelope JSON (envlen bytes) + `\\n`
+                    + the message exactly as to be sent (CRLF, not dot-stuffed)
+    queue/ID.state  per-recipient state written by the scheduler (atomic replace + fsync)
+    hold/           held messages (the same two files, moved)
+    corrupt/        files `recover()` could not parse (kept for the operator, never deleted)
+
+Contract: `Incoming.commit()` returns only after the file and the queue directory are on
+stable storage (fsync file, rename tmp->queue, fsync queue/): RFC 5321 6.1 says that once
+we answer 250 to the final dot we are responsible for the message. The rename is atomic, so
+a kill at any point leaves either a tmp/ file (garbage, no 250 was sent) or a complete
+queue/ file, never a half message in queue/. Two fsyncs per message, in a shared thread
+pool so concurrent sessions' fsyncs batch in the filesystem journal and the event loop
+never waits on the disk. `write()` is a plain os.write into the page cache.
+
+Failure policy: I/O errors on receive propagate (the session answers 451 4.3.0, transient).
+A truncated or unparsable queue file is moved to corrupt/ and logged; a file of an unknown
+newer format version is left where it is and refused (`UnsupportedVersion`), never deleted.
+Receiving processes call only `begin`; `recover()` runs in the scheduler process at start
+and skips tmp/ files that a live process still holds (flock), so it is safe with workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"AUTHRELAY-SPOOL"
+SPOOL_VERSION = 1
+STATE_VERSION = 1
+_MAX_HEADER_LINE = 64
+_MAX_ENVELOPE = 16 * 1024 * 1024  # a sanity bound: larger is corruption, not a real envelope
+NOTIFY_SOCK = "notify.sock"
+CONTROL_SOCK = "control.sock"
+SCHEDULER_LOCK = "scheduler.lock"
+
+
+class SpoolError(Exception):
+    """A spool file cannot be used."""
+
+
+class CorruptError(SpoolError):
+    """Truncated or unparsable: recover() moves such files to corrupt/."""
+
+
+class UnsupportedVersion(SpoolError):
+    """Written by a newer authrelay: left untouched, never deleted."""
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def shared_executor() -> ThreadPoolExecutor:
+    """One pool for all spool I/O: ~16 threads so concurrent fsyncs share journal commits."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-io")
+        return _executor
+
+
+def is_queue_id(name: str) -> bool:
+    return name.isalnum() and name.isascii()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def encode_header(env: Envelope) -> bytes:
+    ej = env.to_json()
+    return b"%s %d %d\n%s\n" % (MAGIC, SPOOL_VERSION, len(ej), ej)
+
+
+def parse_header(f) -> tuple[Envelope, int]:
+    """Read the header from binary file `f`: (envelope, offset of the message bytes)."""
+    line = f.readline(_MAX_HEADER_LINE)
+    if not line:
+        raise CorruptError("empty file")
+    if not line.endswith(b"\n"):
+        raise CorruptError("truncated header line")
+    parts = line.split()
+    if len(parts) != 3 or parts[0] != MAGIC:
+        raise CorruptError("not a spool file")
+    try:
+        version, envlen = int(parts[1]), int(parts[2])
+    except ValueError:
+        raise CorruptError("bad header numbers") from None
+    if version != SPOOL_VERSION:
+        raise UnsupportedVersion(f"spool format version {version} (we read {SPOOL_VERSION})")
+    if not 0 < envlen <= _MAX_ENVELOPE:
+        raise CorruptError(f"bad envelope length {envlen}")
+    raw = f.read(envlen + 1)
+    if len(raw) != envlen + 1 or raw[-1:] != b"\n":
+        raise CorruptError("truncated envelope")
+    try:
+        env = Envelope.from_json(raw[:-1])
+    except ValueError as e:  # JSONDecodeError is a ValueError, as is a version refusal
+        if "version" in str(e):
+            raise UnsupportedVersion(str(e)) from None
+        raise CorruptError(f"bad envelope: {e}") from None
+    except TypeError as e:
+        raise CorruptError(f"bad envelope: {e}") from None
+    return env, len(line) + envlen + 1
+
+
+class Incoming:
+    """One message being received: tmp/ID, streamed to with write(), then commit()."""
+
+    def __init__(self, spool: Spool, envelope: Envelope) -> None:
+        self.spool = spool
+        self.envelope = envelope
+        self.queue_id = envelope.queue_id
+        self.size = 0
+        self._tmp = spool.tmp_dir / self.queue_id
+        self._fd: int | None = os.open(
+            self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        self._done = False
+        try:
+            # The lock tells recover() in another process that this file is alive.
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _write_all(self._fd, encode_header(envelope))
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append message bytes; runs on the event loop (page cache, no fsync)."""
+        if self._fd is None:
+            raise SpoolError("write after commit/abort")
+        _write_all(self._fd, data)
+        self.size += len(data)
+
+    def _commit_sync(self) -> None:
+        fd = self._fd
+        assert fd is not None
+        if self.spool.fsync:
+            os.fsync(fd)
+        os.rename(self._tmp, self.spool.queue_dir / self.queue_id)
+        self._fd = None
+        os.close(fd)  # after the rename: the flock covers the file until it is in queue/
+        if self.spool.fsync:
+            self.spool._fsync_queue_dir()
+
+    async def commit(self) -> None:
+        """Durable when this returns: fsync, rename into queue/, fsync queue/; notify."""
+        if self._fd is None or self._done:
+            raise SpoolError("commit after commit/abort")
+        self._done = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.spool.executor, self._commit_sync)
+        except BaseException:
+            self._done = False
+            self.abort()
+            raise
+        self.spool._notify(self.queue_id)
+
+    def abort(self) -> None:
+        """Drop the message (idempotent); never raises."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+
+
+class Spool:
+    """The queue on disk. Thread-safe for distinct queue ids; see module docstring."""
+
+    on_commit: Callable[[str], None] | None
+
+    def __init__(self, root: Path | str, *, fsync: bool = True,
+                 executor: ThreadPoolExecutor | None = None) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.executor = executor or shared_executor()
+        self.on_commit = None
+        self.tmp_dir = self.root / "tmp"
+        self.queue_dir = self.root / "queue"
+        self.hold_dir = self.root / "hold"
+        self.corrupt_dir = self.root / "corrupt"
+        self.notify_path = self.root / NOTIFY_SOCK
+        self.control_path = self.root / CONTROL_SOCK
+        self._qdir_fd: int | None = None
+        self._notify_sock: socket.socket | None = None
+
+    # ------------------------------------------------------------------ setup
+    def ensure_dirs(self) -> None:
+        for d in (self.root, self.tmp_dir, self.queue_dir, self.hold_dir, self.corrupt_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        if self._qdir_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._qdir_fd)
+            self._qdir_fd = None
+        if self._notify_sock is not None:
+            self._notify_sock.close()
+            self._notify_sock = None
+
+    def _fsync_queue_dir(self) -> None:
+        # One long-lived directory fd: fsync on it from many threads is fine.
+        if self._qdir_fd is None:
+            self._qdir_fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.fsync(self._qdir_fd)
+
+    # ------------------------------------------------------------------ receive
+    def begin(self, envelope: Envelope) -> Incoming:
+        """Open tmp/ID and write the header; the envelope is final from here on."""
+        if not envelope.queue_id:
+            envelope.queue_id = new_queue_id()
+        return Incoming(self, envelope)
+
+    def _notify(self, queue_id: str) -> None:
+        if self.on_commit is not None:
+            try:
+                self.on_commit(queue_id)
+            except Exception:  # a scheduler bug must not fail an accepted message
+                log.exception("%s: on_commit hook failed", queue_id)
+        try:
+            if self._notify_sock is None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                s.setblocking(False)
+                self._notify_sock = s
+            self._notify_sock.sendto(queue_id.encode("ascii"), str(self.notify_path))
+        except OSError:
+            pass  # no scheduler listening or its buffer is full: the periodic rescan finds it
+
+    # ------------------------------------------------------------------ lookup
+    def _locate(self, qid: str) -> Path:
+        if not is_queue_id(qid):
+            raise FileNotFoundError(f"bad queue id {qid!r}")
+        p = self.queue_dir / qid
+        if p.exists():
+            return p
+        h = self.hold_dir / qid
+        if h.exists():
+            return h
+        raise FileNotFoundError(f"{qid}: not in the queue")
+
+    def scan(self) -> list[str]:
+        """Queue ids in queue/ (not held), oldest first (ids sort by arrival)."""
+        return self._ids(self.queue_dir)
+
+    def held(self) -> list[str]:
+        return self._ids(self.hold_dir)
+
+    @staticmethod
+    def _ids(d: Path) -> list[str]:
+        try:
+            with os.scandir(d) as it:
+                ids = [e.name for e in it if is_queue_id(e.name)]
+        except FileNotFoundError:
+            return []
+        ids.sort(key=lambda s: (len(s), s))
+        return ids
+
+    def is_held(self, qid: str) -> bool:
+        return (self.hold_dir / qid).exists()
+
+    def exists(self, qid: str) -> bool:
+        try:
+            self._locate(qid)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def load(self, qid: str) -> Envelope:
+        """The header envelope merged with ID.state; `size` and `held` filled in."""
+        path = self._locate(qid)
+        with open(path, "rb") as f:
+            env, offset = parse_header(f)
+            total = os.fstat(f.fileno()).st_size
+        if env.queue_id != qid:
+            raise CorruptError(f"{qid}: envelope names {env.queue_id!r}")
+        env.size = total - offset
+        env.held = path.parent == self.hold_dir
+        state = path.with_name(qid + ".state")
+        try:
+            raw = state.read_bytes()
+        except FileNotFoundError:
+            return env
+        self._merge_state(env, raw)
+        return env
+
+    @staticmethod
+    def _merge_state(env: Envelope, raw: bytes) -> None:
+        try:
+            d = json.loads(raw)
+        except ValueError:
+            # A state file is replaced atomically, so this is disk damage: keep the
+            # header's state (re-delivery is safe, losing a recipient is not).
+            log.error("%s: unreadable state file ignored", env.queue_id)
+            return
+        if d.get("v") != STATE_VERSION:
+            raise UnsupportedVersion(f"{env.queue_id}: state version {d.get('v')!r}")
+        by_addr = {r.address: r for r in env.recipients}
+        known = set(Recipient.__dataclass_fields__)
+        for rd in d.get("recipients", []):
+            if rd.get("address") in by_addr:
+                r = by_addr[rd["address"]]
+                for k, v in rd.items():
+                    if k in known:
+                        setattr(r, k, v)
+
+    def body_path(self, qid: str) -> tuple[Path, int]:
+        """(file, offset of the first message byte) for the courier to stream from."""
+        path = self._locate(qid)
+        with open(path, "rb") as f:
+            _, offset = parse_header(f)
+        return path, offset
+
+    def read_headers(self, qid: str, limit: int = 256 * 1024) -> bytes:
+        """The message's header section (up to and including the blank line)."""
+        path, offset = self.body_path(qid)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(limit)
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            return data[: end + 4]
+        if data.startswith(b"\r\n"):
+            return b""
+        return data
+
+    # ------------------------------------------------------------------ scheduler state
+    def save_state(self, env: Envelope) -> None:
+        """Atomically replace ID.state (tmp + fsync + rename + dir fsync). Blocking."""
+        path = self._locate(env.queue_id)
+        state = path.with_name(env.queue_id + ".state")
+        tmp = path.with_name(env.queue_id + ".state.tmp")
+        data = json.dumps(
+            {"v": STATE_VERSION, "recipients": [asdict(r) for r in env.recipients]},
+            separators=(",", ":"), ensure_ascii=False,
+        ).encode("utf-8")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, state)
+        if self.fsync:
+            _fsync_dir(state.parent)
+
+    def remove(self, qid: str) -> None:
+        """Delete a message: the body first, so a crash leaves at worst an orphan state."""
+        path = self._locate(qid)
+        os.unlink(path)
+        for suffix in (".state", ".state.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path.with_name(qid + suffix))
+
+    def hold(self, qid: str) -> None:
+        self._move(qid, self.queue_dir, self.hold_dir)
+
+    def release(self, qid: str) -> None:
+        self._move(qid, self.hold_dir, self.queue_dir)
+
+    def _move(self, qid: str, src: Path, dst: Path) -> None:
+        if not is_queue_id(qid):
+            raise FileNotFoundError(f"bad queue id {qid!r}")
+        if not (src / qid).exists():
+            if (dst / qid).exists():
+                return  # already there
+            raise FileNotFoundError(f"{qid}: not in {src.name}/")
+        # Body first, then state: a crash in between leaves an orphan state file that
+        # recover() moves after its body.
+        os.rename(src / qid, dst / qid)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(src / (qid + ".state"), dst / (qid + ".state"))
+        if self.fsync:
+            _fsync_dir(dst)
+            _fsync_dir(src)
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self) -> dict[str, int]:
+        """Clean up after a crash; never raises for a bad file. Returns counts."""
+        self.ensure_dirs()
+        counts = {"tmp_removed": 0, "corrupt": 0, "unsupported": 0, "orphans": 0, "ok": 0}
+        # tmp/: garbage unless a live receiving process still holds its lock.
+        with os.scandir(self.tmp_dir) as it:
+            for e in it:
+                try:
+                    fd = os.open(e.path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                try:
+                    os.unlink(e.path)
+                    counts["tmp_removed"] += 1
+                except FileNotFoundError:
+                    pass
+                finally:
+                    os.close(fd)
+        for d in (self.queue_dir, self.hold_dir):
+            with os.scandir(d) as it:
+                names = [e.name for e in it]
+            present = set(names)
+            for name in names:
+                if is_queue_id(name):
+                    self._check_file(d, name, counts)
+                elif name.endswith(".state.tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(d / name)
+                elif name.endswith(".state"):
+                    qid = name[: -len(".state")]
+                    if qid in present:
+                        continue
+                    other = self.hold_dir if d == self.queue_dir else self.queue_dir
+                    if (other / qid).exists():  # a hold/release interrupted mid-move
+                        with contextlib.suppress(FileNotFoundError):
+                            os.rename(d / name, other / name)
+                    else:  # a remove interrupted after the body went
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(d / name)
+                    counts["orphans"] += 1
+        if counts["tmp_removed"] or counts["corrupt"] or counts["orphans"]:
+            log.warning("spool recovery: %s", counts)
+        return counts
+
+    def _check_file(self, d: Path, qid: str, counts: dict[str, int]) -> None:
+        path = d / qid
+        try:
+            with open(path, "rb") as f:
+                env, _ = parse_header(f)
+            if env.queue_id != qid:
+                raise CorruptError(f"envelope names {env.queue_id!r}")
+            counts["ok"] += 1
+        except FileNotFoundError:
+            return
+        except UnsupportedVersion as e:
+            log.error("%s: left in place, %s", qid, e)
+            counts["unsupported"] += 1
+        except (CorruptError, OSError) as e:
+            log.error("%s: corrupt spool file moved to corrupt/: %s", qid, e)
+            counts["corrupt"] += 1
+            with contextlib.suppress(OSError):
+                os.rename(path, self.corrupt_dir / qid)
+            with contextlib.suppress(OSError):
+                os.rename(d / (qid + ".state"), self.corrupt_dir / (qid + ".state"))
