@@ -1,0 +1,77 @@
+"""Password hashing: argon2id with the server's own parameters (argon2-cffi).
+
+Owns: how passwords are stored in the user DB and checked. Contract: `hash_password()`
+returns a PHC string ($argon2id$...); `verify_password()` returns True/False and never
+raises for a wrong password or a corrupt/foreign hash (a corrupt hash is a failed login,
+not a crash). `verify_dummy()` costs the same as a real verification, so the time an AUTH
+takes does not tell whether the user exists.
+
+These calls are CPU-bound (tens of ms, 19 MiB each): callers on the event loop run them
+in a bounded thread pool (see authenticator.py), never inline.
+
+Parameters: OWASP's argon2id minimum (m=19 MiB, t=2, p=1), which RFC 9106 4 lists as a
+reasonable choice where memory is constrained; old hashes made with other parameters still
+verify, and `needs_rehash()` tells when to upgrade them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+TIME_COST = 2
+MEMORY_COST = 19456  # KiB
+PARALLELISM = 1
+
+_hasher = PasswordHasher(
+    time_cost=TIME_COST, memory_cost=MEMORY_COST, parallelism=PARALLELISM,
+    hash_len=32, salt_len=16, type=Type.ID,
+)
+
+
+def hash_password(password: str) -> str:
+    """A fresh argon2id hash (random salt) of `password`."""
+    return _hasher.hash(password)
+
+
+def is_argon2_hash(value: str) -> bool:
+    """True when `value` looks like a PHC argon2 string argon2-cffi can verify."""
+    return isinstance(value, str) and value.startswith(("$argon2id$", "$argon2i$", "$argon2d$"))
+
+
+def verify_password(stored_hash: str, password: str) -> bool:
+    """Constant-time check of `password` against `stored_hash` (the argon2 library
+    compares digests in constant time). False for a mismatch or an unusable hash."""
+    try:
+        return _hasher.verify(stored_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+    except ValueError:  # e.g. a hash string with impossible parameters
+        return False
+
+
+def needs_rehash(stored_hash: str) -> bool:
+    """True when `stored_hash` was made with other parameters than ours."""
+    try:
+        return _hasher.check_needs_rehash(stored_hash)
+    except (InvalidHashError, ValueError):
+        return False
+
+
+@lru_cache(maxsize=1)
+def dummy_hash() -> str:
+    """A hash of a random secret nobody knows, made once per process with our params."""
+    return _hasher.hash(secrets.token_urlsafe(32))
+
+
+def verify_dummy(password: str) -> bool:
+    """Spend the same work as a real verification for a user that does not exist.
+
+    Always False. Without it an unknown user would be answered in microseconds and a
+    known one in ~30 ms: a user-enumeration oracle.
+    """
+    verify_password(dummy_hash(), password)
+    return False

@@ -1,0 +1,182 @@
+"""SASL server exchanges for SMTP AUTH: PLAIN (RFC 4616) and LOGIN, sans-I/O.
+
+Owns: decoding what the client sends after `AUTH <mech> [initial-response]` (RFC 4954 4)
+into (authzid, username, password), and the challenges to send back. It does no I/O and
+verifies nothing: the session sends `334 <base64(challenge)>` while `challenge` is not None,
+feeds each client line to `feed()`, and once `done` hands the credentials to the
+Authenticator.
+
+Failure policy: every problem is a `SaslError` carrying the SMTP reply to send; all are
+permanent for this AUTH command (5yz) and the client may try again. The exception text
+never echoes the client's payload (it may hold a password).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from authrelay.types import Reply
+
+# RFC 4616 2: authcid and authzid are at most 255 octets. Passwords are bounded by the
+# AUTH line length limit of the SMTP layer (limits.max_auth_line_length).
+MAX_NAME_OCTETS = 255
+
+MECHANISMS = ("PLAIN", "LOGIN")
+
+
+class SaslError(Exception):
+    """A failed exchange; `.code`, `.enhanced`, `.text` are the SMTP reply to send."""
+
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        super().__init__(f"{code} {enhanced} {text}")
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+
+    @property
+    def reply(self) -> Reply:
+        return Reply(self.code, self.enhanced, self.text)
+
+
+def _cancelled() -> SaslError:
+    # RFC 4954 4: "*" cancels; the server MUST reject the AUTH command with 501.
+    return SaslError(501, "5.0.0", "Authentication cancelled")
+
+
+def _undecodable() -> SaslError:
+    return SaslError(501, "5.5.2", "Cannot decode response")
+
+
+def _malformed() -> SaslError:
+    return SaslError(501, "5.5.2", "Malformed authentication response")
+
+
+def _bad_credentials() -> SaslError:
+    # RFC 4954 6: 535 5.7.8 is the reply for credentials that are not accepted.
+    return SaslError(535, "5.7.8", "Authentication credentials invalid")
+
+
+def _decode_b64(line: str) -> bytes:
+    # RFC 4954 4: "=" is an empty response (an initial response of zero length).
+    if line == "=":
+        return b""
+    try:
+        # validate=True: reject characters outside the base64 alphabet instead of
+        # silently skipping them (binascii would accept "a!b=" otherwise).
+        return base64.b64decode(line.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise _undecodable() from None
+
+
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8", "strict")
+    except UnicodeDecodeError:
+        raise _undecodable() from None
+
+
+def _check_name(name: str) -> None:
+    """A username or authzid: 1..255 octets, no control characters.
+
+    Control characters (NUL, CR, LF, TAB...) would let a client forge log lines or
+    inject fields into backend protocols that are line- or tab-delimited (Dovecot's).
+    """
+    if not name or len(name.encode("utf-8")) > MAX_NAME_OCTETS:
+        raise _malformed()
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise _malformed()
+
+
+class SaslExchange:
+    """One AUTH exchange. Raises SaslError from __init__ or feed() when it fails."""
+
+    def __init__(self, mechanism: str, initial_response: str | None) -> None:
+        self.mechanism = mechanism.upper()
+        if self.mechanism not in MECHANISMS:
+            # RFC 4954 6: 504 5.5.4 for a mechanism we do not offer.
+            raise SaslError(504, "5.5.4", "Unrecognized authentication type")
+        self.authzid = ""
+        self.username = ""
+        self.password = ""
+        self.done = False
+        self.challenge: bytes | None = None
+        self._step = 0
+        if initial_response is not None:
+            initial_response = initial_response.strip()
+            if initial_response == "*":
+                raise _cancelled()
+        if self.mechanism == "PLAIN":
+            if initial_response is None:
+                self.challenge = b""  # RFC 4616 / 4954: empty challenge, "334 "
+            else:
+                self._plain(_decode_b64(initial_response))
+        else:  # LOGIN (draft-murchison-sasl-login): Username:, then Password:
+            if initial_response is None:
+                self.challenge = b"Username:"
+            else:
+                self._login_username(_decode_b64(initial_response))
+
+    # ------------------------------------------------------------------ input
+    def feed(self, line: str) -> None:
+        """One client line (without CRLF): base64 text, or "*" to cancel."""
+        if self.done or self.challenge is None:
+            raise RuntimeError("SASL exchange already complete")
+        line = line.strip()
+        if line == "*":
+            self.challenge = None
+            raise _cancelled()
+        raw = _decode_b64(line)
+        if self.mechanism == "PLAIN":
+            self._plain(raw)
+        elif self._step == 0:
+            self._login_username(raw)
+        else:
+            self._login_password(raw)
+
+    # ------------------------------------------------------------------ mechanisms
+    def _plain(self, raw: bytes) -> None:
+        # RFC 4616 2: message = [authzid] UTF8NUL authcid UTF8NUL passwd
+        self.challenge = None
+        parts = raw.split(b"\x00")
+        if len(parts) != 3:  # also catches a NUL inside any field
+            raise _malformed()
+        authzid, username, password = (_utf8(p) for p in parts)
+        _check_name(username)
+        if authzid:
+            _check_name(authzid)
+        # RFC 4616 2: passwd = 1*SAFE; an empty password is a malformed message.
+        if not password:
+            raise _malformed()
+        # We do not support proxy authorization (acting as another user): RFC 4616 2
+        # lets the server refuse an authzid it will not grant.
+        if authzid and authzid != username:
+            raise _bad_credentials()
+        self.authzid, self.username, self.password = authzid, username, password
+        self.done = True
+
+    def _login_username(self, raw: bytes) -> None:
+        name = _utf8(raw)
+        if "\x00" in name:
+            self.challenge = None
+            raise _malformed()
+        try:
+            _check_name(name)
+        except SaslError:
+            self.challenge = None
+            raise
+        self.username = name
+        self._step = 1
+        self.challenge = b"Password:"
+
+    def _login_password(self, raw: bytes) -> None:
+        self.challenge = None
+        password = _utf8(raw)
+        if not password or "\x00" in password:
+            raise _malformed()
+        self.password = password
+        self.done = True
+
+    def __repr__(self) -> str:  # never show the password
+        return (f"<SaslExchange {self.mechanism} user={self.username!r} "
+                f"done={self.done}>")

@@ -1,0 +1,420 @@
+"""The built-in user DB: users, their argon2id password hashes, the addresses they own.
+
+Owns: the SQLite file at `cfg.userdb_path` (format number in `PRAGMA user_version`) and
+its in-memory twin for unit tests. Contract (both classes):
+- user names match exactly (case-sensitive, as Cyrus and Dovecot do); addresses are stored
+  and compared lower-cased; a user whose name looks like an address owns that address.
+- `generation()` changes whenever any process commits a change, so running servers pick up
+  `authrelay user ...` edits on the next AUTH without a restart or a signal.
+- Several processes read it while the CLI writes it: WAL mode, so readers never wait for
+  the writer; writers wait for each other (busy timeout) rather than failing.
+
+Failure policy: `UserExists` / `NoSuchUser` / `UserDBError` (bad name, newer format) are
+the caller's to report; `sqlite3.Error` (disk, corruption) propagates and the
+Authenticator answers it as a temporary failure (454), never as "bad password".
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from authrelay.auth.passwords import hash_password, is_argon2_hash
+
+SCHEMA_VERSION = 1
+MAX_NAME_OCTETS = 255  # RFC 4616 2: authcid is at most 255 octets
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0);
+CREATE TABLE IF NOT EXISTS users (
+    name    TEXT PRIMARY KEY,          -- BINARY collation: exact, case-sensitive match
+    hash    TEXT NOT NULL,             -- argon2 PHC string
+    created INTEGER NOT NULL,          -- unix time
+    changed INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS addresses (
+    user    TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    address TEXT NOT NULL,             -- lower-cased
+    PRIMARY KEY (user, address)
+);
+CREATE INDEX IF NOT EXISTS addresses_by_address ON addresses (address);
+"""
+
+
+class UserDBError(Exception):
+    """A user DB request that cannot be done; the message says why."""
+
+
+class UserExists(UserDBError):
+    pass
+
+
+class NoSuchUser(UserDBError):
+    pass
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    name: str
+    addresses: tuple[str, ...]  # the stored ones, sorted (not the implicit name address)
+    created: int = 0
+    changed: int = 0
+
+
+def check_name(name: str) -> str:
+    """A user name: 1..255 octets of UTF-8, no whitespace or control characters."""
+    if not isinstance(name, str) or not name:
+        raise UserDBError("user name must not be empty")
+    if len(name.encode("utf-8")) > MAX_NAME_OCTETS:
+        raise UserDBError("user name longer than 255 octets")
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise UserDBError("user name must not contain spaces or control characters")
+    return name
+
+
+def normalize_address(address: str) -> str:
+    """'Alice@Example.ORG' -> 'alice@example.org'; raises UserDBError if not local@domain."""
+    a = address.strip().lower() if isinstance(address, str) else ""
+    local, at, domain = a.rpartition("@")
+    if not at or not local or not domain:
+        raise UserDBError(f"{address!r} is not an address (local@domain)")
+    if any(c.isspace() or ord(c) < 0x20 or c in "<>" for c in a):
+        raise UserDBError(f"{address!r} is not an address (local@domain)")
+    return a.rstrip(".")
+
+
+def implicit_address(name: str) -> set[str]:
+    """A user named like an address owns that address."""
+    try:
+        return {normalize_address(name)}
+    except UserDBError:
+        return set()
+
+
+class _UserStore:
+    """The interface shared by UserDB and MemoryUserDB (hashing and validation here)."""
+
+    def add(self, name: str, password: str, addresses: Iterable[str] = ()) -> None:
+        check_name(name)
+        if not password:
+            raise UserDBError("password must not be empty")
+        addrs = [normalize_address(a) for a in addresses]
+        self._insert(name, hash_password(password), addrs)
+
+    def add_hashed(self, name: str, argon2_hash: str, addresses: Iterable[str] = ()) -> None:
+        check_name(name)
+        if not is_argon2_hash(argon2_hash):
+            raise UserDBError("not an argon2 hash")
+        self._insert(name, argon2_hash, [normalize_address(a) for a in addresses])
+
+    def set_password(self, name: str, password: str) -> None:
+        if not password:
+            raise UserDBError("password must not be empty")
+        self._set_hash(name, hash_password(password), None)
+
+    def update_hash(self, name: str, old_hash: str, new_hash: str) -> bool:
+        """Replace the hash only if it is still `old_hash` (rehash on login)."""
+        try:
+            return self._set_hash(name, new_hash, old_hash)
+        except NoSuchUser:
+            return False
+
+    def set_addresses(self, name: str, addresses: Iterable[str]) -> None:
+        self._set_addresses(name, {normalize_address(a) for a in addresses})
+
+    def add_address(self, name: str, address: str) -> None:
+        self._set_addresses(name, self.stored_addresses(name) | {normalize_address(address)})
+
+    def remove_address(self, name: str, address: str) -> None:
+        a = normalize_address(address)
+        have = self.stored_addresses(name)
+        if a not in have:
+            raise UserDBError(f"{name} does not have the address {a}")
+        self._set_addresses(name, have - {a})
+
+    def addresses(self, name: str) -> set[str]:
+        """Every address `name` may send as (sender_policy="own"); empty if no such user."""
+        if self.get_hash(name) is None:
+            return set()
+        return self.stored_addresses(name) | implicit_address(name)
+
+    # Implemented by the stores.
+    def _insert(self, name: str, h: str, addrs: list[str]) -> None:
+        raise NotImplementedError
+
+    def _set_hash(self, name: str, h: str, expect: str | None) -> bool:
+        raise NotImplementedError
+
+    def _set_addresses(self, name: str, addrs: set[str]) -> None:
+        raise NotImplementedError
+
+    def stored_addresses(self, name: str) -> set[str]:
+        raise NotImplementedError
+
+    def get_hash(self, name: str) -> str | None:
+        raise NotImplementedError
+
+    def generation(self) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryUserDB(_UserStore):
+    """In-memory user DB with the same interface, for unit tests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users: dict[str, tuple[str, int, int]] = {}  # name -> (hash, created, changed)
+        self._addrs: dict[str, set[str]] = {}
+        self._gen = 0
+
+    def _insert(self, name: str, h: str, addrs: list[str]) -> None:
+        with self._lock:
+            if name in self._users:
+                raise UserExists(f"user {name} exists")
+            now = int(time.time())
+            self._users[name] = (h, now, now)
+            self._addrs[name] = set(addrs)
+            self._gen += 1
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            if self._users.pop(name, None) is None:
+                raise NoSuchUser(f"no user {name}")
+            self._addrs.pop(name, None)
+            self._gen += 1
+
+    def _set_hash(self, name: str, h: str, expect: str | None) -> bool:
+        with self._lock:
+            if name not in self._users:
+                raise NoSuchUser(f"no user {name}")
+            old, created, _ = self._users[name]
+            if expect is not None and old != expect:
+                return False
+            self._users[name] = (h, created, int(time.time()))
+            self._gen += 1
+            return True
+
+    def _set_addresses(self, name: str, addrs: set[str]) -> None:
+        with self._lock:
+            if name not in self._users:
+                raise NoSuchUser(f"no user {name}")
+            self._addrs[name] = set(addrs)
+            self._gen += 1
+
+    def stored_addresses(self, name: str) -> set[str]:
+        with self._lock:
+            if name not in self._users:
+                raise NoSuchUser(f"no user {name}")
+            return set(self._addrs.get(name, ()))
+
+    def get_hash(self, name: str) -> str | None:
+        with self._lock:
+            entry = self._users.get(name)
+            return entry[0] if entry else None
+
+    def list(self) -> list[UserInfo]:
+        with self._lock:
+            return [UserInfo(n, tuple(sorted(self._addrs.get(n, ()))), c, ch)
+                    for n, (_, c, ch) in sorted(self._users.items())]
+
+    def generation(self) -> int:
+        return self._gen
+
+
+class UserDB(_UserStore):
+    """The SQLite user DB. Safe to share between threads: each thread gets its own
+    connection, so a writer waiting for the file lock in one thread (the CLI elsewhere
+    holds it) never blocks a reader on the event loop thread."""
+
+    def __init__(self, path: Path | str, *, busy_timeout: float = 10.0) -> None:
+        self.path = Path(path)
+        self._busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._all_lock = threading.Lock()
+        self._all: list[sqlite3.Connection] = []
+        self._db()  # create / check the schema now, so errors surface at start-up
+
+    # ------------------------------------------------------------------ connection
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.path.exists():
+            # Hashes are secrets: create the file 0600 before SQLite does (its WAL and
+            # shm files inherit the database file's mode).
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout,
+                               isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
+                    if version > SCHEMA_VERSION:
+                        raise UserDBError(
+                            f"{self.path}: user DB format {version} is newer than this "
+                            f"authrelay understands ({SCHEMA_VERSION})")
+                    if version < SCHEMA_VERSION:
+                        # One statement at a time: executescript() would COMMIT first.
+                        for stmt in _SCHEMA.split(";"):
+                            if stmt.strip():
+                                conn.execute(stmt)
+                        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection, reopened if the file was replaced under us (restored
+        from a backup, recreated): an open connection would read the old inode forever."""
+        try:
+            st = os.stat(self.path)
+            ident: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            ident = None
+        conn = getattr(self._local, "conn", None)
+        if conn is None or ident is None or ident != self._local.ident:
+            if conn is not None:
+                self._forget(conn)
+            conn = self._connect()
+            st = os.stat(self.path)
+            self._local.conn, self._local.ident = conn, (st.st_dev, st.st_ino)
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    def _forget(self, conn: sqlite3.Connection) -> None:
+        with self._all_lock:
+            if conn in self._all:
+                self._all.remove(conn)
+        conn.close()
+
+    def close(self) -> None:
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
+
+    def _write(self, fn) -> object:
+        """Run fn(conn) in one write transaction that also bumps the generation."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return result
+
+    @staticmethod
+    def _must_exist(db: sqlite3.Connection, name: str) -> None:
+        if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None:
+            raise NoSuchUser(f"no user {name}")
+
+    # ------------------------------------------------------------------ writes
+    def _insert(self, name: str, h: str, addrs: list[str]) -> None:
+        now = int(time.time())
+
+        def fn(db: sqlite3.Connection) -> None:
+            try:
+                db.execute("INSERT INTO users (name, hash, created, changed) "
+                           "VALUES (?, ?, ?, ?)", (name, h, now, now))
+            except sqlite3.IntegrityError:
+                raise UserExists(f"user {name} exists") from None
+            db.executemany("INSERT OR IGNORE INTO addresses (user, address) VALUES (?, ?)",
+                           [(name, a) for a in addrs])
+
+        self._write(fn)
+
+    def delete(self, name: str) -> None:
+        def fn(db: sqlite3.Connection) -> None:
+            self._must_exist(db, name)
+            db.execute("DELETE FROM addresses WHERE user = ?", (name,))
+            db.execute("DELETE FROM users WHERE name = ?", (name,))
+
+        self._write(fn)
+
+    def _set_hash(self, name: str, h: str, expect: str | None) -> bool:
+        now = int(time.time())
+
+        def fn(db: sqlite3.Connection) -> bool:
+            self._must_exist(db, name)
+            if expect is None:
+                cur = db.execute("UPDATE users SET hash = ?, changed = ? WHERE name = ?",
+                                 (h, now, name))
+            else:
+                cur = db.execute("UPDATE users SET hash = ?, changed = ? "
+                                 "WHERE name = ? AND hash = ?", (h, now, name, expect))
+            return cur.rowcount == 1
+
+        return bool(self._write(fn))
+
+    def _set_addresses(self, name: str, addrs: set[str]) -> None:
+        now = int(time.time())
+
+        def fn(db: sqlite3.Connection) -> None:
+            self._must_exist(db, name)
+            db.execute("DELETE FROM addresses WHERE user = ?", (name,))
+            db.executemany("INSERT INTO addresses (user, address) VALUES (?, ?)",
+                           [(name, a) for a in sorted(addrs)])
+            db.execute("UPDATE users SET changed = ? WHERE name = ?", (now, name))
+
+        self._write(fn)
+
+    # ------------------------------------------------------------------ reads
+    def stored_addresses(self, name: str) -> set[str]:
+        db = self._db()
+        self._must_exist(db, name)
+        return {r[0] for r in db.execute("SELECT address FROM addresses WHERE user = ?",
+                                         (name,))}
+
+    def get_hash(self, name: str) -> str | None:
+        row = self._db().execute("SELECT hash FROM users WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def list(self) -> list[UserInfo]:
+        db = self._db()
+        addrs: dict[str, list[str]] = {}
+        for user, addr in db.execute("SELECT user, address FROM addresses "
+                                     "ORDER BY user, address"):
+            addrs.setdefault(user, []).append(addr)
+        return [UserInfo(n, tuple(addrs.get(n, ())), c, ch) for n, c, ch in
+                db.execute("SELECT name, created, changed FROM users ORDER BY name")]
+
+    def generation(self) -> int:
+        """A number that differs after any committed change, by any process.
+
+        The counter is bumped inside every write transaction; the file's identity is
+        mixed in so a replaced file never repeats an old value."""
+        db = self._db()
+        row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        dev, ino = self._local.ident
+        return (((dev << 64) | ino) << 40) | (row[0] if row else 0)
