@@ -1,0 +1,391 @@
+#!/usr/bin/env python3
+"""SMTP load generator for the side-by-side benchmark (asyncio, several processes).
+
+Owns: the client side of scenarios (b), (c), (e) and (f) of bench/run.sh, and any ad-hoc
+load against authrelay or the Postfix peer. Two modes:
+
+  smtp  N sessions (or sessions for a duration) with C in flight, spread over P processes.
+        Each session: banner, EHLO, [STARTTLS, EHLO] (RFC 3207), [AUTH PLAIN] (RFC 4954),
+        M x (MAIL, RCPT, DATA, body, final dot), QUIT (RFC 5321 3.3, 4.1.1.4).
+  idle  open K connections, read each banner, hold them until stdin says go (or --hold
+        seconds), then close: the "10,000 idle connections" scenario.
+
+Contract: the last line on stdout is one JSON object. smtp mode: messages_ok/failed,
+sessions_ok/failed, elapsed_s, messages_per_s, sessions_per_s, final_250_ms {p50, p99, max}
+(time from the last byte of DATA written to the final 250 read), setup_ms, errors (counts by
+stage and reply). idle mode prints {"event": "ready", ...} when every connection has been
+tried, then the final object. Exit status 0 when nothing failed, 1 otherwise.
+
+Failure policy: a 4xx/5xx for one message counts it failed and RSETs; a dropped connection
+or 421 ends that session (counted failed) and the next session starts. Never retries.
+Safety: refuses non-loopback targets. Never prints the password or AUTH payload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import ipaddress
+import json
+import multiprocessing as mp
+import os
+import resource
+import socket
+import ssl
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+
+class SMTPError(Exception):
+    def __init__(self, stage: str, code: int, text: str) -> None:
+        super().__init__(f"{stage}: {code} {text}")
+        self.stage, self.code, self.text = stage, code, text
+
+
+class Conn:
+    """One SMTP client connection over asyncio streams: just enough protocol for load."""
+
+    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, timeout: float):
+        self.r, self.w, self.timeout = r, w, timeout
+
+    async def reply(self, stage: str) -> tuple[int, str]:
+        last = b""
+        while True:  # multiline replies: "250-..." until "250 ..." (RFC 5321 4.2.1)
+            line = await asyncio.wait_for(self.r.readline(), self.timeout)
+            if not line:
+                raise SMTPError(stage, 0, "connection closed")
+            last = line
+            if len(line) < 4 or line[3:4] != b"-":
+                break
+        try:
+            return int(last[:3]), last[4:80].decode("utf-8", "replace").rstrip()
+        except ValueError:
+            raise SMTPError(stage, 0, f"bad reply {last[:40]!r}") from None
+
+    async def cmd(self, line: bytes, stage: str, expect: tuple[int, ...]) -> None:
+        self.w.write(line + b"\r\n")
+        await self.w.drain()
+        code, text = await self.reply(stage)
+        if code not in expect:
+            raise SMTPError(stage, code, text)
+
+
+def make_body(size: int, sender: str, rcpt: str) -> bytes:
+    """A message of about `size` bytes, CRLF lines, none starting with a dot; ends CRLF."""
+    hdr = (
+        f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: authrelay bench\r\n"
+        f"Message-ID: <{time.time_ns()}.{os.getpid()}@load.bench.example.test>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
+    ).encode()
+    nfull, rem = divmod(max(0, size - len(hdr)), 78)
+    tail = b"y" * (rem - 2) + b"\r\n" if rem >= 3 else b""
+    return hdr + (b"x" * 76 + b"\r\n") * nfull + tail
+
+
+def pct(xs: list[float], p: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(round(p / 100.0 * (len(xs) - 1))))], 3)
+
+
+# --------------------------------------------------------------------------- smtp mode
+
+
+async def _session(a: argparse.Namespace, ctx: ssl.SSLContext | None, data: bytes,
+                   st: dict[str, Any]) -> None:
+    t0 = time.perf_counter()
+    w = None
+    try:
+        if a.tls == "implicit":
+            r, w = await asyncio.wait_for(
+                asyncio.open_connection(a.host, a.port, ssl=ctx, server_hostname=a.sni),
+                a.timeout)
+        else:
+            r, w = await asyncio.wait_for(asyncio.open_connection(a.host, a.port), a.timeout)
+        c = Conn(r, w, a.timeout)
+        code, text = await c.reply("banner")
+        if code != 220:
+            raise SMTPError("banner", code, text)
+        ehlo = f"EHLO {a.ehlo}".encode()
+        await c.cmd(ehlo, "ehlo", (250,))
+        if a.tls == "starttls":
+            await c.cmd(b"STARTTLS", "starttls", (220,))
+            await asyncio.wait_for(w.start_tls(ctx, server_hostname=a.sni), a.timeout)
+            await c.cmd(ehlo, "ehlo2", (250,))
+        if a.auth == "plain":
+            tok = base64.b64encode(f"\0{a.user}\0{a.password}".encode()).decode()
+            await c.cmd(f"AUTH PLAIN {tok}".encode(), "auth", (235,))
+        st["setup"].append((time.perf_counter() - t0) * 1000)
+        mail = f"MAIL FROM:<{a.mail_from}>".encode()
+        rcpt = f"RCPT TO:<{a.rcpt_to}>".encode()
+        for _ in range(a.messages):
+            try:
+                await c.cmd(mail, "mail", (250,))
+                await c.cmd(rcpt, "rcpt", (250, 251))
+                await c.cmd(b"DATA", "data", (354,))
+                w.write(data)
+                await w.drain()
+                t_end = time.perf_counter()  # end of DATA: the final dot is handed over
+                code, text = await c.reply("eod")
+                if code != 250:
+                    raise SMTPError("eod", code, text)
+                st["final"].append((time.perf_counter() - t_end) * 1000)
+                st["msg_ok"] += 1
+                st["bytes"] += len(data)
+            except SMTPError as e:
+                st["msg_fail"] += 1
+                st["errors"][f"{e.stage} {e.code} {e.text[:50]}"] += 1
+                if e.code in (0, 421):
+                    raise _SessionDead() from None
+                await c.cmd(b"RSET", "rset", (250,))
+        try:
+            await c.cmd(b"QUIT", "quit", (221,))
+        except (TimeoutError, SMTPError, OSError):
+            pass
+        st["sess_ok"] += 1
+    except _SessionDead:
+        st["sess_fail"] += 1
+    except SMTPError as e:
+        st["sess_fail"] += 1
+        st["errors"][f"{e.stage} {e.code} {e.text[:50]}"] += 1
+    except (TimeoutError, OSError, ssl.SSLError) as e:
+        st["sess_fail"] += 1
+        st["errors"][f"{type(e).__name__} {str(e)[:60]}"] += 1
+    finally:
+        if w is not None:
+            w.close()
+            try:
+                await asyncio.wait_for(w.wait_closed(), 2)
+            except Exception:
+                pass
+
+
+class _SessionDead(Exception):
+    pass
+
+
+def _client_context(a: argparse.Namespace) -> ssl.SSLContext | None:
+    if a.tls == "none":
+        return None
+    if a.cafile:
+        return ssl.create_default_context(cafile=a.cafile)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # a bench against self-signed loopback servers
+    return ctx
+
+
+async def _smtp_worker_main(a: argparse.Namespace, sessions: int, concurrency: int,
+                            start_at: float) -> dict[str, Any]:
+    ctx = _client_context(a)
+    data = make_body(a.size, a.mail_from, a.rcpt_to) + b".\r\n"
+    st: dict[str, Any] = dict(sess_ok=0, sess_fail=0, msg_ok=0, msg_fail=0, bytes=0,
+                              setup=[], final=[], errors=Counter())
+    delay = start_at - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)  # all processes start together
+    t0 = time.monotonic()
+    deadline = t0 + a.duration if a.duration else None
+    left = sessions
+
+    async def lane() -> None:
+        nonlocal left
+        while (left > 0 if deadline is None else time.monotonic() < deadline):
+            left -= 1
+            await _session(a, ctx, data, st)
+
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    st["t0"], st["t1"] = t0, time.monotonic()
+    return st
+
+
+def _run_loop(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def _smtp_child(a: argparse.Namespace, sessions: int, concurrency: int, start_at: float,
+                q: Any) -> None:
+    st = _run_loop(_smtp_worker_main(a, sessions, concurrency, start_at))
+    st["errors"] = dict(st["errors"])
+    q.put(st)
+
+
+def _split(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def run_smtp(a: argparse.Namespace) -> dict[str, Any]:
+    procs = max(1, min(a.processes or os.cpu_count() or 1, a.concurrency))
+    conc = _split(a.concurrency, procs)
+    sess = _split(a.sessions, procs) if not a.duration else [0] * procs
+    start_at = time.monotonic() + 0.3 + 0.05 * procs
+    q: Any = mp.get_context("fork").Queue()
+    children = [
+        mp.get_context("fork").Process(target=_smtp_child, args=(a, s, c, start_at, q))
+        for s, c in zip(sess, conc, strict=True)
+    ]
+    for p in children:
+        p.start()
+    results = [q.get() for _ in children]
+    for p in children:
+        p.join()
+    errors: Counter[str] = Counter()
+    final: list[float] = []
+    setup: list[float] = []
+    for r in results:
+        errors.update(r["errors"])
+        final += r["final"]
+        setup += r["setup"]
+    tot = {k: sum(r[k] for r in results) for k in ("sess_ok", "sess_fail", "msg_ok",
+                                                   "msg_fail", "bytes")}
+    elapsed = max(r["t1"] for r in results) - min(r["t0"] for r in results)
+    return dict(
+        tool="load.py", mode="smtp", host=a.host, port=a.port, tls=a.tls, auth=a.auth,
+        processes=procs, concurrency=a.concurrency, sessions=a.sessions,
+        duration=a.duration, messages_per_session=a.messages, size=a.size,
+        sessions_ok=tot["sess_ok"], sessions_failed=tot["sess_fail"],
+        messages_ok=tot["msg_ok"], messages_failed=tot["msg_fail"], bytes=tot["bytes"],
+        elapsed_s=round(elapsed, 4),
+        messages_per_s=round(tot["msg_ok"] / elapsed, 2) if elapsed > 0 else 0.0,
+        sessions_per_s=round(tot["sess_ok"] / elapsed, 2) if elapsed > 0 else 0.0,
+        final_250_ms=dict(p50=pct(final, 50), p99=pct(final, 99),
+                          max=round(max(final), 3) if final else None),
+        setup_ms=dict(p50=pct(setup, 50), p99=pct(setup, 99)),
+        errors=dict(errors.most_common(8)),
+    )
+
+
+# --------------------------------------------------------------------------- idle mode
+
+
+async def _idle_main(a: argparse.Namespace) -> dict[str, Any]:
+    writers: list[asyncio.StreamWriter] = []
+    st = Counter()
+    sem = asyncio.Semaphore(a.parallel)
+    greeted_all = asyncio.Event()
+
+    async def one() -> None:
+        async with sem:
+            try:
+                r, w = await asyncio.wait_for(asyncio.open_connection(a.host, a.port),
+                                              a.timeout)
+            except (TimeoutError, OSError):
+                st["connect_failed"] += 1
+                return
+            st["connected"] += 1
+            writers.append(w)
+        try:  # the banner wait is outside the semaphore: a server may never greet
+            line = await r.readline()
+            if line.startswith(b"220"):
+                st["greeted"] += 1
+                if st["greeted"] == a.connections:
+                    greeted_all.set()
+            else:
+                st["refused"] += 1
+        except OSError:
+            st["refused"] += 1
+
+    t0 = time.monotonic()
+    tasks = [asyncio.ensure_future(one()) for _ in range(a.connections)]
+    # Ready when every connect has finished and the greetings have settled: a server with
+    # a process limit (Postfix) leaves the rest waiting in its listen queue for good.
+    last, quiet_since = -1, time.monotonic()
+    while not greeted_all.is_set():
+        now = time.monotonic()
+        tried = st["connected"] + st["connect_failed"]
+        if st["greeted"] != last:
+            last, quiet_since = st["greeted"], now
+        elif tried >= a.connections and now - quiet_since > a.settle:
+            break
+        await asyncio.sleep(0.05)
+    ready = dict(event="ready", connections=a.connections, connected=st["connected"],
+                 greeted=st["greeted"], refused=st["refused"],
+                 connect_failed=st["connect_failed"],
+                 open_s=round(time.monotonic() - t0, 3))
+    print(json.dumps(ready), flush=True)
+    if a.hold is not None:
+        await asyncio.sleep(a.hold)
+    else:  # hold until the orchestrator writes a line (or closes stdin)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for w in writers:
+        w.close()
+    return dict(ready, event="done", tool="load.py", mode="idle", host=a.host, port=a.port)
+
+
+def run_idle(a: argparse.Namespace) -> dict[str, Any]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = a.connections + 256
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    return _run_loop(_idle_main(a))
+
+
+# --------------------------------------------------------------------------- cli
+
+
+def check_loopback(host: str) -> None:
+    for *_, sa in socket.getaddrinfo(host, None):
+        if not ipaddress.ip_address(sa[0]).is_loopback:
+            sys.exit(f"load.py: refusing non-loopback target {host} ({sa[0]})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", choices=["smtp", "idle"])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--timeout", type=float, default=30.0, help="per reply/connect (s)")
+    g = ap.add_argument_group("smtp mode")
+    g.add_argument("--tls", choices=["starttls", "implicit", "none"], default="none")
+    g.add_argument("--auth", choices=["plain", "none"], default="none")
+    g.add_argument("--user", default="alice")
+    g.add_argument("--password", default="correct horse")
+    g.add_argument("--cafile", help="verify the server against this CA (default: no checks)")
+    g.add_argument("--sni", default=None)
+    g.add_argument("--ehlo", default="load.bench.example.test")
+    g.add_argument("--from", dest="mail_from", default="alice@bench.example.test")
+    g.add_argument("--to", dest="rcpt_to", default="sink@remote.example.net")
+    g.add_argument("--size", type=int, default=1024, help="message size in bytes")
+    g.add_argument("--concurrency", "-c", type=int, default=10, help="sessions in flight")
+    g.add_argument("--sessions", "-n", type=int, default=100, help="sessions in all")
+    g.add_argument("--duration", type=float, default=0.0,
+                   help="run sessions for this many seconds instead of --sessions")
+    g.add_argument("--messages", "-m", type=int, default=1, help="messages per session")
+    g.add_argument("--processes", "-p", type=int, default=0, help="default: one per core")
+    g = ap.add_argument_group("idle mode")
+    g.add_argument("--connections", type=int, default=10000)
+    g.add_argument("--parallel", type=int, default=1000, help="connects in flight")
+    g.add_argument("--settle", type=float, default=1.0,
+                   help="ready when no new banner arrived for this long")
+    g.add_argument("--hold", type=float, default=None,
+                   help="seconds to hold after ready (default: until a line on stdin)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    check_loopback(a.host)
+    if a.mode == "idle":
+        out = run_idle(a)
+        print(json.dumps(out), flush=True)
+        return 0 if out["greeted"] == a.connections else 1
+    out = run_smtp(a)
+    print(json.dumps(out), flush=True)
+    return 0 if out["sessions_failed"] == 0 and out["messages_failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
