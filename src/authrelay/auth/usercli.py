@@ -1,0 +1,149 @@
+"""`authrelay user ...`: manage the built-in user DB from the command line.
+
+Owns: the `user` sub-commands (add, del, passwd, list, address add|del). Contract: finds
+its config like every command (-c, $AUTHRELAY_CONFIG, ./authrelay.toml, embedded default),
+edits `cfg.userdb_path` (parent directory created 0700, file 0600) while servers keep
+running: they see the change on the next AUTH (userdb generation). Exit 0 on success,
+1 with a one-line message on stderr otherwise. Passwords come from `--password-stdin`
+(one line, trailing newline removed) or are prompted for twice without echo; they are
+never printed or logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sqlite3
+import sys
+from datetime import UTC, datetime
+
+from authrelay.auth.userdb import UserDB, UserDBError
+from authrelay.config import load
+
+
+class _CliError(Exception):
+    pass
+
+
+def _open(args: argparse.Namespace) -> UserDB:
+    cfg = load(args.config)
+    return UserDB(cfg.userdb_path)
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        if line.endswith("\n"):
+            line = line[:-1]
+            if line.endswith("\r"):  # a file written on Windows
+                line = line[:-1]
+        if not line:
+            raise _CliError("no password on standard input")
+        return line
+    try:
+        first = getpass.getpass("Password: ")
+        second = getpass.getpass("Password (again): ")
+    except EOFError:
+        raise _CliError("no password given") from None
+    if first != second:
+        raise _CliError("passwords do not match")
+    if not first:
+        raise _CliError("password must not be empty")
+    return first
+
+
+def _add(args: argparse.Namespace) -> None:
+    db = _open(args)
+    db.add(args.name, _read_password(args), args.address or ())
+    print(f"user {args.name} added")
+
+
+def _del(args: argparse.Namespace) -> None:
+    _open(args).delete(args.name)
+    print(f"user {args.name} deleted")
+
+
+def _passwd(args: argparse.Namespace) -> None:
+    db = _open(args)
+    if db.get_hash(args.name) is None:  # ask before prompting for a password
+        raise _CliError(f"no user {args.name}")
+    db.set_password(args.name, _read_password(args))
+    print(f"password of {args.name} changed")
+
+
+def _iso(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _list(args: argparse.Namespace) -> None:
+    users = _open(args).list()
+    if args.json:
+        json.dump([{"name": u.name, "addresses": list(u.addresses),
+                    "created": _iso(u.created), "changed": _iso(u.changed)} for u in users],
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    for u in users:
+        print(f"{u.name}\t{','.join(u.addresses)}" if u.addresses else u.name)
+
+
+def _address(args: argparse.Namespace) -> None:
+    db = _open(args)
+    if args.action == "add":
+        db.add_address(args.name, args.address)
+        print(f"{args.name}: address {args.address.lower()} added")
+    else:
+        db.remove_address(args.name, args.address)
+        print(f"{args.name}: address {args.address.lower()} removed")
+
+
+def _run(func):
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            func(args)
+        except (_CliError, UserDBError) as e:
+            print(f"authrelay user: {e}", file=sys.stderr)
+            return 1
+        except sqlite3.Error as e:
+            print(f"authrelay user: user DB error: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"authrelay user: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+            return 1
+        return 0
+    return wrapper
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    user = subparsers.add_parser("user", help="manage the built-in user DB (auth.backend "
+                                 "= \"userdb\")")
+    sub = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser("add", help="add a user")
+    p.add_argument("name")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of standard input")
+    p.add_argument("--address", action="append", metavar="ADDR",
+                   help="an address the user may send as (repeatable)")
+    p.set_defaults(func=_run(_add))
+
+    p = sub.add_parser("del", help="delete a user")
+    p.add_argument("name")
+    p.set_defaults(func=_run(_del))
+
+    p = sub.add_parser("passwd", help="change a user's password")
+    p.add_argument("name")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of standard input")
+    p.set_defaults(func=_run(_passwd))
+
+    p = sub.add_parser("list", help="list users and their addresses")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run(_list))
+
+    p = sub.add_parser("address", help="add or remove an address a user may send as")
+    p.add_argument("action", choices=("add", "del"))
+    p.add_argument("name")
+    p.add_argument("address")
+    p.set_defaults(func=_run(_address))
