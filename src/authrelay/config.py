@@ -140,6 +140,10 @@ class Relay:
     smart_host_tls: str = "starttls"  # starttls | tls | none
     smart_host_user: str = ""
     smart_host_password_file: str = ""
+    # The smart host gets our credentials, so its certificate is verified (system CAs, or
+    # this PEM file for a private CA); false only for a smart host on a trusted network.
+    smart_host_tls_verify: bool = True
+    smart_host_ca_file: str = ""
 
 
 @dataclass(frozen=True)

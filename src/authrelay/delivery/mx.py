@@ -1,0 +1,135 @@
+"""MX resolution: a destination domain -> the ordered list of (hostname, ip) to try.
+
+Implements RFC 5321 5.1:
+- MX records sorted by preference, shuffled among equal preferences (load spreading);
+- no MX record (NODATA): the domain itself is the single, implicit MX (its A/AAAA);
+- every address of every host is tried, IPv6 first then IPv4 per host (5.1: "both");
+- an address literal recipient (`[192.0.2.1]`, `[IPv6:2001:db8::1]`, 4.1.3) skips DNS.
+And RFC 7505: a null MX (a single MX with exchange "." at preference 0) means the domain
+accepts no mail: permanent `556 5.1.10`.
+
+Failure policy (raised as `RouteError` carrying a ready `DeliveryResult`):
+- NXDOMAIN for the domain: permanent 550 5.1.2 (bad destination system address, RFC 3463);
+- SERVFAIL / timeout anywhere that leaves nothing to try: temporary 451 4.4.3 (directory
+  server failure);
+- the hosts exist but none has an address: permanent 550 5.4.4 (unable to route), unless
+  one of the lookups failed temporarily, then 4.4.3 (it might have an address after all).
+An MX host whose lookup fails is skipped while others remain: partial answers are used.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections import defaultdict
+
+from authrelay.dns import DnsNoData, DnsPermanent, DnsTemporary, Resolver
+from authrelay.types import DeliveryResult
+
+
+class RouteError(Exception):
+    """No host to try; `result` says whether that is permanent or temporary."""
+
+    def __init__(self, result: DeliveryResult) -> None:
+        super().__init__(str(result))
+        self.result = result
+
+
+def parse_literal(domain: str) -> str | None:
+    """The IP of an address literal '[192.0.2.1]' / '[IPv6:2001:db8::1]', else None.
+    Raises RouteError for a bracketed text that is not a valid address."""
+    if not domain.startswith("["):
+        return None
+    inner = domain[1:-1] if domain.endswith("]") else domain[1:]
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+        want = 6
+    else:
+        want = 4
+    try:
+        ip = ipaddress.ip_address(inner)
+    except ValueError:
+        ip = None
+    if ip is None or ip.version != want:
+        raise RouteError(DeliveryResult.perm(
+            f"invalid address literal {domain}", "5.1.2", 550))
+    return str(ip)
+
+
+def order_mx(records: list[tuple[int, str]], rng: random.Random | None = None) -> list[str]:
+    """Hosts by ascending preference, shuffled among equals (RFC 5321 5.1)."""
+    rng = rng or random
+    by_pref: dict[int, list[str]] = defaultdict(list)
+    for pref, host in records:
+        if host not in by_pref[pref]:
+            by_pref[pref].append(host)
+    out: list[str] = []
+    for pref in sorted(by_pref):
+        hosts = by_pref[pref]
+        rng.shuffle(hosts)
+        out.extend(h for h in hosts if h not in out)
+    return out
+
+
+def _v6_first(addrs: list[str]) -> list[str]:
+    return sorted(dict.fromkeys(addrs), key=lambda a: 0 if ":" in a else 1)
+
+
+async def resolve(resolver: Resolver, domain: str,
+                  rng: random.Random | None = None) -> list[tuple[str, str]]:
+    """Ordered (hostname, ip) pairs to try for `domain`; raises RouteError if none."""
+    literal = parse_literal(domain)
+    if literal is not None:
+        return [(domain, literal)]
+    domain = domain.rstrip(".").lower()
+    if not domain:
+        raise RouteError(DeliveryResult.perm("empty destination domain", "5.1.2", 550))
+
+    implicit = False
+    try:
+        records = await resolver.mx(domain)
+    except DnsPermanent:
+        raise RouteError(DeliveryResult.perm(
+            f"Host or domain name not found: {domain} (NXDOMAIN)", "5.1.2", 550)) from None
+    except DnsNoData:
+        records = [(0, domain)]  # RFC 5321 5.1: implicit MX
+        implicit = True
+    except DnsTemporary as e:
+        raise RouteError(DeliveryResult.temp(
+            f"DNS lookup failed for {domain}: {e}", "4.4.3", 451)) from None
+
+    # RFC 7505 3: a null MX is the only MX record, pref 0, exchange ".". Any MX with "."
+    # among others is a misconfiguration; the "." entry is simply unusable then.
+    if len(records) == 1 and records[0][1] == "" and records[0][0] == 0:
+        raise RouteError(DeliveryResult.perm(
+            f"Domain {domain} does not accept mail (null MX)", "5.1.10", 556))
+    records = [(p, h) for p, h in records if h]
+    if not records:
+        raise RouteError(DeliveryResult.perm(
+            f"Domain {domain} does not accept mail (null MX)", "5.1.10", 556))
+
+    hosts = order_mx(records, rng)
+    out: list[tuple[str, str]] = []
+    temp: DnsTemporary | None = None
+    for host in hosts:
+        try:
+            addrs = await resolver.addresses(host)
+        except DnsTemporary as e:
+            temp = e
+            continue
+        except DnsPermanent:
+            if implicit:  # the domain had MX NODATA, so it exists; A/AAAA vanished
+                raise RouteError(DeliveryResult.perm(
+                    f"Host or domain name not found: {domain}", "5.1.2", 550)) from None
+            continue
+        except DnsNoData:
+            continue
+        out.extend((host, ip) for ip in _v6_first(addrs))
+    if out:
+        return out
+    if temp is not None:
+        raise RouteError(DeliveryResult.temp(
+            f"DNS lookup failed for the mail hosts of {domain}: {temp}", "4.4.3", 451))
+    what = f"{domain} has no MX and no address" if implicit else \
+        f"no address found for the MX hosts of {domain} ({', '.join(hosts)})"
+    raise RouteError(DeliveryResult.perm(what, "5.4.4", 550))

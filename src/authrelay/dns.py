@@ -1,0 +1,162 @@
+"""DNS facade over dnspython's asyncio resolver: MX, A/AAAA, PTR, DNSBL lookups.
+
+Owns: which nameservers are asked (`[delivery] nameservers`, "host:port" so tests can run a
+DNS server on loopback; empty: the system's resolver from /etc/resolv.conf), the overall
+deadline per lookup, and the mapping of DNS outcomes onto three exceptions every caller
+understands:
+
+- `DnsPermanent` -- NXDOMAIN (RFC 1035 RCODE 3): the name does not exist. Callers treat it
+  as permanent (RFC 5321 5.1: a domain without address is an error).
+- `DnsNoData`    -- the name exists but has no record of the asked type (RFC 2308 NODATA).
+  Distinct from NXDOMAIN because "no MX" means implicit MX (RFC 5321 5.1), not failure.
+- `DnsTemporary` -- SERVFAIL, REFUSED, timeouts, unreachable servers: try again later.
+
+Names are always looked up absolute (a trailing dot is added; no search list), so a
+recipient domain "example" never turns into "example.corp.local".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+import dns.reversename
+
+log = logging.getLogger(__name__)
+
+
+class DnsError(Exception):
+    """Base of every DNS outcome other than an answer."""
+
+
+class DnsPermanent(DnsError):
+    """NXDOMAIN: the name does not exist."""
+
+
+class DnsNoData(DnsError):
+    """The name exists but has no record of the requested type."""
+
+
+class DnsTemporary(DnsError):
+    """SERVFAIL, timeout or no reachable nameserver: retry later."""
+
+
+def _parse_nameserver(spec: str) -> tuple[str, int]:
+    """'127.0.0.1:5353', '[::1]:53' or a bare address (port 53)."""
+    s = spec.strip()
+    if s.startswith("["):
+        host, _, rest = s[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else 53
+        return host, port
+    if s.count(":") == 1:
+        host, port = s.split(":")
+        return host, int(port)
+    return s, 53  # bare IPv4 or bare IPv6 without port
+
+
+def _absolute(name: str) -> dns.name.Name:
+    return dns.name.from_text(name.rstrip(".") + ".")
+
+
+class Resolver:
+    """Async lookups with one overall deadline (`timeout` seconds) per query."""
+
+    def __init__(self, nameservers: list[str] | tuple[str, ...] = (),
+                 timeout: float = 10.0) -> None:
+        if nameservers:
+            r = dns.asyncresolver.Resolver(configure=False)
+            r.nameservers = [
+                dns.nameserver.Do53Nameserver(h, p)
+                for h, p in (_parse_nameserver(ns) for ns in nameservers)
+            ]
+        else:
+            r = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+        r.lifetime = timeout
+        # Per-try timeout: leave room for a retry (and TCP fallback on truncation).
+        r.timeout = max(0.5, timeout / 3)
+        self._r = r
+        self.timeout = timeout
+
+    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
+        try:
+            return await self._r.resolve(_absolute(name), rdtype, search=False)
+        except dns.resolver.NXDOMAIN:
+            raise DnsPermanent(f"{name}: no such domain (NXDOMAIN)") from None
+        except dns.resolver.NoAnswer:
+            raise DnsNoData(f"{name}: no {rdtype} record") from None
+        except dns.resolver.NoNameservers:
+            # Every server answered SERVFAIL/REFUSED or was unusable.
+            raise DnsTemporary(f"{name}/{rdtype}: DNS server failure (SERVFAIL)") from None
+        except dns.exception.Timeout:
+            raise DnsTemporary(f"{name}/{rdtype}: DNS lookup timed out") from None
+        except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong,
+                dns.name.BadEscape) as e:
+            # A syntactically impossible name can never resolve.
+            raise DnsPermanent(f"{name}: invalid domain name ({e})") from None
+        except dns.exception.DNSException as e:
+            raise DnsTemporary(f"{name}/{rdtype}: DNS error: {e}") from None
+        except OSError as e:  # network unreachable etc.
+            raise DnsTemporary(f"{name}/{rdtype}: DNS error: {e.strerror or e}") from None
+
+    async def mx(self, domain: str) -> list[tuple[int, str]]:
+        """MX records as (preference, host) with the trailing dot removed (host "" = root,
+        as in a null MX). Raises DnsPermanent / DnsNoData / DnsTemporary."""
+        ans = await self._query(domain, "MX")
+        out: list[tuple[int, str]] = []
+        for rr in ans:
+            host = rr.exchange.to_text(omit_final_dot=True)
+            out.append((int(rr.preference), "" if host in ("", "@", ".") else host.lower()))
+        return out
+
+    async def addresses(self, host: str) -> list[str]:
+        """AAAA then A addresses of `host`. Both are asked at once; an answer for either
+        family wins over a temporary failure of the other. Raises DnsPermanent when the
+        name does not exist, DnsNoData when it has neither record, DnsTemporary else."""
+        res = await asyncio.gather(self._query(host, "AAAA"), self._query(host, "A"),
+                                   return_exceptions=True)
+        out: list[str] = []
+        errors: list[BaseException] = []
+        for r in res:
+            if isinstance(r, BaseException):
+                if not isinstance(r, DnsError):
+                    raise r
+                errors.append(r)
+            else:
+                out.extend(rr.address for rr in r)
+        if out:
+            return out
+        if any(isinstance(e, DnsTemporary) for e in errors):
+            raise next(e for e in errors if isinstance(e, DnsTemporary))
+        if any(isinstance(e, DnsPermanent) for e in errors):
+            raise DnsPermanent(f"{host}: no such domain (NXDOMAIN)")
+        raise DnsNoData(f"{host}: no AAAA or A record")
+
+    async def ptr(self, ip: str) -> str | None:
+        """The first PTR name of `ip` (no trailing dot), None when there is none.
+        Raises DnsTemporary on SERVFAIL/timeout."""
+        try:
+            rev = dns.reversename.from_address(str(ipaddress.ip_address(ip)))
+        except ValueError:
+            return None
+        try:
+            ans = await self._query(rev.to_text(), "PTR")
+        except (DnsPermanent, DnsNoData):
+            return None
+        for rr in ans:
+            return rr.target.to_text(omit_final_dot=True)
+        return None
+
+    async def a_exists(self, name: str) -> bool:
+        """DNSBL-style test: does `name` have an A record? Raises DnsTemporary on failure."""
+        try:
+            ans = await self._query(name, "A")
+        except (DnsPermanent, DnsNoData):
+            return False
+        return len(ans) > 0
