@@ -1,0 +1,193 @@
+"""RFC 5321 paths, domains and ESMTP parameters.
+
+Owns the strict parsing of `MAIL FROM:<...>` / `RCPT TO:<...>` arguments (RFC 5321 4.1.2,
+4.1.3; RFC 6531 3.3 for SMTPUTF8). Used by smtpd, policy and delivery alike, so it imports
+nothing from them.
+
+Security stance (open-relay tricks, sendmail's `A p y` list):
+- A source route `<@a,@b:user@c>` is accepted and stripped (RFC 5321 4.1.1.3, C): the
+  final domain decides, the route is never used.
+- `%`, `!` and a quoted `@` are ordinary local-part characters, never routing: only the
+  domain after the last unquoted `@` of the mailbox decides where mail goes.
+- `user@a@b` is a syntax error (two unquoted `@`).
+- Domains compare case-insensitively and without a trailing dot.
+Failure policy: every problem raises `AddressError` carrying the precise SMTP reply.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from authrelay.types import Reply
+
+
+class AddressError(ValueError):
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def _err(code: int, enhanced: str, text: str) -> AddressError:
+    return AddressError(Reply(code, enhanced, text))
+
+
+# RFC 5321 4.1.2 atext (RFC 5322 3.2.3) plus, with SMTPUTF8, any non-ASCII (RFC 6531 3.3).
+_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+_DOT_STRING = re.compile(rf"[{_ATEXT}\u0080-\U0010ffff]+(?:\.[{_ATEXT}\u0080-\U0010ffff]+)*")
+_QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"')
+_LABEL = re.compile(r"(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*"
+                    r"[A-Za-z0-9\u0080-\U0010ffff])?)")
+_PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    local: str  # as written (quoted form kept)
+    domain: str  # as written, without a trailing dot; "[1.2.3.4]" for literals
+
+    @property
+    def domain_key(self) -> str:
+        """The form domains are compared in: lower case, no trailing dot."""
+        return self.domain.lower().rstrip(".")
+
+    @property
+    def is_literal(self) -> bool:
+        return self.domain.startswith("[")
+
+    @property
+    def ascii(self) -> bool:
+        return (self.local + self.domain).isascii()
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+
+def normalize_domain(domain: str) -> str:
+    return domain.lower().rstrip(".")
+
+
+def _parse_domain(text: str) -> str:
+    if text.startswith("["):
+        if not text.endswith("]"):
+            raise _err(501, "5.1.3", "Bad address literal")
+        inner = text[1:-1]
+        try:
+            if inner.lower().startswith("ipv6:"):
+                ipaddress.IPv6Address(inner[5:])
+            else:
+                ipaddress.IPv4Address(inner)
+        except ValueError:
+            raise _err(501, "5.1.3", "Bad address literal") from None
+        return text
+    d = text[:-1] if text.endswith(".") else text
+    if not d or len(d) > 253:
+        raise _err(501, "5.1.3", "Bad domain syntax")
+    labels = d.split(".")
+    for lab in labels:
+        if not lab or len(lab) > 63 or not _LABEL.fullmatch(lab):
+            raise _err(501, "5.1.3", "Bad domain syntax")
+    return d
+
+
+def parse_mailbox(text: str) -> Address:
+    """Mailbox = Local-part "@" ( Domain / address-literal )  (RFC 5321 4.1.2)."""
+    if text.startswith('"'):
+        m = _QUOTED.match(text)
+        if not m:
+            raise _err(501, "5.1.3", "Bad local part syntax")
+        local = m.group(0)
+        rest = text[m.end():]
+    else:
+        at = text.find("@")
+        if at < 0:
+            raise _err(501, "5.1.3", "Address must include a domain")
+        local, rest = text[:at], text[at:]
+        if not _DOT_STRING.fullmatch(local):
+            raise _err(501, "5.1.3", "Bad local part syntax")
+    if not rest.startswith("@"):
+        raise _err(501, "5.1.3", "Address must include a domain")
+    domain_text = rest[1:]
+    if "@" in domain_text:  # user@a@b: never guess which domain was meant
+        raise _err(501, "5.1.3", "Bad address syntax (more than one @)")
+    if len(local.encode()) > 64:
+        raise _err(501, "5.1.3", "Local part too long")
+    return Address(local, _parse_domain(domain_text))
+
+
+def _strip_source_route(path: str) -> str:
+    # RFC 5321 4.1.2 A-d-l: "@one,@two:" prefix. Accepted and ignored (Appendix C).
+    if not path.startswith("@"):
+        return path
+    colon = path.find(":")
+    if colon < 0:
+        raise _err(501, "5.1.3", "Bad source route")
+    for hop in path[:colon].split(","):
+        if not hop.startswith("@"):
+            raise _err(501, "5.1.3", "Bad source route")
+        _parse_domain(hop[1:])
+    return path[colon + 1:]
+
+
+@dataclass(frozen=True, slots=True)
+class PathArg:
+    address: Address | None  # None for the null path <>
+    params: dict[str, str | None]
+
+    @property
+    def text(self) -> str:
+        return "" if self.address is None else str(self.address)
+
+
+def parse_path_arg(arg: str, *, allow_null: bool) -> PathArg:
+    """Parse what follows `FROM:` / `TO:`: `<path> [SP params]`.
+
+    Raises AddressError with 501 5.5.4 / 5.1.x / 5.5.2 replies.
+    """
+    arg = arg.lstrip(" ")  # some clients send "FROM: <a@b>" (tolerated, as Postfix does)
+    if not arg.startswith("<"):
+        raise _err(501, "5.5.4", "Syntax: address must be in angle brackets <...>")
+    # The path ends at the first '>' not inside a quoted string.
+    i, in_quote, end = 1, False, -1
+    while i < len(arg):
+        c = arg[i]
+        if in_quote and c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            in_quote = not in_quote
+        elif c == ">" and not in_quote:
+            end = i
+            break
+        i += 1
+    if end < 0:
+        raise _err(501, "5.5.4", "Syntax: missing closing >")
+    inner = arg[1:end]
+    rest = arg[end + 1:]
+    if rest and not rest.startswith(" "):
+        raise _err(501, "5.5.4", "Syntax: junk after address")
+    params = parse_params(rest.strip(" "))
+    if inner == "":
+        if not allow_null:
+            raise _err(501, "5.1.3", "Null recipient not allowed")
+        return PathArg(None, params)
+    mailbox = _strip_source_route(inner)
+    if len(mailbox) > 254:
+        raise _err(501, "5.1.3", "Address too long")
+    return PathArg(parse_mailbox(mailbox), params)
+
+
+def parse_params(text: str) -> dict[str, str | None]:
+    """esmtp-param *(SP esmtp-param); keys upper-cased (RFC 5321 4.1.2)."""
+    params: dict[str, str | None] = {}
+    if not text:
+        return params
+    for item in text.split(" "):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not _PARAM_KEY.fullmatch(key) or (eq and not value):
+            raise _err(501, "5.5.4", f"Bad parameter syntax: {item[:40]}")
+        params[key.upper()] = value if eq else None
+    return params

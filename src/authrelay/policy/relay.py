@@ -1,0 +1,60 @@
+"""Relay policy: who may send to whom (sendmail's `A p y`, Postfix smtpd_relay_restrictions).
+
+Contract: `may_relay(...)` says whether a recipient is acceptable for this client.
+- Authenticated (RFC 4954): any recipient.
+- Client address in `trusted_networks`: any recipient.
+- Otherwise only recipients in `local_domains`; the rest is "550 5.7.1 Relaying denied".
+Only the parsed, normalised domain of the mailbox decides (see address.py for why `%`,
+`!`, a quoted `@` and source routes never route). An address literal is never local.
+`sender_allowed` implements sender_policy="own" (Postfix reject_sender_login_mismatch).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from authrelay.address import Address
+from authrelay.config import Config
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class RelayPolicy:
+    def __init__(self, cfg: Config) -> None:
+        self.local_domains = frozenset(d.lower().rstrip(".") for d in cfg.relay.local_domains)
+        self.trusted: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(n, strict=False) for n in cfg.relay.trusted_networks
+        )
+        self.sender_policy = cfg.auth.sender_policy
+
+    def is_trusted(self, ip: str) -> bool:
+        if not self.trusted or not ip:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped  # ::ffff:10.0.0.1 from a dual-stack socket
+        return any(addr in net for net in self.trusted)
+
+    def is_local(self, addr: Address) -> bool:
+        return not addr.is_literal and addr.domain_key in self.local_domains
+
+    def may_relay(self, rcpt: Address, *, authenticated: bool, trusted: bool) -> bool:
+        return authenticated or trusted or self.is_local(rcpt)
+
+    def sender_allowed(self, sender: Address | None, user: str, owned: Iterable[str]) -> bool:
+        """sender_policy="own": MAIL FROM must be one of the user's addresses.
+
+        The null sender is allowed (bounces, RFC 5321 4.5.5); a user named like an address
+        owns that address.
+        """
+        if self.sender_policy != "own" or sender is None:
+            return True
+        want = f"{sender.local}@{sender.domain_key}".lower()
+        owned_set = {a.lower() for a in owned}
+        if "@" in user:
+            owned_set.add(user.lower())
+        return want in owned_set

@@ -1,0 +1,141 @@
+"""DATA reader: finds the end of data, un-stuffs dots, refuses bare CR/LF, caps size.
+
+Sans-I/O and chunk-scanning: each `feed(chunk)` does a handful of C-speed scans
+(`bytes.find`, `count`, one regex) over the whole chunk, never a Python loop per line, so a
+20 MB message costs a few hundred calls, not a few hundred thousand.
+
+Rules (RFC 5321):
+- Only CRLF "." CRLF ends DATA (4.1.1.4). The start of DATA counts as a line start, so a
+  lone "." CRLF right after 354 is an empty message.
+- A line starting with "." has that dot removed (4.5.2, transparency).
+- A bare CR or bare LF anywhere before the end marker is a protocol violation (2.3.8):
+  `BARE` is reported at once and the caller closes the connection. This is what closes
+  SMTP smuggling (CVE-2023-51764 and family): no alternative end-of-data is ever honoured.
+- Size: bytes past `max_size` are not emitted (memory stays bounded); the caller answers 552
+  after the end of data.
+- A text line longer than `max_line` octets (RFC 5322 2.1.1: 998, plus CRLF; one extra
+  octet tolerated for a stuffed dot) is remembered and refused after the end of data.
+The output is the message exactly as the client meant it: CRLF line ends, no stuffing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+OK = ""
+BARE = "bare"  # bare CR or LF: refuse and close
+TOO_BIG = "size"
+LONG_LINE = "line"
+
+_MARK = b"\r\n."
+
+
+@dataclass(slots=True)
+class Feed:
+    segments: list[bytes] = field(default_factory=list)  # message bytes to store, in order
+    done: bool = False  # the end-of-data marker was seen
+    leftover: bytes = b""  # bytes after the marker (pipelined commands)
+    error: str = OK  # BARE stops at once; TOO_BIG / LONG_LINE are reported when done
+
+
+class BodyReader:
+    def __init__(self, max_size: int, max_line: int = 998) -> None:
+        self.max_size = max_size
+        self._long = re.compile(rb"[^\n]{%d}" % (max_line + 3))  # line + stuffed dot + CR
+        self._limit_run = max_line + 3
+        self._hold = b"\r\n"  # virtual CRLF: DATA begins at a line start
+        self._virtual = 2  # leading bytes of _hold that are not message bytes
+        self._run = 0  # length of the current (unterminated) wire line
+        self.size = 0  # message bytes accepted (after un-stuffing)
+        self.wire_bytes = 0
+        self.error = OK
+        self.done = False
+
+    # ------------------------------------------------------------------ helpers
+    def _emit(self, out: Feed, piece: bytes) -> None:
+        if not piece:
+            return
+        if self._virtual:
+            cut = min(self._virtual, len(piece))
+            piece = piece[cut:]
+            self._virtual -= cut
+            if not piece:
+                return
+        if self.error == TOO_BIG:
+            return
+        if self.size + len(piece) > self.max_size:
+            self.error = TOO_BIG
+            return
+        self.size += len(piece)
+        out.segments.append(piece)
+
+    @staticmethod
+    def _bare(region: bytes) -> bool:
+        crlf = region.count(b"\r\n")
+        return region.count(b"\n") != crlf or region.count(b"\r") != crlf
+
+    def _check_lines(self, chunk: bytes) -> None:
+        if self.error:
+            return
+        nl = chunk.find(b"\n")
+        if nl < 0:
+            self._run += len(chunk)
+            if self._run >= self._limit_run:
+                self.error = LONG_LINE
+            return
+        if self._run + nl >= self._limit_run or self._long.search(chunk):
+            self.error = LONG_LINE
+        self._run = len(chunk) - chunk.rfind(b"\n") - 1
+
+    # ------------------------------------------------------------------ API
+    def feed(self, chunk: bytes) -> Feed:
+        out = Feed()
+        if self.done:
+            out.done, out.leftover = True, chunk
+            return out
+        self.wire_bytes += len(chunk)
+        data = self._hold + chunk
+        pos = 0
+        while True:
+            p = data.find(_MARK, pos)
+            if p < 0:
+                break
+            if len(data) < p + 5:  # cannot tell stuffing from the end marker yet
+                return self._finish_round(out, data, pos, p, chunk)
+            if data[p + 3:p + 5] == b"\r\n":
+                end = p + 5
+                region = data[:end]
+                if self._bare(region):
+                    self.error = out.error = BARE
+                    return out
+                # line-length check over what this chunk contributed before the marker
+                consumed = end - len(self._hold)
+                self._check_lines(chunk[:max(consumed - 3, 0)])
+                self._emit(out, data[pos:p + 2])
+                self.done = out.done = True
+                out.leftover = data[end:]
+                out.error = self.error
+                self._hold = b""
+                return out
+            self._emit(out, data[pos:p + 2])
+            pos = p + 3  # skip the stuffed dot
+        # no (complete) marker: keep back a possible marker prefix ("\r" or "\r\n")
+        if data.endswith(b"\r\n"):
+            keep = len(data) - 2
+        elif data.endswith(b"\r"):
+            keep = len(data) - 1
+        else:
+            keep = len(data)
+        return self._finish_round(out, data, pos, max(keep, pos), chunk)
+
+    def _finish_round(self, out: Feed, data: bytes, pos: int, keep: int, chunk: bytes) -> Feed:
+        region = data[:-1] if data.endswith(b"\r") else data
+        if self._bare(region):
+            self.error = out.error = BARE
+            return out
+        self._check_lines(chunk)
+        self._emit(out, data[pos:keep])
+        self._hold = data[keep:]
+        out.error = self.error
+        return out

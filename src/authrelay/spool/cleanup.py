@@ -1,0 +1,98 @@
+"""Message cleanup on the way into the spool (Postfix's cleanup(8), in miniature).
+
+Owns the submission duties of RFC 6409 section 8: prepend a `Received:` trace field
+(RFC 5321 4.4, with the RFC 3848 WITH protocol: ESMTPSA, ESMTPS ...), and add `Date:`
+(8.6) and `Message-ID:` (8.3) when the client left them out. Streaming and sans-I/O:
+only the header section is buffered (bounded by `max_header_bytes`); the body passes
+through untouched, byte for byte.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import secrets
+import time
+
+_HAS_DATE = re.compile(rb"(?:^|\r\n)date[ \t]*:", re.I)
+_HAS_MSGID = re.compile(rb"(?:^|\r\n)message-id[ \t]*:", re.I)
+
+
+def received_header(
+    *, helo: str, client_rdns: str, client_ip: str, hostname: str, protocol: str,
+    queue_id: str, recipient: str | None, tls: str = "", auth_user: str = "",
+) -> bytes:
+    """RFC 5321 4.4 Received trace field; folded at natural points.
+
+    The authenticated user is deliberately not disclosed (RFC 6409 8.1 leaves it to
+    local policy; Postfix hides it by default) -- the client IP already is.
+    """
+    rdns = client_rdns or "unknown"
+    lines = [f"Received: from {helo or 'unknown'} ({rdns} [{client_ip}])"]
+    lines.append(f"\tby {hostname} (authrelay) with {protocol} id {queue_id}")
+    if tls:
+        lines.insert(1, f"\t({tls})")
+    tail = f"\tfor <{recipient}>; " if recipient else "\t"
+    lines.append(tail + email.utils.formatdate(localtime=True))
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+def message_id(hostname: str) -> str:
+    return f"<{time.strftime('%Y%m%d%H%M%S')}.{secrets.token_hex(8)}@{hostname}>"
+
+
+class HeaderCleanup:
+    """feed(chunk) -> bytes to store; finish() -> the rest. Prepends `received`."""
+
+    def __init__(self, received: bytes, hostname: str, *, add_missing: bool = True,
+                 max_header_bytes: int = 256 * 1024) -> None:
+        self._received = received
+        self._hostname = hostname
+        self._add = add_missing
+        self._max = max_header_bytes
+        self._buf = bytearray()
+        self._passing = False  # header section done: everything else passes through
+        self.added: list[str] = []
+
+    def _extra(self, headers: bytes) -> bytes:
+        if not self._add:
+            return b""
+        out = []
+        if not _HAS_DATE.search(headers):
+            out.append(f"Date: {email.utils.formatdate(localtime=True)}\r\n")
+            self.added.append("Date")
+        if not _HAS_MSGID.search(headers):
+            out.append(f"Message-ID: {message_id(self._hostname)}\r\n")
+            self.added.append("Message-ID")
+        return "".join(out).encode()
+
+    def _release(self, end: int | None) -> bytes:
+        """Emit the buffered header section; `end` is where the header block ends."""
+        self._passing = True
+        buf = bytes(self._buf)
+        self._buf = bytearray()
+        if end is None:  # headers too large or no blank line: add at the top
+            return self._received + self._extra(buf) + buf
+        return self._received + buf[:end] + self._extra(buf[:end]) + buf[end:]
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._passing:
+            return chunk
+        self._buf += chunk
+        if self._buf.startswith(b"\r\n"):  # no header section at all
+            return self._release(0)
+        i = self._buf.find(b"\r\n\r\n")
+        if i >= 0:
+            return self._release(i + 2)
+        if len(self._buf) > self._max:
+            return self._release(None)
+        return b""
+
+    def finish(self) -> bytes:
+        if self._passing:
+            return b""
+        buf = bytes(self._buf)
+        # A message that is all headers (no blank line): the section ends at the end.
+        if buf and not buf.endswith(b"\r\n"):
+            return self._release(None)
+        return self._release(len(buf))

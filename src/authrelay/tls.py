@@ -1,0 +1,153 @@
+"""TLS: server SSLContext factory, certificate reload, self-signed bootstrap (`cert make`).
+
+Owns how authrelay speaks TLS. Contract: `server_context(cfg)` returns a context with
+TLS 1.2 minimum (RFC 8314 4.1 / RFC 8996), server cipher preference, session tickets for
+resumption, and the configured certificate. `CertStore.reload()` swaps in a renewed
+certificate: the next handshake uses it, established sessions are untouched. A key file
+readable by group or others is refused (like OpenSSH), so a mis-set key never goes live.
+`make_self_signed()` writes an ECDSA P-256 certificate and a 0600 key (ECDSA: smaller,
+and the handshake is cheaper than RSA, which matters at thousands of sessions/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+import ssl
+import stat
+import sys
+from pathlib import Path
+
+from authrelay.config import Config, load
+
+
+class TLSConfigError(RuntimeError):
+    pass
+
+
+def check_key_mode(key: Path) -> None:
+    st = key.stat()
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise TLSConfigError(
+            f"{key}: private key is accessible to group/others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {key}"
+        )
+
+
+def make_self_signed(hostname: str, out_dir: Path, *, days: int = 825) -> tuple[Path, Path]:
+    """Write cert.pem and key.pem (0600) for `hostname` into out_dir; return their paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
+    now = datetime.datetime.now(datetime.UTC)
+    sans: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    if hostname != "localhost":
+        sans.append(x509.DNSName("localhost"))
+    sans += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+             x509.IPAddress(ipaddress.ip_address("::1"))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = out_dir / "cert.pem", out_dir / "key.pem"
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # Create the key 0600 from the start: never a window where it is world-readable.
+    tmp = key_path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key_bytes)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, key_path)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    os.chmod(cert_path, 0o644)
+    return cert_path, key_path
+
+
+def ensure_certificate(cfg: Config) -> None:
+    """First start on the embedded default: make a self-signed certificate."""
+    if cfg.self_signed and not (cfg.cert_path.exists() and cfg.key_path.exists()):
+        d = cfg.cert_path.parent
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        make_self_signed(cfg.hostname, d)
+
+
+def server_context(cfg: Config) -> ssl.SSLContext:
+    cert, key = cfg.cert_path, cfg.key_path
+    if not cert.exists():
+        raise TLSConfigError(f"{cert}: certificate not found (authrelay cert make)")
+    if not key.exists():
+        raise TLSConfigError(f"{key}: key not found")
+    check_key_mode(key)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = (ssl.TLSVersion.TLSv1_3 if cfg.tls.min_version == "1.3"
+                           else ssl.TLSVersion.TLSv1_2)
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # client-initiated renegotiation is a DoS lever
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as e:
+        raise TLSConfigError(f"{cert}/{key}: cannot load: {e}") from None
+    try:
+        ctx.set_ecdh_curve("prime256v1")
+    except (ValueError, ssl.SSLError):
+        pass
+    # Session tickets (on by default in OpenSSL) give resumption across reconnects.
+    ctx.num_tickets = 2
+    return ctx
+
+
+class CertStore:
+    """Holds the current server context; `reload()` on SIGHUP swaps in a renewed cert."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.context = server_context(cfg)
+
+    def reload(self, cfg: Config | None = None) -> None:
+        if cfg is not None:
+            self.cfg = cfg
+        self.context = server_context(self.cfg)  # raises: the old context stays in use
+
+
+def _cmd_cert_make(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    hostname = args.hostname or cfg.hostname
+    out = Path(args.out) if args.out else cfg.cert_path.parent
+    if not args.force and ((out / "cert.pem").exists() or (out / "key.pem").exists()):
+        print(f"authrelay: {out}/cert.pem or key.pem exists; use --force to replace",
+              file=sys.stderr)
+        return 1
+    cert, key = make_self_signed(hostname, out, days=args.days)
+    print(f"wrote {cert}\nwrote {key} (mode 0600)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cert", help="TLS certificates")
+    s = p.add_subparsers(dest="cert_command", metavar="ACTION", required=True)
+    m = s.add_parser("make", help="make a self-signed ECDSA P-256 certificate and key")
+    m.add_argument("--hostname", help="certificate name (default: the config's hostname)")
+    m.add_argument("--out", help="directory (default: where the config expects them)")
+    m.add_argument("--days", type=int, default=825)
+    m.add_argument("--force", action="store_true", help="replace existing files")
+    m.set_defaults(func=_cmd_cert_make)
