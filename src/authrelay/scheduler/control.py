@@ -1,0 +1,202 @@
+"""Queue control: the channel between `authrelay queue ...` and a running scheduler.
+
+Owns the control protocol and the offline queue operations. Contract: the scheduler
+listens on the unix stream socket `spool_dir/control.sock` (mode 0600, so only the spool's
+owner may talk to it); each request is one line of JSON, each answer one line of JSON:
+
+    {"op": "flush", "id": "ID"}      {"op": "flush"}            (all)
+    {"op": "hold" | "release", "id": "ID"}
+    {"op": "delete", "id": "ID"}     {"op": "delete", "all": true}
+    {"op": "status"}                 -> {"ok": true, "active": [ids in flight]}
+    answer: {"ok": true, "done": [ids], "missing": [ids]} or {"ok": false, "error": "..."}
+
+The scheduler performs every change itself (after any in-flight delivery of that message
+ends), so the CLI never races it. When no scheduler runs (connect fails and the scheduler
+lock `spool_dir/scheduler.lock` is free) the CLI acts on the files directly, holding that
+lock so a scheduler starting meanwhile waits. Failure policy: a scheduler that holds the lock
+but does not answer is an error for the operator (never a silent offline edit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from authrelay.spool.store import SCHEDULER_LOCK, Spool
+
+MAX_REQUEST = 64 * 1024
+
+
+class ServerNotRunning(Exception):
+    """No scheduler answers on the control socket."""
+
+
+class ServerBusy(Exception):
+    """A scheduler holds the lock but its control socket does not answer."""
+
+
+# --------------------------------------------------------------------------- server side
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
+    """Listen on `path` (a stale socket file from a crash is replaced)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    break
+                if not line:
+                    break
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict):
+                        raise ValueError("request must be an object")
+                except ValueError as e:
+                    resp: dict[str, Any] = {"ok": False, "error": f"bad request: {e}"}
+                else:
+                    try:
+                        resp = await handler(req)
+                    except Exception as e:  # report, keep serving
+                        resp = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                writer.write(json.dumps(resp).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    old = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(on_client, path=str(path), limit=MAX_REQUEST)
+    finally:
+        os.umask(old)
+    return server
+
+
+def acquire_scheduler_lock(spool: Spool, *, block: bool = False) -> int:
+    """Taken by the scheduler for its lifetime (and by the CLI for offline edits).
+    Returns the fd; raises BlockingIOError when another process holds it."""
+    spool.ensure_dirs()
+    fd = os.open(spool.root / SCHEDULER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def release_scheduler_lock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)  # closing drops the flock
+
+
+# --------------------------------------------------------------------------- client side
+
+def request(path: Path, req: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
+    """Send one request to a running scheduler; ServerNotRunning if none listens."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise ServerNotRunning(str(e)) from None
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    if not buf:
+        raise ServerBusy("the scheduler closed the control connection")
+    return json.loads(buf)
+
+
+@contextlib.contextmanager
+def offline(spool: Spool) -> Iterator[None]:
+    """Hold the scheduler lock for a direct edit; ServerBusy if a scheduler runs."""
+    try:
+        fd = acquire_scheduler_lock(spool)
+    except BlockingIOError:
+        raise ServerBusy(
+            "a scheduler holds the spool lock but its control socket does not answer"
+        ) from None
+    try:
+        yield
+    finally:
+        release_scheduler_lock(fd)
+
+
+# --------------------------------------------------------------------------- operations
+
+def flush_files(spool: Spool, qid: str) -> None:
+    """Make every pending recipient due now (offline flush: the next start tries them)."""
+    env = spool.load(qid)
+    changed = False
+    for r in env.pending:
+        if r.next_attempt:
+            r.next_attempt = 0.0
+            changed = True
+    if changed:
+        spool.save_state(env)
+
+
+def run_offline(spool: Spool, req: dict[str, Any]) -> dict[str, Any]:
+    """Perform a control request directly on the files (no scheduler running)."""
+    op = req.get("op")
+    if op == "status":
+        return {"ok": True, "active": []}
+    ids: list[str]
+    if req.get("all"):
+        ids = spool.scan() + spool.held() if op == "delete" else spool.scan()
+    elif req.get("id"):
+        ids = [str(req["id"])]
+    elif op == "flush":
+        ids = spool.scan()
+    else:
+        return {"ok": False, "error": f"{op}: a queue id is required"}
+    done, missing = [], []
+    for qid in ids:
+        try:
+            if op == "flush":
+                flush_files(spool, qid)
+            elif op == "hold":
+                spool.hold(qid)
+            elif op == "release":
+                spool.release(qid)
+            elif op == "delete":
+                spool.remove(qid)
+            else:
+                return {"ok": False, "error": f"unknown op {op!r}"}
+            done.append(qid)
+        except FileNotFoundError:
+            missing.append(qid)
+    return {"ok": True, "done": done, "missing": missing}
+
+
+def perform(spool: Spool, req: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
+    """Ask the running scheduler, else act on the files under the scheduler lock."""
+    try:
+        return request(spool.control_path, req, timeout=timeout)
+    except ServerNotRunning:
+        pass
+    with offline(spool):
+        return run_offline(spool, req)

@@ -1,0 +1,223 @@
+"""`authrelay queue ...`: mailq, sendmail -q and postsuper in one command.
+
+Owns the operator's view of the queue. Contract:
+    queue list [--json]      id, arrival, size, sender, recipients, state, last error
+    queue show ID [--json]   envelope (with per-recipient state) and the message headers
+    queue flush [ID]         try now, ignoring back-off
+    queue hold ID | release ID
+    queue delete ID... | --all
+Reads (list/show) come straight from the spool files, which the scheduler only ever
+replaces atomically. Changes go through the running scheduler's control socket, or, when
+no scheduler runs, straight to the files under the scheduler lock (control.py), so they
+never race a delivery. Exit status: 0 ok, 1 a queue id was not found or the request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from authrelay.config import load
+from authrelay.scheduler import control
+from authrelay.spool.envelope import PENDING, Envelope
+from authrelay.spool.store import Spool, SpoolError
+
+
+def _spool(args: argparse.Namespace) -> Spool:
+    cfg = load(args.config)
+    return Spool(cfg.spool_dir)
+
+
+def _active_ids(spool: Spool) -> set[str]:
+    try:
+        resp = control.request(spool.control_path, {"op": "status"}, timeout=10.0)
+        return set(resp.get("active", []))
+    except (control.ServerNotRunning, control.ServerBusy, OSError, ValueError):
+        return set()
+
+
+def _state(env: Envelope, active: set[str]) -> str:
+    if env.held:
+        return "held"
+    if env.queue_id in active:
+        return "active"
+    if any(r.attempts for r in env.recipients if r.state == PENDING):
+        return "deferred"
+    return "active"  # waiting for its first attempt
+
+
+def _last_error(env: Envelope) -> str:
+    errs = [r for r in env.recipients if r.state == PENDING and r.last_code >= 400]
+    return errs[-1].last_reply if errs else ""
+
+
+def _record(env: Envelope, active: set[str]) -> dict[str, Any]:
+    return {
+        "id": env.queue_id,
+        "arrival": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(env.received_at)),
+        "arrival_ts": env.received_at,
+        "size": env.size,
+        "sender": env.sender,
+        "state": _state(env, active),
+        "last_error": _last_error(env),
+        "recipients": [
+            {"address": r.address, "state": r.state, "attempts": r.attempts,
+             "last_reply": r.last_reply, "next_attempt": r.next_attempt}
+            for r in env.recipients
+        ],
+        "auth_user": env.auth_user,
+        "is_bounce": env.is_bounce,
+    }
+
+
+def _records(spool: Spool) -> list[dict[str, Any]]:
+    active = _active_ids(spool)
+    out = []
+    for qid in sorted(set(spool.scan() + spool.held()), key=lambda s: (len(s), s)):
+        try:
+            env = spool.load(qid)
+        except FileNotFoundError:
+            continue  # delivered while we listed
+        except (SpoolError, OSError) as e:
+            out.append({"id": qid, "state": "unreadable", "last_error": str(e),
+                        "recipients": [], "sender": "", "size": 0, "arrival": ""})
+            continue
+        out.append(_record(env, active))
+    return out
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    recs = _records(_spool(args))
+    if args.json:
+        json.dump(recs, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not recs:
+        print("Mail queue is empty")
+        return 0
+    print(f"{'-Queue ID-':<16} {'-State-':<9} {'--Size--':>9} {'----Arrival Time----':<20}"
+          f" -Sender/Recipient-")
+    for rec in recs:
+        sender = f"<{rec['sender']}>" if rec["sender"] else "<>"
+        print(f"{rec['id']:<16} {rec['state']:<9} {rec['size']:>9} {rec['arrival']:<20}"
+              f" {sender}")
+        for r in rec["recipients"]:
+            if r["state"] != PENDING:
+                continue
+            if r["last_reply"]:
+                print(f"{'':<58}({r['last_reply']})")
+            print(f"{'':<58}{r['address']}")
+        print()
+    total = sum(r["size"] for r in recs)
+    print(f"-- {total} bytes in {len(recs)} request{'s' if len(recs) != 1 else ''}.")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    spool = _spool(args)
+    try:
+        env = spool.load(args.id)
+        headers = spool.read_headers(args.id)
+    except FileNotFoundError:
+        print(f"authrelay: {args.id}: not in the queue", file=sys.stderr)
+        return 1
+    except SpoolError as e:
+        print(f"authrelay: {args.id}: {e}", file=sys.stderr)
+        return 1
+    rec = _record(env, _active_ids(spool))
+    if args.json:
+        rec["envelope"] = json.loads(env.to_json())
+        rec["headers"] = headers.decode("utf-8", "replace")
+        json.dump(rec, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"Queue ID:  {env.queue_id}")
+    print(f"State:     {rec['state']}")
+    print(f"Arrival:   {rec['arrival']}")
+    print(f"Size:      {env.size}")
+    print(f"Sender:    <{env.sender}>")
+    if env.auth_user:
+        print(f"Auth user: {env.auth_user}")
+    print(f"Client:    {env.client_rdns or 'unknown'} [{env.client_ip}] helo={env.helo}")
+    for r in env.recipients:
+        extra = f" attempts={r.attempts}" if r.attempts else ""
+        print(f"Recipient: <{r.address}> {r.state}{extra}"
+              + (f" ({r.last_reply})" if r.last_reply else ""))
+    print()
+    sys.stdout.write(headers.decode("utf-8", "replace").replace("\r\n", "\n"))
+    return 0
+
+
+def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
+    spool = _spool(args)
+    try:
+        resp = control.perform(spool, req)
+    except control.ServerBusy as e:
+        print(f"authrelay: {e}", file=sys.stderr)
+        return 1
+    if not resp.get("ok"):
+        print(f"authrelay: {resp.get('error', 'request failed')}", file=sys.stderr)
+        return 1
+    verb = {"flush": "flushed", "hold": "held", "release": "released",
+            "delete": "deleted"}[req["op"]]
+    for qid in resp.get("done", []):
+        print(f"{qid}: {verb}")
+    for qid in resp.get("missing", []):
+        print(f"authrelay: {qid}: not in the queue", file=sys.stderr)
+    return 1 if resp.get("missing") else 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    return _change(args, {"op": "flush", "id": args.id} if args.id else {"op": "flush"})
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    return _change(args, {"op": "hold", "id": args.id})
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    return _change(args, {"op": "release", "id": args.id})
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    if args.all:
+        if args.ids:
+            print("authrelay: give queue ids or --all, not both", file=sys.stderr)
+            return 2
+        return _change(args, {"op": "delete", "all": True})
+    if not args.ids:
+        print("authrelay: queue delete needs a queue id or --all", file=sys.stderr)
+        return 2
+    rc = 0
+    for qid in args.ids:
+        rc |= _change(args, {"op": "delete", "id": qid})
+    return rc
+
+
+def register(subparsers: Any) -> None:
+    q = subparsers.add_parser("queue", help="list, show, flush, hold, release, delete queued mail")
+    qs = q.add_subparsers(dest="queue_command", metavar="ACTION")
+    q.set_defaults(func=lambda a: (q.print_help(), 2)[1])
+    p = qs.add_parser("list", help="list queued messages (mailq)")
+    p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p.set_defaults(func=cmd_list)
+    p = qs.add_parser("show", help="show one message's envelope and headers")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+    p = qs.add_parser("flush", help="deliver now, ignoring back-off (sendmail -q)")
+    p.add_argument("id", nargs="?")
+    p.set_defaults(func=cmd_flush)
+    p = qs.add_parser("hold", help="keep a message from being delivered")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_hold)
+    p = qs.add_parser("release", help="release a held message")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_release)
+    p = qs.add_parser("delete", help="delete messages (postsuper -d)")
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--all", action="store_true", help="delete every queued and held message")
+    p.set_defaults(func=cmd_delete)

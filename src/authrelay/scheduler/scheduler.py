@@ -1,0 +1,600 @@
+"""The scheduler (Postfix's qmgr): decides what is delivered when, and records the outcome.
+
+Owns: which queued message is tried next, the active set, concurrency, per-recipient
+state, bounces and removal from the spool. Contract:
+- New mail is picked up at once: `notify(qid)` (the spool's in-process `on_commit` hook)
+  and datagrams on `spool_dir/notify.sock` from receiving processes; plus a full scan at
+  start (a restart finds everything) and a periodic rescan as a safety net.
+- Fresh mail goes first: it waits in its own FIFO ahead of the retry heap, and per
+  destination ahead of retries; a slow or dead destination only ever holds its own
+  `concurrency_per_domain` slots, so deferred mail never blocks fresh mail elsewhere.
+- A message's pending recipients are grouped by `route_key`; each group is one
+  `courier.deliver()` call. Per recipient: 2xx -> SENT; 5xx -> FAILED and a DSN is queued
+  (RFC 3464; never for the null sender or a bounce); 4xx -> stays PENDING with back-off
+  (backoff.py) until `max_queue_lifetime`, then FAILED with a DSN; an optional one-off
+  delay warning DSN after `delay_warning`.
+- At least once, never lost: state is saved (fsync) after every attempt before the next
+  action, and a message leaves the spool only when no recipient is PENDING. A crash
+  mid-delivery re-delivers after restart; a duplicate is possible, a loss is not.
+- Queue control (`control.sock`): flush/hold/release/delete are done here, after any
+  in-flight delivery of the message ends, so the CLI never races a delivery.
+Failure policy: a courier that raises is a transient failure for its recipients; an
+unreadable or newer-format spool file is logged and skipped (left on disk) until restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from authrelay import maillog as maillog_mod
+from authrelay.config import Config
+from authrelay.scheduler import backoff, control
+from authrelay.scheduler.bounce import make_bounce, should_notify
+from authrelay.spool.envelope import FAILED, PENDING, SENT, Envelope, Recipient
+from authrelay.spool.store import Spool, SpoolError, is_queue_id
+from authrelay.types import DeliveryResult
+
+try:
+    from authrelay.delivery.router import route_key
+except ImportError:  # pragma: no cover - the router is another module's work
+    def route_key(cfg: Config, address: str) -> str:
+        return address.rsplit("@", 1)[-1].lower()
+
+log = logging.getLogger(__name__)
+
+RESCAN_INTERVAL = 60.0
+BUSY_RETRY = 0.2  # a message under a control operation is looked at again this soon
+NEXT_ATTEMPT_SLACK = 0.5  # recipients due within this are tried with the rest
+
+
+class CourierLike(Protocol):
+    async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
+                      offset: int = 0) -> dict[str, DeliveryResult]: ...
+
+
+@dataclass(eq=False)
+class _Active:
+    """A message in the active set: loaded, with deliveries queued or in flight."""
+
+    qid: str
+    forced: bool = False
+    env: Envelope | None = None
+    path: Path | None = None
+    offset: int = 0
+    jobs: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(eq=False)
+class _Job:
+    act: _Active
+    key: str
+    rcpts: list[Recipient]
+
+
+class Scheduler:
+    def __init__(self, cfg: Config, spool: Spool, courier: CourierLike,
+                 maillog: maillog_mod.MailLog | None = None, *,
+                 rescan_interval: float = RESCAN_INTERVAL, max_active: int = 20000) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.courier = courier
+        self.maillog = maillog or maillog_mod.get()
+        self.rescan_interval = rescan_interval
+        self.max_active = max_active  # messages loaded at once (memory bound)
+        self.concurrency = max(1, cfg.delivery.concurrency)
+        self.per_destination = max(1, cfg.delivery.concurrency_per_domain)
+        self._heap: list[tuple[float, int, str]] = []
+        self._fresh: deque[tuple[int, str]] = deque()
+        self._seq = itertools.count()
+        self._token: dict[str, int] = {}  # qid -> seq of its one valid heap/fresh entry
+        self._forced: set[str] = set()
+        self._active: dict[str, _Active] = {}
+        self._busy: set[str] = set()
+        self._ignored: set[str] = set()
+        self._waiting: dict[str, tuple[deque[_Job], deque[_Job]]] = {}  # fresh, retries
+        self._rr: OrderedDict[str, None] = OrderedDict()
+        self._dest_running: dict[str, int] = {}
+        self._running = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
+        self._wake: asyncio.Event | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._rescan: asyncio.Task[None] | None = None
+        self._nsock: socket.socket | None = None
+        self._control: asyncio.AbstractServer | None = None
+        self._lock_fd: int | None = None
+        self._hooked = False
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._thread = threading.get_ident()
+        self._wake = asyncio.Event()
+        self.spool.ensure_dirs()
+        self._lock_fd = await self._take_lock()
+        await self._io(self.spool.recover)
+        if self.spool.on_commit is None:
+            self.spool.on_commit = self.notify
+            self._hooked = True
+        self._bind_notify()
+        try:
+            self._control = await control.serve(self.spool.control_path, self._handle_control)
+        except OSError as e:  # e.g. a path longer than sun_path: the CLI then reports it
+            log.error("cannot listen on %s: %s", self.spool.control_path, e)
+        now = time.time()
+        for qid in await self._io(self.spool.scan):
+            self._schedule(qid, now)
+        self._main = asyncio.create_task(self._run(), name="scheduler")
+        self._rescan = asyncio.create_task(self._rescan_loop(), name="scheduler-rescan")
+
+    async def _take_lock(self) -> int:
+        # The CLI holds the lock for a moment during offline edits: wait a little for it.
+        for _ in range(50):
+            try:
+                return control.acquire_scheduler_lock(self.spool)
+            except BlockingIOError:
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"another scheduler holds {self.spool.root}/scheduler.lock")
+
+    def _bind_notify(self) -> None:
+        assert self._loop is not None
+        path = self.spool.notify_path
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            s.bind(str(path))
+            os.chmod(path, 0o600)
+            s.setblocking(False)
+        except OSError as e:
+            s.close()
+            log.error("cannot bind %s (relying on rescans): %s", path, e)
+            return
+        self._nsock = s
+        self._loop.add_reader(s.fileno(), self._on_datagram)
+
+    async def stop(self) -> None:
+        """Stop taking work; let in-flight deliveries finish (up to shutdown_timeout)."""
+        self._stopping = True
+        for t in (self._main, self._rescan):
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+        if self._nsock is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(self._nsock.fileno())
+            self._nsock.close()
+            self._nsock = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.spool.notify_path)
+        if self._control is not None:
+            self._control.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.spool.control_path)
+            self._control = None
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks),
+                                            timeout=self.cfg.shutdown_timeout)
+            for t in pending:
+                t.cancel()  # state not saved: those recipients are re-delivered on restart
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        if self._hooked:
+            self.spool.on_commit = None
+            self._hooked = False
+        if self._lock_fd is not None:
+            control.release_scheduler_lock(self._lock_fd)
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------ public
+    def notify(self, qid: str) -> None:
+        """A new message was committed. Thread-safe; cheap."""
+        if self._loop is None or self._stopping:
+            return
+        if threading.get_ident() != self._thread:
+            self._loop.call_soon_threadsafe(self._notify, qid)
+        else:
+            self._notify(qid)
+
+    def flush(self, qid: str | None = None) -> None:
+        """Try now, ignoring back-off: one message or everything known."""
+        ids = [qid] if qid else list(self._token)
+        for q in ids:
+            self._forced.add(q)
+            if q not in self._active:
+                self._schedule(q, 0.0, fresh=True)
+
+    @property
+    def active(self) -> list[str]:
+        return sorted(self._active)
+
+    # ------------------------------------------------------------------ queueing
+    def _notify(self, qid: str) -> None:
+        if not is_queue_id(qid) or qid in self._active or qid in self._ignored:
+            return
+        if qid in self._token:
+            return  # already known; fresh mail is never deferred
+        self._schedule(qid, time.time(), fresh=True)
+
+    def _on_datagram(self) -> None:
+        assert self._nsock is not None
+        for _ in range(1000):  # bounded so a flood cannot starve the loop
+            try:
+                data = self._nsock.recv(256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self._notify(data.decode("ascii", "replace").strip())
+
+    def _schedule(self, qid: str, due: float, *, fresh: bool = False) -> None:
+        seq = next(self._seq)
+        self._token[qid] = seq
+        if fresh:
+            self._fresh.append((seq, qid))
+        else:
+            heapq.heappush(self._heap, (due, seq, qid))
+        if self._wake is not None:
+            self._wake.set()
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._task_done)
+
+    def _task_done(self, t: asyncio.Task[Any]) -> None:
+        self._tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("scheduler task failed", exc_info=t.exception())
+
+    async def _io(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.spool.executor, fn, *args)
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            self._wake.clear()
+            self._dispatch()
+            timeout: float | None = None
+            if self._heap and len(self._active) < self.max_active:
+                timeout = max(0.0, self._heap[0][0] - time.time())
+            if timeout == 0.0:
+                await asyncio.sleep(0)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _dispatch(self) -> None:
+        now = time.time()
+        while len(self._active) < self.max_active:
+            if self._fresh:
+                seq, qid = self._fresh.popleft()
+            elif self._heap and self._heap[0][0] <= now:
+                _, seq, qid = heapq.heappop(self._heap)
+            else:
+                break
+            if self._token.get(qid) != seq:
+                continue  # superseded entry
+            del self._token[qid]
+            if qid in self._active:
+                continue
+            if qid in self._busy:
+                self._schedule(qid, now + BUSY_RETRY)
+                continue
+            forced = qid in self._forced
+            self._forced.discard(qid)
+            act = _Active(qid, forced)
+            self._active[qid] = act
+            self._spawn(self._start_message(act))
+
+    async def _rescan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.rescan_interval)
+            try:
+                ids = await self._io(self.spool.scan)
+            except OSError as e:
+                log.error("rescan failed: %s", e)
+                continue
+            now = time.time()
+            for qid in ids:
+                if (qid not in self._token and qid not in self._active
+                        and qid not in self._ignored and qid not in self._busy):
+                    self._schedule(qid, now)
+
+    def _release(self, act: _Active) -> None:
+        """Leave the active set (synchronously with any rescheduling by the caller)."""
+        self._active.pop(act.qid, None)
+        act.done.set()
+        if self._wake is not None:
+            self._wake.set()
+
+    # ------------------------------------------------------------------ one message
+    def _load(self, qid: str) -> tuple[Envelope, Path, int]:
+        env = self.spool.load(qid)
+        path, offset = self.spool.body_path(qid)
+        return env, path, offset
+
+    async def _start_message(self, act: _Active) -> None:
+        qid = act.qid
+        try:
+            env, path, offset = await self._io(self._load, qid)
+        except FileNotFoundError:
+            self._release(act)
+            return
+        except (SpoolError, OSError) as e:
+            log.error("%s: cannot read spool file, skipped until restart: %s", qid, e)
+            self._ignored.add(qid)
+            self._release(act)
+            return
+        if env.held:
+            self._release(act)
+            return
+        pending = env.pending
+        if not pending:  # every recipient final, but we stopped before removing the file
+            await self._remove(qid)
+            self._release(act)
+            return
+        now = time.time()
+        if act.forced:
+            due = pending
+        else:
+            due = [r for r in pending if r.next_attempt <= now + NEXT_ATTEMPT_SLACK]
+        if not due:  # found by a scan before its time
+            self._release(act)
+            self._schedule(qid, min(r.next_attempt for r in pending))
+            return
+        act.env, act.path, act.offset = env, path, offset
+        groups: dict[str, list[Recipient]] = {}
+        for r in due:
+            try:
+                key = route_key(self.cfg, r.address)
+            except Exception:  # a malformed address still needs a slot and a result
+                key = r.address.rsplit("@", 1)[-1].lower()
+            groups.setdefault(key, []).append(r)
+        act.jobs = len(groups)
+        for key, rcpts in groups.items():
+            job = _Job(act, key, rcpts)
+            fresh_q, retry_q = self._waiting.setdefault(key, (deque(), deque()))
+            (fresh_q if all(r.attempts == 0 for r in rcpts) else retry_q).append(job)
+            self._rr[key] = None
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start waiting deliveries, round robin over destinations, within the limits."""
+        if self._stopping:
+            return
+        while self._running < self.concurrency and self._rr:
+            started = False
+            for key in list(self._rr):
+                if self._running >= self.concurrency:
+                    break
+                if self._dest_running.get(key, 0) >= self.per_destination:
+                    continue
+                fresh_q, retry_q = self._waiting[key]
+                job = fresh_q.popleft() if fresh_q else retry_q.popleft()
+                if not fresh_q and not retry_q:
+                    del self._waiting[key]
+                    del self._rr[key]
+                else:
+                    self._rr.move_to_end(key)
+                self._running += 1
+                self._dest_running[key] = self._dest_running.get(key, 0) + 1
+                self._spawn(self._run_job(job))
+                started = True
+            if not started:
+                break
+
+    async def _run_job(self, job: _Job) -> None:
+        act = job.act
+        assert act.env is not None and act.path is not None
+        completed = False
+        try:
+            try:
+                results = await self.courier.deliver(act.env, job.rcpts, act.path, act.offset)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: courier failed", act.qid)
+                results = {}
+            async with act.lock:
+                await self._apply(act, job, results)
+            completed = True
+        finally:
+            self._running -= 1
+            n = self._dest_running.get(job.key, 1) - 1
+            if n:
+                self._dest_running[job.key] = n
+            else:
+                self._dest_running.pop(job.key, None)
+            act.jobs -= 1
+            if act.jobs == 0:
+                if completed:
+                    self._spawn(self._finish(act))
+                else:
+                    self._release(act)
+            self._pump()
+
+    async def _apply(self, act: _Active, job: _Job, results: dict[str, DeliveryResult]) -> None:
+        env = act.env
+        assert env is not None
+        d = self.cfg.delivery
+        now = time.time()
+        failed: list[Recipient] = []
+        warn: list[Recipient] = []
+        remote: dict[str, str] = {}
+        for r in job.rcpts:
+            res = results.get(r.address)
+            if res is None:
+                res = DeliveryResult.temp("internal error: no result for recipient", "4.3.0")
+            r.attempts += 1
+            r.last_code = res.code
+            r.last_reply = f"{res.code} {res.enhanced} {res.text}".replace("  ", " ").strip()
+            remote[r.address] = res.remote
+            expired = False
+            if res.ok:
+                r.state, stat = SENT, "Sent"
+            elif res.permanent or res.code >= 500:
+                r.state, stat = FAILED, "Bounced"
+                failed.append(r)
+            elif backoff.expired(env, now, d.max_queue_lifetime):
+                r.state, stat, expired = FAILED, "Bounced", True
+                failed.append(r)
+            else:
+                r.next_attempt = backoff.next_attempt(env, now, d.retry, r.attempts,
+                                                      d.max_queue_lifetime)
+                stat = "Deferred"
+                if (d.delay_warning > 0 and now - env.received_at >= d.delay_warning
+                        and not r.delay_warned):
+                    warn.append(r)
+            reply = r.last_reply + (", message expired in the queue" if expired else "")
+            self.maillog.event(
+                env.queue_id, to=f"<{r.address}>", relay=res.remote or "none",
+                delay=f"{now - env.received_at:.2f}", tries=r.attempts,
+                dsn=res.enhanced or None, stat=f"{stat} ({reply})",
+            )
+        notify_failed = [r for r in failed if should_notify(env, r, "failed")]
+        if notify_failed:
+            try:
+                await self._queue_dsn(env, notify_failed, "failed", remote)
+            except Exception:
+                # No bounce without a retry: keep them pending, so the failure (and its
+                # bounce) comes again later rather than silently vanishing.
+                log.exception("%s: cannot queue a bounce; retrying later", env.queue_id)
+                for r in notify_failed:
+                    r.state = PENDING
+                    r.next_attempt = now + (d.retry[0] if d.retry else 300.0)
+        notify_warn = [r for r in warn if should_notify(env, r, "delayed")]
+        if notify_warn:
+            try:
+                await self._queue_dsn(env, notify_warn, "delayed", remote)
+            except Exception:
+                log.exception("%s: cannot queue a delay warning", env.queue_id)
+                notify_warn = []
+        for r in warn:
+            if r in notify_warn or not should_notify(env, r, "delayed"):
+                r.delay_warned = True
+        # The last job of a message that is complete skips this: _finish removes the file.
+        if not (env.done and act.jobs == 1):
+            try:
+                await self._io(self.spool.save_state, env)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                log.exception("%s: cannot save state", env.queue_id)
+
+    async def _queue_dsn(self, env: Envelope, rcpts: list[Recipient], action: str,
+                         remote: dict[str, str]) -> None:
+        headers = await self._io(self.spool.read_headers, env.queue_id)
+        lifetime = self.cfg.delivery.max_queue_lifetime
+        benv, data = make_bounce(
+            env, rcpts, headers, self.cfg.hostname, action, remote=remote,
+            will_retry_until=env.received_at + lifetime if lifetime else None,
+        )
+        inc = self.spool.begin(benv)
+        try:
+            inc.write(data)
+        except BaseException:
+            inc.abort()
+            raise
+        await inc.commit()
+        kind = "non-delivery" if action == "failed" else "delay"
+        self.maillog.event(env.queue_id, **{f"sender_{kind}_notification": benv.queue_id})
+        self.maillog.event(benv.queue_id, **{"from": "<>"}, size=len(data), nrcpts=1,
+                           origin=env.queue_id)
+
+    async def _remove(self, qid: str) -> None:
+        try:
+            await self._io(self.spool.remove, qid)
+        except FileNotFoundError:
+            return
+        self.maillog.event(qid, status="removed")
+
+    async def _finish(self, act: _Active) -> None:
+        env = act.env
+        assert env is not None
+        reschedule: float | None = None
+        try:
+            if env.done:
+                await self._remove(act.qid)
+            else:
+                reschedule = min(r.next_attempt for r in env.pending)
+        except Exception:
+            log.exception("%s: cannot finish; looking again later", act.qid)
+            reschedule = time.time() + 60.0
+        self._release(act)
+        if reschedule is not None and not self._stopping:
+            self._schedule(act.qid, reschedule)
+
+    # ------------------------------------------------------------------ control
+    async def _wait_idle(self, qid: str) -> None:
+        while (act := self._active.get(qid)) is not None:
+            await act.done.wait()
+
+    async def _handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "status":
+            return {"ok": True, "active": self.active}
+        if op not in ("flush", "hold", "release", "delete"):
+            return {"ok": False, "error": f"unknown op {op!r}"}
+        if req.get("all") or (op == "flush" and not req.get("id")):
+            ids = await self._io(self.spool.scan)
+            if op == "delete":
+                ids += await self._io(self.spool.held)
+            elif op != "flush":
+                return {"ok": False, "error": f"{op}: --all is not supported"}
+        elif req.get("id"):
+            ids = [str(req["id"])]
+        else:
+            return {"ok": False, "error": f"{op}: a queue id is required"}
+        done: list[str] = []
+        missing: list[str] = []
+        for qid in ids:
+            if not is_queue_id(qid):
+                missing.append(qid)
+                continue
+            await self._wait_idle(qid)
+            self._busy.add(qid)  # no await between the wait and this: no delivery starts
+            try:
+                if op == "flush":
+                    if not (self.spool.queue_dir / qid).exists():
+                        raise FileNotFoundError(qid)
+                    self._ignored.discard(qid)
+                    self._forced.add(qid)
+                    self._schedule(qid, 0.0, fresh=True)
+                elif op == "hold":
+                    await self._io(self.spool.hold, qid)
+                    self._token.pop(qid, None)
+                    self.maillog.event(qid, status="held")
+                elif op == "release":
+                    await self._io(self.spool.release, qid)
+                    self._ignored.discard(qid)
+                    self._schedule(qid, 0.0, fresh=True)
+                    self.maillog.event(qid, status="released")
+                else:
+                    await self._io(self.spool.remove, qid)
+                    self._token.pop(qid, None)
+                    self.maillog.event(qid, status="removed", by="operator")
+                done.append(qid)
+            except FileNotFoundError:
+                missing.append(qid)
+            finally:
+                self._busy.discard(qid)
+        return {"ok": True, "done": done, "missing": missing}
