@@ -60,8 +60,7 @@ class Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
@@ -205,7 +204,8 @@ class Connection(asyncio.Protocol):
         if obj is not None:
             cipher = obj.cipher()
             if cipher:
-                self.tls_info = f"{obj.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
+                bits = cipher[2]
+                self.tls_info = f"{obj.version()} with cipher {cipher[0]} ({bits}/{bits} bits)"
             else:
                 self.tls_info = str(obj.version())
 
