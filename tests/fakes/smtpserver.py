@@ -1,0 +1,260 @@
+"""A fake MX / smart host for tests: aiosmtpd on a loopback address, in its own thread.
+
+Runs a real SMTP server on its own event loop (so both sync tests and async tests, and a
+real authrelay process, can talk to it). Options:
+
+- `starttls_context`: offer STARTTLS with this server context (trustme); `require_starttls`
+- `implicit_tls_context`: TLS from the first byte (port-465 style)
+- `users`: {"user": "password"}: AUTH PLAIN/LOGIN offered (after TLS) and required
+- `greeting`: e.g. "421 4.3.2 busy": sent instead of 220, then the connection is closed
+- `mail_reply`, `data_reply`: a reply to give instead of 250
+- `rcpt_replies`: {"address": "550 5.1.1 no such user"}: per-recipient refusals
+- `size_limit`: the SIZE announced (and enforced); `smtputf8`: announce SMTPUTF8
+
+Records, thread-safely readable after the client got its reply:
+- `messages`: one `Received` per accepted DATA (envelope, options, raw content bytes as
+  received after dot-unstuffing, TLS/AUTH state, which connection it came on)
+- `connections`: the number of TCP connections accepted
+- `wire`: per connection, every byte the client sent (plaintext, after TLS decryption):
+  for "no bare CR or LF ever left the client" assertions
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def bare_line_ends(data: bytes) -> list[int]:
+    """Offsets of every bare CR or bare LF in `data` (empty: clean CRLF text)."""
+    return [m.start() for m in _BARE.finditer(data)]
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    mail_options: list[str]
+    rcpt_options: list[str]
+    content: bytes  # as aiosmtpd stores it: dot-unstuffed, CRLF line ends, no final dot
+    helo: str
+    tls: bool
+    auth_user: str | None
+    connection: int  # 1-based index of the connection it arrived on
+    peer: Any = None
+
+
+@dataclass
+class _Conn:
+    index: int
+    wire: bytearray = field(default_factory=bytearray)
+
+
+class _RecordingSMTP(SMTP):
+    """aiosmtpd's SMTP plus a raw byte tap and an optional refusing greeting."""
+
+    def __init__(self, fake: FakeSMTPServer, conn: _Conn, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._fake = fake
+        self._conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        self._conn.wire += data
+        super().data_received(data)
+
+    async def _handle_client(self) -> None:
+        if self._fake.greeting:
+            await self.push(self._fake.greeting)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+
+class _Handler:
+    def __init__(self, fake: FakeSMTPServer) -> None:
+        self.fake = fake
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        if self.fake.mail_reply:
+            return self.fake.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        reply = self.fake.rcpt_replies.get(address.lower())
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.fake.data_reply:
+            return self.fake.data_reply
+        assert isinstance(server, _RecordingSMTP)
+        login = session.auth_data
+        self.fake.messages.append(Received(
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=list(envelope.rcpt_tos),
+            mail_options=list(envelope.mail_options),
+            rcpt_options=list(envelope.rcpt_options),
+            content=bytes(envelope.original_content or b""),
+            helo=session.host_name or "",
+            tls=session.ssl is not None,
+            auth_user=login.login.decode() if isinstance(login, LoginPassword) else None,
+            connection=server._conn.index,
+            peer=session.peer,
+        ))
+        return f"250 2.0.0 Ok: queued as FAKE{len(self.fake.messages)}"
+
+
+class FakeSMTPServer:
+    def __init__(self, host: str = "127.0.0.2", port: int = 0, *,
+                 starttls_context: ssl.SSLContext | None = None,
+                 require_starttls: bool = False,
+                 implicit_tls_context: ssl.SSLContext | None = None,
+                 users: dict[str, str] | None = None,
+                 greeting: str | None = None,
+                 mail_reply: str | None = None,
+                 data_reply: str | None = None,
+                 rcpt_replies: dict[str, str] | None = None,
+                 size_limit: int = 33554432,
+                 smtputf8: bool = True,
+                 hostname: str = "fake.test") -> None:
+        self.host, self.port = host, port
+        self.starttls_context = starttls_context
+        self.require_starttls = require_starttls
+        self.implicit_tls_context = implicit_tls_context
+        self.users = users
+        self.greeting = greeting
+        self.mail_reply = mail_reply
+        self.data_reply = data_reply
+        self.rcpt_replies = {k.lower(): v for k, v in (rcpt_replies or {}).items()}
+        self.size_limit = size_limit
+        self.smtputf8 = smtputf8
+        self.hostname = hostname
+        self.messages: list[Received] = []
+        self._conns: list[_Conn] = []
+        self.auth_attempts: list[tuple[str, bool]] = []  # (user, ok): never the password
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._protocols: list[_RecordingSMTP] = []
+        self._thread: threading.Thread | None = None
+
+    # -------------------------------------------------------------- records
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    @property
+    def wire(self) -> list[bytes]:
+        return [bytes(c.wire) for c in self._conns]
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # -------------------------------------------------------------- auth
+    def _authenticator(self, server: SMTP, session: Session, envelope: Envelope,
+                       mechanism: str, auth_data: Any) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword) or self.users is None:
+            return AuthResult(success=False, handled=False)
+        user = auth_data.login.decode("utf-8", "replace")
+        ok = self.users.get(user) == auth_data.password.decode("utf-8", "replace")
+        self.auth_attempts.append((user, ok))
+        return AuthResult(success=ok, handled=False, auth_data=auth_data)
+
+    # -------------------------------------------------------------- lifecycle
+    def _factory(self) -> _RecordingSMTP:
+        conn = _Conn(len(self._conns) + 1)
+        self._conns.append(conn)
+        auth = self.users is not None
+        proto = _RecordingSMTP(
+            self, conn, _Handler(self),
+            data_size_limit=self.size_limit,
+            enable_SMTPUTF8=self.smtputf8,
+            decode_data=False,
+            hostname=self.hostname,
+            tls_context=self.starttls_context,
+            require_starttls=self.require_starttls,
+            authenticator=self._authenticator if auth else None,
+            auth_required=auth,
+            # aiosmtpd only counts STARTTLS as TLS; on implicit TLS the link is TLS anyway.
+            auth_require_tls=auth and self.implicit_tls_context is None,
+            auth_exclude_mechanism=["CRAM-MD5"] if auth else None,
+            timeout=30,
+        )
+        self._protocols.append(proto)
+        return proto
+
+    def start(self) -> FakeSMTPServer:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        ready = threading.Event()
+        error: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                self._server = loop.run_until_complete(loop.create_server(
+                    self._factory, self.host, self.port, ssl=self.implicit_tls_context))
+                self.port = self._server.sockets[0].getsockname()[1]
+            except BaseException as e:  # noqa: BLE001 - reported to start()
+                error.append(e)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True,
+                                        name=f"fakesmtp-{self.host}")
+        self._thread.start()
+        ready.wait(10)
+        if error:
+            self._thread.join()
+            loop.close()
+            raise error[0]
+        return self
+
+    def stop(self) -> None:
+        loop = self._loop
+        if loop is None or self._thread is None:
+            return
+
+        async def shutdown() -> None:
+            assert self._server is not None
+            self._server.close()
+            for p in self._protocols:
+                if p.transport is not None:
+                    p.transport.close()
+            await asyncio.sleep(0)
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(10)
+            loop.close()
+            self._loop = None
+
+    def __enter__(self) -> FakeSMTPServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
