@@ -1,0 +1,398 @@
+#!/usr/bin/env python3
+"""Benchmark orchestrator: runs the scenarios against each target, A B A B, and reports.
+
+Owns: scenario definitions (a)-(g) of the Performance issue, per-run measurement of the
+server side (CPU from /proc/<pid>/stat utime+stime+cutime+cstime summed over the server's
+process trees; RSS summed over the same processes; messages counted at the smtp-sink the
+server relays to), and the outputs bench/results.json, bench/RESULTS.md and (via plot.py)
+bench/throughput.png.
+
+Contract: `--targets FILE` is a JSON list of targets, each
+  {"name": "postfix", "plain": 11025, "submission": 11587,
+   "sink_out": "/run/.../sink.out", "pids": [1234, ...] | "pids_cmd": "bash ... pids"}
+(`sink_out`: the output of `smtp-sink -c`, whose last `mesg=N` counts delivered mail).
+Targets run in the order given, alternating within every scenario and repetition.
+The server side is found again before every run (pids_cmd), so a restart is harmless.
+
+Failure policy: a failed run (load errors, undelivered mail) is recorded with its errors
+and the bench goes on; the report shows the counts, never hides them. Only loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+LOAD = [sys.executable, str(HERE / "load.py")]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MB = 2**20
+SENDER, RCPT = "src@bench.example.test", "sink@remote.example.net"
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2:].split()  # fields from 3 (state) on; comm may hold spaces
+
+
+def process_tree(roots: list[int]) -> list[int]:
+    """The roots and all their descendants (live)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            f = _stat(int(d))
+            if f:
+                children.setdefault(int(f[1]), []).append(int(d))
+    out, todo = [], [r for r in roots if _stat(r)]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime+stime of the live processes plus cutime+cstime of their reaped children.
+
+    A child that exits inside the window moves its whole life into its parent's cutime, so
+    the difference of two such sums is the CPU spent in between (proc(5))."""
+    ticks = 0
+    for p in pids:
+        f = _stat(p)
+        if f:  # fields 14-17 (1-based) -> index 11..14 here
+            ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return ticks / CLK_TCK
+
+
+def memory(pids: list[int]) -> tuple[int, int]:
+    """(RSS, PSS) summed over the processes, bytes.
+
+    RSS sums count shared pages (libraries, Postfix's ~100 forked smtpd) once per process;
+    PSS divides each shared page among its sharers, so its sum is the real footprint."""
+    rss = pss = 0
+    for p in pids:
+        try:
+            text = Path(f"/proc/{p}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("Rss:"):
+                rss += int(line.split()[1]) * 1024
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1]) * 1024
+    return rss, pss
+
+
+class MemSampler(threading.Thread):
+    """Peaks of the summed RSS and PSS of a process tree, sampled every `interval` s."""
+
+    def __init__(self, roots: list[int], interval: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.roots, self.interval = roots, interval
+        self.peak_rss = self.peak_pss = 0
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        pids, n = process_tree(self.roots), 0
+        while not self._stop_evt.is_set():
+            if n % 10 == 0:  # new processes (Postfix forks smtpd/cleanup on demand)
+                pids = process_tree(self.roots)
+            rss, pss = memory(pids)
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            n += 1
+            self._stop_evt.wait(self.interval)
+
+    def stop(self) -> tuple[int, int]:
+        self._stop_evt.set()
+        self.join()
+        return self.peak_rss, self.peak_pss
+
+
+# --------------------------------------------------------------------------- targets
+
+
+_MESG = re.compile(rb"mesg=(\d+)")
+
+
+@dataclass
+class Target:
+    name: str
+    plain: int
+    submission: int
+    sink_out: str
+    pids: list[int] = field(default_factory=list)
+    pids_cmd: str = ""
+    user: str = "alice"
+    password: str = "correct horse"
+
+    def roots(self) -> list[int]:
+        if self.pids_cmd:
+            out = subprocess.run(shlex.split(self.pids_cmd), capture_output=True, text=True,
+                                 check=True).stdout
+            return [int(x) for x in out.split()]
+        return list(self.pids)
+
+    def delivered(self) -> int:
+        """The sink's running message counter (last `mesg=N` written by smtp-sink -c)."""
+        try:
+            with open(self.sink_out, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 512))
+                found = _MESG.findall(f.read())
+        except OSError:
+            return 0
+        return int(found[-1]) if found else 0
+
+
+# --------------------------------------------------------------------------- load
+
+
+def smtp_source(port: int, sessions: int, messages: int, size: int) -> dict[str, Any]:
+    """Plain SMTP load with Postfix's smtp-source: one message per connection."""
+    cmd = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
+           "-f", SENDER, "-t", RCPT, "-M", "source.bench.example.test", f"127.0.0.1:{port}"]
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    el = time.monotonic() - t0
+    ok = p.returncode == 0
+    return dict(tool="smtp-source", messages_ok=messages if ok else 0,
+                messages_failed=0 if ok else messages, sessions_ok=messages if ok else 0,
+                elapsed_s=round(el, 4), messages_per_s=round(messages / el, 2) if ok else 0.0,
+                sessions_per_s=round(messages / el, 2) if ok else 0.0,
+                errors={} if ok else {"smtp-source": (p.stderr or p.stdout)[-200:]})
+
+
+def load_py(args: list[str]) -> dict[str, Any]:
+    p = subprocess.run(LOAD + args, capture_output=True, text=True, timeout=900)
+    try:
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return dict(messages_ok=0, messages_failed=1, errors={"load.py": p.stderr[-300:]})
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Scenario:
+    key: str  # a, b, c, e, f
+    label: str
+    sessions: int = 1
+    messages: int = 0
+    size: int = 1024
+    connections: int = 0
+
+
+def scenarios(smoke: bool, quick: bool) -> list[Scenario]:
+    if smoke:
+        na, nb, nc, big, idle = 30, 8, 10, 1_000_000, 200
+    elif quick:
+        na, nb, nc, big, idle = 600, 150, 200, 20_000_000, 10_000
+    else:
+        na, nb, nc, big, idle = 2000, 500, 600, 20_000_000, 10_000
+    out = []
+    for s in (1, 10, 50):
+        out.append(Scenario("a", f"plain 1 KiB, {s} sessions", s, na // 3 if s == 1 else na))
+    for s in (1, 10, 50):
+        out.append(Scenario("b", f"STARTTLS+AUTH 1 KiB, {s} sessions", s,
+                            nb // 3 if s == 1 else nb))
+    out.append(Scenario("c", "plain 100 KiB, 10 sessions", 10, nc, 102400))
+    out.append(Scenario("e", f"one {big / 1e6:g} MB message", 1, 1, big))
+    out.append(Scenario("f", f"{idle} idle connections", connections=idle))
+    return out
+
+
+def wait_delivered(t: Target, goal: int, timeout: float) -> tuple[int, float]:
+    """Poll the sink until `goal` messages arrived; (count, monotonic time of arrival)."""
+    end = time.monotonic() + timeout
+    n = t.delivered()
+    while n < goal and time.monotonic() < end:
+        time.sleep(0.02)
+        n = t.delivered()
+    return n, time.monotonic()
+
+
+def run_one(t: Target, sc: Scenario) -> dict[str, Any]:
+    roots = t.roots()
+    pids0 = process_tree(roots)
+    rss_idle, pss_idle = memory(pids0)
+    rec: dict[str, Any] = dict(target=t.name, scenario=sc.key, label=sc.label,
+                               sessions=sc.sessions, size=sc.size,
+                               server_processes_idle=len(pids0),
+                               rss_idle_mb=round(rss_idle / MB, 2),
+                               pss_idle_mb=round(pss_idle / MB, 2))
+    if sc.key == "f":
+        return run_idle(t, sc, roots, rec)
+    sampler = MemSampler(roots) if sc.key == "e" else None
+    c0, cpu0 = t.delivered(), cpu_seconds(process_tree(roots))
+    if sampler:
+        sampler.start()
+    t0 = time.monotonic()
+    if sc.key in ("a", "c"):
+        load = smtp_source(t.plain, sc.sessions, sc.messages, sc.size)
+    elif sc.key == "b":
+        load = load_py(["smtp", "--port", str(t.submission), "--tls", "starttls",
+                        "--auth", "plain", "--user", t.user, "--password", t.password,
+                        "-c", str(sc.sessions), "-n", str(sc.messages), "-m", "1",
+                        "--size", str(sc.size), "--from", SENDER, "--to", RCPT])
+    else:  # e: one big message on the plain port
+        load = load_py(["smtp", "--port", str(t.plain), "-c", "1", "-n", "1", "-m", "1",
+                        "--size", str(sc.size), "-p", "1", "--timeout", "120",
+                        "--from", SENDER, "--to", RCPT])
+    t_end = time.monotonic()
+    # load.py's own clock excludes interpreter start-up: the load began accept_s ago
+    t_begin = max(t0, t_end - float(load.get("elapsed_s") or 0))
+    accepted = int(load.get("messages_ok", 0))
+    n, t_done = wait_delivered(t, c0 + accepted, timeout=max(30.0, accepted / 20))
+    cpu = cpu_seconds(process_tree(roots)) - cpu0
+    delivered = n - c0
+    rec.update(
+        load=load, accepted=accepted, failed=int(load.get("messages_failed", 0)),
+        accept_s=load.get("elapsed_s"), accepted_per_s=load.get("messages_per_s"),
+        sessions_per_s=load.get("sessions_per_s"),
+        final_250_p50_ms=(load.get("final_250_ms") or {}).get("p50"),
+        final_250_p99_ms=(load.get("final_250_ms") or {}).get("p99"),
+        delivered=delivered, delivered_all=delivered >= accepted,
+        deliver_s=round(t_done - t_begin, 4),
+        delivered_per_s=round(delivered / (t_done - t_begin), 2) if delivered > 0 else 0.0,
+        cpu_s=round(cpu, 3),
+        cpu_ms_per_msg=round(1000 * cpu / accepted, 3) if accepted else None,
+    )
+    if sampler:
+        peak_rss, peak_pss = sampler.stop()
+        rec.update(rss_peak_mb=round(peak_rss / MB, 2),
+                   rss_growth_mb=round((peak_rss - rss_idle) / MB, 2),
+                   pss_peak_mb=round(peak_pss / MB, 2),
+                   pss_growth_mb=round((peak_pss - pss_idle) / MB, 2))
+    return rec
+
+
+def run_idle(t: Target, sc: Scenario, roots: list[int], rec: dict[str, Any]) -> dict[str, Any]:
+    p = subprocess.Popen(LOAD + ["idle", "--port", str(t.plain), "--connections",
+                                 str(sc.connections), "--timeout", "5"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdin and p.stdout
+    ready = json.loads(p.stdout.readline() or "{}")
+    peak_rss = peak_pss = 0
+    for _ in range(5):  # a few samples while every connection is held open
+        rss, pss = memory(process_tree(roots))
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        time.sleep(0.2)
+    nproc = len(process_tree(roots))
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    p.communicate(timeout=120)
+    rec.update(idle=ready, connected=ready.get("connected"), greeted=ready.get("greeted"),
+               rss_mb=round(peak_rss / MB, 2), pss_mb=round(peak_pss / MB, 2),
+               server_processes=nproc)
+    time.sleep(1.0)  # let the server notice the closes before the next run
+    return rec
+
+
+def warm_up(t: Target) -> None:
+    smtp_source(t.plain, 5, 20, 1024)
+    load_py(["smtp", "--port", str(t.submission), "--tls", "starttls", "--auth", "plain",
+             "--user", t.user, "--password", t.password, "-c", "2", "-n", "4"])
+    wait_delivered(t, t.delivered(), 1)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    pf = subprocess.run(["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True)
+    return dict(date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                nproc=os.cpu_count(), cpu=cpu, kernel=platform.release(),
+                python=platform.python_version(), postfix=pf.stdout.strip() or "?",
+                mem_gb=round(os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30, 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--targets", required=True, help="JSON file: list of targets")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions (A B A B ...)")
+    ap.add_argument("--smoke", action="store_true", help="tiny counts: seconds, not minutes")
+    ap.add_argument("--quick", action="store_true", help="short normal mode")
+    ap.add_argument("--only", default="", help="scenario keys to run, e.g. 'abc'")
+    ap.add_argument("--out", default=str(HERE / "results.json"))
+    ap.add_argument("--md", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--png", default=str(HERE / "throughput.png"))
+    a = ap.parse_args(argv)
+    targets = [Target(**t) for t in json.loads(Path(a.targets).read_text())]
+    scs = [s for s in scenarios(a.smoke, a.quick) if not a.only or s.key in a.only]
+    mode = "smoke" if a.smoke else "quick" if a.quick else "full"
+    res: dict[str, Any] = dict(machine=machine(), mode=mode, reps=a.reps,
+                               targets=[t.name for t in targets], runs=[])
+    t_start = time.monotonic()
+    for t in targets:
+        warm_up(t)
+    for rep in range(a.reps):
+        for sc in scs:
+            for t in targets:
+                rec = run_one(t, sc)
+                rec["rep"] = rep
+                res["runs"].append(rec)
+                print(f"[{time.monotonic() - t_start:6.1f}s] rep {rep} {t.name:9} "
+                      f"{sc.key} {sc.label}: {summary(rec)}", file=sys.stderr, flush=True)
+    res["wall_s"] = round(time.monotonic() - t_start, 1)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    from report import write_markdown  # noqa: E402 (bench/ is on sys.path when run)
+
+    Path(a.md).write_text(write_markdown(res))
+    try:
+        from plot import plot_throughput
+
+        plot_throughput(res, a.png)
+    except ImportError as e:  # matplotlib missing: the numbers still stand
+        print(f"plot skipped: {e}", file=sys.stderr)
+    bad = [r for r in res["runs"] if r.get("failed") or r.get("delivered_all") is False]
+    return 1 if bad else 0
+
+
+def summary(r: dict[str, Any]) -> str:
+    if r["scenario"] == "f":
+        return (f"greeted {r['greeted']}/{r['connected']} rss {r['rss_mb']} MB "
+                f"pss {r['pss_mb']} MB ({r['server_processes']} processes)")
+    s = (f"{r['accepted_per_s']} msg/s accepted, {r['delivered_per_s']} delivered/s, "
+         f"cpu {r['cpu_ms_per_msg']} ms/msg")
+    if r["scenario"] == "b":
+        s += f", p50/p99 {r['final_250_p50_ms']}/{r['final_250_p99_ms']} ms"
+    if r["scenario"] == "e":
+        s += (f", {r['accept_s']} s, peak rss {r['rss_peak_mb']} MB (+{r['rss_growth_mb']})"
+              f" pss {r['pss_peak_mb']} MB (+{r['pss_growth_mb']})")
+    if r.get("failed") or not r.get("delivered_all"):
+        s += f" FAILED={r.get('failed')} delivered={r['delivered']}/{r['accepted']}"
+    return s
+
+
+def median_span(xs: list[float]) -> tuple[float, float, float]:
+    return statistics.median(xs), min(xs), max(xs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
