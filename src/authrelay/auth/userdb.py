@@ -287,20 +287,15 @@ class UserDB(_UserStore):
         return conn
 
     def _db(self) -> sqlite3.Connection:
-        """This thread's connection, reopened if the file was replaced under us (restored
-        from a backup, recreated): an open connection would read the old inode forever."""
-        try:
-            st = os.stat(self.path)
-            ident: tuple[int, int] | None = (st.st_dev, st.st_ino)
-        except FileNotFoundError:
-            ident = None
+        """This thread's connection.
+
+        A file replaced under running servers is not followed: SQLite would pair the new
+        file with the old file's -wal and corrupt it. Restore a backup with the servers
+        stopped (or with `sqlite3 users.db ".restore backup.db"`, which is safe live)."""
         conn = getattr(self._local, "conn", None)
-        if conn is None or ident is None or ident != self._local.ident:
-            if conn is not None:
-                self._forget(conn)
+        if conn is None:
             conn = self._connect()
-            st = os.stat(self.path)
-            self._local.conn, self._local.ident = conn, (st.st_dev, st.st_ino)
+            self._local.conn = conn
             with self._all_lock:
                 self._all.append(conn)
         return conn
@@ -410,11 +405,7 @@ class UserDB(_UserStore):
                 db.execute("SELECT name, created, changed FROM users ORDER BY name")]
 
     def generation(self) -> int:
-        """A number that differs after any committed change, by any process.
-
-        The counter is bumped inside every write transaction; the file's identity is
-        mixed in so a replaced file never repeats an old value."""
-        db = self._db()
-        row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-        dev, ino = self._local.ident
-        return (((dev << 64) | ino) << 40) | (row[0] if row else 0)
+        """A number that differs after any committed change, by any process: a counter
+        bumped inside every write transaction (one indexed read, no lock wait in WAL)."""
+        row = self._db().execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return row[0] if row else 0

@@ -1,0 +1,514 @@
+"""User DB (SQLite and in-memory), argon2id passwords, and the userdb Authenticator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from argon2 import PasswordHasher
+
+from authrelay.auth import passwords
+from authrelay.auth.authenticator import (
+    AuthResult,
+    BackendAuthenticator,
+    UserDBAuthenticator,
+    _CredentialCache,
+    make_authenticator,
+)
+from authrelay.auth.backends import DovecotBackend, SaslauthdBackend
+from authrelay.auth.userdb import (
+    SCHEMA_VERSION,
+    MemoryUserDB,
+    NoSuchUser,
+    UserDB,
+    UserDBError,
+    UserExists,
+)
+from authrelay.config import from_dict
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def db(request: pytest.FixtureRequest, tmp_path: Path):
+    path = tmp_path / "state" / "users.db"
+    store = MemoryUserDB() if request.param == "memory" else UserDB(path)
+    yield store
+    store.close()
+
+
+# ----------------------------------------------------------------------------- passwords
+
+def test_password_hash_parameters_and_verify() -> None:
+    h = passwords.hash_password("correct horse")
+    assert h.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert passwords.verify_password(h, "correct horse")
+    assert not passwords.verify_password(h, "correct horsE")
+    assert not passwords.needs_rehash(h)
+    assert passwords.hash_password("x") != passwords.hash_password("x")  # salted
+
+
+def test_verify_never_raises_on_garbage_hash() -> None:
+    for bad in ("", "plain", "$argon2id$v=19$m=1,t=1,p=1$xx$yy", "$2b$12$abc"):
+        assert passwords.verify_password(bad, "pw") is False
+    for bad in ("", "plain", "$2b$12$abc"):
+        assert passwords.needs_rehash(bad) is False
+
+
+def test_old_parameters_need_rehash() -> None:
+    weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash("pw")
+    assert passwords.verify_password(weak, "pw")
+    assert passwords.needs_rehash(weak)
+
+
+def test_dummy_hash_has_server_cost_and_never_matches() -> None:
+    assert passwords.dummy_hash().startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert passwords.verify_dummy("") is False
+    assert passwords.verify_dummy("anything") is False
+
+
+# ----------------------------------------------------------------------------- user DB
+
+def test_add_list_get(db) -> None:
+    db.add("alice", "pw1", ["Alice@Example.ORG", "a2@example.org"])
+    db.add("bob@example.net", "pw2")
+    assert [u.name for u in db.list()] == ["alice", "bob@example.net"]
+    alice = db.list()[0]
+    assert alice.addresses == ("a2@example.org", "alice@example.org")
+    assert alice.created > 0 and alice.changed >= alice.created
+    assert passwords.verify_password(db.get_hash("alice"), "pw1")
+    assert db.get_hash("carol") is None
+
+
+def test_duplicate_user(db) -> None:
+    db.add("alice", "pw")
+    with pytest.raises(UserExists):
+        db.add("alice", "other")
+    assert passwords.verify_password(db.get_hash("alice"), "pw")
+
+
+def test_names_are_case_sensitive_addresses_are_not(db) -> None:
+    db.add("alice", "lower")
+    db.add("Alice", "upper")
+    assert passwords.verify_password(db.get_hash("Alice"), "upper")
+    assert not passwords.verify_password(db.get_hash("alice"), "upper")
+    db.add("Bob@Example.ORG", "pw", ["BOB.Smith@Example.org"])
+    assert db.addresses("Bob@Example.ORG") == {"bob@example.org", "bob.smith@example.org"}
+    assert db.addresses("bob@example.org") == set()  # no such user (exact match)
+
+
+def test_user_named_like_an_address_owns_it(db) -> None:
+    db.add("carol@example.org", "pw")
+    db.add("dave", "pw")
+    assert db.addresses("carol@example.org") == {"carol@example.org"}
+    assert db.addresses("dave") == set()
+    assert db.addresses("nobody") == set()
+
+
+def test_delete(db) -> None:
+    db.add("alice", "pw", ["alice@example.org"])
+    db.delete("alice")
+    assert db.get_hash("alice") is None
+    assert db.list() == []
+    with pytest.raises(NoSuchUser):
+        db.delete("alice")
+    db.add("alice", "again")  # addresses went with the user
+    assert db.addresses("alice") == set()
+
+
+def test_set_password(db) -> None:
+    db.add("alice", "old")
+    db.set_password("alice", "new")
+    assert passwords.verify_password(db.get_hash("alice"), "new")
+    assert not passwords.verify_password(db.get_hash("alice"), "old")
+    with pytest.raises(NoSuchUser):
+        db.set_password("nobody", "x")
+    with pytest.raises(UserDBError):
+        db.set_password("alice", "")
+
+
+def test_address_edits(db) -> None:
+    db.add("alice", "pw")
+    db.add_address("alice", "A@Example.org")
+    db.add_address("alice", "a@example.org")  # same address, no duplicate
+    assert db.list()[0].addresses == ("a@example.org",)
+    db.set_addresses("alice", ["x@example.org", "Y@example.org"])
+    assert db.addresses("alice") == {"x@example.org", "y@example.org"}
+    db.remove_address("alice", "X@EXAMPLE.ORG")
+    assert db.addresses("alice") == {"y@example.org"}
+    with pytest.raises(UserDBError):
+        db.remove_address("alice", "x@example.org")
+    with pytest.raises(NoSuchUser):
+        db.add_address("nobody", "n@example.org")
+    with pytest.raises(NoSuchUser):
+        db.set_addresses("nobody", [])
+
+
+@pytest.mark.parametrize("name", ["", "al ice", "al\nice", "tab\there", "\x00", "a" * 256])
+def test_bad_names(db, name: str) -> None:
+    with pytest.raises(UserDBError):
+        db.add(name, "pw")
+
+
+@pytest.mark.parametrize("addr", ["", "alice", "@example.org", "alice@", "a b@x.org",
+                                  "<a@x.org>"])
+def test_bad_addresses(db, addr: str) -> None:
+    with pytest.raises(UserDBError):
+        db.add("alice", "pw", [addr])
+    assert db.get_hash("alice") is None  # nothing half-added
+
+
+def test_empty_password_refused(db) -> None:
+    with pytest.raises(UserDBError):
+        db.add("alice", "")
+
+
+def test_add_hashed(db) -> None:
+    h = passwords.hash_password("imported")
+    db.add_hashed("alice", h, ["alice@example.org"])
+    assert db.get_hash("alice") == h
+    with pytest.raises(UserDBError):
+        db.add_hashed("bob", "{PLAIN}secret")
+
+
+def test_generation_changes_on_every_write_only(db) -> None:
+    seen = {db.generation()}
+
+    def changed() -> bool:
+        g = db.generation()
+        new = g not in seen
+        seen.add(g)
+        return new
+
+    db.add("alice", "pw")
+    assert changed()
+    db.list(), db.get_hash("alice"), db.addresses("alice")
+    assert not changed()
+    db.set_password("alice", "pw2")
+    assert changed()
+    db.add_address("alice", "a@example.org")
+    assert changed()
+    db.remove_address("alice", "a@example.org")
+    assert changed()
+    db.delete("alice")
+    assert changed()
+    with pytest.raises(NoSuchUser):
+        db.delete("alice")
+    assert not changed()  # a failed write changes nothing
+
+
+def test_update_hash_is_compare_and_set(db) -> None:
+    db.add("alice", "pw")
+    old = db.get_hash("alice")
+    new = passwords.hash_password("pw")
+    assert db.update_hash("alice", "not-the-old-one", new) is False
+    assert db.get_hash("alice") == old
+    assert db.update_hash("alice", old, new) is True
+    assert db.get_hash("alice") == new
+    assert db.update_hash("nobody", old, new) is False
+
+
+# ----------------------------------------------------------------------------- SQLite only
+
+def test_sqlite_file_format_and_modes(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "users.db"
+    UserDB(path).add("alice", "pw")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("SELECT name FROM users").fetchall() == [("alice",)]
+    con.close()
+
+
+def test_sqlite_newer_format_refused(tmp_path: Path) -> None:
+    path = tmp_path / "users.db"
+    UserDB(path).close()
+    con = sqlite3.connect(path)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.commit()
+    con.close()
+    with pytest.raises(UserDBError, match="newer"):
+        UserDB(path)
+
+
+def test_sqlite_second_instance_sees_changes(tmp_path: Path) -> None:
+    path = tmp_path / "users.db"
+    server, cli = UserDB(path), UserDB(path)
+    g0 = server.generation()
+    cli.add("alice", "pw", ["alice@example.org"])
+    g1 = server.generation()
+    assert g1 != g0
+    assert server.addresses("alice") == {"alice@example.org"}
+    cli.delete("alice")
+    assert server.generation() not in (g0, g1)
+    assert server.get_hash("alice") is None
+
+
+def test_sqlite_live_restore_is_seen(tmp_path: Path) -> None:
+    # The documented way to restore a backup while servers run: SQLite's backup API.
+    path = tmp_path / "users.db"
+    server = UserDB(path)
+    backup = UserDB(tmp_path / "backup.db")
+    backup.add("restored", "pw")
+    backup.close()
+    g0 = server.generation()
+    src, dst = sqlite3.connect(tmp_path / "backup.db"), sqlite3.connect(path)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    assert server.generation() != g0
+    assert server.get_hash("restored") is not None
+
+
+def test_sqlite_shared_between_threads(tmp_path: Path) -> None:
+    db = UserDB(tmp_path / "users.db")
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            db.add_hashed(f"user{i}", passwords.dummy_hash(), [f"u{i}@example.org"])
+            assert db.addresses(f"user{i}") == {f"u{i}@example.org"}
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(db.list()) == 8
+
+
+# ----------------------------------------------------------------------------- Authenticator
+
+class CountingDB(MemoryUserDB):
+    """A MemoryUserDB that records which threads looked up hashes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookups: list[str] = []
+        self.gate: threading.Event | None = None
+        self.fail = False
+
+    def get_hash(self, name: str) -> str | None:
+        self.lookups.append(threading.current_thread().name)
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.fail:
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().get_hash(name)
+
+
+@pytest.fixture
+def cdb() -> CountingDB:
+    return CountingDB()
+
+
+async def test_verify_ok_bad_unknown(cdb: CountingDB) -> None:
+    cdb.add("alice", "s3cret")
+    auth = UserDBAuthenticator(cdb, hash_threads=2, cache_ttl=60)
+    try:
+        assert await auth.verify("alice", "s3cret") is AuthResult.OK
+        assert await auth.verify("alice", "wrong") is AuthResult.BAD
+        assert await auth.verify("Alice", "s3cret") is AuthResult.BAD
+        assert await auth.verify("nobody", "s3cret") is AuthResult.BAD
+        assert await auth.verify("alice", "") is AuthResult.BAD
+        assert await auth.verify("", "x") is AuthResult.BAD
+    finally:
+        auth.close()
+
+
+async def test_hashing_runs_in_the_pool_not_on_the_loop(cdb: CountingDB) -> None:
+    cdb.add("alice", "pw")
+    auth = UserDBAuthenticator(cdb, hash_threads=1, cache_ttl=0)
+    try:
+        await auth.verify("alice", "pw")
+        await auth.verify("nobody", "pw")
+    finally:
+        auth.close()
+    assert len(cdb.lookups) == 2
+    assert all(name.startswith("authrelay-hash") for name in cdb.lookups)
+
+
+async def test_cache_hit_skips_the_hash(cdb: CountingDB) -> None:
+    cdb.add("alice", "pw")
+    auth = UserDBAuthenticator(cdb, cache_ttl=60)
+    try:
+        assert await auth.verify("alice", "pw") is AuthResult.OK
+        assert await auth.verify("alice", "pw") is AuthResult.OK
+        assert len(cdb.lookups) == 1
+        # Failures are never cached: each guess pays a full hash.
+        assert await auth.verify("alice", "guess") is AuthResult.BAD
+        assert await auth.verify("alice", "guess") is AuthResult.BAD
+        assert len(cdb.lookups) == 3
+    finally:
+        auth.close()
+
+
+async def test_cache_disabled_with_zero_ttl(cdb: CountingDB) -> None:
+    cdb.add("alice", "pw")
+    auth = UserDBAuthenticator(cdb, cache_ttl=0)
+    try:
+        await auth.verify("alice", "pw")
+        await auth.verify("alice", "pw")
+        assert len(cdb.lookups) == 2
+    finally:
+        auth.close()
+
+
+async def test_cache_never_holds_the_password(cdb: CountingDB) -> None:
+    cdb.add("alice", "Sup3rSecretPw")
+    auth = UserDBAuthenticator(cdb, cache_ttl=60)
+    try:
+        await auth.verify("alice", "Sup3rSecretPw")
+        entries = auth.cache._entries
+        assert len(entries) == 1
+        key, value = next(iter(entries.items()))
+        assert len(key) == 32  # HMAC-SHA256 digest
+        assert b"Sup3rSecretPw" not in key
+        assert "Sup3rSecretPw" not in repr(value)
+    finally:
+        auth.close()
+
+
+async def test_password_change_takes_effect_at_once(cdb: CountingDB) -> None:
+    cdb.add("alice", "old")
+    auth = UserDBAuthenticator(cdb, cache_ttl=3600)
+    try:
+        assert await auth.verify("alice", "old") is AuthResult.OK
+        cdb.set_password("alice", "new")
+        assert await auth.verify("alice", "old") is AuthResult.BAD
+        assert await auth.verify("alice", "new") is AuthResult.OK
+    finally:
+        auth.close()
+
+
+async def test_delete_takes_effect_at_once(cdb: CountingDB) -> None:
+    cdb.add("alice", "pw")
+    auth = UserDBAuthenticator(cdb, cache_ttl=3600)
+    try:
+        assert await auth.verify("alice", "pw") is AuthResult.OK
+        cdb.delete("alice")
+        assert await auth.verify("alice", "pw") is AuthResult.BAD
+    finally:
+        auth.close()
+
+
+async def test_sqlite_change_by_another_process_invalidates(tmp_path: Path) -> None:
+    path = tmp_path / "users.db"
+    cli = UserDB(path)
+    cli.add("alice", "old")
+    auth = UserDBAuthenticator(UserDB(path), cache_ttl=3600)
+    try:
+        assert await auth.verify("alice", "old") is AuthResult.OK
+        cli.set_password("alice", "new")  # as `authrelay user passwd` would
+        assert await auth.verify("alice", "old") is AuthResult.BAD
+        assert await auth.verify("alice", "new") is AuthResult.OK
+        cli.delete("alice")
+        assert await auth.verify("alice", "new") is AuthResult.BAD
+    finally:
+        auth.close()
+        cli.close()
+
+
+def test_cache_entry_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    import authrelay.auth.authenticator as mod
+
+    now = [1000.0]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
+    cache = _CredentialCache(ttl=10)
+    k = cache.key("alice", "pw")
+    cache.store(k, "alice", 1)
+    assert cache.hit(k, 1)
+    assert not cache.hit(k, 2)  # other generation
+    cache.store(k, "alice", 1)
+    now[0] += 11
+    assert not cache.hit(k, 1)
+    assert len(cache) == 0
+
+
+def test_cache_keys_do_not_collide_and_are_bounded() -> None:
+    cache = _CredentialCache(ttl=10, max_entries=3)
+    assert cache.key("ab", "c") != cache.key("a", "bc")
+    assert cache.key("a", "b") != _CredentialCache(ttl=10).key("a", "b")  # per-process key
+    for i in range(10):
+        cache.store(cache.key(f"u{i}", "p"), f"u{i}", 1)
+    assert len(cache) <= 3
+
+
+async def test_rehash_on_login(cdb: CountingDB) -> None:
+    weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash("pw")
+    cdb.add_hashed("alice", weak)
+    auth = UserDBAuthenticator(cdb, cache_ttl=0)
+    try:
+        assert await auth.verify("alice", "pw") is AuthResult.OK
+        new = cdb.get_hash("alice")
+        assert new != weak and not passwords.needs_rehash(new)
+        assert await auth.verify("alice", "pw") is AuthResult.OK
+    finally:
+        auth.close()
+
+
+async def test_unreadable_db_is_tempfail(cdb: CountingDB) -> None:
+    cdb.add("alice", "pw")
+    cdb.fail = True
+    auth = UserDBAuthenticator(cdb)
+    try:
+        assert await auth.verify("alice", "pw") is AuthResult.TEMPFAIL
+    finally:
+        auth.close()
+
+
+async def test_backlog_is_bounded(cdb: CountingDB) -> None:
+    cdb.add("alice", "pw")
+    cdb.gate = threading.Event()
+    auth = UserDBAuthenticator(cdb, hash_threads=1, cache_ttl=0)
+    limit = auth._backlog
+    try:
+        tasks = [asyncio.ensure_future(auth.verify("alice", "pw")) for _ in range(limit)]
+        await asyncio.sleep(0)
+        assert auth._pending == limit
+        assert await auth.verify("alice", "pw") is AuthResult.TEMPFAIL
+        cdb.gate.set()
+        results = await asyncio.gather(*tasks)
+        assert set(results) == {AuthResult.OK}
+        assert auth._pending == 0
+        assert await auth.verify("alice", "pw") is AuthResult.OK
+    finally:
+        cdb.gate.set()
+        auth.close()
+
+
+def test_addresses_via_authenticator(cdb: CountingDB) -> None:
+    cdb.add("alice", "pw", ["alice@example.org"])
+    auth = UserDBAuthenticator(cdb)
+    try:
+        assert auth.addresses("alice") == {"alice@example.org"}
+        assert auth.addresses("nobody") == set()
+    finally:
+        auth.close()
+
+
+def test_make_authenticator_by_backend(tmp_path: Path) -> None:
+    cfg = from_dict({"state_dir": str(tmp_path), "auth": {"hash_threads": 3}})
+    a = make_authenticator(cfg)
+    try:
+        assert isinstance(a, UserDBAuthenticator) and a.hash_threads == 3
+        assert (tmp_path / "users.db").exists()
+    finally:
+        a.close()
+    a = make_authenticator(from_dict({"auth": {"backend": "saslauthd:/run/x/mux",
+                                               "backend_timeout": "2s"}}))
+    assert isinstance(a, BackendAuthenticator)
+    assert isinstance(a.backend, SaslauthdBackend)
+    assert (a.backend.path, a.backend.timeout) == ("/run/x/mux", 2.0)
+    assert a.addresses("Bob@Example.org") == {"bob@example.org"}
+    assert a.addresses("bob") == set()
+    a = make_authenticator(from_dict({"auth": {"backend": "dovecot:/run/dovecot/auth"}}))
+    assert isinstance(a, BackendAuthenticator) and isinstance(a.backend, DovecotBackend)
