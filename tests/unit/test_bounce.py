@@ -1,0 +1,125 @@
+"""RFC 3464 DSNs, checked with Python's email parser."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+
+import pytest
+
+from authrelay.scheduler.bounce import make_bounce, should_notify, status_of
+from authrelay.spool.envelope import FAILED, Envelope, Recipient
+
+HEADERS = (b"From: Alice <alice@example.org>\r\nTo: bob@example.net\r\n"
+           b"Subject: quarterly numbers\r\nMessage-ID: <m1@example.org>\r\n\r\n")
+
+
+def _env(sender: str = "alice@example.org") -> Envelope:
+    return Envelope(
+        queue_id="QID123", sender=sender, received_at=1_700_000_000.0, envid="ENV42",
+        recipients=[
+            Recipient("bob@example.net", state=FAILED, attempts=1, last_code=550,
+                      last_reply="550 5.1.1 <bob@example.net>: user unknown"),
+            Recipient("carol@example.com", state=FAILED, attempts=3, last_code=451,
+                      last_reply="451 4.4.1 connection refused", orcpt="rfc822;carol@old.example"),
+        ],
+    )
+
+
+def _parse(data: bytes) -> email.message.Message:
+    return email.message_from_bytes(data, policy=email.policy.compat32)
+
+
+def test_failed_dsn_structure_and_fields() -> None:
+    env = _env()
+    benv, data = make_bounce(env, env.recipients, HEADERS, "relay.example.org",
+                             remote={"bob@example.net": "mx1.example.net [192.0.2.1]:25"})
+    assert benv.sender == "" and benv.is_bounce
+    assert [r.address for r in benv.recipients] == ["alice@example.org"]
+    assert benv.size == len(data)
+    assert b"\n" not in data.replace(b"\r\n", b"") and b"\r" not in data.replace(b"\r\n", b"")
+
+    msg = _parse(data)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["From"].startswith("MAILER-DAEMON@relay.example.org")
+    assert msg["To"] == "alice@example.org"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    parts = msg.get_payload()
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers"]
+    assert "bob@example.net" in parts[0].get_payload(decode=True).decode()
+
+    # message/delivery-status: the parser gives [per-message, per-recipient...] blocks.
+    blocks = parts[1].get_payload()
+    assert len(blocks) == 3
+    per_msg = blocks[0]
+    assert per_msg["Reporting-MTA"] == "dns; relay.example.org"
+    assert per_msg["Original-Envelope-Id"] == "ENV42"
+    assert per_msg["Arrival-Date"] and "2023" in per_msg["Arrival-Date"]
+    bob, carol = blocks[1], blocks[2]
+    assert bob["Final-Recipient"] == "rfc822; bob@example.net"
+    assert bob["Action"] == "failed"
+    assert bob["Status"] == "5.1.1"
+    assert bob["Diagnostic-Code"] == "smtp; 550 5.1.1 <bob@example.net>: user unknown"
+    assert bob["Remote-MTA"] == "dns; mx1.example.net"
+    assert carol["Final-Recipient"] == "rfc822; carol@example.com"
+    assert carol["Original-Recipient"] == "rfc822;carol@old.example"
+    assert carol["Status"] == "4.4.1"  # expired on a transient error: the real reason
+    assert carol["Remote-MTA"] is None
+
+    orig = parts[2].get_payload()
+    assert "Subject: quarterly numbers" in orig
+    assert "Message-ID: <m1@example.org>" in orig
+
+
+def test_delayed_dsn() -> None:
+    env = _env()
+    r = Recipient("carol@example.com", attempts=2, last_code=451,
+                  last_reply="451 4.4.1 connection refused")
+    _, data = make_bounce(env, [r], HEADERS, "relay.example.org", "delayed",
+                          will_retry_until=env.received_at + 5 * 86400)
+    msg = _parse(data)
+    assert msg["Subject"].startswith("Delayed Mail")
+    rcpt = msg.get_payload()[1].get_payload()[1]
+    assert rcpt["Action"] == "delayed"
+    assert rcpt["Status"] == "4.4.1"
+    assert rcpt["Will-Retry-Until"]
+    assert "WARNING ONLY" in msg.get_payload()[0].get_payload()
+
+
+def test_never_for_null_sender_or_bounce() -> None:
+    env = _env(sender="")
+    with pytest.raises(ValueError):
+        make_bounce(env, env.recipients, HEADERS, "h")
+    env = _env()
+    env.is_bounce = True
+    with pytest.raises(ValueError):
+        make_bounce(env, env.recipients, HEADERS, "h")
+    assert not should_notify(env, env.recipients[0], "failed")
+    assert not should_notify(_env(sender=""), None, "failed")
+
+
+def test_notify_parameter_honoured() -> None:
+    env = _env()
+    r = Recipient("x@y.example")
+    assert should_notify(env, r, "failed") and should_notify(env, r, "delayed")
+    r.notify = "NEVER"
+    assert not should_notify(env, r, "failed")
+    r.notify = "SUCCESS,DELAY"
+    assert not should_notify(env, r, "failed") and should_notify(env, r, "delayed")
+    r.notify = "FAILURE"
+    assert should_notify(env, r, "failed") and not should_notify(env, r, "delayed")
+
+
+def test_status_fallbacks_and_injection() -> None:
+    assert status_of(Recipient("a@b", last_code=550, last_reply="550 no such user"),
+                     "failed") == "5.0.0"
+    assert status_of(Recipient("a@b", last_code=421, last_reply="421 busy"),
+                     "failed") == "4.4.7"
+    env = _env()
+    evil = Recipient("bob@example.net", attempts=1, last_code=550,
+                     last_reply="550 5.7.1 no\r\nAction: delivered")
+    _, data = make_bounce(env, [evil], HEADERS, "relay.example.org")
+    rcpt = _parse(data).get_payload()[1].get_payload()[1]
+    assert rcpt["Action"] == "failed"  # a remote reply cannot forge DSN fields
