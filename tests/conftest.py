@@ -1,8 +1,8 @@
 """Shared test fixtures: a real DNS server, fake MX / smart hosts, a test CA.
 
 - `trustme_ca`: one trustme CA per session; `trustme_ca_file`: its PEM on disk (for
-  `relay.smart_host_ca_file` or SSL_CERT_FILE); `server_tls_context(ca, *names)` makes a
-  server context whose certificate covers the given names / IPs.
+  `relay.smart_host_ca_file` or SSL_CERT_FILE); `fakes.smtpserver.server_tls_context(ca,
+  *names)` makes a server context whose certificate covers the given names / IPs.
 - `dns_server`: a running FakeDNSServer (tests/fakes/dnsserver.py) with empty zones; set
   them with `dns_server.set_zones({...})`; point the config at `dns_server.nameserver`.
 - `fake_mx`: a factory `fake_mx(host="127.0.0.2", **FakeSMTPServer options)`. Every
@@ -13,11 +13,9 @@
 
 from __future__ import annotations
 
-import ssl
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
@@ -25,7 +23,7 @@ import trustme
 sys.path.insert(0, str(Path(__file__).parent))  # `fakes` importable with or without __init__
 
 from fakes.dnsserver import FakeDNSServer  # noqa: E402
-from fakes.smtpserver import FakeSMTPServer  # noqa: E402
+from fakes.smtpserver import MXFactory, server_tls_context  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")
@@ -40,13 +38,6 @@ def trustme_ca_file(trustme_ca: trustme.CA, tmp_path_factory: pytest.TempPathFac
     return path
 
 
-def server_tls_context(ca: trustme.CA, *names: str) -> ssl.SSLContext:
-    """A server-side context with a certificate for `names` (host names or IPs)."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(*(names or ("localhost",))).configure_cert(ctx)
-    return ctx
-
-
 @pytest.fixture
 def dns_server() -> Iterator[FakeDNSServer]:
     srv = FakeDNSServer().start()
@@ -54,24 +45,6 @@ def dns_server() -> Iterator[FakeDNSServer]:
         yield srv
     finally:
         srv.stop()
-
-
-class MXFactory:
-    """Callable: start a FakeSMTPServer on `host` at the shared port."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.servers: list[FakeSMTPServer] = []
-
-    def __call__(self, host: str = "127.0.0.2", **opts: Any) -> FakeSMTPServer:
-        srv = FakeSMTPServer(host, self.port, **opts).start()
-        self.port = srv.port
-        self.servers.append(srv)
-        return srv
-
-    def stop(self) -> None:
-        for srv in self.servers:
-            srv.stop()
 
 
 @pytest.fixture

@@ -258,3 +258,29 @@ class FakeSMTPServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def server_tls_context(ca: Any, *names: str) -> ssl.SSLContext:
+    """A server-side context with a certificate from trustme `ca` for `names` (hosts/IPs)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*(names or ("localhost",))).configure_cert(ctx)
+    return ctx
+
+
+class MXFactory:
+    """Callable: start a FakeSMTPServer on `host`; every server it makes shares one port
+    (`[delivery] port` is one number for all MX), `self.port` once the first started."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.servers: list[FakeSMTPServer] = []
+
+    def __call__(self, host: str = "127.0.0.2", **opts: Any) -> FakeSMTPServer:
+        srv = FakeSMTPServer(host, self.port, **opts).start()
+        self.port = srv.port
+        self.servers.append(srv)
+        return srv
+
+    def stop(self) -> None:
+        for srv in self.servers:
+            srv.stop()

@@ -1,0 +1,461 @@
+"""Outbound delivery against real servers: a dnslib DNS server and aiosmtpd MX / smart
+hosts on 127.0.0.x, real TLS from trustme. No mocks: every test goes over sockets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import MXFactory, bare_line_ends, server_tls_context
+
+from authrelay.config import Config, from_dict
+from authrelay.delivery.client import Courier, normalize_crlf
+from authrelay.dns import DnsNoData, DnsPermanent, DnsTemporary, Resolver
+from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+
+MSG = (b"From: alice@sender.test\r\nTo: bob@example.test\r\nSubject: test\r\n\r\n"
+       b"Hello.\r\n.leading dot\r\n.\r\nend\r\n")
+
+ZONES: dict[str, Any] = {
+    "example.test": {"MX": [(20, "mx2.example.test"), (10, "mx1.example.test")]},
+    "mx1.example.test": {"A": ["127.0.0.2"]},
+    "mx2.example.test": {"A": ["127.0.0.3"]},
+    "implicit.test": {"A": ["127.0.0.2"]},
+    "nullmx.test": {"MX": [(0, ".")]},
+    "broken.test": "SERVFAIL",
+    "slow.test": "TIMEOUT",
+    "nohost.test": {"MX": [(10, "gone.nohost.test")]},
+    "2.0.0.127.in-addr.arpa": {"PTR": ["mx1.example.test"]},
+    "2.0.0.127.dnsbl.test": {"A": ["127.0.0.2"]},
+}
+
+
+def make_cfg(tmp_path: Path, dns: FakeDNSServer, port: int, *,
+             relay: dict[str, Any] | None = None, **delivery: Any) -> Config:
+    d: dict[str, Any] = {
+        "port": port, "nameservers": [dns.nameserver], "dns_timeout": "1s",
+        "connect_timeout": "5s", "command_timeout": "10s", "data_timeout": "10s",
+    }
+    d.update(delivery)
+    data: dict[str, Any] = {"hostname": "relay.test", "state_dir": str(tmp_path), "delivery": d}
+    if relay:
+        data["relay"] = relay
+    return from_dict(data)
+
+
+def envelope(*rcpts: str, sender: str = "alice@sender.test", **kw: Any) -> Envelope:
+    return Envelope(new_queue_id(), sender, [Recipient(r) for r in rcpts], **kw)
+
+
+async def send(cfg: Config, env: Envelope, message: bytes | Path = MSG,
+               offset: int = 0) -> dict:
+    courier = Courier(cfg)
+    try:
+        return await courier.deliver(env, env.recipients, message, offset)
+    finally:
+        await courier.close()
+
+
+@pytest.fixture
+def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
+    dns_server.set_zones(ZONES)
+    return dns_server
+
+
+def free_port_on(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- DNS facade
+
+async def test_resolver_maps_outcomes(dns: FakeDNSServer) -> None:
+    r = Resolver([dns.nameserver], timeout=1)
+    assert sorted(await r.mx("EXAMPLE.test.")) == [(10, "mx1.example.test"),
+                                                    (20, "mx2.example.test")]
+    assert await r.addresses("mx1.example.test") == ["127.0.0.2"]
+    with pytest.raises(DnsPermanent):
+        await r.mx("nonexistent.test")
+    with pytest.raises(DnsNoData):
+        await r.mx("mx1.example.test")
+    with pytest.raises(DnsTemporary):
+        await r.mx("broken.test")
+    with pytest.raises(DnsTemporary):
+        await r.mx("slow.test")
+    assert await r.ptr("127.0.0.2") == "mx1.example.test"
+    assert await r.ptr("127.0.0.3") is None
+    assert await r.a_exists("2.0.0.127.dnsbl.test") is True
+    assert await r.a_exists("3.0.0.127.dnsbl.test") is False
+
+
+# --------------------------------------------------------------------------- MX routing
+
+async def test_delivery_by_preference(tmp_path: Path, dns: FakeDNSServer,
+                                      fake_mx: MXFactory) -> None:
+    mx1, mx2 = fake_mx("127.0.0.2"), fake_mx("127.0.0.3")
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), envelope("bob@example.test"))
+    r = res["bob@example.test"]
+    assert r.ok and r.code == 250 and r.enhanced == "2.0.0"
+    assert r.remote == f"mx1.example.test [127.0.0.2]:{fake_mx.port}"
+    assert len(mx1.messages) == 1 and mx2.connections == 0
+    m = mx1.messages[0]
+    assert m.helo == "relay.test"
+    assert m.mail_from == "alice@sender.test" and m.rcpt_tos == ["bob@example.test"]
+    assert m.content == MSG
+
+
+@pytest.mark.parametrize("first", ["greeting421", "refused", "mail451"])
+async def test_fallback_to_second_mx(tmp_path: Path, dns: FakeDNSServer,
+                                     fake_mx: MXFactory, first: str) -> None:
+    mx2 = fake_mx("127.0.0.3")
+    if first == "greeting421":
+        mx1 = fake_mx("127.0.0.2", greeting="421 4.3.2 too busy")
+    elif first == "mail451":
+        mx1 = fake_mx("127.0.0.2", mail_reply="451 4.3.0 local problem")
+    else:  # nothing listens on mx1's address at that port
+        mx1 = None
+        dns.update({"mx1.example.test": {"A": ["127.0.0.9"]}})
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), envelope("bob@example.test"))
+    r = res["bob@example.test"]
+    assert r.ok, r
+    assert r.remote.startswith("mx2.example.test [127.0.0.3]")
+    assert len(mx2.messages) == 1
+    if mx1 is not None:
+        assert mx1.connections == 1 and mx1.messages == []
+
+
+async def test_all_mx_down_is_temporary(tmp_path: Path, dns: FakeDNSServer) -> None:
+    port = free_port_on("127.0.0.2")
+    res = await send(make_cfg(tmp_path, dns, port), envelope("bob@example.test"))
+    r = res["bob@example.test"]
+    assert not r.ok and not r.permanent
+    assert r.enhanced == "4.4.1" and "connection refused" in r.text
+    assert "mx2.example.test" in r.text  # the last host's reason
+
+
+async def test_mail_5xx_is_permanent_and_no_other_mx(tmp_path: Path, dns: FakeDNSServer,
+                                                     fake_mx: MXFactory) -> None:
+    fake_mx("127.0.0.2", mail_reply="553 5.7.1 sender rejected")
+    mx2 = fake_mx("127.0.0.3")
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), envelope("bob@example.test"))
+    r = res["bob@example.test"]
+    assert r.permanent and r.code == 553 and r.enhanced == "5.7.1"
+    assert r.text == "sender rejected"
+    assert mx2.connections == 0
+
+
+async def test_implicit_mx(tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), envelope("bob@implicit.test"))
+    r = res["bob@implicit.test"]
+    assert r.ok and r.remote.startswith("implicit.test [127.0.0.2]")
+    assert mx.messages[0].rcpt_tos == ["bob@implicit.test"]
+
+
+async def test_ipv6_address_tried_before_ipv4(tmp_path: Path, dns: FakeDNSServer,
+                                              fake_mx: MXFactory) -> None:
+    mx4 = fake_mx("127.0.0.2")
+    try:
+        mx6 = fake_mx("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    dns.update({"mx1.example.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]}})
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), envelope("bob@example.test"))
+    assert res["bob@example.test"].remote == f"mx1.example.test [::1]:{fake_mx.port}"
+    assert len(mx6.messages) == 1 and mx4.connections == 0
+
+
+async def test_ipv6_refused_falls_back_to_ipv4(tmp_path: Path, dns: FakeDNSServer,
+                                               fake_mx: MXFactory) -> None:
+    mx4 = fake_mx("127.0.0.2")
+    dns.update({"mx1.example.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]}})
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), envelope("bob@example.test"))
+    assert res["bob@example.test"].remote.startswith("mx1.example.test [127.0.0.2]")
+    assert len(mx4.messages) == 1
+    assert ("mx1.example.test", "AAAA") in dns.queries
+
+
+async def test_address_literal_skips_dns(tmp_path: Path, dns: FakeDNSServer,
+                                         fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), envelope("bob@[127.0.0.2]"))
+    assert res["bob@[127.0.0.2]"].ok
+    assert mx.messages[0].rcpt_tos == ["bob@[127.0.0.2]"]
+    assert dns.queries == []
+
+
+@pytest.mark.parametrize("domain,code,enhanced,permanent", [
+    ("nullmx.test", 556, "5.1.10", True),
+    ("nonexistent.test", 550, "5.1.2", True),
+    ("broken.test", 451, "4.4.3", False),
+    ("slow.test", 451, "4.4.3", False),
+    ("nohost.test", 550, "5.4.4", True),
+])
+async def test_dns_outcomes(tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+                            domain: str, code: int, enhanced: str, permanent: bool) -> None:
+    mx = fake_mx("127.0.0.2")
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), envelope(f"bob@{domain}"))
+    r = res[f"bob@{domain}"]
+    assert (r.code, r.enhanced, r.permanent) == (code, enhanced, permanent), r
+    assert mx.connections == 0
+
+
+async def test_servfail_deferred_then_delivered(tmp_path: Path, dns: FakeDNSServer,
+                                                fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    cfg = make_cfg(tmp_path, dns, fake_mx.port)
+    env = envelope("bob@broken.test")
+    first = (await send(cfg, env))["bob@broken.test"]
+    assert not first.ok and not first.permanent
+    dns.update({"broken.test": {"MX": [(5, "mx1.example.test")]}})
+    second = (await send(cfg, env))["bob@broken.test"]
+    assert second.ok and len(mx.messages) == 1
+
+
+# --------------------------------------------------------------------------- SMTP session
+
+async def test_per_recipient_results(tmp_path: Path, dns: FakeDNSServer,
+                                     fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2", rcpt_replies={
+        "nobody@example.test": "550 5.1.1 no such user",
+        "full@example.test": "452 4.2.2 mailbox full",
+    })
+    env = envelope("a@example.test", "nobody@example.test", "full@example.test",
+                   "b@example.test")
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), env)
+    assert res["a@example.test"].ok and res["b@example.test"].ok
+    bad, full = res["nobody@example.test"], res["full@example.test"]
+    assert (bad.code, bad.enhanced, bad.permanent) == (550, "5.1.1", True)
+    assert (full.code, full.enhanced, full.permanent) == (452, "4.2.2", False)
+    assert mx.messages[0].rcpt_tos == ["a@example.test", "b@example.test"]
+
+
+async def test_data_reply_applies_to_accepted(tmp_path: Path, dns: FakeDNSServer,
+                                              fake_mx: MXFactory) -> None:
+    fake_mx("127.0.0.2", data_reply="554 5.7.1 spam detected",
+            rcpt_replies={"nobody@example.test": "550 5.1.1 no such user"})
+    env = envelope("a@example.test", "nobody@example.test")
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), env)
+    assert (res["a@example.test"].code, res["a@example.test"].enhanced) == (554, "5.7.1")
+    assert res["nobody@example.test"].enhanced == "5.1.1"
+
+
+async def test_starttls_used_when_offered(tmp_path: Path, dns: FakeDNSServer,
+                                          fake_mx: MXFactory, trustme_ca: Any) -> None:
+    # The certificate names another host: opportunistic TLS does not verify (RFC 7435).
+    mx = fake_mx("127.0.0.2", starttls_context=server_tls_context(trustme_ca, "other.test"))
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), envelope("bob@example.test"))
+    assert res["bob@example.test"].ok
+    assert mx.messages[0].tls is True
+    assert b"STARTTLS\r\n" in mx.wire[0]
+
+
+async def test_tls_encrypt_without_starttls_defers(tmp_path: Path, dns: FakeDNSServer,
+                                                   fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    dns.update({"example.test": {"MX": [(10, "mx1.example.test")]}})
+    cfg = make_cfg(tmp_path, dns, fake_mx.port, tls="encrypt")
+    r = (await send(cfg, envelope("bob@example.test")))["bob@example.test"]
+    assert (r.permanent, r.enhanced) == (False, "4.7.4")
+    assert mx.messages == []
+
+
+async def test_size_limit_is_permanent(tmp_path: Path, dns: FakeDNSServer,
+                                       fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2", size_limit=50)
+    r = (await send(make_cfg(tmp_path, dns, fake_mx.port),
+                    envelope("bob@example.test")))["bob@example.test"]
+    assert (r.code, r.enhanced, r.permanent) == (552, "5.3.4", True)
+    assert mx.messages == [] and b"MAIL" not in mx.wire[0]
+
+
+async def test_size_and_8bitmime_and_smtputf8_parameters(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    env = envelope("bjørn@example.test", sender="ålice@sender.test", body_8bit=True,
+                   smtputf8=True)
+    msg = "Subject: grüße\r\n\r\nblåbær\r\n".encode()
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), env, msg)
+    assert res["bjørn@example.test"].ok
+    m = mx.messages[0]
+    assert {"BODY=8BITMIME", "SMTPUTF8", f"SIZE={len(msg)}"} <= set(m.mail_options)
+    assert m.mail_from == "ålice@sender.test" and m.rcpt_tos == ["bjørn@example.test"]
+    assert m.content == msg
+
+
+async def test_utf8_address_to_peer_without_smtputf8(tmp_path: Path, dns: FakeDNSServer,
+                                                     fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2", smtputf8=False)
+    env = envelope("bjørn@example.test", "bob@example.test")
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), env)
+    r = res["bjørn@example.test"]
+    assert (r.code, r.enhanced, r.permanent) == (553, "5.6.7", True)
+    assert "SMTPUTF8" in r.text
+    assert res["bob@example.test"].ok
+    assert mx.messages[0].rcpt_tos == ["bob@example.test"]
+
+
+async def test_no_bare_cr_or_lf_leaves(tmp_path: Path, dns: FakeDNSServer,
+                                       fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    # Smuggling attempts: bare LF, bare CR, "\n.\r\n" and "\r.\r" end-of-data lookalikes.
+    nasty = (b"Subject: smuggle\nX: a\rb\r\n\r\nline1\n.\r\nMAIL FROM:<evil@x>\r\n"
+             b"line2\r.\rline3\r\r\n.\nlast")
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), envelope("bob@example.test"),
+                     nasty)
+    assert res["bob@example.test"].ok
+    assert len(mx.messages) == 1  # one message: nothing was smuggled as a second
+    assert mx.messages[0].content == normalize_crlf(nasty)
+    assert bare_line_ends(mx.wire[0]) == []
+    assert b"\r\n..\r\n" in mx.wire[0]  # the lone dot line went out dot-stuffed
+
+
+async def test_message_from_spool_file_with_offset(tmp_path: Path, dns: FakeDNSServer,
+                                                   fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    env = envelope("bob@example.test")
+    ej = env.to_json()
+    header = f"AUTHRELAY-SPOOL 1 {len(ej)}\n".encode()
+    path = tmp_path / "queue-file"
+    path.write_bytes(header + ej + b"\n" + MSG)
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), env, path,
+                     offset=len(header) + len(ej) + 1)
+    assert res["bob@example.test"].ok
+    assert mx.messages[0].content == MSG
+    assert json.loads(ej)["queue_id"] == env.queue_id
+
+
+async def test_unreadable_message_is_temporary(tmp_path: Path, dns: FakeDNSServer) -> None:
+    res = await send(make_cfg(tmp_path, dns, 25), envelope("bob@example.test"),
+                     tmp_path / "missing")
+    r = res["bob@example.test"]
+    assert not r.permanent and r.enhanced == "4.3.0"
+
+
+async def test_connection_reused(tmp_path: Path, dns: FakeDNSServer,
+                                 fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    try:
+        for i in range(3):
+            env = envelope(f"r{i}@example.test")
+            res = await courier.deliver(env, env.recipients, MSG + f"n={i}\r\n".encode())
+            assert res[f"r{i}@example.test"].ok
+        assert mx.connections == 1
+        assert [m.connection for m in mx.messages] == [1, 1, 1]
+        assert mx.wire[0].count(b"RSET\r\n") == 2
+    finally:
+        await courier.close()
+    assert mx.wire[0].endswith(b"QUIT\r\n")
+
+
+async def test_pool_disabled_opens_new_connections(tmp_path: Path, dns: FakeDNSServer,
+                                                   fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port, max_idle_connections=0))
+    try:
+        for _ in range(2):
+            env = envelope("bob@example.test")
+            assert (await courier.deliver(env, env.recipients, MSG))["bob@example.test"].ok
+    finally:
+        await courier.close()
+    assert mx.connections == 2
+
+
+# --------------------------------------------------------------------------- smart host
+
+def smart_cfg(tmp_path: Path, dns: FakeDNSServer, hosts: list[str], ca_file: Path,
+              password: str = "s3cret pass", tls: str = "starttls") -> Config:
+    pw = tmp_path / "smarthost.pw"
+    pw.write_text(password + "\n")
+    return make_cfg(tmp_path, dns, 25, relay={
+        "smart_host": hosts, "smart_host_tls": tls, "smart_host_user": "relayuser",
+        "smart_host_password_file": str(pw), "smart_host_ca_file": str(ca_file),
+    })
+
+
+async def test_smart_host_starttls_auth_byte_for_byte(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: Any,
+        trustme_ca_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    sh = fake_mx("127.0.0.2", starttls_context=server_tls_context(trustme_ca, "127.0.0.2"),
+                 require_starttls=True, users={"relayuser": "s3cret pass"})
+    received = b"Received: from laptop by relay.test with ESMTPSA id Q1\r\n" + MSG
+    env = envelope("someone@elsewhere.test", "other@far.test")
+    res = await send(smart_cfg(tmp_path, dns, [sh.address], trustme_ca_file), env, received)
+    assert all(r.ok for r in res.values()), res
+    assert res["other@far.test"].remote == f"127.0.0.2 [127.0.0.2]:{sh.port}"
+    m = sh.messages[0]
+    assert m.content == received
+    assert m.tls and m.auth_user == "relayuser"
+    assert m.rcpt_tos == ["someone@elsewhere.test", "other@far.test"]
+    assert bare_line_ends(sh.wire[0]) == []
+    assert dns.queries == []  # no MX lookups through a smart host
+    assert "s3cret" not in caplog.text
+
+
+async def test_smart_host_failover(tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+                                   trustme_ca: Any, trustme_ca_file: Path) -> None:
+    ctx = server_tls_context(trustme_ca, "127.0.0.2", "127.0.0.3")
+    first = fake_mx("127.0.0.2", starttls_context=ctx, users={"relayuser": "other"})
+    second = fake_mx("127.0.0.3", starttls_context=ctx, users={"relayuser": "s3cret pass"})
+    down = f"127.0.0.4:{free_port_on('127.0.0.4')}"
+    cfg = smart_cfg(tmp_path, dns, [down, first.address, second.address], trustme_ca_file)
+    res = await send(cfg, envelope("x@far.test"))
+    assert res["x@far.test"].ok and res["x@far.test"].remote.startswith("127.0.0.3")
+    assert first.auth_attempts == [("relayuser", False)] and first.messages == []
+    assert len(second.messages) == 1
+
+
+async def test_smart_host_auth_failure_is_temporary(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: Any,
+        trustme_ca_file: Path) -> None:
+    sh = fake_mx("127.0.0.2", starttls_context=server_tls_context(trustme_ca, "127.0.0.2"),
+                 users={"relayuser": "right"})
+    res = await send(smart_cfg(tmp_path, dns, [sh.address], trustme_ca_file, "wrong"),
+                     envelope("x@far.test"))
+    r = res["x@far.test"]
+    assert (r.permanent, r.enhanced) == (False, "4.7.0")
+    assert "authentication failed" in r.text and "wrong" not in r.text
+
+
+async def test_smart_host_without_starttls_is_refused(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca_file: Path) -> None:
+    sh = fake_mx("127.0.0.2")
+    res = await send(smart_cfg(tmp_path, dns, [sh.address], trustme_ca_file),
+                     envelope("x@far.test"))
+    assert res["x@far.test"].enhanced == "4.7.4" and sh.messages == []
+    assert b"AUTH" not in sh.wire[0]  # credentials never sent in the clear
+
+
+async def test_smart_host_untrusted_certificate(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca_file: Path) -> None:
+    import trustme
+
+    other_ca = trustme.CA()
+    sh = fake_mx("127.0.0.2", starttls_context=server_tls_context(other_ca, "127.0.0.2"),
+                 users={"relayuser": "s3cret pass"})
+    res = await send(smart_cfg(tmp_path, dns, [sh.address], trustme_ca_file),
+                     envelope("x@far.test"))
+    r = res["x@far.test"]
+    assert (r.permanent, r.enhanced) == (False, "4.7.5"), r
+    assert sh.auth_attempts == []
+
+
+async def test_smart_host_implicit_tls(tmp_path: Path, dns: FakeDNSServer,
+                                       fake_mx: MXFactory, trustme_ca: Any,
+                                       trustme_ca_file: Path) -> None:
+    sh = fake_mx("127.0.0.2", implicit_tls_context=server_tls_context(trustme_ca, "127.0.0.2"),
+                 users={"relayuser": "s3cret pass"})
+    res = await send(smart_cfg(tmp_path, dns, [sh.address], trustme_ca_file, tls="tls"),
+                     envelope("x@far.test"))
+    assert res["x@far.test"].ok, res
+    assert sh.messages[0].auth_user == "relayuser"
