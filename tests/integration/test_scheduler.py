@@ -1,0 +1,331 @@
+"""The scheduler against a real spool and an in-memory Courier (the backend interface).
+
+Covers: pick-up at once (hook and notify.sock), per-recipient retry, bounces on 5xx and
+on expiry, none for the null sender, delay warnings, restart recovery, re-delivery after
+an interrupted delivery, held messages skipped, per-destination limits and fresh mail
+overtaking a stuck destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authrelay.config import Config, from_dict
+from authrelay.maillog import MailLog
+from authrelay.scheduler.scheduler import Scheduler
+from authrelay.spool.envelope import SENT, Envelope, Recipient, new_queue_id
+from authrelay.spool.store import Spool
+from authrelay.types import DeliveryResult
+
+OK = DeliveryResult.sent(250, "2.0.0", "Ok: queued as X", "mx.test [127.0.0.1]:25")
+TEMP = DeliveryResult.temp("Greylisted, try later", "4.7.1", 451, "mx.test [127.0.0.1]:25")
+PERM = DeliveryResult.perm("<bob@b.example>: user unknown", "5.1.1", 550,
+                           "mx.test [127.0.0.1]:25")
+BODY = b"From: a@a.example\r\nTo: x@b.example\r\nSubject: t\r\n\r\nhello\r\n"
+
+
+class FakeCourier:
+    """In-memory Courier: scripted results per address, records every call."""
+
+    def __init__(self) -> None:
+        self.script: dict[str, list[DeliveryResult]] = defaultdict(list)
+        self.calls: list[tuple[Envelope, list[str], bytes]] = []
+        self.gates: dict[str, asyncio.Event] = {}  # domain -> wait until set
+        self.inflight: dict[str, int] = defaultdict(int)
+        self.max_inflight: dict[str, int] = defaultdict(int)
+
+    async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
+                      offset: int = 0) -> dict[str, DeliveryResult]:
+        data = message[offset:] if isinstance(message, bytes) else \
+            Path(message).read_bytes()[offset:]
+        domain = rcpts[0].address.rsplit("@", 1)[-1]
+        assert all(r.address.endswith("@" + domain) for r in rcpts)  # one route key
+        self.calls.append((env, [r.address for r in rcpts], data))
+        self.inflight[domain] += 1
+        self.max_inflight[domain] = max(self.max_inflight[domain], self.inflight[domain])
+        try:
+            if domain in self.gates:
+                await self.gates[domain].wait()
+        finally:
+            self.inflight[domain] -= 1
+        out = {}
+        for r in rcpts:
+            seq = self.script.get(r.address)
+            out[r.address] = seq.pop(0) if seq else OK
+        return out
+
+    def calls_for(self, address: str) -> list[tuple[Envelope, list[str], bytes]]:
+        return [c for c in self.calls if address in c[1]]
+
+
+class ListLog(MailLog):
+    def __init__(self) -> None:
+        super().__init__("stdout")
+        self.lines: list[str] = []
+
+    def _emit(self, line: str) -> None:
+        self.lines.append(line)
+
+    def grep(self, *needles: str) -> list[str]:
+        return [ln for ln in self.lines if all(n in ln for n in needles)]
+
+
+async def until(cond: Callable[[], Any], what: str = "condition", limit: float = 15.0) -> None:
+    """Wait for a condition (a generous bound against hangs, not a timing assertion)."""
+    deadline = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    d = tempfile.mkdtemp(prefix="arq", dir="/tmp")  # short: unix socket paths
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def make_cfg(state_dir: Path, **delivery: Any) -> Config:
+    d = {"retry": ["50ms"], "max_queue_lifetime": "1h", "delay_warning": 0}
+    d.update(delivery)
+    return from_dict({"hostname": "relay.test", "state_dir": str(state_dir),
+                      "shutdown_timeout": 5, "delivery": d})
+
+
+async def put(spool: Spool, rcpts: list[str], sender: str = "a@a.example",
+              body: bytes = BODY, **kw: Any) -> str:
+    env = Envelope(queue_id=new_queue_id(), sender=sender,
+                   recipients=[Recipient(r) for r in rcpts], **kw)
+    inc = spool.begin(env)
+    inc.write(body)
+    await inc.commit()
+    return inc.queue_id
+
+
+class Rig:
+    def __init__(self, state_dir: Path, **delivery: Any) -> None:
+        self.cfg = make_cfg(state_dir, **delivery)
+        self.spool = Spool(self.cfg.spool_dir)
+        self.spool.ensure_dirs()
+        self.courier = FakeCourier()
+        self.log = ListLog()
+        self.sched: Scheduler | None = None
+
+    async def start(self, **kw: Any) -> Scheduler:
+        self.sched = Scheduler(self.cfg, self.spool, self.courier, self.log, **kw)
+        await self.sched.start()
+        return self.sched
+
+    async def stop(self) -> None:
+        if self.sched is not None:
+            await self.sched.stop()
+            self.sched = None
+
+    def queued(self) -> list[str]:
+        return self.spool.scan() + self.spool.held()
+
+
+@pytest.fixture
+async def rig(state_dir: Path) -> AsyncIterator[Rig]:
+    r = Rig(state_dir)
+    yield r
+    for g in r.courier.gates.values():
+        g.set()
+    await r.stop()
+    r.spool.close()
+
+
+async def test_fresh_mail_delivered_at_once_and_removed(rig: Rig) -> None:
+    await rig.start(rescan_interval=3600)
+    qid = await put(rig.spool, ["x@b.example"])
+    await until(lambda: not rig.queued(), "removal")
+    (env, rcpts, data), = rig.courier.calls
+    assert env.queue_id == qid and rcpts == ["x@b.example"] and data == BODY
+    (line,) = rig.log.grep(qid, "to=<x@b.example>")
+    assert "relay=mx.test [127.0.0.1]:25" in line and "dsn=2.0.0" in line
+    assert "stat=Sent (250 2.0.0 Ok: queued as X)" in line
+    assert rig.log.grep(qid, "status=removed")
+
+
+async def test_notify_socket_from_another_process_spool(rig: Rig) -> None:
+    await rig.start(rescan_interval=3600)
+    other = Spool(rig.cfg.spool_dir)  # as a receiving worker process has: no hook
+    assert other.on_commit is None
+    await put(other, ["x@b.example"])
+    await until(lambda: rig.courier.calls and not rig.queued(), "delivery via notify.sock")
+    other.close()
+
+
+async def test_only_the_temp_failed_recipient_is_retried(rig: Rig) -> None:
+    rig.courier.script["b2@b.example"] = [TEMP]
+    await rig.start()
+    qid = await put(rig.spool, ["b1@b.example", "b2@b.example", "b3@b.example"])
+    await until(lambda: not rig.queued(), "final delivery")
+    assert [c[1] for c in rig.courier.calls] == [
+        ["b1@b.example", "b2@b.example", "b3@b.example"], ["b2@b.example"]]
+    assert rig.log.grep(qid, "to=<b2@b.example>", "stat=Deferred (451 4.7.1 Greylisted")
+    assert len(rig.log.grep(qid, "stat=Sent")) == 3
+
+
+async def test_state_saved_between_attempts(rig: Rig, state_dir: Path) -> None:
+    rig.cfg = make_cfg(state_dir, retry=["1h"])
+    rig.courier.script["b2@b.example"] = [TEMP]
+    await rig.start()
+    qid = await put(rig.spool, ["b1@b.example", "b2@b.example"])
+    await until(lambda: rig.log.grep(qid, "Deferred"), "deferral")
+    await until(lambda: rig.sched is not None and not rig.sched.active, "idle")
+    env = rig.spool.load(qid)  # from disk: header merged with ID.state
+    b1, b2 = env.recipients
+    assert b1.state == SENT and b2.state == "pending"
+    assert b2.attempts == 1 and b2.last_reply.startswith("451 4.7.1")
+    assert b2.next_attempt > time.time() + 1800
+
+
+async def test_bounce_on_5xx_is_queued_and_delivered(rig: Rig) -> None:
+    rig.courier.script["bob@b.example"] = [PERM]
+    await rig.start()
+    qid = await put(rig.spool, ["bob@b.example", "ok@b.example"], sender="alice@a.example")
+    await until(lambda: not rig.queued() and rig.courier.calls_for("alice@a.example"),
+                "bounce delivery")
+    assert rig.log.grep(qid, "to=<bob@b.example>", "stat=Bounced (550 5.1.1")
+    (bounce_env, rcpts, data), = rig.courier.calls_for("alice@a.example")
+    assert bounce_env.sender == "" and bounce_env.is_bounce and rcpts == ["alice@a.example"]
+    assert rig.log.grep(qid, f"sender_non-delivery_notification={bounce_env.queue_id}")
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    report = msg.get_payload()[1].get_payload()
+    assert len(report) == 2  # per-message + only the failed recipient
+    assert report[1]["Final-Recipient"] == "rfc822; bob@b.example"
+    assert report[1]["Action"] == "failed" and report[1]["Status"] == "5.1.1"
+    assert report[1]["Remote-MTA"] == "dns; mx.test"
+    assert "Subject: t" in msg.get_payload()[2].get_payload()
+
+
+async def test_no_bounce_for_null_sender_nor_for_a_bounce(rig: Rig) -> None:
+    rig.courier.script["bob@b.example"] = [PERM]
+    rig.courier.script["gone@b.example"] = [PERM]
+    await rig.start()
+    q1 = await put(rig.spool, ["bob@b.example"], sender="")
+    q2 = await put(rig.spool, ["gone@b.example"], sender="", is_bounce=True)
+    await until(lambda: not rig.queued(), "both final")
+    await until(lambda: rig.sched is not None and not rig.sched.active, "idle")
+    assert len(rig.courier.calls) == 2
+    assert rig.log.grep(q1, "stat=Bounced") and rig.log.grep(q2, "stat=Bounced")
+    assert not rig.log.grep("notification")
+
+
+async def test_expiry_bounces_after_temp_failure(state_dir: Path) -> None:
+    rig = Rig(state_dir, max_queue_lifetime="1s")
+    rig.courier.script["slow@b.example"] = [TEMP] * 100
+    await rig.start()
+    qid = await put(rig.spool, ["slow@b.example"], received_at=time.time() - 5)
+    await until(lambda: rig.courier.calls_for("a@a.example"), "expiry bounce")
+    assert rig.log.grep(qid, "stat=Bounced (451 4.7.1 Greylisted, try later, message expired")
+    bounce = rig.courier.calls_for("a@a.example")[0][2]
+    rcpt = email.message_from_bytes(bounce).get_payload()[1].get_payload()[1]
+    assert rcpt["Action"] == "failed" and rcpt["Status"] == "4.7.1"
+    await until(lambda: not rig.queued(), "queue empty")
+    await rig.stop()
+    rig.spool.close()
+
+
+async def test_delay_warning_sent_once(state_dir: Path) -> None:
+    rig = Rig(state_dir, delay_warning="1ms", retry=["20ms"])
+    rig.courier.script["slow@b.example"] = [TEMP, TEMP, TEMP]
+    await rig.start()
+    qid = await put(rig.spool, ["slow@b.example"])
+    await until(lambda: len(rig.courier.calls_for("slow@b.example")) == 4, "4 attempts")
+    await until(lambda: not rig.queued(), "done")
+    warnings = rig.courier.calls_for("a@a.example")
+    assert len(warnings) == 1
+    msg = email.message_from_bytes(warnings[0][2])
+    assert msg.get_payload()[1].get_payload()[1]["Action"] == "delayed"
+    assert len(rig.log.grep(qid, "sender_delay_notification")) == 1
+    await rig.stop()
+    rig.spool.close()
+
+
+async def test_restart_finds_everything(rig: Rig) -> None:
+    # Queued while no scheduler ran; one message already half delivered.
+    q1 = await put(rig.spool, ["x@b.example"])
+    q2 = await put(rig.spool, ["y1@c.example", "y2@c.example"])
+    env = rig.spool.load(q2)
+    env.recipients[0].state = SENT
+    env.recipients[0].attempts = 1
+    rig.spool.save_state(env)
+    (rig.spool.tmp_dir / "GARBAGE").write_bytes(b"half a message")
+    await rig.start(rescan_interval=3600)
+    await until(lambda: not rig.queued(), "all delivered")
+    assert sorted(tuple(c[1]) for c in rig.courier.calls) == [
+        ("x@b.example",), ("y2@c.example",)]
+    assert rig.log.grep(q1, "stat=Sent") and rig.log.grep(q2, "to=<y2@c.example>", "Sent")
+    assert not (rig.spool.tmp_dir / "GARBAGE").exists()
+
+
+async def test_interrupted_delivery_is_redone_after_restart(state_dir: Path) -> None:
+    rig = Rig(state_dir)
+    rig.cfg = from_dict({"hostname": "relay.test", "state_dir": str(state_dir),
+                         "shutdown_timeout": 0, "delivery": {"retry": ["50ms"]}})
+    rig.courier.gates["b.example"] = asyncio.Event()  # never answers
+    await rig.start()
+    qid = await put(rig.spool, ["x@b.example"])
+    await until(lambda: rig.courier.calls, "delivery started")
+    await rig.stop()  # the in-flight delivery is cut off: no state saved
+    assert rig.spool.scan() == [qid]
+    assert rig.spool.load(qid).recipients[0].attempts == 0
+    del rig.courier.gates["b.example"]
+    await rig.start()
+    await until(lambda: not rig.queued(), "re-delivered")
+    assert [c[0].queue_id for c in rig.courier.calls] == [qid, qid]
+    await rig.stop()
+    rig.spool.close()
+
+
+async def test_held_messages_are_skipped(rig: Rig) -> None:
+    q1 = await put(rig.spool, ["x@b.example"])
+    q2 = await put(rig.spool, ["y@b.example"])
+    rig.spool.hold(q1)
+    await rig.start()
+    await until(lambda: rig.spool.scan() == [], "q2 delivered")
+    assert [c[0].queue_id for c in rig.courier.calls] == [q2]
+    assert rig.spool.held() == [q1]
+    assert rig.sched is not None
+    rig.sched.notify(q1)  # a stray notification must not deliver a held message
+    await until(lambda: not rig.sched.active, "idle")
+    assert [c[0].queue_id for c in rig.courier.calls] == [q2]
+
+
+async def test_per_destination_limit_and_fresh_mail_overtakes(state_dir: Path) -> None:
+    rig = Rig(state_dir, concurrency=4, concurrency_per_domain=2)
+    gate = rig.courier.gates["slow.example"] = asyncio.Event()
+    await rig.start()
+    slow = [await put(rig.spool, [f"s{i}@slow.example"]) for i in range(6)]
+    await until(lambda: rig.courier.inflight["slow.example"] == 2, "2 slow in flight")
+    fast = await put(rig.spool, ["f@fast.example"])
+    await until(lambda: fast not in rig.queued(), "fast delivered past the stuck domain")
+    assert rig.courier.inflight["slow.example"] == 2
+    gate.set()
+    await until(lambda: not rig.queued(), "all delivered")
+    assert rig.courier.max_inflight["slow.example"] == 2
+    assert {c[0].queue_id for c in rig.courier.calls} == set(slow) | {fast}
+    await rig.stop()
+    rig.spool.close()
+
+
+async def test_many_messages(rig: Rig) -> None:
+    await rig.start()
+    ids = await asyncio.gather(*(put(rig.spool, [f"u{i}@d{i % 7}.example"])
+                                 for i in range(300)))
+    await until(lambda: not rig.queued(), "300 delivered")
+    assert sorted(c[0].queue_id for c in rig.courier.calls) == sorted(ids)
