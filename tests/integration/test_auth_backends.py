@@ -1,0 +1,406 @@
+"""saslauthd and Dovecot auth backends against the real daemons, on private sockets.
+
+saslauthd's sasldb mechanism always reads /etc/sasldb2 (its path is compiled in), so the
+test runs saslauthd in a private mount namespace where a test-made sasldb is bind-mounted
+over /etc/sasldb2: the host's file is never touched. Dovecot runs with a private config
+(base_dir in a temp dir, passwd-file passdb, no protocols) exposing only auth-client.
+
+Also: a backend that is down, never answers, or answers garbage gives BackendUnavailable
+(TEMPFAIL from the Authenticator) within the timeout, never a hang or a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from authrelay.auth.authenticator import AuthResult, make_authenticator
+from authrelay.auth.backends import BackendUnavailable, DovecotBackend, SaslauthdBackend
+from authrelay.config import from_dict
+
+USERS = {  # name -> password; "user@realm" is stored in sasldb under that realm
+    "alice": "s3cret",
+    "bob@example.org": "pässwörd with spaces",
+}
+
+
+def _wait_for_socket(path: Path, proc: subprocess.Popen, what: str, log: Path) -> None:
+    """Start-up wait (not an assertion on timing): until the socket accepts."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited {proc.returncode}: {log.read_text()[-2000:]}")
+        if path.exists():
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(str(path))
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start: {log.read_text()[-2000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the daemon we started: its own process group (start_new_session)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+# ----------------------------------------------------------------------------- saslauthd
+
+@pytest.fixture(scope="module")
+def saslauthd() -> Iterator[Path]:
+    for tool in ("saslauthd", "saslpasswd2", "unshare"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            pytest.skip(f"{tool} not installed (apt-get install sasl2-bin)")
+    if os.geteuid() != 0:
+        pytest.skip("saslauthd test needs root for its private mount namespace")
+    if not Path("/etc/sasldb2").exists():
+        pytest.skip("/etc/sasldb2 missing: nothing to bind-mount the test sasldb over")
+    tmp = Path(tempfile.mkdtemp(prefix="ar-sasl-"))
+    db = tmp / "sasldb2"
+    for user, pw in USERS.items():
+        name, _, realm = user.rpartition("@")
+        args = ["saslpasswd2", "-f", str(db), "-p", "-c"]
+        args += ["-u", realm, name] if name else [user]
+        subprocess.run(args, input=pw.encode(), check=True, timeout=30)
+    mux = tmp / "mux"
+    mux.mkdir()
+    log = tmp / "saslauthd.log"
+    script = (f"mount --bind {db} /etc/sasldb2 && "
+              f"exec saslauthd -a sasldb -m {mux} -n 1 -d")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                 script], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_socket(mux / "mux", proc, "saslauthd", log)
+        yield mux / "mux"
+    finally:
+        _stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def test_saslauthd_accepts_and_rejects(saslauthd: Path) -> None:
+    be = SaslauthdBackend(str(saslauthd), timeout=10)
+    assert await be.check("alice", "s3cret") is True
+    assert await be.check("alice", "S3cret") is False
+    assert await be.check("nobody", "s3cret") is False
+    # user@realm: sent as login + realm, like the Cyrus library does.
+    assert await be.check("bob@example.org", "pässwörd with spaces") is True
+    assert await be.check("bob@example.net", "pässwörd with spaces") is False
+
+
+async def test_saslauthd_concurrent_checks(saslauthd: Path) -> None:
+    be = SaslauthdBackend(str(saslauthd), timeout=20)
+    results = await asyncio.gather(*(be.check("alice", "s3cret" if i % 2 else "no")
+                                     for i in range(8)))
+    assert results == [bool(i % 2) for i in range(8)]
+
+
+async def test_saslauthd_via_authenticator(saslauthd: Path) -> None:
+    auth = make_authenticator(from_dict({"auth": {"backend": f"saslauthd:{saslauthd}"}}))
+    try:
+        assert await auth.verify("alice", "s3cret") is AuthResult.OK
+        assert await auth.verify("alice", "wrong") is AuthResult.BAD
+        assert auth.addresses("bob@example.org") == {"bob@example.org"}
+    finally:
+        auth.close()
+
+
+# ----------------------------------------------------------------------------- Dovecot
+
+DOVECOT_CONF = """\
+base_dir = {tmp}/run
+state_dir = {tmp}/state
+log_path = {tmp}/dovecot.log
+instance_name = authrelay-test-{pid}
+protocols =
+ssl = no
+disable_plaintext_auth = yes
+auth_mechanisms = plain login
+auth_failure_delay = 0
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {tmp}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid=65534 gid=65534 home=/nonexistent
+}}
+service auth {{
+  {auth_user}
+  unix_listener auth-client {{
+    mode = 0600
+  }}
+}}
+{extra}
+"""
+
+
+@pytest.fixture(scope="module")
+def dovecot() -> Iterator[Path]:
+    binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
+    if not Path(binary).exists():
+        pytest.skip("dovecot not installed (apt-get install dovecot-core)")
+    tmp = Path(tempfile.mkdtemp(prefix="ar-dc-"))
+    (tmp / "run").mkdir()
+    (tmp / "state").mkdir()
+    (tmp / "passwd").write_text("".join(f"{u}:{{PLAIN}}{p}\n" for u, p in USERS.items()))
+    if os.geteuid() == 0:
+        auth_user, extra = "user = root", ""
+    else:  # unprivileged: every Dovecot process runs as us
+        import getpass
+
+        me = getpass.getuser()
+        auth_user = ""
+        extra = f"default_internal_user = {me}\ndefault_login_user = {me}\n"
+    conf = tmp / "dovecot.conf"
+    conf.write_text(DOVECOT_CONF.format(tmp=tmp, pid=os.getpid(), auth_user=auth_user,
+                                        extra=extra))
+    log = tmp / "stdout.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([binary, "-F", "-c", str(conf)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        sock = tmp / "run" / "auth-client"
+        _wait_for_socket(sock, proc, "dovecot", log)
+        yield sock
+    finally:
+        _stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def test_dovecot_accepts_and_rejects(dovecot: Path) -> None:
+    be = DovecotBackend(str(dovecot), timeout=10)
+    # disable_plaintext_auth = yes: accepted only because we say the session is secured.
+    assert await be.check("alice", "s3cret") is True
+    assert await be.check("alice", "wrong") is False
+    assert await be.check("nobody", "s3cret") is False
+    assert await be.check("bob@example.org", "pässwörd with spaces") is True
+
+
+async def test_dovecot_user_with_tab_cannot_inject_fields(dovecot: Path) -> None:
+    # The credentials travel base64-encoded: a tab in them is data, not a field separator.
+    be = DovecotBackend(str(dovecot), timeout=10)
+    assert await be.check("alice\tuser=bob@example.org", "s3cret") is False
+
+
+async def test_dovecot_concurrent_checks(dovecot: Path) -> None:
+    be = DovecotBackend(str(dovecot), timeout=20)
+    results = await asyncio.gather(*(be.check("alice", "s3cret" if i % 2 else "no")
+                                     for i in range(10)))
+    assert results == [bool(i % 2) for i in range(10)]
+
+
+async def test_dovecot_via_authenticator(dovecot: Path) -> None:
+    auth = make_authenticator(from_dict({"auth": {"backend": f"dovecot:{dovecot}"}}))
+    try:
+        assert await auth.verify("bob@example.org", "pässwörd with spaces") is AuthResult.OK
+        assert await auth.verify("bob@example.org", "pässwörd") is AuthResult.BAD
+        assert auth.addresses("alice") == set()
+    finally:
+        auth.close()
+
+
+# ----------------------------------------------------------------------------- down / garbled
+
+BACKENDS = [SaslauthdBackend, DovecotBackend]
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="ar-be-"))  # short: unix socket paths are limited
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
+    return await asyncio.start_unix_server(handler, path=str(path))
+
+
+async def _expect_unavailable(be: SaslauthdBackend | DovecotBackend) -> None:
+    # The outer guard only keeps a broken implementation from hanging the suite.
+    async with asyncio.timeout(30):
+        with pytest.raises(BackendUnavailable):
+            await be.check("alice", "s3cret")
+
+
+@pytest.mark.parametrize("cls", BACKENDS)
+async def test_missing_socket(cls, sockdir: Path) -> None:
+    await _expect_unavailable(cls(str(sockdir / "does-not-exist"), timeout=1))
+
+
+@pytest.mark.parametrize("cls", BACKENDS)
+async def test_not_a_socket(cls, sockdir: Path) -> None:
+    (sockdir / "file").write_text("x")
+    await _expect_unavailable(cls(str(sockdir / "file"), timeout=1))
+
+
+@pytest.mark.parametrize("cls", BACKENDS)
+async def test_socket_that_never_answers(cls, sockdir: Path) -> None:
+    held: list[asyncio.StreamWriter] = []
+    release = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await release.wait()  # accept, read nothing, answer nothing
+        writer.close()
+
+    srv = await _serve(sockdir / "s", silent)
+    try:
+        await _expect_unavailable(cls(str(sockdir / "s"), timeout=0.3))
+        assert held  # it really connected and then timed out
+    finally:
+        release.set()
+        srv.close()
+        await srv.wait_closed()
+
+
+@pytest.mark.parametrize("cls", BACKENDS)
+async def test_socket_that_closes_at_once(cls, sockdir: Path) -> None:
+    async def rude(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    srv = await _serve(sockdir / "s", rude)
+    try:
+        await _expect_unavailable(cls(str(sockdir / "s"), timeout=5))
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+def _saslauthd_answer(answer: bytes) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(4):  # login, password, service, realm
+            n = int.from_bytes(await reader.readexactly(2), "big")
+            await reader.readexactly(n)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+    return handler
+
+
+@pytest.mark.parametrize("answer", [
+    b"\x00\x05MAYBE",          # neither OK nor NO
+    b"\x00\x10OK",             # length longer than what follows
+    b"\x00",                   # half a length
+])
+async def test_saslauthd_garbled(answer: bytes, sockdir: Path) -> None:
+    srv = await _serve(sockdir / "s", _saslauthd_answer(answer))
+    try:
+        await _expect_unavailable(SaslauthdBackend(str(sockdir / "s"), timeout=5))
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_saslauthd_wire_format(sockdir: Path) -> None:
+    seen: list[list[bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        fields = []
+        for _ in range(4):
+            n = int.from_bytes(await reader.readexactly(2), "big")
+            fields.append(await reader.readexactly(n))
+        seen.append(fields)
+        writer.write(b"\x00\x02NO")
+        await writer.drain()
+        writer.close()
+
+    srv = await _serve(sockdir / "s", handler)
+    try:
+        be = SaslauthdBackend(str(sockdir / "s"), timeout=5)
+        assert await be.check("bob@example.org", "pw") is False
+        assert await be.check("alice", "p\u00e4") is False
+    finally:
+        srv.close()
+        await srv.wait_closed()
+    assert seen == [[b"bob", b"pw", b"smtp", b"example.org"],
+                    [b"alice", "p\u00e4".encode(), b"smtp", b""]]
+
+
+_DOVECOT_HELLO = (b"VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nSPID\t1\nCUID\t1\n"
+                  b"COOKIE\t00\nDONE\n")
+
+
+def _dovecot_answer(hello: bytes, answer: bytes | None) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(hello)
+        await reader.readuntil(b"\n")  # VERSION
+        await reader.readuntil(b"\n")  # CPID
+        if answer is not None:
+            line = await reader.readuntil(b"\n")
+            req_id = line.split(b"\t")[1]
+            writer.write(answer.replace(b"{id}", req_id))
+        await writer.drain()
+        writer.close()
+    return handler
+
+
+@pytest.mark.parametrize("hello,answer", [
+    (b"HELLO\n", None),                                           # not Dovecot
+    (b"VERSION\t2\t0\n" + _DOVECOT_HELLO[13:], None),             # other major version
+    (_DOVECOT_HELLO.replace(b"MECH\tPLAIN", b"MECH\tCRAM-MD5"), None),  # PLAIN disabled
+    (_DOVECOT_HELLO, b"FAIL\t{id}\tuser=alice\ttemp\n"),          # temporary failure
+    (_DOVECOT_HELLO, b"FAIL\t{id}\tcode=temp_fail\n"),
+    (_DOVECOT_HELLO, b"CONT\t{id}\t\n"),                          # PLAIN needs one step
+    (_DOVECOT_HELLO, b"WHAT\t{id}\n"),
+    (_DOVECOT_HELLO, b"OK\t{id}" + b"x" * 70000 + b"\n"),         # oversized line
+    (_DOVECOT_HELLO, b"OK\t{id}\xff\xfe\n"),                      # not UTF-8
+    (_DOVECOT_HELLO, b""),                                        # closes before answering
+])
+async def test_dovecot_garbled(hello: bytes, answer: bytes | None, sockdir: Path) -> None:
+    srv = await _serve(sockdir / "s", _dovecot_answer(hello, answer))
+    try:
+        await _expect_unavailable(DovecotBackend(str(sockdir / "s"), timeout=5))
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_dovecot_answer_for_our_id_only(sockdir: Path) -> None:
+    # A line for another request id is skipped; ours decides.
+    srv = await _serve(sockdir / "s", _dovecot_answer(
+        _DOVECOT_HELLO, b"OK\t999999\tuser=x\nFAIL\t{id}\tuser=alice\n"))
+    try:
+        assert await DovecotBackend(str(sockdir / "s"), timeout=5).check("alice", "x") is False
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+@pytest.mark.parametrize("kind", ["saslauthd", "dovecot"])
+async def test_authenticator_tempfails_when_backend_down(kind: str, sockdir: Path) -> None:
+    cfg = from_dict({"auth": {"backend": f"{kind}:{sockdir / 'gone'}",
+                              "backend_timeout": "1s"}})
+    auth = make_authenticator(cfg)
+    try:
+        assert await auth.verify("alice", "s3cret") is AuthResult.TEMPFAIL
+    finally:
+        auth.close()
