@@ -1,0 +1,100 @@
+"""Pure delivery helpers: route keys, MX ordering, address literals, CRLF normalisation,
+reply parsing. No I/O."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from authrelay.config import from_dict
+from authrelay.delivery.client import normalize_crlf, reply_result
+from authrelay.delivery.mx import RouteError, order_mx, parse_literal
+from authrelay.delivery.router import route_key
+
+MX_CFG = from_dict({})
+SMART_CFG = from_dict({"relay": {"smart_host": ["smtp.example.org:587"]}})
+
+
+@pytest.mark.parametrize("address,key", [
+    ("bob@Example.ORG", "example.org"),
+    ("bob@example.org.", "example.org"),
+    ('"a@b"@Example.net', "example.net"),  # quoted local part containing "@"
+    ("bob@[192.0.2.1]", "[192.0.2.1]"),
+    ("bob@[IPv6:2001:DB8::1]", "[IPv6:2001:DB8::1]"),  # literal kept as is
+    ("bob@bücher.example", "bücher.example"),
+])
+def test_route_key_by_domain(address: str, key: str) -> None:
+    assert route_key(MX_CFG, address) == key
+
+
+def test_route_key_smarthost() -> None:
+    assert route_key(SMART_CFG, "bob@example.org") == "smarthost"
+    assert route_key(SMART_CFG, "bob@[192.0.2.1]") == "smarthost"
+
+
+def test_order_mx_by_preference_shuffled_among_equals() -> None:
+    records = [(20, "c"), (10, "a"), (10, "b"), (30, "d"), (10, "a")]
+    seen = set()
+    for seed in range(50):
+        order = order_mx(list(records), random.Random(seed))
+        assert sorted(order[:2]) == ["a", "b"] and order[2:] == ["c", "d"]
+        seen.add(tuple(order[:2]))
+    assert seen == {("a", "b"), ("b", "a")}  # both orders occur: load is spread
+
+
+@pytest.mark.parametrize("literal,ip", [
+    ("[192.0.2.1]", "192.0.2.1"),
+    ("[IPv6:2001:db8::1]", "2001:db8::1"),
+    ("[ipv6:::1]", "::1"),
+    ("example.org", None),
+])
+def test_parse_literal(literal: str, ip: str | None) -> None:
+    assert parse_literal(literal) == ip
+
+
+@pytest.mark.parametrize("bad", ["[300.1.1.1]", "[2001:db8::1]", "[IPv6:192.0.2.1]", "[x]"])
+def test_parse_literal_invalid_is_permanent(bad: str) -> None:
+    with pytest.raises(RouteError) as e:
+        parse_literal(bad)
+    assert e.value.result.permanent and e.value.result.enhanced == "5.1.2"
+
+
+def test_normalize_crlf_examples() -> None:
+    assert normalize_crlf(b"a\r\nb\r\n") == b"a\r\nb\r\n"
+    assert normalize_crlf(b"a\nb\rc\r\r\nd") == b"a\r\nb\r\nc\r\n\r\nd\r\n"
+    assert normalize_crlf(b"") == b""
+
+
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"x y", b"\xc3\xa9"]),
+                max_size=60))
+def test_normalize_crlf_never_leaves_bare_cr_or_lf(parts: list[bytes]) -> None:
+    data = b"".join(parts)
+    out = normalize_crlf(data)
+    assert not _BARE.search(out)
+    assert out == b"" or out.endswith(b"\r\n")
+    # Only line ends change: the text between them is kept.
+    assert out.replace(b"\r\n", b"") == data.replace(b"\r\n", b"").replace(
+        b"\r", b"").replace(b"\n", b"")
+    assert normalize_crlf(out) == out
+
+
+@pytest.mark.parametrize("code,msg,enhanced,text,permanent,ok", [
+    (250, "2.0.0 Ok: queued as X", "2.0.0", "Ok: queued as X", False, True),
+    (250, "Ok", "2.0.0", "Ok", False, True),
+    (550, "5.1.1 no such\nuser", "5.1.1", "no such user", True, False),
+    (451, "4.3.0 try later", "4.3.0", "try later", False, False),
+    (450, "5.1.1 mismatched class", "4.0.0", "5.1.1 mismatched class", False, False),
+])
+def test_reply_result(code: int, msg: str, enhanced: str, text: str, permanent: bool,
+                      ok: bool) -> None:
+    r = reply_result(code, msg, "mx [192.0.2.1]:25")
+    assert (r.code, r.enhanced, r.text, r.permanent, r.ok) == \
+        (code, enhanced, text, permanent, ok)
+    assert r.remote == "mx [192.0.2.1]:25"
