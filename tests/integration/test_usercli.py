@@ -1,0 +1,199 @@
+"""`authrelay user ...` as a real subprocess, and a running Authenticator seeing its edits."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import select
+import stat
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from authrelay.auth import passwords
+from authrelay.auth.authenticator import AuthResult, UserDBAuthenticator
+from authrelay.auth.userdb import UserDB
+
+
+@pytest.fixture
+def conf(tmp_path: Path) -> Path:
+    p = tmp_path / "authrelay.toml"
+    p.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    return p
+
+
+def run(conf: Path, *args: str, stdin: str | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "authrelay"]
+    if conf is not None:
+        cmd += ["-c", str(conf)]
+    return subprocess.run(cmd + ["user", *args], input=stdin if stdin is not None else "",
+                          capture_output=True, text=True, timeout=60,
+                          env=env or dict(os.environ))
+
+
+def db_of(conf: Path) -> UserDB:
+    return UserDB(conf.parent / "state" / "users.db")
+
+
+def test_add_list_del(conf: Path) -> None:
+    r = run(conf, "add", "alice", "--password-stdin", "--address", "Alice@Example.org",
+            "--address", "a2@example.org", stdin="s3cret\n")
+    assert r.returncode == 0, r.stderr
+    state = conf.parent / "state"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "users.db").stat().st_mode) == 0o600
+    assert passwords.verify_password(db_of(conf).get_hash("alice"), "s3cret")
+
+    r = run(conf, "add", "bob@example.org", "--password-stdin", stdin="pw")  # no newline
+    assert r.returncode == 0, r.stderr
+
+    r = run(conf, "list")
+    assert r.returncode == 0
+    assert r.stdout.splitlines() == ["alice\ta2@example.org,alice@example.org",
+                                     "bob@example.org"]
+    r = run(conf, "list", "--json")
+    data = json.loads(r.stdout)
+    assert [(u["name"], u["addresses"]) for u in data] == [
+        ("alice", ["a2@example.org", "alice@example.org"]), ("bob@example.org", [])]
+    assert data[0]["created"].endswith("Z")
+    assert "s3cret" not in r.stdout and "argon2" not in r.stdout
+
+    r = run(conf, "del", "alice")
+    assert r.returncode == 0, r.stderr
+    assert [u.name for u in db_of(conf).list()] == ["bob@example.org"]
+
+
+def test_errors_exit_1_with_a_message(conf: Path) -> None:
+    assert run(conf, "add", "alice", "--password-stdin", stdin="pw\n").returncode == 0
+    cases = [
+        (("add", "alice", "--password-stdin"), "pw\n", "exists"),
+        (("del", "nobody"), "", "no user nobody"),
+        (("passwd", "nobody", "--password-stdin"), "pw\n", "no user nobody"),
+        (("add", "carol", "--password-stdin"), "", "no password"),
+        (("add", "carol", "--password-stdin"), "\n", "no password"),
+        (("add", "bad name", "--password-stdin"), "pw\n", "spaces"),
+        (("add", "dave", "--password-stdin", "--address", "not-an-address"), "pw\n",
+         "not an address"),
+        (("address", "add", "nobody", "n@example.org"), "", "no user nobody"),
+        (("address", "del", "alice", "x@example.org"), "", "does not have"),
+    ]
+    for args, stdin, message in cases:
+        r = run(conf, *args, stdin=stdin)
+        assert r.returncode == 1, (args, r.stdout, r.stderr)
+        assert message in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert [u.name for u in db_of(conf).list()] == ["alice"]
+
+
+def test_bad_config_is_an_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("nosuchkey = 1\n")
+    r = run(bad, "list")
+    assert r.returncode == 1
+    assert "nosuchkey" in r.stderr
+
+
+def test_config_from_environment(conf: Path) -> None:
+    env = dict(os.environ, AUTHRELAY_CONFIG=str(conf))
+    r = run(None, "add", "envuser", "--password-stdin", stdin="pw\n", env=env)
+    assert r.returncode == 0, r.stderr
+    assert db_of(conf).get_hash("envuser") is not None
+
+
+def test_password_stdin_strips_the_newline_only(conf: Path) -> None:
+    assert run(conf, "add", "alice", "--password-stdin",
+               stdin="  two  spaces  \nsecond line\n").returncode == 0
+    h = db_of(conf).get_hash("alice")
+    assert passwords.verify_password(h, "  two  spaces  ")
+    assert not passwords.verify_password(h, "two  spaces")
+
+
+def test_passwd_and_addresses(conf: Path) -> None:
+    assert run(conf, "add", "alice", "--password-stdin", stdin="old\n").returncode == 0
+    assert run(conf, "passwd", "alice", "--password-stdin", stdin="new\n").returncode == 0
+    h = db_of(conf).get_hash("alice")
+    assert passwords.verify_password(h, "new") and not passwords.verify_password(h, "old")
+    assert run(conf, "address", "add", "alice", "Sales@Example.org").returncode == 0
+    assert db_of(conf).addresses("alice") == {"sales@example.org"}
+    assert run(conf, "address", "del", "alice", "SALES@example.org").returncode == 0
+    assert db_of(conf).addresses("alice") == set()
+
+
+async def test_running_authenticator_sees_cli_changes(conf: Path) -> None:
+    assert run(conf, "add", "alice", "--password-stdin", stdin="old\n").returncode == 0
+    # A "server" holding the DB open with a long cache, as `authrelay serve` would.
+    auth = UserDBAuthenticator(db_of(conf), cache_ttl=3600)
+    try:
+        assert await auth.verify("alice", "old") is AuthResult.OK
+        assert run(conf, "passwd", "alice", "--password-stdin", stdin="new\n").returncode == 0
+        assert await auth.verify("alice", "old") is AuthResult.BAD
+        assert await auth.verify("alice", "new") is AuthResult.OK
+        assert run(conf, "address", "add", "alice", "a@example.org").returncode == 0
+        assert auth.addresses("alice") == {"a@example.org"}
+        assert run(conf, "del", "alice").returncode == 0
+        assert await auth.verify("alice", "new") is AuthResult.BAD
+        assert auth.addresses("alice") == set()
+    finally:
+        auth.close()
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def _run_on_tty(conf: Path, args: list[str], answers: list[str]) -> tuple[int, str]:
+    """Run with a pseudo-terminal as controlling tty, so getpass prompts really happen."""
+    master, slave = os.openpty()
+
+    def make_tty() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, "-m", "authrelay", "-c", str(conf), "user",
+                             *args], stdin=slave, stdout=slave, stderr=slave,
+                            preexec_fn=make_tty, close_fds=True)
+    os.close(slave)
+    out = b""
+    pending = list(answers)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+                # Answer each "Password...: " prompt once it is shown.
+                if pending and out.count(b"assword") > len(answers) - len(pending):
+                    os.write(master, pending.pop(0).encode() + b"\n")
+            elif proc.poll() is not None:
+                break
+        return proc.wait(30), out.decode(errors="replace")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_prompts_twice(conf: Path) -> None:
+    rc, out = _run_on_tty(conf, ["add", "alice"], ["tty-pw", "tty-pw"])
+    assert rc == 0, out
+    assert "Password (again):" in out
+    assert "tty-pw" not in out  # no echo
+    assert passwords.verify_password(db_of(conf).get_hash("alice"), "tty-pw")
+
+
+def test_prompt_mismatch_is_an_error(conf: Path) -> None:
+    rc, out = _run_on_tty(conf, ["add", "alice"], ["one", "two"])
+    assert rc == 1
+    assert "do not match" in out
+    assert db_of(conf).get_hash("alice") is None
