@@ -151,9 +151,8 @@ async def test_recover_moves_corrupt_files(spool: Spool) -> None:
     assert spool.scan() == [good]
     assert sorted(p.name for p in spool.corrupt_dir.iterdir()) == [
         "EMPTY1", "GARBAGE1", "TRUNC1", "TRUNC1.state"]
-    with pytest.raises(CorruptError):
-        with open(spool.corrupt_dir / "TRUNC1", "rb") as f:
-            store_mod.parse_header(f)
+    with pytest.raises(CorruptError), open(spool.corrupt_dir / "TRUNC1", "rb") as f:
+        store_mod.parse_header(f)
 
 
 async def test_unknown_version_refused_not_deleted(spool: Spool) -> None:

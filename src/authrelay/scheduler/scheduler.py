@@ -586,6 +586,7 @@ class Scheduler:
                 elif op == "release":
                     await self._io(self.spool.release, qid)
                     self._ignored.discard(qid)
+                    self._forced.add(qid)  # released mail is tried now, not after back-off
                     self._schedule(qid, 0.0, fresh=True)
                     self.maillog.event(qid, status="released")
                 else:

@@ -1,0 +1,206 @@
+"""`authrelay queue ...` as a subprocess: on a spool with no server, and against a running
+Scheduler (control socket) in this test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from authrelay.scheduler import control
+from authrelay.scheduler.scheduler import Scheduler
+from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+from authrelay.spool.store import Spool
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_scheduler import TEMP, FakeCourier, ListLog, until  # noqa: E402
+
+BODY = b"From: a@a.example\r\nSubject: queue test\r\n\r\nhello\r\n"
+
+
+@pytest.fixture
+def site() -> Iterator[tuple[Path, Spool]]:
+    d = Path(tempfile.mkdtemp(prefix="arc", dir="/tmp"))
+    cfgfile = d / "authrelay.toml"
+    cfgfile.write_text(f'hostname = "relay.test"\nstate_dir = "{d}"\n'
+                       '[delivery]\nretry = ["1h"]\ndelay_warning = 0\n')
+    spool = Spool(d / "spool")
+    spool.ensure_dirs()
+    yield cfgfile, spool
+    spool.close()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+async def put(spool: Spool, rcpts: list[str], sender: str = "a@a.example") -> str:
+    env = Envelope(queue_id=new_queue_id(), sender=sender,
+                   recipients=[Recipient(r) for r in rcpts])
+    inc = spool.begin(env)
+    inc.write(BODY)
+    await inc.commit()
+    return inc.queue_id
+
+
+def cli(cfgfile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "AUTHRELAY_CONFIG"}
+    return subprocess.run([sys.executable, "-m", "authrelay", "-c", str(cfgfile), "queue", *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+async def acli(cfgfile: Path, *args: str) -> tuple[int, str, str]:
+    """The CLI without blocking the loop the scheduler runs on."""
+    env = {k: v for k, v in os.environ.items() if k != "AUTHRELAY_CONFIG"}
+    p = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "authrelay", "-c", str(cfgfile), "queue", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    out, err = await p.communicate()
+    assert p.returncode is not None
+    return p.returncode, out.decode(), err.decode()
+
+
+def listing(cfgfile: Path) -> dict[str, dict]:
+    r = cli(cfgfile, "list", "--json")
+    assert r.returncode == 0, r.stderr
+    return {rec["id"]: rec for rec in json.loads(r.stdout)}
+
+
+async def test_offline_list_show_hold_release_delete(site: tuple[Path, Spool]) -> None:
+    cfgfile, spool = site
+    q1 = await put(spool, ["x@b.example", "y@b.example"])
+    q2 = await put(spool, ["z@c.example"])
+    env = spool.load(q2)
+    env.recipients[0].attempts = 2
+    env.recipients[0].last_code = 451
+    env.recipients[0].last_reply = "451 4.4.1 connection refused"
+    env.recipients[0].next_attempt = time.time() + 3600
+    spool.save_state(env)
+
+    recs = listing(cfgfile)
+    assert set(recs) == {q1, q2}
+    assert recs[q1]["state"] == "active" and recs[q2]["state"] == "deferred"
+    assert recs[q2]["last_error"] == "451 4.4.1 connection refused"
+    assert recs[q1]["sender"] == "a@a.example" and recs[q1]["size"] == len(BODY)
+    assert [r["address"] for r in recs[q1]["recipients"]] == ["x@b.example", "y@b.example"]
+    assert recs[q1]["arrival"].endswith("Z")
+
+    text = cli(cfgfile, "list")
+    assert q1 in text.stdout and "connection refused" in text.stdout
+    assert "2 requests" in text.stdout
+
+    show = cli(cfgfile, "show", q1)
+    assert show.returncode == 0
+    assert "Subject: queue test" in show.stdout and "<x@b.example>" in show.stdout
+
+    assert cli(cfgfile, "hold", q1).returncode == 0
+    assert spool.held() == [q1]
+    assert listing(cfgfile)[q1]["state"] == "held"
+    assert cli(cfgfile, "release", q1).returncode == 0
+    assert spool.held() == [] and q1 in spool.scan()
+
+    # Offline flush: due at the next start.
+    assert cli(cfgfile, "flush", q2).returncode == 0
+    assert spool.load(q2).recipients[0].next_attempt == 0
+
+    r = cli(cfgfile, "delete", q1)
+    assert r.returncode == 0 and f"{q1}: deleted" in r.stdout
+    assert spool.scan() == [q2]
+    missing = cli(cfgfile, "delete", q1)
+    assert missing.returncode == 1 and "not in the queue" in missing.stderr
+    assert cli(cfgfile, "show", "NOSUCHID").returncode == 1
+
+    spool.hold(q2)
+    await put(spool, ["w@b.example"])
+    assert cli(cfgfile, "delete", "--all").returncode == 0
+    assert spool.scan() == [] and spool.held() == []
+    assert cli(cfgfile, "list").stdout.strip() == "Mail queue is empty"
+
+
+async def test_offline_edit_refused_when_scheduler_lock_held(site: tuple[Path, Spool]) -> None:
+    cfgfile, spool = site
+    qid = await put(spool, ["x@b.example"])
+    fd = control.acquire_scheduler_lock(spool)  # a scheduler without a control socket
+    try:
+        r = cli(cfgfile, "hold", qid)
+    finally:
+        control.release_scheduler_lock(fd)
+    assert r.returncode == 1 and "lock" in r.stderr
+    assert spool.held() == []
+
+
+async def test_cli_against_running_scheduler(site: tuple[Path, Spool]) -> None:
+    cfgfile, spool = site
+    from authrelay.config import load
+
+    cfg = load(str(cfgfile))
+    courier = FakeCourier()
+    log = ListLog()
+    sched = Scheduler(cfg, spool, courier, log)
+    await sched.start()
+    try:
+        # 1. A deferred message: flush delivers it now, ignoring the 1h back-off.
+        courier.script["d@b.example"] = [TEMP]
+        qd = await put(spool, ["d@b.example"])
+        await until(lambda: log.grep(qd, "Deferred"), "deferral")
+        await until(lambda: not sched.active, "idle")
+        rc, out, err = await acli(cfgfile, "list", "--json")
+        assert rc == 0, err
+        assert {r["id"]: r["state"] for r in json.loads(out)}[qd] == "deferred"
+        rc, out, _ = await acli(cfgfile, "flush", qd)
+        assert rc == 0 and f"{qd}: flushed" in out
+        await until(lambda: qd not in spool.scan(), "flushed delivery")
+        assert len(courier.calls_for("d@b.example")) == 2
+
+        # 2. Hold while a delivery is in flight: done after that attempt ends, no race.
+        gate = courier.gates["slow.example"] = asyncio.Event()
+        courier.script["s@slow.example"] = [TEMP]
+        qs = await put(spool, ["s@slow.example"])
+        await until(lambda: qs in sched.active and courier.calls_for("s@slow.example"),
+                    "in flight")
+        rc, out, _ = await acli(cfgfile, "list", "--json")
+        assert {r["id"]: r["state"] for r in json.loads(out)}[qs] == "active"
+        hold = asyncio.create_task(acli(cfgfile, "hold", qs))
+        await asyncio.sleep(0.5)  # let the CLI reach the scheduler (passes either way)
+        assert not hold.done()  # it cannot finish while the delivery is in flight
+        gate.set()
+        rc, out, err = await hold
+        assert rc == 0, err
+        assert spool.held() == [qs] and qs not in spool.scan()
+        assert spool.load(qs).recipients[0].attempts == 1  # the attempt's state was kept
+        sched.flush(qs)  # held mail is skipped even when asked
+        await until(lambda: not sched.active, "idle")
+        assert len(courier.calls_for("s@slow.example")) == 1
+
+        # 3. Release: delivered at once.
+        rc, _, _ = await acli(cfgfile, "release", qs)
+        assert rc == 0
+        await until(lambda: not spool.scan() and not spool.held(), "released delivery")
+        assert len(courier.calls_for("s@slow.example")) == 2
+
+        # 4. Delete through the scheduler, single and --all (held included).
+        courier.script["z@b.example"] = [TEMP]
+        courier.script["y@b.example"] = [TEMP]
+        qz = await put(spool, ["z@b.example"])
+        qy = await put(spool, ["y@b.example"])
+        await until(lambda: log.grep(qz, "Deferred") and log.grep(qy, "Deferred"), "defer")
+        rc, _, _ = await acli(cfgfile, "hold", qy)
+        assert rc == 0 and spool.held() == [qy]
+        rc, out, _ = await acli(cfgfile, "delete", qz)
+        assert rc == 0 and f"{qz}: deleted" in out
+        assert log.grep(qz, "status=removed", "by=operator")
+        rc, out, _ = await acli(cfgfile, "delete", "--all")
+        assert rc == 0 and f"{qy}: deleted" in out
+        assert not spool.scan() and not spool.held()
+        rc, _, err = await acli(cfgfile, "hold", qz)
+        assert rc == 1 and "not in the queue" in err
+    finally:
+        for g in courier.gates.values():
+            g.set()
+        await sched.stop()
