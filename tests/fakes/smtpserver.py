@@ -9,6 +9,7 @@ real authrelay process, can talk to it). Options:
 - `greeting`: e.g. "421 4.3.2 busy": sent instead of 220, then the connection is closed
 - `mail_reply`, `data_reply`: a reply to give instead of 250
 - `rcpt_replies`: {"address": "550 5.1.1 no such user"}: per-recipient refusals
+- `data_delay`: seconds to wait before answering the final dot (timeout tests)
 - `size_limit`: the SIZE announced (and enforced); `smtputf8`: announce SMTPUTF8
 
 Records, thread-safely readable after the client got its reply:
@@ -101,6 +102,8 @@ class _Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.fake.data_delay:
+            await asyncio.sleep(self.fake.data_delay)
         if self.fake.data_reply:
             return self.fake.data_reply
         assert isinstance(server, _RecordingSMTP)
@@ -130,6 +133,7 @@ class FakeSMTPServer:
                  mail_reply: str | None = None,
                  data_reply: str | None = None,
                  rcpt_replies: dict[str, str] | None = None,
+                 data_delay: float = 0.0,
                  size_limit: int = 33554432,
                  smtputf8: bool = True,
                  hostname: str = "fake.test") -> None:
@@ -142,6 +146,7 @@ class FakeSMTPServer:
         self.mail_reply = mail_reply
         self.data_reply = data_reply
         self.rcpt_replies = {k.lower(): v for k, v in (rcpt_replies or {}).items()}
+        self.data_delay = data_delay
         self.size_limit = size_limit
         self.smtputf8 = smtputf8
         self.hostname = hostname

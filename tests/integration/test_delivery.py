@@ -459,3 +459,61 @@ async def test_smart_host_implicit_tls(tmp_path: Path, dns: FakeDNSServer,
                      envelope("x@far.test"))
     assert res["x@far.test"].ok, res
     assert sh.messages[0].auth_user == "relayuser"
+
+
+# --------------------------------------------------------------------------- more session
+
+async def test_null_sender(tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port),
+                     envelope("bob@example.test", sender=""))
+    assert res["bob@example.test"].ok
+    assert b"MAIL FROM:<> SIZE=" in mx.wire[0]
+
+
+async def test_data_timeout_is_temporary(tmp_path: Path, dns: FakeDNSServer,
+                                         fake_mx: MXFactory) -> None:
+    fake_mx("127.0.0.2", data_delay=5)
+    dns.update({"example.test": {"MX": [(10, "mx1.example.test")]}})
+    cfg = make_cfg(tmp_path, dns, fake_mx.port, data_timeout="0.3s")
+    r = (await send(cfg, envelope("bob@example.test")))["bob@example.test"]
+    assert (r.permanent, r.enhanced) == (False, "4.4.2") and "DATA" in r.text
+
+
+async def test_concurrent_deliveries_then_shared_pool(tmp_path: Path, dns: FakeDNSServer,
+                                                      fake_mx: MXFactory) -> None:
+    import asyncio
+
+    mx = fake_mx("127.0.0.2", data_delay=1)  # the first still busy when the second starts
+    # Two domains whose MX is the same host share its cached connections.
+    dns.update({"other.test": {"MX": [(10, "mx1.example.test")]}})
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    try:
+        envs = [envelope("a@example.test"), envelope("b@other.test")]
+        results = await asyncio.gather(*(courier.deliver(e, e.recipients, MSG) for e in envs))
+        assert all(r.ok for res in results for r in res.values())
+        assert mx.connections == 2  # in flight at once: one connection each
+        mx.data_delay = 0
+        for e in envs:
+            assert (await courier.deliver(e, e.recipients, MSG))[e.recipients[0].address].ok
+        assert mx.connections == 2 and len(mx.messages) == 4  # later ones reused them
+    finally:
+        await courier.close()
+
+
+async def test_idle_connection_closed_after_idle_timeout(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    import asyncio
+
+    mx = fake_mx("127.0.0.2")
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port, idle_timeout="0.1s"))
+    env = envelope("bob@example.test")
+    assert (await courier.deliver(env, env.recipients, MSG))["bob@example.test"].ok
+    for _ in range(200):  # wait for the idle timer (no timing assertion: poll the outcome)
+        if mx.wire[0].endswith(b"QUIT\r\n"):
+            break
+        await asyncio.sleep(0.05)
+    assert mx.wire[0].endswith(b"QUIT\r\n")
+    assert (await courier.deliver(env, env.recipients, MSG))["bob@example.test"].ok
+    assert mx.connections == 2
+    await courier.close()
