@@ -226,6 +226,18 @@ class Scheduler:
     def active(self) -> list[str]:
         return sorted(self._active)
 
+    def stats(self) -> dict[str, int]:
+        """For metrics: messages in the active set, deliveries in flight, scheduled."""
+        return {"active": len(self._active), "deliveries": self._running,
+                "scheduled": len(self._token), "destinations": len(self._dest_running)}
+
+    def reload(self, cfg: Config) -> None:
+        """SIGHUP: new limits and retry settings apply to the next decisions."""
+        self.cfg = cfg
+        self.concurrency = max(1, cfg.delivery.concurrency)
+        self.per_destination = max(1, cfg.delivery.concurrency_per_domain)
+        self._pump()
+
     # ------------------------------------------------------------------ queueing
     def _notify(self, qid: str) -> None:
         if not is_queue_id(qid) or qid in self._active or qid in self._ignored:

@@ -253,6 +253,7 @@ class Spool:
                 self.on_commit(queue_id)
             except Exception:  # a scheduler bug must not fail an accepted message
                 log.exception("%s: on_commit hook failed", queue_id)
+            return  # the scheduler is in this process (it holds the spool lock): no datagram
         try:
             if self._notify_sock is None:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
