@@ -77,7 +77,14 @@ class Resolver:
                 for h, p in (_parse_nameserver(ns) for ns in nameservers)
             ]
         else:
-            r = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+            try:
+                r = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+            except dns.resolver.NoResolverConfiguration:
+                # No resolv.conf (minimal container): a local resolver is the only guess;
+                # lookups then fail as temporary, so mail waits instead of bouncing.
+                log.warning("no system resolver configuration; using 127.0.0.1:53")
+                r = dns.asyncresolver.Resolver(configure=False)
+                r.nameservers = ["127.0.0.1"]
         r.lifetime = timeout
         # Per-try timeout: leave room for a retry (and TCP fallback on truncation).
         r.timeout = max(0.5, timeout / 3)

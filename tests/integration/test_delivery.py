@@ -517,3 +517,26 @@ async def test_idle_connection_closed_after_idle_timeout(
     assert (await courier.deliver(env, env.recipients, MSG))["bob@example.test"].ok
     assert mx.connections == 2
     await courier.close()
+
+
+async def test_smart_host_auth_login_only(tmp_path: Path, dns: FakeDNSServer,
+                                          fake_mx: MXFactory, trustme_ca: Any,
+                                          trustme_ca_file: Path) -> None:
+    sh = fake_mx("127.0.0.2", starttls_context=server_tls_context(trustme_ca, "127.0.0.2"),
+                 users={"relayuser": "s3cret pass"}, auth_exclude=["PLAIN"])
+    res = await send(smart_cfg(tmp_path, dns, [sh.address], trustme_ca_file),
+                     envelope("x@far.test"))
+    assert res["x@far.test"].ok, res
+    assert b"AUTH LOGIN" in sh.wire[0] and sh.messages[0].auth_user == "relayuser"
+
+
+async def test_large_message_with_bare_lf(tmp_path: Path, dns: FakeDNSServer,
+                                          fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    body = b"".join(b"%06d " % i + b"x" * 60 + (b"\n" if i % 2 else b"\r\n")
+                    for i in range(40000))  # ~2.7 MB, half the lines with bare LF
+    msg = b"Subject: big\r\n\r\n" + body + b".\n"
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), envelope("bob@example.test"), msg)
+    assert res["bob@example.test"].ok
+    assert mx.messages[0].content == normalize_crlf(msg)
+    assert bare_line_ends(mx.wire[0]) == []

@@ -23,7 +23,12 @@ Failure policy (codes per RFC 3463):
   the mail is kept). The password is read from `smart_host_password_file` per connection
   and never logged.
 - Message larger than the peer's SIZE: permanent 552 5.3.4 (RFC 1870).
-- UTF-8 address but the peer lacks SMTPUTF8: permanent 553 5.6.7 (RFC 6531 3.5).
+- UTF-8 address but the peer lacks SMTPUTF8: permanent 553 5.6.7 (RFC 6531 3.5), for
+  that recipient only (or all, for a UTF-8 sender). A message flagged SMTPUTF8 whose
+  addresses are all ASCII goes to such a peer without the parameter (as Postfix does).
+  BODY=8BITMIME is passed when the envelope says 8bit and the peer offers it.
+- Smart host with `smart_host_tls = "none"` and a user: AUTH goes in plain text (the
+  operator asked for it, e.g. over a tunnel); with "starttls" it is never sent before TLS.
 - Lost connection after DATA was sent: transient for the accepted recipients and no
   other host is tried (the message may have arrived; at-least-once, never lost).
 
