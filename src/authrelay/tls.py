@@ -117,7 +117,13 @@ def server_context(cfg: Config) -> ssl.SSLContext:
 
 
 class CertStore:
-    """Holds the current server context; `reload()` on SIGHUP swaps in a renewed cert."""
+    """Holds the live server context; `reload()` on SIGHUP loads a renewed certificate.
+
+    The context object itself never changes (listeners with implicit TLS hold it): reload
+    first proves the new files load in a scratch context, then loads them into the live
+    one, so the next handshake uses the new certificate and established sessions keep
+    theirs. On any error the old certificate stays in use.
+    """
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -126,7 +132,8 @@ class CertStore:
     def reload(self, cfg: Config | None = None) -> None:
         if cfg is not None:
             self.cfg = cfg
-        self.context = server_context(self.cfg)  # raises: the old context stays in use
+        server_context(self.cfg)  # raises on a bad/missing/world-readable file
+        self.context.load_cert_chain(str(self.cfg.cert_path), str(self.cfg.key_path))
 
 
 def _cmd_cert_make(args: argparse.Namespace) -> int:

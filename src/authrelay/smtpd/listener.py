@@ -65,6 +65,9 @@ class Connection(asyncio.Protocol):
         local = transport.get_extra_info("sockname") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
         self.local = (str(local[0]), int(local[1])) if isinstance(local, tuple) else ("", 0)
+        obj = transport.get_extra_info("ssl_object")
+        if obj is not None:  # implicit TLS (RFC 8314): the handshake is already done
+            self._set_tls_info(obj)
         self._on_connect(self)
 
     def data_received(self, data: bytes) -> None:
@@ -185,9 +188,7 @@ class Connection(asyncio.Protocol):
             raise Closed
         self.flush()
         loop = asyncio.get_running_loop()
-        if self._paused:
-            self._paused = False
-            self.transport.resume_reading()
+        self._paused = False
         try:
             new = await loop.start_tls(self.transport, self, ctx, server_side=True,
                                        ssl_handshake_timeout=timeout)
@@ -202,12 +203,15 @@ class Connection(asyncio.Protocol):
         self.transport = new
         obj = new.get_extra_info("ssl_object")
         if obj is not None:
-            cipher = obj.cipher()
-            if cipher:
-                bits = cipher[2]
-                self.tls_info = f"{obj.version()} with cipher {cipher[0]} ({bits}/{bits} bits)"
-            else:
-                self.tls_info = str(obj.version())
+            self._set_tls_info(obj)
+
+    def _set_tls_info(self, obj: ssl.SSLObject) -> None:
+        cipher = obj.cipher()
+        if cipher:
+            bits = cipher[2]
+            self.tls_info = f"{obj.version()} with cipher {cipher[0]} ({bits}/{bits} bits)"
+        else:
+            self.tls_info = str(obj.version())
 
     def close(self) -> None:
         self.flush()

@@ -87,6 +87,11 @@ class SMTPServer:
             srv = await loop.create_server(
                 lambda ln=ln: Connection(lambda c, ln=ln: self._connected(ln, c)),
                 sock=ln.sock, backlog=1024,
+                # RFC 8314 implicit TLS: the transport does the handshake before the
+                # session sees a byte; the context is the CertStore's live one (reloadable).
+                ssl=self.certs.context if ln.mode == "submissions" else None,
+                ssl_handshake_timeout=(self.cfg.limits.tls_handshake_timeout
+                                       if ln.mode == "submissions" else None),
             )
             self._servers.append(srv)
             self.listeners.append(ln)

@@ -106,8 +106,7 @@ class Session:
         srv, lim = self.server, self.cfg.limits
         try:
             if self.listener.mode == "submissions":
-                await self.conn.starttls(srv.certs.context, lim.tls_handshake_timeout)
-                self.tls = True
+                self.tls = True  # handshake done by the transport (server.py)
             refusal = srv.admit(self)
             if refusal is not None:
                 self.reply(refusal)

@@ -1,0 +1,37 @@
+"""Fixtures for integration tests: a real authrelay process per test (or per module)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from relayproc import RelayProcess  # noqa: E402
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[RelayProcess]:
+    r = RelayProcess(tmp_path).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def relay_factory(tmp_path: Path) -> Iterator:
+    made: list[RelayProcess] = []
+
+    def make(overrides: dict | None = None, users: dict | None = None, workers: int = 1,
+             start: bool = True, sub: str = "r") -> RelayProcess:
+        d = tmp_path / f"{sub}{len(made)}"
+        d.mkdir()
+        r = RelayProcess(d, overrides, users, workers)
+        made.append(r)
+        return r.start() if start else r
+
+    yield make
+    for r in made:
+        r.stop()

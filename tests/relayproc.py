@@ -1,0 +1,170 @@
+"""A real authrelay process for tests: config in a temp dir, free loopback ports, users.
+
+Used by the integration and dialog tests; speaks to the server only over real sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PASSWORD = "correct horse battery"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    out: list[str] = []
+    tables = []
+    for k, v in data.items():
+        if isinstance(v, dict) or isinstance(v, list) and v and isinstance(v[0], dict):
+            tables.append((k, v))
+        else:
+            out.append(f"{k} = {_toml_value(v)}")
+    for k, v in tables:
+        if isinstance(v, dict):
+            out.append(f"\n[{k}]")
+            out += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+        else:
+            for item in v:
+                out.append(f"\n[[{k}]]")
+                out += [f"{kk} = {_toml_value(vv)}" for kk, vv in item.items()]
+    return "\n".join(out) + "\n"
+
+
+class RelayProcess:
+    """`authrelay serve` in a subprocess with its own state dir and ports."""
+
+    def __init__(self, tmp: Path, overrides: dict[str, Any] | None = None,
+                 users: dict[str, str] | None = None, workers: int = 1) -> None:
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.ports = {"smtp": free_port(), "submission": free_port(),
+                      "submissions": free_port()}
+        cfg: dict[str, Any] = {
+            "hostname": "relay.test",
+            "state_dir": str(self.state),
+            "workers": workers,
+            "listen": [{"address": f"127.0.0.1:{p}", "mode": m} for m, p in self.ports.items()],
+            # Tests never reach the outside: by default delivery goes to a loopback port
+            # where nothing listens, so mail stays queued (deferred) for inspection.
+            "relay": {"local_domains": ["local.test"], "smart_host": [f"127.0.0.1:{free_port()}"],
+                      "smart_host_tls": "none"},
+            "delivery": {"retry": ["1h"]},
+            "auth": {"failure_delay": 0.1},
+        }
+        for k, v in (overrides or {}).items():
+            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+                cfg[k] = {**cfg[k], **v}
+            else:
+                cfg[k] = v
+        self.config_data = cfg
+        self.config = tmp / "authrelay.toml"
+        self.config.write_text(to_toml(cfg))
+        self.log = tmp / "maillog.txt"
+        self.users = users if users is not None else {"alice": PASSWORD}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str, input: str | None = None, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "authrelay", "-c", str(self.config), *args],
+            input=input, capture_output=True, text=True, check=check, timeout=60,
+        )
+
+    def start(self, extra_args: tuple[str, ...] = ()) -> RelayProcess:
+        for name, pw in self.users.items():
+            if name not in self.cli("user", "list").stdout.split():
+                self.cli("user", "add", name, "--password-stdin", input=pw + "\n")
+        logf = open(self.log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "authrelay", "-c", str(self.config), "serve", *extra_args],
+            stdout=logf, stderr=subprocess.STDOUT,
+        )
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        for port in self.ports.values():
+            while True:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"authrelay exited: {self.log.read_text()[-3000:]}")
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("authrelay did not start listening") from None
+                    time.sleep(0.05)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def maillog(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.state / "spool" / "queue"
+
+    def queued(self) -> list[Path]:
+        d = self.queue_dir
+        if not d.exists():
+            return []
+        return sorted(p for p in d.iterdir() if "." not in p.name)
+
+    def message_bytes(self, path: Path) -> bytes:
+        """The stored message (after the spool header)."""
+        raw = path.read_bytes()
+        first, _, rest = raw.partition(b"\n")
+        envlen = int(first.split()[2])
+        return rest[envlen + 1:]
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.state / "tls" / "cert.pem"))
+        ctx.check_hostname = False
+        return ctx
+
+    def wait_for(self, pred: Any, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not met in time")
+            time.sleep(0.05)
