@@ -98,18 +98,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not recs:
         print("Mail queue is empty")
         return 0
-    print(f"{'-Queue ID-':<16} {'-State-':<9} {'--Size--':>9} {'----Arrival Time----':<20}"
+    print(f"{'-Queue ID-':<18} {'-State-':<9} {'--Size--':>9} {'----Arrival Time----':<20}"
           f" -Sender/Recipient-")
     for rec in recs:
         sender = f"<{rec['sender']}>" if rec["sender"] else "<>"
-        print(f"{rec['id']:<16} {rec['state']:<9} {rec['size']:>9} {rec['arrival']:<20}"
+        print(f"{rec['id']:<18} {rec['state']:<9} {rec['size']:>9} {rec['arrival']:<20}"
               f" {sender}")
         for r in rec["recipients"]:
             if r["state"] != PENDING:
                 continue
             if r["last_reply"]:
-                print(f"{'':<58}({r['last_reply']})")
-            print(f"{'':<58}{r['address']}")
+                print(f"{'':<60}({r['last_reply']})")
+            print(f"{'':<60}{r['address']}")
         print()
     total = sum(r["size"] for r in recs)
     print(f"-- {total} bytes in {len(recs)} request{'s' if len(recs) != 1 else ''}.")
