@@ -27,6 +27,7 @@ import asyncio
 import re
 import ssl
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,7 +190,15 @@ class FakeSMTPServer:
         conn = _Conn(len(self._conns) + 1)
         self._conns.append(conn)
         auth = self.users is not None
-        proto = _RecordingSMTP(
+        with warnings.catch_warnings():
+            # "AUTH without TLS" warning: on implicit TLS the whole link is TLS.
+            warnings.simplefilter("ignore", UserWarning)
+            proto = self._make_protocol(conn, auth)
+        self._protocols.append(proto)
+        return proto
+
+    def _make_protocol(self, conn: _Conn, auth: bool) -> _RecordingSMTP:
+        return _RecordingSMTP(
             self, conn, _Handler(self),
             data_size_limit=self.size_limit,
             enable_SMTPUTF8=self.smtputf8,
@@ -204,8 +213,6 @@ class FakeSMTPServer:
             auth_exclude_mechanism=self.auth_exclude if auth else None,
             timeout=30,
         )
-        self._protocols.append(proto)
-        return proto
 
     def start(self) -> FakeSMTPServer:
         loop = asyncio.new_event_loop()
