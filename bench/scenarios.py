@@ -142,6 +142,7 @@ class Target:
     sink_out: str
     pids: list[int] = field(default_factory=list)
     pids_cmd: str = ""
+    sid: int = 0  # also every process of this session (a daemon's orphaned workers)
     user: str = "alice"
     password: str = "correct horse"
 
@@ -150,7 +151,13 @@ class Target:
             out = subprocess.run(shlex.split(self.pids_cmd), capture_output=True, text=True,
                                  check=True).stdout
             return [int(x) for x in out.split()]
-        return list(self.pids)
+        roots = list(self.pids)
+        if self.sid:
+            for d in os.listdir("/proc"):
+                f = _stat(int(d)) if d.isdigit() else None
+                if f and int(f[3]) == self.sid and int(d) not in roots:
+                    roots.append(int(d))
+        return roots
 
     def delivered(self) -> int:
         """The sink's running message counter (last `mesg=N` written by smtp-sink -c)."""
@@ -222,14 +229,21 @@ def scenarios(smoke: bool, quick: bool) -> list[Scenario]:
     return out
 
 
-def wait_delivered(t: Target, goal: int, timeout: float) -> tuple[int, float]:
-    """Poll the sink until `goal` messages arrived; (count, monotonic time of arrival)."""
-    end = time.monotonic() + timeout
-    n = t.delivered()
-    while n < goal and time.monotonic() < end:
+STALL_S = 15.0  # give up waiting for the sink after this long without a new message
+
+
+def wait_delivered(t: Target, goal: int, stall: float | None = None) -> tuple[int, float]:
+    """Poll the sink until `goal` messages arrived or none came for `stall` seconds.
+
+    Returns (count, monotonic time the last counted message arrived)."""
+    stall = STALL_S if stall is None else stall
+    n, t_last = t.delivered(), time.monotonic()
+    while n < goal and time.monotonic() - t_last < stall:
         time.sleep(0.02)
-        n = t.delivered()
-    return n, time.monotonic()
+        m = t.delivered()
+        if m != n:
+            n, t_last = m, time.monotonic()
+    return n, t_last
 
 
 def run_one(t: Target, sc: Scenario) -> dict[str, Any]:
@@ -263,7 +277,7 @@ def run_one(t: Target, sc: Scenario) -> dict[str, Any]:
     # load.py's own clock excludes interpreter start-up: the load began accept_s ago
     t_begin = max(t0, t_end - float(load.get("elapsed_s") or 0))
     accepted = int(load.get("messages_ok", 0))
-    n, t_done = wait_delivered(t, c0 + accepted, timeout=max(30.0, accepted / 20))
+    n, t_done = wait_delivered(t, c0 + accepted)
     cpu = cpu_seconds(process_tree(roots)) - cpu0
     delivered = n - c0
     rec.update(
@@ -313,7 +327,7 @@ def warm_up(t: Target) -> None:
     smtp_source(t.plain, 5, 20, 1024)
     load_py(["smtp", "--port", str(t.submission), "--tls", "starttls", "--auth", "plain",
              "--user", t.user, "--password", t.password, "-c", "2", "-n", "4"])
-    wait_delivered(t, t.delivered(), 1)
+    wait_delivered(t, t.delivered() + 24, stall=3)
 
 
 def machine() -> dict[str, Any]:
@@ -335,14 +349,24 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", required=True, help="JSON file: list of targets")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions (A B A B ...)")
+    ap.add_argument("--reps", type=int, default=0,
+                    help="repetitions (A B A B ...); default 3, --quick 2, --smoke 1")
     ap.add_argument("--smoke", action="store_true", help="tiny counts: seconds, not minutes")
     ap.add_argument("--quick", action="store_true", help="short normal mode")
     ap.add_argument("--only", default="", help="scenario keys to run, e.g. 'abc'")
-    ap.add_argument("--out", default=str(HERE / "results.json"))
-    ap.add_argument("--md", default=str(HERE / "RESULTS.md"))
-    ap.add_argument("--png", default=str(HERE / "throughput.png"))
+    ap.add_argument("--out", help="default bench/results.json (smoke: in /tmp)")
+    ap.add_argument("--md", help="default bench/RESULTS.md (smoke: in /tmp)")
+    ap.add_argument("--png", help="default bench/throughput.png (smoke: in /tmp)")
     a = ap.parse_args(argv)
+    # a smoke run must never overwrite the committed results
+    outdir = Path("/tmp/authrelay-bench-smoke") if a.smoke else HERE
+    outdir.mkdir(exist_ok=True)
+    a.out = a.out or str(outdir / "results.json")
+    a.md = a.md or str(outdir / "RESULTS.md")
+    a.png = a.png or str(outdir / "throughput.png")
+    a.reps = a.reps or (1 if a.smoke else 2 if a.quick else 3)
+    global STALL_S
+    STALL_S = 5.0 if a.smoke else STALL_S
     targets = [Target(**t) for t in json.loads(Path(a.targets).read_text())]
     scs = [s for s in scenarios(a.smoke, a.quick) if not a.only or s.key in a.only]
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"

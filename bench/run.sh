@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# run.sh -- authrelay vs Postfix, side by side on this machine, one command:
+#
+#   sudo bash bench/run.sh            # full: 3 repetitions, ~10-15 minutes on 2 cores
+#   sudo bash bench/run.sh --quick    # short normal mode (smaller counts), ~4-6 minutes
+#   sudo bash bench/run.sh --smoke    # tiny counts, seconds (CI)
+#   extra flags go to bench/scenarios.py: --reps N, --only abcef
+#
+# Installs what it needs (postfix, dovecot-core, smtp-source/smtp-sink from the postfix
+# package, matplotlib), starts the private Postfix peer (bench/postfix-peer.sh) and authrelay
+# (bench/authrelay-bench.toml in a temporary state_dir, free loopback ports, its own
+# smtp-sink as smart host), runs the scenarios alternating Postfix / authrelay, writes
+# bench/RESULTS.md, bench/results.json and bench/throughput.png, then stops what it started.
+#
+# Env: BENCH_AUTHRELAY_WORKERS=N sets authrelay's `workers` (default 0: one per core);
+# BENCH_AUTHRELAY=0 runs the Postfix side only (also automatic when `authrelay serve`
+# is not available); BENCH_KEEP_PEER=1 leaves the Postfix peer running afterwards;
+# PY=python to use a particular interpreter (default: python3 with authrelay importable,
+# else a venv in bench/.venv).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+[ "$(id -u)" = 0 ] || { echo "run.sh: run as root (Postfix needs it): sudo bash $0" >&2; exit 1; }
+BENCH_AUTHRELAY="${BENCH_AUTHRELAY:-1}"
+USER_NAME=alice
+USER_PASS="correct horse"
+
+# 1. packages and Python -----------------------------------------------------------
+need=()
+for p in postfix dovecot-core openssl iproute2 python3 python3-venv; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+PY="${PY:-python3}"
+if ! "$PY" -c 'import authrelay, matplotlib' 2>/dev/null; then
+  if [ ! -x "$HERE/.venv/bin/python" ]; then python3 -m venv "$HERE/.venv"; fi
+  PY="$HERE/.venv/bin/python"
+  "$PY" -m pip install -q -e "$ROOT[bench]"
+fi
+
+# 10,000 idle connections need descriptors on both sides (servers inherit this limit)
+hard="$(ulimit -Hn)"
+if [ "$hard" = unlimited ] || [ "$hard" -ge 20000 ]; then ulimit -n 20000; else ulimit -n "$hard"; fi
+
+# 2. the Postfix peer ------------------------------------------------------------------
+STATE=""
+AR_PID=""
+SINK_PID=""
+cleanup() {
+  set +e
+  if [ -n "$AR_PID" ]; then
+    # authrelay runs in its own session (setsid): its id is $AR_PID, and the process
+    # group holds everything it forked, even workers orphaned by a crashed parent
+    kill -TERM -- "-$AR_PID" 2>/dev/null
+    for _ in $(seq 100); do kill -0 -- "-$AR_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$AR_PID" 2>/dev/null
+  fi
+  if [ -n "$SINK_PID" ] && kill -0 "$SINK_PID" 2>/dev/null; then kill "$SINK_PID"; fi
+  [ "${BENCH_KEEP_PEER:-0}" = 1 ] || bash "$HERE/postfix-peer.sh" stop >/dev/null
+  [ -n "$STATE" ] && [ -d "$STATE" ] && rm -rf "$STATE"
+}
+trap cleanup EXIT
+bash "$HERE/postfix-peer.sh" start
+CERT=/var/lib/postfix-authrelay-bench/tls/cert.pem
+KEY=/var/lib/postfix-authrelay-bench/tls/key.pem
+TARGETS="$(mktemp /tmp/authrelay-bench-targets.XXXXXX.json)"
+trap 'cleanup; rm -f "$TARGETS"' EXIT
+cat > "$TARGETS" <<EOF
+[{"name": "postfix", "plain": ${PF_PLAIN_PORT:-11025}, "submission": ${PF_SUB_PORT:-11587},
+  "sink_out": "/run/authrelay-bench-postfix/sink.out",
+  "pids_cmd": "bash $HERE/postfix-peer.sh pids"}
+EOF
+
+# 3. authrelay -------------------------------------------------------------------------
+free_ports() {  # N free loopback TCP ports
+  "$PY" - "$1" <<'PYEOF'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PYEOF
+}
+wait_port() {
+  for _ in $(seq 150); do ss -ltnH "sport = :$1" | grep -q LISTEN && return 0; sleep 0.1; done
+  return 1
+}
+if [ "$BENCH_AUTHRELAY" = 1 ] && "$PY" -m authrelay serve --help >/dev/null 2>&1; then
+  # same filesystem as Postfix's queue (/var), so both pay the same fsync
+  STATE="$(mktemp -d /var/tmp/authrelay-bench.XXXXXX)"
+  read -r AR_PLAIN AR_SUB AR_SINK <<< "$(free_ports 3)"
+  sed -e "s|@STATE@|$STATE|g" -e "s|@PLAIN_PORT@|$AR_PLAIN|g" -e "s|@SUB_PORT@|$AR_SUB|g" \
+      -e "s|@SINK_PORT@|$AR_SINK|g" -e "s|@CERT@|$CERT|g" -e "s|@KEY@|$KEY|g" \
+      -e "s|@WORKERS@|${BENCH_AUTHRELAY_WORKERS:-0}|g" \
+      "$HERE/authrelay-bench.toml" > "$STATE/authrelay.toml"
+  CONF="$STATE/authrelay.toml"
+  "$PY" -m authrelay -c "$CONF" check-config
+  setsid smtp-sink -c -u nobody -h sink.bench.example.test "127.0.0.1:$AR_SINK" 1024 \
+    > "$STATE/sink.out" 2>&1 < /dev/null &
+  SINK_PID=$!
+  printf '%s\n' "$USER_PASS" | "$PY" -m authrelay -c "$CONF" user add "$USER_NAME" --password-stdin
+  setsid "$PY" -m authrelay -c "$CONF" serve > "$STATE/serve.log" 2>&1 < /dev/null &
+  AR_PID=$!
+  if wait_port "$AR_PLAIN" && wait_port "$AR_SUB" && wait_port "$AR_SINK"; then
+    echo "authrelay up: plain=127.0.0.1:$AR_PLAIN submission=127.0.0.1:$AR_SUB sink=$AR_SINK pid=$AR_PID"
+    cat >> "$TARGETS" <<EOF
+, {"name": "authrelay", "plain": $AR_PLAIN, "submission": $AR_SUB,
+   "sink_out": "$STATE/sink.out", "pids": [$AR_PID], "sid": $AR_PID}
+EOF
+  else
+    echo "run.sh: authrelay did not come up; Postfix side only. Its log:" >&2
+    tail -20 "$STATE/serve.log" >&2 || true
+  fi
+else
+  echo "run.sh: authrelay side off (BENCH_AUTHRELAY=0 or no 'authrelay serve'); Postfix only"
+fi
+echo "]" >> "$TARGETS"
+
+# 4. the scenarios -----------------------------------------------------------------------
+set +e
+"$PY" "$HERE/scenarios.py" --targets "$TARGETS" "$@"
+rc=$?
+set -e
+echo "run.sh: done (exit $rc); results in bench/ (smoke: /tmp/authrelay-bench-smoke/)"
+exit $rc
