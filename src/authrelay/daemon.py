@@ -270,12 +270,18 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
 
     async def master() -> int:
         nonlocal stopping
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGCHLD, reap)
+        async def watch_children() -> None:
+            # Polled, not a SIGCHLD handler: uvloop refuses handlers for SIGCHLD.
+            while True:
+                await asyncio.sleep(0.5)
+                reap()
+
+        watcher = asyncio.get_running_loop().create_task(watch_children())
         try:
             return await _serve_loop(cfg, config_path, None, Share(), True, pids)
         finally:
             stopping = True
+            watcher.cancel()
 
     code = asyncio.run(master())
     deadline = time.monotonic() + cfg.shutdown_timeout + 10

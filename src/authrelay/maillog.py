@@ -87,11 +87,9 @@ class MailLog:
         if self._syslog is not None:
             self._syslog.syslog(self._syslog.LOG_INFO, line)
             return
-        if self.fmt == "text" and self.target in ("stdout", "stderr") or \
-                self.target.startswith("file:"):
-            if self.fmt == "text":
-                stamp = time.strftime("%b %d %H:%M:%S")
-                line = f"{stamp} {self.ident}[{os.getpid()}]: {line}"
+        if self.fmt == "text":  # syslog adds its own stamp; files and stdout need one
+            stamp = time.strftime("%b %d %H:%M:%S")
+            line = f"{stamp} {self.ident}[{os.getpid()}]: {line}"
         with self._lock:
             assert self._fh is not None
             self._fh.write(line + "\n")

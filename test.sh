@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install what the tests need (Debian packages + Python packages) and run the whole suite.
+# Usage: sudo ./test.sh [pytest args]     (needs root for apt-get; CI runs it as root)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PKGS=(swaks msmtp curl openssl sasl2-bin dovecot-core
+          libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl python3-venv python3-pip)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# dovecot-core's package scripts may start a system dovecot; the tests run their own.
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/ruff check src tests bench
+exec .venv/bin/python -m pytest -q "$@"

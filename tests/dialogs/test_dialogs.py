@@ -1,0 +1,109 @@
+"""Scripted client/server dialogs against a real authrelay process.
+
+One parametrised test runs every `*.dialog` file here. Script lines:
+  @listener MODE     connect to smtp | submission | submissions (default smtp)
+  C: text            send text + CRLF ({plain USER PASS [AUTHZID]} and {b64 TEXT} expand)
+  R: bytes           send raw bytes, Python escapes (\\r \\n \\x00 ...), no CRLF added
+  S: prefix          the next reply's last line starts with prefix
+  S~ regex           the next reply (all lines joined by newline) matches regex (search)
+  S!~ regex          the next reply does not match regex
+  +~ regex / +!~ regex   the same checks on the reply already read (no new read)
+  TLS                client side of STARTTLS (the server already said 220)
+  CLOSED             the server closes the connection
+  # ...              comment
+Every protocol bug fixed adds a dialog here.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from relayproc import PASSWORD, RelayProcess  # noqa: E402
+from smtpclient import RawClient, b64, client_ctx, plain  # noqa: E402
+
+HERE = Path(__file__).parent
+SCRIPTS = sorted(HERE.glob("*.dialog"))
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    r = RelayProcess(tmp_path_factory.mktemp("dialogs"),
+                     overrides={"limits": {"max_message_size": 100000, "max_recipients": 3,
+                                           "bad_rcpt_limit": 0, "max_errors": 50},
+                                "relay": {"trusted_networks": ["127.0.0.99/32"]}},
+                     users={"alice": PASSWORD, "bob": "bob pw"}).start()
+    yield r
+    r.stop()
+
+
+def _expand(text: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        parts = m.group(1).split(" ", 1)
+        if parts[0] == "plain":
+            args = parts[1].split("|")
+            user = args[0]
+            pw = args[1] if len(args) > 1 else PASSWORD
+            authz = args[2] if len(args) > 2 else ""
+            return plain(user, pw, authz)
+        if parts[0] == "b64":
+            return b64(parts[1] if parts[1] != "PASSWORD" else PASSWORD)
+        raise ValueError(m.group(0))
+    return re.sub(r"\{((?:plain|b64) [^}]*)\}", sub, text)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_dialog(relay: RelayProcess, script: Path) -> None:
+    lines = script.read_text().splitlines()
+    mode = "smtp"
+    for ln in lines:
+        if ln.startswith("@listener "):
+            mode = ln.split()[1]
+    tls = client_ctx() if mode == "submissions" else None
+    transcript: list[str] = []
+    got = ""
+    with RawClient(relay.ports[mode], tls=tls) as c:
+        for n, ln in enumerate(lines, 1):
+            where = f"{script.name}:{n}: {ln}"
+            if not ln.strip() or ln.startswith("#") or ln.startswith("@"):
+                continue
+            if ln == "C:":
+                ln = "C: "
+            if ln.startswith("C: "):
+                text = _expand(ln[3:])
+                transcript.append(f"C: {text}")
+                c.send(text.encode() + b"\r\n")
+            elif ln.startswith("R: "):
+                raw = ln[3:].encode().decode("unicode_escape").encode("latin-1")
+                transcript.append(f"R: {raw!r}")
+                c.send(raw)
+            elif ln.startswith(("+~ ", "+!~ ")):
+                ctx = f"{where}\n--- transcript\n" + "\n".join(transcript)
+                if ln.startswith("+~ "):
+                    assert re.search(ln[3:], got), ctx
+                else:
+                    assert not re.search(ln[4:], got), ctx
+            elif ln.startswith(("S: ", "S~ ", "S!~ ")):
+                r = c.reply()
+                got = "\n".join(r.lines)
+                transcript.append(f"S: {got}")
+                ctx = f"{where}\n--- transcript\n" + "\n".join(transcript)
+                if ln.startswith("S: "):
+                    assert r.lines[-1].startswith(ln[3:]), ctx
+                elif ln.startswith("S~ "):
+                    assert re.search(ln[3:], got), ctx
+                else:
+                    assert not re.search(ln[4:], got), ctx
+            elif ln.strip() == "TLS":
+                c.starttls(client_ctx())
+                transcript.append("-- TLS")
+            elif ln.strip() == "CLOSED":
+                assert c.closed(), f"{where}: server did not close"
+            else:
+                raise AssertionError(f"{where}: bad script line")
