@@ -79,8 +79,11 @@ def write_markdown(res: dict[str, Any]) -> str:
         "- Load and servers share the machine; every figure is median (min-max) over the "
         "repetitions; ratio = "
         + (f"{tg[1]} / {tg[0]}" if len(tg) > 1 else "- (one target only)")
-        + ". For rows marked lower-is-better a ratio below 1 is a win.", "",
+        + ". For rows marked lower-is-better a ratio below 1 is a win.",
     ]
+    if res.get("note"):
+        out.append(f"- Note: {res['note']}")
+    out.append("")
     head = "| scenario | figure | " + " | ".join(tg) + " | ratio | better | target |"
     out += [head, "|" + "---|" * (len(tg) + 5)]
     for sc, filt, metric, caption, higher, target in _ROWS:
@@ -95,7 +98,7 @@ def write_markdown(res: dict[str, Any]) -> str:
             ratio = "-"
             if len(tg) > 1 and vals[tg[0]] and vals[tg[1]]:
                 base = statistics.median(vals[tg[0]])
-                if base:
+                if abs(base) >= 0.05 and "growth" not in metric:  # no ratio of ~0
                     ratio = f"{statistics.median(vals[tg[1]]) / base:.2f}x"
             cells = " | ".join(_cell(vals[t]) for t in tg)
             out.append(f"| {label} | {caption} | {cells} | {ratio} | "

@@ -303,7 +303,8 @@ def run_one(t: Target, sc: Scenario) -> dict[str, Any]:
 
 def run_idle(t: Target, sc: Scenario, roots: list[int], rec: dict[str, Any]) -> dict[str, Any]:
     p = subprocess.Popen(LOAD + ["idle", "--port", str(t.plain), "--connections",
-                                 str(sc.connections), "--timeout", "5"],
+                                 str(sc.connections), "--timeout", "5",
+                                 "--parallel", "5000"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdin and p.stdout
     ready = json.loads(p.stdout.readline() or "{}")
@@ -354,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny counts: seconds, not minutes")
     ap.add_argument("--quick", action="store_true", help="short normal mode")
     ap.add_argument("--only", default="", help="scenario keys to run, e.g. 'abc'")
+    ap.add_argument("--note", default=os.environ.get("BENCH_NOTE", ""),
+                    help="a line for RESULTS.md (default: $BENCH_NOTE)")
     ap.add_argument("--out", help="default bench/results.json (smoke: in /tmp)")
     ap.add_argument("--md", help="default bench/RESULTS.md (smoke: in /tmp)")
     ap.add_argument("--png", help="default bench/throughput.png (smoke: in /tmp)")
@@ -371,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     scs = [s for s in scenarios(a.smoke, a.quick) if not a.only or s.key in a.only]
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     res: dict[str, Any] = dict(machine=machine(), mode=mode, reps=a.reps,
-                               targets=[t.name for t in targets], runs=[])
+                               targets=[t.name for t in targets], note=a.note, runs=[])
     t_start = time.monotonic()
     for t in targets:
         warm_up(t)
