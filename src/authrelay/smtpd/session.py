@@ -63,6 +63,7 @@ class Session:
         self.rdns = ""
         self.errors = 0
         self.bad_rcpts = 0
+        self.rcpt_throttled = False
         self.auth_failures = 0
         self.host_check: Reply | None | bool = False  # False: not done yet
         self._reset()
@@ -406,6 +407,16 @@ class Session:
 
     async def cmd_rcpt(self, arg: str) -> None:
         lim = self.cfg.limits
+        if lim.bad_rcpt_throttle and self.bad_rcpts >= lim.bad_rcpt_throttle:
+            # sendmail confBAD_RCPT_THROTTLE: past N refused recipients every further RCPT
+            # waits a second (answers to what came before go out first), logged once.
+            if not self.rcpt_throttled:
+                self.rcpt_throttled = True
+                self.server.maillog.event(None, warning="possible SMTP RCPT flood, "
+                                          "throttling", relay=self.relay_desc(),
+                                          bad_rcpts=self.bad_rcpts)
+            self.conn.flush()
+            await asyncio.sleep(1.0)
         if self.mail is None:
             self._error(replies.NEED_MAIL)
             return
@@ -450,6 +461,7 @@ class Session:
             if isinstance(self.host_check, Reply):
                 self.reply(self.host_check)
                 self._log_reject(self.host_check, f"<{path.text}>... ")
+                await self._bad_rcpt()
                 return
         self.rcpts.append(path)
         self.reply(replies.RCPT_OK)
@@ -461,9 +473,6 @@ class Session:
             self.reply(replies.TOO_MANY_BAD_RCPTS)
             self._log_reject(replies.TOO_MANY_BAD_RCPTS)
             raise _Close
-        if lim.bad_rcpt_throttle and self.bad_rcpts >= lim.bad_rcpt_throttle:
-            self.conn.flush()
-            await asyncio.sleep(1.0)  # sendmail confBAD_RCPT_THROTTLE: one second each
 
     async def cmd_data(self, arg: str) -> None:
         if arg.strip():
