@@ -13,8 +13,8 @@ Rules (RFC 5321):
   SMTP smuggling (CVE-2023-51764 and family): no alternative end-of-data is ever honoured.
 - Size: bytes past `max_size` are not emitted (memory stays bounded); the caller answers 552
   after the end of data.
-- A text line longer than `max_line` octets (RFC 5322 2.1.1: 998, plus CRLF; one extra
-  octet tolerated for a stuffed dot) is remembered and refused after the end of data.
+- A text line longer than `max_line` octets (RFC 5322 2.1.1: 998, plus CRLF), measured
+  after un-stuffing, is remembered and refused after the end of data.
 The output is the message exactly as the client meant it: CRLF line ends, no stuffing.
 """
 
@@ -42,8 +42,8 @@ class Feed:
 class BodyReader:
     def __init__(self, max_size: int, max_line: int = 998) -> None:
         self.max_size = max_size
-        self._long = re.compile(rb"[^\n]{%d}" % (max_line + 3))  # line + stuffed dot + CR
-        self._limit_run = max_line + 3
+        self._long = re.compile(rb"[^\n]{%d}" % (max_line + 2))  # text + CR + 1
+        self._limit_run = max_line + 2
         self._hold = b"\r\n"  # virtual CRLF: DATA begins at a line start
         self._virtual = 2  # leading bytes of _hold that are not message bytes
         self._run = 0  # length of the current (unterminated) wire line
@@ -68,6 +68,7 @@ class BodyReader:
             self.error = TOO_BIG
             return
         self.size += len(piece)
+        self._check_lines(piece)
         out.segments.append(piece)
 
     @staticmethod
@@ -109,9 +110,6 @@ class BodyReader:
                 if self._bare(region):
                     self.error = out.error = BARE
                     return out
-                # line-length check over what this chunk contributed before the marker
-                consumed = end - len(self._hold)
-                self._check_lines(chunk[:max(consumed - 3, 0)])
                 self._emit(out, data[pos:p + 2])
                 self.done = out.done = True
                 out.leftover = data[end:]
@@ -134,7 +132,6 @@ class BodyReader:
         if self._bare(region):
             self.error = out.error = BARE
             return out
-        self._check_lines(chunk)
         self._emit(out, data[pos:keep])
         self._hold = data[keep:]
         out.error = self.error

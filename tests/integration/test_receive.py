@@ -1,0 +1,179 @@
+"""Receiving against a real authrelay process: smuggling, STARTTLS injection, durability."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from relayproc import PASSWORD, RelayProcess, free_port
+from smtpclient import RawClient, client_ctx, plain
+
+
+def _authed(relay: RelayProcess) -> RawClient:
+    c = RawClient(relay.ports["submissions"], tls=client_ctx())
+    assert c.reply().code == 220
+    assert c.cmd("EHLO laptop.example").code == 250
+    assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+    return c
+
+
+@pytest.mark.parametrize("ending", [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r\n.\r",
+                                    b"\n.\r"])
+def test_bare_end_of_data_refused_nothing_smuggled(relay: RelayProcess, ending: bytes) -> None:
+    with _authed(relay) as c:
+        assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
+        assert c.cmd("RCPT TO:<bob@remote.example>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: first\r\n\r\nbody" + ending +
+               b"MAIL FROM:<alice@local.test>\r\nRCPT TO:<victim@remote.example>\r\nDATA\r\n"
+               b"Subject: smuggled\r\n\r\nsmuggled\r\n.\r\n")
+        r = c.reply()
+        assert (r.code, r.lines[-1][4:9]) == (521, "5.5.2")
+        assert c.closed()
+    assert relay.queued() == []
+    assert "521 5.5.2" in relay.maillog()
+
+
+def test_starttls_injection_discarded(relay: RelayProcess) -> None:
+    """CVE-2011-0411: commands pipelined in plaintext after STARTTLS are not executed."""
+    with RawClient(relay.ports["submission"]) as c:
+        assert c.reply().code == 220
+        assert c.cmd("EHLO client.example").code == 250
+        c.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@remote.example>\r\n")
+        assert c.reply().code == 220
+        c.starttls(client_ctx())
+        # Had the injected commands run, their replies (250 Reset / 503 / 530) would
+        # come first now. The first reply must be the one to our NOOP.
+        r = c.cmd("NOOP")
+        assert (r.code, r.text) == (250, "2.0.0 Ok")
+        assert c.cmd("MAIL FROM:<alice@local.test>").code == 503  # state reset: EHLO again
+    assert "discarded" in relay.maillog()
+
+
+def test_sigkill_right_after_250_keeps_message(relay: RelayProcess) -> None:
+    body = b"Subject: durable\r\n\r\n" + b"line of text\r\n" * 2000
+    with _authed(relay) as c:
+        assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
+        assert c.cmd("RCPT TO:<bob@remote.example>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(body + b".\r\n")
+        r = c.reply()
+        assert r.code == 250
+        relay.kill()  # SIGKILL at once: no chance to flush anything after the 250
+    qid = r.text.rsplit(" ", 1)[1]
+    relay.start()
+    [path] = relay.queued()
+    assert path.name == qid
+    stored = relay.message_bytes(path)
+    assert stored.startswith(b"Received: ")
+    assert b"\r\nSubject: durable\r\n" in stored
+    assert stored.endswith(b"\r\n\r\n" + b"line of text\r\n" * 2000)
+    assert f"queued as {qid}" in r.text
+
+
+def test_every_queued_message_survives_kill(relay: RelayProcess) -> None:
+    ids = []
+    with _authed(relay) as c:
+        for i in range(20):
+            assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
+            assert c.cmd(f"RCPT TO:<r{i}@remote.example>").code == 250
+            assert c.cmd("DATA").code == 354
+            c.send(f"Subject: m{i}\r\n\r\nbody {i}\r\n.\r\n".encode())
+            r = c.reply()
+            assert r.code == 250
+            ids.append(r.text.rsplit(" ", 1)[1])
+    relay.kill()
+    relay.start()
+    assert sorted(p.name for p in relay.queued()) == sorted(ids)
+
+
+def test_ipv6_listener(tmp_path: Path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    port, port4 = free_port("::1"), free_port()
+    r = RelayProcess(tmp_path, overrides={"listen": [
+        {"address": f"[::1]:{port}", "mode": "smtp"},
+        {"address": f"127.0.0.1:{port4}", "mode": "submission"}]})
+    r.ports = {"submission": port4}  # wait_ready probes IPv4; IPv6 is checked by hand below
+    r.start()
+    try:
+        with socket.create_connection(("::1", port), timeout=10) as s:
+            assert s.recv(100).startswith(b"220 ")
+            s.sendall(b"EHLO v6.example\r\nMAIL FROM:<a@remote.example>\r\n"
+                      b"RCPT TO:<x@local.test>\r\nQUIT\r\n")
+            data = b""
+            while not data.endswith(b"closing connection\r\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        assert b"250 2.1.5" in data
+        assert "[::1]" in r.maillog()
+    finally:
+        r.stop()
+
+
+def test_json_maillog(relay_factory) -> None:  # noqa: ANN001
+    r: RelayProcess = relay_factory(start=False)
+    r.start(extra_args=("--log-format", "json"))
+    with RawClient(r.ports["smtp"]) as c:
+        c.reply()
+        c.cmd("EHLO a.example")
+        c.cmd("MAIL FROM:<a@remote.example>")
+        assert c.cmd("RCPT TO:<x@remote.example>").code == 550
+    r.stop()
+    records = [json.loads(line) for line in r.maillog().splitlines() if line.startswith("{")]
+    rejects = [rec for rec in records if "reject" in rec]
+    assert rejects and rejects[0]["reject"].startswith("550 5.7.1 <x@remote.example>")
+    assert all("queue_id" in rec for rec in records)
+
+
+def test_cert_make(tmp_path: Path) -> None:
+    out = tmp_path / "tls"
+    r = subprocess.run([sys.executable, "-m", "authrelay", "cert", "make", "--hostname",
+                        "mx.example.org", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(out / "key.pem").st_mode) == 0o600
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+    assert cert.public_key().curve.name == "secp256r1"
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "mx.example.org" in names.get_values_for_type(x509.DNSName)
+    again = subprocess.run([sys.executable, "-m", "authrelay", "cert", "make", "--hostname",
+                            "mx.example.org", "--out", str(out)], capture_output=True, text=True)
+    assert again.returncode == 1  # never overwrites silently
+
+
+def test_embedded_default_first_start(tmp_path: Path) -> None:
+    """`authrelay serve` with no config: ./var, self-signed cert, dev ports on loopback."""
+    env = {k: v for k, v in os.environ.items() if k != "AUTHRELAY_CONFIG"}
+    for port in (2525, 2587, 2465):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"port {port} in use")
+    p = subprocess.Popen([sys.executable, "-m", "authrelay", "serve"], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        rp = RelayProcess.__new__(RelayProcess)
+        rp.proc, rp.ports, rp.log = p, {"a": 2525, "b": 2587, "c": 2465}, tmp_path / "none"
+        rp.wait_ready()
+        assert (tmp_path / "var" / "tls" / "cert.pem").exists()
+        assert stat.S_IMODE(os.stat(tmp_path / "var").st_mode) == 0o700
+        with RawClient(2587) as c:
+            assert c.reply().code == 220
+            assert "STARTTLS" in repr(c.cmd("EHLO x.example"))
+            assert c.cmd("STARTTLS").code == 220
+            c.starttls(client_ctx())
+            assert "AUTH PLAIN LOGIN" in repr(c.cmd("EHLO x.example"))
+    finally:
+        p.terminate()
+        p.wait(timeout=30)

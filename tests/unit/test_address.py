@@ -1,0 +1,61 @@
+"""RFC 5321 path parsing: the domain decides; tricks never route."""
+
+from __future__ import annotations
+
+import pytest
+
+from authrelay.address import AddressError, parse_path_arg
+
+
+def parse(arg: str, null: bool = False):  # noqa: ANN201
+    return parse_path_arg(arg, allow_null=null)
+
+
+def test_plain() -> None:
+    p = parse("<Alice@Example.ORG.>")
+    assert p.address is not None
+    assert p.address.local == "Alice" and p.address.domain_key == "example.org"
+
+
+def test_null_sender() -> None:
+    assert parse("<>", null=True).address is None
+    with pytest.raises(AddressError) as e:
+        parse("<>")
+    assert e.value.reply.code == 501
+
+
+def test_source_route_stripped() -> None:
+    p = parse("<@hop1.example,@hop2.example:user@final.example>")
+    assert p.address is not None and p.address.domain_key == "final.example"
+
+
+@pytest.mark.parametrize("arg,domain", [
+    ("<user%evil.example@good.example>", "good.example"),
+    ("<evil.example!user@good.example>", "good.example"),
+    ('<"user@evil.example"@good.example>', "good.example"),
+    ("<user@[127.0.0.1]>", "[127.0.0.1]"),
+    ("<user@[IPv6:::1]>", "[ipv6:::1]"),
+])
+def test_only_the_final_domain_counts(arg: str, domain: str) -> None:
+    p = parse(arg)
+    assert p.address is not None and p.address.domain_key == domain
+
+
+@pytest.mark.parametrize("arg", [
+    "<user@a@b>", "user@b", "<user>", "<user@>", "<@a:>", "<a@b", "<a@-b.example>",
+    "<a@[300.1.1.1]>", "<a..b@example.org>", "<a@b> junk=", '<"unterminated@b>',
+])
+def test_syntax_errors(arg: str) -> None:
+    with pytest.raises(AddressError) as e:
+        parse(arg)
+    assert e.value.reply.code == 501
+
+
+def test_params() -> None:
+    p = parse("<a@b.example> SIZE=100 BODY=8BITMIME smtputf8", null=True)
+    assert p.params == {"SIZE": "100", "BODY": "8BITMIME", "SMTPUTF8": None}
+
+
+def test_utf8_address() -> None:
+    p = parse("<üser@exämple.org>")
+    assert p.address is not None and not p.address.ascii

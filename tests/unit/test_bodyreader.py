@@ -1,0 +1,136 @@
+"""The DATA reader, fed with bytes: framing, dot-unstuffing, bare CR/LF, size, line length."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from authrelay.smtpd.bodyreader import BARE, LONG_LINE, OK, TOO_BIG, BodyReader
+
+
+def run(chunks: list[bytes], max_size: int = 10**9, max_line: int = 998
+        ) -> tuple[bytes, bool, bytes, str]:
+    r = BodyReader(max_size, max_line)
+    out, left, done, err = [], b"", False, OK
+    for i, c in enumerate(chunks):
+        f = r.feed(c)
+        out += f.segments
+        if f.error == BARE:
+            return b"", False, b"", BARE  # the message is refused: its bytes don't matter
+        if f.done:
+            done, left, err = True, f.leftover + b"".join(chunks[i + 1:]), f.error
+            break
+    return b"".join(out), done, left, err
+
+
+def test_simple_message() -> None:
+    body, done, left, err = run([b"Subject: x\r\n\r\nhello\r\n.\r\n"])
+    assert (body, done, left, err) == (b"Subject: x\r\n\r\nhello\r\n", True, b"", OK)
+
+
+def test_empty_message() -> None:
+    assert run([b".\r\n"])[:2] == (b"", True)
+
+
+def test_leftover_is_pipelined_commands() -> None:
+    _, done, left, _ = run([b"a\r\n.\r\nQUIT\r\n"])
+    assert done and left == b"QUIT\r\n"
+
+
+def test_dot_unstuffing() -> None:
+    body, done, *_ = run([b"..leading\r\n.\r\n"])
+    assert done and body == b".leading\r\n"
+    body, *_ = run([b"a\r\n...\r\n..x\r\n.\r\n"])
+    assert body == b"a\r\n..\r\n.x\r\n"
+
+
+def test_dot_inside_line_untouched() -> None:
+    body, *_ = run([b"a.b\r\n x.\r\n.\r\n"])
+    assert body == b"a.b\r\n x.\r\n"
+
+
+@pytest.mark.parametrize("ending", [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r\n.\r",
+                                    b"\n.\r", b"\r.\r\n"])
+def test_bare_end_of_data_variants_refused(ending: bytes) -> None:
+    # SMTP smuggling (CVE-2023-51764 family): no alternative end marker is honoured; the
+    # bare CR/LF itself refuses the message.
+    data = b"Subject: a\r\n\r\nbody" + ending + b"MAIL FROM:<x@y>\r\nRCPT TO:<v@w>\r\nDATA\r\n"
+    data += b"smuggled\r\n.\r\n"
+    _, done, _, err = run([data])
+    assert err == BARE and not done
+
+
+@pytest.mark.parametrize("bad", [b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\n", b"\n", b"x\r"])
+def test_bare_cr_or_lf_anywhere(bad: bytes) -> None:
+    _, done, _, err = run([bad + b"\r\n.\r\n"])
+    assert err == BARE
+
+
+def test_size_cap_emits_nothing_past_limit() -> None:
+    r = BodyReader(max_size=100)
+    total = 0
+    for _ in range(50):
+        f = r.feed(b"x" * 50 + b"\r\n")
+        total += sum(len(s) for s in f.segments)
+    f = r.feed(b".\r\n")
+    assert f.done and f.error == TOO_BIG and total <= 100
+
+
+def test_long_line() -> None:
+    _, done, _, err = run([b"x" * 999 + b"\r\n.\r\n"])
+    assert done and err == LONG_LINE
+    _, done, _, err = run([b"x" * 998 + b"\r\n.\r\n"])
+    assert done and err == OK
+    # measured after un-stuffing: a stuffed 998-octet line is fine
+    _, done, _, err = run([b"." + b"." * 998 + b"\r\n.\r\n"])
+    assert done and err == OK
+
+
+def test_long_line_across_chunks() -> None:
+    chunks = [b"x" * 500, b"x" * 500, b"\r\n.\r\n"]
+    assert run(chunks)[3] == LONG_LINE
+
+
+_bodies = st.lists(
+    st.one_of(
+        st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+        st.sampled_from([b".", b"..", b". ", b".\t", b"", b"x."]),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=_bodies, cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=12),
+       tail=st.binary(max_size=20))
+def test_any_split_gives_the_same_result(lines: list[bytes], cuts: list[int],
+                                         tail: bytes) -> None:
+    """However the input is split into chunks, the reader gives the same message."""
+    msg = b"".join(line + b"\r\n" for line in lines)
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
+                       for line in lines)
+    wire = stuffed + b".\r\n" + tail
+    whole = run([wire])
+    points = sorted({c % (len(wire) + 1) for c in cuts})
+    chunks, prev = [], 0
+    for p in points:
+        chunks.append(wire[prev:p])
+        prev = p
+    chunks.append(wire[prev:])
+    split = run([c for c in chunks if c])
+    assert whole == split
+    assert whole[0] == msg and whole[1] and whole[2] == tail
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300), cut=st.integers(min_value=0, max_value=300))
+def test_random_bytes_split_invariance(data: bytes, cut: int) -> None:
+    cut = min(cut, len(data))
+    whole = run([data])
+    split = run([c for c in (data[:cut], data[cut:]) if c])
+    assert whole == split
+    body, done, _, err = whole
+    if err != BARE:
+        # Whatever was emitted holds no bare CR/LF: nothing can be smuggled downstream.
+        assert body.count(b"\n") == body.count(b"\r\n") == body.count(b"\r")

@@ -1,0 +1,42 @@
+"""Submission duties: Received prepended, Date / Message-ID added only when missing."""
+
+from __future__ import annotations
+
+from email.parser import BytesParser
+
+from authrelay.spool.cleanup import HeaderCleanup, received_header
+
+RCVD = received_header(helo="laptop", client_rdns="", client_ip="192.0.2.7",
+                       hostname="relay.example", protocol="ESMTPSA", queue_id="Q1",
+                       recipient="b@example.org", tls="TLSv1.3")
+
+
+def clean(chunks: list[bytes]) -> tuple[bytes, HeaderCleanup]:
+    c = HeaderCleanup(RCVD, "relay.example")
+    out = b"".join(c.feed(x) for x in chunks) + c.finish()
+    return out, c
+
+
+def test_adds_missing_date_and_message_id() -> None:
+    out, c = clean([b"Subject: s\r\n", b"\r\nbody\r\n"])
+    msg = BytesParser().parsebytes(out)
+    assert msg["Date"] and msg["Message-ID"].endswith("@relay.example>")
+    assert "with ESMTPSA id Q1" in msg["Received"]
+    assert out.endswith(b"\r\n\r\nbody\r\n")
+    assert sorted(c.added) == ["Date", "Message-ID"]
+
+
+def test_keeps_existing_headers_byte_for_byte() -> None:
+    src = b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <x@y>\r\n\r\nb\r\n"
+    out, c = clean([src[:7], src[7:30], src[30:]])
+    assert out == RCVD + src and c.added == []
+
+
+def test_no_header_section() -> None:
+    out, _ = clean([b"\r\njust body\r\n"])
+    assert out.startswith(RCVD) and out.endswith(b"\r\n\r\njust body\r\n")
+
+
+def test_headers_only_message() -> None:
+    out, _ = clean([b"Subject: only\r\n"])
+    assert b"Subject: only\r\n" in out and b"Message-ID:" in out
