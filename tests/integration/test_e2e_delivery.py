@@ -1,0 +1,434 @@
+"""End to end delivery: a real `authrelay serve` process, a real DNS server on loopback,
+fake MX / smart hosts (aiosmtpd, in threads) on 127.0.0.x, real TLS from trustme.
+
+Mail is submitted over the network (swaks, smtplib with STARTTLS + AUTH on the
+submission port) and followed to where it lands: the MX found by DNS, the smart host, or
+(for a bounce) the envelope sender's MX. Covers issue "Deliver": MX preference and
+fallback, implicit and null MX, NXDOMAIN / SERVFAIL, smart host STARTTLS + AUTH and
+failover, temporary then permanent failures, DSNs parsed with `email`, per-recipient
+retries. Every wait polls for a condition under a deadline (no timed assertions).
+
+The helpers here (`mx_overrides`, `submit`, `wait_until`, ...) are shared with
+test_e2e_crash.py and test_e2e_queue.py.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+import shutil
+import smtplib
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import FakeSMTPServer, MXFactory, bare_line_ends, server_tls_context
+from relayproc import PASSWORD, RelayProcess, free_port
+
+SENDER = "alice@sender.test"
+SENDER_MX = "127.0.0.9"  # where bounces to SENDER land
+
+ZONES: dict[str, Any] = {
+    "sender.test": {"MX": [(10, "mx.sender.test")]},
+    "mx.sender.test": {"A": [SENDER_MX]},
+    # Preferences listed out of order: the relay must sort them (RFC 5321 5.1).
+    "example.test": {"MX": [(20, "mx2.example.test"), (10, "mx1.example.test")]},
+    "mx1.example.test": {"A": ["127.0.0.2"]},
+    "mx2.example.test": {"A": ["127.0.0.3"]},
+    "implicit.test": {"A": ["127.0.0.4"]},
+    "nullmx.test": {"MX": [(0, ".")]},
+    "a.test": {"MX": [(10, "mx.a.test")]}, "mx.a.test": {"A": ["127.0.0.5"]},
+    "b.test": {"MX": [(10, "mx.b.test")]}, "mx.b.test": {"A": ["127.0.0.6"]},
+    "c.test": {"MX": [(10, "mx.c.test")]}, "mx.c.test": {"A": ["127.0.0.7"]},
+}
+
+BODY = (b"From: Alice <alice@sender.test>\r\n"
+        b"To: Bob <bob@example.test>\r\n"
+        b"Subject: end to end\r\n"
+        b"Date: Tue, 25 Nov 2025 10:00:00 +0000\r\n"
+        b"Message-ID: <e2e.1@sender.test>\r\n"
+        b"\r\n"
+        b"Hello Bob.\r\n"
+        b".a line that starts with a dot\r\n"
+        b"..two dots\r\n"
+        b".\r\n"
+        b"\r\n"
+        b"end\r\n")
+
+DEADLINE = 20.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+def wait_until(pred: Callable[[], Any], what: str, timeout: float = DEADLINE,
+               relay: RelayProcess | None = None) -> Any:
+    """Poll `pred` until it is truthy; fail with `what` (and the maillog) at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            log = relay.maillog()[-4000:] if relay is not None else ""
+            raise AssertionError(f"timed out waiting for {what}\n--- maillog ---\n{log}")
+        time.sleep(0.05)
+
+
+def mx_overrides(dns: FakeDNSServer, port: int, **delivery: Any) -> dict[str, Any]:
+    """Config for delivery by MX through the fake DNS to fake MX on `port`."""
+    d: dict[str, Any] = {
+        "port": port, "nameservers": [dns.nameserver], "retry": ["1s"],
+        "dns_timeout": "2s", "connect_timeout": "5s", "command_timeout": "10s",
+        "data_timeout": "10s", "delay_warning": 0,
+    }
+    d.update(delivery)
+    return {"relay": {"smart_host": []}, "delivery": d}
+
+
+def submit(relay: RelayProcess, rcpts: list[str], body: bytes = BODY,
+           sender: str = SENDER) -> str:
+    """Submit on the submission port (STARTTLS + AUTH PLAIN); return the queue id."""
+    with smtplib.SMTP("127.0.0.1", relay.ports["submission"], timeout=20) as s:
+        s.ehlo("laptop.test")
+        s.starttls(context=relay.client_context())
+        s.ehlo("laptop.test")
+        s.login("alice", PASSWORD)
+        code, msg = s.mail(sender)
+        assert code == 250, (code, msg)
+        for r in rcpts:
+            code, msg = s.rcpt(r)
+            assert code == 250, (r, code, msg)
+        code, msg = s.data(body)
+        assert code == 250, (code, msg)
+    m = re.search(rb"queued as (\S+)", msg)
+    assert m, msg
+    return m.group(1).decode()
+
+
+def split_received(content: bytes) -> tuple[bytes, bytes]:
+    """(our Received header with its folded lines, the rest) of a delivered message."""
+    assert content.startswith(b"Received: from "), content[:200]
+    lines = content.split(b"\r\n")
+    n = 1
+    while lines[n][:1] in (b" ", b"\t"):
+        n += 1
+    head = b"\r\n".join(lines[:n]) + b"\r\n"
+    return head, content[len(head):]
+
+
+def assert_clean_wire(server: FakeSMTPServer) -> None:
+    for i, w in enumerate(server.wire):
+        assert bare_line_ends(w) == [], f"bare CR/LF on connection {i + 1}"
+
+
+def delivered_to(server: FakeSMTPServer, rcpt: str) -> list[Any]:
+    return [m for m in server.messages if rcpt in m.rcpt_tos]
+
+
+def log_lines(relay: RelayProcess, qid: str) -> list[str]:
+    return [ln for ln in relay.maillog().splitlines() if f" {qid}: " in ln]
+
+
+def gone(relay: RelayProcess, qid: str) -> bool:
+    return not (relay.queue_dir / qid).exists()
+
+
+def assert_null_sender(server: FakeSMTPServer, m: Any) -> None:
+    """A bounce: MAIL FROM:<> (aiosmtpd records the null path as "<>"), to the sender."""
+    assert m.mail_from in ("", "<>") and m.rcpt_tos == [SENDER]
+    assert re.search(rb"MAIL FROM:<>[ \r]", server.wire[m.connection - 1])
+
+
+def parse_dsn(content: bytes) -> tuple[email.message.Message, list[email.message.Message]]:
+    """(the DSN message, the per-recipient field groups of its delivery-status part)."""
+    msg = email.message_from_bytes(content, policy=email.policy.compat32)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    parts = msg.get_payload()
+    assert parts[0].get_content_type() == "text/plain"
+    assert parts[1].get_content_type() == "message/delivery-status"
+    groups = parts[1].get_payload()  # [per-message fields, per-recipient fields...]
+    return msg, groups[1:]
+
+
+@pytest.fixture
+def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
+    dns_server.set_zones(ZONES)
+    return dns_server
+
+
+@pytest.fixture
+def sender_mx(fake_mx: MXFactory) -> FakeSMTPServer:
+    """The envelope sender's MX (receives bounces); also fixes `fake_mx.port`."""
+    return fake_mx(SENDER_MX)
+
+
+# --------------------------------------------------------------------------- swaks
+
+def test_swaks_submission_reaches_mx_byte_for_byte(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory, tmp_path: Path) -> None:
+    if shutil.which("swaks") is None:
+        pytest.fail("swaks is not installed (the test command installs it)")
+    mx1 = fake_mx("127.0.0.2")
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    data = tmp_path / "message.eml"
+    data.write_bytes(BODY[:-2])  # swaks ends DATA with CRLF . CRLF itself
+    r = subprocess.run(
+        ["swaks", "--server", "127.0.0.1", "--port", str(relay.ports["submission"]),
+         "--tls", "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", PASSWORD,
+         "--from", SENDER, "--to", "bob@example.test", "--data", str(data)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "235 2.7.0" in r.stdout
+    qid = re.search(r"queued as (\S+)", r.stdout).group(1)  # type: ignore[union-attr]
+
+    wait_until(lambda: mx1.messages, "delivery to the MX", relay=relay)
+    m = mx1.messages[0]
+    assert (m.mail_from, m.rcpt_tos) == (SENDER, ["bob@example.test"])
+    received, rest = split_received(m.content)
+    assert rest == BODY  # byte for byte, apart from our trace header
+    assert f"id {qid}".encode() in received and b"with ESMTPSA" in received
+    assert b"by relay.test" in received
+    assert m.helo == "relay.test"
+    assert_clean_wire(mx1)
+    wait_until(lambda: gone(relay, qid), "removal from the queue", relay=relay)
+    sent = [ln for ln in log_lines(relay, qid) if "stat=Sent" in ln]
+    assert len(sent) == 1 and "to=<bob@example.test>" in sent[0]
+    assert f"[127.0.0.2]:{fake_mx.port}" in sent[0]
+    assert PASSWORD not in relay.maillog()
+
+
+# --------------------------------------------------------------------------- MX choice
+
+def test_mx_preference_order(relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+                             sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    mx1 = fake_mx("127.0.0.2")
+    mx2 = fake_mx("127.0.0.3")
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qids = [submit(relay, ["bob@example.test"]) for _ in range(3)]
+    for qid in qids:
+        wait_until(lambda q=qid: gone(relay, q), f"{qid} delivered", relay=relay)
+    assert len(mx1.messages) == 3
+    assert mx2.connections == 0  # the less preferred MX is never touched
+
+
+@pytest.mark.parametrize("first", ["refuses", "down"])
+def test_fallback_to_second_mx(relay_factory: Callable[..., RelayProcess],
+                               dns: FakeDNSServer, sender_mx: FakeSMTPServer,
+                               fake_mx: MXFactory, first: str) -> None:
+    if first == "refuses":
+        mx1 = fake_mx("127.0.0.2", greeting="421 4.3.2 mx1 is busy, go away")
+    mx2 = fake_mx("127.0.0.3")  # with "down", nothing listens on 127.0.0.2
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit(relay, ["bob@example.test"])
+    wait_until(lambda: gone(relay, qid), "delivery via the second MX", relay=relay)
+    assert len(mx2.messages) == 1
+    assert split_received(mx2.messages[0].content)[1] == BODY
+    if first == "refuses":
+        assert mx1.connections >= 1 and mx1.messages == []
+    sent = [ln for ln in log_lines(relay, qid) if "stat=Sent" in ln]
+    assert len(sent) == 1 and "[127.0.0.3]" in sent[0]
+
+
+def test_implicit_mx(relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+                     sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    host = fake_mx("127.0.0.4")
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit(relay, ["carol@implicit.test"])
+    wait_until(lambda: gone(relay, qid), "delivery to the implicit MX", relay=relay)
+    assert host.messages[0].rcpt_tos == ["carol@implicit.test"]
+    assert ("implicit.test", "MX") in dns.queries and ("implicit.test", "A") in dns.queries
+
+
+@pytest.mark.parametrize(("rcpt", "status"), [("dave@nullmx.test", "5.1.10"),
+                                              ("erin@nxdomain.test", "5.1.2")])
+def test_unroutable_domain_bounces_to_sender(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory, rcpt: str, status: str) -> None:
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit(relay, [rcpt])
+    wait_until(lambda: sender_mx.messages, "the bounce at the sender's MX", relay=relay)
+    b = sender_mx.messages[0]
+    assert_null_sender(sender_mx, b)
+    msg, groups = parse_dsn(b.content)
+    assert msg["To"] and SENDER in msg["To"]
+    assert len(groups) == 1
+    g = groups[0]
+    assert g["Action"] == "failed"
+    assert g["Status"] == status
+    assert rcpt in g["Final-Recipient"]
+    assert g["Diagnostic-Code"]
+    original = msg.get_payload()[2]
+    assert "Subject: end to end" in original.as_string()
+    assert_clean_wire(sender_mx)
+    wait_until(lambda: gone(relay, qid), "the original leaves the queue", relay=relay)
+    assert any("stat=Bounced" in ln and f"dsn={status}" in ln for ln in log_lines(relay, qid))
+    wait_until(lambda: relay.queued() == [], "the bounce leaves the queue", relay=relay)
+
+
+def test_servfail_deferred_then_delivered(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    mx1 = fake_mx("127.0.0.2")
+    dns.update({"example.test": "SERVFAIL"})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit(relay, ["bob@example.test"])
+    wait_until(lambda: any("stat=Deferred" in ln for ln in log_lines(relay, qid)),
+               "a deferral", relay=relay)
+    assert mx1.connections == 0 and not gone(relay, qid)
+    dns.update({"example.test": ZONES["example.test"]})
+    wait_until(lambda: gone(relay, qid), "delivery after the zone is fixed", relay=relay)
+    assert len(mx1.messages) == 1
+    assert sender_mx.messages == []  # a deferral sends no bounce
+    lines = log_lines(relay, qid)
+    assert any("stat=Sent" in ln and "tries=" in ln and "tries=1," not in ln for ln in lines)
+
+
+# --------------------------------------------------------------------------- smart host
+
+def smart_overrides(tmp_path: Path, hosts: list[str], ca_file: Path) -> dict[str, Any]:
+    pw = tmp_path / "smarthost.pw"
+    pw.write_text("s3cret pass\n")
+    pw.chmod(0o600)
+    return {
+        "relay": {"smart_host": hosts, "smart_host_tls": "starttls",
+                  "smart_host_user": "relayuser", "smart_host_password_file": str(pw),
+                  "smart_host_ca_file": str(ca_file)},
+        "delivery": {"retry": ["1s"], "connect_timeout": "5s", "command_timeout": "10s",
+                     "data_timeout": "10s", "delay_warning": 0},
+    }
+
+
+def test_smart_host_starttls_auth(relay_factory: Callable[..., RelayProcess],
+                                  dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: Any,
+                                  trustme_ca_file: Path, tmp_path: Path) -> None:
+    sh = fake_mx("127.0.0.2", starttls_context=server_tls_context(trustme_ca, "127.0.0.2"),
+                 require_starttls=True, users={"relayuser": "s3cret pass"})
+    relay = relay_factory(smart_overrides(tmp_path, [sh.address], trustme_ca_file))
+    qid = submit(relay, ["bob@example.test", "zed@far-away.test"])
+    wait_until(lambda: gone(relay, qid), "delivery to the smart host", relay=relay)
+    assert len(sh.messages) == 1  # one transaction for both recipients
+    m = sh.messages[0]
+    assert m.tls and m.auth_user == "relayuser"
+    assert m.rcpt_tos == ["bob@example.test", "zed@far-away.test"]
+    assert split_received(m.content)[1] == BODY
+    assert_clean_wire(sh)
+    assert dns.queries == []  # a smart host means no MX lookups
+    assert "s3cret" not in relay.maillog()
+    assert len([ln for ln in log_lines(relay, qid) if "stat=Sent" in ln]) == 2
+
+
+def test_smart_host_failover(relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+                             fake_mx: MXFactory, trustme_ca: Any, trustme_ca_file: Path,
+                             tmp_path: Path) -> None:
+    sh2 = fake_mx("127.0.0.3", starttls_context=server_tls_context(trustme_ca, "127.0.0.3"),
+                  require_starttls=True, users={"relayuser": "s3cret pass"})
+    down = f"127.0.0.2:{free_port('127.0.0.2')}"  # nothing listens there
+    relay = relay_factory(smart_overrides(tmp_path, [down, sh2.address], trustme_ca_file))
+    qid = submit(relay, ["bob@example.test"])
+    wait_until(lambda: gone(relay, qid), "delivery via the second smart host", relay=relay)
+    assert len(sh2.messages) == 1 and sh2.messages[0].auth_user == "relayuser"
+    sent = [ln for ln in log_lines(relay, qid) if "stat=Sent" in ln]
+    assert len(sent) == 1 and "127.0.0.3" in sent[0]
+
+
+# --------------------------------------------------------------------------- results
+
+def test_temporary_failure_then_success(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    mx1 = fake_mx("127.0.0.2",
+                  rcpt_replies={"bob@example.test": "451 4.7.1 greylisted, come back later"})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit(relay, ["bob@example.test"])
+    wait_until(lambda: any("stat=Deferred" in ln for ln in log_lines(relay, qid)),
+               "a deferral", relay=relay)
+    deferred = [ln for ln in log_lines(relay, qid) if "stat=Deferred" in ln][0]
+    assert "451 4.7.1 greylisted" in deferred and "dsn=4.7.1" in deferred
+    mx1.rcpt_replies.clear()  # the greylisting period is over
+    wait_until(lambda: gone(relay, qid), "delivery on retry", relay=relay)
+    assert len(mx1.messages) == 1
+    assert split_received(mx1.messages[0].content)[1] == BODY
+    assert sender_mx.messages == []
+
+
+def test_permanent_failure_dsn_to_sender_mx(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    mx1 = fake_mx("127.0.0.2",
+                  rcpt_replies={"nobody@example.test": "550 5.1.1 no such user here"})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit(relay, ["nobody@example.test", "bob@example.test"])
+    wait_until(lambda: sender_mx.messages, "the bounce", relay=relay)
+    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    # The good recipient got the mail once; the bad one is reported once.
+    assert [m.rcpt_tos for m in mx1.messages] == [["bob@example.test"]]
+    assert len(sender_mx.messages) == 1
+    b = sender_mx.messages[0]
+    assert_null_sender(sender_mx, b)
+    msg, groups = parse_dsn(b.content)
+    assert msg["Auto-Submitted"] == "auto-replied"  # RFC 3834: no auto-reply to this
+    assert [g["Action"] for g in groups] == ["failed"]
+    g = groups[0]
+    assert "nobody@example.test" in g["Final-Recipient"]
+    assert g["Status"] == "5.1.1"
+    assert "550" in g["Diagnostic-Code"] and "no such user here" in g["Diagnostic-Code"]
+    assert g["Remote-MTA"] == "dns; mx1.example.test"
+    assert "bob@example.test" not in msg.get_payload()[1].as_string()
+    headers = msg.get_payload()[2].as_string()
+    assert "Message-ID: <e2e.1@sender.test>" in headers
+    assert_clean_wire(sender_mx)
+    assert any("sender_non-delivery_notification=" in ln for ln in log_lines(relay, qid))
+
+
+def test_null_sender_failure_bounces_nothing(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    mx1 = fake_mx("127.0.0.2", rcpt_replies={"nobody@example.test": "550 5.1.1 no such user"})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit(relay, ["nobody@example.test"], sender="")
+    wait_until(lambda: any("stat=Bounced" in ln for ln in log_lines(relay, qid)),
+               "the permanent failure", relay=relay)
+    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    assert not any("notification" in ln for ln in log_lines(relay, qid))
+    assert mx1.messages == []
+    # A second message proves the relay is still delivering after the no-bounce case,
+    # so an unwanted bounce would have had time to reach the sender's MX.
+    qid2 = submit(relay, ["bob@example.test"])
+    wait_until(lambda: gone(relay, qid2), "the next message", relay=relay)
+    assert sender_mx.messages == [] and sender_mx.connections == 0
+
+
+def test_only_the_deferred_recipient_is_retried(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    a = fake_mx("127.0.0.5")
+    b = fake_mx("127.0.0.6")
+    c = fake_mx("127.0.0.7", rcpt_replies={"cat@c.test": "452 4.2.2 mailbox full, try later"})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit(relay, ["ann@a.test", "ben@b.test", "cat@c.test"])
+
+    def c_tries() -> int:
+        return sum("to=<cat@c.test>" in ln and "stat=Deferred" in ln
+                   for ln in log_lines(relay, qid))
+
+    wait_until(lambda: c_tries() >= 2, "two deferrals for c.test", relay=relay)
+    assert not gone(relay, qid)
+    assert [m.rcpt_tos for m in a.messages] == [["ann@a.test"]]
+    assert [m.rcpt_tos for m in b.messages] == [["ben@b.test"]]
+    c.rcpt_replies.clear()
+    wait_until(lambda: gone(relay, qid), "the retried recipient delivered", relay=relay)
+    assert [m.rcpt_tos for m in c.messages] == [["cat@c.test"]]
+    # a.test and b.test were never contacted again.
+    assert (len(a.messages), a.connections, len(b.messages), b.connections) == (1, 1, 1, 1)
+    lines = log_lines(relay, qid)
+    assert sum("stat=Sent" in ln for ln in lines) == 3
+    assert sum("to=<ann@a.test>" in ln for ln in lines) == 1
+    assert sender_mx.messages == []
