@@ -190,8 +190,14 @@ class Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._paused = False
         try:
-            new = await loop.start_tls(self.transport, self, ctx, server_side=True,
-                                       ssl_handshake_timeout=timeout)
+            # Our own deadline: on expiry asyncio's ssl_handshake_timeout aborts with a
+            # ConnectionAbortedError, indistinguishable from a reset; the session must know
+            # it was a timeout (maillog "421 4.4.2 ... stage=timeout"). asyncio.timeout,
+            # not wait_for: a separate task would start a loop turn late, and a ClientHello
+            # arriving in between would land in this plaintext protocol and be lost.
+            async with asyncio.timeout(timeout):
+                new = await loop.start_tls(self.transport, self, ctx, server_side=True,
+                                           ssl_handshake_timeout=timeout + 5)
         except TimeoutError:
             self._closed = True
             raise Timeout from None

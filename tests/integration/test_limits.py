@@ -1,0 +1,685 @@
+"""Each limit of issue 4 ("Hold under abuse") crossed against a real authrelay process.
+
+Every test checks the reply code, the maillog line, and that another client is still
+served. Tests isolate their per-IP state by connecting from their own loopback source
+address (127.0.0.N). Durations in the configs are small ("1s") so timeouts fire quickly;
+no assertion is about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fakes.dnsserver import FakeDNSServer  # noqa: E402
+from relayproc import PASSWORD, RelayProcess  # noqa: E402
+from smtpclient import RawClient, client_ctx, plain  # noqa: E402
+
+
+class Client(RawClient):
+    """RawClient bound to a chosen loopback source address (per-IP limits)."""
+
+    def __init__(self, port: int, src: str = "127.0.0.1", timeout: float = 15.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=(src, 0))
+        self.buf = b""
+
+
+def submit_login(relay: RelayProcess, src: str, user: str = "alice",
+                 password: str = PASSWORD) -> Client:
+    """A submission session after STARTTLS and a successful AUTH."""
+    c = Client(relay.ports["submission"], src)
+    assert c.reply().code == 220
+    assert c.cmd("EHLO client.test").code == 250
+    assert c.cmd("STARTTLS").code == 220
+    c.starttls(client_ctx())
+    assert c.cmd("EHLO client.test").code == 250
+    r = c.cmd(f"AUTH PLAIN {plain(user, password)}")
+    assert r.code == 235, r
+    return c
+
+
+def served(relay: RelayProcess, src: str, listener: str = "smtp") -> None:
+    """Another client is still served normally."""
+    with Client(relay.ports[listener], src) as c:
+        assert c.reply().code == 220
+        assert c.cmd("EHLO other.test").code == 250
+        assert c.cmd("QUIT").code == 221
+
+
+def wait_log(relay: RelayProcess, pattern: str, timeout: float = 10.0) -> str:
+    """The first maillog line matching `pattern` (regex), waiting for it to be written."""
+    rx = re.compile(pattern)
+    found: list[str] = []
+
+    def pred() -> bool:
+        found[:] = [ln for ln in relay.maillog().splitlines() if rx.search(ln)]
+        return bool(found)
+
+    relay.wait_for(pred, timeout)
+    return found[0]
+
+
+def envelope(relay: RelayProcess, qid: str) -> dict:
+    raw = (relay.queue_dir / qid).read_bytes()
+    first, _, rest = raw.partition(b"\n")
+    return json.loads(rest[:int(first.split()[2])])
+
+
+def qid_of(reply: object) -> str:
+    m = re.search(r"queued as (\S+)", str(reply))
+    assert m, reply
+    return m.group(1)
+
+
+def status(pid: int, key: str) -> int:
+    """A kB figure from /proc/PID/status (VmRSS, VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+class PeakRSS:
+    """Samples the server's VmRSS in a thread while the block runs; `.peak_growth` in kB.
+
+    (VmHWM is no use: argon2 hashing at login may already have set a high peak.)
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.base = status(pid, "VmRSS")
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, status(self.pid, "VmRSS"))
+            time.sleep(0.002)
+
+    def __enter__(self) -> PeakRSS:
+        self._t.start()
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, status(self.pid, "VmRSS"))
+
+    @property
+    def peak_growth(self) -> int:
+        return self.peak - self.base
+
+
+def no_traceback(relay: RelayProcess) -> None:
+    assert "Traceback" not in relay.maillog()
+
+
+# ============================================================== one relay, many limits
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    r = RelayProcess(
+        tmp_path_factory.mktemp("limits"),
+        overrides={
+            "limits": {"max_message_size": 100000, "max_recipients": 3,
+                       "bad_rcpt_throttle": 2, "bad_rcpt_limit": 4, "max_auth_failures": 2,
+                       "connection_rate_per_ip": 0, "max_errors": 50,
+                       "user_messages_per_hour": 3, "user_recipients_per_hour": 4},
+            "auth": {"sender_policy": "own", "max_failures_per_ip": 3,
+                     "max_failures_per_user": 3, "failure_window": "10m"},
+        },
+        users={},
+    )
+    for name, addrs in {"alice": ["alice@example.org"],
+                        "bob": ["bob@example.org", "sales@example.org"],
+                        "carol": ["carol@example.org"], "dan": ["dan@example.org"],
+                        "erin": [], "frank": [], "gina": ["gina@example.org"]}.items():
+        extra = [a for addr in addrs for a in ("--address", addr)]
+        r.cli("user", "add", name, *extra, "--password-stdin", input=PASSWORD + "\n")
+    r.start()
+    yield r
+    r.stop()
+    no_traceback(r)
+
+
+def test_size_param_too_big(relay: RelayProcess) -> None:
+    c = submit_login(relay, "127.0.0.2", "bob")
+    r = c.cmd("MAIL FROM:<bob@example.org> SIZE=100001")
+    assert (r.code, r.text[:5]) == (552, "5.3.4")
+    wait_log(relay, r"reject=552 5\.3\.4 <bob@example.org>.*size=100001")
+    assert c.cmd("MAIL FROM:<bob@example.org> SIZE=100000").code == 250
+    c.close()
+    served(relay, "127.0.0.3")
+
+
+def test_body_too_big_nothing_stored_memory_bounded(relay: RelayProcess) -> None:
+    before = set(p.name for p in relay.queued())
+    c = submit_login(relay, "127.0.0.4", "bob")
+    assert c.cmd("MAIL FROM:<bob@example.org>").code == 250
+    assert c.cmd("RCPT TO:<x@remote.test>").code == 250
+    assert c.cmd("DATA").code == 354
+    assert relay.proc is not None
+    line = b"y" * 998 + b"\r\n"
+    with PeakRSS(relay.proc.pid) as mem:
+        for _ in range(20):  # ~20 MB, 200x the limit
+            c.send(line * 1000)
+        c.send(b".\r\n")
+        r = c.reply()
+    assert (r.code, r.text[:5]) == (552, "5.3.4")
+    wait_log(relay, r"reject=552 5\.3\.4 .*relay=unknown \[127\.0\.0\.4\]")
+    # Over-limit bytes are never kept: RSS never grows near the 20 MB sent.
+    assert mem.peak_growth < 8_000, mem.peak_growth
+    assert set(p.name for p in relay.queued()) == before
+    assert not list((relay.state / "spool" / "tmp").iterdir())
+    assert c.cmd("NOOP").code == 250  # the session goes on
+    c.close()
+    served(relay, "127.0.0.5")
+
+
+def test_max_recipients_accepted_ones_queued(relay: RelayProcess) -> None:
+    c = submit_login(relay, "127.0.0.6", "alice")
+    assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
+    for i in range(3):
+        assert c.cmd(f"RCPT TO:<r{i}@remote.test>").code == 250
+    r = c.cmd("RCPT TO:<r3@remote.test>")
+    assert (r.code, r.text) == (452, "4.5.3 Too many recipients")
+    wait_log(relay, r"reject=452 4\.5\.3 <r3@remote.test>")
+    assert c.cmd("DATA").code == 354
+    r = c.cmd("Subject: hi\r\n\r\nbody\r\n.")
+    assert r.code == 250
+    env = envelope(relay, qid_of(r))
+    assert [x["address"] for x in env["recipients"]] == [f"r{i}@remote.test" for i in range(3)]
+    c.close()
+    served(relay, "127.0.0.7")
+
+
+def test_bad_rcpt_throttle_then_limit(relay: RelayProcess) -> None:
+    src = "127.0.0.8"
+    c = Client(relay.ports["smtp"], src)
+    assert c.reply().code == 220
+    assert c.cmd("EHLO spammer.test").code == 250
+    assert c.cmd("MAIL FROM:<s@spam.test>").code == 250
+    assert c.cmd("RCPT TO:<v1@victim.test>").code == 550
+    assert c.cmd("RCPT TO:<v2@victim.test>").code == 550
+    assert "RCPT flood" not in relay.maillog()
+    # Past bad_rcpt_throttle (2): every RCPT, good or bad, is delayed and the flood logged.
+    assert c.cmd("RCPT TO:<ok@local.test>").code == 250
+    flood = wait_log(relay, rf"possible SMTP RCPT flood.*\[{re.escape(src)}\]")
+    assert "bad_rcpts=2" in flood
+    assert c.cmd("RCPT TO:<v3@victim.test>").code == 550
+    # The bad_rcpt_limit-th (4th) refusal ends the session.
+    r = c.cmd("RCPT TO:<v4@victim.test>")
+    assert r.code == 550
+    r = c.reply()
+    assert (r.code, r.text[:5]) == (421, "4.7.0")
+    assert c.closed()
+    log = relay.maillog()
+    lines = [ln for ln in log.splitlines() if f"[{src}]" in ln]
+    kinds = [("flood" if "RCPT flood" in ln else "denied" if "Relaying denied" in ln
+              else "limit" if "invalid recipients" in ln else None) for ln in lines]
+    kinds = [k for k in kinds if k]
+    assert kinds == ["denied", "denied", "flood", "denied", "denied", "limit"]
+    assert len(re.findall(r"RCPT flood.*" + re.escape(src), log)) == 1  # logged once
+    served(relay, "127.0.0.9")
+
+
+def test_max_auth_failures_per_connection(relay: RelayProcess) -> None:
+    src = "127.0.0.10"
+    c = Client(relay.ports["submissions"], src)
+    c.sock = client_ctx().wrap_socket(c.sock)
+    assert c.reply().code == 220
+    assert c.cmd("EHLO brute.test").code == 250
+    assert c.cmd(f"AUTH PLAIN {plain('frank', 'guess1')}").code == 535
+    r = c.cmd(f"AUTH PLAIN {plain('frank', 'guess2')}")
+    assert r.code == 535
+    r = c.reply()
+    assert (r.code, r.text[:5]) == (421, "4.7.0")
+    assert c.closed()
+    # fail2ban: IP and username on the failure lines.
+    wait_log(relay, rf"authentication failed, relay=unknown \[{re.escape(src)}\].*"
+             r"sasl_username=frank")
+    wait_log(relay, rf"reject=421 4\.7\.0 Too many authentication failures.*\[{src}\]")
+    submit_login(relay, "127.0.0.11", "alice").close()  # others log in fine
+
+
+def test_auth_locked_per_ip(relay: RelayProcess) -> None:
+    src = "127.0.0.12"
+    # 3 failures (max_failures_per_ip) over two connections, unknown users.
+    for users in (["nobody1", "nobody2"], ["nobody3"]):
+        c = Client(relay.ports["submission"], src)
+        c.reply()
+        c.cmd("EHLO brute.test")
+        c.cmd("STARTTLS")
+        c.starttls(client_ctx())
+        c.cmd("EHLO brute.test")
+        for u in users:
+            assert c.cmd(f"AUTH PLAIN {plain(u, 'x')}").code == 535
+        c.close()
+    # Now even the right password is refused from that IP, without being checked.
+    c = Client(relay.ports["submission"], src)
+    c.reply()
+    c.cmd("EHLO brute.test")
+    c.cmd("STARTTLS")
+    c.starttls(client_ctx())
+    c.cmd("EHLO brute.test")
+    r = c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")
+    assert (r.code, r.text[:5]) == (454, "4.7.0")
+    wait_log(relay, rf"reject=454 4\.7\.0 .*\[{re.escape(src)}\].*sasl_username=alice")
+    c.close()
+    submit_login(relay, "127.0.0.13", "alice").close()  # another IP: same user fine
+
+
+def test_auth_locked_per_user(relay: RelayProcess) -> None:
+    # One failure each from three addresses: the user "erin" is locked for everyone.
+    for i, src in enumerate(("127.0.0.14", "127.0.0.15", "127.0.0.16")):
+        c = Client(relay.ports["submission"], src)
+        c.reply()
+        c.cmd("EHLO x.test")
+        c.cmd("STARTTLS")
+        c.starttls(client_ctx())
+        c.cmd("EHLO x.test")
+        assert c.cmd(f"AUTH PLAIN {plain('erin', f'wrong{i}')}").code == 535
+        c.close()
+    c = Client(relay.ports["submission"], "127.0.0.17")
+    c.reply()
+    c.cmd("EHLO x.test")
+    c.cmd("STARTTLS")
+    c.starttls(client_ctx())
+    c.cmd("EHLO x.test")
+    r = c.cmd(f"AUTH PLAIN {plain('erin', PASSWORD)}")
+    assert (r.code, r.text[:5]) == (454, "4.7.0")
+    # The same connection (same IP) may still log in as somebody else.
+    assert c.cmd(f"AUTH PLAIN {plain('carol', PASSWORD)}").code == 235
+    c.close()
+    wait_log(relay, r"reject=454 4\.7\.0 .*\[127\.0\.0\.17\].*sasl_username=erin")
+
+
+def test_failed_auth_same_answer_known_and_unknown(relay: RelayProcess) -> None:
+    c = Client(relay.ports["submission"], "127.0.0.18")
+    c.reply()
+    c.cmd("EHLO x.test")
+    c.cmd("STARTTLS")
+    c.starttls(client_ctx())
+    c.cmd("EHLO x.test")
+    known = c.cmd(f"AUTH PLAIN {plain('dan', 'wrong')}")
+    unknown = c.cmd(f"AUTH PLAIN {plain('nosuchuser', 'wrong')}")
+    assert known.lines == unknown.lines == ["535 5.7.8 Authentication credentials invalid"]
+    c.close()
+    a = wait_log(relay, r"authentication failed.*\[127\.0\.0\.18\].*sasl_username=dan")
+    b = wait_log(relay, r"authentication failed.*\[127\.0\.0\.18\].*sasl_username=nosuchuser")
+    strip = re.compile(r"^.*?NOQUEUE: |sasl_username=\S+")
+    assert strip.sub("", a) == strip.sub("", b)
+
+
+def test_command_line_too_long(relay: RelayProcess) -> None:
+    c = Client(relay.ports["smtp"], "127.0.0.19")
+    c.reply()
+    r = c.cmd("EHLO " + "a" * 600)
+    assert (r.code, r.text[:5]) == (500, "5.5.6")
+    assert c.cmd("EHLO ok.test").code == 250  # the session goes on
+    c.close()
+    served(relay, "127.0.0.20")
+
+
+def test_text_line_too_long(relay: RelayProcess) -> None:
+    before = set(p.name for p in relay.queued())
+    c = submit_login(relay, "127.0.0.21", "bob")
+    assert c.cmd("MAIL FROM:<bob@example.org>").code == 250
+    assert c.cmd("RCPT TO:<x@remote.test>").code == 250
+    assert c.cmd("DATA").code == 354
+    r = c.cmd("Subject: long\r\n\r\n" + "z" * 999 + "\r\nok\r\n.")
+    assert (r.code, r.text[:5]) == (550, "5.6.0")
+    wait_log(relay, r"reject=550 5\.6\.0 .*\[127\.0\.0\.21\]")
+    assert set(p.name for p in relay.queued()) == before
+    # A 998-octet line is fine.
+    assert c.cmd("MAIL FROM:<bob@example.org>").code == 250
+    assert c.cmd("RCPT TO:<x@remote.test>").code == 250
+    assert c.cmd("DATA").code == 354
+    assert c.cmd("Subject: ok\r\n\r\n" + "z" * 998 + "\r\n.").code == 250
+    c.close()
+
+
+def test_no_crlf_flood_bounded_memory(relay: RelayProcess) -> None:
+    assert relay.proc is not None
+    c = Client(relay.ports["smtp"], "127.0.0.22", timeout=60)
+    c.reply()
+    chunk = b"A" * (1 << 20)
+    with PeakRSS(relay.proc.pid) as mem:
+        for _ in range(10):  # 10 MB without a line end
+            c.send(chunk)
+        served(relay, "127.0.0.23")  # meanwhile another client is served
+        c.send(b"\r\n")
+        r = c.reply()
+    assert (r.code, r.text[:5]) == (500, "5.5.6")
+    assert mem.peak_growth < 8_000, mem.peak_growth  # kB: never near the 10 MB sent
+    assert c.cmd("NOOP").code == 250
+    c.close()
+
+
+def test_sender_policy_own(relay: RelayProcess) -> None:
+    c = submit_login(relay, "127.0.0.24", "alice")
+    r = c.cmd("MAIL FROM:<sales@example.org>")
+    assert (r.code, r.text) == (553, "5.7.1 Sender address not owned by user")
+    wait_log(relay, r"reject=553 5\.7\.1 <sales@example.org>.*sasl_username=alice")
+    assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
+    c.close()
+    c = submit_login(relay, "127.0.0.24", "bob")  # bob owns sales@
+    assert c.cmd("MAIL FROM:<sales@example.org>").code == 250
+    c.close()
+
+
+def _send(c: Client, sender: str, rcpts: list[str]) -> list[int]:
+    codes = [c.cmd(f"MAIL FROM:<{sender}>").code]
+    if codes[0] != 250:
+        return codes
+    codes += [c.cmd(f"RCPT TO:<{r}>").code for r in rcpts]
+    if 250 in codes[1:]:
+        c.cmd("DATA")
+        codes.append(c.cmd("Subject: t\r\n\r\nx\r\n.").code)
+    else:
+        c.cmd("RSET")
+    return codes
+
+
+def test_user_messages_per_hour(relay: RelayProcess) -> None:
+    c = submit_login(relay, "127.0.0.25", "carol")
+    for _ in range(3):
+        assert _send(c, "carol@example.org", ["a@remote.test"]) == [250, 250, 250]
+    r = c.cmd("MAIL FROM:<carol@example.org>")
+    assert (r.code, r.text[:5]) == (450, "4.7.1")
+    wait_log(relay, r"reject=450 4\.7\.1 .*sasl_username=carol")
+    c.close()
+    c = submit_login(relay, "127.0.0.25", "dan")  # other users unaffected
+    assert _send(c, "dan@example.org", ["a@remote.test"]) == [250, 250, 250]
+    c.close()
+
+
+def test_user_recipients_per_hour(relay: RelayProcess) -> None:
+    c = submit_login(relay, "127.0.0.26", "gina")
+    assert _send(c, "gina@example.org", ["a@r.test", "b@r.test", "c@r.test"]) == [250] * 5
+    assert c.cmd("MAIL FROM:<gina@example.org>").code == 250
+    assert c.cmd("RCPT TO:<d@r.test>").code == 250
+    r = c.cmd("RCPT TO:<e@r.test>")
+    assert (r.code, r.text[:5]) == (450, "4.7.1")
+    wait_log(relay, r"reject=450 4\.7\.1 .*sasl_username=gina")
+    assert c.cmd("DATA").code == 354
+    r = c.cmd("Subject: t\r\n\r\nx\r\n.")
+    assert r.code == 250
+    assert [x["address"] for x in envelope(relay, qid_of(r))["recipients"]] == ["d@r.test"]
+    c.close()
+
+
+# ============================================================== timeouts
+@pytest.fixture(scope="module")
+def slow_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    r = RelayProcess(
+        tmp_path_factory.mktemp("timeouts"),
+        overrides={"limits": {"command_timeout": "1s", "data_block_timeout": "1s",
+                              "data_final_timeout": "2s", "tls_handshake_timeout": "1s",
+                              "session_timeout": "4s", "connection_rate_per_ip": 0}},
+    ).start()
+    yield r
+    r.stop()
+    no_traceback(r)
+
+
+def _timeout_reply(c: Client) -> None:
+    r = c.reply()
+    assert (r.code, r.text[:5]) == (421, "4.4.2"), r
+    assert c.closed()
+
+
+def test_command_timeout(slow_relay: RelayProcess) -> None:
+    c = Client(slow_relay.ports["smtp"], "127.0.1.1")
+    assert c.reply().code == 220
+    assert c.cmd("EHLO idle.test").code == 250
+    _timeout_reply(c)  # then nothing: the server gives up
+    wait_log(slow_relay, r"reject=421 4\.4\.2 .*\[127\.0\.1\.1\], stage=timeout")
+    served(slow_relay, "127.0.1.2")
+
+
+def test_data_block_timeout(slow_relay: RelayProcess) -> None:
+    before = len(slow_relay.queued())
+    c = Client(slow_relay.ports["smtp"], "127.0.1.3")
+    c.reply()
+    c.cmd("EHLO x.test")
+    c.cmd("MAIL FROM:<a@x.test>")
+    assert c.cmd("RCPT TO:<b@local.test>").code == 250
+    assert c.cmd("DATA").code == 354
+    c.send("Subject: stall\r\n\r\nhalf a mess")
+    _timeout_reply(c)
+    wait_log(slow_relay, r"reject=421 4\.4\.2 .*\[127\.0\.1\.3\]")
+    assert len(slow_relay.queued()) == before
+    served(slow_relay, "127.0.1.4")
+
+
+def test_data_final_timeout_dribbling_client(slow_relay: RelayProcess) -> None:
+    """Each byte arrives within the block timeout, but the whole DATA takes too long."""
+    before = len(slow_relay.queued())
+    c = Client(slow_relay.ports["smtp"], "127.0.1.5")
+    c.reply()
+    c.cmd("EHLO x.test")
+    c.cmd("MAIL FROM:<a@x.test>")
+    c.cmd("RCPT TO:<b@local.test>")
+    assert c.cmd("DATA").code == 354
+    c.sock.settimeout(0.4)
+    got = b""
+    for _ in range(40):  # up to ~16 s of dribbling; the server stops it after 2 s
+        try:
+            c.send(b"x")
+            got += c.sock.recv(1000)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if got:
+            break
+    assert got.startswith(b"421 4.4.2"), got
+    wait_log(slow_relay, r"reject=421 4\.4\.2 .*\[127\.0\.1\.5\]")
+    assert len(slow_relay.queued()) == before
+    served(slow_relay, "127.0.1.6")
+
+
+def test_starttls_handshake_timeout(slow_relay: RelayProcess) -> None:
+    c = Client(slow_relay.ports["smtp"], "127.0.1.7")
+    c.reply()
+    c.cmd("EHLO x.test")
+    assert c.cmd("STARTTLS").code == 220
+    # No ClientHello: the server drops the connection after tls_handshake_timeout.
+    assert c.closed(timeout=10)
+    wait_log(slow_relay, r"reject=421 4\.4\.2 .*\[127\.0\.1\.7\]")
+    served(slow_relay, "127.0.1.8")
+
+
+def test_implicit_tls_handshake_timeout(slow_relay: RelayProcess) -> None:
+    c = Client(slow_relay.ports["submissions"], "127.0.1.9")
+    assert c.closed(timeout=10)  # never said hello: closed, not held open
+    served(slow_relay, "127.0.1.10")
+
+
+def test_session_timeout(slow_relay: RelayProcess) -> None:
+    """A client that keeps the command timer happy is still cut at session_timeout."""
+    c = Client(slow_relay.ports["smtp"], "127.0.1.11")
+    c.reply()
+    c.cmd("EHLO x.test")
+    r = None
+    for _ in range(40):
+        readable, _w, _x = select.select([c.sock], [], [], 0.4)
+        try:
+            r = c.reply() if readable else c.cmd("NOOP")
+        except OSError:
+            break
+        if r.code != 250:
+            break
+    assert r is not None and (r.code, r.text[:5]) == (421, "4.4.2"), r
+    wait_log(slow_relay, r"421 4\.4\.2 session time limit.*\[127\.0\.1\.11\]")
+    served(slow_relay, "127.0.1.12")
+
+
+# ============================================================== connections
+def test_max_connections_global_and_per_ip(tmp_path: Path) -> None:
+    r = RelayProcess(tmp_path, overrides={"limits": {
+        "max_connections": 4, "max_connections_per_ip": 2, "connection_rate_per_ip": 0}}).start()
+    try:
+        port = r.ports["smtp"]
+        held = [Client(port, "127.0.2.1"), Client(port, "127.0.2.1")]
+        for c in held:
+            assert c.reply().code == 220
+        third = Client(port, "127.0.2.1")
+        x = third.reply()
+        assert (x.code, x.text[:5]) == (421, "4.7.0") and "your address" in x.text
+        assert third.closed()
+        wait_log(r, r"reject=421 4\.7\.0 Too many connections from your address.*"
+                 r"\[127\.0\.2\.1\], stage=connect")
+        held += [Client(port, "127.0.2.2"), Client(port, "127.0.2.3")]
+        for c in held[2:]:
+            assert c.reply().code == 220
+        fifth = Client(port, "127.0.2.4")
+        x = fifth.reply()
+        assert (x.code, x.text) == (421, "4.7.0 Too many connections, try again later")
+        wait_log(r, r"reject=421 4\.7\.0 Too many connections, .*\[127\.0\.2\.4\]")
+        # A slot freed is a slot served.
+        held.pop().cmd("QUIT")
+        deadline = time.monotonic() + 10
+        while True:
+            c = Client(port, "127.0.2.5")
+            if c.reply().code == 220:
+                break
+            c.close()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert c.cmd("EHLO ok.test").code == 250
+        for c in held:
+            c.close()
+        no_traceback(r)
+    finally:
+        r.stop()
+
+
+def test_connection_rate_per_ip(tmp_path: Path) -> None:
+    r = RelayProcess(tmp_path, overrides={"limits": {"connection_rate_per_ip": 3}}).start()
+    try:
+        port = r.ports["smtp"]
+        for _ in range(3):
+            with Client(port, "127.0.3.1") as c:
+                assert c.reply().code == 220
+        with Client(port, "127.0.3.1") as c:
+            x = c.reply()
+            assert (x.code, x.text[:5]) == (421, "4.7.0") and "rate" in x.text
+            assert c.closed()
+        wait_log(r, r"reject=421 4\.7\.0 Connection rate limit.*\[127\.0\.3\.1\]")
+        served(r, "127.0.3.2")
+    finally:
+        r.stop()
+
+
+def test_connection_rate_global(tmp_path: Path) -> None:
+    r = RelayProcess(tmp_path, overrides={"limits": {
+        "connection_rate": 5, "connection_rate_per_ip": 0}}).start()
+    try:
+        port = r.ports["smtp"]
+        time.sleep(1.1)  # let wait_ready's probes leave the one-second window
+        codes = []
+        for i in range(20):  # far more than 5 in the same second
+            with Client(port, f"127.0.4.{i + 1}") as c:
+                codes.append(c.reply().code)
+        assert codes.count(421) >= 1 and codes[0] == 220
+        wait_log(r, r"reject=421 4\.7\.0 Connection rate limit")
+        # Later, service resumes.
+        deadline = time.monotonic() + 10
+        while True:
+            time.sleep(0.3)
+            with Client(port, "127.0.4.99") as c:
+                if c.reply().code == 220:
+                    break
+            assert time.monotonic() < deadline
+    finally:
+        r.stop()
+
+
+# ============================================================== host checks (delay_checks)
+@pytest.fixture(scope="module")
+def dns() -> Iterator[FakeDNSServer]:
+    srv = FakeDNSServer({
+        "40.5.0.127.in-addr.arpa": {"PTR": ["good.test"]},
+        "good.test": {"A": ["127.0.5.40"]},
+        "42.5.0.127.in-addr.arpa": {"PTR": ["listed.test"]},
+        "listed.test": {"A": ["127.0.5.42"]},
+        "42.5.0.127.bl.test": {"A": ["127.0.0.2"]},
+        "43.5.0.127.in-addr.arpa": {"PTR": ["forged.test"]},
+        "forged.test": {"A": ["127.0.5.99"]},
+        "44.5.0.127.in-addr.arpa": "SERVFAIL",
+    }).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def checked_relay(tmp_path_factory: pytest.TempPathFactory, dns: FakeDNSServer
+                  ) -> Iterator[RelayProcess]:
+    r = RelayProcess(tmp_path_factory.mktemp("checks"), overrides={
+        "checks": {"require_reverse_dns": True, "dnsbl": ["bl.test"]},
+        "delivery": {"nameservers": [dns.nameserver], "dns_timeout": "3s"},
+        "limits": {"connection_rate_per_ip": 0},
+    }).start()
+    yield r
+    r.stop()
+    no_traceback(r)
+
+
+def _rcpt_unauth(relay: RelayProcess, src: str, rcpt: str = "x@local.test") -> object:
+    with Client(relay.ports["smtp"], src) as c:
+        c.reply()
+        c.cmd("EHLO host.test")
+        assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
+        return c.cmd(f"RCPT TO:<{rcpt}>")
+
+
+def test_no_ptr_refused_without_auth_relays_after_auth(checked_relay: RelayProcess) -> None:
+    r = _rcpt_unauth(checked_relay, "127.0.5.41")
+    assert (r.code, r.text[:6]) == (550, "5.7.25"), r
+    wait_log(checked_relay, r"reject=550 5\.7\.25 <x@local.test>.*\[127\.0\.5\.41\]")
+    c = submit_login(checked_relay, "127.0.5.41")
+    assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
+    assert c.cmd("RCPT TO:<someone@far.test>").code == 250
+    assert c.cmd("DATA").code == 354
+    assert c.cmd("Subject: roaming\r\n\r\nhi\r\n.").code == 250
+    c.close()
+
+
+def test_forward_confirmed_ptr_accepted(checked_relay: RelayProcess) -> None:
+    r = _rcpt_unauth(checked_relay, "127.0.5.40")
+    assert r.code == 250, r
+    wait_log(checked_relay, r"good\.test \[127\.0\.5\.40\]")
+
+
+def test_ptr_not_pointing_back_refused(checked_relay: RelayProcess) -> None:
+    r = _rcpt_unauth(checked_relay, "127.0.5.43")
+    assert (r.code, r.text[:6]) == (550, "5.7.25"), r
+
+
+def test_ptr_servfail_temporary(checked_relay: RelayProcess) -> None:
+    r = _rcpt_unauth(checked_relay, "127.0.5.44")
+    assert (r.code, r.text[:6]) == (450, "4.7.25"), r
+
+
+def test_dnsbl_listed_refused_without_auth(checked_relay: RelayProcess) -> None:
+    r = _rcpt_unauth(checked_relay, "127.0.5.42")
+    assert (r.code, r.text[:5]) == (554, "5.7.1") and "bl.test" in str(r), r
+    wait_log(checked_relay, r"reject=554 5\.7\.1 <x@local.test>.*bl\.test.*\[127\.0\.5\.42\]")
+    c = submit_login(checked_relay, "127.0.5.42")
+    assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
+    assert c.cmd("RCPT TO:<someone@far.test>").code == 250
+    c.close()
