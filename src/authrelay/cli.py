@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from authrelay import __version__
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+        # Installed as a /usr/sbin/sendmail symlink: the whole command line is sendmail's.
+        if os.path.basename(sys.argv[0]).startswith("sendmail"):
+            from authrelay import sendmail
+
+            return sendmail.main(argv)
     # `authrelay sendmail` takes sendmail's own flags (-t -i -f ...): hand them over raw.
     if argv and argv[0] == "sendmail":
         from authrelay import sendmail

@@ -1,0 +1,426 @@
+"""`authrelay sendmail`: local submission with the /usr/sbin/sendmail command line.
+
+Owns the command-line interface cron, mail(1), PHP and shell scripts use:
+`sendmail [-t] [-i|-oi] [-f sender] [-F fullname] [-C config] [--] [recipient ...]`
+(plus -N/-R/-V DSN options, and -odi -oem -bm -v -U -m -B -h ..., accepted and ignored).
+Contract: reads one message from stdin (LF or CRLF line ends; without -i a line holding a
+single "." ends it, as in sendmail), stores it with CRLF line ends, prepends a `Received:`
+field (RFC 5321 4.4, WITH protocol "local"), adds `From:`, `Date:` and `Message-ID:` when
+missing (RFC 6409 8.1, 8.3, 8.6), and queues it exactly like a network submission:
+`Spool.begin()` + `Incoming.commit()` (fsync file and directory; the running scheduler is
+woken through spool_dir/notify.sock). Exit 0 only once the message is durable.
+
+-t takes recipients from To/Cc/Bcc (Resent-To/-Cc/-Bcc when the message has Resent-
+fields, RFC 5322 3.6.6) and removes Bcc; recipients given as arguments are added to them
+(Postfix's reading). Unqualified addresses (`root`, as cron uses) get `@hostname`.
+
+When started as root and the spool belongs to another user (the daemon's `user`), it
+becomes that user before touching the spool, so the queued file is readable by the
+daemon and nothing in the spool is ever root-owned.
+
+Failure policy: exit status as sendmail's (sysexits.h), one line on stderr:
+EX_USAGE 64 (bad option, no recipients), EX_DATAERR 65 (bad address, message too big or
+malformed), EX_CANTCREAT 73 (spool not writable), EX_TEMPFAIL 75 (spool I/O error: the
+caller may retry), EX_CONFIG 78 (bad config). On any failure nothing is queued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email.utils
+import os
+import pwd
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+# Everything is imported up front: after switching to the spool owner the Python install
+# (e.g. under /root) may no longer be readable, so no lazy imports past that point.
+from authrelay import maillog
+from authrelay.address import AddressError, parse_mailbox
+from authrelay.config import Config, ConfigError, find_config_path, load_file
+from authrelay.spool.cleanup import HeaderCleanup
+from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+from authrelay.spool.store import Spool
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOUSER = 67
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+SYSTEM_CONFIG = "/etc/authrelay/authrelay.toml"  # cron has no $AUTHRELAY_CONFIG
+MAX_HEADER_BYTES = 1024 * 1024
+PROG = "authrelay sendmail"
+
+
+class Fail(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------- options
+
+# getopt-style like sendmail's own: flags may be bundled (-ti), arguments attached
+# (-fuser) or separate (-f user).
+_FLAGS = set("tivmnUGSI")  # I: -I is "newaliases" in some; treated as a no-op flag
+_WITH_ARG = set("fFrCNRVhBLXOobdpAq")
+
+
+@dataclass
+class Options:
+    extract: bool = False  # -t
+    ignore_dots: bool = False  # -i / -oi
+    sender: str | None = None  # -f / -r
+    fullname: str | None = None  # -F
+    config: str | None = None  # -C
+    notify: str = ""  # -N
+    ret: str = ""  # -R
+    envid: str = ""  # -V
+    body_8bit: bool = False  # -B 8BITMIME
+    recipients: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: list[str]) -> Options:
+    o = Options()
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        i += 1
+        if a == "--":
+            o.recipients += argv[i:]
+            break
+        if not a.startswith("-") or a == "-":
+            o.recipients.append(a)
+            continue
+        j = 1
+        while j < len(a):
+            c = a[j]
+            j += 1
+            if c in _FLAGS:
+                if c == "t":
+                    o.extract = True
+                elif c == "i":
+                    o.ignore_dots = True
+                continue
+            if c not in _WITH_ARG:
+                raise Fail(EX_USAGE, f"unknown option -{c}")
+            if j < len(a):
+                val, j = a[j:], len(a)
+            elif c == "q":
+                val = ""
+            elif i < len(argv):
+                val, i = argv[i], i + 1
+            else:
+                raise Fail(EX_USAGE, f"option -{c} requires an argument")
+            _option(o, c, val)
+    return o
+
+
+def _option(o: Options, c: str, val: str) -> None:
+    if c in "fr":
+        o.sender = val
+    elif c == "F":
+        o.fullname = val
+    elif c == "C":
+        o.config = val
+    elif c == "N":
+        o.notify = val.upper()
+    elif c == "R":
+        o.ret = val.upper()
+    elif c == "V":
+        o.envid = val
+    elif c == "B":
+        o.body_8bit = val.upper() == "8BITMIME"
+    elif c == "o":
+        # -oi = -i; -oem/-oep/-oeq, -odi/-odb/-odq and the rest change nothing here.
+        if val == "i":
+            o.ignore_dots = True
+    elif c == "b":
+        if val not in ("m", ""):
+            raise Fail(EX_USAGE, f"-b{val} is not supported (only -bm, send mail)")
+    elif c == "q":
+        raise Fail(EX_USAGE, "-q is not supported (use: authrelay queue flush)")
+    # -h hops, -L tag, -X logfile, -O option, -d debug, -p protocol, -A submit: ignored
+
+
+# --------------------------------------------------------------------------- message
+
+_HEADER = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
+
+
+def _lines(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
+    """Message lines with CRLF line ends; stops at a lone '.' unless -i."""
+    while True:
+        line = stream.readline(65536)
+        if not line:
+            return
+        if line.endswith(b"\n"):
+            line = line[:-1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+        elif len(line) == 65536:  # a very long line: pass it on in pieces, no line end
+            yield line.replace(b"\r", b"\r\n")
+            continue
+        if not ignore_dots and line == b".":
+            return
+        # A bare CR inside a line is a line end too: the spool holds CRLF text only.
+        yield line.replace(b"\r", b"\r\n") + b"\r\n"
+
+
+def _unfold(headers: list[bytes]) -> list[tuple[str, str, int, int]]:
+    """(lower-cased name, unfolded value, first line index, end index) per field."""
+    out: list[tuple[str, str, int, int]] = []
+    i = 0
+    while i < len(headers):
+        start = i
+        name, _, value = headers[i].partition(b":")
+        i += 1
+        while i < len(headers) and headers[i][:1] in (b" ", b"\t"):
+            value += b" " + headers[i].strip()
+            i += 1
+        out.append((name.strip().decode("ascii", "replace").lower(),
+                    value.decode("utf-8", "surrogateescape").strip(), start, i))
+    return out
+
+
+def _qualify(addr: str, cfg: Config) -> str:
+    return addr if "@" in addr else f"{addr}@{cfg.hostname}"
+
+
+def _check_address(addr: str, where: str) -> str:
+    try:
+        return str(parse_mailbox(addr))
+    except AddressError as e:
+        raise Fail(EX_DATAERR, f"{where}: bad address <{addr}>: {e.reply.text}") from None
+
+
+def _addresses(values: list[str], cfg: Config, where: str) -> list[str]:
+    out = []
+    for _name, addr in email.utils.getaddresses(values):
+        addr = addr.strip()
+        if not addr:
+            continue  # e.g. "undisclosed-recipients:;"
+        out.append(_check_address(_qualify(addr, cfg), where))
+    return out
+
+
+# --------------------------------------------------------------------------- config / user
+
+def _load_config(explicit: str | None) -> Config:
+    path = explicit or find_config_path(None)
+    if path is None and Path(SYSTEM_CONFIG).is_file():
+        path = SYSTEM_CONFIG
+    if path is None:
+        return Config()
+    return load_file(path)
+
+
+def _become_spool_owner(cfg: Config) -> None:
+    """As root, write the spool as its owner (the daemon's user), never as root."""
+    if os.geteuid() != 0:
+        return
+    for p in (cfg.spool_dir, cfg.state_path):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if st.st_uid != 0:
+            os.setgroups([])
+            os.setgid(st.st_gid)
+            os.setuid(st.st_uid)
+        return
+
+
+def _login() -> tuple[str, str]:
+    """(login name, full name from GECOS) of the invoking user."""
+    try:
+        pw = pwd.getpwuid(os.getuid())
+        return pw.pw_name, pw.pw_gecos.split(",")[0]
+    except KeyError:
+        return f"uid{os.getuid()}", ""
+
+
+def _received(cfg: Config, uid: int, qid: str, rcpts: list[str]) -> bytes:
+    # RFC 5321 4.4: no "from" clause (there is no network peer); the local uid is a
+    # comment, as Postfix writes it. WITH "local" (not an RFC 3848 keyword, like Postfix).
+    lines = [f"Received: by {cfg.hostname} (authrelay, from userid {uid})",
+             f"\twith local id {qid}"]
+    tail = f"\tfor <{rcpts[0]}>; " if len(rcpts) == 1 else "\t"
+    lines.append(tail + email.utils.formatdate(localtime=True))
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------- main
+
+def submit(opts: Options, stdin: BinaryIO, cfg: Config) -> str:
+    """Queue one message; returns its queue id. Raises Fail."""
+    login, gecos = _login()
+    # The header section (bounded) is read first: -t needs it before the envelope exists.
+    lines = _lines(stdin, opts.ignore_dots)
+    headers: list[bytes] = []
+    first_body: bytes | None = None
+    size = 0
+    for n, line in enumerate(lines):
+        if n == 0 and line.startswith(b"From ") and not _HEADER.match(line):
+            continue  # an mbox separator line, as Postfix drops it
+        if line == b"\r\n":
+            first_body = line
+            break
+        if _HEADER.match(line) or (headers and line[:1] in (b" ", b"\t")):
+            headers.append(line[:-2])
+            size += len(line)
+            if size > MAX_HEADER_BYTES:
+                raise Fail(EX_DATAERR, "header section too large")
+            continue
+        first_body = b"\r\n" + line  # no blank line before the body: supply one
+        break
+    fields = _unfold(headers)
+
+    rcpts: list[str] = []
+    for arg in opts.recipients:
+        if "," in arg or "<" in arg:  # "a@x, Bob <b@y>": an address list, as sendmail takes
+            rcpts += _addresses([arg], cfg, "recipient")
+        else:
+            rcpts.append(_check_address(_qualify(arg.strip(), cfg), "recipient"))
+    drop: set[int] = set()
+    if opts.extract:
+        resent = any(f[0].startswith("resent-") for f in fields)
+        names = (("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc"))
+        for name, value, _start, _end in fields:
+            if name in names:
+                rcpts += _addresses([value], cfg, name.title())
+        for name, _v, start, end in fields:
+            if name in ("bcc", "resent-bcc"):
+                drop.update(range(start, end))  # RFC 5322 3.6.3: Bcc is not passed on
+    seen: set[str] = set()
+    rcpts = [r for r in rcpts if not (r.lower() in seen or seen.add(r.lower()))]
+    if not rcpts:
+        raise Fail(EX_USAGE, "no recipients (give them as arguments, or use -t)")
+
+    if opts.sender is None:
+        sender = f"{login}@{cfg.hostname}"
+    elif opts.sender in ("", "<>"):
+        sender = ""
+    else:
+        sender = _check_address(_qualify(opts.sender.strip("<>"), cfg), "-f")
+
+    out_headers = [h for i, h in enumerate(headers) if i not in drop]
+    if not any(f[0] == "from" for f in fields):
+        name = opts.fullname if opts.fullname is not None else gecos
+        addr = sender or f"{login}@{cfg.hostname}"
+        value = email.utils.formataddr((name, addr)) if name else addr
+        out_headers.append(f"From: {value}".encode("utf-8", "replace"))
+
+    spool = Spool(cfg.spool_dir)
+    try:
+        spool.ensure_dirs()
+    except PermissionError as e:
+        raise Fail(EX_CANTCREAT, f"cannot create {cfg.spool_dir}: {e.strerror}") from None
+    except OSError as e:
+        raise Fail(EX_TEMPFAIL, f"spool {cfg.spool_dir}: {e.strerror}") from None
+    env = Envelope(
+        queue_id=new_queue_id(), sender=sender,
+        recipients=[Recipient(r, notify=opts.notify) for r in rcpts],
+        client_ip="127.0.0.1", helo="localhost", auth_user="", protocol="local",
+        listener="sendmail", envid=opts.envid, ret=opts.ret, body_8bit=opts.body_8bit,
+        smtputf8=not all(a.isascii() for a in (sender, *rcpts)),
+    )
+    try:
+        inc = spool.begin(env)
+    except PermissionError as e:
+        raise Fail(EX_CANTCREAT, f"cannot write to the spool {spool.tmp_dir}: {e.strerror} "
+                                 "(run as root or as the authrelay user)") from None
+    except OSError as e:
+        raise Fail(EX_TEMPFAIL, f"spool: {e.strerror}") from None
+    limit = cfg.limits.max_message_size
+    try:
+        cleanup = HeaderCleanup(_received(cfg, os.getuid(), env.queue_id, rcpts),
+                                cfg.hostname, add_missing=True)
+        total = 0
+
+        def put(data: bytes) -> None:
+            nonlocal total
+            total += len(data)
+            if limit and total > limit:
+                raise Fail(EX_DATAERR, f"message too big (limit {limit} bytes)")
+            out = cleanup.feed(data)
+            if out:
+                inc.write(out)
+
+        put(b"".join(h + b"\r\n" for h in out_headers))
+        put(first_body if first_body is not None else b"\r\n")
+        for line in lines:
+            put(line)
+        tail = cleanup.finish()
+        if tail:
+            inc.write(tail)
+        asyncio.run(inc.commit())
+    except Fail:
+        inc.abort()
+        raise
+    except OSError as e:
+        inc.abort()
+        raise Fail(EX_TEMPFAIL, f"spool write failed: {e.strerror}") from None
+    except BaseException:
+        inc.abort()
+        raise
+    _log(cfg, env, inc.size, login)
+    return env.queue_id
+
+
+def _log(cfg: Config, env: Envelope, size: int, login: str) -> None:
+    # Only to a shared target: stdout/stderr would be mail output for cron.
+    if not (cfg.log.target == "syslog" or cfg.log.target.startswith("file:")):
+        return
+    try:
+        ml = maillog.configure(cfg.log.target, cfg.log.format)
+        ml.event(env.queue_id, **{"from": f"<{env.sender}>"},
+                 size=size, nrcpts=len(env.recipients),
+                 relay="local", proto="local", uid=os.getuid(), user=login)
+    except Exception:  # logging must not fail a queued message
+        pass
+
+
+def main(argv: list[str], config: str | None = None) -> int:
+    """`authrelay sendmail ARGS`: 0 when queued, a sysexits code otherwise."""
+    try:
+        opts = parse_args(argv)
+        try:
+            cfg = _load_config(opts.config or config)
+        except ConfigError as e:
+            raise Fail(EX_CONFIG, f"config error: {e}") from None
+        try:
+            _become_spool_owner(cfg)
+        except (OSError, KeyError) as e:
+            raise Fail(EX_NOPERM, f"cannot switch to the spool owner: {e}") from None
+        submit(opts, sys.stdin.buffer, cfg)
+    except Fail as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return EX_TEMPFAIL
+    return EX_OK
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    return main(list(args.args), config=args.config)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    # Reached as `authrelay -c FILE sendmail ...`; plain `authrelay sendmail ...` and a
+    # /usr/sbin/sendmail link are handed to main() before argparse (cli.py).
+    p = sub.add_parser("sendmail", help="queue a message from stdin (/usr/sbin/sendmail "
+                       "compatible: -t -i -f -F ...)", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd)

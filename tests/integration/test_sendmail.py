@@ -1,0 +1,214 @@
+"""`authrelay sendmail`: the /usr/sbin/sendmail command line, from real shell pipelines.
+
+The message must land in the spool (same format and durability as SMTP submission) with
+no server running, and be delivered by a running server through a fake smart host.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from email.parser import BytesParser
+from pathlib import Path
+
+import pytest
+from relayproc import RelayProcess
+
+AUTHRELAY = f"{shlex.quote(sys.executable)} -m authrelay"
+
+
+def _sh(script: str, config: Path | None, **kw) -> subprocess.CompletedProcess[bytes]:
+    env = dict(os.environ)
+    env.pop("AUTHRELAY_CONFIG", None)
+    if config is not None:
+        env["AUTHRELAY_CONFIG"] = str(config)
+    return subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True,
+                          timeout=60, **kw)
+
+
+def _spooled(r: RelayProcess) -> tuple[dict, bytes]:
+    import json
+
+    files = r.queued()
+    assert len(files) == 1, files
+    raw = files[0].read_bytes()
+    first, _, rest = raw.partition(b"\n")
+    n = int(first.split()[2])
+    return json.loads(rest[:n]), rest[n + 1:]
+
+
+@pytest.fixture
+def offline(relay_factory) -> RelayProcess:
+    """A relay's config and state dir, server not running."""
+    return relay_factory(start=False)
+
+
+def test_t_from_shell_pipeline_queues(offline: RelayProcess) -> None:
+    script = (
+        "printf 'To: Bob <bob@remote.example>, carol@remote.example\\n"
+        "Cc: dave@remote.example\\nBcc: eve@remote.example,\\n  frank@remote.example\\n"
+        "Subject: cron output\\n\\nline one\\n..two dots\\n.\\nnot part of it\\n' "
+        f"| {AUTHRELAY} sendmail -t -F 'Cron Daemon' -f cron@local.test"
+    )
+    res = _sh(script, offline.config)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == b""  # sendmail is silent on success (cron mails any output)
+    env, msg = _spooled(offline)
+    assert env["sender"] == "cron@local.test"
+    assert [r["address"] for r in env["recipients"]] == [
+        "bob@remote.example", "carol@remote.example", "dave@remote.example",
+        "eve@remote.example", "frank@remote.example"]
+    assert env["protocol"] == "local"
+    assert b"\n" not in msg.replace(b"\r\n", b"")  # CRLF only
+    assert msg.startswith(b"Received: by relay.test (authrelay, from userid ")
+    assert b"with local id " + env["queue_id"].encode() in msg
+    parsed = BytesParser().parsebytes(msg)
+    assert parsed["Bcc"] is None and b"eve@" not in msg and b"frank@" not in msg
+    assert parsed["From"] == "Cron Daemon <cron@local.test>"
+    assert parsed["Date"] and parsed["Message-ID"]
+    assert parsed["Subject"] == "cron output"
+    # Without -i a lone "." ends the message; other lines are kept as written.
+    assert msg.endswith(b"\r\n\r\nline one\r\n..two dots\r\n")
+
+
+def test_i_keeps_dot_lines_and_args_recipients(offline: RelayProcess) -> None:
+    res = _sh(f"printf 'Subject: x\\r\\nFrom: me@local.test\\r\\n\\r\\na\\r\\n.\\r\\nb' "
+              f"| {AUTHRELAY} sendmail -oi -- root 'x@remote.example, Y <y@remote.example>'",
+              offline.config)
+    assert res.returncode == 0, res.stderr
+    env, msg = _spooled(offline)
+    # Unqualified "root" (what cron uses) gets the hostname; the sender is the login.
+    assert [r["address"] for r in env["recipients"]] == [
+        "root@relay.test", "x@remote.example", "y@remote.example"]
+    assert env["sender"].endswith("@relay.test")
+    assert msg.endswith(b"\r\n\r\na\r\n.\r\nb\r\n")
+    assert BytesParser().parsebytes(msg)["From"] == "me@local.test"  # not replaced
+
+
+def test_body_without_headers_and_ignored_options(offline: RelayProcess) -> None:
+    res = _sh(f"echo 'just a body: with a colon?' | {AUTHRELAY} sendmail -odi -oem -bm -v "
+              "-i -U -B 8BITMIME someone@remote.example", offline.config)
+    assert res.returncode == 0, res.stderr
+    env, msg = _spooled(offline)
+    assert env["body_8bit"] is True
+    head, _, body = msg.partition(b"\r\n\r\n")
+    assert body == b"just a body: with a colon?\r\n"
+    assert b"\r\nFrom: " in head and b"\r\nDate: " in head
+
+
+@pytest.mark.parametrize(("args", "stdin", "code", "text"), [
+    ("", "Subject: none\n\nx\n", 64, "no recipients"),
+    ("-t", "Subject: none\n\nx\n", 64, "no recipients"),
+    ("'bad address@remote.example'", "x\n", 65, "bad address"),
+    ("-t", "To: a@@remote.example\n\nx\n", 65, "bad address"),
+    ("-f 'x y@z' a@remote.example", "x\n", 65, "bad address"),
+    ("-Z a@remote.example", "x\n", 64, "unknown option"),
+    ("-bs", "", 64, "not supported"),
+])
+def test_errors_exit_codes(offline: RelayProcess, args: str, stdin: str, code: int,
+                           text: str) -> None:
+    res = _sh(f"{AUTHRELAY} sendmail {args}", offline.config, input=stdin.encode())
+    assert res.returncode == code, res.stderr
+    assert text in res.stderr.decode()
+    assert offline.queued() == []
+
+
+def test_message_too_big(relay_factory) -> None:
+    r = relay_factory(start=False, overrides={"limits": {"max_message_size": 1000}})
+    res = _sh(f"head -c 5000 /dev/zero | tr '\\0' 'a' | {AUTHRELAY} sendmail a@remote.example",
+              r.config)
+    assert res.returncode == 65 and b"too big" in res.stderr
+    assert r.queued() == [] and list((r.state / "spool" / "tmp").iterdir()) == []
+
+
+def test_bad_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("nonsense_key = 1\n")
+    res = _sh(f"echo x | {AUTHRELAY} sendmail a@remote.example", cfg)
+    assert res.returncode == 78 and b"nonsense_key" in res.stderr
+    # -C overrides the environment.
+    good = tmp_path / "good.toml"
+    good.write_text(f'state_dir = "{tmp_path / "st"}"\n')
+    res = _sh(f"echo x | {AUTHRELAY} sendmail -C {good} a@remote.example", cfg)
+    assert res.returncode == 0, res.stderr
+    assert len(list((tmp_path / "st" / "spool" / "queue").iterdir())) == 1
+
+
+@pytest.fixture
+def nobody_state(tmp_path: Path):
+    """(config, state dir) with the state dir owned by nobody on a path nobody can reach
+    (pytest's own temp root is 0700 root)."""
+    base = Path(tempfile.mkdtemp(prefix="authrelay-sendmail-"))
+    os.chmod(base, 0o711)
+    state = base / "state"
+    (state / "spool").mkdir(parents=True)
+    for p in (state, state / "spool"):
+        os.chown(p, 65534, 65534)
+        os.chmod(p, 0o700)
+    cfg = tmp_path / "authrelay.toml"
+    cfg.write_text(f'hostname = "relay.test"\nstate_dir = "{state}"\n')
+    yield cfg, state
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_unwritable_spool(offline: RelayProcess, nobody_state) -> None:
+    if os.geteuid() == 0:
+        # Root becomes the spool's owner (nobody), who cannot write a root-owned tmp/.
+        cfg, state = nobody_state
+        (state / "spool" / "tmp").mkdir(mode=0o700)
+        queue = state / "spool" / "queue"
+    else:
+        cfg, queue = offline.config, offline.queue_dir
+        tmp = offline.state / "spool" / "tmp"
+        tmp.mkdir(parents=True)
+        os.chmod(tmp, 0o500)
+    res = _sh(f"echo x | {AUTHRELAY} sendmail a@remote.example", cfg)
+    assert res.returncode == 73, res.stderr
+    assert b"cannot write to the spool" in res.stderr
+    assert not queue.exists() or list(queue.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_root_writes_as_spool_owner(nobody_state) -> None:
+    """Root (cron) queues as the daemon's user, so the daemon can read the file."""
+    cfg, state = nobody_state
+    res = _sh(f"echo x | {AUTHRELAY} sendmail a@remote.example", cfg)
+    assert res.returncode == 0, res.stderr
+    files = list((state / "spool" / "queue").iterdir())
+    assert len(files) == 1
+    st = files[0].stat()
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
+    assert st.st_mode & 0o077 == 0
+
+
+def test_symlink_named_sendmail(offline: RelayProcess, tmp_path: Path) -> None:
+    script = shutil.which("authrelay")
+    if script is None:
+        pytest.fail("the authrelay console script is not installed (pip install -e .)")
+    link = tmp_path / "bin" / "sendmail"
+    link.parent.mkdir()
+    link.symlink_to(script)
+    res = _sh(f"printf 'To: z@remote.example\\n\\nhi\\n' | {link} -t -i", offline.config)
+    assert res.returncode == 0, res.stderr
+    env, _ = _spooled(offline)
+    assert [r["address"] for r in env["recipients"]] == ["z@remote.example"]
+
+
+def test_delivered_by_running_server(relay_factory, fake_mx) -> None:
+    smart = fake_mx("127.0.0.2")
+    r = relay_factory(overrides={"relay": {"smart_host": [smart.address],
+                                           "smart_host_tls": "none"}})
+    res = _sh(f"printf 'To: bob@remote.example\\nSubject: via sendmail\\n\\nhello\\n' "
+              f"| {AUTHRELAY} sendmail -t -f root@local.test", r.config)
+    assert res.returncode == 0, res.stderr
+    # The notify datagram wakes the scheduler: delivered without waiting for a rescan.
+    r.wait_for(lambda: len(smart.messages) == 1, timeout=20)
+    got = smart.messages[0]
+    assert got.mail_from == "root@local.test" and got.rcpt_tos == ["bob@remote.example"]
+    assert b"Subject: via sendmail" in got.content and b"with local id" in got.content
+    r.wait_for(lambda: r.queued() == [], timeout=20)
+    assert "stat=Sent" in r.maillog()
