@@ -225,7 +225,11 @@ class Courier:
         if isinstance(message, bytes | bytearray | memoryview):
             raw = bytes(memoryview(message)[offset:])
         else:
-            raw = await asyncio.to_thread(_read_message, Path(message), offset)
+            path = Path(message)
+            if path.stat().st_size - offset <= _NORMALIZE_OFFLOAD:
+                raw = _read_message(path, offset)  # small: the page cache answers at once
+            else:
+                raw = await asyncio.to_thread(_read_message, path, offset)
         if len(raw) > _NORMALIZE_OFFLOAD:
             return await asyncio.to_thread(normalize_crlf, raw)
         return normalize_crlf(raw)

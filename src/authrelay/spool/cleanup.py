@@ -18,6 +18,18 @@ _HAS_DATE = re.compile(rb"(?:^|\r\n)date[ \t]*:", re.I)
 _HAS_MSGID = re.compile(rb"(?:^|\r\n)message-id[ \t]*:", re.I)
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
+def rfc5322_date() -> str:
+    """The current date as RFC 5322 wants it, computed at most once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, localtime=True))
+    return _date_cache[1]
+
+
 def received_header(
     *, helo: str, client_rdns: str, client_ip: str, hostname: str, protocol: str,
     queue_id: str, recipient: str | None, tls: str = "", auth_user: str = "",
@@ -33,7 +45,7 @@ def received_header(
     if tls:
         lines.insert(1, f"\t({tls})")
     tail = f"\tfor <{recipient}>; " if recipient else "\t"
-    lines.append(tail + email.utils.formatdate(localtime=True))
+    lines.append(tail + rfc5322_date())
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
@@ -59,7 +71,7 @@ class HeaderCleanup:
             return b""
         out = []
         if not _HAS_DATE.search(headers):
-            out.append(f"Date: {email.utils.formatdate(localtime=True)}\r\n")
+            out.append(f"Date: {rfc5322_date()}\r\n")
             self.added.append("Date")
         if not _HAS_MSGID.search(headers):
             out.append(f"Message-ID: {message_id(self._hostname)}\r\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -56,7 +56,10 @@ class Envelope:
     held: bool = False
 
     def to_json(self) -> bytes:
-        d = asdict(self)
+        # Hand-built dict: dataclasses.asdict deep-copies recursively and showed up in
+        # profiles of the receive path at ~10% of CPU per message.
+        d = {f: getattr(self, f) for f in _ENV_FIELDS}
+        d["recipients"] = [{f: getattr(r, f) for f in _RCPT_FIELDS} for r in self.recipients]
         d["v"] = FORMAT_VERSION
         return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -78,6 +81,9 @@ class Envelope:
     def done(self) -> bool:
         return not self.pending
 
+
+_ENV_FIELDS = tuple(f for f in Envelope.__dataclass_fields__ if f != "recipients")
+_RCPT_FIELDS = tuple(Recipient.__dataclass_fields__)
 
 _B32 = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
 

@@ -11,7 +11,8 @@ Owns the on-disk queue under `cfg.spool_dir` (docs/INTERFACES.md):
     corrupt/        files `recover()` could not parse (kept for the operator, never deleted)
 
 Contract: `Incoming.commit()` returns only after the file and the queue directory are on
-stable storage (fsync file, rename tmp->queue, fsync queue/): RFC 5321 6.1 says that once
+stable storage (fsync file, rename tmp->queue, fsync queue/ -- the directory fsync is a
+group commit shared by concurrent commits): RFC 5321 6.1 says that once
 we answer 250 to the final dot we are responsible for the message. The rename is atomic, so
 a kill at any point leaves either a tmp/ file (garbage, no 250 was sent) or a complete
 queue/ file, never a half message in queue/. Two fsyncs per message, in a shared thread
@@ -219,6 +220,10 @@ class Spool:
         self.control_path = self.root / CONTROL_SOCK
         self._qdir_fd: int | None = None
         self._notify_sock: socket.socket | None = None
+        self._dir_sync = threading.Condition()
+        self._dsync_started = 0
+        self._dsync_done = 0
+        self._dsync_running = False
 
     # ------------------------------------------------------------------ setup
     def ensure_dirs(self) -> None:
@@ -235,10 +240,36 @@ class Spool:
             self._notify_sock = None
 
     def _fsync_queue_dir(self) -> None:
-        # One long-lived directory fd: fsync on it from many threads is fine.
+        # Group commit: concurrent commits share one directory fsync. Each caller needs an
+        # fsync that *started* after its rename; one running fsync serves every caller that
+        # arrived before it began, so N sessions cost ~1 directory journal commit, not N.
         if self._qdir_fd is None:
-            self._qdir_fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        os.fsync(self._qdir_fd)
+            with self._dir_sync:
+                if self._qdir_fd is None:
+                    self._qdir_fd = os.open(self.queue_dir,
+                                            os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        cond = self._dir_sync
+        with cond:
+            need = self._dsync_started + 1
+            while self._dsync_done < need:
+                if self._dsync_running:
+                    cond.wait()
+                    continue
+                self._dsync_running = True
+                self._dsync_started += 1
+                seq = self._dsync_started
+                cond.release()
+                try:
+                    os.fsync(self._qdir_fd)
+                except BaseException:
+                    cond.acquire()
+                    self._dsync_running = False
+                    cond.notify_all()
+                    raise
+                cond.acquire()
+                self._dsync_running = False
+                self._dsync_done = seq
+                cond.notify_all()
 
     # ------------------------------------------------------------------ receive
     def begin(self, envelope: Envelope) -> Incoming:
