@@ -80,7 +80,11 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self._closed = True
         self._wake()
-        return None
+        # Keep our half open: replies to what the client sent before its FIN (the 250 for
+        # a message just committed) must still go out; close() ends the connection.
+        # (TLS transports cannot stay half open; asyncio would only warn.)
+        t = self.transport
+        return t is None or t.get_extra_info("ssl_object") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -99,9 +103,9 @@ class Connection(asyncio.Protocol):
 
     async def _wait(self, timeout: float) -> None:
         """Wait for more input (after flushing queued replies)."""
+        self.flush()
         if self._closed:
             raise Closed
-        self.flush()
         loop = asyncio.get_running_loop()
         w = self._waiter = loop.create_future()
         h = loop.call_later(timeout, self._expire, w)
