@@ -141,7 +141,11 @@ class Connection(asyncio.Protocol):
             self._buf[:0] = data
 
     async def readline(self, limit: int, timeout: float) -> bytes:
-        """One command line without its CRLF. `limit` counts the CRLF (RFC 5321 4.5.3.1.4)."""
+        """One command line without its CRLF. `limit` counts the CRLF (RFC 5321 4.5.3.1.4).
+
+        `timeout` bounds the whole line, not each read: a slowloris client dribbling a
+        byte at a time cannot hold a session open past it."""
+        deadline = asyncio.get_running_loop().time() + timeout
         while True:
             buf = self._buf
             i = buf.find(b"\n")
@@ -165,7 +169,10 @@ class Connection(asyncio.Protocol):
                 self._skipping = True
                 del buf[:]
                 self._consumed()
-            await self._wait(timeout)
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise Timeout
+            await self._wait(left)
 
     async def read_chunk(self, timeout: float) -> bytes:
         """Whatever input is there (at most CHUNK bytes), waiting up to `timeout` for some."""
