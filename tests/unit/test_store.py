@@ -50,14 +50,15 @@ async def test_commit_and_load_roundtrip(spool: Spool) -> None:
     seen: list[str] = []
     spool.on_commit = seen.append
     inc = spool.begin(env)
-    assert (spool.tmp_dir / inc.queue_id).exists()
-    assert not (spool.queue_dir / inc.queue_id).exists()
+    # Being received: present but without the ready mark, so invisible to readers.
+    assert (spool.queue_dir / inc.queue_id).stat().st_mode & 0o777 == 0o600
+    assert spool.scan() == [] and not spool.exists(inc.queue_id)
     inc.write(MSG)
     assert inc.size == len(MSG)
     await inc.commit()
     qid = inc.queue_id
     assert seen == [qid]
-    assert not (spool.tmp_dir / qid).exists()
+    assert (spool.queue_dir / qid).stat().st_mode & 0o777 == 0o700
     assert spool.scan() == [qid]
     loaded = spool.load(qid)
     assert loaded.sender == "a@example.org"
@@ -97,7 +98,7 @@ async def test_abort_is_idempotent(spool: Spool) -> None:
     inc.write(b"partial")
     inc.abort()
     inc.abort()
-    assert list(spool.tmp_dir.iterdir()) == []
+    assert list(spool.queue_dir.iterdir()) == []
     assert spool.scan() == []
 
 
@@ -127,13 +128,16 @@ async def test_state_hold_release_remove(spool: Spool) -> None:
 
 
 async def test_recover_removes_dead_tmp_but_not_live(spool: Spool) -> None:
-    (spool.tmp_dir / "DEADBEEF").write_bytes(b"AUTHRELAY-SPOOL 1 10\n{")
+    dead = spool.queue_dir / "2N5DEADBEEF"  # a receive that died before its 250
+    dead.write_bytes(b"AUTHRELAY-SPOOL 1 10\n{")
+    dead.chmod(0o600)
+    (spool.tmp_dir / "2N5OLDTMP").write_bytes(b"AUTHRELAY-SPOOL 1 10\n{")  # older layout
     live = spool.begin(_env())
     live.write(b"still arriving")
     counts = spool.recover()
-    assert counts["tmp_removed"] == 1
-    assert not (spool.tmp_dir / "DEADBEEF").exists()
-    assert (spool.tmp_dir / live.queue_id).exists()  # flock held by a live session
+    assert counts["tmp_removed"] == 2
+    assert not dead.exists() and not (spool.tmp_dir / "2N5OLDTMP").exists()
+    assert (spool.queue_dir / live.queue_id).exists()  # flock held by a live session
     await live.commit()
     assert spool.scan() == [live.queue_id]
 
@@ -146,6 +150,8 @@ async def test_recover_moves_corrupt_files(spool: Spool) -> None:
     (spool.queue_dir / "GARBAGE1").write_bytes(b"\x00\x01 not a spool file\n")
     (spool.queue_dir / "EMPTY1").write_bytes(b"")
     (spool.queue_dir / "TRUNC1.state").write_bytes(b'{"v":1,"recipients":[]}')
+    for name in ("TRUNC1", "GARBAGE1", "EMPTY1"):  # committed (ready) but damaged on disk
+        (spool.queue_dir / name).chmod(0o700)
     counts = spool.recover()
     assert counts["corrupt"] == 3
     assert spool.scan() == [good]
@@ -160,6 +166,7 @@ async def test_unknown_version_refused_not_deleted(spool: Spool) -> None:
     ej = env.to_json()
     data = b"AUTHRELAY-SPOOL 2 %d\n%s\n" % (len(ej), ej) + MSG
     (spool.queue_dir / env.queue_id).write_bytes(data)
+    (spool.queue_dir / env.queue_id).chmod(0o700)
     counts = spool.recover()
     assert counts["unsupported"] == 1
     assert (spool.queue_dir / env.queue_id).read_bytes() == data
@@ -169,6 +176,7 @@ async def test_unknown_version_refused_not_deleted(spool: Spool) -> None:
     env2 = _env()
     ej2 = ej.replace(b'"v":1', b'"v":9').replace(env.queue_id.encode(), env2.queue_id.encode())
     (spool.queue_dir / env2.queue_id).write_bytes(b"AUTHRELAY-SPOOL 1 %d\n%s\n" % (len(ej2), ej2))
+    (spool.queue_dir / env2.queue_id).chmod(0o700)
     with pytest.raises(UnsupportedVersion):
         spool.load(env2.queue_id)
     assert spool.recover()["unsupported"] == 2
@@ -235,5 +243,5 @@ def test_sigkill_never_leaves_partial_message_in_queue(spool: Spool) -> None:
         assert env.size == len(body)
     counts = spool.recover()
     assert counts["corrupt"] == 0
-    assert list(spool.tmp_dir.iterdir()) == []
+    assert sorted(p.name for p in spool.queue_dir.iterdir() if "." not in p.name) == ids
     assert spool.scan() == ids

@@ -120,6 +120,7 @@ class Scheduler:
         self._lock_fd: int | None = None
         self._hooked = False
         self._stopping = False
+        self.metrics: Any = None  # authrelay.metrics.Metrics, set by Metrics.start()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -421,7 +422,11 @@ class Scheduler:
         completed = False
         try:
             try:
+                t0 = time.monotonic()
                 results = await self.courier.deliver(act.env, job.rcpts, act.path, act.offset)
+                if self.metrics is not None:
+                    self.metrics.delivery_attempt(
+                        "smarthost" if job.key == "smarthost" else "mx", time.monotonic() - t0)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -477,6 +482,8 @@ class Scheduler:
                 if (d.delay_warning > 0 and now - env.received_at >= d.delay_warning
                         and not r.delay_warned):
                     warn.append(r)
+            if self.metrics is not None:
+                self.metrics.delivery_result(stat.lower(), now - env.received_at)
             reply = r.last_reply + (", message expired in the queue" if expired else "")
             self.maillog.event(
                 env.queue_id, to=f"<{r.address}>", relay=res.remote or "none",
@@ -535,7 +542,8 @@ class Scheduler:
 
     async def _remove(self, qid: str) -> None:
         try:
-            self.spool.remove(qid)  # unlinks only (no fsync): inline is cheaper than a thread
+            # Off the loop: unlink waits on the directory lock behind concurrent commits.
+            await self._io(self.spool.remove, qid)
         except FileNotFoundError:
             return
         self.maillog.event(qid, status="removed")

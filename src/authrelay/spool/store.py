@@ -2,8 +2,10 @@
 
 Owns the on-disk queue under `cfg.spool_dir` (docs/INTERFACES.md):
 
-    tmp/ID          being received; a crash leaves garbage that `recover()` removes
-    queue/ID        one immutable file per message:
+    queue/ID        one immutable file per message, created here while being received
+                    with mode 0600; commit sets mode 0700 (the "ready" mark, as Postfix
+                    does) in the same fsync as the data. A crash leaves a 0600 file that
+                    `recover()` removes. Readers ignore files without the mark.
                     `AUTHRELAY-SPOOL 1 <envlen>\\n` + envelope JSON (envlen bytes) + `\\n`
                     + the message exactly as to be sent (CRLF, not dot-stuffed)
     queue/ID.state  per-recipient state written by the scheduler (atomic replace + fsync)
@@ -11,11 +13,12 @@ Owns the on-disk queue under `cfg.spool_dir` (docs/INTERFACES.md):
     corrupt/        files `recover()` could not parse (kept for the operator, never deleted)
 
 Contract: `Incoming.commit()` returns only after the file and the queue directory are on
-stable storage (fsync file, rename tmp->queue, fsync queue/ -- the directory fsync is a
-group commit shared by concurrent commits): RFC 5321 6.1 says that once
-we answer 250 to the final dot we are responsible for the message. The rename is atomic, so
-a kill at any point leaves either a tmp/ file (garbage, no 250 was sent) or a complete
-queue/ file, never a half message in queue/. Two fsyncs per message, in a shared thread
+stable storage (fchmod ready, fsync file, fsync queue/ -- the directory fsync is a group
+commit shared by concurrent commits): RFC 5321 6.1 says that once we answer 250 to the
+final dot we are responsible for the message. A kill at any point leaves either a file
+without the ready mark (garbage, no 250 was sent) or a complete, ready one. There is no
+cross-directory rename on the receive path (Linux serialises those per filesystem). At most
+two fsyncs per message, in a shared thread
 pool so concurrent sessions' fsyncs batch in the filesystem journal and the event loop
 never waits on the disk. `write()` is a plain os.write into the page cache.
 
@@ -35,6 +38,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +57,12 @@ _MAX_ENVELOPE = 16 * 1024 * 1024  # a sanity bound: larger is corruption, not a 
 NOTIFY_SOCK = "notify.sock"
 CONTROL_SOCK = "control.sock"
 SCHEDULER_LOCK = "scheduler.lock"
+NOT_READY_MODE = 0o600  # queue/ID still being received
+READY_MODE = 0o700  # owner-execute bit: committed (fsync'd before the 250)
+
+
+def _ready(mode: int) -> bool:
+    return bool(mode & stat.S_IXUSR)
 
 
 class SpoolError(Exception):
@@ -137,16 +147,19 @@ def parse_header(f) -> tuple[Envelope, int]:
 
 
 class Incoming:
-    """One message being received: tmp/ID, streamed to with write(), then commit()."""
+    """One message being received: queue/ID (not yet ready), written with write(), commit()."""
 
     def __init__(self, spool: Spool, envelope: Envelope) -> None:
         self.spool = spool
         self.envelope = envelope
         self.queue_id = envelope.queue_id
         self.size = 0
-        self._tmp = spool.tmp_dir / self.queue_id
+        # Created straight in queue/, mode 0600 = "not ready" (Postfix's trick): commit marks
+        # it ready with the owner-execute bit. No cross-directory rename, which Linux
+        # serialises per filesystem and which made file creation wait behind other commits.
+        self._path = spool.queue_dir / self.queue_id
         self._fd: int | None = os.open(
-            self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, NOT_READY_MODE
         )
         self._done = False
         try:
@@ -167,13 +180,12 @@ class Incoming:
     def _commit_sync(self) -> None:
         fd = self._fd
         assert fd is not None
+        os.fchmod(fd, READY_MODE)  # the ready mark travels in the same fsync as the data
         if self.spool.fsync:
             os.fsync(fd)
-        os.rename(self._tmp, self.spool.queue_dir / self.queue_id)
+            self.spool._fsync_queue_dir()  # the directory entry too (group commit)
         self._fd = None
-        os.close(fd)  # after the rename: the flock covers the file until it is in queue/
-        if self.spool.fsync:
-            self.spool._fsync_queue_dir()
+        os.close(fd)  # releases the flock only now: recover() never sees a half commit
 
     async def commit(self) -> None:
         """Durable when this returns: fsync, rename into queue/, fsync queue/; notify."""
@@ -198,7 +210,7 @@ class Incoming:
         if not self._done:
             self._done = True
             with contextlib.suppress(OSError):
-                os.unlink(self._tmp)
+                os.unlink(self._path)
 
 
 class Spool:
@@ -299,8 +311,11 @@ class Spool:
         if not is_queue_id(qid):
             raise FileNotFoundError(f"bad queue id {qid!r}")
         p = self.queue_dir / qid
-        if p.exists():
-            return p
+        try:
+            if _ready(p.stat().st_mode):
+                return p
+        except FileNotFoundError:
+            pass
         h = self.hold_dir / qid
         if h.exists():
             return h
@@ -317,7 +332,15 @@ class Spool:
     def _ids(d: Path) -> list[str]:
         try:
             with os.scandir(d) as it:
-                ids = [e.name for e in it if is_queue_id(e.name)]
+                ids = []
+                for e in it:
+                    if not is_queue_id(e.name):
+                        continue
+                    try:
+                        if _ready(e.stat().st_mode):  # skip messages still being received
+                            ids.append(e.name)
+                    except FileNotFoundError:
+                        continue
         except FileNotFoundError:
             return []
         ids.sort(key=lambda s: (len(s), s))
@@ -466,9 +489,34 @@ class Spool:
                     pass
                 finally:
                     os.close(fd)
+        # queue/: a file without the ready mark whose flock is free is a receive that died
+        # before its 250: garbage.
+        with os.scandir(self.queue_dir) as it:
+            entries = [e for e in it if is_queue_id(e.name)]
+        for e in entries:
+            try:
+                if _ready(e.stat().st_mode):
+                    continue
+                fd = os.open(e.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                if not _ready(os.fstat(fd).st_mode):
+                    os.unlink(e.path)
+                    counts["tmp_removed"] += 1
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
         for d in (self.queue_dir, self.hold_dir):
             with os.scandir(d) as it:
-                names = [e.name for e in it]
+                names = [e.name for e in it
+                         if not is_queue_id(e.name) or _ready(e.stat().st_mode)]
             present = set(names)
             for name in names:
                 if is_queue_id(name):
