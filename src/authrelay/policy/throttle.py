@@ -7,8 +7,19 @@ messages / recipients per user per hour. Contract: every check is O(1) amortised
 is bounded (old windows are pruned; at most `MAX_KEYS` tracked keys per table, the oldest
 evicted first). Failure policy: all refusals are transient (421 / 454 / 450 4.7.x).
 
-Counters are per process. With several receiving workers the global limits are divided
-between them (daemon.py passes `share`), which keeps the total bounded.
+Counters are per process. With several receiving workers (`workers` > 1) the global
+limits (max_connections, connection_rate) are divided between them (daemon.py passes
+`share`), which keeps the total bounded. Known limitation: the per-IP and per-user
+counters (max_connections_per_ip, connection_rate_per_ip, AUTH failures per IP / user,
+user_messages_per_hour, user_recipients_per_hour) are kept whole in every worker, and the
+kernel spreads one client's connections over the workers, so with N workers a client may
+get up to N times these limits (a brute-forcer gets N x max_failures_per_ip guesses per
+window). With workers = 1 they are exact. A shared anvil (the master serving the counters
+over a unix socket, like Postfix's anvil(8)) would make them exact; the `Throttle` methods
+are the interface it would implement.
+
+SIGHUP (`reload`) changes the limits but keeps the counts: a reload must not hand a
+brute-forcer a fresh failure window.
 """
 
 from __future__ import annotations
@@ -58,6 +69,13 @@ class _Window:
     def clear(self, key: str) -> None:
         self._d.pop(key, None)
 
+    def adopt(self, old: _Window | None) -> _Window:
+        """Keep the events of the window this one replaces (config reload)."""
+        if old is not None:
+            for key, q in old._d.items():
+                self._d[key] = deque(q, maxlen=self.cap + 1)
+        return self
+
 
 @dataclass
 class Share:
@@ -86,16 +104,23 @@ class Throttle:
         # Per-IP counts stay whole: a client's connections are spread over workers by the
         # kernel, so a per-worker share would refuse well-behaved clients.
         self.max_per_ip = lim.max_connections_per_ip
-        self.rate_global = _Window(1.0, max(self.share.part(lim.connection_rate), 1) * 2)
+        prev = dict(vars(self)).get  # the windows being replaced, if any (reload)
+        self.rate_global = _Window(1.0, max(self.share.part(lim.connection_rate), 1) * 2
+                                   ).adopt(prev("rate_global"))
         self.rate_global_limit = self.share.part(lim.connection_rate)
-        self.rate_ip = _Window(60.0, max(lim.connection_rate_per_ip, 1) * 2)
+        self.rate_ip = _Window(60.0, max(lim.connection_rate_per_ip, 1) * 2
+                               ).adopt(prev("rate_ip"))
         self.rate_ip_limit = lim.connection_rate_per_ip
-        self.auth_ip = _Window(auth.failure_window, max(auth.max_failures_per_ip, 1) * 2)
-        self.auth_user = _Window(auth.failure_window, max(auth.max_failures_per_user, 1) * 2)
+        self.auth_ip = _Window(auth.failure_window, max(auth.max_failures_per_ip, 1) * 2
+                               ).adopt(prev("auth_ip"))
+        self.auth_user = _Window(auth.failure_window, max(auth.max_failures_per_user, 1) * 2
+                                 ).adopt(prev("auth_user"))
         self.max_fail_ip = auth.max_failures_per_ip
         self.max_fail_user = auth.max_failures_per_user
-        self.user_msgs = _Window(3600.0, max(lim.user_messages_per_hour, 1) * 2)
-        self.user_rcpts = _Window(3600.0, max(lim.user_recipients_per_hour, 1) * 2)
+        self.user_msgs = _Window(3600.0, max(lim.user_messages_per_hour, 1) * 2
+                                 ).adopt(prev("user_msgs"))
+        self.user_rcpts = _Window(3600.0, max(lim.user_recipients_per_hour, 1) * 2
+                                  ).adopt(prev("user_rcpts"))
         self.user_msgs_limit = lim.user_messages_per_hour
         self.user_rcpts_limit = lim.user_recipients_per_hour
 
