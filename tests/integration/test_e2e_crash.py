@@ -1,0 +1,136 @@
+"""At least once, never lost: SIGKILL a real `authrelay serve` at the worst moments.
+
+- while the MX holds its reply to the final dot (the message may or may not have
+  arrived): after a restart it is delivered again;
+- right after the 250 to the submitting client, before any delivery could happen: the
+  spool file is intact (envelope and message) and is delivered after the restart;
+- after one recipient of a message was delivered and while another is in DATA: only the
+  unfinished one is tried again (per-recipient state survives the crash).
+Fake DNS and MX run in this test process (threads); the relay is a separate process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import FakeSMTPServer, MXFactory
+from relayproc import RelayProcess
+from test_e2e_delivery import (
+    BODY,
+    SENDER,
+    SENDER_MX,
+    ZONES,
+    assert_clean_wire,
+    gone,
+    mx_overrides,
+    split_received,
+    submit,
+    wait_until,
+)
+
+from authrelay.spool.envelope import PENDING, SENT
+from authrelay.spool.store import Spool
+
+
+@pytest.fixture
+def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
+    dns_server.set_zones(ZONES)
+    return dns_server
+
+
+@pytest.fixture
+def sender_mx(fake_mx: MXFactory) -> FakeSMTPServer:
+    return fake_mx(SENDER_MX)
+
+
+def in_data(server: FakeSMTPServer, n: int = 1) -> bool:
+    """True once `n` messages' final dots reached the server (whatever its reply)."""
+    return sum(w.count(b"\r\n.\r\n") for w in server.wire) >= n
+
+
+def spool_of(relay: RelayProcess) -> Spool:
+    return Spool(relay.state / "spool")
+
+
+def test_sigkill_while_mx_holds_the_data_reply(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    mx1 = fake_mx("127.0.0.2", data_delay=60)  # the reply to the final dot never comes
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, data_timeout="30s"))
+    qid = submit(relay, ["bob@example.test"])
+    wait_until(lambda: in_data(mx1), "the final dot at the MX", relay=relay)
+    relay.kill()
+    assert mx1.messages == []  # not acknowledged: the relay cannot know it arrived
+    assert (relay.queue_dir / qid).exists()
+    assert spool_of(relay).load(qid).recipients[0].state == PENDING
+
+    mx1.data_delay = 0
+    relay.start()
+    wait_until(lambda: gone(relay, qid), "delivery after the restart", relay=relay)
+    assert len(mx1.messages) >= 1  # at least once
+    m = mx1.messages[-1]
+    assert m.rcpt_tos == ["bob@example.test"] and split_received(m.content)[1] == BODY
+    assert_clean_wire(mx1)
+    assert relay.queued() == [] and sender_mx.messages == []
+    assert sum(f" {qid}: " in ln and "stat=Sent" in ln
+               for ln in relay.maillog().splitlines()) == 1
+
+
+def test_sigkill_right_after_250_on_submission(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    mx1 = fake_mx("127.0.0.2")
+    # DNS never answers: the relay cannot get anywhere before it is killed.
+    dns.update({"example.test": "TIMEOUT"})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, dns_timeout="20s"))
+    qid = submit(relay, ["bob@example.test", "carol@example.test"])
+    relay.kill()
+
+    # The acknowledged message is on disk, intact, nothing delivered yet.
+    assert [p.name for p in relay.queued()] == [qid]
+    stored = relay.message_bytes(relay.queue_dir / qid)
+    received, rest = split_received(stored)
+    assert rest == BODY and f"id {qid}".encode() in received
+    env = spool_of(relay).load(qid)
+    assert env.sender == SENDER and env.auth_user == "alice"
+    assert [(r.address, r.state, r.attempts) for r in env.recipients] == [
+        ("bob@example.test", PENDING, 0), ("carol@example.test", PENDING, 0)]
+    assert mx1.connections == 0
+
+    dns.update({"example.test": ZONES["example.test"]})
+    relay.start()
+    wait_until(lambda: gone(relay, qid), "delivery after the restart", relay=relay)
+    assert len(mx1.messages) == 1
+    m = mx1.messages[0]
+    assert m.rcpt_tos == ["bob@example.test", "carol@example.test"]
+    assert m.content == stored  # what was spooled is exactly what went out
+
+
+def test_sigkill_keeps_per_recipient_state(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    a = fake_mx("127.0.0.5")
+    c = fake_mx("127.0.0.7", data_delay=60)
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, data_timeout="30s"))
+    qid = submit(relay, ["ann@a.test", "cat@c.test"])
+
+    def ann_sent() -> bool:
+        try:
+            env = spool_of(relay).load(qid)
+        except FileNotFoundError:
+            return False
+        return {r.address: r.state for r in env.recipients}["ann@a.test"] == SENT
+
+    wait_until(ann_sent, "a.test's success saved in the spool", relay=relay)
+    wait_until(lambda: in_data(c), "the final dot at c.test's MX", relay=relay)
+    relay.kill()
+    assert [m.rcpt_tos for m in a.messages] == [["ann@a.test"]]
+
+    c.data_delay = 0
+    relay.start()
+    wait_until(lambda: gone(relay, qid), "delivery after the restart", relay=relay)
+    assert [m.rcpt_tos for m in c.messages][-1:] == [["cat@c.test"]]
+    # a.test already had it: the restart did not send it again.
+    assert (len(a.messages), a.connections) == (1, 1)
