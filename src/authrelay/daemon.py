@@ -98,9 +98,11 @@ def _make_metrics(cfg: Config) -> Any:
         return None
     try:
         from authrelay.metrics import Metrics
-    except ImportError:
+
+        return Metrics(cfg)
+    except Exception:  # metrics never stop mail
+        log.exception("metrics disabled")
         return None
-    return Metrics(cfg)
 
 
 class _Receiver:
@@ -141,7 +143,7 @@ async def _serve_loop(cfg: Config, config_path: str | None, listeners: list[List
 
     spool = _make_spool(cfg)
     certs = CertStore(cfg)
-    metrics = _make_metrics(cfg) if deliver else None
+    metrics = _make_metrics(cfg)  # every process counts; the delivering one serves /metrics
     receiver = None
     if listeners is not None:
         receiver = _Receiver(cfg, listeners, share)
@@ -226,6 +228,10 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
                         stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ensure_certificate(cfg)
     CertStore(cfg)  # fail fast on a bad or world-readable key, before binding anything
+    if cfg.metrics.address:
+        from authrelay import metrics
+
+        metrics.prepare(cfg)  # before forking: all processes share one fresh directory
     nworkers = cfg.workers or (os.cpu_count() or 1)
     if nworkers <= 1:
         socks = [Listener(ln, bind(ln)) for ln in cfg.listen]

@@ -1,0 +1,226 @@
+"""Prometheus metrics: counters and histograms from every process, one /metrics endpoint.
+
+Owns the metric names (an interface: dashboards and alerts use them) and the loopback HTTP
+endpoint `[metrics] address` (prometheus-client's exposition server). Contract:
+- `prepare(cfg)` runs once in `serve` before any worker is forked: it points
+  prometheus-client's multiprocess mode at `<state_dir>/metrics` (0700) and removes the
+  files of earlier runs, so the counters of every receiving worker and of the delivering
+  process are summed at scrape time (workers are separate processes).
+- `Metrics(cfg)` in each process: the hooks below only bump per-process mmap'ed values
+  (cheap, no I/O on the event loop beyond a memory write).
+- `start(scheduler, spool)` in the delivering process serves /metrics and adds the queue
+  gauges (read at scrape time from the spool directories and `scheduler.stats()`).
+Labels are bounded sets (listener mode, result, reason): never a user, address or IP, so a
+client cannot grow the series count and no personal data leaves through /metrics.
+Failure policy: metrics never fail mail. A hook that raises is swallowed; an endpoint that
+cannot bind is logged and metrics stay off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from authrelay.config import Config, parse_hostport
+
+log = logging.getLogger(__name__)
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+PREFIX = "authrelay"
+MODES = ("smtp", "submission", "submissions")
+# Delivery latency: local smart hosts answer in milliseconds, slow MX in tens of seconds.
+ATTEMPT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Time in queue until final: seconds when all is well, hours to days under retries.
+QUEUE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600,
+                 86400, 5 * 86400)
+
+
+def metrics_dir(cfg: Config) -> Path:
+    return cfg.state_path / "metrics"
+
+
+def _use_dir(path: Path) -> None:
+    """Switch prometheus-client to multiprocess values kept under `path`."""
+    os.environ[ENV] = str(path)
+    from prometheus_client import values
+
+    # The value class is chosen when prometheus_client is imported: choose again now that
+    # the environment says multiprocess (covers an import before prepare()).
+    values.ValueClass = values.get_value_class()
+
+
+def prepare(cfg: Config) -> None:
+    """Before forking: an empty metrics directory for this run (earlier pids' files would
+    otherwise be summed into the new counters)."""
+    if not cfg.metrics.address:
+        return
+    d = metrics_dir(cfg)
+    if d.exists():
+        shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _use_dir(d)
+
+
+class Metrics:
+    """Per-process collectors; see the module docstring for the contract."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        d = metrics_dir(cfg)
+        if os.environ.get(ENV) != str(d):  # prepare() not called (e.g. embedded use)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _use_dir(d)
+        from prometheus_client import Counter, Histogram
+
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Any:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=None)
+
+        self._connections = counter(
+            "connections", "SMTP connections by listener mode and admission result "
+            "(accepted, refused: over a connection limit or rate)", ("listener", "result"))
+        self._auth = counter("auth", "AUTH attempts by result (ok, fail, tempfail)",
+                             ("result",))
+        self._accepted = counter("messages_accepted",
+                                 "Messages accepted into the queue, by listener mode",
+                                 ("listener",))
+        self._rejected = counter("messages_rejected", "Messages or transactions rejected, "
+                                 "by reason", ("reason",))
+        self._attempts = counter("delivery_attempts", "Delivery attempts per recipient by "
+                                 "result (sent, deferred, bounced)", ("result",))
+        self._attempt_seconds = Histogram(
+            f"{PREFIX}_delivery_attempt_seconds", "Duration of one outbound delivery "
+            "(one destination, its recipients), by route (smarthost, mx)", ("route",),
+            buckets=ATTEMPT_BUCKETS, registry=None)
+        self._queue_seconds = Histogram(
+            f"{PREFIX}_queue_delay_seconds", "Time from acceptance to the final result of "
+            "a recipient (sent or bounced)", ("result",), buckets=QUEUE_BUCKETS,
+            registry=None)
+        # Known label sets start at 0, so rates and alerts work before the first event.
+        for mode in MODES:
+            self._accepted.labels(mode)
+            for result in ("accepted", "refused"):
+                self._connections.labels(mode, result)
+        for result in ("ok", "fail", "tempfail"):
+            self._auth.labels(result)
+        for result in ("sent", "deferred", "bounced"):
+            self._attempts.labels(result)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ hooks (smtpd)
+    def connection(self, listener_mode: str, result: str) -> None:
+        with contextlib.suppress(Exception):
+            self._connections.labels(listener_mode, result).inc()
+
+    def auth(self, result: str) -> None:
+        with contextlib.suppress(Exception):
+            self._auth.labels(result).inc()
+
+    def accepted(self, mode: str) -> None:
+        with contextlib.suppress(Exception):
+            self._accepted.labels(mode).inc()
+
+    def rejected(self, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            self._rejected.labels(reason).inc()
+
+    # ------------------------------------------------------------------ hooks (scheduler)
+    def delivery_attempt(self, route: str, seconds: float) -> None:
+        """One courier.deliver() call to `route` ("smarthost" or "mx") took `seconds`."""
+        with contextlib.suppress(Exception):
+            self._attempt_seconds.labels(route).observe(seconds)
+
+    def delivery_result(self, result: str, queue_seconds: float) -> None:
+        """One recipient's attempt: "sent" | "deferred" | "bounced"; time since accepted."""
+        with contextlib.suppress(Exception):
+            self._attempts.labels(result).inc()
+            if result != "deferred":
+                self._queue_seconds.labels(result).observe(max(0.0, queue_seconds))
+
+    # ------------------------------------------------------------------ endpoint
+    def start(self, scheduler: Any = None, spool: Any = None) -> None:
+        """Serve /metrics on cfg.metrics.address (the delivering process only)."""
+        if scheduler is not None:
+            scheduler.metrics = self  # delivery hooks (scheduler.py calls them if set)
+        if not self.cfg.metrics.address:
+            return
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        host, port = parse_hostport(self.cfg.metrics.address, "metrics.address")
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                log.warning("metrics.address %s is not loopback: /metrics is reachable from "
+                            "the network", self.cfg.metrics.address)
+        except ValueError:
+            pass  # a host name: left to the operator
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=os.environ[ENV])
+        registry.register(_QueueCollector(scheduler, spool))
+        try:
+            self._server, self._thread = start_http_server(port, host, registry=registry)
+        except OSError as e:
+            log.error("metrics: cannot listen on %s: %s", self.cfg.metrics.address, e)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+class _QueueCollector:
+    """Queue size by state, read at scrape time (the spool is the truth, not counters)."""
+
+    def __init__(self, scheduler: Any, spool: Any) -> None:
+        self.scheduler = scheduler
+        self.spool = spool
+
+    @staticmethod
+    def _count(d: Path, *, messages: bool = True) -> int:
+        try:
+            with os.scandir(d) as it:
+                return sum(1 for e in it if not messages or "." not in e.name)
+        except OSError:
+            return 0
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        t0 = time.monotonic()
+        g = GaugeMetricFamily(f"{PREFIX}_queue_messages",
+                              "Messages in the queue by state (incoming: being received; "
+                              "active: being delivered; deferred: waiting; held; corrupt)",
+                              labels=("state",))
+        stats: dict[str, int] = {}
+        if self.scheduler is not None:
+            with contextlib.suppress(Exception):
+                stats = dict(self.scheduler.stats())
+        if self.spool is not None:
+            queued = self._count(self.spool.queue_dir)
+            active = min(stats.get("active", 0), queued)
+            g.add_metric(["incoming"], self._count(self.spool.tmp_dir, messages=False))
+            g.add_metric(["active"], active)
+            g.add_metric(["deferred"], queued - active)
+            g.add_metric(["held"], self._count(self.spool.hold_dir))
+            g.add_metric(["corrupt"], self._count(self.spool.corrupt_dir, messages=False))
+        yield g
+        f = GaugeMetricFamily(f"{PREFIX}_deliveries_in_flight",
+                              "Outbound deliveries in progress")
+        f.add_metric([], stats.get("deliveries", 0))
+        yield f
+        s = GaugeMetricFamily(f"{PREFIX}_queue_scan_seconds",
+                              "Time taken to count the queue for this scrape")
+        s.add_metric([], time.monotonic() - t0)
+        yield s
