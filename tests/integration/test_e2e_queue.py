@@ -1,0 +1,157 @@
+"""The queue CLI end to end, against a running `authrelay serve` (a real process).
+
+`authrelay -c CONFIG queue list | show | hold | release | flush | delete` runs as its own
+process while the server delivers; changes go through the server's control socket. The
+MX first defers everything (451) and the retry interval is an hour, so mail sits in the
+queue until the CLI moves it; what arrives at the fake MX shows what the CLI did.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import FakeSMTPServer, MXFactory
+from relayproc import RelayProcess
+from test_e2e_delivery import (
+    SENDER,
+    SENDER_MX,
+    ZONES,
+    delivered_to,
+    gone,
+    log_lines,
+    mx_overrides,
+    submit,
+    wait_until,
+)
+
+DEFER = "451 4.3.0 try again later"
+
+
+@pytest.fixture
+def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
+    dns_server.set_zones(ZONES)
+    return dns_server
+
+
+@pytest.fixture
+def sender_mx(fake_mx: MXFactory) -> FakeSMTPServer:
+    return fake_mx(SENDER_MX)
+
+
+def deferred(relay: RelayProcess, qid: str) -> bool:
+    return any("stat=Deferred" in ln for ln in log_lines(relay, qid))
+
+
+def queue_json(relay: RelayProcess) -> dict[str, dict[str, Any]]:
+    return {rec["id"]: rec for rec in json.loads(relay.cli("queue", "list", "--json").stdout)}
+
+
+def start_deferring(relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+                    fake_mx: MXFactory, rcpts: list[str]
+                    ) -> tuple[RelayProcess, FakeSMTPServer, list[str]]:
+    """A relay whose MX defers `rcpts`, retrying only after an hour; one message to each
+    recipient, each deferred once. Returns (relay, mx, queue ids in order)."""
+    mx1 = fake_mx("127.0.0.2", rcpt_replies={r: DEFER for r in rcpts})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"]))
+    qids = [submit(relay, [r]) for r in rcpts]
+    for q in qids:
+        wait_until(lambda q=q: deferred(relay, q), f"{q} deferred", relay=relay)
+    return relay, mx1, qids
+
+
+def test_queue_list_show_hold_release_flush(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    rcpts = ["bob@example.test", "carol@example.test", "dave@example.test"]
+    relay, mx1, (q_hold, q_one, q_all) = start_deferring(relay_factory, dns, fake_mx, rcpts)
+
+    # list: every message, deferred, with the MX's reason (mailq).
+    out = relay.cli("queue", "list").stdout
+    for q, r in zip((q_hold, q_one, q_all), rcpts, strict=True):
+        line = next(ln for ln in out.splitlines() if ln.startswith(q))
+        assert "deferred" in line and f"<{SENDER}>" in line
+        assert r in out
+    assert f"({DEFER})" in out
+    assert "in 3 requests." in out
+    recs = queue_json(relay)
+    assert set(recs) == {q_hold, q_one, q_all}
+    rec = recs[q_one]
+    assert (rec["state"], rec["sender"], rec["last_error"]) == ("deferred", SENDER, DEFER)
+    assert rec["size"] > 0 and rec["auth_user"] == "alice"
+    assert [(r["address"], r["state"], r["attempts"]) for r in rec["recipients"]] == [
+        ("carol@example.test", "pending", 1)]
+
+    # show: envelope, per-recipient state, the message headers.
+    out = relay.cli("queue", "show", q_one).stdout
+    assert f"Queue ID:  {q_one}" in out and f"Sender:    <{SENDER}>" in out
+    assert f"Recipient: <carol@example.test> pending attempts=1 ({DEFER})" in out
+    assert "Subject: end to end" in out and f"id {q_one}" in out  # our Received header
+    shown = json.loads(relay.cli("queue", "show", q_one, "--json").stdout)
+    assert shown["envelope"]["sender"] == SENDER
+    assert "Message-ID: <e2e.1@sender.test>" in shown["headers"]
+    missing = relay.cli("queue", "show", "2N5400000000000XX", check=False)
+    assert missing.returncode == 1 and "not in the queue" in missing.stderr
+
+    # hold: the MX now accepts, but a held message stays put.
+    assert relay.cli("queue", "hold", q_hold).stdout.strip() == f"{q_hold}: held"
+    assert queue_json(relay)[q_hold]["state"] == "held"
+    assert "State:     held" in relay.cli("queue", "show", q_hold).stdout
+    mx1.rcpt_replies.clear()
+
+    # flush ID: that one goes at once, the others keep their hour of back-off.
+    assert relay.cli("queue", "flush", q_one).stdout.strip() == f"{q_one}: flushed"
+    wait_until(lambda: gone(relay, q_one), "the flushed message delivered", relay=relay)
+    assert [m.rcpt_tos for m in mx1.messages] == [["carol@example.test"]]
+    assert not gone(relay, q_all)
+
+    # flush (all): the rest of the queue goes; the held message does not.
+    relay.cli("queue", "flush")
+    wait_until(lambda: gone(relay, q_all), "the queue flushed", relay=relay)
+    assert delivered_to(mx1, "dave@example.test")
+    flushed_held = relay.cli("queue", "flush", q_hold, check=False)
+    assert flushed_held.returncode == 1  # held mail is not in the active queue
+    assert set(queue_json(relay)) == {q_hold}
+    assert delivered_to(mx1, "bob@example.test") == []
+    assert (relay.state / "spool" / "hold" / q_hold).exists()
+
+    # release: tried at once (not after the back-off), delivered.
+    assert relay.cli("queue", "release", q_hold).stdout.strip() == f"{q_hold}: released"
+    wait_until(lambda: delivered_to(mx1, "bob@example.test"), "the released message",
+               relay=relay)
+    wait_until(lambda: not (relay.state / "spool" / "hold" / q_hold).exists()
+               and gone(relay, q_hold), "the released message removed", relay=relay)
+    assert relay.cli("queue", "list").stdout.strip() == "Mail queue is empty"
+    assert queue_json(relay) == {}
+    log = relay.maillog()
+    assert f"{q_hold}: status=held" in log and f"{q_hold}: status=released" in log
+    assert sender_mx.messages == []
+
+
+def test_queue_delete(relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+                      sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    rcpts = ["bob@example.test", "carol@example.test", "dave@example.test"]
+    relay, mx1, (q1, q2, q3) = start_deferring(relay_factory, dns, fake_mx, rcpts)
+    relay.cli("queue", "hold", q3)
+
+    assert relay.cli("queue", "delete", q1).stdout.strip() == f"{q1}: deleted"
+    assert set(queue_json(relay)) == {q2, q3}
+    again = relay.cli("queue", "delete", q1, check=False)
+    assert again.returncode == 1 and "not in the queue" in again.stderr
+
+    out = relay.cli("queue", "delete", "--all").stdout
+    assert set(out.split()) == {f"{q2}:", f"{q3}:", "deleted"}
+    assert queue_json(relay) == {}
+    assert relay.queued() == []
+    assert f"{q1}: status=removed, by=operator" in relay.maillog()
+
+    # Nothing deleted is delivered later, even with the MX accepting and a flush.
+    mx1.rcpt_replies.clear()
+    relay.cli("queue", "flush")
+    q4 = submit(relay, ["erin@example.test"])
+    wait_until(lambda: gone(relay, q4), "a fresh message delivered", relay=relay)
+    assert [m.rcpt_tos for m in mx1.messages] == [["erin@example.test"]]
+    assert sender_mx.messages == []  # deleting bounces nothing
