@@ -206,6 +206,7 @@ async def _serve_loop(cfg: Config, config_path: str | None, listeners: list[List
         with contextlib.suppress(Exception):
             metrics.stop()
     ml.event(None, daemon="stopped", pid=os.getpid())
+    ml.flush()
     return 0
 
 
@@ -218,6 +219,7 @@ def _worker_main(cfg: Config, config_path: str | None, listeners: list[Listener]
     except Exception:
         logging.getLogger(__name__).exception("worker failed")
     finally:
+        maillog_mod.get().flush()
         os._exit(code)
 
 

@@ -9,12 +9,18 @@ JSON lines carry the same fields as keys. Contract: never raises into the caller
 disk must not fail a session), never logs an AUTH payload or password: callers pass only
 the fields below, and values are sanitised of CR/LF so a client cannot forge log lines.
 Targets: stdout, stderr, file:PATH (reopened on SIGHUP for logrotate), syslog (mail facility).
+Lines are handed to a writer thread (one per process, started lazily so forked workers get
+their own): a write to a log file on a busy filesystem can wait behind a journal commit,
+and that wait must never stall the event loop. The thread writes whatever has queued up
+in one system call, and `flush()` (called at exit and on stop) waits until all is written.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import queue
 import sys
 import threading
 import time
@@ -38,7 +44,13 @@ class MailLog:
         self._lock = threading.Lock()
         self._fh: TextIO | None = None
         self._syslog: Any = None
+        self._q: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._pending = 0
+        self._idle = threading.Condition()
         self._open()
+        atexit.register(self.flush)
 
     def _open(self) -> None:
         if self.target == "stdout":
@@ -47,7 +59,7 @@ class MailLog:
             self._fh = sys.stderr
         elif self.target.startswith("file:"):
             path = self.target[5:]
-            self._fh = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115  (flushed per batch)
         elif self.target == "syslog":
             import syslog
 
@@ -88,12 +100,66 @@ class MailLog:
             self._syslog.syslog(self._syslog.LOG_INFO, line)
             return
         if self.fmt == "text":  # syslog adds its own stamp; files and stdout need one
-            stamp = time.strftime("%b %d %H:%M:%S")
-            line = f"{stamp} {self.ident}[{os.getpid()}]: {line}"
+            line = f"{self._stamp()} {self.ident}[{os.getpid()}]: {line}"
+        if self._thread is None or self._pid != os.getpid():
+            self._start_thread()
+        with self._idle:
+            self._pending += 1
+        self._q.put(line + "\n")
+
+    _stamp_cache: tuple[int, str] = (0, "")
+
+    def _stamp(self) -> str:
+        now = int(time.time())
+        if self._stamp_cache[0] != now:
+            self._stamp_cache = (now, time.strftime("%b %d %H:%M:%S", time.localtime(now)))
+        return self._stamp_cache[1]
+
+    def _start_thread(self) -> None:
         with self._lock:
-            assert self._fh is not None
-            self._fh.write(line + "\n")
-            self._fh.flush()
+            if self._thread is not None and self._pid == os.getpid():
+                return
+            # After fork the parent's thread does not exist here: start our own.
+            self._q = queue.SimpleQueue()
+            self._idle = threading.Condition()
+            self._pending = 0
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._writer, name="maillog", daemon=True)
+            self._thread.start()
+
+    def _writer(self) -> None:
+        q = self._q
+        while True:
+            first = q.get()
+            batch = [first]
+            while True:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            lines = [b for b in batch if b is not None]
+            try:
+                with self._lock:
+                    assert self._fh is not None
+                    self._fh.write("".join(lines))
+                    self._fh.flush()
+            except Exception:  # a full disk must not kill the writer
+                pass
+            with self._idle:
+                self._pending -= len(lines)
+                self._idle.notify_all()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every queued line is written (exit, stop, tests)."""
+        if self._thread is None or self._pid != os.getpid():
+            return
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._pending > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._idle.wait(left)
 
 
 _current: MailLog | None = None

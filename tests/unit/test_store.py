@@ -50,8 +50,7 @@ async def test_commit_and_load_roundtrip(spool: Spool) -> None:
     seen: list[str] = []
     spool.on_commit = seen.append
     inc = spool.begin(env)
-    # Being received: present but without the ready mark, so invisible to readers.
-    assert (spool.queue_dir / inc.queue_id).stat().st_mode & 0o777 == 0o600
+    # Being received: invisible to readers.
     assert spool.scan() == [] and not spool.exists(inc.queue_id)
     inc.write(MSG)
     assert inc.size == len(MSG)
@@ -133,7 +132,9 @@ async def test_recover_removes_dead_tmp_but_not_live(spool: Spool) -> None:
     dead.chmod(0o600)
     (spool.tmp_dir / "2N5OLDTMP").write_bytes(b"AUTHRELAY-SPOOL 1 10\n{")  # older layout
     live = spool.begin(_env())
-    live.write(b"still arriving")
+    live.write(b"x" * store_mod.SPILL)  # a big message streams to its file at once
+    assert (spool.queue_dir / live.queue_id).stat().st_mode & 0o777 == 0o600
+    assert spool.scan() == [] and not spool.exists(live.queue_id)  # not ready: invisible
     counts = spool.recover()
     assert counts["tmp_removed"] == 2
     assert not dead.exists() and not (spool.tmp_dir / "2N5OLDTMP").exists()

@@ -59,6 +59,7 @@ CONTROL_SOCK = "control.sock"
 SCHEDULER_LOCK = "scheduler.lock"
 NOT_READY_MODE = 0o600  # queue/ID still being received
 READY_MODE = 0o700  # owner-execute bit: committed (fsync'd before the 250)
+SPILL = 128 * 1024  # message bytes kept in memory before the file is created
 
 
 def _ready(mode: int) -> bool:
@@ -147,39 +148,58 @@ def parse_header(f) -> tuple[Envelope, int]:
 
 
 class Incoming:
-    """One message being received: queue/ID (not yet ready), written with write(), commit()."""
+    """One message being received: written with write(), made durable by commit().
+
+    The bytes stream to queue/ID (mode 0600 = "not ready"; commit sets the owner-execute
+    bit, Postfix's trick, so there is no cross-directory rename). The first `SPILL` bytes
+    are collected in memory and the file is created by the commit thread: creating a file
+    on ext4 can wait behind a concurrent journal commit, and that wait must not stall the
+    event loop. A message larger than `SPILL` is created at that point and streamed, so
+    memory per session stays bounded by SPILL.
+    """
 
     def __init__(self, spool: Spool, envelope: Envelope) -> None:
         self.spool = spool
         self.envelope = envelope
         self.queue_id = envelope.queue_id
         self.size = 0
-        # Created straight in queue/, mode 0600 = "not ready" (Postfix's trick): commit marks
-        # it ready with the owner-execute bit. No cross-directory rename, which Linux
-        # serialises per filesystem and which made file creation wait behind other commits.
         self._path = spool.queue_dir / self.queue_id
-        self._fd: int | None = os.open(
-            self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, NOT_READY_MODE
-        )
+        self._fd: int | None = None
+        self._buf = bytearray(encode_header(envelope))
         self._done = False
+
+    def _open(self) -> int:
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     NOT_READY_MODE)
         try:
             # The lock tells recover() in another process that this file is alive.
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _write_all(self._fd, encode_header(envelope))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
-            self.abort()
+            os.close(fd)
             raise
+        self._fd = fd
+        return fd
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append message bytes; runs on the event loop (page cache, no fsync)."""
-        if self._fd is None:
+        """Append message bytes; runs on the event loop (memory, then page cache)."""
+        if self._done:
             raise SpoolError("write after commit/abort")
-        _write_all(self._fd, data)
         self.size += len(data)
+        if self._fd is None:
+            self._buf += data
+            if len(self._buf) < SPILL:
+                return
+            fd = self._open()
+            _write_all(fd, self._buf)
+            self._buf = bytearray()
+            return
+        _write_all(self._fd, data)
 
     def _commit_sync(self) -> None:
-        fd = self._fd
-        assert fd is not None
+        fd = self._fd if self._fd is not None else self._open()
+        if self._buf:
+            _write_all(fd, self._buf)
+            self._buf = bytearray()
         os.fchmod(fd, READY_MODE)  # the ready mark travels in the same fsync as the data
         if self.spool.fsync:
             os.fsync(fd)
@@ -188,8 +208,8 @@ class Incoming:
         os.close(fd)  # releases the flock only now: recover() never sees a half commit
 
     async def commit(self) -> None:
-        """Durable when this returns: fsync, rename into queue/, fsync queue/; notify."""
-        if self._fd is None or self._done:
+        """Durable when this returns: data + ready mark fsynced, queue/ fsynced; notify."""
+        if self._done:
             raise SpoolError("commit after commit/abort")
         self._done = True
         loop = asyncio.get_running_loop()
@@ -204,13 +224,15 @@ class Incoming:
     def abort(self) -> None:
         """Drop the message (idempotent); never raises."""
         fd, self._fd = self._fd, None
+        self._buf = bytearray()
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
         if not self._done:
             self._done = True
-            with contextlib.suppress(OSError):
-                os.unlink(self._path)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._path)
 
 
 class Spool:
