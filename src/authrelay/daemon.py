@@ -224,6 +224,10 @@ def _worker_main(cfg: Config, config_path: str | None, listeners: list[Listener]
 
 
 def serve(cfg: Config, config_path: str | None = None) -> int:
+    # A SIGHUP (logrotate, a cert renewal hook) between binding the ports and the event
+    # loop installing its handler must not kill the daemon (the default action): ignore
+    # it until then; the config was only just read anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _prepare_state(cfg)
     maillog_mod.configure(cfg.log.target, cfg.log.format)
     logging.basicConfig(level=getattr(logging, cfg.log.level.upper(), logging.INFO),

@@ -1,0 +1,326 @@
+"""Signals and privileges against a real `authrelay serve` process with clients connected.
+
+SIGHUP: config and certificate re-read (the next handshake presents the renewed cert),
+open sessions survive. SIGTERM: a session in progress finishes, new ones are refused, the
+process exits 0 with the queue consistent. `serve` refuses a world-readable key. Started
+as root with `user = ...` it runs as that user; the state dir is 0700, keys 0600.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import trustme
+from relayproc import PASSWORD, RelayProcess, to_toml
+from smtpclient import RawClient, client_ctx, plain
+
+
+def _write_cert(ca: trustme.CA, d: Path) -> tuple[Path, Path, bytes]:
+    """Issue a leaf for 127.0.0.1 and install it the way certbot renewals land: new files
+    renamed over the old ones. Returns (cert, key, DER of the leaf)."""
+    leaf = ca.issue_cert("relay.test", "127.0.0.1")
+    d.mkdir(parents=True, exist_ok=True)
+    cert, key = d / "fullchain.pem", d / "privkey.pem"
+    tmpc, tmpk = d / "fullchain.pem.new", d / "privkey.pem.new"
+    tmpc.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    fd = os.open(tmpk, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(leaf.private_key_pem.bytes())
+    os.replace(tmpk, key)
+    os.replace(tmpc, cert)
+    der = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+    return cert, key, der
+
+
+def _peer_der(port: int, *, implicit: bool) -> bytes:
+    with RawClient(port, tls=client_ctx() if implicit else None) as c:
+        assert c.reply().code == 220
+        if not implicit:
+            assert c.cmd("EHLO t").code == 250
+            assert c.cmd("STARTTLS").code == 220
+            c.starttls(client_ctx())
+        der = c.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+        c.cmd("QUIT")
+        return der
+
+
+def _session_in_progress(r: RelayProcess) -> RawClient:
+    """An authenticated session on 587 half way through a transaction."""
+    c = RawClient(r.ports["submission"])
+    assert c.reply().code == 220
+    assert c.cmd("EHLO t").code == 250
+    assert c.cmd("STARTTLS").code == 220
+    c.starttls(client_ctx())
+    assert c.cmd("EHLO t").code == 250
+    assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+    assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
+    assert c.cmd("RCPT TO:<bob@remote.example>").code == 250
+    return c
+
+
+def _count(r: RelayProcess, text: str) -> int:
+    return r.maillog().count(text)
+
+
+def _ready(r: RelayProcess, processes: int = 1) -> RelayProcess:
+    """Signal handlers are in place once each process logged its start (the ports accept
+    connections earlier: they are bound before the event loop runs)."""
+    r.wait_for(lambda: _count(r, "daemon=started") >= processes)
+    return r
+
+
+def _hup(r: RelayProcess) -> None:
+    before = _count(r, "daemon=reloaded") + _count(r, "daemon=reload failed")
+    assert r.proc is not None
+    os.kill(r.proc.pid, signal.SIGHUP)
+    r.wait_for(lambda: _count(r, "daemon=reloaded") + _count(r, "daemon=reload failed")
+               > before)
+
+
+@pytest.fixture
+def tls_relay(relay_factory, tmp_path: Path):
+    ca = trustme.CA()
+    cert, key, der = _write_cert(ca, tmp_path / "le")
+    r = _ready(relay_factory(overrides={"tls": {"cert": str(cert), "key": str(key)}}))
+    return r, ca, tmp_path / "le", der
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_new_cert_and_config_open_session_survives(relay_factory, tmp_path: Path,
+                                                          workers: int) -> None:
+    ca = trustme.CA()
+    cert, key, der_old = _write_cert(ca, tmp_path / "le")
+    r = relay_factory(workers=workers,
+                      overrides={"tls": {"cert": str(cert), "key": str(key)}})
+    _ready(r, workers + 1 if workers > 1 else 1)
+    assert _peer_der(r.ports["submissions"], implicit=True) == der_old
+    held = _session_in_progress(r)  # TLS with the old certificate, mid-transaction
+    try:
+        _, _, der_new = _write_cert(trustme.CA(), tmp_path / "le")  # "renewed"
+        assert der_new != der_old
+        data = dict(r.config_data)
+        data["limits"] = {"max_message_size": 123456}
+        r.config.write_text(to_toml(data))
+        _hup(r)
+        if workers > 1:  # the workers got the signal from the master; give each its turn
+            r.wait_for(lambda: _count(r, "daemon=reloaded") >= 1 + workers)
+        # Every new handshake, on either listener kind and whichever worker, is the new cert.
+        for _ in range(2 * workers):
+            assert _peer_der(r.ports["submissions"], implicit=True) == der_new
+            assert _peer_der(r.ports["submission"], implicit=False) == der_new
+        with RawClient(r.ports["smtp"]) as c:
+            c.reply()
+            assert "SIZE 123456" in c.cmd("EHLO t").lines[-1] or any(
+                "SIZE 123456" in ln for ln in c.cmd("EHLO t").lines)
+        # The session opened before the reload carries on and its message is queued.
+        assert held.cmd("DATA").code == 354
+        held.send(b"Subject: survived\r\n\r\nstill here\r\n.\r\n")
+        assert held.reply().code == 250
+        assert held.cmd("QUIT").code == 221
+    finally:
+        held.close()
+    r.wait_for(lambda: len(r.queued()) == 1)
+
+
+def test_sighup_bad_key_keeps_old_cert(tls_relay) -> None:
+    r, ca, d, der_old = tls_relay
+    _, key, _ = _write_cert(trustme.CA(), d)
+    os.chmod(key, 0o644)  # a renewal hook that got the mode wrong
+    before = _count(r, "daemon=reload failed")
+    assert r.proc is not None
+    os.kill(r.proc.pid, signal.SIGHUP)
+    r.wait_for(lambda: _count(r, "daemon=reload failed") > before)
+    assert "private key is accessible to group/others" in r.maillog()
+    assert _peer_der(r.ports["submissions"], implicit=True) == der_old
+    assert r.proc.poll() is None
+
+
+def test_sigterm_lets_session_finish_and_exits_0(relay_factory) -> None:
+    r = _ready(relay_factory(overrides={"shutdown_timeout": "60s"}))
+    c = _session_in_progress(r)
+    try:
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: during shutdown\r\n\r\nfirst half\r\n")
+        assert r.proc is not None
+        os.kill(r.proc.pid, signal.SIGTERM)
+        r.wait_for(lambda: "daemon=stopping" in r.maillog())
+        # No new sessions while draining.
+        try:
+            with RawClient(r.ports["submission"], timeout=5) as n:
+                assert n.reply().code != 220
+        except (ConnectionRefusedError, ConnectionResetError, ConnectionError):
+            pass
+        c.send(b"second half\r\n.\r\n")
+        assert c.reply().code == 250
+        c.cmd("QUIT")
+    finally:
+        c.close()
+    assert r.proc.wait(timeout=30) == 0
+    spool = r.state / "spool"
+    assert len(r.queued()) == 1
+    assert list((spool / "tmp").iterdir()) == []
+    body = r.message_bytes(r.queued()[0])
+    assert body.endswith(b"first half\r\nsecond half\r\n")
+    # The queue is intact for the next start: the message is found and tried again.
+    r.start()
+    r.wait_for(lambda: "Deferred" in r.maillog())
+
+
+def test_sigterm_idle_session_gets_421_after_timeout(relay_factory) -> None:
+    r = _ready(relay_factory(overrides={"shutdown_timeout": "1s"}))
+    c = _session_in_progress(r)
+    try:
+        assert r.proc is not None
+        os.kill(r.proc.pid, signal.SIGTERM)
+        rep = c.reply()  # nothing sent: the server speaks first when it gives up
+        assert rep.code == 421
+        assert c.closed()
+    finally:
+        c.close()
+    assert r.proc.wait(timeout=30) == 0
+    assert list((r.state / "spool" / "tmp").iterdir()) == []
+
+
+def test_serve_refuses_world_readable_key(relay_factory, tmp_path: Path) -> None:
+    cert, key, _ = _write_cert(trustme.CA(), tmp_path / "le")
+    os.chmod(key, 0o644)
+    r = relay_factory(start=False, overrides={"tls": {"cert": str(cert), "key": str(key)}})
+    res = subprocess.run([sys.executable, "-m", "authrelay", "-c", str(r.config), "serve"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "private key is accessible to group/others" in res.stderr
+    assert "chmod 600" in res.stderr
+    # Nothing was bound: the port is still free.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", r.ports["submission"]))
+
+
+def test_state_dir_and_self_signed_key_modes(relay: RelayProcess) -> None:
+    assert relay.state.stat().st_mode & 0o777 == 0o700
+    assert (relay.state / "tls" / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert (relay.state / "spool").stat().st_mode & 0o077 == 0
+
+
+# --------------------------------------------------------------------------- privileges
+
+TEST_USER = "authrelay-test"
+
+
+def _test_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+                        "--shell", "/usr/sbin/nologin", TEST_USER], check=True, timeout=30)
+        return pwd.getpwnam(TEST_USER)
+
+
+def _proc_ids(pid: int) -> tuple[int, int, str]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = gid = -1
+    groups = ""
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            uid = int(line.split()[2])  # effective
+        elif line.startswith("Gid:"):
+            gid = int(line.split()[2])
+        elif line.startswith("Groups:"):
+            groups = line.split(":", 1)[1].strip()
+    return uid, gid, groups
+
+
+@pytest.fixture
+def reachable_dir():
+    """A directory the unprivileged user can reach (pytest's temp root is 0700 root)."""
+    base = Path(tempfile.mkdtemp(prefix="authrelay-priv-"))
+    os.chmod(base, 0o711)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_drop_privileges_mechanics(reachable_dir: Path) -> None:
+    """daemon._drop_privileges in a forked child: state chowned, uid/gid/groups dropped."""
+    from authrelay import daemon
+    from authrelay.config import from_dict
+
+    pw = _test_user()
+    state = reachable_dir / "state"
+    cfg = from_dict({"state_dir": str(state), "user": TEST_USER})
+    daemon._prepare_state(cfg)
+    (state / "spool").mkdir()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(rfd)
+        try:
+            daemon._drop_privileges(cfg)
+            ok = os.getuid() == pw.pw_uid and os.geteuid() == pw.pw_uid and \
+                os.getgid() == pw.pw_gid and os.getgroups() in ([], [pw.pw_gid])
+            try:
+                os.setuid(0)  # must be impossible now
+                ok = False
+            except PermissionError:
+                pass
+            os.write(wfd, b"ok" if ok else b"bad")
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    out = os.read(rfd, 10)
+    os.close(rfd)
+    os.waitpid(pid, 0)
+    assert out == b"ok"
+    for p in (state, state / "spool"):
+        assert p.stat().st_uid == pw.pw_uid
+    assert state.stat().st_mode & 0o777 == 0o700
+
+
+def _python_usable_by(user: str) -> bool:
+    r = subprocess.run(["runuser", "-u", user, "--", sys.executable, "-c", "import authrelay"],
+                       capture_output=True, timeout=60)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_as_root_runs_as_user(reachable_dir: Path, workers: int) -> None:
+    pw = _test_user()
+    if not _python_usable_by(TEST_USER):
+        pytest.skip(f"this Python ({sys.prefix}) is not readable by {TEST_USER}; "
+                    "a system install (/usr, /opt) is")
+    r = RelayProcess(reachable_dir, {"user": TEST_USER}, workers=workers)
+    os.chmod(r.config, 0o644)
+    r.start()
+    try:
+        assert r.proc is not None
+        r.wait_for(lambda: _proc_ids(r.proc.pid)[0] == pw.pw_uid)
+        uid, gid, groups = _proc_ids(r.proc.pid)
+        assert (uid, gid) == (pw.pw_uid, pw.pw_gid) and groups in ("", str(pw.pw_gid))
+        st = r.state.stat()
+        assert st.st_uid == pw.pw_uid and st.st_mode & 0o777 == 0o700
+        key = r.state / "tls" / "key.pem"
+        assert key.stat().st_uid == pw.pw_uid and key.stat().st_mode & 0o777 == 0o600
+        with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
+            assert c.reply().code == 220
+            c.cmd("EHLO t")
+            assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+            assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
+            assert c.cmd("RCPT TO:<bob@remote.example>").code == 250
+            assert c.cmd("DATA").code == 354
+            c.send(b"Subject: x\r\n\r\ny\r\n.\r\n")
+            assert c.reply().code == 250
+        r.wait_for(lambda: len(r.queued()) == 1)
+        assert r.queued()[0].stat().st_uid == pw.pw_uid
+    finally:
+        r.stop()
+
