@@ -71,7 +71,7 @@ class _Active:
     qid: str
     forced: bool = False
     env: Envelope | None = None
-    path: Path | None = None
+    path: bytes | Path | None = None  # small messages are kept as bytes (one read)
     offset: int = 0
     jobs: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -340,10 +340,9 @@ class Scheduler:
             self._wake.set()
 
     # ------------------------------------------------------------------ one message
-    def _load(self, qid: str) -> tuple[Envelope, Path, int]:
-        env = self.spool.load(qid)
-        path, offset = self.spool.body_path(qid)
-        return env, path, offset
+    def _load(self, qid: str) -> tuple[Envelope, bytes | Path, int]:
+        # One read for a small message: header, envelope and body (the courier gets bytes).
+        return self.spool.load_for_delivery(qid)
 
     async def _start_message(self, act: _Active) -> None:
         qid = act.qid
