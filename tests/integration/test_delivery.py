@@ -349,10 +349,30 @@ async def test_connection_reused(tmp_path: Path, dns: FakeDNSServer,
             assert res[f"r{i}@example.test"].ok
         assert mx.connections == 1
         assert [m.connection for m in mx.messages] == [1, 1, 1]
-        assert mx.wire[0].count(b"RSET\r\n") == 2
+        # Reused straight after a transaction: no RSET round trip (RFC 5321 4.1.4).
+        assert mx.wire[0].count(b"RSET\r\n") == 0
     finally:
         await courier.close()
     assert mx.wire[0].endswith(b"QUIT\r\n")
+
+
+async def test_idle_connection_probed_with_rset(tmp_path: Path, dns: FakeDNSServer,
+                                                fake_mx: MXFactory,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from authrelay.delivery import client as client_mod
+
+    monkeypatch.setattr(client_mod, "_FRESH", 0.0)  # every cached connection counts as idle
+    mx = fake_mx("127.0.0.2")
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    try:
+        for i in range(3):
+            env = envelope(f"r{i}@example.test")
+            res = await courier.deliver(env, env.recipients, MSG)
+            assert res[f"r{i}@example.test"].ok
+        assert mx.connections == 1
+        assert mx.wire[0].count(b"RSET\r\n") == 2
+    finally:
+        await courier.close()
 
 
 async def test_pool_disabled_opens_new_connections(tmp_path: Path, dns: FakeDNSServer,

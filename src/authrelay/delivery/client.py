@@ -44,6 +44,7 @@ import asyncio
 import logging
 import re
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,9 @@ def _is_ascii(s: str) -> bool:
     return s.isascii()
 
 
+_FRESH = 2.0  # seconds a checked-in connection is trusted without an RSET probe
+
+
 class _TryNext(Exception):
     """This host failed before any recipient was settled: try the next one."""
 
@@ -139,6 +143,8 @@ class _Conn:
     key: tuple[str, int]
     remote: str
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    idle_since: float = 0.0
+    reused: bool = False
 
 
 # --------------------------------------------------------------------------- courier
@@ -241,6 +247,18 @@ class Courier:
         conn = await self._checkout(t)
         try:
             results, reusable = await self._transaction(conn, env, rcpts, data)
+        except _TryNext:
+            conn.smtp.close()
+            if not conn.reused:
+                raise
+            # A cached connection the server had meanwhile dropped (idle timeout, 421):
+            # one more try on a fresh connection before blaming the host.
+            conn = await self._connect(t)
+            try:
+                results, reusable = await self._transaction(conn, env, rcpts, data)
+            except BaseException:
+                conn.smtp.close()
+                raise
         except BaseException:
             conn.smtp.close()
             raise
@@ -259,8 +277,14 @@ class Courier:
                 conn.timer.cancel()
             if not conn.smtp.is_connected:
                 continue
+            conn.reused = True
+            if time.monotonic() - conn.idle_since < _FRESH:
+                # Just finished a transaction (RFC 5321 4.1.4: the server is ready for the
+                # next MAIL): no RSET round trip. If it was dropped after all, _via retries
+                # once on a new connection.
+                return conn
             try:
-                # RSET between messages also proves the cached connection still works.
+                # After a longer idle spell an RSET proves the cached connection still works.
                 resp = await conn.smtp.execute_command(
                     b"RSET", timeout=self.cfg.delivery.command_timeout)
                 if resp.code == 250:
@@ -279,6 +303,7 @@ class Courier:
             self._spawn(self._quit(conn))
             return
         loop = asyncio.get_running_loop()
+        conn.idle_since = time.monotonic()
         conn.timer = loop.call_later(d.idle_timeout, self._expire, conn)
         self._idle.setdefault(conn.key, []).append(conn)
 
