@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -195,6 +196,28 @@ class _QueueCollector:
         except OSError:
             return 0
 
+    @staticmethod
+    def _queue_dir(d: Path) -> tuple[int, int]:
+        """(committed, being received): the spool marks a committed file with the
+        owner-execute bit (store.READY_MODE), set in the same fsync as its data."""
+        ready = receiving = 0
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    if "." in e.name:
+                        continue
+                    try:
+                        mode = e.stat(follow_symlinks=False).st_mode
+                    except OSError:
+                        continue  # removed meanwhile
+                    if mode & stat.S_IXUSR:
+                        ready += 1
+                    else:
+                        receiving += 1
+        except OSError:
+            pass
+        return ready, receiving
+
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
@@ -208,9 +231,10 @@ class _QueueCollector:
             with contextlib.suppress(Exception):
                 stats = dict(self.scheduler.stats())
         if self.spool is not None:
-            queued = self._count(self.spool.queue_dir)
+            queued, incoming = self._queue_dir(self.spool.queue_dir)
+            incoming += self._count(self.spool.tmp_dir, messages=False)
             active = min(stats.get("active", 0), queued)
-            g.add_metric(["incoming"], self._count(self.spool.tmp_dir, messages=False))
+            g.add_metric(["incoming"], incoming)
             g.add_metric(["active"], active)
             g.add_metric(["deferred"], queued - active)
             g.add_metric(["held"], self._count(self.spool.hold_dir))

@@ -339,7 +339,7 @@ def submit(opts: Options, stdin: BinaryIO, cfg: Config) -> str:
     try:
         inc = spool.begin(env)
     except PermissionError as e:
-        raise Fail(EX_CANTCREAT, f"cannot write to the spool {spool.tmp_dir}: {e.strerror} "
+        raise Fail(EX_CANTCREAT, f"cannot write to the spool {spool.queue_dir}: {e.strerror} "
                                  "(run as root or as the authrelay user)") from None
     except OSError as e:
         raise Fail(EX_TEMPFAIL, f"spool: {e.strerror}") from None
@@ -369,6 +369,10 @@ def submit(opts: Options, stdin: BinaryIO, cfg: Config) -> str:
     except Fail:
         inc.abort()
         raise
+    except PermissionError as e:  # the file is created at commit (or when it grows)
+        inc.abort()
+        raise Fail(EX_CANTCREAT, f"cannot write to the spool {spool.queue_dir}: {e.strerror} "
+                                 "(run as root or as the authrelay user)") from None
     except OSError as e:
         inc.abort()
         raise Fail(EX_TEMPFAIL, f"spool write failed: {e.strerror}") from None

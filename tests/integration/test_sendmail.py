@@ -157,19 +157,21 @@ def nobody_state(tmp_path: Path):
 
 def test_unwritable_spool(offline: RelayProcess, nobody_state) -> None:
     if os.geteuid() == 0:
-        # Root becomes the spool's owner (nobody), who cannot write a root-owned tmp/.
+        # Root becomes the spool's owner (nobody), who cannot write a root-owned queue/.
         cfg, state = nobody_state
-        (state / "spool" / "tmp").mkdir(mode=0o700)
         queue = state / "spool" / "queue"
+        queue.mkdir(mode=0o700)
     else:
         cfg, queue = offline.config, offline.queue_dir
-        tmp = offline.state / "spool" / "tmp"
-        tmp.mkdir(parents=True)
-        os.chmod(tmp, 0o500)
-    res = _sh(f"echo x | {AUTHRELAY} sendmail a@remote.example", cfg)
+        queue.mkdir(parents=True)
+        os.chmod(queue, 0o500)
+    try:
+        res = _sh(f"echo x | {AUTHRELAY} sendmail a@remote.example", cfg)
+    finally:
+        os.chmod(queue, 0o700)
     assert res.returncode == 73, res.stderr
     assert b"cannot write to the spool" in res.stderr
-    assert not queue.exists() or list(queue.iterdir()) == []
+    assert list(queue.iterdir()) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
