@@ -105,7 +105,11 @@ class RelayProcess:
             [sys.executable, "-m", "authrelay", "-c", str(self.config), "serve", *extra_args],
             stdout=logf, stderr=subprocess.STDOUT,
         )
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.kill()  # never leave a server behind a failed start
+            raise
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> None:
