@@ -55,9 +55,23 @@ def _prepare_state(cfg: Config) -> None:
         os.chmod(d, 0o700)  # queue and user DB: nobody else's business
 
 
+def _preload() -> None:
+    """Import everything serving will need while we can still read any path (root)."""
+    import importlib
+
+    for mod in ("authrelay.auth.authenticator", "authrelay.auth.backends",
+                "authrelay.spool.store", "authrelay.delivery.client",
+                "authrelay.scheduler.scheduler", "authrelay.scheduler.control",
+                "authrelay.policy.checks", "authrelay.policy.anvil", "authrelay.metrics",
+                "uvloop", "aiosmtplib", "dns.asyncresolver", "argon2"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(mod)
+
+
 def _drop_privileges(cfg: Config) -> None:
     if not cfg.user or os.geteuid() != 0:
         return
+    _preload()
     pw = pwd.getpwnam(cfg.user)
     for root, dirs, files in os.walk(cfg.state_path):
         for name in dirs + files:
@@ -247,6 +261,10 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
     # One SO_REUSEPORT socket per listener per worker, all bound before dropping root.
     per_worker = [[Listener(ln, bind(ln, reuse_port=True)) for ln in cfg.listen]
                   for _ in range(nworkers)]
+    # Throttle counters shared by all workers (per-IP limits stay exact): made before fork.
+    from authrelay.policy.anvil import SharedCounters
+
+    shared = SharedCounters()
     _drop_privileges(cfg)
     pids: dict[int, int] = {}
 
@@ -257,7 +275,7 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
                 if j != i:
                     for s in socks:
                         s.sock.close()
-            _worker_main(cfg, config_path, per_worker[i], Share(i, nworkers))
+            _worker_main(cfg, config_path, per_worker[i], Share(i, nworkers, shared))
         pids[pid] = i
 
     for i in range(nworkers):

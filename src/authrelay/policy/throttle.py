@@ -7,16 +7,10 @@ messages / recipients per user per hour. Contract: every check is O(1) amortised
 is bounded (old windows are pruned; at most `MAX_KEYS` tracked keys per table, the oldest
 evicted first). Failure policy: all refusals are transient (421 / 454 / 450 4.7.x).
 
-Counters are per process. With several receiving workers (`workers` > 1) the global
-limits (max_connections, connection_rate) are divided between them (daemon.py passes
-`share`), which keeps the total bounded. Known limitation: the per-IP and per-user
-counters (max_connections_per_ip, connection_rate_per_ip, AUTH failures per IP / user,
-user_messages_per_hour, user_recipients_per_hour) are kept whole in every worker, and the
-kernel spreads one client's connections over the workers, so with N workers a client may
-get up to N times these limits (a brute-forcer gets N x max_failures_per_ip guesses per
-window). With workers = 1 they are exact. A shared anvil (the master serving the counters
-over a unix socket, like Postfix's anvil(8)) would make them exact; the `Throttle` methods
-are the interface it would implement.
+This class counts inside one process (exact with `workers = 1`). With several receiving
+workers the daemon gives every worker an `anvil.SharedThrottle` instead: the same methods
+over one table in shared memory, so per-IP, per-user and global limits hold across all
+workers (the kernel spreads one client's connections over them).
 
 SIGHUP (`reload`) changes the limits but keeps the counts: a reload must not hand a
 brute-forcer a fresh failure window.
@@ -27,6 +21,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Any
 
 from authrelay.config import Config
 from authrelay.smtpd import replies
@@ -83,9 +78,10 @@ class Share:
 
     index: int = 0
     count: int = 1
+    shared: Any = None  # an anvil.SharedCounters when the workers count together
 
     def part(self, total: int) -> int:
-        if total <= 0 or self.count <= 1:
+        if total <= 0 or self.count <= 1 or self.shared is not None:
             return total
         return max(1, total // self.count)
 

@@ -68,7 +68,12 @@ class SMTPServer:
         self.checks = checks
         self.metrics = metrics
         self.policy = RelayPolicy(cfg)
-        self.throttle = Throttle(cfg, share)
+        if share is not None and share.shared is not None:
+            from authrelay.policy.anvil import SharedThrottle
+
+            self.throttle: Throttle = SharedThrottle(cfg, share.shared)
+        else:
+            self.throttle = Throttle(cfg, share)
         self.maillog = maillog_mod.get()
         self.sessions: set[Session] = set()
         self._servers: list[asyncio.base_events.Server] = []

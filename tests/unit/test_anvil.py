@@ -1,0 +1,55 @@
+"""Shared anvil counters: one table seen by forked processes; windows slide."""
+
+from __future__ import annotations
+
+import os
+
+from authrelay.config import from_dict
+from authrelay.policy.anvil import SharedCounters, SharedThrottle
+
+
+def test_counts_cross_fork() -> None:
+    s = SharedCounters(slots=1024)
+    pid = os.fork()
+    if pid == 0:  # child: what a worker does
+        code = 0 if s.try_connect("192.0.2.1", 0, 5) is None else 1
+        s.window_add("auth_ip", "192.0.2.1", 60.0, 1000.0, 3)
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert s.gauge("192.0.2.1") == 1 and s.total() == 1
+    assert s.window_count("auth_ip", "192.0.2.1", 60.0, 1000.0) == 3
+    assert s.gauge("192.0.2.2") == 0 or s.slots < 2  # another key: its own counter
+
+
+def test_limits_refuse() -> None:
+    s = SharedCounters(slots=1024)
+    assert s.try_connect("a", 0, 2) is None
+    assert s.try_connect("a", 0, 2) is None
+    r = s.try_connect("a", 0, 2)
+    assert r is not None and (r.code, r.enhanced) == (421, "4.7.0")
+    s.gauge_add("a", -1)
+    assert s.try_connect("a", 0, 2) is None
+    assert s.try_connect("b", 4, 0) is None  # 3 in total now
+    assert s.try_connect("c", 3, 0) is not None  # the global limit
+
+
+def test_window_slides() -> None:
+    s = SharedCounters(slots=64)
+    for _ in range(10):
+        s.window_add("rate_ip", "x", 60.0, 600.0)  # window 10, at its start
+    assert s.window_count("rate_ip", "x", 60.0, 630.0) == 10
+    # half-way into the next window, half of the previous one still counts
+    assert s.window_count("rate_ip", "x", 60.0, 690.0) == 5.0
+    assert s.window_count("rate_ip", "x", 60.0, 800.0) == 0  # two windows later: gone
+
+
+def test_shared_throttle_auth_lock() -> None:
+    cfg = from_dict({"auth": {"max_failures_per_ip": 2, "max_failures_per_user": 0}})
+    s = SharedCounters(slots=1024)
+    a, b = SharedThrottle(cfg, s), SharedThrottle(cfg, s)  # two workers
+    a.auth_failed("198.51.100.7", "alice")
+    assert not b.auth_locked("198.51.100.7", "alice")
+    b.auth_failed("198.51.100.7", "alice")
+    assert a.auth_locked("198.51.100.7", "alice") and b.auth_locked("198.51.100.7", "bob")
+    assert not a.auth_locked("198.51.100.8", "alice")
