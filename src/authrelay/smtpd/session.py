@@ -85,6 +85,8 @@ class Session:
                     ) -> None:
         self.server.maillog.event(qid, reject=f"{r.code} {r.enhanced} {what}{r.text}".strip(),
                                   relay=self.relay_desc(), **extra)
+        # Metrics by reason: the reply's enhanced code (low cardinality, no addresses).
+        self.server.metrics_rejected(_REASONS.get(r, r.enhanced or str(r.code)))
 
     def _error(self, r: Reply) -> None:
         """A client error; too many of them end the session (a confused or hostile client)."""
@@ -541,12 +543,10 @@ class Session:
             if reader.error == TOO_BIG:
                 self.reply(replies.MSG_TOO_BIG)
                 self._log_reject(replies.MSG_TOO_BIG, qid=qid, size=reader.wire_bytes)
-                srv.metrics_rejected("size")
                 return
             if reader.error == LONG_LINE:
                 self.reply(replies.TEXT_LINE_TOO_LONG)
                 self._log_reject(replies.TEXT_LINE_TOO_LONG, qid=qid)
-                srv.metrics_rejected("line_length")
                 return
             if write_error:
                 raise OSError("spool write failed")
@@ -573,6 +573,17 @@ class Session:
             srv.throttle.user_sent(self.auth_user, nrcpts)
         srv.metrics_accepted(self.listener.mode)
 
+
+# Named reasons for the rejections an operator watches most; others go by enhanced code.
+_REASONS = {
+    replies.RELAY_DENIED: "relay_denied", replies.AUTH_REQUIRED: "auth_required",
+    replies.MSG_TOO_BIG: "size", replies.TEXT_LINE_TOO_LONG: "line_length",
+    replies.BARE_LF: "bare_line_ending", replies.TIMEOUT: "timeout",
+    replies.SENDER_NOT_OWNED: "sender_not_owned", replies.TOO_MANY_RCPTS: "too_many_rcpts",
+    replies.AUTH_LOCKED: "auth_locked", replies.USER_RATE: "user_rate",
+    replies.TOO_MANY_CONNECTIONS: "connections", replies.TOO_MANY_FROM_IP: "connections_ip",
+    replies.RATE_LIMITED: "connection_rate", replies.NO_RDNS: "no_rdns",
+}
 
 _COMMANDS = {
     "EHLO": Session.cmd_ehlo, "HELO": Session.cmd_helo, "MAIL": Session.cmd_mail,
