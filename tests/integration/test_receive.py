@@ -177,3 +177,16 @@ def test_embedded_default_first_start(tmp_path: Path) -> None:
     finally:
         p.terminate()
         p.wait(timeout=30)
+
+
+def test_auth_backend_down_is_454(relay_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    """RFC 4954 6: a backend that cannot answer gives 454 4.7.0, never 535 or a hang."""
+    r: RelayProcess = relay_factory({"auth": {"backend": f"saslauthd:{tmp_path}/no/mux",
+                                              "backend_timeout": "2s"}}, users={})
+    with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
+        assert c.reply().code == 220
+        assert c.cmd("EHLO laptop.example").code == 250
+        rep = c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")
+        assert (rep.code, rep.lines[-1][4:9]) == (454, "4.7.0")
+        assert c.cmd("NOOP").code == 250  # the session goes on
+    assert "reject=454 4.7.0" in r.maillog()
