@@ -432,3 +432,44 @@ def test_only_the_deferred_recipient_is_retried(
     assert sum("stat=Sent" in ln for ln in lines) == 3
     assert sum("to=<ann@a.test>" in ln for ln in lines) == 1
     assert sender_mx.messages == []
+
+
+def test_queue_lifetime_expiry_bounces(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    mx1 = fake_mx("127.0.0.2", rcpt_replies={"bob@example.test": "451 4.3.0 still busy"})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["500ms"],
+                                       max_queue_lifetime="2s"))
+    qid = submit(relay, ["bob@example.test"])
+    wait_until(lambda: sender_mx.messages, "the bounce after the queue lifetime", relay=relay)
+    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    assert mx1.messages == []
+    assert_null_sender(sender_mx, sender_mx.messages[0])
+    _, groups = parse_dsn(sender_mx.messages[0].content)
+    assert [(g["Action"], g["Status"]) for g in groups] == [("failed", "4.3.0")]
+    assert "451 4.3.0 still busy" in groups[0]["Diagnostic-Code"]
+    lines = log_lines(relay, qid)
+    assert sum("stat=Deferred" in ln for ln in lines) >= 1
+    assert any("stat=Bounced" in ln and "expired" in ln for ln in lines)
+
+
+def test_delay_warning_then_delivery(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    mx1 = fake_mx("127.0.0.2", rcpt_replies={"bob@example.test": "451 4.3.0 still busy"})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["500ms"],
+                                       delay_warning="1s"))
+    qid = submit(relay, ["bob@example.test"])
+    wait_until(lambda: sender_mx.messages, "the delay warning", relay=relay)
+    _, groups = parse_dsn(sender_mx.messages[0].content)
+    assert [(g["Action"], g["Status"]) for g in groups] == [("delayed", "4.3.0")]
+    assert groups[0]["Will-Retry-Until"]
+    # Still retried after the warning; the warning is sent once.
+    n = sum("stat=Deferred" in ln for ln in log_lines(relay, qid))
+    wait_until(lambda: sum("stat=Deferred" in ln for ln in log_lines(relay, qid)) >= n + 2,
+               "more retries after the warning", relay=relay)
+    mx1.rcpt_replies.clear()
+    wait_until(lambda: gone(relay, qid), "delivery after the warning", relay=relay)
+    assert len(mx1.messages) == 1
+    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    assert len(sender_mx.messages) == 1
