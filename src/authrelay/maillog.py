@@ -28,6 +28,18 @@ from typing import Any, TextIO
 
 NOQUEUE = "NOQUEUE"
 
+# getpid() is a system call on current glibc; a log line needs it twice. Cache it per
+# process (reset in every forked child).
+_pid = os.getpid()
+
+
+def _reset_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_reset_pid)
+
 
 def _clean(value: Any) -> str:
     s = str(value)
@@ -100,8 +112,8 @@ class MailLog:
             self._syslog.syslog(self._syslog.LOG_INFO, line)
             return
         if self.fmt == "text":  # syslog adds its own stamp; files and stdout need one
-            line = f"{self._stamp()} {self.ident}[{os.getpid()}]: {line}"
-        if self._thread is None or self._pid != os.getpid():
+            line = f"{self._stamp()} {self.ident}[{_pid}]: {line}"
+        if self._thread is None or self._pid != _pid:
             self._start_thread()
         with self._idle:
             self._pending += 1

@@ -8,7 +8,8 @@ than misread (the message stays in the queue untouched).
 from __future__ import annotations
 
 import json
-import secrets
+import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,9 +89,28 @@ _RCPT_FIELDS = tuple(Recipient.__dataclass_fields__)
 _B32 = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
 
 
+_rng: tuple[int, random.Random] | None = None
+
+
+def _reseed() -> None:
+    global _rng
+    _rng = None
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
 def new_queue_id() -> str:
-    """Sortable by arrival (microsecond clock first), unique across processes (random tail)."""
-    n = (time.time_ns() // 1000) << 30 | secrets.randbits(30)
+    """Sortable by arrival (microsecond clock first), unique across processes (random tail).
+
+    The tail comes from a per-process PRNG seeded from the OS once (queue ids need to be
+    unique, not secret): an os.urandom() system call per message showed in profiles.
+    """
+    global _rng
+    if _rng is None:  # first use, or first in a forked worker (_reseed)
+        pid = os.getpid()
+        _rng = (pid, random.Random(int.from_bytes(os.urandom(16), "big") ^ pid))
+    n = (time.time_ns() // 1000) << 30 | _rng[1].getrandbits(30)
     out = []
     while n:
         n, r = divmod(n, len(_B32))
