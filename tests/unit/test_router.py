@@ -98,3 +98,11 @@ def test_reply_result(code: int, msg: str, enhanced: str, text: str, permanent: 
     assert (r.code, r.enhanced, r.text, r.permanent, r.ok) == \
         (code, enhanced, text, permanent, ok)
     assert r.remote == "mx [192.0.2.1]:25"
+
+
+def test_dot_stuff() -> None:
+    from authrelay.delivery.client import dot_stuff
+
+    assert dot_stuff(b".a\r\nb\r\n.\r\n..c\r\n") == b"..a\r\nb\r\n..\r\n...c\r\n.\r\n"
+    assert dot_stuff(b"") == b".\r\n"
+    assert dot_stuff(b"x.y\r\n") == b"x.y\r\n.\r\n"

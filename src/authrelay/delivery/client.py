@@ -47,6 +47,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 from aiosmtplib import (
@@ -89,6 +90,34 @@ def normalize_crlf(data: bytes) -> bytes:
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """RFC 5321 4.5.2 transparency plus the end marker, for CRLF-only text.
+
+    bytes.replace runs in C; aiosmtplib's data() re-normalises line ends and stuffs with two
+    regex substitutions, which cost ~2 ms per 100 KB in profiles.
+    """
+    out = data.replace(b"\r\n.", b"\r\n..")
+    if out.startswith(b"."):
+        out = b"." + out
+    return out + b".\r\n"
+
+
+async def _send_data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float) -> Any:
+    """DATA, then the message already normalised (normalize_crlf) and stuffed here."""
+    start = await smtp.execute_command(b"DATA", timeout=timeout)
+    if start.code != 354:
+        raise SMTPDataError(start.code, start.message)
+    proto = smtp.protocol
+    if proto is None:
+        raise SMTPServerDisconnected("connection lost")
+    # The connection is checked out to this delivery alone: nothing else writes on it.
+    proto.write(dot_stuff(data))
+    resp = await proto.read_response(timeout=timeout)
+    if resp.code != 250:
+        raise SMTPDataError(resp.code, resp.message)
+    return resp
 
 
 def _read_message(path: Path, offset: int) -> bytes:
@@ -563,7 +592,7 @@ class Courier:
 
         # DATA: the reply applies to every accepted recipient (RFC 5321 3.3).
         try:
-            resp = await smtp.data(data, timeout=d.data_timeout)
+            resp = await _send_data(smtp, data, d.data_timeout)
             res = reply_result(resp.code, resp.message, remote)
             reusable = smtp.is_connected
         except SMTPDataError as e:

