@@ -473,3 +473,17 @@ def test_delay_warning_then_delivery(
     assert len(mx1.messages) == 1
     wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
     assert len(sender_mx.messages) == 1
+
+
+def test_receiving_workers_hand_over_through_the_spool(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """workers = 2: receiving processes and the delivering parent share only the spool
+    (and its notify socket); mail is still picked up at once and delivered."""
+    mx1 = fake_mx("127.0.0.2")
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"]), workers=2)
+    qids = [submit(relay, ["bob@example.test"]) for _ in range(4)]
+    for qid in qids:
+        wait_until(lambda q=qid: gone(relay, q), f"{qid} delivered", relay=relay)
+    assert len(mx1.messages) == 4
+    assert all(split_received(m.content)[1] == BODY for m in mx1.messages)
