@@ -487,3 +487,62 @@ def test_receiving_workers_hand_over_through_the_spool(
         wait_until(lambda q=qid: gone(relay, q), f"{qid} delivered", relay=relay)
     assert len(mx1.messages) == 4
     assert all(split_received(m.content)[1] == BODY for m in mx1.messages)
+
+
+def submit_raw(relay: RelayProcess, rcpts: list[str], body: bytes,
+               mail_options: list[str], sender: str = SENDER) -> str:
+    """Like `submit`, with ESMTP MAIL parameters (BODY=8BITMIME, SMTPUTF8)."""
+    with smtplib.SMTP("127.0.0.1", relay.ports["submission"], timeout=20) as s:
+        s.ehlo("laptop.test")
+        s.starttls(context=relay.client_context())
+        s.ehlo("laptop.test")
+        s.login("alice", PASSWORD)
+        code, msg = s.mail(sender, mail_options)
+        assert code == 250, (code, msg)
+        for r in rcpts:
+            code, msg = s.rcpt(r)
+            assert code == 250, (r, code, msg)
+        code, msg = s.data(body)
+        assert code == 250, (code, msg)
+    return re.search(rb"queued as (\S+)", msg).group(1).decode()  # type: ignore[union-attr]
+
+
+UTF8_BODY = ("From: José <jose@sender.test>\r\nTo: Zoë <zoë@example.test>\r\n"
+             "Subject: =?utf-8?q?caf=C3=A9?=\r\nDate: Tue, 25 Nov 2025 10:00:00 +0000\r\n"
+             "Message-ID: <e2e.utf8@sender.test>\r\n"
+             "\r\nÇa va? ünïcödé body\r\n").encode()
+
+
+def test_8bitmime_and_smtputf8_pass_through(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    mx1 = fake_mx("127.0.0.2")
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    q1 = submit_raw(relay, ["bob@example.test"], UTF8_BODY, ["BODY=8BITMIME"])
+    q2 = submit_raw(relay, ["zoë@example.test"], UTF8_BODY, ["BODY=8BITMIME", "SMTPUTF8"])
+    for q in (q1, q2):
+        wait_until(lambda q=q: gone(relay, q), f"{q} delivered", relay=relay)
+    by_rcpt = {m.rcpt_tos[0]: m for m in mx1.messages}
+    assert "BODY=8BITMIME" in by_rcpt["bob@example.test"].mail_options
+    assert "SMTPUTF8" not in by_rcpt["bob@example.test"].mail_options
+    utf8 = by_rcpt["zoë@example.test"]
+    assert "SMTPUTF8" in utf8.mail_options
+    assert split_received(utf8.content)[1] == UTF8_BODY
+
+
+def test_utf8_address_to_peer_without_smtputf8_bounces(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    mx1 = fake_mx("127.0.0.2", smtputf8=False)
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit_raw(relay, ["zoë@example.test", "bob@example.test"], UTF8_BODY,
+                     ["BODY=8BITMIME", "SMTPUTF8"])
+    wait_until(lambda: sender_mx.messages, "the bounce", relay=relay)
+    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    assert [m.rcpt_tos for m in mx1.messages] == [["bob@example.test"]]
+    _, groups = parse_dsn(sender_mx.messages[0].content)
+    assert [(g["Action"], g["Status"]) for g in groups] == [("failed", "5.6.7")]
+    bounce = sender_mx.messages[0]
+    assert "Final-Recipient: rfc822; zoë@example.test\r\n".encode() in bounce.content
+    assert "BODY=8BITMIME" in bounce.mail_options  # UTF-8 text in the DSN: 8bit
+    assert any("stat=Bounced" in ln for ln in log_lines(relay, qid))
