@@ -70,12 +70,30 @@ async def test_commit_and_load_roundtrip(spool: Spool) -> None:
     assert spool.read_headers(qid) == MSG[: MSG.index(b"\r\n\r\n") + 4]
 
 
-async def test_two_fsyncs_per_message(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_fsyncs_per_message(spool: Spool, monkeypatch: pytest.MonkeyPatch,
+                                  ordered: bool) -> None:
+    """The file always; the directory unless the filesystem journals the create with it."""
     calls: list[int] = []
     real = os.fsync
     monkeypatch.setattr(store_mod.os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
-    await _put(spool, _env())
-    assert len(calls) == 2
+    spool.journal_orders_create = ordered
+    qid = await _put(spool, _env())
+    assert len(calls) == (1 if ordered else 2)
+    assert qid in spool.scan()
+    if not ordered:
+        assert calls[1] == spool._qdir_fd
+
+
+def test_filesystem_detection(monkeypatch: pytest.MonkeyPatch) -> None:
+    # /proc is no journalling filesystem: directory fsyncs stay on there.
+    assert store_mod._journal_orders_create(Path("/proc")) is False
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    root = next(line.split() for line in mounts if line.split()[1] == "/")
+    expect = root[2] in ("ext4", "xfs", "btrfs", "ext3") and "data=writeback" not in root[3]
+    assert store_mod._journal_orders_create(Path("/")) is expect
+    monkeypatch.setenv("AUTHRELAY_SPOOL_DIR_FSYNC", "1")  # the operator can insist
+    assert store_mod._journal_orders_create(Path("/")) is False
 
 
 async def test_notify_datagram(spool: Spool) -> None:

@@ -12,15 +12,15 @@ Owns the on-disk queue under `cfg.spool_dir` (docs/INTERFACES.md):
     hold/           held messages (the same two files, moved)
     corrupt/        files `recover()` could not parse (kept for the operator, never deleted)
 
-Contract: `Incoming.commit()` returns only after the file and the queue directory are on
-stable storage (fchmod ready, fsync file, fsync queue/ -- the directory fsync is a group
-commit shared by concurrent commits): RFC 5321 6.1 says that once we answer 250 to the
-final dot we are responsible for the message. A kill at any point leaves either a file
-without the ready mark (garbage, no 250 was sent) or a complete, ready one. There is no
-cross-directory rename on the receive path (Linux serialises those per filesystem). At most
-two fsyncs per message, in a shared thread
-pool so concurrent sessions' fsyncs batch in the filesystem journal and the event loop
-never waits on the disk. `write()` is a plain os.write into the page cache.
+Contract: `Incoming.commit()` returns only after the file and its directory entry are on
+stable storage (fchmod ready, fsync file; then fsync queue/ as a group commit shared by
+concurrent commits, except on filesystems whose journal already commits the create with
+the file -- ext4, xfs, btrfs -- see `_journal_orders_create`). RFC 5321 6.1: once we
+answer 250 to the final dot we are responsible for the message. A kill at any point leaves
+either a file without the ready mark (garbage, no 250 was sent) or a complete, ready one.
+There is no cross-directory rename on the receive path (Linux serialises those per
+filesystem). The fsyncs run in a shared thread pool, so concurrent sessions' fsyncs batch
+in the filesystem journal and the event loop never waits on the disk.
 
 Failure policy: I/O errors on receive propagate (the session answers 451 4.3.0, transient).
 A truncated or unparsable queue file is moved to corrupt/ and logged; a file of an unknown
@@ -61,6 +61,35 @@ SCHEDULER_LOCK = "scheduler.lock"
 NOT_READY_MODE = 0o600  # queue/ID still being received
 READY_MODE = 0o700  # owner-execute bit: committed (fsync'd before the 250)
 SPILL = 128 * 1024  # message bytes kept in memory before the file is created
+
+
+# Filesystems whose fsync(file) also commits the creation of that file's directory entry:
+# the create and the data are in one journal (ext4 with a journal, xfs log, btrfs log tree),
+# and committing the file's last transaction commits every earlier one. Postfix relies on
+# the same. Elsewhere (ext2, vfat, network filesystems ...) we fsync the directory too.
+_ORDERED_FS = {"ext4", "ext3", "xfs", "btrfs"}
+
+
+def _journal_orders_create(path: Path) -> bool:
+    if os.environ.get("AUTHRELAY_SPOOL_DIR_FSYNC") == "1":
+        return False
+    try:
+        target = os.path.realpath(path)
+        best, fstype, opts = "", "", ""
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 4:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and \
+                        len(mnt) >= len(best):
+                    best, fstype, opts = mnt, parts[2], parts[3]
+    except OSError:
+        return False
+    if fstype == "ext4" and "data=writeback" in opts:
+        return False  # no ordering guarantee between data and metadata
+    return fstype in _ORDERED_FS
 
 
 def _ready(mode: int) -> bool:
@@ -204,7 +233,8 @@ class Incoming:
         os.fchmod(fd, READY_MODE)  # the ready mark travels in the same fsync as the data
         if self.spool.fsync:
             os.fsync(fd)
-            self.spool._fsync_queue_dir()  # the directory entry too (group commit)
+            if not self.spool.journal_orders_create:
+                self.spool._fsync_queue_dir()  # the directory entry too (group commit)
         self._fd = None
         os.close(fd)  # releases the flock only now: recover() never sees a half commit
 
@@ -255,6 +285,7 @@ class Spool:
         self.control_path = self.root / CONTROL_SOCK
         self._qdir_fd: int | None = None
         self._notify_sock: socket.socket | None = None
+        self.journal_orders_create = _journal_orders_create(self.root)
         self._dir_sync = threading.Condition()
         self._dsync_started = 0
         self._dsync_done = 0
