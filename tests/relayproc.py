@@ -141,8 +141,18 @@ class RelayProcess:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
-    def maillog(self) -> str:
-        return self.log.read_text(errors="replace")
+    def maillog(self, settle: float = 0.05) -> str:
+        """The maillog so far. The server writes it from a background thread, so a line
+        may land a moment after the reply a test just saw: read until it stops growing."""
+        text = self.log.read_text(errors="replace")
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            time.sleep(settle)
+            again = self.log.read_text(errors="replace")
+            if again == text:
+                break
+            text = again
+        return text
 
     @property
     def queue_dir(self) -> Path:
