@@ -82,7 +82,7 @@ def wait_until(pred: Callable[[], Any], what: str, timeout: float = DEADLINE,
 def mx_overrides(dns: FakeDNSServer, port: int, **delivery: Any) -> dict[str, Any]:
     """Config for delivery by MX through the fake DNS to fake MX on `port`."""
     d: dict[str, Any] = {
-        "port": port, "nameservers": [dns.nameserver], "retry": ["1s"],
+        "port": port, "nameservers": [dns.nameserver], "retry": ["300ms"],
         "dns_timeout": "2s", "connect_timeout": "5s", "command_timeout": "10s",
         "data_timeout": "10s", "delay_warning": 0,
     }
