@@ -560,3 +560,32 @@ async def test_large_message_with_bare_lf(tmp_path: Path, dns: FakeDNSServer,
     assert res["bob@example.test"].ok
     assert mx.messages[0].content == normalize_crlf(msg)
     assert bare_line_ends(mx.wire[0]) == []
+
+
+async def test_large_spool_file_streams_identically(tmp_path: Path, dns: FakeDNSServer,
+                                                    fake_mx: MXFactory,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message over 1 MiB is streamed from the spool file in chunks; what arrives is the
+    same as normalising and stuffing it whole, whatever falls on a chunk boundary."""
+    from authrelay.delivery import client as client_mod
+
+    monkeypatch.setattr(client_mod, "_STREAM_CHUNK", 4099)  # many odd boundaries
+    mx = fake_mx("127.0.0.2")
+    parts = [b"Subject: stream\r\n\r\n"]
+    for i in range(100000):
+        # dots at line starts, bare CR, bare LF, CRLF split anywhere by the chunking
+        parts.append(b".%05d dotted\r\n" % i if i % 7 == 0 else b"line %05d\n" % i
+                     if i % 5 == 0 else b"cr %05d\r" % i if i % 11 == 0 else b"ok %05d\r\n" % i)
+    msg = b"".join(parts) + b"tail without end"
+    env = envelope("bob@example.test")
+    ej = env.to_json()
+    header = f"AUTHRELAY-SPOOL 1 {len(ej)}\n".encode()
+    path = tmp_path / "queue-file"
+    path.write_bytes(header + ej + b"\n" + msg)
+    assert len(msg) > client_mod._NORMALIZE_OFFLOAD
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), env, path,
+                     offset=len(header) + len(ej) + 1)
+    assert res["bob@example.test"].ok
+    assert mx.messages[0].content == normalize_crlf(msg)
+    assert bare_line_ends(mx.wire[0]) == []
+    assert len(mx.messages) == 1

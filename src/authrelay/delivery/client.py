@@ -33,7 +33,8 @@ Failure policy (codes per RFC 3463):
   other host is tried (the message may have arrived; at-least-once, never lost).
 
 What goes out: every line end is CRLF (a bare CR or LF in the stored message becomes
-CRLF: the outbound half of SMTP smuggling), then dot-stuffed by aiosmtplib's `data()`.
+CRLF: the outbound half of SMTP smuggling), then dot-stuffed here (large messages are
+streamed from the spool file chunk by chunk).
 RFC 5321 4.5.3.2 timeouts: `[delivery] connect_timeout` (connect + greeting),
 `command_timeout` (EHLO, STARTTLS, AUTH, MAIL, RCPT, RSET), `data_timeout` (DATA).
 """
@@ -74,7 +75,8 @@ log = logging.getLogger(__name__)
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+")
 _BAD_EOL = re.compile(rb"\r\n|\r|\n")
-_NORMALIZE_OFFLOAD = 1 << 20  # normalise bigger messages in a thread: keep the loop free
+_NORMALIZE_OFFLOAD = 1 << 20  # bigger messages are streamed from the spool file
+_STREAM_CHUNK = 256 * 1024
 
 
 # --------------------------------------------------------------------------- helpers
@@ -104,8 +106,50 @@ def dot_stuff(data: bytes) -> bytes:
     return out + b".\r\n"
 
 
-async def _send_data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float) -> Any:
-    """DATA, then the message already normalised (normalize_crlf) and stuffed here."""
+@dataclass(frozen=True)
+class _FileBody:
+    """A large queued message, streamed from the spool file instead of read into memory."""
+
+    path: Path
+    offset: int
+    size: int
+
+    def __len__(self) -> int:  # what SIZE= and the peer's size limit are checked against
+        return self.size
+
+
+async def _stream_file(proto: Any, body: _FileBody) -> None:
+    """Normalise line ends and dot-stuff chunk by chunk, with flow control, so a 20 MB
+    message costs a few MB of memory, not several copies of itself."""
+    drain = getattr(proto, "_drain_helper", None)  # asyncio FlowControlMixin (aiosmtplib)
+    at_line_start, carry_cr = True, False
+    with open(body.path, "rb") as f:
+        f.seek(body.offset)
+        while True:
+            chunk = await asyncio.to_thread(f.read, _STREAM_CHUNK)
+            if not chunk:
+                break
+            if carry_cr:
+                chunk, carry_cr = b"\r" + chunk, False
+            if chunk.endswith(b"\r"):  # maybe half of a CRLF: decide with the next chunk
+                chunk, carry_cr = chunk[:-1], True
+            crlf = chunk.count(b"\r\n")
+            if not (chunk.count(b"\r") == crlf == chunk.count(b"\n")):
+                chunk = _BAD_EOL.sub(b"\r\n", chunk)
+            out = chunk.replace(b"\r\n.", b"\r\n..")
+            if at_line_start and out.startswith(b"."):
+                out = b"." + out
+            if out:
+                at_line_start = out.endswith(b"\r\n")
+                proto.write(out)
+                if drain is not None:
+                    await drain()
+    tail = b"\r\n" if carry_cr or not at_line_start else b""
+    proto.write(tail + b".\r\n")
+
+
+async def _send_data(smtp: aiosmtplib.SMTP, data: bytes | _FileBody, timeout: float) -> Any:
+    """DATA, then the message normalised (normalize_crlf) and stuffed here."""
     start = await smtp.execute_command(b"DATA", timeout=timeout)
     if start.code != 354:
         raise SMTPDataError(start.code, start.message)
@@ -113,7 +157,10 @@ async def _send_data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float) -> Any:
     if proto is None:
         raise SMTPServerDisconnected("connection lost")
     # The connection is checked out to this delivery alone: nothing else writes on it.
-    proto.write(dot_stuff(data))
+    if isinstance(data, _FileBody):
+        await asyncio.wait_for(_stream_file(proto, data), timeout)
+    else:
+        proto.write(dot_stuff(data))
     resp = await proto.read_response(timeout=timeout)
     if resp.code != 250:
         raise SMTPDataError(resp.code, resp.message)
@@ -256,15 +303,15 @@ class Courier:
             out.append(_Target(host, host, port, mode))
         return out
 
-    async def _load(self, message: bytes | Path, offset: int) -> bytes:
+    async def _load(self, message: bytes | Path, offset: int) -> bytes | _FileBody:
         if isinstance(message, bytes | bytearray | memoryview):
             raw = bytes(memoryview(message)[offset:])
         else:
             path = Path(message)
-            if path.stat().st_size - offset <= _NORMALIZE_OFFLOAD:
-                raw = _read_message(path, offset)  # small: the page cache answers at once
-            else:
-                raw = await asyncio.to_thread(_read_message, path, offset)
+            size = path.stat().st_size - offset
+            if size > _NORMALIZE_OFFLOAD:
+                return _FileBody(path, offset, size)  # streamed at DATA time
+            raw = _read_message(path, offset)  # small: the page cache answers at once
         if len(raw) > _NORMALIZE_OFFLOAD:
             return await asyncio.to_thread(normalize_crlf, raw)
         return normalize_crlf(raw)
@@ -272,7 +319,7 @@ class Courier:
     # ----------------------------------------------------------------- one host
 
     async def _via(self, t: _Target, env: Envelope, rcpts: list[Recipient],
-                   data: bytes) -> dict[str, DeliveryResult]:
+                   data: bytes | _FileBody) -> dict[str, DeliveryResult]:
         conn = await self._checkout(t)
         try:
             results, reusable = await self._transaction(conn, env, rcpts, data)
@@ -496,7 +543,7 @@ class Courier:
     # ----------------------------------------------------------------- transaction
 
     async def _transaction(self, conn: _Conn, env: Envelope, rcpts: list[Recipient],
-                           data: bytes) -> tuple[dict[str, DeliveryResult], bool]:
+                           data: bytes | _FileBody) -> tuple[dict[str, DeliveryResult], bool]:
         """One MAIL/RCPT/DATA exchange. Returns (results, connection reusable)."""
         smtp, remote = conn.smtp, conn.remote
         d = self.cfg.delivery
