@@ -56,11 +56,9 @@ class MailLog:
         self._lock = threading.Lock()
         self._fh: TextIO | None = None
         self._syslog: Any = None
-        self._q: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pid = 0
-        self._pending = 0
-        self._idle = threading.Condition()
         self._open()
         atexit.register(self.flush)
 
@@ -115,9 +113,7 @@ class MailLog:
             line = f"{self._stamp()} {self.ident}[{_pid}]: {line}"
         if self._thread is None or self._pid != _pid:
             self._start_thread()
-        with self._idle:
-            self._pending += 1
-        self._q.put(line + "\n")
+        self._q.put(line + "\n")  # the only cost on the event loop
 
     _stamp_cache: tuple[int, str] = (0, "")
 
@@ -133,8 +129,6 @@ class MailLog:
                 return
             # After fork the parent's thread does not exist here: start our own.
             self._q = queue.SimpleQueue()
-            self._idle = threading.Condition()
-            self._pending = 0
             self._pid = os.getpid()
             self._thread = threading.Thread(target=self._writer, name="maillog", daemon=True)
             self._thread.start()
@@ -142,36 +136,38 @@ class MailLog:
     def _writer(self) -> None:
         q = self._q
         while True:
-            first = q.get()
-            batch = [first]
+            batch = [q.get()]
+            # Let a burst gather (a few ms) so a busy server writes many lines per system
+            # call and wakes this thread less often; the loop thread never waits for it.
+            time.sleep(_GATHER)
             while True:
                 try:
                     batch.append(q.get_nowait())
                 except queue.Empty:
                     break
-            lines = [b for b in batch if b is not None]
+            lines = [b for b in batch if isinstance(b, str)]
             try:
-                with self._lock:
-                    assert self._fh is not None
-                    self._fh.write("".join(lines))
-                    self._fh.flush()
+                if lines:
+                    with self._lock:
+                        assert self._fh is not None
+                        self._fh.write("".join(lines))
+                        self._fh.flush()
             except Exception:  # a full disk must not kill the writer
                 pass
-            with self._idle:
-                self._pending -= len(lines)
-                self._idle.notify_all()
+            for b in batch:
+                if isinstance(b, threading.Event):
+                    b.set()
 
     def flush(self, timeout: float = 5.0) -> None:
-        """Wait until every queued line is written (exit, stop, tests)."""
+        """Wait until every line queued so far is written (exit, stop)."""
         if self._thread is None or self._pid != os.getpid():
             return
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._pending > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self._idle.wait(left)
+        done = threading.Event()
+        self._q.put(done)
+        done.wait(timeout)
+
+
+_GATHER = 0.005
 
 
 _current: MailLog | None = None

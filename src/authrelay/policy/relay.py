@@ -27,10 +27,19 @@ class RelayPolicy:
             ipaddress.ip_network(n, strict=False) for n in cfg.relay.trusted_networks
         )
         self.sender_policy = cfg.auth.sender_policy
+        self._trusted_cache: dict[str, bool] = {}  # parsing an IP costs more than a lookup
 
     def is_trusted(self, ip: str) -> bool:
         if not self.trusted or not ip:
             return False
+        hit = self._trusted_cache.get(ip)
+        if hit is None:
+            hit = self._trusted_cache[ip] = self._check_trusted(ip)
+            if len(self._trusted_cache) > 10_000:  # bounded: a scan of many IPs can't grow it
+                self._trusted_cache.clear()
+        return hit
+
+    def _check_trusted(self, ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
