@@ -188,7 +188,10 @@ def test_root_writes_as_spool_owner(nobody_state) -> None:
 
 
 def test_symlink_named_sendmail(offline: RelayProcess, tmp_path: Path) -> None:
-    script = shutil.which("authrelay")
+    # The console script of the Python running the tests (a venv's bin/): a PATH lookup
+    # can find a pyenv shim, which dispatches on its own name and would run "sendmail".
+    beside = Path(sys.executable).parent / "authrelay"
+    script = str(beside) if beside.exists() else shutil.which("authrelay")
     if script is None:
         pytest.fail("the authrelay console script is not installed (pip install -e .)")
     link = tmp_path / "bin" / "sendmail"
