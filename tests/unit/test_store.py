@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -102,7 +103,15 @@ async def test_notify_datagram(spool: Spool) -> None:
     s.settimeout(10)
     try:
         qid = await _put(spool, _env())
+        await asyncio.sleep(0.05)  # the datagram goes out on the next loop iteration
         assert s.recv(256).decode() == qid
+        # Ids committed together share one datagram.
+        ids = await asyncio.gather(*(_put(spool, _env()) for _ in range(5)))
+        await asyncio.sleep(0.05)
+        got: list[str] = []
+        while len(got) < 5:
+            got += s.recv(8192).decode().split("\n")
+        assert sorted(got) == sorted(ids)
     finally:
         s.close()
     # No listener any more: commit still succeeds (best effort).

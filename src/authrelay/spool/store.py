@@ -60,7 +60,10 @@ CONTROL_SOCK = "control.sock"
 SCHEDULER_LOCK = "scheduler.lock"
 NOT_READY_MODE = 0o600  # queue/ID still being received
 READY_MODE = 0o700  # owner-execute bit: committed (fsync'd before the 250)
-SPILL = 128 * 1024  # message bytes kept in memory before the file is created
+SPILL = 128 * 1024
+_NOTIFY_BATCH = 200  # queue ids per notify datagram (~18 bytes each)
+_NOTIFY_RETRIES = 200  # x _NOTIFY_RETRY_DELAY: give up after ~2 s (the rescan remains)
+_NOTIFY_RETRY_DELAY = 0.01  # message bytes kept in memory before the file is created
 
 
 # Filesystems whose fsync(file) also commits the creation of that file's directory entry:
@@ -285,6 +288,8 @@ class Spool:
         self.control_path = self.root / CONTROL_SOCK
         self._qdir_fd: int | None = None
         self._notify_sock: socket.socket | None = None
+        self._pending_notify: list[str] = []
+        self._notify_scheduled = False
         self.journal_orders_create = _journal_orders_create(self.root)
         self._dir_sync = threading.Condition()
         self._dsync_started = 0
@@ -351,14 +356,47 @@ class Spool:
             except Exception:  # a scheduler bug must not fail an accepted message
                 log.exception("%s: on_commit hook failed", queue_id)
             return  # the scheduler is in this process (it holds the spool lock): no datagram
+        # Another process delivers: tell it through notify.sock. Ids committed in the same
+        # loop iteration share one datagram ("ID\nID\n..."), and a datagram the kernel
+        # refuses (the scheduler's queue is full under load: unix datagram queues are
+        # short) is sent again a moment later instead of waiting for the periodic rescan.
+        self._pending_notify.append(queue_id)
+        if self._notify_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._send_notify()
+            return
+        self._notify_scheduled = True
+        loop.call_soon(self._flush_notify, loop, 0)
+
+    def _flush_notify(self, loop: asyncio.AbstractEventLoop, tries: int) -> None:
+        self._notify_scheduled = False
+        if not self._send_notify() and tries < _NOTIFY_RETRIES and self._pending_notify:
+            self._notify_scheduled = True
+            loop.call_later(_NOTIFY_RETRY_DELAY, self._flush_notify, loop, tries + 1)
+
+    def _send_notify(self) -> bool:
+        """Send pending ids; False if the scheduler's queue was full (retry later)."""
         try:
             if self._notify_sock is None:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 s.setblocking(False)
                 self._notify_sock = s
-            self._notify_sock.sendto(queue_id.encode("ascii"), str(self.notify_path))
+            while self._pending_notify:
+                batch = self._pending_notify[:_NOTIFY_BATCH]
+                self._notify_sock.sendto("\n".join(batch).encode("ascii"),
+                                         str(self.notify_path))
+                del self._pending_notify[:len(batch)]
+            return True
+        except (BlockingIOError, InterruptedError):
+            return False  # queue full: try again shortly
         except OSError:
-            pass  # no scheduler listening or its buffer is full: the periodic rescan finds it
+            # No scheduler listening (stopped, or not started yet): its start-up scan
+            # and periodic rescans find these messages.
+            self._pending_notify.clear()
+            return True
 
     # ------------------------------------------------------------------ lookup
     def _locate(self, qid: str) -> Path:
