@@ -38,6 +38,7 @@ import io
 import json
 import logging
 import os
+import queue
 import socket
 import stat
 import threading
@@ -45,6 +46,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 
@@ -122,6 +124,77 @@ def shared_executor() -> ThreadPoolExecutor:
         if _executor is None:
             _executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-io")
         return _executor
+
+
+class CommitPool:
+    """Threads that run commits (fsync and friends) for event loops, with less overhead
+    than ThreadPoolExecutor + run_in_executor (no concurrent.futures.Future, no chaining):
+    one queue put to start, one call_soon_threadsafe to finish. Threads start on demand up
+    to `size`, so concurrent commits' fsyncs share journal commits."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def run(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            if self._idle == 0 and self._threads < self.size:
+                self._threads += 1
+                threading.Thread(target=self._work, name="spool-commit", daemon=True).start()
+            else:
+                self._idle -= 1  # that idle thread will take this job
+        self._q.put((fn, fut, loop))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            fn, fut, loop = self._q.get()
+            value: Any = None
+            exc: BaseException | None = None
+            try:
+                value = fn()
+            except BaseException as e:  # handed to the awaiting coroutine
+                exc = e
+            try:
+                loop.call_soon_threadsafe(_settle, fut, value, exc)
+            except RuntimeError:  # the loop is gone (shutdown)
+                pass
+            with self._lock:
+                self._idle += 1
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(value)
+    else:
+        fut.set_exception(exc)
+
+
+_commit_pool: CommitPool | None = None
+
+
+def commit_pool() -> CommitPool:
+    global _commit_pool
+    with _executor_lock:
+        if _commit_pool is None or _commit_pool_pid != os.getpid():
+            _set_commit_pool(CommitPool())
+        assert _commit_pool is not None
+        return _commit_pool
+
+
+_commit_pool_pid = 0
+
+
+def _set_commit_pool(pool: CommitPool) -> None:
+    global _commit_pool, _commit_pool_pid
+    _commit_pool, _commit_pool_pid = pool, os.getpid()  # threads don't survive fork()
 
 
 def is_queue_id(name: str) -> bool:
@@ -246,9 +319,8 @@ class Incoming:
         if self._done:
             raise SpoolError("commit after commit/abort")
         self._done = True
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self.spool.executor, self._commit_sync)
+            await commit_pool().run(self._commit_sync)
         except BaseException:
             self._done = False
             self.abort()
