@@ -172,6 +172,10 @@ def parse_path_arg(arg: str, *, allow_null: bool) -> PathArg:
         if not allow_null:
             raise _err(501, "5.1.3", "Null recipient not allowed")
         return PathArg(None, params)
+    if not allow_null and inner.lower() == "postmaster":
+        # RFC 5321 4.5.1: "RCPT TO:<Postmaster>" (no domain) must be accepted. The domain
+        # is left empty; the session decides where the site's postmaster is.
+        return PathArg(Address("postmaster", ""), params)
     mailbox = _strip_source_route(inner)
     if len(mailbox) > 254:
         raise _err(501, "5.1.3", "Address too long")

@@ -190,3 +190,18 @@ def test_auth_backend_down_is_454(relay_factory, tmp_path: Path) -> None:  # noq
         assert (rep.code, rep.lines[-1][4:9]) == (454, "4.7.0")
         assert c.cmd("NOOP").code == 250  # the session goes on
     assert "reject=454 4.7.0" in r.maillog()
+
+
+def test_postmaster_without_domain_goes_to_first_local_domain(relay: RelayProcess) -> None:
+    with RawClient(relay.ports["smtp"]) as c:
+        assert c.reply().code == 220
+        c.cmd("EHLO a.example")
+        assert c.cmd("MAIL FROM:<x@remote.example>").code == 250
+        assert c.cmd("RCPT TO:<PostMaster>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: pm\r\n\r\nhi\r\n.\r\n")
+        assert c.reply().code == 250
+    relay.wait_for(lambda: len(relay.queued()) == 1)
+    raw = relay.queued()[0].read_bytes()
+    env = json.loads(raw.split(b"\n", 2)[1])
+    assert [r["address"] for r in env["recipients"]] == ["postmaster@local.test"]

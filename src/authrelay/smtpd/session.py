@@ -27,7 +27,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from authrelay.address import AddressError, PathArg, parse_path_arg
+from authrelay.address import Address, AddressError, PathArg, parse_path_arg
 from authrelay.smtpd import replies
 from authrelay.smtpd.bodyreader import BARE, LONG_LINE, TOO_BIG, BodyReader
 from authrelay.smtpd.listener import BareLineEnding, Closed, Connection, LineTooLong, Timeout
@@ -435,6 +435,12 @@ class Session:
             self._error(replies.UNKNOWN_PARAM)
             return
         assert path.address is not None
+        postmaster = path.address.domain == ""  # RCPT TO:<Postmaster> (RFC 5321 4.5.1)
+        if postmaster:
+            # The site's postmaster: at the first local domain, else at our own name.
+            # Always accepted, from anyone, like mail to a local domain.
+            domain = (self.cfg.relay.local_domains or (self.cfg.hostname,))[0]
+            path = PathArg(Address("postmaster", domain), path.params)
         if not path.address.ascii and not self.smtputf8:
             self._error(replies.NEED_SMTPUTF8)
             return
@@ -448,14 +454,15 @@ class Session:
             self._log_reject(replies.USER_RATE, "", sasl_username=self.auth_user)
             return
         policy = self.server.policy
-        if not policy.may_relay(path.address, authenticated=bool(self.auth_user),
-                                trusted=self.trusted):
+        if not postmaster and not policy.may_relay(
+                path.address, authenticated=bool(self.auth_user), trusted=self.trusted):
             self.reply(replies.RELAY_DENIED)
             self._log_reject(replies.RELAY_DENIED, f"<{path.text}>... ",
                              **{"from": f"<{self.mail.text}>"})
             await self._bad_rcpt()
             return
-        if not self.auth_user and not self.trusted and self.server.checks is not None:
+        if not postmaster and not self.auth_user and not self.trusted and \
+                self.server.checks is not None:
             # sendmail delay_checks: host checks only for clients that did not AUTH, so a
             # roaming user without reverse DNS can always authenticate and relay.
             if self.host_check is False:
