@@ -97,6 +97,24 @@ def _journal_orders_create(path: Path) -> bool:
     return fstype in _ORDERED_FS
 
 
+def _remove_if_dead(path: str) -> bool:
+    """Unlink an unfinished spool file nobody holds (flock free, still not ready)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _ready(os.fstat(fd).st_mode):
+            return False  # committed meanwhile
+        os.unlink(path)
+        return True
+    except (BlockingIOError, FileNotFoundError):
+        return False
+    finally:
+        os.close(fd)
+
+
 def _ready(mode: int) -> bool:
     return bool(mode & stat.S_IXUSR)
 
@@ -680,49 +698,18 @@ class Spool:
         """Clean up after a crash; never raises for a bad file. Returns counts."""
         self.ensure_dirs()
         counts = {"tmp_removed": 0, "corrupt": 0, "unsupported": 0, "orphans": 0, "ok": 0}
-        # tmp/: garbage unless a live receiving process still holds its lock.
+        # tmp/ (older layout) and unready queue/ files: a receive that died before its
+        # 250 is garbage, unless a live receiving process still holds its lock.
         with os.scandir(self.tmp_dir) as it:
+            dead = [e.path for e in it]
+        with os.scandir(self.queue_dir) as it:
             for e in it:
                 try:
-                    fd = os.open(e.path, os.O_RDONLY | os.O_CLOEXEC)
+                    if is_queue_id(e.name) and not _ready(e.stat().st_mode):
+                        dead.append(e.path)
                 except FileNotFoundError:
                     continue
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    continue
-                try:
-                    os.unlink(e.path)
-                    counts["tmp_removed"] += 1
-                except FileNotFoundError:
-                    pass
-                finally:
-                    os.close(fd)
-        # queue/: a file without the ready mark whose flock is free is a receive that died
-        # before its 250: garbage.
-        with os.scandir(self.queue_dir) as it:
-            entries = [e for e in it if is_queue_id(e.name)]
-        for e in entries:
-            try:
-                if _ready(e.stat().st_mode):
-                    continue
-                fd = os.open(e.path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            try:
-                if not _ready(os.fstat(fd).st_mode):
-                    os.unlink(e.path)
-                    counts["tmp_removed"] += 1
-            except FileNotFoundError:
-                pass
-            finally:
-                os.close(fd)
+        counts["tmp_removed"] = sum(_remove_if_dead(path) for path in dead)
         for d in (self.queue_dir, self.hold_dir):
             with os.scandir(d) as it:
                 names = [e.name for e in it
