@@ -53,7 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
         reg = getattr(mod, "register", None)
         if reg is not None:
             reg(sub)
+    _config_option_everywhere(sub)
     return p
+
+
+def _config_option_everywhere(sub: argparse._SubParsersAction) -> None:
+    """Accept -c/--config after the command too (`authrelay serve -c FILE`, `authrelay
+    user add alice -c FILE`): people type it there as often as before it."""
+    for parser in set(sub.choices.values()):
+        if not any("--config" in a.option_strings for a in parser._actions):
+            try:
+                parser.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                                    help="config file (as before the command)")
+            except argparse.ArgumentError:  # a command that uses -c itself keeps it
+                pass
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _config_option_everywhere(action)
 
 
 def main(argv: list[str] | None = None) -> int:

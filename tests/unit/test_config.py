@@ -56,3 +56,14 @@ def test_file_and_check_config(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "authrelay", "check-config", str(good)],
                        capture_output=True, text=True)
     assert r.returncode == 0
+
+
+def test_config_option_after_the_command(tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/state"\n')
+    for args in (["-c", str(cfg), "user", "list"], ["user", "list", "-c", str(cfg)],
+                 ["user", "list", "--config", str(cfg)]):
+        r = subprocess.run([sys.executable, "-m", "authrelay", *args], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, (args, r.stderr)
+    assert (tmp_path / "state" / "users.db").exists()  # the file named after the command
