@@ -100,7 +100,6 @@ def parse_hostport(value: str, key: str, default_port: int | None = None) -> tup
 class Listen:
     address: str = "127.0.0.1:2587"
     mode: str = "submission"  # smtp | submission | submissions
-    proxy_protocol: bool = False
 
     @property
     def host(self) -> str:
