@@ -205,3 +205,16 @@ def test_postmaster_without_domain_goes_to_first_local_domain(relay: RelayProces
     raw = relay.queued()[0].read_bytes()
     env = json.loads(raw.split(b"\n", 2)[1])
     assert [r["address"] for r in env["recipients"]] == ["postmaster@local.test"]
+
+
+def test_disconnect_line_counts_commands(relay: RelayProcess) -> None:
+    with RawClient(relay.ports["smtp"]) as c:
+        c.reply()
+        c.cmd("EHLO a.example")
+        c.cmd("NOOP")
+        c.cmd("NOOP")
+        c.cmd("BOGUS")
+        c.cmd("QUIT")
+    relay.wait_for(lambda: "commands=" in relay.maillog())
+    line = next(ln for ln in relay.maillog().splitlines() if "commands=" in ln)
+    assert "commands=ehlo=1 noop=2 unknown=1 quit=1" in line

@@ -66,6 +66,7 @@ class Session:
         self.rcpt_throttled = False
         self.auth_failures = 0
         self.host_check: Reply | None | bool = False  # False: not done yet
+        self.commands: dict[str, int] = {}  # per verb, for the disconnect line (as Postfix)
         self._reset()
 
     # ------------------------------------------------------------------ helpers
@@ -150,7 +151,9 @@ class Session:
         finally:
             self.conn.close()
             srv.maillog.event(None, disconnect=f"from {self.relay_desc()}",
-                              auth=self.auth_user or None)
+                              auth=self.auth_user or None,
+                              commands=" ".join(f"{k}={v}" for k, v in self.commands.items())
+                              or None)
 
     async def dispatch(self, raw: bytes) -> None:
         try:
@@ -161,6 +164,8 @@ class Session:
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
         handler = _COMMANDS.get(verb)
+        key = verb.lower() if handler is not None else "unknown"
+        self.commands[key] = self.commands.get(key, 0) + 1
         if handler is None:
             if verb in ("EXPN", "TURN", "ETRN", "BDAT", "SEND", "SOML", "SAML"):
                 self._error(replies.NOT_IMPLEMENTED)
