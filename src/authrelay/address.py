@@ -193,5 +193,7 @@ def parse_params(text: str) -> dict[str, str | None]:
         key, eq, value = item.partition("=")
         if not _PARAM_KEY.fullmatch(key) or (eq and not value):
             raise _err(501, "5.5.4", f"Bad parameter syntax: {item[:40]}")
+        if key.upper() in params:  # a repeated parameter is ambiguous: refuse it
+            raise _err(501, "5.5.4", f"Duplicate parameter: {key.upper()[:20]}")
         params[key.upper()] = value if eq else None
     return params

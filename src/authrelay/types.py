@@ -45,6 +45,8 @@ class DeliveryResult:
     text: str
     permanent: bool
     remote: str = ""  # "mx.example.org [192.0.2.1]:25" when a server answered
+    # The next hop took our RFC 3461 DSN parameters: success notices are its job now.
+    dsn_passed: bool = False
 
     @property
     def ok(self) -> bool:

@@ -42,6 +42,7 @@ RFC 5321 4.5.3.2 timeouts: `[delivery] connect_timeout` (connect + greeting),
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import ssl
@@ -652,6 +653,8 @@ class Courier:
             res = DeliveryResult.temp(f"lost connection with {remote} during DATA",
                                       "4.4.2", 451, remote)
             reusable = False
+        if res.ok and dsn:
+            res = dataclasses.replace(res, dsn_passed=True)  # RFC 3461 5.2.2: they notify
         for r in accepted:
             results[r.address] = res
         return results, reusable

@@ -39,6 +39,11 @@ def _clean(s: str) -> str:
     return _CTL.sub(" ", s).strip()
 
 
+def xtext_decode(value: str) -> str:
+    """RFC 3461 4: "+XX" stands for the octet XX (hex)."""
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
 def status_of(r: Recipient, action: str) -> str:
     """The RFC 3463 code for a recipient: from its last reply, else by class."""
     m = _ENHANCED.match(r.last_reply or "")
@@ -47,6 +52,8 @@ def status_of(r: Recipient, action: str) -> str:
         return m.group(2)
     if action == "delayed":
         return "4.0.0"
+    if action == "relayed":
+        return "2.0.0"
     if r.last_code and 400 <= r.last_code < 500:
         return "4.4.7"
     return "5.0.0"
@@ -56,10 +63,12 @@ def should_notify(env: Envelope, r: Recipient | None, action: str) -> bool:
     if env.sender == "" or env.is_bounce:
         return False
     if r is None or not r.notify:
-        return True
+        return action != "relayed"
     notify = {n.strip().upper() for n in r.notify.split(",")}
     if "NEVER" in notify:
         return False
+    if action == "relayed":  # success notices only when asked for (RFC 3461 4.1)
+        return "SUCCESS" in notify
     return ("FAILURE" if action == "failed" else "DELAY") in notify
 
 
@@ -72,7 +81,7 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
                 remote: Mapping[str, str] | None = None, now: float | None = None,
                 will_retry_until: float | None = None) -> tuple[Envelope, bytes]:
     """Build a DSN about `failed` recipients of `env`; see module docstring."""
-    if action not in ("failed", "delayed"):
+    if action not in ("failed", "delayed", "relayed"):
         raise ValueError(f"unknown DSN action {action!r}")
     if env.sender == "" or env.is_bounce:
         raise ValueError("no DSN for the null sender or for a bounce (RFC 3464 2)")
@@ -93,6 +102,18 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
             "be delivered to one or more recipients. It's attached below.",
             "",
             "For further assistance, please contact your postmaster.",
+            "",
+            "The mail system",
+            "",
+        ]
+    elif action == "relayed":
+        subject = "Successful Mail Delivery Report"
+        human = [
+            f"This is the mail system at host {hostname}.",
+            "",
+            "Your message was successfully relayed to the destinations below.",
+            "The next mail system does not offer delivery status notifications,",
+            "so this is the last notice you will get about it (RFC 3461 5.2.2).",
             "",
             "The mail system",
             "",
@@ -121,12 +142,12 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
         f"X-Authrelay-Queue-ID: {env.queue_id}",
     ]
     if env.envid:
-        status.append(f"Original-Envelope-Id: {_clean(env.envid)}")
+        status.append(f"Original-Envelope-Id: {_clean(xtext_decode(env.envid))}")
     status.append(f"Arrival-Date: {_date(env.received_at)}")
     for r in failed:
         status.append("")
         if r.orcpt:
-            status.append(f"Original-Recipient: {_clean(r.orcpt)}")
+            status.append(f"Original-Recipient: {_clean(xtext_decode(r.orcpt))}")
         status.append(f"Final-Recipient: rfc822; {r.address}")
         status.append(f"Action: {action}")
         status.append(f"Status: {status_of(r, action)}")

@@ -461,6 +461,7 @@ class Scheduler:
         now = time.time()
         failed: list[Recipient] = []
         warn: list[Recipient] = []
+        relayed: list[Recipient] = []  # NOTIFY=SUCCESS to a next hop without DSN
         remote: dict[str, str] = {}
         for r in job.rcpts:
             res = results.get(r.address)
@@ -473,6 +474,8 @@ class Scheduler:
             expired = False
             if res.ok:
                 r.state, stat = SENT, "Sent"
+                if not res.dsn_passed and should_notify(env, r, "relayed"):
+                    relayed.append(r)
             elif res.permanent or res.code >= 500:
                 r.state, stat = FAILED, "Bounced"
                 failed.append(r)
@@ -515,6 +518,11 @@ class Scheduler:
         for r in warn:
             if r in notify_warn or not should_notify(env, r, "delayed"):
                 r.delay_warned = True
+        if relayed:
+            try:
+                await self._queue_dsn(env, relayed, "relayed", remote)
+            except Exception:  # the mail went out; a lost success notice is not retried
+                log.exception("%s: cannot queue a success notice", env.queue_id)
         # The last job of a message that is complete skips this: _finish removes the file.
         if not (env.done and act.jobs == 1):
             try:
@@ -539,7 +547,7 @@ class Scheduler:
             inc.abort()
             raise
         await inc.commit()
-        kind = "non-delivery" if action == "failed" else "delay"
+        kind = {"failed": "non-delivery", "delayed": "delay"}.get(action, "success")
         self.maillog.event(env.queue_id, **{f"sender_{kind}_notification": benv.queue_id})
         self.maillog.event(benv.queue_id, **{"from": "<>"}, size=len(data), nrcpts=1,
                            origin=env.queue_id)

@@ -75,6 +75,8 @@ class Session:
         self.rcpts: list[PathArg] = []
         self.body_8bit = False
         self.smtputf8 = False
+        self.dsn_ret = ""  # RFC 3461 RET / ENVID of the transaction
+        self.dsn_envid = ""
 
     def reply(self, r: Reply) -> None:
         self.conn.write(r.lines())
@@ -194,7 +196,7 @@ class Session:
             return
         lines = [f"{host} greets {self.helo}", "PIPELINING",
                  f"SIZE {self.cfg.limits.max_message_size}", "8BITMIME", "SMTPUTF8",
-                 "ENHANCEDSTATUSCODES"]
+                 "ENHANCEDSTATUSCODES", "DSN"]
         if not self.tls:
             lines.append("STARTTLS")
         elif not self.auth_user and self.server.auth_available:
@@ -368,6 +370,7 @@ class Session:
             return
         p = path.params
         body_8bit, smtputf8 = False, False
+        dsn_ret, dsn_envid = "", ""
         for key, value in p.items():
             if key == "SIZE":
                 if value is None or not value.isdigit():
@@ -390,6 +393,16 @@ class Session:
                 smtputf8 = True
             elif key == "AUTH":
                 pass  # RFC 4954 5: accepted; we do not trust a client-supplied identity
+            elif key == "RET":  # RFC 3461 4.3
+                if value is None or value.upper() not in ("FULL", "HDRS") or dsn_ret:
+                    self._error(Reply(501, "5.5.4", "RET must be FULL or HDRS"))
+                    return
+                dsn_ret = value.upper()
+            elif key == "ENVID":  # RFC 3461 4.4: xtext, at most 100 characters
+                if value is None or not _xtext_ok(value, 100) or dsn_envid:
+                    self._error(Reply(501, "5.5.4", "Bad ENVID parameter"))
+                    return
+                dsn_envid = value
             else:
                 self._error(replies.UNKNOWN_PARAM)
                 return
@@ -410,6 +423,7 @@ class Session:
                 return
         self.mail = path
         self.body_8bit, self.smtputf8 = body_8bit, smtputf8
+        self.dsn_ret, self.dsn_envid = dsn_ret, dsn_envid
         self.reply(replies.SENDER_OK)
 
     async def cmd_rcpt(self, arg: str) -> None:
@@ -436,9 +450,22 @@ class Session:
             self._error(e.reply)
             await self._bad_rcpt()
             return
-        if path.params:
-            self._error(replies.UNKNOWN_PARAM)
-            return
+        for key, value in path.params.items():
+            if key == "NOTIFY":  # RFC 3461 4.1
+                words = {w.upper() for w in (value or "").split(",")}
+                if not value or not words <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or \
+                        ("NEVER" in words and len(words) > 1):
+                    self._error(Reply(501, "5.5.4", "NOTIFY must be NEVER or a list of "
+                                      "SUCCESS, FAILURE, DELAY"))
+                    return
+            elif key == "ORCPT":  # RFC 3461 4.2: addr-type ";" xtext
+                atype, semi, addr = (value or "").partition(";")
+                if not semi or not atype or not _xtext_ok(addr, 500):
+                    self._error(Reply(501, "5.5.4", "Bad ORCPT parameter"))
+                    return
+            else:
+                self._error(replies.UNKNOWN_PARAM)
+                return
         assert path.address is not None
         postmaster = path.address.domain == ""  # RCPT TO:<Postmaster> (RFC 5321 4.5.1)
         if postmaster:
@@ -506,7 +533,9 @@ class Session:
         qid = new_queue_id()
         env = Envelope(
             queue_id=qid, sender=self.mail.text,
-            recipients=[Recipient(r.text) for r in self.rcpts],
+            recipients=[Recipient(r.text, notify=(r.params.get("NOTIFY") or "").upper(),
+                                  orcpt=r.params.get("ORCPT") or "") for r in self.rcpts],
+            ret=self.dsn_ret, envid=self.dsn_envid,
             client_ip=self.ip, client_port=self.port, client_rdns=self.rdns,
             helo=self.helo or "", auth_user=self.auth_user, protocol=self.protocol,
             listener=self.listener.name, body_8bit=self.body_8bit, smtputf8=self.smtputf8,
@@ -584,6 +613,24 @@ class Session:
         if self.auth_user:
             srv.throttle.user_sent(self.auth_user, nrcpts)
         srv.metrics_accepted(self.listener.mode)
+
+
+def _xtext_ok(value: str, limit: int) -> bool:
+    """RFC 3461 4: xtext is printable ASCII without "+" or "=" except "+XX" hex escapes."""
+    if not value or len(value) > limit or not value.isascii():
+        return False
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c == "+":
+            if len(value) < i + 3 or not all(h in "0123456789ABCDEF" for h in value[i + 1:i + 3]):
+                return False
+            i += 3
+            continue
+        if not ("!" <= c <= "~") or c == "=":
+            return False
+        i += 1
+    return True
 
 
 # Named reasons for the rejections an operator watches most; others go by enhanced code.

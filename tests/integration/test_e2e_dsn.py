@@ -1,0 +1,93 @@
+"""RFC 3461 DSN end to end: NOTIFY=SUCCESS to a next hop without DSN gives a "relayed"
+notice; NOTIFY=NEVER suppresses the bounce; ENVID and ORCPT come back in the report."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+from collections.abc import Callable
+
+import pytest
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import FakeSMTPServer, MXFactory
+from relayproc import PASSWORD, RelayProcess
+from test_e2e_delivery import (
+    BODY,
+    SENDER,
+    SENDER_MX,
+    ZONES,
+    assert_null_sender,
+    log_lines,
+    mx_overrides,
+    parse_dsn,
+    wait_until,
+)
+
+
+@pytest.fixture
+def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
+    dns_server.set_zones(ZONES)
+    return dns_server
+
+
+@pytest.fixture
+def sender_mx(fake_mx: MXFactory) -> FakeSMTPServer:
+    return fake_mx(SENDER_MX)
+
+
+def _submit(relay: RelayProcess, rcpts: list[tuple[str, list[str]]],
+            mail_options: list[str]) -> str:
+    with smtplib.SMTP("127.0.0.1", relay.ports["submission"], timeout=20) as s:
+        s.ehlo("laptop.test")
+        s.starttls(context=relay.client_context())
+        s.ehlo("laptop.test")
+        assert s.has_extn("dsn")
+        s.login("alice", PASSWORD)
+        code, msg = s.mail(SENDER, mail_options)
+        assert code == 250, msg
+        for r, opts in rcpts:
+            code, msg = s.rcpt(r, opts)
+            assert code == 250, (r, msg)
+        code, msg = s.data(BODY)
+        assert code == 250, msg
+    m = re.search(rb"queued as (\S+)", msg)
+    assert m
+    return m.group(1).decode()
+
+
+def test_success_notice_when_next_hop_lacks_dsn(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    mx1 = fake_mx("127.0.0.2")  # aiosmtpd: no DSN extension
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = _submit(relay, [("bob@example.test", ["NOTIFY=SUCCESS,FAILURE",
+                                                 "ORCPT=rfc822;bob+2Bx@example.test"]),
+                          ("carol@example.test", [])],
+                  ["RET=HDRS", "ENVID=track+2D42"])
+    wait_until(lambda: sender_mx.messages, "the success notice", relay=relay)
+    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    assert sorted(r for m in mx1.messages for r in m.rcpt_tos) == \
+        ["bob@example.test", "carol@example.test"]
+    [notice] = sender_mx.messages
+    assert_null_sender(sender_mx, notice)
+    msg, groups = parse_dsn(notice.content)
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    assert [g["Action"] for g in groups] == ["relayed"]  # only bob asked for it
+    g = groups[0]
+    assert g["Status"] == "2.0.0" and "bob@example.test" in g["Final-Recipient"]
+    assert g["Original-Recipient"] == "rfc822;bob+x@example.test"  # xtext decoded
+    assert "Original-Envelope-Id: track-42" in msg.get_payload()[1].as_string()
+    assert any("sender_success_notification=" in ln for ln in log_lines(relay, qid))
+
+
+def test_notify_never_suppresses_the_bounce(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    fake_mx("127.0.0.2", rcpt_replies={"nobody@example.test": "550 5.1.1 no such user"})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = _submit(relay, [("nobody@example.test", ["NOTIFY=NEVER"])], [])
+    wait_until(lambda: any("stat=Bounced" in ln for ln in log_lines(relay, qid)),
+               "the permanent failure", relay=relay)
+    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    assert sender_mx.messages == []
+    assert not any("notification" in ln for ln in log_lines(relay, qid))
