@@ -91,3 +91,18 @@ def test_notify_never_suppresses_the_bounce(
     wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
     assert sender_mx.messages == []
     assert not any("notification" in ln for ln in log_lines(relay, qid))
+
+
+def test_ret_full_returns_the_whole_message(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    fake_mx("127.0.0.2", rcpt_replies={"nobody@example.test": "550 5.1.1 no such user"})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    _submit(relay, [("nobody@example.test", [])], ["RET=FULL"])
+    wait_until(lambda: sender_mx.messages, "the bounce", relay=relay)
+    msg, groups = parse_dsn(sender_mx.messages[0].content)
+    assert [g["Action"] for g in groups] == ["failed"]
+    returned = msg.get_payload()[2]
+    assert returned.get_content_type() == "message/rfc822"
+    body = BODY.split(b"\r\n\r\n", 1)[1].decode().replace("\r\n", "\n").strip()
+    assert body and body in returned.as_string()

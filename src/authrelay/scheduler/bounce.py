@@ -79,7 +79,8 @@ def _needs_8bit(b: bytes) -> bool:
 def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
                 hostname: str, action: str = "failed", *,
                 remote: Mapping[str, str] | None = None, now: float | None = None,
-                will_retry_until: float | None = None) -> tuple[Envelope, bytes]:
+                will_retry_until: float | None = None,
+                original_message: bytes | None = None) -> tuple[Envelope, bytes]:
     """Build a DSN about `failed` recipients of `env`; see module docstring."""
     if action not in ("failed", "delayed", "relayed"):
         raise ValueError(f"unknown DSN action {action!r}")
@@ -167,6 +168,10 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
         headers_part += b"\r\n"
     status_b = (crlf.join(status) + crlf).encode("utf-8")
     human_b = (crlf.join(human) + crlf).encode("utf-8")
+    if original_message is not None:  # RET=FULL (RFC 3461 4.3): the whole message back
+        headers_part = original_message
+        if headers_part and not headers_part.endswith(b"\r\n"):
+            headers_part += b"\r\n"
     eightbit = _needs_8bit(headers_part) or _needs_8bit(status_b) or _needs_8bit(human_b)
 
     top = [
@@ -194,9 +199,13 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
         f"{crlf}--{boundary}{crlf}Content-Description: Delivery report{crlf}"
         f"Content-Type: message/delivery-status{crlf}{crlf}".encode(),
         status_b,
-        f"{crlf}--{boundary}{crlf}Content-Description: Undelivered Message Headers{crlf}"
-        f"Content-Type: text/rfc822-headers{crlf}"
-        f"Content-Transfer-Encoding: {cte}{crlf}{crlf}".encode(),
+        (f"{crlf}--{boundary}{crlf}Content-Description: Undelivered Message{crlf}"
+         f"Content-Type: message/rfc822{crlf}"
+         f"Content-Transfer-Encoding: {cte}{crlf}{crlf}".encode()
+         if original_message is not None else
+         f"{crlf}--{boundary}{crlf}Content-Description: Undelivered Message Headers{crlf}"
+         f"Content-Type: text/rfc822-headers{crlf}"
+         f"Content-Transfer-Encoding: {cte}{crlf}{crlf}".encode()),
         headers_part,
         f"{crlf}--{boundary}--{crlf}".encode(),
     ]

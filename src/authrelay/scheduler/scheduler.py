@@ -60,6 +60,8 @@ BUSY_RETRY = 0.2  # a message under a control operation is looked at again this 
 NEXT_ATTEMPT_SLACK = 0.5  # recipients due within this are tried with the rest
 
 
+_FULL_RETURN_MAX = 10_000_000  # RET=FULL returns bigger messages as headers only
+
 class CourierLike(Protocol):
     async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
                       offset: int = 0) -> dict[str, DeliveryResult]: ...
@@ -535,10 +537,15 @@ class Scheduler:
     async def _queue_dsn(self, env: Envelope, rcpts: list[Recipient], action: str,
                          remote: dict[str, str]) -> None:
         headers = await self._io(self.spool.read_headers, env.queue_id)
+        full = None
+        if action == "failed" and env.ret == "FULL" and env.size <= _FULL_RETURN_MAX:
+            # RFC 3461 4.3 RET=FULL: the sender asked for the whole message back.
+            full = await self._io(self._read_message, env.queue_id)
         lifetime = self.cfg.delivery.max_queue_lifetime
         benv, data = make_bounce(
             env, rcpts, headers, self.cfg.hostname, action, remote=remote,
             will_retry_until=env.received_at + lifetime if lifetime else None,
+            original_message=full,
         )
         inc = self.spool.begin(benv)
         try:
@@ -551,6 +558,12 @@ class Scheduler:
         self.maillog.event(env.queue_id, **{f"sender_{kind}_notification": benv.queue_id})
         self.maillog.event(benv.queue_id, **{"from": "<>"}, size=len(data), nrcpts=1,
                            origin=env.queue_id)
+
+    def _read_message(self, qid: str) -> bytes:
+        path, offset = self.spool.body_path(qid)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(_FULL_RETURN_MAX + 1)
 
     async def _remove(self, qid: str) -> None:
         try:
