@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from authrelay.importer import toml_value
+
 PASSWORD = "correct horse battery"
 
 
@@ -25,18 +27,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return str(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(v)
-
-
 def to_toml(data: dict[str, Any]) -> str:
     out: list[str] = []
     tables = []
@@ -44,15 +34,15 @@ def to_toml(data: dict[str, Any]) -> str:
         if isinstance(v, dict) or isinstance(v, list) and v and isinstance(v[0], dict):
             tables.append((k, v))
         else:
-            out.append(f"{k} = {_toml_value(v)}")
+            out.append(f"{k} = {toml_value(v)}")
     for k, v in tables:
         if isinstance(v, dict):
             out.append(f"\n[{k}]")
-            out += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+            out += [f"{kk} = {toml_value(vv)}" for kk, vv in v.items()]
         else:
             for item in v:
                 out.append(f"\n[[{k}]]")
-                out += [f"{kk} = {_toml_value(vv)}" for kk, vv in item.items()]
+                out += [f"{kk} = {toml_value(vv)}" for kk, vv in item.items()]
     return "\n".join(out) + "\n"
 
 

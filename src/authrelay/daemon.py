@@ -166,8 +166,7 @@ async def _serve_loop(cfg: Config, config_path: str | None, listeners: list[List
         from authrelay.delivery.client import Courier
         from authrelay.scheduler.scheduler import Scheduler
 
-        spool.recover()
-        courier = Courier(cfg)
+        courier = Courier(cfg)  # Scheduler.start() runs spool.recover() itself
         scheduler = Scheduler(cfg, spool, courier, ml)
         if receiver is not None:
             spool.on_commit = scheduler.notify

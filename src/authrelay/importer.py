@@ -385,7 +385,8 @@ def _hint(line: str) -> str:
     return ""
 
 
-def _tv(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """A TOML literal for a config value (also used by the tests to write configs)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
@@ -393,7 +394,7 @@ def _tv(v: Any) -> str:
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
-        return "[" + ", ".join(_tv(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise TypeError(v)  # pragma: no cover
 
 
@@ -406,7 +407,7 @@ def _render(out: _Out, source: str) -> str:
              "# Review it, then: authrelay check-config FILE", ""]
     lines += [_comment(n) for n in out.notes.get("", [])]
     if "hostname" in out.top:
-        lines.append(f"hostname = {_tv(out.top['hostname'])}")
+        lines.append(f"hostname = {toml_value(out.top['hostname'])}")
     lines += ['state_dir = "/var/lib/authrelay"',
               'user = "authrelay"  # serve binds its ports as root, then runs as this user']
     if not out.listen:
@@ -417,8 +418,8 @@ def _render(out: _Out, source: str) -> str:
         lines.append("")
         lines += [_comment(n) for n in ln["_notes"]]
         lines.append("[[listen]]")
-        lines.append(f"address = {_tv(ln['address'])}")
-        lines.append(f"mode = {_tv(ln['mode'])}")
+        lines.append(f"address = {toml_value(ln['address'])}")
+        lines.append(f"mode = {toml_value(ln['mode'])}")
     for section in ("tls", "auth", "relay", "limits", "checks"):
         vals = out.sections.get(section, {})
         notes = out.notes.get(section, [])
@@ -427,7 +428,7 @@ def _render(out: _Out, source: str) -> str:
         lines.append("")
         lines += [_comment(n) for n in notes]
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_tv(v)}" for k, v in vals.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in vals.items()]
     if out.unmapped:
         lines.append("")
         lines.append("# Directives with no authrelay equivalent (review by hand):")

@@ -35,3 +35,21 @@ def relay_factory(tmp_path: Path) -> Iterator:
     yield make
     for r in made:
         r.stop()
+
+
+# The end-to-end tests' DNS (test zones) and the envelope sender's MX, shared by the
+# test_e2e_* files (test_delivery.py and test_limits.py define their own `dns`).
+@pytest.fixture
+def dns(dns_server):  # noqa: ANN001, ANN201
+    from test_e2e_delivery import ZONES
+
+    dns_server.set_zones(ZONES)
+    return dns_server
+
+
+@pytest.fixture
+def sender_mx(fake_mx):  # noqa: ANN001, ANN201
+    """The envelope sender's MX (receives bounces); also fixes `fake_mx.port`."""
+    from test_e2e_delivery import SENDER_MX
+
+    return fake_mx(SENDER_MX)

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
 from relayproc import RelayProcess
 from test_e2e_delivery import (
     BODY,
     SENDER,
-    SENDER_MX,
     ZONES,
     assert_clean_wire,
     gone,
@@ -32,17 +30,6 @@ from test_e2e_delivery import (
 
 from authrelay.spool.envelope import PENDING, SENT
 from authrelay.spool.store import Spool
-
-
-@pytest.fixture
-def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
-    dns_server.set_zones(ZONES)
-    return dns_server
-
-
-@pytest.fixture
-def sender_mx(fake_mx: MXFactory) -> FakeSMTPServer:
-    return fake_mx(SENDER_MX)
 
 
 def in_data(server: FakeSMTPServer, n: int = 1) -> bool:

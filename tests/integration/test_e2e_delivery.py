@@ -156,18 +156,6 @@ def parse_dsn(content: bytes) -> tuple[email.message.Message, list[email.message
     return msg, groups[1:]
 
 
-@pytest.fixture
-def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
-    dns_server.set_zones(ZONES)
-    return dns_server
-
-
-@pytest.fixture
-def sender_mx(fake_mx: MXFactory) -> FakeSMTPServer:
-    """The envelope sender's MX (receives bounces); also fixes `fake_mx.port`."""
-    return fake_mx(SENDER_MX)
-
-
 # --------------------------------------------------------------------------- swaks
 
 def test_swaks_submission_reaches_mx_byte_for_byte(

@@ -7,32 +7,18 @@ import re
 import smtplib
 from collections.abc import Callable
 
-import pytest
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
 from relayproc import PASSWORD, RelayProcess
 from test_e2e_delivery import (
     BODY,
     SENDER,
-    SENDER_MX,
-    ZONES,
     assert_null_sender,
     log_lines,
     mx_overrides,
     parse_dsn,
     wait_until,
 )
-
-
-@pytest.fixture
-def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
-    dns_server.set_zones(ZONES)
-    return dns_server
-
-
-@pytest.fixture
-def sender_mx(fake_mx: MXFactory) -> FakeSMTPServer:
-    return fake_mx(SENDER_MX)
 
 
 def _submit(relay: RelayProcess, rcpts: list[tuple[str, list[str]]],

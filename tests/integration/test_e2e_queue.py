@@ -12,14 +12,11 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
 from relayproc import RelayProcess
 from test_e2e_delivery import (
     SENDER,
-    SENDER_MX,
-    ZONES,
     delivered_to,
     gone,
     log_lines,
@@ -29,17 +26,6 @@ from test_e2e_delivery import (
 )
 
 DEFER = "451 4.3.0 try again later"
-
-
-@pytest.fixture
-def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
-    dns_server.set_zones(ZONES)
-    return dns_server
-
-
-@pytest.fixture
-def sender_mx(fake_mx: MXFactory) -> FakeSMTPServer:
-    return fake_mx(SENDER_MX)
 
 
 def deferred(relay: RelayProcess, qid: str) -> bool:

@@ -43,7 +43,6 @@ import socket
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -131,17 +130,7 @@ class UnsupportedVersion(SpoolError):
     """Written by a newer authrelay: left untouched, never deleted."""
 
 
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-def shared_executor() -> ThreadPoolExecutor:
-    """One pool for all spool I/O: ~16 threads so concurrent fsyncs share journal commits."""
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-io")
-        return _executor
+_pool_lock = threading.Lock()
 
 
 class CommitPool:
@@ -200,7 +189,7 @@ _commit_pool: CommitPool | None = None
 
 def commit_pool() -> CommitPool:
     global _commit_pool
-    with _executor_lock:
+    with _pool_lock:
         if _commit_pool is None or _commit_pool_pid != os.getpid():
             _set_commit_pool(CommitPool())
         assert _commit_pool is not None
@@ -364,11 +353,9 @@ class Spool:
 
     on_commit: Callable[[str], None] | None
 
-    def __init__(self, root: Path | str, *, fsync: bool = True,
-                 executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, root: Path | str, *, fsync: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
-        self.executor = executor or shared_executor()
         self.on_commit = None
         self.tmp_dir = self.root / "tmp"
         self.queue_dir = self.root / "queue"
