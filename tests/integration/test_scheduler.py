@@ -212,6 +212,28 @@ async def test_bounce_on_5xx_is_queued_and_delivered(rig: Rig) -> None:
     assert "Subject: t" in msg.get_payload()[2].get_payload()
 
 
+@pytest.mark.parametrize("limit,whole", [(10_000_000, True), (10, False)])
+async def test_ret_full_returns_the_message_up_to_a_limit(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch, limit: int, whole: bool) -> None:
+    """RFC 3461 RET=FULL: the whole message comes back, unless it is past the limit;
+    then the bounce carries the headers only."""
+    from authrelay.scheduler import scheduler as sched_mod
+
+    monkeypatch.setattr(sched_mod, "_FULL_RETURN_MAX", limit)
+    rig.courier.script["bob@b.example"] = [PERM]
+    await rig.start()
+    await put(rig.spool, ["bob@b.example"], sender="alice@a.example", ret="FULL")
+    await until(lambda: rig.courier.calls_for("alice@a.example"), "bounce delivery")
+    (_env, _rcpts, data), = rig.courier.calls_for("alice@a.example")
+    part = email.message_from_bytes(data, policy=email.policy.compat32).get_payload()[2]
+    if whole:
+        assert part.get_content_type() == "message/rfc822"
+        assert BODY.split(b"\r\n\r\n", 1)[1].strip().decode() in part.as_string()
+    else:
+        assert part.get_content_type() == "text/rfc822-headers"
+        assert "Subject: t" in part.get_payload() and "hello" not in part.get_payload()
+
+
 async def test_no_bounce_for_null_sender_nor_for_a_bounce(rig: Rig) -> None:
     rig.courier.script["bob@b.example"] = [PERM]
     rig.courier.script["gone@b.example"] = [PERM]
