@@ -119,6 +119,36 @@ async def test_notify_datagram(spool: Spool) -> None:
     await _put(spool, _env())
 
 
+async def test_notify_resent_when_the_scheduler_queue_is_full(spool: Spool) -> None:
+    """Unix datagram queues are short (net.unix.max_dgram_qlen): a refused notice is sent
+    again shortly instead of the message waiting for the scheduler's periodic rescan."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(spool.notify_path))
+    s.setblocking(False)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    try:
+        while True:  # fill the queue as a busy scheduler would leave it
+            try:
+                filler.sendto(b"FILLER", str(spool.notify_path))
+            except BlockingIOError:
+                break
+        qid = await _put(spool, _env())
+        await asyncio.sleep(0.05)
+        assert spool._pending_notify == [qid]  # refused, kept for the next try
+        got: list[str] = []
+        deadline = asyncio.get_running_loop().time() + 5
+        while qid not in got and asyncio.get_running_loop().time() < deadline:
+            try:
+                got += s.recv(8192).decode().split("\n")
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        assert qid in got and spool._pending_notify == []
+    finally:
+        s.close()
+        filler.close()
+
+
 async def test_abort_is_idempotent(spool: Spool) -> None:
     inc = spool.begin(_env())
     inc.write(b"partial")
