@@ -64,10 +64,6 @@ class Address:
         return f"{self.local}@{self.domain}"
 
 
-def normalize_domain(domain: str) -> str:
-    return domain.lower().rstrip(".")
-
-
 def _parse_domain(text: str) -> str:
     if text.startswith("["):
         if not text.endswith("]"):

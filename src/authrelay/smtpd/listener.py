@@ -131,10 +131,6 @@ class Connection(asyncio.Protocol):
             self.transport.write(b"".join(self._out))
         self._out.clear()
 
-    @property
-    def has_input(self) -> bool:
-        return bool(self._buf)
-
     def unread(self, data: bytes) -> None:
         """Give back bytes read past the end of DATA (pipelined commands)."""
         if data:
@@ -236,9 +232,3 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             with contextlib.suppress(Exception):
                 self.transport.close()
-
-    def abort(self) -> None:
-        self._closed = True
-        if self.transport is not None:
-            with contextlib.suppress(Exception):
-                self.transport.abort()
