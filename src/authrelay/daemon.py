@@ -53,6 +53,11 @@ def _prepare_state(cfg: Config) -> None:
     d.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
         os.chmod(d, 0o700)  # queue and user DB: nobody else's business
+    # The spool exists before any port listens: a client (or a test) that can connect
+    # finds a server whose state is complete.
+    from authrelay.spool.store import Spool
+
+    Spool(cfg.spool_dir).ensure_dirs()
 
 
 def _preload() -> None:

@@ -258,7 +258,7 @@ def test_drop_privileges_mechanics(reachable_dir: Path) -> None:
     state = reachable_dir / "state"
     cfg = from_dict({"state_dir": str(state), "user": TEST_USER})
     daemon._prepare_state(cfg)
-    (state / "spool").mkdir()
+    assert (state / "spool" / "queue").is_dir()  # the spool exists before any port listens
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
