@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from authrelay import replies
 from authrelay.config import from_dict
 from authrelay.policy import throttle as th
-from authrelay.smtpd import replies
 
 
 class Clock:

@@ -22,9 +22,9 @@ import multiprocessing
 import os
 import time
 
+from authrelay import replies
 from authrelay.config import Config
 from authrelay.policy.throttle import Throttle
-from authrelay.smtpd import replies
 from authrelay.types import Reply
 
 SLOTS = 1 << 16

@@ -26,9 +26,9 @@ import ipaddress
 import logging
 from typing import Any
 
+from authrelay import replies
 from authrelay.config import Config
 from authrelay.dns import DnsError, DnsTemporary, Resolver
-from authrelay.smtpd import replies
 from authrelay.types import Reply
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
+from authrelay import replies
 from authrelay.config import Config
-from authrelay.smtpd import replies
 from authrelay.types import Reply
 
 MAX_KEYS = 100_000

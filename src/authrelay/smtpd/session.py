@@ -27,8 +27,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from authrelay import replies
 from authrelay.address import Address, AddressError, PathArg, parse_path_arg
-from authrelay.smtpd import replies
 from authrelay.smtpd.bodyreader import BARE, LONG_LINE, TOO_BIG, BodyReader
 from authrelay.smtpd.listener import BareLineEnding, Closed, Connection, LineTooLong, Timeout
 from authrelay.spool.cleanup import HeaderCleanup, received_header
