@@ -389,9 +389,8 @@ def _log(cfg: Config, env: Envelope, size: int, login: str) -> None:
         return
     try:
         ml = maillog.configure(cfg.log.target, cfg.log.format)
-        ml.event(env.queue_id, **{"from": f"<{env.sender}>"},
-                 size=size, nrcpts=len(env.recipients),
-                 relay="local", proto="local", uid=os.getuid(), user=login)
+        ml.queued(env.queue_id, env.sender, size, len(env.recipients), relay="local",
+                  proto="local", uid=os.getuid(), user=login)
     except Exception:  # logging must not fail a queued message
         pass
 

@@ -91,6 +91,12 @@ class Session:
         # Metrics by reason: the reply's enhanced code (low cardinality, no addresses).
         self.server.metrics_rejected(_REASONS.get(r, r.enhanced or str(r.code)))
 
+    def _log_tls(self) -> None:
+        """The maillog's TLS line (protocol, cipher), as Postfix logs one per session."""
+        t = self.conn.transport
+        self.server.maillog.tls_from(self.relay_desc(),
+                                     t.get_extra_info("ssl_object") if t is not None else None)
+
     def _error(self, r: Reply) -> None:
         """A client error; too many of them end the session (a confused or hostile client)."""
         self.errors += 1
@@ -119,8 +125,9 @@ class Session:
                 self._log_reject(refusal, stage="connect")
                 raise _Close
             try:
-                srv.maillog.event(None, connect=f"from {self.relay_desc()}",
-                                  listener=self.listener.name)
+                srv.maillog.connect(self.relay_desc(), self.listener.name)
+                if self.tls:  # implicit TLS (465): the handshake is done
+                    self._log_tls()
                 self.reply(Reply(220, "", f"{self.cfg.hostname} ESMTP authrelay"))
                 while True:
                     limit = lim.max_line_length
@@ -249,6 +256,7 @@ class Session:
                                       "after STARTTLS", relay=self.relay_desc())
         await self.conn.starttls(ctx, self.cfg.limits.tls_handshake_timeout)
         self.tls = True
+        self._log_tls()
         # RFC 3207 4.2: forget everything learnt before TLS, EHLO included.
         self.helo, self.esmtp = None, False
         self._reset()

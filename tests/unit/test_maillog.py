@@ -1,0 +1,162 @@
+"""maillog: every event function writes the stable line admins grep (exact text), and the
+syslog target falls back to stderr, with a warning, when /dev/log is missing."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from authrelay import maillog
+from authrelay.types import Reply
+
+
+def _lines(path: Path) -> list[str]:
+    # Strip "Nov 27 13:00:00 authrelay[123]: "
+    return [ln.split("]: ", 1)[1] for ln in path.read_text().splitlines()]
+
+
+@pytest.fixture()
+def ml(tmp_path: Path) -> maillog.MailLog:
+    return maillog.MailLog(f"file:{tmp_path / 'mail.log'}")
+
+
+R = "host.example [192.0.2.7]"
+
+CASES = [
+    (lambda m: m.connect(R, "submission"),
+     "NOQUEUE: connect=from host.example [192.0.2.7], listener=submission"),
+    (lambda m: m.tls(R, "TLSv1.3", "TLS_AES_256_GCM_SHA384", 256),
+     "NOQUEUE: tls=from host.example [192.0.2.7], protocol=TLSv1.3, "
+     "cipher=TLS_AES_256_GCM_SHA384, bits=256"),
+    (lambda m: m.auth_ok(R, "PLAIN", "alice"),
+     "NOQUEUE: auth=ok, sasl_method=PLAIN, sasl_username=alice, relay=host.example [192.0.2.7]"),
+    (lambda m: m.auth_failed(R, Reply(535, "5.7.8", "Authentication credentials invalid"),
+                             "LOGIN", "bob"),
+     "NOQUEUE: reject=535 5.7.8 authentication failed, relay=host.example [192.0.2.7], "
+     "sasl_method=LOGIN, sasl_username=bob"),
+    (lambda m: m.auth_failed(R, "501 5.5.2", "PLAIN", None, reason="not base64"),
+     "NOQUEUE: reject=501 5.5.2 authentication failed, relay=host.example [192.0.2.7], "
+     "sasl_method=PLAIN, reason=not base64"),
+    (lambda m: m.reject(Reply(554, "5.7.1", "Relaying denied"), R, what="<x@y>: ",
+                        stage="rcpt"),
+     "NOQUEUE: reject=554 5.7.1 <x@y>: Relaying denied, relay=host.example [192.0.2.7], "
+     "stage=rcpt"),
+    (lambda m: m.reject("421 4.4.2 session time limit", R),
+     "NOQUEUE: reject=421 4.4.2 session time limit, relay=host.example [192.0.2.7]"),
+    (lambda m: m.queued("Q1", "a@x", 812, 1, R, "ESMTPSA", "alice", "laptop"),
+     "Q1: from=<a@x>, size=812, nrcpts=1, relay=host.example [192.0.2.7], proto=ESMTPSA, "
+     "auth=alice, helo=laptop"),
+    (lambda m: m.queued("Q2", "", 100, 1, origin="Q1"),
+     "Q2: from=<>, size=100, nrcpts=1, origin=Q1"),
+    (lambda m: m.queued("Q3", "r@x", 5, 2, relay="local", proto="local", uid=0, user="root"),
+     "Q3: from=<r@x>, size=5, nrcpts=2, relay=local, proto=local, uid=0, user=root"),
+    (lambda m: m.sent("Q1", "b@y", "mx.y[198.51.100.1]:25", 1.234, 1, "2.0.0",
+                      "250 2.0.0 ok"),
+     "Q1: to=<b@y>, relay=mx.y[198.51.100.1]:25, delay=1.23, tries=1, dsn=2.0.0, "
+     "stat=Sent (250 2.0.0 ok)"),
+    (lambda m: m.deferred("Q1", "b@y", "", 2, 3, "4.4.1", "connection refused"),
+     "Q1: to=<b@y>, relay=none, delay=2.00, tries=3, dsn=4.4.1, "
+     "stat=Deferred (connection refused)"),
+    (lambda m: m.bounced("Q1", "b@y", "mx", 0, 1, "5.1.1", "550 5.1.1 no such user"),
+     "Q1: to=<b@y>, relay=mx, delay=0.00, tries=1, dsn=5.1.1, "
+     "stat=Bounced (550 5.1.1 no such user)"),
+    (lambda m: m.expired("Q1", "b@y", None, 9, 7, None, "451 4.3.0 busy"),
+     "Q1: to=<b@y>, relay=none, delay=9.00, tries=7, "
+     "stat=Bounced (451 4.3.0 busy, message expired in the queue)"),
+    (lambda m: m.notification("Q1", "failed", "Q9"),
+     "Q1: sender_non-delivery_notification=Q9"),
+    (lambda m: m.delayed("Q1", "Q9"), "Q1: sender_delay_notification=Q9"),
+    (lambda m: m.notification("Q1", "relayed", "Q9"), "Q1: sender_success_notification=Q9"),
+    (lambda m: m.held("Q1"), "Q1: status=held"),
+    (lambda m: m.released("Q1"), "Q1: status=released"),
+    (lambda m: m.removed("Q1"), "Q1: status=removed"),
+    (lambda m: m.removed("Q1", by="operator"), "Q1: status=removed, by=operator"),
+    (lambda m: m.disconnect(R, "alice", "ehlo=1 quit=1"),
+     "NOQUEUE: disconnect=from host.example [192.0.2.7], auth=alice, commands=ehlo=1 quit=1"),
+    (lambda m: m.disconnect(R), "NOQUEUE: disconnect=from host.example [192.0.2.7]"),
+    (lambda m: m.warning("possible SMTP RCPT flood, throttling", R, bad_rcpts=5),
+     "NOQUEUE: warning=possible SMTP RCPT flood, throttling, relay=host.example [192.0.2.7], "
+     "bad_rcpts=5"),
+    (lambda m: m.error("cannot save state", "Q1"), "Q1: error=cannot save state"),
+    (lambda m: m.daemon("started (single)", pid=7, listeners="smtp"),
+     "NOQUEUE: daemon=started (single), pid=7, listeners=smtp"),
+    (lambda m: m.daemon("reload failed, keeping the running config", error="bad"),
+     "NOQUEUE: daemon=reload failed, keeping the running config, error=bad"),
+]
+
+
+@pytest.mark.parametrize(("call", "expected"), CASES, ids=[c[1][:40] for c in CASES])
+def test_event_lines(ml: maillog.MailLog, tmp_path: Path, call, expected: str) -> None:
+    call(ml)
+    ml.flush()
+    assert _lines(tmp_path / "mail.log") == [expected]
+
+
+def test_values_cannot_forge_lines(ml: maillog.MailLog, tmp_path: Path) -> None:
+    ml.connect("evil\r\nQ1: status=removed [1.2.3.4]")
+    ml.flush()
+    text = (tmp_path / "mail.log").read_text()
+    assert len(text.splitlines()) == 1 and "evil\\r\\nQ1" in text
+
+
+def test_json_format(tmp_path: Path) -> None:
+    m = maillog.MailLog(f"file:{tmp_path / 'j.log'}", fmt="json")
+    m.queued("Q1", "a@x", 10, 1, R, "ESMTP")
+    m.flush()
+    rec = json.loads((tmp_path / "j.log").read_text())
+    assert rec["queue_id"] == "Q1" and rec["from"] == "<a@x>" and rec["size"] == 10
+
+
+def test_tls_from_reads_an_ssl_object(ml: maillog.MailLog, tmp_path: Path) -> None:
+    class Fake:
+        def version(self) -> str:
+            return "TLSv1.3"
+
+        def cipher(self) -> tuple[str, str, int]:
+            return ("TLS_AES_128_GCM_SHA256", "TLSv1.3", 128)
+
+    ml.tls_from(R, Fake())
+    ml.tls_from(R, None)  # no TLS: nothing
+    ml.flush()
+    assert _lines(tmp_path / "mail.log") == [
+        "NOQUEUE: tls=from host.example [192.0.2.7], protocol=TLSv1.3, "
+        "cipher=TLS_AES_128_GCM_SHA256, bits=128"]
+    assert ssl  # the real object is exercised by tests/integration/test_clients.py
+
+
+def test_module_functions_use_the_configured_log(tmp_path: Path) -> None:
+    maillog.configure(f"file:{tmp_path / 'g.log'}")
+    try:
+        maillog.queued("Q7", "a@x", 1, 1)
+        maillog.get().flush()
+    finally:
+        maillog._current = None
+    assert _lines(tmp_path / "g.log") == ["Q7: from=<a@x>, size=1, nrcpts=1"]
+
+
+def test_syslog_without_dev_log_falls_back_to_stderr(tmp_path: Path) -> None:
+    """A real process: the syslog target with no socket says so and logs to stderr."""
+    code = textwrap.dedent(f"""
+        from authrelay import maillog
+        maillog.SYSLOG_SOCKET = {str(tmp_path / 'no-such-socket')!r}
+        m = maillog.configure("syslog")
+        maillog.queued("Q1", "a@x", 5, 1)
+        m.flush()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    err = r.stderr.splitlines()
+    assert err[0] == (f"authrelay: warning: maillog: syslog socket {tmp_path}/no-such-socket "
+                      "is missing; logging to stderr instead")
+    assert any(ln.endswith("NOQUEUE: warning=syslog socket "
+                           f"{tmp_path}/no-such-socket is missing; logging to stderr instead")
+               for ln in err)
+    assert any(ln.endswith("Q1: from=<a@x>, size=5, nrcpts=1") for ln in err)
