@@ -36,6 +36,9 @@ _ROWS: list[tuple[str, str, str, str, bool, str]] = [
     ("a", "", "cpu_ms_per_msg", "(g) server CPU ms/msg", False, ""),
     ("b", "", "cpu_ms_per_msg", "(g) server CPU ms/msg", False, ""),
     ("c", "", "cpu_ms_per_msg", "(g) server CPU ms/msg", False, ""),
+    ("a", "", "cpu_master_ms_per_msg", "(g) authrelay master (scheduler+courier) CPU ms/msg",
+     False, ""),
+    ("a", "", "cpu_master_share", "(g) authrelay master's share of server CPU", False, ""),
 ]
 
 

@@ -84,6 +84,13 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLK_TCK
 
 
+def own_cpu_seconds(pid: int) -> float:
+    """utime+stime of one process alone (not its children): authrelay's master, which
+    runs the scheduler and the outbound client while the workers receive."""
+    f = _stat(pid)
+    return (int(f[11]) + int(f[12])) / CLK_TCK if f else 0.0
+
+
 def memory(pids: list[int]) -> tuple[int, int]:
     """(RSS, PSS) summed over the processes, bytes.
 
@@ -259,6 +266,8 @@ def run_one(t: Target, sc: Scenario) -> dict[str, Any]:
         return run_idle(t, sc, roots, rec)
     sampler = MemSampler(roots) if sc.key == "e" else None
     c0, cpu0 = t.delivered(), cpu_seconds(process_tree(roots))
+    master = t.pids[0] if t.pids else 0  # authrelay: the serve process (scheduler, courier)
+    mcpu0 = own_cpu_seconds(master) if master else 0.0
     if sampler:
         sampler.start()
     t0 = time.monotonic()
@@ -279,6 +288,7 @@ def run_one(t: Target, sc: Scenario) -> dict[str, Any]:
     accepted = int(load.get("messages_ok", 0))
     n, t_done = wait_delivered(t, c0 + accepted)
     cpu = cpu_seconds(process_tree(roots)) - cpu0
+    mcpu = own_cpu_seconds(master) - mcpu0 if master else None
     delivered = n - c0
     rec.update(
         load=load, accepted=accepted, failed=int(load.get("messages_failed", 0)),
@@ -292,6 +302,9 @@ def run_one(t: Target, sc: Scenario) -> dict[str, Any]:
         cpu_s=round(cpu, 3),
         cpu_ms_per_msg=round(1000 * cpu / accepted, 3) if accepted else None,
     )
+    if mcpu is not None and accepted:
+        rec.update(cpu_master_ms_per_msg=round(1000 * mcpu / accepted, 3),
+                   cpu_master_share=round(mcpu / cpu, 3) if cpu > 0 else None)
     if sampler:
         peak_rss, peak_pss = sampler.stop()
         rec.update(rss_peak_mb=round(peak_rss / MB, 2),
@@ -407,6 +420,8 @@ def summary(r: dict[str, Any]) -> str:
                 f"pss {r['pss_mb']} MB ({r['server_processes']} processes)")
     s = (f"{r['accepted_per_s']} msg/s accepted, {r['delivered_per_s']} delivered/s, "
          f"cpu {r['cpu_ms_per_msg']} ms/msg")
+    if r.get("cpu_master_ms_per_msg") is not None:
+        s += f" (master {r['cpu_master_ms_per_msg']} ms/msg, share {r['cpu_master_share']})"
     if r["scenario"] == "b":
         s += f", p50/p99 {r['final_250_p50_ms']}/{r['final_250_p99_ms']} ms"
     if r["scenario"] == "e":
