@@ -13,7 +13,9 @@ import os
 import sys
 
 from authrelay import __version__
-from authrelay.config import ConfigError, load
+from authrelay.config import ConfigError, NoConfig, load
+
+EX_TEMPFAIL = 75  # sysexits.h: try again later (here: once a config is installed)
 
 # (module, attribute) registering sub-commands, in the order `--help` lists them.
 _AREAS = [
@@ -93,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(func(args) or 0)
+    except NoConfig as e:
+        print(f"authrelay: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
     except ConfigError as e:
         print(f"authrelay: config error: {e}", file=sys.stderr)
         return 1

@@ -6,8 +6,11 @@ defaults, and validation. Contract: `load(path)` returns a `Config` or raises
 and why. Unknown keys are errors, so a typo never silently falls back to a default.
 
 Lookup order for every command: --config FILE, $AUTHRELAY_CONFIG, ./authrelay.toml,
-else the embedded default (state under ./var, self-signed cert, ports 2525/2587/2465
-when not root).
+/etc/authrelay/authrelay.toml. When none exists, `serve` (and only serve, with a notice at
+start) runs on the embedded default (state under ./var, self-signed cert, loopback ports
+2525/2587/2465); commands that use a running server's state (sendmail, queue, user,
+import sasldb) get `NoConfig` instead: writing a spool or user DB that no daemon reads
+would lose mail or users silently (their exit status is 75, EX_TEMPFAIL).
 """
 
 from __future__ import annotations
@@ -23,10 +26,16 @@ from typing import Any
 
 ENV_VAR = "AUTHRELAY_CONFIG"
 LOCAL_FILE = "authrelay.toml"
+SYSTEM_FILE = "/etc/authrelay/authrelay.toml"
+EMBEDDED = "<embedded default>"  # Config.source when no file was read
 
 
 class ConfigError(ValueError):
     """A bad config: the message names the key path and the reason."""
+
+
+class NoConfig(ConfigError):
+    """No config file where the lookup looks (exit EX_TEMPFAIL: retry once installed)."""
 
 
 # --------------------------------------------------------------------------- values
@@ -75,7 +84,7 @@ def parse_hostport(value: str, key: str, default_port: int | None = None) -> tup
     """'host:port', '[::1]:587', or 'host' when a default port is given."""
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: expected 'host:port', got {value!r}")
-    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", value)
+    m = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", value)
     if m:
         host, port = m.group(1), m.group(2)
     elif value.count(":") == 1:
@@ -88,6 +97,8 @@ def parse_hostport(value: str, key: str, default_port: int | None = None) -> tup
         if default_port is None:
             raise ConfigError(f"{key}: {value!r} has no port (write host:port)")
         return host, default_port
+    if not port.isdigit():
+        raise ConfigError(f"{key}: port {port!r} in {value!r} is not a number")
     p = int(port)
     if not 0 <= p <= 65535:
         raise ConfigError(f"{key}: port {p} out of range")
@@ -238,7 +249,7 @@ class Config:
     checks: Checks = field(default_factory=Checks)
     log: Log = field(default_factory=Log)
     metrics: Metrics = field(default_factory=Metrics)
-    source: str = "<embedded default>"  # where this config came from (not a TOML key)
+    source: str = EMBEDDED  # where this config came from (not a TOML key)
 
     # Derived paths -------------------------------------------------------------
     @property
@@ -431,19 +442,36 @@ def load_file(path: str | os.PathLike[str]) -> Config:
 
 
 def find_config_path(explicit: str | None) -> str | None:
-    """--config, else $AUTHRELAY_CONFIG, else ./authrelay.toml, else None (embedded)."""
+    """--config, else $AUTHRELAY_CONFIG, else ./authrelay.toml, else
+    /etc/authrelay/authrelay.toml (when they exist), else None (no file)."""
     if explicit:
         return explicit
     env = os.environ.get(ENV_VAR)
     if env:
         return env
-    if Path(LOCAL_FILE).is_file():
-        return LOCAL_FILE
+    for candidate in (LOCAL_FILE, SYSTEM_FILE):
+        if Path(candidate).is_file():
+            return candidate
     return None
 
 
-def load(explicit: str | None = None) -> Config:
+LOOKUP = f"-c FILE, ${ENV_VAR}, ./{LOCAL_FILE}, {SYSTEM_FILE}"
+
+
+def load(explicit: str | None = None, *, embedded: bool = True) -> Config:
+    """The config by the lookup order. No file found: the embedded default when
+    `embedded` (serve, cert make, check-config), else NoConfig."""
     path = find_config_path(explicit)
     if path is None:
+        if not embedded:
+            raise NoConfig(f"no config file found (looked for {LOOKUP}); "
+                           "nothing done, since a running server would not see it")
         return Config()
     return load_file(path)
+
+
+def embedded_notice() -> str:
+    """What `serve` says at start when it runs without a config file."""
+    return (f"authrelay: no config file found (looked for {LOOKUP}); running on the "
+            "embedded default: state in ./var, self-signed certificate, loopback ports "
+            "2525 (smtp), 2587 (submission), 2465 (submissions)")

@@ -29,7 +29,7 @@ from dataclasses import replace
 from typing import Any
 
 from authrelay import maillog as maillog_mod
-from authrelay.config import Config, ConfigError, load
+from authrelay.config import EMBEDDED, Config, ConfigError, embedded_notice, load
 from authrelay.policy.throttle import Share
 from authrelay.smtpd.server import Listener, SMTPServer, bind
 from authrelay.tls import CertStore, TLSConfigError, ensure_certificate
@@ -340,6 +340,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"authrelay: config error: {e}", file=sys.stderr)
         return 1
+    if cfg.source == EMBEDDED:  # say so: an admin who meant /etc/... must notice (h12)
+        print(embedded_notice(), file=sys.stderr, flush=True)
     if args.log_format:
         cfg = replace(cfg, log=replace(cfg.log, format=args.log_format))
     if args.workers is not None:

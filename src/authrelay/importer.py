@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from authrelay.config import ConfigError, from_dict, load
+from authrelay.config import ConfigError, NoConfig, from_dict, load
 
 # --------------------------------------------------------------------------- m4 parsing
 
@@ -497,8 +497,11 @@ def _import_sasldb(args: argparse.Namespace) -> int:
     from authrelay.auth.userdb import UserDB, UserDBError, UserExists
 
     try:
-        cfg = load(args.config)
+        cfg = load(args.config, embedded=False)
         entries = read_sasldb(Path(args.file))
+    except NoConfig as e:
+        print(f"authrelay: {e}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: no users.db that no server reads
     except (ConfigError, ImportError_) as e:
         print(f"authrelay: {e}", file=sys.stderr)
         return 1

@@ -20,8 +20,9 @@ daemon and nothing in the spool is ever root-owned.
 
 Failure policy: exit status as sendmail's (sysexits.h), one line on stderr:
 EX_USAGE 64 (bad option, no recipients), EX_DATAERR 65 (bad address, message too big or
-malformed), EX_CANTCREAT 73 (spool not writable), EX_TEMPFAIL 75 (spool I/O error: the
-caller may retry), EX_CONFIG 78 (bad config). On any failure nothing is queued.
+malformed), EX_CANTCREAT 73 (spool not writable), EX_TEMPFAIL 75 (spool I/O error, or no
+config file found: the caller may retry; nothing is ever queued into a spool no daemon
+reads), EX_CONFIG 78 (bad config). On any failure nothing is queued.
 """
 
 from __future__ import annotations
@@ -35,14 +36,13 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import BinaryIO
 
 # Everything is imported up front: after switching to the spool owner the Python install
 # (e.g. under /root) may no longer be readable, so no lazy imports past that point.
 from authrelay import maillog
 from authrelay.address import AddressError, parse_mailbox
-from authrelay.config import Config, ConfigError, find_config_path, load_file
+from authrelay.config import LOOKUP, Config, ConfigError, NoConfig, find_config_path, load_file
 from authrelay.spool.cleanup import HeaderCleanup
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.store import Spool
@@ -58,7 +58,6 @@ EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
 
-SYSTEM_CONFIG = "/etc/authrelay/authrelay.toml"  # cron has no $AUTHRELAY_CONFIG
 MAX_HEADER_BYTES = 1024 * 1024
 PROG = "authrelay sendmail"
 
@@ -218,11 +217,11 @@ def _addresses(values: list[str], cfg: Config, where: str) -> list[str]:
 # --------------------------------------------------------------------------- config / user
 
 def _load_config(explicit: str | None) -> Config:
-    path = explicit or find_config_path(None)
-    if path is None and Path(SYSTEM_CONFIG).is_file():
-        path = SYSTEM_CONFIG
+    """The daemon's config by the usual lookup; none found: EX_TEMPFAIL, nothing queued.
+    (A spool under ./var that no daemon reads would lose the mail without a word.)"""
+    path = find_config_path(explicit)
     if path is None:
-        return Config()
+        raise NoConfig(f"no config file found (looked for {LOOKUP}); message not queued")
     return load_file(path)
 
 
@@ -401,6 +400,8 @@ def main(argv: list[str], config: str | None = None) -> int:
         opts = parse_args(argv)
         try:
             cfg = _load_config(opts.config or config)
+        except NoConfig as e:
+            raise Fail(EX_TEMPFAIL, str(e)) from None
         except ConfigError as e:
             raise Fail(EX_CONFIG, f"config error: {e}") from None
         try:

@@ -177,6 +177,10 @@ def test_embedded_default_first_start(tmp_path: Path) -> None:
     finally:
         p.terminate()
         p.wait(timeout=30)
+    assert p.stdout is not None
+    out = p.stdout.read().decode()
+    # It says it runs on the embedded default (an admin who meant /etc/... notices).
+    assert "no config file found" in out and "running on the embedded default" in out
 
 
 def test_auth_backend_down_is_454(relay_factory, tmp_path: Path) -> None:  # noqa: ANN001

@@ -1,7 +1,8 @@
 """`authrelay user ...`: manage the built-in user DB from the command line.
 
 Owns: the `user` sub-commands (add, del, passwd, list, address add|del). Contract: finds
-its config like every command (-c, $AUTHRELAY_CONFIG, ./authrelay.toml, embedded default),
+its config like every command (-c, $AUTHRELAY_CONFIG, ./authrelay.toml,
+/etc/authrelay/authrelay.toml; none: exit 75 EX_TEMPFAIL, nothing written),
 edits `cfg.userdb_path` (parent directory created 0700, file 0600) while servers keep
 running: they see the change on the next AUTH (userdb generation). Exit 0 on success,
 1 with a one-line message on stderr otherwise. Passwords come from `--password-stdin`
@@ -27,7 +28,8 @@ class _CliError(Exception):
 
 
 def _open(args: argparse.Namespace) -> UserDB:
-    cfg = load(args.config)
+    # No config found: refuse (exit 75) rather than edit a users.db no server reads.
+    cfg = load(args.config, embedded=False)
     return UserDB(cfg.userdb_path)
 
 

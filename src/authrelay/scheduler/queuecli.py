@@ -27,7 +27,8 @@ from authrelay.spool.store import Spool, SpoolError
 
 
 def _spool(args: argparse.Namespace) -> Spool:
-    cfg = load(args.config)
+    # No config found: refuse (exit 75), never show or change a spool no server reads.
+    cfg = load(args.config, embedded=False)
     return Spool(cfg.spool_dir)
 
 
@@ -200,7 +201,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     q = subparsers.add_parser("queue", help="list, show, flush, hold, release, delete queued mail")
     qs = q.add_subparsers(dest="queue_command", metavar="ACTION")
-    q.set_defaults(func=lambda a: (q.print_help(), 2)[1])
+    q.set_defaults(func=cmd_list, json=False)  # bare `authrelay queue` lists, as mailq
     p = qs.add_parser("list", help="list queued messages (mailq)")
     p.add_argument("--json", action="store_true", help="JSON for scripts")
     p.set_defaults(func=cmd_list)
