@@ -25,6 +25,7 @@ _AREAS = [
     "authrelay.tls",  # cert make
     "authrelay.importer",  # import sendmail-mc | sasldb
     "authrelay.sendmail",  # sendmail (local submission, /usr/sbin/sendmail compatible)
+    "authrelay.dkim.cli",  # dkim keygen/list/dns, dns, doctor
 ]
 
 

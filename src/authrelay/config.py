@@ -217,6 +217,23 @@ class Metrics:
     address: str = ""  # e.g. "127.0.0.1:9587"; empty: off
 
 
+# DKIM (RFC 6376): the header fields signed by default (maddy's and OpenDKIM's usual set),
+# and those over-signed (listed once more than they occur, so none can be added later).
+DKIM_HEADERS = (
+    "From", "Reply-To", "Sender", "To", "Cc", "Subject", "Date", "Message-ID",
+    "In-Reply-To", "References", "MIME-Version", "Content-Type", "Content-Transfer-Encoding",
+    "Content-Disposition", "List-Id", "List-Unsubscribe", "List-Unsubscribe-Post",
+)
+DKIM_OVERSIGN = ("From", "To", "Subject", "Date", "Message-ID")
+
+
+@dataclass(frozen=True)
+class Dkim:
+    domains: tuple[str, ...] = ()  # From: domains to sign for; empty: every domain with a key
+    headers: tuple[str, ...] = DKIM_HEADERS
+    oversign: tuple[str, ...] = DKIM_OVERSIGN
+
+
 def _default_hostname() -> str:
     name = socket.getfqdn()
     return name if name and name != "localhost" else socket.gethostname() or "localhost"
@@ -249,6 +266,10 @@ class Config:
     checks: Checks = field(default_factory=Checks)
     log: Log = field(default_factory=Log)
     metrics: Metrics = field(default_factory=Metrics)
+    dkim: Dkim = field(default_factory=Dkim)
+    # The relay's public address(es) as the Internet sees them (SPF, PTR, doctor); empty:
+    # the global addresses among the listen addresses, else the addresses of hostname.
+    public_addresses: tuple[str, ...] = ()
     source: str = EMBEDDED  # where this config came from (not a TOML key)
 
     # Derived paths -------------------------------------------------------------
@@ -273,6 +294,11 @@ class Config:
         return Path(self.tls.key) if self.tls.key else self.state_path / "tls" / "key.pem"
 
     @property
+    def dkim_dir(self) -> Path:
+        """DKIM keys: dkim/DOMAIN/SELECTOR.key."""
+        return self.state_path / "dkim"
+
+    @property
     def self_signed(self) -> bool:
         """True when no certificate was configured: one is made on first start."""
         return not self.tls.cert and not self.tls.key
@@ -283,6 +309,7 @@ class Config:
 _SECTIONS: dict[str, type] = {
     "tls": TLS, "auth": Auth, "relay": Relay, "delivery": Delivery, "limits": Limits,
     "checks": Checks, "log": Log, "metrics": Metrics,
+    "dkim": Dkim,
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "listen.mode": ("smtp", "submission", "submissions"),
@@ -384,6 +411,17 @@ def _validate(cfg: Config) -> None:
     t = cfg.log.target
     if not (t in ("stdout", "stderr", "syslog") or t.startswith("file:")):
         raise ConfigError(f"log.target: {t!r} is not stdout, stderr, syslog or file:PATH")
+    for i, addr in enumerate(cfg.public_addresses):
+        try:
+            ipaddress.ip_address(addr)
+        except ValueError:
+            raise ConfigError(f"public_addresses[{i}]: {addr!r} is not an IP address") from None
+    for key in ("headers", "oversign"):
+        for i, name in enumerate(getattr(cfg.dkim, key)):
+            if not re.fullmatch(r"[!-9;-~]+", name):
+                raise ConfigError(f"dkim.{key}[{i}]: {name!r} is not a header field name")
+    if cfg.dkim.headers and "from" not in {h.lower() for h in cfg.dkim.headers}:
+        raise ConfigError("dkim.headers: must include From (RFC 6376 5.4)")
     if cfg.limits.max_line_length < 512:
         raise ConfigError("limits.max_line_length: RFC 5321 4.5.3.1.4 requires at least 512")
     if cfg.limits.max_text_line_length < 998:
@@ -421,6 +459,8 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
                                         mechanisms=tuple(m.upper() for m in cfg.auth.mechanisms)))
     cfg = replace(cfg, relay=replace(cfg.relay, local_domains=tuple(
         d.lower().rstrip(".") for d in cfg.relay.local_domains)))
+    cfg = replace(cfg, dkim=replace(cfg.dkim, domains=tuple(
+        d.lower().rstrip(".") for d in cfg.dkim.domains)))
     _validate(cfg)
     return cfg
 

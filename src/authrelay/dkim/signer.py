@@ -1,0 +1,194 @@
+"""DKIM signing (RFC 6376 5): whole message in -> DKIM-Signature header lines out.
+
+Contract: `Signer` is the `signer: Callable[[bytes], bytes | None]` hook of the spool's
+accept path (spool/submit.py). The accept path calls it once per message, after header
+cleanup (Received, Date, Message-ID added) and before commit, only for mail we originate:
+an authenticated or trusted-network sender, the sendmail command, our bounces. It prepends
+the returned lines to the stored message; retries send the stored bytes, so a message is
+never signed twice. The call is CPU work (an RSA-2048 signature is ~1-2 ms in dkimpy's
+pure-Python RSA): call it from a worker thread, not on the event loop.
+
+What is signed: the domain of the single From: mailbox (RFC 6376 6.1.1's "d=" aligned
+with From: as DMARC, RFC 7489 3.1, wants), with every key of that domain (RSA and Ed25519
+side by side, RFC 8463 6), relaxed/relaxed canonicalization (RFC 6376 3.4.2, 3.4.4: survives
+header refolding and trailing whitespace changes), the configured header fields that are
+present, and the over-signed ones (`[dkim] oversign`) listed once more than they occur so
+that none can be added after signing (RFC 6376 8.15). No l= (body length) tag: it would let
+anyone append content (8.2).
+
+Failure policy: signing never fails a message. No From:, several From: fields, mailboxes of
+different domains, a domain without key or outside `[dkim] domains`: the message goes out
+unsigned and the maillog says why (`dkim=none`). A library error is logged (`dkim=error`)
+and the message also goes out unsigned: unsigned mail is still deliverable, a lost message
+is not.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import dkim
+
+from authrelay import maillog as maillog_mod
+from authrelay.config import Config
+from authrelay.dkim.keys import DkimKey, KeyStore
+
+log = logging.getLogger(__name__)
+
+# RFC 6376 5.4: these must not be signed (they change in transit or leak Bcc).
+_NEVER_SIGN = frozenset(h.decode() for h in dkim.DKIM.SHOULD_NOT)
+_CANON = (b"relaxed", b"relaxed")
+
+
+@dataclass(frozen=True)
+class _State:
+    keys: dict[str, tuple[DkimKey, ...]]
+    domains: frozenset[str] | None  # None: every domain that has a key
+    headers: tuple[str, ...]  # lower case, in order, without duplicates
+    oversign: frozenset[str]
+    problems: tuple[str, ...]
+
+
+def from_domain(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
+    """The signing domain for these header fields: (domain, "") or (None, why not)."""
+    values = [v for n, v in headers if n.lower() == b"from"]
+    if not values:
+        return None, "no From: field"
+    if len(values) > 1:
+        return None, "several From: fields"  # RFC 5322 3.6: exactly one
+    text = values[0].decode("utf-8", "replace").replace("\r\n", "")
+    domains = set()
+    for _name, addr in email.utils.getaddresses([text]):
+        if "@" not in addr:
+            continue
+        dom = addr.rpartition("@")[2].strip().rstrip(".").lower()
+        try:  # keys live under the A-label (RFC 5890) of an internationalised domain
+            dom = dom.encode("idna").decode("ascii") if not dom.isascii() else dom
+        except UnicodeError:
+            return None, "From: domain is not a valid domain name"
+        domains.add(dom)
+    if not domains:
+        return None, "no address in From:"
+    if len(domains) > 1:
+        return None, "From: mailboxes of several domains"
+    return domains.pop(), ""
+
+
+class Signer:
+    """Thread-safe: `reload()` swaps an immutable state that `__call__` reads once."""
+
+    def __init__(self, store: KeyStore, *, domains: tuple[str, ...] = (),
+                 headers: tuple[str, ...] = (), oversign: tuple[str, ...] = (),
+                 maillog: Any = None) -> None:
+        self.store = store
+        self._maillog = maillog
+        self._lock = threading.Lock()
+        self._state = self._make_state(domains, headers, oversign)
+
+    @classmethod
+    def from_config(cls, cfg: Config, maillog: Any = None) -> Signer:
+        """Load the keys of `cfg.dkim_dir` and the `[dkim]` settings (start, SIGHUP)."""
+        return cls(KeyStore(cfg.dkim_dir), domains=cfg.dkim.domains,
+                   headers=cfg.dkim.headers, oversign=cfg.dkim.oversign, maillog=maillog)
+
+    def reload(self, cfg: Config | None = None) -> None:
+        """Re-read the keys (and `[dkim]` from `cfg` when given): SIGHUP."""
+        with self._lock:
+            if cfg is not None:
+                self.store.root = cfg.dkim_dir
+                st = self._make_state(cfg.dkim.domains, cfg.dkim.headers, cfg.dkim.oversign)
+            else:
+                old = self._state
+                st = self._make_state(tuple(old.domains or ()), old.headers,
+                                      tuple(old.oversign))
+            self._state = st
+
+    def _make_state(self, domains: tuple[str, ...], headers: tuple[str, ...],
+                    oversign: tuple[str, ...]) -> _State:
+        self.store.load()
+        problems = list(self.store.problems)
+        hdrs: list[str] = []
+        for h in (x.lower() for x in headers):
+            if h in _NEVER_SIGN:
+                problems.append(f"dkim.headers: {h} is never signed (RFC 6376 5.4), ignored")
+            elif h not in hdrs:
+                hdrs.append(h)
+        if "from" not in hdrs:
+            hdrs.insert(0, "from")  # RFC 6376 5.4: From MUST be signed
+        over = frozenset(h.lower() for h in oversign) - _NEVER_SIGN
+        dset = frozenset(d.lower().rstrip(".") for d in domains) or None
+        if dset is not None:
+            for d in sorted(dset):
+                if d not in self.store.keys:
+                    problems.append(f"dkim.domains: {d} has no key (authrelay dkim keygen {d})")
+        for p in problems:
+            self._log(None, dkim="warning", problem=p)
+        return _State(dict(self.store.keys), dset, tuple(hdrs), over, tuple(problems))
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        return self._state.problems
+
+    def domains(self) -> list[str]:
+        """The domains whose mail is signed."""
+        st = self._state
+        return sorted(d for d in st.keys if st.domains is None or d in st.domains)
+
+    def _log(self, qid: str | None, **fields: Any) -> None:
+        ml = self._maillog if self._maillog is not None else maillog_mod.get()
+        ml.event(qid, **fields)
+
+    def _include(self, st: _State, headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+        present = Counter(n.lower().decode("ascii", "replace") for n, _ in headers)
+        out: list[bytes] = []
+        for h in st.headers:
+            n = present.get(h, 0) + (1 if h in st.oversign else 0)
+            out.extend([h.encode()] * n)
+        for h in sorted(st.oversign - set(st.headers)):
+            out.extend([h.encode()] * (present.get(h, 0) + 1))
+        return out
+
+    def __call__(self, message: bytes, queue_id: str | None = None) -> bytes | None:
+        """DKIM-Signature fields (CRLF-terminated) to prepend, or None (unsigned)."""
+        st = self._state
+        try:
+            d = dkim.DKIM(message, linesep=b"\r\n")
+        except Exception as e:  # unparsable header section: go unsigned
+            self._log(queue_id, dkim="none", reason=f"message not parsable ({type(e).__name__})")
+            return None
+        domain, why = from_domain(d.headers)
+        if domain is None:
+            self._log(queue_id, dkim="none", reason=why)
+            return None
+        keys = st.keys.get(domain, ())
+        if st.domains is not None and domain not in st.domains:
+            self._log(queue_id, dkim="none", reason=f"{domain} not in dkim.domains")
+            return None
+        if not keys:
+            self._log(queue_id, dkim="none", reason=f"no key for {domain}")
+            return None
+        include = self._include(st, d.headers)
+        out: list[bytes] = []
+        for key in keys:
+            try:
+                sig = d.sign(key.selector.encode(), domain.encode(), key.signing_key,
+                             signature_algorithm=key.dkim_algorithm, canonicalize=_CANON,
+                             include_headers=include)
+            except Exception as e:  # never fail the message over a signature
+                log.exception("DKIM signing failed (%s, s=%s)", domain, key.selector)
+                self._log(queue_id, dkim="error", d=domain, s=key.selector,
+                          reason=type(e).__name__)
+                continue
+            if not sig.endswith(b"\r\n"):
+                sig += b"\r\n"
+            out.append(sig)
+        if not out:
+            return None
+        self._log(queue_id, dkim="signed", d=domain,
+                  s=",".join(k.selector for k in keys))
+        return b"".join(out)

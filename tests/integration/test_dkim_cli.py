@@ -1,0 +1,93 @@
+"""`authrelay dkim keygen|list|dns` and `authrelay dns` as an admin runs them."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from authrelay.dkim.keys import KeyStore
+
+
+def run(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "authrelay", "-c", str(tmp / "a.toml"), *args],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning"})
+
+
+def write_cfg(tmp: Path, extra: str = "") -> None:
+    (tmp / "a.toml").write_text(
+        'hostname = "relay.example.org"\n'
+        f'state_dir = "{tmp / "var"}"\n'
+        'public_addresses = ["192.0.2.10", "2001:db8::10"]\n'
+        + extra +
+        '[[listen]]\naddress = "0.0.0.0:587"\nmode = "submission"\n'
+        '[[listen]]\naddress = "0.0.0.0:465"\nmode = "submissions"\n')
+
+
+def test_keygen_both_list_and_dns(tmp_path: Path) -> None:
+    write_cfg(tmp_path)
+    r = run(tmp_path, "dkim", "keygen", "Example.ORG", "--selector", "202611")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2
+    assert re.fullmatch(r'202611-rsa\._domainkey\.example\.org\. IN TXT '
+                        r'"v=DKIM1; k=rsa; p=[A-Za-z0-9+/]{237}" "[A-Za-z0-9+/=]+"', lines[0])
+    assert re.fullmatch(r'202611-ed25519\._domainkey\.example\.org\. IN TXT '
+                        r'"v=DKIM1; k=ed25519; p=[A-Za-z0-9+/]{43}="', lines[1])
+    keydir = tmp_path / "var" / "dkim" / "example.org"
+    for f in ("202611-rsa.key", "202611-ed25519.key"):
+        st = (keydir / f).stat()
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    # The same selector again: refused, nothing overwritten.
+    before = (keydir / "202611-rsa.key").read_bytes()
+    r2 = run(tmp_path, "dkim", "keygen", "example.org", "--selector", "202611")
+    assert r2.returncode == 1 and "exists" in r2.stderr
+    assert (keydir / "202611-rsa.key").read_bytes() == before
+
+    r = run(tmp_path, "dkim", "list")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        f"example.org\t202611-ed25519\ted25519-256\t{keydir / '202611-ed25519.key'}",
+        f"example.org\t202611-rsa\trsa-2048\t{keydir / '202611-rsa.key'}",
+    ]
+    r = run(tmp_path, "dkim", "dns", "example.org")
+    assert r.returncode == 0 and sorted(r.stdout.splitlines()) == sorted(lines)
+    r = run(tmp_path, "dkim", "dns", "nokey.test")
+    assert r.returncode == 1 and "authrelay dkim keygen nokey.test" in r.stderr
+
+    r = run(tmp_path, "dns")
+    assert r.returncode == 0, r.stderr
+    out = [ln for ln in r.stdout.splitlines() if not ln.startswith(";")]
+    assert "relay.example.org. IN A 192.0.2.10" in out
+    assert "relay.example.org. IN AAAA 2001:db8::10" in out
+    assert "10.2.0.192.in-addr.arpa. IN PTR relay.example.org." in out
+    assert any(ln.endswith(".8.b.d.0.1.0.0.2.ip6.arpa. IN PTR relay.example.org.") for ln in out)
+    assert set(lines) <= set(out)
+    assert 'example.org. IN TXT "v=spf1 ip4:192.0.2.10 ip6:2001:db8::10 ~all"' in out
+    assert ('_dmarc.example.org. IN TXT "v=DMARC1; p=none; rua=mailto:postmaster@example.org"'
+            in out)
+    assert "_submission._tcp.example.org. IN SRV 0 1 587 relay.example.org." in out
+    assert "_submissions._tcp.example.org. IN SRV 0 1 465 relay.example.org." in out
+
+
+def test_keygen_single_algorithm_and_default_selector(tmp_path: Path) -> None:
+    write_cfg(tmp_path)
+    r = run(tmp_path, "dkim", "keygen", "other.test", "--algorithm", "ed25519")
+    assert r.returncode == 0, r.stderr
+    keys = KeyStore(tmp_path / "var" / "dkim").load().all()
+    assert [(k.domain, k.algorithm) for k in keys] == [("other.test", "ed25519")]
+    assert re.fullmatch(r"20\d\d(0[1-9]|1[0-2])", keys[0].selector)
+    r = run(tmp_path, "dkim", "keygen", "not_a_domain")
+    assert r.returncode == 1 and "not a domain name" in r.stderr
+
+
+def test_dns_with_smart_host_uses_its_include(tmp_path: Path) -> None:
+    write_cfg(tmp_path, '[relay]\nsmart_host = ["smtp.provider.example:587"]\n')
+    r = run(tmp_path, "dns", "example.org")
+    assert r.returncode == 0, r.stderr
+    assert 'example.org. IN TXT "v=spf1 include:provider.example ~all"' in r.stdout
+    assert "dkim keygen example.org" in r.stdout  # no key yet: says how to make one

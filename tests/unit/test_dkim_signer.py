@@ -1,0 +1,207 @@
+"""DKIM signer and key store: signatures checked by dkimpy's verifier reading the public
+keys from a loopback DNS server (never from our key store)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+import dkim
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dkimcheck import dkim_zones, verify_all  # noqa: E402
+
+from authrelay.config import from_dict  # noqa: E402
+from authrelay.dkim.keys import DkimKeyError, KeyStore, split_txt  # noqa: E402
+from authrelay.dkim.signer import Signer, from_domain  # noqa: E402
+
+
+class Log:
+    def __init__(self) -> None:
+        self.events: list[tuple[str | None, dict]] = []
+
+    def event(self, qid: str | None, **fields: object) -> None:
+        self.events.append((qid, fields))
+
+
+MSG = (b"From: Alice <alice@example.org>\r\n"
+       b"To: bob@dest.test\r\n"
+       b"Subject: hello\r\n"
+       b"Date: Fri, 27 Nov 2026 12:00:00 +0000\r\n"
+       b"Message-ID: <1@example.org>\r\n"
+       b"\r\n"
+       b"Hello Bob.\r\n")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> KeyStore:
+    ks = KeyStore(tmp_path / "dkim")
+    ks.generate("example.org", "s-rsa", "rsa")
+    ks.generate("example.org", "s-ed25519", "ed25519")
+    return ks.load()
+
+
+@pytest.fixture
+def signer(store: KeyStore) -> tuple[Signer, Log]:
+    log = Log()
+    return Signer(store, headers=("From", "To", "Subject", "Date", "Message-ID",
+                                  "MIME-Version", "Content-Type"),
+                  oversign=("From", "To", "Subject", "Date", "Message-ID"), maillog=log), log
+
+
+def test_keys_written_0600_and_algorithm_read_from_key(store: KeyStore) -> None:
+    keys = {k.selector: k for k in store.all()}
+    assert set(keys) == {"s-rsa", "s-ed25519"}
+    assert keys["s-rsa"].algorithm == "rsa" and keys["s-rsa"].bits == 2048
+    assert keys["s-ed25519"].algorithm == "ed25519"
+    for k in keys.values():
+        assert stat.S_IMODE(k.path.stat().st_mode) == 0o600
+        assert k.path.parent == store.root / "example.org"
+    # The algorithm comes from the key, not the name: rename the Ed25519 key to "x-rsa".
+    os.rename(keys["s-ed25519"].path, store.root / "example.org" / "x-rsa.key")
+    again = {k.selector: k for k in store.load().all()}
+    assert again["x-rsa"].algorithm == "ed25519"
+    assert store.problems == []
+
+
+def test_keygen_never_overwrites(store: KeyStore) -> None:
+    with pytest.raises(DkimKeyError, match="exists"):
+        store.generate("example.org", "s-rsa", "rsa")
+
+
+def test_bad_and_open_keys_reported_not_fatal(store: KeyStore) -> None:
+    (store.root / "example.org" / "junk.key").write_bytes(b"not a key")
+    open_key = store.root / "example.org" / "s-rsa.key"
+    open_key.chmod(0o644)
+    store.load()
+    assert {k.selector for k in store.all()} == {"s-rsa", "s-ed25519"}
+    assert any("junk.key" in p and "PEM" in p for p in store.problems)
+    assert any("s-rsa.key" in p and "chmod 600" in p for p in store.problems)
+
+
+def test_txt_record_split_in_255_strings(store: KeyStore) -> None:
+    rsa = next(k for k in store.all() if k.algorithm == "rsa")
+    parts = rsa.txt_strings()
+    assert len(parts) == 2 and len(parts[0]) == 255 and "".join(parts) == rsa.txt_value
+    assert rsa.txt_value.startswith("v=DKIM1; k=rsa; p=MIIBIjAN")
+    line = rsa.zone_line()
+    assert line.startswith("s-rsa._domainkey.example.org. IN TXT \"v=DKIM1; k=rsa; p=")
+    assert line.count('"') == 4
+    assert split_txt("x" * 510) == ["x" * 255, "x" * 255]
+
+
+def test_both_algorithms_verify(signer: tuple[Signer, Log], store: KeyStore,
+                                dns_server) -> None:  # noqa: ANN001
+    s, log = signer
+    dns_server.set_zones(dkim_zones(store.all()))
+    sigs = s(MSG, queue_id="Q1")
+    assert sigs is not None and sigs.count(b"DKIM-Signature:") == 2
+    assert sigs.endswith(b"\r\n") and b"\n" not in sigs.replace(b"\r\n", b"")
+    signed = sigs + MSG
+    res = verify_all(signed, dns_server.nameserver)
+    assert sorted((d, sel, a, ok) for d, sel, a, ok in res) == [
+        (b"example.org", b"s-ed25519", b"ed25519-sha256", True),
+        (b"example.org", b"s-rsa", b"rsa-sha256", True),
+    ]
+    assert ("Q1", {"dkim": "signed", "d": "example.org", "s": "s-ed25519,s-rsa"}) \
+        in log.events
+    # relaxed/relaxed, over-signing: each present over-signed field listed twice.
+    fields = dkim.DKIM(signed).headers
+    sig0 = next(v for n, v in fields if n == b"DKIM-Signature")
+    flat = sig0.replace(b"\r\n", b"").replace(b" ", b"")
+    assert b"c=relaxed/relaxed" in flat
+    assert b"h=from:from:to:to:subject:subject:date:date:message-id:message-id" in flat
+    assert b"l=" not in flat  # no body length limit (RFC 6376 8.2)
+
+
+def test_oversigning_blocks_an_added_header(signer: tuple[Signer, Log], store: KeyStore,
+                                            dns_server) -> None:  # noqa: ANN001
+    s, _ = signer
+    dns_server.set_zones(dkim_zones(store.all()))
+    signed = s(MSG) + MSG
+    tampered = signed.replace(b"\r\n\r\nHello", b"\r\nSubject: buy now\r\n\r\nHello")
+    assert all(not ok for *_, ok in verify_all(tampered, dns_server.nameserver))
+    body_changed = signed.replace(b"Hello Bob.", b"Hello Eve.")
+    assert all(not ok for *_, ok in verify_all(body_changed, dns_server.nameserver))
+    # relaxed canonicalization survives refolding and trailing whitespace.
+    refolded = signed.replace(b"Subject: hello", b"Subject:   hello  ")
+    assert all(ok for *_, ok in verify_all(refolded, dns_server.nameserver))
+
+
+def test_8bit_dotted_body_and_existing_signature_kept(signer: tuple[Signer, Log],
+                                                       store: KeyStore, tmp_path: Path,
+                                                       dns_server) -> None:  # noqa: ANN001
+    s, _ = signer
+    other = KeyStore(tmp_path / "other")
+    okey = other.generate("other.test", "o1", "rsa")
+    body = ("From: alice@example.org\r\nTo: bob@dest.test\r\nSubject: caf\u00e9\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n\r\n"
+            ".leading dot\r\n..two dots\r\n.\r\nCaf\u00e9 \u00fcber \u20ac\r\n"
+            "trailing space   \r\n\r\n\r\n").encode("utf-8")
+    foreign = dkim.sign(body, b"o1", b"other.test", okey.signing_key,
+                        canonicalize=(b"relaxed", b"relaxed"))
+    msg = foreign + body
+    dns_server.set_zones(dkim_zones([*store.all(), okey]))
+    signed = s(msg) + msg
+    res = verify_all(signed, dns_server.nameserver)
+    assert len(res) == 3 and all(ok for *_, ok in res)
+    assert res[2][0] == b"other.test"
+
+
+@pytest.mark.parametrize("headers,why", [
+    (b"To: b@x.test\r\n", "no From: field"),
+    (b"From: a@example.org\r\nFrom: c@example.org\r\n", "several From: fields"),
+    (b"From: a@example.org, c@other.test\r\n", "From: mailboxes of several domains"),
+    (b"From: undisclosed\r\n", "no address in From:"),
+    (b"From: a@nokey.test\r\n", "no key for nokey.test"),
+])
+def test_unsigned_with_a_maillog_note(signer: tuple[Signer, Log], headers: bytes,
+                                      why: str) -> None:
+    s, log = signer
+    assert s(headers + b"\r\nbody\r\n", queue_id="Q2") is None
+    assert log.events[-1] == ("Q2", {"dkim": "none", "reason": why})
+
+
+def test_domains_setting_limits_signing(store: KeyStore, tmp_path: Path) -> None:
+    log = Log()
+    store.generate("second.test", "k", "ed25519")
+    s = Signer(store, domains=("second.test", "missing.test"), maillog=log)
+    assert s.domains() == ["second.test"]
+    assert any("missing.test has no key" in p for p in s.problems)
+    assert s(MSG, queue_id="Q3") is None
+    assert log.events[-1] == ("Q3", {"dkim": "none", "reason": "example.org not in dkim.domains"})
+    assert s(MSG.replace(b"alice@example.org", b"alice@Second.Test")) is not None
+
+
+def test_from_config_and_reload(tmp_path: Path) -> None:
+    cfg = from_dict({"state_dir": str(tmp_path)})
+    log = Log()
+    s = Signer.from_config(cfg, maillog=log)
+    assert s.domains() == [] and s(MSG) is None
+    KeyStore(cfg.dkim_dir).generate("example.org", "new", "ed25519")
+    s.reload(cfg)  # SIGHUP
+    assert s.domains() == ["example.org"]
+    sig = s(MSG)
+    assert sig is not None and b"s=new;" in sig
+
+
+def test_from_domain_idn() -> None:
+    d, why = from_domain([(b"From", " J\u00f6rg <j@b\u00fccher.example>".encode())])
+    assert (d, why) == ("xn--bcher-kva.example", "")
+
+
+def test_config_section() -> None:
+    cfg = from_dict({"dkim": {"domains": ["Example.ORG."]}, "public_addresses": ["192.0.2.1"]})
+    assert cfg.dkim.domains == ("example.org",)
+    assert "Message-ID" in cfg.dkim.headers
+    from authrelay.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dkim.headers: must include From"):
+        from_dict({"dkim": {"headers": ["To"]}})
+    with pytest.raises(ConfigError, match=r"public_addresses\[0\]"):
+        from_dict({"public_addresses": ["relay.example"]})
