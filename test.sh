@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PKGS=(swaks msmtp curl openssl sasl2-bin dovecot-core
-          libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl python3-venv python3-pip)
+          libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl python3-venv python3-pip
+          haproxy postgresql redis-server)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,13 +16,14 @@ if ((${#missing[@]})); then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# dovecot-core's package scripts may start a system dovecot; the tests run their own.
+# dovecot-core's package scripts may start a system dovecot, redis-server and postgresql
+# their system instances; the tests run their own on free loopback ports.
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,scale]'
 .venv/bin/ruff check src tests bench
 exec .venv/bin/python -m pytest -q "$@"

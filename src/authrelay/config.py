@@ -130,7 +130,9 @@ class TLS:
 
 @dataclass(frozen=True)
 class Auth:
-    backend: str = "userdb"  # userdb | saslauthd:PATH | dovecot:PATH
+    backend: str = "userdb"  # userdb | saslauthd:PATH | dovecot:PATH | postgresql
+    dsn: str = ""  # backend = "postgresql": "postgresql://user:pass@host:5432/db"
+    pool_size: int = 10  # backend = "postgresql": connections per process
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     sender_policy: str = "any"  # any | own
     backend_timeout: float = 5.0
@@ -399,10 +401,16 @@ def _validate(cfg: Config) -> None:
     for i, ns in enumerate(cfg.delivery.nameservers):
         parse_hostport(ns, f"delivery.nameservers[{i}]", default_port=53)
     be = cfg.auth.backend
-    if not (be == "userdb" or be.startswith("saslauthd:") or be.startswith("dovecot:")):
+    if not (be in ("userdb", "postgresql") or be.startswith("saslauthd:")
+            or be.startswith("dovecot:")):
         raise ConfigError(
-            f"auth.backend: {be!r} is not userdb, saslauthd:PATH or dovecot:PATH"
+            f"auth.backend: {be!r} is not userdb, saslauthd:PATH, dovecot:PATH or postgresql"
         )
+    if be == "postgresql" and not cfg.auth.dsn.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("auth.dsn: backend \"postgresql\" needs a DSN like "
+                          "\"postgresql://user:password@host:5432/database\"")
+    if be == "postgresql" and cfg.auth.pool_size < 1:
+        raise ConfigError("auth.pool_size: must be at least 1")
     for i, mech in enumerate(cfg.auth.mechanisms):
         if mech.upper() not in ("PLAIN", "LOGIN"):
             raise ConfigError(f"auth.mechanisms[{i}]: {mech!r} unsupported (PLAIN, LOGIN)")

@@ -1,6 +1,7 @@
 """The Authenticator: the one call the SMTP session makes to check a login.
 
-Owns: choosing the backend (`cfg.auth.backend`: userdb | saslauthd:PATH | dovecot:PATH),
+Owns: choosing the backend (`cfg.auth.backend`: userdb | saslauthd:PATH | dovecot:PATH |
+postgresql, the last in auth/pgusers.py),
 keeping password hashing off the event loop, and the verified-credential cache.
 Contract: `await verify(user, password)` -> AuthResult.OK / BAD / TEMPFAIL; it never
 raises. `addresses(user)` -> the addresses the user may use as MAIL FROM (sender_policy
@@ -218,5 +219,9 @@ def make_authenticator(cfg: Config) -> Authenticator:
         return BackendAuthenticator(SaslauthdBackend(be.split(":", 1)[1], timeout))
     if be.startswith("dovecot:"):
         return BackendAuthenticator(DovecotBackend(be.split(":", 1)[1], timeout))
+    if be == "postgresql":  # users shared by a farm (auth/pgusers.py)
+        from authrelay.auth.pgusers import make_pg_authenticator
+
+        return make_pg_authenticator(cfg)  # type: ignore[return-value]
     return UserDBAuthenticator(UserDB(cfg.userdb_path), hash_threads=cfg.auth.hash_threads,
                                cache_ttl=cfg.auth.cache_ttl)

@@ -1,10 +1,13 @@
 """`authrelay user ...`: manage the built-in user DB from the command line.
 
-Owns: the `user` sub-commands (add, del, passwd, list, address add|del). Contract: finds
-its config like every command (-c, $AUTHRELAY_CONFIG, ./authrelay.toml,
+Owns: the `user` sub-commands (add, del, passwd, list, address add|del, migrate). Contract:
+finds its config like every command (-c, $AUTHRELAY_CONFIG, ./authrelay.toml,
 /etc/authrelay/authrelay.toml; none: exit 75 EX_TEMPFAIL, nothing written),
 edits `cfg.userdb_path` (parent directory created 0700, file 0600) while servers keep
-running: they see the change on the next AUTH (userdb generation). Exit 0 on success,
+running: they see the change on the next AUTH (userdb generation). With
+`[auth] backend = "postgresql"` the same commands edit the shared database at `[auth] dsn`
+(auth/pgusers.py; every node sees the change on its next AUTH), and `migrate` copies a
+local users.db into it, hashes verbatim. Exit 0 on success,
 1 with a one-line message on stderr otherwise. Passwords come from `--password-stdin`
 (one line, trailing newline removed) or are prompted for twice without echo; they are
 never printed or logged.
@@ -18,8 +21,9 @@ import json
 import sqlite3
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
-from authrelay.auth.userdb import UserDB, UserDBError
+from authrelay.auth.userdb import UserDB, UserDBError, _UserStore
 from authrelay.config import load
 
 
@@ -27,10 +31,21 @@ class _CliError(Exception):
     pass
 
 
-def _open(args: argparse.Namespace) -> UserDB:
+_opened: list[_UserStore] = []  # closed when the command ends (a pool, a loop)
+
+
+def _open(args: argparse.Namespace) -> _UserStore:
     # No config found: refuse (exit 75) rather than edit a users.db no server reads.
     cfg = load(args.config, embedded=False)
-    return UserDB(cfg.userdb_path)
+    db: _UserStore
+    if cfg.auth.backend == "postgresql":
+        from authrelay.auth.pgusers import PgUserDB
+
+        db = PgUserDB(cfg.auth.dsn, timeout=max(cfg.auth.backend_timeout, 10.0))
+    else:
+        db = UserDB(cfg.userdb_path)
+    _opened.append(db)
+    return db
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -100,6 +115,38 @@ def _address(args: argparse.Namespace) -> None:
         print(f"{args.name}: address {args.address.lower()} removed")
 
 
+def _migrate(args: argparse.Namespace) -> None:
+    """Copy every user of a local users.db (hash and addresses) into the PostgreSQL
+    database. Users already there are kept as they are unless --replace."""
+    cfg = load(args.config, embedded=False)
+    if cfg.auth.backend != "postgresql":
+        raise _CliError('migrate copies into PostgreSQL: set [auth] backend = "postgresql" '
+                        "and dsn first")
+    src = Path(args.source) if args.source else cfg.userdb_path
+    if not src.is_file():
+        raise _CliError(f"{src}: no such user database")
+    from authrelay.auth.pgusers import PgUserDB
+
+    local = UserDB(src)
+    dest = PgUserDB(cfg.auth.dsn, timeout=max(cfg.auth.backend_timeout, 10.0))
+    copied = kept = 0
+    try:
+        for u in local.list():
+            h = local.get_hash(u.name)
+            if h is None:  # deleted meanwhile
+                continue
+            if dest.insert_hashed(u.name, h, u.addresses, replace=args.replace):
+                copied += 1
+            else:
+                kept += 1
+                print(f"{u.name}: exists in the database, kept (--replace to overwrite)",
+                      file=sys.stderr)
+    finally:
+        local.close()
+        dest.close()
+    print(f"{copied} user(s) copied from {src}" + (f", {kept} kept" if kept else ""))
+
+
 def _run(func):
     def wrapper(args: argparse.Namespace) -> int:
         try:
@@ -113,13 +160,16 @@ def _run(func):
         except OSError as e:
             print(f"authrelay user: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
             return 1
+        finally:
+            while _opened:
+                _opened.pop().close()
         return 0
     return wrapper
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    user = subparsers.add_parser("user", help="manage the built-in user DB (auth.backend "
-                                 "= \"userdb\")")
+    user = subparsers.add_parser("user", help="manage the user DB (auth.backend = "
+                                 "\"userdb\" or \"postgresql\")")
     sub = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
 
     p = sub.add_parser("add", help="add a user")
@@ -143,6 +193,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list users and their addresses")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_run(_list))
+
+    p = sub.add_parser("migrate", help="copy a local users.db into the PostgreSQL database "
+                       "(auth.backend = \"postgresql\")")
+    p.add_argument("--from", dest="source", metavar="PATH",
+                   help="the SQLite user DB to copy (default: <state_dir>/users.db)")
+    p.add_argument("--replace", action="store_true",
+                   help="overwrite users that exist in the database (hash and addresses)")
+    p.set_defaults(func=_run(_migrate))
 
     p = sub.add_parser("address", help="add or remove an address a user may send as")
     p.add_argument("action", choices=("add", "del"))

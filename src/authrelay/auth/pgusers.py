@@ -1,0 +1,518 @@
+"""The PostgreSQL user backend: users shared by every node of a relay farm.
+
+Owns: the `authrelay` schema in the database named by `[auth] dsn` (format number in
+`authrelay.meta`), an asyncpg connection pool per process, and `PgAuthenticator`, the
+`Authenticator` that `[auth] backend = "postgresql"` selects.
+
+Contract:
+- The same data model as the local SQLite user DB (auth/userdb.py): user names match
+  exactly (case-sensitive, "C" collation), addresses lower-cased, argon2id PHC strings made
+  by auth/passwords.py, so `authrelay user migrate` copies hashes verbatim and users keep
+  their passwords.
+- The servers only read (SELECT; an UPDATE of the hash when it was made with old argon2
+  parameters, best effort). The schema is created by the CLI (`authrelay user ...`) or by a
+  DBA from docs/SCALING.md; a server role may be granted SELECT (+ UPDATE on users) only.
+- A change made through any node or the CLI is seen by every node on the next AUTH: each
+  AUTH reads the user's row (one indexed query returning the hash and the addresses).
+
+Failure policy (RFC 4954 6): a database that is down, slow (`[auth] backend_timeout`) or
+refusing us is a temporary failure: `454 4.7.0`, never `535` (which would count against the
+user and make a mail client ask for a new password). A connection that died under us (the
+server restarted) is retried once on a fresh connection. Credentials that verified within
+`[auth] cache_ttl` are accepted from memory while the database is unreachable, so a DB
+hiccup or fail-over does not fail every AUTH; they are keyed by HMAC under a per-process
+key (the password is never stored) and bound to the hash they verified against, so a
+password change or a deleted user takes effect on the next AUTH that reaches the database.
+Failures are never cached. The maillog says when the database becomes unreachable and when
+it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from authrelay import maillog as maillog_mod
+from authrelay.auth import passwords
+from authrelay.auth.userdb import (
+    NoSuchUser,
+    UserDBError,
+    UserExists,
+    UserInfo,
+    _UserStore,
+    implicit_address,
+)
+
+if TYPE_CHECKING:
+    from authrelay.config import Config
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CACHE_MAX_ENTRIES = 10000
+ADDRESS_CACHE_MAX = 10000
+BACKLOG_PER_THREAD = 64
+RETRY_AFTER_FAILURE = 1.0  # seconds without a new connection attempt after one failed
+_LOCK_KEY = 0x61757468  # pg_advisory_xact_lock key serialising schema creation ("auth")
+
+# The schema (also printed in docs/SCALING.md). "C" collation: byte-wise, case-sensitive
+# names, as in the SQLite user DB; created/changed are unix seconds like there.
+SCHEMA_SQL = (
+    "CREATE SCHEMA IF NOT EXISTS authrelay",
+    "CREATE TABLE IF NOT EXISTS authrelay.meta ("
+    " key text PRIMARY KEY,"
+    " value bigint NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS authrelay.users ("
+    " name text COLLATE \"C\" PRIMARY KEY,"
+    " hash text NOT NULL,"
+    " created bigint NOT NULL,"
+    " changed bigint NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS authrelay.addresses ("
+    " username text COLLATE \"C\" NOT NULL"
+    "  REFERENCES authrelay.users(name) ON DELETE CASCADE,"
+    " address text NOT NULL,"
+    " PRIMARY KEY (username, address))",
+    "CREATE INDEX IF NOT EXISTS addresses_by_address ON authrelay.addresses (address)",
+    f"INSERT INTO authrelay.meta (key, value) VALUES ('schema_version', {SCHEMA_VERSION})"
+    " ON CONFLICT (key) DO NOTHING",
+)
+
+_LOOKUP = (
+    "SELECT u.hash, COALESCE(array_agg(a.address ORDER BY a.address)"
+    " FILTER (WHERE a.address IS NOT NULL), '{}'::text[])"
+    " FROM authrelay.users u LEFT JOIN authrelay.addresses a ON a.username = u.name"
+    " WHERE u.name = $1 GROUP BY u.name, u.hash"
+)
+
+T = TypeVar("T")
+
+
+class UserStoreUnavailable(Exception):
+    """The database could not be asked (down, slow, refused us, no schema)."""
+
+
+def _asyncpg() -> Any:
+    try:
+        import asyncpg
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise UserDBError("auth.backend = \"postgresql\" needs asyncpg: "
+                          "pip install 'authrelay[postgresql]'") from None
+    return asyncpg
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN without its password, for messages and logs."""
+    scheme, sep, rest = dsn.partition("://")
+    if not sep or "@" not in rest:
+        return dsn
+    cred, _, host = rest.rpartition("@")
+    user = cred.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in cred else dsn
+
+
+class PgUserStore:
+    """Async access to the user tables through one asyncpg pool (per process, lazily made
+    in the running loop: forked workers each get their own)."""
+
+    def __init__(self, dsn: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
+        self.dsn = dsn
+        self.pool_size = max(1, pool_size)
+        self.timeout = timeout
+        self._pool: Any = None
+        self._pool_loop: asyncio.AbstractEventLoop | None = None
+        self._down_until = 0.0
+
+    # ------------------------------------------------------------------ plumbing
+    async def _get_pool(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._pool is None or self._pool_loop is not loop:
+            apg = _asyncpg()
+            # min_size=0: no connection at creation, so a server starts while the database
+            # is down; connections are made on demand and dropped after a minute idle.
+            self._pool = await apg.create_pool(
+                self.dsn, min_size=0, max_size=self.pool_size, timeout=self.timeout,
+                command_timeout=self.timeout, max_inactive_connection_lifetime=60.0)
+            self._pool_loop = loop
+        return self._pool
+
+    async def _run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run `fn(connection)`; a dead pooled connection is retried once on a new one.
+        Anything but a query-level error becomes UserStoreUnavailable."""
+        apg = _asyncpg()
+        if time.monotonic() < self._down_until:
+            raise UserStoreUnavailable("database unreachable (retrying shortly)")
+        for attempt in (1, 2):
+            try:
+                pool = await self._get_pool()
+                async with asyncio.timeout(self.timeout * 2):
+                    async with pool.acquire(timeout=self.timeout) as conn:
+                        return await fn(conn)
+            except (UserDBError, apg.UniqueViolationError):
+                raise  # the caller's (user exists, no such user, ...)
+            except (apg.InterfaceError, apg.PostgresConnectionError,
+                    apg.exceptions.AdminShutdownError, apg.exceptions.CannotConnectNowError,
+                    ConnectionError) as e:
+                # The server went away under a pooled connection (restart, fail-over): one
+                # more try on a fresh connection before calling it down.
+                if attempt == 2:
+                    self._down_until = time.monotonic() + RETRY_AFTER_FAILURE
+                    raise UserStoreUnavailable(f"{type(e).__name__}: {e}") from e
+            except (OSError, TimeoutError) as e:
+                self._down_until = time.monotonic() + RETRY_AFTER_FAILURE
+                raise UserStoreUnavailable(f"{type(e).__name__}: {e}") from e
+            except apg.UndefinedTableError as e:
+                raise UserStoreUnavailable(
+                    "no authrelay schema in the database (run `authrelay user list` once, "
+                    "or create it as docs/SCALING.md shows)") from e
+            except apg.PostgresError as e:
+                raise UserStoreUnavailable(f"{type(e).__name__}: {e}") from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 5)
+            self._pool = None
+
+    def terminate(self) -> None:
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                self._pool.terminate()
+            self._pool = None
+
+    # ------------------------------------------------------------------ schema
+    async def ensure_schema(self) -> None:
+        async def fn(conn: Any) -> None:
+            async with conn.transaction():
+                await conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
+                for stmt in SCHEMA_SQL:
+                    await conn.execute(stmt)
+                version = await conn.fetchval(
+                    "SELECT value FROM authrelay.meta WHERE key = 'schema_version'")
+            if version is not None and version > SCHEMA_VERSION:
+                raise UserDBError(f"user database format {version} is newer than this "
+                                  f"authrelay understands ({SCHEMA_VERSION})")
+        await self._run(fn)
+
+    # ------------------------------------------------------------------ reads
+    async def lookup(self, name: str) -> tuple[str | None, set[str]]:
+        """(hash, stored addresses) of `name`, or (None, set()) for no such user."""
+        async def fn(conn: Any) -> tuple[str | None, set[str]]:
+            row = await conn.fetchrow(_LOOKUP, name, timeout=self.timeout)
+            if row is None:
+                return None, set()
+            return row[0], set(row[1])
+        return await self._run(fn)
+
+    async def list(self) -> list[UserInfo]:
+        async def fn(conn: Any) -> list[UserInfo]:
+            addrs: dict[str, list[str]] = {}
+            for r in await conn.fetch("SELECT username, address FROM authrelay.addresses "
+                                      "ORDER BY username, address"):
+                addrs.setdefault(r[0], []).append(r[1])
+            rows = await conn.fetch("SELECT name, created, changed FROM authrelay.users "
+                                    "ORDER BY name")
+            return [UserInfo(r[0], tuple(addrs.get(r[0], ())), r[1], r[2]) for r in rows]
+        return await self._run(fn)
+
+    async def stored_addresses(self, name: str) -> set[str]:
+        h, addrs = await self.lookup(name)
+        if h is None:
+            raise NoSuchUser(f"no user {name}")
+        return addrs
+
+    # ------------------------------------------------------------------ writes
+    async def insert(self, name: str, h: str, addrs: Iterable[str], *,
+                     replace: bool = False) -> bool:
+        """Add a user (False if it exists and not `replace`; then nothing changes)."""
+        now = int(time.time())
+        addrs = sorted(set(addrs))
+
+        async def fn(conn: Any) -> bool:
+            async with conn.transaction():
+                if replace:
+                    await conn.execute(
+                        "INSERT INTO authrelay.users (name, hash, created, changed)"
+                        " VALUES ($1, $2, $3, $3) ON CONFLICT (name) DO UPDATE"
+                        " SET hash = EXCLUDED.hash, changed = EXCLUDED.changed",
+                        name, h, now)
+                    await conn.execute("DELETE FROM authrelay.addresses WHERE username = $1",
+                                       name)
+                else:
+                    done = await conn.fetchval(
+                        "INSERT INTO authrelay.users (name, hash, created, changed)"
+                        " VALUES ($1, $2, $3, $3) ON CONFLICT (name) DO NOTHING"
+                        " RETURNING true", name, h, now)
+                    if not done:
+                        return False
+                if addrs:
+                    await conn.executemany(
+                        "INSERT INTO authrelay.addresses (username, address) VALUES ($1, $2)",
+                        [(name, a) for a in addrs])
+                return True
+        return await self._run(fn)
+
+    async def delete(self, name: str) -> None:
+        async def fn(conn: Any) -> str:
+            return await conn.execute("DELETE FROM authrelay.users WHERE name = $1", name)
+        if await self._run(fn) == "DELETE 0":
+            raise NoSuchUser(f"no user {name}")
+
+    async def set_hash(self, name: str, h: str, expect: str | None) -> bool:
+        now = int(time.time())
+
+        async def fn(conn: Any) -> str:
+            if expect is None:
+                return await conn.execute(
+                    "UPDATE authrelay.users SET hash = $2, changed = $3 WHERE name = $1",
+                    name, h, now)
+            return await conn.execute(
+                "UPDATE authrelay.users SET hash = $2, changed = $3 "
+                "WHERE name = $1 AND hash = $4", name, h, now, expect)
+        status = await self._run(fn)
+        if status == "UPDATE 0":
+            if expect is None:
+                raise NoSuchUser(f"no user {name}")
+            return False
+        return True
+
+    async def set_addresses(self, name: str, addrs: set[str]) -> None:
+        now = int(time.time())
+
+        async def fn(conn: Any) -> None:
+            async with conn.transaction():
+                found = await conn.fetchval(
+                    "UPDATE authrelay.users SET changed = $2 WHERE name = $1 RETURNING true",
+                    name, now)
+                if not found:
+                    raise NoSuchUser(f"no user {name}")
+                await conn.execute("DELETE FROM authrelay.addresses WHERE username = $1", name)
+                if addrs:
+                    await conn.executemany(
+                        "INSERT INTO authrelay.addresses (username, address) VALUES ($1, $2)",
+                        [(name, a) for a in sorted(addrs)])
+        await self._run(fn)
+
+
+class PgUserDB(_UserStore):
+    """The blocking face of PgUserStore for the CLI (`authrelay user ...`): the same
+    methods as the SQLite UserDB (validation and hashing shared), each a round trip on a
+    private event loop. Creates the schema on first use."""
+
+    def __init__(self, dsn: str, *, timeout: float = 10.0) -> None:
+        self.store = PgUserStore(dsn, pool_size=1, timeout=timeout)
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._call(self.store.ensure_schema())
+        except BaseException:
+            self.close()
+            raise
+
+    def _call(self, coro: Awaitable[T]) -> T:
+        try:
+            return self._loop.run_until_complete(coro)
+        except UserStoreUnavailable as e:
+            raise UserDBError(f"user database {redact_dsn(self.store.dsn)}: {e}") from None
+
+    def _insert(self, name: str, h: str, addrs: list[str]) -> None:
+        if not self._call(self.store.insert(name, h, addrs)):
+            raise UserExists(f"user {name} exists")
+
+    def insert_hashed(self, name: str, h: str, addrs: Iterable[str], *,
+                      replace: bool = False) -> bool:
+        """For `user migrate`: a hash copied verbatim; False if the user exists."""
+        return self._call(self.store.insert(name, h, addrs, replace=replace))
+
+    def delete(self, name: str) -> None:
+        self._call(self.store.delete(name))
+
+    def _set_hash(self, name: str, h: str, expect: str | None) -> bool:
+        return self._call(self.store.set_hash(name, h, expect))
+
+    def _set_addresses(self, name: str, addrs: set[str]) -> None:
+        self._call(self.store.set_addresses(name, addrs))
+
+    def stored_addresses(self, name: str) -> set[str]:
+        return self._call(self.store.stored_addresses(name))
+
+    def get_hash(self, name: str) -> str | None:
+        return self._call(self.store.lookup(name))[0]
+
+    def list(self) -> list[UserInfo]:
+        return self._call(self.store.list())
+
+    def generation(self) -> int:
+        return 0  # servers compare hashes, not generations (see PgAuthenticator)
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(self.store.close())
+            self._loop.close()
+
+
+class _VerifiedCache:
+    """(user, password) -> (the hash it verified against, when), by HMAC only."""
+
+    def __init__(self, ttl: float, max_entries: int = CACHE_MAX_ENTRIES) -> None:
+        self.ttl = ttl
+        self._key = secrets.token_bytes(32)
+        self._max = max_entries
+        self._d: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
+
+    def key(self, username: str, password: str) -> bytes:
+        u, p = username.encode("utf-8", "surrogateescape"), \
+            password.encode("utf-8", "surrogateescape")
+        return hmac.new(self._key, struct.pack(">I", len(u)) + u + p, hashlib.sha256).digest()
+
+    def get(self, key: bytes) -> str | None:
+        """The hash this pair verified against, if that was less than `ttl` ago."""
+        entry = self._d.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            del self._d[key]
+            return None
+        return entry[1]
+
+    def put(self, key: bytes, stored_hash: str) -> None:
+        if self.ttl <= 0:
+            return
+        self._d[key] = (time.monotonic() + self.ttl, stored_hash)
+        self._d.move_to_end(key)
+        while len(self._d) > self._max:
+            self._d.popitem(last=False)
+
+    def drop(self, key: bytes) -> None:
+        self._d.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class PgAuthenticator:
+    """`[auth] backend = "postgresql"`: the Authenticator interface over PgUserStore."""
+
+    def __init__(self, store: PgUserStore, *, hash_threads: int = 4,
+                 cache_ttl: float = 300.0, rehash: bool = True) -> None:
+        self.store = store
+        self.hash_threads = max(1, hash_threads)
+        self._pool = ThreadPoolExecutor(max_workers=self.hash_threads,
+                                        thread_name_prefix="authrelay-hash")
+        self._backlog = self.hash_threads * BACKLOG_PER_THREAD
+        self._pending = 0
+        self.cache = _VerifiedCache(cache_ttl)
+        self._addresses: OrderedDict[str, set[str]] = OrderedDict()
+        self._rehash = rehash
+        self.db_up = True
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _state(self, up: bool, why: str = "") -> None:
+        if up == self.db_up:
+            return
+        self.db_up = up
+        ml = maillog_mod.get()
+        if up:
+            ml.event(None, warning="user database reachable again",
+                     database=redact_dsn(self.store.dsn))
+        else:
+            ml.event(None, warning="user database unreachable: AUTH answered from the "
+                     "verified-credential cache, else 454 4.7.0",
+                     database=redact_dsn(self.store.dsn), error=why)
+
+    async def _hash_job(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """Run argon2 work in the bounded pool; None when the backlog is full."""
+        if self._pending >= self._backlog:
+            log.warning("AUTH hashing backlog full (%d): answering tempfail", self._pending)
+            return None
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            self._pending -= 1
+
+    async def verify(self, username: str, password: str) -> Any:
+        from authrelay.auth.authenticator import AuthResult
+
+        if not username or not password:
+            return AuthResult.BAD
+        key = self.cache.key(username, password)
+        try:
+            stored, addrs = await self.store.lookup(username)
+        except UserStoreUnavailable as e:
+            self._state(False, str(e))
+            if self.cache.get(key) is not None:
+                return AuthResult.OK  # verified a moment ago: ride out the hiccup
+            return AuthResult.TEMPFAIL
+        except Exception:  # a bug here must not crash the session or read as OK
+            log.exception("user database lookup failed")
+            return AuthResult.TEMPFAIL
+        self._state(True)
+        try:
+            if stored is None:
+                self.cache.drop(key)
+                self._addresses.pop(username, None)
+                # Same cost as a real check: no user-enumeration oracle.
+                done = await self._hash_job(passwords.verify_dummy, password)
+                return AuthResult.TEMPFAIL if done is None else AuthResult.BAD
+            self._remember_addresses(username, addrs)
+            if self.cache.get(key) == stored:
+                return AuthResult.OK
+            ok = await self._hash_job(passwords.verify_password, stored, password)
+        except RuntimeError:  # pool shut down: we are closing
+            return AuthResult.TEMPFAIL
+        if ok is None:
+            return AuthResult.TEMPFAIL
+        if not ok:
+            self.cache.drop(key)
+            return AuthResult.BAD
+        self.cache.put(key, stored)
+        if self._rehash and passwords.needs_rehash(stored):
+            t = asyncio.get_running_loop().create_task(self._upgrade(username, stored, password))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+        return AuthResult.OK
+
+    async def _upgrade(self, username: str, stored: str, password: str) -> None:
+        """Re-hash with our current parameters (best effort; a read-only role is fine)."""
+        try:
+            new = await self._hash_job(passwords.hash_password, password)
+            if new is not None:
+                await self.store.set_hash(username, new, stored)
+        except Exception:
+            log.debug("rehash of a user's password failed", exc_info=True)
+
+    def _remember_addresses(self, username: str, addrs: set[str]) -> None:
+        self._addresses[username] = addrs
+        self._addresses.move_to_end(username)
+        while len(self._addresses) > ADDRESS_CACHE_MAX:
+            self._addresses.popitem(last=False)
+
+    def addresses(self, username: str) -> set[str]:
+        """The addresses `username` may send as: read with its last AUTH (the session asks
+        right after authenticating), plus the implicit one of an address-like name."""
+        return set(self._addresses.get(username, ())) | implicit_address(username)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for t in list(self._tasks):
+            t.cancel()
+        self.store.terminate()
+
+
+def make_pg_authenticator(cfg: Config) -> PgAuthenticator:
+    _asyncpg()  # fail at start-up, not at the first AUTH, when asyncpg is missing
+    store = PgUserStore(cfg.auth.dsn, pool_size=cfg.auth.pool_size,
+                        timeout=cfg.auth.backend_timeout)
+    return PgAuthenticator(store, hash_threads=cfg.auth.hash_threads,
+                           cache_ttl=cfg.auth.cache_ttl)

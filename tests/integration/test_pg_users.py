@@ -1,0 +1,269 @@
+"""`[auth] backend = "postgresql"`: a real PostgreSQL cluster the test starts on loopback.
+
+Covers the CLI against the database (add/list/passwd/address/del, migrate from a local
+users.db), AUTH through a real authrelay process (a change by the CLI is seen on the next
+AUTH, no restart), and the failure policy: the database down is 454 4.7.0, never 535;
+credentials verified a moment ago still pass; the maillog says down and back up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from relayproc import PASSWORD, RelayProcess  # noqa: E402
+from scalerig import PostgresServer  # noqa: E402
+from smtpclient import RawClient, client_ctx, plain  # noqa: E402
+
+from authrelay.auth import passwords  # noqa: E402
+from authrelay.auth.authenticator import AuthResult  # noqa: E402
+from authrelay.auth.pgusers import (  # noqa: E402
+    PgAuthenticator,
+    PgUserDB,
+    PgUserStore,
+    redact_dsn,
+)
+from authrelay.auth.userdb import UserDB  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    pg = PostgresServer()
+    try:
+        yield pg
+    finally:
+        pg.cleanup()
+
+
+@pytest.fixture
+def pg(postgres: PostgresServer) -> Iterator[PostgresServer]:
+    """The cluster, running, with no authrelay schema (each test starts empty)."""
+    if not (postgres.data / "postmaster.pid").exists():
+        postgres.start()
+
+    async def drop() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(postgres.dsn)
+        try:
+            await conn.execute("DROP SCHEMA IF EXISTS authrelay CASCADE")
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+    yield postgres
+    if not (postgres.data / "postmaster.pid").exists():
+        postgres.start()
+
+
+def pg_relay(tmp_path: Path, pg: PostgresServer, users: dict[str, str] | None = None,
+             **auth: object) -> RelayProcess:
+    return RelayProcess(tmp_path, {"auth": {"backend": "postgresql", "dsn": pg.dsn,
+                                            "failure_delay": 0.05, **auth}}, users)
+
+
+def login(port: int, user: str, password: str) -> int:
+    """AUTH PLAIN on the implicit-TLS port (465 mode): the reply code."""
+    with RawClient(port, tls=client_ctx()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        return c.cmd(f"AUTH PLAIN {plain(user, password)}").code
+
+
+def login_reply(port: int, user: str, password: str) -> str:
+    with RawClient(port, tls=client_ctx()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        r = c.cmd(f"AUTH PLAIN {plain(user, password)}")
+        return f"{r.code} {r.text}"
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_cli_against_postgresql(tmp_path: Path, pg: PostgresServer) -> None:
+    r = pg_relay(tmp_path, pg, users={})
+    out = r.cli("user", "add", "alice", "--password-stdin", "--address", "Alice@Example.ORG",
+                input="s3cret\n")
+    assert out.returncode == 0, out.stderr
+    assert r.cli("user", "add", "alice", "--password-stdin", input="x\n",
+                 check=False).returncode == 1
+    r.cli("user", "add", "bob@example.org", "--password-stdin", input="pw\n")
+    assert r.cli("user", "list").stdout.splitlines() == ["alice\talice@example.org",
+                                                         "bob@example.org"]
+    listed = json.loads(r.cli("user", "list", "--json").stdout)
+    assert [u["name"] for u in listed] == ["alice", "bob@example.org"]
+    r.cli("user", "address", "add", "alice", "a2@example.org")
+    r.cli("user", "passwd", "alice", "--password-stdin", input="n3w\n")
+    db = PgUserDB(pg.dsn)
+    try:
+        h = db.get_hash("alice")
+        assert h is not None and h.startswith("$argon2id$")
+        assert passwords.verify_password(h, "n3w")
+        assert db.stored_addresses("alice") == {"alice@example.org", "a2@example.org"}
+        assert db.addresses("bob@example.org") == {"bob@example.org"}
+    finally:
+        db.close()
+    r.cli("user", "address", "del", "alice", "alice@example.org")
+    r.cli("user", "del", "bob@example.org")
+    assert r.cli("user", "list").stdout.splitlines() == ["alice\ta2@example.org"]
+    gone = r.cli("user", "del", "bob@example.org", check=False)
+    assert gone.returncode == 1 and "no user" in gone.stderr
+
+
+def test_cli_database_down_is_a_clear_error(tmp_path: Path, pg: PostgresServer) -> None:
+    r = pg_relay(tmp_path, pg, users={})
+    pg.stop()
+    out = r.cli("user", "list", check=False)
+    assert out.returncode == 1
+    assert "user database" in out.stderr and "Traceback" not in out.stderr
+    assert pg.PASSWORD not in out.stderr  # the DSN's password is never printed
+
+
+def test_migrate_copies_hashes_and_addresses(tmp_path: Path, pg: PostgresServer) -> None:
+    local = UserDB(tmp_path / "old" / "users.db")
+    local.add("carol", "carol-pw", ["carol@example.org"])
+    local.add("dave@example.org", "dave-pw")
+    local.close()
+    r = pg_relay(tmp_path, pg, users={})
+    r.cli("user", "add", "dave@example.org", "--password-stdin", input="other\n")
+    out = r.cli("user", "migrate", "--from", str(tmp_path / "old" / "users.db"))
+    assert "1 user(s) copied" in out.stdout and "1 kept" in out.stdout
+    assert "dave@example.org: exists" in out.stderr
+    r.start()
+    try:
+        port = r.ports["submissions"]
+        assert login(port, "carol", "carol-pw") == 235  # the hash came over verbatim
+        assert login(port, "dave@example.org", "other") == 235  # kept, not replaced
+    finally:
+        r.stop()
+    out = r.cli("user", "migrate", "--from", str(tmp_path / "old" / "users.db"), "--replace")
+    assert "2 user(s) copied" in out.stdout
+    db = PgUserDB(pg.dsn)
+    try:
+        dave = db.get_hash("dave@example.org")
+        assert dave is not None and passwords.verify_password(dave, "dave-pw")
+        assert db.stored_addresses("carol") == {"carol@example.org"}
+    finally:
+        db.close()
+    bad = r.cli("user", "migrate", "--from", str(tmp_path / "missing.db"), check=False)
+    assert bad.returncode == 1 and "no such user database" in bad.stderr
+
+
+def test_migrate_needs_the_postgresql_backend(tmp_path: Path) -> None:
+    r = RelayProcess(tmp_path, users={})
+    out = r.cli("user", "migrate", check=False)
+    assert out.returncode == 1 and "PostgreSQL" in out.stderr
+
+
+# --------------------------------------------------------------------------- AUTH
+
+def test_auth_sees_cli_changes_at_once(tmp_path: Path, pg: PostgresServer) -> None:
+    r = pg_relay(tmp_path, pg).start()
+    try:
+        port = r.ports["submissions"]
+        assert login(port, "alice", PASSWORD) == 235
+        assert login(port, "alice", "wrong") == 535
+        assert login(port, "nobody", "wrong") == 535
+        r.cli("user", "add", "erin", "--password-stdin", input="erin-pw\n")
+        assert login(port, "erin", "erin-pw") == 235  # added while running
+        r.cli("user", "passwd", "alice", "--password-stdin", input="changed\n")
+        assert login(port, "alice", PASSWORD) == 535  # the cached success is not reused
+        assert login(port, "alice", "changed") == 235
+        r.cli("user", "del", "erin")
+        assert login(port, "erin", "erin-pw") == 535
+    finally:
+        r.stop()
+
+
+def test_sender_policy_own_uses_database_addresses(tmp_path: Path, pg: PostgresServer) -> None:
+    r = pg_relay(tmp_path, pg, users={}, sender_policy="own")
+    r.cli("user", "add", "frank", "--password-stdin", "--address", "frank@example.org",
+          input="frank-pw\n")
+    r.start()
+    try:
+        with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            assert c.cmd(f"AUTH PLAIN {plain('frank', 'frank-pw')}").code == 235
+            assert c.cmd("MAIL FROM:<someone@example.org>").code == 553
+            assert c.cmd("MAIL FROM:<Frank@Example.org>").code == 250
+    finally:
+        r.stop()
+
+
+def test_database_down_is_454_never_535(tmp_path: Path, pg: PostgresServer) -> None:
+    r = pg_relay(tmp_path, pg, users={"alice": PASSWORD, "bob": "bob-pw"}).start()
+    try:
+        port = r.ports["submissions"]
+        assert login(port, "alice", PASSWORD) == 235  # now in the verified cache
+        pg.stop()
+        # A DB hiccup does not fail a user who logged in a moment ago ...
+        assert login(port, "alice", PASSWORD) == 235
+        # ... and nobody else gets 535 for it: 454 4.7.0, try later (RFC 4954 6).
+        assert login_reply(port, "bob", "bob-pw").startswith("454 4.7.0")
+        assert login_reply(port, "alice", "wrong").startswith("454 4.7.0")
+        assert login_reply(port, "nobody", "x").startswith("454 4.7.0")
+        log = r.maillog()
+        assert "user database unreachable" in log
+        assert pg.PASSWORD not in log
+        pg.start()
+        r.wait_for(lambda: login(port, "bob", "bob-pw") == 235, timeout=15)
+        assert login(port, "alice", "wrong") == 535
+        assert "user database reachable again" in r.maillog()
+    finally:
+        r.stop()
+
+
+def test_server_starts_with_the_database_down(tmp_path: Path, pg: PostgresServer) -> None:
+    r = pg_relay(tmp_path, pg)
+    r.cli("user", "add", "alice", "--password-stdin", input=PASSWORD + "\n")
+    pg.stop()
+    r.users = {}
+    r.start()
+    try:
+        port = r.ports["submissions"]
+        assert login_reply(port, "alice", PASSWORD).startswith("454 4.7.0")
+        pg.start()
+        r.wait_for(lambda: login(port, "alice", PASSWORD) == 235, timeout=15)
+    finally:
+        r.stop()
+
+
+# --------------------------------------------------------------------------- in-process
+
+async def test_authenticator_cache_and_rehash(pg: PostgresServer) -> None:
+    from argon2 import PasswordHasher
+
+    weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash("pw")
+    store = PgUserStore(pg.dsn, pool_size=2, timeout=5.0)
+    await store.ensure_schema()
+    assert await store.insert("gina", weak, ["gina@example.org"])
+    auth = PgAuthenticator(store, hash_threads=1, cache_ttl=60)
+    try:
+        assert await auth.verify("gina", "pw") is AuthResult.OK
+        assert auth.addresses("gina") == {"gina@example.org"}
+        assert len(auth.cache) == 1
+        for _ in range(50):  # the old-parameter hash is upgraded in the background
+            h, _ = await store.lookup("gina")
+            if h != weak:
+                break
+            await asyncio.sleep(0.1)
+        assert h is not None and h != weak and not passwords.needs_rehash(h)
+        assert await auth.verify("gina", "pw") is AuthResult.OK  # verifies the new hash
+        assert await auth.verify("gina", "nope") is AuthResult.BAD
+        assert await auth.verify("", "pw") is AuthResult.BAD
+    finally:
+        auth.close()
+
+
+def test_redact_dsn() -> None:
+    assert redact_dsn("postgresql://u:secret@h:5432/d") == "postgresql://u:***@h:5432/d"
+    assert redact_dsn("postgresql://u@h/d") == "postgresql://u@h/d"
+    assert redact_dsn("postgresql:///d") == "postgresql:///d"

@@ -1,0 +1,245 @@
+"""Real PostgreSQL, Redis and HAProxy for the scale-out tests, started by the tests.
+
+Each component is the Debian package's binary run on a free loopback port from a temporary
+directory the test creates and removes; nothing touches a system instance. Contract:
+`start()` returns when the component answers; `stop()` ends it (by its PID) and can be
+followed by `start()` again on the same port (outage tests); `cleanup()` removes its files.
+
+Missing binaries: the test is skipped on a developer machine, but under CI (CI=true) it
+fails: test.sh installs haproxy, postgresql and redis-server, so a missing one there is a
+broken install, not a reason to pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from relayproc import free_port
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(what: str, path: str | None) -> str:
+    """`path` if set; else skip (developer machine) or fail (CI)."""
+    if path:
+        return path
+    msg = f"{what} not installed (test.sh installs it)"
+    if IN_CI:
+        pytest.fail(msg)
+    pytest.skip(msg)
+    raise AssertionError  # pragma: no cover
+
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes] | None, log: Path,
+               timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited ({proc.returncode}): "
+                               f"{log.read_text(errors='replace')[-2000:]}")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{host}:{port} not listening: "
+                                   f"{log.read_text(errors='replace')[-2000:]}") from None
+            time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+def pg_bindir() -> str | None:
+    """The newest /usr/lib/postgresql/N/bin with initdb (Debian keeps it off PATH)."""
+    cands = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+    if cands:
+        return os.path.dirname(cands[-1])
+    found = shutil.which("initdb")
+    return os.path.dirname(found) if found else None
+
+
+class PostgresServer:
+    """A throw-away cluster: initdb as a non-root user, password (SCRAM) login on
+    127.0.0.1:PORT, one database `authrelay` owned by the role `authrelay`."""
+
+    USER = "authrelay"
+    PASSWORD = "pg-secret-for-tests"
+    DB = "authrelay"
+
+    def __init__(self) -> None:
+        self.bindir = need("PostgreSQL (initdb)", pg_bindir())
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="authrelay-pg-"))
+        self.data = self.dir / "data"
+        self.log = self.dir / "postgres.log"
+        self._as: dict[str, int] = {}
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            pw = None
+            for name in ("postgres", "nobody"):
+                with contextlib.suppress(KeyError):
+                    pw = pwd.getpwnam(name)
+                    break
+            assert pw is not None, "no unprivileged user to run PostgreSQL as"
+            self._as = {"user": pw.pw_uid, "group": pw.pw_gid}
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+        os.chmod(self.dir, 0o700)
+        self._initdb()
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{self.DB}"
+
+    def _run(self, *cmd: str, env: dict[str, str] | None = None) -> None:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                           cwd=self.dir, env={**os.environ, **(env or {})}, **self._as)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}: {r.stdout}{r.stderr}")
+
+    def _initdb(self) -> None:
+        pwfile = self.dir / "pw"
+        pwfile.write_text(self.PASSWORD + "\n")
+        if self._as:
+            os.chown(pwfile, self._as["user"], self._as["group"])
+        self._run(f"{self.bindir}/initdb", "-D", str(self.data), "-U", self.USER,
+                  "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8",
+                  "--no-instructions", "--locale=C")
+        pwfile.unlink()
+        self.start()
+        self._run(f"{self.bindir}/createdb", "-h", "127.0.0.1", "-p", str(self.port),
+                  "-U", self.USER, self.DB, env={"PGPASSWORD": self.PASSWORD})
+
+    def start(self) -> PostgresServer:
+        # Loopback only; the unix socket in our own directory; no fsync (a test cluster).
+        opts = (f"-p {self.port} -h 127.0.0.1 -k {self.dir} -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
+        self._run(f"{self.bindir}/pg_ctl", "-D", str(self.data), "-l", str(self.log),
+                  "-o", opts, "-w", "-t", "60", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run(f"{self.bindir}/pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- Redis
+
+class RedisServer:
+    """redis-server on 127.0.0.1:PORT, no persistence, no password (loopback only)."""
+
+    def __init__(self) -> None:
+        self.binary = need("redis-server", shutil.which("redis-server"))
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="authrelay-redis-"))
+        self.log = self.dir / "redis.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        logf = open(self.log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.dir),
+             "--daemonize", "no", "--protected-mode", "yes"],
+            stdout=logf, stderr=subprocess.STDOUT)
+        logf.close()
+        _wait_port("127.0.0.1", self.port, self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- HAProxy
+
+class HAProxy:
+    """HAProxy in TCP mode with `send-proxy-v2` in front of some backends.
+
+    `frontends` maps a name to (listen port, [(host, port) of each node]). The balance is
+    `roundrobin` so consecutive connections alternate between nodes; health checks are
+    plain TCP connects every 200 ms, so a killed node leaves the rotation quickly."""
+
+    def __init__(self, frontends: dict[str, tuple[int, list[tuple[str, int]]]],
+                 proxy: str = "send-proxy-v2") -> None:
+        self.binary = need("haproxy", shutil.which("haproxy"))
+        self.frontends = frontends
+        self.proxy = proxy
+        self.dir = Path(tempfile.mkdtemp(prefix="authrelay-haproxy-"))
+        self.cfg = self.dir / "haproxy.cfg"
+        self.log = self.dir / "haproxy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cfg.write_text(self.config_text())
+
+    def config_text(self) -> str:
+        out = [
+            "global",
+            "    maxconn 2000",
+            "defaults",
+            "    mode tcp",
+            "    timeout connect 2s",
+            "    timeout client 60s",
+            "    timeout server 60s",
+            "    option redispatch",
+            "    retries 3",
+        ]
+        for name, (port, nodes) in self.frontends.items():
+            out += [f"frontend fe_{name}", f"    bind 127.0.0.1:{port}",
+                    f"    default_backend be_{name}",
+                    f"backend be_{name}", "    balance roundrobin"]
+            for i, (host, nport) in enumerate(nodes):
+                out.append(f"    server node{i} {host}:{nport} check inter 200ms fall 1 rise 1 "
+                           f"{self.proxy}")
+        return "\n".join(out) + "\n"
+
+    def start(self) -> HAProxy:
+        logf = open(self.log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([self.binary, "-db", "-f", str(self.cfg)],
+                                     stdout=logf, stderr=subprocess.STDOUT)
+        logf.close()
+        for port, _nodes in self.frontends.values():
+            _wait_port("127.0.0.1", port, self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
