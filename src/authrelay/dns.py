@@ -160,6 +160,13 @@ class Resolver:
             return rr.target.to_text(omit_final_dot=True)
         return None
 
+    async def txt(self, name: str) -> list[str]:
+        """Every TXT record of `name`, each one's character-strings joined (RFC 7208 3.3,
+        RFC 6376 3.6.2.2), decoded as UTF-8 (undecodable bytes replaced). Raises
+        DnsPermanent / DnsNoData / DnsTemporary. (Used by `authrelay doctor`.)"""
+        ans = await self._query(name, "TXT")
+        return [b"".join(rr.strings).decode("utf-8", "replace") for rr in ans]
+
     async def a_exists(self, name: str) -> bool:
         """DNSBL-style test: does `name` have an A record? Raises DnsTemporary on failure."""
         try:

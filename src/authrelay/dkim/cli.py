@@ -121,10 +121,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="sending domains (default: the domains with DKIM keys)")
     dn.set_defaults(func=_cmd_dns)
 
-    import importlib.util
-
-    if importlib.util.find_spec("authrelay.dkim.doctor") is None:
-        return
     dr = sub.add_parser("doctor", help="check the published DNS records, TLS certificate "
                         "and smart host; exit 0 only when all pass")
     dr.add_argument("domains", nargs="*", metavar="DOMAIN",
