@@ -421,14 +421,13 @@ class PgAuthenticator:
         if up == self.db_up:
             return
         self.db_up = up
-        ml = maillog_mod.get()
         if up:
-            ml.event(None, warning="user database reachable again",
-                     database=redact_dsn(self.store.dsn))
+            maillog_mod.warning("user database reachable again",
+                                database=redact_dsn(self.store.dsn))
         else:
-            ml.event(None, warning="user database unreachable: AUTH answered from the "
-                     "verified-credential cache, else 454 4.7.0",
-                     database=redact_dsn(self.store.dsn), error=why)
+            maillog_mod.warning("user database unreachable: AUTH answered from the "
+                                "verified-credential cache, else 454 4.7.0",
+                                database=redact_dsn(self.store.dsn), reason=why)
 
     async def _hash_job(self, fn: Callable[..., T], *args: Any) -> T | None:
         """Run argon2 work in the bounded pool; None when the backlog is full."""

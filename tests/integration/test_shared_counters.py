@@ -1,0 +1,163 @@
+"""Redis shared counters (policy/shared.py) against a real redis-server the test starts.
+
+Two SharedCounters play two nodes: counts are shared and exact under concurrency, window
+keys expire, known addresses are seen by both, client-chosen keys are bounded; Redis
+stopped: every call answers None at once (the caller counts locally) and the maillog says
+so; Redis back: shared again, and the maillog says that too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scalerig import RedisServer  # noqa: E402
+
+from authrelay import maillog  # noqa: E402
+from authrelay.policy.shared import SharedCounters, redact_url  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def redis_srv() -> Iterator[RedisServer]:
+    r = RedisServer().start()
+    try:
+        yield r
+    finally:
+        r.cleanup()
+
+
+@pytest.fixture
+def rs(redis_srv: RedisServer) -> Iterator[RedisServer]:
+    if redis_srv.proc is None:
+        redis_srv.start()
+    import redis
+
+    c = redis.Redis.from_url(redis_srv.url)
+    c.flushdb()
+    c.close()
+    yield redis_srv
+    if redis_srv.proc is None:
+        redis_srv.start()
+
+
+@pytest.fixture
+def mlog(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "maillog"
+    old = maillog._current
+    maillog.configure(f"file:{path}")
+    try:
+        yield path
+    finally:
+        maillog.get().flush()
+        maillog._current = old
+
+
+async def test_two_nodes_share_exact_counts(rs: RedisServer) -> None:
+    a, b = SharedCounters(rs.url), SharedCounters(rs.url)
+    try:
+        assert await a.add("auth_ip", "192.0.2.7", 900.0) == 1
+        assert await b.add("auth_ip", "192.0.2.7", 900.0) == 2
+        assert await a.count("auth_ip", "192.0.2.7", 900.0) == 2
+        assert await b.count("auth_ip", "192.0.2.8", 900.0) == 0
+        # Concurrent increments from both nodes: atomic, none lost.
+        await asyncio.gather(*(n.add("user_rcpts", "alice", 3600.0, 3)
+                               for _ in range(100) for n in (a, b)))
+        assert await a.count("user_rcpts", "alice", 3600.0) == 600
+        # Several windows in one round trip.
+        got = await a.windows([("auth_ip", "192.0.2.7", 900.0, 1),
+                               ("auth_user", "bob", 900.0, 1),
+                               ("auth_user", "carol", 900.0, 0)])
+        assert got == [3, 1, 0]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_keys_expire_and_are_bounded(rs: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    a = SharedCounters(rs.url)
+    r = aioredis.Redis.from_url(rs.url)
+    try:
+        await a.add("rate_ip", "192.0.2.9", 60.0)
+        long_user = "x" * 5000 + "@example.org"
+        await a.add("auth_user", long_user, 900.0)
+        await a.add("auth_user", "evil\r\nname", 900.0)
+        keys = [k.decode() for k in await r.keys("authrelay:*")]
+        assert len(keys) == 3
+        assert all(len(k) < 120 for k in keys)
+        assert not any("\r" in k or "xxxx" in k for k in keys)
+        for k in keys:
+            ttl = await r.ttl(k)
+            assert 0 < ttl <= 2 * (900 if ":auth_user:" in k else 60) + 1
+        assert await a.count("auth_user", long_user, 900.0) == 1
+    finally:
+        await a.close()
+        await r.aclose()
+
+
+async def test_known_addresses_are_shared(rs: RedisServer) -> None:
+    a, b = SharedCounters(rs.url), SharedCounters(rs.url)
+    try:
+        assert await b.is_known("alice", "198.51.100.0/24") is False
+        assert await a.remember("alice", "198.51.100.0/24", 86400 * 30)
+        assert await b.is_known("alice", "198.51.100.0/24") is True
+        assert await b.is_known("alice", "203.0.113.0/24") is False
+        assert await b.is_known("mallory", "198.51.100.0/24") is False
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_add_soon_reports_back(rs: RedisServer) -> None:
+    a = SharedCounters(rs.url)
+    got: list[float | None] = []
+    try:
+        assert a.add_soon("rate_ip", "192.0.2.10", 60.0, 1, got.append)
+        assert a.add_soon("rate_ip", "192.0.2.10", 60.0, 1, got.append)
+        for _ in range(100):
+            if len(got) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(got) == [1, 2]  # type: ignore[type-var]
+    finally:
+        await a.close()
+
+
+async def test_redis_down_then_back(rs: RedisServer, mlog: Path) -> None:
+    a = SharedCounters(rs.url, probe_interval=0.1)
+    try:
+        assert await a.add("auth_ip", "192.0.2.11", 900.0) == 1
+        rs.stop()
+        assert await a.add("auth_ip", "192.0.2.11", 900.0) is None
+        assert not a.up
+        # Down: answered at once, without asking Redis again.
+        assert await a.count("auth_ip", "192.0.2.11", 900.0) is None
+        assert await a.is_known("alice", "198.51.100.0/24") is None
+        assert not a.add_soon("rate_ip", "192.0.2.11", 60.0, 1, lambda _c: None)
+        rs.start()
+        for _ in range(200):
+            if a.up:
+                break
+            await asyncio.sleep(0.05)
+        assert a.up
+        # A restarted Redis without persistence starts empty: counting resumes from 0.
+        assert await a.add("auth_ip", "192.0.2.11", 900.0) == 1
+    finally:
+        await a.close()
+    maillog.get().flush()
+    text = mlog.read_text()
+    assert "shared counters unreachable: counting locally on this node" in text
+    assert "shared counters reachable again: counting in Redis" in text
+    assert text.count("unreachable") == 1  # said once, not per call
+
+
+def test_redact_url() -> None:
+    assert redact_url("redis://:pw@10.0.0.1:6379/0") == "redis://10.0.0.1:6379/0"
+    assert redact_url("rediss://user:pw@h/2") == "rediss://h/2"
