@@ -13,13 +13,14 @@ import os
 import sys
 
 from authrelay import __version__
-from authrelay.config import ConfigError, NoConfig, load
+from authrelay.config import ConfigError, NoConfig
 
 EX_TEMPFAIL = 75  # sysexits.h: try again later (here: once a config is installed)
 
 # (module, attribute) registering sub-commands, in the order `--help` lists them.
 _AREAS = [
     "authrelay.daemon",  # serve
+    "authrelay.checkconfig",  # check-config
     "authrelay.auth.usercli",  # user add/del/passwd/list
     "authrelay.scheduler.queuecli",  # queue list/show/flush/hold/release/delete
     "authrelay.tls",  # cert make
@@ -29,25 +30,12 @@ _AREAS = [
 ]
 
 
-def _check_config(args: argparse.Namespace) -> int:
-    try:
-        cfg = load(args.file or args.config)
-    except ConfigError as e:
-        print(f"authrelay: config error: {e}", file=sys.stderr)
-        return 1
-    print(f"{cfg.source}: ok")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="authrelay", description=__doc__.splitlines()[0])
     p.add_argument("-c", "--config", help="config file (default: $AUTHRELAY_CONFIG, "
                    "./authrelay.toml, else the embedded default)")
     p.add_argument("--version", action="version", version=f"authrelay {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    cc = sub.add_parser("check-config", help="validate a config file and name any bad key")
-    cc.add_argument("file", nargs="?", help="config file (default: the usual lookup)")
-    cc.set_defaults(func=_check_config)
     for modname in _AREAS:
         try:
             mod = importlib.import_module(modname)

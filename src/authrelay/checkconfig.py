@@ -1,0 +1,373 @@
+"""`authrelay check-config`: everything `serve` would trip on, named before it starts.
+
+Owns the pre-flight checks of a config. Contract: `check(cfg)` returns a list of
+`Finding(level, key, message)` (level "error", "warning" or "note"), never raises: a bad
+config is reported, never a traceback. `main()` prints one line per finding and exits 1
+when there is an error, 0 otherwise (warnings do not stop a start: e.g. a saslauthd that
+is started after us). What is checked, beyond the TOML itself (config.py names bad keys
+and values, every host:port included):
+- TLS: certificate and key present, readable, a pair that loads (the key matches the
+  certificate), the key not readable by group/others (tls.check_key_mode, as serve
+  refuses it), the certificate not expired; who reads the files: with `user` set, serve
+  started as root reads them before dropping privileges (the privileged loader), so a
+  root-only key is fine; without `user`, the user running serve must read them.
+- listeners: every address bindable now (in use, privileged port as non-root, not an
+  address of this machine), with the address and the fix in the message.
+- `user` exists; auth backend sockets (saslauthd:PATH, dovecot:PATH) exist (warning:
+  the backend may start after us); the smart-host password file is readable and private;
+  state_dir and a file: log target can be created.
+`bind_error()` words an OSError from binding a listener the same way for `serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import errno
+import os
+import pwd
+import socket
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from authrelay.config import EMBEDDED, LOOKUP, Config, ConfigError, Listen, load
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # error | warning | note
+    key: str  # config key path ("tls.key", "listen[0].address"), or "" for the file
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.key + ': ' if self.key else ''}{self.message}"
+
+
+# --------------------------------------------------------------------------- listeners
+
+def bind_error(address: str, mode: str, err: OSError) -> str:
+    """One line naming the address, what went wrong and the fix (serve and check-config)."""
+    port = ""
+    with contextlib.suppress(Exception):
+        port = address.rsplit(":", 1)[1]
+    if err.errno == errno.EADDRINUSE:
+        why = (f"address already in use (another mail server? see: ss -ltnp "
+               f"'sport = :{port}')")
+    elif err.errno == errno.EACCES:
+        why = ("permission denied: ports below 1024 need root; start serve as root with "
+               "user = \"...\" (it binds, then drops privileges) or use a port above 1023"
+               if port.isdigit() and int(port) < 1024 else "permission denied")
+    elif err.errno == errno.EADDRNOTAVAIL:
+        why = "not an address of this machine"
+    elif isinstance(err, socket.gaierror):
+        why = f"cannot resolve the host: {err.strerror or err}"
+    else:
+        why = err.strerror or str(err)
+    return f"cannot listen on {address} ({mode}): {why}"
+
+
+def _try_bind(ln: Listen) -> OSError | None:
+    host, port = ln.host, ln.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((host, port))
+    except OSError as e:
+        return e
+    return None
+
+
+def _server_running(cfg: Config) -> bool:
+    """Is an authrelay serving this state dir (its control socket answers)?"""
+    try:
+        from authrelay.scheduler import control
+        from authrelay.spool.store import Spool
+
+        control.request(Spool(cfg.spool_dir).control_path, {"op": "status"}, timeout=3.0)
+        return True
+    except Exception:
+        return False
+
+
+def _check_listeners(cfg: Config, out: list[Finding]) -> None:
+    root = os.geteuid() == 0
+    running: bool | None = None
+    seen: set[tuple[str, int]] = set()
+    for i, ln in enumerate(cfg.listen):
+        key = f"listen[{i}].address"
+        if (ln.host, ln.port) in seen:
+            out.append(Finding("error", key, f"{ln.address} is listed twice"))
+            continue
+        seen.add((ln.host, ln.port))
+        err = _try_bind(ln)
+        if err is None:
+            continue
+        if err.errno == errno.EADDRINUSE:
+            if running is None:
+                running = _server_running(cfg)
+            if running:
+                out.append(Finding("note", key, f"{ln.address} is in use, by the authrelay "
+                                   "already serving this state_dir (fine for a reload)"))
+                continue
+        if err.errno == errno.EACCES and not root and cfg.user:
+            out.append(Finding("warning", key, f"{ln.address}: cannot bind as uid "
+                               f"{os.geteuid()}; serve must start as root (user = "
+                               f"{cfg.user!r} is then taken after binding)"))
+            continue
+        out.append(Finding("error", key, bind_error(ln.address, ln.mode, err)))
+
+
+# --------------------------------------------------------------------------- user, files
+
+def _user(cfg: Config, out: list[Finding]) -> pwd.struct_passwd | None:
+    if not cfg.user:
+        return None
+    try:
+        pw = pwd.getpwnam(cfg.user)
+    except KeyError:
+        out.append(Finding("error", "user", f"no such user {cfg.user!r} (create it, e.g. "
+                           f"useradd --system --home-dir {cfg.state_dir} --shell "
+                           f"/usr/sbin/nologin {cfg.user})"))
+        return None
+    if pw.pw_uid == 0:
+        out.append(Finding("warning", "user", f"{cfg.user!r} is root: nothing is dropped"))
+    return pw
+
+
+def _readable_by(path: Path, pw: pwd.struct_passwd) -> bool:
+    """Could user `pw` read `path` (mode bits and groups; not ACLs)?"""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if pw.pw_uid == 0:
+        return True
+    groups = {pw.pw_gid} | {g for g in _groups_of(pw)}
+    if st.st_uid == pw.pw_uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
+
+
+def _groups_of(pw: pwd.struct_passwd) -> list[int]:
+    try:
+        return os.getgrouplist(pw.pw_name, pw.pw_gid)
+    except OSError:
+        return []
+
+
+def _check_tls(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) -> None:
+    import ssl
+
+    from authrelay import tls
+
+    cert, key = cfg.cert_path, cfg.key_path
+    ckey = "tls.cert" if cfg.tls.cert else "tls"
+    kkey = "tls.key" if cfg.tls.key else "tls"
+    if cfg.self_signed and not (cert.exists() or key.exists()):
+        out.append(Finding("note", "tls", f"no certificate configured: serve makes a "
+                           f"self-signed one in {cert.parent} on first start"))
+        return
+    missing = False
+    for k, p, what in ((ckey, cert, "certificate"), (kkey, key, "key")):
+        if not p.exists():
+            out.append(Finding("error", k, f"{p}: {what} not found"))
+            missing = True
+    if missing:
+        return
+    try:
+        tls.check_key_mode(key)
+    except tls.TLSConfigError as e:
+        out.append(Finding("error", kkey, str(e)))
+    except OSError as e:
+        out.append(Finding("error", kkey, f"{key}: {e.strerror}"))
+    # Who reads the files. With `user`, serve (started as root) reads them before it
+    # drops privileges: a root-only key is right. Without, whoever runs serve reads them.
+    privileged_loader = bool(cfg.user)
+    for k, p in ((ckey, cert), (kkey, key)):
+        if privileged_loader:
+            continue
+        if not os.access(p, os.R_OK):
+            out.append(Finding("error", k, f"{p}: not readable by uid {os.geteuid()}, "
+                               "which serve would run as (set user = \"...\" and start as "
+                               "root, or make it readable by this user)"))
+            return
+    try:
+        pem = (cert.read_bytes(), key.read_bytes())
+    except PermissionError as e:
+        level = "warning" if privileged_loader and os.geteuid() != 0 else "error"
+        out.append(Finding(level, kkey if e.filename == str(key) else ckey,
+                           f"{e.filename}: cannot read as uid {os.geteuid()}"
+                           + ("; run check-config as root to check it the way serve "
+                              "reads it" if level == "warning" else "")))
+        return
+    except OSError as e:
+        out.append(Finding("error", ckey, f"{e.filename}: cannot read: {e.strerror}"))
+        return
+    import tempfile
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory(prefix="authrelay-check-") as d:
+        joined = Path(d) / "pem"
+        fd = os.open(joined, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem[0].rstrip(b"\n") + b"\n" + pem[1])
+        try:
+            ctx.load_cert_chain(str(joined))
+        except ssl.SSLError as e:
+            text = str(e)
+            if "KEY_VALUES_MISMATCH" in text or "key values mismatch" in text:
+                out.append(Finding("error", kkey, f"{key} does not match the certificate "
+                                   f"{cert}"))
+            elif "PEM" in text or "NO_START_LINE" in text:
+                out.append(Finding("error", ckey, f"{cert} / {key}: not a PEM certificate "
+                                   f"and key ({e.reason or text})"))
+            else:
+                out.append(Finding("error", ckey, f"{cert} / {key}: cannot load: {text}"))
+            return
+    try:
+        from cryptography import x509
+
+        c = x509.load_pem_x509_certificate(pem[0])
+        now = datetime.datetime.now(datetime.UTC)
+        end = c.not_valid_after_utc
+        if end <= now:
+            out.append(Finding("error", ckey, f"{cert}: expired on {end:%Y-%m-%d}"))
+        elif end - now < datetime.timedelta(days=14):
+            out.append(Finding("warning", ckey, f"{cert}: expires on {end:%Y-%m-%d}"))
+    except Exception:  # the load above is what matters; expiry is advice
+        pass
+
+
+def _check_backend(cfg: Config, out: list[Finding]) -> None:
+    be = cfg.auth.backend
+    if ":" not in be:
+        return
+    kind, path = be.split(":", 1)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        out.append(Finding("warning", "auth.backend", f"{path}: no such socket (is {kind} "
+                           "running? until it is, every AUTH gets 454 4.7.0)"))
+        return
+    except OSError as e:
+        out.append(Finding("warning", "auth.backend", f"{path}: {e.strerror}"))
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        out.append(Finding("error", "auth.backend", f"{path}: not a socket"))
+
+
+def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) -> None:
+    pf = cfg.relay.smart_host_password_file
+    if pf:
+        p = Path(pf)
+        try:
+            st = p.stat()
+        except OSError as e:
+            out.append(Finding("error", "relay.smart_host_password_file",
+                               f"{pf}: {e.strerror}"))
+        else:
+            if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                out.append(Finding("warning", "relay.smart_host_password_file",
+                                   f"{pf}: readable by group/others (mode "
+                                   f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {pf}"))
+            reader = pw
+            if reader is not None and not _readable_by(p, reader):
+                out.append(Finding("error", "relay.smart_host_password_file",
+                                   f"{pf}: not readable by user {reader.pw_name}"))
+            elif reader is None and not os.access(p, os.R_OK):
+                out.append(Finding("error", "relay.smart_host_password_file",
+                                   f"{pf}: not readable by uid {os.geteuid()}"))
+    if cfg.relay.smart_host_user and not pf:
+        out.append(Finding("error", "relay.smart_host_password_file",
+                           "smart_host_user is set but no password file"))
+    sd = cfg.state_path
+    if sd.exists():
+        if not sd.is_dir():
+            out.append(Finding("error", "state_dir", f"{sd}: not a directory"))
+        elif pw is None and not os.access(sd, os.W_OK | os.X_OK):
+            out.append(Finding("error", "state_dir", f"{sd}: not writable by uid "
+                               f"{os.geteuid()}"))
+    else:
+        parent = next((p for p in sd.absolute().parents if p.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK):
+            out.append(Finding("error", "state_dir", f"{sd} does not exist and cannot be "
+                               f"created (no write access to {parent})"))
+        else:
+            out.append(Finding("note", "state_dir", f"{sd} is created on first start"))
+    t = cfg.log.target
+    if t.startswith("file:"):
+        d = Path(t[5:]).parent
+        if not d.is_dir():
+            out.append(Finding("error", "log.target", f"{d}: no such directory"))
+    elif t == "syslog":
+        from authrelay import maillog
+
+        if not os.path.exists(maillog.SYSLOG_SOCKET):
+            out.append(Finding("warning", "log.target", f"{maillog.SYSLOG_SOCKET} is "
+                               "missing (no syslog daemon): the maillog goes to stderr"))
+
+
+def check(cfg: Config) -> list[Finding]:
+    """Every finding for `cfg`; never raises."""
+    out: list[Finding] = []
+    pw = None
+    try:
+        pw = _user(cfg, out)
+    except Exception as e:  # a check must never turn into a traceback
+        out.append(Finding("error", "user", f"cannot check: {e}"))
+    for step in (_check_listeners, _check_tls, _check_backend, _check_files):
+        try:
+            if step is _check_listeners or step is _check_backend:
+                step(cfg, out)
+            else:
+                step(cfg, pw, out)
+        except Exception as e:
+            out.append(Finding("error", "", f"check failed: {type(e).__name__}: {e}"))
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    path = args.file or args.config
+    try:
+        cfg = load(path)
+    except ConfigError as e:
+        print(f"authrelay: config error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # pragma: no cover - never a traceback on a bad config
+        print(f"authrelay: config error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    src = cfg.source
+    if src == EMBEDDED:
+        print(f"{src}: no config file found (looked for {LOOKUP}); `serve` would run on "
+              "the embedded default")
+    if args.syntax:
+        print(f"{src}: ok")
+        return 0
+    findings = check(cfg)
+    errors = [f for f in findings if f.level == "error"]
+    for f in findings:
+        print(f"{src}: {f}", file=sys.stderr if f.level != "note" else sys.stdout)
+    if errors:
+        n = len(errors)
+        print(f"{src}: {n} error{'s' if n != 1 else ''}: serve would not start",
+              file=sys.stderr)
+        return 1
+    print(f"{src}: ok")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    cc = sub.add_parser("check-config", help="check a config file and everything serve "
+                        "would trip on (certificate, ports, user, sockets)")
+    cc.add_argument("file", nargs="?", help="config file (default: the usual lookup)")
+    cc.add_argument("--syntax", action="store_true",
+                    help="only the file itself (keys, values), not this machine")
+    cc.set_defaults(func=main)

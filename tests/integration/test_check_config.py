@@ -1,0 +1,172 @@
+"""`authrelay check-config` checks what `serve` would trip on (issue 12 item 2): real
+certificate files, real sockets holding ports, real users; every finding names the key,
+and no bad config ever gives a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from privpython import python_for
+from relayproc import free_port, to_toml
+
+UNPRIV = "nobody"
+
+
+def _cc(cfg: Path, *extra: str, python: str = sys.executable, user: str | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    cmd = [python, "-m", "authrelay", "check-config", *extra, str(cfg)]
+    if user:
+        cmd = ["runuser", "-u", user, "--", *cmd]
+    env = {k: v for k, v in os.environ.items() if k != "AUTHRELAY_CONFIG"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd="/")
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    return r
+
+
+def _cert(d: Path, name: str = "cert") -> tuple[Path, Path]:
+    out = d / name
+    r = subprocess.run([sys.executable, "-m", "authrelay", "cert", "make", "--hostname",
+                        "relay.test", "--out", str(out)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return out / "cert.pem", out / "key.pem"
+
+
+def _write(d: Path, data: dict) -> Path:
+    base = {"hostname": "relay.test", "state_dir": str(d / "state"),
+            "listen": [{"address": f"127.0.0.1:{free_port()}", "mode": "submission"}]}
+    base.update(data)
+    p = d / "authrelay.toml"
+    p.write_text(to_toml(base))
+    os.chmod(p, 0o644)
+    return p
+
+
+@pytest.fixture
+def site() -> Iterator[Path]:
+    """A directory an unprivileged user can reach (pytest's temp root is 0700 root)."""
+    d = Path(tempfile.mkdtemp(prefix="authrelay-cc-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_good_config_ok(site: Path) -> None:
+    cert, key = _cert(site)
+    r = _cc(_write(site, {"tls": {"cert": str(cert), "key": str(key)}}))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith(": ok") and r.stderr == ""
+
+
+def test_missing_cert_and_key(site: Path) -> None:
+    r = _cc(_write(site, {"tls": {"cert": str(site / "no.pem"), "key": str(site / "nok.pem")}}))
+    assert r.returncode == 1
+    assert f"error: tls.cert: {site}/no.pem: certificate not found" in r.stderr
+    assert f"error: tls.key: {site}/nok.pem: key not found" in r.stderr
+    assert "1 error" not in r.stderr and "2 errors: serve would not start" in r.stderr
+
+
+def test_group_readable_key(site: Path) -> None:
+    cert, key = _cert(site)
+    os.chmod(key, 0o640)
+    r = _cc(_write(site, {"tls": {"cert": str(cert), "key": str(key)}}))
+    assert r.returncode == 1
+    assert "error: tls.key:" in r.stderr and "accessible to group/others" in r.stderr
+    assert f"chmod 600 {key}" in r.stderr
+
+
+def test_key_of_another_certificate(site: Path) -> None:
+    cert, _ = _cert(site, "a")
+    _, key = _cert(site, "b")
+    r = _cc(_write(site, {"tls": {"cert": str(cert), "key": str(key)}}))
+    assert r.returncode == 1
+    assert f"error: tls.key: {key} does not match the certificate {cert}" in r.stderr
+
+
+def test_not_pem(site: Path) -> None:
+    cert, key = _cert(site)
+    cert.write_text("hello\n")
+    r = _cc(_write(site, {"tls": {"cert": str(cert), "key": str(key)}}))
+    assert r.returncode == 1 and "error: tls.cert:" in r.stderr, r.stderr
+
+
+def test_port_in_use_names_the_address(site: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        cfg = _write(site, {"listen": [{"address": f"127.0.0.1:{port}", "mode": "smtp"}]})
+        r = _cc(cfg)
+    assert r.returncode == 1
+    assert (f"error: listen[0].address: cannot listen on 127.0.0.1:{port} (smtp): "
+            "address already in use") in r.stderr
+
+
+def test_address_not_on_this_machine(site: Path) -> None:
+    r = _cc(_write(site, {"listen": [{"address": "192.0.2.1:2587", "mode": "submission"}]}))
+    assert r.returncode == 1
+    assert "listen[0].address: cannot listen on 192.0.2.1:2587 (submission): not an " \
+        "address of this machine" in r.stderr
+
+
+def test_unknown_user(site: Path) -> None:
+    r = _cc(_write(site, {"user": "no-such-user-h12"}))
+    assert r.returncode == 1
+    assert "error: user: no such user 'no-such-user-h12'" in r.stderr
+
+
+def test_backend_socket_missing_is_a_warning(site: Path) -> None:
+    r = _cc(_write(site, {"auth": {"backend": f"saslauthd:{site}/mux"}}))
+    assert r.returncode == 0, r.stderr
+    assert f"warning: auth.backend: {site}/mux: no such socket" in r.stderr
+    (site / "plain").write_text("")
+    r = _cc(_write(site, {"auth": {"backend": f"dovecot:{site}/plain"}}))
+    assert r.returncode == 1 and "not a socket" in r.stderr
+
+
+def test_syntax_only(site: Path) -> None:
+    cfg = _write(site, {"user": "no-such-user-h12"})
+    r = _cc(cfg, "--syntax")
+    assert r.returncode == 0 and r.stdout.strip().endswith(": ok")
+
+
+def test_privileged_port_as_non_root(site: Path) -> None:
+    """Run as an unprivileged user: port 25 cannot be bound, and check-config says why."""
+    py = python_for(UNPRIV)
+    cfg = _write(site, {"listen": [{"address": "127.0.0.1:25", "mode": "smtp"}],
+                        "state_dir": str(site / "st")})
+    os.chmod(site, 0o777)
+    r = _cc(cfg, python=py, user=UNPRIV)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "error: listen[0].address: cannot listen on 127.0.0.1:25 (smtp): permission " \
+        "denied: ports below 1024 need root" in r.stderr
+
+
+def test_key_readable_only_by_root(site: Path) -> None:
+    """Without `user`, serve run as nobody could not read a root-only key: an error. With
+    `user`, serve reads it as root before dropping privileges: fine."""
+    py = python_for(UNPRIV)
+    cert, key = _cert(site)
+    os.chmod(cert.parent, 0o755)
+    os.chmod(cert, 0o644)
+    os.chmod(site, 0o777)
+    cfg = _write(site, {"tls": {"cert": str(cert), "key": str(key)},
+                        "state_dir": str(site / "st")})
+    r = _cc(cfg, python=py, user=UNPRIV)
+    assert r.returncode == 1
+    assert f"error: tls.key: {key}: not readable by uid {pwd.getpwnam(UNPRIV).pw_uid}" \
+        in r.stderr
+    cfg = _write(site, {"tls": {"cert": str(cert), "key": str(key)}, "user": UNPRIV,
+                        "state_dir": str(site / "st")})
+    r = _cc(cfg)  # as root: the privileged loader's view
+    assert r.returncode == 0, r.stderr
