@@ -9,8 +9,15 @@ load against authrelay or the Postfix peer. Two modes:
         M x (MAIL, RCPT, DATA, body, final dot), QUIT (RFC 5321 3.3, 4.1.1.4).
   idle  open K connections, read each banner, hold them until stdin says go (or --hold
         seconds), then close: the "10,000 idle connections" scenario.
+  latency  ordinary short sessions (banner, EHLO, NOOP, QUIT), C in flight, timing each
+        from connect to the 221: scenario (h), the client side that is measured.
+  flood  the hostile side of scenario (h): --noop N connections that pipeline NOOPs as
+        fast as the server takes them (reading and discarding the replies) and --noread M
+        connections that pipeline EHLOs and never read; each reconnects when the server
+        closes it. Runs until stdin says go (or --hold seconds); prints what it did.
 
-Contract: the last line on stdout is one JSON object. smtp mode: messages_ok/failed,
+Contract: the last line on stdout is one JSON object. latency mode: sessions_ok/failed,
+session_ms {p50, p99, max}, errors. smtp mode: messages_ok/failed,
 sessions_ok/failed, elapsed_s, messages_per_s, sessions_per_s, final_250_ms {p50, p99, max}
 (time from the last byte of DATA written to the final 250 read), setup_ms, errors (counts by
 stage and reply). idle mode prints {"event": "ready", ...} when every connection has been
@@ -333,6 +340,136 @@ def run_idle(a: argparse.Namespace) -> dict[str, Any]:
     return _run_loop(_idle_main(a))
 
 
+# --------------------------------------------------------------------------- latency mode
+
+
+async def _latency_main(a: argparse.Namespace) -> dict[str, Any]:
+    times: list[float] = []
+    st: Counter[str] = Counter()
+    left = a.sessions
+
+    async def one() -> None:
+        t0 = time.perf_counter()
+        w = None
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection(a.host, a.port), a.timeout)
+            c = Conn(r, w, a.timeout)
+            code, text = await c.reply("banner")
+            if code != 220:
+                raise SMTPError("banner", code, text)
+            await c.cmd(f"EHLO {a.ehlo}".encode(), "ehlo", (250,))
+            await c.cmd(b"NOOP", "noop", (250,))
+            await c.cmd(b"QUIT", "quit", (221,))
+            times.append((time.perf_counter() - t0) * 1000)
+            st["ok"] += 1
+        except SMTPError as e:
+            st["failed"] += 1
+            st[f"{e.stage} {e.code} {e.text[:40]}"] += 1
+        except (TimeoutError, OSError) as e:
+            st["failed"] += 1
+            st[type(e).__name__] += 1
+        finally:
+            if w is not None:
+                w.close()
+
+    async def lane() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await one()
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(lane() for _ in range(a.concurrency)))
+    el = time.monotonic() - t0
+    errors = {k: v for k, v in st.items() if k not in ("ok", "failed")}
+    return dict(tool="load.py", mode="latency", port=a.port, sessions=a.sessions,
+                concurrency=a.concurrency, sessions_ok=st["ok"], sessions_failed=st["failed"],
+                elapsed_s=round(el, 3),
+                session_ms=dict(p50=pct(times, 50), p99=pct(times, 99),
+                                max=round(max(times), 3) if times else None),
+                errors=dict(Counter(errors).most_common(8)))
+
+
+# --------------------------------------------------------------------------- flood mode
+
+
+async def _flood_main(a: argparse.Namespace) -> dict[str, Any]:
+    st: Counter[str] = Counter()
+    stop = asyncio.Event()
+    noop_block = b"NOOP\r\n" * 8192  # 48 KiB per write
+    ehlo_block = f"EHLO {a.ehlo}\r\n".encode() * 2048
+
+    async def noop_flooder() -> None:
+        while not stop.is_set():
+            w = None
+            try:
+                r, w = await asyncio.wait_for(asyncio.open_connection(a.host, a.port),
+                                              a.timeout)
+                st["noop_connections"] += 1
+
+                async def drain_replies(r: asyncio.StreamReader = r) -> None:
+                    while True:
+                        data = await r.read(65536)
+                        if not data:
+                            return
+                        st["noop_reply_bytes"] += len(data)
+
+                reader = asyncio.ensure_future(drain_replies())
+                w.write(b"EHLO flood.bench.example.test\r\n")
+                while not stop.is_set() and not reader.done():
+                    w.write(noop_block)
+                    await w.drain()
+                    st["noop_bytes_sent"] += len(noop_block)
+                reader.cancel()
+            except (OSError, TimeoutError):
+                st["noop_errors"] += 1
+                await asyncio.sleep(0.05)
+            finally:
+                if w is not None:
+                    w.close()
+
+    async def noread_flooder() -> None:
+        while not stop.is_set():
+            w = None
+            try:
+                r, w = await asyncio.wait_for(asyncio.open_connection(a.host, a.port),
+                                              a.timeout)
+                st["noread_connections"] += 1
+                while not stop.is_set():
+                    w.write(ehlo_block)
+                    # never reads: drain blocks once the kernel buffers are full, until
+                    # the server closes (then the next connection starts)
+                    drained = asyncio.ensure_future(w.drain())
+                    stopped = asyncio.ensure_future(stop.wait())
+                    await asyncio.wait({drained, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                    stopped.cancel()
+                    if not drained.done():
+                        drained.cancel()
+                        break
+                    drained.result()
+                    st["noread_bytes_sent"] += len(ehlo_block)
+            except (OSError, TimeoutError):
+                st["noread_errors"] += 1
+                await asyncio.sleep(0.05)
+            finally:
+                if w is not None:
+                    w.transport.abort()
+
+    tasks = [asyncio.ensure_future(noop_flooder()) for _ in range(a.noop)]
+    tasks += [asyncio.ensure_future(noread_flooder()) for _ in range(a.noread)]
+    await asyncio.sleep(0.5)
+    print(json.dumps(dict(event="ready", **st)), flush=True)
+    if a.hold is not None:
+        await asyncio.sleep(a.hold)
+    else:
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    stop.set()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return dict(event="done", tool="load.py", mode="flood", port=a.port, **st)
+
+
 # --------------------------------------------------------------------------- cli
 
 
@@ -344,7 +481,7 @@ def check_loopback(host: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["smtp", "idle"])
+    ap.add_argument("mode", choices=["smtp", "idle", "latency", "flood"])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--timeout", type=float, default=30.0, help="per reply/connect (s)")
@@ -372,12 +509,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ready when no new banner arrived for this long")
     g.add_argument("--hold", type=float, default=None,
                    help="seconds to hold after ready (default: until a line on stdin)")
+    g = ap.add_argument_group("flood mode (also --hold)")
+    g.add_argument("--noop", type=int, default=2, help="connections pipelining NOOPs")
+    g.add_argument("--noread", type=int, default=2, help="connections that never read")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     check_loopback(a.host)
+    if a.mode == "latency":
+        out = _run_loop(_latency_main(a))
+        print(json.dumps(out), flush=True)
+        return 0 if out["sessions_failed"] == 0 else 1
+    if a.mode == "flood":
+        out = _run_loop(_flood_main(a))
+        print(json.dumps(out), flush=True)
+        return 0
     if a.mode == "idle":
         out = run_idle(a)
         print(json.dumps(out), flush=True)

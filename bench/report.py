@@ -33,6 +33,9 @@ _ROWS: list[tuple[str, str, str, str, bool, str]] = [
     ("f", "", "pss_mb", "(f) server PSS (sum), MB", False, "< 500 MB"),
     ("f", "", "server_processes", "(f) server processes", False, ""),
     ("f", "", "greeted", "(f) connections greeted (banner)", True, ""),
+    ("h", "", "session_p50_ms", "(h) connect-to-QUIT p50 ms", False, ""),
+    ("h", "", "session_p99_ms", "(h) connect-to-QUIT p99 ms", False, ""),
+    ("h", "", "rss_growth_mb", "(h) server peak RSS growth, MB", False, ""),
     ("a", "", "cpu_ms_per_msg", "(g) server CPU ms/msg", False, ""),
     ("b", "", "cpu_ms_per_msg", "(g) server CPU ms/msg", False, ""),
     ("c", "", "cpu_ms_per_msg", "(g) server CPU ms/msg", False, ""),
@@ -106,6 +109,18 @@ def write_markdown(res: dict[str, Any]) -> str:
             cells = " | ".join(_cell(vals[t]) for t in tg)
             out.append(f"| {label} | {caption} | {cells} | {ratio} | "
                        f"{'higher' if higher else 'lower'} | {target} |")
+    hl = labels.get("h", [])
+    if len(hl) == 2:  # (h) goal: p99 under flood within 2x of idle, per server
+        cells = []
+        for t in tg:
+            idle, flood = ([r["session_p99_ms"] for r in res["runs"] if r["scenario"] == "h"
+                            and r["label"] == lab and r["target"] == t
+                            and isinstance(r.get("session_p99_ms"), int | float)]
+                           for lab in hl)
+            cells.append(f"{statistics.median(flood) / statistics.median(idle):.2f}x"
+                         if idle and flood and statistics.median(idle) > 0 else "-")
+        out.append(f"| (h) flood / idle | (h) p99 ratio, flood over idle | "
+                   f"{' | '.join(cells)} | - | lower | <= 2x |")
     fails = [r for r in res["runs"] if r.get("failed") or r.get("delivered_all") is False]
     out += ["", "## Failures", ""]
     if not fails:
@@ -132,6 +147,10 @@ def write_markdown(res: dict[str, Any]) -> str:
         "- (f): `load.py idle` holds the connections open after reading banners; memory "
         "summed over all server processes. Postfix serves at most its process limit "
         "(100 smtpd); the rest wait in the listen queue, so its figure is for those.",
+        "- (h): `load.py latency`, 4 clients in flight, each session connect, EHLO, NOOP, "
+        "QUIT timed from connect to the 221; once on an idle server, once while "
+        "`load.py flood` runs 2 connections pipelining NOOPs (reading the replies) and 2 "
+        "pipelining EHLOs that never read (each reconnects when closed).",
         "- (g): utime+stime of every server process plus the cutime+cstime of reaped "
         "children (/proc/PID/stat), from the start of the load until every message "
         "reached the sink, divided by messages. Postfix = master tree + Dovecot tree; "

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark orchestrator: runs the scenarios against each target, A B A B, and reports.
 
-Owns: scenario definitions (a)-(g) of the Performance issue, per-run measurement of the
+Owns: scenario definitions (a)-(g) of the Performance issue and (h) of the session issue
+(ordinary clients' connect-to-QUIT latency while 2 connections flood pipelined NOOPs and 2
+never read, against the same on an idle server), per-run measurement of the
 server side (CPU from /proc/<pid>/stat utime+stime+cutime+cstime summed over the server's
 process trees; RSS summed over the same processes; messages counted at the smtp-sink the
 server relays to), and the outputs bench/results.json, bench/RESULTS.md and (via plot.py)
@@ -219,11 +221,11 @@ class Scenario:
 
 def scenarios(smoke: bool, quick: bool) -> list[Scenario]:
     if smoke:
-        na, nb, nc, big, idle = 30, 8, 10, 1_000_000, 200
+        na, nb, nc, big, idle, nh = 30, 8, 10, 1_000_000, 200, 40
     elif quick:
-        na, nb, nc, big, idle = 600, 150, 200, 20_000_000, 10_000
+        na, nb, nc, big, idle, nh = 600, 150, 200, 20_000_000, 10_000, 300
     else:
-        na, nb, nc, big, idle = 2000, 500, 600, 20_000_000, 10_000
+        na, nb, nc, big, idle, nh = 2000, 500, 600, 20_000_000, 10_000, 600
     out = []
     for s in (1, 10, 50):
         out.append(Scenario("a", f"plain 1 KiB, {s} sessions", s, na // 3 if s == 1 else na))
@@ -233,6 +235,11 @@ def scenarios(smoke: bool, quick: bool) -> list[Scenario]:
     out.append(Scenario("c", "plain 100 KiB, 10 sessions", 10, nc, 102400))
     out.append(Scenario("e", f"one {big / 1e6:g} MB message", 1, 1, big))
     out.append(Scenario("f", f"{idle} idle connections", connections=idle))
+    # (h): 4 clients in flight doing connect, EHLO, NOOP, QUIT; idle server, then the same
+    # while 2 connections pipeline NOOPs and 2 pipeline EHLOs without ever reading.
+    out.append(Scenario("h", "connect-to-QUIT, idle server", 4, nh))
+    out.append(Scenario("h", "connect-to-QUIT, 2 NOOP floods + 2 never read", 4, nh,
+                        connections=4))
     return out
 
 
@@ -264,6 +271,8 @@ def run_one(t: Target, sc: Scenario) -> dict[str, Any]:
                                pss_idle_mb=round(pss_idle / MB, 2))
     if sc.key == "f":
         return run_idle(t, sc, roots, rec)
+    if sc.key == "h":
+        return run_latency(t, sc, roots, rec)
     sampler = MemSampler(roots) if sc.key == "e" else None
     c0, cpu0 = t.delivered(), cpu_seconds(process_tree(roots))
     master = t.pids[0] if t.pids else 0  # authrelay: the serve process (scheduler, courier)
@@ -334,6 +343,43 @@ def run_idle(t: Target, sc: Scenario, roots: list[int], rec: dict[str, Any]) -> 
                rss_mb=round(peak_rss / MB, 2), pss_mb=round(peak_pss / MB, 2),
                server_processes=nproc)
     time.sleep(1.0)  # let the server notice the closes before the next run
+    return rec
+
+
+def run_latency(t: Target, sc: Scenario, roots: list[int],
+                rec: dict[str, Any]) -> dict[str, Any]:
+    """(h): connect-to-QUIT latency of ordinary clients, with or without the flooders."""
+    flood = None
+    if sc.connections:
+        flood = subprocess.Popen(LOAD + ["flood", "--port", str(t.plain), "--noop", "2",
+                                         "--noread", "2"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert flood.stdin and flood.stdout
+        json.loads(flood.stdout.readline() or "{}")  # ready: the floods are running
+        time.sleep(1.0)  # let the never-readers fill their buffers
+    sampler = MemSampler(roots, interval=0.05)
+    sampler.start()
+    cpu0 = cpu_seconds(process_tree(roots))
+    load = load_py(["latency", "--port", str(t.plain), "-c", str(sc.sessions),
+                    "-n", str(sc.messages), "--timeout", "60"])
+    cpu = cpu_seconds(process_tree(roots)) - cpu0
+    peak_rss, _ = sampler.stop()
+    flood_out: dict[str, Any] = {}
+    if flood is not None:
+        assert flood.stdin
+        out, _ = flood.communicate("go\n", timeout=60)
+        try:
+            flood_out = json.loads(out.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            flood_out = {}
+        time.sleep(1.0)  # let the server notice the closes before the next run
+    ms = load.get("session_ms") or {}
+    rec.update(load=load, flood=flood_out, accepted=int(load.get("sessions_ok", 0)),
+               failed=int(load.get("sessions_failed", 1)),
+               session_p50_ms=ms.get("p50"), session_p99_ms=ms.get("p99"),
+               session_max_ms=ms.get("max"), cpu_s=round(cpu, 3),
+               rss_peak_mb=round(peak_rss / MB, 2),
+               rss_growth_mb=round((peak_rss - rec["rss_idle_mb"] * MB) / MB, 2))
     return rec
 
 
@@ -415,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(r: dict[str, Any]) -> str:
+    if r["scenario"] == "h":
+        return (f"p50/p99/max {r['session_p50_ms']}/{r['session_p99_ms']}/"
+                f"{r['session_max_ms']} ms, failed {r['failed']}, peak rss "
+                f"{r['rss_peak_mb']} MB (+{r['rss_growth_mb']}), flood {r.get('flood')}")
     if r["scenario"] == "f":
         return (f"greeted {r['greeted']}/{r['connected']} rss {r['rss_mb']} MB "
                 f"pss {r['pss_mb']} MB ({r['server_processes']} processes)")

@@ -197,6 +197,7 @@ class Limits:
     max_auth_line_length: int = 12288  # RFC 4954 4: AUTH lines may be longer
     max_text_line_length: int = 998  # RFC 5322 2.1.1 excluding CRLF
     max_errors: int = 20  # syntax / protocol errors per session before 421
+    max_junk_commands: int = 100  # NOOP/RSET/HELP/VRFY/repeated EHLO per session; 0 = off
     user_messages_per_hour: int = 0  # 0 = off
     user_recipients_per_hour: int = 0  # 0 = off
 

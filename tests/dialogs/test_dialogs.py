@@ -1,6 +1,8 @@
-"""Scripted client/server dialogs against a real authrelay process.
+"""Scripted client/server dialogs, against a real authrelay process and the engine alone.
 
-One parametrised test runs every `*.dialog` file here. Script lines:
+Two parametrised tests run every `*.dialog` file here: `test_dialog` over sockets against a
+real `authrelay serve`, `test_dialog_engine` against the sans-I/O engine
+(smtpd/protocol.py) driven by tests/engineharness.py, with no sockets at all. Script lines:
   @listener MODE     connect to smtp | submission | submissions (default smtp)
   C: text            send text + CRLF ({plain USER PASS [AUTHZID]} and {b64 TEXT} expand)
   R: bytes           send raw bytes, Python escapes (\\r \\n \\x00 ...), no CRLF added
@@ -20,11 +22,13 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engineharness import Harness  # noqa: E402
 from relayproc import PASSWORD, RelayProcess  # noqa: E402
 from smtpclient import RawClient, b64, client_ctx, plain  # noqa: E402
 
@@ -32,13 +36,18 @@ HERE = Path(__file__).parent
 SCRIPTS = sorted(HERE.glob("*.dialog"))
 
 
+OVERRIDES: dict[str, Any] = {
+    "limits": {"max_message_size": 100000, "max_recipients": 3, "bad_rcpt_limit": 0,
+               "max_errors": 50},
+    "relay": {"trusted_networks": ["127.0.0.99/32"]},
+}
+USERS = {"alice": PASSWORD, "bob": "bob pw"}
+
+
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
-    r = RelayProcess(tmp_path_factory.mktemp("dialogs"),
-                     overrides={"limits": {"max_message_size": 100000, "max_recipients": 3,
-                                           "bad_rcpt_limit": 0, "max_errors": 50},
-                                "relay": {"trusted_networks": ["127.0.0.99/32"]}},
-                     users={"alice": PASSWORD, "bob": "bob pw"}).start()
+    r = RelayProcess(tmp_path_factory.mktemp("dialogs"), overrides=OVERRIDES,
+                     users=USERS).start()
     yield r
     r.stop()
 
@@ -58,52 +67,93 @@ def _expand(text: str) -> str:
     return re.sub(r"\{((?:plain|b64) [^}]*)\}", sub, text)
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
-def test_dialog(relay: RelayProcess, script: Path) -> None:
-    lines = script.read_text().splitlines()
+def _mode(lines: list[str]) -> str:
     mode = "smtp"
     for ln in lines:
         if ln.startswith("@listener "):
             mode = ln.split()[1]
+    return mode
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_dialog(relay: RelayProcess, script: Path) -> None:
+    lines = script.read_text().splitlines()
+    mode = _mode(lines)
     tls = client_ctx() if mode == "submissions" else None
+    with RawClient(relay.ports[mode], tls=tls) as c:
+        _run(script, lines, c)
+
+
+class _EngineReply:
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+
+class EngineClient:
+    """The RawClient interface over the engine harness: no sockets."""
+
+    def __init__(self, mode: str) -> None:
+        self.h = Harness(mode=mode, overrides=OVERRIDES, users=dict(USERS), auto_tls=False)
+
+    def send(self, data: bytes) -> None:
+        self.h.feed(data)
+
+    def reply(self) -> _EngineReply:
+        r = self.h.next_reply()
+        assert r is not None, "the engine sent no (complete) reply"
+        return _EngineReply(r)
+
+    def starttls(self, _ctx: object) -> None:
+        self.h.finish_tls()
+
+    def closed(self) -> bool:
+        return self.h.closed and self.h.next_reply() is None
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_dialog_engine(script: Path) -> None:
+    lines = script.read_text().splitlines()
+    _run(script, lines, EngineClient(_mode(lines)))
+
+
+def _run(script: Path, lines: list[str], c: Any) -> None:
     transcript: list[str] = []
     got = ""
-    with RawClient(relay.ports[mode], tls=tls) as c:
-        for n, ln in enumerate(lines, 1):
-            where = f"{script.name}:{n}: {ln}"
-            if not ln.strip() or ln.startswith("#") or ln.startswith("@"):
-                continue
-            if ln == "C:":
-                ln = "C: "
-            if ln.startswith("C: "):
-                text = _expand(ln[3:])
-                transcript.append(f"C: {text}")
-                c.send(text.encode() + b"\r\n")
-            elif ln.startswith("R: "):
-                raw = ln[3:].encode().decode("unicode_escape").encode("latin-1")
-                transcript.append(f"R: {raw!r}")
-                c.send(raw)
-            elif ln.startswith(("+~ ", "+!~ ")):
-                ctx = f"{where}\n--- transcript\n" + "\n".join(transcript)
-                if ln.startswith("+~ "):
-                    assert re.search(ln[3:], got), ctx
-                else:
-                    assert not re.search(ln[4:], got), ctx
-            elif ln.startswith(("S: ", "S~ ", "S!~ ")):
-                r = c.reply()
-                got = "\n".join(r.lines)
-                transcript.append(f"S: {got}")
-                ctx = f"{where}\n--- transcript\n" + "\n".join(transcript)
-                if ln.startswith("S: "):
-                    assert r.lines[-1].startswith(ln[3:]), ctx
-                elif ln.startswith("S~ "):
-                    assert re.search(ln[3:], got), ctx
-                else:
-                    assert not re.search(ln[4:], got), ctx
-            elif ln.strip() == "TLS":
-                c.starttls(client_ctx())
-                transcript.append("-- TLS")
-            elif ln.strip() == "CLOSED":
-                assert c.closed(), f"{where}: server did not close"
+    for n, ln in enumerate(lines, 1):
+        where = f"{script.name}:{n}: {ln}"
+        if not ln.strip() or ln.startswith("#") or ln.startswith("@"):
+            continue
+        if ln == "C:":
+            ln = "C: "
+        if ln.startswith("C: "):
+            text = _expand(ln[3:])
+            transcript.append(f"C: {text}")
+            c.send(text.encode() + b"\r\n")
+        elif ln.startswith("R: "):
+            raw = ln[3:].encode().decode("unicode_escape").encode("latin-1")
+            transcript.append(f"R: {raw!r}")
+            c.send(raw)
+        elif ln.startswith(("+~ ", "+!~ ")):
+            ctx = f"{where}\n--- transcript\n" + "\n".join(transcript)
+            if ln.startswith("+~ "):
+                assert re.search(ln[3:], got), ctx
             else:
-                raise AssertionError(f"{where}: bad script line")
+                assert not re.search(ln[4:], got), ctx
+        elif ln.startswith(("S: ", "S~ ", "S!~ ")):
+            r = c.reply()
+            got = "\n".join(r.lines)
+            transcript.append(f"S: {got}")
+            ctx = f"{where}\n--- transcript\n" + "\n".join(transcript)
+            if ln.startswith("S: "):
+                assert r.lines[-1].startswith(ln[3:]), ctx
+            elif ln.startswith("S~ "):
+                assert re.search(ln[3:], got), ctx
+            else:
+                assert not re.search(ln[4:], got), ctx
+        elif ln.strip() == "TLS":
+            c.starttls(client_ctx())
+            transcript.append("-- TLS")
+        elif ln.strip() == "CLOSED":
+            assert c.closed(), f"{where}: server did not close"
+        else:
+            raise AssertionError(f"{where}: bad script line")

@@ -1,0 +1,949 @@
+"""The SMTP server engine, sans-I/O: bytes in, replies out, and requests for the adapter.
+
+Owns the whole SMTP dialogue of RFC 5321 (EHLO per RFC 1869/5321 4.1.1.1, RFC 2920
+PIPELINING, RFC 1870 SIZE, RFC 6152 8BITMIME, RFC 6531 SMTPUTF8, RFC 2034
+ENHANCEDSTATUSCODES, RFC 3461 DSN, RFC 3207 STARTTLS, RFC 4954 AUTH, RFC 8314 implicit
+TLS, RFC 6409 submission): the command grammar, every per-command check, the session
+state (HELO, TLS, AUTH) and the mail transaction (`Transaction`: MAIL, RCPTs, their ESMTP
+parameters, the body). It does no I/O, never awaits and reads no clock (the model is h11):
+
+    eng = Engine(cfg, mode="submission", trusted=False, auth_available=True,
+                 tls_available=True, tls_active=False)
+    eng.greet()                       # queues the 220 banner
+    eng.receive_data(b"EHLO x\\r\\n")  # b"" = the peer closed its side
+    while (ev := eng.next_event()) not in (NEED_DATA, PAUSED, CLOSED):
+        ...                           # act on ev; answer requests (below)
+    transport.write(eng.data_to_send())
+
+`next_event()` executes at most one command per call, so the adapter can bound the work
+done per loop turn (fairness). It returns:
+- `NEED_DATA`: feed more bytes; `PAUSED`: an answer to the last request is outstanding;
+  `CLOSED`: the dialogue is over (the last reply is queued); `CONTINUE`: one command
+  was executed entirely here (its reply is queued), call again.
+- requests the adapter must answer before the engine goes on:
+  `StartTLS` -> `tls_started()` (or close the connection if the handshake fails);
+  `AuthRequest` -> `auth_result(AuthOutcome)`; `MailRequest`, `RcptRequest`,
+  `DataRequest` -> `policy_result(reply_or_None)` (RCPT: `bad_recipient=True` when the
+  refusal counts towards the bad-recipient limits); `MessageComplete` ->
+  `message_result(reply)` once the message is durable (or not); `Delay` -> `resume()`
+  after sleeping (answers queued before it must be sent first).
+- notices: `BodyData` (message bytes to store, in order), `MessageAborted` (the engine
+  refused the message; drop what was stored), `Reject` / `LogWarning` (maillog lines),
+  `CloseConnection` (send what is queued, then close; `abort=True`: a limit or a
+  protocol violation, so do not wait long for a slow reader).
+`timeout()` (a phase deadline passed) and `close_with(reply)` (shutdown, session time
+limit) end the dialogue from outside.
+
+Security decisions (each also cited where it is made):
+- AUTH only under TLS (RFC 4954 4, RFC 8314); no anonymous mechanism.
+- Submission listeners need AUTH (or a trusted network) before MAIL (RFC 6409 4.3).
+- STARTTLS discards everything pipelined behind it (CVE-2011-0411) and forgets all state
+  learnt before it (RFC 3207 4.2).
+- A bare CR or LF in a command or in DATA ends the session with 521 (RFC 5321 2.3.8;
+  SMTP smuggling). ESMTP parameter values must be ASCII (RFC 5321 4.1.2, RFC 1870):
+  anything else is 501 5.5.4.
+- Bounded work per client: `max_errors` errors, `max_junk_commands` NOOP/RSET/HELP/VRFY/
+  repeated EHLO (Postfix's smtpd_junk_command_limit; reset by an accepted message),
+  `max_auth_failures`, `bad_rcpt_limit`; command lines longer than their limit are cut off
+  and refused, never buffered without bound.
+Failure policy: the engine never raises on any input. A bug in a handler is caught,
+logged at debug level with its traceback, answered 451 4.3.0 and the session closed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from authrelay import replies
+from authrelay.address import Address, AddressError, PathArg, parse_path_arg
+from authrelay.auth.sasl import SaslError, SaslExchange
+from authrelay.config import Config
+from authrelay.smtpd.bodyreader import BARE, LONG_LINE, TOO_BIG, BodyReader
+from authrelay.types import Reply
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024  # largest DATA piece handed to the body reader at once
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+PAUSED = _Sentinel("PAUSED")
+CLOSED = _Sentinel("CLOSED")
+CONTINUE = _Sentinel("CONTINUE")
+
+
+class Phase(enum.Enum):
+    COMMAND = "command"  # reading command lines
+    AUTH_LINE = "auth_line"  # reading a SASL response line (RFC 4954 4)
+    WAIT = "wait"  # a request is outstanding; input is kept, not parsed
+    TLS = "tls"  # STARTTLS answered; input is discarded until tls_started()
+    DATA = "data"  # reading the message (RFC 5321 4.1.1.4)
+    CLOSED = "closed"
+
+
+class AuthOutcome(enum.Enum):
+    OK = "ok"  # 235
+    BAD = "bad"  # 535 (counts towards max_auth_failures)
+    TEMPFAIL = "tempfail"  # 454, the backend is unavailable
+    LOCKED = "locked"  # 454, too many failures for this user/address (counts)
+
+
+# ------------------------------------------------------------------------ state objects
+
+
+@dataclass(slots=True)
+class Transaction:
+    """One mail transaction (RFC 5321 3.3): from MAIL to the end of DATA or RSET."""
+
+    sender: PathArg
+    rcpts: list[PathArg] = field(default_factory=list)
+    body_8bit: bool = False  # BODY=8BITMIME (RFC 6152)
+    smtputf8: bool = False  # SMTPUTF8 (RFC 6531)
+    ret: str = ""  # RFC 3461 RET: FULL | HDRS
+    envid: str = ""  # RFC 3461 ENVID (xtext)
+    size: int | None = None  # the SIZE the client declared (RFC 1870)
+
+
+# ------------------------------------------------------------------------ events
+
+
+@dataclass(slots=True)
+class StartTLS:
+    """Answer: `tls_started()` after the handshake. `dropped`: plaintext bytes pipelined
+    after the command that were discarded (CVE-2011-0411)."""
+
+    dropped: int
+
+
+@dataclass(slots=True)
+class AuthRequest:
+    """Answer: `auth_result()`. With `refusal` set the exchange already failed (e.g. an
+    authzid other than the user): record a failure, do not verify, answer BAD."""
+
+    mechanism: str
+    username: str
+    password: str = field(repr=False)
+    refusal: Reply | None = None
+
+
+@dataclass(slots=True)
+class MailRequest:
+    """Answer: `policy_result()`: None accepts the sender (sender policy, rate limits,
+    free space are the adapter's)."""
+
+    transaction: Transaction
+
+
+@dataclass(slots=True)
+class RcptRequest:
+    """Answer: `policy_result(reply, bad_recipient=...)` (relay policy, host checks,
+    rates). `postmaster`: RCPT TO:<Postmaster>, always acceptable (RFC 5321 4.5.1)."""
+
+    transaction: Transaction
+    recipient: PathArg
+    postmaster: bool
+
+
+@dataclass(slots=True)
+class DataRequest:
+    """Answer: `policy_result()`: None once the adapter is ready to store the body (354
+    follows); a reply (e.g. 451 spool trouble) refuses DATA."""
+
+    transaction: Transaction
+
+
+@dataclass(slots=True)
+class BodyData:
+    segments: list[bytes]  # message bytes, CRLF line ends, dots un-stuffed
+
+
+@dataclass(slots=True)
+class MessageComplete:
+    """The end of data was reached and the message is acceptable. Answer:
+    `message_result(reply)` (250 once durable, else 4yz)."""
+
+    transaction: Transaction
+    size: int
+
+
+@dataclass(slots=True)
+class MessageAborted:
+    """The engine refused the message after DATA (its reply is queued): discard it."""
+
+    transaction: Transaction
+    reply: Reply
+    wire_bytes: int
+
+
+@dataclass(slots=True)
+class Delay:
+    """Send what is queued, sleep `seconds`, then call `resume()` (sendmail's
+    confBAD_RCPT_THROTTLE)."""
+
+    seconds: float
+
+
+@dataclass(slots=True)
+class Reject:
+    """A refusal the operator sees in the maillog (`reject=` line)."""
+
+    reply: Reply
+    what: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class LogWarning:
+    """A `warning=` maillog line."""
+
+    text: str
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class CloseConnection:
+    """Send what is queued and close. `abort`: do not wait long for a slow reader."""
+
+    reason: str  # quit | errors | junk | auth_failures | bad_rcpts | bare | timeout | ...
+    abort: bool = True
+
+
+Event = (StartTLS | AuthRequest | MailRequest | RcptRequest | DataRequest | BodyData
+         | MessageComplete | MessageAborted | Delay | Reject | LogWarning | CloseConnection)
+
+_BODY_ERRORS: dict[str, Reply] = {
+    TOO_BIG: replies.MSG_TOO_BIG,
+    LONG_LINE: replies.TEXT_LINE_TOO_LONG,
+}
+
+_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "BDAT", "SEND", "SOML", "SAML"})
+_JUNK = frozenset({"NOOP", "RSET", "HELP", "VRFY"})
+
+_AGAIN = _Sentinel("AGAIN")
+
+_BAD_UTF8 = Reply(500, "5.5.2", "Invalid UTF-8 in command")
+_MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+_RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+_BAD_SIZE = Reply(501, "5.5.4", "Bad SIZE parameter")
+_NON_ASCII_PARAM = Reply(501, "5.5.4", "ESMTP parameter values must be ASCII")
+_SMTPUTF8_VALUE = Reply(501, "5.5.4", "SMTPUTF8 takes no value")
+_BAD_RET = Reply(501, "5.5.4", "RET must be FULL or HDRS")
+_BAD_ENVID = Reply(501, "5.5.4", "Bad ENVID parameter")
+_BAD_NOTIFY = Reply(501, "5.5.4", "NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
+_BAD_ORCPT = Reply(501, "5.5.4", "Bad ORCPT parameter")
+_BAD_MECH = Reply(504, "5.5.4", "Unrecognized authentication type")
+_UNDECODABLE = Reply(501, "5.5.2", "Cannot decode response")
+_NOTIFY_WORDS = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})
+_HEX = frozenset("0123456789ABCDEF")
+
+
+def xtext_ok(value: str, limit: int) -> bool:
+    """RFC 3461 4: xtext is printable ASCII without "+" or "=" except "+XX" hex escapes."""
+    if not value or len(value) > limit or not value.isascii():
+        return False
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c == "+":
+            if len(value) < i + 3 or not set(value[i + 1:i + 3]) <= _HEX:
+                return False
+            i += 3
+            continue
+        if not ("!" <= c <= "~") or c == "=":
+            return False
+        i += 1
+    return True
+
+
+# ------------------------------------------------------------------------ the engine
+
+
+class Engine:
+    """One SMTP server dialogue. See the module docstring for the calling convention."""
+
+    def __init__(self, cfg: Config, *, mode: str, trusted: bool = False,
+                 auth_available: bool = True, tls_available: bool = True,
+                 tls_active: bool = False) -> None:
+        lim = cfg.limits
+        self.hostname = cfg.hostname
+        self.mode = mode  # smtp | submission | submissions
+        self.trusted = trusted
+        self.auth_available = auth_available
+        self.tls_available = tls_available
+        self.mechanisms = tuple(m.upper() for m in cfg.auth.mechanisms)
+        self.postmaster_domain = (cfg.relay.local_domains or (cfg.hostname,))[0]
+        self.max_line = lim.max_line_length
+        self.max_auth_line = lim.max_auth_line_length
+        self.max_size = lim.max_message_size
+        self.max_text_line = lim.max_text_line_length
+        self.max_recipients = lim.max_recipients
+        self.max_errors = lim.max_errors
+        self.max_junk = lim.max_junk_commands
+        self.max_auth_failures = lim.max_auth_failures
+        self.bad_rcpt_throttle = lim.bad_rcpt_throttle
+        self.bad_rcpt_limit = lim.bad_rcpt_limit
+        # session state (RFC 5321 4.1.4; RFC 3207 4.2 resets it)
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tls = tls_active  # submissions: the transport did the handshake (RFC 8314)
+        self.auth_user = ""
+        self.transaction: Transaction | None = None
+        # counters
+        self.errors = 0
+        self.junk = 0
+        self.auth_failures = 0
+        self.bad_rcpts = 0
+        self.rcpt_throttled = False
+        self.commands: dict[str, int] = {}  # per verb, for the disconnect line (as Postfix)
+        # machinery
+        self.phase = Phase.COMMAND
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._events: deque[Event] = deque()
+        self._skipping = False  # dropping the rest of an over-long line
+        self._skip_cr = False  # the last byte dropped was a CR
+        self._waiting = ""  # which answer is outstanding in Phase.WAIT
+        self._pending: object = None  # what the outstanding request was about
+        self._sasl: SaslExchange | None = None
+        self._reader: BodyReader | None = None
+        self._eof = False
+        self.discarded = 0  # bytes discarded while a TLS handshake was pending
+
+    # ------------------------------------------------------------------ public API
+    def greet(self) -> None:
+        self._reply(Reply(220, "", f"{self.hostname} ESMTP authrelay"))
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the peer; b"" means end of input."""
+        if not data:
+            self._eof = True
+            return
+        if self.phase is Phase.CLOSED:
+            return
+        if self.phase is Phase.TLS:  # CVE-2011-0411: plaintext after STARTTLS is dropped
+            self.discarded += len(data)
+            return
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Input bytes received but not yet consumed (the adapter's read back-pressure)."""
+        return len(self._buf)
+
+    @property
+    def eof(self) -> bool:
+        return self._eof
+
+    def data_to_send(self) -> bytes:
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._out)
+
+    @property
+    def protocol(self) -> str:
+        """RFC 3848 WITH value."""
+        if not self.esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self.tls else "") + ("A" if self.auth_user else "")
+
+    def next_event(self) -> Event | _Sentinel:
+        if self._events:
+            return self._events.popleft()
+        phase = self.phase
+        if phase is Phase.CLOSED:
+            return CLOSED
+        if phase is Phase.WAIT or phase is Phase.TLS:
+            return PAUSED
+        try:
+            if phase is Phase.DATA:
+                if not self._data_step():
+                    return NEED_DATA
+            else:
+                line = self._take_line(self.max_auth_line if phase is Phase.AUTH_LINE
+                                       else self.max_line)
+                if line is None:
+                    if not self._eof:
+                        return NEED_DATA
+                    self._close("eof", abort=False)
+                elif line is _AGAIN:
+                    pass
+                elif phase is Phase.AUTH_LINE:
+                    assert isinstance(line, bytes)
+                    self._auth_line(line)
+                else:
+                    assert isinstance(line, bytes)
+                    self._command(line)
+        except Exception:  # never a traceback to the client; the session ends cleanly
+            log.debug("SMTP engine error", exc_info=True)
+            self._reply(replies.LOCAL_ERROR)
+            self._close("error")
+        if self._events:
+            return self._events.popleft()
+        if self.phase is Phase.CLOSED:
+            return CLOSED
+        return CONTINUE
+
+    # answers to requests ------------------------------------------------------
+    def tls_started(self) -> None:
+        self._expect("tls")
+        self.tls = True
+        # RFC 3207 4.2: forget everything learnt before TLS, EHLO included.
+        self.helo, self.esmtp, self.transaction = None, False, None
+        self._buf.clear()
+        self.phase = Phase.COMMAND
+
+    def auth_result(self, outcome: AuthOutcome) -> None:
+        req = self._expect("auth")
+        assert isinstance(req, AuthRequest)
+        self.phase = Phase.COMMAND
+        if outcome is AuthOutcome.OK:
+            self.auth_user = req.username
+            self._reply(replies.AUTH_OK)
+        elif outcome is AuthOutcome.TEMPFAIL:
+            self._reply(replies.AUTH_TEMPFAIL)
+        else:
+            self.auth_failures += 1
+            if outcome is AuthOutcome.LOCKED:
+                self._reply(replies.AUTH_LOCKED)
+            else:
+                self._reply(req.refusal or replies.AUTH_FAILED)
+            if self.auth_failures >= self.max_auth_failures:
+                self._reply(replies.TOO_MANY_AUTH_FAILURES)
+                self._events.append(Reject(replies.TOO_MANY_AUTH_FAILURES))
+                self._close("auth_failures")
+
+    def policy_result(self, reply: Reply | None, *, bad_recipient: bool = False) -> None:
+        """The adapter's verdict on a MailRequest, RcptRequest or DataRequest."""
+        kind = self._waiting
+        req = self._expect(kind if kind in ("mail", "rcpt", "data") else "policy")
+        self.phase = Phase.COMMAND
+        if kind == "mail":
+            assert isinstance(req, MailRequest)
+            if reply is not None:
+                self._reply(reply)
+                return
+            self.transaction = req.transaction
+            self._reply(replies.SENDER_OK)
+        elif kind == "rcpt":
+            assert isinstance(req, RcptRequest)
+            if reply is not None:
+                self._reply(reply)
+                if bad_recipient:
+                    self._bad_rcpt()
+                return
+            req.transaction.rcpts.append(req.recipient)
+            self._reply(replies.RCPT_OK)
+        else:
+            if reply is not None:
+                self._reply(reply)
+                return
+            self._reply(replies.START_DATA)
+            self._reader = BodyReader(self.max_size, self.max_text_line)
+            self.phase = Phase.DATA
+
+    def message_result(self, reply: Reply) -> None:
+        self._expect("commit")
+        self.phase = Phase.COMMAND
+        self.transaction = None
+        self._reply(reply)
+        if reply.code == 250:
+            self.junk = 0  # Postfix: the junk command count is reset after mail is accepted
+
+    def resume(self) -> None:
+        arg = self._expect("delay")
+        self.phase = Phase.COMMAND
+        assert isinstance(arg, str)
+        self._rcpt(arg)
+
+    def timeout(self) -> None:
+        """A phase deadline passed (command, DATA block, DATA total, handshake)."""
+        if self.phase is Phase.CLOSED:
+            return
+        self._reply(replies.TIMEOUT)
+        self._events.append(Reject(replies.TIMEOUT, extra={"stage": "timeout"}))
+        self._close("timeout")
+
+    def close_with(self, reply: Reply, reason: str = "closed") -> None:
+        """End the dialogue from outside (shutdown, session time limit) with `reply`."""
+        if self.phase is Phase.CLOSED:
+            return
+        self._reply(reply)
+        self._close(reason)
+
+    # ------------------------------------------------------------------ internals
+    def _reply(self, r: Reply) -> None:
+        self._out.append(r.lines())
+
+    def _expect(self, kind: str) -> object:
+        if self.phase is not (Phase.TLS if kind == "tls" else Phase.WAIT) or \
+                self._waiting != kind:
+            raise RuntimeError(f"no {kind} request outstanding (waiting for "
+                               f"{self._waiting or 'nothing'})")
+        self._waiting = ""
+        pending, self._pending = self._pending, None
+        return pending
+
+    def _wait(self, kind: str, event: Event, pending: object = None) -> None:
+        self.phase = Phase.WAIT
+        self._waiting = kind
+        self._pending = event if pending is None else pending
+        self._events.append(event)
+
+    def _close(self, reason: str, abort: bool = True) -> None:
+        self.phase = Phase.CLOSED
+        self._buf.clear()
+        self._reader = None
+        self._events.append(CloseConnection(reason, abort))
+
+    def _error(self, r: Reply) -> None:
+        """A client error; too many of them end the session (a confused or hostile client)."""
+        self.errors += 1
+        self._reply(r)
+        if self.errors >= self.max_errors:
+            self._reply(replies.TOO_MANY_ERRORS)
+            self._events.append(Reject(replies.TOO_MANY_ERRORS))
+            self._close("errors")
+
+    def _bare(self) -> None:
+        # RFC 5321 2.3.8: CR and LF only together; anything else may be smuggling.
+        self._reply(replies.BARE_LF)
+        self._events.append(Reject(replies.BARE_LF))
+        self._close("bare")
+
+    def _take_line(self, limit: int) -> bytes | _Sentinel | None:
+        """The next complete command line without CRLF; None: more input is needed;
+        `_AGAIN`: a line was refused here (its reply queued), call again.
+
+        `limit` counts the CRLF (RFC 5321 4.5.3.1.4). An over-long line is dropped as it
+        arrives (memory stays bounded) and refused when its end comes; a bare CR or LF
+        anywhere ends the session. The result does not depend on how the input was split.
+        """
+        buf = self._buf
+        if self._skipping:
+            i = buf.find(b"\n")
+            seg = bytes(buf if i < 0 else buf[:i])
+            if self._skip_cr and seg:  # a CR we dropped is followed by something not LF
+                self._bare()
+                return _AGAIN
+            if i < 0:
+                if b"\r" in seg[:-1]:
+                    self._bare()
+                    return _AGAIN
+                if seg:
+                    self._skip_cr = seg.endswith(b"\r")
+                buf.clear()
+                return None
+            ends_crlf = seg.endswith(b"\r") if seg else self._skip_cr
+            if not ends_crlf or b"\r" in seg[:-1]:
+                self._bare()
+                return _AGAIN
+            del buf[:i + 1]
+            self._skipping = self._skip_cr = False
+            self._line_too_long()
+            return _AGAIN
+        i = buf.find(b"\n")
+        if i < 0:
+            cr = buf.find(b"\r")
+            if cr != -1 and cr != len(buf) - 1:
+                self._bare()
+                return _AGAIN
+            if len(buf) > limit:  # no line end yet: it is too long whatever follows
+                self._skipping = True
+                self._skip_cr = buf.endswith(b"\r")
+                buf.clear()
+            return None
+        if i == 0 or buf[i - 1] != 13 or buf.find(b"\r", 0, i - 1) != -1:
+            self._bare()
+            return _AGAIN
+        if i + 1 > limit:
+            del buf[:i + 1]
+            self._line_too_long()
+            return _AGAIN
+        line = bytes(buf[:i - 1])
+        del buf[:i + 1]
+        return line
+
+    def _line_too_long(self) -> None:
+        if self.phase is Phase.AUTH_LINE:
+            self._sasl = None
+            self.phase = Phase.COMMAND
+            self._error(replies.AUTH_LINE_TOO_LONG)
+        else:
+            self._error(replies.LINE_TOO_LONG)
+
+    # commands ---------------------------------------------------------------
+    def _command(self, raw: bytes) -> None:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(_BAD_UTF8)
+            return
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        handler = _HANDLERS.get(verb)
+        key = verb.lower() if handler is not None else "unknown"
+        self.commands[key] = self.commands.get(key, 0) + 1
+        if handler is None:
+            self._error(replies.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED
+                        else replies.UNRECOGNIZED)
+            return
+        if self.max_junk and (verb in _JUNK or (verb in ("EHLO", "HELO")
+                                                 and self.helo is not None)):
+            # Postfix smtpd_junk_command_limit: commands that move no mail cost us work
+            # without end (a pipelined NOOP flood); past the limit the session ends.
+            self.junk += 1
+            if self.junk > self.max_junk:
+                self._reply(replies.TOO_MANY_COMMANDS)
+                self._events.append(Reject(replies.TOO_MANY_COMMANDS))
+                self._close("junk")
+                return
+        handler(self, arg)
+
+    def _ehlo(self, arg: str) -> None:
+        self._hello(arg, esmtp=True)
+
+    def _helo(self, arg: str) -> None:
+        self._hello(arg, esmtp=False)
+
+    def _hello(self, arg: str, esmtp: bool) -> None:
+        name = arg.strip()
+        if not name or " " in name:
+            self._error(replies.EHLO_SYNTAX if esmtp else replies.HELO_SYNTAX)
+            return
+        self.transaction = None  # RFC 5321 4.1.4: EHLO implies RSET
+        self.helo, self.esmtp = name[:255], esmtp
+        if not esmtp:
+            self._reply(Reply(250, "", self.hostname))
+            return
+        lines = [f"{self.hostname} greets {self.helo}", "PIPELINING",
+                 f"SIZE {self.max_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
+        if not self.tls:
+            lines.append("STARTTLS")
+        elif not self.auth_user and self.auth_available:
+            # RFC 4954 4: mechanisms only where they may be used (after TLS).
+            lines.append("AUTH " + " ".join(self.mechanisms))
+        lines.append("HELP")
+        self._reply(Reply(250, "", "\n".join(lines)))
+
+    def _noop(self, arg: str) -> None:
+        self._reply(replies.NOOP)
+
+    def _rset(self, arg: str) -> None:
+        if arg.strip():
+            self._error(replies.NO_PARAMS)
+            return
+        self.transaction = None
+        self._reply(replies.RESET)
+
+    def _quit(self, arg: str) -> None:
+        self._reply(replies.bye(self.hostname))
+        self._close("quit", abort=False)
+
+    def _vrfy(self, arg: str) -> None:
+        if not arg.strip():
+            self._error(replies.SYNTAX)
+            return
+        # RFC 5321 3.5.3: 252 -- no address harvesting, no false "unknown".
+        self._reply(replies.VRFY)
+
+    def _help(self, arg: str) -> None:
+        self._reply(replies.HELP)
+
+    def _starttls(self, arg: str) -> None:
+        if arg.strip():
+            self._error(replies.NO_PARAMS)
+            return
+        if self.tls:
+            self._error(replies.ALREADY_TLS)
+            return
+        if not self.tls_available:
+            self._reply(replies.TLS_UNAVAILABLE)
+            return
+        self._reply(replies.START_TLS)
+        # CVE-2011-0411: plaintext pipelined after STARTTLS must never be executed as if
+        # it came through TLS. Drop it; only bytes from the TLS layer count from here.
+        dropped = len(self._buf)
+        self._buf.clear()
+        self.discarded = 0
+        self.phase = Phase.TLS
+        self._waiting = "tls"
+        self._events.append(StartTLS(dropped))
+
+    # AUTH (RFC 4954) ----------------------------------------------------------
+    def _auth(self, arg: str) -> None:
+        if self.helo is None:
+            self._error(replies.NEED_HELO)
+            return
+        if not self.tls:
+            self._error(replies.TLS_REQUIRED_FOR_AUTH)
+            return
+        if self.auth_user:
+            self._error(replies.ALREADY_AUTH)
+            return
+        if self.transaction is not None:
+            self._error(replies.AUTH_IN_TRANSACTION)
+            return
+        parts = arg.split()
+        if not parts or len(parts) > 2:
+            self._error(replies.SYNTAX)
+            return
+        mech = parts[0].upper()
+        if mech not in self.mechanisms or not self.auth_available:
+            self._error(_BAD_MECH)
+            return
+        try:
+            ex = SaslExchange(mech, parts[1] if len(parts) > 1 else None)
+        except SaslError as e:
+            self._sasl_failed(mech, e)
+            return
+        except (binascii.Error, UnicodeError):
+            self._error(_UNDECODABLE)
+            return
+        self._sasl_step(ex)
+
+    def _sasl_step(self, ex: SaslExchange) -> None:
+        if ex.done:
+            self._sasl = None
+            self._wait("auth", AuthRequest(ex.mechanism, ex.username, ex.password))
+            return
+        self._sasl = ex
+        self.phase = Phase.AUTH_LINE
+        self._reply(Reply(334, "", base64.b64encode(ex.challenge or b"").decode()))
+
+    def _auth_line(self, raw: bytes) -> None:
+        ex = self._sasl
+        self._sasl = None
+        self.phase = Phase.COMMAND
+        assert ex is not None
+        try:
+            ex.feed(raw.decode("ascii", "replace"))
+        except SaslError as e:
+            self._sasl_failed(ex.mechanism, e)
+            return
+        except (binascii.Error, UnicodeError):
+            self._error(_UNDECODABLE)
+            return
+        self._sasl_step(ex)
+
+    def _sasl_failed(self, mech: str, e: SaslError) -> None:
+        r = Reply(e.code, e.enhanced, e.text)
+        if e.code == 535:  # credentials refused inside the exchange: a failed login
+            self._wait("auth", AuthRequest(mech, "", "", refusal=r))
+        else:
+            self._error(r)
+
+    # the mail transaction -----------------------------------------------------
+    def _mail(self, arg: str) -> None:
+        if self.helo is None:
+            self._error(replies.NEED_HELO)
+            return
+        if self.transaction is not None:
+            self._error(replies.NESTED_MAIL)
+            return
+        if self.mode != "smtp" and not self.auth_user and not self.trusted:
+            # RFC 6409 4.3: submission needs authentication first.
+            self._error(replies.AUTH_REQUIRED)
+            self._events.append(Reject(replies.AUTH_REQUIRED, extra={"stage": "MAIL"}))
+            return
+        if arg[:5].upper() != "FROM:":
+            self._error(_MAIL_SYNTAX)
+            return
+        try:
+            path = parse_path_arg(arg[5:], allow_null=True)
+        except AddressError as e:
+            self._error(e.reply)
+            return
+        txn = Transaction(path)
+        for key, value in path.params.items():
+            if value is not None and not value.isascii():
+                self._error(_NON_ASCII_PARAM)
+                return
+            if key == "SIZE":  # RFC 1870 6: size-value ::= 1*20DIGIT
+                if value is None or not value.isdigit() or len(value) > 20:
+                    self._error(_BAD_SIZE)
+                    return
+                txn.size = int(value)
+                if txn.size > self.max_size:
+                    self._reply(replies.MSG_TOO_BIG)
+                    self._events.append(Reject(replies.MSG_TOO_BIG, f"<{path.text}>... ",
+                                               {"size": txn.size}))
+                    return
+            elif key == "BODY":  # RFC 6152
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    self._error(replies.BAD_BODY_PARAM)
+                    return
+                txn.body_8bit = value.upper() == "8BITMIME"
+            elif key == "SMTPUTF8":  # RFC 6531 3.4
+                if value is not None:
+                    self._error(_SMTPUTF8_VALUE)
+                    return
+                txn.smtputf8 = True
+            elif key == "AUTH":
+                pass  # RFC 4954 5: accepted; we do not trust a client-supplied identity
+            elif key == "RET":  # RFC 3461 4.3
+                if value is None or value.upper() not in ("FULL", "HDRS"):
+                    self._error(_BAD_RET)
+                    return
+                txn.ret = value.upper()
+            elif key == "ENVID":  # RFC 3461 4.4: xtext, at most 100 characters
+                if value is None or not xtext_ok(value, 100):
+                    self._error(_BAD_ENVID)
+                    return
+                txn.envid = value
+            else:
+                self._error(replies.UNKNOWN_PARAM)
+                return
+        if path.address is not None and not path.address.ascii and not txn.smtputf8:
+            self._error(replies.NEED_SMTPUTF8)
+            return
+        self._wait("mail", MailRequest(txn))
+
+    def _rcpt_cmd(self, arg: str) -> None:
+        if self.bad_rcpt_throttle and self.bad_rcpts >= self.bad_rcpt_throttle:
+            # sendmail confBAD_RCPT_THROTTLE: past N refused recipients every further RCPT
+            # waits a second (answers to what came before go out first), logged once.
+            if not self.rcpt_throttled:
+                self.rcpt_throttled = True
+                self._events.append(LogWarning("possible SMTP RCPT flood, throttling",
+                                               {"bad_rcpts": self.bad_rcpts}))
+            self._wait("delay", Delay(1.0), pending=arg)
+            return
+        self._rcpt(arg)
+
+    def _rcpt(self, arg: str) -> None:
+        txn = self.transaction
+        if txn is None:
+            self._error(replies.NEED_MAIL)
+            return
+        if arg[:3].upper() != "TO:":
+            self._error(_RCPT_SYNTAX)
+            return
+        try:
+            path = parse_path_arg(arg[3:], allow_null=False)
+        except AddressError as e:
+            self._error(e.reply)
+            self._bad_rcpt()
+            return
+        for key, value in path.params.items():
+            if value is not None and not value.isascii():
+                self._error(_NON_ASCII_PARAM)
+                return
+            if key == "NOTIFY":  # RFC 3461 4.1
+                words = {w.upper() for w in (value or "").split(",")}
+                if not value or not words <= _NOTIFY_WORDS or \
+                        ("NEVER" in words and len(words) > 1):
+                    self._error(_BAD_NOTIFY)
+                    return
+            elif key == "ORCPT":  # RFC 3461 4.2: addr-type ";" xtext
+                atype, semi, addr = (value or "").partition(";")
+                if not semi or not atype or not xtext_ok(addr, 500):
+                    self._error(_BAD_ORCPT)
+                    return
+            else:
+                self._error(replies.UNKNOWN_PARAM)
+                return
+        assert path.address is not None
+        postmaster = path.address.domain == ""  # RCPT TO:<Postmaster> (RFC 5321 4.5.1)
+        if postmaster:
+            # The site's postmaster: at the first local domain, else at our own name.
+            path = PathArg(Address("postmaster", self.postmaster_domain), path.params)
+        if not path.address.ascii and not txn.smtputf8:
+            self._error(replies.NEED_SMTPUTF8)
+            return
+        if len(txn.rcpts) >= self.max_recipients:
+            self._reply(replies.TOO_MANY_RCPTS)
+            self._events.append(Reject(replies.TOO_MANY_RCPTS, f"<{path.text}>... "))
+            return
+        self._wait("rcpt", RcptRequest(txn, path, postmaster))
+
+    def _bad_rcpt(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.bad_rcpts += 1
+        if self.bad_rcpt_limit and self.bad_rcpts >= self.bad_rcpt_limit:
+            self._reply(replies.TOO_MANY_BAD_RCPTS)
+            self._events.append(Reject(replies.TOO_MANY_BAD_RCPTS))
+            self._close("bad_rcpts")
+
+    def _data(self, arg: str) -> None:
+        if arg.strip():
+            self._error(replies.NO_PARAMS)
+            return
+        txn = self.transaction
+        if txn is None:
+            self._error(replies.NEED_MAIL)
+            return
+        if not txn.rcpts:
+            self._error(replies.NEED_RCPT)
+            return
+        self._wait("data", DataRequest(txn))
+
+    def _data_step(self) -> bool:
+        """Feed buffered input to the body reader; False when there is none."""
+        reader, txn = self._reader, self.transaction
+        assert reader is not None and txn is not None
+        buf = self._buf
+        if not buf:
+            if not self._eof:
+                return False
+            self._events.append(MessageAborted(txn, replies.LOCAL_ERROR, reader.wire_bytes))
+            self.transaction = None
+            self._close("eof", abort=False)
+            return True
+        if len(buf) <= CHUNK:
+            chunk = bytes(buf)
+            buf.clear()
+        else:
+            chunk = bytes(buf[:CHUNK])
+            del buf[:CHUNK]
+        feed = reader.feed(chunk)
+        if feed.error == BARE:
+            self._events.append(MessageAborted(txn, replies.BARE_LF, reader.wire_bytes))
+            self.transaction = None
+            self._bare()
+            return True
+        if feed.segments:
+            self._events.append(BodyData(feed.segments))
+        if not feed.done:
+            return True
+        self._reader = None
+        if feed.leftover:
+            buf[:0] = feed.leftover  # pipelined commands after the end of data
+        if reader.error:
+            r = _BODY_ERRORS.get(reader.error, replies.LOCAL_ERROR)
+            self._reply(r)
+            self._events.append(MessageAborted(txn, r, reader.wire_bytes))
+            self.transaction = None
+            self.phase = Phase.COMMAND
+            return True
+        self._wait("commit", MessageComplete(txn, reader.size))
+        return True
+
+
+_HANDLERS = {
+    "EHLO": Engine._ehlo, "HELO": Engine._helo, "MAIL": Engine._mail,
+    "RCPT": Engine._rcpt_cmd, "DATA": Engine._data, "RSET": Engine._rset,
+    "NOOP": Engine._noop, "QUIT": Engine._quit, "VRFY": Engine._vrfy,
+    "HELP": Engine._help, "STARTTLS": Engine._starttls, "AUTH": Engine._auth,
+}
