@@ -175,6 +175,10 @@ class Delivery:
     tls_verify: bool = False  # opportunistic TLS to MX does not verify (RFC 7435)
     max_idle_connections: int = 50  # outbound connection cache
     idle_timeout: float = 10.0
+    # tls = "may" only: after a failed STARTTLS handshake, a host is tried in plain text
+    # for this long (as Postfix does; an attacker could strip the STARTTLS offer anyway).
+    # 0 turns the fallback off.
+    tls_fallback_time: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -328,6 +332,7 @@ _DURATIONS = {
     "auth.failure_delay", "delivery.max_queue_lifetime", "delivery.delay_warning",
     "delivery.connect_timeout", "delivery.command_timeout", "delivery.data_timeout",
     "delivery.dns_timeout", "delivery.idle_timeout", "limits.command_timeout",
+    "delivery.tls_fallback_time",
     "limits.data_block_timeout", "limits.data_final_timeout", "limits.tls_handshake_timeout",
     "limits.session_timeout",
 }

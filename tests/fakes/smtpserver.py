@@ -12,6 +12,10 @@ real authrelay process, can talk to it). Options:
 - `rcpt_replies`: {"address": "550 5.1.1 no such user"}: per-recipient refusals
 - `data_delay`: seconds to wait before answering the final dot (timeout tests)
 - `size_limit`: the SIZE announced (and enforced); `smtputf8`: announce SMTPUTF8
+- `pipelining`: announce PIPELINING (RFC 2920; aiosmtpd reads commands line by line, so
+  it serves pipelined groups correctly; default on, as on most real MX)
+- `broken_starttls`: offer STARTTLS, answer 220, then answer the client's TLS hello with
+  garbage and close (a broken TLS stack or middlebox: the handshake fails)
 
 Records, thread-safely readable after the client got its reply:
 - `messages`: one `Received` per accepted DATA (envelope, options, raw content bytes as
@@ -19,6 +23,9 @@ Records, thread-safely readable after the client got its reply:
 - `connections`: the number of TCP connections accepted
 - `wire`: per connection, every byte the client sent (plaintext, after TLS decryption):
   for "no bare CR or LF ever left the client" assertions
+- `reads`: per connection, the chunks as each read returned them (pipelining shows as
+  MAIL, RCPTs and DATA in one chunk)
+- `starttls_attempts`: STARTTLS commands answered with 220
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class Received:
 class _Conn:
     index: int
     wire: bytearray = field(default_factory=bytearray)
+    reads: list[bytes] = field(default_factory=list)
 
 
 class _RecordingSMTP(SMTP):
@@ -70,8 +78,26 @@ class _RecordingSMTP(SMTP):
         self._conn = conn
 
     def data_received(self, data: bytes) -> None:
+        if self._broken_tls:  # the client's TLS hello: answer with garbage, hang up
+            assert self.transport is not None
+            self.transport.write(b"this is not TLS\r\n" * 4)
+            self.transport.close()
+            return
         self._conn.wire += data
+        self._conn.reads.append(bytes(data))
         super().data_received(data)
+
+    _broken_tls = False
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._fake.broken_starttls and not arg:
+            self._fake.starttls_attempts += 1
+            await self.push("220 2.0.0 Ready to start TLS")
+            self._broken_tls = True
+            return
+        if not arg and self.tls_context:
+            self._fake.starttls_attempts += 1
+        await super().smtp_STARTTLS(arg)
 
     async def _handle_client(self) -> None:
         if self._fake.greeting:
@@ -85,6 +111,13 @@ class _RecordingSMTP(SMTP):
 class _Handler:
     def __init__(self, fake: FakeSMTPServer) -> None:
         self.fake = fake
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.fake.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -139,6 +172,8 @@ class FakeSMTPServer:
                  data_delay: float = 0.0,
                  size_limit: int = 33554432,
                  smtputf8: bool = True,
+                 pipelining: bool = True,
+                 broken_starttls: bool = False,
                  hostname: str = "fake.test") -> None:
         self.host, self.port = host, port
         self.starttls_context = starttls_context
@@ -153,6 +188,9 @@ class FakeSMTPServer:
         self.data_delay = data_delay
         self.size_limit = size_limit
         self.smtputf8 = smtputf8
+        self.pipelining = pipelining
+        self.broken_starttls = broken_starttls
+        self.starttls_attempts = 0
         self.hostname = hostname
         self.messages: list[Received] = []
         self._conns: list[_Conn] = []
@@ -170,6 +208,10 @@ class FakeSMTPServer:
     @property
     def wire(self) -> list[bytes]:
         return [bytes(c.wire) for c in self._conns]
+
+    @property
+    def reads(self) -> list[list[bytes]]:
+        return [list(c.reads) for c in self._conns]
 
     @property
     def address(self) -> str:
@@ -204,7 +246,8 @@ class FakeSMTPServer:
             enable_SMTPUTF8=self.smtputf8,
             decode_data=False,
             hostname=self.hostname,
-            tls_context=self.starttls_context,
+            tls_context=self.starttls_context or (
+                _dummy_tls_context() if self.broken_starttls else None),
             require_starttls=self.require_starttls,
             authenticator=self._authenticator if auth else None,
             auth_required=auth,
@@ -273,6 +316,11 @@ class FakeSMTPServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _dummy_tls_context() -> ssl.SSLContext:
+    """A context only so aiosmtpd offers STARTTLS; `broken_starttls` never uses it."""
+    return ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
 
 
 def server_tls_context(ca: Any, *names: str) -> ssl.SSLContext:

@@ -1,24 +1,38 @@
-"""Courier: the outbound SMTP client (RFC 5321) on aiosmtplib, one call per delivery.
+"""Courier: the outbound SMTP client (RFC 5321), one call per delivery.
 
 Owns: picking the hosts (MX via `mx.resolve`, or `[relay] smart_host` in order), the
 session with each (EHLO, STARTTLS policy, smart-host AUTH, SIZE / 8BITMIME / SMTPUTF8 /
 DSN parameters), per-recipient results, and an idle-connection cache so several messages
-to one host share a connection (RSET between messages).
+to one host share a connection (RSET between messages only after an idle spell).
+The protocol is our own: `wire.py` (sans-I/O reply parser, command bytes) under
+`connection.py` (an asyncio Protocol with flow control); no third-party SMTP client.
 
 Contract (docs/INTERFACES.md): `await Courier(cfg).deliver(env, rcpts, message, offset)`
 returns one `DeliveryResult` per recipient address and never raises for network, TLS or
 DNS trouble. All `rcpts` share one route key (`router.route_key`).
 
+PIPELINING (RFC 2920): to a host that offers it, MAIL, every RCPT and DATA go out in one
+write and the replies are read afterwards (one round trip instead of 2 + recipients);
+the message follows the 354. Without it, one command per round trip.
+
 Failure policy (codes per RFC 3463):
 - 2xx: sent. 5xx from the peer: permanent. 4xx: transient.
 - No connection (refused, unreachable) 4.4.1; timeout or lost connection 4.4.2;
-  DNS trouble 4.4.3, NXDOMAIN 5.1.2, null MX 5.1.10 (see mx.py).
-- Connection failure, or a 4xx/5xx greeting/EHLO, or 4xx at MAIL: the next host is
-  tried (RFC 5321 5.1); the last host's reason becomes everyone's result.
-- TLS required but not offered: 4.7.4 (security feature not supported); TLS handshake or
-  STARTTLS failure: 4.7.5 (cryptographic failure). Both transient: next host, then retry.
-  With `[delivery] tls = "may"` (RFC 7435 opportunistic) STARTTLS is used whenever offered,
-  unverified; plain text only when the server did not offer it.
+  garbage instead of a reply 4.5.0; DNS trouble 4.4.3, NXDOMAIN 5.1.2, null MX 5.1.10.
+- Hosts are tried in order (RFC 5321 5.1). A host that fails as a whole (connection,
+  greeting, EHLO, TLS, AUTH, a 4xx at MAIL) passes every recipient to the next host; a 4xx
+  at RCPT, or a 4xx reply to DATA or to the message, passes just those recipients to the
+  next host in the same attempt (as Postfix does: only the last host's soft errors are
+  final). A recipient keeps the most specific reply it got: a 450 from the primary stays
+  its result if the backup cannot be reached. Every failed host is written to the maillog
+  (`ID: relay=HOST [IP]:PORT, status=host failed, reason=...`), also when a later host
+  takes the mail.
+- TLS required but not offered: 4.7.4; TLS handshake failure: 4.7.5. Both transient.
+  `[delivery] tls = "may"` (RFC 7435 opportunistic): STARTTLS whenever offered,
+  unverified (unless `tls_verify`); a refused STARTTLS command continues in plain text
+  (as if it had not been offered). After a failed STARTTLS *handshake* the host is tried
+  in plain text for `tls_fallback_time` (next attempts; logged): never with
+  `tls = "encrypt"`, never with `tls_verify`, never for a smart host.
 - Smart host AUTH rejected, or no PLAIN/LOGIN: transient 454 4.7.0 (an admin problem;
   the mail is kept). The password is read from `smart_host_password_file` per connection
   and never logged.
@@ -26,17 +40,19 @@ Failure policy (codes per RFC 3463):
 - UTF-8 address but the peer lacks SMTPUTF8: permanent 553 5.6.7 (RFC 6531 3.5), for
   that recipient only (or all, for a UTF-8 sender). A message flagged SMTPUTF8 whose
   addresses are all ASCII goes to such a peer without the parameter (as Postfix does).
-  BODY=8BITMIME is passed when the envelope says 8bit and the peer offers it.
+  BODY=8BITMIME is passed when the envelope says 8bit and the peer offers it; RFC 3461
+  RET/ENVID/NOTIFY/ORCPT when the peer offers DSN.
 - Smart host with `smart_host_tls = "none"` and a user: AUTH goes in plain text (the
   operator asked for it, e.g. over a tunnel); with "starttls" it is never sent before TLS.
-- Lost connection after DATA was sent: transient for the accepted recipients and no
-  other host is tried (the message may have arrived; at-least-once, never lost).
+- Lost connection or timeout after the message was sent: transient for the accepted
+  recipients and no other host is tried (it may have arrived; at-least-once, never lost).
 
 What goes out: every line end is CRLF (a bare CR or LF in the stored message becomes
-CRLF: the outbound half of SMTP smuggling), then dot-stuffed here (large messages are
-streamed from the spool file chunk by chunk).
-RFC 5321 4.5.3.2 timeouts: `[delivery] connect_timeout` (connect + greeting),
-`command_timeout` (EHLO, STARTTLS, AUTH, MAIL, RCPT, RSET), `data_timeout` (DATA).
+CRLF: the outbound half of SMTP smuggling), then dot-stuffed here (messages over 1 MiB are
+streamed from the spool file chunk by chunk, waiting whenever the socket buffer is full).
+RFC 5321 4.5.3.2 timeouts: `[delivery] connect_timeout` (connect, TLS handshake, greeting),
+`command_timeout` (each reply to EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, RSET),
+`data_timeout` (each socket-buffer wait while sending the message, and the final reply).
 """
 
 from __future__ import annotations
@@ -49,25 +65,13 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import aiosmtplib
-from aiosmtplib import (
-    SMTPAuthenticationError,
-    SMTPConnectError,
-    SMTPConnectResponseError,
-    SMTPConnectTimeoutError,
-    SMTPDataError,
-    SMTPException,
-    SMTPHeloError,
-    SMTPResponseException,
-    SMTPServerDisconnected,
-    SMTPTimeoutError,
-)
-
+from authrelay import maillog as maillog_mod
 from authrelay.config import Config, parse_hostport
-from authrelay.delivery import mx
+from authrelay.delivery import mx, wire
+from authrelay.delivery.connection import Connection, ConnectionLost, open_connection
 from authrelay.delivery.router import SMARTHOST, route_key
+from authrelay.delivery.wire import ProtocolError, SMTPReply
 from authrelay.dns import Resolver
 from authrelay.spool.envelope import Envelope, Recipient
 from authrelay.types import DeliveryResult
@@ -78,6 +82,10 @@ _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+")
 _BAD_EOL = re.compile(rb"\r\n|\r|\n")
 _NORMALIZE_OFFLOAD = 1 << 20  # bigger messages are streamed from the spool file
 _STREAM_CHUNK = 256 * 1024
+_FRESH = 2.0  # seconds a checked-in connection is trusted without an RSET probe
+_QUIT_TIMEOUT = 5.0
+
+_LOST = (ConnectionLost, ConnectionError, OSError, ProtocolError)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -96,11 +104,8 @@ def normalize_crlf(data: bytes) -> bytes:
 
 
 def dot_stuff(data: bytes) -> bytes:
-    """RFC 5321 4.5.2 transparency plus the end marker, for CRLF-only text.
-
-    bytes.replace runs in C; aiosmtplib's data() re-normalises line ends and stuffs with two
-    regex substitutions, which cost ~2 ms per 100 KB in profiles.
-    """
+    """RFC 5321 4.5.2 transparency plus the end marker, for CRLF-only text
+    (`bytes.replace` runs in C: no per-line Python work)."""
     out = data.replace(b"\r\n.", b"\r\n..")
     if out.startswith(b"."):
         out = b"." + out
@@ -119,10 +124,9 @@ class _FileBody:
         return self.size
 
 
-async def _stream_file(proto: Any, body: _FileBody) -> None:
-    """Normalise line ends and dot-stuff chunk by chunk, with flow control, so a 20 MB
-    message costs a few MB of memory, not several copies of itself."""
-    drain = getattr(proto, "_drain_helper", None)  # asyncio FlowControlMixin (aiosmtplib)
+async def _stream_file(wire_conn: Connection, body: _FileBody, timeout: float) -> None:
+    """Normalise line ends and dot-stuff chunk by chunk, waiting for the socket buffer
+    to drain after each chunk, so a 20 MB message costs a few hundred KB of memory."""
     at_line_start, carry_cr = True, False
     with open(body.path, "rb") as f:
         f.seek(body.offset)
@@ -142,30 +146,10 @@ async def _stream_file(proto: Any, body: _FileBody) -> None:
                 out = b"." + out
             if out:
                 at_line_start = out.endswith(b"\r\n")
-                proto.write(out)
-                if drain is not None:
-                    await drain()
+                wire_conn.write(out)
+                await wire_conn.drain(timeout)
     tail = b"\r\n" if carry_cr or not at_line_start else b""
-    proto.write(tail + b".\r\n")
-
-
-async def _send_data(smtp: aiosmtplib.SMTP, data: bytes | _FileBody, timeout: float) -> Any:
-    """DATA, then the message normalised (normalize_crlf) and stuffed here."""
-    start = await smtp.execute_command(b"DATA", timeout=timeout)
-    if start.code != 354:
-        raise SMTPDataError(start.code, start.message)
-    proto = smtp.protocol
-    if proto is None:
-        raise SMTPServerDisconnected("connection lost")
-    # The connection is checked out to this delivery alone: nothing else writes on it.
-    if isinstance(data, _FileBody):
-        await asyncio.wait_for(_stream_file(proto, data), timeout)
-    else:
-        proto.write(dot_stuff(data))
-    resp = await proto.read_response(timeout=timeout)
-    if resp.code != 250:
-        raise SMTPDataError(resp.code, resp.message)
-    return resp
+    wire_conn.write(tail + b".\r\n")
 
 
 def _read_message(path: Path, offset: int) -> bytes:
@@ -186,16 +170,13 @@ def reply_result(code: int, message: str, remote: str) -> DeliveryResult:
         return DeliveryResult.sent(code, enhanced, text, remote)
     if code >= 500:
         return DeliveryResult.perm(text, enhanced, code, remote)
-    if code < 400:  # a 1xx/3xx where a final reply was due: protocol trouble, retry
+    if code < 400:  # a 3xx where a final reply was due: protocol trouble, retry
         return DeliveryResult.temp(f"unexpected reply {code} {text}", "4.5.0", 451, remote)
     return DeliveryResult.temp(text, enhanced, code, remote)
 
 
-def _is_ascii(s: str) -> bool:
-    return s.isascii()
-
-
-_FRESH = 2.0  # seconds a checked-in connection is trusted without an RSET probe
+def _result(rep: SMTPReply, remote: str) -> DeliveryResult:
+    return reply_result(rep.code, rep.text, remote)
 
 
 class _TryNext(Exception):
@@ -213,15 +194,30 @@ class _Target:
     port: int
     mode: str  # "mx" | "starttls" | "tls" | "none"
 
+    @property
+    def where(self) -> str:
+        return f"{self.host} [{self.addr}]:{self.port}" if self.host != self.addr \
+            else f"{self.addr}:{self.port}"
+
 
 @dataclass(eq=False)
 class _Conn:
-    smtp: aiosmtplib.SMTP
+    wire: Connection
     key: tuple[str, int]
     remote: str
+    ext: dict[str, str] = field(default_factory=dict)
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     idle_since: float = 0.0
     reused: bool = False
+
+
+@dataclass
+class _Outcome:
+    """One host's answer for some recipients: final results, and who goes on."""
+
+    results: dict[str, DeliveryResult]
+    next_host: set[str]  # addresses whose (transient) result another host may improve
+    reusable: bool
 
 
 # --------------------------------------------------------------------------- courier
@@ -229,12 +225,16 @@ class _Conn:
 class Courier:
     """Delivers one message to a set of recipients that share a route key."""
 
-    def __init__(self, cfg: Config, resolver: Resolver | None = None) -> None:
+    def __init__(self, cfg: Config, resolver: Resolver | None = None,
+                 maillog: maillog_mod.MailLog | None = None) -> None:
         self.cfg = cfg
         d = cfg.delivery
         self.resolver = resolver or Resolver(list(d.nameservers), d.dns_timeout)
+        self._maillog = maillog
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Hosts whose STARTTLS handshake failed: (host, ip, port) -> plain text until then.
+        self._plain_until: dict[tuple[str, str, int], float] = {}
         # MX: opportunistic TLS does not authenticate the peer (RFC 7435), so a
         # self-signed MX still gets encryption instead of plain text.
         self._mx_ctx = ssl.create_default_context()
@@ -248,6 +248,10 @@ class Courier:
             self._smart_ctx.check_hostname = False
             self._smart_ctx.verify_mode = ssl.CERT_NONE
         self.connections_opened = 0  # for metrics and tests
+
+    @property
+    def maillog(self) -> maillog_mod.MailLog:
+        return self._maillog or maillog_mod.get()
 
     # ----------------------------------------------------------------- public API
 
@@ -272,15 +276,29 @@ class Courier:
                 return {r.address: e.result for r in rcpts}
             targets = [_Target(h, ip, self.cfg.delivery.port, "mx") for h, ip in hops]
 
+        results: dict[str, DeliveryResult] = {}
+        todo = list(rcpts)
         last = DeliveryResult.temp("no host to deliver to", "4.4.0", 451)
-        for t in targets:
+        for i, t in enumerate(targets):
             try:
-                return await self._via(t, env, rcpts, data)
+                out = await self._via(t, env, todo, data)
             except _TryNext as e:
-                log.debug("%s: %s:%d failed, trying next: %s", env.queue_id, t.host, t.port,
-                          e.result)
                 last = e.result
-        return {r.address: last for r in rcpts}
+                self._host_failed(env.queue_id, t, e.result)
+                continue
+            results.update(out.results)
+            todo = [r for r in todo if r.address in out.next_host]
+            if not todo:
+                break
+            if i + 1 < len(targets):
+                worst = out.results[todo[0].address]
+                self.maillog.event(
+                    env.queue_id, relay=worst.remote or t.where,
+                    status="recipients passed to the next host",
+                    rcpts=",".join(f"<{r.address}>" for r in todo), reason=str(worst))
+        for r in todo:  # never answered by any host: the last host-level reason
+            results.setdefault(r.address, last)
+        return results
 
     async def close(self) -> None:
         """QUIT every idle connection; later deliveries still work (they reconnect)."""
@@ -317,42 +335,66 @@ class Courier:
             return await asyncio.to_thread(normalize_crlf, raw)
         return normalize_crlf(raw)
 
+    def _host_failed(self, qid: str, t: _Target, res: DeliveryResult) -> None:
+        """Postfix's `connect to host[ip]:25: Connection refused`: every failed host."""
+        self.maillog.event(qid, relay=res.remote or t.where, status="host failed",
+                           reason=str(res))
+
+    # ----------------------------------------------------------------- TLS fallback
+
+    def _may_fall_back(self, t: _Target) -> bool:
+        d = self.cfg.delivery
+        return t.mode == "mx" and d.tls == "may" and not d.tls_verify \
+            and d.tls_fallback_time > 0
+
+    def _plain_now(self, t: _Target) -> bool:
+        k = (t.host.lower(), t.addr, t.port)
+        until = self._plain_until.get(k)
+        if until is None:
+            return False
+        if until <= time.monotonic() or not self._may_fall_back(t):
+            del self._plain_until[k]
+            return False
+        return True
+
     # ----------------------------------------------------------------- one host
 
     async def _via(self, t: _Target, env: Envelope, rcpts: list[Recipient],
-                   data: bytes | _FileBody) -> dict[str, DeliveryResult]:
-        conn = await self._checkout(t)
+                   data: bytes | _FileBody) -> _Outcome:
+        conn = await self._checkout(t, env.queue_id)
         try:
-            results, reusable = await self._transaction(conn, env, rcpts, data)
+            out = await self._transaction(conn, env, rcpts, data)
         except _TryNext:
-            conn.smtp.close()
+            conn.wire.abort()
             if not conn.reused:
                 raise
             # A cached connection the server had meanwhile dropped (idle timeout, 421):
             # one more try on a fresh connection before blaming the host.
-            conn = await self._connect(t)
+            conn = await self._connect(t, env.queue_id)
             try:
-                results, reusable = await self._transaction(conn, env, rcpts, data)
+                out = await self._transaction(conn, env, rcpts, data)
             except BaseException:
-                conn.smtp.close()
+                conn.wire.abort()
                 raise
         except BaseException:
-            conn.smtp.close()
+            conn.wire.abort()
             raise
-        if reusable:
+        if out.reusable and conn.wire.is_connected:
             self._checkin(conn)
         else:
             self._spawn(self._quit(conn))
-        return results
+        return out
 
-    async def _checkout(self, t: _Target) -> _Conn:
+    async def _checkout(self, t: _Target, qid: str) -> _Conn:
         key = (t.host.lower(), t.port)
         lst = self._idle.get(key)
         while lst:
             conn = lst.pop()
+            if not lst:
+                self._idle.pop(key, None)
             if conn.timer:
                 conn.timer.cancel()
-            if not conn.smtp.is_connected:
+            if not conn.wire.is_connected:
                 continue
             conn.reused = True
             if time.monotonic() - conn.idle_since < _FRESH:
@@ -362,20 +404,19 @@ class Courier:
                 return conn
             try:
                 # After a longer idle spell an RSET proves the cached connection still works.
-                resp = await conn.smtp.execute_command(
-                    b"RSET", timeout=self.cfg.delivery.command_timeout)
-                if resp.code == 250:
+                rep = await conn.wire.command(b"RSET\r\n", self.cfg.delivery.command_timeout)
+                if rep.code == 250:
                     log.debug("reusing connection to %s", conn.remote)
                     return conn
-            except (SMTPException, OSError):
+            except (TimeoutError, *_LOST):
                 pass
-            conn.smtp.close()
-        return await self._connect(t)
+            conn.wire.abort()
+        return await self._connect(t, qid)
 
     def _checkin(self, conn: _Conn) -> None:
         d = self.cfg.delivery
         total = sum(len(v) for v in self._idle.values())
-        if (not conn.smtp.is_connected or d.idle_timeout <= 0
+        if (not conn.wire.is_connected or d.idle_timeout <= 0
                 or total >= d.max_idle_connections):
             self._spawn(self._quit(conn))
             return
@@ -399,111 +440,126 @@ class Courier:
 
     async def _quit(self, conn: _Conn) -> None:
         try:
-            if conn.smtp.is_connected:
-                await asyncio.wait_for(conn.smtp.quit(), timeout=5)
-        except (TimeoutError, SMTPException, OSError):
+            if conn.wire.is_connected:
+                await conn.wire.command(b"QUIT\r\n", _QUIT_TIMEOUT)
+        except (TimeoutError, *_LOST):
             pass
         finally:
-            conn.smtp.close()
+            conn.wire.close()
 
     # ----------------------------------------------------------------- session setup
 
-    async def _connect(self, t: _Target) -> _Conn:
+    async def _connect(self, t: _Target, qid: str) -> _Conn:
         d = self.cfg.delivery
-        where = f"{t.host} [{t.addr}]:{t.port}" if t.host != t.addr else f"{t.addr}:{t.port}"
-        smtp = aiosmtplib.SMTP(
-            hostname=t.addr, port=t.port, local_hostname=self.cfg.hostname,
-            timeout=d.command_timeout, use_tls=t.mode == "tls", start_tls=False,
-            tls_context=self._smart_ctx if t.mode == "tls" else None,
-        )
+        where = t.where
+        implicit = t.mode == "tls"
         self.connections_opened += 1
         try:
-            await smtp.connect(timeout=d.connect_timeout)
-        except SMTPConnectResponseError as e:  # greeting other than 220
-            raise _TryNext(reply_result(e.code, e.message, where)) from None
-        except SMTPConnectTimeoutError:
+            w = await open_connection(
+                t.addr, t.port, timeout=d.connect_timeout,
+                ssl_context=self._smart_ctx if implicit else None,
+                server_hostname=t.host if implicit else None)
+        except TimeoutError:
             raise _TryNext(DeliveryResult.temp(
                 f"connect to {where}: timed out", "4.4.1", 451, where)) from None
-        except SMTPConnectError as e:
-            cause = e.__cause__
-            if isinstance(cause, ssl.SSLError | ssl.CertificateError):
-                raise _TryNext(DeliveryResult.temp(
-                    f"TLS handshake with {where} failed: {_ssl_reason(cause)}",
-                    "4.7.5", 451, where)) from None
-            reason = _os_reason(cause) if cause else str(e)
+        except (ssl.SSLError, ssl.CertificateError) as e:
             raise _TryNext(DeliveryResult.temp(
-                f"connect to {where}: {reason}", "4.4.1", 451, where)) from None
-        except (SMTPException, OSError) as e:
+                f"TLS handshake with {where} failed: {_ssl_reason(e)}",
+                "4.7.5", 451, where)) from None
+        except OSError as e:
             raise _TryNext(DeliveryResult.temp(
-                f"connect to {where}: {e}", "4.4.1", 451, where)) from None
+                f"connect to {where}: {_os_reason(e)}", "4.4.1", 451, where)) from None
 
-        peer = smtp.get_transport_info("peername") or (t.addr, t.port)
+        peer = w.peername() or (t.addr, t.port)
         remote = f"{t.host} [{peer[0]}]:{peer[1]}"
-        conn = _Conn(smtp, (t.host.lower(), t.port), remote)
+        conn = _Conn(w, (t.host.lower(), t.port), remote)
+        ct = d.command_timeout
         try:
-            await self._hello(conn)
-            await self._tls(conn, t)
+            greeting = await w.reply(d.connect_timeout)
+            if greeting.code != 220:
+                raise _TryNext(_result(greeting, remote))
+            await self._hello(conn, ct)
+            await self._tls(conn, t, qid, ct)
             if t.mode != "mx" and self.cfg.relay.smart_host_user:
-                await self._auth(conn)
+                await self._auth(conn, ct)
         except _TryNext:
             self._spawn(self._quit(conn))
             raise
-        except (TimeoutError, SMTPTimeoutError):
-            smtp.close()
+        except TimeoutError:
+            w.abort()
             raise _TryNext(DeliveryResult.temp(
                 f"timeout talking to {remote}", "4.4.2", 451, remote)) from None
-        except (SMTPServerDisconnected, OSError):
-            smtp.close()
+        except ProtocolError as e:
+            w.abort()
+            raise _TryNext(DeliveryResult.temp(
+                f"protocol error from {remote}: {e}", "4.5.0", 451, remote)) from None
+        except _LOST:
+            w.abort()
             raise _TryNext(DeliveryResult.temp(
                 f"lost connection with {remote}", "4.4.2", 451, remote)) from None
         except BaseException:
-            smtp.close()
+            w.abort()
             raise
         return conn
 
-    async def _hello(self, conn: _Conn) -> None:
-        timeout = self.cfg.delivery.command_timeout
-        try:
-            await conn.smtp.ehlo(timeout=timeout)
-        except SMTPHeloError as e:
-            if not conn.smtp.is_connected or e.code == 421:
-                raise _TryNext(reply_result(e.code, e.message, conn.remote)) from None
-            try:  # RFC 5321 3.2: fall back to HELO for an old server
-                await conn.smtp.helo(timeout=timeout)
-            except SMTPHeloError as e2:
-                raise _TryNext(reply_result(e2.code, e2.message, conn.remote)) from None
+    async def _hello(self, conn: _Conn, timeout: float) -> None:
+        w = conn.wire
+        name = _helo_name(self.cfg.hostname)
+        rep = await w.command(wire.command(b"EHLO", name), timeout)
+        if rep.code == 250:
+            conn.ext = wire.parse_ehlo(rep)
+            return
+        if rep.code == 421 or not w.is_connected:
+            raise _TryNext(_result(rep, conn.remote))
+        # RFC 5321 3.2: fall back to HELO for an old server
+        rep = await w.command(wire.command(b"HELO", name), timeout)
+        if rep.code != 250:
+            raise _TryNext(_result(rep, conn.remote))
+        conn.ext = {}
 
-    async def _tls(self, conn: _Conn, t: _Target) -> None:
-        smtp = conn.smtp
+    async def _tls(self, conn: _Conn, t: _Target, qid: str, timeout: float) -> None:
         if t.mode in ("tls", "none"):
             return
-        required = t.mode == "starttls" or self.cfg.delivery.tls == "encrypt"
-        if not smtp.supports_extension("starttls"):
+        d = self.cfg.delivery
+        required = t.mode == "starttls" or d.tls == "encrypt"
+        if "starttls" not in conn.ext:
             if required:
                 raise _TryNext(DeliveryResult.temp(
                     f"TLS is required, but was not offered by {conn.remote}",
                     "4.7.4", 451, conn.remote))
             return  # "may": the server did not offer it, plain text is allowed
+        if not required and self._plain_now(t):
+            log.debug("%s: plain text to %s after a failed TLS handshake", qid, conn.remote)
+            self.maillog.event(qid, relay=conn.remote,
+                               tls="not used: the last STARTTLS handshake with this host "
+                                   "failed (tls = may)")
+            return
+        rep = await conn.wire.command(b"STARTTLS\r\n", timeout)
+        if rep.code != 220:
+            if not required:  # RFC 3207 4: the client decides; "may" goes on in plain text
+                return
+            raise _TryNext(DeliveryResult.temp(
+                f"STARTTLS refused by {conn.remote}: {rep}", "4.7.5", 451, conn.remote))
         ctx = self._mx_ctx if t.mode == "mx" else self._smart_ctx
         try:
-            await smtp.starttls(tls_context=ctx, server_hostname=t.host,
-                                timeout=self.cfg.delivery.command_timeout)
-        except SMTPResponseException as e:
-            raise _TryNext(DeliveryResult.temp(
-                f"STARTTLS refused by {conn.remote}: {e.code} {e.message}",
-                "4.7.5", 451, conn.remote)) from None
-        except (ssl.SSLError, ssl.CertificateError) as e:
-            raise _TryNext(DeliveryResult.temp(
-                f"TLS handshake with {conn.remote} failed: {_ssl_reason(e)}",
-                "4.7.5", 451, conn.remote)) from None
-        except (SMTPException, OSError) as e:
-            cause = e.__cause__ or e.__context__
-            why = _ssl_reason(cause) if isinstance(cause, ssl.SSLError) else str(e)
-            raise _TryNext(DeliveryResult.temp(
-                f"TLS handshake with {conn.remote} failed: {why}",
-                "4.7.5", 451, conn.remote)) from None
+            await conn.wire.start_tls(ctx, t.host if t.mode != "mx" or d.tls_verify
+                                      else _sni(t.host), d.connect_timeout)
+        except ProtocolError:
+            raise  # bytes injected before the handshake (RFC 3207 5): not a TLS failure
+        except (ssl.SSLError, ssl.CertificateError, TimeoutError, *_LOST) as e:
+            why = _ssl_reason(e) if isinstance(e, ssl.SSLError | ssl.CertificateError) \
+                else "timed out" if isinstance(e, TimeoutError) else "connection lost"
+            res = DeliveryResult.temp(f"TLS handshake with {conn.remote} failed: {why}",
+                                      "4.7.5", 451, conn.remote)
+            if self._may_fall_back(t) and not required:
+                self._plain_until[(t.host.lower(), t.addr, t.port)] = \
+                    time.monotonic() + d.tls_fallback_time
+                self.maillog.event(qid, relay=conn.remote, status="TLS handshake failed",
+                                   reason=why, next="plain text for the next attempts "
+                                                    "to this host (tls = may)")
+            raise _TryNext(res) from None
         # RFC 3207 4.2: forget what was learnt before TLS and ask again.
-        await self._hello(conn)
+        await self._hello(conn, timeout)
 
     def _password(self) -> str:
         path = self.cfg.relay.smart_host_password_file
@@ -512,43 +568,53 @@ class Courier:
         with open(path, encoding="utf-8") as f:
             return f.read().rstrip("\r\n")
 
-    async def _auth(self, conn: _Conn) -> None:
-        smtp, r = conn.smtp, self.cfg.relay
+    async def _auth(self, conn: _Conn, timeout: float) -> None:
+        r = self.cfg.relay
         try:
             password = await asyncio.to_thread(self._password)
         except OSError as e:
             raise _TryNext(DeliveryResult.temp(
                 f"cannot read relay.smart_host_password_file: {e.strerror or e}",
                 "4.7.0", 451, conn.remote)) from None
-        methods = smtp.server_auth_methods
-        timeout = self.cfg.delivery.command_timeout
+        methods = wire.auth_methods(conn.ext)
+        w = conn.wire
         try:
-            if "plain" in methods:
-                await smtp.auth_plain(r.smart_host_user, password, timeout=timeout)
-            elif "login" in methods:
-                await smtp.auth_login(r.smart_host_user, password, timeout=timeout)
+            if "PLAIN" in methods:
+                rep = await w.command(wire.auth_plain(r.smart_host_user, password), timeout)
+                if rep.code == 334:  # wanted the response on its own line after all
+                    rep = await w.command(wire.auth_plain(r.smart_host_user, password)[11:],
+                                          timeout)
+            elif "LOGIN" in methods:
+                rep = await w.command(b"AUTH LOGIN\r\n", timeout)
+                if rep.code == 334:
+                    rep = await w.command(wire.b64_line(r.smart_host_user), timeout)
+                if rep.code == 334:
+                    rep = await w.command(wire.b64_line(password), timeout)
             else:
                 raise _TryNext(DeliveryResult.temp(
                     f"smart host {conn.remote} offers neither AUTH PLAIN nor LOGIN",
                     "4.7.0", 454, conn.remote))
-        except SMTPAuthenticationError as e:
-            # The reply text is the server's; our credentials are never part of it.
-            text = " ".join(e.message.split())
-            raise _TryNext(DeliveryResult.temp(
-                f"authentication failed at smart host {conn.remote} "
-                f"(check relay.smart_host_user / smart_host_password_file): {e.code} {text}",
-                "4.7.0", 454, conn.remote)) from None
         finally:
             del password
+        if rep.code == 334:  # a further challenge we cannot answer: cancel (RFC 4954 4)
+            rep = await w.command(b"*\r\n", timeout)
+            if rep.code == 235:
+                rep = SMTPReply(535, ("unexpected extra challenge",))
+        if rep.code != 235:
+            # The reply text is the server's; our credentials are never part of it.
+            raise _TryNext(DeliveryResult.temp(
+                f"authentication failed at smart host {conn.remote} "
+                f"(check relay.smart_host_user / smart_host_password_file): {rep}",
+                "4.7.0", 454, conn.remote))
 
     # ----------------------------------------------------------------- transaction
 
     async def _transaction(self, conn: _Conn, env: Envelope, rcpts: list[Recipient],
-                           data: bytes | _FileBody) -> tuple[dict[str, DeliveryResult], bool]:
-        """One MAIL/RCPT/DATA exchange. Returns (results, connection reusable)."""
-        smtp, remote = conn.smtp, conn.remote
+                           data: bytes | _FileBody) -> _Outcome:
+        """One MAIL/RCPT/DATA exchange, pipelined when the host offers PIPELINING."""
+        remote, w, ext = conn.remote, conn.wire, conn.ext
         d = self.cfg.delivery
-        ext = smtp.esmtp_extensions
+        ct = d.command_timeout
         results: dict[str, DeliveryResult] = {}
 
         # RFC 1870: never send what the peer announced it will refuse.
@@ -558,11 +624,11 @@ class Courier:
                 res = DeliveryResult.perm(
                     f"message size {len(data)} exceeds the size limit {limit} of {remote}",
                     "5.3.4", 552, remote)
-                return {r.address: res for r in rcpts}, True
+                return _Outcome({r.address: res for r in rcpts}, set(), True)
 
         # RFC 6531 3.5: a UTF-8 address cannot be downgraded; refuse it clearly.
-        utf8_needed = env.smtputf8 or not _is_ascii(env.sender) or \
-            any(not _is_ascii(r.address) for r in rcpts)
+        utf8_needed = env.smtputf8 or not env.sender.isascii() or \
+            any(not r.address.isascii() for r in rcpts)
         use_utf8 = utf8_needed and "smtputf8" in ext
         send = list(rcpts)
         if utf8_needed and not use_utf8:
@@ -571,85 +637,126 @@ class Courier:
                     f"{remote} does not support SMTPUTF8, required for the internationalized "
                     f"address {addr}; the message cannot be delivered there",
                     "5.6.7", 553, remote)
-            if not _is_ascii(env.sender):
+            if not env.sender.isascii():
                 res = no_utf8(env.sender)
-                return {r.address: res for r in rcpts}, True
+                return _Outcome({r.address: res for r in rcpts}, set(), True)
             for r in rcpts:
-                if not _is_ascii(r.address):
+                if not r.address.isascii():
                     results[r.address] = no_utf8(r.address)
-            send = [r for r in rcpts if _is_ascii(r.address)]
+            send = [r for r in rcpts if r.address.isascii()]
             if not send:
-                return results, True
+                return _Outcome(results, set(), True)
 
-        mail_opts: list[str] = []
+        mail_opts: list[bytes] = []
         if "size" in ext:
-            mail_opts.append(f"SIZE={len(data)}")
+            mail_opts.append(b"SIZE=%d" % len(data))
         if env.body_8bit and "8bitmime" in ext:
-            mail_opts.append("BODY=8BITMIME")
+            mail_opts.append(b"BODY=8BITMIME")
         if use_utf8:
-            mail_opts.append("SMTPUTF8")
+            mail_opts.append(b"SMTPUTF8")
         dsn = "dsn" in ext
         if dsn and env.ret:
-            mail_opts.append(f"RET={env.ret}")
+            mail_opts.append(b"RET=" + env.ret.encode("ascii"))
         if dsn and env.envid:
-            mail_opts.append(f"ENVID={env.envid}")
+            mail_opts.append(b"ENVID=" + env.envid.encode("ascii"))
         enc = "utf-8" if use_utf8 else "ascii"
+        lines = [wire.mail_from(env.sender.encode(enc), mail_opts)]
+        for r in send:
+            opts: list[bytes] = []
+            if dsn and r.notify:
+                opts.append(b"NOTIFY=" + r.notify.encode("ascii"))
+            if dsn and r.orcpt:
+                opts.append(b"ORCPT=" + r.orcpt.encode("utf-8" if use_utf8 else "ascii"))
+            lines.append(wire.rcpt_to(r.address.encode(enc), opts))
+        lines.append(b"DATA\r\n")
+        pipelining = "pipelining" in ext
 
         accepted: list[Recipient] = []
+        next_host: set[str] = set()
+        data_rep: SMTPReply | None = None
         try:
-            resp = await smtp.execute_command(
-                b"MAIL", b"FROM:<" + env.sender.encode(enc) + b">",
-                *(o.encode("ascii") for o in mail_opts), timeout=d.command_timeout)
-            if resp.code != 250:
-                res = reply_result(resp.code, resp.message, remote)
+            if pipelining:
+                w.write(b"".join(lines))  # RFC 2920 3.1: DATA ends the group
+                unread = len(lines)
+            else:
+                w.write(lines[0])
+                unread = 1
+            rep = await w.reply(ct)
+            unread -= 1
+            if rep.code != 250:
+                res = _result(rep, remote)
                 if not res.permanent:
-                    raise _TryNext(res)  # RFC 5321 5.1: another MX may take it
+                    raise _TryNext(res)  # RFC 5321 5.1: another host may take it
                 results.update({r.address: res for r in send})
-                return results, smtp.is_connected
+                reusable = await self._skip(w, unread, ct) and await self._reset(w, ct)
+                return _Outcome(results, set(), reusable)
             for i, r in enumerate(send):
-                opts: list[str] = []
-                if dsn and r.notify:
-                    opts.append(f"NOTIFY={r.notify}")
-                if dsn and r.orcpt:
-                    opts.append(f"ORCPT={r.orcpt}")
-                resp = await smtp.execute_command(
-                    b"RCPT", b"TO:<" + r.address.encode(enc) + b">",
-                    *(o.encode("ascii") for o in opts), timeout=d.command_timeout)
-                if resp.code in (250, 251):
+                if not pipelining:
+                    w.write(lines[1 + i])
+                    unread += 1
+                rep = await w.reply(ct)
+                unread -= 1
+                if rep.code in (250, 251):
                     accepted.append(r)
                     continue
-                results[r.address] = reply_result(resp.code, resp.message, remote)
-                if resp.code == 421:  # service closing: nothing more on this connection
-                    res = reply_result(resp.code, resp.message, remote)
+                res = _result(rep, remote)
+                results[r.address] = res
+                if not res.permanent:
+                    next_host.add(r.address)
+                if rep.code == 421:  # service closing: nothing more on this connection
                     for other in accepted + send[i + 1:]:
                         results[other.address] = res
-                    return results, False
-        except (TimeoutError, SMTPTimeoutError):
+                        next_host.add(other.address)
+                    return _Outcome(results, next_host, False)
+            if pipelining:
+                data_rep = await w.reply(ct)
+            elif accepted:
+                data_rep = await w.command(b"DATA\r\n", ct)
+        except TimeoutError:
             raise _TryNext(DeliveryResult.temp(
                 f"timeout talking to {remote} (MAIL/RCPT)", "4.4.2", 451, remote)) from None
-        except (SMTPServerDisconnected, OSError):
+        except _LOST:
             raise _TryNext(DeliveryResult.temp(
                 f"lost connection with {remote} (MAIL/RCPT)", "4.4.2", 451, remote)) from None
 
         if not accepted:
-            try:
-                await smtp.execute_command(b"RSET", timeout=d.command_timeout)
-            except (TimeoutError, SMTPException, OSError):
-                return results, False
-            return results, smtp.is_connected
+            reusable = True
+            if data_rep is not None and data_rep.code == 354:
+                # RFC 2920 3.1: a server that says 354 with no valid recipient gets an
+                # empty message, which it must then refuse.
+                try:
+                    w.write(b".\r\n")
+                    await w.reply(d.data_timeout)
+                except (TimeoutError, *_LOST):
+                    reusable = False
+            reusable = reusable and await self._reset(w, ct)
+            return _Outcome(results, next_host, reusable)
 
-        # DATA: the reply applies to every accepted recipient (RFC 5321 3.3).
+        assert data_rep is not None
+        if data_rep.code != 354:
+            res = _result(data_rep, remote)
+            for r in accepted:
+                results[r.address] = res
+                if not res.permanent:
+                    next_host.add(r.address)
+            reusable = data_rep.code != 421 and await self._reset(w, ct)
+            return _Outcome(results, next_host, reusable)
+
+        # The message: the final reply applies to every accepted recipient (RFC 5321 3.3).
+        moved = False
         try:
-            resp = await _send_data(smtp, data, d.data_timeout)
-            res = reply_result(resp.code, resp.message, remote)
-            reusable = smtp.is_connected
-        except SMTPDataError as e:
-            res = reply_result(e.code, e.message, remote)
-            reusable = smtp.is_connected and e.code != 421
-        except (TimeoutError, SMTPTimeoutError):
+            if isinstance(data, _FileBody):
+                await _stream_file(w, data, d.data_timeout)
+            else:
+                w.write(dot_stuff(data))
+            rep = await w.reply(d.data_timeout)
+            res = _result(rep, remote)
+            reusable = rep.code != 421 and w.is_connected
+            moved = not res.ok and not res.permanent  # refused for now: not taken
+        except TimeoutError:
             res = DeliveryResult.temp(f"timeout after DATA to {remote}", "4.4.2", 451, remote)
             reusable = False
-        except (SMTPServerDisconnected, SMTPException, OSError):
+        except _LOST:
             res = DeliveryResult.temp(f"lost connection with {remote} during DATA",
                                       "4.4.2", 451, remote)
             reusable = False
@@ -657,7 +764,40 @@ class Courier:
             res = dataclasses.replace(res, dsn_passed=True)  # RFC 3461 5.2.2: they notify
         for r in accepted:
             results[r.address] = res
-        return results, reusable
+            if moved:
+                next_host.add(r.address)
+        return _Outcome(results, next_host, reusable)
+
+    @staticmethod
+    async def _skip(w: Connection, n: int, timeout: float) -> bool:
+        """Read and drop the replies still due for a pipelined group."""
+        try:
+            for _ in range(n):
+                await w.reply(timeout)
+        except (TimeoutError, *_LOST):
+            return False
+        return True
+
+    @staticmethod
+    async def _reset(w: Connection, timeout: float) -> bool:
+        """RSET after a transaction that ended without a message: reusable if 250."""
+        try:
+            return (await w.command(b"RSET\r\n", timeout)).code == 250 and w.is_connected
+        except (TimeoutError, *_LOST):
+            return False
+
+
+def _helo_name(hostname: str) -> bytes:
+    """Our name for EHLO/HELO: A-labels for an internationalized name (RFC 5321 4.1.1.1)."""
+    try:
+        return hostname.encode("idna")
+    except UnicodeError:
+        return hostname.encode("ascii", "replace")
+
+
+def _sni(host: str) -> str | None:
+    """SNI for an MX: its name (RFC 6066 3 allows no IP literals)."""
+    return None if host.startswith("[") or not any(c.isalpha() for c in host) else host
 
 
 def _int(value: str) -> int:
@@ -681,4 +821,4 @@ def _ssl_reason(exc: BaseException | None) -> str:
     return str(exc) if exc else "unknown"
 
 
-__all__ = ["Courier", "normalize_crlf", "reply_result"]
+__all__ = ["Courier", "dot_stuff", "normalize_crlf", "reply_result"]

@@ -1,0 +1,195 @@
+"""One outbound SMTP connection: an asyncio Protocol around the sans-I/O `wire` parser.
+
+Owns the socket side of the courier: connecting (plain or implicit TLS), reading replies
+with a deadline per reply, writing commands and message data with flow control, and
+upgrading to TLS in place (STARTTLS, RFC 3207). It knows nothing of envelopes or
+recipients; `client.py` drives it.
+
+Contract:
+- `await open_connection(host, port, ...)` -> `Connection`, connected (no greeting read).
+- `write(data)` never blocks; `await drain(timeout)` waits while the transport's buffer
+  is over its high-water mark (asyncio `pause_writing` / `resume_writing`), so a 20 MB
+  message streamed from the spool never sits in memory whole.
+- `await reply(timeout)` returns the next reply in arrival order; replies to a pipelined
+  group (RFC 2920) queue up and are returned one by one.
+- `await start_tls(ctx, server_hostname, timeout)` upgrades the transport. Bytes that
+  arrived after the server's 220 and before the handshake are refused (RFC 3207 5,
+  the STARTTLS response-injection attack): `ProtocolError`.
+Failure policy: a lost connection makes every later `reply`/`drain` raise
+`ConnectionLost`; a deadline raises `TimeoutError`; garbage from the server raises
+`ProtocolError` and aborts the transport. The caller maps these to transient results.
+At most `MAX_QUEUED` unread replies are kept: a server that floods replies nobody asked
+for is cut off, so memory per connection stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from typing import Any
+
+from authrelay.delivery.wire import ProtocolError, ReplyParser, SMTPReply
+
+MAX_QUEUED = 1024  # replies received but not yet read (a pipelined group is at most 1 + rcpts + 1)
+
+
+class ConnectionLost(ConnectionError):
+    """The server closed the connection (or it broke) before the expected reply."""
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._parser = ReplyParser()
+        self._replies: deque[SMTPReply] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._paused = False
+        self._lost: BaseException | None = None
+        self._closed = False
+        self.tls = False
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            replies = self._parser.feed(data)
+        except ProtocolError as e:
+            self._fail(e)
+            return
+        if replies:
+            self._replies.extend(replies)
+            if len(self._replies) > MAX_QUEUED:
+                self._fail(ProtocolError("too many unsolicited replies"))
+                return
+            self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._lost is None:
+            self._lost = ConnectionLost(str(exc) if exc else "connection closed by the server")
+        self._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # ------------------------------------------------------------------ helpers
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._lost is None:
+            self._lost = exc
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake()
+
+    @property
+    def is_connected(self) -> bool:
+        return not self._closed and self._lost is None and self.transport is not None \
+            and not self.transport.is_closing()
+
+    def peername(self) -> Any:
+        return self.transport.get_extra_info("peername") if self.transport else None
+
+    # ------------------------------------------------------------------ API
+    def write(self, data: bytes) -> None:
+        if self._lost is not None:
+            raise self._lost
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self, timeout: float) -> None:
+        if self._lost is not None:
+            raise self._lost
+        if not self._paused:
+            return
+        loop = asyncio.get_running_loop()
+        self._drain = loop.create_future()
+        try:
+            await asyncio.wait_for(self._drain, timeout)
+        finally:
+            self._drain = None
+        if self._lost is not None:
+            raise self._lost
+
+    async def reply(self, timeout: float) -> SMTPReply:
+        while not self._replies:
+            if self._lost is not None:
+                raise self._lost
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            finally:
+                self._waiter = None
+        return self._replies.popleft()
+
+    async def command(self, line: bytes, timeout: float) -> SMTPReply:
+        self.write(line)
+        return await self.reply(timeout)
+
+    async def start_tls(self, ctx: ssl.SSLContext, server_hostname: str | None,
+                        timeout: float) -> None:
+        """Upgrade in place after the server's 220 to STARTTLS."""
+        if self._replies or self._parser.pending:
+            # RFC 3207 5: nothing may be read as if it came over TLS when it did not.
+            self._fail(ProtocolError("data after the STARTTLS reply, before TLS"))
+            raise ProtocolError("data after the STARTTLS reply, before TLS")
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(self.transport, self, ctx, server_side=False,
+                                       server_hostname=server_hostname,
+                                       ssl_handshake_timeout=timeout)
+        except BaseException:
+            self._closed = True
+            if self.transport is not None:
+                self.transport.abort()
+            raise
+        if new is None:  # the transport was closed during the handshake
+            self._closed = True
+            raise ConnectionLost("connection closed during the TLS handshake")
+        self.transport = new
+        self.tls = True
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self._closed = True
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self._closed = True
+
+
+async def open_connection(host: str, port: int, *, timeout: float,
+                          ssl_context: ssl.SSLContext | None = None,
+                          server_hostname: str | None = None) -> Connection:
+    """Connect (and, with `ssl_context`, do the implicit-TLS handshake) within `timeout`."""
+    loop = asyncio.get_running_loop()
+    kw: dict[str, Any] = {}
+    if ssl_context is not None:
+        kw = {"ssl": ssl_context, "server_hostname": server_hostname or host,
+              "ssl_handshake_timeout": timeout}
+    _, proto = await asyncio.wait_for(
+        loop.create_connection(Connection, host, port, **kw), timeout)
+    if ssl_context is not None:
+        proto.tls = True
+    return proto

@@ -1,0 +1,351 @@
+"""The outbound client's own SMTP engine against real sockets: PIPELINING seen at the MX,
+the plain-text fallback after a failed STARTTLS handshake (tls = may only), failed hosts
+in the maillog, 4xx at RCPT moving recipients to the backup MX, STARTTLS injection.
+
+Fake DNS (dnslib) and fake MX hosts (aiosmtpd, plus one raw asyncio server for what
+aiosmtpd cannot do) on 127.0.0.x; the maillog is captured in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import MXFactory, server_tls_context
+from test_delivery import MSG, ZONES, envelope, free_port_on, make_cfg, smart_cfg
+
+from authrelay.config import Config
+from authrelay.delivery.client import Courier
+from authrelay.maillog import MailLog
+from authrelay.spool.envelope import Envelope
+
+
+class ListLog(MailLog):
+    def __init__(self) -> None:
+        super().__init__("stdout")
+        self.lines: list[str] = []
+
+    def _emit(self, line: str) -> None:
+        self.lines.append(line)
+
+    def grep(self, *needles: str) -> list[str]:
+        return [ln for ln in self.lines if all(n in ln for n in needles)]
+
+
+@pytest.fixture
+def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
+    dns_server.set_zones(ZONES)
+    return dns_server
+
+
+async def deliver(courier: Courier, env: Envelope, message: bytes = MSG) -> dict:
+    return await courier.deliver(env, env.recipients, message)
+
+
+def one_mx(dns: FakeDNSServer) -> None:
+    dns.update({"example.test": {"MX": [(10, "mx1.example.test")]}})
+
+
+# --------------------------------------------------------------------------- PIPELINING
+
+async def test_pipelining_mail_rcpts_data_in_one_segment(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    env = envelope("a@example.test", "b@example.test", "c@example.test")
+    try:
+        res = await deliver(courier, env)
+    finally:
+        await courier.close()
+    assert all(r.ok for r in res.values()), res
+    assert mx.messages[0].rcpt_tos == ["a@example.test", "b@example.test", "c@example.test"]
+    # RFC 2920 3.1: MAIL, every RCPT and DATA leave in one write; on loopback the MX's
+    # single read returns them together.
+    group = [c for c in mx.reads[0] if c.startswith(b"MAIL FROM:")]
+    assert len(group) == 1, mx.reads[0]
+    assert group[0].count(b"RCPT TO:") == 3 and group[0].endswith(b"DATA\r\n")
+    assert mx.wire[0].count(b"MAIL FROM:") == 1
+
+
+async def test_no_pipelining_one_command_per_round_trip(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2", pipelining=False, rcpt_replies={
+        "nobody@example.test": "550 5.1.1 no such user"})
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    env = envelope("a@example.test", "nobody@example.test")
+    try:
+        res = await deliver(courier, env)
+    finally:
+        await courier.close()
+    assert res["a@example.test"].ok and res["nobody@example.test"].enhanced == "5.1.1"
+    for chunk in mx.reads[0]:  # every command waited for the previous reply
+        assert chunk.count(b"\r\n") == 1 or not chunk.startswith((b"MAIL", b"RCPT")), chunk
+
+
+async def test_pipelined_group_all_refused_then_reused(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    """Every RCPT refused: DATA is refused too (503), the transaction is reset and the
+    connection serves the next message."""
+    mx = fake_mx("127.0.0.2", rcpt_replies={"x@example.test": "550 5.1.1 unknown"})
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    try:
+        bad = await deliver(courier, envelope("x@example.test"))
+        assert bad["x@example.test"].permanent
+        good = await deliver(courier, envelope("y@example.test"))
+        assert good["y@example.test"].ok
+    finally:
+        await courier.close()
+    assert mx.connections == 1 and len(mx.messages) == 1
+    assert b"RSET\r\n" in mx.wire[0]
+
+
+async def test_pipelined_mail_refused_permanently(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2", mail_reply="553 5.7.1 sender rejected")
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    try:
+        res = await deliver(courier, envelope("a@example.test", "b@example.test"))
+    finally:
+        await courier.close()
+    assert {(r.code, r.enhanced) for r in res.values()} == {(553, "5.7.1")}
+    assert mx.messages == []
+
+
+# --------------------------------------------------------------------------- TLS fallback
+
+async def test_starttls_handshake_failure_plain_on_next_attempt(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    one_mx(dns)
+    mx = fake_mx("127.0.0.2", broken_starttls=True)
+    ml = ListLog()
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ml)
+    env = envelope("bob@example.test")
+    try:
+        first = (await deliver(courier, env))["bob@example.test"]
+        assert (first.permanent, first.enhanced) == (False, "4.7.5"), first
+        assert mx.messages == [] and mx.starttls_attempts == 1
+        assert ml.grep(env.queue_id, "status=TLS handshake failed", "plain text")
+        second = (await deliver(courier, env))["bob@example.test"]
+        assert second.ok, second
+    finally:
+        await courier.close()
+    assert mx.starttls_attempts == 1  # the second connection did not ask for TLS
+    assert mx.connections == 2 and b"STARTTLS" not in mx.wire[1]
+    assert mx.messages[0].tls is False and mx.messages[0].connection == 2
+    assert ml.grep(env.queue_id, "tls=not used")
+
+
+@pytest.mark.parametrize("setting", [{"tls": "encrypt"}, {"tls_verify": True},
+                                     {"tls_fallback_time": "0s"}])
+async def test_no_plain_fallback_with_required_or_verified_tls(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        setting: dict[str, Any]) -> None:
+    one_mx(dns)
+    mx = fake_mx("127.0.0.2", broken_starttls=True)
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port, **setting))
+    env = envelope("bob@example.test")
+    try:
+        for attempt in (1, 2):
+            r = (await deliver(courier, env))["bob@example.test"]
+            assert (r.permanent, r.enhanced) == (False, "4.7.5"), r
+            assert mx.starttls_attempts == attempt
+    finally:
+        await courier.close()
+    assert mx.messages == [] and b"MAIL FROM" not in b"".join(mx.wire)
+
+
+async def test_no_plain_fallback_for_smart_host(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca_file: Path) -> None:
+    sh = fake_mx("127.0.0.2", broken_starttls=True, users={"relayuser": "s3cret pass"})
+    courier = Courier(smart_cfg(tmp_path, dns, [sh.address], trustme_ca_file))
+    env = envelope("x@far.test")
+    try:
+        for attempt in (1, 2):
+            r = (await deliver(courier, env))["x@far.test"]
+            assert (r.permanent, r.enhanced) == (False, "4.7.5"), r
+            assert sh.starttls_attempts == attempt
+    finally:
+        await courier.close()
+    assert sh.messages == [] and b"AUTH" not in b"".join(sh.wire)
+
+
+async def test_fallback_is_per_host(tmp_path: Path, dns: FakeDNSServer,
+                                    fake_mx: MXFactory, trustme_ca: Any) -> None:
+    """mx1's broken TLS sends mx1 to plain text, not mx2, which still gets TLS."""
+    mx1 = fake_mx("127.0.0.2", broken_starttls=True)
+    mx2 = fake_mx("127.0.0.3", starttls_context=server_tls_context(trustme_ca, "x.test"))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    try:
+        r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
+        assert r.ok and r.remote.startswith("mx2.example.test")  # same attempt: next MX
+        assert mx2.messages[0].tls is True
+    finally:
+        await courier.close()
+    assert mx1.starttls_attempts == 1
+
+
+# --------------------------------------------------------------------------- failed hosts
+
+async def test_dead_first_mx_logged_when_second_succeeds(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    mx2 = fake_mx("127.0.0.3")
+    dns.update({"mx1.example.test": {"A": ["127.0.0.9"]}})  # nothing listens there
+    ml = ListLog()
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ml)
+    env = envelope("bob@example.test")
+    try:
+        assert (await deliver(courier, env))["bob@example.test"].ok
+    finally:
+        await courier.close()
+    assert len(mx2.messages) == 1
+    where = f"mx1.example.test [127.0.0.9]:{fake_mx.port}"
+    lines = ml.grep(env.queue_id, f"relay={where}", "status=host failed")
+    assert len(lines) == 1, ml.lines
+    assert f"connect to {where}: connection refused" in lines[0]
+    assert "4.4.1" in lines[0]
+
+
+async def test_every_failed_host_logged(tmp_path: Path, dns: FakeDNSServer,
+                                        fake_mx: MXFactory) -> None:
+    fake_mx("127.0.0.2", greeting="421 4.3.2 too busy")
+    fake_mx("127.0.0.3", mail_reply="451 4.3.0 local problem")
+    ml = ListLog()
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ml)
+    env = envelope("bob@example.test")
+    try:
+        r = (await deliver(courier, env))["bob@example.test"]
+    finally:
+        await courier.close()
+    assert (r.code, r.enhanced, r.permanent) == (451, "4.3.0", False)
+    assert ml.grep(env.queue_id, "mx1.example.test [127.0.0.2]", "421 4.3.2 too busy")
+    assert ml.grep(env.queue_id, "mx2.example.test [127.0.0.3]", "451 4.3.0 local problem")
+
+
+# --------------------------------------------------------------------------- 4xx at RCPT
+
+async def test_rcpt_450_on_primary_goes_to_backup(tmp_path: Path, dns: FakeDNSServer,
+                                                  fake_mx: MXFactory) -> None:
+    mx1 = fake_mx("127.0.0.2", rcpt_replies={"b@example.test": "450 4.2.1 try later",
+                                             "c@example.test": "550 5.1.1 unknown"})
+    mx2 = fake_mx("127.0.0.3")
+    ml = ListLog()
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ml)
+    env = envelope("a@example.test", "b@example.test", "c@example.test")
+    try:
+        res = await deliver(courier, env)
+    finally:
+        await courier.close()
+    assert res["a@example.test"].remote.startswith("mx1.example.test")
+    assert res["b@example.test"].ok and res["b@example.test"].remote.startswith("mx2")
+    assert res["c@example.test"].permanent  # a 5xx is final at the first host
+    assert [m.rcpt_tos for m in mx1.messages] == [["a@example.test"]]
+    assert [m.rcpt_tos for m in mx2.messages] == [["b@example.test"]]
+    assert ml.grep(env.queue_id, "passed to the next host", "<b@example.test>",
+                   "450 4.2.1")
+
+
+async def test_rcpt_450_kept_when_backup_is_down(tmp_path: Path, dns: FakeDNSServer,
+                                                 fake_mx: MXFactory) -> None:
+    fake_mx("127.0.0.2", rcpt_replies={"b@example.test": "450 4.2.1 try later"})
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))  # mx2: nothing listens
+    env = envelope("a@example.test", "b@example.test")
+    try:
+        res = await deliver(courier, env)
+    finally:
+        await courier.close()
+    assert res["a@example.test"].ok
+    b = res["b@example.test"]
+    assert (b.code, b.enhanced, b.permanent) == (450, "4.2.1", False)
+
+
+async def test_data_4xx_on_primary_goes_to_backup(tmp_path: Path, dns: FakeDNSServer,
+                                                  fake_mx: MXFactory) -> None:
+    fake_mx("127.0.0.2", data_reply="451 4.3.0 queue full")
+    mx2 = fake_mx("127.0.0.3")
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    try:
+        r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
+    finally:
+        await courier.close()
+    assert r.ok and r.remote.startswith("mx2") and len(mx2.messages) == 1
+
+
+# --------------------------------------------------------------------------- raw server
+
+class RawMX:
+    """A scripted SMTP server on its own loop: `script(reader, writer)` per connection."""
+
+    def __init__(self, host: str, port: int, script: Any) -> None:
+        self.host, self.port, self.script = host, port, script
+        self.received: list[bytes] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> RawMX:
+        self._thread.start()
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                await self.script(self, r, w)
+            finally:
+                w.close()
+
+        fut = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(handle, self.host, self.port), self._loop)
+        self._server = fut.result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+async def _injecting(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    w.write(b"220 raw.test ESMTP\r\n")
+    while line := await r.readline():
+        mx.received.append(line)
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            w.write(b"250-raw.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+        elif verb == b"STAR":
+            # RFC 3207 5 attack: a reply smuggled in before the TLS handshake
+            w.write(b"220 2.0.0 go ahead\r\n250 2.0.0 injected\r\n")
+        elif verb == b"QUIT":
+            w.write(b"221 bye\r\n")
+            break
+        else:
+            w.write(b"250 ok\r\n")
+        await w.drain()
+
+
+@pytest.fixture
+def raw_port() -> Iterator[int]:
+    yield free_port_on("127.0.0.2")
+
+
+async def test_starttls_response_injection_refused(tmp_path: Path, dns: FakeDNSServer,
+                                                   raw_port: int) -> None:
+    one_mx(dns)
+    cfg: Config = make_cfg(tmp_path, dns, raw_port)
+    with RawMX("127.0.0.2", raw_port, _injecting) as mx:
+        courier = Courier(cfg)
+        try:
+            r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
+        finally:
+            await courier.close()
+    assert (r.permanent, r.enhanced) == (False, "4.5.0"), r
+    assert not any(line.startswith(b"MAIL") for line in mx.received)
