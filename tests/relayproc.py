@@ -172,3 +172,58 @@ class RelayProcess:
             if time.monotonic() > deadline:
                 raise AssertionError("condition not met in time")
             time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- processes
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) of a live process; None when gone. A zombie counts as gone: it holds
+    no socket and waits only for its (new) parent to reap it."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    state, ppid = fields[0], int(fields[1])
+    return None if state in ("Z", "X") else (state, ppid)
+
+
+def children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid`."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            st = _stat(int(d.name))
+            if st is not None and st[1] == pid:
+                out.append(int(d.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    return _stat(pid) is not None
+
+
+def processes_running(config: Path) -> list[int]:
+    """Every live process whose command line names this config file."""
+    out = []
+    needle = str(config).encode()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if needle in cmd.split(b"\0") and alive(int(d.name)):
+                out.append(int(d.name))
+    return out
+
+
+def refuses(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a TCP connection to the port is refused (nothing listens)."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False

@@ -1,17 +1,28 @@
 """Wiring and lifecycle: `authrelay serve`.
 
-Owns process structure and signals. The parent binds every listening socket (so it may
-start as root for ports 25/587/465), makes the self-signed certificate on a first start,
-drops privileges (`user = "..."`), then:
-- workers == 1: receiving and delivering share one event loop;
-- workers  > 1: it forks that many receiving workers, each with its own SO_REUSEPORT
-  socket per listener (the kernel spreads connections over them: all cores receive), and
-  the parent itself runs the scheduler and outbound delivery. Workers hand messages over
-  only through the spool (its notify socket wakes the scheduler at once).
-Signals: SIGTERM/SIGINT stop accepting, let sessions finish up to `shutdown_timeout`, stop
-the scheduler with the queue consistent. SIGHUP re-reads the config, the certificate
-(next handshake uses it), reopens the maillog file; users are re-read on change anyway.
-A worker that dies is replaced.
+Owns process structure and signals (the whole privilege split: docs/PRIVILEGES.md).
+Start, in this order, nothing bound or forked before the lock:
+1. the instance lock `state_dir/authrelay.lock` (process.py): a second `serve` on the same
+   state dir exits 1 with one line naming the holder, before touching anything;
+2. state dirs, the maillog (a file target is created and given to `user` first), the
+   self-signed certificate on a first start, the certificate and key read as root;
+3. every listen address checked free without SO_REUSEPORT (another process there: exit 1,
+   one line naming the address), then bound; the key helper forked (root) when
+   privileges are dropped; privileges dropped (`user = "..."`);
+4. workers == 1: receiving and delivering share one event loop; workers > 1: that many
+   receiving workers are forked, each with its own SO_REUSEPORT socket per listener (only
+   this instance's sockets are in the group: the free check above), and the master runs
+   the scheduler and outbound delivery. Workers hand messages over only through the spool.
+Workers die with the master, whatever killed it: parent-death signal and a socketpair
+they watch (process.py). A worker that dies is replaced (and logged with its status).
+Signals: SIGTERM/SIGINT close every listening socket at once (the master's copies too:
+new connections are refused, none wait in a backlog), let sessions finish up to
+`shutdown_timeout`, stop the scheduler with the queue consistent. SIGHUP re-reads the
+config and the certificate (read with privileges: by the key helper when dropped, so a
+root-only renewed key loads), reopens the maillog file, and passes the new certificate to
+the workers over their socketpairs; any failure is logged and the old state kept.
+Every warning and error of every process (Python `logging` included, a worker's crash
+too) is one maillog line; tracebacks go to stderr only with `[log] level = "debug"`.
 """
 
 from __future__ import annotations
@@ -23,16 +34,21 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import sys
+import threading
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from authrelay import maillog as maillog_mod
+from authrelay import process
 from authrelay.config import EMBEDDED, Config, ConfigError, embedded_notice, load
 from authrelay.policy.throttle import Share
+from authrelay.process import Channel, InstanceBusy, KeyHelper, StartError
 from authrelay.smtpd.server import Listener, SMTPServer, bind
-from authrelay.tls import CertStore, TLSConfigError, ensure_certificate
+from authrelay.tls import PEM, CertStore, TLSConfigError, ensure_certificate, read_pem
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +84,55 @@ def _preload() -> None:
                 "authrelay.spool.store", "authrelay.delivery.client",
                 "authrelay.scheduler.scheduler", "authrelay.scheduler.control",
                 "authrelay.policy.checks", "authrelay.policy.anvil", "authrelay.metrics",
-                "uvloop", "aiosmtplib", "dns.asyncresolver", "argon2"):
+                "uvloop", "aiosmtplib", "dns.asyncresolver", "argon2", "traceback",
+                "multiprocessing.synchronize", "multiprocessing.heap",
+                "encodings.idna"):
         with contextlib.suppress(ImportError):
             importlib.import_module(mod)
+    process.preload()
+
+
+def _dropping(cfg: Config) -> bool:
+    return bool(cfg.user) and os.geteuid() == 0
+
+
+def _user(cfg: Config) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(cfg.user)
+    except KeyError:
+        raise StartError(f"user {cfg.user!r}: no such user") from None
+
+
+def _log_file(cfg: Config) -> str | None:
+    return cfg.log.target[5:] if cfg.log.target.startswith("file:") else None
+
+
+def _prepare_log_file(cfg: Config) -> None:
+    """A file target exists before the maillog opens it, and belongs to the user the
+    processes run as after the drop (so a SIGHUP reopen after logrotate works)."""
+    path = _log_file(cfg)
+    if path is None or not _dropping(cfg):
+        return
+    pw = _user(cfg)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    except OSError as e:
+        raise StartError(f"log.target {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != pw.pw_uid:
+            os.fchown(fd, pw.pw_uid, pw.pw_gid)
+    finally:
+        os.close(fd)
 
 
 def _drop_privileges(cfg: Config) -> None:
-    if not cfg.user or os.geteuid() != 0:
+    if not _dropping(cfg):
         return
     _preload()
     pw = pwd.getpwnam(cfg.user)
+    # Everything under the state dir (spool, users.db, the instance lock, metrics, the
+    # self-signed certificate) is written by the dropped processes: theirs.
     for root, dirs, files in os.walk(cfg.state_path):
         for name in dirs + files:
             with contextlib.suppress(OSError):
@@ -89,6 +144,69 @@ def _drop_privileges(cfg: Config) -> None:
     os.setuid(pw.pw_uid)
     os.environ["HOME"] = pw.pw_dir
 
+
+# --------------------------------------------------------------------------- logging
+
+class MaillogHandler(logging.Handler):
+    """Python `logging` records at WARNING and above as one maillog line each:
+    `NOQUEUE: warning=LOGGER: MESSAGE` / `error=...`; an exception adds its type and text,
+    never its traceback (that goes to stderr only at debug level)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                e = record.exc_info[1]
+                text = f"{text}: {type(e).__name__}: {e}" if str(e) else \
+                    f"{text}: {type(e).__name__}"
+            text = f"{record.name}: {text}"
+            ml = maillog_mod.get()
+            if record.levelno >= logging.ERROR:
+                ml.error(text)
+            else:
+                ml.warning(text)
+        except Exception:  # logging must never break mail flow
+            pass
+
+
+def _setup_logging(cfg: Config) -> None:
+    level = getattr(logging, cfg.log.level.upper(), logging.INFO)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    ml_handler = MaillogHandler(max(level, logging.WARNING))
+    root.addHandler(ml_handler)
+    if level <= logging.DEBUG:  # tracing, with tracebacks, only when asked for
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        root.addHandler(h)
+    root.setLevel(min(level, logging.WARNING))
+    logging.captureWarnings(True)  # warnings.warn() too
+
+    def excepthook(tp: Any, value: BaseException, tb: Any) -> None:
+        logging.getLogger("authrelay").error("uncaught exception", exc_info=(tp, value, tb))
+
+    def thread_hook(args: Any) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        logging.getLogger("authrelay").error(
+            "uncaught exception in thread %s", name,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_hook
+
+
+def _loop_exception_handler(loop: asyncio.AbstractEventLoop, ctx: dict[str, Any]) -> None:
+    """An exception nobody awaited (a task, a callback): one maillog error line."""
+    exc = ctx.get("exception")
+    msg = ctx.get("message", "event loop error")
+    logging.getLogger("authrelay.loop").error(
+        msg, exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None)
+
+
+# --------------------------------------------------------------------------- components
 
 def _make_spool(cfg: Config) -> Any:
     from authrelay.spool.store import Spool
@@ -140,7 +258,19 @@ class _Receiver:
         )
         await self.server.start(self.listeners)
 
+    def close_listeners(self) -> None:
+        """Close the listening sockets now (synchronously): the kernel refuses new
+        connections from here on and resets those still waiting in the backlog."""
+        if self.server is not None:
+            self.server.stopping = True
+            for srv in self.server._servers:
+                srv.close()
+        for ln in self.listeners:
+            with contextlib.suppress(OSError):
+                ln.sock.close()
+
     async def stop(self) -> None:
+        self.close_listeners()
         if self.server is not None:
             await self.server.stop(self.cfg.shutdown_timeout)
             auth = self.server.authenticator
@@ -149,23 +279,54 @@ class _Receiver:
                     auth.close()
 
 
-async def _serve_loop(cfg: Config, config_path: str | None, listeners: list[Listener] | None,
-                      share: Share, deliver: bool, workers: Any) -> int:
-    """Run until SIGTERM: receiving (if listeners), delivering (if deliver)."""
+@dataclass
+class _Run:
+    """What one process of the instance runs, and the live state a reload replaces."""
+
+    cfg: Config
+    config_path: str | None
+    pem: PEM
+    role: str  # single | master | worker
+    listeners: list[Listener] | None = None
+    share: Share = field(default_factory=Share)
+    # How the certificate and key are read on SIGHUP (privileged: the key helper).
+    read_keys: Callable[[Config], PEM] = read_pem
+    channel: socket.socket | None = None  # worker: its end of the master's socketpair
+    workers: dict[int, Any] = field(default_factory=dict)  # master: pid -> _Worker
+    master_sockets: list[socket.socket] = field(default_factory=list)  # closed on stop
+
+
+def _reload_config(run: _Run) -> Config:
+    new = load(run.config_path)
+    # What was bound, forked or dropped at start stays (a restart changes it).
+    return replace(new, listen=run.cfg.listen, state_dir=run.cfg.state_dir,
+                   workers=run.cfg.workers, user=run.cfg.user, log=run.cfg.log)
+
+
+async def _serve_loop(run: _Run) -> int:
+    """Run until SIGTERM: receiving (if listeners), delivering (unless a worker)."""
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_loop_exception_handler)
     stop = asyncio.Event()
     hup = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, hup.set)
     ml = maillog_mod.get()
+    deliver = run.role != "worker"
+    if run.role == "worker":
+        # A worker reloads when its master says so (with the certificate the master had
+        # read with privileges); a stray SIGHUP (pkill -HUP) must not kill it.
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, hup.set)
+    cfg = run.cfg
 
     spool = _make_spool(cfg)
-    certs = CertStore(cfg)
     metrics = _make_metrics(cfg)  # every process counts; the delivering one serves /metrics
-    receiver = None
-    if listeners is not None:
-        receiver = _Receiver(cfg, listeners, share)
+    receiver = certs = None
+    if run.listeners is not None:
+        certs = CertStore(cfg, run.pem)
+        receiver = _Receiver(cfg, run.listeners, run.share)
     scheduler = None
     if deliver:
         from authrelay.delivery.client import Courier
@@ -179,42 +340,78 @@ async def _serve_loop(cfg: Config, config_path: str | None, listeners: list[List
         if metrics is not None:
             with contextlib.suppress(Exception):
                 metrics.start(scheduler=scheduler, spool=spool)
-    if receiver is not None:
+    if receiver is not None and certs is not None:
         await receiver.start(spool, certs, metrics)
-    role = "worker" if not deliver else ("master" if listeners is None else "single")
-    ml.event(None, daemon=f"started ({role})", pid=os.getpid(),
-             listeners=",".join(ln.name for ln in listeners) if listeners else None)
+
+    def apply(new: Config, pem: PEM) -> None:
+        if certs is not None:
+            certs.reload(new, pem)
+        if receiver is not None and receiver.server is not None:
+            receiver.server.reload(new)
+        if scheduler is not None and hasattr(scheduler, "reload"):
+            scheduler.reload(new)
+        run.cfg, run.pem = new, pem
+
+    if run.role == "worker" and run.channel is not None:
+        def on_message(kind: bytes, payload: bytes) -> None:
+            if kind != b"R":
+                return
+            _reopen_maillog(ml)
+            try:
+                apply(_reload_config(run), process.unpack_pem(payload))
+                ml.daemon("reloaded", pid=os.getpid())
+            except Exception as e:
+                ml.daemon("reload failed, keeping the running config",
+                          error=_one_line(e), pid=os.getpid())
+
+        def master_gone() -> None:
+            # The parent-death signal normally got here first; this is the second path.
+            ml.warning("master process is gone; worker exiting", pid=os.getpid())
+            if receiver is not None:
+                receiver.close_listeners()
+            ml.flush(0.5)
+            os._exit(1)
+
+        process.watch(loop, run.channel, on_message, master_gone)
+
+    ml.daemon(f"started ({run.role})", pid=os.getpid(),
+              listeners=",".join(ln.name for ln in run.listeners) if run.listeners else None)
 
     async def watch_hup() -> None:
-        nonlocal cfg
         while True:
             await hup.wait()
             hup.clear()
-            ml.reopen()
+            # Nothing in here may end this task: every failure is one maillog line and the
+            # running state stays.
+            _reopen_maillog(ml)
             try:
-                new = load(config_path)
-                new = replace(new, listen=cfg.listen, state_dir=cfg.state_dir,
-                              workers=cfg.workers, hostname=new.hostname)
-                certs.reload(new)
-                cfg = new
-                if receiver is not None and receiver.server is not None:
-                    receiver.server.reload(new)
-                if scheduler is not None and hasattr(scheduler, "reload"):
-                    scheduler.reload(new)
-                ml.event(None, daemon="reloaded", pid=os.getpid())
-            except (ConfigError, TLSConfigError, OSError) as e:
-                ml.event(None, daemon="reload failed, keeping the running config",
-                         error=str(e))
-            for pid in list(workers):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGHUP)
+                new = _reload_config(run)
+                pem = await loop.run_in_executor(None, run.read_keys, new)
+                apply(new, pem)
+                ml.daemon("reloaded", pid=os.getpid())
+            except Exception as e:
+                ml.daemon("reload failed, keeping the running config", error=_one_line(e),
+                          pid=os.getpid())
+                continue
+            message = process.pack_pem(run.pem)
+            for w in list(run.workers.values()):
+                try:
+                    process.send(w.channel.master, b"R", message)
+                except OSError as e:
+                    ml.warning(f"worker {w.pid} missed the reload: {_one_line(e)}")
 
     hup_task = loop.create_task(watch_hup())
     await stop.wait()
-    ml.event(None, daemon="stopping", pid=os.getpid())
-    for pid in list(workers):
+    # Refuse new connections at once, in every process holding a listening socket.
+    for s in run.master_sockets:
+        with contextlib.suppress(OSError):
+            s.close()
+    if receiver is not None:
+        receiver.close_listeners()
+    for pid in list(run.workers):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+    ml.daemon("stopping", pid=os.getpid())
     hup_task.cancel()
     if receiver is not None:
         await receiver.stop()
@@ -223,22 +420,76 @@ async def _serve_loop(cfg: Config, config_path: str | None, listeners: list[List
     if metrics is not None:
         with contextlib.suppress(Exception):
             metrics.stop()
-    ml.event(None, daemon="stopped", pid=os.getpid())
+    ml.daemon("stopped", pid=os.getpid())
     ml.flush()
     return 0
 
 
-def _worker_main(cfg: Config, config_path: str | None, listeners: list[Listener],
-                 share: Share) -> None:
+def _reopen_maillog(ml: maillog_mod.MailLog) -> None:
+    try:
+        ml.reopen()
+    except Exception as e:
+        ml.error(f"cannot reopen the maillog, still writing the old file: {_one_line(e)}",
+                 pid=os.getpid())
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).replace("\n", " ").strip()
+    if isinstance(e, ConfigError | TLSConfigError):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _worker_main(run: _Run) -> None:
     _use_uvloop()
     code = 1
     try:
-        code = asyncio.run(_serve_loop(cfg, config_path, listeners, share, False, []))
+        code = asyncio.run(_serve_loop(run))
     except Exception:
-        logging.getLogger(__name__).exception("worker failed")
+        logging.getLogger("authrelay.worker").exception("worker %d failed", os.getpid())
     finally:
         maillog_mod.get().flush()
         os._exit(code)
+
+
+@dataclass
+class _Worker:
+    index: int
+    pid: int
+    channel: Channel
+
+
+def _status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+def _bind_all(cfg: Config, nworkers: int) -> list[list[Listener]]:
+    """Check every address is free (no other process, SO_REUSEPORT or not), then bind."""
+    for ln in cfg.listen:
+        fam = socket.AF_INET6 if ":" in ln.host else socket.AF_INET
+        process.check_address_free(fam, ln.host, ln.port, ln.address)
+    made: list[list[Listener]] = []
+    try:
+        for _ in range(nworkers):
+            row = []
+            for ln in cfg.listen:
+                try:
+                    row.append(Listener(ln, bind(ln, reuse_port=nworkers > 1)))
+                except OSError as e:
+                    raise InstanceBusy(f"cannot listen on {ln.address}: {e.strerror}") from None
+            made.append(row)
+    except BaseException:
+        for row in made:
+            for x in row:
+                x.sock.close()
+        raise
+    return made
 
 
 def serve(cfg: Config, config_path: str | None = None) -> int:
@@ -246,41 +497,91 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
     # loop installing its handler must not kill the daemon (the default action): ignore
     # it until then; the config was only just read anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    dropping = _dropping(cfg)
+    if dropping:
+        _user(cfg)  # an unknown user: one line before anything happens
+    d = cfg.state_path
+    d.mkdir(parents=True, exist_ok=True)
+    lock_fd = process.acquire_instance_lock(d)  # before binding or forking anything
+    try:
+        return _serve_locked(cfg, config_path, dropping)
+    finally:
+        os.close(lock_fd)
+
+
+def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
     _prepare_state(cfg)
+    _prepare_log_file(cfg)
     maillog_mod.configure(cfg.log.target, cfg.log.format)
-    logging.basicConfig(level=getattr(logging, cfg.log.level.upper(), logging.INFO),
-                        stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _setup_logging(cfg)
     ensure_certificate(cfg)
-    CertStore(cfg)  # fail fast on a bad or world-readable key, before binding anything
+    pem = read_pem(cfg)  # as root: fail fast on a bad key, before binding anything
     if cfg.metrics.address:
         from authrelay import metrics
 
         metrics.prepare(cfg)  # before forking: all processes share one fresh directory
-    nworkers = cfg.workers or (os.cpu_count() or 1)
-    if nworkers <= 1:
-        socks = [Listener(ln, bind(ln)) for ln in cfg.listen]
-        _drop_privileges(cfg)
-        _use_uvloop()
-        return asyncio.run(_serve_loop(cfg, config_path, socks, Share(), True, []))
-    # One SO_REUSEPORT socket per listener per worker, all bound before dropping root.
-    per_worker = [[Listener(ln, bind(ln, reuse_port=True)) for ln in cfg.listen]
-                  for _ in range(nworkers)]
-    # Throttle counters shared by all workers (per-IP limits stay exact): made before fork.
-    from authrelay.policy.anvil import SharedCounters
+    nworkers = max(1, cfg.workers or (os.cpu_count() or 1))
+    per_worker = _bind_all(cfg, nworkers)
+    helper = None
+    read_keys: Callable[[Config], PEM] = read_pem
+    if dropping:
+        # The key helper holds no listening socket and nothing but its own channel.
+        helper = KeyHelper(config_path, close=[x.sock for row in per_worker for x in row])
+        read_keys = lambda _cfg: helper.read_pem()  # noqa: E731
+    try:
+        shared = None
+        if nworkers > 1:
+            # Throttle counters shared by all workers (per-IP limits stay exact): made
+            # before forking, and before the drop (it maps shared memory).
+            from authrelay.policy.anvil import SharedCounters
 
-    shared = SharedCounters()
-    _drop_privileges(cfg)
-    pids: dict[int, int] = {}
+            shared = SharedCounters()
+        _drop_privileges(cfg)
+        if nworkers <= 1:
+            _use_uvloop()
+            run = _Run(cfg, config_path, pem, "single", listeners=per_worker[0],
+                       read_keys=read_keys)
+            return asyncio.run(_serve_loop(run))
+        return _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared)
+    finally:
+        if helper is not None:
+            helper.close()
+
+
+def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
+                  per_worker: list[list[Listener]], read_keys: Callable[[Config], PEM],
+                  helper: KeyHelper | None, shared: Any) -> int:
+    nworkers = len(per_worker)
+    run = _Run(cfg, config_path, pem, "master", read_keys=read_keys,
+               master_sockets=[x.sock for row in per_worker for x in row])
+    workers: dict[int, _Worker] = run.workers
+    master_pid = os.getpid()
+    ml = maillog_mod.get()
 
     def spawn(i: int) -> None:
+        # Called from the main thread only (the parent-death signal is tied to the thread
+        # that forked: a pool thread exiting would kill the worker).
+        ch = Channel()
         pid = os.fork()
-        if pid == 0:
-            for j, socks in enumerate(per_worker):
-                if j != i:
-                    for s in socks:
-                        s.sock.close()
-            _worker_main(cfg, config_path, per_worker[i], Share(i, nworkers, shared))
-        pids[pid] = i
+        if pid == 0:  # pragma: no cover - child
+            try:
+                others = [w.channel for w in workers.values()]
+                if helper is not None:
+                    others.append(helper.channel)
+                sock = ch.in_child(others)
+                process.arm_child(master_pid)
+                for j, socks in enumerate(per_worker):
+                    if j != i:
+                        for s in socks:
+                            s.sock.close()
+                wrun = _Run(run.cfg, config_path, run.pem, "worker", listeners=per_worker[i],
+                            share=Share(i, nworkers, shared), channel=sock)
+            except BaseException:
+                os._exit(1)
+            _worker_main(wrun)
+        ch.in_master()
+        ch.master.setblocking(False)
+        workers[pid] = _Worker(i, pid, ch)
 
     for i in range(nworkers):
         spawn(i)
@@ -289,21 +590,25 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
     def reap() -> None:
         while True:
             try:
-                pid, _status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            i = pids.pop(pid, None)
-            if i is not None and not stopping:
-                maillog_mod.get().event(None, daemon=f"worker {pid} died; restarting")
+            w = workers.pop(pid, None)
+            if w is None:
+                continue
+            w.channel.close()
+            if not stopping:
+                ml.error(f"worker {pid} died ({_status(status)}); restarting")
                 time.sleep(0.2)
-                spawn(i)
+                spawn(w.index)
 
     _use_uvloop()
 
     async def master() -> int:
         nonlocal stopping
+
         async def watch_children() -> None:
             # Polled, not a SIGCHLD handler: uvloop refuses handlers for SIGCHLD.
             while True:
@@ -312,25 +617,33 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
 
         watcher = asyncio.get_running_loop().create_task(watch_children())
         try:
-            return await _serve_loop(cfg, config_path, None, Share(), True, pids)
+            return await _serve_loop(run)
         finally:
             stopping = True
             watcher.cancel()
 
-    code = asyncio.run(master())
-    deadline = time.monotonic() + cfg.shutdown_timeout + 10
-    while pids and time.monotonic() < deadline:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid:
-            pids.pop(pid, None)
-        else:
-            time.sleep(0.05)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    try:
+        code = asyncio.run(master())
+    finally:
+        stopping = True
+        for s in run.master_sockets:
+            with contextlib.suppress(OSError):
+                s.close()
+        deadline = time.monotonic() + cfg.shutdown_timeout + 10
+        while workers and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                w = workers.pop(pid, None)
+                if w is not None:
+                    w.channel.close()
+            else:
+                time.sleep(0.05)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     return code
 
 
@@ -348,6 +661,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cfg = replace(cfg, workers=args.workers)
     try:
         return serve(cfg, args.config)
+    except StartError as e:
+        print(f"authrelay: {e}", file=sys.stderr)
+        return 1
     except TLSConfigError as e:
         print(f"authrelay: TLS: {e}", file=sys.stderr)
         return 1

@@ -110,14 +110,22 @@ class MailLog:
             self._fh = sys.stdout
 
     def reopen(self) -> None:
-        """SIGHUP: reopen a file target so logrotate's rename takes effect."""
+        """SIGHUP: reopen a file target so logrotate's rename takes effect.
+
+        The new file is opened before the old one is closed: when it cannot be opened
+        (e.g. a directory the unprivileged user may not create files in), logging carries
+        on into the old file and OSError is raised for the caller to log there.
+        """
+        if not self.target.startswith("file:"):
+            return
+        new = open(self.target[5:], "a", encoding="utf-8")  # noqa: SIM115
         with self._lock:
-            if self.target.startswith("file:") and self._fh is not None:
-                try:
-                    self._fh.close()
-                except OSError:
-                    pass
-                self._open()
+            old, self._fh = self._fh, new
+        if old is not None and old not in (sys.stdout, sys.stderr):
+            try:
+                old.close()
+            except OSError:
+                pass
 
     def event(self, queue_id: str | None, **fields: Any) -> None:
         """One line: `QID: k=v, k=v`. Keys with value None are left out."""

@@ -1,12 +1,18 @@
 """TLS: server SSLContext factory, certificate reload, self-signed bootstrap (`cert make`).
 
-Owns how authrelay speaks TLS. Contract: `server_context(cfg)` returns a context with
+Owns how authrelay speaks TLS. Contract: `server_context(cfg, pem)` returns a context with
 TLS 1.2 minimum (RFC 8314 4.1 / RFC 8996), server cipher preference, session tickets for
 resumption, and the configured certificate. `CertStore.reload()` swaps in a renewed
 certificate: the next handshake uses it, established sessions are untouched. A key file
 readable by group or others is refused (like OpenSSH), so a mis-set key never goes live.
 `make_self_signed()` writes an ECDSA P-256 certificate and a 0600 key (ECDSA: smaller,
 and the handshake is cheaper than RSA, which matters at thousands of sessions/s).
+
+Privileges (docs/PRIVILEGES.md): the files are read by `read_pem()` while still root (at
+start, and on SIGHUP by the privileged helper in process.py), so a key readable only by
+root (mode 0600 root, as certbot makes) works. The processes that speak TLS have dropped
+privileges: they get the PEM bytes, never the paths, and load them from memory (a memfd
+opened through /proc/self/fd; no copy of the key ever lands on a disk).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 import ssl
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 from authrelay.config import Config, load
@@ -91,22 +98,65 @@ def ensure_certificate(cfg: Config) -> None:
         make_self_signed(cfg.hostname, d)
 
 
-def server_context(cfg: Config) -> ssl.SSLContext:
+PEM = tuple[bytes, bytes]  # (certificate chain, private key), as read from the files
+
+
+def read_pem(cfg: Config) -> PEM:
+    """Read and check the configured certificate and key (call while privileged).
+
+    Raises TLSConfigError naming the file and the fix. The pair is proved to load (and the
+    key to match the certificate) before it is returned, so whoever asks the privileged
+    helper for it gets a working certificate or an error, never the bytes of some other
+    file the config might point at.
+    """
     cert, key = cfg.cert_path, cfg.key_path
     if not cert.exists():
         raise TLSConfigError(f"{cert}: certificate not found (authrelay cert make)")
     if not key.exists():
         raise TLSConfigError(f"{key}: key not found")
     check_key_mode(key)
+    try:
+        pem = (cert.read_bytes(), key.read_bytes())
+    except OSError as e:
+        raise TLSConfigError(f"{e.filename}: cannot read: {e.strerror}") from None
+    _load_pem(_new_context(cfg), pem, f"{cert}/{key}")
+    return pem
+
+
+def _load_pem(ctx: ssl.SSLContext, pem: PEM, what: str = "certificate") -> None:
+    """Load a certificate chain and key from memory into ctx.
+
+    OpenSSL (through the ssl module) loads only from paths: the bytes go into an anonymous
+    memory file (memfd_create) that is opened through /proc/self/fd; that works in a
+    process without privileges and without a writable directory, and the key is never
+    written to a disk. Elsewhere (no memfd) a 0700 temporary directory is used and removed.
+    """
+    data = pem[0].rstrip(b"\n") + b"\n" + pem[1]
+    try:
+        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+            fd = os.memfd_create("authrelay-tls", os.MFD_CLOEXEC)
+            try:
+                os.write(fd, data)
+                ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+            return
+        with tempfile.TemporaryDirectory(prefix="authrelay-tls-") as d:
+            path = os.path.join(d, "pem")
+            wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(wfd, "wb") as fh:
+                fh.write(data)
+            ctx.load_cert_chain(path)
+    except (ssl.SSLError, OSError) as e:
+        raise TLSConfigError(f"{what}: cannot load: {e}") from None
+
+
+def _new_context(cfg: Config) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = (ssl.TLSVersion.TLSv1_3 if cfg.tls.min_version == "1.3"
                            else ssl.TLSVersion.TLSv1_2)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # client-initiated renegotiation is a DoS lever
-    try:
-        ctx.load_cert_chain(str(cert), str(key))
-    except (ssl.SSLError, OSError) as e:
-        raise TLSConfigError(f"{cert}/{key}: cannot load: {e}") from None
     try:
         ctx.set_ecdh_curve("prime256v1")
     except (ValueError, ssl.SSLError):
@@ -116,24 +166,36 @@ def server_context(cfg: Config) -> ssl.SSLContext:
     return ctx
 
 
+def server_context(cfg: Config, pem: PEM | None = None) -> ssl.SSLContext:
+    """A server context with `pem` (bytes already read) or the configured files."""
+    if pem is None:
+        pem = read_pem(cfg)
+    ctx = _new_context(cfg)
+    _load_pem(ctx, pem, f"{cfg.cert_path}/{cfg.key_path}")
+    return ctx
+
+
 class CertStore:
     """Holds the live server context; `reload()` on SIGHUP loads a renewed certificate.
 
     The context object itself never changes (listeners with implicit TLS hold it): reload
-    first proves the new files load in a scratch context, then loads them into the live
-    one, so the next handshake uses the new certificate and established sessions keep
-    theirs. On any error the old certificate stays in use.
+    first proves the new certificate loads in a scratch context, then loads it into the
+    live one, so the next handshake uses the new certificate and established sessions keep
+    theirs. On any error the old certificate stays in use. `pem` is the bytes read by a
+    privileged process (see read_pem); without it the files are read here.
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, pem: PEM | None = None) -> None:
         self.cfg = cfg
-        self.context = server_context(cfg)
+        self.context = server_context(cfg, pem)
 
-    def reload(self, cfg: Config | None = None) -> None:
+    def reload(self, cfg: Config | None = None, pem: PEM | None = None) -> None:
         if cfg is not None:
             self.cfg = cfg
-        server_context(self.cfg)  # raises on a bad/missing/world-readable file
-        self.context.load_cert_chain(str(self.cfg.cert_path), str(self.cfg.key_path))
+        if pem is None:
+            pem = read_pem(self.cfg)  # raises on a bad/missing/world-readable file
+        server_context(self.cfg, pem)  # proves it loads before touching the live context
+        _load_pem(self.context, pem)
 
 
 def _cmd_cert_make(args: argparse.Namespace) -> int:

@@ -1,0 +1,304 @@
+"""Process plumbing for `authrelay serve`: one instance per state dir, children that die
+with their master, and the privileged helper that reads root-only TLS keys.
+
+Owns three mechanisms (docs/PRIVILEGES.md tells the whole split):
+
+- The instance lock: `flock` on `state_dir/authrelay.lock`, taken by `serve` before it
+  binds or forks anything; the file holds the master's pid so a second `serve` can name
+  it. Every process of the instance inherits the locked descriptor, so the lock is free
+  only once the last of them is gone. Failure policy: `InstanceBusy` (one line, exit 1).
+- Parent death: a forked child (receiving worker, key helper) calls `arm_child()`:
+  PR_SET_PDEATHSIG=SIGKILL (the kernel kills it the moment the master dies, however the
+  master died, kill -9 included), then checks getppid() (the master may have died between
+  fork and prctl: then it exits at once). Besides the signal, every child holds one end of
+  a socketpair whose other end only the master holds (`Channel`): end-of-file on it means
+  the master is gone, as Postfix's children watch their master's status pipe. That second
+  path does not depend on the parent-death signal surviving (the kernel clears it when a
+  process changes credentials, and it is bound to the forking *thread*: children are
+  forked from the main thread only).
+- The key helper: when `serve` drops privileges (root + `user = ...`), it first forks a
+  small process that stays root and answers one request, "the certificate and key of the
+  config file", with the PEM bytes (validated: a pair that loads, so no other file's
+  contents can be obtained through it) or an error line. The unprivileged master asks it
+  on SIGHUP, so a renewed root-only key (mode 0600 root, as certbot makes) is loaded.
+
+Messages on a channel are single SOCK_SEQPACKET datagrams: `kind(1 byte) + payload`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+LOCK_NAME = "authrelay.lock"
+PR_SET_PDEATHSIG = 1
+MAX_MESSAGE = 4 * 1024 * 1024  # a certificate chain and key fit many times over
+
+
+class StartError(RuntimeError):
+    """`serve` cannot start: the message is the one line it prints (exit status 1)."""
+
+
+class InstanceBusy(StartError):
+    """Another authrelay instance holds the state dir, or a listen address is taken."""
+
+
+# --------------------------------------------------------------------------- instance lock
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _holder(fd: int) -> int:
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).split()[0])
+    return 0
+
+
+def acquire_instance_lock(state_dir: Path, *, wait_dead: float = 5.0) -> int:
+    """Lock `state_dir/authrelay.lock` for this instance; return the descriptor (kept open
+    for the life of the instance, inherited by its children).
+
+    Busy and the recorded master alive: InstanceBusy at once. Busy but that master dead:
+    its children are exiting (they die within a second of it), so wait up to `wait_dead`
+    seconds for them, then InstanceBusy.
+    """
+    path = state_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait_dead
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise
+        pid = _holder(fd)
+        if pid and _alive(pid) or time.monotonic() > deadline:
+            os.close(fd)
+            who = f"pid {pid}" if pid and _alive(pid) else "an exiting instance"
+            raise InstanceBusy(f"another authrelay ({who}) is running on state dir "
+                               f"{state_dir} (lock {path})")
+        time.sleep(0.05)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def check_address_free(family: int, host: str, port: int, label: str) -> None:
+    """Bind (not listen) without SO_REUSEPORT: fails if any other socket holds the address,
+    whether or not it set SO_REUSEPORT, so our own SO_REUSEPORT sockets, bound next, can
+    never join another process's group (and a second instance never joins ours)."""
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise InstanceBusy(f"cannot listen on {label}: address already in use "
+                                   "by another process") from None
+            raise InstanceBusy(f"cannot listen on {label}: {e.strerror}") from None
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------- parent death
+
+_libc: Any = None
+
+
+def _prctl() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    return _libc.prctl
+
+
+def preload() -> None:
+    """Resolve prctl while the interpreter can still read its own files (before a drop)."""
+    with contextlib.suppress(OSError, AttributeError):
+        _prctl()
+
+
+def arm_child(master_pid: int) -> None:
+    """In a child right after fork: die with the master. Exits at once if it is gone."""
+    try:
+        if os.environ.get("AUTHRELAY_NO_PDEATHSIG") == "1":  # tests: the channel path alone
+            raise AttributeError
+        if _prctl()(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    except (OSError, AttributeError):  # not Linux: the channel alone watches the master
+        pass
+    # The master may have died before prctl took effect: the signal would never come.
+    if os.getppid() != master_pid:
+        os._exit(1)
+
+
+class Channel:
+    """A SOCK_SEQPACKET socketpair between the master and one child.
+
+    The master keeps `master`, the child `child`; each closes the other's end after fork
+    (`in_child()` also closes every other channel's master end the child inherited, or
+    that child would keep another child's master end open and its EOF would never come).
+    """
+
+    def __init__(self) -> None:
+        self.master, self.child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with contextlib.suppress(OSError):
+            self.master.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE)
+            self.child.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE)
+
+    def in_master(self) -> None:
+        self.child.close()
+
+    def in_child(self, others: list[Channel]) -> socket.socket:
+        for ch in others:
+            if ch is not self:
+                with contextlib.suppress(OSError):
+                    ch.master.close()
+                with contextlib.suppress(OSError):
+                    ch.child.close()
+        self.master.close()
+        return self.child
+
+    def close(self) -> None:
+        for s in (self.master, self.child):
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def send(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
+    sock.sendall(kind + payload)
+
+
+def recv(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One message: (kind, payload); (b"", b"") at end of file (the peer is gone)."""
+    data = sock.recv(MAX_MESSAGE)
+    return data[:1], data[1:]
+
+
+def pack_pem(pem: tuple[bytes, bytes]) -> bytes:
+    return struct.pack("!II", len(pem[0]), len(pem[1])) + pem[0] + pem[1]
+
+
+def unpack_pem(data: bytes) -> tuple[bytes, bytes]:
+    a, b = struct.unpack("!II", data[:8])
+    if len(data) != 8 + a + b:
+        raise ValueError("truncated certificate message")
+    return data[8:8 + a], data[8 + a:]
+
+
+def watch(loop: Any, sock: socket.socket, on_message: Callable[[bytes, bytes], None],
+          on_gone: Callable[[], None]) -> None:
+    """Call on_message for each message on the event loop; on_gone at end of file."""
+    sock.setblocking(False)
+
+    def readable() -> None:
+        try:
+            kind, payload = recv(sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            kind, payload = b"", b""
+        if not kind:
+            loop.remove_reader(sock.fileno())
+            on_gone()
+            return
+        on_message(kind, payload)
+
+    loop.add_reader(sock.fileno(), readable)
+
+
+# --------------------------------------------------------------------------- key helper
+
+class KeyHelper:
+    """The root process that reads the certificate and key (see the module docstring)."""
+
+    def __init__(self, config_path: str | None, close: list[socket.socket] | None = None
+                 ) -> None:
+        self.channel = Channel()
+        master_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            sock = self.channel.in_child([])
+            code = 0
+            try:
+                arm_child(master_pid)
+                for s in close or ():  # the listening sockets: never in this process
+                    s.close()
+                _helper_main(sock, config_path)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        self.pid = pid
+        self.channel.in_master()
+        self.sock = self.channel.master
+
+    def read_pem(self) -> tuple[bytes, bytes]:
+        """Blocking request (a few ms): the PEM pair, or TLSConfigError."""
+        from authrelay.tls import TLSConfigError
+
+        try:
+            self.sock.settimeout(30)
+            send(self.sock, b"K")
+            kind, payload = recv(self.sock)
+        except OSError as e:
+            raise TLSConfigError(f"key helper: {e}") from None
+        if kind == b"K":
+            return unpack_pem(payload)
+        if kind == b"E":
+            raise TLSConfigError(payload.decode("utf-8", "replace"))
+        raise TLSConfigError("key helper is gone; restart authrelay to reload certificates")
+
+    def close(self) -> None:
+        self.channel.close()
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(self.pid, 0)
+
+
+def _helper_main(sock: socket.socket, config_path: str | None) -> None:  # pragma: no cover
+    # Runs as root for the life of the instance: keep it small. A SIGHUP meant for the
+    # master (pkill -HUP authrelay) must not kill it; SIGTERM/SIGINT are left to the master
+    # (the helper ends when the master's end of the socket closes).
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    from authrelay.config import ConfigError, load
+    from authrelay.tls import TLSConfigError, read_pem
+
+    sock.setblocking(True)
+    while True:
+        kind, _ = recv(sock)
+        if not kind:
+            return
+        if kind != b"K":
+            send(sock, b"E", b"unknown request")
+            continue
+        try:
+            cfg = load(config_path)
+            send(sock, b"K", pack_pem(read_pem(cfg)))
+        except (ConfigError, TLSConfigError) as e:
+            send(sock, b"E", str(e).encode("utf-8", "replace")[:4000])
+        except Exception as e:  # never die on a request: the master keeps its old cert
+            send(sock, b"E", f"key helper: {type(e).__name__}: {e}".encode()[:4000])
