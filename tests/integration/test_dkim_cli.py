@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from dkimcheck import dkim_zones
+
 from authrelay.dkim.keys import KeyStore
 
 
@@ -83,6 +86,39 @@ def test_keygen_single_algorithm_and_default_selector(tmp_path: Path) -> None:
     assert re.fullmatch(r"20\d\d(0[1-9]|1[0-2])", keys[0].selector)
     r = run(tmp_path, "dkim", "keygen", "not_a_domain")
     assert r.returncode == 1 and "not a domain name" in r.stderr
+
+
+def test_opendkim_testkey_agrees(tmp_path: Path, dns_server) -> None:  # noqa: ANN001
+    """OpenDKIM's own tool reads our RSA key file and our published record (from the
+    loopback DNS server, through libunbound) and finds they match; a different key does
+    not. (opendkim-testkey 2.11 handles RSA keys only; Ed25519 records are checked by
+    dkimpy's verifier in test_dkim_signer.py / test_e2e_dkim.py.)"""
+    import shutil
+
+    if shutil.which("opendkim-testkey") is None:
+        pytest.fail("opendkim-testkey missing (test.sh installs opendkim-tools)")
+    write_cfg(tmp_path)
+    assert run(tmp_path, "dkim", "keygen", "example.org", "--selector", "s").returncode == 0
+    store = KeyStore(tmp_path / "var" / "dkim").load()
+    other = KeyStore(tmp_path / "other").generate("example.org", "x", "rsa")
+    dns_server.set_zones(dkim_zones(store.all()))
+    (tmp_path / "unbound.conf").write_text(
+        "server:\n  do-not-query-localhost: no\n"
+        f'forward-zone:\n  name: "."\n  forward-addr: 127.0.0.1@{dns_server.port}\n')
+    (tmp_path / "opendkim.conf").write_text(
+        f"ResolverConfiguration {tmp_path / 'unbound.conf'}\n")
+
+    def testkey(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["opendkim-testkey", "-vvv", "-x", str(tmp_path / "opendkim.conf"),
+                               "-d", "example.org", "-s", "s-rsa", "-k", str(path)],
+                              capture_output=True, text=True, timeout=60)
+
+    rsa = next(k for k in store.all() if k.algorithm == "rsa")
+    r = testkey(rsa.path)
+    assert r.returncode == 0 and "key OK" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert ("s-rsa._domainkey.example.org", "TXT") in dns_server.queries
+    r = testkey(other.path)
+    assert r.returncode != 0 and "key OK" not in r.stdout + r.stderr
 
 
 def test_dns_with_smart_host_uses_its_include(tmp_path: Path) -> None:
