@@ -19,8 +19,11 @@ class Reply:
 
 class RawClient:
     def __init__(self, port: int, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None,
-                 timeout: float = 15.0) -> None:
-        self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
+                 timeout: float = 15.0, source: str | None = None) -> None:
+        # `source`: a loopback address (127.0.0.2...) to appear as another client; the
+        # host itself (127.0.0.1, ::1) is exempt from per-IP connection limits.
+        self.sock: socket.socket = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None)
         if tls is not None:
             self.sock = tls.wrap_socket(self.sock)
         self.buf = b""

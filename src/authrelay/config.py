@@ -111,6 +111,9 @@ def parse_hostport(value: str, key: str, default_port: int | None = None) -> tup
 class Listen:
     address: str = "127.0.0.1:2587"
     mode: str = "submission"  # smtp | submission | submissions
+    # This listener's own pool (beside [limits] max_connections); 0: the default, which is
+    # the global cap, minus the submission reserve for smtp listeners (docs/LIMITS.md).
+    max_connections: int = 0
 
     @property
     def host(self) -> str:
@@ -142,6 +145,9 @@ class Auth:
     max_failures_per_ip: int = 10
     max_failures_per_user: int = 10
     failure_delay: float = 1.0  # every failed AUTH answered after this delay
+    # A user's failure limit never refuses the right password from an address (its /24 or
+    # /64) the user authenticated from within this many days; 0: the limit refuses all.
+    known_address_days: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,21 @@ class Limits:
     max_junk_commands: int = 100  # NOOP/RSET/HELP/VRFY/repeated EHLO per session; 0 = off
     user_messages_per_hour: int = 0  # 0 = off
     user_recipients_per_hour: int = 0  # 0 = off
+    # Admission (docs/LIMITS.md "Connections"). Share of max_connections that smtp (25)
+    # listeners may not take, so submission stays reachable while port 25 is flooded.
+    submission_reserve_percent: int = 20
+    # Past connection_rate a new connection waits for its greeting up to this; then 421.
+    connection_rate_max_delay: float = 20.0
+    # A full submission listener leaves new clients in the kernel backlog this long
+    # before answering 421 to those waiting.
+    backlog_wait: float = 15.0
+    # Stress mode (Postfix): above stress_threshold percent of a listener's pool its
+    # command timeout drops to stress_command_timeout until the load passes.
+    stress_threshold: int = 80
+    stress_command_timeout: float = 10.0
+    # Exempt from per-IP connection limits and rates (127.0.0.1 and ::1 always are);
+    # "trusted_networks" stands for [relay] trusted_networks.
+    limit_exceptions: tuple[str, ...] = ("trusted_networks",)
 
 
 @dataclass(frozen=True)
@@ -334,7 +355,8 @@ _DURATIONS = {
     "delivery.dns_timeout", "delivery.idle_timeout", "limits.command_timeout",
     "delivery.tls_fallback_time",
     "limits.data_block_timeout", "limits.data_final_timeout", "limits.tls_handshake_timeout",
-    "limits.session_timeout",
+    "limits.session_timeout", "limits.connection_rate_max_delay", "limits.backlog_wait",
+    "limits.stress_command_timeout",
 }
 _SIZES = {"limits.max_message_size"}
 
@@ -436,6 +458,18 @@ def _validate(cfg: Config) -> None:
                 raise ConfigError(f"dkim.{key}[{i}]: {name!r} is not a header field name")
     if cfg.dkim.headers and "from" not in {h.lower() for h in cfg.dkim.headers}:
         raise ConfigError("dkim.headers: must include From (RFC 6376 5.4)")
+    for i, net in enumerate(cfg.limits.limit_exceptions):
+        if net == "trusted_networks":
+            continue
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"limits.limit_exceptions[{i}]: {net!r} is not a network "
+                              "(CIDR) or \"trusted_networks\"") from None
+    if cfg.limits.submission_reserve_percent > 100:
+        raise ConfigError("limits.submission_reserve_percent: at most 100")
+    if not 1 <= cfg.limits.stress_threshold <= 100:
+        raise ConfigError("limits.stress_threshold: a percentage from 1 to 100")
     if cfg.limits.max_line_length < 512:
         raise ConfigError("limits.max_line_length: RFC 5321 4.5.3.1.4 requires at least 512")
     if cfg.limits.max_text_line_length < 998:

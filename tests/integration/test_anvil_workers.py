@@ -10,18 +10,20 @@ def test_per_ip_connections_across_workers(relay_factory) -> None:  # noqa: ANN0
     r: RelayProcess = relay_factory({"limits": {"max_connections_per_ip": 3,
                                                 "connection_rate_per_ip": 0}}, workers=2)
     # The kernel spreads these over both workers; the limit must still count them all.
-    held = [RawClient(r.ports["smtp"]) for _ in range(3)]
+    held = [RawClient(r.ports["smtp"], source="127.0.0.2") for _ in range(3)]
     try:
         for c in held:
             assert c.reply().code == 220
         refused = 0
         for _ in range(4):
-            with RawClient(r.ports["smtp"]) as c:
+            with RawClient(r.ports["smtp"], source="127.0.0.2") as c:
                 rep = c.reply()
                 if rep.code == 421:
                     assert rep.lines[-1].startswith("421 4.7.0")
                     refused += 1
         assert refused == 4
+        with RawClient(r.ports["smtp"]) as c:  # the host itself is exempt (loopback)
+            assert c.reply().code == 220
     finally:
         for c in held:
             c.close()

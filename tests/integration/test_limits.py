@@ -585,18 +585,28 @@ def test_connection_rate_per_ip(tmp_path: Path) -> None:
         r.stop()
 
 
-def test_connection_rate_global(tmp_path: Path) -> None:
+def test_connection_rate_global_delays_not_refuses(tmp_path: Path) -> None:
+    """sendmail's CONNECTION_RATE_THROTTLE: past the rate new connections wait for their
+    greeting; 421 only when the wait would pass connection_rate_max_delay."""
     r = RelayProcess(tmp_path, overrides={"limits": {
-        "connection_rate": 5, "connection_rate_per_ip": 0}}).start()
+        "connection_rate": 3, "connection_rate_per_ip": 0,
+        "connection_rate_max_delay": "1s"}}).start()
     try:
         port = r.ports["smtp"]
-        time.sleep(1.1)  # let wait_ready's probes leave the one-second window
-        codes = []
-        for i in range(20):  # far more than 5 in the same second
-            with Client(port, f"127.0.4.{i + 1}") as c:
-                codes.append(c.reply().code)
-        assert codes.count(421) >= 1 and codes[0] == 220
-        wait_log(r, r"reject=421 4\.7\.0 Connection rate limit")
+        time.sleep(1.5)  # let wait_ready's probes leave the schedule
+        burst = [Client(port, f"127.0.4.{i + 1}") for i in range(6)]  # all at once
+        assert [c.reply().code for c in burst] == [220] * 6
+        for c in burst:
+            c.close()
+        time.sleep(3)
+        # 20 at once: 3 at once, then 1 every 1/3 s up to a 1 s wait; the rest get 421.
+        flood = [Client(port, f"127.0.4.{i + 20}") for i in range(20)]
+        codes = [c.reply().code for c in flood]
+        for c in flood:
+            c.close()
+        assert codes.count(220) >= 6 and codes.count(421) >= 1, codes
+        assert set(codes) == {220, 421}
+        wait_log(r, r"reject=421 4\.7\.0 Connection rate limit.*reason=rate")
         # Later, service resumes.
         deadline = time.monotonic() + 10
         while True:

@@ -6,18 +6,21 @@ import os
 
 from authrelay.config import from_dict
 from authrelay.policy.anvil import SharedCounters, SharedThrottle
+from authrelay.policy.throttle import Pool
+
+ALL = (Pool("*", 0),)
 
 
 def test_counts_cross_fork() -> None:
     s = SharedCounters(slots=1024)
     pid = os.fork()
     if pid == 0:  # child: what a worker does
-        code = 0 if s.try_connect("192.0.2.1", 0, 5) is None else 1
+        code = 0 if s.try_acquire("192.0.2.1", ALL, 5).admitted else 1
         s.window_add("auth_ip", "192.0.2.1", 60.0, 1000.0, 3)
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert s.gauge("192.0.2.1") == 1 and s.total() == 1
+    assert s.gauge("192.0.2.1") == 1 and s.gauge("*") == 1
     assert s.window_count("auth_ip", "192.0.2.1", 60.0, 1000.0) == 3
     other = next(k for k in (f"192.0.2.{i}" for i in range(2, 255))
                  if s._slot(k) != s._slot("192.0.2.1"))
@@ -26,14 +29,15 @@ def test_counts_cross_fork() -> None:
 
 def test_limits_refuse() -> None:
     s = SharedCounters(slots=1024)
-    assert s.try_connect("a", 0, 2) is None
-    assert s.try_connect("a", 0, 2) is None
-    r = s.try_connect("a", 0, 2)
+    assert s.try_acquire("a", ALL, 2).admitted
+    assert s.try_acquire("a", ALL, 2).admitted
+    r = s.try_acquire("a", ALL, 2).refusal
     assert r is not None and (r.code, r.enhanced) == (421, "4.7.0")
-    s.gauge_add("a", -1)
-    assert s.try_connect("a", 0, 2) is None
-    assert s.try_connect("b", 4, 0) is None  # 3 in total now
-    assert s.try_connect("c", 3, 0) is not None  # the global limit
+    s.release("a", ALL)
+    assert s.try_acquire("a", ALL, 2).admitted
+    assert s.try_acquire("b", (Pool("*", 4),), 0).admitted  # 3 in total now
+    assert s.try_acquire("c", (Pool("*", 3),), 0).reason == "pool:*"  # the global limit
+    assert s.gauge("*") == 3
 
 
 def test_window_slides() -> None:
@@ -46,12 +50,13 @@ def test_window_slides() -> None:
     assert s.window_count("rate_ip", "x", 60.0, 800.0) == 0  # two windows later: gone
 
 
-def test_shared_throttle_auth_lock() -> None:
+async def test_shared_throttle_auth_lock() -> None:
     cfg = from_dict({"auth": {"max_failures_per_ip": 2, "max_failures_per_user": 0}})
     s = SharedCounters(slots=1024)
     a, b = SharedThrottle(cfg, s), SharedThrottle(cfg, s)  # two workers
-    a.auth_failed("198.51.100.7", "alice")
-    assert not b.auth_locked("198.51.100.7", "alice")
-    b.auth_failed("198.51.100.7", "alice")
-    assert a.auth_locked("198.51.100.7", "alice") and b.auth_locked("198.51.100.7", "bob")
-    assert not a.auth_locked("198.51.100.8", "alice")
+    await a.auth_failed("198.51.100.7", "alice")
+    assert not await b.auth_locked("198.51.100.7", "alice")
+    await b.auth_failed("198.51.100.7", "alice")
+    assert await a.auth_locked("198.51.100.7", "alice")
+    assert await b.auth_locked("198.51.100.7", "bob")
+    assert not await a.auth_locked("198.51.100.8", "alice")

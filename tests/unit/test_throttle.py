@@ -1,16 +1,21 @@
-"""Throttle (anvil) counters: limits, sliding windows, bounded memory, reload.
+"""Throttle (anvil) counters: pools, rates that delay, lockouts an attacker cannot aim,
+sliding windows, bounded memory, reload. Both implementations run the same tests.
 
-The clock is the module's `time.monotonic`, replaced by a settable one so windows can be
+The clock is the modules' `time.monotonic`, replaced by a settable one so windows can be
 crossed without waiting.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from authrelay import replies
 from authrelay.config import from_dict
+from authrelay.policy import anvil
 from authrelay.policy import throttle as th
+from authrelay.policy.throttle import Pool
 
 
 class Clock:
@@ -21,6 +26,19 @@ class Clock:
         return self.now
 
 
+class MemoryKnown:
+    """The known-address store's interface, in memory (the SQLite one: test_known.py)."""
+
+    def __init__(self) -> None:
+        self.known: set[tuple[str, str]] = set()
+
+    async def is_known(self, user: str, net: str) -> bool:
+        return (user, net) in self.known
+
+    async def remember(self, user: str, net: str) -> None:
+        self.known.add((user, net))
+
+
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     c = Clock()
@@ -28,80 +46,158 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return c
 
 
-def make(limits: dict | None = None, auth: dict | None = None, share: th.Share | None = None
-         ) -> th.Throttle:
+@pytest.fixture(params=["local", "shared"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def make(kind: str, limits: dict | None = None, auth: dict | None = None,
+         known: Any = None) -> th.Throttle:
     cfg = from_dict({"limits": {"connection_rate_per_ip": 0, **(limits or {})},
                      "auth": auth or {}})
-    return th.Throttle(cfg, share)
+    if kind == "shared":
+        return anvil.SharedThrottle(cfg, anvil.SharedCounters(slots=4096), known=known)
+    return th.LocalThrottle(cfg, known=known)
 
 
-def test_concurrent_connections_global_and_per_ip(clock: Clock) -> None:
-    t = make({"max_connections": 3, "max_connections_per_ip": 2})
-    assert t.connect("192.0.2.1") is None
-    assert t.connect("192.0.2.1") is None
-    assert t.connect("192.0.2.1") is replies.TOO_MANY_FROM_IP
-    assert t.connect("192.0.2.2") is None
-    assert t.connect("192.0.2.3") is replies.TOO_MANY_CONNECTIONS
-    t.disconnect("192.0.2.1")
-    assert t.connect("192.0.2.3") is None
-    for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
-        t.disconnect(ip)
-    assert t.connections == 0 and t.per_ip == {}
+GLOBAL3 = (Pool("*", 3),)
 
 
-def test_connection_rate_per_ip_slides(clock: Clock) -> None:
-    t = make({"connection_rate_per_ip": 3})
+def test_pools_and_per_ip(clock: Clock, kind: str) -> None:
+    t = make(kind, {"max_connections_per_ip": 2})
+    assert t.connect("192.0.2.1", GLOBAL3).admitted
+    assert t.connect("192.0.2.1", GLOBAL3).admitted
+    a = t.connect("192.0.2.1", GLOBAL3)
+    assert a.refusal == replies.TOO_MANY_FROM_IP and a.reason == "ip"
+    assert t.connect("192.0.2.2", GLOBAL3).admitted
+    a = t.connect("192.0.2.3", GLOBAL3)
+    assert a.refusal == replies.TOO_MANY_CONNECTIONS and a.reason == "pool:*"
+    assert t.level("*") == 3 and t.full(GLOBAL3)
+    t.disconnect("192.0.2.1", GLOBAL3)
+    assert t.connect("192.0.2.3", GLOBAL3).admitted
+
+
+def test_smtp_class_leaves_the_reserve_to_submission(clock: Clock, kind: str) -> None:
+    t = make(kind, {"max_connections_per_ip": 0})
+    smtp = (Pool("*", 10), Pool("class:smtp", 8), Pool("listener:smtp", 0))
+    sub = (Pool("*", 10), Pool("listener:submission", 0))
+    for i in range(8):
+        assert t.connect(f"192.0.2.{i}", smtp).admitted
+    assert t.connect("192.0.2.99", smtp).reason == "pool:class:smtp"
+    assert t.connect("198.51.100.1", sub).admitted
+    assert t.connect("198.51.100.2", sub).admitted
+    assert t.connect("198.51.100.3", sub).reason == "pool:*"
+    assert t.level("listener:smtp") == 8 and t.level("listener:submission") == 2
+
+
+def test_exempt_skips_per_ip_and_rates_not_pools(clock: Clock, kind: str) -> None:
+    t = make(kind, {"max_connections_per_ip": 1, "connection_rate": 1,
+                    "connection_rate_per_ip": 1})
     for _ in range(3):
-        assert t.connect("192.0.2.9") is None
-        t.disconnect("192.0.2.9")
-    assert t.connect("192.0.2.9") is replies.RATE_LIMITED
-    assert t.connect("192.0.2.10") is None  # others unaffected
-    clock.now += 61
-    assert t.connect("192.0.2.9") is None
+        a = t.connect("127.0.0.1", GLOBAL3, exempt=True)
+        assert a.admitted and a.delay == 0
+    assert t.connect("127.0.0.1", GLOBAL3, exempt=True).reason == "pool:*"
 
 
-def test_connection_rate_global(clock: Clock) -> None:
-    t = make({"connection_rate": 2})
-    assert t.connect("a") is None
-    assert t.connect("b") is None
-    assert t.connect("c") is replies.RATE_LIMITED
-    clock.now += 1.01
-    assert t.connect("c") is None
+def test_exemptions_from_config() -> None:
+    ex = th.Exemptions(from_dict({"relay": {"trusted_networks": ["10.0.0.0/8"]}}))
+    assert "127.0.0.1" in ex and "::1" in ex and "10.1.2.3" in ex
+    assert "127.0.0.2" not in ex and "192.0.2.1" not in ex and "garbage" not in ex
+    ex = th.Exemptions(from_dict({"relay": {"trusted_networks": ["10.0.0.0/8"]},
+                                  "limits": {"limit_exceptions": ["2001:db8::/32"]}}))
+    assert "10.1.2.3" not in ex and "2001:db8::1" in ex and "127.0.0.1" in ex
 
 
-def test_auth_lock_per_ip_and_user_expires(clock: Clock) -> None:
-    t = make(auth={"max_failures_per_ip": 3, "max_failures_per_user": 2,
-                   "failure_window": 60})
-    t.auth_failed("192.0.2.1", "Alice")
-    assert not t.auth_locked("192.0.2.1", "bob")
-    t.auth_failed("192.0.2.2", "alice")
-    assert t.auth_locked("192.0.2.3", "ALICE")  # user names fold case
-    assert not t.auth_locked("192.0.2.3", "bob")
-    t.auth_failed("192.0.2.1", "x")
-    t.auth_failed("192.0.2.1", "y")
-    assert t.auth_locked("192.0.2.1", "bob")  # the IP is locked for every user
-    clock.now += 61
-    assert not t.auth_locked("192.0.2.1", "alice")
+def test_connection_rate_delays_then_refuses(clock: Clock, kind: str) -> None:
+    """sendmail's CONNECTION_RATE_THROTTLE: a burst of `rate` passes, the rest are spaced
+    at the rate; only a wait past connection_rate_max_delay is refused."""
+    t = make(kind, {"connection_rate": 3, "connection_rate_max_delay": "2100ms",
+                    "max_connections_per_ip": 0})
+    pools = (Pool("*", 0),)
+    delays = [t.connect(f"192.0.2.{i}", pools).delay for i in range(9)]
+    assert delays[:3] == [0, 0, 0]
+    assert delays[3:] == pytest.approx([1 / 3, 2 / 3, 1.0, 4 / 3, 5 / 3, 2.0], abs=1e-6)
+    a = t.connect("192.0.2.50", pools)
+    assert a.refusal == replies.RATE_LIMITED and a.reason == "rate"
+    clock.now += 10  # the schedule has passed: a burst goes through again
+    assert [t.connect(f"192.0.2.{i}", pools).delay for i in range(3)] == [0, 0, 0]
 
 
-def test_user_rates(clock: Clock) -> None:
-    t = make({"user_messages_per_hour": 2, "user_recipients_per_hour": 5})
-    assert t.user_may_send("u") and t.user_may_add_rcpt("u", 4)
-    assert not t.user_may_add_rcpt("u", 5)
-    t.user_sent("u", 3)
-    assert t.user_may_send("u")
-    assert t.user_may_add_rcpt("u", 1) and not t.user_may_add_rcpt("u", 2)
-    t.user_sent("u", 1)
-    assert not t.user_may_send("u")
-    assert t.user_may_send("v")
-    clock.now += 3601
-    assert t.user_may_send("u") and t.user_may_add_rcpt("u", 4)
+def test_connection_rate_per_ip_refuses(clock: Clock, kind: str) -> None:
+    t = make(kind, {"connection_rate_per_ip": 3, "max_connections_per_ip": 0})
+    pools = (Pool("*", 0),)
+    for _ in range(3):
+        assert t.connect("192.0.2.1", pools).admitted
+    assert t.connect("192.0.2.1", pools).reason == "rate_ip"
+    assert t.connect("192.0.2.2", pools).admitted
+    clock.now += 121
+    assert t.connect("192.0.2.1", pools).admitted
 
 
-def test_user_rate_huge_message_counts_bounded(clock: Clock) -> None:
-    t = make({"user_recipients_per_hour": 3})
-    t.user_sent("u", 10_000)  # stored as at most cap+1 events, still over the limit
-    assert not t.user_may_add_rcpt("u", 0)
+async def test_auth_lock_per_ip(clock: Clock, kind: str) -> None:
+    t = make(kind, auth={"max_failures_per_ip": 3, "max_failures_per_user": 0})
+    for _ in range(3):
+        assert not await t.auth_locked("192.0.2.1", "bob")
+        await t.auth_failed("192.0.2.1", "bob")
+    assert await t.auth_locked("192.0.2.1", "alice")  # the address, whatever the user
+    assert not await t.auth_locked("192.0.2.2", "bob")
+    clock.now += 1801
+    assert not await t.auth_locked("192.0.2.1", "alice")
+
+
+async def test_auth_lock_per_user_spares_known_addresses(clock: Clock, kind: str) -> None:
+    known = MemoryKnown()
+    t = make(kind, auth={"max_failures_per_ip": 0, "max_failures_per_user": 3}, known=known)
+    await t.auth_succeeded("203.0.113.9", "Alice")  # her home: 203.0.113.0/24
+    for i in range(5):  # an attacker from elsewhere, several addresses
+        await t.auth_failed(f"198.51.100.{i}", "alice")
+    assert await t.auth_locked("198.51.100.77", "ALICE")  # unknown address: refused unchecked
+    assert await t.auth_locked("192.0.2.1", "alice")
+    assert not await t.auth_locked("203.0.113.9", "alice")  # her address: checked
+    assert not await t.auth_locked("203.0.113.200", "alice")  # same /24
+    assert not await t.auth_locked("198.51.100.77", "bob")  # other users untouched
+    # A known network that fails too often for her is refused as well.
+    for _ in range(3):
+        await t.auth_failed("203.0.113.50", "alice")
+    assert await t.auth_locked("203.0.113.9", "alice")
+    clock.now += 1801
+    assert not await t.auth_locked("198.51.100.77", "alice")
+
+
+async def test_auth_lock_per_user_without_store_refuses_all(clock: Clock, kind: str) -> None:
+    t = make(kind, auth={"max_failures_per_ip": 0, "max_failures_per_user": 2})
+    await t.auth_succeeded("203.0.113.9", "alice")  # nothing to remember it in
+    await t.auth_failed("198.51.100.1", "alice")
+    await t.auth_failed("198.51.100.2", "alice")
+    assert await t.auth_locked("203.0.113.9", "alice")
+
+
+def test_source_net() -> None:
+    assert th.source_net("192.0.2.77") == "192.0.2.0/24"
+    assert th.source_net("::ffff:192.0.2.77") == "192.0.2.0/24"
+    assert th.source_net("2001:db8:1:2:3::4") == "2001:db8:1:2::/64"
+    assert th.source_net("nonsense") == "nonsense"
+
+
+async def test_user_rates(clock: Clock, kind: str) -> None:
+    t = make(kind, {"user_messages_per_hour": 2, "user_recipients_per_hour": 5})
+    assert await t.user_may_send("u") and await t.user_may_add_rcpt("u", 4)
+    assert not await t.user_may_add_rcpt("u", 5)
+    await t.user_sent("u", 3)
+    assert await t.user_may_send("u")
+    assert await t.user_may_add_rcpt("u", 1) and not await t.user_may_add_rcpt("u", 2)
+    await t.user_sent("u", 1)
+    assert not await t.user_may_send("u")
+    assert await t.user_may_send("v")
+    clock.now += 7201
+    assert await t.user_may_send("u") and await t.user_may_add_rcpt("u", 4)
+
+
+async def test_user_rate_huge_message_counts_bounded(clock: Clock) -> None:
+    t = make("local", {"user_recipients_per_hour": 3})
+    assert isinstance(t, th.LocalThrottle)
+    await t.user_sent("u", 10_000)  # stored as at most cap+1 events, still over the limit
+    assert not await t.user_may_add_rcpt("u", 0)
     assert len(t.user_rcpts._d["u"]) <= t.user_rcpts.cap + 1
 
 
@@ -115,20 +211,19 @@ def test_window_keys_bounded(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_share_splits_global_limits_only() -> None:
-    cfg = from_dict({"limits": {"max_connections": 100, "connection_rate": 9,
-                                "max_connections_per_ip": 20}})
-    t = th.Throttle(cfg, th.Share(1, 4))
-    assert t.max_connections == 25 and t.rate_global_limit == 2
-    assert t.max_per_ip == 20
+    cfg = from_dict({"limits": {"connection_rate": 9, "max_connections_per_ip": 20}})
+    t = th.LocalThrottle(cfg, th.Share(1, 4))
+    assert t.rate_global_limit == 2 and t.max_per_ip == 20
     assert th.Share(0, 4).part(2) == 1 and th.Share(0, 4).part(0) == 0
+    assert th.Share(0, 4, shared=object()).part(100) == 100
 
 
-def test_reload_keeps_counts(clock: Clock) -> None:
-    t = make(auth={"max_failures_per_ip": 2})
-    t.auth_failed("192.0.2.1", "a")
-    t.auth_failed("192.0.2.1", "b")
-    assert t.auth_locked("192.0.2.1", "c")
+async def test_reload_keeps_counts(clock: Clock, kind: str) -> None:
+    t = make(kind, auth={"max_failures_per_ip": 2})
+    await t.auth_failed("192.0.2.1", "a")
+    await t.auth_failed("192.0.2.1", "b")
+    assert await t.auth_locked("192.0.2.1", "c")
     t.reload(from_dict({"limits": {"max_recipients": 5}, "auth": {"max_failures_per_ip": 3}}))
-    assert not t.auth_locked("192.0.2.1", "c")
-    t.auth_failed("192.0.2.1", "c")
-    assert t.auth_locked("192.0.2.1", "c")  # the two earlier failures still count
+    assert not await t.auth_locked("192.0.2.1", "c")
+    await t.auth_failed("192.0.2.1", "c")
+    assert await t.auth_locked("192.0.2.1", "c")  # the two earlier failures still count

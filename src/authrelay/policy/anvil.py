@@ -11,6 +11,11 @@ table. Two keys that share a slot share a counter: that can only make a limit st
 them, never looser, and with 65,536 slots it is rare. Gauges (concurrent connections) are
 exact; rates use two fixed windows weighted into a sliding estimate (the previous window
 counts for the part of it that still overlaps the sliding window).
+Pools (global, per listener, the smtp class) are gauges in the same slot table under
+their pool keys; a connection is checked against all its pools and its IP and counted in
+all of them under the one lock, so no two workers can both take the last slot.
+`connection_rate` is one shared GCRA schedule (nanoseconds of CLOCK_MONOTONIC, which
+is system-wide, so all workers read the same clock).
 Failure policy: none; a slot overflow cannot happen (64-bit counters).
 """
 
@@ -21,14 +26,25 @@ import mmap
 import multiprocessing
 import os
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from authrelay import replies
 from authrelay.config import Config
-from authrelay.policy.throttle import Throttle
-from authrelay.types import Reply
+from authrelay.policy.throttle import (
+    ADMIT,
+    Admission,
+    LocalThrottle,
+    Pool,
+    _locked,
+    gcra,
+    pool_refusal,
+    source_net,
+)
 
 SLOTS = 1 << 16
-_WINDOW_TABLES = ("rate_global", "rate_ip", "auth_ip", "auth_user", "user_msgs", "user_rcpts")
+_WINDOW_TABLES = ("rate_ip", "auth_ip", "auth_user", "auth_usernet", "user_msgs",
+                  "user_rcpts")
 
 
 class SharedCounters:
@@ -36,7 +52,7 @@ class SharedCounters:
 
     def __init__(self, slots: int = SLOTS) -> None:
         self.slots = slots
-        self._base: dict[str, int] = {"total": 0, "conns": 1}
+        self._base: dict[str, int] = {"tat": 0, "conns": 1}
         size = 1 + slots
         for name in _WINDOW_TABLES:
             self._base[name] = size
@@ -52,29 +68,46 @@ class SharedCounters:
         return int.from_bytes(h, "little") % self.slots
 
     # gauges --------------------------------------------------------------------
-    def total(self) -> int:
-        return self._a[0]
-
     def gauge(self, key: str) -> int:
         return self._a[self._base["conns"] + self._slot(key)]
 
     def gauge_add(self, key: str, delta: int) -> None:
         i = self._base["conns"] + self._slot(key)
         with self._lock:
-            self._a[0] = max(0, self._a[0] + delta)
             self._a[i] = max(0, self._a[i] + delta)
 
-    def try_connect(self, key: str, max_total: int, max_key: int) -> Reply | None:
-        """Check both gauges and count the connection, atomically across workers."""
-        i = self._base["conns"] + self._slot(key)
+    def try_acquire(self, ip: str, pools: Sequence[Pool], max_ip: int,
+                    rate: float = 0.0, max_delay: float = 0.0,
+                    now: float | None = None) -> Admission:
+        """Check every pool, the IP gauge and the connection rate; count the connection in
+        all of them, atomically across workers (`max_ip` 0: no per-IP limit; `rate` 0:
+        no rate)."""
+        a, base = self._a, self._base["conns"]
+        idx = [(base + self._slot(p.key), p) for p in pools]
+        ip_i = base + self._slot(ip)
         with self._lock:
-            if max_total and self._a[0] >= max_total:
-                return replies.TOO_MANY_CONNECTIONS
-            if max_key and self._a[i] >= max_key:
-                return replies.TOO_MANY_FROM_IP
-            self._a[0] += 1
-            self._a[i] += 1
-        return None
+            for i, p in idx:
+                if p.cap and a[i] >= p.cap:
+                    return pool_refusal(p.key)
+            if max_ip and a[ip_i] >= max_ip:
+                return Admission(replies.TOO_MANY_FROM_IP, 0.0, "ip")
+            delay = 0.0
+            if rate:
+                t = time.monotonic() if now is None else now
+                delay, tat = gcra(a[0] / 1e9, t, rate, max_delay)
+                if delay < 0:
+                    return Admission(replies.RATE_LIMITED, 0.0, "rate")
+                a[0] = int(tat * 1e9)
+            for i, _p in idx:
+                a[i] += 1
+            a[ip_i] += 1
+        return Admission(None, delay) if delay else ADMIT
+
+    def release(self, ip: str, pools: Sequence[Pool]) -> None:
+        a, base = self._a, self._base["conns"]
+        with self._lock:
+            for i in [base + self._slot(p.key) for p in pools] + [base + self._slot(ip)]:
+                a[i] = max(0, a[i] - 1)
 
     # windows -------------------------------------------------------------------
     def _window(self, table: str, key: str, period: float, now: float, add: int) -> float:
@@ -100,49 +133,53 @@ class SharedCounters:
         return self._window(table, key, period, now, 0)
 
 
-class SharedThrottle(Throttle):
-    """Throttle whose counts live in a SharedCounters table (exact across workers)."""
+class SharedThrottle(LocalThrottle):
+    """The Throttle whose counts live in a SharedCounters table (exact across workers)."""
 
-    def __init__(self, cfg: Config, shared: SharedCounters) -> None:
+    def __init__(self, cfg: Config, shared: SharedCounters, known: Any = None) -> None:
         self.shared = shared
-        super().__init__(cfg)  # Share() whole: the limits are not divided, they are shared
+        super().__init__(cfg, known=known)  # Share() whole: the limits are shared, not divided
 
-    def connect(self, ip: str, exempt: bool = False) -> Reply | None:
+    def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False) -> Admission:
         s, now = self.shared, time.monotonic()
-        if not exempt:
-            if self.rate_global_limit and \
-                    s.window_add("rate_global", "*", 1.0, now) > self.rate_global_limit:
-                return replies.RATE_LIMITED
-            if self.rate_ip_limit and \
-                    s.window_add("rate_ip", ip, 60.0, now) > self.rate_ip_limit:
-                return replies.RATE_LIMITED
-        return s.try_connect(ip, self.max_connections, 0 if exempt else self.max_per_ip)
+        if not exempt and self.rate_ip_limit and \
+                s.window_add("rate_ip", ip, 60.0, now) > self.rate_ip_limit:
+            return Admission(replies.RATE_LIMITED, 0.0, "rate_ip")
+        return s.try_acquire(ip, pools, 0 if exempt else self.max_per_ip,
+                             0.0 if exempt else self.rate_global_limit,
+                             self.rate_max_delay, now)
 
-    def disconnect(self, ip: str) -> None:
-        self.shared.gauge_add(ip, -1)
+    def disconnect(self, ip: str, pools: Sequence[Pool]) -> None:
+        self.shared.release(ip, pools)
 
-    def auth_locked(self, ip: str, user: str) -> bool:
+    def level(self, key: str) -> int:
+        return self.shared.gauge(key)
+
+    async def auth_locked(self, ip: str, user: str) -> bool:
         s, now, w = self.shared, time.monotonic(), self.auth_ip.window
-        if self.max_fail_ip and s.window_count("auth_ip", ip, w, now) >= self.max_fail_ip:
-            return True
-        return bool(self.max_fail_user and user and
-                    s.window_count("auth_user", user.lower(), w, now) >= self.max_fail_user)
+        u = user.lower()
+        return await _locked(
+            self, ip, user, s.window_count("auth_ip", ip, w, now),
+            s.window_count("auth_user", u, w, now) if user else 0.0,
+            s.window_count("auth_usernet", f"{u}\0{source_net(ip)}", w, now) if user else 0.0)
 
-    def auth_failed(self, ip: str, user: str) -> None:
+    async def auth_failed(self, ip: str, user: str) -> None:
         s, now, w = self.shared, time.monotonic(), self.auth_ip.window
         s.window_add("auth_ip", ip, w, now)
         if user:
-            s.window_add("auth_user", user.lower(), w, now)
+            u = user.lower()
+            s.window_add("auth_user", u, w, now)
+            s.window_add("auth_usernet", f"{u}\0{source_net(ip)}", w, now)
 
-    def user_may_send(self, user: str) -> bool:
+    async def user_may_send(self, user: str) -> bool:
         return not (self.user_msgs_limit and self.shared.window_count(
             "user_msgs", user, 3600.0, time.monotonic()) >= self.user_msgs_limit)
 
-    def user_may_add_rcpt(self, user: str, pending: int) -> bool:
+    async def user_may_add_rcpt(self, user: str, pending: int) -> bool:
         return not (self.user_rcpts_limit and self.shared.window_count(
             "user_rcpts", user, 3600.0, time.monotonic()) + pending >= self.user_rcpts_limit)
 
-    def user_sent(self, user: str, nrcpts: int) -> None:
+    async def user_sent(self, user: str, nrcpts: int) -> None:
         now = time.monotonic()
         if self.user_msgs_limit:
             self.shared.window_add("user_msgs", user, 3600.0, now)

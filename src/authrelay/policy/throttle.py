@@ -1,25 +1,50 @@
-"""Throttles (Postfix anvil): connection counts and rates, AUTH failures, per-user rates.
+"""Throttles (Postfix anvil): connection pools and rates, AUTH failures, per-user rates.
 
-Owns the counters that decide "too much": concurrent connections (total and per IP,
-sendmail confMAX_DAEMON_CHILDREN), new connections per second (confCONNECTION_RATE_THROTTLE)
-and per IP per minute (anvil), AUTH failures per IP and per username over a window, and
-messages / recipients per user per hour. Contract: every check is O(1) amortised and memory
-is bounded (old windows are pruned; at most `MAX_KEYS` tracked keys per table, the oldest
-evicted first). Failure policy: all refusals are transient (421 / 454 / 450 4.7.x).
+Owns the counters that decide "too much", behind one interface (`Throttle`) with two
+implementations here and in `anvil.py`, and a third (Redis, issue 14) to come:
 
-This class counts inside one process (exact with `workers = 1`). With several receiving
-workers the daemon gives every worker an `anvil.SharedThrottle` instead: the same methods
-over one table in shared memory, so per-IP, per-user and global limits hold across all
-workers (the kernel spreads one client's connections over them).
+- `LocalThrottle`: counts inside one process (exact with `workers = 1`).
+- `anvil.SharedThrottle`: the same counts in shared memory, exact across the workers of
+  one instance (the kernel spreads one client's connections over them).
 
+The interface (docs/INTERFACES.md) has two halves:
+
+- Connections, synchronous and O(1), called at TCP accept before anything else happens on
+  the socket (no TLS, no transport): `connect(ip, pools, exempt=)` -> `Admission`,
+  `disconnect(ip, pools)`, `level(pool_key)`, `full(pools)`. A connection is counted in
+  every pool it belongs to (global, its listener's, the smtp class) and per IP from the
+  moment it is admitted until `disconnect`. `connection_rate` (sendmail's
+  CONNECTION_RATE_THROTTLE) delays, not refuses: the admission carries the delay before the
+  greeting (a GCRA schedule, so a burst of `connection_rate` passes at once and the rest
+  are spaced at the rate); 421 only when the delay would pass `connection_rate_max_delay`.
+- AUTH and per-user rates, asynchronous (they may read the known-address store, or in the
+  Redis variant a remote server): `auth_locked`, `auth_failed`, `auth_succeeded`,
+  `user_may_send`, `user_may_add_rcpt`, `user_sent`.
+
+AUTH lockout that an attacker cannot turn against a user (docs/LIMITS.md): failures are
+counted per source address, per user, and per (user, source network: /24 or /64). Past the
+per-address limit every AUTH from that address is refused unchecked. Past the per-user
+limit AUTH for that user is refused unchecked only from networks the user has not
+authenticated from within `[auth] known_address_days` (`known.KnownAddresses`), or from a
+known network that itself has reached the per-user limit for that user. So an attacker
+guessing alice's password from elsewhere locks out only other unknown addresses; alice at
+home or at the office still logs in.
+
+Contract: every check is O(1) amortised and memory is bounded (old windows are pruned; at
+most `MAX_KEYS` tracked keys per table, the oldest evicted first). Failure policy: all
+refusals are transient (421 / 454 / 450 4.7.x); a failing known-address store degrades to
+memory (never to refusing the right password from a known address in this process).
 SIGHUP (`reload`) changes the limits but keeps the counts: a reload must not hand a
 brute-forcer a fresh failure window.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
+from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +53,70 @@ from authrelay.config import Config
 from authrelay.types import Reply
 
 MAX_KEYS = 100_000
+ALWAYS_EXEMPT = ("127.0.0.1/32", "::1/128")  # the host itself: cron jobs, scripts, sendmail
+
+
+def source_net(ip: str) -> str:
+    """The network a client address belongs to for AUTH bookkeeping: /24 or /64.
+
+    Home and mobile users move inside their provider's /24 or /64 between logins; an
+    attacker elsewhere is in another one."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    prefix = 24 if addr.version == 4 else 64
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
+
+
+class Exemptions:
+    """`[limits] limit_exceptions` (plus loopback): exempt from per-IP limits and rates."""
+
+    def __init__(self, cfg: Config) -> None:
+        nets: list[str] = list(ALWAYS_EXEMPT)
+        for item in cfg.limits.limit_exceptions:
+            nets += cfg.relay.trusted_networks if item == "trusted_networks" else [item]
+        self.nets = [ipaddress.ip_network(n, strict=False) for n in nets]
+
+    def __contains__(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in n for n in self.nets if n.version == addr.version)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A connection pool: `key` names it ("*" global, "smtp" the smtp class, "listener:..."),
+    `cap` is its size (0: no cap)."""
+
+    key: str
+    cap: int
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The answer to `connect`. Admitted (`refusal is None`): counted until `disconnect`, and
+    the greeting waits `delay` seconds first. Refused: nothing counted; `reason` is
+    "pool:<key>", "ip", "rate" or "rate_ip" (for logs and metrics)."""
+
+    refusal: Reply | None = None
+    delay: float = 0.0
+    reason: str = ""
+
+    @property
+    def admitted(self) -> bool:
+        return self.refusal is None
+
+
+ADMIT = Admission()
+
+
+def pool_refusal(key: str) -> Admission:
+    return Admission(replies.TOO_MANY_CONNECTIONS, 0.0, f"pool:{key}")
 
 
 class _Window:
@@ -72,6 +161,21 @@ class _Window:
         return self
 
 
+def gcra(tat: float, now: float, rate: float, max_delay: float) -> tuple[float, float]:
+    """Generic cell rate algorithm with a burst of `rate` (one second's worth).
+
+    `tat` is the theoretical arrival time of the next connection. Returns (delay, new tat);
+    delay < 0 means refuse (the wait would pass `max_delay`; tat unchanged)."""
+    interval = 1.0 / rate
+    tolerance = (max(rate, 1.0) - 1.0) * interval  # a burst of `rate` goes through at once
+    tat = max(tat, now)
+    delay = tat - tolerance - now
+    delay = delay if delay > 1e-6 else 0.0  # float noise is no wait
+    if delay > max_delay:
+        return -1.0, tat
+    return delay, tat + interval
+
+
 @dataclass
 class Share:
     """This process's part of the global limits (1 of 1 unless several workers)."""
@@ -86,31 +190,91 @@ class Share:
         return max(1, total // self.count)
 
 
-class Throttle:
-    def __init__(self, cfg: Config, share: Share | None = None) -> None:
-        self.reload(cfg, share or Share())
-        self.connections = 0
-        self.per_ip: dict[str, int] = {}
+class Throttle(ABC):
+    """The interface every throttle implements (in-process, shared memory, Redis).
 
-    def reload(self, cfg: Config, share: Share | None = None) -> None:
-        if share is not None:
-            self.share = share
+    The limits come from the Config given to `reload` (the constructor calls it); the
+    counters and windows stay across reloads. `known` is the known-address store
+    (`known.KnownAddresses` or anything with async `is_known(user, net)` and
+    `remember(user, net)`); None: no user is ever known (per-user limit refuses all)."""
+
+    known: Any = None
+
+    # ------------------------------------------------------------ connections (sync)
+    @abstractmethod
+    def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False) -> Admission:
+        """Admit a new connection into every pool in `pools` and for `ip`, or say why not.
+        `exempt` (limit_exceptions, loopback) skips the per-IP limit and both rates."""
+
+    @abstractmethod
+    def disconnect(self, ip: str, pools: Sequence[Pool]) -> None:
+        """The connection admitted with the same `ip` and `pools` is gone."""
+
+    @abstractmethod
+    def level(self, key: str) -> int:
+        """Connections in the pool `key` now."""
+
+    def full(self, pools: Sequence[Pool]) -> bool:
+        """Whether `connect` would refuse for a pool (checked before accepting at all)."""
+        return any(p.cap and self.level(p.key) >= p.cap for p in pools)
+
+    # ------------------------------------------------------------ AUTH (async)
+    @abstractmethod
+    async def auth_locked(self, ip: str, user: str) -> bool:
+        """True: refuse this AUTH without checking the password (454 4.7.0)."""
+
+    @abstractmethod
+    async def auth_failed(self, ip: str, user: str) -> None:
+        """A failed AUTH from `ip` for `user` ("" when the exchange failed before a name)."""
+
+    @abstractmethod
+    async def auth_succeeded(self, ip: str, user: str) -> None:
+        """`user` authenticated from `ip`: its network becomes known for the user."""
+
+    # ------------------------------------------------------------ per-user rates (async)
+    @abstractmethod
+    async def user_may_send(self, user: str) -> bool: ...
+
+    @abstractmethod
+    async def user_may_add_rcpt(self, user: str, pending: int) -> bool: ...
+
+    @abstractmethod
+    async def user_sent(self, user: str, nrcpts: int) -> None: ...
+
+    # ------------------------------------------------------------ config
+    @abstractmethod
+    def reload(self, cfg: Config) -> None:
+        """New limits (SIGHUP); the counts so far are kept."""
+
+
+class LocalThrottle(Throttle):
+    """All counters in this process."""
+
+    def __init__(self, cfg: Config, share: Share | None = None, known: Any = None) -> None:
+        self.share = share or Share()
+        self.known = known
+        self.gauges: dict[str, int] = {}
+        self.per_ip: dict[str, int] = {}
+        self.tat = 0.0  # connection_rate schedule (GCRA)
+        self.reload(cfg)
+
+    def reload(self, cfg: Config) -> None:
         lim, auth = cfg.limits, cfg.auth
-        self.max_connections = self.share.part(lim.max_connections)
         # Per-IP counts stay whole: a client's connections are spread over workers by the
         # kernel, so a per-worker share would refuse well-behaved clients.
         self.max_per_ip = lim.max_connections_per_ip
         prev = dict(vars(self)).get  # the windows being replaced, if any (reload)
-        self.rate_global = _Window(1.0, max(self.share.part(lim.connection_rate), 1) * 2
-                                   ).adopt(prev("rate_global"))
         self.rate_global_limit = self.share.part(lim.connection_rate)
+        self.rate_max_delay = lim.connection_rate_max_delay
         self.rate_ip = _Window(60.0, max(lim.connection_rate_per_ip, 1) * 2
                                ).adopt(prev("rate_ip"))
         self.rate_ip_limit = lim.connection_rate_per_ip
-        self.auth_ip = _Window(auth.failure_window, max(auth.max_failures_per_ip, 1) * 2
-                               ).adopt(prev("auth_ip"))
-        self.auth_user = _Window(auth.failure_window, max(auth.max_failures_per_user, 1) * 2
+        w = auth.failure_window
+        self.auth_ip = _Window(w, max(auth.max_failures_per_ip, 1) * 2).adopt(prev("auth_ip"))
+        self.auth_user = _Window(w, max(auth.max_failures_per_user, 1) * 2
                                  ).adopt(prev("auth_user"))
+        self.auth_usernet = _Window(w, max(auth.max_failures_per_user, 1) * 2
+                                    ).adopt(prev("auth_usernet"))
         self.max_fail_ip = auth.max_failures_per_ip
         self.max_fail_user = auth.max_failures_per_user
         self.user_msgs = _Window(3600.0, max(lim.user_messages_per_hour, 1) * 2
@@ -121,60 +285,105 @@ class Throttle:
         self.user_rcpts_limit = lim.user_recipients_per_hour
 
     # ---------------------------------------------------------------- connections
-    def connect(self, ip: str, exempt: bool = False) -> Reply | None:
-        """Admit a new connection (counted until `disconnect`) or say why not."""
+    def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False) -> Admission:
         now = time.monotonic()
-        if self.max_connections and self.connections >= self.max_connections:
-            return replies.TOO_MANY_CONNECTIONS
+        for p in pools:
+            if p.cap and self.gauges.get(p.key, 0) >= p.cap:
+                return pool_refusal(p.key)
+        delay = 0.0
         if not exempt:
             if self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
-                return replies.TOO_MANY_FROM_IP
-            if self.rate_global_limit and \
-                    self.rate_global.add("*", now) > self.rate_global_limit:
-                return replies.RATE_LIMITED
+                return Admission(replies.TOO_MANY_FROM_IP, 0.0, "ip")
+            # Refused attempts count too (anvil): a client hammering past the rate stays out.
             if self.rate_ip_limit and self.rate_ip.add(ip, now) > self.rate_ip_limit:
-                return replies.RATE_LIMITED
-        self.connections += 1
+                return Admission(replies.RATE_LIMITED, 0.0, "rate_ip")
+            if self.rate_global_limit:
+                delay, tat = gcra(self.tat, now, self.rate_global_limit, self.rate_max_delay)
+                if delay < 0:
+                    return Admission(replies.RATE_LIMITED, 0.0, "rate")
+                self.tat = tat
+        for p in pools:
+            self.gauges[p.key] = self.gauges.get(p.key, 0) + 1
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        return None
+        return Admission(None, delay) if delay else ADMIT
 
-    def disconnect(self, ip: str) -> None:
-        self.connections = max(0, self.connections - 1)
+    def disconnect(self, ip: str, pools: Sequence[Pool]) -> None:
+        for p in pools:
+            n = self.gauges.get(p.key, 0) - 1
+            if n > 0:
+                self.gauges[p.key] = n
+            else:
+                self.gauges.pop(p.key, None)
         n = self.per_ip.get(ip, 0) - 1
         if n > 0:
             self.per_ip[ip] = n
         else:
             self.per_ip.pop(ip, None)
 
-    # ---------------------------------------------------------------- AUTH
-    def auth_locked(self, ip: str, user: str) -> bool:
-        """Past the failure limit for this IP or this username: refuse without checking."""
-        now = time.monotonic()
-        if self.max_fail_ip and self.auth_ip.count(ip, now) >= self.max_fail_ip:
-            return True
-        return bool(self.max_fail_user and user and
-                    self.auth_user.count(user.lower(), now) >= self.max_fail_user)
+    def level(self, key: str) -> int:
+        return self.gauges.get(key, 0)
 
-    def auth_failed(self, ip: str, user: str) -> None:
+    # ---------------------------------------------------------------- AUTH
+    def _counts(self, ip: str, user: str, now: float) -> tuple[float, float, float]:
+        u = user.lower()
+        return (self.auth_ip.count(ip, now), self.auth_user.count(u, now),
+                self.auth_usernet.count(f"{u}\0{source_net(ip)}", now))
+
+    async def auth_locked(self, ip: str, user: str) -> bool:
+        by_ip, by_user, by_usernet = self._counts(ip, user, time.monotonic())
+        return await _locked(self, ip, user, by_ip, by_user, by_usernet)
+
+    async def auth_failed(self, ip: str, user: str) -> None:
         now = time.monotonic()
         self.auth_ip.add(ip, now)
         if user:
-            self.auth_user.add(user.lower(), now)
+            u = user.lower()
+            self.auth_user.add(u, now)
+            self.auth_usernet.add(f"{u}\0{source_net(ip)}", now)
+
+    async def auth_succeeded(self, ip: str, user: str) -> None:
+        if self.known is not None and user:
+            await self.known.remember(user.lower(), source_net(ip))
 
     # ---------------------------------------------------------------- per-user rates
-    def user_may_send(self, user: str) -> bool:
+    async def user_may_send(self, user: str) -> bool:
         now = time.monotonic()
         return not (self.user_msgs_limit and
                     self.user_msgs.count(user, now) >= self.user_msgs_limit)
 
-    def user_may_add_rcpt(self, user: str, pending: int) -> bool:
+    async def user_may_add_rcpt(self, user: str, pending: int) -> bool:
         now = time.monotonic()
         return not (self.user_rcpts_limit and
                     self.user_rcpts.count(user, now) + pending >= self.user_rcpts_limit)
 
-    def user_sent(self, user: str, nrcpts: int) -> None:
+    async def user_sent(self, user: str, nrcpts: int) -> None:
         now = time.monotonic()
         if self.user_msgs_limit:
             self.user_msgs.add(user, now)
         if self.user_rcpts_limit:
             self.user_rcpts.add(user, now, nrcpts)
+
+
+async def _locked(t: Throttle, ip: str, user: str, by_ip: float, by_user: float,
+                  by_usernet: float) -> bool:
+    """The lockout decision, shared by every implementation (see the module docstring)."""
+    max_ip: int = getattr(t, "max_fail_ip", 0)
+    max_user: int = getattr(t, "max_fail_user", 0)
+    if max_ip and by_ip >= max_ip:
+        return True  # this address is guessing: refuse it whatever the user
+    if not (max_user and user) or by_user < max_user:
+        return False
+    # The user is under attack. Refuse unchecked, except from a network this user logged
+    # in from recently, unless that network itself failed too often for this user.
+    if by_usernet >= max_user or t.known is None:
+        return True
+    return not await t.known.is_known(user.lower(), source_net(ip))
+
+
+def make_throttle(cfg: Config, share: Share | None = None, known: Any = None) -> Throttle:
+    """The throttle for this process: shared memory across workers when `share.shared`."""
+    if share is not None and share.shared is not None:
+        from authrelay.policy.anvil import SharedThrottle
+
+        return SharedThrottle(cfg, share.shared, known=known)
+    return LocalThrottle(cfg, share, known=known)

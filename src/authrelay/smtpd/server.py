@@ -1,8 +1,10 @@
 """The receiving side of one process: listeners, sessions, and what they share.
 
-Owns the set of listening sockets and live sessions of this process, admission (throttle),
-and graceful stop (stop accepting; let sessions finish up to a deadline; then 421).
-Contract: `SMTPServer(cfg, spool, authenticator, certs)`; `await start(sockets)` serves on
+Owns the set of listening sockets and live sessions of this process, the throttle, and
+graceful stop (stop accepting; let sessions finish up to a deadline; then 421). Admission
+at TCP accept (pools, rates, fd budget, stress mode, implicit TLS after admission) is in
+`admission.py`; a session starts with the `Ticket` it was admitted with.
+Contract: `SMTPServer(cfg, spool, authenticator, certs)`; `await start(listeners)` serves on
 already-bound sockets (so a root parent can bind 25/587/465 and drop privileges, and
 worker processes can share ports); `await stop(timeout)`.
 """
@@ -18,8 +20,10 @@ from typing import Any
 
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config, Listen
+from authrelay.policy.known import KnownAddresses
 from authrelay.policy.relay import RelayPolicy
-from authrelay.policy.throttle import Share, Throttle
+from authrelay.policy.throttle import Exemptions, Share, Throttle, make_throttle
+from authrelay.smtpd.admission import Acceptor, Ticket, fd_budget
 from authrelay.smtpd.listener import Connection
 from authrelay.smtpd.session import Session
 from authrelay.types import Reply
@@ -68,49 +72,58 @@ class SMTPServer:
         self.checks = checks
         self.metrics = metrics
         self.policy = RelayPolicy(cfg)
-        if share is not None and share.shared is not None:
-            from authrelay.policy.anvil import SharedThrottle
-
-            self.throttle: Throttle = SharedThrottle(cfg, share.shared)
-        else:
-            self.throttle = Throttle(cfg, share)
+        self.share = share or Share()
+        self.known = KnownAddresses(cfg.state_path / "known_addresses.db",
+                                    cfg.auth.known_address_days)
+        self.throttle: Throttle = make_throttle(cfg, self.share, known=self.known)
+        self.exemptions = Exemptions(cfg)
         self.maillog = maillog_mod.get()
         self.sessions: set[Session] = set()
-        self._servers: list[asyncio.base_events.Server] = []
+        self.acceptors: list[Acceptor] = []
         self.listeners: list[Listener] = []
         self.stopping = False
+        self.open_sockets = 0  # client sockets held by this process (accepted, not closed)
+        self.fd_budget = fd_budget()
+        self._fd_warned = False
 
     def reload(self, cfg: Config) -> None:
         """SIGHUP: new limits and policy for new sessions; live ones keep theirs."""
         self.cfg = cfg
         self.policy = RelayPolicy(cfg)
         self.throttle.reload(cfg)
+        self.exemptions = Exemptions(cfg)
+        self.known.ttl = cfg.auth.known_address_days * 86400.0
+        for a in self.acceptors:
+            a.reload()
 
     async def start(self, listeners: list[Listener]) -> None:
-        loop = asyncio.get_running_loop()
         for ln in listeners:
-            srv = await loop.create_server(
-                lambda ln=ln: Connection(lambda c, ln=ln: self._connected(ln, c)),
-                sock=ln.sock, backlog=1024,
-                # RFC 8314 implicit TLS: the transport does the handshake before the
-                # session sees a byte; the context is the CertStore's live one (reloadable).
-                ssl=self.certs.context if ln.mode == "submissions" else None,
-                ssl_handshake_timeout=(self.cfg.limits.tls_handshake_timeout
-                                       if ln.mode == "submissions" else None),
-            )
-            self._servers.append(srv)
+            ln.sock.setblocking(False)
+            a = Acceptor(self, ln)
+            a.start()
+            self.acceptors.append(a)
             self.listeners.append(ln)
 
-    def _connected(self, ln: Listener, conn: Connection) -> None:
+    def protocol_factory(self, ln: Listener, ticket: Ticket) -> Any:
+        return lambda: Connection(lambda c: self._connected(ln, c, ticket))
+
+    def _connected(self, ln: Listener, conn: Connection, ticket: Ticket) -> None:
         if self.stopping:
             conn.write(Reply(421, "4.3.2", "Service shutting down").lines())
             conn.close()
+            ticket.release()
             return
-        sess = Session(self, ln, conn)
+        sess = Session(self, ln, conn, ticket)
         self.sessions.add(sess)
         task = asyncio.get_running_loop().create_task(sess.run())
         conn.task = task
-        task.add_done_callback(lambda _t: self.sessions.discard(sess))
+
+        def done(_t: object) -> None:
+            self.sessions.discard(sess)
+            conn.close()
+            ticket.release()
+
+        task.add_done_callback(done)
         # Whole-session cap (slowloris defence): the session is cancelled at the deadline.
         h = asyncio.get_running_loop().call_later(self.cfg.limits.session_timeout,
                                                   self._expire, sess, task)
@@ -123,20 +136,42 @@ class SMTPServer:
             self.maillog.event(None, reject="421 4.4.2 session time limit",
                                relay=sess.relay_desc())
 
-    # admission -------------------------------------------------------------
-    def admit(self, sess: Session) -> Reply | None:
-        r = self.throttle.connect(sess.ip, exempt=False)
-        sess._admitted = r is None  # type: ignore[attr-defined]
-        if self.metrics is not None:
-            self.metrics.connection(sess.listener.mode, "accepted" if r is None else "refused")
-        return r
+    # admission hooks (admission.py) ------------------------------------------
+    def refused(self, ln: Listener, ip: str, r: Reply, reason: str, tls: bool) -> None:
+        """A connection refused at accept: one maillog line (never for every client of a
+        flood at full detail: the line is short and has no DNS lookup)."""
+        self.maillog.reject(r, relay=f"unknown [{ip}]", stage="connect",
+                            listener=ln.name, reason=reason,
+                            action="closed before TLS" if tls else None)
 
-    def release(self, sess: Session) -> None:
-        if getattr(sess, "_admitted", False):
-            self.throttle.disconnect(sess.ip)
-            sess._admitted = False  # type: ignore[attr-defined]
+    def tls_failed(self, ln: Listener, ip: str, why: str, seconds: float) -> None:
+        self.maillog.event(None, tls=f"from unknown [{ip}]", error=why,
+                           listener=ln.name, delay=f"{seconds:.2f}")
+
+    def fd_tight(self, acceptor: Acceptor) -> bool:
+        """Near the fd limit: a listener over its share stops; all stop at the hard line."""
+        n, budget = self.open_sockets, self.fd_budget
+        if n < budget:
+            return False
+        share = budget // max(1, len(self.acceptors))
+        return acceptor.open >= share or n >= budget + (budget // 20)
+
+    def fd_warning(self) -> None:
+        if not self._fd_warned:
+            self._fd_warned = True
+            self.maillog.warning("near the file descriptor limit: listeners over their "
+                                 "share stop accepting", sockets=self.open_sockets,
+                                 budget=self.fd_budget)
+
+    def fd_released(self) -> None:
+        if self._fd_warned and self.open_sockets < self.fd_budget * 9 // 10:
+            self._fd_warned = False
 
     # metrics hooks (no-ops without a metrics registry) ------------------------
+    def metrics_connection(self, mode: str, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.connection(mode, result)
+
     def metrics_auth(self, result: str) -> None:
         if self.metrics is not None:
             self.metrics.auth(result)
@@ -152,8 +187,10 @@ class SMTPServer:
     # stop -----------------------------------------------------------------
     async def stop_accepting(self) -> None:
         self.stopping = True
-        for srv in self._servers:
-            srv.close()
+        for a in self.acceptors:
+            a.stop()
+            with contextlib.suppress(OSError):
+                a.sock.close()
 
     async def stop(self, timeout: float) -> None:
         """Stop accepting, let sessions finish up to `timeout`, then cancel the rest."""
@@ -165,6 +202,4 @@ class SMTPServer:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        for srv in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(srv.wait_closed(), 1)
+        await asyncio.get_running_loop().run_in_executor(None, self.known.close)

@@ -36,6 +36,7 @@ from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.types import Reply
 
 if TYPE_CHECKING:
+    from authrelay.smtpd.admission import Ticket
     from authrelay.smtpd.server import Listener, SMTPServer
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,12 @@ class _Close(Exception):
 
 
 class Session:
-    def __init__(self, server: SMTPServer, listener: Listener, conn: Connection) -> None:
+    def __init__(self, server: SMTPServer, listener: Listener, conn: Connection,
+                 ticket: Ticket) -> None:
         self.server = server
+        # From admission (smtpd/admission.py): the current command timeout (shorter in
+        # stress mode) and the throttle bound to this client's address.
+        self.ticket = ticket
         self.cfg = server.cfg
         self.listener = listener
         self.conn = conn
@@ -119,11 +124,6 @@ class Session:
         try:
             if self.listener.mode == "submissions":
                 self.tls = True  # handshake done by the transport (server.py)
-            refusal = srv.admit(self)
-            if refusal is not None:
-                self.reply(refusal)
-                self._log_reject(refusal, stage="connect")
-                raise _Close
             try:
                 srv.maillog.connect(self.relay_desc(), self.listener.name)
                 if self.tls:  # implicit TLS (465): the handshake is done
@@ -132,13 +132,13 @@ class Session:
                 while True:
                     limit = lim.max_line_length
                     try:
-                        line = await self.conn.readline(limit, lim.command_timeout)
+                        line = await self.conn.readline(limit, self.ticket.command_timeout)
                     except LineTooLong:
                         self._error(replies.LINE_TOO_LONG)
                         continue
                     await self.dispatch(line)
             finally:
-                srv.release(self)
+                self.ticket.release()
         except _Close:
             pass
         except Timeout:
@@ -293,7 +293,7 @@ class Session:
                 self.reply(Reply(334, "", base64.b64encode(challenge).decode()))
                 try:
                     line = await self.conn.readline(lim.max_auth_line_length,
-                                                    lim.command_timeout)
+                                                    self.ticket.command_timeout)
                 except LineTooLong:
                     self._error(replies.AUTH_LINE_TOO_LONG)
                     return
@@ -309,7 +309,7 @@ class Session:
             self._error(Reply(501, "5.5.2", "Cannot decode response"))
             return
         user = ex.username
-        if srv.throttle.auth_locked(self.ip, user):
+        if await self.ticket.auth_locked(user):
             # Past the window limit: answer without even checking the password, so a
             # brute-forcer learns nothing and costs us no hashing.
             await asyncio.sleep(self.cfg.auth.failure_delay)
@@ -328,6 +328,7 @@ class Session:
             result = AuthResult.TEMPFAIL
         if result is AuthResult.OK:
             self.auth_user = user
+            await self.ticket.auth_succeeded(user)
             self.reply(replies.AUTH_OK)
             srv.maillog.event(None, auth="ok", sasl_method=mech, sasl_username=user,
                               relay=self.relay_desc())
@@ -341,7 +342,7 @@ class Session:
 
     async def _auth_failed(self, r: Reply, user: str, mech: str = "") -> None:
         srv = self.server
-        srv.throttle.auth_failed(self.ip, user)
+        await self.ticket.auth_failed(user)
         srv.metrics_auth("fail")
         self.auth_failures += 1
         # Same delay for unknown users and wrong passwords (no user enumeration), and
@@ -425,7 +426,7 @@ class Session:
                 self._log_reject(replies.SENDER_NOT_OWNED, f"<{path.text}>... ",
                                  sasl_username=self.auth_user)
                 return
-            if not self.server.throttle.user_may_send(self.auth_user):
+            if not await self.ticket.user_may_send(self.auth_user):
                 self.reply(replies.USER_RATE)
                 self._log_reject(replies.USER_RATE, "", sasl_username=self.auth_user)
                 return
@@ -488,7 +489,7 @@ class Session:
             self.reply(replies.TOO_MANY_RCPTS)
             self._log_reject(replies.TOO_MANY_RCPTS, f"<{path.text}>... ")
             return
-        if self.auth_user and not self.server.throttle.user_may_add_rcpt(
+        if self.auth_user and not await self.ticket.user_may_add_rcpt(
                 self.auth_user, len(self.rcpts)):
             self.reply(replies.USER_RATE)
             self._log_reject(replies.USER_RATE, "", sasl_username=self.auth_user)
@@ -619,7 +620,7 @@ class Session:
                           nrcpts=nrcpts, relay=self.relay_desc(), proto=self.protocol,
                           auth=self.auth_user or None, helo=self.helo)
         if self.auth_user:
-            srv.throttle.user_sent(self.auth_user, nrcpts)
+            await self.ticket.user_sent(self.auth_user, nrcpts)
         srv.metrics_accepted(self.listener.mode)
 
 

@@ -1,0 +1,142 @@
+"""Known addresses: the networks each user authenticated from recently (AUTH lockout).
+
+Owns `state_dir/known_addresses.db`, a small SQLite table (user, net, last_ok) where `net`
+is the /24 or /64 of a successful AUTH (`throttle.source_net`). The throttle asks it only
+when a user is past the per-user failure limit: from a known network the password is still
+checked, so an attacker guessing from elsewhere cannot lock the user out
+(docs/LIMITS.md "AUTH brute force").
+
+Contract: `await is_known(user, net)`, `await remember(user, net)`. Entries older than
+`[auth] known_address_days` do not count and are pruned at open and once a day. The file is
+shared by all workers of an instance and survives restarts (WAL mode, a busy timeout for
+concurrent writers). SQLite calls run in one dedicated thread, never on the event loop; a
+successful AUTH writes at most once a day per (user, net) (an in-memory cache answers the
+rest). Failure policy: if the database cannot be opened or written (permissions, full
+disk), the store keeps working from memory for this process and says so once in the
+maillog; it never raises into a session. Format version in `PRAGMA user_version` (1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from authrelay import maillog
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+CACHE_KEYS = 50_000
+REFRESH = 86400.0  # rewrite last_ok at most this often per (user, net)
+
+
+class KnownAddresses:
+    def __init__(self, path: Path | None, days: float) -> None:
+        self.path = path
+        self.ttl = days * 86400.0
+        self._cache: OrderedDict[tuple[str, str], float] = OrderedDict()  # -> last_ok (wall)
+        self._db: sqlite3.Connection | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="known-addresses")
+        self._failed = path is None
+        self._pruned = 0.0
+
+    # ---------------------------------------------------------------- thread side
+    def _open(self) -> sqlite3.Connection | None:
+        if self._db is None and not self._failed:
+            try:
+                assert self.path is not None
+                db = sqlite3.connect(self.path, timeout=2.0, check_same_thread=False,
+                                     isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")  # a lost row costs one re-learn
+                if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+                    db.execute("CREATE TABLE IF NOT EXISTS known (user TEXT NOT NULL, "
+                               "net TEXT NOT NULL, last_ok REAL NOT NULL, "
+                               "PRIMARY KEY (user, net)) WITHOUT ROWID")
+                    db.execute(f"PRAGMA user_version={VERSION}")
+                self._db = db
+            except (sqlite3.Error, OSError) as e:
+                self._give_up(e)
+        if self._db is not None and time.time() - self._pruned > REFRESH:
+            self._pruned = time.time()
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("DELETE FROM known WHERE last_ok < ?",
+                                 (time.time() - self.ttl,))
+        return self._db
+
+    def _give_up(self, e: BaseException) -> None:
+        if not self._failed:
+            self._failed = True
+            maillog.warning(f"known addresses kept in memory only: {self.path}: {e}")
+        self._db = None
+
+    def _lookup(self, user: str, net: str) -> float:
+        db = self._open()
+        if db is None:
+            return 0.0
+        try:
+            row = db.execute("SELECT last_ok FROM known WHERE user=? AND net=?",
+                             (user, net)).fetchone()
+        except sqlite3.Error as e:
+            self._give_up(e)
+            return 0.0
+        return float(row[0]) if row else 0.0
+
+    def _store(self, user: str, net: str, when: float) -> None:
+        db = self._open()
+        if db is None:
+            return
+        try:
+            db.execute("INSERT INTO known (user, net, last_ok) VALUES (?, ?, ?) "
+                       "ON CONFLICT (user, net) DO UPDATE SET last_ok = excluded.last_ok",
+                       (user, net, when))
+        except sqlite3.Error as e:
+            self._give_up(e)
+
+    # ---------------------------------------------------------------- async API
+    def _cached(self, key: tuple[str, str], when: float) -> None:
+        self._cache[key] = when
+        self._cache.move_to_end(key)
+        if len(self._cache) > CACHE_KEYS:
+            self._cache.popitem(last=False)
+
+    async def is_known(self, user: str, net: str) -> bool:
+        if self.ttl <= 0:
+            return False
+        key, now = (user, net), time.time()
+        last = self._cache.get(key, 0.0)
+        if now - last >= self.ttl:
+            # Another worker may have learnt it: ask the file (rare: only for a user who is
+            # past the failure limit).
+            loop = asyncio.get_running_loop()
+            last = max(last, await loop.run_in_executor(self._pool, self._lookup, user, net))
+            if last:
+                self._cached(key, last)
+        return now - last < self.ttl
+
+    async def remember(self, user: str, net: str) -> None:
+        if self.ttl <= 0:
+            return
+        key, now = (user, net), time.time()
+        if now - self._cache.get(key, 0.0) < REFRESH:
+            return
+        self._cached(key, now)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self._store, user, net, now)
+
+    def close(self) -> None:
+        def _close() -> None:
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
+                self._db = None
+
+        with contextlib.suppress(RuntimeError):
+            self._pool.submit(_close).result(timeout=5)
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,392 @@
+"""Admission at TCP accept: pools, rates, file-descriptor budget, stress mode, tickets.
+
+Owns the accept loop of every listening socket (our own `accept()` on a readable listening
+socket instead of `loop.create_server`, so that a listener can stop accepting and leave
+clients in the kernel backlog) and what is decided at that moment, before any byte is read
+and before any TLS:
+
+- Pools: a connection counts in the global pool (`[limits] max_connections`), its
+  listener's pool (`[[listen]] max_connections`), and on smtp listeners the smtp class
+  pool (global minus `submission_reserve_percent`), plus per IP, from accept until its
+  socket is closed: a TLS handshake in progress on 465 counts.
+- Refusals: a full pool, the per-IP limit, or a rate past its bounded delay. On a
+  plaintext listener the client gets the 421 (written straight to the new socket), on an
+  implicit-TLS listener (465) it is closed without a handshake (a 421 in clear would mean
+  nothing to a TLS client, and the handshake is the expensive part a flood wants).
+- A full submission/submissions listener stops accepting (the kernel backlog holds the
+  clients) for up to `backlog_wait`; then the clients that waited get 421 and the wait
+  starts again. An smtp listener answers 421 at once (an MTA retries).
+- `connection_rate` delays the greeting (and the 465 handshake) instead of refusing.
+- File descriptors: near the process limit (RLIMIT_NOFILE minus a reserve for the spool,
+  logs and DNS) a listener holding more than its share of sockets stops accepting until
+  some close; one listener's flood cannot take the descriptors another needs.
+- Stress mode (Postfix): at `stress_threshold` percent of a listener's pool its sessions'
+  command timeout drops to `stress_command_timeout`; logged when it starts and ends.
+- Implicit TLS (RFC 8314): the handshake starts only after admission, on the accepted
+  socket (`loop.connect_accepted_socket(ssl=...)`, so no byte can be read in clear first),
+  under `tls_handshake_timeout`; a failed or timed-out handshake is one maillog line.
+
+The session receives a `Ticket`: its current command timeout, and the throttle narrowed
+to its address (AUTH and per-user rates). Failure policy: an accept error (EMFILE, ENFILE,
+ENOBUFS) pauses that listener briefly with a maillog warning, never kills it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import resource
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from authrelay import maillog
+from authrelay.policy.throttle import Admission, Pool, Throttle
+
+if TYPE_CHECKING:
+    from authrelay.smtpd.server import Listener, SMTPServer
+
+log = logging.getLogger(__name__)
+
+ACCEPT_BATCH = 64  # accepts per readable event: a flood on one port cannot starve the loop
+POLL = 0.25  # how often a paused listener looks again
+FD_RESERVE_MIN = 64
+STRESS_OFF_MARGIN = 10  # percentage points below the threshold where stress mode ends
+
+
+def fd_budget() -> int:
+    """Sockets this process may hold for clients: the soft fd limit minus a reserve."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        soft = 1 << 20
+    return max(16, soft - max(FD_RESERVE_MIN, soft // 10))
+
+
+class Ticket:
+    """A session's admission: held from TCP accept until the connection is closed.
+
+    What the session (or h9's protocol adapter) needs and nothing more: `command_timeout`
+    (read it before every wait: it drops while the listener is in stress mode), the AUTH
+    and per-user throttle bound to this client's address, and `release()` (idempotent;
+    the server calls it when the connection ends)."""
+
+    def __init__(self, admission: Acceptor, ip: str, pools: Sequence[Pool],
+                 exempt: bool) -> None:
+        self._adm = admission
+        self.ip = ip
+        self.pools = pools
+        self.exempt = exempt
+        self.released = False
+
+    @property
+    def command_timeout(self) -> float:
+        return self._adm.command_timeout(self)
+
+    @property
+    def stressed(self) -> bool:
+        return self._adm.stressed
+
+    @property
+    def _throttle(self) -> Throttle:
+        return self._adm.server.throttle
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._adm.release(self)
+
+    async def auth_locked(self, user: str) -> bool:
+        return await self._throttle.auth_locked(self.ip, user)
+
+    async def auth_failed(self, user: str) -> None:
+        await self._throttle.auth_failed(self.ip, user)
+
+    async def auth_succeeded(self, user: str) -> None:
+        await self._throttle.auth_succeeded(self.ip, user)
+
+    async def user_may_send(self, user: str) -> bool:
+        return await self._throttle.user_may_send(user)
+
+    async def user_may_add_rcpt(self, user: str, pending: int) -> bool:
+        return await self._throttle.user_may_add_rcpt(user, pending)
+
+    async def user_sent(self, user: str, nrcpts: int) -> None:
+        await self._throttle.user_sent(user, nrcpts)
+
+
+def client_ip(addr: Any) -> str:
+    ip = str(addr[0]) if isinstance(addr, tuple) and addr else ""
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+class Acceptor:
+    """The accept loop and admission of one listener."""
+
+    def __init__(self, server: SMTPServer, ln: Listener) -> None:
+        self.server = server
+        self.ln = ln
+        self.sock = ln.sock
+        self.open = 0  # sockets of this listener held by this process
+        self.stressed = False
+        self.paused: str = ""  # why accepting is paused: "", "full", "fd", "error", "stop"
+        self.full_since = 0.0
+        self._poll: asyncio.TimerHandle | None = None
+        self._stress_poll: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.reload()
+
+    # ------------------------------------------------------------ configuration
+    def reload(self) -> None:
+        cfg = self.server.cfg
+        lim = cfg.limits
+        share = self.server.share
+        total = share.part(lim.max_connections)
+        pools = [Pool("*", total)] if total else []
+        own = share.part(self.ln.cfg.max_connections)
+        cap = own or total
+        if self.ln.mode == "smtp":
+            has_submission = any(ln.mode != "smtp" for ln in cfg.listen)
+            reserve = total * lim.submission_reserve_percent // 100 if has_submission else 0
+            if total:
+                cls = max(1, total - reserve)
+                pools.append(Pool("class:smtp", cls))
+                cap = min(cap, cls) if cap else cls
+        if own:
+            pools.append(Pool(f"listener:{self.ln.name}", own))
+        else:  # counted all the same, for stress mode
+            pools.append(Pool(f"listener:{self.ln.name}", 0))
+        self.pools: tuple[Pool, ...] = tuple(pools)
+        self.cap = cap  # the pool stress mode is measured against (0: none)
+        self.pool_key = f"listener:{self.ln.name}"
+
+    @property
+    def submission(self) -> bool:
+        return self.ln.mode != "smtp"
+
+    # ------------------------------------------------------------ accept loop
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+
+    def _pause(self, why: str) -> None:
+        if not self.paused:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.paused = why
+        if why != "stop" and self._poll is None:
+            self._poll = asyncio.get_running_loop().call_later(POLL, self._look_again)
+
+    def _resume(self) -> None:
+        if self.paused and self.paused != "stop":
+            self.paused = ""
+            if self._poll is not None:
+                self._poll.cancel()
+                self._poll = None
+            self.start()
+
+    def stop(self) -> None:
+        if self.paused != "stop":
+            if not self.paused:
+                with contextlib.suppress(Exception):
+                    asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.paused = "stop"
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+        if self._stress_poll is not None:
+            self._stress_poll.cancel()
+            self._stress_poll = None
+        for t in list(self.tasks):
+            t.cancel()
+
+    def _look_again(self) -> None:
+        self._poll = None
+        why = self.paused
+        if why == "full":
+            if not self.server.throttle.full(self.pools):
+                self.full_since = 0.0
+                self._resume()
+                return
+            if time.monotonic() - self.full_since >= self.server.cfg.limits.backlog_wait:
+                # Waited long enough: tell the ones in the backlog (421), then wait again.
+                self._drain_full()
+                self.full_since = time.monotonic()
+        elif why == "fd":
+            if not self.server.fd_tight(self):
+                self._resume()
+                return
+        elif why == "error":
+            self._resume()
+            return
+        if self.paused and self.paused != "stop":
+            self._poll = asyncio.get_running_loop().call_later(POLL, self._look_again)
+
+    def _accept(self) -> tuple[socket.socket, Any] | None:
+        try:
+            return self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                return self._accept()
+            # EMFILE / ENFILE / ENOBUFS / ENOMEM: leave the clients in the backlog a moment.
+            maillog.warning(f"accept failed, pausing the listener: {e.strerror}",
+                            listener=self.ln.name)
+            self._pause("error")
+            return None
+
+    def _readable(self) -> None:
+        srv = self.server
+        for _ in range(ACCEPT_BATCH):
+            if srv.stopping:
+                return
+            if srv.fd_tight(self):
+                self._pause("fd")
+                srv.fd_warning()
+                return
+            if self.submission and srv.throttle.full(self.pools):
+                # Leave the clients in the kernel backlog until a slot frees (or the wait
+                # passes `backlog_wait`): a 421 is an error to a user's mail program.
+                if not self.full_since:
+                    self.full_since = time.monotonic()
+                self._pause("full")
+                return
+            got = self._accept()
+            if got is None:
+                return
+            self._admit(*got)
+
+    def _drain_full(self) -> None:
+        """Accept what waits in the backlog and answer 421 (or admit, if a slot freed)."""
+        for _ in range(ACCEPT_BATCH * 16):
+            got = self._accept()
+            if got is None:
+                return
+            self._admit(*got)
+
+    # ------------------------------------------------------------ admission
+    def _admit(self, sock: socket.socket, addr: Any) -> None:
+        srv = self.server
+        ip = client_ip(addr)
+        exempt = ip in srv.exemptions
+        adm = srv.throttle.connect(ip, self.pools, exempt=exempt)
+        srv.metrics_connection(self.ln.mode, "accepted" if adm.admitted else "refused")
+        if not adm.admitted:
+            self._refuse(sock, ip, adm)
+            return
+        ticket = Ticket(self, ip, self.pools, exempt)
+        self.open += 1
+        srv.open_sockets += 1
+        self._check_stress()
+        task = asyncio.get_running_loop().create_task(self._serve(sock, ip, ticket, adm.delay))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _refuse(self, sock: socket.socket, ip: str, adm: Admission) -> None:
+        r = adm.refusal
+        assert r is not None
+        tls = self.ln.mode == "submissions"
+        if not tls:
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
+                sock.send(r.lines())  # a few bytes into an empty socket buffer: never blocks
+        with contextlib.suppress(OSError):
+            sock.close()
+        self.server.refused(self.ln, ip, r, adm.reason, tls)
+
+    def release(self, ticket: Ticket) -> None:
+        srv = self.server
+        srv.throttle.disconnect(ticket.ip, ticket.pools)
+        self.open = max(0, self.open - 1)
+        srv.open_sockets = max(0, srv.open_sockets - 1)
+        self._check_stress()
+        if self.paused == "full" and not srv.throttle.full(self.pools):
+            self.full_since = 0.0
+            self._resume()
+        srv.fd_released()
+
+    async def _serve(self, sock: socket.socket, ip: str, ticket: Ticket, delay: float) -> None:
+        """Delay (connection_rate), TLS handshake on 465, then the session."""
+        srv, loop = self.server, asyncio.get_running_loop()
+        handed = False
+        try:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            factory = srv.protocol_factory(self.ln, ticket)
+            if self.ln.mode == "submissions":
+                hs = srv.cfg.limits.tls_handshake_timeout
+                started = time.monotonic()
+                handed = True
+                try:
+                    # asyncio.timeout rather than only ssl_handshake_timeout: on expiry that
+                    # aborts with an error indistinguishable from a reset; we log a timeout.
+                    async with asyncio.timeout(hs):
+                        await loop.connect_accepted_socket(
+                            factory, sock, ssl=srv.certs.context,
+                            ssl_handshake_timeout=hs + 5)
+                except TimeoutError:
+                    srv.tls_failed(self.ln, ip, "handshake timed out",
+                                   time.monotonic() - started)
+                    ticket.release()
+                except (ssl.SSLError, OSError, ConnectionError, RuntimeError) as e:
+                    srv.tls_failed(self.ln, ip, _reason(e), time.monotonic() - started)
+                    ticket.release()
+            else:
+                handed = True
+                await loop.connect_accepted_socket(factory, sock)
+        except asyncio.CancelledError:
+            ticket.release()
+            if not handed:
+                with contextlib.suppress(OSError):
+                    sock.close()
+            raise
+        except Exception:
+            log.exception("accepting a connection from %s", ip)
+            ticket.release()
+            if not handed:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    # ------------------------------------------------------------ stress mode
+    def command_timeout(self, ticket: Ticket) -> float:
+        lim = self.server.cfg.limits
+        return min(lim.command_timeout, lim.stress_command_timeout) if self.stressed \
+            else lim.command_timeout
+
+    def _check_stress(self) -> None:
+        if not self.cap:
+            return
+        lim = self.server.cfg.limits
+        n = self.server.throttle.level(self.pool_key)
+        pct = 100 * n / self.cap
+        if not self.stressed and pct >= lim.stress_threshold:
+            self.stressed = True
+            maillog.warning("stress mode on: command timeout "
+                            f"{lim.stress_command_timeout:g}s", listener=self.ln.name,
+                            connections=f"{n}/{self.cap}")
+            # Other workers' connections end too: look again until the load has passed.
+            if self._stress_poll is None:
+                self._stress_poll = asyncio.get_running_loop().call_later(
+                    1.0, self._stress_tick)
+        elif self.stressed and pct < lim.stress_threshold - STRESS_OFF_MARGIN:
+            self.stressed = False
+            if self._stress_poll is not None:
+                self._stress_poll.cancel()
+                self._stress_poll = None
+            maillog.warning("stress mode off", listener=self.ln.name,
+                            connections=f"{n}/{self.cap}")
+
+    def _stress_tick(self) -> None:
+        self._stress_poll = None
+        self._check_stress()
+        if self.stressed and self._stress_poll is None:
+            self._stress_poll = asyncio.get_running_loop().call_later(1.0, self._stress_tick)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, ssl.SSLError):
+        return f"handshake failed: {e.reason or type(e).__name__}"
+    return f"handshake failed: {type(e).__name__}"
