@@ -24,6 +24,7 @@ import argparse
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -464,15 +465,29 @@ def _unescape_dump(line: str) -> bytes:
     return bytes(out)
 
 
-def read_sasldb(path: Path) -> list[tuple[str, str, str]]:
-    """(user, realm, password) for each userPassword entry of a sasldb2 file."""
+@dataclass
+class SaslEntry:
+    """One user of a sasldb2: names as stored (bytes), and its properties."""
+
+    user: bytes
+    realm: bytes
+    props: dict[str, bytes] = field(default_factory=dict)
+
+
+def read_sasldb(path: Path) -> list[SaslEntry]:
+    """Every (user, realm) of a sasldb2 file with its properties (userPassword, ...), in
+    file order. Values are the raw bytes stored: a legacy Latin-1 password stays exactly
+    what it was. Raises ImportError_ (file missing, not a Berkeley DB, no db_dump)."""
     tool = shutil.which("db_dump") or shutil.which("db5.3_dump")
     if tool is None:
         raise ImportError_("db_dump not found (apt install db-util)")
     if not path.is_file():
         raise ImportError_(f"{path}: no such file")
-    proc = subprocess.run([tool, "-p", str(path)], capture_output=True, timeout=60,
-                          env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"})
+    try:
+        proc = subprocess.run([tool, "-p", str(path)], capture_output=True, timeout=60,
+                              env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"})
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ImportError_(f"{path}: cannot run {tool}: {e}") from None
     if proc.returncode != 0:
         err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         raise ImportError_(f"{path}: cannot read: {err[-1] if err else 'db_dump failed'}")
@@ -482,19 +497,25 @@ def read_sasldb(path: Path) -> list[tuple[str, str, str]]:
     except ValueError:
         raise ImportError_(f"{path}: not a Berkeley DB dump") from None
     data = [ln for ln in lines[start:] if ln.startswith(" ")]
-    users = []
+    users: dict[tuple[bytes, bytes], SaslEntry] = {}
     for k, v in zip(data[0::2], data[1::2], strict=False):
-        key = _unescape_dump(k).split(b"\0")
-        if len(key) != 3 or key[2] != b"userPassword":
-            continue  # other properties (e.g. OTP secrets) have no argon2 equivalent
-        user, realm = (x.decode("utf-8", "replace") for x in key[:2])
-        password = _unescape_dump(v).decode("utf-8", "surrogateescape")
-        users.append((user, realm, password))
-    return users
+        try:
+            key = _unescape_dump(k).split(b"\0")
+            value = _unescape_dump(v)
+        except (ValueError, IndexError):
+            continue  # a damaged record: nothing we could import from it
+        if len(key) != 3:
+            continue
+        e = users.setdefault((key[0], key[1]), SaslEntry(key[0], key[1]))
+        e.props[key[2].decode("latin-1")] = value
+    return list(users.values())
 
 
 def _import_sasldb(args: argparse.Namespace) -> int:
-    from authrelay.auth.userdb import UserDB, UserDBError, UserExists
+    """Add each sasldb user; one line per user (added, replaced, skipped: why, failed:
+    why), then the totals. Never a traceback: a user that cannot be imported is reported
+    and the next one is tried."""
+    from authrelay.auth.userdb import UserDB, UserDBError, UserExists, check_name
 
     try:
         cfg = load(args.config, embedded=False)
@@ -507,14 +528,42 @@ def _import_sasldb(args: argparse.Namespace) -> int:
         return 1
     default_realms = set(args.realm or []) or {
         socket.gethostname(), socket.getfqdn(), cfg.hostname}
-    db = UserDB(cfg.userdb_path)
+    try:
+        db = UserDB(cfg.userdb_path)
+    except (UserDBError, OSError, sqlite3.Error) as e:
+        print(f"authrelay: {cfg.userdb_path}: {e}", file=sys.stderr)
+        return 1
     added = skipped = failed = 0
     try:
-        for user, realm, password in entries:
+        for entry in entries:
+            shown = (entry.user + (b"@" + entry.realm if entry.realm else b"")
+                     ).decode("utf-8", "backslashreplace")
+            try:
+                user, realm = entry.user.decode("utf-8"), entry.realm.decode("utf-8")
+            except UnicodeDecodeError:
+                print(f"skipped {shown}: user name or realm is not UTF-8")
+                skipped += 1
+                continue
             name = user if (realm in default_realms or not realm) else f"{user}@{realm}"
+            password = entry.props.get("userPassword")
+            if password is None:
+                others = ", ".join(sorted(entry.props)) or "nothing"
+                print(f"skipped {name}: no userPassword (has {others})")
+                skipped += 1
+                continue
+            if not password:
+                print(f"skipped {name}: empty password")
+                skipped += 1
+                continue
+            try:
+                check_name(name)
+            except UserDBError as e:
+                print(f"skipped {name}: {e}")
+                skipped += 1
+                continue
             try:
                 try:
-                    db.add(name, password)
+                    db.add(name, password)  # hashed as the raw bytes (passwords.raw)
                     print(f"added {name}")
                     added += 1
                 except UserExists:
@@ -525,8 +574,8 @@ def _import_sasldb(args: argparse.Namespace) -> int:
                     db.set_password(name, password)
                     print(f"replaced {name}")
                     added += 1
-            except UserDBError as e:
-                print(f"authrelay: {name}: {e}", file=sys.stderr)
+            except (UserDBError, sqlite3.Error, OSError, ValueError) as e:
+                print(f"failed {name}: {e}")
                 failed += 1
     finally:
         db.close()

@@ -87,7 +87,9 @@ class Metrics:
         self._connections = counter(
             "connections", "SMTP connections by listener mode and admission result "
             "(accepted, refused: over a connection limit or rate)", ("listener", "result"))
-        self._auth = counter("auth", "AUTH attempts by result (ok, fail, tempfail)",
+        self._auth = counter("auth", "AUTH attempts by result (ok, fail, tempfail, "
+                             "malformed: a response that cannot be decoded, locked: refused "
+                             "by the failure lockout)",
                              ("result",))
         self._accepted = counter("messages_accepted",
                                  "Messages accepted into the queue, by listener mode",
@@ -109,7 +111,7 @@ class Metrics:
             self._accepted.labels(mode)
             for result in ("accepted", "refused"):
                 self._connections.labels(mode, result)
-        for result in ("ok", "fail", "tempfail"):
+        for result in ("ok", "fail", "tempfail", "malformed", "locked"):
             self._auth.labels(result)
         for result in ("sent", "deferred", "bounced"):
             self._attempts.labels(result)

@@ -32,6 +32,8 @@ USERS = {  # name -> password; "user@realm" is stored in sasldb under that realm
     "alice": "s3cret",
     "bob@example.org": "pässwörd with spaces",
 }
+# A legacy password that is not UTF-8 (Latin-1 "café"): the backends get its exact bytes.
+LATIN1_USER, LATIN1_PW = "carol", b"caf\xe9"
 
 
 def _wait_for_socket(path: Path, proc: subprocess.Popen, what: str, log: Path) -> None:
@@ -85,6 +87,8 @@ def saslauthd() -> Iterator[Path]:
         args = ["saslpasswd2", "-f", str(db), "-p", "-c"]
         args += ["-u", realm, name] if name else [user]
         subprocess.run(args, input=pw.encode(), check=True, timeout=30)
+    subprocess.run(["saslpasswd2", "-f", str(db), "-p", "-c", LATIN1_USER], input=LATIN1_PW,
+                   check=True, timeout=30)
     mux = tmp / "mux"
     mux.mkdir()
     log = tmp / "saslauthd.log"
@@ -110,6 +114,23 @@ async def test_saslauthd_accepts_and_rejects(saslauthd: Path) -> None:
     # user@realm: sent as login + realm, like the Cyrus library does.
     assert await be.check("bob@example.org", "pässwörd with spaces") is True
     assert await be.check("bob@example.net", "pässwörd with spaces") is False
+
+
+@pytest.mark.parametrize("cls", ["saslauthd", "dovecot"])
+async def test_latin1_password_passes_through_as_bytes(cls: str, request) -> None:
+    """A non-UTF-8 password, as the SASL layer hands it on (a str with surrogate escapes,
+    or bytes), reaches the backend byte for byte; its UTF-8 spelling is another password."""
+    sock = request.getfixturevalue(cls)
+    be = (SaslauthdBackend if cls == "saslauthd" else DovecotBackend)(str(sock), timeout=10)
+    assert await be.check(LATIN1_USER, LATIN1_PW) is True
+    assert await be.check(LATIN1_USER, LATIN1_PW.decode("utf-8", "surrogateescape")) is True
+    assert await be.check(LATIN1_USER, "café") is False
+    auth = make_authenticator(from_dict({"auth": {"backend": f"{cls}:{sock}"}}))
+    try:
+        assert await auth.verify(LATIN1_USER, LATIN1_PW.decode("utf-8", "surrogateescape")) \
+            is AuthResult.OK
+    finally:
+        auth.close()
 
 
 async def test_saslauthd_concurrent_checks(saslauthd: Path) -> None:
@@ -167,7 +188,9 @@ def dovecot() -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix="ar-dc-"))
     (tmp / "run").mkdir()
     (tmp / "state").mkdir()
-    (tmp / "passwd").write_text("".join(f"{u}:{{PLAIN}}{p}\n" for u, p in USERS.items()))
+    (tmp / "passwd").write_bytes("".join(f"{u}:{{PLAIN}}{p}\n" for u, p in USERS.items())
+                                 .encode() + f"{LATIN1_USER}:{{PLAIN}}".encode() + LATIN1_PW
+                                 + b"\n")
     if os.geteuid() == 0:
         auth_user, extra = "user = root", ""
     else:  # unprivileged: every Dovecot process runs as us

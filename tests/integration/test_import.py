@@ -213,3 +213,75 @@ def test_sasldb_not_a_database(tmp_path: Path) -> None:
     assert r.returncode == 1 and "cannot read" in r.stderr
     r = _cli("import", "sasldb", str(tmp_path / "missing"), config=cfg)
     assert r.returncode == 1 and "no such file" in r.stderr
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.b64encode(raw).decode()
+
+
+def test_sasldb_latin1_password_imported_and_verified_as_bytes(relay_factory,
+                                                               tmp_path: Path) -> None:
+    """A legacy Latin-1 password: imported (no traceback, later users too), then AUTH with
+    its exact bytes succeeds over PLAIN and LOGIN; the UTF-8 spelling is another password.
+    Users that cannot be imported are named with the reason, and the rest still are."""
+    if shutil.which("saslpasswd2") is None:
+        pytest.fail("saslpasswd2 is not installed (sasl2-bin; the test command installs it)")
+    db = tmp_path / "sasldb2"
+    for user, pw in ((b"dora", b"caf\xe9 cr\xe8me"), (b"j\xf6rg", b"x"),
+                     (b"two words", b"pw"), (b"zoe", b"plain-zoe")):
+        subprocess.run(["saslpasswd2", "-f", str(db), "-c", "-p", user], input=pw + b"\n",
+                       check=True, timeout=30)
+    r: RelayProcess = relay_factory(users={}, start=False,
+                                    overrides={"metrics": {"address": f"127.0.0.1:{_port()}"}})
+    res = r.cli("import", "sasldb", str(db), "--realm", _default_realm(), check=False)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout.splitlines()
+    assert "added dora" in out and "added zoe" in out
+    assert any(ln.startswith("skipped j\\xf6rg@") and
+               ln.endswith(": user name or realm is not UTF-8") for ln in out), out
+    assert "skipped two words: user name must not contain spaces or control characters" \
+        in out
+    assert out[-1] == "2 imported, 2 skipped, 0 failed"
+    assert "caf" not in res.stdout  # never a password
+    # Run again: the same summary shape, existing users skipped with the reason.
+    again = r.cli("import", "sasldb", str(db), "--realm", _default_realm(), check=False)
+    assert "skipped dora: already exists (--replace to overwrite)" in again.stdout
+
+    r.start()
+    with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
+        assert c.reply().code == 220 and c.cmd("EHLO t").code == 250
+        assert c.cmd("AUTH PLAIN " + _b64(b"\0dora\0caf\xe9 cr\xe8me")).code == 235
+    with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
+        assert c.reply().code == 220 and c.cmd("EHLO t").code == 250
+        assert c.cmd("AUTH LOGIN").code == 334
+        assert c.cmd(_b64(b"dora")).code == 334
+        assert c.cmd(_b64(b"caf\xe9 cr\xe8me")).code == 235
+    with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
+        assert c.reply().code == 220 and c.cmd("EHLO t").code == 250
+        assert c.cmd("AUTH PLAIN " + _b64("\0dora\0café crème".encode())).code == 535
+        # A user name that is not UTF-8 cannot be decoded: 501, logged, counted.
+        reply = c.cmd("AUTH PLAIN " + _b64(b"\0d\xf6ra\0x"))
+        assert reply.code == 501 and reply.text.startswith("5.5.2 "), reply
+    r.wait_for(lambda: "reason=user name is not UTF-8" in r.maillog())
+    line = next(ln for ln in r.maillog().splitlines() if "reason=user name is not UTF-8" in ln)
+    assert "reject=501 5.5.2 authentication failed, relay=" in line
+    assert "sasl_method=PLAIN" in line
+    import urllib.request
+
+    port = int(r.config_data["metrics"]["address"].rsplit(":", 1)[1])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    counts = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines()
+              if ln.startswith("authrelay_auth_total{")}
+    assert counts['authrelay_auth_total{result="ok"}'] == 2
+    assert counts['authrelay_auth_total{result="fail"}'] == 1
+    assert counts['authrelay_auth_total{result="malformed"}'] == 1
+
+
+def _port() -> int:
+    from relayproc import free_port
+
+    return free_port()

@@ -4,7 +4,9 @@ Owns: choosing the backend (`cfg.auth.backend`: userdb | saslauthd:PATH | doveco
 postgresql, the last in auth/pgusers.py),
 keeping password hashing off the event loop, and the verified-credential cache.
 Contract: `await verify(user, password)` -> AuthResult.OK / BAD / TEMPFAIL; it never
-raises. `addresses(user)` -> the addresses the user may use as MAIL FROM (sender_policy
+raises. A password is compared as its raw bytes (passwords.raw(): a str carrying
+non-UTF-8 bytes as surrogate escapes, or bytes), so legacy Latin-1 passwords work.
+`addresses(user)` -> the addresses the user may use as MAIL FROM (sender_policy
 "own"). The session maps BAD to 535 5.7.8 and TEMPFAIL to 454 4.7.0 (RFC 4954 6).
 
 Failure policy: a backend that is down, slow or garbled, or a user DB that cannot be read,
@@ -60,7 +62,7 @@ class AuthResult(enum.Enum):
 class Authenticator:
     """Base class: the interface the SMTP server calls."""
 
-    async def verify(self, username: str, password: str) -> AuthResult:
+    async def verify(self, username: str, password: str | bytes) -> AuthResult:
         raise NotImplementedError
 
     def addresses(self, username: str) -> set[str]:
@@ -79,8 +81,8 @@ class _CredentialCache:
         self._key = secrets.token_bytes(32)
         self._entries: dict[bytes, tuple[float, str, int]] = {}  # -> (expiry, user, gen)
 
-    def key(self, username: str, password: str) -> bytes:
-        u, p = username.encode("utf-8"), password.encode("utf-8")
+    def key(self, username: str, password: str | bytes) -> bytes:
+        u, p = username.encode("utf-8"), passwords.raw(password)
         # Length-prefix the user so ("ab", "c") and ("a", "bc") never collide.
         return hmac.new(self._key, struct.pack(">I", len(u)) + u + p, hashlib.sha256).digest()
 
@@ -125,7 +127,7 @@ class UserDBAuthenticator(Authenticator):
         self._cache_gen: int | None = None
         self._rehash = rehash
 
-    def _check(self, username: str, password: str) -> bool:
+    def _check(self, username: str, password: str | bytes) -> bool:
         """In a pool thread: look the user up and run argon2 (dummy hash if unknown)."""
         stored = self.db.get_hash(username)
         if stored is None:
@@ -139,7 +141,7 @@ class UserDBAuthenticator(Authenticator):
                 log.debug("rehash of a user's password failed", exc_info=True)
         return ok
 
-    async def verify(self, username: str, password: str) -> AuthResult:
+    async def verify(self, username: str, password: str | bytes) -> AuthResult:
         if not username or not password:
             return AuthResult.BAD
         loop = asyncio.get_running_loop()
@@ -193,7 +195,7 @@ class BackendAuthenticator(Authenticator):
     def __init__(self, backend: SaslauthdBackend | DovecotBackend) -> None:
         self.backend = backend
 
-    async def verify(self, username: str, password: str) -> AuthResult:
+    async def verify(self, username: str, password: str | bytes) -> AuthResult:
         if not username or not password:
             return AuthResult.BAD
         try:

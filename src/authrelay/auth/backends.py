@@ -32,8 +32,10 @@ class BackendUnavailable(Exception):
     """The backend could not give an answer (down, slow, garbled)."""
 
 
-def _counted(s: str) -> bytes:
-    raw = s.encode("utf-8")
+def _counted(s: str | bytes) -> bytes:
+    # Raw octets: a password that is not UTF-8 reaches saslauthd byte for byte (it is
+    # carried as a str with surrogate escapes, see passwords.raw()).
+    raw = s if isinstance(s, bytes) else s.encode("utf-8", "surrogateescape")
     if len(raw) > 0xFFFF:
         raise ValueError("field too long for saslauthd")
     return struct.pack(">H", len(raw)) + raw
@@ -50,7 +52,7 @@ class SaslauthdBackend:
     def __repr__(self) -> str:
         return f"<SaslauthdBackend {self.path}>"
 
-    async def check(self, username: str, password: str) -> bool:
+    async def check(self, username: str, password: str | bytes) -> bool:
         # Like the Cyrus library, "user@realm" is sent as login "user", realm "realm"
         # (sasldb keys users by realm; saslauthd -r joins them again for pam/shadow).
         login, at, realm = username.rpartition("@")
@@ -96,10 +98,12 @@ class DovecotBackend:
     def __repr__(self) -> str:
         return f"<DovecotBackend {self.path}>"
 
-    async def check(self, username: str, password: str) -> bool:
+    async def check(self, username: str, password: str | bytes) -> bool:
         self._next_id = self._next_id % 0xFFFFFFF + 1
         req_id = str(self._next_id)
-        resp = base64.b64encode(b"\0" + username.encode() + b"\0" + password.encode())
+        resp = base64.b64encode(b"\0" + username.encode("utf-8", "surrogateescape") + b"\0"
+                                + (password if isinstance(password, bytes)
+                                   else password.encode("utf-8", "surrogateescape")))
         try:
             async with asyncio.timeout(self.timeout):
                 reader, writer = await asyncio.open_unix_connection(self.path,

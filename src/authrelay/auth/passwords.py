@@ -6,6 +6,12 @@ raises for a wrong password or a corrupt/foreign hash (a corrupt hash is a faile
 not a crash). `verify_dummy()` costs the same as a real verification, so the time an AUTH
 takes does not tell whether the user exists.
 
+Passwords are octets (RFC 4616 2: passwd is UTF-8 "SHOULD", and legacy sasldb/saslauthd
+setups hold Latin-1 ones): every function here takes `str | bytes`, and a str is turned
+into its raw bytes with `raw()` (UTF-8 with surrogateescape, PEP 383), so a password that
+arrived as non-UTF-8 bytes and was carried as a str with surrogate escapes hashes and
+verifies as exactly those bytes. A UTF-8 password hashes as its UTF-8 bytes, as before.
+
 These calls are CPU-bound (tens of ms, 19 MiB each): callers on the event loop run them
 in a bounded thread pool (see authenticator.py), never inline.
 
@@ -32,9 +38,17 @@ _hasher = PasswordHasher(
 )
 
 
-def hash_password(password: str) -> str:
-    """A fresh argon2id hash (random salt) of `password`."""
-    return _hasher.hash(password)
+def raw(password: str | bytes) -> bytes:
+    """The octets of a password: bytes as they are; a str as UTF-8, with surrogate
+    escapes (non-UTF-8 bytes decoded with "surrogateescape") turned back into its bytes."""
+    if isinstance(password, bytes):
+        return password
+    return password.encode("utf-8", "surrogateescape")
+
+
+def hash_password(password: str | bytes) -> str:
+    """A fresh argon2id hash (random salt) of the password's raw bytes."""
+    return _hasher.hash(raw(password))
 
 
 def is_argon2_hash(value: str) -> bool:
@@ -42,11 +56,11 @@ def is_argon2_hash(value: str) -> bool:
     return isinstance(value, str) and value.startswith(("$argon2id$", "$argon2i$", "$argon2d$"))
 
 
-def verify_password(stored_hash: str, password: str) -> bool:
+def verify_password(stored_hash: str, password: str | bytes) -> bool:
     """Constant-time check of `password` against `stored_hash` (the argon2 library
     compares digests in constant time). False for a mismatch or an unusable hash."""
     try:
-        return _hasher.verify(stored_hash, password)
+        return _hasher.verify(stored_hash, raw(password))
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
     except ValueError:  # e.g. a hash string with impossible parameters
@@ -67,7 +81,7 @@ def dummy_hash() -> str:
     return _hasher.hash(secrets.token_urlsafe(32))
 
 
-def verify_dummy(password: str) -> bool:
+def verify_dummy(password: str | bytes) -> bool:
     """Spend the same work as a real verification for a user that does not exist.
 
     Always False. Without it an unknown user would be answered in microseconds and a

@@ -6,9 +6,16 @@ verifies nothing: the session sends `334 <base64(challenge)>` while `challenge` 
 feeds each client line to `feed()`, and once `done` hands the credentials to the
 Authenticator.
 
-Failure policy: every problem is a `SaslError` carrying the SMTP reply to send; all are
-permanent for this AUTH command (5yz) and the client may try again. The exception text
-never echoes the client's payload (it may hold a password).
+Passwords are octets: RFC 4616 2 says passwd SHOULD be UTF-8, but legacy (Latin-1)
+passwords from sasldb or saslauthd setups are not, and must still verify. A password that
+is not UTF-8 is kept as a str with surrogate escapes (PEP 383: decode "surrogateescape"),
+which `passwords.raw()` and the backends turn back into exactly the client's bytes.
+Names (authcid, authzid) must be UTF-8.
+
+Failure policy: every problem is a `SaslError` carrying the SMTP reply to send and a short
+`reason` for the maillog (never the payload); all are permanent for this AUTH command
+(5yz) and the client may try again. The exception text never echoes the client's payload
+(it may hold a password).
 """
 
 from __future__ import annotations
@@ -28,11 +35,12 @@ MECHANISMS = ("PLAIN", "LOGIN")
 class SaslError(Exception):
     """A failed exchange; `.code`, `.enhanced`, `.text` are the SMTP reply to send."""
 
-    def __init__(self, code: int, enhanced: str, text: str) -> None:
+    def __init__(self, code: int, enhanced: str, text: str, reason: str = "") -> None:
         super().__init__(f"{code} {enhanced} {text}")
         self.code = code
         self.enhanced = enhanced
         self.text = text
+        self.reason = reason or text.lower()  # for the maillog: no client data in it
 
     @property
     def reply(self) -> Reply:
@@ -41,20 +49,21 @@ class SaslError(Exception):
 
 def _cancelled() -> SaslError:
     # RFC 4954 4: "*" cancels; the server MUST reject the AUTH command with 501.
-    return SaslError(501, "5.0.0", "Authentication cancelled")
+    return SaslError(501, "5.0.0", "Authentication cancelled", "cancelled by the client")
 
 
-def _undecodable() -> SaslError:
-    return SaslError(501, "5.5.2", "Cannot decode response")
+def _undecodable(reason: str = "not base64") -> SaslError:
+    return SaslError(501, "5.5.2", "Cannot decode response", reason)
 
 
-def _malformed() -> SaslError:
-    return SaslError(501, "5.5.2", "Malformed authentication response")
+def _malformed(reason: str = "malformed response") -> SaslError:
+    return SaslError(501, "5.5.2", "Malformed authentication response", reason)
 
 
 def _bad_credentials() -> SaslError:
     # RFC 4954 6: 535 5.7.8 is the reply for credentials that are not accepted.
-    return SaslError(535, "5.7.8", "Authentication credentials invalid")
+    return SaslError(535, "5.7.8", "Authentication credentials invalid",
+                     "authorization identity differs from the user")
 
 
 def _decode_b64(line: str) -> bytes:
@@ -70,10 +79,16 @@ def _decode_b64(line: str) -> bytes:
 
 
 def _utf8(raw: bytes) -> str:
+    """A name: UTF-8 or refused."""
     try:
         return raw.decode("utf-8", "strict")
     except UnicodeDecodeError:
-        raise _undecodable() from None
+        raise _undecodable("user name is not UTF-8") from None
+
+
+def _octets(raw: bytes) -> str:
+    """A password: any octets; non-UTF-8 bytes as surrogate escapes (see module doc)."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _check_name(name: str) -> None:
@@ -83,9 +98,9 @@ def _check_name(name: str) -> None:
     inject fields into backend protocols that are line- or tab-delimited (Dovecot's).
     """
     if not name or len(name.encode("utf-8")) > MAX_NAME_OCTETS:
-        raise _malformed()
+        raise _malformed("empty or over-long user name")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise _malformed()
+        raise _malformed("control character in the user name")
 
 
 class SaslExchange:
@@ -95,7 +110,8 @@ class SaslExchange:
         self.mechanism = mechanism.upper()
         if self.mechanism not in MECHANISMS:
             # RFC 4954 6: 504 5.5.4 for a mechanism we do not offer.
-            raise SaslError(504, "5.5.4", "Unrecognized authentication type")
+            raise SaslError(504, "5.5.4", "Unrecognized authentication type",
+                            "unknown mechanism")
         self.authzid = ""
         self.username = ""
         self.password = ""
@@ -140,14 +156,15 @@ class SaslExchange:
         self.challenge = None
         parts = raw.split(b"\x00")
         if len(parts) != 3:  # also catches a NUL inside any field
-            raise _malformed()
-        authzid, username, password = (_utf8(p) for p in parts)
+            raise _malformed("PLAIN message without exactly two NULs")
+        authzid, username = _utf8(parts[0]), _utf8(parts[1])
+        password = _octets(parts[2])
         _check_name(username)
         if authzid:
             _check_name(authzid)
         # RFC 4616 2: passwd = 1*SAFE; an empty password is a malformed message.
         if not password:
-            raise _malformed()
+            raise _malformed("empty password")
         # We do not support proxy authorization (acting as another user): RFC 4616 2
         # lets the server refuse an authzid it will not grant.
         if authzid and authzid != username:
@@ -171,7 +188,7 @@ class SaslExchange:
 
     def _login_password(self, raw: bytes) -> None:
         self.challenge = None
-        password = _utf8(raw)
+        password = _octets(raw)
         if not password or "\x00" in password:
             raise _malformed()
         self.password = password

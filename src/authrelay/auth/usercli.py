@@ -50,7 +50,9 @@ def _open(args: argparse.Namespace) -> _UserStore:
 
 def _read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
-        line = sys.stdin.readline()
+        # Bytes, not the locale's text: a legacy (Latin-1) password is kept as its octets
+        # (surrogate escapes; hashed as the raw bytes, see auth/passwords.py).
+        line = sys.stdin.buffer.readline().decode("utf-8", "surrogateescape")
         if line.endswith("\n"):
             line = line[:-1]
             if line.endswith("\r"):  # a file written on Windows

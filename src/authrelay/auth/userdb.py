@@ -103,7 +103,7 @@ def implicit_address(name: str) -> set[str]:
 class _UserStore:
     """The interface shared by UserDB and MemoryUserDB (hashing and validation here)."""
 
-    def add(self, name: str, password: str, addresses: Iterable[str] = ()) -> None:
+    def add(self, name: str, password: str | bytes, addresses: Iterable[str] = ()) -> None:
         check_name(name)
         if not password:
             raise UserDBError("password must not be empty")
@@ -116,7 +116,7 @@ class _UserStore:
             raise UserDBError("not an argon2 hash")
         self._insert(name, argon2_hash, [normalize_address(a) for a in addresses])
 
-    def set_password(self, name: str, password: str) -> None:
+    def set_password(self, name: str, password: str | bytes) -> None:
         if not password:
             raise UserDBError("password must not be empty")
         self._set_hash(name, hash_password(password), None)

@@ -303,10 +303,16 @@ class Session:
             if e.code == 535:
                 await self._auth_failed(r, "")
             else:
+                # Every AUTH failure is logged (with why, never the payload) and counted.
+                srv.maillog.auth_failed(self.relay_desc(), r, mech, None, e.reason)
+                srv.metrics_auth("malformed")
                 self._error(r)
             return
         except (binascii.Error, UnicodeError):
-            self._error(Reply(501, "5.5.2", "Cannot decode response"))
+            r = Reply(501, "5.5.2", "Cannot decode response")
+            srv.maillog.auth_failed(self.relay_desc(), r, mech, None, "not decodable")
+            srv.metrics_auth("malformed")
+            self._error(r)
             return
         user = ex.username
         if await self.ticket.auth_locked(user):
@@ -315,6 +321,7 @@ class Session:
             await asyncio.sleep(self.cfg.auth.failure_delay)
             self.reply(replies.AUTH_LOCKED)
             self._log_reject(replies.AUTH_LOCKED, "", sasl_method=mech, sasl_username=user)
+            srv.metrics_auth("locked")
             self.auth_failures += 1
             if self.auth_failures >= lim.max_auth_failures:
                 self.reply(replies.TOO_MANY_AUTH_FAILURES)
