@@ -185,6 +185,11 @@ def _setup_logging(cfg: Config) -> None:
 
     def excepthook(tp: Any, value: BaseException, tb: Any) -> None:
         logging.getLogger("authrelay").error("uncaught exception", exc_info=(tp, value, tb))
+        # The one who ran `serve` sees why it stopped, in one line, whatever the target.
+        with contextlib.suppress(Exception):
+            maillog_mod.get().flush(1.0)
+            if level > logging.DEBUG:
+                print(f"authrelay: fatal: {_one_line(value)} (see the maillog)", file=sys.stderr)
 
     def thread_hook(args: Any) -> None:
         if args.exc_type is SystemExit:
@@ -263,7 +268,7 @@ class _Receiver:
         connections from here on and resets those still waiting in the backlog."""
         if self.server is not None:
             self.server.stopping = True
-            for srv in self.server._servers:
+            for srv in getattr(self.server, "_servers", ()):
                 srv.close()
         for ln in self.listeners:
             with contextlib.suppress(OSError):

@@ -314,6 +314,10 @@ def test_root_only_key_reloaded_on_sighup_after_renewal(dropped) -> None:
     assert helper is not None and len(children(r.proc.pid)) == 3
     assert not any("socket:" in os.readlink(f"/proc/{helper}/fd/{fd}") and
                    _is_listening(helper, fd) for fd in os.listdir(f"/proc/{helper}/fd"))
+    # The key is in the workers' memory; they are not dumpable (the kernel cleared the flag
+    # at the uid change, so /proc/PID files stay root's): same-user ptrace cannot read it.
+    for pid in children(r.proc.pid):
+        assert Path(f"/proc/{pid}/environ").stat().st_uid == 0
     assert (le / "privkey.pem").stat().st_uid == 0
     assert (le / "privkey.pem").stat().st_mode & 0o777 == 0o600
     assert _peer_der(r.ports["submissions"]) == der_old
