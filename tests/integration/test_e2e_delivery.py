@@ -145,15 +145,26 @@ def assert_null_sender(server: FakeSMTPServer, m: Any) -> None:
 
 
 def parse_dsn(content: bytes) -> tuple[email.message.Message, list[email.message.Message]]:
-    """(the DSN message, the per-recipient field groups of its delivery-status part)."""
+    """(the DSN message, the per-recipient field groups of its delivery-status part).
+
+    message/delivery-status (RFC 3464) or, for internationalized reports,
+    message/global-delivery-status (RFC 6533: UTF-8 fields, which the email package
+    does not split into groups, so they are split here from the raw bytes)."""
     msg = email.message_from_bytes(content, policy=email.policy.compat32)
     assert msg.get_content_type() == "multipart/report"
     assert msg.get_param("report-type") == "delivery-status"
     parts = msg.get_payload()
     assert parts[0].get_content_type() == "text/plain"
-    assert parts[1].get_content_type() == "message/delivery-status"
-    groups = parts[1].get_payload()  # [per-message fields, per-recipient fields...]
-    return msg, groups[1:]
+    if parts[1].get_content_type() == "message/delivery-status":
+        groups = parts[1].get_payload()  # [per-message fields, per-recipient fields...]
+        return msg, groups[1:]
+    assert parts[1].get_content_type() == "message/global-delivery-status"
+    boundary = msg.get_boundary()
+    assert boundary
+    raw = content.split(b"--" + boundary.encode())[2]
+    body = raw.split(b"\r\n\r\n", 1)[1].decode("utf-8")  # strict: valid UTF-8
+    blocks = [b for b in body.split("\r\n\r\n") if b.strip()]
+    return msg, [email.message_from_string(b + "\r\n") for b in blocks[1:]]
 
 
 # --------------------------------------------------------------------------- swaks
@@ -531,6 +542,10 @@ def test_utf8_address_to_peer_without_smtputf8_bounces(
     _, groups = parse_dsn(sender_mx.messages[0].content)
     assert [(g["Action"], g["Status"]) for g in groups] == [("failed", "5.6.7")]
     bounce = sender_mx.messages[0]
-    assert "Final-Recipient: rfc822; zoë@example.test\r\n".encode() in bounce.content
+    # RFC 6533: the utf-8 address type in a message/global-delivery-status part, and the
+    # returned header section of the SMTPUTF8 message as message/global-headers.
+    assert groups[0]["Final-Recipient"] == "utf-8; zoë@example.test"
+    assert b"Content-Type: message/global-delivery-status\r\n" in bounce.content
+    assert b"Content-Type: message/global-headers\r\n" in bounce.content
     assert "BODY=8BITMIME" in bounce.mail_options  # UTF-8 text in the DSN: 8bit
     assert any("stat=Bounced" in ln for ln in log_lines(relay, qid))

@@ -92,3 +92,25 @@ def test_ret_full_returns_the_whole_message(
     assert returned.get_content_type() == "message/rfc822"
     body = BODY.split(b"\r\n\r\n", 1)[1].decode().replace("\r\n", "\n").strip()
     assert body and body in returned.as_string()
+
+
+def test_one_bounce_for_failures_in_two_domains(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """Refused at a.test's MX and at b.test's MX, delivered at c.test: the sender gets
+    one DSN listing both failures (as Postfix does), not one per destination."""
+    fake_mx("127.0.0.5", rcpt_replies={"ann@a.test": "550 5.1.1 no such user"})
+    fake_mx("127.0.0.6", rcpt_replies={"ben@b.test": "554 5.7.1 relay access denied"})
+    c = fake_mx("127.0.0.7")
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = _submit(relay, [("ann@a.test", []), ("ben@b.test", []), ("cat@c.test", [])], [])
+    wait_until(lambda: sender_mx.messages, "the bounce", relay=relay)
+    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    assert [m.rcpt_tos for m in c.messages] == [["cat@c.test"]]
+    [bounce] = sender_mx.messages
+    assert_null_sender(sender_mx, bounce)
+    _, groups = parse_dsn(bounce.content)
+    assert sorted((g["Final-Recipient"], g["Status"]) for g in groups) == [
+        ("rfc822; ann@a.test", "5.1.1"), ("rfc822; ben@b.test", "5.7.1")]
+    lines = log_lines(relay, qid)
+    assert sum("sender_non-delivery_notification=" in ln for ln in lines) == 1

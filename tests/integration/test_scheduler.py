@@ -1,6 +1,7 @@
 """The scheduler against a real spool and an in-memory Courier (the backend interface).
 
-Covers: pick-up at once (hook and notify.sock), per-recipient retry, bounces on 5xx and
+Covers: pick-up at once (hook and notify.sock), per-recipient retry, bounces on 5xx (one
+per message per pass, whatever the destinations) and
 on expiry, none for the null sender, delay warnings, restart recovery, re-delivery after
 an interrupted delivery, held messages skipped, per-destination limits and fresh mail
 overtaking a stuck destination.
@@ -210,6 +211,31 @@ async def test_bounce_on_5xx_is_queued_and_delivered(rig: Rig) -> None:
     assert report[1]["Action"] == "failed" and report[1]["Status"] == "5.1.1"
     assert report[1]["Remote-MTA"] == "dns; mx.test"
     assert "Subject: t" in msg.get_payload()[2].get_payload()
+
+
+async def test_one_bounce_per_message_for_every_failed_destination(rig: Rig) -> None:
+    """Failures in three domains (deliveries in parallel) give one DSN listing all three."""
+    for r in ("bob@b.example", "carl@c.example", "dora@d.example"):
+        rig.courier.script[r] = [PERM]
+    rig.courier.gates["b.example"] = asyncio.Event()  # b finishes last
+    await rig.start()
+    qid = await put(rig.spool, ["bob@b.example", "carl@c.example", "dora@d.example",
+                                "ok@e.example"], sender="alice@a.example")
+    await until(lambda: len(rig.courier.calls) == 4, "four deliveries")
+    assert rig.courier.calls_for("alice@a.example") == []  # no bounce before b is done
+    # Until the pass's bounce is queued, the failed recipients stay pending on disk.
+    assert {r.address for r in rig.spool.load(qid).pending} >= {"carl@c.example",
+                                                                 "dora@d.example"}
+    rig.courier.gates["b.example"].set()
+    await until(lambda: not rig.queued() and rig.courier.calls_for("alice@a.example"),
+                "bounce delivery")
+    bounces = rig.courier.calls_for("alice@a.example")
+    assert len(bounces) == 1
+    assert len(rig.log.grep(qid, "sender_non-delivery_notification=")) == 1
+    msg = email.message_from_bytes(bounces[0][2], policy=email.policy.compat32)
+    report = msg.get_payload()[1].get_payload()
+    assert sorted(g["Final-Recipient"] for g in report[1:]) == [
+        "rfc822; bob@b.example", "rfc822; carl@c.example", "rfc822; dora@d.example"]
 
 
 @pytest.mark.parametrize("limit,whole", [(10_000_000, True), (10, False)])

@@ -123,3 +123,85 @@ def test_status_fallbacks_and_injection() -> None:
     _, data = make_bounce(env, [evil], HEADERS, "relay.example.org")
     rcpt = _parse(data).get_payload()[1].get_payload()[1]
     assert rcpt["Action"] == "failed"  # a remote reply cannot forge DSN fields
+
+
+# --------------------------------------------------------------------------- RFC 6533
+
+def _global_groups(data: bytes) -> tuple[email.message.Message, list[str], list[dict]]:
+    """Parse a DSN by its raw parts: (message, part content types, field groups of the
+    status part, each a dict). Python's email package does not split the groups of
+    message/global-delivery-status, so this reads RFC 6533 3 / RFC 3464 2.1 itself."""
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    boundary = msg.get_boundary()
+    assert boundary
+    raw_parts = data.split(b"--" + boundary.encode())[1:-1]
+    types, groups = [], []
+    for raw in raw_parts:
+        head, _, body = raw.strip(b"\r\n").partition(b"\r\n\r\n")
+        ctype = next(ln.split(b":", 1)[1].strip().decode() for ln in head.split(b"\r\n")
+                     if ln.lower().startswith(b"content-type:"))
+        types.append(ctype)
+        if "delivery-status" in ctype:
+            text = body.decode("utf-8")  # strict: the part must be valid UTF-8
+            for block in text.strip("\r\n").split("\r\n\r\n"):
+                fields = {}
+                for line in block.split("\r\n"):
+                    name, _, value = line.partition(":")
+                    fields[name] = value.strip()
+                groups.append(fields)
+    return msg, types, groups
+
+
+def _utf8_env() -> Envelope:
+    return Envelope(
+        queue_id="QIDU", sender="ålice@example.org", received_at=1_700_000_000.0,
+        smtputf8=True, body_8bit=True,
+        recipients=[
+            Recipient("bjørn@example.net", state=FAILED, attempts=1, last_code=553,
+                      last_reply="553 5.6.7 mx.example.net does not support SMTPUTF8",
+                      orcpt="utf-8;bj\\x{F8}rn@old.example"),
+            Recipient("bob@example.com", state=FAILED, attempts=1, last_code=550,
+                      last_reply="550 5.1.1 user unknown"),
+        ],
+    )
+
+
+UTF8_HEADERS = "From: Ålice <ålice@example.org>\r\nSubject: grüße\r\n\r\n".encode()
+
+
+def test_utf8_dsn_is_rfc6533_global() -> None:
+    env = _utf8_env()
+    benv, data = make_bounce(env, env.recipients, UTF8_HEADERS, "relay.example.org")
+    msg, types, groups = _global_groups(data)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert types == ["text/plain; charset=utf-8", "message/global-delivery-status",
+                     "message/global-headers"]
+    per_message, bjorn, bob = groups
+    assert per_message["Reporting-MTA"] == "dns; relay.example.org"
+    assert bjorn["Final-Recipient"] == "utf-8; bjørn@example.net"
+    assert bjorn["Original-Recipient"] == "utf-8;bjørn@old.example"  # \x{F8} decoded
+    assert (bjorn["Action"], bjorn["Status"]) == ("failed", "5.6.7")
+    assert bob["Final-Recipient"] == "rfc822; bob@example.com"  # ASCII keeps rfc822
+    assert "grüße".encode() in data  # the header section returned as is
+    # The bounce goes to a UTF-8 address: its envelope needs SMTPUTF8 (RFC 6531).
+    assert benv.smtputf8 and benv.body_8bit
+    assert benv.recipients[0].address == "ålice@example.org"
+
+
+def test_utf8_dsn_full_return_is_message_global() -> None:
+    env = _utf8_env()
+    full = UTF8_HEADERS + "Hej Bjørn.\r\n".encode()
+    _, data = make_bounce(env, env.recipients[:1], UTF8_HEADERS, "relay.example.org",
+                          original_message=full)
+    _, types, _ = _global_groups(data)
+    assert types[1:] == ["message/global-delivery-status", "message/global"]
+
+
+def test_ascii_dsn_keeps_rfc3464_types() -> None:
+    env = _env()
+    benv, data = make_bounce(env, env.recipients, HEADERS, "relay.example.org")
+    _, types, groups = _global_groups(data)
+    assert types[1:] == ["message/delivery-status", "text/rfc822-headers"]
+    assert groups[1]["Final-Recipient"] == "rfc822; bob@example.net"
+    assert not benv.smtputf8

@@ -9,6 +9,14 @@ a multipart/report; report-type=delivery-status (RFC 6522) with
      recipient Final-Recipient, Action, Status (RFC 3463 enhanced code), Diagnostic-Code,
      Remote-MTA when known, Last-Attempt-Date (and Will-Retry-Until for `delayed`),
   3. text/rfc822-headers: the original message's header section (RET=HDRS by default).
+Internationalized mail (RFC 6533): when any address or diagnostic in the report is not
+ASCII, part 2 is message/global-delivery-status (UTF-8 allowed, 8bit) and a non-ASCII
+address is given as `utf-8; addr` (the utf-8 address type; ORCPT's `\\x{HEX}` escapes
+decoded to characters); the returned content of an SMTPUTF8 message (or one whose header
+section is not ASCII) is message/global (RET=FULL) or message/global-headers, not
+message/rfc822 / text/rfc822-headers. The report stays report-type=delivery-status.
+The DSN's own envelope asks for SMTPUTF8 only when its recipient (the original sender)
+needs it; otherwise the 8bit parts go as 8BITMIME.
 `should_notify(env, rcpt, action)` says whether a DSN may be sent at all: never to the null
 sender and never about a bounce (RFC 3464 2: no DSN about a DSN, so bounces cannot loop),
 and RFC 3461 4.1 NOTIFY (NEVER, or a list without FAILURE / DELAY) is honoured.
@@ -42,6 +50,31 @@ def _clean(s: str) -> str:
 def xtext_decode(value: str) -> str:
     """RFC 3461 4: "+XX" stands for the octet XX (hex)."""
     return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+_UTF8_ESC = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+def _unitext(value: str) -> str:
+    """RFC 6533 3: utf-8-addr-xtext's `\\x{HEX}` escapes as the characters they stand for."""
+    def char(m: re.Match[str]) -> str:
+        cp = int(m.group(1), 16)
+        return chr(cp) if 0x20 <= cp <= 0x10FFFF and not 0xD800 <= cp <= 0xDFFF else "?"
+    return _UTF8_ESC.sub(char, value)
+
+
+def address_field(address: str) -> str:
+    """`rfc822; a@b` for an ASCII address, `utf-8; addr` otherwise (RFC 6533 3)."""
+    return f"rfc822; {address}" if address.isascii() else f"utf-8; {address}"
+
+
+def original_recipient(orcpt: str) -> str:
+    """The ORCPT parameter (xtext, RFC 3461 4.2) as an Original-Recipient value."""
+    decoded = xtext_decode(orcpt)
+    kind, sep, value = decoded.partition(";")
+    if sep and kind.strip().lower() == "utf-8":
+        return f"{kind};{_unitext(value)}"
+    return decoded
 
 
 def status_of(r: Recipient, action: str) -> str:
@@ -148,8 +181,8 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
     for r in failed:
         status.append("")
         if r.orcpt:
-            status.append(f"Original-Recipient: {_clean(xtext_decode(r.orcpt))}")
-        status.append(f"Final-Recipient: rfc822; {r.address}")
+            status.append(f"Original-Recipient: {_clean(original_recipient(r.orcpt))}")
+        status.append(f"Final-Recipient: {_clean(address_field(r.address))}")
         status.append(f"Action: {action}")
         status.append(f"Status: {status_of(r, action)}")
         rm = remote.get(r.address, "")
@@ -173,6 +206,17 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
         if headers_part and not headers_part.endswith(b"\r\n"):
             headers_part += b"\r\n"
     eightbit = _needs_8bit(headers_part) or _needs_8bit(status_b) or _needs_8bit(human_b)
+    # RFC 6533 6: the global forms for internationalized reports and returned messages.
+    global_status = _needs_8bit(status_b)
+    header_section = (original_message or b"").split(b"\r\n\r\n", 1)[0] \
+        if original_message is not None else original_headers
+    global_msg = env.smtputf8 or _needs_8bit(header_section)
+    status_type = "message/global-delivery-status" if global_status \
+        else "message/delivery-status"
+    if original_message is not None:
+        returned_type = "message/global" if global_msg else "message/rfc822"
+    else:
+        returned_type = "message/global-headers" if global_msg else "text/rfc822-headers"
 
     top = [
         f"Date: {formatdate(now, localtime=False)}",
@@ -197,14 +241,16 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
         f"Content-Transfer-Encoding: {cte}{crlf}{crlf}".encode(),
         human_b,
         f"{crlf}--{boundary}{crlf}Content-Description: Delivery report{crlf}"
-        f"Content-Type: message/delivery-status{crlf}{crlf}".encode(),
+        f"Content-Type: {status_type}{crlf}"
+        f"Content-Transfer-Encoding: {'8bit' if global_status else '7bit'}{crlf}{crlf}"
+        .encode(),
         status_b,
         (f"{crlf}--{boundary}{crlf}Content-Description: Undelivered Message{crlf}"
-         f"Content-Type: message/rfc822{crlf}"
+         f"Content-Type: {returned_type}{crlf}"
          f"Content-Transfer-Encoding: {cte}{crlf}{crlf}".encode()
          if original_message is not None else
          f"{crlf}--{boundary}{crlf}Content-Description: Undelivered Message Headers{crlf}"
-         f"Content-Type: text/rfc822-headers{crlf}"
+         f"Content-Type: {returned_type}{crlf}"
          f"Content-Transfer-Encoding: {cte}{crlf}{crlf}".encode()),
         headers_part,
         f"{crlf}--{boundary}--{crlf}".encode(),
@@ -220,7 +266,7 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
         listener="bounce",
         size=len(data),
         body_8bit=eightbit,
-        smtputf8=env.smtputf8 and not env.sender.isascii(),
+        smtputf8=not env.sender.isascii(),
         is_bounce=True,
     )
     return benv, data

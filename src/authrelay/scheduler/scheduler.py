@@ -13,6 +13,10 @@ state, bounces and removal from the spool. Contract:
   (RFC 3464; never for the null sender or a bounce); 4xx -> stays PENDING with back-off
   (backoff.py) until `max_queue_lifetime`, then FAILED with a DSN; an optional one-off
   delay warning DSN after `delay_warning`.
+- One DSN per message per pass and action: every recipient that failed in this pass,
+  whatever its destination, is in the same report (as Postfix does), queued when the
+  pass's last delivery ends. Until then such a recipient stays PENDING on disk, so a crash
+  in between re-tries it (a late or second bounce, never a lost one).
 - At least once, never lost: state is saved (fsync) after every attempt before the next
   action, and a message leaves the spool only when no recipient is PENDING. A crash
   mid-delivery re-delivers after restart; a duplicate is possible, a loss is not.
@@ -43,7 +47,7 @@ from authrelay import maillog as maillog_mod
 from authrelay.config import Config
 from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, should_notify
-from authrelay.spool.envelope import FAILED, PENDING, SENT, Envelope, Recipient
+from authrelay.spool.envelope import FAILED, SENT, Envelope, Recipient
 from authrelay.spool.store import Spool, SpoolError, commit_pool, is_queue_id
 from authrelay.types import DeliveryResult
 
@@ -79,6 +83,10 @@ class _Active:
     jobs: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # DSNs owed for this pass, sent as one per action when the last job ends, whatever
+    # the recipients' destinations: action -> recipients; plus each one's remote MTA.
+    owed: dict[str, list[Recipient]] = field(default_factory=dict)
+    remote: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -457,14 +465,13 @@ class Scheduler:
             self._pump()
 
     async def _apply(self, act: _Active, job: _Job, results: dict[str, DeliveryResult]) -> None:
+        """Record one job's results. A recipient that failed and wants a DSN stays PENDING
+        (in memory and on disk) until `_finish` has queued the pass's one DSN: a crash in
+        between re-tries it, so the bounce is late or doubled, never lost."""
         env = act.env
         assert env is not None
         d = self.cfg.delivery
         now = time.time()
-        failed: list[Recipient] = []
-        warn: list[Recipient] = []
-        relayed: list[Recipient] = []  # NOTIFY=SUCCESS to a next hop without DSN
-        remote: dict[str, str] = {}
         for r in job.rcpts:
             res = results.get(r.address)
             if res is None:
@@ -472,25 +479,30 @@ class Scheduler:
             r.attempts += 1
             r.last_code = res.code
             r.last_reply = f"{res.code} {res.enhanced} {res.text}".replace("  ", " ").strip()
-            remote[r.address] = res.remote
+            act.remote[r.address] = res.remote
             expired = False
             if res.ok:
                 r.state, stat = SENT, "Sent"
                 if not res.dsn_passed and should_notify(env, r, "relayed"):
-                    relayed.append(r)
-            elif res.permanent or res.code >= 500:
-                r.state, stat = FAILED, "Bounced"
-                failed.append(r)
-            elif backoff.expired(env, now, d.max_queue_lifetime):
-                r.state, stat, expired = FAILED, "Bounced", True
-                failed.append(r)
+                    act.owed.setdefault("relayed", []).append(r)
+            elif res.permanent or res.code >= 500 or \
+                    backoff.expired(env, now, d.max_queue_lifetime):
+                expired = not (res.permanent or res.code >= 500)
+                stat = "Bounced"
+                if should_notify(env, r, "failed"):
+                    act.owed.setdefault("failed", []).append(r)  # FAILED once it is queued
+                else:
+                    r.state = FAILED
             else:
                 r.next_attempt = backoff.next_attempt(env, now, d.retry, r.attempts,
                                                       d.max_queue_lifetime)
                 stat = "Deferred"
                 if (d.delay_warning > 0 and now - env.received_at >= d.delay_warning
                         and not r.delay_warned):
-                    warn.append(r)
+                    if should_notify(env, r, "delayed"):
+                        act.owed.setdefault("delayed", []).append(r)
+                    else:
+                        r.delay_warned = True
             if self.metrics is not None:
                 self.metrics.delivery_result(stat.lower(), now - env.received_at)
             reply = r.last_reply + (", message expired in the queue" if expired else "")
@@ -499,40 +511,50 @@ class Scheduler:
                 delay=f"{now - env.received_at:.2f}", tries=r.attempts,
                 dsn=res.enhanced or None, stat=f"{stat} ({reply})",
             )
-        notify_failed = [r for r in failed if should_notify(env, r, "failed")]
-        if notify_failed:
-            try:
-                await self._queue_dsn(env, notify_failed, "failed", remote)
-            except Exception:
-                # No bounce without a retry: keep them pending, so the failure (and its
-                # bounce) comes again later rather than silently vanishing.
-                log.exception("%s: cannot queue a bounce; retrying later", env.queue_id)
-                for r in notify_failed:
-                    r.state = PENDING
-                    r.next_attempt = now + (d.retry[0] if d.retry else 300.0)
-        notify_warn = [r for r in warn if should_notify(env, r, "delayed")]
-        if notify_warn:
-            try:
-                await self._queue_dsn(env, notify_warn, "delayed", remote)
-            except Exception:
-                log.exception("%s: cannot queue a delay warning", env.queue_id)
-                notify_warn = []
-        for r in warn:
-            if r in notify_warn or not should_notify(env, r, "delayed"):
-                r.delay_warned = True
-        if relayed:
-            try:
-                await self._queue_dsn(env, relayed, "relayed", remote)
-            except Exception:  # the mail went out; a lost success notice is not retried
-                log.exception("%s: cannot queue a success notice", env.queue_id)
-        # The last job of a message that is complete skips this: _finish removes the file.
-        if not (env.done and act.jobs == 1):
+        # The last job's state is saved by _finish, after the pass's DSNs.
+        if act.jobs > 1:
             try:
                 await self._io(self.spool.save_state, env)
             except FileNotFoundError:
                 pass
             except OSError:
                 log.exception("%s: cannot save state", env.queue_id)
+
+    async def _send_owed(self, act: _Active) -> None:
+        """One DSN per action for the whole pass (RFC 3464 allows many recipients per
+        report; Postfix sends one bounce per message, whatever the destinations)."""
+        env = act.env
+        assert env is not None
+        now = time.time()
+        d = self.cfg.delivery
+        failed = act.owed.pop("failed", [])
+        if failed:
+            try:
+                await self._queue_dsn(env, failed, "failed", act.remote)
+            except Exception:
+                # No bounce without a retry: keep them pending, so the failure (and its
+                # bounce) comes again later rather than silently vanishing.
+                log.exception("%s: cannot queue a bounce; retrying later", env.queue_id)
+                for r in failed:
+                    r.next_attempt = now + (d.retry[0] if d.retry else 300.0)
+            else:
+                for r in failed:
+                    r.state = FAILED
+        delayed = act.owed.pop("delayed", [])
+        if delayed:
+            try:
+                await self._queue_dsn(env, delayed, "delayed", act.remote)
+            except Exception:
+                log.exception("%s: cannot queue a delay warning", env.queue_id)
+            else:
+                for r in delayed:
+                    r.delay_warned = True
+        relayed = act.owed.pop("relayed", [])
+        if relayed:
+            try:
+                await self._queue_dsn(env, relayed, "relayed", act.remote)
+            except Exception:  # the mail went out; a lost success notice is not retried
+                log.exception("%s: cannot queue a success notice", env.queue_id)
 
     async def _queue_dsn(self, env: Envelope, rcpts: list[Recipient], action: str,
                          remote: dict[str, str]) -> None:
@@ -578,9 +600,16 @@ class Scheduler:
         assert env is not None
         reschedule: float | None = None
         try:
+            await self._send_owed(act)
             if env.done:
                 await self._remove(act.qid)
             else:
+                try:
+                    await self._io(self.spool.save_state, env)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    log.exception("%s: cannot save state", env.queue_id)
                 reschedule = min(r.next_attempt for r in env.pending)
         except Exception:
             log.exception("%s: cannot finish; looking again later", act.qid)
