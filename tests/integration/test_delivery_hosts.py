@@ -349,3 +349,65 @@ async def test_starttls_response_injection_refused(tmp_path: Path, dns: FakeDNSS
             await courier.close()
     assert (r.permanent, r.enhanced) == (False, "4.5.0"), r
     assert not any(line.startswith(b"MAIL") for line in mx.received)
+
+
+async def _slow_reader(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """Answers like a PIPELINING MX, but takes the message in small, slow reads."""
+    w.write(b"220 raw.test ESMTP\r\n")
+    while line := await r.readline():
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            w.write(b"250-raw.test\r\n250 PIPELINING\r\n")
+        elif verb == b"DATA":
+            w.write(b"354 go ahead\r\n")
+            await w.drain()
+            tail = b""
+            while not tail.endswith(b"\r\n.\r\n"):
+                chunk = await r.read(16384)
+                if not chunk:
+                    return
+                mx.received.append(chunk)
+                tail = (tail + chunk)[-5:]
+                await asyncio.sleep(0.001)
+            w.write(b"250 2.0.0 taken\r\n")
+        elif verb == b"QUIT":
+            w.write(b"221 bye\r\n")
+            break
+        else:
+            w.write(b"250 ok\r\n")
+        await w.drain()
+
+
+async def test_large_message_streamed_with_flow_control(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 12 MB spool file to an MX that reads slowly: the client waits for the socket
+    buffer to drain (pause_writing/resume_writing) instead of queueing the message in
+    memory; its write buffer never holds more than a chunk or so."""
+    from authrelay.delivery import connection as conn_mod
+
+    peak = [0]
+    orig_write = conn_mod.Connection.write
+
+    def write(self: conn_mod.Connection, data: bytes) -> None:
+        orig_write(self, data)
+        if self.transport is not None:
+            peak[0] = max(peak[0], self.transport.get_write_buffer_size())
+
+    monkeypatch.setattr(conn_mod.Connection, "write", write)
+    one_mx(dns)
+    body = b"Subject: big\r\n\r\n" + b"".join(b"%07d " % i + b"y" * 70 + b"\r\n"
+                                                 for i in range(150_000))
+    path = tmp_path / "queue-file"
+    path.write_bytes(body)
+    with RawMX("127.0.0.2", raw_port, _slow_reader) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port))
+        try:
+            env = envelope("bob@example.test")
+            r = (await courier.deliver(env, env.recipients, path))["bob@example.test"]
+        finally:
+            await courier.close()
+    assert r.ok, r
+    assert b"".join(mx.received).endswith(b"\r\n.\r\n")
+    assert len(b"".join(mx.received)) >= len(body)
+    assert peak[0] < 2 * 1024 * 1024, peak[0]  # not the whole 12 MB

@@ -549,3 +549,23 @@ def test_utf8_address_to_peer_without_smtputf8_bounces(
     assert b"Content-Type: message/global-headers\r\n" in bounce.content
     assert "BODY=8BITMIME" in bounce.mail_options  # UTF-8 text in the DSN: 8bit
     assert any("stat=Bounced" in ln for ln in log_lines(relay, qid))
+
+
+def test_broken_starttls_mx_gets_plain_text_on_the_retry(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """tls = may: the STARTTLS handshake fails, the message is deferred (4.7.5), and the
+    next attempt to that MX goes in plain text (logged), instead of bouncing in 5 days."""
+    dns.update({"example.test": {"MX": [(10, "mx1.example.test")]}})
+    mx1 = fake_mx("127.0.0.2", broken_starttls=True)
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit(relay, ["bob@example.test"])
+    wait_until(lambda: gone(relay, qid), "delivery on the retry", relay=relay)
+    assert len(mx1.messages) == 1 and mx1.messages[0].tls is False
+    assert mx1.starttls_attempts == 1
+    lines = log_lines(relay, qid)
+    assert any("stat=Deferred" in ln and "4.7.5" in ln for ln in lines), lines
+    assert any("status=TLS handshake failed" in ln for ln in lines), lines
+    assert any("tls=not used" in ln for ln in lines), lines
+    assert any("stat=Sent" in ln for ln in lines), lines
+    assert sender_mx.messages == []
