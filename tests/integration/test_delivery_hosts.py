@@ -411,3 +411,44 @@ async def test_large_message_streamed_with_flow_control(
     assert b"".join(mx.received).endswith(b"\r\n.\r\n")
     assert len(b"".join(mx.received)) >= len(body)
     assert peak[0] < 2 * 1024 * 1024, peak[0]  # not the whole 12 MB
+
+
+async def _says_421_when_done(mx: RawMX, r: asyncio.StreamReader,
+                              w: asyncio.StreamWriter) -> None:
+    """After each message: 250, then at once an unsolicited 421 (an idle-timeout close
+    that did not close), so the cached connection must not be used again."""
+    mx.connections = getattr(mx, "connections", 0) + 1
+    w.write(b"220 raw.test ESMTP\r\n")
+    while line := await r.readline():
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            w.write(b"250-raw.test\r\n250 PIPELINING\r\n")
+        elif verb == b"DATA":
+            w.write(b"354 go ahead\r\n")
+            await w.drain()
+            while await r.readline() not in (b".\r\n", b""):
+                pass
+            w.write(b"250 2.0.0 taken\r\n421 4.4.2 raw.test closing, idle\r\n")
+            mx.received.append(b"message")
+        elif verb == b"QUIT":
+            w.write(b"221 bye\r\n")
+            break
+        else:
+            w.write(b"250 ok\r\n")
+        await w.drain()
+
+
+async def test_cached_connection_with_unsolicited_421_not_reused(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    one_mx(dns)
+    with RawMX("127.0.0.2", raw_port, _says_421_when_done) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port))
+        try:
+            for i in range(2):
+                env = envelope(f"r{i}@example.test")
+                r = (await courier.deliver(env, env.recipients, MSG))[f"r{i}@example.test"]
+                assert r.ok and r.code == 250, r
+        finally:
+            await courier.close()
+    assert mx.received == [b"message", b"message"]
+    assert mx.connections == 2

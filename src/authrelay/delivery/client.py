@@ -396,6 +396,9 @@ class Courier:
                 conn.timer.cancel()
             if not conn.wire.is_connected:
                 continue
+            if conn.wire.has_unread:  # the server spoke while idle (a 421, say): drop it
+                conn.wire.abort()
+                continue
             conn.reused = True
             if time.monotonic() - conn.idle_since < _FRESH:
                 # Just finished a transaction (RFC 5321 4.1.4: the server is ready for the

@@ -104,6 +104,12 @@ class Connection(asyncio.Protocol):
         return not self._closed and self._lost is None and self.transport is not None \
             and not self.transport.is_closing()
 
+    @property
+    def has_unread(self) -> bool:
+        """Replies (or parts of one) arrived that no command asked for yet: on an idle
+        connection that means it cannot be trusted to stay in step (e.g. a 421)."""
+        return bool(self._replies) or self._parser.pending
+
     def peername(self) -> Any:
         return self.transport.get_extra_info("peername") if self.transport else None
 
