@@ -5,7 +5,12 @@ Owns two one-shot converters:
   the equivalent authrelay.toml on stdout. Every directive it cannot express is kept as a
   `# not mapped: <line>` comment, and sendmail behaviour authrelay has built in is named
   in a comment, so the admin reviews one file and loses nothing silently. The output always
-  passes `authrelay check-config` (it is validated before it is printed).
+  passes `authrelay check-config --syntax` (it is validated before it is printed).
+  When the .mc offered SMTP AUTH (Cyrus SASL), the output says so at the top and sets
+  [auth] backend from Cyrus's Sendmail.conf: saslauthd (the same socket), or "userdb"
+  with the `import sasldb` command to run. FEATURE(`authinfo') becomes smart_host_user
+  plus a password file written 0600 (from the authinfo text file). A generated .cf is
+  refused (exit 1): it is not the source and cannot be mapped line by line.
 - `import sasldb FILE` reads a Cyrus sasldb2 (Berkeley DB hash, keys
   "user\\0realm\\0userPassword", cleartext password as value) through `db_dump -p`
   (Debian's db-util, which sasl2-bin depends on) and adds each user to the user DB with an
@@ -21,6 +26,7 @@ are never printed or logged.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import socket
@@ -139,14 +145,15 @@ def parse_mc(text: str) -> Iterator[Directive | str]:
 
 # --------------------------------------------------------------------------- mapping
 
-def _sendmail_duration(value: str) -> float:
-    """sendmail time: '1h30m', '10m', '90s', '2d'; a bare number is minutes, as
-    sendmail's settimeout() reads timeouts (convtime with default unit 'm')."""
+def _sendmail_duration(value: str, bare_unit: str = "m") -> float:
+    """sendmail time: '1h30m', '10m', '90s', '2d'; a bare number is in `bare_unit`:
+    minutes for most timeouts (settimeout(): convtime(val, 'm')), hours for queuewarn
+    and days for queuereturn (convtime(val, 'h') / convtime(val, 'd'))."""
     v = value.strip().lower()
-    if re.fullmatch(r"\d+", v):
-        return float(v) * 60
-    total, pos = 0.0, 0
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if re.fullmatch(r"\d+", v):
+        return float(v) * units[bare_unit]
+    total, pos = 0.0, 0
     for m in re.finditer(r"(\d+)([smhdw])", v):
         if m.start() != pos:
             raise ValueError(value)
@@ -199,8 +206,110 @@ class _Out:
         self.notes.setdefault(section, []).append(note)
 
 
-def convert_mc(text: str, source: str = "sendmail.mc") -> str:
-    """sendmail.mc text -> authrelay.toml text (validated by config.from_dict)."""
+@dataclass
+class SaslSetup:
+    """How the old sendmail checked passwords (Cyrus SASL's Sendmail.conf)."""
+
+    method: str = ""  # saslauthd | auxprop | "" (unknown)
+    saslauthd_path: str = ""
+    sasldb_path: str = ""
+    source: str = ""
+
+
+SASL_CONF_PATHS = ("/etc/sasl2/Sendmail.conf", "/usr/lib/sasl2/Sendmail.conf",
+                   "/usr/lib/x86_64-linux-gnu/sasl2/Sendmail.conf",
+                   "/etc/mail/sasl/Sendmail.conf")
+SASLAUTHD_MUX = "/var/run/saslauthd/mux"  # Debian's (and Cyrus's default) socket
+
+
+def read_sasl_conf(path: str | None) -> SaslSetup:
+    """Cyrus SASL's Sendmail.conf (`pwcheck_method: saslauthd`, `saslauthd_path: ...`,
+    `auxprop_plugin: sasldb`, `sasldb_path: ...`). Missing file: unknown method."""
+    candidates = [path] if path else list(SASL_CONF_PATHS)
+    for c in candidates:
+        try:
+            text = Path(c).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        opts: dict[str, str] = {}
+        for ln in text.splitlines():
+            k, sep, v = ln.partition(":")
+            if sep and not ln.lstrip().startswith("#"):
+                opts[k.strip().lower()] = v.strip()
+        method = opts.get("pwcheck_method", "").split()[0:1]
+        m = method[0].lower() if method else ""
+        if m == "saslauthd" or opts.get("saslauthd_path"):
+            sock = opts.get("saslauthd_path", "") or SASLAUTHD_MUX
+            if Path(sock).is_dir():
+                sock = str(Path(sock) / "mux")
+            return SaslSetup("saslauthd", sock, "", c)
+        if m in ("auxprop", "sasldb") or opts.get("auxprop_plugin") == "sasldb":
+            return SaslSetup("auxprop", "", opts.get("sasldb_path", "/etc/sasldb2"), c)
+        return SaslSetup("", "", "", c)
+    return SaslSetup()
+
+
+@dataclass
+class AuthInfo:
+    host: str
+    user: str
+    password: str
+
+
+def read_authinfo(path: Path) -> list[AuthInfo]:
+    """sendmail's authinfo text file (the source of authinfo.db): lines like
+    `AuthInfo:host "U:user" "I:authid" "P:password" "M:PLAIN"` (P=base64 also)."""
+    import base64
+
+    out = []
+    for ln in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+        ln = ln.strip()
+        if not ln.startswith("AuthInfo:"):
+            continue
+        head, _, rest = ln.partition(" ")
+        host = head[len("AuthInfo:"):].strip().strip("[]")
+        fields = {f"{k}{s}": v for k, s, v in re.findall(r'"([A-Za-z])([:=])([^"]*)"', rest)}
+        user = fields.get("I:") or fields.get("U:") or ""
+        pw = fields.get("P:")
+        if pw is None and "P=" in fields:
+            try:
+                pw = base64.b64decode(fields["P="]).decode("utf-8", "surrogateescape")
+            except ValueError:
+                pw = None
+        if user and pw is not None:
+            out.append(AuthInfo(host, user, pw))
+    return out
+
+
+def write_password_file(path: Path, password: str) -> None:
+    """The smart host's password, alone on one line, mode 0600 from creation on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(password.encode("utf-8", "surrogateescape") + b"\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def looks_like_cf(text: str) -> bool:
+    """A generated sendmail.cf (not the .mc source): its rule and option lines."""
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    if not lines:
+        return False
+    if re.search(r"^V\d+/\w+", text, re.M):  # "V10/Berkeley": the version line of a .cf
+        return True
+    cf = sum(1 for ln in lines if re.match(r"^(O [A-Z]\w+=|S\d|R\$|C\w|F\w|M\w+,|K\w+ |H\?)",
+                                           ln))
+    return cf >= 5 and cf * 2 >= len(lines)
+
+
+def convert_mc(text: str, source: str = "sendmail.mc", *, sasl: SaslSetup | None = None,
+               authinfo: Path | None = None, password_file: Path | None = None) -> str:
+    """sendmail.mc text -> authrelay.toml text (validated by config.from_dict).
+    `sasl`: the Cyrus SASL setup (Sendmail.conf) for the [auth] backend when the .mc used
+    SMTP AUTH. `authinfo`: sendmail's authinfo text file; its entry for the smart host
+    becomes smart_host_user and `password_file` (written 0600)."""
     out = _Out()
     mechs: list[str] | None = None
     trust: list[str] | None = None
@@ -208,6 +317,8 @@ def convert_mc(text: str, source: str = "sendmail.mc") -> str:
     smart_line = ""
     relay_port: int | None = None
     mech_lines: list[str] = []
+    authinfo_line: str | None = None
+    authinfo_arg = ""
     for d in parse_mc(text):
         if isinstance(d, str):
             out.unmapped.append(d)
@@ -244,6 +355,20 @@ def convert_mc(text: str, source: str = "sendmail.mc") -> str:
                     out.notes.setdefault("checks", []).append(
                         f"{d.line}: built in -- host checks (rDNS, DNSBL) apply only to "
                         "clients that did not authenticate, and only at RCPT")
+                elif feat in ("dnsbl", "enhdnsbl"):
+                    # FEATURE(`dnsbl', `zone', `message'): sendmail's default zone.
+                    zone = args[1].strip() if len(args) > 1 and args[1].strip() else \
+                        "blackholes.mail-abuse.org"
+                    zones = out.sections.setdefault("checks", {}).setdefault("dnsbl", [])
+                    if zone not in zones:
+                        zones.append(zone)
+                    out.notes.setdefault("checks", []).append(
+                        f"{d.line}: dnsbl (checked only for clients that did not "
+                        "authenticate)")
+                    if len(args) > 2 and args[2].strip():
+                        out.unmapped.append(f"{d.line} (the custom reject message)")
+                elif feat == "authinfo":
+                    authinfo_line, authinfo_arg = d.line, (args[1] if len(args) > 1 else "")
                 elif feat == "no_default_msa":
                     out.notes.setdefault("", []).append(
                         f"{d.line}: nothing to do -- listeners are listed explicitly")
@@ -282,12 +407,79 @@ def convert_mc(text: str, source: str = "sendmail.mc") -> str:
         if mailer and mailer not in ("relay", "smtp", "esmtp", "smtp8", "dsmtp"):
             out.unmapped.append(f"{smart_line} (mailer {mailer!r})")
 
+    if mech_lines:
+        _sasl_backend(out, sasl or SaslSetup())
+    if authinfo_line is not None:
+        _authinfo(out, authinfo_line, authinfo_arg, smart, authinfo, password_file)
+
     toml = _render(out, source)
     # Prove the output is a valid config before printing it (check-config passes).
     import tomllib
 
     from_dict(tomllib.loads(toml), source="<import>")
     return toml
+
+
+def _sasl_backend(out: _Out, sasl: SaslSetup) -> None:
+    """The .mc offered SMTP AUTH: sendmail checked passwords through Cyrus SASL. Keep the
+    same users working from the first start: saslauthd as backend, or the sasldb
+    imported into the user DB. Said loudly, at the top and in [auth]."""
+    where = f" ({sasl.source})" if sasl.source else ""
+    if sasl.method == "auxprop":
+        out.set("auth", "backend", "userdb",
+                f"Cyrus SASL checked passwords against a sasldb{where}: import its users "
+                f"into authrelay's user DB (argon2id), or every login fails with 535:\n"
+                f"    authrelay import sasldb {sasl.sasldb_path}")
+        top = (f"IMPORTANT: sendmail authenticated users through Cyrus SASL (sasldb "
+               f"{sasl.sasldb_path}). Run `authrelay import sasldb {sasl.sasldb_path}` "
+               "before starting authrelay, or nobody can log in.")
+    else:
+        sock = sasl.saslauthd_path or SASLAUTHD_MUX
+        known = "" if sasl.method == "saslauthd" else (
+            " (no Sendmail.conf found: saslauthd assumed, as in the usual howto)")
+        out.set("auth", "backend", f"saslauthd:{sock}",
+                f"Cyrus SASL checked passwords through saslauthd{where}{known}: authrelay "
+                "asks the same saslauthd, so every user keeps logging in. To move the "
+                "users into authrelay instead: `authrelay import sasldb /etc/sasldb2` and "
+                'backend = "userdb".')
+        top = ("IMPORTANT: sendmail authenticated users through Cyrus SASL; authrelay "
+               f"asks the same saslauthd ({sock}): keep saslauthd running, or import the "
+               'users (authrelay import sasldb FILE) and set [auth] backend = "userdb".')
+    out.notes.setdefault("", []).insert(0, top)
+
+
+def _authinfo(out: _Out, line: str, arg: str, smart: tuple[str, int | None, str] | None,
+              authinfo: Path | None, password_file: Path | None) -> None:
+    """FEATURE(`authinfo'): the smart host's credentials -> smart_host_user and a 0600
+    password file. Unreadable or no entry for the smart host: not mapped, with why."""
+    if authinfo is None:
+        # `hash -o /etc/mail/authinfo.db` -> the text source /etc/mail/authinfo.
+        m = re.search(r"(/\S+)", arg)
+        src = m.group(1) if m else "/etc/mail/authinfo"
+        authinfo = Path(src[:-3] if src.endswith(".db") else src)
+    if smart is None:
+        out.unmapped.append(f"{line} (no SMART_HOST: authinfo is used only for one)")
+        return
+    try:
+        entries = read_authinfo(authinfo)
+    except OSError as e:
+        out.unmapped.append(f"{line} ({authinfo}: {e.strerror}; give --authinfo FILE)")
+        return
+    host = smart[0]
+    entry = next((e for e in entries if e.host.lower() == host.lower()), None)
+    if entry is None:
+        out.unmapped.append(f"{line} ({authinfo}: no AuthInfo:{host} entry)")
+        return
+    pf = password_file or Path("/etc/authrelay/smart_host_password")
+    try:
+        write_password_file(pf, entry.password)
+    except OSError as e:
+        out.unmapped.append(f"{line} (cannot write {pf}: {e.strerror}; give "
+                            "--password-file FILE)")
+        return
+    out.set("relay", "smart_host_user", entry.user, f"{line}: AuthInfo:{host} in {authinfo}")
+    out.set("relay", "smart_host_password_file", str(pf),
+            f"the password from {authinfo}, written to {pf} (mode 0600)")
 
 
 def _define(out: _Out, key: str, value: str, d: Directive) -> bool:
@@ -301,6 +493,14 @@ def _define(out: _Out, key: str, value: str, d: Directive) -> bool:
         out.set("limits", "data_final_timeout", _duration_text(_sendmail_duration(value)), line)
     elif key == "confTO_COMMAND":
         out.set("limits", "command_timeout", _duration_text(_sendmail_duration(value)), line)
+    elif key in ("confTO_QUEUEWARN", "confTO_QUEUEWARN_NORMAL"):
+        secs = _sendmail_duration(value, "h")
+        out.set("delivery", "delay_warning", _duration_text(secs) if secs else 0,
+                line + " (a delay DSN after this long in the queue; 0: none)")
+    elif key in ("confTO_QUEUERETURN", "confTO_QUEUERETURN_NORMAL"):
+        out.set("delivery", "max_queue_lifetime",
+                _duration_text(_sendmail_duration(value, "d")),
+                line + " (bounced after this long in the queue)")
     elif key == "confMAX_DAEMON_CHILDREN":
         out.set("limits", "max_connections", int(value), line)
     elif key == "confCONNECTION_RATE_THROTTLE":
@@ -421,15 +621,16 @@ def _render(out: _Out, source: str) -> str:
         lines.append("[[listen]]")
         lines.append(f"address = {toml_value(ln['address'])}")
         lines.append(f"mode = {toml_value(ln['mode'])}")
-    for section in ("tls", "auth", "relay", "limits", "checks"):
+    for section in ("tls", "auth", "relay", "delivery", "limits", "checks"):
         vals = out.sections.get(section, {})
         notes = out.notes.get(section, [])
         if not vals and not notes:
             continue
         lines.append("")
         lines += [_comment(n) for n in notes]
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in vals.items()]
+        if vals:  # notes alone stay comments: no empty [section] table
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in vals.items()]
     if out.unmapped:
         lines.append("")
         lines.append("# Directives with no authrelay equivalent (review by hand):")
@@ -589,8 +790,15 @@ def _import_mc(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"authrelay: {args.file}: {e.strerror}", file=sys.stderr)
         return 1
+    if args.file.endswith(".cf") or looks_like_cf(text):
+        print(f"authrelay: {args.file} is a generated sendmail.cf, not the m4 source: give "
+              "the .mc it was made from (usually /etc/mail/sendmail.mc)", file=sys.stderr)
+        return 1
     try:
-        sys.stdout.write(convert_mc(text, source=args.file))
+        sys.stdout.write(convert_mc(
+            text, source=args.file, sasl=read_sasl_conf(args.sasl_conf),
+            authinfo=Path(args.authinfo) if args.authinfo else None,
+            password_file=Path(args.password_file) if args.password_file else None))
     except ConfigError as e:  # pragma: no cover - a converter bug, not user error
         print(f"authrelay: converted config is invalid: {e}", file=sys.stderr)
         return 1
@@ -602,6 +810,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = p.add_subparsers(dest="import_command", metavar="WHAT", required=True)
     m = s.add_parser("sendmail-mc", help="print the authrelay.toml equivalent of a sendmail.mc")
     m.add_argument("file")
+    m.add_argument("--sasl-conf", metavar="FILE",
+                   help="Cyrus SASL's Sendmail.conf (default: /etc/sasl2/Sendmail.conf, "
+                   "/usr/lib/sasl2/Sendmail.conf)")
+    m.add_argument("--authinfo", metavar="FILE",
+                   help="sendmail's authinfo text file (default: from FEATURE(authinfo))")
+    m.add_argument("--password-file", metavar="FILE",
+                   help="where the smart host password is written, mode 0600 (default: "
+                   "/etc/authrelay/smart_host_password)")
     m.set_defaults(func=_import_mc)
     d = s.add_parser("sasldb", help="add the users of a Cyrus sasldb2 to the user DB")
     d.add_argument("file")

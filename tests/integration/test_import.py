@@ -285,3 +285,121 @@ def _port() -> int:
     from relayproc import free_port
 
     return free_port()
+
+
+# --------------------------------------------------------------------------- mc: issue 12
+
+def test_mc_queue_timeouts_and_dnsbl_mapped(converted: tuple[str, Path]) -> None:
+    cfg = tomllib.loads(converted[0])
+    assert cfg["delivery"] == {"delay_warning": "4h", "max_queue_lifetime": "5d"}
+    assert cfg["checks"] == {"dnsbl": ["zen.spamhaus.org", "bl.spamcop.net"]}
+    not_mapped = [ln for ln in converted[0].splitlines() if ln.startswith("# not mapped: ")]
+    for name in ("confTO_QUEUEWARN", "confTO_QUEUERETURN"):
+        assert not any(name in ln for ln in not_mapped), name
+    # The custom reject text has no equivalent: said so, the zone itself is mapped.
+    assert any("zen.spamhaus.org" in ln and "custom reject message" in ln
+               for ln in not_mapped)
+
+
+def test_mc_bare_numbers_use_sendmails_units(tmp_path: Path) -> None:
+    mc = tmp_path / "q.mc"
+    mc.write_text("define(`confTO_QUEUEWARN', `8')dnl\ndefine(`confTO_QUEUERETURN', `3')dnl\n"
+                  "FEATURE(`dnsbl')dnl\n")
+    cfg = tomllib.loads(_cli("import", "sendmail-mc", str(mc)).stdout)
+    # queuewarn counts hours, queuereturn days (sendmail's readcf.c defaults).
+    assert cfg["delivery"] == {"delay_warning": "8h", "max_queue_lifetime": "3d"}
+    assert cfg["checks"]["dnsbl"] == ["blackholes.mail-abuse.org"]  # sendmail's default
+
+
+def test_mc_no_empty_checks_table(tmp_path: Path) -> None:
+    mc = tmp_path / "d.mc"
+    mc.write_text("FEATURE(`delay_checks')dnl\n")
+    r = _cli("import", "sendmail-mc", str(mc))
+    assert r.returncode == 0, r.stderr
+    assert "[checks]" not in r.stdout and "delay_checks" in r.stdout
+    assert "checks" not in tomllib.loads(r.stdout)
+
+
+def test_mc_cyrus_sasl_saslauthd_is_named(converted: tuple[str, Path], tmp_path: Path) -> None:
+    text = converted[0]
+    assert text.splitlines()[3].startswith("# IMPORTANT: sendmail authenticated users "
+                                           "through Cyrus SASL")
+    cfg = tomllib.loads(text)
+    assert cfg["auth"]["backend"] == "saslauthd:/var/run/saslauthd/mux"
+    # Sendmail.conf naming another saslauthd socket directory.
+    (tmp_path / "mux").mkdir()
+    conf = tmp_path / "Sendmail.conf"
+    conf.write_text(f"pwcheck_method: saslauthd\nsaslauthd_path: {tmp_path / 'mux'}\n"
+                    "mech_list: PLAIN LOGIN\n")
+    r = _cli("import", "sendmail-mc", "--sasl-conf", str(conf), str(FIXTURE))
+    assert tomllib.loads(r.stdout)["auth"]["backend"] == f"saslauthd:{tmp_path}/mux/mux"
+
+
+def test_mc_cyrus_sasl_sasldb_says_import(tmp_path: Path) -> None:
+    conf = tmp_path / "Sendmail.conf"
+    conf.write_text("pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
+                    "sasldb_path: /etc/mail/sasldb2\n")
+    r = _cli("import", "sendmail-mc", "--sasl-conf", str(conf), str(FIXTURE))
+    assert r.returncode == 0, r.stderr
+    assert tomllib.loads(r.stdout)["auth"]["backend"] == "userdb"
+    assert "Run `authrelay import sasldb /etc/mail/sasldb2` before starting" in r.stdout
+    # Without SMTP AUTH in the .mc, nothing is said about Cyrus.
+    mc = tmp_path / "noauth.mc"
+    mc.write_text("define(`confMAX_MESSAGE_SIZE', `1000')dnl\n")
+    r = _cli("import", "sendmail-mc", "--sasl-conf", str(conf), str(mc))
+    assert "Cyrus" not in r.stdout and "backend" not in r.stdout
+
+
+def test_cf_is_refused(tmp_path: Path) -> None:
+    cf = tmp_path / "sendmail.cf"
+    cf.write_text("# generated\nV10/Berkeley\nCwlocalhost\nO SmtpGreetingMessage=$j\n"
+                  "S0\nR$*\t$#local $: $1\n")
+    r = _cli("import", "sendmail-mc", str(cf))
+    assert r.returncode == 1 and r.stdout == ""
+    assert "is a generated sendmail.cf, not the m4 source" in r.stderr
+    renamed = tmp_path / "whatever.mc"
+    renamed.write_text(cf.read_text())  # the content gives it away too
+    assert _cli("import", "sendmail-mc", str(renamed)).returncode == 1
+
+
+def test_authinfo_becomes_smart_host_credentials(
+        relay_factory, fake_mx, trustme_ca, trustme_ca_file: Path, tmp_path: Path) -> None:
+    """authinfo -> smart_host_user + a 0600 password file; a relay on the converted
+    credentials then logs in to a real smart host that requires AUTH."""
+    import os
+    import smtplib
+    import stat
+
+    from fakes.smtpserver import server_tls_context
+    from relayproc import PASSWORD
+
+    sh = fake_mx("127.0.0.2", starttls_context=server_tls_context(trustme_ca, "127.0.0.2"),
+                 require_starttls=True, users={"relay-user@provider": "p\u00e4ss w0rd!"})
+    authinfo = tmp_path / "authinfo"
+    authinfo.write_text('AuthInfo:other.example "U:x" "P:y"\n'
+                        'AuthInfo:127.0.0.2 "U:root" "I:relay-user@provider" '
+                        '"P:p\u00e4ss w0rd!" "M:PLAIN"\n')
+    mc = tmp_path / "s.mc"
+    mc.write_text("define(`SMART_HOST', `relay:[127.0.0.2]')dnl\n"
+                  "FEATURE(`authinfo', `hash -o /etc/mail/authinfo.db')dnl\n")
+    pwfile = tmp_path / "out" / "smart.pw"
+    r = _cli("import", "sendmail-mc", "--authinfo", str(authinfo), "--password-file",
+             str(pwfile), str(mc))
+    assert r.returncode == 0, r.stderr
+    conv = tomllib.loads(r.stdout)
+    assert conv["relay"]["smart_host_user"] == "relay-user@provider"
+    assert conv["relay"]["smart_host_password_file"] == str(pwfile)
+    assert stat.S_IMODE(os.stat(pwfile).st_mode) == 0o600
+    assert "w0rd" not in r.stdout  # the password only in the file
+    assert pwfile.read_text() == "p\u00e4ss w0rd!\n"
+    relay: RelayProcess = relay_factory({"relay": {
+        "smart_host": [f"127.0.0.2:{sh.port}"], "smart_host_tls": "starttls",
+        "smart_host_user": conv["relay"]["smart_host_user"],
+        "smart_host_password_file": conv["relay"]["smart_host_password_file"],
+        "smart_host_ca_file": str(trustme_ca_file)}, "delivery": {"retry": ["1s"]}})
+    with smtplib.SMTP("127.0.0.1", relay.ports["submission"], timeout=10) as s:
+        s.starttls(context=relay.client_context())
+        s.login("alice", PASSWORD)
+        s.sendmail("alice@local.test", ["bob@example.test"], b"Subject: x\r\n\r\nhi\r\n")
+    relay.wait_for(lambda: len(sh.messages) == 1, timeout=30)
+    assert sh.messages[0].auth_user == "relay-user@provider"
