@@ -6,6 +6,7 @@ Used by the integration and dialog tests; speaks to the server only over real so
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -86,7 +87,9 @@ class RelayProcess:
             input=input, capture_output=True, text=True, check=check, timeout=60,
         )
 
-    def start(self, extra_args: tuple[str, ...] = ()) -> RelayProcess:
+    def start(self, extra_args: tuple[str, ...] = (), nofile: int | None = None
+              ) -> RelayProcess:
+        """Run `serve`; `nofile`: its RLIMIT_NOFILE (soft and hard), to test fd limits."""
         for name, pw in self.users.items():
             if name not in self.cli("user", "list").stdout.split():
                 self.cli("user", "add", name, "--password-stdin", input=pw + "\n")
@@ -94,6 +97,8 @@ class RelayProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "authrelay", "-c", str(self.config), "serve", *extra_args],
             stdout=logf, stderr=subprocess.STDOUT,
+            preexec_fn=None if nofile is None else lambda: resource.setrlimit(
+                resource.RLIMIT_NOFILE, (nofile, nofile)),
         )
         try:
             self.wait_ready()

@@ -17,9 +17,10 @@ and before any TLS:
   clients) for up to `backlog_wait`; then the clients that waited get 421 and the wait
   starts again. An smtp listener answers 421 at once (an MTA retries).
 - `connection_rate` delays the greeting (and the 465 handshake) instead of refusing.
-- File descriptors: near the process limit (RLIMIT_NOFILE minus a reserve for the spool,
-  logs and DNS) a listener holding more than its share of sockets stops accepting until
-  some close; one listener's flood cannot take the descriptors another needs.
+- File descriptors: under a budget (RLIMIT_NOFILE minus a reserve for the spool, logs and
+  DNS) of which every listener is guaranteed a share: a listener at its limit stops
+  accepting until some close; one listener's flood cannot take the descriptors another
+  needs.
 - Stress mode (Postfix): at `stress_threshold` percent of a listener's pool its sessions'
   command timeout drops to `stress_command_timeout`; logged when it starts and ends.
 - Implicit TLS (RFC 8314): the handshake starts only after admission, on the accepted

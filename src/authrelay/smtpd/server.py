@@ -149,17 +149,17 @@ class SMTPServer:
                            listener=ln.name, delay=f"{seconds:.2f}")
 
     def fd_tight(self, acceptor: Acceptor) -> bool:
-        """Near the fd limit: a listener over its share stops; all stop at the hard line."""
-        n, budget = self.open_sockets, self.fd_budget
-        if n < budget:
-            return False
-        share = budget // max(1, len(self.acceptors))
-        return acceptor.open >= share or n >= budget + (budget // 20)
+        """Near the fd limit. Every listener is guaranteed budget/(2n) sockets: one may
+        hold at most the budget minus the others' guarantees, and all stop at the budget."""
+        budget, n = self.fd_budget, max(1, len(self.acceptors))
+        if self.open_sockets >= budget:
+            return True
+        return acceptor.open >= budget - (n - 1) * (budget // (2 * n))
 
     def fd_warning(self) -> None:
         if not self._fd_warned:
             self._fd_warned = True
-            self.maillog.warning("near the file descriptor limit: listeners over their "
+            self.maillog.warning("near the file descriptor limit: listeners at their "
                                  "share stop accepting", sockets=self.open_sockets,
                                  budget=self.fd_budget)
 
