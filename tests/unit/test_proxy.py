@@ -160,3 +160,77 @@ def test_v1_prefixed_garbage(blob: bytes) -> None:
         return
     if h is not None and not h.local:
         assert h.source is not None and 0 <= h.source[1] <= 65535
+
+
+# --------------------------------------------------------------------------- read_header
+
+import asyncio  # noqa: E402
+import socket  # noqa: E402
+
+from authrelay.smtpd.proxy import ProxyClosed, read_header  # noqa: E402
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    return a, b
+
+
+@pytest.mark.parametrize("v2", [False, True])
+async def test_read_header_takes_exactly_the_header(v2: bool) -> None:
+    header = (build_v2 if v2 else build_v1)(("192.0.2.7", 40000), ("192.0.2.1", 465))
+    client, server = _pair()
+    try:
+        client.sendall(header + b"\x16\x03\x01CLIENTHELLO")  # one segment: header + TLS
+        h = await read_header(server, 5)
+        assert h.source == ("192.0.2.7", 40000) and h.rest == b""
+        assert server.recv(100) == b"\x16\x03\x01CLIENTHELLO"  # left for the TLS layer
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_read_header_in_dribbles() -> None:
+    header = build_v1(("192.0.2.7", 40000), ("192.0.2.1", 587))
+    client, server = _pair()
+    try:
+        task = asyncio.create_task(read_header(server, 5))
+        for i in range(0, len(header), 5):
+            client.sendall(header[i:i + 5])
+            await asyncio.sleep(0.01)
+        client.sendall(b"EHLO x\r\n")
+        h = await task
+        assert h.source == ("192.0.2.7", 40000)
+        assert server.recv(100) == b"EHLO x\r\n"
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_read_header_failures() -> None:
+    client, server = _pair()
+    client.close()
+    with pytest.raises(ProxyClosed):
+        await read_header(server, 5)  # a plain TCP health check: connect, close
+    server.close()
+
+    client, server = _pair()
+    client.sendall(b"PROXY TCP4 192.0.2.7")
+    client.close()
+    with pytest.raises(ProxyError, match="middle"):
+        await read_header(server, 5)
+    server.close()
+
+    client, server = _pair()
+    client.sendall(b"EHLO x\r\n")
+    with pytest.raises(ProxyError, match="no PROXY header"):
+        await read_header(server, 5)
+    client.close()
+    server.close()
+
+    client, server = _pair()
+    client.sendall(b"PROXY TCP4 ")  # then silence
+    with pytest.raises(TimeoutError):
+        await read_header(server, 0.2)
+    client.close()
+    server.close()

@@ -21,11 +21,17 @@ Strictness (section numbers of the spec):
   ignore them), but the whole header is bounded.
 Failure policy: anything else is a ProxyError; the listener closes the connection and
 logs the reason. The header is only honoured from `[relay] proxy_trusted` peers.
+
+`read_header(sock, timeout)` is the thin I/O edge for the accept path: it takes exactly the
+header's bytes off a freshly accepted socket (peeking first), so whatever follows (a TLS
+ClientHello on port 465) stays in the kernel for the TLS layer that reads next.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -138,31 +144,15 @@ class ProxyParser:
         if self.done:
             raise ProxyError("header already parsed")
         self._buf += data
-        buf = self._buf
-        n = len(buf)
-        if not n:
+        total = header_length(bytes(self._buf))
+        if total is None or len(self._buf) < total:
             return None
-        if buf[0:1] == b"P":
-            if buf[:min(n, 6)] != V1_PREFIX[:min(n, 6)]:
-                raise ProxyError("no PROXY header")
-            end = buf.find(b"\r\n", 0, MAX_V1)
-            if end < 0:
-                if n >= MAX_V1 or b"\n" in buf:
-                    raise ProxyError("v1 header without CRLF within 107 bytes")
-                return None
-            src, dst = _parse_v1(bytes(buf[:end]))
-            return self._finish(1, src, dst, end + 2)
-        if buf[:min(n, 12)] != V2_SIGNATURE[:min(n, 12)]:
-            raise ProxyError("no PROXY header")
-        if n < 16:
-            return None
-        length = struct.unpack("!H", buf[14:16])[0]
-        if length > MAX_V2_BODY:
-            raise ProxyError(f"v2 header of {length} bytes is too long")
-        if n < 16 + length:
-            return None
-        src, dst = _parse_v2(bytes(buf[:16]), bytes(buf[16:16 + length]))
-        return self._finish(2, src, dst, 16 + length)
+        head = bytes(self._buf[:total])
+        if head[0:1] == b"P":
+            src, dst = _parse_v1(head[:-2])
+            return self._finish(1, src, dst, total)
+        src, dst = _parse_v2(head[:16], head[16:])
+        return self._finish(2, src, dst, total)
 
     def _finish(self, version: int, src: tuple[str, int] | None,
                 dst: tuple[str, int] | None, used: int) -> ProxyHeader:
@@ -170,6 +160,77 @@ class ProxyParser:
         rest = bytes(self._buf[used:])
         self._buf.clear()
         return ProxyHeader(version, src, dst, rest)
+
+
+def header_length(buf: bytes) -> int | None:
+    """The length of the header `buf` begins with, or None if more bytes are needed to
+    know; ProxyError if `buf` cannot begin a header. Any byte before that length belongs to
+    the header, so a reader may consume `min(len(buf), header_length)` without ever taking
+    a byte of what follows."""
+    n = len(buf)
+    if not n:
+        return None
+    if buf[0:1] == b"P":
+        if buf[:min(n, 6)] != V1_PREFIX[:min(n, 6)]:
+            raise ProxyError("no PROXY header")
+        end = buf.find(b"\r\n", 0, MAX_V1)
+        if end >= 0:
+            return end + 2
+        if n >= MAX_V1 or b"\n" in buf:
+            raise ProxyError("v1 header without CRLF within 107 bytes")
+        return None
+    if buf[:min(n, 12)] != V2_SIGNATURE[:min(n, 12)]:
+        raise ProxyError("no PROXY header")
+    if n < 16:
+        return None
+    length = struct.unpack("!H", buf[14:16])[0]
+    if length > MAX_V2_BODY:
+        raise ProxyError(f"v2 header of {length} bytes is too long")
+    return 16 + length
+
+
+class ProxyClosed(ProxyError):
+    """The peer closed before sending anything (a plain TCP health check)."""
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def read_header(sock: socket.socket, timeout: float) -> ProxyHeader:
+    """Read one PROXY header off the non-blocking socket `sock` (nothing past it).
+
+    Raises ProxyError (malformed, or closed part-way), ProxyClosed (closed before the
+    first byte), TimeoutError (nothing complete within `timeout`)."""
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                peek = sock.recv(16 + MAX_V2_BODY, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                fut: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(sock.fileno(), _wake, fut)
+                try:
+                    await fut
+                finally:
+                    loop.remove_reader(sock.fileno())
+                continue
+            except OSError as e:
+                raise ProxyError(f"read error before the PROXY header: {e.strerror}") \
+                    from None
+            if not peek:
+                if not got:
+                    raise ProxyClosed("closed before sending a PROXY header")
+                raise ProxyError("closed in the middle of the PROXY header")
+            total = header_length(bytes(got) + peek)
+            take = len(peek) if total is None else min(len(peek), total - len(got))
+            got += sock.recv(take)  # peeked: there, and no more than the header
+            if total is not None and len(got) >= total:
+                header = ProxyParser().feed(bytes(got))
+                assert header is not None and not header.rest
+                return header
 
 
 def build_v1(src: tuple[str, int], dst: tuple[str, int]) -> bytes:
