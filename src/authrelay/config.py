@@ -225,6 +225,8 @@ class Limits:
     # Exempt from per-IP connection limits and rates (127.0.0.1 and ::1 always are);
     # "trusted_networks" stands for [relay] trusted_networks.
     limit_exceptions: tuple[str, ...] = ("trusted_networks",)
+    # Scale-out (docs/SCALING.md): counters shared by every node of a farm in Redis/Valkey.
+    shared: str = ""  # "redis://host:6379/0" | "rediss://..." | "unix:///path?db=0"; "": local
 
 
 @dataclass(frozen=True)
@@ -466,6 +468,10 @@ def _validate(cfg: Config) -> None:
         except ValueError:
             raise ConfigError(f"limits.limit_exceptions[{i}]: {net!r} is not a network "
                               "(CIDR) or \"trusted_networks\"") from None
+    if cfg.limits.shared and not cfg.limits.shared.startswith(("redis://", "rediss://",
+                                                                "unix://")):
+        raise ConfigError("limits.shared: expected a Redis URL like "
+                          "\"redis://host:6379/0\" (rediss:// for TLS, unix:///path)")
     if cfg.limits.submission_reserve_percent > 100:
         raise ConfigError("limits.submission_reserve_percent: at most 100")
     if not 1 <= cfg.limits.stress_threshold <= 100:

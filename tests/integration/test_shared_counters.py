@@ -161,3 +161,105 @@ async def test_redis_down_then_back(rs: RedisServer, mlog: Path) -> None:
 def test_redact_url() -> None:
     assert redact_url("redis://:pw@10.0.0.1:6379/0") == "redis://10.0.0.1:6379/0"
     assert redact_url("rediss://user:pw@h/2") == "rediss://h/2"
+
+
+# --------------------------------------------------------------------------- RedisThrottle
+
+def _cfg(rs: RedisServer, **limits: object):  # noqa: ANN202
+    from authrelay.config import from_dict
+
+    return from_dict({"limits": {"shared": rs.url, **limits},
+                      "auth": {"max_failures_per_ip": 3, "max_failures_per_user": 5}})
+
+
+def _node(cfg, probe: float = 1.0):  # noqa: ANN001, ANN202
+    from authrelay.policy.shared import RedisThrottle
+    from authrelay.policy.throttle import LocalThrottle
+
+    return RedisThrottle(cfg, SharedCounters(cfg.limits.shared, probe_interval=probe),
+                         LocalThrottle(cfg))
+
+
+async def test_throttle_auth_lockout_across_nodes(rs: RedisServer) -> None:
+    cfg = _cfg(rs)
+    a, b = _node(cfg), _node(cfg)
+    try:
+        for _ in range(3):
+            await a.auth_failed("192.0.2.20", "nobody")
+        assert await b.auth_locked("192.0.2.20", "alice")  # the address, whatever user
+        assert not await b.auth_locked("192.0.2.21", "alice")  # nobody else
+        # Per user: alice attacked from many addresses through both nodes ...
+        for i in range(5):
+            await (a if i % 2 else b).auth_failed(f"203.0.113.{i}", "Alice")
+        assert await a.auth_locked("198.51.100.9", "alice")  # unknown network: locked
+        # ... but a network alice logged in from (through the other node) is spared.
+        await b.auth_succeeded("198.51.100.7", "alice")
+        assert not await a.auth_locked("198.51.100.9", "alice")  # same /24: known
+    finally:
+        await a.counters.close()
+        await b.counters.close()
+
+
+async def test_throttle_user_rates_across_nodes(rs: RedisServer) -> None:
+    cfg = _cfg(rs, user_messages_per_hour=3, user_recipients_per_hour=10)
+    a, b = _node(cfg), _node(cfg)
+    try:
+        await a.user_sent("alice", 4)
+        await b.user_sent("alice", 4)
+        assert await a.user_may_send("alice")
+        assert not await b.user_may_add_rcpt("alice", 2)  # 8 + 2 reaches 10
+        assert await b.user_may_add_rcpt("alice", 1)
+        await a.user_sent("alice", 1)
+        assert not await b.user_may_send("alice")  # 3 messages: the farm's limit
+        assert await b.user_may_send("bob")
+    finally:
+        await a.counters.close()
+        await b.counters.close()
+
+
+async def test_throttle_connection_rate_across_nodes(rs: RedisServer) -> None:
+    from authrelay.policy.throttle import Pool
+
+    cfg = _cfg(rs, connection_rate_per_ip=4, max_connections_per_ip=100)
+    a, b = _node(cfg), _node(cfg)
+    pools = [Pool("*", 0)]
+    try:
+        for _ in range(3):
+            assert a.connect("192.0.2.30", pools).admitted
+            a.disconnect("192.0.2.30", pools)
+        await asyncio.sleep(0.2)  # the background updates reached Redis
+        # Node B has not seen this address: its first connection learns the farm's count.
+        assert b.connect("192.0.2.30", pools).admitted
+        await asyncio.sleep(0.2)
+        adm = b.connect("192.0.2.30", pools)
+        assert not adm.admitted and adm.reason == "rate_ip"
+        assert b.level("*") == 1  # the refused one was not left counted
+        assert b.connect("192.0.2.31", pools).admitted  # other addresses unaffected
+    finally:
+        await a.counters.close()
+        await b.counters.close()
+
+
+async def test_throttle_falls_back_to_local_counters(rs: RedisServer, mlog: Path) -> None:
+    cfg = _cfg(rs)
+    a = _node(cfg, probe=0.1)
+    try:
+        await a.auth_failed("192.0.2.40", "x")
+        rs.stop()
+        # Redis gone: the node's own counts decide (this failure and the one before).
+        await a.auth_failed("192.0.2.40", "x")
+        assert not await a.auth_locked("192.0.2.40", "x")
+        await a.auth_failed("192.0.2.40", "x")
+        assert await a.auth_locked("192.0.2.40", "x")
+        assert not await a.auth_locked("192.0.2.41", "x")
+        rs.start()
+        for _ in range(200):
+            if a.counters.up:
+                break
+            await asyncio.sleep(0.05)
+        assert a.counters.up
+        assert not await a.auth_locked("192.0.2.40", "x")  # shared again (Redis restarted empty)
+    finally:
+        await a.counters.close()
+    maillog.get().flush()
+    assert "counting locally on this node" in mlog.read_text()

@@ -370,9 +370,8 @@ class _VerifiedCache:
         self._max = max_entries
         self._d: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
 
-    def key(self, username: str, password: str) -> bytes:
-        u, p = username.encode("utf-8", "surrogateescape"), \
-            password.encode("utf-8", "surrogateescape")
+    def key(self, username: str, password: str | bytes) -> bytes:
+        u, p = username.encode("utf-8", "surrogateescape"), passwords.raw(password)
         return hmac.new(self._key, struct.pack(">I", len(u)) + u + p, hashlib.sha256).digest()
 
     def get(self, key: bytes) -> str | None:
@@ -440,7 +439,7 @@ class PgAuthenticator:
         finally:
             self._pending -= 1
 
-    async def verify(self, username: str, password: str) -> Any:
+    async def verify(self, username: str, password: str | bytes) -> Any:
         from authrelay.auth.authenticator import AuthResult
 
         if not username or not password:
@@ -482,7 +481,7 @@ class PgAuthenticator:
             t.add_done_callback(self._tasks.discard)
         return AuthResult.OK
 
-    async def _upgrade(self, username: str, stored: str, password: str) -> None:
+    async def _upgrade(self, username: str, stored: str, password: str | bytes) -> None:
         """Re-hash with our current parameters (best effort; a read-only role is fine)."""
         try:
             new = await self._hash_job(passwords.hash_password, password)

@@ -34,11 +34,14 @@ import hashlib
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from authrelay import maillog
+from authrelay import maillog, replies
+from authrelay.config import Config
+from authrelay.policy.throttle import Admission, Pool, Throttle, _locked, source_net
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,8 @@ TIMEOUT = 0.5  # seconds for one call; beyond it this node counts locally
 PROBE_INTERVAL = 1.0
 MAX_KEY_OCTETS = 64
 MAX_CONNECTIONS = 32  # per process
-MAX_INFLIGHT = 1000  # background updates from the accept path before they are skipped
+MAX_INFLIGHT = 1000
+MAX_RATE_KEYS = 100_000  # background updates from the accept path before they are skipped
 
 # KEYS: pairs (this window's key, the previous window's key).
 # ARGV: per pair (amount to add, ttl in seconds), so pair i (odd) has ARGV[i], ARGV[i + 1].
@@ -236,3 +240,150 @@ class SharedCounters:
         secs = max(1, int(ttl))
         got = await self._call(lambda r: r.set(self._known_key(user, net), b"1", ex=secs))
         return got is not None
+
+
+# --------------------------------------------------------------------------- the Throttle
+
+class SharedKnown:
+    """Known addresses for the whole farm: Redis first, this node's store (known.py) as
+    mirror and fallback. A network counts as known if either says so: being lenient here
+    only ever spares a real user a lockout, it never admits a wrong password."""
+
+    def __init__(self, counters: SharedCounters, local: Any, days: float) -> None:
+        self.counters = counters
+        self.local = local
+        self.ttl = days * 86400.0
+
+    async def is_known(self, user: str, net: str) -> bool:
+        if await self.counters.is_known(user, net):
+            return True
+        return bool(self.local is not None and await self.local.is_known(user, net))
+
+    async def remember(self, user: str, net: str) -> None:
+        if self.local is not None:
+            await self.local.remember(user, net)
+        await self.counters.remember(user, net, self.ttl)
+
+
+class RedisThrottle(Throttle):
+    """`[limits] shared`: the Throttle interface (policy/throttle.py) with the farm-wide
+    counters in Redis and this node's throttle (`local`: in-process or shared memory)
+    underneath. Connection gauges and pools are always the node's own; AUTH windows,
+    known addresses, per-user rates and the per-address connection rate are the farm's
+    while Redis answers, the node's own while it does not (every event is counted locally
+    too, so a fall-back starts from this node's recent history, not from zero)."""
+
+    def __init__(self, cfg: Config, counters: SharedCounters, local: Throttle) -> None:
+        self.counters = counters
+        self.local = local
+        self.known = SharedKnown(counters, local.known, cfg.auth.known_address_days)
+        local.known = self.known  # the local fall-back asks the farm too while it can
+        # ip -> [farm count at the last answer, updates in flight, wall time of the answer]
+        self._rate_seen: OrderedDict[str, list[float]] = OrderedDict()
+        self.reload(cfg)
+
+    def reload(self, cfg: Config) -> None:
+        self.local.reload(cfg)
+        lim, auth = cfg.limits, cfg.auth
+        self.window = auth.failure_window
+        self.max_fail_ip = auth.max_failures_per_ip
+        self.max_fail_user = auth.max_failures_per_user
+        self.rate_ip_limit = lim.connection_rate_per_ip
+        self.user_msgs_limit = lim.user_messages_per_hour
+        self.user_rcpts_limit = lim.user_recipients_per_hour
+        self.known.ttl = auth.known_address_days * 86400.0
+
+    # ---------------------------------------------------------------- connections (sync)
+    def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False) -> Admission:
+        adm = self.local.connect(ip, pools, exempt=exempt)
+        if exempt or not self.rate_ip_limit or not self.counters.up:
+            return adm
+        # Decided now, without waiting for Redis: the farm's count for this address as of
+        # the last answer, plus the updates still in flight, plus this attempt. Attempts
+        # refused count too (anvil), so a client hammering past the limit stays out.
+        now = time.time()
+        seen = self._rate_seen.get(ip)
+        if seen is None or now - seen[2] > 60.0:
+            seen = [0.0, 0.0, now]
+        self._rate_seen[ip] = seen
+        self._rate_seen.move_to_end(ip)
+        while len(self._rate_seen) > MAX_RATE_KEYS:
+            self._rate_seen.popitem(last=False)
+        farm = seen[0] + seen[1] + 1
+        if self.counters.add_soon("rate_ip", ip, 60.0, 1, lambda c: self._rate_answer(ip, c)):
+            seen[1] += 1
+        if adm.admitted and farm > self.rate_ip_limit:
+            self.local.disconnect(ip, pools)
+            return Admission(replies.RATE_LIMITED, 0.0, "rate_ip")
+        return adm
+
+    def _rate_answer(self, ip: str, count: float | None) -> None:
+        seen = self._rate_seen.get(ip)
+        if seen is None:
+            return
+        seen[1] = max(0.0, seen[1] - 1)
+        if count is not None:
+            seen[0] = max(0.0, count - seen[1])  # the in-flight ones are added separately
+            seen[2] = time.time()
+
+    def disconnect(self, ip: str, pools: Sequence[Pool]) -> None:
+        self.local.disconnect(ip, pools)
+
+    def level(self, key: str) -> int:
+        return self.local.level(key)
+
+    def full(self, pools: Sequence[Pool]) -> bool:
+        return self.local.full(pools)
+
+    # ---------------------------------------------------------------- AUTH
+    def _auth_items(self, ip: str, user: str, add: int) -> list[tuple[str, str, float, int]]:
+        items = [("auth_ip", ip, self.window, add)]
+        if user:
+            u = user.lower()
+            items += [("auth_user", u, self.window, add),
+                      ("auth_usernet", f"{u}\0{source_net(ip)}", self.window, add)]
+        return items
+
+    async def auth_locked(self, ip: str, user: str) -> bool:
+        got = await self.counters.windows(self._auth_items(ip, user, 0))
+        if got is None:
+            return await self.local.auth_locked(ip, user)
+        by_ip, by_user, by_usernet = (got + [0.0, 0.0])[:3]
+        return await _locked(self, ip, user, by_ip, by_user, by_usernet)
+
+    async def auth_failed(self, ip: str, user: str) -> None:
+        await self.local.auth_failed(ip, user)
+        await self.counters.windows(self._auth_items(ip, user, 1))
+
+    async def auth_succeeded(self, ip: str, user: str) -> None:
+        await self.local.auth_succeeded(ip, user)  # remembers through SharedKnown
+
+    # ---------------------------------------------------------------- per-user rates
+    async def user_may_send(self, user: str) -> bool:
+        if not self.user_msgs_limit:
+            return True
+        n = await self.counters.count("user_msgs", user, 3600.0)
+        if n is None:
+            return await self.local.user_may_send(user)
+        return n < self.user_msgs_limit
+
+    async def user_may_add_rcpt(self, user: str, pending: int) -> bool:
+        if not self.user_rcpts_limit:
+            return True
+        n = await self.counters.count("user_rcpts", user, 3600.0)
+        if n is None:
+            return await self.local.user_may_add_rcpt(user, pending)
+        return n + pending < self.user_rcpts_limit
+
+    async def user_sent(self, user: str, nrcpts: int) -> None:
+        await self.local.user_sent(user, nrcpts)
+        items = []
+        if self.user_msgs_limit:
+            items.append(("user_msgs", user, 3600.0, 1))
+        if self.user_rcpts_limit:
+            items.append(("user_rcpts", user, 3600.0, nrcpts))
+        await self.counters.windows(items)
+
+
+def make_redis_throttle(cfg: Config, local: Throttle) -> RedisThrottle:
+    return RedisThrottle(cfg, SharedCounters(cfg.limits.shared), local)

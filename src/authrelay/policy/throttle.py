@@ -381,9 +381,17 @@ async def _locked(t: Throttle, ip: str, user: str, by_ip: float, by_user: float,
 
 
 def make_throttle(cfg: Config, share: Share | None = None, known: Any = None) -> Throttle:
-    """The throttle for this process: shared memory across workers when `share.shared`."""
+    """The throttle for this process: shared memory across workers when `share.shared`;
+    with `[limits] shared` (a farm, issue 14) that one under the Redis-backed variant."""
+    local: Throttle
     if share is not None and share.shared is not None:
         from authrelay.policy.anvil import SharedThrottle
 
-        return SharedThrottle(cfg, share.shared, known=known)
-    return LocalThrottle(cfg, share, known=known)
+        local = SharedThrottle(cfg, share.shared, known=known)
+    else:
+        local = LocalThrottle(cfg, share, known=known)
+    if cfg.limits.shared:
+        from authrelay.policy.shared import make_redis_throttle
+
+        return make_redis_throttle(cfg, local)
+    return local
