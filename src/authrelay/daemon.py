@@ -267,9 +267,7 @@ class _Receiver:
         """Close the listening sockets now (synchronously): the kernel refuses new
         connections from here on and resets those still waiting in the backlog."""
         if self.server is not None:
-            self.server.stopping = True
-            for srv in getattr(self.server, "_servers", ()):
-                srv.close()
+            self.server.close_listeners()
         for ln in self.listeners:
             with contextlib.suppress(OSError):
                 ln.sock.close()

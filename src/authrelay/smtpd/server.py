@@ -185,12 +185,17 @@ class SMTPServer:
             self.metrics.rejected(reason)
 
     # stop -----------------------------------------------------------------
-    async def stop_accepting(self) -> None:
+    def close_listeners(self) -> None:
+        """Stop accepting and close the listening sockets now (synchronous: SIGTERM, the
+        master's death): the kernel refuses new connections from here on."""
         self.stopping = True
         for a in self.acceptors:
             a.stop()
             with contextlib.suppress(OSError):
                 a.sock.close()
+
+    async def stop_accepting(self) -> None:
+        self.close_listeners()
 
     async def stop(self, timeout: float) -> None:
         """Stop accepting, let sessions finish up to `timeout`, then cancel the rest."""
