@@ -210,9 +210,10 @@ class Limits:
     max_junk_commands: int = 100  # NOOP/RSET/HELP/VRFY/repeated EHLO per session; 0 = off
     user_messages_per_hour: int = 0  # 0 = off
     user_recipients_per_hour: int = 0  # 0 = off
-    # Admission (docs/LIMITS.md "Connections"). Share of max_connections that smtp (25)
-    # listeners may not take, so submission stays reachable while port 25 is flooded.
-    submission_reserve_percent: int = 20
+    # Admission (docs/LIMITS.md "Connections"). Share of max_connections that no single
+    # listener (nor the smtp listeners together) may take: whichever port is flooded, the
+    # others keep this much (submission stays reachable while port 25 is flooded).
+    pool_reserve_percent: int = 20
     # Past connection_rate a new connection waits for its greeting up to this; then 421.
     connection_rate_max_delay: float = 20.0
     # A full submission listener leaves new clients in the kernel backlog this long
@@ -472,8 +473,8 @@ def _validate(cfg: Config) -> None:
                                                                 "unix://")):
         raise ConfigError("limits.shared: expected a Redis URL like "
                           "\"redis://host:6379/0\" (rediss:// for TLS, unix:///path)")
-    if cfg.limits.submission_reserve_percent > 100:
-        raise ConfigError("limits.submission_reserve_percent: at most 100")
+    if cfg.limits.pool_reserve_percent > 100:
+        raise ConfigError("limits.pool_reserve_percent: at most 100")
     if not 1 <= cfg.limits.stress_threshold <= 100:
         raise ConfigError("limits.stress_threshold: a percentage from 1 to 100")
     if cfg.limits.max_line_length < 512:

@@ -35,6 +35,20 @@ def sockets_of(pid: int) -> int:
     return n
 
 
+def family(pid: int) -> list[int]:
+    """The process and its children (the receiving workers)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d))
+    return [pid, *kids]
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -171,6 +185,46 @@ def test_pre_tls_flood_on_465_from_one_address(relay_factory) -> None:  # noqa: 
     wait_log(r, r"tls=from unknown \[127\.0\.0\.2\], error=handshake failed")
     r.wait_for(lambda: sockets_of(pid) <= base_socks + 2, 30)
     submit(r, "127.0.0.2", mode="submissions")  # that address is served again
+    assert "Traceback" not in r.maillog()
+
+
+def test_465_flood_from_many_addresses_leaves_other_ports_served(relay_factory
+                                                                  ) -> None:  # noqa: ANN001
+    """40 addresses flood 465 (never handshaking), two workers sharing the counts: 465
+    takes at most its pool (100 - 20 % reserve), the rest waits in the backlog; clients
+    on 587 and 25 are served throughout."""
+    r: RelayProcess = relay_factory({"limits": {"connection_rate_per_ip": 0}}, workers=2)
+    assert r.proc is not None
+    procs = family(r.proc.pid)
+    assert len(procs) == 3, procs  # master + 2 workers
+
+    def socks() -> int:
+        return sum(sockets_of(p) for p in procs)
+
+    def rss() -> int:
+        return sum(rss_kib(p) for p in procs)
+
+    quiet = submit(r, "127.0.0.3")
+    base_socks, base_rss = socks(), rss()
+    flood = [s for s in (raw_connect(r.ports["submissions"], f"127.0.5.{i % 40 + 1}")
+                         for i in range(1000)) if s is not None]
+    try:
+        assert len(flood) == 1000
+        latencies = [submit(r, "127.0.0.3") for _ in range(3)]
+        with RawClient(r.ports["smtp"], source="127.0.0.4") as c:
+            assert c.reply().code == 220
+        held = socks() - base_socks
+        assert held <= 80 + 4, held
+        report("465 pre-TLS flood, 40 addresses, 2 workers", connects=len(flood),
+               server_sockets_before=base_socks, server_sockets_flood=socks(),
+               rss_kib_before=base_rss, rss_kib_flood=rss(),
+               submission_s_quiet=f"{quiet:.3f}",
+               submission_s_during_max=f"{max(latencies):.3f}")
+    finally:
+        for s in flood:
+            s.close()
+    r.wait_for(lambda: socks() <= base_socks + 4, 60)
+    submit(r, "127.0.5.1", mode="submissions")
     assert "Traceback" not in r.maillog()
 
 

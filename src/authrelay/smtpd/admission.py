@@ -6,9 +6,11 @@ clients in the kernel backlog) and what is decided at that moment, before any by
 and before any TLS:
 
 - Pools: a connection counts in the global pool (`[limits] max_connections`), its
-  listener's pool (`[[listen]] max_connections`), and on smtp listeners the smtp class
-  pool (global minus `submission_reserve_percent`), plus per IP, from accept until its
-  socket is closed: a TLS handshake in progress on 465 counts.
+  listener's pool (`[[listen]] max_connections`; by default the global cap minus
+  `pool_reserve_percent`, so a flood on one port leaves the others that much), and on
+  smtp listeners the smtp class pool (the same size: all smtp listeners together leave
+  the reserve to submission), plus per IP, from accept until its socket is closed: a
+  TLS handshake in progress on 465 counts.
 - Refusals: a full pool, the per-IP limit, or a rate past its bounded delay. On a
   plaintext listener the client gets the 421 (written straight to the new socket), on an
   implicit-TLS listener (465) it is closed without a handshake (a 421 in clear would mean
@@ -146,23 +148,17 @@ class Acceptor:
         lim = cfg.limits
         share = self.server.share
         total = share.part(lim.max_connections)
+        several = len(cfg.listen) > 1
+        reserve = total * lim.pool_reserve_percent // 100 if several else 0
+        limit = max(1, total - reserve) if total else 0  # what one listener may take
         pools = [Pool("*", total)] if total else []
-        own = share.part(self.ln.cfg.max_connections)
-        cap = own or total
-        if self.ln.mode == "smtp":
-            has_submission = any(ln.mode != "smtp" for ln in cfg.listen)
-            reserve = total * lim.submission_reserve_percent // 100 if has_submission else 0
-            if total:
-                cls = max(1, total - reserve)
-                pools.append(Pool("class:smtp", cls))
-                cap = min(cap, cls) if cap else cls
-        if own:
-            pools.append(Pool(f"listener:{self.ln.name}", own))
-        else:  # counted all the same, for stress mode
-            pools.append(Pool(f"listener:{self.ln.name}", 0))
-        self.pools: tuple[Pool, ...] = tuple(pools)
-        self.cap = cap  # the pool stress mode is measured against (0: none)
+        if self.ln.mode == "smtp" and any(ln.mode != "smtp" for ln in cfg.listen):
+            pools.append(Pool("class:smtp", limit))
+        own = share.part(self.ln.cfg.max_connections) or limit
         self.pool_key = f"listener:{self.ln.name}"
+        pools.append(Pool(self.pool_key, own))
+        self.pools: tuple[Pool, ...] = tuple(pools)
+        self.cap = min(c for c in (own, limit) if c) if (own or limit) else 0  # stress mode
 
     @property
     def submission(self) -> bool:
