@@ -84,6 +84,7 @@ _NORMALIZE_OFFLOAD = 1 << 20  # bigger messages are streamed from the spool file
 _STREAM_CHUNK = 256 * 1024
 _FRESH = 2.0  # seconds a checked-in connection is trusted without an RSET probe
 _QUIT_TIMEOUT = 5.0
+_FALLBACK_MAX = 10000  # hosts remembered for the plain-text fallback (memory bound)
 
 _LOST = (ConnectionLost, ConnectionError, OSError, ProtocolError)
 
@@ -555,8 +556,13 @@ class Courier:
             res = DeliveryResult.temp(f"TLS handshake with {conn.remote} failed: {why}",
                                       "4.7.5", 451, conn.remote)
             if self._may_fall_back(t) and not required:
-                self._plain_until[(t.host.lower(), t.addr, t.port)] = \
-                    time.monotonic() + d.tls_fallback_time
+                now = time.monotonic()
+                if len(self._plain_until) >= _FALLBACK_MAX:  # bounded: forget expired ones
+                    for k in [k for k, u in self._plain_until.items() if u <= now]:
+                        del self._plain_until[k]
+                if len(self._plain_until) < _FALLBACK_MAX:
+                    self._plain_until[(t.host.lower(), t.addr, t.port)] = \
+                        now + d.tls_fallback_time
                 self.maillog.event(qid, relay=conn.remote, status="TLS handshake failed",
                                    reason=why, next="plain text for the next attempts "
                                                     "to this host (tls = may)")
