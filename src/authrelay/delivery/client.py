@@ -674,8 +674,10 @@ class Courier:
             opts: list[bytes] = []
             if dsn and r.notify:
                 opts.append(b"NOTIFY=" + r.notify.encode("ascii"))
-            if dsn and r.orcpt:
-                opts.append(b"ORCPT=" + r.orcpt.encode("utf-8" if use_utf8 else "ascii"))
+            if dsn and r.orcpt and (use_utf8 or r.orcpt.isascii()):
+                # RFC 6533 3: a raw UTF-8 ORCPT only in an SMTPUTF8 transaction; without
+                # it the parameter is left out (it is optional) rather than mangled.
+                opts.append(b"ORCPT=" + r.orcpt.encode("utf-8"))
             lines.append(wire.rcpt_to(r.address.encode(enc), opts))
         lines.append(b"DATA\r\n")
         pipelining = "pipelining" in ext
