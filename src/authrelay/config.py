@@ -114,6 +114,9 @@ class Listen:
     # This listener's own pool (beside [limits] max_connections); 0: the default, which is
     # the global cap, minus the submission reserve for smtp listeners (docs/LIMITS.md).
     max_connections: int = 0
+    # A PROXY protocol header (v1/v2) is required first from [relay] proxy_trusted peers
+    # (docs/SCALING.md); everyone else is refused. Never read where this is false.
+    proxy_protocol: bool = False
 
     @property
     def host(self) -> str:
@@ -162,6 +165,8 @@ class Relay:
     # this PEM file for a private CA); false only for a smart host on a trusted network.
     smart_host_tls_verify: bool = True
     smart_host_ca_file: str = ""
+    # Load balancers whose PROXY header is believed (CIDRs; listeners with proxy_protocol).
+    proxy_trusted: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,7 @@ class Limits:
     # "trusted_networks" stands for [relay] trusted_networks.
     limit_exceptions: tuple[str, ...] = ("trusted_networks",)
     # Scale-out (docs/SCALING.md): counters shared by every node of a farm in Redis/Valkey.
+    proxy_timeout: float = 10.0  # the whole PROXY header must arrive within this
     shared: str = ""  # "redis://host:6379/0" | "rediss://..." | "unix:///path?db=0"; "": local
 
 
@@ -360,6 +366,7 @@ _DURATIONS = {
     "limits.data_block_timeout", "limits.data_final_timeout", "limits.tls_handshake_timeout",
     "limits.session_timeout", "limits.connection_rate_max_delay", "limits.backlog_wait",
     "limits.stress_command_timeout",
+    "limits.proxy_timeout",
 }
 _SIZES = {"limits.max_message_size"}
 
@@ -469,6 +476,16 @@ def _validate(cfg: Config) -> None:
         except ValueError:
             raise ConfigError(f"limits.limit_exceptions[{i}]: {net!r} is not a network "
                               "(CIDR) or \"trusted_networks\"") from None
+    for i, net in enumerate(cfg.relay.proxy_trusted):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"relay.proxy_trusted[{i}]: {net!r} is not a network (CIDR)") from None
+    for i, ln in enumerate(cfg.listen):
+        if ln.proxy_protocol and not cfg.relay.proxy_trusted:
+            raise ConfigError(f"listen[{i}].proxy_protocol: needs relay.proxy_trusted "
+                              "(the load balancers' addresses)")
     if cfg.limits.shared and not cfg.limits.shared.startswith(("redis://", "rediss://",
                                                                 "unix://")):
         raise ConfigError("limits.shared: expected a Redis URL like "

@@ -37,3 +37,24 @@ def test_make_throttle_wraps_the_local_one_when_shared() -> None:
     t = make_throttle(cfg)
     assert isinstance(t, RedisThrottle) and isinstance(t.local, LocalThrottle)
     assert isinstance(make_throttle(from_dict({})), LocalThrottle)
+
+
+def test_proxy_protocol_keys() -> None:
+    cfg = from_dict({"listen": [{"address": "127.0.0.1:2587", "mode": "submission",
+                                 "proxy_protocol": True}],
+                     "relay": {"proxy_trusted": ["10.0.0.10/32", "fd00::/64"]},
+                     "limits": {"proxy_timeout": "3s"}})
+    assert cfg.listen[0].proxy_protocol and cfg.limits.proxy_timeout == 3.0
+    assert not from_dict({}).listen[0].proxy_protocol
+    with pytest.raises(ConfigError, match=r"listen\[0\]\.proxy_protocol"):
+        from_dict({"listen": [{"address": "127.0.0.1:2587", "proxy_protocol": True}]})
+    with pytest.raises(ConfigError, match=r"relay\.proxy_trusted\[0\]"):
+        from_dict({"relay": {"proxy_trusted": ["haproxy.example.org"]}})
+
+
+def test_proxy_networks() -> None:
+    from authrelay.smtpd.proxy import Networks
+
+    n = Networks(["10.0.0.0/24", "fd00::/64"])
+    assert "10.0.0.7" in n and "::ffff:10.0.0.7" in n and "fd00::1" in n
+    assert "10.0.1.7" not in n and "fd01::1" not in n and "garbage" not in n

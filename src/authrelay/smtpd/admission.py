@@ -25,6 +25,12 @@ and before any TLS:
   needs.
 - Stress mode (Postfix): at `stress_threshold` percent of a listener's pool its sessions'
   command timeout drops to `stress_command_timeout`; logged when it starts and ends.
+- PROXY protocol (issue 14, smtpd/proxy.py): on a `proxy_protocol` listener a peer outside
+  `[relay] proxy_trusted` is closed at once; from a trusted one the header is read first
+  (exactly its bytes, within `[limits] proxy_timeout`), and its source address is the one
+  admitted, counted, exempted and handed to the session (`Ticket.peer`). A missing,
+  malformed or late header closes the connection with a maillog warning; a peer that
+  closes without sending a byte (a TCP health check) is not logged.
 - Implicit TLS (RFC 8314): the handshake starts only after admission, on the accepted
   socket (`loop.connect_accepted_socket(ssl=...)`, so no byte can be read in clear first),
   under `tls_handshake_timeout`; a failed or timed-out handshake is one maillog line.
@@ -49,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from authrelay import maillog
 from authrelay.policy.throttle import Admission, Pool, Throttle
+from authrelay.smtpd import proxy
 
 if TYPE_CHECKING:
     from authrelay.smtpd.server import Listener, SMTPServer
@@ -59,6 +66,7 @@ ACCEPT_BATCH = 64  # accepts per readable event: a flood on one port cannot star
 POLL = 0.25  # how often a paused listener looks again
 FD_RESERVE_MIN = 64
 STRESS_OFF_MARGIN = 10  # percentage points below the threshold where stress mode ends
+PROXY_READS_MIN = 256  # PROXY headers read at once per listener, at least (issue 14)
 
 
 def fd_budget() -> int:
@@ -78,12 +86,15 @@ class Ticket:
     the server calls it when the connection ends)."""
 
     def __init__(self, admission: Acceptor, ip: str, pools: Sequence[Pool],
-                 exempt: bool) -> None:
+                 exempt: bool, peer: tuple[str, int] | None = None) -> None:
         self._adm = admission
         self.ip = ip
         self.pools = pools
         self.exempt = exempt
         self.released = False
+        # The client's (address, port) from a PROXY header (smtpd/proxy.py), which the
+        # session uses instead of the socket's peer (the load balancer); None: no header.
+        self.peer = peer
 
     @property
     def command_timeout(self) -> float:
@@ -140,6 +151,7 @@ class Acceptor:
         self._poll: asyncio.TimerHandle | None = None
         self._stress_poll: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.proxy_reads: set[asyncio.Task[None]] = set()  # PROXY headers being read
         self.reload()
 
     # ------------------------------------------------------------ configuration
@@ -196,7 +208,7 @@ class Acceptor:
         if self._stress_poll is not None:
             self._stress_poll.cancel()
             self._stress_poll = None
-        for t in list(self.tasks):
+        for t in list(self.tasks) + list(self.proxy_reads):
             t.cancel()
 
     def _look_again(self) -> None:
@@ -266,6 +278,60 @@ class Acceptor:
 
     # ------------------------------------------------------------ admission
     def _admit(self, sock: socket.socket, addr: Any) -> None:
+        if self.ln.cfg.proxy_protocol:  # the client's address comes first (issue 14)
+            self._proxied(sock, addr)
+            return
+        self._admit_client(sock, addr, None)
+
+    def _proxied(self, sock: socket.socket, addr: Any) -> None:
+        """A connection to a proxy_protocol listener: only from `[relay] proxy_trusted`,
+        and only once its PROXY header is read (before admission, before TLS)."""
+        srv = self.server
+        ip = client_ip(addr)
+        if ip not in srv.proxy_trusted:
+            self._proxy_refused(sock, ip, "not a trusted proxy (relay.proxy_trusted)")
+            return
+        if len(self.proxy_reads) >= max(PROXY_READS_MIN, srv.cfg.limits.max_connections):
+            self._proxy_refused(sock, ip, "too many PROXY headers pending")
+            return
+        task = asyncio.get_running_loop().create_task(self._read_proxy(sock, addr, ip))
+        self.proxy_reads.add(task)
+        task.add_done_callback(self.proxy_reads.discard)
+
+    async def _read_proxy(self, sock: socket.socket, addr: Any, ip: str) -> None:
+        try:
+            sock.setblocking(False)
+            header = await proxy.read_header(sock, self.server.cfg.limits.proxy_timeout)
+        except proxy.ProxyClosed:  # a plain TCP health check: connect, close
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        except proxy.ProxyError as e:
+            self._proxy_refused(sock, ip, str(e))
+            return
+        except TimeoutError:
+            self._proxy_refused(sock, ip, "no complete PROXY header in time")
+            return
+        except asyncio.CancelledError:
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise
+        if self.server.stopping:
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        # LOCAL / UNKNOWN (the proxy's own health check): the connection's own address.
+        self._admit_client(sock, header.source or addr, header.source)
+
+    def _proxy_refused(self, sock: socket.socket, ip: str, why: str) -> None:
+        with contextlib.suppress(OSError):
+            sock.close()
+        self.server.metrics_connection(self.ln.mode, "refused")
+        maillog.warning(f"connection closed: PROXY header refused: {why}",
+                        relay=f"unknown [{ip}]", listener=self.ln.name)
+
+    def _admit_client(self, sock: socket.socket, addr: Any,
+                      peer: tuple[str, int] | None) -> None:
         srv = self.server
         ip = client_ip(addr)
         exempt = ip in srv.exemptions
@@ -274,7 +340,7 @@ class Acceptor:
         if not adm.admitted:
             self._refuse(sock, ip, adm)
             return
-        ticket = Ticket(self, ip, self.pools, exempt)
+        ticket = Ticket(self, ip, self.pools, exempt, peer)
         self.open += 1
         srv.open_sockets += 1
         self._check_stress()

@@ -30,6 +30,7 @@ ClientHello on port 465) stays in the kernel for the TLS layer that reads next.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 import struct
@@ -162,6 +163,22 @@ class ProxyParser:
         return ProxyHeader(version, src, dst, rest)
 
 
+class Networks:
+    """`[relay] proxy_trusted`: is this peer address one of the load balancers?"""
+
+    def __init__(self, cidrs: tuple[str, ...] | list[str]) -> None:
+        self.nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+    def __contains__(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in n for n in self.nets if n.version == addr.version)
+
+
 def header_length(buf: bytes) -> int | None:
     """The length of the header `buf` begins with, or None if more bytes are needed to
     know; ProxyError if `buf` cannot begin a header. Any byte before that length belongs to
@@ -218,6 +235,8 @@ async def read_header(sock: socket.socket, timeout: float) -> ProxyHeader:
                     loop.remove_reader(sock.fileno())
                 continue
             except OSError as e:
+                if not got and e.errno == errno.ECONNRESET:  # a health check's RST
+                    raise ProxyClosed("reset before sending a PROXY header") from None
                 raise ProxyError(f"read error before the PROXY header: {e.strerror}") \
                     from None
             if not peek:

@@ -23,6 +23,7 @@ from authrelay.config import Config, Listen
 from authrelay.policy.known import KnownAddresses
 from authrelay.policy.relay import RelayPolicy
 from authrelay.policy.throttle import Exemptions, Share, Throttle, make_throttle
+from authrelay.smtpd import proxy
 from authrelay.smtpd.admission import Acceptor, Ticket, fd_budget
 from authrelay.smtpd.listener import Connection
 from authrelay.smtpd.session import Session
@@ -77,6 +78,7 @@ class SMTPServer:
                                     cfg.auth.known_address_days)
         self.throttle: Throttle = make_throttle(cfg, self.share, known=self.known)
         self.exemptions = Exemptions(cfg)
+        self.proxy_trusted = proxy.Networks(cfg.relay.proxy_trusted)
         self.maillog = maillog_mod.get()
         self.sessions: set[Session] = set()
         self.acceptors: list[Acceptor] = []
@@ -92,6 +94,7 @@ class SMTPServer:
         self.policy = RelayPolicy(cfg)
         self.throttle.reload(cfg)
         self.exemptions = Exemptions(cfg)
+        self.proxy_trusted = proxy.Networks(cfg.relay.proxy_trusted)
         self.known.ttl = cfg.auth.known_address_days * 86400.0
         for a in self.acceptors:
             a.reload()
@@ -113,6 +116,8 @@ class SMTPServer:
             conn.close()
             ticket.release()
             return
+        if ticket.peer is not None:  # the client behind a load balancer (PROXY header)
+            conn.peer = ticket.peer
         sess = Session(self, ln, conn, ticket)
         self.sessions.add(sess)
         task = asyncio.get_running_loop().create_task(sess.run())

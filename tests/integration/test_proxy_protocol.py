@@ -1,0 +1,225 @@
+"""PROXY protocol on real listeners (`[[listen]] proxy_protocol`, `[relay] proxy_trusted`).
+
+A real authrelay process; this test plays the load balancer from 127.0.0.1 (trusted) and
+an outsider from 127.0.0.2. The header's source address is the client's for admission,
+AUTH lockouts, the maillog and Received:; a missing, malformed, late or untrusted header
+closes the connection with a maillog line; a TCP health check (connect, close) is silent;
+listeners without proxy_protocol never read a header.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from relayproc import PASSWORD, RelayProcess  # noqa: E402
+from smtpclient import RawClient, client_ctx, plain  # noqa: E402
+
+from authrelay.smtpd.proxy import build_v1, build_v2  # noqa: E402
+
+
+def proxied(port: int, header: bytes, *, tls: ssl.SSLContext | None = None,
+            source: str = "127.0.0.1", tls_same_segment: bool = False) -> RawClient:
+    """A RawClient whose connection starts with `header` (then TLS if `tls`)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15,
+                                    source_address=(source, 0))
+    if tls is not None and tls_same_segment:
+        # Header and ClientHello in one segment, as a balancer may send them.
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = tls.wrap_bio(inc, out)
+        with pytest.raises(ssl.SSLWantReadError):
+            obj.do_handshake()
+        sock.sendall(header + out.read())
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if out.pending:
+                    sock.sendall(out.read())
+                data = sock.recv(65536)
+                assert data, "closed during the handshake"
+                inc.write(data)
+        if out.pending:
+            sock.sendall(out.read())
+        return _BioClient(sock, obj, inc, out)
+    if header:
+        sock.sendall(header)
+    c = RawClient.__new__(RawClient)
+    c.buf = b""
+    c.sock = tls.wrap_socket(sock) if tls is not None else sock
+    return c
+
+
+class _BioClient(RawClient):
+    """RawClient over an SSLObject driven by hand (for the one-segment case)."""
+
+    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, inc: ssl.MemoryBIO,
+                 out: ssl.MemoryBIO) -> None:
+        self.raw, self.obj, self.inc, self.out = sock, obj, inc, out
+        self.buf = b""
+        self.sock = self  # type: ignore[assignment]
+
+    def sendall(self, data: bytes) -> None:
+        self.obj.write(data)
+        self.raw.sendall(self.out.read())
+
+    def recv(self, n: int) -> bytes:
+        while True:
+            try:
+                return self.obj.read(n)
+            except ssl.SSLWantReadError:
+                data = self.raw.recv(65536)
+                if not data:
+                    return b""
+                self.inc.write(data)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[RelayProcess]:
+    r = RelayProcess(tmp_path, {"relay": {"proxy_trusted": ["127.0.0.1/32"]},
+                                "limits": {"proxy_timeout": "1s"},
+                                "auth": {"max_failures_per_ip": 2, "failure_delay": 0.05}})
+    # submission and submissions behind the balancer; smtp (port 25 style) without.
+    r.config_data["listen"] = [
+        {"address": f"127.0.0.1:{r.ports['smtp']}", "mode": "smtp"},
+        {"address": f"127.0.0.1:{r.ports['submission']}", "mode": "submission",
+         "proxy_protocol": True},
+        {"address": f"127.0.0.1:{r.ports['submissions']}", "mode": "submissions",
+         "proxy_protocol": True},
+    ]
+    from relayproc import to_toml
+
+    r.config.write_text(to_toml(r.config_data))
+    r.start()
+    yield r
+    r.stop()
+
+
+def dst(r: RelayProcess, mode: str) -> tuple[str, int]:
+    return ("127.0.0.1", r.ports[mode])
+
+
+def test_v2_source_is_the_client_everywhere(relay: RelayProcess) -> None:
+    port = relay.ports["submissions"]
+    with proxied(port, build_v2(("192.0.2.50", 40000), dst(relay, "submissions")),
+                 tls=client_ctx()) as c:
+        assert c.reply().code == 220
+        c.cmd("EHLO client.test")
+        assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+        assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
+        assert c.cmd("RCPT TO:<bob@example.org>").code == 250
+        assert c.cmd("DATA").code == 354
+        assert c.cmd("Subject: hi\r\n\r\nhello\r\n.").code == 250
+        c.cmd("QUIT")
+    relay.wait_for(lambda: relay.queued() != [])
+    msg = relay.message_bytes(relay.queued()[0])
+    received = msg.split(b"\r\n\r\n", 1)[0]
+    assert b"[192.0.2.50]" in received and b"127.0.0.1" not in received
+    log = relay.maillog()
+    assert "[192.0.2.50]" in log
+    assert "PROXY" not in log  # nothing refused
+
+
+def test_v1_on_starttls_listener(relay: RelayProcess) -> None:
+    port = relay.ports["submission"]
+    with proxied(port, build_v1(("198.51.100.23", 5555), dst(relay, "submission"))) as c:
+        assert c.reply().code == 220
+        assert c.cmd("EHLO client.test").code == 250
+        assert c.cmd("STARTTLS").code == 220
+        c.starttls(client_ctx())
+        assert c.cmd("EHLO client.test").code == 250
+        assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+    assert "[198.51.100.23]" in relay.maillog()
+
+
+def test_header_and_client_hello_in_one_segment(relay: RelayProcess) -> None:
+    port = relay.ports["submissions"]
+    with proxied(port, build_v2(("192.0.2.51", 1), dst(relay, "submissions")),
+                 tls=client_ctx(), tls_same_segment=True) as c:
+        assert c.reply().code == 220
+        assert c.cmd("EHLO client.test").code == 250
+    assert "[192.0.2.51]" in relay.maillog()
+
+
+def test_lockout_is_per_client_not_per_balancer(relay: RelayProcess) -> None:
+    port = relay.ports["submissions"]
+
+    def auth(src: str, password: str) -> str:
+        with proxied(port, build_v2((src, 1000), dst(relay, "submissions")),
+                     tls=client_ctx()) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            r = c.cmd(f"AUTH PLAIN {plain('alice', password)}")
+            return f"{r.code} {r.text}"
+
+    assert auth("192.0.2.60", "wrong").startswith("535")
+    assert auth("192.0.2.60", "wrong").startswith("535")
+    assert auth("192.0.2.60", PASSWORD).startswith("454 4.7.0")  # that address is locked
+    assert auth("192.0.2.61", PASSWORD).startswith("235")  # another client behind it: not
+    assert auth("192.0.2.62", "wrong").startswith("535")
+
+
+def refused(relay: RelayProcess, reason: str, n: int = 1) -> None:
+    relay.wait_for(lambda: relay.maillog().count(reason) >= n)
+
+
+def test_missing_or_malformed_header_closes(relay: RelayProcess) -> None:
+    port = relay.ports["submission"]
+    with proxied(port, b"EHLO client.test\r\n") as c:  # a client talking directly
+        assert c.closed()
+    refused(relay, "PROXY header refused: no PROXY header")
+    with proxied(port, b"PROXY TCP4 192.0.2.1 192.0.2.2 01 2\r\n") as c:
+        assert c.closed()
+    refused(relay, "PROXY header refused: bad port")
+    with proxied(relay.ports["submissions"], b"\x16\x03\x01\x00\x05hello") as c:
+        assert c.closed()  # a TLS client straight at 465: no handshake at all
+    refused(relay, "PROXY header refused: no PROXY header", 2)
+    line = [ln for ln in relay.maillog().splitlines() if "bad port" in ln][0]
+    assert "relay=unknown [127.0.0.1]" in line and "listener=submission:" in line
+
+
+def test_late_header_times_out(relay: RelayProcess) -> None:
+    with proxied(relay.ports["submission"], b"PROXY TCP4 192.0.2.1") as c:
+        t0 = time.monotonic()
+        assert c.closed(timeout=10)
+        assert time.monotonic() - t0 < 9
+    refused(relay, "no complete PROXY header in time")
+
+
+def test_untrusted_peer_is_closed(relay: RelayProcess) -> None:
+    header = build_v2(("192.0.2.70", 1), dst(relay, "submission"))
+    with proxied(relay.ports["submission"], header, source="127.0.0.2") as c:
+        assert c.closed()
+    refused(relay, "not a trusted proxy")
+    assert "relay=unknown [127.0.0.2]" in relay.maillog()
+    assert "192.0.2.70" not in relay.maillog()  # its claim is never believed
+
+
+def test_health_checks(relay: RelayProcess) -> None:
+    before = relay.maillog()
+    for _ in range(3):  # connect and close: silent
+        socket.create_connection(("127.0.0.1", relay.ports["submission"])).close()
+    with proxied(relay.ports["submission"], build_v2(None)) as c:  # v2 LOCAL
+        assert c.reply().code == 220  # served as the balancer itself
+    with proxied(relay.ports["submission"], b"PROXY UNKNOWN\r\n") as c:
+        assert c.reply().code == 220
+    time.sleep(0.3)
+    assert "PROXY header refused" not in relay.maillog()[len(before):]
+
+
+def test_listener_without_proxy_protocol_reads_no_header(relay: RelayProcess) -> None:
+    with proxied(relay.ports["smtp"], b"") as c:
+        assert c.reply().code == 220  # greeted at once: no header awaited
+        assert c.cmd("EHLO client.test").code == 250
