@@ -294,6 +294,8 @@ class _Run:
     share: Share = field(default_factory=Share)
     # How the certificate and key are read on SIGHUP (privileged: the key helper).
     read_keys: Callable[[Config], PEM] = read_pem
+    # The smart host password as root (the key helper) when privileges were dropped.
+    read_password: Callable[[], str] | None = None
     channel: socket.socket | None = None  # worker: its end of the master's socketpair
     workers: dict[int, Any] = field(default_factory=dict)  # master: pid -> _Worker
     master_sockets: list[socket.socket] = field(default_factory=list)  # closed on stop
@@ -336,6 +338,8 @@ async def _serve_loop(run: _Run) -> int:
         from authrelay.scheduler.scheduler import Scheduler
 
         courier = Courier(cfg)  # Scheduler.start() runs spool.recover() itself
+        if run.read_password is not None:
+            courier.read_password = run.read_password
         scheduler = Scheduler(cfg, spool, courier, ml)
         if receiver is not None:
             spool.on_commit = scheduler.notify
@@ -543,7 +547,8 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
         if nworkers <= 1:
             _use_uvloop()
             run = _Run(cfg, config_path, pem, "single", listeners=per_worker[0],
-                       read_keys=read_keys)
+                       read_keys=read_keys,
+                       read_password=helper.read_password if helper else None)
             return asyncio.run(_serve_loop(run))
         return _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared)
     finally:
@@ -556,6 +561,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                   helper: KeyHelper | None, shared: Any) -> int:
     nworkers = len(per_worker)
     run = _Run(cfg, config_path, pem, "master", read_keys=read_keys,
+               read_password=helper.read_password if helper else None,
                master_sockets=[x.sock for row in per_worker for x in row])
     workers: dict[int, _Worker] = run.workers
     master_pid = os.getpid()

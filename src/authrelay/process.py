@@ -36,6 +36,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -253,17 +254,23 @@ class KeyHelper:
             finally:
                 os._exit(code)
         self.pid = pid
+        self._lock = threading.Lock()
         self.channel.in_master()
         self.sock = self.channel.master
+
+    def _ask(self, kind: bytes) -> tuple[bytes, bytes]:
+        # One request at a time: the SIGHUP reload and delivery threads share the socket.
+        with self._lock:
+            self.sock.settimeout(30)
+            send(self.sock, kind)
+            return recv(self.sock)
 
     def read_pem(self) -> tuple[bytes, bytes]:
         """Blocking request (a few ms): the PEM pair, or TLSConfigError."""
         from authrelay.tls import TLSConfigError
 
         try:
-            self.sock.settimeout(30)
-            send(self.sock, b"K")
-            kind, payload = recv(self.sock)
+            kind, payload = self._ask(b"K")
         except OSError as e:
             raise TLSConfigError(f"key helper: {e}") from None
         if kind == b"K":
@@ -271,6 +278,15 @@ class KeyHelper:
         if kind == b"E":
             raise TLSConfigError(payload.decode("utf-8", "replace"))
         raise TLSConfigError("key helper is gone; restart authrelay to reload certificates")
+
+    def read_password(self) -> str:
+        """relay.smart_host_password_file read as root (blocking); OSError on failure."""
+        kind, payload = self._ask(b"P")
+        if kind == b"P":
+            return payload.decode("utf-8", "replace")
+        if kind == b"E":
+            raise OSError(payload.decode("utf-8", "replace"))
+        raise OSError("key helper is gone; restart authrelay")
 
     def close(self) -> None:
         self.channel.close()
@@ -284,7 +300,7 @@ def _helper_main(sock: socket.socket, config_path: str | None) -> None:  # pragm
     # (the helper ends when the master's end of the socket closes).
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
-    from authrelay.config import ConfigError, load
+    from authrelay.config import ConfigError, find_config_path, load
     from authrelay.tls import TLSConfigError, read_pem
 
     sock.setblocking(True)
@@ -292,13 +308,39 @@ def _helper_main(sock: socket.socket, config_path: str | None) -> None:  # pragm
         kind, _ = recv(sock)
         if not kind:
             return
-        if kind != b"K":
-            send(sock, b"E", b"unknown request")
-            continue
         try:
-            cfg = load(config_path)
-            send(sock, b"K", pack_pem(read_pem(cfg)))
-        except (ConfigError, TLSConfigError) as e:
+            if kind not in (b"K", b"P"):
+                raise TLSConfigError("unknown request")
+            path = find_config_path(config_path)
+            _check_trusted(path)
+            cfg = load(path)
+            if kind == b"K":
+                send(sock, b"K", pack_pem(read_pem(cfg)))
+            else:
+                send(sock, b"P", _read_secret(cfg.relay.smart_host_password_file))
+        except (ConfigError, TLSConfigError, OSError) as e:
             send(sock, b"E", str(e).encode("utf-8", "replace")[:4000])
-        except Exception as e:  # never die on a request: the master keeps its old cert
+        except Exception as e:  # never die on a request: the master keeps its old state
             send(sock, b"E", f"key helper: {type(e).__name__}: {e}".encode()[:4000])
+
+
+def _check_trusted(path: str | None) -> None:  # pragma: no cover - runs in the helper
+    """The helper reads, as root, files the config names: only a config that the
+    unprivileged processes cannot rewrite (owned by root, not group/other-writable)."""
+    from authrelay.tls import TLSConfigError
+
+    if path is None:
+        return  # the embedded default names files under the state dir only
+    st = os.stat(path)
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise TLSConfigError(
+            f"{path}: the key helper reads root-only files only for a config owned by root "
+            f"and not writable by group/others (owner uid {st.st_uid}, mode "
+            f"{st.st_mode & 0o7777:04o})")
+
+
+def _read_secret(path: str) -> bytes:  # pragma: no cover - runs in the helper
+    if not path:
+        return b""
+    with open(path, "rb") as f:
+        return f.read(64 * 1024).rstrip(b"\r\n")

@@ -267,10 +267,13 @@ def _peer_der(port: int) -> bytes:
         return der
 
 
-@pytest.fixture
-def dropped(reachable_dir: Path) -> Iterator[tuple[RelayProcess, Path, bytes, Path]]:
-    """serve started as root with `user = authrelay-test`, two workers, a root-only key
-    and a maillog file in a root-owned directory."""
+@pytest.fixture(params=[2, 1], ids=["2-workers", "single"])
+def dropped(reachable_dir: Path, request: pytest.FixtureRequest
+            ) -> Iterator[tuple[RelayProcess, Path, bytes, Path]]:
+    """serve started as root with `user = authrelay-test` (two workers, or one process
+    receiving and delivering), a root-only key and a maillog file in a root-owned
+    directory. `r.nprocs`: the processes that log (master and workers)."""
+    workers = request.param
     _require_root()
     pw = _test_user()
     le = reachable_dir / "letsencrypt"
@@ -280,12 +283,13 @@ def dropped(reachable_dir: Path) -> Iterator[tuple[RelayProcess, Path, bytes, Pa
     logfile = logdir / "mail.log"
     r = RelayProcess(reachable_dir, {"user": TEST_USER,
                                      "tls": {"cert": str(cert), "key": str(key)},
-                                     "log": {"target": f"file:{logfile}"}}, workers=2)
+                                     "log": {"target": f"file:{logfile}"}}, workers=workers)
+    r.nprocs = workers + 1 if workers > 1 else 1  # type: ignore[attr-defined]
     os.chmod(r.config, 0o644)
     r.log = logfile  # the maillog; stdout/stderr go to reachable_dir/maillog.txt
     r.start()
     try:
-        _started(r, 3)
+        _started(r, r.nprocs)  # type: ignore[attr-defined]
         assert r.proc is not None
         _wait(lambda: all(Path(f"/proc/{p}/status").read_text().split("Uid:")[1].split()[1]
                           == str(pw.pw_uid) for p in [r.proc.pid, *children(r.proc.pid)]
@@ -311,7 +315,8 @@ def test_root_only_key_reloaded_on_sighup_after_renewal(dropped) -> None:
     # The privilege split: the master and both workers run as the user; one helper,
     # holding no listening socket, stays root to read the key.
     helper = _helper(r)
-    assert helper is not None and len(children(r.proc.pid)) == 3
+    workers = r.nprocs - 1 if r.nprocs > 1 else 0
+    assert helper is not None and len(children(r.proc.pid)) == workers + 1
     assert not any("socket:" in os.readlink(f"/proc/{helper}/fd/{fd}") and
                    _is_listening(helper, fd) for fd in os.listdir(f"/proc/{helper}/fd"))
     # The key is in the workers' memory; they are not dumpable (the kernel cleared the flag
@@ -323,7 +328,7 @@ def test_root_only_key_reloaded_on_sighup_after_renewal(dropped) -> None:
     assert _peer_der(r.ports["submissions"]) == der_old
     _, _, der_new = _install_cert(trustme.CA(), le)  # the renewal
     os.kill(r.proc.pid, signal.SIGHUP)
-    _wait(lambda: r.maillog().count("daemon=reloaded") >= 3, what="reloaded x3")
+    _wait(lambda: r.maillog().count("daemon=reloaded") >= r.nprocs, what="all reloaded")
     for _ in range(4):  # whichever worker answers
         assert _peer_der(r.ports["submissions"]) == der_new
     # The maillog file belongs to the user (it is reopened as that user on SIGHUP).
@@ -365,14 +370,15 @@ def test_sighup_after_logrotate_and_bad_config(dropped) -> None:
     os.replace(logfile, rotated)
     os.kill(r.proc.pid, signal.SIGHUP)
     r.log = rotated
-    _wait(lambda: r.maillog().count("daemon=reloaded") >= 3, what="reloaded")
+    _wait(lambda: r.maillog().count("daemon=reloaded") >= r.nprocs, what="reloaded")
     assert "error=cannot reopen the maillog" in r.maillog()
     # With `create` in logrotate (the file made for the user), the reopen moves over.
     logfile.touch()
     os.chown(logfile, pwd.getpwnam(TEST_USER).pw_uid, -1)
     os.kill(r.proc.pid, signal.SIGHUP)
     r.log = logfile
-    _wait(lambda: r.maillog().count("daemon=reloaded") >= 3, what="reloaded in the new file")
+    _wait(lambda: r.maillog().count("daemon=reloaded") >= r.nprocs,
+          what="reloaded in the new file")
 
 
 # --------------------------------------------------------------------------- item 8
@@ -426,3 +432,39 @@ maillog.get().flush()
     assert "warning=py.warnings: " in lines[2] and "old thing" in lines[2]
     assert "error=authrelay: uncaught exception in thread" in lines[3]
     assert "IndexError: list index out of range" in lines[3]
+
+
+def test_root_only_smart_host_password_read_by_the_helper(reachable_dir: Path, fake_mx,
+                                                          trustme_ca) -> None:  # noqa: ANN001
+    """relay.smart_host_password_file 0600 root (as Postfix's sasl_passwd): the dropped
+    master delivers with it, through the key helper."""
+    _require_root()
+    _test_user()
+    from test_e2e_delivery import server_tls_context, submit
+
+    secret_dir = reachable_dir / "secret"
+    secret_dir.mkdir(mode=0o700)
+    pw = secret_dir / "smarthost.pw"
+    pw.write_text("s3cret pass\n")
+    pw.chmod(0o600)
+    ca = reachable_dir / "ca.pem"
+    trustme_ca.cert_pem.write_to_path(str(ca))
+    os.chmod(ca, 0o644)
+    sh = fake_mx("127.0.0.2", starttls_context=server_tls_context(trustme_ca, "127.0.0.2"),
+                 require_starttls=True, users={"relayuser": "s3cret pass"})
+    r = RelayProcess(reachable_dir, {
+        "user": TEST_USER,
+        "relay": {"smart_host": [sh.address], "smart_host_tls": "starttls",
+                  "smart_host_user": "relayuser", "smart_host_password_file": str(pw),
+                  "smart_host_ca_file": str(ca)},
+        "delivery": {"retry": ["1s"]}}, workers=2)
+    os.chmod(r.config, 0o644)
+    r.start()
+    try:
+        _started(r, 3)
+        submit(r, ["bob@example.test"])
+        _wait(lambda: len(sh.messages) == 1, timeout=30, what="delivered to the smart host")
+        assert sh.messages[0].auth_user == "relayuser"
+        assert "s3cret" not in r.maillog()
+    finally:
+        r.stop()

@@ -63,6 +63,7 @@ import logging
 import re
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -570,10 +571,16 @@ class Courier:
         # RFC 3207 4.2: forget what was learnt before TLS and ask again.
         await self._hello(conn, timeout)
 
+    # Set by serve when it drops privileges: the password file is read as root by the key
+    # helper (docs/PRIVILEGES.md), so it may be 0600 root as Postfix's sasl_passwd is.
+    read_password: Callable[[], str] | None = None
+
     def _password(self) -> str:
         path = self.cfg.relay.smart_host_password_file
         if not path:
             return ""
+        if self.read_password is not None:
+            return self.read_password()
         with open(path, encoding="utf-8") as f:
             return f.read().rstrip("\r\n")
 
