@@ -302,6 +302,10 @@ def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) 
                                f"created (no write access to {parent})"))
         else:
             out.append(Finding("note", "state_dir", f"{sd} is created on first start"))
+    from authrelay import aliases
+
+    for problem in aliases.problems(cfg):
+        out.append(Finding("warning", "aliases_file", problem))
     t = cfg.log.target
     if t.startswith("file:"):
         d = Path(t[5:]).parent

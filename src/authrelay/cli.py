@@ -8,6 +8,7 @@ it; this file only wires them and resolves the config the same way for every com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -64,13 +65,33 @@ def _config_option_everywhere(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; output to a closed pipe (`authrelay queue | head`) ends quietly
+    with status 141 (128 + SIGPIPE), as a C program killed by SIGPIPE would."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Nobody reads any more: point stdout at /dev/null so the interpreter's final
+        # flush does not raise (and print) again.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+# Installed under these names (symlinks), the command line is sendmail's.
+_SENDMAIL_NAMES = {"sendmail": [], "mailq": ["-bp"], "newaliases": ["-bi"]}
+
+
+def _main(argv: list[str] | None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-        # Installed as a /usr/sbin/sendmail symlink: the whole command line is sendmail's.
-        if os.path.basename(sys.argv[0]).startswith("sendmail"):
-            from authrelay import sendmail
+        # Installed as /usr/sbin/sendmail (or mailq, newaliases): sendmail's command line.
+        base = os.path.basename(sys.argv[0])
+        for name, pre in _SENDMAIL_NAMES.items():
+            if base.startswith(name):
+                from authrelay import sendmail
 
-            return sendmail.main(argv)
+                return sendmail.main(pre + argv)
     # `authrelay sendmail` takes sendmail's own flags (-t -i -f ...): hand them over raw.
     if argv and argv[0] == "sendmail":
         from authrelay import sendmail

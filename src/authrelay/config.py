@@ -307,6 +307,11 @@ class Config:
     # The relay's public address(es) as the Internet sees them (SPF, PTR, doctor); empty:
     # the global addresses among the listen addresses, else the addresses of hostname.
     public_addresses: tuple[str, ...] = ()
+    # Local names (root, postmaster, www-data...) -> real addresses, for the sendmail
+    # command (cron mail to "root"): the [aliases] table (name = "addr" or ["a", "b"]),
+    # then aliases_file (/etc/aliases format); the table wins.
+    aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    aliases_file: str = ""
     source: str = EMBEDDED  # where this config came from (not a TOML key)
 
     # Derived paths -------------------------------------------------------------
@@ -500,6 +505,32 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("limits.max_text_line_length: RFC 5322 2.1.1 requires at least 998")
 
 
+def _aliases(v: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """[aliases]: name = "address" (commas allowed) or ["address", ...]."""
+    if not isinstance(v, dict):
+        raise ConfigError("aliases: expected a table (name = \"address\")")
+    out = []
+    for name, target in v.items():
+        key = f"aliases.{name}"
+        if not name or "@" in name or any(c.isspace() or ord(c) < 0x20 for c in name):
+            raise ConfigError(f"{key}: an alias is a local name (no @, no spaces)")
+        if isinstance(target, str):
+            items = [t.strip() for t in target.split(",")]
+        elif isinstance(target, list) and all(isinstance(t, str) for t in target):
+            items = [t.strip() for t in target]
+        else:
+            raise ConfigError(f"{key}: expected an address or a list of addresses")
+        items = [t for t in items if t]
+        if not items:
+            raise ConfigError(f"{key}: no address")
+        for t in items:
+            if t.startswith(("|", "/", ":include:")) or any(c.isspace() for c in t):
+                raise ConfigError(f"{key}: {t!r} is not an address (programs, files and "
+                                  ":include: are not supported)")
+        out.append((name.lower(), tuple(items)))
+    return tuple(out)
+
+
 def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     """Build a Config from parsed TOML (also the test-override entry point)."""
     kwargs: dict[str, Any] = {"source": source}
@@ -523,6 +554,8 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
             kwargs["listen"] = tuple(items)
         elif k in _SECTIONS:
             kwargs[k] = _build(_SECTIONS[k], v, k)
+        elif k == "aliases":
+            kwargs[k] = _aliases(v)
         else:
             kwargs[k] = _convert(k, v, getattr(defaults, k))
     cfg = Config(**kwargs)

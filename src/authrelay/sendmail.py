@@ -40,12 +40,17 @@ from typing import BinaryIO
 
 # Everything is imported up front: after switching to the spool owner the Python install
 # (e.g. under /root) may no longer be readable, so no lazy imports past that point.
-from authrelay import maillog
+from authrelay import aliases, maillog
 from authrelay.address import AddressError, parse_mailbox
 from authrelay.config import LOOKUP, Config, ConfigError, NoConfig, find_config_path, load_file
+from authrelay.scheduler import queuecli
+from authrelay.smtpd import protocol as smtp
 from authrelay.spool.cleanup import HeaderCleanup
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.store import Spool
+from authrelay.types import Reply
+
+EX_UNAVAILABLE = 69
 
 EX_OK = 0
 EX_USAGE = 64
@@ -87,7 +92,32 @@ class Options:
     ret: str = ""  # -R
     envid: str = ""  # -V
     body_8bit: bool = False  # -B 8BITMIME
+    mode: str = "m"  # -b: m send (default), p queue list, i aliases (no-op), s SMTP; q: -q
+    queue_arg: str = ""  # -q's value: "", an interval, I<id>...
     recipients: list[str] = field(default_factory=list)
+
+
+USAGE = """\
+usage: sendmail [-t] [-i|-oi] [-f sender] [-F fullname] [-C config] [--] [recipient ...]
+       sendmail -bp          list the queue (mailq)
+       sendmail -bs          an SMTP dialogue on standard input and output
+       sendmail -bi          rebuild the aliases: nothing to do ([aliases] is in the config)
+       sendmail -q           deliver the queue now (-qIID: that message)
+
+Reads one message from standard input and queues it for the running authrelay.
+  -t            recipients from To:, Cc:, Bcc: (Bcc: removed)
+  -i, -oi       a line with a single "." does not end the message
+  -f ADDR       envelope sender (default: the invoking user @hostname; -f '' for <>)
+  -F NAME       full name for the From: added when the message has none
+  -C FILE       config file (default: $AUTHRELAY_CONFIG, ./authrelay.toml,
+                /etc/authrelay/authrelay.toml)
+  -N LIST       DSN NOTIFY (NEVER or SUCCESS,FAILURE,DELAY); -R FULL|HDRS; -V ENVID
+  -B 8BITMIME   the body is 8-bit
+Local names (root, postmaster...) are rewritten through the config's [aliases] table
+(and aliases_file). Accepted and ignored: -odi -odb -oem -oep -m -v -U -h N -L TAG ...
+Exit status (sysexits.h): 0 queued, 64 usage, 65 bad message or address, 73 spool not
+writable, 75 temporary (spool I/O, no config found, mail system down), 78 bad config.
+"""
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -96,6 +126,9 @@ def parse_args(argv: list[str]) -> Options:
     while i < len(argv):
         a = argv[i]
         i += 1
+        if a in ("--help", "-help"):
+            o.mode = "help"
+            return o
         if a == "--":
             o.recipients += argv[i:]
             break
@@ -146,10 +179,17 @@ def _option(o: Options, c: str, val: str) -> None:
         if val == "i":
             o.ignore_dots = True
     elif c == "b":
-        if val not in ("m", ""):
-            raise Fail(EX_USAGE, f"-b{val} is not supported (only -bm, send mail)")
+        if val in ("m", ""):
+            o.mode = "m"
+        elif val in ("p", "i", "s"):
+            o.mode = val
+        elif val in ("d", "D"):
+            raise Fail(EX_USAGE, f"-b{val}: the daemon is `authrelay serve`")
+        else:
+            raise Fail(EX_USAGE, f"-b{val} is not supported (-bm send, -bp list the queue, "
+                                 "-bs SMTP on stdin, -bi aliases)")
     elif c == "q":
-        raise Fail(EX_USAGE, "-q is not supported (use: authrelay queue flush)")
+        o.mode, o.queue_arg = "q", val
     # -h hops, -L tag, -X logfile, -O option, -d debug, -p protocol, -A submit: ignored
 
 
@@ -306,6 +346,7 @@ def submit(opts: Options, stdin: BinaryIO, cfg: Config) -> str:
     rcpts = [r for r in rcpts if not (r.lower() in seen or seen.add(r.lower()))]
     if not rcpts:
         raise Fail(EX_USAGE, "no recipients (give them as arguments, or use -t)")
+    rcpts = _expand(cfg, rcpts)
 
     if opts.sender is None:
         sender = f"{login}@{cfg.hostname}"
@@ -321,13 +362,6 @@ def submit(opts: Options, stdin: BinaryIO, cfg: Config) -> str:
         value = email.utils.formataddr((name, addr)) if name else addr
         out_headers.append(f"From: {value}".encode("utf-8", "replace"))
 
-    spool = Spool(cfg.spool_dir)
-    try:
-        spool.ensure_dirs()
-    except PermissionError as e:
-        raise Fail(EX_CANTCREAT, f"cannot create {cfg.spool_dir}: {e.strerror}") from None
-    except OSError as e:
-        raise Fail(EX_TEMPFAIL, f"spool {cfg.spool_dir}: {e.strerror}") from None
     env = Envelope(
         queue_id=new_queue_id(), sender=sender,
         recipients=[Recipient(r, notify=opts.notify) for r in rcpts],
@@ -335,6 +369,31 @@ def submit(opts: Options, stdin: BinaryIO, cfg: Config) -> str:
         listener="sendmail", envid=opts.envid, ret=opts.ret, body_8bit=opts.body_8bit,
         smtputf8=not all(a.isascii() for a in (sender, *rcpts)),
     )
+
+    def pieces() -> Iterator[bytes]:
+        yield b"".join(h + b"\r\n" for h in out_headers)
+        yield first_body if first_body is not None else b"\r\n"
+        yield from lines
+
+    return queue_message(cfg, env, pieces(), login)
+
+
+def _expand(cfg: Config, rcpts: list[str]) -> list[str]:
+    """Local names through [aliases] / aliases_file; every result checked."""
+    return [_check_address(a, "alias") for a in aliases.expand(cfg, rcpts)]
+
+
+def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], login: str) -> str:
+    """Store one message (CRLF text, headers first) for `env` with a Received: field and
+    the missing Date:/Message-ID:, durably (fsync); returns the queue id. Raises Fail."""
+    rcpts = [r.address for r in env.recipients]
+    spool = Spool(cfg.spool_dir)
+    try:
+        spool.ensure_dirs()
+    except PermissionError as e:
+        raise Fail(EX_CANTCREAT, f"cannot create {cfg.spool_dir}: {e.strerror}") from None
+    except OSError as e:
+        raise Fail(EX_TEMPFAIL, f"spool {cfg.spool_dir}: {e.strerror}") from None
     try:
         inc = spool.begin(env)
     except PermissionError as e:
@@ -357,10 +416,8 @@ def submit(opts: Options, stdin: BinaryIO, cfg: Config) -> str:
             if out:
                 inc.write(out)
 
-        put(b"".join(h + b"\r\n" for h in out_headers))
-        put(first_body if first_body is not None else b"\r\n")
-        for line in lines:
-            put(line)
+        for piece in pieces:
+            put(piece)
         tail = cleanup.finish()
         if tail:
             inc.write(tail)
@@ -394,20 +451,113 @@ def _log(cfg: Config, env: Envelope, size: int, login: str) -> None:
         pass
 
 
+# --------------------------------------------------------------------------- -bs
+
+def smtp_dialogue(cfg: Config, stdin: BinaryIO, stdout: BinaryIO) -> int:
+    """-bs: an SMTP dialogue on stdin/stdout with the server's own engine
+    (smtpd/protocol.py), as sendmail -bs: the local user is trusted (no AUTH, no TLS on
+    a pipe), every accepted message is queued like `sendmail` queues it (aliases,
+    Received, fsync before the 250). Returns 0 (per-message results are in the replies)."""
+    login, _ = _login()
+    eng = smtp.Engine(cfg, mode="smtp", trusted=True, auth_available=False,
+                      tls_available=False)
+    eng.greet()
+    body: list[bytes] = []
+    fd = stdin.fileno()
+
+    def flush() -> None:
+        data = eng.data_to_send()
+        if data:
+            stdout.write(data)
+            stdout.flush()
+
+    while True:
+        ev = eng.next_event()
+        if ev is smtp.NEED_DATA:
+            flush()
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            eng.receive_data(chunk)  # b"": end of input
+        elif ev is smtp.CLOSED:
+            flush()
+            return EX_OK
+        elif ev is smtp.CONTINUE or ev is smtp.PAUSED:
+            continue
+        elif isinstance(ev, smtp.MailRequest | smtp.RcptRequest):
+            eng.policy_result(None)
+        elif isinstance(ev, smtp.DataRequest):
+            body = []
+            eng.policy_result(None)
+        elif isinstance(ev, smtp.BodyData):
+            body.extend(ev.segments)
+        elif isinstance(ev, smtp.MessageAborted):
+            body = []
+        elif isinstance(ev, smtp.MessageComplete):
+            eng.message_result(_queue_dialogue_message(cfg, ev.transaction, body, login))
+            body = []
+        elif isinstance(ev, smtp.Delay):
+            eng.resume()  # a local user's own mistakes need no tar pit
+        elif isinstance(ev, smtp.CloseConnection):
+            flush()
+        # Reject / LogWarning: nothing to do for a local dialogue
+
+
+def _queue_dialogue_message(cfg: Config, t: smtp.Transaction, body: list[bytes],
+                            login: str) -> Reply:
+    try:
+        rcpts = _expand(cfg, [r.text for r in t.rcpts])
+        notify = {r.text: (r.params.get("NOTIFY") or "").upper() for r in t.rcpts}
+        env = Envelope(
+            queue_id=new_queue_id(), sender=t.sender.text,
+            recipients=[Recipient(r, notify=notify.get(r, "")) for r in rcpts],
+            client_ip="127.0.0.1", helo="localhost", auth_user="", protocol="local",
+            listener="sendmail", envid=t.envid, ret=t.ret, body_8bit=t.body_8bit,
+            smtputf8=t.smtputf8 or not all(a.isascii() for a in (t.sender.text, *rcpts)),
+        )
+        qid = queue_message(cfg, env, iter(body), login)
+    except Fail as e:
+        code, enh = ((552, "5.3.4") if e.code == EX_DATAERR else (451, "4.3.0"))
+        return Reply(code, enh, str(e))
+    except Exception:  # never a traceback on the dialogue
+        return Reply(451, "4.3.0", "Local error in processing")
+    return Reply(250, "2.0.0", f"Ok: queued as {qid}")
+
+
+# --------------------------------------------------------------------------- -bp, -q
+
+def _queue_args(cfg: Config, **kw: object) -> argparse.Namespace:
+    return argparse.Namespace(config=cfg.source, json=False, **kw)
+
+
 def main(argv: list[str], config: str | None = None) -> int:
     """`authrelay sendmail ARGS`: 0 when queued, a sysexits code otherwise."""
     try:
         opts = parse_args(argv)
+        if opts.mode == "help":
+            sys.stdout.write(USAGE)
+            return EX_OK
+        if opts.mode == "i":  # newaliases: [aliases] is read at each use; nothing to build
+            return EX_OK
         try:
             cfg = _load_config(opts.config or config)
         except NoConfig as e:
             raise Fail(EX_TEMPFAIL, str(e)) from None
         except ConfigError as e:
             raise Fail(EX_CONFIG, f"config error: {e}") from None
+        if opts.mode == "p":  # mailq
+            return queuecli.cmd_list(_queue_args(cfg))
+        if opts.mode == "q":  # deliver now: the running scheduler does it
+            arg = opts.queue_arg
+            qid = arg[1:] if arg[:1] == "I" else None
+            return queuecli.cmd_flush(_queue_args(cfg, id=qid))
         try:
             _become_spool_owner(cfg)
         except (OSError, KeyError) as e:
             raise Fail(EX_NOPERM, f"cannot switch to the spool owner: {e}") from None
+        if opts.mode == "s":
+            return smtp_dialogue(cfg, sys.stdin.buffer, sys.stdout.buffer)
         submit(opts, sys.stdin.buffer, cfg)
     except Fail as e:
         print(f"{PROG}: {e}", file=sys.stderr)

@@ -100,6 +100,8 @@ def test_queue_list_show_hold_release_flush(
     assert delivered_to(mx1, "dave@example.test")
     flushed_held = relay.cli("queue", "flush", q_hold, check=False)
     assert flushed_held.returncode == 1  # held mail is not in the active queue
+    assert f"{q_hold}: is held, so it is not delivered (authrelay queue release {q_hold})" \
+        in flushed_held.stderr
     assert set(queue_json(relay)) == {q_hold}
     assert delivered_to(mx1, "bob@example.test") == []
     assert (relay.state / "spool" / "hold" / q_hold).exists()
@@ -141,3 +143,33 @@ def test_queue_delete(relay_factory: Callable[..., RelayProcess], dns: FakeDNSSe
     wait_until(lambda: gone(relay, q4), "a fresh message delivered", relay=relay)
     assert [m.rcpt_tos for m in mx1.messages] == [["erin@example.test"]]
     assert sender_mx.messages == []  # deleting bounces nothing
+
+
+def test_delete_of_a_message_being_delivered(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """The MX takes its time over DATA: a delete meanwhile says it waits for the attempt,
+    then that the message was delivered and so could not be deleted (exit 1)."""
+    import subprocess
+    import sys
+
+    mx1 = fake_mx("127.0.0.2", data_delay=8.0)
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"]))
+    qid = submit(relay, ["bob@example.test"])
+    wait_until(lambda: queue_json(relay).get(qid, {}).get("state") == "active"
+               and mx1.connections > 0, "the delivery attempt under way", relay=relay)
+    r = subprocess.run([sys.executable, "-m", "authrelay", "-c", str(relay.config), "queue",
+                        "delete", qid], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"{qid}: a delivery attempt is in progress; waiting for it to end" in r.stderr
+    assert f"{qid}: delivered (or bounced) while being deleted" in r.stderr
+    assert delivered_to(mx1, "bob@example.test")
+
+
+def test_flush_with_server_stopped(relay_factory: Callable[..., RelayProcess],
+                                   dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    relay, _mx, (qid,) = start_deferring(relay_factory, dns, fake_mx, ["bob@example.test"])
+    relay.stop()
+    r = relay.cli("queue", "flush", check=False)
+    assert r.returncode == 69 and "mail system is down" in r.stderr, r.stderr
+    assert "flushed" not in r.stdout

@@ -107,7 +107,8 @@ def test_body_without_headers_and_ignored_options(offline: RelayProcess) -> None
     ("-t", "To: a@@remote.example\n\nx\n", 65, "bad address"),
     ("-f 'x y@z' a@remote.example", "x\n", 65, "bad address"),
     ("-Z a@remote.example", "x\n", 64, "unknown option"),
-    ("-bs", "", 64, "not supported"),
+    ("-bt", "", 64, "not supported"),
+    ("-bd", "", 64, "authrelay serve"),
 ])
 def test_errors_exit_codes(offline: RelayProcess, args: str, stdin: str, code: int,
                            text: str) -> None:
@@ -217,3 +218,120 @@ def test_delivered_by_running_server(relay_factory, fake_mx) -> None:
     assert b"Subject: via sendmail" in got.content and b"with local id" in got.content
     r.wait_for(lambda: r.queued() == [], timeout=20)
     assert "stat=Sent" in r.maillog()
+
+
+# --------------------------------------------------------------------------- issue 12
+
+def test_help_and_newaliases(offline: RelayProcess) -> None:
+    res = _sh(f"{AUTHRELAY} sendmail --help", None)
+    assert res.returncode == 0 and res.stderr == b""
+    out = res.stdout.decode()
+    assert out.startswith("usage: sendmail [-t] [-i|-oi]") and "-bp" in out and "-bs" in out
+    # -bi (newaliases): nothing to rebuild, success, silent (package scripts call it).
+    res = _sh(f"{AUTHRELAY} sendmail -bi", offline.config)
+    assert (res.returncode, res.stdout, res.stderr) == (0, b"", b"")
+
+
+def test_from_added_from_invoking_user(offline: RelayProcess) -> None:
+    import pwd
+
+    pw = pwd.getpwuid(os.getuid())
+    res = _sh(f"printf 'Subject: no from\\n\\nx\\n' | {AUTHRELAY} sendmail a@remote.example",
+              offline.config)
+    assert res.returncode == 0, res.stderr
+    env, msg = _spooled(offline)
+    gecos = pw.pw_gecos.split(",")[0]
+    want = f"{gecos} <{pw.pw_name}@relay.test>" if gecos else f"{pw.pw_name}@relay.test"
+    assert BytesParser().parsebytes(msg)["From"] == want
+    assert env["sender"] == f"{pw.pw_name}@relay.test"
+
+
+def test_aliases_table_and_file(relay_factory, tmp_path: Path) -> None:
+    """Mail for root (cron) and other local names reaches real addresses."""
+    aliases = tmp_path / "aliases"
+    aliases.write_text("# /etc/aliases\nwww-data: root\nbackup: |/usr/local/bin/store,\n"
+                       "\tops@remote.example\nmailer-daemon: postmaster\n")
+    r: RelayProcess = relay_factory(start=False, overrides={
+        "aliases": {"root": "admin@remote.example", "postmaster": ["root", "pm@remote.example"]},
+        "aliases_file": str(aliases)})
+    res = _sh(f"printf 'Subject: cron\\n\\nx\\n' | {AUTHRELAY} sendmail root "
+              "www-data@relay.test backup MAILER-DAEMON@localhost other", r.config)
+    assert res.returncode == 0, res.stderr
+    env, _ = _spooled(r)
+    assert [x["address"] for x in env["recipients"]] == [
+        "admin@remote.example", "ops@remote.example", "pm@remote.example",
+        "other@relay.test"]
+    # check-config names what an aliases file holds that a relay cannot do.
+    cc = subprocess.run([sys.executable, "-m", "authrelay", "check-config", str(r.config)],
+                        capture_output=True, text=True, timeout=60)
+    assert "warning: aliases_file: " in cc.stderr and "|/usr/local/bin/store" in cc.stderr
+
+
+def test_bp_lists_the_queue_like_mailq(offline: RelayProcess, tmp_path: Path) -> None:
+    res = _sh(f"{AUTHRELAY} sendmail -bp", offline.config)
+    assert res.returncode == 0 and res.stdout == b"Mail queue is empty\n"
+    assert _sh(f"echo x | {AUTHRELAY} sendmail -f a@local.test z@remote.example",
+               offline.config).returncode == 0
+    qid = offline.queued()[0].name
+    res = _sh(f"{AUTHRELAY} sendmail -bp", offline.config)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.decode()
+    assert qid in out and "<a@local.test>" in out and "z@remote.example" in out
+    assert "-- " in out and " in 1 request." in out
+    # Installed as `mailq` (a symlink to the console script), the same listing.
+    beside = Path(sys.executable).parent / "authrelay"
+    link = tmp_path / "bin" / "mailq"
+    link.parent.mkdir()
+    link.symlink_to(beside if beside.exists() else shutil.which("authrelay"))
+    again = _sh(str(link), offline.config)
+    assert again.returncode == 0 and qid in again.stdout.decode()
+
+
+def test_q_with_server_down_says_so(offline: RelayProcess) -> None:
+    assert _sh(f"echo x | {AUTHRELAY} sendmail z@remote.example",
+               offline.config).returncode == 0
+    res = _sh(f"{AUTHRELAY} sendmail -q", offline.config)
+    assert res.returncode == 69, res.stderr
+    assert b"mail system is down" in res.stderr
+
+
+def test_q_flushes_through_the_running_server(relay_factory, fake_mx) -> None:
+    smart = fake_mx("127.0.0.2")
+    smart.mail_reply = "451 4.3.0 not now"
+    r = relay_factory(overrides={"relay": {"smart_host": [smart.address],
+                                           "smart_host_tls": "none"}})
+    assert _sh(f"echo hi | {AUTHRELAY} sendmail -f a@local.test z@remote.example",
+               r.config).returncode == 0
+    r.wait_for(lambda: "stat=Deferred" in r.maillog(), timeout=20)
+    smart.mail_reply = None
+    res = _sh(f"{AUTHRELAY} sendmail -q", r.config)  # the retry is an hour away otherwise
+    assert res.returncode == 0, res.stderr
+    r.wait_for(lambda: len(smart.messages) == 1, timeout=20)
+
+
+def test_bs_smtp_dialogue_on_stdin(offline: RelayProcess) -> None:
+    dialogue = (b"EHLO me.example\r\nMAIL FROM:<cron@local.test>\r\n"
+                b"RCPT TO:<bob@remote.example>\r\nRCPT TO:<bad address>\r\nDATA\r\n"
+                b"Subject: via -bs\r\n\r\n..dot\r\nbody\r\n.\r\nQUIT\r\n")
+    res = _sh(f"{AUTHRELAY} sendmail -bs", offline.config, input=dialogue)
+    assert res.returncode == 0, res.stderr
+    codes = [ln[:3] for ln in res.stdout.decode().split("\r\n") if ln and ln[3:4] == " "]
+    assert codes == ["220", "250", "250", "250", "501", "354", "250", "221"], res.stdout
+    assert b"queued as" in res.stdout
+    env, msg = _spooled(offline)
+    assert env["sender"] == "cron@local.test"
+    assert [x["address"] for x in env["recipients"]] == ["bob@remote.example"]
+    assert msg.startswith(b"Received: by relay.test (authrelay, from userid ")
+    assert b"\r\n\r\n.dot\r\nbody\r\n" in msg  # un-stuffed once
+    parsed = BytesParser().parsebytes(msg)
+    assert parsed["Subject"] == "via -bs" and parsed["Date"] and parsed["Message-ID"]
+    # No AUTH and no STARTTLS on a pipe: not offered.
+    assert b"AUTH" not in res.stdout and b"STARTTLS" not in res.stdout
+
+
+def test_bs_end_of_input_mid_message_queues_nothing(offline: RelayProcess) -> None:
+    res = _sh(f"{AUTHRELAY} sendmail -bs", offline.config,
+              input=b"HELO x\r\nMAIL FROM:<a@local.test>\r\nRCPT TO:<b@remote.example>\r\n"
+                    b"DATA\r\nSubject: cut\r\n\r\nhalf")
+    assert res.returncode == 0 and b"Traceback" not in res.stderr
+    assert offline.queued() == []

@@ -9,7 +9,13 @@ Owns the operator's view of the queue. Contract:
 Reads (list/show) come straight from the spool files, which the scheduler only ever
 replaces atomically. Changes go through the running scheduler's control socket, or, when
 no scheduler runs, straight to the files under the scheduler lock (control.py), so they
-never race a delivery. Exit status: 0 ok, 1 a queue id was not found or the request failed.
+never race a delivery. Bare `authrelay queue` lists (mailq).
+Exit status: 0 ok (also for a hold of a held message or a release of one not held: the
+state asked for is there, said on stderr); 1 a queue id was not found, was held (flush),
+was delivered while being deleted, or the request failed; 69 (EX_UNAVAILABLE) flush while
+no server runs ("mail system is down", as Postfix's postqueue says; the messages are
+marked due and go when it starts); 77 (EX_NOPERM) the control socket is not ours to use.
+Output to a closed pipe (`| head`) ends quietly (cli.py).
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from authrelay.config import load
 from authrelay.scheduler import control
 from authrelay.spool.envelope import PENDING, Envelope
 from authrelay.spool.store import Spool, SpoolError
+
+EX_UNAVAILABLE = 69  # sysexits.h: the mail system is down
+EX_NOPERM = 77
 
 
 def _spool(args: argparse.Namespace) -> Spool:
@@ -152,23 +161,69 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _err(text: str) -> None:
+    print(f"authrelay: {text}", file=sys.stderr)
+
+
 def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
     spool = _spool(args)
+    op = req["op"]
+    running = True
+    active: set[str] = set()
     try:
-        resp = control.perform(spool, req)
+        if op == "delete" and req.get("id"):
+            active = _active_ids(spool)
+            if req["id"] in active:
+                _err(f"{req['id']}: a delivery attempt is in progress; waiting for it to end "
+                     "(at most delivery.data_timeout)")
+        try:
+            resp = control.request(spool.control_path, req)
+        except control.ServerNotRunning:
+            running = False
+            with control.offline(spool):
+                resp = control.run_offline(spool, req)
     except control.ServerBusy as e:
-        print(f"authrelay: {e}", file=sys.stderr)
+        _err(str(e))
+        return 1
+    except PermissionError:
+        _err(f"{spool.control_path}: permission denied (run as root or as the user that "
+             "runs authrelay serve)")
+        return EX_NOPERM
+    except OSError as e:
+        _err(f"{spool.control_path}: {e.strerror or e}")
         return 1
     if not resp.get("ok"):
-        print(f"authrelay: {resp.get('error', 'request failed')}", file=sys.stderr)
+        _err(str(resp.get("error", "request failed")))
         return 1
+    held = set(spool.held())
+    queued = set(spool.scan())
     verb = {"flush": "flushed", "hold": "held", "release": "released",
-            "delete": "deleted"}[req["op"]]
+            "delete": "deleted"}[op]
+    if op == "flush" and not running:
+        n = len(resp.get("done", []))
+        _err(f"cannot flush the queue: mail system is down (authrelay serve is not "
+             f"running); {n} message{'s' if n != 1 else ''} marked to go as soon as it "
+             "starts")
+        return EX_UNAVAILABLE
     for qid in resp.get("done", []):
         print(f"{qid}: {verb}")
+    rc = 0
     for qid in resp.get("missing", []):
-        print(f"authrelay: {qid}: not in the queue", file=sys.stderr)
-    return 1 if resp.get("missing") else 0
+        if op == "flush" and qid in held:
+            _err(f"{qid}: is held, so it is not delivered (authrelay queue release {qid})")
+            rc = 1
+        elif op == "hold" and qid in held:
+            _err(f"{qid}: already held")
+        elif op == "release" and qid in queued:
+            _err(f"{qid}: is not held (authrelay queue flush {qid} to deliver it now)")
+        elif op == "delete" and qid in active:
+            _err(f"{qid}: delivered (or bounced) while being deleted: no longer in the "
+                 "queue (see the maillog)")
+            rc = 1
+        else:
+            _err(f"{qid}: not in the queue")
+            rc = 1
+    return rc
 
 
 def cmd_flush(args: argparse.Namespace) -> int:

@@ -638,7 +638,7 @@ class Engine:
             return
         lines = [f"{self.hostname} greets {self.helo}", "PIPELINING",
                  f"SIZE {self.max_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
-        if not self.tls:
+        if not self.tls and self.tls_available:  # RFC 3207: only when it can be done
             lines.append("STARTTLS")
         elif not self.auth_user and self.auth_available:
             # RFC 4954 4: mechanisms only where they may be used (after TLS).
