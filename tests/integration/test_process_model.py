@@ -337,6 +337,13 @@ def test_root_only_key_reloaded_on_sighup_after_renewal(dropped) -> None:
     assert "NOQUEUE: error=" not in r.maillog() and "Traceback" not in r.maillog()
     # The instance lock and the state belong to the user too.
     assert (r.state / "authrelay.lock").stat().st_uid == pw.pw_uid
+    # kill -9 of the (unprivileged) master: the root helper goes with the workers.
+    kids = children(r.proc.pid)
+    os.kill(r.proc.pid, signal.SIGKILL)
+    r.proc.wait(timeout=30)
+    _wait(lambda: not any(alive(k) for k in kids), what="helper and workers gone")
+    for port in r.ports.values():
+        assert refuses(port)
 
 
 def _is_listening(pid: int, fd: str) -> bool:
