@@ -464,6 +464,7 @@ class _Worker:
     index: int
     pid: int
     channel: Channel
+    started: float = field(default_factory=time.monotonic)
 
 
 def _status(status: int) -> str:
@@ -596,6 +597,8 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
         spawn(i)
     stopping = False
 
+    fast_deaths: dict[int, int] = {}
+
     def reap() -> None:
         while True:
             try:
@@ -608,10 +611,21 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
             if w is None:
                 continue
             w.channel.close()
-            if not stopping:
-                ml.error(f"worker {pid} died ({_status(status)}); restarting")
-                time.sleep(0.2)
-                spawn(w.index)
+            if stopping:
+                continue
+            # As Postfix's master throttles a service whose children keep dying at once:
+            # a worker that dies within 10 s of its start makes the next start wait, 1 s,
+            # 2 s, 4 s ... up to 60 s, so a crash loop is not a flood of forks and lines.
+            quick = time.monotonic() - w.started < 10
+            fast_deaths[w.index] = fast_deaths.get(w.index, 0) + 1 if quick else 0
+            n = fast_deaths[w.index]
+            delay = 0.2 if n < 2 else min(60.0, 2.0 ** (n - 2))
+            ml.error(f"worker {pid} died ({_status(status)}); restarting in {delay:g} s")
+            asyncio.get_running_loop().call_later(delay, respawn, w.index)
+
+    def respawn(i: int) -> None:
+        if not stopping:
+            spawn(i)
 
     _use_uvloop()
 

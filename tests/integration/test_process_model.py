@@ -394,11 +394,19 @@ def test_worker_death_is_one_maillog_line_and_replaced(relay_factory) -> None:
     r = relay_factory(workers=2)
     _started(r, 3)
     assert r.proc is not None
-    victim = children(r.proc.pid)[0]
+    kids = children(r.proc.pid)
+    victim = kids[0]
     os.kill(victim, signal.SIGKILL)
-    _wait(lambda: f"error=worker {victim} died (killed by SIGKILL); restarting" in r.maillog())
+    _wait(lambda: f"error=worker {victim} died (killed by SIGKILL); restarting in 0.2 s"
+          in r.maillog())
     _started(r, 4)
     assert len(children(r.proc.pid)) == 2
+    # The replacement dies at once as well: the next start waits (crash-loop throttle).
+    (new,) = [p for p in children(r.proc.pid) if p not in kids]
+    os.kill(new, signal.SIGKILL)
+    _wait(lambda: f"error=worker {new} died (killed by SIGKILL); restarting in 1 s"
+          in r.maillog())
+    _started(r, 5)
     text = r.maillog()
     assert "Traceback" not in text
     for port in r.ports.values():
