@@ -161,10 +161,9 @@ class RelayProcess:
 
     def message_bytes(self, path: Path) -> bytes:
         """The stored message (after the spool header)."""
-        raw = path.read_bytes()
-        first, _, rest = raw.partition(b"\n")
-        envlen = int(first.split()[2])
-        return rest[envlen + 1:]
+        from authrelay.spool.format import split
+
+        return split(path.read_bytes())[1]
 
     def client_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.state / "tls" / "cert.pem"))

@@ -234,6 +234,15 @@ class Limits:
     # Scale-out (docs/SCALING.md): counters shared by every node of a farm in Redis/Valkey.
     proxy_timeout: float = 10.0  # the whole PROXY header must arrive within this
     shared: str = ""  # "redis://host:6379/0" | "rediss://..." | "unix:///path?db=0"; "": local
+    max_hops: int = 50  # Received: fields a message may arrive with (Postfix hopcount_limit)
+    queue_min_free: int = -1  # bytes free in the spool for MAIL; -1: max(2 x size, 100 MB)
+
+    @property
+    def min_free_bytes(self) -> int:
+        """queue_min_free as bytes (the default resolved); 0 turns the check off."""
+        if self.queue_min_free >= 0:
+            return self.queue_min_free
+        return max(2 * self.max_message_size, 100 * 1000 * 1000)
 
 
 @dataclass(frozen=True)
@@ -373,7 +382,7 @@ _DURATIONS = {
     "limits.stress_command_timeout",
     "limits.proxy_timeout",
 }
-_SIZES = {"limits.max_message_size"}
+_SIZES = {"limits.max_message_size", "limits.queue_min_free"}
 
 
 def _convert(key: str, value: Any, default: Any) -> Any:

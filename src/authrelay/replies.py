@@ -51,6 +51,7 @@ SPOOL_ERROR = R(451, "4.3.0", "Could not queue message, try again later")
 TOO_MANY_RCPTS = R(452, "4.5.3", "Too many recipients")
 USER_RATE = R(450, "4.7.1", "Sending rate limit exceeded, try again later")
 DNS_TEMP = R(450, "4.7.25", "Client host name lookup failed temporarily, try again later")
+NO_STORAGE = R(452, "4.3.1", "Insufficient system storage")  # queue_min_free, ENOSPC
 
 # 5yz: permanent
 UNRECOGNIZED = R(500, "5.5.2", "Command not recognized")
@@ -80,6 +81,8 @@ BAD_BODY_PARAM = R(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
 MSG_TOO_BIG = R(552, "5.3.4", "Message size exceeds fixed maximum message size")
 TEXT_LINE_TOO_LONG = R(550, "5.6.0", "Message has a line longer than 998 characters "
                        "(RFC 5322 2.1.1)")
+MSG_NUL = R(554, "5.6.0", "Message contains NUL characters")  # RFC 5322 2.3, RFC 6152 3
+TOO_MANY_HOPS = R(554, "5.4.6", "Too many hops")  # RFC 5321 6.3 loop detection (max_hops)
 BARE_LF = R(521, "5.5.2", "Bare CR or LF not allowed (RFC 5321 2.3.8); closing connection")
 NO_RDNS = R(550, "5.7.25", "Client host has no reverse DNS; authenticate to relay")
 

@@ -6,9 +6,12 @@ Owns the command-line interface cron, mail(1), PHP and shell scripts use:
 Contract: reads one message from stdin (LF or CRLF line ends; without -i a line holding a
 single "." ends it, as in sendmail), stores it with CRLF line ends, prepends a `Received:`
 field (RFC 5321 4.4, WITH protocol "local"), adds `From:`, `Date:` and `Message-ID:` when
-missing (RFC 6409 8.1, 8.3, 8.6), and queues it exactly like a network submission:
-`Spool.begin()` + `Incoming.commit()` (fsync file and directory; the running scheduler is
-woken through spool_dir/notify.sock). Exit 0 only once the message is durable.
+missing (RFC 6409 8.1, 8.3, 8.6), and queues it exactly like a network submission,
+through spool/submit.py (fsync file and directory; the running scheduler is woken through
+spool_dir/notify.sock). Exit 0 only once the message is durable. A message with NUL
+characters is refused (EX_DATAERR); one with more `Received:` fields than `max_hops` is
+accepted and bounced to the sender, not relayed (as Postfix does with local mail); less
+free space than `queue_min_free` is EX_TEMPFAIL.
 
 -t takes recipients from To/Cc/Bcc (Resent-To/-Cc/-Bcc when the message has Resent-
 fields, RFC 5322 3.6.6) and removes Bcc; recipients given as arguments are added to them
@@ -28,8 +31,8 @@ reads), EX_CONFIG 78 (bad config). On any failure nothing is queued.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import email.utils
+import errno
 import os
 import pwd
 import re
@@ -40,14 +43,15 @@ from typing import BinaryIO
 
 # Everything is imported up front: after switching to the spool owner the Python install
 # (e.g. under /root) may no longer be readable, so no lazy imports past that point.
-from authrelay import aliases, maillog
+from authrelay import aliases, maillog, replies
 from authrelay.address import AddressError, parse_mailbox
 from authrelay.config import LOOKUP, Config, ConfigError, NoConfig, find_config_path, load_file
 from authrelay.scheduler import queuecli
+from authrelay.scheduler.bounce import make_bounce, should_notify
 from authrelay.smtpd import protocol as smtp
-from authrelay.spool.cleanup import HeaderCleanup
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.store import Spool
+from authrelay.spool.submit import Refused, Submitter
 from authrelay.types import Reply
 
 EX_UNAVAILABLE = 69
@@ -290,18 +294,6 @@ def _login() -> tuple[str, str]:
         return f"uid{os.getuid()}", ""
 
 
-def _received(cfg: Config, uid: int, qid: str, rcpts: list[str]) -> bytes:
-    # RFC 5321 4.4: no "from" clause (there is no network peer); the local uid is a
-    # comment, as Postfix writes it. WITH "local" (not an RFC 3848 keyword, like Postfix).
-    lines = [f"Received: by {cfg.hostname} (authrelay, from userid {uid})",
-             f"\twith local id {qid}"]
-    tail = f"\tfor <{rcpts[0]}>; " if len(rcpts) == 1 else "\t"
-    lines.append(tail + email.utils.formatdate(localtime=True))
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
-
-
-# --------------------------------------------------------------------------- main
-
 def submit(opts: Options, stdin: BinaryIO, cfg: Config) -> str:
     """Queue one message; returns its queue id. Raises Fail."""
     login, gecos = _login()
@@ -384,9 +376,10 @@ def _expand(cfg: Config, rcpts: list[str]) -> list[str]:
 
 
 def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], login: str) -> str:
-    """Store one message (CRLF text, headers first) for `env` with a Received: field and
-    the missing Date:/Message-ID:, durably (fsync); returns the queue id. Raises Fail."""
-    rcpts = [r.address for r in env.recipients]
+    """Store one message (CRLF text, headers first) for `env` through the one accept path
+    (spool/submit.py: Received:, the missing Date:/Message-ID:, NUL and hop checks, the
+    DKIM hook, fsync); returns the queue id. Raises Fail. Over the hop limit the message
+    is bounced to its sender instead (exit 0, as Postfix does with local mail)."""
     spool = Spool(cfg.spool_dir)
     try:
         spool.ensure_dirs()
@@ -394,61 +387,70 @@ def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], login: st
         raise Fail(EX_CANTCREAT, f"cannot create {cfg.spool_dir}: {e.strerror}") from None
     except OSError as e:
         raise Fail(EX_TEMPFAIL, f"spool {cfg.spool_dir}: {e.strerror}") from None
-    try:
-        inc = spool.begin(env)
-    except PermissionError as e:
-        raise Fail(EX_CANTCREAT, f"cannot write to the spool {spool.queue_dir}: {e.strerror} "
-                                 "(run as root or as the authrelay user)") from None
-    except OSError as e:
-        raise Fail(EX_TEMPFAIL, f"spool: {e.strerror}") from None
+    sub = Submitter(spool, cfg, maillog=_maillog(cfg))
+    if not sub.space_ok():
+        raise Fail(EX_TEMPFAIL, f"{replies.NO_STORAGE.text} in {spool.queue_dir} "
+                                "(limits.queue_min_free)")
+    draft = sub.begin(env, add_missing=True, local_uid=os.getuid())
     limit = cfg.limits.max_message_size
     try:
-        cleanup = HeaderCleanup(_received(cfg, os.getuid(), env.queue_id, rcpts),
-                                cfg.hostname, add_missing=True)
         total = 0
-
-        def put(data: bytes) -> None:
-            nonlocal total
-            total += len(data)
+        for piece in pieces:
+            total += len(piece)
             if limit and total > limit:
                 raise Fail(EX_DATAERR, f"message too big (limit {limit} bytes)")
-            out = cleanup.feed(data)
-            if out:
-                inc.write(out)
-
-        for piece in pieces:
-            put(piece)
-        tail = cleanup.finish()
-        if tail:
-            inc.write(tail)
-        asyncio.run(inc.commit())
-    except Fail:
-        inc.abort()
-        raise
-    except PermissionError as e:  # the file is created at commit (or when it grows)
-        inc.abort()
-        raise Fail(EX_CANTCREAT, f"cannot write to the spool {spool.queue_dir}: {e.strerror} "
-                                 "(run as root or as the authrelay user)") from None
-    except OSError as e:
-        inc.abort()
-        raise Fail(EX_TEMPFAIL, f"spool write failed: {e.strerror}") from None
+            draft.write(piece)
+        draft.commit_blocking(uid=os.getuid(), user=login)
+    except Refused as e:
+        draft.abort()
+        if e.reply is replies.TOO_MANY_HOPS:
+            _bounce_hops(sub, env, draft.header_section, e)
+            return env.queue_id
+        if e.reply is replies.MSG_NUL:
+            raise Fail(EX_DATAERR, "message contains NUL characters") from None
+        if e.reply.code == 452:
+            raise Fail(EX_TEMPFAIL, f"spool: {e.reason}") from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise Fail(EX_CANTCREAT, f"cannot write to the spool {spool.queue_dir}: "
+                                     "Permission denied (run as root or as the authrelay "
+                                     "user)") from None
+        raise Fail(EX_TEMPFAIL, f"spool write failed: {e.reason}") from None
     except BaseException:
-        inc.abort()
+        draft.abort()
         raise
-    _log(cfg, env, inc.size, login)
     return env.queue_id
 
 
-def _log(cfg: Config, env: Envelope, size: int, login: str) -> None:
+def _bounce_hops(sub: Submitter, env: Envelope, headers: bytes, e: Refused) -> None:
+    """Queue a DSN (RFC 3464) for every recipient instead of the looping message."""
+    for r in env.recipients:
+        r.state, r.last_code = "failed", e.reply.code
+        r.last_reply = f"{e.reply.code} {e.reply.enhanced} {e.reply.text}"
+    if sub.maillog is not None:
+        for r in env.recipients:
+            sub.maillog.bounced(env.queue_id, r.address, None, 0.0, 0, e.reply.enhanced,
+                                f"{r.last_reply}: {e.reason}")
+    if not should_notify(env, None, "failed"):
+        return  # the null sender: nobody to tell
+    benv, data = make_bounce(env, env.recipients, headers, sub.cfg.hostname, "failed")
+    bdraft = sub.begin(benv, add_missing=False, check_content=False)
+    bdraft.write(data)
+    try:
+        bdraft.commit_blocking(origin=env.queue_id)
+    except Refused as be:
+        raise Fail(EX_TEMPFAIL, f"cannot queue the bounce: {be.reason}") from None
+    if sub.maillog is not None:
+        sub.maillog.notification(env.queue_id, "failed", benv.queue_id)
+
+
+def _maillog(cfg: Config) -> maillog.MailLog | None:
     # Only to a shared target: stdout/stderr would be mail output for cron.
     if not (cfg.log.target == "syslog" or cfg.log.target.startswith("file:")):
-        return
+        return None
     try:
-        ml = maillog.configure(cfg.log.target, cfg.log.format)
-        ml.queued(env.queue_id, env.sender, size, len(env.recipients), relay="local",
-                  proto="local", uid=os.getuid(), user=login)
+        return maillog.configure(cfg.log.target, cfg.log.format)
     except Exception:  # logging must not fail a queued message
-        pass
+        return None
 
 
 # --------------------------------------------------------------------------- -bs

@@ -72,9 +72,9 @@ def wait_log(relay: RelayProcess, pattern: str, timeout: float = 10.0) -> str:
 
 
 def envelope(relay: RelayProcess, qid: str) -> dict:
-    raw = (relay.queue_dir / qid).read_bytes()
-    first, _, rest = raw.partition(b"\n")
-    return json.loads(rest[:int(first.split()[2])])
+    from authrelay.spool.format import split
+
+    return json.loads(split((relay.queue_dir / qid).read_bytes())[0])
 
 
 def qid_of(reply: object) -> str:

@@ -35,10 +35,10 @@ def _spooled(r: RelayProcess) -> tuple[dict, bytes]:
 
     files = r.queued()
     assert len(files) == 1, files
-    raw = files[0].read_bytes()
-    first, _, rest = raw.partition(b"\n")
-    n = int(first.split()[2])
-    return json.loads(rest[:n]), rest[n + 1:]
+    from authrelay.spool.format import split
+
+    ej, msg = split(files[0].read_bytes())
+    return json.loads(ej), msg
 
 
 @pytest.fixture

@@ -26,9 +26,10 @@ from hypothesis import strategies as st
 
 from authrelay.config import from_dict
 from authrelay.maillog import MailLog
-from authrelay.smtpd.bodyreader import BARE, OK, TOO_BIG, BodyReader
+from authrelay.smtpd.bodyreader import BARE, NUL, OK, TOO_BIG, BodyReader
 from authrelay.smtpd.listener import CHUNK, HIGH_WATER
 from authrelay.smtpd.server import Listener, SMTPServer, bind
+from authrelay.spool.format import split
 from authrelay.spool.store import Spool
 
 # ---------------------------------------------------------------------- body reader model
@@ -48,6 +49,8 @@ def reference(stream: bytes, max_size: int) -> tuple[str, bytes | None, bytes]:
     body = (b"\r\n" + data[2:end + 2]).replace(b"\r\n.", b"\r\n")[2:]
     if len(body) > max_size:
         return TOO_BIG, None, data[end + 5:]
+    if b"\x00" in body:  # refused after the end of data (554 5.6.0)
+        return NUL, body, data[end + 5:]
     return OK, body, data[end + 5:]
 
 
@@ -161,8 +164,7 @@ class ServerThread:
             if "." in p.name:
                 continue
             raw = p.read_bytes()
-            first, _, rest = raw.partition(b"\n")
-            out[p.name] = rest[int(first.split()[2]) + 1:]
+            out[p.name] = split(raw)[1]
         return out
 
 

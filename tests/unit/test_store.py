@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from authrelay.spool import store as store_mod
+from authrelay.spool import format as fmt
+from authrelay.spool import writer as writer_mod
 from authrelay.spool.envelope import FAILED, SENT, Envelope, Recipient, new_queue_id
 from authrelay.spool.store import CorruptError, Spool, UnsupportedVersion
 
@@ -67,7 +68,7 @@ async def test_commit_and_load_roundtrip(spool: Spool) -> None:
     path, off = spool.body_path(qid)
     assert path.read_bytes()[off:] == MSG
     first = path.read_bytes().split(b"\n", 1)[0].split()
-    assert first[:2] == [b"AUTHRELAY-SPOOL", b"1"]
+    assert first[:2] == [b"AUTHRELAY-SPOOL", b"2"]
     assert spool.read_headers(qid) == MSG[: MSG.index(b"\r\n\r\n") + 4]
 
 
@@ -77,24 +78,24 @@ async def test_fsyncs_per_message(spool: Spool, monkeypatch: pytest.MonkeyPatch,
     """The file always; the directory unless the filesystem journals the create with it."""
     calls: list[int] = []
     real = os.fsync
-    monkeypatch.setattr(store_mod.os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    monkeypatch.setattr(writer_mod.os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
     spool.journal_orders_create = ordered
     qid = await _put(spool, _env())
     assert len(calls) == (1 if ordered else 2)
     assert qid in spool.scan()
     if not ordered:
-        assert calls[1] == spool._qdir_fd
+        assert calls[1] == spool.queue_dir_sync.fd
 
 
 def test_filesystem_detection(monkeypatch: pytest.MonkeyPatch) -> None:
     # /proc is no journalling filesystem: directory fsyncs stay on there.
-    assert store_mod._journal_orders_create(Path("/proc")) is False
+    assert writer_mod.journal_orders_create(Path("/proc")) is False
     mounts = Path("/proc/self/mounts").read_text().splitlines()
     root = next(line.split() for line in mounts if line.split()[1] == "/")
     expect = root[2] in ("ext4", "xfs", "btrfs", "ext3") and "data=writeback" not in root[3]
-    assert store_mod._journal_orders_create(Path("/")) is expect
+    assert writer_mod.journal_orders_create(Path("/")) is expect
     monkeypatch.setenv("AUTHRELAY_SPOOL_DIR_FSYNC", "1")  # the operator can insist
-    assert store_mod._journal_orders_create(Path("/")) is False
+    assert writer_mod.journal_orders_create(Path("/")) is False
 
 
 async def test_notify_datagram(spool: Spool) -> None:
@@ -135,7 +136,7 @@ async def test_notify_resent_when_the_scheduler_queue_is_full(spool: Spool) -> N
                 break
         qid = await _put(spool, _env())
         await asyncio.sleep(0.05)
-        assert spool._pending_notify == [qid]  # refused, kept for the next try
+        assert spool.notifier.pending == [qid]  # refused, kept for the next try
         got: list[str] = []
         deadline = asyncio.get_running_loop().time() + 5
         while qid not in got and asyncio.get_running_loop().time() < deadline:
@@ -143,7 +144,7 @@ async def test_notify_resent_when_the_scheduler_queue_is_full(spool: Spool) -> N
                 got += s.recv(8192).decode().split("\n")
             except BlockingIOError:
                 await asyncio.sleep(0.01)
-        assert qid in got and spool._pending_notify == []
+        assert qid in got and spool.notifier.pending == []
     finally:
         s.close()
         filler.close()
@@ -189,7 +190,7 @@ async def test_recover_removes_dead_tmp_but_not_live(spool: Spool) -> None:
     dead.chmod(0o600)
     (spool.tmp_dir / "2N5OLDTMP").write_bytes(b"AUTHRELAY-SPOOL 1 10\n{")  # older layout
     live = spool.begin(_env())
-    live.write(b"x" * store_mod.SPILL)  # a big message streams to its file at once
+    live.write(b"x" * writer_mod.SPILL)  # a big message streams to its file at once
     assert (spool.queue_dir / live.queue_id).stat().st_mode & 0o777 == 0o600
     assert spool.scan() == [] and not spool.exists(live.queue_id)  # not ready: invisible
     counts = spool.recover()
@@ -216,13 +217,13 @@ async def test_recover_moves_corrupt_files(spool: Spool) -> None:
     assert sorted(p.name for p in spool.corrupt_dir.iterdir()) == [
         "EMPTY1", "GARBAGE1", "TRUNC1", "TRUNC1.state"]
     with pytest.raises(CorruptError), open(spool.corrupt_dir / "TRUNC1", "rb") as f:
-        store_mod.parse_header(f)
+        fmt.check_size(fmt.read_layout(f), len(truncated))
 
 
 async def test_unknown_version_refused_not_deleted(spool: Spool) -> None:
     env = _env()
-    ej = env.to_json()
-    data = b"AUTHRELAY-SPOOL 2 %d\n%s\n" % (len(ej), ej) + MSG
+    ej = env.to_json(version=1)
+    data = b"AUTHRELAY-SPOOL 3 %d\n%s\n" % (len(ej), ej) + MSG
     (spool.queue_dir / env.queue_id).write_bytes(data)
     (spool.queue_dir / env.queue_id).chmod(0o700)
     counts = spool.recover()

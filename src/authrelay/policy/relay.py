@@ -4,8 +4,12 @@ Contract: `may_relay(...)` says whether a recipient is acceptable for this clien
 - Authenticated (RFC 4954): any recipient.
 - Client address in `trusted_networks`: any recipient.
 - Otherwise only recipients in `local_domains`; the rest is "550 5.7.1 Relaying denied".
-Only the parsed, normalised domain of the mailbox decides (see address.py for why `%`,
-`!`, a quoted `@` and source routes never route). An address literal is never local.
+  Such clients are also refused (550 5.7.1, whatever the domain) a local part holding `%`,
+  `!` or a quoted `@`: authrelay never routes on them (only the parsed, normalised domain
+  decides, see address.py), but a next hop that honours the percent hack or bang paths
+  would turn `victim%example.net@local.domain` into an open relay (sendmail's
+  loose_relay_check off, Postfix's allow_untrusted_routing=no).
+An address literal is never local.
 `sender_allowed` implements sender_policy="own" (Postfix reject_sender_login_mismatch).
 """
 
@@ -18,6 +22,15 @@ from authrelay.address import Address
 from authrelay.config import Config
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def has_routing_chars(addr: Address) -> bool:
+    """`%`, `!` or (in a quoted local part) `@`: sender-routing syntax (RFC 5321 2.3.11,
+    Appendix C; RFC 1123 5.2.16 allows the percent hack)."""
+    local = addr.local
+    if "%" in local or "!" in local:
+        return True
+    return local.startswith('"') and "@" in local
 
 
 class RelayPolicy:
@@ -52,7 +65,9 @@ class RelayPolicy:
         return not addr.is_literal and addr.domain_key in self.local_domains
 
     def may_relay(self, rcpt: Address, *, authenticated: bool, trusted: bool) -> bool:
-        return authenticated or trusted or self.is_local(rcpt)
+        if authenticated or trusted:
+            return True
+        return self.is_local(rcpt) and not has_routing_chars(rcpt)
 
     def sender_allowed(self, sender: Address | None, user: str, owned: Iterable[str]) -> bool:
         """sender_policy="own": MAIL FROM must be one of the user's addresses.

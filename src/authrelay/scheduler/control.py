@@ -29,9 +29,15 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from authrelay.spool.store import SCHEDULER_LOCK, Spool
+from authrelay.spool.store import Spool
 
 MAX_REQUEST = 64 * 1024
+CONTROL_SOCK = "control.sock"  # in spool_dir: the scheduler's control socket (0600)
+SCHEDULER_LOCK = "scheduler.lock"  # in spool_dir: held (flock) by the one scheduler
+
+
+def control_path(spool: Spool) -> Path:
+    return spool.root / CONTROL_SOCK
 
 
 class ServerNotRunning(Exception):
@@ -195,7 +201,7 @@ def run_offline(spool: Spool, req: dict[str, Any]) -> dict[str, Any]:
 def perform(spool: Spool, req: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
     """Ask the running scheduler, else act on the files under the scheduler lock."""
     try:
-        return request(spool.control_path, req, timeout=timeout)
+        return request(control_path(spool), req, timeout=timeout)
     except ServerNotRunning:
         pass
     with offline(spool):

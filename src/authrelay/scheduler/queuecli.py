@@ -43,7 +43,7 @@ def _spool(args: argparse.Namespace) -> Spool:
 
 def _active_ids(spool: Spool) -> set[str]:
     try:
-        resp = control.request(spool.control_path, {"op": "status"}, timeout=10.0)
+        resp = control.request(control.control_path(spool), {"op": "status"}, timeout=10.0)
         return set(resp.get("active", []))
     except (control.ServerNotRunning, control.ServerBusy, OSError, ValueError):
         return set()

@@ -48,7 +48,8 @@ from authrelay.config import Config
 from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, should_notify
 from authrelay.spool.envelope import FAILED, SENT, Envelope, Recipient
-from authrelay.spool.store import Spool, SpoolError, commit_pool, is_queue_id
+from authrelay.spool.store import CorruptError, Spool, SpoolError, commit_pool, is_queue_id
+from authrelay.spool.submit import Submitter
 from authrelay.types import DeliveryResult
 
 try:
@@ -132,6 +133,7 @@ class Scheduler:
         self._hooked = False
         self._stopping = False
         self.metrics: Any = None  # authrelay.metrics.Metrics, set by Metrics.start()
+        self.submitter = Submitter(spool, cfg, maillog=self.maillog)  # bounces go in here
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -147,9 +149,10 @@ class Scheduler:
             self._hooked = True
         self._bind_notify()
         try:
-            self._control = await control.serve(self.spool.control_path, self._handle_control)
+            cpath = control.control_path(self.spool)
+            self._control = await control.serve(cpath, self._handle_control)
         except OSError as e:  # e.g. a path longer than sun_path: the CLI then reports it
-            log.error("cannot listen on %s: %s", self.spool.control_path, e)
+            log.error("cannot listen on %s: %s", cpath, e)
         now = time.time()
         for qid in await self._io(self.spool.scan):
             self._schedule(qid, now)
@@ -202,7 +205,7 @@ class Scheduler:
         if self._control is not None:
             self._control.close()
             with contextlib.suppress(OSError):
-                os.unlink(self.spool.control_path)
+                os.unlink(control.control_path(self.spool))
             self._control = None
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks),
@@ -248,6 +251,7 @@ class Scheduler:
     def reload(self, cfg: Config) -> None:
         """SIGHUP: new limits and retry settings apply to the next decisions."""
         self.cfg = cfg
+        self.submitter.reload(cfg)
         self.concurrency = max(1, cfg.delivery.concurrency)
         self.per_destination = max(1, cfg.delivery.concurrency_per_domain)
         self._pump()
@@ -363,8 +367,19 @@ class Scheduler:
         qid = act.qid
         try:
             # A header read from the page cache: cheaper inline than a thread hand-off.
+            # Lengths and checksum are verified (spool format 2); a big message's checksum
+            # is read off the event loop.
             env, path, offset = self._load(qid)
+            if isinstance(path, Path):
+                await self._io(self.spool.verify, qid)
         except FileNotFoundError:
+            self._release(act)
+            return
+        except CorruptError as e:
+            # Damage is never delivered and never deleted: corrupt/ and a warning line.
+            if await self._io(self.spool.quarantine, qid, str(e)):
+                self.maillog.event(qid, warning=f"damaged queue file moved to corrupt/: {e}")
+            self._ignored.add(qid)
             self._release(act)
             return
         except (SpoolError, OSError) as e:
@@ -569,17 +584,16 @@ class Scheduler:
             will_retry_until=env.received_at + lifetime if lifetime else None,
             original_message=full,
         )
-        inc = self.spool.begin(benv)
+        # The one way into the spool (spool/submit.py): Received, fsync, the from= line.
+        draft = self.submitter.begin(benv, add_missing=False, check_content=False)
+        draft.write(data)
         try:
-            inc.write(data)
+            await draft.commit(origin=env.queue_id)
         except BaseException:
-            inc.abort()
+            draft.abort()
             raise
-        await inc.commit()
         kind = {"failed": "non-delivery", "delayed": "delay"}.get(action, "success")
         self.maillog.event(env.queue_id, **{f"sender_{kind}_notification": benv.queue_id})
-        self.maillog.event(benv.queue_id, **{"from": "<>"}, size=len(data), nrcpts=1,
-                           origin=env.queue_id)
 
     def _read_message(self, qid: str) -> bytes:
         path, offset = self.spool.body_path(qid)

@@ -13,6 +13,9 @@ Rules (RFC 5321):
   SMTP smuggling (CVE-2023-51764 and family): no alternative end-of-data is ever honoured.
 - Size: bytes past `max_size` are not emitted (memory stays bounded); the caller answers 552
   after the end of data.
+- A NUL anywhere in the message (RFC 5322 2.3 / RFC 6152 3: no NUL outside BINARYMIME,
+  which we do not offer; some next hops end DATA at `\r\n\x00.\r\n`) is remembered and
+  refused after the end of data (554 5.6.0): one `bytes.find` per chunk.
 - A text line longer than `max_line` octets (RFC 5322 2.1.1: 998, plus CRLF), measured
   after un-stuffing, is remembered and refused after the end of data.
 The output is the message exactly as the client meant it: CRLF line ends, no stuffing.
@@ -26,6 +29,7 @@ OK = ""
 BARE = "bare"  # bare CR or LF: refuse and close
 TOO_BIG = "size"
 LONG_LINE = "line"
+NUL = "nul"
 
 _MARK = b"\r\n."
 
@@ -35,7 +39,7 @@ class Feed:
     segments: list[bytes] = field(default_factory=list)  # message bytes to store, in order
     done: bool = False  # the end-of-data marker was seen
     leftover: bytes = b""  # bytes after the marker (pipelined commands)
-    error: str = OK  # BARE stops at once; TOO_BIG / LONG_LINE are reported when done
+    error: str = OK  # BARE stops at once; TOO_BIG > NUL > LONG_LINE are reported when done
 
 
 class BodyReader:
@@ -98,19 +102,29 @@ class BodyReader:
             return out
         self.wire_bytes += len(chunk)
         data = self._hold + chunk
+        # NUL: one C-speed scan per chunk. A NUL after the end marker belongs to the next
+        # command (the session refuses it there), so its position is checked once the
+        # marker is found (`_nul_at`, in `data` coordinates).
+        nul_at = -1
+        if self.error in (OK, LONG_LINE):
+            i = chunk.find(b"\x00")
+            if i >= 0:
+                nul_at = len(self._hold) + i
         pos = 0
         while True:
             p = data.find(_MARK, pos)
             if p < 0:
                 break
             if len(data) < p + 5:  # cannot tell stuffing from the end marker yet
-                return self._finish_round(out, data, pos, p, chunk)
+                return self._finish_round(out, data, pos, p, chunk, nul_at)
             if data[p + 3:p + 5] == b"\r\n":
                 end = p + 5
                 region = data[:end]
                 if self._bare(region):
                     self.error = out.error = BARE
                     return out
+                if 0 <= nul_at < end:
+                    self._nul()
                 self._emit(out, data[pos:p + 2])
                 self.done = out.done = True
                 out.leftover = data[end:]
@@ -126,13 +140,20 @@ class BodyReader:
             keep = len(data) - 1
         else:
             keep = len(data)
-        return self._finish_round(out, data, pos, max(keep, pos), chunk)
+        return self._finish_round(out, data, pos, max(keep, pos), chunk, nul_at)
 
-    def _finish_round(self, out: Feed, data: bytes, pos: int, keep: int, chunk: bytes) -> Feed:
+    def _nul(self) -> None:
+        if self.error in (OK, LONG_LINE):
+            self.error = NUL
+
+    def _finish_round(self, out: Feed, data: bytes, pos: int, keep: int, chunk: bytes,
+                      nul_at: int = -1) -> Feed:
         region = data[:-1] if data.endswith(b"\r") else data
         if self._bare(region):
             self.error = out.error = BARE
             return out
+        if nul_at >= 0:
+            self._nul()  # no end marker in this chunk: the NUL is message data
         self._emit(out, data[pos:keep])
         self._hold = data[keep:]
         out.error = self.error

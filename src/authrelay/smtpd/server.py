@@ -27,6 +27,7 @@ from authrelay.smtpd import proxy
 from authrelay.smtpd.admission import Acceptor, Ticket, fd_budget
 from authrelay.smtpd.listener import Connection
 from authrelay.smtpd.session import Session
+from authrelay.spool.submit import Submitter
 from authrelay.types import Reply
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class SMTPServer:
         self.exemptions = Exemptions(cfg)
         self.proxy_trusted = proxy.Networks(cfg.relay.proxy_trusted)
         self.maillog = maillog_mod.get()
+        # The one accept path (spool/submit.py); h13's DKIM signer is set on it.
+        self.submitter = Submitter(spool, cfg, maillog=self.maillog)
         self.sessions: set[Session] = set()
         self.acceptors: list[Acceptor] = []
         self.listeners: list[Listener] = []
@@ -98,6 +101,7 @@ class SMTPServer:
         self.known.ttl = cfg.auth.known_address_days * 86400.0
         for a in self.acceptors:
             a.reload()
+        self.submitter.reload(cfg)
 
     async def start(self, listeners: list[Listener]) -> None:
         for ln in listeners:

@@ -13,7 +13,8 @@ Security decisions, in order of the dialogue:
 - RCPT goes through the relay policy; unauthenticated clients reach only local domains.
 - STARTTLS forgets everything from before it (RFC 3207 4.2) and discards any plaintext
   pipelined behind it (CVE-2011-0411).
-- A bare CR/LF closes the connection with 521 (anti-smuggling, RFC 5321 2.3.8).
+- A bare CR/LF closes the connection with 521 (anti-smuggling, RFC 5321 2.3.8); a NUL
+  in the message is refused after the end of data (554 5.6.0).
 Failure policy: transient trouble (spool, auth backend) gives 4xx; nothing a client sends
 raises out of here: every path ends in a reply, a maillog line, or a close.
 """
@@ -29,10 +30,10 @@ from typing import TYPE_CHECKING
 
 from authrelay import replies
 from authrelay.address import Address, AddressError, PathArg, parse_path_arg
-from authrelay.smtpd.bodyreader import BARE, LONG_LINE, TOO_BIG, BodyReader
+from authrelay.smtpd.bodyreader import BARE, LONG_LINE, NUL, TOO_BIG, BodyReader
 from authrelay.smtpd.listener import BareLineEnding, Closed, Connection, LineTooLong, Timeout
-from authrelay.spool.cleanup import HeaderCleanup, received_header
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+from authrelay.spool.submit import Refused
 from authrelay.types import Reply
 
 if TYPE_CHECKING:
@@ -425,6 +426,13 @@ class Session:
         if path.address is not None and not path.address.ascii and not smtputf8:
             self._error(replies.NEED_SMTPUTF8)
             return
+        declared = int(p["SIZE"]) if p.get("SIZE") else 0
+        if not self.server.submitter.space_ok(declared):
+            # Postfix queue_minfree: refuse before the client sends anything (RFC 5321
+            # 4.5.3.1.10 / RFC 3463 4.3.1), rather than 451 after the whole DATA.
+            self.reply(replies.NO_STORAGE)
+            self._log_reject(replies.NO_STORAGE, f"<{path.text}>... ", stage="MAIL")
+            return
         if self.auth_user:
             owned = self.server.authenticator.addresses(self.auth_user) \
                 if self.cfg.auth.sender_policy == "own" else ()
@@ -544,11 +552,10 @@ class Session:
         await self._receive_body()
 
     async def _receive_body(self) -> None:
-        srv, cfg, lim = self.server, self.cfg, self.cfg.limits
+        srv, lim = self.server, self.cfg.limits
         assert self.mail is not None
-        qid = new_queue_id()
         env = Envelope(
-            queue_id=qid, sender=self.mail.text,
+            queue_id=new_queue_id(), sender=self.mail.text,
             recipients=[Recipient(r.text, notify=(r.params.get("NOTIFY") or "").upper(),
                                   orcpt=r.params.get("ORCPT") or "") for r in self.rcpts],
             ret=self.dsn_ret, envid=self.dsn_envid,
@@ -556,27 +563,17 @@ class Session:
             helo=self.helo or "", auth_user=self.auth_user, protocol=self.protocol,
             listener=self.listener.name, body_8bit=self.body_8bit, smtputf8=self.smtputf8,
         )
-        try:
-            incoming = srv.spool.begin(env)
-        except OSError:
-            log.exception("spool begin failed")
-            self.reply(replies.SPOOL_ERROR)
-            self._log_reject(replies.SPOOL_ERROR, qid=qid)
-            return
+        qid = env.queue_id
+        # The one way into the spool (spool/submit.py): Received, Date/Message-ID, hop
+        # count, the DKIM hook, fsync, the maillog from= line.
+        draft = srv.submitter.begin(
+            env, tls=self.conn.tls_info if self.tls else "", nul_checked=True,
+            add_missing=bool(self.auth_user) or self.listener.mode != "smtp")
         self.reply(replies.START_DATA)
-        received = received_header(
-            helo=self.helo or "", client_rdns=self.rdns, client_ip=self.ip,
-            hostname=cfg.hostname, protocol=self.protocol, queue_id=qid,
-            recipient=self.rcpts[0].text if len(self.rcpts) == 1 else None,
-            tls=self.conn.tls_info if self.tls else "",
-        )
-        cleanup = HeaderCleanup(received, cfg.hostname,
-                                add_missing=bool(self.auth_user) or self.listener.mode != "smtp")
         reader = BodyReader(lim.max_message_size, lim.max_text_line_length)
         deadline = time.monotonic() + lim.data_final_timeout
-        committed = False
+        nrcpts = len(self.rcpts)
         try:
-            write_error = False
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -585,15 +582,10 @@ class Session:
                 feed = reader.feed(chunk)
                 if feed.error == BARE:
                     raise BareLineEnding
-                if not write_error:
-                    try:
-                        for seg in feed.segments:
-                            out = cleanup.feed(seg)
-                            if out:
-                                incoming.write(out)
-                    except OSError:
-                        log.exception("spool write failed")
-                        write_error = True
+                if feed.error == NUL:
+                    draft.mark_nul()  # refused at the end of data; stop storing now
+                for seg in feed.segments:
+                    draft.write(seg)  # never raises: problems are reported by commit()
                 if feed.done:
                     self.conn.unread(feed.leftover)
                     break
@@ -605,27 +597,16 @@ class Session:
                 self.reply(replies.TEXT_LINE_TOO_LONG)
                 self._log_reject(replies.TEXT_LINE_TOO_LONG, qid=qid)
                 return
-            if write_error:
-                raise OSError("spool write failed")
-            tail = cleanup.finish()
-            if tail:
-                incoming.write(tail)
-            await incoming.commit()  # fsync file + directory: durable before 250
-            committed = True
-        except OSError:
-            log.exception("spool commit failed")
-            self.reply(replies.SPOOL_ERROR)
-            self._log_reject(replies.SPOOL_ERROR, qid=qid)
+            await draft.commit()  # fsync file + directory: durable before 250
+        except Refused as e:
+            self.reply(e.reply)
+            self._log_reject(e.reply, qid=qid, **({"reason": e.reason}
+                                                  if e.reason != e.reply.text else {}))
             return
         finally:
-            if not committed:
-                incoming.abort()
-            nrcpts = len(self.rcpts)
+            draft.abort()  # no-op once committed
             self._reset()
         self.reply(replies.queued(qid))
-        srv.maillog.event(qid, **{"from": f"<{env.sender}>"}, size=incoming.size,
-                          nrcpts=nrcpts, relay=self.relay_desc(), proto=self.protocol,
-                          auth=self.auth_user or None, helo=self.helo)
         if self.auth_user:
             await self.ticket.user_sent(self.auth_user, nrcpts)
         srv.metrics_accepted(self.listener.mode)
@@ -653,6 +634,7 @@ def _xtext_ok(value: str, limit: int) -> bool:
 _REASONS = {
     replies.RELAY_DENIED: "relay_denied", replies.AUTH_REQUIRED: "auth_required",
     replies.MSG_TOO_BIG: "size", replies.TEXT_LINE_TOO_LONG: "line_length",
+    replies.MSG_NUL: "nul", replies.TOO_MANY_HOPS: "hops", replies.NO_STORAGE: "storage",
     replies.BARE_LF: "bare_line_ending", replies.TIMEOUT: "timeout",
     replies.SENDER_NOT_OWNED: "sender_not_owned", replies.TOO_MANY_RCPTS: "too_many_rcpts",
     replies.AUTH_LOCKED: "auth_locked", replies.USER_RATE: "user_rate",

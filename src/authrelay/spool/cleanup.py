@@ -2,9 +2,11 @@
 
 Owns the submission duties of RFC 6409 section 8: prepend a `Received:` trace field
 (RFC 5321 4.4, with the RFC 3848 WITH protocol: ESMTPSA, ESMTPS ...), and add `Date:`
-(8.6) and `Message-ID:` (8.3) when the client left them out. Streaming and sans-I/O:
-only the header section is buffered (bounded by `max_header_bytes`); the body passes
-through untouched, byte for byte.
+(8.6) and `Message-ID:` (8.3) when the client left them out. It also counts the
+`Received:` fields the message arrived with (`hops`: RFC 5321 6.3 loop detection; the
+limit is applied by spool/submit.py). Streaming and sans-I/O: only the header section is
+buffered (bounded by `max_header_bytes`); the body passes through untouched, byte for byte.
+`received_for(env, ...)` is the one builder of our own trace field, for every producer.
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ import email.utils
 import re
 import secrets
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from authrelay.spool.envelope import Envelope
 
 _HAS_DATE = re.compile(rb"(?:^|\r\n)date[ \t]*:", re.I)
 _HAS_MSGID = re.compile(rb"(?:^|\r\n)message-id[ \t]*:", re.I)
+_RECEIVED = re.compile(rb"(?:^|\n)received[ \t]*:", re.I)
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -49,6 +56,31 @@ def received_header(
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
+def received_for(env: Envelope, hostname: str, *, tls: str = "",
+                 local_uid: int | None = None) -> bytes:
+    """Our trace field for `env`, whoever produced it (RFC 5321 4.4).
+
+    Network submissions: `from HELO (rdns [ip]) by HOST (authrelay) with PROTO id ID`.
+    The sendmail command (no network peer): no "from" clause, the local uid as a comment
+    (as Postfix writes it), WITH "local". Bounces we generate: `by HOST (authrelay) id ID`.
+    """
+    rcpt = env.recipients[0].address if len(env.recipients) == 1 else None
+    if env.listener == "bounce" or env.is_bounce:
+        lines = [f"Received: by {hostname} (authrelay)", f"\tid {env.queue_id}"]
+    elif local_uid is not None or env.listener == "sendmail":
+        uid = f", from userid {local_uid}" if local_uid is not None else ""
+        lines = [f"Received: by {hostname} (authrelay{uid})",
+                 f"\twith {env.protocol or 'local'} id {env.queue_id}"]
+    else:
+        return received_header(helo=env.helo, client_rdns=env.client_rdns,
+                               client_ip=env.client_ip, hostname=hostname,
+                               protocol=env.protocol, queue_id=env.queue_id,
+                               recipient=rcpt, tls=tls)
+    tail = f"\tfor <{rcpt}>; " if rcpt else "\t"
+    lines.append(tail + rfc5322_date())
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
 def message_id(hostname: str) -> str:
     return f"<{time.strftime('%Y%m%d%H%M%S')}.{secrets.token_hex(8)}@{hostname}>"
 
@@ -65,6 +97,8 @@ class HeaderCleanup:
         self._buf = bytearray()
         self._passing = False  # header section done: everything else passes through
         self.added: list[str] = []
+        self.hops = 0  # Received: fields in the header section as it arrived
+        self.header_section = b""  # as it arrived (bounded by max_header_bytes)
 
     def _extra(self, headers: bytes) -> bytes:
         if not self._add:
@@ -83,6 +117,8 @@ class HeaderCleanup:
         self._passing = True
         buf = bytes(self._buf)
         self._buf = bytearray()
+        self.header_section = buf if end is None else buf[:end]
+        self.hops = len(_RECEIVED.findall(self.header_section))
         if end is None:  # headers too large or no blank line: add at the top
             return self._received + self._extra(buf) + buf
         return self._received + buf[:end] + self._extra(buf[:end]) + buf[end:]

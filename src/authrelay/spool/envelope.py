@@ -1,8 +1,9 @@
 """Envelope: who sent a message, to whom, how it arrived, and per-recipient state.
 
-Owns the envelope record and its versioned on-disk codec (JSON with `"v": 1`). A newer
-reader must keep reading every older version; an unknown newer version is refused rather
-than misread (the message stays in the queue untouched).
+Owns the envelope record and its JSON form (`"v": 1` in version 1 spool files, `"v": 2`
+in version 2; spool/format.py decodes both, strictly for 2). A newer reader must keep
+reading every older version; an unknown newer version is refused rather than misread (the
+message stays in the queue untouched). A new field needs its type in spool/format.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Recipient states. A message leaves the spool only when no recipient is PENDING.
 PENDING = "pending"
@@ -56,20 +57,26 @@ class Envelope:
     is_bounce: bool = False  # a DSN we generated: never bounced itself
     held: bool = False
 
-    def to_json(self) -> bytes:
+    def to_json(self, version: int = FORMAT_VERSION) -> bytes:
         # Hand-built dict: dataclasses.asdict deep-copies recursively and showed up in
         # profiles of the receive path at ~10% of CPU per message.
         d = {f: getattr(self, f) for f in _ENV_FIELDS}
         d["recipients"] = [{f: getattr(r, f) for f in _RCPT_FIELDS} for r in self.recipients]
-        d["v"] = FORMAT_VERSION
+        d["v"] = version
         return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Envelope:
+        """Lenient decode (unknown keys ignored) of either version; see spool/format.py
+        for the strict one used on queue files."""
         d: dict[str, Any] = json.loads(raw)
         v = d.pop("v", None)
-        if v != FORMAT_VERSION:
+        if v not in (1, FORMAT_VERSION):
             raise ValueError(f"unsupported envelope format version {v!r}")
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Envelope:
         rcpts = [Recipient(**r) for r in d.pop("recipients", [])]
         known = set(cls.__dataclass_fields__)
         return cls(recipients=rcpts, **{k: v for k, v in d.items() if k in known})

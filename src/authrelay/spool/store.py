@@ -1,99 +1,74 @@
-"""Durable spool: the only hand-off between receiving and delivering.
+"""The queue on disk: lookup, scheduler state, hold/release/remove and recovery.
 
-Owns the on-disk queue under `cfg.spool_dir` (docs/INTERFACES.md):
+Owns the directories under `cfg.spool_dir` (docs/INTERFACES.md):
 
-    queue/ID        one immutable file per message, created here while being received
-                    with mode 0600; commit sets mode 0700 (the "ready" mark, as Postfix
-                    does) in the same fsync as the data. A crash leaves a 0600 file that
-                    `recover()` removes. Readers ignore files without the mark.
-                    `AUTHRELAY-SPOOL 1 <envlen>\\n` + envelope JSON (envlen bytes) + `\\n`
-                    + the message exactly as to be sent (CRLF, not dot-stuffed)
+    queue/ID        one immutable file per message (format: spool/format.py; written by
+                    spool/writer.py): mode 0600 while being received, 0700 once committed
+                    (the "ready" mark, as Postfix does). Readers ignore files without it.
     queue/ID.state  per-recipient state written by the scheduler (atomic replace + fsync)
     hold/           held messages (the same two files, moved)
-    corrupt/        files `recover()` could not parse (kept for the operator, never deleted)
+    corrupt/        damaged files (kept for the operator, never deleted)
+    tmp/            only read by recovery (the layout of the first builds)
 
-Contract: `Incoming.commit()` returns only after the file and its directory entry are on
-stable storage (fchmod ready, fsync file; then fsync queue/ as a group commit shared by
-concurrent commits, except on filesystems whose journal already commits the create with
-the file -- ext4, xfs, btrfs -- see `_journal_orders_create`). RFC 5321 6.1: once we
-answer 250 to the final dot we are responsible for the message. A kill at any point leaves
-either a file without the ready mark (garbage, no 250 was sent) or a complete, ready one.
-There is no cross-directory rename on the receive path (Linux serialises those per
-filesystem). The fsyncs run in a shared thread pool, so concurrent sessions' fsyncs batch
-in the filesystem journal and the event loop never waits on the disk.
+The way in is spool/submit.py (`Submitter`), which uses `begin()` here; the notify IPC
+is spool/notify.py. The scheduler's own socket and lock names live in scheduler/.
 
-Failure policy: I/O errors on receive propagate (the session answers 451 4.3.0, transient).
-A truncated or unparsable queue file is moved to corrupt/ and logged; a file of an unknown
-newer format version is left where it is and refused (`UnsupportedVersion`), never deleted.
-Receiving processes call only `begin`; `recover()` runs in the scheduler process at start
-and skips tmp/ files that a live process still holds (flock), so it is safe with workers.
+Contract: no path here deletes a committed message except `remove()` (delivery complete,
+bounce, expiry, `queue delete`). A damaged file (truncated, checksum mismatch, missing or
+unknown field, no recipients) raises `CorruptError` on load; `quarantine()` moves it to
+corrupt/ and `recover()` does so at start. A file of an unknown newer format version is
+left where it is and refused (`UnsupportedVersion`).
+Failure policy: blocking calls; the scheduler runs the slow ones in `commit_pool()`
+threads. `recover()` never raises for a bad file and skips files a live receiving process
+still holds (flock), so it is safe with workers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import io
 import json
 import logging
 import os
-import queue
-import socket
 import stat
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
+from authrelay.spool import format as fmt
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+from authrelay.spool.format import CorruptError, SpoolError, UnsupportedVersion
+from authrelay.spool.notify import NOTIFY_SOCK, Notifier
+from authrelay.spool.writer import (
+    READY_MODE,
+    SPILL,
+    CommitPool,
+    DirSync,
+    Incoming,
+    commit_pool,
+    fsync_dir,
+    journal_orders_create,
+    write_all,
+)
+
+__all__ = [  # re-exported: the names other modules have always imported from here
+    "READY_MODE", "SPILL", "CommitPool", "CorruptError", "Incoming", "Spool", "SpoolError",
+    "UnsupportedVersion", "commit_pool", "is_queue_id",
+]
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"AUTHRELAY-SPOOL"
-SPOOL_VERSION = 1
 STATE_VERSION = 1
-_MAX_HEADER_LINE = 64
-_MAX_ENVELOPE = 16 * 1024 * 1024  # a sanity bound: larger is corruption, not a real envelope
-NOTIFY_SOCK = "notify.sock"
-CONTROL_SOCK = "control.sock"
-SCHEDULER_LOCK = "scheduler.lock"
-NOT_READY_MODE = 0o600  # queue/ID still being received
-READY_MODE = 0o700  # owner-execute bit: committed (fsync'd before the 250)
-SPILL = 128 * 1024
-_NOTIFY_BATCH = 200  # queue ids per notify datagram (~18 bytes each)
-_NOTIFY_RETRIES = 200  # x _NOTIFY_RETRY_DELAY: give up after ~2 s (the rescan remains)
-_NOTIFY_RETRY_DELAY = 0.01  # message bytes kept in memory before the file is created
+INLINE_MAX = 256 * 1024  # load_for_delivery returns messages up to this size as bytes
 
 
-# Filesystems whose fsync(file) also commits the creation of that file's directory entry:
-# the create and the data are in one journal (ext4 with a journal, xfs log, btrfs log tree),
-# and committing the file's last transaction commits every earlier one. Postfix relies on
-# the same. Elsewhere (ext2, vfat, network filesystems ...) we fsync the directory too.
-_ORDERED_FS = {"ext4", "ext3", "xfs", "btrfs"}
+def is_queue_id(name: str) -> bool:
+    return name.isalnum() and name.isascii()
 
 
-def _journal_orders_create(path: Path) -> bool:
-    if os.environ.get("AUTHRELAY_SPOOL_DIR_FSYNC") == "1":
-        return False
-    try:
-        target = os.path.realpath(path)
-        best, fstype, opts = "", "", ""
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 4:
-                    continue
-                mnt = parts[1].replace("\\040", " ")
-                if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and \
-                        len(mnt) >= len(best):
-                    best, fstype, opts = mnt, parts[2], parts[3]
-    except OSError:
-        return False
-    if fstype == "ext4" and "data=writeback" in opts:
-        return False  # no ordering guarantee between data and metadata
-    return fstype in _ORDERED_FS
+def _ready(mode: int) -> bool:
+    return bool(mode & stat.S_IXUSR)
 
 
 def _remove_if_dead(path: str) -> bool:
@@ -114,264 +89,38 @@ def _remove_if_dead(path: str) -> bool:
         os.close(fd)
 
 
-def _ready(mode: int) -> bool:
-    return bool(mode & stat.S_IXUSR)
+def _file_reader(f: io.BufferedReader) -> Callable[[int, int], Iterator[bytes]]:
+    return lambda off, n: fmt.iter_file(f, off, n)
 
 
-class SpoolError(Exception):
-    """A spool file cannot be used."""
-
-
-class CorruptError(SpoolError):
-    """Truncated or unparsable: recover() moves such files to corrupt/."""
-
-
-class UnsupportedVersion(SpoolError):
-    """Written by a newer authrelay: left untouched, never deleted."""
-
-
-_pool_lock = threading.Lock()
-
-
-class CommitPool:
-    """Threads that run commits (fsync and friends) for event loops, with less overhead
-    than ThreadPoolExecutor + run_in_executor (no concurrent.futures.Future, no chaining):
-    one queue put to start, one call_soon_threadsafe to finish. Threads start on demand up
-    to `size`, so concurrent commits' fsyncs share journal commits."""
-
-    def __init__(self, size: int = 16) -> None:
-        self.size = size
-        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._threads = 0
-        self._idle = 0
-        self._lock = threading.Lock()
-
-    def run(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        with self._lock:
-            if self._idle == 0 and self._threads < self.size:
-                self._threads += 1
-                threading.Thread(target=self._work, name="spool-commit", daemon=True).start()
-            else:
-                self._idle -= 1  # that idle thread will take this job
-        self._q.put((fn, fut, loop))
-        return fut
-
-    def _work(self) -> None:
-        while True:
-            fn, fut, loop = self._q.get()
-            value: Any = None
-            exc: BaseException | None = None
-            try:
-                value = fn()
-            except BaseException as e:  # handed to the awaiting coroutine
-                exc = e
-            try:
-                loop.call_soon_threadsafe(_settle, fut, value, exc)
-            except RuntimeError:  # the loop is gone (shutdown)
-                pass
-            with self._lock:
-                self._idle += 1
-
-
-def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None:
-        fut.set_result(value)
-    else:
-        fut.set_exception(exc)
-
-
-_commit_pool: CommitPool | None = None
-
-
-def commit_pool() -> CommitPool:
-    global _commit_pool
-    with _pool_lock:
-        if _commit_pool is None or _commit_pool_pid != os.getpid():
-            _set_commit_pool(CommitPool())
-        assert _commit_pool is not None
-        return _commit_pool
-
-
-_commit_pool_pid = 0
-
-
-def _set_commit_pool(pool: CommitPool) -> None:
-    global _commit_pool, _commit_pool_pid
-    _commit_pool, _commit_pool_pid = pool, os.getpid()  # threads don't survive fork()
-
-
-def is_queue_id(name: str) -> bool:
-    return name.isalnum() and name.isascii()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _bytes_reader(data: bytes) -> Callable[[int, int], Iterator[bytes]]:
     view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def encode_header(env: Envelope) -> bytes:
-    ej = env.to_json()
-    return b"%s %d %d\n%s\n" % (MAGIC, SPOOL_VERSION, len(ej), ej)
-
-
-def parse_header(f) -> tuple[Envelope, int]:
-    """Read the header from binary file `f`: (envelope, offset of the message bytes)."""
-    line = f.readline(_MAX_HEADER_LINE)
-    if not line:
-        raise CorruptError("empty file")
-    if not line.endswith(b"\n"):
-        raise CorruptError("truncated header line")
-    parts = line.split()
-    if len(parts) != 3 or parts[0] != MAGIC:
-        raise CorruptError("not a spool file")
-    try:
-        version, envlen = int(parts[1]), int(parts[2])
-    except ValueError:
-        raise CorruptError("bad header numbers") from None
-    if version != SPOOL_VERSION:
-        raise UnsupportedVersion(f"spool format version {version} (we read {SPOOL_VERSION})")
-    if not 0 < envlen <= _MAX_ENVELOPE:
-        raise CorruptError(f"bad envelope length {envlen}")
-    raw = f.read(envlen + 1)
-    if len(raw) != envlen + 1 or raw[-1:] != b"\n":
-        raise CorruptError("truncated envelope")
-    try:
-        env = Envelope.from_json(raw[:-1])
-    except ValueError as e:  # JSONDecodeError is a ValueError, as is a version refusal
-        if "version" in str(e):
-            raise UnsupportedVersion(str(e)) from None
-        raise CorruptError(f"bad envelope: {e}") from None
-    except TypeError as e:
-        raise CorruptError(f"bad envelope: {e}") from None
-    return env, len(line) + envlen + 1
-
-
-class Incoming:
-    """One message being received: written with write(), made durable by commit().
-
-    The bytes stream to queue/ID (mode 0600 = "not ready"; commit sets the owner-execute
-    bit, Postfix's trick, so there is no cross-directory rename). The first `SPILL` bytes
-    are collected in memory and the file is created by the commit thread: creating a file
-    on ext4 can wait behind a concurrent journal commit, and that wait must not stall the
-    event loop. A message larger than `SPILL` is created at that point and streamed, so
-    memory per session stays bounded by SPILL.
-    """
-
-    def __init__(self, spool: Spool, envelope: Envelope) -> None:
-        self.spool = spool
-        self.envelope = envelope
-        self.queue_id = envelope.queue_id
-        self.size = 0
-        self._path = spool.queue_dir / self.queue_id
-        self._fd: int | None = None
-        self._buf = bytearray(encode_header(envelope))
-        self._done = False
-
-    def _open(self) -> int:
-        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     NOT_READY_MODE)
-        try:
-            # The lock tells recover() in another process that this file is alive.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return fd
-
-    def write(self, data: bytes | memoryview) -> None:
-        """Append message bytes; runs on the event loop (memory, then page cache)."""
-        if self._done:
-            raise SpoolError("write after commit/abort")
-        self.size += len(data)
-        if self._fd is None:
-            self._buf += data
-            if len(self._buf) < SPILL:
-                return
-            fd = self._open()
-            _write_all(fd, self._buf)
-            self._buf = bytearray()
-            return
-        _write_all(self._fd, data)
-
-    def _commit_sync(self) -> None:
-        fd = self._fd if self._fd is not None else self._open()
-        if self._buf:
-            _write_all(fd, self._buf)
-            self._buf = bytearray()
-        os.fchmod(fd, READY_MODE)  # the ready mark travels in the same fsync as the data
-        if self.spool.fsync:
-            os.fsync(fd)
-            if not self.spool.journal_orders_create:
-                self.spool._fsync_queue_dir()  # the directory entry too (group commit)
-        self._fd = None
-        os.close(fd)  # releases the flock only now: recover() never sees a half commit
-
-    async def commit(self) -> None:
-        """Durable when this returns: data + ready mark fsynced, queue/ fsynced; notify."""
-        if self._done:
-            raise SpoolError("commit after commit/abort")
-        self._done = True
-        try:
-            await commit_pool().run(self._commit_sync)
-        except BaseException:
-            self._done = False
-            self.abort()
-            raise
-        self.spool._notify(self.queue_id)
-
-    def abort(self) -> None:
-        """Drop the message (idempotent); never raises."""
-        fd, self._fd = self._fd, None
-        self._buf = bytearray()
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if not self._done:
-            self._done = True
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(self._path)
+    return lambda off, n: iter((view[off:off + n],))
 
 
 class Spool:
     """The queue on disk. Thread-safe for distinct queue ids; see module docstring."""
 
-    on_commit: Callable[[str], None] | None
-
     def __init__(self, root: Path | str, *, fsync: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
-        self.on_commit = None
         self.tmp_dir = self.root / "tmp"
         self.queue_dir = self.root / "queue"
         self.hold_dir = self.root / "hold"
         self.corrupt_dir = self.root / "corrupt"
         self.notify_path = self.root / NOTIFY_SOCK
-        self.control_path = self.root / CONTROL_SOCK
-        self._qdir_fd: int | None = None
-        self._notify_sock: socket.socket | None = None
-        self._pending_notify: list[str] = []
-        self._notify_scheduled = False
-        self.journal_orders_create = _journal_orders_create(self.root)
-        self._dir_sync = threading.Condition()
-        self._dsync_started = 0
-        self._dsync_done = 0
-        self._dsync_running = False
+        self.notifier = Notifier(self.notify_path)
+        self.queue_dir_sync = DirSync(self.queue_dir)
+        self.journal_orders_create = journal_orders_create(self.root)
+
+    @property
+    def on_commit(self) -> Callable[[str], None] | None:
+        """In-process notify hook (the scheduler's notify) instead of a datagram."""
+        return self.notifier.on_commit
+
+    @on_commit.setter
+    def on_commit(self, hook: Callable[[str], None] | None) -> None:
+        self.notifier.on_commit = hook
 
     # ------------------------------------------------------------------ setup
     def ensure_dirs(self) -> None:
@@ -379,101 +128,16 @@ class Spool:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def close(self) -> None:
-        if self._qdir_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._qdir_fd)
-            self._qdir_fd = None
-        if self._notify_sock is not None:
-            self._notify_sock.close()
-            self._notify_sock = None
-
-    def _fsync_queue_dir(self) -> None:
-        # Group commit: concurrent commits share one directory fsync. Each caller needs an
-        # fsync that *started* after its rename; one running fsync serves every caller that
-        # arrived before it began, so N sessions cost ~1 directory journal commit, not N.
-        if self._qdir_fd is None:
-            with self._dir_sync:
-                if self._qdir_fd is None:
-                    self._qdir_fd = os.open(self.queue_dir,
-                                            os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        cond = self._dir_sync
-        with cond:
-            need = self._dsync_started + 1
-            while self._dsync_done < need:
-                if self._dsync_running:
-                    cond.wait()
-                    continue
-                self._dsync_running = True
-                self._dsync_started += 1
-                seq = self._dsync_started
-                cond.release()
-                try:
-                    os.fsync(self._qdir_fd)
-                except BaseException:
-                    cond.acquire()
-                    self._dsync_running = False
-                    cond.notify_all()
-                    raise
-                cond.acquire()
-                self._dsync_running = False
-                self._dsync_done = seq
-                cond.notify_all()
+        self.queue_dir_sync.close()
+        self.notifier.close()
 
     # ------------------------------------------------------------------ receive
     def begin(self, envelope: Envelope) -> Incoming:
-        """Open tmp/ID and write the header; the envelope is final from here on."""
+        """A new message (no I/O yet); the envelope is final from here on. Producers go
+        through spool/submit.py, which adds cleanup, checks and the maillog line."""
         if not envelope.queue_id:
             envelope.queue_id = new_queue_id()
         return Incoming(self, envelope)
-
-    def _notify(self, queue_id: str) -> None:
-        if self.on_commit is not None:
-            try:
-                self.on_commit(queue_id)
-            except Exception:  # a scheduler bug must not fail an accepted message
-                log.exception("%s: on_commit hook failed", queue_id)
-            return  # the scheduler is in this process (it holds the spool lock): no datagram
-        # Another process delivers: tell it through notify.sock. Ids committed in the same
-        # loop iteration share one datagram ("ID\nID\n..."), and a datagram the kernel
-        # refuses (the scheduler's queue is full under load: unix datagram queues are
-        # short) is sent again a moment later instead of waiting for the periodic rescan.
-        self._pending_notify.append(queue_id)
-        if self._notify_scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._send_notify()
-            return
-        self._notify_scheduled = True
-        loop.call_soon(self._flush_notify, loop, 0)
-
-    def _flush_notify(self, loop: asyncio.AbstractEventLoop, tries: int) -> None:
-        self._notify_scheduled = False
-        if not self._send_notify() and tries < _NOTIFY_RETRIES and self._pending_notify:
-            self._notify_scheduled = True
-            loop.call_later(_NOTIFY_RETRY_DELAY, self._flush_notify, loop, tries + 1)
-
-    def _send_notify(self) -> bool:
-        """Send pending ids; False if the scheduler's queue was full (retry later)."""
-        try:
-            if self._notify_sock is None:
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                s.setblocking(False)
-                self._notify_sock = s
-            while self._pending_notify:
-                batch = self._pending_notify[:_NOTIFY_BATCH]
-                self._notify_sock.sendto("\n".join(batch).encode("ascii"),
-                                         str(self.notify_path))
-                del self._pending_notify[:len(batch)]
-            return True
-        except (BlockingIOError, InterruptedError):
-            return False  # queue full: try again shortly
-        except OSError:
-            # No scheduler listening (stopped, or not started yet): its start-up scan
-            # and periodic rescans find these messages.
-            self._pending_notify.clear()
-            return True
 
     # ------------------------------------------------------------------ lookup
     def _locate(self, qid: str) -> Path:
@@ -525,31 +189,55 @@ class Spool:
         except FileNotFoundError:
             return False
 
-    def load(self, qid: str) -> Envelope:
-        """The header envelope merged with ID.state; `size` and `held` filled in."""
-        path = self._locate(qid)
-        with open(path, "rb") as f:
-            env, offset = parse_header(f)
-            total = os.fstat(f.fileno()).st_size
-        if env.queue_id != qid:
-            raise CorruptError(f"{qid}: envelope names {env.queue_id!r}")
-        env.size = total - offset
-        env.held = path.parent == self.hold_dir
-        state = path.with_name(qid + ".state")
+    def _open_checked(self, path: Path, qid: str) -> tuple[io.BufferedReader, fmt.Layout, int]:
+        f = open(path, "rb")  # noqa: SIM115 - handed to the caller
         try:
-            raw = state.read_bytes()
-        except FileNotFoundError:
-            return env
-        self._merge_state(env, raw)
+            lay = fmt.read_layout(f)
+            size = os.fstat(f.fileno()).st_size
+            fmt.check_size(lay, size)
+        except BaseException:
+            f.close()
+            raise
+        return f, lay, size
+
+    def _envelope(self, f: io.BufferedReader, lay: fmt.Layout, qid: str) -> Envelope:
+        f.seek(lay.env_off)
+        raw = f.read(lay.env_len + 1)
+        if len(raw) != lay.env_len + 1 or raw[-1:] != b"\n":
+            raise CorruptError("truncated envelope")
+        env = fmt.decode_envelope(raw[:-1], lay.version)
+        if env.queue_id != qid:
+            raise CorruptError(f"envelope names {env.queue_id!r}")
         return env
 
-    def load_for_delivery(self, qid: str, inline_max: int = 256 * 1024
+    def load(self, qid: str) -> Envelope:
+        """The envelope merged with ID.state; `size` and `held` filled in. Checks the
+        header, the lengths and the envelope, not the message checksum (see verify())."""
+        path = self._locate(qid)
+        f, lay, size = self._open_checked(path, qid)
+        with f:
+            env = self._envelope(f, lay, qid)
+        env.size = size - lay.prepend_off
+        env.held = path.parent == self.hold_dir
+        self._load_state(path, env)
+        return env
+
+    def verify(self, qid: str) -> None:
+        """Read the whole file and check its checksum (version 2). Raises CorruptError."""
+        path = self._locate(qid)
+        f, lay, _ = self._open_checked(path, qid)
+        with f:
+            fmt.verify(lay, _file_reader(f))
+
+    def load_for_delivery(self, qid: str, inline_max: int = INLINE_MAX
                           ) -> tuple[Envelope, bytes | Path, int]:
         """(envelope with state, the message, offset) in as few system calls as we can.
 
-        A message up to `inline_max` bytes comes back as bytes (offset 0) from a single
-        read, so the courier need not open the file again; a larger one as (path, offset)
-        to be streamed. The scheduler calls this for every attempt, on the event loop.
+        A file up to `inline_max` bytes is read whole at once, checked (lengths and
+        checksum) and its message (prepend included) comes back as bytes, offset 0. A
+        larger one comes back as (path, offset of the prepend) to be streamed: its lengths
+        and envelope are checked here, its checksum by `verify()` (the caller runs that
+        off the event loop). Raises FileNotFoundError, CorruptError, UnsupportedVersion.
         """
         if not is_queue_id(qid):
             raise FileNotFoundError(f"bad queue id {qid!r}")
@@ -563,31 +251,39 @@ class Spool:
             st = os.fstat(fd)
             if not _ready(st.st_mode):
                 raise FileNotFoundError(f"{qid}: still being received")
-            data = os.read(fd, min(st.st_size, inline_max) + _MAX_HEADER_LINE + 1)
+            data = os.read(fd, min(st.st_size, inline_max) + fmt.HEADER_LEN + 1)
         finally:
             os.close(fd)
         nl = data.find(b"\n")
-        head = data[:nl + 1] if nl >= 0 else data
-        parts = head.split()
-        if len(parts) == 3 and parts[0] == MAGIC and parts[1].isdigit() and \
-                parts[2].isdigit() and len(data) > len(head) + int(parts[2]):
-            # Fast path: the whole header is in what we read.
-            env, offset = parse_header(io.BytesIO(data))
-        else:
+        version, fields = fmt.parse_header_line(data[:nl + 1] if nl >= 0 else data)
+        lay = fmt.layout_of(version, fields, nl + 1)
+        fmt.check_size(lay, st.st_size)
+        whole = st.st_size <= len(data)
+        if whole or len(data) > lay.prepend_off:
+            raw = data[lay.env_off:lay.env_off + lay.env_len + 1]
+            if len(raw) != lay.env_len + 1 or raw[-1:] != b"\n":
+                raise CorruptError("truncated envelope")
+            env = fmt.decode_envelope(raw[:-1], version)
+            if env.queue_id != qid:
+                raise CorruptError(f"envelope names {env.queue_id!r}")
+        else:  # an envelope larger than what we read
             with open(path, "rb") as f:
-                env, offset = parse_header(f)
-        if env.queue_id != qid:
-            raise CorruptError(f"{qid}: envelope names {env.queue_id!r}")
-        env.size = st.st_size - offset
+                env = self._envelope(f, lay, qid)
+        if whole:
+            fmt.verify(lay, _bytes_reader(data))
+        env.size = st.st_size - lay.prepend_off
         env.held = path.parent == self.hold_dir
+        self._load_state(path, env)
+        if whole:
+            return env, data[lay.prepend_off:], 0
+        return env, path, lay.prepend_off
+
+    def _load_state(self, path: Path, env: Envelope) -> None:
         try:
-            with open(path.with_name(qid + ".state"), "rb") as sf:
+            with open(path.with_name(env.queue_id + ".state"), "rb") as sf:
                 self._merge_state(env, sf.read())
         except FileNotFoundError:
             pass
-        if st.st_size <= len(data):
-            return env, data[offset:], 0
-        return env, path, offset
 
     @staticmethod
     def _merge_state(env: Envelope, raw: bytes) -> None:
@@ -610,14 +306,16 @@ class Spool:
                         setattr(r, k, v)
 
     def body_path(self, qid: str) -> tuple[Path, int]:
-        """(file, offset of the first message byte) for the courier to stream from."""
+        """(file, offset) of the message as to be sent (prepended header lines first),
+        which runs to the end of the file."""
         path = self._locate(qid)
-        with open(path, "rb") as f:
-            _, offset = parse_header(f)
-        return path, offset
+        f, lay, _ = self._open_checked(path, qid)
+        f.close()
+        return path, lay.prepend_off
 
     def read_headers(self, qid: str, limit: int = 256 * 1024) -> bytes:
-        """The message's header section (up to and including the blank line)."""
+        """The message's header section (up to and including the blank line), prepended
+        lines included."""
         path, offset = self.body_path(qid)
         with open(path, "rb") as f:
             f.seek(offset)
@@ -628,6 +326,28 @@ class Spool:
         if data.startswith(b"\r\n"):
             return b""
         return data
+
+    def quarantine(self, qid: str, reason: str) -> bool:
+        """Move a damaged message (and its state) to corrupt/; never deletes. True if moved."""
+        moved = False
+        for d in (self.queue_dir, self.hold_dir):
+            if (d / qid).exists():
+                try:
+                    os.rename(d / qid, self.corrupt_dir / qid)
+                    moved = True
+                except OSError as e:
+                    log.error("%s: cannot move to corrupt/: %s", qid, e)
+                    return False
+                with contextlib.suppress(OSError):
+                    os.rename(d / (qid + ".state"), self.corrupt_dir / (qid + ".state"))
+                if self.fsync:
+                    with contextlib.suppress(OSError):
+                        fsync_dir(self.corrupt_dir)
+                        fsync_dir(d)
+                break
+        if moved:
+            log.warning("%s: damaged spool file moved to corrupt/: %s", qid, reason)
+        return moved
 
     # ------------------------------------------------------------------ scheduler state
     def save_state(self, env: Envelope) -> None:
@@ -641,14 +361,14 @@ class Spool:
         ).encode("utf-8")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             if self.fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, state)
         if self.fsync:
-            _fsync_dir(state.parent)
+            fsync_dir(state.parent)
 
     def remove(self, qid: str) -> None:
         """Delete a message: the body first, so a crash leaves at worst an orphan state."""
@@ -677,9 +397,8 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             os.rename(src / (qid + ".state"), dst / (qid + ".state"))
         if self.fsync:
-            _fsync_dir(dst)
-            _fsync_dir(src)
-
+            fsync_dir(dst)
+            fsync_dir(src)
     # ------------------------------------------------------------------ recovery
     def recover(self) -> dict[str, int]:
         """Clean up after a crash; never raises for a bad file. Returns counts."""
@@ -725,12 +444,13 @@ class Spool:
         return counts
 
     def _check_file(self, d: Path, qid: str, counts: dict[str, int]) -> None:
+        """Start-up check: header, lengths, envelope (the checksum is checked before each
+        delivery, so a big queue does not delay the start by reading every message)."""
         path = d / qid
         try:
-            with open(path, "rb") as f:
-                env, _ = parse_header(f)
-            if env.queue_id != qid:
-                raise CorruptError(f"envelope names {env.queue_id!r}")
+            f, lay, _ = self._open_checked(path, qid)
+            with f:
+                self._envelope(f, lay, qid)
             counts["ok"] += 1
         except FileNotFoundError:
             return
@@ -738,9 +458,5 @@ class Spool:
             log.error("%s: left in place, %s", qid, e)
             counts["unsupported"] += 1
         except (CorruptError, OSError) as e:
-            log.error("%s: corrupt spool file moved to corrupt/: %s", qid, e)
             counts["corrupt"] += 1
-            with contextlib.suppress(OSError):
-                os.rename(path, self.corrupt_dir / qid)
-            with contextlib.suppress(OSError):
-                os.rename(d / (qid + ".state"), self.corrupt_dir / (qid + ".state"))
+            self.quarantine(qid, str(e))

@@ -1,0 +1,84 @@
+"""Telling the scheduler about new mail: the notify IPC client.
+
+Owns the sending side of `spool_dir/notify.sock` (the scheduler binds it). Contract:
+after a commit, `Notifier.notify(qid)` calls the in-process `on_commit` hook if one is
+set (the scheduler runs in this process: no datagram), else sends the queue id as a
+datagram to the unix socket. Ids committed in the same loop iteration share one datagram
+("ID\\nID\\n..."); a datagram the kernel refuses because the scheduler's queue is full
+(unix datagram queues are short) is sent again a moment later instead of waiting for the
+periodic rescan.
+Failure policy: best effort, never raises. With no scheduler listening the ids are
+dropped: its start-up scan and periodic rescans find the messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+NOTIFY_SOCK = "notify.sock"  # in spool_dir; bound by the scheduler
+_NOTIFY_BATCH = 200  # queue ids per notify datagram (~18 bytes each)
+_NOTIFY_RETRIES = 200  # x _NOTIFY_RETRY_DELAY: give up after ~2 s (the rescan remains)
+_NOTIFY_RETRY_DELAY = 0.01
+
+
+class Notifier:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.on_commit: Callable[[str], None] | None = None
+        self._sock: socket.socket | None = None
+        self.pending: list[str] = []
+        self._scheduled = False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def notify(self, queue_id: str) -> None:
+        if self.on_commit is not None:
+            try:
+                self.on_commit(queue_id)
+            except Exception:  # a scheduler bug must not fail an accepted message
+                log.exception("%s: on_commit hook failed", queue_id)
+            return
+        self.pending.append(queue_id)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._send()
+            return
+        self._scheduled = True
+        loop.call_soon(self._flush, loop, 0)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop, tries: int) -> None:
+        self._scheduled = False
+        if not self._send() and tries < _NOTIFY_RETRIES and self.pending:
+            self._scheduled = True
+            loop.call_later(_NOTIFY_RETRY_DELAY, self._flush, loop, tries + 1)
+
+    def _send(self) -> bool:
+        """Send pending ids; False if the scheduler's queue was full (retry later)."""
+        try:
+            if self._sock is None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                s.setblocking(False)
+                self._sock = s
+            while self.pending:
+                batch = self.pending[:_NOTIFY_BATCH]
+                self._sock.sendto("\n".join(batch).encode("ascii"), str(self.path))
+                del self.pending[:len(batch)]
+            return True
+        except (BlockingIOError, InterruptedError):
+            return False  # queue full: try again shortly
+        except OSError:
+            # No scheduler listening (stopped, or not started yet).
+            self.pending.clear()
+            return True

@@ -1,0 +1,264 @@
+"""The one way into the spool: SMTP sessions, the sendmail command and bounces.
+
+Owns what happens to every message on its way into the queue, whoever produced it:
+- our `Received:` trace field (cleanup.received_for, RFC 5321 4.4), and `Date:` /
+  `Message-ID:` when missing (RFC 6409 8.3, 8.6; cleanup.HeaderCleanup);
+- refusals decided on the content: a NUL anywhere (RFC 5322 2.3 / RFC 6152: no NUL
+  outside BINARYMIME, which we do not offer) -> 554 5.6.0; more `Received:` fields than
+  `[limits] max_hops` (RFC 5321 6.3 loop detection, Postfix hopcount_limit) -> 554 5.4.6;
+- free space: `space_ok()` before a transaction (`[limits] queue_min_free`, statvfs cached
+  ~1 s) and ENOSPC / EDQUOT while writing -> 452 4.3.1, nothing half-written left;
+- the DKIM hook: `signer(message) -> header lines | None` runs once, before commit, on
+  the whole message (read back from disk for a streamed one); its lines are stored as the
+  queue file's prepend, which the courier sends first (spool/format.py);
+- durability (Incoming.commit: fsync before the caller answers 250) and the one maillog
+  `from=` line per accepted message.
+
+Contract (docs/INTERFACES.md):
+
+    sub = Submitter(spool, cfg, maillog=ml)          # sub.signer = h13's signer
+    draft = sub.begin(env, tls=..., add_missing=...)  # no I/O
+    draft.write(bytes) ...                            # never raises for I/O or content
+    await draft.commit(**extra_log_fields)            # or draft.commit_blocking()
+    draft.abort()                                     # idempotent; after any failure
+
+`write()` takes the message as the producer has it (CRLF line ends, not dot-stuffed).
+It records the first problem and drops the rest; `commit()` then raises `Refused` with
+the reply to give (`.reply`, `.reason` for the log) and nothing is stored. OSError from
+commit is mapped to `Refused` too (452 4.3.1 for a full disk, else 451 4.3.0): callers
+catch one exception. The caller logs the refusal (it knows the client); the submitter
+logs the `from=` line of accepted mail.
+Failure policy: content refusals are permanent (5xx), storage trouble transient (4xx).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from authrelay import replies
+from authrelay.config import Config
+from authrelay.spool.cleanup import HeaderCleanup, received_for
+from authrelay.spool.envelope import Envelope, new_queue_id
+from authrelay.spool.format import SpoolError
+from authrelay.spool.store import Spool
+from authrelay.spool.writer import Incoming
+from authrelay.types import Reply
+
+Signer = Callable[[bytes], "bytes | None"]
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+SPACE_CACHE = 1.0  # seconds a statvfs answer is reused
+
+
+class Refused(Exception):
+    """The message is not queued; `reply` says why (to the client), `reason` to the log."""
+
+    def __init__(self, reply: Reply, reason: str = "", errno: int | None = None) -> None:
+        super().__init__(f"{reply.code} {reply.enhanced} {reply.text}")
+        self.reply = reply
+        self.reason = reason or reply.text
+        self.errno = errno  # the OSError behind a storage refusal
+
+    @property
+    def permanent(self) -> bool:
+        return self.reply.code >= 500
+
+
+def _io_refusal(e: BaseException) -> Refused:
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+        return Refused(replies.NO_STORAGE, os.strerror(e.errno), e.errno)
+    if isinstance(e, OSError) and e.errno is not None:
+        return Refused(replies.SPOOL_ERROR, f"spool I/O error: {os.strerror(e.errno)}",
+                       e.errno)
+    return Refused(replies.SPOOL_ERROR, f"spool error: {e}")
+
+
+class Submitter:
+    """Accepts messages into one spool for one configuration (see module docstring)."""
+
+    def __init__(self, spool: Spool, cfg: Config, *, maillog: Any = None,
+                 signer: Signer | None = None) -> None:
+        self.spool = spool
+        self.cfg = cfg
+        self.maillog = maillog
+        self.signer = signer
+        self._space: tuple[float, int] = (-1e9, 0)  # (monotonic time, bytes free)
+
+    def reload(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ free space
+    def free_bytes(self) -> int:
+        """Bytes available to us in the queue directory (statvfs, cached ~1 s)."""
+        now = time.monotonic()
+        at, free = self._space
+        if now - at >= SPACE_CACHE:
+            st = os.statvfs(self.spool.queue_dir)
+            free = st.f_bavail * st.f_frsize
+            self._space = (now, free)
+        return free
+
+    def space_ok(self, size: int = 0) -> bool:
+        """Room for a message of `size` bytes (RFC 1870 SIZE, else 0) above queue_min_free?
+        As Postfix smtpd: free - size must stay at or above the minimum. A statvfs error
+        is answered as "no room" (transient 452, never a lost message)."""
+        need = self.cfg.limits.min_free_bytes
+        if need <= 0:
+            return True
+        try:
+            return self.free_bytes() - max(size, 0) >= need
+        except OSError:
+            return False
+
+    # ------------------------------------------------------------------ messages
+    def begin(self, env: Envelope, *, tls: str = "", add_missing: bool = True,
+              local_uid: int | None = None, nul_checked: bool = False,
+              check_content: bool = True) -> Draft:
+        """A new message for `env` (queue id assigned if empty). `nul_checked`: the producer
+        already refuses NUL (smtpd/bodyreader.py). `check_content=False` (bounces we build)
+        skips the NUL and hop checks."""
+        if not env.queue_id:
+            env.queue_id = new_queue_id()
+        return Draft(self, env, tls=tls, add_missing=add_missing, local_uid=local_uid,
+                     scan_nul=check_content and not nul_checked, check_hops=check_content)
+
+
+class Draft:
+    """One message on its way in: write() then commit(), or abort()."""
+
+    def __init__(self, sub: Submitter, env: Envelope, *, tls: str, add_missing: bool,
+                 local_uid: int | None, scan_nul: bool, check_hops: bool) -> None:
+        self.submitter = sub
+        self.envelope = env
+        self.queue_id = env.queue_id
+        self._cleanup = HeaderCleanup(
+            received_for(env, sub.cfg.hostname, tls=tls, local_uid=local_uid),
+            sub.cfg.hostname, add_missing=add_missing)
+        self._incoming: Incoming = sub.spool.begin(env)
+        self._scan_nul = scan_nul
+        self._check_hops = check_hops
+        self._problem: Refused | None = None
+        self.nul = False
+        self.received = 0  # bytes given to write()
+        self._done = False
+
+    @property
+    def size(self) -> int:
+        """Bytes stored so far (our header lines included)."""
+        return self._incoming.size
+
+    @property
+    def hops(self) -> int:
+        return self._cleanup.hops
+
+    @property
+    def header_section(self) -> bytes:
+        """The header section as it arrived (for a bounce built by the caller)."""
+        return self._cleanup.header_section
+
+    def mark_nul(self) -> None:
+        """The producer found a NUL itself (the body reader): refuse at commit."""
+        self.nul = True
+
+    def write(self, data: bytes) -> None:
+        if self._problem is not None or self._done:
+            return
+        self.received += len(data)
+        if self._scan_nul and not self.nul and data.find(b"\x00") >= 0:
+            self.nul = True
+        if self.nul:
+            return  # will be refused: store nothing more
+        try:
+            out = self._cleanup.feed(data)
+            if out:
+                self._incoming.write(out)
+        except (OSError, SpoolError) as e:
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        self._problem = _io_refusal(e)
+        self._incoming.abort()  # nothing half-written stays
+
+    def _check(self) -> None:
+        if self.nul:
+            raise Refused(replies.MSG_NUL)
+        if self._problem is not None:
+            raise self._problem
+        limit = self.submitter.cfg.limits.max_hops
+        if self._check_hops and limit and self._cleanup.hops > limit:
+            raise Refused(replies.TOO_MANY_HOPS,
+                          f"{self._cleanup.hops} Received: headers (max_hops {limit})")
+
+    def _prepare(self) -> None:
+        if self._done:
+            raise SpoolError("commit after commit/abort")
+        try:
+            tail = self._cleanup.finish()
+        except Exception:
+            tail = b""
+        self._check()  # header counting is complete once finish() ran
+        try:
+            if tail:
+                self._incoming.write(tail)
+        except (OSError, SpoolError) as e:
+            self._fail(e)
+            raise self._problem from None  # type: ignore[misc]
+        self._incoming.signer = self.submitter.signer
+
+    async def commit(self, **log: Any) -> None:
+        """Durable when this returns (fsync); then the maillog `from=` line. Raises
+        Refused (nothing stored)."""
+        try:
+            self._prepare()
+            await self._incoming.commit()
+        except Refused:
+            self.abort()
+            raise
+        except (OSError, SpoolError) as e:
+            self.abort()
+            raise _io_refusal(e) from None
+        self._committed(log)
+
+    def commit_blocking(self, **log: Any) -> None:
+        """commit() without an event loop (the sendmail command)."""
+        try:
+            self._prepare()
+            self._incoming.commit_blocking()
+        except Refused:
+            self.abort()
+            raise
+        except (OSError, SpoolError) as e:
+            self.abort()
+            raise _io_refusal(e) from None
+        self._committed(log)
+
+    def _committed(self, log: dict[str, Any]) -> None:
+        self._done = True
+        ml = self.submitter.maillog
+        if ml is None:
+            return
+        env, inc = self.envelope, self._incoming
+        if inc.sign_error:
+            ml.event(env.queue_id, warning=f"not signed: {inc.sign_error}")
+        fields: dict[str, Any] = {"from": f"<{env.sender}>", "size": inc.size,
+                                  "nrcpts": len(env.recipients)}
+        if env.is_bounce:
+            pass
+        elif env.listener == "sendmail" or env.protocol == "local":
+            fields.update(relay="local", proto="local")
+        else:
+            fields.update(relay=f"{env.client_rdns or 'unknown'} [{env.client_ip}]",
+                          proto=env.protocol, auth=env.auth_user or None,
+                          helo=env.helo or None)
+        fields.update(log)
+        ml.event(env.queue_id, **fields)
+
+    def abort(self) -> None:
+        """Drop the message (idempotent); never raises."""
+        if not self._done:
+            self._done = True
+            self._incoming.abort()

@@ -1,0 +1,381 @@
+"""Writing one queue file durably: `Incoming` and the commit thread pool.
+
+Owns the receive-side I/O of the spool (the format is spool/format.py). Contract:
+`Incoming.commit()` returns only after the file and its directory entry are on stable
+storage (fchmod ready, fsync file; then fsync queue/ as a group commit shared by
+concurrent commits, except on filesystems whose journal already commits the create with
+the file -- ext4, xfs, btrfs -- see `journal_orders_create`). RFC 5321 6.1: once we
+answer 250 to the final dot we are responsible for the message. A kill at any point
+leaves either a file without the ready mark (garbage, no 250 was sent; `recover()`
+removes it) or a complete, ready one. The version 2 header (lengths, checksum) is
+written last, in the same fsync as the data, so a ready file always has a true header.
+
+The bytes stream to queue/ID (mode 0600 = "not ready"; commit sets the owner-execute
+bit, Postfix's trick, so there is no cross-directory rename). The first `SPILL` bytes
+are kept in memory and the file is created by the commit thread (creating a file on ext4
+can wait behind a journal commit, which must not stall the event loop); a larger message
+creates its file then and streams, so memory per session stays bounded by SPILL.
+The checksum is computed incrementally as bytes arrive (format.checksum).
+
+`signer(message) -> header lines | None` (DKIM, issue 13) runs in the commit thread
+on the whole message (read back from the file for a streamed one); its lines become the
+file's prepend. A signer that raises or returns too much for a streamed file's reserved
+slot leaves the message unsigned and `sign_error` says why (mail is never lost for it).
+
+Failure policy: OSError propagates (ENOSPC included; spool/submit.py maps it to a
+reply); the file is removed on any failure before the ready mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from authrelay.spool import format as fmt
+from authrelay.spool.envelope import Envelope
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from authrelay.spool.store import Spool
+
+NOT_READY_MODE = 0o600  # queue/ID still being received
+READY_MODE = 0o700  # owner-execute bit: committed (fsync'd before the 250)
+SPILL = 128 * 1024  # message bytes kept in memory before the file is created
+
+Signer = Callable[[bytes], "bytes | None"]
+
+# Filesystems whose fsync(file) also commits the creation of that file's directory entry:
+# the create and the data are in one journal (ext4 with a journal, xfs log, btrfs log tree),
+# and committing the file's last transaction commits every earlier one. Postfix relies on
+# the same. Elsewhere (ext2, vfat, tmpfs, network filesystems ...) we fsync the directory.
+_ORDERED_FS = {"ext4", "ext3", "xfs", "btrfs"}
+
+
+def journal_orders_create(path: Path) -> bool:
+    if os.environ.get("AUTHRELAY_SPOOL_DIR_FSYNC") == "1":
+        return False
+    try:
+        target = os.path.realpath(path)
+        best, fstype, opts = "", "", ""
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 4:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and \
+                        len(mnt) >= len(best):
+                    best, fstype, opts = mnt, parts[2], parts[3]
+    except OSError:
+        return False
+    if fstype == "ext4" and "data=writeback" in opts:
+        return False  # no ordering guarantee between data and metadata
+    return fstype in _ORDERED_FS
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- thread pool
+
+class CommitPool:
+    """Threads that run commits (fsync and friends) for event loops, with less overhead
+    than ThreadPoolExecutor + run_in_executor (no concurrent.futures.Future, no chaining):
+    one queue put to start, one call_soon_threadsafe to finish. Threads start on demand up
+    to `size`, so concurrent commits' fsyncs share journal commits."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def run(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            if self._idle == 0 and self._threads < self.size:
+                self._threads += 1
+                threading.Thread(target=self._work, name="spool-commit", daemon=True).start()
+            else:
+                self._idle -= 1  # that idle thread will take this job
+        self._q.put((fn, fut, loop))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            fn, fut, loop = self._q.get()
+            value: Any = None
+            exc: BaseException | None = None
+            try:
+                value = fn()
+            except BaseException as e:  # handed to the awaiting coroutine
+                exc = e
+            try:
+                loop.call_soon_threadsafe(_settle, fut, value, exc)
+            except RuntimeError:  # the loop is gone (shutdown)
+                pass
+            with self._lock:
+                self._idle += 1
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(value)
+    else:
+        fut.set_exception(exc)
+
+
+_pool_lock = threading.Lock()
+_commit_pool: CommitPool | None = None
+_commit_pool_pid = 0
+
+
+def commit_pool() -> CommitPool:
+    global _commit_pool, _commit_pool_pid
+    with _pool_lock:
+        if _commit_pool is None or _commit_pool_pid != os.getpid():
+            # threads don't survive fork(): a forked worker gets its own pool
+            _commit_pool, _commit_pool_pid = CommitPool(), os.getpid()
+        return _commit_pool
+
+
+class DirSync:
+    """Group commit of one directory's fsync: each caller needs an fsync that *started*
+    after its create; one running fsync serves every caller that arrived before it began,
+    so N concurrent sessions cost ~1 directory journal commit, not N."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self._cond = threading.Condition()
+        self._started = 0
+        self._done = 0
+        self._running = False
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+    def sync(self) -> None:
+        cond = self._cond
+        with cond:
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            need = self._started + 1
+            while self._done < need:
+                if self._running:
+                    cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                seq = self._started
+                cond.release()
+                try:
+                    os.fsync(self.fd)
+                except BaseException:
+                    cond.acquire()
+                    self._running = False
+                    cond.notify_all()
+                    raise
+                cond.acquire()
+                self._running = False
+                self._done = seq
+                cond.notify_all()
+
+
+# --------------------------------------------------------------------------- one message
+
+class Incoming:
+    """One message being received: written with write(), made durable by commit()."""
+
+    def __init__(self, spool: Spool, envelope: Envelope) -> None:
+        self.spool = spool
+        self.envelope = envelope
+        self.queue_id = envelope.queue_id
+        self.size = 0  # message bytes written so far
+        self.prepend = b""  # header lines sent before the message (set before commit)
+        self.signer: Signer | None = None
+        self.sign_error = ""
+        self._path = spool.queue_dir / self.queue_id
+        self._fd: int | None = None
+        self._buf = bytearray()
+        self._crc = 0
+        self._env_json = b""
+        self._msg_off = 0  # where the message starts in a streamed file
+        self._done = False
+
+    def _create(self) -> int:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     NOT_READY_MODE)
+        try:
+            # The lock tells recover() in another process that this file is alive.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return fd
+
+    def _spill(self) -> None:
+        """Create the file and stream from here on: a placeholder header (filled in at
+        commit), the envelope, a reserved slot for late header lines, the message."""
+        self._env_json = fmt.encode_envelope(self.envelope)
+        fd = self._create()
+        head = (fmt.RECEIVING_HEADER + self._env_json + b"\n"
+                + b" " * fmt.PREPEND_SLOT)
+        self._msg_off = len(head)
+        try:
+            write_all(fd, head)
+            write_all(fd, self._buf)
+        except BaseException:
+            self.abort()
+            raise
+        self._buf = bytearray()
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append message bytes; runs on the event loop (memory, then page cache)."""
+        if self._done:
+            raise fmt.SpoolError("write after commit/abort")
+        self.size += len(data)
+        self._crc = fmt.checksum(data, self._crc)
+        if self._fd is None:
+            self._buf += data
+            if len(self._buf) >= SPILL:
+                self._spill()
+            return
+        write_all(self._fd, data)
+
+    def message(self) -> bytes:
+        """The message bytes written so far (read back from a streamed file)."""
+        if self._fd is None:
+            return bytes(self._buf)
+        out = bytearray()
+        off, left = self._msg_off, self.size
+        while left > 0:
+            b = os.pread(self._fd, min(left, 1 << 20), off)
+            if not b:
+                raise OSError("short read of the message being committed")
+            out += b
+            off += len(b)
+            left -= len(b)
+        return bytes(out)
+
+    def _sign(self, room: int | None) -> bytes:
+        signer = self.signer
+        if signer is None:
+            return b""
+        try:
+            lines = signer(self.message())
+        except Exception as e:  # a signer bug never costs the message
+            self.sign_error = f"signer failed: {type(e).__name__}: {e}"
+            return b""
+        if not lines:
+            return b""
+        if not lines.endswith(b"\r\n"):
+            lines += b"\r\n"
+        if room is not None and len(self.prepend) + len(lines) > room:
+            self.sign_error = (f"signature of {len(lines)} bytes does not fit the "
+                               f"{room}-byte slot; sent unsigned")
+            return b""
+        return lines
+
+    def _commit_sync(self) -> None:
+        if self._fd is None:
+            pre = self._sign(None) + self.prepend
+            env_json = fmt.encode_envelope(self.envelope)
+            crc = fmt.checksum(env_json, fmt.checksum(pre, self._crc))
+            header = fmt.encode_header(env_len=len(env_json), pad=0, pre=len(pre),
+                                       msg=self.size, crc=crc)
+            fd = self._create()
+            write_all(fd, b"".join((header, env_json, b"\n", pre, self._buf)))
+            self._buf = bytearray()
+        else:
+            fd = self._fd
+            pre = self._sign(fmt.PREPEND_SLOT) + self.prepend
+            if len(pre) > fmt.PREPEND_SLOT:
+                raise fmt.SpoolError("prepended header lines exceed the reserved slot")
+            pad = fmt.PREPEND_SLOT - len(pre)
+            crc = fmt.checksum(self._env_json, fmt.checksum(pre, self._crc))
+            if pre:
+                pwrite_all(fd, pre, self._msg_off - len(pre))
+            pwrite_all(fd, fmt.encode_header(env_len=len(self._env_json), pad=pad,
+                                             pre=len(pre), msg=self.size, crc=crc), 0)
+        os.fchmod(fd, READY_MODE)  # the ready mark travels in the same fsync as the data
+        if self.spool.fsync:
+            os.fsync(fd)
+            if not self.spool.journal_orders_create:
+                self.spool.queue_dir_sync.sync()  # the directory entry too (group commit)
+        self._fd = None
+        os.close(fd)  # releases the flock only now: recover() never sees a half commit
+
+    async def commit(self) -> None:
+        """Durable when this returns: data + ready mark fsynced, queue/ fsynced; notify."""
+        if self._done:
+            raise fmt.SpoolError("commit after commit/abort")
+        self._done = True
+        try:
+            await commit_pool().run(self._commit_sync)
+        except BaseException:
+            self._done = False
+            self.abort()
+            raise
+        self.spool.notifier.notify(self.queue_id)
+
+    def commit_blocking(self) -> None:
+        """commit() for callers without an event loop (the sendmail command)."""
+        if self._done:
+            raise fmt.SpoolError("commit after commit/abort")
+        self._done = True
+        try:
+            self._commit_sync()
+        except BaseException:
+            self._done = False
+            self.abort()
+            raise
+        self.spool.notifier.notify(self.queue_id)
+
+    def abort(self) -> None:
+        """Drop the message (idempotent); never raises. Nothing half-written stays."""
+        fd, self._fd = self._fd, None
+        self._buf = bytearray()
+        if not self._done:
+            self._done = True
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._path)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -1,0 +1,294 @@
+"""Spool format version 2: lengths, checksum, strict envelope, prepend; version 1 still read.
+
+Damage of every kind (truncation, a removed field, an unknown field, a wrong type, a flipped
+bit anywhere in the file) must raise CorruptError -- and recovery / quarantine must move
+such a file to corrupt/, never delete it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from authrelay.config import from_dict
+from authrelay.spool import format as fmt
+from authrelay.spool import writer as writer_mod
+from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+from authrelay.spool.store import CorruptError, Spool, UnsupportedVersion
+from authrelay.spool.submit import Refused, Submitter
+
+MSG = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nbody line\r\n"
+BIG = MSG + b"".join(b"line %07d of a big message\r\n" % i
+                     for i in range(writer_mod.SPILL // 20))
+HUGE = BIG * 2  # past store.INLINE_MAX: delivered from the file, verified separately
+
+
+@pytest.fixture
+def spool() -> Spool:
+    d = tempfile.mkdtemp(prefix="arf", dir="/tmp")
+    s = Spool(Path(d) / "spool", fsync=False)
+    s.ensure_dirs()
+    yield s
+    s.close()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _env(*rcpts: str) -> Envelope:
+    return Envelope(queue_id=new_queue_id(), sender="a@example.org",
+                    recipients=[Recipient(address=r) for r in rcpts or ("b@example.net",)])
+
+
+async def _put(spool: Spool, data: bytes, prepend: bytes = b"", signer=None) -> str:
+    inc = spool.begin(_env())
+    for i in range(0, len(data), 65536):
+        inc.write(data[i:i + 65536])
+    inc.prepend = prepend
+    inc.signer = signer
+    await inc.commit()
+    return inc.queue_id
+
+
+@pytest.mark.parametrize("data", [MSG, BIG, HUGE], ids=["memory", "streamed", "huge"])
+async def test_v2_roundtrip(spool: Spool, data: bytes) -> None:
+    qid = await _put(spool, data)
+    raw = (spool.queue_dir / qid).read_bytes()
+    assert raw[:fmt.HEADER_LEN].startswith(b"AUTHRELAY-SPOOL 2 env=")
+    assert raw[fmt.HEADER_LEN - 1:fmt.HEADER_LEN] == b"\n"
+    env, msg, off = spool.load_for_delivery(qid)
+    if isinstance(msg, Path):  # streamed: the caller verifies off the event loop
+        spool.verify(qid)
+        msg = msg.read_bytes()[off:]
+    assert msg == data and env.size == len(data)
+    assert spool.load(qid).recipients[0].address == "b@example.net"
+    path, off = spool.body_path(qid)
+    assert path.read_bytes()[off:] == data
+    assert spool.recover()["corrupt"] == 0
+
+
+@pytest.mark.parametrize("data", [MSG, BIG], ids=["memory", "streamed"])
+async def test_signer_lines_are_prepended(spool: Spool, data: bytes) -> None:
+    seen: list[bytes] = []
+
+    def signer(message: bytes) -> bytes:
+        seen.append(message)
+        return b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=sel;\r\n\tb=abc"
+
+    qid = await _put(spool, data, signer=signer)
+    assert seen == [data]  # the whole message, once, read back from disk when streamed
+    sig = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=sel;\r\n\tb=abc\r\n"
+    spool.verify(qid)
+    path, off = spool.body_path(qid)
+    assert path.read_bytes()[off:] == sig + data  # what the courier streams
+    assert spool.read_headers(qid).startswith(sig)  # what `queue show` prints
+    env = spool.load(qid)
+    assert env.size == len(sig) + len(data)
+
+
+async def test_signer_failure_leaves_message_unsigned(spool: Spool) -> None:
+    inc = spool.begin(_env())
+    inc.write(MSG)
+    inc.signer = lambda m: 1 / 0  # type: ignore[assignment,return-value]
+    await inc.commit()
+    assert "ZeroDivisionError" in inc.sign_error
+    path, off = spool.body_path(inc.queue_id)
+    assert path.read_bytes()[off:] == MSG
+    inc2 = spool.begin(_env())  # too big for a streamed file's slot: unsigned, kept
+    inc2.write(BIG)
+    inc2.signer = lambda m: b"X-Big: " + b"x" * fmt.PREPEND_SLOT
+    await inc2.commit()
+    assert "does not fit" in inc2.sign_error
+    spool.verify(inc2.queue_id)
+
+
+def _damage(spool: Spool, qid: str, fn) -> None:
+    p = spool.queue_dir / qid
+    p.write_bytes(fn(p.read_bytes()))
+    p.chmod(0o700)
+
+
+def _env_span(raw: bytes) -> tuple[int, int]:
+    nl = raw.find(b"\n")
+    v, f = fmt.parse_header_line(raw[:nl + 1])
+    lay = fmt.layout_of(v, f, nl + 1)
+    return lay.env_off, lay.env_off + lay.env_len
+
+
+def _edit_env(raw: bytes, edit) -> bytes:
+    """Change the envelope JSON but keep lengths true (and the checksum recomputed), so
+    only the strict decoder can catch it."""
+    a, b = _env_span(raw)
+    d = json.loads(raw[a:b])
+    edit(d)
+    ej = json.dumps(d, separators=(",", ":")).encode()
+    nl = raw.find(b"\n")
+    v, f = fmt.parse_header_line(raw[:nl + 1])
+    lay = fmt.layout_of(v, f, nl + 1)
+    msg = raw[lay.msg_off:]
+    pre = raw[lay.prepend_off:lay.msg_off]
+    crc = fmt.checksum(ej, fmt.checksum(pre, fmt.checksum(msg)))
+    head = fmt.encode_header(env_len=len(ej), pad=0, pre=len(pre), msg=len(msg), crc=crc)
+    return head + ej + b"\n" + pre + msg
+
+
+def _header(raw: bytes, line: bytes) -> bytes:
+    return line.ljust(fmt.HEADER_LEN - 1) + b"\n" + raw[fmt.HEADER_LEN:]
+
+
+def _flip_header(raw: bytes, key: bytes, skip: int) -> bytes:
+    i = raw.find(key) + skip
+    c = b"1" if raw[i:i + 1] == b"0" else b"0"
+    return raw[:i] + c + raw[i + 1:]
+
+
+DAMAGE = {
+    "truncated_last_byte": lambda r: r[:-1],
+    "truncated_half": lambda r: r[: len(r) // 2],
+    "truncated_in_header": lambda r: r[:40],
+    "appended_garbage": lambda r: r + b"xx",
+    "bit_flip_message": lambda r: r[:-3] + bytes([r[-3] ^ 0x01]) + r[-2:],
+    "bit_flip_envelope": lambda r: (lambda a: r[:a + 5] + bytes([r[a + 5] ^ 0x20])
+                                    + r[a + 6:])(_env_span(r)[0]),
+    "bit_flip_checksum": lambda r: _flip_header(r, b"sum=crc32:", 10),
+    "header_field_removed": lambda r: r.replace(b" pre=0", b"      ", 1),
+    "header_field_unknown": lambda r: _header(r, r[:fmt.HEADER_LEN].rstrip() + b" zz=1"),
+    "unknown_checksum_type": lambda r: r.replace(b"sum=crc32:", b"sum=crc99:", 1),
+    "recipients_removed": lambda r: _edit_env(r, lambda d: d.pop("recipients")),
+    "recipients_empty": lambda r: _edit_env(r, lambda d: d.update(recipients=[])),
+    "sender_removed": lambda r: _edit_env(r, lambda d: d.pop("sender")),
+    "unknown_envelope_field": lambda r: _edit_env(r, lambda d: d.update(hops_override=1)),
+    "wrong_type": lambda r: _edit_env(r, lambda d: d.update(client_port="25")),
+    "recipient_state_unknown": lambda r: _edit_env(
+        r, lambda d: d["recipients"][0].update(state="delivered-maybe")),
+    "recipient_address_removed": lambda r: _edit_env(
+        r, lambda d: d["recipients"][0].pop("address")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+async def test_damage_is_detected_and_quarantined(spool: Spool, kind: str) -> None:
+    qid = await _put(spool, MSG)
+    good = (spool.queue_dir / qid).read_bytes()
+    _damage(spool, qid, DAMAGE[kind])
+    damaged = (spool.queue_dir / qid).read_bytes()
+    assert damaged != good
+    with pytest.raises(CorruptError):
+        env, msg, off = spool.load_for_delivery(qid)
+    # recover() at start catches everything but pure message bit flips (the checksum is
+    # read before each delivery); the scheduler quarantines those (test_scheduler_*).
+    counts = spool.recover()
+    if kind in ("bit_flip_message", "bit_flip_checksum"):
+        assert counts["corrupt"] == 0
+        assert spool.quarantine(qid, "checksum mismatch")
+    else:
+        assert counts["corrupt"] == 1, counts
+    assert (spool.corrupt_dir / qid).read_bytes() == damaged  # kept, byte for byte
+    assert not (spool.queue_dir / qid).exists()
+
+
+async def test_big_message_bit_flip_found_by_verify(spool: Spool) -> None:
+    qid = await _put(spool, HUGE)
+    _damage(spool, qid, DAMAGE["bit_flip_message"])
+    env, path, off = spool.load_for_delivery(qid)  # lengths fine: the header is read
+    assert isinstance(path, Path)
+    with pytest.raises(CorruptError, match="checksum"):
+        spool.verify(qid)
+
+
+async def test_version_1_files_are_still_read(spool: Spool) -> None:
+    env = _env("x@a.example", "y@b.example")
+    (spool.queue_dir / env.queue_id).write_bytes(fmt.encode_v1(env, MSG))
+    (spool.queue_dir / env.queue_id).chmod(0o700)
+    assert spool.recover()["ok"] == 1
+    loaded, msg, off = spool.load_for_delivery(env.queue_id)
+    assert msg == MSG and off == 0
+    assert [r.address for r in loaded.recipients] == ["x@a.example", "y@b.example"]
+    assert spool.read_headers(env.queue_id).startswith(b"From: a@example.org")
+    # The damage that used to be deleted as "removed": a version 1 file without recipients.
+    bad = _env()
+    d = json.loads(bad.to_json(version=1))
+    d.pop("recipients")
+    ej = json.dumps(d).encode()
+    (spool.queue_dir / bad.queue_id).write_bytes(b"AUTHRELAY-SPOOL 1 %d\n%s\n" % (len(ej), ej)
+                                                 + MSG)
+    (spool.queue_dir / bad.queue_id).chmod(0o700)
+    with pytest.raises(CorruptError, match="no recipients"):
+        spool.load(bad.queue_id)
+    assert spool.recover()["corrupt"] == 1
+    assert (spool.corrupt_dir / bad.queue_id).exists()
+
+
+async def test_newer_version_left_in_place(spool: Spool) -> None:
+    qid = await _put(spool, MSG)
+    _damage(spool, qid, lambda r: r.replace(b"AUTHRELAY-SPOOL 2 ", b"AUTHRELAY-SPOOL 7 ", 1))
+    with pytest.raises(UnsupportedVersion):
+        spool.load_for_delivery(qid)
+    assert spool.recover()["unsupported"] == 1
+    assert (spool.queue_dir / qid).exists()
+
+
+def test_codec_covers_every_field() -> None:
+    env = Envelope(queue_id="Q1", sender="", recipients=[Recipient("a@b.example")])
+    assert fmt.decode_envelope(env.to_json(version=2), 2) == env
+    with pytest.raises(CorruptError, match="wrong type"):
+        fmt.decode_envelope(env.to_json(version=2).replace(b'"is_bounce":false',
+                                                           b'"is_bounce":0'), 2)
+
+
+# ---------------------------------------------------------------------- submit path
+
+def _cfg(tmp: Path, **limits):
+    return from_dict({"hostname": "relay.test", "state_dir": str(tmp),
+                      "limits": limits})
+
+
+async def test_submit_refuses_nul_and_hops(spool: Spool, tmp_path: Path) -> None:
+    sub = Submitter(spool, _cfg(tmp_path, max_hops=3))
+    d = sub.begin(_env())
+    d.write(b"Subject: x\r\n\r\nbo\x00dy\r\n")
+    with pytest.raises(Refused) as e:
+        await d.commit()
+    assert (e.value.reply.code, e.value.reply.enhanced) == (554, "5.6.0")
+    hops = b"".join(b"Received: from h%d by h%d; date\r\n" % (i, i) for i in range(4))
+    d = sub.begin(_env())
+    d.write(hops + b"Subject: x\r\n\r\nbody\r\n")
+    with pytest.raises(Refused) as e:
+        await d.commit()
+    assert (e.value.reply.code, e.value.reply.enhanced, e.value.reply.text) == (
+        554, "5.4.6", "Too many hops")
+    d = sub.begin(_env())  # exactly max_hops: accepted
+    d.write(hops.split(b"\r\n", 1)[1] + b"Subject: x\r\n\r\nbody\r\n")
+    await d.commit()
+    assert d.hops == 3
+    assert list(p.name for p in spool.queue_dir.iterdir()) == [d.queue_id]
+    _, msg, _ = spool.load_for_delivery(d.queue_id)
+    assert msg.startswith(b"Received: from ") and b"by relay.test (authrelay)" in msg
+
+
+async def test_submit_enospc_leaves_nothing(spool: Spool, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    sub = Submitter(spool, _cfg(tmp_path))
+    real = os.write
+    calls = {"n": 0}
+
+    def full(fd: int, data) -> int:  # the disk fills while the message streams
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(writer_mod.os, "write", full)
+    d = sub.begin(_env())
+    for i in range(0, len(BIG), 8192):
+        d.write(BIG[i:i + 8192])  # never raises
+    with pytest.raises(Refused) as e:
+        await d.commit()
+    assert (e.value.reply.code, e.value.reply.enhanced) == (452, "4.3.1")
+    assert e.value.reason == "No space left on device"
+    assert list(spool.queue_dir.iterdir()) == []
