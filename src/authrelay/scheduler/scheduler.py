@@ -144,6 +144,7 @@ class Scheduler:
         self.spool.ensure_dirs()
         self._lock_fd = await self._take_lock()
         await self._io(self.spool.recover)
+        self._log_quarantined()
         if self.spool.on_commit is None:
             self.spool.on_commit = self.notify
             self._hooked = True
@@ -359,6 +360,11 @@ class Scheduler:
             self._wake.set()
 
     # ------------------------------------------------------------------ one message
+    def _log_quarantined(self) -> None:
+        moved, self.spool.quarantined[:] = list(self.spool.quarantined), []
+        for qid, reason in moved:
+            self.maillog.event(qid, warning=f"damaged queue file moved to corrupt/: {reason}")
+
     def _load(self, qid: str) -> tuple[Envelope, bytes | Path, int]:
         # One read for a small message: header, envelope and body (the courier gets bytes).
         return self.spool.load_for_delivery(qid)
@@ -377,8 +383,8 @@ class Scheduler:
             return
         except CorruptError as e:
             # Damage is never delivered and never deleted: corrupt/ and a warning line.
-            if await self._io(self.spool.quarantine, qid, str(e)):
-                self.maillog.event(qid, warning=f"damaged queue file moved to corrupt/: {e}")
+            await self._io(self.spool.quarantine, qid, str(e))
+            self._log_quarantined()
             self._ignored.add(qid)
             self._release(act)
             return

@@ -112,6 +112,9 @@ class Spool:
         self.notifier = Notifier(self.notify_path)
         self.queue_dir_sync = DirSync(self.queue_dir)
         self.journal_orders_create = journal_orders_create(self.root)
+        # (queue id, reason) of files moved to corrupt/, for the caller's audit log
+        # (the scheduler writes maillog warnings for them and clears the list).
+        self.quarantined: list[tuple[str, str]] = []
 
     @property
     def on_commit(self) -> Callable[[str], None] | None:
@@ -347,6 +350,7 @@ class Spool:
                 break
         if moved:
             log.warning("%s: damaged spool file moved to corrupt/: %s", qid, reason)
+            self.quarantined.append((qid, reason))
         return moved
 
     # ------------------------------------------------------------------ scheduler state

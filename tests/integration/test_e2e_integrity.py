@@ -1,0 +1,375 @@
+"""Message integrity end to end (issue 11): NUL, routing characters, hop limit, spool damage.
+
+A real `authrelay serve`, real sockets, the fake DNS and a fake MX (aiosmtpd) on loopback.
+What the MX receives (or never receives), what stays in the spool and the maillog lines
+are the evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import FakeSMTPServer, MXFactory
+from relayproc import PASSWORD, RelayProcess
+from smtpclient import RawClient
+from test_e2e_delivery import (
+    SENDER,
+    delivered_to,
+    gone,
+    log_lines,
+    mx_overrides,
+    submit,
+    wait_until,
+)
+
+from authrelay.spool import format as fmt
+from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+
+HEAD = b"From: alice@sender.test\r\nTo: bob@example.test\r\nSubject: integrity\r\n"
+
+
+def _received(n: int) -> bytes:
+    return b"".join(b"Received: from hop%d.example (hop%d.example [192.0.2.%d])\r\n"
+                    b"\tby hop%d.example with ESMTP id H%d; Fri, 27 Nov 2026 10:00:00 +0000\r\n"
+                    % (i, i, i % 250 + 1, i + 1, i) for i in range(n))
+
+
+def _raw_data(relay: RelayProcess, rcpt: str, payload: bytes, *, port: str = "smtp"
+              ) -> tuple[int, str]:
+    """MAIL/RCPT/DATA on port 25 without AUTH (to a local domain); payload is sent raw and
+    must end with the end-of-data marker. Returns the reply to the final dot."""
+    c = RawClient(relay.ports[port])
+    try:
+        assert c.reply().code == 220
+        c.send(b"EHLO client.example\r\n")
+        assert c.reply().code == 250
+        c.send(b"MAIL FROM:<someone@remote.example>\r\n")
+        assert c.reply().code == 250
+        c.send(f"RCPT TO:<{rcpt}>\r\n".encode())
+        r = c.reply()
+        assert r.code == 250, r
+        c.send(b"DATA\r\n")
+        assert c.reply().code == 354
+        c.send(payload)
+        r = c.reply()
+        c.send(b"QUIT\r\n")
+        return r.code, r.text
+    finally:
+        c.sock.close()
+
+
+def _no_tracebacks(relay: RelayProcess) -> None:
+    assert "Traceback" not in relay.maillog()
+
+
+# ---------------------------------------------------------------------- NUL
+
+NUL_VARIANTS = {
+    "smuggling_line": HEAD + b"\r\nfirst\r\n\x00.\r\nMAIL FROM:<x@evil.example>\r\n.\r\n",
+    "nul_in_header": b"Subject: a\x00b\r\n\r\nbody\r\n.\r\n",
+    "nul_only": b"\x00\r\n.\r\n",
+    "nul_before_dot": HEAD + b"\r\nbody\x00\r\n.\r\n",
+    "nul_in_stuffed_dot_line": HEAD + b"\r\n..\x00\r\n.\r\n",
+    "nul_streamed_after_spill": HEAD + b"\r\n" + b"x" * 70 + b"\r\n" * 1
+    + (b"y" * 78 + b"\r\n") * 3000 + b"tail\x00\r\n.\r\n",
+}
+
+
+def test_nul_refused_nothing_stored(relay_factory: Callable[..., RelayProcess],
+                                    dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    relay = relay_factory({**mx_overrides(dns, fake_mx.port),
+                           "relay": {"smart_host": [], "local_domains": ["example.test"]}})
+    for name, payload in NUL_VARIANTS.items():
+        code, text = _raw_data(relay, "bob@example.test", payload)
+        assert (code, text) == (554, "5.6.0 Message contains NUL characters"), name
+    assert relay.queued() == []
+    log = relay.maillog()
+    assert log.count("reject=554 5.6.0 Message contains NUL characters") == len(NUL_VARIANTS)
+    # The same message without the NUL is queued and delivered.
+    code, text = _raw_data(relay, "bob@example.test", HEAD + b"\r\nfirst\r\n.\r\n")
+    assert code == 250, text
+    wait_until(lambda: delivered_to(mx, "bob@example.test"), "clean mail delivered",
+               relay=relay)
+    assert len(mx.messages) == 1 and b"\x00" not in mx.messages[0].content
+    _no_tracebacks(relay)
+
+
+# ---------------------------------------------------------------------- routing characters
+
+ROUTING = ["victim%remote.example@example.test", "remote.example!victim@example.test",
+           '"victim@remote.example"@example.test', '"victim%remote.example"@example.test']
+
+
+def _rcpt_reply(relay: RelayProcess, rcpt: str, *, source: str = "127.0.0.1",
+                login: bool = False) -> tuple[int, bytes]:
+    port = relay.ports["submission" if login else "smtp"]
+    with smtplib.SMTP("127.0.0.1", port, timeout=20,
+                      source_address=(source, 0)) as s:
+        s.ehlo("client.example")
+        if login:
+            s.starttls(context=relay.client_context())
+            s.ehlo("client.example")
+            s.login("alice", PASSWORD)
+        assert s.mail("someone@remote.example")[0] == 250
+        return s.rcpt(rcpt)
+
+
+def test_routing_chars_refused_unless_authenticated_or_trusted(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    relay = relay_factory({**mx_overrides(dns, fake_mx.port),
+                           "relay": {"smart_host": [], "local_domains": ["example.test"],
+                                     "trusted_networks": ["127.0.0.77/32"]}})
+    for rcpt in ROUTING:
+        code, msg = _rcpt_reply(relay, rcpt)
+        assert (code, msg[:5]) == (550, b"5.7.1"), rcpt
+        assert _rcpt_reply(relay, rcpt, login=True)[0] == 250, rcpt
+        assert _rcpt_reply(relay, rcpt, source="127.0.0.77")[0] == 250, rcpt
+    assert _rcpt_reply(relay, "plain@example.test")[0] == 250
+    # Authenticated mail with such a recipient goes out unchanged (we never route on it).
+    qid = submit(relay, [ROUTING[0]])
+    wait_until(lambda: gone(relay, qid), "delivered", relay=relay)
+    assert mx.messages[-1].rcpt_tos == [ROUTING[0]]
+    log = relay.maillog()
+    assert log.count("reject=550 5.7.1") == len(ROUTING)
+
+
+# ---------------------------------------------------------------------- hop limit
+
+def test_hop_limit(relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+                   fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    with smtplib.SMTP("127.0.0.1", relay.ports["submission"], timeout=20) as s:
+        s.ehlo("laptop.test")
+        s.starttls(context=relay.client_context())
+        s.ehlo("laptop.test")
+        s.login("alice", PASSWORD)
+        s.mail(SENDER)
+        s.rcpt("bob@example.test")
+        code, msg = s.data(_received(51) + HEAD + b"\r\nlooping\r\n")
+        assert (code, msg) == (554, b"5.4.6 Too many hops")
+    assert relay.queued() == []
+    assert "reject=554 5.4.6 Too many hops" in relay.maillog()
+    qid = submit(relay, ["bob@example.test"], _received(50) + HEAD + b"\r\nfifty\r\n")
+    wait_until(lambda: gone(relay, qid), "50 hops delivered", relay=relay)
+    got = mx.messages[-1].content
+    assert got.count(b"\r\nReceived: ") + got.startswith(b"Received: ") == 51  # + ours
+    _no_tracebacks(relay)
+
+
+def _sendmail(relay: RelayProcess, args: list[str], stdin: bytes
+              ) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "AUTHRELAY_CONFIG": str(relay.config)}
+    return subprocess.run([sys.executable, "-m", "authrelay", "sendmail", *args], env=env,
+                          input=stdin, capture_output=True, timeout=60)
+
+
+def test_sendmail_nul_and_hops(relay_factory: Callable[..., RelayProcess],
+                               dns: FakeDNSServer, sender_mx: FakeSMTPServer,
+                               fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2")
+    relay = relay_factory(mx_overrides(dns, fake_mx.port), start=False)
+    res = _sendmail(relay, ["-i", "bob@example.test"], b"Subject: x\n\nbo\x00dy\n")
+    assert res.returncode == 65 and b"NUL" in res.stderr
+    assert relay.queued() == []
+    # Over the hop limit: accepted (exit 0), bounced to the sender, never relayed.
+    res = _sendmail(relay, ["-i", "-f", SENDER, "bob@example.test"],
+                    _received(51).replace(b"\r\n", b"\n") + b"Subject: loop\n\nbody\n")
+    assert res.returncode == 0, res.stderr
+    [path] = relay.queued()
+    ej, msg = fmt.split(path.read_bytes())
+    env = json.loads(ej)
+    assert env["sender"] == "" and env["is_bounce"]
+    assert [r["address"] for r in env["recipients"]] == [SENDER]
+    assert b"5.4.6" in msg and b"Too many hops" in msg
+    relay.start()
+    wait_until(lambda: sender_mx.messages, "the bounce delivered", relay=relay)
+    assert delivered_to(mx, "bob@example.test") == []
+    assert sender_mx.messages[0].rcpt_tos == [SENDER]
+
+
+# ---------------------------------------------------------------------- spool damage
+
+def _flip(raw: bytes, at: int) -> bytes:
+    return raw[:at] + bytes([raw[at] ^ 0x04]) + raw[at + 1:]
+
+
+def _v1_file(qid: str, rcpt: str) -> bytes:
+    env = Envelope(queue_id=qid, sender=SENDER, recipients=[Recipient(rcpt)],
+                   client_ip="127.0.0.1", helo="laptop.test", protocol="ESMTPSA")
+    return fmt.encode_v1(env, HEAD + b"Message-ID: <v1@sender.test>\r\n\r\nold format\r\n")
+
+
+def test_damaged_spool_files_go_to_corrupt_never_deleted(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2", rcpt_replies={
+        f"{n}@example.test": "451 4.3.0 later" for n in ("trunc", "nokey", "flip", "live")})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1s"]))
+    qids = {n: submit(relay, [f"{n}@example.test"]) for n in ("trunc", "nokey", "flip")}
+    for q in qids.values():
+        wait_until(lambda q=q: any("stat=Deferred" in ln for ln in log_lines(relay, q)),
+                   f"{q} deferred", relay=relay)
+    relay.stop()
+    q = relay.queue_dir
+    originals = {n: (q / i).read_bytes() for n, i in qids.items()}
+    damaged = {
+        "trunc": originals["trunc"][:-7],
+        "nokey": originals["nokey"].replace(b'"recipients":', b'"recipientz":', 1),
+        "flip": _flip(originals["flip"], len(originals["flip"]) - 5),  # message body bit
+    }
+    for n, data in damaged.items():
+        (q / qids[n]).write_bytes(data)
+        (q / qids[n]).chmod(0o700)
+    v1 = new_queue_id()
+    (q / v1).write_bytes(_v1_file(v1, "old@example.test"))
+    (q / v1).chmod(0o700)
+    mx.rcpt_replies.clear()  # the MX accepts everything from now on
+    relay.start()
+    # The version 1 file is delivered as before.
+    wait_until(lambda: delivered_to(mx, "old@example.test"), "v1 file delivered", relay=relay)
+    assert b"old format" in delivered_to(mx, "old@example.test")[0].content
+    # Every damaged file ends in corrupt/, byte for byte, with a warning; none delivered.
+    corrupt = relay.state / "spool" / "corrupt"
+    wait_until(lambda: all((corrupt / i).exists() for i in qids.values()),
+               "damaged files quarantined", relay=relay)
+    for n, i in qids.items():
+        assert (corrupt / i).read_bytes() == damaged[n], n
+        assert not (q / i).exists()
+        assert delivered_to(mx, f"{n}@example.test") == [], n
+    log = relay.maillog()
+    for i in qids.values():
+        assert re.search(rf"{i}: .*(corrupt|damaged)", log), i
+        assert f"{i}: status=removed" not in log  # never deleted as "removed"
+    # A bit flipped in a queued message while the server runs: found before delivery.
+    mx.rcpt_replies["live@example.test"] = "451 4.3.0 later"
+    live = submit(relay, ["live@example.test"])
+    wait_until(lambda: any("stat=Deferred" in ln for ln in log_lines(relay, live)),
+               "live deferred", relay=relay)
+    raw = (q / live).read_bytes()
+    (q / live).write_bytes(_flip(raw, len(raw) - 3))
+    mx.rcpt_replies.clear()
+    wait_until(lambda: (corrupt / live).exists(), "live file quarantined", relay=relay)
+    assert delivered_to(mx, "live@example.test") == []
+    assert re.search(rf"{live}: warning=damaged queue file moved to corrupt/: checksum",
+                     relay.maillog())
+    _no_tracebacks(relay)
+
+
+# ---------------------------------------------------------------------- free space (tmpfs)
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the free-space tests mount a tmpfs: run them as root in CI")
+        pytest.skip("mounting a tmpfs needs root")
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):  # noqa: ANN201
+    _need_root()
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mnt)],
+                   check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(mnt: Path, leave: int) -> Path:
+    """Fill the filesystem until only about `leave` bytes are free (0: full)."""
+    filler = mnt / "filler"
+    st = os.statvfs(mnt)
+    free = st.f_bavail * st.f_frsize
+    try:
+        with open(filler, "ab") as f:
+            f.write(b"\1" * max(0, free - leave))
+            if leave == 0:
+                while True:  # what statvfs rounds away
+                    f.write(b"\1" * 4096)
+                    f.flush()
+    except OSError:
+        pass
+    return filler
+
+
+def _mail_reply(relay: RelayProcess, size: int | None = None) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", relay.ports["smtp"], timeout=20) as s:
+        s.ehlo("client.example")
+        opts = [f"SIZE={size}"] if size else []
+        return s.mail("someone@remote.example", opts)
+
+
+def test_queue_min_free_refuses_mail(tmp_path: Path, tmpfs: Path) -> None:
+    relay = RelayProcess(tmpfs, {"limits": {"queue_min_free": "1MB"}})
+    relay.log = tmp_path / "maillog.txt"  # the log must not fill the tmpfs itself
+    relay.start()
+    try:
+        assert _mail_reply(relay)[0] == 250
+        filler = _fill(tmpfs, 512 * 1024)  # below the 1 MB minimum
+        time.sleep(1.1)  # the statvfs answer is cached for a second
+        assert _mail_reply(relay) == (452, b"4.3.1 Insufficient system storage")
+        filler.unlink()
+        _fill(tmpfs, 0)  # to the brim
+        time.sleep(1.1)
+        assert _mail_reply(relay) == (452, b"4.3.1 Insufficient system storage")
+        filler.unlink()
+        time.sleep(1.1)
+        assert _mail_reply(relay)[0] == 250
+        # SIZE counts: free minus the declared size must stay above the minimum.
+        st = os.statvfs(tmpfs)
+        free = st.f_bavail * st.f_frsize
+        assert _mail_reply(relay, free - 512 * 1024)[0] == 452
+        assert _mail_reply(relay, free - 2 * 1000 * 1000)[0] == 250
+        log = relay.maillog()
+        assert len(re.findall(r"reject=452 4\.3\.1 <someone@remote\.example>\.\.\. "
+                              r"Insufficient system storage, .*stage=MAIL", log)) == 3
+    finally:
+        relay.stop()
+    assert "Traceback" not in relay.maillog()
+
+
+def test_enospc_during_data(tmp_path: Path, tmpfs: Path) -> None:
+    relay = RelayProcess(tmpfs, {"limits": {"queue_min_free": 0}})
+    relay.log = tmp_path / "maillog.txt"
+    relay.start()
+    try:
+        _fill(tmpfs, 1024 * 1024)  # 1 MB left; the message is 2 MB
+        body = HEAD + b"\r\n" + (b"z" * 998 + b"\r\n") * 2000
+        with smtplib.SMTP("127.0.0.1", relay.ports["smtp"], timeout=60) as s:
+            s.ehlo("client.example")
+            assert s.mail("someone@remote.example")[0] == 250
+            assert s.rcpt("user@local.test")[0] == 250
+            code, msg = s.data(body)
+            assert (code, msg) == (452, b"4.3.1 Insufficient system storage")
+            assert s.noop()[0] == 250  # the session goes on
+        assert relay.queued() == []  # nothing half-written left
+        assert [p for p in (relay.queue_dir).iterdir()] == []
+        log = relay.maillog()
+        lines = [ln for ln in log.splitlines() if "4.3.1" in ln]
+        assert len(lines) == 1 and "No space left on device" in lines[0], lines
+        assert "Traceback" not in log
+        # Room again: the same message is accepted.
+        (tmpfs / "filler").unlink()
+        with smtplib.SMTP("127.0.0.1", relay.ports["smtp"], timeout=60) as s:
+            s.ehlo("client.example")
+            s.mail("someone@remote.example")
+            s.rcpt("user@local.test")
+            assert s.data(body)[0] == 250
+    finally:
+        relay.stop()
