@@ -363,7 +363,8 @@ class Scheduler:
     def _log_quarantined(self) -> None:
         moved, self.spool.quarantined[:] = list(self.spool.quarantined), []
         for qid, reason in moved:
-            self.maillog.event(qid, warning=f"damaged queue file moved to corrupt/: {reason}")
+            self.maillog.warning(f"damaged queue file moved to corrupt/: {reason}",
+                                 queue_id=qid)
 
     def _load(self, qid: str) -> tuple[Envelope, bytes | Path, int]:
         # One read for a small message: header, envelope and body (the courier gets bytes).
@@ -598,8 +599,7 @@ class Scheduler:
         except BaseException:
             draft.abort()
             raise
-        kind = {"failed": "non-delivery", "delayed": "delay"}.get(action, "success")
-        self.maillog.event(env.queue_id, **{f"sender_{kind}_notification": benv.queue_id})
+        self.maillog.notification(env.queue_id, action, benv.queue_id)
 
     def _read_message(self, qid: str) -> bytes:
         path, offset = self.spool.body_path(qid)

@@ -63,7 +63,7 @@ from authrelay import replies
 from authrelay.address import Address, AddressError, PathArg, parse_path_arg
 from authrelay.auth.sasl import SaslError, SaslExchange
 from authrelay.config import Config
-from authrelay.smtpd.bodyreader import BARE, LONG_LINE, TOO_BIG, BodyReader
+from authrelay.smtpd.bodyreader import BARE, LONG_LINE, NUL, TOO_BIG, BodyReader
 from authrelay.types import Reply
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,7 @@ Event = (StartTLS | AuthRequest | MailRequest | RcptRequest | DataRequest | Body
 
 _BODY_ERRORS: dict[str, Reply] = {
     TOO_BIG: replies.MSG_TOO_BIG,
+    NUL: replies.MSG_NUL,  # issue 11: 554 5.6.0, nothing stored
     LONG_LINE: replies.TEXT_LINE_TOO_LONG,
 }
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from authrelay import replies
 from authrelay.config import Config
+from authrelay.maillog import MailLog
 from authrelay.spool.cleanup import HeaderCleanup, received_for
 from authrelay.spool.envelope import Envelope, new_queue_id
 from authrelay.spool.format import SpoolError
@@ -80,7 +81,7 @@ def _io_refusal(e: BaseException) -> Refused:
 class Submitter:
     """Accepts messages into one spool for one configuration (see module docstring)."""
 
-    def __init__(self, spool: Spool, cfg: Config, *, maillog: Any = None,
+    def __init__(self, spool: Spool, cfg: Config, *, maillog: MailLog | None = None,
                  signer: Signer | None = None) -> None:
         self.spool = spool
         self.cfg = cfg
@@ -243,19 +244,17 @@ class Draft:
             return
         env, inc = self.envelope, self._incoming
         if inc.sign_error:
-            ml.event(env.queue_id, warning=f"not signed: {inc.sign_error}")
-        fields: dict[str, Any] = {"from": f"<{env.sender}>", "size": inc.size,
-                                  "nrcpts": len(env.recipients)}
+            ml.warning(f"not signed: {inc.sign_error}", queue_id=env.queue_id)
         if env.is_bounce:
-            pass
+            ml.queued(env.queue_id, env.sender, inc.size, len(env.recipients), **log)
         elif env.listener == "sendmail" or env.protocol == "local":
-            fields.update(relay="local", proto="local")
+            ml.queued(env.queue_id, env.sender, inc.size, len(env.recipients),
+                      relay="local", proto="local", **log)
         else:
-            fields.update(relay=f"{env.client_rdns or 'unknown'} [{env.client_ip}]",
-                          proto=env.protocol, auth=env.auth_user or None,
-                          helo=env.helo or None)
-        fields.update(log)
-        ml.event(env.queue_id, **fields)
+            ml.queued(env.queue_id, env.sender, inc.size, len(env.recipients),
+                      relay=f"{env.client_rdns or 'unknown'} [{env.client_ip}]",
+                      proto=env.protocol, auth=env.auth_user or None,
+                      helo=env.helo or None, **log)
 
     def abort(self) -> None:
         """Drop the message (idempotent); never raises."""
