@@ -89,7 +89,8 @@ def _server_running(cfg: Config) -> bool:
         from authrelay.scheduler import control
         from authrelay.spool.store import Spool
 
-        control.request(Spool(cfg.spool_dir).control_path, {"op": "status"}, timeout=3.0)
+        control.request(control.control_path(Spool(cfg.spool_dir)), {"op": "status"},
+                        timeout=3.0)
         return True
     except Exception:
         return False

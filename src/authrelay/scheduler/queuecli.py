@@ -177,7 +177,7 @@ def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
                 _err(f"{req['id']}: a delivery attempt is in progress; waiting for it to end "
                      "(at most delivery.data_timeout)")
         try:
-            resp = control.request(spool.control_path, req)
+            resp = control.request(control.control_path(spool), req)
         except control.ServerNotRunning:
             running = False
             with control.offline(spool):
@@ -186,11 +186,11 @@ def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
         _err(str(e))
         return 1
     except PermissionError:
-        _err(f"{spool.control_path}: permission denied (run as root or as the user that "
-             "runs authrelay serve)")
+        _err(f"{control.control_path(spool)}: permission denied (run as root or as the user "
+             "that runs authrelay serve)")
         return EX_NOPERM
     except OSError as e:
-        _err(f"{spool.control_path}: {e.strerror or e}")
+        _err(f"{control.control_path(spool)}: {e.strerror or e}")
         return 1
     if not resp.get("ok"):
         _err(str(resp.get("error", "request failed")))
