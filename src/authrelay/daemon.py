@@ -301,11 +301,21 @@ class _Run:
     master_sockets: list[socket.socket] = field(default_factory=list)  # closed on stop
 
 
+_RESTART_ONLY = ("listen", "state_dir", "workers", "user", "log")
+
+
 def _reload_config(run: _Run) -> Config:
     new = load(run.config_path)
-    # What was bound, forked or dropped at start stays (a restart changes it).
-    return replace(new, listen=run.cfg.listen, state_dir=run.cfg.state_dir,
-                   workers=run.cfg.workers, user=run.cfg.user, log=run.cfg.log)
+    # What was bound, forked or dropped at start stays (a restart changes it): said once
+    # per reload by the process that reads it first (master or single), not silently.
+    # (`workers` and `log.format` may come from the command line: not compared.)
+    changed = [k for k in ("listen", "state_dir", "user") if getattr(new, k) != getattr(run.cfg, k)]
+    if new.log.target != run.cfg.log.target:
+        changed.append("log.target")
+    if changed and run.role != "worker":
+        maillog_mod.get().warning(f"{', '.join(changed)} changed: takes effect at the next "
+                                  "start, not on reload")
+    return replace(new, **{k: getattr(run.cfg, k) for k in _RESTART_ONLY})
 
 
 async def _serve_loop(run: _Run) -> int:

@@ -483,3 +483,19 @@ def test_root_only_smart_host_password_read_by_the_helper(reachable_dir: Path, f
         assert "s3cret" not in r.maillog()
     finally:
         r.stop()
+
+
+def test_sighup_says_what_needs_a_restart(relay_factory) -> None:
+    r = relay_factory()
+    _started(r, 1)
+    assert r.proc is not None
+    data = dict(r.config_data)
+    data["listen"] = data["listen"][:2]  # a listener removed: only a restart does that
+    data["limits"] = {"max_recipients": 7}
+    r.config.write_text(to_toml(data))
+    os.kill(r.proc.pid, signal.SIGHUP)
+    _wait(lambda: "daemon=reloaded" in r.maillog(), what="reloaded")
+    assert ("warning=listen changed: takes effect at the next start, not on reload"
+            in r.maillog())
+    with RawClient(r.ports["submissions"], tls=client_ctx()) as c:  # still there
+        assert c.reply().code == 220
