@@ -182,7 +182,7 @@ def test_pre_tls_flood_on_465_from_one_address(relay_factory) -> None:  # noqa: 
         for s in flood:
             s.close()
     # The held handshakes end with the flood: logged, slots freed.
-    wait_log(r, r"tls=from unknown \[127\.0\.0\.2\], error=handshake failed")
+    wait_log(r, r"tls_failed=from unknown \[127\.0\.0\.2\], reason=handshake failed")
     r.wait_for(lambda: sockets_of(pid) <= base_socks + 2, 30)
     submit(r, "127.0.0.2", mode="submissions")  # that address is served again
     assert "Traceback" not in r.maillog()
@@ -233,7 +233,7 @@ def test_handshake_timeout_logged(relay_factory) -> None:  # noqa: ANN001
     s = raw_connect(r.ports["submissions"], "127.0.0.4")
     assert s is not None
     try:
-        wait_log(r, r"tls=from unknown \[127\.0\.0\.4\], error=handshake timed out, "
+        wait_log(r, r"tls_failed=from unknown \[127\.0\.0\.4\], reason=handshake timed out, "
                  r"listener=submissions:")
         assert greeting(s) == b""  # closed, nothing in clear
     finally:

@@ -154,7 +154,8 @@ class SMTPServer:
                             action="closed before TLS" if tls else None)
 
     def tls_failed(self, ln: Listener, ip: str, why: str, seconds: float) -> None:
-        self.maillog.event(None, tls=f"from unknown [{ip}]", error=why,
+        """An implicit-TLS handshake failed or timed out (Postfix: "SSL_accept error from")."""
+        self.maillog.event(None, tls_failed=f"from unknown [{ip}]", reason=why,
                            listener=ln.name, delay=f"{seconds:.2f}")
 
     def fd_tight(self, acceptor: Acceptor) -> bool:
