@@ -292,3 +292,61 @@ async def test_submit_enospc_leaves_nothing(spool: Spool, tmp_path: Path,
     assert (e.value.reply.code, e.value.reply.enhanced) == (452, "4.3.1")
     assert e.value.reason == "No space left on device"
     assert list(spool.queue_dir.iterdir()) == []
+
+
+async def test_submit_calls_signer_for_originated_mail_only(spool: Spool,
+                                                            tmp_path: Path) -> None:
+    seen: list[bytes] = []
+
+    def signer(message: bytes) -> bytes:
+        seen.append(message)
+        return b"DKIM-Signature: v=1; d=example.org; b=x"
+
+    sub = Submitter(spool, _cfg(tmp_path), signer=signer)
+    cases = {"auth": dict(auth_user="alice"), "inbound": {}, "sendmail": dict(
+        listener="sendmail", protocol="local"), "bounce": dict(is_bounce=True, sender="")}
+    signed = {}
+    for name, kw in cases.items():
+        env = _env()
+        for k, v in kw.items():
+            setattr(env, k, v)
+        d = sub.begin(env)
+        d.write(MSG)
+        n = len(seen)
+        await d.commit()
+        signed[name] = len(seen) > n
+        _, msg, _ = spool.load_for_delivery(d.queue_id)
+        assert msg.startswith(b"DKIM-Signature: ") == signed[name]
+    assert signed == {"auth": True, "inbound": False, "sendmail": True, "bounce": True}
+    # The signer sees the message as stored: our Received: first, the body unchanged.
+    assert seen[0].startswith(b"Received: ") and seen[0].endswith(MSG[MSG.index(b"\r\n\r\n"):])
+    d = sub.begin(_env(), sign=True)  # a trusted-network client (the session says so)
+    d.write(MSG)
+    await d.commit()
+    assert len(seen) == 4
+
+
+@pytest.mark.parametrize("state", [
+    b'{"v":1,"recipients":[{"address":"b@example.net","state":"bogus"}]}',
+    b'{"v":1,"recipients":[{"address":"b@example.net","state":"sent","attempts":"2"}]}',
+    b'{"v":1,"recipients":{"b@example.net":"sent"}}',
+    b'{"v":0,"recipients":[{"address":"b@example.net","state":"sent"}]}',
+    b'[1, 2]',
+    b'{"v":1,"recip',
+], ids=["unknown_state", "wrong_type", "not_a_list", "bad_version", "not_object", "cut"])
+async def test_damaged_state_file_never_marks_done(spool: Spool, state: bytes) -> None:
+    """A damaged ID.state is ignored as a whole: the recipient stays pending (re-delivery
+    is safe), the message is not removed as if delivered."""
+    qid = await _put(spool, MSG)
+    (spool.queue_dir / (qid + ".state")).write_bytes(state)
+    env = spool.load(qid)
+    assert [r.state for r in env.recipients] == ["pending"] and not env.done
+    env, _, _ = spool.load_for_delivery(qid)
+    assert not env.done
+
+
+async def test_newer_state_version_refused(spool: Spool) -> None:
+    qid = await _put(spool, MSG)
+    (spool.queue_dir / (qid + ".state")).write_bytes(b'{"v":9,"recipients":[]}')
+    with pytest.raises(UnsupportedVersion):
+        spool.load(qid)

@@ -568,7 +568,8 @@ class Session:
         # count, the DKIM hook, fsync, the maillog from= line.
         draft = srv.submitter.begin(
             env, tls=self.conn.tls_info if self.tls else "", nul_checked=True,
-            add_missing=bool(self.auth_user) or self.listener.mode != "smtp")
+            add_missing=bool(self.auth_user) or self.listener.mode != "smtp",
+            sign=bool(self.auth_user) or self.trusted)
         self.reply(replies.START_DATA)
         reader = BodyReader(lim.max_message_size, lim.max_text_line_length)
         deadline = time.monotonic() + lim.data_final_timeout

@@ -228,6 +228,19 @@ def _known_fields_only() -> None:
 _known_fields_only()
 
 
+def check_recipient_fields(rd: dict[str, Any]) -> dict[str, Any]:
+    """The known recipient fields of a state record, type-checked (unknown keys dropped:
+    state files are versioned separately). Raises CorruptError."""
+    out: dict[str, Any] = {}
+    for k, value in rd.items():
+        types = _RCPT_TYPES.get(k)
+        if types is not None:
+            out[k] = _typed("recipient.", k, value, types)
+    if "state" in out and out["state"] not in _STATES:
+        raise CorruptError(f"recipient.state: unknown {out['state']!r}")
+    return out
+
+
 def decode_envelope(raw: bytes, version: int) -> Envelope:
     """Strict for version 2 (every key known and typed, required keys present); version 1
     is decoded as before, except that a file without recipients is corrupt, not empty."""

@@ -37,7 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from authrelay.spool import format as fmt
-from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+from authrelay.spool.envelope import Envelope, new_queue_id
 from authrelay.spool.format import CorruptError, SpoolError, UnsupportedVersion
 from authrelay.spool.notify import NOTIFY_SOCK, Notifier
 from authrelay.spool.writer import (
@@ -290,23 +290,35 @@ class Spool:
 
     @staticmethod
     def _merge_state(env: Envelope, raw: bytes) -> None:
+        """Apply ID.state to `env`. A state file is replaced atomically, so anything
+        unreadable or ill-typed in it is disk damage: the whole file is ignored and the
+        header's state kept (re-delivery is safe; a recipient wrongly marked done -- and
+        the message removed with it -- would be a loss)."""
         try:
             d = json.loads(raw)
-        except ValueError:
-            # A state file is replaced atomically, so this is disk damage: keep the
-            # header's state (re-delivery is safe, losing a recipient is not).
-            log.error("%s: unreadable state file ignored", env.queue_id)
+            if not isinstance(d, dict):
+                raise ValueError("not an object")
+            if d.get("v") != STATE_VERSION:
+                if isinstance(d.get("v"), int) and d["v"] > STATE_VERSION:
+                    raise UnsupportedVersion(
+                        f"{env.queue_id}: state version {d.get('v')!r}")
+                raise ValueError(f"bad state version {d.get('v')!r}")
+            records = d.get("recipients", [])
+            if not isinstance(records, list):
+                raise ValueError("recipients is not a list")
+            by_addr = {r.address: r for r in env.recipients}
+            updates = []
+            for rd in records:
+                if not isinstance(rd, dict) or rd.get("address") not in by_addr:
+                    continue
+                fields = fmt.check_recipient_fields(rd)
+                updates.append((by_addr[rd["address"]], fields))
+        except (ValueError, CorruptError) as e:  # JSONDecodeError is a ValueError
+            log.error("%s: damaged state file ignored: %s", env.queue_id, e)
             return
-        if d.get("v") != STATE_VERSION:
-            raise UnsupportedVersion(f"{env.queue_id}: state version {d.get('v')!r}")
-        by_addr = {r.address: r for r in env.recipients}
-        known = set(Recipient.__dataclass_fields__)
-        for rd in d.get("recipients", []):
-            if rd.get("address") in by_addr:
-                r = by_addr[rd["address"]]
-                for k, v in rd.items():
-                    if k in known:
-                        setattr(r, k, v)
+        for r, fields in updates:
+            for k, v in fields.items():
+                setattr(r, k, v)
 
     def body_path(self, qid: str) -> tuple[Path, int]:
         """(file, offset) of the message as to be sent (prepended header lines first),

@@ -118,22 +118,31 @@ class Submitter:
     # ------------------------------------------------------------------ messages
     def begin(self, env: Envelope, *, tls: str = "", add_missing: bool = True,
               local_uid: int | None = None, nul_checked: bool = False,
-              check_content: bool = True) -> Draft:
+              check_content: bool = True, sign: bool | None = None) -> Draft:
         """A new message for `env` (queue id assigned if empty). `nul_checked`: the producer
         already refuses NUL (smtpd/bodyreader.py). `check_content=False` (bounces we build)
-        skips the NUL and hop checks."""
+        skips the NUL and hop checks. `sign`: hand the message to the signer (mail we
+        originate); None decides from the envelope: authenticated senders, the sendmail
+        command and our bounces are signed, anything else (inbound to a local domain) is
+        not -- a trusted-network client has no mark in the envelope, so the SMTP session
+        passes `sign=True` for it."""
         if not env.queue_id:
             env.queue_id = new_queue_id()
+        if sign is None:
+            sign = bool(env.auth_user) or env.is_bounce or env.listener == "sendmail"
         return Draft(self, env, tls=tls, add_missing=add_missing, local_uid=local_uid,
-                     scan_nul=check_content and not nul_checked, check_hops=check_content)
+                     scan_nul=check_content and not nul_checked, check_hops=check_content,
+                     sign=sign)
 
 
 class Draft:
     """One message on its way in: write() then commit(), or abort()."""
 
     def __init__(self, sub: Submitter, env: Envelope, *, tls: str, add_missing: bool,
-                 local_uid: int | None, scan_nul: bool, check_hops: bool) -> None:
+                 local_uid: int | None, scan_nul: bool, check_hops: bool,
+                 sign: bool = False) -> None:
         self.submitter = sub
+        self.sign = sign
         self.envelope = env
         self.queue_id = env.queue_id
         self._cleanup = HeaderCleanup(
@@ -208,7 +217,8 @@ class Draft:
         except (OSError, SpoolError) as e:
             self._fail(e)
             raise self._problem from None  # type: ignore[misc]
-        self._incoming.signer = self.submitter.signer
+        if self.sign:
+            self._incoming.signer = self.submitter.signer
 
     async def commit(self, **log: Any) -> None:
         """Durable when this returns (fsync); then the maillog `from=` line. Raises
