@@ -192,6 +192,11 @@ def _check_tls(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) ->
     # Who reads the files. With `user`, serve (started as root) reads them before it
     # drops privileges: a root-only key is right. Without, whoever runs serve reads them.
     privileged_loader = bool(cfg.user)
+    if privileged_loader and _user_cannot_read(cfg, key):
+        why = _config_untrusted(cfg)
+        if why:  # read at start, but a SIGHUP after a renewal would fail
+            out.append(Finding("warning", kkey, f"{key}: readable only by root; the root "
+                               f"helper reloads it on SIGHUP only if {why}"))
     for k, p in ((ckey, cert), (kkey, key)):
         if privileged_loader:
             continue
@@ -265,6 +270,26 @@ def _check_backend(cfg: Config, out: list[Finding]) -> None:
         out.append(Finding("error", "auth.backend", f"{path}: not a socket"))
 
 
+def _user_cannot_read(cfg: Config, p: Path) -> bool:
+    try:
+        return not _readable_by(p, pwd.getpwnam(cfg.user))
+    except (KeyError, OSError):
+        return False
+
+
+def _config_untrusted(cfg: Config) -> str:
+    """Why serve's root key helper would refuse files named by this config ('' if not)."""
+    src = Path(cfg.source)
+    try:
+        st = src.stat()
+    except OSError:
+        return ""  # the embedded default names files under the state dir only
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        return (f"{src} must be owned by root and not writable by group/others (owner uid "
+                f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+    return ""
+
+
 def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) -> None:
     pf = cfg.relay.smart_host_password_file
     if pf:
@@ -281,8 +306,13 @@ def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) 
                                    f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {pf}"))
             reader = pw
             if reader is not None and not _readable_by(p, reader):
-                out.append(Finding("error", "relay.smart_host_password_file",
-                                   f"{pf}: not readable by user {reader.pw_name}"))
+                # Dropping privileges: the key helper reads it as root (docs/PRIVILEGES.md),
+                # but only for a config that the unprivileged user cannot rewrite.
+                why = _config_untrusted(cfg)
+                if why:
+                    out.append(Finding("error", "relay.smart_host_password_file",
+                                       f"{pf}: not readable by user {reader.pw_name}, and "
+                                       f"the root helper will not read it: {why}"))
             elif reader is None and not os.access(p, os.R_OK):
                 out.append(Finding("error", "relay.smart_host_password_file",
                                    f"{pf}: not readable by uid {os.geteuid()}"))

@@ -499,3 +499,33 @@ def test_sighup_says_what_needs_a_restart(relay_factory) -> None:
             in r.maillog())
     with RawClient(r.ports["submissions"], tls=client_ctx()) as c:  # still there
         assert c.reply().code == 220
+
+
+def test_check_config_accepts_root_only_secrets_for_the_helper(reachable_dir: Path) -> None:
+    """check-config (ExecStartPre) agrees with serve: with `user`, a root-only smart host
+    password file is fine when the config is root's and not group/other-writable."""
+    _require_root()
+    _test_user()
+    secret = reachable_dir / "secret"
+    secret.mkdir(mode=0o700)
+    pw = secret / "smarthost.pw"
+    pw.write_text("s3cret\n")
+    pw.chmod(0o600)
+    cfg = reachable_dir / "authrelay.toml"
+    cfg.write_text(to_toml({
+        "hostname": "relay.test", "state_dir": str(reachable_dir / "state"), "user": TEST_USER,
+        "listen": [{"address": "127.0.0.1:0", "mode": "submission"}],
+        "relay": {"smart_host": ["127.0.0.1:2"], "smart_host_user": "u",
+                  "smart_host_password_file": str(pw)}}))
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "authrelay", "check-config", str(cfg)],
+                              capture_output=True, text=True, timeout=60)
+
+    cfg.chmod(0o644)
+    res = check()
+    assert "smart_host_password_file" not in res.stdout + res.stderr, res.stdout + res.stderr
+    cfg.chmod(0o664)  # group-writable: the root helper will not read what it names
+    res = check()
+    assert res.returncode != 0
+    assert "the root helper will not read it" in res.stdout + res.stderr
