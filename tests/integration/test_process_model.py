@@ -529,3 +529,20 @@ def test_check_config_accepts_root_only_secrets_for_the_helper(reachable_dir: Pa
     res = check()
     assert res.returncode != 0
     assert "the root helper will not read it" in res.stdout + res.stderr
+
+
+def test_worker_crash_is_one_line_and_crash_loop_throttled(relay_factory) -> None:
+    """A worker that fails at start (a damaged users.db): each failure is one maillog line
+    with the exception (no traceback anywhere: stdout and stderr are this file), and the
+    restarts slow down."""
+    r = relay_factory(workers=2, users={}, start=False)
+    r.state.mkdir(parents=True)
+    (r.state / "users.db").write_bytes(b"this is not a database" * 100)
+    r.start()
+    _wait(lambda: "restarting in 2 s" in r.maillog(), timeout=30, what="throttled restarts")
+    text = r.maillog()
+    assert "error=authrelay.worker: worker " in text
+    assert "failed: DatabaseError: file is not a database" in text
+    assert "restarting in 0.2 s" in text and "restarting in 1 s" in text
+    assert "Traceback" not in text
+    assert r.proc is not None and r.proc.poll() is None  # the master carries on
