@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from relayproc import free_port
@@ -217,8 +218,8 @@ class HAProxy:
                     f"    default_backend be_{name}",
                     f"backend be_{name}", "    balance roundrobin"]
             for i, (host, nport) in enumerate(nodes):
-                out.append(f"    server node{i} {host}:{nport} check inter 200ms fall 1 rise 1 "
-                           f"{self.proxy}")
+                out.append(f"    server node{i} {host}:{nport} check port {nport} "
+                           f"inter 200ms fall 1 rise 1 {self.proxy}")
         return "\n".join(out) + "\n"
 
     def start(self) -> HAProxy:
@@ -243,3 +244,75 @@ class HAProxy:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the farm
+
+class Farm:
+    """HAProxy (TCP, send-proxy-v2) on 587- and 465-style ports in front of two authrelay
+    nodes, both on one PostgreSQL (users) and one Redis (counters), a fake MX (aiosmtpd) as
+    their smart host. Clients reach HAProxy from distinct 127.0.0.x source addresses; the
+    nodes trust only 127.0.0.1 (HAProxy's side) for PROXY headers."""
+
+    def __init__(self, tmp: Path, *, limits: dict[str, Any] | None = None,
+                 auth: dict[str, Any] | None = None) -> None:
+        from fakes.smtpserver import FakeSMTPServer
+        from relayproc import RelayProcess, to_toml
+
+        self.tmp = tmp
+        self.pg: PostgresServer | None = None
+        self.redis: RedisServer | None = None
+        self.haproxy: HAProxy | None = None
+        self.nodes: dict[str, RelayProcess] = {}
+        self.mx = FakeSMTPServer("127.0.0.2", free_port("127.0.0.2")).start()
+        try:
+            self.pg = PostgresServer()
+            self.redis = RedisServer().start()
+            for name in ("a", "b"):
+                d = tmp / f"node-{name}"
+                d.mkdir()
+                r = RelayProcess(d, {
+                    "hostname": f"node-{name}.test",
+                    "relay": {"proxy_trusted": ["127.0.0.1/32"],
+                              "smart_host": [f"{self.mx.host}:{self.mx.port}"],
+                              "smart_host_tls": "none"},
+                    "auth": {"backend": "postgresql", "dsn": self.pg.dsn,
+                             "failure_delay": 0.05, **(auth or {})},
+                    "limits": {"shared": self.redis.url, **(limits or {})},
+                    "delivery": {"retry": ["1s"]},
+                }, users={})
+                r.config_data["listen"] = [
+                    {"address": f"127.0.0.1:{r.ports[m]}", "mode": m, "proxy_protocol": True}
+                    for m in ("submission", "submissions")]
+                del r.ports["smtp"]
+                r.config.write_text(to_toml(r.config_data))
+                self.nodes[name] = r
+            self.ports = {"submission": free_port(), "submissions": free_port()}
+            self.haproxy = HAProxy({
+                m: (self.ports[m], [("127.0.0.1", r.ports[m]) for r in self.nodes.values()])
+                for m in ("submission", "submissions")})
+            for r in self.nodes.values():
+                r.start()
+            self.haproxy.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    @property
+    def a(self) -> Any:
+        return self.nodes["a"]
+
+    @property
+    def b(self) -> Any:
+        return self.nodes["b"]
+
+    def cleanup(self) -> None:
+        for r in self.nodes.values():
+            with contextlib.suppress(Exception):
+                r.stop()
+        for part in (self.haproxy, self.redis, self.pg):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.cleanup()
+        with contextlib.suppress(Exception):
+            self.mx.stop()

@@ -1,0 +1,290 @@
+"""The scale-out rig (docs/SCALING.md): HAProxy in TCP mode with send-proxy-v2 in front of
+two authrelay nodes on 587- and 465-style ports, both on one PostgreSQL and one Redis, a
+fake MX behind them; everything real, on loopback, started by the test (tests/scalerig.py).
+
+Clients connect to HAProxy from distinct 127.0.0.x addresses, so the nodes must take the
+client's address from the PROXY header for limits to mean anything. Round-robin balancing
+sends consecutive connections to alternate nodes; every test checks that both nodes
+served (the greeting names the node).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scalerig import Farm  # noqa: E402
+from smtpclient import RawClient, client_ctx, plain  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+
+MAX_FAIL_IP = 3
+MSGS_PER_HOUR = 6
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
+    f = Farm(tmp_path_factory.mktemp("farm"),
+             limits={"user_messages_per_hour": MSGS_PER_HOUR,
+                     "connection_rate_per_ip": 1000, "max_connections_per_ip": 100},
+             auth={"max_failures_per_ip": MAX_FAIL_IP, "max_failures_per_user": 50})
+    try:
+        yield f
+    finally:
+        f.cleanup()
+
+
+class Conn:
+    """One SMTP session through HAProxy from `source`; `node` is who answered."""
+
+    def __init__(self, farm: Farm, source: str, mode: str = "submissions") -> None:
+        sock = socket.create_connection(("127.0.0.1", farm.ports[mode]), timeout=20,
+                                        source_address=(source, 0))
+        self.c = RawClient.__new__(RawClient)
+        self.c.buf = b""
+        self.c.sock = client_ctx().wrap_socket(sock) if mode == "submissions" else sock
+        greeting = self.c.reply()
+        assert greeting.code == 220, greeting
+        m = re.match(r"220[ -](node-[ab])\.test", greeting.lines[0])
+        assert m, greeting
+        self.node = m.group(1)[-1]
+        assert self.c.cmd("EHLO client.test").code == 250
+        if mode == "submission":
+            assert self.c.cmd("STARTTLS").code == 220
+            self.c.starttls(client_ctx())
+            assert self.c.cmd("EHLO client.test").code == 250
+
+    def auth(self, user: str, password: str) -> str:
+        r = self.c.cmd(f"AUTH PLAIN {plain(user, password)}")
+        return f"{r.code} {r.text}"
+
+    def send(self, sender: str, rcpt: str, subject: str) -> str:
+        r = self.c.cmd(f"MAIL FROM:<{sender}>")
+        if r.code != 250:
+            return f"{r.code} {r.text}"
+        assert self.c.cmd(f"RCPT TO:<{rcpt}>").code == 250
+        assert self.c.cmd("DATA").code == 354
+        r = self.c.cmd(f"Subject: {subject}\r\nFrom: <{sender}>\r\n\r\nbody of {subject}\r\n.")
+        return f"{r.code} {r.text}"
+
+    def close(self) -> None:
+        try:
+            self.c.cmd("QUIT")
+        except OSError:
+            pass
+        self.c.close()
+
+
+def add_user(farm: Farm, name: str, password: str, node: str = "a") -> None:
+    farm.nodes[node].cli("user", "add", name, "--password-stdin", input=password + "\n")
+
+
+def through_both(farm: Farm, fn, source: str, n: int = 4, mode: str = "submissions"
+                 ) -> list[tuple[str, str]]:
+    """Run `fn(conn)` on `n` consecutive connections; (node, result) each."""
+    out = []
+    for _ in range(n):
+        c = Conn(farm, source, mode)
+        try:
+            out.append((c.node, fn(c)))
+        finally:
+            c.close()
+    assert {node for node, _ in out} == {"a", "b"}, out  # both nodes served
+    return out
+
+
+# --------------------------------------------------------------------------- users
+
+def test_user_added_on_node_a_logs_in_everywhere_at_once(farm: Farm) -> None:
+    add_user(farm, "ulla", "ulla-pw", node="a")
+    for mode in ("submissions", "submission"):
+        got = through_both(farm, lambda c: c.auth("ulla", "ulla-pw"), "127.0.0.10",
+                           mode=mode)
+        assert all(r.startswith("235") for _, r in got), got
+    # A password changed through node B is the only one that works, on both, at once.
+    farm.b.cli("user", "passwd", "ulla", "--password-stdin", input="new-pw\n")
+    got = through_both(farm, lambda c: c.auth("ulla", "ulla-pw"), "127.0.0.12", n=2)
+    assert all(r.startswith("535") for _, r in got), got  # (2: under the lockout limit)
+    got = through_both(farm, lambda c: c.auth("ulla", "new-pw"), "127.0.0.10")
+    assert all(r.startswith("235") for _, r in got), got
+
+
+def test_received_and_maillog_name_the_real_client(farm: Farm) -> None:
+    add_user(farm, "rita", "rita-pw")
+    got = through_both(farm, lambda c: (c.auth("rita", "rita-pw"),
+                                        c.send("rita@example.org", "x@example.net",
+                                               "real-client"))[1], "127.0.0.11", n=2)
+    assert all(r.startswith("250") for _, r in got)
+    wait(lambda: sum(b"real-client" in m.content for m in farm.mx.messages) == 2)
+    for m in farm.mx.messages:
+        if b"real-client" in m.content:
+            head = m.content.split(b"\r\n\r\n", 1)[0]
+            assert b"[127.0.0.11]" in head
+    for r in farm.nodes.values():
+        assert "[127.0.0.11]" in r.maillog()
+
+
+# --------------------------------------------------------------------------- lockout
+
+def test_auth_failures_lock_that_address_on_both_nodes_and_nobody_else(farm: Farm) -> None:
+    add_user(farm, "lena", "lena-pw")
+    bad = through_both(farm, lambda c: c.auth("lena", "wrong"), "127.0.0.20",
+                       n=MAX_FAIL_IP)  # spread over both nodes
+    assert all(r.startswith("535") for _, r in bad), bad
+    # The farm counted them together: that address is locked on both nodes, even with
+    # the right password ...
+    got = through_both(farm, lambda c: c.auth("lena", "lena-pw"), "127.0.0.20")
+    assert all(r.startswith("454 4.7.0") for _, r in got), got
+    # ... and nobody else is: another client (behind the same HAProxy) logs in anywhere.
+    got = through_both(farm, lambda c: c.auth("lena", "lena-pw"), "127.0.0.21")
+    assert all(r.startswith("235") for _, r in got), got
+
+
+def test_per_user_rate_holds_across_nodes(farm: Farm) -> None:
+    add_user(farm, "rosa", "rosa-pw")
+
+    def one(c: Conn) -> str:
+        assert c.auth("rosa", "rosa-pw").startswith("235")
+        return c.send("rosa@example.org", "x@example.net", "rate")
+
+    got = through_both(farm, one, "127.0.0.30", n=MSGS_PER_HOUR)
+    assert all(r.startswith("250") for _, r in got), got
+    # Both nodes sent some of them; the farm's count is full: refused on both.
+    got = through_both(farm, one, "127.0.0.31", n=2)
+    assert all(r.startswith("450 4.7.1") for _, r in got), got
+
+
+# --------------------------------------------------------------------------- node death
+
+def wait(pred, timeout: float = 60.0, what: object = "condition") -> None:  # noqa: ANN001
+    """Poll `pred` (a liveness bound, not a speed assertion); `what` may be a callable
+    that describes the state at the moment of failure."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            desc = what() if callable(what) else what
+            raise AssertionError(f"{desc} not met in time")
+        time.sleep(0.1)
+
+
+def test_node_killed_under_load_loses_no_acknowledged_message(farm: Farm) -> None:
+    from authrelay.auth.pgusers import PgUserDB
+
+    # Enough users that the farm-wide per-user rate (MSGS_PER_HOUR each) leaves room for
+    # the load; added straight into the database (one connection, not 24 CLI runs).
+    users = [f"load{i}" for i in range(24)]
+    assert farm.pg is not None
+    db = PgUserDB(farm.pg.dsn)
+    try:
+        for u in users:
+            db.add(u, "load-pw")
+    finally:
+        db.close()
+    acked: list[tuple[str, str, float]] = []  # (subject, node, when)
+    lock = threading.Lock()
+    stop = threading.Event()
+    killed_at: list[float] = []
+    errors: list[str] = []
+
+    def client(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            subject = f"load-{i}-{n}"
+            user = users[(i + n) % len(users)]
+            try:
+                c = Conn(farm, f"127.0.0.{40 + i}", "submissions" if i % 2 else "submission")
+                try:
+                    if not c.auth(user, "load-pw").startswith("235"):
+                        continue
+                    r = c.send(f"{user}@example.org", "rcpt@example.net", subject)
+                finally:
+                    c.close()
+            except (OSError, AssertionError, ssl.SSLError, ValueError, IndexError) as e:
+                errors.append(repr(e)[:200])
+                continue  # the node died under us: not acknowledged, so not owed
+            if not r.startswith("250"):
+                errors.append(r)
+            else:
+                with lock:
+                    acked.append((subject, c.node, time.monotonic()))
+
+    # The MX defers everything while A lives, so what A acknowledges is still in its queue
+    # (on its disk) when it dies.
+    farm.mx.data_reply = "451 4.3.0 Try again later"
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait(lambda: sum(1 for _, node, _ in acked if node == "a") >= 5,
+             what=lambda: f"load on A ({len(acked)} acked; errors: {errors[-5:]})")
+        farm.a.kill(signal.SIGKILL)  # no goodbye: whatever A acknowledged is on its disk
+        killed_at.append(time.monotonic())
+        wait(lambda: sum(1 for _, _, t in acked if t > killed_at[0] + 1) >= 10,
+             what=lambda: f"B serving alone ({len(acked)} acked; errors: {errors[-5:]})")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    after = [node for _, node, t in acked if t > killed_at[0] + 1]
+    assert set(after) == {"b"}  # the survivor kept serving
+
+    subjects = {s for s, _, _ in acked}
+    on_a = {s for s, node, _ in acked if node == "a"}
+    on_b = subjects - on_a
+    assert len(farm.a.queued()) >= len(on_a) >= 5  # on A's disk, A dead
+    farm.mx.data_reply = None
+    wait(lambda: on_b <= delivered(farm), timeout=120, what="B's messages delivered")
+    assert not on_a & delivered(farm)  # A's wait for A
+    farm.a.start()  # its queue waits on its disk; delivered after the restart
+    wait(lambda: subjects <= delivered(farm), timeout=120,
+         what=lambda: f"A's queue after the restart ({len(on_a - delivered(farm))} left)")
+    assert len(acked) <= len(users) * MSGS_PER_HOUR  # the farm-wide per-user rate held
+    wait(lambda: farm.a.queued() == [] and farm.b.queued() == [], what="queues empty")
+
+
+def delivered(farm: Farm) -> set[str]:
+    out = set()
+    for m in farm.mx.messages:
+        mm = re.search(rb"Subject: (\S+)", m.content)
+        if mm:
+            out.add(mm.group(1).decode())
+    return out
+
+
+# --------------------------------------------------------------------------- Redis down
+
+def test_redis_stopped_nodes_keep_serving_on_local_counters(farm: Farm) -> None:
+    assert farm.redis is not None
+    add_user(farm, "rena", "rena-pw")
+    farm.redis.stop()
+    try:
+        got = through_both(farm, lambda c: (c.auth("rena", "rena-pw"),
+                                            c.send("rena@example.org", "x@example.net",
+                                                   "redis-down"))[1], "127.0.0.60")
+        assert all(r.startswith("250") for _, r in got), got
+        for r in farm.nodes.values():
+            r.wait_for(lambda r=r: "counting locally on this node" in r.maillog(), 20)
+        # Locally counted: each node locks the address after its own MAX_FAIL_IP failures.
+        bad = through_both(farm, lambda c: c.auth("rena", "wrong"), "127.0.0.61",
+                           n=2 * MAX_FAIL_IP)
+        assert all(r.startswith("535") for _, r in bad), bad
+        got = through_both(farm, lambda c: c.auth("rena", "rena-pw"), "127.0.0.61")
+        assert all(r.startswith("454") for _, r in got), got
+    finally:
+        farm.redis.start()
+    for r in farm.nodes.values():
+        r.wait_for(lambda r=r: "counting in Redis" in r.maillog(), 30)
+    got = through_both(farm, lambda c: c.auth("rena", "rena-pw"), "127.0.0.62")
+    assert all(r.startswith("235") for _, r in got), got
