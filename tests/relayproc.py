@@ -10,6 +10,7 @@ import resource
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -79,11 +80,14 @@ class RelayProcess:
         self.log = tmp / "maillog.txt"
         self.users = users if users is not None else {"alice": PASSWORD}
         self.proc: subprocess.Popen[bytes] | None = None
+        # The interpreter that runs `serve` and the CLI (tests/privpython.py makes one an
+        # unprivileged user can run, for the privilege-drop tests).
+        self.python = sys.executable
 
     def cli(self, *args: str, input: str | None = None, check: bool = True
             ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "authrelay", "-c", str(self.config), *args],
+            [self.python, "-m", "authrelay", "-c", str(self.config), *args],
             input=input, capture_output=True, text=True, check=check, timeout=60,
         )
 
@@ -95,7 +99,7 @@ class RelayProcess:
                 self.cli("user", "add", name, "--password-stdin", input=pw + "\n")
         logf = open(self.log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "authrelay", "-c", str(self.config), "serve", *extra_args],
+            [self.python, "-m", "authrelay", "-c", str(self.config), "serve", *extra_args],
             stdout=logf, stderr=subprocess.STDOUT,
             preexec_fn=None if nofile is None else lambda: resource.setrlimit(
                 resource.RLIMIT_NOFILE, (nofile, nofile)),
@@ -158,6 +162,18 @@ class RelayProcess:
         if not d.exists():
             return []
         return sorted(p for p in d.iterdir() if "." not in p.name)
+
+    def unready(self) -> list[Path]:
+        """Files in queue/ or hold/ without the ready mark (owner-execute, set at commit):
+        a message being received, or one whose receive failed and was not cleaned up.
+        After a refused or aborted message, and after a clean stop, there are none."""
+        out = []
+        for d in (self.queue_dir, self.state / "spool" / "hold"):
+            if d.exists():
+                out += [p for p in d.iterdir()  # ID.state files carry no ready mark
+                        if p.is_file() and "." not in p.name
+                        and not p.stat().st_mode & stat.S_IXUSR]
+        return sorted(out)
 
     def message_bytes(self, path: Path) -> bytes:
         """The stored message (after the spool header)."""

@@ -142,14 +142,17 @@ def _user(cfg: Config, out: list[Finding]) -> pwd.struct_passwd | None:
 
 
 def _readable_by(path: Path, pw: pwd.struct_passwd) -> bool:
-    """Could user `pw` read `path` (mode bits and groups; not ACLs)?"""
+    """Could user `pw` read `path` (mode bits and groups; ACLs are not looked at)?"""
     try:
         st = path.stat()
     except OSError:
         return False
     if pw.pw_uid == 0:
         return True
-    groups = {pw.pw_gid} | {g for g in _groups_of(pw)}
+    try:
+        groups = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    except OSError:
+        groups = {pw.pw_gid}
     if st.st_uid == pw.pw_uid:
         return bool(st.st_mode & stat.S_IRUSR)
     if st.st_gid in groups:
@@ -157,11 +160,21 @@ def _readable_by(path: Path, pw: pwd.struct_passwd) -> bool:
     return bool(st.st_mode & stat.S_IROTH)
 
 
-def _groups_of(pw: pwd.struct_passwd) -> list[int]:
-    try:
-        return os.getgrouplist(pw.pw_name, pw.pw_gid)
-    except OSError:
-        return []
+def _check_privileged_split(cfg: Config, pw: pwd.struct_passwd | None,
+                            out: list[Finding]) -> None:
+    """With `user`, what the dropped processes read themselves (docs/PRIVILEGES.md): the
+    config file (re-read on SIGHUP) and the smart host's CA file."""
+    if pw is None or cfg.source == EMBEDDED:
+        return
+    src = Path(cfg.source)
+    if not _readable_by(src, pw):
+        out.append(Finding("warning", "", f"{src}: not readable by user {pw.pw_name}: "
+                           "a reload (SIGHUP) would fail"))
+    ca = cfg.relay.smart_host_ca_file
+    if ca and not _readable_by(Path(ca), pw):
+        out.append(Finding("error", "relay.smart_host_ca_file", f"{ca}: not readable by "
+                           f"user {pw.pw_name}, who delivers the mail"))
+    # Root-only key / smart host password: _check_tls / _check_files (_config_untrusted).
 
 
 def _check_tls(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) -> None:
@@ -358,12 +371,13 @@ def check(cfg: Config) -> list[Finding]:
         pw = _user(cfg, out)
     except Exception as e:  # a check must never turn into a traceback
         out.append(Finding("error", "user", f"cannot check: {e}"))
-    for step in (_check_listeners, _check_tls, _check_backend, _check_files):
+    for step in (_check_listeners, _check_tls, _check_backend, _check_files,
+                 _check_privileged_split):
         try:
             if step is _check_listeners or step is _check_backend:
-                step(cfg, out)
+                step(cfg, out)  # type: ignore[call-arg]
             else:
-                step(cfg, pw, out)
+                step(cfg, pw, out)  # type: ignore[call-arg]
         except Exception as e:
             out.append(Finding("error", "", f"check failed: {type(e).__name__}: {e}"))
     return out

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from authrelay import maillog as maillog_mod
-from authrelay import process
+from authrelay import process, sdnotify
 from authrelay.config import EMBEDDED, Config, ConfigError, embedded_notice, load
 from authrelay.policy.throttle import Share
 from authrelay.process import Channel, InstanceBusy, KeyHelper, StartError
@@ -393,11 +393,14 @@ async def _serve_loop(run: _Run) -> int:
 
     ml.daemon(f"started ({run.role})", pid=os.getpid(),
               listeners=",".join(ln.name for ln in run.listeners) if run.listeners else None)
+    if run.role != "worker":  # systemd Type=notify (h12)
+        sdnotify.ready(f"serving ({run.role})")
 
     async def watch_hup() -> None:
         while True:
             await hup.wait()
             hup.clear()
+            sdnotify.reloading()
             # Nothing in here may end this task: every failure is one maillog line and the
             # running state stays.
             _reopen_maillog(ml)
@@ -406,9 +409,11 @@ async def _serve_loop(run: _Run) -> int:
                 pem = await loop.run_in_executor(None, run.read_keys, new)
                 apply(new, pem)
                 ml.daemon("reloaded", pid=os.getpid())
+                sdnotify.ready("reloaded")
             except Exception as e:
                 ml.daemon("reload failed, keeping the running config", error=_one_line(e),
                           pid=os.getpid())
+                sdnotify.ready("reload failed, running the previous config")
                 continue
             message = process.pack_pem(run.pem)
             for w in list(run.workers.values()):
@@ -429,6 +434,7 @@ async def _serve_loop(run: _Run) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     ml.daemon("stopping", pid=os.getpid())
+    sdnotify.stopping()
     hup_task.cancel()
     if receiver is not None:
         await receiver.stop()

@@ -170,3 +170,28 @@ def test_key_readable_only_by_root(site: Path) -> None:
                         "state_dir": str(site / "st")})
     r = _cc(cfg)  # as root: the privileged loader's view
     assert r.returncode == 0, r.stderr
+
+
+def test_root_only_key_needs_a_root_config(site: Path) -> None:
+    """The key helper re-reads a root-only key (SIGHUP) only for a config owned by root and
+    not writable by others (docs/PRIVILEGES.md): check-config says what to fix."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root (chown)")
+    cert, key = _cert(site)
+    cfg = _write(site, {"tls": {"cert": str(cert), "key": str(key)}, "user": UNPRIV,
+                        "state_dir": str(site / "st")})
+    nobody = pwd.getpwnam(UNPRIV)
+    os.chown(cfg, nobody.pw_uid, nobody.pw_gid)
+    r = _cc(cfg)
+    assert r.returncode == 0, r.stderr  # it starts; only a later reload would fail
+    assert f"warning: tls.key: {key}: readable only by root" in r.stderr
+    assert "must be owned by root" in r.stderr
+    os.chown(cfg, 0, 0)
+    os.chmod(cfg, 0o666)
+    r = _cc(cfg)
+    assert "not writable by group/others" in r.stderr and "mode 0666" in r.stderr
+    os.chmod(cfg, 0o600)  # root's and private: the helper serves it; a reload as nobody not
+    r = _cc(cfg)
+    assert r.returncode == 0, r.stderr
+    assert "readable only by root" not in r.stderr
+    assert f"{cfg}: not readable by user {UNPRIV}: a reload (SIGHUP) would fail" in r.stderr
