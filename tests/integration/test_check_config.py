@@ -195,3 +195,38 @@ def test_root_only_key_needs_a_root_config(site: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "readable only by root" not in r.stderr
     assert f"{cfg}: not readable by user {UNPRIV}: a reload (SIGHUP) would fail" in r.stderr
+
+
+def _serve(cfg: Path, python: str = sys.executable, user: str | None = None
+           ) -> subprocess.CompletedProcess[str]:
+    cmd = [python, "-m", "authrelay", "-c", str(cfg), "serve"]
+    if user:
+        cmd = ["runuser", "-u", user, "--", *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    return r
+
+
+def test_serve_names_the_address_and_never_tracebacks(site: Path) -> None:
+    """What check-config reports, serve refuses with one line naming the culprit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = _serve(_write(site, {"listen": [{"address": f"127.0.0.1:{port}", "mode": "smtp"}],
+                                 "state_dir": str(site / "st1")}))
+    assert r.returncode == 1 and f"127.0.0.1:{port}" in r.stderr, r.stderr
+    r = _serve(_write(site, {"user": "no-such-user-h12", "state_dir": str(site / "st2")}))
+    assert r.returncode == 1 and "no-such-user-h12" in r.stderr, r.stderr
+    r = _serve(_write(site, {"relay": {"smart_host": ["mail.example:subm"]}}))
+    assert r.returncode == 1 and "relay.smart_host[0]" in r.stderr
+
+
+def test_serve_privileged_port_as_non_root(site: Path) -> None:
+    py = python_for(UNPRIV)
+    os.chmod(site, 0o777)
+    cfg = _write(site, {"listen": [{"address": "127.0.0.1:25", "mode": "smtp"}],
+                        "state_dir": str(site / "st")})
+    r = _serve(cfg, python=py, user=UNPRIV)
+    assert r.returncode == 1, r.stderr
+    assert "127.0.0.1:25" in r.stderr and "ermission denied" in r.stderr, r.stderr
