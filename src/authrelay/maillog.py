@@ -11,9 +11,10 @@ the fields below, and values are sanitised of CR/LF so a client cannot forge log
 Targets: stdout, stderr, file:PATH (reopened on SIGHUP for logrotate), syslog (mail facility;
 when /dev/log is missing, stderr, with a warning on stderr and a `warning=` line, since
 syslog(3) would drop every line without a word).
-API: one method per event (connect, tls, auth_ok, auth_failed, reject, queued, sent,
-deferred, bounced, expired, notification/delayed, held, released, removed, disconnect,
-warning, error, daemon), each also a module-level function on the process-wide log
+API: one method per event (connect, tls, tls_failed, auth_ok, auth_failed, reject, queued,
+sent, deferred, bounced, expired, notification/delayed, held, released, removed,
+host_failed, next_host, tls_handshake_failed, tls_not_used, dkim, disconnect, warning,
+error, daemon), each also a module-level function on the process-wide log
 (`maillog.queued(...)`); `event(qid, **kv)` stays for anything else. See docs/INTERFACES.md.
 Lines are handed to a writer thread (one per process, started lazily so forked workers get
 their own): a write to a log file on a busy filesystem can wait behind a journal commit,
@@ -259,6 +260,39 @@ class MailLog:
         """`NOQUEUE: disconnect=from HOST [IP], auth=U, commands=ehlo=1 mail=1 ...`."""
         self.event(None, disconnect=f"from {relay}", auth=auth or None, commands=commands or None)
 
+    def tls_failed(self, relay: str, reason: str, listener: str | None = None,
+                   delay: float | None = None) -> None:
+        """An inbound TLS handshake failed (Postfix: "SSL_accept error from"):
+        `NOQUEUE: tls_failed=from HOST [IP], reason=R, listener=L, delay=0.12`."""
+        self.event(None, tls_failed=f"from {relay}", reason=reason, listener=listener,
+                   delay=None if delay is None else f"{delay:.2f}")
+
+    def host_failed(self, queue_id: str, relay: str, reason: str) -> None:
+        """Outbound: one host of the route failed (Postfix's `connect to host[ip]:25:
+        Connection refused`): `QID: relay=H, status=host failed, reason=R`."""
+        self.event(queue_id, relay=relay, status="host failed", reason=reason)
+
+    def next_host(self, queue_id: str, relay: str, rcpts: str, reason: str) -> None:
+        """Outbound: recipients a host answered 4xx go to the next MX:
+        `QID: relay=H, status=recipients passed to the next host, rcpts=<a>,<b>, reason=R`."""
+        self.event(queue_id, relay=relay, status="recipients passed to the next host",
+                   rcpts=rcpts, reason=reason)
+
+    def tls_handshake_failed(self, queue_id: str, relay: str, reason: str,
+                             next: str | None = None) -> None:  # noqa: A002 - the log key
+        """Outbound STARTTLS failed: `QID: relay=H, status=TLS handshake failed, reason=R,
+        next=WHAT HAPPENS NOW`."""
+        self.event(queue_id, relay=relay, status="TLS handshake failed", reason=reason,
+                   next=next)
+
+    def tls_not_used(self, queue_id: str, relay: str, why: str) -> None:
+        """Outbound plain text by policy: `QID: relay=H, tls=not used: WHY`."""
+        self.event(queue_id, relay=relay, tls=f"not used: {why}")
+
+    def dkim(self, queue_id: str | None, result: str, **extra: Any) -> None:
+        """DKIM signing: `QID: dkim=signed|none|error|warning, d=DOMAIN, s=SEL, reason=R`."""
+        self.event(queue_id, dkim=result, **extra)
+
     def warning(self, text: str, relay: str | None = None, queue_id: str | None = None,
                 **extra: Any) -> None:
         """`QID: warning=TEXT, relay=..., k=v`."""
@@ -431,6 +465,32 @@ def removed(queue_id: str, by: str | None = None) -> None:
 
 def disconnect(relay: str, auth: str | None = None, commands: str | None = None) -> None:
     get().disconnect(relay, auth, commands)
+
+
+def tls_failed(relay: str, reason: str, listener: str | None = None,
+               delay: float | None = None) -> None:
+    get().tls_failed(relay, reason, listener, delay)
+
+
+def host_failed(queue_id: str, relay: str, reason: str) -> None:
+    get().host_failed(queue_id, relay, reason)
+
+
+def next_host(queue_id: str, relay: str, rcpts: str, reason: str) -> None:
+    get().next_host(queue_id, relay, rcpts, reason)
+
+
+def tls_handshake_failed(queue_id: str, relay: str, reason: str,
+                         next: str | None = None) -> None:  # noqa: A002
+    get().tls_handshake_failed(queue_id, relay, reason, next)
+
+
+def tls_not_used(queue_id: str, relay: str, why: str) -> None:
+    get().tls_not_used(queue_id, relay, why)
+
+
+def dkim(queue_id: str | None, result: str, **extra: Any) -> None:
+    get().dkim(queue_id, result, **extra)
 
 
 def warning(text: str, relay: str | None = None, queue_id: str | None = None,

@@ -84,6 +84,20 @@ CASES = [
      "NOQUEUE: warning=possible SMTP RCPT flood, throttling, relay=host.example [192.0.2.7], "
      "bad_rcpts=5"),
     (lambda m: m.error("cannot save state", "Q1"), "Q1: error=cannot save state"),
+    (lambda m: m.tls_failed("unknown [192.0.2.9]", "handshake timeout", "submissions", 1.5),
+     "NOQUEUE: tls_failed=from unknown [192.0.2.9], reason=handshake timeout, "
+     "listener=submissions, delay=1.50"),
+    (lambda m: m.host_failed("Q1", "mx1[198.51.100.1]:25", "421 4.4.1 refused"),
+     "Q1: relay=mx1[198.51.100.1]:25, status=host failed, reason=421 4.4.1 refused"),
+    (lambda m: m.next_host("Q1", "mx1", "<a@y>,<b@y>", "451 4.3.0 busy"),
+     "Q1: relay=mx1, status=recipients passed to the next host, rcpts=<a@y>,<b@y>, "
+     "reason=451 4.3.0 busy"),
+    (lambda m: m.tls_handshake_failed("Q1", "mx1", "bad record", "plain text next"),
+     "Q1: relay=mx1, status=TLS handshake failed, reason=bad record, next=plain text next"),
+    (lambda m: m.tls_not_used("Q1", "mx1", "failed before (tls = may)"),
+     "Q1: relay=mx1, tls=not used: failed before (tls = may)"),
+    (lambda m: m.dkim("Q1", "signed", d="example.org", s="s1"),
+     "Q1: dkim=signed, d=example.org, s=s1"),
     (lambda m: m.daemon("started (single)", pid=7, listeners="smtp"),
      "NOQUEUE: daemon=started (single), pid=7, listeners=smtp"),
     (lambda m: m.daemon("reload failed, keeping the running config", error="bad"),
