@@ -182,7 +182,9 @@ def main() -> int:
     r = RelayProcess(tmp, workers=args.workers).start()
     try:
         assert r.proc is not None
-        time.sleep(1)
+        deadline = time.monotonic() + 30
+        while len(family(r.proc.pid)) < args.workers + 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
         pids = family(r.proc.pid)
         ports = r.ports
         sub = lambda: submission(ports["submission"], "127.0.0.3")  # noqa: E731

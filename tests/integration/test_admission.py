@@ -195,8 +195,9 @@ def test_465_flood_from_many_addresses_leaves_other_ports_served(relay_factory
     on 587 and 25 are served throughout."""
     r: RelayProcess = relay_factory({"limits": {"connection_rate_per_ip": 0}}, workers=2)
     assert r.proc is not None
-    procs = family(r.proc.pid)
-    assert len(procs) == 3, procs  # master + 2 workers
+    pid = r.proc.pid
+    r.wait_for(lambda: len(family(pid)) == 3, 30)  # master + 2 workers (forked after bind)
+    procs = family(pid)
 
     def socks() -> int:
         return sum(sockets_of(p) for p in procs)

@@ -66,6 +66,7 @@ ACCEPT_BATCH = 64  # accepts per readable event: a flood on one port cannot star
 POLL = 0.25  # how often a paused listener looks again
 FD_RESERVE_MIN = 64
 STRESS_OFF_MARGIN = 10  # percentage points below the threshold where stress mode ends
+STRESS_CALM = 10.0  # ... once the load has stayed there this many seconds
 PROXY_READS_MIN = 256  # PROXY headers read at once per listener, at least (issue 14)
 
 
@@ -146,6 +147,7 @@ class Acceptor:
         self.sock = ln.sock
         self.open = 0  # sockets of this listener held by this process
         self.stressed = False
+        self.calm_since = 0.0
         self.paused: str = ""  # why accepting is paused: "", "full", "fd", "error", "stop"
         self.full_since = 0.0
         self._poll: asyncio.TimerHandle | None = None
@@ -425,6 +427,11 @@ class Acceptor:
         lim = self.server.cfg.limits
         n = self.server.throttle.level(self.pool_key)
         pct = 100 * n / self.cap
+        now = time.monotonic()
+        if pct >= lim.stress_threshold - STRESS_OFF_MARGIN:
+            self.calm_since = 0.0
+        elif not self.calm_since:
+            self.calm_since = now
         if not self.stressed and pct >= lim.stress_threshold:
             self.stressed = True
             maillog.warning("stress mode on: command timeout "
@@ -434,7 +441,9 @@ class Acceptor:
             if self._stress_poll is None:
                 self._stress_poll = asyncio.get_running_loop().call_later(
                     1.0, self._stress_tick)
-        elif self.stressed and pct < lim.stress_threshold - STRESS_OFF_MARGIN:
+        elif self.stressed and self.calm_since and now - self.calm_since >= STRESS_CALM:
+            # The load has passed: below the threshold by a margin for a while (a flood
+            # with churn would otherwise switch it on and off every few seconds).
             self.stressed = False
             if self._stress_poll is not None:
                 self._stress_poll.cancel()
