@@ -527,6 +527,7 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
     d = cfg.state_path
     d.mkdir(parents=True, exist_ok=True)
     lock_fd = process.acquire_instance_lock(d)  # before binding or forking anything
+    process.set_name("authrelay")  # ps: authrelay, authrelay-keys, authrelay-w0 ...
     try:
         return _serve_locked(cfg, config_path, dropping)
     finally:
@@ -596,6 +597,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                     others.append(helper.channel)
                 sock = ch.in_child(others)
                 process.arm_child(master_pid)
+                process.set_name(f"authrelay-w{i}")
                 for j, socks in enumerate(per_worker):
                     if j != i:
                         for s in socks:

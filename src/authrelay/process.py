@@ -142,6 +142,16 @@ def preload() -> None:
         _prctl()
 
 
+PR_SET_NAME = 15
+
+
+def set_name(name: str) -> None:
+    """The process name `ps -o comm`, top and /proc/PID/comm show (15 bytes at most), so an
+    admin tells the master, the workers and the key helper apart."""
+    with contextlib.suppress(OSError, AttributeError):
+        _prctl()(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
 def arm_child(master_pid: int) -> None:
     """In a child right after fork: die with the master. Exits at once if it is gone."""
     try:
@@ -246,6 +256,7 @@ class KeyHelper:
             code = 0
             try:
                 arm_child(master_pid)
+                set_name("authrelay-keys")
                 for s in close or ():  # the listening sockets: never in this process
                     s.close()
                 _helper_main(sock, config_path)
