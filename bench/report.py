@@ -39,6 +39,8 @@ _ROWS: list[tuple[str, str, str, str, bool, str]] = [
     ("a", "", "cpu_ms_per_msg", "(g) server CPU ms/msg", False, ""),
     ("b", "", "cpu_ms_per_msg", "(g) server CPU ms/msg", False, ""),
     ("c", "", "cpu_ms_per_msg", "(g) server CPU ms/msg", False, ""),
+    ("s", "", "accepted_per_s", "(s) accepted msg/s, DKIM signing", True, ""),
+    ("s", "", "cpu_ms_per_msg", "(s) server CPU ms/msg, DKIM signing", False, ""),
     ("a", "", "cpu_master_ms_per_msg", "(g) authrelay master (scheduler+courier) CPU ms/msg",
      False, ""),
     ("a", "", "cpu_master_share", "(g) authrelay master's share of server CPU", False, ""),
@@ -64,6 +66,34 @@ def medians(res: dict[str, Any]) -> dict[tuple[str, str, str, str], float]:
             if isinstance(v, int | float) and not isinstance(v, bool):
                 acc.setdefault((r["scenario"], r["label"], k, r["target"]), []).append(v)
     return {k: statistics.median(v) for k, v in acc.items()}
+
+
+def _signing_cost(res: dict[str, Any]) -> list[str]:
+    """(s): authrelay's CPU per message and accept rate signed vs unsigned, same size."""
+    runs = [r for r in res["runs"] if r["scenario"] == "s" and r["target"] == "authrelay"]
+    if not runs:
+        return []
+
+    def med(size: int, variant: str, metric: str) -> float | None:
+        xs = [r[metric] for r in runs if r["size"] == size and r.get("label", "").startswith(
+            f"DKIM {variant},") and isinstance(r.get(metric), int | float)]
+        return statistics.median(xs) if xs else None
+
+    out = ["", "## DKIM signing cost (s)", "",
+           "| size | keys | CPU ms/msg | + over unsigned | accepted msg/s | vs unsigned |",
+           "|---|---|---|---|---|---|"]
+    for size in sorted({r["size"] for r in runs}):
+        off_cpu, off_rate = med(size, "off", "cpu_ms_per_msg"), med(size, "off",
+                                                                    "accepted_per_s")
+        for v in ("off", "rsa", "ed25519", "both"):
+            cpu, rate = med(size, v, "cpu_ms_per_msg"), med(size, v, "accepted_per_s")
+            if cpu is None or rate is None:
+                continue
+            extra = f"{cpu - off_cpu:+.2f}" if off_cpu is not None and v != "off" else "-"
+            rel = f"{rate / off_rate:.2f}x" if off_rate and v != "off" else "-"
+            out.append(f"| {size // 1024} KiB | {v} | {cpu:.2f} | {extra} | {rate:.0f} | "
+                       f"{rel} |")
+    return out
 
 
 def write_markdown(res: dict[str, Any]) -> str:
@@ -121,6 +151,7 @@ def write_markdown(res: dict[str, Any]) -> str:
                          if idle and flood and statistics.median(idle) > 0 else "-")
         out.append(f"| (h) flood / idle | (h) p99 ratio, flood over idle | "
                    f"{' | '.join(cells)} | - | lower | <= 2x |")
+    out += _signing_cost(res)
     fails = [r for r in res["runs"] if r.get("failed") or r.get("delivered_all") is False]
     out += ["", "## Failures", ""]
     if not fails:

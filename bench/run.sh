@@ -103,6 +103,15 @@ if [ "$BENCH_AUTHRELAY" = 1 ] && "$PY" -m authrelay serve --help >/dev/null 2>&1
     > "$STATE/sink.out" 2>&1 < /dev/null &
   SINK_PID=$!
   printf '%s\n' "$USER_PASS" | "$PY" -m authrelay -c "$CONF" user add "$USER_NAME" --password-stdin
+  # (s) DKIM: keys for the sender domains scenario s uses (bench.example.test has none)
+  if "$PY" -m authrelay dkim --help >/dev/null 2>&1; then
+    for alg in rsa ed25519; do
+      "$PY" -m authrelay -c "$CONF" dkim keygen "$alg.bench.example.test" --algorithm "$alg" \
+        --selector bench >/dev/null 2>&1
+    done
+    "$PY" -m authrelay -c "$CONF" dkim keygen both.bench.example.test --selector bench \
+      >/dev/null 2>&1
+  fi
   setsid "$PY" -m authrelay -c "$CONF" serve > "$STATE/serve.log" 2>&1 < /dev/null &
   AR_PID=$!
   if wait_port "$AR_PLAIN" && wait_port "$AR_SUB" && wait_port "$AR_SINK"; then

@@ -183,10 +183,12 @@ class Target:
 # --------------------------------------------------------------------------- load
 
 
-def smtp_source(port: int, sessions: int, messages: int, size: int) -> dict[str, Any]:
-    """Plain SMTP load with Postfix's smtp-source: one message per connection."""
+def smtp_source(port: int, sessions: int, messages: int, size: int,
+                sender: str = SENDER) -> dict[str, Any]:
+    """Plain SMTP load with Postfix's smtp-source: one message per connection (its From:
+    header is the envelope sender)."""
     cmd = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
-           "-f", SENDER, "-t", RCPT, "-M", "source.bench.example.test", f"127.0.0.1:{port}"]
+           "-f", sender, "-t", RCPT, "-M", "source.bench.example.test", f"127.0.0.1:{port}"]
     t0 = time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     el = time.monotonic() - t0
@@ -211,12 +213,24 @@ def load_py(args: list[str]) -> dict[str, Any]:
 
 @dataclass
 class Scenario:
-    key: str  # a, b, c, e, f
+    key: str  # a, b, c, e, f, s
     label: str
     sessions: int = 1
     messages: int = 0
     size: int = 1024
     connections: int = 0
+    sender: str = SENDER  # (s): the From: domain picks the DKIM keys that sign
+    dkim: str = ""  # (s): off | rsa | ed25519 | both; only "off" runs on Postfix
+
+
+# (s) DKIM: run.sh makes keys for these From: domains (authrelay dkim keygen), so one
+# running authrelay signs with none, RSA-2048, Ed25519 or both, by sender domain.
+DKIM_SENDERS = {
+    "off": SENDER,
+    "rsa": "src@rsa.bench.example.test",
+    "ed25519": "src@ed25519.bench.example.test",
+    "both": "src@both.bench.example.test",
+}
 
 
 def scenarios(smoke: bool, quick: bool) -> list[Scenario]:
@@ -240,6 +254,10 @@ def scenarios(smoke: bool, quick: bool) -> list[Scenario]:
     out.append(Scenario("h", "connect-to-QUIT, idle server", 4, nh))
     out.append(Scenario("h", "connect-to-QUIT, 2 NOOP floods + 2 never read", 4, nh,
                         connections=4))
+    for size, n in ((1024, na // 2), (102400, nc)):
+        for variant, sender in DKIM_SENDERS.items():
+            out.append(Scenario("s", f"DKIM {variant}, {size // 1024} KiB, 10 sessions", 10,
+                                n, size, sender=sender, dkim=variant))
     return out
 
 
@@ -280,8 +298,8 @@ def run_one(t: Target, sc: Scenario) -> dict[str, Any]:
     if sampler:
         sampler.start()
     t0 = time.monotonic()
-    if sc.key in ("a", "c"):
-        load = smtp_source(t.plain, sc.sessions, sc.messages, sc.size)
+    if sc.key in ("a", "c", "s"):
+        load = smtp_source(t.plain, sc.sessions, sc.messages, sc.size, sc.sender)
     elif sc.key == "b":
         load = load_py(["smtp", "--port", str(t.submission), "--tls", "starttls",
                         "--auth", "plain", "--user", t.user, "--password", t.password,
@@ -440,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(a.reps):
         for sc in scs:
             for t in targets:
+                if sc.dkim not in ("", "off") and t.name != "authrelay":
+                    continue  # Postfix runs unsigned only
                 rec = run_one(t, sc)
                 rec["rep"] = rep
                 res["runs"].append(rec)

@@ -46,6 +46,7 @@ from typing import BinaryIO
 from authrelay import aliases, maillog, replies
 from authrelay.address import AddressError, parse_mailbox
 from authrelay.config import LOOKUP, Config, ConfigError, NoConfig, find_config_path, load_file
+from authrelay.dkim.signer import Signer
 from authrelay.scheduler import queuecli
 from authrelay.scheduler.bounce import make_bounce, should_notify
 from authrelay.smtpd import protocol as smtp
@@ -387,7 +388,8 @@ def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], login: st
         raise Fail(EX_CANTCREAT, f"cannot create {cfg.spool_dir}: {e.strerror}") from None
     except OSError as e:
         raise Fail(EX_TEMPFAIL, f"spool {cfg.spool_dir}: {e.strerror}") from None
-    sub = Submitter(spool, cfg, maillog=_maillog(cfg))
+    ml = _maillog(cfg)
+    sub = Submitter(spool, cfg, maillog=ml, signer=Signer.from_config(cfg, maillog=ml))
     if not sub.space_ok():
         raise Fail(EX_TEMPFAIL, f"{replies.NO_STORAGE.text} in {spool.queue_dir} "
                                 "(limits.queue_min_free)")

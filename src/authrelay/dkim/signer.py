@@ -34,9 +34,11 @@ is not.
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,9 +224,15 @@ class Signer:
             out.extend([h.encode()] * (present.get(h, 0) + 1))
         return out
 
+    def bind(self, queue_id: str) -> Callable[[bytes], bytes | None]:
+        """This signer for one message: its maillog notes carry `queue_id`."""
+        return functools.partial(self, queue_id=queue_id)
+
     def __call__(self, message: bytes, queue_id: str | None = None) -> bytes | None:
         """DKIM-Signature fields (CRLF-terminated) to prepend, or None (unsigned)."""
         st = self._state
+        if not st.keys:  # DKIM not in use here: no note per message
+            return None
         # Decide on the header section alone (cheap); parse the whole message only to sign.
         end = message.find(b"\r\n\r\n")
         head = message if end < 0 else message[:end + 4]

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config
+from authrelay.dkim.signer import Signer
 from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, should_notify
 from authrelay.spool.envelope import FAILED, SENT, Envelope, Recipient
@@ -133,7 +134,9 @@ class Scheduler:
         self._hooked = False
         self._stopping = False
         self.metrics: Any = None  # authrelay.metrics.Metrics, set by Metrics.start()
-        self.submitter = Submitter(spool, cfg, maillog=self.maillog)  # bounces go in here
+        # bounces go in here, DKIM-signed when MAILER-DAEMON@hostname's domain has a key
+        self.submitter = Submitter(spool, cfg, maillog=self.maillog,
+                                   signer=Signer.from_config(cfg, maillog=self.maillog))
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

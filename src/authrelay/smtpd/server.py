@@ -20,6 +20,7 @@ from typing import Any
 
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config, Listen
+from authrelay.dkim.signer import Signer
 from authrelay.policy.known import KnownAddresses
 from authrelay.policy.relay import RelayPolicy
 from authrelay.policy.throttle import Exemptions, Share, Throttle, make_throttle
@@ -82,7 +83,8 @@ class SMTPServer:
         self.proxy_trusted = proxy.Networks(cfg.relay.proxy_trusted)
         self.maillog = maillog_mod.get()
         # The one accept path (spool/submit.py); h13's DKIM signer is set on it.
-        self.submitter = Submitter(spool, cfg, maillog=self.maillog)
+        self.submitter = Submitter(spool, cfg, maillog=self.maillog,
+                                   signer=Signer.from_config(cfg, maillog=self.maillog))
         self.sessions: set[Session] = set()
         self.acceptors: list[Acceptor] = []
         self.listeners: list[Listener] = []

@@ -91,6 +91,9 @@ class Submitter:
 
     def reload(self, cfg: Config) -> None:
         self.cfg = cfg
+        reload = getattr(self.signer, "reload", None)
+        if reload is not None:  # the DKIM signer re-reads its keys and [dkim] (SIGHUP)
+            reload(cfg)
 
     # ------------------------------------------------------------------ free space
     def free_bytes(self) -> int:
@@ -218,7 +221,9 @@ class Draft:
             self._fail(e)
             raise self._problem from None  # type: ignore[misc]
         if self.sign:
-            self._incoming.signer = self.submitter.signer
+            signer = self.submitter.signer
+            bind = getattr(signer, "bind", None)  # the DKIM signer logs with the queue id
+            self._incoming.signer = bind(self.queue_id) if bind is not None else signer
 
     async def commit(self, **log: Any) -> None:
         """Durable when this returns (fsync); then the maillog `from=` line. Raises

@@ -1,0 +1,180 @@
+"""DKIM end to end: a real `authrelay serve` signs; the fake MX receives; dkimpy's verifier
+checks every signature with the public keys served by the loopback DNS server.
+
+Covers issue 13 item 5: both algorithms after a trip through the relay, a body with
+dot-stuffed lines and 8-bit content, a message already signed by another domain (kept,
+ours added), mail not ours (unauthenticated, to a local domain) never signed, no key ->
+unsigned with a maillog note, the sendmail command and bounces signed, signed once
+however many delivery attempts, new keys picked up on SIGHUP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dkim
+import pytest
+from dkimcheck import dkim_zones, verify_all
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import FakeSMTPServer, MXFactory
+from relayproc import RelayProcess
+from test_e2e_delivery import SENDER, SENDER_MX, ZONES, mx_overrides, submit, wait_until
+
+from authrelay.dkim.keys import KeyStore
+
+BODY = ("From: Alice <alice@sender.test>\r\n"
+        "To: Bob <bob@example.test>\r\n"
+        "Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n"
+        "Date: Tue, 25 Nov 2025 10:00:00 +0000\r\n"
+        "Message-ID: <dkim.1@sender.test>\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n"
+        "\r\n"
+        "Hello Bob, gr\u00fc\u00dfe aus K\u00f6ln \u20ac\r\n"
+        ".a line that starts with a dot\r\n"
+        "..two dots\r\n"
+        ".\r\n"
+        "trailing blanks   \r\n"
+        "\r\n"
+        "end\r\n").encode("utf-8")
+
+
+def keygen(relay: RelayProcess, domain: str, *extra: str) -> None:
+    relay.cli("dkim", "keygen", domain, "--selector", "t", *extra)
+
+
+def keys_of(relay: RelayProcess) -> list:  # noqa: ANN001
+    return KeyStore(relay.state / "dkim").load().all()
+
+
+@pytest.fixture
+def setup(relay_factory: Callable[..., RelayProcess], dns_server: FakeDNSServer,
+          fake_mx: MXFactory) -> dict[str, Any]:
+    mx = fake_mx("127.0.0.2")
+    sender_mx = fake_mx(SENDER_MX)
+    ov = mx_overrides(dns_server, fake_mx.port)
+    ov["relay"]["local_domains"] = ["example.test"]
+    relay = relay_factory(ov, start=False)
+    keygen(relay, "sender.test")  # t-rsa and t-ed25519
+    keygen(relay, "relay.test", "--algorithm", "ed25519")  # bounces: MAILER-DAEMON@relay.test
+    dns_server.set_zones({**ZONES, **dkim_zones(keys_of(relay))})
+    relay.start()
+    return {"relay": relay, "mx": mx, "sender_mx": sender_mx, "dns": dns_server}
+
+
+def our_results(content: bytes, dns: FakeDNSServer) -> list[tuple[bytes, bytes, bytes, bool]]:
+    return verify_all(content, dns.nameserver)
+
+
+def test_both_algorithms_verify_after_the_relay(setup: dict[str, Any]) -> None:
+    relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
+    qid = submit(relay, ["bob@example.test"], BODY)
+    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    res = our_results(m.content, dns)
+    assert sorted(res) == [(b"sender.test", b"t-ed25519", b"ed25519-sha256", True),
+                           (b"sender.test", b"t-rsa", b"rsa-sha256", True)], res
+    # The signatures sit on top; the message below them is what the client sent plus
+    # our Received field (which is itself not signed: it is not in h=).
+    assert m.content.startswith(b"DKIM-Signature: ")
+    assert m.content.endswith(BODY[BODY.index(b"\r\n\r\n"):])
+    for line in relay.maillog().splitlines():
+        if f" {qid}: " in line and "dkim=" in line:
+            assert "dkim=signed, d=sender.test, s=t-ed25519,t-rsa" in line
+            break
+    else:
+        raise AssertionError(f"no dkim line for {qid}:\n{relay.maillog()[-3000:]}")
+
+
+def test_foreign_signature_kept_ours_added(setup: dict[str, Any], tmp_path: Path) -> None:
+    relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
+    other = KeyStore(tmp_path / "other").generate("list.example", "l1", "rsa")
+    dns.update(dkim_zones([other]))
+    signed = dkim.sign(BODY, b"l1", b"list.example", other.signing_key,
+                       canonicalize=(b"relaxed", b"relaxed")) + BODY
+    submit(relay, ["bob@example.test"], signed)
+    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    res = our_results(m.content, dns)
+    assert len(res) == 3 and all(ok for *_, ok in res), res
+    assert {d for d, *_ in res} == {b"sender.test", b"list.example"}
+
+
+def test_unauthenticated_mail_to_a_local_domain_is_not_signed(setup: dict[str, Any]) -> None:
+    """An outsider may send to local_domains, but never gets our signature (a forged
+    From: sender.test would otherwise pass DKIM)."""
+    relay, mx = setup["relay"], setup["mx"]
+    with smtplib.SMTP("127.0.0.1", relay.ports["smtp"], timeout=20) as s:
+        s.ehlo("outsider.test")
+        s.sendmail(SENDER, ["bob@example.test"], BODY)
+    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    assert b"DKIM-Signature" not in m.content
+
+
+def test_no_key_for_the_from_domain(setup: dict[str, Any]) -> None:
+    relay, mx = setup["relay"], setup["mx"]
+    body = BODY.replace(b"alice@sender.test", b"alice@nokey.test")
+    qid = submit(relay, ["bob@example.test"], body)
+    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    assert b"DKIM-Signature" not in m.content
+    wait_until(lambda: f"{qid}: dkim=none, reason=no key for nokey.test" in relay.maillog(),
+               "the maillog note", relay=relay)
+
+
+def test_signed_once_across_retries(setup: dict[str, Any], fake_mx: MXFactory) -> None:
+    relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
+    mx.data_reply = "451 4.3.0 try again"
+    qid = submit(relay, ["bob@example.test"], BODY)
+    wait_until(lambda: "stat=Deferred" in relay.maillog(), "a deferral", relay=relay)
+    mx.data_reply = None  # the scheduler retries (retry = 300ms) and it goes through
+    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    res = our_results(m.content, dns)
+    assert len(res) == 2 and all(ok for *_, ok in res)
+    assert relay.maillog().count(f"{qid}: dkim=signed") == 1
+
+
+def test_sendmail_command_is_signed(setup: dict[str, Any]) -> None:
+    relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
+    env = {**os.environ, "AUTHRELAY_CONFIG": str(relay.config)}
+    r = subprocess.run([sys.executable, "-m", "authrelay", "sendmail", "-t", "-i"],
+                       input=BODY.replace(b"\r\n", b"\n"), env=env, capture_output=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    res = our_results(m.content, dns)
+    assert len(res) == 2 and all(ok for *_, ok in res), res
+
+
+def test_bounce_is_signed(setup: dict[str, Any]) -> None:
+    relay, mx, dns, sender_mx = setup["relay"], setup["mx"], setup["dns"], setup["sender_mx"]
+    mx.rcpt_replies = {"nobody@example.test": "550 5.1.1 no such user"}
+    submit(relay, ["nobody@example.test"], BODY)
+    b = wait_until(lambda: sender_mx.messages and sender_mx.messages[0], "the bounce",
+                   relay=relay)
+    assert b"From: MAILER-DAEMON@relay.test" in b.content
+    res = our_results(b.content, dns)
+    assert res == [(b"relay.test", b"t", b"ed25519-sha256", True)], res
+
+
+def test_new_key_loaded_on_sighup(setup: dict[str, Any]) -> None:
+    relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
+    keygen(relay, "new.test", "--algorithm", "ed25519")
+    dns.update(dkim_zones(keys_of(relay)))
+    assert relay.proc is not None
+    os.kill(relay.proc.pid, signal.SIGHUP)
+    body = BODY.replace(b"alice@sender.test", b"alice@new.test")
+
+    def signed() -> FakeSMTPServer | None:
+        mx.messages.clear()
+        submit(relay, ["bob@example.test"], body)
+        m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+        return m if b"d=new.test" in m.content else None
+
+    m = wait_until(signed, "a signature with the key made after start", relay=relay)
+    assert our_results(m.content, dns) == [(b"new.test", b"t", b"ed25519-sha256", True)]
