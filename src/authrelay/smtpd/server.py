@@ -157,8 +157,7 @@ class SMTPServer:
 
     def tls_failed(self, ln: Listener, ip: str, why: str, seconds: float) -> None:
         """An implicit-TLS handshake failed or timed out (Postfix: "SSL_accept error from")."""
-        self.maillog.event(None, tls_failed=f"from unknown [{ip}]", reason=why,
-                           listener=ln.name, delay=f"{seconds:.2f}")
+        self.maillog.tls_failed(f"unknown [{ip}]", why, ln.name, seconds)
 
     def fd_tight(self, acceptor: Acceptor) -> bool:
         """Near the fd limit. Every listener is guaranteed budget/(2n) sockets: one may
