@@ -408,6 +408,10 @@ def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], login: st
         if e.reply is replies.TOO_MANY_HOPS:
             _bounce_hops(sub, env, draft.header_section, e)
             return env.queue_id
+        if sub.maillog is not None:  # the same reject line as for SMTP
+            sub.maillog.reject(e.reply, relay="local", queue_id=env.queue_id,
+                               reason=e.reason if e.reason != e.reply.text else None,
+                               uid=os.getuid(), user=login)
         if e.reply is replies.MSG_NUL:
             raise Fail(EX_DATAERR, "message contains NUL characters") from None
         if e.reply.code == 452:

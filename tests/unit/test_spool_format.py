@@ -350,3 +350,24 @@ async def test_newer_state_version_refused(spool: Spool) -> None:
     (spool.queue_dir / (qid + ".state")).write_bytes(b'{"v":9,"recipients":[]}')
     with pytest.raises(UnsupportedVersion):
         spool.load(qid)
+
+
+async def test_every_single_bit_flip_is_caught(spool: Spool) -> None:
+    """Exhaustive: each bit of a whole queue file flipped in turn. Every flip is refused
+    (CorruptError, or UnsupportedVersion when the version digit itself changes); none
+    yields a message or envelope different from what was written."""
+    qid = await _put(spool, MSG, signer=lambda m: b"DKIM-Signature: v=1; b=abc")
+    path = spool.queue_dir / qid
+    good = path.read_bytes()
+    want_env, want_msg, _ = spool.load_for_delivery(qid)
+    refused = 0
+    for i in range(len(good)):
+        for bit in range(8):
+            path.write_bytes(good[:i] + bytes([good[i] ^ (1 << bit)]) + good[i + 1:])
+            try:
+                env, msg, _ = spool.load_for_delivery(qid)
+            except (CorruptError, UnsupportedVersion):
+                refused += 1
+                continue
+            assert (env, msg) == (want_env, want_msg), (i, bit)  # pragma: no cover
+    assert refused == len(good) * 8

@@ -168,7 +168,7 @@ def layout_of(version: int, fields: dict[str, str], first_line_len: int) -> Layo
         crc = int(hexsum, 16)
     except ValueError:
         raise CorruptError(f"bad checksum {hexsum!r}") from None
-    if len(hexsum) != 8:
+    if len(hexsum) != 8 or hexsum != hexsum.lower():  # written lower case: one spelling
         raise CorruptError(f"bad checksum {hexsum!r}")
     pre_off = HEADER_LEN + env_len + 1 + pad
     return Layout(2, HEADER_LEN, env_len, pre_off, pre, pre_off + pre, msg, crc)
