@@ -382,7 +382,11 @@ class Acceptor:
                 await asyncio.sleep(delay)
             factory = srv.protocol_factory(self.ln, ticket)
             if self.ln.mode == "submissions":
-                hs = srv.cfg.limits.tls_handshake_timeout
+                lim = srv.cfg.limits
+                # In stress mode the handshake gets the short timeout too (as Postfix's
+                # smtpd_starttls_timeout): a flood of idle handshakes frees its slots fast.
+                hs = min(lim.tls_handshake_timeout, lim.stress_command_timeout) \
+                    if self.stressed else lim.tls_handshake_timeout
                 started = time.monotonic()
                 handed = True
                 try:
