@@ -452,3 +452,49 @@ async def test_cached_connection_with_unsolicited_421_not_reused(
             await courier.close()
     assert mx.received == [b"message", b"message"]
     assert mx.connections == 2
+
+
+async def _refuses_starttls(mx: RawMX, r: asyncio.StreamReader,
+                            w: asyncio.StreamWriter) -> None:
+    """Offers STARTTLS but answers it with 454 (RFC 3207 4: TLS not available now)."""
+    w.write(b"220 raw.test ESMTP\r\n")
+    while line := await r.readline():
+        mx.received.append(line)
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            w.write(b"250-raw.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+        elif verb == b"STAR":
+            w.write(b"454 4.7.0 TLS not available due to temporary reason\r\n")
+        elif verb == b"DATA":
+            w.write(b"354 go ahead\r\n")
+            await w.drain()
+            while await r.readline() not in (b".\r\n", b""):
+                pass
+            w.write(b"250 2.0.0 taken\r\n")
+        elif verb == b"QUIT":
+            w.write(b"221 bye\r\n")
+            break
+        else:
+            w.write(b"250 ok\r\n")
+        await w.drain()
+
+
+@pytest.mark.parametrize("tls", ["may", "encrypt"])
+async def test_starttls_refused(tmp_path: Path, dns: FakeDNSServer, raw_port: int,
+                                tls: str) -> None:
+    """tls = may: a refused STARTTLS is as if it had not been offered (plain text, same
+    connection); tls = encrypt: deferred 4.7.5, nothing sent."""
+    one_mx(dns)
+    with RawMX("127.0.0.2", raw_port, _refuses_starttls) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port, tls=tls))
+        try:
+            r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
+        finally:
+            await courier.close()
+    mails = [ln for ln in mx.received if ln.startswith(b"MAIL")]
+    if tls == "may":
+        assert r.ok, r
+        assert len(mails) == 1
+    else:
+        assert (r.permanent, r.enhanced) == (False, "4.7.5"), r
+        assert mails == []
