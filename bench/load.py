@@ -372,15 +372,18 @@ async def _latency_main(a: argparse.Namespace) -> dict[str, Any]:
             if w is not None:
                 w.close()
 
+    t0 = time.monotonic()
+    stop_at = t0 + a.max_time if a.max_time else None
+
     async def lane() -> None:
         nonlocal left
-        while left > 0:
+        while left > 0 and (stop_at is None or time.monotonic() < stop_at):
             left -= 1
             await one()
 
-    t0 = time.monotonic()
     await asyncio.gather(*(lane() for _ in range(a.concurrency)))
     el = time.monotonic() - t0
+    st["failed"] += left  # never started within --max-time: count them as failed
     errors = {k: v for k, v in st.items() if k not in ("ok", "failed")}
     return dict(tool="load.py", mode="latency", port=a.port, sessions=a.sessions,
                 concurrency=a.concurrency, sessions_ok=st["ok"], sessions_failed=st["failed"],
@@ -509,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ready when no new banner arrived for this long")
     g.add_argument("--hold", type=float, default=None,
                    help="seconds to hold after ready (default: until a line on stdin)")
+    g = ap.add_argument_group("latency mode (also -c, -n, --ehlo)")
+    g.add_argument("--max-time", type=float, default=0.0,
+                   help="start no new session after this many seconds (0: no limit)")
     g = ap.add_argument_group("flood mode (also --hold)")
     g.add_argument("--noop", type=int, default=2, help="connections pipelining NOOPs")
     g.add_argument("--noread", type=int, default=2, help="connections that never read")

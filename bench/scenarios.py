@@ -379,7 +379,7 @@ def run_latency(t: Target, sc: Scenario, roots: list[int],
     sampler.start()
     cpu0 = cpu_seconds(process_tree(roots))
     load = load_py(["latency", "--port", str(t.plain), "-c", str(sc.sessions),
-                    "-n", str(sc.messages), "--timeout", "60"])
+                    "-n", str(sc.messages), "--timeout", "30", "--max-time", "60"])
     cpu = cpu_seconds(process_tree(roots)) - cpu0
     peak_rss, _ = sampler.stop()
     flood_out: dict[str, Any] = {}

@@ -1,13 +1,13 @@
 """Host checks for clients that did not authenticate: reverse DNS and DNSBLs.
 
 Owns `[checks] require_reverse_dns` and `[checks] dnsbl`. The session calls
-`client_refusal(session)` at the first RCPT of a client that neither authenticated nor
+`client_refusal(ip)` at the first RCPT of a client that neither authenticated nor
 comes from a trusted network (sendmail's delay_checks), so a roaming user on a dial-up
 address without PTR, or on a listed address, can still AUTH and relay.
 
-Contract: `HostChecks(cfg)`; `await client_refusal(session) -> Reply | None` (None: the
-client passes). It reads `session.ip` and sets `session.rdns` to the forward-confirmed PTR
-name when it looks one up. It never raises.
+Contract: `HostChecks(cfg)`; `await client_refusal(ip) -> (Reply | None, rdns)` (None: the
+client passes; `rdns`: the forward-confirmed PTR name when one was looked up and confirmed,
+else ""). It writes nothing back into the caller's state and never raises.
 
 - require_reverse_dns (Postfix reject_unknown_client_hostname): the IP must have a PTR
   whose name resolves back to the same IP (forward-confirmed rDNS, FCrDNS). No PTR, or a
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Any
 
 from authrelay import replies
 from authrelay.config import Config
@@ -55,39 +54,41 @@ class HostChecks:
         self.zones = tuple(z for z in cfg.checks.dnsbl if z.strip("."))
         self.resolver = resolver or Resolver(cfg.delivery.nameservers, cfg.delivery.dns_timeout)
 
-    async def client_refusal(self, session: Any) -> Reply | None:
-        ip = session.ip
+    async def client_refusal(self, ip: str) -> tuple[Reply | None, str]:
+        rdns = ""
         if self.require_rdns:
-            r = await self._rdns(session, ip)
+            r, rdns = await self._rdns(ip)
             if r is not None:
-                return r
+                return r, rdns
         for zone in self.zones:
             if await self._listed(ip, zone):
-                return replies.dnsbl_listed(zone)
-        return None
+                return replies.dnsbl_listed(zone), rdns
+        return None, rdns
 
-    async def _rdns(self, session: Any, ip: str) -> Reply | None:
+    async def _rdns(self, ip: str) -> tuple[Reply | None, str]:
         try:
             name = await self.resolver.ptr(ip)
             if not name:
-                return replies.NO_RDNS
+                return replies.NO_RDNS, ""
             try:
                 addrs = await self.resolver.addresses(name)
             except DnsTemporary:
                 raise
             except DnsError:  # NXDOMAIN / NODATA: the PTR name does not point back
-                return replies.NO_RDNS
+                return replies.NO_RDNS, ""
         except DnsTemporary:
-            return replies.DNS_TEMP
-        want = ipaddress.ip_address(ip)
+            return replies.DNS_TEMP, ""
+        try:
+            want = ipaddress.ip_address(ip)
+        except ValueError:
+            return replies.NO_RDNS, ""
         for a in addrs:
             try:
                 if ipaddress.ip_address(a) == want:
-                    session.rdns = name
-                    return None
+                    return None, name
             except ValueError:
                 continue
-        return replies.NO_RDNS  # PTR name resolves elsewhere: possibly forged
+        return replies.NO_RDNS, ""  # PTR name resolves elsewhere: possibly forged
 
     async def _listed(self, ip: str, zone: str) -> bool:
         qname = dnsbl_name(ip, zone)

@@ -1,16 +1,21 @@
-"""The I/O edge of the SMTP server: sockets, TLS, per-phase deadlines, back-pressure.
+"""The I/O edge of the SMTP server: one `asyncio.Protocol` per connection.
 
-Owns one `asyncio.Protocol` per connection (`Connection`) that buffers input and exposes
-three awaitables to the session: `readline()`, `read_chunk()` and `starttls()`. Replies
-are queued with `write()` and flushed whenever the session is about to wait for input,
-which answers pipelined commands (RFC 2920) in order and in as few segments as possible.
+Owns the socket side of a session: buffering input, flow control both ways, TLS
+(implicit on 465 by the transport, `starttls()` for RFC 3207), and closing. The session
+adapter (session.py) moves bytes between this and the sans-I/O engine (protocol.py):
+`take()` hands over what arrived, `wait_input()` waits for more, `write()` sends.
 
-Failure policy: a read that passes its deadline raises `Timeout` (the session answers
-421 4.4.2); a lost connection raises `Closed`. Input is never buffered without bound:
-reading pauses above `HIGH_WATER`, and a command line that grows past its limit without a
-line end is cut off (`LineTooLong`). A bare CR or LF in a command raises `BareLineEnding`.
-STARTTLS discards everything the client pipelined after the command (CVE-2011-0411,
-CVE-2024-34083): only bytes that arrive through the TLS layer are read afterwards.
+Memory per connection is bounded whatever the client does:
+- input: reading pauses while more than `HIGH_WATER` bytes wait unconsumed;
+- output: the transport's write buffer limits are `OUT_HIGH_WATER`/`OUT_LOW_WATER`; above
+  the high mark asyncio calls `pause_writing()`, `write_blocked` turns True and the session
+  stops executing commands until `drain()` returns (a client that pipelines without
+  reading its replies stalls itself, not the server);
+- closing: `close(grace)` flushes for at most `grace` seconds, then aborts the transport,
+  so a client that never reads cannot hold the socket, its buffers or its descriptor.
+Failure policy: a wait that passes its deadline raises `Timeout`; a lost connection raises
+`Closed`. STARTTLS discards everything the client pipelined after the command
+(CVE-2011-0411, CVE-2024-34083): only bytes that arrive through the TLS layer count.
 """
 
 from __future__ import annotations
@@ -23,8 +28,12 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-HIGH_WATER = 256 * 1024  # pause reading above this much unread input
-CHUNK = 256 * 1024  # largest DATA chunk handed to the body reader at once
+HIGH_WATER = 128 * 1024  # pause reading above this much unconsumed input
+CHUNK = 256 * 1024  # largest DATA piece the engine hands the body reader at once
+OUT_HIGH_WATER = 64 * 1024  # unsent output above this: stop executing commands
+OUT_LOW_WATER = 16 * 1024  # resume once the client has read down to this
+CLOSE_GRACE = 2.0  # seconds a closing connection may take to flush before it is aborted
+QUIT_GRACE = 30.0  # the same after a normal end (QUIT): the last replies matter more
 
 
 class Closed(Exception):
@@ -35,24 +44,18 @@ class Timeout(Exception):
     """A phase deadline passed."""
 
 
-class LineTooLong(Exception):
-    """A command line exceeded its limit; the rest of that line has been discarded."""
-
-
-class BareLineEnding(Exception):
-    """A bare CR or LF in a command line (RFC 5321 2.3.8)."""
-
-
 class Connection(asyncio.Protocol):
     def __init__(self, on_connect: Callable[[Connection], None]) -> None:
         self._on_connect = on_connect
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._waiter: asyncio.Future[None] | None = None
-        self._closed = False
-        self._paused = False
-        self._out: list[bytes] = []
-        self._skipping = False  # discarding the rest of an over-long line
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._eof = False  # the peer sent FIN (or the connection is gone)
+        self._lost = False  # connection_lost was called
+        self._paused = False  # reading paused (input back-pressure)
+        self.write_blocked = False  # writing paused (output back-pressure)
+        self._abort_handle: asyncio.TimerHandle | None = None
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self.tls_info = ""  # "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"
@@ -61,6 +64,7 @@ class Connection(asyncio.Protocol):
     # ------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self._limit_writes(transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
@@ -78,7 +82,7 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool | None:
-        self._closed = True
+        self._eof = True
         self._wake()
         # Keep our half open: replies to what the client sent before its FIN (the 250 for
         # a message just committed) must still go out; close() ends the connection.
@@ -87,25 +91,70 @@ class Connection(asyncio.Protocol):
         return t is None or t.get_extra_info("ssl_object") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
+        self._eof = self._lost = True
+        self.write_blocked = False
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
         self._wake()
+        self._wake_drain()
+
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        self._wake_drain()
 
     # ------------------------------------------------------------ internals
+    @staticmethod
+    def _limit_writes(transport: asyncio.BaseTransport) -> None:
+        with contextlib.suppress(AttributeError, NotImplementedError, RuntimeError):
+            transport.set_write_buffer_limits(  # type: ignore[attr-defined]
+                high=OUT_HIGH_WATER, low=OUT_LOW_WATER)
+
     def _wake(self) -> None:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
 
-    def _consumed(self) -> None:
-        if self._paused and len(self._buf) < HIGH_WATER // 2 and self.transport:
+    def _wake_drain(self) -> None:
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    @staticmethod
+    def _expire(w: asyncio.Future[None]) -> None:
+        if not w.done():
+            w.set_exception(Timeout())
+
+    # ------------------------------------------------------------ session API
+    @property
+    def closed(self) -> bool:
+        return self._lost
+
+    def take(self) -> bytes:
+        """Everything received so far (b"" if nothing), handed over to the caller."""
+        if not self._buf:
+            return b""
+        data = bytes(self._buf)
+        self._buf.clear()
+        if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
+        return data
 
-    async def _wait(self, timeout: float) -> None:
-        """Wait for more input (after flushing queued replies)."""
-        self.flush()
-        if self._closed:
-            raise Closed
+    @property
+    def at_eof(self) -> bool:
+        """No more input will come (FIN or connection lost) and none is buffered."""
+        return self._eof and not self._buf
+
+    async def wait_input(self, timeout: float) -> None:
+        """Return once input is buffered or the peer closed; `Timeout` after `timeout`."""
+        if self._buf or self._eof:
+            return
+        if timeout <= 0:
+            raise Timeout
         loop = asyncio.get_running_loop()
         w = self._waiter = loop.create_future()
         h = loop.call_later(timeout, self._expire, w)
@@ -114,86 +163,40 @@ class Connection(asyncio.Protocol):
         finally:
             h.cancel()
             self._waiter = None
-        if not self._buf and self._closed:
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until the client has read our output down to the low-water mark."""
+        if not self.write_blocked:
+            return
+        if self._lost:
+            raise Closed
+        if timeout <= 0:
+            raise Timeout
+        loop = asyncio.get_running_loop()
+        w = self._drain_waiter = loop.create_future()
+        h = loop.call_later(timeout, self._expire, w)
+        try:
+            await w
+        finally:
+            h.cancel()
+            self._drain_waiter = None
+        if self._lost:
             raise Closed
 
-    @staticmethod
-    def _expire(w: asyncio.Future[None]) -> None:
-        if not w.done():
-            w.set_exception(Timeout())
-
-    # ------------------------------------------------------------ session API
     def write(self, data: bytes) -> None:
-        self._out.append(data)
-
-    def flush(self) -> None:
-        if self._out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self._out))
-        self._out.clear()
-
-    def unread(self, data: bytes) -> None:
-        """Give back bytes read past the end of DATA (pipelined commands)."""
-        if data:
-            self._buf[:0] = data
-
-    async def readline(self, limit: int, timeout: float) -> bytes:
-        """One command line without its CRLF. `limit` counts the CRLF (RFC 5321 4.5.3.1.4).
-
-        `timeout` bounds the whole line, not each read: a slowloris client dribbling a
-        byte at a time cannot hold a session open past it."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            buf = self._buf
-            i = buf.find(b"\n")
-            if i >= 0:
-                line = bytes(buf[:i + 1])
-                del buf[:i + 1]
-                self._consumed()
-                if self._skipping:
-                    self._skipping = False
-                    raise LineTooLong
-                if line[-2:] != b"\r\n" or b"\r" in line[:-2]:
-                    raise BareLineEnding
-                if len(line) > limit:
-                    raise LineTooLong
-                return line[:-2]
-            cr = buf.find(b"\r")
-            if cr != -1 and cr != len(buf) - 1:
-                raise BareLineEnding  # a CR followed by something other than LF
-            if len(buf) > limit:
-                # Drop what we have and the rest of the line; never grow without bound.
-                self._skipping = True
-                del buf[:]
-                self._consumed()
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                raise Timeout
-            await self._wait(left)
-
-    async def read_chunk(self, timeout: float) -> bytes:
-        """Whatever input is there (at most CHUNK bytes), waiting up to `timeout` for some."""
-        while not self._buf:
-            await self._wait(timeout)
-        if len(self._buf) <= CHUNK:
-            data = bytes(self._buf)
-            self._buf.clear()
-        else:
-            data = bytes(self._buf[:CHUNK])
-            del self._buf[:CHUNK]
-        self._consumed()
-        return data
+        t = self.transport
+        if data and t is not None and not t.is_closing():
+            t.write(data)
 
     def discard_input(self) -> int:
         n = len(self._buf)
-        self._buf.clear()
-        self._consumed()
+        self.take()
         return n
 
     async def starttls(self, ctx: ssl.SSLContext, timeout: float) -> None:
         """Upgrade to TLS. Anything buffered before the handshake is discarded by the caller."""
-        if self.transport is None or self._closed:
+        if self.transport is None or self._lost or self._eof:
             raise Closed
-        self.flush()
         loop = asyncio.get_running_loop()
         self._paused = False
         try:
@@ -206,14 +209,15 @@ class Connection(asyncio.Protocol):
                 new = await loop.start_tls(self.transport, self, ctx, server_side=True,
                                            ssl_handshake_timeout=timeout + 5)
         except TimeoutError:
-            self._closed = True
+            self._eof = True
             raise Timeout from None
         except (ssl.SSLError, OSError, ConnectionError, RuntimeError) as e:
-            self._closed = True
+            self._eof = True
             raise Closed from e
         if new is None:
             raise Closed
         self.transport = new
+        self._limit_writes(new)
         obj = new.get_extra_info("ssl_object")
         if obj is not None:
             self._set_tls_info(obj)
@@ -226,9 +230,29 @@ class Connection(asyncio.Protocol):
         else:
             self.tls_info = str(obj.version())
 
-    def close(self) -> None:
-        self.flush()
-        self._closed = True
-        if self.transport is not None:
+    def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Flush what is written and close; abort if that takes longer than `grace`.
+
+        A client that stops reading would otherwise keep the socket ESTABLISHED, its
+        buffers allocated and its descriptor open for as long as it likes."""
+        self._eof = True
+        self._buf.clear()
+        t = self.transport
+        if t is None or self._lost:
+            return
+        if grace <= 0:
+            self.abort()
+            return
+        if not t.is_closing():
             with contextlib.suppress(Exception):
-                self.transport.close()
+                t.close()
+        if self._abort_handle is None:
+            with contextlib.suppress(RuntimeError):
+                self._abort_handle = asyncio.get_running_loop().call_later(grace, self.abort)
+
+    def abort(self) -> None:
+        self._abort_handle = None
+        t = self.transport
+        if t is not None and not self._lost:
+            with contextlib.suppress(Exception):
+                t.abort()

@@ -27,7 +27,8 @@ done per loop turn (fairness). It returns:
   refusal counts towards the bad-recipient limits); `MessageComplete` ->
   `message_result(reply)` once the message is durable (or not); `Delay` -> `resume()`
   after sleeping (answers queued before it must be sent first).
-- notices: `BodyData` (message bytes to store, in order), `MessageAborted` (the engine
+- notices: `BodyData` (message bytes to store, in order), `AuthMalformed` (a failed AUTH
+  exchange, for the maillog), `MessageAborted` (the engine
   refused the message; drop what was stored), `Reject` / `LogWarning` (maillog lines),
   `CloseConnection` (send what is queued, then close; `abort=True`: a limit or a
   protocol violation, so do not wait long for a slow reader).
@@ -142,6 +143,16 @@ class AuthRequest:
 
 
 @dataclass(slots=True)
+class AuthMalformed:
+    """Notice: an AUTH exchange failed on the client's syntax (501/504: cancelled, not
+    base64, malformed); `reason` is for the maillog and never holds the payload."""
+
+    mechanism: str
+    reply: Reply
+    reason: str
+
+
+@dataclass(slots=True)
 class MailRequest:
     """Answer: `policy_result()`: None accepts the sender (sender policy, rate limits,
     free space are the adapter's)."""
@@ -223,7 +234,8 @@ class CloseConnection:
     abort: bool = True
 
 
-Event = (StartTLS | AuthRequest | MailRequest | RcptRequest | DataRequest | BodyData
+Event = (StartTLS | AuthRequest | AuthMalformed | MailRequest | RcptRequest | DataRequest
+         | BodyData
          | MessageComplete | MessageAborted | Delay | Reject | LogWarning | CloseConnection)
 
 _BODY_ERRORS: dict[str, Reply] = {
@@ -719,9 +731,13 @@ class Engine:
             self._sasl_failed(mech, e)
             return
         except (binascii.Error, UnicodeError):
-            self._error(_UNDECODABLE)
+            self._undecodable(mech)
             return
         self._sasl_step(ex)
+
+    def _undecodable(self, mech: str) -> None:
+        self._events.append(AuthMalformed(mech, _UNDECODABLE, "not decodable"))
+        self._error(_UNDECODABLE)
 
     def _sasl_step(self, ex: SaslExchange) -> None:
         if ex.done:
@@ -743,7 +759,7 @@ class Engine:
             self._sasl_failed(ex.mechanism, e)
             return
         except (binascii.Error, UnicodeError):
-            self._error(_UNDECODABLE)
+            self._undecodable(ex.mechanism)
             return
         self._sasl_step(ex)
 
@@ -752,6 +768,8 @@ class Engine:
         if e.code == 535:  # credentials refused inside the exchange: a failed login
             self._wait("auth", AuthRequest(mech, "", "", refusal=r))
         else:
+            # Every AUTH failure is logged (with why, never the payload) and counted.
+            self._events.append(AuthMalformed(mech, r, getattr(e, "reason", "") or e.text))
             self._error(r)
 
     # the mail transaction -----------------------------------------------------
@@ -924,7 +942,9 @@ class Engine:
             self.transaction = None
             self._bare()
             return True
-        if feed.segments:
+        if feed.segments and not reader.error:
+            # Once the message is known to be refused (too big, NUL, long line) nothing
+            # more of it is stored; the refusal comes after the end of data.
             self._events.append(BodyData(feed.segments))
         if not feed.done:
             return True

@@ -27,7 +27,7 @@ from authrelay.policy.throttle import Exemptions, Share, Throttle, make_throttle
 from authrelay.smtpd import proxy
 from authrelay.smtpd.admission import Acceptor, Ticket, fd_budget
 from authrelay.smtpd.listener import Connection
-from authrelay.smtpd.session import Session
+from authrelay.smtpd.session import Session, SessionDeps
 from authrelay.spool.submit import Submitter
 from authrelay.types import Reply
 
@@ -124,28 +124,30 @@ class SMTPServer:
             return
         if ticket.peer is not None:  # the client behind a load balancer (PROXY header)
             conn.peer = ticket.peer
-        sess = Session(self, ln, conn, ticket)
+        sess = Session(self.session_deps(ln), conn, ticket)
         self.sessions.add(sess)
         task = asyncio.get_running_loop().create_task(sess.run())
         conn.task = task
+        # Whole-session cap (slowloris defence): the session is ended at the deadline.
+        h = asyncio.get_running_loop().call_later(self.cfg.limits.session_timeout,
+                                                  sess.expire)
 
         def done(_t: object) -> None:
+            h.cancel()
             self.sessions.discard(sess)
             conn.close()
             ticket.release()
 
         task.add_done_callback(done)
-        # Whole-session cap (slowloris defence): the session is cancelled at the deadline.
-        h = asyncio.get_running_loop().call_later(self.cfg.limits.session_timeout,
-                                                  self._expire, sess, task)
-        task.add_done_callback(lambda _t: h.cancel())
 
-    def _expire(self, sess: Session, task: asyncio.Task[None]) -> None:
-        if not task.done():
-            sess.reply(Reply(421, "4.4.2", "Session time limit exceeded, closing connection"))
-            sess.conn.close()
-            self.maillog.event(None, reject="421 4.4.2 session time limit",
-                               relay=sess.relay_desc())
+    def session_deps(self, ln: Listener) -> SessionDeps:
+        """The narrow interfaces a session gets (never the server itself)."""
+        certs = self.certs
+        return SessionDeps(
+            cfg=self.cfg, listener=ln.name, mode=ln.mode, policy=self.policy,
+            authenticator=self.authenticator, submitter=self.submitter,
+            tls_context=(lambda: certs.context) if certs is not None else (lambda: None),
+            checks=self.checks, maillog=self.maillog, metrics=self.metrics)
 
     # admission hooks (admission.py) ------------------------------------------
     def refused(self, ln: Listener, ip: str, r: Reply, reason: str, tls: bool) -> None:
