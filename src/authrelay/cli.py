@@ -17,6 +17,8 @@ from authrelay import __version__
 from authrelay.config import ConfigError, NoConfig
 
 EX_TEMPFAIL = 75  # sysexits.h: try again later (here: once a config is installed)
+EX_IOERR = 74
+EX_NOPERM = 77
 
 # (module, attribute) registering sub-commands, in the order `--help` lists them.
 _AREAS = [
@@ -113,6 +115,16 @@ def _main(argv: list[str] | None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except PermissionError as e:  # e.g. `authrelay queue` as a user who may not read it
+        print(f"authrelay: {e.filename or ''}: permission denied (run as root or as the "
+              "user that runs authrelay serve)", file=sys.stderr)
+        return EX_NOPERM
+    except BrokenPipeError:
+        raise  # main() ends it quietly
+    except OSError as e:  # never a traceback for a file system problem: one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"authrelay: {where}{e.strerror or e}", file=sys.stderr)
+        return EX_IOERR
 
 
 if __name__ == "__main__":

@@ -233,3 +233,20 @@ async def test_closed_pipe_ends_quietly(site: tuple[Path, Spool]) -> None:
         # More than a pipe buffer of JSON: the writer meets the closed pipe (141); the
         # text listing may fit in the buffer before head exits (0). Never a traceback.
         assert r.returncode == 141 if "--json" in args else r.returncode in (0, 141)
+
+
+def test_queue_as_a_user_who_may_not_read_it(site: tuple[Path, Spool]) -> None:
+    """One line and EX_NOPERM, not a traceback (the spool is 0700, the daemon's)."""
+    from privpython import python_for
+
+    cfgfile, spool = site
+    py = python_for("nobody")
+    os.chmod(cfgfile.parent, 0o755)
+    os.chmod(cfgfile, 0o644)
+    for args in (["queue"], ["queue", "show", "2N5AAAAAAAAAAAAAA"], ["queue", "flush"]):
+        r = subprocess.run(["runuser", "-u", "nobody", "--", py, "-m", "authrelay", "-c",
+                            str(cfgfile), *args], capture_output=True, text=True, timeout=120,
+                           cwd="/")
+        assert "Traceback" not in r.stderr, r.stderr
+        assert r.returncode == 77, (args, r.returncode, r.stderr)
+        assert "permission denied" in r.stderr and len(r.stderr.strip().splitlines()) == 1
