@@ -411,11 +411,14 @@ async def _flood_main(a: argparse.Namespace) -> dict[str, Any]:
                 st["noop_connections"] += 1
 
                 async def drain_replies(r: asyncio.StreamReader = r) -> None:
-                    while True:
-                        data = await r.read(65536)
-                        if not data:
-                            return
-                        st["noop_reply_bytes"] += len(data)
+                    try:
+                        while True:
+                            data = await r.read(65536)
+                            if not data:
+                                return
+                            st["noop_reply_bytes"] += len(data)
+                    except OSError:  # the server reset it (a limit): the next one starts
+                        return
 
                 reader = asyncio.ensure_future(drain_replies())
                 w.write(b"EHLO flood.bench.example.test\r\n")

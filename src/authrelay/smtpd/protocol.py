@@ -244,6 +244,10 @@ _BODY_ERRORS: dict[str, Reply] = {
     LONG_LINE: replies.TEXT_LINE_TOO_LONG,
 }
 
+# Wire bytes of every constant reply, computed once (the hot path answers mostly these).
+_WIRE: dict[Reply, bytes] = {r: r.lines() for r in vars(replies).values()
+                             if isinstance(r, Reply)}
+
 _NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "BDAT", "SEND", "SOML", "SAML"})
 _JUNK = frozenset({"NOOP", "RSET", "HELP", "VRFY"})
 
@@ -506,7 +510,8 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
     def _reply(self, r: Reply) -> None:
-        self._out.append(r.lines())
+        w = _WIRE.get(r)
+        self._out.append(w if w is not None else r.lines())
 
     def _expect(self, kind: str) -> object:
         if self.phase is not (Phase.TLS if kind == "tls" else Phase.WAIT) or \
