@@ -93,6 +93,20 @@ def test_both_algorithms_verify_after_the_relay(setup: dict[str, Any]) -> None:
         raise AssertionError(f"no dkim line for {qid}:\n{relay.maillog()[-3000:]}")
 
 
+def test_large_streamed_message_signed(setup: dict[str, Any]) -> None:
+    """Past the spool's in-memory part (128 KiB) the message streams to disk and the
+    signer reads it back; the signature still covers every byte."""
+    relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
+    head, _, rest = BODY.partition(b"\r\n\r\n")
+    line = "8-bit line \u00e4\u00f6\u00fc with  two  spaces\t and a tab  \r\n".encode()
+    body = head + b"\r\n\r\n" + rest + line * 6000 + b"..dot\r\n" * 10
+    assert len(body) > 300_000
+    submit(relay, ["bob@example.test"], body)
+    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    res = our_results(m.content, dns)
+    assert len(res) == 2 and all(ok for *_, ok in res), res
+
+
 def test_foreign_signature_kept_ours_added(setup: dict[str, Any], tmp_path: Path) -> None:
     relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
     other = KeyStore(tmp_path / "other").generate("list.example", "l1", "rsa")
