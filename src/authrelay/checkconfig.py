@@ -363,6 +363,24 @@ def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) 
                                "missing (no syslog daemon): the maillog goes to stderr"))
 
 
+def _check_dkim(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) -> None:
+    """DKIM keys (issue 13): unreadable / open / broken keys, domains without a key."""
+    from authrelay.dkim.keys import KeyStore
+
+    store = KeyStore(cfg.dkim_dir).load()
+    for problem in store.problems:
+        out.append(Finding("warning", "dkim", problem))
+    for k in store.all():
+        if pw is not None and not _readable_by(k.path, pw):
+            out.append(Finding("error", "dkim", f"{k.path}: not readable by user "
+                               f"{pw.pw_name} (chown {pw.pw_name} {k.path}): its mail "
+                               "would go out unsigned"))
+    for d in cfg.dkim.domains:
+        if not store.for_domain(d):
+            out.append(Finding("warning", "dkim.domains", f"{d} has no key in "
+                               f"{cfg.dkim_dir}: authrelay dkim keygen {d}"))
+
+
 def check(cfg: Config) -> list[Finding]:
     """Every finding for `cfg`; never raises."""
     out: list[Finding] = []
@@ -372,7 +390,7 @@ def check(cfg: Config) -> list[Finding]:
     except Exception as e:  # a check must never turn into a traceback
         out.append(Finding("error", "user", f"cannot check: {e}"))
     for step in (_check_listeners, _check_tls, _check_backend, _check_files,
-                 _check_privileged_split):
+                 _check_privileged_split, _check_dkim):
         try:
             if step is _check_listeners or step is _check_backend:
                 step(cfg, out)  # type: ignore[call-arg]

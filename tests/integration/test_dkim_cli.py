@@ -127,3 +127,25 @@ def test_dns_with_smart_host_uses_its_include(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert 'example.org. IN TXT "v=spf1 include:provider.example ~all"' in r.stdout
     assert "dkim keygen example.org" in r.stdout  # no key yet: says how to make one
+
+
+def test_check_config_reports_dkim_key_problems(tmp_path: Path) -> None:
+    from authrelay.checkconfig import check
+    from authrelay.config import from_dict
+
+    cfg = from_dict({"state_dir": str(tmp_path / "var"),
+                     "dkim": {"domains": ["example.org", "missing.test"]}})
+    k = KeyStore(cfg.dkim_dir).generate("example.org", "s", "ed25519")
+
+    def dkim_findings() -> list[str]:
+        return sorted(str(f) for f in check(cfg) if f.key.startswith("dkim"))
+
+    assert dkim_findings() == [f"warning: dkim.domains: missing.test has no key in "
+                               f"{cfg.dkim_dir}: authrelay dkim keygen missing.test"]
+    k.path.chmod(0o644)
+    (k.path.parent / "bad.key").write_text("junk")
+    found = dkim_findings()
+    assert len(found) == 3
+    assert any(f.startswith(f"warning: dkim: {k.path}: mode 0644") for f in found)
+    assert any(f.startswith(f"warning: dkim: {k.path.parent / 'bad.key'}: not a PEM")
+               for f in found)
