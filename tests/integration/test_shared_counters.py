@@ -263,3 +263,37 @@ async def test_throttle_falls_back_to_local_counters(rs: RedisServer, mlog: Path
         await a.counters.close()
     maillog.get().flush()
     assert "counting locally on this node" in mlog.read_text()
+
+
+async def test_round_trips_per_transaction(rs: RedisServer) -> None:
+    """MAIL reads both per-user counts at once; its RCPTs use that reading; a known
+    address is written once per hour per process, not per AUTH."""
+    import redis.asyncio as aioredis
+
+    cfg = _cfg(rs, user_messages_per_hour=100, user_recipients_per_hour=5)
+    a = _node(cfg)
+    r = aioredis.Redis.from_url(rs.url)
+
+    async def calls() -> int:
+        stats = await r.info("commandstats")
+        return sum(v["calls"] for k, v in stats.items()
+                   if k in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_set"))
+
+    try:
+        await r.config_resetstat()
+        assert await a.user_may_send("carol")
+        assert await a.user_may_add_rcpt("carol", 0)
+        assert await a.user_may_add_rcpt("carol", 4)
+        assert not await a.user_may_add_rcpt("carol", 5)  # 0 + 5 reaches the limit
+        assert await calls() == 1
+        await a.user_sent("carol", 3)
+        assert await calls() == 2
+        assert await a.user_may_send("carol")
+        assert not await a.user_may_add_rcpt("carol", 2)  # 3 sent + 2 pending
+        await a.auth_succeeded("198.51.100.5", "carol")
+        await a.auth_succeeded("198.51.100.6", "carol")  # same /24: written once
+        assert await calls() == 4
+        assert await a.known.is_known("carol", "198.51.100.0/24")
+    finally:
+        await a.counters.close()
+        await r.aclose()

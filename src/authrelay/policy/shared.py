@@ -50,8 +50,10 @@ TIMEOUT = 0.5  # seconds for one call; beyond it this node counts locally
 PROBE_INTERVAL = 1.0
 MAX_KEY_OCTETS = 64
 MAX_CONNECTIONS = 32  # per process
-MAX_INFLIGHT = 1000
-MAX_RATE_KEYS = 100_000  # background updates from the accept path before they are skipped
+MAX_INFLIGHT = 1000  # background updates from the accept path before they are skipped
+MAX_RATE_KEYS = 100_000
+KNOWN_REWRITE = 3600.0  # refresh a known address in Redis at most this often per process
+RCPT_COUNT_AGE = 5.0  # a transaction's RCPTs use the recipient count read at its MAIL
 
 # KEYS: pairs (this window's key, the previous window's key).
 # ARGV: per pair (amount to add, ttl in seconds), so pair i (odd) has ARGV[i], ARGV[i + 1].
@@ -253,6 +255,9 @@ class SharedKnown:
         self.counters = counters
         self.local = local
         self.ttl = days * 86400.0
+        # (user, net) -> when this process last wrote it to Redis: a user logging in all
+        # day costs one write per hour, not one per AUTH.
+        self._written: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     async def is_known(self, user: str, net: str) -> bool:
         if await self.counters.is_known(user, net):
@@ -262,7 +267,15 @@ class SharedKnown:
     async def remember(self, user: str, net: str) -> None:
         if self.local is not None:
             await self.local.remember(user, net)
-        await self.counters.remember(user, net, self.ttl)
+        now = time.monotonic()
+        last = self._written.get((user, net))
+        if last is not None and now - last < KNOWN_REWRITE and self.counters.up:
+            return
+        if await self.counters.remember(user, net, self.ttl):
+            self._written[(user, net)] = now
+            self._written.move_to_end((user, net))
+            while len(self._written) > MAX_RATE_KEYS:
+                self._written.popitem(last=False)
 
 
 class RedisThrottle(Throttle):
@@ -280,6 +293,7 @@ class RedisThrottle(Throttle):
         local.known = self.known  # the local fall-back asks the farm too while it can
         # ip -> [farm count at the last answer, updates in flight, wall time of the answer]
         self._rate_seen: OrderedDict[str, list[float]] = OrderedDict()
+        self._rcpts_seen: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self.reload(cfg)
 
     def reload(self, cfg: Config) -> None:
@@ -360,22 +374,39 @@ class RedisThrottle(Throttle):
 
     # ---------------------------------------------------------------- per-user rates
     async def user_may_send(self, user: str) -> bool:
-        if not self.user_msgs_limit:
+        # One round trip reads both counts; the recipient count is kept for this
+        # transaction's RCPTs (read at MAIL, plus the transaction's own `pending`).
+        items = []
+        if self.user_msgs_limit:
+            items.append(("user_msgs", user, 3600.0, 0))
+        if self.user_rcpts_limit:
+            items.append(("user_rcpts", user, 3600.0, 0))
+        if not items:
             return True
-        n = await self.counters.count("user_msgs", user, 3600.0)
-        if n is None:
+        got = await self.counters.windows(items)
+        if got is None:
             return await self.local.user_may_send(user)
-        return n < self.user_msgs_limit
+        if self.user_rcpts_limit:
+            self._rcpts_seen[user] = (got[-1], time.monotonic())
+            self._rcpts_seen.move_to_end(user)
+            while len(self._rcpts_seen) > MAX_RATE_KEYS:
+                self._rcpts_seen.popitem(last=False)
+        return not self.user_msgs_limit or got[0] < self.user_msgs_limit
 
     async def user_may_add_rcpt(self, user: str, pending: int) -> bool:
         if not self.user_rcpts_limit:
             return True
-        n = await self.counters.count("user_rcpts", user, 3600.0)
+        seen = self._rcpts_seen.get(user)
+        if seen is not None and time.monotonic() - seen[1] < RCPT_COUNT_AGE:
+            n: float | None = seen[0]
+        else:
+            n = await self.counters.count("user_rcpts", user, 3600.0)
         if n is None:
             return await self.local.user_may_add_rcpt(user, pending)
         return n + pending < self.user_rcpts_limit
 
     async def user_sent(self, user: str, nrcpts: int) -> None:
+        self._rcpts_seen.pop(user, None)  # the next transaction reads afresh
         await self.local.user_sent(user, nrcpts)
         items = []
         if self.user_msgs_limit:
