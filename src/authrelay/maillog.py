@@ -9,7 +9,8 @@ JSON lines carry the same fields as keys. Contract: never raises into the caller
 disk must not fail a session), never logs an AUTH payload or password: callers pass only
 the fields below, and values are sanitised of CR/LF so a client cannot forge log lines.
 Targets: stdout, stderr, file:PATH (reopened on SIGHUP for logrotate), syslog (mail facility;
-when /dev/log is missing, stderr, with a warning on stderr and a `warning=` line, since
+when /dev/log is missing or nobody listens on it, stderr, with a warning on stderr and a
+`warning=` line, since
 syslog(3) would drop every line without a word).
 API: one method per event (connect, tls, tls_failed, auth_ok, auth_failed, reject, queued,
 sent, deferred, bounced, expired, notification/delayed, held, released, removed,
@@ -56,6 +57,23 @@ def _clean(value: Any) -> str:
     return s
 
 
+def _syslog_unreachable(path: str) -> str:
+    """'' when a syslog daemon listens on `path` (as syslog(3) connects: datagram, then
+    stream), else why not ("is missing", "has no listener")."""
+    if not os.path.exists(path):
+        return "is missing"
+    import socket
+
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        try:
+            with socket.socket(socket.AF_UNIX, kind) as s:
+                s.connect(path)
+            return ""
+        except OSError:
+            continue
+    return "has no listener"
+
+
 def _code(reply: Any) -> str:
     """"CODE ENHANCED" of a Reply (or the string itself)."""
     if isinstance(reply, str):
@@ -89,13 +107,14 @@ class MailLog:
             path = self.target[5:]
             self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115  (flushed per batch)
         elif self.target == "syslog":
-            if not os.path.exists(SYSLOG_SOCKET):
+            why = _syslog_unreachable(SYSLOG_SOCKET)
+            if why:
                 # syslog(3) drops every line silently when nothing listens on /dev/log
                 # (a container, a host without rsyslog/journald): the audit trail would
                 # be gone without a word. Say so once and log to stderr instead.
                 self.target = "stderr"
                 self._fh = sys.stderr
-                self.fallback = (f"syslog socket {SYSLOG_SOCKET} is missing; "
+                self.fallback = (f"syslog socket {SYSLOG_SOCKET} {why}; "
                                  "logging to stderr instead")
                 try:
                     sys.stderr.write(f"{self.ident}: warning: maillog: {self.fallback}\n")

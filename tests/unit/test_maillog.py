@@ -174,3 +174,49 @@ def test_syslog_without_dev_log_falls_back_to_stderr(tmp_path: Path) -> None:
                            f"{tmp_path}/no-such-socket is missing; logging to stderr instead")
                for ln in err)
     assert any(ln.endswith("Q1: from=<a@x>, size=5, nrcpts=1") for ln in err)
+
+
+def test_syslog_socket_without_listener_falls_back(tmp_path: Path) -> None:
+    """A stale /dev/log (its daemon gone) loses lines as silently as a missing one."""
+    import socket
+
+    stale = tmp_path / "log"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(stale))
+    s.close()  # the file stays, nobody listens
+    code = textwrap.dedent(f"""
+        from authrelay import maillog
+        maillog.SYSLOG_SOCKET = {str(stale)!r}
+        m = maillog.configure("syslog")
+        maillog.queued("Q1", "a@x", 5, 1)
+        m.flush()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"syslog socket {stale} has no listener; logging to stderr instead" in r.stderr
+    assert "Q1: from=<a@x>, size=5, nrcpts=1" in r.stderr
+
+
+def test_syslog_with_a_listener_is_used(tmp_path: Path) -> None:
+    """A socket with a listener: syslog stays the target, nothing is said on stderr.
+    (syslog(3) itself always writes to /dev/log, so where the lines go is not checked.)"""
+    import socket
+
+    path = tmp_path / "log"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(str(path))
+    srv.settimeout(10)
+    code = textwrap.dedent(f"""
+        from authrelay import maillog
+        maillog.SYSLOG_SOCKET = {str(path)!r}
+        m = maillog.configure("syslog")
+        assert not m.fallback, m.fallback
+    """)
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60)
+    finally:
+        srv.close()
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
