@@ -14,7 +14,8 @@ and values, every host:port included):
 - listeners: every address bindable now (in use, privileged port as non-root, not an
   address of this machine), with the address and the fix in the message.
 - `user` exists; auth backend sockets (saslauthd:PATH, dovecot:PATH) exist (warning:
-  the backend may start after us); the smart-host password file is readable and private;
+  the backend may start after us); PostgreSQL (`auth.dsn`) and Redis (`limits.shared`)
+  answer (warnings, docs/SCALING.md); the smart-host password file is readable and private;
   state_dir and a file: log target can be created.
 `bind_error()` words an OSError from binding a listener the same way for `serve`.
 """
@@ -265,6 +266,58 @@ def _check_tls(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) ->
         pass
 
 
+def _check_scale(cfg: Config, out: list[Finding]) -> None:
+    """PostgreSQL users and Redis counters (docs/SCALING.md): the library is installed
+    (error), the server answers and has our schema (warnings: it may come up after us;
+    until then AUTH gets 454 / limits are counted per node)."""
+    import asyncio
+
+    if cfg.auth.backend == "postgresql":
+        try:
+            import asyncpg  # noqa: F401
+        except ImportError:
+            out.append(Finding("error", "auth.backend", "postgresql needs asyncpg: "
+                               "pip install 'authrelay[postgresql]'"))
+        else:
+            from authrelay.auth.pgusers import PgUserStore, UserStoreUnavailable, redact_dsn
+
+            async def ask() -> None:
+                store = PgUserStore(cfg.auth.dsn, pool_size=1, timeout=5.0)
+                try:
+                    await store.lookup("")
+                finally:
+                    await store.close()
+
+            try:
+                asyncio.run(ask())
+            except UserStoreUnavailable as e:
+                out.append(Finding("warning", "auth.dsn", f"{redact_dsn(cfg.auth.dsn)}: {e} "
+                                   "(until it answers, AUTH gets 454 4.7.0)"))
+    if cfg.limits.shared:
+        try:
+            import redis.asyncio as aioredis
+        except ImportError:
+            out.append(Finding("error", "limits.shared", "needs redis-py: "
+                               "pip install 'authrelay[redis]'"))
+            return
+        from authrelay.policy.shared import redact_url
+
+        async def ping() -> None:
+            r = aioredis.Redis.from_url(cfg.limits.shared, socket_timeout=2,
+                                        socket_connect_timeout=2)
+            try:
+                await r.ping()
+            finally:
+                await r.aclose()
+
+        try:
+            asyncio.run(ping())
+        except Exception as e:
+            out.append(Finding("warning", "limits.shared",
+                               f"{redact_url(cfg.limits.shared)}: {type(e).__name__}: {e} "
+                               "(until it answers, each node counts its own limits)"))
+
+
 def _check_backend(cfg: Config, out: list[Finding]) -> None:
     be = cfg.auth.backend
     if ":" not in be:
@@ -389,10 +442,10 @@ def check(cfg: Config) -> list[Finding]:
         pw = _user(cfg, out)
     except Exception as e:  # a check must never turn into a traceback
         out.append(Finding("error", "user", f"cannot check: {e}"))
-    for step in (_check_listeners, _check_tls, _check_backend, _check_files,
+    for step in (_check_listeners, _check_tls, _check_backend, _check_scale, _check_files,
                  _check_privileged_split, _check_dkim):
         try:
-            if step is _check_listeners or step is _check_backend:
+            if step in (_check_listeners, _check_backend, _check_scale):
                 step(cfg, out)  # type: ignore[call-arg]
             else:
                 step(cfg, pw, out)  # type: ignore[call-arg]

@@ -86,7 +86,11 @@ def _preload() -> None:
                 "authrelay.policy.checks", "authrelay.policy.anvil", "authrelay.metrics",
                 "uvloop", "aiosmtplib", "dns.asyncresolver", "argon2", "traceback",
                 "multiprocessing.synchronize", "multiprocessing.heap",
-                "encodings.idna"):
+                "encodings.idna",
+                # scale-out (docs/SCALING.md): PostgreSQL users, Redis counters, PROXY
+                "authrelay.auth.pgusers", "authrelay.policy.shared", "authrelay.smtpd.proxy",
+                "asyncpg", "asyncpg.pool", "redis.asyncio", "redis.asyncio.retry",
+                "redis.backoff"):
         with contextlib.suppress(ImportError):
             importlib.import_module(mod)
     process.preload()

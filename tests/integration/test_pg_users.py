@@ -267,3 +267,16 @@ def test_redact_dsn() -> None:
     assert redact_dsn("postgresql://u:secret@h:5432/d") == "postgresql://u:***@h:5432/d"
     assert redact_dsn("postgresql://u@h/d") == "postgresql://u@h/d"
     assert redact_dsn("postgresql:///d") == "postgresql:///d"
+
+
+def test_check_config_asks_the_database(tmp_path: Path, pg: PostgresServer) -> None:
+    r = pg_relay(tmp_path, pg, users={})
+    out = r.cli("check-config", check=False)
+    assert out.returncode == 0 and "no authrelay schema" in out.stderr
+    r.cli("user", "list")  # creates the schema
+    out = r.cli("check-config", check=False)
+    assert out.returncode == 0 and "auth.dsn" not in out.stderr, out.stderr
+    pg.stop()
+    out = r.cli("check-config", check=False)
+    assert out.returncode == 0 and "warning: auth.dsn" in out.stderr
+    assert pg.PASSWORD not in out.stderr + out.stdout

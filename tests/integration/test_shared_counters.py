@@ -297,3 +297,20 @@ async def test_round_trips_per_transaction(rs: RedisServer) -> None:
     finally:
         await a.counters.close()
         await r.aclose()
+
+
+def test_check_config_pings_redis(tmp_path: Path, rs: RedisServer) -> None:
+    import subprocess
+
+    conf = tmp_path / "authrelay.toml"
+    conf.write_text(f'state_dir = "{tmp_path / "state"}"\n[limits]\nshared = "{rs.url}"\n')
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "authrelay", "check-config", str(conf)],
+                              capture_output=True, text=True, timeout=60)
+
+    out = check()
+    assert out.returncode == 0 and "limits.shared" not in out.stderr, out.stderr
+    rs.stop()
+    out = check()
+    assert out.returncode == 0 and "warning: limits.shared" in out.stderr
