@@ -177,7 +177,7 @@ async def _run(pipelining: bool, n: int, sc: Script) -> None:
         await srv.wait_closed()
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scripts())
 def test_any_replies_keep_the_courier_correct_and_in_step(
