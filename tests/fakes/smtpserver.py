@@ -330,6 +330,33 @@ def server_tls_context(ca: Any, *names: str) -> ssl.SSLContext:
     return ctx
 
 
+TEST_HOSTS = tuple(f"127.0.0.{i}" for i in range(2, 10))
+
+
+def common_free_port(hosts: tuple[str, ...] = TEST_HOSTS, tries: int = 100) -> int:
+    """A TCP port free on every one of `hosts` at this moment (0 if none was found)."""
+    import socket
+
+    for _ in range(tries):
+        socks: list[socket.socket] = []
+        try:
+            first = socket.socket()
+            socks.append(first)
+            first.bind((hosts[0], 0))
+            port = first.getsockname()[1]
+            for h in hosts[1:]:
+                s = socket.socket()
+                socks.append(s)
+                s.bind((h, port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    return 0
+
+
 class MXFactory:
     """Callable: start a FakeSMTPServer on `host`; every server it makes shares one port
     (`[delivery] port` is one number for all MX), `self.port` once the first started."""
@@ -339,6 +366,10 @@ class MXFactory:
         self.servers: list[FakeSMTPServer] = []
 
     def __call__(self, host: str = "127.0.0.2", **opts: Any) -> FakeSMTPServer:
+        if not self.port:
+            # All MX share one port: pick one free on every test address now, so a later
+            # MX does not find it taken by another test run on the same machine.
+            self.port = common_free_port()
         srv = FakeSMTPServer(host, self.port, **opts).start()
         self.port = srv.port
         self.servers.append(srv)
