@@ -300,6 +300,8 @@ class _Run:
     read_keys: Callable[[Config], PEM] = read_pem
     # The smart host password as root (the key helper) when privileges were dropped.
     read_password: Callable[[], str] | None = None
+    # The maillog file opened by the key helper (root) on SIGHUP: a descriptor.
+    open_log: Callable[[], int] | None = None
     channel: socket.socket | None = None  # worker: its end of the master's socketpair
     workers: dict[int, Any] = field(default_factory=dict)  # master: pid -> _Worker
     master_sockets: list[socket.socket] = field(default_factory=list)  # closed on stop
@@ -374,10 +376,18 @@ async def _serve_loop(run: _Run) -> int:
         run.cfg, run.pem = new, pem
 
     if run.role == "worker" and run.channel is not None:
-        def on_message(kind: bytes, payload: bytes) -> None:
+        def on_message(kind: bytes, payload: bytes, fds: list[int]) -> None:
+            if kind == b"L" and fds:
+                try:
+                    ml.reopen(fd=fds.pop(0))
+                except Exception as e:
+                    ml.error(f"cannot reopen the maillog: {_one_line(e)}", pid=os.getpid())
+            for fd in fds:
+                os.close(fd)
+            if kind == b"O":
+                _reopen_maillog(ml)
             if kind != b"R":
                 return
-            _reopen_maillog(ml)
             try:
                 apply(_reload_config(run), process.unpack_pem(payload))
                 ml.daemon("reloaded", pid=os.getpid())
@@ -407,7 +417,7 @@ async def _serve_loop(run: _Run) -> int:
             sdnotify.reloading()
             # Nothing in here may end this task: every failure is one maillog line and the
             # running state stays.
-            _reopen_maillog(ml)
+            await _reopen_all_maillogs(run, ml)
             try:
                 new = _reload_config(run)
                 pem = await loop.run_in_executor(None, run.read_keys, new)
@@ -450,6 +460,35 @@ async def _serve_loop(run: _Run) -> int:
     ml.daemon("stopped", pid=os.getpid())
     ml.flush()
     return 0
+
+
+async def _reopen_all_maillogs(run: _Run, ml: maillog_mod.MailLog) -> None:
+    """SIGHUP in the master (or single process): the log file after logrotate. Privileges
+    dropped: the key helper opens (creates) it for the user, this process takes a copy of
+    the descriptor and passes one to every worker; else each process reopens the path."""
+    if run.open_log is None or _log_file(run.cfg) is None:
+        _reopen_maillog(ml)
+        for w in list(run.workers.values()):
+            with contextlib.suppress(OSError):
+                process.send(w.channel.master, b"O")  # reopen the path yourself
+        return
+    try:
+        fd = await asyncio.get_running_loop().run_in_executor(None, run.open_log)
+    except Exception as e:
+        ml.error(f"cannot reopen the maillog, still writing the old file: {_one_line(e)}",
+                 pid=os.getpid())
+        return
+    try:
+        for w in list(run.workers.values()):
+            try:
+                process.send_fd(w.channel.master, b"L", fd)
+            except OSError as e:
+                ml.warning(f"worker {w.pid} keeps its old log file: {_one_line(e)}")
+        ml.reopen(fd=os.dup(fd))
+    except Exception as e:
+        ml.error(f"cannot reopen the maillog: {_one_line(e)}", pid=os.getpid())
+    finally:
+        os.close(fd)
 
 
 def _reopen_maillog(ml: maillog_mod.MailLog) -> None:
@@ -555,7 +594,9 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
     read_keys: Callable[[Config], PEM] = read_pem
     if dropping:
         # The key helper holds no listening socket and nothing but its own channel.
-        helper = KeyHelper(config_path, close=[x.sock for row in per_worker for x in row])
+        pw = _user(cfg)
+        helper = KeyHelper(config_path, close=[x.sock for row in per_worker for x in row],
+                           log_file=_log_file(cfg), owner=(pw.pw_uid, pw.pw_gid))
         read_keys = lambda _cfg: helper.read_pem()  # noqa: E731
     try:
         shared = None
@@ -570,7 +611,8 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
             _use_uvloop()
             run = _Run(cfg, config_path, pem, "single", listeners=per_worker[0],
                        read_keys=read_keys,
-                       read_password=helper.read_password if helper else None)
+                       read_password=helper.read_password if helper else None,
+                       open_log=helper.open_log if helper else None)
             return asyncio.run(_serve_loop(run))
         return _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared)
     finally:
@@ -584,6 +626,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
     nworkers = len(per_worker)
     run = _Run(cfg, config_path, pem, "master", read_keys=read_keys,
                read_password=helper.read_password if helper else None,
+               open_log=helper.open_log if helper else None,
                master_sockets=[x.sock for row in per_worker for x in row])
     workers: dict[int, _Worker] = run.workers
     master_pid = os.getpid()

@@ -129,16 +129,22 @@ class MailLog:
         else:
             self._fh = sys.stdout
 
-    def reopen(self) -> None:
+    def reopen(self, fd: int | None = None) -> None:
         """SIGHUP: reopen a file target so logrotate's rename takes effect.
 
         The new file is opened before the old one is closed: when it cannot be opened
         (e.g. a directory the unprivileged user may not create files in), logging carries
-        on into the old file and OSError is raised for the caller to log there.
+        on into the old file and OSError is raised for the caller to log there. `fd`: the
+        file already opened by a privileged process (serve's key helper), taken over.
         """
         if not self.target.startswith("file:"):
+            if fd is not None:
+                os.close(fd)
             return
-        new = open(self.target[5:], "a", encoding="utf-8")  # noqa: SIM115
+        if fd is not None:
+            new = os.fdopen(fd, "a", encoding="utf-8")
+        else:
+            new = open(self.target[5:], "a", encoding="utf-8")  # noqa: SIM115
         with self._lock:
             old, self._fh = self._fh, new
         if old is not None and old not in (sys.stdout, sys.stderr):

@@ -205,8 +205,20 @@ def send(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
 
 def recv(sock: socket.socket) -> tuple[bytes, bytes]:
     """One message: (kind, payload); (b"", b"") at end of file (the peer is gone)."""
-    data = sock.recv(MAX_MESSAGE)
-    return data[:1], data[1:]
+    kind, payload, fds = recv_with_fds(sock)
+    for fd in fds:  # not expected here: never leak one
+        os.close(fd)
+    return kind, payload
+
+
+def recv_with_fds(sock: socket.socket) -> tuple[bytes, bytes, list[int]]:
+    """One message and the descriptors passed with it (SCM_RIGHTS)."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
+    return data[:1], data[1:], list(fds)
+
+
+def send_fd(sock: socket.socket, kind: bytes, fd: int) -> None:
+    socket.send_fds(sock, [kind], [fd])
 
 
 def pack_pem(pem: tuple[bytes, bytes]) -> bytes:
@@ -220,23 +232,25 @@ def unpack_pem(data: bytes) -> tuple[bytes, bytes]:
     return data[8:8 + a], data[8 + a:]
 
 
-def watch(loop: Any, sock: socket.socket, on_message: Callable[[bytes, bytes], None],
+def watch(loop: Any, sock: socket.socket,
+          on_message: Callable[[bytes, bytes, list[int]], None],
           on_gone: Callable[[], None]) -> None:
-    """Call on_message for each message on the event loop; on_gone at end of file."""
+    """Call on_message(kind, payload, fds) for each message on the event loop (it owns the
+    descriptors); on_gone at end of file."""
     sock.setblocking(False)
 
     def readable() -> None:
         try:
-            kind, payload = recv(sock)
+            kind, payload, fds = recv_with_fds(sock)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            kind, payload = b"", b""
+            kind, payload, fds = b"", b"", []
         if not kind:
             loop.remove_reader(sock.fileno())
             on_gone()
             return
-        on_message(kind, payload)
+        on_message(kind, payload, fds)
 
     loop.add_reader(sock.fileno(), readable)
 
@@ -246,8 +260,8 @@ def watch(loop: Any, sock: socket.socket, on_message: Callable[[bytes, bytes], N
 class KeyHelper:
     """The root process that reads the certificate and key (see the module docstring)."""
 
-    def __init__(self, config_path: str | None, close: list[socket.socket] | None = None
-                 ) -> None:
+    def __init__(self, config_path: str | None, close: list[socket.socket] | None = None,
+                 log_file: str | None = None, owner: tuple[int, int] | None = None) -> None:
         self.channel = Channel()
         master_pid = os.getpid()
         pid = os.fork()
@@ -259,7 +273,7 @@ class KeyHelper:
                 set_name("authrelay-keys")
                 for s in close or ():  # the listening sockets: never in this process
                     s.close()
-                _helper_main(sock, config_path)
+                _helper_main(sock, config_path, log_file, owner)
             except BaseException:
                 code = 1
             finally:
@@ -290,6 +304,21 @@ class KeyHelper:
             raise TLSConfigError(payload.decode("utf-8", "replace"))
         raise TLSConfigError("key helper is gone; restart authrelay to reload certificates")
 
+    def open_log(self) -> int:
+        """The maillog file opened (created if logrotate renamed it) by root for the
+        dropped user, as a descriptor the caller owns; OSError on failure."""
+        with self._lock:
+            self.sock.settimeout(30)
+            send(self.sock, b"L")
+            kind, payload, fds = recv_with_fds(self.sock)
+        if kind == b"L" and len(fds) == 1:
+            return fds[0]
+        for fd in fds:
+            os.close(fd)
+        if kind == b"E":
+            raise OSError(payload.decode("utf-8", "replace"))
+        raise OSError("key helper is gone; restart authrelay")
+
     def read_password(self) -> str:
         """relay.smart_host_password_file read as root (blocking); OSError on failure."""
         kind, payload = self._ask(b"P")
@@ -305,7 +334,8 @@ class KeyHelper:
             os.waitpid(self.pid, 0)
 
 
-def _helper_main(sock: socket.socket, config_path: str | None) -> None:  # pragma: no cover
+def _helper_main(sock: socket.socket, config_path: str | None, log_file: str | None,
+                 owner: tuple[int, int] | None) -> None:  # pragma: no cover
     # Runs as root for the life of the instance: keep it small. A SIGHUP meant for the
     # master (pkill -HUP authrelay) must not kill it; SIGTERM/SIGINT are left to the master
     # (the helper ends when the master's end of the socket closes).
@@ -320,6 +350,21 @@ def _helper_main(sock: socket.socket, config_path: str | None) -> None:  # pragm
         if not kind:
             return
         try:
+            if kind == b"L":
+                # The log file fixed at start (not re-read from the config): opened, and
+                # created after a logrotate rename, for the dropped user.
+                if not log_file or owner is None:
+                    raise OSError("no log file to open")
+                fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                             0o640)
+                try:
+                    st = os.fstat(fd)
+                    if (st.st_uid, st.st_gid) != owner:
+                        os.fchown(fd, *owner)
+                    send_fd(sock, b"L", fd)
+                finally:
+                    os.close(fd)
+                continue
             if kind not in (b"K", b"P"):
                 raise TLSConfigError("unknown request")
             path = find_config_path(config_path)

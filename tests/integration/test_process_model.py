@@ -370,22 +370,56 @@ def test_sighup_after_logrotate_and_bad_config(dropped) -> None:
     assert _peer_der(r.ports["submissions"]) == der_old
     c = _session_in_progress(r)  # still serving with the old config
     c.close()
-    # logrotate renames the file; the new one cannot be created by the user in a root
-    # directory: said in the old file, which keeps being written.
+    # logrotate renames the file (no `create`): the user could not create the new one in
+    # a root directory; the key helper does, for the user, and every process moves over.
     r.config.write_text(good)
+    pw = pwd.getpwnam(TEST_USER)
     rotated = logfile.with_suffix(".log.1")
     os.replace(logfile, rotated)
     os.kill(r.proc.pid, signal.SIGHUP)
-    r.log = rotated
-    _wait(lambda: r.maillog().count("daemon=reloaded") >= r.nprocs, what="reloaded")
-    assert "error=cannot reopen the maillog" in r.maillog()
-    # With `create` in logrotate (the file made for the user), the reopen moves over.
-    logfile.touch()
-    os.chown(logfile, pwd.getpwnam(TEST_USER).pw_uid, -1)
+    _wait(lambda: logfile.exists() and r.maillog().count("daemon=reloaded") >= r.nprocs,
+          what="reloaded, in the new file")
+    st = logfile.stat()
+    assert (st.st_uid, st.st_gid) == (pw.pw_uid, pw.pw_gid)
+    assert "daemon=reloaded" not in rotated.read_text()
+    assert "NOQUEUE: error=" not in rotated.read_text()  # no "cannot reopen"
+    with RawClient(r.ports["submission"]) as c:  # a session's lines land there too
+        c.reply()
+        c.cmd("QUIT")
+    _wait(lambda: "disconnect=" in r.maillog(), what="session logged in the new file")
+    # logrotate's `create 0640 root adm`: a root file; it is handed to the user.
+    os.replace(logfile, rotated)
+    logfile.touch(mode=0o640)
     os.kill(r.proc.pid, signal.SIGHUP)
+    _wait(lambda: r.maillog().count("daemon=reloaded") >= r.nprocs, what="reloaded again")
+    assert logfile.stat().st_uid == pw.pw_uid
+
+
+def test_sighup_reopens_the_log_file_in_every_process(relay_factory) -> None:
+    """Without a privilege drop every process reopens the path itself, whatever the
+    reload's outcome (the master tells the workers)."""
+    r = relay_factory(workers=2, start=False)
+    logfile = r.tmp / "mail.log"
+    data = dict(r.config_data)
+    data["log"] = {"target": f"file:{logfile}"}
+    r.config.write_text(to_toml(data))
     r.log = logfile
-    _wait(lambda: r.maillog().count("daemon=reloaded") >= r.nprocs,
-          what="reloaded in the new file")
+    r.start()
+    _started(r, 3)
+    assert r.proc is not None
+    good = r.config.read_text()
+    r.config.write_text(good + "\nbogus = 1\n")  # the reload fails ...
+    os.replace(logfile, r.tmp / "mail.log.1")
+    os.kill(r.proc.pid, signal.SIGHUP)
+    _wait(lambda: logfile.exists() and "daemon=reload failed" in r.maillog(),
+          what="reload failed, in the new file")
+    for _ in range(6):  # ... but both workers write the new file
+        with RawClient(r.ports["smtp"]) as c:
+            c.reply()
+            c.cmd("QUIT")
+    workers = children(r.proc.pid)
+    _wait(lambda: all(f"[{w}]: NOQUEUE: connect=" in r.maillog() for w in workers),
+          what="both workers log into the new file")
 
 
 # --------------------------------------------------------------------------- item 8
