@@ -411,9 +411,10 @@ def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) 
     elif t == "syslog":
         from authrelay import maillog
 
-        if not os.path.exists(maillog.SYSLOG_SOCKET):
-            out.append(Finding("warning", "log.target", f"{maillog.SYSLOG_SOCKET} is "
-                               "missing (no syslog daemon): the maillog goes to stderr"))
+        why = maillog._syslog_unreachable(maillog.SYSLOG_SOCKET)
+        if why:
+            out.append(Finding("warning", "log.target", f"{maillog.SYSLOG_SOCKET} {why} "
+                               "(no syslog daemon): the maillog goes to stderr"))
 
 
 def _check_dkim(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) -> None:
