@@ -14,6 +14,7 @@ real authrelay process, can talk to it). Options:
 - `size_limit`: the SIZE announced (and enforced); `smtputf8`: announce SMTPUTF8
 - `pipelining`: announce PIPELINING (RFC 2920; aiosmtpd reads commands line by line, so
   it serves pipelined groups correctly; default on, as on most real MX)
+- `max_rcpts`: recipients per transaction, then `452 4.5.3 Too many recipients`
 - `broken_starttls`: offer STARTTLS, answer 220, then answer the client's TLS hello with
   garbage and close (a broken TLS stack or middlebox: the handshake fails)
 
@@ -132,6 +133,8 @@ class _Handler:
         reply = self.fake.rcpt_replies.get(address.lower())
         if reply:
             return reply
+        if self.fake.max_rcpts and len(envelope.rcpt_tos) >= self.fake.max_rcpts:
+            return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
@@ -174,6 +177,7 @@ class FakeSMTPServer:
                  smtputf8: bool = True,
                  pipelining: bool = True,
                  broken_starttls: bool = False,
+                 max_rcpts: int = 0,
                  hostname: str = "fake.test") -> None:
         self.host, self.port = host, port
         self.starttls_context = starttls_context
@@ -190,6 +194,7 @@ class FakeSMTPServer:
         self.smtputf8 = smtputf8
         self.pipelining = pipelining
         self.broken_starttls = broken_starttls
+        self.max_rcpts = max_rcpts
         self.starttls_attempts = 0
         self.hostname = hostname
         self.messages: list[Received] = []

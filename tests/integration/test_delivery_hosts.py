@@ -275,6 +275,21 @@ async def test_data_4xx_on_primary_goes_to_backup(tmp_path: Path, dns: FakeDNSSe
     assert r.ok and r.remote.startswith("mx2") and len(mx2.messages) == 1
 
 
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_recipient_limit_452_next_transaction_same_connection(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, pipelining: bool) -> None:
+    mx = fake_mx("127.0.0.2", max_rcpts=2, pipelining=pipelining)
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    rcpts = [f"r{i}@example.test" for i in range(5)]
+    try:
+        res = await deliver(courier, envelope(*rcpts))
+    finally:
+        await courier.close()
+    assert all(res[r].ok for r in rcpts), res
+    assert [m.rcpt_tos for m in mx.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
+    assert mx.connections == 1  # RFC 5321 4.5.3.1.10: the rest in new transactions
+
+
 # --------------------------------------------------------------------------- raw server
 
 class RawMX:

@@ -36,6 +36,8 @@ Failure policy (codes per RFC 3463):
 - Smart host AUTH rejected, or no PLAIN/LOGIN: transient 454 4.7.0 (an admin problem;
   the mail is kept). The password is read from `smart_host_password_file` per connection
   and never logged.
+- `452` for too many recipients (RFC 5321 4.5.3.1.10, 4.5.3): the rest go in another
+  transaction on the same connection at once, while each one makes progress.
 - Message larger than the peer's SIZE: permanent 552 5.3.4 (RFC 1870).
 - UTF-8 address but the peer lacks SMTPUTF8: permanent 553 5.6.7 (RFC 6531 3.5), for
   that recipient only (or all, for a UTF-8 sender). A message flagged SMTPUTF8 whose
@@ -85,6 +87,7 @@ _NORMALIZE_OFFLOAD = 1 << 20  # bigger messages are streamed from the spool file
 _STREAM_CHUNK = 256 * 1024
 _FRESH = 2.0  # seconds a checked-in connection is trusted without an RSET probe
 _QUIT_TIMEOUT = 5.0
+_MAX_FOLLOW_UPS = 1000  # transactions for one message on one connection (452 too many)
 _FALLBACK_MAX = 10000  # hosts remembered for the plain-text fallback (memory bound)
 
 _LOST = (ConnectionLost, ConnectionError, OSError, ProtocolError)
@@ -381,11 +384,39 @@ class Courier:
         except BaseException:
             conn.wire.abort()
             raise
+        try:
+            await self._follow_up(conn, env, rcpts, data, out)
+        except BaseException:
+            conn.wire.abort()
+            raise
         if out.reusable and conn.wire.is_connected:
             self._checkin(conn)
         else:
             self._spawn(self._quit(conn))
         return out
+
+    async def _follow_up(self, conn: _Conn, env: Envelope, rcpts: list[Recipient],
+                         data: bytes | _FileBody, out: _Outcome) -> None:
+        """RFC 5321 4.5.3.1.10: recipients refused with 452 for too many recipients go in
+        another transaction on the same connection (as Postfix does), for as long as
+        each transaction gets some recipients through. Updates `out` in place."""
+        batch = rcpts
+        for _ in range(_MAX_FOLLOW_UPS):
+            more = [r for r in batch if _too_many(out.results.get(r.address))]
+            if not more or len(more) == len(batch) or not out.reusable \
+                    or not conn.wire.is_connected:
+                return
+            try:
+                nxt = await self._transaction(conn, env, more, data)
+            except _TryNext as e:  # the earlier transactions stand; these go on
+                for r in more:
+                    out.results[r.address] = e.result
+                out.reusable = False
+                return
+            out.results.update(nxt.results)
+            out.next_host = (out.next_host - {r.address for r in more}) | nxt.next_host
+            out.reusable = nxt.reusable
+            batch = more
 
     async def _checkout(self, t: _Target, qid: str) -> _Conn:
         key = (t.host.lower(), t.port)
@@ -811,6 +842,12 @@ def _helo_name(hostname: str) -> bytes:
         return hostname.encode("idna")
     except UnicodeError:
         return hostname.encode("ascii", "replace")
+
+
+def _too_many(res: DeliveryResult | None) -> bool:
+    """A 452 for the server's recipient limit (RFC 5321 4.5.3.1.10; RFC 3463 4.5.3)."""
+    return res is not None and res.code == 452 and \
+        (res.enhanced == "4.5.3" or "too many" in res.text.lower())
 
 
 def _sni(host: str) -> str | None:
