@@ -188,20 +188,21 @@ class Session:
         progressed = True
         deadline = 0.0
         while True:
+            if n >= BATCH or conn.write_blocked:
+                # Fairness: a client pipelining thousands of commands gets BATCH of them
+                # per loop turn, like everyone else (an awaited handler that does not
+                # suspend yields nothing, so every step counts). Back-pressure: while its
+                # unsent replies pass the high-water mark, execute nothing more.
+                n = 0
+                self._flush()
+                if conn.write_blocked:
+                    await self._drain()
+                else:
+                    await asyncio.sleep(0)
             ev = eng.next_event()
             if ev is p.CONTINUE:
                 progressed = True
                 n += 1
-                if n >= BATCH or conn.write_blocked:
-                    # Fairness: a client pipelining thousands of commands gets BATCH of
-                    # them per loop turn, like everyone else. Back-pressure: while its
-                    # unsent replies pass the high-water mark, execute nothing more.
-                    n = 0
-                    self._flush()
-                    if conn.write_blocked:
-                        await self._drain()
-                    else:
-                        await asyncio.sleep(0)
                 continue
             if ev is p.NEED_DATA:
                 self._flush()
@@ -238,6 +239,7 @@ class Session:
                 self._flush()
                 return
             progressed = True
+            n += 1
             await self._handle(ev)
 
     async def _drain(self) -> None:
