@@ -375,3 +375,17 @@ def test_line_at_the_limit_split_anywhere(cut: int) -> None:
     h.feed(ok[:cut])
     h.feed(ok[cut:])
     assert h.codes() == [220, 250]
+
+
+def test_answers_after_close_from_outside_are_ignored() -> None:
+    """The session limit can end the dialogue while the adapter awaits a commit: its late
+    answer must not raise (the adapter would log a traceback)."""
+    h = Harness()
+    h.eng.receive_data(b"EHLO x\r\nMAIL FROM:<a@b>\r\n")
+    h.eng.next_event()  # EHLO
+    ev = h.eng.next_event()
+    assert isinstance(ev, p.MailRequest)
+    h.eng.close_with(p.replies.SHUTTING_DOWN, "session_limit")
+    h.eng.policy_result(None)  # ignored
+    h.run()
+    assert h.closed and h.codes() == [220, 250, 421]

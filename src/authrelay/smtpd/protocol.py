@@ -423,6 +423,8 @@ class Engine:
 
     # answers to requests ------------------------------------------------------
     def tls_started(self) -> None:
+        if self.phase is Phase.CLOSED:  # ended from outside meanwhile: nothing to do
+            return
         self._expect("tls")
         self.tls = True
         # RFC 3207 4.2: forget everything learnt before TLS, EHLO included.
@@ -431,6 +433,8 @@ class Engine:
         self.phase = Phase.COMMAND
 
     def auth_result(self, outcome: AuthOutcome) -> None:
+        if self.phase is Phase.CLOSED:  # ended from outside meanwhile: nothing to do
+            return
         req = self._expect("auth")
         assert isinstance(req, AuthRequest)
         self.phase = Phase.COMMAND
@@ -452,6 +456,8 @@ class Engine:
 
     def policy_result(self, reply: Reply | None, *, bad_recipient: bool = False) -> None:
         """The adapter's verdict on a MailRequest, RcptRequest or DataRequest."""
+        if self.phase is Phase.CLOSED:
+            return
         kind = self._waiting
         req = self._expect(kind if kind in ("mail", "rcpt", "data") else "policy")
         self.phase = Phase.COMMAND
@@ -480,6 +486,8 @@ class Engine:
             self.phase = Phase.DATA
 
     def message_result(self, reply: Reply) -> None:
+        if self.phase is Phase.CLOSED:  # ended from outside meanwhile: nothing to do
+            return
         self._expect("commit")
         self.phase = Phase.COMMAND
         self.transaction = None
@@ -488,6 +496,8 @@ class Engine:
             self.junk = 0  # Postfix: the junk command count is reset after mail is accepted
 
     def resume(self) -> None:
+        if self.phase is Phase.CLOSED:  # ended from outside meanwhile: nothing to do
+            return
         arg = self._expect("delay")
         self.phase = Phase.COMMAND
         assert isinstance(arg, str)

@@ -150,9 +150,9 @@ class Session:
         self.eng.close_with(r, "session_limit")
         self._flush()
         self.maillog.reject("421 4.4.2 session time limit", relay=self.relay_desc())
+        # Not a task cancel: a commit in progress finishes (its 250 just cannot be sent);
+        # the loop sees the closed connection at its next wait and ends.
         self.conn.close(CLOSE_GRACE)
-        if self.conn.task is not None:
-            self.conn.task.cancel()
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
