@@ -280,3 +280,15 @@ def test_check_config_asks_the_database(tmp_path: Path, pg: PostgresServer) -> N
     out = r.cli("check-config", check=False)
     assert out.returncode == 0 and "warning: auth.dsn" in out.stderr
     assert pg.PASSWORD not in out.stderr + out.stdout
+
+
+async def test_impossible_names_are_bad_not_tempfail(pg: PostgresServer) -> None:
+    store = PgUserStore(pg.dsn, pool_size=1, timeout=5.0)
+    await store.ensure_schema()
+    auth = PgAuthenticator(store, hash_threads=1, cache_ttl=60)
+    try:
+        for name in ("a\x00b", "caf\udce9", "x" * 300, "two words"):
+            assert await auth.verify(name, "pw") is AuthResult.BAD
+        assert auth.db_up  # not mistaken for a database failure
+    finally:
+        auth.close()

@@ -50,6 +50,7 @@ from authrelay.auth.userdb import (
     UserExists,
     UserInfo,
     _UserStore,
+    check_name,
     implicit_address,
 )
 
@@ -361,6 +362,15 @@ class PgUserDB(_UserStore):
             self._loop.close()
 
 
+def _storable(name: str) -> bool:
+    try:
+        check_name(name)
+        name.encode("utf-8")  # surrogate escapes (non-UTF-8 bytes) cannot be stored
+    except (UserDBError, UnicodeEncodeError):
+        return False
+    return True
+
+
 class _VerifiedCache:
     """(user, password) -> (the hash it verified against, when), by HMAC only."""
 
@@ -443,6 +453,12 @@ class PgAuthenticator:
         from authrelay.auth.authenticator import AuthResult
 
         if not username or not password:
+            return AuthResult.BAD
+        if not _storable(username):
+            # No such name can be in the database (the CLI refuses it), and PostgreSQL
+            # would refuse the query (NUL, bytes that are not UTF-8): a wrong login, paid
+            # for like any other, not a database failure.
+            await self._hash_job(passwords.verify_dummy, password)
             return AuthResult.BAD
         key = self.cache.key(username, password)
         try:
