@@ -188,7 +188,7 @@ class Session:
         progressed = True
         deadline = 0.0
         while True:
-            if n >= BATCH or conn.write_blocked:
+            if (n >= BATCH or conn.write_blocked) and eng.phase is not p.Phase.CLOSED:
                 # Fairness: a client pipelining thousands of commands gets BATCH of them
                 # per loop turn, like everyone else (an awaited handler that does not
                 # suspend yields nothing, so every step counts). Back-pressure: while its
@@ -208,6 +208,7 @@ class Session:
                 self._flush()
                 if conn.write_blocked:
                     await self._drain()
+                    continue  # the engine may have been closed (timeout) meanwhile
                 data = conn.take()
                 if not data:
                     if conn.at_eof:
