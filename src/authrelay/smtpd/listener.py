@@ -7,7 +7,8 @@ adapter (session.py) moves bytes between this and the sans-I/O engine (protocol.
 
 Memory per connection is bounded whatever the client does:
 - input: reading pauses while more than `HIGH_WATER` bytes wait unconsumed;
-- output: the transport's write buffer limits are `OUT_HIGH_WATER`/`OUT_LOW_WATER`; above
+- output: the socket's kernel send buffer is fixed at `SNDBUF` (replies are all we send),
+  the transport's write buffer limits are `OUT_HIGH_WATER`/`OUT_LOW_WATER`; above
   the high mark asyncio calls `pause_writing()`, `write_blocked` turns True and the session
   stops executing commands until `drain()` returns (a client that pipelines without
   reading its replies stalls itself, not the server);
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -32,6 +34,7 @@ HIGH_WATER = 128 * 1024  # pause reading above this much unconsumed input
 CHUNK = 256 * 1024  # largest DATA piece the engine hands the body reader at once
 OUT_HIGH_WATER = 64 * 1024  # unsent output above this: stop executing commands
 OUT_LOW_WATER = 16 * 1024  # resume once the client has read down to this
+SNDBUF = 32 * 1024  # kernel send buffer per connection (Linux doubles it): replies only
 CLOSE_GRACE = 2.0  # seconds a closing connection may take to flush before it is aborted
 QUIT_GRACE = 30.0  # the same after a normal end (QUIT): the last replies matter more
 
@@ -65,6 +68,13 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self._limit_writes(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # We only ever send replies, so a small fixed send buffer costs no speed and
+            # keeps the kernel from autotuning up to megabytes of unread replies for a
+            # client that never reads (tcp_wmem max: 4 MB per connection).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
