@@ -8,8 +8,9 @@ it is done (or failed: the old config keeps running), STOPPING=1 when shutdown s
 STATUS= carries a line for `systemctl status`.
 
 Contract: every function returns whether a datagram was sent and never raises (a missing
-or broken notify socket must not stop mail). Only the process that first sends is the
-service's main process: a forked worker inheriting $NOTIFY_SOCKET stays silent, since
+or broken notify socket must not stop mail). Only the process that imported this module
+speaks: that is `serve` itself, the service's main process (it imports the daemon before
+forking anything); a forked worker or helper inheriting $NOTIFY_SOCKET stays silent, since
 systemd (NotifyAccess=main) would ignore it and log a warning.
 """
 
@@ -19,19 +20,13 @@ import os
 import socket
 import time
 
-_owner: int | None = None  # the pid of the first process that notified
+_owner = os.getpid()  # the main process: it imports this before forking children
 
 
 def notify(state: str) -> bool:
     """Send `state` ("READY=1\\nSTATUS=...") to $NOTIFY_SOCKET; False when there is none."""
-    global _owner
     addr = os.environ.get("NOTIFY_SOCKET", "")
-    if not addr or addr[0] not in "/@":
-        return False
-    pid = os.getpid()
-    if _owner is None:
-        _owner = pid
-    elif _owner != pid:
+    if not addr or addr[0] not in "/@" or os.getpid() != _owner:
         return False
     if addr[0] == "@":
         addr = "\0" + addr[1:]

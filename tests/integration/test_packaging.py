@@ -225,6 +225,7 @@ def test_readme_first_steps_verbatim_after_run_sh(checkout: Path) -> None:
     p = _run_sh(checkout)
     try:
         _wait_ports(p, ports, checkout / "authrelay.toml")
+        assert p.poll() is None, "run.sh's server is gone (its ports taken by another?)"
         # 2. README's first steps, verbatim, in a shell on a pseudo-terminal (the
         # password prompts read /dev/tty), in the checkout, with a fresh environment.
         steps = checkout / "steps.sh"

@@ -83,7 +83,9 @@ def test_ready_reloading_stopping(relay_factory, notify: NotifySocket, workers: 
 def test_no_notify_socket_is_fine(relay_factory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/notify")
     r: RelayProcess = relay_factory()
+    # SIGHUP is ignored until the loop handles it (then "started" is logged): wait for it.
+    r.wait_for(lambda: "daemon=started" in r.maillog(), timeout=30)
     os.kill(r.proc.pid, signal.SIGHUP)
-    r.wait_for(lambda: "daemon=reloaded" in r.maillog())
+    r.wait_for(lambda: "daemon=reloaded" in r.maillog(), timeout=30)
     r.stop()
     assert r.proc.returncode == 0
