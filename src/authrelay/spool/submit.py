@@ -209,10 +209,7 @@ class Draft:
     def _prepare(self) -> None:
         if self._done:
             raise SpoolError("commit after commit/abort")
-        try:
-            tail = self._cleanup.finish()
-        except Exception:
-            tail = b""
+        tail = self._cleanup.finish()
         self._check()  # header counting is complete once finish() ran
         try:
             if tail:
