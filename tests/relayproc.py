@@ -125,6 +125,15 @@ class RelayProcess:
                     if time.monotonic() > deadline:
                         raise RuntimeError("authrelay did not start listening") from None
                     time.sleep(0.05)
+        # The probes above hold connection slots until the server has seen them close;
+        # wait for their end lines so a test's own connections find every slot free.
+        probe_ends = ("disconnect=from unknown [127.0.0.1]", "tls_failed=from unknown [127.0.0.1]")
+        settle = time.monotonic() + 5.0
+        while time.monotonic() < settle:
+            text = self.log.read_text(errors="replace") if self.log.exists() else ""
+            if sum(text.count(e) for e in probe_ends) >= len(self.ports):
+                break
+            time.sleep(0.05)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
