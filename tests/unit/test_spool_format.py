@@ -371,3 +371,17 @@ async def test_every_single_bit_flip_is_caught(spool: Spool) -> None:
                 continue
             assert (env, msg) == (want_env, want_msg), (i, bit)  # pragma: no cover
     assert refused == len(good) * 8
+
+
+async def test_nul_drops_a_streamed_file_at_once(spool: Spool, tmp_path: Path) -> None:
+    sub = Submitter(spool, _cfg(tmp_path))
+    d = sub.begin(_env())
+    d.write(BIG)  # past SPILL: the file exists and grows
+    assert list(spool.queue_dir.iterdir())
+    d.write(b"tail\x00\r\n")
+    assert list(spool.queue_dir.iterdir()) == []  # dropped before the end of data
+    d.write(b"more\r\n")
+    with pytest.raises(Refused) as e:
+        await d.commit()
+    assert e.value.reply.enhanced == "5.6.0"
+    assert list(spool.queue_dir.iterdir()) == []

@@ -174,17 +174,20 @@ class Draft:
         return self._cleanup.header_section
 
     def mark_nul(self) -> None:
-        """The producer found a NUL itself (the body reader): refuse at commit."""
+        """The producer found a NUL itself (the body reader): refuse at commit. What was
+        stored so far is dropped now (a streamed file does not wait for the end of data)."""
         self.nul = True
+        self._incoming.abort()
 
     def write(self, data: bytes) -> None:
         if self._problem is not None or self._done:
             return
         self.received += len(data)
-        if self._scan_nul and not self.nul and data.find(b"\x00") >= 0:
-            self.nul = True
         if self.nul:
             return  # will be refused: store nothing more
+        if self._scan_nul and data.find(b"\x00") >= 0:
+            self.mark_nul()
+            return
         try:
             out = self._cleanup.feed(data)
             if out:
