@@ -364,8 +364,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one message
     def _log_quarantined(self) -> None:
-        moved, self.spool.quarantined[:] = list(self.spool.quarantined), []
-        for qid, reason in moved:
+        q = self.spool.quarantined  # appended to by commit-pool threads: pop one by one
+        while q:
+            qid, reason = q.pop(0)
             self.maillog.warning(f"damaged queue file moved to corrupt/: {reason}",
                                  queue_id=qid)
 
