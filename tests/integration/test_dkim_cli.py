@@ -149,3 +149,23 @@ def test_check_config_reports_dkim_key_problems(tmp_path: Path) -> None:
     assert any(f.startswith(f"warning: dkim: {k.path}: mode 0644") for f in found)
     assert any(f.startswith(f"warning: dkim: {k.path.parent / 'bad.key'}: not a PEM")
                for f in found)
+
+
+def test_keygen_as_root_gives_the_key_to_the_run_user(tmp_path: Path) -> None:
+    """Started as root with `user = "nobody"`, the server reads the keys after dropping
+    privileges: keygen makes the key and its directories nobody's, mode 0600/0700."""
+    import pwd
+
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("needs root (CI runs as root)")
+        pytest.skip("needs root")
+    nobody = pwd.getpwnam("nobody")
+    write_cfg(tmp_path, 'user = "nobody"\n')
+    r = run(tmp_path, "dkim", "keygen", "example.org", "--algorithm", "ed25519", "--selector", "n")
+    assert r.returncode == 0, r.stderr
+    key = tmp_path / "var" / "dkim" / "example.org" / "n.key"
+    for p, mode in ((key, 0o600), (key.parent, 0o700), (key.parent.parent, 0o700)):
+        st = p.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == \
+            (nobody.pw_uid, nobody.pw_gid, mode), p
