@@ -231,6 +231,9 @@ class Limits:
     # Exempt from per-IP connection limits and rates (127.0.0.1 and ::1 always are);
     # "trusted_networks" stands for [relay] trusted_networks.
     limit_exceptions: tuple[str, ...] = ("trusted_networks",)
+    # Per-IP limits (connections, rates, AUTH failures per address) count an IPv6 client
+    # by this prefix: one host or site has a whole /64 to rotate through.
+    ipv6_prefix_length: int = 64
     # Scale-out (docs/SCALING.md): counters shared by every node of a farm in Redis/Valkey.
     proxy_timeout: float = 10.0  # the whole PROXY header must arrive within this
     shared: str = ""  # "redis://host:6379/0" | "rediss://..." | "unix:///path?db=0"; "": local
@@ -506,6 +509,8 @@ def _validate(cfg: Config) -> None:
                           "\"redis://host:6379/0\" (rediss:// for TLS, unix:///path)")
     if cfg.limits.pool_reserve_percent > 100:
         raise ConfigError("limits.pool_reserve_percent: at most 100")
+    if not 16 <= cfg.limits.ipv6_prefix_length <= 128:
+        raise ConfigError("limits.ipv6_prefix_length: from 16 to 128")
     if not 1 <= cfg.limits.stress_threshold <= 100:
         raise ConfigError("limits.stress_threshold: a percentage from 1 to 100")
     if cfg.limits.max_line_length < 512:

@@ -227,3 +227,31 @@ async def test_reload_keeps_counts(clock: Clock, kind: str) -> None:
     assert not await t.auth_locked("192.0.2.1", "c")
     await t.auth_failed("192.0.2.1", "c")
     assert await t.auth_locked("192.0.2.1", "c")  # the two earlier failures still count
+
+
+def test_address_key() -> None:
+    assert th.address_key("192.0.2.7", 64) == "192.0.2.7"
+    assert th.address_key("2001:db8:1:2:aaaa::1", 64) == "2001:db8:1:2::/64"
+    assert th.address_key("2001:db8:1:2:aaaa::1", 128) == "2001:db8:1:2:aaaa::1"
+    assert th.address_key("::ffff:192.0.2.7", 64) == "192.0.2.7"
+    assert th.address_key("garbage:", 64) == "garbage:"
+
+
+async def test_ipv6_client_counted_by_its_prefix(clock: Clock, kind: str) -> None:
+    """A host rotating through its /64 is one client for per-address limits."""
+    t = make(kind, {"max_connections_per_ip": 2}, auth={"max_failures_per_ip": 2,
+                                                        "max_failures_per_user": 0})
+    pools = (Pool("*", 0),)
+    assert t.connect("2001:db8:0:1::1", pools).admitted
+    assert t.connect("2001:db8:0:1::2", pools).admitted
+    assert t.connect("2001:db8:0:1:ffff::3", pools).reason == "ip"
+    assert t.connect("2001:db8:0:2::1", pools).admitted  # the next /64: another client
+    t.disconnect("2001:db8:0:1::2", pools)
+    assert t.connect("2001:db8:0:1::9", pools).admitted
+    await t.auth_failed("2001:db8:0:1::a", "x")
+    await t.auth_failed("2001:db8:0:1::b", "y")
+    assert await t.auth_locked("2001:db8:0:1::c", "z")
+    assert not await t.auth_locked("2001:db8:0:2::c", "z")
+    t.reload(from_dict({"limits": {"ipv6_prefix_length": 128, "max_connections_per_ip": 2,
+                                   "connection_rate_per_ip": 0}}))
+    assert t.connect("2001:db8:0:1::77", pools).admitted  # whole addresses again

@@ -141,7 +141,7 @@ class SharedThrottle(LocalThrottle):
         super().__init__(cfg, known=known)  # Share() whole: the limits are shared, not divided
 
     def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False) -> Admission:
-        s, now = self.shared, time.monotonic()
+        s, now, ip = self.shared, time.monotonic(), self.key(ip)
         if not exempt and self.rate_ip_limit and \
                 s.window_add("rate_ip", ip, 60.0, now) > self.rate_ip_limit:
             return Admission(replies.RATE_LIMITED, 0.0, "rate_ip")
@@ -150,7 +150,7 @@ class SharedThrottle(LocalThrottle):
                              self.rate_max_delay, now)
 
     def disconnect(self, ip: str, pools: Sequence[Pool]) -> None:
-        self.shared.release(ip, pools)
+        self.shared.release(self.key(ip), pools)
 
     def level(self, key: str) -> int:
         return self.shared.gauge(key)
@@ -159,13 +159,13 @@ class SharedThrottle(LocalThrottle):
         s, now, w = self.shared, time.monotonic(), self.auth_ip.window
         u = user.lower()
         return await _locked(
-            self, ip, user, s.window_count("auth_ip", ip, w, now),
+            self, ip, user, s.window_count("auth_ip", self.key(ip), w, now),
             s.window_count("auth_user", u, w, now) if user else 0.0,
             s.window_count("auth_usernet", f"{u}\0{source_net(ip)}", w, now) if user else 0.0)
 
     async def auth_failed(self, ip: str, user: str) -> None:
         s, now, w = self.shared, time.monotonic(), self.auth_ip.window
-        s.window_add("auth_ip", ip, w, now)
+        s.window_add("auth_ip", self.key(ip), w, now)
         if user:
             u = user.lower()
             s.window_add("auth_user", u, w, now)

@@ -71,6 +71,20 @@ def source_net(ip: str) -> str:
     return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
 
 
+def address_key(ip: str, v6_prefix: int = 128) -> str:
+    """The key per-address limits count a client under: the IPv4 address, or the IPv6
+    address's /`v6_prefix` network (a host or site rotates through its /64 at will)."""
+    if ":" not in ip or v6_prefix >= 128:
+        return ip
+    try:
+        addr = ipaddress.IPv6Address(ip)
+    except ValueError:
+        return ip
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network(f"{addr}/{v6_prefix}", strict=False))
+
+
 class Exemptions:
     """`[limits] limit_exceptions` (plus loopback): exempt from per-IP limits and rates."""
 
@@ -199,6 +213,13 @@ class Throttle(ABC):
     `remember(user, net)`); None: no user is ever known (per-user limit refuses all)."""
 
     known: Any = None
+    v6_prefix: int = 128
+
+    def key(self, ip: str) -> str:
+        """What per-address limits count `ip` under (`[limits] ipv6_prefix_length`);
+        every implementation keys its per-address counters (connections, connection
+        rate, AUTH failures per address) by this."""
+        return address_key(ip, self.v6_prefix)
 
     # ------------------------------------------------------------ connections (sync)
     @abstractmethod
@@ -263,6 +284,7 @@ class LocalThrottle(Throttle):
         # Per-IP counts stay whole: a client's connections are spread over workers by the
         # kernel, so a per-worker share would refuse well-behaved clients.
         self.max_per_ip = lim.max_connections_per_ip
+        self.v6_prefix = lim.ipv6_prefix_length
         prev = dict(vars(self)).get  # the windows being replaced, if any (reload)
         self.rate_global_limit = self.share.part(lim.connection_rate)
         self.rate_max_delay = lim.connection_rate_max_delay
@@ -287,6 +309,7 @@ class LocalThrottle(Throttle):
     # ---------------------------------------------------------------- connections
     def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False) -> Admission:
         now = time.monotonic()
+        ip = self.key(ip)
         for p in pools:
             if p.cap and self.gauges.get(p.key, 0) >= p.cap:
                 return pool_refusal(p.key)
@@ -308,6 +331,7 @@ class LocalThrottle(Throttle):
         return Admission(None, delay) if delay else ADMIT
 
     def disconnect(self, ip: str, pools: Sequence[Pool]) -> None:
+        ip = self.key(ip)
         for p in pools:
             n = self.gauges.get(p.key, 0) - 1
             if n > 0:
@@ -326,7 +350,7 @@ class LocalThrottle(Throttle):
     # ---------------------------------------------------------------- AUTH
     def _counts(self, ip: str, user: str, now: float) -> tuple[float, float, float]:
         u = user.lower()
-        return (self.auth_ip.count(ip, now), self.auth_user.count(u, now),
+        return (self.auth_ip.count(self.key(ip), now), self.auth_user.count(u, now),
                 self.auth_usernet.count(f"{u}\0{source_net(ip)}", now))
 
     async def auth_locked(self, ip: str, user: str) -> bool:
@@ -335,7 +359,7 @@ class LocalThrottle(Throttle):
 
     async def auth_failed(self, ip: str, user: str) -> None:
         now = time.monotonic()
-        self.auth_ip.add(ip, now)
+        self.auth_ip.add(self.key(ip), now)
         if user:
             u = user.lower()
             self.auth_user.add(u, now)

@@ -87,9 +87,11 @@ class Ticket:
     the server calls it when the connection ends)."""
 
     def __init__(self, admission: Acceptor, ip: str, pools: Sequence[Pool],
-                 exempt: bool, peer: tuple[str, int] | None = None) -> None:
+                 exempt: bool, peer: tuple[str, int] | None = None,
+                 key: str | None = None) -> None:
         self._adm = admission
         self.ip = ip
+        self.key = key or ip  # what the per-address limits counted this client under
         self.pools = pools
         self.exempt = exempt
         self.released = False
@@ -337,12 +339,15 @@ class Acceptor:
         srv = self.server
         ip = client_ip(addr)
         exempt = ip in srv.exemptions
-        adm = srv.throttle.connect(ip, self.pools, exempt=exempt)
+        # Counted under the key of this moment (an IPv6 client by its prefix), released
+        # under the same one even if a reload changes ipv6_prefix_length meanwhile.
+        key = srv.throttle.key(ip)
+        adm = srv.throttle.connect(key, self.pools, exempt=exempt)
         srv.metrics_connection(self.ln.mode, "accepted" if adm.admitted else "refused")
         if not adm.admitted:
             self._refuse(sock, ip, adm)
             return
-        ticket = Ticket(self, ip, self.pools, exempt, peer)
+        ticket = Ticket(self, ip, self.pools, exempt, peer, key)
         self.open += 1
         srv.open_sockets += 1
         self._check_stress()
@@ -364,7 +369,7 @@ class Acceptor:
 
     def release(self, ticket: Ticket) -> None:
         srv = self.server
-        srv.throttle.disconnect(ticket.ip, ticket.pools)
+        srv.throttle.disconnect(ticket.key, ticket.pools)
         self.open = max(0, self.open - 1)
         srv.open_sockets = max(0, srv.open_sockets - 1)
         self._check_stress()
