@@ -14,6 +14,7 @@ assertions: waits are generous upper bounds for events, never speed measurements
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import sys
@@ -39,7 +40,16 @@ def rss(pid: int) -> int:
 
 
 def open_sockets(pid: int, port: int) -> int:
-    """ESTABLISHED (or closing) TCP connections of the server on `port` (from /proc/net)."""
+    """Client connections on `port` whose descriptor the server process still holds (the
+    socket inodes of /proc/PID/fd matched against /proc/net/tcp; LISTEN excluded)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
     n = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -48,8 +58,8 @@ def open_sockets(pid: int, port: int) -> int:
             continue
         for ln in lines:
             f = ln.split()
-            local, state = f[1], f[3]
-            if int(local.rsplit(":", 1)[1], 16) == port and state != "0A":  # not LISTEN
+            local, state, inode = f[1], f[3], f[9]
+            if int(local.rsplit(":", 1)[1], 16) == port and state != "0A" and inode in inodes:
                 n += 1
     return n
 
@@ -118,6 +128,7 @@ def test_never_reading_pipeliner_is_bounded_then_aborted(relay: RelayProcess) ->
         peak = max(peak, rss(pid))
     assert f.sent < 50 * MB, "the server kept reading a client that does not read"
     assert peak - idle < 8 * MB, (idle, peak)
+    assert open_sockets(pid, port) == 1  # the stalled connection, held until the timeout
     # command_timeout (4 s): 421 and the socket is aborted, not left ESTABLISHED.
     assert f.done.wait(30), "the server never closed the stalled connection"
     assert f.error, "the connection ended without a reset/close from the server"
