@@ -246,9 +246,15 @@ class Signer:
         st = self._state
         return sorted(d for d in st.keys if st.domains is None or d in st.domains)
 
-    def _log(self, qid: str | None, **fields: Any) -> None:
+    def _log(self, qid: str | None, dkim: str, **fields: Any) -> None:
+        """`QID: dkim=RESULT, ...` through maillog's dkim event (plain event() for a
+        minimal test double)."""
         ml = self._maillog if self._maillog is not None else maillog_mod.get()
-        ml.event(qid, **fields)
+        event = getattr(ml, "dkim", None)
+        if callable(event):
+            event(qid, dkim, **fields)
+        else:
+            ml.event(qid, dkim=dkim, **fields)
 
     def _include(self, st: _State, headers: list[tuple[bytes, bytes]]) -> list[bytes]:
         present = Counter(n.lower().decode("ascii", "replace") for n, _ in headers)
