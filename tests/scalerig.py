@@ -187,8 +187,11 @@ class HAProxy:
     """HAProxy in TCP mode with `send-proxy-v2` in front of some backends.
 
     `frontends` maps a name to (listen port, [(host, port) of each node]). The balance is
-    `roundrobin` so consecutive connections alternate between nodes; health checks are
-    plain TCP connects every 200 ms, so a killed node leaves the rotation quickly."""
+    `roundrobin` so consecutive connections alternate between nodes. Health checks are
+    plain TCP connects every 200 ms (3 failed: out, so a loaded machine does not flap a
+    node; a killed one leaves the rotation within a second). With an explicit check
+    `port` HAProxy sends them without a PROXY header, and the nodes close such a
+    connect-and-close silently (docs/SCALING.md)."""
 
     def __init__(self, frontends: dict[str, tuple[int, list[tuple[str, int]]]],
                  proxy: str = "send-proxy-v2") -> None:
@@ -219,7 +222,7 @@ class HAProxy:
                     f"backend be_{name}", "    balance roundrobin"]
             for i, (host, nport) in enumerate(nodes):
                 out.append(f"    server node{i} {host}:{nport} check port {nport} "
-                           f"inter 200ms fall 1 rise 1 {self.proxy}")
+                           f"inter 200ms fall 3 rise 1 {self.proxy}")
         return "\n".join(out) + "\n"
 
     def start(self) -> HAProxy:
