@@ -266,8 +266,11 @@ class Signer:
             out.extend([h.encode()] * (present.get(h, 0) + 1))
         return out
 
-    def bind(self, queue_id: str) -> Callable[[bytes], bytes | None]:
-        """This signer for one message: its maillog notes carry `queue_id`."""
+    def bind(self, queue_id: str) -> Callable[[bytes], bytes | None] | None:
+        """This signer for one message: its maillog notes carry `queue_id`. None when no
+        key is loaded at all, so the spool never reads a streamed message back for it."""
+        if not self._state.keys:
+            return None
         return functools.partial(self, queue_id=queue_id)
 
     def __call__(self, message: bytes, queue_id: str | None = None) -> bytes | None:
