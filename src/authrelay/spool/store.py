@@ -26,6 +26,7 @@ still holds (flock), so it is safe with workers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import json
@@ -71,11 +72,39 @@ def _ready(mode: int) -> bool:
     return bool(mode & stat.S_IXUSR)
 
 
+def _open_regular(path: Path | str) -> int:
+    """A read descriptor on a spool file that is a regular file, never followed through a
+    symbolic link (O_NOFOLLOW) nor blocked on by a FIFO (O_NONBLOCK): anything else under a
+    queue id's name is damage (CorruptError), quarantined like any other. Raises
+    FileNotFoundError when nothing is there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptError("a symbolic link, not a spool file") from None
+        if e.errno in (errno.ENXIO, errno.EISDIR):
+            raise CorruptError("not a regular file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptError("not a regular file")
+    return fd
+
+
+def _regular_or_absent(entry: os.DirEntry[str]) -> bool:
+    """False for a symlink, directory, FIFO... under a queue directory (damage to
+    quarantine); True for a regular file or one that vanished meanwhile."""
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return True
+
+
 def _remove_if_dead(path: str) -> bool:
     """Unlink an unfinished spool file nobody holds (flock free, still not ready)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = _open_regular(path)
+    except (FileNotFoundError, CorruptError):
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -148,7 +177,7 @@ class Spool:
             raise FileNotFoundError(f"bad queue id {qid!r}")
         p = self.queue_dir / qid
         try:
-            if _ready(p.stat().st_mode):
+            if _ready(p.lstat().st_mode):  # a symlink here is damage: open refuses it
                 return p
         except FileNotFoundError:
             pass
@@ -193,7 +222,7 @@ class Spool:
             return False
 
     def _open_checked(self, path: Path, qid: str) -> tuple[io.BufferedReader, fmt.Layout, int]:
-        f = open(path, "rb")  # noqa: SIM115 - handed to the caller
+        f = os.fdopen(_open_regular(path), "rb")  # noqa: SIM115 - handed to the caller
         try:
             lay = fmt.read_layout(f)
             size = os.fstat(f.fileno()).st_size
@@ -246,10 +275,10 @@ class Spool:
             raise FileNotFoundError(f"bad queue id {qid!r}")
         path = self.queue_dir / qid
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_regular(path)
         except FileNotFoundError:
             path = self.hold_dir / qid
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_regular(path)
         try:
             st = os.fstat(fd)
             if not _ready(st.st_mode):
@@ -283,10 +312,12 @@ class Spool:
 
     def _load_state(self, path: Path, env: Envelope) -> None:
         try:
-            with open(path.with_name(env.queue_id + ".state"), "rb") as sf:
+            with os.fdopen(_open_regular(path.with_name(env.queue_id + ".state")), "rb") as sf:
                 self._merge_state(env, sf.read())
         except FileNotFoundError:
             pass
+        except CorruptError as e:  # as any damaged state file: the header's state is kept
+            log.warning("%s: state file ignored: %s", env.queue_id, e)
 
     @staticmethod
     def _merge_state(env: Envelope, raw: bytes) -> None:
@@ -346,7 +377,7 @@ class Spool:
         """Move a damaged message (and its state) to corrupt/; never deletes. True if moved."""
         moved = False
         for d in (self.queue_dir, self.hold_dir):
-            if (d / qid).exists():
+            if os.path.lexists(d / qid):  # a dangling symlink is damage too
                 try:
                     os.rename(d / qid, self.corrupt_dir / qid)
                     moved = True
@@ -427,15 +458,22 @@ class Spool:
         with os.scandir(self.queue_dir) as it:
             for e in it:
                 try:
-                    if is_queue_id(e.name) and not _ready(e.stat().st_mode):
+                    if (is_queue_id(e.name) and _regular_or_absent(e)
+                            and not _ready(e.stat(follow_symlinks=False).st_mode)):
                         dead.append(e.path)
                 except FileNotFoundError:
                     continue
         counts["tmp_removed"] = sum(_remove_if_dead(path) for path in dead)
         for d in (self.queue_dir, self.hold_dir):
+            names = []
             with os.scandir(d) as it:
-                names = [e.name for e in it
-                         if not is_queue_id(e.name) or _ready(e.stat().st_mode)]
+                for e in it:
+                    try:  # not a regular file: checked, and so quarantined
+                        if (not is_queue_id(e.name) or not _regular_or_absent(e)
+                                or _ready(e.stat(follow_symlinks=False).st_mode)):
+                            names.append(e.name)
+                    except FileNotFoundError:
+                        continue
             present = set(names)
             for name in names:
                 if is_queue_id(name):

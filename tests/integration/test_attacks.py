@@ -1,0 +1,62 @@
+"""Attacks from outside and an operator's accidents, against a real `authrelay serve`.
+
+Each test is one finding of the attack session (h-attack) that broke something, kept as a
+regression test: the input that broke it and the precise outcome expected now (an RFC 5321
+/ RFC 3463 reply or a maillog line; never a traceback, a hang or a failed start).
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from relayproc import RelayProcess  # noqa: E402
+
+
+def _queue_one(r: RelayProcess) -> str:
+    with smtplib.SMTP("127.0.0.1", r.ports["smtp"], timeout=30) as c:
+        c.sendmail("a@remote.example", ["u@local.test"], b"Subject: t\r\n\r\nhi\r\n")
+    r.wait_for(lambda: len(r.queued()) == 1)
+    return r.queued()[0].name
+
+
+def test_spool_entries_that_are_not_regular_files_are_quarantined(tmp_path: Path) -> None:
+    """A queue id's name in queue/ held by a dangling symlink, a symlink to a file, a
+    directory or a FIFO: serve used to fail to start (FileNotFoundError out of recovery)
+    or hang for ever on the FIFO's open(). Now each goes to corrupt/ with a warning line,
+    nothing is followed through a link, and real messages beside them stay queued."""
+    r = RelayProcess(tmp_path).start()
+    try:
+        qid = _queue_one(r)
+    finally:
+        r.stop()
+    q = r.queue_dir
+    bad = {"2N5CGWQ68GZSZCV4A": "dangling", "2N5CGWQ68GZSZCV4B": "dir",
+           "2N5CGWQ68GZSZCV4C": "link", "2N5CGWQ68GZSZCV4D": "fifo",
+           "2N5CGWQ68GZSZCV4E": "fifo-unready"}
+    os.symlink(tmp_path / "nonexistent", q / "2N5CGWQ68GZSZCV4A")
+    os.mkdir(q / "2N5CGWQ68GZSZCV4B")
+    target = tmp_path / "outside"
+    target.write_bytes((q / qid).read_bytes())
+    target.chmod(0o700)
+    os.symlink(target, q / "2N5CGWQ68GZSZCV4C")
+    os.mkfifo(q / "2N5CGWQ68GZSZCV4D", 0o700)
+    os.mkfifo(q / "2N5CGWQ68GZSZCV4E", 0o600)
+    (q / (qid + ".state")).unlink()
+    os.mkfifo(q / (qid + ".state"), 0o600)  # a FIFO as the real message's state file
+    r.start()
+    try:
+        corrupt = r.state / "spool" / "corrupt"
+        r.wait_for(lambda: set(bad) <= set(os.listdir(corrupt)), timeout=30)
+        assert [p.name for p in r.queued()] == [qid]
+        assert target.exists()  # never followed, never deleted
+        log = r.maillog()
+        for name in bad:
+            assert f"{name}: damaged spool file moved to corrupt/" in log, log[-3000:]
+        assert "Traceback" not in log
+    finally:
+        r.stop()
