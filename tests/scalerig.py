@@ -253,8 +253,9 @@ class HAProxy:
 
 class Farm:
     """HAProxy (TCP, send-proxy-v2) on 587- and 465-style ports in front of two authrelay
-    nodes, both on one PostgreSQL (users) and one Redis (counters), a fake MX (aiosmtpd) as
-    their smart host. Clients reach HAProxy from distinct 127.0.0.x source addresses; the
+    nodes (A: one process; B: a master and two receiving workers, each with its own
+    database pool and Redis client), both on one PostgreSQL (users) and one Redis
+    (counters), a fake MX (aiosmtpd) as their smart host. Clients reach HAProxy from distinct 127.0.0.x source addresses; the
     nodes trust only 127.0.0.1 (HAProxy's side) for PROXY headers."""
 
     def __init__(self, tmp: Path, *, limits: dict[str, Any] | None = None,
@@ -283,7 +284,7 @@ class Farm:
                              "failure_delay": 0.05, **(auth or {})},
                     "limits": {"shared": self.redis.url, **(limits or {})},
                     "delivery": {"retry": ["1s"]},
-                }, users={})
+                }, users={}, workers=1 if name == "a" else 2)  # B: forked workers
                 r.config_data["listen"] = [
                     {"address": f"127.0.0.1:{r.ports[m]}", "mode": m, "proxy_protocol": True}
                     for m in ("submission", "submissions")]
