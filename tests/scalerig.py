@@ -255,8 +255,9 @@ class Farm:
     """HAProxy (TCP, send-proxy-v2) on 587- and 465-style ports in front of two authrelay
     nodes (A: one process; B: a master and two receiving workers, each with its own
     database pool and Redis client), both on one PostgreSQL (users) and one Redis
-    (counters), a fake MX (aiosmtpd) as their smart host. Clients reach HAProxy from distinct 127.0.0.x source addresses; the
-    nodes trust only 127.0.0.1 (HAProxy's side) for PROXY headers."""
+    (counters), a fake MX (aiosmtpd) as their smart host. Clients reach HAProxy from
+    distinct 127.0.0.x source addresses; the nodes trust only 127.0.0.1 (HAProxy's side)
+    for PROXY headers."""
 
     def __init__(self, tmp: Path, *, limits: dict[str, Any] | None = None,
                  auth: dict[str, Any] | None = None) -> None:
