@@ -390,6 +390,10 @@ class Engine:
         phase = self.phase
         if phase is Phase.CLOSED:
             return CLOSED
+        if phase is Phase.TLS and self._eof:
+            # The peer hung up before the handshake: nothing more can happen here.
+            self._close("eof", abort=False)
+            return self._events.popleft()
         if phase is Phase.WAIT or phase is Phase.TLS:
             return PAUSED
         try:
