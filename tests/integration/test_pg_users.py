@@ -292,3 +292,19 @@ async def test_impossible_names_are_bad_not_tempfail(pg: PostgresServer) -> None
         assert auth.db_up  # not mistaken for a database failure
     finally:
         auth.close()
+
+
+def test_database_restart_between_logins_is_invisible(tmp_path: Path, pg: PostgresServer
+                                                      ) -> None:
+    # The pooled connection died with the old server process: the next AUTH is retried on
+    # a fresh connection, not answered 454.
+    r = pg_relay(tmp_path, pg, users={"alice": PASSWORD, "bob": "bob-pw"}).start()
+    try:
+        port = r.ports["submissions"]
+        assert login(port, "alice", PASSWORD) == 235
+        pg.stop()
+        pg.start()
+        assert login(port, "bob", "bob-pw") == 235  # not cached: it asked the database
+        assert "user database unreachable" not in r.maillog()
+    finally:
+        r.stop()
