@@ -45,7 +45,8 @@ Security decisions (each also cited where it is made):
   anything else is 501 5.5.4.
 - Bounded work per client: `max_errors` errors, `max_junk_commands` NOOP/RSET/HELP/VRFY/
   repeated EHLO (Postfix's smtpd_junk_command_limit; reset by an accepted message),
-  `max_auth_failures`, `bad_rcpt_limit`; command lines longer than their limit are cut off
+  `max_auth_failures`, `bad_rcpt_limit`, RCPT_OVERSHOOT 452s past max_recipients before
+  each counts as an error; command lines longer than their limit are cut off
   and refused, never buffered without bound.
 Failure policy: the engine never raises on any input. A bug in a handler is caught,
 logged at debug level with its traceback, answered 451 4.3.0 and the session closed.
@@ -70,6 +71,10 @@ from authrelay.types import Reply
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024  # largest DATA piece handed to the body reader at once
+# RCPTs past max_recipients answered 452 before each further one counts as an error
+# (Postfix's smtpd_recipient_overshoot_limit): a legitimate client pipelining a long list
+# is not cut off, a flood of RCPTs ends with max_errors instead of running for ever.
+RCPT_OVERSHOOT = 1000
 
 
 class _Sentinel:
@@ -118,6 +123,7 @@ class Transaction:
     ret: str = ""  # RFC 3461 RET: FULL | HDRS
     envid: str = ""  # RFC 3461 ENVID (xtext)
     size: int | None = None  # the SIZE the client declared (RFC 1870)
+    overshoot: int = 0  # RCPTs answered 452 too many recipients
 
 
 # ------------------------------------------------------------------------ events
@@ -910,8 +916,12 @@ class Engine:
             self._error(replies.NEED_SMTPUTF8)
             return
         if len(txn.rcpts) >= self.max_recipients:
-            self._reply(replies.TOO_MANY_RCPTS)
             self._events.append(Reject(replies.TOO_MANY_RCPTS, f"<{path.text}>... "))
+            txn.overshoot += 1
+            if txn.overshoot > RCPT_OVERSHOOT:
+                self._error(replies.TOO_MANY_RCPTS)
+            else:
+                self._reply(replies.TOO_MANY_RCPTS)
             return
         self._wait("rcpt", RcptRequest(txn, path, postmaster))
 
