@@ -297,10 +297,8 @@ class Courier:
                 break
             if i + 1 < len(targets):
                 worst = out.results[todo[0].address]
-                self.maillog.event(
-                    env.queue_id, relay=worst.remote or t.where,
-                    status="recipients passed to the next host",
-                    rcpts=",".join(f"<{r.address}>" for r in todo), reason=str(worst))
+                self.maillog.next_host(env.queue_id, worst.remote or t.where,
+                                       ",".join(f"<{r.address}>" for r in todo), str(worst))
         for r in todo:  # never answered by any host: the last host-level reason
             results.setdefault(r.address, last)
         return results
@@ -342,8 +340,7 @@ class Courier:
 
     def _host_failed(self, qid: str, t: _Target, res: DeliveryResult) -> None:
         """Postfix's `connect to host[ip]:25: Connection refused`: every failed host."""
-        self.maillog.event(qid, relay=res.remote or t.where, status="host failed",
-                           reason=str(res))
+        self.maillog.host_failed(qid, res.remote or t.where, str(res))
 
     # ----------------------------------------------------------------- TLS fallback
 
@@ -566,9 +563,8 @@ class Courier:
             return  # "may": the server did not offer it, plain text is allowed
         if not required and self._plain_now(t):
             log.debug("%s: plain text to %s after a failed TLS handshake", qid, conn.remote)
-            self.maillog.event(qid, relay=conn.remote,
-                               tls="not used: the last STARTTLS handshake with this host "
-                                   "failed (tls = may)")
+            self.maillog.tls_not_used(qid, conn.remote, "the last STARTTLS handshake with "
+                                                        "this host failed (tls = may)")
             return
         rep = await conn.wire.command(b"STARTTLS\r\n", timeout)
         if rep.code != 220:
@@ -595,9 +591,9 @@ class Courier:
                 if len(self._plain_until) < _FALLBACK_MAX:
                     self._plain_until[(t.host.lower(), t.addr, t.port)] = \
                         now + d.tls_fallback_time
-                self.maillog.event(qid, relay=conn.remote, status="TLS handshake failed",
-                                   reason=why, next="plain text for the next attempts "
-                                                    "to this host (tls = may)")
+                self.maillog.tls_handshake_failed(
+                    qid, conn.remote, why,
+                    next="plain text for the next attempts to this host (tls = may)")
             raise _TryNext(res) from None
         # RFC 3207 4.2: forget what was learnt before TLS and ask again.
         await self._hello(conn, timeout)

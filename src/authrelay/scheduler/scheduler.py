@@ -531,12 +531,11 @@ class Scheduler:
                         r.delay_warned = True
             if self.metrics is not None:
                 self.metrics.delivery_result(stat.lower(), now - env.received_at)
-            reply = r.last_reply + (", message expired in the queue" if expired else "")
-            self.maillog.event(
-                env.queue_id, to=f"<{r.address}>", relay=res.remote or "none",
-                delay=f"{now - env.received_at:.2f}", tries=r.attempts,
-                dsn=res.enhanced or None, stat=f"{stat} ({reply})",
-            )
+            record = (self.maillog.expired if expired else
+                      {"Sent": self.maillog.sent, "Deferred": self.maillog.deferred}.get(
+                          stat, self.maillog.bounced))
+            record(env.queue_id, r.address, res.remote or None, now - env.received_at,
+                   r.attempts, res.enhanced or None, r.last_reply)
         # The last job's state is saved by _finish, after the pass's DSNs.
         if act.jobs > 1:
             try:
@@ -617,7 +616,7 @@ class Scheduler:
             await self._io(self.spool.remove, qid)
         except FileNotFoundError:
             return
-        self.maillog.event(qid, status="removed")
+        self.maillog.removed(qid)
 
     async def _finish(self, act: _Active) -> None:
         env = act.env
@@ -681,17 +680,17 @@ class Scheduler:
                 elif op == "hold":
                     await self._io(self.spool.hold, qid)
                     self._token.pop(qid, None)
-                    self.maillog.event(qid, status="held")
+                    self.maillog.held(qid)
                 elif op == "release":
                     await self._io(self.spool.release, qid)
                     self._ignored.discard(qid)
                     self._forced.add(qid)  # released mail is tried now, not after back-off
                     self._schedule(qid, 0.0, fresh=True)
-                    self.maillog.event(qid, status="released")
+                    self.maillog.released(qid)
                 else:
                     await self._io(self.spool.remove, qid)
                     self._token.pop(qid, None)
-                    self.maillog.event(qid, status="removed", by="operator")
+                    self.maillog.removed(qid, by="operator")
                 done.append(qid)
             except FileNotFoundError:
                 missing.append(qid)
