@@ -60,3 +60,40 @@ def test_spool_entries_that_are_not_regular_files_are_quarantined(tmp_path: Path
         assert "Traceback" not in log
     finally:
         r.stop()
+
+
+def test_spool_damage_while_running_is_quarantined_and_delivery_goes_on(
+        tmp_path: Path) -> None:
+    """The same damage while serve runs, found by `queue flush`: a FIFO used to block a
+    thread of the master for ever in open() (no delivery attempt for new mail after it,
+    and SIGTERM no longer stopped the master); a symlink was skipped without a word."""
+    r = RelayProcess(tmp_path).start()
+    try:
+        ids = [_queue_one_more(r, i) for i in range(3)]
+        q = r.queue_dir
+        for qid in ids:
+            (q / qid).unlink()
+        os.mkdir(q / ids[0])
+        os.mkfifo(q / ids[1], 0o700)
+        os.symlink("/etc/passwd", q / ids[2])
+        r.cli("queue", "flush")
+        corrupt = r.state / "spool" / "corrupt"
+        r.wait_for(lambda: set(ids) <= set(os.listdir(corrupt)), timeout=30)
+        later = _queue_one_more(r, 3)
+        r.wait_for(lambda: f"{later}: to=<u3@local.test>" in r.maillog(), timeout=30)
+        log = r.maillog()
+        for qid in ids:
+            assert f"{qid}: warning=damaged queue file moved to corrupt/" in log, log[-3000:]
+        assert "Traceback" not in log
+    finally:
+        r.stop()
+    assert r.proc is not None and r.proc.returncode == 0  # SIGTERM still stops it
+
+
+def _queue_one_more(r: RelayProcess, i: int) -> str:
+    before = {p.name for p in r.queued()}
+    with smtplib.SMTP("127.0.0.1", r.ports["smtp"], timeout=30) as c:
+        c.sendmail("a@remote.example", [f"u{i}@local.test"], b"Subject: t\r\n\r\nhi\r\n")
+    r.wait_for(lambda: len({p.name for p in r.queued()} - before) == 1)
+    (new,) = {p.name for p in r.queued()} - before
+    return new

@@ -202,7 +202,7 @@ class Spool:
                     if not is_queue_id(e.name):
                         continue
                     try:
-                        if _ready(e.stat().st_mode):  # skip messages still being received
+                        if _ready(e.stat(follow_symlinks=False).st_mode):  # skip unready
                             ids.append(e.name)
                     except FileNotFoundError:
                         continue
