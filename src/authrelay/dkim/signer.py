@@ -26,6 +26,14 @@ to give dkimpy's bytes). Header canonicalization, selection and the signature fi
 dkimpy's. If dkimpy's internals ever differ (its version is pinned), the wrap
 is skipped and signing stays correct, only slower.
 
+Streaming (`sign_stream`, a message the spool streamed to disk, over 128 KiB): the
+From: domain is decided on the header section alone, so a message whose domain has no key
+is never read back; one that is signed has its body hashed in chunks as the spool reads it
+(`RelaxedBodyHash`: dkimpy's relaxed canonicalization applied block by block on line
+boundaries, the same bytes, property-tested), one hash shared by every key of the same
+hash algorithm; the signature field is built by dkimpy's `gen_header` from that body hash.
+Memory stays at a chunk or two whatever the message size.
+
 Failure policy: signing never fails a message. No From:, several From: fields, mailboxes of
 different domains, a domain without key or outside `[dkim] domains`: the message goes out
 unsigned and the maillog says why (`dkim=none`). A library error is logged (`dkim=error`)
@@ -35,12 +43,14 @@ is not.
 
 from __future__ import annotations
 
+import base64
 import email.utils
-import functools
 import logging
+import re
 import threading
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +144,75 @@ def _install_fast_relaxed_body() -> None:
 
     canonicalize_body._authrelay = True  # type: ignore[attr-defined]
     relaxed.canonicalize_body = staticmethod(canonicalize_body)  # type: ignore[union-attr]
+
+
+_WSP_EOL = re.compile(rb"[\t ]+\r\n")
+_WSP = re.compile(rb"[\t ]+")
+_EOL = re.compile(rb"\r?\n")
+
+
+class RelaxedBodyHash:
+    """RFC 6376 3.4.4 relaxed body canonicalization + hash, fed in pieces of any size:
+    the bytes dkimpy's `rfc822_parse` + `Relaxed.canonicalize_body` would hash for the
+    whole body (bare LF read as CRLF as dkimpy does), holding at most one partial line
+    and a count of pending empty lines. Each block is cut after its last LF, so every
+    regex works on whole lines (no whitespace run or CRLF spans two blocks)."""
+
+    def __init__(self, hasher: Callable[[], Any]) -> None:
+        self._h = hasher()
+        self._carry = b""
+        self._pending = 0  # CRLFs after the last non-empty line, not hashed yet
+        self._content = False
+
+    def update(self, data: bytes) -> None:
+        if self._carry:
+            data = self._carry + data
+        cut = data.rfind(b"\n") + 1
+        self._carry = data[cut:]
+        if cut:
+            self._block(data[:cut] if cut < len(data) else data)
+
+    def _block(self, c: bytes) -> None:
+        if c.count(b"\n") != c.count(b"\r\n"):
+            c = _EOL.sub(b"\r\n", c)
+        if b"\t" in c or b"  " in c:
+            c = _WSP.sub(b" ", _WSP_EOL.sub(b"\r\n", c))
+        elif b" \r\n" in c:
+            c = c.replace(b" \r\n", b"\r\n")
+        end = len(c)
+        while c.endswith(b"\r\n", 0, end):
+            end -= 2
+        if end:
+            if self._pending:
+                self._h.update(b"\r\n" * self._pending)
+            self._h.update(c[:end] if end < len(c) else c)
+            self._pending = (len(c) - end) // 2
+            self._content = True
+        else:
+            self._pending += len(c) // 2
+
+    def digest(self) -> bytes:
+        if self._carry:  # a last line without line end (dkimpy adds the CRLF)
+            self._block(self._carry)
+            self._carry = b""
+        if self._content:
+            self._h.update(b"\r\n")
+            self._content = False
+        return self._h.digest()
+
+
+def _header_end(buf: bytes) -> int:
+    """Where the body starts (after the empty line ending the header section, as dkimpy's
+    `rfc822_parse` splits), or -1 when `buf` holds no complete header section yet."""
+    if buf.startswith(b"\r\n"):
+        return 2
+    if buf.startswith(b"\n"):
+        return 1
+    m = re.search(rb"\n\r?\n", buf)
+    return m.end() if m else -1
+
+
+MAX_HEADER_SECTION = 1 << 20  # a streamed message's header section read before deciding
 
 
 def _signing_key(key: DkimKey) -> bytes:
@@ -266,21 +345,17 @@ class Signer:
             out.extend([h.encode()] * (present.get(h, 0) + 1))
         return out
 
-    def bind(self, queue_id: str) -> Callable[[bytes], bytes | None] | None:
+    def bind(self, queue_id: str) -> _Bound | None:
         """This signer for one message: its maillog notes carry `queue_id`. None when no
         key is loaded at all, so the spool never reads a streamed message back for it."""
         if not self._state.keys:
             return None
-        return functools.partial(self, queue_id=queue_id)
+        return _Bound(self, queue_id)
 
-    def __call__(self, message: bytes, queue_id: str | None = None) -> bytes | None:
-        """DKIM-Signature fields (CRLF-terminated) to prepend, or None (unsigned)."""
-        st = self._state
-        if not st.keys:  # DKIM not in use here: no note per message
-            return None
-        # Decide on the header section alone (cheap); parse the whole message only to sign.
-        end = message.find(b"\r\n\r\n")
-        head = message if end < 0 else message[:end + 4]
+    def _decide(self, st: _State, head: bytes, queue_id: str | None
+                ) -> tuple[str, tuple[DkimKey, ...], list[bytes]] | None:
+        """(domain, keys, header fields to sign) from the header section, or None
+        (unsigned; the maillog says why)."""
         try:
             d = dkim.DKIM(head, linesep=b"\r\n")
         except Exception as e:  # unparsable header section: go unsigned
@@ -297,14 +372,34 @@ class Signer:
         if not keys:
             self._log(queue_id, dkim="none", reason=f"no key for {domain}")
             return None
-        include = self._include(st, d.headers)
-        if head is not message:
-            try:
-                d = dkim.DKIM(message, linesep=b"\r\n")
-            except Exception as e:
-                self._log(queue_id, dkim="none",
-                          reason=f"message not parsable ({type(e).__name__})")
-                return None
+        return domain, keys, self._include(st, d.headers)
+
+    def _done(self, queue_id: str | None, domain: str, keys: tuple[DkimKey, ...],
+              out: list[bytes]) -> bytes | None:
+        if not out:
+            return None
+        self._log(queue_id, dkim="signed", d=domain,
+                  s=",".join(k.selector for k in keys))
+        return b"".join(out)
+
+    def __call__(self, message: bytes, queue_id: str | None = None) -> bytes | None:
+        """DKIM-Signature fields (CRLF-terminated) to prepend, or None (unsigned)."""
+        st = self._state
+        if not st.keys:  # DKIM not in use here: no note per message
+            return None
+        # Decide on the header section alone (cheap); parse the whole message only to sign.
+        end = message.find(b"\r\n\r\n")
+        head = message if end < 0 else message[:end + 4]
+        decided = self._decide(st, head, queue_id)
+        if decided is None:
+            return None
+        domain, keys, include = decided
+        try:
+            d = dkim.DKIM(message, linesep=b"\r\n")
+        except Exception as e:
+            self._log(queue_id, dkim="none",
+                      reason=f"message not parsable ({type(e).__name__})")
+            return None
         out: list[bytes] = []
         for key in keys:
             try:
@@ -320,8 +415,121 @@ class Signer:
             if not sig.endswith(b"\r\n"):
                 sig += b"\r\n"
             out.append(sig)
-        if not out:
+        return self._done(queue_id, domain, keys, out)
+
+    def sign_stream(self, chunks: Iterable[bytes], queue_id: str | None = None
+                    ) -> bytes | None:
+        """`__call__` for a message given in pieces (the spool reads a streamed file in
+        bounded chunks): the same signature fields, without the whole message in memory.
+        Stops reading after the header section when the message is not to be signed."""
+        st = self._state
+        if not st.keys:
             return None
-        self._log(queue_id, dkim="signed", d=domain,
-                  s=",".join(k.selector for k in keys))
-        return b"".join(out)
+        it = iter(chunks)
+        buf = b""
+        start = -1
+        for chunk in it:
+            buf += chunk
+            start = _header_end(buf)
+            if start >= 0:
+                break
+            if len(buf) > MAX_HEADER_SECTION:
+                self._log(queue_id, dkim="none", reason="header section over 1 MiB")
+                return None
+        if start < 0:  # no body at all: small, take the whole-message path
+            return self(buf, queue_id)
+        head = buf[:start]
+        decided = self._decide(st, head, queue_id)
+        if decided is None:
+            return None
+        domain, keys, include = decided
+        try:
+            d = dkim.DKIM(head, linesep=b"\r\n")
+            gen_header = d.gen_header
+        except Exception as e:
+            self._log(queue_id, dkim="none",
+                      reason=f"message not parsable ({type(e).__name__})")
+            return None
+        hashers: dict[bytes, RelaxedBodyHash] = {}
+        for key in keys:
+            alg = key.dkim_algorithm
+            hashers.setdefault(dkim.HASH_ALGORITHMS[alg]().name.encode(),
+                               RelaxedBodyHash(dkim.HASH_ALGORITHMS[alg]))
+        body = buf[start:]
+        del buf
+        for h in hashers.values():
+            h.update(body)
+        del body
+        for chunk in it:
+            for h in hashers.values():
+                h.update(chunk)
+        digests = {name: h.digest() for name, h in hashers.items()}
+        canon = dkim.CanonicalizationPolicy.from_c_value(b"/".join(_CANON))
+        out: list[bytes] = []
+        for key in keys:
+            alg = key.dkim_algorithm
+            try:
+                bh = digests[dkim.HASH_ALGORITHMS[alg]().name.encode()]
+                sig = _sign_prehashed(d, gen_header, canon, key.selector.encode(),
+                                      domain.encode(),
+                                      st.privkeys.get((key.domain, key.selector),
+                                                      key.signing_key),
+                                      alg, include, bh)
+            except Exception as e:  # never fail the message over a signature
+                log.exception("DKIM signing failed (%s, s=%s)", domain, key.selector)
+                self._log(queue_id, dkim="error", d=domain, s=key.selector,
+                          reason=type(e).__name__)
+                continue
+            if not sig.endswith(b"\r\n"):
+                sig += b"\r\n"
+            out.append(sig)
+        return self._done(queue_id, domain, keys, out)
+
+
+class _Bound:
+    """A Signer for one queue id: `(message)` or `.sign_stream(chunks)`."""
+
+    __slots__ = ("signer", "queue_id")
+
+    def __init__(self, signer: Signer, queue_id: str) -> None:
+        self.signer, self.queue_id = signer, queue_id
+
+    def __call__(self, message: bytes) -> bytes | None:
+        return self.signer(message, self.queue_id)
+
+    def sign_stream(self, chunks: Iterable[bytes]) -> bytes | None:
+        return self.signer.sign_stream(chunks, self.queue_id)
+
+
+def _sign_prehashed(d: Any, gen_header: Callable[..., bytes], canon: Any, selector: bytes,
+                    domain: bytes, privkey: bytes, algorithm: bytes, include: list[bytes],
+                    bodyhash: bytes) -> bytes:
+    """dkimpy's `DKIM.sign` (1.1.x, relaxed/relaxed, no i= other than @domain, no l=)
+    with the body hash computed by us: the same tag list, and dkimpy's `gen_header`
+    hashes the header fields and signs."""
+    if algorithm == b"ed25519-sha256":
+        import nacl.encoding
+        import nacl.signing
+        pk: Any = nacl.signing.SigningKey(privkey, encoder=nacl.encoding.Base64Encoder)
+    else:
+        pk = dkim.parse_pem_private_key(privkey)
+    d.signature_algorithm = algorithm
+    d.hasher = dkim.HASH_ALGORITHMS[algorithm]
+    inc = tuple(x.lower() for x in include)
+    if b"from" not in inc:
+        raise dkim.ParameterError("The From header field MUST be signed")
+    d.include_headers = inc
+    fields = [
+        (b"v", b"1"),
+        (b"a", algorithm),
+        (b"c", canon.to_c_value()),
+        (b"d", domain),
+        (b"i", b"@" + domain),
+        (b"q", b"dns/txt"),
+        (b"s", selector),
+        (b"t", str(int(time.time())).encode("ascii")),
+        (b"h", b" : ".join(inc)),
+        (b"bh", base64.b64encode(bodyhash)),
+        (b"b", b"0" * 60),
+    ]
+    return b"DKIM-Signature: " + gen_header(fields, inc, canon, b"DKIM-Signature", pk)

@@ -18,7 +18,10 @@ creates its file then and streams, so memory per session stays bounded by SPILL.
 The checksum is computed incrementally as bytes arrive (format.checksum).
 
 `signer(message) -> header lines | None` (DKIM, issue 13) runs in the commit thread
-on the whole message (read back from the file for a streamed one); its lines become the
+on the whole message held in memory; for a streamed file the signer's `sign_stream(chunks)`
+gets the message read back in `CHUNK`-sized pieces (memory stays bounded whatever the
+size; the DKIM signer stops after the header section when the From: domain has no key).
+A plain callable without `sign_stream` still gets the whole message. Its lines become the
 file's prepend. A signer that raises or returns too much for a streamed file's reserved
 slot leaves the message unsigned and `sign_error` says why (mail is never lost for it).
 
@@ -34,7 +37,7 @@ import fcntl
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from authrelay.spool import format as fmt
@@ -48,6 +51,7 @@ if TYPE_CHECKING:
 NOT_READY_MODE = 0o600  # queue/ID still being received
 READY_MODE = 0o700  # owner-execute bit: committed (fsync'd before the 250)
 SPILL = 128 * 1024  # message bytes kept in memory before the file is created
+CHUNK = 256 * 1024  # read-back piece of a streamed message for the signer
 
 Signer = Callable[[bytes], "bytes | None"]
 
@@ -278,6 +282,20 @@ class Incoming:
             return
         write_all(self._fd, data)
 
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        """The message bytes written so far, in pieces of at most `size` bytes."""
+        if self._fd is None:
+            yield bytes(self._buf)
+            return
+        fd, off, left = self._fd, self._msg_off, self.size
+        while left > 0:
+            b = os.pread(fd, min(left, size), off)
+            if not b:
+                raise OSError("short read of the message being committed")
+            yield b
+            off += len(b)
+            left -= len(b)
+
     def message(self) -> bytes:
         """The message bytes written so far (read back from a streamed file)."""
         if self._fd is None:
@@ -297,8 +315,12 @@ class Incoming:
         signer = self.signer
         if signer is None:
             return b""
+        stream = getattr(signer, "sign_stream", None)
         try:
-            lines = signer(self.message())
+            if self._fd is not None and stream is not None:
+                lines = stream(self.chunks())
+            else:
+                lines = signer(self.message())
         except Exception as e:  # a signer bug never costs the message
             self.sign_error = f"signer failed: {type(e).__name__}: {e}"
             return b""
