@@ -97,3 +97,39 @@ def _queue_one_more(r: RelayProcess, i: int) -> str:
     r.wait_for(lambda: len({p.name for p in r.queued()} - before) == 1)
     (new,) = {p.name for p in r.queued()} - before
     return new
+
+
+def test_client_gone_mid_data_leaves_a_maillog_line(tmp_path: Path) -> None:
+    """A half-close or a reset in the middle of DATA: nothing stored, and (unlike before)
+    one line saying so, as Postfix's "lost connection after DATA (N bytes)"."""
+    import socket
+    import struct
+
+    r = RelayProcess(tmp_path).start()
+    try:
+        for how in ("fin", "rst"):
+            s = socket.create_connection(("127.0.0.1", r.ports["smtp"]), timeout=30)
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO x\r\nMAIL FROM:<a@remote.example>\r\nRCPT TO:<u@local.test>\r\n"
+                      b"DATA\r\n")
+            replies = []
+            while not replies or not replies[-1].startswith(b"354"):
+                line = f.readline()
+                assert line, replies
+                if line[3:4] == b" ":
+                    replies.append(line)
+            s.sendall(b"Subject: cut\r\n\r\n" + b"x" * 5000 + b"\r\n")
+            if how == "fin":
+                s.shutdown(socket.SHUT_WR)
+                assert f.read() == b""  # no reply: the message was not accepted
+            else:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            f.close()  # the file object holds the socket open too
+            s.close()
+            r.wait_for(lambda n=("fin", "rst").index(how) + 1:
+                       r.maillog().count("lost=connection after DATA (") == n, timeout=30)
+        assert r.queued() == [] and r.unready() == []
+        assert "Traceback" not in r.maillog()
+    finally:
+        r.stop()

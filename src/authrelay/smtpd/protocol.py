@@ -205,6 +205,7 @@ class MessageAborted:
     transaction: Transaction
     reply: Reply
     wire_bytes: int
+    lost: bool = False  # the client went away before the end of data (no reply sent)
 
 
 @dataclass(slots=True)
@@ -520,6 +521,11 @@ class Engine:
         self._reply(replies.TIMEOUT)
         self._events.append(Reject(replies.TIMEOUT, extra={"stage": "timeout"}))
         self._close("timeout")
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of DATA received so far in the message being read (0 outside DATA)."""
+        return self._reader.wire_bytes if self._reader is not None else 0
 
     def close_with(self, reply: Reply, reason: str = "closed") -> None:
         """End the dialogue from outside (shutdown, session time limit) with `reply`."""
@@ -955,7 +961,8 @@ class Engine:
         if not buf:
             if not self._eof:
                 return False
-            self._events.append(MessageAborted(txn, replies.LOCAL_ERROR, reader.wire_bytes))
+            self._events.append(MessageAborted(txn, replies.LOCAL_ERROR, reader.wire_bytes,
+                                               lost=True))
             self.transaction = None
             self._close("eof", abort=False)
             return True

@@ -170,7 +170,8 @@ class Session:
                 conn.close(CLOSE_GRACE)
             raise
         except Closed:
-            pass
+            if self._draft is not None or eng.phase is p.Phase.DATA:  # peer gone mid-DATA
+                self._log_lost(self.eng.data_bytes)
         except Exception:  # never a traceback to the client; keep the server serving
             log.exception("session error from %s", self.ip)
             conn.write(replies.LOCAL_ERROR.lines())
@@ -462,9 +463,18 @@ class Session:
     def _aborted(self, ev: p.MessageAborted) -> None:
         qid = self._qid
         self._abort_draft()
-        if ev.reply is replies.BARE_LF or ev.reply is replies.LOCAL_ERROR:
-            return  # logged by the engine's Reject (bare) / nothing to say (peer gone)
+        if ev.lost:
+            self._log_lost(ev.wire_bytes, qid)
+            return
+        if ev.reply is replies.BARE_LF:
+            return  # logged by the engine's Reject
         self._log_reject(ev.reply, qid=qid, size=ev.wire_bytes)
+
+    def _log_lost(self, wire_bytes: int, qid: str = "") -> None:
+        """As Postfix's "lost connection after DATA (N bytes) from host[ip]"."""
+        self.maillog.event(qid or self._qid or None,
+                           lost=f"connection after DATA ({wire_bytes} bytes)",
+                           relay=self.relay_desc())
 
     def _abort_draft(self) -> None:
         draft, self._draft = self._draft, None
