@@ -42,6 +42,17 @@ def need(what: str, path: str | None) -> str:
     raise AssertionError  # pragma: no cover
 
 
+
+def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM the process we started (by its PID), SIGKILL after 20 s."""
+    if proc is not None and proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
 def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes] | None, log: Path,
                timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
@@ -167,13 +178,7 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        _terminate(self.proc)
         self.proc = None
 
     def cleanup(self) -> None:
@@ -235,13 +240,7 @@ class HAProxy:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        _terminate(self.proc)
         self.proc = None
 
     def cleanup(self) -> None:
