@@ -165,6 +165,21 @@ class Relay:
     # this PEM file for a private CA); false only for a smart host on a trusted network.
     smart_host_tls_verify: bool = True
     smart_host_ca_file: str = ""
+    # How we authenticate to the smart host: "password" (AUTH PLAIN/LOGIN with
+    # smart_host_password_file), or an OAuth 2.0 access token (delivery/oauth.py) sent as
+    # "xoauth2" (Microsoft 365, Google) or "oauthbearer" (RFC 7628). smart_host_user is
+    # the SASL user (the mailbox sent as; for jwt_bearer also the JWT "sub").
+    smart_host_auth: str = "password"
+    # client_credentials (RFC 6749 4.4: a client secret, or a private_key_jwt assertion
+    # signed with smart_host_oauth_key_file, RFC 7523 2.2) | jwt_bearer (RFC 7523 2.1: a
+    # Google service account with domain-wide delegation; key file = its JSON key).
+    smart_host_oauth_grant: str = "client_credentials"
+    smart_host_oauth_token_url: str = ""
+    smart_host_oauth_client_id: str = ""
+    smart_host_oauth_secret_file: str = ""  # the client secret, one line, mode 0600
+    smart_host_oauth_key_file: str = ""  # PEM key (+ certificate) or service-account JSON
+    smart_host_oauth_scope: str = ""
+    smart_host_oauth_ca_file: str = ""  # private CA of the token endpoint; else system CAs
     # Load balancers whose PROXY header is believed (CIDRs; listeners with proxy_protocol).
     proxy_trusted: tuple[str, ...] = ()
 
@@ -370,6 +385,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "tls.min_version": ("1.2", "1.3"),
     "auth.sender_policy": ("any", "own"),
     "relay.smart_host_tls": ("starttls", "tls", "none"),
+    "relay.smart_host_auth": ("password", "xoauth2", "oauthbearer"),
+    "relay.smart_host_oauth_grant": ("client_credentials", "jwt_bearer"),
     "delivery.tls": ("may", "encrypt"),
     "log.format": ("text", "json"),
     "log.level": ("debug", "info", "warning", "error"),
@@ -453,6 +470,7 @@ def _validate(cfg: Config) -> None:
             ) from None
     for i, hp in enumerate(cfg.relay.smart_host):
         parse_hostport(hp, f"relay.smart_host[{i}]", default_port=25)
+    _validate_oauth(cfg.relay)
     for i, ns in enumerate(cfg.delivery.nameservers):
         parse_hostport(ns, f"delivery.nameservers[{i}]", default_port=53)
     be = cfg.auth.backend
@@ -517,6 +535,43 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("limits.max_line_length: RFC 5321 4.5.3.1.4 requires at least 512")
     if cfg.limits.max_text_line_length < 998:
         raise ConfigError("limits.max_text_line_length: RFC 5322 2.1.1 requires at least 998")
+
+
+def _validate_oauth(r: Relay) -> None:
+    """[relay] smart_host_oauth_*: what each grant needs (the files are checked by
+    check-config and when read, not here: a config may be loaded where they are not)."""
+    if r.smart_host_auth == "password":
+        return
+    key = "relay.smart_host_oauth_"
+    if not r.smart_host_user:
+        raise ConfigError(f"relay.smart_host_user: smart_host_auth = {r.smart_host_auth!r} "
+                          "needs the user to authenticate as (the mailbox sent as)")
+    url = r.smart_host_oauth_token_url
+    google_json = r.smart_host_oauth_key_file.endswith(".json")
+    if url and not url.startswith("https://"):
+        raise ConfigError(f"{key}token_url: {url!r}: the token endpoint must be https://")
+    if not url and not google_json:
+        raise ConfigError(f"{key}token_url: required (e.g. https://login.microsoftonline.com"
+                          "/TENANT/oauth2/v2.0/token)")
+    if r.smart_host_oauth_grant == "client_credentials":
+        if bool(r.smart_host_oauth_secret_file) == bool(r.smart_host_oauth_key_file):
+            raise ConfigError(f"{key}secret_file: client_credentials needs exactly one of "
+                              "smart_host_oauth_secret_file (a client secret) and "
+                              "smart_host_oauth_key_file (a certificate's private key)")
+        if not r.smart_host_oauth_client_id:
+            raise ConfigError(f"{key}client_id: required (the application (client) id)")
+    else:
+        if not r.smart_host_oauth_key_file:
+            raise ConfigError(f"{key}key_file: jwt_bearer needs the signing key (a service "
+                              "account's JSON key, or a PEM key with smart_host_oauth_client_id)")
+        if r.smart_host_oauth_secret_file:
+            raise ConfigError(f"{key}secret_file: not used by jwt_bearer (key_file signs)")
+        if not google_json and not r.smart_host_oauth_client_id:
+            raise ConfigError(f"{key}client_id: required with a PEM key (the JWT issuer)")
+    if not r.smart_host_oauth_scope:
+        raise ConfigError(f"{key}scope: required (Microsoft 365: "
+                          "https://outlook.office365.com/.default; Google: "
+                          "https://mail.google.com/)")
 
 
 def _aliases(v: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:

@@ -162,6 +162,8 @@ class _Handler:
 
 
 class FakeSMTPServer:
+    handler_class: type[_Handler] = _Handler  # a subclass may add auth_MECH methods
+
     def __init__(self, host: str = "127.0.0.2", port: int = 0, *,
                  starttls_context: ssl.SSLContext | None = None,
                  require_starttls: bool = False,
@@ -246,7 +248,7 @@ class FakeSMTPServer:
 
     def _make_protocol(self, conn: _Conn, auth: bool) -> _RecordingSMTP:
         return _RecordingSMTP(
-            self, conn, _Handler(self),
+            self, conn, self.handler_class(self),
             data_size_limit=self.size_limit,
             enable_SMTPUTF8=self.smtputf8,
             decode_data=False,

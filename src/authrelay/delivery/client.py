@@ -71,7 +71,7 @@ from pathlib import Path
 
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config, parse_hostport
-from authrelay.delivery import mx, wire
+from authrelay.delivery import mx, oauth, wire
 from authrelay.delivery.connection import Connection, ConnectionLost, open_connection
 from authrelay.delivery.router import SMARTHOST, route_key
 from authrelay.delivery.wire import ProtocolError, SMTPReply
@@ -253,6 +253,12 @@ class Courier:
             self._smart_ctx.check_hostname = False
             self._smart_ctx.verify_mode = ssl.CERT_NONE
         self.connections_opened = 0  # for metrics and tests
+        # OAuth 2.0 (smart_host_auth = xoauth2 | oauthbearer): one token cache for the
+        # [relay] smart host settings, shared by every connection and smart host.
+        self.tokens: oauth.TokenSource | None = None
+        if r.smart_host_auth != "password":
+            self.tokens = oauth.TokenSource(r, read_secret=self._read_oauth_secret,
+                                            timeout=min(30.0, d.connect_timeout))
 
     @property
     def maillog(self) -> maillog_mod.MailLog:
@@ -514,7 +520,10 @@ class Courier:
             await self._hello(conn, ct)
             await self._tls(conn, t, qid, ct)
             if t.mode != "mx" and self.cfg.relay.smart_host_user:
-                await self._auth(conn, ct)
+                if self.tokens is not None:
+                    await self._auth_oauth(conn, t, ct)
+                else:
+                    await self._auth(conn, ct)
         except _TryNext:
             self._spawn(self._quit(conn))
             raise
@@ -610,6 +619,68 @@ class Courier:
             return self.read_password()
         with open(path, encoding="utf-8") as f:
             return f.read().rstrip("\r\n")
+
+    # Set by serve when it drops privileges: smart_host_oauth_secret_file / key_file read
+    # as root by the key helper.
+    read_oauth_secret: Callable[[], bytes] | None = None
+
+    def _read_oauth_secret(self) -> bytes:
+        if self.read_oauth_secret is not None:
+            return self.read_oauth_secret()
+        r = self.cfg.relay
+        with open(r.smart_host_oauth_secret_file or r.smart_host_oauth_key_file, "rb") as f:
+            return f.read(64 * 1024)
+
+    async def _auth_oauth(self, conn: _Conn, t: _Target, timeout: float) -> None:
+        """XOAUTH2 or OAUTHBEARER (RFC 7628) with a token from `self.tokens`. A refused
+        token is dropped and a fresh one tried once on the same connection (RFC 4954 4
+        allows another AUTH after a failure); then the mail waits (454 4.7.0)."""
+        assert self.tokens is not None
+        r = self.cfg.relay
+        mech = "XOAUTH2" if r.smart_host_auth == "xoauth2" else "OAUTHBEARER"
+        w = conn.wire
+        if mech not in wire.auth_methods(conn.ext):
+            offered = " ".join(sorted(wire.auth_methods(conn.ext))) or "none"
+            raise _TryNext(DeliveryResult.temp(
+                f"smart host {conn.remote} does not offer AUTH {mech} (offers: {offered}; "
+                "check relay.smart_host_auth)", "4.7.0", 454, conn.remote))
+        rep = SMTPReply(535, ("no attempt",))
+        detail = ""
+        for attempt in (1, 2):
+            try:
+                token = await self.tokens.get()
+            except oauth.TokenError as e:
+                raise _TryNext(DeliveryResult.temp(
+                    f"no OAuth token for smart host {conn.remote}: {e}", "4.7.0", 454,
+                    conn.remote)) from None
+            resp = oauth.xoauth2(r.smart_host_user, token) if mech == "XOAUTH2" else \
+                oauth.oauthbearer(r.smart_host_user, token, t.host, t.port)
+            rep = await w.command(b"AUTH " + mech.encode() + b" " + resp + b"\r\n", timeout)
+            del resp
+            detail = ""
+            if rep.code == 334:
+                # The failure as a challenge (RFC 7628 3.2.2; Google's XOAUTH2 too): the
+                # client answers ^A (OAUTHBEARER) or an empty line, the server then 5xx.
+                detail = oauth.server_error(rep.text)
+                rep = await w.command(b"AQ==\r\n" if mech == "OAUTHBEARER" else b"\r\n",
+                                      timeout)
+                if rep.code == 334:  # still a challenge: cancel (RFC 4954 4)
+                    rep = await w.command(b"*\r\n", timeout)
+                    if rep.code == 235:
+                        rep = SMTPReply(535, ("unexpected extra challenge",))
+            if rep.code == 235:
+                return
+            if attempt == 1 and 500 <= rep.code < 600 and rep.code != 504 \
+                    and w.is_connected:
+                # Maybe revoked or expired early: a fresh token, once. The second one is
+                # kept (it is fresh; the cause is elsewhere, e.g. a missing permission).
+                self.tokens.drop(token)
+                continue
+            break
+        raise _TryNext(DeliveryResult.temp(
+            f"smart host {conn.remote} refused the OAuth token for {r.smart_host_user} "
+            f"(AUTH {mech}): {rep}" + (f" [{detail}]" if detail else ""),
+            "4.7.0", 454, conn.remote))
 
     async def _auth(self, conn: _Conn, timeout: float) -> None:
         r = self.cfg.relay

@@ -1,0 +1,362 @@
+"""OAuth 2.0 access tokens for smart-host AUTH, and the SASL responses that carry them.
+
+Owns: getting an access token from the configured token endpoint, caching it in memory,
+refreshing it before it expires, and the XOAUTH2 / OAUTHBEARER (RFC 7628) initial client
+responses. `client.py` asks for a token when it authenticates to a smart host.
+
+Grants ([relay] smart_host_oauth_grant):
+- "client_credentials" (RFC 6749 4.4), the client authenticated either with a client
+  secret in the request body (`client_secret_post`, RFC 6749 2.3.1; as Microsoft Entra
+  documents it) or with a `private_key_jwt` assertion (RFC 7523 2.2, OpenID Connect Core
+  9) signed by a certificate's private key; the JWT header carries the certificate's
+  `x5t` and `x5t#S256` thumbprints, which Entra uses to find the certificate.
+- "jwt_bearer" (RFC 7523 2.1): a JWT signed by a Google service account's key whose
+  `sub` is the user to send as (domain-wide delegation) and whose `scope` claim names the
+  scope (Google's form of the grant).
+The OAuth side is Authlib's (its requests client, run in a worker thread): see README
+"Microsoft 365 / Google as smart host" for why Authlib.
+
+Contract: `await TokenSource(relay).get()` -> an access token (str), or `TokenError`
+whose text names the cause (endpoint unreachable, TLS failure, the endpoint's `error` and
+`error_description`, an unreadable key file) and never a secret or a token.
+`drop(token)`: the smart host refused it; the next `get()` fetches a new one.
+- One fetch at a time: concurrent deliveries wait for the same fetch (an asyncio lock).
+- A token is used until 80% of its `expires_in` or until 5 minutes before it expires,
+  whichever is earlier (never less than half of it), then replaced; if the refresh
+  fails while the old token has not expired yet, the old one is still used.
+- After a failed fetch, further `get()`s fail at once with the same cause for
+  `fail_hold` seconds, so a queue of mail does not hammer a refusing endpoint.
+- Tokens live only in this object's memory: never logged, never written to disk. The
+  secret or key file is read at each fetch (as root through the key helper when the
+  process dropped privileges: docs/PRIVILEGES.md) and not kept.
+Failure policy: every failure is transient (the caller defers the mail `4.7.0`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from authlib.integrations.base_client import OAuthError
+from authlib.integrations.requests_client import AssertionSession, OAuth2Session
+from authlib.oauth2.rfc7523 import PrivateKeyJWT
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from joserfc.jwk import ECKey, RSAKey
+
+from authrelay.config import Relay
+
+# RFC 6750 2.1 b64token: what a Bearer token may contain (no space, no ^A, no CR/LF), so
+# it can never break the SASL framing or the SMTP line it travels in.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_MAX_TOKEN = 8192  # a Microsoft token is ~2-3 KB; RFC 4954 4 lines may be 12288 octets
+_MAX_TEXT = 200  # of an endpoint's error_description quoted in the maillog
+_DEFAULT_LIFETIME = 3600.0  # when the endpoint says no expires_in (RFC 6749 5.1: optional)
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+
+
+class TokenError(Exception):
+    """No token: the text names the cause, for the maillog (never a secret)."""
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    refresh_at: float  # monotonic: fetch a new one from here on
+    expires_at: float  # monotonic: unusable from here on
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A private key for a JWT assertion, with the header fields that name it."""
+
+    key: RSAKey | ECKey
+    alg: str
+    header: dict[str, str]
+    issuer: str = ""  # from a Google service-account JSON: client_email
+    token_url: str = ""  # from a Google service-account JSON: token_uri
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def load_signing_key(data: bytes) -> SigningKey:
+    """A PEM private key (RSA or EC P-256), optionally followed by its certificate (Entra:
+    the thumbprints go in the JWT header), or a Google service-account JSON key file.
+    ValueError with a reason otherwise (the key material is never in the message)."""
+    text = data.decode("utf-8", "replace").strip()
+    issuer = token_url = ""
+    header: dict[str, str] = {}
+    if text.startswith("{"):
+        try:
+            info = json.loads(text)
+            pem = info["private_key"].encode("utf-8")
+            issuer = str(info.get("client_email", ""))
+            token_url = str(info.get("token_uri", ""))
+            if info.get("private_key_id"):
+                header["kid"] = str(info["private_key_id"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError("not a service-account JSON key (no private_key)") from None
+    else:
+        pem = data
+    try:
+        priv = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"no usable unencrypted PEM private key ({type(e).__name__})") \
+            from None
+    if b"-----BEGIN CERTIFICATE-----" in pem:
+        try:
+            cert = x509.load_pem_x509_certificates(pem)[0]
+        except ValueError:
+            raise ValueError("the certificate in the key file does not load") from None
+        der = cert.public_bytes(serialization.Encoding.DER)
+        if cert.public_key().public_numbers() != priv.public_key().public_numbers():  # type: ignore[union-attr]
+            raise ValueError("the certificate does not belong to the private key")
+        header["x5t"] = _b64url(hashlib.sha1(der).digest())  # a name for the cert, not a MAC
+        header["x5t#S256"] = _b64url(hashlib.sha256(der).digest())
+    key_pem = priv.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+    if isinstance(priv, rsa.RSAPrivateKey):
+        return SigningKey(RSAKey.import_key(key_pem), "RS256", header, issuer, token_url)
+    if isinstance(priv, ec.EllipticCurvePrivateKey) and priv.curve.name == "secp256r1":
+        return SigningKey(ECKey.import_key(key_pem), "ES256", header, issuer, token_url)
+    raise ValueError("the key must be RSA or EC P-256")
+
+
+def _valid_token(tok: Any) -> str:
+    if not isinstance(tok, str) or not tok or len(tok) > _MAX_TOKEN \
+            or not _B64TOKEN.fullmatch(tok):
+        raise TokenError("the token endpoint returned no usable access_token")
+    return tok
+
+
+def _lifetime(expires_in: Any) -> tuple[float, float]:
+    """(use for, valid for) seconds: replaced at 80% of the lifetime or 5 minutes before
+    it ends, whichever is earlier (but not before half of it: short-lived test tokens)."""
+    try:
+        life = float(expires_in)
+    except (TypeError, ValueError):
+        life = _DEFAULT_LIFETIME
+    if life <= 0:
+        life = _DEFAULT_LIFETIME
+    return min(0.8 * life, max(life - 300.0, 0.5 * life)), life
+
+
+def _short(text: Any) -> str:
+    s = " ".join(str(text or "").split())
+    return s if len(s) <= _MAX_TEXT else s[:_MAX_TEXT] + "..."
+
+
+def _http_reason(e: requests.RequestException) -> str:
+    if isinstance(e, requests.exceptions.SSLError):
+        return "TLS handshake with the token endpoint failed (check " \
+            "relay.smart_host_oauth_ca_file)"
+    if isinstance(e, requests.exceptions.Timeout):
+        return "the token endpoint timed out"
+    if isinstance(e, requests.exceptions.ConnectionError):
+        return "the token endpoint is unreachable (connection refused or no route)"
+    if isinstance(e, requests.exceptions.HTTPError) and e.response is not None:
+        return f"the token endpoint answered HTTP {e.response.status_code}"
+    return f"request to the token endpoint failed ({type(e).__name__})"
+
+
+class _CAFileWins:
+    """requests lets $REQUESTS_CA_BUNDLE override a session's `verify` (requests issue
+    3829): passed with each request, the configured smart_host_oauth_ca_file wins."""
+
+    verify: str | bool
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("verify", self.verify)
+        return super().request(method, url, *args, **kwargs)  # type: ignore[misc]
+
+
+class _OAuth2Session(_CAFileWins, OAuth2Session):
+    pass
+
+
+class _AssertionSession(_CAFileWins, AssertionSession):
+    pass
+
+
+class TokenSource:
+    """Access tokens for the [relay] smart host settings; one per Courier."""
+
+    def __init__(self, relay: Relay, *, read_secret: Callable[[], bytes] | None = None,
+                 timeout: float = 30.0, fail_hold: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.relay = relay
+        self.read_secret = read_secret  # the key helper's, when privileges were dropped
+        self.timeout = timeout
+        self.fail_hold = fail_hold
+        self.clock = clock
+        self._token: _Token | None = None
+        self._failed: tuple[float, str] | None = None  # (until, why)
+        self._lock = asyncio.Lock()
+        self.fetches = 0  # tokens requested from the endpoint (tests, metrics)
+
+    # ------------------------------------------------------------------ API
+    async def get(self) -> str:
+        tok = self._token
+        if tok is not None and self.clock() < tok.refresh_at:
+            return tok.value
+        async with self._lock:  # one fetch at a time; the others get its result
+            tok, now = self._token, self.clock()
+            if tok is not None and now < tok.refresh_at:
+                return tok.value
+            if self._failed is not None and now < self._failed[0]:
+                if tok is not None and now < tok.expires_at - 30:
+                    return tok.value
+                raise TokenError(self._failed[1])
+            try:
+                value, expires_in = await asyncio.to_thread(self._fetch)
+            except TokenError as e:
+                self._failed = (self.clock() + self.fail_hold, str(e))
+                if tok is not None and self.clock() < tok.expires_at - 30:
+                    return tok.value  # the old one is still good for a while
+                self._token = None
+                raise
+            self._failed = None
+            now = self.clock()
+            use, life = _lifetime(expires_in)
+            self._token = _Token(value, now + use, now + life)
+            return value
+
+    def drop(self, token: str) -> None:
+        """The smart host refused `token`: the next get() fetches a fresh one."""
+        if self._token is not None and self._token.value == token:
+            self._token = None
+        self._failed = None
+
+    # ------------------------------------------------------------------ fetching
+    def _secret(self) -> bytes:
+        r = self.relay
+        path = r.smart_host_oauth_secret_file or r.smart_host_oauth_key_file
+        what = "smart_host_oauth_secret_file" if r.smart_host_oauth_secret_file \
+            else "smart_host_oauth_key_file"
+        try:
+            if self.read_secret is not None:
+                return self.read_secret()
+            with open(path, "rb") as f:
+                return f.read(64 * 1024)
+        except OSError as e:
+            raise TokenError(f"cannot read relay.{what}: {e.strerror or e}") from None
+
+    def _fetch(self) -> tuple[str, Any]:
+        """Blocking (run in a thread): one token request. -> (access_token, expires_in)."""
+        r = self.relay
+        self.fetches += 1
+        secret = self._secret()
+        verify: str | bool = r.smart_host_oauth_ca_file or True
+        url = r.smart_host_oauth_token_url
+        session: requests.Session
+        try:
+            if r.smart_host_oauth_grant == "client_credentials" and \
+                    r.smart_host_oauth_secret_file:
+                session = _OAuth2Session(
+                    r.smart_host_oauth_client_id,
+                    secret.decode("utf-8", "replace").strip("\r\n"),
+                    token_endpoint_auth_method="client_secret_post",
+                    scope=r.smart_host_oauth_scope, default_timeout=self.timeout,
+                    verify=verify)
+                fetch = lambda: session.fetch_token(  # noqa: E731
+                    url, grant_type="client_credentials")
+            else:
+                try:
+                    key = load_signing_key(secret)
+                except ValueError as e:
+                    raise TokenError(f"relay.smart_host_oauth_key_file: {e}") from None
+                url = url or key.token_url
+                if r.smart_host_oauth_grant == "client_credentials":
+                    session = _OAuth2Session(
+                        r.smart_host_oauth_client_id, key.key,
+                        token_endpoint_auth_method=PrivateKeyJWT(
+                            url, headers=dict(key.header), alg=key.alg),
+                        scope=r.smart_host_oauth_scope, default_timeout=self.timeout,
+                        verify=verify)
+                    # client_id in the body too: Entra requires it beside the assertion.
+                    fetch = lambda: session.fetch_token(  # noqa: E731
+                        url, grant_type="client_credentials",
+                        client_id=r.smart_host_oauth_client_id)
+                else:
+                    # Google's JWT bearer grant: the scope is a claim of the assertion.
+                    session = _AssertionSession(
+                        token_endpoint=url,
+                        issuer=r.smart_host_oauth_client_id or key.issuer,
+                        subject=r.smart_host_user, audience=url,
+                        claims={"scope": r.smart_host_oauth_scope},
+                        key=key.key, header={"alg": key.alg, "typ": "JWT", **key.header},
+                        default_timeout=self.timeout, verify=verify)
+                    fetch = session.refresh_token
+            del secret
+            try:
+                token = fetch()
+            finally:
+                session.close()
+        except TokenError:
+            raise
+        except OAuthError as e:
+            raise TokenError(f"the token endpoint refused: {_short(e.error)}"
+                             + (f" ({_short(e.description)})" if e.description else "")
+                             ) from None
+        except requests.RequestException as e:
+            raise TokenError(_http_reason(e)) from None
+        except ValueError as e:
+            raise TokenError(f"the token endpoint's answer is not a token: {_short(e)}") \
+                from None
+        if not isinstance(token, dict):
+            raise TokenError("the token endpoint's answer is not a token")
+        if str(token.get("token_type", "bearer")).lower() != "bearer":
+            raise TokenError(f"the token endpoint issued a {_short(token['token_type'])} "
+                             "token, not a Bearer token")
+        return _valid_token(token.get("access_token")), token.get("expires_in")
+
+
+# --------------------------------------------------------------------------- SASL
+
+def xoauth2(user: str, token: str) -> bytes:
+    """XOAUTH2 (Google's and Microsoft's documented format): base64 of
+    "user=" USER ^A "auth=Bearer " TOKEN ^A ^A."""
+    raw = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+    return base64.b64encode(raw)
+
+
+def _saslname(user: str) -> str:
+    """RFC 5801 saslname: ',' and '=' escaped as =2C and =3D."""
+    return user.replace("=", "=3D").replace(",", "=2C")
+
+
+def oauthbearer(user: str, token: str, host: str, port: int) -> bytes:
+    """RFC 7628 3.1 client response: a GS2 header naming the user, then host, port and
+    the Bearer token as ^A-separated key/value pairs, ending ^A ^A."""
+    raw = (f"n,a={_saslname(user)},\x01host={host}\x01port={port}\x01"
+           f"auth=Bearer {token}\x01\x01").encode()
+    return base64.b64encode(raw)
+
+
+def server_error(challenge: str) -> str:
+    """The JSON error a server sends as a 334 challenge on failure (RFC 7628 3.2.2;
+    Google's XOAUTH2 likewise), shortened for the maillog; '' if there is none."""
+    try:
+        data = json.loads(base64.b64decode(challenge.strip(), validate=True))
+    except (ValueError, TypeError):
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    return _short(" ".join(f"{k}={v}" for k, v in data.items()
+                           if k in ("status", "schemes", "scope")))
+
+
+__all__ = ["JWT_BEARER", "SigningKey", "TokenError", "TokenSource", "load_signing_key",
+           "oauthbearer", "server_error", "xoauth2"]

@@ -1,0 +1,440 @@
+"""Smart-host AUTH with OAuth 2.0 tokens (XOAUTH2, OAUTHBEARER RFC 7628), end to end over
+real sockets: a real HTTPS token endpoint on loopback (trustme CA) that issues, expires and
+checks (client secret, private_key_jwt, JWT bearer) and an aiosmtpd smart host that only
+accepts the tokens it issued. No mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from fakes.dnsserver import FakeDNSServer
+from fakes.oauth import OAuthSmartHost, TokenEndpoint
+from fakes.smtpserver import server_tls_context
+from test_delivery import MSG, envelope, free_port_on, make_cfg
+
+from authrelay import maillog as maillog_mod
+from authrelay.config import Config, ConfigError, from_dict
+from authrelay.delivery import oauth
+from authrelay.delivery.client import Courier
+
+MS_SCOPE = "https://outlook.office365.com/.default"
+GOOGLE_SCOPE = "https://mail.google.com/"
+USER = "relay@example.org"
+
+
+# --------------------------------------------------------------------------- keys
+
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def public_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def self_signed(key: rsa.RSAPrivateKey) -> x509.Certificate:
+    """The certificate an admin uploads to the Entra app registration."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "authrelay smart host")])
+    now = datetime.datetime.now(datetime.UTC)
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=365))
+            .sign(key, hashes.SHA256()))
+
+
+@pytest.fixture(scope="module")
+def app_key() -> rsa.RSAPrivateKey:
+    return rsa_key()
+
+
+def write_secret(path: Path, data: bytes | str) -> Path:
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    path.chmod(0o600)
+    return path
+
+
+# --------------------------------------------------------------------------- set-up
+
+@pytest.fixture
+def endpoint(trustme_ca: Any) -> Any:
+    eps: list[TokenEndpoint] = []
+
+    def make(**kw: Any) -> TokenEndpoint:
+        ep = TokenEndpoint(trustme_ca, **kw).start()
+        eps.append(ep)
+        return ep
+
+    yield make
+    for ep in eps:
+        ep.stop()
+
+
+@pytest.fixture
+def smart_host(trustme_ca: Any) -> Any:
+    hosts: list[OAuthSmartHost] = []
+
+    def make(ep: TokenEndpoint, host: str = "127.0.0.2") -> OAuthSmartHost:
+        sh = OAuthSmartHost(ep, host, starttls_context=server_tls_context(trustme_ca, host),
+                            require_starttls=True).start()
+        hosts.append(sh)
+        return sh
+
+    yield make
+    for sh in hosts:
+        sh.stop()
+
+
+def oauth_cfg(tmp_path: Path, dns: FakeDNSServer, sh: OAuthSmartHost, ep: TokenEndpoint,
+              ca_file: Path, delivery: dict[str, Any] | None = None, **relay: Any) -> Config:
+    r: dict[str, Any] = {
+        "smart_host": [sh.address], "smart_host_user": USER,
+        "smart_host_ca_file": str(ca_file), "smart_host_auth": "xoauth2",
+        "smart_host_oauth_token_url": ep.url, "smart_host_oauth_client_id": "app-id",
+        "smart_host_oauth_scope": ep.scope, "smart_host_oauth_ca_file": str(ca_file),
+    }
+    r.update(relay)
+    return make_cfg(tmp_path, dns, 25, relay=r, **(delivery or {}))
+
+
+@pytest.fixture
+def mlog(tmp_path: Path) -> Any:
+    path = tmp_path / "mail.log"
+    ml = maillog_mod.MailLog(f"file:{path}")
+    ml.path = path  # type: ignore[attr-defined]
+    return ml
+
+
+def logtext(ml: Any) -> str:
+    ml.flush()
+    return ml.path.read_text()
+
+
+async def deliver(courier: Courier, rcpt: str = "x@far.test") -> Any:
+    env = envelope(rcpt)
+    return (await courier.deliver(env, env.recipients, MSG))[rcpt]
+
+
+def secret_cfg(tmp_path: Path, dns: FakeDNSServer, sh: OAuthSmartHost, ep: TokenEndpoint,
+               ca_file: Path, secret: str = "s3cret-value", **kw: Any) -> Config:
+    sf = write_secret(tmp_path / "client.secret", secret + "\n")
+    return oauth_cfg(tmp_path, dns, sh, ep, ca_file, smart_host_oauth_secret_file=str(sf),
+                     **kw)
+
+
+def assert_no_token(tmp_path: Path, ep: TokenEndpoint, *texts: str) -> None:
+    """No token ever written: not in the maillog, not in any file under tmp_path."""
+    assert ep.issued
+    blobs = [t.encode() for t in texts]
+    blobs += [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
+    for token in ep.issued:
+        for blob in blobs:
+            assert token.encode() not in blob
+
+
+# --------------------------------------------------------------------------- success
+
+async def test_client_secret_xoauth2_and_the_token_is_cached(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    ep = endpoint(secret="s3cret-value", scope=MS_SCOPE)
+    sh = smart_host(ep)
+    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+                                 delivery={"idle_timeout": "0s"}), maillog=mlog)
+    try:
+        for i in range(3):
+            r = await deliver(courier, f"r{i}@far.test")
+            assert r.ok, r
+    finally:
+        await courier.close()
+    assert ep.requests == ["client_credentials"]  # one token for the three connections
+    assert [a[0] for a in sh.oauth_attempts] == ["XOAUTH2"] * 3
+    assert all(ok for _, _, ok in sh.oauth_attempts)
+    assert sh.messages[0].auth_user == USER and sh.messages[0].tls
+    assert b"AUTH PLAIN" not in b"".join(sh.wire) and b"s3cret" not in b"".join(sh.wire)
+    assert_no_token(tmp_path, ep, caplog.text)
+
+
+async def test_private_key_jwt_oauthbearer(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, app_key: rsa.RSAPrivateKey, mlog: Any) -> None:
+    """Entra with a certificate: a private_key_jwt client assertion (RFC 7523 2.2) whose
+    header names the certificate (x5t#S256); the token goes out as OAUTHBEARER."""
+    cert = self_signed(app_key)
+    ep = endpoint(public_key_pem=public_pem(app_key),
+                  cert_der=cert.public_bytes(serialization.Encoding.DER))
+    sh = smart_host(ep)
+    kf = write_secret(tmp_path / "app.pem",
+                      pem(app_key) + cert.public_bytes(serialization.Encoding.PEM))
+    cfg = oauth_cfg(tmp_path, dns, sh, ep, trustme_ca_file, smart_host_auth="oauthbearer",
+                    smart_host_oauth_key_file=str(kf))
+    courier = Courier(cfg, maillog=mlog)
+    try:
+        r = await deliver(courier)
+    finally:
+        await courier.close()
+    assert r.ok, r
+    assert ep.refusals == [] and ep.requests == ["client_credentials"]
+    assert sh.oauth_attempts == [("OAUTHBEARER", USER, True)]
+    assert sh.oauthbearer_fields == [{"host": "127.0.0.2", "port": str(sh.port)}]
+
+
+async def test_private_key_jwt_with_another_certificate_is_refused(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, app_key: rsa.RSAPrivateKey, mlog: Any) -> None:
+    other = rsa_key()
+    ep = endpoint(public_key_pem=public_pem(app_key))
+    sh = smart_host(ep)
+    kf = write_secret(tmp_path / "app.pem", pem(other))
+    courier = Courier(oauth_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+                                smart_host_oauth_key_file=str(kf)), maillog=mlog)
+    try:
+        r = await deliver(courier)
+    finally:
+        await courier.close()
+    assert (r.permanent, r.enhanced, r.code) == (False, "4.7.0", 454), r
+    assert "invalid_client" in r.text and "bad client assertion" in r.text
+    assert sh.oauth_attempts == [] and sh.messages == []
+
+
+async def test_google_service_account_jwt_bearer(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, app_key: rsa.RSAPrivateKey, mlog: Any) -> None:
+    """Google Workspace: the service account's JSON key signs a JWT bearer assertion
+    (RFC 7523 2.1) with sub = the user (domain-wide delegation), scope as a claim; the
+    token URL comes from the key file's token_uri."""
+    sa = "relay@project.iam.gserviceaccount.com"
+    ep = endpoint(public_key_pem=public_pem(app_key), service_account=sa,
+                  scope=GOOGLE_SCOPE)
+    sh = smart_host(ep)
+    kf = write_secret(tmp_path / "sa.json", json.dumps({
+        "type": "service_account", "client_email": sa, "private_key_id": "k1",
+        "private_key": pem(app_key).decode(), "token_uri": ep.url}))
+    cfg = oauth_cfg(tmp_path, dns, sh, ep, trustme_ca_file, smart_host_oauth_grant="jwt_bearer",
+                    smart_host_oauth_token_url="", smart_host_oauth_client_id="",
+                    smart_host_oauth_key_file=str(kf))
+    courier = Courier(cfg, maillog=mlog)
+    try:
+        r = await deliver(courier)
+    finally:
+        await courier.close()
+    assert r.ok, r
+    assert ep.requests == ["urn:ietf:params:oauth:grant-type:jwt-bearer"]
+    assert [u for u, _ in ep.issued.values()] == [USER]  # sub = the delegated user
+    assert sh.oauth_attempts == [("XOAUTH2", USER, True)]
+    token = next(iter(ep.issued))
+    assert not ep.valid(token, "someone-else@example.org")
+
+
+# --------------------------------------------------------------------------- expiry
+
+async def test_token_refreshed_before_expiry_mid_queue(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any) -> None:
+    """A token is replaced at 80% of its lifetime (an injected clock), before the smart
+    host would refuse it: no delivery ever meets an expired token."""
+    ep = endpoint(secret="s3cret-value", expires_in=3600)
+    sh = smart_host(ep)
+    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+                                 delivery={"idle_timeout": "0s"}), maillog=mlog)
+    assert courier.tokens is not None
+    now = [1000.0]
+    courier.tokens.clock = lambda: now[0]
+    try:
+        assert (await deliver(courier)).ok
+        now[0] += 0.79 * 3600
+        assert (await deliver(courier)).ok
+        assert len(ep.requests) == 1
+        now[0] += 0.02 * 3600  # past 80%: a new token before the next AUTH
+        assert (await deliver(courier)).ok
+    finally:
+        await courier.close()
+    assert len(ep.requests) == 2 and len(ep.issued) == 2
+    assert all(ok for _, _, ok in sh.oauth_attempts) and len(sh.messages) == 3
+
+
+async def test_token_expired_at_the_smart_host_is_replaced_once(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any) -> None:
+    """The smart host refuses a token we still thought good (revoked, clock skew): it is
+    dropped and a fresh one tried on the same connection; the mail goes through."""
+    ep = endpoint(secret="s3cret-value")
+    sh = smart_host(ep)
+    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+                                 delivery={"idle_timeout": "0s"}), maillog=mlog)
+    try:
+        assert (await deliver(courier)).ok
+        for tok, (user, _) in list(ep.issued.items()):
+            ep.issued[tok] = (user, 0.0)  # expired mid-queue, server side
+        r = await deliver(courier)
+    finally:
+        await courier.close()
+    assert r.ok, r
+    assert [ok for _, _, ok in sh.oauth_attempts] == [True, False, True]
+    assert sh.connections == 2 and len(ep.requests) == 2
+
+
+async def test_token_refused_twice_defers(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any) -> None:
+    """OAUTHBEARER refused (RFC 7628 error challenge, then 535) with a fresh token too:
+    deferred 4.7.0 with the server's reason in the maillog, never bounced."""
+    ep = endpoint(secret="s3cret-value")
+    sh = smart_host(ep)
+    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+                                 smart_host_auth="oauthbearer"), maillog=mlog)
+    ep.valid = lambda token, user: False  # type: ignore[method-assign]  # e.g. no SMTP.SendAsApp
+    try:
+        r = await deliver(courier)
+    finally:
+        await courier.close()
+    assert (r.permanent, r.enhanced, r.code) == (False, "4.7.0", 454), r
+    assert "refused the OAuth token" in r.text and "535 5.7.3" in r.text
+    assert "status=invalid_token" in r.text  # the RFC 7628 error challenge, decoded
+    assert len(sh.oauth_attempts) == 2 and len(ep.requests) == 2
+    wire = sh.wire[0]
+    assert wire.split(b"\r\n").count(b"AQ==") == 2  # ^A: the answer to each challenge
+    log = logtext(mlog)
+    assert "status=host failed" in log and "refused the OAuth token" in log
+    assert_no_token(tmp_path, ep, log)
+
+
+# --------------------------------------------------------------------------- failures
+
+async def test_wrong_client_secret_defers_with_the_cause(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any) -> None:
+    ep = endpoint(secret="right-secret")
+    sh = smart_host(ep)
+    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file, "wrong-secret"),
+                      maillog=mlog)
+    try:
+        r = await deliver(courier)
+        r2 = await deliver(courier)  # within fail_hold: no second request
+    finally:
+        await courier.close()
+    assert (r.permanent, r.enhanced, r.code) == (False, "4.7.0", 454), r
+    assert "no OAuth token" in r.text and "invalid_client" in r.text
+    assert "AADSTS7000215" in r.text and "wrong-secret" not in r.text
+    assert r2.enhanced == "4.7.0" and ep.requests == ["client_credentials"]
+    assert sh.oauth_attempts == [] and sh.messages == []
+    log = logtext(mlog)
+    assert "invalid_client" in log and "wrong-secret" not in log
+
+
+@pytest.mark.parametrize("how", ["closed port", "HTTP 503", "untrusted certificate"])
+async def test_token_endpoint_down_defers(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any, how: str) -> None:
+    ep = endpoint(secret="s3cret-value")
+    sh = smart_host(ep)
+    extra: dict[str, Any] = {}
+    if how == "closed port":
+        extra["smart_host_oauth_token_url"] = \
+            f"https://127.0.0.1:{free_port_on('127.0.0.1')}/token"
+    elif how == "HTTP 503":
+        ep.status_override = 503
+    else:  # the endpoint's certificate is not from the configured CA
+        import trustme
+
+        other = tmp_path / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(other))
+        extra["smart_host_oauth_ca_file"] = str(other)
+    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file, **extra),
+                      maillog=mlog)
+    try:
+        r = await deliver(courier)
+    finally:
+        await courier.close()
+    assert (r.permanent, r.enhanced) == (False, "4.7.0"), r
+    want = {"closed port": "unreachable", "HTTP 503": "HTTP 503",
+            "untrusted certificate": "TLS handshake with the token endpoint failed"}[how]
+    assert want in r.text, r.text
+    assert want in logtext(mlog)
+    assert sh.messages == []
+
+
+async def test_one_fetch_for_concurrent_deliveries(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any) -> None:
+    ep = endpoint(secret="s3cret-value")
+    sh = smart_host(ep)
+    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file), maillog=mlog)
+    try:
+        rs = await asyncio.gather(*(deliver(courier, f"c{i}@far.test") for i in range(5)))
+    finally:
+        await courier.close()
+    assert all(r.ok for r in rs)
+    assert ep.requests == ["client_credentials"]
+    assert len(sh.messages) == 5
+
+
+async def test_smart_host_without_the_mechanism(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, fake_mx: Any, trustme_ca: Any,
+        trustme_ca_file: Path, mlog: Any) -> None:
+    ep = endpoint(secret="s3cret-value")
+    sh = fake_mx("127.0.0.2", starttls_context=server_tls_context(trustme_ca, "127.0.0.2"),
+                 users={USER: "pw"})
+    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file), maillog=mlog)
+    try:
+        r = await deliver(courier)
+    finally:
+        await courier.close()
+    assert r.enhanced == "4.7.0" and "does not offer AUTH XOAUTH2" in r.text
+    assert ep.requests == []  # no token asked for a host that cannot take it
+
+
+# --------------------------------------------------------------------------- units
+
+def test_sasl_responses() -> None:
+    import base64
+
+    assert base64.b64decode(oauth.xoauth2("user@example.com", "ya29.tok")) == \
+        b"user=user@example.com\x01auth=Bearer ya29.tok\x01\x01"
+    assert base64.b64decode(oauth.oauthbearer("a,b=c@x", "tok", "smtp.test", 587)) == \
+        b"n,a=a=2Cb=3Dc@x,\x01host=smtp.test\x01port=587\x01auth=Bearer tok\x01\x01"
+    err = base64.b64encode(b'{"status":"invalid_token","schemes":"bearer"}').decode()
+    assert oauth.server_error(err) == "status=invalid_token schemes=bearer"
+    assert oauth.server_error("not base64!") == ""
+
+
+def test_lifetimes() -> None:
+    assert oauth._lifetime(3600) == (2880.0, 3600.0)
+    assert oauth._lifetime(600) == (300.0, 600.0)  # 5 minutes before the end
+    assert oauth._lifetime(10) == (5.0, 10.0)
+    assert oauth._lifetime(None) == (2880.0, 3600.0)
+
+
+def test_config_validation(tmp_path: Path) -> None:
+    base = {"smart_host": ["smtp.office365.com:587"], "smart_host_user": USER,
+            "smart_host_auth": "xoauth2",
+            "smart_host_oauth_token_url": "https://login.microsoftonline.com/t/oauth2/v2.0/token",
+            "smart_host_oauth_client_id": "id", "smart_host_oauth_scope": MS_SCOPE,
+            "smart_host_oauth_secret_file": "/etc/authrelay/m365.secret"}
+    from_dict({"relay": base})
+    for change, words in [
+        ({"smart_host_oauth_token_url": "http://x/token"}, "must be https"),
+        ({"smart_host_oauth_key_file": "/k.pem"}, "exactly one"),
+        ({"smart_host_oauth_scope": ""}, "scope"),
+        ({"smart_host_user": ""}, "smart_host_user"),
+        ({"smart_host_auth": "cram-md5"}, "not one of"),
+        ({"smart_host_oauth_grant": "jwt_bearer"}, "key_file"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            from_dict({"relay": {**base, **change}})
