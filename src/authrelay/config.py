@@ -151,6 +151,9 @@ class Auth:
     # A user's failure limit never refuses the right password from an address (its /24 or
     # /64) the user authenticated from within this many days; 0: the limit refuses all.
     known_address_days: float = 30.0
+    # App passwords (auth/apppasswords.py; userdb and postgresql backends): "allow" lets
+    # the account password and app passwords log in; "require": app passwords only.
+    app_passwords: str = "allow"  # allow | require
 
 
 @dataclass(frozen=True)
@@ -384,6 +387,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "listen.mode": ("smtp", "submission", "submissions"),
     "tls.min_version": ("1.2", "1.3"),
     "auth.sender_policy": ("any", "own"),
+    "auth.app_passwords": ("allow", "require"),
     "relay.smart_host_tls": ("starttls", "tls", "none"),
     "relay.smart_host_auth": ("password", "xoauth2", "oauthbearer"),
     "relay.smart_host_oauth_grant": ("client_credentials", "jwt_bearer"),

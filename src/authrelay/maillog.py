@@ -196,10 +196,11 @@ class MailLog:
         except Exception:  # the log must never break a session
             pass
 
-    def auth_ok(self, relay: str, mechanism: str, username: str) -> None:
-        """`NOQUEUE: auth=ok, sasl_method=PLAIN, sasl_username=U, relay=HOST [IP]`."""
+    def auth_ok(self, relay: str, mechanism: str, username: str, app: str = "") -> None:
+        """`NOQUEUE: auth=ok, sasl_method=PLAIN, sasl_username=U[, sasl_app=NAME],
+        relay=HOST [IP]`; `sasl_app` names the app password used (auth/apppasswords.py)."""
         self.event(None, auth="ok", sasl_method=mechanism, sasl_username=username,
-                   relay=relay)
+                   sasl_app=app or None, relay=relay)
 
     def auth_failed(self, relay: str, reply: Any = "535 5.7.8", mechanism: str | None = None,
                     username: str | None = None, reason: str | None = None) -> None:
@@ -428,8 +429,8 @@ def tls_from(relay: str, ssl_object: Any) -> None:
     get().tls_from(relay, ssl_object)
 
 
-def auth_ok(relay: str, mechanism: str, username: str) -> None:
-    get().auth_ok(relay, mechanism, username)
+def auth_ok(relay: str, mechanism: str, username: str, app: str = "") -> None:
+    get().auth_ok(relay, mechanism, username, app)
 
 
 def auth_failed(relay: str, reply: Any = "535 5.7.8", mechanism: str | None = None,

@@ -35,11 +35,13 @@ import logging
 import secrets
 import sqlite3
 import struct
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from authrelay.auth import passwords
+from authrelay.auth import apppasswords, passwords
 from authrelay.auth.backends import BackendUnavailable, DovecotBackend, SaslauthdBackend
 from authrelay.auth.userdb import UserDB, UserDBError, implicit_address
 
@@ -59,11 +61,31 @@ class AuthResult(enum.Enum):
     TEMPFAIL = "tempfail"
 
 
+@dataclass(frozen=True)
+class Login:
+    """The answer to `Authenticator.login`: the result, the app password that matched
+    ("" for the account password: the maillog's `sasl_app=`), and a hint for the maillog
+    when right credentials were refused anyway ("app password required")."""
+
+    result: AuthResult
+    app: str = ""
+    hint: str = ""
+
+
 class Authenticator:
     """Base class: the interface the SMTP server calls."""
 
     async def verify(self, username: str, password: str | bytes) -> AuthResult:
         raise NotImplementedError
+
+    async def login(self, username: str, password: str | bytes,
+                    client_ip: str = "") -> Login:
+        """`verify` plus what the maillog says about it (app passwords: auth/
+        apppasswords.py). Backends without app passwords answer `verify`'s result."""
+        return Login(await self.verify(username, password))
+
+    def reload(self, cfg: Config) -> None:
+        """SIGHUP: settings that may change without a restart (`[auth] app_passwords`)."""
 
     def addresses(self, username: str) -> set[str]:
         raise NotImplementedError
@@ -79,7 +101,8 @@ class _CredentialCache:
         self.ttl = ttl
         self.max_entries = max_entries
         self._key = secrets.token_bytes(32)
-        self._entries: dict[bytes, tuple[float, str, int]] = {}  # -> (expiry, user, gen)
+        # -> (expiry, user, gen, app password name or "")
+        self._entries: dict[bytes, tuple[float, str, int, str]] = {}
 
     def key(self, username: str, password: str | bytes) -> bytes:
         u, p = username.encode("utf-8"), passwords.raw(password)
@@ -90,13 +113,18 @@ class _CredentialCache:
         entry = self._entries.get(key)
         if entry is None:
             return False
-        expiry, _, gen = entry
+        expiry, _, gen, _ = entry
         if gen != generation or expiry <= time.monotonic():
             del self._entries[key]
             return False
         return True
 
-    def store(self, key: bytes, username: str, generation: int) -> None:
+    def app(self, key: bytes) -> str:
+        """The app password a cached pair verified as ("" for the account password)."""
+        entry = self._entries.get(key)
+        return entry[3] if entry else ""
+
+    def store(self, key: bytes, username: str, generation: int, app: str = "") -> None:
         if self.ttl <= 0:
             return
         now = time.monotonic()
@@ -105,7 +133,7 @@ class _CredentialCache:
                              if v[0] > now and v[2] == generation}
             if len(self._entries) >= self.max_entries:
                 self._entries.pop(next(iter(self._entries)))  # oldest insertion
-        self._entries[key] = (now + self.ttl, username, generation)
+        self._entries[key] = (now + self.ttl, username, generation, app)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -116,66 +144,111 @@ class _CredentialCache:
 
 class UserDBAuthenticator(Authenticator):
     def __init__(self, db: _UserStore, *, hash_threads: int = 4, cache_ttl: float = 300.0,
-                 rehash: bool = True) -> None:
+                 rehash: bool = True, app_passwords: str = "allow") -> None:
         self.db = db
         self.hash_threads = max(1, hash_threads)
         self._pool = ThreadPoolExecutor(max_workers=self.hash_threads,
                                         thread_name_prefix="authrelay-hash")
+        # "last used" writes: one thread of their own, never awaited by AUTH (a locked or
+        # read-only DB only makes them late or skipped), bounded in what may queue.
+        self._touch_pool = ThreadPoolExecutor(max_workers=1,
+                                              thread_name_prefix="authrelay-touch")
+        self._touch_slots = threading.BoundedSemaphore(BACKLOG_PER_THREAD)
+        self._touch_due = apppasswords.TouchSchedule()
         self._backlog = self.hash_threads * BACKLOG_PER_THREAD
         self._pending = 0
         self.cache = _CredentialCache(cache_ttl)
         self._cache_gen: int | None = None
         self._rehash = rehash
+        self.app_mode = app_passwords
 
-    def _check(self, username: str, password: str | bytes) -> bool:
-        """In a pool thread: look the user up and run argon2 (dummy hash if unknown)."""
+    def reload(self, cfg: Config) -> None:
+        if cfg.auth.app_passwords != self.app_mode:
+            self.app_mode = cfg.auth.app_passwords
+            self.cache.clear()  # a cached account-password login must not outlive "require"
+
+    def _check(self, username: str, password: str | bytes) -> apppasswords.Outcome:
+        """In a pool thread: look the user (and the app password the password's selector
+        names) up and run argon2: at most two verifications, whatever the number of app
+        passwords (auth/apppasswords.py); a dummy one if the user is unknown."""
         stored = self.db.get_hash(username)
-        if stored is None:
-            return passwords.verify_dummy(password)
-        ok = passwords.verify_password(stored, password)
-        if ok and self._rehash and passwords.needs_rehash(stored):
+        app = None
+        norm = apppasswords.parse(password)
+        if stored is not None and norm is not None:
+            app = self.db.app_password(username, apppasswords.selector(norm))
+        out = apppasswords.decide(self.app_mode, stored, app, password)
+        if (out.ok and not out.app and stored is not None and self._rehash
+                and passwords.needs_rehash(stored)):
             # Old parameters: upgrade quietly. Best effort (a read-only DB is fine).
             try:
                 self.db.update_hash(username, stored, passwords.hash_password(password))
             except (sqlite3.Error, UserDBError, OSError):
                 log.debug("rehash of a user's password failed", exc_info=True)
-        return ok
+        return out
+
+    def _touch(self, username: str, app: str, ip: str) -> None:
+        """Record an app password's use, at most once a minute, off the AUTH path."""
+        if not app or not self._touch_due.due(username, app):
+            return
+        if not self._touch_slots.acquire(blocking=False):
+            return  # writes are stuck (a locked DB): skip rather than queue without end
+
+        def run() -> None:
+            try:
+                self.db.touch_app_password(username, app, int(time.time()), ip)
+            except (sqlite3.Error, UserDBError, OSError):
+                log.debug("app password last-used update skipped", exc_info=True)
+            finally:
+                self._touch_slots.release()
+
+        try:
+            self._touch_pool.submit(run)
+        except RuntimeError:  # closing
+            self._touch_slots.release()
 
     async def verify(self, username: str, password: str | bytes) -> AuthResult:
+        return (await self.login(username, password)).result
+
+    async def login(self, username: str, password: str | bytes,
+                    client_ip: str = "") -> Login:
         if not username or not password:
-            return AuthResult.BAD
+            return Login(AuthResult.BAD)
         loop = asyncio.get_running_loop()
         try:
-            # One cheap indexed read; also the moment we learn of CLI changes.
+            # One cheap indexed read; also the moment we learn of CLI changes (a revoked
+            # app password bumps it too, so revocation is immediate).
             gen = self.db.generation()
         except (sqlite3.Error, UserDBError, OSError):
             log.warning("user DB unreadable", exc_info=True)
-            return AuthResult.TEMPFAIL
+            return Login(AuthResult.TEMPFAIL)
         if gen != self._cache_gen:
             self.cache.clear()
             self._cache_gen = gen
         key = self.cache.key(username, password)
         if self.cache.hit(key, gen):
-            return AuthResult.OK
+            app = self.cache.app(key)
+            self._touch(username, app, client_ip)
+            return Login(AuthResult.OK, app)
         if self._pending >= self._backlog:
             log.warning("AUTH hashing backlog full (%d): answering tempfail", self._pending)
-            return AuthResult.TEMPFAIL
+            return Login(AuthResult.TEMPFAIL)
         self._pending += 1
         try:
-            ok = await loop.run_in_executor(self._pool, self._check, username, password)
+            out = await loop.run_in_executor(self._pool, self._check, username, password)
         except (sqlite3.Error, UserDBError, OSError):
             log.warning("user DB unreadable", exc_info=True)
-            return AuthResult.TEMPFAIL
+            return Login(AuthResult.TEMPFAIL)
         except RuntimeError:  # pool shut down: we are closing
-            return AuthResult.TEMPFAIL
+            return Login(AuthResult.TEMPFAIL)
         finally:
             self._pending -= 1
-        if not ok:
-            return AuthResult.BAD
+        if not out.ok:
+            return Login(AuthResult.BAD, hint=out.hint)
         # Stored under the generation read *before* hashing: if the password changed
         # meanwhile, the next lookup sees a newer generation and ignores this entry.
-        self.cache.store(key, username, gen)
-        return AuthResult.OK
+        self.cache.store(key, username, gen, out.app)
+        self._touch(username, out.app, client_ip)
+        return Login(AuthResult.OK, out.app)
 
     def addresses(self, username: str) -> set[str]:
         try:
@@ -186,6 +259,7 @@ class UserDBAuthenticator(Authenticator):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._touch_pool.shutdown(wait=False, cancel_futures=True)
         self.db.close()
 
 
@@ -226,4 +300,5 @@ def make_authenticator(cfg: Config) -> Authenticator:
 
         return make_pg_authenticator(cfg)  # type: ignore[return-value]
     return UserDBAuthenticator(UserDB(cfg.userdb_path), hash_threads=cfg.auth.hash_threads,
-                               cache_ttl=cfg.auth.cache_ttl)
+                               cache_ttl=cfg.auth.cache_ttl,
+                               app_passwords=cfg.auth.app_passwords)

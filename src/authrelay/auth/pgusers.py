@@ -43,7 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from authrelay import maillog as maillog_mod
-from authrelay.auth import passwords
+from authrelay.auth import apppasswords, passwords
+from authrelay.auth.apppasswords import AppPassword, AppPasswordError
 from authrelay.auth.userdb import (
     NoSuchUser,
     UserDBError,
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: app_passwords
 CACHE_MAX_ENTRIES = 10000
 ADDRESS_CACHE_MAX = 10000
 BACKLOG_PER_THREAD = 64
@@ -84,8 +85,22 @@ SCHEMA_SQL = (
     " address text NOT NULL,"
     " PRIMARY KEY (username, address))",
     "CREATE INDEX IF NOT EXISTS addresses_by_address ON authrelay.addresses (address)",
+    # Version 2 (auth/apppasswords.py): one row per device password.
+    "CREATE TABLE IF NOT EXISTS authrelay.app_passwords ("
+    " username text COLLATE \"C\" NOT NULL"
+    "  REFERENCES authrelay.users(name) ON DELETE CASCADE,"
+    " name text NOT NULL,"
+    " selector text NOT NULL,"
+    " hash text NOT NULL,"
+    " created bigint NOT NULL,"
+    " last_used bigint NOT NULL DEFAULT 0,"
+    " last_ip text NOT NULL DEFAULT '',"
+    " PRIMARY KEY (username, name),"
+    " UNIQUE (username, selector))",
     f"INSERT INTO authrelay.meta (key, value) VALUES ('schema_version', {SCHEMA_VERSION})"
     " ON CONFLICT (key) DO NOTHING",
+    f"UPDATE authrelay.meta SET value = {SCHEMA_VERSION}"
+    f" WHERE key = 'schema_version' AND value < {SCHEMA_VERSION}",
 )
 
 _LOOKUP = (
@@ -94,6 +109,16 @@ _LOOKUP = (
     " FROM authrelay.users u LEFT JOIN authrelay.addresses a ON a.username = u.name"
     " WHERE u.name = $1 GROUP BY u.name, u.hash"
 )
+# The same, plus the app password with selector $2 (one round trip per AUTH).
+_LOOKUP_APP = (
+    "SELECT u.hash, COALESCE(array_agg(a.address ORDER BY a.address)"
+    " FILTER (WHERE a.address IS NOT NULL), '{}'::text[]),"
+    " (SELECT ARRAY[p.name, p.hash] FROM authrelay.app_passwords p"
+    "  WHERE p.username = u.name AND p.selector = $2)"
+    " FROM authrelay.users u LEFT JOIN authrelay.addresses a ON a.username = u.name"
+    " WHERE u.name = $1 GROUP BY u.name, u.hash"
+)
+_APP_COLS = "name, selector, hash, created, last_used, last_ip"
 
 T = TypeVar("T")
 
@@ -214,6 +239,64 @@ class PgUserStore:
                 return None, set()
             return row[0], set(row[1])
         return await self._run(fn)
+
+    async def lookup_app(self, name: str, selector: str
+                         ) -> tuple[str | None, set[str], AppPassword | None]:
+        """(hash, stored addresses, the app password with `selector` or None)."""
+        async def fn(conn: Any) -> tuple[str | None, set[str], AppPassword | None]:
+            row = await conn.fetchrow(_LOOKUP_APP, name, selector, timeout=self.timeout)
+            if row is None:
+                return None, set(), None
+            app = AppPassword(row[2][0], selector, row[2][1], 0) if row[2] else None
+            return row[0], set(row[1]), app
+        return await self._run(fn)
+
+    async def app_passwords(self, name: str) -> list[AppPassword]:
+        async def fn(conn: Any) -> list[AppPassword]:
+            return [AppPassword(*r) for r in await conn.fetch(
+                f"SELECT {_APP_COLS} FROM authrelay.app_passwords WHERE username = $1"
+                " ORDER BY name", name)]
+        return await self._run(fn)
+
+    async def app_password(self, name: str, selector: str) -> AppPassword | None:
+        async def fn(conn: Any) -> AppPassword | None:
+            r = await conn.fetchrow(
+                f"SELECT {_APP_COLS} FROM authrelay.app_passwords"
+                " WHERE username = $1 AND selector = $2", name, selector)
+            return AppPassword(*r) if r else None
+        return await self._run(fn)
+
+    async def insert_app(self, name: str, app: AppPassword, *, replace: bool = False) -> bool:
+        """Store an app password (False: that name exists, unless `replace`)."""
+        async def fn(conn: Any) -> bool:
+            async with conn.transaction():
+                if not await conn.fetchval(
+                        "SELECT true FROM authrelay.users WHERE name = $1", name):
+                    raise NoSuchUser(f"no user {name}")
+                if replace:
+                    await conn.execute("DELETE FROM authrelay.app_passwords"
+                                       " WHERE username = $1 AND name = $2", name, app.name)
+                done = await conn.fetchval(
+                    "INSERT INTO authrelay.app_passwords"
+                    " (username, name, selector, hash, created, last_used, last_ip)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING"
+                    " RETURNING true", name, app.name, app.selector, app.hash, app.created,
+                    app.last_used, app.last_ip)
+                return bool(done)
+        return await self._run(fn)
+
+    async def delete_app(self, name: str, app: str) -> bool:
+        async def fn(conn: Any) -> str:
+            return await conn.execute("DELETE FROM authrelay.app_passwords"
+                                      " WHERE username = $1 AND name = $2", name, app)
+        return await self._run(fn) != "DELETE 0"
+
+    async def touch_app(self, name: str, app: str, when: int, ip: str) -> None:
+        async def fn(conn: Any) -> None:
+            await conn.execute("UPDATE authrelay.app_passwords SET last_used = $3,"
+                               " last_ip = $4 WHERE username = $1 AND name = $2",
+                               name, app, when, ip, timeout=self.timeout)
+        await self._run(fn)
 
     async def list(self) -> list[UserInfo]:
         async def fn(conn: Any) -> list[UserInfo]:
@@ -352,6 +435,26 @@ class PgUserDB(_UserStore):
     def list(self) -> list[UserInfo]:
         return self._call(self.store.list())
 
+    def app_passwords(self, name: str) -> list[AppPassword]:
+        return self._call(self.store.app_passwords(name))
+
+    def app_password(self, name: str, selector: str) -> AppPassword | None:
+        return self._call(self.store.app_password(name, selector))
+
+    def touch_app_password(self, name: str, app: str, when: int, ip: str) -> None:
+        self._call(self.store.touch_app(name, app, when, ip))
+
+    def _insert_app(self, name: str, app: AppPassword) -> None:
+        if not self._call(self.store.insert_app(name, app)):
+            raise AppPasswordError(f"{name} already has an app password named {app.name}")
+
+    def insert_app_hashed(self, name: str, app: AppPassword, *, replace: bool = False) -> bool:
+        """For `user migrate`: an app password row copied verbatim."""
+        return self._call(self.store.insert_app(name, app, replace=replace))
+
+    def _delete_app(self, name: str, app: str) -> bool:
+        return self._call(self.store.delete_app(name, app))
+
     def generation(self) -> int:
         return 0  # servers compare hashes, not generations (see PgAuthenticator)
 
@@ -378,26 +481,27 @@ class _VerifiedCache:
         self.ttl = ttl
         self._key = secrets.token_bytes(32)
         self._max = max_entries
-        self._d: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
+        self._d: OrderedDict[bytes, tuple[float, str, str]] = OrderedDict()
 
     def key(self, username: str, password: str | bytes) -> bytes:
         u, p = username.encode("utf-8", "surrogateescape"), passwords.raw(password)
         return hmac.new(self._key, struct.pack(">I", len(u)) + u + p, hashlib.sha256).digest()
 
-    def get(self, key: bytes) -> str | None:
-        """The hash this pair verified against, if that was less than `ttl` ago."""
+    def get(self, key: bytes) -> tuple[str, str] | None:
+        """(the hash this pair verified against, the app password's name or ""), if that
+        was less than `ttl` ago."""
         entry = self._d.get(key)
         if entry is None:
             return None
         if entry[0] <= time.monotonic():
             del self._d[key]
             return None
-        return entry[1]
+        return entry[1], entry[2]
 
-    def put(self, key: bytes, stored_hash: str) -> None:
+    def put(self, key: bytes, stored_hash: str, app: str = "") -> None:
         if self.ttl <= 0:
             return
-        self._d[key] = (time.monotonic() + self.ttl, stored_hash)
+        self._d[key] = (time.monotonic() + self.ttl, stored_hash, app)
         self._d.move_to_end(key)
         while len(self._d) > self._max:
             self._d.popitem(last=False)
@@ -413,8 +517,11 @@ class PgAuthenticator:
     """`[auth] backend = "postgresql"`: the Authenticator interface over PgUserStore."""
 
     def __init__(self, store: PgUserStore, *, hash_threads: int = 4,
-                 cache_ttl: float = 300.0, rehash: bool = True) -> None:
+                 cache_ttl: float = 300.0, rehash: bool = True,
+                 app_passwords: str = "allow") -> None:
         self.store = store
+        self.app_mode = app_passwords
+        self._touch_due = apppasswords.TouchSchedule()
         self.hash_threads = max(1, hash_threads)
         self._pool = ThreadPoolExecutor(max_workers=self.hash_threads,
                                         thread_name_prefix="authrelay-hash")
@@ -450,27 +557,40 @@ class PgAuthenticator:
             self._pending -= 1
 
     async def verify(self, username: str, password: str | bytes) -> Any:
-        from authrelay.auth.authenticator import AuthResult
+        return (await self.login(username, password)).result
+
+    def reload(self, cfg: Config) -> None:
+        self.app_mode = cfg.auth.app_passwords  # the cache is checked against the mode
+
+    async def login(self, username: str, password: str | bytes, client_ip: str = "") -> Any:
+        from authrelay.auth.authenticator import AuthResult, Login
 
         if not username or not password:
-            return AuthResult.BAD
+            return Login(AuthResult.BAD)
         if not _storable(username):
             # No such name can be in the database (the CLI refuses it), and PostgreSQL
             # would refuse the query (NUL, bytes that are not UTF-8): a wrong login, paid
             # for like any other, not a database failure.
             await self._hash_job(passwords.verify_dummy, password)
-            return AuthResult.BAD
+            return Login(AuthResult.BAD)
         key = self.cache.key(username, password)
+        norm = apppasswords.parse(password)
         try:
-            stored, addrs = await self.store.lookup(username)
+            if norm is None:
+                stored, addrs = await self.store.lookup(username)
+                app = None
+            else:  # the app password its selector names, in the same round trip
+                stored, addrs, app = await self.store.lookup_app(
+                    username, apppasswords.selector(norm))
         except UserStoreUnavailable as e:
             self._state(False, str(e))
-            if self.cache.get(key) is not None:
-                return AuthResult.OK  # verified a moment ago: ride out the hiccup
-            return AuthResult.TEMPFAIL
+            cached = self.cache.get(key)
+            if cached is not None and (cached[1] or self.app_mode != "require"):
+                return Login(AuthResult.OK, cached[1])  # verified a moment ago: ride it out
+            return Login(AuthResult.TEMPFAIL)
         except Exception:  # a bug here must not crash the session or read as OK
             log.exception("user database lookup failed")
-            return AuthResult.TEMPFAIL
+            return Login(AuthResult.TEMPFAIL)
         self._state(True)
         try:
             if stored is None:
@@ -478,24 +598,48 @@ class PgAuthenticator:
                 self._addresses.pop(username, None)
                 # Same cost as a real check: no user-enumeration oracle.
                 done = await self._hash_job(passwords.verify_dummy, password)
-                return AuthResult.TEMPFAIL if done is None else AuthResult.BAD
+                return Login(AuthResult.TEMPFAIL if done is None else AuthResult.BAD)
             self._remember_addresses(username, addrs)
-            if self.cache.get(key) == stored:
-                return AuthResult.OK
-            ok = await self._hash_job(passwords.verify_password, stored, password)
+            cached = self.cache.get(key)
+            # A cached pair counts only against the very hash it verified: a changed
+            # password or a revoked app password (no row, no hash) misses.
+            if cached is not None and cached[0] == (app.hash if cached[1] and app else stored) \
+                    and (cached[1] or self.app_mode != "require"):
+                self._touch(username, cached[1], client_ip)
+                return Login(AuthResult.OK, cached[1])
+            out = await self._hash_job(apppasswords.decide, self.app_mode, stored, app,
+                                       password)
         except RuntimeError:  # pool shut down: we are closing
-            return AuthResult.TEMPFAIL
-        if ok is None:
-            return AuthResult.TEMPFAIL
-        if not ok:
+            return Login(AuthResult.TEMPFAIL)
+        if out is None:
+            return Login(AuthResult.TEMPFAIL)
+        if not out.ok:
             self.cache.drop(key)
-            return AuthResult.BAD
-        self.cache.put(key, stored)
-        if self._rehash and passwords.needs_rehash(stored):
+            return Login(AuthResult.BAD, hint=out.hint)
+        self.cache.put(key, out.hash, out.app)
+        self._touch(username, out.app, client_ip)
+        if not out.app and self._rehash and passwords.needs_rehash(stored):
             t = asyncio.get_running_loop().create_task(self._upgrade(username, stored, password))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
-        return AuthResult.OK
+        return Login(AuthResult.OK, out.app)
+
+    def _touch(self, username: str, app: str, ip: str) -> None:
+        """Record an app password's use in the background, at most once a minute: never
+        awaited by AUTH, and a read-only role or a slow database only leaves it stale."""
+        if not app or len(self._tasks) >= BACKLOG_PER_THREAD \
+                or not self._touch_due.due(username, app):
+            return
+
+        async def run() -> None:
+            try:
+                await self.store.touch_app(username, app, int(time.time()), ip)
+            except Exception:  # e.g. permission denied for a read-only role
+                log.debug("app password last-used update skipped", exc_info=True)
+
+        t = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     async def _upgrade(self, username: str, stored: str, password: str | bytes) -> None:
         """Re-hash with our current parameters (best effort; a read-only role is fine)."""
@@ -529,4 +673,4 @@ def make_pg_authenticator(cfg: Config) -> PgAuthenticator:
     store = PgUserStore(cfg.auth.dsn, pool_size=cfg.auth.pool_size,
                         timeout=cfg.auth.backend_timeout)
     return PgAuthenticator(store, hash_threads=cfg.auth.hash_threads,
-                           cache_ttl=cfg.auth.cache_ttl)
+                           cache_ttl=cfg.auth.cache_ttl, app_passwords=cfg.auth.app_passwords)

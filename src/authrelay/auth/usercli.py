@@ -1,6 +1,7 @@
 """`authrelay user ...`: manage the built-in user DB from the command line.
 
-Owns: the `user` sub-commands (add, del, passwd, list, address add|del, migrate). Contract:
+Owns: the `user` sub-commands (add, del, passwd, list, address add|del, app-password
+add|list|revoke, migrate). Contract:
 finds its config like every command (-c, $AUTHRELAY_CONFIG, ./authrelay.toml,
 /etc/authrelay/authrelay.toml; none: exit 75 EX_TEMPFAIL, nothing written),
 edits `cfg.userdb_path` (parent directory created 0700, file 0600) while servers keep
@@ -23,6 +24,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from authrelay.auth import apppasswords
+from authrelay.auth.apppasswords import AppPasswordError
 from authrelay.auth.userdb import UserDB, UserDBError, _UserStore
 from authrelay.config import load
 
@@ -117,6 +120,37 @@ def _address(args: argparse.Namespace) -> None:
         print(f"{args.name}: address {args.address.lower()} removed")
 
 
+def _app_password(args: argparse.Namespace) -> None:
+    """`user app-password add|list|revoke USER [--name NAME]` (auth/apppasswords.py)."""
+    db = _open(args)
+    if args.action == "add":
+        if not args.app:
+            raise _CliError("app-password add: --name NAME is required (e.g. --name phone)")
+        pw = db.add_app_password(args.name, args.app)
+        # Shown once, never stored in clear: the admin hands it to the user now.
+        print(f"app password {args.app} for {args.name}: {apppasswords.display(pw)}")
+        print("(shown once; spaces are optional when typing it)", file=sys.stderr)
+    elif args.action == "revoke":
+        if not args.app:
+            raise _CliError("app-password revoke: --name NAME is required")
+        db.revoke_app_password(args.name, args.app)
+        print(f"app password {args.app} of {args.name} revoked")
+    else:
+        if db.get_hash(args.name) is None:
+            raise _CliError(f"no user {args.name}")
+        apps = db.app_passwords(args.name)
+        if args.json:
+            json.dump([{"name": a.name, "created": _iso(a.created),
+                        "last_used": _iso(a.last_used) if a.last_used else None,
+                        "last_client": a.last_ip or None} for a in apps],
+                      sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            return
+        for a in apps:
+            used = f"{_iso(a.last_used)}\t{a.last_ip or '-'}" if a.last_used else "never\t-"
+            print(f"{a.name}\tcreated {_iso(a.created)}\tlast used {used}")
+
+
 def _migrate(args: argparse.Namespace) -> None:
     """Copy every user of a local users.db (hash and addresses) into the PostgreSQL
     database. Users already there are kept as they are unless --replace."""
@@ -131,7 +165,7 @@ def _migrate(args: argparse.Namespace) -> None:
 
     local = UserDB(src)
     dest = PgUserDB(cfg.auth.dsn, timeout=max(cfg.auth.backend_timeout, 10.0))
-    copied = kept = 0
+    copied = kept = apps = 0
     try:
         for u in local.list():
             h = local.get_hash(u.name)
@@ -143,17 +177,21 @@ def _migrate(args: argparse.Namespace) -> None:
                 kept += 1
                 print(f"{u.name}: exists in the database, kept (--replace to overwrite)",
                       file=sys.stderr)
+                continue
+            for a in local.app_passwords(u.name):  # hashes verbatim: devices keep working
+                apps += dest.insert_app_hashed(u.name, a, replace=args.replace)
     finally:
         local.close()
         dest.close()
-    print(f"{copied} user(s) copied from {src}" + (f", {kept} kept" if kept else ""))
+    print(f"{copied} user(s) copied from {src}" + (f", {kept} kept" if kept else "")
+          + (f", {apps} app password(s)" if apps else ""))
 
 
 def _run(func):
     def wrapper(args: argparse.Namespace) -> int:
         try:
             func(args)
-        except (_CliError, UserDBError) as e:
+        except (_CliError, UserDBError, AppPasswordError) as e:
             print(f"authrelay user: {e}", file=sys.stderr)
             return 1
         except sqlite3.Error as e:
@@ -203,6 +241,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--replace", action="store_true",
                    help="overwrite users that exist in the database (hash and addresses)")
     p.set_defaults(func=_run(_migrate))
+
+    p = sub.add_parser("app-password", help="per-device passwords: add (prints it once), "
+                       "list, revoke")
+    p.add_argument("action", choices=("add", "list", "revoke"))
+    p.add_argument("name", help="the user")
+    p.add_argument("--name", dest="app", metavar="NAME",
+                   help="the app password's name, e.g. phone (add, revoke)")
+    p.add_argument("--json", action="store_true", help="list: machine-readable output")
+    p.set_defaults(func=_run(_app_password))
 
     p = sub.add_parser("address", help="add or remove an address a user may send as")
     p.add_argument("action", choices=("add", "del"))

@@ -24,9 +24,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from authrelay.auth import apppasswords
+from authrelay.auth.apppasswords import AppPassword, AppPasswordError
 from authrelay.auth.passwords import hash_password, is_argon2_hash
 
-SCHEMA_VERSION = 1
+# 1: users, addresses. 2: app_passwords (a version-1 file gains the table when first
+# opened by this version; nothing else changes, so an older authrelay refuses it).
+SCHEMA_VERSION = 2
 MAX_NAME_OCTETS = 255  # RFC 4616 2: authcid is at most 255 octets
 
 _SCHEMA = """
@@ -47,6 +51,17 @@ CREATE TABLE IF NOT EXISTS addresses (
     PRIMARY KEY (user, address)
 );
 CREATE INDEX IF NOT EXISTS addresses_by_address ON addresses (address);
+CREATE TABLE IF NOT EXISTS app_passwords (
+    user      TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    name      TEXT NOT NULL,           -- "phone": what the maillog says (sasl_app=)
+    selector  TEXT NOT NULL,           -- the first 4 letters, in clear (auth/apppasswords.py)
+    hash      TEXT NOT NULL,           -- argon2 PHC string of all 16 letters
+    created   INTEGER NOT NULL,
+    last_used INTEGER NOT NULL DEFAULT 0,
+    last_ip   TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (user, name),
+    UNIQUE (user, selector)
+);
 """
 
 
@@ -147,7 +162,42 @@ class _UserStore:
             return set()
         return self.stored_addresses(name) | implicit_address(name)
 
+    # ------------------------------------------------------------ app passwords
+    def add_app_password(self, name: str, app: str) -> str:
+        """A new app password `app` for user `name`: the password, to show once."""
+        apppasswords.check_name(app)
+        if self.get_hash(name) is None:
+            raise NoSuchUser(f"no user {name}")
+        have = self.app_passwords(name)
+        if any(a.name == app for a in have):
+            raise AppPasswordError(f"{name} already has an app password named {app}")
+        sel, pw = apppasswords.generate({a.selector for a in have})
+        self._insert_app(name, AppPassword(app, sel, hash_password(pw), int(time.time())))
+        return pw
+
+    def revoke_app_password(self, name: str, app: str) -> None:
+        if not self._delete_app(name, app):
+            raise AppPasswordError(f"{name} has no app password named {app}")
+
     # Implemented by the stores.
+    def app_passwords(self, name: str) -> list[AppPassword]:
+        """The user's app passwords by name (empty for no such user)."""
+        raise NotImplementedError
+
+    def app_password(self, name: str, selector: str) -> AppPassword | None:
+        """The app password of `name` with this selector (one indexed read)."""
+        raise NotImplementedError
+
+    def touch_app_password(self, name: str, app: str, when: int, ip: str) -> None:
+        """Record a use (no generation change: a login must not flush every cache)."""
+        raise NotImplementedError
+
+    def _insert_app(self, name: str, app: AppPassword) -> None:
+        raise NotImplementedError
+
+    def _delete_app(self, name: str, app: str) -> bool:
+        raise NotImplementedError
+
     def _insert(self, name: str, h: str, addrs: list[str]) -> None:
         raise NotImplementedError
 
@@ -177,6 +227,7 @@ class MemoryUserDB(_UserStore):
         self._lock = threading.Lock()
         self._users: dict[str, tuple[str, int, int]] = {}  # name -> (hash, created, changed)
         self._addrs: dict[str, set[str]] = {}
+        self._apps: dict[str, dict[str, AppPassword]] = {}  # user -> name -> row
         self._gen = 0
 
     def _insert(self, name: str, h: str, addrs: list[str]) -> None:
@@ -193,7 +244,38 @@ class MemoryUserDB(_UserStore):
             if self._users.pop(name, None) is None:
                 raise NoSuchUser(f"no user {name}")
             self._addrs.pop(name, None)
+            self._apps.pop(name, None)
             self._gen += 1
+
+    def app_passwords(self, name: str) -> list[AppPassword]:
+        with self._lock:
+            return sorted(self._apps.get(name, {}).values(), key=lambda a: a.name)
+
+    def app_password(self, name: str, selector: str) -> AppPassword | None:
+        with self._lock:
+            return next((a for a in self._apps.get(name, {}).values()
+                         if a.selector == selector), None)
+
+    def touch_app_password(self, name: str, app: str, when: int, ip: str) -> None:
+        with self._lock:
+            a = self._apps.get(name, {}).get(app)
+            if a is not None:
+                self._apps[name][app] = AppPassword(a.name, a.selector, a.hash, a.created,
+                                                    when, ip)
+
+    def _insert_app(self, name: str, app: AppPassword) -> None:
+        with self._lock:
+            if name not in self._users:
+                raise NoSuchUser(f"no user {name}")
+            self._apps.setdefault(name, {})[app.name] = app
+            self._gen += 1
+
+    def _delete_app(self, name: str, app: str) -> bool:
+        with self._lock:
+            if self._apps.get(name, {}).pop(app, None) is None:
+                return False
+            self._gen += 1
+            return True
 
     def _set_hash(self, name: str, h: str, expect: str | None) -> bool:
         with self._lock:
@@ -353,6 +435,7 @@ class UserDB(_UserStore):
         def fn(db: sqlite3.Connection) -> None:
             self._must_exist(db, name)
             db.execute("DELETE FROM addresses WHERE user = ?", (name,))
+            db.execute("DELETE FROM app_passwords WHERE user = ?", (name,))
             db.execute("DELETE FROM users WHERE name = ?", (name,))
 
         self._write(fn)
@@ -384,7 +467,48 @@ class UserDB(_UserStore):
 
         self._write(fn)
 
+    def _insert_app(self, name: str, app: AppPassword) -> None:
+        def fn(db: sqlite3.Connection) -> None:
+            self._must_exist(db, name)
+            try:
+                db.execute("INSERT INTO app_passwords (user, name, selector, hash, created) "
+                           "VALUES (?, ?, ?, ?, ?)",
+                           (name, app.name, app.selector, app.hash, app.created))
+            except sqlite3.IntegrityError:
+                raise AppPasswordError(f"{name} already has an app password named "
+                                       f"{app.name}") from None
+
+        self._write(fn)
+
+    def _delete_app(self, name: str, app: str) -> bool:
+        def fn(db: sqlite3.Connection) -> bool:
+            self._must_exist(db, name)
+            return db.execute("DELETE FROM app_passwords WHERE user = ? AND name = ?",
+                              (name, app)).rowcount == 1
+
+        return bool(self._write(fn))
+
+    def touch_app_password(self, name: str, app: str, when: int, ip: str) -> None:
+        # Outside _write: no generation bump (every server would drop its credential
+        # cache on every app-password login). A short busy wait: best effort.
+        db = self._db()
+        db.execute("UPDATE app_passwords SET last_used = ?, last_ip = ? "
+                   "WHERE user = ? AND name = ?", (when, ip, name, app))
+
     # ------------------------------------------------------------------ reads
+    _APP_COLS = "name, selector, hash, created, last_used, last_ip"
+
+    def app_passwords(self, name: str) -> list[AppPassword]:
+        return [AppPassword(*r) for r in self._db().execute(
+            f"SELECT {self._APP_COLS} FROM app_passwords WHERE user = ? ORDER BY name",
+            (name,))]
+
+    def app_password(self, name: str, selector: str) -> AppPassword | None:
+        row = self._db().execute(
+            f"SELECT {self._APP_COLS} FROM app_passwords WHERE user = ? AND selector = ?",
+            (name, selector)).fetchone()
+        return AppPassword(*row) if row else None
+
     def stored_addresses(self, name: str) -> set[str]:
         db = self._db()
         self._must_exist(db, name)

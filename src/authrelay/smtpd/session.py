@@ -305,7 +305,7 @@ class Session:
         self._log_tls()
 
     async def _auth(self, ev: p.AuthRequest) -> None:
-        from authrelay.auth.authenticator import AuthResult
+        from authrelay.auth.authenticator import AuthResult, Login
 
         eng, mech, user = self.eng, ev.mechanism, ev.username
         if ev.refusal is not None:
@@ -322,15 +322,16 @@ class Session:
             eng.auth_result(p.AuthOutcome.LOCKED)
             return
         try:
-            result = await asyncio.wait_for(
-                self.deps.authenticator.verify(user, ev.password),
+            login = await asyncio.wait_for(
+                self.deps.authenticator.login(user, ev.password, self.ip),
                 self.cfg.auth.backend_timeout + 5)
         except Exception:
             log.exception("auth backend failure")
-            result = AuthResult.TEMPFAIL
+            login = Login(AuthResult.TEMPFAIL)
+        result = login.result
         if result is AuthResult.OK:
             await self.ticket.auth_succeeded(user)
-            self.maillog.auth_ok(self.relay_desc(), mech, user)
+            self.maillog.auth_ok(self.relay_desc(), mech, user, login.app)
             self._metric_auth("ok")
             eng.auth_result(p.AuthOutcome.OK)
         elif result is AuthResult.TEMPFAIL:
@@ -338,10 +339,10 @@ class Session:
             self._metric_auth("tempfail")
             eng.auth_result(p.AuthOutcome.TEMPFAIL)
         else:
-            await self._auth_failure(replies.AUTH_FAILED, user, mech)
+            await self._auth_failure(replies.AUTH_FAILED, user, mech, login.hint)
             eng.auth_result(p.AuthOutcome.BAD)
 
-    async def _auth_failure(self, r: Reply, user: str, mech: str) -> None:
+    async def _auth_failure(self, r: Reply, user: str, mech: str, hint: str = "") -> None:
         await self.ticket.auth_failed(user)
         self._metric_auth("fail")
         # Same delay for unknown users and wrong passwords (no user enumeration), and
@@ -350,7 +351,7 @@ class Session:
         await asyncio.sleep(self.cfg.auth.failure_delay)
         # fail2ban-friendly: IP and username on the line.
         self.maillog.auth_failed(self.relay_desc(), r, mechanism=mech or None,
-                                 username=user or None)
+                                 username=user or None, reason=hint or None)
 
     async def _mail(self, ev: p.MailRequest) -> None:
         eng, user = self.eng, self.eng.auth_user

@@ -1,0 +1,211 @@
+"""App passwords end to end: the CLI, a real authrelay, AUTH over TLS sockets, the maillog.
+
+SQLite userdb (a real `serve` process) and PostgreSQL (a real cluster on loopback, the
+server logging in through a read-only role, `user migrate` carrying app passwords).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from relayproc import PASSWORD, RelayProcess  # noqa: E402
+from scalerig import PostgresServer  # noqa: E402
+from smtpclient import RawClient, client_ctx, plain  # noqa: E402
+
+from authrelay.auth.authenticator import AuthResult  # noqa: E402
+from authrelay.auth.pgusers import PgAuthenticator, PgUserDB, PgUserStore  # noqa: E402
+from authrelay.auth.userdb import UserDB  # noqa: E402
+
+SHOWN = re.compile(r"app password (\S+) for (\S+): ([a-z]{4} [a-z]{4} [a-z]{4} [a-z]{4})$")
+
+
+def auth(port: int, user: str, password: str) -> str:
+    with RawClient(port, tls=client_ctx()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        r = c.cmd(f"AUTH PLAIN {plain(user, password)}")
+        return f"{r.code} {r.text}"
+
+
+def add_app(r: RelayProcess, user: str, name: str) -> str:
+    out = r.cli("user", "app-password", "add", user, "--name", name)
+    m = SHOWN.match(out.stdout.strip())
+    assert m, out.stdout
+    return m.group(3)
+
+
+def test_app_password_lifecycle_userdb(tmp_path: Path) -> None:
+    r = RelayProcess(tmp_path).start()
+    try:
+        port = r.ports["submissions"]
+        pw = add_app(r, "alice", "phone")
+        add_app(r, "alice", "laptop")
+        assert auth(port, "alice", pw).startswith("235 2.7.0")
+        assert auth(port, "alice", pw.replace(" ", "")).startswith("235")
+        assert auth(port, "alice", PASSWORD).startswith("235")  # "allow": both work
+        log = r.maillog()
+        assert "auth=ok, sasl_method=PLAIN, sasl_username=alice, sasl_app=phone" in log
+        assert pw.replace(" ", "") not in log and pw not in log
+        listed = {a["name"]: a for a in json.loads(
+            r.cli("user", "app-password", "list", "alice", "--json").stdout)}
+        assert set(listed) == {"phone", "laptop"}
+        r.wait_for(lambda: json.loads(r.cli("user", "app-password", "list", "alice",
+                                            "--json").stdout)[1]["last_used"] is not None)
+        phone = json.loads(r.cli("user", "app-password", "list", "alice", "--json").stdout)[1]
+        assert phone["name"] == "phone" and phone["last_client"] == "127.0.0.1"
+        assert listed["laptop"]["last_used"] is None
+        text = r.cli("user", "app-password", "list", "alice").stdout
+        assert "laptop\tcreated " in text and "last used never" in text
+        # Revoked: the very next AUTH fails, although the cache held it a moment ago.
+        r.cli("user", "app-password", "revoke", "alice", "--name", "phone")
+        assert auth(port, "alice", pw).startswith("535 5.7.8")
+        assert r.cli("user", "app-password", "revoke", "alice", "--name", "phone",
+                     check=False).returncode == 1
+    finally:
+        r.stop()
+
+
+def test_require_refuses_the_account_password(tmp_path: Path) -> None:
+    r = RelayProcess(tmp_path, {"auth": {"app_passwords": "require"}}).start()
+    try:
+        port = r.ports["submissions"]
+        pw = add_app(r, "alice", "phone")
+        assert auth(port, "alice", PASSWORD).startswith("535 5.7.8")
+        assert "sasl_username=alice, reason=app password required" in r.maillog()
+        assert auth(port, "alice", pw).startswith("235")
+        assert "sasl_app=phone" in r.maillog()
+    finally:
+        r.stop()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    pg = PostgresServer()
+    try:
+        yield pg
+    finally:
+        pg.cleanup()
+
+
+@pytest.fixture
+def pg(postgres: PostgresServer) -> Iterator[PostgresServer]:
+    if not (postgres.data / "postmaster.pid").exists():
+        postgres.start()
+
+    async def drop() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(postgres.dsn)
+        try:
+            await conn.execute("DROP SCHEMA IF EXISTS authrelay CASCADE")
+            await conn.execute("DROP ROLE IF EXISTS authrelay_ro")
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+    yield postgres
+
+
+def _ro_dsn(pg: PostgresServer) -> str:
+    """A role that may only read (docs/SCALING.md's server role without the UPDATEs)."""
+    async def make() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(pg.dsn)
+        try:
+            await conn.execute("CREATE ROLE authrelay_ro LOGIN PASSWORD 'ro'")
+            await conn.execute("GRANT USAGE ON SCHEMA authrelay TO authrelay_ro")
+            await conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA authrelay "
+                               "TO authrelay_ro")
+        finally:
+            await conn.close()
+
+    asyncio.run(make())
+    rest = pg.dsn.split("://", 1)[1].split("@", 1)[1]
+    return f"postgresql://authrelay_ro:ro@{rest}"
+
+
+def test_postgresql_migrate_then_read_only_server(tmp_path: Path, pg: PostgresServer) -> None:
+    # A local users.db with an app password, migrated: the device keeps working.
+    local = UserDB(tmp_path / "old" / "users.db")
+    local.add("alice", PASSWORD)
+    phone = local.add_app_password("alice", "phone")
+    local.close()
+    (tmp_path / "admin").mkdir()
+    admin = RelayProcess(tmp_path / "admin", {"auth": {"backend": "postgresql",
+                                                       "dsn": pg.dsn}}, users={})
+    out = admin.cli("user", "migrate", "--from", str(tmp_path / "old" / "users.db"))
+    assert "1 user(s) copied" in out.stdout and "1 app password(s)" in out.stdout
+    tablet = add_app(admin, "alice", "tablet")
+    # The server logs in through a role that can only SELECT: AUTH works, last-used
+    # writes are refused by PostgreSQL and skipped.
+    (tmp_path / "srv").mkdir()
+    r = RelayProcess(tmp_path / "srv", {"auth": {"backend": "postgresql",
+                                                 "dsn": _ro_dsn(pg), "cache_ttl": "5m"}},
+                     users={}).start()
+    try:
+        port = r.ports["submissions"]
+        assert auth(port, "alice", phone).startswith("235")
+        assert auth(port, "alice", tablet).startswith("235")
+        assert auth(port, "alice", tablet).startswith("235")  # cached
+        assert auth(port, "alice", PASSWORD).startswith("235")
+        log = r.maillog()
+        assert "sasl_app=phone" in log and "sasl_app=tablet" in log
+        # Revoked through the CLI: the next AUTH through the server fails (cache bound to
+        # the row's hash), with no restart.
+        admin.cli("user", "app-password", "revoke", "alice", "--name", "tablet")
+        assert auth(port, "alice", tablet).startswith("535 5.7.8")
+        assert auth(port, "alice", phone).startswith("235")
+        assert "Traceback" not in r.maillog()
+    finally:
+        r.stop()
+    listed = json.loads(admin.cli("user", "app-password", "list", "alice", "--json").stdout)
+    assert [a["name"] for a in listed] == ["phone"]
+    assert listed[0]["last_used"] is None  # the read-only role could not record it
+
+
+async def test_postgresql_authenticator_cost_and_last_used(pg: PostgresServer,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    from authrelay.auth import passwords
+
+    def setup() -> list[str]:
+        db = PgUserDB(pg.dsn)  # blocking: its own loop, in a thread
+        try:
+            db.add("alice", "account pw")
+            return [db.add_app_password("alice", f"dev{i}") for i in range(10)]
+        finally:
+            db.close()
+
+    pws = await asyncio.to_thread(setup)
+    calls: list[str] = []
+    real = passwords.verify_password
+    monkeypatch.setattr(passwords, "verify_password",
+                        lambda h, p: calls.append(h) or real(h, p))
+    a = PgAuthenticator(PgUserStore(pg.dsn, pool_size=2), hash_threads=1, cache_ttl=0,
+                        app_passwords="require")
+    try:
+        got = await a.login("alice", pws[9], "203.0.113.5")
+        assert (got.result, got.app, len(calls)) == (AuthResult.OK, "dev9", 1)
+        got = await a.login("alice", "account pw")
+        assert (got.result, got.hint) == (AuthResult.BAD, "app password required")
+        for _ in range(50):
+            if (await a.store.app_password("alice", pws[9][:4])).last_used:
+                break
+            await asyncio.sleep(0.05)
+        row = await a.store.app_password("alice", pws[9][:4])
+        assert row.last_used > 0 and row.last_ip == "203.0.113.5"
+    finally:
+        await a.store.close()
+        a.close()
