@@ -1,4 +1,4 @@
-"""Wiring and lifecycle: `authrelay serve`.
+"""Process structure and lifecycle: `authrelay serve` (the parts come from wiring.py).
 
 Owns process structure and signals (the whole privilege split: docs/PRIVILEGES.md).
 Start, in this order, nothing bound or forked before the lock:
@@ -43,25 +43,29 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from authrelay import maillog as maillog_mod
-from authrelay import process, sdnotify
+from authrelay import metrics as metrics_mod
+from authrelay import process, sdnotify, wiring
 from authrelay.config import EMBEDDED, Config, ConfigError, embedded_notice, load
+from authrelay.metrics import Metrics
+from authrelay.policy.anvil import SharedCounters
 from authrelay.policy.throttle import Share
 from authrelay.process import Channel, InstanceBusy, KeyHelper, StartError
 from authrelay.smtpd.server import Listener, SMTPServer, bind
+from authrelay.spool.store import Spool
 from authrelay.tls import PEM, CertStore, TLSConfigError, ensure_certificate, read_pem
+
+try:  # a dependency everywhere but Windows (pyproject.toml); asyncio's loop without it
+    import uvloop
+except ImportError:  # pragma: no cover - depends on the platform
+    uvloop = None
 
 log = logging.getLogger(__name__)
 
 
 def _use_uvloop() -> None:
-    if os.environ.get("AUTHRELAY_NO_UVLOOP") == "1":
+    if os.environ.get("AUTHRELAY_NO_UVLOOP") == "1" or uvloop is None:
         return
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:  # pragma: no cover - uvloop is optional
-        pass
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def _prepare_state(cfg: Config) -> None:
@@ -71,29 +75,7 @@ def _prepare_state(cfg: Config) -> None:
         os.chmod(d, 0o700)  # queue and user DB: nobody else's business
     # The spool exists before any port listens: a client (or a test) that can connect
     # finds a server whose state is complete.
-    from authrelay.spool.store import Spool
-
     Spool(cfg.spool_dir).ensure_dirs()
-
-
-def _preload() -> None:
-    """Import everything serving will need while we can still read any path (root)."""
-    import importlib
-
-    for mod in ("authrelay.auth.authenticator", "authrelay.auth.backends",
-                "authrelay.spool.store", "authrelay.delivery.client",
-                "authrelay.scheduler.scheduler", "authrelay.scheduler.control",
-                "authrelay.policy.checks", "authrelay.policy.anvil", "authrelay.metrics",
-                "uvloop", "aiosmtplib", "dns.asyncresolver", "argon2", "traceback",
-                "multiprocessing.synchronize", "multiprocessing.heap",
-                "encodings.idna",
-                # scale-out (docs/SCALING.md): PostgreSQL users, Redis counters, PROXY
-                "authrelay.auth.pgusers", "authrelay.policy.shared", "authrelay.smtpd.proxy",
-                "asyncpg", "asyncpg.pool", "redis.asyncio", "redis.asyncio.retry",
-                "redis.backoff"):
-        with contextlib.suppress(ImportError):
-            importlib.import_module(mod)
-    process.preload()
 
 
 def _dropping(cfg: Config) -> bool:
@@ -133,7 +115,10 @@ def _prepare_log_file(cfg: Config) -> None:
 def _drop_privileges(cfg: Config) -> None:
     if not _dropping(cfg):
         return
-    _preload()
+    # Everything of ours is imported (wiring.py imports every part at module level); the
+    # optional drivers this config uses and prctl are loaded now, while readable.
+    wiring.preload(cfg)
+    process.preload()
     pw = pwd.getpwnam(cfg.user)
     # Everything under the state dir (spool, users.db, the instance lock, metrics, the
     # self-signed certificate) is written by the dropped processes: theirs.
@@ -217,40 +202,6 @@ def _loop_exception_handler(loop: asyncio.AbstractEventLoop, ctx: dict[str, Any]
 
 # --------------------------------------------------------------------------- components
 
-def _make_spool(cfg: Config) -> Any:
-    from authrelay.spool.store import Spool
-
-    spool = Spool(cfg.spool_dir)
-    spool.ensure_dirs()
-    return spool
-
-
-def _make_authenticator(cfg: Config) -> Any:
-    from authrelay.auth.authenticator import make_authenticator
-
-    return make_authenticator(cfg)
-
-
-def _make_checks(cfg: Config) -> Any:
-    if not cfg.checks.require_reverse_dns and not cfg.checks.dnsbl:
-        return None
-    from authrelay.policy.checks import HostChecks
-
-    return HostChecks(cfg)
-
-
-def _make_metrics(cfg: Config) -> Any:
-    if not cfg.metrics.address:
-        return None
-    try:
-        from authrelay.metrics import Metrics
-
-        return Metrics(cfg)
-    except Exception:  # metrics never stop mail
-        log.exception("metrics disabled")
-        return None
-
-
 class _Receiver:
     """The receiving half (one per worker process, or inside the single process)."""
 
@@ -260,11 +211,8 @@ class _Receiver:
         self.share = share
         self.server: SMTPServer | None = None
 
-    async def start(self, spool: Any, certs: CertStore, metrics: Any) -> None:
-        self.server = SMTPServer(
-            self.cfg, spool=spool, authenticator=_make_authenticator(self.cfg),
-            certs=certs, checks=_make_checks(self.cfg), metrics=metrics, share=self.share,
-        )
+    async def start(self, spool: Spool, certs: CertStore, metrics: Metrics | None) -> None:
+        self.server = wiring.server(self.cfg, spool, certs, share=self.share, metrics=metrics)
         await self.server.start(self.listeners)
 
     def close_listeners(self) -> None:
@@ -342,21 +290,16 @@ async def _serve_loop(run: _Run) -> int:
         loop.add_signal_handler(signal.SIGHUP, hup.set)
     cfg = run.cfg
 
-    spool = _make_spool(cfg)
-    metrics = _make_metrics(cfg)  # every process counts; the delivering one serves /metrics
+    spool = wiring.spool(cfg)
+    metrics = wiring.metrics(cfg)  # every process counts; the delivering one serves /metrics
     receiver = certs = None
     if run.listeners is not None:
         certs = CertStore(cfg, run.pem)
         receiver = _Receiver(cfg, run.listeners, run.share)
     scheduler = None
     if deliver:
-        from authrelay.delivery.client import Courier
-        from authrelay.scheduler.scheduler import Scheduler
-
-        courier = Courier(cfg)  # Scheduler.start() runs spool.recover() itself
-        if run.read_password is not None:
-            courier.read_password = run.read_password
-        scheduler = Scheduler(cfg, spool, courier, ml)
+        # Scheduler.start() runs spool.recover() itself
+        scheduler = wiring.scheduler(cfg, spool, wiring.courier(cfg, run.read_password), ml)
         if receiver is not None:
             spool.on_commit = scheduler.notify
         await scheduler.start()
@@ -371,7 +314,7 @@ async def _serve_loop(run: _Run) -> int:
             certs.reload(new, pem)
         if receiver is not None and receiver.server is not None:
             receiver.server.reload(new)
-        if scheduler is not None and hasattr(scheduler, "reload"):
+        if scheduler is not None:
             scheduler.reload(new)
         run.cfg, run.pem = new, pem
 
@@ -585,9 +528,7 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
     ensure_certificate(cfg)
     pem = read_pem(cfg)  # as root: fail fast on a bad key, before binding anything
     if cfg.metrics.address:
-        from authrelay import metrics
-
-        metrics.prepare(cfg)  # before forking: all processes share one fresh directory
+        metrics_mod.prepare(cfg)  # before forking: all processes share one fresh directory
     nworkers = max(1, cfg.workers or (os.cpu_count() or 1))
     per_worker = _bind_all(cfg, nworkers)
     helper = None
@@ -603,9 +544,7 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
         if nworkers > 1:
             # Throttle counters shared by all workers (per-IP limits stay exact): made
             # before forking, and before the drop (it maps shared memory).
-            from authrelay.policy.anvil import SharedCounters
-
-            shared = SharedCounters()
+            shared = wiring.shared_counters()
         _drop_privileges(cfg)
         if nworkers <= 1:
             _use_uvloop()
@@ -622,7 +561,7 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
 
 def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                   per_worker: list[list[Listener]], read_keys: Callable[[Config], PEM],
-                  helper: KeyHelper | None, shared: Any) -> int:
+                  helper: KeyHelper | None, shared: SharedCounters | None) -> int:
     nworkers = len(per_worker)
     run = _Run(cfg, config_path, pem, "master", read_keys=read_keys,
                read_password=helper.read_password if helper else None,

@@ -43,10 +43,9 @@ from typing import BinaryIO
 
 # Everything is imported up front: after switching to the spool owner the Python install
 # (e.g. under /root) may no longer be readable, so no lazy imports past that point.
-from authrelay import aliases, maillog, replies
+from authrelay import aliases, maillog, replies, wiring
 from authrelay.address import AddressError, parse_mailbox
 from authrelay.config import LOOKUP, Config, ConfigError, NoConfig, find_config_path, load_file
-from authrelay.dkim.signer import Signer
 from authrelay.scheduler import queuecli
 from authrelay.scheduler.bounce import make_bounce, should_notify
 from authrelay.smtpd import protocol as smtp
@@ -389,7 +388,7 @@ def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], login: st
     except OSError as e:
         raise Fail(EX_TEMPFAIL, f"spool {cfg.spool_dir}: {e.strerror}") from None
     ml = _maillog(cfg)
-    sub = Submitter(spool, cfg, maillog=ml, signer=Signer.from_config(cfg, maillog=ml))
+    sub = wiring.submitter(cfg, spool, ml)
     if not sub.space_ok():
         raise Fail(EX_TEMPFAIL, f"{replies.NO_STORAGE.text} in {spool.queue_dir} "
                                 "(limits.queue_min_free)")

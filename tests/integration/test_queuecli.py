@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from authrelay import wiring
 from authrelay.scheduler import control
-from authrelay.scheduler.scheduler import Scheduler
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.store import Spool
 
@@ -148,7 +148,7 @@ async def test_cli_against_running_scheduler(site: tuple[Path, Spool]) -> None:
     cfg = load(str(cfgfile))
     courier = FakeCourier()
     log = ListLog()
-    sched = Scheduler(cfg, spool, courier, log)
+    sched = wiring.scheduler(cfg, spool, courier, log)
     await sched.start()
     try:
         # 1. A deferred message: flush delivers it now, ignoring the 1h back-off.

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from authrelay import wiring
 from authrelay.config import Config, from_dict
 from authrelay.maillog import MailLog
 from authrelay.scheduler.scheduler import Scheduler
@@ -125,7 +126,8 @@ class Rig:
         self.sched: Scheduler | None = None
 
     async def start(self, **kw: Any) -> Scheduler:
-        self.sched = Scheduler(self.cfg, self.spool, self.courier, self.log, **kw)
+        self.sched = Scheduler(self.cfg, self.spool, self.courier, self.log,
+                               submitter=wiring.submitter(self.cfg, self.spool, self.log), **kw)
         await self.sched.start()
         return self.sched
 

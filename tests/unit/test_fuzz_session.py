@@ -24,11 +24,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from authrelay import wiring
 from authrelay.config import from_dict
 from authrelay.maillog import MailLog
 from authrelay.smtpd.bodyreader import BARE, NUL, OK, TOO_BIG, BodyReader
 from authrelay.smtpd.listener import CHUNK, HIGH_WATER
-from authrelay.smtpd.server import Listener, SMTPServer, bind
+from authrelay.smtpd.server import Listener, bind
 from authrelay.spool.format import split
 from authrelay.spool.store import Spool
 
@@ -132,8 +133,8 @@ class ServerThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.server = SMTPServer(self.cfg, spool=self.spool, authenticator=None, certs=None)
-        self.server.maillog = MailLog(f"file:{self.log_path}")
+        self.server = wiring.server(self.cfg, self.spool, None, auth=None,
+                                    maillog=MailLog(f"file:{self.log_path}"))
         ln = Listener(self.cfg.listen[0], bind(self.cfg.listen[0]))
         self.loop.run_until_complete(self.server.start([ln]))
         self.loop.call_soon(self._sample)

@@ -127,7 +127,7 @@ class UserStoreUnavailable(Exception):
     """The database could not be asked (down, slow, refused us, no schema)."""
 
 
-def _asyncpg() -> Any:
+def driver() -> Any:
     try:
         import asyncpg
     except ImportError:  # pragma: no cover - depends on the installation
@@ -162,7 +162,7 @@ class PgUserStore:
     async def _get_pool(self) -> Any:
         loop = asyncio.get_running_loop()
         if self._pool is None or self._pool_loop is not loop:
-            apg = _asyncpg()
+            apg = driver()
             # min_size=0: no connection at creation, so a server starts while the database
             # is down; connections are made on demand and dropped after a minute idle.
             self._pool = await apg.create_pool(
@@ -174,7 +174,7 @@ class PgUserStore:
     async def _run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """Run `fn(connection)`; a dead pooled connection is retried once on a new one.
         Anything but a query-level error becomes UserStoreUnavailable."""
-        apg = _asyncpg()
+        apg = driver()
         if time.monotonic() < self._down_until:
             raise UserStoreUnavailable("database unreachable (retrying shortly)")
         for attempt in (1, 2):
@@ -669,7 +669,7 @@ class PgAuthenticator:
 
 
 def make_pg_authenticator(cfg: Config) -> PgAuthenticator:
-    _asyncpg()  # fail at start-up, not at the first AUTH, when asyncpg is missing
+    driver()  # fail at start-up, not at the first AUTH, when asyncpg is missing
     store = PgUserStore(cfg.auth.dsn, pool_size=cfg.auth.pool_size,
                         timeout=cfg.auth.backend_timeout)
     return PgAuthenticator(store, hash_threads=cfg.auth.hash_threads,

@@ -95,6 +95,18 @@ def _key_part(value: str) -> str:
     return "h:" + hashlib.sha256(b).hexdigest()
 
 
+def driver() -> Any:
+    """redis-py's asyncio client module, or a start-up error naming the extra to install."""
+    try:
+        import redis.asyncio as aioredis
+        import redis.asyncio.retry
+        import redis.backoff  # noqa: F401 - used through the package below
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise RuntimeError("[limits] shared needs redis-py: "
+                           "pip install 'authrelay[redis]'") from None
+    return aioredis
+
+
 class SharedCounters:
     """The Redis side of a RedisThrottle. `up` tells whether counting is shared now."""
 
@@ -115,7 +127,7 @@ class SharedCounters:
     def _redis(self) -> Any:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            import redis.asyncio as aioredis
+            aioredis = driver()
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
 
@@ -417,4 +429,5 @@ class RedisThrottle(Throttle):
 
 
 def make_redis_throttle(cfg: Config, local: Throttle) -> RedisThrottle:
+    driver()  # fail at start-up, not at the first count, when redis-py is missing
     return RedisThrottle(cfg, SharedCounters(cfg.limits.shared), local)

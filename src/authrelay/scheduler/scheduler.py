@@ -45,19 +45,13 @@ from typing import Any, Protocol
 
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config
-from authrelay.dkim.signer import Signer
+from authrelay.delivery.router import route_key
 from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, should_notify
 from authrelay.spool.envelope import FAILED, SENT, Envelope, Recipient
 from authrelay.spool.store import CorruptError, Spool, SpoolError, commit_pool, is_queue_id
 from authrelay.spool.submit import Submitter
 from authrelay.types import DeliveryResult
-
-try:
-    from authrelay.delivery.router import route_key
-except ImportError:  # pragma: no cover - the router is another module's work
-    def route_key(cfg: Config, address: str) -> str:
-        return address.rsplit("@", 1)[-1].lower()
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +94,7 @@ class _Job:
 
 class Scheduler:
     def __init__(self, cfg: Config, spool: Spool, courier: CourierLike,
-                 maillog: maillog_mod.MailLog | None = None, *,
+                 maillog: maillog_mod.MailLog | None = None, *, submitter: Submitter,
                  rescan_interval: float = RESCAN_INTERVAL, max_active: int = 20000) -> None:
         self.cfg = cfg
         self.spool = spool
@@ -134,9 +128,7 @@ class Scheduler:
         self._hooked = False
         self._stopping = False
         self.metrics: Any = None  # authrelay.metrics.Metrics, set by Metrics.start()
-        # bounces go in here, DKIM-signed when MAILER-DAEMON@hostname's domain has a key
-        self.submitter = Submitter(spool, cfg, maillog=self.maillog,
-                                   signer=Signer.from_config(cfg, maillog=self.maillog))
+        self.submitter = submitter  # bounces go in here (wiring.scheduler)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

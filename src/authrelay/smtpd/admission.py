@@ -36,8 +36,10 @@ and before any TLS:
   under `tls_handshake_timeout`; a failed or timed-out handshake is one maillog line.
 
 The session receives a `Ticket`: its current command timeout, and the throttle narrowed
-to its address (AUTH and per-user rates). Failure policy: an accept error (EMFILE, ENFILE,
-ENOBUFS) pauses that listener briefly with a maillog warning, never kills it.
+to its address (AUTH and per-user rates). An Acceptor sees the server it accepts for only
+through `Host` (the counters and hooks below), never the server itself.
+Failure policy: an accept error (EMFILE, ENFILE, ENOBUFS) pauses that listener briefly
+with a maillog warning, never kills it.
 """
 
 from __future__ import annotations
@@ -50,15 +52,15 @@ import resource
 import socket
 import ssl
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from authrelay import maillog
-from authrelay.policy.throttle import Admission, Pool, Throttle
+from authrelay.config import Config, Listen
+from authrelay.policy.throttle import Admission, Exemptions, Pool, Share, Throttle
 from authrelay.smtpd import proxy
-
-if TYPE_CHECKING:
-    from authrelay.smtpd.server import Listener, SMTPServer
+from authrelay.types import Reply
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,44 @@ FD_RESERVE_MIN = 64
 STRESS_OFF_MARGIN = 10  # percentage points below the threshold where stress mode ends
 STRESS_CALM = 10.0  # ... once the load has stayed there this many seconds
 PROXY_READS_MIN = 256  # PROXY headers read at once per listener, at least (issue 14)
+
+
+@dataclass
+class Listener:
+    """One bound listening socket and the `[[listen]]` entry it serves."""
+
+    cfg: Listen
+    sock: socket.socket
+
+    @property
+    def mode(self) -> str:
+        return self.cfg.mode
+
+    @property
+    def name(self) -> str:
+        return f"{self.cfg.mode}:{self.cfg.address}"
+
+
+class Host(Protocol):
+    """What an Acceptor needs of the receiving side it accepts for (smtpd/server.py)."""
+
+    cfg: Config
+    share: Share
+    throttle: Throttle
+    exemptions: Exemptions
+    proxy_trusted: proxy.Networks
+    stopping: bool
+    open_sockets: int  # client sockets held by this process (accepted, not closed)
+
+    def tls_context(self) -> ssl.SSLContext | None: ...
+    def protocol_factory(self, ln: Listener,
+                         ticket: Ticket) -> Callable[[], asyncio.Protocol]: ...
+    def fd_tight(self, acceptor: Acceptor) -> bool: ...
+    def fd_warning(self) -> None: ...
+    def fd_released(self) -> None: ...
+    def refused(self, ln: Listener, ip: str, r: Reply, reason: str, tls: bool) -> None: ...
+    def tls_failed(self, ln: Listener, ip: str, why: str, seconds: float) -> None: ...
+    def metrics_connection(self, mode: str, result: str) -> None: ...
 
 
 def fd_budget() -> int:
@@ -143,7 +183,7 @@ def client_ip(addr: Any) -> str:
 class Acceptor:
     """The accept loop and admission of one listener."""
 
-    def __init__(self, server: SMTPServer, ln: Listener) -> None:
+    def __init__(self, server: Host, ln: Listener) -> None:
         self.server = server
         self.ln = ln
         self.sock = ln.sock
@@ -399,7 +439,7 @@ class Acceptor:
                     # aborts with an error indistinguishable from a reset; we log a timeout.
                     async with asyncio.timeout(hs):
                         await loop.connect_accepted_socket(
-                            factory, sock, ssl=srv.certs.context,
+                            factory, sock, ssl=srv.tls_context(),
                             ssl_handshake_timeout=hs + 5)
                 except TimeoutError:
                     srv.tls_failed(self.ln, ip, "handshake timed out",

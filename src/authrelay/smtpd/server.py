@@ -4,9 +4,10 @@ Owns the set of listening sockets and live sessions of this process, the throttl
 graceful stop (stop accepting; let sessions finish up to a deadline; then 421). Admission
 at TCP accept (pools, rates, fd budget, stress mode, implicit TLS after admission) is in
 `admission.py`; a session starts with the `Ticket` it was admitted with.
-Contract: `SMTPServer(cfg, spool, authenticator, certs)`; `await start(listeners)` serves on
-already-bound sockets (so a root parent can bind 25/587/465 and drop privileges, and
-worker processes can share ports); `await stop(timeout)`.
+Contract: `SMTPServer(cfg, submitter=, authenticator=, certs=, known=, throttle=, ...)`
+takes its parts built (wiring.py builds them from the config; this module builds none);
+`await start(listeners)` serves on already-bound sockets (so a root parent can bind
+25/587/465 and drop privileges, and worker processes can share ports); `await stop(timeout)`.
 """
 
 from __future__ import annotations
@@ -15,37 +16,29 @@ import asyncio
 import contextlib
 import logging
 import socket
-from dataclasses import dataclass
-from typing import Any
+import ssl
+from collections.abc import Callable
 
 from authrelay import maillog as maillog_mod
+from authrelay.auth.authenticator import Authenticator
 from authrelay.config import Config, Listen
-from authrelay.dkim.signer import Signer
+from authrelay.maillog import MailLog
+from authrelay.metrics import Metrics
+from authrelay.policy.checks import HostChecks
 from authrelay.policy.known import KnownAddresses
 from authrelay.policy.relay import RelayPolicy
-from authrelay.policy.throttle import Exemptions, Share, Throttle, make_throttle
+from authrelay.policy.throttle import Exemptions, Share, Throttle
 from authrelay.smtpd import proxy
-from authrelay.smtpd.admission import Acceptor, Ticket, fd_budget
+from authrelay.smtpd.admission import Acceptor, Listener, Ticket, fd_budget
 from authrelay.smtpd.listener import Connection
 from authrelay.smtpd.session import Session, SessionDeps
 from authrelay.spool.submit import Submitter
+from authrelay.tls import CertStore
 from authrelay.types import Reply
 
+__all__ = ["Listener", "SMTPServer", "bind"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Listener:
-    cfg: Listen
-    sock: socket.socket
-
-    @property
-    def mode(self) -> str:
-        return self.cfg.mode
-
-    @property
-    def name(self) -> str:
-        return f"{self.cfg.mode}:{self.cfg.address}"
 
 
 def bind(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
@@ -65,26 +58,24 @@ def bind(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
 
 
 class SMTPServer:
-    def __init__(self, cfg: Config, *, spool: Any, authenticator: Any, certs: Any,
-                 checks: Any = None, metrics: Any = None, share: Share | None = None) -> None:
+    def __init__(self, cfg: Config, *, submitter: Submitter,
+                 authenticator: Authenticator | None, certs: CertStore | None,
+                 known: KnownAddresses, throttle: Throttle, share: Share,
+                 checks: HostChecks | None = None, metrics: Metrics | None = None,
+                 maillog: MailLog | None = None) -> None:
         self.cfg = cfg
-        self.spool = spool
         self.authenticator = authenticator
-        self.auth_available = authenticator is not None
         self.certs = certs
         self.checks = checks
         self.metrics = metrics
         self.policy = RelayPolicy(cfg)
-        self.share = share or Share()
-        self.known = KnownAddresses(cfg.state_path / "known_addresses.db",
-                                    cfg.auth.known_address_days)
-        self.throttle: Throttle = make_throttle(cfg, self.share, known=self.known)
+        self.share = share
+        self.known = known
+        self.throttle = throttle
         self.exemptions = Exemptions(cfg)
         self.proxy_trusted = proxy.Networks(cfg.relay.proxy_trusted)
-        self.maillog = maillog_mod.get()
-        # The one accept path (spool/submit.py); h13's DKIM signer is set on it.
-        self.submitter = Submitter(spool, cfg, maillog=self.maillog,
-                                   signer=Signer.from_config(cfg, maillog=self.maillog))
+        self.maillog = maillog or maillog_mod.get()
+        self.submitter = submitter  # the one accept path (spool/submit.py)
         self.sessions: set[Session] = set()
         self.acceptors: list[Acceptor] = []
         self.listeners: list[Listener] = []
@@ -113,7 +104,7 @@ class SMTPServer:
             self.acceptors.append(a)
             self.listeners.append(ln)
 
-    def protocol_factory(self, ln: Listener, ticket: Ticket) -> Any:
+    def protocol_factory(self, ln: Listener, ticket: Ticket) -> Callable[[], Connection]:
         return lambda: Connection(lambda c: self._connected(ln, c, ticket))
 
     def _connected(self, ln: Listener, conn: Connection, ticket: Ticket) -> None:
@@ -140,13 +131,15 @@ class SMTPServer:
 
         task.add_done_callback(done)
 
+    def tls_context(self) -> ssl.SSLContext | None:
+        return self.certs.context if self.certs is not None else None
+
     def session_deps(self, ln: Listener) -> SessionDeps:
         """The narrow interfaces a session gets (never the server itself)."""
-        certs = self.certs
         return SessionDeps(
             cfg=self.cfg, listener=ln.name, mode=ln.mode, policy=self.policy,
             authenticator=self.authenticator, submitter=self.submitter,
-            tls_context=(lambda: certs.context) if certs is not None else (lambda: None),
+            tls_context=self.tls_context,
             checks=self.checks, maillog=self.maillog, metrics=self.metrics)
 
     # admission hooks (admission.py) ------------------------------------------
@@ -184,18 +177,6 @@ class SMTPServer:
     def metrics_connection(self, mode: str, result: str) -> None:
         if self.metrics is not None:
             self.metrics.connection(mode, result)
-
-    def metrics_auth(self, result: str) -> None:
-        if self.metrics is not None:
-            self.metrics.auth(result)
-
-    def metrics_accepted(self, mode: str) -> None:
-        if self.metrics is not None:
-            self.metrics.accepted(mode)
-
-    def metrics_rejected(self, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.rejected(reason)
 
     # stop -----------------------------------------------------------------
     def close_listeners(self) -> None:

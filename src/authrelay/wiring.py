@@ -1,0 +1,164 @@
+"""The composition root: every long-lived part of a process, built from the config.
+
+Owns which implementation of each seam a config selects and how the parts are connected:
+the spool, the DKIM signer and the submitter (the one way into the spool), the
+authenticator, the known-address store and the throttle, the host checks, the metrics,
+the receiving server, and the delivering side (courier, scheduler). Nothing else in the
+package builds one of these from a `Config`: `daemon.py` (serve), `sendmail.py` and the
+tests ask here, so a part is made one way wherever it runs.
+
+Contract: each factory is a plain function `(cfg, ...parts) -> Part` with a precise
+return type; a factory does no I/O beyond what the part's constructor does (creating the
+spool's directories, opening SQLite files lazily). Receiving and delivering are built
+apart (`receiver()` / `delivery()`): a receiving worker never builds a courier or a
+scheduler, and the scheduler gets its own submitter for bounces.
+`preload(cfg)` imports, before a privilege drop, the optional drivers this config needs
+(asyncpg, redis): after the drop the Python installation may no longer be readable.
+Failure policy: a factory raises what the part raises (a missing optional driver is a
+start-up error with one line); only metrics, which never stop mail, degrade to None.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Literal
+
+from authrelay import maillog as maillog_mod
+from authrelay.auth import pgusers
+from authrelay.auth.authenticator import Authenticator, make_authenticator
+from authrelay.config import Config
+from authrelay.delivery.client import Courier
+from authrelay.dkim.signer import Signer
+from authrelay.metrics import Metrics
+from authrelay.policy import shared as shared_mod
+from authrelay.policy.anvil import SharedCounters
+from authrelay.policy.checks import HostChecks
+from authrelay.policy.known import KnownAddresses
+from authrelay.policy.throttle import Share, Throttle, make_throttle
+from authrelay.scheduler.scheduler import CourierLike, Scheduler
+from authrelay.smtpd.server import Listener, SMTPServer
+from authrelay.spool.store import Spool
+from authrelay.spool.submit import Submitter
+from authrelay.tls import CertStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Listener", "authenticator", "courier", "host_checks", "known_addresses",
+           "metrics", "preload", "scheduler", "server", "shared_counters", "signer",
+           "spool", "submitter", "throttle"]
+
+
+# Modules the standard library imports on first use (the IDNA codec, multiprocessing's
+# shared-memory locks), not at an import of ours: loaded by preload() too.
+_FIRST_USE = ("encodings.idna", "multiprocessing.synchronize", "multiprocessing.heap")
+
+
+def preload(cfg: Config) -> None:
+    """Import the optional drivers `cfg` uses while the interpreter can read everything
+    (before dropping privileges); a missing one is the start-up error it would be later.
+    Every module of ours is already imported: this one imports them all."""
+    for name in _FIRST_USE:
+        importlib.import_module(name)
+    if cfg.auth.backend == "postgresql":
+        pgusers.driver()
+    if cfg.limits.shared:
+        shared_mod.driver()
+
+
+# --------------------------------------------------------------------------- the spool
+
+def spool(cfg: Config) -> Spool:
+    """The queue under `cfg.spool_dir`, its directories made."""
+    s = Spool(cfg.spool_dir)
+    s.ensure_dirs()
+    return s
+
+
+def signer(cfg: Config, maillog: maillog_mod.MailLog | None) -> Signer:
+    """The DKIM signer: the keys under `cfg.dkim_dir`, `[dkim]` (signs nothing without)."""
+    return Signer.from_config(cfg, maillog=maillog)
+
+
+def submitter(cfg: Config, queue: Spool, maillog: maillog_mod.MailLog | None) -> Submitter:
+    """The one way into the spool (SMTP sessions, sendmail, bounces), DKIM signing on."""
+    return Submitter(queue, cfg, maillog=maillog, signer=signer(cfg, maillog))
+
+
+# --------------------------------------------------------------------------- receiving
+
+def authenticator(cfg: Config) -> Authenticator:
+    """The authenticator `[auth] backend` names (userdb, saslauthd, dovecot, postgresql)."""
+    return make_authenticator(cfg)
+
+
+def known_addresses(cfg: Config) -> KnownAddresses:
+    """The networks each user authenticated from lately (AUTH lockout exemption)."""
+    return KnownAddresses(cfg.state_path / "known_addresses.db", cfg.auth.known_address_days)
+
+
+def throttle(cfg: Config, share: Share, known: KnownAddresses) -> Throttle:
+    """Counters in this process, in shared memory across workers, or in Redis (`shared`)."""
+    return make_throttle(cfg, share, known=known)
+
+
+def shared_counters() -> SharedCounters:
+    """The workers' shared-memory counters: made in the master before forking."""
+    return SharedCounters()
+
+
+def host_checks(cfg: Config) -> HostChecks | None:
+    """Reverse DNS and DNSBL checks, or None when `[checks]` asks for neither."""
+    if not cfg.checks.require_reverse_dns and not cfg.checks.dnsbl:
+        return None
+    return HostChecks(cfg)
+
+
+def metrics(cfg: Config) -> Metrics | None:
+    """The Prometheus counters, or None (no `[metrics] address`, or they cannot start:
+    metrics never stop mail)."""
+    if not cfg.metrics.address:
+        return None
+    try:
+        return Metrics(cfg)
+    except Exception:
+        log.exception("metrics disabled")
+        return None
+
+
+def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
+           share: Share | None = None, metrics: Metrics | None = None,
+           auth: Authenticator | None | Literal["config"] = "config",
+           checks: HostChecks | None | Literal["config"] = "config",
+           maillog: maillog_mod.MailLog | None = None) -> SMTPServer:
+    """The receiving side of one process: its submitter, throttle and known-address store
+    built here; `auth` and `checks` are what the config names unless given (None: none)."""
+    ml = maillog or maillog_mod.get()
+    share = share or Share()
+    known = known_addresses(cfg)
+    return SMTPServer(
+        cfg, submitter=submitter(cfg, queue, ml),
+        authenticator=authenticator(cfg) if auth == "config" else auth,
+        certs=certs, checks=host_checks(cfg) if checks == "config" else checks,
+        metrics=metrics, known=known, throttle=throttle(cfg, share, known), share=share,
+        maillog=ml)
+
+
+# --------------------------------------------------------------------------- delivering
+
+def courier(cfg: Config, read_password: Callable[[], str] | None = None) -> Courier:
+    """The outbound client; `read_password` reads the smart host's password with
+    privileges (the key helper) when they were dropped."""
+    c = Courier(cfg)
+    if read_password is not None:
+        c.read_password = read_password
+    return c
+
+
+def scheduler(cfg: Config, queue: Spool, carrier: CourierLike,
+              maillog: maillog_mod.MailLog | None = None) -> Scheduler:
+    """The queue manager, with its own submitter for bounces (DKIM-signed when
+    MAILER-DAEMON's domain has a key)."""
+    ml = maillog or maillog_mod.get()
+    return Scheduler(cfg, queue, carrier, ml, submitter=submitter(cfg, queue, ml))
