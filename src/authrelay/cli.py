@@ -84,6 +84,26 @@ def main(argv: list[str] | None = None) -> int:
 _SENDMAIL_NAMES = {"sendmail": [], "mailq": ["-bp"], "newaliases": ["-bi"]}
 
 
+def _sendmail_call(argv: list[str]) -> tuple[list[str] | None, str | None]:
+    """(sendmail's arguments, the -c/--config given before it) when argv is `[-c FILE]
+    sendmail ...`; (None, None) otherwise."""
+    config = None
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-c", "--config") and i + 1 < len(argv):
+            config, i = argv[i + 1], i + 2
+        elif a.startswith("--config="):
+            config, i = a.split("=", 1)[1], i + 1
+        elif a.startswith("-c") and len(a) > 2:
+            config, i = a[2:], i + 1
+        elif a == "sendmail":
+            return argv[i + 1:], config
+        else:
+            return None, None
+    return None, None
+
+
 def _main(argv: list[str] | None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -95,10 +115,12 @@ def _main(argv: list[str] | None) -> int:
 
                 return sendmail.main(pre + argv)
     # `authrelay sendmail` takes sendmail's own flags (-t -i -f ...): hand them over raw.
-    if argv and argv[0] == "sendmail":
+    # So does `authrelay -c FILE sendmail -bp` (argparse would take -bp for its own).
+    cmd, config = _sendmail_call(argv)
+    if cmd is not None:
         from authrelay import sendmail
 
-        return sendmail.main(argv[1:])
+        return sendmail.main(cmd, config=config)
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

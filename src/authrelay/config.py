@@ -342,6 +342,9 @@ class Config:
     # then aliases_file (/etc/aliases format); the table wins.
     aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
     aliases_file: str = ""
+    # Local users who may set the envelope sender of local mail (sendmail -f, -bs MAIL
+    # FROM), as sendmail's trusted users; root and `user` always may.
+    trusted_users: tuple[str, ...] = ()
     source: str = EMBEDDED  # where this config came from (not a TOML key)
 
     # Derived paths -------------------------------------------------------------

@@ -72,7 +72,9 @@ def _prepare_state(cfg: Config) -> None:
     d = cfg.state_path
     d.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
-        os.chmod(d, 0o700)  # queue and user DB: nobody else's business
+        # Searchable, not listable: local users reach public/submit.sock (localsubmit.py);
+        # every other entry is 0700/0600, nobody else's business.
+        os.chmod(d, 0o711)
     # The spool exists before any port listens: a client (or a test) that can connect
     # finds a server whose state is complete.
     Spool(cfg.spool_dir).ensure_dirs()
@@ -202,6 +204,18 @@ def _loop_exception_handler(loop: asyncio.AbstractEventLoop, ctx: dict[str, Any]
 
 # --------------------------------------------------------------------------- components
 
+async def _start_local_submission(cfg: Config, ml: maillog_mod.MailLog) -> Any:
+    """state_dir/public/submit.sock for every local user (localsubmit.py); a failure is
+    one error line (local users then get 75), never a refused start."""
+    try:
+        local = wiring.local_submission(cfg, ml)
+        await local.start()
+    except Exception as e:
+        ml.error(f"local submission socket not available: {_one_line(e)}")
+        return None
+    return local
+
+
 class _Receiver:
     """The receiving half (one per worker process, or inside the single process)."""
 
@@ -297,12 +311,14 @@ async def _serve_loop(run: _Run) -> int:
         certs = CertStore(cfg, run.pem)
         receiver = _Receiver(cfg, run.listeners, run.share)
     scheduler = None
+    local = None
     if deliver:
         # Scheduler.start() runs spool.recover() itself
         scheduler = wiring.scheduler(cfg, spool, wiring.courier(cfg, run.read_password), ml)
         if receiver is not None:
             spool.on_commit = scheduler.notify
         await scheduler.start()
+        local = await _start_local_submission(cfg, ml)
         if metrics is not None:
             with contextlib.suppress(Exception):
                 metrics.start(scheduler=scheduler, spool=spool)
@@ -316,6 +332,8 @@ async def _serve_loop(run: _Run) -> int:
             receiver.server.reload(new)
         if scheduler is not None:
             scheduler.reload(new)
+        if local is not None:
+            local.reload(new)
         run.cfg, run.pem = new, pem
 
     if run.role == "worker" and run.channel is not None:
@@ -393,6 +411,8 @@ async def _serve_loop(run: _Run) -> int:
     ml.daemon("stopping", pid=os.getpid())
     sdnotify.stopping()
     hup_task.cancel()
+    if local is not None:
+        await local.stop()
     if receiver is not None:
         await receiver.stop()
     if scheduler is not None:

@@ -33,17 +33,18 @@ from __future__ import annotations
 import argparse
 import email.utils
 import errno
+import io
 import os
 import pwd
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 # Everything is imported up front: after switching to the spool owner the Python install
 # (e.g. under /root) may no longer be readable, so no lazy imports past that point.
-from authrelay import aliases, maillog, replies, wiring
+from authrelay import aliases, localsubmit, maillog, replies, wiring
 from authrelay.address import AddressError, parse_mailbox
 from authrelay.config import LOOKUP, Config, ConfigError, NoConfig, find_config_path, load_file
 from authrelay.scheduler import queuecli
@@ -285,18 +286,53 @@ def _become_spool_owner(cfg: Config) -> None:
         return
 
 
-def _login() -> tuple[str, str]:
-    """(login name, full name from GECOS) of the invoking user."""
+@dataclass(frozen=True)
+class Identity:
+    """Who submits: decided by the kernel (getuid, or SO_PEERCRED on the server's local
+    socket), never by the message or the command line."""
+
+    uid: int
+    login: str
+    gecos: str = ""
+    trusted: bool = False  # may set the envelope sender with -f (sendmail's class t)
+
+
+def identity(uid: int, cfg: Config, *, server_uid: int | None = None) -> Identity:
+    """The local user `uid`: login and GECOS name from the password database. Trusted
+    (may use -f / MAIL FROM freely): root, the daemon's own user, and `trusted_users`."""
     try:
-        pw = pwd.getpwuid(os.getuid())
-        return pw.pw_name, pw.pw_gecos.split(",")[0]
+        pw = pwd.getpwuid(uid)
+        login, gecos = pw.pw_name, pw.pw_gecos.split(",")[0]
     except KeyError:
-        return f"uid{os.getuid()}", ""
+        login, gecos = f"uid{uid}", ""
+    trusted = uid == 0 or uid == server_uid or login in cfg.trusted_users
+    return Identity(uid, login, gecos, trusted)
 
 
-def submit(opts: Options, stdin: BinaryIO, cfg: Config) -> str:
-    """Queue one message; returns its queue id. Raises Fail."""
-    login, gecos = _login()
+def _envelope_sender(opts_sender: str | None, who: Identity, cfg: Config) -> str:
+    """-f as sendmail's trusted users have it: root, the daemon's user and
+    `trusted_users` set any sender (or <>); anyone else only their own address, so the
+    envelope sender of local mail always names the user who sent it."""
+    own = f"{who.login}@{cfg.hostname}"
+    if opts_sender is None:
+        return own
+    if opts_sender in ("", "<>"):
+        sender = ""
+    else:
+        sender = _check_address(_qualify(opts_sender.strip("<>"), cfg), "-f")
+    if not who.trusted and sender.lower() != own.lower():
+        raise Fail(EX_NOPERM, f"-f <{sender}>: only trusted users may set the envelope "
+                              f"sender ({who.login} is not in trusted_users)")
+    return sender
+
+
+def submit(opts: Options, stdin: BinaryIO, cfg: Config, who: Identity, *,
+           submitter: Submitter | None = None,
+           check: Callable[[Envelope], None] | None = None) -> str:
+    """Queue one message from `who`; returns its queue id. Raises Fail. `submitter`: the
+    running server's (local socket); `check(env)`: the server's per-user limits, called
+    once the envelope is known and before anything is stored."""
+    login, gecos = who.login, who.gecos
     # The header section (bounded) is read first: -t needs it before the envelope exists.
     lines = _lines(stdin, opts.ignore_dots)
     headers: list[bytes] = []
@@ -340,12 +376,7 @@ def submit(opts: Options, stdin: BinaryIO, cfg: Config) -> str:
         raise Fail(EX_USAGE, "no recipients (give them as arguments, or use -t)")
     rcpts = _expand(cfg, rcpts)
 
-    if opts.sender is None:
-        sender = f"{login}@{cfg.hostname}"
-    elif opts.sender in ("", "<>"):
-        sender = ""
-    else:
-        sender = _check_address(_qualify(opts.sender.strip("<>"), cfg), "-f")
+    sender = _envelope_sender(opts.sender, who, cfg)
 
     out_headers = [h for i, h in enumerate(headers) if i not in drop]
     if not any(f[0] == "from" for f in fields):
@@ -367,7 +398,9 @@ def submit(opts: Options, stdin: BinaryIO, cfg: Config) -> str:
         yield first_body if first_body is not None else b"\r\n"
         yield from lines
 
-    return queue_message(cfg, env, pieces(), login)
+    if check is not None:
+        check(env)
+    return queue_message(cfg, env, pieces(), who, submitter)
 
 
 def _expand(cfg: Config, rcpts: list[str]) -> list[str]:
@@ -375,24 +408,18 @@ def _expand(cfg: Config, rcpts: list[str]) -> list[str]:
     return [_check_address(a, "alias") for a in aliases.expand(cfg, rcpts)]
 
 
-def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], login: str) -> str:
+def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], who: Identity,
+                  submitter: Submitter | None = None) -> str:
     """Store one message (CRLF text, headers first) for `env` through the one accept path
     (spool/submit.py: Received:, the missing Date:/Message-ID:, NUL and hop checks, the
     DKIM hook, fsync); returns the queue id. Raises Fail. Over the hop limit the message
     is bounced to its sender instead (exit 0, as Postfix does with local mail)."""
-    spool = Spool(cfg.spool_dir)
-    try:
-        spool.ensure_dirs()
-    except PermissionError as e:
-        raise Fail(EX_CANTCREAT, f"cannot create {cfg.spool_dir}: {e.strerror}") from None
-    except OSError as e:
-        raise Fail(EX_TEMPFAIL, f"spool {cfg.spool_dir}: {e.strerror}") from None
-    ml = _maillog(cfg)
-    sub = wiring.submitter(cfg, spool, ml)
+    sub = submitter if submitter is not None else _direct_submitter(cfg)
+    spool = sub.spool
     if not sub.space_ok():
         raise Fail(EX_TEMPFAIL, f"{replies.NO_STORAGE.text} in {spool.queue_dir} "
                                 "(limits.queue_min_free)")
-    draft = sub.begin(env, add_missing=True, local_uid=os.getuid())
+    draft = sub.begin(env, add_missing=True, local_uid=who.uid)
     limit = cfg.limits.max_message_size
     try:
         total = 0
@@ -401,7 +428,7 @@ def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], login: st
             if limit and total > limit:
                 raise Fail(EX_DATAERR, f"message too big (limit {limit} bytes)")
             draft.write(piece)
-        draft.commit_blocking(uid=os.getuid(), user=login)
+        draft.commit_blocking(uid=who.uid, user=who.login)
     except Refused as e:
         draft.abort()
         if e.reply is replies.TOO_MANY_HOPS:
@@ -410,7 +437,7 @@ def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], login: st
         if sub.maillog is not None:  # the same reject line as for SMTP
             sub.maillog.reject(e.reply, relay="local", queue_id=env.queue_id,
                                reason=e.reason if e.reason != e.reply.text else None,
-                               uid=os.getuid(), user=login)
+                               uid=who.uid, user=who.login)
         if e.reply is replies.MSG_NUL:
             raise Fail(EX_DATAERR, "message contains NUL characters") from None
         if e.reply.code == 452:
@@ -424,6 +451,19 @@ def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], login: st
         draft.abort()
         raise
     return env.queue_id
+
+
+def _direct_submitter(cfg: Config) -> Submitter:
+    """No server running (root only): write the spool from this process."""
+    spool = Spool(cfg.spool_dir)
+    try:
+        spool.ensure_dirs()
+    except PermissionError as e:
+        raise Fail(EX_CANTCREAT, f"cannot create {cfg.spool_dir}: {e.strerror}") from None
+    except OSError as e:
+        raise Fail(EX_TEMPFAIL, f"spool {cfg.spool_dir}: {e.strerror}") from None
+    ml = _maillog(cfg)
+    return wiring.submitter(cfg, spool, ml)
 
 
 def _bounce_hops(sub: Submitter, env: Envelope, headers: bytes, e: Refused) -> None:
@@ -460,12 +500,16 @@ def _maillog(cfg: Config) -> maillog.MailLog | None:
 
 # --------------------------------------------------------------------------- -bs
 
-def smtp_dialogue(cfg: Config, stdin: BinaryIO, stdout: BinaryIO) -> int:
+Deliver = Callable[[Options, BinaryIO], str]
+
+
+def smtp_dialogue(cfg: Config, stdin: BinaryIO, stdout: BinaryIO, deliver: Deliver) -> int:
     """-bs: an SMTP dialogue on stdin/stdout with the server's own engine
-    (smtpd/protocol.py), as sendmail -bs: the local user is trusted (no AUTH, no TLS on
-    a pipe), every accepted message is queued like `sendmail` queues it (aliases,
-    Received, fsync before the 250). Returns 0 (per-message results are in the replies)."""
-    login, _ = _login()
+    (smtpd/protocol.py), as sendmail -bs: the local user needs no AUTH (no TLS on a pipe),
+    every accepted message is queued like `sendmail` queues it, by `deliver` (through the
+    running server, or directly by root): MAIL FROM is the -f of the command line, so only
+    a trusted user may name another sender. Returns 0 (per-message results are in the
+    replies)."""
     eng = smtp.Engine(cfg, mode="smtp", trusted=True, auth_available=False,
                       tls_available=False)
     eng.greet()
@@ -502,7 +546,7 @@ def smtp_dialogue(cfg: Config, stdin: BinaryIO, stdout: BinaryIO) -> int:
         elif isinstance(ev, smtp.MessageAborted):
             body = []
         elif isinstance(ev, smtp.MessageComplete):
-            eng.message_result(_queue_dialogue_message(cfg, ev.transaction, body, login))
+            eng.message_result(_queue_dialogue_message(ev.transaction, body, deliver))
             body = []
         elif isinstance(ev, smtp.Delay):
             eng.resume()  # a local user's own mistakes need no tar pit
@@ -511,25 +555,78 @@ def smtp_dialogue(cfg: Config, stdin: BinaryIO, stdout: BinaryIO) -> int:
         # Reject / LogWarning: nothing to do for a local dialogue
 
 
-def _queue_dialogue_message(cfg: Config, t: smtp.Transaction, body: list[bytes],
-                            login: str) -> Reply:
+def _queue_dialogue_message(t: smtp.Transaction, body: list[bytes],
+                            deliver: Deliver) -> Reply:
+    notify = {(r.params.get("NOTIFY") or "").upper() for r in t.rcpts}
+    opts = Options(ignore_dots=True, sender=t.sender.text,
+                   recipients=[r.text for r in t.rcpts], envid=t.envid, ret=t.ret,
+                   body_8bit=t.body_8bit, notify=notify.pop() if len(notify) == 1 else "")
     try:
-        rcpts = _expand(cfg, [r.text for r in t.rcpts])
-        notify = {r.text: (r.params.get("NOTIFY") or "").upper() for r in t.rcpts}
-        env = Envelope(
-            queue_id=new_queue_id(), sender=t.sender.text,
-            recipients=[Recipient(r, notify=notify.get(r, "")) for r in rcpts],
-            client_ip="127.0.0.1", helo="localhost", auth_user="", protocol="local",
-            listener="sendmail", envid=t.envid, ret=t.ret, body_8bit=t.body_8bit,
-            smtputf8=t.smtputf8 or not all(a.isascii() for a in (t.sender.text, *rcpts)),
-        )
-        qid = queue_message(cfg, env, iter(body), login)
+        qid = deliver(opts, io.BytesIO(b"".join(body)))
     except Fail as e:
-        code, enh = ((552, "5.3.4") if e.code == EX_DATAERR else (451, "4.3.0"))
+        if e.code in (EX_DATAERR, EX_NOPERM, EX_USAGE):
+            code, enh = (550, "5.7.1") if e.code == EX_NOPERM else (552, "5.3.4")
+        else:
+            code, enh = 451, "4.3.0"
         return Reply(code, enh, str(e))
     except Exception:  # never a traceback on the dialogue
         return Reply(451, "4.3.0", "Local error in processing")
     return Reply(250, "2.0.0", f"Ok: queued as {qid}")
+
+
+# --------------------------------------------------------------------------- delivery
+
+def _where(explicit: str | None) -> tuple[str, Config | None]:
+    """(the server's submission socket, the config when this user may read it). A config
+    this user may not read (0640, it holds a database password) is normal for everyone
+    but root and the daemon's group: then the packaged state dir's socket, or
+    $AUTHRELAY_SUBMIT_SOCKET."""
+    override = os.environ.get(localsubmit.SOCKET_ENV)
+    path = find_config_path(explicit)
+    if path is None:
+        raise NoConfig(f"no config file found (looked for {LOOKUP}); message not queued")
+    if os.path.exists(path) and not os.access(path, os.R_OK):
+        return override or localsubmit.DEFAULT_SOCKET, None
+    cfg = load_file(path)
+    return override or str(localsubmit.socket_path(cfg)), cfg
+
+
+def _deliver(opts: Options, message: BinaryIO, explicit: str | None, invoker: int) -> str:
+    """Through the running server; with none running, root (only) queues directly."""
+    try:
+        sock, cfg = _where(explicit)
+    except NoConfig as e:
+        raise Fail(EX_TEMPFAIL, str(e)) from None
+    except ConfigError as e:
+        raise Fail(EX_CONFIG, f"config error: {e}") from None
+    try:
+        resp = localsubmit.send(sock, opts, message)
+    except localsubmit.NotRunning:
+        if invoker != 0 or cfg is None:
+            raise Fail(EX_TEMPFAIL, "the mail system is not running (no authrelay server "
+                                    f"on {sock}); message not queued, try again later") \
+                from None
+        return _direct(opts, message, cfg, invoker)
+    except PermissionError:
+        raise Fail(EX_TEMPFAIL, f"{sock}: permission denied (the server's state dir must "
+                                "be 0711); message not queued, try again later") from None
+    except OSError as e:
+        raise Fail(EX_TEMPFAIL, f"{sock}: {e.strerror or e}; message not queued") from None
+    if resp["code"] != EX_OK:
+        raise Fail(resp["code"], str(resp.get("error", "refused")))
+    return str(resp.get("queue_id", ""))
+
+
+def _direct(opts: Options, message: BinaryIO, cfg: Config, invoker: int) -> str:
+    """No server: root writes the spool itself, as the spool's owner (never root-owned
+    files in the spool). The sender is still root's, decided before the switch."""
+    who = identity(invoker, cfg)
+    try:
+        _become_spool_owner(cfg)
+    except (OSError, KeyError) as e:
+        raise Fail(EX_NOPERM, f"cannot switch to the spool owner: {e}") from None
+    message.seek(0)
+    return submit(opts, message, cfg, who)
 
 
 # --------------------------------------------------------------------------- -bp, -q
@@ -540,6 +637,7 @@ def _queue_args(cfg: Config, **kw: object) -> argparse.Namespace:
 
 def main(argv: list[str], config: str | None = None) -> int:
     """`authrelay sendmail ARGS`: 0 when queued, a sysexits code otherwise."""
+    invoker = os.getuid()  # the sender, whatever this process becomes later
     try:
         opts = parse_args(argv)
         if opts.mode == "help":
@@ -547,25 +645,34 @@ def main(argv: list[str], config: str | None = None) -> int:
             return EX_OK
         if opts.mode == "i":  # newaliases: [aliases] is read at each use; nothing to build
             return EX_OK
-        try:
-            cfg = _load_config(opts.config or config)
-        except NoConfig as e:
-            raise Fail(EX_TEMPFAIL, str(e)) from None
-        except ConfigError as e:
-            raise Fail(EX_CONFIG, f"config error: {e}") from None
-        if opts.mode == "p":  # mailq
-            return queuecli.cmd_list(_queue_args(cfg))
-        if opts.mode == "q":  # deliver now: the running scheduler does it
-            arg = opts.queue_arg
-            qid = arg[1:] if arg[:1] == "I" else None
-            return queuecli.cmd_flush(_queue_args(cfg, id=qid))
-        try:
-            _become_spool_owner(cfg)
-        except (OSError, KeyError) as e:
-            raise Fail(EX_NOPERM, f"cannot switch to the spool owner: {e}") from None
+        explicit = opts.config or config
         if opts.mode == "s":
-            return smtp_dialogue(cfg, sys.stdin.buffer, sys.stdout.buffer)
-        submit(opts, sys.stdin.buffer, cfg)
+            try:
+                _sock, dcfg = _where(explicit)
+            except NoConfig as e:
+                raise Fail(EX_TEMPFAIL, str(e)) from None
+            except ConfigError as e:
+                raise Fail(EX_CONFIG, f"config error: {e}") from None
+            return smtp_dialogue(dcfg or Config(), sys.stdin.buffer, sys.stdout.buffer,
+                                 lambda o, m: _deliver(o, m, explicit, invoker))
+        if opts.mode in ("p", "q"):
+            try:
+                cfg = _load_config(explicit)
+            except NoConfig as e:
+                raise Fail(EX_TEMPFAIL, str(e)) from None
+            except ConfigError as e:
+                raise Fail(EX_CONFIG, f"config error: {e}") from None
+            try:
+                if opts.mode == "p":  # mailq
+                    return queuecli.cmd_list(_queue_args(cfg))
+                arg = opts.queue_arg  # -q: deliver now: the running scheduler does it
+                qid = arg[1:] if arg[:1] == "I" else None
+                return queuecli.cmd_flush(_queue_args(cfg, id=qid))
+            except PermissionError:
+                raise Fail(EX_NOPERM, "the queue is readable by root and the authrelay "
+                                      "user only") from None
+        message = localsubmit.buffer_stdin(sys.stdin.buffer)
+        _deliver(opts, message, explicit, invoker)
     except Fail as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return e.code

@@ -31,6 +31,7 @@ from authrelay.auth.authenticator import Authenticator, make_authenticator
 from authrelay.config import Config
 from authrelay.delivery.client import Courier
 from authrelay.dkim.signer import Signer
+from authrelay.localsubmit import LocalSubmission
 from authrelay.metrics import Metrics
 from authrelay.policy import shared as shared_mod
 from authrelay.policy.anvil import SharedCounters
@@ -46,8 +47,8 @@ from authrelay.tls import CertStore
 log = logging.getLogger(__name__)
 
 __all__ = ["Listener", "authenticator", "courier", "host_checks", "known_addresses",
-           "metrics", "preload", "scheduler", "server", "shared_counters", "signer",
-           "spool", "submitter", "throttle"]
+           "local_submission", "metrics", "preload", "scheduler", "server",
+           "shared_counters", "signer", "spool", "submitter", "throttle"]
 
 
 # Modules the standard library imports on first use (the IDNA codec, multiprocessing's
@@ -162,3 +163,11 @@ def scheduler(cfg: Config, queue: Spool, carrier: CourierLike,
     MAILER-DAEMON's domain has a key)."""
     ml = maillog or maillog_mod.get()
     return Scheduler(cfg, queue, carrier, ml, submitter=submitter(cfg, queue, ml))
+
+
+def local_submission(cfg: Config, maillog: maillog_mod.MailLog | None = None
+                     ) -> LocalSubmission:
+    """`state_dir/public/submit.sock` (the master, or the single process): local users'
+    `authrelay sendmail`, with its own spool handle and submitter (localsubmit.py)."""
+    ml = maillog or maillog_mod.get()
+    return LocalSubmission(cfg, submitter(cfg, spool(cfg), ml), ml)

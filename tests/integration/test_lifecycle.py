@@ -206,7 +206,16 @@ def test_serve_refuses_world_readable_key(relay_factory, tmp_path: Path) -> None
 
 
 def test_state_dir_and_self_signed_key_modes(relay: RelayProcess) -> None:
-    assert relay.state.stat().st_mode & 0o777 == 0o700
+    # 0711: every local user reaches public/submit.sock (localsubmit.py); nothing else
+    # under the state dir is open to group or others.
+    assert relay.state.stat().st_mode & 0o777 == 0o711
+    public = relay.state / "public"
+    assert public.stat().st_mode & 0o777 == 0o711
+    assert (public / "submit.sock").stat().st_mode & 0o777 == 0o666
+    # Nothing beneath is reachable through an entry closed to group and others.
+    for p in relay.state.iterdir():
+        if p.name != "public":
+            assert p.lstat().st_mode & 0o077 == 0, (p, oct(p.lstat().st_mode))
     assert (relay.state / "tls" / "key.pem").stat().st_mode & 0o777 == 0o600
     assert (relay.state / "spool").stat().st_mode & 0o077 == 0
 
@@ -282,7 +291,7 @@ def test_drop_privileges_mechanics(reachable_dir: Path) -> None:
     assert out == b"ok"
     for p in (state, state / "spool"):
         assert p.stat().st_uid == pw.pw_uid
-    assert state.stat().st_mode & 0o777 == 0o700
+    assert state.stat().st_mode & 0o777 == 0o711
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -302,7 +311,7 @@ def test_serve_as_root_runs_as_user(reachable_dir: Path, workers: int) -> None:
         uid, gid, groups = _proc_ids(r.proc.pid)
         assert (uid, gid) == (pw.pw_uid, pw.pw_gid) and groups in ("", str(pw.pw_gid))
         st = r.state.stat()
-        assert st.st_uid == pw.pw_uid and st.st_mode & 0o777 == 0o700
+        assert st.st_uid == pw.pw_uid and st.st_mode & 0o777 == 0o711
         key = r.state / "tls" / "key.pem"
         assert key.stat().st_uid == pw.pw_uid and key.stat().st_mode & 0o777 == 0o600
         with RawClient(r.ports["submissions"], tls=client_ctx()) as c:

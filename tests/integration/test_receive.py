@@ -170,7 +170,7 @@ def test_embedded_default_first_start(tmp_path: Path) -> None:
         rp.proc, rp.ports, rp.log = p, {"a": 2525, "b": 2587, "c": 2465}, tmp_path / "none"
         rp.wait_ready()
         assert (tmp_path / "var" / "tls" / "cert.pem").exists()
-        assert stat.S_IMODE(os.stat(tmp_path / "var").st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(tmp_path / "var").st_mode) == 0o711
         with RawClient(2587) as c:
             assert c.reply().code == 220
             assert "STARTTLS" in repr(c.cmd("EHLO x.example"))

@@ -1,0 +1,196 @@
+"""Local submission through the running server (state_dir/public/submit.sock).
+
+Every local user can send (root and `nobody`, through runuser), the sender is the user the
+kernel names (SO_PEERCRED), not what the command line says, and the server writes the
+maillog line (`from=... uid= user=`). With the server down: root queues directly with the
+same identity, anyone else gets one line and EX_TEMPFAIL (75) with nothing queued.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from privpython import python_for
+from relayproc import RelayProcess
+
+from authrelay.spool.format import split
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs commands as nobody: needs root")
+
+
+@pytest.fixture
+def site() -> Iterator[Path]:
+    """A directory `nobody` can reach (pytest's temp root is 0700 root)."""
+    base = Path(tempfile.mkdtemp(prefix="authrelay-local-"))
+    os.chmod(base, 0o711)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def relay(site: Path) -> Iterator[RelayProcess]:
+    r = RelayProcess(site, {"limits": {"max_message_size": 100_000}})
+    os.chmod(r.config, 0o644)
+    r.start()
+    yield r
+    r.stop()
+
+
+def sendmail(r: RelayProcess, *args: str, stdin: bytes, user: str = "root",
+             config: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    py = r.python if user == "root" else python_for(user)
+    cmd = [py, "-m", "authrelay", "-c", str(config or r.config), "sendmail", *args]
+    if user != "root":
+        cmd = ["runuser", "-u", user, "--", *cmd]
+    return subprocess.run(cmd, input=stdin, capture_output=True, timeout=60, cwd="/")
+
+
+def spooled(r: RelayProcess) -> list[tuple[dict, bytes]]:
+    out = []
+    for f in r.queued():
+        ej, msg = split(f.read_bytes())
+        out.append((json.loads(ej), msg))
+    return out
+
+
+MSG = b"Subject: local\n\nhello\n"
+
+
+@pytest.mark.parametrize("user,uid", [("root", 0), ("nobody", 65534)])
+def test_every_user_sends_as_themselves(relay: RelayProcess, user: str, uid: int) -> None:
+    res = sendmail(relay, "-i", "bob@remote.example", stdin=MSG, user=user)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == b"" and res.stderr == b""
+    [(env, msg)] = spooled(relay)
+    assert env["sender"] == f"{user}@relay.test"
+    assert f"(authrelay, from userid {uid})".encode() in msg
+    assert f"From: {user}@relay.test".encode() in msg or b"From: " in msg
+    head = msg.split(b"\r\n\r\n")[0]
+    assert f"{user}@relay.test".encode() in head.split(b"From:")[1].split(b"\r\n")[0]
+    # The server wrote the line (the maillog target is its stdout here).
+    relay.wait_for(lambda: f"from=<{user}@relay.test>" in relay.maillog())
+    line = next(ln for ln in relay.maillog().splitlines() if f"from=<{user}@relay.test>" in ln)
+    assert f"uid={uid}" in line and f"user={user}" in line and "proto=local" in line
+    assert relay.queued()[0].stat().st_uid == os.geteuid()  # written by the server
+
+
+def test_untrusted_user_cannot_set_the_sender(relay: RelayProcess) -> None:
+    res = sendmail(relay, "-f", "ceo@bank.example", "bob@remote.example", stdin=MSG,
+                   user="nobody")
+    assert res.returncode == 77, res.stderr
+    err = res.stderr.decode()
+    assert "only trusted users may set the envelope sender" in err
+    assert len(err.strip().splitlines()) == 1
+    assert relay.queued() == []
+    relay.wait_for(lambda: "local submission refused" in relay.maillog())
+    # Their own address is fine; root may name any sender (a trusted user).
+    res = sendmail(relay, "-f", "nobody@relay.test", "bob@remote.example", stdin=MSG,
+                   user="nobody")
+    assert res.returncode == 0, res.stderr
+    res = sendmail(relay, "-f", "ceo@bank.example", "bob@remote.example", stdin=MSG)
+    assert res.returncode == 0, res.stderr
+    assert sorted(e["sender"] for e, _ in spooled(relay)) == ["ceo@bank.example",
+                                                             "nobody@relay.test"]
+
+
+def test_trusted_users_may_set_the_sender(site: Path) -> None:
+    r = RelayProcess(site, {"trusted_users": ["nobody"]})
+    os.chmod(r.config, 0o644)
+    r.start()
+    try:
+        res = sendmail(r, "-f", "app@site.example", "bob@remote.example", stdin=MSG,
+                       user="nobody")
+        assert res.returncode == 0, res.stderr
+        [(env, msg)] = spooled(r)
+        assert env["sender"] == "app@site.example"
+        assert b"from userid 65534" in msg  # the trace still names who sent it
+    finally:
+        r.stop()
+
+
+def test_limits_apply_to_local_users(relay: RelayProcess) -> None:
+    big = b"Subject: big\n\n" + (b"y" * 70 + b"\n") * 2000
+    res = sendmail(relay, "bob@remote.example", stdin=big, user="nobody")
+    assert res.returncode == 65, res.stderr
+    assert b"message too big" in res.stderr
+    assert relay.queued() == []
+
+
+def test_client_gone_mid_message_queues_nothing(relay: RelayProcess) -> None:
+    sock = relay.state / "public" / "submit.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(sock))
+        s.sendall(json.dumps({"v": 1, "opts": {"recipients": ["bob@remote.example"]}})
+                  .encode() + b"\n")
+        part = b"Subject: cut\r\n\r\nsome of the body\r\n"
+        s.sendall(struct.pack(">I", len(part)) + part)
+    relay.wait_for(lambda: "local submission aborted" in relay.maillog())
+    assert relay.queued() == [] and relay.unready() == []
+
+
+def test_bad_request_is_refused(relay: RelayProcess) -> None:
+    sock = relay.state / "public" / "submit.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(sock))
+        s.sendall(b'{"v": 1, "opts": {"mode": "p", "config": "/etc/shadow"}}\n')
+        s.shutdown(socket.SHUT_WR)
+        answer = s.makefile("rb").readline()
+    assert json.loads(answer)["code"] == 75
+    assert relay.queued() == []
+
+
+def test_server_down(site: Path) -> None:
+    """nobody: one line, 75, nothing queued. root: queued directly, still as root."""
+    r = RelayProcess(site, {"user": "nobody"})
+    os.chmod(r.config, 0o644)
+    r.start()
+    r.stop()  # state made and owned by nobody, no server
+    res = sendmail(r, "bob@remote.example", stdin=MSG, user="nobody")
+    assert res.returncode == 75, res.stderr
+    err = res.stderr.decode()
+    assert "not running" in err and len(err.strip().splitlines()) == 1
+    assert r.queued() == []
+    res = sendmail(r, "bob@remote.example", stdin=MSG)
+    assert res.returncode == 0, res.stderr
+    [(env, msg)] = spooled(r)
+    assert env["sender"] == "root@relay.test"  # not the spool owner's name
+    assert b"from userid 0" in msg
+    assert r.queued()[0].stat().st_uid == 65534
+
+
+def test_unreadable_config_uses_the_socket_env(relay: RelayProcess) -> None:
+    """A 0600 config (it holds a password): a user finds the server through
+    $AUTHRELAY_SUBMIT_SOCKET (default: the packaged /var/lib/authrelay)."""
+    os.chmod(relay.config, 0o600)
+    py = python_for("nobody")
+    env = {"PATH": "/usr/bin:/bin",
+           "AUTHRELAY_SUBMIT_SOCKET": str(relay.state / "public" / "submit.sock")}
+    res = subprocess.run(["runuser", "-u", "nobody", "--", "env", *[f"{k}={v}" for k, v
+                          in env.items()], py, "-m", "authrelay", "-c", str(relay.config),
+                          "sendmail", "bob@remote.example"],
+                         input=MSG, capture_output=True, timeout=60, cwd="/")
+    assert res.returncode == 0, res.stderr
+    [(e, _)] = spooled(relay)
+    assert e["sender"] == "nobody@relay.test"
+
+
+def test_bs_through_the_server(relay: RelayProcess) -> None:
+    dialogue = (b"HELO x\r\nMAIL FROM:<nobody@relay.test>\r\nRCPT TO:<bob@remote.example>\r\n"
+                b"DATA\r\nSubject: bs\r\n\r\nhi\r\n.\r\nMAIL FROM:<ceo@bank.example>\r\n"
+                b"RCPT TO:<bob@remote.example>\r\nDATA\r\nSubject: forged\r\n\r\nhi\r\n.\r\n"
+                b"QUIT\r\n")
+    res = sendmail(relay, "-bs", stdin=dialogue, user="nobody")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.decode()
+    assert "250 2.0.0 Ok: queued as" in out and "550 5.7.1" in out, out
+    [(env, _)] = spooled(relay)
+    assert env["sender"] == "nobody@relay.test"
