@@ -188,9 +188,34 @@ class Relay:
 
 
 @dataclass(frozen=True)
+class TlsPolicyEntry:
+    """One `[[delivery.tls_policy_map]]` row (Postfix's smtp_tls_policy_maps): the level
+    for a destination domain ("example.com" exactly, ".example.com" its subdomains) and,
+    for `verify`, the names the MX certificate may carry (hostname, nexthop, dot-nexthop,
+    or literal names)."""
+
+    domain: str = ""
+    level: str = "may"
+    match: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Delivery:
     port: int = 25
-    tls: str = "may"  # may | encrypt
+    tls: str = "may"  # may | encrypt (older spelling of tls_policy)
+    # Outbound TLS level (delivery/tlspolicy.py): none | may | encrypt | verify | dane |
+    # dane-only. Empty: "verify" when tls_verify, "encrypt" when tls = "encrypt", else
+    # "dane" (DANE where DNSSEC says so, else MTA-STS where published, else may).
+    tls_policy: str = ""
+    tls_policy_map: tuple[TlsPolicyEntry, ...] = ()
+    # CA certificates (PEM) for verify, MTA-STS (the MX and the policy's HTTPS server);
+    # empty: the system store.
+    tls_ca_file: str = ""
+    # Believe the AD bit from `nameservers` (or the system resolver): they validate DNSSEC
+    # and sit on this host or a trusted path (RFC 7672 1.3). Needed for DANE.
+    dnssec: bool = False
+    mta_sts: bool = True  # RFC 8461: fetch and apply MTA-STS policies (level dane or may)
+    tls_reports: bool = False  # RFC 8460 daily TLS-RPT reports to domains that ask
     nameservers: tuple[str, ...] = ()
     retry: tuple[float, ...] = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
     max_queue_lifetime: float = 5 * 86400.0
@@ -391,10 +416,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "tls.min_version": ("1.2", "1.3"),
     "auth.sender_policy": ("any", "own"),
     "auth.app_passwords": ("allow", "require"),
-    "relay.smart_host_tls": ("starttls", "tls", "none"),
+    "relay.smart_host_tls": ("starttls", "tls", "none", "may", "encrypt", "verify"),
     "relay.smart_host_auth": ("password", "xoauth2", "oauthbearer"),
     "relay.smart_host_oauth_grant": ("client_credentials", "jwt_bearer"),
     "delivery.tls": ("may", "encrypt"),
+    "delivery.tls_policy": ("", "none", "may", "encrypt", "verify", "dane", "dane-only"),
     "log.format": ("text", "json"),
     "log.level": ("debug", "info", "warning", "error"),
 }
@@ -417,6 +443,8 @@ def _convert(key: str, value: Any, default: Any) -> Any:
         return parse_duration(value, key)
     if key in _SIZES:
         return parse_size(value, key)
+    if key == "delivery.tls_policy_map":
+        return _policy_map(value)
     if key == "delivery.retry":
         if not isinstance(value, list) or not value:
             raise ConfigError(f"{key}: expected a non-empty list of durations like ['5m', '1h']")
@@ -447,6 +475,27 @@ def _convert(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
         return value
     raise ConfigError(f"{key}: unsupported value {value!r}")  # pragma: no cover
+
+
+_MAP_LEVELS = ("none", "may", "encrypt", "verify", "dane", "dane-only")
+
+
+def _policy_map(value: Any) -> tuple[TlsPolicyEntry, ...]:
+    key = "delivery.tls_policy_map"
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected [[delivery.tls_policy_map]] tables")
+    out = []
+    for i, item in enumerate(value):
+        e = _build(TlsPolicyEntry, item, f"{key}[{i}]")
+        if not e.domain or any(c.isspace() for c in e.domain):
+            raise ConfigError(f"{key}[{i}].domain: a domain (\"example.com\" or "
+                              "\".example.com\" for its subdomains) is required")
+        if e.level not in _MAP_LEVELS:
+            raise ConfigError(f"{key}[{i}].level: {e.level!r} is not one of "
+                              f"{', '.join(_MAP_LEVELS)}")
+        out.append(replace(e, domain=e.domain.lower().rstrip("."),
+                           match=tuple(m.lower() for m in e.match)))
+    return tuple(out)
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

@@ -11,6 +11,12 @@ understands:
   Distinct from NXDOMAIN because "no MX" means implicit MX (RFC 5321 5.1), not failure.
 - `DnsTemporary` -- SERVFAIL, REFUSED, timeouts, unreachable servers: try again later.
 
+With `dnssec=True` every query asks for the AD bit (RFC 6840 5.7) and the `*_ad` methods
+say whether the answer was DNSSEC-validated. Only a validating resolver on this host or on a
+trusted path may be named so (RFC 7672 1.3, `[delivery] dnssec`): the AD bit is believed
+as it arrives, never checked here. A bogus answer is SERVFAIL from such a resolver, hence
+`DnsTemporary`.
+
 Names are always looked up absolute (a trailing dot is added; no search list), so a
 recipient domain "example" never turns into "example.corp.local".
 """
@@ -23,6 +29,7 @@ import logging
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -69,7 +76,7 @@ class Resolver:
     """Async lookups with one overall deadline (`timeout` seconds) per query."""
 
     def __init__(self, nameservers: list[str] | tuple[str, ...] = (),
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, *, dnssec: bool = False) -> None:
         if nameservers:
             r = dns.asyncresolver.Resolver(configure=False)
             r.nameservers = [
@@ -88,6 +95,10 @@ class Resolver:
         r.lifetime = timeout
         # Per-try timeout: leave room for a retry (and TCP fallback on truncation).
         r.timeout = max(0.5, timeout / 3)
+        if dnssec:
+            r.flags = dns.flags.RD | dns.flags.AD
+            r.use_edns(0, 0, 1232)  # TLSA with full certificates outgrow 512 bytes
+        self.dnssec = dnssec
         self._r = r
         self.timeout = timeout
 
@@ -112,24 +123,44 @@ class Resolver:
         except OSError as e:  # network unreachable etc.
             raise DnsTemporary(f"{name}/{rdtype}: DNS error: {e.strerror or e}") from None
 
+    def _ad(self, ans: dns.resolver.Answer) -> bool:
+        return self.dnssec and bool(ans.response.flags & dns.flags.AD)
+
     async def mx(self, domain: str) -> list[tuple[int, str]]:
         """MX records as (preference, host) with the trailing dot removed (host "" = root,
         as in a null MX). Raises DnsPermanent / DnsNoData / DnsTemporary."""
+        return (await self.mx_ad(domain))[0]
+
+    async def mx_ad(self, domain: str) -> tuple[list[tuple[int, str]], bool]:
+        """mx() and whether the answer was DNSSEC-validated (always False unless dnssec)."""
         ans = await self._query(domain, "MX")
         out: list[tuple[int, str]] = []
         for rr in ans:
             host = rr.exchange.to_text(omit_final_dot=True)
             out.append((int(rr.preference), "" if host in ("", "@", ".") else host.lower()))
-        return out
+        return out, self._ad(ans)
+
+    async def tlsa(self, name: str) -> tuple[list[tuple[int, int, int, bytes]], bool]:
+        """TLSA records (usage, selector, matching type, data) of `name` (RFC 6698 2.1)
+        and whether they were DNSSEC-validated. Raises DnsPermanent / DnsNoData /
+        DnsTemporary (a bogus answer is SERVFAIL from a validating resolver)."""
+        ans = await self._query(name, "TLSA")
+        return ([(int(rr.usage), int(rr.selector), int(rr.mtype), bytes(rr.cert))
+                 for rr in ans], self._ad(ans))
 
     async def addresses(self, host: str) -> list[str]:
         """AAAA then A addresses of `host`. Both are asked at once; an answer for either
         family wins over a temporary failure of the other. Raises DnsPermanent when the
         name does not exist, DnsNoData when it has neither record, DnsTemporary else."""
+        return (await self.addresses_ad(host))[0]
+
+    async def addresses_ad(self, host: str) -> tuple[list[str], bool]:
+        """addresses() and whether every answer that had records was DNSSEC-validated."""
         res = await asyncio.gather(self._query(host, "AAAA"), self._query(host, "A"),
                                    return_exceptions=True)
         out: list[str] = []
         errors: list[BaseException] = []
+        secure = True
         for r in res:
             if isinstance(r, BaseException):
                 if not isinstance(r, DnsError):
@@ -137,8 +168,9 @@ class Resolver:
                 errors.append(r)
             else:
                 out.extend(rr.address for rr in r)
+                secure = secure and self._ad(r)
         if out:
-            return out
+            return out, secure
         if any(isinstance(e, DnsTemporary) for e in errors):
             raise next(e for e in errors if isinstance(e, DnsTemporary))
         if any(isinstance(e, DnsPermanent) for e in errors):

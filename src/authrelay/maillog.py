@@ -232,31 +232,52 @@ class MailLog:
                    relay=relay, proto=proto, auth=auth, helo=helo, **extra)
 
     def _delivery(self, queue_id: str, stat: str, rcpt: str, relay: str | None, delay: float,
-                  tries: int, dsn: str | None, reply: str) -> None:
+                  tries: int, dsn: str | None, reply: str, tls: str | None,
+                  policy: str | None) -> None:
         self.event(queue_id, to=f"<{rcpt}>", relay=relay or "none", delay=f"{delay:.2f}",
-                   tries=tries, dsn=dsn or None, stat=f"{stat} ({reply})")
+                   tries=tries, dsn=dsn or None, tls=tls or None, policy=policy or None,
+                   stat=f"{stat} ({reply})")
 
     def sent(self, queue_id: str, rcpt: str, relay: str | None, delay: float, tries: int,
-             dsn: str | None, reply: str) -> None:
-        """`QID: to=<R>, relay=HOST[IP]:PORT, delay=1.23, tries=1, dsn=2.0.0, stat=Sent (REPLY)`."""
-        self._delivery(queue_id, "Sent", rcpt, relay, delay, tries, dsn, reply)
+             dsn: str | None, reply: str, tls: str | None = None,
+             policy: str | None = None) -> None:
+        """`QID: to=<R>, relay=HOST[IP]:PORT, delay=1.23, tries=1, dsn=2.0.0, tls=verified,
+        policy=dane, stat=Sent (REPLY)` (tls=, policy=: the outbound TLS result and the
+        policy that applied, when a connection was made; delivery/tlspolicy.py)."""
+        self._delivery(queue_id, "Sent", rcpt, relay, delay, tries, dsn, reply, tls, policy)
 
     def deferred(self, queue_id: str, rcpt: str, relay: str | None, delay: float, tries: int,
-                 dsn: str | None, reply: str) -> None:
+                 dsn: str | None, reply: str, tls: str | None = None,
+                 policy: str | None = None) -> None:
         """As sent(), `stat=Deferred (REPLY)`: a transient failure, tried again later."""
-        self._delivery(queue_id, "Deferred", rcpt, relay, delay, tries, dsn, reply)
+        self._delivery(queue_id, "Deferred", rcpt, relay, delay, tries, dsn, reply, tls, policy)
 
     def bounced(self, queue_id: str, rcpt: str, relay: str | None, delay: float, tries: int,
-                dsn: str | None, reply: str) -> None:
+                dsn: str | None, reply: str, tls: str | None = None,
+                policy: str | None = None) -> None:
         """As sent(), `stat=Bounced (REPLY)`: a permanent failure."""
-        self._delivery(queue_id, "Bounced", rcpt, relay, delay, tries, dsn, reply)
+        self._delivery(queue_id, "Bounced", rcpt, relay, delay, tries, dsn, reply, tls, policy)
 
     def expired(self, queue_id: str, rcpt: str, relay: str | None, delay: float, tries: int,
-                dsn: str | None, reply: str) -> None:
+                dsn: str | None, reply: str, tls: str | None = None,
+                policy: str | None = None) -> None:
         """Given up after max_queue_lifetime:
         `stat=Bounced (LAST REPLY, message expired in the queue)`."""
         self._delivery(queue_id, "Bounced", rcpt, relay, delay, tries, dsn,
-                       reply + ", message expired in the queue")
+                       reply + ", message expired in the queue", tls, policy)
+
+    def tls_connection(self, queue_id: str, relay: str, result: str, protocol: str,
+                       cipher: str | None, bits: int | None, policy: str,
+                       reason: str | None = None) -> None:
+        """Outbound TLS up, as Postfix logs it: `QID: tls=Verified TLS connection
+        established to HOST [IP]:PORT: TLSv1.3 with cipher NAME (256/256 bits),
+        policy=dane[, reason=WHY NOT VERIFIED]`. result: verified | trusted | untrusted |
+        anonymous."""
+        how = f"{protocol} with cipher {cipher}" if cipher else protocol
+        if bits:
+            how += f" ({bits}/{bits} bits)"
+        self.event(queue_id, tls=f"{result.capitalize()} TLS connection established to "
+                                 f"{relay}: {how}", policy=policy, reason=reason)
 
     def notification(self, queue_id: str, action: str, dsn_queue_id: str) -> None:
         """A DSN about QID was queued as DSN_QID (action failed | delayed | relayed):
@@ -310,6 +331,13 @@ class MailLog:
         next=WHAT HAPPENS NOW`."""
         self.event(queue_id, relay=relay, status="TLS handshake failed", reason=reason,
                    next=next)
+
+    def tls_policy_failed(self, queue_id: str, relay: str, policy: str, reason: str,
+                          action: str) -> None:
+        """Outbound TLS policy not met: `QID: relay=H, status=TLS policy failed,
+        policy=mta-sts, reason=WHY, action=deferred|delivered anyway (testing)`."""
+        self.event(queue_id, relay=relay, status="TLS policy failed", policy=policy,
+                   reason=reason, action=action)
 
     def tls_not_used(self, queue_id: str, relay: str, why: str) -> None:
         """Outbound plain text by policy: `QID: relay=H, tls=not used: WHY`."""

@@ -98,6 +98,11 @@ class Metrics:
                                  "by reason", ("reason",))
         self._attempts = counter("delivery_attempts", "Delivery attempts per recipient by "
                                  "result (sent, deferred, bounced)", ("result",))
+        self._tls = counter("delivery_tls", "Delivery attempts per recipient by result "
+                            "(sent, deferred, bounced), outbound TLS result (verified, "
+                            "trusted, untrusted, anonymous, none) and the TLS policy that "
+                            "applied (dane, mta-sts, verify, encrypt, may, none...)",
+                            ("result", "tls", "policy"))
         self._attempt_seconds = Histogram(
             f"{PREFIX}_delivery_attempt_seconds", "Duration of one outbound delivery "
             "(one destination, its recipients), by route (smarthost, mx)", ("route",),
@@ -147,6 +152,11 @@ class Metrics:
             self._attempts.labels(result).inc()
             if result != "deferred":
                 self._queue_seconds.labels(result).observe(max(0.0, queue_seconds))
+
+    def delivery_tls(self, result: str, tls: str, policy: str) -> None:
+        """One recipient's attempt over a connection: its TLS result and policy."""
+        with contextlib.suppress(Exception):
+            self._tls.labels(result, tls, policy).inc()
 
     # ------------------------------------------------------------------ endpoint
     def start(self, scheduler: Any = None, spool: Any = None) -> None:

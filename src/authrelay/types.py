@@ -47,6 +47,11 @@ class DeliveryResult:
     remote: str = ""  # "mx.example.org [192.0.2.1]:25" when a server answered
     # The next hop took our RFC 3461 DSN parameters: success notices are its job now.
     dsn_passed: bool = False
+    # Outbound TLS of the attempt (delivery/tlspolicy.py): verified | trusted | untrusted |
+    # anonymous | none, and the policy that applied (dane, mta-sts, verify, may...); ""
+    # when no connection was made.
+    tls: str = ""
+    tls_policy: str = ""
 
     @property
     def ok(self) -> bool:

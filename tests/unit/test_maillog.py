@@ -60,6 +60,14 @@ CASES = [
                       "250 2.0.0 ok"),
      "Q1: to=<b@y>, relay=mx.y[198.51.100.1]:25, delay=1.23, tries=1, dsn=2.0.0, "
      "stat=Sent (250 2.0.0 ok)"),
+    (lambda m: m.sent("Q1", "b@y", "mx.y [198.51.100.1]:25", 0.5, 1, "2.0.0", "250 ok",
+                      tls="verified", policy="dane"),
+     "Q1: to=<b@y>, relay=mx.y [198.51.100.1]:25, delay=0.50, tries=1, dsn=2.0.0, "
+     "tls=verified, policy=dane, stat=Sent (250 ok)"),
+    (lambda m: m.tls_connection("Q1", "mx.y [198.51.100.1]:25", "untrusted", "TLSv1.3",
+                                "TLS_AES_256_GCM_SHA384", 256, "may", "self-signed certificate"),
+     "Q1: tls=Untrusted TLS connection established to mx.y [198.51.100.1]:25: TLSv1.3 with "
+     "cipher TLS_AES_256_GCM_SHA384 (256/256 bits), policy=may, reason=self-signed certificate"),
     (lambda m: m.deferred("Q1", "b@y", "", 2, 3, "4.4.1", "connection refused"),
      "Q1: to=<b@y>, relay=none, delay=2.00, tries=3, dsn=4.4.1, "
      "stat=Deferred (connection refused)"),

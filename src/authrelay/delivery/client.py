@@ -27,12 +27,18 @@ Failure policy (codes per RFC 3463):
   its result if the backup cannot be reached. Every failed host is written to the maillog
   (`ID: relay=HOST [IP]:PORT, status=host failed, reason=...`), also when a later host
   takes the mail.
-- TLS required but not offered: 4.7.4; TLS handshake failure: 4.7.5. Both transient.
-  `[delivery] tls = "may"` (RFC 7435 opportunistic): STARTTLS whenever offered,
-  unverified (unless `tls_verify`); a refused STARTTLS command continues in plain text
-  (as if it had not been offered). After a failed STARTTLS *handshake* the host is tried
-  in plain text for `tls_fallback_time` (next attempts; logged): never with
-  `tls = "encrypt"`, never with `tls_verify`, never for a smart host.
+- TLS per host by policy (tlspolicy.py, tlsplan.py: levels none/may/encrypt/verify/
+  dane/dane-only, DANE, MTA-STS). The handshake never verifies; the certificate is judged
+  right after it, before EHLO (peercert.py, dane.py), so every TLS connection gets one
+  maillog line with its result (verified/trusted/untrusted/anonymous) and policy, and
+  every result carries them (`DeliveryResult.tls`, `.tls_policy`).
+- TLS required but not offered: 4.7.4; TLS handshake failure, or a certificate the policy
+  does not accept (verify, DANE mismatch, MTA-STS enforce): 4.7.5. All transient, and the
+  next host is tried. MTA-STS testing: logged, delivered anyway.
+  `may` (RFC 7435 opportunistic): STARTTLS whenever offered, unauthenticated; a refused
+  STARTTLS command continues in plain text (as if it had not been offered). After a failed
+  STARTTLS *handshake* the host is tried in plain text for `tls_fallback_time` (next
+  attempts; logged): only at level `may`, never for a smart host.
 - Smart host AUTH rejected, or no PLAIN/LOGIN: transient 454 4.7.0 (an admin problem;
   the mail is kept). The password is read from `smart_host_password_file` per connection
   and never logged.
@@ -45,7 +51,8 @@ Failure policy (codes per RFC 3463):
   BODY=8BITMIME is passed when the envelope says 8bit and the peer offers it; RFC 3461
   RET/ENVID/NOTIFY/ORCPT when the peer offers DSN.
 - Smart host with `smart_host_tls = "none"` and a user: AUTH goes in plain text (the
-  operator asked for it, e.g. over a tunnel); with "starttls" it is never sent before TLS.
+  operator asked for it, e.g. over a tunnel); at any other level (may included) it is
+  never sent before TLS.
 - Lost connection or timeout after the message was sent: transient for the accepted
   recipients and no other host is tried (it may have arrived; at-least-once, never lost).
 
@@ -71,9 +78,11 @@ from pathlib import Path
 
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config, parse_hostport
-from authrelay.delivery import mx, oauth, wire
+from authrelay.delivery import dane, mx, oauth, peercert, tlsplan, tlspolicy, wire
 from authrelay.delivery.connection import Connection, ConnectionLost, open_connection
+from authrelay.delivery.mtasts import HttpsStsSource, StsSource
 from authrelay.delivery.router import SMARTHOST, route_key
+from authrelay.delivery.tlspolicy import HostPolicy
 from authrelay.delivery.wire import ProtocolError, SMTPReply
 from authrelay.dns import Resolver
 from authrelay.spool.envelope import Envelope, Recipient
@@ -197,7 +206,9 @@ class _Target:
     host: str  # MX or smart host name: pool key, SNI, the "host" in remote
     addr: str  # what is connected to: an IP for MX, the configured name for a smart host
     port: int
-    mode: str  # "mx" | "starttls" | "tls" | "none"
+    mode: str  # "mx" | "smart" (STARTTLS per policy) | "tls" (smart host, implicit TLS)
+    policy: HostPolicy = dataclasses.field(default_factory=lambda: HostPolicy("may", "may"))
+    tls: str = ""  # the TLS result of the last connection used ("" before any)
 
     @property
     def where(self) -> str:
@@ -208,8 +219,9 @@ class _Target:
 @dataclass(eq=False)
 class _Conn:
     wire: Connection
-    key: tuple[str, int]
+    key: tuple[str, int, str]  # host, port, policy key (tlspolicy.HostPolicy.key)
     remote: str
+    tls: str = "none"  # verified | trusted | untrusted | anonymous | none
     ext: dict[str, str] = field(default_factory=dict)
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     idle_since: float = 0.0
@@ -234,24 +246,32 @@ class Courier:
                  maillog: maillog_mod.MailLog | None = None) -> None:
         self.cfg = cfg
         d = cfg.delivery
-        self.resolver = resolver or Resolver(list(d.nameservers), d.dns_timeout)
+        self.resolver = resolver or Resolver(list(d.nameservers), d.dns_timeout,
+                                             dnssec=d.dnssec)
         self._maillog = maillog
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Hosts whose STARTTLS handshake failed: (host, ip, port) -> plain text until then.
         self._plain_until: dict[tuple[str, str, int], float] = {}
-        # MX: opportunistic TLS does not authenticate the peer (RFC 7435), so a
-        # self-signed MX still gets encryption instead of plain text.
+        # MX: the handshake does not verify; peercert/dane judge the certificate after it
+        # and the policy decides (a self-signed MX at level may still gets encryption,
+        # RFC 7435, and the maillog says tls=untrusted).
         self._mx_ctx = ssl.create_default_context()
-        if not d.tls_verify:
-            self._mx_ctx.check_hostname = False
-            self._mx_ctx.verify_mode = ssl.CERT_NONE
-        # Smart host: it receives our credentials, so it is verified unless told not to.
+        self._mx_ctx.check_hostname = False
+        self._mx_ctx.verify_mode = ssl.CERT_NONE
+        self._cas = peercert.CaStore(d.tls_ca_file)
+        # Smart host: it receives our credentials, so it is verified unless told not to
+        # (level verify: OpenSSL checks chain and name during the handshake).
         r = cfg.relay
+        self._smart_level, self._smart_implicit = tlspolicy.smart_host_level(cfg)
         self._smart_ctx = ssl.create_default_context(cafile=r.smart_host_ca_file or None)
-        if not r.smart_host_tls_verify:
+        if self._smart_level != "verify":
             self._smart_ctx.check_hostname = False
             self._smart_ctx.verify_mode = ssl.CERT_NONE
+        self._smart_cas = peercert.CaStore(r.smart_host_ca_file)
+        # MTA-STS policies (None: [delivery] mta_sts is off).
+        self.sts: StsSource | None = HttpsStsSource(cfg, self.resolver) \
+            if d.mta_sts else None
         self.connections_opened = 0  # for metrics and tests
         # OAuth 2.0 (smart_host_auth = xoauth2 | oauthbearer): one token cache for the
         # [relay] smart host settings, shared by every connection and smart host.
@@ -259,6 +279,10 @@ class Courier:
         if r.smart_host_auth != "password":
             self.tokens = oauth.TokenSource(r, read_secret=self._read_oauth_secret,
                                             timeout=min(30.0, d.connect_timeout))
+
+    @property
+    def planner(self) -> tlsplan.Planner:
+        return tlsplan.Planner(self.cfg, self.resolver, self.sts)
 
     @property
     def maillog(self) -> maillog_mod.MailLog:
@@ -278,26 +302,34 @@ class Courier:
             return {r.address: res for r in rcpts}
 
         key = route_key(self.cfg, rcpts[0].address)
+        last = DeliveryResult.temp("no host to deliver to", "4.4.0", 451)
         if key == SMARTHOST:
             targets = self._smart_targets()
         else:
             try:
-                hops = await mx.resolve(self.resolver, key)
+                route = await mx.resolve_route(self.resolver, key)
             except mx.RouteError as e:
                 return {r.address: e.result for r in rcpts}
-            targets = [_Target(h, ip, self.cfg.delivery.port, "mx") for h, ip in hops]
+            plan = await self.planner.plan(key, route)
+            for host, res in plan.failed:  # unusable by TLS policy (DANE, MTA-STS)
+                self.maillog.host_failed(env.queue_id, host, str(res))
+            for note in plan.notes:
+                self.maillog.warning(note, queue_id=env.queue_id)
+            if plan.failed:
+                last = plan.failed[0][1]
+            targets = [_Target(h, ip, self.cfg.delivery.port, "mx", hp)
+                       for h, ip, hp in plan.hosts]
 
         results: dict[str, DeliveryResult] = {}
         todo = list(rcpts)
-        last = DeliveryResult.temp("no host to deliver to", "4.4.0", 451)
         for i, t in enumerate(targets):
             try:
                 out = await self._via(t, env, todo, data)
             except _TryNext as e:
-                last = e.result
+                last = _stamp(e.result, t)
                 self._host_failed(env.queue_id, t, e.result)
                 continue
-            results.update(out.results)
+            results.update({a: _stamp(r, t) for a, r in out.results.items()})
             todo = [r for r in todo if r.address in out.next_host]
             if not todo:
                 break
@@ -323,12 +355,15 @@ class Courier:
     # ----------------------------------------------------------------- targets
 
     def _smart_targets(self) -> list[_Target]:
-        mode = self.cfg.relay.smart_host_tls
+        level = self._smart_level
+        if level == "may" and self.cfg.relay.smart_host_user:
+            level = "encrypt"  # credentials never go in plain text unless level is none
         out = []
         for i, hp in enumerate(self.cfg.relay.smart_host):
-            default = 465 if mode == "tls" else 25
+            default = 465 if self._smart_implicit else 25
             host, port = parse_hostport(hp, f"relay.smart_host[{i}]", default_port=default)
-            out.append(_Target(host, host, port, mode))
+            out.append(_Target(host, host, port, "tls" if self._smart_implicit else "smart",
+                               HostPolicy(level, level, (host,))))
         return out
 
     async def _load(self, message: bytes | Path, offset: int) -> bytes | _FileBody:
@@ -351,9 +386,8 @@ class Courier:
     # ----------------------------------------------------------------- TLS fallback
 
     def _may_fall_back(self, t: _Target) -> bool:
-        d = self.cfg.delivery
-        return t.mode == "mx" and d.tls == "may" and not d.tls_verify \
-            and d.tls_fallback_time > 0
+        return t.mode == "mx" and t.policy.level == "may" \
+            and self.cfg.delivery.tls_fallback_time > 0
 
     def _plain_now(self, t: _Target) -> bool:
         k = (t.host.lower(), t.addr, t.port)
@@ -422,7 +456,7 @@ class Courier:
             batch = more
 
     async def _checkout(self, t: _Target, qid: str) -> _Conn:
-        key = (t.host.lower(), t.port)
+        key = (t.host.lower(), t.port, t.policy.key())
         lst = self._idle.get(key)
         while lst:
             conn = lst.pop()
@@ -436,6 +470,7 @@ class Courier:
                 conn.wire.abort()
                 continue
             conn.reused = True
+            t.tls = conn.tls
             if time.monotonic() - conn.idle_since < _FRESH:
                 # Just finished a transaction (RFC 5321 4.1.4: the server is ready for the
                 # next MAIL): no RSET round trip. If it was dropped after all, _via retries
@@ -511,9 +546,12 @@ class Courier:
 
         peer = w.peername() or (t.addr, t.port)
         remote = f"{t.host} [{peer[0]}]:{peer[1]}"
-        conn = _Conn(w, (t.host.lower(), t.port), remote)
+        conn = _Conn(w, (t.host.lower(), t.port, t.policy.key()), remote)
+        t.tls = "none"
         ct = d.command_timeout
         try:
+            if implicit:
+                self._judge(conn, t, qid)
             greeting = await w.reply(d.connect_timeout)
             if greeting.code != 220:
                 raise _TryNext(_result(greeting, remote))
@@ -560,16 +598,21 @@ class Courier:
         conn.ext = {}
 
     async def _tls(self, conn: _Conn, t: _Target, qid: str, timeout: float) -> None:
-        if t.mode in ("tls", "none"):
-            return
+        hp = t.policy
+        if t.mode == "tls" or hp.level == "none":
+            return  # implicit TLS is up already; none: never STARTTLS
         d = self.cfg.delivery
-        required = t.mode == "starttls" or d.tls == "encrypt"
+        required = hp.requires_tls
         if "starttls" not in conn.ext:
             if required:
                 raise _TryNext(DeliveryResult.temp(
-                    f"TLS is required, but was not offered by {conn.remote}",
-                    "4.7.4", 451, conn.remote))
-            return  # "may": the server did not offer it, plain text is allowed
+                    f"TLS is required (policy {hp.policy}), but was not offered by "
+                    f"{conn.remote}", "4.7.4", 451, conn.remote))
+            if hp.level == "mta-sts":  # testing mode: RFC 8461 5, deliver and report
+                self.maillog.tls_policy_failed(qid, conn.remote, hp.policy,
+                                               "STARTTLS not offered",
+                                               "delivered anyway (MTA-STS testing)")
+            return  # may: the server did not offer it, plain text is allowed
         if not required and self._plain_now(t):
             log.debug("%s: plain text to %s after a failed TLS handshake", qid, conn.remote)
             self.maillog.tls_not_used(qid, conn.remote, "the last STARTTLS handshake with "
@@ -583,8 +626,8 @@ class Courier:
                 f"STARTTLS refused by {conn.remote}: {rep}", "4.7.5", 451, conn.remote))
         ctx = self._mx_ctx if t.mode == "mx" else self._smart_ctx
         try:
-            await conn.wire.start_tls(ctx, t.host if t.mode != "mx" or d.tls_verify
-                                      else _sni(t.host), d.connect_timeout)
+            await conn.wire.start_tls(ctx, t.host if t.mode != "mx" else _sni(t.host),
+                                      d.connect_timeout)
         except ProtocolError:
             raise  # bytes injected before the handshake (RFC 3207 5): not a TLS failure
         except (ssl.SSLError, ssl.CertificateError, TimeoutError, *_LOST) as e:
@@ -604,8 +647,40 @@ class Courier:
                     qid, conn.remote, why,
                     next="plain text for the next attempts to this host (tls = may)")
             raise _TryNext(res) from None
+        self._judge(conn, t, qid)
         # RFC 3207 4.2: forget what was learnt before TLS and ask again.
         await self._hello(conn, timeout)
+
+    def _judge(self, conn: _Conn, t: _Target, qid: str) -> None:
+        """The certificate against the host's policy, right after the handshake and before
+        anything is sent over TLS: one maillog line; a policy failure raises _TryNext."""
+        hp = t.policy
+        transport = conn.wire.transport
+        sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
+        chain = peercert.peer_chain(sslobj)
+        if hp.level == "dane":
+            check = dane.match(chain, hp.tlsa, hp.names)
+        elif t.mode != "mx":
+            check = peercert.Check("verified") if self._smart_level == "verify" and chain \
+                else self._smart_cas.verify(chain, (t.host,))
+        else:
+            check = self._cas.verify(chain, hp.names or (t.host,))
+        conn.tls = t.tls = check.result
+        c = sslobj.cipher() if sslobj is not None else None
+        self.maillog.tls_connection(
+            qid, conn.remote, check.result, str(sslobj.version() if sslobj else "TLS"),
+            c[0] if c else None, c[2] if c else None, hp.policy,
+            reason=check.reason if not check.verified and check.reason else None)
+        if not hp.authenticates or check.verified:
+            return
+        if hp.enforce:
+            self.maillog.tls_policy_failed(qid, conn.remote, hp.policy, check.reason,
+                                           "deferred")
+            raise _TryNext(DeliveryResult.temp(
+                f"TLS policy {hp.policy}: the certificate of {conn.remote} is not accepted: "
+                f"{check.reason}", "4.7.5", 451, conn.remote))
+        self.maillog.tls_policy_failed(qid, conn.remote, hp.policy, check.reason,
+                                       "delivered anyway (MTA-STS testing)")
 
     # Set by serve when it drops privileges: the password file is read as root by the key
     # helper (docs/PRIVILEGES.md), so it may be 0600 root as Postfix's sasl_passwd is.
@@ -901,6 +976,11 @@ class Courier:
             return (await w.command(b"RSET\r\n", timeout)).code == 250 and w.is_connected
         except (TimeoutError, *_LOST):
             return False
+
+
+def _stamp(res: DeliveryResult, t: _Target) -> DeliveryResult:
+    """The TLS result and policy of the attempt, on the recipient's result."""
+    return dataclasses.replace(res, tls=t.tls or "none", tls_policy=t.policy.policy)
 
 
 def _helo_name(hostname: str) -> bytes:

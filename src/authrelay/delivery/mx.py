@@ -15,6 +15,10 @@ Failure policy (raised as `RouteError` carrying a ready `DeliveryResult`):
 - the hosts exist but none has an address: permanent 550 5.4.4 (unable to route), unless
   one of the lookups failed temporarily, then 4.4.3 (it might have an address after all).
 An MX host whose lookup fails is skipped while others remain: partial answers are used.
+
+`resolve_route()` also says which answers were DNSSEC-validated (RFC 7672 2.2: DANE applies
+to an MX host only when the MX RRset, or the implicit MX's address, and the host's address
+records are secure); `resolve()` is the same without that.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 from authrelay.dns import DnsNoData, DnsPermanent, DnsTemporary, Resolver
 from authrelay.types import DeliveryResult
@@ -75,19 +80,34 @@ def _v6_first(addrs: list[str]) -> list[str]:
     return sorted(dict.fromkeys(addrs), key=lambda a: 0 if ":" in a else 1)
 
 
+@dataclass
+class Route:
+    hops: list[tuple[str, str]]  # (hostname, ip) in the order to try
+    mx_secure: bool = False  # the MX RRset (or, implicit MX, the domain's address) validated
+    secure_hosts: set[str] = field(default_factory=set)  # hosts whose addresses validated
+    implicit: bool = False  # no MX: the domain itself
+
+
 async def resolve(resolver: Resolver, domain: str,
                   rng: random.Random | None = None) -> list[tuple[str, str]]:
     """Ordered (hostname, ip) pairs to try for `domain`; raises RouteError if none."""
+    return (await resolve_route(resolver, domain, rng)).hops
+
+
+async def resolve_route(resolver: Resolver, domain: str,
+                        rng: random.Random | None = None) -> Route:
+    """resolve() with what DNSSEC said about each answer."""
     literal = parse_literal(domain)
     if literal is not None:
-        return [(domain, literal)]
+        return Route([(domain, literal)])
     domain = domain.rstrip(".").lower()
     if not domain:
         raise RouteError(DeliveryResult.perm("empty destination domain", "5.1.2", 550))
 
     implicit = False
+    mx_secure = False
     try:
-        records = await resolver.mx(domain)
+        records, mx_secure = await resolver.mx_ad(domain)
     except DnsPermanent:
         raise RouteError(DeliveryResult.perm(
             f"Host or domain name not found: {domain} (NXDOMAIN)", "5.1.2", 550)) from None
@@ -110,10 +130,11 @@ async def resolve(resolver: Resolver, domain: str,
 
     hosts = order_mx(records, rng)
     out: list[tuple[str, str]] = []
+    secure_hosts: set[str] = set()
     temp: DnsTemporary | None = None
     for host in hosts:
         try:
-            addrs = await resolver.addresses(host)
+            addrs, secure = await resolver.addresses_ad(host)
         except DnsTemporary as e:
             temp = e
             continue
@@ -125,8 +146,12 @@ async def resolve(resolver: Resolver, domain: str,
         except DnsNoData:
             continue
         out.extend((host, ip) for ip in _v6_first(addrs))
+        if secure:
+            secure_hosts.add(host)
     if out:
-        return out
+        if implicit:  # RFC 7672 2.2.2: the domain's own address records stand for the MX
+            mx_secure = domain in secure_hosts
+        return Route(out, mx_secure, secure_hosts, implicit)
     if temp is not None:
         raise RouteError(DeliveryResult.temp(
             f"DNS lookup failed for the mail hosts of {domain}: {temp}", "4.4.3", 451))

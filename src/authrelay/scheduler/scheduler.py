@@ -523,11 +523,14 @@ class Scheduler:
                         r.delay_warned = True
             if self.metrics is not None:
                 self.metrics.delivery_result(stat.lower(), now - env.received_at)
+                if res.tls_policy:
+                    self.metrics.delivery_tls(stat.lower(), res.tls or "none", res.tls_policy)
             record = (self.maillog.expired if expired else
                       {"Sent": self.maillog.sent, "Deferred": self.maillog.deferred}.get(
                           stat, self.maillog.bounced))
             record(env.queue_id, r.address, res.remote or None, now - env.received_at,
-                   r.attempts, res.enhanced or None, r.last_reply)
+                   r.attempts, res.enhanced or None, r.last_reply, tls=res.tls or None,
+                   policy=res.tls_policy or None)
         # The last job's state is saved by _finish, after the pass's DSNs.
         if act.jobs > 1:
             try:

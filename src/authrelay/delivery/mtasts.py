@@ -1,0 +1,330 @@
+"""MTA-STS (RFC 8461): a domain's published policy, fetched, cached and applied.
+
+Owns: the `_mta-sts.DOMAIN` TXT record (3.1), the policy file from
+`https://mta-sts.DOMAIN/.well-known/mta-sts.txt` (3.3), its strict parsing (3.2), the
+cache in `state_dir/mta-sts/` (one JSON file per domain, survives restarts), and MX
+matching with wildcards (4.1).
+
+Contract: `await StsSource(...).policy(domain)` -> `StsPolicy | None` (None: no policy).
+- A cached, unexpired policy is used as is; the TXT record is still looked at (at most
+  every `_RECHECK` seconds per domain) and a changed `id` refreshes the policy in the
+  background (3.3, 5.1): the delivery never waits for HTTPS when a policy is cached.
+- No cached policy: TXT then HTTPS inline (bounded by `[delivery] dns_timeout` and
+  `_FETCH_TIMEOUT`), the body at most `_MAX_BODY` bytes (3.3: 64 KiB), a redirect is not
+  followed (3.3), the certificate must verify for `mta-sts.DOMAIN` against the CA set
+  (`[delivery] tls_ca_file`, else the system store), the media type must be text/plain.
+- Any failure to find or fetch a policy when none is cached: None (no policy: 5 says a
+  sender MUST NOT refuse delivery when no policy can be found). A failed refresh keeps
+  the cached policy until its max_age ends (5.1).
+Failure policy: never raises; reasons go to the debug log (and the TLS-RPT tally).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import logging
+import os
+import re
+import socket
+import ssl
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from authrelay.config import Config
+from authrelay.dns import DnsError, Resolver
+
+log = logging.getLogger(__name__)
+
+MAX_AGE_CAP = 31557600  # RFC 8461 3.2: max_age at most one year
+
+
+class StsParseError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class StsPolicy:
+    domain: str
+    id: str
+    mode: str  # enforce | testing | none
+    mx: tuple[str, ...]
+    max_age: int
+    fetched: float = 0.0  # unix time
+
+    def allows(self, host: str) -> bool:
+        """RFC 8461 4.1: an MX pattern matches the host exactly, or "*.example.com"
+        matches exactly one label in front of "example.com"."""
+        host = host.lower().rstrip(".")
+        for pat in self.mx:
+            if pat.startswith("*."):
+                head, _, tail = host.partition(".")
+                if head and tail == pat[2:]:
+                    return True
+            elif host == pat:
+                return True
+        return False
+
+    def expired(self, now: float) -> bool:
+        return now >= self.fetched + self.max_age
+
+
+_TXT = re.compile(r"^v=STSv1(;|$)")
+_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
+
+
+def parse_txt(records: list[str]) -> str | None:
+    """The id of the one `v=STSv1` TXT record (3.1); None if there is not exactly one."""
+    ours = [r for r in records if _TXT.match(r.strip())]
+    if len(ours) != 1:
+        return None
+    fields: dict[str, str] = {}
+    for part in ours[0].split(";"):
+        k, sep, v = part.strip().partition("=")
+        if sep:
+            fields.setdefault(k.strip(), v.strip())
+    sid = fields.get("id", "")
+    return sid if _ID.match(sid) else None
+
+
+def parse_policy(domain: str, sid: str, text: str, now: float) -> StsPolicy:
+    """RFC 8461 3.2: `key: value` lines (CRLF or LF); version STSv1, mode, max_age, and
+    at least one mx unless mode is none. Unknown keys are ignored; duplicates of a
+    single-valued key keep the first."""
+    fields: dict[str, str] = {}
+    mx: list[str] = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if not line.strip():
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            raise StsParseError(f"malformed line {line[:40]!r}")
+        key, value = key.strip(), value.strip()
+        if key == "mx":
+            if not re.fullmatch(r"(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?", value):
+                raise StsParseError(f"bad mx pattern {value[:60]!r}")
+            mx.append(value.lower().rstrip("."))
+        else:
+            fields.setdefault(key, value)
+    if fields.get("version") != "STSv1":
+        raise StsParseError("version is not STSv1")
+    mode = fields.get("mode", "")
+    if mode not in ("enforce", "testing", "none"):
+        raise StsParseError(f"bad mode {mode[:20]!r}")
+    age = fields.get("max_age", "")
+    if not age.isdigit() or len(age) > 10:
+        raise StsParseError(f"bad max_age {age[:20]!r}")
+    if mode != "none" and not mx:
+        raise StsParseError("no mx line")
+    return StsPolicy(domain, sid, mode, tuple(mx), min(int(age), MAX_AGE_CAP), now)
+
+
+class StsSource:
+    """Where policies come from (see the module docstring); `policy()` never raises."""
+
+    async def policy(self, domain: str) -> StsPolicy | None:  # pragma: no cover - interface
+        return None
+
+
+_MAX_BODY = 64 * 1024  # RFC 8461 3.3: senders may refuse bigger policies
+_FETCH_TIMEOUT = 30.0  # RFC 8461 3.3 suggests a minute at most; HTTPS connect + read
+_NEGATIVE_TTL = 300.0  # "no policy" remembered in memory this long (one TXT per 5 min)
+_RECHECK = 3600.0  # a cached policy's TXT id is looked at again after this long
+_MAX_DOMAINS = 100_000  # memory bound of the in-process caches
+_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
+
+
+class StsFetchError(Exception):
+    pass
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to an address we resolved (through [delivery] nameservers), with SNI and the
+    certificate check for the policy host name (RFC 8461 3.3)."""
+
+    def __init__(self, name: str, ip: str, timeout: float, ctx: ssl.SSLContext) -> None:
+        super().__init__(name, 443, timeout=timeout, context=ctx)
+        self._ip = ip
+        self._ctx = ctx
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self._ctx.wrap_socket(sock, server_hostname=self.host)
+
+
+def _get(name: str, ip: str, timeout: float, ctx: ssl.SSLContext) -> str:
+    conn = _PinnedHTTPS(name, ip, timeout, ctx)
+    try:
+        conn.request("GET", "/.well-known/mta-sts.txt",
+                     headers={"Host": name, "User-Agent": "authrelay"})
+        resp = conn.getresponse()
+        if resp.status != 200:  # 3.3: redirects are not followed
+            raise StsFetchError(f"HTTP status {resp.status}")
+        ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype != "text/plain":
+            raise StsFetchError(f"media type {ctype or '-'} is not text/plain")
+        body = resp.read(_MAX_BODY + 1)
+        if len(body) > _MAX_BODY:
+            raise StsFetchError(f"policy larger than {_MAX_BODY} bytes")
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise StsFetchError("policy is not UTF-8") from None
+    finally:
+        conn.close()
+
+
+class HttpsStsSource(StsSource):
+    """Policies over DNS + HTTPS, cached in memory and in `state_dir/mta-sts/`."""
+
+    def __init__(self, cfg: Config, resolver: Resolver, *, recheck: float = _RECHECK) -> None:
+        self.cfg = cfg
+        self.resolver = resolver
+        self.recheck = recheck
+        self.dir = cfg.state_path / "mta-sts"
+        self._mem: dict[str, StsPolicy] = {}
+        self._none_until: dict[str, float] = {}
+        self._checked: dict[str, float] = {}  # domain -> when its TXT id was last compared
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ctx = ssl.create_default_context(cafile=cfg.delivery.tls_ca_file or None)
+        self.fetches = 0  # HTTPS fetches made (tests, bench)
+        self.failures: dict[str, str] = {}  # domain -> last fetch failure (TLS-RPT)
+
+    async def policy(self, domain: str) -> StsPolicy | None:
+        domain = domain.lower().rstrip(".")
+        if not _DOMAIN.match(domain):
+            return None
+        now = time.time()
+        cached = self._mem.get(domain)
+        if cached is None:
+            cached = await asyncio.to_thread(self._load, domain)
+            if cached is not None:
+                self._remember(domain, cached)
+        if cached is not None and not cached.expired(now):
+            if now - self._checked.get(domain, cached.fetched) >= self.recheck:
+                self._checked[domain] = now
+                self._spawn(self._refresh(domain, cached))
+            return cached
+        if self._none_until.get(domain, 0.0) > now:
+            return None
+        try:
+            sid = await self._txt(domain)
+            if sid is None:
+                raise StsFetchError("no (single, valid) v=STSv1 TXT record")
+            pol = await self._fetch(domain, sid)
+        except StsFetchError as e:
+            log.debug("MTA-STS %s: no policy: %s", domain, e)
+            if len(self._none_until) >= _MAX_DOMAINS:
+                self._none_until.clear()
+            self._none_until[domain] = now + _NEGATIVE_TTL
+            return None
+        return pol
+
+    async def settle(self) -> None:
+        """Wait for background refreshes (tests; shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # ------------------------------------------------------------------ internals
+    def _remember(self, domain: str, pol: StsPolicy) -> None:
+        if len(self._mem) >= _MAX_DOMAINS:
+            self._mem.clear()
+        self._mem[domain] = pol
+
+    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh(self, domain: str, cached: StsPolicy) -> None:
+        """RFC 8461 5.1: a changed id means a new policy; a failed refresh keeps the
+        cached one (until its max_age ends)."""
+        try:
+            sid = await self._txt(domain)
+            if sid is not None and sid != cached.id:
+                await self._fetch(domain, sid)
+        except StsFetchError as e:
+            log.debug("MTA-STS %s: refresh failed, keeping id %s: %s", domain, cached.id, e)
+
+    async def _txt(self, domain: str) -> str | None:
+        try:
+            records = await self.resolver.txt(f"_mta-sts.{domain}")
+        except DnsError:
+            return None
+        return parse_txt(records)
+
+    async def _fetch(self, domain: str, sid: str) -> StsPolicy:
+        name = f"mta-sts.{domain}"
+        try:
+            addrs = await self.resolver.addresses(name)
+        except DnsError as e:
+            raise StsFetchError(f"{name}: {e}") from None
+        self.fetches += 1
+        err: Exception | None = None
+        for ip in addrs[:2]:
+            try:
+                text = await asyncio.wait_for(
+                    asyncio.to_thread(_get, name, ip, _FETCH_TIMEOUT, self._ctx),
+                    _FETCH_TIMEOUT)
+                break
+            except (OSError, TimeoutError, http.client.HTTPException, StsFetchError) as e:
+                err = e
+        else:
+            why = _reason(err)
+            self.failures[domain] = why
+            raise StsFetchError(f"fetching https://{name}/.well-known/mta-sts.txt: {why}")
+        try:
+            pol = parse_policy(domain, sid, text, time.time())
+        except StsParseError as e:
+            self.failures[domain] = f"invalid policy: {e}"
+            raise StsFetchError(f"invalid policy at {name}: {e}") from None
+        self.failures.pop(domain, None)
+        self._remember(domain, pol)
+        self._checked[domain] = pol.fetched
+        await asyncio.to_thread(self._save, pol)
+        return pol
+
+    def _path(self, domain: str) -> Path:
+        return self.dir / f"{domain}.json"
+
+    def _load(self, domain: str) -> StsPolicy | None:
+        try:
+            data = json.loads(self._path(domain).read_text("utf-8"))
+            if data.pop("v", None) != 1:
+                return None
+            data["mx"] = tuple(data["mx"])
+            return StsPolicy(**data)
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def _save(self, pol: StsPolicy) -> None:
+        """Atomically (write, fsync, rename): a crash leaves the old file or the new."""
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = self._path(pol.domain).with_suffix(".tmp")
+            data = {"v": 1, **asdict(pol), "mx": list(pol.mx)}
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path(pol.domain))
+        except OSError as e:
+            log.warning("MTA-STS: cannot cache the policy of %s: %s", pol.domain, e)
+
+
+def _reason(exc: BaseException | None) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or exc.__class__.__name__ if exc else "unknown"
+
+
+__all__ = ["HttpsStsSource", "StsParseError", "StsPolicy", "StsSource", "parse_policy",
+           "parse_txt"]

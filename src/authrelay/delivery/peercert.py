@@ -1,0 +1,226 @@
+"""The MX's certificate after the handshake: its chain, PKIX verification, the TLS result.
+
+Owns how the courier judges a peer once TLS is up. The handshake itself never verifies
+(CERT_NONE): a failed check must be *reported* (`tls=untrusted`), logged, and only then
+turned into a deferral by the policy, and MTA-STS `testing` must deliver anyway. So the
+check happens here, before EHLO is sent over TLS, with `cryptography`'s X.509 verifier
+(RFC 5280 path validation, RFC 6125 name matching with wildcards, validity dates).
+
+Contract:
+- `peer_chain(ssl_object)`: the certificates the server sent, leaf first (DER).
+- `CaStore(cafile)`: the CA set (`[delivery] tls_ca_file`, else the system bundle), loaded
+  once. `verify(chain, names)` -> `Check(result, reason)`: "verified" (a chain to a CA and
+  one of `names`), "trusted" (a chain to a CA, no name matched), "untrusted", "anonymous".
+- `ta_verify(chain, anchors, names)`: the same path validation against DANE-TA anchors
+  (RFC 7672 3.1.2: name checks and validity apply; the anchor need not be self-signed).
+Failure policy: never raises for a bad certificate; a malformed one is "untrusted".
+
+Why `ssl_object._sslobj.get_unverified_chain()` on Python < 3.13: DANE-TA (RFC 7672
+3.1.2) and PKIX need the intermediates the server sent, and Python's ssl exposes the
+peer's chain publicly only from 3.13 (`SSLObject.get_unverified_chain`). 3.10-3.12 have
+the very same C method on the private `_sslobj` (3.13 only wrapped it), so that is used
+there, behind a version check, with a test that fails if it ever goes away. The
+alternatives were worse: pyOpenSSL cannot be plugged into asyncio's TLS transport (we
+would own a TLS record layer), and ctypes into libssl is undefined behaviour on a mismatch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import ssl
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import verification as xv
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Check:
+    result: str  # verified | trusted | untrusted | anonymous
+    reason: str = ""  # why not verified (for the maillog)
+    name: str = ""  # the reference name that matched
+
+    @property
+    def verified(self) -> bool:
+        return self.result == "verified"
+
+
+def peer_chain(ssl_object: ssl.SSLObject | None) -> list[bytes]:
+    """DER certificates the peer sent, leaf first (empty: none, e.g. anonymous)."""
+    if ssl_object is None:
+        return []
+    if sys.version_info >= (3, 13):
+        certs = ssl_object.get_unverified_chain()  # type: ignore[attr-defined,unused-ignore]
+        return [c if isinstance(c, bytes) else c.public_bytes(ssl.ENCODING_DER)
+                for c in certs or ()]
+    raw = ssl_object._sslobj.get_unverified_chain()  # type: ignore[attr-defined]  # see docstring
+    if raw:
+        return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in raw]  # type: ignore[attr-defined]
+    leaf = ssl_object.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
+
+
+def load(chain: list[bytes]) -> list[x509.Certificate] | None:
+    try:
+        return [x509.load_der_x509_certificate(c) for c in chain]
+    except ValueError:
+        return None
+
+
+def _subject(name: str) -> xv.DNSName | xv.IPAddress | None:
+    try:
+        return xv.DNSName(name.lstrip("."))
+    except ValueError:
+        return None
+
+
+def _why(exc: Exception, leaf: x509.Certificate) -> str:
+    now = datetime.datetime.now(datetime.UTC)
+    if leaf.not_valid_after_utc < now:
+        return f"certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d}"
+    if leaf.not_valid_before_utc > now:
+        return "certificate not yet valid"
+    if leaf.issuer == leaf.subject:
+        return "self-signed certificate"
+    text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    return f"certificate not trusted: {text}"[:200]
+
+
+def dns_names(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return [n.lower() for n in san.value.get_values_for_type(x509.DNSName)]
+
+
+def _match_dot(names: tuple[str, ...], cert: x509.Certificate) -> str:
+    """Postfix's dot-nexthop: any DNS name of the certificate under the domain."""
+    cert_names = dns_names(cert)
+    for n in names:
+        if n.startswith("."):
+            for c in cert_names:
+                if c.endswith(n) and "*" not in c:
+                    return c
+    return ""
+
+
+def _eku(policy: xv.Policy, cert: x509.Certificate,
+         ext: x509.ExtendedKeyUsage | None) -> None:
+    if ext is not None and ExtendedKeyUsageOID.SERVER_AUTH not in ext \
+            and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in ext:
+        raise ValueError("the certificate is not for TLS servers (extended key usage)")
+
+
+# The Web PKI profile, except the criticality of subjectAltName and extendedKeyUsage:
+# private CAs (and trustme) mark them critical, which RFC 5280 4.2.1.6 discourages but
+# OpenSSL, and so every other MTA, accepts. serverAuth is still required when EKU is set.
+_EE_POLICY = (xv.ExtensionPolicy.webpki_defaults_ee()
+              .require_present(x509.SubjectAlternativeName, xv.Criticality.AGNOSTIC, None)
+              .may_be_present(x509.ExtendedKeyUsage, xv.Criticality.AGNOSTIC, _eku))
+_CA_POLICY = xv.ExtensionPolicy.webpki_defaults_ca()
+
+
+def _builder(store: xv.Store) -> xv.PolicyBuilder:
+    return xv.PolicyBuilder().store(store).extension_policies(
+        ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+
+
+def _path(store: xv.Store, leaf: x509.Certificate, rest: list[x509.Certificate],
+          names: tuple[str, ...]) -> Check:
+    """Path validation to `store`, then the first of `names` the leaf carries."""
+    first_err: Exception | None = None
+    chain_ok = False
+    for n in [*names, *dns_names(leaf)[:1]]:
+        subj = _subject(n)
+        if subj is None:
+            continue
+        try:
+            _builder(store).build_server_verifier(subj).verify(leaf, rest)
+        except xv.VerificationError as e:
+            first_err = first_err or e
+            continue
+        if n in names:
+            return Check("verified", name=n)
+        chain_ok = True  # verified only against its own name: the chain is fine
+    if chain_ok:
+        dot = _match_dot(names, leaf)
+        if dot:
+            return Check("verified", name=dot)
+        return Check("trusted", f"certificate names {', '.join(dns_names(leaf)[:4]) or '-'} "
+                                f"do not match {', '.join(names) or '-'}")
+    return Check("untrusted", _why(first_err or ValueError("no usable name"), leaf))
+
+
+class CaStore:
+    """The CA set, loaded on first use (PEM file, else the system bundle)."""
+
+    def __init__(self, cafile: str = "") -> None:
+        self.cafile = cafile
+        self._store: xv.Store | None = None
+
+    def store(self) -> xv.Store:
+        if self._store is None:
+            path = self.cafile or ssl.get_default_verify_paths().cafile or \
+                ssl.get_default_verify_paths().openssl_cafile
+            self._store = xv.Store(_load_bundle(Path(path).read_bytes()))
+        return self._store
+
+    def verify(self, chain: list[bytes], names: tuple[str, ...]) -> Check:
+        if not chain:
+            return Check("anonymous", "no certificate")
+        certs = load(chain)
+        if certs is None:
+            return Check("untrusted", "malformed certificate")
+        try:
+            store = self.store()
+        except (OSError, ValueError) as e:
+            return Check("untrusted", f"cannot load the CA file {self.cafile or 'system'}: {e}")
+        return _path(store, certs[0], certs[1:], names)
+
+
+def _load_bundle(pem: bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle; one that cryptography refuses (the system
+    bundle has old roots with negative serial numbers) is left out, not the whole file."""
+    out = []
+    end = b"-----END CERTIFICATE-----"
+    for block in pem.split(end):
+        if b"-----BEGIN CERTIFICATE-----" not in block:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                out.append(x509.load_pem_x509_certificate(block + end + b"\n"))
+            except ValueError:
+                continue
+    if not out:
+        raise ValueError("no certificate in the file")
+    return out
+
+
+def ta_verify(chain: list[bytes], anchors: list[x509.Certificate],
+              names: tuple[str, ...]) -> Check:
+    """Path validation of the server's chain to DANE-TA anchors (RFC 7672 3.1.2)."""
+    certs = load(chain)
+    if not certs:
+        return Check("untrusted", "no certificate")
+    try:
+        store = xv.Store(anchors)
+    except ValueError as e:
+        return Check("untrusted", f"unusable trust anchor: {e}")
+    return _path(store, certs[0], [c for c in certs[1:] if c not in anchors], names)
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.DER)
+
+
+__all__ = ["CaStore", "Check", "load", "peer_chain", "ta_verify"]

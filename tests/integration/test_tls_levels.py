@@ -1,0 +1,226 @@
+"""Outbound TLS levels end to end (none, may, encrypt, verify, dane/dane-only without
+DNSSEC, the per-domain map, smart-host levels): the courier against aiosmtpd MX hosts
+with good, wrong-name, expired and foreign-CA certificates from trustme, a dnslib DNS
+server, the maillog captured. DANE and MTA-STS with real BIND/unbound/HTTPS are in
+test_tls_dane.py and test_tls_mtasts.py."""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import MXFactory
+from test_delivery import MSG, ZONES, envelope, make_cfg
+from test_delivery_hosts import ListLog
+
+from authrelay.delivery.client import Courier
+from authrelay.types import DeliveryResult
+
+MX1 = "mx1.example.test"
+
+
+def ctx_for(ca: trustme.CA, *names: str, expired: bool = False) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    kw: dict[str, Any] = {}
+    if expired:
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+        kw = {"not_before": past - datetime.timedelta(days=60), "not_after": past}
+    ca.issue_cert(*names, **kw).configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture
+def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
+    dns_server.set_zones(ZONES)
+    dns_server.update({"example.test": {"MX": [(10, MX1)]}})
+    return dns_server
+
+
+async def deliver(tmp_path: Path, dns: FakeDNSServer, port: int, ca_file: Path,
+                  rcpt: str = "bob@example.test", *, relay: dict[str, Any] | None = None,
+                  **delivery: Any) -> tuple[DeliveryResult, ListLog]:
+    cfg = make_cfg(tmp_path, dns, port, relay=relay, tls_ca_file=str(ca_file), **delivery)
+    log = ListLog()
+    courier = Courier(cfg, maillog=log)
+    env = envelope(rcpt)
+    try:
+        res = await courier.deliver(env, env.recipients, MSG)
+    finally:
+        await courier.close()
+    return res[rcpt], log
+
+
+async def test_none_never_starttls(tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+                                   trustme_ca: trustme.CA, trustme_ca_file: Path) -> None:
+    mx = fake_mx("127.0.0.2", starttls_context=ctx_for(trustme_ca, MX1))
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="none")
+    assert res.ok and (res.tls, res.tls_policy) == ("none", "none")
+    assert mx.messages[0].tls is False
+    assert not log.grep("TLS connection established")
+
+
+async def test_may_untrusted_certificate_is_encrypted_and_says_so(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca_file: Path) -> None:
+    mx = fake_mx("127.0.0.2", starttls_context=ctx_for(trustme.CA(), MX1))
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="may")
+    assert res.ok and (res.tls, res.tls_policy) == ("untrusted", "may")
+    assert mx.messages[0].tls is True
+    line = log.grep("tls=Untrusted TLS connection established to "
+                    f"{MX1} [127.0.0.2]:{fake_mx.port}: TLSv1.3 with cipher ")
+    assert line and "policy=may" in line[0] and "reason=certificate not trusted" in line[0]
+
+
+async def test_may_valid_certificate_is_verified(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        trustme_ca_file: Path) -> None:
+    fake_mx("127.0.0.2", starttls_context=ctx_for(trustme_ca, MX1))
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="may")
+    assert res.ok and res.tls == "verified"
+    assert log.grep("tls=Verified TLS connection established", "policy=may")
+
+
+async def test_may_wrong_name_is_trusted(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        trustme_ca_file: Path) -> None:
+    fake_mx("127.0.0.2", starttls_context=ctx_for(trustme_ca, "other.test"))
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="may")
+    assert res.ok and res.tls == "trusted"
+    assert log.grep("tls=Trusted TLS connection", "do not match mx1.example.test")
+
+
+async def test_may_without_starttls_is_plain(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca_file: Path) -> None:
+    fake_mx("127.0.0.2")
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="may")
+    assert res.ok and (res.tls, res.tls_policy) == ("none", "may")
+
+
+async def test_encrypt_requires_starttls(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca_file: Path) -> None:
+    mx = fake_mx("127.0.0.2")
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
+                           tls_policy="encrypt")
+    assert not res.ok and not res.permanent and res.enhanced == "4.7.4"
+    assert res.tls_policy == "encrypt" and not mx.messages
+
+
+async def test_encrypt_accepts_any_certificate(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca_file: Path) -> None:
+    mx = fake_mx("127.0.0.2", starttls_context=ctx_for(trustme.CA(), "whatever.test"))
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
+                           tls_policy="encrypt")
+    assert res.ok and (res.tls, res.tls_policy) == ("untrusted", "encrypt")
+    assert mx.messages[0].tls
+
+
+async def test_verify_good_certificate(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        trustme_ca_file: Path) -> None:
+    mx = fake_mx("127.0.0.2", starttls_context=ctx_for(trustme_ca, MX1))
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
+                           tls_policy="verify")
+    assert res.ok and (res.tls, res.tls_policy) == ("verified", "verify")
+    assert mx.messages[0].tls
+
+
+@pytest.mark.parametrize("kind, why", [
+    ("wrong-name", "do not match mx1.example.test"),
+    ("expired", "certificate expired on"),
+    ("foreign-ca", "certificate not trusted"),
+])
+async def test_verify_refuses_bad_certificates(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        trustme_ca_file: Path, kind: str, why: str) -> None:
+    ctx = {"wrong-name": lambda: ctx_for(trustme_ca, "other.test"),
+           "expired": lambda: ctx_for(trustme_ca, MX1, expired=True),
+           "foreign-ca": lambda: ctx_for(trustme.CA(), MX1)}[kind]()
+    mx = fake_mx("127.0.0.2", starttls_context=ctx)
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
+                             tls_policy="verify")
+    assert not res.ok and not res.permanent and res.enhanced == "4.7.5", res
+    assert why in res.text and res.tls_policy == "verify"
+    assert not mx.messages  # nothing was sent over the unaccepted connection
+    assert log.grep("status=TLS policy failed", "policy=verify", "action=deferred")
+
+
+async def test_older_tls_verify_key_means_verify(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca_file: Path) -> None:
+    fake_mx("127.0.0.2", starttls_context=ctx_for(trustme.CA(), MX1))
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_verify=True)
+    assert not res.ok and res.enhanced == "4.7.5" and res.tls_policy == "verify"
+
+
+async def test_policy_map_match_nexthop(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        trustme_ca_file: Path) -> None:
+    """Postfix's `match = nexthop:dot-nexthop`: a certificate for the domain (or a
+    subdomain), not for the MX host name, verifies; the map wins over the default."""
+    mx = fake_mx("127.0.0.2", starttls_context=ctx_for(trustme_ca, "example.test"))
+    res, _ = await deliver(
+        tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="may",
+        tls_policy_map=[{"domain": "example.test", "level": "verify",
+                         "match": ["nexthop", "dot-nexthop"]}])
+    assert res.ok and (res.tls, res.tls_policy) == ("verified", "verify")
+    assert mx.messages
+    res, _ = await deliver(
+        tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="may",
+        tls_policy_map=[{"domain": "example.test", "level": "verify"}])  # match: hostname
+    assert not res.ok and res.enhanced == "4.7.5"
+
+
+async def test_policy_map_subdomains(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca_file: Path) -> None:
+    dns.update({"sub.example.test": {"MX": [(10, MX1)]}})
+    fake_mx("127.0.0.2")  # no STARTTLS
+    policy_map = [{"domain": ".example.test", "level": "encrypt"}]
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, "a@sub.example.test",
+                           tls_policy="may", tls_policy_map=policy_map)
+    assert not res.ok and res.enhanced == "4.7.4"  # .example.test covers sub.example.test
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="may",
+                           tls_policy_map=policy_map)
+    assert res.ok  # but not example.test itself
+
+
+async def test_dane_without_dnssec_is_opportunistic(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca_file: Path) -> None:
+    """The default level (dane) with `[delivery] dnssec` off: no AD bit is believed, so
+    no DANE; no MTA-STS record either: may."""
+    fake_mx("127.0.0.2", starttls_context=ctx_for(trustme.CA(), MX1))
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file)
+    assert res.ok and (res.tls, res.tls_policy) == ("untrusted", "may")
+    assert ("_mta-sts.example.test", "TXT") in dns.queries
+
+
+async def test_dane_only_without_dnssec_defers(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca_file: Path) -> None:
+    mx = fake_mx("127.0.0.2", starttls_context=ctx_for(trustme.CA(), MX1))
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
+                             tls_policy="dane-only")
+    assert not res.ok and not res.permanent and res.enhanced == "4.7.5"
+    assert "dane-only" in res.text and not mx.messages
+    assert log.grep("status=host failed", MX1)
+
+
+async def test_smart_host_encrypt_level(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca_file: Path) -> None:
+    sh = fake_mx("127.0.0.2", starttls_context=ctx_for(trustme.CA(), "127.0.0.2"))
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
+                           relay={"smart_host": [sh.address], "smart_host_tls": "encrypt"})
+    assert res.ok and (res.tls, res.tls_policy) == ("untrusted", "encrypt")
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
+                           relay={"smart_host": [sh.address], "smart_host_tls": "verify"})
+    assert not res.ok and res.enhanced == "4.7.5" and res.tls_policy == "verify"
