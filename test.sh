@@ -7,7 +7,8 @@ cd "$(dirname "$0")"
 APT_PKGS=(swaks msmtp curl openssl sasl2-bin dovecot-core
           libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl python3-venv python3-pip
           haproxy postgresql redis-server
-          opendkim-tools)  # opendkim-testkey: an independent check of our DKIM keys + records
+          opendkim-tools   # opendkim-testkey: an independent check of our DKIM keys + records
+          bind9 bind9-utils bind9-dnsutils unbound)  # DANE rig: signed zone + validating resolver
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
