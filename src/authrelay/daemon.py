@@ -18,9 +18,10 @@ they watch (process.py). A worker that dies is replaced (and logged with its sta
 Signals: SIGTERM/SIGINT close every listening socket at once (the master's copies too:
 new connections are refused, none wait in a backlog), let sessions finish up to
 `shutdown_timeout`, stop the scheduler with the queue consistent. SIGHUP re-reads the
-config and the certificate (read with privileges: by the key helper when dropped, so a
-root-only renewed key loads), reopens the maillog file, and passes the new certificate to
-the workers over their socketpairs; any failure is logged and the old state kept.
+config (every key applied or named: reloadkeys.py) and the certificate (read with
+privileges: by the key helper when dropped, so a root-only renewed key loads), reopens
+the maillog file, and passes the new certificate to the workers over their socketpairs;
+any failure is logged and the old state kept.
 Every warning and error of every process (Python `logging` included, a worker's crash
 too) is one maillog line; tracebacks go to stderr only with `[log] level = "debug"`.
 """
@@ -44,7 +45,7 @@ from typing import Any
 
 from authrelay import maillog as maillog_mod
 from authrelay import metrics as metrics_mod
-from authrelay import process, sdnotify, wiring
+from authrelay import process, reloadkeys, sdnotify, wiring
 from authrelay.config import EMBEDDED, Config, ConfigError, embedded_notice, load
 from authrelay.metrics import Metrics
 from authrelay.policy.anvil import SharedCounters
@@ -269,21 +270,20 @@ class _Run:
     master_sockets: list[socket.socket] = field(default_factory=list)  # closed on stop
 
 
-_RESTART_ONLY = ("listen", "state_dir", "workers", "user", "log")
+# Keys given on the serve command line (--workers, --log-format): the file's value is not
+# what runs, so a difference is no news.
+_cli_overrides: frozenset[str] = frozenset()
 
 
 def _reload_config(run: _Run) -> Config:
+    """The re-read config with every restart-only key kept as it runs (reloadkeys.py);
+    each such key changed in the file is one maillog line, said by the process that reads
+    it first (master or single) at every reload until a restart."""
     new = load(run.config_path)
-    # What was bound, forked or dropped at start stays (a restart changes it): said once
-    # per reload by the process that reads it first (master or single), not silently.
-    # (`workers` and `log.format` may come from the command line: not compared.)
-    changed = [k for k in ("listen", "state_dir", "user") if getattr(new, k) != getattr(run.cfg, k)]
-    if new.log.target != run.cfg.log.target:
-        changed.append("log.target")
-    if changed and run.role != "worker":
-        maillog_mod.get().warning(f"{', '.join(changed)} changed: takes effect at the next "
-                                  "start, not on reload")
-    return replace(new, **{k: getattr(run.cfg, k) for k in _RESTART_ONLY})
+    if run.role != "worker":
+        for key in reloadkeys.restart_changes(run.cfg, new, ignore=_cli_overrides):
+            maillog_mod.get().warning(f"reload: {key} needs a restart")
+    return reloadkeys.keep_running(run.cfg, new)
 
 
 async def _serve_loop(run: _Run) -> int:
@@ -326,12 +326,25 @@ async def _serve_loop(run: _Run) -> int:
         await receiver.start(spool, certs, metrics)
 
     def apply(new: Config, pem: PEM) -> None:
+        """Every reloadable key (reloadkeys.py) reaches the part that reads it."""
+        old = run.cfg
         if certs is not None:
-            certs.reload(new, pem)
+            certs.reload(new, pem)  # a new context: any key type, the new min_version
         if receiver is not None and receiver.server is not None:
-            receiver.server.reload(new)
+            srv = receiver.server
+            receiver.cfg = new
+            srv.reload(new)
+            if srv.authenticator is not None:
+                srv.authenticator.reload(new)
+            if new.checks != old.checks:
+                srv.checks = wiring.host_checks(new)
         if scheduler is not None:
             scheduler.reload(new)
+            if (new.relay, new.delivery, new.hostname) != (old.relay, old.delivery,
+                                                           old.hostname):
+                # A smart host added, changed or removed, new TLS or DNS settings: the
+                # next delivery uses a courier built from the new config.
+                scheduler.use_courier(wiring.courier(new, run.read_password))
         if local is not None:
             local.reload(new)
         run.cfg, run.pem = new, pem
@@ -676,7 +689,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
         for s in run.master_sockets:
             with contextlib.suppress(OSError):
                 s.close()
-        deadline = time.monotonic() + cfg.shutdown_timeout + 10
+        deadline = time.monotonic() + run.cfg.shutdown_timeout + 10
         while workers and time.monotonic() < deadline:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -702,10 +715,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
     if cfg.source == EMBEDDED:  # say so: an admin who meant /etc/... must notice (h12)
         print(embedded_notice(), file=sys.stderr, flush=True)
+    global _cli_overrides
     if args.log_format:
         cfg = replace(cfg, log=replace(cfg.log, format=args.log_format))
+        _cli_overrides |= {"log.format"}
     if args.workers is not None:
         cfg = replace(cfg, workers=args.workers)
+        _cli_overrides |= {"workers"}
     try:
         return serve(cfg, args.config)
     except StartError as e:

@@ -176,13 +176,16 @@ def server_context(cfg: Config, pem: PEM | None = None) -> ssl.SSLContext:
 
 
 class CertStore:
-    """Holds the live server context; `reload()` on SIGHUP loads a renewed certificate.
+    """Holds the live server context; `reload()` on SIGHUP replaces it.
 
-    The context object itself never changes (listeners with implicit TLS hold it): reload
-    first proves the new certificate loads in a scratch context, then loads it into the
-    live one, so the next handshake uses the new certificate and established sessions keep
-    theirs. On any error the old certificate stays in use. `pem` is the bytes read by a
-    privileged process (see read_pem); without it the files are read here.
+    Every connection asks for `context` when it starts TLS (implicit TLS at accept,
+    STARTTLS in the session), so a reload builds a whole new context and swaps it in: the
+    next handshake gets exactly the new certificate (whatever its key type: loading an RSA
+    pair into a context that holds an ECDSA one would *add* it, and OpenSSL would go on
+    serving the old ECDSA certificate to every client that offers ECDSA) and the new
+    `[tls] min_version`; established sessions keep theirs. On any error the old context
+    stays. `pem` is the bytes read by a privileged process (see read_pem); without it the
+    files are read here.
     """
 
     def __init__(self, cfg: Config, pem: PEM | None = None) -> None:
@@ -190,12 +193,11 @@ class CertStore:
         self.context = server_context(cfg, pem)
 
     def reload(self, cfg: Config | None = None, pem: PEM | None = None) -> None:
-        if cfg is not None:
-            self.cfg = cfg
+        new_cfg = cfg if cfg is not None else self.cfg
         if pem is None:
-            pem = read_pem(self.cfg)  # raises on a bad/missing/world-readable file
-        server_context(self.cfg, pem)  # proves it loads before touching the live context
-        _load_pem(self.context, pem)
+            pem = read_pem(new_cfg)  # raises on a bad/missing/world-readable file
+        ctx = server_context(new_cfg, pem)  # raises before anything changes
+        self.cfg, self.context = new_cfg, ctx
 
 
 def _cmd_cert_make(args: argparse.Namespace) -> int:

@@ -26,10 +26,12 @@ from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx, plain
 
 
-def _write_cert(ca: trustme.CA, d: Path) -> tuple[Path, Path, bytes]:
+def _write_cert(ca: trustme.CA, d: Path, key_type: trustme.KeyType | None = None
+                ) -> tuple[Path, Path, bytes]:
     """Issue a leaf for 127.0.0.1 and install it the way certbot renewals land: new files
     renamed over the old ones. Returns (cert, key, DER of the leaf)."""
-    leaf = ca.issue_cert("relay.test", "127.0.0.1")
+    leaf = (ca.issue_cert("relay.test", "127.0.0.1") if key_type is None
+            else ca.issue_cert("relay.test", "127.0.0.1", key_type=key_type))
     d.mkdir(parents=True, exist_ok=True)
     cert, key = d / "fullchain.pem", d / "privkey.pem"
     tmpc, tmpk = d / "fullchain.pem.new", d / "privkey.pem.new"
@@ -131,6 +133,52 @@ def test_sighup_new_cert_and_config_open_session_survives(relay_factory, tmp_pat
     finally:
         held.close()
     r.wait_for(lambda: len(r.queued()) == 1)
+
+
+def _ecdsa_first_der(port: int, *, implicit: bool, tls13: bool) -> bytes:
+    """The certificate a client preferring ECDSA gets (it would also take RSA)."""
+    ctx = client_ctx()
+    ctx.maximum_version = ctx.minimum_version = (ssl.TLSVersion.TLSv1_3 if tls13
+                                                 else ssl.TLSVersion.TLSv1_2)
+    if not tls13:
+        ctx.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256")
+    with RawClient(port, tls=ctx if implicit else None) as c:
+        assert c.reply().code == 220
+        if not implicit:
+            assert c.cmd("EHLO t").code == 250
+            assert c.cmd("STARTTLS").code == 220
+            c.starttls(ctx)
+        der = c.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+        c.cmd("QUIT")
+        return der
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_replaces_the_certificate_across_key_types(relay_factory, tmp_path: Path,
+                                                          workers: int) -> None:
+    """The first-start self-signed ECDSA certificate replaced by a real RSA one, then by
+    an ECDSA one again: after each SIGHUP every client, whatever key type it prefers, on
+    both listener kinds and TLS versions, gets the new certificate (loading a second key
+    type into the old context kept serving the old certificate to ECDSA clients)."""
+    r = relay_factory(workers=workers)  # no [tls]: self-signed ECDSA under state/tls
+    _ready(r, workers + 1 if workers > 1 else 1)
+    selfsigned = _ecdsa_first_der(r.ports["submissions"], implicit=True, tls13=True)
+    for kt in (trustme.KeyType.RSA, trustme.KeyType.ECDSA):
+        cert, key, der = _write_cert(trustme.CA(), tmp_path / f"le-{kt.name}", key_type=kt)
+        data = dict(r.config_data)
+        data["tls"] = {"cert": str(cert), "key": str(key)}
+        r.config.write_text(to_toml(data))
+        before = _count(r, "daemon=reloaded")
+        assert r.proc is not None
+        os.kill(r.proc.pid, signal.SIGHUP)
+        r.wait_for(lambda b=before: _count(r, "daemon=reloaded") >= b + (
+            workers + 1 if workers > 1 else 1))
+        for _ in range(2 * workers):
+            for tls13 in (True, False):
+                for port, implicit in ((r.ports["submissions"], True),
+                                       (r.ports["submission"], False)):
+                    got = _ecdsa_first_der(port, implicit=implicit, tls13=tls13)
+                    assert got == der != selfsigned, (kt, tls13, implicit)
 
 
 def test_sighup_bad_key_keeps_old_cert(tls_relay) -> None:

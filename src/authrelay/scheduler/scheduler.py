@@ -66,6 +66,8 @@ class CourierLike(Protocol):
     async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
                       offset: int = 0) -> dict[str, DeliveryResult]: ...
 
+    async def close(self) -> None: ...
+
 
 @dataclass(eq=False)
 class _Active:
@@ -251,6 +253,14 @@ class Scheduler:
         self.concurrency = max(1, cfg.delivery.concurrency)
         self.per_destination = max(1, cfg.delivery.concurrency_per_domain)
         self._pump()
+
+    def use_courier(self, courier: CourierLike) -> None:
+        """SIGHUP with new [relay] / [delivery] settings: deliveries started from now on
+        go through `courier`; those in flight finish on the old one, whose idle
+        connections are closed."""
+        old, self.courier = self.courier, courier
+        task = asyncio.get_running_loop().create_task(old.close())
+        self._closing = task  # keep a reference until it is done
 
     # ------------------------------------------------------------------ queueing
     def _notify(self, qid: str) -> None:
