@@ -1,0 +1,89 @@
+"""An HTTPS server for MTA-STS policies (RFC 8461 3.3) on a loopback address, port 443.
+
+RFC 8461 fixes the port (https://mta-sts.DOMAIN/.well-known/mta-sts.txt), and authrelay
+keeps that: no setting moves it. The tests run as root, so they bind 127.0.19.N:443 (a
+loopback address no other test uses); `mta-sts.DOMAIN` resolves there through the test's
+DNS server. A non-root run skips (fails under CI=true).
+
+    srv = PolicyServer(ctx, host="127.0.19.1").start()
+    srv.policies["mta-sts.example.test"] = "version: STSv1\\nmode: enforce\\n..."
+    srv.requests  # [(host header, path)] seen
+    srv.stop()
+
+`policies[name]` may also be a (status, content type, body bytes) tuple, for broken
+servers (404, wrong media type, oversized body).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        host = (self.headers.get("Host") or "").split(":")[0].lower()
+        self.server.owner.requests.append((host, self.path))
+        entry = self.server.owner.policies.get(host)
+        if entry is None or self.path != "/.well-known/mta-sts.txt":
+            status, ctype, body = 404, "text/plain", b"not found\n"
+        elif isinstance(entry, tuple):
+            status, ctype, body = entry
+        else:
+            status, ctype, body = 200, "text/plain; charset=utf-8", entry.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: PolicyServer
+
+
+class PolicyServer:
+    def __init__(self, ctx: ssl.SSLContext, host: str = "127.0.19.1") -> None:
+        self.ctx = ctx
+        self.host = host
+        self.policies: dict[str, Any] = {}
+        self.requests: list[tuple[str, str]] = []
+        self._srv: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PolicyServer:
+        import pytest
+
+        if os.geteuid() != 0:
+            msg = "binding port 443 (RFC 8461's fixed port) needs root"
+            if IN_CI:
+                pytest.fail(msg)
+            pytest.skip(msg)
+        srv = _Server((self.host, 443), _Handler)
+        srv.socket = self.ctx.wrap_socket(srv.socket, server_side=True)
+        srv.owner = self
+        self._srv = srv
+        self._thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1},
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._srv is not None:
+            self._srv.shutdown()
+            self._srv.server_close()
+            self._srv = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None

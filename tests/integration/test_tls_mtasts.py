@@ -1,0 +1,286 @@
+"""MTA-STS (RFC 8461) end to end: a dnslib DNS server publishes `_mta-sts` TXT records and
+points `mta-sts.DOMAIN` at a real HTTPS server on 127.0.19.1:443 (certificate from the
+trustme test CA, `[delivery] tls_ca_file`); aiosmtpd MX hosts present good or bad
+certificates. Cases: enforce + good certificate (verified), enforce + bad certificate
+(deferred 4.7.5), enforce + MX not listed (deferred), testing + bad certificate and
+testing + MX not listed (delivered, logged), no policy (opportunistic), a policy server
+with a certificate from the wrong CA (no policy), the cache surviving a restart, the
+background refresh on a changed id. Plus the parser's strictness (unit level)."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from fakes.dnsserver import FakeDNSServer
+from fakes.policyserver import PolicyServer
+from fakes.smtpserver import MXFactory
+from test_delivery import MSG, envelope, make_cfg
+from test_delivery_hosts import ListLog
+from test_tls_levels import ctx_for
+
+from authrelay.delivery.client import Courier
+from authrelay.delivery.mtasts import (
+    HttpsStsSource,
+    StsParseError,
+    StsPolicy,
+    parse_policy,
+    parse_txt,
+)
+from authrelay.types import DeliveryResult
+
+pytestmark = pytest.mark.slow
+
+MX1 = "mx1.sts.test"
+POLICY_HOST = "127.0.19.1"
+
+
+def policy(mode: str = "enforce", *mx: str, max_age: int = 86400) -> str:
+    lines = ["version: STSv1", f"mode: {mode}", *(f"mx: {m}" for m in (mx or (MX1,))),
+             f"max_age: {max_age}"]
+    return "\r\n".join(lines) + "\r\n"
+
+
+@pytest.fixture
+def https(trustme_ca: trustme.CA) -> Iterator[PolicyServer]:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme_ca.issue_cert("mta-sts.sts.test", "mta-sts.other.test").configure_cert(ctx)
+    srv = PolicyServer(ctx, POLICY_HOST).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
+    dns_server.set_zones({
+        "sts.test": {"MX": [(10, MX1)]},
+        MX1: {"A": ["127.0.0.2"]},
+        "_mta-sts.sts.test": {"TXT": ["v=STSv1; id=20261204"]},
+        "mta-sts.sts.test": {"A": [POLICY_HOST]},
+        "nosts.test": {"MX": [(10, MX1)]},
+    })
+    return dns_server
+
+
+class Env:
+    def __init__(self, tmp: Path, dns: FakeDNSServer, port: int, ca_file: Path) -> None:
+        self.tmp, self.dns, self.port, self.ca_file = tmp, dns, port, ca_file
+
+    def courier(self, log: ListLog, **delivery: Any) -> Courier:
+        cfg = make_cfg(self.tmp, self.dns, self.port, tls_ca_file=str(self.ca_file), **delivery)
+        return Courier(cfg, maillog=log)
+
+    async def deliver(self, domain: str = "sts.test", courier: Courier | None = None,
+                      **delivery: Any) -> tuple[DeliveryResult, ListLog]:
+        log = ListLog()
+        own = courier is None
+        c = courier or self.courier(log, **delivery)
+        if not own:
+            c._maillog = log
+        env = envelope(f"bob@{domain}")
+        try:
+            res = await c.deliver(env, env.recipients, MSG)
+        finally:
+            if own:
+                await c.close()
+        return res[f"bob@{domain}"], log
+
+
+@pytest.fixture
+def env(tmp_path: Path, dns: FakeDNSServer, trustme_ca_file: Path) -> Env:
+    return Env(tmp_path, dns, 0, trustme_ca_file)  # port: set by start_mx
+
+
+def start_mx(fake_mx: MXFactory, env: Env, ctx: ssl.SSLContext) -> Any:
+    mx = fake_mx("127.0.0.2", starttls_context=ctx)
+    env.port = fake_mx.port
+    return mx
+
+
+async def test_enforce_good_certificate_verified(
+        env: Env, https: PolicyServer, fake_mx: MXFactory, trustme_ca: trustme.CA) -> None:
+    https.policies["mta-sts.sts.test"] = policy("enforce")
+    mx = start_mx(fake_mx, env, ctx_for(trustme_ca, MX1))
+    res, log = await env.deliver()
+    assert res.ok and (res.tls, res.tls_policy) == ("verified", "mta-sts")
+    assert mx.messages and https.requests == [("mta-sts.sts.test",
+                                               "/.well-known/mta-sts.txt")]
+    assert log.grep("tls=Verified TLS connection established to mx1.sts.test",
+                    "policy=mta-sts")
+
+
+async def test_enforce_bad_certificate_defers(
+        env: Env, https: PolicyServer, fake_mx: MXFactory) -> None:
+    https.policies["mta-sts.sts.test"] = policy("enforce")
+    mx = start_mx(fake_mx, env, ctx_for(trustme.CA(), MX1))
+    res, log = await env.deliver()
+    assert not res.ok and not res.permanent and res.enhanced == "4.7.5", res
+    assert res.tls_policy == "mta-sts" and "TLS policy mta-sts" in res.text
+    assert not mx.messages
+    assert log.grep("status=TLS policy failed", "policy=mta-sts", "action=deferred")
+
+
+async def test_enforce_unlisted_mx_defers(
+        env: Env, https: PolicyServer, fake_mx: MXFactory, trustme_ca: trustme.CA) -> None:
+    https.policies["mta-sts.sts.test"] = policy("enforce", "*.elsewhere.test")
+    mx = start_mx(fake_mx, env, ctx_for(trustme_ca, MX1))
+    res, log = await env.deliver()
+    assert not res.ok and res.enhanced == "4.7.5"
+    assert "not an MX host of the MTA-STS policy of sts.test" in res.text
+    assert mx.connections == 0
+    assert log.grep(MX1, "status=host failed")
+
+
+async def test_enforce_wildcard_mx(
+        env: Env, https: PolicyServer, fake_mx: MXFactory, trustme_ca: trustme.CA) -> None:
+    https.policies["mta-sts.sts.test"] = policy("enforce", "*.sts.test")
+    start_mx(fake_mx, env, ctx_for(trustme_ca, MX1))
+    res, _ = await env.deliver()
+    assert res.ok and res.tls == "verified"
+
+
+async def test_testing_bad_certificate_delivers_and_logs(
+        env: Env, https: PolicyServer, fake_mx: MXFactory) -> None:
+    https.policies["mta-sts.sts.test"] = policy("testing")
+    mx = start_mx(fake_mx, env, ctx_for(trustme.CA(), MX1))
+    res, log = await env.deliver()
+    assert res.ok and (res.tls, res.tls_policy) == ("untrusted", "mta-sts")
+    assert mx.messages
+    assert log.grep("status=TLS policy failed", "policy=mta-sts",
+                    "action=delivered anyway (MTA-STS testing)")
+
+
+async def test_testing_unlisted_mx_delivers_and_logs(
+        env: Env, https: PolicyServer, fake_mx: MXFactory, trustme_ca: trustme.CA) -> None:
+    https.policies["mta-sts.sts.test"] = policy("testing", "mx.elsewhere.test")
+    mx = start_mx(fake_mx, env, ctx_for(trustme_ca, MX1))
+    res, log = await env.deliver()
+    assert res.ok and res.tls_policy == "mta-sts" and mx.messages
+    assert log.grep("warning=mx1.sts.test is not an MX host of the MTA-STS policy",
+                    "testing")
+
+
+async def test_no_policy_is_opportunistic(
+        env: Env, https: PolicyServer, fake_mx: MXFactory) -> None:
+    start_mx(fake_mx, env, ctx_for(trustme.CA(), MX1))
+    res, _ = await env.deliver("nosts.test")
+    assert res.ok and (res.tls, res.tls_policy) == ("untrusted", "may")
+    assert https.requests == []
+
+
+async def test_policy_server_with_untrusted_certificate_is_no_policy(
+        env: Env, fake_mx: MXFactory, tmp_path: Path) -> None:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("mta-sts.sts.test").configure_cert(ctx)
+    srv = PolicyServer(ctx, POLICY_HOST).start()
+    try:
+        srv.policies["mta-sts.sts.test"] = policy("enforce")
+        start_mx(fake_mx, env, ctx_for(trustme.CA(), MX1))
+        res, _ = await env.deliver()
+    finally:
+        srv.stop()
+    assert res.ok and res.tls_policy == "may"  # RFC 8461 5: no valid policy, no refusal
+    assert not (tmp_path / "mta-sts" / "sts.test.json").exists()
+
+
+@pytest.mark.parametrize("served", [
+    (404, "text/plain", b""),
+    (200, "text/html", policy().encode()),
+    (200, "text/plain", b"version: STSv1\nmode: enforce\nmx: " + b"a" * 70000 + b"\n"
+     b"max_age: 100\n"),
+    (200, "text/plain", b"version: STSv2\nmode: enforce\nmx: mx1.sts.test\nmax_age: 1\n"),
+])
+async def test_broken_policy_is_no_policy(
+        env: Env, https: PolicyServer, fake_mx: MXFactory, served: tuple) -> None:
+    https.policies["mta-sts.sts.test"] = served
+    start_mx(fake_mx, env, ctx_for(trustme.CA(), MX1))
+    res, _ = await env.deliver()
+    assert res.ok and res.tls_policy == "may"
+
+
+async def test_policy_cache_survives_restart(
+        env: Env, https: PolicyServer, fake_mx: MXFactory, tmp_path: Path) -> None:
+    https.policies["mta-sts.sts.test"] = policy("enforce")
+    mx = start_mx(fake_mx, env, ctx_for(trustme.CA(), MX1))
+    res, _ = await env.deliver()
+    assert res.enhanced == "4.7.5"
+    cached = json.loads((tmp_path / "mta-sts" / "sts.test.json").read_text())
+    assert cached["mode"] == "enforce" and cached["id"] == "20261204"
+    # "Restart": a new courier, the policy gone from DNS and HTTPS: the cache enforces.
+    del https.policies["mta-sts.sts.test"]
+    env.dns.update({"_mta-sts.sts.test": {}})
+    https.requests.clear()
+    log = ListLog()
+    courier = env.courier(log)
+    try:
+        res, _ = await env.deliver(courier=courier)
+        assert isinstance(courier.sts, HttpsStsSource) and courier.sts.fetches == 0
+    finally:
+        await courier.close()
+    assert not res.ok and res.enhanced == "4.7.5" and res.tls_policy == "mta-sts"
+    assert not mx.messages and https.requests == []
+
+
+async def test_changed_id_refreshes_in_background(
+        env: Env, https: PolicyServer, fake_mx: MXFactory, trustme_ca: trustme.CA) -> None:
+    https.policies["mta-sts.sts.test"] = policy("enforce")
+    mx = start_mx(fake_mx, env, ctx_for(trustme.CA(), MX1))
+    log = ListLog()
+    courier = env.courier(log)
+    try:
+        res, _ = await env.deliver(courier=courier)
+        assert res.enhanced == "4.7.5"
+        sts = courier.sts
+        assert isinstance(sts, HttpsStsSource)
+        sts.recheck = 0  # look at the TXT id on every use
+        https.policies["mta-sts.sts.test"] = policy("testing")
+        env.dns.update({"_mta-sts.sts.test": {"TXT": ["v=STSv1; id=20261205"]}})
+        res, _ = await env.deliver(courier=courier)
+        assert res.enhanced == "4.7.5"  # the cached policy answers at once...
+        await sts.settle()  # ...while the new one is fetched in the background
+        assert sts.fetches == 2
+        res, _ = await env.deliver(courier=courier)
+        assert res.ok and res.tls_policy == "mta-sts" and mx.messages
+    finally:
+        await courier.close()
+
+
+# --------------------------------------------------------------------------- parsing
+
+def test_parse_txt() -> None:
+    assert parse_txt(["v=STSv1; id=abc123"]) == "abc123"
+    assert parse_txt(["v=STSv1;id=abc123;"]) == "abc123"
+    assert parse_txt(["v=spf1 -all", "v=STSv1; id=x1"]) == "x1"
+    assert parse_txt(["v=STSv1; id=a", "v=STSv1; id=b"]) is None  # 3.1: exactly one
+    assert parse_txt(["v=STSv1; id=not-alnum"]) is None
+    assert parse_txt(["v=STSv10; id=a"]) is None
+
+
+def test_parse_policy_strict() -> None:
+    p = parse_policy("d.test", "1", policy("enforce", "mx.d.test", "*.d.test"), 0.0)
+    assert p.mode == "enforce" and p.mx == ("mx.d.test", "*.d.test") and p.max_age == 86400
+    assert parse_policy("d.test", "1", "version: STSv1\nmode: none\nmax_age: 5\n", 0).mx == ()
+    big = parse_policy("d.test", "1", policy(max_age=99999999999 // 10), 0)
+    assert big.max_age == 31557600  # capped at a year (3.2)
+    for bad in ["mode: enforce\nmx: a.test\nmax_age: 1\n",  # no version
+                "version: STSv1\nmode: maybe\nmx: a.test\nmax_age: 1\n",
+                "version: STSv1\nmode: enforce\nmax_age: 1\n",  # no mx
+                "version: STSv1\nmode: enforce\nmx: a.test\nmax_age: -1\n",
+                "version: STSv1\nmode: enforce\nmx: a..test\nmax_age: 1\n",
+                "version: STSv1\ngarbage\n"]:
+        with pytest.raises(StsParseError):
+            parse_policy("d.test", "1", bad, 0.0)
+
+
+def test_mx_patterns() -> None:
+    p = StsPolicy("d.test", "1", "enforce", ("mx.d.test", "*.mail.d.test"), 60)
+    assert p.allows("MX.d.test.") and p.allows("a.mail.d.test")
+    assert not p.allows("b.a.mail.d.test") and not p.allows("mail.d.test")
+    assert not p.allows("xmx.d.test")
