@@ -102,7 +102,11 @@ if [ "$BENCH_AUTHRELAY" = 1 ] && "$PY" -m authrelay serve --help >/dev/null 2>&1
   setsid smtp-sink -c -u nobody -h sink.bench.example.test "127.0.0.1:$AR_SINK" 1024 \
     > "$STATE/sink.out" 2>&1 < /dev/null &
   SINK_PID=$!
-  printf '%s\n' "$USER_PASS" | "$PY" -m authrelay -c "$CONF" user add "$USER_NAME" --password-stdin
+  # The sender addresses the scenarios use are alice's: an authenticated user's message is
+  # DKIM-signed only when its From: is the user's (issue 17).
+  printf '%s\n' "$USER_PASS" | "$PY" -m authrelay -c "$CONF" user add "$USER_NAME" --password-stdin \
+    --address src@bench.example.test --address src@rsa.bench.example.test \
+    --address src@ed25519.bench.example.test --address src@both.bench.example.test
   # (s) DKIM: keys for the sender domains scenario s uses (bench.example.test has none)
   if "$PY" -m authrelay dkim --help >/dev/null 2>&1; then
     for alg in rsa ed25519; do

@@ -141,6 +141,9 @@ class Auth:
     pool_size: int = 10  # backend = "postgresql": connections per process
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     sender_policy: str = "any"  # any | own
+    # any | own: the From:/Sender: header of an authenticated user's message must be one of
+    # the user's addresses (550 5.7.1 at the end of DATA). Unset ("") follows sender_policy.
+    from_header_policy: str = ""
     backend_timeout: float = 5.0
     cache_ttl: float = 300.0  # verified-credential cache lifetime; 0 disables
     hash_threads: int = 4  # bounded pool for argon2 so hashing never starves sessions
@@ -154,6 +157,11 @@ class Auth:
     # App passwords (auth/apppasswords.py; userdb and postgresql backends): "allow" lets
     # the account password and app passwords log in; "require": app passwords only.
     app_passwords: str = "allow"  # allow | require
+
+    @property
+    def from_policy(self) -> str:
+        """from_header_policy as in force: when unset, "own" if sender_policy is "own"."""
+        return self.from_header_policy or ("own" if self.sender_policy == "own" else "any")
 
 
 @dataclass(frozen=True)
@@ -324,6 +332,9 @@ class Dkim:
     domains: tuple[str, ...] = ()  # From: domains to sign for; empty: every domain with a key
     headers: tuple[str, ...] = DKIM_HEADERS
     oversign: tuple[str, ...] = DKIM_OVERSIGN
+    # Sign an authenticated user's message even when its From: is not the user's: lends
+    # the domain's reputation to every user (off: such mail goes out unsigned).
+    sign_unowned: bool = False
 
 
 def _default_hostname() -> str:
@@ -416,6 +427,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "tls.min_version": ("1.2", "1.3"),
     "auth.sender_policy": ("any", "own"),
     "auth.app_passwords": ("allow", "require"),
+    "auth.from_header_policy": ("any", "own"),
     "relay.smart_host_tls": ("starttls", "tls", "none", "may", "encrypt", "verify"),
     "relay.smart_host_auth": ("password", "xoauth2", "oauthbearer"),
     "relay.smart_host_oauth_grant": ("client_credentials", "jwt_bearer"),

@@ -24,7 +24,7 @@ import pytest
 from dkimcheck import dkim_zones, verify_all
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
-from relayproc import RelayProcess
+from relayproc import PASSWORD, RelayProcess
 from test_e2e_delivery import SENDER, SENDER_MX, ZONES, mx_overrides, submit, wait_until
 
 from authrelay.dkim.keys import KeyStore
@@ -47,6 +47,9 @@ BODY = ("From: Alice <alice@sender.test>\r\n"
         "end\r\n").encode("utf-8")
 
 
+OWNED = ("--address", SENDER, "--address", "alice@nokey.test", "--address", "alice@new.test")
+
+
 def keygen(relay: RelayProcess, domain: str, *extra: str) -> None:
     relay.cli("dkim", "keygen", domain, "--selector", "t", *extra)
 
@@ -63,6 +66,8 @@ def setup(relay_factory: Callable[..., RelayProcess], dns_server: FakeDNSServer,
     ov = mx_overrides(dns_server, fake_mx.port)
     ov["relay"]["local_domains"] = ["example.test"]
     relay = relay_factory(ov, start=False)
+    # alice's own addresses: an authenticated user's mail is signed only for them.
+    relay.cli("user", "add", "alice", "--password-stdin", *OWNED, input=PASSWORD + "\n")
     keygen(relay, "sender.test")  # t-rsa and t-ed25519
     keygen(relay, "relay.test", "--algorithm", "ed25519")  # bounces: MAILER-DAEMON@relay.test
     dns_server.set_zones({**ZONES, **dkim_zones(keys_of(relay))})

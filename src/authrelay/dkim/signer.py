@@ -34,6 +34,15 @@ boundaries, the same bytes, property-tested), one hash shared by every key of th
 hash algorithm; the signature field is built by dkimpy's `gen_header` from that body hash.
 Memory stays at a chunk or two whatever the message size.
 
+Who may be signed for (issue 17): an authenticated user's message only when every
+From:/Sender: mailbox is one of the user's addresses (policy/ownership.py, the rule of
+`sender_policy = "own"`), else `dkim=skipped, reason=From: not owned by user`; `[dkim]
+sign_unowned = true` signs it anyway (every user then borrows the domain's reputation).
+The spool's accept path decides on the header as received and binds the signer with the
+owner (`bind(qid, owner=...)`), and the signer checks its own parse again, so a header the
+two parsers read differently goes unsigned. Trusted networks, the sendmail command and
+bounces carry no owner and are signed as before.
+
 Failure policy: signing never fails a message. No From:, several From: fields, mailboxes of
 different domains, a domain without key or outside `[dkim] domains`: the message goes out
 unsigned and the maillog says why (`dkim=none`). A library error is logged (`dkim=error`)
@@ -62,6 +71,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config
 from authrelay.dkim.keys import DkimKey, KeyStore
+from authrelay.policy.ownership import Owner
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +223,7 @@ def _header_end(buf: bytes) -> int:
 
 
 MAX_HEADER_SECTION = 1 << 20  # a streamed message's header section read before deciding
+FROM_NOT_OWNED = "From: not owned by user"  # the maillog reason (dkim=skipped)
 
 
 def _signing_key(key: DkimKey) -> bytes:
@@ -345,14 +356,23 @@ class Signer:
             out.extend([h.encode()] * (present.get(h, 0) + 1))
         return out
 
-    def bind(self, queue_id: str) -> _Bound | None:
+    def bind(self, queue_id: str, owner: Owner | None = None) -> _Bound | None:
         """This signer for one message: its maillog notes carry `queue_id`. None when no
-        key is loaded at all, so the spool never reads a streamed message back for it."""
+        key is loaded at all, so the spool never reads a streamed message back for it.
+        `owner`: an authenticated user's message is signed only when every From:/Sender:
+        mailbox of the header as this signer parses it is the user's (the accept path
+        decided so on the header as received; this keeps a parser difference between the
+        two from lending a signature)."""
         if not self._state.keys:
             return None
-        return _Bound(self, queue_id)
+        return _Bound(self, queue_id, owner)
 
-    def _decide(self, st: _State, head: bytes, queue_id: str | None
+    def skip(self, queue_id: str | None, reason: str) -> None:
+        """Not signed by policy: `QID: dkim=skipped, reason=R`."""
+        self._log(queue_id, dkim="skipped", reason=reason)
+
+    def _decide(self, st: _State, head: bytes, queue_id: str | None,
+                owner: Owner | None = None
                 ) -> tuple[str, tuple[DkimKey, ...], list[bytes]] | None:
         """(domain, keys, header fields to sign) from the header section, or None
         (unsigned; the maillog says why)."""
@@ -360,6 +380,10 @@ class Signer:
             d = dkim.DKIM(head, linesep=b"\r\n")
         except Exception as e:  # unparsable header section: go unsigned
             self._log(queue_id, dkim="none", reason=f"message not parsable ({type(e).__name__})")
+            return None
+        if owner is not None and owner.verdict(
+                b"".join(n + b":" + v for n, v in d.headers)):
+            self.skip(queue_id, FROM_NOT_OWNED)
             return None
         domain, why = from_domain(d.headers)
         if domain is None:
@@ -382,7 +406,8 @@ class Signer:
                   s=",".join(k.selector for k in keys))
         return b"".join(out)
 
-    def __call__(self, message: bytes, queue_id: str | None = None) -> bytes | None:
+    def __call__(self, message: bytes, queue_id: str | None = None,
+                 owner: Owner | None = None) -> bytes | None:
         """DKIM-Signature fields (CRLF-terminated) to prepend, or None (unsigned)."""
         st = self._state
         if not st.keys:  # DKIM not in use here: no note per message
@@ -390,7 +415,7 @@ class Signer:
         # Decide on the header section alone (cheap); parse the whole message only to sign.
         end = message.find(b"\r\n\r\n")
         head = message if end < 0 else message[:end + 4]
-        decided = self._decide(st, head, queue_id)
+        decided = self._decide(st, head, queue_id, owner)
         if decided is None:
             return None
         domain, keys, include = decided
@@ -417,8 +442,8 @@ class Signer:
             out.append(sig)
         return self._done(queue_id, domain, keys, out)
 
-    def sign_stream(self, chunks: Iterable[bytes], queue_id: str | None = None
-                    ) -> bytes | None:
+    def sign_stream(self, chunks: Iterable[bytes], queue_id: str | None = None,
+                    owner: Owner | None = None) -> bytes | None:
         """`__call__` for a message given in pieces (the spool reads a streamed file in
         bounded chunks): the same signature fields, without the whole message in memory.
         Stops reading after the header section when the message is not to be signed."""
@@ -437,9 +462,9 @@ class Signer:
                 self._log(queue_id, dkim="none", reason="header section over 1 MiB")
                 return None
         if start < 0:  # no body at all: small, take the whole-message path
-            return self(buf, queue_id)
+            return self(buf, queue_id, owner)
         head = buf[:start]
-        decided = self._decide(st, head, queue_id)
+        decided = self._decide(st, head, queue_id, owner)
         if decided is None:
             return None
         domain, keys, include = decided
@@ -489,16 +514,19 @@ class Signer:
 class _Bound:
     """A Signer for one queue id: `(message)` or `.sign_stream(chunks)`."""
 
-    __slots__ = ("signer", "queue_id")
+    __slots__ = ("signer", "queue_id", "owner")
 
-    def __init__(self, signer: Signer, queue_id: str) -> None:
-        self.signer, self.queue_id = signer, queue_id
+    def __init__(self, signer: Signer, queue_id: str, owner: Owner | None = None) -> None:
+        self.signer, self.queue_id, self.owner = signer, queue_id, owner
 
     def __call__(self, message: bytes) -> bytes | None:
-        return self.signer(message, self.queue_id)
+        return self.signer(message, self.queue_id, self.owner)
 
     def sign_stream(self, chunks: Iterable[bytes]) -> bytes | None:
-        return self.signer.sign_stream(chunks, self.queue_id)
+        return self.signer.sign_stream(chunks, self.queue_id, self.owner)
+
+    def skip(self, reason: str) -> None:
+        self.signer.skip(self.queue_id, reason)
 
 
 def _sign_prehashed(d: Any, gen_header: Callable[..., bytes], canon: Any, selector: bytes,

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 from authrelay.address import Address
 from authrelay.config import Config
+from authrelay.policy.ownership import may_send_as
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -77,8 +78,4 @@ class RelayPolicy:
         """
         if self.sender_policy != "own" or sender is None:
             return True
-        want = f"{sender.local}@{sender.domain_key}".lower()
-        owned_set = {a.lower() for a in owned}
-        if "@" in user:
-            owned_set.add(user.lower())
-        return want in owned_set
+        return may_send_as(f"{sender.local}@{sender.domain_key}", user, owned)

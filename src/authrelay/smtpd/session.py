@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from authrelay import replies
 from authrelay.config import Config
+from authrelay.policy.ownership import Owner
 from authrelay.policy.relay import RelayPolicy
 from authrelay.smtpd import protocol as p
 from authrelay.smtpd.listener import CLOSE_GRACE, QUIT_GRACE, Closed, Connection, Timeout
@@ -58,7 +59,8 @@ class Submitter(Protocol):
 
     def space_ok(self, size: int = 0) -> bool: ...
     def begin(self, env: Envelope, *, tls: str = "", add_missing: bool = True,
-              nul_checked: bool = False, sign: bool = True) -> Draft: ...
+              nul_checked: bool = False, sign: bool = True,
+              owner: Owner | None = None) -> Draft: ...
 
 
 class Ticket(Protocol):
@@ -114,6 +116,7 @@ class Session:
         self._qid = ""
         self._data_deadline = 0.0
         self._expired = False
+        self._owned: Owner | None = None  # the authenticated user's addresses
 
     # ------------------------------------------------------------------ helpers
     def relay_desc(self) -> str:
@@ -364,8 +367,8 @@ class Session:
             return
         if user:
             path = ev.transaction.sender
-            owned = self.deps.authenticator.addresses(user) \
-                if self.cfg.auth.sender_policy == "own" else ()
+            owned = self._owner(user).addresses if self.cfg.auth.sender_policy == "own" \
+                else ()
             if not self.deps.policy.sender_allowed(path.address, user, owned):
                 self._log_reject(replies.SENDER_NOT_OWNED, f"<{path.text}>... ",
                                  sasl_username=user)
@@ -405,6 +408,13 @@ class Session:
                 return
         eng.policy_result(None)
 
+    def _owner(self, user: str) -> Owner:
+        """The user and the addresses it may send as (read once per session: a session
+        authenticates once)."""
+        if self._owned is None or self._owned.user != user:
+            self._owned = Owner.of(user, self.deps.authenticator.addresses(user))
+        return self._owned
+
     # ------------------------------------------------------------------ the message
     def _begin(self, txn: p.Transaction) -> None:
         eng = self.eng
@@ -424,7 +434,10 @@ class Session:
             draft = self.deps.submitter.begin(
                 env, tls=self.conn.tls_info if eng.tls else "", nul_checked=True,
                 add_missing=bool(eng.auth_user) or eng.mode != "smtp",
-                sign=bool(eng.auth_user) or self.trusted)  # DKIM: only mail we originate
+                sign=bool(eng.auth_user) or self.trusted,  # DKIM: only mail we originate
+                # An authenticated user's From:/Sender: must be its own to be signed
+                # (and, with from_header_policy "own", to be accepted at all).
+                owner=self._owner(eng.auth_user) if eng.auth_user else None)
         except OSError:
             log.exception("spool begin failed")
             self._log_reject(replies.SPOOL_ERROR, qid=qid)
@@ -497,6 +510,7 @@ _REASONS = {
     replies.MSG_TOO_BIG: "size", replies.TEXT_LINE_TOO_LONG: "line_length",
     replies.BARE_LF: "bare_line_ending", replies.TIMEOUT: "timeout",
     replies.SENDER_NOT_OWNED: "sender_not_owned", replies.TOO_MANY_RCPTS: "too_many_rcpts",
+    replies.FROM_NOT_OWNED: "from_not_owned",
     replies.AUTH_LOCKED: "auth_locked", replies.USER_RATE: "user_rate",
     replies.TOO_MANY_CONNECTIONS: "connections", replies.TOO_MANY_FROM_IP: "connections_ip",
     replies.RATE_LIMITED: "connection_rate", replies.NO_RDNS: "no_rdns",

@@ -42,6 +42,7 @@ from typing import Any
 from authrelay import replies
 from authrelay.config import Config
 from authrelay.maillog import MailLog
+from authrelay.policy.ownership import Owner
 from authrelay.spool.cleanup import HeaderCleanup, received_for
 from authrelay.spool.envelope import Envelope, new_queue_id
 from authrelay.spool.format import SpoolError
@@ -52,6 +53,8 @@ from authrelay.types import Reply
 Signer = Callable[[bytes], "bytes | None"]
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# The maillog's reason on an authenticated user's message left unsigned for its From:.
+FROM_NOT_OWNED_NOTE = "From: not owned by user"  # = dkim.signer.FROM_NOT_OWNED
 SPACE_CACHE = 1.0  # seconds a statvfs answer is reused
 
 
@@ -121,21 +124,25 @@ class Submitter:
     # ------------------------------------------------------------------ messages
     def begin(self, env: Envelope, *, tls: str = "", add_missing: bool = True,
               local_uid: int | None = None, nul_checked: bool = False,
-              check_content: bool = True, sign: bool | None = None) -> Draft:
+              check_content: bool = True, sign: bool | None = None,
+              owner: Owner | None = None) -> Draft:
         """A new message for `env` (queue id assigned if empty). `nul_checked`: the producer
         already refuses NUL (smtpd/bodyreader.py). `check_content=False` (bounces we build)
         skips the NUL and hop checks. `sign`: hand the message to the signer (mail we
         originate); None decides from the envelope: authenticated senders, the sendmail
         command and our bounces are signed, anything else (inbound to a local domain) is
         not -- a trusted-network client has no mark in the envelope, so the SMTP session
-        passes `sign=True` for it."""
+        passes `sign=True` for it. `owner`: the authenticated user and its addresses; the
+        From:/Sender: of the header as received is checked against them (`[auth]
+        from_header_policy`, `[dkim] sign_unowned`). None (trusted networks, the sendmail
+        command, bounces): no check, as before."""
         if not env.queue_id:
             env.queue_id = new_queue_id()
         if sign is None:
             sign = bool(env.auth_user) or env.is_bounce or env.listener == "sendmail"
         return Draft(self, env, tls=tls, add_missing=add_missing, local_uid=local_uid,
                      scan_nul=check_content and not nul_checked, check_hops=check_content,
-                     sign=sign)
+                     sign=sign, owner=owner)
 
 
 class Draft:
@@ -143,9 +150,13 @@ class Draft:
 
     def __init__(self, sub: Submitter, env: Envelope, *, tls: str, add_missing: bool,
                  local_uid: int | None, scan_nul: bool, check_hops: bool,
-                 sign: bool = False) -> None:
+                 sign: bool = False, owner: Owner | None = None) -> None:
         self.submitter = sub
         self.sign = sign
+        self.owner = owner
+        # None: not decided yet (or no owner); "": every From:/Sender: mailbox is the
+        # owner's; else why not. Decided once, on the header section as received.
+        self.from_verdict: str | None = None
         self.envelope = env
         self.queue_id = env.queue_id
         self._cleanup = HeaderCleanup(
@@ -190,10 +201,26 @@ class Draft:
             return
         try:
             out = self._cleanup.feed(data)
+            if out and self.owner is not None and self.from_verdict is None \
+                    and self._from_refused():
+                return
             if out:
                 self._incoming.write(out)
         except (OSError, SpoolError) as e:
             self._fail(e)
+
+    def _from_refused(self) -> bool:
+        """Decide From: ownership on the header section as it arrived (complete now: the
+        cleanup released it), before anything of ours is prepended and without reading the
+        message back. With from_header_policy "own" a mailbox the user does not own
+        refuses the message: nothing more is stored, commit() raises Refused."""
+        assert self.owner is not None
+        self.from_verdict = verdict = self.owner.verdict(self._cleanup.header_section)
+        if verdict and self.submitter.cfg.auth.from_policy == "own":
+            self._problem = Refused(replies.FROM_NOT_OWNED, verdict)
+            self._incoming.abort()
+            return True
+        return False
 
     def _fail(self, e: BaseException) -> None:
         self._problem = _io_refusal(e)
@@ -213,6 +240,9 @@ class Draft:
         if self._done:
             raise SpoolError("commit after commit/abort")
         tail = self._cleanup.finish()
+        if self.owner is not None and self.from_verdict is None and self._problem is None \
+                and not self.nul and self._from_refused():
+            tail = b""  # a message that is all header: decided at its end
         self._check()  # header counting is complete once finish() ran
         try:
             if tail:
@@ -221,9 +251,24 @@ class Draft:
             self._fail(e)
             raise self._problem from None  # type: ignore[misc]
         if self.sign:
-            signer = self.submitter.signer
-            bind = getattr(signer, "bind", None)  # the DKIM signer logs with the queue id
-            self._incoming.signer = bind(self.queue_id) if bind is not None else signer
+            self._incoming.signer = self._signer()
+
+    def _signer(self) -> Signer | None:
+        """The signer for this message, or None (unsigned). An authenticated user's
+        message is signed only when its From:/Sender: is the user's, unless `[dkim]
+        sign_unowned`; the signer checks its own parse of the stored header again."""
+        signer = self.submitter.signer
+        bind = getattr(signer, "bind", None)  # the DKIM signer logs with the queue id
+        if bind is None:
+            return signer
+        owner = self.owner
+        if owner is None or self.submitter.cfg.dkim.sign_unowned:
+            return bind(self.queue_id)  # type: ignore[no-any-return]
+        bound = bind(self.queue_id, owner=owner)
+        if bound is not None and self.from_verdict:
+            bound.skip(FROM_NOT_OWNED_NOTE)
+            return None
+        return bound  # type: ignore[no-any-return]
 
     async def commit(self, **log: Any) -> None:
         """Durable when this returns (fsync); then the maillog `from=` line. Raises

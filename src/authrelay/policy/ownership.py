@@ -1,0 +1,154 @@
+"""Sender ownership: which addresses an authenticated user may send as, envelope and header.
+
+Owns the one answer to "may USER send as ADDRESS?" that `[auth] sender_policy = "own"`
+(MAIL FROM, Postfix reject_sender_login_mismatch), `[auth] from_header_policy = "own"`
+(the RFC 5322 From:/Sender: fields) and the DKIM signer (`[dkim] sign_unowned`) share:
+an address is the user's when it is one of the user's addresses, or when the user's name
+is itself that address. Addresses compare case-insensitively (local part included, as the
+user DB stores them), a quoted local part by its content (RFC 5322 3.4.1: `"bob"@x` is
+`bob@x`), a domain without its trailing dot and by its A-label (RFC 5890).
+
+Contract: pure functions, no I/O.
+- `may_send_as(address, user, owned) -> bool`
+- `header_mailboxes(header_section) -> (addresses, problem)`: every mailbox of every
+  From: and Sender: field of a header section as received (RFC 5322 3.6.2), parsed with
+  both of the standard library's address parsers (`email.utils.getaddresses` and
+  `email.headerregistry`) and the union taken, so a header one parser reads differently
+  from the other (a display name holding an address, `a@x <b@y>`) cannot hide a mailbox.
+  `problem` is "" or why the header cannot be vouched for (no From:, an encoded word or
+  group where an address belongs, a parse defect).
+- `header_verdict(header_section, user, owned) -> str`: "" when every From:/Sender:
+  mailbox is the user's, else the reason (for the maillog; never sent to the client).
+- `Owner.of(user, owned)`: the user and its addresses, `.verdict(header_section)`.
+Failure policy: anything that cannot be parsed as a plain address is not owned (a refusal
+or an unsigned message, never a signature lent to a domain the user does not own).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from email.errors import InvalidHeaderDefect
+from email.headerregistry import HeaderRegistry
+
+_REGISTRY = HeaderRegistry()
+# RFC 5322 2.2 / 4.5.3 (obs-optional): a field name, optional white space, a colon.
+_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
+_CHECKED = (b"from", b"sender")
+
+
+def normalize(address: str) -> str:
+    """The comparison form of an address: lower case, quoted local part unquoted, domain
+    without trailing dot, an internationalised domain as its A-label. "" if not local@domain."""
+    a = address.strip()
+    local, at, domain = a.rpartition("@")
+    if not at or not local or not domain:
+        return ""
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    domain = domain.rstrip(".").lower()
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return ""
+    return f"{local.lower()}@{domain}"
+
+
+def owned_set(user: str, owned: Iterable[str]) -> frozenset[str]:
+    """The user's addresses in comparison form (a user named like an address owns it)."""
+    out = {normalize(a) for a in owned}
+    if "@" in user:
+        out.add(normalize(user))
+    out.discard("")
+    return frozenset(out)
+
+
+def may_send_as(address: str, user: str, owned: Iterable[str]) -> bool:
+    """True when `address` is one of `user`'s addresses (see the module docstring)."""
+    want = normalize(address)
+    return bool(want) and want in owned_set(user, owned)
+
+
+def header_fields(header_section: bytes, names: tuple[bytes, ...] = _CHECKED
+                  ) -> list[tuple[bytes, str]]:
+    """(lower-case name, unfolded value) of the fields called `names`, in order. The value
+    is decoded as UTF-8 (RFC 6532) with undecodable bytes kept as surrogates, so they
+    never compare equal to an owned address."""
+    out: list[tuple[bytes, str]] = []
+    cur: list[bytes] | None = None
+    name = b""
+    for line in header_section.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line[:1] in (b" ", b"\t"):  # RFC 5322 2.2.3 folding
+            if cur is not None:
+                cur.append(line)
+            continue
+        if cur is not None:
+            out.append((name, b" ".join(cur).decode("utf-8", "surrogateescape")))
+            cur = None
+        m = _FIELD.match(line)
+        if m and m.group(1).lower() in names:
+            name = m.group(1).lower()
+            cur = [line[m.end():]]
+    if cur is not None:
+        out.append((name, b" ".join(cur).decode("utf-8", "surrogateescape")))
+    return out
+
+
+def header_mailboxes(header_section: bytes) -> tuple[list[tuple[str, str]], str]:
+    """(field label, mailbox address as written) of every From:/Sender: mailbox, and ""
+    or the problem that keeps the header from being vouched for."""
+    fields = header_fields(header_section)
+    if not any(n == b"from" for n, _ in fields):
+        return [], "no From: field"
+    found: list[tuple[str, str]] = []
+    for name, value in fields:
+        label = "From:" if name == b"from" else "Sender:"
+        try:
+            parsed = _REGISTRY(label[:-1], value)
+        except Exception:  # the stdlib parser failing on hostile input: not vouched for
+            return found, f"{label} not parsable"
+        if any(isinstance(d, InvalidHeaderDefect) for d in parsed.defects):
+            return found, f"{label} not parsable"
+        addrs = [a.addr_spec for a in parsed.addresses]  # type: ignore[attr-defined]
+        addrs += [a for _n, a in email.utils.getaddresses([value])]
+        if not addrs:
+            return found, f"{label} holds no address"
+        for a in addrs:
+            if not normalize(a) or a.startswith("=?"):
+                return found, f"{label} holds something that is not an address"
+            found.append((label, a))
+    return found, ""
+
+
+def header_verdict(header_section: bytes, user: str, owned: Iterable[str]) -> str:
+    """"" when every From:/Sender: mailbox of the header section is the user's, else why
+    not (e.g. "From: <ceo@probe.test> not owned by bob")."""
+    mine = owned_set(user, owned)
+    found, problem = header_mailboxes(header_section)
+    if problem:
+        return problem
+    for label, a in found:
+        if normalize(a) not in mine:
+            return f"{label} <{a}> not owned by {user}"
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """An authenticated user and the addresses it may send as (comparison form): what the
+    spool's accept path checks a message's From:/Sender: against."""
+
+    user: str
+    addresses: frozenset[str]
+
+    @classmethod
+    def of(cls, user: str, owned: Iterable[str]) -> Owner:
+        return cls(user, owned_set(user, owned))
+
+    def verdict(self, header_section: bytes) -> str:
+        """header_verdict() for this user: "" (all owned) or why not."""
+        return header_verdict(header_section, self.user, self.addresses)

@@ -1,0 +1,213 @@
+"""Issue 17 part 1: DKIM signs an authenticated user's mail only for From: addresses the
+user owns; `[auth] from_header_policy = "own"` refuses the rest at the end of DATA.
+
+A real `authrelay serve`, real clients (smtplib and swaks over STARTTLS + AUTH), the fake
+MX receiving, and dkimpy's verifier reading the public keys from the loopback DNS server.
+bob owns bob@other.test; keys exist for other.test and probe.test (the domain an attacker
+wants to borrow). The attacks of the issue: From: ceo@probe.test with bob's MAIL FROM, with
+MAIL FROM:<>, with a display name holding bob's address, with a Sender: of bob's, as a
+second From: field, as the second mailbox of one From: field; plus a From: field written
+so the two standard-library parsers read it differently. Trusted networks keep today's
+rule (signed whatever the From:), `[dkim] sign_unowned = true` signs anyway.
+"""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from dkimcheck import dkim_zones, verify_all
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import MXFactory
+from relayproc import RelayProcess
+from test_e2e_delivery import ZONES, mx_overrides, wait_until
+
+from authrelay.dkim.keys import KeyStore
+
+BOB_PW = "bob's long password"
+SKIPPED = "dkim=skipped, reason=From: not owned by user"
+
+
+def message(head: str, tag: str) -> bytes:
+    return (f"{head}To: <rcpt@example.test>\r\nSubject: {tag}\r\n"
+            f"Message-ID: <{tag}@other.test>\r\n\r\nbody of {tag}\r\n").encode()
+
+
+# (tag, MAIL FROM, header fields before To:) -- every one names probe.test somewhere
+# DMARC or a reader would see it, and bob owns nothing there.
+ATTACKS = [
+    ("envelope-bob", "bob@other.test", "From: ceo@probe.test\r\n"),
+    ("null-sender", "", "From: CEO <ceo@probe.test>\r\n"),
+    ("display-name", "bob@other.test", 'From: "bob@other.test" <ceo@probe.test>\r\n'),
+    ("sender-field", "bob@other.test", "From: ceo@probe.test\r\nSender: bob@other.test\r\n"),
+    ("two-from", "bob@other.test", "From: bob@other.test\r\nFrom: ceo@probe.test\r\n"),
+    ("two-mailboxes", "bob@other.test", "From: bob@other.test, ceo@probe.test\r\n"),
+    ("parser-split", "bob@other.test", "From: bob@other.test <ceo@probe.test>\r\n"),
+    ("encoded-word", "bob@other.test", "From: =?utf-8?q?ceo=40probe.test?=\r\n"),
+    ("no-from", "bob@other.test", ""),
+]
+OWN = [
+    ("own-plain", "bob@other.test", "From: bob@other.test\r\n"),
+    ("own-folded", "", "From: =?utf-8?q?B=C3=B6b?=\r\n <Bob@Other.Test>\r\n"),
+    ("own-group", "bob@other.test", "From: team: bob@other.test;\r\nSender: bob@other.test\r\n"),
+]
+
+
+@pytest.fixture
+def env(relay_factory: Callable[..., RelayProcess], dns_server: FakeDNSServer,
+        fake_mx: MXFactory) -> Callable[..., dict[str, Any]]:
+    def make(**sections: dict[str, Any]) -> dict[str, Any]:
+        mx = fake_mx("127.0.0.2")
+        ov = mx_overrides(dns_server, fake_mx.port)
+        ov["relay"]["trusted_networks"] = ["127.0.0.9/32"]
+        for k, v in sections.items():
+            ov[k] = {**ov.get(k, {}), **v}
+        relay = relay_factory(ov, users={}, start=False)
+        relay.cli("user", "add", "bob", "--password-stdin", "--address", "bob@other.test",
+                  input=BOB_PW + "\n")
+        for dom in ("other.test", "probe.test"):
+            relay.cli("dkim", "keygen", dom, "--selector", "t", "--algorithm", "ed25519")
+        keys = KeyStore(relay.state / "dkim").load().all()
+        dns_server.set_zones({**ZONES, **dkim_zones(keys)})
+        relay.start()
+        return {"relay": relay, "mx": mx, "dns": dns_server}
+    return make
+
+
+def send(relay: RelayProcess, sender: str, msg: bytes, source: str = "127.0.0.1"
+         ) -> tuple[int, bytes, str]:
+    """(code, text, queue id or "") of DATA, as bob over STARTTLS + AUTH PLAIN."""
+    with smtplib.SMTP("127.0.0.1", relay.ports["submission"], timeout=20,
+                      source_address=(source, 0)) as s:
+        s.ehlo("laptop.test")
+        s.starttls(context=relay.client_context())
+        s.ehlo("laptop.test")
+        s.login("bob", BOB_PW)
+        assert s.mail(sender)[0] == 250
+        assert s.rcpt("rcpt@example.test")[0] == 250
+        code, text = s.data(msg)
+    qid = text.rsplit(b" ", 1)[-1].decode() if code == 250 else ""
+    return code, text, qid
+
+
+def delivered(e: dict[str, Any], tag: str) -> bytes:
+    mx = e["mx"]
+    needle = f"Subject: {tag}\r\n".encode()
+    return wait_until(lambda: next((m.content for m in mx.messages if needle in m.content),
+                                   None), f"delivery of {tag}", relay=e["relay"])
+
+
+def test_unowned_from_goes_out_unsigned(env: Callable[..., dict[str, Any]]) -> None:
+    e = env()  # sender_policy "any": from_header_policy "any", sign_unowned false
+    relay = e["relay"]
+    qids = {}
+    for tag, sender, head in ATTACKS + OWN:
+        code, text, qid = send(relay, sender, message(head, tag))
+        assert code == 250, (tag, code, text)
+        qids[tag] = qid
+    for tag, _, _ in ATTACKS:
+        content = delivered(e, tag)
+        assert b"DKIM-Signature" not in content, tag
+        assert verify_all(content, e["dns"].nameserver) == []
+    for tag, _, _ in OWN:
+        res = verify_all(delivered(e, tag), e["dns"].nameserver)
+        assert res == [(b"other.test", b"t", b"ed25519-sha256", True)], (tag, res)
+    log = relay.maillog()
+    for tag, _, _ in ATTACKS:
+        assert f"{qids[tag]}: {SKIPPED}" in log, (tag, log[-3000:])
+    for tag, _, _ in OWN:
+        assert f"{qids[tag]}: dkim=signed, d=other.test, s=t" in log
+
+
+def test_from_header_policy_own_refuses_at_end_of_data(
+        env: Callable[..., dict[str, Any]]) -> None:
+    e = env(auth={"sender_policy": "own"})  # from_header_policy follows: "own"
+    relay = e["relay"]
+    big = "x" * 998 + "\r\n"
+    for tag, sender, head in ATTACKS + [("streamed", "bob@other.test",
+                                         "From: ceo@probe.test\r\n")]:
+        msg = message(head, tag)
+        if tag == "streamed":  # past the spool's in-memory part: streamed to disk
+            msg += (big * 400).encode()
+        code, text, _ = send(relay, sender, msg)
+        assert (code, text) == (550, b"5.7.1 From: header address not owned by user"), tag
+    assert relay.queued() == [] and relay.unready() == []
+    log = relay.maillog()
+    refusals = [ln for ln in log.splitlines()
+                if "reject=550 5.7.1 From: header address not owned by user" in ln]
+    assert len(refusals) == len(ATTACKS) + 1, log[-3000:]
+    assert all("relay=localhost [127.0.0.1]" in ln or "relay=unknown [127.0.0.1]" in ln
+               for ln in refusals), refusals
+    assert any("reason=From: <ceo@probe.test> not owned by bob" in ln for ln in refusals)
+    assert any("reason=no From: field" in ln for ln in refusals)
+    # bob's own From: still goes through, signed.
+    for tag, sender, head in OWN:
+        code, text, _ = send(relay, sender, message(head, tag))
+        assert code == 250, (tag, text)
+        res = verify_all(delivered(e, tag), e["dns"].nameserver)
+        assert res == [(b"other.test", b"t", b"ed25519-sha256", True)], (tag, res)
+
+
+def test_swaks_refused_and_accepted(env: Callable[..., dict[str, Any]]) -> None:
+    """The same through swaks (another real client), with from_header_policy set
+    explicitly while sender_policy stays "any"."""
+    if shutil.which("swaks") is None:
+        pytest.fail("swaks is not installed (the test command installs it)")
+    e = env(auth={"from_header_policy": "own"})
+    relay = e["relay"]
+
+    def swaks(header_from: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["swaks", "--server", "127.0.0.1", "--port", str(relay.ports["submission"]),
+             "--tls", "--tls-verify", "--tls-ca-path", str(relay.state / "tls" / "cert.pem"),
+             "--auth", "PLAIN", "--auth-user", "bob", "--auth-password", BOB_PW,
+             "--from", "bob@other.test", "--to", "rcpt@example.test",
+             "--h-From", header_from, "--h-Subject", f"swaks {header_from}"],
+            capture_output=True, text=True, timeout=60)
+
+    r = swaks("ceo@probe.test")
+    assert "<~* 550 5.7.1 From: header address not owned by user" in r.stdout, r.stdout
+    assert relay.queued() == []
+    r = swaks("Bob <bob@other.test>")
+    assert r.returncode == 0, r.stdout
+    res = verify_all(delivered(e, "swaks Bob <bob@other.test>"), e["dns"].nameserver)
+    assert res == [(b"other.test", b"t", b"ed25519-sha256", True)]
+
+
+def test_policy_any_with_sender_policy_own(env: Callable[..., dict[str, Any]]) -> None:
+    """from_header_policy = "any" overrides the default that follows sender_policy: the
+    message is accepted, and still not signed for a domain bob does not own."""
+    e = env(auth={"sender_policy": "own", "from_header_policy": "any"})
+    code, text, qid = send(e["relay"], "bob@other.test",
+                           message("From: ceo@probe.test\r\n", "any"))
+    assert code == 250, text
+    assert b"DKIM-Signature" not in delivered(e, "any")
+    assert f"{qid}: {SKIPPED}" in e["relay"].maillog()
+
+
+def test_sign_unowned_lends_the_domain(env: Callable[..., dict[str, Any]]) -> None:
+    e = env(dkim={"sign_unowned": True})
+    code, text, qid = send(e["relay"], "bob@other.test",
+                           message("From: ceo@probe.test\r\n", "lent"))
+    assert code == 250, text
+    res = verify_all(delivered(e, "lent"), e["dns"].nameserver)
+    assert res == [(b"probe.test", b"t", b"ed25519-sha256", True)], res
+    assert f"{qid}: dkim=signed, d=probe.test, s=t" in e["relay"].maillog()
+
+
+def test_trusted_network_keeps_todays_rule(env: Callable[..., dict[str, Any]]) -> None:
+    """A client on a trusted network that does not authenticate has no user to own
+    anything: its mail is signed by the From: domain, as before (documented)."""
+    e = env(auth={"sender_policy": "own"})
+    relay = e["relay"]
+    with smtplib.SMTP("127.0.0.1", relay.ports["smtp"], timeout=20,
+                      source_address=("127.0.0.9", 0)) as s:
+        s.ehlo("app.test")
+        s.sendmail("app@probe.test", ["rcpt@example.test"],
+                   message("From: ceo@probe.test\r\n", "trusted"))
+    res = verify_all(delivered(e, "trusted"), e["dns"].nameserver)
+    assert res == [(b"probe.test", b"t", b"ed25519-sha256", True)], res
