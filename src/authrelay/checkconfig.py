@@ -356,35 +356,70 @@ def _config_untrusted(cfg: Config) -> str:
     return ""
 
 
+def _check_secret(cfg: Config, pw: pwd.struct_passwd | None, key: str, path: str,
+                  out: list[Finding]) -> None:
+    """A file only the relay may read (smart host password, OAuth client secret or key):
+    it must exist, be 0600-ish, and be readable by whoever will read it (`user`, or the
+    root key helper for a config it trusts: docs/PRIVILEGES.md)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as e:
+        out.append(Finding("error", key, f"{path}: {e.strerror}"))
+        return
+    if not stat.S_ISREG(st.st_mode):
+        out.append(Finding("error", key, f"{path}: not a regular file"))
+        return
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        out.append(Finding("warning", key, f"{path}: readable by group/others (mode "
+                           f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"))
+    reader = pw
+    if reader is not None and not _readable_by(p, reader):
+        # Dropping privileges: the key helper reads it as root (docs/PRIVILEGES.md),
+        # but only for a config that the unprivileged user cannot rewrite.
+        why = _config_untrusted(cfg)
+        if why:
+            out.append(Finding("error", key, f"{path}: not readable by user "
+                               f"{reader.pw_name}, and the root helper will not read it: "
+                               f"{why}"))
+    elif reader is None and not os.access(p, os.R_OK):
+        out.append(Finding("error", key, f"{path}: not readable by uid {os.geteuid()}"))
+
+
+def _check_oauth_key(path: str, out: list[Finding]) -> None:
+    """The OAuth signing key loads (when this process can read it)."""
+    from authrelay.delivery.oauth import load_signing_key
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64 * 1024)
+    except OSError:
+        return  # _check_secret said why, or the root helper will read it
+    try:
+        load_signing_key(data)
+    except ValueError as e:
+        out.append(Finding("error", "relay.smart_host_oauth_key_file", f"{path}: {e}"))
+
+
 def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) -> None:
-    pf = cfg.relay.smart_host_password_file
+    r = cfg.relay
+    pf = r.smart_host_password_file
     if pf:
-        p = Path(pf)
-        try:
-            st = p.stat()
-        except OSError as e:
-            out.append(Finding("error", "relay.smart_host_password_file",
-                               f"{pf}: {e.strerror}"))
-        else:
-            if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                out.append(Finding("warning", "relay.smart_host_password_file",
-                                   f"{pf}: readable by group/others (mode "
-                                   f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {pf}"))
-            reader = pw
-            if reader is not None and not _readable_by(p, reader):
-                # Dropping privileges: the key helper reads it as root (docs/PRIVILEGES.md),
-                # but only for a config that the unprivileged user cannot rewrite.
-                why = _config_untrusted(cfg)
-                if why:
-                    out.append(Finding("error", "relay.smart_host_password_file",
-                                       f"{pf}: not readable by user {reader.pw_name}, and "
-                                       f"the root helper will not read it: {why}"))
-            elif reader is None and not os.access(p, os.R_OK):
-                out.append(Finding("error", "relay.smart_host_password_file",
-                                   f"{pf}: not readable by uid {os.geteuid()}"))
-    if cfg.relay.smart_host_user and not pf:
+        _check_secret(cfg, pw, "relay.smart_host_password_file", pf, out)
+    if r.smart_host_user and not pf and r.smart_host_auth == "password":
         out.append(Finding("error", "relay.smart_host_password_file",
                            "smart_host_user is set but no password file"))
+    if r.smart_host_auth != "password":
+        if r.smart_host_oauth_secret_file:
+            _check_secret(cfg, pw, "relay.smart_host_oauth_secret_file",
+                          r.smart_host_oauth_secret_file, out)
+        if r.smart_host_oauth_key_file:
+            _check_secret(cfg, pw, "relay.smart_host_oauth_key_file",
+                          r.smart_host_oauth_key_file, out)
+            _check_oauth_key(r.smart_host_oauth_key_file, out)
+        if r.smart_host_oauth_ca_file and not os.access(r.smart_host_oauth_ca_file, os.R_OK):
+            out.append(Finding("error", "relay.smart_host_oauth_ca_file",
+                               f"{r.smart_host_oauth_ca_file}: not readable"))
     sd = cfg.state_path
     if sd.exists():
         if not sd.is_dir():

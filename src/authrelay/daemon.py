@@ -263,6 +263,8 @@ class _Run:
     read_keys: Callable[[Config], PEM] = read_pem
     # The smart host password as root (the key helper) when privileges were dropped.
     read_password: Callable[[], str] | None = None
+    # The smart host's OAuth client secret or signing key, likewise (delivery/oauth.py).
+    read_oauth_secret: Callable[[], bytes] | None = None
     # The maillog file opened by the key helper (root) on SIGHUP: a descriptor.
     open_log: Callable[[], int] | None = None
     channel: socket.socket | None = None  # worker: its end of the master's socketpair
@@ -314,7 +316,8 @@ async def _serve_loop(run: _Run) -> int:
     local = None
     if deliver:
         # Scheduler.start() runs spool.recover() itself
-        scheduler = wiring.scheduler(cfg, spool, wiring.courier(cfg, run.read_password), ml)
+        scheduler = wiring.scheduler(cfg, spool, wiring.courier(cfg, run.read_password,
+                                                            run.read_oauth_secret), ml)
         if receiver is not None:
             spool.on_commit = scheduler.notify
         await scheduler.start()
@@ -584,6 +587,7 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
             run = _Run(cfg, config_path, pem, "single", listeners=per_worker[0],
                        read_keys=read_keys,
                        read_password=helper.read_password if helper else None,
+                       read_oauth_secret=helper.read_oauth_secret if helper else None,
                        open_log=helper.open_log if helper else None)
             return asyncio.run(_serve_loop(run))
         return _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared)
@@ -598,6 +602,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
     nworkers = len(per_worker)
     run = _Run(cfg, config_path, pem, "master", read_keys=read_keys,
                read_password=helper.read_password if helper else None,
+               read_oauth_secret=helper.read_oauth_secret if helper else None,
                open_log=helper.open_log if helper else None,
                master_sockets=[x.sock for row in per_worker for x in row])
     workers: dict[int, _Worker] = run.workers

@@ -328,6 +328,16 @@ class KeyHelper:
             raise OSError(payload.decode("utf-8", "replace"))
         raise OSError("key helper is gone; restart authrelay")
 
+    def read_oauth_secret(self) -> bytes:
+        """relay.smart_host_oauth_secret_file (or key_file) read as root (blocking);
+        OSError on failure."""
+        kind, payload = self._ask(b"O")
+        if kind == b"O":
+            return payload
+        if kind == b"E":
+            raise OSError(payload.decode("utf-8", "replace"))
+        raise OSError("key helper is gone; restart authrelay")
+
     def close(self) -> None:
         self.channel.close()
         with contextlib.suppress(ChildProcessError, OSError):
@@ -365,13 +375,17 @@ def _helper_main(sock: socket.socket, config_path: str | None, log_file: str | N
                 finally:
                     os.close(fd)
                 continue
-            if kind not in (b"K", b"P"):
+            if kind not in (b"K", b"P", b"O"):
                 raise TLSConfigError("unknown request")
             path = find_config_path(config_path)
             _check_trusted(path)
             cfg = load(path)
             if kind == b"K":
                 send(sock, b"K", pack_pem(read_pem(cfg)))
+            elif kind == b"O":  # the OAuth client secret or signing key (delivery/oauth.py)
+                r = cfg.relay
+                send(sock, b"O", _read_secret(r.smart_host_oauth_secret_file
+                                              or r.smart_host_oauth_key_file))
             else:
                 send(sock, b"P", _read_secret(cfg.relay.smart_host_password_file))
         except (ConfigError, TLSConfigError, OSError) as e:

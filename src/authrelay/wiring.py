@@ -148,12 +148,16 @@ def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
 
 # --------------------------------------------------------------------------- delivering
 
-def courier(cfg: Config, read_password: Callable[[], str] | None = None) -> Courier:
-    """The outbound client; `read_password` reads the smart host's password with
-    privileges (the key helper) when they were dropped."""
+def courier(cfg: Config, read_password: Callable[[], str] | None = None,
+            read_oauth_secret: Callable[[], bytes] | None = None) -> Courier:
+    """The outbound client; `read_password` and `read_oauth_secret` read the smart host's
+    password or OAuth client secret / key with privileges (the key helper) when they
+    were dropped."""
     c = Courier(cfg)
     if read_password is not None:
         c.read_password = read_password
+    if read_oauth_secret is not None:
+        c.read_oauth_secret = read_oauth_secret
     return c
 
 

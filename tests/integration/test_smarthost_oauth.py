@@ -20,6 +20,9 @@ from fakes.dnsserver import FakeDNSServer
 from fakes.oauth import OAuthSmartHost, TokenEndpoint
 from fakes.smtpserver import server_tls_context
 from test_delivery import MSG, envelope, free_port_on, make_cfg
+from test_doctor import cfg_for, doctor
+from test_doctor import setup as doctor_setup  # noqa: F401  (a fixture)
+from test_process_model import reachable_dir  # noqa: F401  (a fixture)
 
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config, ConfigError, from_dict
@@ -438,3 +441,114 @@ def test_config_validation(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=words):
             from_dict({"relay": {**base, **change}})
+
+
+# --------------------------------------------------------------------------- end to end
+
+def test_serve_with_a_root_only_client_secret(
+        request: pytest.FixtureRequest, endpoint: Any, smart_host: Any, trustme_ca: Any) -> None:
+    """`authrelay serve` dropping to a user: the 0600 root client secret is read by the
+    key helper; a submitted message reaches the smart host with an OAuth token, and no
+    token is in the maillog or anywhere under the state dir."""
+    from relayproc import RelayProcess
+    from test_e2e_delivery import submit
+    from test_process_model import TEST_USER, _require_root, _started, _test_user, _wait
+
+    _require_root()
+    _test_user()
+    base: Path = request.getfixturevalue("reachable_dir")
+    secret_dir = base / "secret"
+    secret_dir.mkdir(mode=0o700)
+    sf = write_secret(secret_dir / "m365.secret", "s3cret-value\n")
+    ca = base / "ca.pem"
+    trustme_ca.cert_pem.write_to_path(str(ca))
+    ca.chmod(0o644)
+    ep = endpoint(secret="s3cret-value")
+    sh = smart_host(ep)
+    r = RelayProcess(base, {
+        "user": TEST_USER,
+        "relay": {"smart_host": [sh.address], "smart_host_tls": "starttls",
+                  "smart_host_user": USER, "smart_host_ca_file": str(ca),
+                  "smart_host_auth": "xoauth2",
+                  "smart_host_oauth_token_url": ep.url, "smart_host_oauth_client_id": "app-id",
+                  "smart_host_oauth_scope": ep.scope, "smart_host_oauth_ca_file": str(ca),
+                  "smart_host_oauth_secret_file": str(sf)},
+        "delivery": {"retry": ["1s"]}}, workers=2)
+    r.config.chmod(0o644)
+    r.start()
+    try:
+        _started(r, 3)
+        submit(r, ["bob@example.test"])
+        try:
+            _wait(lambda: len(sh.messages) == 1, timeout=30, what="delivered")
+        except AssertionError:
+            raise AssertionError(r.maillog()[-2000:]) from None
+        assert sh.messages[0].auth_user == USER
+        assert sh.oauth_attempts == [("XOAUTH2", USER, True)]
+        log = r.maillog()
+        assert "s3cret" not in log and "stat=Sent" in log
+    finally:
+        r.stop()
+    assert_no_token(base, ep, r.maillog())
+
+
+def test_check_config_checks_the_oauth_files(tmp_path: Path, app_key: rsa.RSAPrivateKey
+                                             ) -> None:
+    from authrelay.checkconfig import check
+
+    sf = tmp_path / "m365.secret"
+    sf.write_text("s3cret\n")
+    sf.chmod(0o644)
+    relay = {"smart_host": ["127.0.0.1:2"], "smart_host_user": USER,
+             "smart_host_auth": "xoauth2", "smart_host_oauth_token_url": "https://t.test/token",
+             "smart_host_oauth_client_id": "id", "smart_host_oauth_scope": MS_SCOPE,
+             "smart_host_oauth_secret_file": str(sf)}
+
+    def findings(**change: Any) -> dict[str, str]:
+        cfg = from_dict({"state_dir": str(tmp_path / "state"), "relay": {**relay, **change}})
+        return {f.key: f"{f.level}: {f.message}" for f in check(cfg)
+                if f.key.startswith("relay.")}
+
+    got = findings()
+    assert "warning" in got["relay.smart_host_oauth_secret_file"]
+    assert "chmod 600" in got["relay.smart_host_oauth_secret_file"]
+    assert "relay.smart_host_password_file" not in got  # no password with OAuth
+    sf.chmod(0o600)
+    assert findings() == {}
+    got = findings(smart_host_oauth_secret_file=str(tmp_path / "missing"))
+    assert got["relay.smart_host_oauth_secret_file"].startswith("error")
+    bad = write_secret(tmp_path / "bad.pem", b"-----BEGIN PRIVATE KEY-----\nxx\n")
+    got = findings(smart_host_oauth_secret_file="", smart_host_oauth_key_file=str(bad))
+    assert "no usable unencrypted PEM private key" in got["relay.smart_host_oauth_key_file"]
+    good = write_secret(tmp_path / "good.pem", pem(app_key))
+    assert findings(smart_host_oauth_secret_file="", smart_host_oauth_key_file=str(good)) == {}
+
+
+async def test_doctor_obtains_a_token_and_checks_auth(
+        request: pytest.FixtureRequest, dns_server: FakeDNSServer, endpoint: Any,
+        smart_host: Any, trustme_ca_file: Path) -> None:
+    tmp = request.getfixturevalue("doctor_setup")["tmp"]
+    ep = endpoint(secret="s3cret-value")
+    sh = smart_host(ep)
+    sf = write_secret(tmp / "m365.secret", "s3cret-value\n")
+    relay = {"smart_host": [sh.address], "smart_host_user": USER,
+             "smart_host_ca_file": str(trustme_ca_file), "smart_host_auth": "oauthbearer",
+             "smart_host_oauth_token_url": ep.url, "smart_host_oauth_client_id": "app-id",
+             "smart_host_oauth_scope": ep.scope, "smart_host_oauth_secret_file": str(sf),
+             "smart_host_oauth_ca_file": str(trustme_ca_file)}
+    name = f"smarthost 127.0.0.2:{sh.port}"
+    res = await doctor(cfg_for(tmp, dns_server, relay=relay))
+    assert res[name].ok, res[name].line()
+    assert res[name].detail == f"token obtained; AUTH OAUTHBEARER accepted as {USER}"
+    assert sh.oauth_attempts == [("OAUTHBEARER", USER, True)]
+
+    ep.valid = lambda token, user: False  # type: ignore[method-assign]
+    res = await doctor(cfg_for(tmp, dns_server, relay=relay))
+    assert not res[name].ok and "AUTH OAUTHBEARER refused: 535" in res[name].detail
+    assert "SMTP.SendAsApp" in res[name].fix
+
+    sf.write_text("wrong\n")
+    res = await doctor(cfg_for(tmp, dns_server, relay=relay))
+    assert not res[name].ok and "invalid_client" in res[name].detail
+    for token in ep.issued:
+        assert token not in res[name].line()

@@ -375,6 +375,39 @@ class Doctor:
             ok, detail, fix = await self._try_smart_host(host, port)
             self.add(f"smarthost {host}:{port}", ok, detail, fix)
 
+    async def _oauth_auth(self, smtp: aiosmtplib.SMTP, host: str, port: int
+                          ) -> tuple[bool, str, str]:
+        """Obtain a token as delivery does (delivery/oauth.py) and AUTH with it."""
+        from authrelay.delivery import oauth
+
+        r = self.cfg.relay
+        mech = "XOAUTH2" if r.smart_host_auth == "xoauth2" else "OAUTHBEARER"
+        offered = smtp.esmtp_extensions.get("auth", "").upper().split()
+        if mech not in offered:
+            return False, f"does not offer AUTH {mech} (offers: {' '.join(offered) or 'none'})", \
+                "set relay.smart_host_auth to a mechanism the smart host offers"
+        source = oauth.TokenSource(r, timeout=min(30.0, self.cfg.delivery.connect_timeout))
+        try:
+            token = await source.get()
+        except oauth.TokenError as e:
+            return False, f"no OAuth token: {e}", "check relay.smart_host_oauth_token_url, " \
+                "_client_id, _secret_file or _key_file, and _scope"
+        resp = oauth.xoauth2(r.smart_host_user, token) if mech == "XOAUTH2" else \
+            oauth.oauthbearer(r.smart_host_user, token, host, port)
+        try:
+            reply = await smtp.execute_command(b"AUTH", mech.encode(), resp)
+            if reply.code == 334:  # the error as a challenge (RFC 7628 3.2.2)
+                reply = await smtp.execute_command(b"AQ==" if mech == "OAUTHBEARER" else b"")
+        finally:
+            del token, resp
+        if reply.code == 235:
+            return True, f"token obtained; AUTH {mech} accepted as {r.smart_host_user}", ""
+        return False, f"token obtained, but AUTH {mech} refused: {reply.code} " \
+            f"{' '.join(reply.message.split())}", \
+            "check that the app may send as relay.smart_host_user (Microsoft 365: " \
+            "SMTP.SendAsApp and the mailbox permission; Google: domain-wide delegation " \
+            "of the scope)"
+
     async def _try_smart_host(self, host: str, port: int) -> tuple[bool, str, str]:
         r = self.cfg.relay
         ctx = ssl.create_default_context(cafile=r.smart_host_ca_file or None)
@@ -400,6 +433,8 @@ class Doctor:
             if not r.smart_host_user:
                 return True, "answers (no smart_host_user: AUTH not tried)", ""
             step = "AUTH"
+            if r.smart_host_auth != "password":
+                return await self._oauth_auth(smtp, host, port)
             try:
                 with open(r.smart_host_password_file, encoding="utf-8") as f:
                     password = f.read().rstrip("\r\n")
