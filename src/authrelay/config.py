@@ -279,6 +279,12 @@ class Limits:
     # command timeout drops to stress_command_timeout until the load passes.
     stress_threshold: int = 80
     stress_command_timeout: float = 10.0
+    # Issue 17: a full listener pool makes room by evicting a pre-authentication
+    # connection (handshake not done, or idle before AUTH outside a transaction), and
+    # one address may hold at most max_pending_per_ip connections still in their TLS
+    # handshake or greeting delay (0 = no limit). docs/LIMITS.md "Eviction".
+    pool_eviction: bool = True
+    max_pending_per_ip: int = 5
     # Exempt from per-IP connection limits and rates (127.0.0.1 and ::1 always are);
     # "trusted_networks" stands for [relay] trusted_networks.
     limit_exceptions: tuple[str, ...] = ("trusted_networks",)

@@ -4,7 +4,8 @@ Two parametrised tests run every `*.dialog` file here: `test_dialog` over socket
 real `authrelay serve`, `test_dialog_engine` against the sans-I/O engine
 (smtpd/protocol.py) driven by tests/engineharness.py, with no sockets at all. Script lines:
   @listener MODE     connect to smtp | submission | submissions (default smtp)
-  C: text            send text + CRLF ({plain USER PASS [AUTHZID]} and {b64 TEXT} expand)
+  C: text            send text + CRLF ({plain USER|PASS|AUTHZID}, {b64 TEXT} and
+                     {rep TEXT N}, TEXT N times, expand)
   R: bytes           send raw bytes, Python escapes (\\r \\n \\x00 ...), no CRLF added
   S: prefix          the next reply's last line starts with prefix
   S~ regex           the next reply (all lines joined by newline) matches regex (search)
@@ -64,6 +65,8 @@ def _expand(text: str) -> str:
         if parts[0] == "b64":
             return b64(parts[1] if parts[1] != "PASSWORD" else PASSWORD)
         raise ValueError(m.group(0))
+    # {rep TEXT N}: TEXT repeated N times (long lines), expanded first
+    text = re.sub(r"\{rep (\S+) (\d+)\}", lambda m: m.group(1) * int(m.group(2)), text)
     return re.sub(r"\{((?:plain|b64) [^}]*)\}", sub, text)
 
 

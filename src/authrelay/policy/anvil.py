@@ -33,6 +33,7 @@ from authrelay import replies
 from authrelay.config import Config
 from authrelay.policy.throttle import (
     ADMIT,
+    PENDING,
     Admission,
     LocalThrottle,
     Pool,
@@ -154,6 +155,9 @@ class SharedThrottle(LocalThrottle):
 
     def level(self, key: str) -> int:
         return self.shared.gauge(key)
+
+    def pending_add(self, key: str, delta: int) -> None:
+        self.shared.gauge_add(PENDING + key, delta)
 
     async def auth_locked(self, ip: str, user: str) -> bool:
         s, now, w = self.shared, time.monotonic(), self.auth_ip.window

@@ -358,6 +358,9 @@ class RedisThrottle(Throttle):
     def level(self, key: str) -> int:
         return self.local.level(key)
 
+    def pending_add(self, key: str, delta: int) -> None:
+        self.local.pending_add(key, delta)  # a handshake in progress is per node
+
     def full(self, pools: Sequence[Pool]) -> bool:
         return self.local.full(pools)
 

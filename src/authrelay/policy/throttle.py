@@ -127,6 +127,7 @@ class Admission:
 
 
 ADMIT = Admission()
+PENDING = "pending:"  # gauge key prefix: an address's connections still in handshake
 
 
 def pool_refusal(key: str) -> Admission:
@@ -239,6 +240,15 @@ class Throttle(ABC):
         """Whether `connect` would refuse for a pool (checked before accepting at all)."""
         return any(p.cap and self.level(p.key) >= p.cap for p in pools)
 
+    def pending(self, key: str) -> int:
+        """Connections from address `key` (as `key()` gives it) admitted but not yet past
+        their TLS handshake or greeting delay (`[limits] max_pending_per_ip`)."""
+        return self.level(PENDING + key)
+
+    @abstractmethod
+    def pending_add(self, key: str, delta: int) -> None:
+        """Count one such connection in (+1) or out (-1)."""
+
     # ------------------------------------------------------------ AUTH (async)
     @abstractmethod
     async def auth_locked(self, ip: str, user: str) -> bool:
@@ -346,6 +356,14 @@ class LocalThrottle(Throttle):
 
     def level(self, key: str) -> int:
         return self.gauges.get(key, 0)
+
+    def pending_add(self, key: str, delta: int) -> None:
+        k = PENDING + key
+        n = self.gauges.get(k, 0) + delta
+        if n > 0:
+            self.gauges[k] = n
+        else:
+            self.gauges.pop(k, None)
 
     # ---------------------------------------------------------------- AUTH
     def _counts(self, ip: str, user: str, now: float) -> tuple[float, float, float]:

@@ -34,10 +34,19 @@ and before any TLS:
 - Implicit TLS (RFC 8314): the handshake starts only after admission, on the accepted
   socket (`loop.connect_accepted_socket(ssl=...)`, so no byte can be read in clear first),
   under `tls_handshake_timeout`; a failed or timed-out handshake is one maillog line.
+- Eviction (issue 17, smtpd/eviction.py): a full pool makes room for a new connection by
+  evicting a pre-authentication one of this listener: still in its TLS handshake or
+  greeting delay (closed quietly: aborted, no 421), or a session idle before AUTH and
+  outside a transaction (`Ticket.idle()`; it gets `421 4.7.0` and is closed). Which one is
+  chosen so that a flood cannot evict in a loop (eviction.py). An address may hold at most
+  `max_pending_per_ip` connections still in handshake; past it a new one is refused at
+  accept. Evictions and refusals beyond REFUSAL_LINES a second are not logged one by one:
+  one summary line a second says how many, why, and the busiest address.
 
-The session receives a `Ticket`: its current command timeout, and the throttle narrowed
-to its address (AUTH and per-user rates). An Acceptor sees the server it accepts for only
-through `Host` (the counters and hooks below), never the server itself.
+The session receives a `Ticket`: its current command timeout, the throttle narrowed to its
+address (AUTH and per-user rates), and `idle()`/`busy()` for eviction. An Acceptor sees
+the server it accepts for only through `Host` (the counters and hooks below), never the
+server itself.
 Failure policy: an accept error (EMFILE, ENFILE, ENOBUFS) pauses that listener briefly
 with a maillog warning, never kills it.
 """
@@ -51,15 +60,18 @@ import logging
 import resource
 import socket
 import ssl
+import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from authrelay import maillog
+from authrelay import maillog, replies
 from authrelay.config import Config, Listen
 from authrelay.policy.throttle import Admission, Exemptions, Pool, Share, Throttle
 from authrelay.smtpd import proxy
+from authrelay.smtpd.eviction import Candidate, Candidates
 from authrelay.types import Reply
 
 log = logging.getLogger(__name__)
@@ -70,6 +82,7 @@ FD_RESERVE_MIN = 64
 STRESS_OFF_MARGIN = 10  # percentage points below the threshold where stress mode ends
 STRESS_CALM = 10.0  # ... once the load has stayed there this many seconds
 PROXY_READS_MIN = 256  # PROXY headers read at once per listener, at least (issue 14)
+REFUSAL_LINES = 10  # refusals logged one by one per listener and second; then a summary
 
 
 @dataclass
@@ -138,6 +151,14 @@ class Ticket:
         # The client's (address, port) from a PROXY header (smtpd/proxy.py), which the
         # session uses instead of the socket's peer (the load balancer); None: no header.
         self.peer = peer
+        # Eviction (issue 17): counted as pending (handshake or greeting delay) until
+        # settle(); a candidate while pending and while idle before AUTH.
+        self.pending = False
+        self.evicted = False
+        self.sock: socket.socket | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.handshake: Candidate | None = None
+        self.idling: Candidate | None = None
 
     @property
     def command_timeout(self) -> float:
@@ -155,6 +176,19 @@ class Ticket:
         if not self.released:
             self.released = True
             self._adm.release(self)
+
+    def settle(self) -> None:
+        """The session starts: its handshake and greeting delay are done."""
+        self._adm.settle(self)
+
+    def idle(self, evict: Callable[[], None]) -> None:
+        """The session waits for the client (a command, a STARTTLS handshake) without
+        having authenticated and outside a transaction: until `busy()`, a full pool may
+        evict it by calling `evict` (which must close the connection)."""
+        self._adm.idle(self, evict)
+
+    def busy(self) -> None:
+        self._adm.busy(self)
 
     async def auth_locked(self, user: str) -> bool:
         return await self._throttle.auth_locked(self.ip, user)
@@ -196,6 +230,12 @@ class Acceptor:
         self._stress_poll: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.proxy_reads: set[asyncio.Task[None]] = set()  # PROXY headers being read
+        self.candidates = Candidates()  # eviction candidates (issue 17)
+        self._lines = 0  # refusal lines logged in this second
+        self._refused: Counter[str] = Counter()  # refusals not logged one by one, by reason
+        self._evicted: Counter[str] = Counter()  # evictions this second, by kind
+        self._evicted_from: Counter[str] = Counter()  # ... by address
+        self._summary: asyncio.TimerHandle | None = None
         self.reload()
 
     # ------------------------------------------------------------ configuration
@@ -252,6 +292,10 @@ class Acceptor:
         if self._stress_poll is not None:
             self._stress_poll.cancel()
             self._stress_poll = None
+        if self._summary is not None:
+            self._summary.cancel()
+            self._summary = None
+            self._log_summary()
         for t in list(self.tasks) + list(self.proxy_reads):
             t.cancel()
 
@@ -259,7 +303,7 @@ class Acceptor:
         self._poll = None
         why = self.paused
         if why == "full":
-            if not self.server.throttle.full(self.pools):
+            if not self.server.throttle.full(self.pools) or self._may_evict():
                 self.full_since = 0.0
                 self._resume()
                 return
@@ -300,7 +344,7 @@ class Acceptor:
                 self._pause("fd")
                 srv.fd_warning()
                 return
-            if self.submission and srv.throttle.full(self.pools):
+            if self.submission and srv.throttle.full(self.pools) and not self._may_evict():
                 # Leave the clients in the kernel backlog until a slot frees (or the wait
                 # passes `backlog_wait`): a 421 is an error to a user's mail program.
                 if not self.full_since:
@@ -382,16 +426,35 @@ class Acceptor:
         # Counted under the key of this moment (an IPv6 client by its prefix), released
         # under the same one even if a reload changes ipv6_prefix_length meanwhile.
         key = srv.throttle.key(ip)
+        lim = srv.cfg.limits
+        if not exempt and lim.max_pending_per_ip and \
+                srv.throttle.pending(key) >= lim.max_pending_per_ip:
+            srv.metrics_connection(self.ln.mode, "refused")
+            self._refuse(sock, ip, Admission(replies.TOO_MANY_PENDING, 0.0, "pending_ip"))
+            return
         adm = srv.throttle.connect(key, self.pools, exempt=exempt)
+        if not adm.admitted and adm.reason.startswith("pool:") and lim.pool_eviction:
+            victim = self.candidates.victim(key, time.monotonic())
+            if victim is not None:
+                self._evict(victim)
+                adm = srv.throttle.connect(key, self.pools, exempt=exempt)
         srv.metrics_connection(self.ln.mode, "accepted" if adm.admitted else "refused")
         if not adm.admitted:
             self._refuse(sock, ip, adm)
             return
         ticket = Ticket(self, ip, self.pools, exempt, peer, key)
+        ticket.sock = sock
+        ticket.pending = True
+        srv.throttle.pending_add(key, 1)
+        if lim.pool_eviction:
+            ticket.handshake = Candidate(key, time.monotonic(),
+                                         lambda: self._evict_handshake(ticket), "handshake")
+            self.candidates.add(ticket.handshake)
         self.open += 1
         srv.open_sockets += 1
         self._check_stress()
         task = asyncio.get_running_loop().create_task(self._serve(sock, ip, ticket, adm.delay))
+        ticket.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -405,10 +468,104 @@ class Acceptor:
                 sock.send(r.lines())  # a few bytes into an empty socket buffer: never blocks
         with contextlib.suppress(OSError):
             sock.close()
-        self.server.refused(self.ln, ip, r, adm.reason, tls)
+        if self._lines < REFUSAL_LINES:
+            self._lines += 1
+            self.server.refused(self.ln, ip, r, adm.reason, tls)
+        else:
+            self._refused[adm.reason] += 1
+        self._summary_soon()
+
+    # ------------------------------------------------------------ eviction (issue 17)
+    def _may_evict(self) -> bool:
+        return self.server.cfg.limits.pool_eviction and self.candidates.total > 0
+
+    def settle(self, ticket: Ticket) -> None:
+        ticket.sock = None  # the transport owns it now
+        if ticket.handshake is not None:
+            self.candidates.discard(ticket.handshake)
+            ticket.handshake = None
+        if ticket.pending:
+            ticket.pending = False
+            self.server.throttle.pending_add(ticket.key, -1)
+
+    def idle(self, ticket: Ticket, evict: Callable[[], None]) -> None:
+        if ticket.released or ticket.idling is not None or \
+                not self.server.cfg.limits.pool_eviction:
+            return
+        ticket.idling = Candidate(ticket.key, time.monotonic(),
+                                  lambda: self._evict_session(ticket, evict), "session")
+        self.candidates.add(ticket.idling)
+        if self.paused == "full":  # room can be made now: accept again
+            self.full_since = 0.0
+            self._resume()
+
+    def busy(self, ticket: Ticket) -> None:
+        if ticket.idling is not None:
+            self.candidates.discard(ticket.idling)
+            ticket.idling = None
+
+    def _evict(self, c: Candidate) -> None:
+        self.candidates.discard(c)
+        c.evict()  # releases its pool slot now
+        self._evicted[c.kind] += 1
+        self._evicted_from[c.key] += 1
+        self.server.metrics_connection(self.ln.mode, "evicted")
+        self._summary_soon()
+
+    def _evict_handshake(self, ticket: Ticket) -> None:
+        """Close a connection still in its TLS handshake or greeting delay: no reply (a TLS
+        client could not read one), reset rather than a FIN (nothing to flush)."""
+        ticket.evicted = True
+        sock, ticket.sock = ticket.sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                # Ends the handshake at once whichever loop runs it (uvloop does not close
+                # the socket of a cancelled connect_accepted_socket until collected).
+                sock.shutdown(socket.SHUT_RDWR)
+        ticket.release()
+        if ticket.task is not None:
+            ticket.task.cancel()  # _serve closes the socket (or the loop its transport)
+
+    def _evict_session(self, ticket: Ticket, evict: Callable[[], None]) -> None:
+        ticket.evicted = True
+        evict()  # the session: 421 4.7.0 and close
+        ticket.release()
+
+    def _summary_soon(self) -> None:
+        if self._summary is None:
+            self._summary = asyncio.get_running_loop().call_later(1.0, self._tick)
+
+    def _tick(self) -> None:
+        self._summary = None
+        busy = bool(self._evicted or self._refused or self._lines)
+        self._log_summary()
+        if busy:  # keep counting by the second while refusals go on
+            self._summary_soon()
+
+    def _log_summary(self) -> None:
+        """At most two lines a second however many connections were evicted or refused."""
+        self._lines = 0
+        ev, self._evicted = self._evicted, Counter()
+        src, self._evicted_from = self._evicted_from, Counter()
+        ref, self._refused = self._refused, Counter()
+        if ev:
+            top, n = src.most_common(1)[0]
+            maillog.warning(
+                f"pool full: evicted {sum(ev.values())} pre-authentication connections "
+                f"({ev['handshake']} in handshake, {ev['session']} idle before AUTH)",
+                listener=self.ln.name, busiest=f"{top} ({n})",
+                connections=f"{self.server.throttle.level(self.pool_key)}/{self.cap}")
+        if ref:
+            maillog.warning(
+                f"refused {sum(ref.values())} more connections without a line each",
+                listener=self.ln.name,
+                reasons=" ".join(f"{k}:{v}" for k, v in ref.most_common()))
 
     def release(self, ticket: Ticket) -> None:
         srv = self.server
+        self.settle(ticket)
+        self.busy(ticket)
         srv.throttle.disconnect(ticket.key, ticket.pools)
         self.open = max(0, self.open - 1)
         srv.open_sockets = max(0, srv.open_sockets - 1)

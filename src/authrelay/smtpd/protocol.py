@@ -313,6 +313,7 @@ class Engine:
         self.postmaster_domain = (cfg.relay.local_domains or (cfg.hostname,))[0]
         self.max_line = lim.max_line_length
         self.max_auth_line = lim.max_auth_line_length
+        self._long_limit = 0  # the limit the last over-long line was measured against
         self.max_size = lim.max_message_size
         self.max_text_line = lim.max_text_line_length
         self.max_recipients = lim.max_recipients
@@ -408,8 +409,7 @@ class Engine:
                 if not self._data_step():
                     return NEED_DATA
             else:
-                line = self._take_line(self.max_auth_line if phase is Phase.AUTH_LINE
-                                       else self.max_line)
+                line = self._take_line(self._line_limit(phase))
                 if line is None:
                     if not self._eof:
                         return NEED_DATA
@@ -613,6 +613,7 @@ class Engine:
                 self._bare()
                 return _AGAIN
             if len(buf) > limit:  # no line end yet: it is too long whatever follows
+                self._long_limit = limit
                 self._skipping = True
                 self._skip_cr = buf.endswith(b"\r")
                 buf.clear()
@@ -622,16 +623,30 @@ class Engine:
             return _AGAIN
         if i + 1 > limit:
             del buf[:i + 1]
+            self._long_limit = limit
             self._line_too_long()
             return _AGAIN
         line = bytes(buf[:i - 1])
         del buf[:i + 1]
         return line
 
+    def _line_limit(self, phase: Phase) -> int:
+        """A command line may have `max_line_length` octets; an AUTH command line and a
+        SASL response line `max_auth_line_length` (RFC 4954 4: 12288 for the initial
+        response), decided by the line's first bytes (only ever consulted once more than
+        `max_line_length` are buffered, so those bytes are there)."""
+        if phase is Phase.AUTH_LINE:
+            return self.max_auth_line
+        if self._buf[:5].upper() == b"AUTH ":
+            return max(self.max_line, self.max_auth_line)
+        return self.max_line
+
     def _line_too_long(self) -> None:
         if self.phase is Phase.AUTH_LINE:
             self._sasl = None
             self.phase = Phase.COMMAND
+            self._error(replies.AUTH_LINE_TOO_LONG)
+        elif self._long_limit > self.max_line:  # an AUTH command line past 12288
             self._error(replies.AUTH_LINE_TOO_LONG)
         else:
             self._error(replies.LINE_TOO_LONG)

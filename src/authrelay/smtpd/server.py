@@ -108,6 +108,10 @@ class SMTPServer:
         return lambda: Connection(lambda c: self._connected(ln, c, ticket))
 
     def _connected(self, ln: Listener, conn: Connection, ticket: Ticket) -> None:
+        ticket.settle()  # handshake and greeting delay done: no longer evictable as such
+        if ticket.released:  # evicted in the very moment its handshake completed
+            conn.abort()
+            return
         if self.stopping:
             conn.write(Reply(421, "4.3.2", "Service shutting down").lines())
             conn.close()

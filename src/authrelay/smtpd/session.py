@@ -69,6 +69,8 @@ class Ticket(Protocol):
     @property
     def command_timeout(self) -> float: ...
     def release(self) -> None: ...
+    def idle(self, evict: Callable[[], None]) -> None: ...  # evictable (issue 17) ...
+    def busy(self) -> None: ...  # ... until this
     async def auth_locked(self, user: str) -> bool: ...
     async def auth_failed(self, user: str) -> None: ...
     async def auth_succeeded(self, user: str) -> None: ...
@@ -157,6 +159,23 @@ class Session:
         # the loop sees the closed connection at its next wait and ends.
         self.conn.close(CLOSE_GRACE)
 
+    def evict(self) -> None:
+        """A full pool takes this idle, unauthenticated session's slot (admission.py):
+        421 and close, from outside (the loop sees the closed connection and ends)."""
+        if self._expired:
+            return
+        self._expired = True
+        if self.eng.phase is p.Phase.TLS:  # in a STARTTLS handshake: no clear-text reply
+            self.conn.abort()
+            return
+        self.eng.close_with(replies.EVICTED, "evicted")
+        self._flush()
+        self.conn.close(CLOSE_GRACE)
+
+    def _evictable(self) -> bool:
+        """Pre-authentication and outside a transaction (issue 17)."""
+        return not self.eng.auth_user and self.eng.transaction is None
+
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
         conn, eng = self.conn, self.eng
@@ -228,11 +247,17 @@ class Session:
                         timeout = deadline - now
                     progressed = False
                     n = 0
+                    evictable = eng.phase is not p.Phase.DATA and self._evictable()
+                    if evictable:
+                        self.ticket.idle(self.evict)
                     try:
                         await conn.wait_input(timeout)
                     except Timeout:
                         eng.timeout()
                         continue
+                    finally:
+                        if evictable:
+                            self.ticket.busy()
                     data = conn.take()
                     if not data:
                         continue  # eof: handled above on the next turn
@@ -298,12 +323,17 @@ class Session:
         ctx = self.deps.tls_context()
         if ctx is None:  # the certificate went away since EHLO (reload): cannot go on
             raise Closed
+        # A client that never completes the handshake holds its slot no better than one
+        # that never sends a command: evictable meanwhile (nothing authenticated yet).
+        self.ticket.idle(self.evict)
         try:
             await self.conn.starttls(ctx, self.cfg.limits.tls_handshake_timeout)
         except Timeout:
             self.conn.write(replies.TIMEOUT.lines())
             self._log_reject(replies.TIMEOUT, stage="timeout")
             raise Closed from None
+        finally:
+            self.ticket.busy()
         self.eng.tls_started()
         self._log_tls()
 

@@ -1,0 +1,108 @@
+"""Pool eviction: which pre-authentication connection makes room for a new one (issue 17).
+
+Owns the eviction candidates of one listener in this process and the choice of a victim.
+A candidate is a connection that has done nothing worth keeping: its TLS handshake (465)
+or its greeting delay is not finished, or its session is waiting for a command (or a
+STARTTLS handshake) without having authenticated and outside a mail transaction.
+Authenticated sessions and sessions inside a transaction are never candidates; neither is
+a session while a command of it is being executed (an AUTH being checked).
+
+Contract: `Candidates.add(c)` / `discard(c)` in O(1); `victim(key, now)` in O(1)
+amortised names the candidate to evict so that a new connection from address `key` can
+be admitted into a full pool, or None. The caller evicts it (`Candidate.evict()`), which
+must release its pool slot synchronously.
+
+The choice cannot be gamed into a churn: a new connection may only take the slot of the
+oldest candidate of the address holding the most candidates, and only if that address
+still holds at least as many as the newcomer's afterwards (`top >= mine + 2`). Every
+eviction so strictly lowers the sum of squares of the per-address counts, so attackers
+cannot evict each other in a loop: a flood from A addresses settles at an even share
+each, and a fresh client (0 candidates) still finds an address with two or more. Only
+when every address holds at most one candidate (more attacking addresses than pool
+slots) may a fresh address take the slot of the oldest candidate, once that has waited
+`TIE_AGE` seconds (evictions then run at most one pool per `TIE_AGE`).
+Failure policy: pure bookkeeping; never raises for unknown candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+TIE_AGE = 1.0  # seconds a candidate is kept before a fresh address may take its slot
+
+
+class Candidate:
+    """One evictable connection: its address key, since when, and how to evict it."""
+
+    __slots__ = ("key", "since", "evict", "kind")
+
+    def __init__(self, key: str, since: float, evict: Callable[[], None],
+                 kind: str) -> None:
+        self.key = key
+        self.since = since
+        self.evict = evict
+        self.kind = kind  # "handshake" (not yet a session) | "session" (idle, pre-AUTH)
+
+
+class Candidates:
+    """The candidates of one listener: by address (oldest first), addresses by count."""
+
+    def __init__(self) -> None:
+        self._all: dict[Candidate, None] = {}  # insertion order: oldest first
+        self._by_key: dict[str, dict[Candidate, None]] = {}
+        self._buckets: dict[int, dict[str, None]] = {}  # count -> addresses
+        self._top = 0
+
+    @property
+    def total(self) -> int:
+        return len(self._all)
+
+    def count(self, key: str) -> int:
+        got = self._by_key.get(key)
+        return len(got) if got else 0
+
+    def _move(self, key: str, old: int, new: int) -> None:
+        if old:
+            b = self._buckets.get(old)
+            if b is not None:
+                b.pop(key, None)
+                if not b:
+                    del self._buckets[old]
+        if new:
+            self._buckets.setdefault(new, {})[key] = None
+            self._top = max(self._top, new)
+        while self._top and self._top not in self._buckets:
+            self._top -= 1
+
+    def add(self, c: Candidate) -> None:
+        if c in self._all:
+            return
+        self._all[c] = None
+        mine = self._by_key.setdefault(c.key, {})
+        mine[c] = None
+        self._move(c.key, len(mine) - 1, len(mine))
+
+    def discard(self, c: Candidate) -> None:
+        if c not in self._all:
+            return
+        del self._all[c]
+        mine = self._by_key.get(c.key)
+        if mine is None:
+            return
+        mine.pop(c, None)
+        self._move(c.key, len(mine) + 1, len(mine))
+        if not mine:
+            del self._by_key[c.key]
+
+    def victim(self, key: str, now: float) -> Candidate | None:
+        """The candidate whose slot a new connection from `key` may take, or None."""
+        if not self._all:
+            return None
+        mine, top = self.count(key), self._top
+        if top >= mine + 2:
+            heaviest = next(iter(self._buckets[top]))
+            return next(iter(self._by_key[heaviest]))
+        if top == 1 and mine == 0:
+            oldest = next(iter(self._all))
+            return oldest if now - oldest.since >= TIE_AGE else None
+        return None
