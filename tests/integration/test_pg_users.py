@@ -308,3 +308,49 @@ def test_database_restart_between_logins_is_invisible(tmp_path: Path, pg: Postgr
         assert "user database unreachable" not in r.maillog()
     finally:
         r.stop()
+
+
+class _BusyPool:
+    """What asyncpg's pool hands out after a query was cancelled while PostgreSQL went
+    away: a connection whose protocol is still in the middle of the old operation. The
+    exception is the driver's own class with the text seen in the scale rig."""
+
+    class _Conn:
+        async def fetchrow(self, *a: object, **k: object) -> None:
+            import asyncpg
+
+            raise asyncpg.InternalClientError(
+                "cannot switch to state 15; another operation (2) is in progress")
+
+    def acquire(self, timeout: float | None = None) -> _BusyPool:
+        return self
+
+    async def __aenter__(self) -> _BusyPool._Conn:
+        return self._Conn()
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def test_cached_login_survives_a_pool_in_a_bad_state(pg: PostgresServer) -> None:
+    """A credential verified a moment ago answers from the cache whatever state the pool
+    is in; a login that is not cached is 454 (TEMPFAIL), never 535, never OK."""
+    store = PgUserStore(pg.dsn, pool_size=2, timeout=5.0)
+    await store.ensure_schema()
+    await store.insert("alice", passwords.hash_password(PASSWORD), [])
+    await store.insert("bob", passwords.hash_password("bob-pw"), [])
+    auth = PgAuthenticator(store, hash_threads=1, cache_ttl=60)
+    try:
+        assert await auth.verify("alice", PASSWORD) is AuthResult.OK  # now cached
+        real = await store._get_pool()
+        store._pool = _BusyPool()  # the state the rig's PostgreSQL stop left it in
+        store._pool_loop = asyncio.get_running_loop()
+        assert await auth.verify("alice", PASSWORD) is AuthResult.OK
+        store._down_until = 0.0
+        assert await auth.verify("bob", "bob-pw") is AuthResult.TEMPFAIL
+        store._down_until = 0.0
+        assert await auth.verify("alice", "wrong") is AuthResult.TEMPFAIL
+        assert not auth.db_up
+        await real.close()
+    finally:
+        auth.close()

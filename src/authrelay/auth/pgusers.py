@@ -185,9 +185,13 @@ class PgUserStore:
                         return await fn(conn)
             except (UserDBError, apg.UniqueViolationError):
                 raise  # the caller's (user exists, no such user, ...)
-            except (apg.InterfaceError, apg.PostgresConnectionError,
+            except (apg.InterfaceError, apg.InternalClientError, apg.PostgresConnectionError,
                     apg.exceptions.AdminShutdownError, apg.exceptions.CannotConnectNowError,
                     ConnectionError) as e:
+                # InternalClientError ("cannot switch to state 15; another operation (2)
+                # is in progress"): a pooled connection left mid-operation by a query
+                # cancelled while the server was going away. Not an InterfaceError, so it
+                # used to escape as a bug and a cached user got 454.
                 # The server went away under a pooled connection (restart, fail-over): one
                 # more try on a fresh connection before calling it down.
                 if attempt == 2:
@@ -588,8 +592,13 @@ class PgAuthenticator:
             if cached is not None and (cached[1] or self.app_mode != "require"):
                 return Login(AuthResult.OK, cached[1])  # verified a moment ago: ride it out
             return Login(AuthResult.TEMPFAIL)
-        except Exception:  # a bug here must not crash the session or read as OK
+        except Exception:  # a bug: logged at error; still, a pair verified a moment ago
+            # answers from the cache whatever state the pool is in (never read as OK
+            # otherwise).
             log.exception("user database lookup failed")
+            cached = self.cache.get(key)
+            if cached is not None and (cached[1] or self.app_mode != "require"):
+                return Login(AuthResult.OK, cached[1])
             return Login(AuthResult.TEMPFAIL)
         self._state(True)
         try:
