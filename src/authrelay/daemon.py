@@ -313,6 +313,7 @@ async def _serve_loop(run: _Run) -> int:
         certs = CertStore(cfg, run.pem)
         receiver = _Receiver(cfg, run.listeners, run.share)
     scheduler = None
+    reporter = None
     local = None
     if deliver:
         # Scheduler.start() runs spool.recover() itself
@@ -321,6 +322,9 @@ async def _serve_loop(run: _Run) -> int:
         if receiver is not None:
             spool.on_commit = scheduler.notify
         await scheduler.start()
+        reporter = wiring.tls_reporter(cfg, scheduler, ml)  # RFC 8460 (tls_reports)
+        if reporter is not None:
+            reporter.start()
         local = await _start_local_submission(cfg, ml)
         if metrics is not None:
             with contextlib.suppress(Exception):
@@ -431,6 +435,8 @@ async def _serve_loop(run: _Run) -> int:
         await local.stop()
     if receiver is not None:
         await receiver.stop()
+    if reporter is not None:
+        await reporter.stop()
     if scheduler is not None:
         await scheduler.stop()
     if metrics is not None:

@@ -30,7 +30,9 @@ from authrelay.auth import pgusers
 from authrelay.auth.authenticator import Authenticator, make_authenticator
 from authrelay.config import Config
 from authrelay.delivery.client import Courier
+from authrelay.delivery.tlsrpt import Reporter as TlsReporter
 from authrelay.dkim.signer import Signer
+from authrelay.dns import Resolver
 from authrelay.localsubmit import LocalSubmission
 from authrelay.metrics import Metrics
 from authrelay.policy import shared as shared_mod
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Listener", "authenticator", "courier", "host_checks", "known_addresses",
            "local_submission", "metrics", "preload", "scheduler", "server",
-           "shared_counters", "signer", "spool", "submitter", "throttle"]
+           "shared_counters", "signer", "spool", "submitter", "throttle", "tls_reporter"]
 
 
 # Modules the standard library imports on first use (the IDNA codec, multiprocessing's
@@ -167,6 +169,17 @@ def scheduler(cfg: Config, queue: Spool, carrier: CourierLike,
     MAILER-DAEMON's domain has a key)."""
     ml = maillog or maillog_mod.get()
     return Scheduler(cfg, queue, carrier, ml, submitter=submitter(cfg, queue, ml))
+
+
+def tls_reporter(cfg: Config, sched: Scheduler,
+                 maillog: maillog_mod.MailLog | None = None) -> TlsReporter | None:
+    """RFC 8460 daily reports ([delivery] tls_reports), queued through the scheduler's
+    submitter; None when off."""
+    if not cfg.delivery.tls_reports:
+        return None
+    d = cfg.delivery
+    return TlsReporter(cfg, Resolver(list(d.nameservers), d.dns_timeout), sched.submitter,
+                       maillog or maillog_mod.get())
 
 
 def local_submission(cfg: Config, maillog: maillog_mod.MailLog | None = None

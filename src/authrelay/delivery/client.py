@@ -78,7 +78,7 @@ from pathlib import Path
 
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config, parse_hostport
-from authrelay.delivery import dane, mx, oauth, peercert, tlsplan, tlspolicy, wire
+from authrelay.delivery import dane, mx, oauth, peercert, tlsplan, tlspolicy, tlsrpt, wire
 from authrelay.delivery.connection import Connection, ConnectionLost, open_connection
 from authrelay.delivery.mtasts import HttpsStsSource, StsSource
 from authrelay.delivery.router import SMARTHOST, route_key
@@ -209,6 +209,7 @@ class _Target:
     mode: str  # "mx" | "smart" (STARTTLS per policy) | "tls" (smart host, implicit TLS)
     policy: HostPolicy = dataclasses.field(default_factory=lambda: HostPolicy("may", "may"))
     tls: str = ""  # the TLS result of the last connection used ("" before any)
+    domain: str = ""  # the destination domain (MX routes; TLS-RPT)
 
     @property
     def where(self) -> str:
@@ -272,6 +273,8 @@ class Courier:
         # MTA-STS policies (None: [delivery] mta_sts is off).
         self.sts: StsSource | None = HttpsStsSource(cfg, self.resolver) \
             if d.mta_sts else None
+        # RFC 8460 tally of TLS sessions per destination ([delivery] tls_reports).
+        self.tlsrpt: tlsrpt.Recorder | None = tlsrpt.Recorder(cfg) if d.tls_reports else None
         self.connections_opened = 0  # for metrics and tests
         # OAuth 2.0 (smart_host_auth = xoauth2 | oauthbearer): one token cache for the
         # [relay] smart host settings, shared by every connection and smart host.
@@ -311,13 +314,15 @@ class Courier:
             except mx.RouteError as e:
                 return {r.address: e.result for r in rcpts}
             plan = await self.planner.plan(key, route)
-            for host, res in plan.failed:  # unusable by TLS policy (DANE, MTA-STS)
+            for host, res, rpt, kind in plan.failed:  # unusable by policy (DANE, MTA-STS)
                 self.maillog.host_failed(env.queue_id, host, str(res))
+                if self.tlsrpt is not None:
+                    self.tlsrpt.session(key, rpt, False, kind, host)
             for note in plan.notes:
                 self.maillog.warning(note, queue_id=env.queue_id)
             if plan.failed:
                 last = plan.failed[0][1]
-            targets = [_Target(h, ip, self.cfg.delivery.port, "mx", hp)
+            targets = [_Target(h, ip, self.cfg.delivery.port, "mx", hp, domain=key)
                        for h, ip, hp in plan.hosts]
 
         results: dict[str, DeliveryResult] = {}
@@ -339,6 +344,8 @@ class Courier:
                                        ",".join(f"<{r.address}>" for r in todo), str(worst))
         for r in todo:  # never answered by any host: the last host-level reason
             results.setdefault(r.address, last)
+        if self.tlsrpt is not None and self.tlsrpt.due():
+            self._spawn(asyncio.to_thread(self.tlsrpt.flush))
         return results
 
     async def close(self) -> None:
@@ -351,6 +358,8 @@ class Courier:
         await asyncio.gather(*(self._quit(c) for c in conns), return_exceptions=True)
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self.tlsrpt is not None:
+            await asyncio.to_thread(self.tlsrpt.flush)
 
     # ----------------------------------------------------------------- targets
 
@@ -604,6 +613,8 @@ class Courier:
         d = self.cfg.delivery
         required = hp.requires_tls
         if "starttls" not in conn.ext:
+            if required or hp.level == "mta-sts":
+                self._report(t, conn, False, "starttls-not-supported")
             if required:
                 raise _TryNext(DeliveryResult.temp(
                     f"TLS is required (policy {hp.policy}), but was not offered by "
@@ -635,6 +646,7 @@ class Courier:
                 else "timed out" if isinstance(e, TimeoutError) else "connection lost"
             res = DeliveryResult.temp(f"TLS handshake with {conn.remote} failed: {why}",
                                       "4.7.5", 451, conn.remote)
+            self._report(t, conn, False, "validation-failure")
             if self._may_fall_back(t) and not required:
                 now = time.monotonic()
                 if len(self._plain_until) >= _FALLBACK_MAX:  # bounded: forget expired ones
@@ -650,6 +662,14 @@ class Courier:
         self._judge(conn, t, qid)
         # RFC 3207 4.2: forget what was learnt before TLS and ask again.
         await self._hello(conn, timeout)
+
+    def _report(self, t: _Target, conn: _Conn, ok: bool, kind: str = "") -> None:
+        """One session for the TLS-RPT tally (MX routes only)."""
+        if self.tlsrpt is None or not t.domain:
+            return
+        peer = conn.wire.peername()
+        self.tlsrpt.session(t.domain, t.policy.rpt, ok, kind, t.host,
+                            str(peer[0]) if peer else t.addr)
 
     def _judge(self, conn: _Conn, t: _Target, qid: str) -> None:
         """The certificate against the host's policy, right after the handshake and before
@@ -671,7 +691,9 @@ class Courier:
             qid, conn.remote, check.result, str(sslobj.version() if sslobj else "TLS"),
             c[0] if c else None, c[2] if c else None, hp.policy,
             reason=check.reason if not check.verified and check.reason else None)
-        if not hp.authenticates or check.verified:
+        ok = not hp.authenticates or check.verified
+        self._report(t, conn, ok, check.kind)
+        if ok:
             return
         if hp.enforce:
             self.maillog.tls_policy_failed(qid, conn.remote, hp.policy, check.reason,

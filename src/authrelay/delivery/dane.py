@@ -87,13 +87,15 @@ def match(chain: list[bytes], usable: tuple[Record, ...], names: tuple[str, ...]
     certs = peercert.load(chain)
     if not certs:
         return peercert.Check("anonymous" if not chain else "untrusted",
-                              "no certificate to match the TLSA records against")
+                              "no certificate to match the TLSA records against",
+                              kind="validation-failure")
     leaf = certs[0]
     if any(_matches(leaf, r) for r in usable if r[0] == DANE_EE):
         return peercert.Check("verified", name="DANE-EE")
     tas = [r for r in usable if r[0] == DANE_TA]
     if not tas:
-        return peercert.Check("untrusted", "the certificate matches no DANE-EE TLSA record")
+        return peercert.Check("untrusted", "the certificate matches no DANE-EE TLSA record",
+                              kind="validation-failure")
     anchors = [c for c in certs[1:] if any(_matches(c, r) for r in tas)]
     for r in tas:  # RFC 7671 5.2.2: a full certificate in the record is an anchor too
         if r[1] == 0 and r[2] == 0:
@@ -103,10 +105,10 @@ def match(chain: list[bytes], usable: tuple[Record, ...], names: tuple[str, ...]
                 pass
     if not anchors:
         return peercert.Check("untrusted", "no certificate in the chain matches a DANE-TA "
-                                           "TLSA record")
+                                           "TLSA record", kind="validation-failure")
     check = peercert.ta_verify(chain, anchors, names)
     if check.result == "trusted":  # chained to the anchor, but not for this host
-        return peercert.Check("untrusted", check.reason)
+        return peercert.Check("untrusted", check.reason, kind=check.kind)
     return check
 
 

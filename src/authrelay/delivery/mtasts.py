@@ -67,6 +67,11 @@ class StsPolicy:
                 return True
         return False
 
+    def lines(self) -> tuple[str, ...]:
+        """The policy as RFC 8460 4.4's policy-string."""
+        return ("version: STSv1", f"mode: {self.mode}", *(f"mx: {m}" for m in self.mx),
+                f"max_age: {self.max_age}")
+
     def expired(self, now: float) -> bool:
         return now >= self.fetched + self.max_age
 

@@ -47,6 +47,9 @@ class Check:
     result: str  # verified | trusted | untrusted | anonymous
     reason: str = ""  # why not verified (for the maillog)
     name: str = ""  # the reference name that matched
+    # why not verified, as an RFC 8460 4.3 result type (TLS-RPT): certificate-expired,
+    # certificate-host-mismatch, certificate-not-trusted, validation-failure
+    kind: str = ""
 
     @property
     def verified(self) -> bool:
@@ -82,16 +85,18 @@ def _subject(name: str) -> xv.DNSName | xv.IPAddress | None:
         return None
 
 
-def _why(exc: Exception, leaf: x509.Certificate) -> str:
+def _why(exc: Exception, leaf: x509.Certificate) -> Check:
     now = datetime.datetime.now(datetime.UTC)
     if leaf.not_valid_after_utc < now:
-        return f"certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d}"
+        return Check("untrusted", f"certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d}",
+                     kind="certificate-expired")
     if leaf.not_valid_before_utc > now:
-        return "certificate not yet valid"
+        return Check("untrusted", "certificate not yet valid", kind="certificate-expired")
     if leaf.issuer == leaf.subject:
-        return "self-signed certificate"
+        return Check("untrusted", "self-signed certificate", kind="certificate-not-trusted")
     text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-    return f"certificate not trusted: {text}"[:200]
+    return Check("untrusted", f"certificate not trusted: {text}"[:200],
+                 kind="certificate-not-trusted")
 
 
 def dns_names(cert: x509.Certificate) -> list[str]:
@@ -156,8 +161,9 @@ def _path(store: xv.Store, leaf: x509.Certificate, rest: list[x509.Certificate],
         if dot:
             return Check("verified", name=dot)
         return Check("trusted", f"certificate names {', '.join(dns_names(leaf)[:4]) or '-'} "
-                                f"do not match {', '.join(names) or '-'}")
-    return Check("untrusted", _why(first_err or ValueError("no usable name"), leaf))
+                                f"do not match {', '.join(names) or '-'}",
+                     kind="certificate-host-mismatch")
+    return _why(first_err or ValueError("no usable name"), leaf)
 
 
 class CaStore:
@@ -176,14 +182,15 @@ class CaStore:
 
     def verify(self, chain: list[bytes], names: tuple[str, ...]) -> Check:
         if not chain:
-            return Check("anonymous", "no certificate")
+            return Check("anonymous", "no certificate", kind="certificate-not-trusted")
         certs = load(chain)
         if certs is None:
-            return Check("untrusted", "malformed certificate")
+            return Check("untrusted", "malformed certificate", kind="validation-failure")
         try:
             store = self.store()
         except (OSError, ValueError) as e:
-            return Check("untrusted", f"cannot load the CA file {self.cafile or 'system'}: {e}")
+            return Check("untrusted", f"cannot load the CA file {self.cafile or 'system'}: {e}",
+                         kind="validation-failure")
         return _path(store, certs[0], certs[1:], names)
 
 
@@ -211,11 +218,11 @@ def ta_verify(chain: list[bytes], anchors: list[x509.Certificate],
     """Path validation of the server's chain to DANE-TA anchors (RFC 7672 3.1.2)."""
     certs = load(chain)
     if not certs:
-        return Check("untrusted", "no certificate")
+        return Check("untrusted", "no certificate", kind="certificate-not-trusted")
     try:
         store = xv.Store(anchors)
     except ValueError as e:
-        return Check("untrusted", f"unusable trust anchor: {e}")
+        return Check("untrusted", f"unusable trust anchor: {e}", kind="tlsa-invalid")
     return _path(store, certs[0], [c for c in certs[1:] if c not in anchors], names)
 
 

@@ -25,6 +25,7 @@ from authrelay.config import Config
 from authrelay.delivery import dane, mx, tlspolicy
 from authrelay.delivery.mtasts import StsPolicy, StsSource
 from authrelay.delivery.tlspolicy import HostPolicy
+from authrelay.delivery.tlsrpt import PolicyDesc
 from authrelay.dns import Resolver
 from authrelay.types import DeliveryResult
 
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Plan:
     hosts: list[tuple[str, str, HostPolicy]]
-    failed: list[tuple[str, DeliveryResult]] = field(default_factory=list)
+    # hosts dropped: (host, result, TLS-RPT policy and result type)
+    failed: list[tuple[str, DeliveryResult, PolicyDesc, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # maillog notes (STS testing mismatches)
 
 
@@ -53,7 +55,7 @@ class Planner:
             return Plan([(h, ip, tlspolicy.static_host_policy(base, h, domain))
                          for h, ip in route.hops])
         dane_on = d.dnssec and route.mx_secure
-        per_host: dict[str, HostPolicy | DeliveryResult] = {}
+        per_host: dict[str, HostPolicy | tuple[DeliveryResult, PolicyDesc, str]] = {}
         sts: StsPolicy | None = None
         sts_asked = False
         notes: list[str] = []
@@ -63,39 +65,47 @@ class Planner:
             if dane_on and host in route.secure_hosts:
                 t = await dane.lookup(self.resolver, host, d.port)
                 if t.state == "failed":
-                    per_host[host] = DeliveryResult.temp(t.reason, "4.7.5", 451)
+                    per_host[host] = (DeliveryResult.temp(t.reason, "4.7.5", 451),
+                                      PolicyDesc("tlsa"), "dnssec-invalid")
                     continue
                 if t.state == "secure":
+                    rpt = PolicyDesc("tlsa", tuple(f"{u} {s} {m} {d_.hex()}"
+                                                   for u, s, m, d_ in t.records))
                     if t.usable:
                         names = (host, domain) if route.mx_secure else (host,)
-                        per_host[host] = HostPolicy("dane", "dane", names, tlsa=t.usable)
+                        per_host[host] = HostPolicy("dane", "dane", names, tlsa=t.usable,
+                                                    rpt=rpt)
                     else:  # RFC 7672 2.2: TLS mandatory, authentication impossible
                         per_host[host] = HostPolicy("encrypt", "dane",
-                                                    note="no usable TLSA record")
+                                                    note="no usable TLSA record", rpt=rpt)
                     continue
             if base.level == "dane-only":
                 why = "no DNSSEC-validated MX records" if not route.mx_secure else \
                     "no DNSSEC-validated TLSA records" if d.dnssec else \
                     "[delivery] dnssec is off"
-                per_host[host] = DeliveryResult.temp(
-                    f"TLS policy dane-only for {domain}: {why} for {host}", "4.7.5", 451)
+                per_host[host] = (DeliveryResult.temp(
+                    f"TLS policy dane-only for {domain}: {why} for {host}", "4.7.5", 451),
+                    PolicyDesc("tlsa"), "dane-required")
                 continue
             if d.mta_sts and self.sts is not None and not sts_asked:
                 sts_asked = True
                 sts = await self.sts.policy(domain)
             if sts is not None and sts.mode in ("enforce", "testing"):
                 enforce = sts.mode == "enforce"
+                rpt = PolicyDesc("sts", sts.lines(), sts.mx)
                 if sts.allows(host):
-                    per_host[host] = HostPolicy("mta-sts", "mta-sts", (host,), enforce)
+                    per_host[host] = HostPolicy("mta-sts", "mta-sts", (host,), enforce,
+                                                rpt=rpt)
                 elif enforce:
-                    per_host[host] = DeliveryResult.temp(
+                    per_host[host] = (DeliveryResult.temp(
                         f"{host} is not an MX host of the MTA-STS policy of {domain} "
-                        f"(mode enforce, id {sts.id})", "4.7.5", 451)
+                        f"(mode enforce, id {sts.id})", "4.7.5", 451), rpt,
+                        "validation-failure")
                 else:
                     notes.append(f"{host} is not an MX host of the MTA-STS policy of "
                                  f"{domain} (mode testing: delivering anyway)")
                     per_host[host] = HostPolicy("may", "mta-sts", (host,), False,
-                                                note="not a listed MX (testing)")
+                                                note="not a listed MX (testing)", rpt=rpt)
                 continue
             per_host[host] = HostPolicy("may", "may")
         plan = Plan([], notes=notes)
@@ -105,7 +115,7 @@ class Planner:
             if isinstance(p, HostPolicy):
                 plan.hosts.append((host, ip, p))
             elif host not in seen:
-                plan.failed.append((host, p))
+                plan.failed.append((host, *p))
             seen.add(host)
         return plan
 

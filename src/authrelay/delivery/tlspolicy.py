@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from authrelay.config import Config, TlsPolicyEntry
+from authrelay.delivery.tlsrpt import PolicyDesc
 
 LEVELS = ("none", "may", "encrypt", "verify", "dane", "dane-only")
 RESULTS = ("verified", "trusted", "untrusted", "anonymous", "none")
@@ -57,6 +58,7 @@ class HostPolicy:
     enforce: bool = True  # False: MTA-STS testing mode (log, deliver anyway)
     tlsa: tuple[tuple[int, int, int, bytes], ...] = ()  # DANE: (usage, selector, mtype, data)
     note: str = ""  # why this level (e.g. "no MTA-STS policy"), for the trace
+    rpt: PolicyDesc = PolicyDesc()  # what a TLS-RPT report says was applied
 
     @property
     def requires_tls(self) -> bool:

@@ -1,0 +1,121 @@
+"""TLS-RPT (RFC 8460) end to end: deliveries under an MTA-STS policy (real HTTPS server,
+aiosmtpd MX with a good or a bad certificate) are tallied by the courier into
+state_dir/tls-rpt/DAY.json; the next day the reporter looks up `_smtp._tls` (dnslib DNS
+server) and queues one report through spool/submit.py; the queued message is read back
+from the spool and checked: null sender, RFC 8460 5.3 headers, multipart/report with an
+application/tlsrpt+gzip attachment whose JSON (4.4) counts what happened."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import gzip
+import json
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+from fakes.dnsserver import FakeDNSServer
+from fakes.policyserver import PolicyServer
+from fakes.smtpserver import MXFactory
+from test_delivery_hosts import ListLog
+from test_tls_levels import ctx_for
+from test_tls_mtasts import MX1, Env, dns, env, https, policy, start_mx  # noqa: F401
+
+from authrelay import wiring
+from authrelay.delivery.tlsrpt import Reporter, parse_rua
+
+pytestmark = pytest.mark.slow
+
+
+def test_parse_rua() -> None:
+    assert parse_rua(["v=TLSRPTv1; rua=mailto:a@r.test,mailto:b%40x@r.test"]) == \
+        ["a@r.test"]  # b%40x@r.test decodes to two @: not an address
+    assert parse_rua(["v=TLSRPTv1;rua=https://r.test/x,mailto:tls@r.test"]) == \
+        ["tls@r.test"]  # https reporting is not used
+    assert parse_rua(["v=TLSRPTv1; rua=mailto:a@r.test", "v=TLSRPTv1; rua=mailto:b@r"]) == []
+    assert parse_rua(["v=spf1 -all"]) == []
+
+
+async def test_daily_report_through_the_queue(
+        env: Env, dns: FakeDNSServer, https: PolicyServer,  # noqa: F811
+        fake_mx: MXFactory, trustme_ca: trustme.CA, tmp_path: Path) -> None:
+    https.policies["mta-sts.sts.test"] = policy("enforce")
+    dns.update({"_smtp._tls.sts.test": {"TXT": ["v=TLSRPTv1; rua=mailto:tlsrpt@reports.test"]}})
+    mx = start_mx(fake_mx, env, ctx_for(trustme_ca, MX1))
+    log = ListLog()
+    courier = env.courier(log, tls_reports=True)
+    try:
+        res, _ = await env.deliver(courier=courier)
+        assert res.ok and res.tls == "verified"
+        res, _ = await env.deliver(courier=courier)  # the cached connection: no new session
+        assert res.ok
+        mx.stop()  # the next one finds a bad certificate: a failure to report
+        start_mx(fake_mx, env, ctx_for(trustme.CA(), MX1))
+        await courier.close()
+        res, _ = await env.deliver(courier=courier)
+        assert res.enhanced == "4.7.5"
+    finally:
+        await courier.close()  # flushes the tally
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    tally = json.loads((tmp_path / "tls-rpt" / f"{day}.json").read_text())
+    assert list(tally) == ["sts.test"]
+
+    cfg = courier.cfg
+    queue = wiring.spool(cfg)
+    sub = wiring.submitter(cfg, queue, log)
+    reporter = Reporter(cfg, courier.resolver, sub, log, clock=lambda: time.time())
+    assert await reporter.send_due() == 0  # today is not over yet
+    reporter.clock = lambda: time.time() + 86400
+    assert await reporter.send_due() == 1
+    assert not (tmp_path / "tls-rpt" / f"{day}.json").exists()  # sent once
+
+    [qid] = queue.scan()
+    envlp = queue.load(qid)
+    assert envlp.sender == "" and [r.address for r in envlp.recipients] == \
+        ["tlsrpt@reports.test"]
+    path, offset = queue.body_path(qid)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        msg = email.message_from_bytes(f.read(), policy=email.policy.default)
+    assert msg["TLS-Report-Domain"] == "sts.test"
+    assert msg["TLS-Report-Submitter"] == "relay.test"
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "tlsrpt"
+    assert msg["Subject"].startswith("Report Domain: sts.test Submitter: relay.test Report-ID:")
+    [att] = [p for p in msg.iter_attachments()
+             if p.get_content_type() == "application/tlsrpt+gzip"]
+    name = att.get_filename()
+    assert name.startswith("relay.test!sts.test!") and name.endswith(".json.gz")
+    report = json.loads(gzip.decompress(att.get_content()))
+    assert report["date-range"]["start-datetime"] == f"{day}T00:00:00Z"
+    [pol] = report["policies"]
+    assert pol["policy"]["policy-type"] == "sts"
+    assert pol["policy"]["policy-domain"] == "sts.test"
+    assert "mode: enforce" in pol["policy"]["policy-string"]
+    assert pol["policy"]["mx-host"] == [MX1]
+    assert pol["summary"] == {"total-successful-session-count": 1,
+                              "total-failure-session-count": 1}
+    [fail] = pol["failure-details"]
+    assert fail["result-type"] == "certificate-not-trusted"
+    assert fail["receiving-mx-hostname"] == MX1 and fail["receiving-ip"] == "127.0.0.2"
+    assert log.grep(qid, "from=<>")
+
+
+async def test_no_rua_no_report(env: Env, dns: FakeDNSServer,  # noqa: F811
+                                fake_mx: MXFactory, tmp_path: Path) -> None:
+    start_mx(fake_mx, env, ctx_for(trustme.CA(), MX1))
+    log = ListLog()
+    courier = env.courier(log, tls_reports=True)
+    try:
+        res, _ = await env.deliver("nosts.test", courier=courier)
+        assert res.ok
+    finally:
+        await courier.close()
+    queue = wiring.spool(courier.cfg)
+    reporter = Reporter(courier.cfg, courier.resolver, wiring.submitter(courier.cfg, queue, log),
+                        log, clock=lambda: time.time() + 86400)
+    assert await reporter.send_due() == 0
+    assert queue.scan() == []
+    assert not list((tmp_path / "tls-rpt").glob("*.json"))  # done with: removed
