@@ -1,7 +1,7 @@
 """`authrelay user ...`: manage the built-in user DB from the command line.
 
 Owns: the `user` sub-commands (add, del, passwd, list, address add|del, app-password
-add|list|revoke, migrate). Contract:
+add|list|revoke, migrate, setup: client settings and files, clientsetup.py). Contract:
 finds its config like every command (-c, $AUTHRELAY_CONFIG, ./authrelay.toml,
 /etc/authrelay/authrelay.toml; none: exit 75 EX_TEMPFAIL, nothing written),
 edits `cfg.userdb_path` (parent directory created 0700, file 0600) while servers keep
@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
+import re
 import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from authrelay import clientsetup
 from authrelay.auth import apppasswords
 from authrelay.auth.apppasswords import AppPasswordError
 from authrelay.auth.userdb import UserDB, UserDBError, _UserStore
@@ -151,6 +154,65 @@ def _app_password(args: argparse.Namespace) -> None:
             print(f"{a.name}\tcreated {_iso(a.created)}\tlast used {used}")
 
 
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` with `data`, created with `mode` (0600 when it holds a password)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _setup(args: argparse.Namespace) -> None:
+    """`user setup NAME`: print the client settings; with --incoming also write the
+    Thunderbird autoconfig file and an Apple .mobileconfig profile (clientsetup.py)."""
+    cfg = load(args.config, embedded=False)
+    email = args.email or ""
+    if cfg.auth.backend in ("userdb", "postgresql"):
+        db = _open(args)
+        if db.get_hash(args.name) is None:
+            raise _CliError(f"no user {args.name}")
+        if not email:
+            addrs = sorted(db.stored_addresses(args.name))
+            email = addrs[0] if addrs else ""
+    if not email and "@" in args.name:
+        email = args.name
+    if not email and cfg.relay.local_domains:
+        email = f"{args.name}@{cfg.relay.local_domains[0]}"
+    if not email:
+        raise _CliError(f"no address known for {args.name}: give --email ADDRESS")
+    incoming = clientsetup.parse_incoming(args.incoming) if args.incoming else None
+    s = clientsetup.settings(cfg, args.name, email, incoming)
+    sys.stdout.write(clientsetup.text(s))
+    if incoming is None:
+        print("\nNo files written: Thunderbird's autoconfig and Apple's profile also need "
+              "the server mail is read from: --incoming imaps://HOST (authrelay only "
+              "sends).")
+        return
+    password = None
+    if args.include_password:
+        password = _read_password(args)
+        print(f"authrelay user: warning: the profile holds {args.name}'s password in clear "
+              "text (written 0600): hand it over privately and delete it after "
+              "installing; an app password (user app-password add) limits the damage",
+              file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    xml_path = out / "config-v1.1.xml"
+    _write(xml_path, clientsetup.autoconfig_xml(s), 0o644)
+    safe = re.sub(r"[^A-Za-z0-9._@+-]", "_", args.name).lstrip(".") or "user"
+    mc_path = out / f"{safe}.mobileconfig"
+    _write(mc_path, clientsetup.mobileconfig(s, password), 0o600 if password else 0o644)
+    print(f"\nWrote {xml_path}: Thunderbird autoconfig; publish it at "
+          f"https://autoconfig.{s.domain}/mail/config-v1.1.xml (README \"Client set-up\")")
+    print(f"Wrote {mc_path}: Apple Mail profile (unsigned"
+          f"{', with the password' if password else ', no password inside'}); open it on "
+          "the Mac, iPhone or iPad to install")
+
+
 def _migrate(args: argparse.Namespace) -> None:
     """Copy every user of a local users.db (hash and addresses) into the PostgreSQL
     database. Users already there are kept as they are unless --replace."""
@@ -191,7 +253,7 @@ def _run(func):
     def wrapper(args: argparse.Namespace) -> int:
         try:
             func(args)
-        except (_CliError, UserDBError, AppPasswordError) as e:
+        except (_CliError, UserDBError, AppPasswordError, clientsetup.SetupError) as e:
             print(f"authrelay user: {e}", file=sys.stderr)
             return 1
         except sqlite3.Error as e:
@@ -250,6 +312,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the app password's name, e.g. phone (add, revoke)")
     p.add_argument("--json", action="store_true", help="list: machine-readable output")
     p.set_defaults(func=_run(_app_password))
+
+    p = sub.add_parser("setup", help="print the settings for a user's mail program; with "
+                       "--incoming also write Thunderbird autoconfig and an Apple profile")
+    p.add_argument("name", help="the user (the SMTP AUTH user name)")
+    p.add_argument("--email", metavar="ADDR",
+                   help="the user's address (default: their first address in the user DB)")
+    p.add_argument("--incoming", metavar="URL",
+                   help="the server mail is read from, e.g. imaps://outlook.office365.com "
+                        "(imaps://, imap://, pop3s://, pop3://): needed for the files")
+    p.add_argument("--out", metavar="DIR", default=".",
+                   help="where the files go (default: the current directory)")
+    p.add_argument("--include-password", action="store_true",
+                   help="put the password (prompted, or --password-stdin) into the Apple "
+                        "profile: a warning is printed, the file is 0600")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="with --include-password: read it from standard input")
+    p.set_defaults(func=_run(_setup))
 
     p = sub.add_parser("address", help="add or remove an address a user may send as")
     p.add_argument("action", choices=("add", "del"))
