@@ -192,6 +192,7 @@ class HttpsStsSource(StsSource):
         self._mem: dict[str, StsPolicy] = {}
         self._none_until: dict[str, float] = {}
         self._checked: dict[str, float] = {}  # domain -> when its TXT id was last compared
+        self._disk_seen: set[str] = set()  # domains whose cache file was looked for
         self._tasks: set[asyncio.Task[None]] = set()
         self._ctx = ssl.create_default_context(cafile=cfg.delivery.tls_ca_file or None)
         self.fetches = 0  # HTTPS fetches made (tests, bench)
@@ -203,7 +204,12 @@ class HttpsStsSource(StsSource):
             return None
         now = time.time()
         cached = self._mem.get(domain)
-        if cached is None:
+        if cached is None and domain not in self._disk_seen:
+            # Once per domain and process: after that, memory is the truth (this process
+            # writes the files), so a domain without a policy costs no thread hop.
+            if len(self._disk_seen) >= _MAX_DOMAINS:
+                self._disk_seen.clear()
+            self._disk_seen.add(domain)
             cached = await asyncio.to_thread(self._load, domain)
             if cached is not None:
                 self._remember(domain, cached)
