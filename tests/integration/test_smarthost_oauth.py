@@ -272,6 +272,31 @@ async def test_token_refreshed_before_expiry_mid_queue(
     assert all(ok for _, _, ok in sh.oauth_attempts) and len(sh.messages) == 3
 
 
+async def test_short_lived_token_expires_and_is_replaced_in_real_time(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any) -> None:
+    """Real clocks: the endpoint issues 2-second tokens; once the first one has expired
+    at the endpoint (polled, not slept), the next delivery brings a new token without
+    ever presenting the dead one."""
+    ep = endpoint(secret="s3cret-value", expires_in=2)
+    sh = smart_host(ep)
+    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+                                 delivery={"idle_timeout": "0s"}), maillog=mlog)
+    try:
+        assert (await deliver(courier)).ok
+        (first,) = ep.issued
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while ep.valid(first, USER):
+            assert loop.time() < deadline, "the token never expired"
+            await asyncio.sleep(0.05)
+        assert (await deliver(courier)).ok
+    finally:
+        await courier.close()
+    assert len(ep.issued) == 2
+    assert [ok for _, _, ok in sh.oauth_attempts] == [True, True]  # never refused
+
+
 async def test_token_expired_at_the_smart_host_is_replaced_once(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
         trustme_ca_file: Path, mlog: Any) -> None:
