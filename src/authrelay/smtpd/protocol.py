@@ -71,6 +71,10 @@ from authrelay.types import Reply
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024  # largest DATA piece handed to the body reader at once
+# A message past max_message_size is read on (discarded) for at most this many more bytes,
+# so that a client whose message was only a little too big gets its 552 after the end of
+# data and may go on; past it, 552 5.3.4 at once and the connection is closed (issue 17).
+OVERSHOOT = 1024 * 1024
 # RCPTs past max_recipients answered 452 before each further one counts as an error
 # (Postfix's smtpd_recipient_overshoot_limit): a legitimate client pipelining a long list
 # is not cut off, a flood of RCPTs ends with max_errors instead of running for ever.
@@ -998,6 +1002,14 @@ class Engine:
             # more of it is stored; the refusal comes after the end of data.
             self._events.append(BodyData(feed.segments))
         if not feed.done:
+            if reader.error == TOO_BIG and reader.wire_bytes > self.max_size + OVERSHOOT:
+                # The client gains nothing by going on: say so now and hang up, rather
+                # than read (and scan) whatever it sends until data_final_timeout.
+                self._reply(replies.MSG_TOO_BIG)
+                self._events.append(MessageAborted(txn, replies.MSG_TOO_BIG,
+                                                   reader.wire_bytes))
+                self.transaction = None
+                self._close("size")
             return True
         self._reader = None
         if feed.leftover:

@@ -225,7 +225,10 @@ class Session:
             ev = eng.next_event()
             if ev is p.CONTINUE:
                 progressed = True
-                n += 1
+                # Fairness: a DATA step is up to protocol.CHUNK bytes scanned; one per
+                # loop turn, so a fast sender (or one streaming an oversized message)
+                # cannot hold the loop for BATCH of them.
+                n += BATCH if eng.phase is p.Phase.DATA else 1
                 continue
             if ev is p.NEED_DATA:
                 self._flush()
@@ -269,7 +272,7 @@ class Session:
                 self._flush()
                 return
             progressed = True
-            n += 1
+            n += BATCH if isinstance(ev, p.BodyData) else 1  # (fairness, as above)
             await self._handle(ev)
 
     async def _drain(self) -> None:
