@@ -158,6 +158,7 @@ def test_user_names_and_errors(conf: Path, tmp_path: Path) -> None:
     assert r.returncode == 1 and "imaps://HOST" in r.stderr
 
 
+@pytest.mark.slow
 def test_the_printed_settings_work(relay_factory) -> None:  # noqa: ANN001
     """A mail program set up as printed: implicit TLS on the first port, STARTTLS on the
     second, AUTH with the printed user name and the password, a message accepted."""

@@ -470,11 +470,14 @@ def test_config_validation(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_serve_with_a_root_only_client_secret(
         request: pytest.FixtureRequest, endpoint: Any, smart_host: Any, trustme_ca: Any) -> None:
-    """`authrelay serve` dropping to a user: the 0600 root client secret is read by the
-    key helper; a submitted message reaches the smart host with an OAuth token, and no
-    token is in the maillog or anywhere under the state dir."""
+    """`authrelay serve` dropping to a user, the 0600 root client secret read by the key
+    helper at each token request. A wrong secret defers the mail (maillog names
+    invalid_client, nothing bounced); once the file is fixed it goes out with a token;
+    the 2-second token expires mid-queue and the next message gets a new one. No token
+    and no secret in the maillog or anywhere under the state dir."""
     from relayproc import RelayProcess
     from test_e2e_delivery import submit
     from test_process_model import TEST_USER, _require_root, _started, _test_user, _wait
@@ -484,11 +487,11 @@ def test_serve_with_a_root_only_client_secret(
     base: Path = request.getfixturevalue("reachable_dir")
     secret_dir = base / "secret"
     secret_dir.mkdir(mode=0o700)
-    sf = write_secret(secret_dir / "m365.secret", "s3cret-value\n")
+    sf = write_secret(secret_dir / "m365.secret", "wrong-value\n")
     ca = base / "ca.pem"
     trustme_ca.cert_pem.write_to_path(str(ca))
     ca.chmod(0o644)
-    ep = endpoint(secret="s3cret-value")
+    ep = endpoint(secret="s3cret-value", expires_in=2)
     sh = smart_host(ep)
     r = RelayProcess(base, {
         "user": TEST_USER,
@@ -498,20 +501,37 @@ def test_serve_with_a_root_only_client_secret(
                   "smart_host_oauth_token_url": ep.url, "smart_host_oauth_client_id": "app-id",
                   "smart_host_oauth_scope": ep.scope, "smart_host_oauth_ca_file": str(ca),
                   "smart_host_oauth_secret_file": str(sf)},
-        "delivery": {"retry": ["1s"]}}, workers=2)
+        # no idle connection kept: each message authenticates anew (an open, authenticated
+        # connection would carry on whatever happens to the token)
+        "delivery": {"retry": ["1s"], "idle_timeout": "0s"}}, workers=2)
     r.config.chmod(0o644)
     r.start()
+
+    def delivered(n: int) -> None:
+        try:
+            _wait(lambda: len(sh.messages) == n, timeout=30, what="delivered")
+        except AssertionError:
+            raise AssertionError(r.maillog()[-3000:]) from None
+
     try:
         _started(r, 3)
         submit(r, ["bob@example.test"])
-        try:
-            _wait(lambda: len(sh.messages) == 1, timeout=30, what="delivered")
-        except AssertionError:
-            raise AssertionError(r.maillog()[-2000:]) from None
-        assert sh.messages[0].auth_user == USER
-        assert sh.oauth_attempts == [("XOAUTH2", USER, True)]
+        _wait(lambda: "stat=Deferred" in r.maillog(), timeout=30, what="deferred")
+        line = next(ln for ln in r.maillog().splitlines() if "stat=Deferred" in ln)
+        assert "dsn=4.7.0" in line and "no OAuth token" in line and "invalid_client" in line
+        assert sh.messages == [] and sh.oauth_attempts == []
+        write_secret(sf, "s3cret-value\n")  # fixed: used at the next token request
+        delivered(1)
+        (first,) = ep.issued
+        _wait(lambda: not ep.valid(first, USER), what="the token expired")
+        submit(r, ["carol@example.test"])
+        delivered(2)
+        assert len(ep.issued) == 2
+        assert sh.oauth_attempts == [("XOAUTH2", USER, True)] * 2  # no dead token sent
+        assert all(m.auth_user == USER for m in sh.messages)
         log = r.maillog()
-        assert "s3cret" not in log and "stat=Sent" in log
+        assert log.count("stat=Sent") == 2 and "bounced" not in log.lower()
+        assert "s3cret" not in log and "wrong-value" not in log
     finally:
         r.stop()
     assert_no_token(base, ep, r.maillog())
