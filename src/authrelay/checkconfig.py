@@ -171,10 +171,11 @@ def _check_privileged_split(cfg: Config, pw: pwd.struct_passwd | None,
     if not _readable_by(src, pw):
         out.append(Finding("warning", "", f"{src}: not readable by user {pw.pw_name}: "
                            "a reload (SIGHUP) would fail"))
-    ca = cfg.relay.smart_host_ca_file
-    if ca and not _readable_by(Path(ca), pw):
-        out.append(Finding("error", "relay.smart_host_ca_file", f"{ca}: not readable by "
-                           f"user {pw.pw_name}, who delivers the mail"))
+    for key, ca in (("relay.smart_host_ca_file", cfg.relay.smart_host_ca_file),
+                    ("delivery.tls_ca_file", cfg.delivery.tls_ca_file)):
+        if ca and not _readable_by(Path(ca), pw):
+            out.append(Finding("error", key, f"{ca}: not readable by "
+                               f"user {pw.pw_name}, who delivers the mail"))
     # Root-only key / smart host password: _check_tls / _check_files (_config_untrusted).
 
 

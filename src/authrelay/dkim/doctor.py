@@ -43,6 +43,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from authrelay.config import Config, parse_hostport
+from authrelay.delivery.tlspolicy import smart_host_level
 from authrelay.dkim import records
 from authrelay.dkim.keys import DkimKey, KeyStore
 from authrelay.dns import DnsError, DnsNoData, DnsPermanent, Resolver, _parse_nameserver
@@ -368,10 +369,10 @@ class Doctor:
 
     async def check_smart_hosts(self) -> None:
         r = self.cfg.relay
-        mode = r.smart_host_tls
+        _, implicit = smart_host_level(self.cfg)
         for i, hp in enumerate(r.smart_host):
             host, port = parse_hostport(hp, f"relay.smart_host[{i}]",
-                                        default_port=465 if mode == "tls" else 25)
+                                        default_port=465 if implicit else 25)
             ok, detail, fix = await self._try_smart_host(host, port)
             self.add(f"smarthost {host}:{port}", ok, detail, fix)
 
@@ -410,12 +411,13 @@ class Doctor:
 
     async def _try_smart_host(self, host: str, port: int) -> tuple[bool, str, str]:
         r = self.cfg.relay
+        level, implicit = smart_host_level(self.cfg)  # the courier's reading of smart_host_tls
         ctx = ssl.create_default_context(cafile=r.smart_host_ca_file or None)
-        if not r.smart_host_tls_verify:
+        if level != "verify":
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         timeout = min(30.0, self.cfg.delivery.connect_timeout)
-        smtp = aiosmtplib.SMTP(hostname=host, port=port, use_tls=r.smart_host_tls == "tls",
+        smtp = aiosmtplib.SMTP(hostname=host, port=port, use_tls=implicit,
                                start_tls=False, tls_context=ctx, timeout=timeout,
                                local_hostname=self.host)
         step = "connect"
@@ -423,7 +425,8 @@ class Doctor:
             await smtp.connect()
             step = "EHLO"
             await smtp.ehlo()
-            if r.smart_host_tls == "starttls":
+            if not implicit and level != "none" and (
+                    level != "may" or smtp.supports_extension("starttls")):
                 step = "STARTTLS"
                 if not smtp.supports_extension("starttls"):
                     return False, "does not offer STARTTLS", "set relay.smart_host_tls " \
