@@ -224,3 +224,48 @@ async def test_smart_host_encrypt_level(
     res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
                            relay={"smart_host": [sh.address], "smart_host_tls": "verify"})
     assert not res.ok and res.enhanced == "4.7.5" and res.tls_policy == "verify"
+
+
+# --------------------------------------------------------------------------- the daemon
+
+@pytest.mark.slow
+def test_serve_logs_and_counts_tls(relay_factory: Any, dns: FakeDNSServer,  # noqa: F811
+                                   fake_mx: MXFactory, trustme_ca: trustme.CA,
+                                   trustme_ca_file: Path) -> None:
+    """A real `authrelay serve`: the per-connection TLS line, tls=/policy= on the delivery
+    lines (Sent and Deferred), and authrelay_delivery_tls_total on /metrics."""
+    from relayproc import free_port
+    from test_e2e_delivery import log_lines, mx_overrides, submit, wait_until
+    from test_metrics import scrape, up, val
+
+    dns.update({"bad.test": {"MX": [(10, "mx.bad.test")]}, "mx.bad.test": {"A": ["127.0.0.3"]},
+                "mx.sender.test": {"A": ["127.0.0.9"]},
+                "sender.test": {"MX": [(10, "mx.sender.test")]}})
+    good = fake_mx("127.0.0.2", starttls_context=ctx_for(trustme_ca, MX1))
+    fake_mx("127.0.0.3", starttls_context=ctx_for(trustme.CA(), "mx.bad.test"))
+    mport = free_port()
+    overrides = mx_overrides(dns, fake_mx.port, tls_policy="verify",
+                             tls_ca_file=str(trustme_ca_file), retry=["1h"])
+    overrides["metrics"] = {"address": f"127.0.0.1:{mport}"}
+    relay = relay_factory(overrides)
+    up(relay, mport)
+    ok = submit(relay, ["bob@example.test"])
+    bad = submit(relay, ["carol@bad.test"])
+    wait_until(lambda: good.messages, "delivery", relay=relay)
+    sent = wait_until(lambda: [ln for ln in log_lines(relay, ok) if "stat=Sent" in ln],
+                      "the Sent line", relay=relay)
+    assert "tls=verified, policy=verify, stat=Sent" in sent[0]
+    assert any(f"tls=Verified TLS connection established to {MX1} [127.0.0.2]:"
+               f"{fake_mx.port}: TLSv1.3 with cipher" in ln and "policy=verify" in ln
+               for ln in log_lines(relay, ok))
+    deferred = wait_until(lambda: [ln for ln in log_lines(relay, bad) if "stat=Deferred" in ln],
+                          "the Deferred line", relay=relay)
+    assert "dsn=4.7.5, tls=untrusted, policy=verify, stat=Deferred" in deferred[0]
+
+    def counted() -> bool:
+        m = scrape(mport)
+        return val(m, "authrelay_delivery_tls_total", result="sent", tls="verified",
+                   policy="verify") == 1 and \
+            val(m, "authrelay_delivery_tls_total", result="deferred", tls="untrusted",
+                policy="verify") == 1
+    wait_until(counted, "the delivery_tls counters", relay=relay)
