@@ -284,3 +284,19 @@ def test_mx_patterns() -> None:
     assert p.allows("MX.d.test.") and p.allows("a.mail.d.test")
     assert not p.allows("b.a.mail.d.test") and not p.allows("mail.d.test")
     assert not p.allows("xmx.d.test")
+
+
+async def test_concurrent_first_deliveries_fetch_once(
+        env: Env, https: PolicyServer, fake_mx: MXFactory, trustme_ca: trustme.CA) -> None:
+    import asyncio
+
+    https.policies["mta-sts.sts.test"] = policy("enforce")
+    mx = start_mx(fake_mx, env, ctx_for(trustme_ca, MX1))
+    courier = env.courier(ListLog())
+    try:
+        results = await asyncio.gather(*(env.deliver(courier=courier) for _ in range(5)))
+        assert all(r.ok and r.tls_policy == "mta-sts" for r, _ in results)
+        assert isinstance(courier.sts, HttpsStsSource) and courier.sts.fetches == 1
+    finally:
+        await courier.close()
+    assert len(https.requests) == 1 and len(mx.messages) == 5

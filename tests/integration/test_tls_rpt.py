@@ -119,3 +119,29 @@ async def test_no_rua_no_report(env: Env, dns: FakeDNSServer,  # noqa: F811
     assert await reporter.send_due() == 0
     assert queue.scan() == []
     assert not list((tmp_path / "tls-rpt").glob("*.json"))  # done with: removed
+
+
+async def test_policy_fetch_failure_is_tallied(
+        env: Env, dns: FakeDNSServer, fake_mx: MXFactory, tmp_path: Path) -> None:  # noqa: F811
+    """A published policy behind an HTTPS certificate that does not verify: no policy for
+    delivery (RFC 8461 5), and an sts-webpki-invalid failure for the report."""
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("mta-sts.sts.test").configure_cert(ctx)
+    srv = PolicyServer(ctx).start()
+    try:
+        srv.policies["mta-sts.sts.test"] = policy("enforce")
+        start_mx(fake_mx, env, ctx_for(trustme.CA(), MX1))
+        courier = env.courier(ListLog(), tls_reports=True)
+        try:
+            res, _ = await env.deliver(courier=courier)
+        finally:
+            await courier.close()
+    finally:
+        srv.stop()
+    assert res.ok and res.tls_policy == "may"
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    tally = json.loads((tmp_path / "tls-rpt" / f"{day}.json").read_text())
+    sts = [v for k, v in tally["sts.test"].items() if json.loads(k)[0] == "sts"]
+    assert sts and any(k.startswith("sts-webpki-invalid|") for k in sts[0][1])

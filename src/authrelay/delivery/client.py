@@ -275,6 +275,10 @@ class Courier:
             if d.mta_sts else None
         # RFC 8460 tally of TLS sessions per destination ([delivery] tls_reports).
         self.tlsrpt: tlsrpt.Recorder | None = tlsrpt.Recorder(cfg) if d.tls_reports else None
+        if self.tlsrpt is not None and isinstance(self.sts, HttpsStsSource):
+            rec = self.tlsrpt
+            self.sts.on_failure = lambda dom, kind: rec.session(
+                dom, tlsrpt.PolicyDesc("sts"), False, kind)
         self.connections_opened = 0  # for metrics and tests
         # OAuth 2.0 (smart_host_auth = xoauth2 | oauthbearer): one token cache for the
         # [relay] smart host settings, shared by every connection and smart host.

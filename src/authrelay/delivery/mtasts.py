@@ -30,6 +30,7 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -196,7 +197,10 @@ class HttpsStsSource(StsSource):
         self._tasks: set[asyncio.Task[None]] = set()
         self._ctx = ssl.create_default_context(cafile=cfg.delivery.tls_ca_file or None)
         self.fetches = 0  # HTTPS fetches made (tests, bench)
-        self.failures: dict[str, str] = {}  # domain -> last fetch failure (TLS-RPT)
+        # Called with (domain, RFC 8460 result type) when a published policy cannot be
+        # fetched or parsed: sts-webpki-invalid, sts-policy-invalid, sts-policy-fetch-error.
+        self.on_failure: Callable[[str, str], None] | None = None
+        self._inflight: dict[str, asyncio.Future[StsPolicy]] = {}
 
     async def policy(self, domain: str) -> StsPolicy | None:
         domain = domain.lower().rstrip(".")
@@ -224,7 +228,7 @@ class HttpsStsSource(StsSource):
             sid = await self._txt(domain)
             if sid is None:
                 raise StsFetchError("no (single, valid) v=STSv1 TXT record")
-            pol = await self._fetch(domain, sid)
+            pol = await self._fetch_once(domain, sid)
         except StsFetchError as e:
             log.debug("MTA-STS %s: no policy: %s", domain, e)
             if len(self._none_until) >= _MAX_DOMAINS:
@@ -254,8 +258,11 @@ class HttpsStsSource(StsSource):
         cached one (until its max_age ends)."""
         try:
             sid = await self._txt(domain)
-            if sid is not None and sid != cached.id:
-                await self._fetch(domain, sid)
+            # A new id, or half of max_age gone (5.1: refresh before it expires, so a
+            # stable policy never lapses into an inline fetch).
+            if sid is not None and (sid != cached.id or
+                                    time.time() >= cached.fetched + cached.max_age / 2):
+                await self._fetch_once(domain, sid)
         except StsFetchError as e:
             log.debug("MTA-STS %s: refresh failed, keeping id %s: %s", domain, cached.id, e)
 
@@ -266,11 +273,35 @@ class HttpsStsSource(StsSource):
             return None
         return parse_txt(records)
 
+    async def _fetch_once(self, domain: str, sid: str) -> StsPolicy:
+        """One fetch per domain at a time: concurrent deliveries to a new domain wait
+        for the same HTTPS request."""
+        fut = self._inflight.get(domain)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[domain] = fut
+        try:
+            pol = await self._fetch(domain, sid)
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: no "never retrieved" warning without waiters
+            raise
+        finally:
+            self._inflight.pop(domain, None)
+        fut.set_result(pol)
+        return pol
+
+    def _failed(self, domain: str, kind: str) -> None:
+        if self.on_failure is not None:
+            self.on_failure(domain, kind)
+
     async def _fetch(self, domain: str, sid: str) -> StsPolicy:
         name = f"mta-sts.{domain}"
         try:
             addrs = await self.resolver.addresses(name)
         except DnsError as e:
+            self._failed(domain, "sts-policy-fetch-error")
             raise StsFetchError(f"{name}: {e}") from None
         self.fetches += 1
         err: Exception | None = None
@@ -284,14 +315,15 @@ class HttpsStsSource(StsSource):
                 err = e
         else:
             why = _reason(err)
-            self.failures[domain] = why
+            self._failed(domain, "sts-webpki-invalid"
+                         if isinstance(err, ssl.SSLCertVerificationError)
+                         else "sts-policy-fetch-error")
             raise StsFetchError(f"fetching https://{name}/.well-known/mta-sts.txt: {why}")
         try:
             pol = parse_policy(domain, sid, text, time.time())
         except StsParseError as e:
-            self.failures[domain] = f"invalid policy: {e}"
+            self._failed(domain, "sts-policy-invalid")
             raise StsFetchError(f"invalid policy at {name}: {e}") from None
-        self.failures.pop(domain, None)
         self._remember(domain, pol)
         self._checked[domain] = pol.fetched
         await asyncio.to_thread(self._save, pol)
