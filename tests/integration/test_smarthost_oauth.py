@@ -597,3 +597,48 @@ async def test_doctor_obtains_a_token_and_checks_auth(
     assert not res[name].ok and "invalid_client" in res[name].detail
     for token in ep.issued:
         assert token not in res[name].line()
+
+
+async def test_a_failed_refresh_keeps_the_still_valid_token(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path) -> None:
+    """Refresh at 80% fails (endpoint down): the old token serves until it expires; the
+    failure is remembered fail_hold seconds (no request per delivery); after expiry: no
+    token, the cause named."""
+    ep = endpoint(secret="s3cret-value", expires_in=3600)
+    sh = smart_host(ep)
+    cfg = secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file)
+    now = [0.0]
+    src = oauth.TokenSource(cfg.relay, clock=lambda: now[0], fail_hold=60)
+    first = await src.get()
+    ep.status_override = 503
+    now[0] = 3000.0  # past 80%: a refresh is due, and fails
+    assert await src.get() == first
+    assert await src.get() == first and len(ep.requests) == 1  # held: not asked again
+    now[0] = 3590.0  # within 30 s of expiry: not used any more
+    with pytest.raises(oauth.TokenError, match="HTTP 503"):
+        await src.get()
+    ep.status_override = None
+    src.drop(first)  # also clears the remembered failure
+    assert await src.get() != first
+
+
+def test_signing_keys(app_key: rsa.RSAPrivateKey) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    cert = self_signed(app_key)
+    k = oauth.load_signing_key(pem(app_key) + cert.public_bytes(serialization.Encoding.PEM))
+    assert k.alg == "RS256" and set(k.header) == {"x5t", "x5t#S256"}
+    other = self_signed(rsa_key()).public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(ValueError, match="does not belong"):
+        oauth.load_signing_key(pem(app_key) + other)
+    eck = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    assert oauth.load_signing_key(eck).alg == "ES256"
+    with pytest.raises(ValueError, match="no private_key"):
+        oauth.load_signing_key(b'{"client_email": "x@y"}')
+    sa = oauth.load_signing_key(json.dumps({"private_key": pem(app_key).decode(),
+                                            "client_email": "sa@p.iam", "private_key_id": "k9",
+                                            "token_uri": "https://t/token"}).encode())
+    assert (sa.issuer, sa.token_url, sa.header) == ("sa@p.iam", "https://t/token", {"kid": "k9"})

@@ -42,6 +42,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import requests
@@ -261,17 +262,18 @@ class TokenSource:
         verify: str | bool = r.smart_host_oauth_ca_file or True
         url = r.smart_host_oauth_token_url
         session: requests.Session
+        fetch: Callable[[], Any]
         try:
             if r.smart_host_oauth_grant == "client_credentials" and \
                     r.smart_host_oauth_secret_file:
-                session = _OAuth2Session(
+                cs = _OAuth2Session(
                     r.smart_host_oauth_client_id,
                     secret.decode("utf-8", "replace").strip("\r\n"),
                     token_endpoint_auth_method="client_secret_post",
                     scope=r.smart_host_oauth_scope, default_timeout=self.timeout,
                     verify=verify)
-                fetch = lambda: session.fetch_token(  # noqa: E731
-                    url, grant_type="client_credentials")
+                session, fetch = cs, partial(cs.fetch_token, url,
+                                             grant_type="client_credentials")
             else:
                 try:
                     key = load_signing_key(secret)
@@ -279,26 +281,26 @@ class TokenSource:
                     raise TokenError(f"relay.smart_host_oauth_key_file: {e}") from None
                 url = url or key.token_url
                 if r.smart_host_oauth_grant == "client_credentials":
-                    session = _OAuth2Session(
+                    ks = _OAuth2Session(
                         r.smart_host_oauth_client_id, key.key,
                         token_endpoint_auth_method=PrivateKeyJWT(
                             url, headers=dict(key.header), alg=key.alg),
                         scope=r.smart_host_oauth_scope, default_timeout=self.timeout,
                         verify=verify)
                     # client_id in the body too: Entra requires it beside the assertion.
-                    fetch = lambda: session.fetch_token(  # noqa: E731
-                        url, grant_type="client_credentials",
-                        client_id=r.smart_host_oauth_client_id)
+                    session, fetch = ks, partial(ks.fetch_token, url,
+                                                 grant_type="client_credentials",
+                                                 client_id=r.smart_host_oauth_client_id)
                 else:
                     # Google's JWT bearer grant: the scope is a claim of the assertion.
-                    session = _AssertionSession(
+                    jb = _AssertionSession(
                         token_endpoint=url,
                         issuer=r.smart_host_oauth_client_id or key.issuer,
                         subject=r.smart_host_user, audience=url,
                         claims={"scope": r.smart_host_oauth_scope},
                         key=key.key, header={"alg": key.alg, "typ": "JWT", **key.header},
                         default_timeout=self.timeout, verify=verify)
-                    fetch = session.refresh_token
+                    session, fetch = jb, jb.refresh_token
             del secret
             try:
                 token = fetch()
