@@ -20,7 +20,7 @@ import os
 import re
 import socket
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +244,23 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class Containment:
+    """`[limits.containment]`: a compromised account is suspended, not just rate-limited
+    (policy/containment.py; README "When an account is compromised"). On by default with
+    thresholds far above what a person sends in an hour (a spam run passes them within
+    minutes); 0 turns one threshold off."""
+
+    enabled: bool = True
+    window: float = 3600.0  # the sliding window every threshold counts over
+    messages: int = 500  # messages accepted from the user
+    recipients: int = 1000  # distinct recipient addresses
+    refused: int = 100  # recipients the next hops refused with 5xx (user unknown, spam)
+    networks: int = 20  # distinct client networks (/24, /64) the user submitted from
+    notify: str = ""  # who gets the one notice; "": postmaster (through [aliases])
+    exempt: tuple[str, ...] = ()  # users never suspended (a newsletter account)
+
+
+@dataclass(frozen=True)
 class Limits:
     max_message_size: int = 20480000
     max_recipients: int = 100
@@ -296,6 +313,7 @@ class Limits:
     shared: str = ""  # "redis://host:6379/0" | "rediss://..." | "unix:///path?db=0"; "": local
     max_hops: int = 50  # Received: fields a message may arrive with (Postfix hopcount_limit)
     queue_min_free: int = -1  # bytes free in the spool for MAIL; -1: max(2 x size, 100 MB)
+    containment: Containment = field(default_factory=Containment)
 
     @property
     def min_free_bytes(self) -> int:
@@ -450,7 +468,7 @@ _DURATIONS = {
     "delivery.tls_fallback_time",
     "limits.data_block_timeout", "limits.data_final_timeout", "limits.tls_handshake_timeout",
     "limits.session_timeout", "limits.connection_rate_max_delay", "limits.backlog_wait",
-    "limits.stress_command_timeout",
+    "limits.stress_command_timeout", "limits.containment.window",
     "limits.proxy_timeout",
 }
 _SIZES = {"limits.max_message_size", "limits.queue_min_free"}
@@ -467,6 +485,8 @@ def _convert(key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, list) or not value:
             raise ConfigError(f"{key}: expected a non-empty list of durations like ['5m', '1h']")
         return tuple(parse_duration(v, f"{key}[{i}]") for i, v in enumerate(value))
+    if is_dataclass(default):  # a sub-table: [limits.containment]
+        return _build(type(default), value, key)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

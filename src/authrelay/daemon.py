@@ -318,7 +318,8 @@ async def _serve_loop(run: _Run) -> int:
     if deliver:
         # Scheduler.start() runs spool.recover() itself
         scheduler = wiring.scheduler(cfg, spool, wiring.courier(cfg, run.read_password,
-                                                            run.read_oauth_secret), ml)
+                                                            run.read_oauth_secret), ml,
+                                     metrics=metrics)
         if receiver is not None:
             spool.on_commit = scheduler.notify
         await scheduler.start()

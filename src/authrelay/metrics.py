@@ -97,6 +97,9 @@ class Metrics:
                                  ("listener",))
         self._rejected = counter("messages_rejected", "Messages or transactions rejected, "
                                  "by reason", ("reason",))
+        self._suspended = counter("users_suspended", "Users suspended by containment "
+                                  "(policy/containment.py), by the threshold that tripped "
+                                  "(messages, recipients, refused, networks)", ("threshold",))
         self._attempts = counter("delivery_attempts", "Delivery attempts per recipient by "
                                  "result (sent, deferred, bounced)", ("result",))
         self._tls = counter("delivery_tls", "Delivery attempts per recipient by result "
@@ -121,6 +124,8 @@ class Metrics:
             self._auth.labels(result)
         for result in ("sent", "deferred", "bounced"):
             self._attempts.labels(result)
+        for kind in ("messages", "recipients", "refused", "networks"):
+            self._suspended.labels(kind)
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -140,6 +145,11 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         with contextlib.suppress(Exception):
             self._rejected.labels(reason).inc()
+
+    def suspended(self, threshold: str) -> None:
+        """A user was suspended (policy/suspender.py) for this threshold."""
+        with contextlib.suppress(Exception):
+            self._suspended.labels(threshold).inc()
 
     # ------------------------------------------------------------------ hooks (scheduler)
     def delivery_attempt(self, route: str, seconds: float) -> None:

@@ -39,6 +39,7 @@ from authrelay.policy import shared as shared_mod
 from authrelay.policy.anvil import SharedCounters
 from authrelay.policy.checks import HostChecks
 from authrelay.policy.known import KnownAddresses
+from authrelay.policy.suspender import HoldUser, Suspender, hold_by_control, make_suspender
 from authrelay.policy.throttle import Share, Throttle, make_throttle
 from authrelay.scheduler.scheduler import CourierLike, Scheduler
 from authrelay.smtpd.server import Listener, SMTPServer
@@ -48,7 +49,8 @@ from authrelay.tls import CertStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Listener", "authenticator", "courier", "host_checks", "known_addresses",
+__all__ = ["Listener", "authenticator", "containment", "courier", "host_checks",
+           "known_addresses",
            "local_submission", "metrics", "preload", "scheduler", "server",
            "shared_counters", "signer", "spool", "submitter", "throttle", "tls_reporter"]
 
@@ -130,6 +132,15 @@ def metrics(cfg: Config) -> Metrics | None:
         return None
 
 
+def containment(cfg: Config, sub: Submitter, maillog: maillog_mod.MailLog,
+                metrics: Metrics | None, hold_user: HoldUser) -> Suspender | None:
+    """Containment of compromised accounts (policy/suspender.py): counters and
+    suspensions in state_dir/containment.db, PostgreSQL, Redis as the config says; the
+    admin's notice through `sub`; None when `[limits.containment] enabled = false`."""
+    return make_suspender(cfg, submitter=sub, maillog=maillog, metrics=metrics,
+                          hold_user=hold_user)
+
+
 def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
            share: Share | None = None, metrics: Metrics | None = None,
            auth: Authenticator | None | Literal["config"] = "config",
@@ -140,12 +151,16 @@ def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
     ml = maillog or maillog_mod.get()
     share = share or Share()
     known = known_addresses(cfg)
+    sub = submitter(cfg, queue, ml)
     return SMTPServer(
-        cfg, submitter=submitter(cfg, queue, ml),
+        cfg, submitter=sub,
         authenticator=authenticator(cfg) if auth == "config" else auth,
         certs=certs, checks=host_checks(cfg) if checks == "config" else checks,
         metrics=metrics, known=known, throttle=throttle(cfg, share, known), share=share,
-        maillog=ml)
+        maillog=ml,
+        # A trip asks this node's scheduler to hold the user's mail (control socket).
+        containment=containment(cfg, sub, ml, metrics,
+                                lambda user: hold_by_control(queue, user)))
 
 
 # --------------------------------------------------------------------------- delivering
@@ -164,11 +179,15 @@ def courier(cfg: Config, read_password: Callable[[], str] | None = None,
 
 
 def scheduler(cfg: Config, queue: Spool, carrier: CourierLike,
-              maillog: maillog_mod.MailLog | None = None) -> Scheduler:
+              maillog: maillog_mod.MailLog | None = None, *,
+              metrics: Metrics | None = None) -> Scheduler:
     """The queue manager, with its own submitter for bounces (DKIM-signed when
-    MAILER-DAEMON's domain has a key)."""
+    MAILER-DAEMON's domain has a key) and containment: a suspended user's mail is held
+    instead of sent, and 5xx answers from the next hops count against its sender."""
     ml = maillog or maillog_mod.get()
-    return Scheduler(cfg, queue, carrier, ml, submitter=submitter(cfg, queue, ml))
+    sched = Scheduler(cfg, queue, carrier, ml, submitter=submitter(cfg, queue, ml))
+    sched.containment = containment(cfg, sched.submitter, ml, metrics, sched.hold_user)
+    return sched
 
 
 def tls_reporter(cfg: Config, sched: Scheduler,

@@ -54,6 +54,7 @@ from authrelay.auth.userdb import (
     check_name,
     implicit_address,
 )
+from authrelay.policy.suspensions import Suspension
 
 if TYPE_CHECKING:
     from authrelay.config import Config
@@ -97,6 +98,13 @@ SCHEMA_SQL = (
     " last_ip text NOT NULL DEFAULT '',"
     " PRIMARY KEY (username, name),"
     " UNIQUE (username, selector))",
+    # Version 2 too (policy/suspensions.py): users suspended by containment, for every
+    # node. Not tied to users(name): a suspension outlives a user deleted and re-added.
+    "CREATE TABLE IF NOT EXISTS authrelay.suspensions ("
+    " username text COLLATE \"C\" PRIMARY KEY,"
+    " at bigint NOT NULL,"
+    " reason text NOT NULL,"
+    " node text NOT NULL DEFAULT '')",
     f"INSERT INTO authrelay.meta (key, value) VALUES ('schema_version', {SCHEMA_VERSION})"
     " ON CONFLICT (key) DO NOTHING",
     f"UPDATE authrelay.meta SET value = {SCHEMA_VERSION}"
@@ -301,6 +309,38 @@ class PgUserStore:
                                " last_ip = $4 WHERE username = $1 AND name = $2",
                                name, app, when, ip, timeout=self.timeout)
         await self._run(fn)
+
+    # ------------------------------------------------------------ suspensions (containment)
+    async def suspension(self, name: str) -> Suspension | None:
+        """The user's suspension (policy/suspensions.Suspension) or None."""
+        async def fn(conn: Any) -> Suspension | None:
+            r = await conn.fetchrow("SELECT username, at, reason, node FROM "
+                                    "authrelay.suspensions WHERE username = $1", name,
+                                    timeout=self.timeout)
+            return Suspension(*r) if r else None
+        return await self._run(fn)
+
+    async def suspend(self, name: str, at: int, reason: str, node: str) -> bool:
+        """True when this call created the suspension (one notice per trip, farm-wide)."""
+        async def fn(conn: Any) -> bool:
+            return bool(await conn.fetchval(
+                "INSERT INTO authrelay.suspensions (username, at, reason, node)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (username) DO NOTHING RETURNING true",
+                name, at, reason, node, timeout=self.timeout))
+        return await self._run(fn)
+
+    async def resume(self, name: str) -> Suspension | None:
+        async def fn(conn: Any) -> Suspension | None:
+            r = await conn.fetchrow("DELETE FROM authrelay.suspensions WHERE username = $1"
+                                    " RETURNING username, at, reason, node", name)
+            return Suspension(*r) if r else None
+        return await self._run(fn)
+
+    async def suspensions(self) -> list[Suspension]:
+        async def fn(conn: Any) -> list[Suspension]:
+            return [Suspension(*r) for r in await conn.fetch(
+                "SELECT username, at, reason, node FROM authrelay.suspensions ORDER BY at")]
+        return await self._run(fn)
 
     async def list(self) -> list[UserInfo]:
         async def fn(conn: Any) -> list[UserInfo]:

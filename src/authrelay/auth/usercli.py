@@ -213,6 +213,62 @@ def _setup(args: argparse.Namespace) -> None:
           "the Mac, iPhone or iPad to install")
 
 
+def _resume(args: argparse.Namespace) -> None:
+    """`user resume USER [--release | --delete-held]`: lift a containment suspension
+    (policy/suspender.py) on every node, forget the counts that tripped it, and release
+    or delete the user's held mail (else it stays held for `authrelay queue`)."""
+    import asyncio
+
+    from authrelay.policy.suspensions import make_state
+    from authrelay.scheduler import control
+    from authrelay.spool.store import Spool
+
+    cfg = load(args.config, embedded=False)
+
+    async def run() -> object:
+        state = make_state(cfg)
+        try:
+            return await state.resume(args.name)
+        finally:
+            await state.close()
+
+    try:
+        found = asyncio.run(run())
+    except Exception as e:  # the database or Redis unreachable: say so, change nothing more
+        raise _CliError(f"cannot resume {args.name}: {e}") from None
+    print(f"{args.name} resumed" if found else f"{args.name} was not suspended")
+    if args.release or args.delete_held:
+        op = "release" if args.release else "delete"
+        try:
+            resp = control.perform(Spool(cfg.spool_dir), {"op": op, "user": args.name})
+        except control.ServerBusy as e:
+            raise _CliError(str(e)) from None
+        if not resp.get("ok"):
+            raise _CliError(f"held mail of {args.name}: {resp.get('error')}")
+        n = len(resp.get("done", []))
+        print(f"{n} held message(s) of {args.name} "
+              + ("released" if args.release else "deleted"))
+
+
+def _suspended(args: argparse.Namespace) -> None:
+    """`user suspended`: who is suspended, since when, and why."""
+    import asyncio
+
+    from authrelay.policy.suspensions import make_state
+
+    cfg = load(args.config, embedded=False)
+
+    async def run() -> list:
+        state = make_state(cfg)
+        try:
+            return await state.suspensions()
+        finally:
+            await state.close()
+
+    for s in asyncio.run(run()):
+        print(f"{s.user}\tsince {_iso(s.at)}\t{s.reason}\t{s.node}")
+
+
 def _migrate(args: argparse.Namespace) -> None:
     """Copy every user of a local users.db (hash and addresses) into the PostgreSQL
     database. Users already there are kept as they are unless --replace."""
@@ -329,6 +385,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--password-stdin", action="store_true",
                    help="with --include-password: read it from standard input")
     p.set_defaults(func=_run(_setup))
+    p = sub.add_parser("resume", help="lift a containment suspension (README \"When an "
+                       "account is compromised\")")
+    p.add_argument("name")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--release", action="store_true", help="send the user's held mail")
+    g.add_argument("--delete-held", action="store_true",
+                   help="delete the user's held mail (spam)")
+    p.set_defaults(func=_run(_resume))
+
+    p = sub.add_parser("suspended", help="list users suspended by containment")
+    p.set_defaults(func=_run(_suspended))
 
     p = sub.add_parser("address", help="add or remove an address a user may send as")
     p.add_argument("action", choices=("add", "del"))

@@ -76,6 +76,31 @@ return out
 """
 
 
+# Containment (policy/suspensions.py): distinct values per user and kind in a sliding
+# window, as sorted sets scored by time. KEYS: one set per kind. ARGV[1]: now, ARGV[2]:
+# window (s), then per key: how many members follow, then the members.
+# Returns per key the number of members within the window (after adding).
+_DISTINCT_LUA = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local pos = 3
+local out = {}
+for i = 1, #KEYS do
+  local n = tonumber(ARGV[pos])
+  pos = pos + 1
+  for j = 1, n do
+    redis.call('ZADD', KEYS[i], now, ARGV[pos])
+    pos = pos + 1
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  out[#out + 1] = redis.call('ZCARD', KEYS[i])
+  redis.call('EXPIRE', KEYS[i], math.ceil(window) + 1)
+end
+return out
+"""
+CONTAINMENT_KINDS = ("messages", "recipients", "refused", "networks")
+
+
 def redact_url(url: str) -> str:
     """redis://host:port/db without credentials (for the maillog)."""
     try:
@@ -120,6 +145,7 @@ class SharedCounters:
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._script: Any = None
+        self._distinct: Any = None
         self._probe: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
 
@@ -140,6 +166,7 @@ class SharedCounters:
                 retry=Retry(NoBackoff(), 0), health_check_interval=0)
             self._client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() ends it
             self._script = self._client.register_script(_WINDOWS_LUA)
+            self._distinct = self._client.register_script(_DISTINCT_LUA)
             self._loop = loop
         return self._client
 
@@ -241,6 +268,31 @@ class SharedCounters:
         self._inflight.add(t)
         t.add_done_callback(self._inflight.discard)
         return True
+
+    # ------------------------------------------------------------------ containment
+    def _distinct_key(self, user: str, kind: str) -> str:
+        return f"{self.prefix}:contain:{kind}:{_key_part(user)}"
+
+    async def distinct(self, user: str, items: Sequence[tuple[str, str]], window: float
+                       ) -> dict[str, int] | None:
+        """Add (kind, value) events for `user`; every kind's count of distinct values
+        within `window` (seconds, wall clock). One atomic round trip; None: Redis
+        unavailable (the caller counts locally)."""
+        by_kind: dict[str, list[str]] = {k: [] for k in CONTAINMENT_KINDS}
+        for kind, value in items:
+            by_kind[kind].append(_key_part(value))
+        keys = [self._distinct_key(user, k) for k in CONTAINMENT_KINDS]
+        args: list[Any] = [f"{time.time():.3f}", f"{window:.3f}"]
+        for k in CONTAINMENT_KINDS:
+            args += [len(by_kind[k]), *by_kind[k]]
+        raw = await self._call(lambda r: self._distinct(keys=keys, args=args, client=r))
+        if raw is None:
+            return None
+        return {k: int(n) for k, n in zip(CONTAINMENT_KINDS, raw, strict=True)}
+
+    async def clear_distinct(self, user: str) -> bool:
+        keys = [self._distinct_key(user, k) for k in CONTAINMENT_KINDS]
+        return await self._call(lambda r: r.delete(*keys)) is not None
 
     # ------------------------------------------------------------------ known addresses
     def _known_key(self, user: str, net: str) -> str:

@@ -7,6 +7,8 @@ owner may talk to it); each request is one line of JSON, each answer one line of
     {"op": "flush", "id": "ID"}      {"op": "flush"}            (all)
     {"op": "hold" | "release", "id": "ID"}
     {"op": "delete", "id": "ID"}     {"op": "delete", "all": true}
+    {"op": "hold", "user": "U"}      every queued message U sent (containment)
+    {"op": "release" | "delete", "user": "U"}   every held message U sent
     {"op": "status"}                 -> {"ok": true, "active": [ids in flight]}
     answer: {"ok": true, "done": [ids], "missing": [ids]} or {"ok": false, "error": "..."}
 
@@ -165,13 +167,27 @@ def flush_files(spool: Spool, qid: str) -> None:
         spool.save_state(env)
 
 
+def ids_of_user(spool: Spool, user: str, held: bool) -> list[str]:
+    """The queue ids of `user`'s authenticated mail: held ones, or those in the queue."""
+    out = []
+    for qid in (spool.held() if held else spool.scan()):
+        try:
+            if spool.load(qid).auth_user == user:
+                out.append(qid)
+        except Exception:  # gone, being written, damaged: not ours to judge here
+            continue
+    return out
+
+
 def run_offline(spool: Spool, req: dict[str, Any]) -> dict[str, Any]:
     """Perform a control request directly on the files (no scheduler running)."""
     op = req.get("op")
     if op == "status":
         return {"ok": True, "active": []}
     ids: list[str]
-    if req.get("all"):
+    if req.get("user") and op in ("hold", "release", "delete"):
+        ids = ids_of_user(spool, str(req["user"]), op != "hold")
+    elif req.get("all"):
         ids = spool.scan() + spool.held() if op == "delete" else spool.scan()
     elif req.get("id"):
         ids = [str(req["id"])]

@@ -131,6 +131,9 @@ class Scheduler:
         self._stopping = False
         self.metrics: Any = None  # authrelay.metrics.Metrics, set by Metrics.start()
         self.submitter = submitter  # bounces go in here (wiring.scheduler)
+        # policy/suspender.Suspender (containment), set by wiring: a suspended user's
+        # mail is held instead of sent; 5xx from the next hops count against its sender.
+        self.containment: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -218,6 +221,8 @@ class Scheduler:
         if self._lock_fd is not None:
             control.release_scheduler_lock(self._lock_fd)
             self._lock_fd = None
+        if self.containment is not None:
+            await self.containment.close()
 
     # ------------------------------------------------------------------ public
     def notify(self, qid: str) -> None:
@@ -250,6 +255,8 @@ class Scheduler:
         """SIGHUP: new limits and retry settings apply to the next decisions."""
         self.cfg = cfg
         self.submitter.reload(cfg)
+        if self.containment is not None:
+            self.containment.reload(cfg)
         self.concurrency = max(1, cfg.delivery.concurrency)
         self.per_destination = max(1, cfg.delivery.concurrency_per_domain)
         self._pump()
@@ -403,6 +410,18 @@ class Scheduler:
         if env.held:
             self._release(act)
             return
+        if env.auth_user and self.containment is not None \
+                and await self.containment.suspended(env.auth_user):
+            # Accepted just before the suspension, or queued on another node of a farm:
+            # held, not sent, not deleted (`authrelay user resume --release` sends it).
+            try:
+                await self._io(self.spool.hold, qid)
+                self._token.pop(qid, None)
+                self.maillog.held(qid)
+            except FileNotFoundError:
+                pass
+            self._release(act)
+            return
         pending = env.pending
         if not pending:  # every recipient final, but we stopped before removing the file
             await self._remove(qid)
@@ -500,6 +519,7 @@ class Scheduler:
         assert env is not None
         d = self.cfg.delivery
         now = time.time()
+        refused: list[str] = []  # 5xx from the next hop: containment counts them
         for r in job.rcpts:
             res = results.get(r.address)
             if res is None:
@@ -516,6 +536,8 @@ class Scheduler:
             elif res.permanent or res.code >= 500 or \
                     backoff.expired(env, now, d.max_queue_lifetime):
                 expired = not (res.permanent or res.code >= 500)
+                if res.code >= 500:  # refused by the next hop (or its DNS): a 5xx
+                    refused.append(f"{env.queue_id}:{r.address.lower()}")
                 stat = "Bounced"
                 if should_notify(env, r, "failed"):
                     act.owed.setdefault("failed", []).append(r)  # FAILED once it is queued
@@ -541,6 +563,10 @@ class Scheduler:
             record(env.queue_id, r.address, res.remote or None, now - env.received_at,
                    r.attempts, res.enhanced or None, r.last_reply, tls=res.tls or None,
                    policy=res.tls_policy or None)
+        if refused and env.auth_user and self.containment is not None:
+            # In the background: a trip holds this user's mail, which waits for this
+            # very delivery to end.
+            self._spawn(self.containment.refused(env.auth_user, refused))
         # The last job's state is saved by _finish, after the pass's DSNs.
         if act.jobs > 1:
             try:
@@ -647,6 +673,12 @@ class Scheduler:
             self._schedule(act.qid, reschedule)
 
     # ------------------------------------------------------------------ control
+    async def hold_user(self, user: str) -> int:
+        """Hold every queued message of `user` (containment); how many are held now
+        (including any held before delivery by `_start_message`)."""
+        await self._handle_control({"op": "hold", "user": user})
+        return len(await self._io(control.ids_of_user, self.spool, user, True))
+
     async def _wait_idle(self, qid: str) -> None:
         while (act := self._active.get(qid)) is not None:
             await act.done.wait()
@@ -657,7 +689,12 @@ class Scheduler:
             return {"ok": True, "active": self.active}
         if op not in ("flush", "hold", "release", "delete"):
             return {"ok": False, "error": f"unknown op {op!r}"}
-        if req.get("all") or (op == "flush" and not req.get("id")):
+        if req.get("user") and op in ("hold", "release", "delete"):
+            # Containment (policy/suspender.py, `authrelay user resume`): every message of
+            # one user, queued (hold) or held (release, delete).
+            ids = await self._io(control.ids_of_user, self.spool, str(req["user"]),
+                                 op != "hold")
+        elif req.get("all") or (op == "flush" and not req.get("id")):
             ids = await self._io(self.spool.scan)
             if op == "delete":
                 ids += await self._io(self.spool.held)

@@ -27,6 +27,7 @@ from authrelay.metrics import Metrics
 from authrelay.policy.checks import HostChecks
 from authrelay.policy.known import KnownAddresses
 from authrelay.policy.relay import RelayPolicy
+from authrelay.policy.suspender import Suspender
 from authrelay.policy.throttle import Exemptions, Share, Throttle
 from authrelay.smtpd import proxy
 from authrelay.smtpd.admission import Acceptor, Listener, Ticket, fd_budget
@@ -62,7 +63,8 @@ class SMTPServer:
                  authenticator: Authenticator | None, certs: CertStore | None,
                  known: KnownAddresses, throttle: Throttle, share: Share,
                  checks: HostChecks | None = None, metrics: Metrics | None = None,
-                 maillog: MailLog | None = None) -> None:
+                 maillog: MailLog | None = None,
+                 containment: Suspender | None = None) -> None:
         self.cfg = cfg
         self.authenticator = authenticator
         self.certs = certs
@@ -76,6 +78,8 @@ class SMTPServer:
         self.proxy_trusted = proxy.Networks(cfg.relay.proxy_trusted)
         self.maillog = maillog or maillog_mod.get()
         self.submitter = submitter  # the one accept path (spool/submit.py)
+        # Containment of compromised accounts (policy/suspender.py): None when off.
+        self.containment = containment
         self.sessions: set[Session] = set()
         self.acceptors: list[Acceptor] = []
         self.listeners: list[Listener] = []
@@ -95,6 +99,8 @@ class SMTPServer:
         for a in self.acceptors:
             a.reload()
         self.submitter.reload(cfg)
+        if self.containment is not None:
+            self.containment.reload(cfg)
 
     async def start(self, listeners: list[Listener]) -> None:
         for ln in listeners:
@@ -144,7 +150,8 @@ class SMTPServer:
             cfg=self.cfg, listener=ln.name, mode=ln.mode, policy=self.policy,
             authenticator=self.authenticator, submitter=self.submitter,
             tls_context=self.tls_context,
-            checks=self.checks, maillog=self.maillog, metrics=self.metrics)
+            checks=self.checks, maillog=self.maillog, metrics=self.metrics,
+            containment=self.containment)
 
     # admission hooks (admission.py) ------------------------------------------
     def refused(self, ln: Listener, ip: str, r: Reply, reason: str, tls: bool) -> None:
@@ -206,3 +213,5 @@ class SMTPServer:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         await asyncio.get_running_loop().run_in_executor(None, self.known.close)
+        if self.containment is not None:
+            await self.containment.close()

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from authrelay import replies
 from authrelay.config import Config
+from authrelay.policy import containment
 from authrelay.policy.ownership import Owner
 from authrelay.policy.relay import RelayPolicy
 from authrelay.smtpd import protocol as p
@@ -93,6 +94,7 @@ class SessionDeps:
     checks: Any = None  # policy.checks.HostChecks or None
     maillog: Any = None
     metrics: Any = None  # metrics.auth(result) / accepted(mode) / rejected(reason)
+    containment: Any = None  # policy/suspender.Suspender, or None (containment off)
 
 
 class Session:
@@ -407,6 +409,15 @@ class Session:
                                  sasl_username=user)
                 eng.policy_result(replies.SENDER_NOT_OWNED)
                 return
+            if self.deps.containment is not None:
+                # A suspended account (policy/containment.py): 450 4.7.1, the client
+                # keeps the message and retries; nothing is bounced.
+                refusal = containment.mail_refusal(
+                    await self.deps.containment.suspended(user))
+                if refusal is not None:
+                    self._log_reject(refusal, "", sasl_username=user)
+                    eng.policy_result(refusal)
+                    return
             if not await self.ticket.user_may_send(user):
                 self._log_reject(replies.USER_RATE, "", sasl_username=user)
                 eng.policy_result(replies.USER_RATE)
@@ -504,6 +515,10 @@ class Session:
         eng.message_result(replies.queued(qid))
         if eng.auth_user:
             await self.ticket.user_sent(eng.auth_user, nrcpts)
+            if self.deps.containment is not None:
+                self._flush()  # the 250 goes out before any containment work
+                await self.deps.containment.message_accepted(
+                    eng.auth_user, qid, [r.text for r in ev.transaction.rcpts], self.ip)
         if self.deps.metrics is not None:
             self.deps.metrics.accepted(self.deps.mode)
 
@@ -549,4 +564,5 @@ _REASONS = {
     replies.RATE_LIMITED: "connection_rate", replies.NO_RDNS: "no_rdns",
     replies.TOO_MANY_COMMANDS: "junk_commands",
     replies.MSG_NUL: "nul", replies.TOO_MANY_HOPS: "hops", replies.NO_STORAGE: "storage",
+    containment.SUSPENDED: "user_suspended",
 }

@@ -1,0 +1,102 @@
+"""Containment of a compromised account: the decisions, as pure functions of counters.
+
+Owns: when a user's recent activity means "this account is sending for someone else"
+(`decide`), what a suspended user's MAIL is answered (`mail_refusal`), and the text of
+the one notice the admin gets (`notice`). No I/O: the counts come from the stores in
+policy/suspensions.py, and policy/suspender.py acts on a verdict.
+
+Contract: `decide(counts, cfg)` -> the first threshold reached (`Trip`), or None. A
+threshold of 0 is off; `enabled = false` or an exempt user is never tripped. Thresholds
+count within `[limits.containment] window` (sliding): messages accepted, distinct
+recipient addresses, recipients the next hops refused with 5xx, distinct client networks
+(/24 for IPv4, /64 for IPv6: policy/throttle.source_net).
+
+Failure policy: a suspension is transient for the client: `450 4.7.1` at MAIL (RFC 5321
+4.2.5: the client keeps the message and retries; nothing is bounced), so a false positive
+costs a delay, never a lost message. Anchors: Microsoft 365 and Google Workspace restrict
+a sender after suspicious volume and an admin lifts it; Postfix and sendmail have nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from authrelay.config import Containment
+from authrelay.types import Reply
+
+# RFC 3463 4.7.1: delivery not authorized (policy); 450: mailbox unavailable, try later.
+SUSPENDED = Reply(450, "4.7.1", "Sending suspended for this account: contact the "
+                                "administrator")
+
+KINDS = ("messages", "recipients", "refused", "networks")
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A user's activity within the window."""
+
+    messages: int = 0
+    recipients: int = 0
+    refused: int = 0
+    networks: int = 0
+
+
+@dataclass(frozen=True)
+class Trip:
+    """The threshold that tripped: `kind` (one of KINDS), the count and the limit."""
+
+    kind: str
+    count: int
+    limit: int
+
+    def describe(self) -> str:
+        """For the maillog and the notice: "recipients=1000 (limit 1000 per 1h)"."""
+        return f"{self.kind}={self.count} (limit {self.limit})"
+
+
+def watched(user: str, cfg: Containment) -> bool:
+    """Whether `user`'s activity is counted at all."""
+    return cfg.enabled and bool(user) and user not in cfg.exempt and any(
+        getattr(cfg, k) for k in KINDS)
+
+
+def decide(user: str, counts: Counts, cfg: Containment) -> Trip | None:
+    """The first threshold `counts` reached, in KINDS order; None: nothing to do."""
+    if not watched(user, cfg):
+        return None
+    for kind in KINDS:
+        limit = getattr(cfg, kind)
+        n = getattr(counts, kind)
+        if limit and n >= limit:
+            return Trip(kind, n, limit)
+    return None
+
+
+def mail_refusal(suspended: bool) -> Reply | None:
+    """MAIL from an authenticated user: `450 4.7.1` while suspended, else None."""
+    return SUSPENDED if suspended else None
+
+
+def window_text(seconds: float) -> str:
+    if seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{seconds:g}s"
+
+
+def notice(user: str, trip: Trip, cfg: Containment, *, hostname: str, held: int) -> str:
+    """The body of the one message the admin gets when `user` is suspended."""
+    return (
+        f"authrelay on {hostname} suspended sending for the user {user}.\n\n"
+        f"Threshold reached: {trip.kind}: {trip.count} within "
+        f"{window_text(cfg.window)} (limit {trip.limit}).\n"
+        f"Messages of {user} held in the queue: {held} (not sent, not deleted).\n\n"
+        "Until you act, every MAIL from this user gets '450 4.7.1' (mail clients keep\n"
+        "the message and retry; nothing is bounced). If the account is compromised,\n"
+        "change its password (authrelay user passwd) and revoke its app passwords\n"
+        "(authrelay user app-password list / revoke), look at the held mail\n"
+        "(authrelay queue list), then:\n\n"
+        f"  authrelay user resume {user} --delete-held   # spam: drop the held mail\n"
+        f"  authrelay user resume {user} --release       # a false alarm: send it\n"
+    )

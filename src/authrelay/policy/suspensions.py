@@ -1,0 +1,281 @@
+"""Where containment counts and suspensions live (policy/containment.py decides on them).
+
+Owns:
+- `LocalStore`: the SQLite file `state_dir/containment.db` (format in `PRAGMA
+  user_version`), shared by every process of one node (the receiving workers count
+  messages, recipients and networks; the master's scheduler counts refused recipients)
+  and surviving restarts: per-user events within the window, and suspensions.
+- `State`: the async face the suspender uses, choosing per call where things live:
+  suspensions in PostgreSQL (`authrelay.suspensions`) when `[auth] backend =
+  "postgresql"`, so every node of a farm refuses a suspended user; counters in Redis when
+  `[limits] shared` is set (sorted sets per user and kind, policy/shared.py), so the
+  whole farm's activity counts against one threshold; otherwise this node's SQLite file.
+
+Contract: counts are of **distinct** values within a sliding window (a message counts
+by its queue id, a recipient by its lower-cased address, a refusal by queue id and
+recipient, a network by its /24 or /64); an event older than the window no longer counts
+and is pruned. `suspend()` is True only for the caller that created the suspension (an
+INSERT that did nothing otherwise), so one trip makes one notice however many processes
+or nodes race to it. Memory and rows are bounded: only watched kinds are recorded, and a
+suspended user is no longer counted (its MAILs are refused).
+
+Failure policy: Redis unreachable: this node counts in SQLite (policy/shared.py says so
+in the maillog). PostgreSQL unreachable or refusing (a read-only role): the suspension
+is recorded in this node's SQLite file instead and the maillog says so; `suspended()`
+then answers from the local file only (fail open for the farm, never refusing a user
+because a database is down). A local SQLite error propagates to the suspender, which logs
+it and lets the mail through (containment is a safety net, not a gate for every message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from authrelay.config import Config
+from authrelay.policy.containment import KINDS, Counts
+
+SCHEMA_VERSION = 1
+CACHE_TTL = 2.0  # seconds a PostgreSQL answer to "is this user suspended?" is reused
+CACHE_MAX = 10000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    user  TEXT NOT NULL,
+    kind  TEXT NOT NULL,              -- messages | recipients | refused | networks
+    value TEXT NOT NULL,              -- queue id, address, qid:address, network
+    at    REAL NOT NULL,              -- unix time of the latest occurrence
+    PRIMARY KEY (user, kind, value)
+);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (at);
+CREATE TABLE IF NOT EXISTS suspensions (
+    user   TEXT PRIMARY KEY,
+    at     INTEGER NOT NULL,          -- unix time
+    reason TEXT NOT NULL,             -- the figure that tripped: "recipients=1000 (limit 1000)"
+    node   TEXT NOT NULL DEFAULT ''   -- the hostname that suspended
+);
+"""
+
+
+@dataclass(frozen=True)
+class Suspension:
+    user: str
+    at: int
+    reason: str
+    node: str = ""
+
+
+class LocalStore:
+    """The SQLite file of one node. Thread-safe: one connection per thread."""
+
+    def __init__(self, path: Path | str, *, busy_timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        self._busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[sqlite3.Connection] = []  # the file is made at first use
+
+    def _db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.path.exists():
+            with contextlib.suppress(FileExistsError):  # user names inside: 0600
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    v = conn.execute("PRAGMA user_version").fetchone()[0]
+                    if v > SCHEMA_VERSION:
+                        raise sqlite3.DatabaseError(
+                            f"{self.path}: format {v} is newer than this authrelay knows")
+                    for stmt in _SCHEMA.split(";"):
+                        if stmt.strip():
+                            conn.execute(stmt)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+        except BaseException:
+            conn.close()
+            raise
+        self._local.conn = conn
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for c in conns:
+            with contextlib.suppress(sqlite3.Error):
+                c.close()
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ counters
+    def record(self, user: str, items: Iterable[tuple[str, str]], window: float,
+               now: float | None = None) -> Counts:
+        """Add (kind, value) events for `user` and return its counts within `window`."""
+        now = time.time() if now is None else now
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO events (user, kind, value, at) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT (user, kind, value) DO UPDATE SET at = excluded.at",
+                           [(user, k, v, now) for k, v in items])
+            db.execute("DELETE FROM events WHERE user = ? AND at <= ?", (user, now - window))
+            rows = db.execute("SELECT kind, count(*) FROM events WHERE user = ? "
+                              "GROUP BY kind", (user,)).fetchall()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        got = dict(rows)
+        return Counts(**{k: int(got.get(k, 0)) for k in KINDS})
+
+    def prune(self, window: float, now: float | None = None) -> int:
+        """Drop every event older than the window (users who stopped sending)."""
+        now = time.time() if now is None else now
+        return self._db().execute("DELETE FROM events WHERE at <= ?",
+                                  (now - window,)).rowcount
+
+    def clear(self, user: str) -> None:
+        """Forget the user's counts (on resume: the old spree must not trip it again)."""
+        self._db().execute("DELETE FROM events WHERE user = ?", (user,))
+
+    # ------------------------------------------------------------------ suspensions
+    def suspension(self, user: str) -> Suspension | None:
+        row = self._db().execute("SELECT user, at, reason, node FROM suspensions "
+                                 "WHERE user = ?", (user,)).fetchone()
+        return Suspension(*row) if row else None
+
+    def suspend(self, user: str, at: int, reason: str, node: str) -> bool:
+        cur = self._db().execute("INSERT INTO suspensions (user, at, reason, node) "
+                                 "VALUES (?, ?, ?, ?) ON CONFLICT (user) DO NOTHING",
+                                 (user, at, reason, node))
+        return cur.rowcount == 1
+
+    def resume(self, user: str) -> Suspension | None:
+        s = self.suspension(user)
+        if s is not None:
+            self._db().execute("DELETE FROM suspensions WHERE user = ?", (user,))
+        return s
+
+    def suspensions(self) -> list[Suspension]:
+        return [Suspension(*r) for r in self._db().execute(
+            "SELECT user, at, reason, node FROM suspensions ORDER BY at")]
+
+
+class State:
+    """The async face over the three places (see the module docstring). `pg`: a
+    pgusers.PgUserStore or None; `redis`: a shared.SharedCounters or None."""
+
+    def __init__(self, local: LocalStore, *, pg: Any = None, redis: Any = None,
+                 window: float = 3600.0) -> None:
+        self.local = local
+        self.pg = pg
+        self.redis = redis
+        self.window = window
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="authrelay-contain")
+        self._cache: dict[str, tuple[float, bool]] = {}
+        self.pg_problem = ""  # why the last PostgreSQL call failed ("" when fine)
+
+    async def _io(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def record(self, user: str, items: list[tuple[str, str]]) -> Counts:
+        if self.redis is not None:
+            got = await self.redis.distinct(user, items, self.window)
+            if got is not None:
+                return Counts(**{k: int(got.get(k, 0)) for k in KINDS})
+        return await self._io(self.local.record, user, items, self.window)
+
+    async def suspended(self, user: str) -> bool:
+        if self.local.suspension(user) is not None:  # one indexed read (WAL: no wait)
+            return True
+        if self.pg is None:
+            return False
+        now = time.monotonic()
+        hit = self._cache.get(user)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            got = await self.pg.suspension(user) is not None
+            self.pg_problem = ""
+        except Exception as e:  # UserStoreUnavailable: fail open (module docstring)
+            self.pg_problem = f"{type(e).__name__}: {e}"
+            return False
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[user] = (now + CACHE_TTL, got)
+        return got
+
+    async def suspend(self, user: str, reason: str, node: str) -> bool:
+        at = int(time.time())
+        self._cache.pop(user, None)
+        if self.pg is not None:
+            try:
+                created = bool(await self.pg.suspend(user, at, reason, node))
+                self.pg_problem = ""
+                return created
+            except Exception as e:  # down or a read-only role: this node at least
+                self.pg_problem = f"{type(e).__name__}: {e}"
+        return bool(await self._io(self.local.suspend, user, at, reason, node))
+
+    async def resume(self, user: str) -> Suspension | None:
+        self._cache.pop(user, None)
+        found = await self._io(self.local.resume, user)
+        await self._io(self.local.clear, user)
+        if self.pg is not None:
+            got = await self.pg.resume(user)  # the CLI: an error here is the admin's to see
+            found = found or got
+        if self.redis is not None:
+            await self.redis.clear_distinct(user)
+        return found
+
+    async def suspensions(self) -> list[Suspension]:
+        out = {s.user: s for s in await self._io(self.local.suspensions)}
+        if self.pg is not None:
+            out.update({s.user: s for s in await self.pg.suspensions()})
+        return sorted(out.values(), key=lambda s: s.at)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.local.close()
+        if self.pg is not None:
+            await self.pg.close()
+        if self.redis is not None:
+            await self.redis.close()
+
+
+def make_state(cfg: Config) -> State:
+    """The stores for `cfg` (module docstring): always this node's SQLite file;
+    PostgreSQL for suspensions with `[auth] backend = "postgresql"`; Redis for the
+    counters with `[limits] shared`."""
+    pg = redis = None
+    if cfg.auth.backend == "postgresql":
+        from authrelay.auth.pgusers import PgUserStore
+
+        pg = PgUserStore(cfg.auth.dsn, pool_size=2, timeout=cfg.auth.backend_timeout)
+    if cfg.limits.shared:
+        from authrelay.policy.shared import SharedCounters
+
+        redis = SharedCounters(cfg.limits.shared)
+    return State(LocalStore(cfg.state_path / "containment.db"), pg=pg, redis=redis,
+                 window=cfg.limits.containment.window)

@@ -1,0 +1,206 @@
+"""A compromised account is contained: real authrelay processes, real sockets and TLS.
+
+Each threshold trips (messages, distinct recipients, refused by the next hop, distinct
+client networks); then MAIL gets 450 4.7.1, the user's queued mail is held (not sent, not
+deleted), the admin gets one notice through the queue and one maillog line; the
+suspension survives a restart; `authrelay user resume` with --delete-held or --release.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fakes.smtpserver import MXFactory  # noqa: E402
+from relayproc import PASSWORD, RelayProcess  # noqa: E402
+from smtpclient import RawClient, client_ctx, plain  # noqa: E402
+
+from authrelay.spool.format import split  # noqa: E402
+from authrelay.spool.store import Spool  # noqa: E402
+
+ADMIN = "admin@local.test"
+
+
+def relay(tmp_path: Path, **containment: object) -> RelayProcess:
+    return RelayProcess(tmp_path, {"limits": {"containment": {"notify": ADMIN,
+                                                              **containment}}})
+
+
+def send(port: int, rcpts: list[str], *, source: str | None = None,
+         user: str = "alice") -> list[int]:
+    """One message over implicit TLS: the reply codes of MAIL, each RCPT, and the end."""
+    with RawClient(port, tls=client_ctx(), source=source) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        assert c.cmd(f"AUTH PLAIN {plain(user, PASSWORD)}").code == 235
+        codes = [c.cmd("MAIL FROM:<alice@example.org>").code]
+        if codes[0] != 250:
+            return codes
+        codes += [c.cmd(f"RCPT TO:<{r}>").code for r in rcpts]
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+        codes.append(c.reply().code)
+        c.cmd("QUIT")
+        return codes
+
+
+def mail_reply(port: int) -> str:
+    with RawClient(port, tls=client_ctx()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+        r = c.cmd("MAIL FROM:<alice@example.org>")
+        return f"{r.code} {r.text}"
+
+
+def envelopes(r: RelayProcess, held: bool) -> list:
+    spool = Spool(r.state / "spool")
+    return [spool.load(q) for q in (spool.held() if held else spool.scan())]
+
+
+def notices(r: RelayProcess) -> list[bytes]:
+    out = []
+    spool = Spool(r.state / "spool")
+    for qid in spool.scan() + spool.held():
+        env = spool.load(qid)
+        if env.sender == "" and [x.address for x in env.recipients] == [ADMIN]:
+            path = next(p for p in (r.state / "spool" / "queue" / qid,
+                                    r.state / "spool" / "hold" / qid) if p.exists())
+            out.append(split(path.read_bytes())[1])
+    return out
+
+
+def suspended_lines(r: RelayProcess) -> list[str]:
+    return [ln for ln in r.maillog().splitlines() if "warning=user suspended" in ln]
+
+
+def test_messages_threshold_hold_notice_restart_delete(tmp_path: Path) -> None:
+    r = relay(tmp_path, messages=3).start()
+    try:
+        port = r.ports["submissions"]
+        for _ in range(3):
+            assert send(port, ["bob@example.net"]) == [250, 250, 250]
+        r.wait_for(lambda: suspended_lines(r))
+        line = suspended_lines(r)[0]
+        assert "sasl_username=alice, threshold=messages, count=3, limit=3, window=1h" in line
+        # Every message of alice is held: not sent, not deleted.
+        r.wait_for(lambda: len(envelopes(r, held=True)) == 3)
+        assert all(e.auth_user == "alice" for e in envelopes(r, held=True))
+        assert not [e for e in envelopes(r, held=False) if e.auth_user == "alice"]
+        # MAIL from now on: 450 4.7.1 (clients retry, nothing bounced).
+        for _ in range(3):
+            assert mail_reply(port).startswith("450 4.7.1 Sending suspended")
+        assert "reject=450 4.7.1 Sending suspended" in r.maillog()
+        # One notice, one maillog line, however often she retries.
+        r.wait_for(lambda: len(notices(r)) == 1)
+        body = notices(r)[0].decode()
+        assert "Subject: authrelay: user alice suspended (messages)" in body
+        assert "messages: 3 within 1h (limit 3)" in body and "held in the queue: 3" in body
+        assert len(suspended_lines(r)) == 1
+        listed = r.cli("user", "suspended").stdout
+        assert listed.startswith("alice\tsince ") and "messages=3 (limit 3)" in listed
+        # A restart remembers the suspension.
+        r.stop()
+        r.start()
+        assert mail_reply(port).startswith("450")
+        out = r.cli("user", "resume", "alice", "--delete-held").stdout
+        assert "alice resumed" in out and "3 held message(s) of alice deleted" in out
+        assert envelopes(r, held=True) == []
+        # Resumed, with the counts that tripped it forgotten: she sends again.
+        assert send(port, ["bob@example.net"]) == [250, 250, 250]
+        assert "was not suspended" in r.cli("user", "resume", "alice").stdout
+        assert len(notices(r)) == 1
+    finally:
+        r.stop()
+
+
+def test_distinct_recipients_then_release(tmp_path: Path) -> None:
+    r = relay(tmp_path, recipients=4).start()
+    try:
+        port = r.ports["submissions"]
+        # The same recipient again is not a new one.
+        assert send(port, ["a@example.net", "b@example.net"])[-1] == 250
+        assert send(port, ["A@example.net", "b@example.net", "c@example.net"])[-1] == 250
+        assert not suspended_lines(r)
+        assert send(port, ["d@example.net"])[-1] == 250
+        r.wait_for(lambda: suspended_lines(r))
+        assert "threshold=recipients, count=4, limit=4" in suspended_lines(r)[0]
+        r.wait_for(lambda: len(envelopes(r, held=True)) == 3)
+        out = r.cli("user", "resume", "alice", "--release").stdout
+        assert "3 held message(s) of alice released" in out
+        assert envelopes(r, held=True) == []
+        assert len([e for e in envelopes(r, held=False) if e.auth_user == "alice"]) == 3
+        assert mail_reply(port).startswith("250")
+    finally:
+        r.stop()
+
+
+def test_distinct_networks(tmp_path: Path) -> None:
+    r = relay(tmp_path, networks=3).start()
+    try:
+        port = r.ports["submissions"]
+        assert send(port, ["bob@example.net"], source="127.0.1.1")[-1] == 250
+        assert send(port, ["bob@example.net"], source="127.0.1.2")[-1] == 250  # same /24
+        assert send(port, ["bob@example.net"], source="127.0.2.1")[-1] == 250
+        assert not suspended_lines(r)
+        assert send(port, ["bob@example.net"], source="127.0.3.1")[-1] == 250
+        r.wait_for(lambda: suspended_lines(r))
+        assert "threshold=networks, count=3, limit=3" in suspended_lines(r)[0]
+        assert mail_reply(port).startswith("450")
+    finally:
+        r.stop()
+
+
+def test_refused_by_the_next_hop(tmp_path: Path, fake_mx: MXFactory) -> None:
+    mx = fake_mx("127.0.0.2", rcpt_replies={"nobody1@example.net": "550 5.1.1 no such user",
+                                            "nobody2@example.net": "550 5.1.1 no such user"})
+    r = RelayProcess(tmp_path, {
+        "relay": {"smart_host": [f"127.0.0.2:{mx.port}"]},
+        "limits": {"containment": {"notify": ADMIN, "refused": 2}}}).start()
+    try:
+        port = r.ports["submissions"]
+        assert send(port, ["nobody1@example.net", "ok@example.net"])[-1] == 250
+        r.wait_for(lambda: "nobody1@example.net>" in r.maillog() and
+                   "stat=Bounced" in r.maillog())
+        assert not suspended_lines(r)
+        assert send(port, ["nobody2@example.net"])[-1] == 250
+        r.wait_for(lambda: suspended_lines(r))
+        assert "threshold=refused, count=2, limit=2" in suspended_lines(r)[0]
+        assert mail_reply(port).startswith("450")
+        # The notice went out through the queue like any message (to the smart host).
+        r.wait_for(lambda: any(ADMIN in m.rcpt_tos for m in mx.messages))
+        notice = next(m for m in mx.messages if ADMIN in m.rcpt_tos)
+        assert notice.mail_from == "<>" and b"user alice suspended (refused)" in notice.content
+        assert re.search(rb"Auto-Submitted: auto-generated", notice.content)
+    finally:
+        r.stop()
+
+
+def test_exempt_and_off(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    r = RelayProcess(tmp_path / "a", {"limits": {"containment": {
+        "messages": 1, "exempt": ["alice"]}}}, users={"alice": PASSWORD, "bob": PASSWORD})
+    r.start()
+    try:
+        port = r.ports["submissions"]
+        for _ in range(2):
+            assert send(port, ["bob@example.net"])[-1] == 250
+        assert mail_reply(port).startswith("250")
+        assert not suspended_lines(r)
+        assert send(port, ["x@example.net"], user="bob")[-1] == 250  # bob is watched
+        r.wait_for(lambda: suspended_lines(r))
+        assert "sasl_username=bob" in suspended_lines(r)[0]
+    finally:
+        r.stop()
+    (tmp_path / "b").mkdir()
+    r = RelayProcess(tmp_path / "b", {"limits": {"containment": {
+        "messages": 1, "enabled": False}}}).start()
+    try:
+        for _ in range(2):
+            assert send(r.ports["submissions"], ["bob@example.net"])[-1] == 250
+        assert not suspended_lines(r) and not (r.state / "containment.db").exists()
+    finally:
+        r.stop()
