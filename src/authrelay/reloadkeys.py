@@ -40,6 +40,8 @@ RESTART_ONLY = frozenset({
     "auth.backend", "auth.dsn", "auth.pool_size", "auth.backend_timeout",
     "auth.cache_ttl", "auth.hash_threads",
     "limits.shared",
+    # Containment is built (or not) once per process (policy/suspender.py).
+    "limits.containment.enabled",
 })
 
 RELOADABLE = frozenset({
@@ -79,6 +81,11 @@ RELOADABLE = frozenset({
     "limits.connection_rate_max_delay", "limits.backlog_wait", "limits.stress_threshold",
     "limits.stress_command_timeout", "limits.limit_exceptions", "limits.ipv6_prefix_length",
     "limits.proxy_timeout", "limits.max_hops", "limits.queue_min_free",
+    # Read per event by the suspender (its reload): thresholds, window, notice, exempt.
+    "limits.containment.window", "limits.containment.messages",
+    "limits.containment.recipients", "limits.containment.refused",
+    "limits.containment.networks", "limits.containment.notify",
+    "limits.containment.exempt",
 })
 
 def key_paths(cls: type = Config, prefix: str = "") -> list[str]:
