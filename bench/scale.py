@@ -106,6 +106,7 @@ class Node:
         self.dir = base / name
         self.dir.mkdir(parents=True)
         self.port = free_port()
+        self.health_port = free_port()  # HAProxy checks GET /health on the metrics listener
         cfg: dict[str, Any] = {
             "hostname": f"{name}.bench.test", "state_dir": str(self.dir / "state"),
             "workers": 1,
@@ -119,6 +120,7 @@ class Node:
                        "connection_rate_per_ip": 10**9, "max_connections_per_ip": 1000,
                        "max_connections": 1000},
             "log": {"target": f"file:{self.dir / 'maillog'}"},
+            "metrics": {"address": f"127.0.0.1:{self.health_port}"},
         }
         if not proxy:
             del cfg["listen"][0]["proxy_protocol"]
@@ -209,7 +211,7 @@ def run_config(name: str, spec: dict[str, Any], base: Path, sink: int, pg: Postg
         port = nodes[0].port
         if spec["haproxy"]:
             port = free_port()
-            hap = HAProxy({"s": (port, [("127.0.0.1", n.port) for n in nodes])},
+            hap = HAProxy({"s": (port, [("127.0.0.1", n.port, n.health_port) for n in nodes])},
                           proxy="send-proxy-v2" if spec["proxy"] else "")
             hap.start()
         load(port, 20)  # warm-up: TLS session setup paths, argon2 cache, pools

@@ -186,19 +186,61 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class RedisSentinel:
+    """One Redis Sentinel (`redis-server --sentinel`, the same binary) monitoring
+    `master` under the service name SERVICE; quorum 1 (a test has one Sentinel)."""
+
+    SERVICE = "authrelay"
+
+    def __init__(self, master: RedisServer) -> None:
+        self.binary = need("redis-server", shutil.which("redis-server"))
+        self.master = master
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="authrelay-sentinel-"))
+        self.log = self.dir / "sentinel.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.SERVICE}/0"
+
+    def start(self) -> RedisSentinel:
+        conf = self.dir / "sentinel.conf"  # Sentinel rewrites its config: a file of its own
+        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                        f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master.port} 1\n"
+                        f"sentinel down-after-milliseconds {self.SERVICE} 1000\n")
+        logf = open(self.log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([self.binary, str(conf), "--sentinel"],
+                                     stdout=logf, stderr=subprocess.STDOUT)
+        logf.close()
+        _wait_port("127.0.0.1", self.port, self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        _terminate(self.proc)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- HAProxy
 
 class HAProxy:
     """HAProxy in TCP mode with `send-proxy-v2` in front of some backends.
 
     `frontends` maps a name to (listen port, [(host, port) of each node]). The balance is
-    `roundrobin` so consecutive connections alternate between nodes. Health checks are
-    plain TCP connects every 200 ms (3 failed: out, so a loaded machine does not flap a
-    node; a killed one leaves the rotation within a second). With an explicit check
-    `port` HAProxy sends them without a PROXY header, and the nodes close such a
-    connect-and-close silently (docs/SCALING.md)."""
+    `roundrobin` so consecutive connections alternate between nodes. Health checks every
+    200 ms (3 failed: out, so a loaded machine does not flap a node; a killed one leaves
+    the rotation within a second): `GET /health` on the node's metrics listener (200, or
+    503 when its PostgreSQL or Redis is down or it is stopping: docs/SCALING.md) for a
+    node given as (host, port, health port), else a plain TCP connect to the port. With an
+    explicit check `port` HAProxy sends them without a PROXY header, and the nodes close
+    such a connect-and-close silently."""
 
-    def __init__(self, frontends: dict[str, tuple[int, list[tuple[str, int]]]],
+    def __init__(self, frontends: dict[str, tuple[int, list[tuple[str, int]]]]
+                 | dict[str, tuple[int, list[tuple[str, int, int]]]],
                  proxy: str = "send-proxy-v2") -> None:
         self.binary = need("haproxy", shutil.which("haproxy"))
         self.frontends = frontends
@@ -225,8 +267,12 @@ class HAProxy:
             out += [f"frontend fe_{name}", f"    bind 127.0.0.1:{port}",
                     f"    default_backend be_{name}",
                     f"backend be_{name}", "    balance roundrobin"]
-            for i, (host, nport) in enumerate(nodes):
-                out.append(f"    server node{i} {host}:{nport} check port {nport} "
+            if any(len(n) == 3 for n in nodes):
+                out += ["    option httpchk GET /health", "    http-check expect status 200"]
+            for i, node in enumerate(nodes):
+                host, nport = node[0], node[1]
+                check = node[2] if len(node) == 3 else nport  # type: ignore[misc]
+                out.append(f"    server node{i} {host}:{nport} check port {check} "
                            f"inter 200ms fall 3 rise 1 {self.proxy}")
         return "\n".join(out) + "\n"
 
@@ -288,12 +334,16 @@ class Farm:
                 r.config_data["listen"] = [
                     {"address": f"127.0.0.1:{r.ports[m]}", "mode": m, "proxy_protocol": True}
                     for m in ("submission", "submissions")]
+                # HAProxy checks GET /health here (the dependency-aware health endpoint).
+                r.health_port = free_port()
+                r.config_data["metrics"] = {"address": f"127.0.0.1:{r.health_port}"}
                 del r.ports["smtp"]
                 r.config.write_text(to_toml(r.config_data))
                 self.nodes[name] = r
             self.ports = {"submission": free_port(), "submissions": free_port()}
             self.haproxy = HAProxy({
-                m: (self.ports[m], [("127.0.0.1", r.ports[m]) for r in self.nodes.values()])
+                m: (self.ports[m], [("127.0.0.1", r.ports[m], r.health_port)
+                                    for r in self.nodes.values()])
                 for m in ("submission", "submissions")})
             for r in self.nodes.values():
                 r.start()

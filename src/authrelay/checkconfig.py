@@ -295,17 +295,17 @@ def _check_scale(cfg: Config, out: list[Finding]) -> None:
                 out.append(Finding("warning", "auth.dsn", f"{redact_dsn(cfg.auth.dsn)}: {e} "
                                    "(until it answers, AUTH gets 454 4.7.0)"))
     if cfg.limits.shared:
+        from authrelay.policy import shared
+
         try:
-            import redis.asyncio as aioredis
-        except ImportError:
-            out.append(Finding("error", "limits.shared", "needs redis-py: "
-                               "pip install 'authrelay[redis]'"))
+            shared.driver()
+        except RuntimeError as e:
+            out.append(Finding("error", "limits.shared", str(e)))
             return
-        from authrelay.policy.shared import redact_url
+        redact_url = shared.redact_url
 
         async def ping() -> None:
-            r = aioredis.Redis.from_url(cfg.limits.shared, socket_timeout=2,
-                                        socket_connect_timeout=2)
+            r = shared.client(cfg.limits.shared, timeout=2, max_connections=1)
             try:
                 await r.ping()
             finally:

@@ -23,6 +23,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 ENV_VAR = "AUTHRELAY_CONFIG"
 LOCAL_FILE = "authrelay.toml"
@@ -103,6 +104,45 @@ def parse_hostport(value: str, key: str, default_port: int | None = None) -> tup
     if not 0 <= p <= 65535:
         raise ConfigError(f"{key}: port {p} out of range")
     return host, p
+
+
+SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+
+
+def parse_sentinel(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, Any]]:
+    """`redis+sentinel://[:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB]`
+    (`?sentinel_password=...` when the Sentinels have their own; `rediss+` for TLS to the
+    master): (sentinels, service name, db, connection options). ValueError if malformed."""
+    scheme, _, rest = url.partition("://")
+    netloc, _, path = rest.partition("/")
+    path, _, query = path.partition("?")
+    cred, at, hosts = netloc.rpartition("@")
+    if not at:
+        cred, hosts = "", netloc
+    sentinels = []
+    for h in hosts.split(","):
+        m = urlsplit(f"//{h}")
+        if not m.hostname:
+            raise ValueError(f"no Sentinel host in {h!r}")
+        sentinels.append((m.hostname, m.port or 26379))
+    parts = [p for p in path.split("/") if p]
+    if not parts or len(parts) > 2:
+        raise ValueError("expected /SERVICE or /SERVICE/DB after the Sentinel hosts")
+    db = int(parts[1]) if len(parts) == 2 else 0
+    opts: dict[str, Any] = {}
+    user, _, password = cred.partition(":")
+    if password:
+        opts["password"] = unquote(password)
+    if user:
+        opts["username"] = unquote(user)
+    for k, v in parse_qsl(query):
+        if k != "sentinel_password":
+            raise ValueError(f"unknown option {k!r}")
+        opts["sentinel_password"] = v
+    if scheme.startswith("rediss"):
+        opts["ssl"] = True
+    return sentinels, parts[0], db, opts
+
 
 
 # --------------------------------------------------------------------------- sections
@@ -615,10 +655,17 @@ def _validate(cfg: Config) -> None:
         if ln.proxy_protocol and not cfg.relay.proxy_trusted:
             raise ConfigError(f"listen[{i}].proxy_protocol: needs relay.proxy_trusted "
                               "(the load balancers' addresses)")
-    if cfg.limits.shared and not cfg.limits.shared.startswith(("redis://", "rediss://",
-                                                                "unix://")):
+    if cfg.limits.shared.startswith(SENTINEL_SCHEMES):
+        try:
+            parse_sentinel(cfg.limits.shared)
+        except ValueError as e:
+            raise ConfigError(f"limits.shared: {e} (redis+sentinel://[:PASSWORD@]HOST:PORT"
+                              "[,HOST:PORT...]/SERVICE[/DB])") from None
+    elif cfg.limits.shared and not cfg.limits.shared.startswith(("redis://", "rediss://",
+                                                                  "unix://")):
         raise ConfigError("limits.shared: expected a Redis URL like "
-                          "\"redis://host:6379/0\" (rediss:// for TLS, unix:///path)")
+                          "\"redis://host:6379/0\" (rediss:// for TLS, unix:///path, "
+                          "redis+sentinel://HOST:26379/SERVICE for Sentinel)")
     if cfg.limits.pool_reserve_percent > 100:
         raise ConfigError("limits.pool_reserve_percent: at most 100")
     if not 16 <= cfg.limits.ipv6_prefix_length <= 128:

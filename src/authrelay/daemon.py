@@ -270,6 +270,7 @@ class _Run:
     channel: socket.socket | None = None  # worker: its end of the master's socketpair
     workers: dict[int, Any] = field(default_factory=dict)  # master: pid -> _Worker
     master_sockets: list[socket.socket] = field(default_factory=list)  # closed on stop
+    stopping: bool = False  # SIGTERM seen: a worker that exits now is not replaced
 
 
 # Keys given on the serve command line (--workers, --log-format): the file's value is not
@@ -315,6 +316,7 @@ async def _serve_loop(run: _Run) -> int:
     scheduler = None
     reporter = None
     local = None
+    probe = None
     if deliver:
         # Scheduler.start() runs spool.recover() itself
         scheduler = wiring.scheduler(cfg, spool, wiring.courier(cfg, run.read_password,
@@ -327,9 +329,11 @@ async def _serve_loop(run: _Run) -> int:
         if reporter is not None:
             reporter.start()
         local = await _start_local_submission(cfg, ml)
+        probe = wiring.dependency_probe(cfg)
+        await probe.start()
         if metrics is not None:
             with contextlib.suppress(Exception):
-                metrics.start(scheduler=scheduler, spool=spool)
+                metrics.start(scheduler=scheduler, spool=spool, health=probe)
     if receiver is not None and certs is not None:
         await receiver.start(spool, certs, metrics)
 
@@ -429,6 +433,9 @@ async def _serve_loop(run: _Run) -> int:
     for pid in list(run.workers):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+    run.stopping = True
+    if probe is not None:
+        probe.stopping = True  # /health: 503 "stopping", the load balancer drains us
     ml.daemon("stopping", pid=os.getpid())
     sdnotify.stopping()
     hup_task.cancel()
@@ -440,6 +447,14 @@ async def _serve_loop(run: _Run) -> int:
         await reporter.stop()
     if scheduler is not None:
         await scheduler.stop()
+    if run.workers:
+        # `stopped` means stopped: the workers finish their sessions first (each up to
+        # shutdown_timeout; the master kills what is left after 10 s more).
+        deadline = time.monotonic() + run.cfg.shutdown_timeout + 10
+        while run.workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    if probe is not None:
+        await probe.stop()
     if metrics is not None:
         with contextlib.suppress(Exception):
             metrics.stop()
@@ -660,7 +675,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
             if w is None:
                 continue
             w.channel.close()
-            if stopping:
+            if stopping or run.stopping:
                 continue
             # As Postfix's master throttles a service whose children keep dying at once:
             # a worker that dies within 10 s of its start makes the next start wait, 1 s,
@@ -673,7 +688,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
             asyncio.get_running_loop().call_later(delay, respawn, w.index)
 
     def respawn(i: int) -> None:
-        if not stopping:
+        if not (stopping or run.stopping):
             spawn(i)
 
     _use_uvloop()

@@ -23,12 +23,16 @@ import ipaddress
 import logging
 import os
 import shutil
+import socket
 import stat
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from authrelay.config import Config, parse_hostport
 
@@ -170,13 +174,14 @@ class Metrics:
             self._tls.labels(result, tls, policy).inc()
 
     # ------------------------------------------------------------------ endpoint
-    def start(self, scheduler: Any = None, spool: Any = None) -> None:
-        """Serve /metrics on cfg.metrics.address (the delivering process only)."""
+    def start(self, scheduler: Any = None, spool: Any = None, health: Any = None) -> None:
+        """Serve /metrics (and /health, answered by `health`, a health.DependencyProbe)
+        on cfg.metrics.address (the delivering process only)."""
         if scheduler is not None:
             scheduler.metrics = self  # delivery hooks (scheduler.py calls them if set)
         if not self.cfg.metrics.address:
             return
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry, make_wsgi_app
         from prometheus_client.multiprocess import MultiProcessCollector
 
         host, port = parse_hostport(self.cfg.metrics.address, "metrics.address")
@@ -189,10 +194,19 @@ class Metrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=os.environ[ENV])
         registry.register(_QueueCollector(scheduler, spool))
+        if health is not None:
+            registry.register(_DependencyCollector(health))
+        app = _with_health(make_wsgi_app(registry), health)
+        server_class = _Server6 if ":" in host else _Server
         try:
-            self._server, self._thread = start_http_server(port, host, registry=registry)
+            self._server = make_server(host, port, app, server_class=server_class,
+                                       handler_class=_QuietHandler)
         except OSError as e:
             log.error("metrics: cannot listen on %s: %s", self.cfg.metrics.address, e)
+            return
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name="metrics")
+        self._thread.start()
 
     def stop(self) -> None:
         if self._server is not None:
@@ -202,6 +216,55 @@ class Metrics:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # a scrape every few seconds is not news
+
+
+def _with_health(metrics_app: Any, health: Any) -> Any:
+    """GET /health[?require=postgresql,redis]: 200 `ok`, or 503 naming each failing
+    required dependency (health.py); any other path: prometheus-client's exposition."""
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO", "") in ("/health", "/health/"):
+            query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+            require = None
+            if "require" in query:
+                require = {d for v in query["require"] for d in v.split(",") if d}
+            status, body = health.health(require) if health is not None else (200, "ok\n")
+            start_response(f"{status} {'OK' if status == 200 else 'Service Unavailable'}",
+                           [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Cache-Control", "no-store")])
+            return [body.encode()]
+        return metrics_app(environ, start_response)
+    return app
+
+
+class _DependencyCollector:
+    """authrelay_dependency_up{dependency}: 1 when its last probe answered (health.py)."""
+
+    def __init__(self, health: Any) -> None:
+        self.health = health
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        g = GaugeMetricFamily(f"{PREFIX}_dependency_up", "1 when the dependency (postgresql: "
+                              "[auth] dsn, redis: [limits] shared) answered its last probe "
+                              "(every 2 s), else 0", labels=("dependency",))
+        for name, (up, _why) in self.health.state().items():
+            g.add_metric([name], 1 if up else 0)
+        yield g
 
 
 class _QueueCollector:

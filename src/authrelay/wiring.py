@@ -33,6 +33,7 @@ from authrelay.delivery.client import Courier
 from authrelay.delivery.tlsrpt import Reporter as TlsReporter
 from authrelay.dkim.signer import Signer
 from authrelay.dns import Resolver
+from authrelay.health import DependencyProbe
 from authrelay.localsubmit import LocalSubmission
 from authrelay.metrics import Metrics
 from authrelay.policy import shared as shared_mod
@@ -49,10 +50,10 @@ from authrelay.tls import CertStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Listener", "authenticator", "containment", "courier", "host_checks",
-           "known_addresses",
-           "local_submission", "metrics", "preload", "scheduler", "server",
-           "shared_counters", "signer", "spool", "submitter", "throttle", "tls_reporter"]
+__all__ = ["Listener", "authenticator", "containment", "courier", "dependency_probe",
+           "host_checks", "known_addresses", "local_submission", "metrics", "preload",
+           "scheduler", "server", "shared_counters", "signer", "spool", "submitter",
+           "throttle", "tls_reporter"]
 
 
 # Modules the standard library imports on first use (the IDNA codec, multiprocessing's
@@ -207,3 +208,9 @@ def local_submission(cfg: Config, maillog: maillog_mod.MailLog | None = None
     `authrelay sendmail`, with its own spool handle and submitter (localsubmit.py)."""
     ml = maillog or maillog_mod.get()
     return LocalSubmission(cfg, submitter(cfg, spool(cfg), ml), ml)
+
+
+def dependency_probe(cfg: Config) -> DependencyProbe:
+    """PostgreSQL and Redis as this node sees them: /health and the dependency_up gauges
+    on the metrics listener (health.py); probes nothing when neither is configured."""
+    return DependencyProbe(cfg)

@@ -354,3 +354,36 @@ async def test_cached_login_survives_a_pool_in_a_bad_state(pg: PostgresServer) -
         await real.close()
     finally:
         auth.close()
+
+
+def test_read_only_role_lists_users(tmp_path: Path, pg: PostgresServer) -> None:
+    """The read-only role of docs/SCALING.md: `authrelay user list` reads the schema's
+    format and lists (it used to try to create the schema and fail)."""
+    (tmp_path / "owner").mkdir()
+    owner = pg_relay(tmp_path / "owner", pg, users={})
+    owner.cli("user", "add", "alice", "--password-stdin", input=PASSWORD + "\n")
+
+    async def role() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(pg.dsn)
+        try:
+            await conn.execute("DROP ROLE IF EXISTS authrelay_server")
+            await conn.execute("CREATE ROLE authrelay_server LOGIN PASSWORD 'ro-pw'")
+            await conn.execute("GRANT USAGE ON SCHEMA authrelay TO authrelay_server")
+            await conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA authrelay "
+                               "TO authrelay_server")
+        finally:
+            await conn.close()
+
+    asyncio.run(role())
+    ro_dsn = pg.dsn.replace(f"{pg.USER}:{pg.PASSWORD}@", "authrelay_server:ro-pw@")
+    (tmp_path / "ro").mkdir()
+    ro = RelayProcess(tmp_path / "ro", {"auth": {"backend": "postgresql", "dsn": ro_dsn}},
+                      users={})
+    out = ro.cli("user", "list", check=False)
+    assert out.returncode == 0, out.stderr
+    assert "alice" in out.stdout
+    # Writing is refused by the database, one line, no traceback.
+    out = ro.cli("user", "add", "bob", "--password-stdin", input="pw-pw-pw-pw\n", check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr

@@ -230,6 +230,24 @@ class PgUserStore:
 
     # ------------------------------------------------------------------ schema
     async def ensure_schema(self) -> None:
+        """Create (or upgrade) the schema unless it is already the current format: a
+        read-only role (docs/SCALING.md) reads the format and changes nothing."""
+        apg = driver()
+
+        async def current(conn: Any) -> int | None:
+            try:
+                return await conn.fetchval(
+                    "SELECT value FROM authrelay.meta WHERE key = 'schema_version'")
+            except (apg.UndefinedTableError, apg.InvalidSchemaNameError):
+                return None
+
+        version = await self._run(current)
+        if version == SCHEMA_VERSION:
+            return
+        if version is not None and version > SCHEMA_VERSION:
+            raise UserDBError(f"user database format {version} is newer than this "
+                              f"authrelay understands ({SCHEMA_VERSION})")
+
         async def fn(conn: Any) -> None:
             async with conn.transaction():
                 await conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")

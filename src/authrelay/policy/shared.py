@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from authrelay import maillog, replies
-from authrelay.config import Config
+from authrelay.config import SENTINEL_SCHEMES, Config, parse_sentinel
 from authrelay.policy.throttle import Admission, Pool, Throttle, _locked, source_net
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,10 @@ CONTAINMENT_KINDS = ("messages", "recipients", "refused", "networks")
 
 def redact_url(url: str) -> str:
     """redis://host:port/db without credentials (for the maillog)."""
+    if url.startswith(SENTINEL_SCHEMES):
+        scheme, _, rest = url.partition("://")
+        hosts = rest.partition("/")[0].rpartition("@")[2]
+        return f"{scheme}://{hosts}/{rest.partition('/')[2].partition('?')[0]}"
     try:
         u = urlsplit(url)
         host = u.hostname or ""
@@ -132,6 +136,35 @@ def driver() -> Any:
     return aioredis
 
 
+def client(url: str, *, timeout: float = TIMEOUT, max_connections: int = MAX_CONNECTIONS
+           ) -> Any:
+    """A redis.asyncio client for `[limits] shared`: redis:// rediss:// unix:// through a
+    blocking pool, or redis+sentinel:// through redis-py's Sentinel support (the master is
+    asked of the Sentinels at connect time, so after a fail-over new connections go to the
+    new master). No client-side retries: a failed call falls back to local counting at
+    once, and the probe decides when Redis is back. A blocking pool: a burst beyond
+    MAX_CONNECTIONS waits its turn (within the call's timeout) instead of failing."""
+    aioredis = driver()
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                              "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
+    if url.startswith(SENTINEL_SCHEMES):
+        from redis.asyncio.sentinel import Sentinel
+
+        sentinels, service, db, opts = parse_sentinel(url)
+        spw = opts.pop("sentinel_password", None)
+        sentinel = Sentinel(sentinels, sentinel_kwargs={
+            "socket_timeout": timeout, "socket_connect_timeout": timeout,
+            **({"password": spw} if spw else {})})
+        return sentinel.master_for(service, db=db, max_connections=max_connections,
+                                   **common, **opts)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout, **common)
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() ends it
+
+
 class SharedCounters:
     """The Redis side of a RedisThrottle. `up` tells whether counting is shared now."""
 
@@ -153,18 +186,7 @@ class SharedCounters:
     def _redis(self) -> Any:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            aioredis = driver()
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-
-            # No client-side retries: a failed call falls back to local counting at once,
-            # and the probe decides when Redis is back. A blocking pool: a burst beyond
-            # MAX_CONNECTIONS waits its turn (within the call's timeout) instead of failing.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url, max_connections=MAX_CONNECTIONS, timeout=self.timeout,
-                socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-                retry=Retry(NoBackoff(), 0), health_check_interval=0)
-            self._client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() ends it
+            self._client = client(self.url, timeout=self.timeout)
             self._script = self._client.register_script(_WINDOWS_LUA)
             self._distinct = self._client.register_script(_DISTINCT_LUA)
             self._loop = loop
