@@ -52,7 +52,8 @@ RELOADABLE = frozenset({
     "auth.max_failures_per_ip", "auth.max_failures_per_user", "auth.failure_delay",
     "auth.known_address_days", "auth.app_passwords",
     "checks.require_reverse_dns", "checks.dnsbl",
-    "dkim.domains", "dkim.headers", "dkim.oversign",
+    "dkim.domains", "dkim.headers", "dkim.oversign", "dkim.sign_unowned",
+    "auth.from_header_policy", "limits.pool_eviction", "limits.max_pending_per_ip",
     # [relay] and [delivery]: a new courier (daemon.apply); [limits]: read per session,
     # by the throttle"s and the acceptors" reload.
     "relay.local_domains", "relay.trusted_networks", "relay.smart_host",
