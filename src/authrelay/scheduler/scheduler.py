@@ -48,6 +48,7 @@ from authrelay.config import Config
 from authrelay.delivery.router import route_key
 from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, should_notify
+from authrelay.scheduler.inflight import InflightJournal
 from authrelay.spool.envelope import FAILED, SENT, Envelope, Recipient
 from authrelay.spool.store import CorruptError, Spool, SpoolError, commit_pool, is_queue_id
 from authrelay.spool.submit import Submitter
@@ -131,6 +132,7 @@ class Scheduler:
         self._stopping = False
         self.metrics: Any = None  # authrelay.metrics.Metrics, set by Metrics.start()
         self.submitter = submitter  # bounces go in here (wiring.scheduler)
+        self.inflight = InflightJournal(spool.root)  # what a crash may have delivered twice
         # policy/suspender.Suspender (containment), set by wiring: a suspended user's
         # mail is held instead of sent; 5xx from the next hops count against its sender.
         self.containment: Any = None
@@ -145,6 +147,7 @@ class Scheduler:
         self._lock_fd = await self._take_lock()
         await self._io(self.spool.recover)
         self._log_quarantined()
+        await self._warn_in_flight(await self._io(self.inflight.leftovers))
         if self.spool.on_commit is None:
             self.spool.on_commit = self.notify
             self._hooked = True
@@ -159,6 +162,22 @@ class Scheduler:
             self._schedule(qid, now)
         self._main = asyncio.create_task(self._run(), name="scheduler")
         self._rescan = asyncio.create_task(self._rescan_loop(), name="scheduler-rescan")
+
+    async def _warn_in_flight(self, leftovers: list[tuple[str, list[str]]]) -> None:
+        """After a crash: the recipients a delivery attempt had under way, still pending,
+        are tried again; the next hop may already have them (at least once)."""
+        for qid, rcpts in leftovers:
+            try:
+                env = await self._io(self.spool.load, qid)
+            except (OSError, SpoolError):
+                continue  # gone (delivered and removed) or quarantined
+            pending = {r.address for r in env.pending}
+            for rcpt in rcpts:
+                if rcpt in pending:
+                    self.maillog.warning(
+                        f"delivery to <{rcpt}> was in progress when authrelay stopped: it "
+                        "may have been delivered before the crash (it is tried again; the "
+                        "recipient may get it twice)", queue_id=qid)
 
     async def _take_lock(self) -> int:
         # The CLI holds the lock for a moment during offline edits: wait a little for it.
@@ -218,6 +237,7 @@ class Scheduler:
         if self._hooked:
             self.spool.on_commit = None
             self._hooked = False
+        self.inflight.close()
         if self._lock_fd is not None:
             control.release_scheduler_lock(self._lock_fd)
             self._lock_fd = None
@@ -482,6 +502,7 @@ class Scheduler:
         assert act.env is not None and act.path is not None
         completed = False
         try:
+            token = self.inflight.begin(act.qid, [r.address for r in job.rcpts])
             try:
                 t0 = time.monotonic()
                 results = await self.courier.deliver(act.env, job.rcpts, act.path, act.offset)
@@ -495,6 +516,7 @@ class Scheduler:
                 results = {}
             async with act.lock:
                 await self._apply(act, job, results)
+            self.inflight.end(token)  # the outcome is on disk
             completed = True
         finally:
             self._running -= 1

@@ -1,0 +1,131 @@
+"""The in-flight journal: which recipients were being delivered when the process died.
+
+Owns `spool_dir/inflight.log`. Delivery is at least once (as in every MTA): a process
+killed after the next hop took a message but before the outcome was saved delivers it
+again after the restart. This journal makes that window visible: the scheduler calls
+`begin(qid, rcpts)` just before a delivery attempt and `end(token)` once the outcome is
+saved (the state file fsynced); a clean stop ends what it waited for and leaves the rest
+(a delivery cancelled at the shutdown timeout is in the same window). At the next start
+`leftovers()` returns every attempt begun and not ended, and the scheduler logs its
+recipients that are still pending: `warning=delivery to <rcpt> was in progress when
+authrelay stopped: it may have been delivered before the crash`.
+
+Contract: one JSON object per line, `{"b": N, "q": QID, "r": [rcpts]}` and `{"e": N}`,
+appended with one write(2) each on an O_APPEND descriptor, never fsynced: the lines
+survive the death of the process (kill -9, the OOM killer: they are in the page cache),
+which is the case at hand; a power loss may lose the last ones, and then there is no
+warning (mail is never lost either way: the state file decides what is pending). Cost:
+two small writes per delivery attempt (measured in docs/PERFORMANCE.md: a few
+microseconds each, nothing next to the attempt's own fsync of the state). When the file
+passes COMPACT_AT bytes it is rewritten with only the live entries and renamed over.
+Failure policy: the journal is advice; an I/O error disables it with one warning (never a
+failed delivery).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "inflight.log"
+COMPACT_AT = 1024 * 1024
+
+
+class InflightJournal:
+    def __init__(self, spool_root: Path) -> None:
+        self.path = spool_root / JOURNAL
+        self._fd: int | None = None
+        self._live: dict[int, tuple[str, list[str]]] = {}
+        self._next = 1
+        self._size = 0
+        self._broken = False
+
+    # ------------------------------------------------------------------ start
+    def leftovers(self) -> list[tuple[str, list[str]]]:
+        """(queue id, recipients) of every attempt the previous run began and did not
+        end; then the journal starts empty for this run."""
+        begun: dict[int, tuple[str, list[str]]] = {}
+        try:
+            with open(self.path, "rb") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                        if "b" in rec:
+                            begun[int(rec["b"])] = (str(rec["q"]), [str(r) for r in rec["r"]])
+                        elif "e" in rec:
+                            begun.pop(int(rec["e"]), None)
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn last line: the process died while writing it
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot read %s: %s", self.path, e)
+        self._open(truncate=True)
+        return list(begun.values())
+
+    def _open(self, truncate: bool) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        if truncate:
+            flags |= os.O_TRUNC
+        try:
+            self._fd = os.open(self.path, flags, 0o600)
+            self._size = os.fstat(self._fd).st_size
+        except OSError as e:
+            self._disable(e)
+
+    def _disable(self, e: OSError) -> None:
+        if not self._broken:
+            self._broken = True
+            log.warning("in-flight journal %s disabled: %s", self.path, e)
+        self.close()
+
+    # ------------------------------------------------------------------ attempts
+    def begin(self, qid: str, rcpts: list[str]) -> int:
+        token = self._next
+        self._next += 1
+        self._live[token] = (qid, rcpts)
+        self._write({"b": token, "q": qid, "r": rcpts})
+        return token
+
+    def end(self, token: int) -> None:
+        if self._live.pop(token, None) is not None:
+            self._write({"e": token})
+            if self._size > COMPACT_AT:
+                self._compact()
+
+    def _write(self, rec: dict[str, object]) -> None:
+        if self._fd is None:
+            return
+        data = json.dumps(rec, separators=(",", ":")).encode() + b"\n"
+        try:
+            os.write(self._fd, data)
+            self._size += len(data)
+        except OSError as e:
+            self._disable(e)
+
+    def _compact(self) -> None:
+        """Only the live attempts, in a new file renamed over the old one."""
+        tmp = self.path.with_name(JOURNAL + ".new")
+        try:
+            with open(tmp, "wb") as f:
+                for token, (qid, rcpts) in self._live.items():
+                    f.write(json.dumps({"b": token, "q": qid, "r": rcpts},
+                                       separators=(",", ":")).encode() + b"\n")
+            os.replace(tmp, self.path)
+        except OSError as e:
+            self._disable(e)
+            return
+        if self._fd is not None:
+            os.close(self._fd)
+        self._open(truncate=False)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None

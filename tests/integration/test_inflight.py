@@ -1,0 +1,59 @@
+"""kill -9 during a delivery: after the restart the maillog names every recipient that was
+in flight (`warning=delivery to <rcpt> was in progress when authrelay stopped: it may have
+been delivered before the crash`), the message is delivered again (at least once), and a
+clean stop leaves no such warning."""
+
+from __future__ import annotations
+
+import json
+
+from relayproc import PASSWORD, RelayProcess
+from smtpclient import RawClient, client_ctx, plain
+
+WARNING = "may have been delivered before the crash"
+
+
+def _submit(r: RelayProcess, rcpts: list[str]) -> None:
+    with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
+        assert c.reply().code == 220
+        c.cmd("EHLO t")
+        assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+        assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
+        for rc in rcpts:
+            assert c.cmd(f"RCPT TO:<{rc}>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: in flight\r\n\r\nx\r\n.\r\n")
+        assert c.reply().code == 250
+
+
+def _journal_begun(r: RelayProcess) -> list[dict]:
+    path = r.state / "spool" / "inflight.log"
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if '"b"' in ln]
+
+
+def test_kill_during_delivery_names_the_recipients(relay_factory, fake_mx) -> None:
+    smart = fake_mx("127.0.0.2", data_delay=3.0)  # the final dot answered after 3 s
+    r = relay_factory(overrides={"relay": {"smart_host": [smart.address],
+                                           "smart_host_tls": "none"},
+                                 "delivery": {"retry": ["1s"]}})
+    _submit(r, ["bob@remote.example", "carol@remote.example"])
+    r.wait_for(lambda: _journal_begun(r) != [], timeout=20)  # the attempt is under way
+    [begun] = _journal_begun(r)
+    assert sorted(begun["r"]) == ["bob@remote.example", "carol@remote.example"]
+    r.kill()  # SIGKILL while the smart host holds the final reply
+    r.start()
+    r.wait_for(lambda: r.maillog().count(WARNING) == 2, timeout=20)
+    lines = [ln for ln in r.maillog().splitlines() if WARNING in ln]
+    assert all(ln.startswith(begun["q"]) or f" {begun['q']}: " in ln for ln in lines), lines
+    assert {"<bob@remote.example>", "<carol@remote.example>"} <= {
+        w for ln in lines for w in ln.split() if w.startswith("<")}
+    # Delivered again after the restart (at least once), then gone from the queue.
+    r.wait_for(lambda: r.queued() == [], timeout=30)
+    assert len(smart.messages) >= 1
+    # A clean stop and start: nothing was in flight, nothing is said.
+    r.stop()
+    r.start()
+    r.wait_for(lambda: r.maillog().count("daemon=started") >= 3)
+    assert r.maillog().count(WARNING) == 2
