@@ -112,8 +112,9 @@ class Suspender:
     async def _count(self, user: str, items: list[tuple[str, str]]) -> None:
         if not items:
             return
+        limits = {k: getattr(self.ccfg, k) for k in containment.KINDS if getattr(self.ccfg, k)}
         try:
-            counts = await self.state.record(user, items)
+            counts = await self.state.record(user, items, limits)
         except Exception:
             log.exception("containment: cannot count")
             return

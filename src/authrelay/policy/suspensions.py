@@ -44,7 +44,8 @@ from typing import Any
 from authrelay.config import Config
 from authrelay.policy.containment import KINDS, Counts
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: events_by_user_time (counting bounded by the thresholds)
+PRUNE_EVERY = 1000  # records per process between prunes of everyone's expired events
 CACHE_TTL = 2.0  # seconds a PostgreSQL answer to "is this user suspended?" is reused
 CACHE_MAX = 10000
 
@@ -57,6 +58,7 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (user, kind, value)
 );
 CREATE INDEX IF NOT EXISTS events_by_time ON events (at);
+CREATE INDEX IF NOT EXISTS events_by_user_time ON events (user, kind, at);
 CREATE TABLE IF NOT EXISTS suspensions (
     user   TEXT PRIMARY KEY,
     at     INTEGER NOT NULL,          -- unix time
@@ -83,6 +85,7 @@ class LocalStore:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._all: list[sqlite3.Connection] = []  # the file is made at first use
+        self._records = 0
 
     def _db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -130,23 +133,35 @@ class LocalStore:
 
     # ------------------------------------------------------------------ counters
     def record(self, user: str, items: Iterable[tuple[str, str]], window: float,
-               now: float | None = None) -> Counts:
-        """Add (kind, value) events for `user` and return its counts within `window`."""
+               now: float | None = None, limits: dict[str, int] | None = None) -> Counts:
+        """Add (kind, value) events for `user` and return its counts within `window`.
+        `limits` (kind -> threshold; the kinds to count, default all): a count stops at
+        its threshold (what is past it changes no decision), so the cost is bounded by
+        the thresholds, not the traffic."""
         now = time.time() if now is None else now
+        items = list(items)
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany("INSERT INTO events (user, kind, value, at) VALUES (?, ?, ?, ?) "
                            "ON CONFLICT (user, kind, value) DO UPDATE SET at = excluded.at",
                            [(user, k, v, now) for k, v in items])
-            db.execute("DELETE FROM events WHERE user = ? AND at <= ?", (user, now - window))
-            rows = db.execute("SELECT kind, count(*) FROM events WHERE user = ? "
-                              "GROUP BY kind", (user,)).fetchall()
+            got = {}
+            kinds = set(KINDS) if limits is None else set(limits) | {k for k, _ in items}
+            for kind in kinds:
+                db.execute("DELETE FROM events WHERE user = ? AND kind = ? AND at <= ?",
+                           (user, kind, now - window))
+                cap = (limits or {}).get(kind) or -1  # -1: no LIMIT
+                got[kind] = db.execute(
+                    "SELECT count(*) FROM (SELECT 1 FROM events WHERE user = ? AND kind = ?"
+                    " AND at > ? LIMIT ?)", (user, kind, now - window, cap)).fetchone()[0]
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        got = dict(rows)
+        self._records += 1
+        if self._records % PRUNE_EVERY == 0:  # users who stopped sending: their old rows
+            self.prune(window, now)
         return Counts(**{k: int(got.get(k, 0)) for k in KINDS})
 
     def prune(self, window: float, now: float | None = None) -> int:
@@ -199,12 +214,13 @@ class State:
     async def _io(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def record(self, user: str, items: list[tuple[str, str]]) -> Counts:
+    async def record(self, user: str, items: list[tuple[str, str]],
+                     limits: dict[str, int] | None = None) -> Counts:
         if self.redis is not None:
             got = await self.redis.distinct(user, items, self.window)
             if got is not None:
                 return Counts(**{k: int(got.get(k, 0)) for k in KINDS})
-        return await self._io(self.local.record, user, items, self.window)
+        return await self._io(self.local.record, user, items, self.window, None, limits)
 
     async def suspended(self, user: str) -> bool:
         if self.local.suspension(user) is not None:  # one indexed read (WAL: no wait)

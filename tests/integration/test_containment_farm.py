@@ -1,0 +1,81 @@
+"""Containment across a farm (tests/scalerig.py): two nodes behind HAProxy, users and
+suspensions in PostgreSQL, counters in Redis. A user's messages through both nodes count
+against one threshold; the suspension made by one node is refused by both, survives a
+node's restart, makes one notice only; `user resume` on either node lifts it for both.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scalerig import Farm  # noqa: E402
+from test_scale import Conn, add_user, through_both  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+
+THRESHOLD = 4
+ADMIN = "secops@example.org"
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
+    f = Farm(tmp_path_factory.mktemp("cfarm"),
+             limits={"connection_rate_per_ip": 1000, "max_connections_per_ip": 100,
+                     "containment": {"messages": THRESHOLD, "notify": ADMIN}})
+    try:
+        yield f
+    finally:
+        f.cleanup()
+
+
+def suspended_lines(farm: Farm) -> list[str]:
+    return [ln for r in farm.nodes.values() for ln in r.maillog().splitlines()
+            if "warning=user suspended" in ln]
+
+
+def mail(c: Conn) -> str:
+    assert c.auth("mallory", "m-pw").startswith("235")
+    r = c.c.cmd("MAIL FROM:<mallory@example.org>")
+    c.c.cmd("RSET")
+    return f"{r.code} {r.text}"
+
+
+def test_one_threshold_for_the_farm_one_suspension_for_both_nodes(farm: Farm) -> None:
+    add_user(farm, "mallory", "m-pw", node="a")
+
+    def send(c: Conn) -> str:
+        assert c.auth("mallory", "m-pw").startswith("235")
+        return c.send("mallory@example.org", "victim@example.net", "buy now")
+
+    # Spread over both nodes: THRESHOLD messages in all trip it (Redis counts for both).
+    sent = through_both(farm, send, "127.0.0.71", n=THRESHOLD)
+    assert all(r.startswith("250") for _, r in sent), sent
+    farm.a.wait_for(lambda: suspended_lines(farm), timeout=15)
+    lines = suspended_lines(farm)
+    assert len(lines) == 1
+    assert f"threshold=messages, count={THRESHOLD}, limit={THRESHOLD}" in lines[0]
+    # Both nodes refuse her now (the suspension is in PostgreSQL).
+    refused = through_both(farm, mail, "127.0.0.72", n=4)
+    assert all(r.startswith("450 4.7.1") for _, r in refused), refused
+    # One notice, delivered through the smart host, whichever node made it.
+    farm.a.wait_for(lambda: any(ADMIN in m.rcpt_tos for m in farm.mx.messages))
+    assert sum(ADMIN in m.rcpt_tos for m in farm.mx.messages) == 1
+    assert farm.b.cli("user", "suspended").stdout.startswith("mallory\tsince ")
+    # A node restarted still refuses her.
+    farm.b.stop()
+    farm.b.start()
+    refused = through_both(farm, mail, "127.0.0.73", n=4)
+    assert all(r.startswith("450") for _, r in refused), refused
+    assert len(suspended_lines(farm)) == 1
+    # Resumed on node B: both nodes accept her again, the counts start afresh.
+    out = farm.b.cli("user", "resume", "mallory").stdout
+    assert "mallory resumed" in out
+    ok = through_both(farm, send, "127.0.0.74", n=THRESHOLD - 1)
+    assert all(r.startswith("250") for _, r in ok), ok
+    assert len(suspended_lines(farm)) == 1
