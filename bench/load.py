@@ -11,7 +11,8 @@ load against authrelay or the Postfix peer. Two modes:
         seconds), then close: the "10,000 idle connections" scenario.
   latency  ordinary short sessions (banner, EHLO, NOOP, QUIT), C in flight, timing each
         from connect to the 221: scenario (h), the client side that is measured.
-  flood  the hostile side of scenario (h): --noop N connections that pipeline NOOPs as
+  flood  the hostile side of scenario (h): --bigdata K connections that stream an endless
+        message without reading (issue 17), --noop N connections that pipeline NOOPs as
         fast as the server takes them (reading and discarding the replies) and --noread M
         connections that pipeline EHLOs and never read; each reconnects when the server
         closes it. Runs until stdin says go (or --hold seconds); prints what it did.
@@ -466,8 +467,40 @@ async def _flood_main(a: argparse.Namespace) -> dict[str, Any]:
                 if w is not None:
                     w.transport.abort()
 
+    big_head = (b"EHLO big.bench.example.test\r\nMAIL FROM:<src@bench.example.test>\r\n"
+                b"RCPT TO:<sink@remote.example.net>\r\nDATA\r\n")
+    big_block = (b"y" * 998 + b"\r\n") * 64  # 64 KB of message lines, never a "."
+
+    async def bigdata_flooder() -> None:
+        """Issue 17: an endless oversized DATA without reading; again when closed."""
+        while not stop.is_set():
+            w = None
+            try:
+                r, w = await asyncio.wait_for(asyncio.open_connection(a.host, a.port),
+                                              a.timeout)
+                st["bigdata_connections"] += 1
+                w.write(big_head)  # pipelined blindly (never reads a reply)
+                while not stop.is_set():
+                    w.write(big_block)
+                    drained = asyncio.ensure_future(w.drain())
+                    stopped = asyncio.ensure_future(stop.wait())
+                    await asyncio.wait({drained, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                    stopped.cancel()
+                    if not drained.done():
+                        drained.cancel()
+                        break
+                    drained.result()
+                    st["bigdata_bytes_sent"] += len(big_block)
+            except (OSError, TimeoutError):
+                st["bigdata_closed"] += 1
+                await asyncio.sleep(0.05)
+            finally:
+                if w is not None:
+                    w.transport.abort()
+
     tasks = [asyncio.ensure_future(noop_flooder()) for _ in range(a.noop)]
     tasks += [asyncio.ensure_future(noread_flooder()) for _ in range(a.noread)]
+    tasks += [asyncio.ensure_future(bigdata_flooder()) for _ in range(a.bigdata)]
     await asyncio.sleep(0.5)
     print(json.dumps(dict(event="ready", **st)), flush=True)
     if a.hold is not None:
@@ -528,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("flood mode (also --hold)")
     g.add_argument("--noop", type=int, default=2, help="connections pipelining NOOPs")
     g.add_argument("--noread", type=int, default=2, help="connections that never read")
+    g.add_argument("--bigdata", type=int, default=0,
+                   help="connections streaming an endless oversized DATA, never reading")
     return ap
 
 

@@ -12,6 +12,7 @@
 # Ports (127.0.0.1 only; env overrides):
 #   PF_PLAIN_PORT=11025   plain SMTP, relay for mynetworks=127.0.0.0/8 without AUTH
 #   PF_SUB_PORT=11587     submission: STARTTLS required, AUTH PLAIN/LOGIN via Dovecot
+#   PF_SUBS_PORT=11465    submissions: TLS on connect (smtpd_tls_wrappermode=yes), AUTH
 #   PF_SINK_PORT=11026    smtp-sink: the relayhost ("the Internet"); counts in $PF_RUN/sink.out
 # User: PF_USER=alice, PF_PASS="correct horse". Must run as root (Postfix needs it).
 # Certificate: $PF_DATA/tls/{cert,key}.pem, ECDSA P-256 (PF_CERT_TYPE=rsa for RSA 2048);
@@ -20,6 +21,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PF_PLAIN_PORT="${PF_PLAIN_PORT:-11025}"
 PF_SUB_PORT="${PF_SUB_PORT:-11587}"
+PF_SUBS_PORT="${PF_SUBS_PORT:-11465}"
 PF_SINK_PORT="${PF_SINK_PORT:-11026}"
 PF_USER="${PF_USER:-alice}"
 PF_PASS="${PF_PASS:-correct horse}"
@@ -55,7 +57,8 @@ install_packages() {
 render() {  # render TEMPLATE DEST: fill @VARS@
   sed -e "s|@QUEUE@|$PF_QUEUE|g" -e "s|@DATA@|$PF_DATA|g" -e "s|@LOG@|$PF_LOG|g" \
       -e "s|@SINK_PORT@|$PF_SINK_PORT|g" -e "s|@PLAIN_PORT@|$PF_PLAIN_PORT|g" \
-      -e "s|@SUB_PORT@|$PF_SUB_PORT|g" -e "s|@CERT@|$PF_DATA/tls/cert.pem|g" \
+      -e "s|@SUB_PORT@|$PF_SUB_PORT|g" -e "s|@SUBS_PORT@|$PF_SUBS_PORT|g" \
+      -e "s|@CERT@|$PF_DATA/tls/cert.pem|g" \
       -e "s|@KEY@|$PF_DATA/tls/key.pem|g" -e "s|@DOVE_RUN@|$DOVE_RUN|g" \
       -e "s|@DOVE_LOG@|$PF_DATA/dovecot/dovecot.log|g" \
       -e "s|@DOVE_USERS@|$PF_DATA/dovecot/users|g" "$1" > "$2"
@@ -113,7 +116,9 @@ start() {
   local i ok=0
   for i in $(seq 100); do
     ok=1
-    for p in "$PF_PLAIN_PORT" "$PF_SUB_PORT" "$PF_SINK_PORT"; do listening "$p" || ok=0; done
+    for p in "$PF_PLAIN_PORT" "$PF_SUB_PORT" "$PF_SUBS_PORT" "$PF_SINK_PORT"; do
+      listening "$p" || ok=0
+    done
     [ -S "$PF_QUEUE/private/auth" ] || ok=0
     [ $ok = 1 ] && break
     sleep 0.1
@@ -132,7 +137,9 @@ stop() {
   local i busy
   for i in $(seq 50); do
     busy=0
-    for p in "$PF_PLAIN_PORT" "$PF_SUB_PORT" "$PF_SINK_PORT"; do listening "$p" && busy=1; done
+    for p in "$PF_PLAIN_PORT" "$PF_SUB_PORT" "$PF_SUBS_PORT" "$PF_SINK_PORT"; do
+      listening "$p" && busy=1
+    done
     [ $busy = 0 ] && break
     sleep 0.1
   done
@@ -142,6 +149,7 @@ stop() {
 status() {
   postfix -c "$PF_CONF" status >/dev/null 2>&1 || { echo "postfix-peer: down"; return 1; }
   echo "postfix-peer: up plain=127.0.0.1:$PF_PLAIN_PORT submission=127.0.0.1:$PF_SUB_PORT" \
+       "submissions=127.0.0.1:$PF_SUBS_PORT" \
        "sink=127.0.0.1:$PF_SINK_PORT sink_out=$PF_RUN/sink.out user=$PF_USER" \
        "cert=$PF_DATA/tls/cert.pem queue=$PF_QUEUE"
 }

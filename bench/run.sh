@@ -13,6 +13,7 @@
 # bench/RESULTS.md, bench/results.json and bench/throughput.png, then stops what it started.
 #
 # Env: BENCH_AUTHRELAY_WORKERS=N sets authrelay's `workers` (default 0: one per core);
+# BENCH_AUTHRELAY_LIMITS='pool_eviction = false' adds lines to its [limits] (a "before");
 # BENCH_AUTHRELAY=0 runs the Postfix side only (also automatic when `authrelay serve`
 # is not available); BENCH_KEEP_PEER=1 leaves the Postfix peer running afterwards;
 # PY=python to use a particular interpreter (default: python3 with authrelay importable,
@@ -71,6 +72,7 @@ TARGETS="$(mktemp /tmp/authrelay-bench-targets.XXXXXX.json)"
 trap 'cleanup; rm -f "$TARGETS"' EXIT
 cat > "$TARGETS" <<EOF
 [{"name": "postfix", "plain": ${PF_PLAIN_PORT:-11025}, "submission": ${PF_SUB_PORT:-11587},
+  "submissions": ${PF_SUBS_PORT:-11465},
   "sink_out": "/run/authrelay-bench-postfix/sink.out",
   "pids_cmd": "bash $HERE/postfix-peer.sh pids"}
 EOF
@@ -92,8 +94,9 @@ wait_port() {
 if [ "$BENCH_AUTHRELAY" = 1 ] && "$PY" -m authrelay serve --help >/dev/null 2>&1; then
   # same filesystem as Postfix's queue (/var), so both pay the same fsync
   STATE="$(mktemp -d /var/tmp/authrelay-bench.XXXXXX)"
-  read -r AR_PLAIN AR_SUB AR_SINK <<< "$(free_ports 3)"
+  read -r AR_PLAIN AR_SUB AR_SUBS AR_SINK <<< "$(free_ports 4)"
   sed -e "s|@STATE@|$STATE|g" -e "s|@PLAIN_PORT@|$AR_PLAIN|g" -e "s|@SUB_PORT@|$AR_SUB|g" \
+      -e "s|@SUBS_PORT@|$AR_SUBS|g" -e "s|@EXTRA_LIMITS@|${BENCH_AUTHRELAY_LIMITS:-}|g" \
       -e "s|@SINK_PORT@|$AR_SINK|g" -e "s|@CERT@|$CERT|g" -e "s|@KEY@|$KEY|g" \
       -e "s|@WORKERS@|${BENCH_AUTHRELAY_WORKERS:-0}|g" \
       "$HERE/authrelay-bench.toml" > "$STATE/authrelay.toml"
@@ -118,10 +121,10 @@ if [ "$BENCH_AUTHRELAY" = 1 ] && "$PY" -m authrelay serve --help >/dev/null 2>&1
   fi
   setsid "$PY" -m authrelay -c "$CONF" serve > "$STATE/serve.log" 2>&1 < /dev/null &
   AR_PID=$!
-  if wait_port "$AR_PLAIN" && wait_port "$AR_SUB" && wait_port "$AR_SINK"; then
-    echo "authrelay up: plain=127.0.0.1:$AR_PLAIN submission=127.0.0.1:$AR_SUB sink=$AR_SINK pid=$AR_PID"
+  if wait_port "$AR_PLAIN" && wait_port "$AR_SUB" && wait_port "$AR_SUBS" && wait_port "$AR_SINK"; then
+    echo "authrelay up: plain=127.0.0.1:$AR_PLAIN submission=127.0.0.1:$AR_SUB submissions=127.0.0.1:$AR_SUBS sink=$AR_SINK pid=$AR_PID"
     cat >> "$TARGETS" <<EOF
-, {"name": "authrelay", "plain": $AR_PLAIN, "submission": $AR_SUB,
+, {"name": "authrelay", "plain": $AR_PLAIN, "submission": $AR_SUB, "submissions": $AR_SUBS,
    "sink_out": "$STATE/sink.out", "pids": [$AR_PID], "sid": $AR_PID}
 EOF
   else

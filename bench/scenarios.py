@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
 """Benchmark orchestrator: runs the scenarios against each target, A B A B, and reports.
 
-Owns: scenario definitions (a)-(g) of the Performance issue and (h) of the session issue
+Owns: scenario definitions (a)-(g) of the Performance issue, (h) of the session issue
 (ordinary clients' connect-to-QUIT latency while 2 connections flood pipelined NOOPs and 2
-never read, against the same on an idle server), per-run measurement of the
+never read, or while 8 stream an endless oversized DATA without reading (issue 17),
+against the same on an idle server), (i) of issue 17 (bench/poolflood.py: fresh clients'
+TLS + AUTH + one message on 465 while 3,000 sockets from 40 addresses that never start TLS
+are held and reopened against 465; the same on 587 while port 25 is flooded with idle
+connections; server RSS and descriptors sampled), per-run measurement of the
 server side (CPU from /proc/<pid>/stat utime+stime+cutime+cstime summed over the server's
 process trees; RSS summed over the same processes; messages counted at the smtp-sink the
 server relays to), and the outputs bench/results.json, bench/RESULTS.md and (via plot.py)
 bench/throughput.png.
 
 Contract: `--targets FILE` is a JSON list of targets, each
-  {"name": "postfix", "plain": 11025, "submission": 11587,
+  {"name": "postfix", "plain": 11025, "submission": 11587, "submissions": 11465,
    "sink_out": "/run/.../sink.out", "pids": [1234, ...] | "pids_cmd": "bash ... pids"}
 (`sink_out`: the output of `smtp-sink -c`, whose last `mesg=N` counts delivered mail).
 Targets run in the order given, alternating within every scenario and repetition.
@@ -149,6 +153,7 @@ class Target:
     plain: int
     submission: int
     sink_out: str
+    submissions: int = 0  # implicit TLS (465); 0: scenario (i)'s 465 part is skipped
     pids: list[int] = field(default_factory=list)
     pids_cmd: str = ""
     sid: int = 0  # also every process of this session (a daemon's orphaned workers)
@@ -221,6 +226,10 @@ class Scenario:
     connections: int = 0
     sender: str = SENDER  # (s): the From: domain picks the DKIM keys that sign
     dkim: str = ""  # (s): off | rsa | ed25519 | both; only "off" runs on Postfix
+    attack: tuple[str, ...] = ("--noop", "2", "--noread", "2")  # (h): load.py flood args
+    flood_port: str = ""  # (i): the Target port flooded: "submissions" | "plain"
+    probe: str = ""  # (i): "implicit" (465) | "starttls" (587)
+    seconds: float = 0.0  # (i): how long the flood is held
 
 
 # (s) DKIM: run.sh makes keys for these From: domains (authrelay dkim keygen), so one
@@ -254,6 +263,18 @@ def scenarios(smoke: bool, quick: bool) -> list[Scenario]:
     out.append(Scenario("h", "connect-to-QUIT, idle server", 4, nh))
     out.append(Scenario("h", "connect-to-QUIT, 2 NOOP floods + 2 never read", 4, nh,
                         connections=4))
+    # issue 17: 8 connections on the plain port streaming an endless oversized DATA
+    out.append(Scenario("h", "connect-to-QUIT, 8 endless oversized DATA, never read", 4, nh,
+                        connections=8, attack=("--noop", "0", "--noread", "0",
+                                               "--bigdata", "8")))
+    # (i) issue 17: a 40-address flood held (and reopened) on one port; fresh clients
+    fs, ns = (5.0, 300) if smoke else (30.0, 3000) if quick else (120.0, 3000)
+    out.append(Scenario("i", f"465 flood: {ns} never-TLS sockets, 40 addresses, {fs:g} s; "
+                        "fresh 465 TLS+AUTH+msg", connections=ns, flood_port="submissions",
+                        probe="implicit", seconds=fs))
+    out.append(Scenario("i", f"25 flood: {ns} idle sockets, 40 addresses, {fs:g} s; "
+                        "fresh 587 STARTTLS+AUTH+msg", connections=ns, flood_port="plain",
+                        probe="starttls", seconds=fs))
     for size, n in ((1024, na // 2), (102400, nc)):
         for variant, sender in DKIM_SENDERS.items():
             out.append(Scenario("s", f"DKIM {variant}, {size // 1024} KiB, 10 sessions", 10,
@@ -291,6 +312,8 @@ def run_one(t: Target, sc: Scenario) -> dict[str, Any]:
         return run_idle(t, sc, roots, rec)
     if sc.key == "h":
         return run_latency(t, sc, roots, rec)
+    if sc.key == "i":
+        return run_flood(t, sc, roots, rec)
     sampler = MemSampler(roots) if sc.key == "e" else None
     c0, cpu0 = t.delivered(), cpu_seconds(process_tree(roots))
     master = t.pids[0] if t.pids else 0  # authrelay: the serve process (scheduler, courier)
@@ -369,8 +392,7 @@ def run_latency(t: Target, sc: Scenario, roots: list[int],
     """(h): connect-to-QUIT latency of ordinary clients, with or without the flooders."""
     flood = None
     if sc.connections:
-        flood = subprocess.Popen(LOAD + ["flood", "--port", str(t.plain), "--noop", "2",
-                                         "--noread", "2"],
+        flood = subprocess.Popen(LOAD + ["flood", "--port", str(t.plain), *sc.attack],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert flood.stdin and flood.stdout
         json.loads(flood.stdout.readline() or "{}")  # ready: the floods are running
@@ -398,6 +420,61 @@ def run_latency(t: Target, sc: Scenario, roots: list[int],
                session_max_ms=ms.get("max"), cpu_s=round(cpu, 3),
                rss_peak_mb=round(peak_rss / MB, 2),
                rss_growth_mb=round((peak_rss - rec["rss_idle_mb"] * MB) / MB, 2))
+    return rec
+
+
+def fds(pids: list[int]) -> int:
+    n = 0
+    for pid in pids:
+        try:
+            n += len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            pass
+    return n
+
+
+def run_flood(t: Target, sc: Scenario, roots: list[int],
+              rec: dict[str, Any]) -> dict[str, Any]:
+    """(i): bench/poolflood.py holds the flood and times fresh submissions; we sample the
+    server's RSS and descriptors meanwhile."""
+    port = getattr(t, sc.flood_port)
+    probe_port = t.submissions if sc.probe == "implicit" else t.submission
+    if not port or not probe_port:
+        rec.update(skipped="no such port on this target", failed=0)
+        return rec
+    fd0 = fds(process_tree(roots))
+    peak = {"fds": fd0, "rss": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            pids = process_tree(roots)
+            peak["fds"] = max(peak["fds"], fds(pids))
+            peak["rss"] = max(peak["rss"], memory(pids)[0])
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    p = subprocess.run([sys.executable, str(HERE / "poolflood.py"), "--flood-port", str(port),
+                        "--sockets", str(sc.connections), "--addresses", "40",
+                        "--seconds", str(sc.seconds), "--probe", sc.probe,
+                        "--probe-port", str(probe_port), "--user", t.user,
+                        "--password", t.password],
+                       capture_output=True, text=True, timeout=sc.seconds + 300)
+    done.set()
+    th.join()
+    try:
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        out = dict(tries=1, ok=0, ok_ratio=0.0, ms={}, errors={"poolflood.py": p.stderr[-300:]})
+    time.sleep(3.0)  # let the server notice the closes before the next run
+    ms = out.get("ms") or {}
+    rec.update(poolflood=out, accepted=out.get("ok", 0),
+               failed=out.get("tries", 1) - out.get("ok", 0), ok_ratio=out.get("ok_ratio"),
+               probe_p50_ms=ms.get("p50"), probe_p99_ms=ms.get("p99"),
+               probe_max_ms=ms.get("max"), fds_idle=fd0, fds_peak=peak["fds"],
+               fds_after=fds(process_tree(roots)),
+               rss_peak_mb=round(peak["rss"] / MB, 2),
+               rss_growth_mb=round((peak["rss"] - rec["rss_idle_mb"] * MB) / MB, 2))
     return rec
 
 
@@ -481,6 +558,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(r: dict[str, Any]) -> str:
+    if r["scenario"] == "i":
+        if r.get("skipped"):
+            return f"skipped: {r['skipped']}"
+        return (f"ok {r['accepted']}/{r['accepted'] + r['failed']} ({r['ok_ratio']}), "
+                f"p50/p99/max {r['probe_p50_ms']}/{r['probe_p99_ms']}/{r['probe_max_ms']} "
+                f"ms, fds {r['fds_idle']}->{r['fds_peak']}->{r['fds_after']}, peak rss "
+                f"{r['rss_peak_mb']} MB (+{r['rss_growth_mb']}), errors "
+                f"{r['poolflood'].get('errors')}, flood {r['poolflood'].get('flood')}")
     if r["scenario"] == "h":
         return (f"p50/p99/max {r['session_p50_ms']}/{r['session_p99_ms']}/"
                 f"{r['session_max_ms']} ms, failed {r['failed']}, peak rss "

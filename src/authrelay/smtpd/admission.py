@@ -434,7 +434,7 @@ class Acceptor:
             return
         adm = srv.throttle.connect(key, self.pools, exempt=exempt)
         if not adm.admitted and adm.reason.startswith("pool:") and lim.pool_eviction:
-            victim = self.candidates.victim(key, time.monotonic())
+            victim = self.candidates.victim(key, time.monotonic(), self._weight)
             if victim is not None:
                 self._evict(victim)
                 adm = srv.throttle.connect(key, self.pools, exempt=exempt)
@@ -478,6 +478,12 @@ class Acceptor:
     # ------------------------------------------------------------ eviction (issue 17)
     def _may_evict(self) -> bool:
         return self.server.cfg.limits.pool_eviction and self.candidates.total > 0
+
+    def _weight(self, key: str) -> int:
+        """An address's eviction candidates as the victim rule counts them: those in
+        handshake counted across all workers (the shared pending gauge), idle sessions
+        in this one."""
+        return max(self.server.throttle.pending(key), self.candidates.count(key))
 
     def settle(self, ticket: Ticket) -> None:
         ticket.sock = None  # the transport owns it now

@@ -7,7 +7,7 @@ STARTTLS handshake) without having authenticated and outside a mail transaction.
 Authenticated sessions and sessions inside a transaction are never candidates; neither is
 a session while a command of it is being executed (an AUTH being checked).
 
-Contract: `Candidates.add(c)` / `discard(c)` in O(1); `victim(key, now)` in O(1)
+Contract: `Candidates.add(c)` / `discard(c)` in O(1); `victim(key, now, weight)` in O(1)
 amortised names the candidate to evict so that a new connection from address `key` can
 be admitted into a full pool, or None. The caller evicts it (`Candidate.evict()`), which
 must release its pool slot synchronously.
@@ -17,10 +17,12 @@ oldest candidate of the address holding the most candidates, and only if that ad
 still holds at least as many as the newcomer's afterwards (`top >= mine + 2`). Every
 eviction so strictly lowers the sum of squares of the per-address counts, so attackers
 cannot evict each other in a loop: a flood from A addresses settles at an even share
-each, and a fresh client (0 candidates) still finds an address with two or more. Only
-when every address holds at most one candidate (more attacking addresses than pool
-slots) may a fresh address take the slot of the oldest candidate, once that has waited
-`TIE_AGE` seconds (evictions then run at most one pool per `TIE_AGE`).
+each, and a fresh client (0 candidates) still finds an address with two or more. When
+the busiest address holds only one more than the newcomer (more attacking addresses than
+pool slots), only a newcomer holding none may take the slot of the oldest candidate, and
+only once that has waited `TIE_AGE` seconds and its address holds just that one
+(evictions then run at most one pool per `TIE_AGE`). The counts compared may be the ones
+shared by all workers (`weight`); the heaviest address is this listener's own.
 Failure policy: pure bookkeeping; never raises for unknown candidates.
 """
 
@@ -94,15 +96,22 @@ class Candidates:
         if not mine:
             del self._by_key[c.key]
 
-    def victim(self, key: str, now: float) -> Candidate | None:
-        """The candidate whose slot a new connection from `key` may take, or None."""
+    def victim(self, key: str, now: float,
+               weight: Callable[[str], int] | None = None) -> Candidate | None:
+        """The candidate whose slot a new connection from `key` may take, or None.
+
+        `weight(address)` is what the rule compares: by default this listener's own
+        count; with several workers the admission passes the count shared by all of
+        them (a flood spread over the workers must not look light to each one)."""
         if not self._all:
             return None
-        mine, top = self.count(key), self._top
-        if top >= mine + 2:
-            heaviest = next(iter(self._buckets[top]))
+        w = weight or self.count
+        mine = w(key)
+        heaviest = next(iter(self._buckets[self._top]))
+        if w(heaviest) >= mine + 2:
             return next(iter(self._by_key[heaviest]))
-        if top == 1 and mine == 0:
+        if mine == 0:
             oldest = next(iter(self._all))
-            return oldest if now - oldest.since >= TIE_AGE else None
+            if now - oldest.since >= TIE_AGE and w(oldest.key) <= 1:
+                return oldest
         return None
