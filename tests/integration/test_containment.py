@@ -204,3 +204,41 @@ def test_exempt_and_off(tmp_path: Path) -> None:
         assert not suspended_lines(r) and not (r.state / "containment.db").exists()
     finally:
         r.stop()
+
+
+def test_workers_and_metric(tmp_path: Path) -> None:
+    """Two receiving workers and a master: a worker trips, the master's scheduler holds
+    (control socket); the metric counts one suspension and the 450s by reason."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from relayproc import free_port
+
+    mport = free_port()
+    r = RelayProcess(tmp_path, {"metrics": {"address": f"127.0.0.1:{mport}"},
+                                "limits": {"containment": {"notify": ADMIN,
+                                                           "messages": 2}}},
+                     workers=2).start()
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as f:
+            text = f.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    try:
+        port = r.ports["submissions"]
+        for _ in range(2):
+            assert send(port, ["bob@example.net"])[-1] == 250
+        r.wait_for(lambda: suspended_lines(r))
+        r.wait_for(lambda: len(envelopes(r, held=True)) == 2)
+        for _ in range(2):
+            assert mail_reply(port).startswith("450 4.7.1")
+        r.wait_for(lambda: scrape().get(("authrelay_messages_rejected_total",
+                                         (("reason", "user_suspended"),))) == 2.0)
+        m = scrape()
+        assert m[("authrelay_users_suspended_total", (("threshold", "messages"),))] == 1.0
+        assert m[("authrelay_users_suspended_total", (("threshold", "recipients"),))] == 0.0
+        assert len(notices(r)) == 1
+    finally:
+        r.stop()
