@@ -1,7 +1,8 @@
 """A synchronous, in-memory adapter for the sans-I/O SMTP engine (smtpd/protocol.py).
 
 It answers the engine's requests the way the real session adapter would, with in-memory
-parts: the relay policy (the real RelayPolicy), a dict of users, a list as the spool. No
+parts: the relay policy (the real RelayPolicy) and the session's own MAIL/RCPT verdicts
+(policy/verdicts.py), a dict of users and one of their addresses, a list as the spool. No
 sockets, no event loop, no clock: a whole dialogue runs in microseconds, so tests can run
 every dialog script and thousands of Hypothesis examples against the engine alone.
 """
@@ -14,6 +15,7 @@ from typing import Any
 
 from authrelay import replies
 from authrelay.config import from_dict
+from authrelay.policy import verdicts
 from authrelay.policy.relay import RelayPolicy
 from authrelay.smtpd import protocol as p
 from authrelay.types import Reply
@@ -51,6 +53,7 @@ class Harness:
     mode: str = "smtp"
     overrides: dict[str, Any] | None = None
     users: dict[str, str] = field(default_factory=lambda: {"alice": PASSWORD})
+    addresses: dict[str, set[str]] = field(default_factory=dict)  # sender_policy "own"
     trusted: bool = False
     auto_tls: bool = True  # finish a STARTTLS handshake at once (False: stay pending)
     tls_available: bool = True
@@ -113,14 +116,15 @@ class Harness:
             else:
                 eng.auth_result(p.AuthOutcome.BAD)
         elif isinstance(ev, p.MailRequest):
-            eng.policy_result(None)
+            user = eng.auth_user
+            eng.policy_result(verdicts.mail_verdict(
+                self.cfg.auth.sender_policy, ev.transaction.sender.address, user,
+                self.addresses.get(user, set())))
         elif isinstance(ev, p.RcptRequest):
-            if ev.postmaster or self.policy.may_relay(
-                    ev.recipient.address, authenticated=bool(eng.auth_user),
-                    trusted=eng.trusted):
-                eng.policy_result(None)
-            else:
-                eng.policy_result(replies.RELAY_DENIED, bad_recipient=True)
+            refusal = verdicts.rcpt_verdict(self.policy, ev.address, postmaster=ev.postmaster,
+                                            authenticated=bool(eng.auth_user),
+                                            trusted=eng.trusted)
+            eng.policy_result(refusal, bad_recipient=refusal is not None)
         elif isinstance(ev, p.DataRequest):
             self._body = []
             eng.policy_result(None)

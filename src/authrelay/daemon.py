@@ -48,7 +48,7 @@ from authrelay import metrics as metrics_mod
 from authrelay import process, reloadkeys, sdnotify, wiring
 from authrelay.config import EMBEDDED, Config, ConfigError, embedded_notice, load
 from authrelay.metrics import Metrics
-from authrelay.policy.anvil import SharedCounters
+from authrelay.policy.counters import SharedCounters
 from authrelay.policy.throttle import Share
 from authrelay.process import Channel, InstanceBusy, KeyHelper, StartError
 from authrelay.smtpd.server import Listener, SMTPServer, bind

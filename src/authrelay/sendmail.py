@@ -47,6 +47,8 @@ from typing import BinaryIO
 from authrelay import aliases, localsubmit, maillog, replies, wiring
 from authrelay.address import AddressError, parse_mailbox
 from authrelay.config import LOOKUP, Config, ConfigError, NoConfig, find_config_path, load_file
+from authrelay.policy import verdicts
+from authrelay.policy.relay import RelayPolicy
 from authrelay.scheduler import queuecli
 from authrelay.scheduler.bounce import make_bounce, should_notify
 from authrelay.smtpd import protocol as smtp
@@ -510,6 +512,7 @@ def smtp_dialogue(cfg: Config, stdin: BinaryIO, stdout: BinaryIO, deliver: Deliv
     running server, or directly by root): MAIL FROM is the -f of the command line, so only
     a trusted user may name another sender. Returns 0 (per-message results are in the
     replies)."""
+    policy = RelayPolicy(cfg)
     eng = smtp.Engine(cfg, mode="smtp", trusted=True, auth_available=False,
                       tls_available=False)
     eng.greet()
@@ -536,8 +539,16 @@ def smtp_dialogue(cfg: Config, stdin: BinaryIO, stdout: BinaryIO, deliver: Deliv
             return EX_OK
         elif ev is smtp.CONTINUE or ev is smtp.PAUSED:
             continue
-        elif isinstance(ev, smtp.MailRequest | smtp.RcptRequest):
-            eng.policy_result(None)
+        elif isinstance(ev, smtp.MailRequest):
+            # As a session decides for a client without AUTH (the sender is checked as
+            # the invoker's when the message is queued).
+            eng.policy_result(verdicts.mail_verdict(cfg.auth.sender_policy,
+                                                    ev.transaction.sender.address, "", ()))
+        elif isinstance(ev, smtp.RcptRequest):
+            # A local user is trusted: any recipient.
+            refusal = verdicts.rcpt_verdict(policy, ev.address, postmaster=ev.postmaster,
+                                            authenticated=False, trusted=True)
+            eng.policy_result(refusal, bad_recipient=refusal is not None)
         elif isinstance(ev, smtp.DataRequest):
             body = []
             eng.policy_result(None)

@@ -37,11 +37,12 @@ from authrelay.health import DependencyProbe
 from authrelay.localsubmit import LocalSubmission
 from authrelay.metrics import Metrics
 from authrelay.policy import shared as shared_mod
-from authrelay.policy.anvil import SharedCounters
+from authrelay.policy.anvil import SharedThrottle
 from authrelay.policy.checks import HostChecks
+from authrelay.policy.counters import SharedCounters
 from authrelay.policy.known import KnownAddresses
 from authrelay.policy.suspender import HoldUser, Suspender, hold_by_control, make_suspender
-from authrelay.policy.throttle import Share, Throttle, make_throttle
+from authrelay.policy.throttle import KnownStore, LocalThrottle, Share, Throttle
 from authrelay.scheduler.scheduler import CourierLike, Scheduler
 from authrelay.smtpd.server import Listener, SMTPServer
 from authrelay.spool.store import Spool
@@ -104,9 +105,18 @@ def known_addresses(cfg: Config) -> KnownAddresses:
     return KnownAddresses(cfg.state_path / "known_addresses.db", cfg.auth.known_address_days)
 
 
-def throttle(cfg: Config, share: Share, known: KnownAddresses) -> Throttle:
-    """Counters in this process, in shared memory across workers, or in Redis (`shared`)."""
-    return make_throttle(cfg, share, known=known)
+def throttle(cfg: Config, share: Share, known: KnownStore | None) -> Throttle:
+    """The throttle for this process: its own counters, or the workers' shared memory
+    (`share.shared`); with `[limits] shared` (a farm) that one under the Redis-backed
+    variant (policy/shared.py)."""
+    local: Throttle
+    if share.shared is not None:
+        local = SharedThrottle(cfg, share.shared, known=known)
+    else:
+        local = LocalThrottle(cfg, share, known=known)
+    if cfg.limits.shared:
+        return shared_mod.make_redis_throttle(cfg, local)
+    return local
 
 
 def shared_counters() -> SharedCounters:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from authrelay.config import from_dict
-from authrelay.policy.anvil import SharedCounters, SharedThrottle
+from authrelay.policy.anvil import SharedThrottle
+from authrelay.policy.counters import SharedCounters
 from authrelay.policy.throttle import Pool
 
 ALL = (Pool("*", 0),)

@@ -30,13 +30,14 @@ def test_limits_shared_is_a_redis_url() -> None:
 
 
 def test_make_throttle_wraps_the_local_one_when_shared() -> None:
+    from authrelay import wiring
     from authrelay.policy.shared import RedisThrottle
-    from authrelay.policy.throttle import LocalThrottle, make_throttle
+    from authrelay.policy.throttle import LocalThrottle, Share
 
     cfg = from_dict({"limits": {"shared": "redis://127.0.0.1:1/0"}})
-    t = make_throttle(cfg)
+    t = wiring.throttle(cfg, Share(), None)
     assert isinstance(t, RedisThrottle) and isinstance(t.local, LocalThrottle)
-    assert isinstance(make_throttle(from_dict({})), LocalThrottle)
+    assert isinstance(wiring.throttle(from_dict({}), Share(), None), LocalThrottle)
 
 
 def test_proxy_protocol_keys() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from authrelay import replies
 from authrelay.config import from_dict
-from authrelay.policy import anvil
+from authrelay.policy import anvil, counters
 from authrelay.policy import throttle as th
 from authrelay.policy.throttle import Pool
 
@@ -56,7 +56,7 @@ def make(kind: str, limits: dict | None = None, auth: dict | None = None,
     cfg = from_dict({"limits": {"connection_rate_per_ip": 0, **(limits or {})},
                      "auth": auth or {}})
     if kind == "shared":
-        return anvil.SharedThrottle(cfg, anvil.SharedCounters(slots=4096), known=known)
+        return anvil.SharedThrottle(cfg, counters.SharedCounters(slots=4096), known=known)
     return th.LocalThrottle(cfg, known=known)
 
 

@@ -9,18 +9,16 @@ Contract: `may_relay(...)` says whether a recipient is acceptable for this clien
   decides, see address.py), but a next hop that honours the percent hack or bang paths
   would turn `victim%example.net@local.domain` into an open relay (sendmail's
   loose_relay_check off, Postfix's allow_untrusted_routing=no).
-An address literal is never local.
-`sender_allowed` implements sender_policy="own" (Postfix reject_sender_login_mismatch).
+An address literal is never local. The verdicts built on this (RCPT, and MAIL's sender
+ownership) are policy/verdicts.py's.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 
 from authrelay.address import Address
 from authrelay.config import Config
-from authrelay.policy.ownership import may_send_as
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -40,7 +38,6 @@ class RelayPolicy:
         self.trusted: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(n, strict=False) for n in cfg.relay.trusted_networks
         )
-        self.sender_policy = cfg.auth.sender_policy
         self._trusted_cache: dict[str, bool] = {}  # parsing an IP costs more than a lookup
 
     def is_trusted(self, ip: str) -> bool:
@@ -69,13 +66,3 @@ class RelayPolicy:
         if authenticated or trusted:
             return True
         return self.is_local(rcpt) and not has_routing_chars(rcpt)
-
-    def sender_allowed(self, sender: Address | None, user: str, owned: Iterable[str]) -> bool:
-        """sender_policy="own": MAIL FROM must be one of the user's addresses.
-
-        The null sender is allowed (bounces, RFC 5321 4.5.5); a user named like an address
-        owns that address.
-        """
-        if self.sender_policy != "own" or sender is None:
-            return True
-        return may_send_as(f"{sender.local}@{sender.domain_key}", user, owned)

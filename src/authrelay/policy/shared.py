@@ -41,7 +41,8 @@ from urllib.parse import urlsplit
 
 from authrelay import maillog, replies
 from authrelay.config import SENTINEL_SCHEMES, Config, parse_sentinel
-from authrelay.policy.throttle import Admission, Pool, Throttle, _locked, source_net
+from authrelay.policy.throttle import Admission, KnownStore, Pool, Throttle, source_net
+from authrelay.policy.verdicts import messages_allowed, recipients_allowed
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +338,8 @@ class SharedKnown:
     mirror and fallback. A network counts as known if either says so: being lenient here
     only ever spares a real user a lockout, it never admits a wrong password."""
 
-    def __init__(self, counters: SharedCounters, local: Any, days: float) -> None:
+    def __init__(self, counters: SharedCounters, local: KnownStore | None,
+                 days: float) -> None:
         self.counters = counters
         self.local = local
         self.ttl = days * 86400.0
@@ -375,8 +377,9 @@ class RedisThrottle(Throttle):
     def __init__(self, cfg: Config, counters: SharedCounters, local: Throttle) -> None:
         self.counters = counters
         self.local = local
-        self.known = SharedKnown(counters, local.known, cfg.auth.known_address_days)
-        local.known = self.known  # the local fall-back asks the farm too while it can
+        self.shared_known = SharedKnown(counters, local.known, cfg.auth.known_address_days)
+        # the local fall-back asks the farm too while it can
+        self.known = local.known = self.shared_known
         # ip -> [farm count at the last answer, updates in flight, wall time of the answer]
         self._rate_seen: OrderedDict[str, list[float]] = OrderedDict()
         self._rcpts_seen: OrderedDict[str, tuple[float, float]] = OrderedDict()
@@ -391,7 +394,7 @@ class RedisThrottle(Throttle):
         self.rate_ip_limit = lim.connection_rate_per_ip
         self.user_msgs_limit = lim.user_messages_per_hour
         self.user_rcpts_limit = lim.user_recipients_per_hour
-        self.known.ttl = auth.known_address_days * 86400.0
+        self.shared_known.ttl = auth.known_address_days * 86400.0
 
     # ---------------------------------------------------------------- connections (sync)
     def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False) -> Admission:
@@ -452,7 +455,7 @@ class RedisThrottle(Throttle):
         if got is None:
             return await self.local.auth_locked(ip, user)
         by_ip, by_user, by_usernet = (got + [0.0, 0.0])[:3]
-        return await _locked(self, ip, user, by_ip, by_user, by_usernet)
+        return await self.locked_given(ip, user, by_ip, by_user, by_usernet)
 
     async def auth_failed(self, ip: str, user: str) -> None:
         await self.local.auth_failed(ip, user)
@@ -480,7 +483,7 @@ class RedisThrottle(Throttle):
             self._rcpts_seen.move_to_end(user)
             while len(self._rcpts_seen) > MAX_RATE_KEYS:
                 self._rcpts_seen.popitem(last=False)
-        return not self.user_msgs_limit or got[0] < self.user_msgs_limit
+        return not self.user_msgs_limit or messages_allowed(got[0], self.user_msgs_limit)
 
     async def user_may_add_rcpt(self, user: str, pending: int) -> bool:
         if not self.user_rcpts_limit:
@@ -492,7 +495,7 @@ class RedisThrottle(Throttle):
             n = await self.counters.count("user_rcpts", user, 3600.0)
         if n is None:
             return await self.local.user_may_add_rcpt(user, pending)
-        return n + pending < self.user_rcpts_limit
+        return recipients_allowed(n, pending, self.user_rcpts_limit)
 
     async def user_sent(self, user: str, nrcpts: int) -> None:
         self._rcpts_seen.pop(user, None)  # the next transaction reads afresh

@@ -45,12 +45,25 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from authrelay import replies
 from authrelay.config import Config
-from authrelay.types import Reply
+from authrelay.policy.counters import (
+    ADMIT,
+    PENDING,
+    Admission,
+    Pool,
+    Share,
+    gcra,
+    pool_refusal,
+)
+from authrelay.policy.verdicts import Lockout, lockout, messages_allowed, recipients_allowed
+
+# The counting types are counters.py's; named here too for the throttle's users.
+__all__ = ["ADMIT", "ALWAYS_EXEMPT", "PENDING", "Admission", "Exemptions", "KnownStore",
+           "LocalThrottle", "Pool", "Share", "Throttle", "address_key", "gcra",
+           "pool_refusal", "source_net"]
 
 MAX_KEYS = 100_000
 ALWAYS_EXEMPT = ("127.0.0.1/32", "::1/128")  # the host itself: cron jobs, scripts, sendmail
@@ -102,38 +115,6 @@ class Exemptions:
         return any(addr in n for n in self.nets if n.version == addr.version)
 
 
-@dataclass(frozen=True)
-class Pool:
-    """A connection pool: `key` names it ("*" global, "smtp" the smtp class, "listener:..."),
-    `cap` is its size (0: no cap)."""
-
-    key: str
-    cap: int
-
-
-@dataclass(frozen=True)
-class Admission:
-    """The answer to `connect`. Admitted (`refusal is None`): counted until `disconnect`, and
-    the greeting waits `delay` seconds first. Refused: nothing counted; `reason` is
-    "pool:<key>", "ip", "rate" or "rate_ip" (for logs and metrics)."""
-
-    refusal: Reply | None = None
-    delay: float = 0.0
-    reason: str = ""
-
-    @property
-    def admitted(self) -> bool:
-        return self.refusal is None
-
-
-ADMIT = Admission()
-PENDING = "pending:"  # gauge key prefix: an address's connections still in handshake
-
-
-def pool_refusal(key: str) -> Admission:
-    return Admission(replies.TOO_MANY_CONNECTIONS, 0.0, f"pool:{key}")
-
-
 class _Window:
     """Event timestamps per key inside a sliding window, bounded in keys and events."""
 
@@ -176,33 +157,12 @@ class _Window:
         return self
 
 
-def gcra(tat: float, now: float, rate: float, max_delay: float) -> tuple[float, float]:
-    """Generic cell rate algorithm with a burst of `rate` (one second's worth).
+class KnownStore(Protocol):
+    """The networks each user authenticated from lately (known.KnownAddresses, or the
+    farm's shared.SharedKnown)."""
 
-    `tat` is the theoretical arrival time of the next connection. Returns (delay, new tat);
-    delay < 0 means refuse (the wait would pass `max_delay`; tat unchanged)."""
-    interval = 1.0 / rate
-    tolerance = (max(rate, 1.0) - 1.0) * interval  # a burst of `rate` goes through at once
-    tat = max(tat, now)
-    delay = tat - tolerance - now
-    delay = delay if delay > 1e-6 else 0.0  # float noise is no wait
-    if delay > max_delay:
-        return -1.0, tat
-    return delay, tat + interval
-
-
-@dataclass
-class Share:
-    """This process's part of the global limits (1 of 1 unless several workers)."""
-
-    index: int = 0
-    count: int = 1
-    shared: Any = None  # an anvil.SharedCounters when the workers count together
-
-    def part(self, total: int) -> int:
-        if total <= 0 or self.count <= 1 or self.shared is not None:
-            return total
-        return max(1, total // self.count)
+    async def is_known(self, user: str, net: str) -> bool: ...
+    async def remember(self, user: str, net: str) -> None: ...
 
 
 class Throttle(ABC):
@@ -210,11 +170,12 @@ class Throttle(ABC):
 
     The limits come from the Config given to `reload` (the constructor calls it); the
     counters and windows stay across reloads. `known` is the known-address store
-    (`known.KnownAddresses` or anything with async `is_known(user, net)` and
-    `remember(user, net)`); None: no user is ever known (per-user limit refuses all)."""
+    (`KnownStore`); None: no user is ever known (past the per-user limit, refuse all)."""
 
-    known: Any = None
+    known: KnownStore | None = None
     v6_prefix: int = 128
+    max_fail_ip: int = 0  # [auth] max_failures_per_ip (0: no limit)
+    max_fail_user: int = 0  # [auth] max_failures_per_user
 
     def key(self, ip: str) -> str:
         """What per-address limits count `ip` under (`[limits] ipv6_prefix_length`);
@@ -262,6 +223,17 @@ class Throttle(ABC):
     async def auth_succeeded(self, ip: str, user: str) -> None:
         """`user` authenticated from `ip`: its network becomes known for the user."""
 
+    async def locked_given(self, ip: str, user: str, by_ip: float, by_user: float,
+                           by_usernet: float) -> bool:
+        """The lockout verdict (policy/verdicts.lockout) for these failure counts; the
+        known-address store is asked only when the verdict depends on it."""
+        verdict = lockout(by_ip, by_user, by_usernet, user=user, max_ip=self.max_fail_ip,
+                          max_user=self.max_fail_user)
+        if verdict is Lockout.UNLESS_KNOWN:
+            return self.known is None or not await self.known.is_known(user.lower(),
+                                                                       source_net(ip))
+        return verdict is Lockout.LOCKED
+
     # ------------------------------------------------------------ per-user rates (async)
     @abstractmethod
     async def user_may_send(self, user: str) -> bool: ...
@@ -281,7 +253,8 @@ class Throttle(ABC):
 class LocalThrottle(Throttle):
     """All counters in this process."""
 
-    def __init__(self, cfg: Config, share: Share | None = None, known: Any = None) -> None:
+    def __init__(self, cfg: Config, share: Share | None = None,
+                 known: KnownStore | None = None) -> None:
         self.share = share or Share()
         self.known = known
         self.gauges: dict[str, int] = {}
@@ -373,7 +346,7 @@ class LocalThrottle(Throttle):
 
     async def auth_locked(self, ip: str, user: str) -> bool:
         by_ip, by_user, by_usernet = self._counts(ip, user, time.monotonic())
-        return await _locked(self, ip, user, by_ip, by_user, by_usernet)
+        return await self.locked_given(ip, user, by_ip, by_user, by_usernet)
 
     async def auth_failed(self, ip: str, user: str) -> None:
         now = time.monotonic()
@@ -389,14 +362,16 @@ class LocalThrottle(Throttle):
 
     # ---------------------------------------------------------------- per-user rates
     async def user_may_send(self, user: str) -> bool:
-        now = time.monotonic()
-        return not (self.user_msgs_limit and
-                    self.user_msgs.count(user, now) >= self.user_msgs_limit)
+        if not self.user_msgs_limit:
+            return True
+        return messages_allowed(self.user_msgs.count(user, time.monotonic()),
+                                self.user_msgs_limit)
 
     async def user_may_add_rcpt(self, user: str, pending: int) -> bool:
-        now = time.monotonic()
-        return not (self.user_rcpts_limit and
-                    self.user_rcpts.count(user, now) + pending >= self.user_rcpts_limit)
+        if not self.user_rcpts_limit:
+            return True
+        return recipients_allowed(self.user_rcpts.count(user, time.monotonic()), pending,
+                                  self.user_rcpts_limit)
 
     async def user_sent(self, user: str, nrcpts: int) -> None:
         now = time.monotonic()
@@ -404,36 +379,3 @@ class LocalThrottle(Throttle):
             self.user_msgs.add(user, now)
         if self.user_rcpts_limit:
             self.user_rcpts.add(user, now, nrcpts)
-
-
-async def _locked(t: Throttle, ip: str, user: str, by_ip: float, by_user: float,
-                  by_usernet: float) -> bool:
-    """The lockout decision, shared by every implementation (see the module docstring)."""
-    max_ip: int = getattr(t, "max_fail_ip", 0)
-    max_user: int = getattr(t, "max_fail_user", 0)
-    if max_ip and by_ip >= max_ip:
-        return True  # this address is guessing: refuse it whatever the user
-    if not (max_user and user) or by_user < max_user:
-        return False
-    # The user is under attack. Refuse unchecked, except from a network this user logged
-    # in from recently, unless that network itself failed too often for this user.
-    if by_usernet >= max_user or t.known is None:
-        return True
-    return not await t.known.is_known(user.lower(), source_net(ip))
-
-
-def make_throttle(cfg: Config, share: Share | None = None, known: Any = None) -> Throttle:
-    """The throttle for this process: shared memory across workers when `share.shared`;
-    with `[limits] shared` (a farm, issue 14) that one under the Redis-backed variant."""
-    local: Throttle
-    if share is not None and share.shared is not None:
-        from authrelay.policy.anvil import SharedThrottle
-
-        local = SharedThrottle(cfg, share.shared, known=known)
-    else:
-        local = LocalThrottle(cfg, share, known=known)
-    if cfg.limits.shared:
-        from authrelay.policy.shared import make_redis_throttle
-
-        return make_redis_throttle(cfg, local)
-    return local

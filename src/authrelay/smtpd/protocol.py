@@ -179,6 +179,12 @@ class RcptRequest:
     recipient: PathArg
     postmaster: bool
 
+    @property
+    def address(self) -> Address:
+        """The recipient's address (the engine never asks about a null path)."""
+        assert self.recipient.address is not None
+        return self.recipient.address
+
 
 @dataclass(slots=True)
 class DataRequest:

@@ -2,10 +2,10 @@
 
 Owns what the engine cannot do itself: reading and writing the socket (listener.py), the
 deadlines (command_timeout; data_block_timeout and data_final_timeout in DATA), the TLS
-handshake, AUTH backend calls and failure delays, policy decisions (relay, sender, user
-rates, host checks), the spool draft and its durable commit, and the maillog/metrics
-lines. Everything about the SMTP dialogue itself (grammar, order, per-command checks,
-replies) is the engine's.
+handshake, AUTH backend calls and failure delays, the awaits policy needs (user rates,
+host checks; the decisions themselves are policy/verdicts.py's), the spool draft and its
+durable commit, and the maillog/metrics lines. Everything about the SMTP dialogue itself
+(grammar, order, per-command checks, replies) is the engine's.
 
 Contract: `Session(deps, conn, ticket)`; `await run()`; `expire()` ends it at the session
 time limit. `deps` (SessionDeps) holds narrow interfaces only (config, relay policy,
@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from authrelay import replies
 from authrelay.config import Config
-from authrelay.policy import containment
+from authrelay.policy import containment, verdicts
 from authrelay.policy.ownership import Owner
 from authrelay.policy.relay import RelayPolicy
 from authrelay.smtpd import protocol as p
@@ -404,10 +404,11 @@ class Session:
             path = ev.transaction.sender
             owned = self._owner(user).addresses if self.cfg.auth.sender_policy == "own" \
                 else ()
-            if not self.deps.policy.sender_allowed(path.address, user, owned):
-                self._log_reject(replies.SENDER_NOT_OWNED, f"<{path.text}>... ",
-                                 sasl_username=user)
-                eng.policy_result(replies.SENDER_NOT_OWNED)
+            refusal = verdicts.mail_verdict(self.cfg.auth.sender_policy, path.address, user,
+                                            owned)
+            if refusal is not None:
+                self._log_reject(refusal, f"<{path.text}>... ", sasl_username=user)
+                eng.policy_result(refusal)
                 return
             if self.deps.containment is not None:
                 # A suspended account (policy/containment.py): 450 4.7.1, the client
@@ -430,11 +431,13 @@ class Session:
             self._log_reject(replies.USER_RATE, "", sasl_username=user)
             eng.policy_result(replies.USER_RATE)
             return
-        if not ev.postmaster and not self.deps.policy.may_relay(
-                path.address, authenticated=bool(user), trusted=self.trusted):  # type: ignore[arg-type]
-            self._log_reject(replies.RELAY_DENIED, f"<{path.text}>... ",
+        refusal = verdicts.rcpt_verdict(self.deps.policy, ev.address,
+                                        postmaster=ev.postmaster, authenticated=bool(user),
+                                        trusted=self.trusted)
+        if refusal is not None:
+            self._log_reject(refusal, f"<{path.text}>... ",
                              **{"from": f"<{ev.transaction.sender.text}>"})
-            eng.policy_result(replies.RELAY_DENIED, bad_recipient=True)
+            eng.policy_result(refusal, bad_recipient=True)
             return
         if not ev.postmaster and not user and not self.trusted and self.deps.checks is not None:
             # sendmail delay_checks: host checks only for clients that did not AUTH, so a

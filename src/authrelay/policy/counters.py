@@ -1,0 +1,183 @@
+"""Connection counting types shared by every throttle, and the workers' shared memory.
+
+Owns the values a throttle answers with (`Pool`, `Admission`), the GCRA schedule of
+`connection_rate`, a process's part of the global limits (`Share`), and `SharedCounters`:
+gauges and sliding windows in one anonymous shared mapping that the master makes before
+forking, so every receiving worker counts in the same place (policy/anvil.py's
+SharedThrottle uses it; Postfix's anvil(8) is a server process, this is a memory table).
+
+Contract (SharedCounters): keys (IPs, user names) are hashed with a per-start secret into
+`SLOTS` slots per table. Two keys that share a slot share a counter: that can only make a
+limit stricter for them, never looser, and with 65,536 slots it is rare. Gauges
+(concurrent connections) are exact; rates use two fixed windows weighted into a sliding
+estimate (the previous window counts for the part of it that still overlaps the sliding
+window). Pools are gauges in the same slot table under their pool keys; a connection is
+checked against all its pools and its IP and counted in all of them under the one lock,
+so no two workers can both take the last slot. `connection_rate` is one shared GCRA
+schedule (nanoseconds of CLOCK_MONOTONIC, system-wide, so all workers read one clock).
+Failure policy: none; a slot overflow cannot happen (64-bit counters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import multiprocessing
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from authrelay import replies
+from authrelay.types import Reply
+
+SLOTS = 1 << 16
+_WINDOW_TABLES = ("rate_ip", "auth_ip", "auth_user", "auth_usernet", "user_msgs",
+                  "user_rcpts")
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A connection pool: `key` names it ("*" global, "smtp" the smtp class, "listener:..."),
+    `cap` is its size (0: no cap)."""
+
+    key: str
+    cap: int
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The answer to `connect`. Admitted (`refusal is None`): counted until `disconnect`, and
+    the greeting waits `delay` seconds first. Refused: nothing counted; `reason` is
+    "pool:<key>", "ip", "rate" or "rate_ip" (for logs and metrics)."""
+
+    refusal: Reply | None = None
+    delay: float = 0.0
+    reason: str = ""
+
+    @property
+    def admitted(self) -> bool:
+        return self.refusal is None
+
+
+ADMIT = Admission()
+PENDING = "pending:"  # gauge key prefix: an address's connections still in handshake
+
+
+def pool_refusal(key: str) -> Admission:
+    return Admission(replies.TOO_MANY_CONNECTIONS, 0.0, f"pool:{key}")
+
+
+def gcra(tat: float, now: float, rate: float, max_delay: float) -> tuple[float, float]:
+    """Generic cell rate algorithm with a burst of `rate` (one second's worth).
+
+    `tat` is the theoretical arrival time of the next connection. Returns (delay, new tat);
+    delay < 0 means refuse (the wait would pass `max_delay`; tat unchanged)."""
+    interval = 1.0 / rate
+    tolerance = (max(rate, 1.0) - 1.0) * interval  # a burst of `rate` goes through at once
+    tat = max(tat, now)
+    delay = tat - tolerance - now
+    delay = delay if delay > 1e-6 else 0.0  # float noise is no wait
+    if delay > max_delay:
+        return -1.0, tat
+    return delay, tat + interval
+
+
+@dataclass
+class Share:
+    """This process's part of the global limits (1 of 1 unless several workers)."""
+
+    index: int = 0
+    count: int = 1
+    shared: SharedCounters | None = None  # when the workers count together
+
+    def part(self, total: int) -> int:
+        if total <= 0 or self.count <= 1 or self.shared is not None:
+            return total
+        return max(1, total // self.count)
+
+
+class SharedCounters:
+    """Gauges and sliding-window counters in shared memory; create before fork()."""
+
+    def __init__(self, slots: int = SLOTS) -> None:
+        self.slots = slots
+        self._base: dict[str, int] = {"tat": 0, "conns": 1}
+        size = 1 + slots
+        for name in _WINDOW_TABLES:
+            self._base[name] = size
+            size += 3 * slots  # (window number, count in it, count in the one before)
+        self._mm = mmap.mmap(-1, size * 8)  # anonymous + MAP_SHARED: children see it
+        self._a = memoryview(self._mm).cast("q")
+        self._lock = multiprocessing.get_context("fork").Lock()
+        self._key = os.urandom(16)
+
+    def _slot(self, key: str) -> int:
+        h = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8,
+                            key=self._key).digest()
+        return int.from_bytes(h, "little") % self.slots
+
+    # gauges --------------------------------------------------------------------
+    def gauge(self, key: str) -> int:
+        return self._a[self._base["conns"] + self._slot(key)]
+
+    def gauge_add(self, key: str, delta: int) -> None:
+        i = self._base["conns"] + self._slot(key)
+        with self._lock:
+            self._a[i] = max(0, self._a[i] + delta)
+
+    def try_acquire(self, ip: str, pools: Sequence[Pool], max_ip: int,
+                    rate: float = 0.0, max_delay: float = 0.0,
+                    now: float | None = None) -> Admission:
+        """Check every pool, the IP gauge and the connection rate; count the connection in
+        all of them, atomically across workers (`max_ip` 0: no per-IP limit; `rate` 0:
+        no rate)."""
+        a, base = self._a, self._base["conns"]
+        idx = [(base + self._slot(p.key), p) for p in pools]
+        ip_i = base + self._slot(ip)
+        with self._lock:
+            for i, p in idx:
+                if p.cap and a[i] >= p.cap:
+                    return pool_refusal(p.key)
+            if max_ip and a[ip_i] >= max_ip:
+                return Admission(replies.TOO_MANY_FROM_IP, 0.0, "ip")
+            delay = 0.0
+            if rate:
+                t = time.monotonic() if now is None else now
+                delay, tat = gcra(a[0] / 1e9, t, rate, max_delay)
+                if delay < 0:
+                    return Admission(replies.RATE_LIMITED, 0.0, "rate")
+                a[0] = int(tat * 1e9)
+            for i, _p in idx:
+                a[i] += 1
+            a[ip_i] += 1
+        return Admission(None, delay) if delay else ADMIT
+
+    def release(self, ip: str, pools: Sequence[Pool]) -> None:
+        a, base = self._a, self._base["conns"]
+        with self._lock:
+            for i in [base + self._slot(p.key) for p in pools] + [base + self._slot(ip)]:
+                a[i] = max(0, a[i] - 1)
+
+    # windows -------------------------------------------------------------------
+    def _window(self, table: str, key: str, period: float, now: float, add: int) -> float:
+        a = self._a
+        i = self._base[table] + 3 * self._slot(key)
+        win = int(now // period)
+        with self._lock:
+            if a[i] != win:
+                # Roll forward: the window before is kept only if it is the adjacent one.
+                a[i + 2] = a[i + 1] if a[i] == win - 1 else 0
+                a[i + 1] = 0
+                a[i] = win
+            a[i + 1] += add
+            cur, prev = a[i + 1], a[i + 2]
+        overlap = 1.0 - (now - win * period) / period
+        return cur + prev * overlap
+
+    def window_add(self, table: str, key: str, period: float, now: float, n: int = 1
+                   ) -> float:
+        return self._window(table, key, period, now, n)
+
+    def window_count(self, table: str, key: str, period: float, now: float) -> float:
+        return self._window(table, key, period, now, 0)
