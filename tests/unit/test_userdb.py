@@ -17,10 +17,10 @@ from authrelay.auth.authenticator import (
     AuthResult,
     BackendAuthenticator,
     UserDBAuthenticator,
-    _CredentialCache,
     make_authenticator,
 )
 from authrelay.auth.backends import DovecotBackend, SaslauthdBackend
+from authrelay.auth.base import CredentialCache
 from authrelay.auth.userdb import (
     SCHEMA_VERSION,
     MemoryUserDB,
@@ -418,28 +418,50 @@ async def test_sqlite_change_by_another_process_invalidates(tmp_path: Path) -> N
 
 
 def test_cache_entry_expires(monkeypatch: pytest.MonkeyPatch) -> None:
-    import authrelay.auth.authenticator as mod
+    import authrelay.auth.base as mod
 
     now = [1000.0]
     monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
-    cache = _CredentialCache(ttl=10)
+    cache = CredentialCache(ttl=10)
     k = cache.key("alice", "pw")
-    cache.store(k, "alice", 1)
+    cache.put(k, 1)
     assert cache.hit(k, 1)
     assert not cache.hit(k, 2)  # other generation
-    cache.store(k, "alice", 1)
+    cache.put(k, 1)
     now[0] += 11
     assert not cache.hit(k, 1)
     assert len(cache) == 0
 
 
 def test_cache_keys_do_not_collide_and_are_bounded() -> None:
-    cache = _CredentialCache(ttl=10, max_entries=3)
+    cache = CredentialCache(ttl=10, max_entries=3)
     assert cache.key("ab", "c") != cache.key("a", "bc")
-    assert cache.key("a", "b") != _CredentialCache(ttl=10).key("a", "b")  # per-process key
+    assert cache.key("a", "b") != CredentialCache(ttl=10).key("a", "b")  # per-process key
     for i in range(10):
-        cache.store(cache.key(f"u{i}", "p"), f"u{i}", 1)
+        cache.put(cache.key(f"u{i}", "p"), 1)
     assert len(cache) <= 3
+
+
+def test_cache_key_is_the_name_as_sent() -> None:
+    # One encoding for every store: a name with bytes that are not UTF-8 (surrogate
+    # escapes from the SASL decoder) neither raises nor shares a key with another name.
+    cache = CredentialCache(ttl=10)
+    latin1 = b"j\xf6rg".decode("utf-8", "surrogateescape")
+    assert cache.key(latin1, "p") != cache.key("j\u00f6rg", "p")
+    assert len(cache.key(latin1, "p")) == 32
+
+
+async def test_unstorable_name_is_a_wrong_login(cdb: CountingDB) -> None:
+    # The user DB cannot hold such a name: BAD after a dummy hash, never a store error.
+    cdb.add("alice", "pw")
+    auth = UserDBAuthenticator(cdb, cache_ttl=60)
+    try:
+        bad = b"al\xffice".decode("utf-8", "surrogateescape")
+        assert await auth.verify(bad, "pw") is AuthResult.BAD
+        assert await auth.verify("al\x00ice", "pw") is AuthResult.BAD
+        assert cdb.lookups == []  # the store was not asked
+    finally:
+        auth.close()
 
 
 async def test_rehash_on_login(cdb: CountingDB) -> None:
@@ -469,16 +491,16 @@ async def test_backlog_is_bounded(cdb: CountingDB) -> None:
     cdb.add("alice", "pw")
     cdb.gate = threading.Event()
     auth = UserDBAuthenticator(cdb, hash_threads=1, cache_ttl=0)
-    limit = auth._backlog
+    limit = auth.hashing.backlog
     try:
         tasks = [asyncio.ensure_future(auth.verify("alice", "pw")) for _ in range(limit)]
         await asyncio.sleep(0)
-        assert auth._pending == limit
+        assert auth.hashing.pending == limit
         assert await auth.verify("alice", "pw") is AuthResult.TEMPFAIL
         cdb.gate.set()
         results = await asyncio.gather(*tasks)
         assert set(results) == {AuthResult.OK}
-        assert auth._pending == 0
+        assert auth.hashing.pending == 0
         assert await auth.verify("alice", "pw") is AuthResult.OK
     finally:
         cdb.gate.set()

@@ -14,150 +14,59 @@ is TEMPFAIL (the client retries later), never BAD (which would count against the
 and never OK.
 
 userdb specifics (the "Hold under abuse" data side):
-- argon2id verification runs in a ThreadPoolExecutor of `cfg.auth.hash_threads`; work
-  beyond a bounded backlog is refused with TEMPFAIL rather than queued without end, so a
-  flood of AUTH attempts costs bounded memory and CPU.
+- argon2id verification runs in the HashPool (auth/base.py) of `cfg.auth.hash_threads`;
+  work beyond a bounded backlog is refused with TEMPFAIL rather than queued without end, so
+  a flood of AUTH attempts costs bounded memory and CPU.
 - an unknown user is verified against a dummy hash: same cost, no user-enumeration oracle.
-- successes are cached for `cfg.auth.cache_ttl` seconds, keyed by HMAC-SHA256 under a
-  per-process random key of (user, password): the password is never stored, and the key
-  dies with the process. The cache is dropped whenever the user DB generation changes, so
-  `authrelay user passwd` / `user del` take effect on the very next AUTH. Failures are
-  never cached: each guess pays the full hash.
+- successes are cached (auth/base.CredentialCache) for `cfg.auth.cache_ttl` seconds,
+  keyed by HMAC-SHA256 under a per-process random key of (user, password): the password
+  is never stored, and the key dies with the process. An entry counts only under the
+  user DB generation it was made in, so `authrelay user passwd` / `user del` take effect
+  on the very next AUTH. Failures are never cached: each guess pays the full hash.
 """
 
 from __future__ import annotations
 
-import asyncio
-import enum
-import hashlib
-import hmac
 import logging
-import secrets
 import sqlite3
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from authrelay.auth import apppasswords, passwords
 from authrelay.auth.backends import BackendUnavailable, DovecotBackend, SaslauthdBackend
-from authrelay.auth.userdb import UserDB, UserDBError, implicit_address
+from authrelay.auth.base import (
+    BACKLOG_PER_THREAD,
+    Authenticator,
+    AuthResult,
+    CredentialCache,
+    HashPool,
+    Login,
+    storable,
+)
+from authrelay.auth.pgusers import make_pg_authenticator
+from authrelay.auth.userdb import UserDB, UserDBError, UserStore, implicit_address
+from authrelay.config import Config
 
-if TYPE_CHECKING:
-    from authrelay.auth.userdb import _UserStore
-    from authrelay.config import Config
+__all__ = ["AuthResult", "Authenticator", "BackendAuthenticator", "Login",
+           "UserDBAuthenticator", "make_authenticator"]
 
 log = logging.getLogger(__name__)
 
-CACHE_MAX_ENTRIES = 10000
-BACKLOG_PER_THREAD = 64  # queued hash jobs per hashing thread before TEMPFAIL
-
-
-class AuthResult(enum.Enum):
-    OK = "ok"
-    BAD = "bad"
-    TEMPFAIL = "tempfail"
-
-
-@dataclass(frozen=True)
-class Login:
-    """The answer to `Authenticator.login`: the result, the app password that matched
-    ("" for the account password: the maillog's `sasl_app=`), and a hint for the maillog
-    when right credentials were refused anyway ("app password required")."""
-
-    result: AuthResult
-    app: str = ""
-    hint: str = ""
-
-
-class Authenticator:
-    """Base class: the interface the SMTP server calls."""
-
-    async def verify(self, username: str, password: str | bytes) -> AuthResult:
-        raise NotImplementedError
-
-    async def login(self, username: str, password: str | bytes,
-                    client_ip: str = "") -> Login:
-        """`verify` plus what the maillog says about it (app passwords: auth/
-        apppasswords.py). Backends without app passwords answer `verify`'s result."""
-        return Login(await self.verify(username, password))
-
-    def reload(self, cfg: Config) -> None:
-        """SIGHUP: settings that may change without a restart (`[auth] app_passwords`)."""
-
-    def addresses(self, username: str) -> set[str]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class _CredentialCache:
-    """Verified (user, password) pairs, by HMAC only, for a short time."""
-
-    def __init__(self, ttl: float, max_entries: int = CACHE_MAX_ENTRIES) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._key = secrets.token_bytes(32)
-        # -> (expiry, user, gen, app password name or "")
-        self._entries: dict[bytes, tuple[float, str, int, str]] = {}
-
-    def key(self, username: str, password: str | bytes) -> bytes:
-        u, p = username.encode("utf-8"), passwords.raw(password)
-        # Length-prefix the user so ("ab", "c") and ("a", "bc") never collide.
-        return hmac.new(self._key, struct.pack(">I", len(u)) + u + p, hashlib.sha256).digest()
-
-    def hit(self, key: bytes, generation: int) -> bool:
-        entry = self._entries.get(key)
-        if entry is None:
-            return False
-        expiry, _, gen, _ = entry
-        if gen != generation or expiry <= time.monotonic():
-            del self._entries[key]
-            return False
-        return True
-
-    def app(self, key: bytes) -> str:
-        """The app password a cached pair verified as ("" for the account password)."""
-        entry = self._entries.get(key)
-        return entry[3] if entry else ""
-
-    def store(self, key: bytes, username: str, generation: int, app: str = "") -> None:
-        if self.ttl <= 0:
-            return
-        now = time.monotonic()
-        if len(self._entries) >= self.max_entries:
-            self._entries = {k: v for k, v in self._entries.items()
-                             if v[0] > now and v[2] == generation}
-            if len(self._entries) >= self.max_entries:
-                self._entries.pop(next(iter(self._entries)))  # oldest insertion
-        self._entries[key] = (now + self.ttl, username, generation, app)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
 
 class UserDBAuthenticator(Authenticator):
-    def __init__(self, db: _UserStore, *, hash_threads: int = 4, cache_ttl: float = 300.0,
+    def __init__(self, db: UserStore, *, hash_threads: int = 4, cache_ttl: float = 300.0,
                  rehash: bool = True, app_passwords: str = "allow") -> None:
         self.db = db
-        self.hash_threads = max(1, hash_threads)
-        self._pool = ThreadPoolExecutor(max_workers=self.hash_threads,
-                                        thread_name_prefix="authrelay-hash")
+        self.hashing = HashPool(hash_threads)
+        self.hash_threads = self.hashing.threads
         # "last used" writes: one thread of their own, never awaited by AUTH (a locked or
         # read-only DB only makes them late or skipped), bounded in what may queue.
         self._touch_pool = ThreadPoolExecutor(max_workers=1,
                                               thread_name_prefix="authrelay-touch")
         self._touch_slots = threading.BoundedSemaphore(BACKLOG_PER_THREAD)
         self._touch_due = apppasswords.TouchSchedule()
-        self._backlog = self.hash_threads * BACKLOG_PER_THREAD
-        self._pending = 0
-        self.cache = _CredentialCache(cache_ttl)
+        self.cache = CredentialCache(cache_ttl)
         self._cache_gen: int | None = None
         self._rehash = rehash
         self.app_mode = app_passwords
@@ -206,14 +115,15 @@ class UserDBAuthenticator(Authenticator):
         except RuntimeError:  # closing
             self._touch_slots.release()
 
-    async def verify(self, username: str, password: str | bytes) -> AuthResult:
-        return (await self.login(username, password)).result
-
     async def login(self, username: str, password: str | bytes,
                     client_ip: str = "") -> Login:
         if not username or not password:
             return Login(AuthResult.BAD)
-        loop = asyncio.get_running_loop()
+        if not storable(username):
+            # No such name can be in the user DB (the CLI refuses it): a wrong login, paid
+            # for like any other (same cost: no oracle), not a database failure.
+            done = await self.hashing.run(passwords.verify_dummy, password)
+            return Login(AuthResult.TEMPFAIL if done is None else AuthResult.BAD)
         try:
             # One cheap indexed read; also the moment we learn of CLI changes (a revoked
             # app password bumps it too, so revocation is immediate).
@@ -229,24 +139,20 @@ class UserDBAuthenticator(Authenticator):
             app = self.cache.app(key)
             self._touch(username, app, client_ip)
             return Login(AuthResult.OK, app)
-        if self._pending >= self._backlog:
-            log.warning("AUTH hashing backlog full (%d): answering tempfail", self._pending)
-            return Login(AuthResult.TEMPFAIL)
-        self._pending += 1
         try:
-            out = await loop.run_in_executor(self._pool, self._check, username, password)
+            out = await self.hashing.run(self._check, username, password)
         except (sqlite3.Error, UserDBError, OSError):
             log.warning("user DB unreadable", exc_info=True)
             return Login(AuthResult.TEMPFAIL)
         except RuntimeError:  # pool shut down: we are closing
             return Login(AuthResult.TEMPFAIL)
-        finally:
-            self._pending -= 1
+        if out is None:  # backlog full
+            return Login(AuthResult.TEMPFAIL)
         if not out.ok:
             return Login(AuthResult.BAD, hint=out.hint)
         # Stored under the generation read *before* hashing: if the password changed
         # meanwhile, the next lookup sees a newer generation and ignores this entry.
-        self.cache.store(key, username, gen, out.app)
+        self.cache.put(key, gen, out.app)
         self._touch(username, out.app, client_ip)
         return Login(AuthResult.OK, out.app)
 
@@ -258,7 +164,7 @@ class UserDBAuthenticator(Authenticator):
             return set()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.hashing.shutdown()
         self._touch_pool.shutdown(wait=False, cancel_futures=True)
         self.db.close()
 
@@ -269,18 +175,19 @@ class BackendAuthenticator(Authenticator):
     def __init__(self, backend: SaslauthdBackend | DovecotBackend) -> None:
         self.backend = backend
 
-    async def verify(self, username: str, password: str | bytes) -> AuthResult:
+    async def login(self, username: str, password: str | bytes,
+                    client_ip: str = "") -> Login:
         if not username or not password:
-            return AuthResult.BAD
+            return Login(AuthResult.BAD)
         try:
             ok = await self.backend.check(username, password)
         except BackendUnavailable as e:
             log.warning("auth backend unavailable: %s", e)
-            return AuthResult.TEMPFAIL
+            return Login(AuthResult.TEMPFAIL)
         except Exception:  # a bug here must not crash the session or read as OK
             log.exception("auth backend %r failed", self.backend)
-            return AuthResult.TEMPFAIL
-        return AuthResult.OK if ok else AuthResult.BAD
+            return Login(AuthResult.TEMPFAIL)
+        return Login(AuthResult.OK if ok else AuthResult.BAD)
 
     def addresses(self, username: str) -> set[str]:
         # External backends know no addresses: a login that is an address owns it.
@@ -296,9 +203,7 @@ def make_authenticator(cfg: Config) -> Authenticator:
     if be.startswith("dovecot:"):
         return BackendAuthenticator(DovecotBackend(be.split(":", 1)[1], timeout))
     if be == "postgresql":  # users shared by a farm (auth/pgusers.py)
-        from authrelay.auth.pgusers import make_pg_authenticator
-
-        return make_pg_authenticator(cfg)  # type: ignore[return-value]
+        return make_pg_authenticator(cfg)
     return UserDBAuthenticator(UserDB(cfg.userdb_path), hash_threads=cfg.auth.hash_threads,
                                cache_ttl=cfg.auth.cache_ttl,
                                app_passwords=cfg.auth.app_passwords)

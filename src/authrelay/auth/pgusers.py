@@ -31,27 +31,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
-import secrets
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from authrelay import maillog as maillog_mod
 from authrelay.auth import apppasswords, passwords
 from authrelay.auth.apppasswords import AppPassword, AppPasswordError
+from authrelay.auth.base import (
+    BACKLOG_PER_THREAD,
+    Authenticator,
+    AuthResult,
+    CredentialCache,
+    HashPool,
+    Login,
+    storable,
+)
 from authrelay.auth.userdb import (
     NoSuchUser,
     UserDBError,
     UserExists,
     UserInfo,
-    _UserStore,
-    check_name,
+    UserStore,
     implicit_address,
 )
 from authrelay.policy.suspensions import Suspension
@@ -62,9 +65,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: app_passwords
-CACHE_MAX_ENTRIES = 10000
 ADDRESS_CACHE_MAX = 10000
-BACKLOG_PER_THREAD = 64
 RETRY_AFTER_FAILURE = 1.0  # seconds without a new connection attempt after one failed
 _LOCK_KEY = 0x61757468  # pg_advisory_xact_lock key serialising schema creation ("auth")
 
@@ -450,7 +451,7 @@ class PgUserStore:
         await self._run(fn)
 
 
-class PgUserDB(_UserStore):
+class PgUserDB(UserStore):
     """The blocking face of PgUserStore for the CLI (`authrelay user ...`): the same
     methods as the SQLite UserDB (validation and hashing shared), each a round trip on a
     private event loop. Creates the schema on first use."""
@@ -527,55 +528,7 @@ class PgUserDB(_UserStore):
             self._loop.close()
 
 
-def _storable(name: str) -> bool:
-    try:
-        check_name(name)
-        name.encode("utf-8")  # surrogate escapes (non-UTF-8 bytes) cannot be stored
-    except (UserDBError, UnicodeEncodeError):
-        return False
-    return True
-
-
-class _VerifiedCache:
-    """(user, password) -> (the hash it verified against, when), by HMAC only."""
-
-    def __init__(self, ttl: float, max_entries: int = CACHE_MAX_ENTRIES) -> None:
-        self.ttl = ttl
-        self._key = secrets.token_bytes(32)
-        self._max = max_entries
-        self._d: OrderedDict[bytes, tuple[float, str, str]] = OrderedDict()
-
-    def key(self, username: str, password: str | bytes) -> bytes:
-        u, p = username.encode("utf-8", "surrogateescape"), passwords.raw(password)
-        return hmac.new(self._key, struct.pack(">I", len(u)) + u + p, hashlib.sha256).digest()
-
-    def get(self, key: bytes) -> tuple[str, str] | None:
-        """(the hash this pair verified against, the app password's name or ""), if that
-        was less than `ttl` ago."""
-        entry = self._d.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= time.monotonic():
-            del self._d[key]
-            return None
-        return entry[1], entry[2]
-
-    def put(self, key: bytes, stored_hash: str, app: str = "") -> None:
-        if self.ttl <= 0:
-            return
-        self._d[key] = (time.monotonic() + self.ttl, stored_hash, app)
-        self._d.move_to_end(key)
-        while len(self._d) > self._max:
-            self._d.popitem(last=False)
-
-    def drop(self, key: bytes) -> None:
-        self._d.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-
-class PgAuthenticator:
+class PgAuthenticator(Authenticator):
     """`[auth] backend = "postgresql"`: the Authenticator interface over PgUserStore."""
 
     def __init__(self, store: PgUserStore, *, hash_threads: int = 4,
@@ -584,12 +537,9 @@ class PgAuthenticator:
         self.store = store
         self.app_mode = app_passwords
         self._touch_due = apppasswords.TouchSchedule()
-        self.hash_threads = max(1, hash_threads)
-        self._pool = ThreadPoolExecutor(max_workers=self.hash_threads,
-                                        thread_name_prefix="authrelay-hash")
-        self._backlog = self.hash_threads * BACKLOG_PER_THREAD
-        self._pending = 0
-        self.cache = _VerifiedCache(cache_ttl)
+        self.hashing = HashPool(hash_threads)
+        self.hash_threads = self.hashing.threads
+        self.cache = CredentialCache(cache_ttl)
         self._addresses: OrderedDict[str, set[str]] = OrderedDict()
         self._rehash = rehash
         self.db_up = True
@@ -607,33 +557,18 @@ class PgAuthenticator:
                                 "verified-credential cache, else 454 4.7.0",
                                 database=redact_dsn(self.store.dsn), reason=why)
 
-    async def _hash_job(self, fn: Callable[..., T], *args: Any) -> T | None:
-        """Run argon2 work in the bounded pool; None when the backlog is full."""
-        if self._pending >= self._backlog:
-            log.warning("AUTH hashing backlog full (%d): answering tempfail", self._pending)
-            return None
-        self._pending += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        finally:
-            self._pending -= 1
-
-    async def verify(self, username: str, password: str | bytes) -> Any:
-        return (await self.login(username, password)).result
-
     def reload(self, cfg: Config) -> None:
         self.app_mode = cfg.auth.app_passwords  # the cache is checked against the mode
 
-    async def login(self, username: str, password: str | bytes, client_ip: str = "") -> Any:
-        from authrelay.auth.authenticator import AuthResult, Login
-
+    async def login(self, username: str, password: str | bytes,
+                    client_ip: str = "") -> Login:
         if not username or not password:
             return Login(AuthResult.BAD)
-        if not _storable(username):
+        if not storable(username):
             # No such name can be in the database (the CLI refuses it), and PostgreSQL
             # would refuse the query (NUL, bytes that are not UTF-8): a wrong login, paid
             # for like any other, not a database failure.
-            await self._hash_job(passwords.verify_dummy, password)
+            await self.hashing.run(passwords.verify_dummy, password)
             return Login(AuthResult.BAD)
         key = self.cache.key(username, password)
         norm = apppasswords.parse(password)
@@ -664,7 +599,7 @@ class PgAuthenticator:
                 self.cache.drop(key)
                 self._addresses.pop(username, None)
                 # Same cost as a real check: no user-enumeration oracle.
-                done = await self._hash_job(passwords.verify_dummy, password)
+                done = await self.hashing.run(passwords.verify_dummy, password)
                 return Login(AuthResult.TEMPFAIL if done is None else AuthResult.BAD)
             self._remember_addresses(username, addrs)
             cached = self.cache.get(key)
@@ -674,7 +609,7 @@ class PgAuthenticator:
                     and (cached[1] or self.app_mode != "require"):
                 self._touch(username, cached[1], client_ip)
                 return Login(AuthResult.OK, cached[1])
-            out = await self._hash_job(apppasswords.decide, self.app_mode, stored, app,
+            out = await self.hashing.run(apppasswords.decide, self.app_mode, stored, app,
                                        password)
         except RuntimeError:  # pool shut down: we are closing
             return Login(AuthResult.TEMPFAIL)
@@ -711,7 +646,7 @@ class PgAuthenticator:
     async def _upgrade(self, username: str, stored: str, password: str | bytes) -> None:
         """Re-hash with our current parameters (best effort; a read-only role is fine)."""
         try:
-            new = await self._hash_job(passwords.hash_password, password)
+            new = await self.hashing.run(passwords.hash_password, password)
             if new is not None:
                 await self.store.set_hash(username, new, stored)
         except Exception:
@@ -729,7 +664,7 @@ class PgAuthenticator:
         return set(self._addresses.get(username, ())) | implicit_address(username)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.hashing.shutdown()
         for t in list(self._tasks):
             t.cancel()
         self.store.terminate()

@@ -29,7 +29,7 @@ from pathlib import Path
 from authrelay import clientsetup
 from authrelay.auth import apppasswords
 from authrelay.auth.apppasswords import AppPasswordError
-from authrelay.auth.userdb import UserDB, UserDBError, _UserStore
+from authrelay.auth.userdb import UserDB, UserDBError, UserStore
 from authrelay.config import load
 
 
@@ -37,13 +37,13 @@ class _CliError(Exception):
     pass
 
 
-_opened: list[_UserStore] = []  # closed when the command ends (a pool, a loop)
+_opened: list[UserStore] = []  # closed when the command ends (a pool, a loop)
 
 
-def _open(args: argparse.Namespace) -> _UserStore:
+def _open(args: argparse.Namespace) -> UserStore:
     # No config found: refuse (exit 75) rather than edit a users.db no server reads.
     cfg = load(args.config, embedded=False)
-    db: _UserStore
+    db: UserStore
     if cfg.auth.backend == "postgresql":
         from authrelay.auth.pgusers import PgUserDB
 

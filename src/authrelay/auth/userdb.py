@@ -115,7 +115,7 @@ def implicit_address(name: str) -> set[str]:
         return set()
 
 
-class _UserStore:
+class UserStore:
     """The interface shared by UserDB and MemoryUserDB (hashing and validation here)."""
 
     def add(self, name: str, password: str | bytes, addresses: Iterable[str] = ()) -> None:
@@ -220,7 +220,7 @@ class _UserStore:
         pass
 
 
-class MemoryUserDB(_UserStore):
+class MemoryUserDB(UserStore):
     """In-memory user DB with the same interface, for unit tests."""
 
     def __init__(self) -> None:
@@ -315,7 +315,7 @@ class MemoryUserDB(_UserStore):
         return self._gen
 
 
-class UserDB(_UserStore):
+class UserDB(UserStore):
     """The SQLite user DB. Safe to share between threads: each thread gets its own
     connection, so a writer waiting for the file lock in one thread (the CLI elsewhere
     holds it) never blocks a reader on the event loop thread."""

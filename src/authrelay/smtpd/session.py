@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from authrelay import replies
+from authrelay.auth.base import Authenticator, AuthResult, Login
 from authrelay.config import Config
 from authrelay.policy import containment, verdicts
 from authrelay.policy.ownership import Owner
@@ -88,7 +89,7 @@ class SessionDeps:
     listener: str  # "submission:127.0.0.1:587", for the maillog
     mode: str  # smtp | submission | submissions
     policy: RelayPolicy
-    authenticator: Any  # verify(user, password) -> AuthResult; addresses(user); or None
+    authenticator: Authenticator | None
     submitter: Submitter  # the way into the spool
     tls_context: Callable[[], ssl.SSLContext | None]
     checks: Any = None  # policy.checks.HostChecks or None
@@ -343,8 +344,6 @@ class Session:
         self._log_tls()
 
     async def _auth(self, ev: p.AuthRequest) -> None:
-        from authrelay.auth.authenticator import AuthResult, Login
-
         eng, mech, user = self.eng, ev.mechanism, ev.username
         if ev.refusal is not None:
             await self._auth_failure(ev.refusal, "", mech)

@@ -169,7 +169,9 @@ class Spool:
         through spool/submit.py, which adds cleanup, checks and the maillog line."""
         if not envelope.queue_id:
             envelope.queue_id = new_queue_id()
-        return Incoming(self, envelope)
+        return Incoming(self.queue_dir, envelope, fsync=self.fsync,
+                        dir_sync=None if self.journal_orders_create else self.queue_dir_sync,
+                        notify=self.notifier.notify)
 
     # ------------------------------------------------------------------ lookup
     def _locate(self, qid: str) -> Path:

@@ -38,15 +38,11 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from authrelay.spool import format as fmt
 from authrelay.spool.envelope import Envelope
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from authrelay.spool.store import Spool
 
 NOT_READY_MODE = 0o600  # queue/ID still being received
 READY_MODE = 0o700  # owner-execute bit: committed (fsync'd before the 250)
@@ -223,17 +219,25 @@ class DirSync:
 # --------------------------------------------------------------------------- one message
 
 class Incoming:
-    """One message being received: written with write(), made durable by commit()."""
+    """One message being received: written with write(), made durable by commit().
 
-    def __init__(self, spool: Spool, envelope: Envelope) -> None:
-        self.spool = spool
+    `queue_dir`: where the file goes; `fsync`: make it durable (tests may turn it off);
+    `dir_sync`: the group commit of the directory entry, or None where the filesystem's
+    journal already orders the create (`journal_orders_create`); `notify(queue_id)`:
+    tells the scheduler once the message is committed (spool/notify.py)."""
+
+    def __init__(self, queue_dir: Path, envelope: Envelope, *, fsync: bool,
+                 dir_sync: DirSync | None, notify: Callable[[str], None]) -> None:
+        self._fsync = fsync
+        self._dir_sync = dir_sync
+        self._notify = notify
         self.envelope = envelope
         self.queue_id = envelope.queue_id
         self.size = 0  # message bytes written so far
         self.prepend = b""  # header lines sent before the message (set before commit)
         self.signer: Signer | None = None
         self.sign_error = ""
-        self._path = spool.queue_dir / self.queue_id
+        self._path = queue_dir / self.queue_id
         self._fd: int | None = None
         self._buf = bytearray()
         self._crc = 0
@@ -356,10 +360,10 @@ class Incoming:
             pwrite_all(fd, fmt.encode_header(env_len=len(self._env_json), pad=pad,
                                              pre=len(pre), msg=self.size, crc=crc), 0)
         os.fchmod(fd, READY_MODE)  # the ready mark travels in the same fsync as the data
-        if self.spool.fsync:
+        if self._fsync:
             os.fsync(fd)
-            if not self.spool.journal_orders_create:
-                self.spool.queue_dir_sync.sync()  # the directory entry too (group commit)
+            if self._dir_sync is not None:
+                self._dir_sync.sync()  # the directory entry too (group commit)
         self._fd = None
         os.close(fd)  # releases the flock only now: recover() never sees a half commit
 
@@ -374,7 +378,7 @@ class Incoming:
             self._done = False
             self.abort()
             raise
-        self.spool.notifier.notify(self.queue_id)
+        self._notify(self.queue_id)
 
     def commit_blocking(self) -> None:
         """commit() for callers without an event loop (the sendmail command)."""
@@ -387,7 +391,7 @@ class Incoming:
             self._done = False
             self.abort()
             raise
-        self.spool.notifier.notify(self.queue_id)
+        self._notify(self.queue_id)
 
     def abort(self) -> None:
         """Drop the message (idempotent); never raises. Nothing half-written stays."""
