@@ -42,6 +42,7 @@ RESTART_ONLY = frozenset({
     "limits.shared",
     # Containment is built (or not) once per process (policy/suspender.py).
     "limits.containment.enabled",
+    "delivery.tls_reports",  # the daily reporter task starts with the daemon
 })
 
 RELOADABLE = frozenset({
@@ -65,7 +66,7 @@ RELOADABLE = frozenset({
     "relay.smart_host_oauth_ca_file", "relay.proxy_trusted", "delivery.port",
     "delivery.tls", "delivery.tls_policy", "delivery.tls_policy_map[].domain",
     "delivery.tls_policy_map[].level", "delivery.tls_policy_map[].match",
-    "delivery.tls_ca_file", "delivery.dnssec", "delivery.mta_sts", "delivery.tls_reports",
+    "delivery.tls_ca_file", "delivery.dnssec", "delivery.mta_sts",
     "delivery.nameservers", "delivery.retry", "delivery.max_queue_lifetime",
     "delivery.delay_warning", "delivery.concurrency", "delivery.concurrency_per_domain",
     "delivery.connect_timeout", "delivery.command_timeout", "delivery.data_timeout",
