@@ -8,7 +8,8 @@ APT_PKGS=(swaks msmtp curl openssl sasl2-bin dovecot-core
           libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl python3-venv python3-pip
           haproxy postgresql redis-server
           opendkim-tools   # opendkim-testkey: an independent check of our DKIM keys + records
-          bind9 bind9-utils bind9-dnsutils unbound)  # DANE rig: signed zone + validating resolver
+          bind9 bind9-utils bind9-dnsutils unbound  # DANE rig: signed zone + validating resolver
+          fail2ban)  # fail2ban-regex: the documented filter against forged maillog values
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -19,7 +20,8 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # dovecot-core's package scripts may start a system dovecot, redis-server and postgresql
-# their system instances; the tests run their own on free loopback ports.
+# their system instances (fail2ban its service); the tests run their own on free loopback
+# ports, and use only fail2ban's fail2ban-regex.
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

@@ -7,7 +7,10 @@ sendmail/Postfix maillog lines:
 
 JSON lines carry the same fields as keys. Contract: never raises into the caller (a full
 disk must not fail a session), never logs an AUTH payload or password: callers pass only
-the fields below, and values are sanitised of CR/LF so a client cannot forge log lines.
+the fields below. Every value is escaped here, where the line is formatted (`escape()`,
+one documented scheme: non-printables as \\xHH / \\uHHHH, a value holding a space, `,` or
+`=` in quotes), so nothing a client sends can end a line or add a field, and fail2ban's
+documented regex only ever reads the relay address we wrote.
 Targets: stdout, stderr, file:PATH (reopened on SIGHUP for logrotate), syslog (mail facility;
 when /dev/log is missing or nobody listens on it, stderr, with a warning on stderr and a
 `warning=` line, since
@@ -29,6 +32,7 @@ import atexit
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -50,11 +54,114 @@ def _reset_pid() -> None:
 os.register_at_fork(after_in_child=_reset_pid)
 
 
-def _clean(value: Any) -> str:
-    s = str(value)
-    if any(c in s for c in "\r\n\x00"):
-        s = s.replace("\r", "\\r").replace("\n", "\\n").replace("\x00", "\\0")
-    return s
+# ---------------------------------------------------------------------------- escaping
+# Every value that reaches a line passes through escape() here, at the formatting
+# boundary, so no call site can forget: a client chooses HELO names, SASL user names,
+# addresses, ENVID/ORCPT, PROXY data, TLS SNI, remote replies and reverse DNS names, and
+# none of them may end a line or start a field (issue 17). See README "The maillog".
+
+_ASCII_UNSAFE = re.compile(r'[\x00-\x1f\x7f\\"]')
+_QUOTE_IF = re.compile(r"[ ,=]")
+# ", key=" inside our own prose would read as a field separator: its comma is escaped.
+_FIELD_COMMA = re.compile(r",(?=\s*[^\s,=]+=)")
+_RELAY = re.compile(r"(.*) \[([^\[\]]*)\](:\d+)?", re.S)
+
+
+def _char(c: str) -> str:
+    o = ord(c)
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def _chars(s: str, also: str = '"') -> str:
+    """`s` with every non-printable character (Unicode Cc, Cf, Zl, Zp, Zs other than the
+    ASCII space, Co, Cn, Cs), the backslash and the characters in `also` escaped."""
+    if s.isascii() and not _ASCII_UNSAFE.search(s) \
+            and not any(c in s for c in also if c != '"'):
+        return s
+    return "".join(_char(c) if c == "\\" or c in also or not c.isprintable() else c
+                   for c in s)
+
+
+def escape(value: Any, context: str = "value") -> str:
+    """The one escaping of maillog values (README "The maillog" documents it).
+
+    Characters, in every context: each non-printable character (Unicode categories Cc,
+    Cf, Zl, Zp, separators other than the ASCII space, private-use, unassigned, lone
+    surrogates), the backslash and (in text lines) the double quote are written `\\xHH`,
+    `\\uHHHH` or `\\UHHHHHHHH`: no value can end a line or hide text from a reader.
+    Then, by context:
+    - "value" (a field's whole value, e.g. `sasl_username=`, `helo=`): written bare when
+      it holds no space, `,` or `=` and is not empty, else in double quotes, with `[`
+      and `]` escaped too inside the quotes (`\\x5b`, `\\x5d`), so a literal `[` after
+      a space only ever comes from a `relay=HOST [IP]` we wrote (what fail2ban reads);
+    - "text" (our own prose and the client's part inside a field we compose: the
+      address in `from=<...>`, `to=<...>`, a reply in `stat=Sent (...)`): a comma that
+      would start a field (`, key=`) is written `\\x2c`;
+    - "token" (the host name and address of `relay=HOST [IP]`): space, `,`, `=`, `[`
+      and `]` are written `\\xHH`;
+    - "json" (a JSON value; json.dumps quotes it): the characters above, the double quote
+      left to JSON.
+    """
+    s = value if isinstance(value, str) else str(value)
+    if context == "value":
+        s = _chars(s)
+        if not s or _QUOTE_IF.search(s):
+            return '"' + s.replace("[", "\\x5b").replace("]", "\\x5d") + '"'
+        return s
+    if context == "text":
+        s = _chars(s)
+        return _FIELD_COMMA.sub(r"\\x2c", s) if "," in s else s
+    if context == "token":
+        return _chars(s, '" ,=[]')
+    if context == "json":
+        return _chars(s, "")
+    raise ValueError(f"unknown maillog escaping context {context!r}")
+
+
+class _Field(str):
+    """A value this module composed from escaped parts: written as it is."""
+
+    __slots__ = ()
+
+
+def _text(value: Any) -> str:
+    return escape(value, "text")
+
+
+def relay_field(relay: Any) -> str:
+    """`HOST [IP]` / `HOST [IP]:PORT` with HOST and IP escaped as tokens (a reverse DNS
+    name and a PROXY address come from outside); anything else as a value."""
+    if isinstance(relay, _Field):
+        return relay
+    s = relay if isinstance(relay, str) else str(relay)
+    m = _RELAY.fullmatch(s)
+    if m is None:
+        return _Field(escape(s))
+    host, ip, port = m.groups()
+    return _Field(f"{escape(host, 'token')} [{escape(ip, 'token')}]{port or ''}")
+
+
+# Keys whose values are our own prose (spaces are part of the line format admins grep):
+# escaped as "text". Every other key's value is escaped as a "value".
+_TEXT_KEYS = frozenset({
+    "reject", "reason", "warning", "error", "daemon", "status", "next", "stat", "problem",
+    "lost", "tls", "commands", "rcpts", "connect", "disconnect", "tls_failed", "by",
+    "action", "listeners", "s",
+})
+
+
+def _format(key: str, value: Any, json_line: bool) -> Any:
+    if isinstance(value, _Field):
+        return str(value)
+    if isinstance(value, bool | int | float):
+        return value if json_line else str(value)
+    if key == "relay":
+        return str(relay_field(value))
+    if json_line:
+        return escape(value, "json")
+    return escape(value, "text" if key in _TEXT_KEYS else "value")
 
 
 def _syslog_unreachable(path: str) -> str:
@@ -155,16 +262,16 @@ class MailLog:
 
     def event(self, queue_id: str | None, **fields: Any) -> None:
         """One line: `QID: k=v, k=v`. Keys with value None are left out."""
-        qid = queue_id or NOQUEUE
+        qid = escape(queue_id, "token") if queue_id else NOQUEUE
         items = [(k, v) for k, v in fields.items() if v is not None]
         try:
             if self.fmt == "json":
                 rec: dict[str, Any] = {"ts": round(time.time(), 6), "queue_id": qid}
                 for k, v in items:
-                    rec[k] = v if isinstance(v, int | float | bool) else _clean(v)
+                    rec[k] = _format(k, v, True)
                 line = json.dumps(rec, ensure_ascii=False)
             else:
-                body = ", ".join(f"{k}={_clean(v)}" for k, v in items)
+                body = ", ".join(f"{k}={_format(k, v, False)}" for k, v in items)
                 line = f"{qid}: {body}"
             self._emit(line)
         except Exception:  # the audit log must never break mail flow
@@ -174,16 +281,19 @@ class MailLog:
     # One method per event (chasquid style). Each writes exactly the line the generic
     # event() call it replaced wrote, so admins' greps and fail2ban filters keep working.
     # Field order is the line's order. `relay` is "host [ip]" as Session.relay_desc().
+    # Every interpolated value is escaped here (escape(), relay_field()): a value passed
+    # in is never trusted to be clean.
 
     def connect(self, relay: str, listener: str | None = None) -> None:
         """A client connected: `NOQUEUE: connect=from HOST [IP], listener=NAME`."""
-        self.event(None, connect=f"from {relay}", listener=listener)
+        self.event(None, connect=_Field(f"from {relay_field(relay)}"), listener=listener)
 
     def tls(self, relay: str, protocol: str, cipher: str | None = None,
             bits: int | None = None) -> None:
         """TLS established (STARTTLS done or implicit TLS on 465), as Postfix logs it:
         `NOQUEUE: tls=from HOST [IP], protocol=TLSv1.3, cipher=NAME, bits=256`."""
-        self.event(None, tls=f"from {relay}", protocol=protocol, cipher=cipher, bits=bits)
+        self.event(None, tls=_Field(f"from {relay_field(relay)}"), protocol=protocol,
+                   cipher=cipher, bits=bits)
 
     def tls_from(self, relay: str, ssl_object: Any) -> None:
         """tls() with the values read from an ssl.SSLObject / SSLSocket (None: nothing)."""
@@ -208,8 +318,8 @@ class MailLog:
         relay=HOST [IP], sasl_method=M, sasl_username=U[, reason=R]`. `reply` is a Reply
         or "CODE ENHANCED"; `reason` (no secrets: e.g. "bad password", "not UTF-8")
         is optional."""
-        code = _code(reply)
-        self.event(None, reject=f"{code} authentication failed", relay=relay,
+        code = _text(_code(reply))
+        self.event(None, reject=_Field(f"{code} authentication failed"), relay=relay,
                    sasl_method=mechanism or None, sasl_username=username or None,
                    reason=reason)
 
@@ -218,25 +328,26 @@ class MailLog:
         """A refused command or connection: `QID: reject=CODE ENH [what]TEXT, relay=...`.
         `reply` is a Reply (code, enhanced, text are used) or the complete string."""
         if isinstance(reply, str):
-            text = reply
-        else:
-            text = f"{reply.code} {reply.enhanced} {what}{reply.text}".strip()
-        self.event(queue_id, reject=text, relay=relay, **extra)
+            text = _text(reply)
+        else:  # `what` holds the client's address: escaped as text, like the reply
+            text = f"{reply.code} {_text(reply.enhanced)} {_text(what)}{_text(reply.text)}"
+        self.event(queue_id, reject=_Field(text.strip()), relay=relay, **extra)
 
     def queued(self, queue_id: str, sender: str, size: int, nrcpts: int,
                relay: str | None = None, proto: str | None = None, auth: str | None = None,
                helo: str | None = None, **extra: Any) -> None:
         """A message is in the queue (after fsync): `QID: from=<S>, size=N, nrcpts=N,
         relay=..., proto=ESMTPSA, auth=U, helo=H`, extra keys after (uid, user, origin)."""
-        self.event(queue_id, **{"from": f"<{sender}>"}, size=size, nrcpts=nrcpts,
+        self.event(queue_id, **{"from": _Field(f"<{_text(sender)}>")}, size=size,
+                   nrcpts=nrcpts,
                    relay=relay, proto=proto, auth=auth, helo=helo, **extra)
 
     def _delivery(self, queue_id: str, stat: str, rcpt: str, relay: str | None, delay: float,
                   tries: int, dsn: str | None, reply: str, tls: str | None,
                   policy: str | None) -> None:
-        self.event(queue_id, to=f"<{rcpt}>", relay=relay or "none", delay=f"{delay:.2f}",
-                   tries=tries, dsn=dsn or None, tls=tls or None, policy=policy or None,
-                   stat=f"{stat} ({reply})")
+        self.event(queue_id, to=_Field(f"<{_text(rcpt)}>"), relay=relay or "none",
+                   delay=f"{delay:.2f}", tries=tries, dsn=dsn or None, tls=tls or None,
+                   policy=policy or None, stat=_Field(f"{stat} ({_text(reply)})"))
 
     def sent(self, queue_id: str, rcpt: str, relay: str | None, delay: float, tries: int,
              dsn: str | None, reply: str, tls: str | None = None,
@@ -276,8 +387,9 @@ class MailLog:
         how = f"{protocol} with cipher {cipher}" if cipher else protocol
         if bits:
             how += f" ({bits}/{bits} bits)"
-        self.event(queue_id, tls=f"{result.capitalize()} TLS connection established to "
-                                 f"{relay}: {how}", policy=policy, reason=reason)
+        self.event(queue_id, tls=_Field(f"{result.capitalize()} TLS connection established "
+                                        f"to {relay_field(relay)}: {_text(how)}"),
+                   policy=policy, reason=reason)
 
     def notification(self, queue_id: str, action: str, dsn_queue_id: str) -> None:
         """A DSN about QID was queued as DSN_QID (action failed | delayed | relayed):
@@ -305,13 +417,15 @@ class MailLog:
     def disconnect(self, relay: str, auth: str | None = None,
                    commands: str | None = None) -> None:
         """`NOQUEUE: disconnect=from HOST [IP], auth=U, commands=ehlo=1 mail=1 ...`."""
-        self.event(None, disconnect=f"from {relay}", auth=auth or None, commands=commands or None)
+        self.event(None, disconnect=_Field(f"from {relay_field(relay)}"), auth=auth or None,
+                   commands=commands or None)
 
     def tls_failed(self, relay: str, reason: str, listener: str | None = None,
                    delay: float | None = None) -> None:
         """An inbound TLS handshake failed (Postfix: "SSL_accept error from"):
         `NOQUEUE: tls_failed=from HOST [IP], reason=R, listener=L, delay=0.12`."""
-        self.event(None, tls_failed=f"from {relay}", reason=reason, listener=listener,
+        self.event(None, tls_failed=_Field(f"from {relay_field(relay)}"), reason=reason,
+                   listener=listener,
                    delay=None if delay is None else f"{delay:.2f}")
 
     def host_failed(self, queue_id: str, relay: str, reason: str) -> None:

@@ -124,7 +124,8 @@ def test_values_cannot_forge_lines(ml: maillog.MailLog, tmp_path: Path) -> None:
     ml.connect("evil\r\nQ1: status=removed [1.2.3.4]")
     ml.flush()
     text = (tmp_path / "mail.log").read_text()
-    assert len(text.splitlines()) == 1 and "evil\\r\\nQ1" in text
+    assert len(text.splitlines()) == 1
+    assert "connect=from evil\\x0d\\x0aQ1:\\x20status\\x3dremoved [1.2.3.4]" in text
 
 
 def test_json_format(tmp_path: Path) -> None:
