@@ -48,8 +48,10 @@ ATTACKS = [
     ("two-mailboxes", "bob@other.test", "From: bob@other.test, ceo@probe.test\r\n"),
     ("parser-split", "bob@other.test", "From: bob@other.test <ceo@probe.test>\r\n"),
     ("encoded-word", "bob@other.test", "From: =?utf-8?q?ceo=40probe.test?=\r\n"),
-    ("no-from", "bob@other.test", ""),
+    ("sender-only", "bob@other.test", "Sender: ceo@probe.test\r\n"),
 ]
+# No From: at all: nothing to sign for, nothing claimed either: accepted, never signed.
+NO_FROM = ("no-from", "bob@other.test", "")
 OWN = [
     ("own-plain", "bob@other.test", "From: bob@other.test\r\n"),
     ("own-folded", "", "From: =?utf-8?q?B=C3=B6b?=\r\n <Bob@Other.Test>\r\n"),
@@ -105,11 +107,11 @@ def test_unowned_from_goes_out_unsigned(env: Callable[..., dict[str, Any]]) -> N
     e = env()  # sender_policy "any": from_header_policy "any", sign_unowned false
     relay = e["relay"]
     qids = {}
-    for tag, sender, head in ATTACKS + OWN:
+    for tag, sender, head in ATTACKS + OWN + [NO_FROM]:
         code, text, qid = send(relay, sender, message(head, tag))
         assert code == 250, (tag, code, text)
         qids[tag] = qid
-    for tag, _, _ in ATTACKS:
+    for tag, _, _ in ATTACKS + [NO_FROM]:
         content = delivered(e, tag)
         assert b"DKIM-Signature" not in content, tag
         assert verify_all(content, e["dns"].nameserver) == []
@@ -117,7 +119,7 @@ def test_unowned_from_goes_out_unsigned(env: Callable[..., dict[str, Any]]) -> N
         res = verify_all(delivered(e, tag), e["dns"].nameserver)
         assert res == [(b"other.test", b"t", b"ed25519-sha256", True)], (tag, res)
     log = relay.maillog()
-    for tag, _, _ in ATTACKS:
+    for tag, _, _ in ATTACKS + [NO_FROM]:
         assert f"{qids[tag]}: {SKIPPED}" in log, (tag, log[-3000:])
     for tag, _, _ in OWN:
         assert f"{qids[tag]}: dkim=signed, d=other.test, s=t" in log
@@ -143,7 +145,12 @@ def test_from_header_policy_own_refuses_at_end_of_data(
     assert all("relay=localhost [127.0.0.1]" in ln or "relay=unknown [127.0.0.1]" in ln
                for ln in refusals), refusals
     assert any("reason=From: <ceo@probe.test> not owned by bob" in ln for ln in refusals)
-    assert any("reason=no From: field" in ln for ln in refusals)
+    assert any("reason=Sender: <ceo@probe.test> not owned by bob" in ln for ln in refusals)
+    # No From: at all is accepted (it claims nothing), unsigned.
+    code, text, qid = send(relay, NO_FROM[1], message(NO_FROM[2], NO_FROM[0]))
+    assert code == 250, text
+    assert b"DKIM-Signature" not in delivered(e, NO_FROM[0])
+    assert f"{qid}: {SKIPPED}" in relay.maillog()
     # bob's own From: still goes through, signed.
     for tag, sender, head in OWN:
         code, text, _ = send(relay, sender, message(head, tag))

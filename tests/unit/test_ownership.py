@@ -36,6 +36,8 @@ NOT_OWNED = [
     (b"From: bob@other.test@probe.test\r\n", "From: not parsable"),
     (b"Subject: no from\r\n", "no From: field"),
     (b"", "no From: field"),
+    (b"Sender: ceo@probe.test\r\n", "Sender: <ceo@probe.test> not owned"),
+    (b"Sender: bob@other.test\r\n", "no From: field"),
     # obs-optional WSP before the colon (RFC 5322 4.5.3): still a From: field here
     (b"From : ceo@probe.test\r\nFrom: bob@other.test\r\n", "From: <ceo@probe.test>"),
     (b"From: \xff@other.test\r\n", "not owned"),  # not UTF-8: never equal to an owned one

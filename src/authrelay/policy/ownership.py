@@ -18,7 +18,8 @@ Contract: pure functions, no I/O.
   `problem` is "" or why the header cannot be vouched for (no From:, an encoded word or
   group where an address belongs, a parse defect).
 - `header_verdict(header_section, user, owned) -> str`: "" when every From:/Sender:
-  mailbox is the user's, else the reason (for the maillog; never sent to the client).
+  mailbox is the user's, else the reason (for the maillog; never sent to the client);
+  `NO_FROM` when all is owned but there is no From: field at all.
 - `Owner.of(user, owned)`: the user and its addresses, `.verdict(header_section)`.
 Failure policy: anything that cannot be parsed as a plain address is not owned (a refusal
 or an unsigned message, never a signature lent to a domain the user does not own).
@@ -37,6 +38,9 @@ _REGISTRY = HeaderRegistry()
 # RFC 5322 2.2 / 4.5.3 (obs-optional): a field name, optional white space, a colon.
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _CHECKED = (b"from", b"sender")
+# header_verdict() of a header without From: (nothing to vouch for: never signed, but
+# not refused either -- nothing in it claims an address the user does not own).
+NO_FROM = "no From: field"
 
 
 def normalize(address: str) -> str:
@@ -102,8 +106,6 @@ def header_mailboxes(header_section: bytes) -> tuple[list[tuple[str, str]], str]
     """(field label, mailbox address as written) of every From:/Sender: mailbox, and ""
     or the problem that keeps the header from being vouched for."""
     fields = header_fields(header_section)
-    if not any(n == b"from" for n, _ in fields):
-        return [], "no From: field"
     found: list[tuple[str, str]] = []
     for name, value in fields:
         label = "From:" if name == b"from" else "Sender:"
@@ -121,7 +123,7 @@ def header_mailboxes(header_section: bytes) -> tuple[list[tuple[str, str]], str]
             if not normalize(a) or a.startswith("=?"):
                 return found, f"{label} holds something that is not an address"
             found.append((label, a))
-    return found, ""
+    return found, "" if any(n == b"from" for n, _ in fields) else NO_FROM
 
 
 def header_verdict(header_section: bytes, user: str, owned: Iterable[str]) -> str:
@@ -129,12 +131,10 @@ def header_verdict(header_section: bytes, user: str, owned: Iterable[str]) -> st
     not (e.g. "From: <ceo@probe.test> not owned by bob")."""
     mine = owned_set(user, owned)
     found, problem = header_mailboxes(header_section)
-    if problem:
-        return problem
     for label, a in found:
         if normalize(a) not in mine:
             return f"{label} <{a}> not owned by {user}"
-    return ""
+    return problem
 
 
 @dataclass(frozen=True, slots=True)

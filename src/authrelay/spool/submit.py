@@ -42,7 +42,7 @@ from typing import Any
 from authrelay import replies
 from authrelay.config import Config
 from authrelay.maillog import MailLog
-from authrelay.policy.ownership import Owner
+from authrelay.policy.ownership import NO_FROM, Owner
 from authrelay.spool.cleanup import HeaderCleanup, received_for
 from authrelay.spool.envelope import Envelope, new_queue_id
 from authrelay.spool.format import SpoolError
@@ -216,7 +216,8 @@ class Draft:
         refuses the message: nothing more is stored, commit() raises Refused."""
         assert self.owner is not None
         self.from_verdict = verdict = self.owner.verdict(self._cleanup.header_section)
-        if verdict and self.submitter.cfg.auth.from_policy == "own":
+        # No From: at all claims no address: not signed, but not refused either.
+        if verdict and verdict != NO_FROM and self.submitter.cfg.auth.from_policy == "own":
             self._problem = Refused(replies.FROM_NOT_OWNED, verdict)
             self._incoming.abort()
             return True
