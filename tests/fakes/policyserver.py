@@ -1,9 +1,10 @@
 """An HTTPS server for MTA-STS policies (RFC 8461 3.3) on a loopback address, port 443.
 
 RFC 8461 fixes the port (https://mta-sts.DOMAIN/.well-known/mta-sts.txt), and authrelay
-keeps that: no setting moves it. The tests run as root, so they bind 127.0.19.N:443 (a
-loopback address no other test uses); `mta-sts.DOMAIN` resolves there through the test's
-DNS server. A non-root run skips (fails under CI=true).
+keeps that: no setting moves it. The tests run as root, so they bind port 443 on a
+loopback address of their own (127.19.X.Y in the MTA-STS tests, 127.0.19.1 by default);
+`mta-sts.DOMAIN` resolves there through the test's DNS server. A non-root run skips
+(fails under CI=true).
 
     srv = PolicyServer(ctx, host="127.0.19.1").start()
     srv.policies["mta-sts.example.test"] = "version: STSv1\\nmode: enforce\\n..."

@@ -1,5 +1,5 @@
 """MTA-STS (RFC 8461) end to end: a dnslib DNS server publishes `_mta-sts` TXT records and
-points `mta-sts.DOMAIN` at a real HTTPS server on 127.0.19.1:443 (certificate from the
+points `mta-sts.DOMAIN` at a real HTTPS server on 127.19.X.Y:443 (certificate from the
 trustme test CA, `[delivery] tls_ca_file`); aiosmtpd MX hosts present good or bad
 certificates. Cases: enforce + good certificate (verified), enforce + bad certificate
 (deferred 4.7.5), enforce + MX not listed (deferred), testing + bad certificate and
@@ -10,6 +10,8 @@ background refresh on a changed id. Plus the parser's strictness (unit level).""
 from __future__ import annotations
 
 import json
+import os
+import random
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +39,9 @@ from authrelay.types import DeliveryResult
 pytestmark = pytest.mark.slow
 
 MX1 = "mx1.sts.test"
-POLICY_HOST = "127.0.19.1"
+# RFC 8461's port is fixed (443): each test process takes its own loopback address, so
+# two runs on one machine do not collide.
+POLICY_HOST = f"127.19.{os.getpid() % 250 + 1}.{random.randint(1, 254)}"
 
 
 def policy(mode: str = "enforce", *mx: str, max_age: int = 86400) -> str:

@@ -21,7 +21,16 @@ from fakes.policyserver import PolicyServer
 from fakes.smtpserver import MXFactory
 from test_delivery_hosts import ListLog
 from test_tls_levels import ctx_for
-from test_tls_mtasts import MX1, Env, dns, env, https, policy, start_mx  # noqa: F401
+from test_tls_mtasts import (  # noqa: F401
+    MX1,
+    POLICY_HOST,
+    Env,
+    dns,
+    env,
+    https,
+    policy,
+    start_mx,
+)
 
 from authrelay import wiring
 from authrelay.delivery.tlsrpt import Reporter, parse_rua
@@ -129,7 +138,7 @@ async def test_policy_fetch_failure_is_tallied(
 
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     trustme.CA().issue_cert("mta-sts.sts.test").configure_cert(ctx)
-    srv = PolicyServer(ctx).start()
+    srv = PolicyServer(ctx, POLICY_HOST).start()
     try:
         srv.policies["mta-sts.sts.test"] = policy("enforce")
         start_mx(fake_mx, env, ctx_for(trustme.CA(), MX1))
