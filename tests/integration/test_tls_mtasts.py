@@ -304,3 +304,37 @@ async def test_concurrent_first_deliveries_fetch_once(
     finally:
         await courier.close()
     assert len(https.requests) == 1 and len(mx.messages) == 5
+
+
+async def test_testing_mode_falls_back_to_plain_text_after_a_broken_handshake(
+        env: Env, https: PolicyServer, fake_mx: MXFactory) -> None:
+    """RFC 8461 5: testing must not stop delivery: as at level may, a host whose STARTTLS
+    handshake failed gets plain text on the next attempt (tls_fallback_time)."""
+    https.policies["mta-sts.sts.test"] = policy("testing")
+    mx = fake_mx("127.0.0.2", broken_starttls=True)
+    env.port = fake_mx.port
+    courier = env.courier(ListLog())
+    try:
+        res, log = await env.deliver(courier=courier)
+        assert not res.ok and res.enhanced == "4.7.5"
+        assert log.grep("status=TLS handshake failed", "plain text")
+        res, _ = await env.deliver(courier=courier)
+        assert res.ok and (res.tls, res.tls_policy) == ("none", "mta-sts")
+        assert mx.messages and not mx.messages[0].tls
+    finally:
+        await courier.close()
+
+
+async def test_enforce_never_falls_back_to_plain_text(
+        env: Env, https: PolicyServer, fake_mx: MXFactory) -> None:
+    https.policies["mta-sts.sts.test"] = policy("enforce")
+    mx = fake_mx("127.0.0.2", broken_starttls=True)
+    env.port = fake_mx.port
+    courier = env.courier(ListLog())
+    try:
+        for _ in range(2):
+            res, _ = await env.deliver(courier=courier)
+            assert not res.ok and res.enhanced == "4.7.5"
+    finally:
+        await courier.close()
+    assert not mx.messages

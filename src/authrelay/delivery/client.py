@@ -399,8 +399,11 @@ class Courier:
     # ----------------------------------------------------------------- TLS fallback
 
     def _may_fall_back(self, t: _Target) -> bool:
-        return t.mode == "mx" and t.policy.level == "may" \
-            and self.cfg.delivery.tls_fallback_time > 0
+        """Opportunistic hosts only: level may, or MTA-STS testing (RFC 8461 5: a policy
+        in testing mode must not stop delivery)."""
+        p = t.policy
+        return t.mode == "mx" and self.cfg.delivery.tls_fallback_time > 0 and \
+            (p.level == "may" or (p.level == "mta-sts" and not p.enforce))
 
     def _plain_now(self, t: _Target) -> bool:
         k = (t.host.lower(), t.addr, t.port)
