@@ -60,7 +60,14 @@ os.register_at_fork(after_in_child=_reset_pid)
 # addresses, ENVID/ORCPT, PROXY data, TLS SNI, remote replies and reverse DNS names, and
 # none of them may end a line or start a field (issue 17). See README "The maillog".
 
-_ASCII_UNSAFE = re.compile(r'[\x00-\x1f\x7f\\"]')
+# ASCII characters each context escapes (the fast path: most values are plain ASCII).
+_UNSAFE = {
+    "value": re.compile(r'[\x00-\x1f\x7f\\"]'),
+    "text": re.compile(r'[\x00-\x1f\x7f\\"]'),
+    "token": re.compile(r'[\x00-\x20\x7f\\",=\[\]]'),
+    "json": re.compile(r"[\x00-\x1f\x7f\\]"),
+}
+_ALSO = {"value": '"', "text": '"', "token": '" ,=[]', "json": ""}
 _QUOTE_IF = re.compile(r"[ ,=]")
 # ", key=" inside our own prose would read as a field separator: its comma is escaped.
 _FIELD_COMMA = re.compile(r",(?=\s*[^\s,=]+=)")
@@ -74,12 +81,12 @@ def _char(c: str) -> str:
     return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
 
 
-def _chars(s: str, also: str = '"') -> str:
+def _chars(s: str, context: str) -> str:
     """`s` with every non-printable character (Unicode Cc, Cf, Zl, Zp, Zs other than the
-    ASCII space, Co, Cn, Cs), the backslash and the characters in `also` escaped."""
-    if s.isascii() and not _ASCII_UNSAFE.search(s) \
-            and not any(c in s for c in also if c != '"'):
+    ASCII space, Co, Cn, Cs), the backslash and the context's own characters escaped."""
+    if s.isascii() and _UNSAFE[context].search(s) is None:
         return s
+    also = _ALSO[context]
     return "".join(_char(c) if c == "\\" or c in also or not c.isprintable() else c
                    for c in s)
 
@@ -104,20 +111,15 @@ def escape(value: Any, context: str = "value") -> str:
     - "json" (a JSON value; json.dumps quotes it): the characters above, the double quote
       left to JSON.
     """
-    s = value if isinstance(value, str) else str(value)
+    if context not in _UNSAFE:
+        raise ValueError(f"unknown maillog escaping context {context!r}")
+    s = _chars(value if isinstance(value, str) else str(value), context)
     if context == "value":
-        s = _chars(s)
         if not s or _QUOTE_IF.search(s):
             return '"' + s.replace("[", "\\x5b").replace("]", "\\x5d") + '"'
-        return s
-    if context == "text":
-        s = _chars(s)
-        return _FIELD_COMMA.sub(r"\\x2c", s) if "," in s else s
-    if context == "token":
-        return _chars(s, '" ,=[]')
-    if context == "json":
-        return _chars(s, "")
-    raise ValueError(f"unknown maillog escaping context {context!r}")
+    elif context == "text" and "," in s:
+        return _FIELD_COMMA.sub(r"\\x2c", s)
+    return s
 
 
 class _Field(str):
@@ -130,17 +132,29 @@ def _text(value: Any) -> str:
     return escape(value, "text")
 
 
+_relay_cache: dict[str, _Field] = {}
+
+
 def relay_field(relay: Any) -> str:
     """`HOST [IP]` / `HOST [IP]:PORT` with HOST and IP escaped as tokens (a reverse DNS
-    name and a PROXY address come from outside); anything else as a value."""
+    name and a PROXY address come from outside); anything else as a value. A session
+    logs the same relay many times: results are cached (bounded)."""
     if isinstance(relay, _Field):
         return relay
     s = relay if isinstance(relay, str) else str(relay)
+    hit = _relay_cache.get(s)
+    if hit is not None:
+        return hit
     m = _RELAY.fullmatch(s)
     if m is None:
-        return _Field(escape(s))
-    host, ip, port = m.groups()
-    return _Field(f"{escape(host, 'token')} [{escape(ip, 'token')}]{port or ''}")
+        out = _Field(escape(s))
+    else:
+        host, ip, port = m.groups()
+        out = _Field(f"{escape(host, 'token')} [{escape(ip, 'token')}]{port or ''}")
+    if len(_relay_cache) >= 4096:  # many clients: start over rather than grow
+        _relay_cache.clear()
+    _relay_cache[s] = out
+    return out
 
 
 # Keys whose values are our own prose (spaces are part of the line format admins grep):
@@ -152,7 +166,16 @@ _TEXT_KEYS = frozenset({
 })
 
 
+# Values that need no work at all in a text line (the common case, checked first).
+_PLAIN_VALUE = re.compile(r'[^\x21-\x7e]|[\\",=]').search
+_PLAIN_TEXT = re.compile(r'[^\x20-\x7e]|[\\",]').search
+
+
 def _format(key: str, value: Any, json_line: bool) -> Any:
+    if type(value) is str and not json_line and key != "relay":
+        if key in _TEXT_KEYS:
+            return value if _PLAIN_TEXT(value) is None else escape(value, "text")
+        return value if value and _PLAIN_VALUE(value) is None else escape(value)
     if isinstance(value, _Field):
         return str(value)
     if isinstance(value, bool | int | float):
