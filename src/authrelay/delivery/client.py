@@ -634,7 +634,7 @@ class Courier:
         if not required and self._plain_now(t):
             log.debug("%s: plain text to %s after a failed TLS handshake", qid, conn.remote)
             self.maillog.tls_not_used(qid, conn.remote, "the last STARTTLS handshake with "
-                                                        "this host failed (tls = may)")
+                                                        f"this host failed (policy {hp.policy})")
             return
         rep = await conn.wire.command(b"STARTTLS\r\n", timeout)
         if rep.code != 220:
@@ -664,7 +664,8 @@ class Courier:
                         now + d.tls_fallback_time
                 self.maillog.tls_handshake_failed(
                     qid, conn.remote, why,
-                    next="plain text for the next attempts to this host (tls = may)")
+                    next="plain text for the next attempts to this host "
+                         f"(policy {hp.policy})")
             raise _TryNext(res) from None
         self._judge(conn, t, qid)
         # RFC 3207 4.2: forget what was learnt before TLS and ask again.
