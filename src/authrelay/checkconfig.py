@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import datetime
 import errno
+import ipaddress
 import os
 import pwd
 import socket
@@ -34,7 +35,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from authrelay.config import EMBEDDED, LOOKUP, Config, ConfigError, Listen, load
+from authrelay.config import (
+    EMBEDDED,
+    LOOKUP,
+    Config,
+    ConfigError,
+    Listen,
+    load,
+    parse_hostport,
+)
 
 
 @dataclass(frozen=True)
@@ -471,6 +480,43 @@ def _check_dkim(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) -
                                f"{cfg.dkim_dir}: authrelay dkim keygen {d}"))
 
 
+def _check_outbound_tls(cfg: Config, out: list[Finding]) -> None:
+    """[delivery] dnssec believes the resolver's AD bit (RFC 7672 1.3): say so when the
+    resolver is not on this host; a tls_ca_file that is not a CA bundle."""
+    d = cfg.delivery
+    if d.dnssec:
+        servers = [parse_hostport(ns, "delivery.nameservers", default_port=53)[0]
+                   for ns in d.nameservers]
+        if not servers:
+            try:
+                text = Path("/etc/resolv.conf").read_text()
+            except OSError:
+                text = ""
+            servers = [ln.split()[1] for ln in text.splitlines()
+                       if ln.startswith("nameserver") and len(ln.split()) > 1]
+        far = [ns for ns in servers if not _loopback(ns)]
+        if far or not servers:
+            out.append(Finding("warning", "delivery.dnssec", "the AD bit is believed from "
+                               f"{', '.join(far) or 'the system resolver'}, not a resolver "
+                               "on this host: anyone on the path can forge it (DANE); run "
+                               "unbound or BIND on 127.0.0.1, or make sure the path is "
+                               "trusted"))
+    if d.tls_ca_file:
+        try:
+            from cryptography import x509
+            x509.load_pem_x509_certificates(Path(d.tls_ca_file).read_bytes())
+        except (OSError, ValueError) as e:
+            out.append(Finding("error", "delivery.tls_ca_file",
+                               f"{d.tls_ca_file}: not a PEM certificate bundle ({e})"))
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def check(cfg: Config) -> list[Finding]:
     """Every finding for `cfg`; never raises."""
     out: list[Finding] = []
@@ -480,9 +526,9 @@ def check(cfg: Config) -> list[Finding]:
     except Exception as e:  # a check must never turn into a traceback
         out.append(Finding("error", "user", f"cannot check: {e}"))
     for step in (_check_listeners, _check_tls, _check_backend, _check_scale, _check_files,
-                 _check_privileged_split, _check_dkim):
+                 _check_privileged_split, _check_dkim, _check_outbound_tls):
         try:
-            if step in (_check_listeners, _check_backend, _check_scale):
+            if step in (_check_listeners, _check_backend, _check_scale, _check_outbound_tls):
                 step(cfg, out)  # type: ignore[call-arg]
             else:
                 step(cfg, pw, out)  # type: ignore[call-arg]

@@ -230,3 +230,21 @@ def test_serve_privileged_port_as_non_root(site: Path) -> None:
     r = _serve(cfg, python=py, user=UNPRIV)
     assert r.returncode == 1, r.stderr
     assert "127.0.0.1:25" in r.stderr and "ermission denied" in r.stderr, r.stderr
+
+
+def test_outbound_tls_findings(site: Path) -> None:
+    """[delivery] dnssec with a resolver off this host: a warning (the AD bit can be
+    forged on the path); a local one: nothing; a tls_ca_file that is no PEM: an error."""
+    cert, key = _cert(site)
+    tls = {"cert": str(cert), "key": str(key)}
+    r = _cc(_write(site, {"tls": tls, "delivery": {"dnssec": True,
+                                                   "nameservers": ["192.0.2.53"]}}))
+    assert "delivery.dnssec" in r.stdout + r.stderr and "192.0.2.53" in r.stdout + r.stderr
+    r = _cc(_write(site, {"tls": tls, "delivery": {"dnssec": True,
+                                                   "nameservers": ["127.0.0.1:53"]}}))
+    assert r.returncode == 0 and "delivery.dnssec" not in r.stdout + r.stderr
+    bad = site / "ca.pem"
+    bad.write_text("not a certificate\n")
+    os.chmod(bad, 0o644)
+    r = _cc(_write(site, {"tls": tls, "delivery": {"tls_ca_file": str(bad)}}))
+    assert r.returncode != 0 and "delivery.tls_ca_file" in r.stdout + r.stderr
