@@ -1,7 +1,7 @@
 """Shared test fixtures: a real DNS server, fake MX / smart hosts, a test CA.
 
 - `trustme_ca`: one trustme CA per session; `trustme_ca_file`: its PEM on disk (for
-  `relay.smart_host_ca_file` or SSL_CERT_FILE); `fakes.smtpserver.server_tls_context(ca,
+  `relay.smart_host_ca_file` or SSL_CERT_FILE); `support.certs.server_tls_context(ca,
   *names)` makes a server context whose certificate covers the given names / IPs.
 - `dns_server`: a running FakeDNSServer (tests/fakes/dnsserver.py) with empty zones; set
   them with `dns_server.set_zones({...})`; point the config at `dns_server.nameserver`.
@@ -9,21 +9,25 @@
   server a test makes listens on the SAME port (on its own 127.0.0.x address), because
   `[delivery] port` is one number for all MX; `fake_mx.port` is that port. All are
   stopped at teardown.
+- `@pytest.mark.root`: the test needs root; checked here before it runs (fails under
+  CI=true, skips elsewhere: support/ci.py). The helpers themselves live in tests/support/.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trustme
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import MXFactory
+from support import ci
 
-sys.path.insert(0, str(Path(__file__).parent))  # `fakes` importable with or without __init__
 
-from fakes.dnsserver import FakeDNSServer  # noqa: E402
-from fakes.smtpserver import MXFactory, server_tls_context  # noqa: E402, F401
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root") is not None:
+        ci.require_root(f"{item.name} needs root")
 
 
 @pytest.fixture(scope="session")

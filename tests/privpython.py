@@ -8,9 +8,9 @@ world-readable temporary directory (0755) from a base interpreter of the same mi
 version the user can run (the base of this venv, or /usr/bin/python3.X), with this
 environment's site-packages and the authrelay source copied into it.
 
-Failure policy: when no such interpreter can be made, `python_for` calls pytest.fail when
-CI=true (a privilege test must not silently not run in CI) and pytest.skip otherwise,
-saying why.
+Failure policy: when no such interpreter can be made, `python_for` fails under CI=true (a
+privilege test must not silently not run in CI) and skips otherwise, saying why
+(support.ci.require).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-import pytest
+from support import ci
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "authrelay"
 _made: dict[str, str] = {}
@@ -35,12 +35,6 @@ def usable_by(user: str, python: str) -> bool:
     r = subprocess.run(["runuser", "-u", user, "--", python, "-c", "import authrelay.cli"],
                        capture_output=True, timeout=120, cwd="/")
     return r.returncode == 0
-
-
-def _give_up(why: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(why)
-    pytest.skip(why)
 
 
 def _base_candidates() -> list[str]:
@@ -99,16 +93,14 @@ def _build(user: str) -> str:
                     os.chmod(p, os.stat(p).st_mode | 0o444)
         if usable_by(user, str(py)):
             return str(py)
-    _give_up(f"no Python {ver} that user {user} can run (tried {_base_candidates()})")
+    ci.require(False, f"no Python {ver} that user {user} can run (tried {_base_candidates()})")
     raise AssertionError("unreachable")
 
 
 def python_for(user: str) -> str:
     """An interpreter with authrelay importable that `user` can run (see module doc)."""
-    if os.geteuid() != 0:
-        _give_up("needs root (to run commands as another user)")
-    if shutil.which("runuser") is None:
-        _give_up("runuser (util-linux) is not installed")
+    ci.require_root("needs root (to run commands as another user)")
+    ci.require_tool("runuser", "util-linux")
     if user not in _made:
         _made[user] = sys.executable if usable_by(user, sys.executable) else _build(user)
     return _made[user]

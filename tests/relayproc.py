@@ -6,6 +6,7 @@ Used by the integration and dialog tests; speaks to the server only over real so
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import socket
@@ -14,19 +15,17 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from support.ports import free_port
+from support.wait import DEADLINE, wait_until
 
 from authrelay.importer import toml_value
 
 PASSWORD = "correct horse battery"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+T = TypeVar("T")
 
 
 def to_toml(data: dict[str, Any]) -> str:
@@ -195,12 +194,27 @@ class RelayProcess:
         ctx.check_hostname = False
         return ctx
 
-    def wait_for(self, pred: Any, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred():
-            if time.monotonic() > deadline:
-                raise AssertionError("condition not met in time")
-            time.sleep(0.05)
+    def wait_for(self, pred: Callable[[], T], timeout: float = DEADLINE,
+                 what: str = "condition") -> T:
+        """Poll `pred` until truthy (its value is returned); at the deadline fail naming
+        `what`, with the tail of this relay's maillog."""
+        return wait_until(pred, lambda: f"{what}\n--- maillog ---\n{self._tail()}", timeout,
+                          interval=0.05)
+
+    def wait_log(self, pattern: str, timeout: float = 30.0) -> str:
+        """The first maillog line matching `pattern` (a regex), once it is written."""
+        rx = re.compile(pattern)
+
+        def first() -> str | None:
+            return next((ln for ln in self.maillog(settle=0.01).splitlines()
+                         if rx.search(ln)), None)
+
+        line = self.wait_for(first, timeout, what=f"a maillog line matching {pattern!r}")
+        assert line is not None
+        return line
+
+    def _tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
 
 # --------------------------------------------------------------------------- processes

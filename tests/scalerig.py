@@ -25,21 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-from relayproc import free_port
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from support import ci
+from support.ports import free_port
 
 
 def need(what: str, path: str | None) -> str:
-    """`path` if set; else skip (developer machine) or fail (CI)."""
-    if path:
-        return path
-    msg = f"{what} not installed (test.sh installs it)"
-    if IN_CI:
-        pytest.fail(msg)
-    pytest.skip(msg)
-    raise AssertionError  # pragma: no cover
+    """`path` if set; else skip (developer machine) or fail (CI): support.ci.require."""
+    ci.require(path, f"{what} not installed (test.sh installs it)")
+    assert path is not None
+    return path
 
 
 

@@ -20,18 +20,14 @@ Every protocol bug fixed adds a dialog here.
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engineharness import Harness  # noqa: E402
-from relayproc import PASSWORD, RelayProcess  # noqa: E402
-from smtpclient import RawClient, b64, client_ctx, plain  # noqa: E402
+from engineharness import Harness
+from relayproc import PASSWORD, RelayProcess
+from smtpclient import RawClient, b64, client_ctx, plain
 
 HERE = Path(__file__).parent
 SCRIPTS = sorted(HERE.glob("*.dialog"))

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from support.ports import common_free_port
 
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -328,40 +329,6 @@ class FakeSMTPServer:
 def _dummy_tls_context() -> ssl.SSLContext:
     """A context only so aiosmtpd offers STARTTLS; `broken_starttls` never uses it."""
     return ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-
-
-def server_tls_context(ca: Any, *names: str) -> ssl.SSLContext:
-    """A server-side context with a certificate from trustme `ca` for `names` (hosts/IPs)."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(*(names or ("localhost",))).configure_cert(ctx)
-    return ctx
-
-
-TEST_HOSTS = tuple(f"127.0.0.{i}" for i in range(2, 10))
-
-
-def common_free_port(hosts: tuple[str, ...] = TEST_HOSTS, tries: int = 100) -> int:
-    """A TCP port free on every one of `hosts` at this moment (0 if none was found)."""
-    import socket
-
-    for _ in range(tries):
-        socks: list[socket.socket] = []
-        try:
-            first = socket.socket()
-            socks.append(first)
-            first.bind((hosts[0], 0))
-            port = first.getsockname()[1]
-            for h in hosts[1:]:
-                s = socket.socket()
-                socks.append(s)
-                s.bind((h, port))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    return 0
 
 
 class MXFactory:

@@ -12,15 +12,12 @@ from __future__ import annotations
 import smtplib
 import socket
 import ssl
-import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from relayproc import PASSWORD, RelayProcess  # noqa: E402
-from smtpclient import client_ctx, plain  # noqa: E402
+from relayproc import PASSWORD, RelayProcess
+from smtpclient import client_ctx, plain
 
 DURATION = 3.0
 

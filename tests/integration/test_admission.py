@@ -11,7 +11,6 @@ about speed: deadlines are generous.
 from __future__ import annotations
 
 import os
-import re
 import select
 import socket
 import threading
@@ -54,18 +53,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def wait_log(relay: RelayProcess, pattern: str, timeout: float = 30.0) -> str:
-    rx = re.compile(pattern)
-    found: list[str] = []
-
-    def pred() -> bool:
-        found[:] = [ln for ln in relay.maillog(settle=0.01).splitlines() if rx.search(ln)]
-        return bool(found)
-
-    relay.wait_for(pred, timeout)
-    return found[0]
 
 
 def login(relay: RelayProcess, src: str, user: str = "alice", password: str = PASSWORD,
@@ -171,9 +158,9 @@ def test_pre_tls_flood_on_465_from_one_address(relay_factory) -> None:  # noqa: 
         assert peak_socks - base_socks <= 20 + 2 + 8, peak_socks  # + our own submissions
         # (Issue 17: at most max_pending_per_ip = 5 of them still in handshake: that
         # limit, lower, refuses first.)
-        wait_log(r, r"reject=421 4\.7\.0 Too many connections from your address.*"
-                 r"relay=unknown \[127\.0\.0\.2\], stage=connect.*reason=pending_ip, "
-                 r"action=closed before TLS")
+        r.wait_log(r"reject=421 4\.7\.0 Too many connections from your address.*"
+                   r"relay=unknown \[127\.0\.0\.2\], stage=connect.*reason=pending_ip, "
+                   r"action=closed before TLS")
         report("465 pre-TLS flood, 1 address", connects=n_flood,
                server_sockets_before=base_socks, server_sockets_peak=peak_socks,
                rss_kib_before=base_rss, rss_kib_peak=peak_rss,
@@ -184,7 +171,7 @@ def test_pre_tls_flood_on_465_from_one_address(relay_factory) -> None:  # noqa: 
         for s in flood:
             s.close()
     # The held handshakes end with the flood: logged, slots freed.
-    wait_log(r, r"tls_failed=from unknown \[127\.0\.0\.2\], reason=handshake failed")
+    r.wait_log(r"tls_failed=from unknown \[127\.0\.0\.2\], reason=handshake failed")
     r.wait_for(lambda: sockets_of(pid) <= base_socks + 2, 30)
     submit(r, "127.0.0.2", mode="submissions")  # that address is served again
     assert "Traceback" not in r.maillog()
@@ -236,7 +223,7 @@ def test_handshake_timeout_logged(relay_factory) -> None:  # noqa: ANN001
     s = raw_connect(r.ports["submissions"], "127.0.0.4")
     assert s is not None
     try:
-        wait_log(r, r"tls_failed=from unknown \[127\.0\.0\.4\], reason=handshake timed out, "
+        r.wait_log(r"tls_failed=from unknown \[127\.0\.0\.4\], reason=handshake timed out, "
                  r"listener=submissions:")
         assert greeting(s) == b""  # closed, nothing in clear
     finally:
@@ -264,16 +251,16 @@ def test_port25_idle_flood_leaves_submission_reachable(relay_factory) -> None:  
         # 50 slots, 20 % reserved for submission: the smtp class holds 40.
         assert codes.count(b"220 relay") >= 40, codes
         assert codes.count(b"421 4.7.0") >= 1, codes
-        wait_log(r, r"reject=421 4\.7\.0 Too many connections, try again later, "
+        r.wait_log(r"reject=421 4\.7\.0 Too many connections, try again later, "
                  r"relay=unknown "
                  r"\[127\.0\.1\.\d\], stage=connect, listener=smtp:.*reason=pool:class:smtp")
-        wait_log(r, r"warning=stress mode on: command timeout 2s, listener=smtp:.*"
+        r.wait_log(r"warning=stress mode on: command timeout 2s, listener=smtp:.*"
                  r"connections=\d+/40")
         latencies = [submit(r, "127.0.0.3") for _ in range(3)]
         latencies += [submit(r, "127.0.0.3", mode="submissions")]
         peak_socks, peak_rss = sockets_of(pid), rss_kib(pid)
         # Sessions that started in stress mode wait 2 s for a command, not 5 minutes.
-        wait_log(r, r"reject=421 4\.4\.2 Timeout exceeded.*\[127\.0\.1\.\d\]")
+        r.wait_log(r"reject=421 4\.4\.2 Timeout exceeded.*\[127\.0\.1\.\d\]")
         report("port 25 idle flood, 5 addresses", connects=100,
                greeted=codes.count(b"220 relay"), refused=codes.count(b"421 4.7.0"),
                server_sockets_before=base_socks, server_sockets_flood=peak_socks,
@@ -283,7 +270,7 @@ def test_port25_idle_flood_leaves_submission_reachable(relay_factory) -> None:  
     finally:
         for s in flood:
             s.close()
-    wait_log(r, r"warning=stress mode off, listener=smtp:")
+    r.wait_log(r"warning=stress mode off, listener=smtp:")
     assert "Traceback" not in r.maillog()
 
 
@@ -309,7 +296,7 @@ def test_full_submission_listener_backlog_then_421(relay_factory) -> None:  # no
     late = raw_connect(port, "127.0.3.3")
     assert late is not None
     assert greeting(late).startswith(b"421 4.7.0")
-    wait_log(r, r"reject=421 4\.7\.0 Too many connections.*\[127\.0\.3\.3\], "
+    r.wait_log(r"reject=421 4\.7\.0 Too many connections.*\[127\.0\.3\.3\], "
              r"stage=connect, listener=submission:.*reason=pool:listener:submission:")
     with RawClient(r.ports["smtp"], source="127.0.3.4") as c:  # another listener: served
         assert c.reply().code == 220
@@ -333,7 +320,7 @@ def test_fd_limit_one_listener_flood_does_not_starve_others(relay_factory
     flood = [s for s in (raw_connect(r.ports["submissions"], f"127.0.4.{i % 200 + 1}")
                          for i in range(400)) if s is not None]
     try:
-        wait_log(r, r"warning=near the file descriptor limit")
+        r.wait_log(r"warning=near the file descriptor limit")
         socks = sockets_of(pid)
         # 465 holds at most its share (136 - 2 x 22 = 92) of client sockets; the rest are
         # the server's own (3 listening, notify/control sockets: at most a dozen).
@@ -376,7 +363,7 @@ def test_loopback_and_trusted_exempt_from_per_ip_limits(relay_factory) -> None: 
     assert codes == [220, 220, 421], codes
     for c in held:
         c.close()
-    wait_log(r, r"reject=421 4\.7\.0 Too many connections from your address.*"
+    r.wait_log(r"reject=421 4\.7\.0 Too many connections from your address.*"
              r"\[127\.0\.8\.9\].*reason=ip")
 
 
@@ -403,7 +390,7 @@ def test_lockout_by_attacker_spares_known_address(relay_factory) -> None:  # noq
         c, rep = login(r, src)
         assert (rep.code, rep.text[:5]) == (454, "4.7.0"), (src, rep)
         c.close()
-    wait_log(r, r"reject=454 4\.7\.0 .*\[127\.0\.2\.8\].*sasl_username=alice")
+    r.wait_log(r"reject=454 4\.7\.0 .*\[127\.0\.2\.8\].*sasl_username=alice")
     # ... alice from her network still logs in and sends.
     submit(r, "127.0.0.5")
     submit(r, "127.0.0.6")

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import os
 import smtplib
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from relayproc import RelayProcess  # noqa: E402
+from relayproc import RelayProcess
 
 
 def _queue_one(r: RelayProcess) -> str:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from privpython import python_for
-from relayproc import free_port, to_toml
+from relayproc import to_toml
+from support.ports import free_port
 
 UNPRIV = "nobody"
 

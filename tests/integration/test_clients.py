@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import smtplib
 import subprocess
 from email.message import EmailMessage
@@ -11,16 +10,12 @@ from pathlib import Path
 
 import pytest
 from relayproc import PASSWORD, RelayProcess
+from support import ci
 
 
 def _only_message(relay: RelayProcess) -> bytes:
     relay.wait_for(lambda: len(relay.queued()) == 1)
     return relay.message_bytes(relay.queued()[0])
-
-
-def _need(tool: str) -> None:
-    if shutil.which(tool) is None:
-        pytest.fail(f"{tool} is not installed (the test command installs it)")
 
 
 def test_smtplib_starttls_login(relay: RelayProcess) -> None:
@@ -55,7 +50,7 @@ def test_smtplib_starttls_login(relay: RelayProcess) -> None:
 
 
 def _swaks(relay: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    _need("swaks")
+    ci.require_tool("swaks", "swaks")
     return subprocess.run(
         ["swaks", "--server", "127.0.0.1", "--from", "alice@local.test",
          "--to", "carol@remote.example", "--auth-user", "alice", "--auth-password", PASSWORD,
@@ -85,7 +80,7 @@ def test_swaks_tls_on_connect(relay: RelayProcess) -> None:
 
 
 def test_swaks_wrong_password_refused(relay: RelayProcess) -> None:
-    _need("swaks")
+    ci.require_tool("swaks", "swaks")
     r = subprocess.run(
         ["swaks", "--server", "127.0.0.1", "--port", str(relay.ports["submission"]), "--tls",
          "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "wrong",
@@ -101,7 +96,7 @@ def test_swaks_wrong_password_refused(relay: RelayProcess) -> None:
 
 
 def test_msmtp(relay: RelayProcess, tmp_path: Path) -> None:
-    _need("msmtp")
+    ci.require_tool("msmtp", "msmtp")
     rc = tmp_path / "msmtprc"
     rc.write_text(
         "account relay\n"
@@ -125,7 +120,7 @@ def test_msmtp(relay: RelayProcess, tmp_path: Path) -> None:
 
 
 def test_curl_ssl_reqd(relay: RelayProcess, tmp_path: Path) -> None:
-    _need("curl")
+    ci.require_tool("curl", "curl")
     mail = tmp_path / "mail.txt"
     mail.write_bytes(b"From: alice@local.test\r\nTo: erin@remote.example\r\n"
                      b"Subject: curl\r\n\r\nvia curl\r\n")
@@ -141,7 +136,7 @@ def test_curl_ssl_reqd(relay: RelayProcess, tmp_path: Path) -> None:
 
 
 def test_curl_implicit_tls(relay: RelayProcess, tmp_path: Path) -> None:
-    _need("curl")
+    ci.require_tool("curl", "curl")
     mail = tmp_path / "mail.txt"
     mail.write_bytes(b"Subject: smtps\r\n\r\nimplicit\r\n")
     r = subprocess.run(

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fakes.dnsserver import FakeDNSServer
-from fakes.smtpserver import MXFactory, bare_line_ends, server_tls_context
+from fakes.smtpserver import MXFactory, bare_line_ends
+from support import ci
+from support.certs import server_tls_context
+from support.ports import free_port
 
 from authrelay.config import Config, from_dict
 from authrelay.delivery.client import Courier, normalize_crlf
@@ -65,12 +67,6 @@ async def send(cfg: Config, env: Envelope, message: bytes | Path = MSG,
 def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
     dns_server.set_zones(ZONES)
     return dns_server
-
-
-def free_port_on(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- DNS facade
@@ -131,7 +127,7 @@ async def test_fallback_to_second_mx(tmp_path: Path, dns: FakeDNSServer,
 
 
 async def test_all_mx_down_is_temporary(tmp_path: Path, dns: FakeDNSServer) -> None:
-    port = free_port_on("127.0.0.2")
+    port = free_port("127.0.0.2")
     res = await send(make_cfg(tmp_path, dns, port), envelope("bob@example.test"))
     r = res["bob@example.test"]
     assert not r.ok and not r.permanent
@@ -163,8 +159,9 @@ async def test_ipv6_address_tried_before_ipv4(tmp_path: Path, dns: FakeDNSServer
     mx4 = fake_mx("127.0.0.2")
     try:
         mx6 = fake_mx("::1")
-    except OSError:
-        pytest.skip("no IPv6 loopback")
+    except OSError as e:
+        ci.require(False, f"no IPv6 loopback ({e})")
+        raise
     dns.update({"mx1.example.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]}})
     res = await send(make_cfg(tmp_path, dns, fake_mx.port), envelope("bob@example.test"))
     assert res["bob@example.test"].remote == f"mx1.example.test [::1]:{fake_mx.port}"
@@ -425,7 +422,7 @@ async def test_smart_host_failover(tmp_path: Path, dns: FakeDNSServer, fake_mx: 
     ctx = server_tls_context(trustme_ca, "127.0.0.2", "127.0.0.3")
     first = fake_mx("127.0.0.2", starttls_context=ctx, users={"relayuser": "other"})
     second = fake_mx("127.0.0.3", starttls_context=ctx, users={"relayuser": "s3cret pass"})
-    down = f"127.0.0.4:{free_port_on('127.0.0.4')}"
+    down = f"127.0.0.4:{free_port('127.0.0.4')}"
     cfg = smart_cfg(tmp_path, dns, [down, first.address, second.address], trustme_ca_file)
     res = await send(cfg, envelope("x@far.test"))
     assert res["x@far.test"].ok and res["x@far.test"].remote.startswith("127.0.0.3")

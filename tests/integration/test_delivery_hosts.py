@@ -15,25 +15,15 @@ from typing import Any
 
 import pytest
 from fakes.dnsserver import FakeDNSServer
-from fakes.smtpserver import MXFactory, server_tls_context
-from test_delivery import MSG, ZONES, envelope, free_port_on, make_cfg, smart_cfg
+from fakes.smtpserver import MXFactory
+from support.certs import server_tls_context
+from support.maillog import ListLog
+from support.ports import free_port
+from test_delivery import MSG, ZONES, envelope, make_cfg, smart_cfg
 
 from authrelay.config import Config
 from authrelay.delivery.client import Courier
-from authrelay.maillog import MailLog
 from authrelay.spool.envelope import Envelope
-
-
-class ListLog(MailLog):
-    def __init__(self) -> None:
-        super().__init__("stdout")
-        self.lines: list[str] = []
-
-    def _emit(self, line: str) -> None:
-        self.lines.append(line)
-
-    def grep(self, *needles: str) -> list[str]:
-        return [ln for ln in self.lines if all(n in ln for n in needles)]
 
 
 @pytest.fixture
@@ -349,7 +339,7 @@ async def _injecting(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter
 
 @pytest.fixture
 def raw_port() -> Iterator[int]:
-    yield free_port_on("127.0.0.2")
+    yield free_port("127.0.0.2")
 
 
 async def test_starttls_response_injection_refused(tmp_path: Path, dns: FakeDNSServer,

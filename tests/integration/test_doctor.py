@@ -205,7 +205,7 @@ async def test_wildcard_certificate_covers_hostname(setup: dict, dns_server) -> 
 
 
 async def test_smart_host_auth(setup: dict, dns_server, fake_mx, trustme_ca_file: Path) -> None:  # noqa: ANN001
-    from fakes.smtpserver import server_tls_context
+    from support.certs import server_tls_context
 
     sh = fake_mx("127.0.0.2", starttls_context=server_tls_context(setup["ca"], "127.0.0.2"),
                  require_starttls=True, users={"relayuser": "s3cret"})

@@ -25,7 +25,6 @@ from test_e2e_delivery import (
     mx_overrides,
     split_received,
     submit,
-    wait_until,
 )
 
 from authrelay.spool.envelope import PENDING, SENT
@@ -47,7 +46,7 @@ def test_sigkill_while_mx_holds_the_data_reply(
     mx1 = fake_mx("127.0.0.2", data_delay=60)  # the reply to the final dot never comes
     relay = relay_factory(mx_overrides(dns, fake_mx.port, data_timeout="30s"))
     qid = submit(relay, ["bob@example.test"])
-    wait_until(lambda: in_data(mx1), "the final dot at the MX", relay=relay)
+    relay.wait_for(lambda: in_data(mx1), what="the final dot at the MX")
     relay.kill()
     assert mx1.messages == []  # not acknowledged: the relay cannot know it arrived
     assert (relay.queue_dir / qid).exists()
@@ -55,7 +54,7 @@ def test_sigkill_while_mx_holds_the_data_reply(
 
     mx1.data_delay = 0
     relay.start()
-    wait_until(lambda: gone(relay, qid), "delivery after the restart", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="delivery after the restart")
     assert len(mx1.messages) >= 1  # at least once
     m = mx1.messages[-1]
     assert m.rcpt_tos == ["bob@example.test"] and split_received(m.content)[1] == BODY
@@ -88,7 +87,7 @@ def test_sigkill_right_after_250_on_submission(
 
     dns.update({"example.test": ZONES["example.test"]})
     relay.start()
-    wait_until(lambda: gone(relay, qid), "delivery after the restart", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="delivery after the restart")
     assert len(mx1.messages) == 1
     m = mx1.messages[0]
     assert m.rcpt_tos == ["bob@example.test", "carol@example.test"]
@@ -110,14 +109,14 @@ def test_sigkill_keeps_per_recipient_state(
             return False
         return {r.address: r.state for r in env.recipients}["ann@a.test"] == SENT
 
-    wait_until(ann_sent, "a.test's success saved in the spool", relay=relay)
-    wait_until(lambda: in_data(c), "the final dot at c.test's MX", relay=relay)
+    relay.wait_for(ann_sent, what="a.test's success saved in the spool")
+    relay.wait_for(lambda: in_data(c), what="the final dot at c.test's MX")
     relay.kill()
     assert [m.rcpt_tos for m in a.messages] == [["ann@a.test"]]
 
     c.data_delay = 0
     relay.start()
-    wait_until(lambda: gone(relay, qid), "delivery after the restart", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="delivery after the restart")
     assert [m.rcpt_tos for m in c.messages][-1:] == [["cat@c.test"]]
     # a.test already had it: the restart did not send it again.
     assert (len(a.messages), a.connections) == (1, 1)

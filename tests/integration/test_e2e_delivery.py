@@ -8,7 +8,7 @@ fallback, implicit and null MX, NXDOMAIN / SERVFAIL, smart host STARTTLS + AUTH 
 failover, temporary then permanent failures, DSNs parsed with `email`, per-recipient
 retries. Every wait polls for a condition under a deadline (no timed assertions).
 
-The helpers here (`mx_overrides`, `submit`, `wait_until`, ...) are shared with
+The helpers here (`mx_overrides`, `submit`, `log_lines`, ...) are shared with
 test_e2e_crash.py and test_e2e_queue.py.
 """
 
@@ -20,15 +20,16 @@ import re
 import shutil
 import smtplib
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fakes.dnsserver import FakeDNSServer
-from fakes.smtpserver import FakeSMTPServer, MXFactory, bare_line_ends, server_tls_context
-from relayproc import PASSWORD, RelayProcess, free_port
+from fakes.smtpserver import FakeSMTPServer, MXFactory, bare_line_ends
+from relayproc import PASSWORD, RelayProcess
+from support.certs import server_tls_context
+from support.ports import free_port
 
 SENDER = "alice@sender.test"
 SENDER_MX = "127.0.0.9"  # where bounces to SENDER land
@@ -64,20 +65,6 @@ DEADLINE = 20.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-def wait_until(pred: Callable[[], Any], what: str, timeout: float = DEADLINE,
-               relay: RelayProcess | None = None) -> Any:
-    """Poll `pred` until it is truthy; fail with `what` (and the maillog) at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            log = relay.maillog()[-4000:] if relay is not None else ""
-            raise AssertionError(f"timed out waiting for {what}\n--- maillog ---\n{log}")
-        time.sleep(0.05)
-
 
 def mx_overrides(dns: FakeDNSServer, port: int, **delivery: Any) -> dict[str, Any]:
     """Config for delivery by MX through the fake DNS to fake MX on `port`."""
@@ -188,7 +175,7 @@ def test_swaks_submission_reaches_mx_byte_for_byte(
     assert "235 2.7.0" in r.stdout
     qid = re.search(r"queued as (\S+)", r.stdout).group(1)  # type: ignore[union-attr]
 
-    wait_until(lambda: mx1.messages, "delivery to the MX", relay=relay)
+    relay.wait_for(lambda: mx1.messages, what="delivery to the MX")
     m = mx1.messages[0]
     assert (m.mail_from, m.rcpt_tos) == (SENDER, ["bob@example.test"])
     received, rest = split_received(m.content)
@@ -197,7 +184,7 @@ def test_swaks_submission_reaches_mx_byte_for_byte(
     assert b"by relay.test" in received
     assert m.helo == "relay.test"
     assert_clean_wire(mx1)
-    wait_until(lambda: gone(relay, qid), "removal from the queue", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="removal from the queue")
     sent = [ln for ln in log_lines(relay, qid) if "stat=Sent" in ln]
     assert len(sent) == 1 and "to=<bob@example.test>" in sent[0]
     assert f"[127.0.0.2]:{fake_mx.port}" in sent[0]
@@ -213,7 +200,7 @@ def test_mx_preference_order(relay_factory: Callable[..., RelayProcess], dns: Fa
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     qids = [submit(relay, ["bob@example.test"]) for _ in range(3)]
     for qid in qids:
-        wait_until(lambda q=qid: gone(relay, q), f"{qid} delivered", relay=relay)
+        relay.wait_for(lambda q=qid: gone(relay, q), what=f"{qid} delivered")
     assert len(mx1.messages) == 3
     assert mx2.connections == 0  # the less preferred MX is never touched
 
@@ -227,7 +214,7 @@ def test_fallback_to_second_mx(relay_factory: Callable[..., RelayProcess],
     mx2 = fake_mx("127.0.0.3")  # with "down", nothing listens on 127.0.0.2
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     qid = submit(relay, ["bob@example.test"])
-    wait_until(lambda: gone(relay, qid), "delivery via the second MX", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="delivery via the second MX")
     assert len(mx2.messages) == 1
     assert split_received(mx2.messages[0].content)[1] == BODY
     if first == "refuses":
@@ -241,7 +228,7 @@ def test_implicit_mx(relay_factory: Callable[..., RelayProcess], dns: FakeDNSSer
     host = fake_mx("127.0.0.4")
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     qid = submit(relay, ["carol@implicit.test"])
-    wait_until(lambda: gone(relay, qid), "delivery to the implicit MX", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="delivery to the implicit MX")
     assert host.messages[0].rcpt_tos == ["carol@implicit.test"]
     assert ("implicit.test", "MX") in dns.queries and ("implicit.test", "A") in dns.queries
 
@@ -253,7 +240,7 @@ def test_unroutable_domain_bounces_to_sender(
         sender_mx: FakeSMTPServer, fake_mx: MXFactory, rcpt: str, status: str) -> None:
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     qid = submit(relay, [rcpt])
-    wait_until(lambda: sender_mx.messages, "the bounce at the sender's MX", relay=relay)
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce at the sender's MX")
     b = sender_mx.messages[0]
     assert_null_sender(sender_mx, b)
     msg, groups = parse_dsn(b.content)
@@ -267,9 +254,9 @@ def test_unroutable_domain_bounces_to_sender(
     original = msg.get_payload()[2]
     assert "Subject: end to end" in original.as_string()
     assert_clean_wire(sender_mx)
-    wait_until(lambda: gone(relay, qid), "the original leaves the queue", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="the original leaves the queue")
     assert any("stat=Bounced" in ln and f"dsn={status}" in ln for ln in log_lines(relay, qid))
-    wait_until(lambda: relay.queued() == [], "the bounce leaves the queue", relay=relay)
+    relay.wait_for(lambda: relay.queued() == [], what="the bounce leaves the queue")
 
 
 def test_servfail_deferred_then_delivered(
@@ -279,11 +266,11 @@ def test_servfail_deferred_then_delivered(
     dns.update({"example.test": "SERVFAIL"})
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     qid = submit(relay, ["bob@example.test"])
-    wait_until(lambda: any("stat=Deferred" in ln for ln in log_lines(relay, qid)),
-               "a deferral", relay=relay)
+    relay.wait_for(lambda: any("stat=Deferred" in ln for ln in log_lines(relay, qid)),
+                   what="a deferral")
     assert mx1.connections == 0 and not gone(relay, qid)
     dns.update({"example.test": ZONES["example.test"]})
-    wait_until(lambda: gone(relay, qid), "delivery after the zone is fixed", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="delivery after the zone is fixed")
     assert len(mx1.messages) == 1
     assert sender_mx.messages == []  # a deferral sends no bounce
     lines = log_lines(relay, qid)
@@ -312,7 +299,7 @@ def test_smart_host_starttls_auth(relay_factory: Callable[..., RelayProcess],
                  require_starttls=True, users={"relayuser": "s3cret pass"})
     relay = relay_factory(smart_overrides(tmp_path, [sh.address], trustme_ca_file))
     qid = submit(relay, ["bob@example.test", "zed@far-away.test"])
-    wait_until(lambda: gone(relay, qid), "delivery to the smart host", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="delivery to the smart host")
     assert len(sh.messages) == 1  # one transaction for both recipients
     m = sh.messages[0]
     assert m.tls and m.auth_user == "relayuser"
@@ -332,7 +319,7 @@ def test_smart_host_failover(relay_factory: Callable[..., RelayProcess], dns: Fa
     down = f"127.0.0.2:{free_port('127.0.0.2')}"  # nothing listens there
     relay = relay_factory(smart_overrides(tmp_path, [down, sh2.address], trustme_ca_file))
     qid = submit(relay, ["bob@example.test"])
-    wait_until(lambda: gone(relay, qid), "delivery via the second smart host", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="delivery via the second smart host")
     assert len(sh2.messages) == 1 and sh2.messages[0].auth_user == "relayuser"
     sent = [ln for ln in log_lines(relay, qid) if "stat=Sent" in ln]
     assert len(sent) == 1 and "127.0.0.3" in sent[0]
@@ -347,12 +334,12 @@ def test_temporary_failure_then_success(
                   rcpt_replies={"bob@example.test": "451 4.7.1 greylisted, come back later"})
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     qid = submit(relay, ["bob@example.test"])
-    wait_until(lambda: any("stat=Deferred" in ln for ln in log_lines(relay, qid)),
-               "a deferral", relay=relay)
+    relay.wait_for(lambda: any("stat=Deferred" in ln for ln in log_lines(relay, qid)),
+                   what="a deferral")
     deferred = [ln for ln in log_lines(relay, qid) if "stat=Deferred" in ln][0]
     assert "451 4.7.1 greylisted" in deferred and "dsn=4.7.1" in deferred
     mx1.rcpt_replies.clear()  # the greylisting period is over
-    wait_until(lambda: gone(relay, qid), "delivery on retry", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="delivery on retry")
     assert len(mx1.messages) == 1
     assert split_received(mx1.messages[0].content)[1] == BODY
     assert sender_mx.messages == []
@@ -365,8 +352,8 @@ def test_permanent_failure_dsn_to_sender_mx(
                   rcpt_replies={"nobody@example.test": "550 5.1.1 no such user here"})
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     qid = submit(relay, ["nobody@example.test", "bob@example.test"])
-    wait_until(lambda: sender_mx.messages, "the bounce", relay=relay)
-    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
     # The good recipient got the mail once; the bad one is reported once.
     assert [m.rcpt_tos for m in mx1.messages] == [["bob@example.test"]]
     assert len(sender_mx.messages) == 1
@@ -393,15 +380,15 @@ def test_null_sender_failure_bounces_nothing(
     mx1 = fake_mx("127.0.0.2", rcpt_replies={"nobody@example.test": "550 5.1.1 no such user"})
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     qid = submit(relay, ["nobody@example.test"], sender="")
-    wait_until(lambda: any("stat=Bounced" in ln for ln in log_lines(relay, qid)),
-               "the permanent failure", relay=relay)
-    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    relay.wait_for(lambda: any("stat=Bounced" in ln for ln in log_lines(relay, qid)),
+                   what="the permanent failure")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
     assert not any("notification" in ln for ln in log_lines(relay, qid))
     assert mx1.messages == []
     # A second message proves the relay is still delivering after the no-bounce case,
     # so an unwanted bounce would have had time to reach the sender's MX.
     qid2 = submit(relay, ["bob@example.test"])
-    wait_until(lambda: gone(relay, qid2), "the next message", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid2), what="the next message")
     assert sender_mx.messages == [] and sender_mx.connections == 0
 
 
@@ -418,12 +405,12 @@ def test_only_the_deferred_recipient_is_retried(
         return sum("to=<cat@c.test>" in ln and "stat=Deferred" in ln
                    for ln in log_lines(relay, qid))
 
-    wait_until(lambda: c_tries() >= 2, "two deferrals for c.test", relay=relay)
+    relay.wait_for(lambda: c_tries() >= 2, what="two deferrals for c.test")
     assert not gone(relay, qid)
     assert [m.rcpt_tos for m in a.messages] == [["ann@a.test"]]
     assert [m.rcpt_tos for m in b.messages] == [["ben@b.test"]]
     c.rcpt_replies.clear()
-    wait_until(lambda: gone(relay, qid), "the retried recipient delivered", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="the retried recipient delivered")
     assert [m.rcpt_tos for m in c.messages] == [["cat@c.test"]]
     # a.test and b.test were never contacted again.
     assert (len(a.messages), a.connections, len(b.messages), b.connections) == (1, 1, 1, 1)
@@ -440,8 +427,8 @@ def test_queue_lifetime_expiry_bounces(
     relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["500ms"],
                                        max_queue_lifetime="2s"))
     qid = submit(relay, ["bob@example.test"])
-    wait_until(lambda: sender_mx.messages, "the bounce after the queue lifetime", relay=relay)
-    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce after the queue lifetime")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
     assert mx1.messages == []
     assert_null_sender(sender_mx, sender_mx.messages[0])
     _, groups = parse_dsn(sender_mx.messages[0].content)
@@ -459,18 +446,18 @@ def test_delay_warning_then_delivery(
     relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["500ms"],
                                        delay_warning="1s"))
     qid = submit(relay, ["bob@example.test"])
-    wait_until(lambda: sender_mx.messages, "the delay warning", relay=relay)
+    relay.wait_for(lambda: sender_mx.messages, what="the delay warning")
     _, groups = parse_dsn(sender_mx.messages[0].content)
     assert [(g["Action"], g["Status"]) for g in groups] == [("delayed", "4.3.0")]
     assert groups[0]["Will-Retry-Until"]
     # Still retried after the warning; the warning is sent once.
     n = sum("stat=Deferred" in ln for ln in log_lines(relay, qid))
-    wait_until(lambda: sum("stat=Deferred" in ln for ln in log_lines(relay, qid)) >= n + 2,
-               "more retries after the warning", relay=relay)
+    relay.wait_for(lambda: sum("stat=Deferred" in ln for ln in log_lines(relay, qid)) >= n + 2,
+                   what="more retries after the warning")
     mx1.rcpt_replies.clear()
-    wait_until(lambda: gone(relay, qid), "delivery after the warning", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="delivery after the warning")
     assert len(mx1.messages) == 1
-    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
     assert len(sender_mx.messages) == 1
 
 
@@ -483,7 +470,7 @@ def test_receiving_workers_hand_over_through_the_spool(
     relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"]), workers=2)
     qids = [submit(relay, ["bob@example.test"]) for _ in range(4)]
     for qid in qids:
-        wait_until(lambda q=qid: gone(relay, q), f"{qid} delivered", relay=relay)
+        relay.wait_for(lambda q=qid: gone(relay, q), what=f"{qid} delivered")
     assert len(mx1.messages) == 4
     assert all(split_received(m.content)[1] == BODY for m in mx1.messages)
 
@@ -520,7 +507,7 @@ def test_8bitmime_and_smtputf8_pass_through(
     q1 = submit_raw(relay, ["bob@example.test"], UTF8_BODY, ["BODY=8BITMIME"])
     q2 = submit_raw(relay, ["zoë@example.test"], UTF8_BODY, ["BODY=8BITMIME", "SMTPUTF8"])
     for q in (q1, q2):
-        wait_until(lambda q=q: gone(relay, q), f"{q} delivered", relay=relay)
+        relay.wait_for(lambda q=q: gone(relay, q), what=f"{q} delivered")
     by_rcpt = {m.rcpt_tos[0]: m for m in mx1.messages}
     assert "BODY=8BITMIME" in by_rcpt["bob@example.test"].mail_options
     assert "SMTPUTF8" not in by_rcpt["bob@example.test"].mail_options
@@ -536,8 +523,8 @@ def test_utf8_address_to_peer_without_smtputf8_bounces(
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     qid = submit_raw(relay, ["zoë@example.test", "bob@example.test"], UTF8_BODY,
                      ["BODY=8BITMIME", "SMTPUTF8"])
-    wait_until(lambda: sender_mx.messages, "the bounce", relay=relay)
-    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
     assert [m.rcpt_tos for m in mx1.messages] == [["bob@example.test"]]
     _, groups = parse_dsn(sender_mx.messages[0].content)
     assert [(g["Action"], g["Status"]) for g in groups] == [("failed", "5.6.7")]
@@ -560,7 +547,7 @@ def test_broken_starttls_mx_gets_plain_text_on_the_retry(
     mx1 = fake_mx("127.0.0.2", broken_starttls=True)
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     qid = submit(relay, ["bob@example.test"])
-    wait_until(lambda: gone(relay, qid), "delivery on the retry", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="delivery on the retry")
     assert len(mx1.messages) == 1 and mx1.messages[0].tls is False
     assert mx1.starttls_attempts == 1
     lines = log_lines(relay, qid)

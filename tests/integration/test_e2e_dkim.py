@@ -25,7 +25,7 @@ from dkimcheck import dkim_zones, verify_all
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
 from relayproc import PASSWORD, RelayProcess
-from test_e2e_delivery import SENDER, SENDER_MX, ZONES, mx_overrides, submit, wait_until
+from test_e2e_delivery import SENDER, SENDER_MX, ZONES, mx_overrides, submit
 
 from authrelay.dkim.keys import KeyStore
 
@@ -82,7 +82,7 @@ def our_results(content: bytes, dns: FakeDNSServer) -> list[tuple[bytes, bytes, 
 def test_both_algorithms_verify_after_the_relay(setup: dict[str, Any]) -> None:
     relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
     qid = submit(relay, ["bob@example.test"], BODY)
-    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery")
     res = our_results(m.content, dns)
     assert sorted(res) == [(b"sender.test", b"t-ed25519", b"ed25519-sha256", True),
                            (b"sender.test", b"t-rsa", b"rsa-sha256", True)], res
@@ -107,7 +107,7 @@ def test_large_streamed_message_signed(setup: dict[str, Any]) -> None:
     body = head + b"\r\n\r\n" + rest + line * 6000 + b"..dot\r\n" * 10
     assert len(body) > 300_000
     submit(relay, ["bob@example.test"], body)
-    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery")
     res = our_results(m.content, dns)
     assert len(res) == 2 and all(ok for *_, ok in res), res
 
@@ -119,7 +119,7 @@ def test_foreign_signature_kept_ours_added(setup: dict[str, Any], tmp_path: Path
     signed = dkim.sign(BODY, b"l1", b"list.example", other.signing_key,
                        canonicalize=(b"relaxed", b"relaxed")) + BODY
     submit(relay, ["bob@example.test"], signed)
-    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery")
     res = our_results(m.content, dns)
     assert len(res) == 3 and all(ok for *_, ok in res), res
     assert {d for d, *_ in res} == {b"sender.test", b"list.example"}
@@ -132,7 +132,7 @@ def test_unauthenticated_mail_to_a_local_domain_is_not_signed(setup: dict[str, A
     with smtplib.SMTP("127.0.0.1", relay.ports["smtp"], timeout=20) as s:
         s.ehlo("outsider.test")
         s.sendmail(SENDER, ["bob@example.test"], BODY)
-    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery")
     assert b"DKIM-Signature" not in m.content
 
 
@@ -140,19 +140,19 @@ def test_no_key_for_the_from_domain(setup: dict[str, Any]) -> None:
     relay, mx = setup["relay"], setup["mx"]
     body = BODY.replace(b"alice@sender.test", b"alice@nokey.test")
     qid = submit(relay, ["bob@example.test"], body)
-    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery")
     assert b"DKIM-Signature" not in m.content
-    wait_until(lambda: f"{qid}: dkim=none, reason=no key for nokey.test" in relay.maillog(),
-               "the maillog note", relay=relay)
+    relay.wait_for(lambda: f"{qid}: dkim=none, reason=no key for nokey.test" in relay.maillog(),
+                   what="the maillog note")
 
 
 def test_signed_once_across_retries(setup: dict[str, Any], fake_mx: MXFactory) -> None:
     relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
     mx.data_reply = "451 4.3.0 try again"
     qid = submit(relay, ["bob@example.test"], BODY)
-    wait_until(lambda: "stat=Deferred" in relay.maillog(), "a deferral", relay=relay)
+    relay.wait_for(lambda: "stat=Deferred" in relay.maillog(), what="a deferral")
     mx.data_reply = None  # the scheduler retries (retry = 300ms) and it goes through
-    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery")
     res = our_results(m.content, dns)
     assert len(res) == 2 and all(ok for *_, ok in res)
     assert relay.maillog().count(f"{qid}: dkim=signed") == 1
@@ -165,7 +165,7 @@ def test_sendmail_command_is_signed(setup: dict[str, Any]) -> None:
                        input=BODY.replace(b"\r\n", b"\n"), env=env, capture_output=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+    m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery")
     res = our_results(m.content, dns)
     assert len(res) == 2 and all(ok for *_, ok in res), res
 
@@ -174,8 +174,7 @@ def test_bounce_is_signed(setup: dict[str, Any]) -> None:
     relay, mx, dns, sender_mx = setup["relay"], setup["mx"], setup["dns"], setup["sender_mx"]
     mx.rcpt_replies = {"nobody@example.test": "550 5.1.1 no such user"}
     submit(relay, ["nobody@example.test"], BODY)
-    b = wait_until(lambda: sender_mx.messages and sender_mx.messages[0], "the bounce",
-                   relay=relay)
+    b = relay.wait_for(lambda: sender_mx.messages and sender_mx.messages[0], what="the bounce")
     assert b"From: MAILER-DAEMON@relay.test" in b.content
     res = our_results(b.content, dns)
     assert res == [(b"relay.test", b"t", b"ed25519-sha256", True)], res
@@ -192,8 +191,8 @@ def test_new_key_loaded_on_sighup(setup: dict[str, Any]) -> None:
     def signed() -> FakeSMTPServer | None:
         mx.messages.clear()
         submit(relay, ["bob@example.test"], body)
-        m = wait_until(lambda: mx.messages and mx.messages[0], "delivery", relay=relay)
+        m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery")
         return m if b"d=new.test" in m.content else None
 
-    m = wait_until(signed, "a signature with the key made after start", relay=relay)
+    m = relay.wait_for(signed, what="a signature with the key made after start")
     assert our_results(m.content, dns) == [(b"new.test", b"t", b"ed25519-sha256", True)]

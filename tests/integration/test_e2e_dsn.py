@@ -17,7 +17,6 @@ from test_e2e_delivery import (
     log_lines,
     mx_overrides,
     parse_dsn,
-    wait_until,
 )
 
 
@@ -50,8 +49,8 @@ def test_success_notice_when_next_hop_lacks_dsn(
                                                  "ORCPT=rfc822;bob+2Bx@example.test"]),
                           ("carol@example.test", [])],
                   ["RET=HDRS", "ENVID=track+2D42"])
-    wait_until(lambda: sender_mx.messages, "the success notice", relay=relay)
-    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    relay.wait_for(lambda: sender_mx.messages, what="the success notice")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
     assert sorted(r for m in mx1.messages for r in m.rcpt_tos) == \
         ["bob@example.test", "carol@example.test"]
     [notice] = sender_mx.messages
@@ -72,9 +71,9 @@ def test_notify_never_suppresses_the_bounce(
     fake_mx("127.0.0.2", rcpt_replies={"nobody@example.test": "550 5.1.1 no such user"})
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     qid = _submit(relay, [("nobody@example.test", ["NOTIFY=NEVER"])], [])
-    wait_until(lambda: any("stat=Bounced" in ln for ln in log_lines(relay, qid)),
-               "the permanent failure", relay=relay)
-    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    relay.wait_for(lambda: any("stat=Bounced" in ln for ln in log_lines(relay, qid)),
+                   what="the permanent failure")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
     assert sender_mx.messages == []
     assert not any("notification" in ln for ln in log_lines(relay, qid))
 
@@ -85,7 +84,7 @@ def test_ret_full_returns_the_whole_message(
     fake_mx("127.0.0.2", rcpt_replies={"nobody@example.test": "550 5.1.1 no such user"})
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     _submit(relay, [("nobody@example.test", [])], ["RET=FULL"])
-    wait_until(lambda: sender_mx.messages, "the bounce", relay=relay)
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce")
     msg, groups = parse_dsn(sender_mx.messages[0].content)
     assert [g["Action"] for g in groups] == ["failed"]
     returned = msg.get_payload()[2]
@@ -104,8 +103,8 @@ def test_one_bounce_for_failures_in_two_domains(
     c = fake_mx("127.0.0.7")
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     qid = _submit(relay, [("ann@a.test", []), ("ben@b.test", []), ("cat@c.test", [])], [])
-    wait_until(lambda: sender_mx.messages, "the bounce", relay=relay)
-    wait_until(lambda: relay.queued() == [], "an empty queue", relay=relay)
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
     assert [m.rcpt_tos for m in c.messages] == [["cat@c.test"]]
     [bounce] = sender_mx.messages
     assert_null_sender(sender_mx, bounce)

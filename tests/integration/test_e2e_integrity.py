@@ -22,6 +22,7 @@ from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
 from relayproc import PASSWORD, RelayProcess
 from smtpclient import RawClient
+from support import ci
 from test_e2e_delivery import (
     SENDER,
     delivered_to,
@@ -29,7 +30,6 @@ from test_e2e_delivery import (
     log_lines,
     mx_overrides,
     submit,
-    wait_until,
 )
 
 from authrelay.spool import format as fmt
@@ -99,8 +99,7 @@ def test_nul_refused_nothing_stored(relay_factory: Callable[..., RelayProcess],
     # The same message without the NUL is queued and delivered.
     code, text = _raw_data(relay, "bob@example.test", HEAD + b"\r\nfirst\r\n.\r\n")
     assert code == 250, text
-    wait_until(lambda: delivered_to(mx, "bob@example.test"), "clean mail delivered",
-               relay=relay)
+    relay.wait_for(lambda: delivered_to(mx, "bob@example.test"), what="clean mail delivered")
     assert len(mx.messages) == 1 and b"\x00" not in mx.messages[0].content
     _no_tracebacks(relay)
 
@@ -140,7 +139,7 @@ def test_routing_chars_refused_unless_authenticated_or_trusted(
     assert _rcpt_reply(relay, "plain@example.test")[0] == 250
     # Authenticated mail with such a recipient goes out unchanged (we never route on it).
     qid = submit(relay, [ROUTING[0]])
-    wait_until(lambda: gone(relay, qid), "delivered", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="delivered")
     assert mx.messages[-1].rcpt_tos == [ROUTING[0]]
     log = relay.maillog()
     assert log.count("reject=550 5.7.1") == len(ROUTING)
@@ -164,7 +163,7 @@ def test_hop_limit(relay_factory: Callable[..., RelayProcess], dns: FakeDNSServe
     assert relay.queued() == []
     assert "reject=554 5.4.6 Too many hops" in relay.maillog()
     qid = submit(relay, ["bob@example.test"], _received(50) + HEAD + b"\r\nfifty\r\n")
-    wait_until(lambda: gone(relay, qid), "50 hops delivered", relay=relay)
+    relay.wait_for(lambda: gone(relay, qid), what="50 hops delivered")
     got = mx.messages[-1].content
     assert got.count(b"\r\nReceived: ") + got.startswith(b"Received: ") == 51  # + ours
     _no_tracebacks(relay)
@@ -196,7 +195,7 @@ def test_sendmail_nul_and_hops(relay_factory: Callable[..., RelayProcess],
     assert [r["address"] for r in env["recipients"]] == [SENDER]
     assert b"5.4.6" in msg and b"Too many hops" in msg
     relay.start()
-    wait_until(lambda: sender_mx.messages, "the bounce delivered", relay=relay)
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce delivered")
     assert delivered_to(mx, "bob@example.test") == []
     assert sender_mx.messages[0].rcpt_tos == [SENDER]
 
@@ -221,8 +220,8 @@ def test_damaged_spool_files_go_to_corrupt_never_deleted(
     relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1s"]))
     qids = {n: submit(relay, [f"{n}@example.test"]) for n in ("trunc", "nokey", "flip")}
     for q in qids.values():
-        wait_until(lambda q=q: any("stat=Deferred" in ln for ln in log_lines(relay, q)),
-                   f"{q} deferred", relay=relay)
+        relay.wait_for(lambda q=q: any("stat=Deferred" in ln for ln in log_lines(relay, q)),
+                       what=f"{q} deferred")
     relay.stop()
     q = relay.queue_dir
     originals = {n: (q / i).read_bytes() for n, i in qids.items()}
@@ -240,12 +239,12 @@ def test_damaged_spool_files_go_to_corrupt_never_deleted(
     mx.rcpt_replies.clear()  # the MX accepts everything from now on
     relay.start()
     # The version 1 file is delivered as before.
-    wait_until(lambda: delivered_to(mx, "old@example.test"), "v1 file delivered", relay=relay)
+    relay.wait_for(lambda: delivered_to(mx, "old@example.test"), what="v1 file delivered")
     assert b"old format" in delivered_to(mx, "old@example.test")[0].content
     # Every damaged file ends in corrupt/, byte for byte, with a warning; none delivered.
     corrupt = relay.state / "spool" / "corrupt"
-    wait_until(lambda: all((corrupt / i).exists() for i in qids.values()),
-               "damaged files quarantined", relay=relay)
+    relay.wait_for(lambda: all((corrupt / i).exists() for i in qids.values()),
+                   what="damaged files quarantined")
     for n, i in qids.items():
         assert (corrupt / i).read_bytes() == damaged[n], n
         assert not (q / i).exists()
@@ -257,12 +256,12 @@ def test_damaged_spool_files_go_to_corrupt_never_deleted(
     # A bit flipped in a queued message while the server runs: found before delivery.
     mx.rcpt_replies["live@example.test"] = "451 4.3.0 later"
     live = submit(relay, ["live@example.test"])
-    wait_until(lambda: any("stat=Deferred" in ln for ln in log_lines(relay, live)),
-               "live deferred", relay=relay)
+    relay.wait_for(lambda: any("stat=Deferred" in ln for ln in log_lines(relay, live)),
+                   what="live deferred")
     raw = (q / live).read_bytes()
     (q / live).write_bytes(_flip(raw, len(raw) - 3))
     mx.rcpt_replies.clear()
-    wait_until(lambda: (corrupt / live).exists(), "live file quarantined", relay=relay)
+    relay.wait_for(lambda: (corrupt / live).exists(), what="live file quarantined")
     assert delivered_to(mx, "live@example.test") == []
     assert re.search(rf"{live}: warning=damaged queue file moved to corrupt/: checksum",
                      relay.maillog())
@@ -271,16 +270,9 @@ def test_damaged_spool_files_go_to_corrupt_never_deleted(
 
 # ---------------------------------------------------------------------- free space (tmpfs)
 
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the free-space tests mount a tmpfs: run them as root in CI")
-        pytest.skip("mounting a tmpfs needs root")
-
-
 @pytest.fixture
 def tmpfs(tmp_path: Path):  # noqa: ANN201
-    _need_root()
+    ci.require_root("mounting a tmpfs needs root")
     mnt = tmp_path / "tmpfs"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mnt)],

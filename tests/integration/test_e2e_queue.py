@@ -22,7 +22,6 @@ from test_e2e_delivery import (
     log_lines,
     mx_overrides,
     submit,
-    wait_until,
 )
 
 DEFER = "451 4.3.0 try again later"
@@ -45,7 +44,7 @@ def start_deferring(relay_factory: Callable[..., RelayProcess], dns: FakeDNSServ
     relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"]))
     qids = [submit(relay, [r]) for r in rcpts]
     for q in qids:
-        wait_until(lambda q=q: deferred(relay, q), f"{q} deferred", relay=relay)
+        relay.wait_for(lambda q=q: deferred(relay, q), what=f"{q} deferred")
     return relay, mx1, qids
 
 
@@ -90,13 +89,13 @@ def test_queue_list_show_hold_release_flush(
 
     # flush ID: that one goes at once, the others keep their hour of back-off.
     assert relay.cli("queue", "flush", q_one).stdout.strip() == f"{q_one}: flushed"
-    wait_until(lambda: gone(relay, q_one), "the flushed message delivered", relay=relay)
+    relay.wait_for(lambda: gone(relay, q_one), what="the flushed message delivered")
     assert [m.rcpt_tos for m in mx1.messages] == [["carol@example.test"]]
     assert not gone(relay, q_all)
 
     # flush (all): the rest of the queue goes; the held message does not.
     relay.cli("queue", "flush")
-    wait_until(lambda: gone(relay, q_all), "the queue flushed", relay=relay)
+    relay.wait_for(lambda: gone(relay, q_all), what="the queue flushed")
     assert delivered_to(mx1, "dave@example.test")
     flushed_held = relay.cli("queue", "flush", q_hold, check=False)
     assert flushed_held.returncode == 1  # held mail is not in the active queue
@@ -108,10 +107,9 @@ def test_queue_list_show_hold_release_flush(
 
     # release: tried at once (not after the back-off), delivered.
     assert relay.cli("queue", "release", q_hold).stdout.strip() == f"{q_hold}: released"
-    wait_until(lambda: delivered_to(mx1, "bob@example.test"), "the released message",
-               relay=relay)
-    wait_until(lambda: not (relay.state / "spool" / "hold" / q_hold).exists()
-               and gone(relay, q_hold), "the released message removed", relay=relay)
+    relay.wait_for(lambda: delivered_to(mx1, "bob@example.test"), what="the released message")
+    relay.wait_for(lambda: not (relay.state / "spool" / "hold" / q_hold).exists()
+               and gone(relay, q_hold), what="the released message removed")
     assert relay.cli("queue", "list").stdout.strip() == "Mail queue is empty"
     assert queue_json(relay) == {}
     log = relay.maillog()
@@ -140,7 +138,7 @@ def test_queue_delete(relay_factory: Callable[..., RelayProcess], dns: FakeDNSSe
     mx1.rcpt_replies.clear()
     relay.cli("queue", "flush")
     q4 = submit(relay, ["erin@example.test"])
-    wait_until(lambda: gone(relay, q4), "a fresh message delivered", relay=relay)
+    relay.wait_for(lambda: gone(relay, q4), what="a fresh message delivered")
     assert [m.rcpt_tos for m in mx1.messages] == [["erin@example.test"]]
     assert sender_mx.messages == []  # deleting bounces nothing
 
@@ -156,8 +154,8 @@ def test_delete_of_a_message_being_delivered(
     mx1 = fake_mx("127.0.0.2", data_delay=8.0)
     relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"]))
     qid = submit(relay, ["bob@example.test"])
-    wait_until(lambda: queue_json(relay).get(qid, {}).get("state") == "active"
-               and mx1.connections > 0, "the delivery attempt under way", relay=relay)
+    relay.wait_for(lambda: queue_json(relay).get(qid, {}).get("state") == "active"
+               and mx1.connections > 0, what="the delivery attempt under way")
     r = subprocess.run([sys.executable, "-m", "authrelay", "-c", str(relay.config), "queue",
                         "delete", qid], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stdout + r.stderr

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from relayproc import RelayProcess
 from smtpclient import RawClient, client_ctx, plain
+from support.ports import free_port
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "sendmail.mc"
 
@@ -234,7 +235,7 @@ def test_sasldb_latin1_password_imported_and_verified_as_bytes(relay_factory,
         subprocess.run(["saslpasswd2", "-f", str(db), "-c", "-p", user], input=pw + b"\n",
                        check=True, timeout=30)
     r: RelayProcess = relay_factory(users={}, start=False,
-                                    overrides={"metrics": {"address": f"127.0.0.1:{_port()}"}})
+                                    overrides={"metrics": {"address": f"127.0.0.1:{free_port()}"}})
     res = r.cli("import", "sasldb", str(db), "--realm", _default_realm(), check=False)
     assert "Traceback" not in res.stderr, res.stderr
     assert res.returncode == 0, res.stdout + res.stderr
@@ -281,10 +282,6 @@ def test_sasldb_latin1_password_imported_and_verified_as_bytes(relay_factory,
     assert counts['authrelay_auth_total{result="malformed"}'] == 1
 
 
-def _port() -> int:
-    from relayproc import free_port
-
-    return free_port()
 
 
 # --------------------------------------------------------------------------- mc: issue 12
@@ -370,8 +367,8 @@ def test_authinfo_becomes_smart_host_credentials(
     import smtplib
     import stat
 
-    from fakes.smtpserver import server_tls_context
     from relayproc import PASSWORD
+    from support.certs import server_tls_context
 
     sh = fake_mx("127.0.0.2", starttls_context=server_tls_context(trustme_ca, "127.0.0.2"),
                  require_starttls=True, users={"relay-user@provider": "p\u00e4ss w0rd!"})

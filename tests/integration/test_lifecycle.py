@@ -13,7 +13,6 @@ import pwd
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -24,25 +23,8 @@ import trustme
 from privpython import python_for
 from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx, plain
-
-
-def _write_cert(ca: trustme.CA, d: Path, key_type: trustme.KeyType | None = None
-                ) -> tuple[Path, Path, bytes]:
-    """Issue a leaf for 127.0.0.1 and install it the way certbot renewals land: new files
-    renamed over the old ones. Returns (cert, key, DER of the leaf)."""
-    leaf = (ca.issue_cert("relay.test", "127.0.0.1") if key_type is None
-            else ca.issue_cert("relay.test", "127.0.0.1", key_type=key_type))
-    d.mkdir(parents=True, exist_ok=True)
-    cert, key = d / "fullchain.pem", d / "privkey.pem"
-    tmpc, tmpk = d / "fullchain.pem.new", d / "privkey.pem.new"
-    tmpc.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
-    fd = os.open(tmpk, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(leaf.private_key_pem.bytes())
-    os.replace(tmpk, key)
-    os.replace(tmpc, cert)
-    der = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
-    return cert, key, der
+from support.certs import install_cert
+from support.sessions import session_in_progress
 
 
 def _peer_der(port: int, *, implicit: bool) -> bytes:
@@ -55,20 +37,6 @@ def _peer_der(port: int, *, implicit: bool) -> bytes:
         der = c.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
         c.cmd("QUIT")
         return der
-
-
-def _session_in_progress(r: RelayProcess) -> RawClient:
-    """An authenticated session on 587 half way through a transaction."""
-    c = RawClient(r.ports["submission"])
-    assert c.reply().code == 220
-    assert c.cmd("EHLO t").code == 250
-    assert c.cmd("STARTTLS").code == 220
-    c.starttls(client_ctx())
-    assert c.cmd("EHLO t").code == 250
-    assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
-    assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
-    assert c.cmd("RCPT TO:<bob@remote.example>").code == 250
-    return c
 
 
 def _count(r: RelayProcess, text: str) -> int:
@@ -93,7 +61,7 @@ def _hup(r: RelayProcess) -> None:
 @pytest.fixture
 def tls_relay(relay_factory, tmp_path: Path):
     ca = trustme.CA()
-    cert, key, der = _write_cert(ca, tmp_path / "le")
+    cert, key, der = install_cert(ca, tmp_path / "le")
     r = _ready(relay_factory(overrides={"tls": {"cert": str(cert), "key": str(key)}}))
     return r, ca, tmp_path / "le", der
 
@@ -102,14 +70,14 @@ def tls_relay(relay_factory, tmp_path: Path):
 def test_sighup_new_cert_and_config_open_session_survives(relay_factory, tmp_path: Path,
                                                           workers: int) -> None:
     ca = trustme.CA()
-    cert, key, der_old = _write_cert(ca, tmp_path / "le")
+    cert, key, der_old = install_cert(ca, tmp_path / "le")
     r = relay_factory(workers=workers,
                       overrides={"tls": {"cert": str(cert), "key": str(key)}})
     _ready(r, workers + 1 if workers > 1 else 1)
     assert _peer_der(r.ports["submissions"], implicit=True) == der_old
-    held = _session_in_progress(r)  # TLS with the old certificate, mid-transaction
+    held = session_in_progress(r)  # TLS with the old certificate, mid-transaction
     try:
-        _, _, der_new = _write_cert(trustme.CA(), tmp_path / "le")  # "renewed"
+        _, _, der_new = install_cert(trustme.CA(), tmp_path / "le")  # "renewed"
         assert der_new != der_old
         data = dict(r.config_data)
         data["limits"] = {"max_message_size": 123456}
@@ -164,7 +132,7 @@ def test_sighup_replaces_the_certificate_across_key_types(relay_factory, tmp_pat
     _ready(r, workers + 1 if workers > 1 else 1)
     selfsigned = _ecdsa_first_der(r.ports["submissions"], implicit=True, tls13=True)
     for kt in (trustme.KeyType.RSA, trustme.KeyType.ECDSA):
-        cert, key, der = _write_cert(trustme.CA(), tmp_path / f"le-{kt.name}", key_type=kt)
+        cert, key, der = install_cert(trustme.CA(), tmp_path / f"le-{kt.name}", key_type=kt)
         data = dict(r.config_data)
         data["tls"] = {"cert": str(cert), "key": str(key)}
         r.config.write_text(to_toml(data))
@@ -183,7 +151,7 @@ def test_sighup_replaces_the_certificate_across_key_types(relay_factory, tmp_pat
 
 def test_sighup_bad_key_keeps_old_cert(tls_relay) -> None:
     r, ca, d, der_old = tls_relay
-    _, key, _ = _write_cert(trustme.CA(), d)
+    _, key, _ = install_cert(trustme.CA(), d)
     os.chmod(key, 0o644)  # a renewal hook that got the mode wrong
     before = _count(r, "daemon=reload failed")
     assert r.proc is not None
@@ -196,7 +164,7 @@ def test_sighup_bad_key_keeps_old_cert(tls_relay) -> None:
 
 def test_sigterm_lets_session_finish_and_exits_0(relay_factory) -> None:
     r = _ready(relay_factory(overrides={"shutdown_timeout": "60s"}))
-    c = _session_in_progress(r)
+    c = session_in_progress(r)
     try:
         assert c.cmd("DATA").code == 354
         c.send(b"Subject: during shutdown\r\n\r\nfirst half\r\n")
@@ -226,7 +194,7 @@ def test_sigterm_lets_session_finish_and_exits_0(relay_factory) -> None:
 
 def test_sigterm_idle_session_gets_421_after_timeout(relay_factory) -> None:
     r = _ready(relay_factory(overrides={"shutdown_timeout": "1s"}))
-    c = _session_in_progress(r)
+    c = session_in_progress(r)
     try:
         assert r.proc is not None
         os.kill(r.proc.pid, signal.SIGTERM)
@@ -240,7 +208,7 @@ def test_sigterm_idle_session_gets_421_after_timeout(relay_factory) -> None:
 
 
 def test_serve_refuses_world_readable_key(relay_factory, tmp_path: Path) -> None:
-    cert, key, _ = _write_cert(trustme.CA(), tmp_path / "le")
+    cert, key, _ = install_cert(trustme.CA(), tmp_path / "le")
     os.chmod(key, 0o644)
     r = relay_factory(start=False, overrides={"tls": {"cert": str(cert), "key": str(key)}})
     res = subprocess.run([sys.executable, "-m", "authrelay", "-c", str(r.config), "serve"],
@@ -305,7 +273,7 @@ def reachable_dir():
     shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.root
 def test_drop_privileges_mechanics(reachable_dir: Path) -> None:
     """daemon._drop_privileges in a forked child: state chowned, uid/gid/groups dropped."""
     from authrelay import daemon

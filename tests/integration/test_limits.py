@@ -12,19 +12,15 @@ import json
 import re
 import select
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fakes.dnsserver import FakeDNSServer  # noqa: E402
-from relayproc import PASSWORD, RelayProcess  # noqa: E402
-from smtpclient import RawClient, client_ctx, plain  # noqa: E402
+from fakes.dnsserver import FakeDNSServer
+from relayproc import PASSWORD, RelayProcess
+from smtpclient import RawClient, client_ctx, plain
 
 
 class Client(RawClient):
@@ -56,19 +52,6 @@ def served(relay: RelayProcess, src: str, listener: str = "smtp") -> None:
         assert c.reply().code == 220
         assert c.cmd("EHLO other.test").code == 250
         assert c.cmd("QUIT").code == 221
-
-
-def wait_log(relay: RelayProcess, pattern: str, timeout: float = 10.0) -> str:
-    """The first maillog line matching `pattern` (regex), waiting for it to be written."""
-    rx = re.compile(pattern)
-    found: list[str] = []
-
-    def pred() -> bool:
-        found[:] = [ln for ln in relay.maillog().splitlines() if rx.search(ln)]
-        return bool(found)
-
-    relay.wait_for(pred, timeout)
-    return found[0]
 
 
 def envelope(relay: RelayProcess, qid: str) -> dict:
@@ -158,7 +141,7 @@ def test_size_param_too_big(relay: RelayProcess) -> None:
     c = submit_login(relay, "127.0.0.2", "bob")
     r = c.cmd("MAIL FROM:<bob@example.org> SIZE=100001")
     assert (r.code, r.text[:5]) == (552, "5.3.4")
-    wait_log(relay, r"reject=552 5\.3\.4 <bob@example.org>.*size=100001")
+    relay.wait_log(r"reject=552 5\.3\.4 <bob@example.org>.*size=100001")
     assert c.cmd("MAIL FROM:<bob@example.org> SIZE=100000").code == 250
     c.close()
     served(relay, "127.0.0.3")
@@ -178,7 +161,7 @@ def test_body_too_big_nothing_stored_memory_bounded(relay: RelayProcess) -> None
         c.send(b".\r\n")
         r = c.reply()
     assert (r.code, r.text[:5]) == (552, "5.3.4")
-    wait_log(relay, r"reject=552 5\.3\.4 .*relay=unknown \[127\.0\.0\.4\]")
+    relay.wait_log(r"reject=552 5\.3\.4 .*relay=unknown \[127\.0\.0\.4\]")
     # Over-limit bytes are never kept: RSS never grows near the 20 MB sent.
     assert mem.peak_growth < 8_000, mem.peak_growth
     assert set(p.name for p in relay.queued()) == before
@@ -195,7 +178,7 @@ def test_max_recipients_accepted_ones_queued(relay: RelayProcess) -> None:
         assert c.cmd(f"RCPT TO:<r{i}@remote.test>").code == 250
     r = c.cmd("RCPT TO:<r3@remote.test>")
     assert (r.code, r.text) == (452, "4.5.3 Too many recipients")
-    wait_log(relay, r"reject=452 4\.5\.3 <r3@remote.test>")
+    relay.wait_log(r"reject=452 4\.5\.3 <r3@remote.test>")
     assert c.cmd("DATA").code == 354
     r = c.cmd("Subject: hi\r\n\r\nbody\r\n.")
     assert r.code == 250
@@ -216,7 +199,7 @@ def test_bad_rcpt_throttle_then_limit(relay: RelayProcess) -> None:
     assert "RCPT flood" not in relay.maillog()
     # Past bad_rcpt_throttle (2): every RCPT, good or bad, is delayed and the flood logged.
     assert c.cmd("RCPT TO:<ok@local.test>").code == 250
-    flood = wait_log(relay, rf"possible SMTP RCPT flood.*\[{re.escape(src)}\]")
+    flood = relay.wait_log(rf"possible SMTP RCPT flood.*\[{re.escape(src)}\]")
     assert "bad_rcpts=2" in flood
     assert c.cmd("RCPT TO:<v3@victim.test>").code == 550
     # The bad_rcpt_limit-th (4th) refusal ends the session.
@@ -248,9 +231,9 @@ def test_max_auth_failures_per_connection(relay: RelayProcess) -> None:
     assert (r.code, r.text[:5]) == (421, "4.7.0")
     assert c.closed()
     # fail2ban: IP and username on the failure lines.
-    wait_log(relay, rf"authentication failed, relay=unknown \[{re.escape(src)}\].*"
+    relay.wait_log(rf"authentication failed, relay=unknown \[{re.escape(src)}\].*"
              r"sasl_username=frank")
-    wait_log(relay, rf"reject=421 4\.7\.0 Too many authentication failures.*\[{src}\]")
+    relay.wait_log(rf"reject=421 4\.7\.0 Too many authentication failures.*\[{src}\]")
     submit_login(relay, "127.0.0.11", "alice").close()  # others log in fine
 
 
@@ -276,7 +259,7 @@ def test_auth_locked_per_ip(relay: RelayProcess) -> None:
     c.cmd("EHLO brute.test")
     r = c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")
     assert (r.code, r.text[:5]) == (454, "4.7.0")
-    wait_log(relay, rf"reject=454 4\.7\.0 .*\[{re.escape(src)}\].*sasl_username=alice")
+    relay.wait_log(rf"reject=454 4\.7\.0 .*\[{re.escape(src)}\].*sasl_username=alice")
     c.close()
     submit_login(relay, "127.0.0.13", "alice").close()  # another IP: same user fine
 
@@ -303,7 +286,7 @@ def test_auth_locked_per_user(relay: RelayProcess) -> None:
     # The same connection (same IP) may still log in as somebody else.
     assert c.cmd(f"AUTH PLAIN {plain('carol', PASSWORD)}").code == 235
     c.close()
-    wait_log(relay, r"reject=454 4\.7\.0 .*\[127\.0\.0\.17\].*sasl_username=erin")
+    relay.wait_log(r"reject=454 4\.7\.0 .*\[127\.0\.0\.17\].*sasl_username=erin")
 
 
 def test_failed_auth_same_answer_known_and_unknown(relay: RelayProcess) -> None:
@@ -317,8 +300,8 @@ def test_failed_auth_same_answer_known_and_unknown(relay: RelayProcess) -> None:
     unknown = c.cmd(f"AUTH PLAIN {plain('nosuchuser', 'wrong')}")
     assert known.lines == unknown.lines == ["535 5.7.8 Authentication credentials invalid"]
     c.close()
-    a = wait_log(relay, r"authentication failed.*\[127\.0\.0\.18\].*sasl_username=dan")
-    b = wait_log(relay, r"authentication failed.*\[127\.0\.0\.18\].*sasl_username=nosuchuser")
+    a = relay.wait_log(r"authentication failed.*\[127\.0\.0\.18\].*sasl_username=dan")
+    b = relay.wait_log(r"authentication failed.*\[127\.0\.0\.18\].*sasl_username=nosuchuser")
     strip = re.compile(r"^.*?NOQUEUE: |sasl_username=\S+")
     assert strip.sub("", a) == strip.sub("", b)
 
@@ -341,7 +324,7 @@ def test_text_line_too_long(relay: RelayProcess) -> None:
     assert c.cmd("DATA").code == 354
     r = c.cmd("Subject: long\r\n\r\n" + "z" * 999 + "\r\nok\r\n.")
     assert (r.code, r.text[:5]) == (550, "5.6.0")
-    wait_log(relay, r"reject=550 5\.6\.0 .*\[127\.0\.0\.21\]")
+    relay.wait_log(r"reject=550 5\.6\.0 .*\[127\.0\.0\.21\]")
     assert set(p.name for p in relay.queued()) == before
     # A 998-octet line is fine.
     assert c.cmd("MAIL FROM:<bob@example.org>").code == 250
@@ -372,7 +355,7 @@ def test_sender_policy_own(relay: RelayProcess) -> None:
     c = submit_login(relay, "127.0.0.24", "alice")
     r = c.cmd("MAIL FROM:<sales@example.org>")
     assert (r.code, r.text) == (553, "5.7.1 Sender address not owned by user")
-    wait_log(relay, r"reject=553 5\.7\.1 <sales@example.org>.*sasl_username=alice")
+    relay.wait_log(r"reject=553 5\.7\.1 <sales@example.org>.*sasl_username=alice")
     assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
     c.close()
     c = submit_login(relay, "127.0.0.24", "bob")  # bob owns sales@
@@ -399,7 +382,7 @@ def test_user_messages_per_hour(relay: RelayProcess) -> None:
         assert _send(c, "carol@example.org", ["a@remote.test"]) == [250, 250, 250]
     r = c.cmd("MAIL FROM:<carol@example.org>")
     assert (r.code, r.text[:5]) == (450, "4.7.1")
-    wait_log(relay, r"reject=450 4\.7\.1 .*sasl_username=carol")
+    relay.wait_log(r"reject=450 4\.7\.1 .*sasl_username=carol")
     c.close()
     c = submit_login(relay, "127.0.0.25", "dan")  # other users unaffected
     assert _send(c, "dan@example.org", ["a@remote.test"]) == [250, 250, 250]
@@ -413,7 +396,7 @@ def test_user_recipients_per_hour(relay: RelayProcess) -> None:
     assert c.cmd("RCPT TO:<d@r.test>").code == 250
     r = c.cmd("RCPT TO:<e@r.test>")
     assert (r.code, r.text[:5]) == (450, "4.7.1")
-    wait_log(relay, r"reject=450 4\.7\.1 .*sasl_username=gina")
+    relay.wait_log(r"reject=450 4\.7\.1 .*sasl_username=gina")
     assert c.cmd("DATA").code == 354
     r = c.cmd("Subject: t\r\n\r\nx\r\n.")
     assert r.code == 250
@@ -446,7 +429,7 @@ def test_command_timeout(slow_relay: RelayProcess) -> None:
     assert c.reply().code == 220
     assert c.cmd("EHLO idle.test").code == 250
     _timeout_reply(c)  # then nothing: the server gives up
-    wait_log(slow_relay, r"reject=421 4\.4\.2 .*\[127\.0\.1\.1\], stage=timeout")
+    slow_relay.wait_log(r"reject=421 4\.4\.2 .*\[127\.0\.1\.1\], stage=timeout")
     served(slow_relay, "127.0.1.2")
 
 
@@ -460,7 +443,7 @@ def test_data_block_timeout(slow_relay: RelayProcess) -> None:
     assert c.cmd("DATA").code == 354
     c.send("Subject: stall\r\n\r\nhalf a mess")
     _timeout_reply(c)
-    wait_log(slow_relay, r"reject=421 4\.4\.2 .*\[127\.0\.1\.3\]")
+    slow_relay.wait_log(r"reject=421 4\.4\.2 .*\[127\.0\.1\.3\]")
     assert len(slow_relay.queued()) == before
     served(slow_relay, "127.0.1.4")
 
@@ -487,7 +470,7 @@ def test_data_final_timeout_dribbling_client(slow_relay: RelayProcess) -> None:
         if got:
             break
     assert got.startswith(b"421 4.4.2"), got
-    wait_log(slow_relay, r"reject=421 4\.4\.2 .*\[127\.0\.1\.5\]")
+    slow_relay.wait_log(r"reject=421 4\.4\.2 .*\[127\.0\.1\.5\]")
     assert len(slow_relay.queued()) == before
     served(slow_relay, "127.0.1.6")
 
@@ -499,7 +482,7 @@ def test_starttls_handshake_timeout(slow_relay: RelayProcess) -> None:
     assert c.cmd("STARTTLS").code == 220
     # No ClientHello: the server drops the connection after tls_handshake_timeout.
     assert c.closed(timeout=10)
-    wait_log(slow_relay, r"reject=421 4\.4\.2 .*\[127\.0\.1\.7\]")
+    slow_relay.wait_log(r"reject=421 4\.4\.2 .*\[127\.0\.1\.7\]")
     served(slow_relay, "127.0.1.8")
 
 
@@ -524,7 +507,7 @@ def test_session_timeout(slow_relay: RelayProcess) -> None:
         if r.code != 250:
             break
     assert r is not None and (r.code, r.text[:5]) == (421, "4.4.2"), r
-    wait_log(slow_relay, r"421 4\.4\.2 session time limit.*\[127\.0\.1\.11\]")
+    slow_relay.wait_log(r"421 4\.4\.2 session time limit.*\[127\.0\.1\.11\]")
     served(slow_relay, "127.0.1.12")
 
 
@@ -541,7 +524,7 @@ def test_max_connections_global_and_per_ip(tmp_path: Path) -> None:
         x = third.reply()
         assert (x.code, x.text[:5]) == (421, "4.7.0") and "your address" in x.text
         assert third.closed()
-        wait_log(r, r"reject=421 4\.7\.0 Too many connections from your address.*"
+        r.wait_log(r"reject=421 4\.7\.0 Too many connections from your address.*"
                  r"\[127\.0\.2\.1\], stage=connect")
         held += [Client(port, "127.0.2.2"), Client(port, "127.0.2.3")]
         for c in held[2:]:
@@ -549,7 +532,7 @@ def test_max_connections_global_and_per_ip(tmp_path: Path) -> None:
         fifth = Client(port, "127.0.2.4")
         x = fifth.reply()
         assert (x.code, x.text) == (421, "4.7.0 Too many connections, try again later")
-        wait_log(r, r"reject=421 4\.7\.0 Too many connections, .*\[127\.0\.2\.4\]")
+        r.wait_log(r"reject=421 4\.7\.0 Too many connections, .*\[127\.0\.2\.4\]")
         # A slot freed is a slot served.
         held.pop().cmd("QUIT")
         deadline = time.monotonic() + 10
@@ -579,7 +562,7 @@ def test_connection_rate_per_ip(tmp_path: Path) -> None:
             x = c.reply()
             assert (x.code, x.text[:5]) == (421, "4.7.0") and "rate" in x.text
             assert c.closed()
-        wait_log(r, r"reject=421 4\.7\.0 Connection rate limit.*\[127\.0\.3\.1\]")
+        r.wait_log(r"reject=421 4\.7\.0 Connection rate limit.*\[127\.0\.3\.1\]")
         served(r, "127.0.3.2")
     finally:
         r.stop()
@@ -606,7 +589,7 @@ def test_connection_rate_global_delays_not_refuses(tmp_path: Path) -> None:
             c.close()
         assert codes.count(220) >= 6 and codes.count(421) >= 1, codes
         assert set(codes) == {220, 421}
-        wait_log(r, r"reject=421 4\.7\.0 Connection rate limit.*reason=rate")
+        r.wait_log(r"reject=421 4\.7\.0 Connection rate limit.*reason=rate")
         # Later, service resumes.
         deadline = time.monotonic() + 10
         while True:
@@ -660,7 +643,7 @@ def _rcpt_unauth(relay: RelayProcess, src: str, rcpt: str = "x@local.test") -> o
 def test_no_ptr_refused_without_auth_relays_after_auth(checked_relay: RelayProcess) -> None:
     r = _rcpt_unauth(checked_relay, "127.0.5.41")
     assert (r.code, r.text[:6]) == (550, "5.7.25"), r
-    wait_log(checked_relay, r"reject=550 5\.7\.25 <x@local.test>.*\[127\.0\.5\.41\]")
+    checked_relay.wait_log(r"reject=550 5\.7\.25 <x@local.test>.*\[127\.0\.5\.41\]")
     c = submit_login(checked_relay, "127.0.5.41")
     assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
     assert c.cmd("RCPT TO:<someone@far.test>").code == 250
@@ -672,7 +655,7 @@ def test_no_ptr_refused_without_auth_relays_after_auth(checked_relay: RelayProce
 def test_forward_confirmed_ptr_accepted(checked_relay: RelayProcess) -> None:
     r = _rcpt_unauth(checked_relay, "127.0.5.40")
     assert r.code == 250, r
-    wait_log(checked_relay, r"good\.test \[127\.0\.5\.40\]")
+    checked_relay.wait_log(r"good\.test \[127\.0\.5\.40\]")
 
 
 def test_ptr_not_pointing_back_refused(checked_relay: RelayProcess) -> None:
@@ -688,7 +671,7 @@ def test_ptr_servfail_temporary(checked_relay: RelayProcess) -> None:
 def test_dnsbl_listed_refused_without_auth(checked_relay: RelayProcess) -> None:
     r = _rcpt_unauth(checked_relay, "127.0.5.42")
     assert (r.code, r.text[:5]) == (554, "5.7.1") and "bl.test" in str(r), r
-    wait_log(checked_relay, r"reject=554 5\.7\.1 <x@local.test>.*bl\.test.*\[127\.0\.5\.42\]")
+    checked_relay.wait_log(r"reject=554 5\.7\.1 <x@local.test>.*bl\.test.*\[127\.0\.5\.42\]")
     c = submit_login(checked_relay, "127.0.5.42")
     assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
     assert c.cmd("RCPT TO:<someone@far.test>").code == 250

@@ -12,7 +12,8 @@ from email.message import EmailMessage
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from relayproc import PASSWORD, RelayProcess, free_port
+from relayproc import PASSWORD, RelayProcess
+from support.ports import free_port
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from relayproc import refuses
+from support import ci
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -116,11 +117,6 @@ def _first_steps() -> str:
     return m.group(1)
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
 @pytest.fixture
 def checkout() -> Iterator[Path]:
     """A copy of the checkout (no venv, no state), as a fresh clone would be."""
@@ -145,7 +141,7 @@ def _wait_ports(p: subprocess.Popen[bytes], ports: tuple[int, ...], cfg: Path) -
     that is someone else's, and the check below fails)."""
     deadline = time.monotonic() + 900  # the first run installs the dependencies
     for port in ports:
-        while _port_free(port) or not cfg.exists():
+        while refuses(port) or not cfg.exists():
             if p.poll() is not None:
                 out = p.stdout.read().decode() if p.stdout else ""
                 raise AssertionError(f"run.sh exited {p.returncode}:\n{out[-3000:]}")
@@ -204,12 +200,8 @@ def _on_pty(cmd: list[str], cwd: Path, env: dict[str, str], answers: list[str]
 
 def test_readme_first_steps_verbatim_after_run_sh(checkout: Path) -> None:
     ports = (2525, 2587, 2465)
-    busy = [p for p in ports if not _port_free(p)]
-    if busy:
-        why = f"ports {busy} are in use: run.sh's listeners need them"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
+    busy = [p for p in ports if not refuses(p)]
+    ci.require(not busy, f"ports {busy} are in use: run.sh's listeners need them")
     for tool in ("swaks", "script"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not installed (test.sh installs it)")

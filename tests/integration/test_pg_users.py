@@ -10,27 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from relayproc import PASSWORD, RelayProcess
+from scalerig import PostgresServer
+from smtpclient import RawClient, client_ctx, plain
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from relayproc import PASSWORD, RelayProcess  # noqa: E402
-from scalerig import PostgresServer  # noqa: E402
-from smtpclient import RawClient, client_ctx, plain  # noqa: E402
-
-from authrelay.auth import passwords  # noqa: E402
-from authrelay.auth.authenticator import AuthResult  # noqa: E402
-from authrelay.auth.pgusers import (  # noqa: E402
+from authrelay.auth import passwords
+from authrelay.auth.authenticator import AuthResult
+from authrelay.auth.pgusers import (
     PgAuthenticator,
     PgUserDB,
     PgUserStore,
     redact_dsn,
 )
-from authrelay.auth.userdb import UserDB  # noqa: E402
+from authrelay.auth.userdb import UserDB
 
 
 @pytest.fixture(scope="module")

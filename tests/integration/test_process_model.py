@@ -23,18 +23,15 @@ import pwd
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trustme
 from relayproc import (
-    PASSWORD,
     RelayProcess,
     alive,
     children,
@@ -42,35 +39,17 @@ from relayproc import (
     refuses,
     to_toml,
 )
-from smtpclient import RawClient, client_ctx, plain
+from smtpclient import RawClient, client_ctx
+from support import ci
+from support.certs import install_cert
+from support.sessions import session_in_progress
+from support.wait import wait_until
 
-DEADLINE = 10.0  # generous: the figure measured is far lower (see the report / PRIVILEGES.md)
 TEST_USER = "authrelay-test"
 
 
-def _wait(pred, timeout: float = DEADLINE, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not met within {timeout} s")
-        time.sleep(0.02)
-
-
 def _started(r: RelayProcess, processes: int) -> None:
-    _wait(lambda: r.maillog().count("daemon=started") >= processes, what="started")
-
-
-def _session_in_progress(r: RelayProcess) -> RawClient:
-    c = RawClient(r.ports["submission"])
-    assert c.reply().code == 220
-    assert c.cmd("EHLO t").code == 250
-    assert c.cmd("STARTTLS").code == 220
-    c.starttls(client_ctx())
-    assert c.cmd("EHLO t").code == 250
-    assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
-    assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
-    assert c.cmd("RCPT TO:<bob@remote.example>").code == 250
-    return c
+    wait_until(lambda: r.maillog().count("daemon=started") >= processes, what="started")
 
 
 def _serve(config: Path) -> subprocess.CompletedProcess[str]:
@@ -92,16 +71,16 @@ def test_kill9_master_leaves_no_process_and_ports_refuse(relay_factory, monkeypa
     master = r.proc.pid
     kids = children(master)
     assert len(kids) == 2
-    held = _session_in_progress(r)  # a worker busy with a client changes nothing
+    held = session_in_progress(r)  # a worker busy with a client changes nothing
     try:
         os.kill(master, signal.SIGKILL)
         r.proc.wait(timeout=30)
-        _wait(lambda: not any(alive(k) for k in kids), what="workers gone")
+        wait_until(lambda: not any(alive(k) for k in kids), what="workers gone")
         assert processes_running(r.config) == []
         # A killed worker's leader thread shows as a zombie while its other threads still
         # tear down (and hold the fd table): wait, briefly, for the sockets to go too.
         for port in r.ports.values():
-            _wait(lambda port=port: refuses(port), what=f"port {port} refused")
+            wait_until(lambda port=port: refuses(port), what=f"port {port} refused")
         assert held.closed()
     finally:
         held.close()
@@ -173,13 +152,6 @@ def test_foreign_reuseport_socket_blocks_start(relay_factory) -> None:
         foreign.close()
 
 
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI runs the tests as root (privilege drop and users)")
-        pytest.skip("needs root")
-
-
 def _test_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(TEST_USER)
@@ -192,7 +164,7 @@ def _test_user() -> pwd.struct_passwd:
 def test_other_user_cannot_join_our_ports(relay_factory) -> None:
     """The kernel admits a SO_REUSEPORT socket into a group only for the same effective uid
     as its creator: our sockets, made by root, are closed to the dropped user's programs."""
-    _require_root()
+    ci.require_root("privilege drop and a test user need root")
     _test_user()
     r = relay_factory(workers=2)
     _started(r, 3)
@@ -213,7 +185,7 @@ def test_sigterm_refuses_new_connections_while_session_finishes(relay_factory,
                                                                 workers: int) -> None:
     r = relay_factory(workers=workers, overrides={"shutdown_timeout": "60s"})
     _started(r, workers + 1 if workers > 1 else 1)
-    c = _session_in_progress(r)
+    c = session_in_progress(r)
     try:
         assert c.cmd("DATA").code == 354
         c.send(b"Subject: during shutdown\r\n\r\nfirst half\r\n")
@@ -221,7 +193,7 @@ def test_sigterm_refuses_new_connections_while_session_finishes(relay_factory,
         os.kill(r.proc.pid, signal.SIGTERM)
         # Every listener refuses (not: accepts and hangs) while the session still runs.
         for port in r.ports.values():
-            _wait(lambda port=port: refuses(port), what=f"port {port} refused")
+            wait_until(lambda port=port: refuses(port), what=f"port {port} refused")
         for port in r.ports.values():
             assert refuses(port)
         c.send(b"second half\r\n.\r\n")
@@ -244,23 +216,6 @@ def reachable_dir() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _install_cert(ca: trustme.CA, d: Path) -> tuple[Path, Path, bytes]:
-    """As certbot does: a root-only key (0600 root, in a 0700 root directory), new files
-    renamed over the old ones on renewal. Returns (cert, key, DER of the leaf)."""
-    leaf = ca.issue_cert("relay.test", "127.0.0.1")
-    d.mkdir(mode=0o700, exist_ok=True)
-    cert, key = d / "fullchain.pem", d / "privkey.pem"
-    tmpk = d / "privkey.pem.new"
-    fd = os.open(tmpk, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(leaf.private_key_pem.bytes())
-    os.replace(tmpk, key)
-    (d / "fullchain.pem.new").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
-    os.replace(d / "fullchain.pem.new", cert)
-    der = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
-    return cert, key, der
-
-
 def _peer_der(port: int) -> bytes:
     with RawClient(port, tls=client_ctx()) as c:
         assert c.reply().code == 220
@@ -276,10 +231,10 @@ def dropped(reachable_dir: Path, request: pytest.FixtureRequest
     receiving and delivering), a root-only key and a maillog file in a root-owned
     directory. `r.nprocs`: the processes that log (master and workers)."""
     workers = request.param
-    _require_root()
+    ci.require_root("privilege drop and a test user need root")
     pw = _test_user()
     le = reachable_dir / "letsencrypt"
-    cert, key, der = _install_cert(trustme.CA(), le)
+    cert, key, der = install_cert(trustme.CA(), le, dir_mode=0o700)
     logdir = reachable_dir / "log"
     logdir.mkdir(mode=0o755)
     logfile = logdir / "mail.log"
@@ -293,7 +248,7 @@ def dropped(reachable_dir: Path, request: pytest.FixtureRequest
     try:
         _started(r, r.nprocs)  # type: ignore[attr-defined]
         assert r.proc is not None
-        _wait(lambda: all(Path(f"/proc/{p}/status").read_text().split("Uid:")[1].split()[1]
+        wait_until(lambda: all(Path(f"/proc/{p}/status").read_text().split("Uid:")[1].split()[1]
                           == str(pw.pw_uid) for p in [r.proc.pid, *children(r.proc.pid)]
                           if p != _helper(r)), what="privileges dropped")
         yield r, le, der, logfile
@@ -328,9 +283,9 @@ def test_root_only_key_reloaded_on_sighup_after_renewal(dropped) -> None:
     assert (le / "privkey.pem").stat().st_uid == 0
     assert (le / "privkey.pem").stat().st_mode & 0o777 == 0o600
     assert _peer_der(r.ports["submissions"]) == der_old
-    _, _, der_new = _install_cert(trustme.CA(), le)  # the renewal
+    _, _, der_new = install_cert(trustme.CA(), le, dir_mode=0o700)  # the renewal
     os.kill(r.proc.pid, signal.SIGHUP)
-    _wait(lambda: r.maillog().count("daemon=reloaded") >= r.nprocs, what="all reloaded")
+    wait_until(lambda: r.maillog().count("daemon=reloaded") >= r.nprocs, what="all reloaded")
     for _ in range(4):  # whichever worker answers
         assert _peer_der(r.ports["submissions"]) == der_new
     # The maillog file belongs to the user (it is reopened as that user on SIGHUP).
@@ -343,9 +298,9 @@ def test_root_only_key_reloaded_on_sighup_after_renewal(dropped) -> None:
     kids = children(r.proc.pid)
     os.kill(r.proc.pid, signal.SIGKILL)
     r.proc.wait(timeout=30)
-    _wait(lambda: not any(alive(k) for k in kids), what="helper and workers gone")
+    wait_until(lambda: not any(alive(k) for k in kids), what="helper and workers gone")
     for port in r.ports.values():  # (a zombie leader's threads may still hold the fds)
-        _wait(lambda port=port: refuses(port), what=f"port {port} refused")
+        wait_until(lambda port=port: refuses(port), what=f"port {port} refused")
 
 
 def _is_listening(pid: int, fd: str) -> bool:
@@ -365,12 +320,12 @@ def test_sighup_after_logrotate_and_bad_config(dropped) -> None:
     good = r.config.read_text()
     r.config.write_text(good + "\n[limits]\nmax_recipients = 'many'\n")
     os.kill(r.proc.pid, signal.SIGHUP)
-    _wait(lambda: "daemon=reload failed" in r.maillog(), what="reload failed logged")
+    wait_until(lambda: "daemon=reload failed" in r.maillog(), what="reload failed logged")
     line = next(ln for ln in r.maillog().splitlines() if "daemon=reload failed" in ln)
     assert "not valid TOML" in line or "limits" in line
     assert r.proc.poll() is None
     assert _peer_der(r.ports["submissions"]) == der_old
-    c = _session_in_progress(r)  # still serving with the old config
+    c = session_in_progress(r)  # still serving with the old config
     c.close()
     # logrotate renames the file (no `create`): the user could not create the new one in
     # a root directory; the key helper does, for the user, and every process moves over.
@@ -379,7 +334,7 @@ def test_sighup_after_logrotate_and_bad_config(dropped) -> None:
     rotated = logfile.with_suffix(".log.1")
     os.replace(logfile, rotated)
     os.kill(r.proc.pid, signal.SIGHUP)
-    _wait(lambda: logfile.exists() and r.maillog().count("daemon=reloaded") >= r.nprocs,
+    wait_until(lambda: logfile.exists() and r.maillog().count("daemon=reloaded") >= r.nprocs,
           what="reloaded, in the new file")
     st = logfile.stat()
     assert (st.st_uid, st.st_gid) == (pw.pw_uid, pw.pw_gid)
@@ -388,12 +343,12 @@ def test_sighup_after_logrotate_and_bad_config(dropped) -> None:
     with RawClient(r.ports["submission"]) as c:  # a session's lines land there too
         c.reply()
         c.cmd("QUIT")
-    _wait(lambda: "disconnect=" in r.maillog(), what="session logged in the new file")
+    wait_until(lambda: "disconnect=" in r.maillog(), what="session logged in the new file")
     # logrotate's `create 0640 root adm`: a root file; it is handed to the user.
     os.replace(logfile, rotated)
     logfile.touch(mode=0o640)
     os.kill(r.proc.pid, signal.SIGHUP)
-    _wait(lambda: r.maillog().count("daemon=reloaded") >= r.nprocs, what="reloaded again")
+    wait_until(lambda: r.maillog().count("daemon=reloaded") >= r.nprocs, what="reloaded again")
     assert logfile.stat().st_uid == pw.pw_uid
 
 
@@ -413,7 +368,7 @@ def test_sighup_reopens_the_log_file_in_every_process(relay_factory) -> None:
     r.config.write_text(good + "\nbogus = 1\n")  # the reload fails ...
     os.replace(logfile, r.tmp / "mail.log.1")
     os.kill(r.proc.pid, signal.SIGHUP)
-    _wait(lambda: logfile.exists() and "daemon=reload failed" in r.maillog(),
+    wait_until(lambda: logfile.exists() and "daemon=reload failed" in r.maillog(),
           what="reload failed, in the new file")
     workers = children(r.proc.pid)
 
@@ -423,7 +378,7 @@ def test_sighup_reopens_the_log_file_in_every_process(relay_factory) -> None:
             c.cmd("QUIT")
         return all(f"[{w}]: NOQUEUE: connect=" in r.maillog() for w in workers)
 
-    _wait(both_workers_logged, what="both workers log into the new file")
+    wait_until(both_workers_logged, what="both workers log into the new file")
 
 
 # --------------------------------------------------------------------------- item 8
@@ -435,14 +390,14 @@ def test_worker_death_is_one_maillog_line_and_replaced(relay_factory) -> None:
     kids = children(r.proc.pid)
     victim = kids[0]
     os.kill(victim, signal.SIGKILL)
-    _wait(lambda: f"error=worker {victim} died (killed by SIGKILL); restarting in 0.2 s"
+    wait_until(lambda: f"error=worker {victim} died (killed by SIGKILL); restarting in 0.2 s"
           in r.maillog())
     _started(r, 4)
     assert len(children(r.proc.pid)) == 2
     # The replacement dies at once as well: the next start waits (crash-loop throttle).
     (new,) = [p for p in children(r.proc.pid) if p not in kids]
     os.kill(new, signal.SIGKILL)
-    _wait(lambda: f"error=worker {new} died (killed by SIGKILL); restarting in 1 s"
+    wait_until(lambda: f"error=worker {new} died (killed by SIGKILL); restarting in 1 s"
           in r.maillog())
     _started(r, 5)
     text = r.maillog()
@@ -491,9 +446,10 @@ def test_root_only_smart_host_password_read_by_the_helper(reachable_dir: Path, f
                                                           trustme_ca) -> None:  # noqa: ANN001
     """relay.smart_host_password_file 0600 root (as Postfix's sasl_passwd): the dropped
     master delivers with it, through the key helper."""
-    _require_root()
+    ci.require_root("privilege drop and a test user need root")
     _test_user()
-    from test_e2e_delivery import server_tls_context, submit
+    from support.certs import server_tls_context
+    from test_e2e_delivery import submit
 
     secret_dir = reachable_dir / "secret"
     secret_dir.mkdir(mode=0o700)
@@ -516,7 +472,7 @@ def test_root_only_smart_host_password_read_by_the_helper(reachable_dir: Path, f
     try:
         _started(r, 3)
         submit(r, ["bob@example.test"])
-        _wait(lambda: len(sh.messages) == 1, timeout=30, what="delivered to the smart host")
+        wait_until(lambda: len(sh.messages) == 1, timeout=30, what="delivered to the smart host")
         assert sh.messages[0].auth_user == "relayuser"
         assert "s3cret" not in r.maillog()
     finally:
@@ -532,7 +488,7 @@ def test_sighup_says_what_needs_a_restart(relay_factory) -> None:
     data["limits"] = {"max_recipients": 7}
     r.config.write_text(to_toml(data))
     os.kill(r.proc.pid, signal.SIGHUP)
-    _wait(lambda: "daemon=reloaded" in r.maillog(), what="reloaded")
+    wait_until(lambda: "daemon=reloaded" in r.maillog(), what="reloaded")
     assert "warning=reload: listen needs a restart" in r.maillog()
     with RawClient(r.ports["submissions"], tls=client_ctx()) as c:  # still there
         assert c.reply().code == 220
@@ -541,7 +497,7 @@ def test_sighup_says_what_needs_a_restart(relay_factory) -> None:
 def test_check_config_accepts_root_only_secrets_for_the_helper(reachable_dir: Path) -> None:
     """check-config (ExecStartPre) agrees with serve: with `user`, a root-only smart host
     password file is fine when the config is root's and not group/other-writable."""
-    _require_root()
+    ci.require_root("privilege drop and a test user need root")
     _test_user()
     secret = reachable_dir / "secret"
     secret.mkdir(mode=0o700)
@@ -576,7 +532,7 @@ def test_worker_crash_is_one_line_and_crash_loop_throttled(relay_factory) -> Non
     r.state.mkdir(parents=True)
     (r.state / "users.db").write_bytes(b"this is not a database" * 100)
     r.start()
-    _wait(lambda: "restarting in 2 s" in r.maillog(), timeout=30, what="throttled restarts")
+    wait_until(lambda: "restarting in 2 s" in r.maillog(), timeout=30, what="throttled restarts")
     text = r.maillog()
     assert "error=authrelay.worker: worker " in text
     assert "failed: DatabaseError: file is not a database" in text

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import socket
 import ssl
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from relayproc import PASSWORD, RelayProcess
+from smtpclient import RawClient, client_ctx, plain
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from relayproc import PASSWORD, RelayProcess  # noqa: E402
-from smtpclient import RawClient, client_ctx, plain  # noqa: E402
-
-from authrelay.smtpd.proxy import build_v1, build_v2  # noqa: E402
+from authrelay.smtpd.proxy import build_v1, build_v2
 
 
 def proxied(port: int, header: bytes, *, tls: ssl.SSLContext | None = None,

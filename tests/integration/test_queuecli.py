@@ -15,14 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.maillog import ListLog
+from support.wait import until
+from test_scheduler import TEMP, FakeCourier
 
 from authrelay import wiring
 from authrelay.scheduler import control
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.store import Spool
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_scheduler import TEMP, FakeCourier, ListLog, until  # noqa: E402
 
 BODY = b"From: a@a.example\r\nSubject: queue test\r\n\r\nhello\r\n"
 

@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from relayproc import PASSWORD, RelayProcess, free_port
+from relayproc import PASSWORD, RelayProcess
 from smtpclient import RawClient, client_ctx, plain
+from support import ci
+from support.ports import free_port
 
 
 def _authed(relay: RelayProcess) -> RawClient:
@@ -94,8 +96,7 @@ def test_every_queued_message_survives_kill(relay: RelayProcess) -> None:
 
 
 def test_ipv6_listener(tmp_path: Path) -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
+    ci.require(socket.has_ipv6, "no IPv6")
     port, port4 = free_port("::1"), free_port()
     r = RelayProcess(tmp_path, overrides={"listen": [
         {"address": f"[::1]:{port}", "mode": "smtp"},
@@ -158,11 +159,9 @@ def test_embedded_default_first_start(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "AUTHRELAY_CONFIG"}
     for port in (2525, 2587, 2465):
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                # CI runs alone: a busy dev port there is a leftover server, a real failure.
-                if os.environ.get("CI"):
-                    pytest.fail(f"port {port} in use (a server left running?)")
-                pytest.skip(f"port {port} in use")
+            # CI runs alone: a busy dev port there is a leftover server, a real failure.
+            ci.require(s.connect_ex(("127.0.0.1", port)) != 0,
+                       f"port {port} in use (a server left running?)")
     p = subprocess.Popen([sys.executable, "-m", "authrelay", "serve"], cwd=tmp_path, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

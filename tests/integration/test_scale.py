@@ -14,18 +14,14 @@ import re
 import signal
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from scalerig import Farm  # noqa: E402
-from smtpclient import RawClient, client_ctx, plain  # noqa: E402
+from scalerig import Farm
+from smtpclient import RawClient, client_ctx, plain
+from support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -126,7 +122,8 @@ def test_received_and_maillog_name_the_real_client(farm: Farm) -> None:
                                         c.send("rita@example.org", "x@example.net",
                                                "real-client"))[1], "127.0.0.11", n=2)
     assert all(r.startswith("250") for _, r in got)
-    wait(lambda: sum(b"real-client" in m.content for m in farm.mx.messages) == 2)
+    wait_until(lambda: sum(b"real-client" in m.content for m in farm.mx.messages) == 2,
+               "both messages at the MX", timeout=60)
     for m in farm.mx.messages:
         if b"real-client" in m.content:
             head = m.content.split(b"\r\n\r\n", 1)[0]
@@ -166,17 +163,6 @@ def test_per_user_rate_holds_across_nodes(farm: Farm) -> None:
 
 
 # --------------------------------------------------------------------------- node death
-
-def wait(pred, timeout: float = 60.0, what: object = "condition") -> None:  # noqa: ANN001
-    """Poll `pred` (a liveness bound, not a speed assertion); `what` may be a callable
-    that describes the state at the moment of failure."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            desc = what() if callable(what) else what
-            raise AssertionError(f"{desc} not met in time")
-        time.sleep(0.1)
-
 
 def test_node_killed_under_load_loses_no_acknowledged_message(farm: Farm) -> None:
     from authrelay.auth.pgusers import PgUserDB
@@ -227,12 +213,14 @@ def test_node_killed_under_load_loses_no_acknowledged_message(farm: Farm) -> Non
     for t in threads:
         t.start()
     try:
-        wait(lambda: sum(1 for _, node, _ in acked if node == "a") >= 5,
-             what=lambda: f"load on A ({len(acked)} acked; errors: {errors[-5:]})")
+        wait_until(lambda: sum(1 for _, node, _ in acked if node == "a") >= 5,
+                   what=lambda: f"load on A ({len(acked)} acked; errors: {errors[-5:]})",
+                   timeout=60)
         farm.a.kill(signal.SIGKILL)  # no goodbye: whatever A acknowledged is on its disk
         killed_at.append(time.monotonic())
-        wait(lambda: sum(1 for _, _, t in acked if t > killed_at[0] + 1) >= 10,
-             what=lambda: f"B serving alone ({len(acked)} acked; errors: {errors[-5:]})")
+        wait_until(lambda: sum(1 for _, _, t in acked if t > killed_at[0] + 1) >= 10,
+                   what=lambda: f"B serving alone ({len(acked)} acked; errors: {errors[-5:]})",
+                   timeout=60)
     finally:
         stop.set()
         for t in threads:
@@ -245,13 +233,14 @@ def test_node_killed_under_load_loses_no_acknowledged_message(farm: Farm) -> Non
     on_b = subjects - on_a
     assert len(farm.a.queued()) >= len(on_a) >= 5  # on A's disk, A dead
     farm.mx.data_reply = None
-    wait(lambda: on_b <= delivered(farm), timeout=120, what="B's messages delivered")
+    wait_until(lambda: on_b <= delivered(farm), timeout=120, what="B's messages delivered")
     assert not on_a & delivered(farm)  # A's wait for A
     farm.a.start()  # its queue waits on its disk; delivered after the restart
-    wait(lambda: subjects <= delivered(farm), timeout=120,
+    wait_until(lambda: subjects <= delivered(farm), timeout=120,
          what=lambda: f"A's queue after the restart ({len(on_a - delivered(farm))} left)")
     assert len(acked) <= len(users) * MSGS_PER_HOUR  # the farm-wide per-user rate held
-    wait(lambda: farm.a.queued() == [] and farm.b.queued() == [], what="queues empty")
+    wait_until(lambda: farm.a.queued() == [] and farm.b.queued() == [], what="queues empty",
+               timeout=60)
 
 
 def delivered(farm: Farm) -> set[str]:

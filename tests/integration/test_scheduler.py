@@ -16,15 +16,16 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.maillog import ListLog
+from support.wait import until
 
 from authrelay import wiring
 from authrelay.config import Config, from_dict
-from authrelay.maillog import MailLog
 from authrelay.scheduler.scheduler import Scheduler
 from authrelay.spool.envelope import SENT, Envelope, Recipient, new_queue_id
 from authrelay.spool.store import Spool
@@ -69,27 +70,6 @@ class FakeCourier:
 
     def calls_for(self, address: str) -> list[tuple[Envelope, list[str], bytes]]:
         return [c for c in self.calls if address in c[1]]
-
-
-class ListLog(MailLog):
-    def __init__(self) -> None:
-        super().__init__("stdout")
-        self.lines: list[str] = []
-
-    def _emit(self, line: str) -> None:
-        self.lines.append(line)
-
-    def grep(self, *needles: str) -> list[str]:
-        return [ln for ln in self.lines if all(n in ln for n in needles)]
-
-
-async def until(cond: Callable[[], Any], what: str = "condition", limit: float = 15.0) -> None:
-    """Wait for a condition (a generous bound against hangs, not a timing assertion)."""
-    deadline = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

@@ -175,7 +175,7 @@ def test_unwritable_spool(offline: RelayProcess, nobody_state) -> None:
     assert list(queue.iterdir()) == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.root
 def test_root_writes_as_spool_owner(nobody_state) -> None:
     """Root (cron) queues as the daemon's user, so the daemon can read the file."""
     cfg, state = nobody_state

@@ -17,17 +17,14 @@ from __future__ import annotations
 import os
 import re
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from relayproc import RelayProcess  # noqa: E402
+from relayproc import RelayProcess
+from support.wait import wait_until
 
 MB = 1 << 20
 
@@ -62,13 +59,6 @@ def open_sockets(pid: int, port: int) -> int:
             if int(local.rsplit(":", 1)[1], 16) == port and state != "0A" and inode in inodes:
                 n += 1
     return n
-
-
-def wait(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        time.sleep(0.05)
 
 
 def settle_rss(pid: int) -> int:
@@ -132,7 +122,7 @@ def test_never_reading_pipeliner_is_bounded_then_aborted(relay: RelayProcess) ->
     # command_timeout (4 s): 421 and the socket is aborted, not left ESTABLISHED.
     assert f.done.wait(30), "the server never closed the stalled connection"
     assert f.error, "the connection ended without a reset/close from the server"
-    wait(lambda: open_sockets(pid, port) == 0, 15, "server socket gone")
+    wait_until(lambda: open_sockets(pid, port) == 0, "server socket gone", 15)
     after = settle_rss(pid)
     assert after - idle < 8 * MB, (idle, after)
     log = relay.maillog()
@@ -174,7 +164,7 @@ def test_noop_flood_does_not_stall_other_clients(relay: RelayProcess) -> None:
                threading.Thread(target=write, daemon=True)]
     for t in threads:
         t.start()
-    wait(lambda: replies[0] > 10_000, 30, "the flood under way")
+    wait_until(lambda: replies[0] > 10_000, "the flood under way", 30)
     before = len(relay.queued())
     errors: list[str] = []
 
@@ -208,7 +198,7 @@ def test_noop_flood_does_not_stall_other_clients(relay: RelayProcess) -> None:
     s.close()
     assert not errors, errors
     assert flood_alive, "the flood ended before the other clients were served"
-    wait(lambda: len(relay.queued()) >= before + 20, 15, "20 messages queued")
+    wait_until(lambda: len(relay.queued()) >= before + 20, "20 messages queued", 15)
 
 
 @pytest.fixture
@@ -227,7 +217,7 @@ def test_junk_limit_ends_a_pipelined_flood(junk_relay: RelayProcess, block: byte
     f.start()
     assert f.done.wait(30), "a 50 MB junk flood was not cut off"
     assert f.error and f.sent < 50 * MB
-    wait(lambda: open_sockets(pid, port) == 0, 15, "server socket gone")
+    wait_until(lambda: open_sockets(pid, port) == 0, "server socket gone", 15)
     assert settle_rss(pid) - idle < 8 * MB
     assert "reject=421 4.7.0 Too many commands" in junk_relay.maillog()
     f.s.close()

@@ -14,13 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from scalerig import RedisServer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from scalerig import RedisServer  # noqa: E402
-
-from authrelay import maillog  # noqa: E402
-from authrelay.policy.shared import SharedCounters, redact_url  # noqa: E402
+from authrelay import maillog
+from authrelay.policy.shared import SharedCounters, redact_url
 
 
 @pytest.fixture(scope="module")

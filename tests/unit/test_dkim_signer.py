@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from pathlib import Path
 
 import dkim
 import pytest
+from dkimcheck import dkim_zones, verify_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dkimcheck import dkim_zones, verify_all  # noqa: E402
-
-from authrelay.config import from_dict  # noqa: E402
-from authrelay.dkim.keys import DkimKeyError, KeyStore, split_txt  # noqa: E402
-from authrelay.dkim.signer import Signer, from_domain  # noqa: E402
+from authrelay.config import from_dict
+from authrelay.dkim.keys import DkimKeyError, KeyStore, split_txt
+from authrelay.dkim.signer import Signer, from_domain
 
 
 class Log:

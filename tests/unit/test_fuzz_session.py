@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.ports import free_port
 
 from authrelay import wiring
 from authrelay.config import from_dict
@@ -112,7 +113,7 @@ class ServerThread:
     """SMTPServer on its own loop in a thread, serving a loopback port."""
 
     def __init__(self, tmp: Path) -> None:
-        port = _free_port()
+        port = free_port()
         self.cfg = from_dict({
             "hostname": "fuzz.test", "state_dir": str(tmp),
             "listen": [{"address": f"127.0.0.1:{port}", "mode": "smtp"}],
@@ -167,12 +168,6 @@ class ServerThread:
             raw = p.read_bytes()
             out[p.name] = split(raw)[1]
         return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

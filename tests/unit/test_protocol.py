@@ -11,19 +11,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+from engineharness import PASSWORD, Harness, plain
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engineharness import PASSWORD, Harness, plain  # noqa: E402
-
-from authrelay.smtpd import protocol as p  # noqa: E402
+from authrelay.smtpd import protocol as p
 
 # ------------------------------------------------------------------ property tests
 

@@ -1,0 +1,17 @@
+"""Shared test support: the one place for helpers more than one test file needs.
+
+`tests/` is on sys.path (pyproject's `pythonpath`), so a test imports `support.wait`,
+`fakes.smtpserver`, `relayproc` and `smtpclient` directly; no test edits sys.path.
+
+- `support.ci`: is this CI, and `require(...)`: fail under CI=true, skip elsewhere
+- `support.wait`: `wait_until` / `until` (sync / async polls on a condition), never a sleep
+  standing in for an event
+- `support.ports`: free loopback ports (one host, or one port free on all 127.0.0.x)
+- `support.certs`: trustme server contexts and certificates installed as certbot does
+- `support.maillog`: `ListLog`, a MailLog that keeps its lines in memory
+- `support.sessions`: a real client half way through an authenticated transaction
+
+Markers (registered in pyproject.toml, `--strict-markers`): `slow` (out of the fast loop,
+`pytest -m "not slow"`), `root` (needs root: fails under CI, skips elsewhere, checked in
+tests/conftest.py), `external` (starts a Debian daemon or tool from test.sh's APT_PKGS).
+"""
