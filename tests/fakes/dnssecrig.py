@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,21 +29,12 @@ import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from support import ci
 
 
 def need(tool: str) -> str:
-    import pytest
-
-    path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin")
-    if path:
-        return path
-    msg = f"{tool} not installed (test.sh installs bind9, bind9-utils, unbound)"
-    if IN_CI:
-        pytest.fail(msg)
-    pytest.skip(msg)
-    raise AssertionError  # pragma: no cover
+    """`tool`'s path; fails under CI, skips elsewhere (support.ci)."""
+    return ci.require_tool(tool, "bind9, bind9-utils, unbound")
 
 
 def free_udp_tcp_port(host: str = "127.0.0.1") -> int:

@@ -17,13 +17,12 @@ servers (404, wrong media type, oversized body).
 
 from __future__ import annotations
 
-import os
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from support import ci
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -64,13 +63,7 @@ class PolicyServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> PolicyServer:
-        import pytest
-
-        if os.geteuid() != 0:
-            msg = "binding port 443 (RFC 8461's fixed port) needs root"
-            if IN_CI:
-                pytest.fail(msg)
-            pytest.skip(msg)
+        ci.require_root("binding port 443 (RFC 8461's fixed port) needs root")
         srv = _Server((self.host, 443), _Handler)
         srv.socket = self.ctx.wrap_socket(srv.socket, server_side=True)
         srv.owner = self

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +17,16 @@ def relay(tmp_path: Path) -> Iterator[RelayProcess]:
     r = RelayProcess(tmp_path).start()
     yield r
     r.stop()
+
+
+@pytest.fixture
+def reachable_dir() -> Iterator[Path]:
+    """A directory the unprivileged TEST_USER (support.privileges) can reach: pytest's
+    temp root is 0700 root."""
+    base = Path(tempfile.mkdtemp(prefix="authrelay-priv-"))
+    os.chmod(base, 0o711)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

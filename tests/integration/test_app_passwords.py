@@ -9,21 +9,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from relayproc import PASSWORD, RelayProcess
+from scalerig import PostgresServer
+from smtpclient import RawClient, client_ctx, plain
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from relayproc import PASSWORD, RelayProcess  # noqa: E402
-from scalerig import PostgresServer  # noqa: E402
-from smtpclient import RawClient, client_ctx, plain  # noqa: E402
-
-from authrelay.auth.authenticator import AuthResult  # noqa: E402
-from authrelay.auth.pgusers import PgAuthenticator, PgUserDB, PgUserStore  # noqa: E402
-from authrelay.auth.userdb import UserDB  # noqa: E402
+from authrelay.auth.authenticator import AuthResult
+from authrelay.auth.pgusers import PgAuthenticator, PgUserDB, PgUserStore
+from authrelay.auth.userdb import UserDB
 
 SHOWN = re.compile(r"app password (\S+) for (\S+): ([a-z]{4} [a-z]{4} [a-z]{4} [a-z]{4})$")
 

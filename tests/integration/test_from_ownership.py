@@ -24,7 +24,7 @@ from dkimcheck import dkim_zones, verify_all
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import MXFactory
 from relayproc import RelayProcess
-from test_e2e_delivery import ZONES, mx_overrides, wait_until
+from test_e2e_delivery import ZONES, mx_overrides
 
 from authrelay.dkim.keys import KeyStore
 
@@ -99,8 +99,9 @@ def send(relay: RelayProcess, sender: str, msg: bytes, source: str = "127.0.0.1"
 def delivered(e: dict[str, Any], tag: str) -> bytes:
     mx = e["mx"]
     needle = f"Subject: {tag}\r\n".encode()
-    return wait_until(lambda: next((m.content for m in mx.messages if needle in m.content),
-                                   None), f"delivery of {tag}", relay=e["relay"])
+    return e["relay"].wait_for(
+        lambda: next((m.content for m in mx.messages if needle in m.content), None),
+        what=f"delivery of {tag}")
 
 
 def test_unowned_from_goes_out_unsigned(env: Callable[..., dict[str, Any]]) -> None:

@@ -9,13 +9,11 @@ as root with `user = ...` it runs as that user; the state dir is 0700, keys 0600
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from privpython import python_for
 from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx, plain
 from support.certs import install_cert
+from support.privileges import TEST_USER, unprivileged_user
 from support.sessions import session_in_progress
 
 
@@ -238,16 +237,6 @@ def test_state_dir_and_self_signed_key_modes(relay: RelayProcess) -> None:
 
 # --------------------------------------------------------------------------- privileges
 
-TEST_USER = "authrelay-test"
-
-
-def _test_user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                        "--shell", "/usr/sbin/nologin", TEST_USER], check=True, timeout=30)
-        return pwd.getpwnam(TEST_USER)
 
 
 def _proc_ids(pid: int) -> tuple[int, int, str]:
@@ -264,22 +253,13 @@ def _proc_ids(pid: int) -> tuple[int, int, str]:
     return uid, gid, groups
 
 
-@pytest.fixture
-def reachable_dir():
-    """A directory the unprivileged user can reach (pytest's temp root is 0700 root)."""
-    base = Path(tempfile.mkdtemp(prefix="authrelay-priv-"))
-    os.chmod(base, 0o711)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
 @pytest.mark.root
 def test_drop_privileges_mechanics(reachable_dir: Path) -> None:
     """daemon._drop_privileges in a forked child: state chowned, uid/gid/groups dropped."""
     from authrelay import daemon
     from authrelay.config import from_dict
 
-    pw = _test_user()
+    pw = unprivileged_user()
     state = reachable_dir / "state"
     cfg = from_dict({"state_dir": str(state), "user": TEST_USER})
     daemon._prepare_state(cfg)
@@ -315,7 +295,7 @@ def test_serve_as_root_runs_as_user(reachable_dir: Path, workers: int) -> None:
     """Bind as root, then run as `user`, from an install the user can read (as under
     /opt in production: tests/privpython.py builds one when the tests' own Python is not
     readable, e.g. pyenv under /root). Runs in CI (root): never skipped there."""
-    pw = _test_user()
+    pw = unprivileged_user()
     py = python_for(TEST_USER)  # fails (CI=true) or skips (elsewhere) when impossible
     r = RelayProcess(reachable_dir, {"user": TEST_USER}, workers=workers)
     r.python = py

@@ -24,7 +24,7 @@ from relayproc import RelayProcess
 
 from authrelay.spool.format import split
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs commands as nobody: needs root")
+pytestmark = pytest.mark.root  # runs commands as nobody
 
 
 @pytest.fixture

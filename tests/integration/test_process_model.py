@@ -25,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,12 +39,10 @@ from relayproc import (
     to_toml,
 )
 from smtpclient import RawClient, client_ctx
-from support import ci
 from support.certs import install_cert
+from support.privileges import TEST_USER, unprivileged_user
 from support.sessions import session_in_progress
 from support.wait import wait_until
-
-TEST_USER = "authrelay-test"
 
 
 def _started(r: RelayProcess, processes: int) -> None:
@@ -152,20 +149,10 @@ def test_foreign_reuseport_socket_blocks_start(relay_factory) -> None:
         foreign.close()
 
 
-def _test_user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                        "--shell", "/usr/sbin/nologin", TEST_USER], check=True, timeout=30)
-        return pwd.getpwnam(TEST_USER)
-
-
 def test_other_user_cannot_join_our_ports(relay_factory) -> None:
     """The kernel admits a SO_REUSEPORT socket into a group only for the same effective uid
     as its creator: our sockets, made by root, are closed to the dropped user's programs."""
-    ci.require_root("privilege drop and a test user need root")
-    _test_user()
+    unprivileged_user()
     r = relay_factory(workers=2)
     _started(r, 3)
     code = ("import socket,sys\ns=socket.socket()\n"
@@ -207,15 +194,6 @@ def test_sigterm_refuses_new_connections_while_session_finishes(relay_factory,
 
 # --------------------------------------------------------------------------- privileges
 
-@pytest.fixture
-def reachable_dir() -> Iterator[Path]:
-    """A directory the unprivileged user can reach (pytest's temp root is 0700 root)."""
-    base = Path(tempfile.mkdtemp(prefix="authrelay-proc-"))
-    os.chmod(base, 0o711)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
 def _peer_der(port: int) -> bytes:
     with RawClient(port, tls=client_ctx()) as c:
         assert c.reply().code == 220
@@ -231,8 +209,7 @@ def dropped(reachable_dir: Path, request: pytest.FixtureRequest
     receiving and delivering), a root-only key and a maillog file in a root-owned
     directory. `r.nprocs`: the processes that log (master and workers)."""
     workers = request.param
-    ci.require_root("privilege drop and a test user need root")
-    pw = _test_user()
+    pw = unprivileged_user()
     le = reachable_dir / "letsencrypt"
     cert, key, der = install_cert(trustme.CA(), le, dir_mode=0o700)
     logdir = reachable_dir / "log"
@@ -446,8 +423,7 @@ def test_root_only_smart_host_password_read_by_the_helper(reachable_dir: Path, f
                                                           trustme_ca) -> None:  # noqa: ANN001
     """relay.smart_host_password_file 0600 root (as Postfix's sasl_passwd): the dropped
     master delivers with it, through the key helper."""
-    ci.require_root("privilege drop and a test user need root")
-    _test_user()
+    unprivileged_user()
     from support.certs import server_tls_context
     from test_e2e_delivery import submit
 
@@ -497,8 +473,7 @@ def test_sighup_says_what_needs_a_restart(relay_factory) -> None:
 def test_check_config_accepts_root_only_secrets_for_the_helper(reachable_dir: Path) -> None:
     """check-config (ExecStartPre) agrees with serve: with `user`, a root-only smart host
     password file is fine when the config is root's and not group/other-writable."""
-    ci.require_root("privilege drop and a test user need root")
-    _test_user()
+    unprivileged_user()
     secret = reachable_dir / "secret"
     secret.mkdir(mode=0o700)
     pw = secret / "smarthost.pw"

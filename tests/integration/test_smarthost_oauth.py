@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from fakes.dnsserver import FakeDNSServer
 from fakes.oauth import OAuthSmartHost, TokenEndpoint
-from fakes.smtpserver import server_tls_context
-from test_delivery import MSG, envelope, free_port_on, make_cfg
+from support.certs import server_tls_context
+from support.ports import free_port
+from test_delivery import MSG, envelope, make_cfg
 from test_doctor import cfg_for, doctor
 from test_doctor import setup as doctor_setup  # noqa: F401  (a fixture)
-from test_process_model import reachable_dir  # noqa: F401  (a fixture)
 
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config, ConfigError, from_dict
@@ -375,7 +375,7 @@ async def test_token_endpoint_down_defers(
     extra: dict[str, Any] = {}
     if how == "closed port":
         extra["smart_host_oauth_token_url"] = \
-            f"https://127.0.0.1:{free_port_on('127.0.0.1')}/token"
+            f"https://127.0.0.1:{free_port()}/token"
     elif how == "HTTP 503":
         ep.status_override = 503
     else:  # the endpoint's certificate is not from the configured CA
@@ -471,6 +471,7 @@ def test_config_validation(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- end to end
 
 @pytest.mark.slow
+@pytest.mark.root
 def test_serve_with_a_root_only_client_secret(
         request: pytest.FixtureRequest, endpoint: Any, smart_host: Any, trustme_ca: Any) -> None:
     """`authrelay serve` dropping to a user, the 0600 root client secret read by the key
@@ -479,11 +480,12 @@ def test_serve_with_a_root_only_client_secret(
     the 2-second token expires mid-queue and the next message gets a new one. No token
     and no secret in the maillog or anywhere under the state dir."""
     from relayproc import RelayProcess
+    from support.privileges import TEST_USER, unprivileged_user
+    from support.wait import wait_until
     from test_e2e_delivery import submit
-    from test_process_model import TEST_USER, _require_root, _started, _test_user, _wait
+    from test_process_model import _started
 
-    _require_root()
-    _test_user()
+    unprivileged_user()
     base: Path = request.getfixturevalue("reachable_dir")
     secret_dir = base / "secret"
     secret_dir.mkdir(mode=0o700)
@@ -509,21 +511,21 @@ def test_serve_with_a_root_only_client_secret(
 
     def delivered(n: int) -> None:
         try:
-            _wait(lambda: len(sh.messages) == n, timeout=30, what="delivered")
+            wait_until(lambda: len(sh.messages) == n, timeout=30, what="delivered")
         except AssertionError:
             raise AssertionError(r.maillog()[-3000:]) from None
 
     try:
         _started(r, 3)
         submit(r, ["bob@example.test"])
-        _wait(lambda: "stat=Deferred" in r.maillog(), timeout=30, what="deferred")
+        wait_until(lambda: "stat=Deferred" in r.maillog(), timeout=30, what="deferred")
         line = next(ln for ln in r.maillog().splitlines() if "stat=Deferred" in ln)
         assert "dsn=4.7.0" in line and "no OAuth token" in line and "invalid_client" in line
         assert sh.messages == [] and sh.oauth_attempts == []
         write_secret(sf, "s3cret-value\n")  # fixed: used at the next token request
         delivered(1)
         (first,) = ep.issued
-        _wait(lambda: not ep.valid(first, USER), what="the token expired")
+        wait_until(lambda: not ep.valid(first, USER), what="the token expired")
         submit(r, ["carol@example.test"])
         delivered(2)
         assert len(ep.issued) == 2

@@ -23,9 +23,10 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fakes.dnssecrig import DnssecRig
-from fakes.smtpserver import FakeSMTPServer, common_free_port
+from fakes.smtpserver import FakeSMTPServer
+from support.maillog import ListLog
+from support.ports import common_free_port
 from test_delivery import MSG, envelope
-from test_delivery_hosts import ListLog
 
 from authrelay.config import from_dict
 from authrelay.delivery.client import Courier

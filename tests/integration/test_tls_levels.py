@@ -15,8 +15,8 @@ import pytest
 import trustme
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import MXFactory
+from support.maillog import ListLog
 from test_delivery import MSG, ZONES, envelope, make_cfg
-from test_delivery_hosts import ListLog
 
 from authrelay.delivery.client import Courier
 from authrelay.types import DeliveryResult

@@ -22,8 +22,8 @@ import trustme
 from fakes.dnsserver import FakeDNSServer
 from fakes.policyserver import PolicyServer
 from fakes.smtpserver import MXFactory
+from support.maillog import ListLog
 from test_delivery import MSG, envelope, make_cfg
-from test_delivery_hosts import ListLog
 from test_tls_levels import ctx_for
 
 from authrelay.delivery.client import Courier
