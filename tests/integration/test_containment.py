@@ -9,17 +9,14 @@ suspension survives a restart; `authrelay user resume` with --delete-held or --r
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fakes.smtpserver import MXFactory
+from relayproc import PASSWORD, RelayProcess
+from smtpclient import RawClient, client_ctx, plain
 
-from fakes.smtpserver import MXFactory  # noqa: E402
-from relayproc import PASSWORD, RelayProcess  # noqa: E402
-from smtpclient import RawClient, client_ctx, plain  # noqa: E402
-
-from authrelay.spool.format import split  # noqa: E402
-from authrelay.spool.store import Spool  # noqa: E402
+from authrelay.spool.format import split
+from authrelay.spool.store import Spool
 
 ADMIN = "admin@local.test"
 
@@ -212,7 +209,7 @@ def test_workers_and_metric(tmp_path: Path) -> None:
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
-    from relayproc import free_port
+    from support.ports import free_port
 
     mport = free_port()
     r = RelayProcess(tmp_path, {"metrics": {"address": f"127.0.0.1:{mport}"},

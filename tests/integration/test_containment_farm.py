@@ -6,16 +6,11 @@ node's restart, makes one notice only; `user resume` on either node lifts it for
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from scalerig import Farm  # noqa: E402
-from test_scale import Conn, add_user, through_both  # noqa: E402
+from scalerig import Farm
+from test_scale import Conn, add_user, through_both
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -9,17 +9,14 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from relayproc import RelayProcess, free_port  # noqa: E402
-from scalerig import _terminate, _wait_port, need  # noqa: E402
+from relayproc import RelayProcess
+from scalerig import _terminate, _wait_port, need
+from support.ports import free_port
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "SCALING.md"
 

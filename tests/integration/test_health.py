@@ -8,20 +8,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from relayproc import RelayProcess, free_port  # noqa: E402
-from scalerig import PostgresServer, RedisSentinel, RedisServer  # noqa: E402
-from smtpclient import RawClient  # noqa: E402
-from test_metrics import scrape, val  # noqa: E402
+from relayproc import RelayProcess
+from scalerig import PostgresServer, RedisSentinel, RedisServer
+from smtpclient import RawClient
+from support.ports import free_port
+from test_metrics import scrape, val
 
 
 def health(port: int, query: str = "") -> tuple[int, str]:

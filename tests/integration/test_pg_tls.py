@@ -6,18 +6,14 @@ server certificate from another CA is refused (one line, never a traceback)."""
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trustme
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from relayproc import PASSWORD, RelayProcess  # noqa: E402
-from scalerig import PostgresServer  # noqa: E402
-from smtpclient import RawClient, client_ctx, plain  # noqa: E402
+from relayproc import PASSWORD, RelayProcess
+from scalerig import PostgresServer
+from smtpclient import RawClient, client_ctx, plain
 
 
 @pytest.fixture(scope="module")

@@ -234,8 +234,8 @@ def test_serve_logs_and_counts_tls(relay_factory: Any, dns: FakeDNSServer,  # no
                                    trustme_ca_file: Path) -> None:
     """A real `authrelay serve`: the per-connection TLS line, tls=/policy= on the delivery
     lines (Sent and Deferred), and authrelay_delivery_tls_total on /metrics."""
-    from relayproc import free_port
-    from test_e2e_delivery import log_lines, mx_overrides, submit, wait_until
+    from support.ports import free_port
+    from test_e2e_delivery import log_lines, mx_overrides, submit
     from test_metrics import scrape, up, val
 
     dns.update({"bad.test": {"MX": [(10, "mx.bad.test")]}, "mx.bad.test": {"A": ["127.0.0.3"]},
@@ -251,15 +251,15 @@ def test_serve_logs_and_counts_tls(relay_factory: Any, dns: FakeDNSServer,  # no
     up(relay, mport)
     ok = submit(relay, ["bob@example.test"])
     bad = submit(relay, ["carol@bad.test"])
-    wait_until(lambda: good.messages, "delivery", relay=relay)
-    sent = wait_until(lambda: [ln for ln in log_lines(relay, ok) if "stat=Sent" in ln],
-                      "the Sent line", relay=relay)
+    relay.wait_for(lambda: good.messages, what="delivery")
+    sent = relay.wait_for(lambda: [ln for ln in log_lines(relay, ok) if "stat=Sent" in ln],
+                          what="the Sent line")
     assert "tls=verified, policy=verify, stat=Sent" in sent[0]
     assert any(f"tls=Verified TLS connection established to {MX1} [127.0.0.2]:"
                f"{fake_mx.port}: TLSv1.3 with cipher" in ln and "policy=verify" in ln
                for ln in log_lines(relay, ok))
-    deferred = wait_until(lambda: [ln for ln in log_lines(relay, bad) if "stat=Deferred" in ln],
-                          "the Deferred line", relay=relay)
+    deferred = relay.wait_for(lambda: [ln for ln in log_lines(relay, bad) if "stat=Deferred" in ln],
+                              what="the Deferred line")
     assert "dsn=4.7.5, tls=untrusted, policy=verify, stat=Deferred" in deferred[0]
 
     def counted() -> bool:
@@ -268,4 +268,4 @@ def test_serve_logs_and_counts_tls(relay_factory: Any, dns: FakeDNSServer,  # no
                    policy="verify") == 1 and \
             val(m, "authrelay_delivery_tls_total", result="deferred", tls="untrusted",
                 policy="verify") == 1
-    wait_until(counted, "the delivery_tls counters", relay=relay)
+    relay.wait_for(counted, what="the delivery_tls counters")

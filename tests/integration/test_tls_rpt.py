@@ -19,7 +19,7 @@ import trustme
 from fakes.dnsserver import FakeDNSServer
 from fakes.policyserver import PolicyServer
 from fakes.smtpserver import MXFactory
-from test_delivery_hosts import ListLog
+from support.maillog import ListLog
 from test_tls_levels import ctx_for
 from test_tls_mtasts import (  # noqa: F401
     MX1,
