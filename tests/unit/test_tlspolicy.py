@@ -1,0 +1,93 @@
+"""Outbound TLS policy as config says it (delivery/tlspolicy.py, config.py): levels, the
+per-domain map and its errors, older spellings, smart-host levels, match names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from authrelay.config import ConfigError, from_dict
+from authrelay.delivery import tlspolicy
+from authrelay.delivery.tlspolicy import HostPolicy
+
+
+def cfg(**delivery: Any) -> Any:
+    return from_dict({"delivery": delivery})
+
+
+def test_default_is_dane() -> None:
+    assert tlspolicy.for_domain(cfg(), "example.org").level == "dane"
+
+
+@pytest.mark.parametrize("older, level", [
+    ({"tls": "encrypt"}, "encrypt"), ({"tls_verify": True}, "verify"), ({"tls": "may"}, "dane"),
+])
+def test_older_keys(older: dict[str, Any], level: str) -> None:
+    assert tlspolicy.for_domain(cfg(**older), "x.test").level == level
+
+
+def test_explicit_level_wins_over_older_keys() -> None:
+    assert tlspolicy.for_domain(cfg(tls="encrypt", tls_policy="may"), "x.test").level == "may"
+
+
+def test_map_first_match_exact_and_subdomains() -> None:
+    c = cfg(tls_policy="may", tls_policy_map=[
+        {"domain": "Example.ORG.", "level": "verify", "match": ["nexthop", "dot-nexthop"]},
+        {"domain": ".example.org", "level": "encrypt"},
+        {"domain": "example.org", "level": "none"},  # never reached: the first one wins
+    ])
+    b = tlspolicy.for_domain(c, "example.org")
+    assert (b.level, b.match, b.source) == ("verify", ("nexthop", "dot-nexthop"), "map")
+    assert tlspolicy.for_domain(c, "mx.EXAMPLE.org.").level == "encrypt"
+    assert tlspolicy.for_domain(c, "notexample.org").level == "may"
+    assert tlspolicy.for_domain(c, "other.test").source == "default"
+
+
+@pytest.mark.parametrize("entry, why", [
+    ({"level": "verify"}, "domain"),
+    ({"domain": "a.test", "level": "secure"}, "level"),
+    ({"domain": "a b.test", "level": "may"}, "domain"),
+    ({"domain": "a.test", "level": "may", "nexthop": 1}, "unknown key"),
+    ({"domain": "a.test", "match": "hostname"}, "list of strings"),
+])
+def test_map_errors_name_the_key(entry: dict[str, Any], why: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        cfg(tls_policy_map=[entry])
+    assert "delivery.tls_policy_map[0]" in str(e.value) and why in str(e.value)
+
+
+def test_bad_level() -> None:
+    with pytest.raises(ConfigError, match="delivery.tls_policy"):
+        cfg(tls_policy="secure")
+
+
+def test_reference_names() -> None:
+    assert tlspolicy.reference_names(("hostname", "nexthop", "dot-nexthop", "Mail.X.test."),
+                                     "mx.example.org", "example.org") == \
+        ("mx.example.org", "example.org", ".example.org", "mail.x.test")
+
+
+@pytest.mark.parametrize("relay, want", [
+    ({}, ("verify", False)),
+    ({"smart_host_tls": "starttls", "smart_host_tls_verify": False}, ("encrypt", False)),
+    ({"smart_host_tls": "tls"}, ("verify", True)),
+    ({"smart_host_tls": "tls", "smart_host_tls_verify": False}, ("encrypt", True)),
+    ({"smart_host_tls": "none"}, ("none", False)),
+    ({"smart_host_tls": "may"}, ("may", False)),
+    ({"smart_host_tls": "verify"}, ("verify", False)),
+])
+def test_smart_host_levels(relay: dict[str, Any], want: tuple[str, bool]) -> None:
+    assert tlspolicy.smart_host_level(from_dict({"relay": relay})) == want
+
+
+def test_host_policy_requirements() -> None:
+    assert not HostPolicy("may", "may").requires_tls
+    assert not HostPolicy("none", "none").requires_tls
+    assert HostPolicy("encrypt", "encrypt").requires_tls
+    assert HostPolicy("mta-sts", "mta-sts", enforce=True).requires_tls
+    assert not HostPolicy("mta-sts", "mta-sts", enforce=False).requires_tls  # testing
+    assert HostPolicy("dane", "dane").authenticates
+    assert not HostPolicy("encrypt", "dane").authenticates  # unusable TLSA: TLS only
+    # connections are cached per policy: a may connection never serves a verify one
+    assert HostPolicy("may", "may").key() != HostPolicy("verify", "verify", ("mx",)).key()
