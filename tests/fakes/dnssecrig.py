@@ -9,8 +9,9 @@ validating it with that zone's key as trust anchor.
 `records` are zone-file lines relative to the zone ("mx1 A 127.0.0.2", "@ MX 10 mx1").
 The zone is signed with one ECDSA P-256 key (dnssec-keygen, dnssec-signzone -z); the
 `insecure` zones are served unsigned (unbound has no anchor for them: answers without
-AD). Each owner name in `tamper` gets the data of its TLSA record changed *after*
-signing, so unbound finds the signature wrong: SERVFAIL, as for a forged answer (bogus).
+AD). Each owner name in `tamper` gets the data of its TLSA record (or the preference
+of its MX record) changed *after* signing, so unbound finds the signature wrong:
+SERVFAIL, as for a forged answer (bogus).
 Both daemons listen on 127.0.0.1 on free ports, run in the foreground as children of the
 test, and are stopped by PID. A missing tool skips (fails under CI=true).
 """
@@ -98,11 +99,16 @@ class DnssecRig:
         signed = d / f"{self.zone}.signed"
         text = signed.read_text()
         for owner in self.tamper:
-            pat = re.compile(rf"^({re.escape(owner)}\s+\d+\s+IN\s+TLSA\s+\d+\s+\d+\s+\d+\s+)"
-                             r"([0-9A-Fa-f ]+)$", re.M)
-            text, n = pat.subn(lambda m: m.group(1) + "00" * 32, text)
+            # The TLSA data zeroed, or an MX preference changed: the RRSIG no longer fits.
+            tlsa = re.compile(rf"^({re.escape(owner)}\s+\d+\s+IN\s+TLSA\s+\d+\s+\d+\s+\d+\s+)"
+                              r"([0-9A-Fa-f ]+)$", re.M)
+            mx = re.compile(rf"^({re.escape(owner)}\s+\d+\s+IN\s+MX\s+)(\d+)(\s+\S+)$", re.M)
+            text, n = tlsa.subn(lambda m: m.group(1) + "00" * 32, text)
+            if n == 0:
+                text, n = mx.subn(lambda m: m.group(1) + str(int(m.group(2)) + 1) + m.group(3),
+                                  text)
             if n != 1:
-                raise RuntimeError(f"no TLSA record at {owner} to tamper with")
+                raise RuntimeError(f"no TLSA or MX record at {owner} to tamper with")
         signed.write_text(text)
         anchor = (d / f"{key}.key").read_text()
         (d / "anchor.key").write_text("\n".join(

@@ -6,6 +6,7 @@ TLSA records match, or not.
 Cases: DANE-EE(3) SPKI SHA-256, full certificate, an expired certificate (EE ignores
 dates); DANE-TA(2) with SHA-256 of the intermediate and SHA-512 of its key; mismatch ->
 4.7.5; a tampered (bogus) TLSA RRset -> unbound SERVFAIL -> the host is unusable, 4.7.5;
+a tampered MX RRset -> SERVFAIL -> 4.4.3;
 no TLSA -> opportunistic; an unsigned zone -> opportunistic; PKIX-only TLSA -> TLS
 mandatory without authentication; dane-only without TLSA -> deferred."""
 
@@ -121,14 +122,15 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             records.append(f"_{port}._tcp.{host} IN TLSA {tlsa[host]}")
     # The TA host under two more names: one its certificate carries (SHA-512 of the
     # anchor's key), one it does not (DANE-TA checks the name: RFC 7672 3.2.2).
-    records += ["ta512 IN MX 10 mx-ta512", "mx-ta512 IN A 127.0.0.3",
+    records += ["bogusmx IN MX 10 mx-ee",  # signed, then its MX RRset forged
+                "ta512 IN MX 10 mx-ta512", "mx-ta512 IN A 127.0.0.3",
                 f"_{port}._tcp.mx-ta512 IN TLSA 2 1 2 "
                 + hashlib.sha512(_spki(inter_cert)).hexdigest(),
                 "taname IN MX 10 mx-taname", "mx-taname IN A 127.0.0.3",
                 f"_{port}._tcp.mx-taname IN TLSA {tlsa['mx-ta']}"]
     dns_rig = DnssecRig(tmp_path_factory.mktemp("dnssec"), "dane.test", records,
                         insecure={"plain.test": ["@ IN MX 10 mx", "mx IN A 127.0.0.6"]},
-                        tamper=[f"_{port}._tcp.mx-bogus.dane.test."])
+                        tamper=[f"_{port}._tcp.mx-bogus.dane.test.", "bogusmx.dane.test."])
     servers: dict[str, FakeSMTPServer] = {}
     try:
         dns_rig.start()
@@ -184,6 +186,14 @@ async def test_dnssec_bogus_tlsa_defers(tmp_path: Path, rig: Rig) -> None:
     assert "TLSA lookup" in res.text and "failed" in res.text
     assert rig.mx["mx-bogus"].connections == before  # never connected
     assert log.grep("mx-bogus.dane.test", "status=host failed")
+
+
+async def test_dnssec_bogus_mx_defers(tmp_path: Path, rig: Rig) -> None:
+    """A forged MX RRset: the validating resolver answers SERVFAIL, the mail waits."""
+    before = rig.mx["mx-ee"].connections
+    res, _ = await rig.deliver(tmp_path, "bogusmx.dane.test")
+    assert not res.ok and not res.permanent and res.enhanced == "4.4.3", res
+    assert rig.mx["mx-ee"].connections == before
 
 
 async def test_no_tlsa_is_opportunistic(tmp_path: Path, rig: Rig) -> None:
