@@ -250,3 +250,26 @@ def test_queue_as_a_user_who_may_not_read_it(site: tuple[Path, Spool]) -> None:
         assert "Traceback" not in r.stderr, r.stderr
         assert r.returncode == 77, (args, r.returncode, r.stderr)
         assert "permission denied" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+async def test_show_and_list_keep_client_values_off_the_terminal(
+        site: tuple[Path, Spool]) -> None:
+    """What a client wrote (HELO, addresses, header fields) reaches the operator's
+    terminal escaped as in the maillog: no escape sequence, no extra line."""
+    cfgfile, spool = site
+    evil = "x\x1b]0;owned\x07\x1b[2J\r\nState:     ok\u2028"
+    env = Envelope(queue_id=new_queue_id(), sender=f'"{evil}"@a.example',
+                   recipients=[Recipient(f'"{evil}"@b.example')], helo=evil,
+                   client_ip="192.0.2.1")
+    inc = spool.begin(env)
+    subject = evil.replace("\r\n", "")  # a header line cannot hold CRLF itself
+    inc.write(f"From: a@a.example\r\nSubject: {subject}\r\n\r\nhi\r\n".encode())
+    await inc.commit()
+    for args in (("show", env.queue_id), ("list",)):
+        r = cli(cfgfile, *args)
+        assert r.returncode == 0, r.stderr
+        assert "\x1b" not in r.stdout and "\x07" not in r.stdout, r.stdout
+        assert "\u2028" not in r.stdout and "\r" not in r.stdout, r.stdout
+        assert "x\\x1b]0;owned\\x07" in r.stdout, r.stdout
+    show = cli(cfgfile, "show", env.queue_id).stdout
+    assert sum(ln.startswith("State:") for ln in show.splitlines()) == 1, show

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from authrelay.config import load
+from authrelay.maillog import escape
 from authrelay.scheduler import control
 from authrelay.spool.envelope import PENDING, Envelope
 from authrelay.spool.store import Spool, SpoolError
@@ -57,6 +58,12 @@ def _state(env: Envelope, active: set[str]) -> str:
     if any(r.attempts for r in env.recipients if r.state == PENDING):
         return "deferred"
     return "active"  # waiting for its first attempt
+
+
+def _t(value: str) -> str:
+    """What a client or a remote server wrote, made safe for the operator's terminal (no
+    escape sequences, no line breaks): the maillog's escaping (README "The maillog")."""
+    return escape(value, "text")
 
 
 def _last_error(env: Envelope) -> str:
@@ -111,15 +118,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"{'-Queue ID-':<18} {'-State-':<9} {'--Size--':>9} {'----Arrival Time----':<20}"
           f" -Sender/Recipient-")
     for rec in recs:
-        sender = f"<{rec['sender']}>" if rec["sender"] else "<>"
+        sender = f"<{_t(rec['sender'])}>" if rec["sender"] else "<>"
         print(f"{rec['id']:<18} {rec['state']:<9} {rec['size']:>9} {rec['arrival']:<20}"
               f" {sender}")
         for r in rec["recipients"]:
             if r["state"] != PENDING:
                 continue
             if r["last_reply"]:
-                print(f"{'':<60}({r['last_reply']})")
-            print(f"{'':<60}{r['address']}")
+                print(f"{'':<60}({_t(r['last_reply'])})")
+            print(f"{'':<60}{_t(r['address'])}")
         print()
     total = sum(r["size"] for r in recs)
     print(f"-- {total} bytes in {len(recs)} request{'s' if len(recs) != 1 else ''}.")
@@ -148,16 +155,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"State:     {rec['state']}")
     print(f"Arrival:   {rec['arrival']}")
     print(f"Size:      {env.size}")
-    print(f"Sender:    <{env.sender}>")
+    print(f"Sender:    <{_t(env.sender)}>")
     if env.auth_user:
-        print(f"Auth user: {env.auth_user}")
-    print(f"Client:    {env.client_rdns or 'unknown'} [{env.client_ip}] helo={env.helo}")
+        print(f"Auth user: {_t(env.auth_user)}")
+    print(f"Client:    {_t(env.client_rdns or 'unknown')} [{_t(env.client_ip)}] "
+          f"helo={_t(env.helo)}")
     for r in env.recipients:
         extra = f" attempts={r.attempts}" if r.attempts else ""
-        print(f"Recipient: <{r.address}> {r.state}{extra}"
-              + (f" ({r.last_reply})" if r.last_reply else ""))
+        print(f"Recipient: <{_t(r.address)}> {r.state}{extra}"
+              + (f" ({_t(r.last_reply)})" if r.last_reply else ""))
     print()
-    sys.stdout.write(headers.decode("utf-8", "replace").replace("\r\n", "\n"))
+    text = headers.decode("utf-8", "replace").rstrip("\r\n")
+    for line in text.split("\r\n") if text else ():
+        print(_t(line.replace("\t", " ")))  # a folded line starts with a tab
     return 0
 
 
