@@ -47,6 +47,7 @@ from authrelay import maillog as maillog_mod
 from authrelay import metrics as metrics_mod
 from authrelay import process, reloadkeys, sdnotify, wiring
 from authrelay.config import EMBEDDED, Config, ConfigError, embedded_notice, load
+from authrelay.delivery.client import Courier
 from authrelay.metrics import Metrics
 from authrelay.policy.counters import SharedCounters
 from authrelay.policy.throttle import Share
@@ -447,6 +448,9 @@ async def _serve_loop(run: _Run) -> int:
         await reporter.stop()
     if scheduler is not None:
         await scheduler.stop()
+        if isinstance(scheduler.courier, Courier):
+            # QUIT idle connections; the TLS-RPT tally since its last save goes to disk.
+            await scheduler.courier.close()
     if run.workers:
         # `stopped` means stopped: the workers finish their sessions first (each up to
         # shutdown_timeout; the master kills what is left after 10 s more).

@@ -7,6 +7,7 @@ test_tls_dane.py and test_tls_mtasts.py."""
 from __future__ import annotations
 
 import datetime
+import json
 import ssl
 from pathlib import Path
 from typing import Any
@@ -245,7 +246,8 @@ def test_serve_logs_and_counts_tls(relay_factory: Any, dns: FakeDNSServer,  # no
     fake_mx("127.0.0.3", starttls_context=ctx_for(trustme.CA(), "mx.bad.test"))
     mport = free_port()
     overrides = mx_overrides(dns, fake_mx.port, tls_policy="verify",
-                             tls_ca_file=str(trustme_ca_file), retry=["1h"])
+                             tls_ca_file=str(trustme_ca_file), retry=["1h"],
+                             tls_reports=True)
     overrides["metrics"] = {"address": f"127.0.0.1:{mport}"}
     relay = relay_factory(overrides)
     up(relay, mport)
@@ -269,3 +271,12 @@ def test_serve_logs_and_counts_tls(relay_factory: Any, dns: FakeDNSServer,  # no
             val(m, "authrelay_delivery_tls_total", result="deferred", tls="untrusted",
                 policy="verify") == 1
     relay.wait_for(counted, what="the delivery_tls counters")
+    # tls_reports: the tally of both sessions is on disk once the server has stopped
+    relay.stop()
+    [day] = list((relay.state / "tls-rpt").glob("????-??-??.json"))
+    tally = json.loads(day.read_text())
+    assert set(tally) == {"example.test", "bad.test"}
+    [(ok, fails)] = tally["bad.test"].values()
+    assert ok == 0 and list(fails) == ["certificate-not-trusted|mx.bad.test|127.0.0.3"]
+    [(ok, fails)] = tally["example.test"].values()
+    assert ok == 1 and fails == {}
