@@ -200,7 +200,7 @@ class HttpsStsSource(StsSource):
         # Called with (domain, RFC 8460 result type) when a published policy cannot be
         # fetched or parsed: sts-webpki-invalid, sts-policy-invalid, sts-policy-fetch-error.
         self.on_failure: Callable[[str, str], None] | None = None
-        self._inflight: dict[str, asyncio.Future[StsPolicy]] = {}
+        self._inflight: dict[str, asyncio.Task[StsPolicy]] = {}
 
     async def policy(self, domain: str) -> StsPolicy | None:
         domain = domain.lower().rstrip(".")
@@ -274,23 +274,20 @@ class HttpsStsSource(StsSource):
         return parse_txt(records)
 
     async def _fetch_once(self, domain: str, sid: str) -> StsPolicy:
-        """One fetch per domain at a time: concurrent deliveries to a new domain wait
-        for the same HTTPS request."""
-        fut = self._inflight.get(domain)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[domain] = fut
-        try:
-            pol = await self._fetch(domain, sid)
-        except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()  # retrieved: no "never retrieved" warning without waiters
-            raise
-        finally:
-            self._inflight.pop(domain, None)
-        fut.set_result(pol)
-        return pol
+        """One fetch per domain at a time: concurrent deliveries to a new domain wait for
+        the same HTTPS request (a task of its own, so a waiter cancelled at shutdown does
+        not cancel it for the others)."""
+        task = self._inflight.get(domain)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch(domain, sid))
+            self._inflight[domain] = task
+
+            def done(t: asyncio.Task[StsPolicy]) -> None:
+                self._inflight.pop(domain, None)
+                if not t.cancelled():
+                    t.exception()  # retrieved, even when every waiter went away
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
 
     def _failed(self, domain: str, kind: str) -> None:
         if self.on_failure is not None:
