@@ -364,6 +364,8 @@ class Courier:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self.tlsrpt is not None:
             await asyncio.to_thread(self.tlsrpt.flush)
+        if isinstance(self.sts, HttpsStsSource):
+            await self.sts.close()
 
     # ----------------------------------------------------------------- targets
 

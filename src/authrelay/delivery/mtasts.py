@@ -238,9 +238,18 @@ class HttpsStsSource(StsSource):
         return pol
 
     async def settle(self) -> None:
-        """Wait for background refreshes (tests; shutdown)."""
+        """Wait for background refreshes (tests)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancel the background refreshes (nobody waits for them; the cache files stay).
+        A first fetch that deliveries wait for is left to finish (bounded by its timeout):
+        a courier replaced on reload still has deliveries in flight."""
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ internals
     def _remember(self, domain: str, pol: StsPolicy) -> None:
