@@ -349,7 +349,7 @@ class Courier:
         for r in todo:  # never answered by any host: the last host-level reason
             results.setdefault(r.address, last)
         if self.tlsrpt is not None and self.tlsrpt.due():
-            self._spawn(asyncio.to_thread(self.tlsrpt.flush))
+            self._spawn(asyncio.to_thread(self.tlsrpt.write, self.tlsrpt.take()))
         return results
 
     async def close(self) -> None:
@@ -363,7 +363,7 @@ class Courier:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self.tlsrpt is not None:
-            await asyncio.to_thread(self.tlsrpt.flush)
+            await asyncio.to_thread(self.tlsrpt.write, self.tlsrpt.take())
         if isinstance(self.sts, HttpsStsSource):
             await self.sts.close()
 

@@ -7,8 +7,9 @@ Contract:
 - `Recorder.session(domain, policy, ok, kind, mx, ip)`: one TLS session (or one that
   should have been) to an MX of `domain` under `policy` (`PolicyDesc`: sts, tlsa or
   no-policy-found); `kind` is the RFC 8460 4.3 result type of a failure. Counts live in
-  memory and are merged into `state_dir/tls-rpt/YYYY-MM-DD.json` (UTC day) by `flush()`
-  at most once a minute and at close, under an exclusive lock, so several processes and
+  memory and are merged into `state_dir/tls-rpt/YYYY-MM-DD.json` (UTC day) by
+  `write(take())` (take on the event loop, write in a thread) at most once a minute and
+  at close, under an exclusive lock, so several processes and
   a courier replaced on reload add up instead of overwriting each other.
 - `await Reporter.send_due()`: for every finished day, for every domain whose
   `_smtp._tls` TXT record (RFC 8460 3) has `mailto:` rua addresses, one report: the JSON
@@ -103,10 +104,18 @@ class Recorder:
         return bool(self._tally) and (self.clock() - self._last >= _FLUSH_EVERY
                                       or self._n >= _MAX_KEYS)
 
-    def flush(self) -> None:
-        """Merge the tally into the day files (blocking: call from a thread)."""
+    def take(self) -> dict[str, dict[str, dict[str, list[Any]]]]:
+        """The tally so far, and a fresh one (on the event loop: session() runs there)."""
         tally, self._tally, self._n = self._tally, {}, 0
         self._last = self.clock()
+        return tally
+
+    def flush(self) -> None:
+        """take() and write() in one (blocking)."""
+        self.write(self.take())
+
+    def write(self, tally: dict[str, dict[str, dict[str, list[Any]]]]) -> None:
+        """Merge a taken tally into the day files (blocking: run it in a thread)."""
         if not tally:
             return
         try:
