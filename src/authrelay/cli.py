@@ -30,6 +30,7 @@ _AREAS = [
     "authrelay.importer",  # import sendmail-mc | sasldb
     "authrelay.sendmail",  # sendmail (local submission, /usr/sbin/sendmail compatible)
     "authrelay.dkim.cli",  # dkim keygen/list/dns, dns, doctor
+    "authrelay.delivery.tlscli",  # tls-policy DOMAIN
 ]
 
 

@@ -233,3 +233,31 @@ async def test_dnssec_off_ignores_tlsa(tmp_path: Path, rig: Rig) -> None:
 async def test_dane_dane_only_match(tmp_path: Path, rig: Rig) -> None:
     res, _ = await rig.deliver(tmp_path, "ee.dane.test", tls_policy="dane-only")
     assert res.ok and (res.tls, res.tls_policy) == ("verified", "dane")
+
+
+def test_tls_policy_command(tmp_path: Path, rig: Rig) -> None:
+    """`authrelay tls-policy`: what each MX would get, without connecting."""
+    import subprocess
+    import sys
+
+    from relayproc import to_toml
+
+    conf = tmp_path / "authrelay.toml"
+    conf.write_text(to_toml({"hostname": "relay.test", "state_dir": str(tmp_path / "s"),
+                             "delivery": {"port": rig.port, "dnssec": True,
+                                          "nameservers": [rig.dns.resolver]}}))
+
+    def run(*domains: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "authrelay", "-c", str(conf),
+                               "tls-policy", *domains], capture_output=True, text=True,
+                              timeout=60)
+    before = rig.mx["mx-ee"].connections
+    r = run("ee.dane.test", "notlsa.dane.test")
+    assert r.returncode == 0, r.stderr
+    assert "ee.dane.test: level dane (default); DNSSEC: MX validated" in r.stdout
+    assert "mx-ee.dane.test [127.0.0.2]  policy=dane level=dane (TLS required)  TLSA 3 1 1" \
+        in r.stdout
+    assert "mx-notlsa.dane.test [127.0.0.6]  policy=may level=may" in r.stdout
+    assert rig.mx["mx-ee"].connections == before  # nothing connected
+    r = run("bogus.dane.test")
+    assert r.returncode == 1 and "mx-bogus.dane.test  skipped: 451 4.7.5 TLSA lookup" in r.stdout

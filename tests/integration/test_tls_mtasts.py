@@ -338,3 +338,24 @@ async def test_enforce_never_falls_back_to_plain_text(
     finally:
         await courier.close()
     assert not mx.messages
+
+
+def test_tls_policy_command_shows_sts_and_writes_nothing(
+        env: Env, https: PolicyServer, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from relayproc import to_toml
+
+    https.policies["mta-sts.sts.test"] = policy("testing")
+    conf = tmp_path / "authrelay.toml"
+    conf.write_text(to_toml({"hostname": "relay.test", "state_dir": str(tmp_path / "s"),
+                             "delivery": {"nameservers": [env.dns.nameserver],
+                                          "tls_ca_file": str(env.ca_file)}}))
+    r = subprocess.run([sys.executable, "-m", "authrelay", "-c", str(conf), "tls-policy",
+                        "sts.test"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "sts.test: level dane (default); DNSSEC: off ([delivery] dnssec = false)" in r.stdout
+    assert "mx1.sts.test [127.0.0.2]  policy=mta-sts level=mta-sts  (testing, max_age: 86400)" \
+        in r.stdout
+    assert not (tmp_path / "s" / "mta-sts").exists()

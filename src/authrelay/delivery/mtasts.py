@@ -185,8 +185,10 @@ def _get(name: str, ip: str, timeout: float, ctx: ssl.SSLContext) -> str:
 class HttpsStsSource(StsSource):
     """Policies over DNS + HTTPS, cached in memory and in `state_dir/mta-sts/`."""
 
-    def __init__(self, cfg: Config, resolver: Resolver, *, recheck: float = _RECHECK) -> None:
+    def __init__(self, cfg: Config, resolver: Resolver, *, recheck: float = _RECHECK,
+                 save: bool = True) -> None:
         self.cfg = cfg
+        self.save = save  # False: never write the cache (authrelay tls-policy)
         self.resolver = resolver
         self.recheck = recheck
         self.dir = cfg.state_path / "mta-sts"
@@ -332,7 +334,8 @@ class HttpsStsSource(StsSource):
             raise StsFetchError(f"invalid policy at {name}: {e}") from None
         self._remember(domain, pol)
         self._checked[domain] = pol.fetched
-        await asyncio.to_thread(self._save, pol)
+        if self.save:
+            await asyncio.to_thread(self._save, pol)
         return pol
 
     def _path(self, domain: str) -> Path:
