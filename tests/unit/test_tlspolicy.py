@@ -9,7 +9,11 @@ import pytest
 
 from authrelay.config import ConfigError, from_dict
 from authrelay.delivery import tlspolicy
+from authrelay.delivery.mtasts import MemoryStsSource, StsPolicy
+from authrelay.delivery.mx import Route
+from authrelay.delivery.tlsplan import Planner
 from authrelay.delivery.tlspolicy import HostPolicy
+from authrelay.dns import Resolver
 
 
 def cfg(**delivery: Any) -> Any:
@@ -91,3 +95,64 @@ def test_host_policy_requirements() -> None:
     assert not HostPolicy("encrypt", "dane").authenticates  # unusable TLSA: TLS only
     # connections are cached per policy: a may connection never serves a verify one
     assert HostPolicy("may", "may").key() != HostPolicy("verify", "verify", ("mx",)).key()
+
+
+# --------------------------------------------------------------------------- the planner
+
+def sts(mode: str, *mx: str) -> StsPolicy:
+    return StsPolicy("d.test", "7", mode, mx, 86400, 0.0)
+
+
+ROUTE = Route([("mx1.d.test", "192.0.2.1"), ("mx1.d.test", "2001:db8::1"),
+               ("backup.other.test", "192.0.2.9")])
+
+
+async def plan(c: Any, source: MemoryStsSource, route: Route = ROUTE) -> Any:
+    return await Planner(c, Resolver(["127.0.0.1:9"], 1), source).plan("d.test", route)
+
+
+async def test_planner_sts_enforce_keeps_listed_hosts() -> None:
+    src = MemoryStsSource({"d.test": sts("enforce", "*.d.test")})
+    p = await plan(cfg(), src)
+    assert [(h, ip, hp.policy, hp.enforce) for h, ip, hp in p.hosts] == [
+        ("mx1.d.test", "192.0.2.1", "mta-sts", True),
+        ("mx1.d.test", "2001:db8::1", "mta-sts", True)]
+    assert [(h, r.enhanced) for h, r, _, _ in p.failed] == [("backup.other.test", "4.7.5")]
+    assert p.hosts[0][2].names == ("mx1.d.test",) and p.hosts[0][2].rpt.type == "sts"
+    assert src.asked == ["d.test"]  # asked once per plan
+
+
+async def test_planner_sts_testing_keeps_every_host_with_a_note() -> None:
+    p = await plan(cfg(), MemoryStsSource({"d.test": sts("testing", "mx1.d.test")}))
+    assert [hp.policy for _, _, hp in p.hosts] == ["mta-sts"] * 3
+    assert not p.hosts[2][2].requires_tls and p.failed == []
+    assert p.notes and "backup.other.test is not an MX host" in p.notes[0]
+
+
+async def test_planner_sts_mode_none_and_no_policy_are_may() -> None:
+    for src in (MemoryStsSource({"d.test": sts("none")}), MemoryStsSource()):
+        p = await plan(cfg(), src)
+        assert [hp.policy for _, _, hp in p.hosts] == ["may"] * 3
+
+
+async def test_planner_explicit_levels_ignore_sts() -> None:
+    src = MemoryStsSource({"d.test": sts("enforce", "mx1.d.test")})
+    for level in ("may", "encrypt", "verify", "none"):
+        p = await plan(cfg(tls_policy=level), src)
+        assert {hp.policy for _, _, hp in p.hosts} == {level} and p.failed == []
+    assert src.asked == []
+    p = await plan(cfg(mta_sts=False), src)  # dane, but MTA-STS off
+    assert {hp.policy for _, _, hp in p.hosts} == {"may"}
+
+
+async def test_planner_dane_only_without_dnssec_skips_every_host() -> None:
+    p = await plan(cfg(tls_policy="dane-only"), MemoryStsSource())
+    assert p.hosts == [] and {h for h, *_ in p.failed} == {"mx1.d.test", "backup.other.test"}
+    assert all("dnssec is off" in r.text for _, r, _, _ in p.failed)
+    assert all(kind == "dane-required" for *_, kind in p.failed)
+
+
+async def test_planner_address_literal() -> None:
+    p = await Planner(cfg(), Resolver(["127.0.0.1:9"], 1), MemoryStsSource()).plan(
+        "[192.0.2.1]", Route([("[192.0.2.1]", "192.0.2.1")]))
+    assert [hp.policy for _, _, hp in p.hosts] == ["may"]

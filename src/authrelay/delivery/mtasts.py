@@ -134,6 +134,18 @@ class StsSource:
         return None
 
 
+class MemoryStsSource(StsSource):
+    """Policies from a dict (unit tests of the planner; no DNS, no HTTPS)."""
+
+    def __init__(self, policies: dict[str, StsPolicy] | None = None) -> None:
+        self.policies = dict(policies or {})
+        self.asked: list[str] = []
+
+    async def policy(self, domain: str) -> StsPolicy | None:
+        self.asked.append(domain)
+        return self.policies.get(domain)
+
+
 _MAX_BODY = 64 * 1024  # RFC 8461 3.3: senders may refuse bigger policies
 _FETCH_TIMEOUT = 30.0  # RFC 8461 3.3 suggests a minute at most; HTTPS connect + read
 _NEGATIVE_TTL = 300.0  # "no policy" remembered in memory this long (one TXT per 5 min)
@@ -378,5 +390,5 @@ def _reason(exc: BaseException | None) -> str:
     return str(exc) or exc.__class__.__name__ if exc else "unknown"
 
 
-__all__ = ["HttpsStsSource", "StsParseError", "StsPolicy", "StsSource", "parse_policy",
-           "parse_txt"]
+__all__ = ["HttpsStsSource", "MemoryStsSource", "StsParseError", "StsPolicy", "StsSource",
+           "parse_policy", "parse_txt"]

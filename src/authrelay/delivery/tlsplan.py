@@ -80,9 +80,9 @@ class Planner:
                                                     note="no usable TLSA record", rpt=rpt)
                     continue
             if base.level == "dane-only":
-                why = "no DNSSEC-validated MX records" if not route.mx_secure else \
-                    "no DNSSEC-validated TLSA records" if d.dnssec else \
-                    "[delivery] dnssec is off"
+                why = "[delivery] dnssec is off" if not d.dnssec else \
+                    "no DNSSEC-validated MX records" if not route.mx_secure else \
+                    "no DNSSEC-validated TLSA records"
                 per_host[host] = (DeliveryResult.temp(
                     f"TLS policy dane-only for {domain}: {why} for {host}", "4.7.5", 451),
                     PolicyDesc("tlsa"), "dane-required")
