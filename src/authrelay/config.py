@@ -256,8 +256,8 @@ class Delivery:
     # "dane" (DANE where DNSSEC says so, else MTA-STS where published, else may).
     tls_policy: str = ""
     tls_policy_map: tuple[TlsPolicyEntry, ...] = ()
-    # CA certificates (PEM) for verify, MTA-STS (the MX and the policy's HTTPS server);
-    # empty: the system store.
+    # CA certificates (PEM) trusted besides the system store, for verify and MTA-STS (the
+    # MX and the policy's HTTPS server): a private CA.
     tls_ca_file: str = ""
     # Believe the AD bit from `nameservers` (or the system resolver): they validate DNSSEC
     # and sit on this host or a trusted path (RFC 7672 1.3). Needed for DANE.

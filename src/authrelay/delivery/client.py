@@ -260,7 +260,7 @@ class Courier:
         self._mx_ctx = ssl.create_default_context()
         self._mx_ctx.check_hostname = False
         self._mx_ctx.verify_mode = ssl.CERT_NONE
-        self._cas = peercert.CaStore(d.tls_ca_file)
+        self._cas = peercert.CaStore(d.tls_ca_file, with_system=True)
         # Smart host: it receives our credentials, so it is verified unless told not to
         # (level verify: OpenSSL checks chain and name during the handshake).
         r = cfg.relay

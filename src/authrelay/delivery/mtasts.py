@@ -12,7 +12,7 @@ Contract: `await StsSource(...).policy(domain)` -> `StsPolicy | None` (None: no 
 - No cached policy: TXT then HTTPS inline (bounded by `[delivery] dns_timeout` and
   `_FETCH_TIMEOUT`), the body at most `_MAX_BODY` bytes (3.3: 64 KiB), a redirect is not
   followed (3.3), the certificate must verify for `mta-sts.DOMAIN` against the CA set
-  (`[delivery] tls_ca_file`, else the system store), the media type must be text/plain.
+  (the system store plus `[delivery] tls_ca_file`), the media type must be text/plain.
 - Any failure to find or fetch a policy when none is cached: None (no policy: 5 says a
   sender MUST NOT refuse delivery when no policy can be found). A failed refresh keeps
   the cached policy until its max_age ends (5.1).
@@ -209,7 +209,9 @@ class HttpsStsSource(StsSource):
         self._checked: dict[str, float] = {}  # domain -> when its TXT id was last compared
         self._disk_seen: set[str] = set()  # domains whose cache file was looked for
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ctx = ssl.create_default_context(cafile=cfg.delivery.tls_ca_file or None)
+        self._ctx = ssl.create_default_context()  # the system store...
+        if cfg.delivery.tls_ca_file:  # ...plus a private CA
+            self._ctx.load_verify_locations(cafile=cfg.delivery.tls_ca_file)
         self.fetches = 0  # HTTPS fetches made (tests, bench)
         # Called with (domain, RFC 8460 result type) when a published policy cannot be
         # fetched or parsed: sts-webpki-invalid, sts-policy-invalid, sts-policy-fetch-error.

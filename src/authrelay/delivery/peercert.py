@@ -8,8 +8,11 @@ check happens here, before EHLO is sent over TLS, with `cryptography`'s X.509 ve
 
 Contract:
 - `peer_chain(ssl_object)`: the certificates the server sent, leaf first (DER).
-- `CaStore(cafile)`: the CA set (`[delivery] tls_ca_file`, else the system bundle), loaded
-  once. `verify(chain, names)` -> `Check(result, reason)`: "verified" (a chain to a CA and
+- `CaStore(cafile, with_system)`: the CA set, loaded once: the system bundle plus
+  `[delivery] tls_ca_file` (with_system=True: a private CA never takes the public ones
+  away, or every MTA-STS domain of the Internet would fail), or only `cafile` (the smart
+  host's `smart_host_ca_file`, as OpenSSL is told for that handshake).
+  `verify(chain, names)` -> `Check(result, reason)`: "verified" (a chain to a CA and
   one of `names`), "trusted" (a chain to a CA, no name matched), "untrusted", "anonymous".
 - `ta_verify(chain, anchors, names)`: the same path validation against DANE-TA anchors
   (RFC 7672 3.1.2: name checks and validity apply; the anchor need not be self-signed).
@@ -169,15 +172,25 @@ def _path(store: xv.Store, leaf: x509.Certificate, rest: list[x509.Certificate],
 class CaStore:
     """The CA set, loaded on first use (PEM file, else the system bundle)."""
 
-    def __init__(self, cafile: str = "") -> None:
+    def __init__(self, cafile: str = "", *, with_system: bool = False) -> None:
         self.cafile = cafile
+        self.with_system = with_system or not cafile
         self._store: xv.Store | None = None
 
     def store(self) -> xv.Store:
         if self._store is None:
-            path = self.cafile or ssl.get_default_verify_paths().cafile or \
-                ssl.get_default_verify_paths().openssl_cafile
-            self._store = xv.Store(_load_bundle(Path(path).read_bytes()))
+            certs: list[x509.Certificate] = []
+            if self.with_system:
+                paths = ssl.get_default_verify_paths()
+                system = paths.cafile or paths.openssl_cafile
+                try:
+                    certs += _load_bundle(Path(system).read_bytes())
+                except (OSError, ValueError):
+                    if not self.cafile:
+                        raise
+            if self.cafile:
+                certs += _load_bundle(Path(self.cafile).read_bytes())
+            self._store = xv.Store(certs)
         return self._store
 
     def verify(self, chain: list[bytes], names: tuple[str, ...]) -> Check:
