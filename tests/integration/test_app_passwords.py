@@ -11,11 +11,13 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from relayproc import PASSWORD, RelayProcess
 from scalerig import PostgresServer
 from smtpclient import RawClient, client_ctx, plain
+from support.wait import until
 
 from authrelay.auth.authenticator import AuthResult
 from authrelay.auth.pgusers import PgAuthenticator, PgUserDB, PgUserStore
@@ -196,12 +198,13 @@ async def test_postgresql_authenticator_cost_and_last_used(pg: PostgresServer,
         assert (got.result, got.app, len(calls)) == (AuthResult.OK, "dev9", 1)
         got = await a.login("alice", "account pw")
         assert (got.result, got.hint) == (AuthResult.BAD, "app password required")
-        for _ in range(50):
-            if (await a.store.app_password("alice", pws[9][:4])).last_used:
-                break
-            await asyncio.sleep(0.05)
-        row = await a.store.app_password("alice", pws[9][:4])
-        assert row.last_used > 0 and row.last_ip == "203.0.113.5"
+
+        async def used() -> Any:
+            row = await a.store.app_password("alice", pws[9][:4])
+            return row if row.last_used else None
+
+        row = await until(used, "last_used recorded")
+        assert row.last_ip == "203.0.113.5"
     finally:
         await a.store.close()
         a.close()

@@ -14,6 +14,7 @@ from fakes.smtpserver import MXFactory, bare_line_ends
 from support import ci
 from support.certs import server_tls_context
 from support.ports import free_port
+from support.wait import until
 
 from authrelay.config import Config, from_dict
 from authrelay.delivery.client import Courier, normalize_crlf
@@ -520,17 +521,12 @@ async def test_concurrent_deliveries_then_shared_pool(tmp_path: Path, dns: FakeD
 
 async def test_idle_connection_closed_after_idle_timeout(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
-    import asyncio
 
     mx = fake_mx("127.0.0.2")
     courier = Courier(make_cfg(tmp_path, dns, fake_mx.port, idle_timeout="0.1s"))
     env = envelope("bob@example.test")
     assert (await courier.deliver(env, env.recipients, MSG))["bob@example.test"].ok
-    for _ in range(200):  # wait for the idle timer (no timing assertion: poll the outcome)
-        if mx.wire[0].endswith(b"QUIT\r\n"):
-            break
-        await asyncio.sleep(0.05)
-    assert mx.wire[0].endswith(b"QUIT\r\n")
+    await until(lambda: mx.wire[0].endswith(b"QUIT\r\n"), "QUIT after the idle timeout")
     assert (await courier.deliver(env, env.recipients, MSG))["bob@example.test"].ok
     assert mx.connections == 2
     await courier.close()

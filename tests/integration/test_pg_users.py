@@ -17,6 +17,7 @@ import pytest
 from relayproc import PASSWORD, RelayProcess
 from scalerig import PostgresServer
 from smtpclient import RawClient, client_ctx, plain
+from support.wait import until
 
 from authrelay.auth import passwords
 from authrelay.auth.authenticator import AuthResult
@@ -246,12 +247,12 @@ async def test_authenticator_cache_and_rehash(pg: PostgresServer) -> None:
         assert await auth.verify("gina", "pw") is AuthResult.OK
         assert auth.addresses("gina") == {"gina@example.org"}
         assert len(auth.cache) == 1
-        for _ in range(50):  # the old-parameter hash is upgraded in the background
+        async def upgraded() -> str | None:  # the old-parameter hash, rehashed in the background
             h, _ = await store.lookup("gina")
-            if h != weak:
-                break
-            await asyncio.sleep(0.1)
-        assert h is not None and h != weak and not passwords.needs_rehash(h)
+            return h if h != weak else None
+
+        h = await until(upgraded, "the hash upgraded")
+        assert not passwords.needs_rehash(h)
         assert await auth.verify("gina", "pw") is AuthResult.OK  # verifies the new hash
         assert await auth.verify("gina", "nope") is AuthResult.BAD
         assert await auth.verify("", "pw") is AuthResult.BAD

@@ -172,13 +172,27 @@ async def test_cli_against_running_scheduler(site: tuple[Path, Spool]) -> None:
                     "in flight")
         rc, out, _ = await acli(cfgfile, "list", "--json")
         assert {r["id"]: r["state"] for r in json.loads(out)}[qs] == "active"
+        # The scheduler parks a control request in _wait_idle while that message is in
+        # flight: seen there, the CLI has reached it, and the hold must not be done yet.
+        parked: list[str] = []
+        wait_idle = sched._wait_idle
+
+        async def spy_wait_idle(qid: str) -> None:
+            parked.append(qid)
+            await wait_idle(qid)
+
+        sched._wait_idle = spy_wait_idle  # type: ignore[method-assign]
         hold = asyncio.create_task(acli(cfgfile, "hold", qs))
-        await asyncio.sleep(0.5)  # let the CLI reach the scheduler (passes either way)
-        assert not hold.done()  # it cannot finish while the delivery is in flight
+        await until(lambda: qs in parked, "the hold request parked behind the delivery")
+        assert not hold.done() and spool.held() == []  # not while the delivery is in flight
+        assert not log.grep(qs, "held")
         gate.set()
         rc, out, err = await hold
         assert rc == 0, err
         assert spool.held() == [qs] and qs not in spool.scan()
+        # The attempt ended (deferred) before the hold: the maillog says so in that order.
+        deferred = log.lines.index(log.grep(qs, "Deferred")[0])
+        assert deferred < log.lines.index(log.grep(qs, "held")[0])
         assert spool.load(qs).recipients[0].attempts == 1  # the attempt's state was kept
         sched.flush(qs)  # held mail is skipped even when asked
         await until(lambda: not sched.active, "idle")

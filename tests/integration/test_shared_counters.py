@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scalerig import RedisServer
+from support.wait import until
 
 from authrelay import maillog
 from authrelay.policy.shared import SharedCounters, redact_url
@@ -118,10 +120,7 @@ async def test_add_soon_reports_back(rs: RedisServer) -> None:
     try:
         assert a.add_soon("rate_ip", "192.0.2.10", 60.0, 1, got.append)
         assert a.add_soon("rate_ip", "192.0.2.10", 60.0, 1, got.append)
-        for _ in range(100):
-            if len(got) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(got) == 2, "both answers")
         assert sorted(got) == [1, 2]  # type: ignore[type-var]
     finally:
         await a.close()
@@ -139,11 +138,7 @@ async def test_redis_down_then_back(rs: RedisServer, mlog: Path) -> None:
         assert await a.is_known("alice", "198.51.100.0/24") is None
         assert not a.add_soon("rate_ip", "192.0.2.11", 60.0, 1, lambda _c: None)
         rs.start()
-        for _ in range(200):
-            if a.up:
-                break
-            await asyncio.sleep(0.05)
-        assert a.up
+        await until(lambda: a.up, "the probe finding Redis back")
         # A restarted Redis without persistence starts empty: counting resumes from 0.
         assert await a.add("auth_ip", "192.0.2.11", 900.0) == 1
     finally:
@@ -214,20 +209,39 @@ async def test_throttle_user_rates_across_nodes(rs: RedisServer) -> None:
         await b.counters.close()
 
 
+def _answers(node: Any) -> list[float | None]:
+    """Redis's answers to `node`'s background updates (SharedCounters.add_soon), listed
+    once the node has applied each: the event a test awaits instead of a sleep."""
+    got: list[float | None] = []
+    add_soon = node.counters.add_soon
+
+    def spy(table: str, key: str, period: float, n: int,
+            done: Callable[[float | None], None]) -> bool:
+        def answered(count: float | None) -> None:
+            done(count)
+            got.append(count)
+        return add_soon(table, key, period, n, answered)
+
+    node.counters.add_soon = spy
+    return got
+
+
 async def test_throttle_connection_rate_across_nodes(rs: RedisServer) -> None:
     from authrelay.policy.throttle import Pool
 
     cfg = _cfg(rs, connection_rate_per_ip=4, max_connections_per_ip=100)
     a, b = _node(cfg), _node(cfg)
     pools = [Pool("*", 0)]
+    a_answers, b_answers = _answers(a), _answers(b)
     try:
         for _ in range(3):
             assert a.connect("192.0.2.30", pools).admitted
             a.disconnect("192.0.2.30", pools)
-        await asyncio.sleep(0.2)  # the background updates reached Redis
+        await until(lambda: len(a_answers) == 3, "A's three updates answered by Redis")
         # Node B has not seen this address: its first connection learns the farm's count.
         assert b.connect("192.0.2.30", pools).admitted
-        await asyncio.sleep(0.2)
+        await until(lambda: b_answers, "B's update answered with the farm's count")
+        assert b_answers == [4]
         adm = b.connect("192.0.2.30", pools)
         assert not adm.admitted and adm.reason == "rate_ip"
         assert b.level("*") == 1  # the refused one was not left counted
@@ -250,11 +264,7 @@ async def test_throttle_falls_back_to_local_counters(rs: RedisServer, mlog: Path
         assert await a.auth_locked("192.0.2.40", "x")
         assert not await a.auth_locked("192.0.2.41", "x")
         rs.start()
-        for _ in range(200):
-            if a.counters.up:
-                break
-            await asyncio.sleep(0.05)
-        assert a.counters.up
+        await until(lambda: a.counters.up, "the probe finding Redis back")
         assert not await a.auth_locked("192.0.2.40", "x")  # shared again (Redis restarted empty)
     finally:
         await a.counters.close()

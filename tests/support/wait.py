@@ -9,8 +9,9 @@ Where an event exists (an asyncio.Event, a fake server's record), await that ins
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -37,14 +38,17 @@ def wait_until(pred: Callable[[], T], what: object = "condition", timeout: float
         time.sleep(interval)
 
 
-async def until(pred: Callable[[], T], what: object = "condition", timeout: float = DEADLINE,
-                interval: float = 0.01) -> T:
-    """`wait_until` for async tests: polls without blocking the event loop."""
+async def until(pred: Callable[[], T | Awaitable[T]], what: object = "condition",
+                timeout: float = DEADLINE, interval: float = 0.01) -> T:
+    """`wait_until` for async tests: polls without blocking the event loop. `pred` may be
+    a coroutine function (e.g. a store lookup): its result is awaited."""
     deadline = time.monotonic() + timeout
     while True:
         v = pred()
+        if inspect.isawaitable(v):
+            v = await v
         if v:
-            return v
+            return v  # type: ignore[return-value]
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for: {_message(what)}")
         await asyncio.sleep(interval)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
+from support.wait import until
 
 from authrelay.auth import apppasswords, passwords
 from authrelay.auth.apppasswords import AppPasswordError
@@ -198,10 +198,7 @@ async def test_last_used_is_recorded_off_the_auth_path(tmp_path: Path) -> None:
     auth = UserDBAuthenticator(db, hash_threads=1, cache_ttl=60)
     try:
         assert (await auth.login("alice", pw, "198.51.100.9")).app == "phone"
-        deadline = time.monotonic() + 5
-        while db.app_password("alice", pw[:4]).last_used == 0:
-            assert time.monotonic() < deadline, "last used never written"
-            time.sleep(0.02)
+        await until(lambda: db.app_password("alice", pw[:4]).last_used, "last used written")
         assert db.app_password("alice", pw[:4]).last_ip == "198.51.100.9"
     finally:
         auth.close()

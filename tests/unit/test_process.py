@@ -131,14 +131,18 @@ def test_parent_death_signal_kills_the_child() -> None:
     if middle == 0:  # pragma: no cover - the "master"
         os.close(r)
         master = os.getpid()
+        armed_r, armed_w = os.pipe()
         child = os.fork()
         if child == 0:
+            os.close(armed_r)
             process.arm_child(master)
             os.write(w, b"armed")
+            os.write(armed_w, b"x")  # the master dies only once the signal is armed
             time.sleep(30)  # only the parent-death signal ends this early
             os.write(w, b"survived")
             os._exit(0)
-        time.sleep(0.5)
+        os.close(armed_w)
+        os.read(armed_r, 1)
         os.kill(os.getpid(), signal.SIGKILL)
     os.close(w)
     os.waitpid(middle, 0)

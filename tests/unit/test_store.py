@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from support.wait import until
 
 from authrelay.spool import format as fmt
 from authrelay.spool import writer as writer_mod
@@ -101,17 +102,21 @@ def test_filesystem_detection(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_notify_datagram(spool: Spool) -> None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind(str(spool.notify_path))
-    s.settimeout(10)
+    s.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def datagram() -> str:
+        """The next datagram (it goes out on a later loop iteration than the commit)."""
+        return (await asyncio.wait_for(loop.sock_recv(s, 8192), 10)).decode()
+
     try:
         qid = await _put(spool, _env())
-        await asyncio.sleep(0.05)  # the datagram goes out on the next loop iteration
-        assert s.recv(256).decode() == qid
+        assert await datagram() == qid
         # Ids committed together share one datagram.
         ids = await asyncio.gather(*(_put(spool, _env()) for _ in range(5)))
-        await asyncio.sleep(0.05)
         got: list[str] = []
         while len(got) < 5:
-            got += s.recv(8192).decode().split("\n")
+            got += (await datagram()).split("\n")
         assert sorted(got) == sorted(ids)
     finally:
         s.close()
@@ -135,16 +140,12 @@ async def test_notify_resent_when_the_scheduler_queue_is_full(spool: Spool) -> N
             except BlockingIOError:
                 break
         qid = await _put(spool, _env())
-        await asyncio.sleep(0.05)
-        assert spool.notifier.pending == [qid]  # refused, kept for the next try
+        await until(lambda: spool.notifier.pending == [qid], "the notice refused and kept")
+        loop = asyncio.get_running_loop()
         got: list[str] = []
-        deadline = asyncio.get_running_loop().time() + 5
-        while qid not in got and asyncio.get_running_loop().time() < deadline:
-            try:
-                got += s.recv(8192).decode().split("\n")
-            except BlockingIOError:
-                await asyncio.sleep(0.01)
-        assert qid in got and spool.notifier.pending == []
+        while qid not in got:  # the filler's datagrams first, then the notice resent
+            got += (await asyncio.wait_for(loop.sock_recv(s, 8192), 10)).decode().split("\n")
+        assert spool.notifier.pending == []
     finally:
         s.close()
         filler.close()
