@@ -8,6 +8,11 @@ Owns what happens to every message on its way into the queue, whoever produced i
   `[limits] max_hops` (RFC 5321 6.3 loop detection, Postfix hopcount_limit) -> 554 5.4.6;
 - free space: `space_ok()` before a transaction (`[limits] queue_min_free`, statvfs cached
   ~1 s) and ENOSPC / EDQUOT while writing -> 452 4.3.1, nothing half-written left;
+- an authenticated user's From:/Sender: (issue 17): judged once, on the header section
+  as received, as soon as it is complete (policy/ownership.py; no second read of the
+  message): `[auth] from_header_policy = "own"` refuses a mailbox the user does not own
+  (550 5.7.1, nothing more stored), else such a message is not signed unless `[dkim]
+  sign_unowned` (`dkim=skipped, reason=From: not owned by user`);
 - the DKIM hook: `signer(message) -> header lines | None` runs once, before commit, on
   the whole message (read back from disk for a streamed one); its lines are stored as the
   queue file's prepend, which the courier sends first (spool/format.py);
