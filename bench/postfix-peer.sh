@@ -35,6 +35,13 @@ DOVE_RUN=/run/authrelay-bench-dovecot
 DOVE_CONF="$PF_DATA/dovecot/dovecot.conf"
 
 die() { echo "postfix-peer: $*" >&2; exit 1; }
+# The daemons started here outlive the caller: they must not inherit its descriptors
+# (under `flock /tmp/authrelay-bench.lock` the lock's descriptor would keep the lock held
+# for as long as Dovecot and smtp-sink run, and every other bench run would wait forever).
+for _fd in /proc/$$/fd/*; do
+  _n="${_fd##*/}"
+  if [ "$_n" -gt 2 ] && [ "$_n" -lt 255 ]; then eval "exec $_n>&-" 2>/dev/null || true; fi
+done
 [ "$(id -u)" = 0 ] || die "must run as root (Postfix and Dovecot need it)"
 
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }

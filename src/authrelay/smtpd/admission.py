@@ -83,6 +83,7 @@ STRESS_OFF_MARGIN = 10  # percentage points below the threshold where stress mod
 STRESS_CALM = 10.0  # ... once the load has stayed there this many seconds
 PROXY_READS_MIN = 256  # PROXY headers read at once per listener, at least (issue 14)
 REFUSAL_LINES = 10  # refusals logged one by one per listener and second; then a summary
+EVICT_TRIES = 3  # evictions at most to admit one connection (workers race for the slot)
 
 
 @dataclass
@@ -433,11 +434,16 @@ class Acceptor:
             self._refuse(sock, ip, Admission(replies.TOO_MANY_PENDING, 0.0, "pending_ip"))
             return
         adm = srv.throttle.connect(key, self.pools, exempt=exempt)
-        if not adm.admitted and adm.reason.startswith("pool:") and lim.pool_eviction:
+        # Another worker may take the slot an eviction freed before we do (the pools are
+        # shared): a few tries, each evicting one more.
+        for _ in range(EVICT_TRIES):
+            if adm.admitted or not adm.reason.startswith("pool:") or not lim.pool_eviction:
+                break
             victim = self.candidates.victim(key, time.monotonic(), self._weight)
-            if victim is not None:
-                self._evict(victim)
-                adm = srv.throttle.connect(key, self.pools, exempt=exempt)
+            if victim is None:
+                break
+            self._evict(victim)
+            adm = srv.throttle.connect(key, self.pools, exempt=exempt)
         srv.metrics_connection(self.ln.mode, "accepted" if adm.admitted else "refused")
         if not adm.admitted:
             self._refuse(sock, ip, adm)

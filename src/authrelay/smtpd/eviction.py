@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 TIE_AGE = 1.0  # seconds a candidate is kept before a fresh address may take its slot
+LOOK = 8  # addresses of the top count looked at for one that weighs enough
 
 
 class Candidate:
@@ -107,9 +108,13 @@ class Candidates:
             return None
         w = weight or self.count
         mine = w(key)
-        heaviest = next(iter(self._buckets[self._top]))
-        if w(heaviest) >= mine + 2:
-            return next(iter(self._by_key[heaviest]))
+        # The heaviest here; with shared weights a few of this listener's heaviest are
+        # looked at (they may weigh differently across the workers), never more.
+        for i, heaviest in enumerate(self._buckets[self._top]):
+            if w(heaviest) >= mine + 2:
+                return next(iter(self._by_key[heaviest]))
+            if i + 1 >= LOOK:
+                break
         if mine == 0:
             oldest = next(iter(self._all))
             if now - oldest.since >= TIE_AGE and w(oldest.key) <= 1:

@@ -70,7 +70,7 @@ from authrelay.types import Reply
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024  # largest DATA piece handed to the body reader at once (one a loop turn)
+CHUNK = 16 * 1024  # largest DATA piece handed to the body reader at once (one a loop turn)
 # A message past max_message_size is read on (discarded) for at most this many more bytes,
 # so that a client whose message was only a little too big gets its 552 after the end of
 # data and may go on; past it, 552 5.3.4 at once and the connection is closed (issue 17).
