@@ -250,7 +250,7 @@ class Courier:
         self.resolver = resolver or Resolver(list(d.nameservers), d.dns_timeout,
                                              dnssec=d.dnssec)
         self._maillog = maillog
-        self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._idle: dict[tuple[str, int, str], list[_Conn]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Hosts whose STARTTLS handshake failed: (host, ip, port) -> plain text until then.
         self._plain_until: dict[tuple[str, str, int], float] = {}
