@@ -95,3 +95,46 @@ def test_survives_reopening(tmp_path: Path) -> None:
     assert b.suspension("alice") is not None
     b.close()
     assert oct((tmp_path / "c.db").stat().st_mode & 0o777) == "0o600"
+
+
+def test_notice_goes_to_postmaster_through_aliases(tmp_path: Path) -> None:
+    from authrelay.policy.suspender import Suspender
+    from authrelay.policy.suspensions import State
+
+    def notify(data: dict) -> str:
+        cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp_path), **data})
+        s = Suspender(cfg, State(LocalStore(tmp_path / "c.db")), submitter=None,
+                      maillog=None)
+        return s.notify_address()
+
+    assert notify({}) == "postmaster@relay.test"
+    assert notify({"aliases": {"postmaster": "ops@example.org"}}) == "ops@example.org"
+    assert notify({"limits": {"containment": {"notify": "sec@example.org"}}}) == \
+        "sec@example.org"
+
+
+async def test_database_refusing_keeps_the_suspension_on_the_node(tmp_path: Path) -> None:
+    """PostgreSQL down or a role without INSERT: the node keeps the suspension itself
+    (and still refuses the user); MAIL is never refused because the database is down."""
+    from authrelay.policy.suspensions import State
+
+    class Refusing:
+        async def suspension(self, user: str) -> None:
+            raise OSError("connection refused")
+
+        async def suspend(self, user: str, at: int, reason: str, node: str) -> bool:
+            raise PermissionError("permission denied for table suspensions")
+
+        async def close(self) -> None:
+            pass
+
+    state = State(LocalStore(tmp_path / "c.db"), pg=Refusing())
+    try:
+        assert await state.suspended("alice") is False  # fail open, not refused
+        assert "connection refused" in state.pg_problem
+        assert await state.suspend("alice", "messages=3 (limit 3)", "n1") is True
+        assert "permission denied" in state.pg_problem
+        assert await state.suspend("alice", "again", "n1") is False  # still one trip
+        assert await state.suspended("alice") is True  # from the node's own file
+    finally:
+        await state.close()
