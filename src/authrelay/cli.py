@@ -1,4 +1,4 @@
-"""Command line: serve | user ... | queue ... | cert make | check-config | import | sendmail.
+"""The authrelay command: every sub-command below (`authrelay COMMAND --help` for each).
 
 Each area registers its own sub-commands (`register(subparsers)`) from the module that owns
 it; this file only wires them and resolves the config the same way for every command:
@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from authrelay import __version__
+from authrelay import version_string
 from authrelay.config import ConfigError, NoConfig
 
 EX_TEMPFAIL = 75  # sysexits.h: try again later (here: once a config is installed)
@@ -31,14 +31,18 @@ _AREAS = [
     "authrelay.sendmail",  # sendmail (local submission, /usr/sbin/sendmail compatible)
     "authrelay.dkim.cli",  # dkim keygen/list/dns, dns, doctor
     "authrelay.delivery.tlscli",  # tls-policy DOMAIN
+    "authrelay.sendtest",  # send-test (a test message through the submission port)
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="authrelay", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="authrelay", description=__doc__.splitlines()[0],
+        epilog="Installed as sendmail, mailq or newaliases (a symlink), it takes "
+               "sendmail's command line.")
     p.add_argument("-c", "--config", help="config file (default: $AUTHRELAY_CONFIG, "
                    "./authrelay.toml, else the embedded default)")
-    p.add_argument("--version", action="version", version=f"authrelay {__version__}")
+    p.add_argument("--version", action="version", version=f"authrelay {version_string()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for modname in _AREAS:
         try:
