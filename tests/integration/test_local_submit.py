@@ -194,3 +194,18 @@ def test_bs_through_the_server(relay: RelayProcess) -> None:
     assert "250 2.0.0 Ok: queued as" in out and "550 5.7.1" in out, out
     [(env, _)] = spooled(relay)
     assert env["sender"] == "nobody@relay.test"
+
+
+def test_mailq_and_dash_c_forms(relay: RelayProcess) -> None:
+    """`authrelay -c FILE sendmail -bp` / `-i rcpt` parse (were argparse's exit 2); mailq
+    as a user who may not read the queue: one line, 77, no traceback."""
+    res = sendmail(relay, "-bp", stdin=b"")
+    assert res.returncode == 0 and b"Mail queue is empty" in res.stdout, res.stderr
+    res = sendmail(relay, "-i", "bob@remote.example", stdin=MSG)
+    assert res.returncode == 0, res.stderr
+    res = sendmail(relay, "-bp", stdin=b"", user="nobody")
+    assert res.returncode == 77, res.stderr
+    err = res.stderr.decode()
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    res = sendmail(relay, "-x", stdin=b"")
+    assert res.returncode == 64 and b"unknown option -x" in res.stderr

@@ -287,3 +287,28 @@ async def test_show_and_list_keep_client_values_off_the_terminal(
         assert "x\\x1b]0;owned\\x07" in r.stdout, r.stdout
     show = cli(cfgfile, "show", env.queue_id).stdout
     assert sum(ln.startswith("State:") for ln in show.splitlines()) == 1, show
+
+
+async def test_corrupt_files_are_counted_and_listed(site: tuple[Path, Spool]) -> None:
+    """After a downgrade an older release set format-2 files aside; files of a newer
+    format and damaged ones land there too: `queue list` counts them, `queue corrupt`
+    says which is which."""
+    cfgfile, spool = site
+    intact = await put(spool, ["b@b.example"])
+    os.rename(spool.queue_dir / intact, spool.corrupt_dir / intact)  # as a downgrade did
+    (spool.corrupt_dir / "2N5NEWERFORMAT001").write_bytes(
+        b"AUTHRELAY-SPOOL 9 whatever\nrest")
+    (spool.corrupt_dir / "2N5TRUNCATED00001").write_bytes(b"AUTHRELAY-SPOOL 2")
+    r = cli(cfgfile, "list")
+    assert r.returncode == 0, r.stderr
+    assert "Mail queue is empty" in r.stdout
+    assert "-- 3 damaged files in" in r.stdout and "authrelay queue corrupt" in r.stdout
+    r = cli(cfgfile, "corrupt")
+    assert r.returncode == 0, r.stderr
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.startswith("2N")}
+    assert "intact and readable by this release" in lines[intact]
+    assert "written by a newer release" in lines["2N5NEWERFORMAT001"]
+    assert "truncated" in lines["2N5TRUNCATED00001"]
+    r = cli(cfgfile, "corrupt", "--json")
+    assert {x["id"] for x in json.loads(r.stdout)} == {intact, "2N5NEWERFORMAT001",
+                                                       "2N5TRUNCATED00001"}

@@ -6,6 +6,7 @@ Owns the operator's view of the queue. Contract:
     queue flush [ID]         try now, ignoring back-off
     queue hold ID | release ID
     queue delete ID... | --all
+    queue corrupt [--json]   files moved to corrupt/ (damaged, or of a newer spool format)
 Reads (list/show) come straight from the spool files, which the scheduler only ever
 replaces atomically. Changes go through the running scheduler's control socket, or, when
 no scheduler runs, straight to the files under the scheduler lock (control.py), so they
@@ -106,14 +107,28 @@ def _records(spool: Spool) -> list[dict[str, Any]]:
     return out
 
 
+def _corrupt_note(spool: Spool) -> str:
+    n = len(_corrupt_files(spool))
+    if not n:
+        return ""
+    return (f"-- {n} damaged file{'s' if n != 1 else ''} in {spool.corrupt_dir} "
+            "(not delivered; authrelay queue corrupt)")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    recs = _records(_spool(args))
+    spool = _spool(args)
+    recs = _records(spool)
+    note = _corrupt_note(spool)
     if args.json:
         json.dump(recs, sys.stdout, indent=2)
         sys.stdout.write("\n")
+        if note:
+            print(note, file=sys.stderr)
         return 0
     if not recs:
         print("Mail queue is empty")
+        if note:
+            print(note)
         return 0
     print(f"{'-Queue ID-':<18} {'-State-':<9} {'--Size--':>9} {'----Arrival Time----':<20}"
           f" -Sender/Recipient-")
@@ -130,6 +145,47 @@ def cmd_list(args: argparse.Namespace) -> int:
         print()
     total = sum(r["size"] for r in recs)
     print(f"-- {total} bytes in {len(recs)} request{'s' if len(recs) != 1 else ''}.")
+    if note:
+        print(note)
+    return 0
+
+
+def _corrupt_files(spool: Spool) -> list[str]:
+    try:
+        return sorted(p.name for p in spool.corrupt_dir.iterdir()
+                      if not p.name.endswith(".state"))
+    except FileNotFoundError:
+        return []
+
+
+def cmd_corrupt(args: argparse.Namespace) -> int:
+    """The files the spool set aside: damaged, or written by a newer release (a
+    downgrade across a spool format is not supported: upgrade again to deliver them)."""
+    spool = _spool(args)
+    recs = []
+    for name in _corrupt_files(spool):
+        p = spool.corrupt_dir / name
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            continue
+        recs.append({"file": str(p), "id": name, "size": st.st_size,
+                     "moved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)),
+                     "why": spool.check_corrupt(name) or "intact and readable by this "
+                     "release (set aside by an older one?): stop the server, move it and "
+                     "its .state back to queue/, start"})
+    if args.json:
+        json.dump(recs, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not recs:
+        print(f"No damaged files in {spool.corrupt_dir}")
+        return 0
+    for r in recs:
+        print(f"{r['id']:<18} {r['size']:>9} {r['moved']:<20} {r['why']}")
+    print(f"-- {len(recs)} file{'s' if len(recs) != 1 else ''} in {spool.corrupt_dir}: "
+          "not delivered; a newer format needs the newer release, a damaged one is "
+          "kept for you to inspect (the maillog said why when it was moved)")
     return 0
 
 
@@ -287,3 +343,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("ids", nargs="*", metavar="ID")
     p.add_argument("--all", action="store_true", help="delete every queued and held message")
     p.set_defaults(func=cmd_delete)
+    p = qs.add_parser("corrupt", help="list the files set aside in corrupt/ (damaged, or "
+                      "of a newer spool format)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_corrupt)

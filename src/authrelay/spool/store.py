@@ -256,6 +256,24 @@ class Spool:
         self._load_state(path, env)
         return env
 
+    def check_corrupt(self, name: str) -> str:
+        """Why the file `name` in corrupt/ cannot be delivered, or "" when this release
+        reads it intact (e.g. set aside by an older release that could not read its
+        format: a downgrade). Never raises."""
+        path = self.corrupt_dir / name
+        try:
+            f, lay, _ = self._open_checked(path, name)
+            with f:
+                self._envelope(f, lay, name)
+                fmt.verify(lay, _file_reader(f))
+        except UnsupportedVersion as e:
+            return f"{e}: written by a newer release"
+        except SpoolError as e:
+            return str(e)
+        except OSError as e:
+            return e.strerror or str(e)
+        return ""
+
     def verify(self, qid: str) -> None:
         """Read the whole file and check its checksum (version 2). Raises CorruptError."""
         path = self._locate(qid)
