@@ -71,7 +71,7 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = getpass.getpass(f"Password for {args.user}: ")
+        password = getpass.getpass(f"{args.user}'s password: ")
     sender = args.sender or (args.user if "@" in args.user else f"{args.user}@{cfg.hostname}")
     msg = EmailMessage()
     msg["From"], msg["To"] = sender, args.to
