@@ -16,7 +16,11 @@ and values, every host:port included):
 - `user` exists; auth backend sockets (saslauthd:PATH, dovecot:PATH) exist (warning:
   the backend may start after us); PostgreSQL (`auth.dsn`) and Redis (`limits.shared`)
   answer (warnings, docs/SCALING.md); the smart-host password file is readable and private;
-  state_dir and a file: log target can be created.
+  state_dir and a file: log target can be created; every smart host name resolves; a
+  config holding a password (auth.dsn, limits.shared) is not readable by group/others; a
+  root start sets `user` (warnings).
+Every message has one style, shared with config errors (config.error_line): `FILE: LEVEL:
+KEY: WHAT`.
 `bind_error()` words an OSError from binding a listener the same way for `serve`.
 """
 
@@ -34,6 +38,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from authrelay.config import (
     EMBEDDED,
@@ -41,6 +46,7 @@ from authrelay.config import (
     Config,
     ConfigError,
     Listen,
+    error_line,
     load,
     parse_hostport,
 )
@@ -517,6 +523,61 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _check_smart_hosts(cfg: Config, out: list[Finding]) -> None:
+    """Every smart host name resolves (else all mail would stay deferred)."""
+    for i, hp in enumerate(cfg.relay.smart_host):
+        try:
+            host, port = parse_hostport(hp, "relay.smart_host", 25)
+        except ConfigError:
+            continue  # config.py reported it
+        try:
+            ipaddress.ip_address(host)
+            continue
+        except ValueError:
+            pass
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as e:
+            why = e.strerror if isinstance(e, socket.gaierror) and e.strerror else str(e)
+            out.append(Finding("warning", f"relay.smart_host[{i}]",
+                               f"{host} does not resolve ({why}): mail to it stays "
+                               "deferred until it does"))
+
+
+def _secrets_in_file(cfg: Config) -> list[str]:
+    """The keys of `cfg` that hold a password in the file itself."""
+    keys = []
+    if cfg.auth.backend == "postgresql" and urlsplit(cfg.auth.dsn).password:
+        keys.append("auth.dsn")
+    if cfg.limits.shared and "@" in cfg.limits.shared.split("/")[2] \
+            and ":" in cfg.limits.shared.split("/")[2].rpartition("@")[0]:
+        keys.append("limits.shared")
+    return keys
+
+
+def _check_operation(cfg: Config, out: list[Finding]) -> None:
+    """What runs, but not as the admin would want: passwords in a file others may read;
+    a root start without `user` (the whole daemon runs as root)."""
+    secret = _secrets_in_file(cfg)
+    if secret and cfg.source != EMBEDDED:
+        try:
+            mode = stat.S_IMODE(os.stat(cfg.source).st_mode)
+        except OSError:
+            mode = 0
+        if mode & 0o044:
+            who = "group and others" if mode & 0o004 and mode & 0o040 else (
+                "others" if mode & 0o004 else "its group")
+            out.append(Finding("warning", secret[0], f"{cfg.source} holds a password "
+                               f"({', '.join(secret)}) and is readable by {who} (mode "
+                               f"{mode:04o}): chmod 600 {cfg.source} (or 640 with group "
+                               "authrelay); local users send through the server's socket "
+                               "without reading it"))
+    if os.geteuid() == 0 and not cfg.user:
+        out.append(Finding("warning", "user", "not set, and started as root: the whole "
+                           "daemon would run as root (set user = \"authrelay\": serve "
+                           "binds as root, then drops to it)"))
+
+
 def check(cfg: Config) -> list[Finding]:
     """Every finding for `cfg`; never raises."""
     out: list[Finding] = []
@@ -526,9 +587,11 @@ def check(cfg: Config) -> list[Finding]:
     except Exception as e:  # a check must never turn into a traceback
         out.append(Finding("error", "user", f"cannot check: {e}"))
     for step in (_check_listeners, _check_tls, _check_backend, _check_scale, _check_files,
-                 _check_privileged_split, _check_dkim, _check_outbound_tls):
+                 _check_privileged_split, _check_dkim, _check_outbound_tls,
+                 _check_smart_hosts, _check_operation):
         try:
-            if step in (_check_listeners, _check_backend, _check_scale, _check_outbound_tls):
+            if step in (_check_listeners, _check_backend, _check_scale, _check_outbound_tls,
+                        _check_smart_hosts, _check_operation):
                 step(cfg, out)  # type: ignore[call-arg]
             else:
                 step(cfg, pw, out)  # type: ignore[call-arg]
@@ -542,10 +605,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = load(path)
     except ConfigError as e:
-        print(f"authrelay: config error: {e}", file=sys.stderr)
+        print(f"authrelay: {error_line(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # pragma: no cover - never a traceback on a bad config
-        print(f"authrelay: config error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"authrelay: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     src = cfg.source
     if src == EMBEDDED:

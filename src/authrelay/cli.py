@@ -14,7 +14,7 @@ import os
 import sys
 
 from authrelay import version_string
-from authrelay.config import ConfigError, NoConfig
+from authrelay.config import ConfigError, NoConfig, error_line
 
 EX_TEMPFAIL = 75  # sysexits.h: try again later (here: once a config is installed)
 EX_IOERR = 74
@@ -138,7 +138,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"authrelay: {e}", file=sys.stderr)
         return EX_TEMPFAIL
     except ConfigError as e:
-        print(f"authrelay: config error: {e}", file=sys.stderr)
+        print(f"authrelay: {error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

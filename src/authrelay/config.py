@@ -32,7 +32,19 @@ EMBEDDED = "<embedded default>"  # Config.source when no file was read
 
 
 class ConfigError(ValueError):
-    """A bad config: the message names the key path and the reason."""
+    """A bad config: the message names the key path and the reason (and the file, when
+    read from one: `path`; `detail` is the message without it)."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = str(path) if path else ""
+        self.detail = message
+
+
+def error_line(e: ConfigError) -> str:
+    """The one way every command words a config error, as check-config words its
+    findings: `FILE: error: KEY: WHAT` (or `error: KEY: WHAT` without a file)."""
+    return f"{e.path}: error: {e.detail}" if e.path else f"error: {e.detail}"
 
 
 class NoConfig(ConfigError):
@@ -785,15 +797,15 @@ def load_file(path: str | os.PathLike[str]) -> Config:
     try:
         raw = p.read_bytes()
     except OSError as e:
-        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+        raise ConfigError(f"cannot read: {e.strerror}", p) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        raise ConfigError(f"not valid TOML: {e}", p) from None
     try:
         return from_dict(data, source=str(p))
     except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
+        raise ConfigError(str(e), p) from None
 
 
 def find_config_path(explicit: str | None) -> str | None:

@@ -46,7 +46,7 @@ from typing import Any
 from authrelay import maillog as maillog_mod
 from authrelay import metrics as metrics_mod
 from authrelay import process, reloadkeys, sdnotify, wiring
-from authrelay.config import EMBEDDED, Config, ConfigError, embedded_notice, load
+from authrelay.config import EMBEDDED, Config, ConfigError, embedded_notice, error_line, load
 from authrelay.delivery.client import Courier
 from authrelay.metrics import Metrics
 from authrelay.policy.counters import SharedCounters
@@ -742,7 +742,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.config)
     except ConfigError as e:
-        print(f"authrelay: config error: {e}", file=sys.stderr)
+        print(f"authrelay: {error_line(e)}", file=sys.stderr)
         return 1
     if cfg.source == EMBEDDED:  # say so: an admin who meant /etc/... must notice (h12)
         print(embedded_notice(), file=sys.stderr, flush=True)

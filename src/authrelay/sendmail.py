@@ -46,7 +46,15 @@ from typing import BinaryIO
 # (e.g. under /root) may no longer be readable, so no lazy imports past that point.
 from authrelay import aliases, localsubmit, maillog, replies, wiring
 from authrelay.address import AddressError, parse_mailbox
-from authrelay.config import LOOKUP, Config, ConfigError, NoConfig, find_config_path, load_file
+from authrelay.config import (
+    LOOKUP,
+    Config,
+    ConfigError,
+    NoConfig,
+    error_line,
+    find_config_path,
+    load_file,
+)
 from authrelay.policy import verdicts
 from authrelay.policy.relay import RelayPolicy
 from authrelay.scheduler import queuecli
@@ -609,7 +617,7 @@ def _deliver(opts: Options, message: BinaryIO, explicit: str | None, invoker: in
     except NoConfig as e:
         raise Fail(EX_TEMPFAIL, str(e)) from None
     except ConfigError as e:
-        raise Fail(EX_CONFIG, f"config error: {e}") from None
+        raise Fail(EX_CONFIG, error_line(e)) from None
     try:
         resp = localsubmit.send(sock, opts, message)
     except localsubmit.NotRunning:
@@ -663,7 +671,7 @@ def main(argv: list[str], config: str | None = None) -> int:
             except NoConfig as e:
                 raise Fail(EX_TEMPFAIL, str(e)) from None
             except ConfigError as e:
-                raise Fail(EX_CONFIG, f"config error: {e}") from None
+                raise Fail(EX_CONFIG, error_line(e)) from None
             return smtp_dialogue(dcfg or Config(), sys.stdin.buffer, sys.stdout.buffer,
                                  lambda o, m: _deliver(o, m, explicit, invoker))
         if opts.mode in ("p", "q"):
@@ -672,7 +680,7 @@ def main(argv: list[str], config: str | None = None) -> int:
             except NoConfig as e:
                 raise Fail(EX_TEMPFAIL, str(e)) from None
             except ConfigError as e:
-                raise Fail(EX_CONFIG, f"config error: {e}") from None
+                raise Fail(EX_CONFIG, error_line(e)) from None
             try:
                 if opts.mode == "p":  # mailq
                     return queuecli.cmd_list(_queue_args(cfg))

@@ -66,7 +66,45 @@ def test_good_config_ok(site: Path) -> None:
     cert, key = _cert(site)
     r = _cc(_write(site, {"tls": {"cert": str(cert), "key": str(key)}}))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().endswith(": ok") and r.stderr == ""
+    assert r.stdout.strip().endswith(": ok")
+    if os.geteuid() == 0:  # as root without `user`: said, not an error
+        assert r.stderr.splitlines() == [
+            f"{site / 'authrelay.toml'}: warning: user: not set, and started as root: the "
+            "whole daemon would run as root (set user = \"authrelay\": serve binds as "
+            "root, then drops to it)"], r.stderr
+    else:
+        assert r.stderr == ""
+
+
+def test_operational_warnings(site: Path) -> None:
+    """An unresolvable smart host, a DSN password in a world-readable config: warnings
+    (exit 0), each naming the key and the fix, in the findings' one style."""
+    cfg = _write(site, {"relay": {"smart_host": ["smarthost.invalid:587"]},
+                        "auth": {"backend": "postgresql",
+                                 "dsn": "postgresql://u:s3cret@127.0.0.1:9/db"},
+                        "user": UNPRIV})
+    r = _cc(cfg)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert any(ln.startswith(f"{cfg}: warning: relay.smart_host[0]: smarthost.invalid does "
+                             "not resolve") for ln in lines), lines
+    assert any(ln.startswith(f"{cfg}: warning: auth.dsn: {cfg} holds a password (auth.dsn)"
+                             " and is readable by group and others (mode 0644): chmod 600")
+               for ln in lines), lines
+    assert "s3cret" not in r.stderr + r.stdout
+    os.chmod(cfg, 0o600)
+    assert "holds a password" not in _cc(cfg).stderr
+
+
+def test_config_errors_in_the_findings_style(site: Path) -> None:
+    cfg = _write(site, {"limits": {"max_recipients": "many"}})
+    for cmd in (["check-config", str(cfg)], ["-c", str(cfg), "serve"],
+                ["-c", str(cfg), "queue"]):
+        r = subprocess.run([sys.executable, "-m", "authrelay", *cmd], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 1, (cmd, r.stderr)
+        assert r.stderr.startswith(f"authrelay: {cfg}: error: limits.max_recipients: "), \
+            (cmd, r.stderr)
 
 
 def test_missing_cert_and_key(site: Path) -> None:
