@@ -18,6 +18,7 @@ the first reason (all transient: `4.7.5`, RFC 3463 "cryptographic failure").
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -55,6 +56,11 @@ class Planner:
             return Plan([(h, ip, tlspolicy.static_host_policy(base, h, domain))
                          for h, ip in route.hops])
         dane_on = d.dnssec and route.mx_secure
+        # The TLSA records of every secure host at once (one round trip, not one per MX).
+        secure = list(dict.fromkeys(h for h, _ in route.hops if h in route.secure_hosts)) \
+            if dane_on else []
+        tlsa = dict(zip(secure, await asyncio.gather(
+            *(dane.lookup(self.resolver, h, d.port) for h in secure)), strict=True))
         per_host: dict[str, HostPolicy | tuple[DeliveryResult, PolicyDesc, str]] = {}
         sts: StsPolicy | None = None
         sts_asked = False
@@ -63,7 +69,7 @@ class Planner:
             if host in per_host:
                 continue
             if dane_on and host in route.secure_hosts:
-                t = await dane.lookup(self.resolver, host, d.port)
+                t = tlsa[host]
                 if t.state == "failed":
                     per_host[host] = (DeliveryResult.temp(t.reason, "4.7.5", 451),
                                       PolicyDesc("tlsa"), "dnssec-invalid")
