@@ -11,6 +11,10 @@ pays). The kinds are interleaved login by login, so all are measured in the same
 under the same machine load. Per kind: the median wall time of one `login()`, and the
 process CPU per login (argon2 runs in the hashing thread; process CPU counts every
 thread of this process, so other work on the machine does not inflate it).
+End to end: a real `authrelay serve` (tests/relayproc.py, `cache_ttl = 0`), one AUTH PLAIN
+per new TLS connection on the implicit-TLS port, plain and app password interleaved:
+median wall time from connect to the 235 (TLS handshake + AUTH), and the server's CPU
+per login (from /proc, so the client's work is not in it).
 Containment: `LocalStore.record()` (state_dir/containment.db, what a receiving worker
 does after each 250, in its containment thread) for a message with 1 and with 10
 recipients, for a user with a window already holding ~1000 events, N x 10 times.
@@ -93,6 +97,46 @@ async def main(n: int) -> dict[str, object]:
             f"t={passwords.TIME_COST}, p={passwords.PARALLELISM}", "results": out}
 
 
+def end_to_end(n: int) -> list[dict[str, object]]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from relayproc import PASSWORD, RelayProcess
+    from smtpclient import RawClient, client_ctx, plain
+
+    def server_cpu(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, clock ticks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = RelayProcess(Path(tmp), {"auth": {"cache_ttl": 0}}).start()
+        try:
+            for i in range(APPS):
+                out = r.cli("user", "app-password", "add", "alice", "--name", f"dev{i}")
+            app = out.stdout.strip().rsplit(": ", 1)[1]
+            port = r.ports["submissions"]
+            kinds = {"plain (account password)": PASSWORD,
+                     f"app password (user with {APPS})": app}
+            wall: dict[str, list[float]] = {k: [] for k in kinds}
+            cpu: dict[str, float] = dict.fromkeys(kinds, 0.0)
+            assert r.proc is not None
+            for i in range(n + 1):
+                for name, pw in kinds.items():
+                    c0, t0 = server_cpu(r.proc.pid), time.perf_counter()
+                    with RawClient(port, tls=client_ctx()) as c:
+                        c.reply()
+                        c.cmd("EHLO bench.test")
+                        assert c.cmd(f"AUTH PLAIN {plain('alice', pw)}").code == 235
+                        c.cmd("QUIT")
+                    if i:  # the first round warms up
+                        wall[name].append(time.perf_counter() - t0)
+                        cpu[name] += server_cpu(r.proc.pid) - c0
+        finally:
+            r.stop()
+    base = cpu["plain (account password)"]
+    return [{"kind": k, "median_ms": round(statistics.median(wall[k]) * 1000, 1),
+             "server_cpu_ms": round(cpu[k] / n * 1000, 1),
+             "cpu_vs_plain": round(cpu[k] / base, 2)} for k in kinds]
+
+
 def containment(n: int) -> list[dict[str, object]]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,11 +163,17 @@ def containment(n: int) -> list[dict[str, object]]:
 
 if __name__ == "__main__":
     res = asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 20))
-    res["containment_record"] = containment(int(sys.argv[1]) if len(sys.argv) > 1 else 20)
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    res["end_to_end"] = end_to_end(n)
+    res["containment_record"] = containment(n)
     print(json.dumps(res, indent=1))
     print("\n| login | argon2 runs | median | CPU | CPU vs plain |\n|---|---|---|---|---|")
     for r in res["results"]:  # type: ignore[union-attr]
         print(f"| {r['kind']} | {r['argon2_per_login']} | {r['median_ms']} ms | "
               f"{r['cpu_ms']} ms | {r['cpu_vs_plain']}x |")
+    print("\nEnd to end (TLS connect + AUTH PLAIN on 465, cache_ttl = 0):")
+    for r in res["end_to_end"]:  # type: ignore[union-attr]
+        print(f"| {r['kind']} | {r['median_ms']} ms | server CPU {r['server_cpu_ms']} ms "
+              f"| {r['cpu_vs_plain']}x |")
     for r in res["containment_record"]:  # type: ignore[union-attr]
         print(f"containment record, {r['recipients']} recipient(s): {r['cpu_us']} us CPU")
