@@ -134,6 +134,7 @@ def _ro_dsn(pg: PostgresServer) -> str:
     return f"postgresql://authrelay_ro:ro@{rest}"
 
 
+@pytest.mark.external
 def test_postgresql_migrate_then_read_only_server(tmp_path: Path, pg: PostgresServer) -> None:
     # A local users.db with an app password, migrated: the device keeps working.
     local = UserDB(tmp_path / "old" / "users.db")
@@ -173,6 +174,7 @@ def test_postgresql_migrate_then_read_only_server(tmp_path: Path, pg: PostgresSe
     assert listed[0]["last_used"] is None  # the read-only role could not record it
 
 
+@pytest.mark.external
 async def test_postgresql_authenticator_cost_and_last_used(pg: PostgresServer,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:

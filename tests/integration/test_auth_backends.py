@@ -29,6 +29,8 @@ from authrelay.auth.authenticator import AuthResult, make_authenticator
 from authrelay.auth.backends import BackendUnavailable, DovecotBackend, SaslauthdBackend
 from authrelay.config import from_dict
 
+pytestmark = pytest.mark.external
+
 USERS = {  # name -> password; "user@realm" is stored in sasldb under that realm
     "alice": "s3cret",
     "bob@example.org": "pässwörd with spaces",
@@ -109,6 +111,7 @@ def saslauthd() -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.mark.root
 async def test_saslauthd_accepts_and_rejects(saslauthd: Path) -> None:
     be = SaslauthdBackend(str(saslauthd), timeout=10)
     assert await be.check("alice", "s3cret") is True
@@ -119,6 +122,7 @@ async def test_saslauthd_accepts_and_rejects(saslauthd: Path) -> None:
     assert await be.check("bob@example.net", "pässwörd with spaces") is False
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("cls", ["saslauthd", "dovecot"])
 async def test_latin1_password_passes_through_as_bytes(cls: str, request) -> None:
     """A non-UTF-8 password, as the SASL layer hands it on (a str with surrogate escapes,
@@ -136,6 +140,7 @@ async def test_latin1_password_passes_through_as_bytes(cls: str, request) -> Non
         auth.close()
 
 
+@pytest.mark.root
 async def test_saslauthd_concurrent_checks(saslauthd: Path) -> None:
     be = SaslauthdBackend(str(saslauthd), timeout=20)
     results = await asyncio.gather(*(be.check("alice", "s3cret" if i % 2 else "no")
@@ -143,6 +148,7 @@ async def test_saslauthd_concurrent_checks(saslauthd: Path) -> None:
     assert results == [bool(i % 2) for i in range(8)]
 
 
+@pytest.mark.root
 async def test_saslauthd_via_authenticator(saslauthd: Path) -> None:
     auth = make_authenticator(from_dict({"auth": {"backend": f"saslauthd:{saslauthd}"}}))
     try:
@@ -330,6 +336,7 @@ def _saslauthd_answer(answer: bytes) -> Handler:
     return handler
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("answer", [
     b"\x00\x05MAYBE",          # neither OK nor NO
     b"\x00\x10OK",             # length longer than what follows
@@ -344,6 +351,7 @@ async def test_saslauthd_garbled(answer: bytes, sockdir: Path) -> None:
         await srv.wait_closed()
 
 
+@pytest.mark.root
 async def test_saslauthd_wire_format(sockdir: Path) -> None:
     seen: list[list[bytes]] = []
 

@@ -12,6 +12,8 @@ import pytest
 from relayproc import PASSWORD, RelayProcess
 from support import ci
 
+pytestmark = pytest.mark.external
+
 
 def _only_message(relay: RelayProcess) -> bytes:
     relay.wait_for(lambda: len(relay.queued()) == 1)

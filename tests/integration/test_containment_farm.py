@@ -12,7 +12,7 @@ import pytest
 from scalerig import Farm
 from test_scale import Conn, add_user, through_both
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.external]
 
 THRESHOLD = 4
 ADMIN = "secops@example.org"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from dkimcheck import dkim_zones
+from support import ci
 
 from authrelay.dkim.keys import KeyStore
 
@@ -88,15 +89,13 @@ def test_keygen_single_algorithm_and_default_selector(tmp_path: Path) -> None:
     assert r.returncode == 1 and "not a domain name" in r.stderr
 
 
+@pytest.mark.external
 def test_opendkim_testkey_agrees(tmp_path: Path, dns_server) -> None:  # noqa: ANN001
     """OpenDKIM's own tool reads our RSA key file and our published record (from the
     loopback DNS server, through libunbound) and finds they match; a different key does
     not. (opendkim-testkey 2.11 handles RSA keys only; Ed25519 records are checked by
     dkimpy's verifier in test_dkim_signer.py / test_e2e_dkim.py.)"""
-    import shutil
-
-    if shutil.which("opendkim-testkey") is None:
-        pytest.fail("opendkim-testkey missing (test.sh installs opendkim-tools)")
+    ci.require_tool("opendkim-testkey", "opendkim-tools")
     write_cfg(tmp_path)
     assert run(tmp_path, "dkim", "keygen", "example.org", "--selector", "s").returncode == 0
     store = KeyStore(tmp_path / "var" / "dkim").load()

@@ -156,6 +156,7 @@ def parse_dsn(content: bytes) -> tuple[email.message.Message, list[email.message
 
 # --------------------------------------------------------------------------- swaks
 
+@pytest.mark.external
 def test_swaks_submission_reaches_mx_byte_for_byte(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory, tmp_path: Path) -> None:

@@ -307,6 +307,7 @@ def _mail_reply(relay: RelayProcess, size: int | None = None) -> tuple[int, byte
         return s.mail("someone@remote.example", opts)
 
 
+@pytest.mark.root
 def test_queue_min_free_refuses_mail(tmp_path: Path, tmpfs: Path) -> None:
     relay = RelayProcess(tmpfs, {"limits": {"queue_min_free": "1MB"}})
     relay.log = tmp_path / "maillog.txt"  # the log must not fill the tmpfs itself
@@ -349,6 +350,7 @@ def test_queue_min_free_refuses_mail(tmp_path: Path, tmpfs: Path) -> None:
     assert "Traceback" not in relay.maillog()
 
 
+@pytest.mark.root
 def test_enospc_during_data(tmp_path: Path, tmpfs: Path) -> None:
     relay = RelayProcess(tmpfs, {"limits": {"queue_min_free": 0}})
     relay.log = tmp_path / "maillog.txt"

@@ -13,7 +13,6 @@ rule (signed whatever the From:), `[dkim] sign_unowned = true` signs anyway.
 
 from __future__ import annotations
 
-import shutil
 import smtplib
 import subprocess
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from dkimcheck import dkim_zones, verify_all
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import MXFactory
 from relayproc import RelayProcess
+from support import ci
 from test_e2e_delivery import ZONES, mx_overrides
 
 from authrelay.dkim.keys import KeyStore
@@ -160,11 +160,11 @@ def test_from_header_policy_own_refuses_at_end_of_data(
         assert res == [(b"other.test", b"t", b"ed25519-sha256", True)], (tag, res)
 
 
+@pytest.mark.external
 def test_swaks_refused_and_accepted(env: Callable[..., dict[str, Any]]) -> None:
     """The same through swaks (another real client), with from_header_policy set
     explicitly while sender_policy stays "any"."""
-    if shutil.which("swaks") is None:
-        pytest.fail("swaks is not installed (the test command installs it)")
+    ci.require_tool("swaks", "swaks")
     e = env(auth={"from_header_policy": "own"})
     relay = e["relay"]
 

@@ -18,6 +18,8 @@ from relayproc import RelayProcess
 from scalerig import _terminate, _wait_port, need
 from support.ports import free_port
 
+pytestmark = pytest.mark.external
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "SCALING.md"
 
 

@@ -85,6 +85,7 @@ def test_no_dependencies_ok_then_stopping(relay_factory) -> None:
     assert master in lines[-1] and all(master not in ln for ln in lines[:-1])
 
 
+@pytest.mark.external
 def test_postgresql_down_and_back(tmp_path: Path, postgres: PostgresServer) -> None:
     if not (postgres.data / "postmaster.pid").exists():
         postgres.start()
@@ -110,6 +111,7 @@ def test_postgresql_down_and_back(tmp_path: Path, postgres: PostgresServer) -> N
             postgres.start()
 
 
+@pytest.mark.external
 @pytest.mark.parametrize("via", ["redis", "sentinel"])
 def test_redis_down_and_back(tmp_path: Path, redis_server: RedisServer, via: str) -> None:
     sentinel = RedisSentinel(redis_server).start() if via == "sentinel" else None
@@ -139,6 +141,7 @@ def test_redis_down_and_back(tmp_path: Path, redis_server: RedisServer, via: str
             sentinel.cleanup()
 
 
+@pytest.mark.external
 def test_shared_counters_through_sentinel(redis_server: RedisServer) -> None:
     """The counters themselves work through a Sentinel URL (the master it names)."""
     from authrelay.policy.shared import SharedCounters

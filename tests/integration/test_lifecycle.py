@@ -290,6 +290,7 @@ def test_drop_privileges_mechanics(reachable_dir: Path) -> None:
     assert state.stat().st_mode & 0o777 == 0o711
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serve_as_root_runs_as_user(reachable_dir: Path, workers: int) -> None:
     """Bind as root, then run as `user`, from an install the user can read (as under

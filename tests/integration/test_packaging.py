@@ -198,6 +198,7 @@ def _on_pty(cmd: list[str], cwd: Path, env: dict[str, str], answers: list[str]
     return p.returncode, out.decode(errors="replace")
 
 
+@pytest.mark.external
 def test_readme_first_steps_verbatim_after_run_sh(checkout: Path) -> None:
     ports = (2525, 2587, 2465)
     busy = [p for p in ports if not refuses(p)]

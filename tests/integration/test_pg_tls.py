@@ -15,6 +15,8 @@ from relayproc import PASSWORD, RelayProcess
 from scalerig import PostgresServer
 from smtpclient import RawClient, client_ctx, plain
 
+pytestmark = pytest.mark.external
+
 
 @pytest.fixture(scope="module")
 def tls_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PostgresServer, Path]]:

@@ -29,6 +29,8 @@ from authrelay.auth.pgusers import (
 )
 from authrelay.auth.userdb import UserDB
 
+pytestmark = pytest.mark.external
+
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:

@@ -149,6 +149,7 @@ def test_foreign_reuseport_socket_blocks_start(relay_factory) -> None:
         foreign.close()
 
 
+@pytest.mark.root
 def test_other_user_cannot_join_our_ports(relay_factory) -> None:
     """The kernel admits a SO_REUSEPORT socket into a group only for the same effective uid
     as its creator: our sockets, made by root, are closed to the dropped user's programs."""
@@ -242,6 +243,7 @@ def _helper(r: RelayProcess) -> int | None:
     return None
 
 
+@pytest.mark.root
 def test_root_only_key_reloaded_on_sighup_after_renewal(dropped) -> None:
     r, le, der_old, logfile = dropped
     assert r.proc is not None
@@ -290,6 +292,7 @@ def _is_listening(pid: int, fd: str) -> bool:
     return False
 
 
+@pytest.mark.root
 def test_sighup_after_logrotate_and_bad_config(dropped) -> None:
     r, le, der_old, logfile = dropped
     assert r.proc is not None
@@ -419,6 +422,7 @@ maillog.get().flush()
     assert "IndexError: list index out of range" in lines[3]
 
 
+@pytest.mark.root
 def test_root_only_smart_host_password_read_by_the_helper(reachable_dir: Path, fake_mx,
                                                           trustme_ca) -> None:  # noqa: ANN001
     """relay.smart_host_password_file 0600 root (as Postfix's sasl_passwd): the dropped
@@ -470,6 +474,7 @@ def test_sighup_says_what_needs_a_restart(relay_factory) -> None:
         assert c.reply().code == 220
 
 
+@pytest.mark.root
 def test_check_config_accepts_root_only_secrets_for_the_helper(reachable_dir: Path) -> None:
     """check-config (ExecStartPre) agrees with serve: with `user`, a root-only smart host
     password file is fine when the config is root's and not group/other-writable."""

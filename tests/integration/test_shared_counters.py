@@ -21,6 +21,8 @@ from support.wait import until
 from authrelay import maillog
 from authrelay.policy.shared import SharedCounters, redact_url
 
+pytestmark = pytest.mark.external
+
 
 @pytest.fixture(scope="module")
 def redis_srv() -> Iterator[RedisServer]:

@@ -33,7 +33,7 @@ from authrelay.config import from_dict
 from authrelay.delivery.client import Courier
 from authrelay.types import DeliveryResult
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.external]
 
 HOSTS = {  # MX host -> its address (one fake MX each, all on one port)
     "mx-ee": "127.0.0.2", "mx-ta": "127.0.0.3", "mx-mismatch": "127.0.0.4",

@@ -36,7 +36,7 @@ from authrelay.delivery.mtasts import (
 )
 from authrelay.types import DeliveryResult
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.root]
 
 MX1 = "mx1.sts.test"
 # RFC 8461's port is fixed (443): each test process takes its own loopback address, so

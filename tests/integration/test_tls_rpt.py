@@ -47,6 +47,7 @@ def test_parse_rua() -> None:
     assert parse_rua(["v=spf1 -all"]) == []
 
 
+@pytest.mark.root
 async def test_daily_report_through_the_queue(
         env: Env, dns: FakeDNSServer, https: PolicyServer,  # noqa: F811
         fake_mx: MXFactory, trustme_ca: trustme.CA, tmp_path: Path) -> None:
@@ -130,6 +131,7 @@ async def test_no_rua_no_report(env: Env, dns: FakeDNSServer,  # noqa: F811
     assert not list((tmp_path / "tls-rpt").glob("*.json"))  # done with: removed
 
 
+@pytest.mark.root
 async def test_policy_fetch_failure_is_tallied(
         env: Env, dns: FakeDNSServer, fake_mx: MXFactory, tmp_path: Path) -> None:  # noqa: F811
     """A published policy behind an HTTPS certificate that does not verify: no policy for

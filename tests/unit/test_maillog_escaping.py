@@ -12,14 +12,13 @@ The real fail2ban-regex runs the filter documented in docs/LIMITS.md over the lo
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import ci
 
 from authrelay import maillog
 from authrelay.maillog import escape
@@ -156,14 +155,12 @@ def _fail2ban_filter() -> str:
     return m.group(1)
 
 
+@pytest.mark.external
 def test_fail2ban_reads_only_the_real_client(tmp_path: Path) -> None:
     """fail2ban-regex (the real tool) with the documented filter over a log full of
     forged values: every failed AUTH counts against the client's own address, and no
     line yields an address the client chose."""
-    if shutil.which("fail2ban-regex") is None:
-        if os.environ.get("CI"):
-            pytest.fail("fail2ban-regex is not installed (test.sh installs fail2ban)")
-        pytest.skip("fail2ban-regex is not installed (test.sh installs fail2ban)")
+    ci.require_tool("fail2ban-regex", "fail2ban")
     log = tmp_path / "mail.log"
     m = maillog.MailLog(f"file:{log}")
     failures = 0
