@@ -1,7 +1,8 @@
 """`authrelay import`: move a sendmail + saslauthd set-up over to authrelay.
 
 Owns two one-shot converters:
-- `import sendmail-mc FILE` reads a sendmail.mc (the m4 source, not sendmail.cf) and prints
+- `import sendmail-mc FILE` reads a sendmail.mc (the m4 source, not sendmail.cf; its own
+  define()d macros expanded where used, access_db's Connect: RELAY entries read) and prints
   the equivalent authrelay.toml on stdout. Every directive it cannot express is kept as a
   `# not mapped: <line>` comment, and sendmail behaviour authrelay has built in is named
   in a comment, so the admin reviews one file and loses nothing silently. The output always
@@ -141,6 +142,34 @@ def parse_mc(text: str) -> Iterator[Directive | str]:
         inner = m.group(2)
         args = _split_args(inner) if inner is not None else []
         yield Directive(m.group(1), args, s, lineno)
+
+
+_MACRO = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _expander(directives: list[Directive]) -> tuple[Any, set[str]]:
+    """The .mc's own macros, as m4 would expand them where they are used: every
+    `define(`NAME', `value')` replaces NAME (a whole word) in the arguments of the other
+    directives, recursively (`define(`CERT_DIR', `/etc/mail/tls')` then
+    `define(`confSERVER_CERT', `CERT_DIR/sendmail.pem')`). m4 itself is not run: with
+    sendmail-cf's macros it would produce the .cf, not values per directive. Returns
+    (expand(text), the names used as macros by some other directive)."""
+    defs = {d.args[0]: (d.args[1] if len(d.args) > 1 else "")
+            for d in directives if d.name == "define" and d.args}
+    used: set[str] = set()
+
+    def expand(text: str, depth: int = 0) -> str:
+        if depth > 10 or not defs:
+            return text
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(0)
+            if name not in defs:
+                return name
+            used.add(name)
+            return expand(defs[name], depth + 1)
+        return _MACRO.sub(sub, text)
+    return expand, used
 
 
 # --------------------------------------------------------------------------- mapping
@@ -305,11 +334,14 @@ def looks_like_cf(text: str) -> bool:
 
 
 def convert_mc(text: str, source: str = "sendmail.mc", *, sasl: SaslSetup | None = None,
-               authinfo: Path | None = None, password_file: Path | None = None) -> str:
+               authinfo: Path | None = None, password_file: Path | None = None,
+               access_file: Path | None = None) -> str:
     """sendmail.mc text -> authrelay.toml text (validated by config.from_dict).
     `sasl`: the Cyrus SASL setup (Sendmail.conf) for the [auth] backend when the .mc used
     SMTP AUTH. `authinfo`: sendmail's authinfo text file; its entry for the smart host
-    becomes smart_host_user and `password_file` (written 0600)."""
+    becomes smart_host_user and `password_file` (written 0600). `access_file`: the text
+    source of FEATURE(`access_db') (default: its map path without .db): its `Connect:`
+    (or untagged) address entries with RELAY become relay.trusted_networks."""
     out = _Out()
     mechs: list[str] | None = None
     trust: list[str] | None = None
@@ -319,7 +351,15 @@ def convert_mc(text: str, source: str = "sendmail.mc", *, sasl: SaslSetup | None
     mech_lines: list[str] = []
     authinfo_line: str | None = None
     authinfo_arg = ""
-    for d in parse_mc(text):
+    parsed = list(parse_mc(text))
+    expand, macros = _expander([d for d in parsed if isinstance(d, Directive)])
+    for d in parsed:
+        if isinstance(d, Directive) and d.name != "define":
+            d.args = [expand(a) for a in d.args]
+        elif isinstance(d, Directive) and len(d.args) > 1:
+            d.args = [d.args[0], expand(d.args[1]), *d.args[2:]]
+    access: tuple[str, str] | None = None
+    for d in parsed:
         if isinstance(d, str):
             out.unmapped.append(d)
             continue
@@ -342,6 +382,9 @@ def convert_mc(text: str, source: str = "sendmail.mc", *, sasl: SaslSetup | None
                         else:
                             relay_port = int(m.group(1))
                             out.notes.setdefault("relay", []).append(d.line)
+                    elif key in macros:
+                        out.notes.setdefault("", []).append(
+                            f"{d.line}: a macro of the .mc, expanded where it is used")
                     else:
                         out.unmapped.append(d.line)
             elif name == "DAEMON_OPTIONS" and args:
@@ -369,6 +412,8 @@ def convert_mc(text: str, source: str = "sendmail.mc", *, sasl: SaslSetup | None
                         out.unmapped.append(f"{d.line} (the custom reject message)")
                 elif feat == "authinfo":
                     authinfo_line, authinfo_arg = d.line, (args[1] if len(args) > 1 else "")
+                elif feat == "access_db":
+                    access = (d.line, args[1] if len(args) > 1 else "")
                 elif feat == "no_default_msa":
                     out.notes.setdefault("", []).append(
                         f"{d.line}: nothing to do -- listeners are listed explicitly")
@@ -407,6 +452,8 @@ def convert_mc(text: str, source: str = "sendmail.mc", *, sasl: SaslSetup | None
         if mailer and mailer not in ("relay", "smtp", "esmtp", "smtp8", "dsmtp"):
             out.unmapped.append(f"{smart_line} (mailer {mailer!r})")
 
+    if access is not None:
+        _access_db(out, access[0], access[1], access_file)
     if mech_lines:
         _sasl_backend(out, sasl or SaslSetup())
     if authinfo_line is not None:
@@ -513,6 +560,18 @@ def _define(out: _Out, key: str, value: str, d: Directive) -> bool:
         out.set("tls", "cert", value, line)
     elif key == "confSERVER_KEY":
         out.set("tls", "key", value, line)
+    elif key == "ALIAS_FILE":
+        files = [f.strip() for f in value.split(",") if f.strip()]
+        if files:
+            out.top["aliases_file"] = files[0]
+            out.notes.setdefault("", []).append(line)
+            if len(files) > 1:
+                out.unmapped.append(f"{line} (only the first file is read: "
+                                    f"{', '.join(files[1:])})")
+    elif key == "confMIN_FREE_BLOCKS":
+        # sendmail counts blocks of the queue's file system: 4 KiB on ext4/xfs.
+        out.set("limits", "queue_min_free", int(value) * 4096,
+                line + " (blocks of 4 KiB, the block size of ext4 and xfs)")
     elif key == "confDOMAIN_NAME":
         out.top["hostname"] = value
         out.notes.setdefault("", []).append(line)
@@ -534,6 +593,83 @@ def _define(out: _Out, key: str, value: str, d: Directive) -> bool:
     else:
         return False
     return True
+
+
+def access_relay_networks(text: str) -> tuple[list[str], list[str]]:
+    """(CIDRs, lines not mapped) of an access file: `Connect:ADDR RELAY` and untagged
+    `ADDR RELAY` entries, ADDR an address or a sendmail prefix (`10.1.2` = 10.1.2.0/24,
+    `IPv6:2001:db8` = 2001:db8::/32). Host names, From:/To: entries and other actions
+    are not mapped (authrelay trusts addresses only; authenticated users relay anyway)."""
+    import ipaddress
+
+    nets: list[str] = []
+    skipped: list[str] = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2:
+            skipped.append(raw.strip())
+            continue
+        key, action = parts[0], parts[1].strip().split()[0].upper()
+        if ":" in key and key.split(":", 1)[0].lower() in ("connect", "from", "to", "spam",
+                                                           "srv_features", "clt_features"):
+            tag, key = key.split(":", 1)
+            if tag.lower() != "connect":
+                skipped.append(raw.strip())
+                continue
+        if action != "RELAY":
+            skipped.append(raw.strip())
+            continue
+        net = None
+        if key.lower().startswith("ipv6:"):
+            v6 = key[5:]
+            try:
+                net = str(ipaddress.ip_network(v6, strict=False)) if "/" in v6 else \
+                    str(ipaddress.ip_network(v6))
+            except ValueError:
+                groups = [g for g in v6.split(":") if g]
+                try:
+                    net = str(ipaddress.ip_network(
+                        ":".join(groups) + "::/" + str(16 * len(groups)), strict=False))
+                except ValueError:
+                    net = None
+        elif re.fullmatch(r"\d{1,3}(\.\d{1,3}){0,3}", key):
+            octets = key.split(".")
+            try:
+                net = str(ipaddress.ip_network(
+                    ".".join(octets + ["0"] * (4 - len(octets))) + f"/{8 * len(octets)}"))
+            except ValueError:
+                net = None
+        if net is None:
+            skipped.append(raw.strip())  # a host or domain name: not trusted by name
+        elif net not in nets:
+            nets.append(net)
+    return nets, skipped
+
+
+def _access_db(out: _Out, line: str, spec: str, access_file: Path | None) -> None:
+    """FEATURE(`access_db'): the RELAY entries for addresses become trusted_networks."""
+    if access_file is None:
+        words = spec.split()
+        db = next((w for w in reversed(words) if w.startswith("/")), "/etc/mail/access.db")
+        access_file = Path(db[:-3] if db.endswith(".db") else db)
+    try:
+        text = access_file.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        out.unmapped.append(f"{line} ({access_file}: {e.strerror}; give --access FILE)")
+        return
+    nets, skipped = access_relay_networks(text)
+    if nets:
+        out.set("relay", "trusted_networks", nets,
+                f"{line}: the Connect: RELAY entries of {access_file} (these addresses "
+                "relay without AUTH)")
+    else:
+        out.notes.setdefault("relay", []).append(f"{line}: no address RELAY entries in "
+                                                 f"{access_file}")
+    for sk in skipped:
+        out.unmapped.append(f"{access_file}: {sk}")
 
 
 def _daemon(out: _Out, spec: str, d: Directive) -> None:
@@ -573,7 +709,6 @@ def _daemon(out: _Out, spec: str, d: Directive) -> None:
 _HINTS = {
     "authinfo": "relay.smart_host_user and relay.smart_host_password_file",
     "confCACERT": "relay.smart_host_ca_file (private CA of the smart host)",
-    "access_db": "relay.trusted_networks (relay without AUTH)",
     "LOCAL_DOMAIN": "relay.local_domains (accepted from anyone)",
     "confLOG_LEVEL": "[log] level",
 }
@@ -611,6 +746,8 @@ def _render(out: _Out, source: str) -> str:
     lines += [_comment(n) for n in out.notes.get("", [])]
     if "hostname" in out.top:
         lines.append(f"hostname = {toml_value(out.top['hostname'])}")
+    if "aliases_file" in out.top:
+        lines.append(f"aliases_file = {toml_value(out.top['aliases_file'])}")
     lines += ['state_dir = "/var/lib/authrelay"',
               'user = "authrelay"  # serve binds its ports as root, then runs as this user']
     if not out.listen:
@@ -800,7 +937,8 @@ def _import_mc(args: argparse.Namespace) -> int:
         sys.stdout.write(convert_mc(
             text, source=args.file, sasl=read_sasl_conf(args.sasl_conf),
             authinfo=Path(args.authinfo) if args.authinfo else None,
-            password_file=Path(args.password_file) if args.password_file else None))
+            password_file=Path(args.password_file) if args.password_file else None,
+            access_file=Path(args.access) if args.access else None))
     except ConfigError as e:  # pragma: no cover - a converter bug, not user error
         print(f"authrelay: converted config is invalid: {e}", file=sys.stderr)
         return 1
@@ -820,6 +958,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--password-file", metavar="FILE",
                    help="where the smart host password is written, mode 0600 (default: "
                    "/etc/authrelay/smart_host_password)")
+    m.add_argument("--access", metavar="FILE",
+                   help="the access file's text source (default: from FEATURE(access_db), "
+                   "e.g. /etc/mail/access)")
     m.set_defaults(func=_import_mc)
     d = s.add_parser("sasldb", help="add the users of a Cyrus sasldb2 to the user DB")
     d.add_argument("file")
