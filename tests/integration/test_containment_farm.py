@@ -1,7 +1,9 @@
 """Containment across a farm (tests/scalerig.py): two nodes behind HAProxy, users and
 suspensions in PostgreSQL, counters in Redis. A user's messages through both nodes count
-against one threshold; the suspension made by one node is refused by both, survives a
-node's restart, makes one notice only; `user resume` on either node lifts it for both.
+against one threshold; the suspension made by one node is refused by both, holds the
+user's queued mail on both, survives a node's restart, makes one notice only; `user
+resume` on either node lifts it for both (held mail is released or deleted per node:
+each node has its own spool).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Iterator
 import pytest
 from scalerig import Farm
 from test_scale import Conn, add_user, through_both
+
+from authrelay.spool.store import Spool
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.external]
 
@@ -41,8 +45,15 @@ def mail(c: Conn) -> str:
     return f"{r.code} {r.text}"
 
 
+def held(r) -> list[str]:  # noqa: ANN001
+    spool = Spool(r.state / "spool")
+    return [q for q in spool.held() if spool.load(q).auth_user == "mallory"]
+
+
 def test_one_threshold_for_the_farm_one_suspension_for_both_nodes(farm: Farm) -> None:
     add_user(farm, "mallory", "m-pw", node="a")
+    # The next hop defers her mail: it stays queued on whichever node took it.
+    farm.mx.rcpt_replies["victim@example.net"] = "451 4.3.0 try again later"
 
     def send(c: Conn) -> str:
         assert c.auth("mallory", "m-pw").startswith("235")
@@ -55,6 +66,10 @@ def test_one_threshold_for_the_farm_one_suspension_for_both_nodes(farm: Farm) ->
     lines = suspended_lines(farm)
     assert len(lines) == 1
     assert f"threshold=messages, count={THRESHOLD}, limit={THRESHOLD}" in lines[0]
+    # Her mail is held on both nodes: the tripping node holds its queue at once, the
+    # other node's scheduler holds each message at its next attempt instead of sending.
+    farm.a.wait_for(lambda: len(held(farm.a)) + len(held(farm.b)) == THRESHOLD, timeout=20)
+    assert held(farm.a) and held(farm.b)
     # Both nodes refuse her now (the suspension is in PostgreSQL).
     refused = through_both(farm, mail, "127.0.0.72", n=4)
     assert all(r.startswith("450 4.7.1") for _, r in refused), refused
@@ -69,8 +84,12 @@ def test_one_threshold_for_the_farm_one_suspension_for_both_nodes(farm: Farm) ->
     assert all(r.startswith("450") for _, r in refused), refused
     assert len(suspended_lines(farm)) == 1
     # Resumed on node B: both nodes accept her again, the counts start afresh.
-    out = farm.b.cli("user", "resume", "mallory").stdout
+    out = farm.b.cli("user", "resume", "mallory", "--delete-held").stdout
     assert "mallory resumed" in out
+    assert held(farm.b) == []
+    farm.a.cli("user", "resume", "mallory", "--delete-held")  # node A's held mail
+    assert held(farm.a) == []
+    farm.mx.rcpt_replies.clear()
     ok = through_both(farm, send, "127.0.0.74", n=THRESHOLD - 1)
     assert all(r.startswith("250") for _, r in ok), ok
     assert len(suspended_lines(farm)) == 1
