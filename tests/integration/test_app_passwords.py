@@ -23,6 +23,8 @@ from authrelay.auth.authenticator import AuthResult
 from authrelay.auth.pgusers import PgAuthenticator, PgUserDB, PgUserStore
 from authrelay.auth.userdb import UserDB
 
+pytestmark = pytest.mark.slow  # real authrelay processes (and a PostgreSQL cluster)
+
 SHOWN = re.compile(r"app password (\S+) for (\S+): ([a-z]{4} [a-z]{4} [a-z]{4} [a-z]{4})$")
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from fakes.smtpserver import MXFactory
 from relayproc import PASSWORD, RelayProcess
 from smtpclient import RawClient, client_ctx, plain
 
 from authrelay.spool.format import split
 from authrelay.spool.store import Spool
+
+pytestmark = pytest.mark.slow  # real authrelay processes, restarts
 
 ADMIN = "admin@local.test"
 

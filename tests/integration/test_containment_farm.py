@@ -16,7 +16,7 @@ from test_scale import Conn, add_user, through_both
 
 from authrelay.spool.store import Spool
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.external]
+pytestmark = [pytest.mark.timeout(600), pytest.mark.external, pytest.mark.slow]
 
 THRESHOLD = 4
 ADMIN = "secops@example.org"
