@@ -328,6 +328,7 @@ class Courier:
                 last = plan.failed[0][1]
             targets = [_Target(h, ip, self.cfg.delivery.port, "mx", hp, domain=key)
                        for h, ip, hp in plan.hosts]
+            await self._cas.warm()  # once per courier, off the event loop
 
         results: dict[str, DeliveryResult] = {}
         todo = list(rcpts)

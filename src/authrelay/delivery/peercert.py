@@ -29,6 +29,8 @@ would own a TLS record layer), and ctypes into libssl is undefined behaviour on 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import logging
 import ssl
@@ -192,6 +194,13 @@ class CaStore:
                 certs += _load_bundle(Path(self.cafile).read_bytes())
             self._store = xv.Store(certs)
         return self._store
+
+    async def warm(self) -> None:
+        """Load the bundle in a thread (the system one takes 5-7 ms to parse: not on the
+        event loop); a failure is left for verify() to report."""
+        if self._store is None:
+            with contextlib.suppress(OSError, ValueError):
+                await asyncio.to_thread(self.store)
 
     def verify(self, chain: list[bytes], names: tuple[str, ...]) -> Check:
         if not chain:
