@@ -62,7 +62,8 @@ def _stat(pid: int) -> list[str] | None:
 
 
 def process_tree(roots: list[int]) -> list[int]:
-    """The roots and all their descendants (live)."""
+    """The roots and all their descendants (live), each once (a root may be another's
+    descendant: Target.roots() lists every process of authrelay's session, workers too)."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -70,8 +71,12 @@ def process_tree(roots: list[int]) -> list[int]:
             if f:
                 children.setdefault(int(f[1]), []).append(int(d))
     out, todo = [], [r for r in roots if _stat(r)]
+    seen: set[int] = set()
     while todo:
         p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
         out.append(p)
         todo += children.get(p, [])
     return out
