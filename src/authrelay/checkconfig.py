@@ -336,6 +336,12 @@ def _check_scale(cfg: Config, out: list[Finding]) -> None:
 
 def _check_backend(cfg: Config, out: list[Finding]) -> None:
     be = cfg.auth.backend
+    if ":" in be and cfg.auth.app_passwords == "require":
+        # saslauthd and Dovecot own their passwords: authrelay has no app passwords there.
+        out.append(Finding("warning", "auth.app_passwords", f'"require" does nothing with '
+                           f"backend {be.split(':', 1)[0]} (app passwords live in the "
+                           "userdb or PostgreSQL user store): account passwords still "
+                           "log in"))
     if ":" not in be:
         return
     kind, path = be.split(":", 1)

@@ -287,3 +287,14 @@ def test_outbound_tls_findings(site: Path) -> None:
     os.chmod(bad, 0o644)
     r = _cc(_write(site, {"tls": tls, "delivery": {"tls_ca_file": str(bad)}}))
     assert r.returncode != 0 and "delivery.tls_ca_file" in r.stdout + r.stderr
+
+
+def test_app_passwords_require_with_an_external_backend_warns(site: Path) -> None:
+    cert, key = _cert(site)
+    cfg = _write(site, {"tls": {"cert": str(cert), "key": str(key)},
+                        "auth": {"backend": f"dovecot:{site / 'auth-client'}",
+                                 "app_passwords": "require"}})
+    r = _cc(cfg)
+    assert r.returncode == 0, r.stderr
+    assert f'{cfg}: warning: auth.app_passwords: "require" does nothing with backend ' \
+        "dovecot" in r.stderr
