@@ -312,6 +312,8 @@ class Courier:
         last = DeliveryResult.temp("no host to deliver to", "4.4.0", 451)
         if key == SMARTHOST:
             targets = self._smart_targets()
+            if self._smart_level != "verify":  # judged by peercert after the handshake
+                await self._smart_cas.warm()
         else:
             try:
                 route = await mx.resolve_route(self.resolver, key)
