@@ -277,6 +277,7 @@ def test_serve_logs_and_counts_tls(relay_factory: Any, dns: FakeDNSServer,  # no
     tally = json.loads(day.read_text())
     assert set(tally) == {"example.test", "bad.test"}
     [(ok, fails)] = tally["bad.test"].values()
-    assert ok == 0 and list(fails) == ["certificate-not-trusted|mx.bad.test|127.0.0.3"]
+    # result type | MX host | its address | our address (sending-mta-ip)
+    assert ok == 0 and list(fails) == ["certificate-not-trusted|mx.bad.test|127.0.0.3|127.0.0.1"]
     [(ok, fails)] = tally["example.test"].values()
     assert ok == 1 and fails == {}

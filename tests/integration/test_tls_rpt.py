@@ -110,6 +110,7 @@ async def test_daily_report_through_the_queue(
     [fail] = pol["failure-details"]
     assert fail["result-type"] == "certificate-not-trusted"
     assert fail["receiving-mx-hostname"] == MX1 and fail["receiving-ip"] == "127.0.0.2"
+    assert fail["sending-mta-ip"] == "127.0.0.1"
     assert log.grep(qid, "from=<>")
 
 

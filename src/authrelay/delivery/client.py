@@ -681,8 +681,10 @@ class Courier:
         if self.tlsrpt is None or not t.domain:
             return
         peer = conn.wire.peername()
+        transport = conn.wire.transport
+        local = transport.get_extra_info("sockname") if transport is not None else None
         self.tlsrpt.session(t.domain, t.policy.rpt, ok, kind, t.host,
-                            str(peer[0]) if peer else t.addr)
+                            str(peer[0]) if peer else t.addr, str(local[0]) if local else "")
 
     def _judge(self, conn: _Conn, t: _Target, qid: str) -> None:
         """The certificate against the host's policy, right after the handshake and before

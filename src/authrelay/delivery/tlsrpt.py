@@ -86,7 +86,7 @@ class Recorder:
         self._last = clock()
 
     def session(self, domain: str, policy: PolicyDesc, ok: bool, kind: str = "",
-                mx: str = "", ip: str = "") -> None:
+                mx: str = "", ip: str = "", local_ip: str = "") -> None:
         try:
             day = _day(self.clock())
             entry = self._tally.setdefault(day, {}).setdefault(domain.lower(), {}) \
@@ -94,7 +94,7 @@ class Recorder:
             if ok:
                 entry[0] += 1
             else:
-                k = f"{kind or 'validation-failure'}|{mx}|{ip}"
+                k = f"{kind or 'validation-failure'}|{mx}|{ip}|{local_ip}"
                 entry[1][k] = entry[1].get(k, 0) + 1
             self._n += 1
         except Exception:  # the tally must never break a delivery
@@ -183,8 +183,10 @@ def report_json(cfg: Config, domain: str, day: str, pols: dict[str, list[Any]],
             pol["mx-host"] = mx
         details = []
         for k, n in sorted(fails.items()):
-            kind, host, ip = k.split("|", 2)
+            kind, host, ip, local = (k.split("|", 3) + ["", "", ""])[:4]
             d: dict[str, Any] = {"result-type": kind, "failed-session-count": n}
+            if local:
+                d["sending-mta-ip"] = local
             if host:
                 d["receiving-mx-hostname"] = host
             if ip:
