@@ -49,6 +49,10 @@ ATTACKS = [
     ("parser-split", "bob@other.test", "From: bob@other.test <ceo@probe.test>\r\n"),
     ("encoded-word", "bob@other.test", "From: =?utf-8?q?ceo=40probe.test?=\r\n"),
     ("sender-only", "bob@other.test", "Sender: ceo@probe.test\r\n"),
+    # bob's From:, 300 KiB of header fields, then ceo's: past what the accept path
+    # buffers of a header section (256 KiB), so the header is not vouched for.
+    ("huge-header", "bob@other.test", "From: bob@other.test\r\n" + "".join(
+        f"X-Filler-{i}: {'f' * 90}\r\n" for i in range(3200)) + "From: ceo@probe.test\r\n"),
 ]
 # No From: at all: nothing to sign for, nothing claimed either: accepted, never signed.
 NO_FROM = ("no-from", "bob@other.test", "")
@@ -143,6 +147,7 @@ def test_from_header_policy_own_refuses_at_end_of_data(
     refusals = [ln for ln in log.splitlines()
                 if "reject=550 5.7.1 From: header address not owned by user" in ln]
     assert len(refusals) == len(ATTACKS) + 1, log[-3000:]
+    assert any("reason=header section too large" in ln for ln in refusals)
     assert all("relay=localhost [127.0.0.1]" in ln or "relay=unknown [127.0.0.1]" in ln
                for ln in refusals), refusals
     assert any("reason=From: <ceo@probe.test> not owned by bob" in ln for ln in refusals)

@@ -99,6 +99,9 @@ class HeaderCleanup:
         self.added: list[str] = []
         self.hops = 0  # Received: fields in the header section as it arrived
         self.header_section = b""  # as it arrived (bounded by max_header_bytes)
+        # The header section was cut at max_header_bytes (no empty line within it):
+        # header_section holds its start only.
+        self.header_truncated = False
 
     def _extra(self, headers: bytes) -> bytes:
         if not self._add:
@@ -133,6 +136,7 @@ class HeaderCleanup:
         if i >= 0:
             return self._release(i + 2)
         if len(self._buf) > self._max:
+            self.header_truncated = True
             return self._release(None)
         return b""
 

@@ -220,7 +220,11 @@ class Draft:
         message back. With from_header_policy "own" a mailbox the user does not own
         refuses the message: nothing more is stored, commit() raises Refused."""
         assert self.owner is not None
-        self.from_verdict = verdict = self.owner.verdict(self._cleanup.header_section)
+        if self._cleanup.header_truncated:  # a From: could hide past what was looked at
+            verdict = "header section too large to vouch for its From:"
+        else:
+            verdict = self.owner.verdict(self._cleanup.header_section)
+        self.from_verdict = verdict
         # No From: at all claims no address: not signed, but not refused either.
         if verdict and verdict != NO_FROM and self.submitter.cfg.auth.from_policy == "own":
             self._problem = Refused(replies.FROM_NOT_OWNED, verdict)
