@@ -206,6 +206,9 @@ class Auth:
     # A user's failure limit never refuses the right password from an address (its /24 or
     # /64) the user authenticated from within this many days; 0: the limit refuses all.
     known_address_days: float = 30.0
+    # Logins USER@REALM for these realms are checked as USER (Cyrus SASL's default realm:
+    # users `import sasldb` stored by their bare name; auth/realms.py).
+    realms: tuple[str, ...] = ()
     # App passwords (auth/apppasswords.py; userdb and postgresql backends): "allow" lets
     # the account password and app passwords log in; "require": app passwords only.
     app_passwords: str = "allow"  # allow | require

@@ -874,6 +874,7 @@ def _import_sasldb(args: argparse.Namespace) -> int:
         print(f"authrelay: {cfg.userdb_path}: {e}", file=sys.stderr)
         return 1
     added = skipped = failed = 0
+    bare_realms: set[str] = set()
     try:
         for entry in entries:
             shown = (entry.user + (b"@" + entry.realm if entry.realm else b"")
@@ -885,6 +886,8 @@ def _import_sasldb(args: argparse.Namespace) -> int:
                 skipped += 1
                 continue
             name = user if (realm in default_realms or not realm) else f"{user}@{realm}"
+            if realm and name == user:
+                bare_realms.add(realm)
             password = entry.props.get("userPassword")
             if password is None:
                 others = ", ".join(sorted(entry.props)) or "nothing"
@@ -919,6 +922,13 @@ def _import_sasldb(args: argparse.Namespace) -> int:
                 failed += 1
     finally:
         db.close()
+    missing = sorted(r for r in bare_realms if r.lower() not in
+                     {x.lower() for x in cfg.auth.realms})
+    if missing:
+        # Cyrus took alice@REALM as alice for its default realm: so can we.
+        listed = ", ".join(f'"{r}"' for r in sorted({*cfg.auth.realms, *missing}))
+        print(f"users of {', '.join(missing)} were stored by their bare name; so that "
+              f"logins as user@{missing[0]} keep working, set in [auth]: realms = [{listed}]")
     print(f"{added} imported, {skipped} skipped, {failed} failed")
     return 1 if failed else 0
 

@@ -51,7 +51,7 @@ RELOADABLE = frozenset({
     "tls.cert", "tls.key", "tls.min_version",
     "auth.mechanisms", "auth.sender_policy", "auth.failure_window",
     "auth.max_failures_per_ip", "auth.max_failures_per_user", "auth.failure_delay",
-    "auth.known_address_days", "auth.app_passwords",
+    "auth.known_address_days", "auth.app_passwords", "auth.realms",
     "checks.require_reverse_dns", "checks.dnsbl",
     "dkim.domains", "dkim.headers", "dkim.oversign", "dkim.sign_unowned",
     "auth.from_header_policy", "limits.pool_eviction", "limits.max_pending_per_ip",

@@ -28,6 +28,7 @@ from typing import Literal
 from authrelay import maillog as maillog_mod
 from authrelay.auth import pgusers
 from authrelay.auth.authenticator import Authenticator, make_authenticator
+from authrelay.auth.realms import RealmLogins
 from authrelay.config import Config
 from authrelay.delivery.client import Courier
 from authrelay.delivery.tlsrpt import Reporter as TlsReporter
@@ -96,8 +97,9 @@ def submitter(cfg: Config, queue: Spool, maillog: maillog_mod.MailLog | None) ->
 # --------------------------------------------------------------------------- receiving
 
 def authenticator(cfg: Config) -> Authenticator:
-    """The authenticator `[auth] backend` names (userdb, saslauthd, dovecot, postgresql)."""
-    return make_authenticator(cfg)
+    """The authenticator `[auth] backend` names (userdb, saslauthd, dovecot, postgresql),
+    taking `USER@REALM` logins for `[auth] realms` as USER (auth/realms.py)."""
+    return RealmLogins(make_authenticator(cfg), cfg.auth.realms)
 
 
 def known_addresses(cfg: Config) -> KnownAddresses:

@@ -446,3 +446,31 @@ def test_mc_macros_aliases_free_blocks_and_access_db(tmp_path: Path) -> None:
     other.write_text("Connect:203.0.113.7 RELAY\n")
     r = _cli("import", "sendmail-mc", str(mc), "--access", str(other))
     assert tomllib.loads(r.stdout)["relay"]["trusted_networks"] == ["203.0.113.7/32"]
+
+
+def test_realm_logins_keep_working_after_sasldb_import(relay_factory, tmp_path: Path
+                                                       ) -> None:
+    """Cyrus took erin@REALM as erin for its default realm; the import stores erin and
+    says which `[auth] realms` keeps those logins working; with it they do."""
+    db = tmp_path / "sasldb2"
+    _saslpasswd2(db, "erin", "erin-secret", realm="relay.test")
+    r: RelayProcess = relay_factory(users={}, start=False,
+                                    overrides={"auth": {"realms": ["Relay.Test"]}})
+    res = r.cli("import", "sasldb", str(db), "--realm", "relay.test", check=False)
+    assert res.returncode == 0, res.stderr
+    assert "added erin" in res.stdout
+    assert "realms" not in res.stdout  # already configured: nothing to say
+    r2: RelayProcess = relay_factory(users={}, start=False)
+    res = r2.cli("import", "sasldb", str(db), "--realm", "relay.test", check=False)
+    assert 'set in [auth]: realms = ["relay.test"]' in res.stdout, res.stdout
+    r.start()
+    for user, pw, code in (("erin", "erin-secret", 235),
+                           ("erin@relay.test", "erin-secret", 235),
+                           ("erin@RELAY.TEST", "erin-secret", 235),
+                           ("erin@other.test", "erin-secret", 535),
+                           ("erin@relay.test", "wrong", 535)):
+        with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
+            assert c.reply().code == 220
+            assert c.cmd("EHLO t").code == 250
+            assert c.cmd(f"AUTH PLAIN {plain(user, pw)}").code == code, user
+    assert "sasl_username=erin@other.test" in r.maillog()

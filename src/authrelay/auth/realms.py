@@ -1,0 +1,52 @@
+"""Logins as USER@REALM for the realms whose users are stored by their bare name.
+
+Owns `[auth] realms`. Cyrus SASL (sendmail + saslauthd/sasldb) accepts `alice@REALM` and
+`alice` as the same login for its default realm (the host's name); `authrelay import
+sasldb` stores the users of such a realm by their bare name. So that mail clients set up
+with `alice@relay.example.org` keep working after the move, `RealmLogins` wraps the
+configured authenticator: a login whose part after the last `@` is one of `realms`
+(compared without case) is checked as the part before it, once (never a second password
+check: no extra hashing for a wrong password). Every other name passes unchanged; the
+throttle and the maillog keep the name as the client sent it. A user whose stored name
+itself ends in `@REALM` for a listed realm cannot log in by that name: do not list a
+realm that is also a mail domain of stored `user@domain` names.
+Contract: the Authenticator interface (auth/base.py), delegating to the wrapped one;
+`reload(cfg)` takes the new list (SIGHUP). Failure policy: that of the wrapped one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from authrelay.auth.base import Authenticator, Login
+
+if TYPE_CHECKING:
+    from authrelay.config import Config
+
+
+class RealmLogins(Authenticator):
+    def __init__(self, inner: Authenticator, realms: tuple[str, ...]) -> None:
+        self.inner = inner
+        self.realms = {r.lower() for r in realms}
+
+    def name(self, username: str) -> str:
+        """The stored name a login names."""
+        if self.realms and "@" in username:
+            user, _, realm = username.rpartition("@")
+            if user and realm.lower() in self.realms:
+                return user
+        return username
+
+    async def login(self, username: str, password: str | bytes,
+                    client_ip: str = "") -> Login:
+        return await self.inner.login(self.name(username), password, client_ip)
+
+    def addresses(self, username: str) -> set[str]:
+        return self.inner.addresses(self.name(username))
+
+    def reload(self, cfg: Config) -> None:
+        self.realms = {r.lower() for r in cfg.auth.realms}
+        self.inner.reload(cfg)
+
+    def close(self) -> None:
+        self.inner.close()
