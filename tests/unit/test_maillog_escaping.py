@@ -67,7 +67,16 @@ EVENTS: list[Callable[[maillog.MailLog, str], None]] = [
     lambda m, v: m.disconnect(R, v, "ehlo=1 quit=1"),
     lambda m, v: m.tls_failed(f"unknown [{REAL_IP}]", v, "submissions", 0.5),
     lambda m, v: m.event(None, lost=v, relay=R, sni=v, orcpt=v, helo=v),
+    lambda m, v: m.expired("Q1", v, v, 1.0, 3, "4.0.0", v),
+    lambda m, v: m.bounced("Q1", v, v, 1.0, 3, "5.0.0", v),
+    lambda m, v: m.tls_policy_failed("Q1", v, v, v, v),
+    lambda m, v: m.removed("Q1", by=v),
+    lambda m, v: m.notification("Q1", v, "Q2"),
+    lambda m, v: m.error(v, "Q1", problem=v),
+    lambda m, v: m.daemon(v, listeners=v),
 ]
+# Event methods without a value that can come from outside (queue ids are ours).
+NO_CLIENT_VALUE = {"held", "released", "delayed", "flush", "reopen", "tls_from"}
 
 _KEY = re.compile(r"([A-Za-z_][\w-]*)=")
 _NEXT = re.compile(r", (?=[A-Za-z_][\w-]*=)")
@@ -177,3 +186,15 @@ def test_fail2ban_reads_only_the_real_client(tmp_path: Path) -> None:
     assert set(ips) == {REAL_IP}, r.stdout
     # the auth_failed events in EVENTS (two per value) and the extra one per value
     assert len(ips) == 3 * failures, r.stdout
+
+
+def test_every_event_is_tried_with_hostile_values() -> None:
+    """A new event function must join EVENTS above (or say why it carries nothing from
+    outside): the escaping is only as good as the events it is tested on."""
+    import inspect
+
+    src = inspect.getsource(inspect.getmodule(test_every_event_is_tried_with_hostile_values))
+    events = {n for n, _ in inspect.getmembers(maillog.MailLog, inspect.isfunction)
+              if not n.startswith("_")}
+    missing = {n for n in events - NO_CLIENT_VALUE if f"m.{n}(" not in src}
+    assert not missing, missing
