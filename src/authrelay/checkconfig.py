@@ -490,6 +490,10 @@ def _check_dkim(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) -
         if not store.for_domain(d):
             out.append(Finding("warning", "dkim.domains", f"{d} has no key in "
                                f"{cfg.dkim_dir}: authrelay dkim keygen {d}"))
+    if cfg.dkim.sign_unowned:
+        out.append(Finding("warning", "dkim.sign_unowned", "every authenticated user's mail "
+                           "is signed whatever its From: says: any user can send as anyone "
+                           "at a domain with a key, with its DKIM and DMARC pass"))
 
 
 def _check_outbound_tls(cfg: Config, out: list[Finding]) -> None:

@@ -298,3 +298,15 @@ def test_app_passwords_require_with_an_external_backend_warns(site: Path) -> Non
     assert r.returncode == 0, r.stderr
     assert f'{cfg}: warning: auth.app_passwords: "require" does nothing with backend ' \
         "dovecot" in r.stderr
+
+
+def test_sign_unowned_warns(site: Path) -> None:
+    cert, key = _cert(site)
+    cfg = _write(site, {"tls": {"cert": str(cert), "key": str(key)},
+                        "dkim": {"sign_unowned": True}})
+    r = _cc(cfg)
+    assert r.returncode == 0, r.stderr
+    assert f"{cfg}: warning: dkim.sign_unowned: every authenticated user's mail is " \
+        "signed whatever its From: says" in r.stderr
+    r = _cc(_write(site, {"tls": {"cert": str(cert), "key": str(key)}}))
+    assert "sign_unowned" not in r.stderr
