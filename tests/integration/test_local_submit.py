@@ -209,3 +209,31 @@ def test_mailq_and_dash_c_forms(relay: RelayProcess) -> None:
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     res = sendmail(relay, "-x", stdin=b"")
     assert res.returncode == 64 and b"unknown option -x" in res.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dropped_server_takes_mail_from_every_user(site: Path, workers: int) -> None:
+    """The production shape: started as root with `user`, the master (dropped) serves
+    the socket; root and another unprivileged user each send as themselves, and the queue
+    file belongs to the daemon's user."""
+    from support.privileges import TEST_USER, unprivileged_user
+
+    pw = unprivileged_user()
+    r = RelayProcess(site, {"user": TEST_USER}, workers=workers)
+    r.python = python_for(TEST_USER)
+    os.chmod(r.config, 0o644)
+    r.start()
+    try:
+        sock = r.state / "public" / "submit.sock"
+        r.wait_for(sock.exists)  # the master makes it once its scheduler runs
+        assert sock.stat().st_uid == pw.pw_uid  # made by the dropped master
+        assert "local submission socket not available" not in r.maillog()
+        for user in ("root", "nobody"):
+            res = sendmail(r, "bob@remote.example", stdin=MSG, user=user)
+            assert res.returncode == 0, (user, res.stderr)
+        r.wait_for(lambda: len(r.queued()) == 2)
+        senders = sorted(e["sender"] for e, _ in spooled(r))
+        assert senders == ["nobody@relay.test", "root@relay.test"]
+        assert all(p.stat().st_uid == pw.pw_uid for p in r.queued())
+    finally:
+        r.stop()

@@ -19,7 +19,9 @@ state, bounces and removal from the spool. Contract:
   in between re-tries it (a late or second bounce, never a lost one).
 - At least once, never lost: state is saved (fsync) after every attempt before the next
   action, and a message leaves the spool only when no recipient is PENDING. A crash
-  mid-delivery re-delivers after restart; a duplicate is possible, a loss is not.
+  mid-delivery re-delivers after restart; a duplicate is possible, a loss is not. The
+  in-flight journal (inflight.py) names, at the next start, the recipients whose attempt
+  was under way when the process died.
 - Queue control (`control.sock`): flush/hold/release/delete are done here, after any
   in-flight delivery of the message ends, so the CLI never races a delivery.
 Failure policy: a courier that raises is a transient failure for its recipients; an
