@@ -74,6 +74,7 @@ def _mode(lines: list[str]) -> str:
     return mode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
 def test_dialog(relay: RelayProcess, script: Path) -> None:
     lines = script.read_text().splitlines()

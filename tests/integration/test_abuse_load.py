@@ -16,8 +16,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from relayproc import PASSWORD, RelayProcess
 from smtpclient import client_ctx, plain
+
+pytestmark = pytest.mark.slow
 
 DURATION = 3.0
 

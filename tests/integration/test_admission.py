@@ -18,8 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx, plain
+
+pytestmark = pytest.mark.slow
 
 
 # ------------------------------------------------------------------ helpers

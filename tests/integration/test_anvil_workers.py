@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from relayproc import PASSWORD, RelayProcess
 from smtpclient import RawClient, client_ctx, plain
+
+pytestmark = pytest.mark.slow
 
 
 def test_per_ip_connections_across_workers(relay_factory) -> None:  # noqa: ANN001

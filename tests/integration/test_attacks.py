@@ -11,7 +11,10 @@ import os
 import smtplib
 from pathlib import Path
 
+import pytest
 from relayproc import RelayProcess
+
+pytestmark = pytest.mark.slow
 
 
 def _queue_one(r: RelayProcess) -> str:

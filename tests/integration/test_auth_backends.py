@@ -29,7 +29,7 @@ from authrelay.auth.authenticator import AuthResult, make_authenticator
 from authrelay.auth.backends import BackendUnavailable, DovecotBackend, SaslauthdBackend
 from authrelay.config import from_dict
 
-pytestmark = pytest.mark.external
+pytestmark = [pytest.mark.external, pytest.mark.slow]
 
 USERS = {  # name -> password; "user@realm" is stored in sasldb under that realm
     "alice": "s3cret",

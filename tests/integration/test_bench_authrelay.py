@@ -12,7 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from relayproc import PASSWORD, RelayProcess
+
+pytestmark = pytest.mark.slow
 
 LOAD = Path(__file__).resolve().parents[2] / "bench" / "load.py"
 

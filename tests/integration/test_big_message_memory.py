@@ -24,6 +24,8 @@ import pytest
 from fakes.smtpserver import MXFactory
 from relayproc import RelayProcess, children
 
+pytestmark = pytest.mark.slow
+
 SIZE = 20_000_000
 LIMIT = SIZE // 4
 

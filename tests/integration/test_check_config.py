@@ -20,6 +20,8 @@ from privpython import python_for
 from relayproc import to_toml
 from support.ports import free_port
 
+pytestmark = pytest.mark.slow
+
 UNPRIV = "nobody"
 
 

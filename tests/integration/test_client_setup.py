@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from relayproc import PASSWORD, RelayProcess, to_toml
 
+pytestmark = pytest.mark.slow
+
 
 def run(conf: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "authrelay", "-c", str(conf), "user", *args],

@@ -12,7 +12,7 @@ import pytest
 from relayproc import PASSWORD, RelayProcess
 from support import ci
 
-pytestmark = pytest.mark.external
+pytestmark = [pytest.mark.external, pytest.mark.slow]
 
 
 def _only_message(relay: RelayProcess) -> bytes:

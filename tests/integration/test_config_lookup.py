@@ -16,6 +16,8 @@ from relayproc import RelayProcess
 
 from authrelay.config import SYSTEM_FILE
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def bare(tmp_path: Path) -> tuple[Path, dict[str, str]]:

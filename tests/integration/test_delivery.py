@@ -489,6 +489,7 @@ async def test_null_sender(tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactor
     assert b"MAIL FROM:<> SIZE=" in mx.wire[0]
 
 
+@pytest.mark.slow
 async def test_data_timeout_is_temporary(tmp_path: Path, dns: FakeDNSServer,
                                          fake_mx: MXFactory) -> None:
     fake_mx("127.0.0.2", data_delay=5)

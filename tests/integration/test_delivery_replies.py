@@ -14,6 +14,7 @@ import asyncio
 import tempfile
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -177,6 +178,7 @@ async def _run(pipelining: bool, n: int, sc: Script) -> None:
         await srv.wait_closed()
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scripts())

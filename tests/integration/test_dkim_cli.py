@@ -15,6 +15,8 @@ from support import ci
 
 from authrelay.dkim.keys import KeyStore
 
+pytestmark = pytest.mark.slow
+
 
 def run(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "authrelay", "-c", str(tmp / "a.toml"), *args],

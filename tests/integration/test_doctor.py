@@ -233,6 +233,7 @@ async def test_smart_host_auth(setup: dict, dns_server, fake_mx, trustme_ca_file
     assert res[name].detail.startswith("connect failed")
 
 
+@pytest.mark.slow
 def test_cli_exit_status_and_json(setup: dict, dns_server) -> None:  # noqa: ANN001
     tmp = setup["tmp"]
     (tmp / "a.toml").write_text(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
 from relayproc import RelayProcess
@@ -29,6 +30,8 @@ from test_e2e_delivery import (
 
 from authrelay.spool.envelope import PENDING, SENT
 from authrelay.spool.store import Spool
+
+pytestmark = pytest.mark.slow
 
 
 def in_data(server: FakeSMTPServer, n: int = 1) -> bool:

@@ -31,6 +31,8 @@ from relayproc import PASSWORD, RelayProcess
 from support.certs import server_tls_context
 from support.ports import free_port
 
+pytestmark = pytest.mark.slow
+
 SENDER = "alice@sender.test"
 SENDER_MX = "127.0.0.9"  # where bounces to SENDER land
 

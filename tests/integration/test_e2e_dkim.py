@@ -29,6 +29,8 @@ from test_e2e_delivery import SENDER, SENDER_MX, ZONES, mx_overrides, submit
 
 from authrelay.dkim.keys import KeyStore
 
+pytestmark = pytest.mark.slow
+
 BODY = ("From: Alice <alice@sender.test>\r\n"
         "To: Bob <bob@example.test>\r\n"
         "Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n"

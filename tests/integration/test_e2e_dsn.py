@@ -7,6 +7,7 @@ import re
 import smtplib
 from collections.abc import Callable
 
+import pytest
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
 from relayproc import PASSWORD, RelayProcess
@@ -18,6 +19,8 @@ from test_e2e_delivery import (
     mx_overrides,
     parse_dsn,
 )
+
+pytestmark = pytest.mark.slow
 
 
 def _submit(relay: RelayProcess, rcpts: list[tuple[str, list[str]]],

@@ -35,6 +35,8 @@ from test_e2e_delivery import (
 from authrelay.spool import format as fmt
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 
+pytestmark = pytest.mark.slow
+
 HEAD = b"From: alice@sender.test\r\nTo: bob@example.test\r\nSubject: integrity\r\n"
 
 

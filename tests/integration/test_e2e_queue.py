@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
 from relayproc import RelayProcess
@@ -23,6 +24,8 @@ from test_e2e_delivery import (
     mx_overrides,
     submit,
 )
+
+pytestmark = pytest.mark.slow
 
 DEFER = "451 4.3.0 try again later"
 

@@ -14,8 +14,11 @@ import select
 import socket
 import time
 
+import pytest
 from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx, plain
+
+pytestmark = pytest.mark.slow
 
 LIMITS = {"connection_rate_per_ip": 0, "max_connections_per_ip": 50,
           "max_pending_per_ip": 2}

@@ -28,6 +28,8 @@ from test_e2e_delivery import ZONES, mx_overrides
 
 from authrelay.dkim.keys import KeyStore
 
+pytestmark = pytest.mark.slow
+
 BOB_PW = "bob's long password"
 SKIPPED = "dkim=skipped, reason=From: not owned by user"
 

@@ -18,7 +18,7 @@ from relayproc import RelayProcess
 from scalerig import _terminate, _wait_port, need
 from support.ports import free_port
 
-pytestmark = pytest.mark.external
+pytestmark = [pytest.mark.external, pytest.mark.slow]
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "SCALING.md"
 

@@ -20,6 +20,8 @@ from smtpclient import RawClient
 from support.ports import free_port
 from test_metrics import scrape, val
 
+pytestmark = pytest.mark.slow
+
 
 def health(port: int, query: str = "") -> tuple[int, str]:
     try:

@@ -20,6 +20,8 @@ from relayproc import RelayProcess
 from smtpclient import RawClient, client_ctx, plain
 from support.ports import free_port
 
+pytestmark = pytest.mark.slow
+
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "sendmail.mc"
 
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from relayproc import PASSWORD, RelayProcess
 from smtpclient import RawClient, client_ctx, plain
+
+pytestmark = pytest.mark.slow
 
 WARNING = "may have been delivered before the crash"
 

@@ -25,6 +25,8 @@ from support.certs import install_cert
 from support.privileges import TEST_USER, unprivileged_user
 from support.sessions import session_in_progress
 
+pytestmark = pytest.mark.slow
+
 
 def _peer_der(port: int, *, implicit: bool) -> bytes:
     with RawClient(port, tls=client_ctx() if implicit else None) as c:

@@ -22,6 +22,8 @@ from fakes.dnsserver import FakeDNSServer
 from relayproc import PASSWORD, RelayProcess
 from smtpclient import RawClient, client_ctx, plain
 
+pytestmark = pytest.mark.slow
+
 
 class Client(RawClient):
     """RawClient bound to a chosen loopback source address (per-IP limits)."""

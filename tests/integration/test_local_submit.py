@@ -24,7 +24,7 @@ from relayproc import RelayProcess
 
 from authrelay.spool.format import split
 
-pytestmark = pytest.mark.root  # runs commands as nobody
+pytestmark = [pytest.mark.root, pytest.mark.slow]  # runs commands as nobody
 
 
 @pytest.fixture

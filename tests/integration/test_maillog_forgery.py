@@ -25,6 +25,8 @@ from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, b64, client_ctx
 from support import ci
 
+pytestmark = pytest.mark.slow
+
 FORGED = "10.9.9.9"
 EVIL = f"bob, relay=unknown [{FORGED}], sasl_username=root"
 NAMES = [

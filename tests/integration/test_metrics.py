@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from relayproc import PASSWORD, RelayProcess
 from support.ports import free_port
 
+pytestmark = pytest.mark.slow
+
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:

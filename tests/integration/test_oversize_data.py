@@ -12,11 +12,14 @@ import socket
 import threading
 import time
 
+import pytest
 from relayproc import RelayProcess
 from smtpclient import RawClient
 from support.wait import wait_until
 
 from authrelay.smtpd.protocol import OVERSHOOT
+
+pytestmark = pytest.mark.slow
 
 MAX = 100_000
 

@@ -22,6 +22,8 @@ import pytest
 from relayproc import refuses
 from support import ci
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 

@@ -15,7 +15,7 @@ from relayproc import PASSWORD, RelayProcess
 from scalerig import PostgresServer
 from smtpclient import RawClient, client_ctx, plain
 
-pytestmark = pytest.mark.external
+pytestmark = [pytest.mark.external, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from authrelay.auth.pgusers import (
 )
 from authrelay.auth.userdb import UserDB
 
-pytestmark = pytest.mark.external
+pytestmark = [pytest.mark.external, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,8 @@ from support.privileges import TEST_USER, unprivileged_user
 from support.sessions import session_in_progress
 from support.wait import wait_until
 
+pytestmark = pytest.mark.slow
+
 
 def _started(r: RelayProcess, processes: int) -> None:
     wait_until(lambda: r.maillog().count("daemon=started") >= processes, what="started")

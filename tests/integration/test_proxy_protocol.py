@@ -21,6 +21,8 @@ from smtpclient import RawClient, client_ctx, plain
 
 from authrelay.smtpd.proxy import build_v1, build_v2
 
+pytestmark = pytest.mark.slow
+
 
 def proxied(port: int, header: bytes, *, tls: ssl.SSLContext | None = None,
             source: str = "127.0.0.1", tls_same_segment: bool = False) -> RawClient:

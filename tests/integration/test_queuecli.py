@@ -24,6 +24,8 @@ from authrelay.scheduler import control
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.store import Spool
 
+pytestmark = pytest.mark.slow
+
 BODY = b"From: a@a.example\r\nSubject: queue test\r\n\r\nhello\r\n"
 
 

@@ -16,6 +16,8 @@ from smtpclient import RawClient, client_ctx, plain
 from support import ci
 from support.ports import free_port
 
+pytestmark = pytest.mark.slow
+
 
 def _authed(relay: RelayProcess) -> RawClient:
     c = RawClient(relay.ports["submissions"], tls=client_ctx())

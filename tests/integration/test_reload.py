@@ -11,6 +11,8 @@ import pytest
 from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx, plain
 
+pytestmark = pytest.mark.slow
+
 
 def _submit(r: RelayProcess, subject: str) -> None:
     with RawClient(r.ports["submissions"], tls=client_ctx()) as c:

@@ -23,7 +23,7 @@ from scalerig import Farm
 from smtpclient import RawClient, client_ctx, plain
 from support.wait import wait_until
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.external]
+pytestmark = [pytest.mark.timeout(600), pytest.mark.external, pytest.mark.slow]
 
 MAX_FAIL_IP = 3
 MSGS_PER_HOUR = 6

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from relayproc import RelayProcess
 
+pytestmark = pytest.mark.slow
+
 
 class NotifySocket:
     def __init__(self, path: Path) -> None:

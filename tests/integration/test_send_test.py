@@ -4,7 +4,11 @@ printed; 1 when refused, 75 when nothing listens."""
 
 from __future__ import annotations
 
-from relayproc import PASSWORD, RelayProcess, free_port
+import pytest
+from relayproc import PASSWORD, RelayProcess
+from support.ports import free_port
+
+pytestmark = pytest.mark.slow
 
 
 def _send(r: RelayProcess, password: str, *extra: str):  # noqa: ANN202

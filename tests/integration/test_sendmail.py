@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from relayproc import RelayProcess
 
+pytestmark = pytest.mark.slow
+
 AUTHRELAY = f"{shlex.quote(sys.executable)} -m authrelay"
 
 

@@ -26,6 +26,8 @@ import pytest
 from relayproc import RelayProcess
 from support.wait import wait_until
 
+pytestmark = pytest.mark.slow
+
 MB = 1 << 20
 
 

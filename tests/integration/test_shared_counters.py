@@ -21,7 +21,7 @@ from support.wait import until
 from authrelay import maillog
 from authrelay.policy.shared import SharedCounters, redact_url
 
-pytestmark = pytest.mark.external
+pytestmark = [pytest.mark.external, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

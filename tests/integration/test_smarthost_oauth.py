@@ -273,6 +273,7 @@ async def test_token_refreshed_before_expiry_mid_queue(
     assert all(ok for _, _, ok in sh.oauth_attempts) and len(sh.messages) == 3
 
 
+@pytest.mark.slow
 async def test_short_lived_token_expires_and_is_replaced_in_real_time(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
         trustme_ca_file: Path, mlog: Any) -> None:

@@ -19,6 +19,8 @@ from authrelay.auth import passwords
 from authrelay.auth.authenticator import AuthResult, UserDBAuthenticator
 from authrelay.auth.userdb import UserDB
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def conf(tmp_path: Path) -> Path:

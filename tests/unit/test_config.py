@@ -42,6 +42,7 @@ def test_units() -> None:
     assert parse_size("20MB") == 20_000_000 and parse_size("1KiB") == 1024
 
 
+@pytest.mark.slow
 def test_file_and_check_config(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('hostname = "r.example"\n[limits]\nmax_message_size = "10MB"\n'
@@ -58,6 +59,7 @@ def test_file_and_check_config(tmp_path: Path) -> None:
     assert r.returncode == 0
 
 
+@pytest.mark.slow
 def test_config_option_after_the_command(tmp_path: Path) -> None:
     cfg = tmp_path / "a.toml"
     cfg.write_text(f'state_dir = "{tmp_path}/state"\n')

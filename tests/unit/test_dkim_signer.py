@@ -257,6 +257,7 @@ def test_streamed_relaxed_body_hash_equals_dkimpy(body: bytes, cuts: list[int]) 
     assert h.digest() == hashlib.sha256(_slow_relaxed(dkimpy_body)).digest()
 
 
+@pytest.mark.slow
 @given(st.lists(_PIECES, max_size=60).map(b"".join), st.lists(st.integers(0, 400)),
        st.sampled_from([b"\r\n", b"\n"]))
 @settings(max_examples=150, deadline=None)

@@ -264,6 +264,7 @@ def test_plain_any_bytes_either_parse_or_sasl_error(raw: bytes) -> None:
         assert ex.done and ex.username and ex.password
 
 
+@pytest.mark.slow
 @given(st.text(max_size=50))
 def test_any_line_either_parses_or_sasl_error(line: str) -> None:
     ex = SaslExchange("LOGIN", None)

@@ -352,6 +352,7 @@ async def test_newer_state_version_refused(spool: Spool) -> None:
         spool.load(qid)
 
 
+@pytest.mark.slow
 async def test_every_single_bit_flip_is_caught(spool: Spool) -> None:
     """Exhaustive: each bit of a whole queue file flipped in turn. Every flip is refused
     (CorruptError, or UnsupportedVersion when the version digit itself changes); none

@@ -487,6 +487,7 @@ async def test_unreadable_db_is_tempfail(cdb: CountingDB) -> None:
         auth.close()
 
 
+@pytest.mark.slow
 async def test_backlog_is_bounded(cdb: CountingDB) -> None:
     cdb.add("alice", "pw")
     cdb.gate = threading.Event()
