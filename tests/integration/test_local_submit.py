@@ -237,3 +237,22 @@ def test_dropped_server_takes_mail_from_every_user(site: Path, workers: int) -> 
         assert all(p.stat().st_uid == pw.pw_uid for p in r.queued())
     finally:
         r.stop()
+
+
+def test_rate_limits_for_local_users(site: Path) -> None:
+    """user_messages_per_hour holds for a local user (75 past it, nothing queued);
+    trusted users (root) are exempt."""
+    r = RelayProcess(site, {"limits": {"user_messages_per_hour": 1}})
+    os.chmod(r.config, 0o644)
+    r.start()
+    try:
+        assert sendmail(r, "bob@remote.example", stdin=MSG, user="nobody").returncode == 0
+        res = sendmail(r, "bob@remote.example", stdin=MSG, user="nobody")
+        assert res.returncode == 75 and b"message rate limit reached (1 per hour)" in \
+            res.stderr, res.stderr
+        for _ in range(2):
+            assert sendmail(r, "bob@remote.example", stdin=MSG).returncode == 0
+        assert len(r.queued()) == 3
+        r.wait_for(lambda: "local submission refused: message rate limit" in r.maillog())
+    finally:
+        r.stop()
