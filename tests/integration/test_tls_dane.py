@@ -28,6 +28,7 @@ from fakes.smtpserver import FakeSMTPServer
 from support.maillog import ListLog
 from support.ports import common_free_port
 from test_delivery import MSG, envelope
+from test_tls_mtasts import POLICY_HOST
 
 from authrelay.config import from_dict
 from authrelay.delivery.client import Courier
@@ -122,6 +123,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             records.append(f"_{port}._tcp.{host} IN TLSA {tlsa[host]}")
     # The TA host under two more names: one its certificate carries (SHA-512 of the
     # anchor's key), one it does not (DANE-TA checks the name: RFC 7672 3.2.2).
+    # Both DANE and MTA-STS for ee.dane.test: DANE wins (RFC 8461 2), the policy server
+    # is never asked. sts.plain.test: unsigned, with MTA-STS: the fallback.
+    records += ["_mta-sts.ee IN TXT \"v=STSv1; id=1\"", f"mta-sts.ee IN A {POLICY_HOST}"]
     records += ["bogusmx IN MX 10 mx-ee",  # signed, then its MX RRset forged
                 "ta512 IN MX 10 mx-ta512", "mx-ta512 IN A 127.0.0.3",
                 f"_{port}._tcp.mx-ta512 IN TLSA 2 1 2 "
@@ -129,7 +133,11 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
                 "taname IN MX 10 mx-taname", "mx-taname IN A 127.0.0.3",
                 f"_{port}._tcp.mx-taname IN TLSA {tlsa['mx-ta']}"]
     dns_rig = DnssecRig(tmp_path_factory.mktemp("dnssec"), "dane.test", records,
-                        insecure={"plain.test": ["@ IN MX 10 mx", "mx IN A 127.0.0.6"]},
+                        insecure={"plain.test": [
+                            "@ IN MX 10 mx", "mx IN A 127.0.0.6",
+                            "sts IN MX 10 mx-notlsa.dane.test.",
+                            "_mta-sts.sts IN TXT \"v=STSv1; id=1\"",
+                            f"mta-sts.sts IN A {POLICY_HOST}"]},
                         tamper=[f"_{port}._tcp.mx-bogus.dane.test.", "bogusmx.dane.test."])
     servers: dict[str, FakeSMTPServer] = {}
     try:
@@ -261,3 +269,30 @@ def test_tls_policy_command(tmp_path: Path, rig: Rig) -> None:
     assert rig.mx["mx-ee"].connections == before  # nothing connected
     r = run("bogus.dane.test")
     assert r.returncode == 1 and "mx-bogus.dane.test  skipped: 451 4.7.5 TLSA lookup" in r.stdout
+
+
+async def test_dane_wins_over_mta_sts(tmp_path: Path, rig: Rig, trustme_ca: trustme.CA,
+                                      trustme_ca_file: Path) -> None:
+    """RFC 8461 2: a domain with usable DANE TLSA records gets DANE even when it also
+    publishes MTA-STS (here an enforce policy naming no MX of it); an unsigned domain
+    with MTA-STS gets MTA-STS (DANE's fallback)."""
+    from fakes.policyserver import PolicyServer
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme_ca.issue_cert("mta-sts.ee.dane.test", "mta-sts.sts.plain.test").configure_cert(ctx)
+    https = PolicyServer(ctx, POLICY_HOST).start()
+    try:
+        https.policies["mta-sts.ee.dane.test"] = \
+            "version: STSv1\nmode: enforce\nmx: nothing.example\nmax_age: 600\n"
+        https.policies["mta-sts.sts.plain.test"] = \
+            "version: STSv1\nmode: testing\nmx: mx-notlsa.dane.test\nmax_age: 600\n"
+        res, _ = await rig.deliver(tmp_path, "ee.dane.test", tls_ca_file=str(trustme_ca_file))
+        assert res.ok and (res.tls, res.tls_policy) == ("verified", "dane")
+        assert https.requests == []
+        res, log = await rig.deliver(tmp_path, "sts.plain.test",
+                                     tls_ca_file=str(trustme_ca_file))
+        assert res.ok and (res.tls, res.tls_policy) == ("untrusted", "mta-sts"), res
+        assert https.requests == [("mta-sts.sts.plain.test", "/.well-known/mta-sts.txt")]
+        assert log.grep("status=TLS policy failed", "delivered anyway (MTA-STS testing)")
+    finally:
+        https.stop()
