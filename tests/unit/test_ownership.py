@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dkim
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from authrelay.dkim.signer import from_domain
 from authrelay.policy.ownership import Owner, header_verdict, may_send_as, normalize
 
 OWNED = {"bob@other.test"}
@@ -68,3 +72,27 @@ def test_normalize() -> None:
     assert normalize('"Bob"@Other.Test.') == "bob@other.test"
     assert normalize("x@b\u00fccher.test") == "x@xn--bcher-kva.test"
     assert normalize("no-at-sign") == ""
+
+
+_PARTS = st.sampled_from([
+    b"From: ", b"Sender: ", b"From : ", b"X: ", b"\r\n", b"\r\n ", b" ", b"<", b">", b'"',
+    b"\\", b",", b";", b"g:", b"(", b")", b"=?utf-8?q?", b"?=", b"[", b"]", b"@", b".",
+    b"bob@other.test", b"ceo@probe.test", b"BOB@Other.Test", b"bob", b"probe.test",
+    b"\xc3\xa9", b"\xff"])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(_PARTS, max_size=30).map(b"".join))
+def test_owned_means_the_signer_never_picks_another_domain(head: bytes) -> None:
+    """Whatever the header, the verdict never raises, and when it says "owned" the DKIM
+    signer's own reading (dkimpy's header split, its From: domain) is bob's domain or
+    none: the two parsers cannot be played against each other."""
+    msg = head + b"\r\n\r\nbody\r\n"
+    if header_verdict(msg, "bob", OWNED):
+        return
+    try:
+        d = dkim.DKIM(msg, linesep=b"\r\n")
+    except dkim.MessageFormatError:
+        return
+    domain, _why = from_domain(d.headers)
+    assert domain in (None, "other.test"), (msg, domain)
