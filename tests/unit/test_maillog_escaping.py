@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import ci
 
 from authrelay import maillog
@@ -198,3 +200,29 @@ def test_every_event_is_tried_with_hostile_values() -> None:
               if not n.startswith("_")}
     missing = {n for n in events - NO_CLIENT_VALUE if f"m.{n}(" not in src}
     assert not missing, missing
+
+
+_ESC = re.compile(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")
+
+
+def unescape(text: str) -> str:
+    """README's recipe: drop the quotes, replace each escape by its character."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    return _ESC.sub(lambda m: chr(int(m[1][1:], 16)), text)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet=st.characters(codec=None), max_size=40))
+def test_escape_is_one_printable_field_and_reversible(s: str) -> None:
+    v = escape(s)
+    assert v.isprintable() and "\\n" not in v and "\\r" not in v
+    if v.startswith('"'):
+        assert v.endswith('"') and '"' not in v[1:-1] and "[" not in v and "]" not in v
+    else:
+        assert not any(c in v for c in ' ,="')
+    assert unescape(v) == s
+    for context in ("text", "token", "json"):
+        e = escape(s, context)
+        assert e.isprintable() and unescape(e) == s
+        assert context != "token" or not any(c in e for c in ' ,=[]"')
