@@ -1,6 +1,7 @@
 """docs/SCALING.md's HAProxy configuration, as printed, runs: HAProxy starts with it (ports
 and addresses moved to loopback, the stats socket to a temporary directory), checks a node
-by `GET /health` (UP; a node that is not there: DOWN), and the drain procedure's command
+by `GET /health` (UP; a node that is not there: DOWN; its PostgreSQL stopped: DOWN there
+but UP in the fallback backend, which then serves), and the drain procedure's command
 works on its admin socket."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from relayproc import RelayProcess
-from scalerig import _terminate, _wait_port, need
+from scalerig import PostgresServer, _terminate, _wait_port, need
 from support.ports import free_port
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]
@@ -52,10 +53,28 @@ def status(sock: Path) -> dict[tuple[str, str], str]:
     return out
 
 
+def _wait_status(sock: Path, want: dict[tuple[str, str], str], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        st = status(sock)
+        if all(st.get(k) == v for k, v in want.items()):
+            return
+        assert time.monotonic() < deadline, (st, log.read_text())
+        time.sleep(0.2)
+
+
+def _greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        return c.recv(512)
+
+
 def test_documented_haproxy_config_runs(tmp_path: Path) -> None:
     binary = need("haproxy", shutil.which("haproxy"))
+    pg = PostgresServer()
     mport = free_port()
-    node = RelayProcess(tmp_path, {"metrics": {"address": f"127.0.0.1:{mport}"}})
+    node = RelayProcess(tmp_path, {"metrics": {"address": f"127.0.0.1:{mport}"},
+                                   "auth": {"backend": "postgresql", "dsn": pg.dsn}},
+                        users={})
     node.start()
     d = Path(tempfile.mkdtemp(prefix="authrelay-haproxy-doc-"))
     proc = None
@@ -84,18 +103,20 @@ def test_documented_haproxy_config_runs(tmp_path: Path) -> None:
                                     stderr=subprocess.STDOUT)
         _wait_port("127.0.0.1", fe["587"], proc, log)
         sock = d / "admin.sock"
-        deadline = time.monotonic() + 30
-        want = {("submission_nodes", "relay1"): "UP", ("submission_nodes", "relay2"): "DOWN",
-                ("submissions_nodes", "relay1"): "UP"}
-        while True:
-            st = status(sock)
-            if all(st.get(k) == v for k, v in want.items()):
-                break
-            assert time.monotonic() < deadline, (st, log.read_text())
-            time.sleep(0.2)
+        _wait_status(sock, {("submission_nodes", "relay1"): "UP",
+                            ("submission_nodes", "relay2"): "DOWN",
+                            ("submissions_nodes", "relay1"): "UP",
+                            ("submission_any", "relay1"): "UP"}, log)
         # Through HAProxy to the node: its greeting.
-        with socket.create_connection(("127.0.0.1", fe["587"]), timeout=10) as c:
-            assert c.recv(512).startswith(b"220 ")
+        assert _greeting(fe["587"]).startswith(b"220 ")
+        # The database down for the whole farm: out of the full check, still in the
+        # fallback backend, so clients (the cached users) still reach the node.
+        pg.stop()
+        _wait_status(sock, {("submission_nodes", "relay1"): "DOWN",
+                            ("submission_any", "relay1"): "UP"}, log)
+        assert _greeting(fe["587"]).startswith(b"220 ")
+        pg.start()
+        _wait_status(sock, {("submission_nodes", "relay1"): "UP"}, log)
         # The drain procedure's command (docs: "Draining a node").
         assert admin(sock, "set server submission_nodes/relay1 state drain").strip() == ""
         assert status(sock)[("submission_nodes", "relay1")] == "DRAIN"
@@ -108,6 +129,7 @@ def test_documented_haproxy_config_runs(tmp_path: Path) -> None:
     finally:
         _terminate(proc)
         node.stop()
+        pg.cleanup()
         shutil.rmtree(d, ignore_errors=True)
 
 
