@@ -490,6 +490,12 @@ def _check_dkim(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) -
         if not store.for_domain(d):
             out.append(Finding("warning", "dkim.domains", f"{d} has no key in "
                                f"{cfg.dkim_dir}: authrelay dkim keygen {d}"))
+    if store.all() and ":" in cfg.auth.backend and not cfg.dkim.sign_unowned:
+        # saslauthd / Dovecot know no addresses: a user owns only a login that is one.
+        out.append(Finding("note", "dkim.sign_unowned", f"with backend "
+                           f"{cfg.auth.backend.split(':', 1)[0]} a user owns only its login "
+                           "when that is an address: mail from other logins goes out "
+                           "unsigned (dkim=skipped); sign_unowned = true signs it anyway"))
     if cfg.dkim.sign_unowned:
         out.append(Finding("warning", "dkim.sign_unowned", "every authenticated user's mail "
                            "is signed whatever its From: says: any user can send as anyone "

@@ -312,3 +312,15 @@ def test_sign_unowned_warns(site: Path) -> None:
         "signed whatever its From: says" in r.stderr
     r = _cc(_write(site, {"tls": {"cert": str(cert), "key": str(key)}}))
     assert "sign_unowned" not in r.stderr
+
+
+def test_external_backend_with_keys_notes_unsigned_logins(site: Path) -> None:
+    cert, key = _cert(site)
+    cfg = _write(site, {"tls": {"cert": str(cert), "key": str(key)},
+                        "auth": {"backend": f"saslauthd:{site / 'mux'}"}})
+    subprocess.run([sys.executable, "-m", "authrelay", "-c", str(cfg), "dkim", "keygen",
+                    "example.test", "--algorithm", "ed25519"], check=True,
+                   capture_output=True, timeout=60)
+    r = _cc(cfg)
+    assert "note: dkim.sign_unowned: with backend saslauthd a user owns only its login " \
+        "when that is an address" in r.stdout, r.stdout + r.stderr
