@@ -17,15 +17,12 @@ import glob
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from support import ci
+from support import ci, daemons
 from support.ports import free_port
 
 
@@ -35,33 +32,6 @@ def need(what: str, path: str | None) -> str:
     assert path is not None
     return path
 
-
-
-def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM the process we started (by its PID), SIGKILL after 20 s."""
-    if proc is not None and proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes] | None, log: Path,
-               timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"exited ({proc.returncode}): "
-                               f"{log.read_text(errors='replace')[-2000:]}")
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{host}:{port} not listening: "
-                                   f"{log.read_text(errors='replace')[-2000:]}") from None
-            time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -149,6 +119,8 @@ class PostgresServer:
 class RedisServer:
     """redis-server on 127.0.0.1:PORT, no persistence, no password (loopback only)."""
 
+    what = "redis-server"
+
     def __init__(self) -> None:
         self.binary = need("redis-server", shutil.which("redis-server"))
         self.port = free_port()
@@ -168,11 +140,11 @@ class RedisServer:
              "--daemonize", "no", "--protected-mode", "yes"],
             stdout=logf, stderr=subprocess.STDOUT)
         logf.close()
-        _wait_port("127.0.0.1", self.port, self.proc, self.log)
+        daemons.wait_accepting(("127.0.0.1", self.port), self.proc, self.log, self.what)
         return self
 
     def stop(self) -> None:
-        _terminate(self.proc)
+        daemons.stop(self.proc)
         self.proc = None
 
     def cleanup(self) -> None:
@@ -185,6 +157,8 @@ class RedisSentinel:
     `master` under the service name SERVICE; quorum 1 (a test has one Sentinel)."""
 
     SERVICE = "authrelay"
+
+    what = "redis-sentinel"
 
     def __init__(self, master: RedisServer) -> None:
         self.binary = need("redis-server", shutil.which("redis-server"))
@@ -207,11 +181,11 @@ class RedisSentinel:
         self.proc = subprocess.Popen([self.binary, str(conf), "--sentinel"],
                                      stdout=logf, stderr=subprocess.STDOUT)
         logf.close()
-        _wait_port("127.0.0.1", self.port, self.proc, self.log)
+        daemons.wait_accepting(("127.0.0.1", self.port), self.proc, self.log, self.what)
         return self
 
     def stop(self) -> None:
-        _terminate(self.proc)
+        daemons.stop(self.proc)
         self.proc = None
 
     def cleanup(self) -> None:
@@ -232,6 +206,8 @@ class HAProxy:
     node given as (host, port, health port), else a plain TCP connect to the port. With an
     explicit check `port` HAProxy sends them without a PROXY header, and the nodes close
     such a connect-and-close silently."""
+
+    what = "haproxy"
 
     def __init__(self, frontends: dict[str, tuple[int, list[tuple[str, int]]]]
                  | dict[str, tuple[int, list[tuple[str, int, int]]]],
@@ -276,11 +252,11 @@ class HAProxy:
                                      stdout=logf, stderr=subprocess.STDOUT)
         logf.close()
         for port, _nodes in self.frontends.values():
-            _wait_port("127.0.0.1", port, self.proc, self.log)
+            daemons.wait_accepting(("127.0.0.1", port), self.proc, self.log, self.what)
         return self
 
     def stop(self) -> None:
-        _terminate(self.proc)
+        daemons.stop(self.proc)
         self.proc = None
 
     def cleanup(self) -> None:

@@ -5,8 +5,9 @@ real authrelay process, can talk to it). Options:
 
 - `starttls_context`: offer STARTTLS with this server context (trustme); `require_starttls`
 - `implicit_tls_context`: TLS from the first byte (port-465 style)
-- `users`: {"user": "password"}: AUTH PLAIN/LOGIN offered (after TLS) and required;
-  `auth_exclude`: mechanisms not to offer (e.g. ["PLAIN"] for a LOGIN-only server)
+- `users`: {"user": "password"}: AUTH PLAIN/LOGIN offered (after TLS) and required
+  (`auth_required=False`: offered, not required); `auth_exclude`: mechanisms not to
+  offer (e.g. ["PLAIN"] for a LOGIN-only server)
 - `greeting`: e.g. "421 4.3.2 busy": sent instead of 220, then the connection is closed
 - `mail_reply`, `data_reply`: a reply to give instead of 250
 - `rcpt_replies`: {"address": "550 5.1.1 no such user"}: per-recipient refusals
@@ -170,6 +171,7 @@ class FakeSMTPServer:
                  require_starttls: bool = False,
                  implicit_tls_context: ssl.SSLContext | None = None,
                  users: dict[str, str] | None = None,
+                 auth_required: bool = True,
                  auth_exclude: list[str] | None = None,
                  greeting: str | None = None,
                  mail_reply: str | None = None,
@@ -187,6 +189,7 @@ class FakeSMTPServer:
         self.require_starttls = require_starttls
         self.implicit_tls_context = implicit_tls_context
         self.users = users
+        self.auth_required = auth_required
         self.auth_exclude = ["CRAM-MD5", *(auth_exclude or [])]
         self.greeting = greeting
         self.mail_reply = mail_reply
@@ -258,7 +261,7 @@ class FakeSMTPServer:
                 _dummy_tls_context() if self.broken_starttls else None),
             require_starttls=self.require_starttls,
             authenticator=self._authenticator if auth else None,
-            auth_required=auth,
+            auth_required=auth and self.auth_required,
             # aiosmtpd only counts STARTTLS as TLS; on implicit TLS the link is TLS anyway.
             auth_require_tls=auth and self.implicit_tls_context is None,
             auth_exclude_mechanism=self.auth_exclude if auth else None,

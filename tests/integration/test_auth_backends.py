@@ -14,16 +14,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import ci
+from support import ci, daemons
 
 from authrelay.auth.authenticator import AuthResult, make_authenticator
 from authrelay.auth.backends import BackendUnavailable, DovecotBackend, SaslauthdBackend
@@ -37,39 +34,6 @@ USERS = {  # name -> password; "user@realm" is stored in sasldb under that realm
 }
 # A legacy password that is not UTF-8 (Latin-1 "café"): the backends get its exact bytes.
 LATIN1_USER, LATIN1_PW = "carol", b"caf\xe9"
-
-
-def _wait_for_socket(path: Path, proc: subprocess.Popen, what: str, log: Path) -> None:
-    """Start-up wait (not an assertion on timing): until the socket accepts."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited {proc.returncode}: {log.read_text()[-2000:]}")
-        if path.exists():
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(str(path))
-                return
-            except OSError:
-                pass
-            finally:
-                s.close()
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not start: {log.read_text()[-2000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the daemon we started: its own process group (start_new_session)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 # ----------------------------------------------------------------------------- saslauthd
@@ -104,10 +68,10 @@ def saslauthd() -> Iterator[Path]:
                                  script], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_for_socket(mux / "mux", proc, "saslauthd", log)
+        daemons.wait_accepting(mux / "mux", proc, log, "saslauthd", timeout=20)
         yield mux / "mux"
     finally:
-        _stop(proc)
+        daemons.stop(proc, group=True, grace=10)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -216,10 +180,10 @@ def dovecot() -> Iterator[Path]:
                                 start_new_session=True)
     try:
         sock = tmp / "run" / "auth-client"
-        _wait_for_socket(sock, proc, "dovecot", log)
+        daemons.wait_accepting(sock, proc, log, "dovecot", timeout=20)
         yield sock
     finally:
-        _stop(proc)
+        daemons.stop(proc, group=True, grace=10)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

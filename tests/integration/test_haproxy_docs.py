@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from relayproc import RelayProcess
-from scalerig import PostgresServer, _terminate, _wait_port, need
+from scalerig import PostgresServer, need
+from support import daemons
 from support.ports import free_port
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]
@@ -101,7 +102,7 @@ def test_documented_haproxy_config_runs(tmp_path: Path) -> None:
         with open(log, "ab") as logf:
             proc = subprocess.Popen([binary, "-db", "-f", str(conf)], stdout=logf,
                                     stderr=subprocess.STDOUT)
-        _wait_port("127.0.0.1", fe["587"], proc, log)
+        daemons.wait_accepting(("127.0.0.1", fe["587"]), proc, log, "haproxy")
         sock = d / "admin.sock"
         _wait_status(sock, {("submission_nodes", "relay1"): "UP",
                             ("submission_nodes", "relay2"): "DOWN",
@@ -127,7 +128,7 @@ def test_documented_haproxy_config_runs(tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.2)
     finally:
-        _terminate(proc)
+        daemons.stop(proc)
         node.stop()
         pg.cleanup()
         shutil.rmtree(d, ignore_errors=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from relayproc import refuses
-from support import ci
+from support import ci, daemons
 
 pytestmark = pytest.mark.slow
 
@@ -151,16 +150,6 @@ def _wait_ports(p: subprocess.Popen[bytes], ports: tuple[int, ...], cfg: Path) -
             time.sleep(0.2)
 
 
-def _stop(p: subprocess.Popen[bytes]) -> None:
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(30)
-
-
 def _on_pty(cmd: list[str], cwd: Path, env: dict[str, str], answers: list[str]
             ) -> tuple[int, str]:
     """Run `cmd` with a pseudo-terminal as its controlling terminal; answer each password
@@ -213,7 +202,7 @@ def test_readme_first_steps_verbatim_after_run_sh(checkout: Path) -> None:
     try:
         _wait_ports(p, ports, checkout / "authrelay.toml")
     finally:
-        _stop(p)
+        daemons.stop(p, group=True, grace=60)
     cfg = (checkout / "authrelay.toml").read_text()
     assert f'state_dir = "{checkout}/var"' in cfg
     # Only loopback traffic in tests: the message of the README goes to example.net, so
@@ -240,4 +229,4 @@ def test_readme_first_steps_verbatim_after_run_sh(checkout: Path) -> None:
         assert "250 2.0.0 Ok: queued as" in out  # send-test: accepted and queued
         assert "alice@example.org" in out  # `authrelay queue` shows it
     finally:
-        _stop(p)
+        daemons.stop(p, group=True, grace=60)
