@@ -277,3 +277,66 @@ def test_redis_stopped_nodes_keep_serving_on_local_counters(farm: Farm) -> None:
         r.wait_for(lambda r=r: "counting in Redis" in r.maillog(), 30)
     got = through_both(farm, lambda c: c.auth("rena", "rena-pw"), "127.0.0.62")
     assert all(r.startswith("235") for _, r in got), got
+
+
+def test_cached_users_ride_out_a_postgresql_stop_under_load(farm: Farm) -> None:
+    """Logins of a cached user on both nodes (B: forked workers) while PostgreSQL stops
+    and starts again: every one is 235. Before the fix about 1 in 1000 got 454 through
+    asyncpg's InternalClientError ("cannot switch to state 12; another operation (2) is
+    in progress") from a pooled connection left mid-operation. Straight to the nodes with
+    a PROXY header: the rig's HAProxy takes them out while the database is down."""
+    add_user(farm, "cachy", "cachy-pw")
+    results: dict[tuple[str, str], int] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker(node: str, i: int) -> None:
+        r = farm.nodes[node]
+        while not stop.is_set():
+            try:
+                s = socket.create_connection(("127.0.0.1", r.ports["submission"]), timeout=20)
+                s.sendall(f"PROXY TCP4 127.0.1.{i} 127.0.0.1 {40000 + i} 587\r\n".encode())
+                c = RawClient.__new__(RawClient)
+                c.buf, c.sock = b"", s
+                c.reply()
+                c.cmd("EHLO x")
+                c.cmd("STARTTLS")
+                c.starttls(client_ctx())
+                c.cmd("EHLO x")
+                got = str(c.cmd(f"AUTH PLAIN {plain('cachy', 'cachy-pw')}").code)
+                c.cmd("QUIT")
+                c.close()
+            except OSError as e:
+                got = type(e).__name__
+            with lock:
+                results[(node, got)] = results.get((node, got), 0) + 1
+
+    threads = [threading.Thread(target=worker, args=(n, i)) for n in ("a", "b")
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: sum(v for (_, code), v in results.items() if code == "235") > 50,
+                   timeout=30)
+        assert farm.pg is not None
+
+        def total() -> int:
+            with lock:
+                return sum(results.values())
+        farm.pg.stop("fast")
+        # Logins go on against a database that is gone: both nodes notice, and a few
+        # hundred more logins are answered meanwhile.
+        wait_until(lambda: all("user database unreachable" in r.maillog()
+                               for r in farm.nodes.values()), timeout=30)
+        n = total()
+        wait_until(lambda: total() > n + 300, timeout=60)
+        farm.pg.start()
+        wait_until(lambda: all("user database reachable again" in r.maillog()
+                               for r in farm.nodes.values()), timeout=30)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert {code for _, code in results} == {"235"}, results
+    for r in farm.nodes.values():
+        assert "InternalClientError" not in r.maillog()
