@@ -30,4 +30,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test,scale]'
 .venv/bin/ruff check src tests bench
+.venv/bin/mypy  # strict on the package ([tool.mypy] in pyproject.toml)
 exec .venv/bin/python -m pytest -q -rs "$@"  # -rs: every skip is listed with its reason

@@ -36,6 +36,7 @@ import pwd
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -602,15 +603,15 @@ def check(cfg: Config) -> list[Finding]:
         pw = _user(cfg, out)
     except Exception as e:  # a check must never turn into a traceback
         out.append(Finding("error", "user", f"cannot check: {e}"))
-    for step in (_check_listeners, _check_tls, _check_backend, _check_scale, _check_files,
-                 _check_privileged_split, _check_dkim, _check_outbound_tls,
-                 _check_smart_hosts, _check_operation):
+    steps: list[Callable[[], None]] = [
+        lambda: _check_listeners(cfg, out), lambda: _check_tls(cfg, pw, out),
+        lambda: _check_backend(cfg, out), lambda: _check_scale(cfg, out),
+        lambda: _check_files(cfg, pw, out), lambda: _check_privileged_split(cfg, pw, out),
+        lambda: _check_dkim(cfg, pw, out), lambda: _check_outbound_tls(cfg, out),
+        lambda: _check_smart_hosts(cfg, out), lambda: _check_operation(cfg, out)]
+    for step in steps:
         try:
-            if step in (_check_listeners, _check_backend, _check_scale, _check_outbound_tls,
-                        _check_smart_hosts, _check_operation):
-                step(cfg, out)  # type: ignore[call-arg]
-            else:
-                step(cfg, pw, out)  # type: ignore[call-arg]
+            step()
         except Exception as e:
             out.append(Finding("error", "", f"check failed: {type(e).__name__}: {e}"))
     return out
@@ -646,7 +647,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cc = sub.add_parser("check-config", help="check a config file and everything serve "
                         "would trip on (certificate, ports, user, sockets)")
     cc.add_argument("file", nargs="?", help="config file (default: the usual lookup)")

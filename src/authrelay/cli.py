@@ -45,18 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"authrelay {version_string()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for modname in _AREAS:
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError:
-            continue  # an area not built yet must not break the others
-        reg = getattr(mod, "register", None)
-        if reg is not None:
-            reg(sub)
+        # Every area is part of the package: one that fails to import is a bug, and it
+        # says so with its traceback rather than leaving its commands unknown.
+        importlib.import_module(modname).register(sub)
     _config_option_everywhere(sub)
     return p
 
 
-def _config_option_everywhere(sub: argparse._SubParsersAction) -> None:
+def _config_option_everywhere(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Accept -c/--config after the command too (`authrelay serve -c FILE`, `authrelay
     user add alice -c FILE`): people type it there as often as before it."""
     for parser in set(sub.choices.values()):

@@ -39,6 +39,7 @@ import socket
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -56,6 +57,7 @@ from authrelay.smtpd.server import Listener, SMTPServer, bind
 from authrelay.spool.store import Spool
 from authrelay.tls import PEM, CertStore, TLSConfigError, ensure_certificate, read_pem
 
+uvloop: types.ModuleType | None
 try:  # a dependency everywhere but Windows (pyproject.toml); asyncio's loop without it
     import uvloop
 except ImportError:  # pragma: no cover - depends on the platform
@@ -766,7 +768,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the relay (listeners, queue, delivery)")
     p.add_argument("--log-format", choices=("text", "json"), help="maillog format")
     p.add_argument("--workers", type=int, help="receiving processes (0: one per core)")

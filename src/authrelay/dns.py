@@ -63,8 +63,8 @@ def _parse_nameserver(spec: str) -> tuple[str, int]:
         port = int(rest[1:]) if rest.startswith(":") else 53
         return host, port
     if s.count(":") == 1:
-        host, port = s.split(":")
-        return host, int(port)
+        host, _, port_text = s.partition(":")
+        return host, int(port_text)
     return s, 53  # bare IPv4 or bare IPv6 without port
 
 
@@ -189,7 +189,8 @@ class Resolver:
         except (DnsPermanent, DnsNoData):
             return None
         for rr in ans:
-            return rr.target.to_text(omit_final_dot=True)
+            name: str = rr.target.to_text(omit_final_dot=True)
+            return name
         return None
 
     async def txt(self, name: str) -> list[str]:

@@ -846,8 +846,8 @@ def read_sasldb(path: Path) -> list[SaslEntry]:
             continue  # a damaged record: nothing we could import from it
         if len(key) != 3:
             continue
-        e = users.setdefault((key[0], key[1]), SaslEntry(key[0], key[1]))
-        e.props[key[2].decode("latin-1")] = value
+        entry = users.setdefault((key[0], key[1]), SaslEntry(key[0], key[1]))
+        entry.props[key[2].decode("latin-1")] = value
     return list(users.values())
 
 
@@ -955,7 +955,7 @@ def _import_mc(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("import", help="import a sendmail.mc or a Cyrus sasldb2")
     s = p.add_subparsers(dest="import_command", metavar="WHAT", required=True)
     m = s.add_parser("sendmail-mc", help="print the authrelay.toml equivalent of a sendmail.mc")

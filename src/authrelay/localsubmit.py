@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -205,7 +206,7 @@ class LocalSubmission:
             self._active[uid] += 1
             fut = loop.run_in_executor(self._pool, self._handle, conn, uid)
             self._pending.add(fut)
-            fut.add_done_callback(lambda f, uid=uid: self._done(f, uid))
+            fut.add_done_callback(functools.partial(self._done, uid=uid))
 
     def _done(self, fut: asyncio.Future[None], uid: int) -> None:
         self._pending.discard(fut)
@@ -278,7 +279,7 @@ class LocalSubmission:
 def _peer_uid(conn: socket.socket) -> int:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+    return int(uid)
 
 
 def _answer(conn: socket.socket, resp: dict[str, Any]) -> None:

@@ -59,7 +59,7 @@ def _use_dir(path: Path) -> None:
 
     # The value class is chosen when prometheus_client is imported: choose again now that
     # the environment says multiprocess (covers an import before prepare()).
-    values.ValueClass = values.get_value_class()
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 def prepare(cfg: Config) -> None:
@@ -192,7 +192,7 @@ class Metrics:
         except ValueError:
             pass  # a host name: left to the operator
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=os.environ[ENV])
+        MultiProcessCollector(registry, path=os.environ[ENV])  # type: ignore[no-untyped-call]
         registry.register(_QueueCollector(scheduler, spool))
         if health is not None:
             registry.register(_DependencyCollector(health))

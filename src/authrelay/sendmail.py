@@ -40,7 +40,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 # Everything is imported up front: after switching to the spool owner the Python install
 # (e.g. under /root) may no longer be readable, so no lazy imports past that point.
@@ -213,7 +213,13 @@ def _option(o: Options, c: str, val: str) -> None:
 _HEADER = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
 
-def _lines(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
+class LineReader(Protocol):
+    """What a message is read from: stdin, or the local socket's frames (localsubmit.py)."""
+
+    def readline(self, limit: int = -1, /) -> bytes: ...
+
+
+def _lines(stream: LineReader, ignore_dots: bool) -> Iterator[bytes]:
     """Message lines with CRLF line ends; stops at a lone '.' unless -i."""
     while True:
         line = stream.readline(65536)
@@ -336,7 +342,7 @@ def _envelope_sender(opts_sender: str | None, who: Identity, cfg: Config) -> str
     return sender
 
 
-def submit(opts: Options, stdin: BinaryIO, cfg: Config, who: Identity, *,
+def submit(opts: Options, stdin: LineReader, cfg: Config, who: Identity, *,
            submitter: Submitter | None = None,
            check: Callable[[Envelope], None] | None = None) -> str:
     """Queue one message from `who`; returns its queue id. Raises Fail. `submitter`: the
@@ -381,7 +387,12 @@ def submit(opts: Options, stdin: BinaryIO, cfg: Config, who: Identity, *,
             if name in ("bcc", "resent-bcc"):
                 drop.update(range(start, end))  # RFC 5322 3.6.3: Bcc is not passed on
     seen: set[str] = set()
-    rcpts = [r for r in rcpts if not (r.lower() in seen or seen.add(r.lower()))]
+    unique: list[str] = []
+    for r in rcpts:  # the first of each, in order
+        if r.lower() not in seen:
+            seen.add(r.lower())
+            unique.append(r)
+    rcpts = unique
     if not rcpts:
         raise Fail(EX_USAGE, "no recipients (give them as arguments, or use -t)")
     rcpts = _expand(cfg, rcpts)
@@ -704,7 +715,7 @@ def _cmd(args: argparse.Namespace) -> int:
     return main(list(args.args), config=args.config)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     # Reached as `authrelay -c FILE sendmail ...`; plain `authrelay sendmail ...` and a
     # /usr/sbin/sendmail link are handed to main() before argparse (cli.py).
     p = sub.add_parser("sendmail", help="queue a message from stdin (/usr/sbin/sendmail "

@@ -213,7 +213,7 @@ def _cmd_cert_make(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("cert", help="TLS certificates")
     s = p.add_subparsers(dest="cert_command", metavar="ACTION", required=True)
     m = s.add_parser("make", help="make a self-signed ECDSA P-256 certificate and key")

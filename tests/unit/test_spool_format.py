@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -42,12 +43,38 @@ def _env(*rcpts: str) -> Envelope:
                     recipients=[Recipient(address=r) for r in rcpts or ("b@example.net",)])
 
 
+class Whole:
+    """A MessageSigner (spool/writer.py) over a function of the whole message."""
+
+    def __init__(self, fn: Callable[[bytes], bytes | None]) -> None:
+        self.fn = fn
+
+    def sign_stream(self, chunks: Iterable[bytes]) -> bytes | None:
+        return self.fn(b"".join(chunks))
+
+    def skip(self, reason: str) -> None:
+        pass
+
+
+class WholeSigner:
+    """The accept path's Signer (spool/submit.py) over the same function."""
+
+    def __init__(self, fn: Callable[[bytes], bytes | None]) -> None:
+        self.fn = fn
+
+    def bind(self, queue_id: str, owner: object = None) -> Whole:
+        return Whole(self.fn)
+
+    def reload(self, cfg: object) -> None:
+        pass
+
+
 async def _put(spool: Spool, data: bytes, prepend: bytes = b"", signer=None) -> str:
     inc = spool.begin(_env())
     for i in range(0, len(data), 65536):
         inc.write(data[i:i + 65536])
     inc.prepend = prepend
-    inc.signer = signer
+    inc.signer = Whole(signer) if signer is not None else None
     await inc.commit()
     return inc.queue_id
 
@@ -91,14 +118,14 @@ async def test_signer_lines_are_prepended(spool: Spool, data: bytes) -> None:
 async def test_signer_failure_leaves_message_unsigned(spool: Spool) -> None:
     inc = spool.begin(_env())
     inc.write(MSG)
-    inc.signer = lambda m: 1 / 0  # type: ignore[assignment,return-value]
+    inc.signer = Whole(lambda m: 1 / 0)  # type: ignore[arg-type,return-value]
     await inc.commit()
     assert "ZeroDivisionError" in inc.sign_error
     path, off = spool.body_path(inc.queue_id)
     assert path.read_bytes()[off:] == MSG
     inc2 = spool.begin(_env())  # too big for a streamed file's slot: unsigned, kept
     inc2.write(BIG)
-    inc2.signer = lambda m: b"X-Big: " + b"x" * fmt.PREPEND_SLOT
+    inc2.signer = Whole(lambda m: b"X-Big: " + b"x" * fmt.PREPEND_SLOT)
     await inc2.commit()
     assert "does not fit" in inc2.sign_error
     spool.verify(inc2.queue_id)
@@ -302,7 +329,7 @@ async def test_submit_calls_signer_for_originated_mail_only(spool: Spool,
         seen.append(message)
         return b"DKIM-Signature: v=1; d=example.org; b=x"
 
-    sub = Submitter(spool, _cfg(tmp_path), signer=signer)
+    sub = Submitter(spool, _cfg(tmp_path), signer=WholeSigner(signer))
     cases = {"auth": dict(auth_user="alice"), "inbound": {}, "sendmail": dict(
         listener="sendmail", protocol="local"), "bounce": dict(is_bounce=True, sender="")}
     signed = {}

@@ -23,9 +23,14 @@ import asyncio
 import base64
 import os
 import struct
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 SERVICE = "smtp"
 _MAX_LINE = 16384  # a Dovecot line we accept; longer is garbage
+
+
+T = TypeVar("T")
 
 
 class BackendUnavailable(Exception):
@@ -39,6 +44,26 @@ def _counted(s: str | bytes) -> bytes:
     if len(raw) > 0xFFFF:
         raise ValueError("field too long for saslauthd")
     return struct.pack(">H", len(raw)) + raw
+
+
+async def _exchange(name: str, path: str, timeout: float,
+                    talk: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                   Awaitable[T]], *, limit: int = 1 << 16) -> T:
+    """One request on a fresh connection to the unix socket `path`, within `timeout`:
+    `talk(reader, writer)` says what; the connection is closed whatever happens. No
+    answer in time, a refused or reset connection, a short read: BackendUnavailable."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(path, limit=limit)
+            try:
+                return await talk(reader, writer)
+            finally:
+                writer.close()
+    except TimeoutError:
+        raise BackendUnavailable(f"{name} {path}: no answer in {timeout:g}s") from None
+    except (OSError, asyncio.IncompleteReadError, EOFError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise BackendUnavailable(f"{name} {path}: {type(e).__name__}: {why}") from None
 
 
 class SaslauthdBackend:
@@ -63,22 +88,14 @@ class SaslauthdBackend:
                        + _counted(realm))
         except ValueError:
             return False  # a 64 KiB user name is not a user
-        try:
-            async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_unix_connection(self.path)
-                try:
-                    writer.write(request)
-                    await writer.drain()
-                    size = struct.unpack(">H", await reader.readexactly(2))[0]
-                    answer = await reader.readexactly(size)
-                finally:
-                    writer.close()
-        except TimeoutError:
-            raise BackendUnavailable(f"saslauthd {self.path}: no answer in "
-                                     f"{self.timeout:g}s") from None
-        except (OSError, asyncio.IncompleteReadError, EOFError) as e:
-            raise BackendUnavailable(f"saslauthd {self.path}: {type(e).__name__}: "
-                                     f"{getattr(e, 'strerror', None) or e}") from None
+
+        async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+            writer.write(request)
+            await writer.drain()
+            size = struct.unpack(">H", await reader.readexactly(2))[0]
+            return await reader.readexactly(size)
+
+        answer = await _exchange("saslauthd", self.path, self.timeout, talk)
         if answer.startswith(b"OK"):
             return True
         if answer.startswith(b"NO"):
@@ -104,32 +121,24 @@ class DovecotBackend:
         resp = base64.b64encode(b"\0" + username.encode("utf-8", "surrogateescape") + b"\0"
                                 + (password if isinstance(password, bytes)
                                    else password.encode("utf-8", "surrogateescape")))
-        try:
-            async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_unix_connection(self.path,
-                                                                    limit=_MAX_LINE)
-                try:
-                    writer.write(f"VERSION\t1\t2\nCPID\t{os.getpid()}\n".encode())
-                    await self._handshake(reader)
-                    # secured: the SMTP layer only offers AUTH over TLS (or it is the
-                    # admin's explicit choice), so Dovecot's disable_plaintext_auth must
-                    # not refuse it. no-penalty: our own throttle counts failures; one
-                    # penalty for every user behind this relay's single IP would be wrong.
-                    writer.write(f"AUTH\t{req_id}\tPLAIN\tservice={self.service}\tsecured"
-                                 f"\tno-penalty\tresp={resp.decode()}\n".encode())
-                    await writer.drain()
-                    while True:
-                        fields = await self._line(reader)
-                        if len(fields) >= 2 and fields[1] == req_id:
-                            break
-                finally:
-                    writer.close()
-        except TimeoutError:
-            raise BackendUnavailable(f"dovecot {self.path}: no answer in "
-                                     f"{self.timeout:g}s") from None
-        except (OSError, asyncio.IncompleteReadError, EOFError) as e:
-            raise BackendUnavailable(f"dovecot {self.path}: {type(e).__name__}: "
-                                     f"{getattr(e, 'strerror', None) or e}") from None
+
+        async def talk(reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> list[str]:
+            writer.write(f"VERSION\t1\t2\nCPID\t{os.getpid()}\n".encode())
+            await self._handshake(reader)
+            # secured: the SMTP layer only offers AUTH over TLS (or it is the admin's
+            # explicit choice), so Dovecot's disable_plaintext_auth must not refuse it.
+            # no-penalty: our own throttle counts failures; one penalty for every user
+            # behind this relay's single IP would be wrong.
+            writer.write(f"AUTH\t{req_id}\tPLAIN\tservice={self.service}\tsecured"
+                         f"\tno-penalty\tresp={resp.decode()}\n".encode())
+            await writer.drain()
+            while True:
+                fields = await self._line(reader)
+                if len(fields) >= 2 and fields[1] == req_id:
+                    return fields
+
+        fields = await _exchange("dovecot", self.path, self.timeout, talk, limit=_MAX_LINE)
         verb, params = fields[0], fields[2:]
         if verb == "OK":
             return True

@@ -30,6 +30,7 @@ it is back.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import time
@@ -57,7 +58,7 @@ from authrelay.auth.userdb import (
     UserStore,
     implicit_address,
 )
-from authrelay.policy.suspensions import Suspension
+from authrelay.policy.containment import Suspension
 
 if TYPE_CHECKING:
     from authrelay.config import Config
@@ -495,10 +496,10 @@ class PgUserDB(UserStore):
     def get_hash(self, name: str) -> str | None:
         return self._call(self.store.lookup(name))[0]
 
-    def list(self) -> list[UserInfo]:
+    def list(self) -> builtins.list[UserInfo]:
         return self._call(self.store.list())
 
-    def app_passwords(self, name: str) -> list[AppPassword]:
+    def app_passwords(self, name: str) -> builtins.list[AppPassword]:
         return self._call(self.store.app_passwords(name))
 
     def app_password(self, name: str, selector: str) -> AppPassword | None:

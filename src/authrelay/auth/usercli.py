@@ -23,14 +23,18 @@ import os
 import re
 import sqlite3
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from authrelay import clientsetup
 from authrelay.auth import apppasswords
 from authrelay.auth.apppasswords import AppPasswordError
+from authrelay.auth.pgusers import PgUserDB
 from authrelay.auth.userdb import UserDB, UserDBError, UserStore
 from authrelay.config import load
+from authrelay.policy.containment import Suspension
+from authrelay.policy.suspensions import make_state
 
 
 class _CliError(Exception):
@@ -40,13 +44,11 @@ class _CliError(Exception):
 _opened: list[UserStore] = []  # closed when the command ends (a pool, a loop)
 
 
-def _open(args: argparse.Namespace) -> UserStore:
+def _open(args: argparse.Namespace) -> UserDB | PgUserDB:
     # No config found: refuse (exit 75) rather than edit a users.db no server reads.
     cfg = load(args.config, embedded=False)
-    db: UserStore
+    db: UserDB | PgUserDB
     if cfg.auth.backend == "postgresql":
-        from authrelay.auth.pgusers import PgUserDB
-
         db = PgUserDB(cfg.auth.dsn, timeout=max(cfg.auth.backend_timeout, 10.0))
     else:
         db = UserDB(cfg.userdb_path)
@@ -254,11 +256,9 @@ def _suspended(args: argparse.Namespace) -> None:
     """`user suspended`: who is suspended, since when, and why."""
     import asyncio
 
-    from authrelay.policy.suspensions import make_state
-
     cfg = load(args.config, embedded=False)
 
-    async def run() -> list:
+    async def run() -> list[Suspension]:
         state = make_state(cfg)
         try:
             return await state.suspensions()
@@ -279,8 +279,6 @@ def _migrate(args: argparse.Namespace) -> None:
     src = Path(args.source) if args.source else cfg.userdb_path
     if not src.is_file():
         raise _CliError(f"{src}: no such user database")
-    from authrelay.auth.pgusers import PgUserDB
-
     local = UserDB(src)
     dest = PgUserDB(cfg.auth.dsn, timeout=max(cfg.auth.backend_timeout, 10.0))
     copied = kept = apps = 0
@@ -305,7 +303,8 @@ def _migrate(args: argparse.Namespace) -> None:
           + (f", {apps} app password(s)" if apps else ""))
 
 
-def _run(func):
+def _run(func: Callable[[argparse.Namespace], None]
+         ) -> Callable[[argparse.Namespace], int]:
     def wrapper(args: argparse.Namespace) -> int:
         try:
             func(args)
@@ -325,7 +324,7 @@ def _run(func):
     return wrapper
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     user = subparsers.add_parser("user", help="manage the user DB (auth.backend = "
                                  "\"userdb\" or \"postgresql\")")
     sub = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)

@@ -20,7 +20,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -382,12 +382,6 @@ class UserDB(UserStore):
                 self._all.append(conn)
         return conn
 
-    def _forget(self, conn: sqlite3.Connection) -> None:
-        with self._all_lock:
-            if conn in self._all:
-                self._all.remove(conn)
-        conn.close()
-
     def close(self) -> None:
         with self._all_lock:
             conns, self._all = self._all, []
@@ -398,7 +392,7 @@ class UserDB(UserStore):
                 pass
         self._local = threading.local()
 
-    def _write(self, fn) -> object:
+    def _write(self, fn: Callable[[sqlite3.Connection], object]) -> object:
         """Run fn(conn) in one write transaction that also bumps the generation."""
         db = self._db()
         db.execute("BEGIN IMMEDIATE")

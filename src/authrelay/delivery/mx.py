@@ -63,7 +63,7 @@ def parse_literal(domain: str) -> str | None:
 
 def order_mx(records: list[tuple[int, str]], rng: random.Random | None = None) -> list[str]:
     """Hosts by ascending preference, shuffled among equals (RFC 5321 5.1)."""
-    rng = rng or random
+    shuffle = rng.shuffle if rng is not None else random.shuffle
     by_pref: dict[int, list[str]] = defaultdict(list)
     for pref, host in records:
         if host not in by_pref[pref]:
@@ -71,7 +71,7 @@ def order_mx(records: list[tuple[int, str]], rng: random.Random | None = None) -
     out: list[str] = []
     for pref in sorted(by_pref):
         hosts = by_pref[pref]
-        rng.shuffle(hosts)
+        shuffle(hosts)
         out.extend(h for h in hosts if h not in out)
     return out
 

@@ -83,9 +83,9 @@ def load(chain: list[bytes]) -> list[x509.Certificate] | None:
         return None
 
 
-def _subject(name: str) -> xv.DNSName | xv.IPAddress | None:
+def _subject(name: str) -> x509.DNSName | x509.IPAddress | None:
     try:
-        return xv.DNSName(name.lstrip("."))
+        return x509.DNSName(name.lstrip("."))
     except ValueError:
         return None
 

@@ -99,7 +99,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return doctor.main(cfg, args.domains, as_json=args.json)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("dkim", help="DKIM keys: keygen, list, dns")
     s = p.add_subparsers(dest="dkim_command", metavar="ACTION", required=True)
     k = s.add_parser("keygen", help="make DKIM key(s) for a domain; print the TXT records")

@@ -40,7 +40,7 @@ import aiosmtplib
 import dns.nameserver
 import dns.resolver
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from authrelay.config import Config, parse_hostport
 from authrelay.delivery.tlspolicy import smart_host_level
@@ -468,7 +468,7 @@ class Doctor:
 
 def _cert_names(cert: x509.Certificate) -> list[str]:
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         return [n.lower() for n in san.value.get_values_for_type(x509.DNSName)]
     except x509.ExtensionNotFound:  # RFC 6125 6.4.4: CN only without any DNS-ID
         return [str(a.value).lower() for a in

@@ -26,13 +26,14 @@ to give dkimpy's bytes). Header canonicalization, selection and the signature fi
 dkimpy's. If dkimpy's internals ever differ (its version is pinned), the wrap
 is skipped and signing stays correct, only slower.
 
-Streaming (`sign_stream`, a message the spool streamed to disk, over 128 KiB): the
-From: domain is decided on the header section alone, so a message whose domain has no key
-is never read back; one that is signed has its body hashed in chunks as the spool reads it
-(`RelaxedBodyHash`: dkimpy's relaxed canonicalization applied block by block on line
-boundaries, the same bytes, property-tested), one hash shared by every key of the same
-hash algorithm; the signature field is built by dkimpy's `gen_header` from that body hash.
-Memory stays at a chunk or two whatever the message size.
+One signing path for a whole message and a streamed one (`sign_stream`: a message the
+spool streamed to disk, over 128 KiB, read back in chunks): the From: domain is decided
+on the header section alone, so a message whose domain has no key is never read back; one
+that is signed has its body hashed in pieces as they come (`RelaxedBodyHash`: dkimpy's
+relaxed canonicalization applied block by block on line boundaries, the same bytes,
+property-tested), one hash shared by every key of the same hash algorithm; the signature
+field is built by dkimpy's `gen_header` from that body hash (the same field as
+`dkim.sign()`, property-tested). Memory stays at a chunk or two whatever the size.
 
 Who may be signed for (issue 17): an authenticated user's message only when every
 From:/Sender: mailbox is one of the user's addresses (policy/ownership.py, the rule of
@@ -398,57 +399,20 @@ class Signer:
             return None
         return domain, keys, self._include(st, d.headers)
 
-    def _done(self, queue_id: str | None, domain: str, keys: tuple[DkimKey, ...],
-              out: list[bytes]) -> bytes | None:
-        if not out:
-            return None
-        self._log(queue_id, dkim="signed", d=domain,
-                  s=",".join(k.selector for k in keys))
-        return b"".join(out)
-
     def __call__(self, message: bytes, queue_id: str | None = None,
                  owner: Owner | None = None) -> bytes | None:
         """DKIM-Signature fields (CRLF-terminated) to prepend, or None (unsigned)."""
-        st = self._state
-        if not st.keys:  # DKIM not in use here: no note per message
-            return None
-        # Decide on the header section alone (cheap); parse the whole message only to sign.
-        end = message.find(b"\r\n\r\n")
-        head = message if end < 0 else message[:end + 4]
-        decided = self._decide(st, head, queue_id, owner)
-        if decided is None:
-            return None
-        domain, keys, include = decided
-        try:
-            d = dkim.DKIM(message, linesep=b"\r\n")
-        except Exception as e:
-            self._log(queue_id, dkim="none",
-                      reason=f"message not parsable ({type(e).__name__})")
-            return None
-        out: list[bytes] = []
-        for key in keys:
-            try:
-                sig = d.sign(key.selector.encode(), domain.encode(),
-                             st.privkeys.get((key.domain, key.selector), key.signing_key),
-                             signature_algorithm=key.dkim_algorithm, canonicalize=_CANON,
-                             include_headers=include)
-            except Exception as e:  # never fail the message over a signature
-                log.exception("DKIM signing failed (%s, s=%s)", domain, key.selector)
-                self._log(queue_id, dkim="error", d=domain, s=key.selector,
-                          reason=type(e).__name__)
-                continue
-            if not sig.endswith(b"\r\n"):
-                sig += b"\r\n"
-            out.append(sig)
-        return self._done(queue_id, domain, keys, out)
+        return self.sign_stream((message,), queue_id, owner)
 
     def sign_stream(self, chunks: Iterable[bytes], queue_id: str | None = None,
                     owner: Owner | None = None) -> bytes | None:
-        """`__call__` for a message given in pieces (the spool reads a streamed file in
-        bounded chunks): the same signature fields, without the whole message in memory.
-        Stops reading after the header section when the message is not to be signed."""
+        """DKIM-Signature fields (CRLF-terminated) for a message given in pieces of any
+        size (the whole message as one piece, or a streamed file read back in bounded
+        chunks), or None (unsigned). The header section decides (and reading stops after
+        it when the message is not to be signed); the body is hashed as it comes, once
+        per hash algorithm whatever the number of keys, and each key signs that hash."""
         st = self._state
-        if not st.keys:
+        if not st.keys:  # DKIM not in use here: no note per message
             return None
         it = iter(chunks)
         buf = b""
@@ -461,8 +425,8 @@ class Signer:
             if len(buf) > MAX_HEADER_SECTION:
                 self._log(queue_id, dkim="none", reason="header section over 1 MiB")
                 return None
-        if start < 0:  # no body at all: small, take the whole-message path
-            return self(buf, queue_id, owner)
+        if start < 0:  # no empty line: all header fields, an empty body (as dkimpy reads)
+            start = len(buf)
         head = buf[:start]
         decided = self._decide(st, head, queue_id, owner)
         if decided is None:
@@ -508,7 +472,10 @@ class Signer:
             if not sig.endswith(b"\r\n"):
                 sig += b"\r\n"
             out.append(sig)
-        return self._done(queue_id, domain, keys, out)
+        if not out:
+            return None
+        self._log(queue_id, dkim="signed", d=domain, s=",".join(k.selector for k in keys))
+        return b"".join(out)
 
 
 class _Bound:

@@ -24,6 +24,17 @@ from dataclasses import dataclass
 from authrelay.config import Containment
 from authrelay.types import Reply
 
+
+@dataclass(frozen=True)
+class Suspension:
+    """A suspended user: when (unix seconds), why (the figure that tripped), by which node
+    (policy/suspensions.py stores it; auth/pgusers.py too, for the farm)."""
+
+    user: str
+    at: int
+    reason: str
+    node: str = ""
+
 # RFC 3463 4.7.1: delivery not authorized (policy); 450: mailbox unavailable, try later.
 SUSPENDED = Reply(450, "4.7.1", "Sending suspended for this account: contact the "
                                 "administrator")

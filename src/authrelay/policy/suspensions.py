@@ -37,12 +37,15 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from authrelay.auth.pgusers import PgUserStore
 from authrelay.config import Config
-from authrelay.policy.containment import KINDS, Counts
+from authrelay.policy.containment import KINDS, Counts, Suspension
+from authrelay.policy.shared import SharedCounters
+
+__all__ = ["LocalStore", "State", "Suspension", "make_state"]
 
 SCHEMA_VERSION = 2  # 2: events_by_user_time (counting bounded by the thresholds)
 PRUNE_EVERY = 1000  # records per process between prunes of everyone's expired events
@@ -66,14 +69,6 @@ CREATE TABLE IF NOT EXISTS suspensions (
     node   TEXT NOT NULL DEFAULT ''   -- the hostname that suspended
 );
 """
-
-
-@dataclass(frozen=True)
-class Suspension:
-    user: str
-    at: int
-    reason: str
-    node: str = ""
 
 
 class LocalStore:
@@ -286,12 +281,8 @@ def make_state(cfg: Config) -> State:
     counters with `[limits] shared`."""
     pg = redis = None
     if cfg.auth.backend == "postgresql":
-        from authrelay.auth.pgusers import PgUserStore
-
         pg = PgUserStore(cfg.auth.dsn, pool_size=2, timeout=cfg.auth.backend_timeout)
     if cfg.limits.shared:
-        from authrelay.policy.shared import SharedCounters
-
         redis = SharedCounters(cfg.limits.shared)
     return State(LocalStore(cfg.state_path / "containment.db"), pg=pg, redis=redis,
                  window=cfg.limits.containment.window)

@@ -32,10 +32,11 @@ def next_delay(retry: Sequence[float], attempts: int, *, jitter: float = JITTER,
 
 
 def next_attempt(env: Envelope, now: float, retry: Sequence[float], attempts: int,
-                 max_queue_lifetime: float, **kw) -> float:
+                 max_queue_lifetime: float, *, jitter: float = JITTER,
+                 rand: Callable[[], float] = random.random) -> float:
     """Absolute time of the next try; never later than the expiry, so the last try
     happens when the lifetime runs out and the bounce goes out then, not an interval later."""
-    t = now + next_delay(retry, attempts, **kw)
+    t = now + next_delay(retry, attempts, jitter=jitter, rand=rand)
     if max_queue_lifetime > 0:
         t = min(t, max(env.received_at + max_queue_lifetime, now + MIN_DELAY))
     return t

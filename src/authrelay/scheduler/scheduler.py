@@ -65,6 +65,12 @@ NEXT_ATTEMPT_SLACK = 0.5  # recipients due within this are tried with the rest
 
 _FULL_RETURN_MAX = 10_000_000  # RET=FULL returns bigger messages as headers only
 
+# The DSNs a pass may owe, in the order they are queued, and what the log says when one
+# cannot be (RFC 3464 actions).
+_DSN_ACTIONS = (("failed", "cannot queue a bounce; retrying later"),
+                ("delayed", "cannot queue a delay warning"),
+                ("relayed", "cannot queue a success notice"))
+
 class CourierLike(Protocol):
     async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
                       offset: int = 0) -> dict[str, DeliveryResult]: ...
@@ -607,34 +613,27 @@ class Scheduler:
         assert env is not None
         now = time.time()
         d = self.cfg.delivery
-        failed = act.owed.pop("failed", [])
-        if failed:
+        for action, trouble in _DSN_ACTIONS:
+            rcpts = act.owed.pop(action, [])
+            if not rcpts:
+                continue
             try:
-                await self._queue_dsn(env, failed, "failed", act.remote)
+                await self._queue_dsn(env, rcpts, action, act.remote)
             except Exception:
-                # No bounce without a retry: keep them pending, so the failure (and its
-                # bounce) comes again later rather than silently vanishing.
-                log.exception("%s: cannot queue a bounce; retrying later", env.queue_id)
-                for r in failed:
-                    r.next_attempt = now + (d.retry[0] if d.retry else 300.0)
-            else:
-                for r in failed:
+                log.exception("%s: %s", env.queue_id, trouble)
+                if action == "failed":
+                    # No bounce without a retry: keep them pending, so the failure (and
+                    # its bounce) comes again later rather than silently vanishing. (A
+                    # delay warning or a success notice that cannot be queued is not
+                    # retried: the mail itself is still on its way, or went out.)
+                    for r in rcpts:
+                        r.next_attempt = now + (d.retry[0] if d.retry else 300.0)
+                continue
+            for r in rcpts:
+                if action == "failed":
                     r.state = FAILED
-        delayed = act.owed.pop("delayed", [])
-        if delayed:
-            try:
-                await self._queue_dsn(env, delayed, "delayed", act.remote)
-            except Exception:
-                log.exception("%s: cannot queue a delay warning", env.queue_id)
-            else:
-                for r in delayed:
+                elif action == "delayed":
                     r.delay_warned = True
-        relayed = act.owed.pop("relayed", [])
-        if relayed:
-            try:
-                await self._queue_dsn(env, relayed, "relayed", act.remote)
-            except Exception:  # the mail went out; a lost success notice is not retried
-                log.exception("%s: cannot queue a success notice", env.queue_id)
 
     async def _queue_dsn(self, env: Envelope, rcpts: list[Recipient], action: str,
                          remote: dict[str, str]) -> None:

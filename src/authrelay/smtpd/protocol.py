@@ -49,7 +49,8 @@ Security decisions (each also cited where it is made):
   each counts as an error; command lines longer than their limit are cut off
   and refused, never buffered without bound.
 Failure policy: the engine never raises on any input. A bug in a handler is caught,
-logged at debug level with its traceback, answered 451 4.3.0 and the session closed.
+logged at error level with its traceback (a bug of ours, never the client's), answered
+451 4.3.0 and the session closed.
 """
 
 from __future__ import annotations
@@ -392,10 +393,6 @@ class Engine:
         return out
 
     @property
-    def has_output(self) -> bool:
-        return bool(self._out)
-
-    @property
     def protocol(self) -> str:
         """RFC 3848 WITH value."""
         if not self.esmtp:
@@ -433,7 +430,7 @@ class Engine:
                     assert isinstance(line, bytes)
                     self._command(line)
         except Exception:  # never a traceback to the client; the session ends cleanly
-            log.debug("SMTP engine error", exc_info=True)
+            log.error("SMTP engine error", exc_info=True)
             self._reply(replies.LOCAL_ERROR)
             self._close("error")
         if self._events:
@@ -943,6 +940,7 @@ class Engine:
         if postmaster:
             # The site's postmaster: at the first local domain, else at our own name.
             path = PathArg(Address("postmaster", self.postmaster_domain), path.params)
+        assert path.address is not None
         if not path.address.ascii and not txn.smtputf8:
             self._error(replies.NEED_SMTPUTF8)
             return

@@ -120,7 +120,8 @@ def _parse_v2(head: bytes, body: bytes
     if family == 0x1:
         if len(body) < 12:
             raise ProxyError("v2 address block too short for IPv4")
-        src, dst = ipaddress.IPv4Address(body[0:4]), ipaddress.IPv4Address(body[4:8])
+        src: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(body[0:4])
+        dst: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(body[4:8])
         sport, dport = struct.unpack("!HH", body[8:12])
     elif family == 0x2:
         if len(body) < 36:
@@ -200,7 +201,7 @@ def header_length(buf: bytes) -> int | None:
         raise ProxyError("no PROXY header")
     if n < 16:
         return None
-    length = struct.unpack("!H", buf[14:16])[0]
+    length: int = struct.unpack("!H", buf[14:16])[0]
     if length > MAX_V2_BODY:
         raise ProxyError(f"v2 header of {length} bytes is too long")
     return 16 + length

@@ -179,6 +179,11 @@ class Session:
         """Pre-authentication and outside a transaction (issue 17)."""
         return not self.eng.auth_user and self.eng.transaction is None
 
+    def _authenticator(self) -> Authenticator:
+        """The authenticator (AUTH is offered, so asked, only when there is one)."""
+        assert self.deps.authenticator is not None
+        return self.deps.authenticator
+
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
         conn, eng = self.conn, self.eng
@@ -360,7 +365,7 @@ class Session:
             return
         try:
             login = await asyncio.wait_for(
-                self.deps.authenticator.login(user, ev.password, self.ip),
+                self._authenticator().login(user, ev.password, self.ip),
                 self.cfg.auth.backend_timeout + 5)
         except Exception:
             log.exception("auth backend failure")
@@ -458,7 +463,7 @@ class Session:
         """The user and the addresses it may send as (read once per session: a session
         authenticates once)."""
         if self._owned is None or self._owned.user != user:
-            self._owned = Owner.of(user, self.deps.authenticator.addresses(user))
+            self._owned = Owner.of(user, self._authenticator().addresses(user))
         return self._owned
 
     # ------------------------------------------------------------------ the message

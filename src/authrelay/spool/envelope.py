@@ -66,16 +66,6 @@ class Envelope:
         return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> Envelope:
-        """Lenient decode (unknown keys ignored) of either version; see spool/format.py
-        for the strict one used on queue files."""
-        d: dict[str, Any] = json.loads(raw)
-        v = d.pop("v", None)
-        if v not in (1, FORMAT_VERSION):
-            raise ValueError(f"unsupported envelope format version {v!r}")
-        return cls.from_dict(d)
-
-    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Envelope:
         rcpts = [Recipient(**r) for r in d.pop("recipients", [])]
         known = set(cls.__dataclass_fields__)

@@ -122,7 +122,7 @@ def _file_reader(f: io.BufferedReader) -> Callable[[int, int], Iterator[bytes]]:
     return lambda off, n: fmt.iter_file(f, off, n)
 
 
-def _bytes_reader(data: bytes) -> Callable[[int, int], Iterator[bytes]]:
+def _bytes_reader(data: bytes) -> Callable[[int, int], Iterator[bytes | memoryview]]:
     view = memoryview(data)
     return lambda off, n: iter((view[off:off + n],))
 
@@ -212,9 +212,6 @@ class Spool:
             return []
         ids.sort(key=lambda s: (len(s), s))
         return ids
-
-    def is_held(self, qid: str) -> bool:
-        return (self.hold_dir / qid).exists()
 
     def exists(self, qid: str) -> bool:
         try:

@@ -13,15 +13,16 @@ Owns what happens to every message on its way into the queue, whoever produced i
   message): `[auth] from_header_policy = "own"` refuses a mailbox the user does not own
   (550 5.7.1, nothing more stored), else such a message is not signed unless `[dkim]
   sign_unowned` (`dkim=skipped, reason=From: not owned by user`);
-- the DKIM hook: `signer(message) -> header lines | None` runs once, before commit, on
-  the whole message (read back from disk for a streamed one); its lines are stored as the
-  queue file's prepend, which the courier sends first (spool/format.py);
+- the DKIM hook (`Signer`: `bind(queue_id, owner).sign_stream(pieces) -> header lines |
+  None`) runs once, before commit, on the message (read back from disk in chunks for a
+  streamed one); its lines are stored as the queue file's prepend, which the courier
+  sends first (spool/format.py);
 - durability (Incoming.commit: fsync before the caller answers 250) and the one maillog
   `from=` line per accepted message.
 
 Contract (docs/INTERFACES.md):
 
-    sub = Submitter(spool, cfg, maillog=ml)          # sub.signer = h13's signer
+    sub = Submitter(spool, cfg, maillog=ml, signer=dkim_signer)  # wiring.submitter()
     draft = sub.begin(env, tls=..., add_missing=...)  # no I/O
     draft.write(bytes) ...                            # never raises for I/O or content
     await draft.commit(**extra_log_fields)            # or draft.commit_blocking()
@@ -41,8 +42,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from authrelay import replies
 from authrelay.config import Config
@@ -52,10 +52,27 @@ from authrelay.spool.cleanup import HeaderCleanup, received_for
 from authrelay.spool.envelope import Envelope, new_queue_id
 from authrelay.spool.format import SpoolError
 from authrelay.spool.store import Spool
-from authrelay.spool.writer import Incoming
+from authrelay.spool.writer import Incoming, MessageSigner
 from authrelay.types import Reply
 
-Signer = Callable[[bytes], "bytes | None"]
+
+class BoundSigner(MessageSigner, Protocol):
+    """The signer of one message (dkim/signer.py's `Signer.bind`)."""
+
+    def skip(self, reason: str) -> None:
+        """Not signed by policy: the maillog's `dkim=skipped, reason=...`."""
+
+
+class Signer(Protocol):
+    """The signing seam of the accept path (dkim/signer.py's Signer)."""
+
+    def bind(self, queue_id: str, owner: Owner | None = None) -> BoundSigner | None:
+        """The signer for one message (its maillog notes carry the queue id; `owner`: an
+        authenticated user's, signed only for its own From:); None when nothing can be
+        signed at all (no key), so a streamed file is not read back."""
+
+    def reload(self, cfg: Config) -> None:
+        """SIGHUP: re-read the keys and `[dkim]`."""
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # The maillog's reason on an authenticated user's message left unsigned for its From:.
@@ -99,9 +116,8 @@ class Submitter:
 
     def reload(self, cfg: Config) -> None:
         self.cfg = cfg
-        reload = getattr(self.signer, "reload", None)
-        if reload is not None:  # the DKIM signer re-reads its keys and [dkim] (SIGHUP)
-            reload(cfg)
+        if self.signer is not None:  # the DKIM signer re-reads its keys and [dkim]
+            self.signer.reload(cfg)
 
     # ------------------------------------------------------------------ free space
     def free_bytes(self) -> int:
@@ -263,22 +279,21 @@ class Draft:
         if self.sign:
             self._incoming.signer = self._signer()
 
-    def _signer(self) -> Signer | None:
+    def _signer(self) -> MessageSigner | None:
         """The signer for this message, or None (unsigned). An authenticated user's
         message is signed only when its From:/Sender: is the user's, unless `[dkim]
         sign_unowned`; the signer checks its own parse of the stored header again."""
         signer = self.submitter.signer
-        bind = getattr(signer, "bind", None)  # the DKIM signer logs with the queue id
-        if bind is None:
-            return signer
+        if signer is None:
+            return None
         owner = self.owner
         if owner is None or self.submitter.cfg.dkim.sign_unowned:
-            return bind(self.queue_id)  # type: ignore[no-any-return]
-        bound = bind(self.queue_id, owner=owner)
+            return signer.bind(self.queue_id)
+        bound = signer.bind(self.queue_id, owner=owner)
         if bound is not None and self.from_verdict:
             bound.skip(FROM_NOT_OWNED_NOTE)
             return None
-        return bound  # type: ignore[no-any-return]
+        return bound
 
     async def commit(self, **log: Any) -> None:
         """Durable when this returns (fsync); then the maillog `from=` line. Raises

@@ -17,12 +17,11 @@ can wait behind a journal commit, which must not stall the event loop); a larger
 creates its file then and streams, so memory per session stays bounded by SPILL.
 The checksum is computed incrementally as bytes arrive (format.checksum).
 
-`signer(message) -> header lines | None` (DKIM, issue 13) runs in the commit thread
-on the whole message held in memory; for a streamed file the signer's `sign_stream(chunks)`
-gets the message read back in `CHUNK`-sized pieces (memory stays bounded whatever the
-size; the DKIM signer stops after the header section when the From: domain has no key).
-A plain callable without `sign_stream` still gets the whole message. Its lines become the
-file's prepend. A signer that raises or returns too much for a streamed file's reserved
+`signer.sign_stream(chunks) -> header lines | None` (`MessageSigner`: DKIM) runs in the
+commit thread on the message: held in memory, one piece; a streamed file, read back in
+`CHUNK`-sized pieces (memory stays bounded whatever the size; the DKIM signer stops after
+the header section when the From: domain has no key). Its lines become the file's
+prepend. A signer that raises or returns too much for a streamed file's reserved
 slot leaves the message unsigned and `sign_error` says why (mail is never lost for it).
 
 Failure policy: OSError propagates (ENOSPC included; spool/submit.py maps it to a
@@ -37,9 +36,9 @@ import fcntl
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from authrelay.spool import format as fmt
 from authrelay.spool.envelope import Envelope
@@ -49,7 +48,13 @@ READY_MODE = 0o700  # owner-execute bit: committed (fsync'd before the 250)
 SPILL = 128 * 1024  # message bytes kept in memory before the file is created
 CHUNK = 256 * 1024  # read-back piece of a streamed message for the signer
 
-Signer = Callable[[bytes], "bytes | None"]
+
+
+class MessageSigner(Protocol):
+    """Header lines (CRLF-terminated) to store before one message, or None: the message
+    given in pieces of any size (dkim/signer.py's per-message signer)."""
+
+    def sign_stream(self, chunks: Iterable[bytes]) -> bytes | None: ...
 
 # Filesystems whose fsync(file) also commits the creation of that file's directory entry:
 # the create and the data are in one journal (ext4 with a journal, xfs log, btrfs log tree),
@@ -80,7 +85,7 @@ def journal_orders_create(path: Path) -> bool:
     return fstype in _ORDERED_FS
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -235,7 +240,7 @@ class Incoming:
         self.queue_id = envelope.queue_id
         self.size = 0  # message bytes written so far
         self.prepend = b""  # header lines sent before the message (set before commit)
-        self.signer: Signer | None = None
+        self.signer: MessageSigner | None = None
         self.sign_error = ""
         self._path = queue_dir / self.queue_id
         self._fd: int | None = None
@@ -319,12 +324,9 @@ class Incoming:
         signer = self.signer
         if signer is None:
             return b""
-        stream = getattr(signer, "sign_stream", None)
         try:
-            if self._fd is not None and stream is not None:
-                lines = stream(self.chunks())
-            else:
-                lines = signer(self.message())
+            lines = signer.sign_stream(self.chunks() if self._fd is not None
+                                       else (bytes(self._buf),))
         except Exception as e:  # a signer bug never costs the message
             self.sign_error = f"signer failed: {type(e).__name__}: {e}"
             return b""
