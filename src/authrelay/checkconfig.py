@@ -476,7 +476,7 @@ def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) 
 
 
 def _check_dkim(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) -> None:
-    """DKIM keys (issue 13): unreadable / open / broken keys, domains without a key."""
+    """DKIM keys: unreadable / open / broken keys, domains without a key."""
     from authrelay.dkim.keys import KeyStore
 
     store = KeyStore(cfg.dkim_dir).load()

@@ -396,7 +396,7 @@ async def _serve_loop(run: _Run) -> int:
 
     ml.daemon(f"started ({run.role})", pid=os.getpid(),
               listeners=",".join(ln.name for ln in run.listeners) if run.listeners else None)
-    if run.role != "worker":  # systemd Type=notify (h12)
+    if run.role != "worker":  # systemd Type=notify
         sdnotify.ready(f"serving ({run.role})")
 
     async def watch_hup() -> None:
@@ -746,7 +746,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"authrelay: {error_line(e)}", file=sys.stderr)
         return 1
-    if cfg.source == EMBEDDED:  # say so: an admin who meant /etc/... must notice (h12)
+    if cfg.source == EMBEDDED:  # say so: an admin who meant /etc/... must notice
         print(embedded_notice(), file=sys.stderr, flush=True)
     global _cli_overrides
     if args.log_format:

@@ -1,7 +1,7 @@
 """Throttles (Postfix anvil): connection pools and rates, AUTH failures, per-user rates.
 
 Owns the counters that decide "too much", behind one interface (`Throttle`) with two
-implementations here and in `anvil.py`, and a third (Redis, issue 14) to come:
+implementations here and in `anvil.py`, and a third over Redis in `shared.py`:
 
 - `LocalThrottle`: counts inside one process (exact with `workers = 1`).
 - `anvil.SharedThrottle`: the same counts in shared memory, exact across the workers of
