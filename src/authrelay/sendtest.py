@@ -26,6 +26,7 @@ import getpass
 import smtplib
 import ssl
 import sys
+from collections.abc import Callable
 from email.message import EmailMessage
 
 from authrelay.config import Config, load, parse_hostport
@@ -103,12 +104,16 @@ def _cmd(args: argparse.Namespace) -> int:
             try:
                 code, resp = smtp.login(args.user, password)
             except smtplib.SMTPAuthenticationError as e:
-                print(f"{e.smtp_code} {e.smtp_error.decode(errors='replace')}")
+                err = e.smtp_error
+                text = err.decode(errors="replace") if isinstance(err, bytes) else err
+                print(f"{e.smtp_code} {text}")
                 return 1
             print(f"{code} {resp.decode(errors='replace')}")
-            for _verb, fn in (("MAIL", lambda: smtp.mail(sender)),
-                            ("RCPT", lambda: smtp.rcpt(args.to)),
-                            ("DATA", lambda: smtp.data(msg.as_bytes(policy=email.policy.SMTP)))):
+            steps: list[tuple[str, Callable[[], tuple[int, bytes]]]] = [
+                ("MAIL", lambda: smtp.mail(sender)),
+                ("RCPT", lambda: smtp.rcpt(args.to)),
+                ("DATA", lambda: smtp.data(msg.as_bytes(policy=email.policy.SMTP)))]
+            for _verb, fn in steps:
                 code, resp = fn()
                 print(f"{code} {resp.decode(errors='replace')}")
                 if code >= 400:
@@ -123,7 +128,7 @@ def _cmd(args: argparse.Namespace) -> int:
         return EX_TEMPFAIL
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("send-test", help="send a test message through the submission port "
                        "with AUTH (prompts for the password)")
     p.add_argument("--user", required=True, help="the account to authenticate as")

@@ -70,7 +70,7 @@ def _cmd(args: argparse.Namespace) -> int:
     return asyncio.run(_show(args))
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("tls-policy", help="the outbound TLS policy (DANE, MTA-STS, level) "
                        "each MX of a domain would get now; connects to nothing")
     p.add_argument("domains", nargs="+", metavar="DOMAIN")
