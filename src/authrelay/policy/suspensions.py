@@ -35,10 +35,10 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from authrelay.auth.pgusers import PgUserStore
 from authrelay.config import Config
@@ -46,6 +46,8 @@ from authrelay.policy.containment import KINDS, Counts, Suspension
 from authrelay.policy.shared import SharedCounters
 
 __all__ = ["LocalStore", "State", "Suspension", "make_state"]
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 2  # 2: events_by_user_time (counting bounded by the thresholds)
 PRUNE_EVERY = 1000  # records per process between prunes of everyone's expired events
@@ -83,7 +85,7 @@ class LocalStore:
         self._records = 0
 
     def _db(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -206,7 +208,7 @@ class State:
         self._cache: dict[str, tuple[float, bool]] = {}
         self.pg_problem = ""  # why the last PostgreSQL call failed ("" when fine)
 
-    async def _io(self, fn: Any, *args: Any) -> Any:
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def record(self, user: str, items: list[tuple[str, str]],
@@ -254,7 +256,7 @@ class State:
         found = await self._io(self.local.resume, user)
         await self._io(self.local.clear, user)
         if self.pg is not None:
-            got = await self.pg.resume(user)  # the CLI: an error here is the admin's to see
+            got: Suspension | None = await self.pg.resume(user)  # the CLI's: errors shown
             found = found or got
         if self.redis is not None:
             await self.redis.clear_distinct(user)
