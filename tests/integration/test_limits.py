@@ -158,9 +158,12 @@ def test_body_too_big_nothing_stored_memory_bounded(relay: RelayProcess) -> None
     assert relay.proc is not None
     line = b"y" * 998 + b"\r\n"
     with PeakRSS(relay.proc.pid) as mem:
-        for _ in range(20):  # ~20 MB, 200x the limit
-            c.send(line * 1000)
-        c.send(b".\r\n")
+        try:
+            for _ in range(20):  # ~20 MB, 200x the limit
+                c.send(line * 1000)
+            c.send(b".\r\n")
+        except OSError:
+            pass  # issue 17: past the limit + 1 MiB the server answers and hangs up
         r = c.reply()
     assert (r.code, r.text[:5]) == (552, "5.3.4")
     relay.wait_log(r"reject=552 5\.3\.4 .*relay=unknown \[127\.0\.0\.4\]")
@@ -168,7 +171,7 @@ def test_body_too_big_nothing_stored_memory_bounded(relay: RelayProcess) -> None
     assert mem.peak_growth < 8_000, mem.peak_growth
     assert set(p.name for p in relay.queued()) == before
     assert relay.unready() == []  # the streamed part of the refused message is gone
-    assert c.cmd("NOOP").code == 250  # the session goes on
+    assert c.closed()  # far past the overshoot: closed (a small overshoot: body_too_big)
     c.close()
     served(relay, "127.0.0.5")
 
@@ -515,8 +518,11 @@ def test_session_timeout(slow_relay: RelayProcess) -> None:
 
 # ============================================================== connections
 def test_max_connections_global_and_per_ip(tmp_path: Path) -> None:
+    # pool_eviction off: the held sessions are idle before AUTH and would otherwise make
+    # room for the fifth (issue 17; tests/integration/test_eviction.py).
     r = RelayProcess(tmp_path, overrides={"limits": {
-        "max_connections": 4, "max_connections_per_ip": 2, "connection_rate_per_ip": 0}}).start()
+        "max_connections": 4, "max_connections_per_ip": 2, "connection_rate_per_ip": 0,
+        "pool_eviction": False}}).start()
     try:
         port = r.ports["smtp"]
         held = [Client(port, "127.0.2.1"), Client(port, "127.0.2.1")]
