@@ -21,22 +21,28 @@ What the selector gives away online: whether a 4-letter prefix exists for a user
 with it costs one more hash); the AUTH lockouts (docs/LIMITS.md) bound such probing, and
 it leaves 56 bits to guess.
 
-Contract: `check()` never raises for a wrong or malformed password; store errors
+Contract: `decide()` never raises for a wrong or malformed password; store errors
 propagate to the authenticator (TEMPFAIL). Failure policy: `last used` is best effort
-(see `touch_due`): never awaited by AUTH, at most once a minute per app password per
-process, and a read-only or slow database only makes it stale.
+(`LastUsed`, used by both stores' authenticators): never awaited by AUTH, at most once a
+minute per app password per process; a read-only or slow database only makes it stale.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import secrets
 import string
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from authrelay.auth import passwords
+
+log = logging.getLogger(__name__)
 
 GROUPS = 4
 GROUP_LEN = 4
@@ -44,6 +50,7 @@ LETTERS = string.ascii_lowercase
 MAX_PER_USER = 50  # app passwords a user may hold (a list an admin can still read)
 MAX_NAME_OCTETS = 64
 TOUCH_INTERVAL = 60.0  # seconds between two "last used" writes for one app password
+TOUCH_BACKLOG = 64  # "last used" writes in flight per process before more are skipped
 _SHAPE = re.compile(rf"[a-z]{{{GROUPS * GROUP_LEN}}}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 
@@ -139,6 +146,41 @@ class TouchSchedule:
         while len(self._last) > self.max_entries:
             self._last.popitem(last=False)
         return True
+
+
+class LastUsed:
+    """Records when and from where an app password was used, for both stores: in the
+    background (never awaited by AUTH), at most once per `TOUCH_INTERVAL` per app
+    password and process, at most `TOUCH_BACKLOG` writes in flight (a stuck database: the
+    rest are skipped, never queued without end). `write(user, app, unix_time, ip)` is the
+    store's (a thread hop for SQLite, a query for PostgreSQL); a write that fails (a
+    read-only role or file, a locked or slow database) only leaves "last used" stale:
+    logged at debug, never an AUTH failure."""
+
+    def __init__(self, write: Callable[[str, str, int, str], Awaitable[Any]], *,
+                 interval: float = TOUCH_INTERVAL, backlog: int = TOUCH_BACKLOG) -> None:
+        self.write = write
+        self.backlog = backlog
+        self.schedule = TouchSchedule(interval)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def record(self, user: str, app: str, ip: str) -> None:
+        """From the event loop, after a successful login with app password `app`."""
+        if not app or len(self._tasks) >= self.backlog or not self.schedule.due(user, app):
+            return
+        t = asyncio.get_running_loop().create_task(self._run(user, app, ip))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _run(self, user: str, app: str, ip: str) -> None:
+        try:
+            await self.write(user, app, int(time.time()), ip)
+        except Exception:  # best effort by contract (class docstring)
+            log.debug("app password last-used update skipped", exc_info=True)
+
+    def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
 
 
 def decide(mode: str, account_hash: str | None, app: AppPassword | None,

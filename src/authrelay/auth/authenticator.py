@@ -27,16 +27,14 @@ userdb specifics (the "Hold under abuse" data side):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from authrelay.auth import apppasswords, passwords
 from authrelay.auth.backends import BackendUnavailable, DovecotBackend, SaslauthdBackend
 from authrelay.auth.base import (
-    BACKLOG_PER_THREAD,
     Authenticator,
     AuthResult,
     CredentialCache,
@@ -60,12 +58,11 @@ class UserDBAuthenticator(Authenticator):
         self.db = db
         self.hashing = HashPool(hash_threads)
         self.hash_threads = self.hashing.threads
-        # "last used" writes: one thread of their own, never awaited by AUTH (a locked or
-        # read-only DB only makes them late or skipped), bounded in what may queue.
+        # "last used" writes (auth/apppasswords.LastUsed): a thread of their own, so a
+        # locked user DB never holds a hashing thread.
         self._touch_pool = ThreadPoolExecutor(max_workers=1,
                                               thread_name_prefix="authrelay-touch")
-        self._touch_slots = threading.BoundedSemaphore(BACKLOG_PER_THREAD)
-        self._touch_due = apppasswords.TouchSchedule()
+        self.last_used = apppasswords.LastUsed(self._write_last_used)
         self.cache = CredentialCache(cache_ttl)
         self._cache_gen: int | None = None
         self._rehash = rehash
@@ -95,25 +92,9 @@ class UserDBAuthenticator(Authenticator):
                 log.debug("rehash of a user's password failed", exc_info=True)
         return out
 
-    def _touch(self, username: str, app: str, ip: str) -> None:
-        """Record an app password's use, at most once a minute, off the AUTH path."""
-        if not app or not self._touch_due.due(username, app):
-            return
-        if not self._touch_slots.acquire(blocking=False):
-            return  # writes are stuck (a locked DB): skip rather than queue without end
-
-        def run() -> None:
-            try:
-                self.db.touch_app_password(username, app, int(time.time()), ip)
-            except (sqlite3.Error, UserDBError, OSError):
-                log.debug("app password last-used update skipped", exc_info=True)
-            finally:
-                self._touch_slots.release()
-
-        try:
-            self._touch_pool.submit(run)
-        except RuntimeError:  # closing
-            self._touch_slots.release()
+    async def _write_last_used(self, user: str, app: str, when: int, ip: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self._touch_pool, self.db.touch_app_password, user, app, when, ip)
 
     async def login(self, username: str, password: str | bytes,
                     client_ip: str = "") -> Login:
@@ -137,7 +118,7 @@ class UserDBAuthenticator(Authenticator):
         key = self.cache.key(username, password)
         if self.cache.hit(key, gen):
             app = self.cache.app(key)
-            self._touch(username, app, client_ip)
+            self.last_used.record(username, app, client_ip)
             return Login(AuthResult.OK, app)
         try:
             out = await self.hashing.run(self._check, username, password)
@@ -153,7 +134,7 @@ class UserDBAuthenticator(Authenticator):
         # Stored under the generation read *before* hashing: if the password changed
         # meanwhile, the next lookup sees a newer generation and ignores this entry.
         self.cache.put(key, gen, out.app)
-        self._touch(username, out.app, client_ip)
+        self.last_used.record(username, out.app, client_ip)
         return Login(AuthResult.OK, out.app)
 
     def addresses(self, username: str) -> set[str]:
@@ -165,6 +146,7 @@ class UserDBAuthenticator(Authenticator):
 
     def close(self) -> None:
         self.hashing.shutdown()
+        self.last_used.close()
         self._touch_pool.shutdown(wait=False, cancel_futures=True)
         self.db.close()
 

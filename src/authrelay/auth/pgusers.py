@@ -42,7 +42,6 @@ from authrelay import maillog as maillog_mod
 from authrelay.auth import apppasswords, passwords
 from authrelay.auth.apppasswords import AppPassword, AppPasswordError
 from authrelay.auth.base import (
-    BACKLOG_PER_THREAD,
     Authenticator,
     AuthResult,
     CredentialCache,
@@ -537,7 +536,7 @@ class PgAuthenticator(Authenticator):
                  app_passwords: str = "allow") -> None:
         self.store = store
         self.app_mode = app_passwords
-        self._touch_due = apppasswords.TouchSchedule()
+        self.last_used = apppasswords.LastUsed(store.touch_app)
         self.hashing = HashPool(hash_threads)
         self.hash_threads = self.hashing.threads
         self.cache = CredentialCache(cache_ttl)
@@ -608,7 +607,7 @@ class PgAuthenticator(Authenticator):
             # password or a revoked app password (no row, no hash) misses.
             if cached is not None and cached[0] == (app.hash if cached[1] and app else stored) \
                     and (cached[1] or self.app_mode != "require"):
-                self._touch(username, cached[1], client_ip)
+                self.last_used.record(username, cached[1], client_ip)
                 return Login(AuthResult.OK, cached[1])
             out = await self.hashing.run(apppasswords.decide, self.app_mode, stored, app,
                                        password)
@@ -620,29 +619,12 @@ class PgAuthenticator(Authenticator):
             self.cache.drop(key)
             return Login(AuthResult.BAD, hint=out.hint)
         self.cache.put(key, out.hash, out.app)
-        self._touch(username, out.app, client_ip)
+        self.last_used.record(username, out.app, client_ip)
         if not out.app and self._rehash and passwords.needs_rehash(stored):
             t = asyncio.get_running_loop().create_task(self._upgrade(username, stored, password))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
         return Login(AuthResult.OK, out.app)
-
-    def _touch(self, username: str, app: str, ip: str) -> None:
-        """Record an app password's use in the background, at most once a minute: never
-        awaited by AUTH, and a read-only role or a slow database only leaves it stale."""
-        if not app or len(self._tasks) >= BACKLOG_PER_THREAD \
-                or not self._touch_due.due(username, app):
-            return
-
-        async def run() -> None:
-            try:
-                await self.store.touch_app(username, app, int(time.time()), ip)
-            except Exception:  # e.g. permission denied for a read-only role
-                log.debug("app password last-used update skipped", exc_info=True)
-
-        t = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
 
     async def _upgrade(self, username: str, stored: str, password: str | bytes) -> None:
         """Re-hash with our current parameters (best effort; a read-only role is fine)."""
@@ -666,6 +648,7 @@ class PgAuthenticator(Authenticator):
 
     def close(self) -> None:
         self.hashing.shutdown()
+        self.last_used.close()
         for t in list(self._tasks):
             t.cancel()
         self.store.terminate()
