@@ -464,6 +464,35 @@ def test_delay_warning_then_delivery(
     assert len(sender_mx.messages) == 1
 
 
+def test_one_delay_warning_per_message_and_one_retry_transaction_per_domain(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """3 recipients at 2 domains, all deferred: one delay DSN names all three; the retry
+    after the MXs recover sends a.test's two recipients in one transaction."""
+    busy = "451 4.3.0 still busy"
+    a = fake_mx("127.0.0.5", rcpt_replies={"ann@a.test": busy, "amy@a.test": busy})
+    b = fake_mx("127.0.0.6", rcpt_replies={"ben@b.test": busy})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["700ms"],
+                                       delay_warning="1s"))
+    qid = submit(relay, ["ann@a.test", "amy@a.test", "ben@b.test"])
+    relay.wait_for(lambda: sender_mx.messages, what="the delay warning")
+    _, groups = parse_dsn(sender_mx.messages[0].content)
+    assert sorted(g["Final-Recipient"] for g in groups) == [
+        "rfc822; amy@a.test", "rfc822; ann@a.test", "rfc822; ben@b.test"]
+    assert {g["Action"] for g in groups} == {"delayed"}
+    n = sum("stat=Deferred" in ln for ln in log_lines(relay, qid))
+    relay.wait_for(lambda: sum("stat=Deferred" in ln for ln in log_lines(relay, qid)) >= n + 3,
+                   what="a retry pass after the warning")
+    a.rcpt_replies.clear()
+    b.rcpt_replies.clear()
+    relay.wait_for(lambda: gone(relay, qid), what="delivery on retry")
+    assert [sorted(m.rcpt_tos) for m in a.messages] == [["amy@a.test", "ann@a.test"]]
+    assert [m.rcpt_tos for m in b.messages] == [["ben@b.test"]]
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
+    assert len(sender_mx.messages) == 1  # the one warning, nothing more
+    assert sum("sender_delay_notification" in ln for ln in log_lines(relay, qid)) == 1
+
+
 def test_receiving_workers_hand_over_through_the_spool(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:

@@ -286,6 +286,44 @@ async def test_delay_warning_sent_once(state_dir: Path) -> None:
     rig.spool.close()
 
 
+async def test_one_delay_warning_per_message_and_one_transaction_per_destination(
+        state_dir: Path) -> None:
+    """Recipients deferred on different schedules (back-off jitter, or different passes):
+    the pass that is due takes every pending recipient of that destination in one
+    delivery, and the delay warning names all the message's pending recipients, also
+    those to another destination not due yet; it is sent once."""
+    rig = Rig(state_dir, delay_warning="1s", retry=["1h"])
+    qid = await put(rig.spool, ["ann@a.example", "amy@a.example", "ben@b.example"],
+                    received_at=time.time() - 600)  # queued 10 minutes ago
+    env = rig.spool.load(qid)
+    now = time.time()
+    for r, later in zip(env.recipients, (0.0, 30.0, 60.0), strict=True):
+        r.attempts, r.last_code, r.next_attempt = 1, 451, now + later
+        r.last_reply = "451 4.7.1 Greylisted, try later"
+    rig.spool.save_state(env)
+    rig.courier.script["ann@a.example"] = [TEMP]
+    rig.courier.script["amy@a.example"] = [TEMP]
+    await rig.start(rescan_interval=3600)
+    await until(lambda: rig.courier.calls_for("a@a.example"), "the delay warning")
+    assert [c[1] for c in rig.courier.calls_for("ann@a.example")] == [
+        ["ann@a.example", "amy@a.example"]]  # one transaction for a.example
+    assert not rig.courier.calls_for("ben@b.example")  # not due: not tried
+    (warning,) = rig.courier.calls_for("a@a.example")
+    msg = email.message_from_bytes(warning[2], policy=email.policy.compat32)
+    groups = msg.get_payload()[1].get_payload()[1:]
+    assert sorted(g["Final-Recipient"] for g in groups) == [
+        "rfc822; amy@a.example", "rfc822; ann@a.example", "rfc822; ben@b.example"]
+    assert {g["Action"] for g in groups} == {"delayed"}
+    assert len(rig.log.grep(qid, "sender_delay_notification")) == 1
+    after = rig.spool.load(qid)
+    assert all(r.delay_warned for r in after.recipients)
+    # One next attempt for the two retried together.
+    ann, amy, _ = after.recipients
+    assert ann.next_attempt == amy.next_attempt
+    await rig.stop()
+    rig.spool.close()
+
+
 async def test_restart_finds_everything(rig: Rig) -> None:
     # Queued while no scheduler ran; one message already half delivered.
     q1 = await put(rig.spool, ["x@b.example"])

@@ -9,10 +9,14 @@ state, bounces and removal from the spool. Contract:
   destination ahead of retries; a slow or dead destination only ever holds its own
   `concurrency_per_domain` slots, so deferred mail never blocks fresh mail elsewhere.
 - A message's pending recipients are grouped by `route_key`; each group is one
-  `courier.deliver()` call. Per recipient: 2xx -> SENT; 5xx -> FAILED and a DSN is queued
-  (RFC 3464; never for the null sender or a bounce); 4xx -> stays PENDING with back-off
-  (backoff.py) until `max_queue_lifetime`, then FAILED with a DSN; an optional one-off
-  delay warning DSN after `delay_warning`.
+  `courier.deliver()` call. A destination with one recipient due takes all of the
+  message's pending recipients there (one transaction, not one per back-off jitter),
+  and a job's deferred recipients share one next attempt. Per recipient: 2xx -> SENT;
+  5xx -> FAILED and a DSN is queued (RFC 3464; never for the null sender or a bounce);
+  4xx -> stays PENDING with back-off (backoff.py) until `max_queue_lifetime`, then
+  FAILED with a DSN; an optional one-off delay warning DSN after `delay_warning`: one per
+  message, naming every recipient still pending and not yet warned (whatever its
+  destination), as Postfix does.
 - One DSN per message per pass and action: every recipient that failed in this pass,
   whatever its destination, is in the same report (as Postfix does), queued when the
   pass's last delivery ends. Until then such a recipient stays PENDING on disk, so a crash
@@ -456,22 +460,24 @@ class Scheduler:
             self._release(act)
             return
         now = time.time()
-        if act.forced:
-            due = pending
-        else:
-            due = [r for r in pending if r.next_attempt <= now + NEXT_ATTEMPT_SLACK]
-        if not due:  # found by a scan before its time
-            self._release(act)
-            self._schedule(qid, min(r.next_attempt for r in pending))
-            return
-        act.env, act.path, act.offset = env, path, offset
-        groups: dict[str, list[Recipient]] = {}
-        for r in due:
+        by_key: dict[str, list[Recipient]] = {}
+        for r in pending:
             try:
                 key = route_key(self.cfg, r.address)
             except Exception:  # a malformed address still needs a slot and a result
                 key = r.address.rsplit("@", 1)[-1].lower()
-            groups.setdefault(key, []).append(r)
+            by_key.setdefault(key, []).append(r)
+        # A destination with one recipient due takes all its pending recipients: a
+        # message's retries to one destination go in one transaction (as Postfix's qmgr
+        # retries the whole message), not one per back-off jitter.
+        groups = {key: rcpts for key, rcpts in by_key.items()
+                  if act.forced or any(r.next_attempt <= now + NEXT_ATTEMPT_SLACK
+                                       for r in rcpts)}
+        if not groups:  # found by a scan before its time
+            self._release(act)
+            self._schedule(qid, min(r.next_attempt for r in pending))
+            return
+        act.env, act.path, act.offset = env, path, offset
         act.jobs = len(groups)
         for key, rcpts in groups.items():
             job = _Job(act, key, rcpts)
@@ -550,6 +556,7 @@ class Scheduler:
         d = self.cfg.delivery
         now = time.time()
         refused: list[str] = []  # 5xx from the next hop: containment counts them
+        retry_at: float | None = None  # one next attempt for the job's deferred ones
         for r in job.rcpts:
             res = results.get(r.address)
             if res is None:
@@ -574,8 +581,11 @@ class Scheduler:
                 else:
                     r.state = FAILED
             else:
-                r.next_attempt = backoff.next_attempt(env, now, d.retry, r.attempts,
-                                                      d.max_queue_lifetime)
+                if retry_at is None:  # they go together again: one jitter for all
+                    retry_at = backoff.next_attempt(
+                        env, now, d.retry, max(x.attempts for x in job.rcpts),
+                        d.max_queue_lifetime)
+                r.next_attempt = retry_at
                 stat = "Deferred"
                 if (d.delay_warning > 0 and now - env.received_at >= d.delay_warning
                         and not r.delay_warned):
@@ -613,6 +623,18 @@ class Scheduler:
         assert env is not None
         now = time.time()
         d = self.cfg.delivery
+        if act.owed.get("delayed"):
+            # One delay warning per message (as Postfix): every still-pending recipient
+            # not warned yet is named, also those to other destinations or not due in
+            # this pass (retried on another schedule).
+            named = {id(r) for rs in act.owed.values() for r in rs}
+            for r in env.pending:
+                if id(r) in named or r.delay_warned:
+                    continue
+                if should_notify(env, r, "delayed"):
+                    act.owed["delayed"].append(r)
+                else:
+                    r.delay_warned = True
         for action, trouble in _DSN_ACTIONS:
             rcpts = act.owed.pop(action, [])
             if not rcpts:
