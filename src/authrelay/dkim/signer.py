@@ -65,6 +65,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import dkim
+import nacl.encoding
+import nacl.signing
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -503,8 +505,6 @@ def _sign_prehashed(d: Any, gen_header: Callable[..., bytes], canon: Any, select
     with the body hash computed by us: the same tag list, and dkimpy's `gen_header`
     hashes the header fields and signs."""
     if algorithm == b"ed25519-sha256":
-        import nacl.encoding
-        import nacl.signing
         pk: Any = nacl.signing.SigningKey(privkey, encoder=nacl.encoding.Base64Encoder)
     else:
         pk = dkim.parse_pem_private_key(privkey)

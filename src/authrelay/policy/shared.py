@@ -130,6 +130,7 @@ def driver() -> Any:
     try:
         import redis.asyncio as aioredis
         import redis.asyncio.retry
+        import redis.asyncio.sentinel
         import redis.backoff  # noqa: F401 - used through the package below
     except ImportError:  # pragma: no cover - depends on the installation
         raise RuntimeError("[limits] shared needs redis-py: "
