@@ -123,3 +123,28 @@ def test_the_composition_root_is_imported_by_no_part() -> None:
     graph = import_graph()
     users = sorted(m for m, deps in graph.items() if "authrelay.wiring" in deps)
     assert set(users) <= {"authrelay.daemon", "authrelay.sendmail"}, users
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for dep in graph[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_receiving_and_delivering_stay_apart() -> None:
+    # The spool is the only hand-off: the receiving side (smtpd/) reaches no delivery or
+    # scheduler module, and the spool reaches neither side.
+    graph = import_graph()
+    for mod in (m for m in graph if m.startswith("authrelay.smtpd")):
+        far = sorted(d for d in _reach(graph, mod)
+                     if d.startswith(("authrelay.delivery", "authrelay.scheduler")))
+        assert far == [], (mod, far)
+    for mod in (m for m in graph if m.startswith("authrelay.spool")):
+        far = sorted(d for d in _reach(graph, mod) if d.startswith(
+            ("authrelay.smtpd", "authrelay.delivery", "authrelay.scheduler")))
+        assert far == [], (mod, far)
