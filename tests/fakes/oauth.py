@@ -88,7 +88,9 @@ class TokenEndpoint:
         self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
         self.url = f"https://{host}:{self.port}/token"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # poll_interval: how long shutdown() may wait for the loop to notice (default 0.5 s)
+        self._thread = threading.Thread(target=self.httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
 
     def start(self) -> TokenEndpoint:
         self._thread.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,10 +40,21 @@ def base_zones(keys: list) -> dict[str, Any]:  # noqa: ANN001
     return z
 
 
+@pytest.fixture(scope="module")
+def generated_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The RSA and Ed25519 keys, generated once per module (RSA generation is slow)."""
+    d = tmp_path_factory.mktemp("dkimkeys") / "dkim"
+    store = KeyStore(d)
+    store.generate(DOMAIN, "s-rsa", "rsa")
+    store.generate(DOMAIN, "s-ed25519", "ed25519")
+    return d
+
+
 @pytest.fixture
-def setup(tmp_path: Path, dns_server, trustme_ca) -> dict[str, Any]:  # noqa: ANN001
-    store = KeyStore(tmp_path / "dkim")
-    keys = [store.generate(DOMAIN, "s-rsa", "rsa"), store.generate(DOMAIN, "s-ed25519", "ed25519")]
+def setup(tmp_path: Path, dns_server, trustme_ca, generated_keys: Path) -> dict[str, Any]:  # noqa: ANN001
+    shutil.copytree(generated_keys, tmp_path / "dkim")  # each test its own copy
+    keys = sorted(KeyStore(tmp_path / "dkim").load().for_domain(DOMAIN),
+                  key=lambda k: k.selector != "s-rsa")  # [RSA, Ed25519], as generated
     leaf = trustme_ca.issue_cert(HOST)
     leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
     leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))

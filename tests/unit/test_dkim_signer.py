@@ -4,6 +4,7 @@ keys from a loopback DNS server (never from our key store)."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -35,12 +36,21 @@ MSG = (b"From: Alice <alice@example.org>\r\n"
        b"Hello Bob.\r\n")
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> KeyStore:
-    ks = KeyStore(tmp_path / "dkim")
+@pytest.fixture(scope="module")
+def generated_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One RSA-2048 and one Ed25519 key, generated once per module (RSA key generation is
+    the slow part); each test gets its own copy, modes and all."""
+    d = tmp_path_factory.mktemp("dkimkeys") / "dkim"
+    ks = KeyStore(d)
     ks.generate("example.org", "s-rsa", "rsa")
     ks.generate("example.org", "s-ed25519", "ed25519")
-    return ks.load()
+    return d
+
+
+@pytest.fixture
+def store(generated_keys: Path, tmp_path: Path) -> KeyStore:
+    shutil.copytree(generated_keys, tmp_path / "dkim")  # copy2: 0600 keys stay 0600
+    return KeyStore(tmp_path / "dkim").load()
 
 
 @pytest.fixture

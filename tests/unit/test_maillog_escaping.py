@@ -166,6 +166,7 @@ def _fail2ban_filter() -> str:
     return m.group(1)
 
 
+@pytest.mark.slow
 @pytest.mark.external
 def test_fail2ban_reads_only_the_real_client(tmp_path: Path) -> None:
     """fail2ban-regex (the real tool) with the documented filter over a log full of
@@ -212,6 +213,7 @@ def unescape(text: str) -> str:
     return _ESC.sub(lambda m: chr(int(m[1][1:], 16)), text)
 
 
+@pytest.mark.slow
 @settings(max_examples=3000, deadline=None)
 @given(st.text(alphabet=st.characters(codec=None), max_size=40))
 def test_escape_is_one_printable_field_and_reversible(s: str) -> None:

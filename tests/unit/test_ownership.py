@@ -81,6 +81,7 @@ _PARTS = st.sampled_from([
     b"\xc3\xa9", b"\xff"])
 
 
+@pytest.mark.slow
 @settings(max_examples=1500, deadline=None)
 @given(st.lists(_PARTS, max_size=30).map(b"".join))
 def test_owned_means_the_signer_never_picks_another_domain(head: bytes) -> None:

@@ -39,6 +39,7 @@ def test_instance_lock_names_the_live_holder(tmp_path: Path) -> None:
     os.close(process.acquire_instance_lock(tmp_path))  # free again
 
 
+@pytest.mark.slow
 def test_instance_lock_held_by_leftovers_of_a_dead_master(tmp_path: Path) -> None:
     """The recorded master is dead but a child still holds the lock: wait (bounded) for it,
     then take the lock; if it never goes, say so."""
