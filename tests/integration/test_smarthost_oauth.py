@@ -22,7 +22,11 @@ from support.certs import server_tls_context
 from support.ports import free_port
 from support.wait import until
 from test_delivery import MSG, envelope, make_cfg
-from test_doctor import cfg_for, doctor
+from test_doctor import (
+    cfg_for,
+    doctor,
+    generated_keys,  # noqa: F401  (a fixture doctor_setup uses)
+)
 from test_doctor import setup as doctor_setup  # noqa: F401  (a fixture)
 
 from authrelay import maillog as maillog_mod
