@@ -27,7 +27,7 @@ def plot_throughput(res: dict[str, Any], path: str) -> None:
             for s in sorted({r["sessions"] for r in res["runs"] if r["scenario"] == sc}):
                 v = [r["accepted_per_s"] for r in res["runs"] if r["scenario"] == sc
                      and r["sessions"] == s and r["target"] == target
-                     and r.get("accepted_per_s") is not None]
+                     and not r.get("reuse") and r.get("accepted_per_s") is not None]
                 if v:
                     xs.append(s)
                     med.append(statistics.median(v))

@@ -13,6 +13,10 @@
 #   PF_PLAIN_PORT=11025   plain SMTP, relay for mynetworks=127.0.0.0/8 without AUTH
 #   PF_SUB_PORT=11587     submission: STARTTLS required, AUTH PLAIN/LOGIN via Dovecot
 #   PF_SUBS_PORT=11465    submissions: TLS on connect (smtpd_tls_wrappermode=yes), AUTH
+#   PF_DKIM_RSA_PORT=11027, PF_DKIM_ED_PORT=11028, PF_DKIM_BOTH_PORT=11029: plain as 11025,
+#                         every message through OpenDKIM's RSA instance, its Ed25519 one, or
+#                         both in a row (milters at OPENDKIM_DIR/{rsa,ed25519}.sock, started
+#                         by bench/mta-peers.sh; 4xx without them)
 #   PF_SINK_PORT=11026    smtp-sink: the relayhost ("the Internet"); counts in $PF_RUN/sink.out
 # User: PF_USER=alice, PF_PASS="correct horse". Must run as root (Postfix needs it).
 # Certificate: $PF_DATA/tls/{cert,key}.pem, ECDSA P-256 (PF_CERT_TYPE=rsa for RSA 2048);
@@ -23,6 +27,10 @@ PF_PLAIN_PORT="${PF_PLAIN_PORT:-11025}"
 PF_SUB_PORT="${PF_SUB_PORT:-11587}"
 PF_SUBS_PORT="${PF_SUBS_PORT:-11465}"
 PF_SINK_PORT="${PF_SINK_PORT:-11026}"
+PF_DKIM_RSA_PORT="${PF_DKIM_RSA_PORT:-11027}"
+PF_DKIM_ED_PORT="${PF_DKIM_ED_PORT:-11028}"
+PF_DKIM_BOTH_PORT="${PF_DKIM_BOTH_PORT:-11029}"
+OPENDKIM_DIR="${OPENDKIM_DIR:-/run/authrelay-bench-peers/opendkim}"
 PF_USER="${PF_USER:-alice}"
 PF_PASS="${PF_PASS:-correct horse}"
 PF_CERT_TYPE="${PF_CERT_TYPE:-ecdsa}"
@@ -64,7 +72,9 @@ install_packages() {
 render() {  # render TEMPLATE DEST: fill @VARS@
   sed -e "s|@QUEUE@|$PF_QUEUE|g" -e "s|@DATA@|$PF_DATA|g" -e "s|@LOG@|$PF_LOG|g" \
       -e "s|@SINK_PORT@|$PF_SINK_PORT|g" -e "s|@PLAIN_PORT@|$PF_PLAIN_PORT|g" \
-      -e "s|@SUB_PORT@|$PF_SUB_PORT|g" -e "s|@SUBS_PORT@|$PF_SUBS_PORT|g" \
+      -e "s|@SUB_PORT@|$PF_SUB_PORT|g" -e "s|@DKIM_RSA_PORT@|$PF_DKIM_RSA_PORT|g" \
+      -e "s|@DKIM_ED_PORT@|$PF_DKIM_ED_PORT|g" -e "s|@DKIM_BOTH_PORT@|$PF_DKIM_BOTH_PORT|g" \
+      -e "s|@DKIM_DIR@|$OPENDKIM_DIR|g" -e "s|@SUBS_PORT@|$PF_SUBS_PORT|g" \
       -e "s|@CERT@|$PF_DATA/tls/cert.pem|g" \
       -e "s|@KEY@|$PF_DATA/tls/key.pem|g" -e "s|@DOVE_RUN@|$DOVE_RUN|g" \
       -e "s|@DOVE_LOG@|$PF_DATA/dovecot/dovecot.log|g" \

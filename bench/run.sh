@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # run.sh -- authrelay vs Postfix, side by side on this machine, one command:
 #
-#   sudo bash bench/run.sh            # full: 3 repetitions, ~10-15 minutes on 2 cores
+#   sudo bash bench/run.sh            # full: 3 repetitions, ~25-40 minutes on 2 cores
 #   sudo bash bench/run.sh --quick    # short normal mode (smaller counts), ~4-6 minutes
 #   sudo bash bench/run.sh --smoke    # tiny counts, seconds (CI)
 #   extra flags go to bench/scenarios.py: --reps N, --only abcef
 #
 # Installs what it needs (postfix, dovecot-core, smtp-source/smtp-sink from the postfix
-# package, matplotlib), starts the private Postfix peer (bench/postfix-peer.sh) and authrelay
+# package, matplotlib, dnslib; chasquid, opensmtpd and opendkim unpacked from their .debs by
+# bench/mta-peers.sh), starts the private Postfix peer (bench/postfix-peer.sh), authrelay
 # (bench/authrelay-bench.toml in a temporary state_dir, free loopback ports, its own
-# smtp-sink as smart host), runs the scenarios alternating Postfix / authrelay, writes
-# bench/RESULTS.md, bench/results.json and bench/throughput.png, then stops what it started.
+# smtp-sink as smart host), chasquid, OpenSMTPD and OpenDKIM behind Postfix with
+# authrelay's DKIM keys (bench/mta-peers.sh), runs the scenarios alternating the targets,
+# writes bench/RESULTS.md, bench/results.json and bench/throughput.png, then stops what it
+# started (by PID).
 #
 # Env: BENCH_AUTHRELAY_WORKERS=N sets authrelay's `workers` (default 0: one per core);
 # BENCH_AUTHRELAY_LIMITS='pool_eviction = false' adds lines to its [limits] (a "before");
+# BENCH_PEERS="chasquid opensmtpd opendkim" (default) picks the other peers ("" for none);
 # BENCH_AUTHRELAY=0 runs the Postfix side only (also automatic when `authrelay serve`
-# is not available); BENCH_KEEP_PEER=1 leaves the Postfix peer running afterwards;
+# is not available); BENCH_KEEP_PEER=1 leaves the peers running afterwards;
 # PY=python to use a particular interpreter (default: python3 with authrelay importable,
 # else a venv in bench/.venv).
 set -euo pipefail
@@ -37,7 +41,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 PY="${PY:-python3}"
-if ! "$PY" -c 'import authrelay, matplotlib' 2>/dev/null; then
+if ! "$PY" -c 'import authrelay, matplotlib, dnslib' 2>/dev/null; then
   if [ ! -x "$HERE/.venv/bin/python" ]; then python3 -m venv "$HERE/.venv"; fi
   PY="$HERE/.venv/bin/python"
   "$PY" -m pip install -q -e "$ROOT[bench]"
@@ -61,7 +65,10 @@ cleanup() {
     kill -KILL -- "-$AR_PID" 2>/dev/null
   fi
   if [ -n "$SINK_PID" ] && kill -0 "$SINK_PID" 2>/dev/null; then kill "$SINK_PID"; fi
-  [ "${BENCH_KEEP_PEER:-0}" = 1 ] || bash "$HERE/postfix-peer.sh" stop >/dev/null
+  if [ "${BENCH_KEEP_PEER:-0}" != 1 ]; then
+    PY="$PY" bash "$HERE/mta-peers.sh" stop-all >/dev/null
+    bash "$HERE/postfix-peer.sh" stop >/dev/null
+  fi
   [ -n "$STATE" ] && [ -d "$STATE" ] && rm -rf "$STATE"
 }
 trap cleanup EXIT
@@ -70,12 +77,12 @@ CERT=/var/lib/postfix-authrelay-bench/tls/cert.pem
 KEY=/var/lib/postfix-authrelay-bench/tls/key.pem
 TARGETS="$(mktemp /tmp/authrelay-bench-targets.XXXXXX.json)"
 trap 'cleanup; rm -f "$TARGETS"' EXIT
-cat > "$TARGETS" <<EOF
-[{"name": "postfix", "plain": ${PF_PLAIN_PORT:-11025}, "submission": ${PF_SUB_PORT:-11587},
-  "submissions": ${PF_SUBS_PORT:-11465},
+PF_ENTRY='{"name": "postfix", "plain": '"${PF_PLAIN_PORT:-11025}"', "submission": '"${PF_SUB_PORT:-11587}"',
+  "submissions": '"${PF_SUBS_PORT:-11465}"',
   "sink_out": "/run/authrelay-bench-postfix/sink.out",
-  "pids_cmd": "bash $HERE/postfix-peer.sh pids"}
-EOF
+  "pids_cmd": "bash '"$HERE"'/postfix-peer.sh pids"}'
+PEER_ENTRIES=""
+AR_ENTRY=""
 
 # 3. authrelay -------------------------------------------------------------------------
 free_ports() {  # N free loopback TCP ports
@@ -123,10 +130,9 @@ if [ "$BENCH_AUTHRELAY" = 1 ] && "$PY" -m authrelay serve --help >/dev/null 2>&1
   AR_PID=$!
   if wait_port "$AR_PLAIN" && wait_port "$AR_SUB" && wait_port "$AR_SUBS" && wait_port "$AR_SINK"; then
     echo "authrelay up: plain=127.0.0.1:$AR_PLAIN submission=127.0.0.1:$AR_SUB submissions=127.0.0.1:$AR_SUBS sink=$AR_SINK pid=$AR_PID"
-    cat >> "$TARGETS" <<EOF
-, {"name": "authrelay", "plain": $AR_PLAIN, "submission": $AR_SUB, "submissions": $AR_SUBS,
-   "sink_out": "$STATE/sink.out", "pids": [$AR_PID], "sid": $AR_PID}
-EOF
+    AR_ENTRY=', {"name": "authrelay", "plain": '"$AR_PLAIN"', "submission": '"$AR_SUB"',
+   "submissions": '"$AR_SUBS"', "dkim": "off,rsa,ed25519,both",
+   "sink_out": "'"$STATE"'/sink.out", "pids": ['"$AR_PID"'], "sid": '"$AR_PID"'}'
   else
     echo "run.sh: authrelay did not come up; Postfix side only. Its log:" >&2
     tail -20 "$STATE/serve.log" >&2 || true
@@ -134,9 +140,45 @@ EOF
 else
   echo "run.sh: authrelay side off (BENCH_AUTHRELAY=0 or no 'authrelay serve'); Postfix only"
 fi
-echo "]" >> "$TARGETS"
 
-# 4. the scenarios -----------------------------------------------------------------------
+# 4. the other peers ---------------------------------------------------------------------
+# Each is optional: one that does not come up is reported and left out, the run goes on.
+PEERS_RUN=/run/authrelay-bench-peers
+for peer in ${BENCH_PEERS-chasquid opensmtpd opendkim}; do
+  case "$peer" in
+    opendkim)
+      # the same keys authrelay signs with (scenario s needs the authrelay side for them)
+      if [ -z "$STATE" ] || [ ! -d "$STATE/dkim" ]; then echo "run.sh: no DKIM keys, no OpenDKIM"; continue; fi
+      if PY="$PY" OPENDKIM_KEYS="$STATE/dkim" bash "$HERE/mta-peers.sh" start opendkim; then
+        PEER_ENTRIES+=', {"name": "postfix+opendkim", "plain": '"${PF_DKIM_RSA_PORT:-11027}"',
+   "variant_ports": {"rsa": '"${PF_DKIM_RSA_PORT:-11027}"', "ed25519": '"${PF_DKIM_ED_PORT:-11028}"',
+                     "both": '"${PF_DKIM_BOTH_PORT:-11029}"'},
+   "submission": '"${PF_SUB_PORT:-11587}"', "scenarios": "s", "dkim": "rsa,ed25519,both",
+   "sink_out": "/run/authrelay-bench-postfix/sink.out",
+   "pids_cmd": "sh -c \"bash '"$HERE"'/postfix-peer.sh pids; bash '"$HERE"'/mta-peers.sh pids opendkim\""}'
+      fi ;;
+    chasquid)
+      if PY="$PY" bash "$HERE/mta-peers.sh" start chasquid; then
+        PEER_ENTRIES+=', {"name": "chasquid", "plain": '"${CHQ_PLAIN_PORT:-12025}"',
+   "submission": '"${CHQ_SUB_PORT:-12587}"', "scenarios": "abc", "fsync": false,
+   "user": "src@bench.example.test", "sink_out": "'"$PEERS_RUN"'/chasquid/sink.out",
+   "pids_cmd": "bash '"$HERE"'/mta-peers.sh pids chasquid"}'
+      fi ;;
+    opensmtpd)
+      if PY="$PY" bash "$HERE/mta-peers.sh" start opensmtpd; then
+        PEER_ENTRIES+=', {"name": "opensmtpd", "plain": '"${OSM_PLAIN_PORT:-13025}"',
+   "submission": '"${OSM_SUB_PORT:-13587}"', "scenarios": "ac", "fsync": false,
+   "note": "no (b): its TLS server fails with OpenSSL 3 (EVP lib; upstream #1171, #1239)",
+   "user": "src@bench.example.test", "sink_out": "'"$PEERS_RUN"'/opensmtpd/sink.out",
+   "pids_cmd": "bash '"$HERE"'/mta-peers.sh pids opensmtpd"}'
+      fi ;;
+    *) echo "run.sh: unknown peer $peer" >&2 ;;
+  esac
+done
+printf '[%s\n%s\n%s\n]\n' "$PF_ENTRY" "$PEER_ENTRIES" "$AR_ENTRY" > "$TARGETS"
+"$PY" -c 'import json, sys; print("targets:", [t["name"] for t in json.load(open(sys.argv[1]))])' "$TARGETS"
+
+# 5. the scenarios -----------------------------------------------------------------------
 set +e
 "$PY" "$HERE/scenarios.py" --targets "$TARGETS" "$@"
 rc=$?

@@ -15,7 +15,10 @@ bench/throughput.png.
 
 Contract: `--targets FILE` is a JSON list of targets, each
   {"name": "postfix", "plain": 11025, "submission": 11587, "submissions": 11465,
-   "sink_out": "/run/.../sink.out", "pids": [1234, ...] | "pids_cmd": "bash ... pids"}
+   "sink_out": "/run/.../sink.out", "pids": [1234, ...] | "pids_cmd": "bash ... pids",
+   optional: "scenarios": "abc" (keys it runs), "dkim": "off,rsa" ((s) variants it runs),
+   "variant_ports": {"rsa": 11027} ((s) plain port by variant), "fsync": false (accepts
+   without fsyncing its queue: said beside every ratio), "note": "...", "user": "..."}
 (`sink_out`: the output of `smtp-sink -c`, whose last `mesg=N` counts delivered mail).
 Targets run in the order given, alternating within every scenario and repetition.
 The server side is found again before every run (pids_cmd), so a restart is harmless.
@@ -164,6 +167,17 @@ class Target:
     sid: int = 0  # also every process of this session (a daemon's orphaned workers)
     user: str = "alice"
     password: str = "correct horse"
+    scenarios: str = ""  # the scenario keys it runs; empty: all
+    dkim: str = "off"  # (s): the variants it runs (comma-separated); authrelay and
+    # Postfix + OpenDKIM sign, the others run only "off"
+    variant_ports: dict[str, int] = field(default_factory=dict)  # (s): plain port by variant
+    fsync: bool = True  # False: accepts without fsyncing its queue (chasquid, OpenSMTPD)
+    note: str = ""  # for RESULTS.md: what this peer cannot do here, and why
+
+    def runs(self, sc: Scenario) -> bool:
+        if self.scenarios and sc.key not in self.scenarios:
+            return False
+        return sc.key != "s" or sc.dkim in self.dkim.split(",")
 
     def roots(self) -> list[int]:
         if self.pids_cmd:
@@ -194,10 +208,12 @@ class Target:
 
 
 def smtp_source(port: int, sessions: int, messages: int, size: int,
-                sender: str = SENDER) -> dict[str, Any]:
-    """Plain SMTP load with Postfix's smtp-source: one message per connection (its From:
-    header is the envelope sender)."""
-    cmd = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
+                sender: str = SENDER, reuse: bool = False) -> dict[str, Any]:
+    """Plain SMTP load with Postfix's smtp-source: one message per connection, or with
+    `reuse` (-d) every message of a session over one connection (its From: header is the
+    envelope sender)."""
+    cmd = ["smtp-source", *(["-d"] if reuse else []), "-s", str(sessions), "-m", str(messages),
+           "-l", str(size),
            "-f", sender, "-t", RCPT, "-M", "source.bench.example.test", f"127.0.0.1:{port}"]
     t0 = time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -230,7 +246,8 @@ class Scenario:
     size: int = 1024
     connections: int = 0
     sender: str = SENDER  # (s): the From: domain picks the DKIM keys that sign
-    dkim: str = ""  # (s): off | rsa | ed25519 | both; only "off" runs on Postfix
+    dkim: str = ""  # (s): off | rsa | ed25519 | both (Target.dkim says who runs which)
+    reuse: bool = False  # (a'): smtp-source -d, the messages of a session on one connection
     attack: tuple[str, ...] = ("--noop", "2", "--noread", "2")  # (h): load.py flood args
     flood_port: str = ""  # (i): the Target port flooded: "submissions" | "plain"
     probe: str = ""  # (i): "implicit" (465) | "starttls" (587)
@@ -257,6 +274,9 @@ def scenarios(smoke: bool, quick: bool) -> list[Scenario]:
     out = []
     for s in (1, 10, 50):
         out.append(Scenario("a", f"plain 1 KiB, {s} sessions", s, na // 3 if s == 1 else na))
+    # (a'): the same over reused connections (smtp-source -d: MAIL after the 250, no QUIT)
+    out.append(Scenario("a", "plain 1 KiB, 10 sessions, connections reused (-d)", 10,
+                        na * 3 // 2, reuse=True))
     for s in (1, 10, 50):
         out.append(Scenario("b", f"STARTTLS+AUTH 1 KiB, {s} sessions", s,
                             nb // 3 if s == 1 else nb))
@@ -309,7 +329,7 @@ def run_one(t: Target, sc: Scenario) -> dict[str, Any]:
     pids0 = process_tree(roots)
     rss_idle, pss_idle = memory(pids0)
     rec: dict[str, Any] = dict(target=t.name, scenario=sc.key, label=sc.label,
-                               sessions=sc.sessions, size=sc.size,
+                               sessions=sc.sessions, size=sc.size, reuse=sc.reuse,
                                server_processes_idle=len(pids0),
                                rss_idle_mb=round(rss_idle / MB, 2),
                                pss_idle_mb=round(pss_idle / MB, 2))
@@ -327,7 +347,8 @@ def run_one(t: Target, sc: Scenario) -> dict[str, Any]:
         sampler.start()
     t0 = time.monotonic()
     if sc.key in ("a", "c", "s"):
-        load = smtp_source(t.plain, sc.sessions, sc.messages, sc.size, sc.sender)
+        port = t.variant_ports.get(sc.dkim, t.plain)
+        load = smtp_source(port, sc.sessions, sc.messages, sc.size, sc.sender, sc.reuse)
     elif sc.key == "b":
         load = load_py(["smtp", "--port", str(t.submission), "--tls", "starttls",
                         "--auth", "plain", "--user", t.user, "--password", t.password,
@@ -483,11 +504,20 @@ def run_flood(t: Target, sc: Scenario, roots: list[int],
     return rec
 
 
-def warm_up(t: Target) -> None:
-    smtp_source(t.plain, 5, 20, 1024)
-    load_py(["smtp", "--port", str(t.submission), "--tls", "starttls", "--auth", "plain",
-             "--user", t.user, "--password", t.password, "-c", "2", "-n", "4"])
-    wait_delivered(t, t.delivered() + 24, stall=3)
+def warm_up(t: Target, scs: list[Scenario]) -> None:
+    """A few messages down every path the target's scenarios take (first-use costs)."""
+    if not scs:
+        return
+    n = t.delivered()
+    for sc in [sc for sc in scs if sc.key == "s" and sc.size == 1024] or scs[:1]:
+        smtp_source(t.variant_ports.get(sc.dkim, t.plain), 5, 20, 1024, sc.sender)
+        n += 20
+    if any(sc.key == "b" for sc in scs):
+        load_py(["smtp", "--port", str(t.submission), "--tls", "starttls", "--auth", "plain",
+                 "--user", t.user, "--password", t.password, "-c", "2", "-n", "4",
+                 "--from", SENDER, "--to", RCPT])
+        n += 4
+    wait_delivered(t, n, stall=3)
 
 
 def machine() -> dict[str, Any]:
@@ -533,15 +563,18 @@ def main(argv: list[str] | None = None) -> int:
     scs = [s for s in scenarios(a.smoke, a.quick) if not a.only or s.key in a.only]
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     res: dict[str, Any] = dict(machine=machine(), mode=mode, reps=a.reps,
-                               targets=[t.name for t in targets], note=a.note, runs=[])
+                               targets=[t.name for t in targets], note=a.note, runs=[],
+                               target_info={t.name: dict(fsync=t.fsync, note=t.note,
+                                                         scenarios=t.scenarios, dkim=t.dkim)
+                                            for t in targets})
     t_start = time.monotonic()
     for t in targets:
-        warm_up(t)
+        warm_up(t, [sc for sc in scs if t.runs(sc)])
     for rep in range(a.reps):
         for sc in scs:
             for t in targets:
-                if sc.dkim not in ("", "off") and t.name != "authrelay":
-                    continue  # Postfix runs unsigned only
+                if not t.runs(sc):
+                    continue  # e.g. only Postfix + OpenDKIM and authrelay sign (s)
                 rec = run_one(t, sc)
                 rec["rep"] = rep
                 res["runs"].append(rec)
