@@ -74,6 +74,8 @@ def test_keygen_both_list_and_dns(tmp_path: Path) -> None:
     assert any(ln.endswith(".8.b.d.0.1.0.0.2.ip6.arpa. IN PTR relay.example.org.") for ln in out)
     assert set(lines) <= set(out)
     assert 'example.org. IN TXT "v=spf1 ip4:192.0.2.10 ip6:2001:db8::10 ~all"' in out
+    # SPF for the HELO name: bounces (null sender) are checked against it (RFC 7208 2.3).
+    assert 'relay.example.org. IN TXT "v=spf1 ip4:192.0.2.10 ip6:2001:db8::10 -all"' in out
     assert ('_dmarc.example.org. IN TXT "v=DMARC1; p=none; rua=mailto:postmaster@example.org"'
             in out)
     assert "_submission._tcp.example.org. IN SRV 0 1 587 relay.example.org." in out
@@ -127,6 +129,7 @@ def test_dns_with_smart_host_uses_its_include(tmp_path: Path) -> None:
     r = run(tmp_path, "dns", "example.org")
     assert r.returncode == 0, r.stderr
     assert 'example.org. IN TXT "v=spf1 include:provider.example ~all"' in r.stdout
+    assert "-all" not in r.stdout  # the smart host's HELO is seen, not ours: no HELO SPF
     assert "dkim keygen example.org" in r.stdout  # no key yet: says how to make one
 
 

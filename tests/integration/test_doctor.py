@@ -28,7 +28,8 @@ DOMAIN = "example.test"
 
 def base_zones(keys: list) -> dict[str, Any]:  # noqa: ANN001
     z: dict[str, Any] = {
-        HOST: {"A": [IP]},
+        # SPF for the HELO name: bounces (null sender) are checked against it.
+        HOST: {"A": [IP], "TXT": [f"v=spf1 ip4:{IP} -all"]},
         "10.2.0.192.in-addr.arpa": {"PTR": [HOST]},
         # SPF through an include, so pyspf must follow it.
         DOMAIN: {"TXT": ["v=spf1 include:_spf.example.test ~all", "google-site-verify=x"]},
@@ -85,11 +86,13 @@ async def test_right_zones_all_pass(setup: dict, dns_server) -> None:  # noqa: A
     assert failing(res) == {}
     assert set(res) == {
         "hostname", f"fcrdns {IP}", f"spf {DOMAIN}", f"dmarc {DOMAIN}", "tls",
+        f"spf helo {HOST}",
         f"dkim s-rsa._domainkey.{DOMAIN}", f"dkim s-ed25519._domainkey.{DOMAIN}",
     }
     assert res[f"fcrdns {IP}"].detail == f"{IP} -> {HOST} -> {IP}"
     assert res[f"spf {DOMAIN}"].detail == f"pass for {IP}"
     assert res[f"dmarc {DOMAIN}"].detail == "p=none; alignment by DKIM and SPF"
+    assert res[f"spf helo {HOST}"].detail == f"pass for {IP}"
     # pyspf asked OUR server for the include (not the system resolver).
     assert ("_spf.example.test", "TXT") in dns_server.queries
 
@@ -113,6 +116,11 @@ def _set(dns_server, name: str, value: Any) -> None:  # noqa: ANN001
     ("_spf.example.test", {"TXT": ["v=spf1 include:_spf.example.test -all"]}, f"spf {DOMAIN}",
      "permerror for", "in the SPF record"),
     ("_spf.example.test", "SERVFAIL", f"spf {DOMAIN}", "temperror for", ""),
+    (HOST, {"A": [IP]}, f"spf helo {HOST}",
+     f"{HOST} has no SPF record (bounces, sent with a null sender, are checked against "
+     "the HELO name)", f'publish {HOST}. IN TXT "v=spf1 ip4:{IP} -all"'),
+    (HOST, {"A": [IP], "TXT": ["v=spf1 ip4:198.51.100.7 -all"]}, f"spf helo {HOST}",
+     f'"v=spf1 ip4:198.51.100.7 -all": fail for {IP}', f"publish {HOST}. IN TXT"),
     ("s-rsa._domainkey.example.test", None, f"dkim s-rsa._domainkey.{DOMAIN}",
      "no key published: the name does not exist (NXDOMAIN)",
      "publish s-rsa._domainkey.example.test. IN TXT \"v=DKIM1; k=rsa; p="),
@@ -141,7 +149,7 @@ async def test_each_breakage_reported_precisely(setup: dict, dns_server, name: s
 
 
 async def test_ptr_name_does_not_resolve_back(setup: dict, dns_server) -> None:  # noqa: ANN001
-    _set(dns_server, HOST, {"A": ["192.0.2.99"]})
+    _set(dns_server, HOST, {"A": ["192.0.2.99"], "TXT": [f"v=spf1 ip4:{IP} -all"]})
     res = await doctor(cfg_for(setup["tmp"], dns_server))
     assert set(failing(res)) == {f"fcrdns {IP}"}
     c = res[f"fcrdns {IP}"]
@@ -152,7 +160,7 @@ async def test_ptr_name_does_not_resolve_back(setup: dict, dns_server) -> None: 
 async def test_hostname_missing(setup: dict, dns_server) -> None:  # noqa: ANN001
     _set(dns_server, HOST, None)
     res = await doctor(cfg_for(setup["tmp"], dns_server))
-    assert set(failing(res)) == {"hostname", f"fcrdns {IP}"}
+    assert set(failing(res)) == {"hostname", f"fcrdns {IP}", f"spf helo {HOST}"}
     assert res["hostname"].detail == f"{HOST}: the name does not exist (NXDOMAIN)"
 
 
@@ -261,7 +269,7 @@ def test_cli_exit_status_and_json(setup: dict, dns_server) -> None:  # noqa: ANN
     r = run()
     assert r.returncode == 0, r.stdout + r.stderr
     assert all(line.startswith("\u2714 ") for line in r.stdout.splitlines()), r.stdout
-    assert len(r.stdout.splitlines()) == 7
+    assert len(r.stdout.splitlines()) == 8
     _set(dns_server, "_dmarc.example.test", None)
     r = run("--json")
     assert r.returncode == 1

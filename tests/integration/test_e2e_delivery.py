@@ -328,6 +328,33 @@ def test_smart_host_failover(relay_factory: Callable[..., RelayProcess], dns: Fa
     assert len(sent) == 1 and "127.0.0.3" in sent[0]
 
 
+def test_smart_host_name_resolved_through_the_configured_nameservers(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca: Any, trustme_ca_file: Path, tmp_path: Path) -> None:
+    """A smart host named by a name only the loopback DNS server knows is found through
+    `[delivery] nameservers` (not the system resolver), and its certificate is verified
+    for that name; a name that does not resolve fails that host (4.4.3), the next one
+    takes the mail."""
+    dns.update({"smart.relay.test": {"A": ["127.0.0.8"]}})
+    sh = fake_mx("127.0.0.8",
+                 starttls_context=server_tls_context(trustme_ca, "smart.relay.test"),
+                 require_starttls=True, users={"relayuser": "s3cret pass"})
+    cfg = smart_overrides(tmp_path, [f"nosuch.relay.test:{sh.port}",
+                                     f"smart.relay.test:{sh.port}"], trustme_ca_file)
+    cfg["delivery"]["nameservers"] = [dns.nameserver]
+    relay = relay_factory(cfg)
+    qid = submit(relay, ["bob@example.test"])
+    relay.wait_for(lambda: gone(relay, qid), what="delivery to the smart host by name")
+    assert len(sh.messages) == 1 and sh.messages[0].tls
+    lines = log_lines(relay, qid)
+    sent = [ln for ln in lines if "stat=Sent" in ln]
+    assert len(sent) == 1 and "relay=smart.relay.test [127.0.0.8]" in sent[0]
+    assert any("cannot resolve the smart host nosuch.relay.test" in ln and "4.4.3" in ln
+               for ln in lines), lines
+    asked = {str(q[0]).rstrip(".").lower() for q in dns.queries}
+    assert {"smart.relay.test", "nosuch.relay.test"} <= asked, dns.queries
+
+
 # --------------------------------------------------------------------------- results
 
 def test_temporary_failure_then_success(

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import re
 import ssl
@@ -84,7 +85,7 @@ from authrelay.delivery.mtasts import HttpsStsSource, StsPolicy, StsSource
 from authrelay.delivery.router import SMARTHOST, route_key
 from authrelay.delivery.tlspolicy import HostPolicy
 from authrelay.delivery.wire import ProtocolError, SMTPReply
-from authrelay.dns import Resolver
+from authrelay.dns import DnsError, Resolver
 from authrelay.spool.envelope import Envelope, Recipient
 from authrelay.types import DeliveryResult
 
@@ -311,7 +312,10 @@ class Courier:
         key = route_key(self.cfg, rcpts[0].address)
         last = DeliveryResult.temp("no host to deliver to", "4.4.0", 451)
         if key == SMARTHOST:
-            targets = self._smart_targets()
+            targets, unresolved = await self._resolve_smart(self._smart_targets())
+            for t, res in unresolved:
+                self._host_failed(env.queue_id, t, res)
+                last = res
             if self._smart_level != "verify":  # judged by peercert after the handshake
                 await self._smart_cas.warm()
         else:
@@ -394,6 +398,31 @@ class Courier:
             out.append(_Target(host, host, port, "tls" if self._smart_implicit else "smart",
                                HostPolicy(level, level, (host,))))
         return out
+
+    async def _resolve_smart(self, targets: list[_Target]
+                             ) -> tuple[list[_Target], list[tuple[_Target, DeliveryResult]]]:
+        """With `[delivery] nameservers`, a smart host named by a name is resolved through
+        them (as every MX is), one target per address, IPv6 first; without them the
+        system resolver (getaddrinfo, /etc/hosts included) is asked at connect time. A
+        name that does not resolve fails that smart host (4.4.3: the next one is tried,
+        the mail waits)."""
+        if not self.cfg.delivery.nameservers:
+            return targets, []
+        out: list[_Target] = []
+        failed: list[tuple[_Target, DeliveryResult]] = []
+        for t in targets:
+            if _is_ip(t.host):
+                out.append(t)
+                continue
+            try:
+                addrs = await self.resolver.addresses(t.host)
+            except DnsError as e:
+                failed.append((t, DeliveryResult.temp(
+                    f"cannot resolve the smart host {t.host}: {e}", "4.4.3", 451,
+                    f"{t.host}:{t.port}")))
+                continue
+            out.extend(dataclasses.replace(t, addr=ip) for ip in mx.v6_first(addrs))
+        return out, failed
 
     async def _load(self, message: bytes | Path, offset: int) -> bytes | _FileBody:
         if isinstance(message, bytes | bytearray | memoryview):
@@ -1053,6 +1082,14 @@ def _too_many(res: DeliveryResult | None) -> bool:
     """A 452 for the server's recipient limit (RFC 5321 4.5.3.1.10; RFC 3463 4.5.3)."""
     return res is not None and res.code == 452 and \
         (res.enhanced == "4.5.3" or "too many" in res.text.lower())
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _sni(host: str) -> str | None:

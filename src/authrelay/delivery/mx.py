@@ -76,7 +76,8 @@ def order_mx(records: list[tuple[int, str]], rng: random.Random | None = None) -
     return out
 
 
-def _v6_first(addrs: list[str]) -> list[str]:
+def v6_first(addrs: list[str]) -> list[str]:
+    """Addresses without duplicates, IPv6 first (order otherwise kept)."""
     return sorted(dict.fromkeys(addrs), key=lambda a: 0 if ":" in a else 1)
 
 
@@ -145,7 +146,7 @@ async def resolve_route(resolver: Resolver, domain: str,
             continue
         except DnsNoData:
             continue
-        out.extend((host, ip) for ip in _v6_first(addrs))
+        out.extend((host, ip) for ip in v6_first(addrs))
         if secure:
             secure_hosts.add(host)
     if out:

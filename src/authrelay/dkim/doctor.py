@@ -6,6 +6,9 @@ One line per check, `✔` or `✗`, what was found, and for a failure what to fi
                 back to that address (forward-confirmed reverse DNS, RFC 8601 2.7.3).
 - spf DOMAIN    the domain's SPF record, evaluated includes and all by pyspf (RFC 7208),
                 gives `pass` for every public address (or the smart host's addresses).
+- spf helo HOST `hostname`'s own SPF record passes for every public address: bounces go
+                with a null sender, so receivers check the HELO identity (RFC 7208 2.3,
+                as postmaster@HOST). Not checked with a smart host (its HELO is seen).
 - dkim SEL._domainkey.DOMAIN   the published key equals the local key, algorithm too
                 (RFC 6376 3.6.1, RFC 8463).
 - dmarc DOMAIN  `_dmarc.DOMAIN` (else the parent domain's, as an approximation of the
@@ -109,6 +112,8 @@ class Doctor:
             await self.check_dkim(d)
             await self.check_spf(d, addrs)
             await self.check_dmarc(d)
+        if not self.cfg.relay.smart_host:
+            await self.check_spf_helo(addrs)
         self.check_tls()
         await self.check_smart_hosts()
         return self.results
@@ -267,6 +272,37 @@ class Doctor:
                      f"(e.g. {suggested})")
         else:
             self.add(name, True, f"pass for {', '.join(senders)}{via}")
+
+    async def check_spf_helo(self, addrs: list[str]) -> None:
+        """RFC 7208 2.3: our bounces have a null MAIL FROM, so SPF checks the HELO name
+        (as postmaster@HOSTNAME); its record must pass for every public address."""
+        name = f"spf helo {self.host}"
+        suggested = records.helo_spf_record(self.cfg, addrs).zone_line()
+        if not addrs:
+            self.add(name, False, "no sending address known to evaluate SPF for",
+                     "set public_addresses in the config")
+            return
+        try:
+            txts = await self.resolver.txt(self.host)
+        except (DnsPermanent, DnsNoData):
+            txts = []
+        except DnsError as e:
+            self.add(name, False, f"TXT lookup: {_dns_problem(e)}", "try again later")
+            return
+        spf_recs = [t for t in txts if t.lower().startswith("v=spf1")]
+        if not spf_recs:
+            self.add(name, False, f"{self.host} has no SPF record (bounces, sent with a "
+                     "null sender, are checked against the HELO name)",
+                     f"publish {suggested}")
+            return
+        results = await asyncio.to_thread(self._evaluate_spf, self.host, addrs)
+        bad = [(ip, r, why) for ip, r, why in results if r != "pass"]
+        if bad:
+            detail = "; ".join(f"{r} for {ip}" + (f" ({why})" if why else "")
+                               for ip, r, why in bad)
+            self.add(name, False, f"\"{spf_recs[0]}\": {detail}", f"publish {suggested}")
+        else:
+            self.add(name, True, f"pass for {', '.join(addrs)}")
 
     def _evaluate_spf(self, domain: str, ips: list[str]) -> list[tuple[str, str, str]]:
         import spf  # pyspf: RFC 7208 evaluation, includes, macros, limits

@@ -16,7 +16,9 @@ For each sending domain D (the arguments, else every domain with a DKIM key, plu
 And once for the relay: `hostname A/AAAA address` and the PTR of each public address
 naming `hostname` (forward-confirmed reverse DNS, RFC 8601 2.7.3 "iprev"; receivers such as
 Gmail require it). The PTR lives in the address owner's reverse zone: the hosting
-provider sets it.
+provider sets it. Delivering directly (no smart host), also `hostname TXT "v=spf1 ip4:A
+-all"`: bounces go with a null MAIL FROM, so receivers check SPF for the HELO name
+(RFC 7208 2.3, as postmaster@hostname).
 
 Public addresses: `public_addresses` from the config, else the global addresses among the
 listen addresses, else the addresses `hostname` resolves to. None known: a placeholder the
@@ -115,6 +117,23 @@ def spf_value(cfg: Config, addrs: list[str]) -> str:
     return "v=spf1 " + " ".join(mechs) + " ~all"
 
 
+def helo_spf_record(cfg: Config, addrs: list[str]) -> Record:
+    """SPF for the HELO name (RFC 7208 2.3): our bounces have a null MAIL FROM, so
+    receivers check `postmaster@HOSTNAME`; only the relay's own addresses send as it
+    (`-all`: nothing else uses this name). Without known addresses: `a` (its A/AAAA)."""
+    mechs = []
+    for a in addrs:
+        try:
+            ip = ipaddress.ip_address(a)
+        except ValueError:
+            continue
+        mechs.append(f"ip{ip.version}:{ip}")
+    return Record(cfg.hostname.rstrip("."), "TXT",
+                  "v=spf1 " + (" ".join(mechs) or "a") + " -all",
+                  "SPF for the HELO name: bounces (null sender) are checked against it "
+                  "(RFC 7208 2.3)")
+
+
 def _submission_port(cfg: Config, mode: str) -> int | None:
     for ln in cfg.listen:
         if ln.mode == mode:
@@ -145,6 +164,8 @@ def build(cfg: Config, domains: list[str] | None = None,
                           "PTR", f"{host}.",
                           "address -> hostname: set by the owner of the address "
                           "(your hosting provider's panel), not in your zone"))
+    if not cfg.relay.smart_host:  # with a smart host, its HELO is what receivers see
+        out.append(helo_spf_record(cfg, addrs))
     for d in doms:
         for k in store.for_domain(d):
             out.append(Record(k.record_name, "TXT", k.txt_value,
