@@ -9,7 +9,11 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
+
 from authrelay import cli
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -72,6 +72,7 @@ def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
 
 # --------------------------------------------------------------------------- DNS facade
 
+@pytest.mark.slow
 async def test_resolver_maps_outcomes(dns: FakeDNSServer) -> None:
     r = Resolver([dns.nameserver], timeout=1)
     assert sorted(await r.mx("EXAMPLE.test.")) == [(10, "mx1.example.test"),
@@ -192,7 +193,7 @@ async def test_address_literal_skips_dns(tmp_path: Path, dns: FakeDNSServer,
     ("nullmx.test", 556, "5.1.10", True),
     ("nonexistent.test", 550, "5.1.2", True),
     ("broken.test", 451, "4.4.3", False),
-    ("slow.test", 451, "4.4.3", False),
+    pytest.param("slow.test", 451, "4.4.3", False, marks=pytest.mark.slow),  # a DNS timeout
     ("nohost.test", 550, "5.4.4", True),
 ])
 async def test_dns_outcomes(tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
@@ -499,6 +500,7 @@ async def test_data_timeout_is_temporary(tmp_path: Path, dns: FakeDNSServer,
     assert (r.permanent, r.enhanced) == (False, "4.4.2") and "DATA" in r.text
 
 
+@pytest.mark.slow
 async def test_concurrent_deliveries_then_shared_pool(tmp_path: Path, dns: FakeDNSServer,
                                                       fake_mx: MXFactory) -> None:
     import asyncio
@@ -544,6 +546,7 @@ async def test_smart_host_auth_login_only(tmp_path: Path, dns: FakeDNSServer,
     assert b"AUTH LOGIN" in sh.wire[0] and sh.messages[0].auth_user == "relayuser"
 
 
+@pytest.mark.slow
 async def test_large_message_with_bare_lf(tmp_path: Path, dns: FakeDNSServer,
                                           fake_mx: MXFactory) -> None:
     mx = fake_mx("127.0.0.2")
@@ -556,6 +559,7 @@ async def test_large_message_with_bare_lf(tmp_path: Path, dns: FakeDNSServer,
     assert bare_line_ends(mx.wire[0]) == []
 
 
+@pytest.mark.slow
 async def test_large_spool_file_streams_identically(tmp_path: Path, dns: FakeDNSServer,
                                                     fake_mx: MXFactory,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,8 @@ from authrelay.config import Config
 from authrelay.delivery.client import Courier
 from authrelay.spool.envelope import Envelope
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def dns(dns_server: FakeDNSServer) -> FakeDNSServer:

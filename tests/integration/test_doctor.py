@@ -21,6 +21,8 @@ from authrelay.dkim.doctor import Check, Doctor
 from authrelay.dkim.keys import KeyStore
 from authrelay.tls import make_self_signed
 
+pytestmark = pytest.mark.slow
+
 HOST = "relay.example.test"
 IP = "192.0.2.10"
 DOMAIN = "example.test"

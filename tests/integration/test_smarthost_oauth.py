@@ -34,6 +34,8 @@ from authrelay.config import Config, ConfigError, from_dict
 from authrelay.delivery import oauth
 from authrelay.delivery.client import Courier
 
+pytestmark = pytest.mark.slow
+
 MS_SCOPE = "https://outlook.office365.com/.default"
 GOOGLE_SCOPE = "https://mail.google.com/"
 USER = "relay@example.org"

@@ -22,6 +22,8 @@ from test_delivery import MSG, ZONES, envelope, make_cfg
 from authrelay.delivery.client import Courier
 from authrelay.types import DeliveryResult
 
+pytestmark = pytest.mark.slow
+
 MX1 = "mx1.example.test"
 
 
