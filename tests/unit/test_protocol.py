@@ -385,3 +385,26 @@ def test_answers_after_close_from_outside_are_ignored() -> None:
     h.eng.policy_result(None)  # ignored
     h.run()
     assert h.closed and h.codes() == [220, 250, 421]
+
+
+def test_endless_oversized_data_552_and_close_after_overshoot() -> None:
+    """Issue 17: past max_message_size + OVERSHOOT without an end of data: 552 at once and
+    the connection closed; within the overshoot, 552 after the end and the session goes
+    on (tests/dialogs/body_too_big.dialog)."""
+    h = Harness(overrides={"limits": {"max_message_size": 1000}})
+    _ehlo(h)
+    h.send("MAIL FROM:<a@b>")
+    h.send("RCPT TO:<x@local.test>")
+    h.send("DATA")
+    assert h.codes() == [250, 250, 354]
+    line = b"y" * 998 + b"\r\n"
+    fed = 0
+    while not h.closed and fed < 1000 + p.OVERSHOOT + 2 * p.CHUNK:
+        h.feed(line * 16)
+        fed += len(line) * 16
+    assert h.closed, fed
+    assert 1000 + p.OVERSHOOT < fed <= 1000 + p.OVERSHOOT + len(line) * 16 + p.CHUNK
+    assert h.replies()[-1] == ["552 5.3.4 Message size exceeds fixed maximum message size"]
+    aborted = [e for e in h.events if isinstance(e, p.MessageAborted)]
+    assert aborted and aborted[-1].reply.code == 552
+    assert isinstance(h.events[-1], p.CloseConnection) and h.events[-1].abort
