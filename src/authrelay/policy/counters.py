@@ -32,6 +32,7 @@ from authrelay import replies
 from authrelay.types import Reply
 
 SLOTS = 1 << 16
+SLOT_CACHE = 4096  # remembered key -> slot mappings per process
 _WINDOW_TABLES = ("rate_ip", "auth_ip", "auth_user", "auth_usernet", "user_msgs",
                   "user_rcpts")
 
@@ -111,11 +112,22 @@ class SharedCounters:
         self._a = memoryview(self._mm).cast("q")
         self._lock = multiprocessing.get_context("fork").Lock()
         self._key = os.urandom(16)
+        # key -> slot: a connection asks for the same key's slot 4-5 times (pending,
+        # rate, connections, release) and a keyed hash costs ~1 us each; bounded, emptied
+        # when full (a flood of addresses costs the hash again, never memory)
+        self._slots: dict[str, int] = {}
 
     def _slot(self, key: str) -> int:
+        try:
+            return self._slots[key]
+        except KeyError:
+            pass
         h = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8,
                             key=self._key).digest()
-        return int.from_bytes(h, "little") % self.slots
+        if len(self._slots) >= SLOT_CACHE:
+            self._slots.clear()
+        slot = self._slots[key] = int.from_bytes(h, "little") % self.slots
+        return slot
 
     # gauges --------------------------------------------------------------------
     def gauge(self, key: str) -> int:

@@ -106,13 +106,23 @@ class Exemptions:
         for item in cfg.limits.limit_exceptions:
             nets += cfg.relay.trusted_networks if item == "trusted_networks" else [item]
         self.nets = [ipaddress.ip_network(n, strict=False) for n in nets]
+        # every connection asks (parsing an address costs ~3 us); bounded, emptied when full
+        self._seen: dict[str, bool] = {}
 
     def __contains__(self, ip: str) -> bool:
+        try:
+            return self._seen[ip]
+        except KeyError:
+            pass
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return False
-        return any(addr in n for n in self.nets if n.version == addr.version)
+        found = any(addr in n for n in self.nets if n.version == addr.version)
+        if len(self._seen) >= 4096:
+            self._seen.clear()
+        self._seen[ip] = found
+        return found
 
 
 class _Window:
