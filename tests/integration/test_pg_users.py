@@ -270,6 +270,7 @@ def test_redact_dsn() -> None:
 
 def test_check_config_asks_the_database(tmp_path: Path, pg: PostgresServer) -> None:
     r = pg_relay(tmp_path, pg, users={})
+    r.config.chmod(0o600)  # it holds the DSN's password (else check-config says so)
     out = r.cli("check-config", check=False)
     assert out.returncode == 0 and "no authrelay schema" in out.stderr
     r.cli("user", "list")  # creates the schema
