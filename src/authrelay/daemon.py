@@ -50,6 +50,7 @@ from authrelay import metrics as metrics_mod
 from authrelay import process, reloadkeys, sdnotify, wiring
 from authrelay.config import EMBEDDED, Config, ConfigError, embedded_notice, error_line, load
 from authrelay.delivery.client import Courier
+from authrelay.localsubmit import LocalSubmission
 from authrelay.metrics import Metrics
 from authrelay.policy.counters import SharedCounters
 from authrelay.policy.throttle import Share
@@ -209,7 +210,8 @@ def _loop_exception_handler(loop: asyncio.AbstractEventLoop, ctx: dict[str, Any]
 
 # --------------------------------------------------------------------------- components
 
-async def _start_local_submission(cfg: Config, ml: maillog_mod.MailLog) -> Any:
+async def _start_local_submission(cfg: Config, ml: maillog_mod.MailLog
+                                  ) -> LocalSubmission | None:
     """state_dir/public/submit.sock for every local user (localsubmit.py); a failure is
     one error line (local users then get 75), never a refused start."""
     try:
@@ -272,7 +274,7 @@ class _Run:
     # The maillog file opened by the key helper (root) on SIGHUP: a descriptor.
     open_log: Callable[[], int] | None = None
     channel: socket.socket | None = None  # worker: its end of the master's socketpair
-    workers: dict[int, Any] = field(default_factory=dict)  # master: pid -> _Worker
+    workers: dict[int, _Worker] = field(default_factory=dict)  # master: pid -> worker
     master_sockets: list[socket.socket] = field(default_factory=list)  # closed on stop
     stopping: bool = False  # SIGTERM seen: a worker that exits now is not replaced
 

@@ -28,15 +28,20 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from authrelay import maillog as maillog_mod
 from authrelay import replies
 from authrelay.auth.base import Authenticator, AuthResult, Login
 from authrelay.config import Config
+from authrelay.maillog import MailLog
+from authrelay.metrics import Metrics
 from authrelay.policy import containment, verdicts
+from authrelay.policy.checks import HostChecks
 from authrelay.policy.ownership import Owner
 from authrelay.policy.relay import RelayPolicy
+from authrelay.policy.suspender import Suspender
 from authrelay.smtpd import protocol as p
 from authrelay.smtpd.listener import CLOSE_GRACE, QUIT_GRACE, Closed, Connection, Timeout
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
@@ -92,10 +97,10 @@ class SessionDeps:
     authenticator: Authenticator | None
     submitter: Submitter  # the way into the spool
     tls_context: Callable[[], ssl.SSLContext | None]
-    checks: Any = None  # policy.checks.HostChecks or None
-    maillog: Any = None
-    metrics: Any = None  # metrics.auth(result) / accepted(mode) / rejected(reason)
-    containment: Any = None  # policy/suspender.Suspender, or None (containment off)
+    checks: HostChecks | None = None
+    maillog: MailLog = field(default_factory=maillog_mod.get)
+    metrics: Metrics | None = None  # metrics.auth(result) / accepted(mode) / rejected(reason)
+    containment: Suspender | None = None  # None: containment off
 
 
 class Session:
@@ -318,7 +323,8 @@ class Session:
             await asyncio.sleep(ev.seconds)
             eng.resume()
         elif isinstance(ev, p.LogWarning):
-            self.maillog.warning(ev.text, relay=self.relay_desc(), **ev.extra)
+            # = maillog.warning(), its fields typed as the engine's (str keys, any value)
+            self.maillog.event(None, warning=ev.text, relay=self.relay_desc(), **ev.extra)
         elif isinstance(ev, p.AuthMalformed):
             self.maillog.auth_failed(self.relay_desc(), ev.reply, ev.mechanism, None, ev.reason)
             self._metric_auth("malformed")
