@@ -182,8 +182,9 @@ def courier(cfg: Config, read_password: Callable[[], str] | None = None,
             read_oauth_secret: Callable[[], bytes] | None = None) -> Courier:
     """The outbound client; `read_password` and `read_oauth_secret` read the smart host's
     password or OAuth client secret / key with privileges (the key helper) when they
-    were dropped."""
-    c = Courier(cfg)
+    were dropped. A message converted for a host without 8BITMIME is re-signed by the
+    DKIM signer (delivery/downgrade.py)."""
+    c = Courier(cfg, signer=signer(cfg, None))
     if read_password is not None:
         c.read_password = read_password
     if read_oauth_secret is not None:

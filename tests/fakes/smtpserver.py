@@ -16,6 +16,8 @@ real authrelay process, can talk to it). Options:
 - `pipelining`: announce PIPELINING (RFC 2920; aiosmtpd reads commands line by line, so
   it serves pipelined groups correctly; default on, as on most real MX)
 - `max_rcpts`: recipients per transaction, then `452 4.5.3 Too many recipients`
+- `eightbitmime=False`: a 7-bit server: no 8BITMIME in the EHLO reply, a BODY parameter
+  refused with 555 (RFC 5321 4.1.1.11); pair with `smtputf8=False` (RFC 6531 needs it)
 - `broken_starttls`: offer STARTTLS, answer 220, then answer the client's TLS hello with
   garbage and close (a broken TLS stack or middlebox: the handshake fails)
 
@@ -120,12 +122,17 @@ class _Handler:
         session.host_name = hostname
         if self.fake.pipelining:
             responses.insert(-1, "250-PIPELINING")
+        if not self.fake.eightbitmime:  # a 7-bit server (RFC 6152 not implemented)
+            responses = [r for r in responses if r != "250-8BITMIME"]
         return responses
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         if self.fake.mail_reply:
             return self.fake.mail_reply
+        if not self.fake.eightbitmime and any(o.upper().startswith("BODY=")
+                                              for o in mail_options):
+            return "555 5.5.4 BODY parameter not recognized"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -183,6 +190,7 @@ class FakeSMTPServer:
                  pipelining: bool = True,
                  broken_starttls: bool = False,
                  max_rcpts: int = 0,
+                 eightbitmime: bool = True,
                  hostname: str = "fake.test") -> None:
         self.host, self.port = host, port
         self.starttls_context = starttls_context
@@ -201,6 +209,7 @@ class FakeSMTPServer:
         self.pipelining = pipelining
         self.broken_starttls = broken_starttls
         self.max_rcpts = max_rcpts
+        self.eightbitmime = eightbitmime
         self.starttls_attempts = 0
         self.hostname = hostname
         self.messages: list[Received] = []

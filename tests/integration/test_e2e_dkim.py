@@ -5,11 +5,16 @@ Covers issue 13 item 5: both algorithms after a trip through the relay, a body w
 dot-stuffed lines and 8-bit content, a message already signed by another domain (kept,
 ours added), mail not ours (unauthenticated, to a local domain) never signed, no key ->
 unsigned with a maillog note, the sendmail command and bounces signed, signed once
-however many delivery attempts, new keys picked up on SIGHUP.
+however many delivery attempts, new keys picked up on SIGHUP. RFC 6152 (issue 19 item 6):
+8-bit mail received without BODY=8BITMIME relayed with it; converted to 7-bit for a host
+without 8BITMIME and re-signed (dkimpy verifies), small and streamed; unconvertible
+(8-bit header) bounced 5.6.3.
 """
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import signal
 import smtplib
@@ -25,7 +30,7 @@ from dkimcheck import dkim_zones, verify_all
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
 from relayproc import PASSWORD, RelayProcess
-from test_e2e_delivery import SENDER, SENDER_MX, ZONES, mx_overrides, submit
+from test_e2e_delivery import SENDER, SENDER_MX, ZONES, mx_overrides, parse_dsn, submit
 
 from authrelay.dkim.keys import KeyStore
 
@@ -198,3 +203,93 @@ def test_new_key_loaded_on_sighup(setup: dict[str, Any]) -> None:
 
     m = relay.wait_for(signed, what="a signature with the key made after start")
     assert our_results(m.content, dns) == [(b"new.test", b"t", b"ed25519-sha256", True)]
+
+
+# --------------------------------------------------------------------------- RFC 6152
+
+def seven_bit(mx: FakeSMTPServer) -> None:
+    """Make the fixture's MX a 7-bit server: no 8BITMIME (nor SMTPUTF8, which needs it)."""
+    mx.eightbitmime = False
+    mx.smtputf8 = False
+
+
+def test_8bit_body_relayed_with_body_8bitmime_though_undeclared(setup: dict[str, Any]) -> None:
+    """smtplib sends no BODY parameter: the 8-bit octets are accepted (as Postfix does),
+    recorded, and relayed with BODY=8BITMIME to a host that offers it, byte for byte."""
+    relay, mx = setup["relay"], setup["mx"]
+    submit(relay, ["bob@example.test"], BODY)
+    m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery")
+    assert "BODY=8BITMIME" in m.mail_options
+    assert m.content.endswith(BODY[BODY.index(b"\r\n\r\n"):])
+
+
+def test_8bit_to_7bit_mx_converted_and_resigned(setup: dict[str, Any]) -> None:
+    """RFC 6152 3: to a host without 8BITMIME the 8-bit parts go as quoted-printable,
+    the rest byte for byte, without BODY=; our signatures are made again on the converted
+    form, so dkimpy verifies both at the receiver."""
+    relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
+    seven_bit(mx)
+    head, _, text = BODY.partition(b"\r\n\r\n")
+    head = head.replace(b"Content-Type: text/plain; charset=utf-8",
+                        b'Content-Type: multipart/mixed; boundary="b1"')
+    att = b"UEsDBBQAAAAIAA==\r\n"
+    inner = (b"From: x@y.test\r\nSubject: fwd\r\nContent-Type: text/plain; charset=utf-8"
+             b"\r\n\r\n" + "\u00fcber\r\n".encode())
+    body = (head + b"\r\n\r\npreamble\r\n--b1\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text +
+            b"--b1\r\nContent-Type: application/zip\r\nContent-Transfer-Encoding: base64"
+            b"\r\n\r\n" + att +
+            b"--b1\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"--b1--\r\n")
+    qid = submit(relay, ["bob@example.test"], body)
+    m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery")
+    assert m.content.isascii(), "8-bit octets reached a 7-bit server"
+    assert not any(o.upper().startswith("BODY=") for o in m.mail_options)
+    res = our_results(m.content, dns)
+    assert sorted(res) == [(b"sender.test", b"t-ed25519", b"ed25519-sha256", True),
+                           (b"sender.test", b"t-rsa", b"rsa-sha256", True)], res
+    msg = email.message_from_bytes(m.content, policy=email.policy.default)
+    parts = list(msg.iter_parts())
+    assert parts[0]["Content-Transfer-Encoding"] == "quoted-printable"
+    assert parts[0].get_payload(decode=True) == text[:-2]  # the CRLF is the delimiter's
+    assert b"--b1\r\nContent-Type: application/zip\r\nContent-Transfer-Encoding: base64" \
+        b"\r\n\r\n" + att + b"--b1\r\n" in m.content  # untouched, byte for byte
+    enclosed = parts[2].get_payload()[0]
+    assert enclosed.get_payload(decode=True) == "\u00fcber".encode()
+    assert any(f" {qid}: " in ln and "converted to 7-bit" in ln
+               for ln in relay.maillog().splitlines())
+
+
+def test_large_8bit_message_to_7bit_mx_streamed_converted(setup: dict[str, Any]) -> None:
+    """Over 1 MiB (streamed from the spool file), its only 8-bit octets at the very end
+    (after the envelope was written): found at delivery, converted and re-signed."""
+    relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
+    seven_bit(mx)
+    head = BODY.partition(b"\r\n\r\n")[0].replace(
+        b"Content-Transfer-Encoding: 8bit\r\n", b"")
+    tail = "sch\u00f6ne Gr\u00fc\u00dfe\r\n".encode()
+    text = b"plain ascii line for the size of it\r\n" * 32000 + tail
+    submit(relay, ["bob@example.test"], head + b"\r\n\r\n" + text)
+    m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery", timeout=60)
+    assert len(m.content) > 1 << 20 and m.content.isascii()
+    res = our_results(m.content, dns)
+    assert len(res) == 2 and all(ok for *_, ok in res), res
+    msg = email.message_from_bytes(m.content, policy=email.policy.default)
+    assert msg.get_payload(decode=True) == text
+
+
+def test_8bit_header_to_7bit_mx_bounces_5_6_3(setup: dict[str, Any]) -> None:
+    """A raw UTF-8 header field (no SMTPUTF8) cannot be encoded for a 7-bit host: 554
+    5.6.3, and the sender gets a bounce saying so."""
+    relay, mx, sender_mx = setup["relay"], setup["mx"], setup["sender_mx"]
+    seven_bit(mx)
+    body = BODY.replace(b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=", "Subject: Gr\u00fc\u00dfe"
+                        .encode())
+    qid = submit(relay, ["bob@example.test"], body)
+    b = relay.wait_for(lambda: sender_mx.messages and sender_mx.messages[0], what="the bounce")
+    assert mx.messages == []
+    _, groups = parse_dsn(b.content)
+    assert [(g["Action"], g["Status"]) for g in groups] == [("failed", "5.6.3")]
+    assert "does not support 8BITMIME" in groups[0]["Diagnostic-Code"]
+    assert "header" in groups[0]["Diagnostic-Code"]
+    assert any(f" {qid}: " in ln and "stat=Bounced" in ln and "dsn=5.6.3" in ln
+               for ln in relay.maillog().splitlines())

@@ -48,8 +48,11 @@ Failure policy (codes per RFC 3463):
 - UTF-8 address but the peer lacks SMTPUTF8: permanent 553 5.6.7 (RFC 6531 3.5), for
   that recipient only (or all, for a UTF-8 sender). A message flagged SMTPUTF8 whose
   addresses are all ASCII goes to such a peer without the parameter (as Postfix does).
-  BODY=8BITMIME is passed when the envelope says 8bit and the peer offers it; RFC 3461
-  RET/ENVID/NOTIFY/ORCPT when the peer offers DSN.
+  BODY=8BITMIME is passed when the message is 8bit (declared, or 8-bit octets received)
+  and the peer offers it; to a peer without 8BITMIME an 8-bit message is converted to
+  7-bit (downgrade.py: quoted-printable where the MIME structure allows, re-signed with
+  DKIM when we had signed it) or, when it cannot be, refused permanently 554 5.6.3
+  (RFC 6152 3, RFC 3463). RFC 3461 RET/ENVID/NOTIFY/ORCPT when the peer offers DSN.
 - Smart host with `smart_host_tls = "none"` and a user: AUTH goes in plain text (the
   operator asked for it, e.g. over a tunnel); at any other level (may included) it is
   never sent before TLS.
@@ -79,7 +82,17 @@ from pathlib import Path
 
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config, parse_hostport
-from authrelay.delivery import dane, mx, oauth, peercert, tlsplan, tlspolicy, tlsrpt, wire
+from authrelay.delivery import (
+    dane,
+    downgrade,
+    mx,
+    oauth,
+    peercert,
+    tlsplan,
+    tlspolicy,
+    tlsrpt,
+    wire,
+)
 from authrelay.delivery.connection import Connection, ConnectionLost, open_connection
 from authrelay.delivery.mtasts import HttpsStsSource, StsPolicy, StsSource
 from authrelay.delivery.router import SMARTHOST, route_key
@@ -194,6 +207,65 @@ def _result(rep: SMTPReply, remote: str) -> DeliveryResult:
     return reply_result(rep.code, rep.text, remote)
 
 
+class _Payload:
+    """The message of one delivery, and its 7-bit form once a host without 8BITMIME
+    needed it (converted once per delivery, in a thread, `downgrade.MAX_CONCURRENT` at
+    once per courier)."""
+
+    def __init__(self, data: bytes | _FileBody, env: Envelope, courier: Courier) -> None:
+        self.data = data
+        self.env = env
+        self.courier = courier
+        self._8bit: bool | None = True if env.body_8bit else None
+        self._seven: bytes | downgrade.Unconvertible | None = None
+
+    async def eightbit(self) -> bool:
+        """8-bit octets in the message: as recorded at submission, else looked for (a
+        message queued before that was recorded, or a large streamed one whose 8-bit
+        octets came after its envelope was written)."""
+        if self._8bit is None:
+            data = self.data
+            self._8bit = downgrade.is_8bit(data) if isinstance(data, bytes) else \
+                await asyncio.to_thread(_file_is_8bit, data)
+        return self._8bit
+
+    async def seven_bit(self, remote: str) -> bytes:
+        if self._seven is None:
+            async with self.courier.conversions:
+                try:
+                    self._seven = await asyncio.to_thread(self._convert)
+                except downgrade.Unconvertible as e:
+                    self._seven = e
+            if isinstance(self._seven, bytes):
+                self.courier.maillog.warning(
+                    f"8-bit message converted to 7-bit (quoted-printable) for {remote}, "
+                    "which does not offer 8BITMIME (RFC 6152)", queue_id=self.env.queue_id)
+        if isinstance(self._seven, downgrade.Unconvertible):
+            raise self._seven
+        return self._seven
+
+    def _convert(self) -> bytes:
+        data = self.data
+        raw = data if isinstance(data, bytes) else \
+            normalize_crlf(_read_message(data.path, data.offset))
+        n = self.env.prepend_len  # our DKIM-Signature fields, made on the 8-bit form
+        seven = downgrade.downgrade(raw[n:])
+        if not n:
+            return seven
+        signer = self.courier.signer
+        sig = signer(seven, self.env.queue_id) if signer is not None else None
+        return (sig or b"") + seven
+
+
+def _file_is_8bit(body: _FileBody) -> bool:
+    with open(body.path, "rb") as f:
+        f.seek(body.offset)
+        while chunk := f.read(_STREAM_CHUNK):
+            if not chunk.isascii():
+                return True
+    return False
+
+
 class _TryNext(Exception):
     """This host failed before any recipient was settled: try the next one."""
 
@@ -245,8 +317,13 @@ class Courier:
     """Delivers one message to a set of recipients that share a route key."""
 
     def __init__(self, cfg: Config, resolver: Resolver | None = None,
-                 maillog: maillog_mod.MailLog | None = None) -> None:
+                 maillog: maillog_mod.MailLog | None = None, *,
+                 signer: Callable[[bytes, str], bytes | None] | None = None) -> None:
         self.cfg = cfg
+        # Re-signs a message converted for a host without 8BITMIME (downgrade.py): the
+        # DKIM signer's `(message, queue_id) -> DKIM-Signature lines | None`.
+        self.signer = signer
+        self.conversions = asyncio.Semaphore(downgrade.MAX_CONCURRENT)
         d = cfg.delivery
         self.resolver = resolver or Resolver(list(d.nameservers), d.dns_timeout,
                                              dnssec=d.dnssec)
@@ -349,9 +426,10 @@ class Courier:
 
         results: dict[str, DeliveryResult] = {}
         todo = list(rcpts)
+        payload = _Payload(data, env, self)
         for i, t in enumerate(targets):
             try:
-                out = await self._via(t, env, todo, data)
+                out = await self._via(t, env, todo, payload)
             except _TryNext as e:
                 last = _stamp(e.result, t)
                 self._host_failed(env.queue_id, t, e.result)
@@ -463,7 +541,7 @@ class Courier:
     # ----------------------------------------------------------------- one host
 
     async def _via(self, t: _Target, env: Envelope, rcpts: list[Recipient],
-                   data: bytes | _FileBody) -> _Outcome:
+                   data: _Payload) -> _Outcome:
         conn = await self._checkout(t, env.queue_id)
         try:
             out = await self._transaction(conn, env, rcpts, data)
@@ -494,7 +572,7 @@ class Courier:
         return out
 
     async def _follow_up(self, conn: _Conn, env: Envelope, rcpts: list[Recipient],
-                         data: bytes | _FileBody, out: _Outcome) -> None:
+                         data: _Payload, out: _Outcome) -> None:
         """RFC 5321 4.5.3.1.10: recipients refused with 452 for too many recipients go in
         another transaction on the same connection (as Postfix does), for as long as
         each transaction gets some recipients through. Updates `out` in place."""
@@ -876,12 +954,26 @@ class Courier:
     # ----------------------------------------------------------------- transaction
 
     async def _transaction(self, conn: _Conn, env: Envelope, rcpts: list[Recipient],
-                           data: bytes | _FileBody) -> _Outcome:
+                           payload: _Payload) -> _Outcome:
         """One MAIL/RCPT/DATA exchange, pipelined when the host offers PIPELINING."""
         remote, w, ext = conn.remote, conn.wire, conn.ext
         d = self.cfg.delivery
         ct = d.command_timeout
         results: dict[str, DeliveryResult] = {}
+        eightbit = await payload.eightbit()
+
+        # RFC 6152: 8-bit content for a host without 8BITMIME is converted to 7-bit
+        # (quoted-printable, re-signed), or bounced when it cannot be.
+        data: bytes | _FileBody = payload.data
+        if eightbit and "8bitmime" not in ext:
+            try:
+                data = await payload.seven_bit(remote)
+            except downgrade.Unconvertible as e:
+                res = DeliveryResult.perm(
+                    f"{remote} does not support 8BITMIME and the message cannot be "
+                    f"converted to 7-bit: {e}", "5.6.3", 554, remote)
+                return _Outcome({r.address: res for r in rcpts}, set(), True)
+            eightbit = False
 
         # RFC 1870: never send what the peer announced it will refuse.
         if "size" in ext:
@@ -916,7 +1008,7 @@ class Courier:
         mail_opts: list[bytes] = []
         if "size" in ext:
             mail_opts.append(b"SIZE=%d" % len(data))
-        if env.body_8bit and "8bitmime" in ext:
+        if eightbit and "8bitmime" in ext:
             mail_opts.append(b"BODY=8BITMIME")
         if use_utf8:
             mail_opts.append(b"SMTPUTF8")

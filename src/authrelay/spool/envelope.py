@@ -50,12 +50,15 @@ class Envelope:
     protocol: str = "ESMTP"  # RFC 3848 WITH value: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
     listener: str = ""  # "submission 127.0.0.1:587"
     size: int = 0  # bytes of the stored message (with our headers)
-    body_8bit: bool = False  # BODY=8BITMIME was given
+    body_8bit: bool = False  # BODY=8BITMIME was given, or 8-bit octets were received
     smtputf8: bool = False  # SMTPUTF8 was given
     envid: str = ""  # RFC 3461 ENVID
     ret: str = ""  # RFC 3461 RET (FULL | HDRS)
     is_bounce: bool = False  # a DSN we generated: never bounced itself
     held: bool = False
+    # Not stored: the length of the queue file's prepend (our DKIM-Signature fields)
+    # at the start of the message as loaded for delivery (spool/store.py fills it in).
+    prepend_len: int = 0
 
     def to_json(self, version: int = FORMAT_VERSION) -> bytes:
         # Hand-built dict: dataclasses.asdict deep-copies recursively and showed up in
@@ -80,7 +83,8 @@ class Envelope:
         return not self.pending
 
 
-_ENV_FIELDS = tuple(f for f in Envelope.__dataclass_fields__ if f != "recipients")
+_UNSTORED = ("recipients", "prepend_len")
+_ENV_FIELDS = tuple(f for f in Envelope.__dataclass_fields__ if f not in _UNSTORED)
 _RCPT_FIELDS = tuple(Recipient.__dataclass_fields__)
 
 _B32 = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words

@@ -250,6 +250,7 @@ class Spool:
             env = self._envelope(f, lay, qid)
         env.size = size - lay.prepend_off
         env.held = path.parent == self.hold_dir
+        env.prepend_len = lay.prepend_len
         self._load_state(path, env)
         return env
 
@@ -322,6 +323,7 @@ class Spool:
             fmt.verify(lay, _bytes_reader(data))
         env.size = st.st_size - lay.prepend_off
         env.held = path.parent == self.hold_dir
+        env.prepend_len = lay.prepend_len
         self._load_state(path, env)
         if whole:
             return env, data[lay.prepend_off:], 0

@@ -6,6 +6,8 @@ Owns what happens to every message on its way into the queue, whoever produced i
 - refusals decided on the content: a NUL anywhere (RFC 5322 2.3 / RFC 6152: no NUL
   outside BINARYMIME, which we do not offer) -> 554 5.6.0; more `Received:` fields than
   `[limits] max_hops` (RFC 5321 6.3 loop detection, Postfix hopcount_limit) -> 554 5.4.6;
+- 8-bit octets anywhere in the message mark it 8bit (`Envelope.body_8bit`) whatever the
+  BODY parameter said (RFC 6152: accepted, as Postfix does without strict_8bitmime);
 - free space: `space_ok()` before a transaction (`[limits] queue_min_free`, statvfs cached
   ~1 s) and ENOSPC / EDQUOT while writing -> 452 4.3.1, nothing half-written left;
 - an authenticated user's From:/Sender: (issue 17): judged once, on the header section
@@ -220,6 +222,11 @@ class Draft:
         if self._scan_nul and data.find(b"\x00") >= 0:
             self.mark_nul()
             return
+        if not self.envelope.body_8bit and not data.isascii():
+            # RFC 6152: 8-bit octets without BODY=8BITMIME (or with BODY=7BIT) are
+            # accepted, as Postfix does, and recorded: relayed with BODY=8BITMIME where
+            # offered, converted for a next hop without it (delivery/downgrade.py).
+            self.envelope.body_8bit = True
         try:
             out = self._cleanup.feed(data)
             if out and self.owner is not None and self.from_verdict is None \

@@ -1,0 +1,131 @@
+"""RFC 6152 downgrade (delivery/downgrade.py): 8-bit parts become quoted-printable, the
+rest stays byte for byte, and what cannot be encoded is refused with the reason."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+
+import pytest
+
+from authrelay.delivery.downgrade import MAX_DEPTH, Unconvertible, downgrade
+
+UTF8 = "Grüße aus Köln, naïve café — 100 €".encode()
+B64 = b"SGVsbG8gd29ybGQ=\r\n"
+
+
+def parse(data: bytes) -> email.message.Message:
+    return email.message_from_bytes(data, policy=email.policy.default)
+
+
+def test_ascii_message_untouched() -> None:
+    msg = b"From: a@x.test\r\nSubject: hi\r\n\r\nplain text\r\n"
+    assert downgrade(msg) == msg
+
+
+def test_single_part_text_becomes_quoted_printable() -> None:
+    msg = (b"From: a@x.test\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\n"
+           b"Content-Transfer-Encoding: 8bit\r\n\r\n" + UTF8 + b"\r\n.a dot line\r\n"
+           + b"x" * 200 + b"\r\n")
+    out = downgrade(msg)
+    assert out.isascii() and all(len(ln) <= 76 for ln in out.split(b"\r\n"))
+    assert b"\nContent-Transfer-Encoding: quoted-printable\r\n" in out
+    assert b"8bit" not in out
+    head = out.split(b"\r\n\r\n")[0]
+    assert head.startswith(b"From: a@x.test\r\nMIME-Version: 1.0\r\nContent-Type: text/plain;")
+    m = parse(out)
+    assert m.get_payload(decode=True) == msg.split(b"\r\n\r\n", 1)[1]
+
+
+def test_non_mime_message_gets_mime_version() -> None:
+    msg = b"From: a@x.test\r\nSubject: s\r\n\r\n" + UTF8 + b"\r\n"
+    out = downgrade(msg)
+    assert out.startswith(b"From: a@x.test\r\nSubject: s\r\n"
+                          b"Content-Transfer-Encoding: quoted-printable\r\n"
+                          b"MIME-Version: 1.0\r\n\r\n")
+    assert parse(out).get_payload(decode=True) == UTF8 + b"\r\n"
+
+
+def _multipart(inner: bytes = b"") -> bytes:
+    return (b"From: a@x.test\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/mixed; boundary="BOUND"\r\n'
+            b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+            b"preamble\r\n"
+            b"--BOUND\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + UTF8 + b"\r\n"
+            b"--BOUND\r\n"
+            b"Content-Type: text/plain\r\n\r\nascii part, kept as is  \r\n"
+            b"--BOUND\r\n"
+            b"Content-Type: application/octet-stream\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + B64 + inner +
+            b"--BOUND--  \r\nepilogue\r\n")
+
+
+def test_multipart_converts_only_the_8bit_parts_and_keeps_the_rest() -> None:
+    msg = _multipart()
+    out = downgrade(msg)
+    assert out.isascii()
+    # The ASCII parts, delimiters (with their transport padding), preamble and epilogue.
+    for kept in (b"\r\n\r\npreamble\r\n--BOUND\r\n",
+                 b"\r\n--BOUND\r\nContent-Type: text/plain\r\n\r\nascii part, kept as is  "
+                 b"\r\n--BOUND\r\nContent-Type: application/octet-stream\r\n"
+                 b"Content-Transfer-Encoding: base64\r\n\r\n" + B64 + b"--BOUND--  \r\n"
+                 b"epilogue\r\n"):
+        assert kept in out
+    assert b"Content-Transfer-Encoding: 7bit\r\n\r\npreamble" in out  # outer label
+    parts = list(parse(out).iter_parts())
+    assert parts[0]["Content-Transfer-Encoding"] == "quoted-printable"
+    assert parts[0].get_payload(decode=True) == UTF8
+    assert parts[1].get_payload(decode=True) == b"ascii part, kept as is  "
+    assert parts[2].get_payload(decode=True) == b"Hello world"
+
+
+def test_nested_message_rfc822_is_converted_inside() -> None:
+    inner = (b"From: b@y.test\r\nSubject: inner\r\n"
+             b"Content-Type: text/plain; charset=utf-8\r\n"
+             b"Content-Transfer-Encoding: 8bit\r\n\r\n" + UTF8 + b"\r\n")
+    msg = (b"From: a@x.test\r\nMIME-Version: 1.0\r\n"
+           b'Content-Type: multipart/mixed; boundary="o"\r\n\r\n'
+           b"--o\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+           + inner + b"--o--\r\n")
+    out = downgrade(msg)
+    assert out.isascii()
+    att = list(parse(out).iter_parts())[0]
+    assert att["Content-Transfer-Encoding"] == "7bit"
+    enclosed = att.get_payload()[0]
+    assert enclosed["Subject"] == "inner"
+    assert enclosed["Content-Transfer-Encoding"] == "quoted-printable"
+    assert enclosed.get_payload(decode=True) == UTF8  # the CRLF before --o-- is its own
+
+
+@pytest.mark.parametrize("msg,reason", [
+    (b"From: a@x.test\r\nSubject: " + UTF8 + b"\r\n\r\nbody\r\n", "header"),
+    (b"From: a@x.test\r\nContent-Type: text/plain\r\n"
+     b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + UTF8 + b"\r\n",
+     "encoded quoted-printable"),
+    (b"From: a@x.test\r\nContent-Type: message/partial; id=x; number=1\r\n\r\n"
+     + UTF8 + b"\r\n", "message/partial"),
+    (b"From: a@x.test\r\nContent-Type: multipart/mixed\r\n\r\n" + UTF8 + b"\r\n",
+     "without a boundary"),
+    (b"From: a@x.test\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+     + UTF8 + b"\r\n--b\r\n\r\nx\r\n--b--\r\n", "preamble"),
+    (b"From: a@x.test\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+     b"--b\r\nSubject: " + UTF8 + b"\r\n\r\nx\r\n--b--\r\n", "body part's header"),
+    (b"From: a@x.test\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+     b"--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: " + UTF8 + b"\r\n\r\nx\r\n"
+     b"--b--\r\n", "attached message's header"),
+])
+def test_unconvertible_says_why(msg: bytes, reason: str) -> None:
+    with pytest.raises(Unconvertible, match=reason):
+        downgrade(msg)
+
+
+def test_nesting_is_bounded() -> None:
+    depth = MAX_DEPTH + 5
+    body = b"Content-Type: text/plain\r\n\r\n" + UTF8 + b"\r\n"
+    for i in range(depth):
+        body = (f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n'.encode()
+                + body + f"--b{i}--\r\n".encode())
+    with pytest.raises(Unconvertible, match="nesting"):
+        downgrade(b"From: a@x.test\r\n" + body)
