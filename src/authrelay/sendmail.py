@@ -56,6 +56,7 @@ from authrelay.config import (
     load_file,
 )
 from authrelay.policy import verdicts
+from authrelay.policy.ownership import Owner
 from authrelay.policy.relay import RelayPolicy
 from authrelay.scheduler import queuecli
 from authrelay.scheduler.bounce import make_bounce, should_notify
@@ -440,7 +441,13 @@ def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], who: Iden
     if not sub.space_ok():
         raise Fail(EX_TEMPFAIL, f"{replies.NO_STORAGE.text} in {spool.queue_dir} "
                                 "(limits.queue_min_free)")
-    draft = sub.begin(env, add_missing=True, local_uid=who.uid)
+    # Every local user can submit (the server's socket), so only a trusted one (root, the
+    # daemon's user, trusted_users) lends our DKIM signature to any From:; anyone else's
+    # message is signed only when its From:/Sender: is the user's own login@hostname, and
+    # otherwise queued unsigned (never refused: sendmail takes any From: from cron).
+    owner = None if who.trusted else Owner.of(who.login, [f"{who.login}@{cfg.hostname}"])
+    draft = sub.begin(env, add_missing=True, local_uid=who.uid, owner=owner,
+                      refuse_unowned=False)
     limit = cfg.limits.max_message_size
     try:
         total = 0

@@ -256,3 +256,41 @@ def test_rate_limits_for_local_users(site: Path) -> None:
         r.wait_for(lambda: "local submission refused: message rate limit" in r.maillog())
     finally:
         r.stop()
+
+
+def test_untrusted_local_user_cannot_borrow_a_signature(site: Path) -> None:
+    """Attack (issue 21 x 17): `nobody` (a compromised web app) writes `From:
+    ceo@sender.test` and `Sender:` headers; the relay holds sender.test's DKIM key. Every
+    local user can submit now, so an untrusted user's message is signed only when its
+    From:/Sender: is the user's own address (login@hostname): the forged one is queued
+    unsigned (`dkim=skipped`), the honest one signed; root (trusted) keeps today's rule."""
+    r = RelayProcess(site)
+    os.chmod(r.config, 0o644)
+    for domain in ("sender.test", "relay.test"):
+        r.cli("dkim", "keygen", domain, "--selector", "t")
+    r.start()
+    try:
+        forged = b"From: CEO <ceo@sender.test>\nSubject: wire\n\npay\n"
+        sender_hdr = b"From: nobody@relay.test\nSender: ceo@sender.test\n\npay\n"
+        honest = b"From: Nobody <nobody@relay.test>\nSubject: ok\n\nhi\n"
+        for msg in (forged, sender_hdr, honest):
+            res = sendmail(r, "bob@remote.example", stdin=msg, user="nobody")
+            assert res.returncode == 0, res.stderr
+        res = sendmail(r, "bob@remote.example", stdin=forged)  # root: trusted
+        assert res.returncode == 0, res.stderr
+        r.wait_for(lambda: len(r.queued()) == 4)
+        by_subject = {}
+        for env, msg in spooled(r):
+            head = msg.split(b"\r\n\r\n")[0]
+            signed = b"DKIM-Signature:" in head
+            key = (env["sender"], b"Sender: ceo" in head, b"CEO" in head)
+            by_subject[key] = signed
+        assert by_subject == {
+            ("nobody@relay.test", False, True): False,   # forged From:
+            ("nobody@relay.test", True, False): False,   # forged Sender:
+            ("nobody@relay.test", False, False): True,   # own address: signed
+            ("root@relay.test", False, True): True,      # trusted: as before
+        }
+        r.wait_for(lambda: r.maillog().count("dkim=skipped") == 2)
+    finally:
+        r.stop()

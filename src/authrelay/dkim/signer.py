@@ -41,8 +41,9 @@ From:/Sender: mailbox is one of the user's addresses (policy/ownership.py, the r
 sign_unowned = true` signs it anyway (every user then borrows the domain's reputation).
 The spool's accept path decides on the header as received and binds the signer with the
 owner (`bind(qid, owner=...)`), and the signer checks its own parse again, so a header the
-two parsers read differently goes unsigned. Trusted networks, the sendmail command and
-bounces carry no owner and are signed as before.
+two parsers read differently goes unsigned. Trusted networks, trusted local users and
+bounces carry no owner and are signed as before; an untrusted local user's sendmail
+message owns only login@hostname.
 
 Failure policy: signing never fails a message. No From:, several From: fields, mailboxes of
 different domains, a domain without key or outside `[dkim] domains`: the message goes out

@@ -148,7 +148,7 @@ class Submitter:
     def begin(self, env: Envelope, *, tls: str = "", add_missing: bool = True,
               local_uid: int | None = None, nul_checked: bool = False,
               check_content: bool = True, sign: bool | None = None,
-              owner: Owner | None = None) -> Draft:
+              owner: Owner | None = None, refuse_unowned: bool = True) -> Draft:
         """A new message for `env` (queue id assigned if empty). `nul_checked`: the producer
         already refuses NUL (smtpd/bodyreader.py). `check_content=False` (bounces we build)
         skips the NUL and hop checks. `sign`: hand the message to the signer (mail we
@@ -157,15 +157,17 @@ class Submitter:
         not -- a trusted-network client has no mark in the envelope, so the SMTP session
         passes `sign=True` for it. `owner`: the authenticated user and its addresses; the
         From:/Sender: of the header as received is checked against them (`[auth]
-        from_header_policy`, `[dkim] sign_unowned`). None (trusted networks, the sendmail
-        command, bounces): no check, as before."""
+        from_header_policy`, `[dkim] sign_unowned`). None (trusted networks, trusted local
+        users, bounces): no check, as before. `refuse_unowned=False`: an unowned From: only
+        goes unsigned, whatever from_header_policy says (an untrusted local user's mail,
+        as sendmail takes it)."""
         if not env.queue_id:
             env.queue_id = new_queue_id()
         if sign is None:
             sign = bool(env.auth_user) or env.is_bounce or env.listener == "sendmail"
         return Draft(self, env, tls=tls, add_missing=add_missing, local_uid=local_uid,
                      scan_nul=check_content and not nul_checked, check_hops=check_content,
-                     sign=sign, owner=owner)
+                     sign=sign, owner=owner, refuse_unowned=refuse_unowned)
 
 
 class Draft:
@@ -173,10 +175,12 @@ class Draft:
 
     def __init__(self, sub: Submitter, env: Envelope, *, tls: str, add_missing: bool,
                  local_uid: int | None, scan_nul: bool, check_hops: bool,
-                 sign: bool = False, owner: Owner | None = None) -> None:
+                 sign: bool = False, owner: Owner | None = None,
+                 refuse_unowned: bool = True) -> None:
         self.submitter = sub
         self.sign = sign
         self.owner = owner
+        self._refuse_unowned = refuse_unowned
         # None: not decided yet (or no owner); "": every From:/Sender: mailbox is the
         # owner's; else why not. Decided once, on the header section as received.
         self.from_verdict: str | None = None
@@ -249,7 +253,8 @@ class Draft:
             verdict = self.owner.verdict(self._cleanup.header_section)
         self.from_verdict = verdict
         # No From: at all claims no address: not signed, but not refused either.
-        if verdict and verdict != NO_FROM and self.submitter.cfg.auth.from_policy == "own":
+        if verdict and verdict != NO_FROM and self._refuse_unowned \
+                and self.submitter.cfg.auth.from_policy == "own":
             self._problem = Refused(replies.FROM_NOT_OWNED, verdict)
             self._incoming.abort()
             return True
