@@ -399,6 +399,7 @@ def submit(opts: Options, stdin: LineReader, cfg: Config, who: Identity, *,
     rcpts = _expand(cfg, rcpts)
 
     sender = _envelope_sender(opts.sender, who, cfg)
+    _check_dsn(opts)
 
     out_headers = [h for i, h in enumerate(headers) if i not in drop]
     if not any(f[0] == "from" for f in fields):
@@ -423,6 +424,19 @@ def submit(opts: Options, stdin: LineReader, cfg: Config, who: Identity, *,
     if check is not None:
         check(env)
     return queue_message(cfg, env, pieces(), who, submitter)
+
+
+def _check_dsn(opts: Options) -> None:
+    """-N, -R, -V as SMTP's MAIL/RCPT parameters take them (RFC 3461 4.1, 4.3, 4.4): the
+    delivery client writes them into its MAIL and RCPT commands as they are, so a value
+    with a CR LF or a space would inject commands into the next hop's session."""
+    if opts.notify and not smtp.notify_ok(opts.notify):
+        raise Fail(EX_USAGE, "-N: NEVER or a list of SUCCESS, FAILURE, DELAY")
+    if opts.ret and opts.ret.upper() not in ("FULL", "HDRS"):
+        raise Fail(EX_USAGE, "-R: FULL or HDRS")
+    if opts.envid and not smtp.xtext_ok(opts.envid, 100):
+        raise Fail(EX_USAGE, "-V: an envelope id is at most 100 printable ASCII characters "
+                             "(xtext: no spaces, + and = as +XX)")
 
 
 def _expand(cfg: Config, rcpts: list[str]) -> list[str]:

@@ -294,3 +294,31 @@ def test_untrusted_local_user_cannot_borrow_a_signature(site: Path) -> None:
         r.wait_for(lambda: r.maillog().count("dkim=skipped") == 2)
     finally:
         r.stop()
+
+
+@pytest.mark.parametrize("opts", [
+    {"envid": "x\r\nRCPT TO:<victim@remote.example>"},
+    {"envid": "a b"},
+    {"notify": "SUCCESS\r\nRSET"},
+    {"notify": "NEVER,SUCCESS"},
+    {"ret": "FULL\r\nQUIT"},
+])
+def test_dsn_options_cannot_inject_commands(relay: RelayProcess, opts: dict) -> None:
+    """Attack: -V/-N/-R (or the socket's opts) went into the envelope as given, and the
+    delivery client writes them into MAIL/RCPT at the next hop: a CR LF injected SMTP
+    commands into our (authenticated) smart-host session. Refused with 64, nothing queued."""
+    sock = relay.state / "public" / "submit.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(sock))
+        s.sendall(json.dumps({"v": 1, "opts": {"recipients": ["bob@remote.example"],
+                                               **opts}}).encode() + b"\n")
+        msg = b"Subject: dsn\r\n\r\nhi\r\n"
+        s.sendall(struct.pack(">I", len(msg)) + msg + struct.pack(">I", 0))
+        answer = json.loads(s.makefile("rb").readline())
+    assert answer["code"] == 64, answer
+    assert relay.queued() == [] and relay.unready() == []
+    res = sendmail(relay, "-V", "x\r\nRSET", "bob@remote.example", stdin=MSG)
+    assert res.returncode == 64 and b"-V:" in res.stderr, res.stderr
+    assert sendmail(relay, "-V", "ok+2Bid", "-N", "failure,delay", "-R", "hdrs",
+                    "bob@remote.example", stdin=MSG).returncode == 0
+    assert len(relay.queued()) == 1

@@ -287,6 +287,12 @@ _NOTIFY_WORDS = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})
 _HEX = frozenset("0123456789ABCDEF")
 
 
+def notify_ok(value: str) -> bool:
+    """RFC 3461 4.1: NEVER, or a comma list of SUCCESS, FAILURE, DELAY (any case)."""
+    words = {w.upper() for w in value.split(",")}
+    return bool(value) and words <= _NOTIFY_WORDS and not ("NEVER" in words and len(words) > 1)
+
+
 def xtext_ok(value: str, limit: int) -> bool:
     """RFC 3461 4: xtext is printable ASCII without "+" or "=" except "+XX" hex escapes."""
     if not value or len(value) > limit or not value.isascii():
@@ -922,9 +928,7 @@ class Engine:
                 self._error(_NON_ASCII_PARAM)
                 return
             if key == "NOTIFY":  # RFC 3461 4.1
-                words = {w.upper() for w in (value or "").split(",")}
-                if not value or not words <= _NOTIFY_WORDS or \
-                        ("NEVER" in words and len(words) > 1):
+                if not notify_ok(value or ""):
                     self._error(_BAD_NOTIFY)
                     return
             elif key == "ORCPT":  # RFC 3461 4.2: addr-type ";" xtext
