@@ -103,7 +103,8 @@ def test_full_465_pool_evicts_handshakes_not_authenticated(relay_factory) -> Non
                          r"listener=submissions:.*reason=pending_ip", log), log[-3000:]
         assert re.search(r"warning=pool full: evicted \d+ pre-authentication connections "
                          r"\(\d+ in handshake, 0 idle before AUTH\), "
-                         r"listener=submissions:.*busiest=127\.0\.7\.\d+ \(\d+\)", log), \
+                         r"listener=submissions:.*busiest=127\.0\.7\.\d+, busiest_evicted=\d+",
+                         log), \
             log[-3000:]
         # Evictions leave no tls_failed line each (the summary says it).
         assert "tls_failed=from unknown [127.0.7." not in log

@@ -566,7 +566,7 @@ class Acceptor:
             maillog.warning(
                 f"pool full: evicted {sum(ev.values())} pre-authentication connections "
                 f"({ev['handshake']} in handshake, {ev['session']} idle before AUTH)",
-                listener=self.ln.name, busiest=f"{top} ({n})",
+                listener=self.ln.name, busiest=top, busiest_evicted=n,
                 connections=f"{self.server.throttle.level(self.pool_key)}/{self.cap}")
         if ref:
             maillog.warning(
