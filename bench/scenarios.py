@@ -18,7 +18,8 @@ Contract: `--targets FILE` is a JSON list of targets, each
    "sink_out": "/run/.../sink.out", "pids": [1234, ...] | "pids_cmd": "bash ... pids",
    optional: "scenarios": "abc" (keys it runs), "dkim": "off,rsa" ((s) variants it runs),
    "variant_ports": {"rsa": 11027} ((s) plain port by variant), "fsync": false (accepts
-   without fsyncing its queue: said beside every ratio), "note": "...", "user": "..."}
+   without fsyncing its queue: said beside every ratio), "note": "...", "user": "...",
+   "caps": {"b": 100} (a slow peer's runs of a scenario send at most this many)}
 (`sink_out`: the output of `smtp-sink -c`, whose last `mesg=N` counts delivered mail).
 Targets run in the order given, alternating within every scenario and repetition.
 The server side is found again before every run (pids_cmd), so a restart is harmless.
@@ -173,6 +174,8 @@ class Target:
     variant_ports: dict[str, int] = field(default_factory=dict)  # (s): plain port by variant
     fsync: bool = True  # False: accepts without fsyncing its queue (chasquid, OpenSMTPD)
     note: str = ""  # for RESULTS.md: what this peer cannot do here, and why
+    caps: dict[str, int] = field(default_factory=dict)  # scenario key -> at most this
+    # many messages per run, for a slow peer (rates stay rates)
 
     def runs(self, sc: Scenario) -> bool:
         if self.scenarios and sc.key not in self.scenarios:
@@ -346,13 +349,14 @@ def run_one(t: Target, sc: Scenario) -> dict[str, Any]:
     if sampler:
         sampler.start()
     t0 = time.monotonic()
+    n_msgs = min(sc.messages, t.caps.get(sc.key, sc.messages))
     if sc.key in ("a", "c", "s"):
         port = t.variant_ports.get(sc.dkim, t.plain)
-        load = smtp_source(port, sc.sessions, sc.messages, sc.size, sc.sender, sc.reuse)
+        load = smtp_source(port, sc.sessions, n_msgs, sc.size, sc.sender, sc.reuse)
     elif sc.key == "b":
         load = load_py(["smtp", "--port", str(t.submission), "--tls", "starttls",
                         "--auth", "plain", "--user", t.user, "--password", t.password,
-                        "-c", str(sc.sessions), "-n", str(sc.messages), "-m", "1",
+                        "-c", str(sc.sessions), "-n", str(n_msgs), "-m", "1",
                         "--size", str(sc.size), "--from", SENDER, "--to", RCPT])
     else:  # e: one big message on the plain port
         load = load_py(["smtp", "--port", str(t.plain), "-c", "1", "-n", "1", "-m", "1",
