@@ -7,8 +7,15 @@ Contract: reads one message from stdin (LF or CRLF line ends; without -i a line 
 single "." ends it, as in sendmail), stores it with CRLF line ends, prepends a `Received:`
 field (RFC 5321 4.4, WITH protocol "local"), adds `From:`, `Date:` and `Message-ID:` when
 missing (RFC 6409 8.1, 8.3, 8.6), and queues it exactly like a network submission,
-through spool/submit.py (fsync file and directory; the running scheduler is woken through
-spool_dir/notify.sock). Exit 0 only once the message is durable. A message with NUL
+through spool/submit.py (fsync file and directory). Exit 0 only once the message is
+durable.
+
+Who sends: the message goes to the running server over state_dir/public/submit.sock
+(localsubmit.py), which runs this module's `submit()` with the caller's identity from the
+kernel (SO_PEERCRED): every local user can send, as themselves (`login@hostname`; -f
+only for trusted users: root, the daemon's `user`, `trusted_users`), and the server
+writes the maillog line. The command reads its standard input whole first, so a slow
+pipeline never holds the server. A message with NUL
 characters is refused (EX_DATAERR); one with more `Received:` fields than `max_hops` is
 accepted and bounced to the sender, not relayed (as Postfix does with local mail); less
 free space than `queue_min_free` is EX_TEMPFAIL.
@@ -17,15 +24,18 @@ free space than `queue_min_free` is EX_TEMPFAIL.
 fields, RFC 5322 3.6.6) and removes Bcc; recipients given as arguments are added to them
 (Postfix's reading). Unqualified addresses (`root`, as cron uses) get `@hostname`.
 
-When started as root and the spool belongs to another user (the daemon's `user`), it
-becomes that user before touching the spool, so the queued file is readable by the
-daemon and nothing in the spool is ever root-owned.
+No server running (nobody listens on the socket): root queues directly (the sender still
+root's), becoming the spool's owner (the daemon's `user`) before touching the spool, so
+the queued file is readable by the daemon and nothing in the spool is ever root-owned;
+anyone else gets EX_TEMPFAIL and nothing is queued.
 
 Failure policy: exit status as sendmail's (sysexits.h), one line on stderr:
 EX_USAGE 64 (bad option, no recipients), EX_DATAERR 65 (bad address, message too big or
-malformed), EX_CANTCREAT 73 (spool not writable), EX_TEMPFAIL 75 (spool I/O error, or no
-config file found: the caller may retry; nothing is ever queued into a spool no daemon
-reads), EX_CONFIG 78 (bad config). On any failure nothing is queued.
+malformed), EX_NOPERM 77 (-f by an untrusted user; mailq by a user who may not read the
+queue), EX_CANTCREAT 73 (root, no server: spool not writable), EX_TEMPFAIL 75 (no server
+running for a non-root user, a rate limit, spool I/O error, or no config file found: the
+caller may retry; nothing is ever queued into a spool no daemon reads), EX_CONFIG 78 (bad
+config). On any failure nothing is queued.
 """
 
 from __future__ import annotations
