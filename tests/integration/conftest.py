@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from relayproc import RelayProcess
+from scalerig import PostgresServer
 
 
 @pytest.fixture
@@ -62,3 +64,37 @@ def sender_mx(fake_mx):  # noqa: ANN001, ANN201
     from test_e2e_delivery import SENDER_MX
 
     return fake_mx(SENDER_MX)
+
+
+# A PostgreSQL cluster for the tests of the postgresql backend (test_pg_users,
+# test_app_passwords, test_health): started once per module, by the test, on a free port.
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    pg = PostgresServer()
+    try:
+        yield pg
+    finally:
+        pg.cleanup()
+
+
+@pytest.fixture
+def pg(postgres: PostgresServer) -> Iterator[PostgresServer]:
+    """The cluster, running, with no authrelay schema and no authrelay_ro role (each test
+    starts empty); started again after a test that stopped it."""
+    if not (postgres.data / "postmaster.pid").exists():
+        postgres.start()
+
+    async def drop() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(postgres.dsn)
+        try:
+            await conn.execute("DROP SCHEMA IF EXISTS authrelay CASCADE")
+            await conn.execute("DROP ROLE IF EXISTS authrelay_ro")
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+    yield postgres
+    if not (postgres.data / "postmaster.pid").exists():
+        postgres.start()

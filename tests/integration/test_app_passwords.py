@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,34 +87,6 @@ def test_require_refuses_the_account_password(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- PostgreSQL
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    pg = PostgresServer()
-    try:
-        yield pg
-    finally:
-        pg.cleanup()
-
-
-@pytest.fixture
-def pg(postgres: PostgresServer) -> Iterator[PostgresServer]:
-    if not (postgres.data / "postmaster.pid").exists():
-        postgres.start()
-
-    async def drop() -> None:
-        import asyncpg
-
-        conn = await asyncpg.connect(postgres.dsn)
-        try:
-            await conn.execute("DROP SCHEMA IF EXISTS authrelay CASCADE")
-            await conn.execute("DROP ROLE IF EXISTS authrelay_ro")
-        finally:
-            await conn.close()
-
-    asyncio.run(drop())
-    yield postgres
-
 
 def _ro_dsn(pg: PostgresServer) -> str:
     """A role that may only read (docs/SCALING.md's server role without the UPDATEs)."""

@@ -42,15 +42,6 @@ def _up(r: RelayProcess, port: int) -> None:
     r.wait_for(ok, timeout=20)
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    pg = PostgresServer()
-    try:
-        yield pg
-    finally:
-        pg.cleanup()
-
-
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     rs = RedisServer().start()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,36 +29,6 @@ from authrelay.auth.pgusers import (
 from authrelay.auth.userdb import UserDB
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    pg = PostgresServer()
-    try:
-        yield pg
-    finally:
-        pg.cleanup()
-
-
-@pytest.fixture
-def pg(postgres: PostgresServer) -> Iterator[PostgresServer]:
-    """The cluster, running, with no authrelay schema (each test starts empty)."""
-    if not (postgres.data / "postmaster.pid").exists():
-        postgres.start()
-
-    async def drop() -> None:
-        import asyncpg
-
-        conn = await asyncpg.connect(postgres.dsn)
-        try:
-            await conn.execute("DROP SCHEMA IF EXISTS authrelay CASCADE")
-        finally:
-            await conn.close()
-
-    asyncio.run(drop())
-    yield postgres
-    if not (postgres.data / "postmaster.pid").exists():
-        postgres.start()
 
 
 def pg_relay(tmp_path: Path, pg: PostgresServer, users: dict[str, str] | None = None,
