@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
-IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+def is_ci(environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+IN_CI = is_ci()
 
 
 def require(ok: object, why: str) -> None:
