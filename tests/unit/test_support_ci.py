@@ -16,7 +16,8 @@ def test_met_requirement_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_missing_under_ci_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ci, "IN_CI", True)
-    with pytest.raises(Failed, match=r"saslauthd-no-such-binary not installed \(apt-get install sasl2-bin\)"):
+    why = r"saslauthd-no-such-binary not installed \(apt-get install sasl2-bin\)"
+    with pytest.raises(Failed, match=why):
         ci.require_tool("saslauthd-no-such-binary", "sasl2-bin")
 
 
