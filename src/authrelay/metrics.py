@@ -18,6 +18,7 @@ cannot bind is logged and metrics stay off.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -218,9 +219,78 @@ class Metrics:
             self._thread = None
 
 
+# The listener runs in the delivering process (the master): its descriptors and threads
+# are the ones delivery and local submission need. A client that connects and never
+# finishes a request (slowloris) held a thread and a descriptor each, without end: 999 of
+# them exhausted a 1024-descriptor master (local submission and delivery stalled). So at
+# most MAX_CONNECTIONS are served at once, PER_ADDRESS from one client address (more are
+# closed at accept: one hostile host cannot take the slots Prometheus and HAProxy's checks
+# use), and each has REQUEST_DEADLINE seconds in all to send its request and read the answer.
+MAX_CONNECTIONS = 32
+PER_ADDRESS = 4
+REQUEST_DEADLINE = 10.0
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    block_on_close = False
+    request_queue_size = 64
+
+    def server_activate(self) -> None:
+        self._lock = threading.Lock()
+        self._busy: collections.Counter[str] = collections.Counter()
+        super().server_activate()
+
+    def _release(self, client_address: Any) -> None:
+        with self._lock:
+            self._busy[client_address[0]] -= 1
+            if self._busy[client_address[0]] <= 0:
+                del self._busy[client_address[0]]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        ip = client_address[0]
+        with self._lock:
+            full = (sum(self._busy.values()) >= MAX_CONNECTIONS
+                    or self._busy[ip] >= PER_ADDRESS)
+            if not full:
+                self._busy[ip] += 1
+        if full:  # a scraper retries, HAProxy checks again
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(client_address)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # The whole exchange within REQUEST_DEADLINE, however slowly the client drips:
+        # the timer shuts the socket down, which ends any read or write blocked on it.
+        timer = threading.Timer(REQUEST_DEADLINE, _cut, (request,))
+        timer.daemon = True
+        timer.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            timer.cancel()
+            self._release(client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr (the maillog's stream): a client that
+        # timed out or went away is not news; anything else is our bug, logged as one.
+        import sys
+
+        e = sys.exc_info()[1]
+        if isinstance(e, OSError):
+            log.debug("metrics: client %s: %s", client_address, e)
+        else:
+            log.error("metrics: request from %s failed", client_address, exc_info=True)
+
+
+def _cut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Server6(_Server):
@@ -228,6 +298,8 @@ class _Server6(_Server):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = REQUEST_DEADLINE  # per read; the server's timer bounds the whole exchange
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # a scrape every few seconds is not news
 

@@ -154,3 +154,52 @@ def test_shared_counters_through_sentinel(redis_server: RedisServer) -> None:
         assert asyncio.run(go()) == (True, b"via-sentinel")
     finally:
         sentinel.cleanup()
+
+
+def test_hostile_http_clients_stay_bounded(relay_factory) -> None:
+    """Attack: 600 connections to the metrics listener that never finish their request
+    (slowloris) held a thread and a descriptor each in the master without end (999 took a
+    1024-descriptor master: local submission and delivery stalled). Now the master's
+    descriptors and threads stay bounded, local submission works meanwhile, another
+    address's health check is answered, and the held ones are cut after the deadline."""
+    import socket
+    import time
+
+    from authrelay import metrics
+
+    port = free_port()
+    r = relay_factory(overrides={"metrics": {"address": f"127.0.0.1:{port}"}})
+    _up(r, port)
+    assert r.proc is not None
+    pid = r.proc.pid
+    fds_before = len(os.listdir(f"/proc/{pid}/fd"))
+    held = []
+    try:
+        for _ in range(600):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /health HTTP/1.1\r\nX-Slow: ")  # never ends its request
+            held.append(s)
+        other = socket.socket()
+        other.bind(("127.0.0.2", 0))
+        other.settimeout(5)
+        other.connect(("127.0.0.1", port))
+        with other:
+            other.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+            assert other.recv(100).startswith(b"HTTP/1.0 200 OK")
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+        assert fds < fds_before + metrics.MAX_CONNECTIONS + 70, fds  # backlog included
+        assert threads < 20 + metrics.MAX_CONNECTIONS, threads
+        res = r.cli("sendmail", "-i", "bob@remote.example", input="Subject: x\n\nhi\n",
+                    check=False)
+        assert res.returncode == 0, res.stderr
+        # The served ones are cut at the deadline: their sockets read EOF.
+        held[0].settimeout(metrics.REQUEST_DEADLINE + 10)
+        t0 = time.monotonic()
+        assert held[0].recv(100) == b""
+        assert time.monotonic() - t0 < metrics.REQUEST_DEADLINE + 5
+    finally:
+        for s in held:
+            s.close()
+    r.wait_for(lambda: health(port)[0] == 200)
+    assert "Traceback" not in r.maillog()
