@@ -10,6 +10,8 @@
 - `support.certs`: trustme server contexts and certificates installed as certbot does
 - `support.maillog`: `ListLog`, a MailLog that keeps its lines in memory
 - `support.sessions`: a real client half way through an authenticated transaction
+- `support.privileges`: the unprivileged TEST_USER privilege tests drop to
+- `support.daemons`: wait until a daemon a test started accepts; stop it by its PID
 
 Markers (registered in pyproject.toml, `--strict-markers`): `slow` (out of the fast loop,
 `pytest -m "not slow"`), `root` (needs root: fails under CI, skips elsewhere, checked in
