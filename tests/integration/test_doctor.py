@@ -284,3 +284,32 @@ def test_cli_exit_status_and_json(setup: dict, dns_server) -> None:  # noqa: ANN
     assert line == (f"\u2717 dmarc {DOMAIN}: no DMARC record at _dmarc.{DOMAIN} -- fix: "
                     f'publish _dmarc.{DOMAIN}. IN TXT "v=DMARC1; p=none; '
                     f'rua=mailto:postmaster@{DOMAIN}"')
+
+
+async def test_smart_host_name_through_the_configured_nameservers(
+        setup: dict, dns_server, fake_mx, trustme_ca_file: Path) -> None:  # noqa: ANN001
+    """A smart host named by a name only the loopback DNS server knows: found through
+    `[delivery] nameservers` (as delivery finds it), its certificate verified for the
+    name; a name it does not know is reported as such."""
+    from support.certs import server_tls_context
+
+    sh = fake_mx("127.0.0.2",
+                 starttls_context=server_tls_context(setup["ca"], "smart.example.test"),
+                 require_starttls=True, users={"relayuser": "s3cret"})
+    _set(dns_server, "smart.example.test", {"A": ["127.0.0.2"]})
+    _set(dns_server, "_spf.example.test", {"TXT": ["v=spf1 ip4:127.0.0.2 -all"]})
+    pw = setup["tmp"] / "pw"
+    pw.write_text("s3cret\n")
+    relay = {"smart_host": [f"smart.example.test:{sh.port}"], "smart_host_user": "relayuser",
+             "smart_host_password_file": str(pw), "smart_host_ca_file": str(trustme_ca_file),
+             "smart_host_tls": "verify"}
+    res = await doctor(cfg_for(setup["tmp"], dns_server, relay=relay))
+    assert failing(res) == {}, {k: c.line() for k, c in failing(res).items()}
+    assert res[f"smarthost smart.example.test:{sh.port}"].detail == \
+        "answers and accepts AUTH as relayuser"
+    assert f"spf helo {HOST}" not in res  # with a smart host its HELO is what is seen
+    relay["smart_host"] = [f"nosuch.example.test:{sh.port}"]
+    res = await doctor(cfg_for(setup["tmp"], dns_server, relay=relay))
+    name = f"smarthost nosuch.example.test:{sh.port}"
+    assert res[name].detail == ("nosuch.example.test through [delivery] nameservers: the "
+                                "name does not exist (NXDOMAIN)"), res[name].line()

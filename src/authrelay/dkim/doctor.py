@@ -17,7 +17,8 @@ One line per check, `✔` or `✗`, what was found, and for a failure what to fi
                 domain, so strict or relaxed adkim holds) or an SPF pass for DOMAIN.
 - tls           the certificate covers `hostname` (RFC 6125 6.4: DNS-ID, one wildcard
                 label) and does not expire within 30 days; not self-signed.
-- smarthost H   each smart host answers, TLS as configured, and accepts our AUTH.
+- smarthost H   each smart host answers, TLS as configured, and accepts our AUTH (its
+                name resolved through `[delivery] nameservers` when set, as delivery does).
 
 DNS goes through `[delivery] nameservers` when set (the system resolver otherwise), for
 our own lookups and for pyspf's (pyspf asks dnspython's default resolver: it is pointed
@@ -33,6 +34,7 @@ import contextlib
 import datetime as dt
 import ipaddress
 import json
+import socket
 import ssl
 import sys
 import warnings
@@ -453,9 +455,22 @@ class Doctor:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         timeout = min(30.0, self.cfg.delivery.connect_timeout)
-        smtp = aiosmtplib.SMTP(hostname=host, port=port, use_tls=implicit,
-                               start_tls=False, tls_context=ctx, timeout=timeout,
-                               local_hostname=self.host)
+        sock: socket.socket | None = None
+        if self.cfg.delivery.nameservers and not _is_ip(host):
+            # As delivery does: the name through [delivery] nameservers, TLS for the name.
+            try:
+                addrs = await self.resolver.addresses(host)
+            except DnsError as e:
+                return False, f"{host} through [delivery] nameservers: {_dns_problem(e)}", \
+                    f"publish an A/AAAA record for {host}, or fix relay.smart_host"
+            try:
+                sock = await _connect_first(addrs, port, timeout)
+            except (OSError, TimeoutError) as e:
+                return False, f"connect failed: {e}", \
+                    "check relay.smart_host and the network path"
+        smtp = aiosmtplib.SMTP(hostname=host, port=None if sock else port, sock=sock,
+                               use_tls=implicit, start_tls=False, tls_context=ctx,
+                               timeout=timeout, local_hostname=self.host)
         step = "connect"
         try:
             await smtp.connect()
@@ -500,6 +515,31 @@ class Doctor:
                 if smtp.is_connected:
                     await smtp.quit()
             smtp.close()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _connect_first(addrs: list[str], port: int, timeout: float) -> socket.socket:
+    """A TCP connection to the first address that answers (IPv6 first, as delivery)."""
+    err: BaseException = OSError("no address")
+    for ip in sorted(dict.fromkeys(addrs), key=lambda a: 0 if ":" in a else 1):
+        s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                          socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(s, (ip, port)),
+                                   timeout)
+            return s
+        except (OSError, TimeoutError) as e:
+            s.close()
+            err = e
+    raise err
 
 
 def _cert_names(cert: x509.Certificate) -> list[str]:
