@@ -7,6 +7,8 @@ import email
 import email.policy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from authrelay.delivery.downgrade import MAX_DEPTH, Unconvertible, downgrade
 
@@ -129,3 +131,30 @@ def test_nesting_is_bounded() -> None:
                 + body + f"--b{i}--\r\n".encode())
     with pytest.raises(Unconvertible, match="nesting"):
         downgrade(b"From: a@x.test\r\n" + body)
+
+
+def test_rfc2231_boundary_parameter() -> None:
+    msg = (b"From: a@x.test\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary*0=\"ab\"; boundary*1=\"cd\"\r\n\r\n"
+           b"--abcd\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + UTF8 +
+           b"\r\n--abcd--\r\n")
+    out = downgrade(msg)
+    assert out.isascii()
+    assert list(parse(out).iter_parts())[0].get_payload(decode=True) == UTF8
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(st.binary(max_size=300).map(
+    lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), min_size=1, max_size=30))
+def test_any_8bit_text_round_trips(lines: list[bytes]) -> None:
+    """Whatever the octets (CR/LF only as line ends): the output is 7-bit with lines of
+    at most 76 characters, and decoding it gives back exactly the original body."""
+    body = b"\r\n".join(lines) + b"\r\n"
+    msg = b"From: a@x.test\r\nContent-Type: application/octet-stream\r\n\r\n" + body
+    out = downgrade(msg)
+    assert out.isascii()
+    encoded = out.split(b"\r\n\r\n", 1)[1]
+    assert out == msg if body.isascii() else all(len(ln) <= 76
+                                                 for ln in encoded.split(b"\r\n"))
+    got = email.message_from_bytes(out, policy=email.policy.compat32)
+    assert got.get_payload(decode=True) == body

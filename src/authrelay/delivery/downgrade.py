@@ -102,8 +102,8 @@ def _entity(head: bytes, sep: bytes, body: bytes, default: str, depth: int,
     cte = str(msg.get("content-transfer-encoding") or "7bit").strip().lower()
     main = ctype.split("/", 1)[0]
     if main == "multipart":
-        boundary = msg.get_param("boundary")
-        if not isinstance(boundary, str) or not boundary:
+        boundary = msg.get_boundary()  # RFC 2231 continuations collapsed
+        if not boundary:
             raise Unconvertible(f"8-bit octets in a {ctype} without a boundary")
         if cte not in _IDENTITY:
             raise Unconvertible(f"{ctype} with Content-Transfer-Encoding {cte}")
