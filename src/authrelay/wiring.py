@@ -42,8 +42,9 @@ from authrelay.policy.anvil import SharedThrottle
 from authrelay.policy.checks import HostChecks
 from authrelay.policy.counters import SharedCounters
 from authrelay.policy.known import KnownAddresses
-from authrelay.policy.suspender import HoldUser, Suspender, hold_by_control, make_suspender
+from authrelay.policy.suspender import HoldUser, Suspender, make_suspender
 from authrelay.policy.throttle import KnownStore, LocalThrottle, Share, Throttle
+from authrelay.scheduler import control
 from authrelay.scheduler.scheduler import CourierLike, Scheduler
 from authrelay.smtpd.server import Listener, SMTPServer
 from authrelay.spool.store import Spool
@@ -173,7 +174,7 @@ def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
         maillog=ml,
         # A trip asks this node's scheduler to hold the user's mail (control socket).
         containment=containment(cfg, sub, ml, metrics,
-                                lambda user: hold_by_control(queue, user)))
+                                lambda user: control.hold_user(queue, user)))
 
 
 # --------------------------------------------------------------------------- delivering

@@ -4,8 +4,9 @@ Owns: feeding a user's activity to the counters (policy/suspensions.py), asking
 policy/containment.py whether a threshold is reached, and acting once it is:
 1. the suspension is recorded (PostgreSQL for a farm, else this node's SQLite file);
    further MAIL from the user gets `450 4.7.1` (smtpd/session.py asks `suspended()`);
-2. the user's messages still in the queue are held (the scheduler's `hold` for the
-   user's mail over the control socket; the scheduler also holds, instead of
+2. the user's messages still in the queue are held (`hold_user`, given by wiring.py: the
+   scheduler itself, or scheduler/control.hold_user over the control socket from a
+   receiving process; the scheduler also holds, instead of
    delivering, any message of a suspended user it is about to send: mail accepted in
    the same instant, or queued on another node of a farm);
 3. `warning=user suspended` in the maillog with the figure that tripped, and the metric
@@ -42,18 +43,6 @@ from authrelay.spool.envelope import Envelope, Recipient
 log = logging.getLogger(__name__)
 
 HoldUser = Callable[[str], Awaitable[int]]
-
-
-async def hold_by_control(spool: Any, user: str) -> int:
-    """Ask this node's scheduler (control socket) to hold the user's queued mail; the
-    number held. No scheduler running: the files are moved directly (under its lock)."""
-    from authrelay.scheduler import control
-
-    resp = await asyncio.to_thread(control.perform, spool, {"op": "hold", "user": user}, 60.0)
-    if not resp.get("ok"):
-        raise RuntimeError(str(resp.get("error")))
-    # All of them, including any the scheduler held itself before delivering it.
-    return len(await asyncio.to_thread(control.ids_of_user, spool, user, True))
 
 
 class Suspender:

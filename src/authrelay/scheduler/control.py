@@ -214,6 +214,17 @@ def run_offline(spool: Spool, req: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "done": done, "missing": missing}
 
 
+async def hold_user(spool: Spool, user: str) -> int:
+    """Containment (policy/suspender.py, from a receiving process): ask this node's
+    scheduler to hold `user`'s queued mail; how many of the user's messages are held now
+    (any the scheduler held itself before sending included). No scheduler running: the
+    files are moved directly, under its lock."""
+    resp = await asyncio.to_thread(perform, spool, {"op": "hold", "user": user}, 60.0)
+    if not resp.get("ok"):
+        raise RuntimeError(str(resp.get("error")))
+    return len(await asyncio.to_thread(ids_of_user, spool, user, True))
+
+
 def perform(spool: Spool, req: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
     """Ask the running scheduler, else act on the files under the scheduler lock."""
     try:

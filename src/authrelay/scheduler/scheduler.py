@@ -52,6 +52,7 @@ from typing import Any, Protocol
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config
 from authrelay.delivery.router import route_key
+from authrelay.policy.suspender import Suspender
 from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, should_notify
 from authrelay.scheduler.inflight import InflightJournal
@@ -147,7 +148,7 @@ class Scheduler:
         self.inflight = InflightJournal(spool.root)  # what a crash may have delivered twice
         # policy/suspender.Suspender (containment), set by wiring: a suspended user's
         # mail is held instead of sent; 5xx from the next hops count against its sender.
-        self.containment: Any = None
+        self.containment: Suspender | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
