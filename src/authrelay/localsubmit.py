@@ -25,7 +25,8 @@ Abuse by local users: the socket is open to all (0666 in a 0711 directory, the s
 (counted while reading: the server stops reading past it), user_messages_per_hour and
 user_recipients_per_hour per local user (trusted users exempt), max_recipients, at most
 PER_UID_ACTIVE concurrent submissions per uid and MAX_ACTIVE in all (then 75, try again),
-IO_TIMEOUT per read. The submissions run in a small thread pool (the spool writes and
+IO_TIMEOUT per read, MAX_DURATION per submission (a stop cuts those still reading after
+shutdown_timeout). The submissions run in a small thread pool (the spool writes and
 fsyncs are blocking), never on the event loop.
 
 Failure policy: every refusal is the sendmail exit code (sysexits) and one line; the server
@@ -69,6 +70,7 @@ MAX_ACTIVE = 8  # submissions being read and stored at once (threads)
 MAX_WAITING = 64  # connections waiting for a thread before new ones are refused
 PER_UID_ACTIVE = 4
 IO_TIMEOUT = 60.0
+MAX_DURATION = 300.0  # one submission, whole: a trickling client cannot hold a thread
 
 EX_TEMPFAIL = 75
 EX_PROTOCOL = 76
@@ -85,12 +87,15 @@ class Truncated(Exception):
 class _Frames:
     """The framed message as a stream with readline() (what sendmail.submit reads)."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, deadline: float = float("inf")) -> None:
         self._f = f
         self._buf = b""
         self._eof = False
+        self._deadline = deadline
 
     def _fill(self) -> None:
+        if time.monotonic() > self._deadline:
+            raise Truncated(f"the message took longer than {MAX_DURATION:g} s")
         head = self._f.read(4)
         if len(head) < 4:
             raise Truncated("connection closed before the end of the message")
@@ -136,6 +141,7 @@ class LocalSubmission:
         self._active: collections.Counter[int] = collections.Counter()
         self._pending: set[asyncio.Future[None]] = set()
         self._sent: dict[str, collections.deque[tuple[float, int]]] = {}
+        self._conns: set[socket.socket] = set()  # being served (stop() may cut them)
         self._uid = os.geteuid()
 
     # ------------------------------------------------------------------ lifecycle
@@ -178,8 +184,13 @@ class LocalSubmission:
             self._sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
-        if self._pending:  # submissions being stored finish (each bounded by IO_TIMEOUT)
-            await asyncio.wait(self._pending)
+        if self._pending:  # submissions being stored finish, up to shutdown_timeout
+            _, late = await asyncio.wait(self._pending, timeout=self.cfg.shutdown_timeout)
+            if late:  # still reading from their clients: cut them (nothing is queued)
+                for conn in list(self._conns):
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RD)  # its read ends; the answer goes
+                await asyncio.wait(self._pending, timeout=IO_TIMEOUT)
         self._pool.shutdown(wait=False)
 
     # ------------------------------------------------------------------ serving
@@ -222,13 +233,15 @@ class LocalSubmission:
 
         cfg = self.cfg
         who = sendmail.identity(uid, cfg, server_uid=self._uid)
+        self._conns.add(conn)
         try:
             conn.setblocking(True)
             conn.settimeout(IO_TIMEOUT)
             f = conn.makefile("rb")
             try:
                 opts = _options(f.readline(MAX_REQUEST))
-                qid = sendmail.submit(opts, _Frames(f), cfg, who, submitter=self.submitter,
+                frames = _Frames(f, time.monotonic() + MAX_DURATION)
+                qid = sendmail.submit(opts, frames, cfg, who, submitter=self.submitter,
                                       check=lambda env: self._limits(env, who))
                 resp: dict[str, Any] = {"code": 0, "queue_id": qid}
             except sendmail.Fail as e:
@@ -248,6 +261,7 @@ class LocalSubmission:
             self.maillog.error(f"local submission: {type(e).__name__}: {e}", uid=uid)
             _answer(conn, {"code": EX_TEMPFAIL, "error": "local error in processing"})
         finally:
+            self._conns.discard(conn)
             conn.close()
 
     def _limits(self, env: Any, who: Any) -> None:

@@ -322,3 +322,29 @@ def test_dsn_options_cannot_inject_commands(relay: RelayProcess, opts: dict) -> 
     assert sendmail(relay, "-V", "ok+2Bid", "-N", "failure,delay", "-R", "hdrs",
                     "bob@remote.example", stdin=MSG).returncode == 0
     assert len(relay.queued()) == 1
+
+
+def test_a_stalled_local_client_does_not_hold_the_stop(site: Path) -> None:
+    """A local client that sends half a message and then nothing: SIGTERM still stops the
+    server within shutdown_timeout (its connection is cut, nothing queued)."""
+    import signal
+    import time
+
+    r = RelayProcess(site, {"shutdown_timeout": "2s"})
+    r.start()
+    sock = r.state / "public" / "submit.sock"
+    r.wait_for(sock.exists)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(sock))
+        s.sendall(json.dumps({"v": 1, "opts": {"recipients": ["bob@remote.example"]}})
+                  .encode() + b"\n")
+        part = b"Subject: stalled\r\n\r\nhalf"
+        s.sendall(struct.pack(">I", len(part)) + part)
+        assert r.proc is not None
+        t0 = time.monotonic()
+        os.kill(r.proc.pid, signal.SIGTERM)
+        r.proc.wait(timeout=30)
+        assert time.monotonic() - t0 < 15
+        answer = s.makefile("rb").readline()
+    assert json.loads(answer)["code"] == 75
+    assert r.queued() == [] and "daemon=stopped" in r.maillog()
