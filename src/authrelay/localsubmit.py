@@ -25,9 +25,9 @@ Abuse by local users: the socket is open to all (0666 in a 0711 directory, the s
 (counted while reading: the server stops reading past it), user_messages_per_hour and
 user_recipients_per_hour per local user (trusted users exempt), max_recipients, at most
 PER_UID_ACTIVE concurrent submissions per uid and MAX_ACTIVE in all (then 75, try again),
-IO_TIMEOUT per read, MAX_DURATION per submission (a stop cuts those still reading after
-shutdown_timeout). The submissions run in a small thread pool (the spool writes and
-fsyncs are blocking), never on the event loop.
+READ_DEADLINE for the request and the whole message (a stop cuts those still
+reading after shutdown_timeout). The submissions run in a small thread pool (the
+spool writes and fsyncs are blocking), never on the event loop.
 
 Failure policy: every refusal is the sendmail exit code (sysexits) and one line; the server
 logs a `reject=` or the `from=` line; no server listening (ENOENT / ECONNREFUSED): the
@@ -46,6 +46,7 @@ import socket
 import stat
 import struct
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields
@@ -69,8 +70,12 @@ FRAME = 256 * 1024  # what the client sends per frame
 MAX_ACTIVE = 8  # submissions being read and stored at once (threads)
 MAX_WAITING = 64  # connections waiting for a thread before new ones are refused
 PER_UID_ACTIVE = 4
-IO_TIMEOUT = 60.0
-MAX_DURATION = 300.0  # one submission, whole: a trickling client cannot hold a thread
+IO_TIMEOUT = 60.0  # writing the answer
+# Reading the request and the whole message: the client has read its input before it
+# connects and sends at once, so this is generous; a client that drips (a byte a minute
+# kept a thread for ever under a per-read timeout: two local users held all MAX_ACTIVE
+# threads and every other user's mail waited) is cut here, with nothing queued.
+READ_DEADLINE = 30.0
 
 EX_TEMPFAIL = 75
 EX_PROTOCOL = 76
@@ -87,21 +92,21 @@ class Truncated(Exception):
 class _Frames:
     """The framed message as a stream with readline() (what sendmail.submit reads)."""
 
-    def __init__(self, f: BinaryIO, deadline: float = float("inf")) -> None:
+    def __init__(self, f: BinaryIO, on_end: Any = None) -> None:
         self._f = f
         self._buf = b""
         self._eof = False
-        self._deadline = deadline
+        self._on_end = on_end  # called once the zero frame (the end) has been read
 
     def _fill(self) -> None:
-        if time.monotonic() > self._deadline:
-            raise Truncated(f"the message took longer than {MAX_DURATION:g} s")
         head = self._f.read(4)
         if len(head) < 4:
             raise Truncated("connection closed before the end of the message")
         (n,) = struct.unpack(">I", head)
         if n == 0:
             self._eof = True
+            if self._on_end is not None:
+                self._on_end()
             return
         if n > MAX_FRAME:
             raise Truncated(f"frame of {n} bytes")
@@ -234,14 +239,20 @@ class LocalSubmission:
         cfg = self.cfg
         who = sendmail.identity(uid, cfg, server_uid=self._uid)
         self._conns.add(conn)
+        # Reading has READ_DEADLINE in all: the timer shuts the socket's reading side down
+        # (the read in progress sees EOF: Truncated, nothing queued). It is stopped once
+        # the whole message is in, so storing it and answering are never cut.
+        cut = threading.Timer(READ_DEADLINE, _cut_reading, (conn,))
+        cut.daemon = True
         try:
             conn.setblocking(True)
             conn.settimeout(IO_TIMEOUT)
             f = conn.makefile("rb")
+            cut.start()
             try:
                 opts = _options(f.readline(MAX_REQUEST))
-                frames = _Frames(f, time.monotonic() + MAX_DURATION)
-                qid = sendmail.submit(opts, frames, cfg, who, submitter=self.submitter,
+                qid = sendmail.submit(opts, _Frames(f, on_end=cut.cancel), cfg, who,
+                                      submitter=self.submitter,
                                       check=lambda env: self._limits(env, who))
                 resp: dict[str, Any] = {"code": 0, "queue_id": qid}
             except sendmail.Fail as e:
@@ -262,6 +273,7 @@ class LocalSubmission:
             _answer(conn, {"code": EX_TEMPFAIL, "error": "local error in processing"})
         finally:
             self._conns.discard(conn)
+            cut.cancel()
             conn.close()
 
     def _limits(self, env: Any, who: Any) -> None:
@@ -294,6 +306,11 @@ def _peer_uid(conn: socket.socket) -> int:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return int(uid)
+
+
+def _cut_reading(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RD)
 
 
 def _answer(conn: socket.socket, resp: dict[str, Any]) -> None:

@@ -348,3 +348,52 @@ def test_a_stalled_local_client_does_not_hold_the_stop(site: Path) -> None:
         answer = s.makefile("rb").readline()
     assert json.loads(answer)["code"] == 75
     assert r.queued() == [] and "daemon=stopped" in r.maillog()
+
+
+def test_dripping_clients_are_cut(relay: RelayProcess) -> None:
+    """Attack: a local client that sends its message a byte at a time, slower than the
+    per-read timeout, held a submission thread without end (two local users held all of
+    them: everyone else's mail waited). Reading has READ_DEADLINE in all: the dripping
+    client is cut with 75 and nothing queued, and the next submission is served."""
+    import time
+
+    from authrelay import localsubmit
+
+    sock = relay.state / "public" / "submit.sock"
+    drips = []
+    for _ in range(localsubmit.PER_UID_ACTIVE - 1):  # root's own limit leaves one slot
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(sock))
+        s.sendall(json.dumps({"v": 1, "opts": {"recipients": ["bob@remote.example"]}})
+                  .encode() + b"\n")
+        s.sendall(struct.pack(">I", 10_000) + b"Subject: drip\r\n")
+        drips.append(s)
+    t0 = time.monotonic()
+    for s in drips:  # a byte now and then, well within any per-read timeout
+        s.settimeout(localsubmit.READ_DEADLINE + 20)
+    answers = []
+    while len(answers) < len(drips) and time.monotonic() - t0 < localsubmit.READ_DEADLINE + 20:
+        for s in drips:
+            try:
+                s.sendall(b"x")
+            except OSError:
+                pass
+        time.sleep(1)
+        for s in list(drips):
+            s.setblocking(False)
+            try:
+                data = s.recv(1000)
+            except BlockingIOError:
+                continue
+            finally:
+                s.setblocking(True)
+            answers.append(json.loads(data))
+            drips.remove(s)
+            s.close()
+    elapsed = time.monotonic() - t0
+    assert len(answers) == localsubmit.PER_UID_ACTIVE - 1, answers
+    assert all(a["code"] == 75 and "not queued" in a["error"] for a in answers), answers
+    assert elapsed < localsubmit.READ_DEADLINE + 10
+    assert relay.queued() == [] and relay.unready() == []
+    assert sendmail(relay, "-i", "bob@remote.example", stdin=MSG).returncode == 0
+    assert len(relay.queued()) == 1
