@@ -12,7 +12,8 @@ loopback address of their own (127.19.X.Y in the MTA-STS tests, 127.0.19.1 by de
     srv.stop()
 
 `policies[name]` may also be a (status, content type, body bytes) tuple, for broken
-servers (404, wrong media type, oversized body).
+servers (404, wrong media type, oversized body), or (status, content type, body, seconds)
+for a server that drips the body one byte every `seconds` (a slow-read attack).
 """
 
 from __future__ import annotations
@@ -32,17 +33,30 @@ class _Handler(BaseHTTPRequestHandler):
         host = (self.headers.get("Host") or "").split(":")[0].lower()
         self.server.owner.requests.append((host, self.path))
         entry = self.server.owner.policies.get(host)
+        drip = 0.0
         if entry is None or self.path != "/.well-known/mta-sts.txt":
             status, ctype, body = 404, "text/plain", b"not found\n"
         elif isinstance(entry, tuple):
-            status, ctype, body = entry
+            status, ctype, body = entry[:3]
+            drip = entry[3] if len(entry) > 3 else 0.0
         else:
             status, ctype, body = 200, "text/plain; charset=utf-8", entry.encode()
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not drip:
+            self.wfile.write(body)
+            return
+        self.wfile.flush()
+        try:
+            for i in range(len(body)):
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                if self.server.owner.stopping.wait(drip):
+                    return
+        except OSError:  # the client gave up: what a drip test wants to see
+            self.server.owner.dropped.set()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
@@ -59,6 +73,8 @@ class PolicyServer:
         self.host = host
         self.policies: dict[str, Any] = {}
         self.requests: list[tuple[str, str]] = []
+        self.stopping = threading.Event()  # stop() ends a dripping handler
+        self.dropped = threading.Event()  # a client closed a dripped response
         self._srv: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -74,6 +90,7 @@ class PolicyServer:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         if self._srv is not None:
             self._srv.shutdown()
             self._srv.server_close()

@@ -9,6 +9,7 @@ background refresh on a changed id. Plus the parser's strictness (unit level).""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -26,6 +27,7 @@ from support.maillog import ListLog
 from test_delivery import MSG, envelope, make_cfg
 from test_tls_levels import ctx_for
 
+from authrelay.delivery import mtasts
 from authrelay.delivery.client import Courier
 from authrelay.delivery.mtasts import (
     HttpsStsSource,
@@ -258,6 +260,24 @@ async def test_changed_id_refreshes_in_background(
 
 # --------------------------------------------------------------------------- parsing
 
+async def test_slow_drip_policy_is_cut_at_the_total_deadline(
+        env: Env, https: PolicyServer, fake_mx: MXFactory,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: the policy host sends its headers, then one byte of the body every 0.3 s
+    (a valid policy, ~25 s in all). The socket timeout is per read, so before the fix the
+    delivery went on after the fetch's 1 s but the worker thread kept reading to the end
+    (a few such domains hold every thread of the loop's executor). Now the fetch is cut
+    at its deadline in all, the connection closed, and there is no policy."""
+    monkeypatch.setattr(mtasts, "_FETCH_TIMEOUT", 1.0)
+    https.policies["mta-sts.sts.test"] = (200, "text/plain", policy("enforce").encode(), 0.3)
+    start_mx(fake_mx, env, ctx_for(trustme.CA(), MX1))
+    res, _ = await env.deliver()
+    assert res.ok and res.tls_policy == "may"  # no policy (RFC 8461 5), not a wait
+    # The fetching thread let go of the connection within the deadline (+ slack), not
+    # after the whole drip.
+    assert await asyncio.to_thread(https.dropped.wait, 5.0)
+
+
 def test_parse_txt() -> None:
     assert parse_txt(["v=STSv1; id=abc123"]) == "abc123"
     assert parse_txt(["v=STSv1;id=abc123;"]) == "abc123"
@@ -277,6 +297,9 @@ def test_parse_policy_strict() -> None:
                 "version: STSv1\nmode: maybe\nmx: a.test\nmax_age: 1\n",
                 "version: STSv1\nmode: enforce\nmax_age: 1\n",  # no mx
                 "version: STSv1\nmode: enforce\nmx: a.test\nmax_age: -1\n",
+                # "²".isdigit() is True and int("²") a ValueError that escaped the
+                # fetch (not an StsParseError): the delivery task failed
+                "version: STSv1\nmode: enforce\nmx: a.test\nmax_age: \u00b2\n",
                 "version: STSv1\nmode: enforce\nmx: a..test\nmax_age: 1\n",
                 "version: STSv1\ngarbage\n"]:
         with pytest.raises(StsParseError):

@@ -10,7 +10,7 @@ Contract: `await StsSource(...).policy(domain)` -> `StsPolicy | None` (None: no 
   every `_RECHECK` seconds per domain) and a changed `id` refreshes the policy in the
   background (3.3, 5.1): the delivery never waits for HTTPS when a policy is cached.
 - No cached policy: TXT then HTTPS inline (bounded by `[delivery] dns_timeout` and
-  `_FETCH_TIMEOUT`), the body at most `_MAX_BODY` bytes (3.3: 64 KiB), a redirect is not
+  `_FETCH_TIMEOUT` for the whole exchange, not per read), the body at most `_MAX_BODY` bytes (3.3: 64 KiB), a redirect is not
   followed (3.3), the certificate must verify for `mta-sts.DOMAIN` against the CA set
   (the system store plus `[delivery] tls_ca_file`), the media type must be text/plain.
 - Any failure to find or fetch a policy when none is cached: None (no policy: 5 says a
@@ -22,6 +22,7 @@ Failure policy: never raises; reasons go to the debug log (and the TLS-RPT tally
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import logging
@@ -29,6 +30,7 @@ import os
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -120,7 +122,7 @@ def parse_policy(domain: str, sid: str, text: str, now: float) -> StsPolicy:
     if mode not in ("enforce", "testing", "none"):
         raise StsParseError(f"bad mode {mode[:20]!r}")
     age = fields.get("max_age", "")
-    if not age.isdigit() or len(age) > 10:
+    if not (age.isascii() and age.isdigit()) or len(age) > 10:  # "²".isdigit() is True
         raise StsParseError(f"bad max_age {age[:20]!r}")
     if mode != "none" and not mx:
         raise StsParseError("no mx line")
@@ -166,32 +168,78 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         super().__init__(name, 443, timeout=timeout, context=ctx)
         self._ip = ip
         self._ctx = ctx
+        self._lock = threading.Lock()
+        self._tls: ssl.SSLSocket | None = None  # kept: close() drops self.sock while the
+        self.aborted = False  # response still reads from it (HTTP/1.0, will_close)
 
     def connect(self) -> None:
         sock = socket.create_connection((self._ip, self.port), self.timeout)
-        self.sock = self._ctx.wrap_socket(sock, server_hostname=self.host)
+        tls = self._ctx.wrap_socket(sock, server_hostname=self.host,
+                                    do_handshake_on_connect=False)
+        with self._lock:
+            self.sock = self._tls = tls
+            if self.aborted:
+                raise TimeoutError("timed out")
+        tls.do_handshake()
+
+    def abort(self) -> None:
+        """The whole fetch's deadline (a timer thread): shut the socket down, so a read
+        blocked in the fetching thread returns now (the socket's timeout is per read)."""
+        with self._lock:
+            self.aborted = True
+            if self._tls is not None:
+                # socket.socket's, not SSLSocket's (which would drop its TLS state under
+                # the reading thread's feet): the reader sees an EOF. Once really closed
+                # the object's fd is -1 (EBADF), never a reused descriptor.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(self._tls, socket.SHUT_RDWR)
 
 
 def _get(name: str, ip: str, timeout: float, ctx: ssl.SSLContext) -> str:
+    """One GET of the policy, within `timeout` in all (connect, handshake, headers and
+    body together): a server dripping a byte every few seconds would otherwise keep
+    this worker thread for as long as it likes, and a few such domains would take every
+    thread of the event loop's default executor (queue and cache I/O stall)."""
     conn = _PinnedHTTPS(name, ip, timeout, ctx)
+    deadline = threading.Timer(timeout, conn.abort)
+    deadline.daemon = True
+    deadline.start()
     try:
-        conn.request("GET", "/.well-known/mta-sts.txt",
-                     headers={"Host": name, "User-Agent": "authrelay"})
-        resp = conn.getresponse()
-        if resp.status != 200:  # 3.3: redirects are not followed
-            raise StsFetchError(f"HTTP status {resp.status}")
-        ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
-        if ctype != "text/plain":
-            raise StsFetchError(f"media type {ctype or '-'} is not text/plain")
-        body = resp.read(_MAX_BODY + 1)
-        if len(body) > _MAX_BODY:
-            raise StsFetchError(f"policy larger than {_MAX_BODY} bytes")
         try:
-            return body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise StsFetchError("policy is not UTF-8") from None
+            return _exchange(conn)
+        except (OSError, http.client.HTTPException):
+            if conn.aborted:
+                raise TimeoutError("timed out") from None
+            raise
     finally:
+        deadline.cancel()
         conn.close()
+
+
+def _exchange(conn: _PinnedHTTPS) -> str:
+    """The request and the checks of RFC 8461 3.3 on the answer."""
+    name = conn.host
+    conn.request("GET", "/.well-known/mta-sts.txt",
+                 headers={"Host": name, "User-Agent": "authrelay"})
+    with conn.getresponse() as resp:  # closed on the way out: the socket with it
+        return _checked(conn, resp)
+
+
+def _checked(conn: _PinnedHTTPS, resp: http.client.HTTPResponse) -> str:
+    if resp.status != 200:  # 3.3: redirects are not followed
+        raise StsFetchError(f"HTTP status {resp.status}")
+    ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+    if ctype != "text/plain":
+        raise StsFetchError(f"media type {ctype or '-'} is not text/plain")
+    body = resp.read(_MAX_BODY + 1)
+    if conn.aborted:  # cut short by the deadline: not the policy the server meant
+        raise TimeoutError("timed out")
+    if len(body) > _MAX_BODY:
+        raise StsFetchError(f"policy larger than {_MAX_BODY} bytes")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StsFetchError("policy is not UTF-8") from None
 
 
 class HttpsStsSource(StsSource):
