@@ -10,9 +10,10 @@ Contract: `await StsSource(...).policy(domain)` -> `StsPolicy | None` (None: no 
   every `_RECHECK` seconds per domain) and a changed `id` refreshes the policy in the
   background (3.3, 5.1): the delivery never waits for HTTPS when a policy is cached.
 - No cached policy: TXT then HTTPS inline (bounded by `[delivery] dns_timeout` and
-  `_FETCH_TIMEOUT` for the whole exchange, not per read), the body at most `_MAX_BODY` bytes (3.3: 64 KiB), a redirect is not
-  followed (3.3), the certificate must verify for `mta-sts.DOMAIN` against the CA set
-  (the system store plus `[delivery] tls_ca_file`), the media type must be text/plain.
+  `_FETCH_TIMEOUT` for the whole exchange, not per read), the body at most `_MAX_BODY`
+  bytes (3.3: 64 KiB), a redirect is not followed (3.3), the certificate must verify
+  for `mta-sts.DOMAIN` against the CA set (the system store plus
+  `[delivery] tls_ca_file`), the media type must be text/plain.
 - Any failure to find or fetch a policy when none is cached: None (no policy: 5 says a
   sender MUST NOT refuse delivery when no policy can be found). A failed refresh keeps
   the cached policy until its max_age ends (5.1).
