@@ -109,15 +109,10 @@ def _prepare_log_file(cfg: Config) -> None:
         return
     pw = _user(cfg)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        fd = process.open_log_file(path, (pw.pw_uid, pw.pw_gid))
     except OSError as e:
-        raise StartError(f"log.target {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != pw.pw_uid:
-            os.fchown(fd, pw.pw_uid, pw.pw_gid)
-    finally:
-        os.close(fd)
+        raise StartError(f"log.target {path}: {e.strerror or e}") from None
+    os.close(fd)
 
 
 def _drop_privileges(cfg: Config) -> None:
@@ -130,10 +125,13 @@ def _drop_privileges(cfg: Config) -> None:
     pw = pwd.getpwnam(cfg.user)
     # Everything under the state dir (spool, users.db, the instance lock, metrics, the
     # self-signed certificate) is written by the dropped processes: theirs.
+    # Never through a link (lchown): the dropped user owns this tree, and a link it left
+    # here to /etc/shadow must not be handed to it by root at the next start.
     for root, dirs, files in os.walk(cfg.state_path):
         for name in dirs + files:
             with contextlib.suppress(OSError):
-                os.chown(os.path.join(root, name), pw.pw_uid, pw.pw_gid)
+                os.chown(os.path.join(root, name), pw.pw_uid, pw.pw_gid,
+                         follow_symlinks=False)
     with contextlib.suppress(OSError):
         os.chown(cfg.state_path, pw.pw_uid, pw.pw_gid)
     os.setgroups([])

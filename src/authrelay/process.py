@@ -217,6 +217,28 @@ def recv_with_fds(sock: socket.socket) -> tuple[bytes, bytes, list[int]]:
     return data[:1], data[1:], list(fds)
 
 
+def open_log_file(path: str, owner: tuple[int, int]) -> int:
+    """As root: the maillog file opened for appending (created 0640 if missing) and made
+    `owner`'s, for the dropped processes. Never through a symbolic link (O_NOFOLLOW) and
+    only a regular file with one link: the directory may be the dropped user's, and a
+    link it put in the file's place (to /etc/shadow) must not be chowned to it by root."""
+    import stat
+
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                 | os.O_NOFOLLOW | os.O_NONBLOCK, 0o640)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise OSError(errno.EPERM, "not a regular file with one link; not opened")
+        if (st.st_uid, st.st_gid) != owner:
+            os.fchown(fd, *owner)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def send_fd(sock: socket.socket, kind: bytes, fd: int) -> None:
     socket.send_fds(sock, [kind], [fd])
 
@@ -365,12 +387,8 @@ def _helper_main(sock: socket.socket, config_path: str | None, log_file: str | N
                 # created after a logrotate rename, for the dropped user.
                 if not log_file or owner is None:
                     raise OSError("no log file to open")
-                fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                             0o640)
+                fd = open_log_file(log_file, owner)
                 try:
-                    st = os.fstat(fd)
-                    if (st.st_uid, st.st_gid) != owner:
-                        os.fchown(fd, *owner)
                     send_fd(sock, b"L", fd)
                 finally:
                     os.close(fd)

@@ -521,3 +521,40 @@ def test_worker_crash_is_one_line_and_crash_loop_throttled(relay_factory) -> Non
     assert "restarting in 0.2 s" in text and "restarting in 1 s" in text
     assert "Traceback" not in text
     assert r.proc is not None and r.proc.poll() is None  # the master carries on
+
+
+@pytest.mark.root
+def test_root_never_chowns_through_a_link_the_dropped_user_left(dropped) -> None:
+    """Attack (a compromised daemon user going for root): root opened the maillog file
+    through a link (log reopen on SIGHUP, start) and walked the state dir with chown()
+    at start, following links, so a link the user left to a root file (/etc/shadow) got
+    that file chowned to it. Now: O_NOFOLLOW and lchown; the root files stay root's."""
+    r, _le, _der, logfile = dropped
+    pw = pwd.getpwnam(TEST_USER)
+    secrets = []
+    for name in ("shadow-a", "shadow-b"):
+        p = r.tmp / name
+        p.write_text("root:secret\n")
+        os.chmod(p, 0o600)
+        secrets.append(p)
+    # A careless admin made the log directory the daemon user's; the user swaps the log
+    # file for a link and asks for a reopen (SIGHUP, as logrotate's postrotate does).
+    os.chown(logfile.parent, pw.pw_uid, pw.pw_gid)
+    rotated = logfile.with_suffix(".log.1")
+    os.replace(logfile, rotated)
+    os.symlink(secrets[0], logfile)
+    assert r.proc is not None
+    os.kill(r.proc.pid, signal.SIGHUP)
+    # ... and leaves a link in the state dir it owns, for the next start's walk.
+    os.symlink(secrets[1], r.state / "spool" / "evil")
+    # The processes keep writing where they were (the rotated file) and say why.
+    wait_until(lambda: "daemon=reload" in rotated.read_text(), what="reload seen")
+    r.stop()
+    os.unlink(logfile)
+    r.start()
+    _started(r, r.nprocs)  # type: ignore[attr-defined]
+    for p in secrets:
+        st = p.stat()
+        assert (st.st_uid, st.st_gid) == (0, 0), p
+        assert p.read_text() == "root:secret\n"
+    assert r.proc.poll() is None
