@@ -2,7 +2,8 @@
 
 Each area registers its own sub-commands (`register(subparsers)`) from the module that owns
 it; this file only wires them and resolves the config the same way for every command:
---config/-c, else $AUTHRELAY_CONFIG, else ./authrelay.toml, else the embedded default.
+--config/-c, else $AUTHRELAY_CONFIG, else ./authrelay.toml, else /etc/authrelay/authrelay.toml,
+else the embedded default (serve only: the other commands exit 75 without a config).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Installed as sendmail, mailq or newaliases (a symlink), it takes "
                "sendmail's command line.")
     p.add_argument("-c", "--config", help="config file (default: $AUTHRELAY_CONFIG, "
-                   "./authrelay.toml, else the embedded default)")
+                   "./authrelay.toml, /etc/authrelay/authrelay.toml, else for serve "
+                   "the embedded default)")
     p.add_argument("--version", action="version", version=f"authrelay {version_string()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for modname in _AREAS:

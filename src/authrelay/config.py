@@ -224,7 +224,7 @@ class Relay:
     local_domains: tuple[str, ...] = ()
     trusted_networks: tuple[str, ...] = ()
     smart_host: tuple[str, ...] = ()
-    smart_host_tls: str = "starttls"  # starttls | tls | none
+    smart_host_tls: str = "starttls"  # starttls | tls | none | may | encrypt | verify
     smart_host_user: str = ""
     smart_host_password_file: str = ""
     # The smart host gets our credentials, so its certificate is verified (system CAs, or
@@ -289,10 +289,10 @@ class Delivery:
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2: 5 min for MAIL/RCPT
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2: 10 min for the final dot
     dns_timeout: float = 10.0
-    tls_verify: bool = False  # opportunistic TLS to MX does not verify (RFC 7435)
+    tls_verify: bool = False  # older spelling: true is tls_policy = "verify"
     max_idle_connections: int = 50  # outbound connection cache
     idle_timeout: float = 10.0
-    # tls = "may" only: after a failed STARTTLS handshake, a host is tried in plain text
+    # Level may only: after a failed STARTTLS handshake, a host is tried in plain text
     # for this long (as Postfix does; an attacker could strip the STARTTLS offer anyway).
     # 0 turns the fallback off.
     tls_fallback_time: float = 3600.0

@@ -23,6 +23,10 @@ async def test_remembered_across_instances(tmp_path: Path) -> None:
     assert not await b.is_known("bob", "192.0.2.0/24")
     a.close()
     b.close()
+    # User names and the networks they log in from: nobody else may read them (the state
+    # dir is 0711 so that every local user can reach public/submit.sock).
+    for f in tmp_path.iterdir():
+        assert f.stat().st_mode & 0o077 == 0, (f, oct(f.stat().st_mode))
 
 
 async def test_old_entries_do_not_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

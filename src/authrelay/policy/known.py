@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections import OrderedDict
@@ -51,6 +52,10 @@ class KnownAddresses:
         if self._db is None and not self._failed:
             try:
                 assert self.path is not None
+                if not self.path.exists():  # user names and their networks inside: 0600
+                    with contextlib.suppress(FileExistsError):
+                        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                         0o600))
                 db = sqlite3.connect(self.path, timeout=2.0, check_same_thread=False,
                                      isolation_level=None)
                 db.execute("PRAGMA journal_mode=WAL")
