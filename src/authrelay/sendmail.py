@@ -540,14 +540,17 @@ def _bounce_hops(sub: Submitter, env: Envelope, headers: bytes, e: Refused) -> N
         sub.maillog.notification(env.queue_id, "failed", benv.queue_id)
 
 
-def _maillog(cfg: Config) -> maillog.MailLog | None:
-    # Only to a shared target: stdout/stderr would be mail output for cron.
+def _maillog(cfg: Config) -> maillog.MailLog:
+    # Only to a shared target: stdout/stderr would be mail output for cron. Otherwise the
+    # lines are dropped (a MailLog on /dev/null, never None: the DKIM signer would then
+    # write its dkim= notes to the process-wide maillog, this command's stdout).
+    discard = f"file:{os.devnull}"
     if not (cfg.log.target == "syslog" or cfg.log.target.startswith("file:")):
-        return None
+        return maillog.MailLog(discard)
     try:
         return maillog.configure(cfg.log.target, cfg.log.format)
     except Exception:  # logging must not fail a queued message
-        return None
+        return maillog.MailLog(discard)
 
 
 # --------------------------------------------------------------------------- -bs
