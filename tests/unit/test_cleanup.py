@@ -40,3 +40,18 @@ def test_no_header_section() -> None:
 def test_headers_only_message() -> None:
     out, _ = clean([b"Subject: only\r\n"])
     assert b"Subject: only\r\n" in out and b"Message-ID:" in out
+
+
+def test_leading_continuation_line_cannot_fold_into_our_received() -> None:
+    """Attack: a message whose first line starts with white space (` From: ceo@probe.test`)
+    was stored right after our Received:, so it folded into our trace field. It starts
+    the body now (an empty line before it, as Postfix's cleanup does), in any chunking."""
+    msg = b" by mx.google.com (authenticated as ceo@probe.test)\r\nFrom: b@o.test\r\n\r\nx\r\n"
+    for cut in (1, 2, 10, len(msg)):
+        h = HeaderCleanup(b"Received: from us\r\n", "relay.test")
+        out = h.feed(msg[:cut]) + h.feed(msg[cut:]) + h.finish()
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert head.startswith(b"Received: from us\r\n")
+        assert b"mx.google.com" not in head and b"From:" not in head
+        assert body == msg
+        assert h.header_section == b""

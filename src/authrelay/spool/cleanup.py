@@ -115,8 +115,9 @@ class HeaderCleanup:
             self.added.append("Message-ID")
         return "".join(out).encode()
 
-    def _release(self, end: int | None) -> bytes:
-        """Emit the buffered header section; `end` is where the header block ends."""
+    def _release(self, end: int | None, separate: bool = False) -> bytes:
+        """Emit the buffered header section; `end` is where the header block ends.
+        `separate`: the header/body separator is missing there: supply it."""
         self._passing = True
         buf = bytes(self._buf)
         self._buf = bytearray()
@@ -124,7 +125,8 @@ class HeaderCleanup:
         self.hops = len(_RECEIVED.findall(self.header_section))
         if end is None:  # headers too large or no blank line: add at the top
             return self._received + self._extra(buf) + buf
-        return self._received + buf[:end] + self._extra(buf[:end]) + buf[end:]
+        sep = b"\r\n" if separate else b""
+        return self._received + buf[:end] + self._extra(buf[:end]) + sep + buf[end:]
 
     def feed(self, chunk: bytes) -> bytes:
         if self._passing:
@@ -132,6 +134,12 @@ class HeaderCleanup:
         self._buf += chunk
         if self._buf.startswith(b"\r\n"):  # no header section at all
             return self._release(0)
+        if self._buf[:1] in (b" ", b"\t"):
+            # A first line that is a continuation (RFC 5322 2.2.3) belongs to no field of
+            # the client's: after our Received: it would fold into it, the client writing
+            # into our trace field. As Postfix's cleanup does, it starts the body: an
+            # empty line goes in before it (the client's header section is empty).
+            return self._release(0, separate=True)
         i = self._buf.find(b"\r\n\r\n")
         if i >= 0:
             return self._release(i + 2)
