@@ -25,3 +25,15 @@ def test_every_key_is_documented(path: str) -> None:
     word = re.compile(rf"(?<![\w-]){re.escape(key)}(?![\w-])")
     assert any(word.search(text) for text in DOCS.values()), \
         f"{path}: not in README.md nor docs/LIMITS.md"
+
+
+def test_every_module_is_in_the_architecture_map() -> None:
+    """ARCHITECTURE.md's module map names every module of the package, and no module that
+    is gone."""
+    arch = (ROOT / "ARCHITECTURE.md").read_text()
+    src = ROOT / "src" / "authrelay"
+    modules = {p.relative_to(src).as_posix() for p in src.rglob("*.py")
+               if p.name != "__init__.py" or p.parent == src}
+    mapped = set(re.findall(r"^\| `([\w/]+\.py)` \|", arch, re.M))
+    assert modules - mapped == set(), "add to ARCHITECTURE.md's module map"
+    assert mapped - modules == set(), "gone: remove from ARCHITECTURE.md's module map"

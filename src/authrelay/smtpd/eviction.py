@@ -1,4 +1,4 @@
-"""Pool eviction: which pre-authentication connection makes room for a new one (issue 17).
+"""Pool eviction: which pre-authentication connection makes room for a new one.
 
 Owns the eviction candidates of one listener in this process and the choice of a victim.
 A candidate is a connection that has done nothing worth keeping: its TLS handshake (465)
