@@ -252,7 +252,13 @@ def write_markdown(res: dict[str, Any]) -> str:
         "- (g): utime+stime of every server process plus the cutime+cstime of reaped "
         "children (/proc/PID/stat), from the start of the load until every message "
         "reached the sink, divided by messages. Postfix = master tree + Dovecot tree; "
-        "authrelay = the `authrelay serve` tree.",
+        "postfix+opendkim = those + both OpenDKIM instances; chasquid = its process; "
+        "opensmtpd = its process tree; authrelay = the `authrelay serve` tree.",
+        "- Peers (bench/mta-peers.sh): chasquid 1.11 and OpenSMTPD 6.8 from their Debian "
+        ".debs, each in its own mount namespace, with a loopback DNS server answering at "
+        "once; chasquid's plain-port mail goes through a local alias domain (it relays only "
+        "for authenticated users); Postfix + OpenDKIM 2.11 signs with the same key files "
+        "as authrelay (one OpenDKIM instance per algorithm, both in a row for \"both\").",
     ]
     return "\n".join(out) + "\n"
 
