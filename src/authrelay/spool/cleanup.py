@@ -134,7 +134,7 @@ class HeaderCleanup:
         self._buf += chunk
         if self._buf.startswith(b"\r\n"):  # no header section at all
             return self._release(0)
-        if self._buf[:1] in (b" ", b"\t"):
+        if self._buf.startswith((b" ", b"\t")):
             # A first line that is a continuation (RFC 5322 2.2.3) belongs to no field of
             # the client's: after our Received: it would fold into it, the client writing
             # into our trace field. As Postfix's cleanup does, it starts the body: an
