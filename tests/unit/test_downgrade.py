@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import email
 import email.policy
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from authrelay.delivery.downgrade import MAX_DEPTH, Unconvertible, downgrade
+from authrelay.delivery.downgrade import MAX_DEPTH, MAX_PARTS, Unconvertible, downgrade
 
 UTF8 = "Grüße aus Köln, naïve café — 100 €".encode()
 B64 = b"SGVsbG8gd29ybGQ=\r\n"
@@ -131,6 +132,34 @@ def test_nesting_is_bounded() -> None:
                 + body + f"--b{i}--\r\n".encode())
     with pytest.raises(Unconvertible, match="nesting"):
         downgrade(b"From: a@x.test\r\n" + body)
+
+
+def test_a_flood_of_tiny_8bit_parts_is_refused_not_converted() -> None:
+    """Attack (an authenticated sender, and a next hop of theirs without 8BITMIME): 20 MB
+    of "--b CRLF CRLF 0xff CRLF" is 2 million parts; converting it cost a minute of CPU
+    and 1.9 GB. Past MAX_PARTS body parts: 5.6.3, at once."""
+    part = b"--b\r\n\r\n\xff\r\n"
+    head = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+    ok = head + part * MAX_PARTS + b"--b--\r\n"
+    assert downgrade(ok).isascii()
+    with pytest.raises(Unconvertible, match=f"more than {MAX_PARTS} MIME body parts"):
+        downgrade(head + part * (MAX_PARTS + 1) + b"--b--\r\n")
+
+
+def test_nested_messages_are_not_copied_per_level() -> None:
+    """Attack: 49 message/rfc822 levels around a 2 MB 8-bit body. Each level sliced a copy
+    of the rest (49 copies alive at once: 1.1 GB for a 20 MB message); now views into
+    the message, one join at the end: peak memory a few times the message, not 49."""
+    inner = b"Subject: x\r\n\r\n" + (UTF8 + b"\r\n") * (2_000_000 // (len(UTF8) + 2))
+    msg = b"MIME-Version: 1.0\r\n" + b"Content-Type: message/rfc822\r\n\r\n" * 49 + inner
+    tracemalloc.start()
+    try:
+        out = downgrade(msg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.isascii() and parse(out).get_content_type() == "message/rfc822"
+    assert peak < 8 * len(msg), (peak, len(msg))  # was ~50x
 
 
 def test_rfc2231_boundary_parameter() -> None:
