@@ -55,3 +55,17 @@ async def test_unwritable_store_falls_back_to_memory(tmp_path: Path) -> None:
     assert await a.is_known("alice", "192.0.2.0/24")
     assert not await a.is_known("alice", "198.51.100.0/24")
     a.close()
+
+
+async def test_an_open_file_of_an_earlier_release_is_narrowed(tmp_path: Path) -> None:
+    db = tmp_path / "known_addresses.db"
+    a = KnownAddresses(db, 30)
+    await a.remember("alice", "192.0.2.0/24")
+    a.close()
+    for f in tmp_path.iterdir():
+        f.chmod(0o644)  # as releases before 0600 made it
+    b = KnownAddresses(db, 30)
+    assert await b.is_known("alice", "192.0.2.0/24")
+    b.close()
+    for f in tmp_path.iterdir():
+        assert f.stat().st_mode & 0o077 == 0, (f, oct(f.stat().st_mode))

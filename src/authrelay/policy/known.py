@@ -52,10 +52,16 @@ class KnownAddresses:
         if self._db is None and not self._failed:
             try:
                 assert self.path is not None
-                if not self.path.exists():  # user names and their networks inside: 0600
+                # User names and their networks inside: 0600 (the state dir is 0711). A
+                # file an earlier release made 0644 is narrowed, with its -wal and -shm.
+                if not self.path.exists():
                     with contextlib.suppress(FileExistsError):
                         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                                          0o600))
+                for f in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                    with contextlib.suppress(FileNotFoundError):
+                        if f.stat().st_mode & 0o077:
+                            os.chmod(f, 0o600)
                 db = sqlite3.connect(self.path, timeout=2.0, check_same_thread=False,
                                      isolation_level=None)
                 db.execute("PRAGMA journal_mode=WAL")
