@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -229,6 +230,12 @@ def test_state_dir_and_self_signed_key_modes(relay: RelayProcess) -> None:
     public = relay.state / "public"
     assert public.stat().st_mode & 0o777 == 0o711
     assert (public / "submit.sock").stat().st_mode & 0o777 == 0o666
+    # A login makes the stores that are opened lazily (known_addresses.db).
+    with smtplib.SMTP("127.0.0.1", relay.ports["submission"], timeout=20) as s:
+        s.starttls(context=relay.client_context())
+        s.login("alice", PASSWORD)
+    relay.wait_for(lambda: (relay.state / "known_addresses.db").exists(),
+                   what="known_addresses.db")
     # Nothing beneath is reachable through an entry closed to group and others.
     for p in relay.state.iterdir():
         if p.name != "public":
