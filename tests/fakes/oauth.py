@@ -63,6 +63,7 @@ class TokenEndpoint:
         self.requests: list[str] = []
         self.refusals: list[str] = []
         self.status_override: int | None = None  # e.g. 503: the endpoint is "down"
+        self.redirect: str = ""  # a URL: every POST is answered 307 to it (a hostile hop)
         self._lock = threading.Lock()
         cert = ca.issue_cert(host)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -76,6 +77,12 @@ class TokenEndpoint:
             def do_POST(self) -> None:  # noqa: N802
                 n = int(self.headers.get("Content-Length", "0"))
                 form = {k: v[0] for k, v in parse_qs(self.rfile.read(n).decode()).items()}
+                if fake.redirect:
+                    self.send_response(307)
+                    self.send_header("Location", fake.redirect)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 status, body = fake._answer(self.path, form)
                 raw = json.dumps(body).encode()
                 self.send_response(status)

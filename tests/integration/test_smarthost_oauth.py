@@ -402,6 +402,50 @@ async def test_token_endpoint_down_defers(
     assert sh.messages == []
 
 
+async def test_a_redirecting_token_endpoint_gets_no_second_post(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any) -> None:
+    """Attack: the token endpoint answers 307 to a plain-http URL. requests follows a 307
+    by POSTing the same body (client_secret included) there; now no redirect is followed
+    and the mail waits with the cause."""
+    import http.server
+    import threading
+
+    seen: list[bytes] = []
+
+    class Plain(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            seen.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+            self.send_response(400)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    plain = http.server.HTTPServer(("127.0.0.1", 0), Plain)
+    t = threading.Thread(target=plain.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True)
+    t.start()
+    try:
+        ep = endpoint(secret="s3cret-value")
+        ep.redirect = f"http://127.0.0.1:{plain.server_address[1]}/token"
+        sh = smart_host(ep)
+        courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file), maillog=mlog)
+        try:
+            r = await deliver(courier)
+        finally:
+            await courier.close()
+    finally:
+        plain.shutdown()
+        plain.server_close()
+        t.join(5)
+    assert seen == []  # the secret never went to the plain-text URL
+    assert (r.permanent, r.enhanced) == (False, "4.7.0"), r
+    assert "redirect" in r.text and "s3cret" not in r.text
+    assert sh.messages == []
+
+
 async def test_one_fetch_for_concurrent_deliveries(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
         trustme_ca_file: Path, mlog: Any) -> None:

@@ -167,6 +167,9 @@ def _http_reason(e: requests.RequestException) -> str:
         return "the token endpoint timed out"
     if isinstance(e, requests.exceptions.ConnectionError):
         return "the token endpoint is unreachable (connection refused or no route)"
+    if isinstance(e, requests.exceptions.TooManyRedirects):
+        return "the token endpoint answered with a redirect (not followed: the secret " \
+            "goes only to relay.smart_host_oauth_token_url)"
     if isinstance(e, requests.exceptions.HTTPError) and e.response is not None:
         return f"the token endpoint answered HTTP {e.response.status_code}"
     return f"request to the token endpoint failed ({type(e).__name__})"
@@ -302,6 +305,9 @@ class TokenSource:
                         default_timeout=self.timeout, verify=verify)
                     session, fetch = jb, jb.refresh_token
             del secret
+            # Never follow a redirect (requests would re-POST the secret or assertion to
+            # wherever it points, http:// included, for a 307/308): TooManyRedirects.
+            session.max_redirects = 0
             try:
                 token = fetch()
             finally:
