@@ -156,3 +156,28 @@ async def test_planner_address_literal() -> None:
     p = await Planner(cfg(), Resolver(["127.0.0.1:9"], 1), MemoryStsSource()).plan(
         "[192.0.2.1]", Route([("[192.0.2.1]", "192.0.2.1")]))
     assert [hp.policy for _, _, hp in p.hosts] == ["may"]
+
+
+def test_connection_cache_key_tells_every_policy_apart() -> None:
+    """A cached connection is reused only under the very policy it was judged by. DANE
+    records were keyed by their first 8 bytes: "3 1 0" (full SPKI) records of two P-256
+    keys share those (the SPKI header), so a connection matched against one key's record
+    could carry mail whose TLSA record names the other."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    def spki() -> bytes:
+        return ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+            Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+    a, b = spki(), spki()
+    assert a[:8] == b[:8] and a != b
+    names = ("mx.d.test",)
+    keys = {HostPolicy("dane", "dane", names, tlsa=((3, 1, 0, a),)).key(),
+            HostPolicy("dane", "dane", names, tlsa=((3, 1, 0, b),)).key(),
+            HostPolicy("dane", "dane", names, tlsa=((3, 1, 0, a), (3, 1, 0, b))).key(),
+            HostPolicy("may", "may").key(), HostPolicy("encrypt", "encrypt").key(),
+            HostPolicy("verify", "verify", names).key(),
+            HostPolicy("mta-sts", "mta-sts", names).key(),
+            HostPolicy("mta-sts", "mta-sts", names, False).key()}
+    assert len(keys) == 8

@@ -26,6 +26,7 @@ not verified), `anonymous` (no certificate), `none` (plain text).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from authrelay.config import Config, TlsPolicyEntry
@@ -71,7 +72,11 @@ class HostPolicy:
     def key(self) -> str:
         """Connections are cached per policy: one made under `may` never carries a
         message whose policy asks for `verify`."""
-        tl = ",".join(f"{u}{s}{m}{d.hex()[:16]}" for u, s, m, d in self.tlsa)
+        # The whole of each record, hashed: a prefix is not enough ("3 1 0" records of two
+        # P-256 keys share their first 26 bytes, the SPKI header).
+        tl = hashlib.sha256(b"".join(bytes((u, s, m)) + len(d).to_bytes(4, "big") + d
+                                     for u, s, m, d in self.tlsa)).hexdigest()[:32] \
+            if self.tlsa else ""
         return f"{self.level}/{int(self.enforce)}/{'|'.join(self.names)}/{tl}"
 
 
