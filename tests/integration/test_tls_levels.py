@@ -283,3 +283,46 @@ def test_serve_logs_and_counts_tls(relay_factory: Any, dns: FakeDNSServer,  # no
     assert ok == 0 and list(fails) == ["certificate-not-trusted|mx.bad.test|127.0.0.3|127.0.0.1"]
     [(ok, fails)] = tally["example.test"].values()
     assert ok == 1 and fails == {}
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")
+@pytest.mark.parametrize("level", ["encrypt", "verify"])
+@pytest.mark.parametrize("attack", ["tls1.1-only", "broken-handshake", "ca-cert-as-leaf"])
+async def test_a_required_level_never_falls_back(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        trustme_ca_file: Path, level: str, attack: str) -> None:
+    """A hostile MX (or someone between) at a level that requires TLS: an MX that speaks
+    only TLS 1.1 (our minimum is 1.2, Python's default context), one that breaks the
+    handshake after 220 to STARTTLS, one that presents the CA's own certificate as its
+    leaf. Deferred 4.7.5 every time, twice in a row (the second attempt does not fall
+    back to plain text as `may` would), and nothing reaches the MX."""
+    kw: dict[str, Any] = {}
+    if attack == "tls1.1-only":
+        ctx = ctx_for(trustme_ca, MX1)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        kw["starttls_context"] = ctx
+    elif attack == "broken-handshake":
+        kw["broken_starttls"] = True
+    else:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        with trustme_ca.cert_pem.tempfile() as cert, \
+                trustme_ca.private_key_pem.tempfile() as key:
+            ctx.load_cert_chain(cert, key)
+        kw["starttls_context"] = ctx
+    mx = fake_mx("127.0.0.2", **kw)
+    if attack == "ca-cert-as-leaf" and level == "encrypt":
+        # encrypt takes any certificate (Postfix's meaning), and says it is not verified
+        res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
+                                 tls_policy=level)
+        assert res.ok and (res.tls, res.tls_policy) == ("untrusted", "encrypt")
+        assert log.grep("tls=Untrusted TLS connection established", "policy=encrypt")
+        return
+    for _ in range(2):
+        res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
+                               tls_policy=level, tls_fallback_time="1h")
+        assert not res.ok and not res.permanent and res.enhanced == "4.7.5", res
+        assert res.tls_policy == level and res.tls != "verified"
+        assert {"tls1.1-only": "TLS handshake", "broken-handshake": "TLS handshake",
+                "ca-cert-as-leaf": "self-signed"}[attack] in res.text, res.text
+    assert not mx.messages
