@@ -278,6 +278,30 @@ async def test_slow_drip_policy_is_cut_at_the_total_deadline(
     assert await asyncio.to_thread(https.dropped.wait, 5.0)
 
 
+@pytest.mark.parametrize("tamper", [
+    {"max_age": "x"}, {"fetched": None}, {"mx": "abc"}, {"mode": "weird"},
+    {"mx": ["a..test"]}, {"fetched": 9e9}, {"domain": "other.test"}, {"id": "a b"},
+    {"max_age": 99999999999},
+])
+def test_a_tampered_cache_file_is_no_policy(tmp_path: Path, tamper: dict[str, Any]) -> None:
+    """Attack on state_dir/mta-sts: a damaged or hand-edited cache file. A string
+    max_age or a null fetched raised TypeError inside the delivery (policy() "never
+    raises"); a bad mode or MX pattern was used as is; a policy fetched "in the future"
+    never expired. Now the file goes through the same parser as a fetched policy."""
+    from authrelay.config import from_dict
+    from authrelay.dns import Resolver
+
+    cfg = from_dict({"state_dir": str(tmp_path)})
+    src = HttpsStsSource(cfg, Resolver(["127.0.0.1"], 1.0))
+    good = parse_policy("sts.test", "id1", policy("enforce", MX1, "*.sts.test"), 1000.0)
+    src._save(good)
+    assert src._load("sts.test") == good  # the round trip holds
+    path = tmp_path / "mta-sts" / "sts.test.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, **tamper}))
+    assert src._load("sts.test") is None
+
+
 def test_parse_txt() -> None:
     assert parse_txt(["v=STSv1; id=abc123"]) == "abc123"
     assert parse_txt(["v=STSv1;id=abc123;"]) == "abc123"

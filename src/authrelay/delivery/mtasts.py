@@ -405,12 +405,23 @@ class HttpsStsSource(StsSource):
         return self.dir / f"{domain}.json"
 
     def _load(self, domain: str) -> StsPolicy | None:
+        """The cached policy, checked as strictly as a fetched one (the same parser): a
+        file damaged or edited by hand is no policy (fetched again), never an exception
+        in the delivery or a mode or MX pattern the parser would refuse; one fetched "in
+        the future" (a clock set back, a hand edit) would never expire: refused too."""
         try:
             data = json.loads(self._path(domain).read_text("utf-8"))
-            if data.pop("v", None) != 1:
+            fetched, mxs = data["fetched"], data["mx"]
+            if data.get("v") != 1 or data.get("domain") != domain \
+                    or not isinstance(fetched, int | float) or fetched > time.time() + 300 \
+                    or not isinstance(mxs, list) \
+                    or not all(isinstance(v, str) and "\n" not in v for v in
+                               [data["id"], data["mode"], str(data["max_age"]), *mxs]) \
+                    or not _ID.match(data["id"]) or not isinstance(data["max_age"], int):
                 return None
-            data["mx"] = tuple(data["mx"])
-            return StsPolicy(**data)
+            text = "\n".join(["version: STSv1", f"mode: {data['mode']}",
+                              *(f"mx: {m}" for m in mxs), f"max_age: {data['max_age']}"])
+            return parse_policy(domain, data["id"], text, float(fetched))
         except (OSError, ValueError, TypeError, KeyError):
             return None
 
