@@ -446,6 +446,75 @@ async def test_a_redirecting_token_endpoint_gets_no_second_post(
     assert sh.messages == []
 
 
+async def _echo_server() -> Any:
+    """A hostile smart host (plain text: smart_host_tls = "none") whose 535 quotes what
+    the client sent: the SASL response, and the password or token decoded from it."""
+    import base64
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 echo\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                writer.write(b"250-echo\r\n250 AUTH XOAUTH2 PLAIN\r\n")
+            elif verb == b"AUTH":
+                arg = line.split()[-1]
+                raw = base64.b64decode(arg)
+                inner = raw.split(b"Bearer ")[1].split(b"\x01")[0] if b"Bearer " in raw \
+                    else raw.split(b"\0")[-1]
+                writer.write(b"535 5.7.8 refused " + arg + b" i.e. " + inner + b"\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.2", 0)
+
+
+@pytest.mark.parametrize("mech", ["xoauth2", "plain"])
+async def test_a_smart_host_echoing_our_secret_does_not_get_it_logged(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, trustme_ca_file: Path,
+        mlog: Any, mech: str) -> None:
+    """Attack: the smart host's refusal quotes the token (or password) and the SASL
+    response we sent; the reply went whole into the maillog and the deferral text. Now
+    our secrets are cut out of it."""
+    from types import SimpleNamespace
+
+    server = await _echo_server()
+    addr = f"127.0.0.2:{server.sockets[0].getsockname()[1]}"
+    ep = endpoint(secret="s3cret-value")
+    if mech == "xoauth2":
+        cfg = secret_cfg(tmp_path, dns, SimpleNamespace(address=addr), ep, trustme_ca_file,
+                         smart_host_tls="none")
+    else:
+        pw = write_secret(tmp_path / "smart.pw", "pa55word-echoed\n")
+        cfg = make_cfg(tmp_path, dns, 25, relay={
+            "smart_host": [addr], "smart_host_user": USER, "smart_host_tls": "none",
+            "smart_host_password_file": str(pw)})
+    courier = Courier(cfg, maillog=mlog)
+    try:
+        r = await deliver(courier)
+    finally:
+        await courier.close()
+        server.close()
+        await server.wait_closed()
+    assert (r.permanent, r.enhanced) == (False, "4.7.0"), r
+    assert "535 5.7.8 refused [redacted] i.e. [redacted]" in r.text, r.text
+    log = logtext(mlog)
+    assert "[redacted]" in log
+    if mech == "xoauth2":
+        assert_no_token(tmp_path, ep, r.text, log)
+    else:
+        import base64
+
+        plain = base64.b64encode(f"\0{USER}\0pa55word-echoed".encode()).decode()
+        for text in (r.text, log):
+            assert "pa55word" not in text and plain not in text
+
+
 async def test_one_fetch_for_concurrent_deliveries(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
         trustme_ca_file: Path, mlog: Any) -> None:

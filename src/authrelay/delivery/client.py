@@ -257,6 +257,15 @@ class _Payload:
         return (sig or b"") + seven
 
 
+def _redact(text: str, *secrets: str) -> str:
+    """A server's reply with our secrets cut out (an echo of the token, the password or
+    the SASL response we sent); the result goes to the maillog and into bounces."""
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
 def _file_is_8bit(body: _FileBody) -> bool:
     with open(body.path, "rb") as f:
         f.seek(body.offset)
@@ -886,6 +895,7 @@ class Courier:
             resp = oauth.xoauth2(r.smart_host_user, token) if mech == "XOAUTH2" else \
                 oauth.oauthbearer(r.smart_host_user, token, t.host, t.port)
             rep = await w.command(b"AUTH " + mech.encode() + b" " + resp + b"\r\n", timeout)
+            secrets = (token, resp.decode("ascii"))
             del resp
             detail = ""
             if rep.code == 334:
@@ -909,7 +919,8 @@ class Courier:
             break
         raise _TryNext(DeliveryResult.temp(
             f"smart host {conn.remote} refused the OAuth token for {r.smart_host_user} "
-            f"(AUTH {mech}): {rep}" + (f" [{detail}]" if detail else ""),
+            f"(AUTH {mech}): {_redact(str(rep), *secrets)}"
+            + (f" [{_redact(detail, *secrets)}]" if detail else ""),
             "4.7.0", 454, conn.remote))
 
     async def _auth(self, conn: _Conn, timeout: float) -> None:
@@ -922,6 +933,10 @@ class Courier:
                 "4.7.0", 451, conn.remote)) from None
         methods = wire.auth_methods(conn.ext)
         w = conn.wire
+        # What a server could echo back into the reply we log: the password as is, and
+        # as it went on the wire (LOGIN's base64, PLAIN's base64 blob).
+        secrets = (password, wire.b64_line(password).decode("ascii").strip(),
+                   wire.auth_plain(r.smart_host_user, password)[11:].decode("ascii").strip())
         try:
             if "PLAIN" in methods:
                 rep = await w.command(wire.auth_plain(r.smart_host_user, password), timeout)
@@ -945,10 +960,12 @@ class Courier:
             if rep.code == 235:
                 rep = SMTPReply(535, ("unexpected extra challenge",))
         if rep.code != 235:
-            # The reply text is the server's; our credentials are never part of it.
+            # The reply text is the server's: a hostile or broken one may echo what we
+            # sent, so our credentials are cut out before it reaches the maillog.
             raise _TryNext(DeliveryResult.temp(
                 f"authentication failed at smart host {conn.remote} "
-                f"(check relay.smart_host_user / smart_host_password_file): {rep}",
+                f"(check relay.smart_host_user / smart_host_password_file): "
+                f"{_redact(str(rep), *secrets)}",
                 "4.7.0", 454, conn.remote))
 
     # ----------------------------------------------------------------- transaction
