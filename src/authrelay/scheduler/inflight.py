@@ -36,6 +36,14 @@ JOURNAL = "inflight.log"
 COMPACT_AT = 1024 * 1024
 
 
+def _begin_line(token: int, qid: str, rcpts: list[str]) -> bytes:
+    """The bytes of json.dumps({"b": token, "q": qid, "r": rcpts}, separators=(",", ":"))
+    and a newline, without the dict and the encoder's generic walk (issue 22: two lines
+    per delivery attempt on the master's path)."""
+    r = ",".join(map(json.dumps, rcpts))
+    return f'{{"b":{token},"q":{json.dumps(qid)},"r":[{r}]}}\n'.encode()
+
+
 class InflightJournal:
     def __init__(self, spool_root: Path) -> None:
         self.path = spool_root / JOURNAL
@@ -89,19 +97,18 @@ class InflightJournal:
         token = self._next
         self._next += 1
         self._live[token] = (qid, rcpts)
-        self._write({"b": token, "q": qid, "r": rcpts})
+        self._write(_begin_line(token, qid, rcpts))
         return token
 
     def end(self, token: int) -> None:
         if self._live.pop(token, None) is not None:
-            self._write({"e": token})
+            self._write(b'{"e":%d}\n' % token)  # json.dumps({"e": token}), compact
             if self._size > COMPACT_AT:
                 self._compact()
 
-    def _write(self, rec: dict[str, object]) -> None:
+    def _write(self, data: bytes) -> None:
         if self._fd is None:
             return
-        data = json.dumps(rec, separators=(",", ":")).encode() + b"\n"
         try:
             os.write(self._fd, data)
             self._size += len(data)
@@ -114,8 +121,7 @@ class InflightJournal:
         try:
             with open(tmp, "wb") as f:
                 for token, (qid, rcpts) in self._live.items():
-                    f.write(json.dumps({"b": token, "q": qid, "r": rcpts},
-                                       separators=(",", ":")).encode() + b"\n")
+                    f.write(_begin_line(token, qid, rcpts))
             os.replace(tmp, self.path)
         except OSError as e:
             self._disable(e)

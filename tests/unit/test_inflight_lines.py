@@ -1,0 +1,36 @@
+"""The in-flight journal's lines (scheduler/inflight.py): the hand-built encoding is the
+documented JSON, byte for byte, for any recipient text, and a journal read back names
+exactly the attempts begun and not ended."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from authrelay.scheduler.inflight import InflightJournal, _begin_line
+
+
+@pytest.mark.parametrize("rcpts", [
+    ["c@d.test"], [], ["a@b", "é\"x@y", "\u2028z\\", "", "\x00\r\n"],
+])
+def test_begin_line_is_compact_json(rcpts: list[str]) -> None:
+    want = json.dumps({"b": 42, "q": "2N67QDB988DMY4DJ0", "r": rcpts},
+                      separators=(",", ":")).encode() + b"\n"
+    assert _begin_line(42, "2N67QDB988DMY4DJ0", rcpts) == want
+
+
+def test_journal_round_trip(tmp_path: Path) -> None:
+    j = InflightJournal(tmp_path)
+    assert j.leftovers() == []
+    t1 = j.begin("Q1", ["a@x.test"])
+    t2 = j.begin("Q2", ["b@x.test", "c\"@x.test"])
+    j.end(t1)
+    j.close()
+    lines = (tmp_path / "inflight.log").read_bytes().splitlines()
+    assert [json.loads(x) for x in lines] == [
+        {"b": t1, "q": "Q1", "r": ["a@x.test"]},
+        {"b": t2, "q": "Q2", "r": ["b@x.test", "c\"@x.test"]},
+        {"e": t1}]
+    assert InflightJournal(tmp_path).leftovers() == [("Q2", ["b@x.test", "c\"@x.test"])]
