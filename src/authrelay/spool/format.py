@@ -273,12 +273,15 @@ def decode_envelope(raw: bytes, version: int) -> Envelope:
     rl = d.pop("recipients")
     if not isinstance(rl, list) or not rl:
         raise CorruptError("envelope has no recipients")
-    kw: dict[str, Any] = {}
+    # json.loads makes only exact str/int/float/bool/list/dict/None, so an exact type
+    # test is _typed()'s rule (bool never an int) without a call per field (issue 22:
+    # this runs for every delivery attempt on the master).
     for k, value in d.items():
         types = _ENV_TYPES.get(k)
         if types is None:
             raise CorruptError(f"unknown envelope field {k!r}")
-        kw[k] = _typed("", k, value, types)
+        if type(value) not in types:
+            _typed("", k, value, ())
     rcpts = []
     for i, rd in enumerate(rl):
         where = f"recipients[{i}]."
@@ -287,16 +290,16 @@ def decode_envelope(raw: bytes, version: int) -> Envelope:
         missing = [k for k in _RCPT_REQUIRED if k not in rd]
         if missing:
             raise CorruptError(f"{where[:-1]} lacks {', '.join(missing)}")
-        rkw: dict[str, Any] = {}
         for k, value in rd.items():
             types = _RCPT_TYPES.get(k)
             if types is None:
                 raise CorruptError(f"unknown recipient field {k!r}")
-            rkw[k] = _typed(where, k, value, types)
-        if rkw["state"] not in _STATES:
-            raise CorruptError(f"{where}state: unknown {rkw['state']!r}")
-        rcpts.append(Recipient(**rkw))
-    return Envelope(recipients=rcpts, **kw)
+            if type(value) not in types:
+                _typed(where, k, value, ())
+        if rd["state"] not in _STATES:
+            raise CorruptError(f"{where}state: unknown {rd['state']!r}")
+        rcpts.append(Recipient(**rd))
+    return Envelope(recipients=rcpts, **d)
 
 
 def encode_envelope(env: Envelope) -> bytes:
