@@ -357,6 +357,7 @@ class Courier:
             self._smart_ctx.check_hostname = False
             self._smart_ctx.verify_mode = ssl.CERT_NONE
         self._smart_cas = peercert.CaStore(r.smart_host_ca_file)
+        self._smart_hostports: list[tuple[str, int]] | None = None
         # MTA-STS policies (None: [delivery] mta_sts is off).
         self.sts: StsSource | None = HttpsStsSource(cfg, self.resolver) \
             if d.mta_sts else None
@@ -478,13 +479,15 @@ class Courier:
         level = self._smart_level
         if level == "may" and self.cfg.relay.smart_host_user:
             level = "encrypt"  # credentials never go in plain text unless level is none
-        out = []
-        for i, hp in enumerate(self.cfg.relay.smart_host):
+        if self._smart_hostports is None:  # parsed once (a regex per host per message)
             default = 465 if self._smart_implicit else 25
-            host, port = parse_hostport(hp, f"relay.smart_host[{i}]", default_port=default)
-            out.append(_Target(host, host, port, "tls" if self._smart_implicit else "smart",
-                               HostPolicy(level, level, (host,))))
-        return out
+            self._smart_hostports = [
+                parse_hostport(hp, f"relay.smart_host[{i}]", default_port=default)
+                for i, hp in enumerate(self.cfg.relay.smart_host)]
+        mode = "tls" if self._smart_implicit else "smart"
+        # new targets each time: an attempt writes its TLS result on its own target
+        return [_Target(host, host, port, mode, HostPolicy(level, level, (host,)))
+                for host, port in self._smart_hostports]
 
     async def _resolve_smart(self, targets: list[_Target]
                              ) -> tuple[list[_Target], list[tuple[_Target, DeliveryResult]]]:
