@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 
+from authrelay import maillog
 from authrelay.config import from_dict
 from authrelay.delivery.client import Courier
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
@@ -32,7 +33,7 @@ async def run(port: int, n: int, conc: int, rcpts: int) -> tuple[float, float, i
                          "relay": {"smart_host": [f"127.0.0.1:{port}"],
                                    "smart_host_tls": "none"},
                          "delivery": {"max_idle_connections": 100}})
-        courier = Courier(cfg)
+        courier = Courier(cfg, maillog=maillog.get())  # this command's log
         left, ok = n, 0
 
         async def worker() -> None:

@@ -230,8 +230,10 @@ class _Receiver:
         self.share = share
         self.server: SMTPServer | None = None
 
-    async def start(self, spool: Spool, certs: CertStore, metrics: Metrics | None) -> None:
-        self.server = wiring.server(self.cfg, spool, certs, share=self.share, metrics=metrics)
+    async def start(self, spool: Spool, certs: CertStore, metrics: Metrics | None,
+                    ml: maillog_mod.MailLog) -> None:
+        self.server = wiring.server(self.cfg, spool, certs, share=self.share, metrics=metrics,
+                                    maillog=ml)
         await self.server.start(self.listeners)
 
     def close_listeners(self) -> None:
@@ -323,9 +325,9 @@ async def _serve_loop(run: _Run) -> int:
     probe = None
     if deliver:
         # Scheduler.start() runs spool.recover() itself
-        scheduler = wiring.scheduler(cfg, spool, wiring.courier(cfg, run.read_password,
-                                                            run.read_oauth_secret), ml,
-                                     metrics=metrics)
+        scheduler = wiring.scheduler(cfg, spool, wiring.courier(cfg, ml, run.read_password,
+                                                                run.read_oauth_secret),
+                                     ml, metrics=metrics)
         if receiver is not None:
             spool.on_commit = scheduler.notify
         await scheduler.start()
@@ -339,7 +341,7 @@ async def _serve_loop(run: _Run) -> int:
             with contextlib.suppress(Exception):
                 metrics.start(scheduler=scheduler, spool=spool, health=probe)
     if receiver is not None and certs is not None:
-        await receiver.start(spool, certs, metrics)
+        await receiver.start(spool, certs, metrics, ml)
 
     def apply(new: Config, pem: PEM) -> None:
         """Every reloadable key (reloadkeys.py) reaches the part that reads it."""
@@ -360,7 +362,7 @@ async def _serve_loop(run: _Run) -> int:
                                                            old.hostname):
                 # A smart host added, changed or removed, new TLS or DNS settings: the
                 # next delivery uses a courier built from the new config.
-                scheduler.use_courier(wiring.courier(new, run.read_password))
+                scheduler.use_courier(wiring.courier(new, ml, run.read_password))
         if local is not None:
             local.reload(new)
         run.cfg, run.pem = new, pem

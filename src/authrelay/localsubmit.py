@@ -131,10 +131,10 @@ class LocalSubmission:
     """The server end: accepts on the socket, runs each submission in a thread."""
 
     def __init__(self, cfg: Config, submitter: Submitter,
-                 maillog: maillog_mod.MailLog | None = None) -> None:
+                 maillog: maillog_mod.MailLog) -> None:
         self.cfg = cfg
         self.path = socket_path(cfg)
-        self.maillog = maillog or maillog_mod.get()
+        self.maillog = maillog
         # Its own submitter (wiring.local_submission): a Spool without the scheduler's
         # in-process hook, since commits happen in pool threads; the scheduler is woken
         # by the notify datagram instead.

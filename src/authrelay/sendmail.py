@@ -486,10 +486,9 @@ def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], who: Iden
         if e.reply is replies.TOO_MANY_HOPS:
             _bounce_hops(sub, env, draft.header_section, e)
             return env.queue_id
-        if sub.maillog is not None:  # the same reject line as for SMTP
-            sub.maillog.reject(e.reply, relay="local", queue_id=env.queue_id,
-                               reason=e.reason if e.reason != e.reply.text else None,
-                               uid=who.uid, user=who.login)
+        sub.maillog.reject(e.reply, relay="local", queue_id=env.queue_id,  # as for SMTP
+                           reason=e.reason if e.reason != e.reply.text else None,
+                           uid=who.uid, user=who.login)
         if e.reply is replies.MSG_NUL:
             raise Fail(EX_DATAERR, "message contains NUL characters") from None
         if e.reply.code == 452:
@@ -523,10 +522,9 @@ def _bounce_hops(sub: Submitter, env: Envelope, headers: bytes, e: Refused) -> N
     for r in env.recipients:
         r.state, r.last_code = "failed", e.reply.code
         r.last_reply = f"{e.reply.code} {e.reply.enhanced} {e.reply.text}"
-    if sub.maillog is not None:
-        for r in env.recipients:
-            sub.maillog.bounced(env.queue_id, r.address, None, 0.0, 0, e.reply.enhanced,
-                                f"{r.last_reply}: {e.reason}")
+    for r in env.recipients:
+        sub.maillog.bounced(env.queue_id, r.address, None, 0.0, 0, e.reply.enhanced,
+                            f"{r.last_reply}: {e.reason}")
     if not should_notify(env, None, "failed"):
         return  # the null sender: nobody to tell
     benv, data = make_bounce(env, env.recipients, headers, sub.cfg.hostname, "failed")
@@ -536,8 +534,7 @@ def _bounce_hops(sub: Submitter, env: Envelope, headers: bytes, e: Refused) -> N
         bdraft.commit_blocking(origin=env.queue_id)
     except Refused as be:
         raise Fail(EX_TEMPFAIL, f"cannot queue the bounce: {be.reason}") from None
-    if sub.maillog is not None:
-        sub.maillog.notification(env.queue_id, "failed", benv.queue_id)
+    sub.maillog.notification(env.queue_id, "failed", benv.queue_id)
 
 
 def _maillog(cfg: Config) -> maillog.MailLog:

@@ -8,10 +8,12 @@ package builds one of these from a `Config`: `daemon.py` (serve), `sendmail.py` 
 tests ask here, so a part is made one way wherever it runs.
 
 Contract: each factory is a plain function `(cfg, ...parts) -> Part` with a precise
-return type; a factory does no I/O beyond what the part's constructor does (creating the
-spool's directories, opening SQLite files lazily). Receiving and delivering are built
-apart (`receiver()` / `delivery()`): a receiving worker never builds a courier or a
-scheduler, and the scheduler gets its own submitter for bounces.
+return type; every part's MailLog is a required argument (the entry point of a process
+or command decides which log it writes: no part falls back to the process-wide one); a
+factory does no I/O beyond what the part's constructor does (creating the spool's
+directories, opening SQLite files lazily). Receiving and delivering are built apart
+(`receiver()` / `delivery()`): a receiving worker never builds a courier or a scheduler,
+and the scheduler gets its own submitter for bounces.
 `preload(cfg)` imports, before a privilege drop, the optional drivers this config needs
 (asyncpg, redis): after the drop the Python installation may no longer be readable.
 Failure policy: a factory raises what the part raises (a missing optional driver is a
@@ -25,7 +27,6 @@ import logging
 from collections.abc import Callable
 from typing import Literal
 
-from authrelay import maillog as maillog_mod
 from authrelay.auth import pgusers
 from authrelay.auth.authenticator import Authenticator, make_authenticator
 from authrelay.auth.realms import RealmLogins
@@ -36,6 +37,7 @@ from authrelay.dkim.signer import Signer
 from authrelay.dns import Resolver
 from authrelay.health import DependencyProbe
 from authrelay.localsubmit import LocalSubmission
+from authrelay.maillog import MailLog
 from authrelay.metrics import Metrics
 from authrelay.policy import shared as shared_mod
 from authrelay.policy.anvil import SharedThrottle
@@ -85,12 +87,12 @@ def spool(cfg: Config) -> Spool:
     return s
 
 
-def signer(cfg: Config, maillog: maillog_mod.MailLog | None) -> Signer:
+def signer(cfg: Config, maillog: MailLog) -> Signer:
     """The DKIM signer: the keys under `cfg.dkim_dir`, `[dkim]` (signs nothing without)."""
     return Signer.from_config(cfg, maillog=maillog)
 
 
-def submitter(cfg: Config, queue: Spool, maillog: maillog_mod.MailLog | None) -> Submitter:
+def submitter(cfg: Config, queue: Spool, maillog: MailLog) -> Submitter:
     """The one way into the spool (SMTP sessions, sendmail, bounces), DKIM signing on."""
     return Submitter(queue, cfg, maillog=maillog, signer=signer(cfg, maillog))
 
@@ -146,7 +148,7 @@ def metrics(cfg: Config) -> Metrics | None:
         return None
 
 
-def containment(cfg: Config, sub: Submitter, maillog: maillog_mod.MailLog,
+def containment(cfg: Config, sub: Submitter, maillog: MailLog,
                 metrics: Metrics | None, hold_user: HoldUser) -> Suspender | None:
     """Containment of compromised accounts (policy/suspender.py): counters and
     suspensions in state_dir/containment.db, PostgreSQL, Redis as the config says; the
@@ -159,33 +161,33 @@ def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
            share: Share | None = None, metrics: Metrics | None = None,
            auth: Authenticator | None | Literal["config"] = "config",
            checks: HostChecks | None | Literal["config"] = "config",
-           maillog: maillog_mod.MailLog | None = None) -> SMTPServer:
+           maillog: MailLog) -> SMTPServer:
     """The receiving side of one process: its submitter, throttle and known-address store
-    built here; `auth` and `checks` are what the config names unless given (None: none)."""
-    ml = maillog or maillog_mod.get()
+    built here; `auth` and `checks` are what the config names unless given (None: none);
+    `maillog` the one the caller's process writes."""
     share = share or Share()
     known = known_addresses(cfg)
-    sub = submitter(cfg, queue, ml)
+    sub = submitter(cfg, queue, maillog)
     return SMTPServer(
         cfg, submitter=sub,
         authenticator=authenticator(cfg) if auth == "config" else auth,
         certs=certs, checks=host_checks(cfg) if checks == "config" else checks,
         metrics=metrics, known=known, throttle=throttle(cfg, share, known), share=share,
-        maillog=ml,
+        maillog=maillog,
         # A trip asks this node's scheduler to hold the user's mail (control socket).
-        containment=containment(cfg, sub, ml, metrics,
+        containment=containment(cfg, sub, maillog, metrics,
                                 lambda user: control.hold_user(queue, user)))
 
 
 # --------------------------------------------------------------------------- delivering
 
-def courier(cfg: Config, read_password: Callable[[], str] | None = None,
+def courier(cfg: Config, maillog: MailLog, read_password: Callable[[], str] | None = None,
             read_oauth_secret: Callable[[], bytes] | None = None) -> Courier:
     """The outbound client; `read_password` and `read_oauth_secret` read the smart host's
     password or OAuth client secret / key with privileges (the key helper) when they
     were dropped. A message converted for a host without 8BITMIME is re-signed by the
     DKIM signer (delivery/downgrade.py)."""
-    c = Courier(cfg, signer=signer(cfg, None))
+    c = Courier(cfg, maillog=maillog, signer=signer(cfg, maillog))
     if read_password is not None:
         c.read_password = read_password
     if read_oauth_secret is not None:
@@ -194,34 +196,31 @@ def courier(cfg: Config, read_password: Callable[[], str] | None = None,
 
 
 def scheduler(cfg: Config, queue: Spool, carrier: CourierLike,
-              maillog: maillog_mod.MailLog | None = None, *,
+              maillog: MailLog, *,
               metrics: Metrics | None = None) -> Scheduler:
     """The queue manager, with its own submitter for bounces (DKIM-signed when
     MAILER-DAEMON's domain has a key) and containment: a suspended user's mail is held
     instead of sent, and 5xx answers from the next hops count against its sender."""
-    ml = maillog or maillog_mod.get()
-    sched = Scheduler(cfg, queue, carrier, ml, submitter=submitter(cfg, queue, ml))
-    sched.containment = containment(cfg, sched.submitter, ml, metrics, sched.hold_user)
+    sched = Scheduler(cfg, queue, carrier, maillog, submitter=submitter(cfg, queue, maillog))
+    sched.containment = containment(cfg, sched.submitter, maillog, metrics, sched.hold_user)
     return sched
 
 
 def tls_reporter(cfg: Config, sched: Scheduler,
-                 maillog: maillog_mod.MailLog | None = None) -> TlsReporter | None:
+                 maillog: MailLog) -> TlsReporter | None:
     """RFC 8460 daily reports ([delivery] tls_reports), queued through the scheduler's
     submitter; None when off."""
     if not cfg.delivery.tls_reports:
         return None
     d = cfg.delivery
     return TlsReporter(cfg, Resolver(list(d.nameservers), d.dns_timeout), sched.submitter,
-                       maillog or maillog_mod.get())
+                       maillog)
 
 
-def local_submission(cfg: Config, maillog: maillog_mod.MailLog | None = None
-                     ) -> LocalSubmission:
+def local_submission(cfg: Config, maillog: MailLog) -> LocalSubmission:
     """`state_dir/public/submit.sock` (the master, or the single process): local users'
     `authrelay sendmail`, with its own spool handle and submitter (localsubmit.py)."""
-    ml = maillog or maillog_mod.get()
-    return LocalSubmission(cfg, submitter(cfg, spool(cfg), ml), ml)
+    return LocalSubmission(cfg, submitter(cfg, spool(cfg), maillog), maillog)
 
 
 def dependency_probe(cfg: Config) -> DependencyProbe:

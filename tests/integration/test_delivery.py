@@ -13,6 +13,7 @@ from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import MXFactory, bare_line_ends
 from support import ci
 from support.certs import server_tls_context
+from support.maillog import ListLog
 from support.ports import free_port
 from support.wait import until
 
@@ -57,7 +58,7 @@ def envelope(*rcpts: str, sender: str = "alice@sender.test", **kw: Any) -> Envel
 
 async def send(cfg: Config, env: Envelope, message: bytes | Path = MSG,
                offset: int = 0) -> dict:
-    courier = Courier(cfg)
+    courier = Courier(cfg, maillog=ListLog())
     try:
         return await courier.deliver(env, env.recipients, message, offset)
     finally:
@@ -340,7 +341,7 @@ async def test_unreadable_message_is_temporary(tmp_path: Path, dns: FakeDNSServe
 async def test_connection_reused(tmp_path: Path, dns: FakeDNSServer,
                                  fake_mx: MXFactory) -> None:
     mx = fake_mx("127.0.0.2")
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     try:
         for i in range(3):
             env = envelope(f"r{i}@example.test")
@@ -362,7 +363,7 @@ async def test_idle_connection_probed_with_rset(tmp_path: Path, dns: FakeDNSServ
 
     monkeypatch.setattr(client_mod, "_FRESH", 0.0)  # every cached connection counts as idle
     mx = fake_mx("127.0.0.2")
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     try:
         for i in range(3):
             env = envelope(f"r{i}@example.test")
@@ -377,7 +378,8 @@ async def test_idle_connection_probed_with_rset(tmp_path: Path, dns: FakeDNSServ
 async def test_pool_disabled_opens_new_connections(tmp_path: Path, dns: FakeDNSServer,
                                                    fake_mx: MXFactory) -> None:
     mx = fake_mx("127.0.0.2")
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port, max_idle_connections=0))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port, max_idle_connections=0),
+                      maillog=ListLog())
     try:
         for _ in range(2):
             env = envelope("bob@example.test")
@@ -508,7 +510,7 @@ async def test_concurrent_deliveries_then_shared_pool(tmp_path: Path, dns: FakeD
     mx = fake_mx("127.0.0.2", data_delay=1)  # the first still busy when the second starts
     # Two domains whose MX is the same host share its cached connections.
     dns.update({"other.test": {"MX": [(10, "mx1.example.test")]}})
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     try:
         envs = [envelope("a@example.test"), envelope("b@other.test")]
         results = await asyncio.gather(*(courier.deliver(e, e.recipients, MSG) for e in envs))
@@ -526,7 +528,7 @@ async def test_idle_connection_closed_after_idle_timeout(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
 
     mx = fake_mx("127.0.0.2")
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port, idle_timeout="0.1s"))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port, idle_timeout="0.1s"), maillog=ListLog())
     env = envelope("bob@example.test")
     assert (await courier.deliver(env, env.recipients, MSG))["bob@example.test"].ok
     await until(lambda: mx.wire[0].endswith(b"QUIT\r\n"), "QUIT after the idle timeout")

@@ -47,7 +47,7 @@ def one_mx(dns: FakeDNSServer) -> None:
 async def test_pipelining_mail_rcpts_data_in_one_segment(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
     mx = fake_mx("127.0.0.2")
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     env = envelope("a@example.test", "b@example.test", "c@example.test")
     try:
         res = await deliver(courier, env)
@@ -67,7 +67,7 @@ async def test_no_pipelining_one_command_per_round_trip(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
     mx = fake_mx("127.0.0.2", pipelining=False, rcpt_replies={
         "nobody@example.test": "550 5.1.1 no such user"})
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     env = envelope("a@example.test", "nobody@example.test")
     try:
         res = await deliver(courier, env)
@@ -83,7 +83,7 @@ async def test_pipelined_group_all_refused_then_reused(
     """Every RCPT refused: DATA is refused too (503), the transaction is reset and the
     connection serves the next message."""
     mx = fake_mx("127.0.0.2", rcpt_replies={"x@example.test": "550 5.1.1 unknown"})
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     try:
         bad = await deliver(courier, envelope("x@example.test"))
         assert bad["x@example.test"].permanent
@@ -98,7 +98,7 @@ async def test_pipelined_group_all_refused_then_reused(
 async def test_pipelined_mail_refused_permanently(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
     mx = fake_mx("127.0.0.2", mail_reply="553 5.7.1 sender rejected")
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     try:
         res = await deliver(courier, envelope("a@example.test", "b@example.test"))
     finally:
@@ -138,7 +138,7 @@ async def test_no_plain_fallback_with_required_or_verified_tls(
         setting: dict[str, Any]) -> None:
     one_mx(dns)
     mx = fake_mx("127.0.0.2", broken_starttls=True)
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port, **setting))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port, **setting), maillog=ListLog())
     env = envelope("bob@example.test")
     try:
         for attempt in (1, 2):
@@ -154,7 +154,7 @@ async def test_no_plain_fallback_for_smart_host(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
         trustme_ca_file: Path) -> None:
     sh = fake_mx("127.0.0.2", broken_starttls=True, users={"relayuser": "s3cret pass"})
-    courier = Courier(smart_cfg(tmp_path, dns, [sh.address], trustme_ca_file))
+    courier = Courier(smart_cfg(tmp_path, dns, [sh.address], trustme_ca_file), maillog=ListLog())
     env = envelope("x@far.test")
     try:
         for attempt in (1, 2):
@@ -171,7 +171,7 @@ async def test_fallback_is_per_host(tmp_path: Path, dns: FakeDNSServer,
     """mx1's broken TLS sends mx1 to plain text, not mx2, which still gets TLS."""
     mx1 = fake_mx("127.0.0.2", broken_starttls=True)
     mx2 = fake_mx("127.0.0.3", starttls_context=server_tls_context(trustme_ca, "x.test"))
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     try:
         r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
         assert r.ok and r.remote.startswith("mx2.example.test")  # same attempt: next MX
@@ -244,7 +244,8 @@ async def test_rcpt_450_on_primary_goes_to_backup(tmp_path: Path, dns: FakeDNSSe
 async def test_rcpt_450_kept_when_backup_is_down(tmp_path: Path, dns: FakeDNSServer,
                                                  fake_mx: MXFactory) -> None:
     fake_mx("127.0.0.2", rcpt_replies={"b@example.test": "450 4.2.1 try later"})
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))  # mx2: nothing listens
+    # mx2: nothing listens
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     env = envelope("a@example.test", "b@example.test")
     try:
         res = await deliver(courier, env)
@@ -259,7 +260,7 @@ async def test_data_4xx_on_primary_goes_to_backup(tmp_path: Path, dns: FakeDNSSe
                                                   fake_mx: MXFactory) -> None:
     fake_mx("127.0.0.2", data_reply="451 4.3.0 queue full")
     mx2 = fake_mx("127.0.0.3")
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     try:
         r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
     finally:
@@ -271,7 +272,7 @@ async def test_data_4xx_on_primary_goes_to_backup(tmp_path: Path, dns: FakeDNSSe
 async def test_recipient_limit_452_next_transaction_same_connection(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, pipelining: bool) -> None:
     mx = fake_mx("127.0.0.2", max_rcpts=2, pipelining=pipelining)
-    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port))
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     rcpts = [f"r{i}@example.test" for i in range(5)]
     try:
         res = await deliver(courier, envelope(*rcpts))
@@ -349,7 +350,7 @@ async def test_starttls_response_injection_refused(tmp_path: Path, dns: FakeDNSS
     one_mx(dns)
     cfg: Config = make_cfg(tmp_path, dns, raw_port)
     with RawMX("127.0.0.2", raw_port, _injecting) as mx:
-        courier = Courier(cfg)
+        courier = Courier(cfg, maillog=ListLog())
         try:
             r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
         finally:
@@ -408,7 +409,7 @@ async def test_large_message_streamed_with_flow_control(
     path = tmp_path / "queue-file"
     path.write_bytes(body)
     with RawMX("127.0.0.2", raw_port, _slow_reader) as mx:
-        courier = Courier(make_cfg(tmp_path, dns, raw_port))
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
         try:
             env = envelope("bob@example.test")
             r = (await courier.deliver(env, env.recipients, path))["bob@example.test"]
@@ -449,7 +450,7 @@ async def test_cached_connection_with_unsolicited_421_not_reused(
         tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
     one_mx(dns)
     with RawMX("127.0.0.2", raw_port, _says_421_when_done) as mx:
-        courier = Courier(make_cfg(tmp_path, dns, raw_port))
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
         try:
             for i in range(2):
                 env = envelope(f"r{i}@example.test")
@@ -493,7 +494,7 @@ async def test_starttls_refused(tmp_path: Path, dns: FakeDNSServer, raw_port: in
     connection); tls = encrypt: deferred 4.7.5, nothing sent."""
     one_mx(dns)
     with RawMX("127.0.0.2", raw_port, _refuses_starttls) as mx:
-        courier = Courier(make_cfg(tmp_path, dns, raw_port, tls=tls))
+        courier = Courier(make_cfg(tmp_path, dns, raw_port, tls=tls), maillog=ListLog())
         try:
             r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support.maillog import ListLog
 
 from authrelay.config import Containment, from_dict
 from authrelay.policy import containment
@@ -104,7 +105,7 @@ def test_notice_goes_to_postmaster_through_aliases(tmp_path: Path) -> None:
     def notify(data: dict) -> str:
         cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp_path), **data})
         s = Suspender(cfg, State(LocalStore(tmp_path / "c.db")), submitter=None,
-                      maillog=None)
+                      maillog=ListLog())
         return s.notify_address()
 
     assert notify({}) == "postmaster@relay.test"

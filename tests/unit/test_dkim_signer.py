@@ -23,8 +23,8 @@ class Log:
     def __init__(self) -> None:
         self.events: list[tuple[str | None, dict]] = []
 
-    def event(self, qid: str | None, **fields: object) -> None:
-        self.events.append((qid, fields))
+    def dkim(self, qid: str | None, result: str, **fields: object) -> None:
+        self.events.append((qid, {"dkim": result, **fields}))
 
 
 MSG = (b"From: Alice <alice@example.org>\r\n"
@@ -279,7 +279,7 @@ def test_signature_equals_dkimpy_sign(tmp_path_factory, body: bytes,  # noqa: AN
     ks = KeyStore(tmp_path_factory.mktemp("dkim"))
     ks.generate("example.org", "s-rsa", "rsa")
     ks.generate("example.org", "s-ed25519", "ed25519")
-    s = Signer(ks.load(), headers=("From", "To", "Subject"), oversign=("From",))
+    s = Signer(ks.load(), headers=("From", "To", "Subject"), oversign=("From",), maillog=Log())
     s._log = lambda *a, **k: None  # type: ignore[method-assign]
     # `empty`: no empty line at all (header fields only), as dkimpy reads it
     msg = MSG.split(b"\r\n\r\n")[0] + b"\r\n" if empty else \

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
+from support.maillog import ListLog
 
 from authrelay.config import from_dict
 from authrelay.spool import format as fmt
@@ -273,7 +274,7 @@ def _cfg(tmp: Path, **limits):
 
 
 async def test_submit_refuses_nul_and_hops(spool: Spool, tmp_path: Path) -> None:
-    sub = Submitter(spool, _cfg(tmp_path, max_hops=3))
+    sub = Submitter(spool, _cfg(tmp_path, max_hops=3), maillog=ListLog())
     d = sub.begin(_env())
     d.write(b"Subject: x\r\n\r\nbo\x00dy\r\n")
     with pytest.raises(Refused) as e:
@@ -300,7 +301,7 @@ async def test_submit_enospc_leaves_nothing(spool: Spool, tmp_path: Path,
     import errno
     import os
 
-    sub = Submitter(spool, _cfg(tmp_path))
+    sub = Submitter(spool, _cfg(tmp_path), maillog=ListLog())
     real = os.write
     calls = {"n": 0}
 
@@ -329,7 +330,7 @@ async def test_submit_calls_signer_for_originated_mail_only(spool: Spool,
         seen.append(message)
         return b"DKIM-Signature: v=1; d=example.org; b=x"
 
-    sub = Submitter(spool, _cfg(tmp_path), signer=WholeSigner(signer))
+    sub = Submitter(spool, _cfg(tmp_path), signer=WholeSigner(signer), maillog=ListLog())
     cases = {"auth": dict(auth_user="alice"), "inbound": {}, "sendmail": dict(
         listener="sendmail", protocol="local"), "bounce": dict(is_bounce=True, sender="")}
     signed = {}
@@ -402,7 +403,7 @@ async def test_every_single_bit_flip_is_caught(spool: Spool) -> None:
 
 
 async def test_nul_drops_a_streamed_file_at_once(spool: Spool, tmp_path: Path) -> None:
-    sub = Submitter(spool, _cfg(tmp_path))
+    sub = Submitter(spool, _cfg(tmp_path), maillog=ListLog())
     d = sub.begin(_env())
     d.write(BIG)  # past SPILL: the file exists and grows
     assert list(spool.queue_dir.iterdir())

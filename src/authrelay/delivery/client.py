@@ -7,8 +7,8 @@ to one host share a connection (RSET between messages only after an idle spell).
 The protocol is our own: `wire.py` (sans-I/O reply parser, command bytes) under
 `connection.py` (an asyncio Protocol with flow control); no third-party SMTP client.
 
-Contract (docs/INTERFACES.md): `await Courier(cfg).deliver(env, rcpts, message, offset)`
-returns one `DeliveryResult` per recipient address and never raises for network, TLS or
+Contract (docs/INTERFACES.md): `await Courier(cfg, maillog=ml).deliver(env, rcpts, message,
+offset)` returns one `DeliveryResult` per recipient address and never raises for network, TLS or
 DNS trouble. All `rcpts` share one route key (`router.route_key`).
 
 PIPELINING (RFC 2920): to a host that offers it, MAIL, every RCPT and DATA go out in one
@@ -325,8 +325,8 @@ class _Outcome:
 class Courier:
     """Delivers one message to a set of recipients that share a route key."""
 
-    def __init__(self, cfg: Config, resolver: Resolver | None = None,
-                 maillog: maillog_mod.MailLog | None = None, *,
+    def __init__(self, cfg: Config, resolver: Resolver | None = None, *,
+                 maillog: maillog_mod.MailLog,
                  signer: Callable[[bytes, str], bytes | None] | None = None) -> None:
         self.cfg = cfg
         # Re-signs a message converted for a host without 8BITMIME (downgrade.py): the
@@ -336,7 +336,7 @@ class Courier:
         d = cfg.delivery
         self.resolver = resolver or Resolver(list(d.nameservers), d.dns_timeout,
                                              dnssec=d.dnssec)
-        self._maillog = maillog
+        self.maillog = maillog
         self._idle: dict[tuple[str, int, str], list[_Conn]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Hosts whose STARTTLS handshake failed: (host, ip, port) -> plain text until then.
@@ -378,10 +378,6 @@ class Courier:
     @property
     def planner(self) -> tlsplan.Planner:
         return tlsplan.Planner(self.cfg, self.resolver, self.sts)
-
-    @property
-    def maillog(self) -> maillog_mod.MailLog:
-        return self._maillog or maillog_mod.get()
 
     # ----------------------------------------------------------------- public API
 

@@ -63,7 +63,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import dkim
 import nacl.encoding
@@ -72,12 +72,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from authrelay import maillog as maillog_mod
 from authrelay.config import Config
 from authrelay.dkim.keys import DkimKey, KeyStore
 from authrelay.policy.ownership import Owner
 
 log = logging.getLogger(__name__)
+
+
+class DkimLog(Protocol):
+    """Where a Signer writes its `QID: dkim=RESULT, ...` notes: the MailLog of the
+    process or command that built it (maillog.MailLog.dkim), never a fallback."""
+
+    def dkim(self, queue_id: str | None, result: str, **extra: Any) -> None: ...
 
 # RFC 6376 5.4: these must not be signed (they change in transit or leak Bcc).
 _NEVER_SIGN = frozenset(h.decode() for h in dkim.DKIM.SHOULD_NOT)
@@ -283,14 +289,14 @@ class Signer:
 
     def __init__(self, store: KeyStore, *, domains: tuple[str, ...] = (),
                  headers: tuple[str, ...] = (), oversign: tuple[str, ...] = (),
-                 maillog: Any = None) -> None:
+                 maillog: DkimLog) -> None:
         self.store = store
         self._maillog = maillog
         self._lock = threading.Lock()
         self._state = self._make_state(domains, headers, oversign)
 
     @classmethod
-    def from_config(cls, cfg: Config, maillog: Any = None) -> Signer:
+    def from_config(cls, cfg: Config, maillog: DkimLog) -> Signer:
         """Load the keys of `cfg.dkim_dir` and the `[dkim]` settings (start, SIGHUP)."""
         return cls(KeyStore(cfg.dkim_dir), domains=cfg.dkim.domains,
                    headers=cfg.dkim.headers, oversign=cfg.dkim.oversign, maillog=maillog)
@@ -341,14 +347,8 @@ class Signer:
         return sorted(d for d in st.keys if st.domains is None or d in st.domains)
 
     def _log(self, qid: str | None, dkim: str, **fields: Any) -> None:
-        """`QID: dkim=RESULT, ...` through maillog's dkim event (plain event() for a
-        minimal test double)."""
-        ml = self._maillog if self._maillog is not None else maillog_mod.get()
-        event = getattr(ml, "dkim", None)
-        if callable(event):
-            event(qid, dkim, **fields)
-        else:
-            ml.event(qid, dkim=dkim, **fields)
+        """`QID: dkim=RESULT, ...` through the maillog this signer was given."""
+        self._maillog.dkim(qid, dkim, **fields)
 
     def _include(self, st: _State, headers: list[tuple[bytes, bytes]]) -> list[bytes]:
         present = Counter(n.lower().decode("ascii", "replace") for n, _ in headers)

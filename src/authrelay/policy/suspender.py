@@ -34,11 +34,14 @@ from typing import Any
 
 from authrelay import aliases
 from authrelay.config import Config
+from authrelay.maillog import MailLog
+from authrelay.metrics import Metrics
 from authrelay.policy import containment
 from authrelay.policy.containment import Trip
 from authrelay.policy.suspensions import State, make_state
 from authrelay.policy.throttle import source_net
 from authrelay.spool.envelope import Envelope, Recipient
+from authrelay.spool.submit import Submitter
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,9 @@ HoldUser = Callable[[str], Awaitable[int]]
 
 
 class Suspender:
-    def __init__(self, cfg: Config, state: State, *, submitter: Any, maillog: Any,
-                 metrics: Any = None, hold_user: HoldUser | None = None) -> None:
+    def __init__(self, cfg: Config, state: State, *, submitter: Submitter,
+                 maillog: MailLog, metrics: Metrics | None = None,
+                 hold_user: HoldUser | None = None) -> None:
         self.cfg = cfg
         self.ccfg = cfg.limits.containment
         self.state = state
@@ -198,7 +202,8 @@ class Suspender:
         await self.state.close()
 
 
-def make_suspender(cfg: Config, *, submitter: Any, maillog: Any, metrics: Any = None,
+def make_suspender(cfg: Config, *, submitter: Submitter, maillog: MailLog,
+                   metrics: Metrics | None = None,
                    hold_user: HoldUser | None = None) -> Suspender | None:
     """The process's Suspender, or None when `[limits.containment] enabled = false`."""
     if not cfg.limits.containment.enabled:

@@ -110,12 +110,12 @@ class _Job:
 
 class Scheduler:
     def __init__(self, cfg: Config, spool: Spool, courier: CourierLike,
-                 maillog: maillog_mod.MailLog | None = None, *, submitter: Submitter,
+                 maillog: maillog_mod.MailLog, *, submitter: Submitter,
                  rescan_interval: float = RESCAN_INTERVAL, max_active: int = 20000) -> None:
         self.cfg = cfg
         self.spool = spool
         self.courier = courier
-        self.maillog = maillog or maillog_mod.get()
+        self.maillog = maillog
         self.rescan_interval = rescan_interval
         self.max_active = max_active  # messages loaded at once (memory bound)
         self.concurrency = max(1, cfg.delivery.concurrency)

@@ -19,7 +19,6 @@ import socket
 import ssl
 from collections.abc import Callable
 
-from authrelay import maillog as maillog_mod
 from authrelay.auth.authenticator import Authenticator
 from authrelay.config import Config, Listen
 from authrelay.maillog import MailLog
@@ -63,7 +62,7 @@ class SMTPServer:
                  authenticator: Authenticator | None, certs: CertStore | None,
                  known: KnownAddresses, throttle: Throttle, share: Share,
                  checks: HostChecks | None = None, metrics: Metrics | None = None,
-                 maillog: MailLog | None = None,
+                 maillog: MailLog,
                  containment: Suspender | None = None) -> None:
         self.cfg = cfg
         self.authenticator = authenticator
@@ -76,7 +75,7 @@ class SMTPServer:
         self.throttle = throttle
         self.exemptions = Exemptions(cfg)
         self.proxy_trusted = proxy.Networks(cfg.relay.proxy_trusted)
-        self.maillog = maillog or maillog_mod.get()
+        self.maillog = maillog
         self.submitter = submitter  # the one accept path (spool/submit.py)
         # Containment of compromised accounts (policy/suspender.py): None when off.
         self.containment = containment

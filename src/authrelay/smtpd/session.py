@@ -28,10 +28,9 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from authrelay import maillog as maillog_mod
 from authrelay import replies
 from authrelay.auth.base import Authenticator, AuthResult, Login
 from authrelay.config import Config
@@ -97,8 +96,8 @@ class SessionDeps:
     authenticator: Authenticator | None
     submitter: Submitter  # the way into the spool
     tls_context: Callable[[], ssl.SSLContext | None]
+    maillog: MailLog  # the server's (wiring.server's caller decides which)
     checks: HostChecks | None = None
-    maillog: MailLog = field(default_factory=maillog_mod.get)
     metrics: Metrics | None = None  # metrics.auth(result) / accepted(mode) / rejected(reason)
     containment: Suspender | None = None  # None: containment off
 

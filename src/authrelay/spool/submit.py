@@ -108,7 +108,7 @@ def _io_refusal(e: BaseException) -> Refused:
 class Submitter:
     """Accepts messages into one spool for one configuration (see module docstring)."""
 
-    def __init__(self, spool: Spool, cfg: Config, *, maillog: MailLog | None = None,
+    def __init__(self, spool: Spool, cfg: Config, *, maillog: MailLog,
                  signer: Signer | None = None) -> None:
         self.spool = spool
         self.cfg = cfg
@@ -337,8 +337,6 @@ class Draft:
     def _committed(self, log: dict[str, Any]) -> None:
         self._done = True
         ml = self.submitter.maillog
-        if ml is None:
-            return
         env, inc = self.envelope, self._incoming
         if inc.sign_error:
             ml.warning(f"not signed: {inc.sign_error}", queue_id=env.queue_id)
