@@ -89,7 +89,7 @@ class Env:
         own = courier is None
         c = courier or self.courier(log, **delivery)
         if not own:
-            c._maillog = log
+            c.maillog = log
         env = envelope(f"bob@{domain}")
         try:
             res = await c.deliver(env, env.recipients, MSG)
