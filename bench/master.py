@@ -16,6 +16,7 @@ PYTHONPATH at each (docs/PERFORMANCE.md, issue 22).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import resource
@@ -80,7 +81,12 @@ async def deliver(state: str, port: int, n: int, conc: int, rate: float) -> tupl
 
         sched = Scheduler(cfg, spool, Courier(cfg), ml)
     else:
-        sched = wiring.scheduler(cfg, spool, wiring.courier(cfg), ml)
+        # Trees since issue 18's explicit maillog take it as a required argument.
+        if "maillog" in inspect.signature(wiring.courier).parameters:
+            courier = wiring.courier(cfg, ml)
+        else:
+            courier = wiring.courier(cfg)
+        sched = wiring.scheduler(cfg, spool, courier, ml)
     await sched.start()
     r, w = os.pipe()
     pid = os.fork()
