@@ -206,8 +206,11 @@ def test_465_flood_from_many_addresses_leaves_other_ports_served(relay_factory
         latencies = [submit(r, "127.0.0.3") for _ in range(3)]
         with RawClient(r.ports["smtp"], source="127.0.0.4") as c:
             assert c.reply().code == 220
-        # (Handshakes evicted a moment ago, issue 17, may still be closing.)
-        r.wait_for(lambda: socks() - base_socks <= 80 + 4, 5)
+        # (Handshakes evicted a moment ago, issue 17, may still be closing: on a loaded
+        # runner that took longer than 5 s. Polled to the common deadline, a hang guard:
+        # the bound on what the pool holds is the assertion, not how fast it settles.)
+        r.wait_for(lambda: socks() - base_socks <= 80 + 4,
+                   what="465 holds at most its pool (80) + 4 sockets")
         report("465 pre-TLS flood, 40 addresses, 2 workers", connects=len(flood),
                server_sockets_before=base_socks, server_sockets_flood=socks(),
                rss_kib_before=base_rss, rss_kib_flood=rss(),
