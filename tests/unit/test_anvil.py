@@ -16,9 +16,12 @@ def test_counts_cross_fork() -> None:
     s = SharedCounters(slots=1024)
     pid = os.fork()
     if pid == 0:  # child: what a worker does
-        code = 0 if s.try_acquire("192.0.2.1", ALL, 5).admitted else 1
-        s.window_add("auth_ip", "192.0.2.1", 60.0, 1000.0, 3)
-        os._exit(code)
+        code = 2  # an exception: the child must still exit here, never run pytest on
+        try:
+            code = 0 if s.try_acquire("192.0.2.1", ALL, 5).admitted else 1
+            s.window_add("auth_ip", "192.0.2.1", 60.0, 1000.0, 3)
+        finally:
+            os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert s.gauge("192.0.2.1") == 1 and s.gauge("*") == 1
