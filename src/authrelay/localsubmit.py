@@ -53,8 +53,10 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from authrelay import localmail
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config
+from authrelay.spool.envelope import Envelope
 from authrelay.spool.submit import Submitter
 
 SOCKET_DIR = "public"
@@ -90,7 +92,7 @@ class Truncated(Exception):
 
 
 class _Frames:
-    """The framed message as a stream with readline() (what sendmail.submit reads)."""
+    """The framed message as a stream with readline() (what localmail.submit reads)."""
 
     def __init__(self, f: BinaryIO, on_end: Any = None) -> None:
         self._f = f
@@ -234,10 +236,8 @@ class LocalSubmission:
 
     def _handle(self, conn: socket.socket, uid: int) -> None:
         """One submission (a pool thread): read, queue, answer. Never raises."""
-        from authrelay import sendmail
-
         cfg = self.cfg
-        who = sendmail.identity(uid, cfg, server_uid=self._uid)
+        who = localmail.identity(uid, cfg, server_uid=self._uid)
         self._conns.add(conn)
         # Reading has READ_DEADLINE in all: the timer shuts the socket's reading side down
         # (the read in progress sees EOF: Truncated, nothing queued). It is stopped once
@@ -251,17 +251,17 @@ class LocalSubmission:
             cut.start()
             try:
                 opts = _options(f.readline(MAX_REQUEST))
-                qid = sendmail.submit(opts, _Frames(f, on_end=cut.cancel), cfg, who,
-                                      submitter=self.submitter,
+                qid = localmail.submit(opts, _Frames(f, on_end=cut.cancel), cfg, who,
+                                      submitter=lambda: self.submitter,
                                       check=lambda env: self._limits(env, who))
                 resp: dict[str, Any] = {"code": 0, "queue_id": qid}
-            except sendmail.Fail as e:
+            except localmail.Fail as e:
                 resp = {"code": e.code, "error": str(e)}
                 if e.code != EX_TEMPFAIL or "per hour" in str(e):
                     self.maillog.warning(f"local submission refused: {e}", uid=uid,
                                          user=who.login)
             except (Truncated, TimeoutError, OSError, ValueError) as e:
-                # Nothing was stored: sendmail.queue_message aborts the draft on any error.
+                # Nothing was stored: localmail.queue_message aborts the draft on any error.
                 resp = {"code": EX_TEMPFAIL, "error": f"message not queued: {e}"}
                 self.maillog.warning(f"local submission aborted: {e}", uid=uid,
                                      user=who.login)
@@ -276,15 +276,13 @@ class LocalSubmission:
             cut.cancel()
             conn.close()
 
-    def _limits(self, env: Any, who: Any) -> None:
+    def _limits(self, env: Envelope, who: localmail.Identity) -> None:
         """user_messages_per_hour / user_recipients_per_hour / max_recipients for local
         users, as for an authenticated SMTP user (trusted users are exempt from the rate)."""
-        from authrelay import sendmail
-
         lim = self.cfg.limits
         n = len(env.recipients)
         if lim.max_recipients and n > lim.max_recipients:
-            raise sendmail.Fail(sendmail.EX_DATAERR, f"too many recipients ({n}; "
+            raise localmail.Fail(localmail.EX_DATAERR, f"too many recipients ({n}; "
                                 f"limits.max_recipients {lim.max_recipients})")
         if who.trusted or not (lim.user_messages_per_hour or lim.user_recipients_per_hour):
             return
@@ -293,11 +291,11 @@ class LocalSubmission:
         while sent and sent[0][0] < now - 3600:
             sent.popleft()
         if lim.user_messages_per_hour and len(sent) + 1 > lim.user_messages_per_hour:
-            raise sendmail.Fail(EX_TEMPFAIL, "message rate limit reached "
+            raise localmail.Fail(EX_TEMPFAIL, "message rate limit reached "
                                 f"({lim.user_messages_per_hour} per hour)")
         rcpts = sum(k for _, k in sent)
         if lim.user_recipients_per_hour and rcpts + n > lim.user_recipients_per_hour:
-            raise sendmail.Fail(EX_TEMPFAIL, "recipient rate limit reached "
+            raise localmail.Fail(EX_TEMPFAIL, "recipient rate limit reached "
                                 f"({lim.user_recipients_per_hour} per hour)")
         sent.append((now, n))
 
@@ -318,17 +316,15 @@ def _answer(conn: socket.socket, resp: dict[str, Any]) -> None:
         conn.sendall(json.dumps(resp).encode() + b"\n")
 
 
-def _options(line: bytes) -> Any:
+def _options(line: bytes) -> localmail.Options:
     """The client's Options (only known fields of the right types; the rest refused)."""
-    from authrelay.sendmail import Options
-
     if not line.endswith(b"\n"):
         raise ValueError("bad request")
     req = json.loads(line)
     if not isinstance(req, dict) or req.get("v") != 1 or not isinstance(req.get("opts"), dict):
         raise ValueError("bad request")
-    kinds = {f.name: f.type for f in fields(Options)}
-    out = Options()
+    kinds = {f.name: f.type for f in fields(localmail.Options)}
+    out = localmail.Options()
     for k, v in req["opts"].items():
         if k not in kinds or k in ("config", "mode", "queue_arg"):
             raise ValueError(f"bad request field {k!r}")
@@ -361,7 +357,7 @@ def buffer_stdin(stdin: BinaryIO) -> BinaryIO:
     return tmp  # type: ignore[return-value]
 
 
-def send(path: str | os.PathLike[str], opts: Any, message: BinaryIO,
+def send(path: str | os.PathLike[str], opts: localmail.Options, message: BinaryIO,
          timeout: float = 300.0) -> dict[str, Any]:
     """Submit through the server at `path`: its answer ({"code": ..., ...}).
     NotRunning when nobody listens there."""

@@ -41,21 +41,15 @@ config). On any failure nothing is queued.
 from __future__ import annotations
 
 import argparse
-import email.utils
-import errno
 import io
 import os
-import pwd
-import re
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
+from collections.abc import Callable
+from typing import BinaryIO
 
 # Everything is imported up front: after switching to the spool owner the Python install
 # (e.g. under /root) may no longer be readable, so no lazy imports past that point.
-from authrelay import aliases, localsubmit, maillog, replies, wiring
-from authrelay.address import AddressError, parse_mailbox
+from authrelay import localsubmit, maillog, wiring
 from authrelay.config import (
     LOOKUP,
     Config,
@@ -65,38 +59,29 @@ from authrelay.config import (
     find_config_path,
     load_file,
 )
+from authrelay.localmail import (
+    EX_CANTCREAT,
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_NOPERM,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    Fail,
+    Options,
+    identity,
+    submit,
+)
 from authrelay.policy import verdicts
-from authrelay.policy.ownership import Owner
 from authrelay.policy.relay import RelayPolicy
 from authrelay.scheduler import queuecli
-from authrelay.scheduler.bounce import make_bounce, should_notify
 from authrelay.smtpd import protocol as smtp
-from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.store import Spool
-from authrelay.spool.submit import Refused, Submitter
+from authrelay.spool.submit import Submitter
 from authrelay.types import Reply
 
-EX_UNAVAILABLE = 69
-
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_NOUSER = 67
-EX_SOFTWARE = 70
-EX_CANTCREAT = 73
-EX_IOERR = 74
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_CONFIG = 78
-
-MAX_HEADER_BYTES = 1024 * 1024
 PROG = "authrelay sendmail"
 
-
-class Fail(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # --------------------------------------------------------------------------- options
@@ -106,21 +91,6 @@ class Fail(Exception):
 _FLAGS = set("tivmnUGSI")  # I: -I is "newaliases" in some; treated as a no-op flag
 _WITH_ARG = set("fFrCNRVhBLXOobdpAq")
 
-
-@dataclass
-class Options:
-    extract: bool = False  # -t
-    ignore_dots: bool = False  # -i / -oi
-    sender: str | None = None  # -f / -r
-    fullname: str | None = None  # -F
-    config: str | None = None  # -C
-    notify: str = ""  # -N
-    ret: str = ""  # -R
-    envid: str = ""  # -V
-    body_8bit: bool = False  # -B 8BITMIME
-    mode: str = "m"  # -b: m send (default), p queue list, i aliases (no-op), s SMTP; q: -q
-    queue_arg: str = ""  # -q's value: "", an interval, I<id>...
-    recipients: list[str] = field(default_factory=list)
 
 
 USAGE = """\
@@ -219,73 +189,6 @@ def _option(o: Options, c: str, val: str) -> None:
     # -h hops, -L tag, -X logfile, -O option, -d debug, -p protocol, -A submit: ignored
 
 
-# --------------------------------------------------------------------------- message
-
-_HEADER = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
-
-
-class LineReader(Protocol):
-    """What a message is read from: stdin, or the local socket's frames (localsubmit.py)."""
-
-    def readline(self, limit: int = -1, /) -> bytes: ...
-
-
-def _lines(stream: LineReader, ignore_dots: bool) -> Iterator[bytes]:
-    """Message lines with CRLF line ends; stops at a lone '.' unless -i."""
-    while True:
-        line = stream.readline(65536)
-        if not line:
-            return
-        if line.endswith(b"\n"):
-            line = line[:-1]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-        elif len(line) == 65536:  # a very long line: pass it on in pieces, no line end
-            yield line.replace(b"\r", b"\r\n")
-            continue
-        if not ignore_dots and line == b".":
-            return
-        # A bare CR inside a line is a line end too: the spool holds CRLF text only.
-        yield line.replace(b"\r", b"\r\n") + b"\r\n"
-
-
-def _unfold(headers: list[bytes]) -> list[tuple[str, str, int, int]]:
-    """(lower-cased name, unfolded value, first line index, end index) per field."""
-    out: list[tuple[str, str, int, int]] = []
-    i = 0
-    while i < len(headers):
-        start = i
-        name, _, value = headers[i].partition(b":")
-        i += 1
-        while i < len(headers) and headers[i][:1] in (b" ", b"\t"):
-            value += b" " + headers[i].strip()
-            i += 1
-        out.append((name.strip().decode("ascii", "replace").lower(),
-                    value.decode("utf-8", "surrogateescape").strip(), start, i))
-    return out
-
-
-def _qualify(addr: str, cfg: Config) -> str:
-    return addr if "@" in addr else f"{addr}@{cfg.hostname}"
-
-
-def _check_address(addr: str, where: str) -> str:
-    try:
-        return str(parse_mailbox(addr))
-    except AddressError as e:
-        raise Fail(EX_DATAERR, f"{where}: bad address <{addr}>: {e.reply.text}") from None
-
-
-def _addresses(values: list[str], cfg: Config, where: str) -> list[str]:
-    out = []
-    for _name, addr in email.utils.getaddresses(values):
-        addr = addr.strip()
-        if not addr:
-            continue  # e.g. "undisclosed-recipients:;"
-        out.append(_check_address(_qualify(addr, cfg), where))
-    return out
-
-
 # --------------------------------------------------------------------------- config / user
 
 def _load_config(explicit: str | None) -> Config:
@@ -313,197 +216,6 @@ def _become_spool_owner(cfg: Config) -> None:
         return
 
 
-@dataclass(frozen=True)
-class Identity:
-    """Who submits: decided by the kernel (getuid, or SO_PEERCRED on the server's local
-    socket), never by the message or the command line."""
-
-    uid: int
-    login: str
-    gecos: str = ""
-    trusted: bool = False  # may set the envelope sender with -f (sendmail's class t)
-
-
-def identity(uid: int, cfg: Config, *, server_uid: int | None = None) -> Identity:
-    """The local user `uid`: login and GECOS name from the password database. Trusted
-    (may use -f / MAIL FROM freely): root, the daemon's own user, and `trusted_users`."""
-    try:
-        pw = pwd.getpwuid(uid)
-        login, gecos = pw.pw_name, pw.pw_gecos.split(",")[0]
-    except KeyError:
-        login, gecos = f"uid{uid}", ""
-    trusted = uid == 0 or uid == server_uid or login in cfg.trusted_users
-    return Identity(uid, login, gecos, trusted)
-
-
-def _envelope_sender(opts_sender: str | None, who: Identity, cfg: Config) -> str:
-    """-f as sendmail's trusted users have it: root, the daemon's user and
-    `trusted_users` set any sender (or <>); anyone else only their own address, so the
-    envelope sender of local mail always names the user who sent it."""
-    own = f"{who.login}@{cfg.hostname}"
-    if opts_sender is None:
-        return own
-    if opts_sender in ("", "<>"):
-        sender = ""
-    else:
-        sender = _check_address(_qualify(opts_sender.strip("<>"), cfg), "-f")
-    if not who.trusted and sender.lower() != own.lower():
-        raise Fail(EX_NOPERM, f"-f <{sender}>: only trusted users may set the envelope "
-                              f"sender ({who.login} is not in trusted_users)")
-    return sender
-
-
-def submit(opts: Options, stdin: LineReader, cfg: Config, who: Identity, *,
-           submitter: Submitter | None = None,
-           check: Callable[[Envelope], None] | None = None) -> str:
-    """Queue one message from `who`; returns its queue id. Raises Fail. `submitter`: the
-    running server's (local socket); `check(env)`: the server's per-user limits, called
-    once the envelope is known and before anything is stored."""
-    login, gecos = who.login, who.gecos
-    # The header section (bounded) is read first: -t needs it before the envelope exists.
-    lines = _lines(stdin, opts.ignore_dots)
-    headers: list[bytes] = []
-    first_body: bytes | None = None
-    size = 0
-    for n, line in enumerate(lines):
-        if n == 0 and line.startswith(b"From ") and not _HEADER.match(line):
-            continue  # an mbox separator line, as Postfix drops it
-        if line == b"\r\n":
-            first_body = line
-            break
-        if _HEADER.match(line) or (headers and line[:1] in (b" ", b"\t")):
-            headers.append(line[:-2])
-            size += len(line)
-            if size > MAX_HEADER_BYTES:
-                raise Fail(EX_DATAERR, "header section too large")
-            continue
-        first_body = b"\r\n" + line  # no blank line before the body: supply one
-        break
-    fields = _unfold(headers)
-
-    rcpts: list[str] = []
-    for arg in opts.recipients:
-        if "," in arg or "<" in arg:  # "a@x, Bob <b@y>": an address list, as sendmail takes
-            rcpts += _addresses([arg], cfg, "recipient")
-        else:
-            rcpts.append(_check_address(_qualify(arg.strip(), cfg), "recipient"))
-    drop: set[int] = set()
-    if opts.extract:
-        resent = any(f[0].startswith("resent-") for f in fields)
-        names = (("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc"))
-        for name, value, _start, _end in fields:
-            if name in names:
-                rcpts += _addresses([value], cfg, name.title())
-        for name, _v, start, end in fields:
-            if name in ("bcc", "resent-bcc"):
-                drop.update(range(start, end))  # RFC 5322 3.6.3: Bcc is not passed on
-    seen: set[str] = set()
-    unique: list[str] = []
-    for r in rcpts:  # the first of each, in order
-        if r.lower() not in seen:
-            seen.add(r.lower())
-            unique.append(r)
-    rcpts = unique
-    if not rcpts:
-        raise Fail(EX_USAGE, "no recipients (give them as arguments, or use -t)")
-    rcpts = _expand(cfg, rcpts)
-
-    sender = _envelope_sender(opts.sender, who, cfg)
-    _check_dsn(opts)
-
-    out_headers = [h for i, h in enumerate(headers) if i not in drop]
-    if not any(f[0] == "from" for f in fields):
-        name = opts.fullname if opts.fullname is not None else gecos
-        addr = sender or f"{login}@{cfg.hostname}"
-        value = email.utils.formataddr((name, addr)) if name else addr
-        out_headers.append(f"From: {value}".encode("utf-8", "replace"))
-
-    env = Envelope(
-        queue_id=new_queue_id(), sender=sender,
-        recipients=[Recipient(r, notify=opts.notify) for r in rcpts],
-        client_ip="127.0.0.1", helo="localhost", auth_user="", protocol="local",
-        listener="sendmail", envid=opts.envid, ret=opts.ret, body_8bit=opts.body_8bit,
-        smtputf8=not all(a.isascii() for a in (sender, *rcpts)),
-    )
-
-    def pieces() -> Iterator[bytes]:
-        yield b"".join(h + b"\r\n" for h in out_headers)
-        yield first_body if first_body is not None else b"\r\n"
-        yield from lines
-
-    if check is not None:
-        check(env)
-    return queue_message(cfg, env, pieces(), who, submitter)
-
-
-def _check_dsn(opts: Options) -> None:
-    """-N, -R, -V as SMTP's MAIL/RCPT parameters take them (RFC 3461 4.1, 4.3, 4.4): the
-    delivery client writes them into its MAIL and RCPT commands as they are, so a value
-    with a CR LF or a space would inject commands into the next hop's session."""
-    if opts.notify and not smtp.notify_ok(opts.notify):
-        raise Fail(EX_USAGE, "-N: NEVER or a list of SUCCESS, FAILURE, DELAY")
-    if opts.ret and opts.ret.upper() not in ("FULL", "HDRS"):
-        raise Fail(EX_USAGE, "-R: FULL or HDRS")
-    if opts.envid and not smtp.xtext_ok(opts.envid, 100):
-        raise Fail(EX_USAGE, "-V: an envelope id is at most 100 printable ASCII characters "
-                             "(xtext: no spaces, + and = as +XX)")
-
-
-def _expand(cfg: Config, rcpts: list[str]) -> list[str]:
-    """Local names through [aliases] / aliases_file; every result checked."""
-    return [_check_address(a, "alias") for a in aliases.expand(cfg, rcpts)]
-
-
-def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], who: Identity,
-                  submitter: Submitter | None = None) -> str:
-    """Store one message (CRLF text, headers first) for `env` through the one accept path
-    (spool/submit.py: Received:, the missing Date:/Message-ID:, NUL and hop checks, the
-    DKIM hook, fsync); returns the queue id. Raises Fail. Over the hop limit the message
-    is bounced to its sender instead (exit 0, as Postfix does with local mail)."""
-    sub = submitter if submitter is not None else _direct_submitter(cfg)
-    spool = sub.spool
-    if not sub.space_ok():
-        raise Fail(EX_TEMPFAIL, f"{replies.NO_STORAGE.text} in {spool.queue_dir} "
-                                "(limits.queue_min_free)")
-    # Every local user can submit (the server's socket), so only a trusted one (root, the
-    # daemon's user, trusted_users) lends our DKIM signature to any From:; anyone else's
-    # message is signed only when its From:/Sender: is the user's own login@hostname, and
-    # otherwise queued unsigned (never refused: sendmail takes any From: from cron).
-    owner = None if who.trusted else Owner.of(who.login, [f"{who.login}@{cfg.hostname}"])
-    draft = sub.begin(env, add_missing=True, local_uid=who.uid, owner=owner,
-                      refuse_unowned=False)
-    limit = cfg.limits.max_message_size
-    try:
-        total = 0
-        for piece in pieces:
-            total += len(piece)
-            if limit and total > limit:
-                raise Fail(EX_DATAERR, f"message too big (limit {limit} bytes)")
-            draft.write(piece)
-        draft.commit_blocking(uid=who.uid, user=who.login)
-    except Refused as e:
-        draft.abort()
-        if e.reply is replies.TOO_MANY_HOPS:
-            _bounce_hops(sub, env, draft.header_section, e)
-            return env.queue_id
-        sub.maillog.reject(e.reply, relay="local", queue_id=env.queue_id,  # as for SMTP
-                           reason=e.reason if e.reason != e.reply.text else None,
-                           uid=who.uid, user=who.login)
-        if e.reply is replies.MSG_NUL:
-            raise Fail(EX_DATAERR, "message contains NUL characters") from None
-        if e.reply.code == 452:
-            raise Fail(EX_TEMPFAIL, f"spool: {e.reason}") from None
-        if e.errno in (errno.EACCES, errno.EPERM):
-            raise Fail(EX_CANTCREAT, f"cannot write to the spool {spool.queue_dir}: "
-                                     "Permission denied (run as root or as the authrelay "
-                                     "user)") from None
-        raise Fail(EX_TEMPFAIL, f"spool write failed: {e.reason}") from None
-    except BaseException:
-        draft.abort()
-        raise
-    return env.queue_id
-
-
 def _direct_submitter(cfg: Config) -> Submitter:
     """No server running (root only): write the spool from this process."""
     spool = Spool(cfg.spool_dir)
@@ -515,26 +227,6 @@ def _direct_submitter(cfg: Config) -> Submitter:
         raise Fail(EX_TEMPFAIL, f"spool {cfg.spool_dir}: {e.strerror}") from None
     ml = _maillog(cfg)
     return wiring.submitter(cfg, spool, ml)
-
-
-def _bounce_hops(sub: Submitter, env: Envelope, headers: bytes, e: Refused) -> None:
-    """Queue a DSN (RFC 3464) for every recipient instead of the looping message."""
-    for r in env.recipients:
-        r.state, r.last_code = "failed", e.reply.code
-        r.last_reply = f"{e.reply.code} {e.reply.enhanced} {e.reply.text}"
-    for r in env.recipients:
-        sub.maillog.bounced(env.queue_id, r.address, None, 0.0, 0, e.reply.enhanced,
-                            f"{r.last_reply}: {e.reason}")
-    if not should_notify(env, None, "failed"):
-        return  # the null sender: nobody to tell
-    benv, data = make_bounce(env, env.recipients, headers, sub.cfg.hostname, "failed")
-    bdraft = sub.begin(benv, add_missing=False, check_content=False)
-    bdraft.write(data)
-    try:
-        bdraft.commit_blocking(origin=env.queue_id)
-    except Refused as be:
-        raise Fail(EX_TEMPFAIL, f"cannot queue the bounce: {be.reason}") from None
-    sub.maillog.notification(env.queue_id, "failed", benv.queue_id)
 
 
 def _maillog(cfg: Config) -> maillog.MailLog:
@@ -687,7 +379,7 @@ def _direct(opts: Options, message: BinaryIO, cfg: Config, invoker: int) -> str:
     except (OSError, KeyError) as e:
         raise Fail(EX_NOPERM, f"cannot switch to the spool owner: {e}") from None
     message.seek(0)
-    return submit(opts, message, cfg, who)
+    return submit(opts, message, cfg, who, submitter=lambda: _direct_submitter(cfg))
 
 
 # --------------------------------------------------------------------------- -bp, -q
