@@ -15,7 +15,9 @@ directories, opening SQLite files lazily). Receiving and delivering are built ap
 (`receiver()` / `delivery()`): a receiving worker never builds a courier or a scheduler,
 and the scheduler gets its own submitter for bounces.
 `preload(cfg)` imports, before a privilege drop, the optional drivers this config needs
-(asyncpg, redis): after the drop the Python installation may no longer be readable.
+(asyncpg, redis, delivery/oauth.py with Authlib): after the drop the Python installation
+may no longer be readable. Authlib is imported only when [relay] smart_host_auth is
+xoauth2 or oauthbearer (`oauth_tokens()`): it doubles a command's start-up CPU.
 Failure policy: a factory raises what the part raises (a missing optional driver is a
 start-up error with one line); only metrics, which never stop mail, degrade to None.
 """
@@ -31,6 +33,7 @@ from authrelay.auth import pgusers
 from authrelay.auth.authenticator import Authenticator, make_authenticator
 from authrelay.auth.realms import RealmLogins
 from authrelay.config import Config
+from authrelay.delivery.bearer import Tokens
 from authrelay.delivery.client import Courier
 from authrelay.delivery.tlsrpt import Reporter as TlsReporter
 from authrelay.dkim.signer import Signer
@@ -56,8 +59,8 @@ from authrelay.tls import CertStore
 log = logging.getLogger(__name__)
 
 __all__ = ["Listener", "authenticator", "containment", "courier", "dependency_probe",
-           "host_checks", "known_addresses", "local_submission", "metrics", "preload",
-           "scheduler", "server", "shared_counters", "signer", "spool", "submitter",
+           "host_checks", "known_addresses", "local_submission", "metrics", "oauth_tokens",
+           "preload", "scheduler", "server", "shared_counters", "signer", "spool", "submitter",
            "throttle", "tls_reporter"]
 
 
@@ -76,6 +79,8 @@ def preload(cfg: Config) -> None:
         pgusers.driver()
     if cfg.limits.shared:
         shared_mod.driver()
+    if _uses_oauth(cfg):
+        importlib.import_module("authrelay.delivery.oauth")  # see oauth_tokens()
 
 
 # --------------------------------------------------------------------------- the spool
@@ -187,12 +192,28 @@ def courier(cfg: Config, maillog: MailLog, read_password: Callable[[], str] | No
     password or OAuth client secret / key with privileges (the key helper) when they
     were dropped. A message converted for a host without 8BITMIME is re-signed by the
     DKIM signer (delivery/downgrade.py)."""
-    c = Courier(cfg, maillog=maillog, signer=signer(cfg, maillog))
+    c = Courier(cfg, maillog=maillog, signer=signer(cfg, maillog),
+                tokens=oauth_tokens(cfg, read_oauth_secret))
     if read_password is not None:
         c.read_password = read_password
-    if read_oauth_secret is not None:
-        c.read_oauth_secret = read_oauth_secret
     return c
+
+
+def oauth_tokens(cfg: Config, read_secret: Callable[[], bytes] | None = None) -> Tokens | None:
+    """The smart host's OAuth 2.0 token source when [relay] smart_host_auth is xoauth2 or
+    oauthbearer, else None. delivery/oauth.py (Authlib, requests, joserfc: ~0.3 s of CPU)
+    is imported only here, so every command and a relay without OAuth never load it;
+    preload() imports it first when it is needed, while everything is readable."""
+    if not _uses_oauth(cfg):
+        return None
+    from authrelay.delivery import oauth
+
+    return oauth.TokenSource(cfg.relay, read_secret=read_secret,
+                             timeout=min(30.0, cfg.delivery.connect_timeout))
+
+
+def _uses_oauth(cfg: Config) -> bool:
+    return cfg.relay.smart_host_auth in ("xoauth2", "oauthbearer")
 
 
 def scheduler(cfg: Config, queue: Spool, carrier: CourierLike,

@@ -83,10 +83,10 @@ from pathlib import Path
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config, parse_hostport
 from authrelay.delivery import (
+    bearer,
     dane,
     downgrade,
     mx,
-    oauth,
     peercert,
     tlsplan,
     tlspolicy,
@@ -327,7 +327,8 @@ class Courier:
 
     def __init__(self, cfg: Config, resolver: Resolver | None = None, *,
                  maillog: maillog_mod.MailLog,
-                 signer: Callable[[bytes, str], bytes | None] | None = None) -> None:
+                 signer: Callable[[bytes, str], bytes | None] | None = None,
+                 tokens: bearer.Tokens | None = None) -> None:
         self.cfg = cfg
         # Re-signs a message converted for a host without 8BITMIME (downgrade.py): the
         # DKIM signer's `(message, queue_id) -> DKIM-Signature lines | None`.
@@ -369,11 +370,12 @@ class Courier:
                 dom, tlsrpt.PolicyDesc("sts"), False, kind)
         self.connections_opened = 0  # for metrics and tests
         # OAuth 2.0 (smart_host_auth = xoauth2 | oauthbearer): one token cache for the
-        # [relay] smart host settings, shared by every connection and smart host.
-        self.tokens: oauth.TokenSource | None = None
-        if r.smart_host_auth != "password":
-            self.tokens = oauth.TokenSource(r, read_secret=self._read_oauth_secret,
-                                            timeout=min(30.0, d.connect_timeout))
+        # [relay] smart host settings, shared by every connection and smart host; made by
+        # wiring.courier (delivery/oauth.py, whose Authlib loads only then).
+        if r.smart_host_auth != "password" and tokens is None:
+            raise ValueError(f"relay.smart_host_auth = {r.smart_host_auth!r} needs a token "
+                             "source (wiring.courier makes it)")
+        self.tokens = tokens
 
     @property
     def planner(self) -> tlsplan.Planner:
@@ -858,17 +860,6 @@ class Courier:
         with open(path, encoding="utf-8") as f:
             return f.read().rstrip("\r\n")
 
-    # Set by serve when it drops privileges: smart_host_oauth_secret_file / key_file read
-    # as root by the key helper.
-    read_oauth_secret: Callable[[], bytes] | None = None
-
-    def _read_oauth_secret(self) -> bytes:
-        if self.read_oauth_secret is not None:
-            return self.read_oauth_secret()
-        r = self.cfg.relay
-        with open(r.smart_host_oauth_secret_file or r.smart_host_oauth_key_file, "rb") as f:
-            return f.read(64 * 1024)
-
     async def _auth_oauth(self, conn: _Conn, t: _Target, timeout: float) -> None:
         """XOAUTH2 or OAUTHBEARER (RFC 7628) with a token from `self.tokens`. A refused
         token is dropped and a fresh one tried once on the same connection (RFC 4954 4
@@ -887,12 +878,12 @@ class Courier:
         for attempt in (1, 2):
             try:
                 token = await self.tokens.get()
-            except oauth.TokenError as e:
+            except bearer.TokenError as e:
                 raise _TryNext(DeliveryResult.temp(
                     f"no OAuth token for smart host {conn.remote}: {e}", "4.7.0", 454,
                     conn.remote)) from None
-            resp = oauth.xoauth2(r.smart_host_user, token) if mech == "XOAUTH2" else \
-                oauth.oauthbearer(r.smart_host_user, token, t.host, t.port)
+            resp = bearer.xoauth2(r.smart_host_user, token) if mech == "XOAUTH2" else \
+                bearer.oauthbearer(r.smart_host_user, token, t.host, t.port)
             rep = await w.command(b"AUTH " + mech.encode() + b" " + resp + b"\r\n", timeout)
             secrets = (token, resp.decode("ascii"))
             del resp
@@ -900,7 +891,7 @@ class Courier:
             if rep.code == 334:
                 # The failure as a challenge (RFC 7628 3.2.2; Google's XOAUTH2 too): the
                 # client answers ^A (OAUTHBEARER) or an empty line, the server then 5xx.
-                detail = oauth.server_error(rep.text)
+                detail = bearer.server_error(rep.text)
                 rep = await w.command(b"AQ==\r\n" if mech == "OAUTHBEARER" else b"\r\n",
                                       timeout)
                 if rep.code == 334:  # still a challenge: cancel (RFC 4954 4)

@@ -2,7 +2,11 @@
 
 Owns: getting an access token from the configured token endpoint, caching it in memory,
 refreshing it before it expires, and the XOAUTH2 / OAUTHBEARER (RFC 7628) initial client
-responses. `client.py` asks for a token when it authenticates to a smart host.
+responses (those are delivery/bearer.py's, re-exported). `client.py` asks for a token
+when it authenticates to a smart host; it never imports this module (Authlib, requests
+and joserfc cost ~0.3 s CPU to import): wiring.py makes the TokenSource only when
+[relay] smart_host_auth is xoauth2 or oauthbearer, and preload() imports this module
+for it before a privilege drop.
 
 Grants ([relay] smart_host_oauth_grant):
 - "client_credentials" (RFC 6749 4.4), the client authenticated either with a client
@@ -55,6 +59,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc.jwk import ECKey, RSAKey
 
 from authrelay.config import Relay
+from authrelay.delivery.bearer import TokenError, oauthbearer, server_error, xoauth2
 
 # RFC 6750 2.1 b64token: what a Bearer token may contain (no space, no ^A, no CR/LF), so
 # it can never break the SASL framing or the SMTP line it travels in.
@@ -63,10 +68,6 @@ _MAX_TOKEN = 8192  # a Microsoft token is ~2-3 KB; RFC 4954 4 lines may be 12288
 _MAX_TEXT = 200  # of an endpoint's error_description quoted in the maillog
 _DEFAULT_LIFETIME = 3600.0  # when the endpoint says no expires_in (RFC 6749 5.1: optional)
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
-
-
-class TokenError(Exception):
-    """No token: the text names the cause, for the maillog (never a secret)."""
 
 
 @dataclass(frozen=True)
@@ -329,41 +330,6 @@ class TokenSource:
             raise TokenError(f"the token endpoint issued a {_short(token['token_type'])} "
                              "token, not a Bearer token")
         return _valid_token(token.get("access_token")), token.get("expires_in")
-
-
-# --------------------------------------------------------------------------- SASL
-
-def xoauth2(user: str, token: str) -> bytes:
-    """XOAUTH2 (Google's and Microsoft's documented format): base64 of
-    "user=" USER ^A "auth=Bearer " TOKEN ^A ^A."""
-    raw = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
-    return base64.b64encode(raw)
-
-
-def _saslname(user: str) -> str:
-    """RFC 5801 saslname: ',' and '=' escaped as =2C and =3D."""
-    return user.replace("=", "=3D").replace(",", "=2C")
-
-
-def oauthbearer(user: str, token: str, host: str, port: int) -> bytes:
-    """RFC 7628 3.1 client response: a GS2 header naming the user, then host, port and
-    the Bearer token as ^A-separated key/value pairs, ending ^A ^A."""
-    raw = (f"n,a={_saslname(user)},\x01host={host}\x01port={port}\x01"
-           f"auth=Bearer {token}\x01\x01").encode()
-    return base64.b64encode(raw)
-
-
-def server_error(challenge: str) -> str:
-    """The JSON error a server sends as a 334 challenge on failure (RFC 7628 3.2.2;
-    Google's XOAUTH2 likewise), shortened for the maillog; '' if there is none."""
-    try:
-        data = json.loads(base64.b64decode(challenge.strip(), validate=True))
-    except (ValueError, TypeError):
-        return ""
-    if not isinstance(data, dict):
-        return ""
-    return _short(" ".join(f"{k}={v}" for k, v in data.items()
-                           if k in ("status", "schemes", "scope")))
 
 
 __all__ = ["JWT_BEARER", "SigningKey", "TokenError", "TokenSource", "load_signing_key",
