@@ -11,7 +11,7 @@ through spool/submit.py (fsync file and directory). Exit 0 only once the message
 durable.
 
 Who sends: the message goes to the running server over state_dir/public/submit.sock
-(localsubmit.py), which runs this module's `submit()` with the caller's identity from the
+(localsubmit.py), which runs `localmail.submit()` with the caller's identity from the
 kernel (SO_PEERCRED): every local user can send, as themselves (`login@hostname`; -f
 only for trusted users: root, the daemon's `user`, `trusted_users`), and the server
 writes the maillog line. The command reads its standard input whole first, so a slow
