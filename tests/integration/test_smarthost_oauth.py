@@ -30,6 +30,7 @@ from test_doctor import (
 from test_doctor import setup as doctor_setup  # noqa: F401  (a fixture)
 
 from authrelay import maillog as maillog_mod
+from authrelay import wiring
 from authrelay.config import Config, ConfigError, from_dict
 from authrelay.delivery import oauth
 from authrelay.delivery.client import Courier
@@ -165,7 +166,7 @@ async def test_client_secret_xoauth2_and_the_token_is_cached(
     caplog.set_level("DEBUG")
     ep = endpoint(secret="s3cret-value", scope=MS_SCOPE)
     sh = smart_host(ep)
-    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
                                  delivery={"idle_timeout": "0s"}), maillog=mlog)
     try:
         for i in range(3):
@@ -194,7 +195,7 @@ async def test_private_key_jwt_oauthbearer(
                       pem(app_key) + cert.public_bytes(serialization.Encoding.PEM))
     cfg = oauth_cfg(tmp_path, dns, sh, ep, trustme_ca_file, smart_host_auth="oauthbearer",
                     smart_host_oauth_key_file=str(kf))
-    courier = Courier(cfg, maillog=mlog)
+    courier = wiring.courier(cfg, maillog=mlog)
     try:
         r = await deliver(courier)
     finally:
@@ -212,7 +213,7 @@ async def test_private_key_jwt_with_another_certificate_is_refused(
     ep = endpoint(public_key_pem=public_pem(app_key))
     sh = smart_host(ep)
     kf = write_secret(tmp_path / "app.pem", pem(other))
-    courier = Courier(oauth_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+    courier = wiring.courier(oauth_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
                                 smart_host_oauth_key_file=str(kf)), maillog=mlog)
     try:
         r = await deliver(courier)
@@ -239,7 +240,7 @@ async def test_google_service_account_jwt_bearer(
     cfg = oauth_cfg(tmp_path, dns, sh, ep, trustme_ca_file, smart_host_oauth_grant="jwt_bearer",
                     smart_host_oauth_token_url="", smart_host_oauth_client_id="",
                     smart_host_oauth_key_file=str(kf))
-    courier = Courier(cfg, maillog=mlog)
+    courier = wiring.courier(cfg, maillog=mlog)
     try:
         r = await deliver(courier)
     finally:
@@ -261,7 +262,7 @@ async def test_token_refreshed_before_expiry_mid_queue(
     host would refuse it: no delivery ever meets an expired token."""
     ep = endpoint(secret="s3cret-value", expires_in=3600)
     sh = smart_host(ep)
-    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
                                  delivery={"idle_timeout": "0s"}), maillog=mlog)
     assert courier.tokens is not None
     now = [1000.0]
@@ -288,7 +289,7 @@ async def test_short_lived_token_expires_and_is_replaced_in_real_time(
     ever presenting the dead one."""
     ep = endpoint(secret="s3cret-value", expires_in=2)
     sh = smart_host(ep)
-    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
                                  delivery={"idle_timeout": "0s"}), maillog=mlog)
     try:
         assert (await deliver(courier)).ok
@@ -308,7 +309,7 @@ async def test_token_expired_at_the_smart_host_is_replaced_once(
     dropped and a fresh one tried on the same connection; the mail goes through."""
     ep = endpoint(secret="s3cret-value")
     sh = smart_host(ep)
-    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
                                  delivery={"idle_timeout": "0s"}), maillog=mlog)
     try:
         assert (await deliver(courier)).ok
@@ -329,7 +330,7 @@ async def test_token_refused_twice_defers(
     deferred 4.7.0 with the server's reason in the maillog, never bounced."""
     ep = endpoint(secret="s3cret-value")
     sh = smart_host(ep)
-    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
                                  smart_host_auth="oauthbearer"), maillog=mlog)
     ep.valid = lambda token, user: False  # type: ignore[method-assign]  # e.g. no SMTP.SendAsApp
     try:
@@ -354,7 +355,7 @@ async def test_wrong_client_secret_defers_with_the_cause(
         trustme_ca_file: Path, mlog: Any) -> None:
     ep = endpoint(secret="right-secret")
     sh = smart_host(ep)
-    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file, "wrong-secret"),
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file, "wrong-secret"),
                       maillog=mlog)
     try:
         r = await deliver(courier)
@@ -388,7 +389,7 @@ async def test_token_endpoint_down_defers(
         other = tmp_path / "other-ca.pem"
         trustme.CA().cert_pem.write_to_path(str(other))
         extra["smart_host_oauth_ca_file"] = str(other)
-    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file, **extra),
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file, **extra),
                       maillog=mlog)
     try:
         r = await deliver(courier)
@@ -431,7 +432,7 @@ async def test_a_redirecting_token_endpoint_gets_no_second_post(
         ep = endpoint(secret="s3cret-value")
         ep.redirect = f"http://127.0.0.1:{plain.server_address[1]}/token"
         sh = smart_host(ep)
-        courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file), maillog=mlog)
+        courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file), maillog=mlog)
         try:
             r = await deliver(courier)
         finally:
@@ -494,7 +495,7 @@ async def test_a_smart_host_echoing_our_secret_does_not_get_it_logged(
         cfg = make_cfg(tmp_path, dns, 25, relay={
             "smart_host": [addr], "smart_host_user": USER, "smart_host_tls": "none",
             "smart_host_password_file": str(pw)})
-    courier = Courier(cfg, maillog=mlog)
+    courier = wiring.courier(cfg, maillog=mlog)
     try:
         r = await deliver(courier)
     finally:
@@ -520,7 +521,7 @@ async def test_one_fetch_for_concurrent_deliveries(
         trustme_ca_file: Path, mlog: Any) -> None:
     ep = endpoint(secret="s3cret-value")
     sh = smart_host(ep)
-    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file), maillog=mlog)
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file), maillog=mlog)
     try:
         rs = await asyncio.gather(*(deliver(courier, f"c{i}@far.test") for i in range(5)))
     finally:
@@ -536,7 +537,7 @@ async def test_smart_host_without_the_mechanism(
     ep = endpoint(secret="s3cret-value")
     sh = fake_mx("127.0.0.2", starttls_context=server_tls_context(trustme_ca, "127.0.0.2"),
                  users={USER: "pw"})
-    courier = Courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file), maillog=mlog)
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file), maillog=mlog)
     try:
         r = await deliver(courier)
     finally:
