@@ -470,6 +470,7 @@ async def test_rehash_on_login(cdb: CountingDB) -> None:
     auth = UserDBAuthenticator(cdb, cache_ttl=0)
     try:
         assert await auth.verify("alice", "pw") is AuthResult.OK
+        await auth.settled()  # the re-hash runs after the reply
         new = cdb.get_hash("alice")
         assert new != weak and not passwords.needs_rehash(new)
         assert await auth.verify("alice", "pw") is AuthResult.OK

@@ -1,8 +1,9 @@
 """The Authenticator: the one call the SMTP session makes to check a login.
 
 Owns: choosing the backend (`cfg.auth.backend`: userdb | saslauthd:PATH | dovecot:PATH |
-postgresql, the last in auth/pgusers.py),
-keeping password hashing off the event loop, and the verified-credential cache.
+postgresql, the last in auth/pgusers.py), and the SQLite user DB as a LoginStore
+(`UserDBLoginStore`) under the one login flow of auth/login.py (`StoreAuthenticator`:
+dummy hash for unknown users, the bounded HashPool, app passwords, the credential cache).
 Contract: `await verify(user, password)` -> AuthResult.OK / BAD / TEMPFAIL; it never
 raises. A password is compared as its raw bytes (passwords.raw(): a str carrying
 non-UTF-8 bytes as surrogate escapes, or bytes), so legacy Latin-1 passwords work.
@@ -13,16 +14,11 @@ Failure policy: a backend that is down, slow or garbled, or a user DB that canno
 is TEMPFAIL (the client retries later), never BAD (which would count against the user)
 and never OK.
 
-userdb specifics (the "Hold under abuse" data side):
-- argon2id verification runs in the HashPool (auth/base.py) of `cfg.auth.hash_threads`;
-  work beyond a bounded backlog is refused with TEMPFAIL rather than queued without end, so
-  a flood of AUTH attempts costs bounded memory and CPU.
-- an unknown user is verified against a dummy hash: same cost, no user-enumeration oracle.
-- successes are cached (auth/base.CredentialCache) for `cfg.auth.cache_ttl` seconds,
-  keyed by HMAC-SHA256 under a per-process random key of (user, password): the password
-  is never stored, and the key dies with the process. An entry counts only under the
-  user DB generation it was made in, so `authrelay user passwd` / `user del` take effect
-  on the very next AUTH. Failures are never cached: each guess pays the full hash.
+userdb specifics: lookups run in the HashPool (sqlite3 blocks); "last used" and re-hash
+writes in a thread of their own, so a locked user DB never holds a hashing thread. A
+cached pair counts only under the user DB generation it was made in, so `authrelay user
+passwd` / `user del` / `app-password revoke` take effect on the very next AUTH; an
+unreadable user DB is TEMPFAIL even for a cached pair (a local file: a fault to fix).
 """
 
 from __future__ import annotations
@@ -30,112 +26,70 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from authrelay.auth import apppasswords, passwords
 from authrelay.auth.backends import BackendUnavailable, DovecotBackend, SaslauthdBackend
-from authrelay.auth.base import (
-    Authenticator,
-    AuthResult,
-    CredentialCache,
-    HashPool,
-    Login,
-    storable,
-)
+from authrelay.auth.base import Authenticator, AuthResult, HashPool, Login
+from authrelay.auth.login import Found, StoreAuthenticator, StoreUnavailable
 from authrelay.auth.pgusers import make_pg_authenticator
 from authrelay.auth.userdb import UserDB, UserDBError, UserStore, implicit_address
 from authrelay.config import Config
 
 __all__ = ["AuthResult", "Authenticator", "BackendAuthenticator", "Login",
-           "UserDBAuthenticator", "make_authenticator"]
+           "StoreAuthenticator", "UserDBAuthenticator", "make_authenticator"]
 
 log = logging.getLogger(__name__)
 
 
-class UserDBAuthenticator(Authenticator):
-    def __init__(self, db: UserStore, *, hash_threads: int = 4, cache_ttl: float = 300.0,
-                 rehash: bool = True, app_passwords: str = "allow") -> None:
+class UserDBLoginStore:
+    """The SQLite user DB (auth/userdb.py) as a LoginStore: lookups in the hashing pool
+    (sqlite3 blocks), writes ("last used", re-hash) in a thread of their own, so a locked
+    user DB never holds a hashing thread; cached pairs are bound to the DB's generation
+    (every CLI change bumps it, a revoked app password too)."""
+
+    rides_outages = False  # a local file: unreadable is a fault to fix, not a hiccup
+
+    def __init__(self, db: UserStore, hashing: HashPool) -> None:
         self.db = db
-        self.hashing = HashPool(hash_threads)
-        self.hash_threads = self.hashing.threads
-        # "last used" writes (auth/apppasswords.LastUsed): a thread of their own, so a
-        # locked user DB never holds a hashing thread.
-        self._touch_pool = ThreadPoolExecutor(max_workers=1,
-                                              thread_name_prefix="authrelay-touch")
-        self.last_used = apppasswords.LastUsed(self._write_last_used)
-        self.cache = CredentialCache(cache_ttl)
-        self._cache_gen: int | None = None
-        self._rehash = rehash
-        self.app_mode = app_passwords
+        self.hashing = hashing
+        self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="authrelay-touch")
 
-    def reload(self, cfg: Config) -> None:
-        if cfg.auth.app_passwords != self.app_mode:
-            self.app_mode = cfg.auth.app_passwords
-            self.cache.clear()  # a cached account-password login must not outlive "require"
+    async def generation(self) -> int | None:
+        try:
+            # One cheap indexed read: also the moment we learn of CLI changes.
+            return self.db.generation()
+        except (sqlite3.Error, UserDBError, OSError) as e:
+            log.warning("user DB unreadable", exc_info=True)
+            raise StoreUnavailable(str(e)) from e
 
-    def _check(self, username: str, password: str | bytes) -> apppasswords.Outcome:
-        """In a pool thread: look the user (and the app password the password's selector
-        names) up and run argon2: at most two verifications, whatever the number of app
-        passwords (auth/apppasswords.py); a dummy one if the user is unknown."""
+    def _lookup(self, username: str, selector: str | None) -> Found:
         stored = self.db.get_hash(username)
         app = None
-        norm = apppasswords.parse(password)
-        if stored is not None and norm is not None:
-            app = self.db.app_password(username, apppasswords.selector(norm))
-        out = apppasswords.decide(self.app_mode, stored, app, password)
-        if (out.ok and not out.app and stored is not None and self._rehash
-                and passwords.needs_rehash(stored)):
-            # Old parameters: upgrade quietly. Best effort (a read-only DB is fine).
-            try:
-                self.db.update_hash(username, stored, passwords.hash_password(password))
-            except (sqlite3.Error, UserDBError, OSError):
-                log.debug("rehash of a user's password failed", exc_info=True)
-        return out
+        if stored is not None and selector is not None:
+            app = self.db.app_password(username, selector)
+        return Found(stored, app)
 
-    async def _write_last_used(self, user: str, app: str, when: int, ip: str) -> None:
-        await asyncio.get_running_loop().run_in_executor(
-            self._touch_pool, self.db.touch_app_password, user, app, when, ip)
+    async def lookup(self, username: str, selector: str | None) -> Found:
+        try:
+            found = await self.hashing.run(self._lookup, username, selector)
+        except (sqlite3.Error, UserDBError, OSError) as e:
+            log.warning("user DB unreadable", exc_info=True)
+            raise StoreUnavailable(str(e)) from e
+        except RuntimeError as e:  # pool shut down: we are closing
+            raise StoreUnavailable("closing") from e
+        if found is None:
+            raise StoreUnavailable("hashing backlog full")
+        return found
 
-    async def login(self, username: str, password: str | bytes,
-                    client_ip: str = "") -> Login:
-        if not username or not password:
-            return Login(AuthResult.BAD)
-        if not storable(username):
-            # No such name can be in the user DB (the CLI refuses it): a wrong login, paid
-            # for like any other (same cost: no oracle), not a database failure.
-            done = await self.hashing.run(passwords.verify_dummy, password)
-            return Login(AuthResult.TEMPFAIL if done is None else AuthResult.BAD)
-        try:
-            # One cheap indexed read; also the moment we learn of CLI changes (a revoked
-            # app password bumps it too, so revocation is immediate).
-            gen = self.db.generation()
-        except (sqlite3.Error, UserDBError, OSError):
-            log.warning("user DB unreadable", exc_info=True)
-            return Login(AuthResult.TEMPFAIL)
-        if gen != self._cache_gen:
-            self.cache.clear()
-            self._cache_gen = gen
-        key = self.cache.key(username, password)
-        if self.cache.hit(key, gen):
-            app = self.cache.app(key)
-            self.last_used.record(username, app, client_ip)
-            return Login(AuthResult.OK, app)
-        try:
-            out = await self.hashing.run(self._check, username, password)
-        except (sqlite3.Error, UserDBError, OSError):
-            log.warning("user DB unreadable", exc_info=True)
-            return Login(AuthResult.TEMPFAIL)
-        except RuntimeError:  # pool shut down: we are closing
-            return Login(AuthResult.TEMPFAIL)
-        if out is None:  # backlog full
-            return Login(AuthResult.TEMPFAIL)
-        if not out.ok:
-            return Login(AuthResult.BAD, hint=out.hint)
-        # Stored under the generation read *before* hashing: if the password changed
-        # meanwhile, the next lookup sees a newer generation and ignores this entry.
-        self.cache.put(key, gen, out.app)
-        self.last_used.record(username, out.app, client_ip)
-        return Login(AuthResult.OK, out.app)
+    async def _write(self, fn: Callable[..., object], *args: object) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._writes, fn, *args)
+
+    async def set_hash(self, username: str, new: str, old: str) -> None:
+        await self._write(self.db.update_hash, username, old, new)
+
+    async def touch_app(self, username: str, app: str, when: int, ip: str) -> None:
+        await self._write(self.db.touch_app_password, username, app, when, ip)
 
     def addresses(self, username: str) -> set[str]:
         try:
@@ -145,10 +99,19 @@ class UserDBAuthenticator(Authenticator):
             return set()
 
     def close(self) -> None:
-        self.hashing.shutdown()
-        self.last_used.close()
-        self._touch_pool.shutdown(wait=False, cancel_futures=True)
+        self._writes.shutdown(wait=False, cancel_futures=True)
         self.db.close()
+
+
+class UserDBAuthenticator(StoreAuthenticator):
+    """`[auth] backend = "userdb"`: the login flow (auth/login.py) over the SQLite DB."""
+
+    def __init__(self, db: UserStore, *, hash_threads: int = 4, cache_ttl: float = 300.0,
+                 rehash: bool = True, app_passwords: str = "allow") -> None:
+        self.db = db
+        hashing = HashPool(hash_threads)
+        super().__init__(UserDBLoginStore(db, hashing), hashing, cache_ttl=cache_ttl,
+                         rehash=rehash, app_passwords=app_passwords)
 
 
 class BackendAuthenticator(Authenticator):

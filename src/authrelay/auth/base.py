@@ -1,8 +1,9 @@
 """What every authenticator shares: the interface, its answers, the credential cache and
 the bounded hashing pool.
 
-Owns the types below the authenticators (auth/authenticator.py: SQLite user DB,
-saslauthd, Dovecot; auth/pgusers.py: PostgreSQL), so neither imports the other:
+Owns the types below the authenticators (auth/login.py: the one login flow over a user
+store; auth/authenticator.py: SQLite user DB, saslauthd, Dovecot; auth/pgusers.py:
+PostgreSQL), so none imports another's:
 - `AuthResult` / `Login`: what `Authenticator.login` answers (the session maps BAD to
   535 5.7.8 and TEMPFAIL to 454 4.7.0, RFC 4954 6);
 - `Authenticator`: the interface the SMTP session calls;

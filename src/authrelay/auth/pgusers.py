@@ -1,8 +1,9 @@
 """The PostgreSQL user backend: users shared by every node of a relay farm.
 
 Owns: the `authrelay` schema in the database named by `[auth] dsn` (format number in
-`authrelay.meta`), an asyncpg connection pool per process, and `PgAuthenticator`, the
-`Authenticator` that `[auth] backend = "postgresql"` selects.
+`authrelay.meta`), an asyncpg connection pool per process, `PgLoginStore` (the database
+as a LoginStore) and `PgAuthenticator`, the login flow of auth/login.py over it, which
+`[auth] backend = "postgresql"` selects.
 
 Contract:
 - The same data model as the local SQLite user DB (auth/userdb.py): user names match
@@ -39,16 +40,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from authrelay import maillog as maillog_mod
-from authrelay.auth import apppasswords, passwords
 from authrelay.auth.apppasswords import AppPassword, AppPasswordError
-from authrelay.auth.base import (
-    Authenticator,
-    AuthResult,
-    CredentialCache,
-    HashPool,
-    Login,
-    storable,
-)
+from authrelay.auth.base import HashPool
+from authrelay.auth.login import Found, StoreAuthenticator, StoreUnavailable
 from authrelay.auth.userdb import (
     NoSuchUser,
     UserDBError,
@@ -132,7 +126,7 @@ _APP_COLS = "name, selector, hash, created, last_used, last_ip"
 T = TypeVar("T")
 
 
-class UserStoreUnavailable(Exception):
+class UserStoreUnavailable(StoreUnavailable):
     """The database could not be asked (down, slow, refused us, no schema)."""
 
 
@@ -528,27 +522,23 @@ class PgUserDB(UserStore):
             self._loop.close()
 
 
-class PgAuthenticator(Authenticator):
-    """`[auth] backend = "postgresql"`: the Authenticator interface over PgUserStore."""
+class PgLoginStore:
+    """PgUserStore as a LoginStore: one round trip per AUTH (the hash, the addresses and
+    the selected app password), no generation (cached pairs are checked against the hash
+    each lookup returns), and an outage answers verified pairs from the cache. Says in the
+    maillog when the database becomes unreachable and when it is back."""
 
-    def __init__(self, store: PgUserStore, *, hash_threads: int = 4,
-                 cache_ttl: float = 300.0, rehash: bool = True,
-                 app_passwords: str = "allow") -> None:
+    rides_outages = True  # a shared database: a hiccup or fail-over must not fail AUTH
+
+    def __init__(self, store: PgUserStore) -> None:
         self.store = store
-        self.app_mode = app_passwords
-        self.last_used = apppasswords.LastUsed(store.touch_app)
-        self.hashing = HashPool(hash_threads)
-        self.hash_threads = self.hashing.threads
-        self.cache = CredentialCache(cache_ttl)
+        self.up = True
         self._addresses: OrderedDict[str, set[str]] = OrderedDict()
-        self._rehash = rehash
-        self.db_up = True
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     def _state(self, up: bool, why: str = "") -> None:
-        if up == self.db_up:
+        if up == self.up:
             return
-        self.db_up = up
+        self.up = up
         if up:
             maillog_mod.warning("user database reachable again",
                                 database=redact_dsn(self.store.dsn))
@@ -557,83 +547,31 @@ class PgAuthenticator(Authenticator):
                                 "verified-credential cache, else 454 4.7.0",
                                 database=redact_dsn(self.store.dsn), reason=why)
 
-    def reload(self, cfg: Config) -> None:
-        self.app_mode = cfg.auth.app_passwords  # the cache is checked against the mode
+    async def generation(self) -> int | None:
+        return None
 
-    async def login(self, username: str, password: str | bytes,
-                    client_ip: str = "") -> Login:
-        if not username or not password:
-            return Login(AuthResult.BAD)
-        if not storable(username):
-            # No such name can be in the database (the CLI refuses it), and PostgreSQL
-            # would refuse the query (NUL, bytes that are not UTF-8): a wrong login, paid
-            # for like any other, not a database failure.
-            await self.hashing.run(passwords.verify_dummy, password)
-            return Login(AuthResult.BAD)
-        key = self.cache.key(username, password)
-        norm = apppasswords.parse(password)
+    async def lookup(self, username: str, selector: str | None) -> Found:
         try:
-            if norm is None:
+            if selector is None:
                 stored, addrs = await self.store.lookup(username)
                 app = None
             else:  # the app password its selector names, in the same round trip
-                stored, addrs, app = await self.store.lookup_app(
-                    username, apppasswords.selector(norm))
+                stored, addrs, app = await self.store.lookup_app(username, selector)
         except UserStoreUnavailable as e:
             self._state(False, str(e))
-            cached = self.cache.get(key)
-            if cached is not None and (cached[1] or self.app_mode != "require"):
-                return Login(AuthResult.OK, cached[1])  # verified a moment ago: ride it out
-            return Login(AuthResult.TEMPFAIL)
-        except Exception:  # a bug: logged at error; still, a pair verified a moment ago
-            # answers from the cache whatever state the pool is in (never read as OK
-            # otherwise).
-            log.exception("user database lookup failed")
-            cached = self.cache.get(key)
-            if cached is not None and (cached[1] or self.app_mode != "require"):
-                return Login(AuthResult.OK, cached[1])
-            return Login(AuthResult.TEMPFAIL)
+            raise
         self._state(True)
-        try:
-            if stored is None:
-                self.cache.drop(key)
-                self._addresses.pop(username, None)
-                # Same cost as a real check: no user-enumeration oracle.
-                done = await self.hashing.run(passwords.verify_dummy, password)
-                return Login(AuthResult.TEMPFAIL if done is None else AuthResult.BAD)
+        if stored is None:
+            self._addresses.pop(username, None)
+        else:
             self._remember_addresses(username, addrs)
-            cached = self.cache.get(key)
-            # A cached pair counts only against the very hash it verified: a changed
-            # password or a revoked app password (no row, no hash) misses.
-            if cached is not None and cached[0] == (app.hash if cached[1] and app else stored) \
-                    and (cached[1] or self.app_mode != "require"):
-                self.last_used.record(username, cached[1], client_ip)
-                return Login(AuthResult.OK, cached[1])
-            out = await self.hashing.run(apppasswords.decide, self.app_mode, stored, app,
-                                       password)
-        except RuntimeError:  # pool shut down: we are closing
-            return Login(AuthResult.TEMPFAIL)
-        if out is None:
-            return Login(AuthResult.TEMPFAIL)
-        if not out.ok:
-            self.cache.drop(key)
-            return Login(AuthResult.BAD, hint=out.hint)
-        self.cache.put(key, out.hash, out.app)
-        self.last_used.record(username, out.app, client_ip)
-        if not out.app and self._rehash and passwords.needs_rehash(stored):
-            t = asyncio.get_running_loop().create_task(self._upgrade(username, stored, password))
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
-        return Login(AuthResult.OK, out.app)
+        return Found(stored, app)
 
-    async def _upgrade(self, username: str, stored: str, password: str | bytes) -> None:
-        """Re-hash with our current parameters (best effort; a read-only role is fine)."""
-        try:
-            new = await self.hashing.run(passwords.hash_password, password)
-            if new is not None:
-                await self.store.set_hash(username, new, stored)
-        except Exception:
-            log.debug("rehash of a user's password failed", exc_info=True)
+    async def set_hash(self, username: str, new: str, old: str) -> None:
+        await self.store.set_hash(username, new, old)
+
+    async def touch_app(self, username: str, app: str, when: int, ip: str) -> None:
+        await self.store.touch_app(username, app, when, ip)
 
     def _remember_addresses(self, username: str, addrs: set[str]) -> None:
         self._addresses[username] = addrs
@@ -647,11 +585,24 @@ class PgAuthenticator(Authenticator):
         return set(self._addresses.get(username, ())) | implicit_address(username)
 
     def close(self) -> None:
-        self.hashing.shutdown()
-        self.last_used.close()
-        for t in list(self._tasks):
-            t.cancel()
         self.store.terminate()
+
+
+class PgAuthenticator(StoreAuthenticator):
+    """`[auth] backend = "postgresql"`: the login flow (auth/login.py) over PgUserStore."""
+
+    def __init__(self, store: PgUserStore, *, hash_threads: int = 4,
+                 cache_ttl: float = 300.0, rehash: bool = True,
+                 app_passwords: str = "allow") -> None:
+        self.store = store
+        self.pg = PgLoginStore(store)
+        super().__init__(self.pg, HashPool(hash_threads), cache_ttl=cache_ttl,
+                         rehash=rehash, app_passwords=app_passwords)
+
+    @property
+    def db_up(self) -> bool:
+        """Whether the last lookup reached the database."""
+        return self.pg.up
 
 
 def make_pg_authenticator(cfg: Config) -> PgAuthenticator:
