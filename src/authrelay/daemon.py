@@ -362,7 +362,8 @@ async def _serve_loop(run: _Run) -> int:
                                                            old.hostname):
                 # A smart host added, changed or removed, new TLS or DNS settings: the
                 # next delivery uses a courier built from the new config.
-                scheduler.use_courier(wiring.courier(new, ml, run.read_password))
+                scheduler.use_courier(wiring.courier(new, ml, run.read_password,
+                                                     run.read_oauth_secret))
         if local is not None:
             local.reload(new)
         run.cfg, run.pem = new, pem
