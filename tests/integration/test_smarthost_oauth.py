@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -597,7 +599,7 @@ def test_serve_with_a_root_only_client_secret(
     invalid_client, nothing bounced); once the file is fixed it goes out with a token;
     the 2-second token expires mid-queue and the next message gets a new one. No token
     and no secret in the maillog or anywhere under the state dir."""
-    from relayproc import RelayProcess
+    from relayproc import RelayProcess, to_toml
     from support.privileges import TEST_USER, unprivileged_user
     from support.wait import wait_until
     from test_e2e_delivery import submit
@@ -649,8 +651,23 @@ def test_serve_with_a_root_only_client_secret(
         assert len(ep.issued) == 2
         assert sh.oauth_attempts == [("XOAUTH2", USER, True)] * 2  # no dead token sent
         assert all(m.auth_user == USER for m in sh.messages)
+        # SIGHUP with a changed [delivery] key: the master builds a new courier, which
+        # must still read the root-only secret through the key helper.
+        data = dict(r.config_data)
+        data["delivery"] = {**data["delivery"], "retry": ["2s"]}
+        r.config.write_text(to_toml(data))
+        reloaded = r.maillog().count("daemon=reloaded")
+        assert r.proc is not None
+        os.kill(r.proc.pid, signal.SIGHUP)
+        r.wait_for(lambda: r.maillog().count("daemon=reloaded") >= reloaded + 3)
+        (_, second) = ep.issued
+        wait_until(lambda: not ep.valid(second, USER), what="the second token expired")
+        submit(r, ["dave@example.test"])
+        delivered(3)
+        assert len(ep.issued) == 3
+        assert sh.oauth_attempts == [("XOAUTH2", USER, True)] * 3
         log = r.maillog()
-        assert log.count("stat=Sent") == 2 and "bounced" not in log.lower()
+        assert log.count("stat=Sent") == 3 and "bounced" not in log.lower()
         assert "s3cret" not in log and "wrong-value" not in log
     finally:
         r.stop()
