@@ -79,8 +79,10 @@ def preload(cfg: Config) -> None:
         pgusers.driver()
     if cfg.limits.shared:
         shared_mod.driver()
-    if _uses_oauth(cfg):
-        importlib.import_module("authrelay.delivery.oauth")  # see oauth_tokens()
+    # Whether or not this config uses OAuth: a SIGHUP may switch [relay] smart_host_auth
+    # to xoauth2/oauthbearer after the drop, when the install may no longer be readable.
+    # Only `serve` preloads, so the commands' start-up stays without Authlib.
+    importlib.import_module("authrelay.delivery.oauth")  # see oauth_tokens()
 
 
 # --------------------------------------------------------------------------- the spool

@@ -36,7 +36,6 @@ def test_no_oauth_configured_no_authlib() -> None:
         from authrelay.config import from_dict
         from authrelay.maillog import MailLog
         cfg = from_dict({"relay": {"smart_host": ["mx.example.net:587"]}})
-        wiring.preload(cfg)
         c = wiring.courier(cfg, MailLog("file:/dev/null"))
         assert c.tokens is None
         print(sorted(m for m in sys.modules
@@ -44,6 +43,21 @@ def test_no_oauth_configured_no_authlib() -> None:
                      or m == "authrelay.delivery.oauth"))
     """)
     assert seen == "[]"
+
+
+def test_serve_preloads_oauth_even_when_unused() -> None:
+    """A SIGHUP may turn OAuth on after the privilege drop: `serve`'s preload imports it
+    while everything is readable, whatever the config at start says."""
+    seen = _run("""
+        import sys
+        from authrelay import wiring
+        from authrelay.config import from_dict
+        cfg = from_dict({"relay": {"smart_host": ["mx.example.net:587"]}})
+        assert "authrelay.delivery.oauth" not in sys.modules
+        wiring.preload(cfg)
+        print("authlib" in sys.modules and "authrelay.delivery.oauth" in sys.modules)
+    """)
+    assert seen == "True"
 
 
 def test_oauth_configured_preload_imports_it() -> None:

@@ -5,8 +5,8 @@ refreshing it before it expires, and the XOAUTH2 / OAUTHBEARER (RFC 7628) initia
 responses (those are delivery/bearer.py's, re-exported). `client.py` asks for a token
 when it authenticates to a smart host; it never imports this module (Authlib, requests
 and joserfc cost ~0.3 s CPU to import): wiring.py makes the TokenSource only when
-[relay] smart_host_auth is xoauth2 or oauthbearer, and preload() imports this module
-for it before a privilege drop.
+[relay] smart_host_auth is xoauth2 or oauthbearer, and `serve`'s preload() imports this
+module before a privilege drop whatever the config (a SIGHUP may turn OAuth on later).
 
 Grants ([relay] smart_host_oauth_grant):
 - "client_credentials" (RFC 6749 4.4), the client authenticated either with a client
