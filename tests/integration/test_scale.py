@@ -292,13 +292,20 @@ def test_cached_users_ride_out_a_postgresql_stop_under_load(farm: Farm) -> None:
 
     def worker(node: str, i: int) -> None:
         r = farm.nodes[node]
+        k = 0
         while not stop.is_set():
+            # A fresh client address each time: thousands of logins a minute from one
+            # address would meet connection_rate_per_ip (421 4.7.0, counted across nodes).
+            k += 1
+            src = f"127.{1 + ord(node) - ord('a')}.{i}.{k % 250 + 1}"
             try:
                 s = socket.create_connection(("127.0.0.1", r.ports["submission"]), timeout=20)
-                s.sendall(f"PROXY TCP4 127.0.1.{i} 127.0.0.1 {40000 + i} 587\r\n".encode())
+                s.sendall(f"PROXY TCP4 {src} 127.0.0.1 {40000 + i} 587\r\n".encode())
                 c = RawClient.__new__(RawClient)
                 c.buf, c.sock = b"", s
-                c.reply()
+                greeting = c.reply()
+                if greeting.code != 220:
+                    raise ConnectionError(f"greeting {greeting.code} {greeting.text}")
                 c.cmd("EHLO x")
                 c.cmd("STARTTLS")
                 c.starttls(client_ctx())
@@ -307,7 +314,7 @@ def test_cached_users_ride_out_a_postgresql_stop_under_load(farm: Farm) -> None:
                 c.cmd("QUIT")
                 c.close()
             except OSError as e:
-                got = type(e).__name__
+                got = f"{type(e).__name__}: {e}"
             with lock:
                 results[(node, got)] = results.get((node, got), 0) + 1
 
