@@ -309,7 +309,10 @@ class Containment:
     window: float = 3600.0  # the sliding window every threshold counts over
     messages: int = 500  # messages accepted from the user
     recipients: int = 1000  # distinct recipient addresses
-    refused: int = 100  # recipients the next hops refused with 5xx (user unknown, spam)
+    refused: int = 100  # distinct recipients the next hops refused with 5xx (user unknown)
+    # of which one message counts at most this many: one reply-all to a stale list of
+    # 100 dead addresses is one mistake, not a spam run (policy/containment.py)
+    refused_per_message: int = 10
     networks: int = 20  # distinct client networks (/24, /64) the user submitted from
     notify: str = ""  # who gets the one notice; "": postmaster (through [aliases])
     exempt: tuple[str, ...] = ()  # users never suspended (a newsletter account)
@@ -687,6 +690,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("limits.ipv6_prefix_length: from 16 to 128")
     if not 1 <= cfg.limits.stress_threshold <= 100:
         raise ConfigError("limits.stress_threshold: a percentage from 1 to 100")
+    if cfg.limits.containment.refused_per_message < 1:
+        raise ConfigError("limits.containment.refused_per_message: at least 1 (the refused "
+                          "recipients one message counts; refused = 0 turns the threshold off)")
     if cfg.limits.max_line_length < 512:
         raise ConfigError("limits.max_line_length: RFC 5321 4.5.3.1.4 requires at least 512")
     if cfg.limits.max_text_line_length < 998:

@@ -86,6 +86,7 @@ RELOADABLE = frozenset({
     # Read per event by the suspender (its reload): thresholds, window, notice, exempt.
     "limits.containment.window", "limits.containment.messages",
     "limits.containment.recipients", "limits.containment.refused",
+    "limits.containment.refused_per_message",
     "limits.containment.networks", "limits.containment.notify",
     "limits.containment.exempt",
 })

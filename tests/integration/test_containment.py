@@ -179,6 +179,40 @@ def test_refused_by_the_next_hop(tmp_path: Path, fake_mx: MXFactory) -> None:
         r.stop()
 
 
+def test_reply_all_to_dead_list_does_not_suspend_a_spam_run_does(
+        tmp_path: Path, fake_mx: MXFactory) -> None:
+    """Default thresholds (refused = 100, refused_per_message = 10). One reply-all to 100
+    addresses the next hop refuses, and a second reply to the same list, suspend nobody;
+    a spam run (messages to fresh addresses, most refused) still trips `refused`."""
+    stale = [f"old{i:03}@example.net" for i in range(100)]
+    spam = [[f"v{m}.{i}@example.com" for i in range(12)] for m in range(9)]
+    dead = {a: "550 5.1.1 no such user" for a in stale + [a for b in spam for a in b]}
+    mx = fake_mx("127.0.0.2", rcpt_replies=dead)
+    r = RelayProcess(tmp_path, {"relay": {"smart_host": [f"127.0.0.2:{mx.port}"]},
+                                "limits": {"containment": {"notify": ADMIN}}}).start()
+
+    def bounced() -> int:
+        return r.maillog().count("stat=Bounced")
+
+    try:
+        port = r.ports["submissions"]
+        assert send(port, stale)[-1] == 250
+        r.wait_for(lambda: bounced() == 100)
+        assert send(port, stale)[-1] == 250  # the thread goes on
+        r.wait_for(lambda: bounced() == 200)
+        assert not suspended_lines(r) and mail_reply(port).startswith("250")
+        for n, batch in enumerate(spam):
+            assert send(port, batch)[-1] == 250
+            r.wait_for(lambda n=n: bounced() == 200 + 12 * (n + 1))
+            if n < 8:
+                assert not suspended_lines(r)
+        r.wait_for(lambda: suspended_lines(r))
+        assert "threshold=refused, count=100, limit=100" in suspended_lines(r)[0]
+        assert mail_reply(port).startswith("450 4.7.1")
+    finally:
+        r.stop()
+
+
 def test_exempt_and_off(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     r = RelayProcess(tmp_path / "a", {"limits": {"containment": {

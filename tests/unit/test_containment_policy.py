@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from support.maillog import ListLog
 
-from authrelay.config import Containment, from_dict
+from authrelay.config import ConfigError, Containment, from_dict
 from authrelay.policy import containment
 from authrelay.policy.containment import Counts, Trip
 from authrelay.policy.suspensions import LocalStore
@@ -37,12 +37,49 @@ def test_off_zero_and_exempt() -> None:
 
 def test_defaults_and_mail_refusal() -> None:
     c = from_dict({}).limits.containment
-    assert (c.enabled, c.window, c.messages, c.recipients, c.refused, c.networks) == \
-        (True, 3600.0, 500, 1000, 100, 20)
+    assert (c.enabled, c.window, c.messages, c.recipients, c.refused, c.networks,
+            c.refused_per_message) == (True, 3600.0, 500, 1000, 100, 20, 10)
     assert containment.mail_refusal(False) is None
     r = containment.mail_refusal(True)
     assert (r.code, r.enhanced) == (450, "4.7.1")
     assert containment.window_text(3600) == "1h" and containment.window_text(90) == "90s"
+
+
+def test_refused_counted_capped_per_message() -> None:
+    """One message counts at most `refused_per_message` refused recipients, over all its
+    delivery attempts; the same list refused again counts the same addresses."""
+    dead = [f"Gone{i:03}@example.net" for i in range(100)]
+    first = containment.refused_counted(dead, 0, 10)
+    assert first == [f"gone{i:03}@example.net" for i in range(10)]
+    assert containment.refused_counted(list(reversed(dead)), 0, 10) == first
+    assert containment.refused_counted(dead[:3], 8, 10) == first[:2]  # 8 earlier: 2 left
+    assert containment.refused_counted(dead, 10, 10) == []
+    assert containment.refused_counted(["a@x.test", "A@X.test"], 0, 10) == ["a@x.test"]
+    with pytest.raises(ConfigError, match="refused_per_message: at least 1"):
+        from_dict({"limits": {"containment": {"refused_per_message": 0}}})
+
+
+def test_reply_all_to_dead_list_is_not_a_spam_run(tmp_path: Path) -> None:
+    """The counting end to end through the suspender's store: one reply-all to 100 dead
+    addresses (and replies to the same list) stays under `refused = 100`; ten messages
+    to fresh dead addresses reach it."""
+    store = LocalStore(tmp_path / "containment.db")
+    try:
+        def refusals(addresses: list[str]) -> int:
+            counted = containment.refused_counted(addresses, 0, 10)
+            return store.record("alice", [("refused", a) for a in counted], 3600,
+                                limits={"refused": 100}).refused
+
+        stale = [f"old{i}@example.net" for i in range(100)]
+        assert refusals(stale) == 10
+        for _ in range(20):  # the thread goes on: the same dead list each time
+            assert refusals(stale) == 10
+        run = [[f"v{m}.{i}@example.com" for i in range(10)] for m in range(9)]
+        got = [refusals(batch) for batch in run]
+        assert got[-1] == 100 and containment.decide(
+            "alice", Counts(refused=got[-1]), Containment()) == Trip("refused", 100, 100)
+    finally:
+        store.close()
 
 
 def test_notice_says_what_and_how() -> None:

@@ -8,8 +8,17 @@ policy/suspensions.py, and policy/suspender.py acts on a verdict.
 Contract: `decide(counts, cfg)` -> the first threshold reached (`Trip`), or None. A
 threshold of 0 is off; `enabled = false` or an exempt user is never tripped. Thresholds
 count within `[limits.containment] window` (sliding): messages accepted, distinct
-recipient addresses, recipients the next hops refused with 5xx, distinct client networks
-(/24 for IPv4, /64 for IPv6: policy/throttle.source_net).
+recipient addresses, distinct recipient addresses the next hops refused with 5xx (at most
+`refused_per_message` of them from one message: `refused_counted`), distinct client
+networks (/24 for IPv4, /64 for IPv6: policy/throttle.source_net).
+
+Why refusals are capped per message: a compromised account sends many messages to
+harvested lists, and refusals come from message after message; a person's one reply-all
+to a stale list of 100 dead addresses is 100 refusals from one message. Counting every
+recipient suspended that person at once (`refused = 100`); counting at most 10 a message
+takes ten such messages within the window, while a spam run still trips: 100 refused
+one-recipient messages, or 10 messages of 10 refused each. Refusals count by address
+(distinct), so replying again to the same dead list adds nothing new.
 
 Failure policy: a suspension is transient for the client: `450 4.7.1` at MAIL (RFC 5321
 4.2.5: the client keeps the message and retries; nothing is bounced), so a false positive
@@ -81,6 +90,16 @@ def decide(user: str, counts: Counts, cfg: Containment) -> Trip | None:
         if limit and n >= limit:
             return Trip(kind, n, limit)
     return None
+
+
+def refused_counted(refused: list[str], earlier: int, cap: int) -> list[str]:
+    """Of the addresses a next hop has just refused (5xx) in one message, those that
+    count: at most `cap` per message, `earlier` being how many of that message's
+    recipients were refused in its earlier delivery attempts (other destinations, other
+    passes). Lower-cased, de-duplicated, in a stable order (sorted), so the same list
+    refused again counts the same addresses, not new ones."""
+    room = max(0, cap - earlier)
+    return sorted({a.lower() for a in refused})[:room]
 
 
 def mail_refusal(suspended: bool) -> Reply | None:

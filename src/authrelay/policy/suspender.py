@@ -96,11 +96,15 @@ class Suspender:
             items.append(("networks", source_net(client_ip)))
         await self._count(user, items)
 
-    async def refused(self, user: str, keys: list[str]) -> None:
-        """Recipients of `user`'s mail refused with 5xx by the next hops (`qid:address`)."""
-        if not keys or not self.ccfg.refused or not containment.watched(user, self.ccfg):
+    async def refused(self, user: str, addresses: list[str], *, earlier: int = 0) -> None:
+        """Recipients of one of `user`'s messages refused with 5xx by the next hops;
+        `earlier`: that message's recipients refused before (containment.refused_counted
+        counts at most `refused_per_message` of a message)."""
+        if not addresses or not self.ccfg.refused or not containment.watched(user, self.ccfg):
             return
-        await self._count(user, [("refused", k) for k in keys])
+        counted = containment.refused_counted(addresses, earlier,
+                                              self.ccfg.refused_per_message)
+        await self._count(user, [("refused", a) for a in counted])
 
     async def _count(self, user: str, items: list[tuple[str, str]]) -> None:
         if not items:

@@ -12,8 +12,8 @@ Owns:
   whole farm's activity counts against one threshold; otherwise this node's SQLite file.
 
 Contract: counts are of **distinct** values within a sliding window (a message counts
-by its queue id, a recipient by its lower-cased address, a refusal by queue id and
-recipient, a network by its /24 or /64); an event older than the window no longer counts
+by its queue id, a recipient and a refusal by the lower-cased address, a network by its
+/24 or /64); an event older than the window no longer counts
 and is pruned. `suspend()` is True only for the caller that created the suspension (an
 INSERT that did nothing otherwise), so one trip makes one notice however many processes
 or nodes race to it. Memory and rows are bounded: only watched kinds are recorded, and a
@@ -58,7 +58,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     user  TEXT NOT NULL,
     kind  TEXT NOT NULL,              -- messages | recipients | refused | networks
-    value TEXT NOT NULL,              -- queue id, address, qid:address, network
+    value TEXT NOT NULL,              -- queue id, address, network
     at    REAL NOT NULL,              -- unix time of the latest occurrence
     PRIMARY KEY (user, kind, value)
 );

@@ -575,7 +575,7 @@ class Scheduler:
                     backoff.expired(env, now, d.max_queue_lifetime):
                 expired = not (res.permanent or res.code >= 500)
                 if res.code >= 500:  # refused by the next hop (or its DNS): a 5xx
-                    refused.append(f"{env.queue_id}:{r.address.lower()}")
+                    refused.append(r.address)
                 stat = "Bounced"
                 if should_notify(env, r, "failed"):
                     act.owed.setdefault("failed", []).append(r)  # FAILED once it is queued
@@ -605,9 +605,12 @@ class Scheduler:
                    r.attempts, res.enhanced or None, r.last_reply, tls=res.tls or None,
                    policy=res.tls_policy or None)
         if refused and env.auth_user and self.containment is not None:
+            # At most [limits.containment] refused_per_message of one message count: its
+            # recipients refused in earlier attempts (other destinations, passes) too.
+            earlier = sum(1 for x in env.recipients if x.last_code >= 500) - len(refused)
             # In the background: a trip holds this user's mail, which waits for this
             # very delivery to end.
-            self._spawn(self.containment.refused(env.auth_user, refused))
+            self._spawn(self.containment.refused(env.auth_user, refused, earlier=earlier))
         # The last job's state is saved by _finish, after the pass's DSNs.
         if act.jobs > 1:
             try:
