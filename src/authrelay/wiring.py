@@ -203,7 +203,7 @@ def courier(cfg: Config, maillog: MailLog, read_password: Callable[[], str] | No
 
 def oauth_tokens(cfg: Config, read_secret: Callable[[], bytes] | None = None) -> Tokens | None:
     """The smart host's OAuth 2.0 token source when [relay] smart_host_auth is xoauth2 or
-    oauthbearer, else None. delivery/oauth.py (Authlib, requests, joserfc: ~0.3 s of CPU)
+    oauthbearer, else None. delivery/oauth.py (Authlib, httpx2, joserfc: ~0.3 s of CPU)
     is imported only here, so every command and a relay without OAuth never load it;
     preload() imports it first when it is needed, while everything is readable."""
     if not _uses_oauth(cfg):

@@ -24,6 +24,7 @@ challenge, then 535 after the client's ^A. Records `oauth_attempts` [(mech, user
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
 import secrets
@@ -64,6 +65,14 @@ class TokenEndpoint:
         self.refusals: list[str] = []
         self.status_override: int | None = None  # e.g. 503: the endpoint is "down"
         self.redirect: str = ""  # a URL: every POST is answered 307 to it (a hostile hop)
+        # Hostile or broken endpoints: `drip` seconds between the answer's bytes (status
+        # line and headers included), `oversize` bytes of answer (a JSON token padded out),
+        # `gzip`: the answer compressed (Content-Encoding: gzip) though identity was asked.
+        self.drip = 0.0
+        self.oversize = 0
+        self.gzip = False
+        self.accept_encoding: list[str] = []
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         cert = ca.issue_cert(host)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -83,13 +92,26 @@ class TokenEndpoint:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                fake.accept_encoding.append(self.headers.get("Accept-Encoding", ""))
                 status, body = fake._answer(self.path, form)
+                if fake.oversize:
+                    body = {**body, "padding": "x" * fake.oversize}
                 raw = json.dumps(body).encode()
+                if fake.gzip:
+                    raw = gzip.compress(raw)
+                if fake.drip:
+                    fake._drip(self, status, raw)
+                    return
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                if fake.gzip:
+                    self.send_header("Content-Encoding", "gzip")
                 self.send_header("Content-Length", str(len(raw)))
                 self.end_headers()
-                self.wfile.write(raw)
+                try:
+                    self.wfile.write(raw)
+                except OSError:  # the client stopped reading (an answer too large)
+                    pass
 
         self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
@@ -103,7 +125,23 @@ class TokenEndpoint:
         self._thread.start()
         return self
 
+    def _drip(self, handler: BaseHTTPRequestHandler, status: int, raw: bytes) -> None:
+        """The whole answer a byte at a time, `drip` seconds apart, until the client goes
+        away or the endpoint stops."""
+        head = (f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(raw)}\r\n\r\n").encode()
+        for i in range(len(head) + len(raw)):
+            if self._stopping.wait(self.drip):
+                return
+            try:
+                handler.wfile.write((head + raw)[i:i + 1])
+                handler.wfile.flush()
+            except OSError:
+                return
+        handler.close_connection = True
+
     def stop(self) -> None:
+        self._stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(5)

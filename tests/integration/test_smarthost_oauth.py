@@ -405,6 +405,46 @@ async def test_token_endpoint_down_defers(
     assert sh.messages == []
 
 
+@pytest.mark.parametrize("how", ["drip", "oversize", "gzip"])
+async def test_a_hostile_token_endpoint_is_bounded(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any, how: str) -> None:
+    """A token endpoint that drips its answer a byte every 0.2 s (each read well within
+    the per-read timeout: ~40 s in all), sends 20 MB, or compresses though identity was
+    asked: the delivery is deferred 4.7.0 within the total deadline (min(30 s,
+    connect_timeout) = 2 s here), the maillog names the cause."""
+    import time
+
+    ep = endpoint(secret="s3cret-value")
+    sh = smart_host(ep)
+    if how == "drip":
+        ep.drip = 0.2
+    elif how == "oversize":
+        ep.oversize = 20 * 1024 * 1024
+    else:
+        ep.gzip = True
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+                                        delivery={"connect_timeout": "2s"}), maillog=mlog)
+    t0 = time.monotonic()
+    try:
+        r = await deliver(courier)
+    finally:
+        await courier.close()
+    took = time.monotonic() - t0
+    assert (r.permanent, r.enhanced, r.code) == (False, "4.7.0", 454), r
+    want = {"drip": "the token endpoint did not answer within 2 s",
+            "oversize": "the token endpoint's answer is larger than 64 KiB",
+            "gzip": "the token endpoint's answer is compressed"}[how]
+    assert r.text.startswith("no OAuth token for smart host 127.0.0.2 ") and \
+        f"]:{sh.port}: {want}" in r.text, r.text
+    assert want in logtext(mlog) and "s3cret" not in logtext(mlog)
+    assert took < 6, took  # the deadline, not the drip's ~40 s
+    if how == "drip":
+        assert took >= 1.9, took
+    assert ep.accept_encoding == ["identity"]
+    assert sh.messages == [] and sh.oauth_attempts == []
+
+
 async def test_a_redirecting_token_endpoint_gets_no_second_post(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
         trustme_ca_file: Path, mlog: Any) -> None:

@@ -3,7 +3,7 @@
 Owns: getting an access token from the configured token endpoint, caching it in memory,
 refreshing it before it expires, and the XOAUTH2 / OAUTHBEARER (RFC 7628) initial client
 responses (those are delivery/bearer.py's, re-exported). `client.py` asks for a token
-when it authenticates to a smart host; it never imports this module (Authlib, requests
+when it authenticates to a smart host; it never imports this module (Authlib, httpx2
 and joserfc cost ~0.3 s CPU to import): wiring.py makes the TokenSource only when
 [relay] smart_host_auth is xoauth2 or oauthbearer, and `serve`'s preload() imports this
 module before a privilege drop whatever the config (a SIGHUP may turn OAuth on later).
@@ -17,8 +17,10 @@ Grants ([relay] smart_host_oauth_grant):
 - "jwt_bearer" (RFC 7523 2.1): a JWT signed by a Google service account's key whose
   `sub` is the user to send as (domain-wide delegation) and whose `scope` claim names the
   scope (Google's form of the grant).
-The OAuth side is Authlib's (its requests client, run in a worker thread): see README
-"Microsoft 365 / Google as smart host" for why Authlib.
+The OAuth side is Authlib's, over its httpx2 client (asynchronous, in the courier's event
+loop): see README "Microsoft 365 / Google as smart host" for why Authlib. The endpoint's
+certificate is checked against [relay] smart_host_oauth_ca_file, else the system's trust
+store.
 
 Contract: `await TokenSource(relay).get()` -> an access token (str), or `TokenError`
 whose text names the cause (endpoint unreachable, TLS failure, the endpoint's `error` and
@@ -28,6 +30,11 @@ whose text names the cause (endpoint unreachable, TLS failure, the endpoint's `e
 - A token is used until 80% of its `expires_in` or until 5 minutes before it expires,
   whichever is earlier (never less than half of it), then replaced; if the refresh
   fails while the old token has not expired yet, the old one is still used.
+- One fetch is bounded whatever the endpoint does: all of it (connecting, TLS, the
+  request, the whole answer) within `timeout` seconds (a total deadline: httpx2's own
+  timeouts are per read, so an endpoint dripping a byte a second would hold the delivery
+  for ever), an answer of at most MAX_ANSWER bytes (read as it streams in, never
+  buffered past that), uncompressed, and no redirect followed.
 - After a failed fetch, further `get()`s fail at once with the same cause for
   `fail_hold` seconds, so a queue of mail does not hammer a refusing endpoint.
 - Tokens live only in this object's memory: never logged, never written to disk. The
@@ -43,15 +50,16 @@ import base64
 import hashlib
 import json
 import re
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import requests
+import httpx2
 from authlib.integrations.base_client import OAuthError
-from authlib.integrations.requests_client import AssertionSession, OAuth2Session
+from authlib.integrations.httpx_client import AsyncAssertionClient, AsyncOAuth2Client
 from authlib.oauth2.rfc7523 import PrivateKeyJWT
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -66,6 +74,7 @@ from authrelay.delivery.bearer import TokenError, oauthbearer, server_error, xoa
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _MAX_TOKEN = 8192  # a Microsoft token is ~2-3 KB; RFC 4954 4 lines may be 12288 octets
 _MAX_TEXT = 200  # of an endpoint's error_description quoted in the maillog
+MAX_ANSWER = 64 * 1024  # bytes of a token endpoint's answer (Entra's is ~4 KB)
 _DEFAULT_LIFETIME = 3600.0  # when the endpoint says no expires_in (RFC 6749 5.1: optional)
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
@@ -160,39 +169,76 @@ def _short(text: Any) -> str:
     return s if len(s) <= _MAX_TEXT else s[:_MAX_TEXT] + "..."
 
 
-def _http_reason(e: requests.RequestException) -> str:
-    if isinstance(e, requests.exceptions.SSLError):
-        return "TLS handshake with the token endpoint failed (check " \
-            "relay.smart_host_oauth_ca_file)"
-    if isinstance(e, requests.exceptions.Timeout):
+class _Refused(Exception):
+    """The answer was not read to its end: too large, compressed, a redirect, too slow."""
+
+
+def _http_reason(e: Exception) -> str:
+    if isinstance(e, httpx2.TimeoutException):
         return "the token endpoint timed out"
-    if isinstance(e, requests.exceptions.ConnectionError):
-        return "the token endpoint is unreachable (connection refused or no route)"
-    if isinstance(e, requests.exceptions.TooManyRedirects):
-        return "the token endpoint answered with a redirect (not followed: the secret " \
-            "goes only to relay.smart_host_oauth_token_url)"
-    if isinstance(e, requests.exceptions.HTTPError) and e.response is not None:
+    if isinstance(e, httpx2.HTTPStatusError):
         return f"the token endpoint answered HTTP {e.response.status_code}"
+    if isinstance(e, httpx2.ConnectError):
+        cause: BaseException | None = e
+        while cause is not None:  # httpx2 wraps the ssl error: look down the chain
+            if isinstance(cause, ssl.SSLError):
+                return "TLS handshake with the token endpoint failed (check " \
+                    "relay.smart_host_oauth_ca_file)"
+            cause = cause.__cause__ or cause.__context__
+        return "the token endpoint is unreachable (connection refused or no route)"
     return f"request to the token endpoint failed ({type(e).__name__})"
 
 
-class _CAFileWins:
-    """requests lets $REQUESTS_CA_BUNDLE override a session's `verify` (requests issue
-    3829): passed with each request, the configured smart_host_oauth_ca_file wins."""
+class _CappedStream(httpx2.AsyncByteStream):
+    """The answer's body, read at most `cap` bytes far."""
 
-    verify: str | bool
+    def __init__(self, inner: httpx2.AsyncByteStream, cap: int) -> None:
+        self.inner, self.cap = inner, cap
 
-    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("verify", self.verify)
-        return super().request(method, url, *args, **kwargs)  # type: ignore[misc]
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        n = 0
+        async for chunk in self.inner:
+            n += len(chunk)
+            if n > self.cap:
+                raise _Refused(f"the token endpoint's answer is larger than "
+                               f"{self.cap // 1024} KiB (not read further)")
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
-class _OAuth2Session(_CAFileWins, OAuth2Session):
-    pass
+class _Bounded(httpx2.AsyncBaseTransport):
+    """httpx2's transport, with the answer checked before its body is read: no redirect
+    is followed (httpx2 would re-POST the secret or assertion to wherever a 307/308
+    points, http:// included), nothing compressed is taken (we ask for identity: a
+    64 KiB gzip body inflates to megabytes), and the body is capped."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport, cap: int) -> None:
+        self.inner, self.cap = inner, cap
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        resp = await self.inner.handle_async_request(request)
+        why = ""
+        if 300 <= resp.status_code < 400:
+            why = "the token endpoint answered with a redirect (not followed: the secret " \
+                "goes only to relay.smart_host_oauth_token_url)"
+        elif resp.headers.get("content-encoding", "identity").lower() != "identity":
+            why = "the token endpoint's answer is compressed (identity was asked for)"
+        if why or not isinstance(resp.stream, httpx2.AsyncByteStream):
+            await resp.aclose()
+            raise _Refused(why or "the token endpoint's answer has no body stream")
+        return httpx2.Response(resp.status_code, headers=resp.headers,
+                               stream=_CappedStream(resp.stream, self.cap),
+                               extensions=resp.extensions)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
-class _AssertionSession(_CAFileWins, AssertionSession):
-    pass
+def _tls_context(ca_file: str) -> ssl.SSLContext:
+    """The configured CA file, else the system's trust store (/etc/ssl/certs)."""
+    return ssl.create_default_context(cafile=ca_file or None)
 
 
 class TokenSource:
@@ -225,7 +271,7 @@ class TokenSource:
                     return tok.value
                 raise TokenError(self._failed[1])
             try:
-                value, expires_in = await asyncio.to_thread(self._fetch)
+                value, expires_in = await self._fetch()
             except TokenError as e:
                 self._failed = (self.clock() + self.fail_hold, str(e))
                 if tok is not None and self.clock() < tok.expires_at - 30:
@@ -258,72 +304,81 @@ class TokenSource:
         except OSError as e:
             raise TokenError(f"cannot read relay.{what}: {e.strerror or e}") from None
 
-    def _fetch(self) -> tuple[str, Any]:
-        """Blocking (run in a thread): one token request. -> (access_token, expires_in)."""
+    async def _fetch(self) -> tuple[str, Any]:
+        """One token request, all of it (connecting, TLS, the request, the whole answer)
+        within `self.timeout` seconds and its answer within MAX_ANSWER bytes.
+        -> (access_token, expires_in)."""
         r = self.relay
         self.fetches += 1
-        secret = self._secret()
-        verify: str | bool = r.smart_host_oauth_ca_file or True
-        url = r.smart_host_oauth_token_url
-        session: requests.Session
-        fetch: Callable[[], Any]
+        secret = await asyncio.to_thread(self._secret)  # the key helper's socket blocks
         try:
-            if r.smart_host_oauth_grant == "client_credentials" and \
-                    r.smart_host_oauth_secret_file:
-                cs = _OAuth2Session(
-                    r.smart_host_oauth_client_id,
-                    secret.decode("utf-8", "replace").strip("\r\n"),
-                    token_endpoint_auth_method="client_secret_post",
-                    scope=r.smart_host_oauth_scope, default_timeout=self.timeout,
-                    verify=verify)
-                session, fetch = cs, partial(cs.fetch_token, url,
-                                             grant_type="client_credentials")
-            else:
-                try:
-                    key = load_signing_key(secret)
-                except ValueError as e:
-                    raise TokenError(f"relay.smart_host_oauth_key_file: {e}") from None
-                url = url or key.token_url
-                if r.smart_host_oauth_grant == "client_credentials":
-                    ks = _OAuth2Session(
-                        r.smart_host_oauth_client_id, key.key,
-                        token_endpoint_auth_method=PrivateKeyJWT(
-                            url, headers=dict(key.header), alg=key.alg),
-                        scope=r.smart_host_oauth_scope, default_timeout=self.timeout,
-                        verify=verify)
-                    # client_id in the body too: Entra requires it beside the assertion.
-                    session, fetch = ks, partial(ks.fetch_token, url,
-                                                 grant_type="client_credentials",
-                                                 client_id=r.smart_host_oauth_client_id)
-                else:
-                    # Google's JWT bearer grant: the scope is a claim of the assertion.
-                    jb = _AssertionSession(
-                        token_endpoint=url,
-                        issuer=r.smart_host_oauth_client_id or key.issuer,
-                        subject=r.smart_host_user, audience=url,
-                        claims={"scope": r.smart_host_oauth_scope},
-                        key=key.key, header={"alg": key.alg, "typ": "JWT", **key.header},
-                        default_timeout=self.timeout, verify=verify)
-                    session, fetch = jb, jb.refresh_token
-            del secret
-            # Never follow a redirect (requests would re-POST the secret or assertion to
-            # wherever it points, http:// included, for a 307/308): TooManyRedirects.
-            session.max_redirects = 0
+            ctx = _tls_context(r.smart_host_oauth_ca_file)
+        except OSError as e:
+            raise TokenError(f"cannot read relay.smart_host_oauth_ca_file: "
+                             f"{e.strerror or e}") from None
+        except ssl.SSLError:
+            raise TokenError("relay.smart_host_oauth_ca_file holds no usable "
+                             "certificate") from None
+        http: dict[str, Any] = {
+            "verify": ctx, "timeout": self.timeout, "follow_redirects": False,
+            "headers": {"Accept-Encoding": "identity"},
+            "transport": _Bounded(httpx2.AsyncHTTPTransport(verify=ctx), MAX_ANSWER)}
+        url = r.smart_host_oauth_token_url
+        client: httpx2.AsyncClient
+        fetch: Callable[[], Awaitable[Any]]
+        if r.smart_host_oauth_grant == "client_credentials" and r.smart_host_oauth_secret_file:
+            cs = AsyncOAuth2Client(
+                r.smart_host_oauth_client_id,
+                secret.decode("utf-8", "replace").strip("\r\n"),
+                token_endpoint_auth_method="client_secret_post",
+                scope=r.smart_host_oauth_scope, **http)
+            client, fetch = cs, partial(cs.fetch_token, url, grant_type="client_credentials")
+        else:
             try:
-                token = fetch()
-            finally:
-                session.close()
-        except TokenError:
-            raise
+                key = load_signing_key(secret)
+            except ValueError as e:
+                raise TokenError(f"relay.smart_host_oauth_key_file: {e}") from None
+            url = url or key.token_url
+            if r.smart_host_oauth_grant == "client_credentials":
+                ks = AsyncOAuth2Client(
+                    r.smart_host_oauth_client_id, key.key,
+                    token_endpoint_auth_method=PrivateKeyJWT(
+                        url, headers=dict(key.header), alg=key.alg),
+                    scope=r.smart_host_oauth_scope, **http)
+                # client_id in the body too: Entra requires it beside the assertion.
+                client, fetch = ks, partial(ks.fetch_token, url,
+                                            grant_type="client_credentials",
+                                            client_id=r.smart_host_oauth_client_id)
+            else:
+                # Google's JWT bearer grant: the scope is a claim of the assertion.
+                jb = AsyncAssertionClient(
+                    token_endpoint=url, issuer=r.smart_host_oauth_client_id or key.issuer,
+                    subject=r.smart_host_user, audience=url,
+                    claims={"scope": r.smart_host_oauth_scope},
+                    key=key.key, header={"alg": key.alg, "typ": "JWT", **key.header}, **http)
+                client, fetch = jb, jb.refresh_token
+        del secret
+        try:
+            # The whole exchange, whatever the endpoint does: httpx2's timeout is per
+            # read, so an endpoint dripping a byte a second would hold it for ever.
+            async with asyncio.timeout(self.timeout):
+                token = await fetch()
+        except TimeoutError:
+            raise TokenError(f"the token endpoint did not answer within "
+                             f"{self.timeout:g} s") from None
+        except _Refused as e:
+            raise TokenError(str(e)) from None
         except OAuthError as e:
             raise TokenError(f"the token endpoint refused: {_short(e.error)}"
                              + (f" ({_short(e.description)})" if e.description else "")
                              ) from None
-        except requests.RequestException as e:
+        except httpx2.HTTPError as e:
             raise TokenError(_http_reason(e)) from None
         except ValueError as e:
             raise TokenError(f"the token endpoint's answer is not a token: {_short(e)}") \
                 from None
+        finally:
+            await client.aclose()
         if not isinstance(token, dict):
             raise TokenError("the token endpoint's answer is not a token")
         if str(token.get("token_type", "bearer")).lower() != "bearer":
