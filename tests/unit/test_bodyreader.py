@@ -134,3 +134,30 @@ def test_random_bytes_split_invariance(data: bytes, cut: int) -> None:
     if err != BARE:
         # Whatever was emitted holds no bare CR/LF: nothing can be smuggled downstream.
         assert body.count(b"\n") == body.count(b"\r\n") == body.count(b"\r")
+
+
+_line_runs = st.lists(st.tuples(st.integers(min_value=0, max_value=40),
+                                st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r", b""])),
+                      max_size=25)
+
+
+@settings(max_examples=400, deadline=None)
+@given(runs=_line_runs, max_line=st.integers(min_value=1, max_value=30),
+       cuts=st.lists(st.integers(min_value=0, max_value=1200), max_size=6))
+def test_line_length_and_bare_ends_match_a_per_line_reference(
+        runs: list[tuple[int, bytes]], max_line: int, cuts: list[int]) -> None:
+    """The chunk scans (the CR/LF order check, the jump over line windows) decide as a
+    line-by-line reading of the same message would, however it is cut."""
+    msg = b"".join(b"x" * n + end for n, end in runs)
+    wire = msg + (b"" if msg.endswith(b"\r\n") or not msg else b"\r\n") + b".\r\n"
+    points = sorted({c % (len(wire) + 1) for c in cuts})
+    chunks = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
+    _, done, _, err = run([c for c in chunks if c], max_line=max_line)
+    body = wire[:-3]
+    ends = body.replace(b"\r\n", b"")
+    if b"\r" in ends or b"\n" in ends:
+        assert err == BARE
+    elif max(len(line) for line in body.split(b"\r\n")) > max_line:
+        assert done and err == LONG_LINE
+    else:
+        assert done and err == OK

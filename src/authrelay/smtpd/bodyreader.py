@@ -87,12 +87,22 @@ class BodyReader:
             if self._run >= self._limit_run:
                 self.error = LONG_LINE
             return
-        # split + max runs in C; a regex like [^\n]{1000} rescans from every byte and cost
-        # ~7 ms per 100 KB in profiles.
-        if self._run + nl >= self._limit_run or \
-                max(map(len, chunk.split(b"\n"))) >= self._limit_run:
+        limit = self._limit_run
+        if self._run + nl >= limit:
             self.error = LONG_LINE
-        self._run = len(chunk) - chunk.rfind(b"\n") - 1
+            return
+        # A run of `limit` bytes without LF exists iff some window of `limit` bytes that
+        # starts right after an LF holds none: jump from the last LF of each window
+        # (memrchr in C), ~len/limit steps, no list of lines (split + max cost ~90 us
+        # per 100 KB, this ~15; a regex like [^\n]{1000} rescanned every byte: ~7 ms).
+        n, pos, rfind = len(chunk), nl + 1, chunk.rfind
+        while n - pos >= limit:
+            j = rfind(b"\n", pos, pos + limit)
+            if j < 0:
+                self.error = LONG_LINE
+                return
+            pos = j + 1
+        self._run = n - rfind(b"\n") - 1
 
     # ------------------------------------------------------------------ API
     def feed(self, chunk: bytes) -> Feed:
