@@ -360,6 +360,12 @@ class Limits:
     # handshake or greeting delay (0 = no limit). docs/LIMITS.md "Eviction".
     pool_eviction: bool = True
     max_pending_per_ip: int = 5
+    # Issue 17: once a message is past max_message_size (refused whatever comes next),
+    # the rest of it -- at most protocol.OVERSHOOT more -- is read no faster than this
+    # many bytes a second, so an endless oversized DATA costs its sender a blocked
+    # send() instead of costing the server a core. Nothing under the limit is slowed;
+    # 0 = no cap (read on at full speed up to the overshoot).
+    oversize_read_rate: int = 65536
     # Exempt from per-IP connection limits and rates (127.0.0.1 and ::1 always are);
     # "trusted_networks" stands for [relay] trusted_networks.
     limit_exceptions: tuple[str, ...] = ("trusted_networks",)
@@ -529,7 +535,8 @@ _DURATIONS = {
     "limits.stress_command_timeout", "limits.containment.window",
     "limits.proxy_timeout",
 }
-_SIZES = {"limits.max_message_size", "limits.queue_min_free"}
+_SIZES = {"limits.max_message_size", "limits.queue_min_free",
+          "limits.oversize_read_rate"}
 
 
 def _convert(key: str, value: Any, default: Any) -> Any:

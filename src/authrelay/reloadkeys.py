@@ -83,6 +83,7 @@ RELOADABLE = frozenset({
     "limits.connection_rate_max_delay", "limits.backlog_wait", "limits.stress_threshold",
     "limits.stress_command_timeout", "limits.limit_exceptions", "limits.ipv6_prefix_length",
     "limits.proxy_timeout", "limits.max_hops", "limits.queue_min_free",
+    "limits.oversize_read_rate",
     # Read per event by the suspender (its reload): thresholds, window, notice, exempt.
     "limits.containment.window", "limits.containment.messages",
     "limits.containment.recipients", "limits.containment.refused",

@@ -118,8 +118,10 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
     r = RelayProcess(
         tmp_path_factory.mktemp("limits"),
         overrides={
+            # oversize_read_rate: the 1 MiB overshoot in a second, not 16 s
             "limits": {"max_message_size": 100000, "max_recipients": 3,
-                       "bad_rcpt_throttle": 2, "bad_rcpt_limit": 4, "max_auth_failures": 2,
+                       "oversize_read_rate": "1MiB", "bad_rcpt_throttle": 2, "bad_rcpt_limit": 4,
+                       "max_auth_failures": 2,
                        "connection_rate_per_ip": 0, "max_errors": 50,
                        "user_messages_per_hour": 3, "user_recipients_per_hour": 4},
             "auth": {"sender_policy": "own", "max_failures_per_ip": 3,

@@ -536,6 +536,16 @@ class Engine:
         self._close("timeout")
 
     @property
+    def oversize(self) -> int:
+        """Bytes of the message being read that arrived past max_message_size (0: none).
+        Non-zero means it is refused whatever comes next; the adapter reads the rest (up
+        to OVERSHOOT more) slowly (`[limits] oversize_read_rate`, issue 17)."""
+        r = self._reader
+        if r is None or r.error != TOO_BIG:
+            return 0
+        return max(0, r.wire_bytes - self.max_size)
+
+    @property
     def data_bytes(self) -> int:
         """Bytes of DATA received so far in the message being read (0 outside DATA)."""
         return self._reader.wire_bytes if self._reader is not None else 0

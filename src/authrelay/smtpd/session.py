@@ -18,6 +18,8 @@ while unsent output stays under listener.OUT_HIGH_WATER (a client that never rea
 itself), at most BATCH pipelined commands run before the loop yields to other sessions,
 input is buffered up to listener.HIGH_WATER, and a connection closed for a limit or a
 timeout is aborted after a short grace instead of waiting for a flush that never comes.
+DATA is read one protocol.CHUNK per loop turn; once a message is past max_message_size
+the rest (at most protocol.OVERSHOOT) is read at `[limits] oversize_read_rate` (issue 17).
 Failure policy: transient trouble (spool, auth backend) gives 4xx; nothing a client sends
 raises out of here: every path ends in a reply, a maillog line, or a close.
 """
@@ -126,6 +128,7 @@ class Session:
         self._data_deadline = 0.0
         self._expired = False
         self._owned: Owner | None = None  # the authenticated user's addresses
+        self._over_mark: tuple[float, int] | None = None  # see _pace_oversize
 
     # ------------------------------------------------------------------ helpers
     def relay_desc(self) -> str:
@@ -240,7 +243,12 @@ class Session:
                 # Fairness: a DATA step is up to protocol.CHUNK bytes scanned; one per
                 # loop turn, so a fast sender (or one streaming an oversized message)
                 # cannot hold the loop for BATCH of them.
-                n += BATCH if eng.phase is p.Phase.DATA else 1
+                if eng.phase is p.Phase.DATA:
+                    n += BATCH
+                    if eng.oversize:
+                        await self._pace_oversize()
+                else:
+                    n += 1
                 continue
             if ev is p.NEED_DATA:
                 self._flush()
@@ -286,6 +294,28 @@ class Session:
             progressed = True
             n += BATCH if isinstance(ev, p.BodyData) else 1  # (fairness, as above)
             await self._handle(ev)
+
+    async def _pace_oversize(self) -> None:
+        """Issue 17: a message past max_message_size is refused whatever comes next; the
+        rest of it (protocol.OVERSHOOT at most, then 552 and close) is read no faster than
+        `[limits] oversize_read_rate`. Meanwhile the input buffer fills, reading pauses
+        and the client blocks in send(): an endless oversized DATA costs the server a few
+        scans a second instead of a core, and nothing under the limit is ever slowed.
+        data_final_timeout still ends it."""
+        rate = self.cfg.limits.oversize_read_rate
+        if rate <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        now, over = loop.time(), self.eng.oversize
+        if self._over_mark is None:
+            self._over_mark = (now, over)
+            return
+        t0, over0 = self._over_mark
+        due = min(t0 + (over - over0) / rate, self._data_deadline)
+        if due > now:
+            await asyncio.sleep(due - now)
+        if loop.time() >= self._data_deadline:
+            self.eng.timeout()
 
     async def _drain(self) -> None:
         try:
@@ -502,6 +532,7 @@ class Session:
         self._draft, self._qid = draft, qid
         self._data_deadline = asyncio.get_running_loop().time() + \
             self.cfg.limits.data_final_timeout
+        self._over_mark = None  # (time, bytes) when this message went past the limit
         eng.policy_result(None)
 
     def _store(self, segments: list[bytes]) -> None:
