@@ -337,3 +337,35 @@ def test_sign_stream_verifies_and_reads_no_body_without_key(
     assert s.sign_stream(chunks(), queue_id="Q3") is None
     assert read == [0]
     assert ("Q3", {"dkim": "none", "reason": "no key for nokey.example"}) in log.events
+
+
+class CountingOwner:
+    """An Owner stand-in that records whether the signer asked for an ownership verdict
+    (the expensive full From:/Sender: parse) and answers like the real one."""
+
+    def __init__(self, owned: tuple[str, ...]) -> None:
+        from authrelay.policy.ownership import Owner
+        self.real = Owner.of("alice", owned)
+        self.asked = 0
+
+    def verdict(self, header_section: bytes) -> str:
+        self.asked += 1
+        return self.real.verdict(header_section)
+
+
+def test_ownership_is_checked_only_when_there_is_a_key(signer: tuple[Signer, Log]) -> None:
+    """An unsigned message (no key for its From: domain) costs no ownership parse; a
+    message to be signed is still refused its signature when its From: is not owned."""
+    s, log = signer
+    keyless = MSG.replace(b"alice@example.org", b"alice@nokey.example")
+    o = CountingOwner(("alice@nokey.example",))
+    assert s.sign_stream((keyless,), "Q1", o) is None  # type: ignore[arg-type]
+    assert o.asked == 0
+    assert log.events[-1] == ("Q1", {"dkim": "none", "reason": "no key for nokey.example"})
+    stranger = CountingOwner(("alice@elsewhere.test",))
+    assert s.sign_stream((MSG,), "Q2", stranger) is None  # type: ignore[arg-type]
+    assert stranger.asked == 1
+    assert log.events[-1] == ("Q2", {"dkim": "skipped", "reason": "From: not owned by user"})
+    mine = CountingOwner(("alice@example.org",))
+    assert s.sign_stream((MSG,), "Q3", mine) is not None  # type: ignore[arg-type]
+    assert mine.asked == 1

@@ -385,10 +385,6 @@ class Signer:
         except Exception as e:  # unparsable header section: go unsigned
             self._log(queue_id, dkim="none", reason=f"message not parsable ({type(e).__name__})")
             return None
-        if owner is not None and owner.verdict(
-                b"".join(n + b":" + v for n, v in d.headers)):
-            self.skip(queue_id, FROM_NOT_OWNED)
-            return None
         domain, why = from_domain(d.headers)
         if domain is None:
             self._log(queue_id, dkim="none", reason=why)
@@ -399,6 +395,13 @@ class Signer:
             return None
         if not keys:
             self._log(queue_id, dkim="none", reason=f"no key for {domain}")
+            return None
+        # Only a message about to be signed needs the ownership check (a full parse of
+        # From:/Sender: with both stdlib parsers, ~0.15-0.25 ms): deciding it first cost
+        # every unsigned message that much in the commit thread, before its fsync and 250.
+        if owner is not None and owner.verdict(
+                b"".join(n + b":" + v for n, v in d.headers)):
+            self.skip(queue_id, FROM_NOT_OWNED)
             return None
         return domain, keys, self._include(st, d.headers)
 
