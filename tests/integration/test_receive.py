@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from relayproc import PASSWORD, RelayProcess
 from smtpclient import RawClient, client_ctx, plain
-from support import ci
+from support import ci, ports
 from support.ports import free_port
+from support.sdnotify import NotifySocket
 
 pytestmark = pytest.mark.slow
 
@@ -159,30 +160,31 @@ def test_cert_make(tmp_path: Path) -> None:
 def test_embedded_default_first_start(tmp_path: Path) -> None:
     """`authrelay serve` with no config: ./var, self-signed cert, dev ports on loopback."""
     env = {k: v for k, v in os.environ.items() if k != "AUTHRELAY_CONFIG"}
-    for port in (2525, 2587, 2465):
-        with socket.socket() as s:
-            # CI runs alone: a busy dev port there is a leftover server, a real failure.
-            ci.require(s.connect_ex(("127.0.0.1", port)) != 0,
-                       f"port {port} in use (a server left running?)")
-    p = subprocess.Popen([sys.executable, "-m", "authrelay", "serve"], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        rp = RelayProcess.__new__(RelayProcess)
-        rp.proc, rp.ports, rp.log = p, {"a": 2525, "b": 2587, "c": 2465}, tmp_path / "none"
-        rp.wait_ready()
-        assert (tmp_path / "var" / "tls" / "cert.pem").exists()
-        assert stat.S_IMODE(os.stat(tmp_path / "var").st_mode) == 0o711
-        with RawClient(2587) as c:
-            assert c.reply().code == 220
-            assert "STARTTLS" in repr(c.cmd("EHLO x.example"))
-            assert c.cmd("STARTTLS").code == 220
-            c.starttls(client_ctx())
-            assert "AUTH PLAIN LOGIN" in repr(c.cmd("EHLO x.example"))
-    finally:
-        p.terminate()
-        p.wait(timeout=30)
-    assert p.stdout is not None
-    out = p.stdout.read().decode()
+    env["NOTIFY_SOCKET"] = str(tmp_path / "notify")
+    notify = NotifySocket(tmp_path / "notify")
+    log = tmp_path / "serve.log"
+    with ports.dev_ports(), log.open("wb") as out:  # the embedded default's fixed ports
+        p = subprocess.Popen([sys.executable, "-m", "authrelay", "serve"], cwd=tmp_path,
+                             env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            def alive() -> None:
+                assert p.poll() is None, f"serve exited {p.returncode}: {log.read_text()}"
+
+            # READY=1 from this process: its listeners are bound (only free addresses are).
+            assert notify.wait_for("READY=1", check=alive) == p.pid
+            assert (tmp_path / "var" / "tls" / "cert.pem").exists()
+            assert stat.S_IMODE(os.stat(tmp_path / "var").st_mode) == 0o711
+            with RawClient(2587) as c:
+                assert c.reply().code == 220
+                assert "STARTTLS" in repr(c.cmd("EHLO x.example"))
+                assert c.cmd("STARTTLS").code == 220
+                c.starttls(client_ctx())
+                assert "AUTH PLAIN LOGIN" in repr(c.cmd("EHLO x.example"))
+        finally:
+            p.terminate()
+            p.wait(timeout=30)
+            notify.close()
+    out = log.read_text()
     # It says it runs on the embedded default (an admin who meant /etc/... notices).
     assert "no config file found" in out and "running on the embedded default" in out
 

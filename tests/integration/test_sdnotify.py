@@ -7,46 +7,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import struct
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from relayproc import RelayProcess
+from support.sdnotify import NotifySocket
 
 pytestmark = pytest.mark.slow
-
-
-class NotifySocket:
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.messages: list[tuple[int, str]] = []  # (sender pid, text)
-
-    def wait_for(self, text: str, timeout: float = 30.0) -> int:
-        """Read datagrams until one contains `text`; returns its sender's pid."""
-        deadline = time.monotonic() + timeout
-        for pid, msg in self.messages:
-            if text in msg.split("\n"):
-                return pid
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
-                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
-            except TimeoutError:
-                break
-            pid = -1
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = struct.unpack("iII", payload[:12])[0]
-            self.messages.append((pid, data.decode()))
-            if text in data.decode().split("\n"):
-                return pid
-        raise AssertionError(f"no {text!r} in {self.messages}")
 
 
 @pytest.fixture
@@ -55,9 +24,7 @@ def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
     ns = NotifySocket(d / "notify")
     monkeypatch.setenv("NOTIFY_SOCKET", str(d / "notify"))
     yield ns
-    ns.sock.close()
-    for p in d.iterdir():
-        p.unlink()
+    ns.close()
     d.rmdir()
 
 

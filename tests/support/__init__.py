@@ -6,7 +6,11 @@
 - `support.ci`: is this CI, and `require(...)`: fail under CI=true, skip elsewhere
 - `support.wait`: `wait_until` / `until` (sync / async polls on a condition), never a sleep
   standing in for an event
-- `support.ports`: free loopback ports (one host, or one port free on all 127.0.0.x)
+- `support.ports`: free loopback ports (one host, or one port free on all 127.0.0.x);
+  `dev_ports()` for the few tests that need the embedded default's fixed 2525/2587/2465
+  (a machine-wide turn, then free or fail/skip naming the process holding one)
+- `support.sdnotify`: a notify socket in systemd's place: READY=1 from the pid the test
+  started proves its server bound its ports (something answering there may be another's)
 - `support.certs`: trustme server contexts and certificates installed as certbot does
 - `support.maillog`: `ListLog`, a MailLog that keeps its lines in memory
 - `support.sessions`: a real client half way through an authenticated transaction
