@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import random
 
-from authrelay.smtpd.eviction import TIE_AGE, Candidate, Candidates
+from authrelay.smtpd.eviction import (
+    MAX_MARKS,
+    PRESSED_AFTER,
+    PRESSURE_TTL,
+    TIE_AGE,
+    Candidate,
+    Candidates,
+)
 
 
 def _cand(key: str, since: float, log: list[str]) -> Candidate:
@@ -75,3 +82,62 @@ def test_attackers_cannot_evict_each_other_forever() -> None:
     assert counts[-1] - counts[0] <= 1, counts  # even shares: nobody may evict
     assert evictions < 400, evictions
     assert cs.victim("192.0.2.1", now) is not None
+
+
+def _flood(cs: Candidates, addrs: int, pool: int, seconds: float, fresh_every: float,
+           rng: random.Random) -> tuple[int, int, int]:
+    """`addrs` flooding addresses reconnecting at once whenever refused or evicted (as the
+    admission does: a refusal at a full pool is `pressed`), one fresh client (a new
+    address) every `fresh_every` seconds. Returns (fresh tries, fresh admitted,
+    evictions by the flood)."""
+    held: list[Candidate] = []
+    now, tries, admitted, churn, next_fresh, n = 0.0, 0, 0, 0, 1.0, 0
+    while now < seconds:
+        now += 0.0005
+        if now >= next_fresh:
+            next_fresh += fresh_every
+            n += 1
+            key, fresh = f"192.0.2.{n}", True
+            tries += 1
+        else:
+            key, fresh = f"10.0.{rng.randrange(addrs) // 250}.{rng.randrange(250)}", False
+        if len(held) >= pool:
+            v = cs.victim(key, now)
+            if v is None:
+                cs.pressed(key, now)
+                continue
+            cs.discard(v)
+            held.remove(v)
+            churn += not fresh
+        c = Candidate(key, now, lambda: None, "handshake")
+        admitted += fresh
+        if not fresh:  # a fresh client completes its handshake and AUTH: no candidate
+            cs.add(c)
+            held.append(c)
+    return tries, admitted, churn
+
+
+def test_fresh_client_served_under_more_flooding_addresses_than_slots() -> None:
+    """120 addresses, 100 slots: most flooding addresses hold none at any moment, so the
+    tie rule alone would hand every aged slot to them; marked as pressing, they need an
+    address holding three and the fresh client gets the oldest."""
+    rng = random.Random(17)
+    tries, admitted, churn = _flood(Candidates(), 120, 100, 60.0, 0.25, rng)
+    assert tries >= 200
+    assert admitted >= tries * 0.95, (admitted, tries)
+    assert churn < 1000, churn  # the flood does not evict itself in a loop
+
+
+def test_pressure_marks_expire_and_are_bounded() -> None:
+    cs = Candidates()
+    cs.pressed("a", 0.0)
+    assert not cs.under_pressure("a", 0.1)  # one refusal: a client may retry once
+    cs.pressed("a", 0.2)
+    assert cs.under_pressure("a", 0.3)
+    assert not cs.under_pressure("a", 0.2 + PRESSURE_TTL)
+    cs.pressed("a", 100.0)  # the old count has expired: one refusal again
+    assert not cs.under_pressure("a", 100.1)
+    for i in range(MAX_MARKS + 10):
+        cs.pressed(f"k{i}", 200.0, PRESSED_AFTER)
+    assert not cs.under_pressure("k0", 200.0)  # dropped: the least recently pressed
+    assert cs.under_pressure(f"k{MAX_MARKS + 9}", 200.0)

@@ -20,9 +20,17 @@ cannot evict each other in a loop: a flood from A addresses settles at an even s
 each, and a fresh client (0 candidates) still finds an address with two or more. When
 the busiest address holds only one more than the newcomer (more attacking addresses than
 pool slots), only a newcomer holding none may take the slot of the oldest candidate, and
-only once that has waited `TIE_AGE` seconds and its address holds just that one
-(evictions then run at most one pool per `TIE_AGE`). The counts compared may be the ones
-shared by all workers (`weight`); the heaviest address is this listener's own.
+only once that has waited `TIE_AGE` seconds (evictions then run at most one pool per
+`TIE_AGE`), or at once if its address holds two or more. The counts compared may be the
+ones shared by all workers (`weight`); the heaviest address is this listener's own.
+
+An address under pressure counts one more than it holds: one refused at a full pool
+`PRESSED_AFTER` times, or one that took a slot by that tie rule, within `PRESSURE_TTL`
+seconds (`pressed()`). With more flooding addresses than slots most of them hold none at
+any moment, and without this they would take every slot that ages into a tie before a
+fresh client could (they reconnect far more often); marked, they need an address holding
+three, and a fresh client (no history, nothing held) gets the oldest. The marks are kept
+for at most `MAX_MARKS` addresses, the least recently pressed dropped first.
 Failure policy: pure bookkeeping; never raises for unknown candidates.
 """
 
@@ -32,6 +40,9 @@ from collections.abc import Callable
 
 TIE_AGE = 1.0  # seconds a candidate is kept before a fresh address may take its slot
 LOOK = 8  # addresses of the top count looked at for one that weighs enough
+PRESSURE_TTL = 30.0  # seconds an address stays marked as pressing on a full pool
+PRESSED_AFTER = 2  # refusals at a full pool within PRESSURE_TTL that mark an address
+MAX_MARKS = 16384  # addresses remembered (per listener and worker)
 
 
 class Candidate:
@@ -55,6 +66,8 @@ class Candidates:
         self._by_key: dict[str, dict[Candidate, None]] = {}
         self._buckets: dict[int, dict[str, None]] = {}  # count -> addresses
         self._top = 0
+        # address -> (refusals, last) under pressure; least recently pressed first
+        self._marks: dict[str, tuple[int, float]] = {}
 
     @property
     def total(self) -> int:
@@ -97,6 +110,19 @@ class Candidates:
         if not mine:
             del self._by_key[c.key]
 
+    def pressed(self, key: str, now: float, times: int = 1) -> None:
+        """`key` was refused a slot of a full pool (or, `times=PRESSED_AFTER`, took one
+        by the tie rule)."""
+        got = self._marks.pop(key, None)
+        n = got[0] if got is not None and now - got[1] < PRESSURE_TTL else 0
+        self._marks[key] = (n + times, now)
+        if len(self._marks) > MAX_MARKS:
+            del self._marks[next(iter(self._marks))]
+
+    def under_pressure(self, key: str, now: float) -> bool:
+        got = self._marks.get(key)
+        return got is not None and got[0] >= PRESSED_AFTER and now - got[1] < PRESSURE_TTL
+
     def victim(self, key: str, now: float,
                weight: Callable[[str], int] | None = None) -> Candidate | None:
         """The candidate whose slot a new connection from `key` may take, or None.
@@ -107,7 +133,7 @@ class Candidates:
         if not self._all:
             return None
         w = weight or self.count
-        mine = w(key)
+        mine = w(key) + self.under_pressure(key, now)
         # The heaviest here; with shared weights a few of this listener's heaviest are
         # looked at (they may weigh differently across the workers), never more.
         for i, heaviest in enumerate(self._buckets[self._top]):
@@ -116,7 +142,9 @@ class Candidates:
             if i + 1 >= LOOK:
                 break
         if mine == 0:
+            # (an address of two or more among those not looked at above: as rule one)
             oldest = next(iter(self._all))
-            if now - oldest.since >= TIE_AGE and w(oldest.key) <= 1:
+            if now - oldest.since >= TIE_AGE or w(oldest.key) >= 2:
+                self.pressed(key, now, PRESSED_AFTER)  # one such slot per PRESSURE_TTL
                 return oldest
         return None
