@@ -242,7 +242,8 @@ def write_markdown(res: dict[str, Any]) -> str:
         "pipelining EHLOs that never read (each reconnects when closed); and once while "
         "8 connections stream an endless oversized DATA without reading (issue 17).",
         "- (i): `bench/poolflood.py`: 3,000 sockets from 40 loopback addresses "
-        "(127.0.5.1-40) held against one port and reopened whenever the server closes "
+        "(127.0.5.1-40; or 120, more than the 465 pool's 100 slots) held against one "
+        "port and reopened whenever the server closes "
         "them (465: never a byte, no TLS; 25: the greeting read, then silence), while one "
         "fresh client after another, each from a new address, does TLS (465 implicit, or "
         "587 STARTTLS) + AUTH PLAIN + one message + QUIT; a try failing or over 10 s "

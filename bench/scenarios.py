@@ -3,15 +3,15 @@
 
 Owns: scenario definitions (a)-(g) of the Performance issue, (h) of the session issue
 (ordinary clients' connect-to-QUIT latency while 2 connections flood pipelined NOOPs and 2
-never read, or while 8 stream an endless oversized DATA without reading (issue 17),
-against the same on an idle server), (i) of issue 17 (bench/poolflood.py: fresh clients'
-TLS + AUTH + one message on 465 while 3,000 sockets from 40 addresses that never start TLS
-are held and reopened against 465; the same on 587 while port 25 is flooded with idle
-connections; server RSS and descriptors sampled), per-run measurement of the
-server side (CPU from /proc/<pid>/stat utime+stime+cutime+cstime summed over the server's
-process trees; RSS summed over the same processes; messages counted at the smtp-sink the
-server relays to), and the outputs bench/results.json, bench/RESULTS.md and (via plot.py)
-bench/throughput.png.
+never read, or while 8 stream an endless oversized DATA without reading (issue 17), against
+the same on an idle server), (i) of issue 17 (bench/poolflood.py: fresh clients' TLS + AUTH
++ one message on 465 while 3,000 sockets from 40 addresses (and from 120, more than the
+pool's slots) that never start TLS are held and reopened against 465; the same on 587 while
+port 25 is flooded with idle connections; server RSS and descriptors sampled), per-run
+measurement of the server side (CPU from /proc/<pid>/stat utime+stime+cutime+cstime summed
+over the server's process trees; RSS summed over the same processes; messages counted at
+the smtp-sink the server relays to), and the outputs bench/results.json, bench/RESULTS.md
+and (via plot.py) bench/throughput.png.
 
 Contract: `--targets FILE` is a JSON list of targets, each
   {"name": "postfix", "plain": 11025, "submission": 11587, "submissions": 11465,
@@ -255,6 +255,7 @@ class Scenario:
     flood_port: str = ""  # (i): the Target port flooded: "submissions" | "plain"
     probe: str = ""  # (i): "implicit" (465) | "starttls" (587)
     seconds: float = 0.0  # (i): how long the flood is held
+    addresses: int = 40  # (i): loopback addresses the flood comes from
 
 
 # (s) DKIM: run.sh makes keys for these From: domains (authrelay dkim keygen), so one
@@ -300,6 +301,10 @@ def scenarios(smoke: bool, quick: bool) -> list[Scenario]:
     out.append(Scenario("i", f"465 flood: {ns} never-TLS sockets, 40 addresses, {fs:g} s; "
                         "fresh 465 TLS+AUTH+msg", connections=ns, flood_port="submissions",
                         probe="implicit", seconds=fs))
+    # ... and from more addresses than the 465 pool (100) has slots
+    out.append(Scenario("i", f"465 flood: {ns} never-TLS sockets, 120 addresses, {fs:g} s; "
+                        "fresh 465 TLS+AUTH+msg", connections=ns, flood_port="submissions",
+                        probe="implicit", seconds=fs, addresses=120))
     out.append(Scenario("i", f"25 flood: {ns} idle sockets, 40 addresses, {fs:g} s; "
                         "fresh 587 STARTTLS+AUTH+msg", connections=ns, flood_port="plain",
                         probe="starttls", seconds=fs))
@@ -485,7 +490,7 @@ def run_flood(t: Target, sc: Scenario, roots: list[int],
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     p = subprocess.run([sys.executable, str(HERE / "poolflood.py"), "--flood-port", str(port),
-                        "--sockets", str(sc.connections), "--addresses", "40",
+                        "--sockets", str(sc.connections), "--addresses", str(sc.addresses),
                         "--seconds", str(sc.seconds), "--probe", sc.probe,
                         "--probe-port", str(probe_port), "--user", t.user,
                         "--password", t.password],
