@@ -409,7 +409,7 @@ def _check_secret(cfg: Config, pw: pwd.struct_passwd | None, key: str, path: str
         out.append(Finding("error", key, f"{path}: not readable by uid {os.geteuid()}"))
 
 
-def _check_oauth_key(path: str, out: list[Finding]) -> None:
+def _check_oauth_key(key: str, path: str, out: list[Finding]) -> None:
     """The OAuth signing key loads (when this process can read it)."""
     from authrelay.delivery.oauth import load_signing_key
 
@@ -421,7 +421,7 @@ def _check_oauth_key(path: str, out: list[Finding]) -> None:
     try:
         load_signing_key(data)
     except ValueError as e:
-        out.append(Finding("error", "relay.smart_host_oauth_key_file", f"{path}: {e}"))
+        out.append(Finding("error", key, f"{path}: {e}"))
 
 
 def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) -> None:
@@ -432,17 +432,19 @@ def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) 
     if r.smart_host_user and not pf and r.smart_host_auth == "password":
         out.append(Finding("error", "relay.smart_host_password_file",
                            "smart_host_user is set but no password file"))
-    if r.smart_host_auth != "password":
-        if r.smart_host_oauth_secret_file:
-            _check_secret(cfg, pw, "relay.smart_host_oauth_secret_file",
-                          r.smart_host_oauth_secret_file, out)
-        if r.smart_host_oauth_key_file:
-            _check_secret(cfg, pw, "relay.smart_host_oauth_key_file",
-                          r.smart_host_oauth_key_file, out)
-            _check_oauth_key(r.smart_host_oauth_key_file, out)
-        if r.smart_host_oauth_ca_file and not os.access(r.smart_host_oauth_ca_file, os.R_OK):
-            out.append(Finding("error", "relay.smart_host_oauth_ca_file",
-                               f"{r.smart_host_oauth_ca_file}: not readable"))
+    # Each smart host's OAuth settings (its own table, or the [relay] keys), once each.
+    settings = {s for s in (r.oauth_for(h) for h in r.smart_host) if s is not None}
+    relay_keys = r.oauth_for("")  # the [relay] keys: checked even with no smart host
+    if relay_keys is not None:
+        settings.add(relay_keys)
+    for s in sorted(settings, key=lambda s: s.host):
+        if s.secret_file:
+            _check_secret(cfg, pw, s.key("secret_file"), s.secret_file, out)
+        if s.key_file:
+            _check_secret(cfg, pw, s.key("key_file"), s.key_file, out)
+            _check_oauth_key(s.key("key_file"), s.key_file, out)
+        if s.ca_file and not os.access(s.ca_file, os.R_OK):
+            out.append(Finding("error", s.key("ca_file"), f"{s.ca_file}: not readable"))
     sd = cfg.state_path
     if sd.exists():
         if not sd.is_dir():

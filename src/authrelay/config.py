@@ -220,6 +220,33 @@ class Auth:
 
 
 @dataclass(frozen=True)
+class SmartHostOAuth:
+    """How authrelay gets and sends an OAuth 2.0 token to one smart host: a
+    `[[relay.smart_host_oauth]]` table (`host` names an entry of [relay] smart_host), or
+    the [relay] smart_host_auth / smart_host_user / smart_host_oauth_* keys, which serve
+    every smart host without a table of its own (`host` then ""). delivery/oauth.py
+    fetches with it; one token cache per distinct settings."""
+
+    host: str = ""  # an entry of [relay] smart_host, as written there
+    auth: str = "xoauth2"  # xoauth2 | oauthbearer (RFC 7628)
+    user: str = ""  # the SASL user: the mailbox sent as (jwt_bearer: the JWT "sub")
+    grant: str = "client_credentials"  # | jwt_bearer (RFC 7523 2.1)
+    token_url: str = ""
+    client_id: str = ""
+    secret_file: str = ""  # the client secret, one line, mode 0600
+    key_file: str = ""  # PEM key (+ certificate) or service-account JSON
+    scope: str = ""
+    ca_file: str = ""  # private CA of the token endpoint; else system CAs
+
+    def key(self, name: str) -> str:
+        """The config key a field came from, for messages."""
+        if self.host:
+            return f"relay.smart_host_oauth[{self.host}].{name}"
+        return {"auth": "relay.smart_host_auth", "user": "relay.smart_host_user"}.get(
+            name, f"relay.smart_host_oauth_{name}")
+
+
+@dataclass(frozen=True)
 class Relay:
     local_domains: tuple[str, ...] = ()
     trusted_networks: tuple[str, ...] = ()
@@ -246,8 +273,39 @@ class Relay:
     smart_host_oauth_key_file: str = ""  # PEM key (+ certificate) or service-account JSON
     smart_host_oauth_scope: str = ""
     smart_host_oauth_ca_file: str = ""  # private CA of the token endpoint; else system CAs
+    # [[relay.smart_host_oauth]]: OAuth settings of their own for some entries of
+    # smart_host (a fail-over from Microsoft 365 to Google Workspace); the others use the
+    # smart_host_auth / smart_host_user / smart_host_oauth_* keys above (`oauth_for`).
+    smart_host_oauth: tuple[SmartHostOAuth, ...] = ()
     # Load balancers whose PROXY header is believed (CIDRs; listeners with proxy_protocol).
     proxy_trusted: tuple[str, ...] = ()
+
+
+    def oauth_for(self, entry: str) -> SmartHostOAuth | None:
+        """The OAuth settings for the smart_host entry `entry` (its own table, else the
+        [relay] keys when smart_host_auth asks for OAuth), or None: password AUTH."""
+        key = _hostport_key(entry)
+        for s in self.smart_host_oauth:
+            if _hostport_key(s.host) == key:
+                return s
+        if self.smart_host_auth == "password":
+            return None
+        return SmartHostOAuth(
+            host="", auth=self.smart_host_auth, user=self.smart_host_user,
+            grant=self.smart_host_oauth_grant, token_url=self.smart_host_oauth_token_url,
+            client_id=self.smart_host_oauth_client_id,
+            secret_file=self.smart_host_oauth_secret_file,
+            key_file=self.smart_host_oauth_key_file, scope=self.smart_host_oauth_scope,
+            ca_file=self.smart_host_oauth_ca_file)
+
+    def uses_oauth(self) -> bool:
+        """Any smart host authenticated with OAuth (delivery/oauth.py is needed)."""
+        return bool(self.smart_host) and any(self.oauth_for(h) for h in self.smart_host)
+
+
+def _hostport_key(entry: str) -> str:
+    """A smart_host entry compared case-blind, without blanks ("HOST:587" = "host:587")."""
+    return "".join(entry.split()).lower()
 
 
 @dataclass(frozen=True)
@@ -519,6 +577,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "relay.smart_host_tls": ("starttls", "tls", "none", "may", "encrypt", "verify"),
     "relay.smart_host_auth": ("password", "xoauth2", "oauthbearer"),
     "relay.smart_host_oauth_grant": ("client_credentials", "jwt_bearer"),
+    "relay.smart_host_oauth.auth": ("xoauth2", "oauthbearer"),
+    "relay.smart_host_oauth.grant": ("client_credentials", "jwt_bearer"),
     "delivery.tls": ("may", "encrypt"),
     "delivery.tls_policy": ("", "none", "may", "encrypt", "verify", "dane", "dane-only"),
     "log.format": ("text", "json"),
@@ -546,6 +606,10 @@ def _convert(key: str, value: Any, default: Any) -> Any:
         return parse_size(value, key)
     if key == "delivery.tls_policy_map":
         return _policy_map(value)
+    if key == "relay.smart_host_oauth":
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected [[relay.smart_host_oauth]] tables")
+        return tuple(_build(SmartHostOAuth, item, f"{key}[{i}]") for i, item in enumerate(value))
     if key == "delivery.retry":
         if not isinstance(value, list) or not value:
             raise ConfigError(f"{key}: expected a non-empty list of durations like ['5m', '1h']")
@@ -573,7 +637,7 @@ def _convert(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, str):
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        choices = _CHOICES.get(key)
+        choices = _CHOICES.get(re.sub(r"\[\d+\]", "", key))
         if choices and value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
         return value
@@ -707,38 +771,66 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_oauth(r: Relay) -> None:
-    """[relay] smart_host_oauth_*: what each grant needs (the files are checked by
-    check-config and when read, not here: a config may be loaded where they are not)."""
-    if r.smart_host_auth == "password":
-        return
-    key = "relay.smart_host_oauth_"
-    if not r.smart_host_user:
-        raise ConfigError(f"relay.smart_host_user: smart_host_auth = {r.smart_host_auth!r} "
+    """[relay] smart_host_oauth_* and each [[relay.smart_host_oauth]]: what each grant
+    needs (the files are checked by check-config and when read, not here: a config may
+    be loaded where they are not)."""
+    seen: dict[str, int] = {}
+    entries = {_hostport_key(h) for h in r.smart_host}
+    for i, t in enumerate(r.smart_host_oauth):
+        k = _hostport_key(t.host)
+        where = f"relay.smart_host_oauth[{i}]"
+        if not k:
+            raise ConfigError(f"{where}.host: required (an entry of relay.smart_host)")
+        if k not in entries:
+            raise ConfigError(f"{where}.host: {t.host!r} is not an entry of "
+                              "relay.smart_host (write it as it is written there)")
+        if k in seen:
+            raise ConfigError(f"{where}.host: {t.host!r} has a table already "
+                              f"(relay.smart_host_oauth[{seen[k]}])")
+        seen[k] = i
+        _check_oauth(t)
+    if any(_hostport_key(h) not in seen for h in r.smart_host) or not r.smart_host:
+        settings = r.oauth_for("")  # the [relay] keys: used by a host without a table
+        if settings is not None:
+            _check_oauth(settings)
+
+
+def _check_oauth(s: SmartHostOAuth) -> None:
+    def short(name: str) -> str:  # as the admin writes it in that table
+        return s.key(name).rsplit(".", 1)[-1]
+
+    if not s.user:
+        raise ConfigError(f"{s.key('user')}: {short('auth')} = {s.auth!r} "
                           "needs the user to authenticate as (the mailbox sent as)")
-    url = r.smart_host_oauth_token_url
-    google_json = r.smart_host_oauth_key_file.endswith(".json")
+    url = s.token_url
+    google_json = s.key_file.endswith(".json")
     if url and not url.startswith("https://"):
-        raise ConfigError(f"{key}token_url: {url!r}: the token endpoint must be https://")
+        raise ConfigError(f"{s.key('token_url')}: {url!r}: the token endpoint must be "
+                          "https://")
     if not url and not google_json:
-        raise ConfigError(f"{key}token_url: required (e.g. https://login.microsoftonline.com"
-                          "/TENANT/oauth2/v2.0/token)")
-    if r.smart_host_oauth_grant == "client_credentials":
-        if bool(r.smart_host_oauth_secret_file) == bool(r.smart_host_oauth_key_file):
-            raise ConfigError(f"{key}secret_file: client_credentials needs exactly one of "
-                              "smart_host_oauth_secret_file (a client secret) and "
-                              "smart_host_oauth_key_file (a certificate's private key)")
-        if not r.smart_host_oauth_client_id:
-            raise ConfigError(f"{key}client_id: required (the application (client) id)")
+        raise ConfigError(f"{s.key('token_url')}: required (e.g. https://login."
+                          "microsoftonline.com/TENANT/oauth2/v2.0/token)")
+    if s.grant == "client_credentials":
+        if bool(s.secret_file) == bool(s.key_file):
+            raise ConfigError(f"{s.key('secret_file')}: client_credentials needs exactly "
+                              f"one of {short('secret_file')} (a client secret) and "
+                              f"{short('key_file')} (a certificate's private key)")
+        if not s.client_id:
+            raise ConfigError(f"{s.key('client_id')}: required (the application (client) "
+                              "id)")
     else:
-        if not r.smart_host_oauth_key_file:
-            raise ConfigError(f"{key}key_file: jwt_bearer needs the signing key (a service "
-                              "account's JSON key, or a PEM key with smart_host_oauth_client_id)")
-        if r.smart_host_oauth_secret_file:
-            raise ConfigError(f"{key}secret_file: not used by jwt_bearer (key_file signs)")
-        if not google_json and not r.smart_host_oauth_client_id:
-            raise ConfigError(f"{key}client_id: required with a PEM key (the JWT issuer)")
-    if not r.smart_host_oauth_scope:
-        raise ConfigError(f"{key}scope: required (Microsoft 365: "
+        if not s.key_file:
+            raise ConfigError(f"{s.key('key_file')}: jwt_bearer needs the signing key (a "
+                              f"service account's JSON key, or a PEM key with "
+                              f"{short('client_id')})")
+        if s.secret_file:
+            raise ConfigError(f"{s.key('secret_file')}: not used by jwt_bearer (key_file "
+                              "signs)")
+        if not google_json and not s.client_id:
+            raise ConfigError(f"{s.key('client_id')}: required with a PEM key (the JWT "
+                              "issuer)")
+    if not s.scope:
+        raise ConfigError(f"{s.key('scope')}: required (Microsoft 365: "
                           "https://outlook.office365.com/.default; Google: "
                           "https://mail.google.com/)")
 

@@ -269,8 +269,9 @@ class _Run:
     read_keys: Callable[[Config], PEM] = read_pem
     # The smart host password as root (the key helper) when privileges were dropped.
     read_password: Callable[[], str] | None = None
-    # The smart host's OAuth client secret or signing key, likewise (delivery/oauth.py).
-    read_oauth_secret: Callable[[], bytes] | None = None
+    # A smart host's OAuth client secret or signing key, likewise (delivery/oauth.py);
+    # given the `host` of its [[relay.smart_host_oauth]] table ("" for the [relay] keys).
+    read_oauth_secret: Callable[[str], bytes] | None = None
     # The maillog file opened by the key helper (root) on SIGHUP: a descriptor.
     open_log: Callable[[], int] | None = None
     channel: socket.socket | None = None  # worker: its end of the master's socketpair

@@ -305,11 +305,11 @@ class KeyHelper:
         self.channel.in_master()
         self.sock = self.channel.master
 
-    def _ask(self, kind: bytes) -> tuple[bytes, bytes]:
+    def _ask(self, kind: bytes, payload: bytes = b"") -> tuple[bytes, bytes]:
         # One request at a time: the SIGHUP reload and delivery threads share the socket.
         with self._lock:
             self.sock.settimeout(30)
-            send(self.sock, kind)
+            send(self.sock, kind, payload)
             return recv(self.sock)
 
     def read_pem(self) -> tuple[bytes, bytes]:
@@ -350,10 +350,12 @@ class KeyHelper:
             raise OSError(payload.decode("utf-8", "replace"))
         raise OSError("key helper is gone; restart authrelay")
 
-    def read_oauth_secret(self) -> bytes:
-        """relay.smart_host_oauth_secret_file (or key_file) read as root (blocking);
-        OSError on failure."""
-        kind, payload = self._ask(b"O")
+    def read_oauth_secret(self, host: str = "") -> bytes:
+        """The OAuth secret_file (or key_file) of the [[relay.smart_host_oauth]] table for
+        `host` ("": [relay] smart_host_oauth_secret_file or _key_file) read as root
+        (blocking); OSError on failure. The helper reads only what its own copy of the
+        config names for that host."""
+        kind, payload = self._ask(b"O", host.encode("utf-8"))
         if kind == b"O":
             return payload
         if kind == b"E":
@@ -378,7 +380,7 @@ def _helper_main(sock: socket.socket, config_path: str | None, log_file: str | N
 
     sock.setblocking(True)
     while True:
-        kind, _ = recv(sock)
+        kind, arg = recv(sock)
         if not kind:
             return
         try:
@@ -400,10 +402,13 @@ def _helper_main(sock: socket.socket, config_path: str | None, log_file: str | N
             cfg = load(path)
             if kind == b"K":
                 send(sock, b"K", pack_pem(read_pem(cfg)))
-            elif kind == b"O":  # the OAuth client secret or signing key (delivery/oauth.py)
-                r = cfg.relay
-                send(sock, b"O", _read_secret(r.smart_host_oauth_secret_file
-                                              or r.smart_host_oauth_key_file))
+            elif kind == b"O":  # an OAuth client secret or signing key (delivery/oauth.py)
+                host = arg.decode("utf-8", "replace")
+                settings = next((t for t in cfg.relay.smart_host_oauth if t.host == host),
+                                None) if host else cfg.relay.oauth_for("")
+                if settings is None:
+                    raise OSError(f"no OAuth settings for smart host {host!r} in the config")
+                send(sock, b"O", _read_secret(settings.secret_file or settings.key_file))
             else:
                 send(sock, b"P", _read_secret(cfg.relay.smart_host_password_file))
         except (ConfigError, TLSConfigError, OSError) as e:

@@ -27,12 +27,13 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 from authrelay.auth import pgusers
 from authrelay.auth.authenticator import Authenticator, make_authenticator
 from authrelay.auth.realms import RealmLogins
-from authrelay.config import Config
+from authrelay.config import Config, SmartHostOAuth
 from authrelay.delivery.bearer import Tokens
 from authrelay.delivery.client import Courier
 from authrelay.delivery.tlsrpt import Reporter as TlsReporter
@@ -79,8 +80,8 @@ def preload(cfg: Config) -> None:
         pgusers.driver()
     if cfg.limits.shared:
         shared_mod.driver()
-    # Whether or not this config uses OAuth: a SIGHUP may switch [relay] smart_host_auth
-    # to xoauth2/oauthbearer after the drop, when the install may no longer be readable.
+    # Whether or not this config uses OAuth: a SIGHUP may switch a smart host to
+    # xoauth2/oauthbearer after the drop, when the install may no longer be readable.
     # Only `serve` preloads, so the commands' start-up stays without Authlib.
     importlib.import_module("authrelay.delivery.oauth")  # see oauth_tokens()
 
@@ -189,11 +190,11 @@ def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
 # --------------------------------------------------------------------------- delivering
 
 def courier(cfg: Config, maillog: MailLog, read_password: Callable[[], str] | None = None,
-            read_oauth_secret: Callable[[], bytes] | None = None) -> Courier:
-    """The outbound client; `read_password` and `read_oauth_secret` read the smart host's
-    password or OAuth client secret / key with privileges (the key helper) when they
-    were dropped. A message converted for a host without 8BITMIME is re-signed by the
-    DKIM signer (delivery/downgrade.py)."""
+            read_oauth_secret: Callable[[str], bytes] | None = None) -> Courier:
+    """The outbound client; `read_password` and `read_oauth_secret` (given a smart_host
+    entry: its OAuth client secret / key) read the smart host's credentials with
+    privileges (the key helper) when they were dropped. A message converted for a host
+    without 8BITMIME is re-signed by the DKIM signer (delivery/downgrade.py)."""
     c = Courier(cfg, maillog=maillog, signer=signer(cfg, maillog),
                 tokens=oauth_tokens(cfg, read_oauth_secret))
     if read_password is not None:
@@ -201,21 +202,33 @@ def courier(cfg: Config, maillog: MailLog, read_password: Callable[[], str] | No
     return c
 
 
-def oauth_tokens(cfg: Config, read_secret: Callable[[], bytes] | None = None) -> Tokens | None:
-    """The smart host's OAuth 2.0 token source when [relay] smart_host_auth is xoauth2 or
-    oauthbearer, else None. delivery/oauth.py (Authlib, httpx2, joserfc: ~0.3 s of CPU)
-    is imported only here, so every command and a relay without OAuth never load it;
+def oauth_tokens(cfg: Config, read_secret: Callable[[str], bytes] | None = None
+                 ) -> dict[str, Tokens] | None:
+    """Each smart_host entry authenticated with OAuth -> its token source (config.Relay.
+    oauth_for: its [[relay.smart_host_oauth]] table, else the [relay] keys); entries with
+    the same settings share one source, so one token serves them. None when no smart
+    host uses OAuth. delivery/oauth.py (Authlib, httpx2, joserfc: ~0.3 s of CPU) is
+    imported only here, so every command and a relay without OAuth never load it;
     preload() imports it first when it is needed, while everything is readable."""
-    if not _uses_oauth(cfg):
+    if not cfg.relay.uses_oauth():
         return None
     from authrelay.delivery import oauth
 
-    return oauth.TokenSource(cfg.relay, read_secret=read_secret,
-                             timeout=min(30.0, cfg.delivery.connect_timeout))
-
-
-def _uses_oauth(cfg: Config) -> bool:
-    return cfg.relay.smart_host_auth in ("xoauth2", "oauthbearer")
+    timeout = min(30.0, cfg.delivery.connect_timeout)
+    by_settings: dict[SmartHostOAuth, Tokens] = {}
+    out: dict[str, Tokens] = {}
+    for entry in cfg.relay.smart_host:
+        settings = cfg.relay.oauth_for(entry)
+        if settings is None:
+            continue
+        if settings not in by_settings:
+            # The key helper finds the file from the settings' own table (`host`), or
+            # the [relay] keys ("").
+            read = None if read_secret is None else partial(read_secret, settings.host)
+            by_settings[settings] = oauth.TokenSource(settings, read_secret=read,
+                                                      timeout=timeout)
+        out[entry] = by_settings[settings]
+    return out
 
 
 def scheduler(cfg: Config, queue: Spool, carrier: CourierLike,

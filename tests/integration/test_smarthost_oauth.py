@@ -102,9 +102,9 @@ def endpoint(trustme_ca: Any) -> Any:
 def smart_host(trustme_ca: Any) -> Any:
     hosts: list[OAuthSmartHost] = []
 
-    def make(ep: TokenEndpoint, host: str = "127.0.0.2") -> OAuthSmartHost:
+    def make(ep: TokenEndpoint, host: str = "127.0.0.2", **kw: Any) -> OAuthSmartHost:
         sh = OAuthSmartHost(ep, host, starttls_context=server_tls_context(trustme_ca, host),
-                            require_starttls=True).start()
+                            require_starttls=True, **kw).start()
         hosts.append(sh)
         return sh
 
@@ -255,6 +255,82 @@ async def test_google_service_account_jwt_bearer(
     assert not ep.valid(token, "someone-else@example.org")
 
 
+async def test_each_smart_host_its_own_oauth_settings_and_token(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, app_key: rsa.RSAPrivateKey, mlog: Any) -> None:
+    """Fail-over from a Microsoft-365-like smart host (the [relay] keys: client secret,
+    XOAUTH2) to a Google-like one with its own [[relay.smart_host_oauth]] table (service
+    account JWT bearer, another user, OAUTHBEARER). The first takes the token but answers
+    MAIL 451, so every message goes on to the second: each host gets a token from its own
+    endpoint for its own user, and each token is cached for its host (two deliveries,
+    one request per endpoint)."""
+    ms = endpoint(secret="s3cret-value")
+    sa = "relay@project.iam.gserviceaccount.com"
+    google = endpoint(public_key_pem=public_pem(app_key), service_account=sa,
+                      scope=GOOGLE_SCOPE)
+    first = smart_host(ms, "127.0.0.2", mail_reply="451 4.3.0 try the backup")
+    second = smart_host(google, "127.0.0.3")
+    kf = write_secret(tmp_path / "sa.json", json.dumps({
+        "type": "service_account", "client_email": sa, "private_key_id": "k1",
+        "private_key": pem(app_key).decode(), "token_uri": google.url}))
+    other = "backup@example.org"
+    table = {"host": second.address, "auth": "oauthbearer", "user": other,
+             "grant": "jwt_bearer", "key_file": str(kf), "scope": GOOGLE_SCOPE,
+             "ca_file": str(trustme_ca_file)}
+    cfg = secret_cfg(tmp_path, dns, first, ms, trustme_ca_file,
+                     smart_host=[first.address, second.address],
+                     smart_host_oauth=[table], delivery={"idle_timeout": "0s"})
+    assert cfg.relay.oauth_for(second.address).user == other
+    assert cfg.relay.oauth_for(first.address).user == USER
+    courier = wiring.courier(cfg, maillog=mlog)
+    assert courier.tokens_for(first.address) is not courier.tokens_for(second.address)
+    try:
+        for i in range(2):
+            r = await deliver(courier, f"r{i}@far.test")
+            assert r.ok, r
+    finally:
+        await courier.close()
+    assert ms.requests == ["client_credentials"]
+    assert google.requests == ["urn:ietf:params:oauth:grant-type:jwt-bearer"]
+    assert first.oauth_attempts == [("XOAUTH2", USER, True)] * 2
+    assert second.oauth_attempts == [("OAUTHBEARER", other, True)] * 2
+    assert [m.auth_user for m in second.messages] == [other, other]
+    assert first.messages == []
+    assert [u for u, _ in google.issued.values()] == [other]  # sub = the table's user
+
+
+def test_per_host_oauth_config_validation() -> None:
+    base = {"smart_host": ["smtp.office365.com:587", "smtp-relay.gmail.com:587"]}
+    table = {"host": "SMTP-relay.gmail.com:587", "user": USER, "grant": "jwt_bearer",
+             "key_file": "/etc/authrelay/google-sa.json", "scope": GOOGLE_SCOPE}
+    cfg = from_dict({"relay": {**base, "smart_host_oauth": [table]}})
+    assert cfg.relay.oauth_for("smtp-relay.gmail.com:587") == \
+        replace_settings(table, auth="xoauth2")
+    assert cfg.relay.oauth_for("smtp.office365.com:587") is None  # password AUTH
+    assert cfg.relay.uses_oauth()
+    for change, words in [
+        ({"host": "smtp.gmail.com:587"}, r"smart_host_oauth\[0\]\.host: .* is not an entry"),
+        ({"host": ""}, r"smart_host_oauth\[0\]\.host: required"),
+        ({"scope": ""}, r"smart_host_oauth\[SMTP-relay.gmail.com:587\]\.scope: required"),
+        ({"user": ""}, r"\.user: auth = 'xoauth2' needs the user"),
+        ({"auth": "plain"}, r"smart_host_oauth\[0\]\.auth: 'plain' is not one of"),
+        ({"grant": "client_credentials", "client_id": "id", "secret_file": "/s",
+          "token_url": "https://t/token"}, "exactly one of secret_file .* and key_file"),
+        ({"token_url": "http://x/token"}, "must be https"),
+        ({"colour": "red"}, r"smart_host_oauth\[0\]\.colour: unknown key"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            from_dict({"relay": {**base, "smart_host_oauth": [{**table, **change}]}})
+    with pytest.raises(ConfigError, match=r"\[1\]\.host: .* has a table already"):
+        from_dict({"relay": {**base, "smart_host_oauth": [table, table]}})
+
+
+def replace_settings(table: dict[str, Any], **kw: Any) -> Any:
+    from authrelay.config import SmartHostOAuth
+
+    return SmartHostOAuth(**{**table, **kw})
+
+
 # --------------------------------------------------------------------------- expiry
 
 async def test_token_refreshed_before_expiry_mid_queue(
@@ -266,9 +342,10 @@ async def test_token_refreshed_before_expiry_mid_queue(
     sh = smart_host(ep)
     courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
                                  delivery={"idle_timeout": "0s"}), maillog=mlog)
-    assert courier.tokens is not None
+    source = courier.tokens_for(sh.address)
+    assert isinstance(source, oauth.TokenSource)
     now = [1000.0]
-    courier.tokens.clock = lambda: now[0]
+    source.clock = lambda: now[0]
     try:
         assert (await deliver(courier)).ok
         now[0] += 0.79 * 3600
@@ -714,6 +791,57 @@ def test_serve_with_a_root_only_client_secret(
     assert_no_token(base, ep, r.maillog())
 
 
+@pytest.mark.slow
+@pytest.mark.root
+def test_serve_reads_a_per_host_root_only_secret(
+        request: pytest.FixtureRequest, endpoint: Any, smart_host: Any, trustme_ca: Any) -> None:
+    """`authrelay serve` dropping to a user; the first smart host is down, the second has
+    its own [[relay.smart_host_oauth]] table whose 0600 root client secret the key helper
+    reads for that host (the unprivileged master names the host, the helper reads what
+    its own copy of the config says for it)."""
+    from relayproc import RelayProcess
+    from support.privileges import TEST_USER, unprivileged_user
+    from support.wait import wait_until
+    from test_e2e_delivery import submit
+
+    unprivileged_user()
+    base: Path = request.getfixturevalue("reachable_dir")
+    secret_dir = base / "secret"
+    secret_dir.mkdir(mode=0o700)
+    sf = write_secret(secret_dir / "backup.secret", "backup-s3cret\n")
+    ca = base / "ca.pem"
+    trustme_ca.cert_pem.write_to_path(str(ca))
+    ca.chmod(0o644)
+    ep = endpoint(secret="backup-s3cret", client_id="backup-app")
+    sh = smart_host(ep, "127.0.0.3")
+    down = f"127.0.0.2:{free_port()}"
+    r = RelayProcess(base, {
+        "user": TEST_USER,
+        "relay": {"smart_host": [down, sh.address], "smart_host_tls": "starttls",
+                  "smart_host_ca_file": str(ca),
+                  "smart_host_oauth": [{
+                      "host": sh.address, "auth": "xoauth2", "user": USER,
+                      "token_url": ep.url, "client_id": "backup-app", "scope": ep.scope,
+                      "secret_file": str(sf), "ca_file": str(ca)}]},
+        "delivery": {"retry": ["1s"]}})
+    r.config.chmod(0o644)
+    r.start()
+    try:
+        submit(r, ["bob@example.test"])
+        try:
+            wait_until(lambda: len(sh.messages) == 1, timeout=30, what="delivered")
+        except AssertionError:
+            raise AssertionError(r.maillog()[-3000:]) from None
+        assert sh.oauth_attempts == [("XOAUTH2", USER, True)]
+        assert ep.requests == ["client_credentials"]
+        log = r.maillog()
+        assert "status=host failed" in log and down.split(":")[1] in log  # tried first
+        assert "backup-s3cret" not in log
+    finally:
+        r.stop()
+    assert_no_token(base, ep, r.maillog())
+
+
 def test_check_config_checks_the_oauth_files(tmp_path: Path, app_key: rsa.RSAPrivateKey
                                              ) -> None:
     from authrelay.checkconfig import check
@@ -786,7 +914,7 @@ async def test_a_failed_refresh_keeps_the_still_valid_token(
     sh = smart_host(ep)
     cfg = secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file)
     now = [0.0]
-    src = oauth.TokenSource(cfg.relay, clock=lambda: now[0], fail_hold=60)
+    src = oauth.TokenSource(cfg.relay.oauth_for(sh.address), clock=lambda: now[0], fail_hold=60)
     first = await src.get()
     ep.status_override = 503
     now[0] = 3000.0  # past 80%: a refresh is due, and fails

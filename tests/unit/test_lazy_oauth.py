@@ -37,7 +37,7 @@ def test_no_oauth_configured_no_authlib() -> None:
         from authrelay.maillog import MailLog
         cfg = from_dict({"relay": {"smart_host": ["mx.example.net:587"]}})
         c = wiring.courier(cfg, MailLog("file:/dev/null"))
-        assert c.tokens is None
+        assert c.tokens_for("mx.example.net:587") is None
         print(sorted(m for m in sys.modules
                      if m.split(".")[0] in ("authlib", "joserfc")
                      or m == "authrelay.delivery.oauth"))
@@ -71,6 +71,7 @@ def test_oauth_configured_preload_imports_it() -> None:
         wiring.preload(cfg)
         loaded = "authlib" in sys.modules and "authrelay.delivery.oauth" in sys.modules
         c = wiring.courier(cfg, MailLog("file:/dev/null"))
-        print(loaded, type(c.tokens).__module__, type(c.tokens).__name__)
+        t = c.tokens_for("smtp.office365.com:587")
+        print(loaded, type(t).__module__, type(t).__name__)
     """)
     assert seen == "True authrelay.delivery.oauth TokenSource"

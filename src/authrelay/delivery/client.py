@@ -76,12 +76,12 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from authrelay import maillog as maillog_mod
-from authrelay.config import Config, parse_hostport
+from authrelay.config import Config, SmartHostOAuth, parse_hostport
 from authrelay.delivery import (
     bearer,
     dane,
@@ -292,6 +292,7 @@ class _Target:
     policy: HostPolicy = dataclasses.field(default_factory=lambda: HostPolicy("may", "may"))
     tls: str = ""  # the TLS result of the last connection used ("" before any)
     domain: str = ""  # the destination domain (MX routes; TLS-RPT)
+    entry: str = ""  # a smart host: its [relay] smart_host entry, as written (its AUTH)
 
     @property
     def where(self) -> str:
@@ -328,7 +329,7 @@ class Courier:
     def __init__(self, cfg: Config, resolver: Resolver | None = None, *,
                  maillog: maillog_mod.MailLog,
                  signer: Callable[[bytes, str], bytes | None] | None = None,
-                 tokens: bearer.Tokens | None = None) -> None:
+                 tokens: Mapping[str, bearer.Tokens] | None = None) -> None:
         self.cfg = cfg
         # Re-signs a message converted for a host without 8BITMIME (downgrade.py): the
         # DKIM signer's `(message, queue_id) -> DKIM-Signature lines | None`.
@@ -369,13 +370,25 @@ class Courier:
             self.sts.on_failure = lambda dom, kind: rec.session(
                 dom, tlsrpt.PolicyDesc("sts"), False, kind)
         self.connections_opened = 0  # for metrics and tests
-        # OAuth 2.0 (smart_host_auth = xoauth2 | oauthbearer): one token cache for the
-        # [relay] smart host settings, shared by every connection and smart host; made by
-        # wiring.courier (delivery/oauth.py, whose Authlib loads only then).
-        if r.smart_host_auth != "password" and tokens is None:
-            raise ValueError(f"relay.smart_host_auth = {r.smart_host_auth!r} needs a token "
-                             "source (wiring.courier makes it)")
-        self.tokens = tokens
+        # OAuth 2.0: each smart host entry authenticated with a token (its own
+        # [[relay.smart_host_oauth]] table, or smart_host_auth = xoauth2 | oauthbearer)
+        # -> its settings and token source; entries with the same settings share one
+        # source (one token cache). Made by wiring.courier (delivery/oauth.py, whose
+        # Authlib loads only then).
+        self._oauth: dict[str, tuple[SmartHostOAuth, bearer.Tokens]] = {}
+        for entry in r.smart_host:
+            settings = r.oauth_for(entry)
+            if settings is None:
+                continue
+            if tokens is None or entry not in tokens:
+                raise ValueError(f"{settings.key('auth')} = {settings.auth!r} needs a token "
+                                 f"source for {entry} (wiring.courier makes it)")
+            self._oauth[entry] = (settings, tokens[entry])
+
+    def tokens_for(self, entry: str) -> bearer.Tokens | None:
+        """The token source of the smart_host entry `entry` (None: no OAuth for it)."""
+        got = self._oauth.get(entry)
+        return got[1] if got is not None else None
 
     @property
     def planner(self) -> tlsplan.Planner:
@@ -475,17 +488,22 @@ class Courier:
 
     def _smart_targets(self) -> list[_Target]:
         level = self._smart_level
-        if level == "may" and self.cfg.relay.smart_host_user:
-            level = "encrypt"  # credentials never go in plain text unless level is none
         if self._smart_hostports is None:  # parsed once (a regex per host per message)
             default = 465 if self._smart_implicit else 25
             self._smart_hostports = [
                 parse_hostport(hp, f"relay.smart_host[{i}]", default_port=default)
                 for i, hp in enumerate(self.cfg.relay.smart_host)]
         mode = "tls" if self._smart_implicit else "smart"
+        out = []
         # new targets each time: an attempt writes its TLS result on its own target
-        return [_Target(host, host, port, mode, HostPolicy(level, level, (host,)))
-                for host, port in self._smart_hostports]
+        for entry, (host, port) in zip(self.cfg.relay.smart_host, self._smart_hostports,
+                                       strict=True):
+            level = self._smart_level
+            if level == "may" and (self.cfg.relay.smart_host_user or entry in self._oauth):
+                level = "encrypt"  # credentials never go in plain text unless level is none
+            out.append(_Target(host, host, port, mode, HostPolicy(level, level, (host,)),
+                               entry=entry))
+        return out
 
     async def _resolve_smart(self, targets: list[_Target]
                              ) -> tuple[list[_Target], list[tuple[_Target, DeliveryResult]]]:
@@ -706,10 +724,10 @@ class Courier:
                 raise _TryNext(_result(greeting, remote))
             await self._hello(conn, ct)
             await self._tls(conn, t, qid, ct)
-            if t.mode != "mx" and self.cfg.relay.smart_host_user:
-                if self.tokens is not None:
+            if t.mode != "mx":
+                if t.entry in self._oauth:
                     await self._auth_oauth(conn, t, ct)
-                else:
+                elif self.cfg.relay.smart_host_user:
                     await self._auth(conn, ct)
         except _TryNext:
             self._spawn(self._quit(conn))
@@ -861,29 +879,29 @@ class Courier:
             return f.read().rstrip("\r\n")
 
     async def _auth_oauth(self, conn: _Conn, t: _Target, timeout: float) -> None:
-        """XOAUTH2 or OAUTHBEARER (RFC 7628) with a token from `self.tokens`. A refused
-        token is dropped and a fresh one tried once on the same connection (RFC 4954 4
-        allows another AUTH after a failure); then the mail waits (454 4.7.0)."""
-        assert self.tokens is not None
-        r = self.cfg.relay
-        mech = "XOAUTH2" if r.smart_host_auth == "xoauth2" else "OAUTHBEARER"
+        """XOAUTH2 or OAUTHBEARER (RFC 7628) with a token from the smart host's token
+        source. A refused token is dropped and a fresh one tried once on the same
+        connection (RFC 4954 4 allows another AUTH after a failure); then the mail waits
+        (454 4.7.0)."""
+        settings, tokens = self._oauth[t.entry]
+        mech = "XOAUTH2" if settings.auth == "xoauth2" else "OAUTHBEARER"
         w = conn.wire
         if mech not in wire.auth_methods(conn.ext):
             offered = " ".join(sorted(wire.auth_methods(conn.ext))) or "none"
             raise _TryNext(DeliveryResult.temp(
                 f"smart host {conn.remote} does not offer AUTH {mech} (offers: {offered}; "
-                "check relay.smart_host_auth)", "4.7.0", 454, conn.remote))
+                f"check {settings.key('auth')})", "4.7.0", 454, conn.remote))
         rep = SMTPReply(535, ("no attempt",))
         detail = ""
         for attempt in (1, 2):
             try:
-                token = await self.tokens.get()
+                token = await tokens.get()
             except bearer.TokenError as e:
                 raise _TryNext(DeliveryResult.temp(
                     f"no OAuth token for smart host {conn.remote}: {e}", "4.7.0", 454,
                     conn.remote)) from None
-            resp = bearer.xoauth2(r.smart_host_user, token) if mech == "XOAUTH2" else \
-                bearer.oauthbearer(r.smart_host_user, token, t.host, t.port)
+            resp = bearer.xoauth2(settings.user, token) if mech == "XOAUTH2" else \
+                bearer.oauthbearer(settings.user, token, t.host, t.port)
             rep = await w.command(b"AUTH " + mech.encode() + b" " + resp + b"\r\n", timeout)
             secrets = (token, resp.decode("ascii"))
             del resp
@@ -904,11 +922,11 @@ class Courier:
                     and w.is_connected:
                 # Maybe revoked or expired early: a fresh token, once. The second one is
                 # kept (it is fresh; the cause is elsewhere, e.g. a missing permission).
-                self.tokens.drop(token)
+                tokens.drop(token)
                 continue
             break
         raise _TryNext(DeliveryResult.temp(
-            f"smart host {conn.remote} refused the OAuth token for {r.smart_host_user} "
+            f"smart host {conn.remote} refused the OAuth token for {settings.user} "
             f"(AUTH {mech}): {_redact(str(rep), *secrets)}"
             + (f" [{_redact(detail, *secrets)}]" if detail else ""),
             "4.7.0", 454, conn.remote))

@@ -5,10 +5,13 @@ refreshing it before it expires, and the XOAUTH2 / OAUTHBEARER (RFC 7628) initia
 responses (those are delivery/bearer.py's, re-exported). `client.py` asks for a token
 when it authenticates to a smart host; it never imports this module (Authlib, httpx2
 and joserfc cost ~0.3 s CPU to import): wiring.py makes the TokenSource only when
-[relay] smart_host_auth is xoauth2 or oauthbearer, and `serve`'s preload() imports this
+a smart host is authenticated with OAuth ([relay] smart_host_auth = xoauth2 or
+oauthbearer, or a [[relay.smart_host_oauth]] table), and `serve`'s preload() imports this
 module before a privilege drop whatever the config (a SIGHUP may turn OAuth on later).
+Each smart host's settings are a config.SmartHostOAuth: its own table, else the [relay]
+smart_host_auth / smart_host_user / smart_host_oauth_* keys.
 
-Grants ([relay] smart_host_oauth_grant):
+Grants (`grant`, [relay] smart_host_oauth_grant):
 - "client_credentials" (RFC 6749 4.4), the client authenticated either with a client
   secret in the request body (`client_secret_post`, RFC 6749 2.3.1; as Microsoft Entra
   documents it) or with a `private_key_jwt` assertion (RFC 7523 2.2, OpenID Connect Core
@@ -19,10 +22,10 @@ Grants ([relay] smart_host_oauth_grant):
   scope (Google's form of the grant).
 The OAuth side is Authlib's, over its httpx2 client (asynchronous, in the courier's event
 loop): see README "Microsoft 365 / Google as smart host" for why Authlib. The endpoint's
-certificate is checked against [relay] smart_host_oauth_ca_file, else the system's trust
-store.
+certificate is checked against `ca_file` ([relay] smart_host_oauth_ca_file), else the
+system's trust store.
 
-Contract: `await TokenSource(relay).get()` -> an access token (str), or `TokenError`
+Contract: `await TokenSource(settings).get()` -> an access token (str), or `TokenError`
 whose text names the cause (endpoint unreachable, TLS failure, the endpoint's `error` and
 `error_description`, an unreadable key file) and never a secret or a token.
 `drop(token)`: the smart host refused it; the next `get()` fetches a new one.
@@ -66,7 +69,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc.jwk import ECKey, RSAKey
 
-from authrelay.config import Relay
+from authrelay.config import SmartHostOAuth
 from authrelay.delivery.bearer import TokenError, oauthbearer, server_error, xoauth2
 
 # RFC 6750 2.1 b64token: what a Bearer token may contain (no space, no ^A, no CR/LF), so
@@ -173,7 +176,7 @@ class _Refused(Exception):
     """The answer was not read to its end: too large, compressed, a redirect, too slow."""
 
 
-def _http_reason(e: Exception) -> str:
+def _http_reason(e: Exception, s: SmartHostOAuth) -> str:
     if isinstance(e, httpx2.TimeoutException):
         return "the token endpoint timed out"
     if isinstance(e, httpx2.HTTPStatusError):
@@ -183,7 +186,7 @@ def _http_reason(e: Exception) -> str:
         while cause is not None:  # httpx2 wraps the ssl error: look down the chain
             if isinstance(cause, ssl.SSLError):
                 return "TLS handshake with the token endpoint failed (check " \
-                    "relay.smart_host_oauth_ca_file)"
+                    f"{s.key('ca_file')})"
             cause = cause.__cause__ or cause.__context__
         return "the token endpoint is unreachable (connection refused or no route)"
     return f"request to the token endpoint failed ({type(e).__name__})"
@@ -214,15 +217,15 @@ class _Bounded(httpx2.AsyncBaseTransport):
     points, http:// included), nothing compressed is taken (we ask for identity: a
     64 KiB gzip body inflates to megabytes), and the body is capped."""
 
-    def __init__(self, inner: httpx2.AsyncBaseTransport, cap: int) -> None:
-        self.inner, self.cap = inner, cap
+    def __init__(self, inner: httpx2.AsyncBaseTransport, cap: int, url_key: str) -> None:
+        self.inner, self.cap, self.url_key = inner, cap, url_key
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         resp = await self.inner.handle_async_request(request)
         why = ""
         if 300 <= resp.status_code < 400:
             why = "the token endpoint answered with a redirect (not followed: the secret " \
-                "goes only to relay.smart_host_oauth_token_url)"
+                f"goes only to {self.url_key})"
         elif resp.headers.get("content-encoding", "identity").lower() != "identity":
             why = "the token endpoint's answer is compressed (identity was asked for)"
         if why or not isinstance(resp.stream, httpx2.AsyncByteStream):
@@ -242,12 +245,14 @@ def _tls_context(ca_file: str) -> ssl.SSLContext:
 
 
 class TokenSource:
-    """Access tokens for the [relay] smart host settings; one per Courier."""
+    """Access tokens for one smart host's OAuth settings (config.SmartHostOAuth: its
+    [[relay.smart_host_oauth]] table or the [relay] keys); the courier keeps one per
+    distinct settings."""
 
-    def __init__(self, relay: Relay, *, read_secret: Callable[[], bytes] | None = None,
+    def __init__(self, settings: SmartHostOAuth, *, read_secret: Callable[[], bytes] | None = None,
                  timeout: float = 30.0, fail_hold: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.relay = relay
+        self.settings = settings
         self.read_secret = read_secret  # the key helper's, when privileges were dropped
         self.timeout = timeout
         self.fail_hold = fail_hold
@@ -292,69 +297,66 @@ class TokenSource:
 
     # ------------------------------------------------------------------ fetching
     def _secret(self) -> bytes:
-        r = self.relay
-        path = r.smart_host_oauth_secret_file or r.smart_host_oauth_key_file
-        what = "smart_host_oauth_secret_file" if r.smart_host_oauth_secret_file \
-            else "smart_host_oauth_key_file"
+        s = self.settings
+        path = s.secret_file or s.key_file
+        what = s.key("secret_file" if s.secret_file else "key_file")
         try:
             if self.read_secret is not None:
                 return self.read_secret()
             with open(path, "rb") as f:
                 return f.read(64 * 1024)
         except OSError as e:
-            raise TokenError(f"cannot read relay.{what}: {e.strerror or e}") from None
+            raise TokenError(f"cannot read {what}: {e.strerror or e}") from None
 
     async def _fetch(self) -> tuple[str, Any]:
         """One token request, all of it (connecting, TLS, the request, the whole answer)
         within `self.timeout` seconds and its answer within MAX_ANSWER bytes.
         -> (access_token, expires_in)."""
-        r = self.relay
+        s = self.settings
         self.fetches += 1
         secret = await asyncio.to_thread(self._secret)  # the key helper's socket blocks
         try:
-            ctx = _tls_context(r.smart_host_oauth_ca_file)
+            ctx = _tls_context(s.ca_file)
         except OSError as e:
-            raise TokenError(f"cannot read relay.smart_host_oauth_ca_file: "
-                             f"{e.strerror or e}") from None
+            raise TokenError(f"cannot read {s.key('ca_file')}: {e.strerror or e}") from None
         except ssl.SSLError:
-            raise TokenError("relay.smart_host_oauth_ca_file holds no usable "
-                             "certificate") from None
+            raise TokenError(f"{s.key('ca_file')} holds no usable certificate") from None
         http: dict[str, Any] = {
             "verify": ctx, "timeout": self.timeout, "follow_redirects": False,
             "headers": {"Accept-Encoding": "identity"},
-            "transport": _Bounded(httpx2.AsyncHTTPTransport(verify=ctx), MAX_ANSWER)}
-        url = r.smart_host_oauth_token_url
+            "transport": _Bounded(httpx2.AsyncHTTPTransport(verify=ctx), MAX_ANSWER,
+                                  s.key("token_url"))}
+        url = s.token_url
         client: httpx2.AsyncClient
         fetch: Callable[[], Awaitable[Any]]
-        if r.smart_host_oauth_grant == "client_credentials" and r.smart_host_oauth_secret_file:
+        if s.grant == "client_credentials" and s.secret_file:
             cs = AsyncOAuth2Client(
-                r.smart_host_oauth_client_id,
+                s.client_id,
                 secret.decode("utf-8", "replace").strip("\r\n"),
                 token_endpoint_auth_method="client_secret_post",
-                scope=r.smart_host_oauth_scope, **http)
+                scope=s.scope, **http)
             client, fetch = cs, partial(cs.fetch_token, url, grant_type="client_credentials")
         else:
             try:
                 key = load_signing_key(secret)
             except ValueError as e:
-                raise TokenError(f"relay.smart_host_oauth_key_file: {e}") from None
+                raise TokenError(f"{s.key('key_file')}: {e}") from None
             url = url or key.token_url
-            if r.smart_host_oauth_grant == "client_credentials":
+            if s.grant == "client_credentials":
                 ks = AsyncOAuth2Client(
-                    r.smart_host_oauth_client_id, key.key,
+                    s.client_id, key.key,
                     token_endpoint_auth_method=PrivateKeyJWT(
                         url, headers=dict(key.header), alg=key.alg),
-                    scope=r.smart_host_oauth_scope, **http)
+                    scope=s.scope, **http)
                 # client_id in the body too: Entra requires it beside the assertion.
                 client, fetch = ks, partial(ks.fetch_token, url,
                                             grant_type="client_credentials",
-                                            client_id=r.smart_host_oauth_client_id)
+                                            client_id=s.client_id)
             else:
                 # Google's JWT bearer grant: the scope is a claim of the assertion.
                 jb = AsyncAssertionClient(
-                    token_endpoint=url, issuer=r.smart_host_oauth_client_id or key.issuer,
-                    subject=r.smart_host_user, audience=url,
-                    claims={"scope": r.smart_host_oauth_scope},
+                    token_endpoint=url, issuer=s.client_id or key.issuer,
+                    subject=s.user, audience=url, claims={"scope": s.scope},
                     key=key.key, header={"alg": key.alg, "typ": "JWT", **key.header}, **http)
                 client, fetch = jb, jb.refresh_token
         del secret
@@ -373,7 +375,7 @@ class TokenSource:
                              + (f" ({_short(e.description)})" if e.description else "")
                              ) from None
         except httpx2.HTTPError as e:
-            raise TokenError(_http_reason(e)) from None
+            raise TokenError(_http_reason(e, s)) from None
         except ValueError as e:
             raise TokenError(f"the token endpoint's answer is not a token: {_short(e)}") \
                 from None

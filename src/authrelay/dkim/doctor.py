@@ -47,7 +47,7 @@ import dns.resolver
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from authrelay.config import Config, parse_hostport
+from authrelay.config import Config, SmartHostOAuth, parse_hostport
 from authrelay.delivery.tlspolicy import smart_host_level
 from authrelay.dkim import records
 from authrelay.dkim.keys import DkimKey, KeyStore
@@ -411,28 +411,27 @@ class Doctor:
         for i, hp in enumerate(r.smart_host):
             host, port = parse_hostport(hp, f"relay.smart_host[{i}]",
                                         default_port=465 if implicit else 25)
-            ok, detail, fix = await self._try_smart_host(host, port)
+            ok, detail, fix = await self._try_smart_host(host, port, r.oauth_for(hp))
             self.add(f"smarthost {host}:{port}", ok, detail, fix)
 
-    async def _oauth_auth(self, smtp: aiosmtplib.SMTP, host: str, port: int
-                          ) -> tuple[bool, str, str]:
+    async def _oauth_auth(self, smtp: aiosmtplib.SMTP, host: str, port: int,
+                          s: SmartHostOAuth) -> tuple[bool, str, str]:
         """Obtain a token as delivery does (delivery/oauth.py) and AUTH with it."""
         from authrelay.delivery import oauth
 
-        r = self.cfg.relay
-        mech = "XOAUTH2" if r.smart_host_auth == "xoauth2" else "OAUTHBEARER"
+        mech = "XOAUTH2" if s.auth == "xoauth2" else "OAUTHBEARER"
         offered = smtp.esmtp_extensions.get("auth", "").upper().split()
         if mech not in offered:
             return False, f"does not offer AUTH {mech} (offers: {' '.join(offered) or 'none'})", \
-                "set relay.smart_host_auth to a mechanism the smart host offers"
-        source = oauth.TokenSource(r, timeout=min(30.0, self.cfg.delivery.connect_timeout))
+                f"set {s.key('auth')} to a mechanism the smart host offers"
+        source = oauth.TokenSource(s, timeout=min(30.0, self.cfg.delivery.connect_timeout))
         try:
             token = await source.get()
         except oauth.TokenError as e:
-            return False, f"no OAuth token: {e}", "check relay.smart_host_oauth_token_url, " \
+            return False, f"no OAuth token: {e}", f"check {s.key('token_url')}, " \
                 "_client_id, _secret_file or _key_file, and _scope"
-        resp = oauth.xoauth2(r.smart_host_user, token) if mech == "XOAUTH2" else \
-            oauth.oauthbearer(r.smart_host_user, token, host, port)
+        resp = oauth.xoauth2(s.user, token) if mech == "XOAUTH2" else \
+            oauth.oauthbearer(s.user, token, host, port)
         try:
             reply = await smtp.execute_command(b"AUTH", mech.encode(), resp)
             if reply.code == 334:  # the error as a challenge (RFC 7628 3.2.2)
@@ -440,14 +439,15 @@ class Doctor:
         finally:
             del token, resp
         if reply.code == 235:
-            return True, f"token obtained; AUTH {mech} accepted as {r.smart_host_user}", ""
+            return True, f"token obtained; AUTH {mech} accepted as {s.user}", ""
         return False, f"token obtained, but AUTH {mech} refused: {reply.code} " \
             f"{' '.join(reply.message.split())}", \
-            "check that the app may send as relay.smart_host_user (Microsoft 365: " \
+            f"check that the app may send as {s.key('user')} (Microsoft 365: " \
             "SMTP.SendAsApp and the mailbox permission; Google: domain-wide delegation " \
             "of the scope)"
 
-    async def _try_smart_host(self, host: str, port: int) -> tuple[bool, str, str]:
+    async def _try_smart_host(self, host: str, port: int, oauth: SmartHostOAuth | None
+                              ) -> tuple[bool, str, str]:
         r = self.cfg.relay
         level, implicit = smart_host_level(self.cfg)  # the courier's reading of smart_host_tls
         ctx = ssl.create_default_context(cafile=r.smart_host_ca_file or None)
@@ -484,11 +484,12 @@ class Doctor:
                         "to the smart host's mode (tls for port 465)"
                 await smtp.starttls(tls_context=ctx, server_hostname=host)
                 await smtp.ehlo()
+            if oauth is not None:
+                step = "AUTH"
+                return await self._oauth_auth(smtp, host, port, oauth)
             if not r.smart_host_user:
                 return True, "answers (no smart_host_user: AUTH not tried)", ""
             step = "AUTH"
-            if r.smart_host_auth != "password":
-                return await self._oauth_auth(smtp, host, port)
             try:
                 with open(r.smart_host_password_file, encoding="utf-8") as f:
                     password = f.read().rstrip("\r\n")
