@@ -11,6 +11,9 @@ start) runs on the embedded default (state under ./var, self-signed cert, loopba
 2525/2587/2465); commands that use a running server's state (sendmail, queue, user,
 import sasldb) get `NoConfig` instead: writing a spool or user DB that no daemon reads
 would lose mail or users silently (their exit status is 75, EX_TEMPFAIL).
+
+Paths: a relative path in a config file is taken from the file's directory
+(`absolute_paths`, at `load_file`), never from the reading process's current directory.
 """
 
 from __future__ import annotations
@@ -911,9 +914,50 @@ def load_file(path: str | os.PathLike[str]) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"not valid TOML: {e}", p) from None
     try:
-        return from_dict(data, source=str(p))
+        cfg = from_dict(data, source=str(p))
     except ConfigError as e:
         raise ConfigError(str(e), p) from None
+    return absolute_paths(cfg, Path(os.path.abspath(p)).parent)
+
+
+# Every key that names a file or directory (besides state_dir and the `PREFIX:PATH`
+# values of auth.backend and log.target): taken from the config file's directory when
+# relative (absolute_paths).
+_PATH_KEYS = {
+    "tls": ("cert", "key"),
+    "relay": ("smart_host_password_file", "smart_host_ca_file", "smart_host_oauth_secret_file",
+              "smart_host_oauth_key_file", "smart_host_oauth_ca_file"),
+    "delivery": ("tls_ca_file",),
+}
+_OAUTH_PATHS = ("secret_file", "key_file", "ca_file")
+
+
+def absolute_paths(cfg: Config, base: Path) -> Config:
+    """`cfg` with every relative path made absolute from `base`, the directory of the
+    config file, as chasquid (which changes to its config directory) and nginx (its
+    prefix) do: the same file means the same files and state for `serve`, the key helper,
+    `sendmail` from a crontab and every other command, whatever their current directory.
+    state_dir's default "./var" is such a path too (a file without state_dir: `var/`
+    beside it). Absolute paths, and empty values, are kept."""
+    def fix(path: str) -> str:
+        return path if not path or os.path.isabs(path) else os.path.normpath(base / path)
+
+    def prefixed(value: str, prefixes: tuple[str, ...]) -> str:
+        head, sep, rest = value.partition(":")
+        return f"{head}:{fix(rest)}" if sep and head + ":" in prefixes else value
+
+    sections: dict[str, Any] = {
+        name: replace(getattr(cfg, name), **{k: fix(getattr(getattr(cfg, name), k))
+                                             for k in keys})
+        for name, keys in _PATH_KEYS.items()}
+    sections["relay"] = replace(sections["relay"], smart_host_oauth=tuple(
+        replace(t, **{k: fix(getattr(t, k)) for k in _OAUTH_PATHS})
+        for t in cfg.relay.smart_host_oauth))
+    sections["auth"] = replace(cfg.auth, backend=prefixed(cfg.auth.backend,
+                                                          ("saslauthd:", "dovecot:")))
+    sections["log"] = replace(cfg.log, target=prefixed(cfg.log.target, ("file:",)))
+    return replace(cfg, state_dir=fix(cfg.state_dir), aliases_file=fix(cfg.aliases_file),
+                   **sections)
 
 
 def find_config_path(explicit: str | None) -> str | None:

@@ -112,3 +112,35 @@ def test_bad_port_names_the_key(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "authrelay", "check-config", str(f)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "metrics.address" in r.stderr, r.stderr
+
+
+def test_relative_paths_are_from_the_config_files_directory(tmp_path: Path) -> None:
+    """A config file's relative paths (state_dir, aliases_file, a file: log target) are
+    taken from the file's directory, not from each process's current directory: `serve`
+    started from one directory, `sendmail` run from another (with a relative -c) and
+    `queue list` run from / all use the same state, aliases and log."""
+    etc = tmp_path / "etc"
+    elsewhere = tmp_path / "elsewhere"
+    for d in (etc, elsewhere, etc / "log"):
+        d.mkdir()
+    (etc / "aliases").write_text("root: admin@remote.example\n")
+    r = RelayProcess(etc, {"state_dir": "state", "aliases_file": "aliases",
+                           "log": {"target": "file:log/mail.log"}})
+    assert r.state == etc / "state"
+    r.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "AUTHRELAY_CONFIG"}
+        sent = subprocess.run([sys.executable, "-m", "authrelay", "-c",
+                               "../etc/authrelay.toml", "sendmail", "root"], cwd=elsewhere,
+                              env=env, input="Subject: rel\n\nx\n", capture_output=True,
+                              text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        r.wait_for(lambda: len(r.queued()) == 1)
+        listed = _run(Path("/"), env, "-c", str(r.config), "queue", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert r.queued()[0].name in listed.stdout and "admin@remote.example" in listed.stdout
+        log = etc / "log" / "mail.log"
+        r.wait_for(lambda: log.exists() and "from=<root@" in log.read_text())
+        assert list(elsewhere.iterdir()) == []  # no ./state, no ./log there
+    finally:
+        r.stop()

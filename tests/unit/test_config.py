@@ -69,3 +69,36 @@ def test_config_option_after_the_command(tmp_path: Path) -> None:
                            text=True)
         assert r.returncode == 0, (args, r.stderr)
     assert (tmp_path / "state" / "users.db").exists()  # the file named after the command
+
+
+def test_relative_paths_are_from_the_config_file(tmp_path, monkeypatch) -> None:
+    """load_file: every relative path is taken from the file's directory (state_dir's
+    default included); absolute ones and empty ones are kept; the embedded default (no
+    file) keeps ./var in the current directory."""
+    from authrelay.config import Config, load_file
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "a.toml").write_text(
+        'aliases_file = "aliases"\n'
+        '[tls]\ncert = "tls/cert.pem"\nkey = "/abs/key.pem"\n'
+        '[auth]\nbackend = "saslauthd:run/mux"\n'
+        '[log]\ntarget = "file:../log/mail.log"\n'
+        '[delivery]\ntls_ca_file = "ca.pem"\n'
+        '[relay]\nsmart_host = ["h:587"]\nsmart_host_user = "u"\n'
+        'smart_host_password_file = "pw"\n'
+        '[[relay.smart_host_oauth]]\nhost = "h:587"\nuser = "u"\n'
+        'token_url = "https://t/token"\nclient_id = "i"\nsecret_file = "m365.secret"\n'
+        'scope = "s"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_file("etc/a.toml")
+    assert cfg.state_dir == str(etc / "var")
+    assert (cfg.tls.cert, cfg.tls.key) == (str(etc / "tls/cert.pem"), "/abs/key.pem")
+    assert cfg.auth.backend == f"saslauthd:{etc}/run/mux"
+    assert cfg.log.target == f"file:{tmp_path}/log/mail.log"
+    assert cfg.aliases_file == str(etc / "aliases")
+    assert cfg.delivery.tls_ca_file == str(etc / "ca.pem")
+    assert cfg.relay.smart_host_password_file == str(etc / "pw")
+    assert cfg.relay.smart_host_oauth[0].secret_file == str(etc / "m365.secret")
+    assert cfg.relay.smart_host_oauth_key_file == "" and cfg.relay.smart_host_ca_file == ""
+    assert Config().state_dir == "./var"
