@@ -16,7 +16,6 @@ Authenticator answers it as a temporary failure (454), never as "bad password".
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from authrelay.auth import apppasswords
 from authrelay.auth.apppasswords import AppPassword, AppPasswordError
 from authrelay.auth.passwords import hash_password, is_argon2_hash
+from authrelay.sqlitefile import open_db
 
 # 1: users, addresses. 2: app_passwords (a version-1 file gains the table when first
 # opened by this version; nothing else changes, so an older authrelay refuses it).
@@ -330,43 +330,11 @@ class UserDB(UserStore):
 
     # ------------------------------------------------------------------ connection
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not self.path.exists():
-            # Hashes are secrets: create the file 0600 before SQLite does (its WAL and
-            # shm files inherit the database file's mode).
-            try:
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            except FileExistsError:
-                pass
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout,
-                               isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version != SCHEMA_VERSION:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    version = conn.execute("PRAGMA user_version").fetchone()[0]
-                    if version > SCHEMA_VERSION:
-                        raise UserDBError(
-                            f"{self.path}: user DB format {version} is newer than this "
-                            f"authrelay understands ({SCHEMA_VERSION})")
-                    if version < SCHEMA_VERSION:
-                        # One statement at a time: executescript() would COMMIT first.
-                        for stmt in _SCHEMA.split(";"):
-                            if stmt.strip():
-                                conn.execute(stmt)
-                        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        # Hashes are secrets: the file is made 0600 before SQLite does (sqlitefile.py).
+        return open_db(self.path, _SCHEMA, SCHEMA_VERSION, busy_timeout=self._busy_timeout,
+                       pragmas=("foreign_keys = ON",), newer=lambda v: UserDBError(
+                           f"{self.path}: user DB format {v} is newer than this "
+                           f"authrelay understands ({SCHEMA_VERSION})"))
 
     def _db(self) -> sqlite3.Connection:
         """This thread's connection.

@@ -29,12 +29,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from authrelay import maillog
+from authrelay.sqlitefile import open_db
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 CACHE_KEYS = 50_000
 REFRESH = 86400.0  # rewrite last_ok at most this often per (user, net)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS known (user TEXT NOT NULL, net TEXT NOT NULL,
+                                  last_ok REAL NOT NULL, PRIMARY KEY (user, net))
+    WITHOUT ROWID
+"""
 
 
 class KnownAddresses:
@@ -52,26 +60,17 @@ class KnownAddresses:
         if self._db is None and not self._failed:
             try:
                 assert self.path is not None
-                # User names and their networks inside: 0600 (the state dir is 0711). A
-                # file an earlier release made 0644 is narrowed, with its -wal and -shm.
-                if not self.path.exists():
-                    with contextlib.suppress(FileExistsError):
-                        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                                         0o600))
+                # User names and their networks inside: 0600 (the state dir is 0711;
+                # sqlitefile.py makes a new file so). A file an earlier release made 0644
+                # is narrowed, with its -wal and -shm.
                 for f in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
                     with contextlib.suppress(FileNotFoundError):
                         if f.stat().st_mode & 0o077:
                             os.chmod(f, 0o600)
-                db = sqlite3.connect(self.path, timeout=2.0, check_same_thread=False,
-                                     isolation_level=None)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")  # a lost row costs one re-learn
-                if db.execute("PRAGMA user_version").fetchone()[0] == 0:
-                    db.execute("CREATE TABLE IF NOT EXISTS known (user TEXT NOT NULL, "
-                               "net TEXT NOT NULL, last_ok REAL NOT NULL, "
-                               "PRIMARY KEY (user, net)) WITHOUT ROWID")
-                    db.execute(f"PRAGMA user_version={VERSION}")
-                self._db = db
+                # synchronous = NORMAL: a lost row costs one re-learn.
+                self._db = open_db(self.path, _SCHEMA, VERSION, busy_timeout=2.0,
+                                   newer=lambda v: sqlite3.DatabaseError(
+                                       f"format {v} is newer than this authrelay knows"))
             except (sqlite3.Error, OSError) as e:
                 self._give_up(e)
         if self._db is not None and time.time() - self._pruned > REFRESH:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
 import threading
 import time
@@ -44,6 +43,7 @@ from authrelay.auth.pgusers import PgUserStore
 from authrelay.config import Config
 from authrelay.policy.containment import KINDS, Counts, Suspension
 from authrelay.policy.shared import SharedCounters
+from authrelay.sqlitefile import open_db
 
 __all__ = ["LocalStore", "State", "Suspension", "make_state"]
 
@@ -88,33 +88,10 @@ class LocalStore:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not self.path.exists():
-            with contextlib.suppress(FileExistsError):  # user names inside: 0600
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
-                               check_same_thread=False)
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    v = conn.execute("PRAGMA user_version").fetchone()[0]
-                    if v > SCHEMA_VERSION:
-                        raise sqlite3.DatabaseError(
-                            f"{self.path}: format {v} is newer than this authrelay knows")
-                    for stmt in _SCHEMA.split(";"):
-                        if stmt.strip():
-                            conn.execute(stmt)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-        except BaseException:
-            conn.close()
-            raise
+        # User names inside: the file is made 0600 (sqlitefile.py).
+        conn = open_db(self.path, _SCHEMA, SCHEMA_VERSION, busy_timeout=self._busy_timeout,
+                       newer=lambda v: sqlite3.DatabaseError(
+                           f"{self.path}: format {v} is newer than this authrelay knows"))
         self._local.conn = conn
         with self._lock:
             self._all.append(conn)

@@ -1,0 +1,87 @@
+"""sqlitefile.open_db, the one way our SQLite state files are opened (users.db,
+containment.db, known_addresses.db): 0600 from the start, WAL, the schema brought to its
+format version, a newer format refused with the caller's error."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from authrelay.auth.userdb import UserDB, UserDBError
+from authrelay.policy.suspensions import LocalStore
+from authrelay.sqlitefile import open_db
+
+V1 = "CREATE TABLE IF NOT EXISTS a (x TEXT);"
+V2 = V1 + "\nCREATE TABLE IF NOT EXISTS b (y TEXT)"
+
+
+class Newer(Exception):
+    pass
+
+
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def test_new_file_0600_wal_schema_and_version(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "x.db"
+    db = open_db(path, V1, 1, newer=Newer)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert _tables(db) == {"a"}
+        db.execute("INSERT INTO a VALUES ('kept')")
+    finally:
+        db.close()
+    db = open_db(path, V2, 2, newer=Newer)  # an older file: brought to 2, data kept
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert _tables(db) == {"a", "b"}
+        assert db.execute("SELECT x FROM a").fetchall() == [("kept",)]
+    finally:
+        db.close()
+    with pytest.raises(Newer):
+        open_db(path, V1, 1, newer=lambda v: Newer(v))
+
+
+def test_concurrent_first_opens_create_it_once(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    errors: list[BaseException] = []
+    conns: list[sqlite3.Connection] = []
+
+    def one() -> None:
+        try:
+            conns.append(open_db(path, V2, 2, newer=Newer))
+        except BaseException as e:  # collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == [] and len(conns) == 8
+        assert all(c.execute("PRAGMA user_version").fetchone()[0] == 2 for c in conns)
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_the_stores_refuse_a_newer_format(tmp_path: Path) -> None:
+    for name in ("users.db", "containment.db"):
+        db = sqlite3.connect(tmp_path / name)
+        db.execute("PRAGMA user_version = 99")
+        db.close()
+    with pytest.raises(UserDBError, match="user DB format 99 is newer"):
+        UserDB(tmp_path / "users.db")
+    store = LocalStore(tmp_path / "containment.db")
+    with pytest.raises(sqlite3.DatabaseError, match="format 99 is newer"):
+        store.suspensions()
+    store.close()
