@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import re
 import select
+import selectors
 import socket
+import threading
 import time
 
 import pytest
 from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx, plain
+from support.wait import wait_until
+
+from authrelay.smtpd.eviction import TIE_AGE
 
 pytestmark = pytest.mark.slow
 
@@ -178,3 +183,79 @@ def test_eviction_off_leaves_clients_in_backlog(relay_factory) -> None:  # noqa:
     finally:
         for s in flood:
             s.close()
+
+
+class _Reconnecting:
+    """Flooders that never start TLS: one socket per address, reopened at once whenever
+    the server closes or refuses it (as bench/poolflood.py does), in a thread."""
+
+    def __init__(self, port: int, addrs: list[str]) -> None:
+        self.port, self.addrs = port, addrs
+        self.sel = selectors.DefaultSelector()
+        self.stop = threading.Event()
+        self.closed_by_server = 0
+        self.first_close = 0.0
+        self.th = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self, addr: str) -> None:
+        s = socket.socket()
+        s.setblocking(False)
+        s.bind((addr, 0))
+        s.connect_ex(("127.0.0.1", self.port))
+        self.sel.register(s, selectors.EVENT_READ, addr)
+
+    def _run(self) -> None:
+        for a in self.addrs:
+            self._open(a)
+        while not self.stop.is_set():
+            for key, _ in self.sel.select(0.1):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                try:
+                    if s.recv(4096):
+                        continue
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    pass
+                self.sel.unregister(s)
+                s.close()
+                self.closed_by_server += 1
+                self.first_close = self.first_close or time.monotonic()
+                self._open(key.data)
+        for key in list(self.sel.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+
+    def __enter__(self) -> _Reconnecting:
+        self.th.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.th.join(10)
+
+
+def test_more_flooding_addresses_than_slots_fresh_clients_still_served(relay_factory
+                                                                       ) -> None:  # noqa: ANN001
+    """Ten addresses against a 465 pool of six, each reconnecting at once when refused:
+    most of them hold nothing at any moment, and without the pressure mark they took every
+    slot that aged into a tie before a fresh client could (eviction.py). Every fresh client
+    logs in and sends; the authenticated session present all along is never evicted."""
+    r = _relay(relay_factory)
+    port = r.ports["submissions"]
+    authed = _login465(r, "127.0.8.20")
+    with _Reconnecting(port, [f"127.0.7.{i}" for i in range(1, 11)]) as fl:
+        # the pool is full and refusing flooders; its oldest handshakes have aged a tie
+        wait_until(lambda: fl.first_close and time.monotonic() - fl.first_close > TIE_AGE,
+                   "the flood to fill the pool and be refused")
+        for i in range(5):
+            fresh = _login465(r, f"127.0.8.{30 + i}")
+            _send(fresh)
+            fresh.cmd("QUIT")
+            fresh.close()
+        assert fl.closed_by_server > 10, fl.closed_by_server
+        assert authed.cmd("NOOP").code == 250
+        _send(authed)
+    authed.close()
+    log = r.maillog(settle=0.5)
+    assert "Traceback" not in log

@@ -437,10 +437,11 @@ class Acceptor:
         adm = srv.throttle.connect(key, self.pools, exempt=exempt)
         # Another worker may take the slot an eviction freed before we do (the pools are
         # shared): a few tries, each evicting one more.
+        pressed = self.candidates.under_pressure(key, time.monotonic())
         for _ in range(EVICT_TRIES):
             if adm.admitted or not adm.reason.startswith("pool:") or not lim.pool_eviction:
                 break
-            victim = self.candidates.victim(key, time.monotonic(), self._weight)
+            victim = self.candidates.victim(key, time.monotonic(), self._weight, pressed)
             if victim is None:
                 break
             self._evict(victim)

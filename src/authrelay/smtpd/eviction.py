@@ -25,12 +25,13 @@ only once that has waited `TIE_AGE` seconds (evictions then run at most one pool
 ones shared by all workers (`weight`); the heaviest address is this listener's own.
 
 An address under pressure counts one more than it holds: one refused at a full pool
-`PRESSED_AFTER` times, or one that took a slot by that tie rule, within `PRESSURE_TTL`
-seconds (`pressed()`). With more flooding addresses than slots most of them hold none at
-any moment, and without this they would take every slot that ages into a tie before a
-fresh client could (they reconnect far more often); marked, they need an address holding
-three, and a fresh client (no history, nothing held) gets the oldest. The marks are kept
-for at most `MAX_MARKS` addresses, the least recently pressed dropped first.
+`PRESSED_AFTER` times, one that took a slot by that tie rule, or one whose connection was
+evicted, within `PRESSURE_TTL` seconds (`pressed()`). With more flooding addresses than
+slots most of them hold none at any moment, and without this they would take every slot
+that ages into a tie before a fresh client could (they reconnect far more often); marked,
+they need an address holding three, and a fresh client (no history, nothing held) gets
+the oldest. The marks are kept for at most `MAX_MARKS` addresses, the least recently
+pressed dropped first.
 Failure policy: pure bookkeeping; never raises for unknown candidates.
 """
 
@@ -123,21 +124,26 @@ class Candidates:
         got = self._marks.get(key)
         return got is not None and got[0] >= PRESSED_AFTER and now - got[1] < PRESSURE_TTL
 
-    def victim(self, key: str, now: float,
-               weight: Callable[[str], int] | None = None) -> Candidate | None:
+    def victim(self, key: str, now: float, weight: Callable[[str], int] | None = None,
+               pressed: bool | None = None) -> Candidate | None:
         """The candidate whose slot a new connection from `key` may take, or None.
 
         `weight(address)` is what the rule compares: by default this listener's own
         count; with several workers the admission passes the count shared by all of
-        them (a flood spread over the workers must not look light to each one)."""
+        them (a flood spread over the workers must not look light to each one).
+        `pressed`: whether `key` is under pressure, as it was when its admission began
+        (None: now); the admission's further tries must not see the mark its first one
+        set. The victim's address is marked too: it reconnects at once, and would
+        otherwise take the next aged slot before a fresh client could."""
         if not self._all:
             return None
         w = weight or self.count
-        mine = w(key) + self.under_pressure(key, now)
+        mine = w(key) + (self.under_pressure(key, now) if pressed is None else pressed)
         # The heaviest here; with shared weights a few of this listener's heaviest are
         # looked at (they may weigh differently across the workers), never more.
         for i, heaviest in enumerate(self._buckets[self._top]):
             if w(heaviest) >= mine + 2:
+                self.pressed(heaviest, now, PRESSED_AFTER)
                 return next(iter(self._by_key[heaviest]))
             if i + 1 >= LOOK:
                 break
@@ -146,5 +152,6 @@ class Candidates:
             oldest = next(iter(self._all))
             if now - oldest.since >= TIE_AGE or w(oldest.key) >= 2:
                 self.pressed(key, now, PRESSED_AFTER)  # one such slot per PRESSURE_TTL
+                self.pressed(oldest.key, now, PRESSED_AFTER)
                 return oldest
         return None
