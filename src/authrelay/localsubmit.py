@@ -56,6 +56,7 @@ from typing import Any, BinaryIO
 from authrelay import localmail
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config
+from authrelay.jsonline import read_line
 from authrelay.spool.envelope import Envelope
 from authrelay.spool.submit import Submitter
 
@@ -380,13 +381,7 @@ def send(path: str | os.PathLike[str], opts: localmail.Options, message: BinaryI
             s.sendall(struct.pack(">I", 0))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server stopped reading (too big, refused): its answer says why
-        buf = b""
-        with contextlib.suppress(ConnectionResetError):
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                buf += chunk
+        buf = read_line(s)
     finally:
         s.close()
     if not buf.endswith(b"\n"):

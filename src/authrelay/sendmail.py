@@ -41,10 +41,11 @@ config). On any failure nothing is queued.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 # Everything is imported up front: after switching to the spool owner the Python install
@@ -344,14 +345,22 @@ def _where(explicit: str | None) -> tuple[str, Config | None]:
     return override or str(localsubmit.socket_path(cfg)), cfg
 
 
-def _deliver(opts: Options, message: BinaryIO, explicit: str | None, invoker: int) -> str:
-    """Through the running server; with none running, root (only) queues directly."""
+@contextlib.contextmanager
+def _config_fails() -> Iterator[None]:
+    """Finding and reading the config: none found is EX_TEMPFAIL (75: a cron job retries,
+    nothing was written), one that does not load EX_CONFIG (78), each one line."""
     try:
-        sock, cfg = _where(explicit)
+        yield
     except NoConfig as e:
         raise Fail(EX_TEMPFAIL, str(e)) from None
     except ConfigError as e:
         raise Fail(EX_CONFIG, error_line(e)) from None
+
+
+def _deliver(opts: Options, message: BinaryIO, explicit: str | None, invoker: int) -> str:
+    """Through the running server; with none running, root (only) queues directly."""
+    with _config_fails():
+        sock, cfg = _where(explicit)
     try:
         resp = localsubmit.send(sock, opts, message)
     except localsubmit.NotRunning:
@@ -400,21 +409,13 @@ def main(argv: list[str], config: str | None = None) -> int:
             return EX_OK
         explicit = opts.config or config
         if opts.mode == "s":
-            try:
+            with _config_fails():
                 _sock, dcfg = _where(explicit)
-            except NoConfig as e:
-                raise Fail(EX_TEMPFAIL, str(e)) from None
-            except ConfigError as e:
-                raise Fail(EX_CONFIG, error_line(e)) from None
             return smtp_dialogue(dcfg or Config(), sys.stdin.buffer, sys.stdout.buffer,
                                  lambda o, m: _deliver(o, m, explicit, invoker))
         if opts.mode in ("p", "q"):
-            try:
+            with _config_fails():
                 cfg = _load_config(explicit)
-            except NoConfig as e:
-                raise Fail(EX_TEMPFAIL, str(e)) from None
-            except ConfigError as e:
-                raise Fail(EX_CONFIG, error_line(e)) from None
             try:
                 if opts.mode == "p":  # mailq
                     return queuecli.cmd_list(_queue_args(cfg))

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from authrelay.jsonline import read_line
 from authrelay.spool.store import Spool
 
 MAX_REQUEST = 64 * 1024
@@ -125,12 +126,7 @@ def request(path: Path, req: dict[str, Any], timeout: float = 600.0) -> dict[str
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise ServerNotRunning(str(e)) from None
         s.sendall(json.dumps(req).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
+        buf = read_line(s)
     finally:
         s.close()
     if not buf:
