@@ -446,6 +446,12 @@ def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) 
         if s.ca_file and not os.access(s.ca_file, os.R_OK):
             out.append(Finding("error", s.key("ca_file"), f"{s.ca_file}: not readable"))
     sd = cfg.state_path
+    if cfg.source != EMBEDDED and cfg.state_dir == os.path.normpath(
+            Path(os.path.abspath(cfg.source)).parent / Config().state_dir):
+        # Relative paths are taken from the config file's directory (config.py).
+        out.append(Finding("warning", "state_dir", f"not set: the spool, users and keys "
+                           f"are in {sd}, beside the config file; set state_dir (e.g. "
+                           "\"/var/lib/authrelay\")"))
     if sd.exists():
         if not sd.is_dir():
             out.append(Finding("error", "state_dir", f"{sd}: not a directory"))

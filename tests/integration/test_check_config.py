@@ -78,6 +78,24 @@ def test_good_config_ok(site: Path) -> None:
         assert r.stderr == ""
 
 
+def test_state_dir_not_set_warns_where_the_state_goes(site: Path) -> None:
+    """Relative paths are taken from the config file's directory: a file without
+    state_dir keeps its state in var/ beside it (check-config runs from /: the old
+    reading, ./var of the current directory, would have said /var)."""
+    cert, key = _cert(site)
+    cfg = _write(site, {"tls": {"cert": str(cert), "key": str(key)}})
+    cfg.write_text("\n".join(ln for ln in cfg.read_text().splitlines()
+                             if not ln.startswith("state_dir")) + "\n")
+    r = _cc(cfg)
+    assert r.returncode == 0, r.stderr
+    assert f"{cfg}: warning: state_dir: not set: the spool, users and keys are in " \
+        f"{site / 'var'}, beside the config file" in r.stderr, r.stderr
+    cfg.write_text('state_dir = "spool-here"\n' + cfg.read_text())  # before any table
+    r = _cc(cfg)
+    assert "state_dir: not set" not in r.stderr
+    assert f"{site / 'spool-here'} is created on first start" in r.stdout + r.stderr
+
+
 def test_operational_warnings(site: Path) -> None:
     """An unresolvable smart host, a DSN password in a world-readable config: warnings
     (exit 0), each naming the key and the fix, in the findings' one style."""
