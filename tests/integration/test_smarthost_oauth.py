@@ -904,6 +904,32 @@ async def test_doctor_obtains_a_token_and_checks_auth(
         assert token not in res[name].line()
 
 
+async def test_doctor_uses_each_smart_hosts_own_settings(
+        request: pytest.FixtureRequest, dns_server: FakeDNSServer, endpoint: Any,
+        smart_host: Any, trustme_ca_file: Path) -> None:
+    """A smart host with its own [[relay.smart_host_oauth]] table (no [relay]
+    smart_host_user, password AUTH for the others): doctor obtains its token from its
+    endpoint and AUTHs as its user."""
+    tmp = request.getfixturevalue("doctor_setup")["tmp"]
+    ep = endpoint(secret="table-secret", client_id="table-app")
+    sh = smart_host(ep)
+    sf = write_secret(tmp / "table.secret", "table-secret\n")
+    relay = {"smart_host": [sh.address], "smart_host_ca_file": str(trustme_ca_file),
+             "smart_host_oauth": [{
+                 "host": sh.address, "user": USER, "token_url": ep.url,
+                 "client_id": "table-app", "scope": ep.scope, "secret_file": str(sf),
+                 "ca_file": str(trustme_ca_file)}]}
+    name = f"smarthost 127.0.0.2:{sh.port}"
+    res = await doctor(cfg_for(tmp, dns_server, relay=relay))
+    assert res[name].ok, res[name].line()
+    assert res[name].detail == f"token obtained; AUTH XOAUTH2 accepted as {USER}"
+    assert ep.requests == ["client_credentials"]
+    sf.write_text("wrong\n")
+    res = await doctor(cfg_for(tmp, dns_server, relay=relay))
+    assert not res[name].ok and "invalid_client" in res[name].detail
+    assert f"relay.smart_host_oauth[{sh.address}].token_url" in res[name].fix
+
+
 async def test_a_failed_refresh_keeps_the_still_valid_token(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
         trustme_ca_file: Path) -> None:
