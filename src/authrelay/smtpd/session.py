@@ -18,7 +18,8 @@ while unsent output stays under listener.OUT_HIGH_WATER (a client that never rea
 itself), at most BATCH pipelined commands run before the loop yields to other sessions,
 input is buffered up to listener.HIGH_WATER, and a connection closed for a limit or a
 timeout is aborted after a short grace instead of waiting for a flush that never comes.
-DATA is read one protocol.CHUNK per loop turn; once a message is past max_message_size
+DATA is read one protocol.CHUNK per loop turn for the whole worker, round-robin among the
+sessions reading DATA (dataturns.py); once a message is past max_message_size
 the rest (at most protocol.OVERSHOOT) is read at `[limits] oversize_read_rate` (issue 17).
 Failure policy: transient trouble (spool, auth backend) gives 4xx; nothing a client sends
 raises out of here: every path ends in a reply, a maillog line, or a close.
@@ -44,6 +45,7 @@ from authrelay.policy.ownership import Owner
 from authrelay.policy.relay import RelayPolicy
 from authrelay.policy.suspender import Suspender
 from authrelay.smtpd import protocol as p
+from authrelay.smtpd.dataturns import DataTurns
 from authrelay.smtpd.listener import CLOSE_GRACE, QUIT_GRACE, Closed, Connection, Timeout
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.submit import Refused
@@ -222,6 +224,7 @@ class Session:
     async def _loop(self) -> None:
         conn, eng = self.conn, self.eng
         loop = asyncio.get_running_loop()
+        turns = DataTurns.of(loop)
         n = 0  # commands executed since the last yield
         progressed = True
         deadline = 0.0
@@ -235,6 +238,11 @@ class Session:
                 self._flush()
                 if conn.write_blocked:
                     await self._drain()
+                elif eng.phase is p.Phase.DATA:
+                    # one chunk of DATA per loop turn for the whole worker, round-robin
+                    # among the readers (dataturns.py): commands are never queued behind
+                    # a chunk from every streaming connection
+                    await turns.turn()
                 else:
                     await asyncio.sleep(0)
             ev = eng.next_event()
