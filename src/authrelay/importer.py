@@ -947,7 +947,7 @@ def _import_mc(args: argparse.Namespace) -> int:
         sys.stdout.write(convert_mc(
             text, source=args.file, sasl=read_sasl_conf(args.sasl_conf),
             authinfo=Path(args.authinfo) if args.authinfo else None,
-            password_file=Path(args.password_file) if args.password_file else None,
+            password_file=Path(args.password_file).absolute() if args.password_file else None,
             access_file=Path(args.access) if args.access else None))
     except ConfigError as e:  # pragma: no cover - a converter bug, not user error
         print(f"authrelay: converted config is invalid: {e}", file=sys.stderr)
