@@ -58,8 +58,8 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import logging
-from collections import deque
 from dataclasses import dataclass, field
 
 from authrelay import replies
@@ -287,6 +287,12 @@ _NOTIFY_WORDS = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})
 _HEX = frozenset("0123456789ABCDEF")
 
 
+@functools.lru_cache(maxsize=8)
+def _upper(mechanisms: tuple[str, ...]) -> tuple[str, ...]:
+    """The configured SASL mechanisms in upper case: one tuple shared by every session."""
+    return tuple(m.upper() for m in mechanisms)
+
+
 def notify_ok(value: str) -> bool:
     """RFC 3461 4.1: NEVER, or a comma list of SUCCESS, FAILURE, DELAY (any case)."""
     words = {w.upper() for w in value.split(",")}
@@ -317,6 +323,19 @@ def xtext_ok(value: str, limit: int) -> bool:
 class Engine:
     """One SMTP server dialogue. See the module docstring for the calling convention."""
 
+    # Slots, not a __dict__: one Engine per connection, and with more than 30 attributes
+    # CPython gives every instance a full dict of its own (~1.5 KB each; 10,000 idle
+    # connections, bench (f)). A new attribute must be added here.
+    __slots__ = (
+        "_buf", "_eof", "_events", "_long_limit", "_out", "_pending", "_reader", "_sasl",
+        "_skip_cr", "_skipping", "_waiting", "auth_available", "auth_failures",
+        "auth_user", "bad_rcpt_limit", "bad_rcpt_throttle", "bad_rcpts", "commands",
+        "discarded", "errors", "esmtp", "helo", "hostname", "junk", "max_auth_failures",
+        "max_auth_line", "max_errors", "max_junk", "max_line", "max_recipients",
+        "max_size", "max_text_line", "mechanisms", "mode", "phase", "postmaster_domain",
+        "rcpt_throttled", "tls", "tls_available", "transaction", "trusted",
+    )
+
     def __init__(self, cfg: Config, *, mode: str, trusted: bool = False,
                  auth_available: bool = True, tls_available: bool = True,
                  tls_active: bool = False) -> None:
@@ -326,7 +345,7 @@ class Engine:
         self.trusted = trusted
         self.auth_available = auth_available
         self.tls_available = tls_available
-        self.mechanisms = tuple(m.upper() for m in cfg.auth.mechanisms)
+        self.mechanisms = _upper(cfg.auth.mechanisms)
         self.postmaster_domain = (cfg.relay.local_domains or (cfg.hostname,))[0]
         self.max_line = lim.max_line_length
         self.max_auth_line = lim.max_auth_line_length
@@ -356,7 +375,7 @@ class Engine:
         self.phase = Phase.COMMAND
         self._buf = bytearray()
         self._out: list[bytes] = []
-        self._events: deque[Event] = deque()
+        self._events: list[Event] = []  # a short FIFO (a deque costs ~600 bytes)
         self._skipping = False  # dropping the rest of an over-long line
         self._skip_cr = False  # the last byte dropped was a CR
         self._waiting = ""  # which answer is outstanding in Phase.WAIT
@@ -407,14 +426,14 @@ class Engine:
 
     def next_event(self) -> Event | _Sentinel:
         if self._events:
-            return self._events.popleft()
+            return self._events.pop(0)
         phase = self.phase
         if phase is Phase.CLOSED:
             return CLOSED
         if phase is Phase.TLS and self._eof:
             # The peer hung up before the handshake: nothing more can happen here.
             self._close("eof", abort=False)
-            return self._events.popleft()
+            return self._events.pop(0)
         if phase is Phase.WAIT or phase is Phase.TLS:
             return PAUSED
         try:
@@ -440,7 +459,7 @@ class Engine:
             self._reply(replies.LOCAL_ERROR)
             self._close("error")
         if self._events:
-            return self._events.popleft()
+            return self._events.pop(0)
         if self.phase is Phase.CLOSED:
             return CLOSED
         return CONTINUE
