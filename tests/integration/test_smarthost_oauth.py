@@ -707,6 +707,24 @@ def test_config_validation(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- end to end
 
+def root_only_site(request: pytest.FixtureRequest, trustme_ca: Any, name: str,
+                   secret: str) -> tuple[Path, Path, Path]:
+    """For `serve` dropping to the unprivileged test user: a directory it can reach, a
+    client secret only root can read (0600 in a 0700 directory), the CA world-readable.
+    -> (directory, secret file, CA file)."""
+    from support.privileges import unprivileged_user
+
+    unprivileged_user()
+    base: Path = request.getfixturevalue("reachable_dir")
+    secret_dir = base / "secret"
+    secret_dir.mkdir(mode=0o700)
+    sf = write_secret(secret_dir / name, secret)
+    ca = base / "ca.pem"
+    trustme_ca.cert_pem.write_to_path(str(ca))
+    ca.chmod(0o644)
+    return base, sf, ca
+
+
 @pytest.mark.slow
 @pytest.mark.root
 def test_serve_with_a_root_only_client_secret(
@@ -717,19 +735,12 @@ def test_serve_with_a_root_only_client_secret(
     the 2-second token expires mid-queue and the next message gets a new one. No token
     and no secret in the maillog or anywhere under the state dir."""
     from relayproc import RelayProcess, to_toml
-    from support.privileges import TEST_USER, unprivileged_user
+    from support.privileges import TEST_USER
     from support.wait import wait_until
     from test_e2e_delivery import submit
     from test_process_model import _started
 
-    unprivileged_user()
-    base: Path = request.getfixturevalue("reachable_dir")
-    secret_dir = base / "secret"
-    secret_dir.mkdir(mode=0o700)
-    sf = write_secret(secret_dir / "m365.secret", "wrong-value\n")
-    ca = base / "ca.pem"
-    trustme_ca.cert_pem.write_to_path(str(ca))
-    ca.chmod(0o644)
+    base, sf, ca = root_only_site(request, trustme_ca, "m365.secret", "wrong-value\n")
     ep = endpoint(secret="s3cret-value", expires_in=2)
     sh = smart_host(ep)
     r = RelayProcess(base, {
@@ -800,18 +811,11 @@ def test_serve_reads_a_per_host_root_only_secret(
     reads for that host (the unprivileged master names the host, the helper reads what
     its own copy of the config says for it)."""
     from relayproc import RelayProcess
-    from support.privileges import TEST_USER, unprivileged_user
+    from support.privileges import TEST_USER
     from support.wait import wait_until
     from test_e2e_delivery import submit
 
-    unprivileged_user()
-    base: Path = request.getfixturevalue("reachable_dir")
-    secret_dir = base / "secret"
-    secret_dir.mkdir(mode=0o700)
-    sf = write_secret(secret_dir / "backup.secret", "backup-s3cret\n")
-    ca = base / "ca.pem"
-    trustme_ca.cert_pem.write_to_path(str(ca))
-    ca.chmod(0o644)
+    base, sf, ca = root_only_site(request, trustme_ca, "backup.secret", "backup-s3cret\n")
     ep = endpoint(secret="backup-s3cret", client_id="backup-app")
     sh = smart_host(ep, "127.0.0.3")
     down = f"127.0.0.2:{free_port()}"
