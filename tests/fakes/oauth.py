@@ -71,6 +71,7 @@ class TokenEndpoint:
         self.drip = 0.0
         self.oversize = 0
         self.gzip = False
+        self.body: bytes | None = None  # the answer's body as is (malformed JSON, say), 200
         self.accept_encoding: list[str] = []
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -97,6 +98,8 @@ class TokenEndpoint:
                 if fake.oversize:
                     body = {**body, "padding": "x" * fake.oversize}
                 raw = json.dumps(body).encode()
+                if fake.body is not None:
+                    status, raw = 200, fake.body
                 if fake.gzip:
                     raw = gzip.compress(raw)
                 if fake.drip:

@@ -522,6 +522,39 @@ async def test_a_hostile_token_endpoint_is_bounded(
     assert sh.messages == [] and sh.oauth_attempts == []
 
 
+@pytest.mark.parametrize("body", [
+    b"[" * 30000 + b"]" * 30000,  # nested past the JSON decoder's depth, under 64 KiB
+    b'{"access_token": "abc", "expires_in": 1e400}',  # JSON's 1e400 is an infinite float
+    b'{"access_token": "abc", "expires_at": -1e400}',
+    b'{"access_token": "abc", "expires_in": [3600]}',
+    b'{"access_token": "abc", "expires_at": {"at": 1}}',
+], ids=["deep", "expires_in_inf", "expires_at_inf", "expires_in_list", "expires_at_dict"])
+async def test_a_malformed_token_answer_defers_with_the_cause(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any, body: bytes) -> None:
+    """Attack (or a broken endpoint): a 200 answer the JSON decoder or Authlib's token
+    parsing cannot take (RecursionError, OverflowError, TypeError, not ValueError). It
+    escaped the token source: the scheduler logged a traceback ("courier failed"), the
+    next smart host of the list was not tried and every delivery fetched again. Now the
+    mail waits 4.7.0 naming the cause, and the failure is held (one request for two
+    deliveries)."""
+    ep = endpoint(secret="s3cret-value")
+    ep.body = body
+    sh = smart_host(ep)
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file), maillog=mlog)
+    try:
+        r = await deliver(courier)
+        again = await deliver(courier)
+    finally:
+        await courier.close()
+    for got in (r, again):
+        assert (got.permanent, got.enhanced, got.code) == (False, "4.7.0", 454), got
+        assert "the token endpoint's answer is not a token" in got.text, got.text
+    assert len(ep.requests) == 1, ep.requests
+    assert "Traceback" not in logtext(mlog) and "s3cret" not in logtext(mlog)
+    assert sh.messages == [] and sh.oauth_attempts == []
+
+
 async def test_a_redirecting_token_endpoint_gets_no_second_post(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
         trustme_ca_file: Path, mlog: Any) -> None:

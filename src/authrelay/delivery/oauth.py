@@ -376,7 +376,11 @@ class TokenSource:
                              ) from None
         except httpx2.HTTPError as e:
             raise TokenError(_http_reason(e, s)) from None
-        except ValueError as e:
+        except (ValueError, TypeError, OverflowError, RecursionError) as e:
+            # A 200 answer the JSON decoder or Authlib's token parsing cannot take: not
+            # JSON, nested past the decoder's depth (RecursionError, well under
+            # MAX_ANSWER), an expires_in/expires_at of 1e400 (OverflowError) or a list
+            # (TypeError).
             raise TokenError(f"the token endpoint's answer is not a token: {_short(e)}") \
                 from None
         finally:
