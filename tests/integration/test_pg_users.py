@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from relayproc import PASSWORD, RelayProcess
@@ -300,6 +301,26 @@ class _BusyPool:
     async def __aexit__(self, *exc: object) -> None:
         return None
 
+    async def expire_connections(self) -> None:
+        return None  # stays busy: the database is really gone
+
+
+class _BusyUntilExpired:
+    """A pool whose connections all went through the same event (PostgreSQL stopped and
+    came back, or not yet): each hands out a connection left mid-operation until they
+    are expired; then the real pool's, made afresh."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.expired = False
+
+    def acquire(self, timeout: float | None = None) -> Any:
+        return self.real.acquire(timeout=timeout) if self.expired else _BusyPool()
+
+    async def expire_connections(self) -> None:
+        self.expired = True
+        await self.real.expire_connections()
+
 
 async def test_cached_login_survives_a_pool_in_a_bad_state(pg: PostgresServer) -> None:
     """A credential verified a moment ago answers from the cache whatever state the pool
@@ -320,6 +341,26 @@ async def test_cached_login_survives_a_pool_in_a_bad_state(pg: PostgresServer) -
         store._down_until = 0.0
         assert await auth.verify("alice", "wrong") is AuthResult.TEMPFAIL
         assert not auth.db_up
+        await real.close()
+    finally:
+        auth.close()
+
+
+async def test_retry_is_on_a_fresh_connection(pg: PostgresServer) -> None:
+    """A connection found broken is retried once on a connection made afresh, never on
+    another pooled one that went through the same event: a login that is not cached
+    succeeds (the old code retried on the next busy connection: 454 and 'database
+    unreachable, reason=InternalClientError' while the database was there)."""
+    store = PgUserStore(pg.dsn, pool_size=2, timeout=5.0)
+    await store.ensure_schema()
+    await store.insert("bob", passwords.hash_password("bob-pw"), [])
+    auth = PgAuthenticator(store, hash_threads=1, cache_ttl=60)
+    try:
+        real = await store._get_pool()
+        store._pool = _BusyUntilExpired(real)
+        store._pool_loop = asyncio.get_running_loop()
+        assert await auth.verify("bob", "bob-pw") is AuthResult.OK  # not cached: asked
+        assert store._pool.expired and auth.db_up
         await real.close()
     finally:
         auth.close()

@@ -200,6 +200,14 @@ class PgUserStore:
                 if attempt == 2:
                     self._down_until = time.monotonic() + RETRY_AFTER_FAILURE
                     raise UserStoreUnavailable(f"{type(e).__name__}: {e}") from e
+                # A fresh one indeed: the pool's other connections went through the same
+                # event and may be in the same state, and the pool would hand one out
+                # again (the rig: both tries got InternalClientError while PostgreSQL
+                # stopped, the maillog named that instead of the connection refused).
+                # Expired connections are replaced at their next acquire (busy ones
+                # when released).
+                if self._pool is not None:
+                    await self._pool.expire_connections()
             except (OSError, TimeoutError) as e:
                 self._down_until = time.monotonic() + RETRY_AFTER_FAILURE
                 raise UserStoreUnavailable(f"{type(e).__name__}: {e}") from e
