@@ -164,6 +164,56 @@ def test_full_smtp_pool_evicts_idle_sessions_not_transactions(relay_factory
         txn.close()
 
 
+def test_a_session_evicted_in_its_starttls_handshake_ends_at_once(relay_factory
+                                                                 ) -> None:  # noqa: ANN001
+    """587 flooders that send STARTTLS and never a ClientHello are idle before AUTH
+    (session.py: evictable in the handshake). A fresh client evicts one: its socket is
+    closed and its slot freed at once; the session itself must end too. Under uvloop the
+    handshake did not notice its transport aborted: the session lived on, slot already
+    released, until tls_handshake_timeout (here 10 min), and its maillog line was a
+    "421 4.4.2 Timeout exceeded" then, not its end now."""
+    r: RelayProcess = relay_factory({"limits": {**LIMITS, "tls_handshake_timeout": "10m"}},
+                                    start=False)
+    for item in r.config_data["listen"]:
+        if item["mode"] == "submission":
+            item["max_connections"] = 6
+    r.config.write_text(to_toml(r.config_data))
+    r.start()
+    port = r.ports["submission"]
+    flood = []
+    try:
+        for i in range(6):  # three addresses, two each: the pool is full
+            s = _connect(port, f"127.0.7.{i % 3 + 1}")
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"220 ")
+            s.sendall(b"EHLO flood.test\r\n")
+            while f.readline()[3:4] != b" ":
+                pass
+            s.sendall(b"STARTTLS\r\n")
+            assert f.readline().startswith(b"220 ")
+            flood.append(s)
+        with RawClient(port, source="127.0.8.7", timeout=30) as c:  # evicts one of them
+            assert c.reply().code == 220
+            assert c.cmd("EHLO legit.test").code == 250
+            assert c.cmd("STARTTLS").code == 220
+            c.starttls(client_ctx())
+            assert c.cmd("EHLO legit.test").code == 250
+            assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+            c.cmd("QUIT")
+        evicted = [s for s in flood if _closed_by_server(s) is not None]
+        assert evicted, "no flooder was evicted"
+        # Every evicted session has ended (its disconnect line), long before the handshake
+        # timeout, and none of them timed out.
+        wait_until(lambda: r.maillog().count("disconnect=from unknown [127.0.7.") >= len(evicted),
+                   lambda: f"{len(evicted)} evicted sessions to end: {r.maillog()[-2000:]}")
+        log = r.maillog()
+        assert "reject=421 4.4.2" not in log, log[-2000:]
+        assert "Traceback" not in log
+    finally:
+        for s in flood:
+            s.close()
+
+
 def test_eviction_off_leaves_clients_in_backlog(relay_factory) -> None:  # noqa: ANN001
     r = _relay(relay_factory, pool_eviction=False)
     port = r.ports["submissions"]

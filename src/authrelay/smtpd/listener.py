@@ -15,8 +15,9 @@ Memory per connection is bounded whatever the client does:
 - closing: `close(grace)` flushes for at most `grace` seconds, then aborts the transport,
   so a client that never reads cannot hold the socket, its buffers or its descriptor.
 Failure policy: a wait that passes its deadline raises `Timeout`; a lost connection raises
-`Closed`. STARTTLS discards everything the client pipelined after the command
-(CVE-2011-0411, CVE-2024-34083): only bytes that arrive through the TLS layer count.
+`Closed` (so does `abort()` during a STARTTLS handshake: an eviction). STARTTLS discards
+everything the client pipelined after the command (CVE-2011-0411, CVE-2024-34083): only
+bytes that arrive through the TLS layer count.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class Connection(asyncio.Protocol):
         self.local: tuple[str, int] = ("", 0)
         self.tls_info = ""  # "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"
         self.task: asyncio.Task[None] | None = None
+        # The task awaiting starttls() while it does; abort() ends that wait (below).
+        self._tls_task: asyncio.Task[object] | None = None
+        self._tls_aborted = False
 
     # ------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -209,6 +213,7 @@ class Connection(asyncio.Protocol):
             raise Closed
         loop = asyncio.get_running_loop()
         self._paused = False
+        task = self._tls_task = asyncio.current_task()
         try:
             # Our own deadline: on expiry asyncio's ssl_handshake_timeout aborts with a
             # ConnectionAbortedError, indistinguishable from a reset; the session must know
@@ -224,6 +229,15 @@ class Connection(asyncio.Protocol):
         except (ssl.SSLError, OSError, ConnectionError, RuntimeError) as e:
             self._eof = True
             raise Closed from e
+        except asyncio.CancelledError:
+            # abort() during the handshake (an eviction, a close that could not flush):
+            # the connection is gone. Anyone else's cancel (shutdown) goes on as it came.
+            if not self._tls_aborted or task is None or task.uncancel() > 0:
+                raise
+            self._eof = True
+            raise Closed from None
+        finally:
+            self._tls_task = None
         if new is None:
             raise Closed
         self.transport = new
@@ -266,3 +280,10 @@ class Connection(asyncio.Protocol):
         if t is not None and not self._lost:
             with contextlib.suppress(Exception):
                 t.abort()
+        # A STARTTLS handshake in progress: uvloop's start_tls does not notice that its
+        # transport was aborted and would wait for tls_handshake_timeout, the session
+        # living on (its pool slot already released by an eviction). End the wait now.
+        task = self._tls_task
+        if task is not None and not self._tls_aborted and not task.done():
+            self._tls_aborted = True
+            task.cancel()
