@@ -72,6 +72,9 @@ class TokenEndpoint:
         self.oversize = 0
         self.gzip = False
         self.body: bytes | None = None  # the answer's body as is (malformed JSON, say), 200
+        # a refusal's error_description quotes what the client sent (secret, assertion)
+        self.echo = False
+        self.forms: list[dict[str, str]] = []
         self.accept_encoding: list[str] = []
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -95,6 +98,14 @@ class TokenEndpoint:
                     return
                 fake.accept_encoding.append(self.headers.get("Accept-Encoding", ""))
                 status, body = fake._answer(self.path, form)
+                fake.forms.append(form)
+                if fake.echo and "error" in body:
+                    body = {**body, "error_description": body.get("error_description", "")
+                            + " (request: " + " ".join(  # the secret-bearing fields first
+                                f"{k}={v}" for k, v in sorted(
+                                    form.items(), key=lambda kv: kv[0] != "client_secret"
+                                    and kv[0] != "client_assertion"))
+                            + ")"}
                 if fake.oversize:
                     body = {**body, "padding": "x" * fake.oversize}
                 raw = json.dumps(body).encode()

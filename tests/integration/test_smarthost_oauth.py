@@ -450,6 +450,41 @@ async def test_wrong_client_secret_defers_with_the_cause(
     assert "invalid_client" in log and "wrong-secret" not in log
 
 
+@pytest.mark.parametrize("grant", ["client_secret", "private_key_jwt"])
+async def test_a_refusal_echoing_our_secret_does_not_get_it_logged(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, app_key: rsa.RSAPrivateKey, mlog: Any, grant: str) -> None:
+    """A token endpoint whose refusal quotes the request (its error_description naming
+    the client_secret we sent, or the signed client assertion, usable by whoever reads it
+    until it expires): the cause is in the deferral and the maillog, the secret is not.
+    The maillog is readable by more people than the 0600 secret or key file."""
+    if grant == "client_secret":
+        ep = endpoint(secret="right-secret")
+        sh = smart_host(ep)
+        cfg = secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file, "wrong-s3cret-value")
+    else:
+        ep = endpoint(public_key_pem=public_pem(app_key))
+        sh = smart_host(ep)
+        kf = write_secret(tmp_path / "app.pem", pem(rsa_key()))  # not the registered key
+        cfg = oauth_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+                        smart_host_oauth_key_file=str(kf))
+    ep.echo = True
+    courier = wiring.courier(cfg, maillog=mlog)
+    try:
+        r = await deliver(courier)
+    finally:
+        await courier.close()
+    assert (r.permanent, r.enhanced, r.code) == (False, "4.7.0", 454), r
+    assert "invalid_client" in r.text and "[redacted]" in r.text, r.text
+    sent = ep.forms[0]
+    secret = sent.get("client_secret") or sent["client_assertion"]
+    assert len(secret) > 10
+    log = logtext(mlog)
+    for text in (r.text, log):
+        assert secret not in text and secret[:16] not in text, text
+    assert "invalid_client" in log
+
+
 @pytest.mark.parametrize("how", ["closed port", "HTTP 503", "untrusted certificate"])
 async def test_token_endpoint_down_defers(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,

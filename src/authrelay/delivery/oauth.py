@@ -59,6 +59,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import httpx2
 from authlib.integrations.base_client import OAuthError
@@ -170,6 +171,23 @@ def _lifetime(expires_in: Any) -> tuple[float, float]:
 def _short(text: Any) -> str:
     s = " ".join(str(text or "").split())
     return s if len(s) <= _MAX_TEXT else s[:_MAX_TEXT] + "..."
+
+
+# A JWS compact serialization (RFC 7515 7.1): what a client assertion or a token looks like.
+_JWS = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
+
+
+def _scrub(text: Any, secrets: tuple[str, ...]) -> str:
+    """An endpoint's text for the maillog with what we sent cut out: an error_description
+    may quote the request (the client secret, as sent or form-encoded; the signed
+    assertion, usable until it expires), and the maillog is read by more people than
+    the 0600 secret or key file."""
+    s = str(text or "")
+    for secret in secrets:
+        for form in {secret, quote_plus(secret), quote(secret, safe="")}:
+            if len(form) >= 4:
+                s = s.replace(form, "[redacted]")
+    return _JWS.sub("[redacted]", s)
 
 
 class _Refused(Exception):
@@ -329,10 +347,11 @@ class TokenSource:
         url = s.token_url
         client: httpx2.AsyncClient
         fetch: Callable[[], Awaitable[Any]]
+        hide: tuple[str, ...] = ()  # what we send, never quoted back into the maillog
         if s.grant == "client_credentials" and s.secret_file:
+            hide = (secret.decode("utf-8", "replace").strip("\r\n"),)
             cs = AsyncOAuth2Client(
-                s.client_id,
-                secret.decode("utf-8", "replace").strip("\r\n"),
+                s.client_id, hide[0],
                 token_endpoint_auth_method="client_secret_post",
                 scope=s.scope, **http)
             client, fetch = cs, partial(cs.fetch_token, url, grant_type="client_credentials")
@@ -371,9 +390,9 @@ class TokenSource:
         except _Refused as e:
             raise TokenError(str(e)) from None
         except OAuthError as e:
-            raise TokenError(f"the token endpoint refused: {_short(e.error)}"
-                             + (f" ({_short(e.description)})" if e.description else "")
-                             ) from None
+            raise TokenError(f"the token endpoint refused: {_short(_scrub(e.error, hide))}"
+                             + (f" ({_short(_scrub(e.description, hide))})"
+                                if e.description else "")) from None
         except httpx2.HTTPError as e:
             raise TokenError(_http_reason(e, s)) from None
         except (ValueError, TypeError, OverflowError, RecursionError) as e:
@@ -381,14 +400,15 @@ class TokenSource:
             # JSON, nested past the decoder's depth (RecursionError, well under
             # MAX_ANSWER), an expires_in/expires_at of 1e400 (OverflowError) or a list
             # (TypeError).
-            raise TokenError(f"the token endpoint's answer is not a token: {_short(e)}") \
-                from None
+            raise TokenError("the token endpoint's answer is not a token: "
+                             f"{_short(_scrub(e, hide))}") from None
         finally:
             await client.aclose()
         if not isinstance(token, dict):
             raise TokenError("the token endpoint's answer is not a token")
         if str(token.get("token_type", "bearer")).lower() != "bearer":
-            raise TokenError(f"the token endpoint issued a {_short(token['token_type'])} "
+            raise TokenError("the token endpoint issued a "
+                             f"{_short(_scrub(token['token_type'], hide))} "
                              "token, not a Bearer token")
         return _valid_token(token.get("access_token")), token.get("expires_in")
 
