@@ -255,6 +255,58 @@ async def test_google_service_account_jwt_bearer(
     assert not ep.valid(token, "someone-else@example.org")
 
 
+async def test_a_service_account_token_uri_in_clear_gets_no_assertion(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, app_key: rsa.RSAPrivateKey, mlog: Any) -> None:
+    """The token URL of a service-account JSON key (no token_url set) is the file's
+    token_uri: an http:// one (an edited or forged key file) received the signed
+    assertion in clear, which anyone on the path could trade for tokens until it
+    expires; token_url itself must be https:// (config). Now nothing is sent and the
+    mail waits naming the cause."""
+    import http.server
+    import threading
+
+    seen: list[bytes] = []
+
+    class Plain(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            seen.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+            self.send_response(400)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    plain = http.server.HTTPServer(("127.0.0.1", 0), Plain)
+    t = threading.Thread(target=plain.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True)
+    t.start()
+    sa = "relay@project.iam.gserviceaccount.com"
+    ep = endpoint(public_key_pem=public_pem(app_key), service_account=sa,
+                  scope=GOOGLE_SCOPE)
+    sh = smart_host(ep)
+    kf = write_secret(tmp_path / "sa.json", json.dumps({
+        "type": "service_account", "client_email": sa, "private_key_id": "k1",
+        "private_key": pem(app_key).decode(),
+        "token_uri": f"http://127.0.0.1:{plain.server_address[1]}/token"}))
+    cfg = oauth_cfg(tmp_path, dns, sh, ep, trustme_ca_file, smart_host_oauth_grant="jwt_bearer",
+                    smart_host_oauth_token_url="", smart_host_oauth_client_id="",
+                    smart_host_oauth_key_file=str(kf))
+    courier = wiring.courier(cfg, maillog=mlog)
+    try:
+        r = await deliver(courier)
+    finally:
+        await courier.close()
+        plain.shutdown()
+        plain.server_close()
+        t.join(5)
+    assert seen == []
+    assert (r.permanent, r.enhanced, r.code) == (False, "4.7.0", 454), r
+    assert "token_uri" in r.text and "https://" in r.text, r.text
+    assert sh.messages == []
+
+
 async def test_each_smart_host_its_own_oauth_settings_and_token(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
         trustme_ca_file: Path, app_key: rsa.RSAPrivateKey, mlog: Any) -> None:

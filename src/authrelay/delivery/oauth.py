@@ -37,7 +37,8 @@ whose text names the cause (endpoint unreachable, TLS failure, the endpoint's `e
   request, the whole answer) within `timeout` seconds (a total deadline: httpx2's own
   timeouts are per read, so an endpoint dripping a byte a second would hold the delivery
   for ever), an answer of at most MAX_ANSWER bytes (read as it streams in, never
-  buffered past that), uncompressed, and no redirect followed.
+  buffered past that), uncompressed, and no redirect followed. Only to https:// (the
+  config checks token_url; a service-account file's token_uri is checked here).
 - After a failed fetch, further `get()`s fail at once with the same cause for
   `fail_hold` seconds, so a queue of mail does not hammer a refusing endpoint.
 - Tokens live only in this object's memory: never logged, never written to disk. The
@@ -361,6 +362,11 @@ class TokenSource:
             except ValueError as e:
                 raise TokenError(f"{s.key('key_file')}: {e}") from None
             url = url or key.token_url
+            if not url.startswith("https://"):
+                # token_url is checked at load (config); a service-account file's own
+                # token_uri only here: the signed assertion must not travel in clear.
+                raise TokenError(f"{s.key('key_file')}: its token_uri {_short(url)!r} is "
+                                 f"not https:// (set {s.key('token_url')})")
             if s.grant == "client_credentials":
                 ks = AsyncOAuth2Client(
                     s.client_id, key.key,
