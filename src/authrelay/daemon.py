@@ -583,6 +583,7 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
     d.mkdir(parents=True, exist_ok=True)
     lock_fd = process.acquire_instance_lock(d)  # before binding or forking anything
     process.set_name("authrelay")  # ps: authrelay, authrelay-keys, authrelay-w0 ...
+    process.return_big_allocations()  # argon2's 19 MiB per hash is given back (bench f)
     try:
         return _serve_locked(cfg, config_path, dropping)
     finally:

@@ -152,6 +152,26 @@ def set_name(name: str) -> None:
         _prctl()(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt(): allocations from this size up are mmap()ed
+BIG_ALLOCATION = 1 << 20
+
+
+def return_big_allocations() -> None:
+    """Allocations of 1 MiB and more get their own mapping, given back when freed.
+
+    glibc raises its mmap threshold to the size of any mapped block that is freed (up to
+    32 MiB): after the first argon2 hash (19 MiB, `[auth] hash_threads` threads per
+    worker) every later one came from the thread's malloc arena and stayed there, ~19 MiB
+    per hashing thread that ever ran (bench (f): +60 MB per worker after the first burst
+    of logins, measured as PSS). A fixed threshold turns that off; smaller blocks (our
+    reading and spool buffers are at most 256 KiB) still come from the arenas. glibc only
+    (other C libraries: no such function or a no-op); called before any thread or fork,
+    the setting is inherited by every process of the instance."""
+    with contextlib.suppress(OSError, AttributeError):
+        _prctl()  # loads libc
+        _libc.mallopt(M_MMAP_THRESHOLD, BIG_ALLOCATION)
+
+
 def arm_child(master_pid: int) -> None:
     """In a child right after fork: die with the master. Exits at once if it is gone."""
     try:
