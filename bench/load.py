@@ -205,10 +205,22 @@ async def _smtp_worker_main(a: argparse.Namespace, sessions: int, concurrency: i
     deadline = t0 + a.duration if a.duration else None
     left = sessions
 
+    # --rate: sessions start on a fixed schedule (this process's share of the rate), at
+    # most `concurrency` in flight: the offered load is the same whatever the server's
+    # speed, so latencies of two servers compare at equal load (a closed loop runs the
+    # faster server at more sessions per second, on the same cores as this client).
+    gap = a.procs / a.rate if a.rate else 0.0  # seconds between this process's starts
+    started = 0
+
     async def lane() -> None:
-        nonlocal left
+        nonlocal left, started
         while (left > 0 if deadline is None else time.monotonic() < deadline):
             left -= 1
+            if gap:
+                due = t0 + started * gap
+                started += 1
+                if due > time.monotonic():
+                    await asyncio.sleep(due - time.monotonic())
             await _session(a, ctx, data, st)
 
     await asyncio.gather(*(lane() for _ in range(concurrency)))
@@ -239,6 +251,7 @@ def _split(total: int, parts: int) -> list[int]:
 
 def run_smtp(a: argparse.Namespace) -> dict[str, Any]:
     procs = max(1, min(a.processes or os.cpu_count() or 1, a.concurrency))
+    a.procs = procs
     conc = _split(a.concurrency, procs)
     sess = _split(a.sessions, procs) if not a.duration else [0] * procs
     start_at = time.monotonic() + 0.3 + 0.05 * procs
@@ -265,7 +278,7 @@ def run_smtp(a: argparse.Namespace) -> dict[str, Any]:
     return dict(
         tool="load.py", mode="smtp", host=a.host, port=a.port, tls=a.tls, auth=a.auth,
         processes=procs, concurrency=a.concurrency, sessions=a.sessions,
-        duration=a.duration, messages_per_session=a.messages, size=a.size,
+        duration=a.duration, rate=a.rate, messages_per_session=a.messages, size=a.size,
         sessions_ok=tot["sess_ok"], sessions_failed=tot["sess_fail"],
         messages_ok=tot["msg_ok"], messages_failed=tot["msg_fail"], bytes=tot["bytes"],
         elapsed_s=round(elapsed, 4),
@@ -546,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sessions", "-n", type=int, default=100, help="sessions in all")
     g.add_argument("--duration", type=float, default=0.0,
                    help="run sessions for this many seconds instead of --sessions")
+    g.add_argument("--rate", type=float, default=0.0,
+                   help="sessions started per second in all (open loop, at most -c in "
+                        "flight); 0: as fast as the server allows (closed loop)")
     g.add_argument("--messages", "-m", type=int, default=1, help="messages per session")
     g.add_argument("--processes", "-p", type=int, default=0, help="default: one per core")
     g = ap.add_argument_group("idle mode")
