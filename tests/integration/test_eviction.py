@@ -214,6 +214,38 @@ def test_a_session_evicted_in_its_starttls_handshake_ends_at_once(relay_factory
             s.close()
 
 
+def test_starttls_handshake_in_stress_mode_gets_the_short_deadline(relay_factory
+                                                                   ) -> None:  # noqa: ANN001
+    """Stress mode shortens the handshake deadline to stress_command_timeout (Postfix's
+    smtpd_starttls_timeout; docs/LIMITS.md): it did so for 465 only, a STARTTLS that
+    never sends its ClientHello kept its slot for the full tls_handshake_timeout (here
+    10 min) while the listener was under stress and eviction off."""
+    r: RelayProcess = relay_factory({"limits": {
+        **LIMITS, "pool_eviction": False, "tls_handshake_timeout": "10m",
+        "stress_threshold": 10, "stress_command_timeout": "1s"}}, start=False)
+    for item in r.config_data["listen"]:
+        if item["mode"] == "submission":
+            item["max_connections"] = 6
+    r.config.write_text(to_toml(r.config_data))
+    r.start()
+    port = r.ports["submission"]
+    s = _connect(port, "127.0.7.9")  # 1 of 6: the listener is in stress mode
+    try:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        r.wait_for(lambda: "warning=stress mode on" in r.maillog(), what="stress mode")
+        s.sendall(b"EHLO stall.test\r\n")
+        while f.readline()[3:4] != b" ":
+            pass
+        s.sendall(b"STARTTLS\r\n")
+        assert f.readline().startswith(b"220 ")
+        r.wait_for(lambda: "disconnect=from unknown [127.0.7.9]" in r.maillog(),
+                   what="the stalled STARTTLS handshake to end at the stress deadline")
+        assert "reject=421 4.4.2" in r.maillog()
+    finally:
+        s.close()
+
+
 def test_eviction_off_leaves_clients_in_backlog(relay_factory) -> None:  # noqa: ANN001
     r = _relay(relay_factory, pool_eviction=False)
     port = r.ports["submissions"]

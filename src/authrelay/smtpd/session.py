@@ -78,6 +78,8 @@ class Ticket(Protocol):
 
     @property
     def command_timeout(self) -> float: ...
+    @property
+    def stressed(self) -> bool: ...  # the listener is in stress mode
     def release(self) -> None: ...
     def idle(self, evict: Callable[[], None]) -> None: ...  # evictable (issue 17) ...
     def busy(self) -> None: ...  # ... until this
@@ -380,8 +382,13 @@ class Session:
         # A client that never completes the handshake holds its slot no better than one
         # that never sends a command: evictable meanwhile (nothing authenticated yet).
         self.ticket.idle(self.evict)
+        lim = self.cfg.limits
+        # In stress mode the short deadline, as for a 465 handshake (admission.py) and
+        # Postfix's smtpd_starttls_timeout: stalled handshakes free their slots fast.
+        hs = min(lim.tls_handshake_timeout, lim.stress_command_timeout) \
+            if self.ticket.stressed else lim.tls_handshake_timeout
         try:
-            await self.conn.starttls(ctx, self.cfg.limits.tls_handshake_timeout)
+            await self.conn.starttls(ctx, hs)
         except Timeout:
             self.conn.write(replies.TIMEOUT.lines())
             self._log_reject(replies.TIMEOUT, stage="timeout")
