@@ -159,6 +159,12 @@ class Connection(asyncio.Protocol):
         return data
 
     @property
+    def input_ended(self) -> bool:
+        """The peer sent FIN, or the connection is closed or gone (input may still be
+        buffered)."""
+        return self._eof
+
+    @property
     def at_eof(self) -> bool:
         """No more input will come (FIN or connection lost) and none is buffered."""
         return self._eof and not self._buf

@@ -204,6 +204,11 @@ class SMTPServer:
     async def stop(self, timeout: float) -> None:
         """Stop accepting, let sessions finish up to `timeout`, then cancel the rest."""
         await self.stop_accepting()
+        # A message already past max_message_size is refused whatever comes next, and
+        # its rest is read at oversize_read_rate: nothing worth waiting for. 421 now.
+        for s in list(self.sessions):
+            if s.refusing_data and s.conn.task is not None:
+                s.conn.task.cancel()
         tasks = [s.conn.task for s in list(self.sessions) if s.conn.task is not None]
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=timeout)

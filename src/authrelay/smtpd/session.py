@@ -186,6 +186,11 @@ class Session:
         self._flush()
         self.conn.close(CLOSE_GRACE)
 
+    @property
+    def refusing_data(self) -> bool:
+        """Reading the rest of a message already past max_message_size (paced)."""
+        return self.eng.phase is p.Phase.DATA and self.eng.oversize > 0
+
     def _evictable(self) -> bool:
         """Pre-authentication and outside a transaction (issue 17)."""
         return not self.eng.auth_user and self.eng.transaction is None
@@ -313,7 +318,9 @@ class Session:
         scans a second instead of a core, and nothing under the limit is ever slowed.
         data_final_timeout still ends it."""
         rate = self.cfg.limits.oversize_read_rate
-        if rate <= 0:
+        if rate <= 0 or self.conn.input_ended:
+            # (a sender that has hung up sends nothing more: what it left buffered is
+            # scanned at once, to the end of data or the close)
             return
         loop = asyncio.get_running_loop()
         now, over = loop.time(), self.eng.oversize
