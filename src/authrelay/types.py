@@ -52,6 +52,10 @@ class DeliveryResult:
     # when no connection was made.
     tls: str = ""
     tls_policy: str = ""
+    # A next hop's 5xx reply to RCPT that says the recipient itself is bad (no such
+    # mailbox, address or domain, mailbox disabled: policy/containment.refuses_recipient):
+    # what containment counts as `refused`; the DSN's reason is the reply as it came.
+    recipient_refused: bool = False
 
     @property
     def ok(self) -> bool:

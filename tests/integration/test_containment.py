@@ -9,6 +9,7 @@ suspension survives a restart; `authrelay user resume` with --delete-held or --r
 from __future__ import annotations
 
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,69 @@ def test_reply_all_to_dead_list_does_not_suspend_a_spam_run_does(
         assert mail_reply(port).startswith("450 4.7.1")
     finally:
         r.stop()
+
+
+def refused_events(r: RelayProcess) -> set[str]:
+    """The addresses counted as refused for alice (the node's containment store)."""
+    db = sqlite3.connect(f"file:{r.state / 'containment.db'}?mode=ro", uri=True)
+    try:
+        return {v for (v,) in db.execute(
+            "SELECT value FROM events WHERE user = 'alice' AND kind = 'refused'")}
+    finally:
+        db.close()
+
+
+BLOCKED = "554 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using " \
+          "zen.spamhaus.org"
+
+
+def test_policy_refusals_at_rcpt_do_not_count(tmp_path: Path, fake_mx: MXFactory) -> None:
+    """The relay's address on a blocklist: the next hop answers 554 5.7.1 to every RCPT.
+    Many messages with many recipients suspend nobody (the refusal is about the relay,
+    not the recipients); 550 5.1.1 and a bare 550 (no enhanced code) still count, and
+    only they are in the store."""
+    blocked = [f"b{i}@example.net" for i in range(12)]
+    replies = {a: BLOCKED for a in blocked}
+    replies |= {"dead1@example.net": "550 5.1.1 no such user",
+                "dead2@example.net": "550 5.1.1 no such user",
+                "gone@example.net": "550 no such user here"}
+    mx = fake_mx("127.0.0.2", rcpt_replies=replies)
+    r = RelayProcess(tmp_path, {
+        "relay": {"smart_host": [f"127.0.0.2:{mx.port}"]},
+        "limits": {"containment": {"notify": ADMIN, "refused": 3}}}).start()
+    try:
+        port = r.ports["submissions"]
+        for i in range(0, 12, 2):
+            assert send(port, blocked[i:i + 2])[-1] == 250
+        r.wait_for(lambda: r.maillog().count("stat=Bounced") == 12)
+        assert BLOCKED.split(" ", 1)[1] in r.maillog()  # the bounce's reason, as it came
+        assert send(port, ["dead1@example.net"]) == [250, 250, 250]
+        r.wait_for(lambda: r.maillog().count("stat=Bounced") == 13)
+        assert send(port, ["dead2@example.net", "gone@example.net"]) == [250, 250, 250, 250]
+        r.wait_for(lambda: suspended_lines(r))
+        assert "threshold=refused, count=3, limit=3" in suspended_lines(r)[0]
+    finally:
+        r.stop()
+    assert refused_events(r) == {"dead1@example.net", "dead2@example.net",
+                                 "gone@example.net"}
+
+
+def test_refusal_at_mail_does_not_count(tmp_path: Path, fake_mx: MXFactory) -> None:
+    """The smart-host tenant blocked: 554 5.7.1 to MAIL, so every recipient of every
+    message bounces; none of them counts as a refused recipient."""
+    mx = fake_mx("127.0.0.2", mail_reply=BLOCKED)
+    r = RelayProcess(tmp_path, {
+        "relay": {"smart_host": [f"127.0.0.2:{mx.port}"]},
+        "limits": {"containment": {"notify": ADMIN, "refused": 2}}}).start()
+    try:
+        port = r.ports["submissions"]
+        for i in range(4):
+            assert send(port, [f"x{i}@example.net", f"y{i}@example.net"])[-1] == 250
+        r.wait_for(lambda: len(re.findall(r"to=<[xy]\d@.*stat=Bounced", r.maillog())) == 8)
+        assert mail_reply(port).startswith("250")
+    finally:
+        r.stop()
+    assert not suspended_lines(r) and refused_events(r) == set()
 
 
 def test_exempt_and_off(tmp_path: Path) -> None:

@@ -176,3 +176,34 @@ async def test_database_refusing_keeps_the_suspension_on_the_node(tmp_path: Path
         assert await state.suspended("alice") is True  # from the node's own file
     finally:
         await state.close()
+
+
+@pytest.mark.parametrize(("code", "enhanced", "counted"), [
+    (550, "5.1.1", True),    # no such mailbox
+    (553, "5.1.3", True),    # bad address syntax
+    (550, "5.1.10", True),   # Microsoft 365: recipient not found
+    (556, "5.1.10", True),   # null MX at the peer
+    (554, "5.1.2", True),    # bad destination system
+    (550, "5.2.1", True),    # mailbox disabled
+    (552, "5.2.2", True),    # mailbox full
+    (552, "5.2.3", False),   # the message's length, not the mailbox
+    (554, "5.7.1", False),   # "Client host blocked using zen.spamhaus.org"
+    (550, "5.7.1", False),   # a blocked tenant, relay denied
+    (550, "5.7.606", False),  # Microsoft 365: the sender's tenant blocked
+    (550, "5.0.0", False),   # an enhanced code saying nothing about the recipient
+    (552, "5.3.4", False),
+    (550, "5.4.1", False),
+    (451, "4.1.1", False),   # 4xx: never
+    (450, "4.2.1", False),
+    (550, None, True),       # no enhanced code: 550, 551, 553 only
+    (551, None, True),
+    (553, None, True),
+    (554, None, False),
+    (552, None, False),
+    (450, None, False),
+    (550, "x.1.1", False),
+])
+def test_refuses_recipient(code: int, enhanced: str | None, counted: bool) -> None:
+    """Only a reply that says the recipient is bad counts: 5.1.x, mailbox-level 5.2.x, or
+    550/551/553 without an enhanced code; never policy (5.7.x) nor 4xx."""
+    assert containment.refuses_recipient(code, enhanced) is counted

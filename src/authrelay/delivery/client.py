@@ -99,6 +99,7 @@ from authrelay.delivery.router import SMARTHOST, route_key
 from authrelay.delivery.tlspolicy import HostPolicy
 from authrelay.delivery.wire import ProtocolError, SMTPReply
 from authrelay.dns import DnsError, Resolver
+from authrelay.policy import containment
 from authrelay.spool.envelope import Envelope, Recipient
 from authrelay.types import DeliveryResult
 
@@ -205,6 +206,18 @@ def reply_result(code: int, message: str, remote: str) -> DeliveryResult:
 
 def _result(rep: SMTPReply, remote: str) -> DeliveryResult:
     return reply_result(rep.code, rep.text, remote)
+
+
+def _rcpt_result(rep: SMTPReply, remote: str) -> DeliveryResult:
+    """A refusal of RCPT, marked `recipient_refused` when it says the recipient is bad
+    (policy/containment.refuses_recipient: what containment counts)."""
+    res = _result(rep, remote)
+    text = " ".join(rep.text.split("\n")).strip()
+    m = _ENHANCED.match(text)
+    given = text[:m.end()].strip() if m and m.group(1) == str(rep.code)[0] else None
+    if containment.refuses_recipient(rep.code, given):
+        res = dataclasses.replace(res, recipient_refused=True)
+    return res
 
 
 class _Payload:
@@ -1084,7 +1097,7 @@ class Courier:
                 if rep.code in (250, 251):
                     accepted.append(r)
                     continue
-                res = _result(rep, remote)
+                res = _rcpt_result(rep, remote)
                 results[r.address] = res
                 if not res.permanent:
                     next_host.add(r.address)

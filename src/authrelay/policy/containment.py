@@ -8,9 +8,24 @@ policy/suspensions.py, and policy/suspender.py acts on a verdict.
 Contract: `decide(counts, cfg)` -> the first threshold reached (`Trip`), or None. A
 threshold of 0 is off; `enabled = false` or an exempt user is never tripped. Thresholds
 count within `[limits.containment] window` (sliding): messages accepted, distinct
-recipient addresses, distinct recipient addresses the next hops refused with 5xx (at most
-`refused_per_message` of them from one message: `refused_counted`), distinct client
-networks (/24 for IPv4, /64 for IPv6: policy/throttle.source_net).
+recipient addresses, distinct recipient addresses the next hops refused as bad recipients
+(`refuses_recipient`; at most `refused_per_message` of them from one message:
+`refused_counted`), distinct client networks (/24 for IPv4, /64 for IPv6:
+policy/throttle.source_net).
+
+What counts as refused (`refuses_recipient`): only a 5xx reply to RCPT that says the
+RECIPIENT is bad: enhanced status 5.1.x (RFC 3463 3.2: bad mailbox, address, domain) or
+5.2.x but 5.2.3 (3.3: mailbox disabled, full; 5.2.3 is the message's length), or, from a
+server giving no enhanced code, 550, 551 or 553 (RFC 5321 4.2.2). Not counted: a
+refusal at the greeting, EHLO, MAIL or DATA (it is about the relay, the sender or the
+message, and applies to every recipient alike); 5.7.x at RCPT (policy: "client host
+blocked using zen.spamhaus.org", a blocked tenant: it describes the relay or the
+content); any other 5xx with an enhanced code (5.0.0, 5.3.x, 5.4.x, 5.5.x...); 4xx; and
+verdicts of our own (DNS: no such domain, null MX; no SMTPUTF8 or 8BITMIME at the next
+hop). Otherwise the relay's address on a blocklist, or its smart-host tenant blocked,
+would make every message of every active user a refusal and suspend them all: a limit an
+outsider, or an accident (a resolver answering NXDOMAIN for everything), turns against
+every legitimate user.
 
 Why refusals are capped per message: a compromised account sends many messages to
 harvested lists, and refusals come from message after message; a person's one reply-all
@@ -92,8 +107,24 @@ def decide(user: str, counts: Counts, cfg: Containment) -> Trip | None:
     return None
 
 
+def refuses_recipient(code: int, enhanced: str | None) -> bool:
+    """Whether a next hop's reply `code` to RCPT, with the enhanced status code the server
+    gave (None when it gave none), says the recipient is bad (see the module header)."""
+    if not 500 <= code < 600:
+        return False
+    if enhanced is None:
+        return code in (550, 551, 553)
+    try:
+        klass, subject, detail = (int(p) for p in enhanced.split("."))
+    except ValueError:  # not three numbers
+        return False
+    # RFC 3463 3.3: X.2.3 "message length exceeds administrative limit" is the message's.
+    return klass == 5 and (subject == 1 or (subject == 2 and detail != 3))
+
+
 def refused_counted(refused: list[str], earlier: int, cap: int) -> list[str]:
-    """Of the addresses a next hop has just refused (5xx) in one message, those that
+    """Of the addresses a next hop has just refused in one message (`refuses_recipient`),
+    those that
     count: at most `cap` per message, `earlier` being how many of that message's
     recipients were refused in its earlier delivery attempts (other destinations, other
     passes). Lower-cased, de-duplicated, in a stable order (sorted), so the same list

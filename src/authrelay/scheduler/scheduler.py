@@ -574,7 +574,7 @@ class Scheduler:
             elif res.permanent or res.code >= 500 or \
                     backoff.expired(env, now, d.max_queue_lifetime):
                 expired = not (res.permanent or res.code >= 500)
-                if res.code >= 500:  # refused by the next hop (or its DNS): a 5xx
+                if res.recipient_refused:  # a next hop's RCPT reply: no such recipient
                     refused.append(r.address)
                 stat = "Bounced"
                 if should_notify(env, r, "failed"):
@@ -607,7 +607,11 @@ class Scheduler:
         if refused and env.auth_user and self.containment is not None:
             # At most [limits.containment] refused_per_message of one message count: its
             # recipients refused in earlier attempts (other destinations, passes) too.
-            earlier = sum(1 for x in env.recipients if x.last_code >= 500) - len(refused)
+            # Those of other jobs with any 5xx are taken as counted (which can only count
+            # fewer: whether a finished one was a bad recipient is not kept).
+            mine = {id(x) for x in job.rcpts}
+            earlier = sum(1 for x in env.recipients
+                          if x.last_code >= 500 and id(x) not in mine)
             # In the background: a trip holds this user's mail, which waits for this
             # very delivery to end.
             self._spawn(self.containment.refused(env.auth_user, refused, earlier=earlier))
