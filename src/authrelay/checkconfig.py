@@ -47,6 +47,7 @@ from authrelay.config import (
     Config,
     ConfigError,
     Listen,
+    config_dir,
     error_line,
     load,
     parse_hostport,
@@ -447,7 +448,7 @@ def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) 
             out.append(Finding("error", s.key("ca_file"), f"{s.ca_file}: not readable"))
     sd = cfg.state_path
     if cfg.source != EMBEDDED and cfg.state_dir == os.path.normpath(
-            Path(os.path.abspath(cfg.source)).parent / Config().state_dir):
+            config_dir(cfg.source) / Config().state_dir):
         # Relative paths are taken from the config file's directory (config.py).
         out.append(Finding("warning", "state_dir", f"not set: the spool, users and keys "
                            f"are in {sd}, beside the config file; set state_dir (e.g. "

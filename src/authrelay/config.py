@@ -12,8 +12,9 @@ start) runs on the embedded default (state under ./var, self-signed cert, loopba
 import sasldb) get `NoConfig` instead: writing a spool or user DB that no daemon reads
 would lose mail or users silently (their exit status is 75, EX_TEMPFAIL).
 
-Paths: a relative path in a config file is taken from the file's directory
-(`absolute_paths`, at `load_file`), never from the reading process's current directory.
+Paths: a relative path in a config file is taken from the directory of the file's real
+path (symlinks resolved: `config_dir`, `absolute_paths`, at `load_file`), never from the
+reading process's current directory.
 """
 
 from __future__ import annotations
@@ -917,7 +918,15 @@ def load_file(path: str | os.PathLike[str]) -> Config:
         cfg = from_dict(data, source=str(p))
     except ConfigError as e:
         raise ConfigError(str(e), p) from None
-    return absolute_paths(cfg, Path(os.path.abspath(p)).parent)
+    return absolute_paths(cfg, config_dir(p))
+
+
+def config_dir(path: str | os.PathLike[str]) -> Path:
+    """The directory relative paths in the config file `path` are taken from: that of
+    the file's real path (symbolic links resolved), so every name of the file (a symlink
+    /etc/authrelay.toml to /srv/relay/authrelay.toml, the target itself, a linked
+    directory) means the same state and files."""
+    return Path(os.path.realpath(path)).parent
 
 
 # Every key that names a file or directory (besides state_dir and the `PREFIX:PATH`

@@ -71,6 +71,30 @@ def test_config_option_after_the_command(tmp_path: Path) -> None:
     assert (tmp_path / "state" / "users.db").exists()  # the file named after the command
 
 
+def test_relative_paths_through_a_symlink_are_from_the_real_file(tmp_path) -> None:
+    """A config file reached through a symlink (or a linked directory) takes its relative
+    paths from the real file's directory: every name of the file means the same state."""
+    from authrelay.checkconfig import check
+    from authrelay.config import config_dir, load_file
+
+    real = tmp_path / "srv" / "relay"
+    real.mkdir(parents=True)
+    (real / "authrelay.toml").write_text('aliases_file = "aliases"\n')
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "authrelay.toml").symlink_to(real / "authrelay.toml")
+    (tmp_path / "linkdir").symlink_to(real)
+    names = [real / "authrelay.toml", etc / "authrelay.toml",
+             tmp_path / "linkdir" / "authrelay.toml"]
+    for name in names:
+        cfg = load_file(name)
+        assert (cfg.state_dir, cfg.aliases_file) == (str(real / "var"),
+                                                    str(real / "aliases")), name
+        assert config_dir(name) == real
+        # check-config's "state_dir not set" warning knows it is the default, by any name
+        assert any(f.key == "state_dir" and "not set" in f.message for f in check(cfg)), name
+
+
 def test_relative_paths_are_from_the_config_file(tmp_path, monkeypatch) -> None:
     """load_file: every relative path is taken from the file's directory (state_dir's
     default included); absolute ones and empty ones are kept; the embedded default (no
