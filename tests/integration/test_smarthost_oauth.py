@@ -566,7 +566,7 @@ async def test_token_endpoint_down_defers(
             "untrusted certificate": "TLS handshake with the token endpoint failed"}[how]
     assert want in r.text, r.text
     assert want in logtext(mlog)
-    assert sh.messages == []
+    assert sh.messages == [] and sh.connections == 0  # no token: never connected
 
 
 @pytest.mark.parametrize("how", ["drip", "oversize", "gzip"])
@@ -599,14 +599,17 @@ async def test_a_hostile_token_endpoint_is_bounded(
     want = {"drip": "the token endpoint did not answer within 2 s",
             "oversize": "the token endpoint's answer is larger than 64 KiB",
             "gzip": "the token endpoint's answer is compressed"}[how]
-    assert r.text.startswith("no OAuth token for smart host 127.0.0.2 ") and \
-        f"]:{sh.port}: {want}" in r.text, r.text
+    assert r.text.startswith(f"no OAuth token for smart host 127.0.0.2:{sh.port}: {want}"), \
+        r.text
     assert want in logtext(mlog) and "s3cret" not in logtext(mlog)
     assert took < 6, took  # the deadline, not the drip's ~40 s
     if how == "drip":
         assert took >= 1.9, took
     assert ep.accept_encoding == ["identity"]
     assert sh.messages == [] and sh.oauth_attempts == []
+    # The token is asked for before connecting: while the endpoint dripped (and after it
+    # failed) the smart host saw no connection at all.
+    assert sh.connections == 0
 
 
 @pytest.mark.parametrize("body", [
@@ -782,7 +785,12 @@ async def test_smart_host_without_the_mechanism(
     finally:
         await courier.close()
     assert r.enhanced == "4.7.0" and "does not offer AUTH XOAUTH2" in r.text
-    assert ep.requests == []  # no token asked for a host that cannot take it
+    # The token is obtained before connecting (so a slow endpoint holds no connection),
+    # and kept for the next attempt; it never went to a host that cannot take it.
+    assert ep.requests == ["client_credentials"] and len(ep.issued) == 1
+    token = next(iter(ep.issued))
+    sent = b"".join(sh.wire)
+    assert b"AUTH" not in sent and token.encode() not in sent
 
 
 # --------------------------------------------------------------------------- units

@@ -707,6 +707,10 @@ class Courier:
         d = self.cfg.delivery
         where = t.where
         implicit = t.mode == "tls"
+        if t.mode != "mx" and t.entry in self._oauth:
+            # The token first (a cached valid one at once): a slow or failing token
+            # endpoint (up to its 30 s deadline) holds no connection to the smart host.
+            await self._oauth_token(t, where)
         self.connections_opened += 1
         try:
             w = await open_connection(
@@ -891,6 +895,16 @@ class Courier:
         with open(path, encoding="utf-8") as f:
             return f.read().rstrip("\r\n")
 
+    async def _oauth_token(self, t: _Target, where: str) -> str:
+        """The smart host's OAuth token (cached, or fetched now); none: 454 4.7.0 naming
+        the cause, and the next smart host is tried."""
+        try:
+            return await self._oauth[t.entry][1].get()
+        except bearer.TokenError as e:
+            raise _TryNext(DeliveryResult.temp(
+                f"no OAuth token for smart host {where}: {e}", "4.7.0", 454,
+                where)) from None
+
     async def _auth_oauth(self, conn: _Conn, t: _Target, timeout: float) -> None:
         """XOAUTH2 or OAUTHBEARER (RFC 7628) with a token from the smart host's token
         source. A refused token is dropped and a fresh one tried once on the same
@@ -907,12 +921,9 @@ class Courier:
         rep = SMTPReply(535, ("no attempt",))
         detail = ""
         for attempt in (1, 2):
-            try:
-                token = await tokens.get()
-            except bearer.TokenError as e:
-                raise _TryNext(DeliveryResult.temp(
-                    f"no OAuth token for smart host {conn.remote}: {e}", "4.7.0", 454,
-                    conn.remote)) from None
+            # Fetched before connecting (_connect): cached then, unless refused just now
+            # (the second attempt) or this is a cached connection.
+            token = await self._oauth_token(t, conn.remote)
             resp = bearer.xoauth2(settings.user, token) if mech == "XOAUTH2" else \
                 bearer.oauthbearer(settings.user, token, t.host, t.port)
             rep = await w.command(b"AUTH " + mech.encode() + b" " + resp + b"\r\n", timeout)
