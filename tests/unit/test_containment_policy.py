@@ -207,3 +207,17 @@ def test_refuses_recipient(code: int, enhanced: str | None, counted: bool) -> No
     """Only a reply that says the recipient is bad counts: 5.1.x, mailbox-level 5.2.x, or
     550/551/553 without an enhanced code; never policy (5.7.x) nor 4xx."""
     assert containment.refuses_recipient(code, enhanced) is counted
+
+
+def test_refused_before_judges_the_recorded_reply() -> None:
+    """The per-message cap counts a message's earlier refusals from their recorded replies
+    (the enhanced code filled in as X.0.0 when the server gave none): a policy refusal
+    leaves the room for the bad recipients of the same message."""
+    assert containment.refused_before("550 5.1.1 no such user")
+    assert containment.refused_before("550 5.0.0 no such user here")  # a bare 550
+    assert containment.refused_before("550 5.2.1 mailbox disabled")
+    assert not containment.refused_before("554 5.0.0 go away")  # a bare 554
+    assert not containment.refused_before("554 5.7.1 Client host blocked using zen")
+    assert not containment.refused_before("552 5.3.4 too big")
+    assert not containment.refused_before("451 4.1.1 try later")
+    assert not containment.refused_before("")

@@ -122,6 +122,22 @@ def refuses_recipient(code: int, enhanced: str | None) -> bool:
     return klass == 5 and (subject == 1 or (subject == 2 and detail != 3))
 
 
+def refused_before(last_reply: str) -> bool:
+    """Whether a recipient's recorded last reply ("550 5.1.1 text", as the scheduler keeps
+    it: an enhanced code the server did not give is filled in as X.0.0) may have counted
+    as refused (`refuses_recipient`, X.0.0 taken as no code). For the per-message cap
+    only: a reply wrongly taken as counted leaves less room, never more."""
+    parts = last_reply.split(None, 2)
+    try:
+        code = int(parts[0])
+    except (ValueError, IndexError):
+        return False
+    enhanced = parts[1] if len(parts) > 1 and parts[1].count(".") == 2 else None
+    if enhanced == f"{code // 100}.0.0":
+        enhanced = None
+    return refuses_recipient(code, enhanced)
+
+
 def refused_counted(refused: list[str], earlier: int, cap: int) -> list[str]:
     """Of the addresses a next hop has just refused in one message (`refuses_recipient`),
     those that

@@ -52,6 +52,7 @@ from typing import Any, Protocol
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config
 from authrelay.delivery.router import route_key
+from authrelay.policy.containment import refused_before
 from authrelay.policy.suspender import Suspender
 from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, should_notify
@@ -556,7 +557,7 @@ class Scheduler:
         assert env is not None
         d = self.cfg.delivery
         now = time.time()
-        refused: list[str] = []  # 5xx from the next hop: containment counts them
+        refused: list[str] = []  # bad recipients by the next hop: containment counts them
         retry_at: float | None = None  # one next attempt for the job's deferred ones
         for r in job.rcpts:
             res = results.get(r.address)
@@ -607,11 +608,11 @@ class Scheduler:
         if refused and env.auth_user and self.containment is not None:
             # At most [limits.containment] refused_per_message of one message count: its
             # recipients refused in earlier attempts (other destinations, passes) too.
-            # Those of other jobs with any 5xx are taken as counted (which can only count
-            # fewer: whether a finished one was a bad recipient is not kept).
+            # Those of other jobs are judged by their recorded reply (refused_before).
             mine = {id(x) for x in job.rcpts}
             earlier = sum(1 for x in env.recipients
-                          if x.last_code >= 500 and id(x) not in mine)
+                          if id(x) not in mine and x.last_code >= 500
+                          and refused_before(x.last_reply))
             # In the background: a trip holds this user's mail, which waits for this
             # very delivery to end.
             self._spawn(self.containment.refused(env.auth_user, refused, earlier=earlier))
