@@ -18,8 +18,9 @@ policy/containment.py whether a threshold is reached, and acting once it is:
 Contract: every method is safe to call for any user; none raises to the caller (the
 session, the scheduler): a counter or store failure is logged and the mail goes on.
 Callers: the receiving session (`message_accepted` after the 250, `suspended` at MAIL)
-and the scheduler (`refused` for 5xx answers from the next hops, `suspended` before a
-delivery). Failure policy: transient for the client (450); nothing is bounced or deleted.
+and the scheduler (`refused` for the next hops' RCPT refusals that say the recipient is bad:
+containment.refuses_recipient; `suspended` before a delivery). Failure policy: transient
+for the client (450); nothing is bounced or deleted.
 """
 
 from __future__ import annotations
@@ -97,9 +98,10 @@ class Suspender:
         await self._count(user, items)
 
     async def refused(self, user: str, addresses: list[str], *, earlier: int = 0) -> None:
-        """Recipients of one of `user`'s messages refused with 5xx by the next hops;
-        `earlier`: that message's recipients refused before (containment.refused_counted
-        counts at most `refused_per_message` of a message)."""
+        """Recipients of one of `user`'s messages the next hops refused as bad
+        (containment.refuses_recipient); `earlier`: that message's recipients refused
+        before (containment.refused_counted counts at most `refused_per_message` of a
+        message)."""
         if not addresses or not self.ccfg.refused or not containment.watched(user, self.ccfg):
             return
         counted = containment.refused_counted(addresses, earlier,
