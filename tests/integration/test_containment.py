@@ -259,10 +259,13 @@ def test_policy_refusals_at_rcpt_do_not_count(tmp_path: Path, fake_mx: MXFactory
                                  "gone@example.net"}
 
 
-def test_refusal_at_mail_does_not_count(tmp_path: Path, fake_mx: MXFactory) -> None:
-    """The smart-host tenant blocked: 554 5.7.1 to MAIL, so every recipient of every
-    message bounces; none of them counts as a refused recipient."""
-    mx = fake_mx("127.0.0.2", mail_reply=BLOCKED)
+@pytest.mark.parametrize("stage", ["greeting", "mail"])
+def test_refusal_before_rcpt_does_not_count(tmp_path: Path, fake_mx: MXFactory,
+                                            stage: str) -> None:
+    """The relay blocked at the greeting, or the smart-host tenant blocked at MAIL (554
+    5.7.1): every recipient of every message bounces; none counts as a refused recipient."""
+    mx = fake_mx("127.0.0.2", **{("greeting" if stage == "greeting" else "mail_reply"):
+                                 BLOCKED})
     r = RelayProcess(tmp_path, {
         "relay": {"smart_host": [f"127.0.0.2:{mx.port}"]},
         "limits": {"containment": {"notify": ADMIN, "refused": 2}}}).start()
