@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
+from support import ci
 
 PROBE = r"""
 import sys, threading
@@ -43,8 +43,8 @@ def retained_mb(mode: str) -> int:
     return int(out.stdout.strip())
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc, /proc")
 def test_argon2_memory_is_given_back() -> None:
+    ci.require(sys.platform.startswith("linux"), "needs glibc malloc and /proc (Linux)")
     kept_default = retained_mb("default")
     kept = retained_mb("set")
     # 4 hashing threads x 19 MiB stay resident with glibc's dynamic threshold
