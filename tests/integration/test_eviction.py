@@ -29,10 +29,12 @@ LIMITS = {"connection_rate_per_ip": 0, "max_connections_per_ip": 50,
           "max_pending_per_ip": 2}
 
 
-def _relay(relay_factory, **limits: object) -> RelayProcess:  # noqa: ANN001
+def _relay(relay_factory, modes: tuple[str, ...] = ("submissions", "smtp"),  # noqa: ANN001
+           **limits: object) -> RelayProcess:
+    """A relay whose listeners in `modes` have pools of six."""
     r: RelayProcess = relay_factory({"limits": {**LIMITS, **limits}}, start=False)
     for item in r.config_data["listen"]:
-        if item["mode"] in ("submissions", "smtp"):
+        if item["mode"] in modes:
             item["max_connections"] = 6
     r.config.write_text(to_toml(r.config_data))
     return r.start()
@@ -40,6 +42,17 @@ def _relay(relay_factory, **limits: object) -> RelayProcess:  # noqa: ANN001
 
 def _connect(port: int, src: str) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(src, 0))
+
+
+def _into_starttls(s: socket.socket) -> None:
+    """Greeting, EHLO and STARTTLS's 220 on `s`; then the client says nothing more."""
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"220 ")
+    s.sendall(b"EHLO stall.test\r\n")
+    while f.readline()[3:4] != b" ":
+        pass
+    s.sendall(b"STARTTLS\r\n")
+    assert f.readline().startswith(b"220 ")
 
 
 def _closed_by_server(s: socket.socket) -> bytes | None:
@@ -172,26 +185,13 @@ def test_a_session_evicted_in_its_starttls_handshake_ends_at_once(relay_factory
     handshake did not notice its transport aborted: the session lived on, slot already
     released, until tls_handshake_timeout (here 10 min), and its maillog line was a
     "421 4.4.2 Timeout exceeded" then, not its end now."""
-    r: RelayProcess = relay_factory({"limits": {**LIMITS, "tls_handshake_timeout": "10m"}},
-                                    start=False)
-    for item in r.config_data["listen"]:
-        if item["mode"] == "submission":
-            item["max_connections"] = 6
-    r.config.write_text(to_toml(r.config_data))
-    r.start()
+    r = _relay(relay_factory, ("submission",), tls_handshake_timeout="10m")
     port = r.ports["submission"]
     flood = []
     try:
         for i in range(6):  # three addresses, two each: the pool is full
-            s = _connect(port, f"127.0.7.{i % 3 + 1}")
-            f = s.makefile("rb")
-            assert f.readline().startswith(b"220 ")
-            s.sendall(b"EHLO flood.test\r\n")
-            while f.readline()[3:4] != b" ":
-                pass
-            s.sendall(b"STARTTLS\r\n")
-            assert f.readline().startswith(b"220 ")
-            flood.append(s)
+            flood.append(_connect(port, f"127.0.7.{i % 3 + 1}"))
+            _into_starttls(flood[-1])
         with RawClient(port, source="127.0.8.7", timeout=30) as c:  # evicts one of them
             assert c.reply().code == 220
             assert c.cmd("EHLO legit.test").code == 250
@@ -220,25 +220,13 @@ def test_starttls_handshake_in_stress_mode_gets_the_short_deadline(relay_factory
     smtpd_starttls_timeout; docs/LIMITS.md): it did so for 465 only, a STARTTLS that
     never sends its ClientHello kept its slot for the full tls_handshake_timeout (here
     10 min) while the listener was under stress and eviction off."""
-    r: RelayProcess = relay_factory({"limits": {
-        **LIMITS, "pool_eviction": False, "tls_handshake_timeout": "10m",
-        "stress_threshold": 10, "stress_command_timeout": "1s"}}, start=False)
-    for item in r.config_data["listen"]:
-        if item["mode"] == "submission":
-            item["max_connections"] = 6
-    r.config.write_text(to_toml(r.config_data))
-    r.start()
+    r = _relay(relay_factory, ("submission",), pool_eviction=False,
+               tls_handshake_timeout="10m", stress_threshold=10, stress_command_timeout="1s")
     port = r.ports["submission"]
     s = _connect(port, "127.0.7.9")  # 1 of 6: the listener is in stress mode
     try:
-        f = s.makefile("rb")
-        assert f.readline().startswith(b"220 ")
         r.wait_for(lambda: "warning=stress mode on" in r.maillog(), what="stress mode")
-        s.sendall(b"EHLO stall.test\r\n")
-        while f.readline()[3:4] != b" ":
-            pass
-        s.sendall(b"STARTTLS\r\n")
-        assert f.readline().startswith(b"220 ")
+        _into_starttls(s)
         r.wait_for(lambda: "disconnect=from unknown [127.0.7.9]" in r.maillog(),
                    what="the stalled STARTTLS handshake to end at the stress deadline")
         assert "reject=421 4.4.2" in r.maillog()
