@@ -6,10 +6,14 @@ accepts the tokens it issued. No mocks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import http.server
 import json
 import os
 import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,33 @@ USER = "relay@example.org"
 
 def rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@contextlib.contextmanager
+def plain_http_recorder() -> Iterator[tuple[str, list[bytes]]]:
+    """A plain-http endpoint on loopback: (its /token URL, the bodies POSTed to it)."""
+    seen: list[bytes] = []
+
+    class Plain(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            seen.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+            self.send_response(400)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    plain = http.server.HTTPServer(("127.0.0.1", 0), Plain)
+    t = threading.Thread(target=plain.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{plain.server_address[1]}/token", seen
+    finally:
+        plain.shutdown()
+        plain.server_close()
+        t.join(5)
 
 
 def pem(key: rsa.RSAPrivateKey) -> bytes:
@@ -263,44 +294,23 @@ async def test_a_service_account_token_uri_in_clear_gets_no_assertion(
     assertion in clear, which anyone on the path could trade for tokens until it
     expires; token_url itself must be https:// (config). Now nothing is sent and the
     mail waits naming the cause."""
-    import http.server
-    import threading
-
-    seen: list[bytes] = []
-
-    class Plain(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            seen.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-            self.send_response(400)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    plain = http.server.HTTPServer(("127.0.0.1", 0), Plain)
-    t = threading.Thread(target=plain.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True)
-    t.start()
-    sa = "relay@project.iam.gserviceaccount.com"
-    ep = endpoint(public_key_pem=public_pem(app_key), service_account=sa,
-                  scope=GOOGLE_SCOPE)
-    sh = smart_host(ep)
-    kf = write_secret(tmp_path / "sa.json", json.dumps({
-        "type": "service_account", "client_email": sa, "private_key_id": "k1",
-        "private_key": pem(app_key).decode(),
-        "token_uri": f"http://127.0.0.1:{plain.server_address[1]}/token"}))
-    cfg = oauth_cfg(tmp_path, dns, sh, ep, trustme_ca_file, smart_host_oauth_grant="jwt_bearer",
-                    smart_host_oauth_token_url="", smart_host_oauth_client_id="",
-                    smart_host_oauth_key_file=str(kf))
-    courier = wiring.courier(cfg, maillog=mlog)
-    try:
-        r = await deliver(courier)
-    finally:
-        await courier.close()
-        plain.shutdown()
-        plain.server_close()
-        t.join(5)
+    with plain_http_recorder() as (url, seen):
+        sa = "relay@project.iam.gserviceaccount.com"
+        ep = endpoint(public_key_pem=public_pem(app_key), service_account=sa,
+                      scope=GOOGLE_SCOPE)
+        sh = smart_host(ep)
+        kf = write_secret(tmp_path / "sa.json", json.dumps({
+            "type": "service_account", "client_email": sa, "private_key_id": "k1",
+            "private_key": pem(app_key).decode(),
+            "token_uri": url}))
+        cfg = oauth_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+                        smart_host_oauth_grant="jwt_bearer", smart_host_oauth_token_url="",
+                        smart_host_oauth_client_id="", smart_host_oauth_key_file=str(kf))
+        courier = wiring.courier(cfg, maillog=mlog)
+        try:
+            r = await deliver(courier)
+        finally:
+            await courier.close()
     assert seen == []
     assert (r.permanent, r.enhanced, r.code) == (False, "4.7.0", 454), r
     assert "token_uri" in r.text and "https://" in r.text, r.text
@@ -651,38 +661,15 @@ async def test_a_redirecting_token_endpoint_gets_no_second_post(
     """Attack: the token endpoint answers 307 to a plain-http URL. requests follows a 307
     by POSTing the same body (client_secret included) there; now no redirect is followed
     and the mail waits with the cause."""
-    import http.server
-    import threading
-
-    seen: list[bytes] = []
-
-    class Plain(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            seen.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-            self.send_response(400)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    plain = http.server.HTTPServer(("127.0.0.1", 0), Plain)
-    t = threading.Thread(target=plain.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True)
-    t.start()
-    try:
+    with plain_http_recorder() as (url, seen):
         ep = endpoint(secret="s3cret-value")
-        ep.redirect = f"http://127.0.0.1:{plain.server_address[1]}/token"
+        ep.redirect = url
         sh = smart_host(ep)
         courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file), maillog=mlog)
         try:
             r = await deliver(courier)
         finally:
             await courier.close()
-    finally:
-        plain.shutdown()
-        plain.server_close()
-        t.join(5)
     assert seen == []  # the secret never went to the plain-text URL
     assert (r.permanent, r.enhanced) == (False, "4.7.0"), r
     assert "redirect" in r.text and "s3cret" not in r.text
