@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -31,28 +30,12 @@ import dns.message
 import dns.query
 import dns.rcode
 from support import ci
+from support.ports import free_udp_tcp_port
 
 
 def need(tool: str) -> str:
     """`tool`'s path; fails under CI, skips elsewhere (support.ci)."""
     return ci.require_tool(tool, "bind9, bind9-utils, unbound")
-
-
-def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
-    for _ in range(100):
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        t = socket.socket()
-        try:
-            u.bind((host, 0))
-            port = u.getsockname()[1]
-            t.bind((host, port))
-            return port
-        except OSError:
-            continue
-        finally:
-            u.close()
-            t.close()
-    raise RuntimeError("no free UDP+TCP port pair")
 
 
 def _run(*args: str, cwd: Path) -> str:

@@ -24,6 +24,7 @@ import pytest
 from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, b64, client_ctx
 from support import ci
+from support.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,7 @@ def relay(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RelayProce
                                 "log": {"format": request.param},
                                 "auth": {"max_failures_per_ip": 100, "failure_delay": 0.01,
                                          "max_failures_per_user": 100}})
-    r.config_data["listen"].append({"address": f"127.0.0.1:{(pp := _free())}",
+    r.config_data["listen"].append({"address": f"127.0.0.1:{(pp := free_port())}",
                                     "mode": "submission", "proxy_protocol": True})
     r.ports["proxied"] = pp
     r.config.write_text(to_toml(r.config_data))
@@ -53,11 +54,6 @@ def relay(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RelayProce
     yield r
     r.stop()
 
-
-def _free() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _plain(user: str, password: str) -> str:

@@ -4,6 +4,12 @@ development ports of the embedded default and run.sh.
 Owns: picking a port the kernel says is free now. Prefer binding to port 0 and reading
 the port back; these are for what must know its port before it starts (a config file for
 a subprocess, aiosmtpd's Controller, every fake MX on one shared port).
+Ports come from below the kernel's ephemeral range (ip_local_port_range), handed out in
+turn machine-wide (a counter file under a lock): a port from bind(0) is an ephemeral
+port, so between the check and the server's own bind the kernel could give it to any
+outgoing connection on the host (a test's client to PostgreSQL, say) and the server
+would fail "address already in use". Below that range only these helpers hand ports
+out, and the counter means a port comes round again only after the whole range.
 Also the few tests that must use DEV_PORTS (127.0.0.1:2525/2587/2465, what README promises
 for run.sh and a config-less `serve`): `dev_ports()` makes them take turns on this machine
 (a lock file every checkout's tests share: several engineers' and CI clones' suites on one
@@ -31,33 +37,69 @@ DEV_PORTS_LOCK = Path(tempfile.gettempdir()) / "authrelay-dev-ports.lock"
 TEST_HOSTS = tuple(f"127.0.0.{i}" for i in range(2, 10))  # the fake MX / smart hosts
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+PORTS_COUNTER = Path(tempfile.gettempdir()) / "authrelay-test-ports.next"
 
 
-def common_free_port(hosts: tuple[str, ...] = TEST_HOSTS, tries: int = 100) -> int:
-    """A TCP port free on every one of `hosts` at this moment (0 if none was found)."""
-    for _ in range(tries):
-        socks: list[socket.socket] = []
-        try:
-            first = socket.socket()
-            socks.append(first)
-            first.bind((hosts[0], 0))
-            port = first.getsockname()[1]
-            for h in hosts[1:]:
-                s = socket.socket()
+def _port_range() -> tuple[int, int]:
+    """[lo, hi): up to 12,000 ports just below the kernel's ephemeral range."""
+    first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return max(1024, first - 12000), first
+
+
+def _next_port() -> int:
+    """The range's next port in turn (machine-wide, wrapping)."""
+    lo, hi = _port_range()
+    fd = os.open(PORTS_COUNTER, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        raw = os.pread(fd, 16, 0).strip()
+        port = int(raw) if raw.isdigit() and lo <= int(raw) < hi else lo
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{lo + (port - lo + 1) % (hi - lo)}\n".encode(), 0)
+        return port
+    finally:
+        os.close(fd)
+
+
+def _bindable(port: int, hosts: tuple[str, ...], udp: bool = False) -> bool:
+    """Whether TCP (and with `udp` also UDP) `port` binds on every host now."""
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
+    socks: list[socket.socket] = []
+    try:
+        for h in hosts:
+            for kind in kinds:
+                s = socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET, kind)
                 socks.append(s)
                 s.bind((h, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _allocate(hosts: tuple[str, ...], udp: bool = False, tries: int = 200) -> int:
+    for _ in range(tries):
+        port = _next_port()
+        if _bindable(port, hosts, udp):
             return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    return 0
+    raise RuntimeError(f"no free port below the ephemeral range on {hosts} in {tries} tries")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now, outside the kernel's ephemeral range."""
+    return _allocate((host,))
+
+
+def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
+    """A port free for both TCP and UDP on `host` now (a DNS server's)."""
+    return _allocate((host,), udp=True)
+
+
+def common_free_port(hosts: tuple[str, ...] = TEST_HOSTS) -> int:
+    """A TCP port free on every one of `hosts` at this moment."""
+    return _allocate(hosts)
 
 
 
