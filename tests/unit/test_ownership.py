@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from authrelay.dkim.signer import from_domain
+from authrelay.policy import ownership
 from authrelay.policy.ownership import Owner, header_verdict, may_send_as, normalize
 
 OWNED = {"bob@other.test"}
@@ -97,3 +98,58 @@ def test_owned_means_the_signer_never_picks_another_domain(head: bytes) -> None:
         return
     domain, _why = from_domain(d.headers)
     assert domain in (None, "other.test"), (msg, domain)
+
+
+# The plain-mailbox shortcut (header_mailboxes reads `Name <local@domain>`-shaped values
+# with one regex): whatever the value, it must answer what the two parsers answer.
+_ATEXT = st.text("abcXYZ019_+-", min_size=1, max_size=6)
+_LABELS = st.text("abz09-", min_size=1, max_size=6)
+_SIMPLE_ADDR = st.builds(lambda loc, dom, tld: f"{'.'.join(loc)}@{'.'.join(dom)}.{tld}",
+                         st.lists(_ATEXT, min_size=1, max_size=3),
+                         st.lists(_LABELS, min_size=1, max_size=3), _LABELS)
+_WSP = st.sampled_from(["", " ", "\t", "  ", " \t"])
+_NAME = st.lists(st.text("aZ09", min_size=1, max_size=5), max_size=3).map(" ".join)
+_NEAR_SIMPLE = st.one_of(
+    st.builds(lambda w1, a, w2: f"{w1}{a}{w2}", _WSP, _SIMPLE_ADDR, _WSP),
+    st.builds(lambda w1, n, w2, a, w3: f"{w1}{n}{w2}<{a}>{w3}", _WSP, _NAME, _WSP,
+              _SIMPLE_ADDR, _WSP),
+    # and values a character or a word away from those shapes: quotes, commas, dots,
+    # @, <, (, an address or an encoded word as the display name
+    st.builds(lambda a, i, c: a[:i] + c + a[i:], _SIMPLE_ADDR,
+              st.integers(0, 12), st.sampled_from(list('"(),.@<>:; \\[]=?é'))),
+    st.builds(lambda n, w, a: f"{n}{w}<{a}>", st.one_of(
+        _SIMPLE_ADDR, st.text(st.sampled_from(list('aZ0 .@"(),:;\\=?é\t')), max_size=12)),
+        _WSP, _SIMPLE_ADDR),
+    st.text(st.sampled_from(list('ab.@<> "(),-_+\t:;')), max_size=25),
+)
+
+
+def _slow_mailboxes(head: bytes) -> tuple[list[tuple[str, str]], str]:
+    """header_mailboxes without the shortcut: every value through both parsers."""
+    found: list[tuple[str, str]] = []
+    fields = ownership.header_fields(head)
+    for name, value in fields:
+        label = "From:" if name == b"from" else "Sender:"
+        addrs, problem = ownership._parsed_mailboxes(label, value)
+        found += [(label, a) for a in addrs]
+        if problem:
+            return found, problem
+    return found, "" if any(n == b"from" for n, _ in fields) else ownership.NO_FROM
+
+
+@pytest.mark.slow
+@settings(max_examples=3000, deadline=None)
+@given(_NEAR_SIMPLE, _NEAR_SIMPLE)
+def test_plain_mailbox_shortcut_reads_what_both_parsers_read(v1: str, v2: str) -> None:
+    head = f"From: {v1}\r\nSender: {v2}\r\n\r\n".encode()
+    assert ownership.header_mailboxes(head) == _slow_mailboxes(head), head
+
+
+def test_plain_mailbox_shortcut_taken_and_declined() -> None:
+    fast = ownership._PLAIN_MAILBOX.fullmatch
+    for v in ("bob@other.test", " Bob Smith <bob@other.test> ", "<b.o-b+x@a-1.other.test>"):
+        assert fast(v), v
+    for v in ('"Bob" <bob@other.test>', "bob@other.test (x)", "a@b.test, c@d.test",
+              "bob@other.test <ceo@probe.test>", "=?utf-8?q?x?= <a@b.test>", "bob@localhost",
+              "bob@other.test.", "b\u00f6b <bob@other.test>", "bob@other.test\n"):
+        assert not fast(v), v

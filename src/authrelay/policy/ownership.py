@@ -16,7 +16,11 @@ Contract: pure functions, no I/O.
   `email.headerregistry`) and the union taken, so a header one parser reads differently
   from the other (a display name holding an address, `a@x <b@y>`) cannot hide a mailbox.
   `problem` is "" or why the header cannot be vouched for (no From:, an encoded word or
-  group where an address belongs, a parse defect).
+  group where an address belongs, a parse defect). A field value of the plain shapes
+  nearly all mail has (`local@domain`, `<local@domain>`, `Name Words <local@domain>`,
+  dot-atoms of letters, digits, `_+-` only) is read by one regex instead (~5 µs against
+  ~100 µs of the two parsers): what both parsers read for such a value is that address,
+  and a property test holds the two paths to the same answer.
 - `header_verdict(header_section, user, owned) -> str`: "" when every From:/Sender:
   mailbox is the user's, else the reason (for the maillog; never sent to the client);
   `NO_FROM` when all is owned but there is no From: field at all.
@@ -41,6 +45,16 @@ _CHECKED = (b"from", b"sender")
 # header_verdict() of a header without From: (nothing to vouch for: never signed, but
 # not refused either -- nothing in it claims an address the user does not own).
 NO_FROM = "no From: field"
+
+_ATOM = r"[A-Za-z0-9_+-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_ADDR = rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+"
+# A value both stdlib parsers read as exactly one mailbox, that address (see
+# header_mailboxes); anything else (quotes, comments, commas, encoded words, non-ASCII,
+# a display name with punctuation) takes the two parsers.
+_PLAIN_MAILBOX = re.compile(
+    rf"[ \t]*(?:(?:[A-Za-z0-9]+(?: [A-Za-z0-9]+)*[ \t]*)?<({_ADDR})>|({_ADDR}))[ \t]*",
+    re.ASCII)
 
 
 def normalize(address: str) -> str:
@@ -109,21 +123,35 @@ def header_mailboxes(header_section: bytes) -> tuple[list[tuple[str, str]], str]
     found: list[tuple[str, str]] = []
     for name, value in fields:
         label = "From:" if name == b"from" else "Sender:"
-        try:
-            parsed = _REGISTRY(label[:-1], value)
-        except Exception:  # the stdlib parser failing on hostile input: not vouched for
-            return found, f"{label} not parsable"
-        if any(isinstance(d, InvalidHeaderDefect) for d in parsed.defects):
-            return found, f"{label} not parsable"
-        addrs = [a.addr_spec for a in parsed.addresses]  # type: ignore[attr-defined]
-        addrs += [a for _n, a in email.utils.getaddresses([value])]
-        if not addrs:
-            return found, f"{label} holds no address"
-        for a in addrs:
-            if not normalize(a) or a.startswith("=?"):
-                return found, f"{label} holds something that is not an address"
-            found.append((label, a))
+        m = _PLAIN_MAILBOX.fullmatch(value)
+        if m:  # what each of the two parsers reads: this one address
+            a = m.group(1) or m.group(2)
+            found += [(label, a), (label, a)]
+            continue
+        addrs, problem = _parsed_mailboxes(label, value)
+        found += [(label, a) for a in addrs]
+        if problem:
+            return found, problem
     return found, "" if any(n == b"from" for n, _ in fields) else NO_FROM
+
+
+def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
+    """The addresses of one field value as both stdlib parsers read it (the union), and
+    "" or the problem (with the addresses read before it)."""
+    try:
+        parsed = _REGISTRY(label[:-1], value)
+    except Exception:  # the stdlib parser failing on hostile input: not vouched for
+        return [], f"{label} not parsable"
+    if any(isinstance(d, InvalidHeaderDefect) for d in parsed.defects):
+        return [], f"{label} not parsable"
+    addrs = [a.addr_spec for a in parsed.addresses]  # type: ignore[attr-defined]
+    addrs += [a for _n, a in email.utils.getaddresses([value])]
+    if not addrs:
+        return [], f"{label} holds no address"
+    for i, a in enumerate(addrs):
+        if not normalize(a) or a.startswith("=?"):
+            return addrs[:i], f"{label} holds something that is not an address"
+    return addrs, ""
 
 
 def header_verdict(header_section: bytes, user: str, owned: Iterable[str]) -> str:
