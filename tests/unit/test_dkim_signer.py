@@ -369,3 +369,18 @@ def test_ownership_is_checked_only_when_there_is_a_key(signer: tuple[Signer, Log
     mine = CountingOwner(("alice@example.org",))
     assert s.sign_stream((MSG,), "Q3", mine) is not None  # type: ignore[arg-type]
     assert mine.asked == 1
+
+
+def test_header_dkimpy_cannot_split_goes_unsigned(signer: tuple[Signer, Log]) -> None:
+    """Our field reader takes `From :` (RFC 5322 4.5.3 obs-optional) and its folded value
+    as alice's address; dkimpy does not see a field there and fails on the continuation
+    line. An owner-checked message like that is never signed, and nothing raises."""
+    from authrelay.policy.ownership import Owner
+    s, log = signer
+    msg = b"From : \r\n alice@example.org\r\n\r\nbody\r\n"
+    owner = Owner.of("alice", ("alice@example.org",))
+    assert owner.verdict(msg) == ""
+    assert s(msg, "Q1", owner) is None
+    qid, ev = log.events[-1]
+    assert qid == "Q1" and ev["dkim"] == "none"
+    assert str(ev["reason"]).startswith("message not parsable"), ev

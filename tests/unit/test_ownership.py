@@ -94,8 +94,8 @@ def test_owned_means_the_signer_never_picks_another_domain(head: bytes) -> None:
         return
     try:
         d = dkim.DKIM(msg, linesep=b"\r\n")
-    except dkim.MessageFormatError:
-        return
+    except Exception:  # as Signer._decide: a header dkimpy cannot split is never signed
+        return  # (dkimpy 1.1 raises IndexError on a continuation line before any field)
     domain, _why = from_domain(d.headers)
     assert domain in (None, "other.test"), (msg, domain)
 
