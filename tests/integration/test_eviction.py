@@ -9,9 +9,12 @@ the legitimate ones from others (127.0.8.x).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import select
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -329,3 +332,38 @@ def test_more_flooding_addresses_than_slots_fresh_clients_still_served(relay_fac
     authed.close()
     log = r.maillog(settle=0.5)
     assert "Traceback" not in log
+
+
+def _socket_fds(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                out.append(fd)
+    return out
+
+
+def test_handshake_evicted_before_its_task_ran_closes_its_socket(relay_factory
+                                                                  ) -> None:  # noqa: ANN001
+    """A connection admitted and evicted in the same accept batch (its handshake task not
+    started yet: a loaded server) is closed by the eviction itself, not left to the
+    garbage collector: the relay is stopped while 6 connections from one address and 6
+    from six others wait in the backlog, then continued, so one batch admits the first
+    six and evicts them for the others; once every client has closed, the server holds
+    no more sockets than before."""
+    r = _relay(relay_factory, modes=("submissions",), max_pending_per_ip=20)
+    assert r.proc is not None
+    pid = r.proc.pid
+    base = len(_socket_fds(pid))
+    port = r.ports["submissions"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        flood = [_connect(port, "127.0.7.1") for _ in range(6)]
+        flood += [_connect(port, f"127.0.7.{i}") for i in range(2, 8)]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: "evicted" in r.maillog() or None, "an eviction", 30)
+    for s in flood:
+        s.close()
+    wait_until(lambda: len(_socket_fds(pid)) <= base or None,
+               lambda: f"sockets back to {base}: {len(_socket_fds(pid))} open", 30)

@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import resource
 import socket
@@ -157,6 +158,9 @@ class Ticket:
         self.pending = False
         self.evicted = False
         self.sock: socket.socket | None = None
+        # Whether _serve has given `sock` to the loop (connect_accepted_socket): until
+        # then the socket is ours to close; after, the loop's transport closes it.
+        self.handed = False
         self.task: asyncio.Task[None] | None = None
         self.handshake: Candidate | None = None
         self.idling: Candidate | None = None
@@ -467,7 +471,11 @@ class Acceptor:
         task = asyncio.get_running_loop().create_task(self._serve(sock, ip, ticket, adm.delay))
         ticket.task = task
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(functools.partial(self._served, ticket))
+
+    def _served(self, ticket: Ticket, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        ticket.task = None  # no cycle ticket -> task -> its frame -> ticket left for the GC
 
     def _refuse(self, sock: socket.socket, ip: str, adm: Admission) -> None:
         r = adm.refusal
@@ -537,12 +545,19 @@ class Acceptor:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                # Ends the handshake at once whichever loop runs it (uvloop does not close
-                # the socket of a cancelled connect_accepted_socket until collected).
-                sock.shutdown(socket.SHUT_RDWR)
+                if ticket.handed:
+                    # Ends the handshake at once whichever loop runs it (uvloop does not
+                    # close the socket of a cancelled connect_accepted_socket until
+                    # collected); the transport closes the descriptor.
+                    sock.shutdown(socket.SHUT_RDWR)
+                else:
+                    # Still ours: its _serve task may not even have started (admitted and
+                    # evicted in one accept batch), and a task cancelled before it starts
+                    # runs none of its code, so nothing else would close it.
+                    sock.close()
         ticket.release()
         if ticket.task is not None:
-            ticket.task.cancel()  # _serve closes the socket (or the loop its transport)
+            ticket.task.cancel()
 
     def _evict_session(self, ticket: Ticket, evict: Callable[[], None]) -> None:
         ticket.evicted = True
@@ -607,7 +622,7 @@ class Acceptor:
                 hs = min(lim.tls_handshake_timeout, lim.stress_command_timeout) \
                     if self.stressed else lim.tls_handshake_timeout
                 started = time.monotonic()
-                handed = True
+                handed = ticket.handed = True
                 try:
                     # asyncio.timeout rather than only ssl_handshake_timeout: on expiry that
                     # aborts with an error indistinguishable from a reset; we log a timeout.
@@ -623,7 +638,7 @@ class Acceptor:
                     srv.tls_failed(self.ln, ip, _reason(e), time.monotonic() - started)
                     ticket.release()
             else:
-                handed = True
+                handed = ticket.handed = True
                 await loop.connect_accepted_socket(factory, sock)
         except asyncio.CancelledError:
             ticket.release()
