@@ -1,0 +1,85 @@
+"""The DKIM signer and the From: ownership verdict alone: CPU per message, in-process.
+
+    PYTHONPATH=src python bench/signer.py [LABEL]
+
+Generates one RSA-2048 and one Ed25519 key for example.org in a temporary directory and
+signs a message with the bench's header fields (a Received: of ours, From: Alice
+<alice@example.org>, To, Subject, Date, Message-ID) and a body of 28 or 2,900 short lines
+(1 KiB, 100 KiB) with the RSA key, the Ed25519 key and both, and times
+`Owner.verdict` on that header section (what the accept path asks before every
+authenticated commit). Prints one JSON line of process CPU µs per call (`process_time`,
+after a warm-up). Compare two trees by pointing PYTHONPATH at each (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from authrelay.dkim.keys import KeyStore
+from authrelay.dkim.signer import Signer
+from authrelay.policy.ownership import Owner
+
+HEAD = (b"Received: from client.example (client.example [127.0.0.1])\r\n"
+        b"\tby authrelay.bench.example.test with ESMTPSA id 4Q1\r\n"
+        b"\tfor <sink@remote.example.net>; Fri, 27 Nov 2026 12:00:00 +0000\r\n"
+        b"From: Alice <alice@example.org>\r\nTo: bob@dest.test\r\nSubject: hello\r\n"
+        b"Date: Fri, 27 Nov 2026 12:00:00 +0000\r\nMessage-ID: <1@example.org>\r\n\r\n")
+LINE = b"Hello Bob, this is a line of text.\r\n"
+SELECTORS = {"rsa": ("s-rsa",), "ed25519": ("s-ed",), "both": ("s-rsa", "s-ed")}
+
+
+class _Quiet:
+    def dkim(self, queue_id: str | None, result: str, **extra: Any) -> None:
+        pass
+
+
+def cpu_us(fn: Callable[[], object], n: int) -> float:
+    for _ in range(max(5, n // 20)):
+        fn()
+    t = time.process_time()
+    for _ in range(n):
+        fn()
+    return (time.process_time() - t) / n * 1e6
+
+
+def main() -> None:
+    label = sys.argv[1] if len(sys.argv) > 1 else ""
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        keys = KeyStore(tmp / "all")
+        keys.generate("example.org", "s-rsa", "rsa")
+        keys.generate("example.org", "s-ed", "ed25519")
+        out: dict[str, Any] = {"label": label}
+        owner = Owner.of("alice", ["alice@example.org"])
+        out["verdict_us"] = round(cpu_us(lambda: owner.verdict(HEAD), 5000), 1)
+        for name, sels in SELECTORS.items():
+            root = tmp / name
+            (root / "example.org").mkdir(parents=True, mode=0o700)
+            for sel in sels:
+                shutil.copy2(tmp / "all" / "example.org" / f"{sel}.key",
+                             root / "example.org" / f"{sel}.key")
+            signer = Signer(KeyStore(root).load(),
+                            headers=("From", "To", "Subject", "Date", "Message-ID",
+                                     "MIME-Version", "Content-Type"),
+                            oversign=("From", "To", "Subject", "Date", "Message-ID"),
+                            maillog=_Quiet())
+            for size, lines, n in (("1k", 28, 1000), ("100k", 2900, 300)):
+                msg = HEAD + LINE * lines
+                assert signer(msg, "Q") is not None
+                us = cpu_us(functools.partial(signer, msg, "Q"), n)
+                out[f"sign_{name}_{size}_us"] = round(us, 1)
+        print(json.dumps(out))
+    finally:
+        shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    main()
