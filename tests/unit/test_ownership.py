@@ -75,6 +75,26 @@ def test_normalize() -> None:
     assert normalize("no-at-sign") == ""
 
 
+@pytest.mark.parametrize("domain", [
+    "bo\u00df.test",  # IDNA2003 maps to "boss.test"; RFC 5890's A-label is xn--bo-fka.test
+    "b\u200dob.test",  # ZWJ: dropped by IDNA2003 (bob.test), invalid there under RFC 5891
+    "b\u00adob.test",  # soft hyphen: dropped by nameprep, another name to other readers
+    "bob\u3002test",  # ideographic full stop read as a dot
+    "\uff42ob.test",  # fullwidth b
+])
+def test_a_domain_idna2003_maps_onto_an_owned_one_is_not_owned(domain: str) -> None:
+    """Python's "idna" codec is IDNA2003 (nameprep): it maps ß to "ss", drops ZWJ and soft
+    hyphen, folds fullwidth letters. A reader that follows RFC 5890/5891 (IDNA2008) sees
+    another domain (boß.test is xn--bo-fka.test, a name of its own), so such a From: is
+    not vouched for, and the signer does not pick the mapped domain either."""
+    owned = {"bob@boss.test", "bob@bob.test"}
+    head = f"From: bob@{domain}\r\n".encode()
+    assert normalize(f"bob@{domain}") == ""
+    assert header_verdict(head + b"\r\n", "bob", owned) != ""
+    d, why = from_domain([(b"From", f" bob@{domain}\r\n".encode())])
+    assert d is None, (d, why)
+
+
 _PARTS = st.sampled_from([
     b"From: ", b"Sender: ", b"From : ", b"X: ", b"\r\n", b"\r\n ", b" ", b"<", b">", b'"',
     b"\\", b",", b";", b"g:", b"(", b")", b"=?utf-8?q?", b"?=", b"[", b"]", b"@", b".",

@@ -74,7 +74,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from authrelay.config import Config
 from authrelay.dkim.keys import DkimKey, KeyStore
-from authrelay.policy.ownership import Owner
+from authrelay.policy.ownership import Owner, a_label
 
 log = logging.getLogger(__name__)
 
@@ -275,10 +275,10 @@ def from_domain(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
     for _name, addr in email.utils.getaddresses([text]):
         if "@" not in addr:
             continue
-        dom = addr.rpartition("@")[2].strip().rstrip(".").lower()
-        try:  # keys live under the A-label (RFC 5890) of an internationalised domain
-            dom = dom.encode("idna").decode("ascii") if not dom.isascii() else dom
-        except UnicodeError:
+        # Keys live under the A-label (RFC 5890) of an internationalised domain; one that
+        # IDNA2003 would map onto another name is not signed for (ownership.a_label).
+        dom = a_label(addr.rpartition("@")[2].strip().rstrip(".").lower())
+        if not dom:
             return None, "From: domain is not a valid domain name"
         domains.add(dom)
     if not domains:

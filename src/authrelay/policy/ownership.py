@@ -66,13 +66,25 @@ def normalize(address: str) -> str:
         return ""
     if len(local) >= 2 and local[0] == local[-1] == '"':
         local = re.sub(r"\\(.)", r"\1", local[1:-1])
-    domain = domain.rstrip(".").lower()
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            return ""
+    domain = a_label(domain.rstrip(".").lower())
+    if not domain:
+        return ""
     return f"{local.lower()}@{domain}"
+
+
+def a_label(domain: str) -> str:
+    """A lower-case domain in ASCII: itself if ASCII, else its A-label, or "" when Python's
+    IDNA2003 codec would map it onto another name (nameprep: ß to "ss", ZWJ and soft hyphen
+    dropped, fullwidth folded, U+3002 read as a dot) -- an RFC 5890 reader sees another
+    domain there (boß.test is xn--bo-fka.test, not boss.test), so it is never owned."""
+    if domain.isascii():
+        return domain
+    try:
+        ace = domain.encode("idna").decode("ascii")
+        back = ace.encode("ascii").decode("idna")
+    except UnicodeError:
+        return ""
+    return ace if back == domain else ""
 
 
 def owned_set(user: str, owned: Iterable[str]) -> frozenset[str]:
