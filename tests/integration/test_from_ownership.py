@@ -60,6 +60,9 @@ ATTACKS = [
     ("obs-route", "bob@other.test", "From: <@other.test:ceo@probe.test>\r\n"),
     ("group-of-ceo", "bob@other.test", "From: bob: ceo@probe.test;\r\n"),
     ("comment", "bob@other.test", "From: ceo(bob@other.test)@probe.test\r\n"),
+    # bob's mailbox, but the field shows ceo's address (display name, comment):
+    ("shown-in-name", "bob@other.test", 'From: "ceo@probe.test" <bob@other.test>\r\n'),
+    ("shown-in-comment", "bob@other.test", "From: <bob@other.test>(<ceo@probe.test>)\r\n"),
     # bob's From:, 300 KiB of header fields, then ceo's: past what the accept path
     # buffers of a header section (256 KiB), so the header is not vouched for.
     ("huge-header", "bob@other.test", "From: bob@other.test\r\n" + "".join(

@@ -22,7 +22,9 @@ OWNED_HEADERS = [
     b"From: =?UTF-8?B?Qm9i?= <bob@other.test>\r\n",
     b"From: b\xc3\xb6b <bob@other.test>\r\n",  # RFC 6532 UTF-8 display name
     b"From: team: bob@other.test;\r\n",  # a group of one
-    b"From: bob@other.test (ceo@probe.test)\r\n",  # a comment is not a mailbox
+    b"From: bob@other.test (Bob at home)\r\n",  # a comment is not a mailbox
+    b'From: "bob@other.test" <bob@other.test>\r\n',  # the address as its own name
+    b"From: =?utf-8?q?bob=40other.test?= <bob@other.test>\r\n",
     b"From: bob@other.test\r\nSender: bob@other.test\r\n",
     b"Subject: x\r\nfrom: bob@other.test\r\nTo: a@b\r\n",
 ]
@@ -47,6 +49,14 @@ NOT_OWNED = [
     (b"From : ceo@probe.test\r\nFrom: bob@other.test\r\n", "From: <ceo@probe.test>"),
     (b"From: \xff@other.test\r\n", "not owned"),  # not UTF-8: never equal to an owned one
     (b"From: bob@other.test.evil\r\n", "not owned"),
+    # an address shown beside the mailbox (display name, encoded word, comment) is what a
+    # reader sees: it must be the user's too
+    (b'From: "ceo@probe.test" <bob@other.test>\r\n', "From: <ceo@probe.test> not owned"),
+    (b"From: =?utf-8?q?ceo=40probe.test?= <bob@other.test>\r\n", "<ceo@probe.test>"),
+    (b"From: <bob@other.test>(<ceo@probe.test>)\r\n", "From: <ceo@probe.test> not owned"),
+    (b"From: bob@other.test (ceo@probe.test)\r\n", "From: <ceo@probe.test> not owned"),
+    (b"Sender: ceo@probe.test <bob@other.test>\r\nFrom: bob@other.test\r\n", "Sender:"),
+    (b'From: "ceo\xef\xbc\xa0probe.test" <bob@other.test>\r\n', "not owned"),  # fullwidth @
 ]
 
 

@@ -52,6 +52,9 @@ _ADDR = rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+"
 # A value both stdlib parsers read as exactly one mailbox, that address (see
 # header_mailboxes); anything else (quotes, comments, commas, encoded words, non-ASCII,
 # a display name with punctuation) takes the two parsers.
+# Anything shaped like an address (an at sign, ASCII or a look-alike, between two runs
+# of characters that do not end an address).
+_SHOWN_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+[@\uff20\ufe6b][^\s<>()\[\]\"',;:]+")
 _PLAIN_MAILBOX = re.compile(
     rf"[ \t]*(?:(?:[A-Za-z0-9]+(?: [A-Za-z0-9]+)*[ \t]*)?<({_ADDR})>|({_ADDR}))[ \t]*",
     re.ASCII)
@@ -163,6 +166,15 @@ def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
     for i, a in enumerate(addrs):
         if not normalize(a) or a.startswith("=?"):
             return addrs[:i], f"{label} holds something that is not an address"
+    # What a reader is shown besides the mailboxes: an address in a display name (quoted
+    # or encoded: `"ceo@x" <bob@y>`), a comment (`<bob@y>(<ceo@x>)`) or a group name.
+    # Each must be the user's too, so a signature never vouches for a field that shows
+    # someone else's address.
+    mailboxes = {normalize(a) for a in addrs}
+    names = [a.display_name for a in parsed.addresses]  # type: ignore[attr-defined]
+    names += [g.display_name or "" for g in parsed.groups]  # type: ignore[attr-defined]
+    for text in (value.replace("\\", ""), *names):
+        addrs += [t for t in _SHOWN_ADDRESS.findall(text) if normalize(t) not in mailboxes]
     return addrs, ""
 
 
