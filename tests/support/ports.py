@@ -4,12 +4,13 @@ development ports of the embedded default and run.sh.
 Owns: picking a port the kernel says is free now. Prefer binding to port 0 and reading
 the port back; these are for what must know its port before it starts (a config file for
 a subprocess, aiosmtpd's Controller, every fake MX on one shared port).
-Ports come from below the kernel's ephemeral range (ip_local_port_range), handed out in
+Ports come from outside the kernel's ephemeral range (ip_local_port_range), handed out in
 turn machine-wide (a counter file under a lock): a port from bind(0) is an ephemeral
 port, so between the check and the server's own bind the kernel could give it to any
 outgoing connection on the host (a test's client to PostgreSQL, say) and the server
-would fail "address already in use". Below that range only these helpers hand ports
-out, and the counter means a port comes round again only after the whole range.
+would fail "address already in use". Outside that range (below it, or above it when too
+little lies below) only these helpers hand ports out, and the counter means a port comes
+round again only after the whole range.
 Also the few tests that must use DEV_PORTS (127.0.0.1:2525/2587/2465, what README promises
 for run.sh and a config-less `serve`): `dev_ports()` makes them take turns on this machine
 (a lock file every checkout's tests share: several engineers' and CI clones' suites on one
@@ -40,15 +41,35 @@ TEST_HOSTS = tuple(f"127.0.0.{i}" for i in range(2, 10))  # the fake MX / smart 
 PORTS_COUNTER = Path(tempfile.gettempdir()) / "authrelay-test-ports.next"
 
 
-def _port_range() -> tuple[int, int]:
-    """[lo, hi): up to 12,000 ports just below the kernel's ephemeral range."""
-    first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    return max(1024, first - 12000), first
+MIN_SPAN = 2000  # fewer ports than this outside the ephemeral range: let the kernel pick
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's ephemeral ports, first and last (ip_local_port_range)."""
+    first, last = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+    return int(first), int(last)
+
+
+def _port_range() -> tuple[int, int] | None:
+    """[lo, hi): up to 12,000 ports just below the ephemeral range, or just above it where
+    too few lie below; None when neither side has MIN_SPAN ports."""
+    first, last = ephemeral_range()
+    if first - 1024 >= MIN_SPAN:
+        return max(1024, first - 12000), first
+    if 65535 - last >= MIN_SPAN:
+        return last + 1, min(65536, last + 1 + 12000)
+    return None
 
 
 def _next_port() -> int:
-    """The range's next port in turn (machine-wide, wrapping)."""
-    lo, hi = _port_range()
+    """The range's next port in turn (machine-wide, wrapping); on a host whose ephemeral
+    range leaves no room, one the kernel picks (bind to port 0: the race above remains)."""
+    span = _port_range()
+    if span is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    lo, hi = span
     fd = os.open(PORTS_COUNTER, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -84,7 +105,7 @@ def _allocate(hosts: tuple[str, ...], udp: bool = False, tries: int = 200) -> in
         port = _next_port()
         if _bindable(port, hosts, udp):
             return port
-    raise RuntimeError(f"no free port below the ephemeral range on {hosts} in {tries} tries")
+    raise RuntimeError(f"no free port outside the ephemeral range on {hosts} in {tries} tries")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

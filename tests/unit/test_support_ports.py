@@ -11,12 +11,26 @@ import pytest
 from support import ports
 
 
-def test_ports_are_below_the_ephemeral_range_and_not_repeated() -> None:
-    first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+def test_ports_are_outside_the_ephemeral_range_and_not_repeated() -> None:
+    first, last = ports.ephemeral_range()
     got = [ports.free_port() for _ in range(20)]
     got += [ports.common_free_port(), ports.free_udp_tcp_port(), ports.free_port("::1")]
-    assert all(1024 <= p < first for p in got), got
+    assert all(1024 <= p < first or last < p <= 65535 for p in got), (got, first, last)
     assert len(set(got)) == len(got), got
+
+
+@pytest.mark.parametrize(("first", "last", "expect"), [
+    (32768, 60999, (20768, 32768)),  # Linux's default: below
+    (1024, 60999, (61000, 65536)),  # nothing below: above
+    (2000, 65535, None),  # no room either side: the kernel picks
+])
+def test_range_outside_the_ephemeral_ports(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                           first: int, last: int,
+                                           expect: tuple[int, int] | None) -> None:
+    monkeypatch.setattr(ports, "ephemeral_range", lambda: (first, last))
+    monkeypatch.setattr(ports, "PORTS_COUNTER", tmp_path / "next")  # not the shared turn
+    assert ports._port_range() == expect
+    assert 1024 <= ports.free_port() <= 65535
 
 
 def test_a_held_port_is_passed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
