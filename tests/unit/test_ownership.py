@@ -57,6 +57,7 @@ NOT_OWNED = [
     (b"From: bob@other.test (ceo@probe.test)\r\n", "From: <ceo@probe.test> not owned"),
     (b"Sender: ceo@probe.test <bob@other.test>\r\nFrom: bob@other.test\r\n", "Sender:"),
     (b'From: "ceo\xef\xbc\xa0probe.test" <bob@other.test>\r\n', "not owned"),  # fullwidth @
+    (b"From: bob@other.test\x0b\r\n", "not owned"),  # only ASCII blanks are trimmed
 ]
 
 

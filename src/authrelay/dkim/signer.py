@@ -277,7 +277,7 @@ def from_domain(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
             continue
         # Keys live under the A-label (RFC 5890) of an internationalised domain; one that
         # IDNA2003 would map onto another name is not signed for (ownership.a_label).
-        dom = a_label(addr.rpartition("@")[2].strip().rstrip(".").lower())
+        dom = a_label(addr.rpartition("@")[2].strip(" \t").rstrip(".").lower())
         if not dom:
             return None, "From: domain is not a valid domain name"
         domains.add(dom)

@@ -63,7 +63,7 @@ _PLAIN_MAILBOX = re.compile(
 def normalize(address: str) -> str:
     """The comparison form of an address: lower case, quoted local part unquoted, domain
     without trailing dot, an internationalised domain as its A-label. "" if not local@domain."""
-    a = address.strip()
+    a = address.strip(" \t")  # only ASCII blanks: `bob@x\x0b` is not bob@x
     local, at, domain = a.rpartition("@")
     if not at or not local or not domain:
         return ""
