@@ -257,22 +257,35 @@ async def test_private_key_jwt_with_another_certificate_is_refused(
     assert sh.oauth_attempts == [] and sh.messages == []
 
 
+SERVICE_ACCOUNT = "relay@project.iam.gserviceaccount.com"
+
+
+def service_account_setup(tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+                          ca_file: Path, app_key: rsa.RSAPrivateKey,
+                          token_uri: str | None = None) -> tuple[Any, Any, Any]:
+    """(endpoint, smart host, config) for Google's grant: a service account's JSON key
+    (token URL from its token_uri: the endpoint's unless `token_uri` is given), no
+    token_url or client_id of our own."""
+    ep = endpoint(public_key_pem=public_pem(app_key), service_account=SERVICE_ACCOUNT,
+                  scope=GOOGLE_SCOPE)
+    sh = smart_host(ep)
+    kf = write_secret(tmp_path / "sa.json", json.dumps({
+        "type": "service_account", "client_email": SERVICE_ACCOUNT, "private_key_id": "k1",
+        "private_key": pem(app_key).decode(), "token_uri": token_uri or ep.url}))
+    cfg = oauth_cfg(tmp_path, dns, sh, ep, ca_file, smart_host_oauth_grant="jwt_bearer",
+                    smart_host_oauth_token_url="", smart_host_oauth_client_id="",
+                    smart_host_oauth_key_file=str(kf))
+    return ep, sh, cfg
+
+
 async def test_google_service_account_jwt_bearer(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
         trustme_ca_file: Path, app_key: rsa.RSAPrivateKey, mlog: Any) -> None:
     """Google Workspace: the service account's JSON key signs a JWT bearer assertion
     (RFC 7523 2.1) with sub = the user (domain-wide delegation), scope as a claim; the
     token URL comes from the key file's token_uri."""
-    sa = "relay@project.iam.gserviceaccount.com"
-    ep = endpoint(public_key_pem=public_pem(app_key), service_account=sa,
-                  scope=GOOGLE_SCOPE)
-    sh = smart_host(ep)
-    kf = write_secret(tmp_path / "sa.json", json.dumps({
-        "type": "service_account", "client_email": sa, "private_key_id": "k1",
-        "private_key": pem(app_key).decode(), "token_uri": ep.url}))
-    cfg = oauth_cfg(tmp_path, dns, sh, ep, trustme_ca_file, smart_host_oauth_grant="jwt_bearer",
-                    smart_host_oauth_token_url="", smart_host_oauth_client_id="",
-                    smart_host_oauth_key_file=str(kf))
+    ep, sh, cfg = service_account_setup(tmp_path, dns, endpoint, smart_host,
+                                        trustme_ca_file, app_key)
     courier = wiring.courier(cfg, maillog=mlog)
     try:
         r = await deliver(courier)
@@ -295,17 +308,8 @@ async def test_a_service_account_token_uri_in_clear_gets_no_assertion(
     expires; token_url itself must be https:// (config). Now nothing is sent and the
     mail waits naming the cause."""
     with plain_http_recorder() as (url, seen):
-        sa = "relay@project.iam.gserviceaccount.com"
-        ep = endpoint(public_key_pem=public_pem(app_key), service_account=sa,
-                      scope=GOOGLE_SCOPE)
-        sh = smart_host(ep)
-        kf = write_secret(tmp_path / "sa.json", json.dumps({
-            "type": "service_account", "client_email": sa, "private_key_id": "k1",
-            "private_key": pem(app_key).decode(),
-            "token_uri": url}))
-        cfg = oauth_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
-                        smart_host_oauth_grant="jwt_bearer", smart_host_oauth_token_url="",
-                        smart_host_oauth_client_id="", smart_host_oauth_key_file=str(kf))
+        _ep, sh, cfg = service_account_setup(tmp_path, dns, endpoint, smart_host,
+                                             trustme_ca_file, app_key, token_uri=url)
         courier = wiring.courier(cfg, maillog=mlog)
         try:
             r = await deliver(courier)
@@ -327,7 +331,7 @@ async def test_each_smart_host_its_own_oauth_settings_and_token(
     endpoint for its own user, and each token is cached for its host (two deliveries,
     one request per endpoint)."""
     ms = endpoint(secret="s3cret-value")
-    sa = "relay@project.iam.gserviceaccount.com"
+    sa = SERVICE_ACCOUNT
     google = endpoint(public_key_pem=public_pem(app_key), service_account=sa,
                       scope=GOOGLE_SCOPE)
     first = smart_host(ms, "127.0.0.2", mail_reply="451 4.3.0 try the backup")
