@@ -21,22 +21,12 @@ from typing import Any
 import pytest
 from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx, plain
+from support.procfs import sockets_of
 
 pytestmark = pytest.mark.slow
 
 
 # ------------------------------------------------------------------ helpers
-def sockets_of(pid: int) -> int:
-    n = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                n += 1
-        except OSError:
-            pass
-    return n
-
-
 def family(pid: int) -> list[int]:
     """The process and its children (the receiving workers)."""
     kids = []

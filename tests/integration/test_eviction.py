@@ -9,7 +9,6 @@ the legitimate ones from others (127.0.8.x).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import select
@@ -22,6 +21,7 @@ import time
 import pytest
 from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx, plain
+from support.procfs import sockets_of
 from support.wait import wait_until
 
 from authrelay.smtpd.eviction import TIE_AGE
@@ -334,15 +334,6 @@ def test_more_flooding_addresses_than_slots_fresh_clients_still_served(relay_fac
     assert "Traceback" not in log
 
 
-def _socket_fds(pid: int) -> list[str]:
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                out.append(fd)
-    return out
-
-
 def test_handshake_evicted_before_its_task_ran_closes_its_socket(relay_factory
                                                                   ) -> None:  # noqa: ANN001
     """A connection admitted and evicted in the same accept batch (its handshake task not
@@ -354,7 +345,7 @@ def test_handshake_evicted_before_its_task_ran_closes_its_socket(relay_factory
     r = _relay(relay_factory, modes=("submissions",), max_pending_per_ip=20)
     assert r.proc is not None
     pid = r.proc.pid
-    base = len(_socket_fds(pid))
+    base = sockets_of(pid)
     port = r.ports["submissions"]
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -365,5 +356,5 @@ def test_handshake_evicted_before_its_task_ran_closes_its_socket(relay_factory
     wait_until(lambda: "evicted" in r.maillog() or None, "an eviction", 30)
     for s in flood:
         s.close()
-    wait_until(lambda: len(_socket_fds(pid)) <= base or None,
-               lambda: f"sockets back to {base}: {len(_socket_fds(pid))} open", 30)
+    wait_until(lambda: sockets_of(pid) <= base or None,
+               lambda: f"sockets back to {base}: {sockets_of(pid)} open", 30)
