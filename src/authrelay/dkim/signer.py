@@ -18,9 +18,9 @@ anyone append content (8.2).
 
 Speed: dkimpy does RSA in pure Python (~7 ms per RSA-2048 signature, holding the GIL).
 For our own keys the RSA private-key operation is done by OpenSSL through `cryptography`
-(~1 ms): `_install_fast_rsa()` wraps dkimpy's two module functions so that a key object
-we made (and only such an object) is parsed once and signed by OpenSSL; every other key
-takes dkimpy's own path unchanged. The relaxed body canonicalization skips dkimpy's two
+(~1 ms): `_install_fast_rsa()` wraps dkimpy's RSA signing function so that a key object
+we made (`_FastRSA`, parsed once per key load) is signed by OpenSSL; any other key takes
+dkimpy's own path unchanged. The relaxed body canonicalization skips dkimpy's two
 whole-body regex passes when they cannot change anything (`relaxed_body`, property-tested
 to give dkimpy's bytes). Header canonicalization, selection and the signature field stay
 dkimpy's. If dkimpy's internals ever differ (its version is pinned), the wrap
@@ -96,12 +96,6 @@ class _FastRSA(dict):  # type: ignore[type-arg]
     crypto_key: rsa.RSAPrivateKey
 
 
-class _RSAKeyPEM(bytes):
-    """The privkey bytes handed to dkimpy for one of our RSA keys, already parsed."""
-
-    fast: _FastRSA
-
-
 _fast_rsa = False
 
 
@@ -110,23 +104,17 @@ def _install_fast_rsa() -> bool:
     global _fast_rsa
     if _fast_rsa:
         return True
-    orig_parse = getattr(dkim, "parse_pem_private_key", None)
     orig_sign = getattr(dkim, "RSASSA_PKCS1_v1_5_sign", None)
-    if orig_parse is None or orig_sign is None:
+    if orig_sign is None:
         return False
 
-    def parse_pem_private_key(data: bytes) -> Any:
-        fast = getattr(data, "fast", None)
-        return fast if isinstance(fast, _FastRSA) else orig_parse(data)
-
     def rsassa_pkcs1_v1_5_sign(hash: Any, private_key: Any) -> bytes:
-        key = getattr(private_key, "crypto_key", None)
-        if key is None or getattr(hash, "name", "sha256") != "sha256":
+        if not isinstance(private_key, _FastRSA) or hash.name != "sha256":
             return orig_sign(hash, private_key)
         # RFC 6376 3.3.1: RSASSA-PKCS1-v1_5 over the SHA-256 of the signed data.
-        return key.sign(hash.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        return private_key.crypto_key.sign(hash.digest(), padding.PKCS1v15(),
+                                           Prehashed(hashes.SHA256()))
 
-    dkim.parse_pem_private_key = parse_pem_private_key
     dkim.RSASSA_PKCS1_v1_5_sign = rsassa_pkcs1_v1_5_sign
     _fast_rsa = True
     _install_fast_relaxed_body()
@@ -248,9 +236,7 @@ def _signing_key(key: DkimKey) -> Any:
     assert isinstance(crypto_key, rsa.RSAPrivateKey)
     fast = _FastRSA(dkim.crypto.parse_pem_private_key(key.signing_key))
     fast.crypto_key = crypto_key
-    pem = _RSAKeyPEM(key.signing_key)
-    pem.fast = fast
-    return dkim.parse_pem_private_key(pem)
+    return fast
 
 
 @dataclass(frozen=True)

@@ -49,12 +49,12 @@ NO_FROM = "no From: field"
 _ATOM = r"[A-Za-z0-9_+-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _ADDR = rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+"
-# A value both stdlib parsers read as exactly one mailbox, that address (see
-# header_mailboxes); anything else (quotes, comments, commas, encoded words, non-ASCII,
-# a display name with punctuation) takes the two parsers.
 # Anything shaped like an address (an at sign, ASCII or a look-alike, between two runs
 # of characters that do not end an address).
 _SHOWN_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+[@\uff20\ufe6b][^\s<>()\[\]\"',;:]+")
+# A value both stdlib parsers read as exactly one mailbox, that address (see
+# header_mailboxes); anything else (quotes, comments, commas, encoded words, non-ASCII,
+# a display name with punctuation) takes the two parsers.
 _PLAIN_MAILBOX = re.compile(
     rf"[ \t]*(?:(?:[A-Za-z0-9]+(?: [A-Za-z0-9]+)*[ \t]*)?<({_ADDR})>|({_ADDR}))[ \t]*",
     re.ASCII)
