@@ -22,6 +22,9 @@ _ROWS: list[tuple[str, str, str, str, bool, str]] = [
     ("b", "", "accepted_per_s", "(b) accepted msg/s (= sessions/s)", True, "best: >= 1.0x"),
     ("b", "", "final_250_p50_ms", "(b) final 250 p50 ms", False, "best: <= 1.0x"),
     ("b", "", "final_250_p99_ms", "(b) final 250 p99 ms", False, ""),
+    ("r", "", "sessions_per_s", "(r) sessions/s achieved (offered: the label)", True, ""),
+    ("r", "", "final_250_p50_ms", "(r) final 250 p50 ms, same offered load", False, ""),
+    ("r", "", "final_250_p99_ms", "(r) final 250 p99 ms, same offered load", False, ""),
     ("c", "", "accepted_per_s", "(c) accepted msg/s", True, "best: >= 1.5x"),
     ("a", "10 sessions", "delivered_per_s", "(d) delivered msg/s, end to end", True,
      "best: >= 1.0x"),
@@ -226,6 +229,8 @@ def write_markdown(res: dict[str, Any]) -> str:
         "- (b): `bench/load.py` on the submission port: STARTTLS (full handshake, no "
         "resumption) + AUTH PLAIN, one message per session; final 250 = time from the "
         "last DATA byte written to the 250.",
+        "- (r): (b)'s sessions started on a fixed schedule (`load.py --rate`), the same "
+        "offered load for every target; sessions/s achieved shows whether it kept up.",
         "- (d): the same runs, counted at the loopback `smtp-sink`: delivered msg/s = "
         "messages / (start of load to last message at the sink).",
         "- (e): one message on the plain port; RSS summed over all server processes, "
