@@ -579,9 +579,12 @@ class Session:
         self._draft = None
         eng.message_result(replies.queued(qid))
         if eng.auth_user:
+            # The message is durable: the 250 goes out now, not after the per-user
+            # counters (a Redis round trip in a farm, up to its timeout when Redis is
+            # slow) or the containment work that follow it.
+            self._flush()
             await self.ticket.user_sent(eng.auth_user, nrcpts)
             if self.deps.containment is not None:
-                self._flush()  # the 250 goes out before any containment work
                 await self.deps.containment.message_accepted(
                     eng.auth_user, qid, [r.text for r in ev.transaction.rcpts], self.ip)
         if self.deps.metrics is not None:

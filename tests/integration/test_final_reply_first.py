@@ -1,0 +1,122 @@
+"""The final 250 of an authenticated message does not wait for the per-user counters.
+
+After the commit (the message is durable) the session still updates the user's message
+and recipient counters (`Throttle.user_sent`: a Redis round trip in a farm, up to its
+timeout when Redis is slow) and, with containment on, its work. The 250 must already be
+on the wire then. A real in-process SMTPServer (wiring.server) on its own loop in a
+thread, the user DB, TLS from a test CA, a real client (smtplib: STARTTLS, AUTH PLAIN);
+the one stand-in is a throttle whose `user_sent` waits until the test lets it go, so the
+order is observed without timing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+from support.certs import install_cert
+from support.ports import free_port
+
+from authrelay import wiring
+from authrelay.auth.userdb import UserDB
+from authrelay.config import Config, from_dict
+from authrelay.maillog import MailLog
+from authrelay.policy.throttle import LocalThrottle, Share
+from authrelay.smtpd.server import Listener, bind
+from authrelay.spool.store import Spool
+from authrelay.tls import CertStore
+
+
+class _HeldCounters(LocalThrottle):
+    """The in-process throttle, with `user_sent` held until `go` is set."""
+
+    def __init__(self, cfg: Config, share: Share) -> None:
+        super().__init__(cfg, share)
+        self.entered = threading.Event()
+        self.go: asyncio.Event | None = None
+        self.finished = False
+
+    async def user_sent(self, user: str, nrcpts: int) -> None:
+        self.go = asyncio.Event()
+        self.entered.set()
+        await self.go.wait()
+        await super().user_sent(user, nrcpts)
+        self.finished = True
+
+
+class _Server:
+    def __init__(self, tmp: Path, ca: trustme.CA) -> None:
+        self.port = free_port()
+        cert, key, _ = install_cert(ca, tmp / "tls", "relay.test", "127.0.0.1")
+        self.cfg = from_dict({
+            "hostname": "relay.test", "state_dir": str(tmp),
+            "listen": [{"address": f"127.0.0.1:{self.port}", "mode": "submission"}],
+            "tls": {"cert": str(cert), "key": str(key)},
+            "relay": {"smart_host": ["127.0.0.1:9"]},
+            "limits": {"connection_rate_per_ip": 0},
+        })
+        UserDB(self.cfg.userdb_path).add("alice", "correct horse",
+                                         ["alice@example.org"])
+        self.spool = Spool(tmp / "spool", fsync=False)
+        self.spool.ensure_dirs()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.ready = threading.Event()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = wiring.server(self.cfg, self.spool, CertStore(self.cfg),
+                                    maillog=MailLog(f"file:{self.cfg.state_dir}/maillog"))
+        self.held = _HeldCounters(self.cfg, self.server.share)
+        self.server.throttle = self.held
+        ln = Listener(self.cfg.listen[0], bind(self.cfg.listen[0]))
+        self.loop.run_until_complete(self.server.start([ln]))
+        self.ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.server.stop(2))
+        self.loop.close()
+
+    def release(self) -> None:
+        go = self.held.go
+        assert go is not None
+        self.loop.call_soon_threadsafe(go.set)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def server(tmp_path: Path, trustme_ca: trustme.CA) -> Iterator[_Server]:
+    srv = _Server(tmp_path, trustme_ca)
+    srv.thread.start()
+    assert srv.ready.wait(10)
+    yield srv
+    srv.stop()
+
+
+def test_250_is_sent_before_the_user_counters_are_updated(
+        server: _Server, trustme_ca: trustme.CA) -> None:
+    ctx = ssl.create_default_context()
+    trustme_ca.configure_trust(ctx)
+    with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test",
+                      timeout=20) as c:
+        c.starttls(context=ctx)
+        c.login("alice", "correct horse")
+        c.mail("alice@example.org")
+        assert c.rcpt("bob@remote.test")[0] == 250
+        # smtplib reads the final reply before returning: with the counters held, it
+        # only returns because the 250 went out first (else: its 20 s timeout).
+        code, text = c.data(b"From: alice@example.org\r\nSubject: t\r\n\r\nhello\r\n")
+        assert code == 250 and b"queued as" in text
+        # ... and user_sent, called right after it, is still held: not finished before
+        assert server.held.entered.wait(10) and not server.held.finished
+        assert len(list(server.spool.queue_dir.iterdir())) == 1
+        server.release()
+        assert c.noop()[0] == 250  # the session goes on once the counters are done
