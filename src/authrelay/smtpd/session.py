@@ -69,7 +69,7 @@ class Submitter(Protocol):
 
     def space_ok(self, size: int = 0) -> bool: ...
     def begin(self, env: Envelope, *, tls: str = "", add_missing: bool = True,
-              nul_checked: bool = False, sign: bool = True,
+              nul_checked: bool = False, lines_checked: bool = False, sign: bool = True,
               owner: Owner | None = None) -> Draft: ...
 
 
@@ -541,6 +541,7 @@ class Session:
             # hop count, the DKIM hook, fsync, the maillog from= line.
             draft = self.deps.submitter.begin(
                 env, tls=self.conn.tls_info if eng.tls else "", nul_checked=True,
+                lines_checked=True,  # bodyreader.py refuses bare CR / LF
                 add_missing=bool(eng.auth_user) or eng.mode != "smtp",
                 sign=bool(eng.auth_user) or self.trusted,  # DKIM: only mail we originate
                 # An authenticated user's From:/Sender: must be its own to be signed

@@ -68,10 +68,12 @@ class BoundSigner(MessageSigner, Protocol):
 class Signer(Protocol):
     """The signing seam of the accept path (dkim/signer.py's Signer)."""
 
-    def bind(self, queue_id: str, owner: Owner | None = None) -> BoundSigner | None:
+    def bind(self, queue_id: str, owner: Owner | None = None, *,
+             crlf_only: bool = False) -> BoundSigner | None:
         """The signer for one message (its maillog notes carry the queue id; `owner`: an
-        authenticated user's, signed only for its own From:); None when nothing can be
-        signed at all (no key), so a streamed file is not read back."""
+        authenticated user's, signed only for its own From:; `crlf_only`: the message
+        holds no bare CR or LF); None when nothing can be signed at all (no key), so a
+        streamed file is not read back."""
 
     def reload(self, cfg: Config) -> None:
         """SIGHUP: re-read the keys and `[dkim]`."""
@@ -147,10 +149,13 @@ class Submitter:
     # ------------------------------------------------------------------ messages
     def begin(self, env: Envelope, *, tls: str = "", add_missing: bool = True,
               local_uid: int | None = None, nul_checked: bool = False,
+              lines_checked: bool = False,
               check_content: bool = True, sign: bool | None = None,
               owner: Owner | None = None, refuse_unowned: bool = True) -> Draft:
         """A new message for `env` (queue id assigned if empty). `nul_checked`: the producer
-        already refuses NUL (smtpd/bodyreader.py). `check_content=False` (bounces we build)
+        already refuses NUL (smtpd/bodyreader.py); `lines_checked`: it refuses every bare CR
+        and LF (the same reader), so the signer need not look at line ends again.
+        `check_content=False` (bounces we build)
         skips the NUL and hop checks. `sign`: hand the message to the signer (mail we
         originate); None decides from the envelope: authenticated senders, the sendmail
         command and our bounces are signed, anything else (inbound to a local domain) is
@@ -167,7 +172,8 @@ class Submitter:
             sign = bool(env.auth_user) or env.is_bounce or env.listener == "sendmail"
         return Draft(self, env, tls=tls, add_missing=add_missing, local_uid=local_uid,
                      scan_nul=check_content and not nul_checked, check_hops=check_content,
-                     sign=sign, owner=owner, refuse_unowned=refuse_unowned)
+                     sign=sign, owner=owner, refuse_unowned=refuse_unowned,
+                     crlf_only=lines_checked)
 
 
 class Draft:
@@ -176,8 +182,9 @@ class Draft:
     def __init__(self, sub: Submitter, env: Envelope, *, tls: str, add_missing: bool,
                  local_uid: int | None, scan_nul: bool, check_hops: bool,
                  sign: bool = False, owner: Owner | None = None,
-                 refuse_unowned: bool = True) -> None:
+                 refuse_unowned: bool = True, crlf_only: bool = False) -> None:
         self.submitter = sub
+        self._crlf_only = crlf_only
         self.sign = sign
         self.owner = owner
         self._refuse_unowned = refuse_unowned
@@ -300,8 +307,8 @@ class Draft:
             return None
         owner = self.owner
         if owner is None or self.submitter.cfg.dkim.sign_unowned:
-            return signer.bind(self.queue_id)
-        bound = signer.bind(self.queue_id, owner=owner)
+            return signer.bind(self.queue_id, crlf_only=self._crlf_only)
+        bound = signer.bind(self.queue_id, owner=owner, crlf_only=self._crlf_only)
         if bound is not None and self.from_verdict:
             bound.skip(FROM_NOT_OWNED_NOTE)
             return None
