@@ -63,7 +63,7 @@ class WholeSigner:
     def __init__(self, fn: Callable[[bytes], bytes | None]) -> None:
         self.fn = fn
 
-    def bind(self, queue_id: str, owner: object = None) -> Whole:
+    def bind(self, queue_id: str, owner: object = None, *, crlf_only: bool = False) -> Whole:
         return Whole(self.fn)
 
     def reload(self, cfg: object) -> None:
