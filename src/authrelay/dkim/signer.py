@@ -406,7 +406,7 @@ class Signer:
         return self.sign_stream((message,), queue_id, owner)
 
     def sign_stream(self, chunks: Iterable[bytes], queue_id: str | None = None,
-                    owner: Owner | None = None, crlf_only: bool = False) -> bytes | None:
+                    owner: Owner | None = None, *, crlf_only: bool = False) -> bytes | None:
         """DKIM-Signature fields (CRLF-terminated) for a message given in pieces of any
         size (the whole message as one piece, or a streamed file read back in bounded
         chunks), or None (unsigned). The header section decides (and reading stops after
@@ -482,10 +482,11 @@ class _Bound:
         self.crlf_only = crlf_only
 
     def __call__(self, message: bytes) -> bytes | None:
-        return self.signer(message, self.queue_id, self.owner)
+        return self.sign_stream((message,))
 
     def sign_stream(self, chunks: Iterable[bytes]) -> bytes | None:
-        return self.signer.sign_stream(chunks, self.queue_id, self.owner, self.crlf_only)
+        return self.signer.sign_stream(chunks, self.queue_id, self.owner,
+                                       crlf_only=self.crlf_only)
 
     def skip(self, reason: str) -> None:
         self.signer.skip(self.queue_id, reason)
