@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import trustme
 from support.certs import install_cert
+from support.inproc import ServerThread
 from support.ports import free_port
 
 from authrelay import wiring
@@ -28,7 +29,7 @@ from authrelay.auth.userdb import UserDB
 from authrelay.config import Config, from_dict
 from authrelay.maillog import MailLog
 from authrelay.policy.throttle import LocalThrottle, Share
-from authrelay.smtpd.server import Listener, bind
+from authrelay.smtpd.server import SMTPServer
 from authrelay.spool.store import Spool
 from authrelay.tls import CertStore
 
@@ -65,40 +66,28 @@ class _Server:
                                          ["alice@example.org"])
         self.spool = Spool(tmp / "spool", fsync=False)
         self.spool.ensure_dirs()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.ready = threading.Event()
+        self.held: _HeldCounters  # made with the server, on its loop
+        self.thread = ServerThread(self.cfg, self._build)
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.server = wiring.server(self.cfg, self.spool, CertStore(self.cfg),
-                                    maillog=MailLog(f"file:{self.cfg.state_dir}/maillog"))
-        self.held = _HeldCounters(self.cfg, self.server.share)
-        self.server.throttle = self.held
-        ln = Listener(self.cfg.listen[0], bind(self.cfg.listen[0]))
-        self.loop.run_until_complete(self.server.start([ln]))
-        self.ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.server.stop(2))
-        self.loop.close()
+    def _build(self) -> SMTPServer:
+        server = wiring.server(self.cfg, self.spool, CertStore(self.cfg),
+                               maillog=MailLog(f"file:{self.cfg.state_dir}/maillog"))
+        self.held = _HeldCounters(self.cfg, server.share)
+        server.throttle = self.held
+        return server
 
     def release(self) -> None:
         go = self.held.go
         assert go is not None
-        self.loop.call_soon_threadsafe(go.set)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        self.thread.call_soon(go.set)
 
 
 @pytest.fixture
 def server(tmp_path: Path, trustme_ca: trustme.CA) -> Iterator[_Server]:
     srv = _Server(tmp_path, trustme_ca)
     srv.thread.start()
-    assert srv.ready.wait(10)
     yield srv
-    srv.stop()
+    srv.thread.stop()
 
 
 def test_250_is_sent_before_the_user_counters_are_updated(

@@ -9,20 +9,18 @@ input, so a client that waits for a reply before sending more (DATA's 354, the f
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.inproc import ServerThread
 from support.ports import free_port
 
 from authrelay import wiring
 from authrelay.config import from_dict
 from authrelay.maillog import MailLog
 from authrelay.smtpd import listener
-from authrelay.smtpd.server import Listener, bind
 from authrelay.spool.store import Spool
 
 
@@ -41,24 +39,8 @@ class _Server:
         self.spool.ensure_dirs()
         self.log = tmp / "maillog"
         self.writes: dict[int, list[bytes]] = {}  # client port -> writes, in order
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.ready = threading.Event()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.server = wiring.server(self.cfg, self.spool, None, auth=None,
-                                    maillog=MailLog(f"file:{self.log}"))
-        ln = Listener(self.cfg.listen[0], bind(self.cfg.listen[0]))
-        self.loop.run_until_complete(self.server.start([ln]))
-        self.ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.server.stop(2))
-        self.loop.close()
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        self.thread = ServerThread(self.cfg, lambda: wiring.server(
+            self.cfg, self.spool, None, auth=None, maillog=MailLog(f"file:{self.log}")))
 
 
 @pytest.fixture
@@ -72,9 +54,8 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Server]
 
     monkeypatch.setattr(listener.Connection, "write", recording)
     srv.thread.start()
-    assert srv.ready.wait(10)
     yield srv
-    srv.stop()
+    srv.thread.stop()
 
 
 class _Client:

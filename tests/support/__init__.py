@@ -16,6 +16,7 @@
 - `support.sessions`: a real client half way through an authenticated transaction
 - `support.privileges`: the unprivileged TEST_USER privilege tests drop to
 - `support.daemons`: wait until a daemon a test started accepts; stop it by its PID
+- `support.inproc`: `ServerThread`, an SMTPServer on its own event loop in a thread
 
 Markers (registered in pyproject.toml, `--strict-markers`): `slow` (out of the fast loop,
 `pytest -m "not slow"`), `root` (needs root: fails under CI, skips elsewhere, checked in
