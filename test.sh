@@ -8,6 +8,7 @@ APT_PKGS=(swaks msmtp curl openssl sasl2-bin dovecot-core
           libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl python3-venv python3-pip
           haproxy postgresql redis-server
           opendkim-tools   # opendkim-testkey: an independent check of our DKIM keys + records
+          opendkim         # opendkim -t: OpenDKIM's verifier checks our signatures (tests/dkimcheck.py)
           bind9 bind9-utils bind9-dnsutils unbound  # DANE rig: signed zone + validating resolver
           fail2ban)  # fail2ban-regex: the documented filter against forged maillog values
 missing=()

@@ -48,3 +48,38 @@ def verify_all(message: bytes, nameserver: str) -> list[tuple[bytes, bytes, byte
 def dkim_zones(keys) -> dict:  # noqa: ANN001
     """FakeDNSServer zones publishing the public half of each DkimKey."""
     return {k.record_name: {"TXT": [k.txt_strings()]} for k in keys}
+
+
+def opendkim_results(message: bytes, nameserver: str) -> list[tuple[bytes, bytes, bytes, bool]]:
+    """(d, s, a, ok) for every DKIM-Signature of `message` as OpenDKIM 2.11's verifier
+    (`opendkim -t`, the C library receivers run) reads it, sorted; keys from `nameserver`
+    through libunbound (OpenDKIM's `ResolverConfiguration`)."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from support import ci
+
+    opendkim = ci.require_tool("opendkim", "opendkim")
+    host, _, port = nameserver.rpartition(":")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        (tmp / "unbound.conf").write_text(
+            # unbound answers the special-use test. (RFC 6761) itself unless told not to
+            'server:\n  do-not-query-localhost: no\n  local-zone: "test." nodefault\n'
+            f'forward-zone:\n  name: "."\n  forward-addr: {host}@{port}\n')
+        (tmp / "opendkim.conf").write_text(
+            f"ResolverConfiguration {tmp / 'unbound.conf'}\nMode v\n")
+        (tmp / "msg").write_bytes(message.replace(b"\r\n", b"\n"))
+        r = subprocess.run([opendkim, "-x", str(tmp / "opendkim.conf"), "-vvv", "-t",
+                            str(tmp / "msg")], capture_output=True, timeout=60)
+    out = r.stdout.decode("utf-8", "replace") + r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 0, out
+    found = []
+    # one Authentication-Results entry per line: "dkim=pass (2048-bit key; ...) header.d=..."
+    for m in re.finditer(r"\bdkim=(\w+).*?header\.d=(\S+).*?header\.a=(\S+)"
+                         r".*?header\.s=([^\s;]+)", out):
+        result, dom, alg, sel = m.groups()
+        found.append((dom.encode(), sel.encode(), alg.encode(), result == "pass"))
+    return sorted(found)

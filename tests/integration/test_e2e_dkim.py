@@ -1,5 +1,6 @@
 """DKIM end to end: a real `authrelay serve` signs; the fake MX receives; dkimpy's verifier
-checks every signature with the public keys served by the loopback DNS server.
+and OpenDKIM's (`opendkim -t`) check every signature with the public keys served by the
+loopback DNS server.
 
 Covers issue 13 item 5: both algorithms after a trip through the relay, a body with
 dot-stuffed lines and 8-bit content, a message already signed by another domain (kept,
@@ -26,7 +27,7 @@ from typing import Any
 
 import dkim
 import pytest
-from dkimcheck import dkim_zones, verify_all
+from dkimcheck import dkim_zones, opendkim_results, verify_all
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
 from relayproc import PASSWORD, RelayProcess
@@ -83,7 +84,10 @@ def setup(relay_factory: Callable[..., RelayProcess], dns_server: FakeDNSServer,
 
 
 def our_results(content: bytes, dns: FakeDNSServer) -> list[tuple[bytes, bytes, bytes, bool]]:
-    return verify_all(content, dns.nameserver)
+    """dkimpy's verdict on each signature, which OpenDKIM's verifier must share."""
+    res = verify_all(content, dns.nameserver)
+    assert opendkim_results(content, dns.nameserver) == sorted(res), res
+    return res
 
 
 def test_both_algorithms_verify_after_the_relay(setup: dict[str, Any]) -> None:
