@@ -14,6 +14,7 @@ import pytest
 from dkimcheck import dkim_zones, verify_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_ownership import _NEAR_SIMPLE
 
 from authrelay.config import from_dict
 from authrelay.dkim.keys import DkimKeyError, KeyStore, split_txt
@@ -202,6 +203,21 @@ def test_from_config_and_reload(tmp_path: Path) -> None:
 def test_from_domain_idn() -> None:
     d, why = from_domain([(b"From", " J\u00f6rg <j@b\u00fccher.example>".encode())])
     assert (d, why) == ("xn--bcher-kva.example", "")
+
+
+@given(st.lists(_NEAR_SIMPLE, min_size=1, max_size=2).map(", ".join))
+@settings(max_examples=1500, deadline=None)
+def test_from_domain_shortcut_reads_what_the_parser_reads(value: str) -> None:
+    """The plain-mailbox shortcut gives the domain (or the reason for none) that
+    `email.utils.getaddresses` gives, for simple values and those a character away."""
+    from unittest import mock
+
+    from authrelay.dkim import signer as signer_mod
+
+    fields = [(b"From", value.encode())]
+    with mock.patch.object(signer_mod, "plain_mailbox", lambda _v: None):
+        slow = from_domain(fields)
+    assert from_domain(fields) == slow, value
 
 
 def test_config_section() -> None:

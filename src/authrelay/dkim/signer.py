@@ -73,7 +73,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from authrelay.config import Config
 from authrelay.dkim.keys import DkimKey, DkimKeyError, KeyStore
-from authrelay.policy.ownership import Owner, a_label
+from authrelay.policy.ownership import Owner, a_label, plain_mailbox
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,11 @@ def from_domain(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
     if len(values) > 1:
         return None, "several From: fields"  # RFC 5322 3.6: exactly one
     text = values[0].decode("utf-8", "replace").replace("\r\n", "")
+    # The common `Name <a@b.c>` read without the parser (~20 µs): the same address.
+    plain = plain_mailbox(text)
+    addrs = [plain] if plain is not None else [a for _n, a in email.utils.getaddresses([text])]
     domains = set()
-    for _name, addr in email.utils.getaddresses([text]):
+    for addr in addrs:
         if "@" not in addr:
             continue
         # Keys live under the A-label (RFC 5890) of an internationalised domain; one that

@@ -131,6 +131,15 @@ def header_fields(header_section: bytes, names: tuple[bytes, ...] = _CHECKED
     return out
 
 
+def plain_mailbox(value: str) -> str | None:
+    """The address of a field value both stdlib parsers (`email.headerregistry` and
+    `email.utils.getaddresses`) read as exactly that one mailbox: `a@b.c`, `<a@b.c>`,
+    `Name Words <a@b.c>`, plain ASCII without quotes, comments, commas or encoded words
+    (property-tested against both); None for anything else, which needs the parsers."""
+    m = _PLAIN_MAILBOX.fullmatch(value)
+    return (m.group(1) or m.group(2)) if m else None
+
+
 def header_mailboxes(header_section: bytes) -> tuple[list[tuple[str, str]], str]:
     """(field label, mailbox address as written) of every From:/Sender: mailbox, and ""
     or the problem that keeps the header from being vouched for."""
@@ -138,9 +147,8 @@ def header_mailboxes(header_section: bytes) -> tuple[list[tuple[str, str]], str]
     found: list[tuple[str, str]] = []
     for name, value in fields:
         label = "From:" if name == b"from" else "Sender:"
-        m = _PLAIN_MAILBOX.fullmatch(value)
-        if m:  # what each of the two parsers reads: this one address
-            a = m.group(1) or m.group(2)
+        a = plain_mailbox(value)
+        if a is not None:  # what each of the two parsers reads: this one address
             found += [(label, a), (label, a)]
             continue
         addrs, problem = _parsed_mailboxes(label, value)
