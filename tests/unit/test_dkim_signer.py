@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dkim
 import pytest
-from dkimcheck import dkim_zones, verify_all
+from dkimcheck import dkim_zones, opendkim_results, verify_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ownership import _NEAR_SIMPLE
@@ -220,6 +220,49 @@ def test_from_domain_shortcut_reads_what_the_parser_reads(value: str) -> None:
     assert from_domain(fields) == slow, value
 
 
+@pytest.mark.parametrize("ctl", [b"\x0b", b"\x0c", b"\x00", b"\r"],
+                         ids=["VT", "FF", "NUL", "bare-CR"])
+def test_control_bytes_verifiers_read_differently_go_unsigned(
+        signer: tuple[Signer, Log], store: KeyStore, dns_server, ctl: bytes) -> None:  # noqa: ANN001
+    """RFC 6376 3.4.2 (and dkimpy, and we) keep a VT, FF, NUL or bare CR inside a signed
+    field's value as it is; OpenDKIM reads VT and FF as blanks and stops at NUL or a bare
+    CR, so its receivers would fail the signature. Such a message goes unsigned, with a
+    maillog reason; the same byte in a field that is not signed changes nothing, and
+    that signature passes both verifiers (found by the review of 2026-12-05)."""
+    from authrelay.dkim.signer import VERIFIERS_DIFFER
+
+    s, log = signer
+    dns_server.set_zones(dkim_zones(store.all()))
+    msg = MSG.replace(b"Subject: hello", b"Subject: a" + ctl + b"b")
+    assert s(msg, queue_id="Q1") is None
+    assert log.events[-1] == ("Q1", {"dkim": "none", "reason": VERIFIERS_DIFFER})
+    msg = MSG.replace(b"\r\n\r\n", b"\r\nX-Unsigned: a" + ctl + b"b\r\n\r\n", 1)
+    sigs = s(msg, queue_id="Q2")
+    assert sigs is not None
+    res = verify_all(sigs + msg, dns_server.nameserver)
+    assert [ok for *_, ok in res] == [True, True]
+    if ctl in (b"\x0b", b"\x0c"):  # opendkim -t refuses a file with NUL or bare CR at all
+        assert opendkim_results(sigs + msg, dns_server.nameserver) == sorted(res)
+
+
+def test_names_longer_than_a_line_verify(tmp_path: Path, dns_server) -> None:  # noqa: ANN001
+    """A d= or s= longer than the fold width stays whole on its own line (dkimpy's
+    `dkim.sign()` breaks such a token with a space, which its own verifier then rejects):
+    both verifiers pass, and no line passes RFC 5322's 998 characters."""
+    domain = ".".join(["d" * 60, "e" * 60, "f" * 60, "test"])
+    ks = KeyStore(tmp_path / "dkim")
+    ks.generate(domain, "s" * 20 + "." + "t" * 20, "rsa")  # the record name: <= 255
+    ks.generate(domain, "ed", "ed25519")
+    s = Signer(ks.load(), maillog=Log())
+    dns_server.set_zones(dkim_zones(ks.all()))
+    msg = MSG.replace(b"alice@example.org", f"alice@{domain}".encode())
+    sigs = s(msg, queue_id="Q")
+    assert sigs is not None and max(map(len, sigs.split(b"\r\n"))) <= 998
+    res = verify_all(sigs + msg, dns_server.nameserver)
+    assert [ok for *_, ok in res] == [True, True]
+    assert opendkim_results(sigs + msg, dns_server.nameserver) == sorted(res)
+
+
 def test_config_section() -> None:
     cfg = from_dict({"dkim": {"domains": ["Example.ORG."]}, "public_addresses": ["192.0.2.1"]})
     assert cfg.dkim.domains == ("example.org",)
@@ -324,11 +367,11 @@ def test_signature_equals_dkimpy_sign(tmp_path_factory, body: bytes,  # noqa: AN
                                       cuts: list[int], sep: bytes, empty: bool,
                                       extra: list[tuple[bytes, bytes]]) -> None:
     """One signing path: whole or in any chunking, each field carries the signature
-    dkimpy's own `dkim.sign()` makes for that key (same t=; every tag equal up to
-    folding whitespace, b= included: RSASSA-PKCS1-v1_5 and Ed25519 are deterministic,
-    so equal b= means the same canonical header bytes were signed), both algorithms,
-    header fields folded and blanked in every way relaxed canonicalization undoes, and
-    they verify with dkimpy's verifier."""
+    dkimpy's own `dkim.sign()` makes for that key (same t=; names that fit in a line;
+    every tag equal up to folding whitespace, b= included: RSASSA-PKCS1-v1_5 and
+    Ed25519 are deterministic, so an equal b= means the same canonical header bytes
+    were signed), both algorithms, header fields folded and blanked in every way
+    relaxed canonicalization undoes, and they verify with dkimpy's verifier."""
     ks = KeyStore(tmp_path_factory.mktemp("dkim"))
     ks.generate("example.org", "s-rsa", "rsa")
     ks.generate("example.org", "s-ed25519", "ed25519")

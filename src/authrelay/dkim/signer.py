@@ -159,6 +159,12 @@ def _header_end(buf: bytes) -> int:
     return m.end() if m else -1
 
 
+# Bytes RFC 6376 3.4.2 keeps as they are in a signed field but OpenDKIM (2.11) reads
+# otherwise (VT and FF as blanks; NUL and a bare CR end its reading): a signature over
+# them fails at receivers running it, so such a message goes unsigned. RFC 5322 allows
+# them only as obsolete syntax (4.1); SMTP refuses NUL and bare CR already.
+_VERIFIERS_DIFFER = re.compile(rb"[\x00\x0b\x0c]|\r(?!\n)")
+VERIFIERS_DIFFER = "a signed header field holds VT, FF, NUL or a bare CR (verifiers disagree)"
 MAX_HEADER_SECTION = 1 << 20  # a streamed message's header section read before deciding
 FROM_NOT_OWNED = "From: not owned by user"  # the maillog reason (dkim=skipped)
 
@@ -311,10 +317,10 @@ class Signer:
 
     def _decide(self, st: _State, head: bytes, queue_id: str | None,
                 owner: Owner | None = None
-                ) -> tuple[list[tuple[bytes, bytes]], str, tuple[DkimKey, ...],
-                           list[bytes]] | None:
-        """(dkimpy's split of the header section into (name, value) fields, domain,
-        keys, names of the fields to sign), or None (unsigned; the maillog says why)."""
+                ) -> tuple[bytes, str, tuple[DkimKey, ...], list[bytes]] | None:
+        """(the signed header fields, canonicalized, from dkimpy's split of the header
+        section; domain; keys; names of the fields to sign, the h= list), or None
+        (unsigned; the maillog says why)."""
         try:
             d = dkim.DKIM(head, linesep=b"\r\n")
         except Exception as e:  # unparsable header section: go unsigned
@@ -338,7 +344,12 @@ class Signer:
                 b"".join(n + b":" + v for n, v in d.headers)):
             self.skip(queue_id, FROM_NOT_OWNED)
             return None
-        return d.headers, domain, keys, self._include(st, d.headers)
+        include = self._include(st, d.headers)
+        signed = _signed_headers(d.headers, include)
+        if _VERIFIERS_DIFFER.search(signed):
+            self._log(queue_id, dkim="none", reason=VERIFIERS_DIFFER)
+            return None
+        return signed, domain, keys, include
 
     def __call__(self, message: bytes, queue_id: str | None = None,
                  owner: Owner | None = None) -> bytes | None:
@@ -372,7 +383,7 @@ class Signer:
         decided = self._decide(st, head, queue_id, owner)
         if decided is None:
             return None
-        headers, domain, keys, include = decided  # the one parse of the header section
+        signed, domain, keys, include = decided  # the one parse of the header section
         hashers: dict[str, RelaxedBodyHash] = {}
         for key in keys:  # one body hash per hash algorithm (all are SHA-256 today)
             hashers.setdefault(_HASH[key.dkim_algorithm].__name__,
@@ -385,7 +396,6 @@ class Signer:
         for chunk in it:
             for h in hashers.values():
                 h.update(chunk)
-        signed = _signed_headers(headers, include)
         stamp = str(int(time.time())).encode("ascii")
         out: list[bytes] = []
         for key in keys:
