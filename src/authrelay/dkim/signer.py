@@ -18,7 +18,8 @@ anyone append content (8.2).
 
 What is dkimpy's and what is ours: dkimpy splits the header section into fields (the
 split its verifier uses) and its `dkim.sign()` is the reference the property tests compare
-with (same tags, same b= for the same t=; both algorithms are deterministic). The field is
+with (same tags, same b= for the same t=; both algorithms are deterministic; for d= and
+s= that fit in a line: dkimpy breaks longer ones, we keep them whole). The field is
 built here from RFC 6376 alone, with public APIs only: relaxed canonicalization of the
 selected header fields (3.4.2, 5.4.2), the tag list, folding to 78 columns, and the
 signature by OpenSSL through `cryptography` (RSA, 3.3.1) or libsodium through PyNaCl
