@@ -21,8 +21,8 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # dovecot-core's package scripts may start a system dovecot, redis-server and postgresql
-# their system instances (fail2ban its service); the tests run their own on free loopback
-# ports, and use only fail2ban's fail2ban-regex.
+# their system instances (fail2ban and opendkim their services); the tests run their own
+# on free loopback ports, and use only fail2ban's fail2ban-regex and `opendkim -t`.
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
