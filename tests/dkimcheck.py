@@ -1,11 +1,18 @@
-"""Independent DKIM verification for tests: dkimpy's verifier reading the public keys
-from a DNS server (the loopback FakeDNSServer), not from our key store."""
+"""Independent DKIM verification for tests: dkimpy's verifier and OpenDKIM's
+(`opendkim -t`) reading the public keys from a DNS server (the loopback FakeDNSServer),
+not from our key store."""
 
 from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import dkim
 import dns.nameserver
 import dns.resolver
+from support import ci
 
 
 def txt_lookup(nameserver: str):  # noqa: ANN201
@@ -54,13 +61,6 @@ def opendkim_results(message: bytes, nameserver: str) -> list[tuple[bytes, bytes
     """(d, s, a, ok) for every DKIM-Signature of `message` as OpenDKIM 2.11's verifier
     (`opendkim -t`, the C library receivers run) reads it, sorted; keys from `nameserver`
     through libunbound (OpenDKIM's `ResolverConfiguration`)."""
-    import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    from support import ci
-
     opendkim = ci.require_tool("opendkim", "opendkim")
     host, _, port = nameserver.rpartition(":")
     with tempfile.TemporaryDirectory() as d:

@@ -32,8 +32,8 @@ spool streamed to disk, over 128 KiB, read back in chunks): the From: domain is 
 on the header section alone, so a message whose domain has no key is never read back; one
 that is signed has its body hashed in pieces as they come (`RelaxedBodyHash`: dkimpy's
 relaxed canonicalization applied block by block on line boundaries, the same bytes,
-property-tested), one hash shared by every key of the same hash algorithm, from which
-each key's field is made. Memory stays at a chunk or two whatever the size.
+property-tested), one SHA-256 shared by every key (both algorithms hash with it), from
+which each key's field is made. Memory stays at a chunk or two whatever the size.
 
 Who may be signed for (issue 17): an authenticated user's message only when every
 From:/Sender: mailbox is one of the user's addresses (policy/ownership.py, the rule of
@@ -385,18 +385,14 @@ class Signer:
         if decided is None:
             return None
         signed, domain, keys, include = decided  # the one parse of the header section
-        hashers: dict[str, RelaxedBodyHash] = {}
-        for key in keys:  # one body hash per hash algorithm (all are SHA-256 today)
-            hashers.setdefault(_HASH[key.dkim_algorithm].__name__,
-                               RelaxedBodyHash(_HASH[key.dkim_algorithm], crlf_only))
-        body = buf[start:]
+        # One body hash for every key: both algorithms we sign with (rsa-sha256,
+        # ed25519-sha256; keys.DkimKey.dkim_algorithm) hash with SHA-256.
+        hasher = RelaxedBodyHash(hashlib.sha256, crlf_only)
+        hasher.update(buf[start:])
         del buf
-        for h in hashers.values():
-            h.update(body)
-        del body
         for chunk in it:
-            for h in hashers.values():
-                h.update(chunk)
+            hasher.update(chunk)
+        bodyhash = hasher.digest()
         stamp = str(int(time.time())).encode("ascii")
         out: list[bytes] = []
         for key in keys:
@@ -404,8 +400,7 @@ class Signer:
             try:
                 out.append(_signature_field(
                     signed, include, alg, domain.encode(), key.selector.encode(), stamp,
-                    hashers[_HASH[alg].__name__].digest(),
-                    st.privkeys[key.domain, key.selector]))
+                    bodyhash, st.privkeys[key.domain, key.selector]))
             except Exception as e:  # never fail the message over a signature
                 log.exception("DKIM signing failed (%s, s=%s)", domain, key.selector)
                 self._log(queue_id, dkim="error", d=domain, s=key.selector,
@@ -435,11 +430,6 @@ class _Bound:
 
     def skip(self, reason: str) -> None:
         self.signer.skip(self.queue_id, reason)
-
-
-# RFC 6376 3.3 / RFC 8463 3: every algorithm we sign with hashes with SHA-256.
-_HASH: dict[bytes, Callable[[], Any]] = {b"rsa-sha256": hashlib.sha256,
-                                         b"ed25519-sha256": hashlib.sha256}
 
 
 def _relaxed_header(name: bytes, value: bytes) -> bytes:
