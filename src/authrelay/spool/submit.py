@@ -41,6 +41,7 @@ Failure policy: content refusals are permanent (5xx), storage trouble transient 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import time
@@ -326,6 +327,12 @@ class Draft:
         except (OSError, SpoolError) as e:
             self.abort()
             raise _io_refusal(e) from None
+        except asyncio.CancelledError:
+            if self._incoming.committed:  # kept (spool/writer.py): it will go out, so logged
+                self._committed(log)
+            else:
+                self.abort()
+            raise
         self._committed(log)
 
     def commit_blocking(self, **log: Any) -> None:

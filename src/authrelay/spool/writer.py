@@ -249,6 +249,7 @@ class Incoming:
         self._env_json = b""
         self._msg_off = 0  # where the message starts in a streamed file
         self._done = False
+        self.committed = False  # durable and announced (also when the commit was cancelled)
 
     def _create(self) -> int:
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
@@ -370,17 +371,37 @@ class Incoming:
         os.close(fd)  # releases the flock only now: recover() never sees a half commit
 
     async def commit(self) -> None:
-        """Durable when this returns: data + ready mark fsynced, queue/ fsynced; notify."""
+        """Durable when this returns: data + ready mark fsynced, queue/ fsynced; notify.
+
+        A cancelled caller does not abandon the commit thread: it may be writing through
+        this file's descriptor, which abort() would close under it and the process then
+        reuse for another file. The commit is waited for; if it succeeded the message is
+        kept and announced like any committed one (`committed`; no 250 was sent, so the
+        client may send it again, as after a lost connection: a duplicate, never a loss),
+        otherwise it is removed; then CancelledError is raised."""
         if self._done:
             raise fmt.SpoolError("commit after commit/abort")
         self._done = True
-        try:
-            await commit_pool().run(self._commit_sync)
-        except BaseException:
+        job = commit_pool().run(self._commit_sync)
+        cancelled = False
+        while not job.done():
+            try:
+                await asyncio.shield(job)  # a cancel ends this wait, never the job
+            except asyncio.CancelledError:
+                cancelled = True
+            except BaseException:  # the job's own failure: read just below
+                pass
+        exc = job.exception()
+        if exc is not None:
             self._done = False
             self.abort()
-            raise
+            if cancelled:
+                raise asyncio.CancelledError
+            raise exc
+        self.committed = True
         self._notify(self.queue_id)
+        if cancelled:
+            raise asyncio.CancelledError
 
     def commit_blocking(self) -> None:
         """commit() for callers without an event loop (the sendmail command)."""
@@ -393,6 +414,7 @@ class Incoming:
             self._done = False
             self.abort()
             raise
+        self.committed = True
         self._notify(self.queue_id)
 
     def abort(self) -> None:
