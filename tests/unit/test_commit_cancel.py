@@ -2,11 +2,14 @@
 time) never abandons the commit thread: the thread may be signing or writing through the
 queue file's descriptor, which the cleanup used to close under it, and the next file the
 process opened took that number. Now the commit is waited for; a message it made durable
-is kept, announced and logged, and the cancellation is raised after it."""
+is kept, announced and logged, and the cancellation is raised after it. Also: timeouts,
+repeated cancels, failures while cancelled, and a commit coroutine closed (not
+cancelled) while its thread still holds the queue file's descriptor."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import tempfile
@@ -18,6 +21,7 @@ import pytest
 from support.maillog import ListLog
 
 from authrelay.config import from_dict
+from authrelay.spool import format as fmt
 from authrelay.spool import writer as writer_mod
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.store import Spool
@@ -48,7 +52,7 @@ def _env() -> Envelope:
 class HeldSigner:
     """A MessageSigner that holds the commit thread until released."""
 
-    def __init__(self, result: bytes | Exception = SIG) -> None:
+    def __init__(self, result: bytes | BaseException = SIG) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.result = result
@@ -58,7 +62,7 @@ class HeldSigner:
             pass
         self.entered.set()
         assert self.release.wait(10)
-        if isinstance(self.result, Exception):
+        if isinstance(self.result, BaseException):
             raise self.result
         return self.result
 
@@ -167,3 +171,151 @@ async def test_cancelled_draft_that_committed_is_logged(spool: Spool,
     qid = draft.queue_id
     assert log.grep(f"{qid}: from=<a@example.org>")  # kept, so logged like any other
     spool.verify(qid)
+
+
+# ---------------------------------------------------------------- around it (review)
+
+def _incoming(spool: Spool, data: bytes, announced: list[str]) -> Incoming:
+    env = Envelope(queue_id=new_queue_id(), sender="a@example.org",
+                   recipients=[Recipient(address="b@example.net")])
+    inc = Incoming(spool.queue_dir, env, fsync=False, dir_sync=None,
+                   notify=announced.append)
+    inc.write(data)
+    return inc
+
+
+async def _spin() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("data", [SMALL, BIG], ids=["in-memory", "streamed"])
+async def test_timeout_around_a_commit_is_still_timeout_error(spool: Spool,
+                                                              data: bytes) -> None:
+    announced: list[str] = []
+    inc = _incoming(spool, data, announced)
+    signer = HeldSigner()
+    inc.signer = signer
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.3, signer.release.set)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await inc.commit()
+    assert inc.committed and announced == [inc.queue_id]
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    spool.verify(inc.queue_id)
+
+
+async def test_repeated_cancels_wait_for_the_thread_once(spool: Spool) -> None:
+    announced: list[str] = []
+    inc = _incoming(spool, BIG, announced)
+    signer = HeldSigner()
+    inc.signer = signer
+    task = asyncio.get_running_loop().create_task(inc.commit())
+    assert await asyncio.to_thread(signer.entered.wait, 10)
+    for _ in range(4):
+        task.cancel()
+        await _spin()
+        assert not task.done()
+    signer.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert announced == [inc.queue_id]
+    spool.verify(inc.queue_id)
+
+
+async def test_cancelled_commit_with_a_failing_signer_is_kept_unsigned(spool: Spool) -> None:
+    announced: list[str] = []
+    inc = _incoming(spool, BIG, announced)
+    signer = HeldSigner(RuntimeError("boom"))
+    inc.signer = signer
+    task = asyncio.get_running_loop().create_task(inc.commit())
+    assert await asyncio.to_thread(signer.entered.wait, 10)
+    task.cancel()
+    await _spin()
+    signer.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert inc.committed and "boom" in inc.sign_error
+    spool.verify(inc.queue_id)
+
+
+async def test_cancelled_commit_failing_the_slot_check_is_removed(spool: Spool) -> None:
+    announced: list[str] = []
+    inc = _incoming(spool, BIG, announced)
+    inc.prepend = b"X-Long: " + b"x" * fmt.PREPEND_SLOT + b"\r\n"
+    signer = HeldSigner(b"")
+    inc.signer = signer
+    task = asyncio.get_running_loop().create_task(inc.commit())
+    assert await asyncio.to_thread(signer.entered.wait, 10)
+    task.cancel()
+    await _spin()
+    signer.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not inc.committed and announced == []
+    assert list(spool.queue_dir.iterdir()) == []
+
+
+async def test_not_cancelled_failure_is_raised_as_is(spool: Spool) -> None:
+    inc = _incoming(spool, BIG, [])
+    inc.prepend = b"X-Long: " + b"x" * fmt.PREPEND_SLOT + b"\r\n"
+    with pytest.raises(fmt.SpoolError, match="reserved slot"):
+        await inc.commit()
+    assert list(spool.queue_dir.iterdir()) == []
+
+
+async def test_closing_the_commit_coroutine_while_its_thread_runs(spool: Spool,
+                                                                 tmp_path: Path) -> None:
+    """A commit coroutine closed rather than cancelled (GeneratorExit: the task was
+    dropped with its loop, e.g. tests/support/inproc.py closing its loop after stop())
+    must end (not swallow GeneratorExit and await again: "coroutine ignored
+    GeneratorExit"), and whatever cleans up after it (Draft.abort from a session's
+    finally, the scheduler's `except BaseException: draft.abort()`) must not close the
+    descriptor the commit thread is still writing through."""
+    inc = _incoming(spool, BIG, [])
+    signer = HeldSigner()
+    inc.signer = signer
+    coro = inc.commit()
+    coro.send(None)  # up to the first wait: the job is in the commit thread
+    assert await asyncio.to_thread(signer.entered.wait, 10)
+    try:
+        coro.close()  # 5849def: RuntimeError: coroutine ignored GeneratorExit
+        inc.abort()  # what the caller's cleanup does next
+        victim = os.open(tmp_path / "victim", os.O_RDWR | os.O_CREAT, 0o600)
+        os.write(victim, b"V" * 300)
+    finally:
+        signer.release.set()
+    # The thread finishes on its own; nothing of it lands in the victim file.
+    for _ in range(200):
+        if (spool.queue_dir / inc.queue_id).exists() and \
+                os.stat(spool.queue_dir / inc.queue_id).st_mode & 0o100:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    try:
+        os.lseek(victim, 0, os.SEEK_SET)
+        assert os.read(victim, 1000) == b"V" * 300
+        assert os.fstat(victim).st_mode & 0o777 == 0o600
+    finally:
+        os.close(victim)
+    gc.collect()
+
+
+async def test_commit_that_cannot_start_its_thread_leaves_nothing(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit thread cannot be started (RuntimeError: can't start new thread, e.g. a
+    container's pids limit): the streamed file is removed, as before 5849def (which moved
+    commit_pool().run() out of the try that removes the file)."""
+    inc = _incoming(spool, BIG, [])
+    assert list(spool.queue_dir.iterdir())  # streamed: the file exists already
+
+    class NoThreads:
+        def run(self, fn: object) -> None:
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(writer_mod, "commit_pool", NoThreads)
+    with pytest.raises(RuntimeError):
+        await inc.commit()
+    inc.abort()  # what the caller's cleanup does
+    assert list(spool.queue_dir.iterdir()) == []

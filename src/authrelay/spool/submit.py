@@ -317,7 +317,9 @@ class Draft:
 
     async def commit(self, **log: Any) -> None:
         """Durable when this returns (fsync); then the maillog `from=` line. Raises
-        Refused (nothing stored)."""
+        Refused (nothing stored). Cancelled, it raises CancelledError once the commit
+        thread is done: the message may have been stored, and then its `from=` line was
+        logged and it will be delivered (spool/writer.py Incoming.commit)."""
         try:
             self._prepare()
             await self._incoming.commit()

@@ -250,6 +250,7 @@ class Incoming:
         self._msg_off = 0  # where the message starts in a streamed file
         self._done = False
         self.committed = False  # durable and announced (also when the commit was cancelled)
+        self._job: asyncio.Future[Any] | None = None  # the commit thread's, while it runs
 
     def _create(self) -> int:
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
@@ -378,11 +379,19 @@ class Incoming:
         reuse for another file. The commit is waited for; if it succeeded the message is
         kept and announced like any committed one (`committed`; no 250 was sent, so the
         client may send it again, as after a lost connection: a duplicate, never a loss),
-        otherwise it is removed; then CancelledError is raised."""
+        otherwise it is removed; then CancelledError is raised. A coroutine closed while
+        it waits (GeneratorExit: its task dropped with its loop) ends at once and leaves
+        the file to the thread: abort() does nothing while the thread has it, a ready
+        file is delivered after a rescan, an unready one removed by recover()."""
         if self._done:
             raise fmt.SpoolError("commit after commit/abort")
         self._done = True
-        job = commit_pool().run(self._commit_sync)
+        try:
+            job = self._job = commit_pool().run(self._commit_sync)
+        except BaseException:  # no thread (RuntimeError: can't start new thread)
+            self._done = False
+            self.abort()
+            raise
         cancelled = False
         while not job.done():
             try:
@@ -390,7 +399,8 @@ class Incoming:
             except asyncio.CancelledError:
                 cancelled = True
             except BaseException:  # the job's own failure: read just below
-                pass
+                if not job.done():
+                    raise  # thrown in (GeneratorExit): never swallowed, never awaited on
         exc = job.exception()
         if exc is not None:
             self._done = False
@@ -418,7 +428,11 @@ class Incoming:
         self._notify(self.queue_id)
 
     def abort(self) -> None:
-        """Drop the message (idempotent); never raises. Nothing half-written stays."""
+        """Drop the message (idempotent); never raises. Nothing half-written stays.
+        Not while the commit thread runs: it writes through the descriptor (commit()
+        removes a failed commit itself once the thread is done)."""
+        if self._job is not None and not self._job.done():
+            return
         fd, self._fd = self._fd, None
         self._buf = bytearray()
         if not self._done:
