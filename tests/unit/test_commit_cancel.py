@@ -319,3 +319,30 @@ async def test_commit_that_cannot_start_its_thread_leaves_nothing(
         await inc.commit()
     inc.abort()  # what the caller's cleanup does
     assert list(spool.queue_dir.iterdir()) == []
+
+
+async def test_pool_without_a_new_thread_queues_to_the_running_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed thread start (a pids limit) is not counted as a thread: with none, the
+    job fails at once; with some, they take it when free. Before, every failed start
+    counted, and once `size` had failed no job ever started again."""
+    pool = writer_mod.CommitPool(size=3)
+    real_start = threading.Thread.start
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    for _ in range(4):
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            pool.run(lambda: 1)
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    gate = threading.Event()
+    first = pool.run(lambda: gate.wait(10))  # the pool's one thread, held
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    rest = [pool.run(lambda i=i: i) for i in range(5)]  # no new thread: queued to it
+    gate.set()
+    assert await first is True
+    assert [await f for f in rest] == [0, 1, 2, 3, 4]
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    assert await pool.run(lambda: "again") == "again"

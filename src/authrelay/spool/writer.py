@@ -128,8 +128,14 @@ class CommitPool:
         fut: asyncio.Future[Any] = loop.create_future()
         with self._lock:
             if self._idle == 0 and self._threads < self.size:
-                self._threads += 1
-                threading.Thread(target=self._work, name="spool-commit", daemon=True).start()
+                try:
+                    threading.Thread(target=self._work, name="spool-commit",
+                                     daemon=True).start()
+                    self._threads += 1
+                except RuntimeError:  # no thread to be had (a pids limit, memory)
+                    if self._threads == 0:
+                        raise  # nobody could run it: the commit fails (4xx), not hangs
+                    self._idle -= 1  # the first running thread to finish takes it
             else:
                 self._idle -= 1  # that idle thread will take this job
         self._q.put((fn, fut, loop))
