@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 from support.maillog import ListLog
+from support.spools import temp_spool
 
 from authrelay.config import from_dict
 from authrelay.spool import format as fmt
@@ -36,12 +35,8 @@ SIG = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=sel; b=abc\r\n"
 
 @pytest.fixture
 def spool() -> Iterator[Spool]:
-    d = tempfile.mkdtemp(prefix="arc", dir="/tmp")
-    s = Spool(Path(d) / "spool", fsync=False)
-    s.ensure_dirs()
-    yield s
-    s.close()
-    shutil.rmtree(d, ignore_errors=True)
+    with temp_spool(fsync=False) as s:
+        yield s
 
 
 def _env() -> Envelope:
@@ -189,6 +184,17 @@ async def _spin() -> None:
         await asyncio.sleep(0)
 
 
+async def _cancelled_while_held(inc: Incoming, signer: HeldSigner) -> None:
+    """Commit, cancel while the signer holds the commit thread, release it: the commit
+    ends in CancelledError once the thread is done."""
+    task = await _held_commit(inc, signer)
+    task.cancel()
+    await _spin()
+    signer.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 @pytest.mark.parametrize("data", [SMALL, BIG], ids=["in-memory", "streamed"])
 async def test_timeout_around_a_commit_is_still_timeout_error(spool: Spool,
                                                               data: bytes) -> None:
@@ -228,14 +234,7 @@ async def test_cancelled_commit_with_a_failing_signer_is_kept_unsigned(spool: Sp
     announced: list[str] = []
     inc = _incoming(spool, BIG, announced)
     signer = HeldSigner(RuntimeError("boom"))
-    inc.signer = signer
-    task = asyncio.get_running_loop().create_task(inc.commit())
-    assert await asyncio.to_thread(signer.entered.wait, 10)
-    task.cancel()
-    await _spin()
-    signer.release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await _cancelled_while_held(inc, signer)
     assert inc.committed and "boom" in inc.sign_error
     spool.verify(inc.queue_id)
 
@@ -245,14 +244,7 @@ async def test_cancelled_commit_failing_the_slot_check_is_removed(spool: Spool) 
     inc = _incoming(spool, BIG, announced)
     inc.prepend = b"X-Long: " + b"x" * fmt.PREPEND_SLOT + b"\r\n"
     signer = HeldSigner(b"")
-    inc.signer = signer
-    task = asyncio.get_running_loop().create_task(inc.commit())
-    assert await asyncio.to_thread(signer.entered.wait, 10)
-    task.cancel()
-    await _spin()
-    signer.release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await _cancelled_while_held(inc, signer)
     assert not inc.committed and announced == []
     assert list(spool.queue_dir.iterdir()) == []
 

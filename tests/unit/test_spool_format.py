@@ -8,13 +8,12 @@ such a file to corrupt/, never delete it.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 from support.maillog import ListLog
+from support.spools import temp_spool
 
 from authrelay.config import from_dict
 from authrelay.spool import format as fmt
@@ -30,13 +29,9 @@ HUGE = BIG * 2  # past store.INLINE_MAX: delivered from the file, verified separ
 
 
 @pytest.fixture
-def spool() -> Spool:
-    d = tempfile.mkdtemp(prefix="arf", dir="/tmp")
-    s = Spool(Path(d) / "spool", fsync=False)
-    s.ensure_dirs()
-    yield s
-    s.close()
-    shutil.rmtree(d, ignore_errors=True)
+def spool() -> Iterator[Spool]:
+    with temp_spool(fsync=False) as s:
+        yield s
 
 
 def _env(*rcpts: str) -> Envelope:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.spools import temp_spool
 from support.wait import until
 
 from authrelay.spool import format as fmt
@@ -25,14 +25,9 @@ MSG = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nbody line
 
 
 @pytest.fixture
-def spool() -> Spool:
-    # Short path: the notify socket must fit in sun_path (108 bytes).
-    d = tempfile.mkdtemp(prefix="ars", dir="/tmp")
-    s = Spool(Path(d) / "spool")
-    s.ensure_dirs()
-    yield s
-    s.close()
-    shutil.rmtree(d, ignore_errors=True)
+def spool() -> Iterator[Spool]:
+    with temp_spool() as s:
+        yield s
 
 
 def _env(*rcpts: str, sender: str = "a@example.org") -> Envelope:
