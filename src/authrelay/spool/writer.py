@@ -313,21 +313,6 @@ class Incoming:
             off += len(b)
             left -= len(b)
 
-    def message(self) -> bytes:
-        """The message bytes written so far (read back from a streamed file)."""
-        if self._fd is None:
-            return bytes(self._buf)
-        out = bytearray()
-        off, left = self._msg_off, self.size
-        while left > 0:
-            b = os.pread(self._fd, min(left, 1 << 20), off)
-            if not b:
-                raise OSError("short read of the message being committed")
-            out += b
-            off += len(b)
-            left -= len(b)
-        return bytes(out)
-
     def _sign(self, room: int | None) -> bytes:
         signer = self.signer
         if signer is None:
