@@ -146,7 +146,7 @@ async def test_cancelled_draft_that_committed_is_logged(spool: Spool,
 
     class Bind:
         def bind(self, queue_id: str, owner: object = None, *,
-                 crlf_only: bool = False) -> HeldSigner:
+                 crlf_only: bool = False, from_domain: str = "") -> HeldSigner:
             return signer
 
         def reload(self, cfg: object) -> None:

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 import dkim
@@ -14,11 +15,16 @@ import pytest
 from dkimcheck import dkim_zones, opendkim_results, verify_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.maillog import ListLog
+from support.spools import temp_spool
 from test_ownership import _NEAR_SIMPLE
 
 from authrelay.config import from_dict
 from authrelay.dkim.keys import DkimKeyError, KeyStore, split_txt
 from authrelay.dkim.signer import Signer, from_domain
+from authrelay.policy.ownership import Owner
+from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+from authrelay.spool.submit import Submitter
 
 
 class Log:
@@ -484,3 +490,68 @@ def test_header_dkimpy_cannot_split_goes_unsigned(signer: tuple[Signer, Log]) ->
     qid, ev = log.events[-1]
     assert qid == "Q1" and ev["dkim"] == "none"
     assert str(ev["reason"]).startswith("message not parsable"), ev
+
+
+class CountingSigner(Signer):
+    """The real signer, counting the messages the commit thread hands it."""
+
+    calls = 0
+
+    def sign_stream(self, chunks: Iterable[bytes], queue_id: str | None = None,
+                    owner: Owner | None = None, *, crlf_only: bool = False) -> bytes | None:
+        self.calls += 1
+        return super().sign_stream(chunks, queue_id, owner, crlf_only=crlf_only)
+
+
+async def test_accept_path_notes_a_keyless_from_domain_without_the_commit_thread(
+        store: KeyStore, tmp_path: Path) -> None:
+    """The ownership check already read the From: domain on the event loop: a domain with
+    no key (or outside `[dkim] domains`) is noted there, with the reason the signer's own
+    parse gives, and no signer is bound, so the commit thread parses nothing; a domain
+    with a key is signed as before; a header the check gives no single domain for (two
+    From: fields) is left to the signer's own parse."""
+    log = ListLog()
+    cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp_path)})
+    owner = Owner.of("alice", ("alice@example.org", "alice@nokey.example",
+                               "alice@other.example"))
+
+    async def send(s: CountingSigner, head: bytes) -> tuple[str, bytes, int]:
+        with temp_spool(fsync=False) as spool:
+            sub = Submitter(spool, cfg, signer=s, maillog=log)
+            env = Envelope(queue_id=new_queue_id(), sender="alice@example.org",
+                           recipients=[Recipient(address="b@example.net")], auth_user="alice")
+            d = sub.begin(env, owner=owner, lines_checked=True)
+            before = s.calls
+            d.write(head + b"To: b@example.net\r\nSubject: hi\r\n\r\nbody\r\n")
+            await d.commit()
+            _, msg, _ = spool.load_for_delivery(env.queue_id)
+            return env.queue_id, msg, s.calls - before
+
+    def notes(qid: str) -> list[str]:
+        return [ln[ln.index(qid):] for ln in log.lines if f"{qid}: dkim=" in ln]
+
+    s = CountingSigner(store, maillog=log)
+    qid, msg, calls = await send(s, b"From: Alice <ALICE@NoKey.Example>\r\n")
+    assert (calls, notes(qid)) == (0, [f"{qid}: dkim=none, reason=no key for nokey.example"])
+    assert not msg.startswith(b"DKIM-Signature:")
+    # the same reason as the signer's own parse of the same header gives
+    thread = Log()
+    Signer(store, maillog=thread).sign_stream((b"From: alice@nokey.example\r\n\r\nx\r\n",),
+                                              "Q", owner)
+    assert thread.events == [("Q", {"dkim": "none", "reason": "no key for nokey.example"})]
+
+    qid, msg, calls = await send(s, b"From: alice@example.org\r\n")
+    assert calls == 1 and msg.startswith(b"DKIM-Signature:")
+    assert notes(qid) == [f"{qid}: dkim=signed, d=example.org, s=s-ed25519,s-rsa"]
+
+    qid, msg, calls = await send(s, b"From: alice@nokey.example\r\nFrom: alice@nokey.example\r\n")
+    assert (calls, notes(qid)) == (1, [f"{qid}: dkim=none, reason=several From: fields"])
+    qid, msg, calls = await send(s, b"From: alice@nokey.example, alice@other.example\r\n")
+    assert (calls, notes(qid)) == (1, [f"{qid}: dkim=none, reason=From: mailboxes of "
+                                       "several domains"])
+
+    limited = CountingSigner(store, domains=("other.example",), maillog=log)
+    qid, msg, calls = await send(limited, b"From: alice@example.org\r\n")
+    assert (calls, notes(qid)) == (0, [f"{qid}: dkim=none, reason=example.org not in "
+                                       "dkim.domains"])
+    assert not msg.startswith(b"DKIM-Signature:")

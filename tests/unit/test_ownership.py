@@ -131,6 +131,54 @@ def test_owned_means_the_signer_never_picks_another_domain(head: bytes) -> None:
     assert domain in (None, "other.test"), (msg, domain)
 
 
+TWO_DOMAINS = {"bob@other.test", "bob@second.test", "bob@b\u00fccher.test"}
+
+
+@pytest.mark.parametrize(("head", "want"), [
+    (b"From: bob@other.test\r\n", ("", "other.test")),
+    (b"From: Bob <BOB@Other.Test>\r\nSender: bob@second.test\r\n", ("", "other.test")),
+    (b'From: "Smith, Bob" <bob@second.test>\r\n', ("", "second.test")),
+    (b"From: bob@b\xc3\xbccher.test\r\n", ("", "xn--bcher-kva.test")),  # the A-label
+    (b"From: bob@other.test, bob@second.test\r\n", ("", "")),  # two domains
+    (b"From: bob@other.test\r\nFrom: bob@other.test\r\n", ("", "")),  # two From: fields
+    (b"Sender: bob@other.test\r\n", (ownership.NO_FROM, "")),
+    (b"From: ceo@probe.test\r\n", ("From: <ceo@probe.test> not owned by bob", "")),
+    (b"From: bob@other.test\r\nSender: ceo@probe.test\r\n",
+     ("Sender: <ceo@probe.test> not owned by bob", "")),
+])
+def test_assess_names_the_from_domain_only_when_all_is_owned(
+        head: bytes, want: tuple[str, str]) -> None:
+    """`Owner.assess`: the verdict, and the one domain of the one From: field (what the
+    DKIM signer then looks a key up for without parsing the header again)."""
+    owner = Owner.of("bob", TWO_DOMAINS)
+    assert owner.assess(head + b"\r\n") == want
+    assert owner.verdict(head + b"\r\n") == want[0]
+
+
+@pytest.mark.slow
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.one_of(_PARTS, st.sampled_from([b"bob@second.test", b"Bob@Second.Test",
+                                                    b"bob@b\xc3\xbccher.test"])),
+                max_size=30).map(b"".join))
+def test_assessed_domain_is_the_one_the_signer_reads(head: bytes) -> None:
+    """Whatever the header, when `assess` names a From: domain (all owned; the accept
+    path then decides "no key" from it alone) the signer's own reading of the same header
+    (dkimpy's split, its From: domain) is that domain or none: a message is never left
+    unsigned for one domain while the signer would have signed it for another."""
+    msg = head + b"\r\n\r\nbody\r\n"
+    verdict, domain = Owner.of("bob", TWO_DOMAINS).assess(msg)
+    assert verdict == header_verdict(msg, "bob", TWO_DOMAINS)
+    if not domain:
+        return
+    assert verdict == ""
+    try:
+        d = dkim.DKIM(msg, linesep=b"\r\n")
+    except Exception:  # never signed (Signer._decide)
+        return
+    theirs, _why = from_domain(d.headers)
+    assert theirs in (None, domain), (msg, domain, theirs)
+
+
 # The plain-mailbox shortcut (header_mailboxes reads `Name <local@domain>`-shaped values
 # with one regex): whatever the value, it must answer what the two parsers answer.
 _ATEXT = st.text("abcXYZ019_+-", min_size=1, max_size=6)

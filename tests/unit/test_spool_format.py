@@ -58,7 +58,8 @@ class WholeSigner:
     def __init__(self, fn: Callable[[bytes], bytes | None]) -> None:
         self.fn = fn
 
-    def bind(self, queue_id: str, owner: object = None, *, crlf_only: bool = False) -> Whole:
+    def bind(self, queue_id: str, owner: object = None, *, crlf_only: bool = False,
+             from_domain: str = "") -> Whole:
         return Whole(self.fn)
 
     def reload(self, cfg: object) -> None:

@@ -223,6 +223,16 @@ def from_domain(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
     return domains.pop(), ""
 
 
+def _unsigned(st: _State, domain: str) -> str:
+    """"" when this state signs mail of `domain` (a From: domain in comparison form),
+    else why not (the `dkim=none` reason)."""
+    if st.domains is not None and domain not in st.domains:
+        return f"{domain} not in dkim.domains"
+    if not st.keys.get(domain):
+        return f"no key for {domain}"
+    return ""
+
+
 class Signer:
     """Thread-safe: `reload()` swaps an immutable state that `__call__` reads once."""
 
@@ -300,16 +310,28 @@ class Signer:
         return out
 
     def bind(self, queue_id: str, owner: Owner | None = None, *,
-             crlf_only: bool = False) -> _Bound | None:
+             crlf_only: bool = False, from_domain: str = "") -> _Bound | None:
         """This signer for one message: its maillog notes carry `queue_id`. None when no
         key is loaded at all, so the spool never reads a streamed message back for it.
         `owner`: an authenticated user's message is signed only when every From:/Sender:
         mailbox of the header as this signer parses it is the user's (the accept path
         decided so on the header as received; this keeps a parser difference between the
         two from lending a signature). `crlf_only`: the message has no bare CR or LF
-        (the SMTP body reader refuses them), see RelaxedBodyHash."""
-        if not self._state.keys:
+        (the SMTP body reader refuses them), see RelaxedBodyHash. `from_domain`: the
+        domain of the one From: field as the accept path's ownership check read it
+        (`Owner.assess`); when no key here signs it, None and the `dkim=none` note now,
+        on the caller's thread: the commit thread then parses nothing (the note's reason
+        is the one the signer's own parse would give, "no key for D" or "D not in
+        dkim.domains", except for a header dkimpy cannot split, noted as not parsable
+        there; unsigned either way)."""
+        st = self._state
+        if not st.keys:
             return None
+        if from_domain:
+            why = _unsigned(st, from_domain)
+            if why:
+                self._log(queue_id, dkim="none", reason=why)
+                return None
         return _Bound(self, queue_id, owner, crlf_only)
 
     def skip(self, queue_id: str | None, reason: str) -> None:
@@ -331,13 +353,11 @@ class Signer:
         if domain is None:
             self._log(queue_id, dkim="none", reason=why)
             return None
-        keys = st.keys.get(domain, ())
-        if st.domains is not None and domain not in st.domains:
-            self._log(queue_id, dkim="none", reason=f"{domain} not in dkim.domains")
+        why = _unsigned(st, domain)
+        if why:
+            self._log(queue_id, dkim="none", reason=why)
             return None
-        if not keys:
-            self._log(queue_id, dkim="none", reason=f"no key for {domain}")
-            return None
+        keys = st.keys[domain]
         # Only a message about to be signed needs the ownership check (a full parse of
         # From:/Sender: with both stdlib parsers, ~0.15-0.25 ms): deciding it first cost
         # every unsigned message that much in the commit thread, before its fsync and 250.

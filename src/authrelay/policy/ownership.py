@@ -24,7 +24,9 @@ Contract: pure functions, no I/O.
 - `header_verdict(header_section, user, owned) -> str`: "" when every From:/Sender:
   mailbox is the user's, else the reason (for the maillog; never sent to the client);
   `NO_FROM` when all is owned but there is no From: field at all.
-- `Owner.of(user, owned)`: the user and its addresses, `.verdict(header_section)`.
+- `Owner.of(user, owned)`: the user and its addresses, `.verdict(header_section)`;
+  `.assess(header_section)` adds the From: domain when the verdict is "" (one From:
+  field, all its mailboxes in one domain; else "").
 Failure policy: anything that cannot be parsed as a plain address is not owned (a refusal
 or an unsigned message, never a signature lent to a domain the user does not own).
 """
@@ -143,7 +145,11 @@ def plain_mailbox(value: str) -> str | None:
 def header_mailboxes(header_section: bytes) -> tuple[list[tuple[str, str]], str]:
     """(field label, mailbox address as written) of every From:/Sender: mailbox, and ""
     or the problem that keeps the header from being vouched for."""
-    fields = header_fields(header_section)
+    return _mailboxes(header_fields(header_section))
+
+
+def _mailboxes(fields: list[tuple[bytes, str]]) -> tuple[list[tuple[str, str]], str]:
+    """header_mailboxes() of the From:/Sender: fields already split out."""
     found: list[tuple[str, str]] = []
     for name, value in fields:
         label = "From:" if name == b"from" else "Sender:"
@@ -189,12 +195,21 @@ def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
 def header_verdict(header_section: bytes, user: str, owned: Iterable[str]) -> str:
     """"" when every From:/Sender: mailbox of the header section is the user's, else why
     not (e.g. "From: <ceo@probe.test> not owned by bob")."""
-    mine = owned_set(user, owned)
-    found, problem = header_mailboxes(header_section)
+    return _assess(header_section, user, owned_set(user, owned))[0]
+
+
+def _assess(header_section: bytes, user: str, mine: frozenset[str]) -> tuple[str, str]:
+    """(header_verdict(), the From: domain): the domain, in comparison form, shared by
+    every mailbox of the one From: field when the verdict is "", else ""."""
+    fields = header_fields(header_section)
+    found, problem = _mailboxes(fields)
     for label, a in found:
         if normalize(a) not in mine:
-            return f"{label} <{a}> not owned by {user}"
-    return problem
+            return f"{label} <{a}> not owned by {user}", ""
+    if problem or sum(n == b"from" for n, _ in fields) != 1:
+        return problem, ""
+    domains = {normalize(a).rpartition("@")[2] for label, a in found if label == "From:"}
+    return "", domains.pop() if len(domains) == 1 else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,4 +226,11 @@ class Owner:
 
     def verdict(self, header_section: bytes) -> str:
         """header_verdict() for this user: "" (all owned) or why not."""
-        return header_verdict(header_section, self.user, self.addresses)
+        return _assess(header_section, self.user, self.addresses)[0]
+
+    def assess(self, header_section: bytes) -> tuple[str, str]:
+        """(verdict(), the From: domain): the one domain of the one From: field's
+        mailboxes when the verdict is "" (every mailbox the user's), else "". The same
+        parse: what the accept path tells the DKIM signer, whose key for that domain is
+        then looked up without parsing the header again (dkim/signer.py `bind`)."""
+        return _assess(header_section, self.user, self.addresses)

@@ -15,8 +15,9 @@ Owns what happens to every message on its way into the queue, whoever produced i
   message): `[auth] from_header_policy = "own"` refuses a mailbox the user does not own
   (550 5.7.1, nothing more stored), else such a message is not signed unless `[dkim]
   sign_unowned` (`dkim=skipped, reason=From: not owned by user`);
-- the DKIM hook (`Signer`: `bind(queue_id, owner).sign_stream(pieces) -> header lines |
-  None`) runs once, before commit, on the message (read back from disk in chunks for a
+- the DKIM hook (`Signer`: `bind(queue_id, owner, from_domain=...).sign_stream(pieces)
+  -> header lines | None`; no signer bound when the From: domain the ownership check
+  read has no key) runs once, before commit, on the message (read back from disk in chunks for a
   streamed one); its lines are stored as the queue file's prepend, which the courier
   sends first (spool/format.py);
 - durability (Incoming.commit: fsync before the caller answers 250) and the one maillog
@@ -70,11 +71,13 @@ class Signer(Protocol):
     """The signing seam of the accept path (dkim/signer.py's Signer)."""
 
     def bind(self, queue_id: str, owner: Owner | None = None, *,
-             crlf_only: bool = False) -> BoundSigner | None:
+             crlf_only: bool = False, from_domain: str = "") -> BoundSigner | None:
         """The signer for one message (its maillog notes carry the queue id; `owner`: an
         authenticated user's, signed only for its own From:; `crlf_only`: the message
-        holds no bare CR or LF); None when nothing can be signed at all (no key), so a
-        streamed file is not read back."""
+        holds no bare CR or LF; `from_domain`: its From: domain as the ownership check
+        read it, "" when not known); None when nothing can be signed (no key at all, or
+        none for `from_domain`: then noted `dkim=none` already), so a streamed file is not
+        read back and the commit thread parses nothing."""
 
     def reload(self, cfg: Config) -> None:
         """SIGHUP: re-read the keys and `[dkim]`."""
@@ -192,6 +195,7 @@ class Draft:
         # None: not decided yet (or no owner); "": every From:/Sender: mailbox is the
         # owner's; else why not. Decided once, on the header section as received.
         self.from_verdict: str | None = None
+        self._from_domain = ""  # the one From: domain, when the verdict is "" (assess)
         self.envelope = env
         self.queue_id = env.queue_id
         self._cleanup = HeaderCleanup(
@@ -258,7 +262,7 @@ class Draft:
         if self._cleanup.header_truncated:  # a From: could hide past what was looked at
             verdict = "header section too large to vouch for its From:"
         else:
-            verdict = self.owner.verdict(self._cleanup.header_section)
+            verdict, self._from_domain = self.owner.assess(self._cleanup.header_section)
         self.from_verdict = verdict
         # No From: at all claims no address: not signed, but not refused either.
         if verdict and verdict != NO_FROM and self._refuse_unowned \
@@ -307,9 +311,13 @@ class Draft:
         if signer is None:
             return None
         owner = self.owner
+        # The From: domain the ownership check read (all owned): a domain without a key
+        # is noted here and binds no signer, so the commit thread parses nothing.
+        dom = self._from_domain
         if owner is None or self.submitter.cfg.dkim.sign_unowned:
-            return signer.bind(self.queue_id, crlf_only=self._crlf_only)
-        bound = signer.bind(self.queue_id, owner=owner, crlf_only=self._crlf_only)
+            return signer.bind(self.queue_id, crlf_only=self._crlf_only, from_domain=dom)
+        bound = signer.bind(self.queue_id, owner=owner, crlf_only=self._crlf_only,
+                            from_domain=dom)
         if bound is not None and self.from_verdict:
             bound.skip(FROM_NOT_OWNED_NOTE)
             return None
