@@ -555,3 +555,117 @@ async def test_accept_path_notes_a_keyless_from_domain_without_the_commit_thread
     assert (calls, notes(qid)) == (0, [f"{qid}: dkim=none, reason=example.org not in "
                                        "dkim.domains"])
     assert not msg.startswith(b"DKIM-Signature:")
+
+
+def _accept(signer: Signer, log: ListLog, owner: Owner, message: bytes, *,
+            domain_known: bool = True) -> tuple[list[str], bool]:
+    """One message of `owner` through the real accept path (Draft: ownership check, bind,
+    commit): its maillog lines (queue id as QID, from= cut before size=) and whether it
+    was stored signed. `domain_known=False`: the accept path as it was before the
+    ownership check named the From: domain to bind() (the signer's own parse decides)."""
+    cfg = from_dict({"hostname": "relay.test", "state_dir": "/nonexistent"})  # unused
+    real = Owner.assess
+    with temp_spool(fsync=False) as spool:
+        sub = Submitter(spool, cfg, signer=signer, maillog=log)
+        qid = new_queue_id()
+        env = Envelope(queue_id=qid, sender="alice@example.org",
+                       recipients=[Recipient(address="b@example.net")], auth_user="alice")
+        d = sub.begin(env, owner=owner, lines_checked=True)
+        if not domain_known:
+            Owner.assess = lambda self, h: (real(self, h)[0], "")  # type: ignore[method-assign]
+        try:
+            d.write(message)
+            d.commit_blocking()
+        finally:
+            Owner.assess = real  # type: ignore[method-assign]
+        _, msg, _ = spool.load_for_delivery(qid)
+    lines = [ln[ln.index(qid):].replace(qid, "QID").split(", size=")[0]
+             for ln in log.lines if f"{qid}: " in ln]
+    return lines, msg.startswith(b"DKIM-Signature:")
+
+
+ALICE = ("alice@example.org", "alice@nokey.example", "alice@b\u00fccher.example")
+
+
+@pytest.mark.parametrize(("head", "reason"), [
+    # obs-optional (RFC 5322 4.5.3): a From: field to the ownership check, an mbox
+    # separator line to dkimpy, which then reads no From: at all
+    (b"From : alice@nokey.example\r\n", "no From: field"),
+    (b"From : alice@example.org\r\n", "no From: field"),
+    (b"From\t: alice@nokey.example\r\n", "message not parsable (MessageFormatError)"),
+    (b"Sender : alice@example.org\r\nFrom: alice@nokey.example\r\n",
+     "message not parsable (MessageFormatError)"),
+    (b"From: alice@nokey.example\r\njunk line\r\n",
+     "message not parsable (MessageFormatError)"),
+    (b"From: alice@nokey.example\r\n", "no key for nokey.example"),
+])
+def test_keyless_note_is_the_one_the_signers_own_parse_gives(
+        store: KeyStore, head: bytes, reason: str) -> None:
+    """The accept path's `dkim=none` note for an owned From: is the one the commit
+    thread's signer gives for the same message: a header dkimpy splits otherwise than the
+    ownership check (an obs-optional `From :` it drops as an mbox line, a line it refuses)
+    names no domain to bind(), so the signer's own parse notes it, once, before from=."""
+    owner = Owner.of("alice", ALICE)
+    message = head + b"To: b@example.net\r\n\r\nbody\r\n"
+    log = ListLog()
+    new = _accept(Signer(store, maillog=log), log, owner, message)
+    old = _accept(Signer(store, maillog=log), log, owner, message, domain_known=False)
+    assert new == old == ([f"QID: dkim=none, reason={reason}", "QID: from=<alice@example.org>"],
+                          False)
+
+
+_A_ADDR = st.sampled_from([
+    "alice@example.org", "ALICE@Example.Org.", "alice@nokey.example", "Alice@NOKEY.example.",
+    "alice@b\u00fccher.example", "alice@xn--bcher-kva.example", '"alice"@nokey.example',
+    "alice@ nokey.example", "alice @example.org", "ceo@example.org"])
+_A_MAILBOX = st.one_of(
+    _A_ADDR, _A_ADDR.map("<{}>".format), _A_ADDR.map("Alice <{}>".format),
+    _A_ADDR.map('"Smith, Alice" <{}>'.format), _A_ADDR.map("{} (Alice)".format),
+    _A_ADDR.map("=?utf-8?q?Al=C3=AFce?= <{}>".format),
+    st.tuples(_A_ADDR, _A_ADDR).map(lambda t: f'"{t[0]}" <{t[1]}>'))
+_A_VALUE = st.one_of(_A_MAILBOX, _A_MAILBOX, _A_MAILBOX,  # mostly one mailbox
+                     st.lists(_A_MAILBOX, min_size=2, max_size=3).map(", ".join),
+                     _A_MAILBOX.map("team: {};".format))
+
+
+@st.composite
+def _a_field(draw: st.DrawFn) -> bytes:
+    value = draw(_A_VALUE).encode()
+    blanks = [i for i, c in enumerate(value) if c == 0x20]
+    if blanks and draw(st.booleans()):  # folded at a blank
+        i = draw(st.sampled_from(blanks))
+        value = value[:i] + b"\r\n" + value[i:]
+    name = draw(st.sampled_from([b"From", b"From", b"From", b"from", b"FROM", b"From ",
+                                 b"From\t", b"Sender", b"Sender ", b"Reply-To"]))
+    return name + b":" + draw(st.sampled_from([b" ", b"", b"\t"])) + value + b"\r\n"
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(_a_field(), _a_field(), _a_field(), st.sampled_from([
+           b"Subject: hi\r\n", b"junk line\r\n", b"From alice@x Mon\r\n", b" folded\r\n"])),
+           min_size=1, max_size=3).map(b"".join),
+       st.sampled_from([(), ("example.org",), ("nokey.example", "example.org")]),
+       st.sampled_from([b"\r\nbody\r\n", b"", b"\r\n"]))
+def test_the_keyless_shortcut_changes_no_decision_and_no_note(
+        keyed_store: KeyStore, head: bytes, domains: tuple[str, ...], body: bytes) -> None:
+    """Against the accept path before the ownership check named the From: domain to
+    bind(): the same maillog lines (reason, count, order before from=) and the same
+    signed/unsigned outcome, for any From:/Sender: shape (case, trailing dot, A- and
+    U-label, quoted local part, groups, comments, encoded words, folds, several fields,
+    obs-optional `From :`, lines dkimpy refuses, a message that is all header)."""
+    owner = Owner.of("alice", ALICE)
+    log = ListLog()
+    new = _accept(Signer(keyed_store, domains=domains, maillog=log), log, owner, head + body)
+    old = _accept(Signer(keyed_store, domains=domains, maillog=log), log, owner, head + body,
+                  domain_known=False)
+    assert new == old, (head + body, domains)
+
+
+@pytest.fixture(scope="module")
+def keyed_store(tmp_path_factory: pytest.TempPathFactory) -> KeyStore:
+    """Ed25519 keys for example.org and the IDN bücher.example (under its A-label)."""
+    ks = KeyStore(tmp_path_factory.mktemp("keyed") / "dkim")
+    for dom in ("example.org", "xn--bcher-kva.example"):
+        ks.generate(dom, "s1", "ed25519")
+    return ks.load()

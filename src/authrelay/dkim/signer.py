@@ -322,8 +322,7 @@ class Signer:
         (`Owner.assess`); when no key here signs it, None and the `dkim=none` note now,
         on the caller's thread: the commit thread then parses nothing (the note's reason
         is the one the signer's own parse would give, "no key for D" or "D not in
-        dkim.domains", except for a header dkimpy cannot split, noted as not parsable
-        there; unsigned either way)."""
+        dkim.domains": `assess` names no domain for a header dkimpy splits otherwise)."""
         st = self._state
         if not st.keys:
             return None

@@ -26,7 +26,8 @@ Contract: pure functions, no I/O.
   `NO_FROM` when all is owned but there is no From: field at all.
 - `Owner.of(user, owned)`: the user and its addresses, `.verdict(header_section)`;
   `.assess(header_section)` adds the From: domain when the verdict is "" (one From:
-  field, all its mailboxes in one domain; else "").
+  field, all its mailboxes in one domain, every line of the section a field written
+  `name:` or a fold: no obs-optional `From :`; else "").
 Failure policy: anything that cannot be parsed as a plain address is not owned (a refusal
 or an unsigned message, never a signature lent to a domain the user does not own).
 """
@@ -44,6 +45,16 @@ _REGISTRY = HeaderRegistry()
 # RFC 5322 2.2 / 4.5.3 (obs-optional): a field name, optional white space, a colon.
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _CHECKED = (b"from", b"sender")
+# A line of a header section that is neither a field written `name:` (no blank before the
+# colon: obs-optional, RFC 5322 4.5.3, is a field here but not to every reader) nor a
+# folded continuation of one, nor the section's end (its empty line included). `assess`
+# names no From: domain for a section holding one: the DKIM signer's split (dkimpy's)
+# reads it otherwise (it drops `From : ...` as an mbox separator line and refuses any
+# other such line, "message not parsable"), so its note would not be the one the accept
+# path made from this parse. (Two patterns, the first line and then every other: one
+# pattern with an `\A` alternative tried at every position took about five times longer.)
+_FIRST_LINE = re.compile(rb"[!-9;-~]+:|\r?\n?\Z")
+_ODD_LINE = re.compile(rb"\n(?![ \t]|[!-9;-~]+:|\r?\n?\Z)")
 # header_verdict() of a header without From: (nothing to vouch for: never signed, but
 # not refused either -- nothing in it claims an address the user does not own).
 NO_FROM = "no From: field"
@@ -200,13 +211,15 @@ def header_verdict(header_section: bytes, user: str, owned: Iterable[str]) -> st
 
 def _assess(header_section: bytes, user: str, mine: frozenset[str]) -> tuple[str, str]:
     """(header_verdict(), the From: domain): the domain, in comparison form, shared by
-    every mailbox of the one From: field when the verdict is "", else ""."""
+    every mailbox of the one From: field when the verdict is "" and every line of the
+    section is a `name:` field or a fold of one (_FIRST_LINE, _ODD_LINE), else ""."""
     fields = header_fields(header_section)
     found, problem = _mailboxes(fields)
     for label, a in found:
         if normalize(a) not in mine:
             return f"{label} <{a}> not owned by {user}", ""
-    if problem or sum(n == b"from" for n, _ in fields) != 1:
+    if problem or sum(n == b"from" for n, _ in fields) != 1 \
+            or not _FIRST_LINE.match(header_section) or _ODD_LINE.search(header_section):
         return problem, ""
     domains = {normalize(a).rpartition("@")[2] for label, a in found if label == "From:"}
     return "", domains.pop() if len(domains) == 1 else ""
@@ -230,7 +243,9 @@ class Owner:
 
     def assess(self, header_section: bytes) -> tuple[str, str]:
         """(verdict(), the From: domain): the one domain of the one From: field's
-        mailboxes when the verdict is "" (every mailbox the user's), else "". The same
-        parse: what the accept path tells the DKIM signer, whose key for that domain is
-        then looked up without parsing the header again (dkim/signer.py `bind`)."""
+        mailboxes when the verdict is "" (every mailbox the user's) and the section is
+        one the DKIM signer splits into the same fields (no obs-optional `name :`, no
+        line that is neither a field nor a fold), else "". The same parse: what the
+        accept path tells the DKIM signer, whose key for that domain is then looked up
+        without parsing the header again (dkim/signer.py `bind`)."""
         return _assess(header_section, self.user, self.addresses)
