@@ -194,6 +194,28 @@ def test_domains_setting_limits_signing(store: KeyStore, tmp_path: Path) -> None
     assert s(MSG.replace(b"alice@example.org", b"alice@Second.Test")) is not None
 
 
+def test_domains_setting_compares_internationalised_names_as_a_labels(
+        store: KeyStore) -> None:
+    """`[dkim] domains` may name an internationalised domain as written (U-label): it is
+    compared as the From: domain is, by its A-label, where its key lives; a name Python's
+    IDNA2003 codec maps onto another (boß.test -> boss.test) restricts to nothing and
+    is reported, never widened to the mapped name."""
+    log = Log()
+    store.generate("xn--bcher-kva.test", "k", "ed25519")
+    store.generate("boss.test", "k", "ed25519")
+    s = Signer(store, domains=("B\u00fccher.test.", "bo\u00df.test"), maillog=log)
+    assert s.domains() == ["xn--bcher-kva.test"]
+    assert not any("has no key" in p for p in s.problems), s.problems
+    assert any("bo\u00df.test is not a domain name we can sign for" in p for p in s.problems)
+    msg = "From: alice@b\u00fccher.test\r\nTo: x@y.test\r\n\r\nbody\r\n".encode()
+    assert s(msg) is not None
+    boss = MSG.replace(b"alice@example.org", b"alice@boss.test")
+    assert s(boss, queue_id="Q1") is None
+    assert log.events[-1] == ("Q1", {"dkim": "none", "reason": "boss.test not in dkim.domains"})
+    only_bad = Signer(store, domains=("bo\u00df.test",), maillog=log)
+    assert only_bad.domains() == []  # a restriction to nothing stays one
+
+
 def test_from_config_and_reload(tmp_path: Path) -> None:
     cfg = from_dict({"state_dir": str(tmp_path)})
     log = Log()

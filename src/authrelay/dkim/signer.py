@@ -275,7 +275,15 @@ class Signer:
         if "from" not in hdrs:
             hdrs.insert(0, "from")  # RFC 6376 5.4: From MUST be signed
         over = frozenset(h.lower() for h in oversign) - _NEVER_SIGN
-        dset = frozenset(d.lower().rstrip(".") for d in domains) or None
+        # Compared as the From: domain is (from_domain): lower case, A-label, so an
+        # internationalised domain may be written either way in the config.
+        dset: frozenset[str] | None = None
+        if domains:
+            names = {d: a_label(d.lower().rstrip(".")) for d in domains}
+            for d in (d for d, a in names.items() if not a):
+                problems.append(f"dkim.domains: {d} is not a domain name we can sign for "
+                                "(IDNA2003 maps it onto another name), ignored")
+            dset = frozenset(a for a in names.values() if a)
         if dset is not None:
             for d in sorted(dset):
                 if d not in self.store.keys:
