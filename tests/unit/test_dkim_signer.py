@@ -213,7 +213,11 @@ def test_domains_setting_compares_internationalised_names_as_a_labels(
     assert s(boss, queue_id="Q1") is None
     assert log.events[-1] == ("Q1", {"dkim": "none", "reason": "boss.test not in dkim.domains"})
     only_bad = Signer(store, domains=("bo\u00df.test",), maillog=log)
-    assert only_bad.domains() == []  # a restriction to nothing stays one
+    assert only_bad.domains() == []  # a restriction to nothing stays one,
+    only_bad.reload()  # also when the keys are re-read
+    assert only_bad.domains() == []
+    s.reload()
+    assert s.domains() == ["xn--bcher-kva.test"]
 
 
 def test_from_config_and_reload(tmp_path: Path) -> None:

@@ -193,6 +193,7 @@ class _State:
     headers: tuple[str, ...]  # lower case, in order, without duplicates
     oversign: frozenset[str]
     problems: tuple[str, ...]
+    configured: tuple[str, ...]  # `[dkim] domains` as written (what reload() re-reads)
 
 
 def from_domain(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
@@ -258,8 +259,7 @@ class Signer:
                 st = self._make_state(cfg.dkim.domains, cfg.dkim.headers, cfg.dkim.oversign)
             else:
                 old = self._state
-                st = self._make_state(tuple(old.domains or ()), old.headers,
-                                      tuple(old.oversign))
+                st = self._make_state(old.configured, old.headers, tuple(old.oversign))
             self._state = st
 
     def _make_state(self, domains: tuple[str, ...], headers: tuple[str, ...],
@@ -292,7 +292,7 @@ class Signer:
             self._log(None, dkim="warning", problem=p)
         privkeys = {(k.domain, k.selector): _signing_key(k) for k in self.store.all()}
         return _State(dict(self.store.keys), privkeys, dset, tuple(hdrs), over,
-                      tuple(problems))
+                      tuple(problems), tuple(domains))
 
     @property
     def problems(self) -> tuple[str, ...]:
