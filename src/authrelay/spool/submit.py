@@ -17,8 +17,8 @@ Owns what happens to every message on its way into the queue, whoever produced i
   sign_unowned` (`dkim=skipped, reason=From: not owned by user`);
 - the DKIM hook (`Signer`: `bind(queue_id, owner, from_domain=...).sign_stream(pieces)
   -> header lines | None`; no signer bound when the From: domain the ownership check
-  read has no key) runs once, before commit, on the message (read back from disk in chunks for a
-  streamed one); its lines are stored as the queue file's prepend, which the courier
+  read has no key) runs once, before commit, on the message (read back from disk in
+  chunks for a streamed one); its lines are stored as the queue file's prepend, which the courier
   sends first (spool/format.py);
 - durability (Incoming.commit: fsync before the caller answers 250) and the one maillog
   `from=` line per accepted message.
