@@ -5,7 +5,8 @@
 Generates one RSA-2048 and one Ed25519 key for example.org in a temporary directory and
 signs a message with the bench's header fields (a Received: of ours, From: Alice
 <alice@example.org>, To, Subject, Date, Message-ID) and a body of 28 or 2,900 short lines
-(1 KiB, 100 KiB) with the RSA key, the Ed25519 key and both, and times
+(1 KiB, 100 KiB; `100k_b64`: a short text part and a 100 KiB base64 attachment, as the
+server signs it) with the RSA key, the Ed25519 key and both, and times
 `Owner.verdict` on that header section (what the accept path asks before every
 authenticated commit). `_smtp` figures: the same signature as the server makes it for mail
 the SMTP body reader vouched for (no bare CR/LF: `crlf_only`). Prints one JSON line of
@@ -35,6 +36,12 @@ HEAD = (b"Received: from client.example (client.example [127.0.0.1])\r\n"
         b"From: Alice <alice@example.org>\r\nTo: bob@dest.test\r\nSubject: hello\r\n"
         b"Date: Fri, 27 Nov 2026 12:00:00 +0000\r\nMessage-ID: <1@example.org>\r\n\r\n")
 LINE = b"Hello Bob, this is a line of text.\r\n"
+# A 100 KiB attachment: a short text part, then base64 lines (no blanks)
+MIME = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n"
+        b"--b1\r\nContent-Type: text/plain\r\n\r\n" + LINE * 3 +
+        b"--b1\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
+        b"\r\n" + b"JVBERi0xLjcKJcfsj6IKNSAwIG9iago8PC9MZW5ndGggNiAwIFIvRmlsdGVyIC9GbGF0ZU\r\n"
+        * 1350 + b"--b1--\r\n")
 SELECTORS = {"rsa": ("s-rsa",), "ed25519": ("s-ed",), "both": ("s-rsa", "s-ed")}
 
 
@@ -81,6 +88,10 @@ def main() -> None:
                 # as the server signs SMTP mail: the body reader refused bare CR/LF
                 smtp = functools.partial(signer.sign_stream, (msg,), "Q", crlf_only=True)
                 out[f"sign_{name}_{size}_smtp_us"] = round(cpu_us(smtp, n), 1)
+            msg = HEAD.replace(b"\r\n\r\n", b"\r\n", 1) + MIME
+            b64 = functools.partial(signer.sign_stream, (msg,), "Q", crlf_only=True)
+            assert b64() is not None
+            out[f"sign_{name}_100k_b64_us"] = round(cpu_us(b64, 300), 1)
         print(json.dumps(out))
     finally:
         shutil.rmtree(tmp)
