@@ -6,7 +6,10 @@ mode: password hashes, user names and their networks are inside), WAL with
 `synchronous = NORMAL` (durable enough in WAL mode: a crash loses at most the last
 transactions, never the file), and bringing the schema to `version` (the format number
 in `PRAGMA user_version`) in one IMMEDIATE transaction, so processes opening a new file at
-the same moment create it once.
+the same moment create it once. The switch to WAL of a new file is retried while another
+connection holds its write lock: SQLite answers that SQLITE_BUSY at once, without waiting
+in its busy handler (it would deadlock if both waited), so two first opens would otherwise
+fail one of them.
 
 Contract: `open_db(path, schema, version, newer=..., busy_timeout=..., pragmas=())` -> a
 connection in autocommit mode (`isolation_level=None`; callers BEGIN what they need),
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -38,7 +42,7 @@ def open_db(path: Path, schema: str, version: int, *,
     try:
         for pragma in pragmas:
             conn.execute(f"PRAGMA {pragma}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _to_wal(conn, busy_timeout)
         conn.execute("PRAGMA synchronous = NORMAL")
         if conn.execute("PRAGMA user_version").fetchone()[0] != version:
             conn.execute("BEGIN IMMEDIATE")
@@ -59,3 +63,22 @@ def open_db(path: Path, schema: str, version: int, *,
         conn.close()
         raise
     return conn
+
+
+def _to_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    """`PRAGMA journal_mode = WAL`, retried for up to `busy_timeout` seconds while it meets
+    SQLITE_BUSY. A file still in rollback mode (a new one) needs an exclusive lock for the
+    switch; SQLite does not wait in its busy handler when another connection holds the
+    RESERVED lock (https://sqlite.org/c3ref/busy_handler.html: it would deadlock), so the
+    wait is done here. Once any connection has switched the file, it stays WAL and the
+    pragma only reads. Any other error, or the time spent, propagates."""
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            busy = e.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # any extended BUSY code
+            if not busy or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.005)

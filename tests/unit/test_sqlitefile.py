@@ -4,6 +4,7 @@ format version, a newer format refused with the caller's error."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import stat
 import threading
@@ -72,6 +73,53 @@ def test_concurrent_first_opens_create_it_once(tmp_path: Path) -> None:
     finally:
         for c in conns:
             c.close()
+
+
+def _new_file_write_locked(path: Path) -> sqlite3.Connection:
+    """A new, empty file (rollback mode) whose RESERVED lock another connection holds: the
+    moment a second first-opener meets when the first is switching it to WAL."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def test_the_switch_to_wal_waits_for_a_held_write_lock(tmp_path: Path) -> None:
+    # SQLite answers this SQLITE_BUSY at once, without its busy handler: open_db waits
+    path = tmp_path / "x.db"
+    holder = _new_file_write_locked(path)
+    got: list[sqlite3.Connection | BaseException] = []
+
+    def opener() -> None:
+        try:
+            got.append(open_db(path, V2, 2, newer=Newer, busy_timeout=30.0))
+        except BaseException as e:  # collected for the assertion
+            got.append(e)
+
+    t = threading.Thread(target=opener)
+    t.start()
+    t.join(0.3)
+    waiting = t.is_alive()
+    holder.execute("COMMIT")
+    holder.close()
+    t.join()
+    assert waiting and len(got) == 1 and isinstance(got[0], sqlite3.Connection), got
+    db = got[0]
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    finally:
+        db.close()
+
+
+def test_the_wait_for_the_write_lock_ends_at_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    holder = _new_file_write_locked(path)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            open_db(path, V2, 2, newer=Newer, busy_timeout=0.2)
+    finally:
+        holder.close()
 
 
 def test_the_stores_refuse_a_newer_format(tmp_path: Path) -> None:
