@@ -11,6 +11,8 @@
   stopped at teardown.
 - `@pytest.mark.root`: the test needs root; checked here before it runs (fails under
   CI=true, skips elsewhere: support/ci.py). The helpers themselves live in tests/support/.
+- Hypothesis runs without its per-example deadline (profile "authrelay", loaded here
+  before any test module): a property asserts results, not speed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import pytest
 import trustme
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import MXFactory
+from hypothesis import settings
 from support import ci
+
+# Hypothesis's default deadline (200 ms per example) fails a property with "Unreliable
+# test timings" whenever a loaded runner pauses the process for a quarter of a second:
+# a verdict on the scheduler, not on the code.
+settings.register_profile("authrelay", deadline=None)
+settings.load_profile("authrelay")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
