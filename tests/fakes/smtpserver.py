@@ -12,6 +12,8 @@ real authrelay process, can talk to it). Options:
 - `mail_reply`, `data_reply`: a reply to give instead of 250
 - `rcpt_replies`: {"address": "550 5.1.1 no such user"}: per-recipient refusals
 - `data_delay`: seconds to wait before answering the final dot (timeout tests)
+- `data_gate`: a threading.Event; the final dot is answered only once it is set (a test
+  holds a delivery in flight for as long as it needs, not for a guessed time)
 - `size_limit`: the SIZE announced (and enforced); `smtputf8`: announce SMTPUTF8
 - `pipelining`: announce PIPELINING (RFC 2920; aiosmtpd reads commands line by line, so
   it serves pipelined groups correctly; default on, as on most real MX)
@@ -151,6 +153,8 @@ class _Handler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.fake.data_delay:
             await asyncio.sleep(self.fake.data_delay)
+        while self.fake.data_gate is not None and not self.fake.data_gate.is_set():
+            await asyncio.sleep(0.01)
         if self.fake.data_reply:
             return self.fake.data_reply
         assert isinstance(server, _RecordingSMTP)
@@ -185,6 +189,7 @@ class FakeSMTPServer:
                  data_reply: str | None = None,
                  rcpt_replies: dict[str, str] | None = None,
                  data_delay: float = 0.0,
+                 data_gate: threading.Event | None = None,
                  size_limit: int = 33554432,
                  smtputf8: bool = True,
                  pipelining: bool = True,
@@ -204,6 +209,7 @@ class FakeSMTPServer:
         self.data_reply = data_reply
         self.rcpt_replies = {k.lower(): v for k, v in (rcpt_replies or {}).items()}
         self.data_delay = data_delay
+        self.data_gate = data_gate
         self.size_limit = size_limit
         self.smtputf8 = smtputf8
         self.pipelining = pipelining

@@ -149,21 +149,33 @@ def test_queue_delete(relay_factory: Callable[..., RelayProcess], dns: FakeDNSSe
 def test_delete_of_a_message_being_delivered(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
-    """The MX takes its time over DATA: a delete meanwhile says it waits for the attempt,
-    then that the message was delivered and so could not be deleted (exit 1)."""
+    """The MX holds its reply to the final dot until the delete has said it waits for the
+    attempt; then the delete says the message was delivered and so could not be deleted
+    (exit 1)."""
     import subprocess
     import sys
+    import threading
 
-    mx1 = fake_mx("127.0.0.2", data_delay=8.0)
-    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"]))
+    reply = threading.Event()
+    mx1 = fake_mx("127.0.0.2", data_gate=reply)
+    # data_timeout: the relay waits for the held reply as long as the test holds it
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"], data_timeout="5m"))
     qid = submit(relay, ["bob@example.test"])
-    relay.wait_for(lambda: queue_json(relay).get(qid, {}).get("state") == "active"
-               and mx1.connections > 0, what="the delivery attempt under way")
-    r = subprocess.run([sys.executable, "-m", "authrelay", "-c", str(relay.config), "queue",
-                        "delete", qid], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert f"{qid}: a delivery attempt is in progress; waiting for it to end" in r.stderr
-    assert f"{qid}: delivered (or bounced) while being deleted" in r.stderr
+    try:
+        relay.wait_for(lambda: queue_json(relay).get(qid, {}).get("state") == "active"
+                       and mx1.connections > 0, what="the delivery attempt under way")
+        p = subprocess.Popen([sys.executable, "-m", "authrelay", "-c", str(relay.config),
+                              "queue", "delete", qid], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        assert p.stderr is not None
+        waits = p.stderr.readline()  # said before its request goes to the server
+    finally:
+        reply.set()  # the MX answers: the attempt ends
+    out, err = p.communicate(timeout=120)
+    assert f"{qid}: a delivery attempt is in progress; waiting for it to end" in waits, \
+        waits + err
+    assert p.returncode == 1, out + err
+    assert f"{qid}: delivered (or bounced) while being deleted" in err
     assert delivered_to(mx1, "bob@example.test")
 
 
