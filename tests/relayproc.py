@@ -112,6 +112,8 @@ class RelayProcess:
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
+        probe_ends = ("disconnect=from unknown [127.0.0.1]", "tls_failed=from unknown [127.0.0.1]")
+        earlier = self._count(probe_ends)  # a restart's maillog holds the last run's probes
         for port in self.ports.values():
             while True:
                 assert self.proc is not None
@@ -126,13 +128,15 @@ class RelayProcess:
                     time.sleep(0.05)
         # The probes above hold connection slots until the server has seen them close;
         # wait for their end lines so a test's own connections find every slot free.
-        probe_ends = ("disconnect=from unknown [127.0.0.1]", "tls_failed=from unknown [127.0.0.1]")
         settle = time.monotonic() + 5.0
         while time.monotonic() < settle:
-            text = self.log.read_text(errors="replace") if self.log.exists() else ""
-            if sum(text.count(e) for e in probe_ends) >= len(self.ports):
+            if self._count(probe_ends) - earlier >= len(self.ports):
                 break
             time.sleep(0.05)
+
+    def _count(self, lines: tuple[str, ...]) -> int:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return sum(text.count(e) for e in lines)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:

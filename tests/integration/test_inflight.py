@@ -6,6 +6,7 @@ clean stop leaves no such warning."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from relayproc import PASSWORD, RelayProcess
@@ -37,7 +38,8 @@ def _journal_begun(r: RelayProcess) -> list[dict]:
 
 
 def test_kill_during_delivery_names_the_recipients(relay_factory, fake_mx) -> None:
-    smart = fake_mx("127.0.0.2", data_delay=3.0)  # the final dot answered after 3 s
+    reply = threading.Event()  # the final dot is answered once the relay has been killed
+    smart = fake_mx("127.0.0.2", data_gate=reply)
     r = relay_factory(overrides={"relay": {"smart_host": [smart.address],
                                            "smart_host_tls": "none"},
                                  "delivery": {"retry": ["1s"]}})
@@ -46,6 +48,7 @@ def test_kill_during_delivery_names_the_recipients(relay_factory, fake_mx) -> No
     [begun] = _journal_begun(r)
     assert sorted(begun["r"]) == ["bob@remote.example", "carol@remote.example"]
     r.kill()  # SIGKILL while the smart host holds the final reply
+    reply.set()  # the delivery after the restart is answered at once
     r.start()
     r.wait_for(lambda: r.maillog().count(WARNING) == 2, timeout=20)
     lines = [ln for ln in r.maillog().splitlines() if WARNING in ln]
