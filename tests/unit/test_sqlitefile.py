@@ -113,13 +113,26 @@ def test_the_switch_to_wal_waits_for_a_held_write_lock(tmp_path: Path) -> None:
 
 
 def test_the_wait_for_the_write_lock_ends_at_busy_timeout(tmp_path: Path) -> None:
+    # past busy_timeout the caller gets SQLite's error; a wait without end fails here
+    # (the thread still running after 60 s) rather than hanging the suite
     path = tmp_path / "x.db"
     holder = _new_file_write_locked(path)
-    try:
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            open_db(path, V2, 2, newer=Newer, busy_timeout=0.2)
-    finally:
-        holder.close()
+    got: list[BaseException | sqlite3.Connection] = []
+
+    def opener() -> None:
+        try:
+            got.append(open_db(path, V2, 2, newer=Newer, busy_timeout=0.2))
+        except BaseException as e:  # collected for the assertion
+            got.append(e)
+
+    t = threading.Thread(target=opener, daemon=True)
+    t.start()
+    t.join(60)
+    ended = not t.is_alive()
+    holder.close()
+    assert ended, "open_db still waiting for the write lock long past busy_timeout"
+    assert len(got) == 1 and isinstance(got[0], sqlite3.OperationalError), got
+    assert "locked" in str(got[0])
 
 
 def test_the_stores_refuse_a_newer_format(tmp_path: Path) -> None:
