@@ -314,3 +314,34 @@ async def test_corrupt_files_are_counted_and_listed(site: tuple[Path, Spool]) ->
     r = cli(cfgfile, "corrupt", "--json")
     assert {x["id"] for x in json.loads(r.stdout)} == {intact, "2N5NEWERFORMAT001",
                                                        "2N5TRUNCATED00001"}
+
+
+async def test_offline_flush_skips_unreadable_and_held_files(site: tuple[Path, Spool]) -> None:
+    """With no server, `queue flush` meets a file of a newer spool format (start-up
+    recovery leaves those in queue/) or a damaged one: it says so for that file, marks
+    the others due and leaves the file as it was (it used to end in a traceback, the
+    rest unflushed). A held message is not flushed, as the running scheduler answers."""
+    cfgfile, spool = site
+    newer = "2N5NEWERFORMAT001"  # sorts before the others: it came first in the loop
+    (spool.queue_dir / newer).write_bytes(b"AUTHRELAY-SPOOL 9 whatever\nrest")
+    os.chmod(spool.queue_dir / newer, 0o700)  # ready, as a committed file
+    good = await put(spool, ["x@b.example"])
+    env = spool.load(good)
+    env.recipients[0].attempts, env.recipients[0].next_attempt = 1, time.time() + 3600
+    spool.save_state(env)
+    held = await put(spool, ["y@b.example"])
+    spool.hold(held)
+
+    r = cli(cfgfile, "flush")
+    assert r.returncode == 69, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"{newer}: cannot flush it: spool format version 9" in r.stderr
+    assert "1 message marked to go" in r.stderr
+    assert spool.load(good).recipients[0].next_attempt == 0
+    assert (spool.queue_dir / newer).read_bytes() == b"AUTHRELAY-SPOOL 9 whatever\nrest"
+
+    r = cli(cfgfile, "flush", held)
+    assert r.returncode == 69 and "Traceback" not in r.stderr
+    assert f"{held}: is held, so it is not delivered" in r.stderr
+    assert "0 messages marked to go" in r.stderr
+    assert spool.held() == [held]

@@ -11,6 +11,7 @@ owner may talk to it); each request is one line of JSON, each answer one line of
     {"op": "release" | "delete", "user": "U"}   every held message U sent
     {"op": "status"}                 -> {"ok": true, "active": [ids in flight]}
     answer: {"ok": true, "done": [ids], "missing": [ids]} or {"ok": false, "error": "..."}
+            (offline, also "failed": [[id, why]]: a file flush could not read, left as is)
 
 The scheduler performs every change itself (after any in-flight delivery of that message
 ends), so the CLI never races it. When no scheduler runs (connect fails and the scheduler
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from authrelay.jsonline import read_line
-from authrelay.spool.store import Spool
+from authrelay.spool.store import Spool, SpoolError, is_queue_id
 
 MAX_REQUEST = 64 * 1024
 CONTROL_SOCK = "control.sock"  # in spool_dir: the scheduler's control socket (0600)
@@ -152,7 +153,11 @@ def offline(spool: Spool) -> Iterator[None]:
 # --------------------------------------------------------------------------- operations
 
 def flush_files(spool: Spool, qid: str) -> None:
-    """Make every pending recipient due now (offline flush: the next start tries them)."""
+    """Make every pending recipient due now (offline flush: the next start tries them).
+    A held message is not flushed (FileNotFoundError, as the scheduler answers); a file
+    that cannot be read raises SpoolError and is left as it is."""
+    if not is_queue_id(qid) or not (spool.queue_dir / qid).exists():
+        raise FileNotFoundError(qid)
     env = spool.load(qid)
     changed = False
     for r in env.pending:
@@ -192,6 +197,7 @@ def run_offline(spool: Spool, req: dict[str, Any]) -> dict[str, Any]:
     else:
         return {"ok": False, "error": f"{op}: a queue id is required"}
     done, missing = [], []
+    failed: list[list[str]] = []
     for qid in ids:
         try:
             if op == "flush":
@@ -207,7 +213,9 @@ def run_offline(spool: Spool, req: dict[str, Any]) -> dict[str, Any]:
             done.append(qid)
         except FileNotFoundError:
             missing.append(qid)
-    return {"ok": True, "done": done, "missing": missing}
+        except SpoolError as e:  # damaged or of a newer format: not ours to touch here
+            failed.append([qid, str(e)])
+    return {"ok": True, "done": done, "missing": missing, "failed": failed}
 
 
 async def hold_user(spool: Spool, user: str) -> int:

@@ -265,7 +265,14 @@ def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
     queued = set(spool.scan())
     verb = {"flush": "flushed", "hold": "held", "release": "released",
             "delete": "deleted"}[op]
+    rc = 0
+    for qid, why in resp.get("failed", []):  # offline: a file that cannot be read
+        _err(f"{qid}: cannot {op} it: {_t(str(why))} (the file is left as it is)")
+        rc = 1
     if op == "flush" and not running:
+        for qid in resp.get("missing", []):
+            _err(f"{qid}: is held, so it is not delivered (authrelay queue release {qid})"
+                 if qid in held else f"{qid}: not in the queue")
         n = len(resp.get("done", []))
         _err(f"cannot flush the queue: mail system is down (authrelay serve is not "
              f"running); {n} message{'s' if n != 1 else ''} marked to go as soon as it "
@@ -273,7 +280,6 @@ def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
         return EX_UNAVAILABLE
     for qid in resp.get("done", []):
         print(f"{qid}: {verb}")
-    rc = 0
     for qid in resp.get("missing", []):
         if op == "flush" and qid in held:
             _err(f"{qid}: is held, so it is not delivered (authrelay queue release {qid})")
