@@ -228,3 +228,27 @@ def test_disconnect_line_counts_commands(relay: RelayProcess) -> None:
     relay.wait_for(lambda: "commands=" in relay.maillog())
     line = next(ln for ln in relay.maillog().splitlines() if "commands=" in ln)
     assert "commands=ehlo=1 noop=2 unknown=1 quit=1" in line
+
+
+def test_helo_name_control_characters_never_reach_the_received_field(
+        relay: RelayProcess) -> None:
+    """The EHLO name is written into our Received field: a NUL or ESC there became part
+    of the stored message (NUL is refused in the body, 554 5.6.0), and a TAB let the
+    client forge the field's "from" clause. TAB separates like SP (501); any other
+    non-printable character is stored as "?" (as Postfix's printable())."""
+    with RawClient(relay.ports["submissions"], tls=client_ctx()) as c:
+        assert c.reply().code == 220
+        r = c.cmd("EHLO laptop.example\t(mail.forged.example\t[192.0.2.1])")
+        assert (r.code, r.text) == (501, "5.5.4 Syntax: EHLO hostname")
+        r = c.cmd("EHLO lap\x00top\x1b[31m\x7f.example")
+        assert r.code == 250 and r.lines[0] == "250-relay.test greets lap?top?[31m?.example"
+        assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+        assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
+        assert c.cmd("RCPT TO:<bob@remote.example>").code == 250
+        assert c.cmd("DATA").code == 354
+        assert c.cmd("Subject: helo\r\n\r\nbody\r\n.").code == 250
+    [path] = relay.queued()
+    stored = relay.message_bytes(path)
+    received = stored[:stored.index(b"\r\n\tby ")]
+    assert received.startswith(b"Received: from lap?top?[31m?.example (")
+    assert not any(b < 0x20 and b not in b"\t\r\n" or b == 0x7f for b in stored), stored

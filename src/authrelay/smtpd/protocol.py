@@ -729,10 +729,15 @@ class Engine:
 
     def _hello(self, arg: str, esmtp: bool) -> None:
         name = arg.strip()
-        if not name or " " in name:
+        if not name or any(c.isspace() for c in name):  # a TAB separates as SP does
             self._error(replies.EHLO_SYNTAX if esmtp else replies.HELO_SYNTAX)
             return
         self.transaction = None  # RFC 5321 4.1.4: EHLO implies RSET
+        # The name goes verbatim into our Received field (and the EHLO reply): a NUL or
+        # a control character there is not the client's to put into the message, so each
+        # becomes "?" (as Postfix's printable() does with the HELO name).
+        if not name.isprintable():
+            name = "".join(c if c.isprintable() else "?" for c in name)
         self.helo, self.esmtp = name[:255], esmtp
         if not esmtp:
             self._reply(Reply(250, "", self.hostname))
