@@ -506,3 +506,42 @@ async def test_starttls_refused(tmp_path: Path, dns: FakeDNSServer, raw_port: in
     else:
         assert (r.permanent, r.enhanced) == (False, "4.7.5"), r
         assert mails == []
+
+
+async def _drops_after_the_dot(mx: RawMX, r: asyncio.StreamReader,
+                               w: asyncio.StreamWriter) -> None:
+    """Takes the whole message, then closes without answering the end of data."""
+    w.write(b"220 raw.test ESMTP\r\n")
+    while line := await r.readline():
+        mx.received.append(line)
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            w.write(b"250-raw.test\r\n250 PIPELINING\r\n")
+        elif verb == b"DATA":
+            w.write(b"354 go ahead\r\n")
+            await w.drain()
+            while await r.readline() not in (b".\r\n", b""):
+                pass
+            mx.received.append(b"message")
+            return  # no 250: the connection closes
+        else:
+            w.write(b"250 ok\r\n")
+        await w.drain()
+
+
+async def test_connection_lost_after_the_dot_may_be_a_duplicate(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    """RFC 5321 6.1: the message is the next hop's once it answered the end of data; with
+    no answer it may have it. Transient, no other MX tried (the backup 127.0.0.3 is not
+    listening: trying it would say connection refused), and the reason, which the maillog
+    and any later bounce carry, says that the retry may deliver it twice."""
+    with RawMX("127.0.0.2", raw_port, _drops_after_the_dot) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
+        finally:
+            await courier.close()
+    assert mx.received.count(b"message") == 1
+    assert (r.permanent, r.enhanced) == (False, "4.4.2"), r
+    assert "lost connection" in r.text and "may have been delivered" in r.text, r
+    assert "deliver it twice" in r.text, r

@@ -57,7 +57,8 @@ Failure policy (codes per RFC 3463):
   operator asked for it, e.g. over a tunnel); at any other level (may included) it is
   never sent before TLS.
 - Lost connection or timeout after the message was sent: transient for the accepted
-  recipients and no other host is tried (it may have arrived; at-least-once, never lost).
+  recipients and no other host is tried (it may have arrived; at-least-once, never lost);
+  once the end-of-data dot went out, the reason says the retry may deliver it twice.
 
 What goes out: every line end is CRLF (a bare CR or LF in the stored message becomes
 CRLF: the outbound half of SMTP smuggling), then dot-stuffed here (messages over 1 MiB are
@@ -115,6 +116,10 @@ _MAX_FOLLOW_UPS = 1000  # transactions for one message on one connection (452 to
 _FALLBACK_MAX = 10000  # hosts remembered for the plain-text fallback (memory bound)
 
 _LOST = (ConnectionLost, ConnectionError, OSError, ProtocolError)
+# No reply to the end of data (RFC 5321 6.1, 4.5.3.2.6): the next hop may have the message
+# (as Postfix's "while sending end of data -- message may be sent more than once").
+_MAYBE_TWICE = (": no reply to the end of data; the message may have been delivered "
+                "(the retry may deliver it twice)")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1153,21 +1158,24 @@ class Courier:
 
         # The message: the final reply applies to every accepted recipient (RFC 5321 3.3).
         moved = False
+        ended = False  # the end-of-data dot went out: the peer may have taken the message
         try:
             if isinstance(data, _FileBody):
                 await _stream_file(w, data, d.data_timeout)
             else:
                 w.write(dot_stuff(data))
+            ended = True
             rep = await w.reply(d.data_timeout)
             res = _result(rep, remote)
             reusable = rep.code != 421 and w.is_connected
             moved = not res.ok and not res.permanent  # refused for now: not taken
         except TimeoutError:
-            res = DeliveryResult.temp(f"timeout after DATA to {remote}", "4.4.2", 451, remote)
+            res = DeliveryResult.temp(f"timeout after DATA to {remote}"
+                                      + (_MAYBE_TWICE if ended else ""), "4.4.2", 451, remote)
             reusable = False
         except _LOST:
-            res = DeliveryResult.temp(f"lost connection with {remote} during DATA",
-                                      "4.4.2", 451, remote)
+            res = DeliveryResult.temp(f"lost connection with {remote} during DATA"
+                                      + (_MAYBE_TWICE if ended else ""), "4.4.2", 451, remote)
             reusable = False
         if res.ok and dsn:
             res = dataclasses.replace(res, dsn_passed=True)  # RFC 3461 5.2.2: they notify
