@@ -10,7 +10,9 @@ real authrelay process, can talk to it). Options:
   offer (e.g. ["PLAIN"] for a LOGIN-only server)
 - `greeting`: e.g. "421 4.3.2 busy": sent instead of 220, then the connection is closed
 - `mail_reply`, `data_reply`: a reply to give instead of 250
-- `rcpt_replies`: {"address": "550 5.1.1 no such user"}: per-recipient refusals
+- `rcpt_replies`: {"address": "550 5.1.1 no such user"}: per-recipient refusals, read
+  once per transaction (at MAIL): a test that changes them while the relay may be
+  mid-transaction changes the next transaction, never half of this one
 - `data_delay`: seconds to wait before answering the final dot (timeout tests)
 - `data_gate`: a threading.Event; the final dot is answered only once it is set (a test
   holds a delivery in flight for as long as it needs, not for a guessed time)
@@ -41,6 +43,7 @@ import re
 import ssl
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +121,9 @@ class _RecordingSMTP(SMTP):
 class _Handler:
     def __init__(self, fake: FakeSMTPServer) -> None:
         self.fake = fake
+        # each session's transaction: the rcpt_replies as they were at its MAIL
+        self._txn_replies: weakref.WeakKeyDictionary[Session, dict[str, str]] = \
+            weakref.WeakKeyDictionary()
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -137,11 +143,12 @@ class _Handler:
             return "555 5.5.4 BODY parameter not recognized"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        self._txn_replies[session] = dict(self.fake.rcpt_replies)  # one copy: atomic
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
-        reply = self.fake.rcpt_replies.get(address.lower())
+        reply = self._txn_replies.get(session, self.fake.rcpt_replies).get(address.lower())
         if reply:
             return reply
         if self.fake.max_rcpts and len(envelope.rcpt_tos) >= self.fake.max_rcpts:
