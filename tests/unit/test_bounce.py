@@ -125,6 +125,35 @@ def test_status_fallbacks_and_injection() -> None:
     assert rcpt["Action"] == "failed"  # a remote reply cannot forge DSN fields
 
 
+def test_long_remote_reply_is_folded_within_998_octets() -> None:
+    """RFC 5322 2.1.1: no line over 998 octets. A next hop's multi-line reply (here 10
+    lines of 300, and one unbreakable 5000-character word; wire.py takes up to 256 lines
+    of 4096) used to become one Diagnostic-Code line and one part-1 line of thousands of
+    octets, which a receiving MTA may refuse or split, and the sender is then never told
+    (no DSN about a DSN). Folded, the field still reads back as the whole reply."""
+    reply = "550 5.7.1 " + " ".join(f"line{i} " + "x" * 300 for i in range(10)) \
+        + " " + "y" * 5000
+    env = _env()
+    r = Recipient("bob@example.net", attempts=1, last_code=550, last_reply=reply)
+    _, data = make_bounce(env, [r], HEADERS, "relay.example.org")
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    parts = _parse(data).get_payload()
+    rcpt = parts[1].get_payload()[1]
+    assert rcpt["Status"] == "5.7.1" and rcpt["Action"] == "failed"
+    diag = "".join(rcpt["Diagnostic-Code"].split())
+    assert diag == "smtp;" + "".join(reply.split())
+    human = parts[0].get_payload(decode=True).decode()
+    assert "".join(reply.split()) in "".join(human.split())
+    wide = Recipient("bob@example.net", attempts=1, last_code=550,
+                     last_reply="550 5.1.1 " + "ü" * 600)  # 1200 octets, one word
+    _, data = make_bounce(env, [wide], HEADERS, "relay.example.org")
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    short = Recipient("bob@example.net", attempts=1, last_code=550,
+                      last_reply="550 5.1.1 " + "z" * 900)  # up to 998: as it came
+    _, data = make_bounce(env, [short], HEADERS, "relay.example.org")
+    assert f"Diagnostic-Code: smtp; 550 5.1.1 {'z' * 900}\r\n".encode() in data
+
+
 # --------------------------------------------------------------------------- RFC 6533
 
 def _global_groups(data: bytes) -> tuple[email.message.Message, list[str], list[dict]]:

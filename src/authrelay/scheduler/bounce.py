@@ -17,6 +17,9 @@ section is not ASCII) is message/global (RET=FULL) or message/global-headers, no
 message/rfc822 / text/rfc822-headers. The report stays report-type=delivery-status.
 The DSN's own envelope asks for SMTPUTF8 only when its recipient (the original sender)
 needs it; otherwise the 8bit parts go as 8BITMIME.
+No line of the report is longer than 998 octets (RFC 5322 2.1.1): a longer one (a next
+hop's verbose or hostile multi-line reply, up to 1 MB, as Diagnostic-Code and in part 1)
+is folded at spaces, an unbreakable run cut.
 `should_notify(env, rcpt, action)` says whether a DSN may be sent at all: never to the null
 sender and never about a bounce (RFC 3464 2: no DSN about a DSN, so bounces cannot loop),
 and RFC 3461 4.1 NOTIFY (NEVER, or a list without FAILURE / DELAY) is honoured.
@@ -45,6 +48,37 @@ def _date(ts: float) -> str:
 def _clean(s: str) -> str:
     """One header line: no CR/LF/controls a remote reply could smuggle in."""
     return _CTL.sub(" ", s).strip()
+
+
+_MAX_LINE = 998  # RFC 5322 2.1.1: octets per line, CRLF excluded
+_WRAP = 78  # where a line too long for that is folded (RFC 5322 2.1.1's SHOULD)
+_MAX_WORD = 200  # characters of one unbreakable word kept on a line (<= 800 octets UTF-8)
+
+
+def _fold(line: str) -> str:
+    """`line` as it may go into the DSN: unchanged up to 998 octets, else folded at
+    spaces into lines of about 78 (the continuations start with a space: header folding
+    in part 2, an indented line in part 1). A remote reply can be a single 1 MB word: a
+    word longer than 200 characters is cut to fit."""
+    if len(line.encode("utf-8")) <= _MAX_LINE:
+        return line
+    words: list[str] = []
+    for word in line.split(" "):
+        while len(word) > _MAX_WORD:
+            words.append(word[:_MAX_WORD])
+            word = word[_MAX_WORD:]
+        if word:
+            words.append(word)
+    out: list[str] = []
+    cur = ""
+    for word in words:
+        if cur and len(cur.encode("utf-8")) + 1 + len(word.encode("utf-8")) > _WRAP:
+            out.append(cur)
+            cur = word
+        else:
+            cur = f"{cur} {word}" if cur else word
+    out.append(cur)
+    return "\r\n ".join(out)
 
 
 def xtext_decode(value: str) -> str:
@@ -199,8 +233,8 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
     headers_part = original_headers
     if headers_part and not headers_part.endswith(b"\r\n"):
         headers_part += b"\r\n"
-    status_b = (crlf.join(status) + crlf).encode("utf-8")
-    human_b = (crlf.join(human) + crlf).encode("utf-8")
+    status_b = (crlf.join(_fold(x) for x in status) + crlf).encode("utf-8")
+    human_b = (crlf.join(_fold(x) for x in human) + crlf).encode("utf-8")
     if original_message is not None:  # RET=FULL (RFC 3461 4.3): the whole message back
         headers_part = original_message
         if headers_part and not headers_part.endswith(b"\r\n"):
