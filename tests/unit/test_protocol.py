@@ -178,6 +178,21 @@ def test_pipelined_noop_flood_is_cut_at_the_limit_in_one_feed() -> None:
     assert h.closed and h.eng.buffered == 0
 
 
+@pytest.mark.parametrize("line", ["MA\u0131L FROM:<alice@local.test>",  # dotless i
+                                  "\ufb06ARTTLS", "\u017fTARTTLS", "QU\u0131T", "R\u017fET",
+                                  "AUTH PLA\u0131N " + plain("alice", PASSWORD)])
+def test_command_words_are_ascii_only(line: str) -> None:
+    """str.upper() maps "\u0131" to "I", "\u017f" to "S" and "\ufb06" to "ST": such
+    words are not commands (RFC 5321 2.4; Postfix: 500), whatever they fold to."""
+    h = Harness(mode="submissions")
+    _ehlo(h)
+    h.send(line)
+    h.send("NOOP")
+    assert h.codes() == [504 if line.startswith("AUTH") else 500, 250]
+    assert not h.closed and h.eng.transaction is None and not h.eng.auth_user
+    assert h.eng.commands.get("unknown", 0) == (0 if line.startswith("AUTH") else 1)
+
+
 def test_junk_limit_off() -> None:
     h = Harness(overrides={"limits": {"max_junk_commands": 0}})
     h.feed(b"EHLO x\r\n" + b"NOOP\r\n" * 500)

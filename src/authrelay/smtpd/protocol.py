@@ -701,7 +701,10 @@ class Engine:
             self._error(_BAD_UTF8)
             return
         verb, _, arg = line.partition(" ")
-        verb = verb.upper()
+        # Command words are ASCII, case-insensitive in ASCII only (RFC 5321 2.4): str.upper
+        # would also map "MA\u0131L" to MAIL and "\ufb06ARTTLS" to STARTTLS, commands
+        # that Postfix (and any filter in front of us) reads as unknown.
+        verb = verb.upper() if verb.isascii() else "?"
         handler = _HANDLERS.get(verb)
         key = verb.lower() if handler is not None else "unknown"
         self.commands[key] = self.commands.get(key, 0) + 1
@@ -814,7 +817,7 @@ class Engine:
         if not parts or len(parts) > 2:
             self._error(replies.SYNTAX)
             return
-        mech = parts[0].upper()
+        mech = parts[0].upper() if parts[0].isascii() else "?"  # (as the verb's case)
         if mech not in self.mechanisms or not self.auth_available:
             self._error(_BAD_MECH)
             return
