@@ -188,7 +188,10 @@ def parse_params(text: str) -> dict[str, str | None]:
             continue
         key, eq, value = item.partition("=")
         if not _PARAM_KEY.fullmatch(key) or (eq and not value):
-            raise _err(501, "5.5.4", f"Bad parameter syntax: {item[:40]}")
+            # Echoed, so only printable ASCII (RFC 5321 4.2 textstring): a client's
+            # control or 8-bit octets are never sent back (terminal escapes, NUL).
+            shown = "".join(c if " " < c <= "~" else "?" for c in item[:40])
+            raise _err(501, "5.5.4", f"Bad parameter syntax: {shown}")
         if key.upper() in params:  # a repeated parameter is ambiguous: refuse it
             raise _err(501, "5.5.4", f"Duplicate parameter: {key.upper()[:20]}")
         params[key.upper()] = value if eq else None

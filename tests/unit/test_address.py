@@ -59,3 +59,16 @@ def test_params() -> None:
 def test_utf8_address() -> None:
     p = parse("<üser@exämple.org>")
     assert p.address is not None and not p.address.ascii
+
+
+@pytest.mark.parametrize("param,shown", [
+    ("\x1b]0;pwn\x07=", "Bad parameter syntax: ?]0;pwn?="),  # a terminal title escape
+    ("a\x00b", "Bad parameter syntax: a?b"),
+    ("\u00e9=1", "Bad parameter syntax: ?=1"),
+])
+def test_bad_parameter_is_echoed_as_printable_ascii(param: str, shown: str) -> None:
+    """The refused parameter is quoted in the reply text, which is printable ASCII
+    (RFC 5321 4.2); the client's control or 8-bit octets are never sent back."""
+    with pytest.raises(AddressError) as e:
+        parse(f"<a@b.example> {param}")
+    assert (e.value.reply.code, e.value.reply.text) == (501, shown)
