@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.maillog import ListLog
@@ -345,3 +346,43 @@ async def test_offline_flush_skips_unreadable_and_held_files(site: tuple[Path, S
     assert f"{held}: is held, so it is not delivered" in r.stderr
     assert "0 messages marked to go" in r.stderr
     assert spool.held() == [held]
+
+
+async def test_flush_and_delete_all_while_a_delivery_ends(site: tuple[Path, Spool]) -> None:
+    """`queue flush` (everything) and `queue delete --all` wait for a message's delivery in
+    flight; one that is delivered meanwhile was not named by the operator and is simply
+    gone: no "not in the queue" error, exit status 0 (it was 1, as for a wrong id)."""
+    cfgfile, spool = site
+    from authrelay.config import load
+
+    courier = FakeCourier()
+    sched = wiring.scheduler(load(str(cfgfile)), spool, courier, ListLog())
+    await sched.start()
+    try:
+        for op in (("flush",), ("delete", "--all")):
+            gate = courier.gates["slow.example"] = asyncio.Event()
+            qs = await put(spool, ["s@slow.example"])  # delivered when the gate opens
+            await until(lambda qs=qs: courier.calls_for("s@slow.example")
+                        and qs in sched.active, "in flight")
+            parked: list[str] = []
+            wait_idle = sched._wait_idle
+
+            async def spy(qid: str, parked: list[str] = parked,
+                          wait_idle: Any = wait_idle) -> None:
+                parked.append(qid)
+                await wait_idle(qid)
+
+            sched._wait_idle = spy  # type: ignore[method-assign]
+            task = asyncio.create_task(acli(cfgfile, *op))
+            await until(lambda qs=qs, parked=parked: qs in parked, "parked behind it")
+            gate.set()
+            rc, out, err = await task
+            sched._wait_idle = wait_idle  # type: ignore[method-assign]
+            assert rc == 0, (op, out, err)
+            assert "not in the queue" not in err, err
+            assert qs not in spool.scan() and not spool.held()
+            courier.calls.clear()
+    finally:
+        for g in courier.gates.values():
+            g.set()
+        await sched.stop()

@@ -737,6 +737,9 @@ class Scheduler:
         while (act := self._active.get(qid)) is not None:
             await act.done.wait()
 
+    def _exists(self, qid: str) -> bool:
+        return (self.spool.queue_dir / qid).exists() or (self.spool.hold_dir / qid).exists()
+
     async def _handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "status":
@@ -758,13 +761,19 @@ class Scheduler:
             ids = [str(req["id"])]
         else:
             return {"ok": False, "error": f"{op}: a queue id is required"}
+        named = bool(req.get("id")) and not req.get("user") and not req.get("all")
         done: list[str] = []
         missing: list[str] = []
         for qid in ids:
             if not is_queue_id(qid):
                 missing.append(qid)
                 continue
+            was_active = qid in self._active
             await self._wait_idle(qid)
+            # One of many (--all, a user's) delivered or bounced meanwhile: gone, not an id
+            # the operator got wrong. (A stat, as flush's: no await before _busy.)
+            if not named and was_active and not self._exists(qid):
+                continue
             self._busy.add(qid)  # no await between the wait and this: no delivery starts
             try:
                 if op == "flush":
