@@ -386,3 +386,17 @@ async def test_flush_and_delete_all_while_a_delivery_ends(site: tuple[Path, Spoo
         for g in courier.gates.values():
             g.set()
         await sched.stop()
+
+
+async def test_delete_of_an_id_given_twice(site: tuple[Path, Spool]) -> None:
+    """`queue delete A B A` (ids pasted from a listing): each deleted once, exit 0; the
+    second A used to be reported "not in the queue" with exit status 1."""
+    cfgfile, spool = site
+    a, b = await put(spool, ["x@b.example"]), await put(spool, ["y@b.example"])
+    r = cli(cfgfile, "delete", a, b, a)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"{a}: deleted", f"{b}: deleted"]
+    assert "not in the queue" not in r.stderr
+    assert spool.scan() == []
+    r = cli(cfgfile, "delete", a)  # a wrong (here: gone) id still fails
+    assert r.returncode == 1 and "not in the queue" in r.stderr

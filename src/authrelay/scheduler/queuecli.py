@@ -320,7 +320,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
         print("authrelay: queue delete needs a queue id or --all", file=sys.stderr)
         return 2
     rc = 0
-    for qid in args.ids:
+    for qid in dict.fromkeys(args.ids):  # an id given twice is deleted once, not "missing"
         rc |= _change(args, {"op": "delete", "id": qid})
     return rc
 
