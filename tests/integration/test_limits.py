@@ -448,9 +448,14 @@ def test_data_block_timeout(slow_relay: RelayProcess) -> None:
     c.cmd("MAIL FROM:<a@x.test>")
     assert c.cmd("RCPT TO:<b@local.test>").code == 250
     assert c.cmd("DATA").code == 354
-    c.send("Subject: stall\r\n\r\nhalf a mess")
+    sent = b"Subject: stall\r\n\r\nhalf a mess"
+    c.send(sent)
     _timeout_reply(c)
-    slow_relay.wait_log(r"reject=421 4\.4\.2 .*\[127\.0\.1\.3\]")
+    # The lost message's own line, as Postfix's "timeout after DATA (N bytes)": its
+    # queue id first and the bytes that came, not a NOQUEUE line like an idle client's.
+    slow_relay.wait_log(r": [0-9A-Z]{17}: reject=421 4\.4\.2 Timeout exceeded, closing "
+                        r"connection, relay=unknown \[127\.0\.1\.3\], stage=timeout, "
+                        rf"size={len(sent)}$")
     assert len(slow_relay.queued()) == before
     served(slow_relay, "127.0.1.4")
 

@@ -551,7 +551,10 @@ class Engine:
         if self.phase is Phase.CLOSED:
             return
         self._reply(replies.TIMEOUT)
-        self._events.append(Reject(replies.TIMEOUT, extra={"stage": "timeout"}))
+        extra: dict[str, object] = {"stage": "timeout"}
+        if self._reader is not None:  # in DATA: the message is lost (Postfix: "timeout
+            extra["size"] = self._reader.wire_bytes  # after DATA (N bytes)")
+        self._events.append(Reject(replies.TIMEOUT, extra=extra))
         self._close("timeout")
 
     @property

@@ -356,7 +356,9 @@ class Session:
         elif isinstance(ev, p.MessageAborted):
             self._aborted(ev)
         elif isinstance(ev, p.Reject):
-            self._log_reject(ev.reply, ev.what, **ev.extra)  # type: ignore[arg-type]
+            # While a message is being received (a DATA timeout), the line is its own.
+            self._log_reject(ev.reply, ev.what, self._qid if self._draft is not None
+                             else None, **ev.extra)  # type: ignore[arg-type]
         elif isinstance(ev, p.CloseConnection):
             self._flush()
             self.conn.close(QUIT_GRACE if not ev.abort else CLOSE_GRACE)
