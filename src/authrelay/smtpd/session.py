@@ -357,8 +357,8 @@ class Session:
             self._aborted(ev)
         elif isinstance(ev, p.Reject):
             # While a message is being received (a DATA timeout), the line is its own.
-            self._log_reject(ev.reply, ev.what, self._qid if self._draft is not None
-                             else None, **ev.extra)  # type: ignore[arg-type]
+            qid = self._qid if self._draft is not None else None
+            self._log_reject(ev.reply, ev.what, qid, **ev.extra)
         elif isinstance(ev, p.CloseConnection):
             self._flush()
             self.conn.close(QUIT_GRACE if not ev.abort else CLOSE_GRACE)
