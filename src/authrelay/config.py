@@ -24,10 +24,11 @@ import os
 import re
 import socket
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit
 
 ENV_VAR = "AUTHRELAY_CONFIG"
 LOCAL_FILE = "authrelay.toml"
@@ -939,6 +940,29 @@ _PATH_KEYS = {
     "delivery": ("tls_ca_file",),
 }
 _OAUTH_PATHS = ("secret_file", "key_file", "ca_file")
+# File parameters in the query of `[auth] dsn` (libpq's names, as asyncpg reads them) and
+# of `[limits] shared` (redis-py's): relative ones are taken from there too.
+_DSN_PATH_PARAMS = frozenset({"sslrootcert", "sslcert", "sslkey", "sslcrl", "passfile"})
+_REDIS_PATH_PARAMS = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path"})
+
+
+def _url_paths(url: str, params: frozenset[str], fix: Callable[[str], str]) -> str:
+    """`url` with the values of the query parameters `params` given to `fix` (decoded as
+    the drivers decode them, `parse_qs`); every other byte of the URL is kept. libpq's
+    `sslrootcert=system` (the system CAs) and `~/...` are not paths relative to anything."""
+    head, sep, rest = url.partition("?")
+    if not sep:
+        return url
+    query, hash_, fragment = rest.partition("#")
+    out = []
+    for piece in query.split("&"):
+        name, eq, value = piece.partition("=")
+        plain = unquote_plus(value)
+        if eq and unquote_plus(name) in params and plain and plain != "system" \
+                and not plain.startswith("~") and (fixed := fix(plain)) != plain:
+            piece = f"{name}={quote(fixed, safe='/')}"
+        out.append(piece)
+    return f"{head}?{'&'.join(out)}{hash_}{fragment}"
 
 
 def absolute_paths(cfg: Config, base: Path) -> Config:
@@ -947,7 +971,9 @@ def absolute_paths(cfg: Config, base: Path) -> Config:
     prefix) do: the same file means the same files and state for `serve`, the key helper,
     `sendmail` from a crontab and every other command, whatever their current directory.
     state_dir's default "./var" is such a path too (a file without state_dir: `var/`
-    beside it). Absolute paths, and empty values, are kept."""
+    beside it); so are the file parameters of `[auth] dsn` (`sslrootcert=`, `passfile=`
+    ...) and of `[limits] shared` (`ssl_ca_certs=` ...), which the drivers would take from
+    the current directory. Absolute paths, and empty values, are kept."""
     def fix(path: str) -> str:
         return path if not path or os.path.isabs(path) else os.path.normpath(base / path)
 
@@ -963,7 +989,10 @@ def absolute_paths(cfg: Config, base: Path) -> Config:
         replace(t, **{k: fix(getattr(t, k)) for k in _OAUTH_PATHS})
         for t in cfg.relay.smart_host_oauth))
     sections["auth"] = replace(cfg.auth, backend=prefixed(cfg.auth.backend,
-                                                          ("saslauthd:", "dovecot:")))
+                                                          ("saslauthd:", "dovecot:")),
+                               dsn=_url_paths(cfg.auth.dsn, _DSN_PATH_PARAMS, fix))
+    sections["limits"] = replace(cfg.limits, shared=_url_paths(
+        cfg.limits.shared, _REDIS_PATH_PARAMS, fix))
     sections["log"] = replace(cfg.log, target=prefixed(cfg.log.target, ("file:",)))
     return replace(cfg, state_dir=fix(cfg.state_dir), aliases_file=fix(cfg.aliases_file),
                    **sections)

@@ -52,18 +52,26 @@ def _relay(tmp: Path, dsn: str) -> RelayProcess:
     return RelayProcess(tmp, {"auth": {"backend": "postgresql", "dsn": dsn}}, users={})
 
 
-def test_verify_full_with_the_ca(tmp_path: Path, tls_pg: tuple[PostgresServer, Path]) -> None:
+@pytest.mark.parametrize("where", ["absolute", "relative"])
+def test_verify_full_with_the_ca(tmp_path: Path, tls_pg: tuple[PostgresServer, Path],
+                                 where: str) -> None:
+    """The CA file named absolute, or relative: then from the config file's directory
+    (the CLI and `serve` run with the test's working directory, where it is not)."""
     pg, ca = tls_pg
+    if where == "relative":
+        (tmp_path / "db ca.pem").write_bytes(ca.read_bytes())
+        ca = Path("db%20ca.pem")  # beside tmp_path/authrelay.toml
     dsn = f"{pg.dsn}?sslmode=verify-full&sslrootcert={ca}"
+    user = f"alice-{where}"  # one database for the module
     r = _relay(tmp_path, dsn)
-    r.cli("user", "add", "alice", "--password-stdin", input=PASSWORD + "\n")
-    assert "alice" in r.cli("user", "list").stdout
+    r.cli("user", "add", user, "--password-stdin", input=PASSWORD + "\n")
+    assert user in r.cli("user", "list").stdout.split()
     r.start()
     try:
         with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
             assert c.reply().code == 220
             c.cmd("EHLO t")
-            assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+            assert c.cmd(f"AUTH PLAIN {plain(user, PASSWORD)}").code == 235
     finally:
         r.stop()
 

@@ -126,3 +126,40 @@ def test_relative_paths_are_from_the_config_file(tmp_path, monkeypatch) -> None:
     assert cfg.relay.smart_host_oauth[0].secret_file == str(etc / "m365.secret")
     assert cfg.relay.smart_host_oauth_key_file == "" and cfg.relay.smart_host_ca_file == ""
     assert Config().state_dir == "./var"
+
+
+def test_file_parameters_of_the_dsn_and_redis_url_are_from_the_config_file(
+        tmp_path, monkeypatch) -> None:
+    """`[auth] dsn` and `[limits] shared` name files in their query (`sslrootcert=`,
+    `passfile=`, `ssl_ca_certs=` ...), which asyncpg and redis-py would take from the
+    current directory (`/` under systemd): relative ones are taken from the config file's
+    directory, as every other path; the rest of the URL keeps its bytes (a password's
+    escapes included), and absolute paths, `~/...` and libpq's `sslrootcert=system` stay."""
+    from urllib.parse import parse_qs, urlsplit
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "a.toml").write_text(
+        '[auth]\nbackend = "postgresql"\n'
+        'dsn = "postgresql://ar:p%40ss%3Fw@db.test:5432/authrelay?sslmode=verify-full'
+        '&sslrootcert=certs/db%20ca.pem&sslcert=~/.postgresql/c.crt&sslkey=/abs/k.key'
+        '&passfile=pgpass&application_name=a%2Fb"\n'
+        '[limits]\nshared = "rediss://:pw@redis.test:6380/0?ssl_ca_certs=redis-ca.pem'
+        '&ssl_cert_reqs=required"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_file("etc/a.toml")
+    dsn = urlsplit(cfg.auth.dsn)
+    assert dsn.netloc == "ar:p%40ss%3Fw@db.test:5432" and dsn.path == "/authrelay"
+    q = parse_qs(dsn.query)
+    assert q == {"sslmode": ["verify-full"], "sslrootcert": [str(etc / "certs/db ca.pem")],
+                 "sslcert": ["~/.postgresql/c.crt"], "sslkey": ["/abs/k.key"],
+                 "passfile": [str(etc / "pgpass")], "application_name": ["a/b"]}
+    assert "application_name=a%2Fb" in cfg.auth.dsn  # untouched, as written
+    redis = urlsplit(cfg.limits.shared)
+    assert redis.netloc == ":pw@redis.test:6380"
+    assert parse_qs(redis.query) == {"ssl_ca_certs": [str(etc / "redis-ca.pem")],
+                                     "ssl_cert_reqs": ["required"]}
+    (etc / "b.toml").write_text(
+        '[auth]\nbackend = "postgresql"\n'
+        'dsn = "postgresql://ar@db.test/authrelay?sslmode=verify-full&sslrootcert=system"\n')
+    assert load_file(etc / "b.toml").auth.dsn.endswith("sslrootcert=system")
