@@ -545,3 +545,59 @@ async def test_connection_lost_after_the_dot_may_be_a_duplicate(
     assert (r.permanent, r.enhanced) == (False, "4.4.2"), r
     assert "lost connection" in r.text and "may have been delivered" in r.text, r
     assert "deliver it twice" in r.text, r
+
+
+def _odd_replies(greeting: bytes, rcpt: bytes, data: bytes) -> Any:
+    async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(greeting)
+        while line := await r.readline():
+            mx.received.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                w.write(b"250-raw.test\r\n250 PIPELINING\r\n")
+            elif verb == b"RCPT":
+                w.write(rcpt)
+            elif verb == b"DATA":
+                w.write(data)
+                if data.startswith(b"354"):
+                    await w.drain()
+                    lines = 0
+                    while await r.readline() not in (b".\r\n", b""):
+                        lines += 1
+                    if lines:  # not the empty message sent when no RCPT was taken
+                        mx.received.append(b"message")
+                    w.write(b"250 2.0.0 taken\r\n")
+            elif verb == b"QUIT":
+                w.write(b"221 bye\r\n")
+                break
+            else:
+                w.write(b"250 ok\r\n")
+            await w.drain()
+    return script
+
+
+@pytest.mark.parametrize(("greeting", "rcpt", "data", "delivered"), [
+    # A greeting of 250 instead of 220, a 250 to DATA instead of 354: nothing was sent,
+    # and the result was "sent" (the message then left the queue undelivered).
+    (b"250 raw.test hello\r\n", b"250 ok\r\n", b"354 go\r\n", False),
+    (b"220 raw.test ESMTP\r\n", b"250 ok\r\n", b"250 2.0.0 fine, no data needed\r\n", False),
+    # 252 to RCPT: a positive completion (RFC 5321 4.2.1); it was "sent" without DATA.
+    (b"220 raw.test ESMTP\r\n", b"252 2.1.5 will try\r\n", b"354 go\r\n", True),
+])
+async def test_a_positive_reply_out_of_place_never_counts_as_sent(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int, greeting: bytes, rcpt: bytes,
+        data: bytes, delivered: bool) -> None:
+    """Only the reply to the end of data delivers a message: a recipient is "sent" only
+    if the next hop got the message."""
+    one_mx(dns)
+    with RawMX("127.0.0.2", raw_port, _odd_replies(greeting, rcpt, data)) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
+        finally:
+            await courier.close()
+    assert (b"message" in mx.received) == delivered
+    assert r.ok == delivered, r
+    if not delivered:
+        assert (r.permanent, r.code, r.enhanced) == (False, 451, "4.5.0"), r
+        assert "unexpected reply 250" in r.text, r

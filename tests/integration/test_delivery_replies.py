@@ -82,7 +82,7 @@ class Server:
                     sc = self.script()
                     self.transactions += 1
                     rcpt_no, ok_rcpts = 0, []
-                    in_mail = sc.mail == 250
+                    in_mail = sc.mail // 100 == 2
                     closing = say(sc.mail)
             elif verb == b"RCPT":
                 if not in_mail or sc is None:
@@ -90,7 +90,7 @@ class Server:
                 else:
                     code = sc.rcpts[rcpt_no] if rcpt_no < len(sc.rcpts) else 250
                     rcpt_no += 1
-                    if code in (250, 251):
+                    if code // 100 == 2:
                         ok_rcpts.append(line.split(b"<", 1)[1].split(b">")[0].decode())
                     closing = say(code)
             elif verb == b"DATA":
@@ -119,9 +119,12 @@ class Server:
                 return
 
 
-codes_mail = st.sampled_from([250, 451, 550, 421])
-codes_rcpt = st.sampled_from([250, 251, 450, 452, 550, 553, 421])
-codes_data = st.sampled_from([354, 354, 354, 451, 554, 503, 421])
+# Odd but positive replies too: 251 to MAIL and 252 to RCPT (any 2yz is positive
+# completion, RFC 5321 4.2.1), 250 to DATA instead of 354 (no message goes: it must not
+# count as delivered; it once did, the message then removed from the queue unsent).
+codes_mail = st.sampled_from([250, 251, 451, 550, 421])
+codes_rcpt = st.sampled_from([250, 251, 252, 450, 452, 550, 553, 421])
+codes_data = st.sampled_from([354, 354, 354, 250, 451, 554, 503, 421])
 codes_final = st.sampled_from([250, 250, 451, 552, 554, 421])
 
 

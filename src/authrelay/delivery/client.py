@@ -16,7 +16,10 @@ write and the replies are read afterwards (one round trip instead of 2 + recipie
 the message follows the 354. Without it, one command per round trip.
 
 Failure policy (codes per RFC 3463):
-- 2xx: sent. 5xx from the peer: permanent. 4xx: transient.
+- 2xx to the end of data: sent (the only reply that delivers; any 2yz to MAIL or RCPT
+  goes on, RFC 5321 4.2.1, as Postfix; a 2xx or 3xx that is not the reply a step wants,
+  such as 250 to DATA or a greeting other than 220, is transient 4.5.0, never "sent").
+  5xx from the peer: permanent. 4xx: transient.
 - No connection (refused, unreachable) 4.4.1; timeout or lost connection 4.4.2;
   garbage instead of a reply 4.5.0; DNS trouble 4.4.3, NXDOMAIN 5.1.2, null MX 5.1.10.
 - Hosts are tried in order (RFC 5321 5.1). A host that fails as a whole (connection,
@@ -210,6 +213,13 @@ def reply_result(code: int, message: str, remote: str) -> DeliveryResult:
 
 
 def _result(rep: SMTPReply, remote: str) -> DeliveryResult:
+    """The result of a reply that did not let the transaction go on (to the greeting,
+    EHLO, MAIL, RCPT, DATA). Only the reply to the end of data delivers: a 2xx or 3xx
+    here is not the reply that step wants (a 250 to DATA instead of 354, a 220 greeting
+    answered by 250, replies out of step), so it is a transient protocol error, never
+    "sent" for a message that did not go."""
+    if rep.code < 400:
+        return DeliveryResult.temp(f"unexpected reply {rep}", "4.5.0", 451, remote)
     return reply_result(rep.code, rep.text, remote)
 
 
@@ -1097,7 +1107,7 @@ class Courier:
                 unread = 1
             rep = await w.reply(ct)
             unread -= 1
-            if rep.code != 250:
+            if not rep.ok:  # any 2yz is positive completion (RFC 5321 4.2.1), as Postfix
                 res = _result(rep, remote)
                 if not res.permanent:
                     raise _TryNext(res)  # RFC 5321 5.1: another host may take it
@@ -1110,7 +1120,7 @@ class Courier:
                     unread += 1
                 rep = await w.reply(ct)
                 unread -= 1
-                if rep.code in (250, 251):
+                if rep.ok:  # 250, 251 (RFC 5321 4.3.2); any 2yz, as Postfix takes it
                     accepted.append(r)
                     continue
                 res = _rcpt_result(rep, remote)
@@ -1166,7 +1176,7 @@ class Courier:
                 w.write(dot_stuff(data))
             ended = True
             rep = await w.reply(d.data_timeout)
-            res = _result(rep, remote)
+            res = reply_result(rep.code, rep.text, remote)  # the one reply that delivers
             reusable = rep.code != 421 and w.is_connected
             moved = not res.ok and not res.permanent  # refused for now: not taken
         except TimeoutError:
