@@ -370,6 +370,20 @@ def test_pipelined_message_and_leftover_commands() -> None:
     assert h.eng.commands["mail"] == 2 and h.eng.commands["quit"] == 1
 
 
+def test_repeated_recipient_is_accepted_once() -> None:
+    """The same recipient twice in one transaction (domains compare case-insensitively and
+    without a trailing dot; <Postmaster> is postmaster@ the first local domain) is
+    250 each time but one recipient: delivered once, as Postfix does."""
+    h = Harness()
+    h.feed(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@local.test>\r\n"
+           b"RCPT TO:<x@LOCAL.Test.>\r\nRCPT TO:<X@local.test>\r\nRCPT TO:<Postmaster>\r\n"
+           b"RCPT TO:<postmaster@local.test> NOTIFY=NEVER\r\nRCPT TO:<x@local.test>\r\n"
+           b"DATA\r\nSubject: s\r\n\r\nbody\r\n.\r\n")
+    assert h.codes() == [220, 250, 250] + [250] * 6 + [354, 250]
+    # local parts are case-sensitive (RFC 5321 2.4): X@ is another mailbox
+    assert h.messages[0].rcpts == ["x@local.test", "X@local.test", "postmaster@local.test"]
+
+
 def test_protocol_value() -> None:
     h = Harness(mode="submissions")
     assert h.eng.protocol == "SMTP"

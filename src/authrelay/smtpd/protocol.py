@@ -129,6 +129,8 @@ class Transaction:
     envid: str = ""  # RFC 3461 ENVID (xtext)
     size: int | None = None  # the SIZE the client declared (RFC 1870)
     overshoot: int = 0  # RCPTs answered 452 too many recipients
+    # the accepted recipients as (local part, domain key): a repeated one is not added
+    seen: set[tuple[str, str]] = field(default_factory=set)
 
 
 # ------------------------------------------------------------------------ events
@@ -518,7 +520,9 @@ class Engine:
                 if bad_recipient:
                     self._bad_rcpt()
                 return
-            req.transaction.rcpts.append(req.recipient)
+            txn, addr = req.transaction, req.address
+            txn.rcpts.append(req.recipient)
+            txn.seen.add((addr.local, addr.domain_key))
             self._reply(replies.RCPT_OK)
         else:
             if reply is not None:
@@ -987,6 +991,12 @@ class Engine:
         assert path.address is not None
         if not path.address.ascii and not txn.smtputf8:
             self._error(replies.NEED_SMTPUTF8)
+            return
+        if (path.address.local, path.address.domain_key) in txn.seen:
+            # The same recipient again (<a@X.example> after <a@x.example>, <Postmaster>
+            # after <postmaster@local.domain>): accepted once, so delivered once (Postfix
+            # drops repeated recipients too).
+            self._reply(replies.RCPT_OK)
             return
         if len(txn.rcpts) >= self.max_recipients:
             self._events.append(Reject(replies.TOO_MANY_RCPTS, f"<{path.text}>... "))
