@@ -400,3 +400,48 @@ async def test_delete_of_an_id_given_twice(site: tuple[Path, Spool]) -> None:
     assert spool.scan() == []
     r = cli(cfgfile, "delete", a)  # a wrong (here: gone) id still fails
     assert r.returncode == 1 and "not in the queue" in r.stderr
+
+
+async def test_hold_of_a_held_and_release_of_a_queued_message(
+        site: tuple[Path, Spool]) -> None:
+    """Nothing to do, so nothing done, said on stderr, exit 0 (the documented contract):
+    they used to print "ID: held" / "ID: released", and through a running scheduler
+    also log "held" / "released" in the maillog, and a release of a deferred message
+    sent it at once, ignoring its back-off, as a flush."""
+    cfgfile, spool = site
+    q = await put(spool, ["x@b.example"])
+    for _ in range(2):  # offline, with no scheduler
+        r = cli(cfgfile, "release", q)
+        assert (r.returncode, r.stdout) == (0, ""), r
+        assert f"{q}: is not held" in r.stderr
+        cli(cfgfile, "hold", q)
+        r = cli(cfgfile, "hold", q)
+        assert (r.returncode, r.stdout) == (0, ""), r
+        assert f"{q}: already held" in r.stderr and spool.held() == [q]
+        cli(cfgfile, "release", q)
+
+    from authrelay.config import load
+
+    courier = FakeCourier()
+    log = ListLog()
+    courier.script["d@b.example"] = [TEMP]
+    sched = wiring.scheduler(load(str(cfgfile)), spool, courier, log)
+    await sched.start()
+    try:
+        await until(lambda: not spool.scan(), "the first message delivered")
+        qd = await put(spool, ["d@b.example"])  # deferred, next try in an hour
+        await until(lambda: log.grep(qd, "Deferred") and not sched.active, "deferral")
+        rc, out, err = await acli(cfgfile, "release", qd)
+        assert (rc, out) == (0, ""), err
+        assert f"{qd}: is not held" in err
+        rc, out, err = await acli(cfgfile, "hold", qd)
+        assert rc == 0 and f"{qd}: held" in out
+        rc, out, err = await acli(cfgfile, "hold", qd)
+        assert (rc, out) == (0, "") and f"{qd}: already held" in err
+        assert len(log.grep(qd, "held")) == 1 and not log.grep(qd, "released")
+        rc, out, err = await acli(cfgfile, "release", qd)
+        assert rc == 0 and f"{qd}: released" in out
+        await until(lambda: len(courier.calls_for("d@b.example")) == 2,
+                    "released: tried at once")
+    finally:
+        await sched.stop()

@@ -203,9 +203,11 @@ def run_offline(spool: Spool, req: dict[str, Any]) -> dict[str, Any]:
             if op == "flush":
                 flush_files(spool, qid)
             elif op == "hold":
-                spool.hold(qid)
+                if not spool.hold(qid):
+                    raise FileNotFoundError(qid)  # held already
             elif op == "release":
-                spool.release(qid)
+                if not spool.release(qid):
+                    raise FileNotFoundError(qid)  # not held
             elif op == "delete":
                 spool.remove(qid)
             else:

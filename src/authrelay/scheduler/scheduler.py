@@ -783,11 +783,13 @@ class Scheduler:
                     self._forced.add(qid)
                     self._schedule(qid, 0.0, fresh=True)
                 elif op == "hold":
-                    await self._io(self.spool.hold, qid)
+                    if not await self._io(self.spool.hold, qid):
+                        raise FileNotFoundError(qid)  # held already: nothing done
                     self._token.pop(qid, None)
                     self.maillog.held(qid)
                 elif op == "release":
-                    await self._io(self.spool.release, qid)
+                    if not await self._io(self.spool.release, qid):
+                        raise FileNotFoundError(qid)  # not held: nothing done, not flushed
                     self._ignored.discard(qid)
                     self._forced.add(qid)  # released mail is tried now, not after back-off
                     self._schedule(qid, 0.0, fresh=True)

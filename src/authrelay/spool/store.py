@@ -454,18 +454,20 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path + suffix)
 
-    def hold(self, qid: str) -> None:
-        self._move(qid, self.queue_dir, self.hold_dir)
+    def hold(self, qid: str) -> bool:
+        """queue/ -> hold/; False when it was held already."""
+        return self._move(qid, self.queue_dir, self.hold_dir)
 
-    def release(self, qid: str) -> None:
-        self._move(qid, self.hold_dir, self.queue_dir)
+    def release(self, qid: str) -> bool:
+        """hold/ -> queue/; False when it was not held."""
+        return self._move(qid, self.hold_dir, self.queue_dir)
 
-    def _move(self, qid: str, src: Path, dst: Path) -> None:
+    def _move(self, qid: str, src: Path, dst: Path) -> bool:
         if not is_queue_id(qid):
             raise FileNotFoundError(f"bad queue id {qid!r}")
         if not (src / qid).exists():
             if (dst / qid).exists():
-                return  # already there
+                return False  # already there
             raise FileNotFoundError(f"{qid}: not in {src.name}/")
         # Body first, then state: a crash in between leaves an orphan state file that
         # recover() moves after its body.
@@ -475,6 +477,7 @@ class Spool:
         if self.fsync:
             fsync_dir(dst)
             fsync_dir(src)
+        return True
     # ------------------------------------------------------------------ recovery
     def recover(self) -> dict[str, int]:
         """Clean up after a crash; never raises for a bad file. Returns counts."""
