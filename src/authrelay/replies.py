@@ -45,6 +45,7 @@ TOO_MANY_ERRORS = R(421, "4.7.0", "Too many errors, closing connection")
 TOO_MANY_COMMANDS = R(421, "4.7.0", "Too many commands, closing connection")
 TOO_MANY_BAD_RCPTS = R(421, "4.7.0", "Too many invalid recipients, closing connection")
 TOO_MANY_AUTH_FAILURES = R(421, "4.7.0", "Too many authentication failures, closing connection")
+NON_SMTP = R(421, "4.7.0", "Non-SMTP command, closing connection")  # an HTTP request
 AUTH_TEMPFAIL = R(454, "4.7.0", "Temporary authentication failure")
 AUTH_LOCKED = R(454, "4.7.0", "Too many authentication failures, try again later")
 TLS_UNAVAILABLE = R(454, "4.7.0", "TLS not available")

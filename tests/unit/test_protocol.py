@@ -18,6 +18,7 @@ from engineharness import PASSWORD, Harness, plain
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from authrelay import replies
 from authrelay.smtpd import protocol as p
 
 # ------------------------------------------------------------------ property tests
@@ -382,6 +383,17 @@ def test_repeated_recipient_is_accepted_once() -> None:
     assert h.codes() == [220, 250, 250] + [250] * 6 + [354, 250]
     # local parts are case-sensitive (RFC 5321 2.4): X@ is another mailbox
     assert h.messages[0].rcpts == ["x@local.test", "X@local.test", "postmaster@local.test"]
+
+
+@pytest.mark.parametrize("request_line", ["GET / HTTP/1.1", "post /form HTTP/1.0",
+                                          "CONNECT relay.test:25 HTTP/1.1"])
+def test_http_request_ends_the_session_before_its_body_runs(request_line: str) -> None:
+    h = Harness()
+    h.feed(request_line.encode() + b"\r\nHost: x\r\n\r\nHELO x\r\nMAIL FROM:<a@b.example>\r\n"
+           b"RCPT TO:<x@local.test>\r\nDATA\r\nSubject: s\r\n\r\nbody\r\n.\r\n")
+    assert h.codes() == [220, 421] and h.closed and h.messages == []
+    assert p.Reject(replies.NON_SMTP, extra={"command": request_line}) in h.events
+    assert h.events[-1] == p.CloseConnection("non_smtp", True)
 
 
 def test_protocol_value() -> None:

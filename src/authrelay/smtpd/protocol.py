@@ -40,6 +40,9 @@ Security decisions (each also cited where it is made):
 - Submission listeners need AUTH (or a trusted network) before MAIL (RFC 6409 4.3).
 - STARTTLS discards everything pipelined behind it (CVE-2011-0411) and forgets all state
   learnt before it (RFC 3207 4.2).
+- CONNECT, GET or POST (an HTTP request at an SMTP port: cross-protocol, SSRF) end the
+  session at once with 421, so no line of its body runs as a command (Postfix's
+  smtpd_forbidden_commands).
 - A bare CR or LF in a command or in DATA ends the session with 521 (RFC 5321 2.3.8;
   SMTP smuggling). ESMTP parameter values must be ASCII (RFC 5321 4.1.2, RFC 1870):
   anything else is 501 5.5.4.
@@ -270,6 +273,9 @@ _WIRE: dict[Reply, bytes] = {r: r.lines() for r in vars(replies).values()
 
 _NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "BDAT", "SEND", "SOML", "SAML"})
 _JUNK = frozenset({"NOOP", "RSET", "HELP", "VRFY"})
+# Postfix's smtpd_forbidden_commands: an HTTP request sent to an SMTP port (a browser
+# form, a server-side request forgery) must never have its body run as SMTP commands.
+_NON_SMTP = frozenset({"CONNECT", "GET", "POST"})
 
 _AGAIN = _Sentinel("AGAIN")
 
@@ -716,6 +722,11 @@ class Engine:
         key = verb.lower() if handler is not None else "unknown"
         self.commands[key] = self.commands.get(key, 0) + 1
         if handler is None:
+            if verb in _NON_SMTP:
+                self._reply(replies.NON_SMTP)
+                self._events.append(Reject(replies.NON_SMTP, extra={"command": line[:100]}))
+                self._close("non_smtp")
+                return
             self._error(replies.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED
                         else replies.UNRECOGNIZED)
             return
