@@ -287,6 +287,15 @@ def test_auth_line_too_long() -> None:
     h.feed(b"A" * 150)
     h.feed(b"A" * 150 + b"\r\nNOOP\r\n")
     assert h.codes() == [334, 500, 250]
+    # every failed AUTH exchange is logged (session: the auth_failed maillog line), this
+    # one too; so is an AUTH command line past the limit (its mechanism unread)
+    h2 = Harness(mode="submissions")
+    _ehlo(h2)
+    h2.feed(b"AUTH LOGIN " + b"B" * 13000 + b"\r\nNOOP\r\n")
+    assert h2.codes() == [500, 250]
+    assert [e for e in h.events + h2.events if isinstance(e, p.AuthMalformed)] == [
+        p.AuthMalformed("PLAIN", replies.AUTH_LINE_TOO_LONG, "line too long"),
+        p.AuthMalformed("", replies.AUTH_LINE_TOO_LONG, "line too long")]
 
 
 def test_auth_outcomes_from_the_adapter() -> None:

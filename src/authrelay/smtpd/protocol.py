@@ -697,11 +697,14 @@ class Engine:
         return self.max_line
 
     def _line_too_long(self) -> None:
-        if self.phase is Phase.AUTH_LINE:
+        if self.phase is Phase.AUTH_LINE or self._long_limit > self.max_line:
+            # a SASL response line, or an AUTH command line, past 12288: a failed AUTH
+            # exchange like any other, so logged as one (the line itself is gone)
+            mech = self._sasl.mechanism if self._sasl is not None else ""
             self._sasl = None
             self.phase = Phase.COMMAND
-            self._error(replies.AUTH_LINE_TOO_LONG)
-        elif self._long_limit > self.max_line:  # an AUTH command line past 12288
+            self._events.append(AuthMalformed(mech, replies.AUTH_LINE_TOO_LONG,
+                                              "line too long"))
             self._error(replies.AUTH_LINE_TOO_LONG)
         else:
             self._error(replies.LINE_TOO_LONG)
