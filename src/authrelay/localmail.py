@@ -350,9 +350,12 @@ def _bounce_hops(sub: Submitter, env: Envelope, headers: bytes, e: Refused) -> N
     for r in env.recipients:
         sub.maillog.bounced(env.queue_id, r.address, None, 0.0, 0, e.reply.enhanced,
                             f"{r.last_reply}: {e.reason}")
-    if not should_notify(env, None, "failed"):
-        return  # the null sender: nobody to tell
-    benv, data = make_bounce(env, env.recipients, headers, sub.cfg.hostname, "failed")
+    # The null sender: nobody to tell; -N never (or without failure): not asked for
+    # (RFC 3461 4.1), per recipient as the scheduler's bounces.
+    report = [r for r in env.recipients if should_notify(env, r, "failed")]
+    if not report:
+        return
+    benv, data = make_bounce(env, report, headers, sub.cfg.hostname, "failed")
     bdraft = sub.begin(benv, add_missing=False, check_content=False)
     bdraft.write(data)
     try:

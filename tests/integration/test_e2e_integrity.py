@@ -202,6 +202,30 @@ def test_sendmail_nul_and_hops(relay_factory: Callable[..., RelayProcess],
     assert sender_mx.messages[0].rcpt_tos == [SENDER]
 
 
+def test_sendmail_hop_limit_bounce_honours_notify(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """sendmail -N never (RFC 3461 4.1: no DSN whatever happens) over the hop limit:
+    accepted, not relayed, and no bounce (one was queued all the same); nor with -N
+    success (no failure notice asked for). Without -N the bounce names every recipient."""
+    fake_mx("127.0.0.2")
+    relay = relay_factory(mx_overrides(dns, fake_mx.port), start=False)
+    loop = _received(51).replace(b"\r\n", b"\n") + b"Subject: loop\n\nbody\n"
+    res = _sendmail(relay, ["-i", "-N", "never", "-f", SENDER, "bob@example.test"], loop)
+    assert res.returncode == 0, res.stderr
+    assert relay.queued() == []
+    res = _sendmail(relay, ["-i", "-N", "success", "-f", SENDER, "bob@example.test"], loop)
+    assert res.returncode == 0, res.stderr
+    assert relay.queued() == []
+    res = _sendmail(relay, ["-i", "-f", SENDER, "bob@example.test", "carol@example.test"],
+                    loop)
+    assert res.returncode == 0, res.stderr
+    [path] = relay.queued()
+    _, msg = fmt.split(path.read_bytes())
+    assert b"Final-Recipient: rfc822; bob@example.test" in msg
+    assert b"Final-Recipient: rfc822; carol@example.test" in msg
+
+
 # ---------------------------------------------------------------------- spool damage
 
 def _flip(raw: bytes, at: int) -> bytes:
