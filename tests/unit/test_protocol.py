@@ -405,6 +405,22 @@ def test_http_request_ends_the_session_before_its_body_runs(request_line: str) -
     assert h.events[-1] == p.CloseConnection("non_smtp", True)
 
 
+def test_repeated_recipients_count_toward_max_recipients() -> None:
+    """A repeated RCPT is answered 250 but still counts toward max_recipients (as
+    Postfix's smtpd_recipient_limit): past it, 452, and an endless run of repeats ends
+    in the overshoot errors like any other RCPT past the limit."""
+    h = Harness(overrides={"limits": {"max_recipients": 2}})
+    h.feed(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\n" + b"RCPT TO:<x@local.test>\r\n" * 3
+           + b"RCPT TO:<y@local.test>\r\n")
+    assert h.codes() == [220, 250, 250, 250, 250, 452, 452]  # x, x again (2), x, y: 452
+    h.feed(b"DATA\r\nSubject: s\r\n\r\nbody\r\n.\r\n")
+    assert h.codes()[-2:] == [354, 250]
+    assert h.messages[0].rcpts == ["x@local.test"]
+    h.feed(b"MAIL FROM:<a@b.example>\r\n"
+           + b"RCPT TO:<x@local.test>\r\n" * (2 + p.RCPT_OVERSHOOT + 30))
+    assert h.closed  # the overshoot 452s, then errors, as for distinct recipients
+
+
 def test_protocol_value() -> None:
     h = Harness(mode="submissions")
     assert h.eng.protocol == "SMTP"

@@ -134,6 +134,7 @@ class Transaction:
     overshoot: int = 0  # RCPTs answered 452 too many recipients
     # the accepted recipients as (local part, domain key): a repeated one is not added
     seen: set[tuple[str, str]] = field(default_factory=set)
+    repeats: int = 0  # repeated RCPTs answered 250: they count toward max_recipients
 
 
 # ------------------------------------------------------------------------ events
@@ -1006,19 +1007,22 @@ class Engine:
         if not path.address.ascii and not txn.smtputf8:
             self._error(replies.NEED_SMTPUTF8)
             return
-        if (path.address.local, path.address.domain_key) in txn.seen:
-            # The same recipient again (<a@X.example> after <a@x.example>, <Postmaster>
-            # after <postmaster@local.domain>): accepted once, so delivered once (Postfix
-            # drops repeated recipients too).
-            self._reply(replies.RCPT_OK)
-            return
-        if len(txn.rcpts) >= self.max_recipients:
+        if len(txn.rcpts) + txn.repeats >= self.max_recipients:
             self._events.append(Reject(replies.TOO_MANY_RCPTS, f"<{path.text}>... "))
             txn.overshoot += 1
             if txn.overshoot > RCPT_OVERSHOOT:
                 self._error(replies.TOO_MANY_RCPTS)
             else:
                 self._reply(replies.TOO_MANY_RCPTS)
+            return
+        if (path.address.local, path.address.domain_key) in txn.seen:
+            # The same recipient again (<a@X.example> after <a@x.example>, <Postmaster>
+            # after <postmaster@local.domain>): accepted once, so delivered once (Postfix
+            # drops repeated recipients too). It still counts toward max_recipients, as
+            # Postfix's smtpd_recipient_limit counts it: an endless run of them is not
+            # a way around the limit and its 452 / error count.
+            txn.repeats += 1
+            self._reply(replies.RCPT_OK)
             return
         self._wait("rcpt", RcptRequest(txn, path, postmaster))
 
