@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from email.parser import BytesParser
 
-from authrelay.spool.cleanup import HeaderCleanup, received_header
+import pytest
+
+from authrelay.spool.cleanup import HeaderCleanup, received_for, received_header
+from authrelay.spool.envelope import Envelope, Recipient
 
 RCVD = received_header(helo="laptop", client_rdns="", client_ip="192.0.2.7",
                        hostname="relay.example", protocol="ESMTPSA", queue_id="Q1",
@@ -55,3 +58,20 @@ def test_leading_continuation_line_cannot_fold_into_our_received() -> None:
         assert b"mx.google.com" not in head and b"From:" not in head
         assert body == msg
         assert h.header_section == b""
+
+
+@pytest.mark.parametrize("protocol,smtputf8,written", [
+    ("ESMTPSA", True, "UTF8SMTPSA"), ("ESMTPS", True, "UTF8SMTPS"),
+    ("ESMTPA", True, "UTF8SMTPA"), ("ESMTP", True, "UTF8SMTP"),
+    ("ESMTPSA", False, "ESMTPSA"), ("SMTP", False, "SMTP"),
+])
+def test_received_with_value_of_an_smtputf8_transaction(protocol: str, smtputf8: bool,
+                                                        written: str) -> None:
+    """RFC 6531 3.7.3: a message received with SMTPUTF8 is traced WITH UTF8SMTP[S][A]
+    (the IANA WITH protocol types), not ESMTP[S][A]."""
+    env = Envelope(queue_id="Q1", sender="a@example.org", helo="laptop",
+                   recipients=[Recipient("j\u00f6rg@b\u00fccher.example")],
+                   client_ip="192.0.2.7", protocol=protocol, smtputf8=smtputf8,
+                   listener="submission:127.0.0.1:587")
+    field = received_for(env, "relay.example").decode()
+    assert f"\tby relay.example (authrelay) with {written} id Q1\r\n" in field

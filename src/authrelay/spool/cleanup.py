@@ -72,9 +72,14 @@ def received_for(env: Envelope, hostname: str, *, tls: str = "",
         lines = [f"Received: by {hostname} (authrelay{uid})",
                  f"\twith {env.protocol or 'local'} id {env.queue_id}"]
     else:
+        protocol = env.protocol
+        if env.smtputf8 and protocol.startswith("ESMTP"):
+            # RFC 6531 3.7.3: an SMTPUTF8 transaction's WITH value is UTF8SMTP, ...A, ...S,
+            # ...SA (IANA's WITH protocol types), as Gmail writes it
+            protocol = "UTF8SMTP" + protocol[5:]
         return received_header(helo=env.helo, client_rdns=env.client_rdns,
                                client_ip=env.client_ip, hostname=hostname,
-                               protocol=env.protocol, queue_id=env.queue_id,
+                               protocol=protocol, queue_id=env.queue_id,
                                recipient=rcpt, tls=tls)
     tail = f"\tfor <{rcpt}>; " if rcpt else "\t"
     lines.append(tail + rfc5322_date())
