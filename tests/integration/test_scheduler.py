@@ -162,6 +162,21 @@ async def test_only_the_temp_failed_recipient_is_retried(rig: Rig) -> None:
     assert len(rig.log.grep(qid, "stat=Sent")) == 3
 
 
+async def test_an_address_given_twice_is_not_delivered_again_on_retries(
+        rig: Rig) -> None:
+    """RCPT TO the same address twice (or an alias expanded twice): both entries are
+    saved as sent. The state file was merged back by address, so only the second entry
+    was marked and the first came back pending at each load: the address got the message
+    again on every retry of another recipient (three times here, not once)."""
+    rig.courier.script["c@c.example"] = [TEMP, TEMP]
+    await rig.start()
+    qid = await put(rig.spool, ["b@b.example", "b@b.example", "c@c.example"])
+    await until(lambda: not rig.queued(), "final delivery")
+    assert len(rig.courier.calls_for("b@b.example")) == 1, rig.courier.calls
+    assert len(rig.courier.calls_for("c@c.example")) == 3
+    assert len(rig.log.grep(qid, "to=<b@b.example>", "stat=Sent")) == 2  # one per entry
+
+
 async def test_state_saved_between_attempts(rig: Rig, state_dir: Path) -> None:
     rig.cfg = make_cfg(state_dir, retry=["1h"])
     rig.courier.script["b2@b.example"] = [TEMP]

@@ -38,7 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from authrelay.spool import format as fmt
-from authrelay.spool.envelope import Envelope, new_queue_id
+from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.format import CorruptError, SpoolError, UnsupportedVersion
 from authrelay.spool.notify import NOTIFY_SOCK, Notifier
 from authrelay.spool.writer import (
@@ -366,13 +366,20 @@ class Spool:
             records = d.get("recipients", [])
             if not isinstance(records, list):
                 raise ValueError("recipients is not a list")
-            by_addr = {r.address: r for r in env.recipients}
+            # Records are saved in the envelope's order, one per recipient: an address
+            # given twice (RCPT TO twice, an alias expanded twice) has two records, the
+            # first for the first (a map by address once updated only the last, so the
+            # first came back pending and was delivered again on every later pass).
+            by_addr: dict[str, list[Recipient]] = {}
+            for r in env.recipients:
+                by_addr.setdefault(r.address, []).append(r)
             updates = []
             for rd in records:
-                if not isinstance(rd, dict) or rd.get("address") not in by_addr:
+                addr = rd.get("address") if isinstance(rd, dict) else None
+                if not isinstance(addr, str) or not by_addr.get(addr):
                     continue
                 fields = fmt.check_recipient_fields(rd)
-                updates.append((by_addr[rd["address"]], fields))
+                updates.append((by_addr[addr].pop(0), fields))
         except (ValueError, CorruptError) as e:  # JSONDecodeError is a ValueError
             log.error("%s: damaged state file ignored: %s", env.queue_id, e)
             return
