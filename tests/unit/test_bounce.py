@@ -125,6 +125,23 @@ def test_status_fallbacks_and_injection() -> None:
     assert rcpt["Action"] == "failed"  # a remote reply cannot forge DSN fields
 
 
+@pytest.mark.parametrize(("remote", "name"), [
+    ("mx1.example.net [192.0.2.1]:25", "mx1.example.net"),
+    ("smtp.provider.example:587", "smtp.provider.example"),  # a smart host not reached
+    ("192.0.2.7:25", "192.0.2.7"),
+    ("2001:db8::7:587", "2001:db8::7"),
+])
+def test_remote_mta_is_a_name_without_a_port(remote: str, name: str) -> None:
+    """RFC 3464 2.3.5: Remote-MTA names the host (mta-name-type dns). A host that failed
+    before answering (connection refused, timed out) is known as "host:port": the port
+    was in the field."""
+    env = _env()
+    _, data = make_bounce(env, env.recipients[:1], HEADERS, "relay.example.org",
+                          remote={"bob@example.net": remote})
+    rcpt = _parse(data).get_payload()[1].get_payload()[1]
+    assert rcpt["Remote-MTA"] == f"dns; {name}"
+
+
 def test_long_remote_reply_is_folded_within_998_octets() -> None:
     """RFC 5322 2.1.1: no line over 998 octets. A next hop's multi-line reply (here 10
     lines of 300, and one unbreakable 5000-character word; wire.py takes up to 256 lines

@@ -221,8 +221,10 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
         status.append(f"Status: {status_of(r, action)}")
         rm = remote.get(r.address, "")
         if rm:
-            # "mx.example.org [192.0.2.1]:25" -> the name (RFC 3464 2.3.5 mta-name-type dns)
-            status.append(f"Remote-MTA: dns; {_clean(rm.split()[0])}")
+            # "mx.example.org [192.0.2.1]:25" -> the name (RFC 3464 2.3.5 mta-name-type
+            # dns); a host that failed before it answered is "name-or-ip:port": no port.
+            name = rm.split()[0] if " " in rm.strip() else rm.strip().rsplit(":", 1)[0]
+            status.append(f"Remote-MTA: dns; {_clean(name)}")
         if r.last_reply:
             status.append(f"Diagnostic-Code: smtp; {_clean(r.last_reply)}")
         if r.attempts:
