@@ -625,10 +625,12 @@ class Engine:
             self._events.append(Reject(replies.TOO_MANY_ERRORS))
             self._close("errors")
 
-    def _bare(self) -> None:
+    def _bare(self, aborted: MessageAborted | None = None) -> None:
         # RFC 5321 2.3.8: CR and LF only together; anything else may be smuggling.
         self._reply(replies.BARE_LF)
         self._events.append(Reject(replies.BARE_LF))
+        if aborted is not None:  # in DATA: after the Reject, logged while the message
+            self._events.append(aborted)  # (its queue id) is still open, as 552 / 554 are
         self._close("bare")
 
     def _take_line(self, limit: int) -> bytes | _Sentinel | None:
@@ -1069,9 +1071,8 @@ class Engine:
             del buf[:CHUNK]
         feed = reader.feed(chunk)
         if feed.error == BARE:
-            self._events.append(MessageAborted(txn, replies.BARE_LF, reader.wire_bytes))
             self.transaction = None
-            self._bare()
+            self._bare(MessageAborted(txn, replies.BARE_LF, reader.wire_bytes))
             return True
         if feed.segments and not reader.error:
             # Once the message is known to be refused (too big, NUL, long line) nothing
