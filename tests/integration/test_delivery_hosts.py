@@ -601,3 +601,52 @@ async def test_a_positive_reply_out_of_place_never_counts_as_sent(
     if not delivered:
         assert (r.permanent, r.code, r.enhanced) == (False, 451, "4.5.0"), r
         assert "unexpected reply 250" in r.text, r
+
+
+async def _answers_each_group_at_once(mx: RawMX, r: asyncio.StreamReader,
+                                      w: asyncio.StreamWriter) -> None:
+    """Reads a whole pipelined group, then writes its replies in one go (as a server that
+    buffers its replies, as Postfix's smtpd does); counts transactions and recipients."""
+    w.write(b"220 raw.test ESMTP\r\n")
+    while line := await r.readline():
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            w.write(b"250-raw.test\r\n250 PIPELINING\r\n")
+        elif verb == b"MAIL":
+            n = 0
+            while (nxt := await r.readline()).startswith(b"RCPT"):
+                n += 1
+            assert nxt.upper().startswith(b"DATA")
+            w.write(b"250 ok\r\n" + b"250 ok\r\n" * n + b"354 go ahead\r\n")
+            await w.drain()
+            while await r.readline() not in (b".\r\n", b""):
+                pass
+            mx.received.append(b"%d" % n)
+            w.write(b"250 2.0.0 taken\r\n")
+        elif verb == b"QUIT":
+            w.write(b"221 bye\r\n")
+            break
+        else:
+            w.write(b"250 ok\r\n")
+        await w.drain()
+
+
+async def test_more_than_a_thousand_recipients_go_in_several_transactions(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    """1100 recipients at one destination (max_recipients raised, or a smart host): one
+    pipelined group of 1102 replies, sent at once, overflowed the connection's bound on
+    unread replies (1024): the connection was cut and every recipient deferred, on every
+    attempt until the message expired. Now 1000 go in one transaction, the rest in the
+    next on the same connection."""
+    one_mx(dns)
+    rcpts = [f"r{i}@example.test" for i in range(1100)]
+    with RawMX("127.0.0.2", raw_port, _answers_each_group_at_once) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            res = await deliver(courier, envelope(*rcpts))
+        finally:
+            await courier.close()
+    assert sorted(res) == sorted(rcpts)
+    assert all(r.ok for r in res.values()), [r for r in res.values() if not r.ok][:1]
+    assert mx.received == [b"1000", b"100"]
+    assert courier.connections_opened == 1

@@ -46,7 +46,8 @@ Failure policy (codes per RFC 3463):
   the mail is kept). The password is read from `smart_host_password_file` per connection
   and never logged.
 - `452` for too many recipients (RFC 5321 4.5.3.1.10, 4.5.3): the rest go in another
-  transaction on the same connection at once, while each one makes progress.
+  transaction on the same connection at once, while each one makes progress. At most
+  1000 recipients go in one transaction; more are sent the same way.
 - Message larger than the peer's SIZE: permanent 552 5.3.4 (RFC 1870).
 - UTF-8 address but the peer lacks SMTPUTF8: permanent 553 5.6.7 (RFC 6531 3.5), for
   that recipient only (or all, for a UTF-8 sender). A message flagged SMTPUTF8 whose
@@ -116,6 +117,10 @@ _STREAM_CHUNK = 256 * 1024
 _FRESH = 2.0  # seconds a checked-in connection is trusted without an RSET probe
 _QUIT_TIMEOUT = 5.0
 _MAX_FOLLOW_UPS = 1000  # transactions for one message on one connection (452 too many)
+# Recipients per transaction: Postfix smtpd's default limit (RFC 5321 4.5.3.1.8 asks a
+# server for 100 at least). Also the largest pipelined group whose replies a server that
+# buffers them (as Postfix's smtpd does) sends at once: connection.MAX_QUEUED must hold it.
+_MAX_RCPTS = 1000
 _FALLBACK_MAX = 10000  # hosts remembered for the plain-text fallback (memory bound)
 
 _LOST = (ConnectionLost, ConnectionError, OSError, ProtocolError)
@@ -1069,6 +1074,18 @@ class Courier:
             if not send:
                 return _Outcome(results, set(), True)
 
+        # At most _MAX_RCPTS recipients per transaction; the rest go in the next one on
+        # this connection (_follow_up, as for a 452 "too many recipients").
+        next_host: set[str] = set()
+        if len(send) > _MAX_RCPTS:
+            later = DeliveryResult.temp(
+                f"not sent in this transaction (more than {_MAX_RCPTS} recipients): "
+                "for the next one", "4.5.3", 452, remote)
+            for r in send[_MAX_RCPTS:]:
+                results[r.address] = later
+                next_host.add(r.address)
+            send = send[:_MAX_RCPTS]
+
         mail_opts: list[bytes] = []
         if "size" in ext:
             mail_opts.append(b"SIZE=%d" % len(data))
@@ -1096,7 +1113,6 @@ class Courier:
         pipelining = "pipelining" in ext
 
         accepted: list[Recipient] = []
-        next_host: set[str] = set()
         data_rep: SMTPReply | None = None
         try:
             if pipelining:

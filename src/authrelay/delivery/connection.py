@@ -31,7 +31,8 @@ from typing import Any
 
 from authrelay.delivery.wire import ProtocolError, ReplyParser, SMTPReply
 
-MAX_QUEUED = 1024  # replies received but not yet read (a pipelined group is at most 1 + rcpts + 1)
+MAX_QUEUED = 1024  # replies received but not yet read (a pipelined group: 1 + rcpts + 1, with
+# at most client._MAX_RCPTS recipients in one)
 
 
 class ConnectionLost(ConnectionError):
