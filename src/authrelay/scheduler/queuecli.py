@@ -12,7 +12,8 @@ replaces atomically. Changes go through the running scheduler's control socket, 
 no scheduler runs, straight to the files under the scheduler lock (control.py), so they
 never race a delivery. Bare `authrelay queue` lists (mailq).
 Exit status: 0 ok (also for a hold of a held message or a release of one not held: the
-state asked for is there, said on stderr); 1 a queue id was not found, was held (flush),
+state asked for is there, said on stderr; and for a flush of a message whose delivery
+attempt under way ended it); 1 a queue id was not found, was held (flush),
 was delivered while being deleted, or the request failed; 69 (EX_UNAVAILABLE) flush while
 no server runs ("mail system is down", as Postfix's postqueue says; the messages are
 marked due and go when it starts); 77 (EX_NOPERM) the control socket is not ours to use.
@@ -237,9 +238,9 @@ def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
     running = True
     active: set[str] = set()
     try:
-        if op == "delete" and req.get("id"):
+        if op in ("delete", "flush") and req.get("id"):
             active = _active_ids(spool)
-            if req["id"] in active:
+            if op == "delete" and req["id"] in active:
                 _err(f"{req['id']}: a delivery attempt is in progress; waiting for it to end "
                      "(at most delivery.data_timeout)")
         try:
@@ -292,6 +293,9 @@ def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
             _err(f"{qid}: delivered (or bounced) while being deleted: no longer in the "
                  "queue (see the maillog)")
             rc = 1
+        elif op == "flush" and qid in active:  # the attempt under way was its flush
+            _err(f"{qid}: delivered (or bounced) meanwhile, by the attempt that was under "
+                 "way: no longer in the queue (see the maillog)")
         else:
             _err(f"{qid}: not in the queue")
             rc = 1
