@@ -421,6 +421,23 @@ def test_repeated_recipients_count_toward_max_recipients() -> None:
     assert h.closed  # the overshoot 452s, then errors, as for distinct recipients
 
 
+def test_repeated_refused_mail_ends_at_max_errors() -> None:
+    """A refused MAIL counts as an error (Postfix's smtpd_hard_error_limit counts every
+    failed command): SIZE above the limit (552) or a sender that is not the user's (553)
+    repeated without end was answered, and logged, for the whole session."""
+    h = Harness(overrides={"limits": {"max_errors": 3, "max_message_size": 100}})
+    h.feed(b"EHLO x\r\n" + b"MAIL FROM:<a@b.example> SIZE=1000\r\n" * 5)
+    assert h.codes() == [220, 250, 552, 552, 552, 421] and h.closed
+    assert sum(isinstance(e, p.Reject) and e.reply is replies.MSG_TOO_BIG
+               for e in h.events) == 3
+    h = Harness(mode="submissions", addresses={"alice": {"alice@local.test"}},
+                overrides={"auth": {"sender_policy": "own"}, "limits": {"max_errors": 3}})
+    _ehlo(h)
+    h.send("AUTH PLAIN " + plain("alice", PASSWORD))
+    h.feed(b"MAIL FROM:<bob@local.test>\r\n" * 5)
+    assert h.codes() == [235, 553, 553, 553, 421] and h.closed
+
+
 def test_protocol_value() -> None:
     h = Harness(mode="submissions")
     assert h.eng.protocol == "SMTP"

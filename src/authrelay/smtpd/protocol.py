@@ -513,19 +513,25 @@ class Engine:
         kind = self._waiting
         req = self._expect(kind if kind in ("mail", "rcpt", "data") else "policy")
         self.phase = Phase.COMMAND
+        # A refused command counts as an error, as in Postfix (smtpd_hard_error_limit
+        # counts every failed command): a client repeating a refused MAIL (sender not its
+        # own, over its rate) ends at max_errors instead of running, and writing a maillog
+        # line, for as long as it likes. Refused recipients count towards bad_rcpt_limit.
         if kind == "mail":
             assert isinstance(req, MailRequest)
             if reply is not None:
-                self._reply(reply)
+                self._error(reply)
                 return
             self.transaction = req.transaction
             self._reply(replies.SENDER_OK)
         elif kind == "rcpt":
             assert isinstance(req, RcptRequest)
             if reply is not None:
-                self._reply(reply)
                 if bad_recipient:
+                    self._reply(reply)
                     self._bad_rcpt()
+                else:
+                    self._error(reply)
                 return
             txn, addr = req.transaction, req.address
             txn.rcpts.append(req.recipient)
@@ -533,7 +539,7 @@ class Engine:
             self._reply(replies.RCPT_OK)
         else:
             if reply is not None:
-                self._reply(reply)
+                self._error(reply)
                 return
             self._reply(replies.START_DATA)
             self._reader = BodyReader(self.max_size, self.max_text_line)
@@ -924,9 +930,9 @@ class Engine:
                     return
                 txn.size = int(value)
                 if txn.size > self.max_size:
-                    self._reply(replies.MSG_TOO_BIG)
                     self._events.append(Reject(replies.MSG_TOO_BIG, f"<{path.text}>... ",
                                                {"size": txn.size}))
+                    self._error(replies.MSG_TOO_BIG)  # (a refused MAIL: see policy_result)
                     return
             elif key == "BODY":  # RFC 6152
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
