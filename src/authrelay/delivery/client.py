@@ -51,7 +51,10 @@ Failure policy (codes per RFC 3463):
 - Message larger than the peer's SIZE: permanent 552 5.3.4 (RFC 1870).
 - UTF-8 address but the peer lacks SMTPUTF8: permanent 553 5.6.7 (RFC 6531 3.5), for
   that recipient only (or all, for a UTF-8 sender). A message flagged SMTPUTF8 whose
-  addresses are all ASCII goes to such a peer without the parameter (as Postfix does).
+  addresses are all ASCII goes to such a peer without the parameter, UTF-8 header text
+  as 8-bit data -- a deliberate departure from RFC 6531 3.4, under which Postfix bounces
+  it ("SMTPUTF8 is required, but was not offered", the bounce admins turn off with
+  `smtputf8_enable = no`); receivers take raw UTF-8 header text in practice.
   BODY=8BITMIME is passed when the message is 8bit (declared, or 8-bit octets received)
   and the peer offers it; to a peer without 8BITMIME an 8-bit message is converted to
   7-bit (downgrade.py: quoted-printable where the MIME structure allows, re-signed with
