@@ -17,6 +17,7 @@ import glob
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 from support import ci, daemons
 from support.ports import free_port
+from support.wait import wait_until
 
 
 def need(what: str, path: str | None) -> str:
@@ -143,6 +145,22 @@ class RedisServer:
         daemons.wait_accepting(("127.0.0.1", self.port), self.proc, self.log, self.what)
         return self
 
+    def server_status(self, frontend: str, index: int) -> str:
+        """HAProxy's own view of node `index` of `frontend`'s backend ("UP", "DOWN",
+        "UP 1/3" ...), from its stats socket (`show stat`)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.dir / "admin.sock"))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        for line in data.decode().splitlines():
+            f = line.split(",")
+            if len(f) > 17 and f[0] == f"be_{frontend}" and f[1] == f"node{index}":
+                return f[17]
+        raise AssertionError(f"no server node{index} in be_{frontend}: {data[:500]!r}")
+
     def stop(self) -> None:
         daemons.stop(self.proc)
         self.proc = None
@@ -183,6 +201,22 @@ class RedisSentinel:
         logf.close()
         daemons.wait_accepting(("127.0.0.1", self.port), self.proc, self.log, self.what)
         return self
+
+    def server_status(self, frontend: str, index: int) -> str:
+        """HAProxy's own view of node `index` of `frontend`'s backend ("UP", "DOWN",
+        "UP 1/3" ...), from its stats socket (`show stat`)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.dir / "admin.sock"))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        for line in data.decode().splitlines():
+            f = line.split(",")
+            if len(f) > 17 and f[0] == f"be_{frontend}" and f[1] == f"node{index}":
+                return f[17]
+        raise AssertionError(f"no server node{index} in be_{frontend}: {data[:500]!r}")
 
     def stop(self) -> None:
         daemons.stop(self.proc)
@@ -225,6 +259,7 @@ class HAProxy:
         out = [
             "global",
             "    maxconn 2000",
+            f"    stats socket {self.dir / 'admin.sock'} level admin",
             "defaults",
             "    mode tcp",
             "    timeout connect 2s",
@@ -254,6 +289,22 @@ class HAProxy:
         for port, _nodes in self.frontends.values():
             daemons.wait_accepting(("127.0.0.1", port), self.proc, self.log, self.what)
         return self
+
+    def server_status(self, frontend: str, index: int) -> str:
+        """HAProxy's own view of node `index` of `frontend`'s backend ("UP", "DOWN",
+        "UP 1/3" ...), from its stats socket (`show stat`)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.dir / "admin.sock"))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        for line in data.decode().splitlines():
+            f = line.split(",")
+            if len(f) > 17 and f[0] == f"be_{frontend}" and f[1] == f"node{index}":
+                return f[17]
+        raise AssertionError(f"no server node{index} in be_{frontend}: {data[:500]!r}")
 
     def stop(self) -> None:
         daemons.stop(self.proc)
@@ -321,6 +372,15 @@ class Farm:
         except BaseException:
             self.cleanup()
             raise
+
+    def wait_routed(self, name: str) -> None:
+        """Until HAProxy routes to node `name` again on every frontend (a restarted node
+        is back in the rotation only after a passing health check)."""
+        assert self.haproxy is not None
+        index = list(self.nodes).index(name)
+        for mode in self.ports:
+            wait_until(lambda mode=mode: self.haproxy.server_status(mode, index) == "UP",
+                       what=f"HAProxy routing {mode} to node {name}", timeout=20)
 
     @property
     def a(self) -> Any:

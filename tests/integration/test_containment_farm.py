@@ -93,6 +93,7 @@ def test_one_threshold_for_the_farm_one_suspension_for_both_nodes(farm: Farm) ->
     # A node restarted still refuses her.
     farm.b.stop()
     farm.b.start()
+    farm.wait_routed("b")
     refused = through_both(farm, mail, "127.0.0.73", n=4)
     assert all(r.startswith("450") for _, r in refused), refused
     assert len(suspended_lines(farm)) == 1
