@@ -145,22 +145,6 @@ class RedisServer:
         daemons.wait_accepting(("127.0.0.1", self.port), self.proc, self.log, self.what)
         return self
 
-    def server_status(self, frontend: str, index: int) -> str:
-        """HAProxy's own view of node `index` of `frontend`'s backend ("UP", "DOWN",
-        "UP 1/3" ...), from its stats socket (`show stat`)."""
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
-            s.connect(str(self.dir / "admin.sock"))
-            s.sendall(b"show stat\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        for line in data.decode().splitlines():
-            f = line.split(",")
-            if len(f) > 17 and f[0] == f"be_{frontend}" and f[1] == f"node{index}":
-                return f[17]
-        raise AssertionError(f"no server node{index} in be_{frontend}: {data[:500]!r}")
-
     def stop(self) -> None:
         daemons.stop(self.proc)
         self.proc = None
@@ -201,22 +185,6 @@ class RedisSentinel:
         logf.close()
         daemons.wait_accepting(("127.0.0.1", self.port), self.proc, self.log, self.what)
         return self
-
-    def server_status(self, frontend: str, index: int) -> str:
-        """HAProxy's own view of node `index` of `frontend`'s backend ("UP", "DOWN",
-        "UP 1/3" ...), from its stats socket (`show stat`)."""
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
-            s.connect(str(self.dir / "admin.sock"))
-            s.sendall(b"show stat\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        for line in data.decode().splitlines():
-            f = line.split(",")
-            if len(f) > 17 and f[0] == f"be_{frontend}" and f[1] == f"node{index}":
-                return f[17]
-        raise AssertionError(f"no server node{index} in be_{frontend}: {data[:500]!r}")
 
     def stop(self) -> None:
         daemons.stop(self.proc)
