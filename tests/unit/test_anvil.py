@@ -14,12 +14,11 @@ ALL = (Pool("*", 0),)
 
 def test_counts_cross_fork() -> None:
     s = SharedCounters(slots=1024)
-    # Keys share a counter when their slots collide (the per-start secret decides): the
-    # address counted and the one compared with take slots of their own.
-    star = s._slot("*")
-    ip = next(k for k in (f"192.0.2.{i}" for i in range(1, 255)) if s._slot(k) != star)
+    # Addresses share a counter when their slots collide (the per-start secret decides):
+    # the address counted and the one compared with take slots of their own.
+    ip = "192.0.2.1"
     other = next(k for k in (f"198.51.100.{i}" for i in range(1, 255))
-                 if s._slot(k) not in (star, s._slot(ip)))
+                 if s._slot(k) != s._slot(ip))
     pid = os.fork()
     if pid == 0:  # child: what a worker does
         code = 2  # an exception: the child must still exit here, never run pytest on
@@ -30,7 +29,7 @@ def test_counts_cross_fork() -> None:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert s.gauge(ip) == 1 and s.gauge("*") == 1
+    assert s.gauge(ip) == 1 and s.pool_level("*") == 1  # the pool the child first counted in
     assert s.window_count("auth_ip", ip, 60.0, 1000.0) == 3
     assert s.gauge(other) == 0  # another key (in another slot): its own counter
 
@@ -45,7 +44,46 @@ def test_limits_refuse() -> None:
     assert s.try_acquire("a", ALL, 2).admitted
     assert s.try_acquire("b", (Pool("*", 4),), 0).admitted  # 3 in total now
     assert s.try_acquire("c", (Pool("*", 3),), 0).reason == "pool:*"  # the global limit
-    assert s.gauge("*") == 3
+    assert s.pool_level("*") == 3
+
+
+def test_pools_never_share_a_counter_with_an_address_or_each_other() -> None:
+    """With one slot for every address, the pools are still exact and apart: an address
+    never counts a pool's connections toward max_connections_per_ip (before, an address
+    whose slot was the one of "*" was refused whenever the server held that many)."""
+    s = SharedCounters(slots=1)
+    pools = [(Pool("*", 0), Pool("class:smtp", 0), Pool(f"listener:smtp{i}", 0))
+             for i in range(40)]
+    for i, p in enumerate(pools):
+        assert s.try_acquire(f"192.0.2.{i}", p, 0).admitted
+    assert s.pool_level("*") == 40 and s.pool_level("class:smtp") == 40
+    assert all(s.pool_level(f"listener:smtp{i}") == 1 for i in range(40))
+    assert s.gauge("198.51.100.1") == 40  # the addresses' one slot: all 40 addresses
+    assert s.try_acquire("198.51.100.1", (Pool("listener:other", 1),), 41).admitted
+    assert s.try_acquire("198.51.100.2", (Pool("listener:other", 1),), 0).reason == \
+        "pool:listener:other"
+    for i, p in enumerate(pools):
+        s.release(f"192.0.2.{i}", p)
+    assert s.pool_level("*") == 0 and s.pool_level("listener:other") == 1
+
+
+def test_pool_counters_are_found_by_every_process() -> None:
+    """A pool first counted in by a worker has the same counter in the master and in the
+    other workers (the key table is in the shared mapping, not the per-process cache)."""
+    s = SharedCounters(slots=64)
+    keys = [f"listener:l{i}" for i in range(30)]
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            code = 0 if all(s.try_acquire("192.0.2.1", (Pool(k, 0),), 0).admitted
+                            for k in keys) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [s.pool_level(k) for k in reversed(keys)] == [1] * 30
+    assert s.pool_level("listener:never") == 0
 
 
 def test_window_slides() -> None:

@@ -42,7 +42,10 @@ class SharedThrottle(LocalThrottle):
         self.shared.release(self.key(ip), pools)
 
     def level(self, key: str) -> int:
-        return self.shared.gauge(key)
+        return self.shared.pool_level(key)
+
+    def pending(self, key: str) -> int:
+        return self.shared.gauge(PENDING + key)
 
     def pending_add(self, key: str, delta: int) -> None:
         self.shared.gauge_add(PENDING + key, delta)

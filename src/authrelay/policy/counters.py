@@ -11,9 +11,14 @@ Contract (SharedCounters): keys (IPs, user names) are hashed with a per-start se
 limit stricter for them, never looser, and with 65,536 slots it is rare. Gauges
 (concurrent connections) are exact; rates use two fixed windows weighted into a sliding
 estimate (the previous window counts for the part of it that still overlaps the sliding
-window). Pools are gauges in the same slot table under their pool keys; a connection is
-checked against all its pools and its IP and counted in all of them under the one lock,
-so no two workers can both take the last slot. `connection_rate` is one shared GCRA
+window). Pools ("*", "class:smtp", "listener:NAME") have counters of their own, never a
+slot of the address table: each pool key's 64-bit keyed hash is recorded, the first time
+any process counts in it, in a small open-addressed table (`POOL_SLOTS`), so a pool never
+shares a counter with another pool or with an address (an address sharing the slot of "*"
+would be refused `max_connections_per_ip` whenever the server held that many
+connections, until the next start). A connection is checked against all its pools and its
+IP and counted in all of them under the one lock, so no two workers can both take the last
+slot. `connection_rate` is one shared GCRA
 schedule (nanoseconds of CLOCK_MONOTONIC, system-wide, so all workers read one clock).
 Failure policy: none; a slot overflow cannot happen (64-bit counters).
 """
@@ -33,6 +38,9 @@ from authrelay.types import Reply
 
 SLOTS = 1 << 16
 SLOT_CACHE = 4096  # remembered key -> slot mappings per process
+# Pool keys the shared table tells apart exactly: a few per listener; one past it shares
+# a counter with another pool (stricter, never looser), as addresses do.
+POOL_SLOTS = 256
 _WINDOW_TABLES = ("rate_ip", "auth_ip", "auth_user", "auth_usernet", "user_msgs",
                   "user_rcpts")
 
@@ -103,8 +111,9 @@ class SharedCounters:
 
     def __init__(self, slots: int = SLOTS) -> None:
         self.slots = slots
-        self._base: dict[str, int] = {"tat": 0, "conns": 1}
-        size = 1 + slots
+        self._base: dict[str, int] = {"tat": 0, "conns": 1, "pool_keys": 1 + slots,
+                                      "pools": 1 + slots + POOL_SLOTS}
+        size = 1 + slots + 2 * POOL_SLOTS
         for name in _WINDOW_TABLES:
             self._base[name] = size
             size += 3 * slots  # (window number, count in it, count in the one before)
@@ -116,6 +125,33 @@ class SharedCounters:
         # rate, connections, release) and a keyed hash costs ~1 us each; bounded, emptied
         # when full (a flood of addresses costs the hash again, never memory)
         self._slots: dict[str, int] = {}
+        self._pools: dict[str, int] = {}  # pool key -> its counter's index (never moves)
+
+    def _pool(self, key: str) -> int:
+        """The index of pool `key`'s own counter (see the module's contract)."""
+        try:
+            return self._pools[key]
+        except KeyError:
+            pass
+        h = int.from_bytes(hashlib.blake2b(b"pool\0" + key.encode("utf-8", "surrogateescape"),
+                                           digest_size=8, key=self._key).digest(),
+                           "little", signed=True) or 1  # 0 marks a free entry
+        a, keys = self._a, self._base["pool_keys"]
+        found = h % POOL_SLOTS  # the table is full: share this one (stricter, never looser)
+        with self._lock:
+            for n in range(POOL_SLOTS):
+                i = (h + n) % POOL_SLOTS
+                if a[keys + i] == 0:
+                    a[keys + i] = h
+                if a[keys + i] == h:
+                    found = i
+                    break
+        index = self._pools[key] = self._base["pools"] + found
+        return index
+
+    def pool_level(self, key: str) -> int:
+        """Connections in pool `key` now."""
+        return self._a[self._pool(key)]
 
     def _slot(self, key: str) -> int:
         try:
@@ -145,7 +181,7 @@ class SharedCounters:
         all of them, atomically across workers (`max_ip` 0: no per-IP limit; `rate` 0:
         no rate)."""
         a, base = self._a, self._base["conns"]
-        idx = [(base + self._slot(p.key), p) for p in pools]
+        idx = [(self._pool(p.key), p) for p in pools]
         ip_i = base + self._slot(ip)
         with self._lock:
             for i, p in idx:
@@ -167,8 +203,9 @@ class SharedCounters:
 
     def release(self, ip: str, pools: Sequence[Pool]) -> None:
         a, base = self._a, self._base["conns"]
+        idx = [self._pool(p.key) for p in pools] + [base + self._slot(ip)]  # before the lock
         with self._lock:
-            for i in [base + self._slot(p.key) for p in pools] + [base + self._slot(ip)]:
+            for i in idx:
                 a[i] = max(0, a[i] - 1)
 
     # windows -------------------------------------------------------------------
