@@ -6,7 +6,7 @@ import os
 
 from authrelay.config import from_dict
 from authrelay.policy.anvil import SharedThrottle
-from authrelay.policy.counters import SharedCounters
+from authrelay.policy.counters import POOL_SLOTS, SharedCounters
 from authrelay.policy.throttle import Pool
 
 ALL = (Pool("*", 0),)
@@ -84,6 +84,25 @@ def test_pool_counters_are_found_by_every_process() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert [s.pool_level(k) for k in reversed(keys)] == [1] * 30
     assert s.pool_level("listener:never") == 0
+
+
+def test_pools_past_the_table_share_a_counter_stricter_never_lost() -> None:
+    """More pool keys than POOL_SLOTS (listeners renamed by many reloads): the first ones
+    keep their own counters; a key past the table shares one, so its level can only read
+    higher (stricter), and every connection still comes back out on release."""
+    s = SharedCounters(slots=64)
+    keys = [f"listener:l{i}" for i in range(POOL_SLOTS + 40)]
+    for k in keys:
+        assert s.try_acquire("192.0.2.1", (Pool(k, 0),), 0).admitted
+    levels = [s.pool_level(k) for k in keys]
+    assert all(n >= 1 for n in levels)  # never lower than its own count
+    # every counter of the table in use, holding each connection once: the last 40
+    # keys each share one of them
+    counters = {s._pool(k): s.pool_level(k) for k in keys}
+    assert len(counters) == POOL_SLOTS and sum(counters.values()) == len(keys)
+    for k in keys:
+        s.release("192.0.2.1", (Pool(k, 0),))
+    assert [s.pool_level(k) for k in keys] == [0] * len(keys)
 
 
 def test_window_slides() -> None:
