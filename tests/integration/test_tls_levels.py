@@ -155,6 +155,49 @@ async def test_verify_refuses_bad_certificates(
     assert log.grep("status=TLS policy failed", "policy=verify", "action=deferred")
 
 
+@pytest.mark.parametrize("case", ["wildcard-san", "underscore-mx"])
+async def test_names_no_certificate_can_match_are_judged_not_raised(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        trustme_ca_file: Path, case: str) -> None:
+    """A hostile MX's certificate whose first name is a wildcard for another domain, or an
+    MX name from DNS with an underscore (no certificate can match it): the name check
+    fails like any mismatch (`may` delivers, tls=trusted; `verify` defers 4.7.5). It used
+    to raise ValueError out of the courier: mail to that MX never went, no TLS line."""
+    if case == "wildcard-san":
+        ctx, host = ctx_for(trustme_ca, "*.other.test"), MX1
+    else:
+        host = "mx_1.example.test"
+        dns.update({"example.test": {"MX": [(10, host)]}, host: {"A": ["127.0.0.2"]}})
+        ctx = ctx_for(trustme_ca, MX1)
+    mx = fake_mx("127.0.0.2", starttls_context=ctx)
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="may")
+    assert res.ok and (res.tls, res.tls_policy) == ("trusted", "may"), res
+    assert mx.messages[0].tls
+    assert log.grep(f"tls=Trusted TLS connection established to {host} [127.0.0.2]:",
+                    f"do not match {host}")
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
+                             tls_policy="verify")
+    assert not res.ok and not res.permanent and res.enhanced == "4.7.5", res
+    assert len(mx.messages) == 1  # nothing more went over the unaccepted connection
+    assert log.grep("status=TLS policy failed", "policy=verify", "action=deferred")
+
+
+async def test_address_literal_is_checked_against_the_ip_address(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        trustme_ca_file: Path) -> None:
+    """`bob@[127.0.0.2]` (RFC 5321 4.1.3): the reference identity is the address (an
+    iPAddress SAN, RFC 6125 1.7.2), not the bracketed text (which raised ValueError)."""
+    fake_mx("127.0.0.2", starttls_context=ctx_for(trustme_ca, "127.0.0.2"))
+    fake_mx("127.0.0.3", starttls_context=ctx_for(trustme_ca, MX1))
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
+                             "bob@[127.0.0.2]", tls_policy="verify")
+    assert res.ok and (res.tls, res.tls_policy) == ("verified", "verify"), res
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
+                             "bob@[127.0.0.3]", tls_policy="may")
+    assert res.ok and (res.tls, res.tls_policy) == ("trusted", "may"), res
+    assert log.grep("do not match [127.0.0.3]")
+
+
 async def test_older_tls_verify_key_means_verify(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
         trustme_ca_file: Path) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import ipaddress
 import logging
 import ssl
 import sys
@@ -84,10 +85,30 @@ def load(chain: list[bytes]) -> list[x509.Certificate] | None:
 
 
 def _subject(name: str) -> x509.DNSName | x509.IPAddress | None:
+    """The reference identity for `name`: an address literal ("[192.0.2.1]",
+    "[IPv6:2001:db8::1]", RFC 5321 4.1.3) is an IP address (RFC 6125 1.7.2), anything
+    else a DNS name; None when no certificate can carry it."""
+    if name.startswith("[") and name.endswith("]"):
+        inner = name[1:-1]
+        if inner[:5].lower() == "ipv6:":
+            inner = inner[5:]
+        try:
+            return x509.IPAddress(ipaddress.ip_address(inner))
+        except ValueError:
+            return None
     try:
         return x509.DNSName(name.lstrip("."))
     except ValueError:
         return None
+
+
+def _own_name(leaf: x509.Certificate) -> str:
+    """A name the leaf itself covers (its first DNS name; "*.example.com" stands for a
+    name it matches), to tell a chain that validates from a name that does not match."""
+    names = dns_names(leaf)
+    if not names:
+        return ""
+    return "wildcard" + names[0][1:] if names[0].startswith("*.") else names[0]
 
 
 def _why(exc: Exception, leaf: x509.Certificate) -> Check:
@@ -149,12 +170,18 @@ def _path(store: xv.Store, leaf: x509.Certificate, rest: list[x509.Certificate],
     """Path validation to `store`, then the first of `names` the leaf carries."""
     first_err: Exception | None = None
     chain_ok = False
-    for n in [*names, *dns_names(leaf)[:1]]:
+    for n in [*names, _own_name(leaf)]:
         subj = _subject(n)
         if subj is None:
             continue
         try:
-            _builder(store).build_server_verifier(subj).verify(leaf, rest)
+            verifier = _builder(store).build_server_verifier(subj)
+        except ValueError:
+            # Not a name a certificate can match (an underscore in an MX name from DNS,
+            # a malformed SAN): it matches nothing, it is not an error of ours.
+            continue
+        try:
+            verifier.verify(leaf, rest)
         except xv.VerificationError as e:
             first_err = first_err or e
             continue
