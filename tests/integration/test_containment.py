@@ -343,3 +343,41 @@ def test_workers_and_metric(tmp_path: Path) -> None:
         assert len(notices(r)) == 1
     finally:
         r.stop()
+
+
+def test_realm_spellings_are_one_account(tmp_path: Path) -> None:
+    """`[auth] realms`: `alice`, `alice@relay.test` and `alice@RELAY.TEST` log in to one
+    account, so they share its counts, its suspension and its AUTH lockout: a suspended
+    alice must not send on under another spelling, nor a guesser get a lockout budget
+    per spelling."""
+    r = RelayProcess(tmp_path, {
+        "auth": {"realms": ["relay.test"], "max_failures_per_user": 3,
+                 "max_failures_per_ip": 100, "failure_delay": 0},
+        "limits": {"max_auth_failures": 10, "connection_rate_per_ip": 0,
+                   "containment": {"notify": ADMIN, "messages": 2}}}).start()
+    try:
+        port = r.ports["submissions"]
+        assert send(port, ["bob@example.net"], user="alice") == [250, 250, 250]
+        assert send(port, ["bob@example.net"], user="alice@relay.test") == [250, 250, 250]
+        line = r.wait_for(lambda: suspended_lines(r), what="alice suspended")[0]
+        assert "sasl_username=alice, threshold=messages, count=2" in line
+        for spelling in ("alice", "alice@relay.test", "alice@RELAY.Test"):
+            assert send(port, ["bob@example.net"], user=spelling) == [450], spelling
+        r.wait_for(lambda: len(envelopes(r, held=True)) == 2, what="both messages held")
+        assert {e.auth_user for e in envelopes(r, held=True)} == {"alice"}
+        out = r.cli("user", "resume", "alice", "--delete-held").stdout
+        assert "alice resumed" in out and "2 held message(s) of alice deleted" in out
+        # Three wrong guesses, each under another spelling, lock alice's account for
+        # addresses she has not logged in from.
+        for spelling in ("alice", "alice@relay.test", "alice@Relay.test"):
+            with RawClient(port, tls=client_ctx(), source="127.0.1.7") as c:
+                c.reply()
+                c.cmd("EHLO client.test")
+                assert c.cmd(f"AUTH PLAIN {plain(spelling, 'wrong')}").code == 535
+        with RawClient(port, tls=client_ctx(), source="127.0.2.8") as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            rep = c.cmd(f"AUTH PLAIN {plain('alice@RELAY.TEST', PASSWORD)}")
+            assert (rep.code, rep.text[:5]) == (454, "4.7.0"), rep
+    finally:
+        r.stop()

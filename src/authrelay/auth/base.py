@@ -82,6 +82,13 @@ class Authenticator(ABC):
     def reload(self, cfg: Config) -> None:  # noqa: B027 - optional hook
         """SIGHUP: settings that may change without a restart (`[auth] app_passwords`)."""
 
+    def account(self, username: str) -> str:
+        """The account a login name names: the key of everything counted or decided per
+        user (AUTH lockout, rates, containment, the queue's auth_user), so two spellings
+        of one login never count apart. The name itself unless a wrapper maps names
+        (auth/realms.py)."""
+        return username
+
     @abstractmethod
     def addresses(self, username: str) -> set[str]:
         """The addresses `username` may send as (`sender_policy = "own"`)."""

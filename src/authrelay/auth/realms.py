@@ -6,8 +6,12 @@ sasldb` stores the users of such a realm by their bare name. So that mail client
 with `alice@relay.example.org` keep working after the move, `RealmLogins` wraps the
 configured authenticator: a login whose part after the last `@` is one of `realms`
 (compared without case) is checked as the part before it, once (never a second password
-check: no extra hashing for a wrong password). Every other name passes unchanged; the
-throttle and the maillog keep the name as the client sent it. A user whose stored name
+check: no extra hashing for a wrong password). Every other name passes unchanged. The
+AUTH maillog lines keep the name as the client sent it; everything counted or decided per
+user (the AUTH lockout, rates, containment, the queue's auth_user) is by the stored name
+(`account`), so `alice@REALM` in any case is alice, never an account of its own:
+otherwise a suspended alice sends on as `alice@REALM`, and a guesser gets a lockout budget
+per spelling. A user whose stored name
 itself ends in `@REALM` for a listed realm cannot log in by that name: do not list a
 realm that is also a mail domain of stored `user@domain` names.
 Contract: the Authenticator interface (auth/base.py), delegating to the wrapped one;
@@ -36,6 +40,9 @@ class RealmLogins(Authenticator):
             if user and realm.lower() in self.realms:
                 return user
         return username
+
+    def account(self, username: str) -> str:
+        return self.name(username)
 
     async def login(self, username: str, password: str | bytes,
                     client_ip: str = "") -> Login:

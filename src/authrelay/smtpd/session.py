@@ -132,6 +132,10 @@ class Session:
         self._data_deadline = 0.0
         self._expired = False
         self._owned: Owner | None = None  # the authenticated user's addresses
+        # The account the login named (Authenticator.account: `alice` for a login
+        # `alice@REALM`): the one key of everything counted or decided per user (AUTH
+        # lockout, rates, containment, the envelope's auth_user); "" before AUTH.
+        self.account = ""
         self._over_mark: tuple[float, int] | None = None  # see _pace_oversize
 
     # ------------------------------------------------------------------ helpers
@@ -413,7 +417,10 @@ class Session:
             await self._auth_failure(ev.refusal, "", mech)
             eng.auth_result(p.AuthOutcome.BAD)
             return
-        if await self.ticket.auth_locked(user):
+        # Counted by account, logged as sent: `alice@REALM`, `alice@rElAy` and `alice`
+        # are one account, so no spelling gets guesses, rates or a suspension of its own.
+        account = self._authenticator().account(user)
+        if await self.ticket.auth_locked(account):
             # Past the window limit: answer without even checking the password, so a
             # brute-forcer learns nothing and costs us no hashing.
             self._flush()
@@ -431,7 +438,8 @@ class Session:
             login = Login(AuthResult.TEMPFAIL)
         result = login.result
         if result is AuthResult.OK:
-            await self.ticket.auth_succeeded(user)
+            self.account = account
+            await self.ticket.auth_succeeded(account)
             self.maillog.auth_ok(self.relay_desc(), mech, user, login.app)
             self._metric_auth("ok")
             eng.auth_result(p.AuthOutcome.OK)
@@ -440,11 +448,13 @@ class Session:
             self._metric_auth("tempfail")
             eng.auth_result(p.AuthOutcome.TEMPFAIL)
         else:
-            await self._auth_failure(replies.AUTH_FAILED, user, mech, login.hint)
+            await self._auth_failure(replies.AUTH_FAILED, user, mech, login.hint, account)
             eng.auth_result(p.AuthOutcome.BAD)
 
-    async def _auth_failure(self, r: Reply, user: str, mech: str, hint: str = "") -> None:
-        await self.ticket.auth_failed(user)
+    async def _auth_failure(self, r: Reply, user: str, mech: str, hint: str = "",
+                            account: str = "") -> None:
+        """A failed AUTH: counted against `account` (and the address), logged as `user`."""
+        await self.ticket.auth_failed(account)
         self._metric_auth("fail")
         # Same delay for unknown users and wrong passwords (no user enumeration), and
         # it slows a brute-forcer down.
@@ -455,7 +465,7 @@ class Session:
                                  username=user or None, reason=hint or None)
 
     async def _mail(self, ev: p.MailRequest) -> None:
-        eng, user = self.eng, self.eng.auth_user
+        eng, login, user = self.eng, self.eng.auth_user, self.account
         if not self.deps.submitter.space_ok(ev.transaction.size or 0):
             # Postfix queue_minfree: refuse before the client sends anything (RFC 5321
             # 4.5.3.1.10 / RFC 3463 4.3.1), rather than 451 after the whole DATA.
@@ -463,14 +473,15 @@ class Session:
                              stage="MAIL")
             eng.policy_result(replies.NO_STORAGE)
             return
-        if user:
+        if login:
             path = ev.transaction.sender
-            owned = self._owner(user).addresses if self.cfg.auth.sender_policy == "own" \
+            # Addresses by the name as sent (a login `alice@REALM` owns that address).
+            owned = self._owner(login).addresses if self.cfg.auth.sender_policy == "own" \
                 else ()
-            refusal = verdicts.mail_verdict(self.cfg.auth.sender_policy, path.address, user,
+            refusal = verdicts.mail_verdict(self.cfg.auth.sender_policy, path.address, login,
                                             owned)
             if refusal is not None:
-                self._log_reject(refusal, f"<{path.text}>... ", sasl_username=user)
+                self._log_reject(refusal, f"<{path.text}>... ", sasl_username=login)
                 eng.policy_result(refusal)
                 return
             if self.deps.containment is not None:
@@ -479,19 +490,19 @@ class Session:
                 refusal = containment.mail_refusal(
                     await self.deps.containment.suspended(user))
                 if refusal is not None:
-                    self._log_reject(refusal, "", sasl_username=user)
+                    self._log_reject(refusal, "", sasl_username=login)
                     eng.policy_result(refusal)
                     return
             if not await self.ticket.user_may_send(user):
-                self._log_reject(replies.USER_RATE, "", sasl_username=user)
+                self._log_reject(replies.USER_RATE, "", sasl_username=login)
                 eng.policy_result(replies.USER_RATE)
                 return
         eng.policy_result(None)
 
     async def _rcpt(self, ev: p.RcptRequest) -> None:
-        eng, user, path = self.eng, self.eng.auth_user, ev.recipient
+        eng, user, path = self.eng, self.account, ev.recipient
         if user and not await self.ticket.user_may_add_rcpt(user, len(ev.transaction.rcpts)):
-            self._log_reject(replies.USER_RATE, "", sasl_username=user)
+            self._log_reject(replies.USER_RATE, "", sasl_username=eng.auth_user)
             eng.policy_result(replies.USER_RATE)
             return
         refusal = verdicts.rcpt_verdict(self.deps.policy, ev.address,
@@ -535,7 +546,7 @@ class Session:
                                   orcpt=r.params.get("ORCPT") or "") for r in txn.rcpts],
             ret=txn.ret, envid=txn.envid,
             client_ip=self.ip, client_port=self.port, client_rdns=self.rdns,
-            helo=eng.helo or "", auth_user=eng.auth_user, protocol=eng.protocol,
+            helo=eng.helo or "", auth_user=self.account, protocol=eng.protocol,
             listener=self.deps.listener, body_8bit=txn.body_8bit, smtputf8=txn.smtputf8,
         )
         try:
@@ -586,10 +597,10 @@ class Session:
             # counters (a Redis round trip in a farm, up to its timeout when Redis is
             # slow) or the containment work that follow it.
             self._flush()
-            await self.ticket.user_sent(eng.auth_user, nrcpts)
+            await self.ticket.user_sent(self.account, nrcpts)
             if self.deps.containment is not None:
                 await self.deps.containment.message_accepted(
-                    eng.auth_user, qid, [r.text for r in ev.transaction.rcpts], self.ip)
+                    self.account, qid, [r.text for r in ev.transaction.rcpts], self.ip)
         if self.deps.metrics is not None:
             self.deps.metrics.accepted(self.deps.mode)
 
