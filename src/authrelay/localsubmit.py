@@ -332,7 +332,7 @@ def _options(line: bytes) -> localmail.Options:
         want = getattr(out, k)
         ok = (isinstance(v, list) and all(isinstance(x, str) for x in v)
               if isinstance(want, list)
-              else v is None or isinstance(v, str) if k == "sender"
+              else v is None or isinstance(v, str) if k in ("sender", "fullname")
               else isinstance(v, type(want)))
         if not ok:
             raise ValueError(f"bad request field {k!r}")

@@ -403,3 +403,14 @@ def test_dripping_clients_are_cut(relay: RelayProcess) -> None:
     assert relay.queued() == [] and relay.unready() == []
     assert sendmail(relay, "-i", "bob@remote.example", stdin=MSG).returncode == 0
     assert len(relay.queued()) == 1
+
+
+def test_full_name_through_the_server(relay: RelayProcess) -> None:
+    """-F (cron jobs and web applications set it) through the server, as for root with
+    the server down: the From: we add carries the name."""
+    res = sendmail(relay, "-F", "Cron Daemon", "bob@remote.example", stdin=MSG,
+                   user="nobody")
+    assert res.returncode == 0, res.stderr
+    [(env, msg)] = spooled(relay)
+    assert env["sender"] == "nobody@relay.test"
+    assert b"\r\nFrom: Cron Daemon <nobody@relay.test>\r\n" in msg
