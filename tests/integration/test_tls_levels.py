@@ -14,6 +14,10 @@ from typing import Any
 
 import pytest
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID, NameOID
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import MXFactory
 from support.maillog import ListLog
@@ -34,6 +38,30 @@ def ctx_for(ca: trustme.CA, *names: str, expired: bool = False) -> ssl.SSLContex
         past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
         kw = {"not_before": past - datetime.timedelta(days=60), "not_after": past}
     ca.issue_cert(*names, **kw).configure_cert(ctx)
+    return ctx
+
+
+def malformed_san_ctx(tmp_path: Path) -> ssl.SSLContext:
+    """A leaf that OpenSSL loads and serves but whose subjectAltName cryptography cannot
+    parse: one dNSName with a byte above 0x7f (what a hostile MX may send)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, MX1)])
+    now = datetime.datetime.now(datetime.UTC)
+    bad = b"mx1\xffexample.test"
+    san = bytes([0x30, len(bad) + 2, 0x82, len(bad)]) + bad
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.UnrecognizedExtension(
+                ExtensionOID.SUBJECT_ALTERNATIVE_NAME, san), critical=False)
+            .sign(key, hashes.SHA256()))
+    pem = tmp_path / "malformed-san.pem"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pem)
     return ctx
 
 
@@ -180,6 +208,23 @@ async def test_names_no_certificate_can_match_are_judged_not_raised(
     assert not res.ok and not res.permanent and res.enhanced == "4.7.5", res
     assert len(mx.messages) == 1  # nothing more went over the unaccepted connection
     assert log.grep("status=TLS policy failed", "policy=verify", "action=deferred")
+
+
+async def test_certificate_cryptography_cannot_parse_is_untrusted_not_raised(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        trustme_ca_file: Path) -> None:
+    """A hostile MX's leaf with a malformed subjectAltName: `may` delivers and the
+    maillog says tls=untrusted with the reason; `verify` defers 4.7.5. It used to raise
+    ValueError out of the courier (mail deferred as an internal error, no TLS line)."""
+    mx = fake_mx("127.0.0.2", starttls_context=malformed_san_ctx(tmp_path))
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="may")
+    assert res.ok and (res.tls, res.tls_policy) == ("untrusted", "may"), res
+    assert mx.messages[0].tls
+    assert log.grep("tls=Untrusted TLS connection established", "malformed certificate")
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file,
+                             tls_policy="verify")
+    assert not res.ok and not res.permanent and res.enhanced == "4.7.5", res
+    assert "malformed certificate" in res.text and len(mx.messages) == 1
 
 
 async def test_address_literal_is_checked_against_the_ip_address(

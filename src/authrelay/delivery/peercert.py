@@ -198,6 +198,19 @@ def _path(store: xv.Store, leaf: x509.Certificate, rest: list[x509.Certificate],
     return _why(first_err or ValueError("no usable name"), leaf)
 
 
+def _checked_path(store: xv.Store, leaf: x509.Certificate, rest: list[x509.Certificate],
+                  names: tuple[str, ...]) -> Check:
+    """_path(), with a certificate that loads but whose parts cryptography cannot parse
+    (a subjectAltName with a non-ASCII dNSName, a duplicated extension: OpenSSL serves
+    such a leaf) judged "untrusted", never an exception out of the courier."""
+    try:
+        return _path(store, leaf, rest, names)
+    except (ValueError, x509.DuplicateExtension) as e:
+        why = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        return Check("untrusted", f"malformed certificate: {why}"[:200],
+                     kind="validation-failure")
+
+
 class CaStore:
     """The CA set, loaded on first use (PEM file, else the system bundle)."""
 
@@ -240,7 +253,7 @@ class CaStore:
         except (OSError, ValueError) as e:
             return Check("untrusted", f"cannot load the CA file {self.cafile or 'system'}: {e}",
                          kind="validation-failure")
-        return _path(store, certs[0], certs[1:], names)
+        return _checked_path(store, certs[0], certs[1:], names)
 
 
 def _load_bundle(pem: bytes) -> list[x509.Certificate]:
@@ -272,7 +285,7 @@ def ta_verify(chain: list[bytes], anchors: list[x509.Certificate],
         store = xv.Store(anchors)
     except ValueError as e:
         return Check("untrusted", f"unusable trust anchor: {e}", kind="tlsa-invalid")
-    return _path(store, certs[0], [c for c in certs[1:] if c not in anchors], names)
+    return _checked_path(store, certs[0], [c for c in certs[1:] if c not in anchors], names)
 
 
 def der(cert: x509.Certificate) -> bytes:
