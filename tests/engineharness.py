@@ -57,6 +57,7 @@ class Harness:
     trusted: bool = False
     auto_tls: bool = True  # finish a STARTTLS handshake at once (False: stay pending)
     tls_available: bool = True
+    message_reply: Reply | None = None  # the commit's answer (None: queued, a 250)
 
     def __post_init__(self) -> None:
         self.cfg = make_config(self.overrides)
@@ -135,7 +136,7 @@ class Harness:
             t = ev.transaction
             self.messages.append(Message(t.sender.text, [r.text for r in t.rcpts],
                                          b"".join(self._body)))
-            eng.message_result(replies.queued(f"Q{self._qid:06d}"))
+            eng.message_result(self.message_reply or replies.queued(f"Q{self._qid:06d}"))
         elif isinstance(ev, p.Delay):
             eng.resume()
 

@@ -523,6 +523,53 @@ def test_session_timeout(slow_relay: RelayProcess) -> None:
     served(slow_relay, "127.0.1.12")
 
 
+def _drip_data(c: Client, until_closed: bool) -> None:
+    """A transaction to a local address, then body lines slower than nothing cuts."""
+    assert c.reply().code == 220
+    c.cmd("EHLO x.test")
+    assert c.cmd("MAIL FROM:<a@remote.example>").code == 250
+    assert c.cmd("RCPT TO:<x@local.test>").code == 250
+    assert c.cmd("DATA").code == 354
+    for _ in range(40 if until_closed else 3):
+        try:
+            c.send(b"Subject: dripped\r\n")
+        except OSError:
+            return
+        readable, _w, _x = select.select([c.sock], [], [], 0.3)
+        if readable:
+            return
+
+
+def test_cut_in_data_names_the_lost_message(tmp_path: Path) -> None:
+    """The session time limit and a shutdown that end a session in DATA log the queue id
+    of the message they lose (and its bytes so far): before, the 421 line said NOQUEUE and
+    a shutdown logged nothing, so the message a client was sending vanished unnamed."""
+    r = RelayProcess(tmp_path, overrides={
+        "shutdown_timeout": "1s",
+        "limits": {"session_timeout": "3s", "data_final_timeout": "60s",
+                   "data_block_timeout": "10s", "connection_rate_per_ip": 0}}).start()
+    try:
+        c = Client(r.ports["smtp"], "127.0.1.13")
+        _drip_data(c, until_closed=True)
+        assert (c.reply().code, c.closed()) == (421, True)
+        line = r.wait_log(r"reject=421 4\.4\.2 session time limit, "
+                          r"relay=unknown \[127\.0\.1\.13\]")
+        m = re.search(r": (\w+): reject=421 4\.4\.2 session time limit, .*, size=(\d+)", line)
+        assert m and m[1] != "NOQUEUE" and int(m[2]) > 0, line
+        d = Client(r.ports["smtp"], "127.0.1.14")
+        _drip_data(d, until_closed=False)
+        r.stop()
+        assert d.reply().code == 421
+        log = r.maillog()
+        m = re.search(r": (\w+): reject=421 4\.3\.2 Service shutting down.*"
+                      r"\[127\.0\.1\.14\], size=(\d+)", log)
+        assert m and m[1] != "NOQUEUE" and int(m[2]) > 0, log
+        assert not r.queued()
+    finally:
+        r.stop()
+    no_traceback(r)
+
+
 # ============================================================== connections
 def test_max_connections_global_and_per_ip(tmp_path: Path) -> None:
     # pool_eviction off: the held sessions are idle before AUTH and would otherwise make

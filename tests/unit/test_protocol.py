@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from authrelay import replies
 from authrelay.smtpd import protocol as p
+from authrelay.types import Reply
 
 # ------------------------------------------------------------------ property tests
 
@@ -436,6 +437,25 @@ def test_repeated_refused_mail_ends_at_max_errors() -> None:
     h.send("AUTH PLAIN " + plain("alice", PASSWORD))
     h.feed(b"MAIL FROM:<bob@local.test>\r\n" * 5)
     assert h.codes() == [235, 553, 553, 553, 421] and h.closed
+
+
+def test_refused_messages_end_at_max_errors() -> None:
+    """A message refused at the end of data counts as an error, as a refused command does:
+    one resent without end (NUL characters: 554; a From: not the user's, over a limit ...:
+    the commit's refusal) ended at nothing, each scanned, refused and logged in turn."""
+    msg = (b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@local.test>\r\nDATA\r\n"
+           b"Subject: s\r\n\r\nnul \x00\r\n.\r\n")
+    h = Harness(overrides={"limits": {"max_errors": 3}})
+    h.feed(b"EHLO x\r\n" + msg * 4)
+    assert h.codes() == [220, 250, *[250, 250, 354, 554] * 3, 421] and h.closed
+    assert not h.messages
+    refused = Reply(550, "5.7.1", "From: header address not owned by the user")
+    h = Harness(overrides={"limits": {"max_errors": 3}}, message_reply=refused)
+    h.feed(b"EHLO x\r\n" + msg.replace(b"nul \x00", b"text") * 4)
+    assert h.codes() == [220, 250, *[250, 250, 354, 550] * 3, 421] and h.closed
+    h = Harness(overrides={"limits": {"max_errors": 3}})  # accepted mail is no error
+    h.feed(b"EHLO x\r\n" + msg.replace(b"nul \x00", b"text") * 4)
+    assert h.codes() == [220, 250, *[250, 250, 354, 250] * 4] and not h.closed
 
 
 def test_protocol_value() -> None:

@@ -551,9 +551,11 @@ class Engine:
         self._expect("commit")
         self.phase = Phase.COMMAND
         self.transaction = None
+        if reply.code != 250:  # refused at the end of data: an error like a refused
+            self._error(reply)  # command (a client resending it ends at max_errors)
+            return
         self._reply(reply)
-        if reply.code == 250:
-            self.junk = 0  # Postfix: the junk command count is reset after mail is accepted
+        self.junk = 0  # Postfix: the junk command count is reset after mail is accepted
 
     def resume(self) -> None:
         if self.phase is Phase.CLOSED:  # ended from outside meanwhile: nothing to do
@@ -1099,10 +1101,10 @@ class Engine:
             buf[:0] = feed.leftover  # pipelined commands after the end of data
         if reader.error:
             r = _BODY_ERRORS.get(reader.error, replies.LOCAL_ERROR)
-            self._reply(r)
             self._events.append(MessageAborted(txn, r, reader.wire_bytes))
             self.transaction = None
             self.phase = Phase.COMMAND
+            self._error(r)  # counted as message_result counts a refusal
             return True
         self._wait("commit", MessageComplete(txn, reader.size))
         return True

@@ -169,10 +169,12 @@ class Session:
         if self._expired:
             return
         self._expired = True
+        qid, size = self._receiving()
         r = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
         self.eng.close_with(r, "session_limit")
         self._flush()
-        self.maillog.reject("421 4.4.2 session time limit", relay=self.relay_desc())
+        self.maillog.reject("421 4.4.2 session time limit", relay=self.relay_desc(),
+                            queue_id=qid, size=size)
         # Not a task cancel: a commit in progress finishes (its 250 just cannot be sent);
         # the loop sees the closed connection at its next wait and ends.
         self.conn.close(CLOSE_GRACE)
@@ -189,6 +191,13 @@ class Session:
         self.eng.close_with(replies.EVICTED, "evicted")
         self._flush()
         self.conn.close(CLOSE_GRACE)
+
+    def _receiving(self) -> tuple[str | None, int | None]:
+        """The queue id and bytes so far of a message being received (DATA), else Nones:
+        a session cut from outside names the message it loses."""
+        if self._draft is not None and self.eng.phase is p.Phase.DATA:
+            return self._qid, self.eng.data_bytes
+        return None, None
 
     @property
     def refusing_data(self) -> bool:
@@ -215,6 +224,9 @@ class Session:
             await self._loop()
         except asyncio.CancelledError:
             if not self._expired:  # shutdown: say so politely if the socket is still there
+                qid, size = self._receiving()
+                if qid is not None:  # the message being received is lost: name it
+                    self._log_reject(replies.SHUTTING_DOWN, qid=qid, size=size)
                 eng.close_with(replies.SHUTTING_DOWN, "shutdown")
                 self._flush()
                 conn.close(CLOSE_GRACE)
