@@ -23,7 +23,9 @@ import trustme
 from fakes.dnsserver import FakeDNSServer
 from fakes.policyserver import PolicyServer
 from fakes.smtpserver import MXFactory
+from support import ci
 from support.maillog import ListLog
+from support.wait import until
 from test_delivery import MSG, envelope, make_cfg
 from test_tls_levels import ctx_for
 
@@ -36,6 +38,7 @@ from authrelay.delivery.mtasts import (
     parse_policy,
     parse_txt,
 )
+from authrelay.dns import Resolver
 from authrelay.types import DeliveryResult
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -44,6 +47,7 @@ MX1 = "mx1.sts.test"
 # RFC 8461's port is fixed (443): each test process takes its own loopback address, so
 # two runs on one machine do not collide.
 POLICY_HOST = f"127.19.{os.getpid() % 250 + 1}.{random.randint(1, 254)}"
+HANG_HOST = f"127.20.{os.getpid() % 250 + 1}.{random.randint(1, 254)}"  # never answers
 
 
 def policy(mode: str = "enforce", *mx: str, max_age: int = 86400) -> str:
@@ -276,6 +280,43 @@ async def test_slow_drip_policy_is_cut_at_the_total_deadline(
     # The fetching thread let go of the connection within the deadline (+ slack), not
     # after the whole drip.
     assert await asyncio.to_thread(https.dropped.wait, 5.0)
+
+
+async def test_hanging_policy_hosts_never_hold_the_default_executor(
+        env: Env, dns: FakeDNSServer) -> None:
+    """Attack: more domains than the event loop's default executor has threads publish
+    `_mta-sts`, and their policy host accepts the connection and never answers (one
+    wildcard zone gives an attacker any number of domains). Each fetch held a default
+    executor thread for up to 30 s, so every spool read, cache file and other thread hop
+    of the courier waited behind them. Now the fetches run on threads of their own: a
+    hop on the default executor is served while every fetch still hangs."""
+    ci.require_root("binding port 443 (RFC 8461's fixed port) needs root")
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # no TLS handshake, no answer: the fetch hangs
+
+    server = await asyncio.start_server(hold, HANG_HOST, 443)
+    default_threads = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
+    domains = [f"hang{i}.test" for i in range(default_threads + 2)]
+    for d in domains:
+        dns.update({f"_mta-sts.{d}": {"TXT": ["v=STSv1; id=1"]},
+                    f"mta-sts.{d}": {"A": [HANG_HOST]}})
+    cfg = make_cfg(env.tmp, dns, 25, tls_ca_file=str(env.ca_file))
+    src = HttpsStsSource(cfg, Resolver([dns.nameserver], 1.0))
+    fetches = [asyncio.create_task(src.policy(d)) for d in domains]
+    try:
+        await until(lambda: len(held) >= default_threads, "the policy fetches hang")
+        hop = asyncio.create_task(asyncio.to_thread(lambda: None))
+        done, _ = await asyncio.wait([hop, *fetches], return_when=asyncio.FIRST_COMPLETED)
+        assert done == {hop}  # before: only once the fetches' 30 s ran out
+    finally:
+        server.close()
+        for w in held:
+            w.close()
+        # Each fetch ends once its connection is closed: no policy.
+        assert await asyncio.gather(*fetches) == [None] * len(domains)
+        await server.wait_closed()
 
 
 @pytest.mark.parametrize("tamper", [

@@ -10,7 +10,8 @@ Contract: `await StsSource(...).policy(domain)` -> `StsPolicy | None` (None: no 
   every `_RECHECK` seconds per domain) and a changed `id` refreshes the policy in the
   background (3.3, 5.1): the delivery never waits for HTTPS when a policy is cached.
 - No cached policy: TXT then HTTPS inline (bounded by `[delivery] dns_timeout` and
-  `_FETCH_TIMEOUT` for the whole exchange, not per read), the body at most `_MAX_BODY`
+  `_FETCH_TIMEOUT` for the whole exchange, not per read; on `_FETCH_POOL`'s threads, so
+  slow policy hosts never hold the default executor), the body at most `_MAX_BODY`
   bytes (3.3: 64 KiB), a redirect is not followed (3.3), the certificate must verify
   for `mta-sts.DOMAIN` against the CA set (the system store plus
   `[delivery] tls_ca_file`), the media type must be text/plain.
@@ -34,6 +35,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -150,6 +152,14 @@ class MemoryStsSource(StsSource):
 
 
 _MAX_BODY = 64 * 1024  # RFC 8461 3.3: senders may refuse bigger policies
+# The blocking HTTPS fetches run on threads of their own, never on the event loop's default
+# executor: a hostile policy host (a wildcard zone gives an attacker any number of
+# domains) holds its thread for up to _FETCH_TIMEOUT, and the default executor has
+# min(32, CPUs + 4) threads, which the courier needs for spool reads and cache files.
+# Fetches past this many wait their turn (within their own deadline).
+_FETCH_THREADS = 16
+_FETCH_POOL = ThreadPoolExecutor(max_workers=_FETCH_THREADS,
+                                 thread_name_prefix="authrelay-mta-sts")
 _FETCH_TIMEOUT = 30.0  # RFC 8461 3.3 suggests a minute at most; HTTPS connect + read
 _NEGATIVE_TTL = 300.0  # "no policy" remembered in memory this long (one TXT per 5 min)
 _RECHECK = 3600.0  # a cached policy's TXT id is looked at again after this long
@@ -378,9 +388,8 @@ class HttpsStsSource(StsSource):
         err: Exception | None = None
         for ip in addrs[:2]:
             try:
-                text = await asyncio.wait_for(
-                    asyncio.to_thread(_get, name, ip, _FETCH_TIMEOUT, self._ctx),
-                    _FETCH_TIMEOUT)
+                text = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                    _FETCH_POOL, _get, name, ip, _FETCH_TIMEOUT, self._ctx), _FETCH_TIMEOUT)
                 break
             except (OSError, TimeoutError, http.client.HTTPException, StsFetchError) as e:
                 err = e
