@@ -393,6 +393,22 @@ async def test_flush_and_delete_all_while_a_delivery_ends(site: tuple[Path, Spoo
         await sched.stop()
 
 
+async def test_an_overlong_queue_id_is_not_in_the_queue(site: tuple[Path, Spool]) -> None:
+    """An id of thousands of characters (a paste gone wrong) is "not in the queue" for
+    every command (exit 1; flush without a server: 69, as for any id): it said
+    "control.sock: File name too long" (hold, release, delete, flush: the offline path's
+    file name over NAME_MAX) and show printed the spool path."""
+    cfgfile, spool = site
+    q = await put(spool, ["x@b.example"])
+    huge = "A" * 5000
+    for op in ("show", "hold", "release", "delete", "flush"):
+        r = cli(cfgfile, op, huge)
+        assert r.returncode == (69 if op == "flush" else 1), (op, r)  # 69: server down
+        assert f"{huge}: not in the queue" in r.stderr, (op, r.stderr[-300:])
+        assert "too long" not in r.stderr and "spool" not in r.stderr, (op, r.stderr[-300:])
+    assert spool.scan() == [q] and spool.held() == []
+
+
 async def test_delete_of_an_id_given_twice(site: tuple[Path, Spool]) -> None:
     """`queue delete A B A` (ids pasted from a listing): each deleted once, exit 0; the
     second A used to be reported "not in the queue" with exit status 1."""

@@ -64,8 +64,14 @@ STATE_VERSION = 1
 INLINE_MAX = 256 * 1024  # load_for_delivery returns messages up to this size as bytes
 
 
+QUEUE_ID_MAX = 64  # ours have 14 characters; a longer name is no queue id of ours
+
+
 def is_queue_id(name: str) -> bool:
-    return name.isalnum() and name.isascii()
+    """A name that may be a queue id: ASCII letters and digits, at most QUEUE_ID_MAX (so
+    an id from a user, a control request or a directory entry is a file name: never
+    "File name too long", never a path)."""
+    return 0 < len(name) <= QUEUE_ID_MAX and name.isalnum() and name.isascii()
 
 
 def _ready(mode: int) -> bool:
