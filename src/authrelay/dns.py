@@ -72,6 +72,23 @@ def _absolute(name: str) -> dns.name.Name:
     return dns.name.from_text(name.rstrip(".") + ".")
 
 
+def ascii_name(domain: str) -> str:
+    """`domain` as the lookups here ask for it: lower case, no trailing dot, and an
+    internationalized name as its A-label (dnspython's IDNA codec, the one `_absolute`
+    uses), so "bücher.example" and "xn--bcher-kva.example" are one destination for the
+    outbound TLS policy too. A leading dot (a policy map's "any subdomain") is kept; a
+    name no codec accepts is returned lower-cased (no lookup can succeed for it)."""
+    name = domain.rstrip(".").lower()
+    if name.isascii():
+        return name
+    dot = "." if name.startswith(".") else ""
+    try:
+        ace = dns.name.from_text(name.removeprefix(".") + ".").to_text(omit_final_dot=True)
+    except (dns.exception.DNSException, UnicodeError, ValueError):
+        return name
+    return dot + ace.lower()
+
+
 class Resolver:
     """Async lookups with one overall deadline (`timeout` seconds) per query."""
 

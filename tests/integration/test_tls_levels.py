@@ -283,6 +283,27 @@ async def test_policy_map_subdomains(
     assert res.ok  # but not example.test itself
 
 
+@pytest.mark.parametrize("entry, rcpt", [
+    ("xn--bcher-kva.test", "bob@bücher.test"),
+    ("bücher.test", "bob@xn--bcher-kva.test"),
+    (".bücher.test", "bob@sub.xn--bcher-kva.test"),
+])
+async def test_policy_map_covers_both_forms_of_an_internationalized_domain(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca_file: Path,
+        entry: str, rcpt: str) -> None:
+    """A map entry for xn--bcher-kva.test (the A-label DNS is asked for) also holds for a
+    recipient written bücher.test, and the reverse. Before, the other spelling missed the
+    entry and got the default level: mail the admin required TLS for went in plain text."""
+    dns.update({"xn--bcher-kva.test": {"MX": [(10, MX1)]},
+                "sub.xn--bcher-kva.test": {"MX": [(10, MX1)]}})
+    mx = fake_mx("127.0.0.2")  # no STARTTLS
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, rcpt,
+                           tls_policy="may",
+                           tls_policy_map=[{"domain": entry, "level": "encrypt"}])
+    assert not res.ok and res.enhanced == "4.7.4" and res.tls_policy == "encrypt", res
+    assert not mx.messages
+
+
 async def test_dane_without_dnssec_is_opportunistic(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
         trustme_ca_file: Path) -> None:

@@ -59,7 +59,8 @@ def policy(mode: str = "enforce", *mx: str, max_age: int = 86400) -> str:
 @pytest.fixture
 def https(trustme_ca: trustme.CA) -> Iterator[PolicyServer]:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    trustme_ca.issue_cert("mta-sts.sts.test", "mta-sts.other.test").configure_cert(ctx)
+    trustme_ca.issue_cert("mta-sts.sts.test", "mta-sts.other.test",
+                          "mta-sts.xn--bcher-kva.test").configure_cert(ctx)
     srv = PolicyServer(ctx, POLICY_HOST).start()
     try:
         yield srv
@@ -75,6 +76,9 @@ def dns(dns_server: FakeDNSServer) -> FakeDNSServer:
         "_mta-sts.sts.test": {"TXT": ["v=STSv1; id=20261204"]},
         "mta-sts.sts.test": {"A": [POLICY_HOST]},
         "nosts.test": {"MX": [(10, MX1)]},
+        "xn--bcher-kva.test": {"MX": [(10, MX1)]},  # bücher.test
+        "_mta-sts.xn--bcher-kva.test": {"TXT": ["v=STSv1; id=1"]},
+        "mta-sts.xn--bcher-kva.test": {"A": [POLICY_HOST]},
     })
     return dns_server
 
@@ -146,6 +150,19 @@ async def test_enforce_unlisted_mx_defers(
     assert "not an MX host of the MTA-STS policy of sts.test" in res.text
     assert mx.connections == 0
     assert log.grep(MX1, "status=host failed")
+
+
+async def test_enforce_policy_of_an_internationalized_domain_holds_for_its_u_label(
+        env: Env, https: PolicyServer, fake_mx: MXFactory, trustme_ca: trustme.CA) -> None:
+    """bob@bücher.test is mail to xn--bcher-kva.test (that is what DNS is asked), so that
+    domain's enforce policy applies: its MX is not listed -> deferred. Before, the U-label
+    failed the domain syntax check, "no policy", and the mail went opportunistically."""
+    https.policies["mta-sts.xn--bcher-kva.test"] = policy("enforce", "other.sts.test")
+    mx = start_mx(fake_mx, env, ctx_for(trustme_ca, MX1))
+    res, log = await env.deliver("bücher.test")
+    assert not res.ok and res.enhanced == "4.7.5" and not mx.messages, res
+    assert https.requests == [("mta-sts.xn--bcher-kva.test", "/.well-known/mta-sts.txt")]
+    assert log.grep(f"{MX1} is not an MX host of the MTA-STS policy of xn--bcher-kva.test")
 
 
 async def test_enforce_wildcard_mx(

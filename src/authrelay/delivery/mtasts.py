@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from authrelay.config import Config
-from authrelay.dns import DnsError, Resolver
+from authrelay.dns import DnsError, Resolver, ascii_name
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class HttpsStsSource(StsSource):
         self._inflight: dict[str, asyncio.Task[StsPolicy]] = {}
 
     async def policy(self, domain: str) -> StsPolicy | None:
-        domain = domain.lower().rstrip(".")
+        domain = ascii_name(domain)  # "bücher.example": the policy of xn--bcher-kva.example
         if not _DOMAIN.match(domain):
             return None
         now = time.time()

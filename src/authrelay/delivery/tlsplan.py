@@ -27,7 +27,7 @@ from authrelay.delivery import dane, mx, tlspolicy
 from authrelay.delivery.mtasts import StsPolicy, StsSource
 from authrelay.delivery.tlspolicy import HostPolicy
 from authrelay.delivery.tlsrpt import PolicyDesc
-from authrelay.dns import Resolver
+from authrelay.dns import Resolver, ascii_name
 from authrelay.types import DeliveryResult
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class Planner:
         self.sts = sts
 
     async def plan(self, domain: str, route: mx.Route) -> Plan:
+        if not domain.startswith("["):
+            domain = ascii_name(domain)  # the name DNS was asked for (DANE, verify names)
         base = tlspolicy.for_domain(self.cfg, domain)
         d = self.cfg.delivery
         if base.level not in ("dane", "dane-only") or domain.startswith("["):

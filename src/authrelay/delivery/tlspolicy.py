@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from authrelay.config import Config, TlsPolicyEntry
 from authrelay.delivery.tlsrpt import PolicyDesc
+from authrelay.dns import ascii_name
 
 LEVELS = ("none", "may", "encrypt", "verify", "dane", "dane-only")
 RESULTS = ("verified", "trusted", "untrusted", "anonymous", "none")
@@ -92,14 +93,17 @@ def effective_default(cfg: Config) -> str:
 
 
 def entry_matches(entry: TlsPolicyEntry, domain: str) -> bool:
-    pat = entry.domain.lower().rstrip(".")
+    """`domain` as `ascii_name` gives it; the entry is compared in the same form."""
+    pat = ascii_name(entry.domain)
     if pat.startswith("."):
         return domain.endswith(pat)
     return domain == pat
 
 
 def for_domain(cfg: Config, domain: str) -> Base:
-    domain = domain.lower().rstrip(".")
+    # A-labels on both sides: a recipient written "bücher.example" gets the policy set
+    # for "xn--bcher-kva.example" (and the reverse), never the default.
+    domain = ascii_name(domain)
     for e in cfg.delivery.tls_policy_map:
         if entry_matches(e, domain):
             return Base(e.level, e.match or DEFAULT_MATCH, "map")
