@@ -31,6 +31,7 @@ import email.utils
 import errno
 import pwd
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -126,6 +127,18 @@ def _unfold(headers: list[bytes]) -> list[tuple[str, str, int, int]]:
         out.append((name.strip().decode("ascii", "replace").lower(),
                     value.decode("utf-8", "surrogateescape").strip(), start, i))
     return out
+
+
+def display_name(name: str) -> str:
+    """The full name for the `From:` we add (-F, or the GECOS name) as one line: every
+    control, format or line-separator character (CR, LF, TAB, U+2028...) becomes a space.
+    formataddr() quotes a name but keeps a CR LF inside the quotes, so a -F value (often
+    a web form's name field) could otherwise end the From: field and add fields of its
+    own (`Bcc:`, `Reply-To:`) to the message (sendmail and Postfix keep the name on the
+    one line too)."""
+    flat = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c
+                   for c in name)
+    return " ".join(flat.split()) if flat != name else name
 
 
 def _qualify(addr: str, cfg: Config) -> str:
@@ -251,7 +264,7 @@ def submit(opts: Options, stdin: LineReader, cfg: Config, who: Identity, *,
 
     out_headers = [h for i, h in enumerate(headers) if i not in drop]
     if not any(f[0] == "from" for f in fields):
-        name = opts.fullname if opts.fullname is not None else gecos
+        name = display_name(opts.fullname if opts.fullname is not None else gecos)
         addr = sender or f"{login}@{cfg.hostname}"
         value = email.utils.formataddr((name, addr)) if name else addr
         out_headers.append(f"From: {value}".encode("utf-8", "replace"))

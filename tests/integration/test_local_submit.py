@@ -16,6 +16,8 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from email import policy
+from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
@@ -414,3 +416,27 @@ def test_full_name_through_the_server(relay: RelayProcess) -> None:
     [(env, msg)] = spooled(relay)
     assert env["sender"] == "nobody@relay.test"
     assert b"\r\nFrom: Cron Daemon <nobody@relay.test>\r\n" in msg
+
+
+def test_full_name_cannot_add_header_fields(relay: RelayProcess) -> None:
+    """-F is often a web form's name field: a CR LF in it must not end the From: we add
+    and start fields of its own (Bcc:, Reply-To:), through the server nor directly; nor
+    may an encoded name carry line breaks (U+2028 makes formataddr encode it)."""
+    inject = "Evil\r\nBcc: spy@remote.example\r\nReply-To: phish@remote.example\nX-Inj: 1"
+    for name in (inject, inject.replace("X-Inj:", "X-Inj:\u2028")):
+        res = sendmail(relay, "-F", name, "bob@remote.example", stdin=MSG, user="nobody")
+        assert res.returncode == 0, res.stderr
+    relay.stop()  # the direct path (root, server down) adds the same From:
+    res = sendmail(relay, "-F", inject, "bob@remote.example", stdin=MSG)
+    assert res.returncode == 0, res.stderr
+    got = spooled(relay)
+    assert len(got) == 3
+    for env, msg in got:
+        head = msg.split(b"\r\n\r\n", 1)[0]
+        names = [ln.split(b":", 1)[0].lower() for ln in head.split(b"\r\n")
+                 if ln[:1] not in (b" ", b"\t")]
+        assert names == [b"received", b"subject", b"from", b"date", b"message-id"], head
+        sender = BytesParser(policy=policy.default).parsebytes(msg)["From"].addresses[0]
+        assert sender.addr_spec == env["sender"]
+        assert sender.display_name == \
+            "Evil Bcc: spy@remote.example Reply-To: phish@remote.example X-Inj: 1"
