@@ -255,6 +255,32 @@ async def test_policy_cache_survives_restart(
     assert not mx.messages and https.requests == []
 
 
+async def test_cached_policy_outlives_the_memory_bound(
+        env: Env, https: PolicyServer, dns: FakeDNSServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: once the in-memory cache reached its bound (100,000 domains with a policy;
+    2 here) it was cleared, but the domains whose file had been read stayed marked as
+    read, so their files were never read again: the next delivery fetched inline, and a
+    DNS attack that removes the `_mta-sts` TXT record made it "no policy" (RFC 8461 10.3
+    says the cached enforce policy must hold). Now the files are read again."""
+    monkeypatch.setattr(mtasts, "_MAX_DOMAINS", 2)
+    for name in ("mta-sts.sts.test", "mta-sts.other.test", "mta-sts.xn--bcher-kva.test"):
+        https.policies[name] = policy("enforce")
+    dns.update({"other.test": {"MX": [(10, MX1)]},
+                "_mta-sts.other.test": {"TXT": ["v=STSv1; id=1"]},
+                "mta-sts.other.test": {"A": [POLICY_HOST]}})
+    cfg = make_cfg(env.tmp, dns, 25, tls_ca_file=str(env.ca_file))
+    src = HttpsStsSource(cfg, Resolver([dns.nameserver], 1.0))
+    assert await src.policy("nosts.test") is None  # a domain without: the marks fill
+    for d in ("sts.test", "other.test", "xn--bcher-kva.test"):  # the third clears memory
+        got = await src.policy(d)
+        assert got is not None and got.mode == "enforce", d
+    dns.update({"_mta-sts.other.test": {"TXT": []}})  # the attack: the TXT record is gone
+    https.policies.clear()
+    got = await src.policy("other.test")
+    assert got is not None and got.mode == "enforce" and got.mx == (MX1,)
+
+
 async def test_changed_id_refreshes_in_background(
         env: Env, https: PolicyServer, fake_mx: MXFactory, trustme_ca: trustme.CA) -> None:
     https.policies["mta-sts.sts.test"] = policy("enforce")

@@ -329,7 +329,12 @@ class HttpsStsSource(StsSource):
     # ------------------------------------------------------------------ internals
     def _remember(self, domain: str, pol: StsPolicy) -> None:
         if len(self._mem) >= _MAX_DOMAINS:
+            # Forgotten in memory only: every domain's cache file must be read again on its
+            # next delivery, or a cached enforce policy would lapse into an inline fetch
+            # that a DNS attack (no TXT record) turns into "no policy" (RFC 8461 10.3).
             self._mem.clear()
+            self._disk_seen.clear()
+            self._checked.clear()
         self._mem[domain] = pol
 
     def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
