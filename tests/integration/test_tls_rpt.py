@@ -20,6 +20,7 @@ from fakes.dnsserver import FakeDNSServer
 from fakes.policyserver import PolicyServer
 from fakes.smtpserver import MXFactory
 from support.maillog import ListLog
+from test_delivery import make_cfg
 from test_tls_levels import ctx_for
 from test_tls_mtasts import (  # noqa: F401
     MX1,
@@ -33,7 +34,8 @@ from test_tls_mtasts import (  # noqa: F401
 )
 
 from authrelay import wiring
-from authrelay.delivery.tlsrpt import Reporter, parse_rua
+from authrelay.delivery.tlsrpt import PolicyDesc, Recorder, Reporter, parse_rua
+from authrelay.dns import Resolver
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +159,39 @@ async def test_policy_fetch_failure_is_tallied(
     tally = json.loads((tmp_path / "tls-rpt" / f"{day}.json").read_text())
     sts = [v for k, v in tally["sts.test"].items() if json.loads(k)[0] == "sts"]
     assert sts and any(k.startswith("sts-webpki-invalid|") for k in sts[0][1])
+
+
+async def test_a_failing_domain_does_not_resend_the_others(
+        env: Env, dns: FakeDNSServer, tmp_path: Path) -> None:  # noqa: F811
+    """Attack: a domain the relay delivered to makes its `_smtp._tls` lookup SERVFAIL (its
+    owner can, at will). The day's file was kept whole, so at every run (hourly) every
+    other domain of that day got its report again, forever. Now only the failing domain
+    stays; it gets its report once its lookup answers, and a day is given up after
+    seven days (a maillog warning)."""
+    dns.update({"_smtp._tls.sts.test": {"TXT": ["v=TLSRPTv1; rua=mailto:tls@reports.test"]},
+                "_smtp._tls.flaky.test": "SERVFAIL"})
+    cfg = make_cfg(tmp_path, dns, 25, tls_reports=True)
+    now = time.time()
+    rec = Recorder(cfg, clock=lambda: now)
+    for dom in ("sts.test", "flaky.test"):
+        rec.session(dom, PolicyDesc(), True)
+    rec.flush()
+    log = ListLog()
+    queue = wiring.spool(cfg)
+    reporter = Reporter(cfg, Resolver([dns.nameserver], 1.0), wiring.submitter(cfg, queue, log),
+                        log, clock=lambda: now + 86400)
+    assert await reporter.send_due() == 1  # sts.test; flaky.test: try again
+    assert await reporter.send_due() == 0  # the next run: sts.test is not sent again
+    dns.update({"_smtp._tls.flaky.test": {"TXT": ["v=TLSRPTv1; rua=mailto:f@reports.test"]}})
+    assert await reporter.send_due() == 1
+    rcpts = sorted(r.address for qid in queue.scan() for r in queue.load(qid).recipients)
+    assert rcpts == ["f@reports.test", "tls@reports.test"]
+    assert not list((tmp_path / "tls-rpt").glob("*.json"))  # done with: removed
+
+    rec.session("flaky.test", PolicyDesc(), True)  # a day whose lookup never answers
+    rec.flush()
+    dns.update({"_smtp._tls.flaky.test": "SERVFAIL"})
+    reporter.clock = lambda: now + 8 * 86400
+    assert await reporter.send_due() == 0
+    assert log.grep("TLS-RPT: reports of", "for flaky.test not sent after 7 days")
+    assert not list((tmp_path / "tls-rpt").glob("*.json"))

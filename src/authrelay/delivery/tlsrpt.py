@@ -17,10 +17,12 @@ Contract:
   `application/tlsrpt+gzip` attachment named as 5.1 says and the TLS-Report-Domain and
   TLS-Report-Submitter headers of 5.3, queued through spool/submit.py (the one way in)
   with a null reverse-path (a report never causes a bounce). `https:` rua are not used
-  (documented). The day's file is then removed (a crash before that: sent twice at
-  worst, never lost silently). `run()` does this after each UTC midnight.
+  (documented). Each domain done with leaves the day's file, which is removed once
+  empty (a crash before that: sent twice at worst, never lost silently). `run()` does
+  this after each UTC midnight.
 Failure policy: recording never raises into delivery (a full disk loses the tally, with
-a debug line); a DNS or spool failure leaves the day's file for the next run.
+a debug line); a DNS or spool failure keeps that domain (only) in the day's file for the
+next run, for at most `_GIVE_UP` days.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from authrelay.spool.submit import Refused, Submitter
 log = logging.getLogger(__name__)
 
 _FLUSH_EVERY = 60.0
+_GIVE_UP = 7  # days: a day's reports not sent by then are dropped (with a maillog warning)
 _MAX_KEYS = 100_000  # tally entries per day kept in memory before a forced flush
 RESULT_TYPES = ("starttls-not-supported", "certificate-host-mismatch", "certificate-expired",
                 "certificate-not-trusted", "validation-failure", "tlsa-invalid",
@@ -260,13 +263,19 @@ class Reporter:
             except (OSError, ValueError) as e:
                 self.maillog.warning(f"TLS-RPT: unreadable tally {path.name}: {e}")
                 continue
-            complete = True
+            if path.stem < _day(self.clock() - _GIVE_UP * 86400):
+                self.maillog.warning(f"TLS-RPT: reports of {path.stem} for "
+                                     f"{', '.join(sorted(data))[:200]} not sent after "
+                                     f"{_GIVE_UP} days of failed attempts: given up")
+                await asyncio.to_thread(self._finish_day, path, {})
+                continue
+            left: dict[str, Any] = {}  # domains to try again at the next run
             for domain, pols in data.items():
                 try:
                     rua = parse_rua(await self.resolver.txt(f"_smtp._tls.{domain}"))
                 except DnsError as e:
                     if "NXDOMAIN" not in str(e) and "no TXT" not in str(e):
-                        complete = False  # a temporary failure: try again next run
+                        left[domain] = pols  # a temporary failure: try again next run
                     continue
                 if not rua:
                     continue
@@ -283,13 +292,31 @@ class Reporter:
                     await draft.commit(origin=f"tls-rpt {domain} {path.stem}")
                 except Refused as e:
                     self.maillog.warning(f"TLS-RPT: report for {domain} not queued: {e}")
-                    complete = False
+                    left[domain] = pols
                     continue
                 sent += 1
-            if complete:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            # Only what is left stays: a domain whose lookup keeps failing (its owner can
+            # make it SERVFAIL at will) must not get every other domain of the day its
+            # report again at each run.
+            await asyncio.to_thread(self._finish_day, path, left)
         return sent
+
+    def _finish_day(self, path: Path, left: dict[str, Any]) -> None:
+        """The day's file keeps only `left` (removed when empty), under the tally lock."""
+        try:
+            with open(self.dir / ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not left:
+                    path.unlink(missing_ok=True)
+                    return
+                tmp = path.with_suffix(".tmp")
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(left, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+        except OSError as e:
+            log.warning("TLS-RPT: cannot update %s: %s", path.name, e)
 
     async def run(self) -> None:
         while True:
