@@ -47,6 +47,11 @@ def test_parse_rua() -> None:
         ["tls@r.test"]  # https reporting is not used
     assert parse_rua(["v=TLSRPTv1; rua=mailto:a@r.test", "v=TLSRPTv1; rua=mailto:b@r"]) == []
     assert parse_rua(["v=spf1 -all"]) == []
+    # Control bytes and what RFC 5321 has no place for never become a recipient: they
+    # went to RCPT TO and to the report's To: field as they were.
+    assert parse_rua(["v=TLSRPTv1; rua=mailto:a%00b@r.test,mailto:c%01@r.test,"
+                      "mailto:d%7F@r.test,mailto:(e)@r.test,mailto:ok.x@r.test"]) == \
+        ["ok.x@r.test"]
 
 
 @pytest.mark.root

@@ -46,6 +46,7 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any
 
+from authrelay.address import AddressError, parse_mailbox
 from authrelay.config import Config
 from authrelay.dns import DnsError, Resolver
 from authrelay.maillog import MailLog
@@ -168,9 +169,20 @@ def parse_rua(records: list[str]) -> list[str]:
             uri = uri.strip()
             if uri.lower().startswith("mailto:"):
                 addr = urllib.parse.unquote(uri[7:].split("?")[0])
-                if re.fullmatch(r"[^@\s<>]+@[A-Za-z0-9.-]+", addr):
+                if re.fullmatch(r"[^@\s<>]+@[A-Za-z0-9.-]+", addr) and _mailbox(addr):
                     out.append(addr)
     return out[:10]
+
+
+def _mailbox(addr: str) -> bool:
+    """An RFC 5321 mailbox, as every recipient the courier sends was checked on the way
+    in (wire.command relies on it): a DNS answer's %00 or %01 never reaches RCPT TO or
+    the report's To: field."""
+    try:
+        parse_mailbox(addr)
+    except AddressError:
+        return False
+    return True
 
 
 def report_json(cfg: Config, domain: str, day: str, pols: dict[str, list[Any]],
