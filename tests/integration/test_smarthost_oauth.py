@@ -680,8 +680,8 @@ async def test_a_redirecting_token_endpoint_gets_no_second_post(
     assert sh.messages == []
 
 
-async def _echo_server() -> Any:
-    """A hostile smart host (plain text: smart_host_tls = "none") whose 535 quotes what
+async def _echo_server(tls: Any = None) -> Any:
+    """A hostile smart host (plain text, or implicit TLS with `tls`) whose 535 quotes what
     the client sent: the SASL response, and the password or token decoded from it."""
     import base64
 
@@ -705,24 +705,26 @@ async def _echo_server() -> Any:
             await writer.drain()
         writer.close()
 
-    return await asyncio.start_server(handle, "127.0.0.2", 0)
+    return await asyncio.start_server(handle, "127.0.0.2", 0, ssl=tls)
 
 
 @pytest.mark.parametrize("mech", ["xoauth2", "plain"])
 async def test_a_smart_host_echoing_our_secret_does_not_get_it_logged(
-        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, trustme_ca_file: Path,
-        mlog: Any, mech: str) -> None:
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, trustme_ca: Any,
+        trustme_ca_file: Path, mlog: Any, mech: str) -> None:
     """Attack: the smart host's refusal quotes the token (or password) and the SASL
     response we sent; the reply went whole into the maillog and the deferral text. Now
-    our secrets are cut out of it."""
+    our secrets are cut out of it. (A token goes only over verified TLS: that echo
+    server speaks implicit TLS with a certificate the relay trusts.)"""
     from types import SimpleNamespace
 
-    server = await _echo_server()
+    server = await _echo_server(server_tls_context(trustme_ca, "127.0.0.2")
+                                if mech == "xoauth2" else None)
     addr = f"127.0.0.2:{server.sockets[0].getsockname()[1]}"
     ep = endpoint(secret="s3cret-value")
     if mech == "xoauth2":
         cfg = secret_cfg(tmp_path, dns, SimpleNamespace(address=addr), ep, trustme_ca_file,
-                         smart_host_tls="none")
+                         smart_host_tls="tls")
     else:
         pw = write_secret(tmp_path / "smart.pw", "pa55word-echoed\n")
         cfg = make_cfg(tmp_path, dns, 25, relay={
@@ -1096,3 +1098,37 @@ def test_signing_keys(app_key: rsa.RSAPrivateKey) -> None:
                                             "client_email": "sa@p.iam", "private_key_id": "k9",
                                             "token_uri": "https://t/token"}).encode())
     assert (sa.issuer, sa.token_url, sa.header) == ("sa@p.iam", "https://t/token", {"kid": "k9"})
+
+
+@pytest.mark.parametrize("tls", ["encrypt", "may", "starttls-noverify"])
+async def test_a_token_only_goes_over_verified_tls(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any, tls: str) -> None:
+    """A smart host whose certificate does not verify (here: a CA the relay was not
+    given, as an interceptor's would be) never gets the bearer token, whatever level
+    smart_host_tls names (RFC 6750 5.3): the mail waits, 454 4.7.11 naming why."""
+    ep = endpoint(secret="s3cret-value")
+    sh = smart_host(ep)
+    level = {"smart_host_tls": "starttls", "smart_host_tls_verify": False} \
+        if tls == "starttls-noverify" else {"smart_host_tls": tls}
+    # The smart host's CA unknown (the token endpoint's is known).
+    cfg = secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file, smart_host_ca_file="", **level)
+    courier = wiring.courier(cfg, maillog=mlog)
+    try:
+        r = await deliver(courier)
+    finally:
+        await courier.close()
+    assert not r.ok and r.enhanced == "4.7.11", r
+    assert "not verified: an OAuth token is only sent over verified TLS" in r.text
+    sent = b"".join(sh.wire)
+    assert b"AUTH" not in sent and sh.oauth_attempts == []
+    assert all(token.encode() not in sent for token in ep.issued)
+    # Given the CA, the same level verifies and the token goes.
+    cfg = secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file, **level)
+    courier = wiring.courier(cfg, maillog=mlog)
+    try:
+        rr = await deliver(courier)
+        assert rr.ok, logtext(mlog)
+    finally:
+        await courier.close()
+    assert [ok for _, _, ok in sh.oauth_attempts] == [True]

@@ -86,8 +86,9 @@ def load(chain: list[bytes]) -> list[x509.Certificate] | None:
 
 def _subject(name: str) -> x509.DNSName | x509.IPAddress | None:
     """The reference identity for `name`: an address literal ("[192.0.2.1]",
-    "[IPv6:2001:db8::1]", RFC 5321 4.1.3) is an IP address (RFC 6125 1.7.2), anything
-    else a DNS name; None when no certificate can carry it."""
+    "[IPv6:2001:db8::1]", RFC 5321 4.1.3) or a bare address (a smart host written as
+    "192.0.2.1:587") is an IP address (RFC 6125 1.7.2), anything else a DNS name; None
+    when no certificate can carry it."""
     if name.startswith("[") and name.endswith("]"):
         inner = name[1:-1]
         if inner[:5].lower() == "ipv6:":
@@ -96,6 +97,10 @@ def _subject(name: str) -> x509.DNSName | x509.IPAddress | None:
             return x509.IPAddress(ipaddress.ip_address(inner))
         except ValueError:
             return None
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
     try:
         return x509.DNSName(name.lstrip("."))
     except ValueError:
