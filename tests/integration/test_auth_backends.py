@@ -400,3 +400,39 @@ async def test_authenticator_tempfails_when_backend_down(kind: str, sockdir: Pat
         assert await auth.verify("alice", "s3cret") is AuthResult.TEMPFAIL
     finally:
         auth.close()
+
+
+def test_dovecot_spellings_are_one_account(dovecot: Path, tmp_path: Path) -> None:
+    """Dovecot lower-cases login names (auth_username_format %Lu), so `alice`, `ALICE`
+    and `Alice` log in to one account; the relay counts, suspends and queues by the user
+    Dovecot names (`user=` in its OK), so a suspended alice cannot send on as `Alice`."""
+    from relayproc import RelayProcess
+    from smtpclient import RawClient, client_ctx, plain
+
+    r = RelayProcess(tmp_path, {"auth": {"backend": f"dovecot:{dovecot}"},
+                                "limits": {"containment": {"notify": "admin@local.test",
+                                                           "messages": 2}}},
+                     users={}).start()
+
+    def send(user: str) -> list[int]:
+        with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            assert c.cmd(f"AUTH PLAIN {plain(user, USERS['alice'])}").code == 235
+            codes = [c.cmd("MAIL FROM:<alice@example.org>").code]
+            if codes[0] == 250:
+                codes.append(c.cmd("RCPT TO:<bob@example.net>").code)
+                assert c.cmd("DATA").code == 354
+                c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+                codes.append(c.reply().code)
+            return codes
+
+    try:
+        assert send("alice") == [250, 250, 250]
+        assert send("ALICE") == [250, 250, 250]
+        line = r.wait_log(r"warning=user suspended")
+        assert "sasl_username=alice, threshold=messages, count=2" in line
+        assert send("Alice") == [450]
+        assert "alice resumed" in r.cli("user", "resume", "alice").stdout
+    finally:
+        r.stop()

@@ -125,14 +125,20 @@ class BackendAuthenticator(Authenticator):
         if not username or not password:
             return Login(AuthResult.BAD)
         try:
-            ok = await self.backend.check(username, password)
+            if isinstance(self.backend, DovecotBackend):
+                account = await self.backend.authenticate(username, password)
+            else:  # saslauthd answers OK or NO, naming nobody
+                account = username if await self.backend.check(username, password) \
+                    else None
         except BackendUnavailable as e:
             log.warning("auth backend unavailable: %s", e)
             return Login(AuthResult.TEMPFAIL)
         except Exception:  # a bug here must not crash the session or read as OK
             log.exception("auth backend %r failed", self.backend)
             return Login(AuthResult.TEMPFAIL)
-        return Login(AuthResult.OK if ok else AuthResult.BAD)
+        if account is None:
+            return Login(AuthResult.BAD)
+        return Login(AuthResult.OK, user=account if account != username else "")
 
     def addresses(self, username: str) -> set[str]:
         # External backends know no addresses: a login that is an address owns it.

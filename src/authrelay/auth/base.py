@@ -59,12 +59,17 @@ class AuthResult(enum.Enum):
 @dataclass(frozen=True)
 class Login:
     """The answer to `Authenticator.login`: the result, the app password that matched
-    ("" for the account password: the maillog's `sasl_app=`), and a hint for the maillog
-    when right credentials were refused anyway ("app password required")."""
+    ("" for the account password: the maillog's `sasl_app=`), a hint for the maillog
+    when right credentials were refused anyway ("app password required"), and the
+    account the backend named."""
 
     result: AuthResult
     app: str = ""
     hint: str = ""
+    # The account the backend says was logged in, when it names one other than the login
+    # name's `account()` (Dovecot's `user=`: `ALICE` -> `alice`); "" otherwise. After an
+    # OK the session counts and decides per user by it.
+    user: str = ""
 
 
 class Authenticator(ABC):

@@ -450,7 +450,7 @@ class Session:
             login = Login(AuthResult.TEMPFAIL)
         result = login.result
         if result is AuthResult.OK:
-            self.account = account
+            self.account = login.user or account
             await self.ticket.auth_succeeded(account)
             self.maillog.auth_ok(self.relay_desc(), mech, user, login.app)
             self._metric_auth("ok")
