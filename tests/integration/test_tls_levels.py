@@ -227,6 +227,23 @@ async def test_certificate_cryptography_cannot_parse_is_untrusted_not_raised(
     assert "malformed certificate" in res.text and len(mx.messages) == 1
 
 
+async def test_mx_name_that_is_no_host_name_gets_no_sni(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        trustme_ca_file: Path) -> None:
+    """A hostile DNS answer: the MX name's label holds backslashes, which dnspython writes
+    escaped (one 63-byte label becomes 116 characters). Sent as SNI it made ssl raise
+    UnicodeError out of the courier (mail deferred as an internal error, no TLS line);
+    now the handshake goes without SNI and the name check fails like any mismatch."""
+    host = "x" * 10 + "\\" * 53 + ".example.test"
+    dns.update({"example.test": {"MX": [(10, host)]}, host: {"A": ["127.0.0.2"]}})
+    mx = fake_mx("127.0.0.2", starttls_context=ctx_for(trustme_ca, MX1))
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="may")
+    assert res.ok and (res.tls, res.tls_policy) == ("trusted", "may"), res
+    assert mx.messages[0].tls and log.grep("tls=Trusted TLS connection established")
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="verify")
+    assert not res.ok and not res.permanent and res.enhanced == "4.7.5", res
+
+
 async def test_address_literal_is_checked_against_the_ip_address(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
         trustme_ca_file: Path) -> None:

@@ -1280,9 +1280,19 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+_SNI_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+
 def _sni(host: str) -> str | None:
-    """SNI for an MX: its name (RFC 6066 3 allows no IP literals)."""
-    return None if host.startswith("[") or not any(c.isalpha() for c in host) else host
+    """SNI for an MX: its name (RFC 6066 3 allows no IP literals), when it is a host name
+    at all. An MX name from DNS may hold any byte (dnspython writes them as \\DDD, so one
+    label can grow past 63 characters): such a name is not sent, the handshake goes on
+    without SNI (ssl would raise UnicodeError out of the courier for it)."""
+    if host.startswith("[") or not any(c.isalpha() for c in host):
+        return None
+    if not all(_SNI_LABEL.fullmatch(label) for label in host.rstrip(".").split(".")):
+        return None
+    return host
 
 
 def _int(value: str) -> int:
