@@ -1132,3 +1132,41 @@ async def test_a_token_only_goes_over_verified_tls(
     finally:
         await courier.close()
     assert [ok for _, _, ok in sh.oauth_attempts] == [True]
+
+
+async def test_doctor_keeps_the_token_from_unverified_hosts_and_echoes_out_of_its_report(
+        request: pytest.FixtureRequest, dns_server: FakeDNSServer, endpoint: Any,
+        smart_host: Any, trustme_ca: Any, trustme_ca_file: Path) -> None:
+    """`authrelay doctor` (its report is pasted into tickets) follows delivery: a token
+    only over verified TLS, whatever smart_host_tls says, and a refusal that echoes the
+    token or the SASL response we sent is reported with them cut out."""
+    tmp = request.getfixturevalue("doctor_setup")["tmp"]
+    ep = endpoint(secret="s3cret-value")
+    sh = smart_host(ep)
+    sf = write_secret(tmp / "m365.secret", "s3cret-value\n")
+    relay = {"smart_host": [sh.address], "smart_host_user": USER,
+             "smart_host_tls": "encrypt", "smart_host_auth": "xoauth2",
+             "smart_host_oauth_token_url": ep.url, "smart_host_oauth_client_id": "app-id",
+             "smart_host_oauth_scope": ep.scope, "smart_host_oauth_secret_file": str(sf),
+             "smart_host_oauth_ca_file": str(trustme_ca_file)}
+    name = f"smarthost 127.0.0.2:{sh.port}"
+    res = await doctor(cfg_for(tmp, dns_server, relay=relay))
+    assert not res[name].ok and "certificate verify failed" in res[name].detail, \
+        res[name].line()
+    assert sh.oauth_attempts == [] and b"AUTH" not in b"".join(sh.wire)
+    res = await doctor(cfg_for(tmp, dns_server, relay={**relay, "smart_host_tls": "none"}))
+    assert not res[name].ok and "only sent over verified TLS" in res[name].detail
+    assert sh.oauth_attempts == []
+
+    server = await _echo_server(server_tls_context(trustme_ca, "127.0.0.2"))
+    addr = f"127.0.0.2:{server.sockets[0].getsockname()[1]}"
+    try:
+        res = await doctor(cfg_for(tmp, dns_server, relay={
+            **relay, "smart_host": [addr], "smart_host_tls": "tls",
+            "smart_host_ca_file": str(trustme_ca_file)}))
+    finally:
+        server.close()
+        await server.wait_closed()
+    line = res[f"smarthost {addr}"].line()
+    assert "refused: 535 5.7.8 refused [redacted] i.e. [redacted]" in line, line
+    assert ep.issued and all(token not in line for token in ep.issued)

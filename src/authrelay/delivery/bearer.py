@@ -8,7 +8,7 @@ JSON error challenge read for the maillog, `TokenError`, and `Tokens`, what the 
 Contract: `xoauth2()` / `oauthbearer()` -> base64 bytes for `AUTH MECH <resp>`;
 `server_error(challenge)` -> "status=... schemes=... scope=..." or "".
 `Tokens.get()` -> an access token or TokenError; `Tokens.drop(token)`: the server
-refused it.
+refused it. `redact(text, *secrets)`: a server's reply with what we sent cut out.
 Failure policy: `server_error` never raises (a challenge that is not base64 JSON: "");
 nothing here logs, and a token is never part of an error text.
 """
@@ -59,6 +59,15 @@ def oauthbearer(user: str, token: str, host: str, port: int) -> bytes:
     return base64.b64encode(raw)
 
 
+def redact(text: str, *secrets: str) -> str:
+    """A server's reply with our secrets cut out (an echo of the token, the password or
+    the SASL response we sent), for the maillog, bounces and doctor's report."""
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
 def server_error(challenge: str) -> str:
     """The JSON error a server sends as a 334 challenge on failure (RFC 7628 3.2.2;
     Google's XOAUTH2 likewise), shortened for the maillog; '' if there is none."""
@@ -72,4 +81,4 @@ def server_error(challenge: str) -> str:
                            if k in ("status", "schemes", "scope")))
 
 
-__all__ = ["TokenError", "Tokens", "oauthbearer", "server_error", "xoauth2"]
+__all__ = ["TokenError", "Tokens", "oauthbearer", "redact", "server_error", "xoauth2"]

@@ -294,15 +294,6 @@ class _Payload:
         return (sig or b"") + seven
 
 
-def _redact(text: str, *secrets: str) -> str:
-    """A server's reply with our secrets cut out (an echo of the token, the password or
-    the SASL response we sent); the result goes to the maillog and into bounces."""
-    for secret in secrets:
-        if len(secret) >= 4:
-            text = text.replace(secret, "[redacted]")
-    return text
-
-
 def _file_is_8bit(body: _FileBody) -> bool:
     with open(body.path, "rb") as f:
         f.seek(body.offset)
@@ -984,8 +975,8 @@ class Courier:
             break
         raise _TryNext(DeliveryResult.temp(
             f"smart host {conn.remote} refused the OAuth token for {settings.user} "
-            f"(AUTH {mech}): {_redact(str(rep), *secrets)}"
-            + (f" [{_redact(detail, *secrets)}]" if detail else ""),
+            f"(AUTH {mech}): {bearer.redact(str(rep), *secrets)}"
+            + (f" [{bearer.redact(detail, *secrets)}]" if detail else ""),
             "4.7.0", 454, conn.remote))
 
     async def _auth(self, conn: _Conn, timeout: float) -> None:
@@ -1030,7 +1021,7 @@ class Courier:
             raise _TryNext(DeliveryResult.temp(
                 f"authentication failed at smart host {conn.remote} "
                 f"(check relay.smart_host_user / smart_host_password_file): "
-                f"{_redact(str(rep), *secrets)}",
+                f"{bearer.redact(str(rep), *secrets)}",
                 "4.7.0", 454, conn.remote))
 
     # ----------------------------------------------------------------- transaction

@@ -30,6 +30,7 @@ and says so. Exit status 0 only when every check passes; `--json` prints a list 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import ipaddress
@@ -48,6 +49,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from authrelay.config import Config, SmartHostOAuth, parse_hostport
+from authrelay.delivery.bearer import redact
 from authrelay.delivery.tlspolicy import smart_host_level
 from authrelay.dkim import records
 from authrelay.dkim.keys import DkimKey, KeyStore
@@ -436,12 +438,13 @@ class Doctor:
             reply = await smtp.execute_command(b"AUTH", mech.encode(), resp)
             if reply.code == 334:  # the error as a challenge (RFC 7628 3.2.2)
                 reply = await smtp.execute_command(b"AQ==" if mech == "OAUTHBEARER" else b"")
+            # A hostile or broken server may echo what we sent: never into the report.
+            text = redact(" ".join(reply.message.split()), token, resp.decode("ascii"))
         finally:
             del token, resp
         if reply.code == 235:
             return True, f"token obtained; AUTH {mech} accepted as {s.user}", ""
-        return False, f"token obtained, but AUTH {mech} refused: {reply.code} " \
-            f"{' '.join(reply.message.split())}", \
+        return False, f"token obtained, but AUTH {mech} refused: {reply.code} {text}", \
             f"check that the app may send as {s.key('user')} (Microsoft 365: " \
             "SMTP.SendAsApp and the mailbox permission; Google: domain-wide delegation " \
             "of the scope)"
@@ -451,7 +454,13 @@ class Doctor:
         r = self.cfg.relay
         level, implicit = smart_host_level(self.cfg)  # the courier's reading of smart_host_tls
         ctx = ssl.create_default_context(cafile=r.smart_host_ca_file or None)
-        if level != "verify":
+        if oauth is not None and level == "none":
+            return False, "an OAuth token is only sent over verified TLS, and " \
+                "relay.smart_host_tls is \"none\"", "set relay.smart_host_tls to starttls " \
+                "or tls"
+        if level != "verify" and oauth is None:
+            # As delivery does (delivery/client.py): a bearer token only over verified
+            # TLS, whatever the level; a password as the level says.
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         timeout = min(30.0, self.cfg.delivery.connect_timeout)
@@ -477,7 +486,8 @@ class Doctor:
             step = "EHLO"
             await smtp.ehlo()
             if not implicit and level != "none" and (
-                    level != "may" or smtp.supports_extension("starttls")):
+                    level != "may" or oauth is not None
+                    or smtp.supports_extension("starttls")):
                 step = "STARTTLS"
                 if not smtp.supports_extension("starttls"):
                     return False, "does not offer STARTTLS", "set relay.smart_host_tls " \
@@ -498,12 +508,17 @@ class Doctor:
                     f"{e.strerror or e}", "fix the file's path or permissions"
             try:
                 await smtp.login(r.smart_host_user, password)
+            except aiosmtplib.SMTPAuthenticationError as e:
+                # A hostile or broken server may echo what we sent: never into the report.
+                sent = (password, base64.b64encode(password.encode()).decode(),
+                        base64.b64encode(f"\0{r.smart_host_user}\0{password}".encode()
+                                         ).decode())
+                return False, f"AUTH refused: {e.code} " \
+                    f"{redact(' '.join(e.message.split()), *sent)}", \
+                    "check relay.smart_host_user and smart_host_password_file"
             finally:
                 del password
             return True, f"answers and accepts AUTH as {r.smart_host_user}", ""
-        except aiosmtplib.SMTPAuthenticationError as e:
-            return False, f"AUTH refused: {e.code} {' '.join(e.message.split())}", \
-                "check relay.smart_host_user and smart_host_password_file"
         except aiosmtplib.SMTPException as e:
             cause = e.__cause__ or e.__context__
             why = str(cause) if isinstance(cause, ssl.SSLError | OSError) else str(e)
