@@ -27,6 +27,7 @@ import hashlib
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from authrelay.delivery import peercert
@@ -76,7 +77,10 @@ def _selected(cert: x509.Certificate, selector: int) -> bytes:
 
 def _matches(cert: x509.Certificate, rec: Record) -> bool:
     _, selector, mtype, data = rec
-    blob = _selected(cert, selector)
+    try:
+        blob = _selected(cert, selector)
+    except (ValueError, UnsupportedAlgorithm):  # a key cryptography cannot read: the
+        return False  # peer's chain is hostile input, it matches nothing
     if mtype == 0:
         return blob == data
     return _HASH[mtype](blob).digest() == data
