@@ -2,7 +2,8 @@
 the one way.
 
 Owns: creating the file 0600 before SQLite does (its -wal and -shm files inherit the
-mode: password hashes, user names and their networks are inside), WAL with
+mode: password hashes, user names and their networks are inside), owned by its
+directory's owner when root creates it (the daemon's `user` owns state_dir), WAL with
 `synchronous = NORMAL` (durable enough in WAL mode: a crash loses at most the last
 transactions, never the file), and bringing the schema to `version` (the format number
 in `PRAGMA user_version`) in one IMMEDIATE transaction, so processes opening a new file at
@@ -36,7 +37,18 @@ def open_db(path: Path, schema: str, version: int, *,
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():
         with contextlib.suppress(FileExistsError):  # another process made it first
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                if os.geteuid() == 0:
+                    # Root (a CLI command: `user suspended`, `user resume`) making a file
+                    # in a directory the daemon's user owns gives it to that user (SQLite
+                    # gives its -wal and -shm the main file's owner): a root-owned 0600
+                    # file there is one the dropped daemon cannot open, which turned
+                    # containment off until a restart.
+                    st = os.stat(path.parent)
+                    os.fchown(fd, st.st_uid, st.st_gid)
+            finally:
+                os.close(fd)
     conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                            check_same_thread=False)
     try:

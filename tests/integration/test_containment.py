@@ -381,3 +381,32 @@ def test_realm_spellings_are_one_account(tmp_path: Path) -> None:
             assert (rep.code, rep.text[:5]) == (454, "4.7.0"), rep
     finally:
         r.stop()
+
+
+@pytest.mark.root
+def test_root_cli_leaves_containment_working_for_a_dropped_daemon(
+        reachable_dir: Path) -> None:
+    """`authrelay user suspended` run by root before anyone was counted made
+    containment.db itself, root's and 0600: the daemon, dropped to `user`, could not open
+    it, so nobody was counted or suspended until a restart. A file root makes in the
+    daemon's state dir is the daemon's user's."""
+    from privpython import python_for
+    from support.privileges import TEST_USER, unprivileged_user
+
+    pw = unprivileged_user()
+    r = RelayProcess(reachable_dir, {"user": TEST_USER, "limits": {"containment": {
+        "notify": ADMIN, "messages": 2}}})
+    r.python = python_for(TEST_USER)
+    r.config.chmod(0o644)
+    r.start()
+    try:
+        assert not (r.state / "containment.db").exists()
+        assert r.cli("user", "suspended").stdout == ""
+        assert (r.state / "containment.db").stat().st_uid == pw.pw_uid
+        for _ in range(2):
+            assert send(r.ports["submissions"], ["bob@example.net"]) == [250, 250, 250]
+        r.wait_for(lambda: suspended_lines(r), what="alice suspended")
+        assert mail_reply(r.ports["submissions"]).startswith("450 4.7.1")
+        assert "cannot count" not in r.maillog()
+    finally:
+        r.stop()
