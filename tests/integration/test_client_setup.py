@@ -183,3 +183,28 @@ def test_the_printed_settings_work(relay_factory) -> None:  # noqa: ANN001
             s.login(user, PASSWORD)
             code, _ = s.mail("alice@local.test")
             assert code == 250
+
+
+@pytest.mark.root
+def test_a_file_planted_in_a_shared_out_dir_does_not_get_the_password(
+        conf: Path, tmp_path: Path) -> None:
+    """--out in a directory others may write: a file someone planted under the old fixed
+    temporary name (`NAME.tmp`) was filled with the password and renamed into place,
+    still theirs (readable by them whatever its mode)."""
+    d = tmp_path / "shared"
+    d.mkdir(mode=0o777)
+    d.chmod(0o777)
+    for name in ("alice.mobileconfig.tmp", "config-v1.1.xml.tmp"):
+        planted = d / name
+        planted.write_bytes(b"")
+        os.chown(planted, 65534, 65534)  # nobody's
+        planted.chmod(0o666)
+    r = run(conf, "setup", "alice", "--incoming", "imaps://imap.example.org",
+            "--out", str(d), "--include-password", "--password-stdin", stdin="s3cret\n")
+    assert r.returncode == 0, r.stderr
+    for name in ("alice.mobileconfig", "config-v1.1.xml"):
+        st = (d / name).stat()
+        assert st.st_uid == os.geteuid(), name
+    assert stat.S_IMODE((d / "alice.mobileconfig").stat().st_mode) == 0o600
+    assert b"s3cret" in (d / "alice.mobileconfig").read_bytes()
+    assert (d / "alice.mobileconfig.tmp").read_bytes() == b""  # theirs, untouched

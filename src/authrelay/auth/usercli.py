@@ -17,12 +17,14 @@ never printed or logged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
 import re
 import sqlite3
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,15 +159,22 @@ def _app_password(args: argparse.Namespace) -> None:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data`, created with `mode` (0600 when it holds a password)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    """Replace `path` with `data` in a file of ours, `mode` (0600 when it holds a
+    password). The temporary file is a new one (mkstemp: random name, O_EXCL): a fixed
+    `NAME.tmp` that someone else made in a shared --out directory was opened, filled
+    with the password and renamed into place, still theirs to read."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _setup(args: argparse.Namespace) -> None:
