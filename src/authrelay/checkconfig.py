@@ -438,6 +438,20 @@ def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) 
     relay_keys = r.oauth_for("")  # the [relay] keys: checked even with no smart host
     if relay_keys is not None:
         settings.add(relay_keys)
+    oauth_hosts = [h for h in r.smart_host if r.oauth_for(h) is not None]
+    if oauth_hosts:
+        from authrelay.delivery.tlspolicy import smart_host_level
+
+        level = smart_host_level(cfg)[0]
+        if level != "verify":
+            # Delivery sends a token only over verified TLS (RFC 6750 5.3, client.py).
+            out.append(Finding(
+                "error" if level == "none" else "warning", "relay.smart_host_tls",
+                f"level {level}: an OAuth token is only sent over verified TLS, so mail "
+                f"through {', '.join(oauth_hosts)} "
+                + ("always waits (454 4.7.11)" if level == "none" else
+                   "waits (454 4.7.11) whenever the certificate does not verify "
+                   "(a private CA: relay.smart_host_ca_file)")))
     for s in sorted(settings, key=lambda s: s.host):
         if s.secret_file:
             _check_secret(cfg, pw, s.key("secret_file"), s.secret_file, out)

@@ -342,3 +342,26 @@ def test_external_backend_with_keys_notes_unsigned_logins(site: Path) -> None:
     r = _cc(cfg)
     assert "note: dkim.sign_unowned: with backend saslauthd a user owns only its login " \
         "when that is an address" in r.stdout, r.stdout + r.stderr
+
+
+def test_oauth_smart_host_without_verified_tls(site: Path) -> None:
+    """Delivery sends an OAuth token only over verified TLS: smart_host_tls = "none" with
+    OAuth can never deliver (an error), encrypt only when the certificate verifies."""
+    cert, key = _cert(site)
+    secret = site / "m365.secret"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    relay = {"smart_host": ["smtp.office365.com:587"], "smart_host_user": "r@example.org",
+             "smart_host_auth": "xoauth2",
+             "smart_host_oauth_token_url": "https://login.example/token",
+             "smart_host_oauth_client_id": "app", "smart_host_oauth_scope": "s",
+             "smart_host_oauth_secret_file": str(secret)}
+    tls = {"cert": str(cert), "key": str(key)}
+    r = _cc(_write(site, {"tls": tls, "relay": {**relay, "smart_host_tls": "none"}}))
+    assert r.returncode != 0
+    assert "error: relay.smart_host_tls: level none: an OAuth token is only sent over " \
+        "verified TLS, so mail through smtp.office365.com:587 always waits" in r.stderr
+    r = _cc(_write(site, {"tls": tls, "relay": {**relay, "smart_host_tls": "encrypt"}}))
+    assert "warning: relay.smart_host_tls: level encrypt: an OAuth token" in r.stderr
+    r = _cc(_write(site, {"tls": tls, "relay": relay}))
+    assert "relay.smart_host_tls" not in r.stdout + r.stderr
