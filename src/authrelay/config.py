@@ -354,6 +354,10 @@ class Delivery:
     dns_timeout: float = 10.0
     tls_verify: bool = False  # older spelling: true is tls_policy = "verify"
     max_idle_connections: int = 50  # outbound connection cache
+    # MX addresses one delivery attempt tries, and MX hosts it looks up (Postfix's
+    # smtp_mx_address_limit): a hostile domain's thousands of unreachable addresses must
+    # not hold a delivery slot for hours. 0: no limit.
+    mx_address_limit: int = 5
     idle_timeout: float = 10.0
     # Level may only: after a failed STARTTLS handshake, a host is tried in plain text
     # for this long (as Postfix does; an attacker could strip the STARTTLS offer anyway).

@@ -76,6 +76,7 @@ RELOADABLE = frozenset({
     "delivery.delay_warning", "delivery.concurrency", "delivery.concurrency_per_domain",
     "delivery.connect_timeout", "delivery.command_timeout", "delivery.data_timeout",
     "delivery.dns_timeout", "delivery.tls_verify", "delivery.max_idle_connections",
+    "delivery.mx_address_limit",
     "delivery.idle_timeout", "delivery.tls_fallback_time", "limits.max_message_size",
     "limits.max_recipients", "limits.max_connections", "limits.max_connections_per_ip",
     "limits.connection_rate", "limits.connection_rate_per_ip", "limits.bad_rcpt_throttle",

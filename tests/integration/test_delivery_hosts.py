@@ -650,3 +650,41 @@ async def test_more_than_a_thousand_recipients_go_in_several_transactions(
     assert all(r.ok for r in res.values()), [r for r in res.values() if not r.ok][:1]
     assert mx.received == [b"1000", b"100"]
     assert courier.connections_opened == 1
+
+
+async def test_hostile_mx_rrset_tries_at_most_mx_address_limit_addresses(
+        tmp_path: Path, dns: FakeDNSServer) -> None:
+    """A hostile DNS answer: a domain whose MX records name ten hosts, the first with
+    eight addresses, none of which answers (each a connect timeout in the wild). Every
+    address of every host was looked up and tried, so one attempt held its delivery
+    slot for as long as the attacker liked (thousands of addresses, 30 s each). Now, as
+    Postfix's smtp_mx_address_limit: five addresses, from at most five hosts looked up."""
+    hosts = [f"h{i}.many.test" for i in range(10)]
+    dns.update({"many.test": {"MX": [(10 + i, h) for i, h in enumerate(hosts)]},
+                hosts[0]: {"A": [f"127.0.0.{20 + i}" for i in range(8)]},
+                **{h: {"A": [f"127.0.0.{40 + i}"]} for i, h in enumerate(hosts[1:])}})
+    ml = ListLog()
+    courier = Courier(make_cfg(tmp_path, dns, free_port()), maillog=ml)
+    env = envelope("bob@many.test")
+    try:
+        res = (await deliver(courier, env))["bob@many.test"]
+    finally:
+        await courier.close()
+    assert not res.ok and not res.permanent and res.enhanced == "4.4.1", res
+    tried = ml.grep(env.queue_id, "status=host failed", "connection refused")
+    assert len(tried) == 5, ml.lines
+    assert all(f"{hosts[0]} [127.0.0.{20 + i}]" in ln for i, ln in enumerate(tried))
+    looked_up = {q for q, t in dns.queries if t in ("A", "AAAA") and q.endswith("many.test")}
+    assert looked_up == {hosts[0]}  # five addresses from the first: no more lookups
+
+    dns.update({hosts[0]: {"A": ["127.0.0.20"]}})  # one address each: five hosts
+    dns.queries.clear()
+    env = envelope("bob@many.test")
+    courier = Courier(make_cfg(tmp_path, dns, free_port()), maillog=ml)
+    try:
+        await deliver(courier, env)
+    finally:
+        await courier.close()
+    assert len(ml.grep(env.queue_id, "status=host failed")) == 5
+    looked_up = {q for q, t in dns.queries if t in ("A", "AAAA") and q.endswith("many.test")}
+    assert looked_up == set(hosts[:5])

@@ -453,7 +453,8 @@ class Courier:
                     and tlspolicy.for_domain(self.cfg, key).level == "dane":
                 prefetch = asyncio.get_running_loop().create_task(self.sts.policy(key))
             try:
-                route = await mx.resolve_route(self.resolver, key)
+                route = await mx.resolve_route(self.resolver, key,
+                                               limit=self.cfg.delivery.mx_address_limit)
             except mx.RouteError as e:
                 if prefetch is not None:
                     await asyncio.gather(prefetch, return_exceptions=True)

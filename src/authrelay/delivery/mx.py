@@ -3,7 +3,9 @@
 Implements RFC 5321 5.1:
 - MX records sorted by preference, shuffled among equal preferences (load spreading);
 - no MX record (NODATA): the domain itself is the single, implicit MX (its A/AAAA);
-- every address of every host is tried, IPv6 first then IPv4 per host (5.1: "both");
+- every address of every host is tried, IPv6 first then IPv4 per host (5.1: "both"), up
+  to `[delivery] mx_address_limit` addresses from as many hosts (Postfix's
+  smtp_mx_address_limit: a hostile MX RRset must not hold a delivery slot for hours);
 - an address literal recipient (`[192.0.2.1]`, `[IPv6:2001:db8::1]`, 4.1.3) skips DNS.
 And RFC 7505: a null MX (a single MX with exchange "." at preference 0) means the domain
 accepts no mail: permanent `556 5.1.10`.
@@ -96,8 +98,11 @@ async def resolve(resolver: Resolver, domain: str,
 
 
 async def resolve_route(resolver: Resolver, domain: str,
-                        rng: random.Random | None = None) -> Route:
-    """resolve() with what DNSSEC said about each answer."""
+                        rng: random.Random | None = None, limit: int = 0) -> Route:
+    """resolve() with what DNSSEC said about each answer. `limit` (`[delivery]
+    mx_address_limit`, 0: none): at most that many addresses, from at most that many MX
+    hosts looked up, in preference order (a domain's MX RRset may name thousands of hosts,
+    each with thousands of addresses that never answer)."""
     literal = parse_literal(domain)
     if literal is not None:
         return Route([(domain, literal)])
@@ -133,7 +138,9 @@ async def resolve_route(resolver: Resolver, domain: str,
     out: list[tuple[str, str]] = []
     secure_hosts: set[str] = set()
     temp: DnsTemporary | None = None
-    for host in hosts:
+    for looked_up, host in enumerate(hosts):
+        if limit and (len(out) >= limit or looked_up >= limit):
+            break
         try:
             addrs, secure = await resolver.addresses_ad(host)
         except DnsTemporary as e:
@@ -152,7 +159,7 @@ async def resolve_route(resolver: Resolver, domain: str,
     if out:
         if implicit:  # RFC 7672 2.2.2: the domain's own address records stand for the MX
             mx_secure = domain in secure_hosts
-        return Route(out, mx_secure, secure_hosts, implicit)
+        return Route(out[:limit] if limit else out, mx_secure, secure_hosts, implicit)
     if temp is not None:
         raise RouteError(DeliveryResult.temp(
             f"DNS lookup failed for the mail hosts of {domain}: {temp}", "4.4.3", 451))

@@ -34,7 +34,7 @@ async def _show(args: argparse.Namespace) -> int:
         origin = "[[delivery.tls_policy_map]]" if base.source == "map" else \
             "[delivery] tls_policy" if d.tls_policy else "default"
         try:
-            route = await mx.resolve_route(resolver, domain)
+            route = await mx.resolve_route(resolver, domain, limit=d.mx_address_limit)
         except mx.RouteError as e:
             print(f"{domain}: level {base.level} ({origin}); no route: {e.result}")
             status = 1
