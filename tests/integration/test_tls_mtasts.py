@@ -165,6 +165,20 @@ async def test_enforce_policy_of_an_internationalized_domain_holds_for_its_u_lab
     assert log.grep(f"{MX1} is not an MX host of the MTA-STS policy of xn--bcher-kva.test")
 
 
+async def test_implicit_mx_of_an_internationalized_domain_verifies(
+        env: Env, https: PolicyServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        dns: FakeDNSServer) -> None:
+    """bücher.test without MX records: the domain itself is the MX (RFC 5321 5.1), and its
+    host name is the A-label, which the policy lists and the certificate carries. It was
+    the U-label, which no pattern matches and no certificate can carry: deferred."""
+    dns.update({"xn--bcher-kva.test": {"A": ["127.0.0.2"]}})  # no MX record
+    https.policies["mta-sts.xn--bcher-kva.test"] = policy("enforce", "xn--bcher-kva.test")
+    mx = start_mx(fake_mx, env, ctx_for(trustme_ca, "xn--bcher-kva.test"))
+    res, _ = await env.deliver("bücher.test")
+    assert res.ok and (res.tls, res.tls_policy) == ("verified", "mta-sts"), res
+    assert mx.messages
+
+
 async def test_enforce_wildcard_mx(
         env: Env, https: PolicyServer, fake_mx: MXFactory, trustme_ca: trustme.CA) -> None:
     https.policies["mta-sts.sts.test"] = policy("enforce", "*.sts.test")

@@ -30,7 +30,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from authrelay.dns import DnsNoData, DnsPermanent, DnsTemporary, Resolver
+from authrelay.dns import DnsNoData, DnsPermanent, DnsTemporary, Resolver, ascii_name
 from authrelay.types import DeliveryResult
 
 
@@ -106,7 +106,9 @@ async def resolve_route(resolver: Resolver, domain: str,
     literal = parse_literal(domain)
     if literal is not None:
         return Route([(domain, literal)])
-    domain = domain.rstrip(".").lower()
+    # The A-label DNS is asked for: the implicit MX's host name is then the one a
+    # certificate, an MTA-STS pattern or SNI can carry ("bücher.example" can't).
+    domain = ascii_name(domain)
     if not domain:
         raise RouteError(DeliveryResult.perm("empty destination domain", "5.1.2", 550))
 
