@@ -4,7 +4,8 @@ Owns what `authrelay sendmail` and the server's local socket (localsubmit.py) sh
 sendmail options (`Options`), the exit codes (sysexits.h) and `Fail`, who submits
 (`Identity`, from the kernel's uid, never from the message), and `submit()`: the message
 read from a line stream (LF or CRLF; a lone "." ends it unless -i), its recipients (the
-arguments, or -t: To/Cc/Bcc or the Resent- set, Bcc removed, RFC 5322 3.6.3), aliases
+arguments, or -t: To/Cc/Bcc or the Resent- set), Bcc, Resent-Bcc, Return-Path and
+Content-Length removed (with or without -t, as Postfix does; RFC 5322 3.6.3), aliases
 expanded, `From:` added when missing (RFC 6409 8.1), the envelope sender (-f only for
 trusted users), the DSN options checked as SMTP takes them (RFC 3461 4.1, 4.3, 4.4), then
 `queue_message()` through spool/submit.py (Received:, Date:, Message-ID:, NUL and hop
@@ -86,6 +87,7 @@ class Options:
 # --------------------------------------------------------------------------- message
 
 _HEADER = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_DROPPED = ("bcc", "resent-bcc", "return-path", "content-length")
 
 
 class LineReader(Protocol):
@@ -245,9 +247,13 @@ def submit(opts: Options, stdin: LineReader, cfg: Config, who: Identity, *,
         for name, value, _start, _end in fields:
             if name in names:
                 rcpts += _addresses([value], cfg, name.title())
-        for name, _v, start, end in fields:
-            if name in ("bcc", "resent-bcc"):
-                drop.update(range(start, end))  # RFC 5322 3.6.3: Bcc is not passed on
+    for name, _v, start, end in fields:
+        # With or without -t (as Postfix's message_drop_headers): Bcc is not passed on
+        # (RFC 5322 3.6.3; a mail program that names its recipients as arguments may
+        # leave it in), nor a Return-Path (RFC 5321 4.4: added at final delivery) or a
+        # Content-Length of a local mailbox format.
+        if name in _DROPPED:
+            drop.update(range(start, end))
     seen: set[str] = set()
     unique: list[str] = []
     for r in rcpts:  # the first of each, in order

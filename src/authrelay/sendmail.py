@@ -21,8 +21,9 @@ accepted and bounced to the sender, not relayed (as Postfix does with local mail
 free space than `queue_min_free` is EX_TEMPFAIL.
 
 -t takes recipients from To/Cc/Bcc (Resent-To/-Cc/-Bcc when the message has Resent-
-fields, RFC 5322 3.6.6) and removes Bcc; recipients given as arguments are added to them
-(Postfix's reading). Unqualified addresses (`root`, as cron uses) get `@hostname`.
+fields, RFC 5322 3.6.6); recipients given as arguments are added to them (Postfix's
+reading). Bcc, Resent-Bcc, Return-Path and Content-Length are removed with or without -t
+(Postfix's message_drop_headers). Unqualified addresses (`root`, as cron uses) get `@hostname`.
 
 No server running (nobody listens on the socket): root queues directly (the sender still
 root's), becoming the spool's owner (the daemon's `user`) before touching the spool, so

@@ -337,3 +337,25 @@ def test_bs_end_of_input_mid_message_queues_nothing(offline: RelayProcess) -> No
                     b"DATA\r\nSubject: cut\r\n\r\nhalf")
     assert res.returncode == 0 and b"Traceback" not in res.stderr
     assert offline.queued() == []
+
+
+def test_bcc_removed_without_t(offline: RelayProcess) -> None:
+    """A mail program that names its recipients as arguments (no -t) may leave the Bcc:
+    in the header (mutt's write_bcc): it must not reach the other recipients, as
+    Postfix's message_drop_headers makes sure; nor may a Return-Path or Content-Length."""
+    script = (
+        "printf 'To: bob@remote.example\\nBcc: hidden@remote.example,\\n  two@remote.example\\n"
+        "Resent-Bcc: rb@remote.example\\nReturn-Path: <forged@remote.example>\\n"
+        "Content-Length: 3\\nSubject: s\\n\\nbody\\n' "
+        f"| {AUTHRELAY} sendmail -i bob@remote.example hidden@remote.example"
+    )
+    res = _sh(script, offline.config)
+    assert res.returncode == 0, res.stderr
+    env, msg = _spooled(offline)
+    assert [r["address"] for r in env["recipients"]] == ["bob@remote.example",
+                                                           "hidden@remote.example"]
+    head = msg.split(b"\r\n\r\n", 1)[0].lower()
+    for gone in (b"bcc:", b"hidden@", b"two@", b"rb@", b"return-path:", b"forged@",
+                 b"content-length:"):
+        assert gone not in head, gone
+    assert b"\r\nto: bob@remote.example\r\nsubject: s\r\n" in head
