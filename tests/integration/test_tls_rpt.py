@@ -200,3 +200,30 @@ async def test_a_failing_domain_does_not_resend_the_others(
     assert await reporter.send_due() == 0
     assert log.grep("TLS-RPT: reports of", "for flaky.test not sent after 7 days")
     assert not list((tmp_path / "tls-rpt").glob("*.json"))
+
+
+def test_a_hostile_domain_cannot_grow_the_tally_without_end(tmp_path: Path) -> None:
+    """Attack: a domain whose MX names are random (a wildcard zone) and whose hosts each
+    publish other TLSA records: every failed session was a new failure detail and every
+    host a new policy, so the day's file (rewritten whole at each flush) and the report
+    grew without end. Now at most 20 policies per domain and day and 100 details per
+    policy; past that a failure still counts, under its result type alone."""
+    from authrelay.config import from_dict
+
+    cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp_path)})
+    now = time.time()
+    rec = Recorder(cfg, clock=lambda: now)
+    sts = PolicyDesc("sts", ("version: STSv1", "mode: enforce"), ("mx.evil.test",))
+    for flush in range(2):  # two flushes: the day's file is merged into as well
+        for i in range(300):
+            rec.session("evil.test", sts, False, "certificate-expired", f"h{flush}-{i}.evil.test",
+                        "127.0.0.9")
+        for i in range(30):
+            rec.session("evil.test", PolicyDesc("tlsa", (f"3 1 1 {flush}{i:062x}",)), True)
+        rec.flush()
+    day = time.strftime("%Y-%m-%d", time.gmtime(now))
+    [pols] = json.loads((tmp_path / "tls-rpt" / f"{day}.json").read_text()).values()
+    assert len(pols) == 20
+    ok, fails = pols[sts.key()]
+    assert len(fails) <= 101 and sum(fails.values()) == 600
+    assert fails["certificate-expired|||"] == 500

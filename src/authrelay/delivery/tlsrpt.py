@@ -58,6 +58,12 @@ log = logging.getLogger(__name__)
 _FLUSH_EVERY = 60.0
 _GIVE_UP = 7  # days: a day's reports not sent by then are dropped (with a maillog warning)
 _MAX_KEYS = 100_000  # tally entries per day kept in memory before a forced flush
+# Per domain and day: a hostile domain (random MX names from a wildcard zone, TLSA records
+# per host) must not grow the tally, the day's file and its report without end. Past
+# _MAX_DETAILS failure details of a policy, new ones count under their result type only
+# (no MX host, no address); past _MAX_POLICIES policies, a new policy is not counted.
+_MAX_POLICIES = 20
+_MAX_DETAILS = 100
 RESULT_TYPES = ("starttls-not-supported", "certificate-host-mismatch", "certificate-expired",
                 "certificate-not-trusted", "validation-failure", "tlsa-invalid",
                 "dnssec-invalid", "dane-required", "sts-policy-fetch-error",
@@ -93,13 +99,16 @@ class Recorder:
                 mx: str = "", ip: str = "", local_ip: str = "") -> None:
         try:
             day = _day(self.clock())
-            entry = self._tally.setdefault(day, {}).setdefault(domain.lower(), {}) \
-                .setdefault(policy.key(), [0, {}])
+            pols = self._tally.setdefault(day, {}).setdefault(domain.lower(), {})
+            pk = policy.key()
+            if pk not in pols and len(pols) >= _MAX_POLICIES:
+                return
+            entry = pols.setdefault(pk, [0, {}])
             if ok:
                 entry[0] += 1
             else:
                 k = f"{kind or 'validation-failure'}|{mx}|{ip}|{local_ip}"
-                entry[1][k] = entry[1].get(k, 0) + 1
+                _count(entry[1], k, 1)
             self._n += 1
         except Exception:  # the tally must never break a delivery
             log.exception("TLS-RPT: cannot record a session")
@@ -140,16 +149,26 @@ def _merge(path: Path, domains: dict[str, dict[str, list[Any]]]) -> None:
     for dom, pols in domains.items():
         dd = data.setdefault(dom, {})
         for pk, (ok, fails) in pols.items():
+            if pk not in dd and len(dd) >= _MAX_POLICIES:
+                continue
             e = dd.setdefault(pk, [0, {}])
             e[0] += ok
             for k, n in fails.items():
-                e[1][k] = e[1].get(k, 0) + n
+                _count(e[1], k, n)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _count(fails: dict[str, int], key: str, n: int) -> None:
+    """Add `n` failures under `key` ("type|mx|ip|local"), or under its result type alone
+    once the policy holds _MAX_DETAILS distinct details."""
+    if key not in fails and len(fails) >= _MAX_DETAILS:
+        key = key.split("|", 1)[0] + "|||"
+    fails[key] = fails.get(key, 0) + n
 
 
 _RUA = re.compile(r"^v=TLSRPTv1\s*(;|$)")
