@@ -1170,3 +1170,26 @@ async def test_doctor_keeps_the_token_from_unverified_hosts_and_echoes_out_of_it
     line = res[f"smarthost {addr}"].line()
     assert "refused: 535 5.7.8 refused [redacted] i.e. [redacted]" in line, line
     assert ep.issued and all(token not in line for token in ep.issued)
+
+
+async def test_doctor_keeps_an_echoed_password_out_of_its_report(
+        request: pytest.FixtureRequest, dns_server: FakeDNSServer) -> None:
+    """Password AUTH at a smart host whose 535 quotes what we sent (the PLAIN response
+    and the password in it): doctor's report has them cut out."""
+    import base64
+
+    tmp = request.getfixturevalue("doctor_setup")["tmp"]
+    pw = write_secret(tmp / "smart.pw", "pa55word-echoed\n")
+    server = await _echo_server()
+    addr = f"127.0.0.2:{server.sockets[0].getsockname()[1]}"
+    try:
+        res = await doctor(cfg_for(tmp, dns_server, relay={
+            "smart_host": [addr], "smart_host_user": USER, "smart_host_tls": "none",
+            "smart_host_password_file": str(pw)}))
+    finally:
+        server.close()
+        await server.wait_closed()
+    line = res[f"smarthost {addr}"].line()
+    assert "AUTH refused: 535" in line and "[redacted]" in line, line
+    blob = base64.b64encode(f"\0{USER}\0pa55word-echoed".encode()).decode()
+    assert "pa55word" not in line and blob not in line
