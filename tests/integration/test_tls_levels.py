@@ -260,6 +260,37 @@ async def test_address_literal_is_checked_against_the_ip_address(
     assert log.grep("do not match [127.0.0.3]")
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+async def test_tls_older_than_1_2_is_refused(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        trustme_ca_file: Path) -> None:
+    """README "Outbound TLS": TLS 1.2 or newer (RFC 8996). An MX that speaks only TLS 1.1
+    fails the handshake: `encrypt` defers 4.7.5; `may` defers this attempt and goes in
+    plain text on the next (tls_fallback_time), never over TLS 1.1."""
+    ctx = ctx_for(trustme_ca, MX1)
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 refuses TLS 1.1 above level 0
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    mx = fake_mx("127.0.0.2", starttls_context=ctx)
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="encrypt")
+    assert not res.ok and res.enhanced == "4.7.5" and "TLS handshake" in res.text, res
+    cfg = make_cfg(tmp_path, dns, fake_mx.port, tls_ca_file=str(trustme_ca_file),
+                   tls_policy="may")
+    log = ListLog()
+    courier = Courier(cfg, maillog=log)
+    try:
+        env = envelope("bob@example.test")
+        first = (await courier.deliver(env, env.recipients, MSG))["bob@example.test"]
+        env = envelope("bob@example.test")
+        second = (await courier.deliver(env, env.recipients, MSG))["bob@example.test"]
+    finally:
+        await courier.close()
+    assert not first.ok and first.enhanced == "4.7.5"
+    assert log.grep("status=TLS handshake failed", "next=plain text for the next attempts")
+    assert second.ok and (second.tls, second.tls_policy) == ("none", "may")
+    assert [m.tls for m in mx.messages] == [False]
+
+
 async def test_older_tls_verify_key_means_verify(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
         trustme_ca_file: Path) -> None:
