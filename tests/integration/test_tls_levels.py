@@ -227,6 +227,24 @@ async def test_certificate_cryptography_cannot_parse_is_untrusted_not_raised(
     assert "malformed certificate" in res.text and len(mx.messages) == 1
 
 
+async def test_sni_is_the_mx_host_name(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        trustme_ca_file: Path) -> None:
+    """The STARTTLS handshake names the MX host (RFC 6066 3; RFC 7672 8.1 for DANE), so an
+    MX with one certificate per name can present the right one; an address literal
+    sends none (RFC 6066 allows no IP literal there)."""
+    seen: list[str | None] = []
+    ctx = ctx_for(trustme_ca, MX1, "127.0.0.2")
+    ctx.sni_callback = lambda _obj, name, _ctx: seen.append(name)
+    fake_mx("127.0.0.2", starttls_context=ctx)
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="verify")
+    assert res.ok and res.tls == "verified", res
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, "bob@[127.0.0.2]",
+                           tls_policy="verify")
+    assert res.ok and res.tls == "verified", res
+    assert seen == [MX1, None]
+
+
 async def test_mx_name_that_is_no_host_name_gets_no_sni(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
         trustme_ca_file: Path) -> None:
