@@ -340,7 +340,7 @@ class Delivery:
     # Believe the AD bit from `nameservers` (or the system resolver): they validate DNSSEC
     # and sit on this host or a trusted path (RFC 7672 1.3). Needed for DANE.
     dnssec: bool = False
-    mta_sts: bool = True  # RFC 8461: fetch and apply MTA-STS policies (level dane or may)
+    mta_sts: bool = True  # RFC 8461: fetch and apply MTA-STS policies (level dane only)
     tls_reports: bool = False  # RFC 8460 daily TLS-RPT reports to domains that ask
     nameservers: tuple[str, ...] = ()
     retry: tuple[float, ...] = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
