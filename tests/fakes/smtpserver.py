@@ -24,6 +24,8 @@ real authrelay process, can talk to it). Options:
   refused with 555 (RFC 5321 4.1.1.11); pair with `smtputf8=False` (RFC 6531 needs it)
 - `broken_starttls`: offer STARTTLS, answer 220, then answer the client's TLS hello with
   garbage and close (a broken TLS stack or middlebox: the handshake fails)
+- `starttls_reply`: offer STARTTLS, answer it with this (e.g. "454 4.7.0 TLS not
+  available"), the session goes on in plain text
 
 Records, thread-safely readable after the client got its reply:
 - `messages`: one `Received` per accepted DATA (envelope, options, raw content bytes as
@@ -100,6 +102,9 @@ class _RecordingSMTP(SMTP):
     _broken_tls = False
 
     async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._fake.starttls_reply and not arg:
+            await self.push(self._fake.starttls_reply)
+            return
         if self._fake.broken_starttls and not arg:
             self._fake.starttls_attempts += 1
             await self.push("220 2.0.0 Ready to start TLS")
@@ -201,6 +206,7 @@ class FakeSMTPServer:
                  smtputf8: bool = True,
                  pipelining: bool = True,
                  broken_starttls: bool = False,
+                 starttls_reply: str = "",
                  max_rcpts: int = 0,
                  eightbitmime: bool = True,
                  hostname: str = "fake.test") -> None:
@@ -221,6 +227,7 @@ class FakeSMTPServer:
         self.smtputf8 = smtputf8
         self.pipelining = pipelining
         self.broken_starttls = broken_starttls
+        self.starttls_reply = starttls_reply
         self.max_rcpts = max_rcpts
         self.eightbitmime = eightbitmime
         self.starttls_attempts = 0

@@ -133,6 +133,23 @@ async def test_may_without_starttls_is_plain(
     assert res.ok and (res.tls, res.tls_policy) == ("none", "may")
 
 
+async def test_may_starttls_refused_goes_plain_and_says_so(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        trustme_ca_file: Path) -> None:
+    """STARTTLS offered, then refused with 454 (a busy server, or a man in the middle
+    rewriting the reply): `may` goes on in plain text (RFC 3207 4) and the maillog says
+    why; it said nothing (only tls=none on the delivery line). `encrypt` defers 4.7.5."""
+    mx = fake_mx("127.0.0.2", starttls_context=ctx_for(trustme_ca, MX1),
+                 starttls_reply="454 4.7.0 TLS not available")
+    res, log = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="may")
+    assert res.ok and (res.tls, res.tls_policy) == ("none", "may"), res
+    assert mx.messages[0].tls is False
+    assert log.grep(f"relay={MX1} [127.0.0.2]:{fake_mx.port}",
+                    "tls=not used: STARTTLS refused: 454 4.7.0 TLS not available")
+    res, _ = await deliver(tmp_path, dns, fake_mx.port, trustme_ca_file, tls_policy="encrypt")
+    assert not res.ok and res.enhanced == "4.7.5" and "STARTTLS refused" in res.text
+
+
 async def test_encrypt_requires_starttls(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
         trustme_ca_file: Path) -> None:

@@ -823,6 +823,9 @@ class Courier:
         rep = await conn.wire.command(b"STARTTLS\r\n", timeout)
         if rep.code != 220:
             if not required:  # RFC 3207 4: the client decides; "may" goes on in plain text
+                # ...and says so: offered, then refused, is also what a STARTTLS-stripping
+                # man in the middle looks like.
+                self.maillog.tls_not_used(qid, conn.remote, f"STARTTLS refused: {rep}"[:300])
                 return
             raise _TryNext(DeliveryResult.temp(
                 f"STARTTLS refused by {conn.remote}: {rep}", "4.7.5", 451, conn.remote))
