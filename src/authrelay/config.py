@@ -909,12 +909,15 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     return cfg
 
 
-def load_file(path: str | os.PathLike[str]) -> Config:
+def load_file(path: str | os.PathLike[str], raw: bytes | None = None) -> Config:
+    """The config file at `path`; `raw`: its bytes already read (a reload through the
+    root key helper, daemon.py), relative paths still taken from `path`'s directory."""
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", p) from None
+    if raw is None:
+        try:
+            raw = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read: {e.strerror}", p) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -48,7 +48,16 @@ from typing import Any
 from authrelay import maillog as maillog_mod
 from authrelay import metrics as metrics_mod
 from authrelay import process, reloadkeys, sdnotify, wiring
-from authrelay.config import EMBEDDED, Config, ConfigError, embedded_notice, error_line, load
+from authrelay.config import (
+    EMBEDDED,
+    Config,
+    ConfigError,
+    embedded_notice,
+    error_line,
+    find_config_path,
+    load,
+    load_file,
+)
 from authrelay.delivery.client import Courier
 from authrelay.localsubmit import LocalSubmission
 from authrelay.metrics import Metrics
@@ -274,6 +283,9 @@ class _Run:
     read_oauth_secret: Callable[[str], bytes] | None = None
     # The maillog file opened by the key helper (root) on SIGHUP: a descriptor.
     open_log: Callable[[], int] | None = None
+    # The config file's bytes as root (the key helper), for a reload the dropped process
+    # may not read itself.
+    read_config: Callable[[], bytes] | None = None
     channel: socket.socket | None = None  # worker: its end of the master's socketpair
     workers: dict[int, _Worker] = field(default_factory=dict)  # master: pid -> worker
     master_sockets: list[socket.socket] = field(default_factory=list)  # closed on stop
@@ -285,11 +297,36 @@ class _Run:
 _cli_overrides: frozenset[str] = frozenset()
 
 
-def _reload_config(run: _Run) -> Config:
-    """The re-read config with every restart-only key kept as it runs (reloadkeys.py);
-    each such key changed in the file is one maillog line, said by the process that reads
-    it first (master or single) at every reload until a restart."""
-    new = load(run.config_path)
+def _read_config(run: _Run) -> bytes | None:
+    """The config file's bytes for a reload (blocking); None: no file (the embedded
+    default). A file the dropped process may not read (0600 root: it holds a database
+    password, docs/SCALING.md) comes through the root key helper, which checks it loads;
+    otherwise every SIGHUP failed `cannot read: Permission denied` and nothing, not even
+    a renewed certificate, was applied until a restart."""
+    path = find_config_path(run.config_path)
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except PermissionError:
+        if run.read_config is None:
+            raise ConfigError("cannot read: Permission denied", path) from None
+        try:
+            return run.read_config()
+        except OSError as e:  # the helper's reason names the file
+            raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", path) from None
+
+
+def _reload_config(run: _Run, raw: bytes | None) -> Config:
+    """The config from `raw` (the file's bytes, _read_config; None: the embedded default)
+    with every restart-only key kept as it runs (reloadkeys.py); each such key changed in
+    the file is one maillog line, said by the process that reads it first (master or
+    single) at every reload until a restart."""
+    path = find_config_path(run.config_path)
+    new = load_file(path, raw) if path is not None and raw is not None else Config()
     if run.role != "worker":
         for key in reloadkeys.restart_changes(run.cfg, new, ignore=_cli_overrides):
             maillog_mod.get().warning(f"reload: {key} needs a restart")
@@ -383,7 +420,8 @@ async def _serve_loop(run: _Run) -> int:
             if kind != b"R":
                 return
             try:
-                apply(_reload_config(run), process.unpack_pem(payload))
+                raw, pem = process.unpack_reload(payload)
+                apply(_reload_config(run, raw), pem)
                 ml.daemon("reloaded", pid=os.getpid())
             except Exception as e:
                 ml.daemon("reload failed, keeping the running config",
@@ -413,7 +451,8 @@ async def _serve_loop(run: _Run) -> int:
             # running state stays.
             await _reopen_all_maillogs(run, ml)
             try:
-                new = _reload_config(run)
+                raw = await loop.run_in_executor(None, _read_config, run)
+                new = _reload_config(run, raw)
                 pem = await loop.run_in_executor(None, run.read_keys, new)
                 apply(new, pem)
                 ml.daemon("reloaded", pid=os.getpid())
@@ -423,7 +462,7 @@ async def _serve_loop(run: _Run) -> int:
                           pid=os.getpid())
                 sdnotify.ready("reload failed, running the previous config")
                 continue
-            message = process.pack_pem(run.pem)
+            message = process.pack_reload(raw, run.pem)
             for w in list(run.workers.values()):
                 try:
                     process.send(w.channel.master, b"R", message)
@@ -622,7 +661,8 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
                        read_keys=read_keys,
                        read_password=helper.read_password if helper else None,
                        read_oauth_secret=helper.read_oauth_secret if helper else None,
-                       open_log=helper.open_log if helper else None)
+                       open_log=helper.open_log if helper else None,
+                       read_config=helper.read_config if helper else None)
             return asyncio.run(_serve_loop(run))
         return _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared)
     finally:
@@ -638,6 +678,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                read_password=helper.read_password if helper else None,
                read_oauth_secret=helper.read_oauth_secret if helper else None,
                open_log=helper.open_log if helper else None,
+               read_config=helper.read_config if helper else None,
                master_sockets=[x.sock for row in per_worker for x in row])
     workers: dict[int, _Worker] = run.workers
     master_pid = os.getpid()

@@ -20,7 +20,10 @@ Owns three mechanisms (docs/PRIVILEGES.md tells the whole split):
   small process that stays root and answers one request, "the certificate and key of the
   config file", with the PEM bytes (validated: a pair that loads, so no other file's
   contents can be obtained through it) or an error line. The unprivileged master asks it
-  on SIGHUP, so a renewed root-only key (mode 0600 root, as certbot makes) is loaded.
+  on SIGHUP, so a renewed root-only key (mode 0600 root, as certbot makes) is loaded;
+  likewise the config file itself (only the one it was started with, and only once it
+  loads) when the master may not read it (0600 root: it holds a database password).
+  Workers get the master's config bytes and PEM pair in one reload message.
 
 Messages on a channel are single SOCK_SEQPACKET datagrams: `kind(1 byte) + payload`.
 """
@@ -274,6 +277,25 @@ def unpack_pem(data: bytes) -> tuple[bytes, bytes]:
     return data[8:8 + a], data[8 + a:]
 
 
+_NO_FILE = 0xFFFFFFFF  # pack_reload: no config file (the embedded default)
+
+
+def pack_reload(config: bytes | None, pem: tuple[bytes, bytes]) -> bytes:
+    """A worker's reload: the config bytes the master loaded (None: no file) and the PEM
+    pair, so every process runs what the master read (workers may not read the file)."""
+    head = struct.pack("!I", _NO_FILE if config is None else len(config))
+    return head + (config or b"") + pack_pem(pem)
+
+
+def unpack_reload(data: bytes) -> tuple[bytes | None, tuple[bytes, bytes]]:
+    (n,) = struct.unpack("!I", data[:4])
+    if n == _NO_FILE:
+        return None, unpack_pem(data[4:])
+    if len(data) < 4 + n:
+        raise ValueError("truncated reload message")
+    return data[4:4 + n], unpack_pem(data[4 + n:])
+
+
 def watch(loop: Any, sock: socket.socket,
           on_message: Callable[[bytes, bytes, list[int]], None],
           on_gone: Callable[[], None]) -> None:
@@ -361,6 +383,17 @@ class KeyHelper:
             raise OSError(payload.decode("utf-8", "replace"))
         raise OSError("key helper is gone; restart authrelay")
 
+    def read_config(self) -> bytes:
+        """The config file's bytes read as root (blocking), for a reload by processes
+        that dropped privileges and may not read it (0600 root: it holds a password);
+        OSError on failure, with the reason (a config that does not load included)."""
+        kind, payload = self._ask(b"C")
+        if kind == b"C":
+            return payload
+        if kind == b"E":
+            raise OSError(payload.decode("utf-8", "replace"))
+        raise OSError("key helper is gone; restart authrelay")
+
     def read_password(self) -> str:
         """relay.smart_host_password_file read as root (blocking); OSError on failure."""
         kind, payload = self._ask(b"P")
@@ -386,6 +419,9 @@ class KeyHelper:
         self.channel.close()
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(self.pid, 0)
+
+
+_MAX_CONFIG = 1 << 20  # bytes of a config file the helper hands out (a sane bound)
 
 
 def _helper_main(sock: socket.socket, config_path: str | None, log_file: str | None,
@@ -415,12 +451,17 @@ def _helper_main(sock: socket.socket, config_path: str | None, log_file: str | N
                 finally:
                     os.close(fd)
                 continue
-            if kind not in (b"K", b"P", b"O"):
+            if kind not in (b"K", b"P", b"O", b"C"):
                 raise TLSConfigError("unknown request")
             path = find_config_path(config_path)
             _check_trusted(path)
             cfg = load(path)
-            if kind == b"K":
+            if kind == b"C":  # the file the master runs on (it had it at start)
+                if path is None:
+                    raise OSError("no config file")
+                with open(path, "rb") as f:
+                    send(sock, b"C", f.read(_MAX_CONFIG + 1)[:_MAX_CONFIG])
+            elif kind == b"K":
                 send(sock, b"K", pack_pem(read_pem(cfg)))
             elif kind == b"O":  # an OAuth client secret or signing key (delivery/oauth.py)
                 host = arg.decode("utf-8", "replace")

@@ -58,3 +58,43 @@ def test_smart_host_change_applies_and_restart_keys_are_named(relay_factory, fak
     # Still not applied: said again at the next reload (once, by the master).
     _reload(r, data, processes)
     assert r.maillog().count("warning=reload: auth.cache_ttl needs a restart") == 2
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_root_only_config_reloads_after_the_drop(reachable_dir, workers: int) -> None:  # noqa: ANN001
+    """The config holds a database password, so docs/SCALING.md says 0600 root; the
+    daemon runs as `user`. SIGHUP re-read it as that user: `cannot read: Permission
+    denied`, nothing applied (not even a renewed certificate) until a restart. Now the
+    root key helper hands it over; a broken file is still refused, saying why."""
+    from privpython import python_for
+    from support.privileges import TEST_USER, unprivileged_user
+
+    unprivileged_user()
+    r = RelayProcess(reachable_dir, {"user": TEST_USER}, workers=workers)
+    r.python = python_for(TEST_USER)
+    r.config.chmod(0o600)
+    r.start()
+    processes = workers + 1 if workers > 1 else 1
+    try:
+        r.wait_for(lambda: r.maillog().count("daemon=started") >= processes)
+        data = dict(r.config_data)
+        data["limits"] = {"max_recipients": 1}
+        _reload(r, data, processes)
+        r.config.chmod(0o600)
+        for _ in range(2 * processes):  # each worker applied it
+            with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
+                c.reply()
+                c.cmd("EHLO t")
+                assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+                assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
+                assert c.cmd("RCPT TO:<a@remote.example>").code == 250
+                assert c.cmd("RCPT TO:<b@remote.example>").code == 452
+        assert "reload failed" not in r.maillog()
+        r.config.write_text("limits = [\n")
+        assert r.proc is not None
+        os.kill(r.proc.pid, signal.SIGHUP)
+        line = r.wait_log(r"daemon=reload failed, keeping the running config")
+        assert "not valid TOML" in line, line
+    finally:
+        r.stop()
