@@ -227,3 +227,22 @@ def test_a_hostile_domain_cannot_grow_the_tally_without_end(tmp_path: Path) -> N
     ok, fails = pols[sts.key()]
     assert len(fails) <= 101 and sum(fails.values()) == 600
     assert fails["certificate-expired|||"] == 500
+
+
+def test_both_spellings_of_an_internationalized_domain_are_one_report(tmp_path: Path) -> None:
+    """A session to bob@bücher.test and a policy fetch failure of xn--bcher-kva.test (the
+    MTA-STS source records the A-label) are one domain's tally, so one report; they
+    were two, the U-label one with a policy-domain no DNS name has."""
+    from authrelay.config import from_dict
+
+    cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp_path)})
+    now = time.time()
+    rec = Recorder(cfg, clock=lambda: now)
+    rec.session("bücher.test", PolicyDesc("sts"), True)
+    rec.session("xn--bcher-kva.test", PolicyDesc("sts"), False, "sts-policy-fetch-error")
+    rec.flush()
+    day = time.strftime("%Y-%m-%d", time.gmtime(now))
+    tally = json.loads((tmp_path / "tls-rpt" / f"{day}.json").read_text())
+    assert list(tally) == ["xn--bcher-kva.test"]
+    [(ok, fails)] = tally["xn--bcher-kva.test"].values()
+    assert ok == 1 and sum(fails.values()) == 1

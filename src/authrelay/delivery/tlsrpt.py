@@ -48,7 +48,7 @@ from typing import Any
 
 from authrelay.address import AddressError, parse_mailbox
 from authrelay.config import Config
-from authrelay.dns import DnsError, Resolver
+from authrelay.dns import DnsError, Resolver, ascii_name
 from authrelay.maillog import MailLog
 from authrelay.spool.envelope import Envelope, Recipient
 from authrelay.spool.submit import Refused, Submitter
@@ -99,7 +99,9 @@ class Recorder:
                 mx: str = "", ip: str = "", local_ip: str = "") -> None:
         try:
             day = _day(self.clock())
-            pols = self._tally.setdefault(day, {}).setdefault(domain.lower(), {})
+            # The A-label: bücher.example and xn--bcher-kva.example are one domain, one
+            # report (its policy fetch failures are recorded under the A-label).
+            pols = self._tally.setdefault(day, {}).setdefault(ascii_name(domain), {})
             pk = policy.key()
             if pk not in pols and len(pols) >= _MAX_POLICIES:
                 return
