@@ -13,7 +13,8 @@ loopback address of their own (127.19.X.Y in the MTA-STS tests, 127.0.19.1 by de
 
 `policies[name]` may also be a (status, content type, body bytes) tuple, for broken
 servers (404, wrong media type, oversized body), or (status, content type, body, seconds)
-for a server that drips the body one byte every `seconds` (a slow-read attack).
+for a server that drips the body one byte every `seconds` (a slow-read attack), or bytes:
+the whole raw answer (status line, headers, body), for a server that bends HTTP itself.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.owner.requests.append((host, self.path))
         entry = self.server.owner.policies.get(host)
         drip = 0.0
+        if isinstance(entry, bytes):  # a raw answer: status line, headers and body as given
+            self.wfile.write(entry)
+            self.close_connection = True
+            return
         if entry is None or self.path != "/.well-known/mta-sts.txt":
             status, ctype, body = 404, "text/plain", b"not found\n"
         elif isinstance(entry, tuple):

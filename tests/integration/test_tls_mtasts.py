@@ -339,6 +339,22 @@ async def test_slow_drip_policy_is_cut_at_the_total_deadline(
     assert await asyncio.to_thread(https.dropped.wait, 5.0)
 
 
+async def test_endless_interim_responses_are_cut(
+        env: Env, https: PolicyServer, fake_mx: MXFactory, trustme_ca: trustme.CA) -> None:
+    """Attack: the policy host answers with "100 Continue" interim responses, as many as it
+    likes (http.client skips them in a loop without end), then the policy. The fetching
+    thread parsed them at full speed for the whole 30 s deadline, holding the GIL against
+    the event loop. Now the whole answer is at most 256 KiB: past that, no policy."""
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n" * 12000  # 300 KB
+    body = policy("enforce", "other.sts.test").encode()
+    https.policies["mta-sts.sts.test"] = interim + (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+        + str(len(body)).encode() + b"\r\n\r\n" + body)
+    mx = start_mx(fake_mx, env, ctx_for(trustme_ca, MX1))
+    res, _ = await env.deliver()
+    assert res.ok and res.tls_policy == "may" and mx.messages, res  # no policy
+
+
 async def test_hanging_policy_hosts_never_hold_the_default_executor(
         env: Env, dns: FakeDNSServer) -> None:
     """Attack: more domains than the event loop's default executor has threads publish

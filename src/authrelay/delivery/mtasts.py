@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import io
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from authrelay.config import Config
 from authrelay.dns import DnsError, Resolver, ascii_name
@@ -171,9 +173,46 @@ class StsFetchError(Exception):
     pass
 
 
+_MAX_RESPONSE = 4 * _MAX_BODY  # the whole answer: status lines, headers, framing, body
+
+
+class _Capped(io.RawIOBase):
+    """The response's bytes, cut at `_MAX_RESPONSE` in all: http.client skips "100
+    Continue" interim responses in a loop without end, so a policy host could keep the
+    fetching thread parsing them at full speed (holding the GIL) until the deadline."""
+
+    def __init__(self, fp: io.BufferedReader) -> None:
+        super().__init__()
+        self._fp = fp
+        self._left = _MAX_RESPONSE
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self._fp.readinto(b)
+        self._left -= n
+        if self._left < 0:
+            raise StsFetchError(f"answer larger than {_MAX_RESPONSE} bytes")
+        return n
+
+    def close(self) -> None:
+        self._fp.close()
+        super().close()
+
+
+class _CappedResponse(http.client.HTTPResponse):
+    def __init__(self, sock: socket.socket, debuglevel: int = 0, method: str | None = None,
+                 url: str | None = None) -> None:
+        super().__init__(sock, debuglevel, method, url)
+        self.fp = io.BufferedReader(_Capped(self.fp))
+
+
 class _PinnedHTTPS(http.client.HTTPSConnection):
     """HTTPS to an address we resolved (through [delivery] nameservers), with SNI and the
     certificate check for the policy host name (RFC 8461 3.3)."""
+
+    response_class = _CappedResponse
 
     def __init__(self, name: str, ip: str, timeout: float, ctx: ssl.SSLContext) -> None:
         super().__init__(name, 443, timeout=timeout, context=ctx)
