@@ -346,13 +346,22 @@ class NotRunning(Exception):
     """No server listens on the socket (not started, or gone)."""
 
 
-def buffer_stdin(stdin: BinaryIO) -> BinaryIO:
-    """The whole input, read before connecting (memory, then a temporary file)."""
+def buffer_stdin(stdin: BinaryIO, limit: int = 0) -> BinaryIO:
+    """The whole input, read before connecting (memory, then a temporary file). `limit`
+    (max_message_size when this user may read the config; 0: none known): past it the
+    reading stops with Fail(EX_DATAERR), as the server would refuse it anyway, instead of
+    filling the temporary directory with a runaway cron job's endless output."""
     tmp = tempfile.SpooledTemporaryFile(max_size=1024 * 1024)  # noqa: SIM115
+    total = 0
     while True:
         chunk = stdin.read(FRAME)
         if not chunk:
             break
+        total += len(chunk)
+        if limit and total > limit:
+            tmp.close()
+            raise localmail.Fail(localmail.EX_DATAERR,
+                                 f"message too big (limit {limit} bytes); not queued")
         tmp.write(chunk)
     tmp.seek(0)
     return tmp  # type: ignore[return-value]

@@ -426,7 +426,10 @@ def main(argv: list[str], config: str | None = None) -> int:
             except PermissionError:
                 raise Fail(EX_NOPERM, "the queue is readable by root and the authrelay "
                                       "user only") from None
-        message = localsubmit.buffer_stdin(sys.stdin.buffer)
+        with _config_fails():
+            _sock, known = _where(explicit)
+        limit = known.limits.max_message_size if known is not None else 0
+        message = localsubmit.buffer_stdin(sys.stdin.buffer, limit)
         _deliver(opts, message, explicit, invoker)
     except Fail as e:
         print(f"{PROG}: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ same identity, anyone else gets one line and EX_TEMPFAIL (75) with nothing queue
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -440,3 +441,28 @@ def test_full_name_cannot_add_header_fields(relay: RelayProcess) -> None:
         assert sender.addr_spec == env["sender"]
         assert sender.display_name == \
             "Evil Bcc: spy@remote.example Reply-To: phish@remote.example X-Inj: 1"
+
+
+def test_endless_input_is_cut_at_the_size_limit(relay: RelayProcess) -> None:
+    """A runaway cron job piping endless output to sendmail: the command read all of it
+    into a temporary file before talking to the server (filling /tmp), though anything
+    past max_message_size is refused. It now stops reading there: exit 65, nothing
+    queued, and the writer sees the pipe close."""
+    cmd = ["runuser", "-u", "nobody", "--", python_for("nobody"), "-m", "authrelay",
+           "-c", str(relay.config), "sendmail", "bob@remote.example"]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    assert p.stdin is not None and p.stderr is not None
+    written, chunk = 0, b"x" * 65536 + b"\n"
+    try:
+        while written < 50_000_000:  # bounded: the old code reads it all
+            p.stdin.write(chunk)
+            written += len(chunk)
+    except BrokenPipeError:
+        pass
+    with contextlib.suppress(BrokenPipeError):
+        p.stdin.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 65, err
+    assert b"too big (limit 100000 bytes)" in err
+    assert written < 5_000_000, written  # stopped near the limit, not at the end
+    assert spooled(relay) == []
