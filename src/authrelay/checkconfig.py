@@ -444,14 +444,16 @@ def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) 
 
         level = smart_host_level(cfg)[0]
         if level != "verify":
-            # Delivery sends a token only over verified TLS (RFC 6750 5.3, client.py).
+            # A bearer token works for whoever holds it, for its lifetime (RFC 6750 5.3
+            # wants the chain validated); delivery sends it as the level says (client.py).
             out.append(Finding(
-                "error" if level == "none" else "warning", "relay.smart_host_tls",
-                f"level {level}: an OAuth token is only sent over verified TLS, so mail "
-                f"through {', '.join(oauth_hosts)} "
-                + ("always waits (454 4.7.11)" if level == "none" else
-                   "waits (454 4.7.11) whenever the certificate does not verify "
-                   "(a private CA: relay.smart_host_ca_file)")))
+                "warning", "relay.smart_host_tls",
+                f"level {level}: the OAuth token for {', '.join(oauth_hosts)} goes "
+                + ("in clear text (only over a tunnel or a private network)"
+                   if level == "none" else
+                   "to whoever answers, its certificate not verified")
+                + "; starttls or tls verify the smart host (a private CA: "
+                "relay.smart_host_ca_file)"))
     for s in sorted(settings, key=lambda s: s.host):
         if s.secret_file:
             _check_secret(cfg, pw, s.key("secret_file"), s.secret_file, out)

@@ -62,8 +62,10 @@ Failure policy (codes per RFC 3463):
   (RFC 6152 3, RFC 3463). RFC 3461 RET/ENVID/NOTIFY/ORCPT when the peer offers DSN.
 - Smart host with `smart_host_tls = "none"` and a user: AUTH goes in plain text (the
   operator asked for it, e.g. over a tunnel); at any other level (may included) it is
-  never sent before TLS. An OAuth token (XOAUTH2, OAUTHBEARER) goes only to a smart host
-  whose certificate verified, at every level (RFC 6750 5.3): else 454 4.7.11, deferred.
+  never sent before TLS. An OAuth token (XOAUTH2, OAUTHBEARER) goes where a password
+  would, at the level smart_host_tls names: the default (starttls, verified) sends it
+  only to a host whose certificate verified; a level that does not verify is the
+  operator's choice (a tunnel, a private network), warned about by check-config.
 - Lost connection or timeout after the message was sent: transient for the accepted
   recipients and no other host is tried (it may have arrived; at-least-once, never lost);
   once the end-of-data dot went out, the reason says the retry may deliver it twice.
@@ -932,15 +934,6 @@ class Courier:
         settings, tokens = self._oauth[t.entry]
         mech = "XOAUTH2" if settings.auth == "xoauth2" else "OAUTHBEARER"
         w = conn.wire
-        if conn.tls != "verified":
-            # A bearer token works for whoever holds it, for its whole lifetime (and
-            # Google's mail.google.com scope opens the mailbox): RFC 6750 5.3, the
-            # client MUST validate the TLS chain. Whatever smart_host_tls says, a host
-            # whose certificate did not verify (or no TLS at all) never sees one.
-            raise _TryNext(DeliveryResult.temp(
-                f"smart host {conn.remote}: TLS {conn.tls}, not verified: an OAuth token "
-                "is only sent over verified TLS (a private CA: relay.smart_host_ca_file)",
-                "4.7.11", 454, conn.remote))
         if mech not in wire.auth_methods(conn.ext):
             offered = " ".join(sorted(wire.auth_methods(conn.ext))) or "none"
             raise _TryNext(DeliveryResult.temp(

@@ -454,13 +454,7 @@ class Doctor:
         r = self.cfg.relay
         level, implicit = smart_host_level(self.cfg)  # the courier's reading of smart_host_tls
         ctx = ssl.create_default_context(cafile=r.smart_host_ca_file or None)
-        if oauth is not None and level == "none":
-            return False, "an OAuth token is only sent over verified TLS, and " \
-                "relay.smart_host_tls is \"none\"", "set relay.smart_host_tls to starttls " \
-                "or tls"
-        if level != "verify" and oauth is None:
-            # As delivery does (delivery/client.py): a bearer token only over verified
-            # TLS, whatever the level; a password as the level says.
+        if level != "verify":  # as delivery does: a token or a password as the level says
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         timeout = min(30.0, self.cfg.delivery.connect_timeout)
@@ -486,8 +480,7 @@ class Doctor:
             step = "EHLO"
             await smtp.ehlo()
             if not implicit and level != "none" and (
-                    level != "may" or oauth is not None
-                    or smtp.supports_extension("starttls")):
+                    level != "may" or smtp.supports_extension("starttls")):
                 step = "STARTTLS"
                 if not smtp.supports_extension("starttls"):
                     return False, "does not offer STARTTLS", "set relay.smart_host_tls " \
