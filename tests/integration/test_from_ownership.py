@@ -63,6 +63,12 @@ ATTACKS = [
     # bob's mailbox, but the field shows ceo's address (display name, comment):
     ("shown-in-name", "bob@other.test", 'From: "ceo@probe.test" <bob@other.test>\r\n'),
     ("shown-in-comment", "bob@other.test", "From: <bob@other.test>(<ceo@probe.test>)\r\n"),
+    # encoded-words side by side: shown joined (RFC 2047 6.2), "ceo@probe.test"; and one
+    # in a comment, which a reader shows decoded (RFC 2047 5)
+    ("encoded-words-joined", "bob@other.test",
+     "From: =?utf-8?q?ceo?= =?utf-8?b?QHByb2JlLnRlc3Q=?= <bob@other.test>\r\n"),
+    ("encoded-in-comment", "bob@other.test",
+     "From: bob@other.test (=?utf-8?q?ceo=40probe.test?=)\r\n"),
     # bob's From:, 300 KiB of header fields, then ceo's: past what the accept path
     # buffers of a header section (256 KiB), so the header is not vouched for.
     ("huge-header", "bob@other.test", "From: bob@other.test\r\n" + "".join(
@@ -81,6 +87,8 @@ OWN = [
     ("own-plain", "bob@other.test", "From: bob@other.test\r\n"),
     ("own-folded", "", "From: =?utf-8?q?B=C3=B6b?=\r\n <Bob@Other.Test>\r\n"),
     ("own-group", "bob@other.test", "From: team: bob@other.test;\r\nSender: bob@other.test\r\n"),
+    ("own-encoded-words", "bob@other.test",
+     "From: =?utf-8?q?Bob?= =?iso-8859-1?q?_M=FCller?= <bob@other.test>\r\n"),
 ]
 
 

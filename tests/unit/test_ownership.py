@@ -27,6 +27,9 @@ OWNED_HEADERS = [
     b"From: =?utf-8?q?bob=40other.test?= <bob@other.test>\r\n",
     b"From: bob@other.test\r\nSender: bob@other.test\r\n",
     b"Subject: x\r\nfrom: bob@other.test\r\nTo: a@b\r\n",
+    b"From: =?utf-8?q?Bob?= =?iso-8859-1?q?_M=FCller?= <bob@other.test>\r\n",
+    b"From: =?x-unknown?q?Bob?= =?utf-8?q?_at_home?= <bob@other.test>\r\n",
+    b"From: bob@other.test (=?utf-8?q?bob=40other.test?=)\r\n",
 ]
 
 NOT_OWNED = [
@@ -58,6 +61,18 @@ NOT_OWNED = [
     (b"Sender: ceo@probe.test <bob@other.test>\r\nFrom: bob@other.test\r\n", "Sender:"),
     (b'From: "ceo\xef\xbc\xa0probe.test" <bob@other.test>\r\n', "not owned"),  # fullwidth @
     (b"From: bob@other.test\x0b\r\n", "not owned"),  # only ASCII blanks are trimmed
+    # adjacent encoded-words are shown joined, the blanks between them dropped (RFC 2047
+    # 6.2): "ceo@probe.test" on screen (email.headerregistry reads "ceo @probe.test")
+    (b"From: =?utf-8?q?ceo?= =?utf-8?q?=40probe.test?= <bob@other.test>\r\n",
+     "From: <ceo@probe.test> not owned"),
+    (b"From: =?utf-8?q?ceo?=\r\n =?utf-8?b?QHByb2JlLnRlc3Q=?= <bob@other.test>\r\n",
+     "From: <ceo@probe.test> not owned"),
+    (b"From: =?utf-8?q?ceo?= =?utf-8?q?=40probe.test?= : bob@other.test;\r\n",
+     "From: <ceo@probe.test> not owned"),  # as a group's name
+    (b"From: bob@other.test (=?utf-8?q?ceo=40probe.test?=)\r\n",  # in a comment
+     "From: <ceo@probe.test> not owned"),
+    (b"From: =?x-unknown?q?ceo?= =?utf-8?q?=40probe.test?= <bob@other.test>\r\n",
+     "From: <ceo@probe.test> not owned"),
 ]
 
 

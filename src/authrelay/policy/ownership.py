@@ -34,11 +34,12 @@ or an unsigned message, never a signature lent to a domain the user does not own
 
 from __future__ import annotations
 
+import email.header
 import email.utils
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from email.errors import InvalidHeaderDefect
+from email.errors import HeaderParseError, InvalidHeaderDefect
 from email.headerregistry import HeaderRegistry
 
 _REGISTRY = HeaderRegistry()
@@ -68,6 +69,12 @@ _SHOWN_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+[@\uff20\ufe6b][^\s<>()\[\]\"'
 # A value both stdlib parsers read as exactly one mailbox, that address (see
 # header_mailboxes); anything else (quotes, comments, commas, encoded words, non-ASCII,
 # a display name with punctuation) takes the two parsers.
+# A run of RFC 2047 encoded-words separated only by linear white space: a reader shows it
+# decoded and joined, the blanks between the words dropped (RFC 2047 6.2), which
+# `email.headerregistry` does not do (`=?q?ceo?= =?q?=40x?=` is "ceo @x" to it, but
+# "ceo@x" on screen). Encoded-words in a comment are shown decoded too (RFC 2047 5 (2)).
+_EW = r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?="
+_EW_RUN = re.compile(rf"{_EW}(?:[ \t]+{_EW})*")
 _PLAIN_MAILBOX = re.compile(
     rf"[ \t]*(?:(?:[A-Za-z0-9]+(?: [A-Za-z0-9]+)*[ \t]*)?<({_ADDR})>|({_ADDR}))[ \t]*",
     re.ASCII)
@@ -198,9 +205,34 @@ def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
     mailboxes = {normalize(a) for a in addrs}
     names = [a.display_name for a in parsed.addresses]  # type: ignore[attr-defined]
     names += [g.display_name or "" for g in parsed.groups]  # type: ignore[attr-defined]
-    for text in (value.replace("\\", ""), *names):
+    shown = _decoded_runs(value)
+    if shown is None:
+        return [], f"{label} not parsable"
+    for text in (value.replace("\\", ""), *names, *shown):
         addrs += [t for t in _SHOWN_ADDRESS.findall(text) if normalize(t) not in mailboxes]
     return addrs, ""
+
+
+def _decoded_runs(value: str) -> list[str] | None:
+    """Each run of encoded-words in `value` as a reader shows it (RFC 2047 6.2: decoded,
+    the white space between adjacent encoded-words dropped), or None when one cannot be
+    decoded. A charset Python does not know is read as Latin-1: its ASCII (an `@`, an
+    address) still shows."""
+    out: list[str] = []
+    for run in _EW_RUN.findall(value):
+        try:
+            parts = email.header.decode_header(run)
+        except HeaderParseError:
+            return None
+        text = ""
+        for data, charset in parts:
+            raw = data if isinstance(data, bytes) else data.encode("ascii", "replace")
+            try:
+                text += raw.decode((charset or "ascii").partition("*")[0], "replace")
+            except LookupError:
+                text += raw.decode("latin-1")
+        out.append(text)
+    return out
 
 
 def header_verdict(header_section: bytes, user: str, owned: Iterable[str]) -> str:
