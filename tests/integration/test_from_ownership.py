@@ -69,6 +69,9 @@ ATTACKS = [
      "From: =?utf-8?q?ceo?= =?utf-8?b?QHByb2JlLnRlc3Q=?= <bob@other.test>\r\n"),
     ("encoded-in-comment", "bob@other.test",
      "From: bob@other.test (=?utf-8?q?ceo=40probe.test?=)\r\n"),
+    # glued to a word: not RFC 2047, but lenient readers decode it ("ceo@probe.test")
+    ("encoded-word-glued", "bob@other.test",
+     "From: ceo=?utf-8?q?=40probe.test?= <bob@other.test>\r\n"),
     # bob's From:, 300 KiB of header fields, then ceo's: past what the accept path
     # buffers of a header section (256 KiB), so the header is not vouched for.
     ("huge-header", "bob@other.test", "From: bob@other.test\r\n" + "".join(

@@ -73,6 +73,11 @@ NOT_OWNED = [
      "From: <ceo@probe.test> not owned"),
     (b"From: =?x-unknown?q?ceo?= =?utf-8?q?=40probe.test?= <bob@other.test>\r\n",
      "From: <ceo@probe.test> not owned"),
+    # an encoded-word glued to a word: lenient readers (most) decode it all the same
+    (b"From: ceo=?utf-8?q?=40probe.test?= <bob@other.test>\r\n",
+     "From: <ceo@probe.test> not owned"),
+    (b"From: bob@other.test (ceo=?utf-8?b?QHByb2Jl?=.test)\r\n",
+     "From: <ceo@probe.test> not owned"),
 ]
 
 

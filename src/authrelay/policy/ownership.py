@@ -72,7 +72,8 @@ _SHOWN_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+[@\uff20\ufe6b][^\s<>()\[\]\"'
 # A run of RFC 2047 encoded-words separated only by linear white space: a reader shows it
 # decoded and joined, the blanks between the words dropped (RFC 2047 6.2), which
 # `email.headerregistry` does not do (`=?q?ceo?= =?q?=40x?=` is "ceo @x" to it, but
-# "ceo@x" on screen). Encoded-words in a comment are shown decoded too (RFC 2047 5 (2)).
+# "ceo@x" on screen). Encoded-words in a comment are shown decoded too (RFC 2047 5 (2)),
+# and so is one glued to a word (not RFC 2047, but what lenient readers do).
 _EW = r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?="
 _EW_RUN = re.compile(rf"{_EW}(?:[ \t]+{_EW})*")
 _PLAIN_MAILBOX = re.compile(
@@ -205,34 +206,33 @@ def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
     mailboxes = {normalize(a) for a in addrs}
     names = [a.display_name for a in parsed.addresses]  # type: ignore[attr-defined]
     names += [g.display_name or "" for g in parsed.groups]  # type: ignore[attr-defined]
-    shown = _decoded_runs(value)
+    shown = _as_shown(value)
     if shown is None:
         return [], f"{label} not parsable"
-    for text in (value.replace("\\", ""), *names, *shown):
+    for text in (value.replace("\\", ""), *names, shown):
         addrs += [t for t in _SHOWN_ADDRESS.findall(text) if normalize(t) not in mailboxes]
     return addrs, ""
 
 
-def _decoded_runs(value: str) -> list[str] | None:
-    """Each run of encoded-words in `value` as a reader shows it (RFC 2047 6.2: decoded,
-    the white space between adjacent encoded-words dropped), or None when one cannot be
-    decoded. A charset Python does not know is read as Latin-1: its ASCII (an `@`, an
-    address) still shows."""
-    out: list[str] = []
-    for run in _EW_RUN.findall(value):
-        try:
-            parts = email.header.decode_header(run)
-        except HeaderParseError:
-            return None
+def _as_shown(value: str) -> str | None:
+    """`value` with each run of encoded-words replaced by what a reader shows for it
+    (RFC 2047 6.2: decoded, the white space between adjacent encoded-words dropped), or
+    None when one cannot be decoded. Replaced in place, wherever it stands: readers
+    decode an encoded-word glued to other text too (`ceo=?q?=40x?=` shows "ceo@x"). A
+    charset Python does not know is read as Latin-1: its ASCII (an `@`) still shows."""
+    def shown(m: re.Match[str]) -> str:
         text = ""
-        for data, charset in parts:
+        for data, charset in email.header.decode_header(m.group()):
             raw = data if isinstance(data, bytes) else data.encode("ascii", "replace")
             try:
                 text += raw.decode((charset or "ascii").partition("*")[0], "replace")
             except LookupError:
                 text += raw.decode("latin-1")
-        out.append(text)
-    return out
+        return text
+    try:
+        return _EW_RUN.sub(shown, value)
+    except HeaderParseError:
+        return None
 
 
 def header_verdict(header_section: bytes, user: str, owned: Iterable[str]) -> str:
