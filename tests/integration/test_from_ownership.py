@@ -72,6 +72,9 @@ ATTACKS = [
     # glued to a word: not RFC 2047, but lenient readers decode it ("ceo@probe.test")
     ("encoded-word-glued", "bob@other.test",
      "From: ceo=?utf-8?q?=40probe.test?= <bob@other.test>\r\n"),
+    # hair spaces around the @ (UTF-8, RFC 6532): drawn all but invisible
+    ("hair-spaces", "bob@other.test",
+     'From: "ceo\u200a@\u200aprobe.test" <bob@other.test>\r\n'),
     # bob's From:, 300 KiB of header fields, then ceo's: past what the accept path
     # buffers of a header section (256 KiB), so the header is not vouched for.
     ("huge-header", "bob@other.test", "From: bob@other.test\r\n" + "".join(

@@ -30,6 +30,7 @@ OWNED_HEADERS = [
     b"From: =?utf-8?q?Bob?= =?iso-8859-1?q?_M=FCller?= <bob@other.test>\r\n",
     b"From: =?x-unknown?q?Bob?= =?utf-8?q?_at_home?= <bob@other.test>\r\n",
     b"From: bob@other.test (=?utf-8?q?bob=40other.test?=)\r\n",
+    b'From: "Bob\xc2\xa0Smith" <bob@other.test>\r\n',  # NBSP inside a display name
 ]
 
 NOT_OWNED = [
@@ -78,6 +79,15 @@ NOT_OWNED = [
      "From: <ceo@probe.test> not owned"),
     (b"From: bob@other.test (ceo=?utf-8?b?QHByb2Jl?=.test)\r\n",
      "From: <ceo@probe.test> not owned"),
+    # blanks drawn narrow or not at all around the @ (hair space, narrow NBSP, NBSP, a
+    # C0 separator): "ceo@probe.test" on screen
+    (b'From: "ceo\xe2\x80\x8a@\xe2\x80\x8aprobe.test" <bob@other.test>\r\n',
+     "From: <ceo@probe.test> not owned"),
+    (b'From: "ceo\xe2\x80\xaf@probe.test" <bob@other.test>\r\n', "<ceo@probe.test> not owned"),
+    (b'From: "ceo@\xc2\xa0probe.test" <bob@other.test>\r\n', "<ceo@probe.test> not owned"),
+    (b'From: "ceo\x1f@probe.test" <bob@other.test>\r\n', "<ceo@probe.test> not owned"),
+    (b"From: =?utf-8?q?ceo=E2=80=89=40probe.test?= <bob@other.test>\r\n",  # thin space
+     "<ceo@probe.test> not owned"),
 ]
 
 

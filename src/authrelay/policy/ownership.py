@@ -66,6 +66,11 @@ _ADDR = rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+"
 # Anything shaped like an address (an at sign, ASCII or a look-alike, between two runs
 # of characters that do not end an address).
 _SHOWN_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+[@\uff20\ufe6b][^\s<>()\[\]\"',;:]+")
+# White space other than the ASCII space and tab (hair, thin, narrow no-break spaces, NBSP,
+# VT, FF, the C0 separators \x1c-\x1f, NEL): drawn narrow or not at all, so
+# `"ceo\u200a@\u200abank.test"` shows as an address; the shown text is also read with
+# them taken out.
+_ODD_BLANK = re.compile(r"[^\S \t]")
 # A value both stdlib parsers read as exactly one mailbox, that address (see
 # header_mailboxes); anything else (quotes, comments, commas, encoded words, non-ASCII,
 # a display name with punctuation) takes the two parsers.
@@ -209,7 +214,9 @@ def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
     shown = _as_shown(value)
     if shown is None:
         return [], f"{label} not parsable"
-    for text in (value.replace("\\", ""), *names, shown):
+    texts = [value.replace("\\", ""), *names, shown]
+    texts += [_ODD_BLANK.sub("", t) for t in texts if _ODD_BLANK.search(t)]
+    for text in texts:
         addrs += [t for t in _SHOWN_ADDRESS.findall(text) if normalize(t) not in mailboxes]
     return addrs, ""
 
