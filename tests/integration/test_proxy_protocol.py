@@ -181,6 +181,10 @@ def test_missing_or_malformed_header_closes(relay: RelayProcess) -> None:
     with proxied(port, b"PROXY TCP4 192.0.2.1 192.0.2.2 01 2\r\n") as c:
         assert c.closed()
     refused(relay, "PROXY header refused: bad port")
+    # a zoned IPv6 spelling of loopback (inside ::1/128 to ipaddress): not an address
+    with proxied(port, b"PROXY TCP6 ::1%lo 2001:db8::2 1 2\r\n") as c:
+        assert c.closed()
+    refused(relay, "PROXY header refused: bad address '::1%lo'")
     with proxied(relay.ports["submissions"], b"\x16\x03\x01\x00\x05hello") as c:
         assert c.closed()  # a TLS client straight at 465: no handshake at all
     refused(relay, "PROXY header refused: no PROXY header", 2)

@@ -53,6 +53,9 @@ def test_v1_unknown_means_local() -> None:
     b"PROXY TCP4 192.0.2.7 198.51.100.1 -1 2\r\n",
     b"PROXY UDP4 192.0.2.7 198.51.100.1 1 2\r\n",
     b"PROXY TCP4 192.0.2.7 198.51.100.1 1 2\n",             # bare LF
+    b"PROXY TCP6 ::1%eth0 2001:db8::2 1 2\r\n",              # IPv6 zone
+    b"PROXY TCP6 ::ffff:192.0.2.7%1 2001:db8::2 1 2\r\n",
+    b"PROXY TCP6 2001:db8::1 fe80::2%25 1 2\r\n",
     b"PROXY TCP4 h\xc3\xa9 198.51.100.1 1 2\r\n",           # not ASCII
     b"PROXY TCP4 192.0.2.7 198.51.100.1 \xd9\xa1 2\r\n",    # Arabic-Indic digit
 ])

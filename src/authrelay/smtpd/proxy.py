@@ -61,6 +61,11 @@ class ProxyHeader:
 
 
 def _ip(text: str, version: int) -> str:
+    # An IPv6 zone (`fe80::1%eth0`, which `ipaddress` accepts since Python 3.9) is no
+    # address a proxy reports (inet_ntop writes none): refused, so no zoned spelling of an
+    # address (`::1%x` is in ::1/128) reaches the trusted-network check, limits and logs.
+    if "%" in text:
+        raise ProxyError(f"bad address {text[:50]!r}")
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
