@@ -147,10 +147,20 @@ def test_address_edits(db) -> None:
         db.set_addresses("nobody", [])
 
 
-@pytest.mark.parametrize("name", ["", "al ice", "al\nice", "tab\there", "\x00", "a" * 256])
+@pytest.mark.parametrize("name", ["", "al ice", "al\nice", "tab\there", "\x00", "a" * 256,
+                                  "ali\u202ecod.exe", "ali\u200bce", "\u2028", "al\u0085ice",
+                                  "al\udc80ice", "al\ue000ice"])
 def test_bad_names(db, name: str) -> None:
+    """Among them names that show as another name (a right-to-left override, a zero
+    width space: format characters) were accepted."""
     with pytest.raises(UserDBError):
         db.add(name, "pw")
+
+
+@pytest.mark.parametrize("name", ["jörg", "josé@example.org", "用户", "alice.smith+x"])
+def test_names_beyond_ascii(db, name: str) -> None:
+    db.add(name, "pw")
+    assert name in [u.name for u in db.list()]
 
 
 @pytest.mark.parametrize("addr", ["", "alice", "@example.org", "alice@", "a b@x.org",

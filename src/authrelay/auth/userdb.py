@@ -19,6 +19,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,12 +86,21 @@ class UserInfo:
     changed: int = 0
 
 
+# Characters a name must not hold: controls, format characters (U+202E right-to-left
+# override, U+200B zero width space: a name that shows as another in `user list` and the
+# maillog's readers), line and paragraph separators, surrogates, private use, unassigned.
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
 def check_name(name: str) -> str:
-    """A user name: 1..255 octets of UTF-8, no whitespace or control characters."""
+    """A user name: 1..255 octets of UTF-8, no whitespace, control or invisible
+    (format) characters."""
     if not isinstance(name, str) or not name:
         raise UserDBError("user name must not be empty")
-    if len(name.encode("utf-8")) > MAX_NAME_OCTETS:
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_OCTETS:
         raise UserDBError("user name longer than 255 octets")
+    if not name.isascii() and any(unicodedata.category(c) in _HIDDEN for c in name):
+        raise UserDBError("user name must not contain control or invisible characters")
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         raise UserDBError("user name must not contain spaces or control characters")
     return name
