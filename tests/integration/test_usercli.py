@@ -118,13 +118,26 @@ def test_password_stdin_strips_the_newline_only(conf: Path) -> None:
 
 def test_passwd_and_addresses(conf: Path) -> None:
     assert run(conf, "add", "alice", "--password-stdin", stdin="old\n").returncode == 0
-    assert run(conf, "passwd", "alice", "--password-stdin", stdin="new\n").returncode == 0
+    r = run(conf, "passwd", "alice", "--password-stdin", stdin="new\n")
+    assert r.returncode == 0 and r.stderr == ""
     h = db_of(conf).get_hash("alice")
     assert passwords.verify_password(h, "new") and not passwords.verify_password(h, "old")
     assert run(conf, "address", "add", "alice", "Sales@Example.org").returncode == 0
     assert db_of(conf).addresses("alice") == {"sales@example.org"}
     assert run(conf, "address", "del", "alice", "SALES@example.org").returncode == 0
     assert db_of(conf).addresses("alice") == set()
+
+
+def test_passwd_names_the_app_passwords_that_still_work(conf: Path) -> None:
+    """`user passwd` is what an admin runs for a compromised account; the account's app
+    passwords keep working after it, which it now says (with the command to revoke)."""
+    assert run(conf, "add", "alice", "--password-stdin", stdin="old\n").returncode == 0
+    for name in ("phone", "laptop"):
+        assert run(conf, "app-password", "add", "alice", "--name", name).returncode == 0
+    r = run(conf, "passwd", "alice", "--password-stdin", stdin="new\n")
+    assert r.returncode == 0 and "password of alice changed" in r.stdout
+    assert "alice's 2 app passwords (laptop, phone) still work" in r.stderr, r.stderr
+    assert "authrelay user app-password revoke alice --name NAME" in r.stderr
 
 
 async def test_running_authenticator_sees_cli_changes(conf: Path) -> None:

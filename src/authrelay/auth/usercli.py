@@ -99,6 +99,14 @@ def _passwd(args: argparse.Namespace) -> None:
         raise _CliError(f"no user {args.name}")
     db.set_password(args.name, _read_password(args))
     print(f"password of {args.name} changed")
+    # App passwords are not tied to the account password (a new phone password must not
+    # log out every device): say so, since a compromised account is this command's case.
+    apps = sorted(a.name for a in db.app_passwords(args.name))
+    if apps:
+        print(f"authrelay: note: {args.name}'s {len(apps)} app password"
+              f"{'s' if len(apps) != 1 else ''} ({', '.join(apps)}) still work; "
+              f"revoke them with: authrelay user app-password revoke {args.name} --name NAME",
+              file=sys.stderr)
 
 
 def _iso(ts: int) -> str:
