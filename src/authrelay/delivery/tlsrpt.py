@@ -157,6 +157,12 @@ def _merge(path: Path, domains: dict[str, dict[str, list[Any]]]) -> None:
             e[0] += ok
             for k, n in fails.items():
                 _count(e[1], k, n)
+    _write_json(path, data)
+
+
+def _write_json(path: Path, data: object) -> None:
+    """Replace `path` with `data` as JSON, durably (temporary file, fsync, rename); the
+    caller holds the tally lock."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f)
@@ -342,12 +348,7 @@ class Reporter:
                 if not left:
                     path.unlink(missing_ok=True)
                     return
-                tmp = path.with_suffix(".tmp")
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(left, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                _write_json(path, left)
         except OSError as e:
             log.warning("TLS-RPT: cannot update %s: %s", path.name, e)
 
