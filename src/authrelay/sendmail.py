@@ -358,10 +358,11 @@ def _config_fails() -> Iterator[None]:
         raise Fail(EX_CONFIG, error_line(e)) from None
 
 
-def _deliver(opts: Options, message: BinaryIO, explicit: str | None, invoker: int) -> str:
-    """Through the running server; with none running, root (only) queues directly."""
-    with _config_fails():
-        sock, cfg = _where(explicit)
+def _deliver(opts: Options, message: BinaryIO, where: tuple[str, Config | None],
+             invoker: int) -> str:
+    """Through the running server (`where`: _where()'s socket and config); with none
+    running, root (only) queues directly."""
+    sock, cfg = where
     try:
         resp = localsubmit.send(sock, opts, message)
     except localsubmit.NotRunning:
@@ -411,9 +412,9 @@ def main(argv: list[str], config: str | None = None) -> int:
         explicit = opts.config or config
         if opts.mode == "s":
             with _config_fails():
-                _sock, dcfg = _where(explicit)
-            return smtp_dialogue(dcfg or Config(), sys.stdin.buffer, sys.stdout.buffer,
-                                 lambda o, m: _deliver(o, m, explicit, invoker))
+                where = _where(explicit)
+            return smtp_dialogue(where[1] or Config(), sys.stdin.buffer, sys.stdout.buffer,
+                                 lambda o, m: _deliver(o, m, where, invoker))
         if opts.mode in ("p", "q"):
             with _config_fails():
                 cfg = _load_config(explicit)
@@ -427,10 +428,11 @@ def main(argv: list[str], config: str | None = None) -> int:
                 raise Fail(EX_NOPERM, "the queue is readable by root and the authrelay "
                                       "user only") from None
         with _config_fails():
-            _sock, known = _where(explicit)
+            where = _where(explicit)
+        known = where[1]
         limit = known.limits.max_message_size if known is not None else 0
         message = localsubmit.buffer_stdin(sys.stdin.buffer, limit)
-        _deliver(opts, message, explicit, invoker)
+        _deliver(opts, message, where, invoker)
     except Fail as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return e.code
