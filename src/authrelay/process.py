@@ -460,7 +460,10 @@ def _helper_main(sock: socket.socket, config_path: str | None, log_file: str | N
                 if path is None:
                     raise OSError("no config file")
                 with open(path, "rb") as f:
-                    send(sock, b"C", f.read(_MAX_CONFIG + 1)[:_MAX_CONFIG])
+                    data = f.read(_MAX_CONFIG + 1)
+                if len(data) > _MAX_CONFIG:  # refused whole: a cut file may still parse
+                    raise OSError(f"{path}: larger than {_MAX_CONFIG} bytes")
+                send(sock, b"C", data)
             elif kind == b"K":
                 send(sock, b"K", pack_pem(read_pem(cfg)))
             elif kind == b"O":  # an OAuth client secret or signing key (delivery/oauth.py)

@@ -96,5 +96,12 @@ def test_a_root_only_config_reloads_after_the_drop(reachable_dir, workers: int) 
         os.kill(r.proc.pid, signal.SIGHUP)
         line = r.wait_log(r"daemon=reload failed, keeping the running config")
         assert "not valid TOML" in line, line
+        # Past the helper's bound (1 MiB) the file is refused whole: it was cut there, and
+        # a cut file may still parse, without the keys after the cut.
+        r.config.write_text(to_toml(data) + "# padding\n" * 120_000)
+        r.config.chmod(0o600)
+        os.kill(r.proc.pid, signal.SIGHUP)
+        r.wait_for(lambda: r.maillog().count("daemon=reload failed") >= 2)
+        assert "larger than 1048576 bytes" in r.maillog().split("not valid TOML")[-1]
     finally:
         r.stop()
