@@ -26,12 +26,16 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
+from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
 import dns.flags
+import dns.message
 import dns.name
 import dns.nameserver
+import dns.rcode
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
@@ -53,6 +57,16 @@ class DnsNoData(DnsError):
 
 class DnsTemporary(DnsError):
     """SERVFAIL, timeout or no reachable nameserver: retry later."""
+
+
+@dataclass(frozen=True)
+class TlsaAnswer:
+    """`Resolver.tlsa_answer`: the well-formed records, the AD bit, and how many records
+    of the answer could not be read (RFC 6698 2.1 RDATA dnspython refuses)."""
+
+    records: list[tuple[int, int, int, bytes]]
+    secure: bool
+    malformed: int = 0
 
 
 def _parse_nameserver(spec: str) -> tuple[str, int]:
@@ -118,6 +132,9 @@ class Resolver:
         self.dnssec = dnssec
         self._r = r
         self.timeout = timeout
+        # Whom `tlsa_answer` asks itself (it reads the raw reply).
+        self._servers = [(ns.address, ns.port) for ns in r.nameservers
+                         if isinstance(ns, dns.nameserver.Do53Nameserver)]
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
         try:
@@ -161,9 +178,74 @@ class Resolver:
         """TLSA records (usage, selector, matching type, data) of `name` (RFC 6698 2.1)
         and whether they were DNSSEC-validated. Raises DnsPermanent / DnsNoData /
         DnsTemporary (a bogus answer is SERVFAIL from a validating resolver)."""
-        ans = await self._query(name, "TLSA")
-        return ([(int(rr.usage), int(rr.selector), int(rr.mtype), bytes(rr.cert))
-                 for rr in ans], self._ad(ans))
+        a = await self.tlsa_answer(name)
+        return a.records, a.secure
+
+    async def tlsa_answer(self, name: str) -> TlsaAnswer:
+        """tlsa() and the number of records that could not be read. dnspython's parser
+        refuses a whole message for one malformed record (a `3 1 1` digest not 32 bytes,
+        RDATA under 3 octets), and its resolver then ignores the reply and times out;
+        RFC 7672 2.2 / RFC 6698 want such a record ignored as unusable. So the query is
+        sent here (UDP, TCP when truncated; each nameserver in turn, a few tries, within
+        `timeout`) and the reply read with `from_wire(continue_on_error=True)`: the
+        well-formed records kept, the bad ones counted, CNAME chains followed
+        (`resolve_chaining`). Raises as tlsa(); an answer whose records are all malformed
+        is not NODATA: it returns `records=[]`, `malformed>0`."""
+        q = dns.message.make_query(_absolute(name), dns.rdatatype.TLSA, use_edns=0,
+                                   payload=1232)
+        if self.dnssec:
+            q.flags |= dns.flags.AD  # RFC 6840 5.7: ask for the AD bit
+        last: DnsError = DnsTemporary(f"{name}/TLSA: no nameserver to ask")
+        servers = self._servers or [("127.0.0.1", 53)]
+        per_try = float(self._r.timeout)
+        try:
+            async with asyncio.timeout(self.timeout):
+                for attempt in range(max(3, len(servers))):
+                    host, port = servers[attempt % len(servers)]
+                    try:
+                        async with asyncio.timeout(per_try):
+                            wire = await _exchange(q, host, port)
+                        m = dns.message.from_wire(wire, continue_on_error=True)
+                    except TimeoutError:
+                        last = DnsTemporary(f"{name}/TLSA: DNS lookup timed out")
+                        continue
+                    except (OSError, EOFError, asyncio.IncompleteReadError,
+                            dns.exception.DNSException) as e:
+                        last = DnsTemporary(f"{name}/TLSA: DNS error: "
+                                            f"{e or type(e).__name__}")
+                        continue
+                    answer = self._tlsa_reply(name, q, m)
+                    if isinstance(answer, TlsaAnswer):
+                        return answer
+                    last = answer
+        except TimeoutError:
+            raise DnsTemporary(f"{name}/TLSA: DNS lookup timed out") from None
+        raise last
+
+    def _tlsa_reply(self, name: str, q: dns.message.Message, m: dns.message.Message) -> \
+            TlsaAnswer | DnsTemporary:
+        """The reply `m` to `q` read; a DnsTemporary to try the next server with.
+        Raises DnsPermanent (NXDOMAIN) / DnsNoData."""
+        if not q.is_response(m) or not isinstance(m, dns.message.QueryMessage):
+            return DnsTemporary(f"{name}/TLSA: unrelated DNS answer")
+        rcode = m.rcode()
+        if rcode == dns.rcode.NXDOMAIN:
+            raise DnsPermanent(f"{name}: no such domain (NXDOMAIN)")
+        if rcode != dns.rcode.NOERROR:
+            return DnsTemporary(f"{name}/TLSA: DNS server failure "
+                                f"({dns.rcode.to_text(rcode)})")
+        try:
+            rrset = m.resolve_chaining().answer
+        except dns.exception.DNSException as e:
+            return DnsTemporary(f"{name}/TLSA: DNS error: {e}")
+        records = [(int(rr.usage), int(rr.selector), int(rr.mtype), bytes(rr.cert))
+                   for rr in rrset or ()]
+        bad = len(m.errors)
+        if not records and not bad:
+            raise DnsNoData(f"{name}: no TLSA record")
+        if bad:
+            log.info("%s/TLSA: %d malformed record(s) ignored", name, bad)
+        return TlsaAnswer(records, self.dnssec and bool(m.flags & dns.flags.AD), bad)
 
     async def addresses(self, host: str) -> list[str]:
         """AAAA then A addresses of `host`. Both are asked at once; an answer for either
@@ -224,3 +306,28 @@ class Resolver:
         except (DnsPermanent, DnsNoData):
             return False
         return len(ans) > 0
+
+
+async def _exchange(q: dns.message.Message, host: str, port: int) -> bytes:
+    """One query to one server, UDP then TCP when truncated (RFC 7766); the raw reply."""
+    wire = q.to_wire()
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.setblocking(False)
+        s.connect((host, port))  # connected: datagrams from other sources are dropped
+        await loop.sock_sendall(s, wire)
+        while True:
+            reply = await loop.sock_recv(s, 65535)
+            if len(reply) >= 12 and reply[:2] == wire[:2]:  # the query's id
+                break
+    if not int.from_bytes(reply[2:4], "big") & dns.flags.TC:
+        return reply
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        await writer.drain()
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        return await reader.readexactly(size)
+    finally:
+        writer.close()

@@ -13,6 +13,9 @@ answer between two delivery attempts):
         "2.0.0.127.in-addr.arpa": {"PTR": ["mx1.example.test"]},
     }
 
+"TLSA" values are raw RDATA bytes (usage, selector, matching type, data: served as given,
+malformed or not). `FakeDNSServer(ad=True)` sets the AD bit on every answer, as a
+validating resolver does for a signed zone (the courier believes it with `dnssec = true`).
 A name absent from the dict is NXDOMAIN; a present name without the asked type is NODATA
 (NOERROR, empty answer). Names are case-insensitive, trailing dots optional. Use
 `server.nameserver` ("127.0.0.1:PORT") for `[delivery] nameservers`. `server.queries`
@@ -25,7 +28,7 @@ import socketserver
 import threading
 from typing import Any
 
-from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, TXT, A, DNSError, DNSRecord
+from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RD, RR, TXT, A, DNSError, DNSRecord
 from dnslib.server import DNSHandler
 
 _RDATA = {"A": A, "AAAA": AAAA, "PTR": PTR, "CNAME": CNAME, "TXT": TXT}
@@ -44,6 +47,7 @@ class _Resolver:
         qname, qtype = _norm(str(q.qname)), QTYPE[q.qtype]
         self.owner.queries.append((qname, qtype))
         reply = request.reply()
+        reply.header.ad = int(self.owner.ad)
         zone = self.owner.zones.get(qname)
         if zone is None:
             reply.header.rcode = RCODE.NXDOMAIN
@@ -54,7 +58,9 @@ class _Resolver:
         if zone == "TIMEOUT":
             raise DNSError("test zone: drop the query")  # dnslib sends nothing
         for value in zone.get(qtype, ()):
-            if qtype == "MX":
+            if qtype == "TLSA":
+                rdata = RD(value)
+            elif qtype == "MX":
                 pref, host = value
                 rdata: Any = MX(host if host != "." else ".", pref)
             else:
@@ -81,7 +87,9 @@ class _TCP(socketserver.ThreadingMixIn, socketserver.TCPServer):
 class FakeDNSServer:
     """Start with `start()`, stop with `stop()`; or use as a context manager."""
 
-    def __init__(self, zones: dict[str, Any] | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, zones: dict[str, Any] | None = None, host: str = "127.0.0.1", *,
+                 ad: bool = False) -> None:
+        self.ad = ad
         self.zones: dict[str, Any] = {}
         self.set_zones(zones or {})
         self.host = host

@@ -10,7 +10,10 @@ Contract:
   which a validating resolver answers for bogus data, or a timeout). `usable` keeps the
   records RFC 7672 3.1 lets SMTP use: DANE-TA(2) and DANE-EE(3), selector Cert(0) or
   SPKI(1), matching Full(0), SHA2-256(1), SHA2-512(2). PKIX-TA(0)/PKIX-EE(1) are unusable
-  for SMTP (3.1.3).
+  for SMTP (3.1.3). A record dnspython cannot read (a digest whose length does not fit its
+  matching type, RDATA under 3 bytes) is unusable too: counted in `malformed`, the others
+  kept (RFC 6698 / RFC 7672 2.2: unusable records are ignored, not the RRset); secure
+  records that are all malformed are "secure" with nothing usable.
 - `match(chain, usable, names)` -> `peercert.Check`: "verified" when a DANE-EE record
   matches the leaf (no name or date checks: RFC 7672 3.1.1) or the chain validates to a
   certificate matched by a DANE-TA record (or published whole in one) with one of `names`
@@ -44,6 +47,7 @@ class Tlsa:
     state: str  # secure | none | failed
     records: tuple[Record, ...] = ()
     reason: str = ""
+    malformed: int = 0  # records of the RRset that could not be read (unusable)
 
     @property
     def usable(self) -> tuple[Record, ...]:
@@ -58,15 +62,16 @@ def tlsa_name(host: str, port: int) -> str:
 async def lookup(resolver: Resolver, host: str, port: int) -> Tlsa:
     name = tlsa_name(host, port)
     try:
-        records, secure = await resolver.tlsa(name)
+        a = await resolver.tlsa_answer(name)
     except (DnsPermanent, DnsNoData):
         return Tlsa("none", reason=f"no TLSA records at {name}")
     except DnsTemporary as e:
         return Tlsa("failed", reason=f"TLSA lookup for {name} failed "
                                      f"(DNSSEC validation failure or server failure): {e}")
-    if not secure:
-        return Tlsa("none", tuple(records), f"TLSA records at {name} are not DNSSEC-validated")
-    return Tlsa("secure", tuple(records))
+    if not a.secure:
+        return Tlsa("none", tuple(a.records),
+                    f"TLSA records at {name} are not DNSSEC-validated", a.malformed)
+    return Tlsa("secure", tuple(a.records), malformed=a.malformed)
 
 
 def _selected(cert: x509.Certificate, selector: int) -> bytes:

@@ -1,0 +1,133 @@
+"""DANE (RFC 7672 2.2, RFC 6698 2.1) with TLSA RRsets that hold malformed records: a
+`3 1 1` record whose digest is not 32 bytes, RDATA shorter than its three octet fields.
+
+dnspython refuses a whole DNS message for one such record; the courier must ignore the
+bad records (unusable) and use the others, and when none is left still require TLS
+(unauthenticated), never plain text. The loopback DNS server (dnslib) serves the raw
+RDATA and sets the AD bit as a validating resolver would; the MX hosts are aiosmtpd with
+STARTTLS (or without, for the "TLS is mandatory" case)."""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import FakeSMTPServer
+from support.maillog import ListLog
+from support.ports import common_free_port
+from test_delivery import MSG, envelope
+
+from authrelay.config import from_dict
+from authrelay.delivery.client import Courier
+from authrelay.types import DeliveryResult
+
+HOSTS = {"mx-mixed": "127.0.0.2", "mx-allbad": "127.0.0.3", "mx-plain": "127.0.0.4",
+         "mx-wrong": "127.0.0.5"}
+SHORT = bytes((3, 1))  # RDATA of two octets: not even usage, selector, matching type
+
+
+def _tlsa(usage: int, selector: int, mtype: int, data: bytes) -> bytes:
+    return bytes((usage, selector, mtype)) + data
+
+
+class Rig:
+    def __init__(self, dns: FakeDNSServer, port: int, mx: dict[str, FakeSMTPServer]) -> None:
+        self.dns, self.port, self.mx = dns, port, mx
+
+    async def deliver(self, tmp: Path, domain: str) -> tuple[DeliveryResult, ListLog]:
+        cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp), "delivery": {
+            "port": self.port, "nameservers": [self.dns.nameserver], "dnssec": True,
+            "dns_timeout": "3s", "connect_timeout": "5s", "command_timeout": "10s",
+            "data_timeout": "10s"}})
+        log = ListLog()
+        courier = Courier(cfg, maillog=log)
+        env = envelope(f"bob@{domain}")
+        try:
+            res = await courier.deliver(env, env.recipients, MSG)
+        finally:
+            await courier.close()
+        return res[f"bob@{domain}"], log
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    port = common_free_port()
+    ca = trustme.CA()  # in no trust store: only DANE can vouch for these
+    zones: dict[str, Any] = {}
+    ctxs: dict[str, ssl.SSLContext | None] = {}
+    for host, ip in HOSTS.items():
+        leaf = ca.issue_cert(f"{host}.test")
+        cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+        spki = cert.public_key().public_bytes(Encoding.DER,
+                                              PublicFormat.SubjectPublicKeyInfo)
+        good = _tlsa(3, 1, 1, hashlib.sha256(spki).digest())
+        bad_len = _tlsa(3, 1, 1, hashlib.sha256(spki).digest()[:31])
+        records = {"mx-mixed": [bad_len, good, SHORT],
+                   "mx-wrong": [bad_len, _tlsa(3, 1, 1, hashlib.sha256(b"other").digest())],
+                   }.get(host, [bad_len, SHORT, _tlsa(3, 1, 2, b"\x01" * 32)])
+        dom = host.removeprefix("mx-") + ".test"
+        zones[dom] = {"MX": [(10, f"{host}.test")]}
+        zones[f"{host}.test"] = {"A": [ip]}
+        zones[f"_{port}._tcp.{host}.test"] = {"TLSA": records}
+        c = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        leaf.configure_cert(c)
+        ctxs[host] = None if host == "mx-plain" else c
+    dns = FakeDNSServer(zones, ad=True).start()
+    servers: dict[str, FakeSMTPServer] = {}
+    try:
+        for host, ip in HOSTS.items():
+            servers[host] = FakeSMTPServer(ip, port, starttls_context=ctxs[host]).start()
+        yield Rig(dns, port, servers)
+    finally:
+        for s in servers.values():
+            s.stop()
+        dns.stop()
+
+
+async def test_malformed_records_are_ignored_the_good_one_used(tmp_path: Path,
+                                                               rig: Rig) -> None:
+    """A 31-byte SHA-256 digest and a 2-octet RDATA beside a good DANE-EE record: the
+    good one verifies the server (the old code deferred the host for ever: dnspython
+    refused the whole answer, read as a failed TLSA lookup)."""
+    res, log = await rig.deliver(tmp_path, "mixed.test")
+    assert res.ok, res
+    assert (res.tls, res.tls_policy) == ("verified", "dane")
+    assert rig.mx["mx-mixed"].messages[-1].tls
+    assert log.grep("tls=Verified TLS connection established to mx-mixed.test",
+                    "policy=dane")
+
+
+async def test_only_malformed_records_mean_tls_without_authentication(
+        tmp_path: Path, rig: Rig) -> None:
+    """Secure TLSA records none of which is usable (RFC 7672 2.2): TLS is mandatory, the
+    certificate is not authenticated; the maillog says so (tls=untrusted)."""
+    res, log = await rig.deliver(tmp_path, "allbad.test")
+    assert res.ok, res
+    assert (res.tls, res.tls_policy) == ("untrusted", "dane")
+    assert rig.mx["mx-allbad"].messages[-1].tls
+    assert log.grep("tls=Untrusted TLS connection established to mx-allbad.test")
+
+
+async def test_only_malformed_records_never_plain_text(tmp_path: Path, rig: Rig) -> None:
+    """The same records on a host without STARTTLS: deferred, nothing sent in clear."""
+    res, log = await rig.deliver(tmp_path, "plain.test")
+    assert not res.ok and not res.permanent, res
+    assert rig.mx["mx-plain"].messages == []
+    assert res.enhanced == "4.7.4" and "TLS is required (policy dane)" in res.text
+    assert log.grep("relay=mx-plain.test", "status=host failed", "TLS is required")
+
+
+async def test_malformed_beside_a_mismatch_defers(tmp_path: Path, rig: Rig) -> None:
+    """The well-formed record that is left does not match: 4.7.5, as any DANE mismatch."""
+    res, _ = await rig.deliver(tmp_path, "wrong.test")
+    assert not res.ok and not res.permanent and res.enhanced == "4.7.5", res
+    assert "matches no DANE-EE TLSA record" in res.text
+    assert rig.mx["mx-wrong"].messages == []
