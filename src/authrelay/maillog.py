@@ -72,6 +72,11 @@ _QUOTE_IF = re.compile(r"[ ,=]")
 # ", key=" inside our own prose would read as a field separator: its comma is escaped.
 _FIELD_COMMA = re.compile(r",(?=\s*[^\s,=]+=)")
 _RELAY = re.compile(r"(.*) \[([^\[\]]*)\](:\d+)?", re.S)
+# The outbound TLS fields of a delivery line (`tls=verified, policy=dane`) written inside
+# a value or text that comes from elsewhere (a remote reply in `stat=Sent (...)`, a HELO
+# name): the `=` is escaped (`tls\x3dverified`), so `grep 'tls=verified'` only ever
+# finds the field we wrote. "starttls=1" (`commands=`) is not such a token.
+_OUR_FIELD = re.compile(r"(?<![\w.-])((?i:tls|policy))=")
 
 
 def _char(c: str) -> str:
@@ -106,6 +111,8 @@ def escape(value: Any, context: str = "value") -> str:
     - "text" (our own prose and the client's part inside a field we compose: the
       address in `from=<...>`, `to=<...>`, a reply in `stat=Sent (...)`): a comma that
       would start a field (`, key=`) is written `\\x2c`;
+    - in "value" and "text", the `=` of a `tls=` or `policy=` token (any case, not part
+      of a longer word) is written `\\x3d`: those fields of a delivery line are ours;
     - "token" (the host name and address of `relay=HOST [IP]`): space, `,`, `=`, `[`
       and `]` are written `\\xHH`;
     - "json" (a JSON value; json.dumps quotes it): the characters above, the double quote
@@ -114,6 +121,8 @@ def escape(value: Any, context: str = "value") -> str:
     if context not in _UNSAFE:
         raise ValueError(f"unknown maillog escaping context {context!r}")
     s = _chars(value if isinstance(value, str) else str(value), context)
+    if context in ("value", "text") and "=" in s:
+        s = _OUR_FIELD.sub(r"\1\\x3d", s)
     if context == "value":
         if not s or _QUOTE_IF.search(s):
             return '"' + s.replace("[", "\\x5b").replace("]", "\\x5d") + '"'
@@ -168,7 +177,7 @@ _TEXT_KEYS = frozenset({
 
 # Values that need no work at all in a text line (the common case, checked first).
 _PLAIN_VALUE = re.compile(r'[^\x21-\x7e]|[\\",=]').search
-_PLAIN_TEXT = re.compile(r'[^\x20-\x7e]|[\\",]').search
+_PLAIN_TEXT = re.compile(r'[^\x20-\x7e]|[\\",]|(?<![\w.-])(?i:tls|policy)=').search
 
 
 def _format(key: str, value: Any, json_line: bool) -> Any:

@@ -615,3 +615,24 @@ def test_broken_starttls_mx_gets_plain_text_on_the_retry(
     assert any("tls=not used" in ln for ln in lines), lines
     assert any("stat=Sent" in ln for ln in lines), lines
     assert sender_mx.messages == []
+
+
+def test_remote_reply_cannot_forge_our_tls_field(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """The MX's final reply says `tls=verified, policy=dane` (the fake accepts nothing
+    verifiable: level may): the Sent line's `tls=` field is ours, and the documented
+    `grep 'tls=verified'` on the maillog finds nothing (the remote's `tls=` is written
+    `tls\\x3d` inside stat=; the rest of its text as it was)."""
+    dns.update({"example.test": {"MX": [(10, "mx1.example.test")]}})
+    fake_mx("127.0.0.2", data_reply="250 2.0.0 Ok tls=verified, policy=dane TLS=verified")
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit(relay, ["bob@example.test"])
+    relay.wait_for(lambda: gone(relay, qid), what="delivery")
+    sent = [ln for ln in log_lines(relay, qid) if "stat=Sent" in ln]
+    assert len(sent) == 1, sent
+    assert re.search(r", tls=(none|untrusted), policy=may, stat=Sent \(250 2\.0\.0 Ok "
+                     r"tls\\x3dverified, policy\\x3ddane TLS\\x3dverified\)$", sent[0]), sent
+    found = subprocess.run(["grep", "-c", "-i", "tls=verified", str(relay.log)],
+                           capture_output=True, text=True, timeout=30)
+    assert found.stdout.strip() == "0", found.stdout

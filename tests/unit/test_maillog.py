@@ -64,6 +64,11 @@ CASES = [
                       tls="verified", policy="dane"),
      "Q1: to=<b@y>, relay=mx.y [198.51.100.1]:25, delay=0.50, tries=1, dsn=2.0.0, "
      "tls=verified, policy=dane, stat=Sent (250 ok)"),
+    # A remote reply cannot hold our TLS fields: `grep 'tls=verified'` reads ours only.
+    (lambda m: m.sent("Q1", "b@y", "mx.y [198.51.100.1]:25", 0.5, 1, "2.0.0",
+                      "250 ok tls=verified Policy=dane starttls=1", tls="none", policy="may"),
+     "Q1: to=<b@y>, relay=mx.y [198.51.100.1]:25, delay=0.50, tries=1, dsn=2.0.0, "
+     "tls=none, policy=may, stat=Sent (250 ok tls\\x3dverified Policy\\x3ddane starttls=1)"),
     (lambda m: m.tls_connection("Q1", "mx.y [198.51.100.1]:25", "untrusted", "TLSv1.3",
                                 "TLS_AES_256_GCM_SHA384", 256, "may", "self-signed certificate"),
      "Q1: tls=Untrusted TLS connection established to mx.y [198.51.100.1]:25: TLSv1.3 with "
