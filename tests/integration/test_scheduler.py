@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import email.utils
 import shutil
 import tempfile
 import time
@@ -418,3 +419,42 @@ async def test_many_messages(rig: Rig) -> None:
                                  for i in range(300)))
     await until(lambda: not rig.queued(), "300 delivered")
     assert sorted(c[0].queue_id for c in rig.courier.calls) == sorted(ids)
+
+
+async def test_delay_warning_last_attempt_date_is_each_recipients_own(
+        state_dir: Path) -> None:
+    """RFC 3464 2.3.7: a delay warning's Last-Attempt-Date is the recipient's last
+    attempt. ben@b.example was last tried 5 minutes ago and is not due in the pass that
+    sends the warning (ann's): his group says that time, not the report's; ann's says
+    the pass's. The attempt time is kept in the state file (the old code wrote the
+    report's time for both)."""
+    rig = Rig(state_dir, delay_warning="1s", retry=["1h"])
+    qid = await put(rig.spool, ["ann@a.example", "ben@b.example"],
+                    received_at=time.time() - 600)
+    env = rig.spool.load(qid)
+    now = time.time()
+    earlier = float(int(now) - 300)  # whole seconds: the DSN's dates have no fraction
+    for r, due in zip(env.recipients, (now, now + 3600), strict=True):
+        r.attempts, r.last_code, r.next_attempt, r.last_attempt = 1, 451, due, earlier
+        r.last_reply = "451 4.7.1 Greylisted, try later"
+    rig.spool.save_state(env)
+    rig.courier.script["ann@a.example"] = [TEMP]
+    await rig.start(rescan_interval=3600)
+    try:
+        await until(lambda: rig.courier.calls_for("a@a.example"), "the delay warning")
+        (warning,) = rig.courier.calls_for("a@a.example")
+        msg = email.message_from_bytes(warning[2], policy=email.policy.compat32)
+        groups = {g["Final-Recipient"]: g for g in msg.get_payload()[1].get_payload()[1:]}
+        ben = email.utils.parsedate_to_datetime(
+            groups["rfc822; ben@b.example"]["Last-Attempt-Date"])
+        ann = email.utils.parsedate_to_datetime(
+            groups["rfc822; ann@a.example"]["Last-Attempt-Date"])
+        assert ben.timestamp() == earlier
+        assert ann.timestamp() >= int(now)  # this pass's attempt, not the earlier one
+        await until(lambda: all(r.delay_warned for r in rig.spool.load(qid).recipients),
+                    "the pass's state saved")
+        a, b = rig.spool.load(qid).recipients
+        assert b.last_attempt == earlier and a.last_attempt >= now  # durable
+    finally:
+        await rig.stop()
+        rig.spool.close()

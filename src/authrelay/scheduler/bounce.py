@@ -227,8 +227,10 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
             status.append(f"Remote-MTA: dns; {_clean(name)}")
         if r.last_reply:
             status.append(f"Diagnostic-Code: smtp; {_clean(r.last_reply)}")
-        if r.attempts:
-            status.append(f"Last-Attempt-Date: {_date(now)}")
+        if r.attempts:  # RFC 3464 2.3.7: this recipient's own last attempt (a delay
+            # warning also names recipients tried in earlier passes); `now` for a state
+            # saved before the time was kept.
+            status.append(f"Last-Attempt-Date: {_date(r.last_attempt or now)}")
         if action == "delayed" and will_retry_until:
             status.append(f"Will-Retry-Until: {_date(will_retry_until)}")
 

@@ -564,6 +564,7 @@ class Scheduler:
             if res is None:
                 res = DeliveryResult.temp("internal error: no result for recipient", "4.3.0")
             r.attempts += 1
+            r.last_attempt = now  # RFC 3464 2.3.7 Last-Attempt-Date of a later DSN
             r.last_code = res.code
             r.last_reply = f"{res.code} {res.enhanced} {res.text}".replace("  ", " ").strip()
             act.remote[r.address] = res.remote

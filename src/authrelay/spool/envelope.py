@@ -34,6 +34,9 @@ class Recipient:
     notify: str = ""  # RFC 3461 NOTIFY, if given
     orcpt: str = ""  # RFC 3461 ORCPT, if given
     delay_warned: bool = False
+    # When it was last tried (Unix time; 0: never, or a state file from before this
+    # field). Kept in the state file only: the queue file is written before any attempt.
+    last_attempt: float = 0.0
 
 
 @dataclass(slots=True)
@@ -85,7 +88,9 @@ class Envelope:
 
 _UNSTORED = ("recipients", "prepend_len")
 _ENV_FIELDS = tuple(f for f in Envelope.__dataclass_fields__ if f not in _UNSTORED)
-_RCPT_FIELDS = tuple(Recipient.__dataclass_fields__)
+# The queue file's recipients: without `last_attempt` (state file only), so a queue
+# file stays readable by a version without it (its strict v2 decoder).
+_RCPT_FIELDS = tuple(f for f in Recipient.__dataclass_fields__ if f != "last_attempt")
 
 _B32 = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
 

@@ -203,7 +203,7 @@ _ENV_TYPES: dict[str, tuple[type, ...]] = {
 _RCPT_TYPES: dict[str, tuple[type, ...]] = {
     "address": _STR, "state": _STR, "attempts": _INT, "last_code": _INT,
     "last_reply": _STR, "next_attempt": _NUM, "notify": _STR, "orcpt": _STR,
-    "delay_warned": _BOOL,
+    "delay_warned": _BOOL, "last_attempt": _NUM,
 }
 _ENV_REQUIRED = ("queue_id", "sender", "recipients", "received_at")
 _RCPT_REQUIRED = ("address", "state")
