@@ -436,3 +436,153 @@ def test_dovecot_spellings_are_one_account(dovecot: Path, tmp_path: Path) -> Non
         assert "alice resumed" in r.cli("user", "resume", "alice").stdout
     finally:
         r.stop()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("cls", ["saslauthd", "dovecot"])
+def test_backend_spellings_share_one_lockout(cls: str, request, tmp_path: Path) -> None:
+    """saslauthd and Dovecot decide name matching themselves (Dovecot lower-cases by
+    default; PAM with Active Directory ignores case), so a guesser must not get a lockout
+    budget per spelling: failures as `alice`, `ALICE` and `Alice` count for one account,
+    and past `max_failures_per_user` AUTH for alice from an address she never logged in
+    from is refused unchecked, whatever the spelling."""
+    from relayproc import RelayProcess
+    from smtpclient import RawClient, client_ctx, plain
+
+    sock = request.getfixturevalue(cls)
+    r = RelayProcess(tmp_path, {"auth": {"backend": f"{cls}:{sock}",
+                                         "max_failures_per_user": 3,
+                                         "max_failures_per_ip": 100, "failure_delay": 0},
+                                "limits": {"max_auth_failures": 10,
+                                           "connection_rate_per_ip": 0}},
+                     users={}).start()
+
+    def auth(user: str, password: str, source: str) -> tuple[int, str]:
+        with RawClient(r.ports["submissions"], tls=client_ctx(), source=source) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            rep = c.cmd(f"AUTH PLAIN {plain(user, password)}")
+            return rep.code, rep.text[:5]
+
+    try:
+        for spelling in ("alice", "ALICE", "Alice"):
+            assert auth(spelling, "wrong", "127.0.1.7")[0] == 535, spelling
+        assert auth("alice", USERS["alice"], "127.0.2.8") == (454, "4.7.0")
+        assert auth("aLiCe", USERS["alice"], "127.0.2.9") == (454, "4.7.0")
+    finally:
+        r.stop()
+
+
+def test_dovecot_exempt_and_resume_name_the_account(dovecot: Path, tmp_path: Path) -> None:
+    """What an admin types for a Dovecot user (`[limits.containment] exempt`, `user
+    resume`) names the account as the session counts it, in any spelling."""
+    from relayproc import RelayProcess
+    from smtpclient import RawClient, client_ctx, plain
+
+    def relay(exempt: list[str], where: Path) -> RelayProcess:
+        return RelayProcess(where, {"auth": {"backend": f"dovecot:{dovecot}"},
+                                    "limits": {"containment": {
+                                        "notify": "admin@local.test", "messages": 2,
+                                        "exempt": exempt}}}, users={}).start()
+
+    def send(r: RelayProcess, user: str = "alice") -> int:
+        with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            assert c.cmd(f"AUTH PLAIN {plain(user, USERS[user])}").code == 235
+            sender = user if "@" in user else f"{user}@example.org"
+            code = c.cmd(f"MAIL FROM:<{sender}>").code
+            if code == 250:
+                assert c.cmd("RCPT TO:<carol@example.net>").code == 250
+                assert c.cmd("DATA").code == 354
+                c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+                code = c.reply().code
+            return code
+
+    (tmp_path / "a").mkdir()
+    r = relay(["Alice"], tmp_path / "a")
+    try:
+        assert [send(r) for _ in range(2)] == [250, 250]
+        assert [send(r, "bob@example.org") for _ in range(2)] == [250, 250]
+        r.wait_log(r"warning=user suspended.*sasl_username=bob@example.org")
+        assert "sasl_username=alice, threshold" not in r.maillog()  # exempt
+        assert send(r) == 250
+    finally:
+        r.stop()
+    (tmp_path / "b").mkdir()
+    r = relay([], tmp_path / "b")
+    try:
+        assert [send(r) for _ in range(2)] == [250, 250]
+        r.wait_log(r"warning=user suspended.*sasl_username=alice, threshold")
+        assert send(r) == 450
+        assert "ALICE resumed" in r.cli("user", "resume", "ALICE").stdout
+        assert send(r) == 250
+    finally:
+        r.stop()
+
+
+# A saslauthd as PAM with sssd / Active Directory answers it: login names in any case.
+# (sasldb, which the real saslauthd above uses, compares them exactly.) Same wire
+# protocol: four counted strings in, one counted "OK ..."/"NO ..." out.
+CASELESS_SASLAUTHD = r"""
+import socket, struct, sys
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(sys.argv[1]); srv.listen(16)
+print("ready", flush=True)
+while True:
+    c, _ = srv.accept()
+    with c, c.makefile("rb") as f:
+        def counted():
+            return f.read(struct.unpack(">H", f.read(2))[0])
+        login, password, _service, _realm = counted(), counted(), counted(), counted()
+        ok = login.lower() == b"alice" and password == sys.argv[2].encode()
+        answer = b"OK" if ok else b"NO authentication failed"
+        c.sendall(struct.pack(">H", len(answer)) + answer)
+"""
+
+
+def test_saslauthd_caseless_spellings_are_one_account(sockdir: Path, tmp_path: Path) -> None:
+    """saslauthd names no account; behind a case-insensitive PAM `alice`, `ALICE` and
+    `Alice` are one user, so they are one account here (the lower-case login): a
+    suspended alice must not send on as `Alice`, and `user resume ALICE` lifts it."""
+    import sys
+
+    from relayproc import RelayProcess
+    from smtpclient import RawClient, client_ctx, plain
+
+    sock = sockdir / "mux"
+    fake = subprocess.Popen([sys.executable, "-c", CASELESS_SASLAUTHD, str(sock),
+                             USERS["alice"]], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == b"ready\n"
+        r = RelayProcess(tmp_path, {"auth": {"backend": f"saslauthd:{sock}"},
+                                    "limits": {"containment": {"notify": "admin@local.test",
+                                                               "messages": 2}}},
+                         users={}).start()
+
+        def send(user: str) -> int:
+            with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
+                c.reply()
+                c.cmd("EHLO client.test")
+                assert c.cmd(f"AUTH PLAIN {plain(user, USERS['alice'])}").code == 235
+                code = c.cmd("MAIL FROM:<alice@example.org>").code
+                if code == 250:
+                    assert c.cmd("RCPT TO:<bob@example.net>").code == 250
+                    assert c.cmd("DATA").code == 354
+                    c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+                    code = c.reply().code
+                return code
+
+        try:
+            assert [send("alice"), send("ALICE")] == [250, 250]
+            line = r.wait_log(r"warning=user suspended")
+            assert "sasl_username=alice, threshold=messages, count=2" in line
+            assert send("Alice") == 450
+            assert "ALICE resumed" in r.cli("user", "resume", "ALICE").stdout
+            assert send("aLICE") == 250
+        finally:
+            r.stop()
+    finally:
+        fake.kill()
+        fake.wait(10)

@@ -33,6 +33,7 @@ from authrelay.auth.backends import BackendUnavailable, DovecotBackend, Saslauth
 from authrelay.auth.base import Authenticator, AuthResult, HashPool, Login
 from authrelay.auth.login import Found, StoreAuthenticator, StoreUnavailable
 from authrelay.auth.pgusers import make_pg_authenticator
+from authrelay.auth.realms import stored_name
 from authrelay.auth.userdb import UserDB, UserDBError, UserStore, implicit_address
 from authrelay.config import Config
 
@@ -115,10 +116,20 @@ class UserDBAuthenticator(StoreAuthenticator):
 
 
 class BackendAuthenticator(Authenticator):
-    """saslauthd or Dovecot: they own the passwords; we only ask."""
+    """saslauthd or Dovecot: they own the passwords; we only ask.
+
+    Their name matching is theirs (Dovecot lower-cases by default, PAM with sssd/Active
+    Directory ignores case), and saslauthd never says which account a login was, so the
+    account of a login name is its lower-case form: `ALICE` and `alice` share one AUTH
+    lockout budget, one set of rates and one suspension (else a guesser gets a budget per
+    spelling, and a suspended alice sends on as `Alice`). Two distinct users differing
+    only in case (a case-sensitive passdb) then share them: stricter, never looser."""
 
     def __init__(self, backend: SaslauthdBackend | DovecotBackend) -> None:
         self.backend = backend
+
+    def account(self, username: str) -> str:
+        return backend_account(username)
 
     async def login(self, username: str, password: str | bytes,
                     client_ip: str = "") -> Login:
@@ -138,18 +149,37 @@ class BackendAuthenticator(Authenticator):
             return Login(AuthResult.TEMPFAIL)
         if account is None:
             return Login(AuthResult.BAD)
-        return Login(AuthResult.OK, user=account if account != username else "")
+        named = backend_account(account)  # Dovecot's user= (its spelling), as account()
+        return Login(AuthResult.OK, user=named if named != self.account(username) else "")
 
     def addresses(self, username: str) -> set[str]:
         # External backends know no addresses: a login that is an address owns it.
         return implicit_address(username)
 
 
+def backend_account(username: str) -> str:
+    """The account of a login name checked by saslauthd or Dovecot (BackendAuthenticator)."""
+    return username.lower()
+
+
+def external_backend(cfg: Config) -> bool:
+    """Whether `cfg.auth.backend` is saslauthd or Dovecot (make_authenticator)."""
+    return cfg.auth.backend.startswith(("saslauthd:", "dovecot:"))
+
+
+def account_for(cfg: Config, username: str) -> str:
+    """The account the serving authenticator (RealmLogins over make_authenticator, as
+    wiring builds it) names for `username`, without opening any backend: for what an
+    admin types (`user resume`, `[limits.containment] exempt`)."""
+    name = stored_name({r.lower() for r in cfg.auth.realms}, username)
+    return backend_account(name) if external_backend(cfg) else name
+
+
 def make_authenticator(cfg: Config) -> Authenticator:
     """The Authenticator for `cfg.auth.backend`."""
     be = cfg.auth.backend
     timeout = cfg.auth.backend_timeout
-    if be.startswith("saslauthd:"):
+    if be.startswith("saslauthd:"):  # (external_backend)
         return BackendAuthenticator(SaslauthdBackend(be.split(":", 1)[1], timeout))
     if be.startswith("dovecot:"):
         return BackendAuthenticator(DovecotBackend(be.split(":", 1)[1], timeout))

@@ -9,7 +9,8 @@ configured authenticator: a login whose part after the last `@` is one of `realm
 check: no extra hashing for a wrong password). Every other name passes unchanged. The
 AUTH maillog lines keep the name as the client sent it; everything counted or decided per
 user (the AUTH lockout, rates, containment, the queue's auth_user) is by the stored name
-(`account`), so `alice@REALM` in any case is alice, never an account of its own:
+(`account`, the wrapped authenticator's account of the stored name), so `alice@REALM`
+in any case is alice, never an account of its own:
 otherwise a suspended alice sends on as `alice@REALM`, and a guesser gets a lockout budget
 per spelling. A user whose stored name
 itself ends in `@REALM` for a listed realm cannot log in by that name: do not list a
@@ -28,6 +29,15 @@ if TYPE_CHECKING:
     from authrelay.config import Config
 
 
+def stored_name(realms: set[str] | frozenset[str], username: str) -> str:
+    """`username` without its `@REALM` when REALM (lower case) is one of `realms`."""
+    if realms and "@" in username:
+        user, _, realm = username.rpartition("@")
+        if user and realm.lower() in realms:
+            return user
+    return username
+
+
 class RealmLogins(Authenticator):
     def __init__(self, inner: Authenticator, realms: tuple[str, ...]) -> None:
         self.inner = inner
@@ -35,14 +45,10 @@ class RealmLogins(Authenticator):
 
     def name(self, username: str) -> str:
         """The stored name a login names."""
-        if self.realms and "@" in username:
-            user, _, realm = username.rpartition("@")
-            if user and realm.lower() in self.realms:
-                return user
-        return username
+        return stored_name(self.realms, username)
 
     def account(self, username: str) -> str:
-        return self.name(username)
+        return self.inner.account(self.name(username))
 
     async def login(self, username: str, password: str | bytes,
                     client_ip: str = "") -> Login:

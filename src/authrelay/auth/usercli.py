@@ -32,6 +32,7 @@ from pathlib import Path
 from authrelay import clientsetup
 from authrelay.auth import apppasswords
 from authrelay.auth.apppasswords import AppPasswordError
+from authrelay.auth.authenticator import account_for
 from authrelay.auth.pgusers import PgUserDB
 from authrelay.auth.userdb import UserDB, UserDBError, UserStore
 from authrelay.config import load
@@ -243,11 +244,12 @@ def _resume(args: argparse.Namespace) -> None:
     from authrelay.spool.store import Spool
 
     cfg = load(args.config, embedded=False)
+    account = account_for(cfg, args.name)  # as the session counts it (ALICE@REALM: alice)
 
     async def run() -> object:
         state = make_state(cfg)
         try:
-            return await state.resume(args.name)
+            return await state.resume(account)
         finally:
             await state.close()
 
@@ -259,7 +261,7 @@ def _resume(args: argparse.Namespace) -> None:
     if args.release or args.delete_held:
         op = "release" if args.release else "delete"
         try:
-            resp = control.perform(Spool(cfg.spool_dir), {"op": op, "user": args.name})
+            resp = control.perform(Spool(cfg.spool_dir), {"op": op, "user": account})
         except control.ServerBusy as e:
             raise _CliError(str(e)) from None
         if not resp.get("ok"):

@@ -26,6 +26,7 @@ for the client (450); nothing is bounced or deleted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -34,7 +35,8 @@ from email.utils import format_datetime, make_msgid
 from typing import Any
 
 from authrelay import aliases
-from authrelay.config import Config
+from authrelay.auth.authenticator import account_for
+from authrelay.config import Config, Containment
 from authrelay.maillog import MailLog
 from authrelay.metrics import Metrics
 from authrelay.policy import containment
@@ -49,12 +51,19 @@ log = logging.getLogger(__name__)
 HoldUser = Callable[[str], Awaitable[int]]
 
 
+def _containment(cfg: Config) -> Containment:
+    """`[limits.containment]` with `exempt` as accounts (`ALICE@REALM` for alice behind
+    saslauthd): users are counted by account (session: Authenticator.account)."""
+    c = cfg.limits.containment
+    return dataclasses.replace(c, exempt=tuple(account_for(cfg, e) for e in c.exempt))
+
+
 class Suspender:
     def __init__(self, cfg: Config, state: State, *, submitter: Submitter,
                  maillog: MailLog, metrics: Metrics | None = None,
                  hold_user: HoldUser | None = None) -> None:
         self.cfg = cfg
-        self.ccfg = cfg.limits.containment
+        self.ccfg = _containment(cfg)
         self.state = state
         self.submitter = submitter
         self.maillog = maillog
@@ -64,7 +73,7 @@ class Suspender:
         self._pg_warned = False
 
     def reload(self, cfg: Config) -> None:
-        self.cfg, self.ccfg = cfg, cfg.limits.containment
+        self.cfg, self.ccfg = cfg, _containment(cfg)
         self.state.window = self.ccfg.window
 
     # ------------------------------------------------------------------ questions
