@@ -177,13 +177,16 @@ _TEXT_KEYS = frozenset({
 
 # Values that need no work at all in a text line (the common case, checked first).
 _PLAIN_VALUE = re.compile(r'[^\x21-\x7e]|[\\",=]').search
-_PLAIN_TEXT = re.compile(r'[^\x20-\x7e]|[\\",]|(?<![\w.-])(?i:tls|policy)=').search
+_PLAIN_TEXT = re.compile(r'[^\x20-\x7e]|[\\",]').search
 
 
 def _format(key: str, value: Any, json_line: bool) -> Any:
     if type(value) is str and not json_line and key != "relay":
         if key in _TEXT_KEYS:
-            return value if _PLAIN_TEXT(value) is None else escape(value, "text")
+            # (a `tls=` token needs its escape too: looked for only when there is a "=")
+            return value if _PLAIN_TEXT(value) is None and (
+                "=" not in value or _OUR_FIELD.search(value) is None) \
+                else escape(value, "text")
         return value if value and _PLAIN_VALUE(value) is None else escape(value)
     if isinstance(value, _Field):
         return str(value)
