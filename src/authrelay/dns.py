@@ -255,11 +255,19 @@ class Resolver:
 
     async def addresses_ad(self, host: str) -> tuple[list[str], bool]:
         """addresses() and whether every answer that had records was DNSSEC-validated."""
+        addrs, secure, _ = await self.addresses_cname(host)
+        return addrs, secure
+
+    async def addresses_cname(self, host: str) -> tuple[list[str], bool, str]:
+        """addresses_ad() and the CNAME-expanded name of `host` (lower case, no trailing
+        dot; `host` itself when no CNAME was followed), from the first answer that had
+        records (RFC 7672 2.2.2: TLSA records are looked for there first)."""
         res = await asyncio.gather(self._query(host, "AAAA"), self._query(host, "A"),
                                    return_exceptions=True)
         out: list[str] = []
         errors: list[BaseException] = []
         secure = True
+        canonical = ""
         for r in res:
             if isinstance(r, BaseException):
                 if not isinstance(r, DnsError):
@@ -268,8 +276,9 @@ class Resolver:
             else:
                 out.extend(rr.address for rr in r)
                 secure = secure and self._ad(r)
+                canonical = canonical or r.canonical_name.to_text(omit_final_dot=True).lower()
         if out:
-            return out, secure
+            return out, secure, canonical or host.rstrip(".").lower()
         if any(isinstance(e, DnsTemporary) for e in errors):
             raise next(e for e in errors if isinstance(e, DnsTemporary))
         if any(isinstance(e, DnsPermanent) for e in errors):

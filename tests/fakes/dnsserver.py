@@ -17,7 +17,8 @@ answer between two delivery attempts):
 malformed or not). `FakeDNSServer(ad=True)` sets the AD bit on every answer, as a
 validating resolver does for a signed zone (the courier believes it with `dnssec = true`).
 A name absent from the dict is NXDOMAIN; a present name without the asked type is NODATA
-(NOERROR, empty answer). Names are case-insensitive, trailing dots optional. Use
+(NOERROR, empty answer); a name with a "CNAME" answers any other type with the CNAME and
+the target's records (chains followed). Names are case-insensitive, trailing dots optional. Use
 `server.nameserver` ("127.0.0.1:PORT") for `[delivery] nameservers`. `server.queries`
 records every (name, type) asked, for tests that want to see what was looked up.
 """
@@ -57,6 +58,17 @@ class _Resolver:
             return reply
         if zone == "TIMEOUT":
             raise DNSError("test zone: drop the query")  # dnslib sends nothing
+        owner = q.qname
+        for _ in range(8):  # a CNAME is followed (as a recursive resolver does) for any
+            # other type, its records then the target's in the answer
+            target = zone.get("CNAME") if isinstance(zone, dict) and qtype != "CNAME" \
+                else None
+            if not target:
+                break
+            reply.add_answer(RR(owner, QTYPE.CNAME, rdata=CNAME(target[0]), ttl=60))
+            owner, zone = target[0], self.owner.zones.get(_norm(target[0]))
+            if not isinstance(zone, dict):
+                return reply
         for value in zone.get(qtype, ()):
             if qtype == "TLSA":
                 rdata = RD(value)
@@ -65,7 +77,7 @@ class _Resolver:
                 rdata: Any = MX(host if host != "." else ".", pref)
             else:
                 rdata = _RDATA[qtype](value)
-            reply.add_answer(RR(q.qname, q.qtype, rdata=rdata, ttl=60))
+            reply.add_answer(RR(owner, q.qtype, rdata=rdata, ttl=60))
         return reply
 
 

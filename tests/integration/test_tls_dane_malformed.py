@@ -1,5 +1,7 @@
 """DANE (RFC 7672 2.2, RFC 6698 2.1) with TLSA RRsets that hold malformed records: a
-`3 1 1` record whose digest is not 32 bytes, RDATA shorter than its three octet fields.
+`3 1 1` record whose digest is not 32 bytes, RDATA shorter than its three octet fields;
+and MX hosts whose addresses come through a CNAME chain (RFC 7672 2.2.2: TLSA records
+at the expanded name first, then at the MX host's own name).
 
 dnspython refuses a whole DNS message for one such record; the courier must ignore the
 bad records (unusable) and use the others, and when none is left still require TLS
@@ -30,7 +32,8 @@ from authrelay.delivery.client import Courier
 from authrelay.types import DeliveryResult
 
 HOSTS = {"mx-mixed": "127.0.0.2", "mx-allbad": "127.0.0.3", "mx-plain": "127.0.0.4",
-         "mx-wrong": "127.0.0.5"}
+         "mx-wrong": "127.0.0.5", "mx-alias": "127.0.0.6", "mx-own": "127.0.0.7",
+         "mx-ta": "127.0.0.8"}
 SHORT = bytes((3, 1))  # RDATA of two octets: not even usage, selector, matching type
 
 
@@ -61,10 +64,15 @@ class Rig:
 def rig() -> Iterator[Rig]:
     port = common_free_port()
     ca = trustme.CA()  # in no trust store: only DANE can vouch for these
+    inter = ca.create_child_ca()
+    inter_der = x509.load_pem_x509_certificate(inter.cert_pem.bytes()).public_bytes(
+        Encoding.DER)
     zones: dict[str, Any] = {}
     ctxs: dict[str, ssl.SSLContext | None] = {}
     for host, ip in HOSTS.items():
-        leaf = ca.issue_cert(f"{host}.test")
+        issuer = inter if host == "mx-ta" else ca
+        leaf = issuer.issue_cert(f"real.{host}.test" if host in ("mx-alias", "mx-ta")
+                                 else f"{host}.test")
         cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
         spki = cert.public_key().public_bytes(Encoding.DER,
                                               PublicFormat.SubjectPublicKeyInfo)
@@ -77,6 +85,18 @@ def rig() -> Iterator[Rig]:
         zones[dom] = {"MX": [(10, f"{host}.test")]}
         zones[f"{host}.test"] = {"A": [ip]}
         zones[f"_{port}._tcp.{host}.test"] = {"TLSA": records}
+        if host in ("mx-alias", "mx-own", "mx-ta"):
+            # mx-alias.test -> mid.mx-alias.test -> real.mx-alias.test (the address).
+            # mx-alias: the TLSA record only at the expanded name; mx-own: only at the
+            # MX host's own name (nothing at the expanded one).
+            zones[f"{host}.test"] = {"CNAME": [f"mid.{host}.test"]}
+            zones[f"mid.{host}.test"] = {"CNAME": [f"real.{host}.test"]}
+            zones[f"real.{host}.test"] = {"A": [ip]}
+            zones.pop(f"_{port}._tcp.{host}.test")
+            at = f"{host}.test" if host == "mx-own" else f"real.{host}.test"
+            zones[f"_{port}._tcp.{at}"] = {"TLSA": [
+                _tlsa(2, 0, 1, hashlib.sha256(inter_der).digest()) if host == "mx-ta"
+                else good]}
         c = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         leaf.configure_cert(c)
         ctxs[host] = None if host == "mx-plain" else c
@@ -131,3 +151,30 @@ async def test_malformed_beside_a_mismatch_defers(tmp_path: Path, rig: Rig) -> N
     assert not res.ok and not res.permanent and res.enhanced == "4.7.5", res
     assert "matches no DANE-EE TLSA record" in res.text
     assert rig.mx["mx-wrong"].messages == []
+
+
+async def test_tlsa_at_the_cname_expanded_name(tmp_path: Path, rig: Rig) -> None:
+    """The MX host's addresses come through two CNAMEs; its TLSA record is published at
+    the expanded name only, and its certificate names only that name: DANE applies and
+    verifies (the old code looked only at the MX host's own name: no DANE, tls=untrusted
+    under policy may)."""
+    res, log = await rig.deliver(tmp_path, "alias.test")
+    assert res.ok, res
+    assert (res.tls, res.tls_policy) == ("verified", "dane")
+    assert log.grep("tls=Verified TLS connection established to mx-alias.test")
+
+
+async def test_tlsa_at_the_mx_name_when_none_at_the_expanded(tmp_path: Path,
+                                                             rig: Rig) -> None:
+    """No TLSA record at the expanded name: the one at the MX host's own name is used."""
+    res, _ = await rig.deliver(tmp_path, "own.test")
+    assert res.ok, res
+    assert (res.tls, res.tls_policy) == ("verified", "dane")
+
+
+async def test_dane_ta_accepts_the_cname_expanded_name(tmp_path: Path, rig: Rig) -> None:
+    """DANE-TA (RFC 7672 3.2.2): the certificate names only the CNAME-expanded name,
+    which is a reference identifier beside the MX host name and the domain."""
+    res, _ = await rig.deliver(tmp_path, "ta.test")
+    assert res.ok, res
+    assert (res.tls, res.tls_policy) == ("verified", "dane")

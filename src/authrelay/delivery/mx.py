@@ -89,6 +89,9 @@ class Route:
     mx_secure: bool = False  # the MX RRset (or, implicit MX, the domain's address) validated
     secure_hosts: set[str] = field(default_factory=set)  # hosts whose addresses validated
     implicit: bool = False  # no MX: the domain itself
+    # secure hosts whose address records came through a CNAME chain: host -> the expanded
+    # name (RFC 7672 2.2.2: its TLSA records are asked first, and it is a reference name)
+    expanded: dict[str, str] = field(default_factory=dict)
 
 
 async def resolve(resolver: Resolver, domain: str,
@@ -139,12 +142,13 @@ async def resolve_route(resolver: Resolver, domain: str,
     hosts = order_mx(records, rng)
     out: list[tuple[str, str]] = []
     secure_hosts: set[str] = set()
+    expanded: dict[str, str] = {}
     temp: DnsTemporary | None = None
     for looked_up, host in enumerate(hosts):
         if limit and (len(out) >= limit or looked_up >= limit):
             break
         try:
-            addrs, secure = await resolver.addresses_ad(host)
+            addrs, secure, canonical = await resolver.addresses_cname(host)
         except DnsTemporary as e:
             temp = e
             continue
@@ -158,10 +162,13 @@ async def resolve_route(resolver: Resolver, domain: str,
         out.extend((host, ip) for ip in v6_first(addrs))
         if secure:
             secure_hosts.add(host)
+            if canonical != host.rstrip(".").lower():
+                expanded[host] = canonical
     if out:
         if implicit:  # RFC 7672 2.2.2: the domain's own address records stand for the MX
             mx_secure = domain in secure_hosts
-        return Route(out[:limit] if limit else out, mx_secure, secure_hosts, implicit)
+        return Route(out[:limit] if limit else out, mx_secure, secure_hosts, implicit,
+                     expanded)
     if temp is not None:
         raise RouteError(DeliveryResult.temp(
             f"DNS lookup failed for the mail hosts of {domain}: {temp}", "4.4.3", 451))

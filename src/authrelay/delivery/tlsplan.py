@@ -47,6 +47,18 @@ class Planner:
         self.resolver = resolver
         self.sts = sts
 
+    async def _tlsa(self, host: str, route: mx.Route) -> dane.Tlsa:
+        """RFC 7672 2.2.2: a host whose secure address records came through a CNAME
+        chain has its TLSA records looked for at the expanded name first, then (none
+        there) at the name the MX record gave."""
+        port = self.cfg.delivery.port
+        alias = route.expanded.get(host)
+        if alias is not None:
+            t = await dane.lookup(self.resolver, alias, port)
+            if t.state != "none":
+                return t
+        return await dane.lookup(self.resolver, host, port)
+
     async def plan(self, domain: str, route: mx.Route) -> Plan:
         if not domain.startswith("["):
             domain = ascii_name(domain)  # the name DNS was asked for (DANE, verify names)
@@ -62,7 +74,7 @@ class Planner:
         secure = list(dict.fromkeys(h for h, _ in route.hops if h in route.secure_hosts)) \
             if dane_on else []
         tlsa = dict(zip(secure, await asyncio.gather(
-            *(dane.lookup(self.resolver, h, d.port) for h in secure)), strict=True))
+            *(self._tlsa(h, route) for h in secure)), strict=True))
         per_host: dict[str, HostPolicy | tuple[DeliveryResult, PolicyDesc, str]] = {}
         sts: StsPolicy | None = None
         sts_asked = False
@@ -81,6 +93,8 @@ class Planner:
                                                    for u, s, m, d_ in t.records))
                     if t.usable:
                         names = (host, domain) if route.mx_secure else (host,)
+                        if host in route.expanded:  # RFC 7672 2.2.2, 3.2.2
+                            names = (route.expanded[host], *names)
                         per_host[host] = HostPolicy("dane", "dane", names, tlsa=t.usable,
                                                     rpt=rpt)
                     else:  # RFC 7672 2.2: TLS mandatory, authentication impossible
