@@ -75,6 +75,10 @@ ATTACKS = [
     # hair spaces around the @ (UTF-8, RFC 6532): drawn all but invisible
     ("hair-spaces", "bob@other.test",
      'From: "ceo\u200a@\u200aprobe.test" <bob@other.test>\r\n'),
+    # a folded quoted name: `ceo@ probe.test` once unfolded, `ceo@probe.test` to a reader
+    # dropping the fold whole; blanks beside the @ likewise
+    ("folded-name", "bob@other.test", 'From: "ceo@\r\n probe.test" <bob@other.test>\r\n'),
+    ("blanks-at", "bob@other.test", 'From: "ceo @ probe.test" <bob@other.test>\r\n'),
     # bob's From:, 300 KiB of header fields, then ceo's: past what the accept path
     # buffers of a header section (256 KiB), so the header is not vouched for.
     ("huge-header", "bob@other.test", "From: bob@other.test\r\n" + "".join(
@@ -95,6 +99,11 @@ OWN = [
     ("own-group", "bob@other.test", "From: team: bob@other.test;\r\nSender: bob@other.test\r\n"),
     ("own-encoded-words", "bob@other.test",
      "From: =?utf-8?q?Bob?= =?iso-8859-1?q?_M=FCller?= <bob@other.test>\r\n"),
+    # everyday display forms stay signed
+    ("own-quoted-name", "bob@other.test", 'From: "Smith, Bob" <bob@other.test>\r\n'),
+    ("own-comment", "bob@other.test", "From: bob@other.test (Bob)\r\n"),
+    ("own-at-home", "bob@other.test", 'From: "Bob @ Home" <bob@other.test>\r\n'),
+    ("own-escaped", "bob@other.test", 'From: "Bob \\"B\\" Smith" <bob@other.test>\r\n'),
 ]
 
 

@@ -272,3 +272,74 @@ def test_plain_mailbox_shortcut_taken_and_declined() -> None:
               "bob@other.test <ceo@probe.test>", "=?utf-8?q?x?= <a@b.test>", "bob@localhost",
               "bob@other.test.", "b\u00f6b <bob@other.test>", "bob@other.test\n"):
         assert fast(v) is None, v
+
+
+# bob owns bob@mine.test; bank.test is not his. Each of these shows a bank.test address
+# to a reader (after unfolding, unescaping quoted-pairs, dropping routes) while every
+# mailbox the parsers read is bob's: never vouched for.
+MINE = {"bob@mine.test"}
+SHOWN_NOT_OWNED = [
+    # a folded quoted name: `ceo@ bank.test` once unfolded, `ceo@bank.test` to a reader
+    # that drops the fold whole; blanks (or invisible characters) beside the @ likewise
+    b'From: "ceo@\r\n bank.test" <bob@mine.test>\r\n',
+    b'From: "ceo@\r\n\tbank.test" <bob@mine.test>\r\n',
+    b'From: "ceo\r\n @bank.test" <bob@mine.test>\r\n',
+    b'From: "ceo @ bank.test" <bob@mine.test>\r\n',
+    b'From: "ceo" "@bank.test" <bob@mine.test>\r\n',
+    b'From: "ceo@" bank.test <bob@mine.test>\r\n',
+    b'From: "ceo\t@bank.test" <bob@mine.test>\r\n',
+    b'From: "ceo\xe2\x80\x8b @bank.test" <bob@mine.test>\r\n',  # ZWSP then a space
+    b"From: bob@mine.test (ceo @ bank.test)\r\n",
+    b"From: =?utf-8?q?ceo_=40_bank.test?= <bob@mine.test>\r\n",
+    b'From: "ceo @ bank\xef\xbc\x8etest" <bob@mine.test>\r\n',  # fullwidth full stop
+    b'Sender: "ceo@\r\n bank.test" <bob@mine.test>\r\nFrom: bob@mine.test\r\n',
+    b'From: "ceo@\r\n bank.test": bob@mine.test;\r\n',  # a group's name
+]
+
+
+@pytest.mark.parametrize("head", SHOWN_NOT_OWNED)
+def test_an_address_a_reader_shows_must_be_owned(head: bytes) -> None:
+    got = header_verdict(head + b"\r\n", "bob", MINE)
+    assert "bank" in got and "not owned by bob" in got, got
+
+
+# Everyday From: forms (mail clients, mailing software, SMTPUTF8 names): always signed.
+EVERYDAY = [
+    b"From: bob@mine.test\r\n",
+    b"From: <bob@mine.test>\r\n",
+    b"From: Bob <bob@mine.test>\r\n",
+    b'From: "Bob Smith" <bob@mine.test>\r\n',
+    b'From: "Smith, Bob" <bob@mine.test>\r\n',
+    b"From: bob@mine.test (Bob)\r\n",
+    b"From: bob@mine.test (Bob Smith)\r\n",
+    b"From: Bob Smith\r\n <bob@mine.test>\r\n",
+    b'From: "Smith,\r\n Bob" <bob@mine.test>\r\n',
+    b"From: Dr. Bob Smith <bob@mine.test>\r\n",  # obs-phrase
+    b"From: Bob J. Smith <bob@mine.test>\r\n",
+    b'From: "Bob \\"The Builder\\" Smith" <bob@mine.test>\r\n',
+    b"From: \"O'Brien, Bob\" <bob@mine.test>\r\n",
+    b'From: "Bob Smith (Sales)" <bob@mine.test>\r\n',
+    b'From: "Bob @ Home" <bob@mine.test>\r\n',
+    b'From: "Bob @ Acme Corp." <bob@mine.test>\r\n',
+    b"From: Bob (at home) <bob@mine.test>\r\n",
+    b"From: =?utf-8?q?Bob_Smith?= <bob@mine.test>\r\n",
+    b"From: =?UTF-8?B?Qm9iIFNtaXRo?= <bob@mine.test>\r\n",
+    b"From: =?iso-8859-1?q?Bob_M=FCller?= <bob@mine.test>\r\n",
+    b"From: =?utf-8?q?J=C3=BCrgen?=\r\n =?utf-8?q?_M=C3=BCller?= <bob@mine.test>\r\n",
+    b"From: Bob M\xc3\xbcller <bob@mine.test>\r\n",  # SMTPUTF8 (RFC 6532)
+    b'From: "Jos\xc3\xa9 Garc\xc3\xada" <bob@mine.test>\r\n',
+    b"From: \xe5\xbc\xa0\xe4\xbc\x9f <bob@mine.test>\r\n",
+    b"From: \xd0\x91\xd0\xbe\xd0\xb1 <bob@mine.test>\r\n",
+    b'From: "bob@mine.test" <bob@mine.test>\r\n',
+    b"From: Bob <bob@mine.test>\r\nSender: bob@mine.test\r\n",
+    b"From: Bob <bob@mine.test>\r\nSender: Bob Smith <bob@mine.test>\r\n",
+    b'From: "bob" <bob@mine.test>\r\n',
+    b'From: "bob"@mine.test\r\n',
+    b"From: Team: Bob <bob@mine.test>;\r\n",
+]
+
+
+@pytest.mark.parametrize("head", EVERYDAY)
+def test_everyday_from_forms_stay_owned(head: bytes) -> None:
+    assert header_verdict(head + b"Subject: x\r\n\r\n", "bob", MINE) == ""
+    assert Owner.of("bob", MINE).assess(head + b"\r\n") == ("", "mine.test")

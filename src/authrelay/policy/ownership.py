@@ -71,6 +71,16 @@ _SHOWN_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+[@\uff20\ufe6b][^\s<>()\[\]\"'
 # `"ceo\u200a@\u200abank.test"` shows as an address; the shown text is also read with
 # them taken out.
 _ODD_BLANK = re.compile(r"[^\S \t]")
+# Blanks and invisible format characters (soft hyphen, zero-width space/joiners, word
+# joiner, BOM) next to an at sign: a folded quoted name `"ceo@\r\n bank.test"` is shown
+# `ceo@ bank.test` by a reader that unfolds (RFC 5322 2.2.3), `ceo@bank.test` by one that
+# drops the fold whole, and `"ceo @ bank.test"` reads as an address all the same. The
+# shown text is also read with them taken out, an address found only that way counting
+# when its domain has a dot (`"Bob @ Home"` stays a name).
+_AT_GAP = re.compile(
+    r"[\s\u00ad\u200b-\u200f\u2060-\u2064\ufeff]+(?=[@\uff20\ufe6b])"
+    r"|(?<=[@\uff20\ufe6b])[\s\u00ad\u200b-\u200f\u2060-\u2064\ufeff]+")
+_DOTTED = re.compile(r"[@\uff20\ufe6b][^.\u3002\uff0e\uff61]*[.\u3002\uff0e\uff61]")
 # A value both stdlib parsers read as exactly one mailbox, that address (see
 # header_mailboxes); anything else (quotes, comments, commas, encoded words, non-ASCII,
 # a display name with punctuation) takes the two parsers.
@@ -218,6 +228,11 @@ def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
     texts += [_ODD_BLANK.sub("", t) for t in texts if _ODD_BLANK.search(t)]
     for text in texts:
         addrs += [t for t in _SHOWN_ADDRESS.findall(text) if normalize(t) not in mailboxes]
+    for text in texts:
+        squeezed = _AT_GAP.sub("", text)
+        if squeezed != text:
+            addrs += [t for t in _SHOWN_ADDRESS.findall(squeezed)
+                      if _DOTTED.search(t) and normalize(t) not in mailboxes]
     return addrs, ""
 
 
