@@ -107,7 +107,9 @@ class Resolver:
     """Async lookups with one overall deadline (`timeout` seconds) per query."""
 
     def __init__(self, nameservers: list[str] | tuple[str, ...] = (),
-                 timeout: float = 10.0, *, dnssec: bool = False) -> None:
+                 timeout: float = 10.0, *, dnssec: bool = False,
+                 resolv_conf: str = "/etc/resolv.conf") -> None:
+        """`resolv_conf`: the file read when `nameservers` is empty."""
         if nameservers:
             r = dns.asyncresolver.Resolver(configure=False)
             r.nameservers = [
@@ -116,7 +118,7 @@ class Resolver:
             ]
         else:
             try:
-                r = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+                r = dns.asyncresolver.Resolver(filename=resolv_conf)
             except dns.resolver.NoResolverConfiguration:
                 # No resolv.conf (minimal container): a local resolver is the only guess;
                 # lookups then fail as temporary, so mail waits instead of bouncing.
@@ -133,8 +135,10 @@ class Resolver:
         self._r = r
         self.timeout = timeout
         # Whom `tlsa_answer` asks itself (it reads the raw reply).
-        self._servers = [(ns.address, ns.port) for ns in r.nameservers
-                         if isinstance(ns, dns.nameserver.Do53Nameserver)]
+        # dnspython keeps /etc/resolv.conf's entries as address strings (port `r.port`).
+        self._servers = [(ns, int(r.port)) if isinstance(ns, str) else (ns.address, ns.port)
+                         for ns in r.nameservers
+                         if isinstance(ns, str | dns.nameserver.Do53Nameserver)]
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
         try:
@@ -196,7 +200,9 @@ class Resolver:
         if self.dnssec:
             q.flags |= dns.flags.AD  # RFC 6840 5.7: ask for the AD bit
         last: DnsError = DnsTemporary(f"{name}/TLSA: no nameserver to ask")
-        servers = self._servers or [("127.0.0.1", 53)]
+        servers = self._servers
+        if not servers:  # only DNS-over-HTTPS/TLS servers configured: nothing to ask here
+            raise last
         per_try = float(self._r.timeout)
         try:
             async with asyncio.timeout(self.timeout):

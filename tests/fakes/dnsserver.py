@@ -100,7 +100,8 @@ class FakeDNSServer:
     """Start with `start()`, stop with `stop()`; or use as a context manager."""
 
     def __init__(self, zones: dict[str, Any] | None = None, host: str = "127.0.0.1", *,
-                 ad: bool = False) -> None:
+                 ad: bool = False, port: int = 0) -> None:
+        self.want_port = port  # 0: any free one
         self.ad = ad
         self.zones: dict[str, Any] = {}
         self.set_zones(zones or {})
@@ -126,7 +127,7 @@ class FakeDNSServer:
         resolver = _Resolver(self)
         logger = _SilentLogger()
         for _ in range(50):  # the UDP port's TCP twin may be taken: pick another
-            udp = _UDP((self.host, 0), DNSHandler)
+            udp = _UDP((self.host, self.want_port), DNSHandler)
             port = udp.server_address[1]
             try:
                 tcp = _TCP((self.host, port), DNSHandler)

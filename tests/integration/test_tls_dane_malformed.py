@@ -178,3 +178,23 @@ async def test_dane_ta_accepts_the_cname_expanded_name(tmp_path: Path, rig: Rig)
     res, _ = await rig.deliver(tmp_path, "ta.test")
     assert res.ok, res
     assert (res.tls, res.tls_policy) == ("verified", "dane")
+
+
+async def test_tlsa_asks_the_system_resolver(tmp_path: Path) -> None:
+    """With no `[delivery] nameservers`, the TLSA query goes to resolv.conf's resolver
+    (dnspython keeps those entries as address strings): here a loopback DNS server on
+    port 53 of an address only it uses (the TLSA query code of 96a4d48 asked
+    127.0.0.1:53 instead: refused, the TLSA lookup failed, the host unusable)."""
+    import random
+
+    from authrelay.dns import Resolver
+
+    host = f"127.{random.randrange(1, 255)}.{random.randrange(1, 255)}.{random.randrange(2, 255)}"
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(f"nameserver {host}\n")
+    good = _tlsa(3, 1, 1, b"\x01" * 32)
+    with FakeDNSServer({"_25._tcp.mx.test": {"TLSA": [good, SHORT]}}, host, ad=True,
+                       port=53):
+        r = Resolver((), 3, dnssec=True, resolv_conf=str(conf))
+        a = await r.tlsa_answer("_25._tcp.mx.test")
+    assert (a.records, a.secure, a.malformed) == ([(3, 1, 1, b"\x01" * 32)], True, 1)
