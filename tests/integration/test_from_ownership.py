@@ -79,6 +79,8 @@ ATTACKS = [
     # dropping the fold whole; blanks beside the @ likewise
     ("folded-name", "bob@other.test", 'From: "ceo@\r\n probe.test" <bob@other.test>\r\n'),
     ("blanks-at", "bob@other.test", 'From: "ceo @ probe.test" <bob@other.test>\r\n'),
+    # an escaped quote in the quoted name: shown ceo"@probe.test
+    ("escaped-quote", "bob@other.test", 'From: "ceo\\"@probe.test" <bob@other.test>\r\n'),
     # bob's From:, 300 KiB of header fields, then ceo's: past what the accept path
     # buffers of a header section (256 KiB), so the header is not vouched for.
     ("huge-header", "bob@other.test", "From: bob@other.test\r\n" + "".join(

@@ -80,6 +80,11 @@ _ODD_BLANK = re.compile(r"[^\S \t]")
 _AT_GAP = re.compile(
     r"[\s\u00ad\u200b-\u200f\u2060-\u2064\ufeff]+(?=[@\uff20\ufe6b])"
     r"|(?<=[@\uff20\ufe6b])[\s\u00ad\u200b-\u200f\u2060-\u2064\ufeff]+")
+# Punctuation a reader draws as text, not as the end of an address, when it stands in a
+# display name or comment: an escaped quote (`"ceo\"@bank.test"` shows ceo"@bank.test),
+# quotes, parentheses, brackets, commas (`"'ceo'@bank.test"`, `"(ceo)@bank.test"`,
+# `"ceo@[192.0.2.1]"`). The squeezed text (_AT_GAP) is read with each turned into a blank.
+_PUNCT = re.compile(r"[\"'()<>\[\],;:\\]")
 _DOTTED = re.compile(r"[@\uff20\ufe6b][^.\u3002\uff0e\uff61]*[.\u3002\uff0e\uff61]")
 # A value both stdlib parsers read as exactly one mailbox, that address (see
 # header_mailboxes); anything else (quotes, comments, commas, encoded words, non-ASCII,
@@ -229,7 +234,7 @@ def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
     for text in texts:
         addrs += [t for t in _SHOWN_ADDRESS.findall(text) if normalize(t) not in mailboxes]
     for text in texts:
-        squeezed = _AT_GAP.sub("", text)
+        squeezed = _AT_GAP.sub("", _PUNCT.sub(" ", text))
         if squeezed != text:
             addrs += [t for t in _SHOWN_ADDRESS.findall(squeezed)
                       if _DOTTED.search(t) and normalize(t) not in mailboxes]
