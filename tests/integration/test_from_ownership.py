@@ -81,6 +81,10 @@ ATTACKS = [
     ("blanks-at", "bob@other.test", 'From: "ceo @ probe.test" <bob@other.test>\r\n'),
     # an escaped quote in the quoted name: shown ceo"@probe.test
     ("escaped-quote", "bob@other.test", 'From: "ceo\\"@probe.test" <bob@other.test>\r\n'),
+    # an obs-route (RFC 5322 4.4): the parsers drop it, some readers show probe.test
+    ("route", "bob@other.test", "From: <@probe.test:bob@other.test>\r\n"),
+    ("sender-route", "bob@other.test",
+     "From: bob@other.test\r\nSender: Bob <@probe.test:bob@other.test>\r\n"),
     # bob's From:, 300 KiB of header fields, then ceo's: past what the accept path
     # buffers of a header section (256 KiB), so the header is not vouched for.
     ("huge-header", "bob@other.test", "From: bob@other.test\r\n" + "".join(

@@ -305,6 +305,13 @@ SHOWN_NOT_OWNED = [
     b'From: "ceo,@bank.test" <bob@mine.test>\r\n',
     b"From: bob@mine.test ((ceo)@bank.test)\r\n",
     b'Sender: "ceo\\"@bank.test" <bob@mine.test>\r\nFrom: bob@mine.test\r\n',
+    # an obs-route (RFC 5322 4.4): both parsers drop it, some readers show bank.test
+    b"From: <@bank.test:bob@mine.test>\r\n",
+    b"From: Bob <@bank.test:bob@mine.test>\r\n",
+    b"From: <(x)@bank.test:bob@mine.test>\r\n",
+    b"From: <((x))@bank.test:bob@mine.test>\r\n",
+    b"From: team: <@bank.test:bob@mine.test>;\r\n",
+    b"From: bob@mine.test\r\nSender: <@bank.test:bob@mine.test>\r\n",
 ]
 
 
@@ -350,6 +357,7 @@ EVERYDAY = [
     b"From: <bob@mine.test>(Bob)\r\n",
     b"From: Bob Smith (@bobsmith) <bob@mine.test>\r\n",
     b'From: "Bob (bob@mine.test)" <bob@mine.test>\r\n',
+    b'From: "Re: <a:b>" <bob@mine.test>\r\n',  # a colon in a quoted name's brackets
 ]
 
 
