@@ -35,6 +35,7 @@ HOSTS = {"mx-mixed": "127.0.0.2", "mx-allbad": "127.0.0.3", "mx-plain": "127.0.0
          "mx-wrong": "127.0.0.5", "mx-alias": "127.0.0.6", "mx-own": "127.0.0.7",
          "mx-ta": "127.0.0.8"}
 SHORT = bytes((3, 1))  # RDATA of two octets: not even usage, selector, matching type
+SNI: dict[str, list[str | None]] = {}  # per MX host: the SNI each handshake carried
 
 
 def _tlsa(usage: int, selector: int, mtype: int, data: bytes) -> bytes:
@@ -99,6 +100,8 @@ def rig() -> Iterator[Rig]:
                 else good]}
         c = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         leaf.configure_cert(c)
+        seen = SNI.setdefault(host, [])
+        c.sni_callback = lambda _s, name, _c, seen=seen: seen.append(name)  # type: ignore
         ctxs[host] = None if host == "mx-plain" else c
     dns = FakeDNSServer(zones, ad=True).start()
     servers: dict[str, FakeSMTPServer] = {}
@@ -162,6 +165,8 @@ async def test_tlsa_at_the_cname_expanded_name(tmp_path: Path, rig: Rig) -> None
     assert res.ok, res
     assert (res.tls, res.tls_policy) == ("verified", "dane")
     assert log.grep("tls=Verified TLS connection established to mx-alias.test")
+    # RFC 7672 8.1: the SNI is the TLSA base domain, here the expanded name
+    assert SNI["mx-alias"][-1] == "real.mx-alias.test"
 
 
 async def test_tlsa_at_the_mx_name_when_none_at_the_expanded(tmp_path: Path,
@@ -170,6 +175,7 @@ async def test_tlsa_at_the_mx_name_when_none_at_the_expanded(tmp_path: Path,
     res, _ = await rig.deliver(tmp_path, "own.test")
     assert res.ok, res
     assert (res.tls, res.tls_policy) == ("verified", "dane")
+    assert SNI["mx-own"][-1] == "mx-own.test"
 
 
 async def test_dane_ta_accepts_the_cname_expanded_name(tmp_path: Path, rig: Rig) -> None:

@@ -833,7 +833,8 @@ class Courier:
                 f"STARTTLS refused by {conn.remote}: {rep}", "4.7.5", 451, conn.remote))
         ctx = self._mx_ctx if t.mode == "mx" else self._smart_ctx
         try:
-            await conn.wire.start_tls(ctx, t.host if t.mode != "mx" else _sni(t.host),
+            await conn.wire.start_tls(ctx, t.host if t.mode != "mx" else
+                                      _sni(hp.sni or t.host),
                                       d.connect_timeout)
         except ProtocolError:
             raise  # bytes injected before the handshake (RFC 3207 5): not a TLS failure

@@ -48,6 +48,7 @@ class Tlsa:
     records: tuple[Record, ...] = ()
     reason: str = ""
     malformed: int = 0  # records of the RRset that could not be read (unusable)
+    base: str = ""  # the TLSA base domain asked (RFC 7672 8.1: the SNI to send)
 
     @property
     def usable(self) -> tuple[Record, ...]:
@@ -70,8 +71,8 @@ async def lookup(resolver: Resolver, host: str, port: int) -> Tlsa:
                                      f"(DNSSEC validation failure or server failure): {e}")
     if not a.secure:
         return Tlsa("none", tuple(a.records),
-                    f"TLSA records at {name} are not DNSSEC-validated", a.malformed)
-    return Tlsa("secure", tuple(a.records), malformed=a.malformed)
+                    f"TLSA records at {name} are not DNSSEC-validated", a.malformed, host)
+    return Tlsa("secure", tuple(a.records), malformed=a.malformed, base=host)
 
 
 def _selected(cert: x509.Certificate, selector: int) -> bytes:

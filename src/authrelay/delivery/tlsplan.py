@@ -89,6 +89,9 @@ class Planner:
                                       PolicyDesc("tlsa"), "dnssec-invalid")
                     continue
                 if t.state == "secure":
+                    # RFC 7672 8.1: SNI is the TLSA base domain (the CNAME-expanded name
+                    # when the records were found there)
+                    sni = t.base if t.base != host else ""
                     rpt = PolicyDesc("tlsa", tuple(f"{u} {s} {m} {d_.hex()}"
                                                    for u, s, m, d_ in t.records))
                     if t.usable:
@@ -96,10 +99,11 @@ class Planner:
                         if host in route.expanded:  # RFC 7672 2.2.2, 3.2.2
                             names = (route.expanded[host], *names)
                         per_host[host] = HostPolicy("dane", "dane", names, tlsa=t.usable,
-                                                    rpt=rpt)
+                                                    rpt=rpt, sni=sni)
                     else:  # RFC 7672 2.2: TLS mandatory, authentication impossible
                         per_host[host] = HostPolicy("encrypt", "dane",
-                                                    note="no usable TLSA record", rpt=rpt)
+                                                    note="no usable TLSA record", rpt=rpt,
+                                                    sni=sni)
                     continue
             if base.level == "dane-only":
                 why = "[delivery] dnssec is off" if not d.dnssec else \

@@ -61,6 +61,7 @@ class HostPolicy:
     tlsa: tuple[tuple[int, int, int, bytes], ...] = ()  # DANE: (usage, selector, mtype, data)
     note: str = ""  # why this level (e.g. "no MTA-STS policy"), for the trace
     rpt: PolicyDesc = PolicyDesc()  # what a TLS-RPT report says was applied
+    sni: str = ""  # the name sent as SNI when not the host's (DANE: the TLSA base domain)
 
     @property
     def requires_tls(self) -> bool:
