@@ -246,3 +246,25 @@ def test_both_spellings_of_an_internationalized_domain_are_one_report(tmp_path: 
     assert list(tally) == ["xn--bcher-kva.test"]
     [(ok, fails)] = tally["xn--bcher-kva.test"].values()
     assert ok == 1 and sum(fails.values()) == 1
+
+
+async def test_testing_policy_unlisted_mx_is_a_reported_failure(
+        env: Env, dns: FakeDNSServer, https: PolicyServer,  # noqa: F811
+        fake_mx: MXFactory, trustme_ca: trustme.CA, tmp_path: Path) -> None:
+    """RFC 8461 5 / RFC 8460: under a `testing` policy that does not list the MX, the
+    mail goes (good certificate and all), and the session is a validation-failure in the
+    tally, not a success (the old code counted it a success: the domain testing its
+    policy never learnt its MX was not in it)."""
+    https.policies["mta-sts.sts.test"] = policy("testing", "mx.elsewhere.test")
+    start_mx(fake_mx, env, ctx_for(trustme_ca, MX1))
+    courier = env.courier(ListLog(), tls_reports=True)
+    try:
+        res, _ = await env.deliver(courier=courier)
+        assert res.ok and res.tls_policy == "mta-sts", res
+    finally:
+        await courier.close()  # flushes the tally
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    tally = json.loads((tmp_path / "tls-rpt" / f"{day}.json").read_text())
+    [(ok, fails)] = [v for k, v in tally["sts.test"].items() if json.loads(k)[0] == "sts"]
+    assert ok == 0 and list(fails) and all(k.startswith("validation-failure|" + MX1)
+                                           for k in fails), fails

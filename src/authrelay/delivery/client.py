@@ -806,7 +806,7 @@ class Courier:
         d = self.cfg.delivery
         required = hp.requires_tls
         if "starttls" not in conn.ext:
-            if required or hp.level == "mta-sts":
+            if required or hp.level == "mta-sts" or hp.sts_unlisted:
                 self._report(t, conn, False, "starttls-not-supported")
             if required:
                 raise _TryNext(DeliveryResult.temp(
@@ -892,7 +892,10 @@ class Courier:
             c[0] if c else None, c[2] if c else None, hp.policy,
             reason=check.reason if not check.verified and check.reason else None)
         ok = not hp.authenticates or check.verified
-        self._report(t, conn, ok, check.kind)
+        # RFC 8460 / 8461 5: an MX the testing policy does not list is a failure to report
+        # (the reason testing mode exists), whatever its certificate.
+        self._report(t, conn, ok and not hp.sts_unlisted,
+                     "validation-failure" if hp.sts_unlisted else check.kind)
         if ok:
             return
         if hp.enforce:

@@ -68,6 +68,12 @@ class HostPolicy:
         return self.level not in ("none", "may") and (self.enforce or self.level != "mta-sts")
 
     @property
+    def sts_unlisted(self) -> bool:
+        """A host an MTA-STS `testing` policy does not list (the planner gives it level
+        may under policy mta-sts): delivered to, but a failure for TLS-RPT (RFC 8460)."""
+        return self.policy == "mta-sts" and self.level == "may"
+
+    @property
     def authenticates(self) -> bool:
         return self.level in ("verify", "dane", "mta-sts")
 
