@@ -365,3 +365,19 @@ EVERYDAY = [
 def test_everyday_from_forms_stay_owned(head: bytes) -> None:
     assert header_verdict(head + b"Subject: x\r\n\r\n", "bob", MINE) == ""
     assert Owner.of("bob", MINE).assess(head + b"\r\n") == ("", "mine.test")
+
+
+def test_long_from_sender_values_are_not_vouched_for() -> None:
+    """The stdlib parsers' time grows with the square of a value's length on comments,
+    dots, quoted strings: From:/Sender: values over MAX_FIELDS_CHARS (unfolded, in all)
+    are not vouched for, before either parser sees them; up to it, they are read."""
+    limit = ownership.MAX_FIELDS_CHARS
+    pad = "(x)" * ((limit - len(" bob@mine.test ")) // 3)  # the value: " bob@... (x)..."
+    assert limit - 3 < len(" bob@mine.test " + pad) <= limit
+    assert header_verdict(f"From: bob@mine.test {pad}\r\n\r\n".encode(), "bob", MINE) == ""
+    for head in (f"From: bob@mine.test {pad}(x)\r\n",
+                 "From: bob@mine.test" + "\r\n (x)" * 700 + "\r\n",  # folded
+                 f"From: bob@mine.test {pad[:1200]}\r\nSender: bob@mine.test {pad[:900]}\r\n",
+                 "From: bob@mine.test\r\n" * 200):
+        got = header_verdict(head.encode() + b"\r\n", "bob", MINE)
+        assert got == f"From:/Sender: longer than {limit} characters", got

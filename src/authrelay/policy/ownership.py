@@ -16,7 +16,8 @@ Contract: pure functions, no I/O.
   `email.headerregistry`) and the union taken, so a header one parser reads differently
   from the other (a display name holding an address, `a@x <b@y>`) cannot hide a mailbox.
   `problem` is "" or why the header cannot be vouched for (no From:, an encoded word or
-  group where an address belongs, a parse defect). An address a reader is shown beside
+  group where an address belongs, a parse defect, From:/Sender: values longer than
+  MAX_FIELDS_CHARS in all). An address a reader is shown beside
   the mailboxes (display name, comment, group name, after unfolding, decoding
   encoded-words, unescaping quoted-pairs; an obs-route's `<@x:...>`) counts as one of
   them. A field value of the plain shapes
@@ -59,6 +60,11 @@ _CHECKED = (b"from", b"sender")
 # pattern with an `\A` alternative tried at every position took about five times longer.)
 _FIRST_LINE = re.compile(rb"[!-9;-~]+:|\r?\n?\Z")
 _ODD_LINE = re.compile(rb"\n(?![ \t]|[!-9;-~]+:|\r?\n?\Z)")
+# The stdlib parsers take time growing with the square of a value's length on some
+# inputs (many comments, dots, quoted strings: ~0.1 s for 2 KiB, minutes for the 256 KiB
+# of header the accept path reads, spent on the session's event loop): From: and Sender:
+# values longer than this in all (unfolded; some 26 lines of 78) are not vouched for.
+MAX_FIELDS_CHARS = 2048
 # header_verdict() of a header without From: (nothing to vouch for: never signed, but
 # not refused either -- nothing in it claims an address the user does not own).
 NO_FROM = "no From: field"
@@ -68,7 +74,11 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _ADDR = rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+"
 # Anything shaped like an address (an at sign, ASCII or a look-alike, between two runs
 # of characters that do not end an address).
-_SHOWN_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+[@\uff20\ufe6b][^\s<>()\[\]\"',;:]+")
+# (Tried only where such a run starts, the lookbehind: from every position of a long run
+# without an at sign the scan cost the square of the run's length, seconds for a few
+# kilobytes of display name.)
+_SHOWN_ADDRESS = re.compile(
+    r"(?<![^\s<>()\[\]\"',;:])[^\s<>()\[\]\"',;:]+[@\uff20\ufe6b][^\s<>()\[\]\"',;:]+")
 # White space other than the ASCII space and tab (hair, thin, narrow no-break spaces, NBSP,
 # VT, FF, the C0 separators \x1c-\x1f, NEL): drawn narrow or not at all, so
 # `"ceo\u200a@\u200abank.test"` shows as an address; the shown text is also read with
@@ -197,6 +207,8 @@ def header_mailboxes(header_section: bytes) -> tuple[list[tuple[str, str]], str]
 
 def _mailboxes(fields: list[tuple[bytes, str]]) -> tuple[list[tuple[str, str]], str]:
     """header_mailboxes() of the From:/Sender: fields already split out."""
+    if sum(len(v) for _n, v in fields) > MAX_FIELDS_CHARS:
+        return [], f"From:/Sender: longer than {MAX_FIELDS_CHARS} characters"
     found: list[tuple[str, str]] = []
     for name, value in fields:
         label = "From:" if name == b"from" else "Sender:"
