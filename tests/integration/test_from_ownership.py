@@ -85,6 +85,9 @@ ATTACKS = [
     ("route", "bob@other.test", "From: <@probe.test:bob@other.test>\r\n"),
     ("sender-route", "bob@other.test",
      "From: bob@other.test\r\nSender: Bob <@probe.test:bob@other.test>\r\n"),
+    # UTF-16 without a byte order mark, big-endian (RFC 2781 4.3): ceo@probe.test
+    ("utf16-be", "bob@other.test",
+     "From: =?utf-16?b?AGMAZQBvAEAAcAByAG8AYgBlAC4AdABlAHMAdA==?= <bob@other.test>\r\n"),
     # bob's own address, 1000 folded comments after it (the stdlib parsers' time grows
     # with the square of that): longer than the 2048 characters vouched for
     ("long-from", "bob@other.test", "From: bob@other.test" + "\r\n (x)" * 1000 + "\r\n"),

@@ -312,6 +312,12 @@ SHOWN_NOT_OWNED = [
     b"From: <((x))@bank.test:bob@mine.test>\r\n",
     b"From: team: <@bank.test:bob@mine.test>;\r\n",
     b"From: bob@mine.test\r\nSender: <@bank.test:bob@mine.test>\r\n",
+    # UTF-16/32 without a byte order mark: big-endian to an RFC 2781 reader (Python's
+    # codec reads it little-endian: CJK text, no @)
+    b"From: =?utf-16?b?AGMAZQBvAEAAYgBhAG4AawAuAHQAZQBzAHQ=?= <bob@mine.test>\r\n",
+    b"From: =?UTF16?B?AGMAZQBvAEAAYgBhAG4AawAuAHQAZQBzAHQ=?= <bob@mine.test>\r\n",
+    b"From: =?utf-32?b?AAAAYwAAAGUAAABvAAAAQAAAAGIAAABhAAAAbgAAAGsAAAAuAAAAdAAAAGUAAABzAAAAdA==?="
+    b" <bob@mine.test>\r\n",
 ]
 
 
@@ -358,6 +364,8 @@ EVERYDAY = [
     b"From: Bob Smith (@bobsmith) <bob@mine.test>\r\n",
     b'From: "Bob (bob@mine.test)" <bob@mine.test>\r\n',
     b'From: "Re: <a:b>" <bob@mine.test>\r\n',  # a colon in a quoted name's brackets
+    b"From: =?utf-16?b?AEIAbwBi?= <bob@mine.test>\r\n",  # "Bob", UTF-16 without BOM
+    b"From: =?utf-16?b?//5CAG8AYgA=?= <bob@mine.test>\r\n",  # "Bob", little-endian BOM
 ]
 
 

@@ -38,6 +38,7 @@ or an unsigned message, never a signature lent to a domain the user does not own
 
 from __future__ import annotations
 
+import codecs
 import email.header
 import email.utils
 import re
@@ -268,15 +269,21 @@ def _as_shown(value: str) -> str | None:
     (RFC 2047 6.2: decoded, the white space between adjacent encoded-words dropped), or
     None when one cannot be decoded. Replaced in place, wherever it stands: readers
     decode an encoded-word glued to other text too (`ceo=?q?=40x?=` shows "ceo@x"). A
-    charset Python does not know is read as Latin-1: its ASCII (an `@`) still shows."""
+    charset Python does not know is read as Latin-1: its ASCII (an `@`) still shows.
+    UTF-16 and UTF-32 without a byte order mark are big-endian to RFC 2781 4.3 readers,
+    little-endian to Python and WHATWG ones: both readings are shown, side by side."""
     def shown(m: re.Match[str]) -> str:
         text = ""
         for data, charset in email.header.decode_header(m.group()):
             raw = data if isinstance(data, bytes) else data.encode("ascii", "replace")
             try:
-                text += raw.decode((charset or "ascii").partition("*")[0], "replace")
+                codec = codecs.lookup((charset or "ascii").partition("*")[0]).name
             except LookupError:
                 text += raw.decode("latin-1")
+                continue
+            text += raw.decode(codec, "replace")
+            if codec in ("utf-16", "utf-32"):
+                text += " " + raw.decode(codec + "-be", "replace")
         return text
     try:
         return _EW_RUN.sub(shown, value)
