@@ -88,6 +88,8 @@ ATTACKS = [
     # UTF-16 without a byte order mark, big-endian (RFC 2781 4.3): ceo@probe.test
     ("utf16-be", "bob@other.test",
      "From: =?utf-16?b?AGMAZQBvAEAAcAByAG8AYgBlAC4AdABlAHMAdA==?= <bob@other.test>\r\n"),
+    # a right-to-left override: drawn reversed, `ceo @ probe.test`
+    ("rtl-override", "bob@other.test", 'From: "\u202etset.eborp @ oec" <bob@other.test>\r\n'),
     # bob's own address, 1000 folded comments after it (the stdlib parsers' time grows
     # with the square of that): longer than the 2048 characters vouched for
     ("long-from", "bob@other.test", "From: bob@other.test" + "\r\n (x)" * 1000 + "\r\n"),

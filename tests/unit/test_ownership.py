@@ -318,6 +318,10 @@ SHOWN_NOT_OWNED = [
     b"From: =?UTF16?B?AGMAZQBvAEAAYgBhAG4AawAuAHQAZQBzAHQ=?= <bob@mine.test>\r\n",
     b"From: =?utf-32?b?AAAAYwAAAGUAAABvAAAAQAAAAGIAAABhAAAAbgAAAGsAAAAuAAAAdAAAAGUAAABzAAAAdA==?="
     b" <bob@mine.test>\r\n",
+    # a right-to-left override or isolate: drawn reversed, `ceo @ bank.test`
+    b'From: "\xe2\x80\xaetset.knab @ oec" <bob@mine.test>\r\n',
+    b'From: "\xe2\x81\xa7tset.knab @ oec\xe2\x81\xa9" <bob@mine.test>\r\n',
+    b"From: =?utf-8?q?=E2=80=AEtset=2Eknab_=40_oec?= <bob@mine.test>\r\n",
 ]
 
 
@@ -366,6 +370,9 @@ EVERYDAY = [
     b'From: "Re: <a:b>" <bob@mine.test>\r\n',  # a colon in a quoted name's brackets
     b"From: =?utf-16?b?AEIAbwBi?= <bob@mine.test>\r\n",  # "Bob", UTF-16 without BOM
     b"From: =?utf-16?b?//5CAG8AYgA=?= <bob@mine.test>\r\n",  # "Bob", little-endian BOM
+    # a Hebrew name with a right-to-left mark, one in an isolate
+    b'From: "\xd7\xa9\xd7\x9c\xd7\x95\xd7\x9d \xe2\x80\x8f" <bob@mine.test>\r\n',
+    b'From: "\xe2\x81\xa7\xd7\xa9\xd7\x9c\xd7\x95\xd7\x9d\xe2\x81\xa9 Bob" <bob@mine.test>\r\n',
 ]
 
 

@@ -104,6 +104,10 @@ _PUNCT = re.compile(r"[\"'()<>\[\],;:\\]")
 # readers show its domains; a route is never vouched for (nobody sends one).
 _ANGLE_COLON = re.compile(r"<([^<>]*:[^<>]*)>")
 _QUOTED_OR_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"|\[[^\]]*\]')
+# Bidirectional embeddings, overrides and isolates: `"\u202etset.knab @ oec"` is drawn
+# right to left, `ceo @ bank.test`, its domain on the left of the at sign. In a field
+# holding one, an address found in the squeezed text counts with or without a dot.
+_BIDI = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
 _DOTTED = re.compile(r"[@\uff20\ufe6b][^.\u3002\uff0e\uff61]*[.\u3002\uff0e\uff61]")
 # A value both stdlib parsers read as exactly one mailbox, that address (see
 # header_mailboxes); anything else (quotes, comments, commas, encoded words, non-ASCII,
@@ -256,11 +260,12 @@ def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
     texts += [_ODD_BLANK.sub("", t) for t in texts if _ODD_BLANK.search(t)]
     for text in texts:
         addrs += [t for t in _SHOWN_ADDRESS.findall(text) if normalize(t) not in mailboxes]
+    reordered = _BIDI.search(shown) is not None
     for text in texts:
         squeezed = _AT_GAP.sub("", _PUNCT.sub(" ", text))
         if squeezed != text:
             addrs += [t for t in _SHOWN_ADDRESS.findall(squeezed)
-                      if _DOTTED.search(t) and normalize(t) not in mailboxes]
+                      if (reordered or _DOTTED.search(t)) and normalize(t) not in mailboxes]
     return addrs, ""
 
 
