@@ -118,6 +118,8 @@ OWN = [
     ("own-comment", "bob@other.test", "From: bob@other.test (Bob)\r\n"),
     ("own-at-home", "bob@other.test", 'From: "Bob @ Home" <bob@other.test>\r\n'),
     ("own-escaped", "bob@other.test", 'From: "Bob \\"B\\" Smith" <bob@other.test>\r\n'),
+    ("own-utf8-name", "bob@other.test", "From: J\u00fcrgen M\u00fcller <bob@other.test>\r\n"),
+    ("own-quoted-utf8", "bob@other.test", 'From: "\u5f20\u4f1f, Bob" <bob@other.test>\r\n'),
 ]
 
 
