@@ -248,8 +248,9 @@ def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
     # or encoded: `"ceo@x" <bob@y>`), a comment (`<bob@y>(<ceo@x>)`) or a group name.
     # Each must be the user's too, so a signature never vouches for a field that shows
     # someone else's address.
-    addrs += [m for m in _ANGLE_COLON.findall(_QUOTED_OR_LITERAL.sub("", value))
-              if ":" in _QUOTED_OR_LITERAL.sub("", m)]
+    if ":" in value:
+        addrs += [m for m in _ANGLE_COLON.findall(_QUOTED_OR_LITERAL.sub("", value))
+                  if ":" in _QUOTED_OR_LITERAL.sub("", m)]
     mailboxes = {normalize(a) for a in addrs}
     names = [a.display_name for a in parsed.addresses]  # type: ignore[attr-defined]
     names += [g.display_name or "" for g in parsed.groups]  # type: ignore[attr-defined]
@@ -258,12 +259,14 @@ def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
         return [], f"{label} not parsable"
     texts = [value.replace("\\", ""), *names, shown]
     texts += [_ODD_BLANK.sub("", t) for t in texts if _ODD_BLANK.search(t)]
+    texts = list(dict.fromkeys(texts))  # the shown value is most often the value itself
     for text in texts:
         addrs += [t for t in _SHOWN_ADDRESS.findall(text) if normalize(t) not in mailboxes]
     reordered = _BIDI.search(shown) is not None
     for text in texts:
-        squeezed = _AT_GAP.sub("", _PUNCT.sub(" ", text))
-        if squeezed != text:
+        spaced = _PUNCT.sub(" ", text)
+        squeezed = _AT_GAP.sub("", spaced)
+        if squeezed != spaced:  # else its addresses are the ones just read
             addrs += [t for t in _SHOWN_ADDRESS.findall(squeezed)
                       if (reordered or _DOTTED.search(t)) and normalize(t) not in mailboxes]
     return addrs, ""
