@@ -79,6 +79,8 @@ ATTACKS = [
     # dropping the fold whole; blanks beside the @ likewise
     ("folded-name", "bob@other.test", 'From: "ceo@\r\n probe.test" <bob@other.test>\r\n'),
     ("blanks-at", "bob@other.test", 'From: "ceo @ probe.test" <bob@other.test>\r\n'),
+    # a character drawn like a dot (U+2024 ONE DOT LEADER): `ceo @ probe.test` on screen
+    ("dot-leader", "bob@other.test", 'From: "ceo @ probe\u2024test" <bob@other.test>\r\n'),
     # an escaped quote in the quoted name: shown ceo"@probe.test
     ("escaped-quote", "bob@other.test", 'From: "ceo\\"@probe.test" <bob@other.test>\r\n'),
     # an obs-route (RFC 5322 4.4): the parsers drop it, some readers show probe.test

@@ -292,6 +292,9 @@ SHOWN_NOT_OWNED = [
     b"From: bob@mine.test (ceo @ bank.test)\r\n",
     b"From: =?utf-8?q?ceo_=40_bank.test?= <bob@mine.test>\r\n",
     b'From: "ceo @ bank\xef\xbc\x8etest" <bob@mine.test>\r\n',  # fullwidth full stop
+    b'From: "ceo @ bank\xe2\x80\xa4test" <bob@mine.test>\r\n',  # one dot leader
+    b'From: "ceo @ bank\xef\xb9\x92test" <bob@mine.test>\r\n',  # small full stop
+    b'From: "ceo @ bank\xc2\xb7test" <bob@mine.test>\r\n',  # middle dot
     b'Sender: "ceo@\r\n bank.test" <bob@mine.test>\r\nFrom: bob@mine.test\r\n',
     b'From: "ceo@\r\n bank.test": bob@mine.test;\r\n',  # a group's name
     # punctuation beside the @ is drawn as text: an escaped quote shows ceo"@bank.test
@@ -366,6 +369,7 @@ EVERYDAY = [
     b"From: Team: Bob <bob@mine.test>;\r\n",
     b"From: <bob@mine.test>(Bob)\r\n",
     b"From: Bob Smith (@bobsmith) <bob@mine.test>\r\n",
+    b'From: "Pere Gal\xc2\xb7la @ Home" <bob@mine.test>\r\n',  # a middle dot in a name
     b'From: "Bob (bob@mine.test)" <bob@mine.test>\r\n',
     b'From: "Re: <a:b>" <bob@mine.test>\r\n',  # a colon in a quoted name's brackets
     b"From: =?utf-16?b?AEIAbwBi?= <bob@mine.test>\r\n",  # "Bob", UTF-16 without BOM

@@ -108,7 +108,11 @@ _QUOTED_OR_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"|\[[^\]]*\]')
 # right to left, `ceo @ bank.test`, its domain on the left of the at sign. In a field
 # holding one, an address found in the squeezed text counts with or without a dot.
 _BIDI = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
-_DOTTED = re.compile(r"[@\uff20\ufe6b][^.\u3002\uff0e\uff61]*[.\u3002\uff0e\uff61]")
+# A domain's dot, or a character drawn like one (ideographic, fullwidth, halfwidth full
+# stops; middle dot, one dot leader, hyphenation point, small full stop, word separator
+# middle dot): `"ceo @ bank\u2024test"` shows as ceo @ bank.test.
+_DOTS = ".\u3002\uff0e\uff61\u00b7\u2024\u2027\ufe52\u2e31"
+_DOTTED = re.compile(rf"[@\uff20\ufe6b][^{_DOTS}@\uff20\ufe6b]*[{_DOTS}]")
 # A value both stdlib parsers read as exactly one mailbox, that address (see
 # header_mailboxes); anything else (quotes, comments, commas, encoded words, non-ASCII,
 # a display name with punctuation) takes the two parsers.
