@@ -36,7 +36,8 @@ SKIPPED = "dkim=skipped, reason=From: not owned by user"
 
 def message(head: str, tag: str) -> bytes:
     return (f"{head}To: <rcpt@example.test>\r\nSubject: {tag}\r\n"
-            f"Message-ID: <{tag}@other.test>\r\n\r\nbody of {tag}\r\n").encode()
+            f"Message-ID: <{tag}@other.test>\r\n\r\nbody of {tag}\r\n"
+            ).encode("utf-8", "surrogateescape")  # lone surrogates: raw non-UTF-8 bytes
 
 
 # (tag, MAIL FROM, header fields before To:) -- every one names probe.test somewhere
@@ -81,6 +82,8 @@ ATTACKS = [
     ("blanks-at", "bob@other.test", 'From: "ceo @ probe.test" <bob@other.test>\r\n'),
     # a character drawn like a dot (U+2024 ONE DOT LEADER): `ceo @ probe.test` on screen
     ("dot-leader", "bob@other.test", 'From: "ceo @ probe\u2024test" <bob@other.test>\r\n'),
+    # raw GBK bytes A3 C0 (not UTF-8): a fullwidth @ to a reader falling back to GBK
+    ("gbk-at", "bob@other.test", 'From: "ceo\udca3\udcc0probe.test" <bob@other.test>\r\n'),
     # an escaped quote in the quoted name: shown ceo"@probe.test
     ("escaped-quote", "bob@other.test", 'From: "ceo\\"@probe.test" <bob@other.test>\r\n'),
     # an obs-route (RFC 5322 4.4): the parsers drop it, some readers show probe.test

@@ -295,6 +295,11 @@ SHOWN_NOT_OWNED = [
     b'From: "ceo @ bank\xe2\x80\xa4test" <bob@mine.test>\r\n',  # one dot leader
     b'From: "ceo @ bank\xef\xb9\x92test" <bob@mine.test>\r\n',  # small full stop
     b'From: "ceo @ bank\xc2\xb7test" <bob@mine.test>\r\n',  # middle dot
+    # raw bytes that are not UTF-8, shown in a legacy fallback charset: a fullwidth @
+    b'From: "ceo\xa3\xc0bank.test" <bob@mine.test>\r\n',  # GBK, EUC-KR
+    b"From: ceo\x81\x97bank.test <bob@mine.test>\r\n",  # Shift_JIS
+    b'From: "ceo\xa2Ibank.test" <bob@mine.test>\r\n',  # Big5
+    b"From: bob@mine.test (ceo\xa1\xf7bank.test)\r\n",  # EUC-JP, in a comment
     b'Sender: "ceo@\r\n bank.test" <bob@mine.test>\r\nFrom: bob@mine.test\r\n',
     b'From: "ceo@\r\n bank.test": bob@mine.test;\r\n',  # a group's name
     # punctuation beside the @ is drawn as text: an escaped quote shows ceo"@bank.test
@@ -370,6 +375,9 @@ EVERYDAY = [
     b"From: <bob@mine.test>(Bob)\r\n",
     b"From: Bob Smith (@bobsmith) <bob@mine.test>\r\n",
     b'From: "Pere Gal\xc2\xb7la @ Home" <bob@mine.test>\r\n',  # a middle dot in a name
+    b"From: J\xfcrgen M\xfcller <bob@mine.test>\r\n",  # raw Latin-1, not UTF-8
+    b"From: \xd5\xc5\xce\xb0 <bob@mine.test>\r\n",  # raw GBK
+    b'From: "\x93\x63\x92\x86" <bob@mine.test>\r\n',  # raw Shift_JIS
     b'From: "Bob (bob@mine.test)" <bob@mine.test>\r\n',
     b'From: "Re: <a:b>" <bob@mine.test>\r\n',  # a colon in a quoted name's brackets
     b"From: =?utf-16?b?AEIAbwBi?= <bob@mine.test>\r\n",  # "Bob", UTF-16 without BOM

@@ -108,6 +108,12 @@ _QUOTED_OR_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"|\[[^\]]*\]')
 # right to left, `ceo @ bank.test`, its domain on the left of the at sign. In a field
 # holding one, an address found in the squeezed text counts with or without a dot.
 _BIDI = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
+# Bytes of a field that are not UTF-8 (RFC 6532; kept as surrogates by header_fields) are
+# shown in the reader's fallback charset, often a legacy East Asian one, where two bytes
+# spell a fullwidth @ (A3 C0 in GBK and EUC-KR, 81 97 in Shift_JIS, A1 F7 in EUC-JP,
+# A2 49 in Big5): such a value is also read in each of them (the superset codecs).
+_UNDECODED = re.compile("[\udc80-\udcff]")
+_FALLBACK_CHARSETS = ("gb18030", "cp932", "big5", "cp949", "euc-jp")
 # A domain's dot, or a character drawn like one (ideographic, fullwidth, halfwidth full
 # stops; middle dot, one dot leader, hyphenation point, small full stop, word separator
 # middle dot): `"ceo @ bank\u2024test"` shows as ceo @ bank.test.
@@ -262,6 +268,9 @@ def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
     if shown is None:
         return [], f"{label} not parsable"
     texts = [value.replace("\\", ""), *names, shown]
+    if _UNDECODED.search(value):
+        raw = value.encode("utf-8", "surrogateescape")
+        texts += [raw.decode(c, "replace") for c in _FALLBACK_CHARSETS]
     texts += [_ODD_BLANK.sub("", t) for t in texts if _ODD_BLANK.search(t)]
     texts = list(dict.fromkeys(texts))  # the shown value is most often the value itself
     for text in texts:
