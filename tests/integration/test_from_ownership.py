@@ -84,6 +84,9 @@ ATTACKS = [
     ("dot-leader", "bob@other.test", 'From: "ceo @ probe\u2024test" <bob@other.test>\r\n'),
     # raw GBK bytes A3 C0 (not UTF-8): a fullwidth @ to a reader falling back to GBK
     ("gbk-at", "bob@other.test", 'From: "ceo\udca3\udcc0probe.test" <bob@other.test>\r\n'),
+    # GBK under the WHATWG label x-gbk, which Python lacks: ceo＠probe.test
+    ("x-gbk-label", "bob@other.test",
+     "From: =?x-gbk?b?Y2Vvo8Bwcm9iZS50ZXN0?= <bob@other.test>\r\n"),
     # an escaped quote in the quoted name: shown ceo"@probe.test
     ("escaped-quote", "bob@other.test", 'From: "ceo\\"@probe.test" <bob@other.test>\r\n'),
     # an obs-route (RFC 5322 4.4): the parsers drop it, some readers show probe.test

@@ -300,6 +300,11 @@ SHOWN_NOT_OWNED = [
     b"From: ceo\x81\x97bank.test <bob@mine.test>\r\n",  # Shift_JIS
     b'From: "ceo\xa2Ibank.test" <bob@mine.test>\r\n',  # Big5
     b"From: bob@mine.test (ceo\xa1\xf7bank.test)\r\n",  # EUC-JP, in a comment
+    # an encoded-word's charset label readers know and Python does not (WHATWG labels)
+    b"From: =?x-gbk?b?Y2Vvo8BiYW5rLnRlc3Q=?= <bob@mine.test>\r\n",
+    b"From: =?x-sjis?b?Y2VvgZdiYW5rLnRlc3Q=?= <bob@mine.test>\r\n",
+    b"From: ceo=?x-gbk?b?o8A=?=bank.test <bob@mine.test>\r\n",
+    b"From: =?unicode?b?YwBlAG8AIP9iAGEAbgBrAC4AdABlAHMAdAA=?= <bob@mine.test>\r\n",  # UTF-16LE
     b'Sender: "ceo@\r\n bank.test" <bob@mine.test>\r\nFrom: bob@mine.test\r\n',
     b'From: "ceo@\r\n bank.test": bob@mine.test;\r\n',  # a group's name
     # punctuation beside the @ is drawn as text: an escaped quote shows ceo"@bank.test
@@ -376,6 +381,8 @@ EVERYDAY = [
     b"From: Bob Smith (@bobsmith) <bob@mine.test>\r\n",
     b'From: "Pere Gal\xc2\xb7la @ Home" <bob@mine.test>\r\n',  # a middle dot in a name
     b"From: J\xfcrgen M\xfcller <bob@mine.test>\r\n",  # raw Latin-1, not UTF-8
+    b"From: =?x-gbk?b?1cXOsA==?= <bob@mine.test>\r\n",  # a GBK name, a label Python lacks
+    b"From: =?windows-31j?q?Bob?= <bob@mine.test>\r\n",
     b"From: \xd5\xc5\xce\xb0 <bob@mine.test>\r\n",  # raw GBK
     b'From: "\x93\x63\x92\x86" <bob@mine.test>\r\n',  # raw Shift_JIS
     b'From: "Bob (bob@mine.test)" <bob@mine.test>\r\n',

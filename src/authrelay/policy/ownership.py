@@ -114,6 +114,8 @@ _BIDI = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
 # A2 49 in Big5): such a value is also read in each of them (the superset codecs).
 _UNDECODED = re.compile("[\udc80-\udcff]")
 _FALLBACK_CHARSETS = ("gb18030", "cp932", "big5", "cp949", "euc-jp")
+# An encoded-word's charset label Python does not know is read as each of these too.
+_UNKNOWN_CHARSET_READINGS = (*_FALLBACK_CHARSETS, "utf-16-le", "utf-16-be")
 # A domain's dot, or a character drawn like one (ideographic, fullwidth, halfwidth full
 # stops; middle dot, one dot leader, hyphenation point, small full stop, word separator
 # middle dot): `"ceo @ bank\u2024test"` shows as ceo @ bank.test.
@@ -264,10 +266,12 @@ def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
     mailboxes = {normalize(a) for a in addrs}
     names = [a.display_name for a in parsed.addresses]  # type: ignore[attr-defined]
     names += [g.display_name or "" for g in parsed.groups]  # type: ignore[attr-defined]
-    shown = _as_shown(value)
+    shown, unknown = _as_shown(value)
     if shown is None:
         return [], f"{label} not parsable"
     texts = [value.replace("\\", ""), *names, shown]
+    if unknown:  # a charset label Python lacks: what each likely charset would show
+        texts += [_as_shown(value, c)[0] or "" for c in _UNKNOWN_CHARSET_READINGS]
     if _UNDECODED.search(value):
         raw = value.encode("utf-8", "surrogateescape")
         texts += [raw.decode(c, "replace") for c in _FALLBACK_CHARSETS]
@@ -285,31 +289,37 @@ def _parsed_mailboxes(label: str, value: str) -> tuple[list[str], str]:
     return addrs, ""
 
 
-def _as_shown(value: str) -> str | None:
+def _as_shown(value: str, unknown: str = "latin-1") -> tuple[str | None, bool]:
     """`value` with each run of encoded-words replaced by what a reader shows for it
     (RFC 2047 6.2: decoded, the white space between adjacent encoded-words dropped), or
     None when one cannot be decoded. Replaced in place, wherever it stands: readers
     decode an encoded-word glued to other text too (`ceo=?q?=40x?=` shows "ceo@x"). A
-    charset Python does not know is read as Latin-1: its ASCII (an `@`) still shows.
+    charset Python does not know is read as `unknown` (Latin-1: its ASCII, an `@`, still
+    shows); the flag says whether there was one (readers know labels Python does not:
+    x-gbk, x-sjis, windows-31j, cn-big5, windows-949, ucs-2, unicodefffe, ...).
     UTF-16 and UTF-32 without a byte order mark are big-endian to RFC 2781 4.3 readers,
     little-endian to Python and WHATWG ones: both readings are shown, side by side."""
+    met_unknown = False
+
     def shown(m: re.Match[str]) -> str:
+        nonlocal met_unknown
         text = ""
         for data, charset in email.header.decode_header(m.group()):
             raw = data if isinstance(data, bytes) else data.encode("ascii", "replace")
             try:
                 codec = codecs.lookup((charset or "ascii").partition("*")[0]).name
             except LookupError:
-                text += raw.decode("latin-1")
+                met_unknown = True
+                text += raw.decode(unknown, "replace")
                 continue
             text += raw.decode(codec, "replace")
             if codec in ("utf-16", "utf-32"):
                 text += " " + raw.decode(codec + "-be", "replace")
         return text
     try:
-        return _EW_RUN.sub(shown, value)
+        return _EW_RUN.sub(shown, value), met_unknown
     except HeaderParseError:
-        return None
+        return None, met_unknown
 
 
 def header_verdict(header_section: bytes, user: str, owned: Iterable[str]) -> str:
