@@ -87,6 +87,9 @@ ATTACKS = [
     # GBK under the WHATWG label x-gbk, which Python lacks: ceo＠probe.test
     ("x-gbk-label", "bob@other.test",
      "From: =?x-gbk?b?Y2Vvo8Bwcm9iZS50ZXN0?= <bob@other.test>\r\n"),
+    # gb2312 label, GBK-only bytes A9 88 (U+FE6B SMALL COMMERCIAL AT to a GBK reader)
+    ("gb2312-superset", "bob@other.test",
+     "From: =?gb2312?b?Y2VvqYhwcm9iZS50ZXN0?= <bob@other.test>\r\n"),
     # an escaped quote in the quoted name: shown ceo"@probe.test
     ("escaped-quote", "bob@other.test", 'From: "ceo\\"@probe.test" <bob@other.test>\r\n'),
     # an obs-route (RFC 5322 4.4): the parsers drop it, some readers show probe.test

@@ -305,6 +305,9 @@ SHOWN_NOT_OWNED = [
     b"From: =?x-sjis?b?Y2VvgZdiYW5rLnRlc3Q=?= <bob@mine.test>\r\n",
     b"From: ceo=?x-gbk?b?o8A=?=bank.test <bob@mine.test>\r\n",
     b"From: =?unicode?b?YwBlAG8AIP9iAGEAbgBrAC4AdABlAHMAdAA=?= <bob@mine.test>\r\n",  # UTF-16LE
+    # bytes outside the named charset, inside its superset (readers decode gb2312 as
+    # GBK): A9 88 is U+FE6B SMALL COMMERCIAL AT in GBK, nothing in GB2312
+    b"From: =?gb2312?b?Y2VvqYhiYW5rLnRlc3Q=?= <bob@mine.test>\r\n",
     b'Sender: "ceo@\r\n bank.test" <bob@mine.test>\r\nFrom: bob@mine.test\r\n',
     b'From: "ceo@\r\n bank.test": bob@mine.test;\r\n',  # a group's name
     # punctuation beside the @ is drawn as text: an escaped quote shows ceo"@bank.test
@@ -383,6 +386,7 @@ EVERYDAY = [
     b"From: J\xfcrgen M\xfcller <bob@mine.test>\r\n",  # raw Latin-1, not UTF-8
     b"From: =?x-gbk?b?1cXOsA==?= <bob@mine.test>\r\n",  # a GBK name, a label Python lacks
     b"From: =?windows-31j?q?Bob?= <bob@mine.test>\r\n",
+    b"From: =?gb2312?b?1cXOsA==?= <bob@mine.test>\r\n",
     b"From: \xd5\xc5\xce\xb0 <bob@mine.test>\r\n",  # raw GBK
     b'From: "\x93\x63\x92\x86" <bob@mine.test>\r\n',  # raw Shift_JIS
     b'From: "Bob (bob@mine.test)" <bob@mine.test>\r\n',

@@ -296,7 +296,8 @@ def _as_shown(value: str, unknown: str = "latin-1") -> tuple[str | None, bool]:
     decode an encoded-word glued to other text too (`ceo=?q?=40x?=` shows "ceo@x"). A
     charset Python does not know is read as `unknown` (Latin-1: its ASCII, an `@`, still
     shows); the flag says whether there was one (readers know labels Python does not:
-    x-gbk, x-sjis, windows-31j, cn-big5, windows-949, ucs-2, unicodefffe, ...).
+    x-gbk, x-sjis, windows-31j, cn-big5, windows-949, ucs-2, unicodefffe, ...), or bytes
+    the named charset does not hold (read as `unknown` too when that is not Latin-1).
     UTF-16 and UTF-32 without a byte order mark are big-endian to RFC 2781 4.3 readers,
     little-endian to Python and WHATWG ones: both readings are shown, side by side."""
     met_unknown = False
@@ -312,7 +313,11 @@ def _as_shown(value: str, unknown: str = "latin-1") -> tuple[str | None, bool]:
                 met_unknown = True
                 text += raw.decode(unknown, "replace")
                 continue
-            text += raw.decode(codec, "replace")
+            try:
+                text += raw.decode(codec)
+            except UnicodeDecodeError:  # bytes outside the label's charset: readers
+                met_unknown = True  # use a superset (WHATWG: GBK for gb2312, ...)
+                text += raw.decode(codec if unknown == "latin-1" else unknown, "replace")
             if codec in ("utf-16", "utf-32"):
                 text += " " + raw.decode(codec + "-be", "replace")
         return text
