@@ -91,9 +91,10 @@ _ODD_BLANK = re.compile(r"[^\S \t]")
 # drops the fold whole, and `"ceo @ bank.test"` reads as an address all the same. The
 # shown text is also read with them taken out, an address found only that way counting
 # when its domain has a dot (`"Bob @ Home"` stays a name).
-_AT_GAP = re.compile(
-    r"[\s\u00ad\u200b-\u200f\u2060-\u2064\ufeff]+(?=[@\uff20\ufe6b])"
-    r"|(?<=[@\uff20\ufe6b])[\s\u00ad\u200b-\u200f\u2060-\u2064\ufeff]+")
+# (A run of blanks is tried at its start only, the lookbehind: else from every blank of
+# a long run, the square of its length.)
+_GAP = r"[\s\u00ad\u200b-\u200f\u2060-\u2064\ufeff]"
+_AT_GAP = re.compile(rf"(?<!{_GAP}){_GAP}+(?=[@\uff20\ufe6b])|(?<=[@\uff20\ufe6b]){_GAP}+")
 # Punctuation a reader draws as text, not as the end of an address, when it stands in a
 # display name or comment: an escaped quote (`"ceo\"@bank.test"` shows ceo"@bank.test),
 # quotes, parentheses, brackets, commas (`"'ceo'@bank.test"`, `"(ceo)@bank.test"`,
