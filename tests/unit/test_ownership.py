@@ -240,6 +240,10 @@ _NEAR_SIMPLE = st.one_of(
         _SIMPLE_ADDR, st.text(st.sampled_from(list('aZ0 .@"(),:;\\=?é\t')), max_size=12)),
         _WSP, _SIMPLE_ADDR),
     st.text(st.sampled_from(list('ab.@<> "(),-_+\t:;')), max_size=25),
+    # quoted display names: everyday ones (the shortcut takes them) and near misses
+    st.builds(lambda w1, q, w2, a, w3: f'{w1}"{q}"{w2}<{a}>{w3}', _WSP,
+              st.text(st.sampled_from(list("aZ0 .,'_-@\"\\=?()<>:;\t\u00e9")), max_size=14),
+              _WSP, _SIMPLE_ADDR, _WSP),
 )
 
 
@@ -266,9 +270,13 @@ def test_plain_mailbox_shortcut_reads_what_both_parsers_read(v1: str, v2: str) -
 
 def test_plain_mailbox_shortcut_taken_and_declined() -> None:
     fast = ownership.plain_mailbox
-    for v in ("bob@other.test", " Bob Smith <bob@other.test> ", "<b.o-b+x@a-1.other.test>"):
+    for v in ("bob@other.test", " Bob Smith <bob@other.test> ", "<b.o-b+x@a-1.other.test>",
+              '"Bob" <bob@other.test>', '"Smith, Bob J." <bob@other.test>',
+              '"O\'Neil-Smith_2" <bob@other.test>', '"" <bob@other.test>'):
         assert fast(v) == v.strip(" <>").rpartition("<")[2], v
-    for v in ('"Bob" <bob@other.test>', "bob@other.test (x)", "a@b.test, c@d.test",
+    for v in ('"ceo@bank.test" <bob@other.test>', '"a\\"b" <bob@other.test>',
+              '"=?utf-8?q?x?=" <bob@other.test>', '"B\u00f6b" <bob@other.test>',
+              '"Bob" "Smith" <bob@other.test>', "bob@other.test (x)", "a@b.test, c@d.test",
               "bob@other.test <ceo@probe.test>", "=?utf-8?q?x?= <a@b.test>", "bob@localhost",
               "bob@other.test.", "b\u00f6b <bob@other.test>", "bob@other.test\n"):
         assert fast(v) is None, v

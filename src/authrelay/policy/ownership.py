@@ -22,9 +22,10 @@ Contract: pure functions, no I/O.
   encoded-words, unescaping quoted-pairs; an obs-route's `<@x:...>`) counts as one of
   them. A field value of the plain shapes
   nearly all mail has (`local@domain`, `<local@domain>`, `Name Words <local@domain>`,
-  dot-atoms of letters, digits, `_+-` only) is read by one regex instead (~5 µs against
-  ~100 µs of the two parsers): what both parsers read for such a value is that address,
-  and a property test holds the two paths to the same answer.
+  `"Smith, Bob" <local@domain>`; dot-atoms of letters, digits, `_+-` only) is read by one
+  regex instead (~5 µs against ~100-400 µs of the two parsers): what both parsers read
+  for such a value is that address, and a property test holds the two paths to the same
+  answer.
 - `header_verdict(header_section, user, owned) -> str`: "" when every From:/Sender:
   mailbox is the user's, else the reason (for the maillog; never sent to the client);
   `NO_FROM` when all is owned but there is no From: field at all.
@@ -132,8 +133,12 @@ _DOTTED = re.compile(rf"[@\uff20\ufe6b][^{_DOTS}@\uff20\ufe6b]*[{_DOTS}]")
 # and so is one glued to a word (not RFC 2047, but what lenient readers do).
 _EW = r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?="
 _EW_RUN = re.compile(rf"{_EW}(?:[ \t]+{_EW})*")
+# The display name: plain words, or a quoted string of letters, digits, blanks and the
+# punctuation of everyday names (`"Smith, Bob"`, `"Bob J. O'Neil-Smith"`, as Outlook
+# quotes them): nothing a reader could show as an address (no @, quote, backslash, =?).
 _PLAIN_MAILBOX = re.compile(
-    rf"[ \t]*(?:(?:[A-Za-z0-9]+(?: [A-Za-z0-9]+)*[ \t]*)?<({_ADDR})>|({_ADDR}))[ \t]*",
+    rf"[ \t]*(?:(?:(?:[A-Za-z0-9]+(?: [A-Za-z0-9]+)*|\"[A-Za-z0-9 .,'_-]*\")[ \t]*)?"
+    rf"<({_ADDR})>|({_ADDR}))[ \t]*",
     re.ASCII)
 
 
@@ -211,8 +216,9 @@ def header_fields(header_section: bytes, names: tuple[bytes, ...] = _CHECKED
 def plain_mailbox(value: str) -> str | None:
     """The address of a field value both stdlib parsers (`email.headerregistry` and
     `email.utils.getaddresses`) read as exactly that one mailbox: `a@b.c`, `<a@b.c>`,
-    `Name Words <a@b.c>`, plain ASCII without quotes, comments, commas or encoded words
-    (property-tested against both); None for anything else, which needs the parsers."""
+    `Name Words <a@b.c>`, `"Smith, Bob J." <a@b.c>`: plain ASCII without comments,
+    encoded words, or an @ in the name (property-tested against both); None for anything
+    else, which needs the parsers."""
     m = _PLAIN_MAILBOX.fullmatch(value)
     return (m.group(1) or m.group(2)) if m else None
 
