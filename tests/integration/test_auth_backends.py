@@ -438,6 +438,23 @@ def test_dovecot_spellings_are_one_account(dovecot: Path, tmp_path: Path) -> Non
         r.stop()
 
 
+def _send_one(port: int, login: str, password: str, sender: str) -> int:
+    """One message over 465 as `login`: the reply to MAIL if refused, else to the dot."""
+    from smtpclient import RawClient, client_ctx, plain
+
+    with RawClient(port, tls=client_ctx()) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        assert c.cmd(f"AUTH PLAIN {plain(login, password)}").code == 235
+        code = c.cmd(f"MAIL FROM:<{sender}>").code
+        if code == 250:
+            assert c.cmd("RCPT TO:<carol@example.net>").code == 250
+            assert c.cmd("DATA").code == 354
+            c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+            code = c.reply().code
+        return code
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("cls", ["saslauthd", "dovecot"])
 def test_backend_spellings_share_one_lockout(cls: str, request, tmp_path: Path) -> None:
@@ -477,7 +494,6 @@ def test_dovecot_exempt_and_resume_name_the_account(dovecot: Path, tmp_path: Pat
     """What an admin types for a Dovecot user (`[limits.containment] exempt`, `user
     resume`) names the account as the session counts it, in any spelling."""
     from relayproc import RelayProcess
-    from smtpclient import RawClient, client_ctx, plain
 
     def relay(exempt: list[str], where: Path) -> RelayProcess:
         return RelayProcess(where, {"auth": {"backend": f"dovecot:{dovecot}"},
@@ -486,18 +502,8 @@ def test_dovecot_exempt_and_resume_name_the_account(dovecot: Path, tmp_path: Pat
                                         "exempt": exempt}}}, users={}).start()
 
     def send(r: RelayProcess, user: str = "alice") -> int:
-        with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
-            c.reply()
-            c.cmd("EHLO client.test")
-            assert c.cmd(f"AUTH PLAIN {plain(user, USERS[user])}").code == 235
-            sender = user if "@" in user else f"{user}@example.org"
-            code = c.cmd(f"MAIL FROM:<{sender}>").code
-            if code == 250:
-                assert c.cmd("RCPT TO:<carol@example.net>").code == 250
-                assert c.cmd("DATA").code == 354
-                c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
-                code = c.reply().code
-            return code
+        sender = user if "@" in user else f"{user}@example.org"
+        return _send_one(r.ports["submissions"], user, USERS[user], sender)
 
     (tmp_path / "a").mkdir()
     r = relay(["Alice"], tmp_path / "a")
@@ -548,7 +554,6 @@ def test_saslauthd_caseless_spellings_are_one_account(sockdir: Path, tmp_path: P
     import sys
 
     from relayproc import RelayProcess
-    from smtpclient import RawClient, client_ctx, plain
 
     sock = sockdir / "mux"
     fake = subprocess.Popen([sys.executable, "-c", CASELESS_SASLAUTHD, str(sock),
@@ -562,17 +567,8 @@ def test_saslauthd_caseless_spellings_are_one_account(sockdir: Path, tmp_path: P
                          users={}).start()
 
         def send(user: str) -> int:
-            with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
-                c.reply()
-                c.cmd("EHLO client.test")
-                assert c.cmd(f"AUTH PLAIN {plain(user, USERS['alice'])}").code == 235
-                code = c.cmd("MAIL FROM:<alice@example.org>").code
-                if code == 250:
-                    assert c.cmd("RCPT TO:<bob@example.net>").code == 250
-                    assert c.cmd("DATA").code == 354
-                    c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
-                    code = c.reply().code
-                return code
+            return _send_one(r.ports["submissions"], user, USERS["alice"],
+                             "alice@example.org")
 
         try:
             assert [send("alice"), send("ALICE")] == [250, 250]
