@@ -21,6 +21,8 @@ A name absent from the dict is NXDOMAIN; a present name without the asked type i
 the target's records (chains followed). Names are case-insensitive, trailing dots optional. Use
 `server.nameserver` ("127.0.0.1:PORT") for `[delivery] nameservers`. `server.queries`
 records every (name, type) asked, for tests that want to see what was looked up.
+`udp_limit=N` truncates UDP answers over N bytes (TC set), as a server does past the
+client's EDNS size: the client must ask again over TCP.
 """
 
 from __future__ import annotations
@@ -96,12 +98,19 @@ class _TCP(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
 
 
+def _handler(udp_limit: int) -> type[DNSHandler]:
+    """dnslib's handler, truncating UDP answers past `udp_limit` (0: never)."""
+    return type("LimitedHandler", (DNSHandler,), {"udplen": udp_limit}) if udp_limit \
+        else DNSHandler
+
+
 class FakeDNSServer:
     """Start with `start()`, stop with `stop()`; or use as a context manager."""
 
     def __init__(self, zones: dict[str, Any] | None = None, host: str = "127.0.0.1", *,
-                 ad: bool = False, port: int = 0) -> None:
+                 ad: bool = False, port: int = 0, udp_limit: int = 0) -> None:
         self.want_port = port  # 0: any free one
+        self.udp_limit = udp_limit  # UDP answers longer than this: truncated, TC set
         self.ad = ad
         self.zones: dict[str, Any] = {}
         self.set_zones(zones or {})
@@ -127,7 +136,7 @@ class FakeDNSServer:
         resolver = _Resolver(self)
         logger = _SilentLogger()
         for _ in range(50):  # the UDP port's TCP twin may be taken: pick another
-            udp = _UDP((self.host, self.want_port), DNSHandler)
+            udp = _UDP((self.host, self.want_port), _handler(self.udp_limit))
             port = udp.server_address[1]
             try:
                 tcp = _TCP((self.host, port), DNSHandler)

@@ -204,3 +204,45 @@ async def test_tlsa_asks_the_system_resolver(tmp_path: Path) -> None:
         r = Resolver((), 3, dnssec=True, resolv_conf=str(conf))
         a = await r.tlsa_answer("_25._tcp.mx.test")
     assert (a.records, a.secure, a.malformed) == ([(3, 1, 1, b"\x01" * 32)], True, 1)
+
+
+# The TLSA query is sent by dns.Resolver.tlsa_answer itself (96a4d48): its own UDP,
+# TCP and deadline handling, each tested here against the loopback server.
+
+async def test_tlsa_truncated_over_udp_is_asked_again_over_tcp() -> None:
+    """An RRset too big for the UDP answer (TC set) is read whole over TCP (RFC 7766)."""
+    from authrelay.dns import Resolver
+
+    many = [_tlsa(3, 0, 0, bytes([i]) * 300) for i in range(8)]  # ~2.4 KB of RDATA
+    with FakeDNSServer({"_25._tcp.mx.test": {"TLSA": many}}, ad=True,
+                       udp_limit=512) as dns_:
+        a = await Resolver([dns_.nameserver], 5, dnssec=True).tlsa_answer("_25._tcp.mx.test")
+    assert sorted(d for *_, d in a.records) == [bytes([i]) * 300 for i in range(8)]
+    assert (a.secure, a.malformed) == (True, 0)
+
+
+async def test_tlsa_lookup_past_its_deadline_is_temporary() -> None:
+    """A server that never answers: DnsTemporary once the resolver's timeout has passed
+    (the MX is then unusable for this attempt, never tried in plain text)."""
+    from authrelay.dns import DnsTemporary, Resolver
+
+    with FakeDNSServer({"_25._tcp.mx.test": "TIMEOUT"}, ad=True) as dns_, \
+            pytest.raises(DnsTemporary, match="timed out"):
+        await Resolver([dns_.nameserver], 1.0, dnssec=True).tlsa_answer("_25._tcp.mx.test")
+
+
+async def test_tlsa_servfail_tries_the_next_server_then_is_temporary() -> None:
+    """SERVFAIL (a validating resolver's answer to bogus data) from one server: the next
+    is asked; from every server: DnsTemporary, never "no TLSA records"."""
+    from authrelay.dns import DnsTemporary, Resolver
+
+    good = _tlsa(3, 1, 1, b"\x01" * 32)
+    with FakeDNSServer({"_25._tcp.mx.test": "SERVFAIL"}, ad=True) as bad, \
+            FakeDNSServer({"_25._tcp.mx.test": {"TLSA": [good]}}, ad=True) as ok:
+        a = await Resolver([bad.nameserver, ok.nameserver], 5,
+                           dnssec=True).tlsa_answer("_25._tcp.mx.test")
+        assert a.records == [(3, 1, 1, b"\x01" * 32)]
+        assert ("_25._tcp.mx.test", "TLSA") in bad.queries
+        with pytest.raises(DnsTemporary, match="SERVFAIL"):
+            await Resolver([bad.nameserver], 5, dnssec=True).tlsa_answer(
+                "_25._tcp.mx.test")
