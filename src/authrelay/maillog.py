@@ -72,11 +72,12 @@ _QUOTE_IF = re.compile(r"[ ,=]")
 # ", key=" inside our own prose would read as a field separator: its comma is escaped.
 _FIELD_COMMA = re.compile(r",(?=\s*[^\s,=]+=)")
 _RELAY = re.compile(r"(.*) \[([^\[\]]*)\](:\d+)?", re.S)
-# The outbound TLS fields of a delivery line (`tls=verified, policy=dane`) written inside
-# a value or text that comes from elsewhere (a remote reply in `stat=Sent (...)`, a HELO
-# name): the `=` is escaped (`tls\x3dverified`), so `grep 'tls=verified'` only ever
-# finds the field we wrote. "starttls=1" (`commands=`) is not such a token.
-_OUR_FIELD = re.compile(r"(?<![\w.-])((?i:tls|policy))=")
+# The result fields of a delivery line (`dsn=2.0.0, tls=verified, policy=dane,
+# stat=Sent`) written inside a value or text that comes from elsewhere (a remote reply in
+# `stat=Deferred (...)`, a HELO name): the `=` is escaped (`tls\x3dverified`), so `grep
+# 'tls=verified'` or `grep 'stat=Sent'` only ever finds the field we wrote. "starttls=1"
+# (`commands=`) is not such a token.
+_OUR_FIELD = re.compile(r"(?<![\w.-])((?i:tls|policy|stat|dsn))=")
 
 
 def _char(c: str) -> str:

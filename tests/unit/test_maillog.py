@@ -73,6 +73,11 @@ CASES = [
                                 "TLS_AES_256_GCM_SHA384", 256, "may", "self-signed certificate"),
      "Q1: tls=Untrusted TLS connection established to mx.y [198.51.100.1]:25: TLSv1.3 with "
      "cipher TLS_AES_256_GCM_SHA384 (256/256 bits), policy=may, reason=self-signed certificate"),
+    # nor our delivery result: a deferral is not found by `grep 'stat=Sent'`
+    (lambda m: m.deferred("Q1", "b@y", "mx.y [198.51.100.1]:25", 2, 3, "4.2.0",
+                          "450 4.2.0 try later stat=Sent (250 ok) DSN=2.0.0"),
+     "Q1: to=<b@y>, relay=mx.y [198.51.100.1]:25, delay=2.00, tries=3, dsn=4.2.0, "
+     "stat=Deferred (450 4.2.0 try later stat\\x3dSent (250 ok) DSN\\x3d2.0.0)"),
     (lambda m: m.deferred("Q1", "b@y", "", 2, 3, "4.4.1", "connection refused"),
      "Q1: to=<b@y>, relay=none, delay=2.00, tries=3, dsn=4.4.1, "
      "stat=Deferred (connection refused)"),
