@@ -229,3 +229,48 @@ def test_listener_without_proxy_protocol_reads_no_header(relay: RelayProcess) ->
     with proxied(relay.ports["smtp"], b"") as c:
         assert c.reply().code == 220  # greeted at once: no header awaited
         assert c.cmd("EHLO client.test").code == 250
+
+
+@pytest.fixture
+def redis_relay(tmp_path: Path) -> Iterator[RelayProcess]:
+    from scalerig import RedisServer
+
+    rs = RedisServer().start()
+    r = RelayProcess(tmp_path, {"relay": {"proxy_trusted": ["127.0.0.1/32"]},
+                                "limits": {"shared": rs.url},
+                                "auth": {"max_failures_per_ip": 2, "failure_delay": 0.05}})
+    r.ports = {"submission": r.ports["submission"]}
+    r.config_data["listen"] = [
+        {"address": f"127.0.0.1:{r.ports['submission']}", "mode": "submission",
+         "proxy_protocol": True}]
+    from relayproc import to_toml
+
+    r.config.write_text(to_toml(r.config_data))
+    try:
+        r.start()
+        yield r
+    finally:
+        r.stop()
+        rs.cleanup()
+
+
+def test_farm_lockout_counts_an_ipv6_client_by_its_prefix(redis_relay: RelayProcess) -> None:
+    """With the AUTH windows in Redis, an IPv6 client is counted by its /64
+    (`ipv6_prefix_length`) as without Redis: rotating addresses inside it gains nothing."""
+    port = redis_relay.ports["submission"]
+
+    def auth(src: str, password: str) -> str:
+        with proxied(port, build_v1((src, 1000), ("2001:db8::25", 587))) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            assert c.cmd("STARTTLS").code == 220
+            c.starttls(client_ctx())
+            c.cmd("EHLO client.test")
+            r = c.cmd(f"AUTH PLAIN {plain('alice', password)}")
+            return f"{r.code} {r.text}"
+
+    assert auth("2001:db8:1:2::1", "wrong").startswith("535")
+    assert auth("2001:db8:1:2::2", "wrong").startswith("535")
+    # a third address of the same /64: locked, even with the right password
+    assert auth("2001:db8:1:2::3", PASSWORD).startswith("454 4.7.0")
+    assert auth("2001:db8:1:3::1", PASSWORD).startswith("235")  # another /64: not

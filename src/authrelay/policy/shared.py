@@ -389,6 +389,9 @@ class RedisThrottle(Throttle):
     def reload(self, cfg: Config) -> None:
         self.local.reload(cfg)
         lim, auth = cfg.limits, cfg.auth
+        # Per-address windows count an IPv6 client by its prefix, as the local ones do:
+        # keyed by the whole address, a client rotating through its /64 was never locked.
+        self.v6_prefix = lim.ipv6_prefix_length
         self.window = auth.failure_window
         self.max_fail_ip = auth.max_failures_per_ip
         self.max_fail_user = auth.max_failures_per_user
@@ -444,7 +447,7 @@ class RedisThrottle(Throttle):
 
     # ---------------------------------------------------------------- AUTH
     def _auth_items(self, ip: str, user: str, add: int) -> list[tuple[str, str, float, int]]:
-        items = [("auth_ip", ip, self.window, add)]
+        items = [("auth_ip", self.key(ip), self.window, add)]
         if user:
             u = user.lower()
             items += [("auth_user", u, self.window, add),
