@@ -75,3 +75,55 @@ def test_received_with_value_of_an_smtputf8_transaction(protocol: str, smtputf8:
                    listener="submission:127.0.0.1:587")
     field = received_for(env, "relay.example").decode()
     assert f"\tby relay.example (authrelay) with {written} id Q1\r\n" in field
+
+
+class _CountingBuffer(bytearray):
+    """A bytearray that counts the bytes its find() calls look at (work, not time)."""
+
+    searched = 0
+
+    def find(self, sub, start=None, end=None):  # type: ignore[no-untyped-def,override]
+        lo = 0 if start is None else start
+        hi = len(self) if end is None else end
+        self.searched += max(0, hi - lo)
+        return super().find(sub, start, end)
+
+
+def test_a_header_section_dribbled_in_tiny_pieces_costs_linear_work() -> None:
+    """A client sending its header section a few bytes per packet: each piece is looked
+    at once (plus the 3 bytes before it), not the whole buffer again per piece. Before,
+    the search for the empty line rescanned everything buffered: 64 KiB in 8-byte pieces
+    cost 8,192 scans averaging 32 KiB (~270 MB, on the event loop, per connection; a
+    256 KiB section, ~4 GB)."""
+    header = b"".join(b"X-F%05d: v\r\n" % i for i in range(5000))  # 65,000 bytes
+    msg = b"From: a@example.org\r\n" + header + b"\r\nbody\r\n"
+    c = HeaderCleanup(RCVD, "relay.example")
+    c._buf = buf = _CountingBuffer()
+    pieces = [msg[i:i + 8] for i in range(0, len(msg), 8)]
+    out = b"".join(c.feed(p) for p in pieces) + c.finish()
+    assert out.startswith(RCVD + b"From: a@example.org\r\n") and out.endswith(b"\r\n\r\nbody\r\n")
+    assert c.header_section == b"From: a@example.org\r\n" + header
+    assert buf.searched <= len(msg) + 3 * len(pieces)
+
+
+@pytest.mark.parametrize("field, hops", [
+    (b"Received: x\r\n", 1), (b"RECEIVED\t: x\r\n", 1), (b"rEcEiVeD  :x\r\n", 1),
+    (b"X-Received: x\r\n", 0), (b"Subject: a\r\n received: x\r\n", 0),
+    (b"Received: a\r\nReceived: b\r\n", 2), (b"Received x\r\n", 0),
+])
+def test_received_fields_are_counted_by_name_in_any_case(field: bytes, hops: int) -> None:
+    _out, c = clean([b"Subject: s\r\n" + field + b"\r\nbody\r\n"])
+    assert c.hops == hops
+    _out, c = clean([field + b"\r\nbody\r\n"])  # as the first field too
+    assert c.hops == hops
+
+
+@pytest.mark.parametrize("fields, added", [
+    (b"DATE: x\r\nmessage-ID\t: <a@b>\r\n", []), (b"date :x\r\n", ["Message-ID"]),
+    (b"X-Date: x\r\nX-Message-ID: y\r\n", ["Date", "Message-ID"]),
+    (b"Subject: a\r\n Date: x\r\n Message-ID: y\r\n", ["Date", "Message-ID"]),
+])
+def test_date_and_message_id_are_found_by_name_in_any_case(fields: bytes,
+                                                            added: list[str]) -> None:
+    _out, c = clean([fields + b"\r\nbody\r\n"])
+    assert sorted(c.added) == added

@@ -20,9 +20,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from authrelay.spool.envelope import Envelope
 
-_HAS_DATE = re.compile(rb"(?:^|\r\n)date[ \t]*:", re.I)
-_HAS_MSGID = re.compile(rb"(?:^|\r\n)message-id[ \t]*:", re.I)
-_RECEIVED = re.compile(rb"(?:^|\n)received[ \t]*:", re.I)
+# Matched against "\r\n" + the header section lower-cased (bytes.lower: ASCII only, as
+# re.I on bytes): a literal prefix lets the regex engine jump between candidates at C
+# speed, where `(?:^|\r\n)...` with re.I tried a match at every byte (~20 ms for each
+# of these three on a 256 KiB header section, on the event loop).
+_HAS_DATE = re.compile(rb"\r\ndate[ \t]*:")
+_HAS_MSGID = re.compile(rb"\r\nmessage-id[ \t]*:")
+_RECEIVED = re.compile(rb"\nreceived[ \t]*:")
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -100,6 +104,10 @@ class HeaderCleanup:
         self._add = add_missing
         self._max = max_header_bytes
         self._buf = bytearray()
+        # Where the search for the empty line that ends the header section goes on: each
+        # feed looks at its new bytes (and the 3 before), so a header section dribbled in
+        # tiny pieces costs linear work, not a rescan of the whole buffer per piece.
+        self._searched = 0
         self._passing = False  # header section done: everything else passes through
         self.added: list[str] = []
         self.hops = 0  # Received: fields in the header section as it arrived
@@ -112,6 +120,7 @@ class HeaderCleanup:
         if not self._add:
             return b""
         out = []
+        headers = b"\r\n" + headers.lower()
         if not _HAS_DATE.search(headers):
             out.append(f"Date: {rfc5322_date()}\r\n")
             self.added.append("Date")
@@ -127,7 +136,7 @@ class HeaderCleanup:
         buf = bytes(self._buf)
         self._buf = bytearray()
         self.header_section = buf if end is None else buf[:end]
-        self.hops = len(_RECEIVED.findall(self.header_section))
+        self.hops = len(_RECEIVED.findall(b"\n" + self.header_section.lower()))
         if end is None:  # headers too large or no blank line: add at the top
             return self._received + self._extra(buf) + buf
         sep = b"\r\n" if separate else b""
@@ -145,9 +154,10 @@ class HeaderCleanup:
             # into our trace field. As Postfix's cleanup does, it starts the body: an
             # empty line goes in before it (the client's header section is empty).
             return self._release(0, separate=True)
-        i = self._buf.find(b"\r\n\r\n")
+        i = self._buf.find(b"\r\n\r\n", self._searched)
         if i >= 0:
             return self._release(i + 2)
+        self._searched = max(0, len(self._buf) - 3)
         if len(self._buf) > self._max:
             self.header_truncated = True
             return self._release(None)
