@@ -493,6 +493,37 @@ async def test_token_refused_twice_defers(
     assert_no_token(tmp_path, ep, log)
 
 
+async def test_a_smart_host_refusing_every_token_costs_no_request_per_message(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any) -> None:
+    """A smart host that refuses every token (no SMTP.SendAsApp): the first refusal gets
+    one fresh token; refused too, that one is kept fail_hold seconds, so a queue of mail
+    does not ask the token endpoint once a message (it did: one request per delivery).
+    After fail_hold a refusal replaces it again, once."""
+    ep = endpoint(secret="s3cret-value")
+    sh = smart_host(ep)
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+                                        delivery={"idle_timeout": "0s"}), maillog=mlog)
+    source = courier.tokens_for(sh.address)
+    assert isinstance(source, oauth.TokenSource)
+    now = [1000.0]
+    source.clock = lambda: now[0]
+    ep.valid = lambda token, user: False  # type: ignore[method-assign]
+    try:
+        rs = [await deliver(courier, f"c{i}@far.test") for i in range(5)]
+        assert len(ep.requests) == 2  # the first token and one replacement
+        assert len(sh.oauth_attempts) == 2 + 4  # the kept one is not tried twice
+        now[0] += source.fail_hold + 1
+        rs.append(await deliver(courier))
+    finally:
+        await courier.close()
+    for r in rs:
+        assert (r.permanent, r.enhanced, r.code) == (False, "4.7.0", 454), r
+        assert "refused the OAuth token" in r.text
+    assert len(ep.requests) == 3
+    assert_no_token(tmp_path, ep, logtext(mlog))
+
+
 # --------------------------------------------------------------------------- failures
 
 async def test_wrong_client_secret_defers_with_the_cause(

@@ -8,7 +8,8 @@ JSON error challenge read for the maillog, `TokenError`, and `Tokens`, what the 
 Contract: `xoauth2()` / `oauthbearer()` -> base64 bytes for `AUTH MECH <resp>`;
 `server_error(challenge)` -> "status=... schemes=... scope=..." or "".
 `Tokens.get()` -> an access token or TokenError; `Tokens.drop(token)`: the server
-refused it. `redact(text, *secrets)`: a server's reply with what we sent cut out.
+refused it (True: the next get() gives another token; False: none to try now).
+`redact(text, *secrets)`: a server's reply with what we sent cut out.
 Failure policy: `server_error` never raises (a challenge that is not base64 JSON: "");
 nothing here logs, and a token is never part of an error text.
 """
@@ -31,7 +32,7 @@ class Tokens(Protocol):
 
     async def get(self) -> str: ...
 
-    def drop(self, token: str) -> None: ...
+    def drop(self, token: str) -> bool: ...
 
 
 def _short(text: str) -> str:

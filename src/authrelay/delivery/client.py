@@ -968,10 +968,10 @@ class Courier:
             if rep.code == 235:
                 return
             if attempt == 1 and 500 <= rep.code < 600 and rep.code != 504 \
-                    and w.is_connected:
+                    and w.is_connected and tokens.drop(token):
                 # Maybe revoked or expired early: a fresh token, once. The second one is
-                # kept (it is fresh; the cause is elsewhere, e.g. a missing permission).
-                tokens.drop(token)
+                # kept (it is fresh; the cause is elsewhere, e.g. a missing permission),
+                # and for fail_hold seconds not replaced again (TokenSource.drop).
                 continue
             break
         raise _TryNext(DeliveryResult.temp(

@@ -28,7 +28,10 @@ system's trust store.
 Contract: `await TokenSource(settings).get()` -> an access token (str), or `TokenError`
 whose text names the cause (endpoint unreachable, TLS failure, the endpoint's `error` and
 `error_description`, an unreadable key file) and never a secret or a token.
-`drop(token)`: the smart host refused it; the next `get()` fetches a new one.
+`drop(token)`: the smart host refused it; the next `get()` fetches a new one (True),
+except that a token fetched to replace a refused one and refused too within `fail_hold`
+seconds is kept (False): the cause is not the token (a missing permission, a blocked
+tenant), so a queue of mail asks the endpoint once per `fail_hold`, not once a message.
 - One fetch at a time: concurrent deliveries wait for the same fetch (an asyncio lock).
 - A token is used until 80% of its `expires_in` or until 5 minutes before it expires,
   whichever is earlier (never less than half of it), then replaced; if the refresh
@@ -278,6 +281,8 @@ class TokenSource:
         self.clock = clock
         self._token: _Token | None = None
         self._failed: tuple[float, str] | None = None  # (until, why)
+        self._replacing = False  # the next fetch replaces a token the smart host refused
+        self._refused_hold = 0.0  # until then, a refused replacement is kept (drop)
         self._lock = asyncio.Lock()
         self.fetches = 0  # tokens requested from the endpoint (tests, metrics)
 
@@ -304,15 +309,28 @@ class TokenSource:
                 raise
             self._failed = None
             now = self.clock()
+            if self._replacing:
+                self._replacing = False
+                self._refused_hold = now + self.fail_hold
             use, life = _lifetime(expires_in)
             self._token = _Token(value, now + use, now + life)
             return value
 
-    def drop(self, token: str) -> None:
-        """The smart host refused `token`: the next get() fetches a fresh one."""
-        if self._token is not None and self._token.value == token:
-            self._token = None
+    def drop(self, token: str) -> bool:
+        """The smart host refused `token`. True: the next get() gives another token (a
+        fresh fetch, or one fetched meanwhile). False: `token` was itself fetched, less
+        than `fail_hold` seconds ago, to replace a refused token, and is kept: a smart
+        host that refuses every token (no SMTP.SendAsApp, no delegation) must not cost
+        the token endpoint one request per message of the queue."""
+        if self._token is None or self._token.value != token:
+            self._failed = None
+            return True  # gone already (another delivery's refusal, or expired)
+        if self.clock() < self._refused_hold:
+            return False
+        self._token = None
         self._failed = None
+        self._replacing = True
+        return True
 
     # ------------------------------------------------------------------ fetching
     def _secret(self) -> bytes:
