@@ -170,3 +170,39 @@ def test_keygen_as_root_gives_the_key_to_the_run_user(tmp_path: Path) -> None:
         st = p.stat()
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == \
             (nobody.pw_uid, nobody.pw_gid, mode), p
+
+
+def test_an_internationalised_domain_written_as_the_config_allows(tmp_path: Path) -> None:
+    """`[dkim] domains` and the signer take `bücher.example` as its A-label; keygen, list,
+    dkim dns, dns and check-config take it the same way, so the admin's one spelling works
+    throughout and the records are in the zone's ASCII form."""
+    write_cfg(tmp_path, '[dkim]\ndomains = ["Bücher.example"]\n')
+    r = run(tmp_path, "dkim", "keygen", "bücher.example", "--selector", "s1",
+            "--algorithm", "ed25519")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("s1._domainkey.xn--bcher-kva.example. IN TXT ")
+    keyfile = tmp_path / "var" / "dkim" / "xn--bcher-kva.example" / "s1.key"
+    assert keyfile.exists()
+    # the signer finds it: the key the running server would sign this domain's mail with
+    assert [k.path for k in KeyStore(tmp_path / "var" / "dkim").load()
+            .for_domain("bücher.example")] == [keyfile]
+
+    r = run(tmp_path, "dkim", "list")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"xn--bcher-kva.example\ts1\ted25519-256\t{keyfile}\n"  # not "unused"
+    r = run(tmp_path, "dkim", "dns", "BÜCHER.example.")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("s1._domainkey.xn--bcher-kva.example. IN TXT ")
+    for args in (("dns",), ("dns", "bücher.example")):
+        r = run(tmp_path, *args)
+        assert r.returncode == 0, r.stderr
+        assert "s1._domainkey.xn--bcher-kva.example. IN TXT" in r.stdout
+        assert "_dmarc.xn--bcher-kva.example. IN TXT" in r.stdout
+        assert not any(not ln.isascii() for ln in r.stdout.splitlines()
+                       if ln and not ln.startswith(";")), r.stdout
+    r = run(tmp_path, "check-config")
+    assert "has no key" not in r.stdout + r.stderr
+    # a name IDNA2003 maps onto another (ß -> ss) is refused, never filed under the other
+    r = run(tmp_path, "dkim", "keygen", "boß.example", "--algorithm", "ed25519")
+    assert r.returncode == 1 and "not a domain name" in r.stderr
+    assert not (tmp_path / "var" / "dkim" / "boss.example").exists()

@@ -16,7 +16,7 @@ import pwd
 import sys
 
 from authrelay.config import load
-from authrelay.dkim.keys import DkimKeyError, KeyStore, default_selector
+from authrelay.dkim.keys import DkimKeyError, KeyStore, default_selector, key_domain
 
 
 def _owner(user: str) -> tuple[int, int] | None:
@@ -56,7 +56,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     store = KeyStore(cfg.dkim_dir).load()
-    signed = set(cfg.dkim.domains)
+    signed = {key_domain(d) for d in cfg.dkim.domains}
     for k in store.all():
         note = "" if not signed or k.domain in signed else "  (not in dkim.domains: unused)"
         print(f"{k.domain}\t{k.selector}\t{k.algorithm}-{k.bits}\t{k.path}{note}")

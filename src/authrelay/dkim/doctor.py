@@ -52,7 +52,7 @@ from authrelay.config import Config, SmartHostOAuth, parse_hostport
 from authrelay.delivery.bearer import redact
 from authrelay.delivery.tlspolicy import smart_host_level
 from authrelay.dkim import records
-from authrelay.dkim.keys import DkimKey, KeyStore
+from authrelay.dkim.keys import DkimKey, KeyStore, key_domain
 from authrelay.dns import DnsError, DnsNoData, DnsPermanent, Resolver, _parse_nameserver
 
 EXPIRY_MARGIN = dt.timedelta(days=30)
@@ -95,7 +95,7 @@ class Doctor:
         self.cfg = cfg
         self.host = cfg.hostname.rstrip(".").lower()
         self.store = KeyStore(cfg.dkim_dir).load()
-        self.domains = ([d.lower().rstrip(".") for d in domains] if domains
+        self.domains = ([key_domain(d) or d.lower().rstrip(".") for d in domains] if domains
                         else records.sending_domains(cfg, self.store))
         self.resolver = resolver or Resolver(cfg.delivery.nameservers,
                                              timeout=cfg.delivery.dns_timeout)

@@ -30,6 +30,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from authrelay.policy.ownership import a_label
+
 # RFC 6376 3.1: selector and domain are dot-atom-text; we keep to what DNS labels allow.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
 SELECTOR_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
@@ -37,6 +39,13 @@ DOMAIN_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})+$")
 
 RSA_BITS = 2048
 MIN_RSA_BITS = 1024  # RFC 8301 3.2: verifiers MUST NOT accept less than 1024
+
+
+def key_domain(name: str) -> str:
+    """A domain as keys are filed and signed under: lower case, no final dot, A-label
+    (`bücher.example` -> `xn--bcher-kva.example`, as the signer compares the From: domain
+    and `[dkim] domains`); "" when IDNA2003 would map it onto another name (never signed)."""
+    return a_label(name.strip().lower().rstrip("."))
 
 
 class DkimKeyError(Exception):
@@ -127,7 +136,7 @@ def parse_key(pem: bytes, domain: str, selector: str, path: Path) -> DkimKey:
 
 
 def _check_names(domain: str, selector: str) -> tuple[str, str]:
-    d = domain.lower().rstrip(".")
+    d = key_domain(domain)
     if not DOMAIN_RE.match(d):
         raise DkimKeyError(f"{domain!r} is not a domain name")
     if not SELECTOR_RE.match(selector):
@@ -154,7 +163,7 @@ class KeyStore:
             domains = []
             problems.append(f"{self.root}: cannot list: {e.strerror}")
         for ddir in domains:
-            domain = ddir.name.lower().rstrip(".")
+            domain = key_domain(ddir.name)
             if not DOMAIN_RE.match(domain):
                 problems.append(f"{ddir}: not a domain name, ignored")
                 continue
@@ -182,7 +191,7 @@ class KeyStore:
         return self
 
     def for_domain(self, domain: str) -> tuple[DkimKey, ...]:
-        return self.keys.get(domain.lower().rstrip("."), ())
+        return self.keys.get(key_domain(domain), ())
 
     def all(self) -> list[DkimKey]:
         return [k for d in sorted(self.keys) for k in self.keys[d]]

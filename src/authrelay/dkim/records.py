@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import dns.reversename
 
 from authrelay.config import Config, parse_hostport
-from authrelay.dkim.keys import KeyStore, split_txt
+from authrelay.dkim.keys import KeyStore, key_domain, split_txt
 from authrelay.dns import DnsError, Resolver
 
 
@@ -56,9 +56,10 @@ class Record:
 def sending_domains(cfg: Config, store: KeyStore | None = None) -> list[str]:
     """The domains with a key (those signed), plus those `[dkim] domains` names."""
     store = store or KeyStore(cfg.dkim_dir).load()
-    doms = set(store.keys) | set(cfg.dkim.domains)
-    if cfg.dkim.domains:
-        doms &= set(cfg.dkim.domains)
+    named = {key_domain(d) or d for d in cfg.dkim.domains}
+    doms = set(store.keys) | named
+    if named:
+        doms &= named
     return sorted(doms)
 
 
@@ -145,7 +146,8 @@ def build(cfg: Config, domains: list[str] | None = None,
           addrs: list[str] | None = None) -> list[Record]:
     """Every record to publish, in the order `render` prints them."""
     store = KeyStore(cfg.dkim_dir).load()
-    doms = [d.lower().rstrip(".") for d in domains] if domains else sending_domains(cfg, store)
+    doms = ([key_domain(d) or d.lower().rstrip(".") for d in domains] if domains
+            else sending_domains(cfg, store))
     if addrs is None:
         addrs = asyncio.run(public_addresses(cfg))
     host = cfg.hostname.rstrip(".")
