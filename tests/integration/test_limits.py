@@ -9,8 +9,10 @@ no assertion is about speed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import select
+import signal
 import socket
 import threading
 import time
@@ -608,6 +610,35 @@ def test_max_connections_global_and_per_ip(tmp_path: Path) -> None:
         assert c.cmd("EHLO ok.test").code == 250
         for c in held:
             c.close()
+        no_traceback(r)
+    finally:
+        r.stop()
+
+
+def test_burst_of_plaintext_connects_from_one_address_is_not_pending(tmp_path: Path
+                                                                        ) -> None:
+    """`max_pending_per_ip` counts connections in a 465 handshake or a greeting delay,
+    nothing else: 8 simultaneous connects from one address to 25 and 8 to 587 (an MTA's
+    parallel deliveries, an office behind one NAT), accepted in one batch, are all
+    greeted. The relay is stopped while they wait in the backlog, so one accept batch
+    takes them all; before, every one past the fifth was refused "Too many connections
+    from your address in handshake" although none of them had a handshake to do."""
+    r = RelayProcess(tmp_path).start()
+    assert r.proc is not None
+    pid = r.proc.pid
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            clients = [Client(r.ports[m], "127.0.3.9") for m in ("smtp", "submission")
+                       for _ in range(8)]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        codes = [c.reply().code for c in clients]
+        assert codes == [220] * 16, codes
+        for c in clients:
+            assert c.cmd("EHLO burst.test").code == 250
+            c.close()
+        assert "reason=pending_ip" not in r.maillog()
         no_traceback(r)
     finally:
         r.stop()

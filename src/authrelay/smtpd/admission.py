@@ -459,8 +459,14 @@ class Acceptor:
             return
         ticket = Ticket(self, ip, self.pools, exempt, peer, key)
         ticket.sock = sock
-        ticket.pending = True
-        srv.throttle.pending_add(key, 1)
+        # Pending (max_pending_per_ip) only what will really wait: a 465 handshake or a
+        # greeting delay. A plaintext connection without delay starts its session as soon
+        # as its task runs; counted, a burst of simultaneous connects from one address
+        # (an MTA's parallel deliveries, an office behind one NAT) accepted in one batch
+        # was refused "in handshake" on 25 and 587.
+        if self.ln.mode == "submissions" or adm.delay > 0:
+            ticket.pending = True
+            srv.throttle.pending_add(key, 1)
         if lim.pool_eviction:
             ticket.handshake = Candidate(key, time.monotonic(),
                                          lambda: self._evict_handshake(ticket), "handshake")
