@@ -67,6 +67,23 @@ def test_rcpt_verdict_address_literal_is_never_local() -> None:
                           trusted=False) is replies.RELAY_DENIED
 
 
+def test_rcpt_verdict_an_internationalised_local_domain_in_either_form() -> None:
+    """A 7-bit client writes the A-label, an SMTPUTF8 one the U-label: both are the local
+    domain whichever form the config names; a name IDNA2003 would map onto another is not."""
+    kw = {"postmaster": False, "authenticated": False, "trusted": False}
+    for configured in ("bücher.example", "xn--bcher-kva.example", "BÜCHER.example."):
+        p = policy(local_domains=[configured])
+        assert v.rcpt_verdict(p, addr("x@xn--bcher-kva.example"), **kw) is None, configured
+        assert v.rcpt_verdict(p, addr("x@Bücher.example"), **kw) is None, configured
+        assert v.rcpt_verdict(p, addr("x@bucher.example"), **kw) is replies.RELAY_DENIED
+    p = policy(local_domains=["boss.example"])
+    assert v.rcpt_verdict(p, addr("x@boss.example"), **kw) is None
+    assert v.rcpt_verdict(p, addr("x@boß.example"), **kw) is replies.RELAY_DENIED
+    p = policy(local_domains=["boß.example"])  # never local: not boss.example either
+    assert v.rcpt_verdict(p, addr("x@boss.example"), **kw) is replies.RELAY_DENIED
+    assert v.rcpt_verdict(p, addr("x@boß.example"), **kw) is replies.RELAY_DENIED
+
+
 # ------------------------------------------------------------------ counters
 
 def test_rates() -> None:

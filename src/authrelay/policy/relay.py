@@ -9,8 +9,10 @@ Contract: `may_relay(...)` says whether a recipient is acceptable for this clien
   decides, see address.py), but a next hop that honours the percent hack or bang paths
   would turn `victim%example.net@local.domain` into an open relay (sendmail's
   loose_relay_check off, Postfix's allow_untrusted_routing=no).
-An address literal is never local. The verdicts built on this (RCPT, and MAIL's sender
-ownership) are policy/verdicts.py's.
+An address literal is never local. Domains are compared as A-labels (`ownership.a_label`),
+so `bücher.example` in the config is the `xn--bcher-kva.example` of a 7-bit RCPT and the
+other way round; a name IDNA2003 maps onto another (`boß`) is never local. The verdicts
+built on this (RCPT, and MAIL's sender ownership) are policy/verdicts.py's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ipaddress
 
 from authrelay.address import Address
 from authrelay.config import Config
+from authrelay.policy.ownership import a_label
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -34,7 +37,8 @@ def has_routing_chars(addr: Address) -> bool:
 
 class RelayPolicy:
     def __init__(self, cfg: Config) -> None:
-        self.local_domains = frozenset(d.lower().rstrip(".") for d in cfg.relay.local_domains)
+        self.local_domains = frozenset(
+            a for a in (a_label(d.lower().rstrip(".")) for d in cfg.relay.local_domains) if a)
         self.trusted: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(n, strict=False) for n in cfg.relay.trusted_networks
         )
@@ -60,7 +64,7 @@ class RelayPolicy:
         return any(addr in net for net in self.trusted)
 
     def is_local(self, addr: Address) -> bool:
-        return not addr.is_literal and addr.domain_key in self.local_domains
+        return not addr.is_literal and a_label(addr.domain_key) in self.local_domains
 
     def may_relay(self, rcpt: Address, *, authenticated: bool, trusted: bool) -> bool:
         if authenticated or trusted:
