@@ -74,6 +74,9 @@ AUTH_IN_TRANSACTION = R(503, "5.5.1", "AUTH not allowed during a mail transactio
 ALREADY_TLS = R(503, "5.5.1", "TLS already active")
 UNKNOWN_PARAM = R(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 AUTH_REQUIRED = R(530, "5.7.0", "Authentication required")
+# MAIL in a session whose login names a user deleted since (RFC 4954 6: authentication is
+# no longer in force)
+ACCOUNT_GONE = R(530, "5.7.0", "Authentication required: the account no longer exists")
 TLS_REQUIRED_FOR_AUTH = R(538, "5.7.11", "Encryption required for requested authentication "
                           "mechanism")
 AUTH_FAILED = R(535, "5.7.8", "Authentication credentials invalid")

@@ -17,7 +17,7 @@ import pytest
 from relayproc import PASSWORD, RelayProcess
 from scalerig import PostgresServer
 from smtpclient import RawClient, client_ctx, plain
-from support.wait import until
+from support.wait import until, wait_until
 
 from authrelay.auth import passwords
 from authrelay.auth.authenticator import AuthResult
@@ -397,3 +397,44 @@ def test_read_only_role_lists_users(tmp_path: Path, pg: PostgresServer) -> None:
     # Writing is refused by the database, one line, no traceback.
     out = ro.cli("user", "add", "bob", "--password-stdin", input="pw-pw-pw-pw\n", check=False)
     assert out.returncode != 0 and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("backend", ["userdb", "postgresql"])
+def test_a_deleted_user_sends_no_more_in_an_open_session(tmp_path: Path, pg: PostgresServer,
+                                                         backend: str) -> None:
+    """`user del` applies at once to sessions that authenticated before it (each MAIL asks
+    whether the user still exists): 530 5.7.0, not up to session_timeout of more mail."""
+    users = {"alice": PASSWORD, "erin": "erin-pw"}
+    r = pg_relay(tmp_path, pg, users) if backend == "postgresql" else \
+        RelayProcess(tmp_path, users=users)
+    r.start()
+    try:
+        port = r.ports["submissions"]
+        erin, other = (RawClient(port, tls=client_ctx()) for _ in range(2))
+        for c, (user, pw) in ((erin, ("erin", "erin-pw")), (other, ("alice", PASSWORD))):
+            c.reply()
+            c.cmd("EHLO client.test")
+            assert c.cmd(f"AUTH PLAIN {plain(user, pw)}").code == 235
+        assert erin.cmd("MAIL FROM:<erin@local.test>").code == 250  # asked: exists
+        assert erin.cmd("RSET").code == 250
+        r.cli("user", "del", "erin")
+        last: list[str] = []
+
+        def refused() -> bool:  # the last "exists" may stand a moment (EXISTS_TTL)
+            got = erin.cmd("MAIL FROM:<erin@local.test>")
+            last[:] = [f"{got.code} {got.text}"]
+            if got.code != 250:
+                return True
+            assert erin.cmd("RSET").code == 250
+            return False
+
+        wait_until(refused, what="MAIL refused in the session authenticated before",
+                   interval=0.2)
+        assert last[0].startswith("530 5.7.0"), last
+        assert other.cmd("MAIL FROM:<alice@local.test>").code == 250  # nobody else
+        for c in (erin, other):
+            c.close()
+        line = [ln for ln in r.maillog().splitlines() if "no longer exists" in ln][0]
+        assert "sasl_username=erin" in line and "530 5.7.0" in line
+    finally:
+        r.stop()

@@ -98,6 +98,12 @@ class Authenticator(ABC):
     def addresses(self, username: str) -> set[str]:
         """The addresses `username` may send as (`sender_policy = "own"`)."""
 
+    async def still_exists(self, username: str) -> bool:
+        """Whether `username`, a login accepted earlier in this session, is still a user
+        (asked at every MAIL: a user deleted mid-session sends no more). Never raises; a
+        backend that cannot tell (saslauthd, Dovecot) or cannot be asked now says True."""
+        return True
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release threads, connections and files."""
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -46,6 +48,11 @@ if TYPE_CHECKING:
     from authrelay.config import Config
 
 log = logging.getLogger(__name__)
+
+# still_exists: how long a store without a generation (PostgreSQL) is taken at its word
+# that a user exists, and how many users this process remembers so.
+EXISTS_TTL = 2.0
+EXISTS_MAX = 10000
 
 
 class StoreUnavailable(Exception):
@@ -106,6 +113,8 @@ class StoreAuthenticator(Authenticator):
         self.app_mode = app_passwords
         self.last_used = apppasswords.LastUsed(users.touch_app)
         self._tasks: set[asyncio.Task[Any]] = set()
+        # still_exists: user -> (the store's generation, monotonic time) of the last "yes"
+        self._exists: OrderedDict[str, tuple[int | None, float]] = OrderedDict()
 
     def reload(self, cfg: Config) -> None:
         if cfg.auth.app_passwords != self.app_mode:
@@ -214,6 +223,33 @@ class StoreAuthenticator(Authenticator):
 
     def addresses(self, username: str) -> set[str]:
         return self.users.addresses(username)
+
+    async def still_exists(self, username: str) -> bool:
+        """A store with a generation answers from it while nothing changed since the last
+        "yes" (no lookup); otherwise one lookup, whose "yes" stands EXISTS_TTL seconds (a
+        user deleted through another node stops within that). A store that cannot be
+        asked says True: an outage never stops mail AUTH already let in."""
+        now = time.monotonic()
+        try:
+            gen = await self.users.generation()
+            seen = self._exists.get(username)
+            if seen is not None and (seen[0] == gen if gen is not None
+                                     else now - seen[1] < EXISTS_TTL):
+                return True
+            found = await self.users.lookup(username, None)
+        except StoreUnavailable:
+            return True
+        except Exception:  # a bug: logged; never stops mail
+            log.exception("user store lookup failed")
+            return True
+        if found.hash is None:
+            self._exists.pop(username, None)
+            return False
+        self._exists[username] = (gen, now)
+        self._exists.move_to_end(username)
+        while len(self._exists) > EXISTS_MAX:
+            self._exists.popitem(last=False)
+        return True
 
     def close(self) -> None:
         self.hashing.shutdown()

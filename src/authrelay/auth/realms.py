@@ -57,6 +57,9 @@ class RealmLogins(Authenticator):
     def addresses(self, username: str) -> set[str]:
         return self.inner.addresses(self.name(username))
 
+    async def still_exists(self, username: str) -> bool:
+        return await self.inner.still_exists(self.name(username))
+
     def reload(self, cfg: Config) -> None:
         self.realms = {r.lower() for r in cfg.auth.realms}
         self.inner.reload(cfg)

@@ -486,6 +486,12 @@ class Session:
             eng.policy_result(replies.NO_STORAGE)
             return
         if login:
+            # A user deleted since this session's AUTH sends no more ("changes to users
+            # apply at once"), not for the rest of session_timeout.
+            if not await self._authenticator().still_exists(login):
+                self._log_reject(replies.ACCOUNT_GONE, "", sasl_username=login)
+                eng.policy_result(replies.ACCOUNT_GONE)
+                return
             path = ev.transaction.sender
             # Addresses by the name as sent (a login `alice@REALM` owns that address).
             owned = self._owner(login).addresses if self.cfg.auth.sender_policy == "own" \
@@ -658,5 +664,5 @@ _REASONS = {
     replies.RATE_LIMITED: "connection_rate", replies.NO_RDNS: "no_rdns",
     replies.TOO_MANY_COMMANDS: "junk_commands", replies.NON_SMTP: "non_smtp",
     replies.MSG_NUL: "nul", replies.TOO_MANY_HOPS: "hops", replies.NO_STORAGE: "storage",
-    containment.SUSPENDED: "user_suspended",
+    containment.SUSPENDED: "user_suspended", replies.ACCOUNT_GONE: "account_gone",
 }
