@@ -18,7 +18,7 @@ from support.ports import free_port
 from support.wait import until
 
 from authrelay.config import Config, from_dict
-from authrelay.delivery.client import Courier, normalize_crlf
+from authrelay.delivery.client import Courier, ascii_address, normalize_crlf
 from authrelay.dns import DnsNoData, DnsPermanent, DnsTemporary, Resolver
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 
@@ -299,6 +299,39 @@ async def test_utf8_address_to_peer_without_smtputf8(tmp_path: Path, dns: FakeDN
     assert "SMTPUTF8" in r.text
     assert res["bob@example.test"].ok
     assert mx.messages[0].rcpt_tos == ["bob@example.test"]
+
+
+async def test_idn_domain_goes_as_its_a_label_to_a_peer_without_smtputf8(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    """An ASCII local part at an internationalised domain is the same mailbox at the
+    domain's A-label: a next hop without SMTPUTF8 gets it so (not a 553 5.6.7 bounce); a
+    UTF-8 local part still cannot go there."""
+    dns.update({"xn--bcher-kva.test": {"MX": [(10, "mx1.example.test")]}})
+    mx = fake_mx("127.0.0.2", smtputf8=False)
+    env = envelope("bob@Bücher.test", "bjørn@bücher.test",
+                   sender="alice@bücher.test", smtputf8=True)
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port), env)
+    assert res["bob@Bücher.test"].ok, res["bob@Bücher.test"].text
+    r = res["bjørn@bücher.test"]
+    assert (r.code, r.enhanced, r.permanent) == (553, "5.6.7", True)
+    m = mx.messages[0]
+    assert m.mail_from == "alice@xn--bcher-kva.test"
+    assert m.rcpt_tos == ["bob@xn--bcher-kva.test"]
+    assert "SMTPUTF8" not in m.mail_options
+    # a UTF-8 local part in the sender: nothing can go there, as before
+    res = await send(make_cfg(tmp_path, dns, fake_mx.port),
+                     envelope("bob@bücher.test", sender="ålice@bücher.test"))
+    assert (res["bob@bücher.test"].code, res["bob@bücher.test"].enhanced) == (553, "5.6.7")
+    assert len(mx.messages) == 1
+
+
+def test_ascii_address_forms() -> None:
+    assert ascii_address("bob@example.test") == "bob@example.test"
+    assert ascii_address("") == ""  # the null sender
+    assert ascii_address("Bob@BÜCHER.test") == "Bob@xn--bcher-kva.test"  # local part kept
+    assert ascii_address("bjørn@example.test") == ""
+    assert ascii_address("carol@boß.test") == ""  # never as boss.test
+    assert ascii_address("nodomain") == "nodomain"
 
 
 async def test_no_bare_cr_or_lf_leaves(tmp_path: Path, dns: FakeDNSServer,

@@ -49,9 +49,11 @@ Failure policy (codes per RFC 3463):
   transaction on the same connection at once, while each one makes progress. At most
   1000 recipients go in one transaction; more are sent the same way.
 - Message larger than the peer's SIZE: permanent 552 5.3.4 (RFC 1870).
-- UTF-8 address but the peer lacks SMTPUTF8: permanent 553 5.6.7 (RFC 6531 3.5), for
-  that recipient only (or all, for a UTF-8 sender). A message flagged SMTPUTF8 whose
-  addresses are all ASCII goes to such a peer without the parameter, UTF-8 header text
+- UTF-8 address but the peer lacks SMTPUTF8: an internationalised domain goes as its
+  A-label (`bob@xn--bcher-kva.example`, the same mailbox, as Postfix converts it); a UTF-8
+  local part is a permanent 553 5.6.7 (RFC 6531 3.5), for that recipient only (or all, for
+  a UTF-8 sender). A message flagged SMTPUTF8 whose addresses are all ASCII (so
+  converted) goes to such a peer without the parameter, UTF-8 header text
   as 8-bit data -- a deliberate departure from RFC 6531 3.4, under which Postfix bounces
   it ("SMTPUTF8 is required, but was not offered", the bounce admins turn off with
   `smtputf8_enable = no`); receivers take raw UTF-8 header text in practice.
@@ -111,6 +113,7 @@ from authrelay.delivery.tlspolicy import HostPolicy
 from authrelay.delivery.wire import ProtocolError, SMTPReply
 from authrelay.dns import DnsError, Resolver
 from authrelay.policy import containment
+from authrelay.policy.ownership import a_label
 from authrelay.spool.envelope import Envelope, Recipient
 from authrelay.types import DeliveryResult
 
@@ -222,6 +225,20 @@ def reply_result(code: int, message: str, remote: str) -> DeliveryResult:
         return DeliveryResult.temp(f"unexpected reply {code} {text}", "4.5.0", 451, remote)
     return DeliveryResult.temp(text, enhanced, code, remote)
 
+
+
+def ascii_address(addr: str) -> str:
+    """`addr` as a next hop without SMTPUTF8 can take it: an internationalised domain as
+    its A-label (`bob@bücher.example` -> `bob@xn--bcher-kva.example`, the same mailbox);
+    "" when the local part is not ASCII (RFC 6531 3.5: no downgrade) or the domain has no
+    A-label we trust (ownership.a_label: IDNA2003 would map it onto another name)."""
+    if addr.isascii():
+        return addr
+    local, at, domain = addr.rpartition("@")
+    if not at or not local.isascii():
+        return ""
+    ace = a_label(domain.lower())
+    return f"{local}@{ace}" if ace else ""
 
 def _result(rep: SMTPReply, remote: str) -> DeliveryResult:
     """The result of a reply that did not let the transaction go on (to the greeting,
@@ -1058,24 +1075,30 @@ class Courier:
                     "5.3.4", 552, remote)
                 return _Outcome({r.address: res for r in rcpts}, set(), True)
 
-        # RFC 6531 3.5: a UTF-8 address cannot be downgraded; refuse it clearly.
+        # RFC 6531 3.5: a UTF-8 local part cannot be downgraded; refuse it clearly. An
+        # internationalised domain can: its A-label names the same domain (RFC 5890).
         utf8_needed = env.smtputf8 or not env.sender.isascii() or \
             any(not r.address.isascii() for r in rcpts)
         use_utf8 = utf8_needed and "smtputf8" in ext
         send = list(rcpts)
+        sender = env.sender
+        on_wire: dict[str, str] = {}  # recipient -> the ASCII form sent for it
         if utf8_needed and not use_utf8:
             def no_utf8(addr: str) -> DeliveryResult:
                 return DeliveryResult.perm(
                     f"{remote} does not support SMTPUTF8, required for the internationalized "
                     f"address {addr}; the message cannot be delivered there",
                     "5.6.7", 553, remote)
-            if not env.sender.isascii():
+            sender = ascii_address(env.sender)
+            if not sender:
                 res = no_utf8(env.sender)
                 return _Outcome({r.address: res for r in rcpts}, set(), True)
             for r in rcpts:
-                if not r.address.isascii():
+                if a := ascii_address(r.address):
+                    on_wire[r.address] = a
+                else:
                     results[r.address] = no_utf8(r.address)
-            send = [r for r in rcpts if r.address.isascii()]
+            send = [r for r in rcpts if r.address in on_wire]
             if not send:
                 return _Outcome(results, set(), True)
 
@@ -1104,7 +1127,7 @@ class Courier:
         if dsn and env.envid:
             mail_opts.append(b"ENVID=" + env.envid.encode("ascii"))
         enc = "utf-8" if use_utf8 else "ascii"
-        lines = [wire.mail_from(env.sender.encode(enc), mail_opts)]
+        lines = [wire.mail_from(sender.encode(enc), mail_opts)]
         for r in send:
             opts: list[bytes] = []
             if dsn and r.notify:
@@ -1113,7 +1136,7 @@ class Courier:
                 # RFC 6533 3: a raw UTF-8 ORCPT only in an SMTPUTF8 transaction; without
                 # it the parameter is left out (it is optional) rather than mangled.
                 opts.append(b"ORCPT=" + r.orcpt.encode("utf-8"))
-            lines.append(wire.rcpt_to(r.address.encode(enc), opts))
+            lines.append(wire.rcpt_to(on_wire.get(r.address, r.address).encode(enc), opts))
         lines.append(b"DATA\r\n")
         pipelining = "pipelining" in ext
 
