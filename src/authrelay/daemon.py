@@ -408,6 +408,15 @@ async def _serve_loop(run: _Run) -> int:
 
     if run.role == "worker" and run.channel is not None:
         def on_message(kind: bytes, payload: bytes, fds: list[int]) -> None:
+            if kind == b"R" and fds:  # the reload in a memory file (any size)
+                fd = fds.pop(0)
+                try:
+                    payload = process.read_fd(fd)
+                except OSError as e:
+                    payload = b""  # unpack_reload fails below: logged, old config kept
+                    ml.error(f"cannot read the reload: {_one_line(e)}", pid=os.getpid())
+                finally:
+                    os.close(fd)
             if kind == b"L" and fds:
                 try:
                     ml.reopen(fd=fds.pop(0))
@@ -462,12 +471,8 @@ async def _serve_loop(run: _Run) -> int:
                           pid=os.getpid())
                 sdnotify.ready("reload failed, running the previous config")
                 continue
-            message = process.pack_reload(raw, run.pem)
-            for w in list(run.workers.values()):
-                try:
-                    process.send(w.channel.master, b"R", message)
-                except OSError as e:
-                    ml.warning(f"worker {w.pid} missed the reload: {_one_line(e)}")
+            if run.workers:
+                _send_reload(run, ml, process.pack_reload(raw, run.pem))
 
     hup_task = loop.create_task(watch_hup())
     await stop.wait()
@@ -511,6 +516,24 @@ async def _serve_loop(run: _Run) -> int:
     ml.daemon("stopped", pid=os.getpid())
     ml.flush()
     return 0
+
+
+def _send_reload(run: _Run, ml: maillog_mod.MailLog, message: bytes) -> None:
+    """The reload to every worker, as a memory file: one datagram on the socketpair could
+    not carry a config larger than its send buffer (the workers missed such reloads)."""
+    try:
+        fd = process.message_fd(message)
+    except OSError as e:
+        ml.warning(f"workers missed the reload: {_one_line(e)}")
+        return
+    try:
+        for w in list(run.workers.values()):
+            try:
+                process.send_fd(w.channel.master, b"R", fd)
+            except OSError as e:
+                ml.warning(f"worker {w.pid} missed the reload: {_one_line(e)}")
+    finally:
+        os.close(fd)
 
 
 async def _reopen_all_maillogs(run: _Run, ml: maillog_mod.MailLog) -> None:

@@ -23,7 +23,8 @@ Owns three mechanisms (docs/PRIVILEGES.md tells the whole split):
   on SIGHUP, so a renewed root-only key (mode 0600 root, as certbot makes) is loaded;
   likewise the config file itself (only the one it was started with, and only once it
   loads) when the master may not read it (0600 root: it holds a database password).
-  Workers get the master's config bytes and PEM pair in one reload message.
+  Workers get the master's config bytes and PEM pair in one reload message, a memory
+  file passed over the socketpair (any size: a datagram is capped by the send buffer).
 
 Messages on a channel are single SOCK_SEQPACKET datagrams: `kind(1 byte) + payload`.
 """
@@ -285,6 +286,36 @@ def pack_reload(config: bytes | None, pem: tuple[bytes, bytes]) -> bytes:
     pair, so every process runs what the master read (workers may not read the file)."""
     head = struct.pack("!I", _NO_FILE if config is None else len(config))
     return head + (config or b"") + pack_pem(pem)
+
+
+def message_fd(data: bytes) -> int:
+    """A memory file (memfd) holding `data`, read from its start: what a message too large
+    for one datagram travels in (a reload: the config file may be larger than the
+    socketpair's send buffer, net.core.wmem_max, ~416 KiB on a stock kernel). The caller
+    owns the descriptor."""
+    fd = os.memfd_create("authrelay-reload", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_fd(fd: int) -> bytes:
+    """All of a message_fd() file (from offset 0; the descriptor is left open)."""
+    size = os.fstat(fd).st_size
+    parts: list[bytes] = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
 
 
 def unpack_reload(data: bytes) -> tuple[bytes | None, tuple[bytes, bytes]]:

@@ -105,3 +105,27 @@ def test_a_root_only_config_reloads_after_the_drop(reachable_dir, workers: int) 
         assert "larger than 1048576 bytes" in r.maillog().split("not valid TOML")[-1]
     finally:
         r.stop()
+
+
+def test_a_large_config_reaches_every_worker(relay_factory) -> None:  # noqa: ANN001
+    """The master hands a reload to its workers whatever the config's size: it went as one
+    datagram on their socketpair, which the kernel caps at the socket's send buffer
+    (net.core.wmem_max: ~416 KiB on a stock kernel, 8 MiB here), so a larger file was
+    applied by the master only ('worker N missed the reload: Message too long') and every
+    worker kept the old config and certificate until a restart. 9 MiB of comments pass
+    this machine's cap."""
+    r = relay_factory(workers=2)
+    r.wait_for(lambda: r.maillog().count("daemon=started") >= 3, what="started")
+    data = dict(r.config_data)
+    data["hostname"] = "renamed.test"
+    pad = "# " + "x" * 1021 + "\n"
+    r.config.write_text(to_toml(data) + pad * (9 * 1024))
+    before = r.maillog().count("daemon=reloaded")
+    assert r.proc is not None
+    os.kill(r.proc.pid, signal.SIGHUP)
+    r.wait_for(lambda: r.maillog().count("daemon=reloaded") >= before + 3
+               or "missed the reload" in r.maillog(), what="reloaded everywhere")
+    assert "missed the reload" not in r.maillog()
+    for _ in range(6):  # connections land on either worker
+        with RawClient(r.ports["submission"]) as c:
+            assert "renamed.test" in c.reply().text
