@@ -48,6 +48,9 @@ TOO_MANY_AUTH_FAILURES = R(421, "4.7.0", "Too many authentication failures, clos
 NON_SMTP = R(421, "4.7.0", "Non-SMTP command, closing connection")  # an HTTP request
 AUTH_TEMPFAIL = R(454, "4.7.0", "Temporary authentication failure")
 AUTH_LOCKED = R(454, "4.7.0", "Too many authentication failures, try again later")
+# The credentials an authenticated session logged in with were revoked (user deleted,
+# password changed, app password revoked): RFC 5321 3.8, closed; its next AUTH decides.
+AUTH_REVOKED = R(421, "4.7.0", "Authentication no longer valid, closing connection")
 TLS_UNAVAILABLE = R(454, "4.7.0", "TLS not available")
 LOCAL_ERROR = R(451, "4.3.0", "Local error in processing, try again later")
 SPOOL_ERROR = R(451, "4.3.0", "Could not queue message, try again later")

@@ -86,6 +86,61 @@ def test_require_refuses_the_account_password(tmp_path: Path) -> None:
         r.stop()
 
 
+def _send(c: RawClient) -> str:
+    """One message on an authenticated session: the MAIL reply if refused, else the
+    reply to the end of data."""
+    r = c.cmd("MAIL FROM:<alice@example.org>")
+    if r.code != 250:
+        return f"{r.code} {r.text}"
+    assert c.cmd("RCPT TO:<bob@example.net>").code == 250
+    assert c.cmd("DATA").code == 354
+    c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+    r = c.reply()
+    return f"{r.code} {r.text}"
+
+
+def _session(port: int, user: str, password: str) -> RawClient:
+    c = RawClient(port, tls=client_ctx()).__enter__()
+    c.reply()
+    c.cmd("EHLO client.test")
+    assert c.cmd(f"AUTH PLAIN {plain(user, password)}").code == 235
+    return c
+
+
+def test_an_open_session_ends_when_its_credentials_are_revoked(tmp_path: Path) -> None:
+    """A session logged in before a revoke or a password change sent on for up to
+    session_timeout (1h): a stolen password kept working on the connection it opened.
+    Now its next MAIL gets 421 4.7.0 and the connection closes; sessions whose own
+    credentials still hold go on."""
+    r = RelayProcess(tmp_path).start()
+    clients: list[RawClient] = []
+    try:
+        port = r.ports["submissions"]
+        phone, laptop = add_app(r, "alice", "phone"), add_app(r, "alice", "laptop")
+        a, b, c = (_session(port, "alice", pw) for pw in (phone, PASSWORD, laptop))
+        clients += [a, b, c]
+        assert [_send(x)[:3] for x in clients] == ["250", "250", "250"]
+        r.cli("user", "app-password", "revoke", "alice", "--name", "phone")
+        assert _send(a).startswith("421 4.7.0 Authentication no longer valid")
+        with pytest.raises(ConnectionError):
+            a.cmd("NOOP")
+        assert _send(b).startswith("250") and _send(c).startswith("250")
+        # A new password: the account-password session ends, the app password's does not
+        # (app passwords are not tied to the account password: README).
+        r.cli("user", "passwd", "alice", "--password-stdin", input="new pw\n")
+        assert _send(b).startswith("421 4.7.0")
+        assert _send(c).startswith("250")
+        lines = [ln for ln in r.maillog().splitlines()
+                 if "reject=421 4.7.0 Authentication no longer valid" in ln]
+        assert len(lines) == 2 and all("sasl_username=alice" in ln for ln in lines)
+        r.cli("user", "del", "alice")  # (d8f4f80: a deleted user's session gets 530)
+        assert _send(c).startswith("530 5.7.0")
+    finally:
+        for x in clients:
+            x.__exit__(None, None, None)
+        r.stop()
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 def _ro_dsn(pg: PostgresServer) -> str:
@@ -162,6 +217,13 @@ async def test_postgresql_authenticator_cost_and_last_used(pg: PostgresServer,
             db.close()
 
     pws = await asyncio.to_thread(setup)
+
+    def revoke(name: str) -> None:
+        db = PgUserDB(pg.dsn)
+        try:
+            db.revoke_app_password("alice", name)
+        finally:
+            db.close()
     calls: list[str] = []
     real = passwords.verify_password
     monkeypatch.setattr(passwords, "verify_password",
@@ -173,6 +235,12 @@ async def test_postgresql_authenticator_cost_and_last_used(pg: PostgresServer,
         assert (got.result, got.app, len(calls)) == (AuthResult.OK, "dev9", 1)
         got = await a.login("alice", "account pw")
         assert (got.result, got.hint) == (AuthResult.BAD, "app password required")
+        # An open session is checked again at each MAIL (PostgreSQL: one lookup each).
+        dev8 = await a.login("alice", pws[8])
+        assert dev8.result is AuthResult.OK and await a.still_valid("alice", dev8)
+        await asyncio.to_thread(revoke, "dev8")
+        assert not await a.still_valid("alice", dev8)
+        assert await a.still_valid("alice", await a.login("alice", pws[7]))
 
         async def used() -> Any:
             row = await a.store.app_password("alice", pws[9][:4])

@@ -488,6 +488,36 @@ async def test_rehash_on_login(cdb: CountingDB) -> None:
         auth.close()
 
 
+async def test_an_open_session_holds_while_its_credentials_do(cdb: CountingDB) -> None:
+    """still_valid (asked at each MAIL): a quiet re-hash of the password the session used
+    keeps it; a password change or "require" (SIGHUP) ends it; a store that cannot be
+    read does not."""
+    weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash("pw")
+    cdb.add_hashed("alice", weak)
+    auth = UserDBAuthenticator(cdb, cache_ttl=60)
+    try:
+        login = await auth.login("alice", "pw")
+        await auth.settled()  # re-hashed with our parameters in the background
+        assert cdb.get_hash("alice") != weak
+        assert await auth.still_valid("alice", login)
+        cached = await auth.login("alice", "pw")  # from the cache: the same proof
+        assert await auth.still_valid("alice", cached)
+        cdb.fail = True
+        assert await auth.still_valid("alice", cached)
+        cdb.fail = False
+        auth.app_mode = "require"
+        assert not await auth.still_valid("alice", cached)
+        auth.app_mode = "allow"
+        cdb.set_password("alice", "new")
+        assert not await auth.still_valid("alice", cached)
+        login = await auth.login("alice", "new")
+        assert await auth.still_valid("alice", login)
+        cdb.delete("alice")  # still_exists's to refuse (530), not this
+        assert not await auth.still_exists("alice")
+    finally:
+        auth.close()
+
+
 async def test_unreadable_db_is_tempfail(cdb: CountingDB) -> None:
     cdb.add("alice", "pw")
     cdb.fail = True

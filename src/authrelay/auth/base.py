@@ -70,6 +70,9 @@ class Login:
     # name's `account()` (Dovecot's `user=`: `ALICE` -> `alice`); "" otherwise. After an
     # OK the session counts and decides per user by it.
     user: str = ""
+    # What an OK login verified against, for `Authenticator.still_valid` (the login flow's
+    # own record, auth/login.py); None: nothing to check again.
+    proof: object = None
 
 
 class Authenticator(ABC):
@@ -83,6 +86,16 @@ class Authenticator(ABC):
     async def login(self, username: str, password: str | bytes,
                     client_ip: str = "") -> Login:
         """Check a login; the answer also says which app password matched, if any."""
+
+    async def still_valid(self, username: str, login: Login) -> bool:
+        """Whether an earlier OK `login` of `username` (the name as given to `login`) still
+        holds, asked at each MAIL of an authenticated session after `still_exists`:
+        False once the password it used changed, its app password revoked, or `[auth]
+        app_passwords = "require"` refuses the account password it used. Never raises; a
+        store that cannot say now answers True (AUTH answers such a store TEMPFAIL, but a
+        session already in is not cut for it). Backends that keep no hashes
+        (saslauthd, Dovecot) cannot tell: True."""
+        return True
 
     def reload(self, cfg: Config) -> None:  # noqa: B027 - optional hook
         """SIGHUP: settings that may change without a restart (`[auth] app_passwords`)."""
@@ -132,8 +145,8 @@ class CredentialCache:
         self.ttl = ttl
         self.max_entries = max_entries
         self._key = secrets.token_bytes(32)
-        # -> (expiry, binding, app password name or "")
-        self._entries: OrderedDict[bytes, tuple[float, object, str]] = OrderedDict()
+        # -> (expiry, binding, app password name or "", the hash that verified)
+        self._entries: OrderedDict[bytes, tuple[float, object, str, str]] = OrderedDict()
 
     def key(self, username: str, password: str | bytes) -> bytes:
         u, p = name_bytes(username), passwords.raw(password)
@@ -166,10 +179,14 @@ class CredentialCache:
         got = self.get(key)
         return got[1] if got else ""
 
-    def put(self, key: bytes, binding: object, app: str = "") -> None:
+    def verified(self, key: bytes) -> str:
+        """The hash a cached pair verified against ("" if none is known)."""
+        return self._entries[key][3] if self.get(key) is not None else ""
+
+    def put(self, key: bytes, binding: object, app: str = "", verified: str = "") -> None:
         if self.ttl <= 0:
             return
-        self._entries[key] = (time.monotonic() + self.ttl, binding, app)
+        self._entries[key] = (time.monotonic() + self.ttl, binding, app, verified)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

@@ -99,6 +99,20 @@ class LoginStore(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Proof:
+    """What an OK login verified against (`Login.proof`), for `still_valid`: the store's
+    generation then (None: PostgreSQL), the hash that verified, and the app password's
+    selector (None: the account password)."""
+
+    gen: int | None
+    hash: str
+    selector: str | None
+
+
+REHASHED_MAX = 10000  # remembered re-hashes (old hash -> new) per process
+
+
 class StoreAuthenticator(Authenticator):
     """The login flow over a LoginStore (see the module comment)."""
 
@@ -115,6 +129,9 @@ class StoreAuthenticator(Authenticator):
         self._tasks: set[asyncio.Task[Any]] = set()
         # still_exists: user -> (the store's generation, monotonic time) of the last "yes"
         self._exists: OrderedDict[str, tuple[int | None, float]] = OrderedDict()
+        # Account-password hashes this process re-hashed (_upgrade), old -> new: a session
+        # logged in with the old one still holds (still_valid).
+        self._rehashed: dict[str, str] = {}
 
     def reload(self, cfg: Config) -> None:
         if cfg.auth.app_passwords != self.app_mode:
@@ -161,7 +178,8 @@ class StoreAuthenticator(Authenticator):
                 if self.cache.hit(key, gen) and self._allowed(self.cache.app(key)):
                     app = self.cache.app(key)
                     self.last_used.record(username, app, client_ip)
-                    return Login(AuthResult.OK, app)
+                    return Login(AuthResult.OK, app, proof=Proof(
+                        gen, self.cache.verified(key), selector if app else None))
             found = await self.users.lookup(username, selector)
         except StoreUnavailable:
             return self._outage(key)
@@ -178,7 +196,8 @@ class StoreAuthenticator(Authenticator):
             if cached is not None and self._allowed(cached[1]) \
                     and cached[0] == self._verified_against(found, cached[1]):
                 self.last_used.record(username, cached[1], client_ip)
-                return Login(AuthResult.OK, cached[1])
+                return Login(AuthResult.OK, cached[1], proof=Proof(
+                    None, str(cached[0]), selector if cached[1] else None))
         try:
             out = await self.hashing.run(apppasswords.decide, self.app_mode, found.hash,
                                          found.app, password)
@@ -190,14 +209,42 @@ class StoreAuthenticator(Authenticator):
             self.cache.drop(key)
             return Login(AuthResult.BAD, hint=out.hint)
         # Under the generation read *before* the lookup: a change meanwhile misses next.
-        self.cache.put(key, out.hash if gen is None else gen, out.app)
+        self.cache.put(key, out.hash if gen is None else gen, out.app, out.hash)
         self.last_used.record(username, out.app, client_ip)
         if not out.app and self._rehash and passwords.needs_rehash(found.hash):
             t = asyncio.get_running_loop().create_task(
                 self._upgrade(username, found.hash, password))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
-        return Login(AuthResult.OK, out.app)
+        return Login(AuthResult.OK, out.app,
+                     proof=Proof(gen, out.hash, selector if out.app else None))
+
+    async def still_valid(self, username: str, login: Login) -> bool:
+        """(Authenticator.still_valid) One generation read while nothing changed (SQLite);
+        else, and always with PostgreSQL, one lookup: the user must still exist and the
+        hash `login` verified against still be its account hash (or its re-hash here), or
+        its app password's with that selector. A user deleted since is `still_exists`'s
+        to refuse (True here)."""
+        proof = login.proof
+        if not isinstance(proof, Proof):
+            return True
+        if proof.selector is None and self.app_mode == "require":
+            return False
+        try:
+            gen = await self.users.generation()
+            if gen is not None and gen == proof.gen:
+                return True
+            found = await self.users.lookup(username, proof.selector)
+        except StoreUnavailable:
+            return True
+        except Exception:  # a bug: logged; the session goes on
+            log.exception("user store lookup failed")
+            return True
+        if found.hash is None:
+            return True  # deleted: still_exists answers that (530 5.7.0), not this
+        if proof.selector is not None:
+            return found.app is not None and found.app.hash == proof.hash
+        return found.hash in (proof.hash, self._rehashed.get(proof.hash))
 
     @staticmethod
     def _verified_against(found: Found, app: str) -> str | None:
@@ -212,6 +259,9 @@ class StoreAuthenticator(Authenticator):
         try:
             new = await self.hashing.run(passwords.hash_password, password)
             if new is not None:
+                if len(self._rehashed) >= REHASHED_MAX:
+                    self._rehashed.clear()
+                self._rehashed[stored] = new  # before the write: a MAIL may follow it
                 await self.users.set_hash(username, new, stored)
         except Exception:
             log.debug("rehash of a user's password failed", exc_info=True)

@@ -54,6 +54,9 @@ class RealmLogins(Authenticator):
                     client_ip: str = "") -> Login:
         return await self.inner.login(self.name(username), password, client_ip)
 
+    async def still_valid(self, username: str, login: Login) -> bool:
+        return await self.inner.still_valid(self.name(username), login)
+
     def addresses(self, username: str) -> set[str]:
         return self.inner.addresses(self.name(username))
 

@@ -136,6 +136,7 @@ class Session:
         # `alice@REALM`): the one key of everything counted or decided per user (AUTH
         # lockout, rates, containment, the envelope's auth_user); "" before AUTH.
         self.account = ""
+        self._login: Login | None = None  # the OK login, checked again at each MAIL
         self._over_mark: tuple[float, int] | None = None  # see _pace_oversize
 
     # ------------------------------------------------------------------ helpers
@@ -451,6 +452,7 @@ class Session:
         result = login.result
         if result is AuthResult.OK:
             self.account = login.user or account
+            self._login = login
             await self.ticket.auth_succeeded(account)
             self.maillog.auth_ok(self.relay_desc(), mech, user, login.app)
             self._metric_auth("ok")
@@ -491,6 +493,14 @@ class Session:
             if not await self._authenticator().still_exists(login):
                 self._log_reject(replies.ACCOUNT_GONE, "", sasl_username=login)
                 eng.policy_result(replies.ACCOUNT_GONE)
+                return
+            if self._login is not None \
+                    and not await self._authenticator().still_valid(login, self._login):
+                # The password or app password this session logged in with changed or
+                # was revoked since its AUTH: no further mail on it (the client
+                # reconnects and its AUTH gets 535); one maillog line.
+                self._log_reject(replies.AUTH_REVOKED, "", sasl_username=login)
+                eng.close_with(replies.AUTH_REVOKED, "auth_revoked")
                 return
             path = ev.transaction.sender
             # Addresses by the name as sent (a login `alice@REALM` owns that address).
@@ -660,6 +670,7 @@ _REASONS = {
     replies.SENDER_NOT_OWNED: "sender_not_owned", replies.TOO_MANY_RCPTS: "too_many_rcpts",
     replies.FROM_NOT_OWNED: "from_not_owned",
     replies.AUTH_LOCKED: "auth_locked", replies.USER_RATE: "user_rate",
+    replies.AUTH_REVOKED: "auth_revoked",
     replies.TOO_MANY_CONNECTIONS: "connections", replies.TOO_MANY_FROM_IP: "connections_ip",
     replies.RATE_LIMITED: "connection_rate", replies.NO_RDNS: "no_rdns",
     replies.TOO_MANY_COMMANDS: "junk_commands", replies.NON_SMTP: "non_smtp",
