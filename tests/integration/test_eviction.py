@@ -25,6 +25,7 @@ from support.procfs import sockets_of
 from support.wait import wait_until
 
 from authrelay.smtpd.eviction import TIE_AGE
+from authrelay.smtpd.proxy import build_v1
 
 pytestmark = pytest.mark.slow
 
@@ -358,3 +359,51 @@ def test_handshake_evicted_before_its_task_ran_closes_its_socket(relay_factory
         s.close()
     wait_until(lambda: sockets_of(pid) <= base or None,
                lambda: f"sockets back to {base}: {sockets_of(pid)} open", 30)
+
+
+def test_flood_from_one_ipv6_48_rotating_its_64s_is_one_address(relay_factory
+                                                                ) -> None:  # noqa: ANN001
+    """Eviction counts an IPv6 client by its /48, the per-address limits by its /64: a
+    host given a /48 fills the 465 pool (behind PROXY, as behind a balancer) with one
+    connection from each of six /64s, never handshaking; a fresh client from another
+    /48, right after, evicts one of them at once and logs in over TLS. Before, each /64
+    was an address of its own holding one: the fresh client could take only a slot
+    aged TIE_AGE, and was closed before TLS until then (a flood rotating through
+    thousands of /64s took most aged slots first: 15 of 45 fresh clients served in 20 s
+    of such a flood, now 40 of 40). The relay is stopped while the seven connections
+    and their PROXY headers wait in the backlog, so one accept batch admits them in
+    order, within the same moment."""
+    r: RelayProcess = relay_factory({"limits": LIMITS,
+                                     "relay": {"proxy_trusted": ["127.0.0.1/32"]}},
+                                    start=False)
+    for item in r.config_data["listen"]:
+        if item["mode"] == "submissions":
+            item.update(max_connections=6, proxy_protocol=True)
+    r.config.write_text(to_toml(r.config_data))
+    r.start()
+    assert r.proc is not None
+    pid, port = r.proc.pid, r.ports["submissions"]
+    dst = ("::1", port)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        flood = []
+        for i in range(1, 7):
+            s = _connect(port, "127.0.0.1")
+            s.sendall(build_v1((f"2001:db8:1:{i}::1", 40000 + i), dst))
+            flood.append(s)
+        fresh = _connect(port, "127.0.0.1")
+        fresh.sendall(build_v1(("2001:db8:2::7", 40100), dst))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    tls = client_ctx().wrap_socket(fresh)  # fails (closed before TLS) if not admitted
+    c = RawClient.__new__(RawClient)
+    c.sock, c.buf = tls, b""
+    assert c.reply().code == 220
+    assert c.cmd("EHLO fresh.test").code == 250
+    assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+    c.close()
+    log = r.wait_log(r"warning=pool full: evicted \d+ pre-authentication connections")
+    assert "busiest=2001:db8:1::/48" in log, log
+    for s in flood:
+        s.close()
+    assert "Traceback" not in r.maillog()

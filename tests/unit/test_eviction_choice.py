@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
+from authrelay.smtpd.admission import eviction_key
 from authrelay.smtpd.eviction import (
     MAX_MARKS,
     PRESSED_AFTER,
@@ -141,3 +144,15 @@ def test_pressure_marks_expire_and_are_bounded() -> None:
         cs.pressed(f"k{i}", 200.0, PRESSED_AFTER)
     assert not cs.under_pressure("k0", 200.0)  # dropped: the least recently pressed
     assert cs.under_pressure(f"k{MAX_MARKS + 9}", 200.0)
+
+
+@pytest.mark.parametrize("key, ekey", [
+    ("192.0.2.7", "192.0.2.7"),  # IPv4: the address
+    ("2001:db8:1:2::/64", "2001:db8:1::/48"),  # ipv6_prefix_length 64 (the default)
+    ("2001:db8:1:2::9", "2001:db8:1::/48"),  # ipv6_prefix_length 128
+    ("2001:db8:1:2::/56", "2001:db8:1::/48"),
+    ("2001:db8::/48", "2001:db8::/48"), ("2001:db8::/32", "2001:db8::/32"),  # wider: kept
+])
+def test_eviction_counts_an_ipv6_client_by_its_48(key: str, ekey: str) -> None:
+    """A /48's /64s are one address to eviction (a host rotates through them at will)."""
+    assert eviction_key(key) == ekey
