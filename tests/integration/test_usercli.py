@@ -93,6 +93,22 @@ def test_errors_exit_1_with_a_message(conf: Path) -> None:
     assert [u.name for u in db_of(conf).list()] == ["alice"]
 
 
+def test_database_down_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """PostgreSQL unreachable: `user suspended` printed a Python traceback (the other
+    commands one line); now every one says so in one line and exits 1."""
+    from support.ports import free_port
+
+    conf = tmp_path / "authrelay.toml"
+    conf.write_text(f'state_dir = "{tmp_path / "state"}"\n[auth]\nbackend = "postgresql"\n'
+                    f'dsn = "postgresql://u:s3cretpw@127.0.0.1:{free_port()}/db"\n')
+    for args in (("suspended",), ("list",), ("resume", "alice")):
+        r = run(conf, *args)
+        assert r.returncode == 1, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and "s3cretpw" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "127.0.0.1" in r.stderr or "cannot resume" in r.stderr, r.stderr
+
+
 def test_bad_config_is_an_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("nosuchkey = 1\n")

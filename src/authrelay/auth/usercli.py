@@ -33,7 +33,8 @@ from authrelay import clientsetup
 from authrelay.auth import apppasswords
 from authrelay.auth.apppasswords import AppPasswordError
 from authrelay.auth.authenticator import account_for
-from authrelay.auth.pgusers import PgUserDB
+from authrelay.auth.login import StoreUnavailable
+from authrelay.auth.pgusers import PgUserDB, redact_dsn
 from authrelay.auth.userdb import UserDB, UserDBError, UserStore
 from authrelay.config import load
 from authrelay.policy.containment import Suspension
@@ -284,7 +285,12 @@ def _suspended(args: argparse.Namespace) -> None:
         finally:
             await state.close()
 
-    for s in asyncio.run(run()):
+    try:
+        found = asyncio.run(run())
+    except StoreUnavailable as e:  # PostgreSQL down: one line, exit 1 (module contract)
+        raise _CliError(f"cannot list suspensions: user database "
+                        f"{redact_dsn(cfg.auth.dsn)}: {e}") from None
+    for s in found:
         print(f"{s.user}\tsince {_iso(s.at)}\t{s.reason}\t{s.node}")
 
 
