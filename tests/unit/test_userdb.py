@@ -502,7 +502,12 @@ async def test_an_open_session_holds_while_its_credentials_do(cdb: CountingDB) -
         assert await auth.still_valid("alice", login)
         cached = await auth.login("alice", "pw")  # from the cache: the same proof
         assert await auth.still_valid("alice", cached)
-        cdb.fail = True
+        cdb.add("bob", "x")  # another change: one lookup, then its "yes" stands
+        cdb.lookups.clear()
+        assert await auth.still_valid("alice", cached)
+        assert await auth.still_valid("alice", cached) and len(cdb.lookups) == 1
+        cdb.add("carol", "x")
+        cdb.fail = True  # unreadable: the session goes on
         assert await auth.still_valid("alice", cached)
         cdb.fail = False
         auth.app_mode = "require"

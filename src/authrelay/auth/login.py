@@ -132,6 +132,10 @@ class StoreAuthenticator(Authenticator):
         # Account-password hashes this process re-hashed (_upgrade), old -> new: a session
         # logged in with the old one still holds (still_valid).
         self._rehashed: dict[str, str] = {}
+        # still_valid: (user, proof) -> (the store's generation, monotonic time) of the
+        # last "yes" after a lookup
+        self._valid: OrderedDict[tuple[str, Proof], tuple[int | None, float]] = \
+            OrderedDict()
 
     def reload(self, cfg: Config) -> None:
         if cfg.auth.app_passwords != self.app_mode:
@@ -220,19 +224,25 @@ class StoreAuthenticator(Authenticator):
                      proof=Proof(gen, out.hash, selector if out.app else None))
 
     async def still_valid(self, username: str, login: Login) -> bool:
-        """(Authenticator.still_valid) One generation read while nothing changed (SQLite);
-        else, and always with PostgreSQL, one lookup: the user must still exist and the
-        hash `login` verified against still be its account hash (or its re-hash here), or
-        its app password's with that selector. A user deleted since is `still_exists`'s
-        to refuse (True here)."""
+        """(Authenticator.still_valid) One generation read while nothing changed since the
+        login or the last "yes" (SQLite); otherwise one lookup, whose "yes" stands until
+        the next change (SQLite) or EXISTS_TTL seconds (PostgreSQL, as still_exists):
+        the hash `login` verified against must still be the user's account hash (or its
+        re-hash here), or its app password's with that selector. A user deleted since is
+        `still_exists`'s to refuse (True here)."""
         proof = login.proof
         if not isinstance(proof, Proof):
             return True
         if proof.selector is None and self.app_mode == "require":
             return False
+        now = time.monotonic()
         try:
             gen = await self.users.generation()
             if gen is not None and gen == proof.gen:
+                return True
+            seen = self._valid.get((username, proof))
+            if seen is not None and (seen[0] == gen if gen is not None
+                                     else now - seen[1] < EXISTS_TTL):
                 return True
             found = await self.users.lookup(username, proof.selector)
         except StoreUnavailable:
@@ -243,8 +253,17 @@ class StoreAuthenticator(Authenticator):
         if found.hash is None:
             return True  # deleted: still_exists answers that (530 5.7.0), not this
         if proof.selector is not None:
-            return found.app is not None and found.app.hash == proof.hash
-        return found.hash in (proof.hash, self._rehashed.get(proof.hash))
+            ok = found.app is not None and found.app.hash == proof.hash
+        else:
+            ok = found.hash in (proof.hash, self._rehashed.get(proof.hash))
+        if ok:
+            self._valid[(username, proof)] = (gen, now)
+            self._valid.move_to_end((username, proof))
+            while len(self._valid) > EXISTS_MAX:
+                self._valid.popitem(last=False)
+        else:
+            self._valid.pop((username, proof), None)
+        return ok
 
     @staticmethod
     def _verified_against(found: Found, app: str) -> str | None:
