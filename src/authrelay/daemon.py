@@ -676,7 +676,7 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
         if nworkers > 1:
             # Throttle counters shared by all workers (per-IP limits stay exact): made
             # before forking, and before the drop (it maps shared memory).
-            shared = wiring.shared_counters()
+            shared = wiring.shared_counters(nworkers)
         _drop_privileges(cfg)
         if nworkers <= 1:
             _use_uvloop()
@@ -728,6 +728,8 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 sock = ch.in_child(others)
                 process.arm_child(master_pid)
                 process.set_name(f"authrelay-w{i}")
+                if shared is not None:
+                    shared.adopt(i)  # what it counts is recorded, for forget() below
                 for j, socks in enumerate(per_worker):
                     if j != i:
                         for s in socks:
@@ -759,6 +761,10 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
             if w is None:
                 continue
             w.channel.close()
+            if shared is not None:
+                # The connections it held (kill -9, OOM, a crash) leave every gauge:
+                # else they stayed counted, and a few deaths under load filled the pools.
+                shared.forget(w.index)
             if stopping or run.stopping:
                 continue
             # As Postfix's master throttles a service whose children keep dying at once:

@@ -132,9 +132,10 @@ def throttle(cfg: Config, share: Share, known: KnownStore | None) -> Throttle:
     return local
 
 
-def shared_counters() -> SharedCounters:
-    """The workers' shared-memory counters: made in the master before forking."""
-    return SharedCounters()
+def shared_counters(workers: int) -> SharedCounters:
+    """The workers' shared-memory counters: made in the master before forking, with a
+    ledger row per worker (what a dead one held is given back)."""
+    return SharedCounters(workers=workers)
 
 
 def host_checks(cfg: Config) -> HostChecks | None:

@@ -389,6 +389,35 @@ def test_worker_death_is_one_maillog_line_and_replaced(relay_factory) -> None:
             assert c.reply().code == 220
 
 
+def test_connections_of_a_killed_worker_leave_the_pools(relay_factory) -> None:
+    """The connections a worker held when it died are given back by the master: they
+    stayed counted in the shared pools until a restart, so workers killed under load
+    (OOM killer, a crash) left the listener full and every new client got 421."""
+    r = relay_factory({"limits": {"max_connections": 10, "pool_eviction": False}},
+                      workers=2)
+    _started(r, 3)
+    assert r.proc is not None
+    port = r.ports["submission"]
+    cap = 8  # max_connections minus pool_reserve_percent (20)
+    held = [RawClient(port) for _ in range(cap)]
+    try:
+        assert [c.reply().code for c in held] == [220] * cap
+        kids = children(r.proc.pid)
+        for k in kids:
+            os.kill(k, signal.SIGKILL)
+        wait_until(lambda: not any(alive(k) for k in kids), what="workers gone")
+        _started(r, 5)
+    finally:
+        for c in held:
+            c.close()
+    again = [RawClient(port) for _ in range(cap)]
+    try:
+        assert [c.reply().code for c in again] == [220] * cap
+    finally:
+        for c in again:
+            c.close()
+
+
 def test_logging_records_become_maillog_lines(tmp_path: Path) -> None:
     """In a child process (the handlers are process-wide): a warning, an error with an
     exception, warnings.warn, and an uncaught thread exception, each one line."""

@@ -125,3 +125,27 @@ async def test_shared_throttle_auth_lock() -> None:
     assert await a.auth_locked("198.51.100.7", "alice")
     assert await b.auth_locked("198.51.100.7", "bob")
     assert not await a.auth_locked("198.51.100.8", "alice")
+
+
+def test_what_a_dead_worker_held_is_given_back() -> None:
+    """forget(i) subtracts worker i's ledger row (adopt) from every gauge, and only it."""
+    s = SharedCounters(workers=2)  # 65,536 slots: these few keys never share one
+    pools = [Pool("*", 0), Pool("listener:a", 0)]
+    s.try_acquire("192.0.2.9", pools, 0)  # the master's own (no ledger): stays
+    pid = os.fork()
+    if pid == 0:  # worker 0: three connections, one released, one pending handshake
+        try:
+            s.adopt(0)
+            for ip in ("192.0.2.1", "192.0.2.1", "192.0.2.2"):
+                s.try_acquire(ip, pools, 0)
+            s.release("192.0.2.2", pools)
+            s.gauge_add("pending:192.0.2.1", 1)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert (s.pool_level("*"), s.gauge("192.0.2.1"), s.gauge("pending:192.0.2.1")) == (3, 2, 1)
+    assert s.forget(0) == 2 * 3 + 1  # two pools and the address, twice; the pending one
+    assert (s.pool_level("*"), s.pool_level("listener:a")) == (1, 1)
+    assert (s.gauge("192.0.2.1"), s.gauge("pending:192.0.2.1"), s.gauge("192.0.2.9")) \
+        == (0, 0, 1)
+    assert s.forget(0) == 0 and s.forget(1) == 0 and s.forget(7) == 0

@@ -20,6 +20,11 @@ connections, until the next start). A connection is checked against all its pool
 IP and counted in all of them under the one lock, so no two workers can both take the last
 slot. `connection_rate` is one shared GCRA
 schedule (nanoseconds of CLOCK_MONOTONIC, system-wide, so all workers read one clock).
+Gauges held by a worker that dies (kill -9, OOM killer, a crash) are given back: each
+worker (`adopt`) also records what it holds in a ledger row of its own in the mapping, and
+the master, reaping it, subtracts that row from the gauges (`forget`); else every
+connection it held stayed counted until the next start, and a few crashes under load
+left the pools full (every client refused `421 4.7.0 Too many connections`).
 Failure policy: none; a slot overflow cannot happen (64-bit counters).
 """
 
@@ -29,6 +34,7 @@ import hashlib
 import mmap
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,14 +115,21 @@ class Share:
 class SharedCounters:
     """Gauges and sliding-window counters in shared memory; create before fork()."""
 
-    def __init__(self, slots: int = SLOTS) -> None:
+    def __init__(self, slots: int = SLOTS, workers: int = 0) -> None:
+        """`workers`: how many ledger rows (one per worker index, see `adopt`)."""
         self.slots = slots
         self._base: dict[str, int] = {"tat": 0, "conns": 1, "pool_keys": 1 + slots,
                                       "pools": 1 + slots + POOL_SLOTS}
-        size = 1 + slots + 2 * POOL_SLOTS
+        # A ledger row mirrors [0, _held_size): the gauges (address and pool counters);
+        # only their entries are ever non-zero in it.
+        self._held_size = size = 1 + slots + 2 * POOL_SLOTS
         for name in _WINDOW_TABLES:
             self._base[name] = size
             size += 3 * slots  # (window number, count in it, count in the one before)
+        self.workers = workers
+        self._base["held"] = size
+        size += workers * self._held_size
+        self._row: int | None = None  # this process's ledger row (adopt), if any
         self._mm = mmap.mmap(-1, size * 8)  # anonymous + MAP_SHARED: children see it
         self._a = memoryview(self._mm).cast("q")
         self._lock = multiprocessing.get_context("fork").Lock()
@@ -149,6 +162,42 @@ class SharedCounters:
         index = self._pools[key] = self._base["pools"] + found
         return index
 
+    def adopt(self, worker: int) -> None:
+        """In worker `worker` (0 <= worker < workers) right after fork: from now on what
+        this process counts in the gauges is also recorded in its ledger row."""
+        if not 0 <= worker < self.workers:
+            raise ValueError(f"no ledger row for worker {worker}")
+        self._row = self._base["held"] + worker * self._held_size
+
+    def forget(self, worker: int) -> int:
+        """In the master, once worker `worker` is gone: give back every gauge it still
+        held and clear its row (for the worker that replaces it). Returns how many
+        counts were given back."""
+        if not 0 <= worker < self.workers:
+            return 0
+        a, row = self._a, self._base["held"] + worker * self._held_size
+        given = 0
+        with self._lock:
+            raw = self._mm[row * 8:(row + self._held_size) * 8]
+            start = 0
+            while True:  # only the non-zero entries (a few among 65,000)
+                start = _next_nonzero(raw, start)
+                if start < 0:
+                    break
+                i = start // 8
+                n = a[row + i]
+                if n > 0:
+                    a[i] = max(0, a[i] - n)
+                    given += n
+                a[row + i] = 0
+                start = (i + 1) * 8
+        return given
+
+    def _held(self, i: int, delta: int) -> None:
+        """Under the lock: the ledger's side of a gauge change at index `i`."""
+        if self._row is not None:
+            self._a[self._row + i] += delta
+
     def pool_level(self, key: str) -> int:
         """Connections in pool `key` now."""
         return self._a[self._pool(key)]
@@ -173,6 +222,7 @@ class SharedCounters:
         i = self._base["conns"] + self._slot(key)
         with self._lock:
             self._a[i] = max(0, self._a[i] + delta)
+            self._held(i, delta)
 
     def try_acquire(self, ip: str, pools: Sequence[Pool], max_ip: int,
                     rate: float = 0.0, max_delay: float = 0.0,
@@ -198,7 +248,9 @@ class SharedCounters:
                 a[0] = int(tat * 1e9)
             for i, _p in idx:
                 a[i] += 1
+                self._held(i, 1)
             a[ip_i] += 1
+            self._held(ip_i, 1)
         return Admission(None, delay) if delay else ADMIT
 
     def release(self, ip: str, pools: Sequence[Pool]) -> None:
@@ -207,6 +259,7 @@ class SharedCounters:
         with self._lock:
             for i in idx:
                 a[i] = max(0, a[i] - 1)
+                self._held(i, -1)
 
     # windows -------------------------------------------------------------------
     def _window(self, table: str, key: str, period: float, now: float, add: int) -> float:
@@ -230,3 +283,15 @@ class SharedCounters:
 
     def window_count(self, table: str, key: str, period: float, now: float) -> float:
         return self._window(table, key, period, now, 0)
+
+
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def _next_nonzero(raw: bytes, start: int) -> int:
+    """The offset of the first 8-byte entry of `raw` at or after `start` (aligned) with a
+    non-zero byte, or -1 (the scan runs at C speed, without copies)."""
+    m = _NONZERO.search(raw, start)
+    if m is None:
+        return -1
+    return m.start() - m.start() % 8
