@@ -226,15 +226,19 @@ def refused_events(r: RelayProcess) -> set[str]:
 
 BLOCKED = "554 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using " \
           "zen.spamhaus.org"
+SENDER_REFUSED = "550 5.1.8 <alice@example.org>: Sender address rejected: Domain not found"
 
 
 def test_policy_refusals_at_rcpt_do_not_count(tmp_path: Path, fake_mx: MXFactory) -> None:
-    """The relay's address on a blocklist: the next hop answers 554 5.7.1 to every RCPT.
-    Many messages with many recipients suspend nobody (the refusal is about the relay,
-    not the recipients); 550 5.1.1 and a bare 550 (no enhanced code) still count, and
-    only they are in the store."""
+    """The relay's address on a blocklist: the next hop answers 554 5.7.1 to every RCPT
+    (or 550 5.1.8, the sender's domain, as Postfix does at RCPT). Many messages with many
+    recipients suspend nobody (the refusal is about the relay or the sender, not the
+    recipients); 550 5.1.1 and a bare 550 (no enhanced code) still count, and only they
+    are in the store."""
     blocked = [f"b{i}@example.net" for i in range(12)]
-    replies = {a: BLOCKED for a in blocked}
+    # Half of them as Postfix refuses a sender whose domain does not resolve: at RCPT
+    # (smtpd_delay_reject), 5.1.8, the sender's address, not the recipient's.
+    replies = {a: BLOCKED if i % 2 else SENDER_REFUSED for i, a in enumerate(blocked)}
     replies |= {"dead1@example.net": "550 5.1.1 no such user",
                 "dead2@example.net": "550 5.1.1 no such user",
                 "gone@example.net": "550 no such user here"}
@@ -248,6 +252,8 @@ def test_policy_refusals_at_rcpt_do_not_count(tmp_path: Path, fake_mx: MXFactory
             assert send(port, blocked[i:i + 2])[-1] == 250
         r.wait_for(lambda: r.maillog().count("stat=Bounced") == 12)
         assert BLOCKED.split(" ", 1)[1] in r.maillog()  # the bounce's reason, as it came
+        assert "5.1.8 <alice@example.org>: Sender address rejected" in r.maillog()
+        assert refused_events(r) == set()
         assert send(port, ["dead1@example.net"]) == [250, 250, 250]
         r.wait_for(lambda: r.maillog().count("stat=Bounced") == 13)
         assert send(port, ["dead2@example.net", "gone@example.net"]) == [250, 250, 250, 250]

@@ -187,6 +187,9 @@ async def test_database_refusing_keeps_the_suspension_on_the_node(tmp_path: Path
     (550, "5.2.1", True),    # mailbox disabled
     (552, "5.2.2", True),    # mailbox full
     (552, "5.2.3", False),   # the message's length, not the mailbox
+    (550, "5.1.8", False),   # Postfix at RCPT: "Sender address rejected: Domain not found"
+    (550, "5.1.7", False),   # the sender's mailbox (syntax, unverified sender)
+    (550, "5.1.6", True),    # the recipient's mailbox has moved
     (554, "5.7.1", False),   # "Client host blocked using zen.spamhaus.org"
     (550, "5.7.1", False),   # a blocked tenant, relay denied
     (550, "5.7.606", False),  # Microsoft 365: the sender's tenant blocked

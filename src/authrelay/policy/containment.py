@@ -14,7 +14,8 @@ recipient addresses, distinct recipient addresses the next hops refused as bad r
 policy/throttle.source_net).
 
 What counts as refused (`refuses_recipient`): only a 5xx reply to RCPT that says the
-RECIPIENT is bad: enhanced status 5.1.x (RFC 3463 3.2: bad mailbox, address, domain) or
+RECIPIENT is bad: enhanced status 5.1.x but 5.1.7 and 5.1.8 (RFC 3463 3.2: bad mailbox,
+address, domain; 5.1.7/5.1.8 are the sender's, which Postfix reports at RCPT) or
 5.2.x but 5.2.3 (3.3: mailbox disabled, full; 5.2.3 is the message's length), or, from a
 server giving no enhanced code, 550, 551 or 553 (RFC 5321 4.2.2). Not counted: a
 refusal at the greeting, EHLO, MAIL or DATA (it is about the relay, the sender or the
@@ -118,8 +119,12 @@ def refuses_recipient(code: int, enhanced: str | None) -> bool:
         klass, subject, detail = (int(p) for p in enhanced.split("."))
     except ValueError:  # not three numbers
         return False
+    # RFC 3463 3.2: X.1.7 / X.1.8 are the SENDER's address (bad syntax, bad system):
+    # Postfix reports its sender checks at RCPT (smtpd_delay_reject), "550 5.1.8 <a@b>:
+    # Sender address rejected: Domain not found" to every recipient alike.
     # RFC 3463 3.3: X.2.3 "message length exceeds administrative limit" is the message's.
-    return klass == 5 and (subject == 1 or (subject == 2 and detail != 3))
+    return klass == 5 and ((subject == 1 and detail not in (7, 8))
+                           or (subject == 2 and detail != 3))
 
 
 def refused_before(last_reply: str) -> bool:
