@@ -6,7 +6,7 @@ import os
 
 from authrelay.config import from_dict
 from authrelay.policy.anvil import SharedThrottle
-from authrelay.policy.counters import POOL_SLOTS, SharedCounters
+from authrelay.policy.counters import ADMIT, POOL_SLOTS, SharedCounters
 from authrelay.policy.throttle import Pool
 
 ALL = (Pool("*", 0),)
@@ -149,3 +149,33 @@ def test_what_a_dead_worker_held_is_given_back() -> None:
     assert (s.gauge("192.0.2.1"), s.gauge("pending:192.0.2.1"), s.gauge("192.0.2.9")) \
         == (0, 0, 1)
     assert s.forget(0) == 0 and s.forget(1) == 0 and s.forget(7) == 0
+
+
+def test_a_worker_killed_holding_the_lock_wedges_nobody() -> None:
+    """kill -9 (or the OOM killer) may land while a worker holds the table's lock (a few
+    microseconds per count): the next taker gets it (a robust mutex), where a semaphore
+    stayed taken for good and every worker blocked at its next accept."""
+    import signal
+    import threading
+
+    s = SharedCounters(workers=1)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            s._lock.__enter__()
+            os.write(w, b"x")  # holding it
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    os.close(w)
+    assert os.read(r, 1) == b"x"
+    os.close(r)
+    os.waitpid(pid, 0)
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(s.try_acquire("192.0.2.1", ALL, 5)),
+                         daemon=True)
+    t.start()
+    t.join(30)  # a liveness guard, not a measure: blocked for good on the old lock
+    assert got and got[0] == ADMIT
+    assert s.gauge("192.0.2.1") == 1
