@@ -246,6 +246,21 @@ def _helper(r: RelayProcess) -> int | None:
 
 
 @pytest.mark.root
+def test_kill9_dropped_master_takes_the_root_helper_too(dropped) -> None:
+    """The key helper stays root for the instance's life: kill -9 of the (dropped) master
+    must end it with the workers, not leave a root process answering on a socket."""
+    r = dropped[0]
+    assert r.proc is not None
+    kids = children(r.proc.pid)
+    helper = _helper(r)
+    assert helper is not None and helper in kids
+    os.kill(r.proc.pid, signal.SIGKILL)
+    r.proc.wait(timeout=30)
+    wait_until(lambda: not any(alive(k) for k in kids), what="helper and workers gone")
+    assert processes_running(r.config) == []
+
+
+@pytest.mark.root
 def test_root_only_key_reloaded_on_sighup_after_renewal(dropped) -> None:
     r, le, der_old, logfile = dropped
     assert r.proc is not None
