@@ -133,6 +133,7 @@ def test_an_open_session_ends_when_its_credentials_are_revoked(tmp_path: Path) -
         lines = [ln for ln in r.maillog().splitlines()
                  if "reject=421 4.7.0 Authentication no longer valid" in ln]
         assert len(lines) == 2 and all("sasl_username=alice" in ln for ln in lines)
+        assert "Traceback" not in r.log.read_text()
         r.cli("user", "del", "alice")  # (d8f4f80: a deleted user's session gets 530)
         assert _send(c).startswith("530 5.7.0")
     finally:

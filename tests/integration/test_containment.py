@@ -118,6 +118,27 @@ def test_messages_threshold_hold_notice_restart_delete(tmp_path: Path) -> None:
         r.stop()
 
 
+def test_the_notice_goes_to_every_address_postmaster_names(tmp_path: Path) -> None:
+    """Without `notify`, postmaster through [aliases]: the notice went to the first
+    address of the alias only (a second admin, the security team, never heard of it).
+    Now to every address it names, in one message."""
+    team = [ADMIN, "security@local.test"]
+    r = RelayProcess(tmp_path, {"aliases": {"postmaster": team},
+                                "limits": {"containment": {"messages": 1}}}).start()
+    try:
+        assert send(r.ports["submissions"], ["bob@example.net"])[-1] == 250
+        r.wait_for(lambda: suspended_lines(r))
+
+        def notice() -> list:
+            return [e for e in envelopes(r, held=False) if e.sender == ""]
+
+        r.wait_for(notice)
+        (env,) = notice()
+        assert [x.address for x in env.recipients] == team
+    finally:
+        r.stop()
+
+
 def test_distinct_recipients_then_release(tmp_path: Path) -> None:
     r = relay(tmp_path, recipients=4).start()
     try:

@@ -139,16 +139,23 @@ def test_notice_goes_to_postmaster_through_aliases(tmp_path: Path) -> None:
     from authrelay.policy.suspender import Suspender
     from authrelay.policy.suspensions import State
 
-    def notify(data: dict) -> str:
+    def notify(data: dict) -> list[str]:
         cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp_path), **data})
         s = Suspender(cfg, State(LocalStore(tmp_path / "c.db")), submitter=None,
                       maillog=ListLog())
-        return s.notify_address()
+        return s.notify_addresses()
 
-    assert notify({}) == "postmaster@relay.test"
-    assert notify({"aliases": {"postmaster": "ops@example.org"}}) == "ops@example.org"
+    assert notify({}) == ["postmaster@relay.test"]
+    assert notify({"aliases": {"postmaster": "ops@example.org"}}) == ["ops@example.org"]
     assert notify({"limits": {"containment": {"notify": "sec@example.org"}}}) == \
-        "sec@example.org"
+        ["sec@example.org"]
+    # Every address an alias names, and `notify` through [aliases] too.
+    assert notify({"aliases": {"postmaster": ["ops@example.org", "sec@example.org"]}}) == \
+        ["ops@example.org", "sec@example.org"]
+    assert notify({"aliases": {"security": ["a@example.org", "b@example.org"]},
+                   "limits": {"containment": {"notify": "security"}}}) == \
+        ["a@example.org", "b@example.org"]
+    assert notify({"limits": {"containment": {"notify": "root"}}}) == ["root@relay.test"]
 
 
 async def test_database_refusing_keeps_the_suspension_on_the_node(tmp_path: Path) -> None:

@@ -170,17 +170,17 @@ class Suspender:
             self.maillog.error("containment: cannot queue the admin notice",
                                sasl_username=user)
 
-    def notify_address(self) -> str:
-        if self.ccfg.notify:
-            return self.ccfg.notify
-        got = aliases.expand(self.cfg, ["postmaster"])
-        return got[0] if got else f"postmaster@{self.cfg.hostname}"
+    def notify_addresses(self) -> list[str]:
+        """Who gets the notice: `notify` (default postmaster) through [aliases], every
+        address it expands to (a bare name gets @hostname, as local mail's does)."""
+        got = aliases.expand(self.cfg, [self.ccfg.notify or "postmaster"])
+        return got or [f"postmaster@{self.cfg.hostname}"]
 
     async def _notice(self, user: str, trip: Trip, held: int) -> None:
-        to = self.notify_address()
+        to = self.notify_addresses()
         msg = EmailMessage()
         msg["From"] = f"Mail Delivery System <MAILER-DAEMON@{self.cfg.hostname}>"
-        msg["To"] = to
+        msg["To"] = ", ".join(to)
         msg["Subject"] = f"authrelay: user {user} suspended ({trip.kind})"
         msg["Date"] = format_datetime(datetime.now(UTC))
         msg["Message-ID"] = make_msgid(domain=self.cfg.hostname)
@@ -188,7 +188,7 @@ class Suspender:
         msg.set_content(containment.notice(user, trip, self.ccfg,
                                            hostname=self.cfg.hostname, held=held))
         data = msg.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        env = Envelope(queue_id="", sender="", recipients=[Recipient(to)],
+        env = Envelope(queue_id="", sender="", recipients=[Recipient(a) for a in to],
                        helo=self.cfg.hostname, protocol="local", listener="containment")
         # The one way into the spool (spool/submit.py): Received, fsync, the from= line.
         draft = self.submitter.begin(env, add_missing=False, check_content=False)
