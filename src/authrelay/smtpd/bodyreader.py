@@ -36,7 +36,9 @@ _MARK = b"\r\n."
 
 @dataclass(slots=True)
 class Feed:
-    segments: list[bytes] = field(default_factory=list)  # message bytes to store, in order
+    # Message bytes to store: at most one segment per feed, however many stuffed dots the
+    # chunk held (each consumer step costs per segment: a spool write() is a syscall).
+    segments: list[bytes] = field(default_factory=list)
     done: bool = False  # the end-of-data marker was seen
     leftover: bytes = b""  # bytes after the marker (pipelined commands)
     error: str = OK  # BARE stops at once; TOO_BIG > NUL > LONG_LINE are reported when done
@@ -70,8 +72,17 @@ class BodyReader:
             self.error = TOO_BIG
             return
         self.size += len(piece)
-        self._check_lines(piece)
         out.segments.append(piece)
+
+    def _joined(self, out: Feed) -> None:
+        """One segment for what this feed emitted, its lines checked (the same verdict as
+        checking each piece in turn: they are contiguous). A chunk of dot-stuffed short
+        lines was thousands of pieces, each stored by its own write(2): ~50 times the CPU
+        per byte of a plain message (5 MB: 9.5 s of the event loop instead of 0.2 s)."""
+        if len(out.segments) > 1:
+            out.segments = [b"".join(out.segments)]
+        if out.segments:
+            self._check_lines(out.segments[0])
 
     @staticmethod
     def _bare(region: bytes) -> bool:
@@ -136,6 +147,7 @@ class BodyReader:
                 if 0 <= nul_at < end:
                     self._nul()
                 self._emit(out, data[pos:p + 2])
+                self._joined(out)
                 self.done = out.done = True
                 out.leftover = data[end:]
                 out.error = self.error
@@ -165,6 +177,7 @@ class BodyReader:
         if nul_at >= 0:
             self._nul()  # no end marker in this chunk: the NUL is message data
         self._emit(out, data[pos:keep])
+        self._joined(out)
         self._hold = data[keep:]
         out.error = self.error
         return out
