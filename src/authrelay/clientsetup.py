@@ -68,6 +68,9 @@ class Settings:
     email: str
     outgoing: tuple[Outgoing, ...]  # preferred first
     incoming: Incoming | None
+    # [auth] app_passwords = "require" over the user DB or PostgreSQL: the account
+    # password is refused (535) for SMTP AUTH, only an app password works
+    app_passwords_only: bool = False
 
     @property
     def domain(self) -> str:
@@ -101,7 +104,9 @@ def settings(cfg: Config, user: str, email: str, incoming: Incoming | None = Non
                          "submit on 465 (implicit TLS) or 587 (STARTTLS)")
     if "@" not in email or email.startswith("@") or email.endswith("@"):
         raise SetupError(f"{email!r} is not an email address (use --email)")
-    return Settings(cfg.hostname.rstrip("."), user, email, tuple(out), incoming)
+    only = cfg.auth.app_passwords == "require" and cfg.auth.backend in ("userdb",
+                                                                        "postgresql")
+    return Settings(cfg.hostname.rstrip("."), user, email, tuple(out), incoming, only)
 
 
 def _security(o: Outgoing) -> str:
@@ -121,7 +126,10 @@ def text(s: Settings) -> str:
     lines += [
         f"  User name:       {s.user}",
         "  Authentication:  normal password (sent only inside TLS)",
-        "  Password:        the account password, or an app password for this device",
+        "  Password:        the account password, or an app password for this device"
+        if not s.app_passwords_only else
+        "  Password:        an app password for this device (authrelay user app-password "
+        f"add {s.user} --name DEVICE); the account password is refused here",
     ]
     if s.incoming is not None:
         i = s.incoming

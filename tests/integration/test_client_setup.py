@@ -81,6 +81,21 @@ def test_prints_what_to_type_and_no_files_without_incoming(conf: Path, tmp_path:
     assert not (tmp_path / "out").exists()
 
 
+def test_require_says_only_an_app_password_works(conf: Path, tmp_path: Path) -> None:
+    """[auth] app_passwords = "require": the account password gets 535 at AUTH, but the
+    printed settings told the person to type it ("the account password, or an app
+    password"). Now they name the app password and how to make one."""
+    assert "the account password, or an app password" in run(conf, "setup", "alice").stdout
+    conf.write_text(conf.read_text() + '\n[auth]\napp_passwords = "require"\n')
+    r = run(conf, "setup", "alice")
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if "Password:" in ln)
+    assert "an app password for this device" in line
+    assert "user app-password add alice --name DEVICE" in line
+    assert "the account password is refused here" in line
+    assert "the account password, or" not in r.stdout
+
+
 def test_writes_thunderbird_and_apple_files(conf: Path, tmp_path: Path) -> None:
     d = tmp_path / "out"
     r = run(conf, "setup", "alice", "--incoming", "imaps://outlook.office365.com",
