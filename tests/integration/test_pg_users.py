@@ -232,6 +232,40 @@ async def test_authenticator_cache_and_rehash(pg: PostgresServer) -> None:
         auth.close()
 
 
+async def test_a_login_ridden_through_an_outage_is_checked_once_it_is_over(
+        pg: PostgresServer) -> None:
+    """A login answered from the cache while PostgreSQL is down (README: accepted within
+    cache_ttl) carried nothing to check again: its session sent on after the database
+    came back and the password was changed. Now it is checked like any other."""
+    store = PgUserStore(pg.dsn, pool_size=1, timeout=2.0)
+    await store.ensure_schema()
+    assert await store.insert("hal", passwords.hash_password("pw"), [])
+    auth = PgAuthenticator(store, hash_threads=1, cache_ttl=300)
+    try:
+        assert (await auth.login("hal", "pw")).result is AuthResult.OK
+        await asyncio.to_thread(pg.stop)
+        ridden = await auth.login("hal", "pw")
+        assert ridden.result is AuthResult.OK  # from the cache, database down
+        assert await auth.still_valid("hal", ridden)  # down: the session goes on
+        await asyncio.to_thread(pg.start)
+
+        def passwd() -> None:  # as `authrelay user passwd hal` does
+            db = PgUserDB(pg.dsn)
+            try:
+                db.set_password("hal", "new")
+            finally:
+                db.close()
+
+        await asyncio.to_thread(passwd)
+
+        async def refused() -> bool:
+            return not await auth.still_valid("hal", ridden)
+
+        await until(refused, "the ridden login refused once the password changed")
+    finally:
+        auth.close()
+
+
 def test_redact_dsn() -> None:
     assert redact_dsn("postgresql://u:secret@h:5432/d") == "postgresql://u:***@h:5432/d"
     assert redact_dsn("postgresql://u@h/d") == "postgresql://u@h/d"

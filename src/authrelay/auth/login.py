@@ -155,11 +155,14 @@ class StoreAuthenticator(Authenticator):
             return Login(AuthResult.TEMPFAIL)
         return Login(AuthResult.TEMPFAIL if done is None else AuthResult.BAD)
 
-    def _outage(self, key: bytes) -> Login:
+    def _outage(self, key: bytes, selector: str | None) -> Login:
         if self.users.rides_outages:
             cached = self.cache.get(key)
             if cached is not None and self._allowed(cached[1]):
-                return Login(AuthResult.OK, cached[1])  # verified a moment ago: ride it out
+                # Verified a moment ago: ride it out; checked again (still_valid) once the
+                # store answers, like any session's login.
+                return Login(AuthResult.OK, cached[1], proof=Proof(
+                    None, self.cache.verified(key), selector if cached[1] else None))
         return Login(AuthResult.TEMPFAIL)
 
     async def login(self, username: str, password: str | bytes,
@@ -186,10 +189,10 @@ class StoreAuthenticator(Authenticator):
                         gen, self.cache.verified(key), selector if app else None))
             found = await self.users.lookup(username, selector)
         except StoreUnavailable:
-            return self._outage(key)
+            return self._outage(key, selector)
         except Exception:  # a bug: logged; never read as OK, nor as BAD
             log.exception("user store lookup failed")
-            return self._outage(key)
+            return self._outage(key, selector)
         if found.hash is None:
             self.cache.drop(key)
             return await self._dummy(password)
