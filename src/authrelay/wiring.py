@@ -118,17 +118,25 @@ def known_addresses(cfg: Config) -> KnownAddresses:
     return KnownAddresses(cfg.state_path / "known_addresses.db", cfg.auth.known_address_days)
 
 
-def throttle(cfg: Config, share: Share, known: KnownStore | None) -> Throttle:
+def redis_counters(cfg: Config) -> shared_mod.SharedCounters | None:
+    """The process's one Redis client for `[limits] shared` (its throttle and containment
+    count through it, so Redis going away is one maillog line, one connection pool), or
+    None without a farm."""
+    return shared_mod.SharedCounters(cfg.limits.shared) if cfg.limits.shared else None
+
+
+def throttle(cfg: Config, share: Share, known: KnownStore | None,
+             redis: shared_mod.SharedCounters | None = None) -> Throttle:
     """The throttle for this process: its own counters, or the workers' shared memory
     (`share.shared`); with `[limits] shared` (a farm) that one under the Redis-backed
-    variant (policy/shared.py)."""
+    variant (policy/shared.py), counting through `redis` when given."""
     local: Throttle
     if share.shared is not None:
         local = SharedThrottle(cfg, share.shared, known=known)
     else:
         local = LocalThrottle(cfg, share, known=known)
     if cfg.limits.shared:
-        return shared_mod.make_redis_throttle(cfg, local)
+        return shared_mod.make_redis_throttle(cfg, local, redis)
     return local
 
 
@@ -158,12 +166,14 @@ def metrics(cfg: Config) -> Metrics | None:
 
 
 def containment(cfg: Config, sub: Submitter, maillog: MailLog,
-                metrics: Metrics | None, hold_user: HoldUser) -> Suspender | None:
+                metrics: Metrics | None, hold_user: HoldUser,
+                redis: shared_mod.SharedCounters | None = None) -> Suspender | None:
     """Containment of compromised accounts (policy/suspender.py): counters and
-    suspensions in state_dir/containment.db, PostgreSQL, Redis as the config says; the
-    admin's notice through `sub`; None when `[limits.containment] enabled = false`."""
+    suspensions in state_dir/containment.db, PostgreSQL, Redis (through `redis`, the
+    process's client, when given) as the config says; the admin's notice through `sub`;
+    None when `[limits.containment] enabled = false`."""
     return make_suspender(cfg, submitter=sub, maillog=maillog, metrics=metrics,
-                          hold_user=hold_user)
+                          hold_user=hold_user, redis=redis)
 
 
 def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
@@ -177,15 +187,16 @@ def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
     share = share or Share()
     known = known_addresses(cfg)
     sub = submitter(cfg, queue, maillog)
+    redis = redis_counters(cfg)
     return SMTPServer(
         cfg, submitter=sub,
         authenticator=authenticator(cfg) if auth == "config" else auth,
         certs=certs, checks=host_checks(cfg) if checks == "config" else checks,
-        metrics=metrics, known=known, throttle=throttle(cfg, share, known), share=share,
-        maillog=maillog,
+        metrics=metrics, known=known, throttle=throttle(cfg, share, known, redis),
+        share=share, maillog=maillog,
         # A trip asks this node's scheduler to hold the user's mail (control socket).
         containment=containment(cfg, sub, maillog, metrics,
-                                lambda user: control.hold_user(queue, user)))
+                                lambda user: control.hold_user(queue, user), redis))
 
 
 # --------------------------------------------------------------------------- delivering

@@ -323,3 +323,34 @@ def test_check_config_pings_redis(tmp_path: Path, rs: RedisServer) -> None:
     rs.stop()
     out = check()
     assert out.returncode == 0 and "warning: limits.shared" in out.stderr
+
+
+async def test_a_process_counts_through_one_redis_client(rs: RedisServer, mlog: Path,
+                                                         tmp_path: Path) -> None:
+    """The receiving side's throttle and containment count through the process's one
+    Redis client: Redis going away is one maillog line per process (SCALING.md), one
+    connection pool, and once the throttle has found it gone, containment does not wait
+    on it again."""
+    from authrelay import wiring
+    from authrelay.config import from_dict
+    from authrelay.maillog import MailLog
+    from authrelay.spool.store import Spool
+
+    cfg = from_dict({"state_dir": str(tmp_path / "state"), "limits": {"shared": rs.url}})
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.ensure_dirs()
+    server = wiring.server(cfg, spool, None, auth=None, checks=None,
+                           maillog=MailLog(f"file:{tmp_path}/server.log"))
+    assert server.containment is not None
+    try:
+        await server.throttle.auth_failed("192.0.2.50", "alice")
+        await server.containment.message_accepted("alice", "Q1", ["bob@example.org"],
+                                                  "192.0.2.50")
+        rs.stop()
+        await server.throttle.auth_failed("192.0.2.50", "alice")
+        await server.containment.message_accepted("alice", "Q2", ["carol@example.org"],
+                                                  "192.0.2.50")
+    finally:
+        await server.containment.close()  # closes the Redis client (the throttle's too)
+    maillog.get().flush()
+    assert mlog.read_text().count("shared counters unreachable") == 1

@@ -512,6 +512,8 @@ class RedisThrottle(Throttle):
         await self.counters.windows(items)
 
 
-def make_redis_throttle(cfg: Config, local: Throttle) -> RedisThrottle:
+def make_redis_throttle(cfg: Config, local: Throttle,
+                        counters: SharedCounters | None = None) -> RedisThrottle:
+    """`counters`: the process's Redis client (shared with containment), else a new one."""
     driver()  # fail at start-up, not at the first count, when redis-py is missing
-    return RedisThrottle(cfg, SharedCounters(cfg.limits.shared), local)
+    return RedisThrottle(cfg, counters or SharedCounters(cfg.limits.shared), local)

@@ -41,6 +41,7 @@ from authrelay.maillog import MailLog
 from authrelay.metrics import Metrics
 from authrelay.policy import containment
 from authrelay.policy.containment import Trip
+from authrelay.policy.shared import SharedCounters
 from authrelay.policy.suspensions import State, make_state
 from authrelay.policy.throttle import source_net
 from authrelay.spool.envelope import Envelope, Recipient
@@ -219,9 +220,12 @@ class Suspender:
 
 def make_suspender(cfg: Config, *, submitter: Submitter, maillog: MailLog,
                    metrics: Metrics | None = None,
-                   hold_user: HoldUser | None = None) -> Suspender | None:
-    """The process's Suspender, or None when `[limits.containment] enabled = false`."""
+                   hold_user: HoldUser | None = None,
+                   redis: SharedCounters | None = None) -> Suspender | None:
+    """The process's Suspender, or None when `[limits.containment] enabled = false`.
+    `redis`: the process's Redis client for `[limits] shared` (one per process, so one
+    "unreachable" line), else one of its own."""
     if not cfg.limits.containment.enabled:
         return None
-    return Suspender(cfg, make_state(cfg), submitter=submitter, maillog=maillog,
+    return Suspender(cfg, make_state(cfg, redis), submitter=submitter, maillog=maillog,
                      metrics=metrics, hold_user=hold_user)

@@ -254,14 +254,17 @@ class State:
             await self.redis.close()
 
 
-def make_state(cfg: Config) -> State:
+def make_state(cfg: Config, redis: SharedCounters | None = None) -> State:
     """The stores for `cfg` (module docstring): always this node's SQLite file;
     PostgreSQL for suspensions with `[auth] backend = "postgresql"`; Redis for the
-    counters with `[limits] shared`."""
-    pg = redis = None
+    counters with `[limits] shared` (`redis`: the process's client, shared with its
+    throttle; else one of its own)."""
+    pg = None
     if cfg.auth.backend == "postgresql":
         pg = PgUserStore(cfg.auth.dsn, pool_size=2, timeout=cfg.auth.backend_timeout)
-    if cfg.limits.shared:
+    if not cfg.limits.shared:
+        redis = None
+    elif redis is None:
         redis = SharedCounters(cfg.limits.shared)
     return State(LocalStore(cfg.state_path / "containment.db"), pg=pg, redis=redis,
                  window=cfg.limits.containment.window)
