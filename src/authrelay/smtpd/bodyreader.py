@@ -135,8 +135,11 @@ class BodyReader:
         # The end of data is the first CRLF "." CRLF (every CRLF before it ends a line: a
         # bare CR or LF refuses the message), and every other CRLF "." before it is a
         # stuffed dot: both found by C-speed scans, never a Python step per line (a chunk
-        # of dot-stuffed short lines was thousands of steps).
-        e = data.find(_END)
+        # of dot-stuffed short lines was thousands of steps). The first CRLF "." is looked
+        # for first: most chunks have none (one scan, nothing to un-stuff), and in most
+        # last chunks it is the end marker itself.
+        first = data.find(_MARK)
+        e = -1 if first < 0 else data.find(_END, first)
         if e >= 0:
             end = e + 5
             if self._bare(data[:end]):
@@ -144,7 +147,7 @@ class BodyReader:
                 return out
             if 0 <= nul_at < end:
                 self._nul()
-            self._emit(out, data[:e + 2].replace(_MARK, b"\r\n"))
+            self._emit(out, _unstuffed(data, first, e + 2))
             self._joined(out)
             self.done = out.done = True
             out.leftover = data[end:]
@@ -154,7 +157,7 @@ class BodyReader:
         # No end marker: keep back what the next chunk decides. A CRLF "." within the last
         # 4 bytes cannot be told from the marker's start yet; else a possible marker
         # prefix ("\r" or "\r\n").
-        keep = data.find(_MARK, max(0, len(data) - 4))
+        keep = -1 if first < 0 else data.find(_MARK, max(first, len(data) - 4))
         if keep < 0:
             if data.endswith(b"\r\n"):
                 keep = len(data) - 2
@@ -162,21 +165,31 @@ class BodyReader:
                 keep = len(data) - 1
             else:
                 keep = len(data)
-        return self._finish_round(out, data, keep, nul_at)
+        return self._finish_round(out, data, keep, first, nul_at)
 
     def _nul(self) -> None:
         if self.error in (OK, LONG_LINE):
             self.error = NUL
 
-    def _finish_round(self, out: Feed, data: bytes, keep: int, nul_at: int = -1) -> Feed:
+    def _finish_round(self, out: Feed, data: bytes, keep: int, first: int,
+                      nul_at: int = -1) -> Feed:
         region = data[:-1] if data.endswith(b"\r") else data
         if self._bare(region):
             self.error = out.error = BARE
             return out
         if nul_at >= 0:
             self._nul()  # no end marker in this chunk: the NUL is message data
-        self._emit(out, data[:keep].replace(_MARK, b"\r\n"))
+        self._emit(out, _unstuffed(data, first, keep))
         self._joined(out)
         self._hold = data[keep:]
         out.error = self.error
         return out
+
+
+def _unstuffed(data: bytes, first: int, stop: int) -> bytes:
+    """data[:stop] with the stuffed dot after each CRLF removed; `first`: the first CRLF "."
+    in `data` (-1: none), so the bytes before it are neither searched nor copied twice (a
+    CRLF "." at stop - 2 or later is the end marker's or held back: nothing to remove)."""
+    if first < 0 or first + 2 >= stop:
+        return data[:stop]
+    return data[:first] + data[first:stop].replace(_MARK, b"\r\n")
