@@ -23,6 +23,7 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -909,15 +910,36 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     return cfg
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a config file larger than this is refused whole
+
+
+def read_config_bytes(path: str | os.PathLike[str], limit: int = MAX_CONFIG_BYTES) -> bytes:
+    """A config file's bytes: a regular file of at most `limit` bytes (a cut file may
+    still parse, so a larger one is refused whole). Opened without blocking, so a FIFO or
+    a device named as the config is refused at once instead of holding the reading
+    thread (every later SIGHUP, and the shutdown, waited behind it). OSError on failure
+    (without a strerror for those two refusals: its text says which)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError("not a regular file")
+        os.set_blocking(fd, True)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"larger than {limit} bytes")
+    return data
+
+
 def load_file(path: str | os.PathLike[str], raw: bytes | None = None) -> Config:
     """The config file at `path`; `raw`: its bytes already read (a reload through the
     root key helper, daemon.py), relative paths still taken from `path`'s directory."""
     p = Path(path)
     if raw is None:
         try:
-            raw = p.read_bytes()
+            raw = read_config_bytes(p)
         except OSError as e:
-            raise ConfigError(f"cannot read: {e.strerror}", p) from None
+            raise ConfigError(f"cannot read: {e.strerror or e}", p) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

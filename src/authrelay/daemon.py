@@ -57,6 +57,7 @@ from authrelay.config import (
     find_config_path,
     load,
     load_file,
+    read_config_bytes,
 )
 from authrelay.delivery.client import Courier
 from authrelay.localsubmit import LocalSubmission
@@ -307,8 +308,7 @@ def _read_config(run: _Run) -> bytes | None:
     if path is None:
         return None
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return read_config_bytes(path)
     except PermissionError:
         if run.read_config is None:
             raise ConfigError("cannot read: Permission denied", path) from None
@@ -317,7 +317,7 @@ def _read_config(run: _Run) -> bytes | None:
         except OSError as e:  # the helper's reason names the file
             raise ConfigError(str(e)) from None
     except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", path) from None
+        raise ConfigError(f"cannot read: {e.strerror or e}", path) from None
 
 
 def _reload_config(run: _Run, raw: bytes | None) -> Config:

@@ -462,7 +462,7 @@ def _helper_main(sock: socket.socket, config_path: str | None, log_file: str | N
     # (the helper ends when the master's end of the socket closes).
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
-    from authrelay.config import ConfigError, find_config_path, load
+    from authrelay.config import ConfigError, find_config_path, load, read_config_bytes
     from authrelay.tls import TLSConfigError, read_pem
 
     sock.setblocking(True)
@@ -490,10 +490,10 @@ def _helper_main(sock: socket.socket, config_path: str | None, log_file: str | N
             if kind == b"C":  # the file the master runs on (it had it at start)
                 if path is None:
                     raise OSError("no config file")
-                with open(path, "rb") as f:
-                    data = f.read(_MAX_CONFIG + 1)
-                if len(data) > _MAX_CONFIG:  # refused whole: a cut file may still parse
-                    raise OSError(f"{path}: larger than {_MAX_CONFIG} bytes")
+                try:
+                    data = read_config_bytes(path, _MAX_CONFIG)  # a regular file only
+                except OSError as e:
+                    raise OSError(f"{path}: {e.strerror or e}") from None
                 send(sock, b"C", data)
             elif kind == b"K":
                 send(sock, b"K", pack_pem(read_pem(cfg)))

@@ -129,3 +129,25 @@ def test_a_large_config_reaches_every_worker(relay_factory) -> None:  # noqa: AN
     for _ in range(6):  # connections land on either worker
         with RawClient(r.ports["submission"]) as c:
             assert "renamed.test" in c.reply().text
+
+
+def test_a_fifo_named_as_the_config_is_refused_at_once(relay_factory) -> None:  # noqa: ANN001
+    """The master read the config on SIGHUP with a blocking open() and no bound: a FIFO
+    (or a device) in the file's place held the reading thread until something wrote to
+    it, so every later reload waited behind it and nothing more was applied. Now a file
+    that is not a regular file is refused at once, the running config kept, and the next
+    SIGHUP with a real file again applies."""
+    r = relay_factory(workers=1)
+    r.wait_for(lambda: "daemon=started" in r.maillog(), what="started")
+    data = dict(r.config_data)
+    r.config.unlink()
+    os.mkfifo(r.config)
+    assert r.proc is not None
+    os.kill(r.proc.pid, signal.SIGHUP)
+    line = r.wait_log(r"daemon=reload failed, keeping the running config")
+    assert "not a regular file" in line, line
+    r.config.unlink()
+    data["hostname"] = "renamed.test"
+    _reload(r, data, 1)
+    with RawClient(r.ports["submission"]) as c:
+        assert "renamed.test" in c.reply().text
