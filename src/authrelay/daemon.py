@@ -527,13 +527,20 @@ def _send_reload(run: _Run, ml: maillog_mod.MailLog, message: bytes) -> None:
         ml.warning(f"workers missed the reload: {_one_line(e)}")
         return
     try:
-        for w in list(run.workers.values()):
-            try:
-                process.send_fd(w.channel.master, b"R", fd)
-            except OSError as e:
-                ml.warning(f"worker {w.pid} missed the reload: {_one_line(e)}")
+        _send_fd_to_workers(run, ml, b"R", fd, "missed the reload")
     finally:
         os.close(fd)
+
+
+def _send_fd_to_workers(run: _Run, ml: maillog_mod.MailLog, kind: bytes, fd: int,
+                        failed: str) -> None:
+    """`fd` to every worker as a `kind` message; a worker it cannot reach is one warning
+    line (`worker PID <failed>: reason`), the others still get it."""
+    for w in list(run.workers.values()):
+        try:
+            process.send_fd(w.channel.master, kind, fd)
+        except OSError as e:
+            ml.warning(f"worker {w.pid} {failed}: {_one_line(e)}")
 
 
 async def _reopen_all_maillogs(run: _Run, ml: maillog_mod.MailLog) -> None:
@@ -553,11 +560,7 @@ async def _reopen_all_maillogs(run: _Run, ml: maillog_mod.MailLog) -> None:
                  pid=os.getpid())
         return
     try:
-        for w in list(run.workers.values()):
-            try:
-                process.send_fd(w.channel.master, b"L", fd)
-            except OSError as e:
-                ml.warning(f"worker {w.pid} keeps its old log file: {_one_line(e)}")
+        _send_fd_to_workers(run, ml, b"L", fd, "keeps its old log file")
         ml.reopen(fd=os.dup(fd))
     except Exception as e:
         ml.error(f"cannot reopen the maillog: {_one_line(e)}", pid=os.getpid())

@@ -399,6 +399,19 @@ def replace_settings(table: dict[str, Any], **kw: Any) -> Any:
 
 # --------------------------------------------------------------------------- expiry
 
+def _courier_on_a_clock(tmp_path: Path, dns: FakeDNSServer, sh: Any, ep: Any, ca: Path,
+                        mlog: Any) -> tuple[Any, oauth.TokenSource, list[float]]:
+    """A courier for smart host `sh` (no idle connections kept) whose token source reads
+    the time from the returned one-element list (set now[0] to move it)."""
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, ca,
+                                        delivery={"idle_timeout": "0s"}), maillog=mlog)
+    source = courier.tokens_for(sh.address)
+    assert isinstance(source, oauth.TokenSource)
+    now = [1000.0]
+    source.clock = lambda: now[0]
+    return courier, source, now
+
+
 async def test_token_refreshed_before_expiry_mid_queue(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
         trustme_ca_file: Path, mlog: Any) -> None:
@@ -406,12 +419,7 @@ async def test_token_refreshed_before_expiry_mid_queue(
     host would refuse it: no delivery ever meets an expired token."""
     ep = endpoint(secret="s3cret-value", expires_in=3600)
     sh = smart_host(ep)
-    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
-                                 delivery={"idle_timeout": "0s"}), maillog=mlog)
-    source = courier.tokens_for(sh.address)
-    assert isinstance(source, oauth.TokenSource)
-    now = [1000.0]
-    source.clock = lambda: now[0]
+    courier, source, now = _courier_on_a_clock(tmp_path, dns, sh, ep, trustme_ca_file, mlog)
     try:
         assert (await deliver(courier)).ok
         now[0] += 0.79 * 3600
@@ -502,12 +510,7 @@ async def test_a_smart_host_refusing_every_token_costs_no_request_per_message(
     After fail_hold a refusal replaces it again, once."""
     ep = endpoint(secret="s3cret-value")
     sh = smart_host(ep)
-    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
-                                        delivery={"idle_timeout": "0s"}), maillog=mlog)
-    source = courier.tokens_for(sh.address)
-    assert isinstance(source, oauth.TokenSource)
-    now = [1000.0]
-    source.clock = lambda: now[0]
+    courier, source, now = _courier_on_a_clock(tmp_path, dns, sh, ep, trustme_ca_file, mlog)
     ep.valid = lambda token, user: False  # type: ignore[method-assign]
     try:
         rs = [await deliver(courier, f"c{i}@far.test") for i in range(5)]
