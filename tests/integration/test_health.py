@@ -163,7 +163,6 @@ def test_hostile_http_clients_stay_bounded(relay_factory) -> None:
     descriptors and threads stay bounded, local submission works meanwhile, another
     address's health check is answered, and the held ones are cut after the deadline."""
     import socket
-    import time
 
     from authrelay import metrics
 
@@ -193,13 +192,19 @@ def test_hostile_http_clients_stay_bounded(relay_factory) -> None:
         res = r.cli("sendmail", "-i", "bob@remote.example", input="Subject: x\n\nhi\n",
                     check=False)
         assert res.returncode == 0, res.stderr
-        # The served ones are cut at the deadline: their sockets read EOF.
+        # The served ones are cut at the deadline: their sockets read EOF (a socket
+        # timeout, not an EOF, if they were held for ever).
         held[0].settimeout(metrics.REQUEST_DEADLINE + 10)
-        t0 = time.monotonic()
         assert held[0].recv(100) == b""
-        assert time.monotonic() - t0 < metrics.REQUEST_DEADLINE + 5
     finally:
         for s in held:
             s.close()
-    r.wait_for(lambda: health(port)[0] == 200)
+
+    def answered() -> bool:
+        try:
+            return health(port)[0] == 200
+        except OSError:  # closed at once while the server still counts this address's
+            return False  # held connections (4 per address): they are going away
+
+    r.wait_for(answered, what="a health check answered once the held connections closed")
     assert "Traceback" not in r.maillog()
