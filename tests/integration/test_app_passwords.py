@@ -204,6 +204,41 @@ def test_postgresql_migrate_then_read_only_server(tmp_path: Path, pg: PostgresSe
 
 
 @pytest.mark.external
+def test_migrate_replace_never_revives_a_revoked_app_password(tmp_path: Path,
+                                                              pg: PostgresServer) -> None:
+    # Migrated once; the phone is lost and revoked in the database, the tablet revoked and
+    # added anew. A second `migrate --replace` from the same old users.db (still holding
+    # both) must bring neither old credential back: the old code re-inserted them.
+    local = UserDB(tmp_path / "old" / "users.db")
+    local.add("alice", PASSWORD)
+    phone = local.add_app_password("alice", "phone")
+    old_tablet = local.add_app_password("alice", "tablet")
+    local.close()
+    admin = RelayProcess(tmp_path, {"auth": {"backend": "postgresql", "dsn": pg.dsn}},
+                         users={})
+    old = str(tmp_path / "old" / "users.db")
+    assert "2 app password(s)" in admin.cli("user", "migrate", "--from", old).stdout
+    admin.cli("user", "app-password", "revoke", "alice", "--name", "phone")
+    admin.cli("user", "app-password", "revoke", "alice", "--name", "tablet")
+    new_tablet = add_app(admin, "alice", "tablet")
+    out = admin.cli("user", "migrate", "--from", old, "--replace")
+    assert out.returncode == 0 and "1 user(s) copied" in out.stdout
+    assert "alice: app password phone not copied" in out.stderr
+    assert "alice: app password tablet not copied" in out.stderr
+    listed = json.loads(admin.cli("user", "app-password", "list", "alice", "--json").stdout)
+    assert [a["name"] for a in listed] == ["tablet"]
+    r = admin.start()
+    try:
+        port = r.ports["submissions"]
+        assert auth(port, "alice", phone).startswith("535 5.7.8")
+        assert auth(port, "alice", old_tablet).startswith("535 5.7.8")
+        assert auth(port, "alice", new_tablet).startswith("235")
+        assert auth(port, "alice", PASSWORD).startswith("235")  # --replace: the hash
+    finally:
+        r.stop()
+
+
+@pytest.mark.external
 async def test_postgresql_authenticator_cost_and_last_used(pg: PostgresServer,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:

@@ -296,7 +296,12 @@ def _suspended(args: argparse.Namespace) -> None:
 
 def _migrate(args: argparse.Namespace) -> None:
     """Copy every user of a local users.db (hash and addresses) into the PostgreSQL
-    database. Users already there are kept as they are unless --replace."""
+    database. Users already there are kept as they are unless --replace.
+
+    App passwords are copied only onto a user this run creates. A user already in the
+    database keeps exactly its app passwords, --replace or not: the database cannot tell
+    one revoked there since (its row is gone) from one never copied, and a migration must
+    never revive a revoked credential. Each app password left out is named on stderr."""
     cfg = load(args.config, embedded=False)
     if cfg.auth.backend != "postgresql":
         raise _CliError('migrate copies into PostgreSQL: set [auth] backend = "postgresql" '
@@ -312,6 +317,7 @@ def _migrate(args: argparse.Namespace) -> None:
             h = local.get_hash(u.name)
             if h is None:  # deleted meanwhile
                 continue
+            existed = dest.get_hash(u.name) is not None
             if dest.insert_hashed(u.name, h, u.addresses, replace=args.replace):
                 copied += 1
             else:
@@ -319,8 +325,17 @@ def _migrate(args: argparse.Namespace) -> None:
                 print(f"{u.name}: exists in the database, kept (--replace to overwrite)",
                       file=sys.stderr)
                 continue
+            if existed:  # never revive a revoked app password (docstring)
+                there = {(a.name, a.hash) for a in dest.app_passwords(u.name)}
+                for a in local.app_passwords(u.name):
+                    if (a.name, a.hash) not in there:
+                        print(f"{u.name}: app password {a.name} not copied: the user was "
+                              "already in the database, whose app passwords are kept as "
+                              "they are (a revoked one is never revived; add it anew with "
+                              "`authrelay user app-password add`)", file=sys.stderr)
+                continue
             for a in local.app_passwords(u.name):  # hashes verbatim: devices keep working
-                apps += dest.insert_app_hashed(u.name, a, replace=args.replace)
+                apps += dest.insert_app_hashed(u.name, a)
     finally:
         local.close()
         dest.close()
@@ -381,7 +396,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--from", dest="source", metavar="PATH",
                    help="the SQLite user DB to copy (default: <state_dir>/users.db)")
     p.add_argument("--replace", action="store_true",
-                   help="overwrite users that exist in the database (hash and addresses)")
+                   help="overwrite users that exist in the database (hash and addresses; "
+                        "their app passwords stay as they are: a revoked one never returns)")
     p.set_defaults(func=_run(_migrate))
 
     p = sub.add_parser("app-password", help="per-device passwords: add (prints it once), "
