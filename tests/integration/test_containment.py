@@ -286,6 +286,48 @@ def test_policy_refusals_at_rcpt_do_not_count(tmp_path: Path, fake_mx: MXFactory
                                  "gone@example.net"}
 
 
+# Postfix's other sender restrictions, reported at RCPT under smtpd_delay_reject with a
+# 5.1.x code that is not 5.1.7/5.1.8: reject_unlisted_sender (5.1.0) and
+# reject_unverified_sender (the probe's 5.1.1); Exim's sender verification at RCPT.
+SENDER_REPLIES = [
+    "550 5.1.0 <alice@example.org>: Sender address rejected: User unknown in virtual "
+    "mailbox table",
+    "550 5.1.1 <alice@example.org>: Sender address rejected: undeliverable address: "
+    "host mx.example.org said: 550 5.1.1 no such user",
+    "550 Sender verify failed",
+    "553 5.1.0 <alice@example.org>: unknown in this domain",
+]
+
+
+def test_next_hop_refusing_the_sender_at_rcpt_does_not_count(
+        tmp_path: Path, fake_mx: MXFactory) -> None:
+    """A next hop that refuses the SENDER at RCPT (Postfix's "550 5.1.0 <alice@...>:
+    Sender address rejected" from reject_unlisted_sender, or 5.1.1 from
+    reject_unverified_sender) refuses every recipient alike: that is not the user spraying
+    bad recipients, so none counts (these used to, and suspended the user after
+    `refused` of them). A 550 5.1.1 about the recipient still counts."""
+    names = [f"s{i}@example.net" for i in range(len(SENDER_REPLIES))]
+    replies = dict(zip(names, SENDER_REPLIES, strict=True))
+    replies["dead@example.net"] = "550 5.1.1 <dead@example.net>: Recipient address " \
+        "rejected: User unknown"
+    mx = fake_mx("127.0.0.2", rcpt_replies=replies)
+    r = RelayProcess(tmp_path, {
+        "relay": {"smart_host": [f"127.0.0.2:{mx.port}"]},
+        "limits": {"containment": {"notify": ADMIN, "refused": 2}}}).start()
+    try:
+        port = r.ports["submissions"]
+        for a in names:
+            assert send(port, [a])[-1] == 250
+        r.wait_for(lambda: r.maillog().count("stat=Bounced") == len(names))
+        assert "5.1.0 <alice@example.org>: Sender address rejected" in r.maillog()
+        assert send(port, ["dead@example.net"])[-1] == 250
+        r.wait_for(lambda: r.maillog().count("stat=Bounced") == len(names) + 1)
+        assert mail_reply(port).startswith("250")  # not suspended
+    finally:
+        r.stop()
+    assert not suspended_lines(r) and refused_events(r) == {"dead@example.net"}
+
+
 @pytest.mark.parametrize("stage", ["greeting", "mail"])
 def test_refusal_before_rcpt_does_not_count(tmp_path: Path, fake_mx: MXFactory,
                                             stage: str) -> None:
