@@ -855,7 +855,7 @@ def _import_sasldb(args: argparse.Namespace) -> int:
     """Add each sasldb user; one line per user (added, replaced, skipped: why, failed:
     why), then the totals. Never a traceback: a user that cannot be imported is reported
     and the next one is tried."""
-    from authrelay.auth.userdb import UserDB, UserDBError, UserExists, check_name
+    from authrelay.auth.userdb import UserDB, UserDBError, UserExists, check_new_name
 
     try:
         cfg = load(args.config, embedded=False)
@@ -899,7 +899,7 @@ def _import_sasldb(args: argparse.Namespace) -> int:
                 skipped += 1
                 continue
             try:
-                check_name(name)
+                check_new_name(name)
             except UserDBError as e:
                 print(f"skipped {name}: {e}")
                 skipped += 1

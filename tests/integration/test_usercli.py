@@ -93,6 +93,20 @@ def test_errors_exit_1_with_a_message(conf: Path) -> None:
     assert [u.name for u in db_of(conf).list()] == ["alice"]
 
 
+def test_nfc_and_nfd_spellings_are_never_two_users(conf: Path) -> None:
+    # "café" precomposed (NFC) and decomposed (NFD: e + U+0301) print the same; the old
+    # code stored both as two users, each with its own password.
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    assert run(conf, "add", nfc, "--password-stdin", stdin="pw1\n").returncode == 0
+    r = run(conf, "add", nfd, "--password-stdin", stdin="pw2\n")
+    assert r.returncode == 1 and "not in Unicode NFC form" in r.stderr, r.stderr
+    assert repr(nfc) in r.stderr and "Traceback" not in r.stderr
+    assert run(conf, "add", "n\u0303o", "--password-stdin", stdin="pw\n").returncode == 1
+    assert [u.name for u in db_of(conf).list()] == [nfc]
+    h = db_of(conf).get_hash(nfc)
+    assert h is not None and passwords.verify_password(h, "pw1")
+
+
 def test_database_down_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     """PostgreSQL unreachable: `user suspended` printed a Python traceback (the other
     commands one line); now every one says so in one line and exits 1."""

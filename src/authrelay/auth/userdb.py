@@ -106,6 +106,19 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_new_name(name: str) -> str:
+    """A name a new user may get: check_name, and in Unicode NFC. The stores compare names
+    as code points, so `café` typed precomposed (NFC) and decomposed (NFD: e + U+0301)
+    would be two users that print the same; a name not in NFC is refused, naming the NFC
+    form, so one spelling is ever stored (AUTH with the other finds no user)."""
+    check_name(name)
+    nfc = unicodedata.normalize("NFC", name)
+    if nfc != name:
+        raise UserDBError(f"user name {name!r} is not in Unicode NFC form (composed "
+                          f"characters): use {nfc!r}")
+    return name
+
+
 def normalize_address(address: str) -> str:
     """'Alice@Example.ORG' -> 'alice@example.org'; raises UserDBError if not local@domain."""
     a = address.strip().lower() if isinstance(address, str) else ""
@@ -129,14 +142,14 @@ class UserStore:
     """The interface shared by UserDB and MemoryUserDB (hashing and validation here)."""
 
     def add(self, name: str, password: str | bytes, addresses: Iterable[str] = ()) -> None:
-        check_name(name)
+        check_new_name(name)
         if not password:
             raise UserDBError("password must not be empty")
         addrs = [normalize_address(a) for a in addresses]
         self._insert(name, hash_password(password), addrs)
 
     def add_hashed(self, name: str, argon2_hash: str, addresses: Iterable[str] = ()) -> None:
-        check_name(name)
+        check_new_name(name)
         if not is_argon2_hash(argon2_hash):
             raise UserDBError("not an argon2 hash")
         self._insert(name, argon2_hash, [normalize_address(a) for a in addresses])
