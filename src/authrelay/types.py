@@ -36,6 +36,12 @@ class Reply:
         return self.code >= 500
 
 
+# Characters of a DeliveryResult's text kept (Postfix keeps 2048 octets of a reply): more
+# than any real server's reply, far less than the 1 MB delivery/wire.py reads of one.
+MAX_TEXT = 16384
+TRUNCATED = " [...] (reply truncated)"
+
+
 @dataclass(frozen=True, slots=True)
 class DeliveryResult:
     """The outcome of one delivery attempt for one recipient."""
@@ -56,6 +62,13 @@ class DeliveryResult:
     # mailbox, address or domain, mailbox disabled: policy/containment.refuses_recipient):
     # what containment counts as `refused`; the DSN's reason is the reply as it came.
     recipient_refused: bool = False
+
+    def __post_init__(self) -> None:
+        # A next hop's reply text is kept to MAX_TEXT characters (a hostile one may send
+        # 1 MB per reply, one per recipient: kept whole, 1000 recipients held gigabytes
+        # in memory, in the spool state, in maillog lines and in the bounce).
+        if len(self.text) > MAX_TEXT:
+            object.__setattr__(self, "text", self.text[:MAX_TEXT] + TRUNCATED)
 
     @property
     def ok(self) -> bool:

@@ -116,3 +116,31 @@ def test_one_bounce_for_failures_in_two_domains(
         ("rfc822; ann@a.test", "5.1.1"), ("rfc822; ben@b.test", "5.7.1")]
     lines = log_lines(relay, qid)
     assert sum("sender_non-delivery_notification=" in ln for ln in lines) == 1
+
+
+def test_a_hostile_next_hops_huge_replies_are_kept_bounded(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """A next hop answering each RCPT with a 1 MB reply (256 lines of 4000, what
+    delivery/wire.py reads): the reply used to be kept whole per recipient, in memory, in
+    the spool state, in each maillog line and twice in the bounce (1000 recipients:
+    gigabytes). Now at most types.MAX_TEXT (16384) characters are kept, marked as truncated; the
+    bounce still gives the reply's code and start, one DSN for all."""
+    bound = 16384  # authrelay.types.MAX_TEXT
+    huge = "".join(f"550-5.1.1 line{i} " + "x" * 4000 + "\r\n" for i in range(255)) + \
+        "550 5.1.1 the end"
+    names = [f"r{i}@example.test" for i in range(5)]
+    fake_mx("127.0.0.2", rcpt_replies=dict.fromkeys(names, huge))
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = _submit(relay, [(a, []) for a in names], [])
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
+    lines = [ln for ln in log_lines(relay, qid) if "stat=Bounced" in ln]
+    assert len(lines) == len(names)
+    assert all(len(ln) < bound + 1000 and "(reply truncated)" in ln for ln in lines)
+    [bounce] = sender_mx.messages
+    assert len(bounce.content) < 2 * len(names) * (bound + 2000) + 10_000
+    _, groups = parse_dsn(bounce.content)
+    assert [g["Status"] for g in groups] == ["5.1.1"] * len(names)
+    assert all("".join(g["Diagnostic-Code"].split()).startswith("smtp;5505.1.1line0xxx")
+               for g in groups)
