@@ -851,10 +851,22 @@ def read_sasldb(path: Path) -> list[SaslEntry]:
     return list(users.values())
 
 
+def _shown(text: str) -> str:
+    """A name from the sasldb as printed: every non-printable character (ESC, CR, LF,
+    U+202E...) written as its code, so a crafted entry cannot drive the admin's terminal
+    or forge an output line."""
+    def code(c: str) -> str:
+        o = ord(c)
+        return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+    return "".join(c if c.isprintable() else code(c) for c in text)
+
+
 def _import_sasldb(args: argparse.Namespace) -> int:
     """Add each sasldb user; one line per user (added, replaced, skipped: why, failed:
     why), then the totals. Never a traceback: a user that cannot be imported is reported
-    and the next one is tried."""
+    and the next one is tried. Two sasldb users that get one name (alice of two default
+    realms: two Cyrus users, maybe two passwords) are never merged: the first is
+    imported, the other skipped with the reason (never `replaced` by the same run)."""
     from authrelay.auth.userdb import UserDB, UserDBError, UserExists, check_new_name
 
     try:
@@ -875,10 +887,11 @@ def _import_sasldb(args: argparse.Namespace) -> int:
         return 1
     added = skipped = failed = 0
     bare_realms: set[str] = set()
+    seen: dict[str, str] = {}  # name -> the sasldb entry (user@realm) stored under it
     try:
         for entry in entries:
-            shown = (entry.user + (b"@" + entry.realm if entry.realm else b"")
-                     ).decode("utf-8", "backslashreplace")
+            shown = _shown((entry.user + (b"@" + entry.realm if entry.realm else b"")
+                            ).decode("utf-8", "backslashreplace"))
             try:
                 user, realm = entry.user.decode("utf-8"), entry.realm.decode("utf-8")
             except UnicodeDecodeError:
@@ -886,39 +899,48 @@ def _import_sasldb(args: argparse.Namespace) -> int:
                 skipped += 1
                 continue
             name = user if (realm in default_realms or not realm) else f"{user}@{realm}"
+            if name in seen:
+                print(f"skipped {shown}: it would be user {_shown(name)}, already taken by "
+                      f"{seen[name]} in this sasldb (two Cyrus users; add this one by hand "
+                      "under another name)")
+                skipped += 1
+                continue
             if realm and name == user:
                 bare_realms.add(realm)
+            name_shown = _shown(name)
             password = entry.props.get("userPassword")
             if password is None:
-                others = ", ".join(sorted(entry.props)) or "nothing"
-                print(f"skipped {name}: no userPassword (has {others})")
+                others = _shown(", ".join(sorted(entry.props))) or "nothing"
+                print(f"skipped {name_shown}: no userPassword (has {others})")
                 skipped += 1
                 continue
             if not password:
-                print(f"skipped {name}: empty password")
+                print(f"skipped {name_shown}: empty password")
                 skipped += 1
                 continue
             try:
                 check_new_name(name)
             except UserDBError as e:
-                print(f"skipped {name}: {e}")
+                print(f"skipped {name_shown}: {e}")
                 skipped += 1
                 continue
             try:
                 try:
                     db.add(name, password)  # hashed as the raw bytes (passwords.raw)
-                    print(f"added {name}")
+                    seen[name] = shown
+                    print(f"added {name_shown}")
                     added += 1
                 except UserExists:
                     if not args.replace:
-                        print(f"skipped {name}: already exists (--replace to overwrite)")
+                        print(f"skipped {name_shown}: already exists (--replace to overwrite)")
                         skipped += 1
                         continue
                     db.set_password(name, password)
-                    print(f"replaced {name}")
+                    seen[name] = shown
+                    print(f"replaced {name_shown}")
                     added += 1
             except (UserDBError, sqlite3.Error, OSError, ValueError) as e:
-                print(f"failed {name}: {e}")
+                print(f"failed {name_shown}: {e}")
                 failed += 1
     finally:
         db.close()

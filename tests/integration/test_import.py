@@ -207,6 +207,43 @@ def test_sasldb_existing_user_skipped_or_replaced(relay_factory, tmp_path: Path)
         udb.close()
 
 
+def test_sasldb_one_name_from_two_realms_is_never_merged(tmp_path: Path) -> None:
+    # alice of two default realms: two Cyrus users with two passwords, one authrelay name.
+    # The old code added one and then, with --replace, overwrote it with the other in the
+    # same run ("replaced alice", counted as imported): one of the two lost her password.
+    # Also: a name holding ESC was printed raw to the admin's terminal.
+    db = tmp_path / "sasldb2"
+    _saslpasswd2(db, "alice", "pw-one", realm="one.test")
+    _saslpasswd2(db, "alice", "pw-two", realm="two.test")
+    _saslpasswd2(db, "evil\x1b[31mred", "pw", realm="one.test")
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    r = _cli("import", "sasldb", str(db), "--realm", "one.test", "--realm", "two.test",
+             "--replace", config=cfg)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout.splitlines()
+    assert "\x1b" not in r.stdout and "\r" not in r.stdout
+    assert "skipped evil\\x1b[31mred: user name must not contain spaces or control " \
+           "characters" in out, out
+    assert "added alice" in out and "replaced alice" not in r.stdout
+    taken = [ln for ln in out if ln.startswith("skipped alice@")]
+    assert len(taken) == 1, out
+    first, second = ("one", "two") if taken[0].startswith("skipped alice@two.test") \
+        else ("two", "one")
+    assert taken[0] == (f"skipped alice@{second}.test: it would be user alice, already "
+                        f"taken by alice@{first}.test in this sasldb (two Cyrus users; add "
+                        "this one by hand under another name)")
+    assert out[-1] == "1 imported, 2 skipped, 0 failed"
+    from authrelay.auth.passwords import verify_password
+    from authrelay.auth.userdb import UserDB
+
+    udb = UserDB(tmp_path / "state" / "users.db")
+    try:
+        assert verify_password(udb.get_hash("alice") or "", f"pw-{first}")
+    finally:
+        udb.close()
+
+
 def test_sasldb_not_a_database(tmp_path: Path) -> None:
     bad = tmp_path / "sasldb2"
     bad.write_bytes(b"not a berkeley db\n" * 100)
