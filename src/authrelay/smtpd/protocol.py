@@ -83,6 +83,15 @@ OVERSHOOT = 1024 * 1024
 # (Postfix's smtpd_recipient_overshoot_limit): a legitimate client pipelining a long list
 # is not cut off, a flood of RCPTs ends with max_errors instead of running for ever.
 RCPT_OVERSHOOT = 1000
+# RFC 5321 4.5.3.1.4: "SMTP extensions may be used to increase" the 512-octet command
+# line, and each extension we advertise lengthens MAIL or RCPT by what its parameters may
+# add: MAIL by SIZE (RFC 1870 3: 26), BODY=8BITMIME (RFC 6152: 16), SMTPUTF8 (RFC 6531
+# 3.4: 10), AUTH= (RFC 4954 3: 500), RET=HDRS and an ENVID of 100 characters (RFC 3461
+# 4.3, 4.4: 117); RCPT by NOTIFY=SUCCESS,FAILURE,DELAY and an ORCPT of 500 characters
+# (RFC 3461 4.1, 4.2: 537). A peer relaying a long path with AUTH= or ORCPT= must not get
+# "500 5.5.6 Line too long" for a command the extensions it was offered allow.
+MAIL_LINE_EXTRA = 26 + 16 + 10 + 500 + 117
+RCPT_LINE_EXTRA = 537
 
 
 class _Sentinel:
@@ -336,7 +345,7 @@ class Engine:
     # CPython gives every instance a full dict of its own (~1.5 KB each; 10,000 idle
     # connections, bench (f)). A new attribute must be added here.
     __slots__ = (
-        "_buf", "_eof", "_events", "_long_limit", "_out", "_pending", "_reader", "_sasl",
+        "_buf", "_eof", "_events", "_long_auth", "_out", "_pending", "_reader", "_sasl",
         "_skip_cr", "_skipping", "_waiting", "auth_available", "auth_failures",
         "auth_user", "bad_rcpt_limit", "bad_rcpt_throttle", "bad_rcpts", "commands",
         "discarded", "errors", "esmtp", "helo", "hostname", "junk", "max_auth_failures",
@@ -358,7 +367,7 @@ class Engine:
         self.postmaster_domain = (cfg.relay.local_domains or (cfg.hostname,))[0]
         self.max_line = lim.max_line_length
         self.max_auth_line = lim.max_auth_line_length
-        self._long_limit = 0  # the limit the last over-long line was measured against
+        self._long_auth = False  # the last over-long line was measured as an AUTH line
         self.max_size = lim.max_message_size
         self.max_text_line = lim.max_text_line_length
         self.max_recipients = lim.max_recipients
@@ -679,7 +688,7 @@ class Engine:
                 self._bare()
                 return _AGAIN
             if len(buf) > limit:  # no line end yet: it is too long whatever follows
-                self._long_limit = limit
+                self._long_auth = self._auth_sized()
                 self._skipping = True
                 self._skip_cr = buf.endswith(b"\r")
                 buf.clear()
@@ -688,27 +697,38 @@ class Engine:
             self._bare()
             return _AGAIN
         if i + 1 > limit:
+            self._long_auth = self._auth_sized()
             del buf[:i + 1]
-            self._long_limit = limit
             self._line_too_long()
             return _AGAIN
         line = bytes(buf[:i - 1])
         del buf[:i + 1]
         return line
 
+    def _auth_sized(self) -> bool:
+        """The buffered line is an AUTH command line measured against the longer AUTH
+        limit (its refusal is then a failed AUTH exchange)."""
+        return self.max_auth_line > self.max_line and self._buf[:5].upper() == b"AUTH "
+
     def _line_limit(self, phase: Phase) -> int:
         """A command line may have `max_line_length` octets; an AUTH command line and a
         SASL response line `max_auth_line_length` (RFC 4954 4: 12288 for the initial
-        response), decided by the line's first bytes (only ever consulted once more than
-        `max_line_length` are buffered, so those bytes are there)."""
+        response); a MAIL or RCPT line what its ESMTP parameters add (MAIL_LINE_EXTRA,
+        RCPT_LINE_EXTRA). Decided by the line's first bytes (only ever consulted once
+        more than `max_line_length` are buffered, so those bytes are there)."""
         if phase is Phase.AUTH_LINE:
             return self.max_auth_line
-        if self._buf[:5].upper() == b"AUTH ":
+        verb = self._buf[:5].upper()
+        if verb == b"AUTH ":
             return max(self.max_line, self.max_auth_line)
+        if verb == b"MAIL ":
+            return self.max_line + MAIL_LINE_EXTRA
+        if verb == b"RCPT ":
+            return self.max_line + RCPT_LINE_EXTRA
         return self.max_line
 
     def _line_too_long(self) -> None:
-        if self.phase is Phase.AUTH_LINE or self._long_limit > self.max_line:
+        if self.phase is Phase.AUTH_LINE or self._long_auth:
             # a SASL response line, or an AUTH command line, past 12288: a failed AUTH
             # exchange like any other, so logged as one (the line itself is gone)
             mech = self._sasl.mechanism if self._sasl is not None else ""
