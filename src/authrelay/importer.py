@@ -721,14 +721,27 @@ def _hint(line: str) -> str:
     return ""
 
 
+def _shown(text: str) -> str:
+    """Text from an input file (a sasldb name, a .mc line) as printed or written into a
+    TOML comment: every non-printable character but the tab (ESC, CR, LF, DEL, U+202E...)
+    written as its code, so a crafted entry cannot drive the admin's terminal, forge an
+    output line, or make the converted file invalid TOML (comments allow no controls)."""
+    def code(c: str) -> str:
+        o = ord(c)
+        return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+    return "".join(c if c.isprintable() or c == "\t" else code(c) for c in text)
+
+
 def toml_value(v: Any) -> str:
     """A TOML literal for a config value (also used by the tests to write configs)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
         return str(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):  # a TOML basic string: controls as \uXXXX (TOML 1.0)
+        v = v.replace("\\", "\\\\").replace('"', '\\"')
+        v = re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", lambda m: f"\\u{ord(m[0]):04x}", v)
+        return '"' + v + '"'
     if isinstance(v, list):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):  # an inline table: [limits] containment = {messages = 3}
@@ -737,11 +750,12 @@ def toml_value(v: Any) -> str:
 
 
 def _comment(text: str) -> str:
-    return "\n".join("# " + ln for ln in text.splitlines())
+    return "\n".join("# " + _shown(ln) for ln in text.splitlines())
 
 
 def _render(out: _Out, source: str) -> str:
-    lines = [f"# authrelay.toml converted from {source} by `authrelay import sendmail-mc`.",
+    lines = [f"# authrelay.toml converted from {_shown(source)} by `authrelay import "
+             "sendmail-mc`.",
              "# Review it, then: authrelay check-config FILE", ""]
     lines += [_comment(n) for n in out.notes.get("", [])]
     if "hostname" in out.top:
@@ -774,7 +788,7 @@ def _render(out: _Out, source: str) -> str:
         lines.append("")
         lines.append("# Directives with no authrelay equivalent (review by hand):")
         for u in out.unmapped:
-            lines.append("# not mapped: " + " ".join(u.split()) + _hint(u))
+            lines.append("# not mapped: " + _shown(" ".join(u.split()) + _hint(u)))
     return "\n".join(lines) + "\n"
 
 
@@ -849,16 +863,6 @@ def read_sasldb(path: Path) -> list[SaslEntry]:
         entry = users.setdefault((key[0], key[1]), SaslEntry(key[0], key[1]))
         entry.props[key[2].decode("latin-1")] = value
     return list(users.values())
-
-
-def _shown(text: str) -> str:
-    """A name from the sasldb as printed: every non-printable character (ESC, CR, LF,
-    U+202E...) written as its code, so a crafted entry cannot drive the admin's terminal
-    or forge an output line."""
-    def code(c: str) -> str:
-        o = ord(c)
-        return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
-    return "".join(c if c.isprintable() else code(c) for c in text)
 
 
 def _import_sasldb(args: argparse.Namespace) -> int:

@@ -487,6 +487,26 @@ def test_mc_macros_aliases_free_blocks_and_access_db(tmp_path: Path) -> None:
     assert tomllib.loads(r.stdout)["relay"]["trusted_networks"] == ["203.0.113.7/32"]
 
 
+def test_mc_with_control_characters_converts_to_valid_toml(tmp_path: Path) -> None:
+    # A .mc line holding ESC or DEL (a pasted colour code, a stray byte) went verbatim
+    # into a `# not mapped:` comment; TOML allows no control character in a comment, so
+    # the validation of the output raised a traceback and nothing was converted. A value
+    # (ALIAS_FILE) holding one made an invalid TOML string the same way.
+    mc = tmp_path / "ctl.mc"
+    mc.write_bytes(b"define(`confMAX_MESSAGE_SIZE', `1000000')dnl\n"
+                   b"FEATURE(`weird\x1b[31m')dnl\n"
+                   b"define(`confFOO', `a\x7fb')dnl\n"
+                   b"define(`ALIAS_FILE', `/etc/mail/ali\x1bases')dnl\n")
+    r = _cli("import", "sendmail-mc", str(mc))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "\x1b" not in r.stdout and "\x7f" not in r.stdout
+    cfg = tomllib.loads(r.stdout)
+    assert cfg["limits"]["max_message_size"] == 1000000
+    assert cfg["aliases_file"] == "/etc/mail/ali\x1bases"  # kept exact, escaped in TOML
+    assert "# not mapped: FEATURE(`weird\\x1b[31m')" in r.stdout
+    assert "# not mapped: define(`confFOO', `a\\x7fb')" in r.stdout
+
+
 def test_realm_logins_keep_working_after_sasldb_import(relay_factory, tmp_path: Path
                                                        ) -> None:
     """Cyrus took erin@REALM as erin for its default realm; the import stores erin and
