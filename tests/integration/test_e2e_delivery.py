@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory, bare_line_ends
-from relayproc import PASSWORD, RelayProcess
+from relayproc import PASSWORD, RelayProcess, to_toml
 from support.certs import server_tls_context
 from support.ports import free_port
 
@@ -260,6 +260,36 @@ def test_unroutable_domain_bounces_to_sender(
     relay.wait_for(lambda: gone(relay, qid), what="the original leaves the queue")
     assert any("stat=Bounced" in ln and f"dsn={status}" in ln for ln in log_lines(relay, qid))
     relay.wait_for(lambda: relay.queued() == [], what="the bounce leaves the queue")
+
+
+def test_an_mx_that_is_this_relay_is_a_mail_loop(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """loop.test's MX names this relay's own smtp listener (127.0.0.1, the delivery port
+    being that listener's): the relay used to connect to itself, its own listener refused
+    to relay ("550 5.7.1 Relaying denied") and the sender got that misleading reason. Now
+    the host is not connected to: bounced 554 5.4.6 "mail for loop.test loops back to
+    myself" (Postfix's words), one host-failed line; a host on another loopback address
+    at the same port is not taken for us (connection refused: deferred)."""
+    dns.set_zones({**ZONES, "loop.test": {"MX": [(10, "mx.loop.test")]},
+                   "mx.loop.test": {"A": ["127.0.0.1"]},
+                   "other.test": {"MX": [(10, "mx.other.test")]},
+                   "mx.other.test": {"A": ["127.0.0.3"]}})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port), start=False)
+    relay.config_data["delivery"]["port"] = relay.ports["smtp"]
+    relay.config.write_text(to_toml(relay.config_data))
+    relay.start()
+    qid = submit(relay, ["bob@loop.test", "carol@other.test"])
+    relay.wait_for(lambda: any("to=<bob@loop.test>" in ln for ln in log_lines(relay, qid))
+                   and any("to=<carol@other.test>" in ln for ln in log_lines(relay, qid)),
+                   what="both outcomes")
+    lines = log_lines(relay, qid)
+    [bob] = [ln for ln in lines if "to=<bob@loop.test>" in ln]
+    assert "dsn=5.4.6" in bob and "stat=Bounced" in bob
+    assert "mail for loop.test loops back to myself" in bob
+    [carol] = [ln for ln in lines if "to=<carol@other.test>" in ln][:1]
+    assert "stat=Deferred" in carol and "connection refused" in carol
+    assert "Relaying denied" not in relay.maillog()
 
 
 def test_servfail_deferred_then_delivered(

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from authrelay.config import from_dict
 from authrelay.delivery.client import normalize_crlf, reply_result
-from authrelay.delivery.mx import RouteError, order_mx, parse_literal
+from authrelay.delivery.mx import RouteError, is_own_listener, order_mx, parse_literal
 from authrelay.delivery.router import route_key
 
 MX_CFG = from_dict({})
@@ -106,3 +106,19 @@ def test_dot_stuff() -> None:
     assert dot_stuff(b".a\r\nb\r\n.\r\n..c\r\n") == b"..a\r\nb\r\n..\r\n...c\r\n.\r\n"
     assert dot_stuff(b"") == b".\r\n"
     assert dot_stuff(b"x.y\r\n") == b"x.y\r\n.\r\n"
+
+
+def test_own_listener_is_a_mail_loop() -> None:
+    """delivery/mx.is_own_listener: an MX address that is one of our [[listen]] sockets
+    (exactly, any local address for a wildcard one, loopback for `localhost`), never a
+    host elsewhere or on another port."""
+    own = [("127.0.0.1", 2525), ("0.0.0.0", 25), ("localhost", 587), ("::", 465)]
+    assert is_own_listener(own, "127.0.0.1", 2525)
+    assert not is_own_listener(own, "127.0.0.2", 2525)  # another host's address
+    assert is_own_listener(own, "127.0.0.7", 25)  # wildcard: every local address
+    assert is_own_listener(own, "::ffff:127.0.0.7", 25)
+    assert not is_own_listener(own, "192.0.2.1", 25)  # TEST-NET: not this machine
+    assert is_own_listener(own, "::1", 587) and is_own_listener(own, "127.0.0.3", 587)
+    assert is_own_listener(own, "::1", 465)
+    assert not is_own_listener(own, "127.0.0.1", 26)
+    assert not is_own_listener(own, "not-an-ip", 25)

@@ -21,7 +21,9 @@ Failure policy (codes per RFC 3463):
   such as 250 to DATA or a greeting other than 220, is transient 4.5.0, never "sent").
   5xx from the peer: permanent. 4xx: transient.
 - No connection (refused, unreachable) 4.4.1; timeout or lost connection 4.4.2;
-  garbage instead of a reply 4.5.0; DNS trouble 4.4.3, NXDOMAIN 5.1.2, null MX 5.1.10.
+  garbage instead of a reply 4.5.0; DNS trouble 4.4.3, NXDOMAIN 5.1.2, null MX 5.1.10;
+  an MX host (or address literal) that is one of our own [[listen]] sockets: not
+  connected to, 554 5.4.6 "mail for D loops back to myself" (the next host is tried).
 - Hosts are tried in order (RFC 5321 5.1). A host that fails as a whole (connection,
   greeting, EHLO, TLS, AUTH, a 4xx at MAIL) passes every recipient to the next host; a 4xx
   at RCPT, or a 4xx reply to DATA or to the message, passes just those recipients to the
@@ -398,6 +400,8 @@ class Courier:
         self.resolver = resolver or Resolver(list(d.nameservers), d.dns_timeout,
                                              dnssec=d.dnssec)
         self.maillog = maillog
+        # This relay's own listeners: an MX host among them is a mail loop (mx.py).
+        self._own = [(ln.host, ln.port) for ln in cfg.listen]
         self._idle: dict[tuple[str, int, str], list[_Conn]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Hosts whose STARTTLS handshake failed: (host, ip, port) -> plain text until then.
@@ -758,6 +762,12 @@ class Courier:
             # The token first (a cached valid one at once): a slow or failing token
             # endpoint (up to its 30 s deadline) holds no connection to the smart host.
             await self._oauth_token(t, where)
+        if t.mode == "mx" and mx.is_own_listener(self._own, t.addr, t.port):
+            # RFC 5321 6.3 / RFC 3463 X.4.6: delivering there hands the mail to ourselves
+            # (our own smtp listener would refuse to relay it: a misleading 5.7.1).
+            raise _TryNext(DeliveryResult.perm(
+                f"mail for {t.domain} loops back to myself: {where} is this relay's own "
+                "listener", "5.4.6", 554, where))
         self.connections_opened += 1
         try:
             w = await open_connection(

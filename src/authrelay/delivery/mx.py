@@ -7,6 +7,8 @@ Implements RFC 5321 5.1:
   to `[delivery] mx_address_limit` addresses from as many hosts (Postfix's
   smtp_mx_address_limit: a hostile MX RRset must not hold a delivery slot for hours);
 - an address literal recipient (`[192.0.2.1]`, `[IPv6:2001:db8::1]`, 4.1.3) skips DNS.
+A host that is this relay's own listener (`is_own_listener`: an MX naming us, or
+127.0.0.1) is a mail loop: the courier refuses it, 554 5.4.6, before connecting.
 And RFC 7505: a null MX (a single MX with exchange "." at preference 0) means the domain
 accepts no mail: permanent `556 5.1.10`.
 
@@ -27,7 +29,9 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import socket
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from authrelay.dns import DnsNoData, DnsPermanent, DnsTemporary, Resolver, ascii_name
@@ -76,6 +80,51 @@ def order_mx(records: list[tuple[int, str]], rng: random.Random | None = None) -
         shuffle(hosts)
         out.extend(h for h in hosts if h not in out)
     return out
+
+
+_WILDCARDS = ("", "*", "0.0.0.0", "::")
+
+
+def _is_local(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether `addr` is one of this machine's own addresses (it can be bound to)."""
+    if addr.is_loopback:
+        return True
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((str(addr), 0))
+        except OSError:
+            return False
+    return True
+
+
+def is_own_listener(listeners: Iterable[tuple[str, int]], ip: str, port: int) -> bool:
+    """Whether a next hop at `ip`:`port` is one of this relay's own `[[listen]]` sockets
+    (`listeners`: their (host, port)): the address one names, or any address of this
+    machine for a wildcard one, or a loopback address for `localhost`. Delivering there
+    is a mail loop (an MX record naming us): Postfix's "mail for D loops back to myself"."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    for host, lport in listeners:
+        if lport != port:
+            continue
+        if host in _WILDCARDS:
+            if _is_local(addr):
+                return True
+        elif host.lower() == "localhost":
+            if addr.is_loopback:
+                return True
+        else:
+            try:
+                if ipaddress.ip_address(host) == addr:
+                    return True
+            except ValueError:
+                continue
+    return False
 
 
 def v6_first(addrs: list[str]) -> list[str]:
