@@ -78,7 +78,7 @@ def _parse_domain(text: str) -> str:
             raise _err(501, "5.1.3", "Bad address literal") from None
         return text
     d = text[:-1] if text.endswith(".") else text
-    if not d or len(d) > 253:
+    if not d or len(d.encode()) > 253:  # octets (RFC 5321 4.5.3.1.2), UTF-8 ones too
         raise _err(501, "5.1.3", "Bad domain syntax")
     labels = d.split(".")
     for lab in labels:
@@ -173,7 +173,9 @@ def parse_path_arg(arg: str, *, allow_null: bool) -> PathArg:
         # is left empty; the session decides where the site's postmaster is.
         return PathArg(Address("postmaster", ""), params)
     mailbox = _strip_source_route(inner)
-    if len(mailbox) > 254:
+    # RFC 5321 4.5.3.1.3: a path is at most 256 octets with its "<>" -- octets, so an
+    # SMTPUTF8 address (RFC 6531 3.3: UTF-8) is measured in its UTF-8 octets too.
+    if len(mailbox.encode()) > 254:
         raise _err(501, "5.1.3", "Address too long")
     return PathArg(parse_mailbox(mailbox), params)
 

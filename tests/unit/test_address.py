@@ -72,3 +72,21 @@ def test_bad_parameter_is_echoed_as_printable_ascii(param: str, shown: str) -> N
     with pytest.raises(AddressError) as e:
         parse(f"<a@b.example> {param}")
     assert (e.value.reply.code, e.value.reply.text) == (501, shown)
+
+
+def test_path_and_domain_limits_are_octets() -> None:
+    """RFC 5321 4.5.3.1.2 / 4.5.3.1.3: a domain of 253 octets (without the root dot), a
+    path of 256 with its "<>" -- octets, so UTF-8 (RFC 6531 3.3) counts two for an é."""
+    ok = "u@" + "é" * 31 + "." + "d" * 63 + "." + "d" * 63 + "." + "d" * 61  # 254 octets
+    assert len(ok.encode()) == 254
+    assert parse(f"<{ok}>").address is not None
+    with pytest.raises(AddressError) as e:
+        parse("<u@" + "é" * 32 + "." + "d" * 63 + "." + "d" * 63 + "." + "d" * 61 + ">")
+    assert (e.value.reply.code, e.value.reply.enhanced) == (501, "5.1.3")
+    # 200 characters, 400 octets: too long though it has fewer than 254 characters
+    with pytest.raises(AddressError):
+        parse("<" + "é" * 32 + "@" + ".".join(["é" * 30] * 4) + "x.example>")
+    # a source route's hop domain: 253 octets at most
+    with pytest.raises(AddressError):
+        parse("<@" + ".".join(["é" * 40] * 4) + ":u@final.example>")
+    assert parse("<@" + ".".join(["d" * 60] * 4) + "x:u@final.example>").address is not None
