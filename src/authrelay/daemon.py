@@ -7,8 +7,8 @@ Start, in this order, nothing bound or forked before the lock:
 2. state dirs, the maillog (a file target is created and given to `user` first), the
    self-signed certificate on a first start, the certificate and key read as root;
 3. every listen address checked free without SO_REUSEPORT (another process there: exit 1,
-   one line naming the address), then bound; the key helper forked (root) when
-   privileges are dropped; privileges dropped (`user = "..."`);
+   one line naming the address), then bound, both under the machine's bind lock; the key
+   helper forked (root) when privileges are dropped; privileges dropped (`user = "..."`);
 4. workers == 1: receiving and delivering share one event loop; workers > 1: that many
    receiving workers are forked, each with its own SO_REUSEPORT socket per listener (only
    this instance's sockets are in the group: the free check above), and the master runs
@@ -614,10 +614,16 @@ def _status(status: int) -> str:
 
 
 def _bind_all(cfg: Config, nworkers: int) -> list[list[Listener]]:
-    """Check every address is free (no other process, SO_REUSEPORT or not), then bind."""
-    for ln in cfg.listen:
-        fam = socket.AF_INET6 if ":" in ln.host else socket.AF_INET
-        process.check_address_free(fam, ln.host, ln.port, ln.address)
+    """Check every address is free (no other process, SO_REUSEPORT or not), then bind,
+    all under the machine's bind lock (another instance checks only after we bound)."""
+    with process.bind_lock():
+        for ln in cfg.listen:
+            fam = socket.AF_INET6 if ":" in ln.host else socket.AF_INET
+            process.check_address_free(fam, ln.host, ln.port, ln.address)
+        return _bind_listeners(cfg, nworkers)
+
+
+def _bind_listeners(cfg: Config, nworkers: int) -> list[list[Listener]]:
     made: list[list[Listener]] = []
     try:
         for _ in range(nworkers):

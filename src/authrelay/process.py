@@ -1,12 +1,15 @@
 """Process plumbing for `authrelay serve`: one instance per state dir, children that die
 with their master, and the privileged helper that reads root-only TLS keys.
 
-Owns three mechanisms (docs/PRIVILEGES.md tells the whole split):
+Owns four mechanisms (docs/PRIVILEGES.md tells the whole split):
 
 - The instance lock: `flock` on `state_dir/authrelay.lock`, taken by `serve` before it
   binds or forks anything; the file holds the master's pid so a second `serve` can name
   it. Every process of the instance inherits the locked descriptor, so the lock is free
   only once the last of them is gone. Failure policy: `InstanceBusy` (one line, exit 1).
+- The bind lock: an abstract unix socket name, one per network namespace, held from the
+  listen addresses' free check to the last SO_REUSEPORT bind, so of two instances started
+  at the same instant on different state dirs the second checks after the first bound.
 - Parent death: a forked child (receiving worker, key helper) calls `arm_child()`:
   PR_SET_PDEATHSIG=SIGKILL (the kernel kills it the moment the master dies, however the
   master died, kill -9 included), then checks getppid() (the master may have died between
@@ -42,7 +45,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +109,35 @@ def acquire_instance_lock(state_dir: Path, *, wait_dead: float = 5.0) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+BIND_LOCK = b"\0authrelay/bind-lock"  # abstract: one per network namespace, no file
+
+
+@contextlib.contextmanager
+def bind_lock(wait: float = 30.0) -> Iterator[None]:
+    """Machine-wide (per network namespace) lock held from the free check to the last
+    SO_REUSEPORT bind: two instances started at the same instant on different state dirs
+    otherwise both pass the check, then both bind into one SO_REUSEPORT group. An abstract
+    unix socket: the kernel frees it when its holder dies, so it never goes stale. Held
+    by another instance for longer than `wait` seconds: InstanceBusy."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                s.bind(BIND_LOCK)
+                break
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+            if time.monotonic() > deadline:
+                raise InstanceBusy("another authrelay is binding its listen addresses "
+                                   f"(held for over {wait:g} s)")
+            time.sleep(0.01)
+        yield
+    finally:
+        s.close()
 
 
 def check_address_free(family: int, host: str, port: int, label: str) -> None:

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +44,8 @@ from support.certs import install_cert
 from support.privileges import TEST_USER, unprivileged_user
 from support.sessions import session_in_progress
 from support.wait import wait_until
+
+from authrelay import process
 
 pytestmark = pytest.mark.slow
 
@@ -149,6 +152,51 @@ def test_foreign_reuseport_socket_blocks_start(relay_factory) -> None:
         assert processes_running(r.config) == []
     finally:
         foreign.close()
+
+
+def test_serve_started_while_another_binds_the_same_port_exits_1(relay_factory) -> None:
+    """Two instances on different state dirs started at the same instant must not both pass
+    the free check and then both bind into one SO_REUSEPORT group. This process plays the
+    other instance caught between its check and its binds: it holds the bind lock, lets the
+    serve reach its binding step (past its instance lock), then binds the port with
+    SO_REUSEPORT as an instance does, and releases the lock: the serve must find the
+    address in use and exit 1, not join the group and run beside it."""
+    r = relay_factory(workers=2)
+    _started(r, 3)
+    r.stop()  # its state and certificate made: from its lock to its binds takes a moment
+    lock_file = r.state / "authrelay.lock"
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        with process.bind_lock():
+            proc = subprocess.Popen([sys.executable, "-m", "authrelay", "-c", str(r.config),
+                                     "serve"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            try:
+                wait_until(lambda: lock_file.exists()
+                           and lock_file.read_text().strip() == str(proc.pid),
+                           what="the serve past its instance lock")
+                # Time to reach its binds (ms once state and certificate exist); no
+                # deadline rides on it: the serve, if correct, waits for the lock.
+                time.sleep(2.0)
+                other.bind(("127.0.0.1", r.ports["smtp"]))
+                other.listen(5)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail("the serve bound a port another instance had just taken, and ran")
+        assert proc.returncode == 1
+        assert err.splitlines() == [f"authrelay: cannot listen on 127.0.0.1:{r.ports['smtp']}: "
+                                    "address already in use by another process"]
+        assert processes_running(r.config) == []
+    finally:
+        other.close()
 
 
 @pytest.mark.root
