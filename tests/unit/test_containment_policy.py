@@ -231,3 +231,25 @@ def test_refused_before_judges_the_recorded_reply() -> None:
     assert not containment.refused_before("552 5.3.4 too big")
     assert not containment.refused_before("451 4.1.1 try later")
     assert not containment.refused_before("")
+
+
+def test_a_refusal_about_the_sender_leaves_the_room() -> None:
+    """A next hop's RCPT refusal about the SENDER (Postfix's "Sender address rejected",
+    any 5.1.x; Exim's "Sender verify failed"; a reply naming the sender first) is not
+    counted by the courier, so it must not use up the per-message room either: judged as
+    counted, a message's sender refusals at one destination left no room for its bad
+    recipients at another."""
+    for reply in ("550 5.1.0 <alice@example.org>: Sender address rejected: User unknown",
+                  "550 5.1.1 <alice@example.org>: Sender address rejected: undeliverable",
+                  "550 5.0.0 Sender verify failed"):
+        assert not containment.refused_before(reply), reply
+    sender, rcpt = "alice@example.org", "bob@example.net"
+    for reply in ("550 5.1.0 <alice@example.org>: Sender address rejected: User unknown",
+                  "553 5.1.0 <Alice@Example.org>: unknown in this domain"):
+        assert not containment.refused_before(reply, sender, rcpt), reply
+        assert containment.about_sender(reply.split(None, 2)[2], sender, rcpt)
+    assert containment.refused_before("550 5.1.1 <bob@example.net>: Recipient address "
+                                      "rejected: User unknown", sender, rcpt)
+    # sent to oneself: the named address is the recipient's too
+    assert containment.refused_before("550 5.1.1 <alice@example.org>: no such user",
+                                      sender, sender)

@@ -253,13 +253,6 @@ def _result(rep: SMTPReply, remote: str) -> DeliveryResult:
     return reply_result(rep.code, rep.text, remote)
 
 
-# A refusal at RCPT that names the SENDER: Postfix's sender restrictions, reported at RCPT
-# (smtpd_delay_reject), all say "<sender>: Sender address rejected: ..." whatever their
-# code (reject_unlisted_sender 550 5.1.0, reject_unverified_sender 5.1.1 from its probe);
-# Exim's sender verification at RCPT says "Sender verify failed".
-_SENDER_REFUSED = re.compile(r"sender address rejected|sender verify failed", re.IGNORECASE)
-
-
 def _rcpt_result(rep: SMTPReply, remote: str, sender: str, rcpt: str) -> DeliveryResult:
     """A refusal of RCPT `rcpt`, marked `recipient_refused` when it says the recipient is
     bad (policy/containment.refuses_recipient: what containment counts) and not that the
@@ -269,10 +262,8 @@ def _rcpt_result(rep: SMTPReply, remote: str, sender: str, rcpt: str) -> Deliver
     m = _ENHANCED.match(text)
     given = text[:m.end()].strip() if m and m.group(1) == str(rep.code)[0] else None
     rest = text[m.end():] if given and m else text
-    about_sender = bool(_SENDER_REFUSED.search(text)) or \
-        (bool(sender) and sender.lower() != rcpt.lower()
-         and rest.lower().startswith(f"<{sender.lower()}>:"))
-    if not about_sender and containment.refuses_recipient(rep.code, given):
+    if not containment.about_sender(rest, sender, rcpt) and \
+            containment.refuses_recipient(rep.code, given):
         res = dataclasses.replace(res, recipient_refused=True)
     return res
 

@@ -17,7 +17,8 @@ What counts as refused (`refuses_recipient`): only a 5xx reply to RCPT that says
 RECIPIENT is bad: enhanced status 5.1.x but 5.1.7 and 5.1.8 (RFC 3463 3.2: bad mailbox,
 address, domain; 5.1.7/5.1.8 are the sender's, which Postfix reports at RCPT) or
 5.2.x but 5.2.3 (3.3: mailbox disabled, full; 5.2.3 is the message's length), or, from a
-server giving no enhanced code, 550, 551 or 553 (RFC 5321 4.2.2). Not counted: a
+server giving no enhanced code, 550, 551 or 553 (RFC 5321 4.2.2); never a refusal about
+the sender whatever its code (`about_sender`: Postfix's "Sender address rejected"). Not counted: a
 refusal at the greeting, EHLO, MAIL or DATA (it is about the relay, the sender or the
 message, and applies to every recipient alike); 5.7.x at RCPT (policy: "client host
 blocked using zen.spamhaus.org", a blocked tenant: it describes the relay or the
@@ -44,6 +45,7 @@ a sender after suspicious volume and an admin lifts it; Postfix and sendmail hav
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from authrelay.config import Containment
@@ -127,17 +129,39 @@ def refuses_recipient(code: int, enhanced: str | None) -> bool:
                            or (subject == 2 and detail != 3))
 
 
-def refused_before(last_reply: str) -> bool:
+# A refusal at RCPT that names the SENDER: Postfix's sender restrictions, reported at RCPT
+# (smtpd_delay_reject), all say "<sender>: Sender address rejected: ..." whatever their
+# code (reject_unlisted_sender 550 5.1.0, reject_unverified_sender 5.1.1 from its probe);
+# Exim's sender verification at RCPT says "Sender verify failed".
+_SENDER_REFUSED = re.compile(r"sender address rejected|sender verify failed", re.IGNORECASE)
+
+
+def about_sender(text: str, sender: str = "", rcpt: str = "") -> bool:
+    """Whether a next hop's refusal of RCPT `rcpt` (its text, codes stripped or not) is
+    about the envelope `sender`, not the recipient: by its words, or by naming the sender
+    first (`<sender>: ...`, Postfix's form) when it is not also the recipient. Such a
+    refusal is not counted as a refused recipient, whatever its code."""
+    if _SENDER_REFUSED.search(text):
+        return True
+    return bool(sender) and sender.lower() != rcpt.lower() and \
+        text.lstrip().lower().startswith(f"<{sender.lower()}>:")
+
+
+def refused_before(last_reply: str, sender: str = "", rcpt: str = "") -> bool:
     """Whether a recipient's recorded last reply ("550 5.1.1 text", as the scheduler keeps
     it: an enhanced code the server did not give is filled in as X.0.0) may have counted
-    as refused (`refuses_recipient`, X.0.0 taken as no code). For the per-message cap
-    only: a reply wrongly taken as counted leaves less room, never more."""
+    as refused (`refuses_recipient`, X.0.0 taken as no code; not `about_sender`, as
+    delivery/client.py judges it). For the per-message cap only: a reply wrongly taken as
+    counted leaves less room, never more."""
     parts = last_reply.split(None, 2)
     try:
         code = int(parts[0])
     except (ValueError, IndexError):
         return False
     enhanced = parts[1] if len(parts) > 1 and parts[1].count(".") == 2 else None
+    if about_sender(parts[2] if len(parts) > 2 and enhanced else " ".join(parts[1:]),
+                    sender, rcpt):
+        return False
     if enhanced == f"{code // 100}.0.0":
         enhanced = None
     return refuses_recipient(code, enhanced)

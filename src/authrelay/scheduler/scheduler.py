@@ -613,7 +613,7 @@ class Scheduler:
             mine = {id(x) for x in job.rcpts}
             earlier = sum(1 for x in env.recipients
                           if id(x) not in mine and x.last_code >= 500
-                          and refused_before(x.last_reply))
+                          and refused_before(x.last_reply, env.sender, x.address))
             # In the background: a trip holds this user's mail, which waits for this
             # very delivery to end.
             self._spawn(self.containment.refused(env.auth_user, refused, earlier=earlier))
