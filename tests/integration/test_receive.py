@@ -253,3 +253,25 @@ def test_helo_name_control_characters_never_reach_the_received_field(
     received = stored[:stored.index(b"\r\n\tby ")]
     assert received.startswith(b"Received: from lap?top?[31m?.example (")
     assert not any(b < 0x20 and b not in b"\t\r\n" or b == 0x7f for b in stored), stored
+
+
+def test_a_non_ascii_helo_name_never_makes_a_7bit_message_8bit(relay: RelayProcess) -> None:
+    """A UTF-8 EHLO name (RFC 6531 3.7.1: the client MUST send LDH labels or A-labels)
+    went raw into the EHLO reply (RFC 5321 4.2: reply text is ASCII) and into our
+    Received field: a 7-bit message got an 8-bit header (RFC 6531 3.7.3: the trace
+    fields of a message sent without SMTPUTF8 conform to RFC 5321), which a next hop
+    without 8BITMIME cannot take (bounced 554 5.6.3: a header cannot be downgraded).
+    Each non-ASCII character is stored as "?", as a control character is."""
+    before = set(relay.queued())
+    with RawClient(relay.ports["smtp"]) as c:
+        assert c.reply().code == 220
+        r = c.cmd("EHLO b\u00fccher.example")
+        assert r.code == 250 and r.lines[0] == "250-relay.test greets b?cher.example"
+        assert c.cmd("MAIL FROM:<someone@remote.example>").code == 250
+        assert c.cmd("RCPT TO:<bob@local.test>").code == 250
+        assert c.cmd("DATA").code == 354
+        assert c.cmd("Subject: idn helo\r\n\r\nbody\r\n.").code == 250
+    [path] = set(relay.queued()) - before
+    stored = relay.message_bytes(path)
+    assert stored.startswith(b"Received: from b?cher.example (")
+    assert stored.isascii(), stored

@@ -790,9 +790,13 @@ class Engine:
         self.transaction = None  # RFC 5321 4.1.4: EHLO implies RSET
         # The name goes verbatim into our Received field (and the EHLO reply): a NUL or
         # a control character there is not the client's to put into the message, so each
-        # becomes "?" (as Postfix's printable() does with the HELO name).
-        if not name.isprintable():
-            name = "".join(c if c.isprintable() else "?" for c in name)
+        # becomes "?" (as Postfix's printable() does with the HELO name). So does every
+        # non-ASCII character: the name is ASCII (RFC 6531 3.7.1: LDH labels or A-labels,
+        # RFC 5321 4.1.1.1), reply text is ASCII (RFC 5321 4.2), and a trace field of a
+        # message sent without SMTPUTF8 must be (RFC 6531 3.7.3) -- a UTF-8 name made
+        # every 7-bit message 8-bit, refused (554 5.6.3) by a next hop without 8BITMIME.
+        if not (name.isascii() and name.isprintable()):
+            name = "".join(c if c.isascii() and c.isprintable() else "?" for c in name)
         self.helo, self.esmtp = name[:255], esmtp
         if not esmtp:
             self._reply(Reply(250, "", self.hostname))
