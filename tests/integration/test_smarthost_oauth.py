@@ -433,6 +433,38 @@ async def test_token_refreshed_before_expiry_mid_queue(
     assert all(ok for _, _, ok in sh.oauth_attempts) and len(sh.messages) == 3
 
 
+async def test_a_token_said_to_live_for_decades_is_replaced_within_a_day(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any) -> None:
+    """An endpoint's expires_in of a billion seconds kept its token in memory (and in use)
+    for ever; the lifetime acted on is at most a day, so it is replaced by then."""
+    ep = endpoint(secret="s3cret-value", expires_in=10**9)
+    sh = smart_host(ep)
+    courier, source, now = _courier_on_a_clock(tmp_path, dns, sh, ep, trustme_ca_file, mlog)
+    try:
+        assert (await deliver(courier)).ok
+        now[0] += 0.79 * 86400
+        assert (await deliver(courier)).ok
+        assert len(ep.requests) == 1
+        now[0] += 0.02 * 86400  # past 80% of a day
+        assert (await deliver(courier)).ok
+    finally:
+        await courier.close()
+    assert len(ep.requests) == 2 and len(sh.messages) == 3
+
+
+@pytest.mark.parametrize(("expires_in", "use", "life"), [
+    (0, 30.0, 60.0), (-3600, 30.0, 60.0), (2, 1.0, 2.0),  # "expired": a minute
+    (None, 2880.0, 3600.0), ("soon", 2880.0, 3600.0), (float("nan"), 2880.0, 3600.0),
+    (3600, 2880.0, 3600.0), (1e300, 69120.0, 86400.0),  # at most a day
+])
+def test_the_lifetime_acted_on_is_held_to_a_minute_to_a_day(
+        expires_in: Any, use: float, life: float) -> None:
+    """0 or less (the endpoint says "expired") was read as an hour; NaN (JSON's NaN parses)
+    gave a token never replaced nor expired; 1e300 one kept for ever."""
+    assert oauth._lifetime(expires_in) == (use, life)
+
+
 @pytest.mark.slow
 async def test_short_lived_token_expires_and_is_replaced_in_real_time(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,

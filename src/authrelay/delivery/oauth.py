@@ -34,7 +34,8 @@ seconds is kept (False): the cause is not the token (a missing permission, a blo
 tenant), so a queue of mail asks the endpoint once per `fail_hold`, not once a message.
 - One fetch at a time: concurrent deliveries wait for the same fetch (an asyncio lock).
 - A token is used until 80% of its `expires_in` or until 5 minutes before it expires,
-  whichever is earlier (never less than half of it), then replaced; if the refresh
+  whichever is earlier (never less than half of it; `expires_in` at most 1 day, none:
+  1 hour, 0 or less: 1 minute), then replaced; if the refresh
   fails while the old token has not expired yet, the old one is still used.
 - One fetch is bounded whatever the endpoint does: all of it (connecting, TLS, the
   request, the whole answer) within `timeout` seconds (a total deadline: httpx2's own
@@ -56,6 +57,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import math
 import re
 import ssl
 import time
@@ -84,6 +86,10 @@ _MAX_TOKEN = 8192  # a Microsoft token is ~2-3 KB; RFC 4954 4 lines may be 12288
 _MAX_TEXT = 200  # of an endpoint's error_description quoted in the maillog
 MAX_ANSWER = 64 * 1024  # bytes of a token endpoint's answer (Entra's is ~4 KB)
 _DEFAULT_LIFETIME = 3600.0  # when the endpoint says no expires_in (RFC 6749 5.1: optional)
+# The lifetime we act on, whatever the endpoint says: an "expires_in" of 0 or less must not
+# cost one token request per message of a queue (taken as a minute: a dead token is refused
+# by the smart host, dropped and replaced), nor one of 1e300 keep a token for ever.
+_NONPOSITIVE_LIFETIME, _MAX_LIFETIME = 60.0, 86400.0
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
 
@@ -162,13 +168,16 @@ def _valid_token(tok: Any) -> str:
 
 def _lifetime(expires_in: Any) -> tuple[float, float]:
     """(use for, valid for) seconds: replaced at 80% of the lifetime or 5 minutes before
-    it ends, whichever is earlier (but not before half of it: short-lived test tokens)."""
+    it ends, whichever is earlier (but not before half of it: short-lived test tokens).
+    The lifetime is `expires_in` (none or not a number: an hour; 0 or less: a minute), at
+    most a day."""
     try:
         life = float(expires_in)
     except (TypeError, ValueError):
         life = _DEFAULT_LIFETIME
-    if life <= 0:
+    if not math.isfinite(life):
         life = _DEFAULT_LIFETIME
+    life = min(life if life > 0 else _NONPOSITIVE_LIFETIME, _MAX_LIFETIME)
     return min(0.8 * life, max(life - 300.0, 0.5 * life)), life
 
 
