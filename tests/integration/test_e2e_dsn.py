@@ -19,6 +19,7 @@ from test_e2e_delivery import (
     mx_overrides,
     parse_dsn,
 )
+from test_sendmail import AUTHRELAY, _sh
 
 pytestmark = pytest.mark.slow
 
@@ -144,3 +145,27 @@ def test_a_hostile_next_hops_huge_replies_are_kept_bounded(
     assert [g["Status"] for g in groups] == ["5.1.1"] * len(names)
     assert all("".join(g["Diagnostic-Code"].split()).startswith("smtp;5505.1.1line0xxx")
                for g in groups)
+
+
+def test_a_local_senders_bounce_goes_through_aliases(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """cron's mail (`authrelay sendmail`, envelope sender root@hostname) refused by the
+    next hop: its bounce goes where [aliases] send root's mail, as Postfix delivers it to
+    root's mailbox and so through aliases(5). It used to go to root@relay.test itself, a
+    name with no mail host: the bounce bounced and the admin never knew. To: still names
+    root@relay.test."""
+    fake_mx("127.0.0.2", rcpt_replies={"nobody@example.test": "550 5.1.1 no such user"})
+    relay = relay_factory({**mx_overrides(dns, fake_mx.port),
+                           "aliases": {"root": "admin@sender.test"}})
+    res = _sh(f"printf 'Subject: cron job\\n\\nfailed\\n' | {AUTHRELAY} sendmail "
+              "-f root@relay.test nobody@example.test", relay.config)
+    assert res.returncode == 0, res.stderr
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce at admin's MX")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
+    [bounce] = sender_mx.messages
+    assert bounce.mail_from == "<>" and bounce.rcpt_tos == ["admin@sender.test"]
+    msg, groups = parse_dsn(bounce.content)
+    assert msg["To"] == "root@relay.test"
+    assert [(g["Final-Recipient"], g["Status"]) for g in groups] == [
+        ("rfc822; nobody@example.test", "5.1.1")]
