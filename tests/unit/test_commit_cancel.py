@@ -338,3 +338,32 @@ async def test_pool_without_a_new_thread_queues_to_the_running_ones(
     assert [await f for f in rest] == [0, 1, 2, 3, 4]
     monkeypatch.setattr(threading.Thread, "start", real_start)
     assert await pool.run(lambda: "again") == "again"
+
+
+def _queued_line_seen_at_notify(spool: Spool) -> tuple[ListLog, list[list[str]], Submitter]:
+    log = ListLog()
+    seen: list[list[str]] = []
+    spool.on_commit = lambda qid: seen.append([ln for ln in log.lines if f"{qid}: from=" in ln])
+    cfg = from_dict({"hostname": "relay.test", "state_dir": "/nonexistent"})  # unused
+    return log, seen, Submitter(spool, cfg, maillog=log)
+
+
+async def test_the_scheduler_is_told_only_after_the_from_line(spool: Spool) -> None:
+    # The local submission commits in a pool thread: the notify reached the scheduler
+    # before that thread wrote the `from=` line, and a fast delivery logged its
+    # `relay=... stat=` lines first (seen in a real serve's maillog): a reader that tracks
+    # queue ids met a delivery of a message never queued. Now the `from=` line is
+    # written before the scheduler hears of the message, on both commit paths.
+    log, seen, sub = _queued_line_seen_at_notify(spool)
+    for blocking in (True, False):
+        env = Envelope(queue_id=new_queue_id(), sender="a@example.org",
+                       recipients=[Recipient("b@example.net")], listener="sendmail",
+                       protocol="local")
+        d = sub.begin(env, lines_checked=True)
+        d.write(SMALL)
+        if blocking:
+            await asyncio.to_thread(d.commit_blocking, uid=0, user="root")
+        else:
+            await d.commit()
+        assert len(seen[-1]) == 1, (blocking, log.lines)
+    assert len(seen) == 2

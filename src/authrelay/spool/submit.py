@@ -330,7 +330,7 @@ class Draft:
         logged and it will be delivered (spool/writer.py Incoming.commit)."""
         try:
             self._prepare()
-            await self._incoming.commit()
+            await self._incoming.commit(announce=False)
         except Refused:
             self.abort()
             raise
@@ -349,7 +349,7 @@ class Draft:
         """commit() without an event loop (the sendmail command)."""
         try:
             self._prepare()
-            self._incoming.commit_blocking()
+            self._incoming.commit_blocking(announce=False)
         except Refused:
             self.abort()
             raise
@@ -359,7 +359,15 @@ class Draft:
         self._committed(log)
 
     def _committed(self, log: dict[str, Any]) -> None:
+        """The maillog `from=` line, then the scheduler told (Incoming.announce): a
+        delivery line never comes before it, whichever thread or process delivers."""
         self._done = True
+        try:
+            self._log_queued(log)
+        finally:
+            self._incoming.announce()
+
+    def _log_queued(self, log: dict[str, Any]) -> None:
         ml = self.submitter.maillog
         env, inc = self.envelope, self._incoming
         if inc.sign_error:

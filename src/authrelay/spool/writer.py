@@ -362,8 +362,15 @@ class Incoming:
         self._fd = None
         os.close(fd)  # releases the flock only now: recover() never sees a half commit
 
-    async def commit(self) -> None:
-        """Durable when this returns: data + ready mark fsynced, queue/ fsynced; notify.
+    def announce(self) -> None:
+        """Tell the scheduler the committed message is there (the notify hook or datagram).
+        spool/submit.py calls it after the maillog `from=` line, so no delivery line of
+        a message is ever logged before the line that says it was queued."""
+        self._notify(self.queue_id)
+
+    async def commit(self, announce: bool = True) -> None:
+        """Durable when this returns: data + ready mark fsynced, queue/ fsynced; notify
+        (unless not `announce`: then the caller calls announce()).
 
         A cancelled caller does not abandon the commit thread: it may be writing through
         this file's descriptor, which abort() would close under it and the process then
@@ -400,11 +407,12 @@ class Incoming:
                 raise asyncio.CancelledError
             raise exc
         self.committed = True
-        self._notify(self.queue_id)
+        if announce:
+            self.announce()
         if cancelled:
             raise asyncio.CancelledError
 
-    def commit_blocking(self) -> None:
+    def commit_blocking(self, announce: bool = True) -> None:
         """commit() for callers without an event loop (the sendmail command)."""
         if self._done:
             raise fmt.SpoolError("commit after commit/abort")
@@ -416,7 +424,8 @@ class Incoming:
             self.abort()
             raise
         self.committed = True
-        self._notify(self.queue_id)
+        if announce:
+            self.announce()
 
     def abort(self) -> None:
         """Drop the message (idempotent); never raises. Nothing half-written stays.
