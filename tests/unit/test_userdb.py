@@ -20,7 +20,7 @@ from authrelay.auth.authenticator import (
     make_authenticator,
 )
 from authrelay.auth.backends import DovecotBackend, SaslauthdBackend
-from authrelay.auth.base import CredentialCache
+from authrelay.auth.base import CredentialCache, Standing
 from authrelay.auth.userdb import (
     SCHEMA_VERSION,
     MemoryUserDB,
@@ -303,8 +303,13 @@ class CountingDB(MemoryUserDB):
     def __init__(self) -> None:
         super().__init__()
         self.lookups: list[str] = []
+        self.generations = 0
         self.gate: threading.Event | None = None
         self.fail = False
+
+    def generation(self) -> int:
+        self.generations += 1
+        return super().generation()
 
     def get_hash(self, name: str) -> str | None:
         self.lookups.append(threading.current_thread().name)
@@ -406,6 +411,31 @@ async def test_delete_takes_effect_at_once(cdb: CountingDB) -> None:
         assert await auth.verify("alice", "pw") is AuthResult.OK
         cdb.delete("alice")
         assert await auth.verify("alice", "pw") is AuthResult.BAD
+    finally:
+        auth.close()
+
+
+async def test_standing_at_mail_is_one_generation_read_while_nothing_changed(
+        cdb: CountingDB) -> None:
+    """An authenticated session's MAIL asks whether its login still stands: while the
+    store has not changed since the login, that is one generation read and no lookup; a
+    deletion is GONE, a password change REVOKED (each seen at the next MAIL)."""
+    cdb.add("alice", "pw")
+    cdb.add("bob", "pw")
+    auth = UserDBAuthenticator(cdb, cache_ttl=3600)
+    try:
+        alice = await auth.login("alice", "pw")
+        bob = await auth.login("bob", "pw")
+        reads, lookups = cdb.generations, len(cdb.lookups)
+        for _ in range(3):
+            assert await auth.standing("alice", alice) is Standing.OK
+        assert (cdb.generations - reads, len(cdb.lookups) - lookups) == (3, 0)
+        cdb.set_password("alice", "new")
+        assert await auth.standing("alice", alice) is Standing.REVOKED
+        assert await auth.standing("bob", bob) is Standing.OK  # another user's change
+        cdb.delete("bob")
+        assert await auth.standing("bob", bob) is Standing.GONE
+        assert await auth.standing("bob", None) is Standing.GONE
     finally:
         auth.close()
 

@@ -56,6 +56,14 @@ class AuthResult(enum.Enum):
     TEMPFAIL = "tempfail"
 
 
+class Standing(enum.Enum):
+    """`Authenticator.standing`: an authenticated session's login at its next MAIL."""
+
+    OK = "ok"
+    GONE = "gone"  # the user was deleted (530 5.7.0)
+    REVOKED = "revoked"  # the password or app password it used changed (421 4.7.0, close)
+
+
 @dataclass(frozen=True)
 class Login:
     """The answer to `Authenticator.login`: the result, the app password that matched
@@ -116,6 +124,16 @@ class Authenticator(ABC):
         (asked at every MAIL: a user deleted mid-session sends no more). Never raises; a
         backend that cannot tell (saslauthd, Dovecot) or cannot be asked now says True."""
         return True
+
+    async def standing(self, username: str, login: Login | None) -> Standing:
+        """`still_exists`, then `still_valid` of `login` (None: nothing to check) in one
+        call, asked at each MAIL of an authenticated session. Never raises. A backend
+        may answer both from one read (auth/login.py)."""
+        if not await self.still_exists(username):
+            return Standing.GONE
+        if login is not None and not await self.still_valid(username, login):
+            return Standing.REVOKED
+        return Standing.OK
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release threads, connections and files."""

@@ -41,6 +41,7 @@ from authrelay.auth.base import (
     CredentialCache,
     HashPool,
     Login,
+    Standing,
     storable,
 )
 
@@ -225,6 +226,23 @@ class StoreAuthenticator(Authenticator):
             t.add_done_callback(self._tasks.discard)
         return Login(AuthResult.OK, out.app,
                      proof=Proof(gen, out.hash, selector if out.app else None))
+
+    async def standing(self, username: str, login: Login | None) -> Standing:
+        """(Authenticator.standing) One generation read while the store has not changed
+        since the login (SQLite): no change, no deletion nor revoke. Otherwise
+        still_exists then still_valid."""
+        proof = login.proof if login is not None else None
+        if isinstance(proof, Proof) and proof.gen is not None \
+                and not (proof.selector is None and self.app_mode == "require"):
+            try:
+                if await self.users.generation() == proof.gen:
+                    return Standing.OK
+            except StoreUnavailable:
+                return Standing.OK  # as still_exists and still_valid: an outage stops none
+            except Exception:  # a bug: logged; the session goes on
+                log.exception("user store lookup failed")
+                return Standing.OK
+        return await super().standing(username, login)
 
     async def still_valid(self, username: str, login: Login) -> bool:
         """(Authenticator.still_valid) One generation read while nothing changed since the

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from authrelay.auth.base import Authenticator, Login
+from authrelay.auth.base import Authenticator, Login, Standing
 
 if TYPE_CHECKING:
     from authrelay.config import Config
@@ -62,6 +62,9 @@ class RealmLogins(Authenticator):
 
     async def still_exists(self, username: str) -> bool:
         return await self.inner.still_exists(self.name(username))
+
+    async def standing(self, username: str, login: Login | None) -> Standing:
+        return await self.inner.standing(self.name(username), login)
 
     def reload(self, cfg: Config) -> None:
         self.realms = {r.lower() for r in cfg.auth.realms}

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from authrelay import replies
-from authrelay.auth.base import Authenticator, AuthResult, Login
+from authrelay.auth.base import Authenticator, AuthResult, Login, Standing
 from authrelay.config import Config
 from authrelay.maillog import MailLog
 from authrelay.metrics import Metrics
@@ -490,12 +490,12 @@ class Session:
         if login:
             # A user deleted since this session's AUTH sends no more ("changes to users
             # apply at once"), not for the rest of session_timeout.
-            if not await self._authenticator().still_exists(login):
+            standing = await self._authenticator().standing(login, self._login)
+            if standing is Standing.GONE:
                 self._log_reject(replies.ACCOUNT_GONE, "", sasl_username=login)
                 eng.policy_result(replies.ACCOUNT_GONE)
                 return
-            if self._login is not None \
-                    and not await self._authenticator().still_valid(login, self._login):
+            if standing is Standing.REVOKED:
                 # The password or app password this session logged in with changed or
                 # was revoked since its AUTH: no further mail on it (the client
                 # reconnects and its AUTH gets 535); one maillog line.
