@@ -620,6 +620,25 @@ def _check_operation(cfg: Config, out: list[Finding]) -> None:
                            "binds as root, then drops to it)"))
 
 
+def _check_metrics(cfg: Config, out: list[Finding]) -> None:
+    """/metrics and /health answer anyone who reaches them (no authentication): an
+    address that is not loopback publishes the relay's traffic and queue to the network
+    (serve says so in the maillog too; a host name is left to the operator)."""
+    if not cfg.metrics.address:
+        return
+    try:
+        host, port = parse_hostport(cfg.metrics.address, "metrics.address")
+        ip = ipaddress.ip_address(host or "0.0.0.0")  # "" binds every address
+    except (ConfigError, ValueError):
+        return
+    if not ip.is_loopback:
+        out.append(Finding("warning", "metrics.address",
+                           f"{cfg.metrics.address} is not loopback: /metrics and /health "
+                           "answer anyone who reaches them, with no authentication; use "
+                           f"\"127.0.0.1:{port}\" (a scraper elsewhere: a firewall rule "
+                           "or a reverse proxy with authentication in front)"))
+
+
 def check(cfg: Config) -> list[Finding]:
     """Every finding for `cfg`; never raises."""
     out: list[Finding] = []
@@ -633,7 +652,8 @@ def check(cfg: Config) -> list[Finding]:
         lambda: _check_backend(cfg, out), lambda: _check_scale(cfg, out),
         lambda: _check_files(cfg, pw, out), lambda: _check_privileged_split(cfg, pw, out),
         lambda: _check_dkim(cfg, pw, out), lambda: _check_outbound_tls(cfg, out),
-        lambda: _check_smart_hosts(cfg, out), lambda: _check_operation(cfg, out)]
+        lambda: _check_smart_hosts(cfg, out), lambda: _check_operation(cfg, out),
+        lambda: _check_metrics(cfg, out)]
     for step in steps:
         try:
             step()

@@ -116,6 +116,22 @@ def test_operational_warnings(site: Path) -> None:
     assert "holds a password" not in _cc(cfg).stderr
 
 
+def test_metrics_not_on_loopback_warns(site: Path) -> None:
+    # /metrics and /health have no authentication: an address every interface or the
+    # network reaches passed check-config without a word (":PORT", with no host, binds
+    # every address and serve said nothing either).
+    for address in ("0.0.0.0:9587", ":9587", "[::]:9587", "192.0.2.1:9587"):
+        cfg = _write(site, {"metrics": {"address": address}, "user": UNPRIV})
+        r = _cc(cfg)
+        assert r.returncode == 0, r.stderr
+        assert f"{cfg}: warning: metrics.address: {address} is not loopback: /metrics and " \
+               "/health answer anyone who reaches them, with no authentication; use " \
+               '"127.0.0.1:9587"' in r.stderr, (address, r.stderr)
+    for address in ("127.0.0.1:9587", "[::1]:9587"):
+        cfg = _write(site, {"metrics": {"address": address}, "user": UNPRIV})
+        assert "metrics.address" not in _cc(cfg).stderr
+
+
 def test_config_errors_in_the_findings_style(site: Path) -> None:
     cfg = _write(site, {"limits": {"max_recipients": "many"}})
     for cmd in (["check-config", str(cfg)], ["-c", str(cfg), "serve"],
