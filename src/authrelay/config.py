@@ -689,7 +689,23 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# Characters no host name holds that would break the lines it is written into: the
+# greeting, EHLO, Received:, Message-ID:, the DSN's Reporting-MTA, `authrelay dns`.
+_NOT_IN_HOSTNAME = re.compile(r'[\s\x00-\x1f\x7f<>\[\]()@,;:"\\]')
+
+
+def hostname_problem(name: str) -> str:
+    """Why `name` cannot be the relay's host name ("" when it can)."""
+    bad = _NOT_IN_HOSTNAME.search(name)
+    return f"holds {bad.group()!r}" if bad else "" if name.strip(".") else "is empty"
+
+
 def _validate(cfg: Config) -> None:
+    why = hostname_problem(cfg.hostname)
+    if why:
+        raise ConfigError(f"hostname: {cfg.hostname!r} {why}: write this relay's host name "
+                          "(e.g. \"relay.example.org\"; it is the name in every greeting, "
+                          "EHLO and Received: line)")
     if not cfg.listen:
         raise ConfigError("listen: at least one [[listen]] is required")
     for i, ln in enumerate(cfg.listen):

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from authrelay.config import ConfigError, NoConfig, from_dict, load
+from authrelay.config import ConfigError, NoConfig, from_dict, hostname_problem, load
 
 # --------------------------------------------------------------------------- m4 parsing
 
@@ -573,6 +573,8 @@ def _define(out: _Out, key: str, value: str, d: Directive) -> bool:
         out.set("limits", "queue_min_free", int(value) * 4096,
                 line + " (blocks of 4 KiB, the block size of ext4 and xfs)")
     elif key == "confDOMAIN_NAME":
+        if hostname_problem(value):  # not a host name (a space...): listed as not mapped
+            raise ValueError(value)
         out.top["hostname"] = value
         out.notes.setdefault("", []).append(line)
     elif key == "confAUTH_OPTIONS":

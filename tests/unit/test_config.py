@@ -37,6 +37,23 @@ def test_errors_name_the_key(data: dict, key: str) -> None:
     assert str(e.value).startswith(key)
 
 
+@pytest.mark.parametrize("name", ["relay example.org", "", ".", "relay\r\n250 AUTH",
+                                  "<relay>", "relay\x1b[2J"])
+def test_a_hostname_that_would_break_protocol_lines_is_refused(name: str) -> None:
+    # It is written into the greeting, EHLO, Received:, Message-ID: and `authrelay dns`:
+    # the old code accepted "relay example.org" (check-config said ok; EHLO then named
+    # "relay", the zone output did not load) and even a CR LF.
+    with pytest.raises(ConfigError) as e:
+        from_dict({"hostname": name})
+    assert str(e.value).startswith(f"hostname: {name!r} ")
+    assert "write this relay's host name" in str(e.value)
+
+
+def test_hostnames_that_are_kept() -> None:
+    for name in ("relay.example.org", "relay_1.example", "localhost", "relay.example.org."):
+        assert from_dict({"hostname": name}).hostname == name
+
+
 def test_units() -> None:
     assert parse_duration("10m") == 600 and parse_duration("5d") == 432000
     assert parse_size("20MB") == 20_000_000 and parse_size("1KiB") == 1024
