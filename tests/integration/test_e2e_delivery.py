@@ -292,6 +292,35 @@ def test_an_mx_that_is_this_relay_is_a_mail_loop(
     assert "Relaying denied" not in relay.maillog()
 
 
+def test_an_mx_beside_a_localhost_listener_is_not_a_loop(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer) -> None:
+    """The smtp listener is `localhost:P` (bound to 127.0.0.1) and neighbour.test's MX is
+    another server on 127.0.0.3:P (a content filter, a second MTA): not this relay, so the
+    mail is delivered there. The loop check took every loopback address for a `localhost`
+    listener: bounced 554 5.4.6 "loops back to myself" though nothing looped."""
+    dns.set_zones({**ZONES, "neighbour.test": {"MX": [(10, "mx.neighbour.test")]},
+                   "mx.neighbour.test": {"A": ["127.0.0.3"]}})
+    relay = relay_factory(mx_overrides(dns, sender_mx.port), start=False)
+    port = relay.ports["smtp"]
+    for ln in relay.config_data["listen"]:
+        if ln["mode"] == "smtp":
+            ln["address"] = f"localhost:{port}"
+    relay.config_data["delivery"]["port"] = port
+    relay.config.write_text(to_toml(relay.config_data))
+    neighbour = FakeSMTPServer("127.0.0.3", port, auth_required=False).start()
+    try:
+        relay.start()
+        qid = submit(relay, ["bob@neighbour.test"])
+        relay.wait_for(lambda: any("to=<bob@neighbour.test>" in ln
+                                   for ln in log_lines(relay, qid)), what="an outcome")
+        [line] = [ln for ln in log_lines(relay, qid) if "to=<bob@neighbour.test>" in ln][:1]
+        assert "stat=Sent" in line and "loops back" not in line
+        assert [m.rcpt_tos for m in neighbour.messages] == [["bob@neighbour.test"]]
+    finally:
+        neighbour.stop()
+
+
 def test_servfail_deferred_then_delivered(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from authrelay.config import from_dict
 from authrelay.delivery.client import normalize_crlf, reply_result
-from authrelay.delivery.mx import RouteError, is_own_listener, order_mx, parse_literal
+from authrelay.delivery.mx import (
+    RouteError,
+    is_own_listener,
+    listener_addresses,
+    order_mx,
+    parse_literal,
+)
 from authrelay.delivery.router import route_key
 
 MX_CFG = from_dict({})
@@ -110,15 +116,29 @@ def test_dot_stuff() -> None:
 
 def test_own_listener_is_a_mail_loop() -> None:
     """delivery/mx.is_own_listener: an MX address that is one of our [[listen]] sockets
-    (exactly, any local address for a wildcard one, loopback for `localhost`), never a
-    host elsewhere or on another port."""
-    own = [("127.0.0.1", 2525), ("0.0.0.0", 25), ("localhost", 587), ("::", 465)]
+    (exactly, any local address of its family for a wildcard one, what `localhost` binds
+    to), never a host elsewhere or on another port."""
+    own = listener_addresses([("127.0.0.1", 2525), ("0.0.0.0", 25), ("localhost", 587),
+                              ("::", 465)])
     assert is_own_listener(own, "127.0.0.1", 2525)
     assert not is_own_listener(own, "127.0.0.2", 2525)  # another host's address
     assert is_own_listener(own, "127.0.0.7", 25)  # wildcard: every local address
     assert is_own_listener(own, "::ffff:127.0.0.7", 25)
     assert not is_own_listener(own, "192.0.2.1", 25)  # TEST-NET: not this machine
-    assert is_own_listener(own, "::1", 587) and is_own_listener(own, "127.0.0.3", 587)
+    assert is_own_listener(own, "127.0.0.1", 587)  # localhost binds 127.0.0.1
     assert is_own_listener(own, "::1", 465)
     assert not is_own_listener(own, "127.0.0.1", 26)
     assert not is_own_listener(own, "not-an-ip", 25)
+
+
+def test_a_loopback_neighbour_is_not_a_mail_loop() -> None:
+    """Only the addresses our sockets take are us: a `localhost` listener is bound to
+    127.0.0.1 (smtpd/server.bind, IPv4), so another MTA on 127.0.0.3 or ::1 at that port
+    is another server, and "0.0.0.0" takes no IPv6 nor "::" (IPV6_V6ONLY) IPv4: an MX
+    there was refused as a loop, 554 5.4.6, and its mail bounced though nothing loops."""
+    own = listener_addresses([("localhost", 587), ("0.0.0.0", 25), ("::", 465)])
+    assert not is_own_listener(own, "127.0.0.3", 587)
+    assert not is_own_listener(own, "::1", 587)
+    assert not is_own_listener(own, "::1", 25)
+    assert not is_own_listener(own, "127.0.0.1", 465)
+    assert not is_own_listener(own, "::ffff:127.0.0.1", 465)

@@ -392,7 +392,7 @@ class Courier:
                                              dnssec=d.dnssec)
         self.maillog = maillog
         # This relay's own listeners: an MX host among them is a mail loop (mx.py).
-        self._own = [(ln.host, ln.port) for ln in cfg.listen]
+        self._own = mx.listener_addresses((ln.host, ln.port) for ln in cfg.listen)
         self._idle: dict[tuple[str, int, str], list[_Conn]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Hosts whose STARTTLS handshake failed: (host, ip, port) -> plain text until then.

@@ -7,8 +7,9 @@ Implements RFC 5321 5.1:
   to `[delivery] mx_address_limit` addresses from as many hosts (Postfix's
   smtp_mx_address_limit: a hostile MX RRset must not hold a delivery slot for hours);
 - an address literal recipient (`[192.0.2.1]`, `[IPv6:2001:db8::1]`, 4.1.3) skips DNS.
-A host that is this relay's own listener (`is_own_listener`: an MX naming us, or
-127.0.0.1) is a mail loop: the courier refuses it, 554 5.4.6, before connecting.
+A host that is this relay's own listener (`is_own_listener`: an MX naming the address
+one of our sockets is bound to) is a mail loop: the courier refuses it, 554 5.4.6, before
+connecting.
 And RFC 7505: a null MX (a single MX with exchange "." at preference 0) means the domain
 accepts no mail: permanent `556 5.1.10`.
 
@@ -82,7 +83,9 @@ def order_mx(records: list[tuple[int, str]], rng: random.Random | None = None) -
     return out
 
 
-_WILDCARDS = ("", "*", "0.0.0.0", "::")
+# Wildcard hosts as smtpd/server.bind() binds them: "", "*" and "0.0.0.0" are IPv4 only,
+# "::" is IPv6 only (IPV6_V6ONLY): neither takes a connection of the other family.
+_WILDCARDS = {"": 4, "*": 4, "0.0.0.0": 4, "::": 6}
 
 
 def _is_local(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -98,11 +101,40 @@ def _is_local(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return True
 
 
+def listener_addresses(listeners: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    """`[[listen]]` (host, port) pairs with each host name (`localhost`) resolved as
+    smtpd/server.bind() binds it (its family by the name: IPv4 unless it holds a ':';
+    the first address), so `is_own_listener` compares what the socket is bound to. A
+    name that does not resolve is left out (nothing is listening there). Blocking: call
+    once at start, not per delivery."""
+    out: list[tuple[str, int]] = []
+    for host, port in listeners:
+        if host in _WILDCARDS:
+            out.append((host, port))
+            continue
+        try:
+            ipaddress.ip_address(host)
+            out.append((host, port))
+            continue
+        except ValueError:
+            pass
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            found = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            continue
+        if found:
+            out.append((str(found[0][4][0]), port))
+    return out
+
+
 def is_own_listener(listeners: Iterable[tuple[str, int]], ip: str, port: int) -> bool:
     """Whether a next hop at `ip`:`port` is one of this relay's own `[[listen]]` sockets
-    (`listeners`: their (host, port)): the address one names, or any address of this
-    machine for a wildcard one, or a loopback address for `localhost`. Delivering there
-    is a mail loop (an MX record naming us): Postfix's "mail for D loops back to myself"."""
+    (`listeners`: their (host, port), names resolved by `listener_addresses`): the
+    address one is bound to, or any address of this machine of the family a wildcard one
+    takes. Delivering there is a mail loop (an MX record naming us): Postfix's "mail for
+    D loops back to myself". Another address, even on loopback (127.0.0.2 beside our
+    127.0.0.1), or of the family our wildcard socket does not take, is another server."""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
@@ -113,17 +145,14 @@ def is_own_listener(listeners: Iterable[tuple[str, int]], ip: str, port: int) ->
         if lport != port:
             continue
         if host in _WILDCARDS:
-            if _is_local(addr):
+            if _WILDCARDS[host] == addr.version and _is_local(addr):
                 return True
-        elif host.lower() == "localhost":
-            if addr.is_loopback:
+            continue
+        try:
+            if ipaddress.ip_address(host) == addr:
                 return True
-        else:
-            try:
-                if ipaddress.ip_address(host) == addr:
-                    return True
-            except ValueError:
-                continue
+        except ValueError:
+            continue
     return False
 
 
