@@ -71,6 +71,10 @@ def _parse_domain(text: str) -> str:
         inner = text[1:-1]
         try:
             if inner.lower().startswith("ipv6:"):
+                # RFC 5321 4.1.3: IPv6-addr has no zone: ipaddress takes "fe80::1%eth0",
+                # whose scope would let a delivery reach a link-local neighbour.
+                if "%" in inner:
+                    raise ValueError(inner)
                 ipaddress.IPv6Address(inner[5:])
             else:
                 ipaddress.IPv4Address(inner)

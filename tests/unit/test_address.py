@@ -90,3 +90,14 @@ def test_path_and_domain_limits_are_octets() -> None:
     with pytest.raises(AddressError):
         parse("<@" + ".".join(["é" * 40] * 4) + ":u@final.example>")
     assert parse("<@" + ".".join(["d" * 60] * 4) + "x:u@final.example>").address is not None
+
+
+@pytest.mark.parametrize("literal", ["[IPv6:fe80::1%eth0]", "[IPv6:fe80::1%25eth0]",
+                                     "[IPv6:fe80::1%1]"])
+def test_an_ipv6_literal_has_no_zone(literal: str) -> None:
+    """RFC 5321 4.1.3: IPv6-addr has no zone index; Python's ipaddress accepts one, and
+    its scope would route a delivery to a link-local neighbour on a named interface."""
+    with pytest.raises(AddressError) as e:
+        parse(f"<u@{literal}>")
+    assert (e.value.reply.code, e.value.reply.enhanced) == (501, "5.1.3")
+    assert parse("<u@[IPv6:fe80::1]>").address is not None
