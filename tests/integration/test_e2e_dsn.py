@@ -169,3 +169,22 @@ def test_a_local_senders_bounce_goes_through_aliases(
     assert msg["To"] == "root@relay.test"
     assert [(g["Final-Recipient"], g["Status"]) for g in groups] == [
         ("rfc822; nobody@example.test", "5.1.1")]
+
+
+def test_a_looping_local_messages_bounce_goes_through_aliases(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer) -> None:
+    """The sendmail command's own bounce (a message with more Received: fields than
+    max_hops: 5.4.6) for root@relay.test reaches root's alias too, as the scheduler's do."""
+    relay = relay_factory({**mx_overrides(dns, sender_mx.port),
+                           "aliases": {"root": "admin@sender.test"},
+                           "limits": {"max_hops": 3}})
+    hops = "Received: from a by b; Sun, 6 Dec 2026 00:00:00 +0000\\n" * 4
+    res = _sh(f"printf '{hops}Subject: loop\\n\\nx\\n' | {AUTHRELAY} sendmail "
+              "-f root@relay.test bob@example.test", relay.config)
+    assert res.returncode == 0, res.stderr
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce at admin's MX")
+    [bounce] = sender_mx.messages
+    assert bounce.rcpt_tos == ["admin@sender.test"]
+    _, groups = parse_dsn(bounce.content)
+    assert [g["Status"] for g in groups] == ["5.4.6"]

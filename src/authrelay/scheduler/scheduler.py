@@ -49,7 +49,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from authrelay import aliases
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config
 from authrelay.delivery.router import route_key
@@ -681,14 +680,6 @@ class Scheduler:
             will_retry_until=env.received_at + lifetime if lifetime else None,
             original_message=full,
         )
-        # A local sender (cron's root@hostname, www-data@hostname: sendmail's envelope
-        # sender) gets its notices where [aliases] send its mail, as Postfix delivers
-        # them to the local user's mailbox and so through aliases(5): unexpanded, the
-        # notice went to the relay's own host name and was lost. Others are unchanged.
-        targets = aliases.expand(self.cfg, [env.sender])
-        if targets and [a.lower() for a in targets] != [env.sender.lower()]:
-            benv.recipients = [Recipient(address=a) for a in targets]
-            benv.smtputf8 = not all(a.isascii() for a in targets)
         # The one way into the spool (spool/submit.py): Received, fsync, the from= line.
         draft = self.submitter.begin(benv, add_missing=False, check_content=False)
         draft.write(data)

@@ -48,12 +48,12 @@ import os
 import time
 from typing import Any, Protocol
 
-from authrelay import replies
+from authrelay import aliases, replies
 from authrelay.config import Config
 from authrelay.maillog import MailLog
 from authrelay.policy.ownership import NO_FROM, Owner
 from authrelay.spool.cleanup import HeaderCleanup, received_for
-from authrelay.spool.envelope import Envelope, new_queue_id
+from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.format import SpoolError
 from authrelay.spool.store import Spool
 from authrelay.spool.writer import Incoming, MessageSigner
@@ -172,12 +172,27 @@ class Submitter:
         as sendmail takes it)."""
         if not env.queue_id:
             env.queue_id = new_queue_id()
+        if env.is_bounce:
+            _to_local_sender(self.cfg, env)
         if sign is None:
             sign = bool(env.auth_user) or env.is_bounce or env.listener == "sendmail"
         return Draft(self, env, tls=tls, add_missing=add_missing, local_uid=local_uid,
                      scan_nul=check_content and not nul_checked, check_hops=check_content,
                      sign=sign, owner=owner, refuse_unowned=refuse_unowned,
                      crlf_only=lines_checked)
+
+
+def _to_local_sender(cfg: Config, env: Envelope) -> None:
+    """A DSN for a local sender (cron's root@hostname, www-data@hostname: the sendmail
+    command's envelope sender) goes where [aliases] send that user's mail, as Postfix
+    delivers it to the local mailbox and so through aliases(5); unexpanded it went to the
+    relay's own host name and was lost. Its To: still names the sender; a non-local or
+    unaliased address is unchanged."""
+    sender = [r.address for r in env.recipients]
+    targets = aliases.expand(cfg, sender)
+    if targets and [a.lower() for a in targets] != [a.lower() for a in sender]:
+        env.recipients = [Recipient(address=a) for a in targets]
+        env.smtputf8 = not all(a.isascii() for a in targets)
 
 
 class Draft:
