@@ -317,6 +317,25 @@ async def test_corrupt_files_are_counted_and_listed(site: tuple[Path, Spool]) ->
                                                        "2N5TRUNCATED00001"}
 
 
+async def test_list_says_why_a_file_is_unreadable(site: tuple[Path, Spool]) -> None:
+    # A damaged file still in queue/ (before the scheduler sets it aside) was listed as
+    # "unreadable 0 <>" with no reason; the reason was only in --json.
+    cfgfile, spool = site
+    good = await put(spool, ["x@b.example"])
+    bad = await put(spool, ["y@b.example"])
+    data = (spool.queue_dir / bad).read_bytes()
+    (spool.queue_dir / bad).write_bytes(data[:20] + b"garbage" + data[27:])
+    r = cli(cfgfile, "list")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    i = next(n for n, ln in enumerate(lines) if ln.startswith(bad))
+    why = {rec["id"]: rec for rec in json.loads(cli(cfgfile, "list", "--json").stdout)
+           }[bad]["last_error"]
+    assert why and "unreadable" in lines[i]
+    assert lines[i + 1].strip() == f"({why})", lines
+    assert any(ln.startswith(good) and "active" in ln for ln in lines)
+
+
 async def test_offline_flush_skips_unreadable_and_held_files(site: tuple[Path, Spool]) -> None:
     """With no server, `queue flush` meets a file of a newer spool format (start-up
     recovery leaves those in queue/) or a damaged one: it says so for that file, marks

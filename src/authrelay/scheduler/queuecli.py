@@ -137,6 +137,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         sender = f"<{_t(rec['sender'])}>" if rec["sender"] else "<>"
         print(f"{rec['id']:<18} {rec['state']:<9} {rec['size']:>9} {rec['arrival']:<20}"
               f" {sender}")
+        if rec["state"] == "unreadable":  # why, as a deferred message's last reply
+            print(f"{'':<60}({_t(rec['last_error'])})")
         for r in rec["recipients"]:
             if r["state"] != PENDING:
                 continue
