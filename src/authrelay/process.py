@@ -39,6 +39,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 LOCK_NAME = "authrelay.lock"
+log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 MAX_MESSAGE = 4 * 1024 * 1024  # a certificate chain and key fit many times over
 
@@ -112,26 +114,70 @@ def acquire_instance_lock(state_dir: Path, *, wait_dead: float = 5.0) -> int:
 
 
 BIND_LOCK = b"\0authrelay/bind-lock"  # abstract: one per network namespace, no file
+# A holder binds and listens at once; one that answers no connection for this long is not
+# an authrelay between its bind and listen (microseconds) but a program squatting the name.
+SILENT_HOLDER = 1.0
+PROBE_INTERVAL = 0.5
+
+
+def _holder_uid(name: bytes) -> int | None:
+    """The effective uid the holder of the abstract socket `name` listened with
+    (SO_PEERCRED), or None when it answers no connection (not listening, backlog full)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as c:
+        c.setblocking(False)
+        try:
+            c.connect(name)
+        except OSError:
+            return None
+        creds = c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
 
 
 @contextlib.contextmanager
-def bind_lock(wait: float = 30.0) -> Iterator[None]:
+def bind_lock(wait: float = 30.0, name: bytes = BIND_LOCK) -> Iterator[None]:
     """Machine-wide (per network namespace) lock held from the free check to the last
     SO_REUSEPORT bind: two instances started at the same instant on different state dirs
     otherwise both pass the check, then both bind into one SO_REUSEPORT group. An abstract
     unix socket: the kernel frees it when its holder dies, so it never goes stale. Held
-    by another instance for longer than `wait` seconds: InstanceBusy."""
+    by another instance for longer than `wait` seconds: InstanceBusy.
+
+    An abstract name has no permissions: any local user can bind it. Only a holder of our
+    effective uid is waited for: the kernel admits a socket into a SO_REUSEPORT group only
+    from the uid that made the group, so another user's program, whatever it holds, can
+    never share our ports, and it must not keep the relay from starting (www-data binding
+    the name would otherwise stop every start and restart: 30 s, then exit 1). A holder
+    that answers no connection for SILENT_HOLDER seconds (ours listen as they bind) is
+    such a squatter too. Either way the binds go on without the lock (logged)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     deadline = time.monotonic() + wait
+    next_probe = 0.0
+    silent_since: float | None = None
     try:
         while True:
             try:
-                s.bind(BIND_LOCK)
+                s.bind(name)
+                # Waiters' probes queue here unaccepted: room for all (capped by somaxconn).
+                s.listen(4096)
                 break
             except OSError as e:
                 if e.errno != errno.EADDRINUSE:
                     raise
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now >= next_probe:  # a probe stays in the holder's backlog: rarely
+                next_probe = now + PROBE_INTERVAL
+                uid = _holder_uid(name)
+                if uid is not None:
+                    silent_since = None
+                elif silent_since is None:
+                    silent_since = now
+                if (uid is not None and uid != os.geteuid()) or (
+                        silent_since is not None and now - silent_since >= SILENT_HOLDER):
+                    who = "answers nothing" if uid is None else f"is uid {uid}"
+                    log.warning("the bind lock is held by a program that %s, not an instance "
+                                "that could share our ports: binding without it", who)
+                    break
+            if now > deadline:
                 raise InstanceBusy("another authrelay is binding its listen addresses "
                                    f"(held for over {wait:g} s)")
             time.sleep(0.01)

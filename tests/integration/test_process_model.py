@@ -200,6 +200,35 @@ def test_serve_started_while_another_binds_the_same_port_exits_1(relay_factory) 
 
 
 @pytest.mark.root
+def test_another_users_program_on_the_bind_lock_holds_no_start(relay_factory) -> None:
+    """The bind lock is an abstract unix socket name, which has no permissions: any local
+    user (www-data through a web application's hole) can bind it. Held so, listening or
+    not, it made every start and restart of the relay wait 30 s and exit 1 (a local
+    denial of service on the mail system). Another user's program can never join our
+    SO_REUSEPORT group (the kernel's same-uid rule), so it is no instance to wait for:
+    the serve starts and serves."""
+    unprivileged_user()
+    r = relay_factory(start=False)
+    python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
+    for listening in (False, True):
+        code = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
+                f"s.bind({process.BIND_LOCK!r})\n" + ("s.listen(1)\n" if listening else "")
+                + "print('held', flush=True)\nsys.stdin.read()\n")
+        squatter = subprocess.Popen(["runuser", "-u", TEST_USER, "--", python, "-c", code],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert squatter.stdout is not None and squatter.stdout.readline() == "held\n"
+            r.start()
+            with RawClient(r.ports["smtp"]) as c:
+                assert c.reply().code == 220
+            r.stop()
+        finally:
+            assert squatter.stdin is not None
+            squatter.stdin.close()
+            squatter.wait(timeout=30)
+
+
+@pytest.mark.root
 def test_other_user_cannot_join_our_ports(relay_factory) -> None:
     """The kernel admits a SO_REUSEPORT socket into a group only for the same effective uid
     as its creator: our sockets, made by root, are closed to the dropped user's programs."""
