@@ -206,3 +206,32 @@ def test_an_internationalised_domain_written_as_the_config_allows(tmp_path: Path
     r = run(tmp_path, "dkim", "keygen", "boß.example", "--algorithm", "ed25519")
     assert r.returncode == 1 and "not a domain name" in r.stderr
     assert not (tmp_path / "var" / "dkim" / "boss.example").exists()
+
+
+def test_dns_output_loads_in_bind_and_refuses_what_is_no_domain(tmp_path: Path) -> None:
+    # A DOMAIN with a space or a newline was printed as the owner of every record: the
+    # zone lines then failed to load, or a newline added records of the caller's choice
+    # ("evil.org. IN NS x" after it). Now it is refused (exit 1, nothing printed); the
+    # output for real domains loads in BIND's own checker.
+    checkzone = ci.require_tool("named-checkzone", "bind9-utils")
+    write_cfg(tmp_path)
+    assert run(tmp_path, "dkim", "keygen", "example.org").returncode == 0
+    for bad in ("ex ample.org", "example.org.\nevil.example. IN NS x", "a..b"):
+        r = run(tmp_path, "dns", bad)
+        assert r.returncode == 1 and r.stdout == "", (bad, r.stdout)
+        assert r.stderr == f"authrelay: {bad!r} is not a domain name\n"
+        r = run(tmp_path, "doctor", bad)
+        assert r.returncode == 1 and r.stderr == f"authrelay: {bad!r} is not a domain name\n"
+    r = run(tmp_path, "dns", "example.org")
+    assert r.returncode == 0, r.stderr
+    # In the zone of example.org: its own records and the relay's host name (PTRs are
+    # the address owner's, not this zone's).
+    body = "\n".join(ln for ln in r.stdout.splitlines()
+                     if ln.startswith(";") or ".arpa." not in ln)
+    zone = tmp_path / "example.org.zone"
+    zone.write_text("$TTL 3600\n@ IN SOA ns.example.org. hostmaster.example.org. "
+                    "1 3600 600 86400 60\n@ IN NS ns.example.org.\nns IN A 192.0.2.1\n"
+                    + body + "\n")
+    out = subprocess.run([checkzone, "example.org", str(zone)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr

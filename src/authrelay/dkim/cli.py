@@ -16,7 +16,13 @@ import pwd
 import sys
 
 from authrelay.config import load
-from authrelay.dkim.keys import DkimKeyError, KeyStore, default_selector, key_domain
+from authrelay.dkim.keys import (
+    DOMAIN_RE,
+    DkimKeyError,
+    KeyStore,
+    default_selector,
+    key_domain,
+)
 
 
 def _owner(user: str) -> tuple[int, int] | None:
@@ -80,9 +86,20 @@ def _cmd_dkim_dns(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bad_domain(names: list[str]) -> str:
+    """The first of `names` that is no domain name ("" if all are): each one becomes the
+    owner of zone lines, so a space or a newline in it would print records BIND refuses,
+    or records the admin never asked for."""
+    return next((n for n in names if not DOMAIN_RE.match(key_domain(n))), "")
+
+
 def _cmd_dns(args: argparse.Namespace) -> int:
     from authrelay.dkim import records
 
+    bad = _bad_domain(args.domains)
+    if bad:
+        print(f"authrelay: {bad!r} is not a domain name", file=sys.stderr)
+        return 1
     cfg = load(args.config)
     recs = records.build(cfg, args.domains)
     print(records.render(recs))
@@ -95,6 +112,10 @@ def _cmd_dns(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from authrelay.dkim import doctor
 
+    bad = _bad_domain(args.domains)
+    if bad:
+        print(f"authrelay: {bad!r} is not a domain name", file=sys.stderr)
+        return 1
     cfg = load(args.config)
     return doctor.main(cfg, args.domains, as_json=args.json)
 
