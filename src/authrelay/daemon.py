@@ -152,14 +152,21 @@ def _drop_privileges(cfg: Config) -> None:
 
 # --------------------------------------------------------------------------- logging
 
+QUEUE_ID_FIELD = "queue_id"  # logging `extra` key naming the message a record is about
+
 class MaillogHandler(logging.Handler):
     """Python `logging` records at WARNING and above as one maillog line each:
     `NOQUEUE: warning=LOGGER: MESSAGE` / `error=...`; an exception adds its type and text,
-    never its traceback (that goes to stderr only at debug level)."""
+    never its traceback (that goes to stderr only at debug level). A record about one
+    message carries `extra={"queue_id": QID}`: its line starts with that queue id, as
+    every line about a message (`QID: warning=LOGGER: MESSAGE`, the text unchanged)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = record.getMessage()
+            qid = record.__dict__.get(QUEUE_ID_FIELD)
+            if not isinstance(qid, str) or not qid:
+                qid = None
             if record.exc_info and record.exc_info[1] is not None:
                 e = record.exc_info[1]
                 text = f"{text}: {type(e).__name__}: {e}" if str(e) else \
@@ -167,9 +174,9 @@ class MaillogHandler(logging.Handler):
             text = f"{record.name}: {text}"
             ml = maillog_mod.get()
             if record.levelno >= logging.ERROR:
-                ml.error(text)
+                ml.error(text, queue_id=qid)
             else:
-                ml.warning(text)
+                ml.warning(text, queue_id=qid)
         except Exception:  # logging must never break mail flow
             pass
 

@@ -133,3 +133,36 @@ def test_client_gone_mid_data_leaves_a_maillog_line(tmp_path: Path) -> None:
         assert "Traceback" not in r.maillog()
     finally:
         r.stop()
+
+
+def test_spool_warnings_about_a_message_start_with_its_queue_id(tmp_path: Path) -> None:
+    """The spool's own warnings (a damaged file set aside, a damaged .state ignored, a
+    file of a newer format left in place) were maillog lines starting `NOQUEUE:` with the
+    queue id inside the text: `grep '^... QID:'` and log readers that follow a message by
+    its id missed them. Now they start with the queue id, the text as it was."""
+    r = RelayProcess(tmp_path).start()
+    try:
+        qid = _queue_one(r)
+    finally:
+        r.stop()
+    q = r.queue_dir
+    (q / (qid + ".state")).write_bytes(b"{not json")
+    damaged, newer = "2N5CGWQ68GZSZCV4F", "2N5CGWQ68GZSZCV4G"
+    (q / damaged).write_bytes(b"AUTHRELAY-SPOOL 2 truncated")
+    (q / newer).write_bytes(b"AUTHRELAY-SPOOL 9 whatever\nrest")
+    for name in (damaged, newer):
+        os.chmod(q / name, 0o700)  # ready, as a committed file
+    r.start()
+    try:
+        r.cli("queue", "flush", qid)  # loads it (and its .state) for delivery
+        r.wait_for(lambda: "state file ignored" in r.maillog()
+                   and "damaged spool file moved" in r.maillog(), timeout=30)
+    finally:
+        r.stop()
+    log = r.maillog()
+    for name, text in ((qid, "state file ignored"), (damaged, "damaged spool file moved"),
+                       (newer, "left in place")):
+        lines = [ln.split("]: ", 1)[1] for ln in log.splitlines() if text in ln]
+        assert lines, (text, log[-3000:])
+        assert all(ln.startswith(f"{name}: ") for ln in lines), lines
+    assert f"{damaged}: damaged spool file moved to corrupt/" in log  # the text as it was

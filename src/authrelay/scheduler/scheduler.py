@@ -437,7 +437,8 @@ class Scheduler:
             self._release(act)
             return
         except (SpoolError, OSError) as e:
-            log.error("%s: cannot read spool file, skipped until restart: %s", qid, e)
+            log.error("%s: cannot read spool file, skipped until restart: %s", qid, e,
+                      extra={"queue_id": qid})  # daemon.MaillogHandler
             self._ignored.add(qid)
             self._release(act)
             return

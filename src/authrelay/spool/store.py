@@ -352,7 +352,8 @@ class Spool:
         except FileNotFoundError:
             pass
         except CorruptError as e:  # as any damaged state file: the header's state is kept
-            log.warning("%s: state file ignored: %s", env.queue_id, e)
+            log.warning("%s: state file ignored: %s", env.queue_id, e,
+                        extra={"queue_id": env.queue_id})  # daemon.MaillogHandler
 
     @staticmethod
     def _merge_state(env: Envelope, raw: bytes) -> None:
@@ -387,7 +388,8 @@ class Spool:
                 fields = fmt.check_recipient_fields(rd)
                 updates.append((by_addr[addr].pop(0), fields))
         except (ValueError, CorruptError) as e:  # JSONDecodeError is a ValueError
-            log.error("%s: damaged state file ignored: %s", env.queue_id, e)
+            log.error("%s: damaged state file ignored: %s", env.queue_id, e,
+                      extra={"queue_id": env.queue_id})
             return
         for r, fields in updates:
             for k, v in fields.items():
@@ -424,7 +426,8 @@ class Spool:
                     os.rename(d / qid, self.corrupt_dir / qid)
                     moved = True
                 except OSError as e:
-                    log.error("%s: cannot move to corrupt/: %s", qid, e)
+                    log.error("%s: cannot move to corrupt/: %s", qid, e,
+                              extra={"queue_id": qid})
                     return False
                 with contextlib.suppress(OSError):
                     os.rename(d / (qid + ".state"), self.corrupt_dir / (qid + ".state"))
@@ -434,7 +437,8 @@ class Spool:
                         fsync_dir(d)
                 break
         if moved:
-            log.warning("%s: damaged spool file moved to corrupt/: %s", qid, reason)
+            log.warning("%s: damaged spool file moved to corrupt/: %s", qid, reason,
+                        extra={"queue_id": qid})  # daemon.MaillogHandler
             self.quarantined.append((qid, reason))
         return moved
 
@@ -554,7 +558,7 @@ class Spool:
         except FileNotFoundError:
             return
         except UnsupportedVersion as e:
-            log.error("%s: left in place, %s", qid, e)
+            log.error("%s: left in place, %s", qid, e, extra={"queue_id": qid})
             counts["unsupported"] += 1
         except (CorruptError, OSError) as e:
             counts["corrupt"] += 1
