@@ -365,6 +365,13 @@ def convert_mc(text: str, source: str = "sendmail.mc", *, sasl: SaslSetup | None
             continue
         name, args = d.name, d.args
         try:
+            if name == "include" and args and not args[0].strip().endswith("/m4/cf.m4"):
+                # Not sendmail's own cf.m4: an admin's file (Debian's sendmail.mc includes
+                # /etc/mail/m4/provider.m4, where a SMART_HOST may live). m4 is not run, so
+                # its directives are not read: said, never dropped without a word.
+                out.unmapped.append(f"{d.line} (its directives were not read: append them "
+                                    "to the .mc and convert again)")
+                continue
             if name in _BOILERPLATE:
                 continue
             if name == "define" and args:

@@ -507,6 +507,23 @@ def test_mc_with_control_characters_converts_to_valid_toml(tmp_path: Path) -> No
     assert "# not mapped: define(`confFOO', `a\\x7fb')" in r.stdout
 
 
+def test_mc_include_of_an_admins_file_is_named(tmp_path: Path) -> None:
+    # Debian's sendmail.mc includes /etc/mail/m4/provider.m4 (and dialup.m4), where a
+    # SMART_HOST may be defined: the old code took every include() as m4 scaffolding and
+    # dropped it without a word. sendmail's own cf.m4 stays scaffolding.
+    mc = tmp_path / "inc.mc"
+    mc.write_text("include(`/usr/share/sendmail/cf/m4/cf.m4')dnl\n"
+                  "include(`/etc/mail/m4/provider.m4')dnl\n"
+                  "define(`confMAX_MESSAGE_SIZE', `1000000')dnl\n")
+    r = _cli("import", "sendmail-mc", str(mc))
+    assert r.returncode == 0, r.stderr
+    not_mapped = [ln for ln in r.stdout.splitlines() if ln.startswith("# not mapped: ")]
+    assert not_mapped == ["# not mapped: include(`/etc/mail/m4/provider.m4') (its "
+                          "directives were not read: append them to the .mc and convert "
+                          "again)"], not_mapped
+    assert tomllib.loads(r.stdout)["limits"]["max_message_size"] == 1000000
+
+
 def test_realm_logins_keep_working_after_sasldb_import(relay_factory, tmp_path: Path
                                                        ) -> None:
     """Cyrus took erin@REALM as erin for its default realm; the import stores erin and
