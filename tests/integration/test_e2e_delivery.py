@@ -321,6 +321,30 @@ def test_an_mx_beside_a_localhost_listener_is_not_a_loop(
         neighbour.stop()
 
 
+def test_an_mx_named_localhost_is_a_mail_loop(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """"MX 0 localhost." (the pre-RFC 7505 way to say "no mail") names this machine's
+    loopback (RFC 6761 6.3), never the domain's mail host: the relay used to deliver there
+    (here a resolver answering localhost with a listening address), or retry for days.
+    Now the host is left out, as Postfix ("mail for D loops back to myself"): alone, the
+    recipient bounces 554 5.4.6 at once; beside another MX, that one takes the mail."""
+    mx = fake_mx("127.0.0.2")
+    dns.set_zones({**ZONES, "lh.test": {"MX": [(0, "localhost.")]},
+                   "mixed.test": {"MX": [(0, "localhost."), (10, "mx1.example.test")]},
+                   "localhost": {"A": ["127.0.0.2"]}})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit(relay, ["ann@lh.test", "ben@mixed.test"])
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
+    assert [m.rcpt_tos for m in mx.messages] == [["ben@mixed.test"]]
+    _, groups = parse_dsn(sender_mx.messages[0].content)
+    assert [(g["Final-Recipient"], g["Status"]) for g in groups] == [
+        ("rfc822; ann@lh.test", "5.4.6")]
+    assert "loops back to myself" in groups[0]["Diagnostic-Code"]
+    assert any("to=<ann@lh.test>" in ln and "dsn=5.4.6" in ln for ln in log_lines(relay, qid))
+
+
 def test_servfail_deferred_then_delivered(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:

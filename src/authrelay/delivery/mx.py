@@ -156,6 +156,11 @@ def is_own_listener(listeners: Iterable[tuple[str, int]], ip: str, port: int) ->
     return False
 
 
+def _is_localhost(host: str) -> bool:
+    name = host.rstrip(".").lower()
+    return name == "localhost" or name.endswith(".localhost")
+
+
 def v6_first(addrs: list[str]) -> list[str]:
     """Addresses without duplicates, IPv6 first (order otherwise kept)."""
     return sorted(dict.fromkeys(addrs), key=lambda a: 0 if ":" in a else 1)
@@ -217,6 +222,15 @@ async def resolve_route(resolver: Resolver, domain: str,
         raise RouteError(DeliveryResult.perm(
             f"Domain {domain} does not accept mail (null MX)", "5.1.10", 556))
 
+    # RFC 6761 6.3: a "localhost" name is this machine's loopback, never the domain's mail
+    # host ("MX 0 localhost.", the pre-RFC 7505 way to say "no mail"): delivering there is
+    # a loop, as Postfix says ("mail for D loops back to myself"). Other hosts are tried.
+    local = [h for _, h in records if _is_localhost(h)]
+    records = [(p, h) for p, h in records if not _is_localhost(h)]
+    if not records:
+        raise RouteError(DeliveryResult.perm(
+            f"mail for {domain} loops back to myself (its mail host {local[0]} is this "
+            "machine's loopback, RFC 6761)", "5.4.6", 554))
     hosts = order_mx(records, rng)
     out: list[tuple[str, str]] = []
     secure_hosts: set[str] = set()
