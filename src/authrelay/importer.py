@@ -891,8 +891,10 @@ def _import_sasldb(args: argparse.Namespace) -> int:
     except (ConfigError, ImportError_) as e:
         print(f"authrelay: {e}", file=sys.stderr)
         return 1
-    default_realms = set(args.realm or []) or {
-        socket.gethostname(), socket.getfqdn(), cfg.hostname}
+    # Realms are domain names: compared without case (a sasldb of realm RELAY.TEST is
+    # this host's when it is relay.test; logins map realms without case too, realms.py).
+    default_realms = {r.lower() for r in (set(args.realm or []) or {
+        socket.gethostname(), socket.getfqdn(), cfg.hostname})}
     try:
         db = UserDB(cfg.userdb_path)
     except (UserDBError, OSError, sqlite3.Error) as e:
@@ -911,7 +913,8 @@ def _import_sasldb(args: argparse.Namespace) -> int:
                 print(f"skipped {shown}: user name or realm is not UTF-8")
                 skipped += 1
                 continue
-            name = user if (realm in default_realms or not realm) else f"{user}@{realm}"
+            name = user if (realm.lower() in default_realms or not realm) \
+                else f"{user}@{realm}"
             if name in seen:
                 print(f"skipped {shown}: it would be user {_shown(name)}, already taken by "
                       f"{seen[name]} in this sasldb (two Cyrus users; add this one by hand "

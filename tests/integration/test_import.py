@@ -244,6 +244,21 @@ def test_sasldb_one_name_from_two_realms_is_never_merged(tmp_path: Path) -> None
         udb.close()
 
 
+def test_sasldb_default_realm_matches_without_case(tmp_path: Path) -> None:
+    # Cyrus stored the realm as written (saslpasswd2 -u RELAY.TEST); the old code compared
+    # it with the default realms case-sensitively and stored "alice@RELAY.TEST": no login
+    # reached her (as "alice" no such user; as alice@relay.test with [auth] realms, mapped
+    # to "alice" too).
+    db = tmp_path / "sasldb2"
+    _saslpasswd2(db, "alice", "pw-alice", realm="RELAY.TEST")
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    r = _cli("import", "sasldb", str(db), "--realm", "relay.test", config=cfg)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "added alice" in r.stdout.splitlines(), r.stdout
+    assert 'realms = ["RELAY.TEST"]' in r.stdout  # the line to add, as for any bare realm
+
+
 def test_sasldb_not_a_database(tmp_path: Path) -> None:
     bad = tmp_path / "sasldb2"
     bad.write_bytes(b"not a berkeley db\n" * 100)
