@@ -378,6 +378,9 @@ def convert_mc(text: str, source: str = "sendmail.mc", *, sasl: SaslSetup | None
                 key, value = args[0], (args[1] if len(args) > 1 else "")
                 if not _define(out, key, value, d):
                     if key == "SMART_HOST":
+                        if smart_line:  # m4: the last define wins; the earlier one said
+                            out.notes.setdefault("relay", []).append(
+                                f"{smart_line}: overridden by a later define (as in m4)")
                         smart, smart_line = _parse_smart_host(value), d.line
                     elif key == "confAUTH_MECHANISMS":
                         mechs = value.upper().split()

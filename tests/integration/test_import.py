@@ -539,6 +539,19 @@ def test_mc_include_of_an_admins_file_is_named(tmp_path: Path) -> None:
     assert tomllib.loads(r.stdout)["limits"]["max_message_size"] == 1000000
 
 
+def test_mc_smart_host_defined_twice_names_both(tmp_path: Path) -> None:
+    # m4 keeps the last define; the old output kept no trace of the first SMART_HOST (an
+    # admin comparing the .mc and the output saw a smart host vanish).
+    mc = tmp_path / "twice.mc"
+    mc.write_text("define(`SMART_HOST', `[old.isp.example]')dnl\n"
+                  "define(`SMART_HOST', `[new.isp.example]')dnl\n")
+    r = _cli("import", "sendmail-mc", str(mc))
+    assert r.returncode == 0, r.stderr
+    assert tomllib.loads(r.stdout)["relay"]["smart_host"] == ["new.isp.example:25"]
+    assert "# define(`SMART_HOST', `[old.isp.example]'): overridden by a later define " \
+           "(as in m4)" in r.stdout
+
+
 def test_realm_logins_keep_working_after_sasldb_import(relay_factory, tmp_path: Path
                                                        ) -> None:
     """Cyrus took erin@REALM as erin for its default realm; the import stores erin and
