@@ -270,25 +270,31 @@ def test_an_mx_that_is_this_relay_is_a_mail_loop(
     to relay ("550 5.7.1 Relaying denied") and the sender got that misleading reason. Now
     the host is not connected to: bounced 554 5.4.6 "mail for loop.test loops back to
     myself" (Postfix's words), one host-failed line; a host on another loopback address
-    at the same port is not taken for us (connection refused: deferred)."""
+    at the same port is not taken for us (connection refused: deferred). As a backup MX
+    (backup.test: its better MX refuses connections), the relay waits for the better
+    host, as Postfix does: deferred, never bounced 5.4.6."""
     dns.set_zones({**ZONES, "loop.test": {"MX": [(10, "mx.loop.test")]},
                    "mx.loop.test": {"A": ["127.0.0.1"]},
                    "other.test": {"MX": [(10, "mx.other.test")]},
-                   "mx.other.test": {"A": ["127.0.0.3"]}})
+                   "mx.other.test": {"A": ["127.0.0.3"]},
+                   "backup.test": {"MX": [(10, "mx.other.test"), (20, "mx.loop.test")]}})
     relay = relay_factory(mx_overrides(dns, fake_mx.port), start=False)
     relay.config_data["delivery"]["port"] = relay.ports["smtp"]
     relay.config.write_text(to_toml(relay.config_data))
     relay.start()
-    qid = submit(relay, ["bob@loop.test", "carol@other.test"])
-    relay.wait_for(lambda: any("to=<bob@loop.test>" in ln for ln in log_lines(relay, qid))
-                   and any("to=<carol@other.test>" in ln for ln in log_lines(relay, qid)),
-                   what="both outcomes")
+    qid = submit(relay, ["bob@loop.test", "carol@other.test", "dan@backup.test"])
+    relay.wait_for(lambda: all(any(f"to=<{a}>" in ln for ln in log_lines(relay, qid))
+                               for a in ("bob@loop.test", "carol@other.test",
+                                         "dan@backup.test")),
+                   what="the three outcomes")
     lines = log_lines(relay, qid)
     [bob] = [ln for ln in lines if "to=<bob@loop.test>" in ln]
     assert "dsn=5.4.6" in bob and "stat=Bounced" in bob
     assert "mail for loop.test loops back to myself" in bob
     [carol] = [ln for ln in lines if "to=<carol@other.test>" in ln][:1]
     assert "stat=Deferred" in carol and "connection refused" in carol
+    [dan] = [ln for ln in lines if "to=<dan@backup.test>" in ln][:1]
+    assert "stat=Deferred" in dan and "dsn=4.4.1" in dan
     assert "Relaying denied" not in relay.maillog()
 
 

@@ -23,7 +23,8 @@ Failure policy (codes per RFC 3463):
 - No connection (refused, unreachable) 4.4.1; timeout or lost connection 4.4.2;
   garbage instead of a reply 4.5.0; DNS trouble 4.4.3, NXDOMAIN 5.1.2, null MX 5.1.10;
   an MX host (or address literal) that is one of our own [[listen]] sockets: not
-  connected to, 554 5.4.6 "mail for D loops back to myself" (the next host is tried).
+  connected to, nor any host after it (as Postfix truncates its MX list at itself); the
+  best MX: 554 5.4.6 "mail for D loops back to myself", else the better hosts' result.
 - Hosts are tried in order (RFC 5321 5.1). A host that fails as a whole (connection,
   greeting, EHLO, TLS, AUTH, a 4xx at MAIL) passes every recipient to the next host; a 4xx
   at RCPT, or a 4xx reply to DATA or to the message, passes just those recipients to the
@@ -504,6 +505,18 @@ class Courier:
         todo = list(rcpts)
         payload = _Payload(data, env, self)
         for i, t in enumerate(targets):
+            if t.mode == "mx" and mx.is_own_listener(self._own, t.addr, t.port):
+                # RFC 5321 5.1 / RFC 3463 X.4.6: this MX is us. Hosts from here on are not
+                # tried (as Postfix truncates its MX list at itself: a backup MX hands
+                # the mail back); first in the list, the mail has nowhere to go: 5.4.6;
+                # later, the better hosts' (temporary) failure stands.
+                loop = DeliveryResult.perm(
+                    f"mail for {t.domain} loops back to myself: {t.where} is this relay's "
+                    "own listener", "5.4.6", 554, t.where)
+                self._host_failed(env.queue_id, t, loop)
+                if i == 0:
+                    last = loop
+                break
             try:
                 out = await self._via(t, env, todo, payload)
             except _TryNext as e:
@@ -753,12 +766,6 @@ class Courier:
             # The token first (a cached valid one at once): a slow or failing token
             # endpoint (up to its 30 s deadline) holds no connection to the smart host.
             await self._oauth_token(t, where)
-        if t.mode == "mx" and mx.is_own_listener(self._own, t.addr, t.port):
-            # RFC 5321 6.3 / RFC 3463 X.4.6: delivering there hands the mail to ourselves
-            # (our own smtp listener would refuse to relay it: a misleading 5.7.1).
-            raise _TryNext(DeliveryResult.perm(
-                f"mail for {t.domain} loops back to myself: {where} is this relay's own "
-                "listener", "5.4.6", 554, where))
         self.connections_opened += 1
         try:
             w = await open_connection(

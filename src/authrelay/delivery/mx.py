@@ -8,8 +8,10 @@ Implements RFC 5321 5.1:
   smtp_mx_address_limit: a hostile MX RRset must not hold a delivery slot for hours);
 - an address literal recipient (`[192.0.2.1]`, `[IPv6:2001:db8::1]`, 4.1.3) skips DNS.
 A host that is this relay's own listener (`is_own_listener`: an MX naming the address
-one of our sockets is bound to) is a mail loop: the courier refuses it, 554 5.4.6, before
-connecting.
+one of our sockets is bound to) is a mail loop: the courier tries neither it nor the hosts
+after it (as Postfix truncates its MX list at itself), 554 5.4.6 when it is the first. An
+MX host named `localhost` or `*.localhost` (RFC 6761 6.3) is left out (554 5.4.6 when no
+other host remains).
 And RFC 7505: a null MX (a single MX with exchange "." at preference 0) means the domain
 accepts no mail: permanent `556 5.1.10`.
 
