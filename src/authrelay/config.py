@@ -19,13 +19,14 @@ reading process's current directory.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 import socket
 import stat
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -675,6 +676,21 @@ def _policy_map(value: Any) -> tuple[TlsPolicyEntry, ...]:
     return tuple(out)
 
 
+def _unknown_key(path: str, key: str, known: Iterable[str]) -> ConfigError:
+    """"PATH: unknown key", with the fix when there is a likely one: a key of this table
+    spelt nearly so (`smart_hots`), or a top-level or section key put in another table."""
+    near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.8)
+    if near:
+        return ConfigError(f"{path}: unknown key (did you mean {near[0]}?)")
+    homes = [f"in [{name}]" for name, cls in _SECTIONS.items()
+             if key in {f.name for f in fields(cls)}]
+    if key in {f.name for f in fields(Config)} - {"source"} - set(_SECTIONS):
+        homes.insert(0, "at the top of the file, before any [section]")
+    if homes:
+        return ConfigError(f"{path}: unknown key (it goes {' or '.join(homes)})")
+    return ConfigError(f"{path}: unknown key")
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix}: expected a table")
@@ -684,7 +700,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for k, v in data.items():
         path = f"{prefix}.{k}" if prefix else k
         if k not in known:
-            raise ConfigError(f"{path}: unknown key")
+            raise _unknown_key(path, k, known)
         kwargs[k] = _convert(path, v, getattr(defaults, k))
     return cls(**kwargs)
 
@@ -894,7 +910,7 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     defaults = Config()
     for k, v in data.items():
         if k == "source" or k not in top:
-            raise ConfigError(f"{k}: unknown key")
+            raise _unknown_key(k, k, set(top) - {"source"})
         if k == "listen":
             if not isinstance(v, list):
                 raise ConfigError("listen: expected [[listen]] tables")

@@ -54,6 +54,25 @@ def test_hostnames_that_are_kept() -> None:
         assert from_dict({"hostname": name}).hostname == name
 
 
+@pytest.mark.parametrize("data,message", [
+    ({"hostnme": "x"}, "hostnme: unknown key (did you mean hostname?)"),
+    ({"relay": {"smart_hots": []}}, "relay.smart_hots: unknown key (did you mean smart_host?)"),
+    ({"auth": {"smart_host": ["a:25"]}}, "auth.smart_host: unknown key (it goes in [relay])"),
+    ({"smart_host": ["a:25"]}, "smart_host: unknown key (it goes in [relay])"),
+    # A top-level key written after a [section] header (TOML puts it in that table).
+    ({"relay": {"hostname": "x"}}, "relay.hostname: unknown key (it goes at the top of the "
+                                   "file, before any [section])"),
+    ({"colour": 1}, "colour: unknown key"),
+])
+def test_an_unknown_key_names_the_fix(data: dict, message: str) -> None:
+    # The old message was "KEY: unknown key" alone: a misspelt key, or one in the wrong
+    # table (a top-level key after a [section] header is the classic TOML slip), left the
+    # admin to search the README.
+    with pytest.raises(ConfigError) as e:
+        from_dict(data)
+    assert str(e.value) == message
+
+
 def test_units() -> None:
     assert parse_duration("10m") == 600 and parse_duration("5d") == 432000
     assert parse_size("20MB") == 20_000_000 and parse_size("1KiB") == 1024
