@@ -142,6 +142,17 @@ def _text(value: Any) -> str:
     return escape(value, "text")
 
 
+# Characters of a next hop's reply in a delivery line (`stat=Deferred (REPLY)`), as the
+# 2048 octets Postfix keeps of one: the bounce keeps more (types.MAX_TEXT), but a hostile
+# next hop must not write 16 KiB per recipient per retry into the maillog.
+LOG_REPLY = 2048
+LOG_TRUNCATED = " [...] (reply truncated)"
+
+
+def _reply(text: str) -> str:
+    return text if len(text) <= LOG_REPLY else text[:LOG_REPLY] + LOG_TRUNCATED
+
+
 _relay_cache: dict[str, _Field] = {}
 
 
@@ -383,7 +394,7 @@ class MailLog:
                   policy: str | None) -> None:
         self.event(queue_id, to=_Field(f"<{_text(rcpt)}>"), relay=relay or "none",
                    delay=f"{delay:.2f}", tries=tries, dsn=dsn or None, tls=tls or None,
-                   policy=policy or None, stat=_Field(f"{stat} ({_text(reply)})"))
+                   policy=policy or None, stat=_Field(f"{stat} ({_text(_reply(reply))})"))
 
     def sent(self, queue_id: str, rcpt: str, relay: str | None, delay: float, tries: int,
              dsn: str | None, reply: str, tls: str | None = None,

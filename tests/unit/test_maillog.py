@@ -239,3 +239,19 @@ def test_syslog_with_a_listener_is_used(tmp_path: Path) -> None:
         srv.close()
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
+
+
+def test_a_next_hops_reply_is_kept_to_2048_characters_in_a_delivery_line(
+        ml: maillog.MailLog, tmp_path: Path) -> None:
+    """A hostile next hop's 16 KiB reply (what a DeliveryResult keeps) was written whole
+    into every delivery line, per recipient and per retry; the line keeps 2048 characters
+    of it, as Postfix keeps 2048 octets of a reply, and says it was cut."""
+    reply = "450 4.2.0 " + "y" * 16384
+    ml.deferred("Q1", "b@y", "mx.y[198.51.100.1]:25", 1.0, 3, "4.2.0", reply)
+    ml.bounced("Q1", "c@y", "mx.y[198.51.100.1]:25", 1.0, 3, "5.1.1", "550 5.1.1 short")
+    ml.flush()
+    long, short = _lines(tmp_path / "mail.log")
+    head = "Q1: to=<b@y>, relay=mx.y[198.51.100.1]:25, delay=1.00, tries=3, dsn=4.2.0, " \
+           "stat=Deferred ("
+    assert long == head + reply[:2048] + " [...] (reply truncated))"
+    assert short.endswith("stat=Bounced (550 5.1.1 short)")
