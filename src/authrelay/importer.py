@@ -883,6 +883,7 @@ def _import_sasldb(args: argparse.Namespace) -> int:
     and the next one is tried. Two sasldb users that get one name (alice of two default
     realms: two Cyrus users, maybe two passwords) are never merged: the first is
     imported, the other skipped with the reason (never `replaced` by the same run)."""
+    from authrelay.auth.pgusers import PgUserDB, redact_dsn
     from authrelay.auth.userdb import UserDB, UserDBError, UserExists, check_new_name
 
     try:
@@ -898,10 +899,18 @@ def _import_sasldb(args: argparse.Namespace) -> int:
     # this host's when it is relay.test; logins map realms without case too, realms.py).
     default_realms = {r.lower() for r in (set(args.realm or []) or {
         socket.gethostname(), socket.getfqdn(), cfg.hostname})}
+    # Into the store the servers read: with backend = "postgresql" the shared database
+    # (users written to a users.db there were read by no server: every login failed).
+    db: UserDB | PgUserDB
     try:
-        db = UserDB(cfg.userdb_path)
+        if cfg.auth.backend == "postgresql":
+            db = PgUserDB(cfg.auth.dsn, timeout=max(cfg.auth.backend_timeout, 10.0))
+        else:
+            db = UserDB(cfg.userdb_path)
     except (UserDBError, OSError, sqlite3.Error) as e:
-        print(f"authrelay: {cfg.userdb_path}: {e}", file=sys.stderr)
+        where = redact_dsn(cfg.auth.dsn) if cfg.auth.backend == "postgresql" \
+            else cfg.userdb_path
+        print(f"authrelay: {where}: {e}", file=sys.stderr)
         return 1
     added = skipped = failed = 0
     bare_realms: set[str] = set()
@@ -970,6 +979,9 @@ def _import_sasldb(args: argparse.Namespace) -> int:
         listed = ", ".join(f'"{r}"' for r in sorted({*cfg.auth.realms, *missing}))
         print(f"users of {', '.join(missing)} were stored by their bare name; so that "
               f"logins as user@{missing[0]} keep working, set in [auth]: realms = [{listed}]")
+    if cfg.auth.backend.startswith(("saslauthd:", "dovecot:")):
+        print(f"note: [auth] backend is {cfg.auth.backend}: the users imported into "
+              f"{cfg.userdb_path} are used once you set backend = \"userdb\"")
     print(f"{added} imported, {skipped} skipped, {failed} failed")
     return 1 if failed else 0
 

@@ -259,6 +259,22 @@ def test_sasldb_default_realm_matches_without_case(tmp_path: Path) -> None:
     assert 'realms = ["RELAY.TEST"]' in r.stdout  # the line to add, as for any bare realm
 
 
+def test_sasldb_import_with_an_external_backend_says_where_users_went(
+        tmp_path: Path) -> None:
+    # With saslauthd or Dovecot as backend the users land in a users.db no server reads
+    # until backend = "userdb": said, not left for the admin to find at the first 535.
+    db = tmp_path / "sasldb2"
+    _saslpasswd2(db, "erin", "pw", realm="relay.test")
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n'
+                   '[auth]\nbackend = "saslauthd:/run/saslauthd/mux"\n')
+    r = _cli("import", "sasldb", str(db), "--realm", "relay.test", config=cfg)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "note: [auth] backend is saslauthd:/run/saslauthd/mux: the users imported into " \
+           f'{tmp_path / "state" / "users.db"} are used once you set backend = "userdb"' \
+        in r.stdout.splitlines(), r.stdout
+
+
 def test_sasldb_not_a_database(tmp_path: Path) -> None:
     bad = tmp_path / "sasldb2"
     bad.write_bytes(b"not a berkeley db\n" * 100)

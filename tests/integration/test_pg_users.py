@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,27 @@ def test_migrate_copies_hashes_and_addresses(tmp_path: Path, pg: PostgresServer)
         db.close()
     bad = r.cli("user", "migrate", "--from", str(tmp_path / "missing.db"), check=False)
     assert bad.returncode == 1 and "no such user database" in bad.stderr
+
+
+def test_import_sasldb_goes_into_postgresql(tmp_path: Path, pg: PostgresServer) -> None:
+    # With backend = "postgresql" the old code imported the sasldb into a local users.db
+    # that no server reads ("1 imported", then every login 535).
+    db = tmp_path / "sasldb2"
+    host = "relay.test"
+    subprocess.run(["saslpasswd2", "-f", str(db), "-c", "-p", "-u", host, "carol"],
+                   input="carol-pw\n", text=True, check=True, timeout=30)
+    r = pg_relay(tmp_path, pg, users={})
+    out = r.cli("import", "sasldb", str(db), "--realm", host)
+    assert "added carol" in out.stdout and out.stdout.splitlines()[-1] == \
+        "1 imported, 0 skipped, 0 failed", out.stdout
+    assert not (r.state / "users.db").exists()
+    r.start()
+    try:
+        assert login(r.ports["submissions"], "carol", "carol-pw") == 235
+    finally:
+        r.stop()
+    again = r.cli("import", "sasldb", str(db), "--realm", host)
+    assert "skipped carol: already exists (--replace to overwrite)" in again.stdout
 
 
 def test_migrate_needs_the_postgresql_backend(tmp_path: Path) -> None:
