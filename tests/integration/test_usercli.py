@@ -107,6 +107,20 @@ def test_nfc_and_nfd_spellings_are_never_two_users(conf: Path) -> None:
     assert h is not None and passwords.verify_password(h, "pw1")
 
 
+def test_an_external_backend_is_named_when_the_user_db_is_edited(tmp_path: Path) -> None:
+    # With saslauthd (or Dovecot) as backend, `user add` wrote a users.db no server reads
+    # and said only "user zed added": every login of zed then got 535.
+    conf = tmp_path / "authrelay.toml"
+    conf.write_text(f'state_dir = "{tmp_path / "state"}"\n'
+                    '[auth]\nbackend = "saslauthd:/run/saslauthd/mux"\n')
+    r = run(conf, "add", "zed", "--password-stdin", stdin="pw\n")
+    assert r.returncode == 0 and r.stdout == "user zed added\n", r.stderr
+    assert r.stderr == ("authrelay user: note: [auth] backend is saslauthd:/run/saslauthd/"
+                        f"mux: logins are checked there, not in {tmp_path / 'state' / 'users.db'}"
+                        ' (used once backend = "userdb")\n')
+    assert run(conf, "list").stdout == "zed\n"
+
+
 def test_database_down_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     """PostgreSQL unreachable: `user suspended` printed a Python traceback (the other
     commands one line); now every one says so in one line and exits 1."""

@@ -32,7 +32,7 @@ from pathlib import Path
 from authrelay import clientsetup
 from authrelay.auth import apppasswords
 from authrelay.auth.apppasswords import AppPasswordError
-from authrelay.auth.authenticator import account_for
+from authrelay.auth.authenticator import account_for, external_backend
 from authrelay.auth.login import StoreUnavailable
 from authrelay.auth.pgusers import PgUserDB, redact_dsn
 from authrelay.auth.userdb import UserDB, UserDBError, UserStore
@@ -57,6 +57,12 @@ def _open(args: argparse.Namespace) -> UserDB | PgUserDB:
     else:
         db = UserDB(cfg.userdb_path)
     _opened.append(db)
+    if external_backend(cfg):
+        # Still done (a user DB prepared before switching backends), but said: a user
+        # added here would otherwise meet 535 with nothing telling the admin why.
+        print(f"authrelay user: note: [auth] backend is {cfg.auth.backend}: logins are "
+              f"checked there, not in {cfg.userdb_path} (used once backend = \"userdb\")",
+              file=sys.stderr)
     return db
 
 
