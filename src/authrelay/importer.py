@@ -27,6 +27,7 @@ are never printed or logged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,14 +313,21 @@ def read_authinfo(path: Path) -> list[AuthInfo]:
 
 
 def write_password_file(path: Path, password: str) -> None:
-    """The smart host's password, alone on one line, mode 0600 from creation on."""
+    """The smart host's password, alone on one line, mode 0600 from creation on, in a
+    file this process created: the temporary name is random and opened O_EXCL (mkstemp),
+    so in a directory others may write to (a `--password-file /tmp/...` run as root) a
+    link or file planted under a guessable name is never written through nor handed the
+    password; the rename replaces `path` itself, never what a link there points to."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(password.encode("utf-8", "surrogateescape") + b"\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600, O_EXCL
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(password.encode("utf-8", "surrogateescape") + b"\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def looks_like_cf(text: str) -> bool:

@@ -8,6 +8,7 @@ log in to a real authrelay process.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -566,6 +567,46 @@ def test_mc_smart_host_defined_twice_names_both(tmp_path: Path) -> None:
     assert tomllib.loads(r.stdout)["relay"]["smart_host"] == ["new.isp.example:25"]
     assert "# define(`SMART_HOST', `[old.isp.example]'): overridden by a later define " \
            "(as in m4)" in r.stdout
+
+
+def test_password_file_in_a_shared_directory_cannot_be_hijacked(tmp_path: Path) -> None:
+    # The password went to PATH.tmp, opened O_CREAT|O_TRUNC without O_EXCL: in a directory
+    # others may write to (a --password-file under /tmp, run as root), a symlink planted
+    # as PATH.tmp made root overwrite its target with the password (here "victim"), and
+    # a planted file of another user ended up as the password file, theirs to read.
+    import pwd
+    import stat
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    pwfile = shared / "smart.pw"
+    os.symlink(victim, shared / "smart.pw.tmp")
+    authinfo = tmp_path / "authinfo"
+    authinfo.write_text('AuthInfo:smtp.isp.example "U:relay" "P:s3cret"\n')
+    mc = tmp_path / "s.mc"
+    mc.write_text("define(`SMART_HOST', `[smtp.isp.example]')dnl\n"
+                  "FEATURE(`authinfo', `hash -o /etc/mail/authinfo.db')dnl\n")
+    r = _cli("import", "sendmail-mc", "--authinfo", str(authinfo), "--password-file",
+             str(pwfile), str(mc))
+    assert r.returncode == 0, r.stderr
+    assert victim.read_text() == "precious\n"
+    st = os.lstat(pwfile)
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == os.geteuid() and pwfile.read_text() == "s3cret\n"
+    # A planted regular file of another user under the old name: never the password's.
+    os.unlink(shared / "smart.pw.tmp")
+    nobody = pwd.getpwnam("nobody")
+    planted = shared / "smart.pw.tmp"
+    planted.write_text("")
+    os.chown(planted, nobody.pw_uid, nobody.pw_gid)
+    planted.chmod(0o666)
+    assert _cli("import", "sendmail-mc", "--authinfo", str(authinfo), "--password-file",
+                str(pwfile), str(mc)).returncode == 0
+    assert os.stat(pwfile).st_uid == os.geteuid() and planted.read_text() == ""
+    assert sorted(p.name for p in shared.iterdir()) == ["smart.pw", "smart.pw.tmp"]
 
 
 def test_realm_logins_keep_working_after_sasldb_import(relay_factory, tmp_path: Path
