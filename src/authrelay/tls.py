@@ -18,6 +18,7 @@ opened through /proc/self/fd; no copy of the key ever lands on a disk).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -77,16 +78,28 @@ def make_self_signed(hostname: str, out_dir: Path, *, days: int = 825) -> tuple[
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    # Create the key 0600 from the start: never a window where it is world-readable.
-    tmp = key_path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key_bytes)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, key_path)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    os.chmod(cert_path, 0o644)
+    # The key 0600 from the start: never a window where it is world-readable.
+    _write_new(key_path, key_bytes, 0o600)
+    _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` by a file this process created (mkstemp: random name, O_EXCL, 0600
+    until `mode` is set on the descriptor). A fixed `key.tmp`, or `cert.pem` written in
+    place, followed a link someone planted in a shared `--out` directory (root wrote the
+    private key into the link's target) or filled a file of theirs with the key; the
+    rename replaces `path` itself, never what a link there points to."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def ensure_certificate(cfg: Config) -> None:

@@ -158,6 +158,29 @@ def test_cert_make(tmp_path: Path) -> None:
     assert again.returncode == 1  # never overwrites silently
 
 
+def test_cert_make_in_a_shared_directory_writes_only_its_own_files(tmp_path: Path) -> None:
+    # `cert make --out DIR` wrote the private key to DIR/key.tmp (O_CREAT|O_TRUNC, links
+    # followed) and the certificate through DIR/cert.pem in place: in a directory others
+    # may write to, a planted key.tmp link made root write the private key into its
+    # target, and a dangling cert.pem link made root create the file it names.
+    out = tmp_path / "shared"
+    out.mkdir()
+    out.chmod(0o1777)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, out / "key.tmp")
+    os.symlink(tmp_path / "made-by-root", out / "cert.pem")  # dangling
+    r = subprocess.run([sys.executable, "-m", "authrelay", "cert", "make", "--hostname",
+                        "mx.example.org", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert victim.read_text() == "precious\n"
+    assert not (tmp_path / "made-by-root").exists()
+    for name, mode in (("key.pem", 0o600), ("cert.pem", 0o644)):
+        st = os.lstat(out / name)
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == mode, name
+    assert b"PRIVATE KEY" in (out / "key.pem").read_bytes()
+
+
 def test_embedded_default_first_start(tmp_path: Path) -> None:
     """`authrelay serve` with no config: ./var, self-signed cert, dev ports on loopback."""
     env = {k: v for k, v in os.environ.items() if k != "AUTHRELAY_CONFIG"}
