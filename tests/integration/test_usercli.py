@@ -107,6 +107,24 @@ def test_nfc_and_nfd_spellings_are_never_two_users(conf: Path) -> None:
     assert h is not None and passwords.verify_password(h, "pw1")
 
 
+def test_a_new_name_never_twins_a_decomposed_user_of_an_earlier_release(conf: Path) -> None:
+    # A users.db from before the NFC rule may hold "café" decomposed (NFD); adding the
+    # NFC spelling beside it made the look-alike pair the rule exists to prevent (each
+    # with its own password). The stored user keeps working: it is never locked out.
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    assert run(conf, "add", "seed", "--password-stdin", stdin="pw0\n").returncode == 0
+    db = db_of(conf)
+    db._insert(nfd, passwords.hash_password("old"), [])  # as an earlier release stored it
+    db.close()
+    r = run(conf, "add", nfc, "--password-stdin", stdin="pw1\n")
+    assert r.returncode == 1 and "looks the same as the existing user" in r.stderr, r.stderr
+    assert repr(nfd) in r.stderr and "Traceback" not in r.stderr
+    assert sorted(u.name for u in db_of(conf).list()) == sorted(["seed", nfd])
+    assert run(conf, "passwd", nfd, "--password-stdin", stdin="new\n").returncode == 0
+    h = db_of(conf).get_hash(nfd)
+    assert h is not None and passwords.verify_password(h, "new")
+
+
 def test_an_external_backend_is_named_when_the_user_db_is_edited(tmp_path: Path) -> None:
     # With saslauthd (or Dovecot) as backend, `user add` wrote a users.db no server reads
     # and said only "user zed added": every login of zed then got 535.

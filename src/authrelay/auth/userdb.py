@@ -16,6 +16,7 @@ Authenticator answers it as a temporary failure (454), never as "bad password".
 
 from __future__ import annotations
 
+import builtins
 import sqlite3
 import threading
 import time
@@ -143,6 +144,7 @@ class UserStore:
 
     def add(self, name: str, password: str | bytes, addresses: Iterable[str] = ()) -> None:
         check_new_name(name)
+        self._no_lookalike(name)
         if not password:
             raise UserDBError("password must not be empty")
         addrs = [normalize_address(a) for a in addresses]
@@ -150,9 +152,23 @@ class UserStore:
 
     def add_hashed(self, name: str, argon2_hash: str, addresses: Iterable[str] = ()) -> None:
         check_new_name(name)
+        self._no_lookalike(name)
         if not is_argon2_hash(argon2_hash):
             raise UserDBError("not an argon2 hash")
         self._insert(name, argon2_hash, [normalize_address(a) for a in addresses])
+
+    def _no_lookalike(self, name: str) -> None:
+        """A new (NFC) name must not be the NFC form of a user stored before names had to
+        be NFC (an earlier release, a migrated users.db): 'café' added beside a stored
+        decomposed 'café' would be the look-alike pair check_new_name exists to prevent.
+        Only a non-ASCII name can have such a twin (scanned: one list per add)."""
+        if name.isascii():
+            return
+        for u in self.list():
+            if u.name != name and unicodedata.normalize("NFC", u.name) == name:
+                raise UserDBError(f"user name {name!r} looks the same as the existing user "
+                                  f"{u.name!r} (stored decomposed, not in NFC): use that "
+                                  "user, or delete it first")
 
     def set_password(self, name: str, password: str | bytes) -> None:
         if not password:
@@ -237,6 +253,9 @@ class UserStore:
         raise NotImplementedError
 
     def generation(self) -> int:
+        raise NotImplementedError
+
+    def list(self) -> builtins.list[UserInfo]:
         raise NotImplementedError
 
     def close(self) -> None:
