@@ -172,6 +172,31 @@ def test_keygen_as_root_gives_the_key_to_the_run_user(tmp_path: Path) -> None:
             (nobody.pw_uid, nobody.pw_gid, mode), p
 
 
+def test_keygen_as_root_never_follows_a_link_in_the_run_users_dkim_dir(
+        tmp_path: Path) -> None:
+    # state_dir/dkim is the run user's: that user (or whoever took the daemon over) could
+    # put a symlink where keygen's domain directory goes; root's keygen then chowned the
+    # link's target (here a root directory standing for /etc) to the run user and wrote
+    # the key inside it. Now refused, naming the link; the target is left as it was.
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    write_cfg(tmp_path, 'user = "nobody"\n')
+    target = tmp_path / "etc"
+    target.mkdir(mode=0o755)
+    dkim = tmp_path / "var" / "dkim"
+    dkim.mkdir(parents=True)
+    os.chown(dkim, nobody.pw_uid, nobody.pw_gid)
+    os.symlink(target, dkim / "example.org")
+    r = run(tmp_path, "dkim", "keygen", "example.org", "--algorithm", "ed25519", "--selector", "n")
+    assert r.returncode == 1
+    assert r.stderr == f"authrelay: {dkim / 'example.org'} is not a directory (a symbolic " \
+                       "link?): remove it\n", r.stderr
+    st = target.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o755)
+    assert list(target.iterdir()) == []
+
+
 def test_an_internationalised_domain_written_as_the_config_allows(tmp_path: Path) -> None:
     """`[dkim] domains` and the signer take `bücher.example` as its A-label; keygen, list,
     dkim dns, dns and check-config take it the same way, so the admin's one spelling works

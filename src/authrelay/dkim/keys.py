@@ -214,8 +214,13 @@ class KeyStore:
         self.root.parent.mkdir(parents=True, exist_ok=True)  # state_dir on a first run
         for d in (self.root, ddir):
             d.mkdir(mode=0o700, exist_ok=True)
+            # The state dir is the run user's: a link put in a directory's place (by that
+            # user, or whoever took it over) must not make root chown, or write a key
+            # into, what it points to (/etc).
+            if not stat.S_ISDIR(os.lstat(d).st_mode):
+                raise DkimKeyError(f"{d} is not a directory (a symbolic link?): remove it")
             if owner is not None:
-                os.chown(d, *owner)
+                os.chown(d, *owner, follow_symlinks=False)
         path = ddir / f"{selector}.key"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
