@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+import socket
 
 import pytest
 from hypothesis import given
@@ -142,3 +143,11 @@ def test_a_loopback_neighbour_is_not_a_mail_loop() -> None:
     assert not is_own_listener(own, "::1", 25)
     assert not is_own_listener(own, "127.0.0.1", 465)
     assert not is_own_listener(own, "::ffff:127.0.0.1", 465)
+
+
+def test_a_listener_named_by_dns_is_never_resolved_for_the_loop_check() -> None:
+    """Only `localhost` names are resolved (locally, RFC 6761): the courier is built on the
+    master's event loop at each reload, and a listener named by a DNS name would have it
+    wait on the DNS there. Such a listener is not taken for us (as before the check)."""
+    assert listener_addresses([(socket.gethostname(), 25)]) == []
+    assert listener_addresses([("localhost", 25)]) == [("127.0.0.1", 25)]

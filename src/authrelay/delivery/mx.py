@@ -104,11 +104,11 @@ def _is_local(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 
 def listener_addresses(listeners: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
-    """`[[listen]]` (host, port) pairs with each host name (`localhost`) resolved as
-    smtpd/server.bind() binds it (its family by the name: IPv4 unless it holds a ':';
-    the first address), so `is_own_listener` compares what the socket is bound to. A
-    name that does not resolve is left out (nothing is listening there). Blocking: call
-    once at start, not per delivery."""
+    """`[[listen]]` (host, port) pairs with a `localhost` name resolved as
+    smtpd/server.bind() binds it (IPv4, the first address: 127.0.0.1), so
+    `is_own_listener` compares what the socket is bound to. Other names are left out
+    (never taken for us): resolving them could wait on the DNS, and the courier is built
+    on the master's event loop at each reload. Call once per courier, not per delivery."""
     out: list[tuple[str, int]] = []
     for host, port in listeners:
         if host in _WILDCARDS:
@@ -120,9 +120,10 @@ def listener_addresses(listeners: Iterable[tuple[str, int]]) -> list[tuple[str, 
             continue
         except ValueError:
             pass
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            found = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        if not _is_localhost(host):
+            continue
+        try:  # RFC 6761 6.3: answered locally (hosts file), never from the DNS
+            found = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
         except (OSError, UnicodeError):
             continue
         if found:
