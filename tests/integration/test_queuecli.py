@@ -336,6 +336,25 @@ async def test_list_says_why_a_file_is_unreadable(site: tuple[Path, Spool]) -> N
     assert any(ln.startswith(good) and "active" in ln for ln in lines)
 
 
+async def test_an_id_set_aside_in_corrupt_is_named_so(site: tuple[Path, Spool]) -> None:
+    # The id of a damaged message (read in the maillog's "moved to corrupt/" line) got
+    # only "not in the queue" from show, hold, delete and flush: the admin could not
+    # tell a typo from a message the spool set aside.
+    cfgfile, spool = site
+    qid = await put(spool, ["b@b.example"])
+    os.rename(spool.queue_dir / qid, spool.corrupt_dir / qid)
+    for args in (("show", qid), ("hold", qid), ("delete", qid), ("release", qid)):
+        r = cli(cfgfile, *args)
+        assert r.returncode == 1, (args, r.stdout)
+        assert r.stderr == (f"authrelay: {qid}: not in the queue: set aside in "
+                            f"{spool.corrupt_dir} (not delivered; authrelay queue corrupt "
+                            "says why)\n"), (args, r.stderr)
+    r = cli(cfgfile, "flush", qid)
+    assert r.returncode == 69 and f"{qid}: not in the queue: set aside in" in r.stderr
+    r = cli(cfgfile, "hold", "2N5NOSUCHMESSAGE1")
+    assert r.stderr == "authrelay: 2N5NOSUCHMESSAGE1: not in the queue\n"
+
+
 async def test_offline_flush_skips_unreadable_and_held_files(site: tuple[Path, Spool]) -> None:
     """With no server, `queue flush` meets a file of a newer spool format (start-up
     recovery leaves those in queue/) or a damaged one: it says so for that file, marks

@@ -32,7 +32,7 @@ from authrelay.config import load
 from authrelay.maillog import escape
 from authrelay.scheduler import control
 from authrelay.spool.envelope import PENDING, Envelope
-from authrelay.spool.store import Spool, SpoolError
+from authrelay.spool.store import Spool, SpoolError, is_queue_id
 
 EX_UNAVAILABLE = 69  # sysexits.h: the mail system is down
 EX_NOPERM = 77
@@ -198,7 +198,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         env = spool.load(args.id)
         headers = spool.read_headers(args.id)
     except FileNotFoundError:
-        print(f"authrelay: {args.id}: not in the queue", file=sys.stderr)
+        print(f"authrelay: {_not_queued(spool, args.id)}", file=sys.stderr)
         return 1
     except SpoolError as e:
         print(f"authrelay: {args.id}: {e}", file=sys.stderr)
@@ -275,7 +275,7 @@ def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
     if op == "flush" and not running:
         for qid in resp.get("missing", []):
             _err(f"{qid}: is held, so it is not delivered (authrelay queue release {qid})"
-                 if qid in held else f"{qid}: not in the queue")
+                 if qid in held else _not_queued(spool, qid))
         n = len(resp.get("done", []))
         _err(f"cannot flush the queue: mail system is down (authrelay serve is not "
              f"running); {n} message{'s' if n != 1 else ''} marked to go as soon as it "
@@ -299,9 +299,19 @@ def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
             _err(f"{qid}: delivered (or bounced) meanwhile, by the attempt that was under "
                  "way: no longer in the queue (see the maillog)")
         else:
-            _err(f"{qid}: not in the queue")
+            _err(_not_queued(spool, qid))
             rc = 1
     return rc
+
+
+def _not_queued(spool: Spool, qid: str) -> str:
+    """'QID: not in the queue', and where it is when the spool set it aside (the admin
+    who read its id in the maillog or `queue list` is told why the command did nothing)."""
+    corrupt = _corrupt_files(spool)
+    if is_queue_id(qid) and qid in corrupt:
+        return (f"{qid}: not in the queue: set aside in {spool.corrupt_dir} (not delivered; "
+                "authrelay queue corrupt says why)")
+    return f"{qid}: not in the queue"
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
