@@ -710,8 +710,14 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 _NOT_IN_HOSTNAME = re.compile(r'[\s\x00-\x1f\x7f<>\[\]()@,;:"\\]')
 
 
+_ADDRESS_LITERAL = re.compile(r"\[(?:IPv6:)?[0-9A-Fa-f:.]+\]")  # RFC 5321 4.1.3, as EHLO takes
+
+
 def hostname_problem(name: str) -> str:
-    """Why `name` cannot be the relay's host name ("" when it can)."""
+    """Why `name` cannot be the relay's host name ("" when it can). An address literal
+    (`[192.0.2.1]`, `[IPv6:2001:db8::1]`) is a name EHLO accepts: kept."""
+    if _ADDRESS_LITERAL.fullmatch(name):
+        return ""
     bad = _NOT_IN_HOSTNAME.search(name)
     return f"holds {bad.group()!r}" if bad else "" if name.strip(".") else "is empty"
 

@@ -50,7 +50,8 @@ def test_a_hostname_that_would_break_protocol_lines_is_refused(name: str) -> Non
 
 
 def test_hostnames_that_are_kept() -> None:
-    for name in ("relay.example.org", "relay_1.example", "localhost", "relay.example.org."):
+    for name in ("relay.example.org", "relay_1.example", "localhost", "relay.example.org.",
+                 "[192.0.2.1]", "[IPv6:2001:db8::1]"):
         assert from_dict({"hostname": name}).hostname == name
 
 
