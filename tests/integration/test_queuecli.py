@@ -329,8 +329,9 @@ async def test_list_says_why_a_file_is_unreadable(site: tuple[Path, Spool]) -> N
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     i = next(n for n, ln in enumerate(lines) if ln.startswith(bad))
-    why = {rec["id"]: rec for rec in json.loads(cli(cfgfile, "list", "--json").stdout)
-           }[bad]["last_error"]
+    recs = {rec["id"]: rec for rec in json.loads(cli(cfgfile, "list", "--json").stdout)}
+    why = recs[bad]["last_error"]
+    assert set(recs[bad]) == set(recs[good])  # one schema: scripts index every record
     assert why and "unreadable" in lines[i]
     assert lines[i + 1].strip() == f"({why})", lines
     assert any(ln.startswith(good) and "active" in ln for ln in lines)

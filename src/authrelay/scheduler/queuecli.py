@@ -101,8 +101,11 @@ def _records(spool: Spool) -> list[dict[str, Any]]:
         except FileNotFoundError:
             continue  # delivered while we listed
         except (SpoolError, OSError) as e:
-            out.append({"id": qid, "state": "unreadable", "last_error": str(e),
-                        "recipients": [], "sender": "", "size": 0, "arrival": ""})
+            # Every key of _record (a script reading rec["auth_user"] must not fail on
+            # the one damaged file); what could not be read is empty.
+            out.append({"id": qid, "arrival": "", "arrival_ts": 0, "size": 0, "sender": "",
+                        "state": "unreadable", "last_error": str(e), "recipients": [],
+                        "auth_user": "", "is_bounce": False})
             continue
         out.append(_record(env, active))
     return out
