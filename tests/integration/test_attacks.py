@@ -166,3 +166,47 @@ def test_spool_warnings_about_a_message_start_with_its_queue_id(tmp_path: Path) 
         assert lines, (text, log[-3000:])
         assert all(ln.startswith(f"{name}: ") for ln in lines), lines
     assert f"{damaged}: damaged spool file moved to corrupt/" in log  # the text as it was
+
+
+@pytest.mark.root
+def test_root_offline_queue_edit_never_follows_a_link_in_the_spool(
+        reachable_dir: Path) -> None:
+    """The spool is the daemon user's. With no server running, root's `queue hold` moved
+    the message through spool/hold, a symlink that user (or whoever took the daemon over)
+    had put there, into the link's target (a root directory standing for /etc), and an
+    offline `queue flush` left a root-owned 0600 ID.state in the daemon's spool. Now the
+    offline edit runs with the spool owner's ids: the move is refused, nothing lands in
+    the target, and the files made are the daemon's."""
+    import subprocess
+    import sys
+
+    from privpython import python_for
+    from support.privileges import TEST_USER, unprivileged_user
+
+    pw = unprivileged_user()
+    r = RelayProcess(reachable_dir, {"user": TEST_USER})
+    r.python = python_for(TEST_USER)
+    r.config.chmod(0o644)
+    r.start()
+    try:
+        qid = _queue_one(r)
+    finally:
+        r.stop()
+    target = reachable_dir / "etc"
+    target.mkdir(mode=0o755)
+    hold = r.state / "spool" / "hold"
+    os.rmdir(hold)
+    os.symlink(target, hold)
+    os.lchown(hold, pw.pw_uid, pw.pw_gid)
+
+    def queue(*args: str) -> subprocess.CompletedProcess[str]:  # as root, offline
+        return subprocess.run([sys.executable, "-m", "authrelay", "-c", str(r.config),
+                               "queue", *args], capture_output=True, text=True, timeout=60)
+
+    out = queue("hold", qid)
+    assert out.returncode == 77 and "Traceback" not in out.stderr, out.stderr
+    assert f"{qid}: permission denied" in out.stderr
+    assert list(target.iterdir()) == []
+    assert [p.name for p in r.queued()] == [qid]
+    assert queue("flush").returncode == 69
+    assert (r.queue_dir / (qid + ".state")).stat().st_uid == pw.pw_uid

@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -137,17 +138,45 @@ def request(path: Path, req: dict[str, Any], timeout: float = 600.0) -> dict[str
 
 @contextlib.contextmanager
 def offline(spool: Spool) -> Iterator[None]:
-    """Hold the scheduler lock for a direct edit; ServerBusy if a scheduler runs."""
+    """Hold the scheduler lock for a direct edit; ServerBusy if a scheduler runs.
+    Run by root on a spool another user owns (the daemon's `user`), the edit is done
+    with that user's rights (effective uid and gid, restored after): the spool is that
+    user's to change, so a link planted in it (hold/ pointing at /etc) cannot make root
+    move or write files elsewhere, and the files made (ID.state) stay the daemon's."""
+    with _as_owner_of(spool.root):
+        try:
+            fd = acquire_scheduler_lock(spool)
+        except BlockingIOError:
+            raise ServerBusy(
+                "a scheduler holds the spool lock but its control socket does not answer"
+            ) from None
+        try:
+            yield
+        finally:
+            release_scheduler_lock(fd)
+
+
+@contextlib.contextmanager
+def _as_owner_of(path: Path) -> Iterator[None]:
     try:
-        fd = acquire_scheduler_lock(spool)
-    except BlockingIOError:
-        raise ServerBusy(
-            "a scheduler holds the spool lock but its control socket does not answer"
-        ) from None
-    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None  # a first edit: made as we are (root: as before)
+    # The effective ids are the whole process's: switched only in a single-threaded one
+    # (the queue command), never under a daemon's other threads.
+    if os.geteuid() != 0 or st is None or st.st_uid == 0 or threading.active_count() > 1:
         yield
+        return
+    uid, gid = os.geteuid(), os.getegid()
+    os.setegid(st.st_gid)
+    try:
+        os.seteuid(st.st_uid)
+        try:
+            yield
+        finally:
+            os.seteuid(uid)
     finally:
-        release_scheduler_lock(fd)
+        os.setegid(gid)
 
 
 # --------------------------------------------------------------------------- operations

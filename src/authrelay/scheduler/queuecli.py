@@ -257,9 +257,9 @@ def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
     except control.ServerBusy as e:
         _err(str(e))
         return 1
-    except PermissionError:
-        _err(f"{control.control_path(spool)}: permission denied (run as root or as the user "
-             "that runs authrelay serve)")
+    except PermissionError as e:
+        _err(f"{e.filename or control.control_path(spool)}: permission denied (run as root "
+             "or as the user that runs authrelay serve)")
         return EX_NOPERM
     except OSError as e:
         _err(f"{control.control_path(spool)}: {e.strerror or e}")
