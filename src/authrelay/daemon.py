@@ -356,6 +356,8 @@ async def _serve_loop(run: _Run) -> int:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
     else:
         loop.add_signal_handler(signal.SIGHUP, hup.set)
+        if _early_hup:  # a reload asked for during the start: done first thing
+            hup.set()
     cfg = run.cfg
 
     spool = wiring.spool(cfg)
@@ -649,11 +651,24 @@ def _bind_listeners(cfg: Config, nworkers: int) -> list[list[Listener]]:
     return made
 
 
+# A SIGHUP seen before the event loop handles them (serve() to _serve_loop).
+_early_hup = False
+
+
+def _remember_hup(_sig: int, _frame: object) -> None:
+    global _early_hup
+    _early_hup = True
+
+
 def serve(cfg: Config, config_path: str | None = None) -> int:
-    # A SIGHUP (logrotate, a cert renewal hook) between binding the ports and the event
-    # loop installing its handler must not kill the daemon (the default action): ignore
-    # it until then; the config was only just read anyway.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A SIGHUP (logrotate, a cert renewal hook) between here and the event loop installing
+    # its handler must not kill the daemon (the default action), nor be lost: the start
+    # can take a while (a large queue recovered), and a config edited, a certificate
+    # renewed or a maillog rotated meanwhile would go unseen until the next SIGHUP. It is
+    # remembered, and the master (or single process) reloads once its loop is up.
+    global _early_hup
+    _early_hup = False
+    signal.signal(signal.SIGHUP, _remember_hup)
     dropping = _dropping(cfg)
     if dropping:
         _user(cfg)  # an unknown user: one line before anything happens

@@ -4,8 +4,11 @@ reload until the restart, while the running value stays in use."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 from relayproc import PASSWORD, RelayProcess, to_toml
@@ -151,3 +154,54 @@ def test_a_fifo_named_as_the_config_is_refused_at_once(relay_factory) -> None:  
     _reload(r, data, 1)
     with RawClient(r.ports["submission"]) as c:
         assert "renamed.test" in c.reply().text
+
+
+def test_a_sighup_during_the_start_is_applied_once_the_relay_is_up(relay_factory
+                                                                   ) -> None:  # noqa: ANN001
+    """serve ignored SIGHUP from reading its config until its event loop was up (binding,
+    forking the workers, recovering the queue): a config edited, a certificate renewed or
+    a maillog rotated (logrotate's kill -HUP) in that time went unseen until the next
+    SIGHUP. Now it is remembered and the reload is done once the relay is up. The start is
+    held where it reads the TLS key (a FIFO) while the config changes and SIGHUP comes."""
+    r = relay_factory(workers=2, start=False)
+    tls = r.tmp / "tls"
+    tls.mkdir()
+    assert r.cli("cert", "make", "--hostname", "relay.test", "--out", str(tls)).returncode == 0
+    key, real = tls / "key.pem", tls / "key.real"
+    key.rename(real)
+    os.mkfifo(key, 0o600)
+    data = dict(r.config_data)
+    data["tls"] = {"cert": str(tls / "cert.pem"), "key": str(key)}
+    r.config.write_text(to_toml(data))
+    r.cli("user", "add", "alice", "--password-stdin", input=PASSWORD + "\n")
+    with open(r.log, "ab") as logf:
+        r.proc = subprocess.Popen(
+            [r.python, "-m", "authrelay", "-c", str(r.config), "serve"],
+            stdout=logf, stderr=subprocess.STDOUT)
+    # The start is in read_pem once the FIFO has its reader: opening it for writing
+    # without blocking succeeds then (ENXIO before).
+    wfd = r.wait_for(lambda: _open_writer(key), what="the start reading the key")
+    try:
+        data["hostname"] = "renamed.test"
+        r.config.write_text(to_toml(data))
+        os.kill(r.proc.pid, signal.SIGHUP)
+        # The next reads of the key (the reload) find a regular file.
+        os.rename(real, key)
+        os.write(wfd, key.read_bytes())
+    finally:
+        os.close(wfd)
+    r.wait_ready()
+    r.wait_for(lambda: r.maillog().count("daemon=reloaded") >= 3, what="reloaded everywhere")
+    assert r.proc.poll() is None
+    for _ in range(6):  # connections land on either worker
+        with RawClient(r.ports["submission"]) as c:
+            assert "renamed.test" in c.reply().text
+
+
+def _open_writer(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return None
+        raise
