@@ -87,6 +87,11 @@ def _local_name(addr: str, cfg: Config) -> str | None:
     return None
 
 
+def is_local(cfg: Config, addr: str) -> bool:
+    """Whether `addr` is a local name that [aliases] may rewrite (no I/O)."""
+    return _local_name(addr, cfg) is not None
+
+
 def expand(cfg: Config, rcpts: list[str]) -> list[str]:
     """Recipients with local names replaced by their aliases (see module doc)."""
     try:

@@ -46,6 +46,7 @@ import asyncio
 import errno
 import os
 import time
+from dataclasses import replace
 from typing import Any, Protocol
 
 from authrelay import aliases, replies
@@ -174,6 +175,8 @@ class Submitter:
             env.queue_id = new_queue_id()
         if env.is_bounce:
             _to_local_sender(self.cfg, env)
+        else:
+            _to_local_recipients(self.cfg, env)
         if sign is None:
             sign = bool(env.auth_user) or env.is_bounce or env.listener == "sendmail"
         return Draft(self, env, tls=tls, add_missing=add_missing, local_uid=local_uid,
@@ -193,6 +196,31 @@ def _to_local_sender(cfg: Config, env: Envelope) -> None:
     if targets and [a.lower() for a in targets] != [a.lower() for a in sender]:
         env.recipients = [Recipient(address=a) for a in targets]
         env.smtputf8 = not all(a.isascii() for a in targets)
+
+
+def _to_local_recipients(cfg: Config, env: Envelope) -> None:
+    """Recipients at this relay's own names (`hostname`, localhost: `RCPT TO:<Postmaster>`
+    when no local_domains are set, `root@hostname`) go where [aliases] send them, as the
+    sendmail command's do: delivered by MX they went to our own name (a loop, 5.4.6, or
+    NXDOMAIN) and were bounced, so mail for the postmaster (RFC 5321 4.5.1) never reached
+    one. Each target keeps its recipient's NOTIFY and ORCPT; other recipients, and mail
+    already expanded (the sendmail command's), are unchanged."""
+    if not any(aliases.is_local(cfg, r.address) for r in env.recipients):
+        return  # the usual case: no aliases_file read for mail to other domains
+    out: list[Recipient] = []
+    seen: set[str] = set()
+    changed = False
+    for r in env.recipients:
+        targets = aliases.expand(cfg, [r.address])
+        if [a.lower() for a in targets] != [r.address.lower()]:
+            changed = True
+        for a in targets:
+            if a.lower() not in seen:
+                seen.add(a.lower())
+                out.append(replace(r, address=a) if a != r.address else r)
+    if changed:
+        env.recipients = out
+        env.smtputf8 = env.smtputf8 or not all(r.address.isascii() for r in out)
 
 
 class Draft:

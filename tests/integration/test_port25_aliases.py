@@ -1,0 +1,52 @@
+"""Mail strangers send on port 25 to this relay's own names: where [aliases] take it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import FakeSMTPServer, MXFactory
+from relayproc import RelayProcess
+from smtpclient import RawClient
+from test_e2e_delivery import ZONES, mx_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def _send(relay: RelayProcess, sender: str, rcpts: list[str]) -> None:
+    with RawClient(relay.ports["smtp"]) as c:
+        assert c.reply().code == 220
+        assert c.cmd("EHLO stranger.example").code == 250
+        assert c.cmd(f"MAIL FROM:<{sender}>").code == 250
+        for r in rcpts:
+            assert c.cmd(f"RCPT TO:<{r}>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(b"From: <x@sender.test>\r\nSubject: to the postmaster\r\n\r\nhi\r\n.\r\n")
+        assert c.reply().code == 250
+
+
+def test_postmaster_at_our_own_name_goes_through_aliases(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """With no local_domains, `RCPT TO:<Postmaster>` from a stranger on port 25 is
+    postmaster@hostname (RFC 5321 4.5.1). It used to be delivered by MX to our own name
+    (here NXDOMAIN; an MX that is this relay: 5.4.6) and bounced to the stranger's sender:
+    the postmaster never got it. Now [aliases] rewrite it, as for the sendmail command;
+    the forward keeps the stranger's envelope sender and no
+    bounce goes anywhere."""
+    dns.set_zones(ZONES)
+    admin_mx = fake_mx("127.0.0.2")
+    ov = mx_overrides(dns, fake_mx.port)
+    ov["relay"]["local_domains"] = []
+    ov["aliases"] = {"postmaster": ["root", "noc@example.test"], "root": "admin@example.test"}
+    relay = relay_factory(ov)
+    _send(relay, "x@sender.test", ["Postmaster"])
+    relay.wait_for(lambda: len(admin_mx.messages) == 1 and relay.queued() == [],
+                   what="the postmaster's mail delivered")
+    [m] = admin_mx.messages
+    assert sorted(m.rcpt_tos) == ["admin@example.test", "noc@example.test"]
+    assert m.mail_from == "x@sender.test"
+    assert sender_mx.messages == []  # no bounce to the stranger
+    assert "relay.test" not in "".join(
+        ln for ln in relay.maillog().splitlines() if " to=<" in ln)
