@@ -849,10 +849,12 @@ class SaslEntry:
     props: dict[str, bytes] = field(default_factory=dict)
 
 
-def read_sasldb(path: Path) -> list[SaslEntry]:
+def read_sasldb(path: Path, others: list[str] | None = None) -> list[SaslEntry]:
     """Every (user, realm) of a sasldb2 file with its properties (userPassword, ...), in
     file order. Values are the raw bytes stored: a legacy Latin-1 password stays exactly
-    what it was. Raises ImportError_ (file missing, not a Berkeley DB, no db_dump)."""
+    what it was. Raises ImportError_ (file missing, not a Berkeley DB, no db_dump).
+    `others` gets the key (as db_dump prints it) of each record that is no
+    `user\\0realm\\0property`: never dropped without a word by the caller."""
     tool = shutil.which("db_dump") or shutil.which("db5.3_dump")
     if tool is None:
         raise ImportError_("db_dump not found (apt install db-util)")
@@ -878,8 +880,10 @@ def read_sasldb(path: Path) -> list[SaslEntry]:
             key = _unescape_dump(k).split(b"\0")
             value = _unescape_dump(v)
         except (ValueError, IndexError):
-            continue  # a damaged record: nothing we could import from it
+            key = []  # a damaged record: nothing we could import from it
         if len(key) != 3:
+            if others is not None:
+                others.append(k.strip())
             continue
         entry = users.setdefault((key[0], key[1]), SaslEntry(key[0], key[1]))
         entry.props[key[2].decode("latin-1")] = value
@@ -897,7 +901,8 @@ def _import_sasldb(args: argparse.Namespace) -> int:
 
     try:
         cfg = load(args.config, embedded=False)
-        entries = read_sasldb(Path(args.file))
+        others: list[str] = []
+        entries = read_sasldb(Path(args.file), others)
     except NoConfig as e:
         print(f"authrelay: {e}", file=sys.stderr)
         return 75  # EX_TEMPFAIL: no users.db that no server reads
@@ -922,6 +927,10 @@ def _import_sasldb(args: argparse.Namespace) -> int:
         print(f"authrelay: {where}: {e}", file=sys.stderr)
         return 1
     added = skipped = failed = 0
+    for key in others:
+        print(f"skipped record {_shown(key)}: not a user\\0realm\\0property key (no Cyrus "
+              "user to import from it)")
+        skipped += 1
     bare_realms: set[str] = set()
     seen: dict[str, str] = {}  # name -> the sasldb entry (user@realm) stored under it
     try:

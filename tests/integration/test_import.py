@@ -276,6 +276,22 @@ def test_sasldb_import_with_an_external_backend_says_where_users_went(
         in r.stdout.splitlines(), r.stdout
 
 
+def test_sasldb_record_that_is_no_user_is_named(tmp_path: Path) -> None:
+    # A record whose key is not user\0realm\0property (another program's, or damage)
+    # was dropped without a word: the totals did not count it.
+    db = tmp_path / "sasldb2"
+    subprocess.run(["db_load", "-T", "-t", "hash", str(db)], check=True, timeout=30,
+                   input=b"alice\\00relay.test\\00userPassword\npw1\njunk-key\nvalue\n")
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    r = _cli("import", "sasldb", str(db), "--realm", "relay.test", config=cfg)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout.splitlines()
+    assert "skipped record junk-key: not a user\\0realm\\0property key (no Cyrus user to " \
+           "import from it)" in out, out
+    assert "added alice" in out and out[-1] == "1 imported, 1 skipped, 0 failed"
+
+
 def test_sasldb_not_a_database(tmp_path: Path) -> None:
     bad = tmp_path / "sasldb2"
     bad.write_bytes(b"not a berkeley db\n" * 100)
