@@ -956,8 +956,8 @@ def _import_sasldb(args: argparse.Namespace) -> int:
             name_shown = _shown(name)
             password = entry.props.get("userPassword")
             if password is None:
-                others = _shown(", ".join(sorted(entry.props))) or "nothing"
-                print(f"skipped {name_shown}: no userPassword (has {others})")
+                props = _shown(", ".join(sorted(entry.props))) or "nothing"
+                print(f"skipped {name_shown}: no userPassword (has {props})")
                 skipped += 1
                 continue
             if not password:
