@@ -6,7 +6,9 @@ is the relay's `hostname` (or localhost). Its name is looked up in the config's 
 table, then in `aliases_file` (the /etc/aliases format: `name: target, target`, `#`
 comments, continuation lines starting with white space); targets are expanded again
 (at most MAX_DEPTH levels), unqualified ones get `@hostname`. A name that expands to
-itself, or a loop, ends the expansion there (the address is kept as it is). Targets that
+itself, or a loop, ends the expansion there (the address is kept as it is); each name is
+expanded once per call (a name met again adds nothing), so the work is linear in the
+table whatever its lists include. Targets that
 are programs (`|cmd`), files (`/path`) or `:include:` lists have no meaning for a relay:
 they are left out and reported by `problems()` (check-config shows them).
 
@@ -104,9 +106,16 @@ def expand(cfg: Config, rcpts: list[str]) -> list[str]:
     def qualify(a: str) -> str:
         return a if "@" in a else f"{a}@{cfg.hostname}"
 
+    done: set[str] = set()  # names expanded already: their targets are in `out`
+
     def walk(addr: str, depth: int, path: frozenset[str]) -> None:
         name = _local_name(addr, cfg)
         if name is not None and name in table and name not in path and depth < MAX_DEPTH:
+            # Each name once: lists that include each other made the walk follow every
+            # path (exponential: one bounce held the event loop for hours).
+            if name in done:
+                return
+            done.add(name)
             for t in table[name]:
                 walk(t, depth + 1, path | {name})
             return
