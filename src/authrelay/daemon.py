@@ -37,6 +37,7 @@ import os
 import pwd
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -391,26 +392,36 @@ async def _serve_loop(run: _Run) -> int:
         await receiver.start(spool, certs, metrics, ml)
 
     def apply(new: Config, pem: PEM) -> None:
-        """Every reloadable key (reloadkeys.py) reaches the part that reads it."""
+        """Every reloadable key (reloadkeys.py) reaches the part that reads it. All or
+        nothing: what can refuse the new config (the TLS context, the courier, the host
+        checks) is built before anything is replaced, so a refusal (raised: one maillog
+        line) leaves the running config whole, in this process and, as the master then
+        sends nothing, in the workers."""
         old = run.cfg
-        if certs is not None:
-            certs.reload(new, pem)  # a new context: any key type, the new min_version
-        if receiver is not None and receiver.server is not None:
-            srv = receiver.server
+        tls_ctx = certs.prepare(new, pem) if certs is not None else None
+        courier = None
+        if scheduler is not None and (new.relay, new.delivery, new.hostname) != (
+                old.relay, old.delivery, old.hostname):
+            # A smart host added, changed or removed, new TLS or DNS settings: the next
+            # delivery uses a courier built from the new config.
+            courier = _new_courier(new, ml, run)
+        srv = receiver.server if receiver is not None else None
+        checks = srv.checks if srv is not None else None
+        if srv is not None and new.checks != old.checks:
+            checks = wiring.host_checks(new)
+        # Nothing below refuses a config that loaded.
+        if certs is not None and tls_ctx is not None:
+            certs.use(*tls_ctx)  # a new context: any key type, the new min_version
+        if receiver is not None and srv is not None:
             receiver.cfg = new
             srv.reload(new)
             if srv.authenticator is not None:
                 srv.authenticator.reload(new)
-            if new.checks != old.checks:
-                srv.checks = wiring.host_checks(new)
+            srv.checks = checks
         if scheduler is not None:
             scheduler.reload(new)
-            if (new.relay, new.delivery, new.hostname) != (old.relay, old.delivery,
-                                                           old.hostname):
-                # A smart host added, changed or removed, new TLS or DNS settings: the
-                # next delivery uses a courier built from the new config.
-                scheduler.use_courier(wiring.courier(new, ml, run.read_password,
-                                                     run.read_oauth_secret))
+            if courier is not None:
+                scheduler.use_courier(courier)
         if local is not None:
             local.reload(new)
         run.cfg, run.pem = new, pem
@@ -525,6 +536,20 @@ async def _serve_loop(run: _Run) -> int:
     ml.daemon("stopped", pid=os.getpid())
     ml.flush()
     return 0
+
+
+def _new_courier(cfg: Config, ml: maillog_mod.MailLog, run: _Run) -> Courier:
+    """The courier of a reloaded config. A smart_host_ca_file it cannot load is refused
+    naming the key and the file (OpenSSL's error names neither)."""
+    ca = cfg.relay.smart_host_ca_file
+    if ca:
+        try:
+            ssl.create_default_context(cafile=ca)
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
+            raise ConfigError(f"relay.smart_host_ca_file: {ca}: cannot load: {why}"
+                              ) from None
+    return wiring.courier(cfg, ml, run.read_password, run.read_oauth_secret)
 
 
 def _send_reload(run: _Run, ml: maillog_mod.MailLog, message: bytes) -> None:

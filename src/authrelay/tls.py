@@ -206,11 +206,20 @@ class CertStore:
         self.context = server_context(cfg, pem)
 
     def reload(self, cfg: Config | None = None, pem: PEM | None = None) -> None:
+        self.use(*self.prepare(cfg, pem))
+
+    def prepare(self, cfg: Config | None = None, pem: PEM | None = None
+                ) -> tuple[Config, ssl.SSLContext]:
+        """The config and context a reload would install (nothing changes yet); raises
+        on a bad/missing/world-readable file, a key that does not match."""
         new_cfg = cfg if cfg is not None else self.cfg
         if pem is None:
-            pem = read_pem(new_cfg)  # raises on a bad/missing/world-readable file
-        ctx = server_context(new_cfg, pem)  # raises before anything changes
-        self.cfg, self.context = new_cfg, ctx
+            pem = read_pem(new_cfg)
+        return new_cfg, server_context(new_cfg, pem)
+
+    def use(self, cfg: Config, context: ssl.SSLContext) -> None:
+        """Install what `prepare` built: the next handshake gets it."""
+        self.cfg, self.context = cfg, context
 
 
 def _cmd_cert_make(args: argparse.Namespace) -> int:

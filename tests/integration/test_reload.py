@@ -205,3 +205,33 @@ def _open_writer(path: Path) -> int | None:
         if e.errno == errno.ENXIO:
             return None
         raise
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_that_fails_changes_nothing(relay_factory, tmp_path: Path,
+                                             workers: int) -> None:  # noqa: ANN001
+    """A reload refused by the outbound part (a smart_host_ca_file that is not there: the
+    new courier cannot be built) was logged `reload failed, keeping the running config`
+    after the new TLS context, limits, hostname and scheduler settings had already been
+    put in place: half the new config ran, and the master's and workers' halves differed.
+    Now everything that can refuse the config is built before anything is replaced."""
+    r = relay_factory(workers=workers)
+    processes = workers + 1 if workers > 1 else 1
+    r.wait_for(lambda: r.maillog().count("daemon=started") >= processes, what="started")
+    data = dict(r.config_data)
+    data["hostname"] = "renamed.test"
+    data["relay"] = {**data["relay"], "smart_host_ca_file": str(tmp_path / "missing.pem")}
+    r.config.write_text(to_toml(data))
+    assert r.proc is not None
+    os.kill(r.proc.pid, signal.SIGHUP)
+    line = r.wait_log(r"daemon=reload failed, keeping the running config")
+    assert "missing.pem" in line, line
+    for _ in range(6):  # connections land on either worker
+        with RawClient(r.ports["submission"]) as c:
+            assert "relay.test" in c.reply().text
+    # The next good reload applies, in every process.
+    del data["relay"]["smart_host_ca_file"]
+    _reload(r, data, processes)
+    for _ in range(6):
+        with RawClient(r.ports["submission"]) as c:
+            assert "renamed.test" in c.reply().text
