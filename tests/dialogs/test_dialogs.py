@@ -36,7 +36,9 @@ SCRIPTS = sorted(HERE.glob("*.dialog"))
 OVERRIDES: dict[str, Any] = {
     "limits": {"max_message_size": 100000, "max_recipients": 3, "bad_rcpt_limit": 0,
                "max_errors": 50, "max_junk_commands": 10},
-    "relay": {"trusted_networks": ["127.0.0.99/32"]},
+    # The first local domain an IDN as a U-label (postmaster_idn.dialog).
+    "relay": {"trusted_networks": ["127.0.0.99/32"],
+              "local_domains": ["bücher.example", "local.test"]},
 }
 USERS = {"alice": PASSWORD, "bob": "bob pw"}
 

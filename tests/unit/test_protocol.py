@@ -511,3 +511,14 @@ def test_endless_oversized_data_552_and_close_after_overshoot() -> None:
     aborted = [e for e in h.events if isinstance(e, p.MessageAborted)]
     assert aborted and aborted[-1].reply.code == 552
     assert isinstance(h.events[-1], p.CloseConnection) and h.events[-1].abort
+
+
+def test_postmaster_of_an_idn_local_domain_needs_no_smtputf8() -> None:
+    """RFC 5321 4.5.1: <Postmaster> is always accepted. With an IDN first local domain
+    written as a U-label (the config takes either form) it became a non-ASCII address and
+    a 7-bit client got 553 5.6.7; now it is postmaster at the domain's A-label."""
+    h = Harness(overrides={"relay": {"local_domains": ["bücher.example"]}})
+    _ehlo(h)
+    h.send("MAIL FROM:<x@remote.example>")
+    h.send("RCPT TO:<Postmaster>")
+    assert h.replies()[-1][-1].startswith("250 2.1.5")

@@ -69,6 +69,7 @@ from authrelay import replies
 from authrelay.address import Address, AddressError, PathArg, parse_path_arg
 from authrelay.auth.sasl import SaslError, SaslExchange
 from authrelay.config import Config
+from authrelay.policy.ownership import a_label
 from authrelay.smtpd.bodyreader import BARE, LONG_LINE, NUL, TOO_BIG, BodyReader
 from authrelay.types import Reply
 
@@ -364,7 +365,10 @@ class Engine:
         self.auth_available = auth_available
         self.tls_available = tls_available
         self.mechanisms = _upper(cfg.auth.mechanisms)
-        self.postmaster_domain = (cfg.relay.local_domains or (cfg.hostname,))[0]
+        # As an A-label: an IDN first local domain (config takes either form) made the
+        # <Postmaster> of a 7-bit client "553 5.6.7 requires SMTPUTF8" (RFC 5321 4.5.1).
+        first = (cfg.relay.local_domains or (cfg.hostname,))[0]
+        self.postmaster_domain = a_label(first) or first
         self.max_line = lim.max_line_length
         self.max_auth_line = lim.max_auth_line_length
         self._long_auth = False  # the last over-long line was measured as an AUTH line
