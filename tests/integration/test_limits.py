@@ -761,6 +761,23 @@ def test_ptr_servfail_temporary(checked_relay: RelayProcess) -> None:
     assert (r.code, r.text[:6]) == (450, "4.7.25"), r
 
 
+@pytest.mark.parametrize("src", ["127.0.5.42", "127.0.5.41"])  # listed; no PTR
+def test_postmaster_at_a_local_domain_passes_host_checks(checked_relay: RelayProcess,
+                                                         src: str) -> None:
+    """RFC 5321 4.5.1: postmaster at a domain we serve MUST be supported, and blocks on it
+    narrowly tailored. <Postmaster> was exempt from the host checks but
+    <PostMaster@local.test> was refused (554 / 550), so a listed or PTR-less sender
+    could not reach the postmaster to ask for help. Other recipients still refused."""
+    with Client(checked_relay.ports["smtp"], src) as c:
+        c.reply()
+        c.cmd("EHLO host.test")
+        assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
+        r = c.cmd("RCPT TO:<PostMaster@local.test>")
+        assert r.code == 250, r
+        assert c.cmd("RCPT TO:<x@local.test>").code in (550, 554)
+        assert c.cmd("RCPT TO:<postmaster@remote.test>").code == 550  # not ours: relay
+
+
 def test_dnsbl_listed_refused_without_auth(checked_relay: RelayProcess) -> None:
     r = _rcpt_unauth(checked_relay, "127.0.5.42")
     assert (r.code, r.text[:5]) == (554, "5.7.1") and "bl.test" in str(r), r

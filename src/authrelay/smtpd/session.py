@@ -541,7 +541,11 @@ class Session:
                              **{"from": f"<{ev.transaction.sender.text}>"})
             eng.policy_result(refusal, bad_recipient=True)
             return
-        if not ev.postmaster and not user and not self.trusted and self.deps.checks is not None:
+        # Postmaster at a local domain is exempt too, as <Postmaster> is (RFC 5321 4.5.1:
+        # blocks on it narrowly tailored): a listed or PTR-less sender can ask for help.
+        postmaster = ev.postmaster or (ev.address.local.lower() == "postmaster"
+                                       and self.deps.policy.is_local(ev.address))
+        if not postmaster and not user and not self.trusted and self.deps.checks is not None:
             # sendmail delay_checks: host checks only for clients that did not AUTH, so a
             # roaming user without reverse DNS can always authenticate and relay.
             if self.host_check is None:
