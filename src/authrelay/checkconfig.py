@@ -52,6 +52,7 @@ from authrelay.config import (
     load,
     parse_hostport,
 )
+from authrelay.metrics import exposed
 
 
 @dataclass(frozen=True)
@@ -624,19 +625,14 @@ def _check_metrics(cfg: Config, out: list[Finding]) -> None:
     """/metrics and /health answer anyone who reaches them (no authentication): an
     address that is not loopback publishes the relay's traffic and queue to the network
     (serve says so in the maillog too; a host name is left to the operator)."""
-    if not cfg.metrics.address:
+    if not cfg.metrics.address or not exposed(cfg.metrics.address):
         return
-    try:
-        host, port = parse_hostport(cfg.metrics.address, "metrics.address")
-        ip = ipaddress.ip_address(host or "0.0.0.0")  # "" binds every address
-    except (ConfigError, ValueError):
-        return
-    if not ip.is_loopback:
-        out.append(Finding("warning", "metrics.address",
-                           f"{cfg.metrics.address} is not loopback: /metrics and /health "
-                           "answer anyone who reaches them, with no authentication; use "
-                           f"\"127.0.0.1:{port}\" (a scraper elsewhere: a firewall rule "
-                           "or a reverse proxy with authentication in front)"))
+    _host, port = parse_hostport(cfg.metrics.address, "metrics.address")
+    out.append(Finding("warning", "metrics.address",
+                       f"{cfg.metrics.address} is not loopback: /metrics and /health "
+                       "answer anyone who reaches them, with no authentication; use "
+                       f"\"127.0.0.1:{port}\" (a scraper elsewhere: a firewall rule or a "
+                       "reverse proxy with authentication in front)"))
 
 
 def check(cfg: Config) -> list[Finding]:

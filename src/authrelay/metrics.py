@@ -39,6 +39,17 @@ from authrelay.config import Config, parse_hostport
 
 log = logging.getLogger(__name__)
 
+
+def exposed(address: str) -> bool:
+    """Whether a `[metrics] address` is reachable beyond this machine: an IP that is not
+    loopback, or no host at all (":PORT" binds every address). A host name: False (left
+    to the operator). serve logs it and check-config warns, one rule for both."""
+    try:
+        host, _port = parse_hostport(address, "metrics.address")
+        return not ipaddress.ip_address(host or "0.0.0.0").is_loopback
+    except ValueError:  # ConfigError is one too
+        return False
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "authrelay"
 MODES = ("smtp", "submission", "submissions")
@@ -186,12 +197,9 @@ class Metrics:
         from prometheus_client.multiprocess import MultiProcessCollector
 
         host, port = parse_hostport(self.cfg.metrics.address, "metrics.address")
-        try:
-            if not ipaddress.ip_address(host).is_loopback:
-                log.warning("metrics.address %s is not loopback: /metrics is reachable from "
-                            "the network", self.cfg.metrics.address)
-        except ValueError:
-            pass  # a host name: left to the operator
+        if exposed(self.cfg.metrics.address):
+            log.warning("metrics.address %s is not loopback: /metrics is reachable from "
+                        "the network", self.cfg.metrics.address)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=os.environ[ENV])  # type: ignore[no-untyped-call]
         registry.register(_QueueCollector(scheduler, spool))

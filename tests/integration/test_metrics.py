@@ -155,3 +155,16 @@ def test_metrics_files_fresh_per_run(relay_factory, fake_mx) -> None:
     m = scrape(port)
     assert val(m, "authrelay_messages_accepted_total", listener="submission") == 0
     assert (r.state / "metrics").stat().st_mode & 0o077 == 0
+
+
+def test_serve_says_when_metrics_listen_beyond_loopback(relay_factory) -> None:
+    """/metrics answers anyone: serve logs a warning for an address beyond loopback.
+    ":PORT" (no host: every address) passed without a word; 127.0.0.1 says nothing."""
+    for address, warned in ((f":{free_port()}", True), (f"127.0.0.1:{free_port()}", False)):
+        port = int(address.rsplit(":", 1)[1])
+        r = relay_factory(workers=1, overrides={"metrics": {"address": address}})
+        up(r, port)
+        line = f"metrics.address {address} is not loopback: /metrics is reachable from " \
+               "the network"
+        assert (line in r.maillog()) is warned, (address, r.maillog()[-2000:])
+        r.stop()
