@@ -722,6 +722,13 @@ def hostname_problem(name: str) -> str:
     return f"holds {bad.group()!r}" if bad else "" if name.strip(".") else "is empty"
 
 
+def validate(cfg: Config) -> None:
+    """The checks a loaded file passes, for a config put together otherwise (a reload:
+    the file's values with the running restart-only ones, reloadkeys.reloaded); a
+    ConfigError names the key."""
+    _validate(cfg)
+
+
 def _validate(cfg: Config) -> None:
     why = hostname_problem(cfg.hostname)
     if why:

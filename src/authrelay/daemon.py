@@ -335,10 +335,14 @@ def _reload_config(run: _Run, raw: bytes | None) -> Config:
     single) at every reload until a restart."""
     path = find_config_path(run.config_path)
     new = load_file(path, raw) if path is not None and raw is not None else Config()
+    try:
+        kept = reloadkeys.reloaded(run.cfg, new)
+    except ConfigError as e:
+        raise ConfigError(e.detail, path) from None
     if run.role != "worker":
         for key in reloadkeys.restart_changes(run.cfg, new, ignore=_cli_overrides):
             maillog_mod.get().warning(f"reload: {key} needs a restart")
-    return reloadkeys.keep_running(run.cfg, new)
+    return kept
 
 
 async def _serve_loop(run: _Run) -> int:

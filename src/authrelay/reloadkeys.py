@@ -7,7 +7,9 @@ test walks the dataclasses, so a new key must be classified here before it can l
 `restart_changes(running, new)` names the restart-only keys whose value in the re-read
 file differs from what runs (an array as one key: `listen`); `keep_running(running, new)`
 is the new config with the running values of those keys, so that what `run.cfg` says is
-what actually runs, and the same warning comes again at the next reload until a restart.
+what actually runs, and the same warning comes again at the next reload until a restart;
+`reloaded(running, new)` is keep_running, refusing a mix that breaks a rule across keys
+(config.validate) as a whole.
 
 Reloadable means the running processes apply the new value on SIGHUP: sessions started
 after it, deliveries started after it (a new courier for changed [relay]/[delivery]
@@ -16,7 +18,8 @@ DKIM keys and settings, the TLS certificate (a new context, any key type), the h
 checks, local submission. Restart-only: what was bound, forked, dropped or opened at start
 (listeners, workers, user, state dir, log target and format, the metrics listener), the
 authentication backend with its pool and credential cache, and the shared-counter store.
-Failure policy: none here (pure functions); daemon.py logs one maillog line per changed
+Failure policy: reloaded() raises ConfigError on such a mix (daemon.py: the reload
+fails, one line, nothing changes); daemon.py logs one maillog line per changed
 restart-only key: `warning=reload: KEY needs a restart`.
 """
 
@@ -26,7 +29,7 @@ import typing
 from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
-from authrelay.config import Config
+from authrelay.config import Config, ConfigError, validate
 
 RESTART_ONLY = frozenset({
     "state_dir", "user", "workers",
@@ -160,3 +163,18 @@ def keep_running(running: Config, new: Config) -> Config:
     for u in restart_units():
         new = _set(new, u, _get(running, u))
     return new
+
+
+def reloaded(running: Config, new: Config) -> Config:
+    """keep_running, refused (ConfigError naming the rule and the kept keys) when that mix
+    breaks a rule across keys which the file alone keeps: the running listeners take PROXY
+    headers, the file drops them and `relay.proxy_trusted` with them, and every connection
+    would be refused until the restart."""
+    out = keep_running(running, new)
+    try:
+        validate(out)
+    except ConfigError as e:
+        kept = [u for u in restart_units() if _get(running, u) != _get(new, u)]
+        raise ConfigError(f"{e.detail}; with the running {', '.join(kept)} (kept until a "
+                          "restart)") from None
+    return out

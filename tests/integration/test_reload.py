@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -235,3 +236,44 @@ def test_a_reload_that_fails_changes_nothing(relay_factory, tmp_path: Path,
     for _ in range(6):
         with RawClient(r.ports["submission"]) as c:
             assert "renamed.test" in c.reply().text
+
+
+def _proxied_greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 5000 25\r\n")
+        try:
+            return s.recv(200)
+        except ConnectionResetError:
+            return b""
+
+
+def test_a_reload_never_leaves_a_proxy_listener_without_its_proxies(relay_factory
+                                                                    ) -> None:  # noqa: ANN001
+    """Leaving HAProxy: the file drops `proxy_protocol` from [[listen]] (needs a restart,
+    so the running listener still takes PROXY headers) and `relay.proxy_trusted` with it
+    (reloadable). The reload applied that mix, which a file may not hold: every connection
+    through the balancer was closed `PROXY header refused: not a trusted proxy` until the
+    restart, after a `daemon=reloaded`. Now such a reload fails naming the rule and the
+    kept key, and the old config stays in every process."""
+    r = relay_factory(workers=2, start=False)
+    data = dict(r.config_data)
+    data["listen"] = [dict(ln, proxy_protocol=ln["mode"] == "smtp") for ln in data["listen"]]
+    data["relay"] = {**data["relay"], "proxy_trusted": ["127.0.0.1/32"]}
+    r.config_data = data
+    r.config.write_text(to_toml(data))
+    r.start()
+    r.wait_for(lambda: r.maillog().count("daemon=started") >= 3, what="started")
+    assert _proxied_greeting(r.ports["smtp"]).startswith(b"220 ")
+    new = dict(data)
+    new["listen"] = [dict(ln, proxy_protocol=False) for ln in data["listen"]]
+    new["relay"] = {k: v for k, v in data["relay"].items() if k != "proxy_trusted"}
+    new["hostname"] = "renamed.test"
+    r.config.write_text(to_toml(new))
+    assert r.proc is not None
+    os.kill(r.proc.pid, signal.SIGHUP)
+    line = r.wait_log(r"daemon=reload failed, keeping the running config")
+    assert "proxy_protocol: needs relay.proxy_trusted" in line, line
+    assert "the running listen" in line, line
+    for _ in range(6):  # connections land on either worker
+        assert _proxied_greeting(r.ports["smtp"]).startswith(b"220 relay.test")
+    assert "daemon=reloaded" not in r.maillog()

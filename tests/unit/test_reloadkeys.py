@@ -51,3 +51,20 @@ def test_command_line_keys_are_not_news() -> None:
     new = from_dict({"workers": 2, "relay": {"smart_host": ["mx.example:25"]}})
     assert reloadkeys.restart_changes(running, new) == ["workers"]
     assert reloadkeys.restart_changes(running, new, ignore=frozenset({"workers"})) == []
+
+
+def test_a_mix_no_file_may_hold_is_refused_naming_the_kept_key() -> None:
+    """The running listener takes PROXY headers (restart-only); the file drops it and the
+    proxies (reloadable): the mix would refuse every connection until a restart."""
+    from authrelay.config import ConfigError
+
+    listen = [{"address": "127.0.0.1:2525", "mode": "smtp", "proxy_protocol": True}]
+    running = from_dict({"listen": listen, "relay": {"proxy_trusted": ["10.0.0.0/8"]}})
+    new = from_dict({"listen": [{**listen[0], "proxy_protocol": False}]})
+    with pytest.raises(ConfigError, match=r"proxy_protocol: needs relay.proxy_trusted.*"
+                                          r"with the running listen \(kept until"):
+        reloadkeys.reloaded(running, new)
+    # A file that keeps its proxies reloads (the listener still waits for the restart).
+    ok = from_dict({"listen": [{**listen[0], "proxy_protocol": False}],
+                    "relay": {"proxy_trusted": ["10.0.0.0/8"]}})
+    assert reloadkeys.reloaded(running, ok).listen == running.listen
