@@ -50,3 +50,28 @@ def test_postmaster_at_our_own_name_goes_through_aliases(
     assert sender_mx.messages == []  # no bounce to the stranger
     assert "relay.test" not in "".join(
         ln for ln in relay.maillog().splitlines() if " to=<" in ln)
+
+
+def test_postmaster_at_our_hostname_is_accepted_and_delivered(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """postmaster@hostname (where our bounces come from: a receiver answering one writes
+    there) from a stranger, with local_domains set: it was 550 5.7.1 Relaying denied (RFC
+    5321 4.5.1: postmaster at every domain served MUST be supported). Now accepted and
+    delivered through [aliases]; root@hostname stays refused."""
+    dns.set_zones(ZONES)
+    admin_mx = fake_mx("127.0.0.7")
+    ov = mx_overrides(dns, fake_mx.port)
+    ov["relay"]["local_domains"] = ["example.test"]
+    ov["aliases"] = {"postmaster": "admin@c.test"}
+    relay = relay_factory(ov)
+    with RawClient(relay.ports["smtp"]) as c:
+        assert c.reply().code == 220
+        assert c.cmd("EHLO stranger.example").code == 250
+        assert c.cmd("MAIL FROM:<x@sender.test>").code == 250
+        assert c.cmd("RCPT TO:<root@relay.test>").code == 550
+    _send(relay, "x@sender.test", ["Postmaster@relay.test"])
+    relay.wait_for(lambda: len(admin_mx.messages) == 1 and relay.queued() == [],
+                   what="the postmaster's mail delivered")
+    assert admin_mx.messages[0].rcpt_tos == ["admin@c.test"]
+    assert sender_mx.messages == []

@@ -190,7 +190,8 @@ class MailRequest:
 @dataclass(slots=True)
 class RcptRequest:
     """Answer: `policy_result(reply, bad_recipient=...)` (relay policy, host checks,
-    rates). `postmaster`: RCPT TO:<Postmaster>, always acceptable (RFC 5321 4.5.1)."""
+    rates). `postmaster`: RCPT TO:<Postmaster> or postmaster@hostname, always
+    acceptable (RFC 5321 4.5.1)."""
 
     transaction: Transaction
     recipient: PathArg
@@ -1036,11 +1037,17 @@ class Engine:
             else:
                 self._error(replies.UNKNOWN_PARAM)
                 return
-        assert path.address is not None
-        postmaster = path.address.domain == ""  # RCPT TO:<Postmaster> (RFC 5321 4.5.1)
+        given = path.address
+        assert given is not None
+        postmaster = given.domain == ""  # RCPT TO:<Postmaster> (RFC 5321 4.5.1)
         if postmaster:
             # The site's postmaster: at the first local domain, else at our own name.
             path = PathArg(Address("postmaster", self.postmaster_domain), path.params)
+        elif (given.local.lower() == "postmaster" and not given.is_literal
+              and given.domain_key == self.hostname.lower().rstrip(".")):
+            # Postmaster at our own name (where our bounces come from, RFC 7208 2.3's
+            # HELO identity) from anyone, as at a local domain; [aliases] deliver it.
+            postmaster = True
         assert path.address is not None
         if not path.address.ascii and not txn.smtputf8:
             self._error(replies.NEED_SMTPUTF8)
