@@ -411,7 +411,7 @@ async def _serve_loop(run: _Run) -> int:
             courier = _new_courier(new, ml, run)
         srv = receiver.server if receiver is not None else None
         checks = srv.checks if srv is not None else None
-        if srv is not None and new.checks != old.checks:
+        if srv is not None and _checks_keys(new) != _checks_keys(old):
             checks = wiring.host_checks(new)
         # Nothing below refuses a config that loaded.
         if certs is not None and tls_ctx is not None:
@@ -540,6 +540,12 @@ async def _serve_loop(run: _Run) -> int:
     ml.daemon("stopped", pid=os.getpid())
     ml.flush()
     return 0
+
+
+def _checks_keys(cfg: Config) -> tuple[object, ...]:
+    """What the host checks are built from: [checks], and the resolver they ask
+    ([delivery] nameservers, dns_timeout)."""
+    return cfg.checks, cfg.delivery.nameservers, cfg.delivery.dns_timeout
 
 
 def _new_courier(cfg: Config, ml: maillog_mod.MailLog, run: _Run) -> Courier:

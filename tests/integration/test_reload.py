@@ -277,3 +277,41 @@ def test_a_reload_never_leaves_a_proxy_listener_without_its_proxies(relay_factor
     for _ in range(6):  # connections land on either worker
         assert _proxied_greeting(r.ports["smtp"]).startswith(b"220 relay.test")
     assert "daemon=reloaded" not in r.maillog()
+
+
+def test_new_nameservers_reach_the_host_checks(relay_factory) -> None:  # noqa: ANN001
+    """`[delivery] nameservers` and `dns_timeout` are also what the DNSBL and reverse DNS
+    checks ask; a reload rebuilt the checks only when `[checks]` changed, so the workers
+    went on asking the old servers (a resolver being retired, or one answering from a
+    stale blocklist) while deliveries used the new ones. Now a change of either key gives
+    every worker new host checks."""
+    from fakes.dnsserver import FakeDNSServer
+    from test_limits import Client
+
+    old = FakeDNSServer({"42.5.0.127.bl.test": {"A": ["127.0.0.2"]}}).start()
+    new = FakeDNSServer({}).start()
+    try:
+        r = relay_factory(workers=2, overrides={
+            "checks": {"dnsbl": ["bl.test"]},
+            "delivery": {"nameservers": [old.nameserver], "dns_timeout": "3s"},
+            "limits": {"connection_rate_per_ip": 0}})
+        r.wait_for(lambda: r.maillog().count("daemon=started") >= 3, what="started")
+
+        def rcpt() -> int:
+            with Client(r.ports["smtp"], "127.0.5.42") as c:
+                greeting = c.reply()
+                if greeting.code != 220:
+                    return greeting.code
+                c.cmd("EHLO host.test")
+                if (code := c.cmd("MAIL FROM:<a@remote.test>").code) != 250:
+                    return code
+                return c.cmd("RCPT TO:<x@local.test>").code
+
+        assert [rcpt() for _ in range(4)].count(250) == 0  # listed on the old server
+        data = dict(r.config_data)
+        data["delivery"] = {**data["delivery"], "nameservers": [new.nameserver]}
+        _reload(r, data, 3)
+        assert [rcpt() for _ in range(6)] == [250] * 6  # either worker asks the new one
+    finally:
+        old.stop()
+        new.stop()
