@@ -206,6 +206,35 @@ def check_address_free(family: int, host: str, port: int, label: str) -> None:
         s.close()
 
 
+# --------------------------------------------------------------------------- owner's rights
+
+@contextlib.contextmanager
+def as_owner_of(path: Path) -> Iterator[None]:
+    """Run the block with the effective uid and gid of `path`'s owner when we are root and
+    it is another user's (the daemon's `user` owns state_dir and the spool): a link that
+    user planted there then cannot make root read, move or write files elsewhere, and the
+    files made are that user's (as Postfix's commands run as mail_owner). Otherwise, or
+    in a process with other threads (the ids are the whole process's), as we are.
+    Restored after."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None  # made as we are (root: as before)
+    if os.geteuid() != 0 or st is None or st.st_uid == 0 or threading.active_count() > 1:
+        yield
+        return
+    uid, gid = os.geteuid(), os.getegid()
+    os.setegid(st.st_gid)
+    try:
+        os.seteuid(st.st_uid)
+        try:
+            yield
+        finally:
+            os.seteuid(uid)
+    finally:
+        os.setegid(gid)
+
+
 # --------------------------------------------------------------------------- parent death
 
 _libc: Any = None

@@ -1,7 +1,9 @@
 """One of our SQLite state files (users.db, containment.db, known_addresses.db), opened
 the one way.
 
-Owns: creating the file 0600 before SQLite does (its -wal and -shm files inherit the
+Owns: opening it with the directory owner's rights when root opens one in another user's
+directory (a CLI command in the daemon's state_dir; a symlink there is refused), creating
+the file 0600 before SQLite does (its -wal and -shm files inherit the
 mode: password hashes, user names and their networks are inside), owned by its
 directory's owner when root creates it (the daemon's `user` owns state_dir), WAL with
 `synchronous = NORMAL` (durable enough in WAL mode: a crash loses at most the last
@@ -24,17 +26,49 @@ Failure policy: any error closes the connection and propagates to the caller.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from authrelay import process
 
 
 def open_db(path: Path, schema: str, version: int, *,
             newer: Callable[[int], Exception], busy_timeout: float = 5.0,
             pragmas: Iterable[str] = ()) -> sqlite3.Connection:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _rights_for(path):
+        return _open(path, schema, version, newer=newer, busy_timeout=busy_timeout,
+                     pragmas=pragmas)
+
+
+def _rights_for(path: Path) -> contextlib.AbstractContextManager[None]:
+    """Root opening a file in a directory another user owns (a CLI command in the
+    daemon's state_dir) opens it with that user's rights (process.as_owner_of): a link
+    planted as users.db (or its -wal, -shm) must not make root create or write a file
+    anywhere. A link there is refused outright; a file root made there under an earlier
+    release (root-owned, the daemon could not open it either) is opened as root."""
+    if os.geteuid() != 0:
+        return contextlib.nullcontext()
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return process.as_owner_of(path.parent)
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, "is a symbolic link: refusing to open it as root "
+                      "(the directory's owner may have planted it)", str(path))
+    if st.st_uid == 0:
+        return contextlib.nullcontext()
+    return process.as_owner_of(path.parent)
+
+
+def _open(path: Path, schema: str, version: int, *,
+          newer: Callable[[int], Exception], busy_timeout: float,
+          pragmas: Iterable[str]) -> sqlite3.Connection:
     if not path.exists():
         with contextlib.suppress(FileExistsError):  # another process made it first
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -210,3 +210,47 @@ def test_root_offline_queue_edit_never_follows_a_link_in_the_spool(
     assert [p.name for p in r.queued()] == [qid]
     assert queue("flush").returncode == 69
     assert (r.queue_dir / (qid + ".state")).stat().st_uid == pw.pw_uid
+
+
+@pytest.mark.root
+def test_root_user_command_never_follows_a_link_planted_as_the_user_db(
+        reachable_dir: Path) -> None:
+    """state_dir is the daemon user's. Root's `user add` opened state_dir/users.db with
+    SQLite, which follows a symlink: one that user (or whoever took the daemon over) put
+    there, pointing at a file that did not exist yet in a root directory (standing for
+    /etc/cron.d/x), made root create a file there holding user names and addresses. Now a
+    link there is refused (one line, exit non-zero) and nothing is made; a real users.db
+    made by root's command is the daemon user's."""
+    import subprocess
+    import sys
+
+    from support.privileges import TEST_USER, unprivileged_user
+
+    pw = unprivileged_user()
+    r = RelayProcess(reachable_dir, {"user": TEST_USER})
+    r.state.mkdir(parents=True, exist_ok=True)
+    os.chown(r.state, pw.pw_uid, pw.pw_gid)
+    rootdir = reachable_dir / "rootonly"
+    rootdir.mkdir(mode=0o700)
+    target = rootdir / "planted"
+    link = r.state / "users.db"
+    os.symlink(target, link)
+    os.lchown(link, pw.pw_uid, pw.pw_gid)
+
+    def user(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:  # as root
+        return subprocess.run([sys.executable, "-m", "authrelay", "-c", str(r.config),
+                               "user", *args], input=stdin, capture_output=True, text=True,
+                              timeout=60)
+
+    out = user("add", "zed", "--password-stdin", stdin="pw-of-zed\n")
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert "symbolic link" in out.stderr and len(out.stderr.splitlines()) == 1, out.stderr
+    assert not target.exists()
+    link.unlink()
+    out = user("add", "zed", "--password-stdin", stdin="pw-of-zed\n")
+    assert out.returncode == 0, out.stderr
+    for name in ("users.db", "users.db-wal", "users.db-shm"):
+        p = r.state / name
+        if p.exists():
+            assert (p.stat().st_uid, p.is_symlink()) == (pw.pw_uid, False), name
+    assert "zed" in user("list").stdout

@@ -28,11 +28,11 @@ import fcntl
 import json
 import os
 import socket
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from authrelay import process
 from authrelay.jsonline import read_line
 from authrelay.spool.store import Spool, SpoolError, is_queue_id
 
@@ -143,7 +143,7 @@ def offline(spool: Spool) -> Iterator[None]:
     with that user's rights (effective uid and gid, restored after): the spool is that
     user's to change, so a link planted in it (hold/ pointing at /etc) cannot make root
     move or write files elsewhere, and the files made (ID.state) stay the daemon's."""
-    with _as_owner_of(spool.root):
+    with process.as_owner_of(spool.root):
         try:
             fd = acquire_scheduler_lock(spool)
         except BlockingIOError:
@@ -154,29 +154,6 @@ def offline(spool: Spool) -> Iterator[None]:
             yield
         finally:
             release_scheduler_lock(fd)
-
-
-@contextlib.contextmanager
-def _as_owner_of(path: Path) -> Iterator[None]:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None  # a first edit: made as we are (root: as before)
-    # The effective ids are the whole process's: switched only in a single-threaded one
-    # (the queue command), never under a daemon's other threads.
-    if os.geteuid() != 0 or st is None or st.st_uid == 0 or threading.active_count() > 1:
-        yield
-        return
-    uid, gid = os.geteuid(), os.getegid()
-    os.setegid(st.st_gid)
-    try:
-        os.seteuid(st.st_uid)
-        try:
-            yield
-        finally:
-            os.seteuid(uid)
-    finally:
-        os.setegid(gid)
 
 
 # --------------------------------------------------------------------------- operations
