@@ -572,6 +572,15 @@ def _helper_main(sock: socket.socket, config_path: str | None, log_file: str | N
     from authrelay.config import ConfigError, find_config_path, load, read_config_bytes
     from authrelay.tls import TLSConfigError, read_pem
 
+    # The secrets (P, O) are those the running config names: the config at start, then
+    # the file as loaded for each reload's key request (K: asked once the master has
+    # parsed the file, the last step that can refuse it). Loading the file per request
+    # read whatever it said at that moment: a file being edited, or one whose reload had
+    # been refused, sent its password to the running smart host, or none at all (every
+    # delivery deferred while the running config was still whole).
+    running = None
+    with contextlib.suppress(ConfigError, OSError):
+        running = load(find_config_path(config_path))
     sock.setblocking(True)
     while True:
         kind, arg = recv(sock)
@@ -593,7 +602,7 @@ def _helper_main(sock: socket.socket, config_path: str | None, log_file: str | N
                 raise TLSConfigError("unknown request")
             path = find_config_path(config_path)
             _check_trusted(path)
-            cfg = load(path)
+            cfg = running if kind in (b"P", b"O") and running is not None else load(path)
             if kind == b"C":  # the file the master runs on (it had it at start)
                 if path is None:
                     raise OSError("no config file")
@@ -604,6 +613,7 @@ def _helper_main(sock: socket.socket, config_path: str | None, log_file: str | N
                 send(sock, b"C", data)
             elif kind == b"K":
                 send(sock, b"K", pack_pem(read_pem(cfg)))
+                running = cfg  # a reload: the secrets are this file's from now on
             elif kind == b"O":  # an OAuth client secret or signing key (delivery/oauth.py)
                 host = arg.decode("utf-8", "replace")
                 settings = next((t for t in cfg.relay.smart_host_oauth if t.host == host),

@@ -315,3 +315,58 @@ def test_new_nameservers_reach_the_host_checks(relay_factory) -> None:  # noqa: 
     finally:
         old.stop()
         new.stop()
+
+
+@pytest.mark.root
+def test_the_smart_host_password_is_the_running_configs(reachable_dir: Path, fake_mx,
+                                                         trustme_ca) -> None:  # noqa: ANN001
+    """Privileges dropped: the root key helper reads the smart host password for every
+    connection, and it took the password file from the config file as it was at that
+    moment, not from the config running. A file being edited (not yet reloaded) sent its
+    new password to the running smart host; a file whose reload had been refused left
+    the helper unable to load it at all, so every delivery was deferred while the old
+    config, the maillog said, was kept. Now the helper serves the running config's file:
+    the one at start, then each reload's."""
+    from privpython import python_for
+    from support.certs import server_tls_context
+    from support.privileges import TEST_USER, unprivileged_user
+
+    unprivileged_user()
+    sh = fake_mx("127.0.0.2", starttls_context=server_tls_context(trustme_ca, "127.0.0.2"),
+                 require_starttls=True, users={"relayuser": "pw-one"})
+    ca = reachable_dir / "ca.pem"
+    trustme_ca.cert_pem.write_to_path(str(ca))
+    ca.chmod(0o644)
+    pw1, pw2 = reachable_dir / "one.pw", reachable_dir / "two.pw"
+    for f, text in ((pw1, "pw-one\n"), (pw2, "pw-two\n")):
+        f.write_text(text)
+        f.chmod(0o600)  # root's: only the key helper reads it
+    r = RelayProcess(reachable_dir, {
+        "user": TEST_USER,
+        "relay": {"smart_host": [sh.address], "smart_host_tls": "starttls",
+                  "smart_host_user": "relayuser", "smart_host_password_file": str(pw1),
+                  "smart_host_ca_file": str(ca)},
+        "delivery": {"retry": ["1s"], "max_idle_connections": 0}})
+    r.python = python_for(TEST_USER)
+    r.config.chmod(0o600)
+    r.start()
+    try:
+        r.wait_for(lambda: "daemon=started" in r.maillog(), what="started")
+        _submit(r, "one")
+        r.wait_for(lambda: len(sh.messages) == 1, timeout=20, what="first delivery")
+        data = dict(r.config_data)
+        # Being edited, not reloaded: the running password is still the one sent.
+        data["relay"] = {**data["relay"], "smart_host_password_file": str(pw2)}
+        r.config.write_text(to_toml(data))
+        _submit(r, "two")
+        r.wait_for(lambda: len(sh.messages) == 2, timeout=20, what="delivery while edited")
+        # A reload refused: the running config (and its password) still delivers.
+        r.config.write_text(to_toml(data) + "bogus = 1\n")
+        assert r.proc is not None
+        os.kill(r.proc.pid, signal.SIGHUP)
+        r.wait_log(r"daemon=reload failed, keeping the running config")
+        _submit(r, "three")
+        r.wait_for(lambda: len(sh.messages) == 3, timeout=20, what="delivery after a refusal")
+        assert sh.auth_attempts == [("relayuser", True)] * 3
+    finally:
+        r.stop()
