@@ -395,20 +395,27 @@ async def _serve_loop(run: _Run) -> int:
     if receiver is not None and certs is not None:
         await receiver.start(spool, certs, metrics, ml)
 
-    def apply(new: Config, pem: PEM) -> None:
-        """Every reloadable key (reloadkeys.py) reaches the part that reads it. All or
-        nothing: what can refuse the new config (the TLS context, the courier, the host
-        checks) is built before anything is replaced, so a refusal (raised: one maillog
-        line) leaves the running config whole, in this process and, as the master then
-        sends nothing, in the workers."""
+    def new_courier(new: Config) -> Courier | None:
+        """The courier deliveries use after a reload to `new`, None to keep the running
+        one; raises on a config it refuses. Built before the key helper is asked for the
+        certificate (the helper takes that request as the reload's file becoming the
+        running one, process.py), so a refusal here leaves the helper's secrets alone."""
+        old = run.cfg
+        if scheduler is None or (new.relay, new.delivery, new.hostname) == (
+                old.relay, old.delivery, old.hostname):
+            return None
+        # A smart host added, changed or removed, new TLS or DNS settings: the next
+        # delivery uses a courier built from the new config.
+        return _new_courier(new, ml, run)
+
+    def apply(new: Config, pem: PEM, courier: Courier | None) -> None:
+        """Every reloadable key (reloadkeys.py) reaches the part that reads it; `courier`:
+        new_courier(new). All or nothing: what can refuse the new config (the TLS
+        context, the courier, the host checks) is built before anything is replaced, so a
+        refusal (raised: one maillog line) leaves the running config whole, in this
+        process and, as the master then sends nothing, in the workers."""
         old = run.cfg
         tls_ctx = certs.prepare(new, pem) if certs is not None else None
-        courier = None
-        if scheduler is not None and (new.relay, new.delivery, new.hostname) != (
-                old.relay, old.delivery, old.hostname):
-            # A smart host added, changed or removed, new TLS or DNS settings: the next
-            # delivery uses a courier built from the new config.
-            courier = _new_courier(new, ml, run)
         srv = receiver.server if receiver is not None else None
         checks = srv.checks if srv is not None else None
         if srv is not None and _checks_keys(new) != _checks_keys(old):
@@ -454,7 +461,7 @@ async def _serve_loop(run: _Run) -> int:
                 return
             try:
                 raw, pem = process.unpack_reload(payload)
-                apply(_reload_config(run, raw), pem)
+                apply(_reload_config(run, raw), pem, None)  # a worker: no courier
                 ml.daemon("reloaded", pid=os.getpid())
             except Exception as e:
                 ml.daemon("reload failed, keeping the running config",
@@ -486,8 +493,14 @@ async def _serve_loop(run: _Run) -> int:
             try:
                 raw = await loop.run_in_executor(None, _read_config, run)
                 new = _reload_config(run, raw)
-                pem = await loop.run_in_executor(None, run.read_keys, new)
-                apply(new, pem)
+                courier = new_courier(new)
+                try:
+                    pem = await loop.run_in_executor(None, run.read_keys, new)
+                    apply(new, pem, courier)
+                except Exception:
+                    if courier is not None:
+                        await courier.close()
+                    raise
                 ml.daemon("reloaded", pid=os.getpid())
                 sdnotify.ready("reloaded")
             except Exception as e:

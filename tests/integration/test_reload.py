@@ -326,7 +326,8 @@ def test_the_smart_host_password_is_the_running_configs(reachable_dir: Path, fak
     new password to the running smart host; a file whose reload had been refused left
     the helper unable to load it at all, so every delivery was deferred while the old
     config, the maillog said, was kept. Now the helper serves the running config's file:
-    the one at start, then each reload's."""
+    the one at start, then each reload's; and a reload refused after the helper was
+    asked for the key (the new courier could not be built) is refused before it."""
     from privpython import python_for
     from support.certs import server_tls_context
     from support.privileges import TEST_USER, unprivileged_user
@@ -367,6 +368,14 @@ def test_the_smart_host_password_is_the_running_configs(reachable_dir: Path, fak
         r.wait_log(r"daemon=reload failed, keeping the running config")
         _submit(r, "three")
         r.wait_for(lambda: len(sh.messages) == 3, timeout=20, what="delivery after a refusal")
-        assert sh.auth_attempts == [("relayuser", True)] * 3
+        # Refused by the courier (its CA file is not there), after the file parsed: the
+        # helper had already taken the file as the running one when asked for the key.
+        data["relay"] = {**data["relay"], "smart_host_ca_file": str(reachable_dir / "no.pem")}
+        r.config.write_text(to_toml(data))
+        os.kill(r.proc.pid, signal.SIGHUP)
+        r.wait_for(lambda: r.maillog().count("daemon=reload failed") == 2, what="refused")
+        _submit(r, "four")
+        r.wait_for(lambda: len(sh.messages) == 4, timeout=20, what="delivery after a refusal")
+        assert sh.auth_attempts == [("relayuser", True)] * 4
     finally:
         r.stop()
