@@ -27,21 +27,19 @@ are never printed or logged.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import re
 import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from authrelay.config import ConfigError, NoConfig, from_dict, hostname_problem, load
+from authrelay.newfile import replace_with_new
 
 # --------------------------------------------------------------------------- m4 parsing
 
@@ -319,15 +317,7 @@ def write_password_file(path: Path, password: str) -> None:
     link or file planted under a guessable name is never written through nor handed the
     password; the rename replaces `path` itself, never what a link there points to."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600, O_EXCL
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(password.encode("utf-8", "surrogateescape") + b"\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_with_new(path, password.encode("utf-8", "surrogateescape") + b"\n", 0o600)
 
 
 def looks_like_cf(text: str) -> bool:

@@ -18,7 +18,6 @@ opened through /proc/self/fd; no copy of the key ever lands on a disk).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import ipaddress
 import os
@@ -29,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from authrelay.config import Config, load
+from authrelay.newfile import replace_with_new
 
 
 class TLSConfigError(RuntimeError):
@@ -79,27 +79,9 @@ def make_self_signed(hostname: str, out_dir: Path, *, days: int = 825) -> tuple[
         serialization.NoEncryption(),
     )
     # The key 0600 from the start: never a window where it is world-readable.
-    _write_new(key_path, key_bytes, 0o600)
-    _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    replace_with_new(key_path, key_bytes, 0o600)
+    replace_with_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` by a file this process created (mkstemp: random name, O_EXCL, 0600
-    until `mode` is set on the descriptor). A fixed `key.tmp`, or `cert.pem` written in
-    place, followed a link someone planted in a shared `--out` directory (root wrote the
-    private key into the link's target) or filled a file of theirs with the key; the
-    rename replaces `path` itself, never what a link there points to."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def ensure_certificate(cfg: Config) -> None:

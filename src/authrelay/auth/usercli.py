@@ -17,14 +17,11 @@ never printed or logged.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import getpass
 import json
-import os
 import re
 import sqlite3
 import sys
-import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +34,7 @@ from authrelay.auth.login import StoreUnavailable
 from authrelay.auth.pgusers import PgUserDB, redact_dsn
 from authrelay.auth.userdb import UserDB, UserDBError, UserStore
 from authrelay.config import load
+from authrelay.newfile import replace_with_new
 from authrelay.policy.containment import Suspension
 from authrelay.policy.suspensions import make_state
 
@@ -174,25 +172,6 @@ def _app_password(args: argparse.Namespace) -> None:
             print(f"{a.name}\tcreated {_iso(a.created)}\tlast used {used}")
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` in a file of ours, `mode` (0600 when it holds a
-    password). The temporary file is a new one (mkstemp: random name, O_EXCL): a fixed
-    `NAME.tmp` that someone else made in a shared --out directory was opened, filled
-    with the password and renamed into place, still theirs to read."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        try:
-            os.fchmod(fd, mode)
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _setup(args: argparse.Namespace) -> None:
     """`user setup NAME`: print the client settings; with --incoming also write the
     Thunderbird autoconfig file and an Apple .mobileconfig profile (clientsetup.py)."""
@@ -229,10 +208,10 @@ def _setup(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     xml_path = out / "config-v1.1.xml"
-    _write(xml_path, clientsetup.autoconfig_xml(s), 0o644)
+    replace_with_new(xml_path, clientsetup.autoconfig_xml(s), 0o644)
     safe = re.sub(r"[^A-Za-z0-9._@+-]", "_", args.name).lstrip(".") or "user"
     mc_path = out / f"{safe}.mobileconfig"
-    _write(mc_path, clientsetup.mobileconfig(s, password), 0o600 if password else 0o644)
+    replace_with_new(mc_path, clientsetup.mobileconfig(s, password), 0o600 if password else 0o644)
     print(f"\nWrote {xml_path}: Thunderbird autoconfig; publish it at "
           f"https://autoconfig.{s.domain}/mail/config-v1.1.xml (README \"Client set-up\")")
     print(f"Wrote {mc_path}: Apple Mail profile (unsigned"
