@@ -36,6 +36,7 @@ import pwd
 import socket
 import stat
 import sys
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +48,10 @@ from authrelay.config import (
     Config,
     ConfigError,
     Listen,
-    config_dir,
     error_line,
     load,
     parse_hostport,
+    read_config_bytes,
 )
 from authrelay.metrics import exposed
 
@@ -464,8 +465,7 @@ def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) 
         if s.ca_file and not os.access(s.ca_file, os.R_OK):
             out.append(Finding("error", s.key("ca_file"), f"{s.ca_file}: not readable"))
     sd = cfg.state_path
-    if cfg.source != EMBEDDED and cfg.state_dir == os.path.normpath(
-            config_dir(cfg.source) / Config().state_dir):
+    if cfg.source != EMBEDDED and not _sets(cfg.source, "state_dir"):
         # Relative paths are taken from the config file's directory (config.py).
         out.append(Finding("warning", "state_dir", f"not set: the spool, users and keys "
                            f"are in {sd}, beside the config file; set state_dir (e.g. "
@@ -619,6 +619,16 @@ def _check_operation(cfg: Config, out: list[Finding]) -> None:
         out.append(Finding("warning", "user", "not set, and started as root: the whole "
                            "daemon would run as root (set user = \"authrelay\": serve "
                            "binds as root, then drops to it)"))
+
+
+def _sets(path: str, key: str) -> bool:
+    """Whether the config file at `path` sets top-level `key` itself (run.sh writes the
+    default state_dir out in full: that is set, not a default taken). Unreadable: True
+    (the load already said why)."""
+    try:
+        return key in tomllib.loads(read_config_bytes(path).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return True
 
 
 def _check_metrics(cfg: Config, out: list[Finding]) -> None:

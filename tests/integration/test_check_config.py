@@ -90,6 +90,10 @@ def test_state_dir_not_set_warns_where_the_state_goes(site: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert f"{cfg}: warning: state_dir: not set: the spool, users and keys are in " \
         f"{site / 'var'}, beside the config file" in r.stderr, r.stderr
+    # Set to the very directory the default names (run.sh writes it out): set, no warning.
+    set_default = cfg.with_name("default.toml")
+    set_default.write_text(f'state_dir = "{site / "var"}"\n' + cfg.read_text())
+    assert "state_dir: not set" not in _cc(set_default).stderr
     cfg.write_text('state_dir = "spool-here"\n' + cfg.read_text())  # before any table
     r = _cc(cfg)
     assert "state_dir: not set" not in r.stderr
