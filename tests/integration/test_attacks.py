@@ -24,16 +24,21 @@ def _queue_one(r: RelayProcess) -> str:
     return r.queued()[0].name
 
 
+def _stopped_with_one_queued(tmp_path: Path) -> tuple[RelayProcess, str]:
+    """A relay run until one message is queued, then stopped: its spool to tamper with."""
+    r = RelayProcess(tmp_path).start()
+    try:
+        return r, _queue_one(r)
+    finally:
+        r.stop()
+
+
 def test_spool_entries_that_are_not_regular_files_are_quarantined(tmp_path: Path) -> None:
     """A queue id's name in queue/ held by a dangling symlink, a symlink to a file, a
     directory or a FIFO: serve used to fail to start (FileNotFoundError out of recovery)
     or hang for ever on the FIFO's open(). Now each goes to corrupt/ with a warning line,
     nothing is followed through a link, and real messages beside them stay queued."""
-    r = RelayProcess(tmp_path).start()
-    try:
-        qid = _queue_one(r)
-    finally:
-        r.stop()
+    r, qid = _stopped_with_one_queued(tmp_path)
     q = r.queue_dir
     bad = {"2N5CGWQ68GZSZCV4A": "dangling", "2N5CGWQ68GZSZCV4B": "dir",
            "2N5CGWQ68GZSZCV4C": "link", "2N5CGWQ68GZSZCV4D": "fifo",
@@ -140,11 +145,7 @@ def test_spool_warnings_about_a_message_start_with_its_queue_id(tmp_path: Path) 
     file of a newer format left in place) were maillog lines starting `NOQUEUE:` with the
     queue id inside the text: `grep '^... QID:'` and log readers that follow a message by
     its id missed them. Now they start with the queue id, the text as it was."""
-    r = RelayProcess(tmp_path).start()
-    try:
-        qid = _queue_one(r)
-    finally:
-        r.stop()
+    r, qid = _stopped_with_one_queued(tmp_path)
     q = r.queue_dir
     (q / (qid + ".state")).write_bytes(b"{not json")
     damaged, newer = "2N5CGWQ68GZSZCV4F", "2N5CGWQ68GZSZCV4G"

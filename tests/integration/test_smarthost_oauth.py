@@ -412,45 +412,29 @@ def _courier_on_a_clock(tmp_path: Path, dns: FakeDNSServer, sh: Any, ep: Any, ca
     return courier, source, now
 
 
+@pytest.mark.parametrize(("expires_in", "life"), [(3600, 3600), (10**9, 86400)],
+                         ids=["an_hour", "decades_held_to_a_day"])
 async def test_token_refreshed_before_expiry_mid_queue(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
-        trustme_ca_file: Path, mlog: Any) -> None:
+        trustme_ca_file: Path, mlog: Any, expires_in: int, life: int) -> None:
     """A token is replaced at 80% of its lifetime (an injected clock), before the smart
-    host would refuse it: no delivery ever meets an expired token."""
-    ep = endpoint(secret="s3cret-value", expires_in=3600)
+    host would refuse it: no delivery ever meets an expired token. The lifetime acted on
+    is at most a day: an endpoint's expires_in of a billion seconds kept its token in
+    memory (and in use) for ever."""
+    ep = endpoint(secret="s3cret-value", expires_in=expires_in)
     sh = smart_host(ep)
     courier, source, now = _courier_on_a_clock(tmp_path, dns, sh, ep, trustme_ca_file, mlog)
     try:
         assert (await deliver(courier)).ok
-        now[0] += 0.79 * 3600
+        now[0] += 0.79 * life
         assert (await deliver(courier)).ok
         assert len(ep.requests) == 1
-        now[0] += 0.02 * 3600  # past 80%: a new token before the next AUTH
+        now[0] += 0.02 * life  # past 80%: a new token before the next AUTH
         assert (await deliver(courier)).ok
     finally:
         await courier.close()
     assert len(ep.requests) == 2 and len(ep.issued) == 2
     assert all(ok for _, _, ok in sh.oauth_attempts) and len(sh.messages) == 3
-
-
-async def test_a_token_said_to_live_for_decades_is_replaced_within_a_day(
-        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
-        trustme_ca_file: Path, mlog: Any) -> None:
-    """An endpoint's expires_in of a billion seconds kept its token in memory (and in use)
-    for ever; the lifetime acted on is at most a day, so it is replaced by then."""
-    ep = endpoint(secret="s3cret-value", expires_in=10**9)
-    sh = smart_host(ep)
-    courier, source, now = _courier_on_a_clock(tmp_path, dns, sh, ep, trustme_ca_file, mlog)
-    try:
-        assert (await deliver(courier)).ok
-        now[0] += 0.79 * 86400
-        assert (await deliver(courier)).ok
-        assert len(ep.requests) == 1
-        now[0] += 0.02 * 86400  # past 80% of a day
-        assert (await deliver(courier)).ok
-    finally:
-        await courier.close()
-    assert len(ep.requests) == 2 and len(sh.messages) == 3
 
 
 @pytest.mark.parametrize(("expires_in", "use", "life"), [

@@ -175,3 +175,16 @@ def test_channel_messages_and_end_of_file() -> None:
     ch.master.close()
     assert process.recv(ch.child) == (b"", b"")  # the master is gone
     ch.close()
+
+
+def test_bind_lock_held_by_our_own_uid_past_the_wait_is_instance_busy() -> None:
+    """Past its wait, a lock another instance of our uid keeps holding (a start wedged
+    between its check and its binds) is one InstanceBusy line, not a hang nor a bind
+    without it; once released it is ours at once. A private name: no real serve meets it."""
+    name = f"\0authrelay-test/bind-lock-{os.getpid()}".encode()
+    busy = r"another authrelay is binding its listen addresses \(held for over 0.3 s\)"
+    with process.bind_lock(name=name), pytest.raises(InstanceBusy, match=busy), \
+            process.bind_lock(wait=0.3, name=name):
+        pass
+    with process.bind_lock(wait=0.3, name=name):
+        pass  # free again
