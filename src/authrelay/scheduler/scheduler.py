@@ -26,6 +26,14 @@ state, bounces and removal from the spool. Contract:
   mid-delivery re-delivers after restart; a duplicate is possible, a loss is not. The
   in-flight journal (inflight.py) names, at the next start, the recipients whose attempt
   was under way when the process died.
+- A dead destination (Postfix's qmgr marks it so): a job whose every recipient got
+  RFC 3463 4.4.1 (no answer from any host: connection refused, unreachable, connect
+  timeout) marks its route key unreachable for min(first retry interval, DEAD_FOR). Until
+  then that destination's jobs are not tried: each is deferred at once with
+  `delivery temporarily suspended: REASON` (its normal back-off, so no thundering herd when
+  the destination returns); after it, one job at a time probes until one gets an answer.
+  A forced message (`queue flush ID`, release) is tried anyway; `queue flush` of all
+  forgets every mark.
 - Queue control (`control.sock`): flush/hold/release/delete are done here, after any
   in-flight delivery of the message ends, so the CLI never races a delivery.
 Failure policy: a courier that raises is a transient failure for its recipients; an
@@ -67,6 +75,8 @@ log = logging.getLogger(__name__)
 RESCAN_INTERVAL = 60.0
 BUSY_RETRY = 0.2  # a message under a control operation is looked at again this soon
 NEXT_ATTEMPT_SLACK = 0.5  # recipients due within this are tried with the rest
+DEAD_FOR = 300.0  # longest a destination stays marked unreachable (Postfix: 300 s)
+UNREACHABLE = "4.4.1"  # RFC 3463: no answer from host (the courier's connect failures)
 
 
 _FULL_RETURN_MAX = 10_000_000  # RET=FULL returns bigger messages as headers only
@@ -132,6 +142,8 @@ class Scheduler:
         self._waiting: dict[str, tuple[deque[_Job], deque[_Job]]] = {}  # fresh, retries
         self._rr: OrderedDict[str, None] = OrderedDict()
         self._dest_running: dict[str, int] = {}
+        # route key -> (monotonic time the mark ends, the failure that set it)
+        self._dead: dict[str, tuple[float, DeliveryResult]] = {}
         self._running = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -270,6 +282,8 @@ class Scheduler:
 
     def flush(self, qid: str | None = None) -> None:
         """Try now, ignoring back-off: one message or everything known."""
+        if not qid:
+            self._dead.clear()  # as postqueue -f: dead destinations are tried again
         ids = [qid] if qid else list(self._token)
         for q in ids:
             self._forced.add(q)
@@ -495,10 +509,14 @@ class Scheduler:
             return
         while self._running < self.concurrency and self._rr:
             started = False
+            now = time.monotonic()
             for key in list(self._rr):
                 if self._running >= self.concurrency:
                     break
-                if self._dest_running.get(key, 0) >= self.per_destination:
+                dead = self._dead.get(key)
+                probing = dead is not None and now >= dead[0]
+                limit = 1 if probing else self.per_destination  # a probe at a time
+                if self._dest_running.get(key, 0) >= limit:
                     continue
                 fresh_q, retry_q = self._waiting[key]
                 job = fresh_q.popleft() if fresh_q else retry_q.popleft()
@@ -507,18 +525,46 @@ class Scheduler:
                     del self._rr[key]
                 else:
                     self._rr.move_to_end(key)
+                suspended = None
+                if dead is not None and not probing and not job.act.forced:
+                    suspended = dead[1]
                 self._running += 1
                 self._dest_running[key] = self._dest_running.get(key, 0) + 1
-                self._spawn(self._run_job(job))
+                self._spawn(self._run_job(job, suspended))
                 started = True
             if not started:
                 break
 
-    async def _run_job(self, job: _Job) -> None:
+    def _judge_destination(self, key: str, results: dict[str, DeliveryResult]) -> None:
+        """Mark `key` unreachable when no host answered for any recipient; forget the
+        mark when one did."""
+        if results and all(not r.ok and not r.permanent and r.enhanced == UNREACHABLE
+                           for r in results.values()):
+            retry = self.cfg.delivery.retry
+            hold = min(retry[0] if retry else DEAD_FOR, DEAD_FOR)
+            first = next(iter(results.values()))
+            if key not in self._dead:
+                log.warning("destination %s unreachable, deliveries suspended for %.0fs: %s",
+                            key, hold, first.text)
+            self._dead[key] = (time.monotonic() + hold, first)
+        elif results:
+            self._dead.pop(key, None)
+
+    async def _run_job(self, job: _Job, suspended: DeliveryResult | None = None) -> None:
+        """One delivery; with `suspended` (its destination is marked unreachable) no
+        attempt is made: every recipient is deferred with that reason."""
         act = job.act
         assert act.env is not None and act.path is not None
         completed = False
         try:
+            if suspended is not None:
+                res = DeliveryResult.temp(
+                    f"delivery temporarily suspended: {suspended.text}", suspended.enhanced,
+                    suspended.code, suspended.remote)
+                async with act.lock:
+                    await self._apply(act, job, {r.address: res for r in job.rcpts})
+                completed = True
+                return
             token = self.inflight.begin(act.qid, [r.address for r in job.rcpts])
             try:
                 t0 = time.monotonic()
@@ -531,6 +577,7 @@ class Scheduler:
             except Exception:
                 log.exception("%s: courier failed", act.qid)
                 results = {}
+            self._judge_destination(job.key, results)
             async with act.lock:
                 await self._apply(act, job, results)
             self.inflight.end(token)  # the outcome is on disk
@@ -754,6 +801,8 @@ class Scheduler:
             ids = await self._io(control.ids_of_user, self.spool, str(req["user"]),
                                  op != "hold")
         elif req.get("all") or (op == "flush" and not req.get("id")):
+            if op == "flush":
+                self._dead.clear()  # as postqueue -f: dead destinations are tried again
             ids = await self._io(self.spool.scan)
             if op == "delete":
                 ids += await self._io(self.spool.held)

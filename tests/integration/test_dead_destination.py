@@ -1,0 +1,60 @@
+"""A dead destination is marked, as Postfix's queue manager does, against a real `serve`.
+
+Mail for `dead.test`, whose only MX refuses connections, is queued while mail for
+`example.test` (a fake MX) flows. The first delivery to dead.test that reaches no host
+marks it: every other message for it is deferred at once with `delivery temporarily
+suspended: <the connect failure>` instead of paying its own connection attempt (a
+blackhole's connect timeout each, `concurrency_per_domain` at a time, while the
+messages fill the active set). `queue flush` forgets the mark (postqueue -f), and once
+an MX listens there every message is delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from fakes.dnsserver import FakeDNSServer
+from fakes.smtpserver import FakeSMTPServer, MXFactory
+from relayproc import RelayProcess
+from test_e2e_delivery import ZONES, delivered_to, gone, log_lines, mx_overrides, submit
+
+pytestmark = pytest.mark.slow
+
+DEAD_MX = "127.0.0.12"  # nothing listens there: connection refused
+
+
+def test_dead_destination_is_marked_and_its_mail_deferred_without_connecting(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    dns.set_zones({**ZONES, "dead.test": {"MX": [(10, "mx.dead.test")]},
+                   "mx.dead.test": {"A": [DEAD_MX]}})
+    live = fake_mx("127.0.0.2")
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"],
+                                       concurrency_per_domain=2))
+    dead = [submit(relay, [f"user{i}@dead.test"]) for i in range(12)]
+    fresh = submit(relay, ["bob@example.test"])
+    for q in dead:
+        relay.wait_for(lambda q=q: any("stat=Deferred" in ln for ln in log_lines(relay, q)),
+                       what=f"{q} deferred")
+    relay.wait_for(lambda: gone(relay, fresh), what="mail to a live destination delivered")
+    assert delivered_to(live, "bob@example.test")
+
+    log = relay.maillog()
+    tried = [ln for ln in log.splitlines()
+             if "status=host failed" in ln and f"{DEAD_MX}]" in ln]
+    # Only the deliveries that started before the first failure came back connected.
+    assert 1 <= len(tried) <= 2, tried
+    suspended = [q for q in dead if any(
+        "stat=Deferred (451 4.4.1 delivery temporarily suspended: connect to" in ln
+        for ln in log_lines(relay, q))]
+    assert len(suspended) >= len(dead) - 2, log
+
+    # The destination comes back; a flush of everything tries it again at once.
+    back = fake_mx(DEAD_MX)
+    relay.cli("queue", "flush")
+    for q in dead:
+        relay.wait_for(lambda q=q: gone(relay, q), what=f"{q} delivered after the flush")
+    assert sorted(r for m in back.messages for r in m.rcpt_tos) == \
+        sorted(f"user{i}@dead.test" for i in range(12))
+    assert sender_mx.messages == []  # deferred, never bounced
