@@ -202,3 +202,16 @@ def parse_params(text: str) -> dict[str, str | None]:
             raise _err(501, "5.5.4", f"Duplicate parameter: {key.upper()[:20]}")
         params[key.upper()] = value if eq else None
     return params
+
+
+def orcpt_for_7bit(orcpt: str) -> str:
+    """An ORCPT value (as accepted: RFC 3461 4.2 / RFC 6533 3) for a next hop without
+    SMTPUTF8: a raw UTF-8 (utf-8-addr-unitext) address in its utf-8-addr-xtext form,
+    each non-ASCII character as `\\x{HEX}` (RFC 6533 3 says it MUST be converted so).
+    "" when that form would pass RFC 3461's 500 characters: the parameter is optional,
+    and a next hop refusing an over-long one would refuse the recipient."""
+    if orcpt.isascii():
+        return orcpt
+    atype, _, addr = orcpt.partition(";")
+    out = atype + ";" + "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in addr)
+    return out if len(out) - len(atype) - 1 <= 500 else ""

@@ -22,6 +22,9 @@ real authrelay process, can talk to it). Options:
 - `max_rcpts`: recipients per transaction, then `452 4.5.3 Too many recipients`
 - `eightbitmime=False`: a 7-bit server: no 8BITMIME in the EHLO reply, a BODY parameter
   refused with 555 (RFC 5321 4.1.1.11); pair with `smtputf8=False` (RFC 6531 needs it)
+- `dsn`: announce DSN (RFC 3461): RET / ENVID on MAIL and NOTIFY / ORCPT on RCPT are
+  accepted (aiosmtpd refuses every parameter it does not know) and recorded, as sent, in
+  `dsn_params` (one "VERB PARAM=value" string each)
 - `broken_starttls`: offer STARTTLS, answer 220, then answer the client's TLS hello with
   garbage and close (a broken TLS stack or middlebox: the handshake fails)
 - `starttls_reply`: offer STARTTLS, answer it with this (e.g. "454 4.7.0 TLS not
@@ -101,6 +104,27 @@ class _RecordingSMTP(SMTP):
 
     _broken_tls = False
 
+    def _take_dsn_params(self, verb: str, arg: str) -> str:
+        """`arg` without its DSN parameters, recorded in the fake's `dsn_params`."""
+        head, sep, params = arg.rpartition(">")
+        kept: list[str] = []
+        for p in params.split():
+            if p.split("=", 1)[0].upper() in ("RET", "ENVID", "NOTIFY", "ORCPT"):
+                self._fake.dsn_params.append(f"{verb} {p}")
+            else:
+                kept.append(p)
+        return head + sep + "".join(" " + p for p in kept)
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        if self._fake.dsn and arg:
+            arg = self._take_dsn_params("MAIL", arg)
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        if self._fake.dsn and arg:
+            arg = self._take_dsn_params("RCPT", arg)
+        await super().smtp_RCPT(arg)
+
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._fake.starttls_reply and not arg:
             await self.push(self._fake.starttls_reply)
@@ -135,6 +159,8 @@ class _Handler:
         session.host_name = hostname
         if self.fake.pipelining:
             responses.insert(-1, "250-PIPELINING")
+        if self.fake.dsn:
+            responses.insert(-1, "250-DSN")
         if not self.fake.eightbitmime:  # a 7-bit server (RFC 6152 not implemented)
             responses = [r for r in responses if r != "250-8BITMIME"]
         return responses
@@ -209,6 +235,7 @@ class FakeSMTPServer:
                  starttls_reply: str = "",
                  max_rcpts: int = 0,
                  eightbitmime: bool = True,
+                 dsn: bool = False,
                  hostname: str = "fake.test") -> None:
         self.host, self.port = host, port
         self.starttls_context = starttls_context
@@ -230,6 +257,8 @@ class FakeSMTPServer:
         self.starttls_reply = starttls_reply
         self.max_rcpts = max_rcpts
         self.eightbitmime = eightbitmime
+        self.dsn = dsn
+        self.dsn_params: list[str] = []
         self.starttls_attempts = 0
         self.hostname = hostname
         self.messages: list[Received] = []

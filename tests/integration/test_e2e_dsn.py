@@ -69,6 +69,29 @@ def test_success_notice_when_next_hop_lacks_dsn(
     assert any("sender_success_notification=" in ln for ln in log_lines(relay, qid))
 
 
+def test_a_raw_utf8_original_recipient_reaches_the_next_hop_and_the_bounce(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """RFC 6533 3: in an SMTPUTF8 transaction ORCPT=utf-8;<raw UTF-8> (utf-8-addr-unitext)
+    was refused '501 5.5.4 ESMTP parameter values must be ASCII' (smtplib's client could
+    not submit it). Now accepted; the next hop (DSN and SMTPUTF8) gets it as given, and
+    the bounce for a refused recipient gives it as Original-Recipient (RFC 3464 2.3.1)."""
+    mx = fake_mx("127.0.0.2", dsn=True,
+                 rcpt_replies={"nobody@example.test": "550 5.1.1 no such user"})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    _submit(relay, [("bob@example.test", ["ORCPT=utf-8;bjørn@öld.example"]),
+                    ("nobody@example.test", ["ORCPT=utf-8;élise@old.example"])],
+            ["SMTPUTF8"])
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
+    assert [m.rcpt_tos for m in mx.messages] == [["bob@example.test"]]
+    assert "RCPT ORCPT=utf-8;bjørn@öld.example" in mx.dsn_params
+    [bounce] = sender_mx.messages
+    _, groups = parse_dsn(bounce.content)
+    assert [(g["Original-Recipient"], g["Final-Recipient"]) for g in groups] == [
+        ("utf-8;élise@old.example", "rfc822; nobody@example.test")]
+
+
 def test_notify_never_suppresses_the_bounce(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from authrelay.address import AddressError, parse_path_arg
+from authrelay.address import AddressError, orcpt_for_7bit, parse_path_arg
 
 
 def parse(arg: str, null: bool = False):  # noqa: ANN201
@@ -101,3 +101,13 @@ def test_an_ipv6_literal_has_no_zone(literal: str) -> None:
         parse(f"<u@{literal}>")
     assert (e.value.reply.code, e.value.reply.enhanced) == (501, "5.1.3")
     assert parse("<u@[IPv6:fe80::1]>").address is not None
+
+
+def test_a_raw_utf8_orcpt_goes_to_a_7bit_hop_in_its_escaped_form() -> None:
+    """RFC 6533 3: utf-8-addr-unitext is converted to utf-8-addr-xtext for a next hop
+    without SMTPUTF8; left out when that form passes RFC 3461's 500 characters."""
+    assert orcpt_for_7bit("rfc822;bob+2Bx@example.test") == "rfc822;bob+2Bx@example.test"
+    assert orcpt_for_7bit("utf-8;bjørn@öld.example") == \
+        "utf-8;bj\\x{F8}rn@\\x{F6}ld.example"
+    assert orcpt_for_7bit("utf-8;\U0001F600@x.example") == "utf-8;\\x{1F600}@x.example"
+    assert orcpt_for_7bit("utf-8;" + "ø" * 240 + "@x") == ""

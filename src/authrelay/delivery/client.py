@@ -97,6 +97,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from authrelay import maillog as maillog_mod
+from authrelay.address import orcpt_for_7bit
 from authrelay.config import Config, SmartHostOAuth, parse_hostport
 from authrelay.delivery import (
     bearer,
@@ -1152,10 +1153,11 @@ class Courier:
             opts: list[bytes] = []
             if dsn and r.notify:
                 opts.append(b"NOTIFY=" + r.notify.encode("ascii"))
-            if dsn and r.orcpt and (use_utf8 or r.orcpt.isascii()):
+            orcpt = r.orcpt if use_utf8 else orcpt_for_7bit(r.orcpt)
+            if dsn and orcpt:
                 # RFC 6533 3: a raw UTF-8 ORCPT only in an SMTPUTF8 transaction; without
-                # it the parameter is left out (it is optional) rather than mangled.
-                opts.append(b"ORCPT=" + r.orcpt.encode("utf-8"))
+                # it, its \x{HEX} form (left out when too long: it is optional).
+                opts.append(b"ORCPT=" + orcpt.encode("utf-8"))
             lines.append(wire.rcpt_to(on_wire.get(r.address, r.address).encode(enc), opts))
         lines.append(b"DATA\r\n")
         pipelining = "pipelining" in ext

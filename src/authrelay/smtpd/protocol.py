@@ -63,6 +63,7 @@ import binascii
 import enum
 import functools
 import logging
+import unicodedata
 from dataclasses import dataclass, field
 
 from authrelay import replies
@@ -335,6 +336,29 @@ def xtext_ok(value: str, limit: int) -> bool:
             return False
         i += 1
     return True
+
+
+def orcpt_ok(value: str, smtputf8: bool) -> bool:
+    """RFC 3461 4.2 ORCPT: addr-type ";" xtext, the address at most 500 octets. With the
+    utf-8 type (RFC 6533 3) the address may also use utf-8-addr-xtext's `\\x{HEX}`
+    escapes (printable ASCII: xtext already) and, in an SMTPUTF8 transaction only, raw
+    UTF-8 (utf-8-addr-unitext). Control characters (C0, DEL, C1) and line or paragraph
+    separators are refused in either form: the value reaches DSNs and the next hop."""
+    atype, semi, addr = value.partition(";")
+    if not semi or not atype or not atype.isascii():
+        return False
+    if addr.isascii() or not smtputf8 or atype.strip().lower() != "utf-8":
+        return xtext_ok(addr, 500)
+    if len(addr.encode("utf-8")) > 500:
+        return False
+    # The ASCII characters keep xtext's rules; each non-ASCII one stands for itself.
+    ascii_part = "".join(c if c.isascii() else "x" for c in addr)
+    return xtext_ok(ascii_part, 500) and not any(
+        unicodedata.category(c) in _BAD_UNITEXT for c in addr if not c.isascii())
+
+
+# Cc (C1 controls), Cs (never in decoded UTF-8, but not text), Zl / Zp (U+2028 / U+2029).
+_BAD_UNITEXT = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
 # ------------------------------------------------------------------------ the engine
@@ -1022,16 +1046,17 @@ class Engine:
             self._bad_rcpt()
             return
         for key, value in path.params.items():
-            if value is not None and not value.isascii():
+            # RFC 6533 3: ORCPT=utf-8;<raw UTF-8> in an SMTPUTF8 transaction (orcpt_ok).
+            if value is not None and not value.isascii() and not (
+                    key == "ORCPT" and txn.smtputf8):
                 self._error(_NON_ASCII_PARAM)
                 return
             if key == "NOTIFY":  # RFC 3461 4.1
                 if not notify_ok(value or ""):
                     self._error(_BAD_NOTIFY)
                     return
-            elif key == "ORCPT":  # RFC 3461 4.2: addr-type ";" xtext
-                atype, semi, addr = (value or "").partition(";")
-                if not semi or not atype or not xtext_ok(addr, 500):
+            elif key == "ORCPT":  # RFC 3461 4.2 / RFC 6533 3
+                if not orcpt_ok(value or "", txn.smtputf8):
                     self._error(_BAD_ORCPT)
                     return
             else:
