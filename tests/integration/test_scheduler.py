@@ -458,3 +458,28 @@ async def test_delay_warning_last_attempt_date_is_each_recipients_own(
     finally:
         await rig.stop()
         rig.spool.close()
+
+
+async def test_retry_backlog_filling_the_active_set_does_not_keep_fresh_mail_out(
+        state_dir: Path) -> None:
+    # 40 deferred messages due at once for a destination that never answers fill the
+    # active set (max_active 20): they wait for its 2 slots. Fresh mail elsewhere is
+    # still taken in and delivered (old code: not until the backlog drained).
+    rig = Rig(state_dir, concurrency=4, concurrency_per_domain=2)
+    gate = rig.courier.gates["slow.example"] = asyncio.Event()
+    for i in range(40):
+        qid = await put(rig.spool, [f"s{i}@slow.example"])
+        env = rig.spool.load(qid)
+        env.recipients[0].attempts = 1
+        env.recipients[0].next_attempt = time.time() - 1
+        rig.spool.save_state(env)
+    sched = await rig.start(max_active=20)
+    await until(lambda: rig.courier.inflight["slow.example"] == 2, "2 slow in flight")
+    await until(lambda: len(sched.active) >= 15, "the backlog in the active set")
+    fast = await put(rig.spool, ["f@fast.example"])
+    await until(lambda: fast not in rig.queued(), "fresh mail delivered past the backlog")
+    assert len(sched.active) <= 20
+    gate.set()
+    await until(lambda: not rig.queued(), "all delivered")
+    await rig.stop()
+    rig.spool.close()

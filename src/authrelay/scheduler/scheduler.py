@@ -6,7 +6,8 @@ state, bounces and removal from the spool. Contract:
   and datagrams on `spool_dir/notify.sock` from receiving processes; plus a full scan at
   start (a restart finds everything) and a periodic rescan as a safety net.
 - Fresh mail goes first: it waits in its own FIFO ahead of the retry heap, and per
-  destination ahead of retries; a slow or dead destination only ever holds its own
+  destination ahead of retries; retries fill at most three quarters of `max_active`
+  (the rest is fresh mail's); a slow or dead destination only ever holds its own
   `concurrency_per_domain` slots, so deferred mail never blocks fresh mail elsewhere.
 - A message's pending recipients are grouped by `route_key`; each group is one
   `courier.deliver()` call. A destination with one recipient due takes all of the
@@ -367,7 +368,7 @@ class Scheduler:
             self._wake.clear()
             self._dispatch()
             timeout: float | None = None
-            if self._heap and len(self._active) < self.max_active:
+            if self._heap and len(self._active) < self._retry_room:
                 timeout = max(0.0, self._heap[0][0] - time.time())
             if timeout == 0.0:
                 await asyncio.sleep(0)
@@ -375,12 +376,19 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
+    @property
+    def _retry_room(self) -> int:
+        """Active messages retries may fill: the last quarter of `max_active` is fresh
+        mail's, so a backlog stuck at a slow destination never keeps new mail out."""
+        return max(1, self.max_active - self.max_active // 4)
+
     def _dispatch(self) -> None:
         now = time.time()
-        while len(self._active) < self.max_active:
-            if self._fresh:
+        while True:
+            if self._fresh and len(self._active) < self.max_active:
                 seq, qid = self._fresh.popleft()
-            elif self._heap and self._heap[0][0] <= now:
+            elif self._heap and self._heap[0][0] <= now \
+                    and len(self._active) < self._retry_room:
                 _, seq, qid = heapq.heappop(self._heap)
             else:
                 break
