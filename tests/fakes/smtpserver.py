@@ -10,7 +10,8 @@ real authrelay process, can talk to it). Options:
   offer (e.g. ["PLAIN"] for a LOGIN-only server)
 - `greeting`: e.g. "421 4.3.2 busy": sent instead of 220, then the connection is closed
 - `mail_reply`, `data_reply`: a reply to give instead of 250
-- `rcpt_replies`: {"address": "550 5.1.1 no such user"}: per-recipient refusals, read
+- `rcpt_replies`: {"address": "550 5.1.1 no such user"}: per-recipient refusals (bytes
+  are sent as they are: octets that are not UTF-8, a broken or hostile server), read
   once per transaction (at MAIL): a test that changes them while the relay may be
   mid-transaction changes the next transaction, never half of this one
 - `data_delay`: seconds to wait before answering the final dot (timeout tests)
@@ -151,7 +152,7 @@ class _Handler:
     def __init__(self, fake: FakeSMTPServer) -> None:
         self.fake = fake
         # each session's transaction: the rcpt_replies as they were at its MAIL
-        self._txn_replies: weakref.WeakKeyDictionary[Session, dict[str, str]] = \
+        self._txn_replies: weakref.WeakKeyDictionary[Session, dict[str, str | bytes]] = \
             weakref.WeakKeyDictionary()
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
@@ -178,7 +179,7 @@ class _Handler:
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
+                          address: str, rcpt_options: list[str]) -> str | bytes:
         reply = self._txn_replies.get(session, self.fake.rcpt_replies).get(address.lower())
         if reply:
             return reply
@@ -225,7 +226,7 @@ class FakeSMTPServer:
                  greeting: str | None = None,
                  mail_reply: str | None = None,
                  data_reply: str | None = None,
-                 rcpt_replies: dict[str, str] | None = None,
+                 rcpt_replies: dict[str, str | bytes] | None = None,
                  data_delay: float = 0.0,
                  data_gate: threading.Event | None = None,
                  size_limit: int = 33554432,

@@ -92,6 +92,24 @@ def test_a_raw_utf8_original_recipient_reaches_the_next_hop_and_the_bounce(
         ("utf-8;élise@old.example", "rfc822; nobody@example.test")]
 
 
+def test_a_next_hops_undecodable_reply_keeps_the_report_ascii(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """A next hop answering RCPT with octets that are not UTF-8 (broken or hostile): the
+    ASCII message's bounce was message/global-delivery-status (RFC 6533, 8bit) because
+    of them. Now the report is message/delivery-status, 7bit, the octets "?"."""
+    fake_mx("127.0.0.2",
+            rcpt_replies={"nobody@example.test": b"550 5.1.1 no \xff\xfe\xc3 such user"})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    _submit(relay, [("nobody@example.test", [])], [])
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce")
+    [bounce] = sender_mx.messages
+    assert bounce.content.isascii()
+    msg, groups = parse_dsn(bounce.content)
+    assert msg.get_payload()[1].get_content_type() == "message/delivery-status"
+    assert [g["Diagnostic-Code"] for g in groups] == ["smtp; 550 5.1.1 no ??? such user"]
+
+
 def test_notify_never_suppresses_the_bounce(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:

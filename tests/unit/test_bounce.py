@@ -284,3 +284,29 @@ def test_a_returned_message_is_not_walked_byte_by_byte_in_python() -> None:
     # The same up to what varies from call to call (the random queue id's own loop);
     # byte by byte, 1 MiB makes millions of events.
     assert events(1 << 20) < events(1 << 14) + 1000
+
+
+@pytest.mark.parametrize("reply", [
+    "550 5.1.1 no \ufffd\ufffd such user",  # undecodable octets (delivery/wire.py)
+    "550 5.1.1 Benutzer unbekannt: Grüße",  # UTF-8 text outside an SMTPUTF8 transaction
+])
+def test_a_next_hops_non_ascii_reply_keeps_an_ascii_report_ascii(reply: str) -> None:
+    """An ASCII message's report stays message/delivery-status, 7bit, whatever octets a
+    broken or hostile next hop answered (was message/global-delivery-status, 8bit)."""
+    env = _env()
+    env.recipients[0].last_reply = reply
+    benv, data = make_bounce(env, env.recipients, HEADERS, "relay.example.org")
+    assert data.isascii() and not benv.body_8bit
+    parts = _parse(data).get_payload()
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers"]
+    bob = parts[1].get_payload()[1]
+    expected = {"\ufffd": "550 5.1.1 no ?? such user",
+                "ü": "550 5.1.1 Benutzer unbekannt: Gr\\x{FC}\\x{DF}e"}
+    assert bob["Diagnostic-Code"] == "smtp; " + next(
+        v for k, v in expected.items() if k in reply)
+    # An internationalized report keeps a UTF-8 reply as it is, "?" for lost octets.
+    uenv = _utf8_env()
+    uenv.recipients[1].last_reply = "550 5.1.1 Grüße \ufffd"
+    _, udata = make_bounce(uenv, uenv.recipients, UTF8_HEADERS, "relay.example.org")
+    assert "Diagnostic-Code: smtp; 550 5.1.1 Grüße ?".encode() in udata

@@ -17,6 +17,8 @@ section is not ASCII) is message/global (RET=FULL) or message/global-headers, no
 message/rfc822 / text/rfc822-headers. The report stays report-type=delivery-status.
 The DSN's own envelope asks for SMTPUTF8 only when its recipient (the original sender)
 needs it; otherwise the 8bit parts go as 8BITMIME.
+A next hop's reply never makes the report internationalized: undecodable octets in it
+are "?", other non-ASCII text `\\x{HEX}` unless the report is so anyway (_diagnostic).
 No line of the report is longer than 998 octets (RFC 5322 2.1.1): a longer one (a next
 hop's verbose or hostile multi-line reply, up to 1 MB, as Diagnostic-Code and in part 1)
 is folded at spaces, an unbreakable run cut.
@@ -79,6 +81,19 @@ def _fold(line: str) -> str:
             cur = f"{cur} {word}" if cur else word
     out.append(cur)
     return "\r\n ".join(out)
+
+
+def _diagnostic(reply: str, utf8: bool) -> str:
+    """A next hop's reply as report text. Octets that were not UTF-8 (decoded as U+FFFD,
+    delivery/wire.py) carry nothing: "?". Other non-ASCII text stays only in a report
+    that is internationalized anyway (`utf8`: RFC 6531 3.7.4.2 lets a server answer in
+    UTF-8 only in an SMTPUTF8 transaction); else each such character is `\\x{HEX}`
+    (RFC 6533 3's escape), so a broken or hostile hop cannot turn an ASCII message's
+    report into message/global-delivery-status (RFC 3464 2.3.6: diagnostics are ASCII)."""
+    text = reply.replace("\ufffd", "?")
+    if utf8 or text.isascii():
+        return text
+    return "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in text)
 
 
 def xtext_decode(value: str) -> str:
@@ -204,8 +219,13 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
             "The mail system",
             "",
         ]
+    # Internationalized by what the message and its recipients are, never by a reply.
+    utf8 = env.smtputf8 or not env.sender.isascii() or any(
+        not r.address.isascii() or not original_recipient(r.orcpt).isascii()
+        for r in failed)
     for r in failed:
-        human.append(f"<{r.address}>: {_clean(r.last_reply) or 'delivery failed'}")
+        reply = _clean(_diagnostic(r.last_reply, utf8))
+        human.append(f"<{r.address}>: {reply or 'delivery failed'}")
 
     status = [
         f"Reporting-MTA: dns; {hostname}",
@@ -228,7 +248,7 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
             name = rm.split()[0] if " " in rm.strip() else rm.strip().rsplit(":", 1)[0]
             status.append(f"Remote-MTA: dns; {_clean(name)}")
         if r.last_reply:
-            status.append(f"Diagnostic-Code: smtp; {_clean(r.last_reply)}")
+            status.append(f"Diagnostic-Code: smtp; {_clean(_diagnostic(r.last_reply, utf8))}")
         if r.attempts:  # RFC 3464 2.3.7: this recipient's own last attempt (a delay
             # warning also names recipients tried in earlier passes); `now` for a state
             # saved before the time was kept.
