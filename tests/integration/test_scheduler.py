@@ -483,3 +483,17 @@ async def test_retry_backlog_filling_the_active_set_does_not_keep_fresh_mail_out
     await until(lambda: not rig.queued(), "all delivered")
     await rig.stop()
     rig.spool.close()
+
+
+async def test_a_next_attempt_written_by_a_clock_ahead_does_not_freeze_the_message(
+        rig: Rig) -> None:
+    # The state was saved while the clock was ten years ahead (then set right): the
+    # message is tried now, not in ten years.
+    qid = await put(rig.spool, ["x@b.example"])
+    env = rig.spool.load(qid)
+    env.recipients[0].attempts = 1
+    env.recipients[0].next_attempt = time.time() + 10 * 365 * 86400
+    rig.spool.save_state(env)
+    await rig.start()
+    await until(lambda: not rig.queued(), "delivered")
+    assert rig.log.grep(qid, "clock was set back")

@@ -42,6 +42,13 @@ def next_attempt(env: Envelope, now: float, retry: Sequence[float], attempts: in
     return t
 
 
+def latest(retry: Sequence[float], now: float) -> float:
+    """The furthest next attempt `next_attempt` can set from `now`. A recorded one beyond
+    it was written while the clock was ahead (then set back): the caller tries it now
+    rather than leaving the message frozen until the clock catches up."""
+    return now + min(max(retry or (300.0,)) * (1.0 + JITTER), MAX_DELAY)
+
+
 def expired(env: Envelope, now: float, max_queue_lifetime: float) -> bool:
     """True when the message has been queued for `max_queue_lifetime` or more (0 = never)."""
     return max_queue_lifetime > 0 and now - env.received_at >= max_queue_lifetime

@@ -485,6 +485,13 @@ class Scheduler:
             self._release(act)
             return
         now = time.time()
+        latest = backoff.latest(self.cfg.delivery.retry, now) + NEXT_ATTEMPT_SLACK
+        if any(r.next_attempt > latest for r in pending):
+            self.maillog.warning("next attempt recorded further ahead than the retry "
+                                 "schedule allows (the clock was set back?): tried now",
+                                 queue_id=qid)
+            for r in pending:
+                r.next_attempt = min(r.next_attempt, now)
         by_key: dict[str, list[Recipient]] = {}
         for r in pending:
             try:
