@@ -19,9 +19,11 @@ from fakes.smtpserver import MXFactory
 from support.certs import server_tls_context
 from support.maillog import ListLog
 from support.ports import free_port
+from support.wait import until
 from test_delivery import MSG, ZONES, envelope, make_cfg, smart_cfg
 
 from authrelay.config import Config
+from authrelay.delivery import connection, wire
 from authrelay.delivery.client import Courier
 from authrelay.spool.envelope import Envelope
 
@@ -688,3 +690,45 @@ async def test_hostile_mx_rrset_tries_at_most_mx_address_limit_addresses(
     assert len(ml.grep(env.queue_id, "status=host failed")) == 5
     looked_up = {q for q, t in dns.queries if t in ("A", "AAAA") and q.endswith("many.test")}
     assert looked_up == set(hosts[:5])
+
+
+# A reply as big as the parser takes: 256 lines of 4000 octets (about 1 MiB).
+_BIG_REPLY = (b"250-" + b"x" * 3996 + b"\r\n") * (wire.MAX_LINES - 1) + \
+    b"250 " + b"x" * 3996 + b"\r\n"
+_FLOOD = 64  # such replies sent unasked: 64 MiB (more than the kernel buffers hold)
+
+
+async def _floods_replies(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    w.write(b"220 flood.test ESMTP\r\n")
+    for _ in range(_FLOOD):
+        w.write(_BIG_REPLY)
+        await w.drain()
+    w.write(b"250 2.0.0 end of the flood\r\n")
+    await w.drain()
+    mx.received.append(b"flood sent")
+    await r.read()
+
+
+async def test_a_flood_of_unasked_replies_costs_bounded_memory(raw_port: int) -> None:
+    """A next hop that sends replies nobody asked for, each the largest the parser takes
+    (256 lines of 4 KB): up to 1024 were kept unread (connection.MAX_QUEUED), a GiB per
+    connection (measured: 600 such replies, 622 MB RSS), for every connection to that
+    destination (20 at once) and every idle one in the cache. Now reading pauses while
+    the unread replies cost more than MAX_UNREAD_BYTES (TCP holds the rest back at the
+    server) and resumes as they are read: nothing is lost or reordered."""
+    with RawMX("127.0.0.2", raw_port, _floods_replies) as mx:
+        conn = await connection.open_connection("127.0.0.2", raw_port, timeout=10)
+        try:
+            assert (await conn.reply(10)).code == 220
+            assert conn.transport is not None
+            transport = conn.transport
+            await until(lambda: not transport.is_reading(),
+                        lambda: f"reading paused ({conn.unread_bytes} octets unread)")
+            assert conn.unread_bytes <= connection.MAX_UNREAD_BYTES + 2 * len(_BIG_REPLY)
+            assert not mx.received  # the server is held back, not drained into our memory
+            replies = [await conn.reply(10) for _ in range(_FLOOD + 1)]
+        finally:
+            conn.abort()
+    assert [len(rep.lines) for rep in replies[:-1]] == [wire.MAX_LINES] * _FLOOD
+    assert str(replies[-1]) == "250 2.0.0 end of the flood"
+    assert mx.received == [b"flood sent"]

@@ -19,7 +19,11 @@ Failure policy: a lost connection makes every later `reply`/`drain` raise
 `ConnectionLost`; a deadline raises `TimeoutError`; garbage from the server raises
 `ProtocolError` and aborts the transport. The caller maps these to transient results.
 At most `MAX_QUEUED` unread replies are kept: a server that floods replies nobody asked
-for is cut off, so memory per connection stays bounded.
+for is cut off. Replies of up to `wire.MAX_LINES` lines of `wire.MAX_LINE` octets make
+that count alone worth a GiB, so reading also pauses (TCP pushes back on the server)
+while the unread replies cost more than `MAX_UNREAD_BYTES`, and resumes as they are read:
+memory per connection stays a few MiB whatever the server sends, while idle in the
+cache too.
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ from authrelay.delivery.wire import ProtocolError, ReplyParser, SMTPReply
 
 MAX_QUEUED = 1024  # replies received but not yet read (a pipelined group: 1 + rcpts + 1, with
 # at most client._MAX_RCPTS recipients in one)
+MAX_UNREAD_BYTES = 1 << 20  # what unread replies may cost before reading pauses
+_LINE_COST = 64  # a reply line's cost beyond its text: the str object, its tuple slot
+
+
+def _cost(rep: SMTPReply) -> int:
+    """What a parsed reply costs in memory, about (text plus per-line overhead)."""
+    return sum(len(line) for line in rep.lines) + _LINE_COST * len(rep.lines)
 
 
 class ConnectionLost(ConnectionError):
@@ -49,6 +60,8 @@ class Connection(asyncio.Protocol):
         self._paused = False
         self._lost: BaseException | None = None
         self._closed = False
+        self._unread = 0  # _cost() of the replies in _replies
+        self._reading_paused = False
         self.tls = False
 
     # ------------------------------------------------------------------ asyncio.Protocol
@@ -66,6 +79,11 @@ class Connection(asyncio.Protocol):
             if len(self._replies) > MAX_QUEUED:
                 self._fail(ProtocolError("too many unsolicited replies"))
                 return
+            self._unread += sum(_cost(r) for r in replies)
+            if self._unread > MAX_UNREAD_BYTES and not self._reading_paused \
+                    and self.transport is not None:
+                self.transport.pause_reading()  # resumed by reply() as they are read
+                self._reading_paused = True
             self._wake()
 
     def eof_received(self) -> bool:
@@ -104,6 +122,16 @@ class Connection(asyncio.Protocol):
     def is_connected(self) -> bool:
         return not self._closed and self._lost is None and self.transport is not None \
             and not self.transport.is_closing()
+
+    @property
+    def unread_bytes(self) -> int:
+        """What the replies received but not yet read cost (see `MAX_UNREAD_BYTES`)."""
+        return self._unread
+
+    @property
+    def reading_paused(self) -> bool:
+        """Reading is paused: the unread replies cost more than `MAX_UNREAD_BYTES`."""
+        return self._reading_paused
 
     @property
     def has_unread(self) -> bool:
@@ -145,7 +173,13 @@ class Connection(asyncio.Protocol):
                 await asyncio.wait_for(self._waiter, timeout)
             finally:
                 self._waiter = None
-        return self._replies.popleft()
+        rep = self._replies.popleft()
+        self._unread -= _cost(rep)
+        if self._reading_paused and self._unread <= MAX_UNREAD_BYTES // 2:
+            self._reading_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+        return rep
 
     async def command(self, line: bytes, timeout: float) -> SMTPReply:
         self.write(line)
