@@ -387,6 +387,48 @@ async def test_offline_flush_skips_unreadable_and_held_files(site: tuple[Path, S
     assert spool.held() == [held]
 
 
+async def test_flush_of_a_damaged_file_says_it_was_not_flushed(
+        site: tuple[Path, Spool]) -> None:
+    """`queue flush ID` of a deferred message whose file was damaged since (a disk
+    error), with the server running: it said "ID: flushed", exit 0, and the scheduler
+    then set the file aside. Now the file is read and checked first: damage is set aside
+    in corrupt/ at once (one maillog line), "cannot flush it ... set aside", exit 1; a file
+    of a newer spool format is left as it is, said so, exit 1."""
+    cfgfile, spool = site
+    from authrelay.config import load
+
+    courier = FakeCourier()
+    log = ListLog()
+    sched = wiring.scheduler(load(str(cfgfile)), spool, courier, log)
+    await sched.start()
+    try:
+        courier.script["d@b.example"] = [TEMP]
+        qd = await put(spool, ["d@b.example"])
+        await until(lambda: log.grep(qd, "Deferred"), "deferral")
+        await until(lambda: not sched.active, "idle")
+        data = (spool.queue_dir / qd).read_bytes()
+        (spool.queue_dir / qd).write_bytes(data[:-3] + b"XYZ")  # body: checksum fails
+        rc, out, err = await acli(cfgfile, "flush", qd)
+        assert (rc, out) == (1, ""), (rc, out, err)
+        assert err.startswith(f"authrelay: {qd}: cannot flush it: damaged"), err
+        assert f"set aside in {spool.corrupt_dir} (not delivered; authrelay queue " \
+            "corrupt says why)" in err, err
+        assert qd not in spool.scan() and (spool.corrupt_dir / qd).exists()
+        assert len(log.grep(qd, "damaged queue file moved to corrupt/")) == 1
+        assert len(courier.calls_for("d@b.example")) == 1  # never tried again
+
+        newer = "2N5NEWERFORMAT001"
+        (spool.queue_dir / newer).write_bytes(b"AUTHRELAY-SPOOL 9 whatever\nrest")
+        os.chmod(spool.queue_dir / newer, 0o700)
+        rc, out, err = await acli(cfgfile, "flush", newer)
+        assert (rc, out) == (1, ""), (rc, out, err)
+        assert err == (f"authrelay: {newer}: cannot flush it: spool format version 9 "
+                       "(we read 1, 2) (the file is left as it is)\n"), err
+        assert (spool.queue_dir / newer).read_bytes() == b"AUTHRELAY-SPOOL 9 whatever\nrest"
+    finally:
+        await sched.stop()
+
+
 async def test_flush_and_delete_all_while_a_delivery_ends(site: tuple[Path, Spool]) -> None:
     """`queue flush` (everything) and `queue delete --all` wait for a message's delivery in
     flight; one that is delivered meanwhile was not named by the operator and is simply

@@ -13,7 +13,8 @@ no scheduler runs, straight to the files under the scheduler lock (control.py), 
 never race a delivery. Bare `authrelay queue` lists (mailq).
 Exit status: 0 ok (also for a hold of a held message or a release of one not held: the
 state asked for is there, said on stderr; and for a flush of a message whose delivery
-attempt under way ended it); 1 a queue id was not found, was held (flush),
+attempt under way ended it); 1 a queue id was not found, was held (flush), its
+file is damaged (flush ID: set aside in corrupt/, said so) or unreadable,
 was delivered while being deleted, or the request failed; 69 (EX_UNAVAILABLE) flush while
 no server runs ("mail system is down", as Postfix's postqueue says; the messages are
 marked due and go when it starts); 77 (EX_NOPERM) the control socket is not ours to use.
@@ -272,8 +273,11 @@ def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
     verb = {"flush": "flushed", "hold": "held", "release": "released",
             "delete": "deleted"}[op]
     rc = 0
-    for qid, why in resp.get("failed", []):  # offline: a file that cannot be read
-        _err(f"{qid}: cannot {op} it: {_t(str(why))} (the file is left as it is)")
+    corrupt = set(_corrupt_files(spool)) if resp.get("failed") else set()
+    for qid, why in resp.get("failed", []):  # a file that cannot be read or is damaged
+        where = (f"set aside in {spool.corrupt_dir} (not delivered; authrelay queue corrupt "
+                 "says why)" if qid in corrupt else "(the file is left as it is)")
+        _err(f"{qid}: cannot {op} it: {_t(str(why))} {where}")
         rc = 1
     if op == "flush" and not running:
         for qid in resp.get("missing", []):

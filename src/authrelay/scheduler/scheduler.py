@@ -830,6 +830,7 @@ class Scheduler:
         named = bool(req.get("id")) and not req.get("user") and not req.get("all")
         done: list[str] = []
         missing: list[str] = []
+        failed: list[list[str]] = []  # [id, why]: a named flush of a file not deliverable
         for qid in ids:
             if not is_queue_id(qid):
                 missing.append(qid)
@@ -845,6 +846,10 @@ class Scheduler:
                 if op == "flush":
                     if not (self.spool.queue_dir / qid).exists():
                         raise FileNotFoundError(qid)
+                    why = await self._unflushable(qid) if named else ""
+                    if why:  # never "flushed": the file cannot be delivered
+                        failed.append([qid, why])
+                        continue
                     self._ignored.discard(qid)
                     self._forced.add(qid)
                     self._schedule(qid, 0.0, fresh=True)
@@ -869,4 +874,23 @@ class Scheduler:
                 missing.append(qid)
             finally:
                 self._busy.discard(qid)
-        return {"ok": True, "done": done, "missing": missing}
+        return {"ok": True, "done": done, "missing": missing, "failed": failed}
+
+    async def _unflushable(self, qid: str) -> str:
+        """`queue flush ID`: why the file cannot be delivered ("" when it can), read and
+        checked whole (envelope, state, checksum) before the operator is told "flushed".
+        Damage goes to corrupt/ now, as the delivery attempt would send it (one maillog
+        line); a file this release cannot read (a newer format) is left as it is."""
+        try:
+            await self._io(self.spool.load, qid)
+            await self._io(self.spool.verify, qid)
+        except CorruptError as e:
+            if await self._io(self.spool.quarantine, qid, str(e)):
+                self._log_quarantined()
+            self._ignored.add(qid)
+            return f"damaged: {e}"
+        except FileNotFoundError:
+            raise  # gone meanwhile: "missing", as before
+        except (SpoolError, OSError) as e:
+            return str(e)
+        return ""
