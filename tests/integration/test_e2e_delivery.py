@@ -298,6 +298,28 @@ def test_an_mx_that_is_this_relay_is_a_mail_loop(
     assert "Relaying denied" not in relay.maillog()
 
 
+def test_an_mx_at_the_unspecified_address_is_a_mail_loop(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        fake_mx: MXFactory) -> None:
+    """zero.test's MX has the address 0.0.0.0 (what sinkholes and blocking resolvers
+    answer): no host elsewhere, a connect() to it reaches this machine's loopback, here
+    the relay's own smtp listener on 127.0.0.1. The loop check compared 0.0.0.0 with
+    127.0.0.1 only, so the relay connected to itself and the sender's bounce said
+    "550 5.7.1 Relaying denied". Now it is the loop it is: 554 5.4.6, no connection."""
+    dns.set_zones({**ZONES, "zero.test": {"MX": [(10, "mx.zero.test")]},
+                   "mx.zero.test": {"A": ["0.0.0.0"]}})
+    relay = relay_factory(mx_overrides(dns, fake_mx.port), start=False)
+    relay.config_data["delivery"]["port"] = relay.ports["smtp"]
+    relay.config.write_text(to_toml(relay.config_data))
+    relay.start()
+    qid = submit(relay, ["bob@zero.test"])
+    relay.wait_for(lambda: any("to=<bob@zero.test>" in ln for ln in log_lines(relay, qid)),
+                   what="an outcome for bob@zero.test")
+    [bob] = [ln for ln in log_lines(relay, qid) if "to=<bob@zero.test>" in ln][:1]
+    assert "dsn=5.4.6" in bob and "mail for zero.test loops back to myself" in bob, bob
+    assert "Relaying denied" not in relay.maillog()
+
+
 def test_an_mx_beside_a_localhost_listener_is_not_a_loop(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer) -> None:

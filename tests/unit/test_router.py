@@ -145,6 +145,22 @@ def test_a_loopback_neighbour_is_not_a_mail_loop() -> None:
     assert not is_own_listener(own, "::ffff:127.0.0.1", 465)
 
 
+def test_the_unspecified_address_is_the_loopback_it_reaches() -> None:
+    """An MX at 0.0.0.0 or :: (a sinkhole's or a blocking resolver's answer) is no host
+    elsewhere: a connect() to it reaches this machine's loopback, so with our listener on
+    127.0.0.1 (or ::1, or `localhost`) the courier connected to itself and the sender's
+    bounce said "550 5.7.1 Relaying denied". It is that loopback address for the check."""
+    own = listener_addresses([("127.0.0.1", 2525), ("localhost", 587), ("::1", 465),
+                              ("0.0.0.0", 25)])
+    assert is_own_listener(own, "0.0.0.0", 2525)
+    assert is_own_listener(own, "0.0.0.0", 587)
+    assert is_own_listener(own, "::", 465)
+    assert is_own_listener(own, "0.0.0.0", 25)  # as before: the wildcard takes it
+    assert is_own_listener(own, "::ffff:0.0.0.0", 2525)
+    assert not is_own_listener(own, "::", 2525)  # reaches ::1, where nothing of ours is
+    assert not is_own_listener(own, "0.0.0.0", 465)
+
+
 def test_a_listener_named_by_dns_is_never_resolved_for_the_loop_check() -> None:
     """Only `localhost` names are resolved (locally, RFC 6761): the courier is built on the
     master's event loop at each reload, and a listener named by a DNS name would have it

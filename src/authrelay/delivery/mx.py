@@ -136,7 +136,8 @@ def is_own_listener(listeners: Iterable[tuple[str, int]], ip: str, port: int) ->
     (`listeners`: their (host, port), names resolved by `listener_addresses`): the
     address one is bound to, or any address of this machine of the family a wildcard one
     takes. Delivering there is a mail loop (an MX record naming us): Postfix's "mail for
-    D loops back to myself". Another address, even on loopback (127.0.0.2 beside our
+    D loops back to myself". The unspecified address (0.0.0.0, ::) is taken for the loopback
+    address a connection to it reaches. Another address, even on loopback (127.0.0.2 beside our
     127.0.0.1), or of the family our wildcard socket does not take, is another server."""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
@@ -144,6 +145,11 @@ def is_own_listener(listeners: Iterable[tuple[str, int]], ip: str, port: int) ->
         return False
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
+    if addr.is_unspecified:
+        # 0.0.0.0 / :: is never a destination (RFC 1122 3.2.1.3, RFC 4291 2.5.2), yet a
+        # connect() to it reaches this host's loopback (Linux, the BSDs): an MX there (a
+        # sinkhole or blocking resolver's answer) is 127.0.0.1 / ::1 for this check.
+        addr = ipaddress.ip_address("127.0.0.1" if addr.version == 4 else "::1")
     for host, lport in listeners:
         if lport != port:
             continue
