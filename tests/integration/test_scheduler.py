@@ -497,3 +497,35 @@ async def test_a_next_attempt_written_by_a_clock_ahead_does_not_freeze_the_messa
     await rig.start()
     await until(lambda: not rig.queued(), "delivered")
     assert rig.log.grep(qid, "clock was set back")
+
+
+async def test_a_big_queue_at_start_is_loaded_a_batch_per_turn_of_the_loop(
+        rig: Rig) -> None:
+    # 600 messages found at start: each is read on the event loop, so reading them all
+    # in one stretch stalls every other client of the loop (in single mode the SMTP
+    # sessions, TLS handshakes, /metrics' control socket). Counted per loop turn by a
+    # ticker callback that runs once in every turn.
+    for i in range(600):
+        await put(rig.spool, [f"u{i}@d{i % 5}.example"])
+    turn = 0
+    loads: dict[int, int] = defaultdict(int)
+    loop = asyncio.get_running_loop()
+
+    def tick() -> None:
+        nonlocal turn
+        turn += 1
+        if rig.queued():
+            loop.call_soon(tick)
+
+    real = rig.spool.load_for_delivery
+
+    def counted(qid: str, *a: Any) -> Any:
+        loads[turn] += 1
+        return real(qid, *a)
+
+    rig.spool.load_for_delivery = counted  # type: ignore[method-assign]
+    loop.call_soon(tick)
+    await rig.start()
+    await until(lambda: not rig.queued(), "600 delivered")
+    assert sum(loads.values()) == 600
+    assert max(loads.values()) <= 64, sorted(loads.values())[-5:]

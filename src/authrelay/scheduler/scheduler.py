@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 RESCAN_INTERVAL = 60.0
 BUSY_RETRY = 0.2  # a message under a control operation is looked at again this soon
 NEXT_ATTEMPT_SLACK = 0.5  # recipients due within this are tried with the rest
+DISPATCH_BATCH = 64  # messages loaded per turn of the event loop
 DEAD_FOR = 300.0  # longest a destination stays marked unreachable (Postfix: 300 s)
 UNREACHABLE = "4.4.1"  # RFC 3463: no answer from host (the courier's connect failures)
 
@@ -366,7 +367,9 @@ class Scheduler:
         assert self._wake is not None
         while True:
             self._wake.clear()
-            self._dispatch()
+            if self._dispatch():  # a batch started: let them (and everyone else) run
+                await asyncio.sleep(0)
+                continue
             timeout: float | None = None
             if self._heap and len(self._active) < self._retry_room:
                 timeout = max(0.0, self._heap[0][0] - time.time())
@@ -382,9 +385,16 @@ class Scheduler:
         mail's, so a backlog stuck at a slow destination never keeps new mail out."""
         return max(1, self.max_active - self.max_active // 4)
 
-    def _dispatch(self) -> None:
+    def _dispatch(self) -> bool:
+        """Start due messages, at most DISPATCH_BATCH; True when it stopped at the batch.
+        Each start reads its file on the loop, so thousands due at once (a start with a
+        big queue, a flush of all) are taken a batch per turn of the loop, never in one
+        stretch that stalls every client and the control socket."""
         now = time.time()
+        started = 0
         while True:
+            if started >= DISPATCH_BATCH:
+                return True
             if self._fresh and len(self._active) < self.max_active:
                 seq, qid = self._fresh.popleft()
             elif self._heap and self._heap[0][0] <= now \
@@ -405,6 +415,8 @@ class Scheduler:
             act = _Active(qid, forced)
             self._active[qid] = act
             self._spawn(self._start_message(act))
+            started += 1
+        return False
 
     async def _rescan_loop(self) -> None:
         while True:
