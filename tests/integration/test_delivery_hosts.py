@@ -23,8 +23,9 @@ from support.wait import until
 from test_delivery import MSG, ZONES, envelope, make_cfg, smart_cfg
 
 from authrelay.config import Config
-from authrelay.delivery import connection, wire
+from authrelay.delivery import connection, mx, wire
 from authrelay.delivery.client import Courier
+from authrelay.dns import Resolver
 from authrelay.spool.envelope import Envelope
 
 pytestmark = pytest.mark.slow
@@ -732,3 +733,20 @@ async def test_a_flood_of_unasked_replies_costs_bounded_memory(raw_port: int) ->
     assert [len(rep.lines) for rep in replies[:-1]] == [wire.MAX_LINES] * _FLOOD
     assert str(replies[-1]) == "250 2.0.0 end of the flood"
     assert mx.received == [b"flood sent"]
+
+
+async def test_no_address_reason_names_only_the_hosts_looked_up(
+        dns: FakeDNSServer) -> None:
+    """A domain whose 40 MX hosts have no address: at most mx_address_limit (5) are
+    looked up, but the 5.4.4 reason named all 40 (a hostile RRset of thousands: a reason
+    of tens of KB in the recipient's state, the maillog line and the bounce), hosts the
+    attempt never asked about. It names the ones looked up."""
+    hosts = [f"h{i:02}.nohost.test" for i in range(40)]
+    dns.update({"nohost.test": {"MX": [(10 + i, h) for i, h in enumerate(hosts)]}})
+    resolver = Resolver([dns.nameserver], 5)
+    with pytest.raises(mx.RouteError) as e:
+        await mx.resolve_route(resolver, "nohost.test", limit=5)
+    res = e.value.result
+    assert (res.permanent, res.enhanced) == (True, "5.4.4"), res
+    assert res.text == f"no address found for the MX hosts of nohost.test " \
+        f"({', '.join(hosts[:5])})"

@@ -53,6 +53,33 @@ def test_order_mx_by_preference_shuffled_among_equals() -> None:
     assert seen == {("a", "b"), ("b", "a")}  # both orders occur: load is spread
 
 
+class _CountedName(str):
+    """An MX host name that counts how often it is compared for equality."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _CountedName.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_order_mx_is_linear_in_a_hostile_rrset() -> None:
+    """A hostile answer's MX RRset holds thousands of records (3,000 fit in a 64 KiB TCP
+    answer): each host was searched for in lists of those before it, some 9 million
+    comparisons (0.24 s measured) on the master's event loop at every delivery attempt
+    to the domain, stalling every other delivery. Each name is now compared a few times."""
+    records = [(10 + i % 3, _CountedName(f"h{i}.evil.test")) for i in range(3000)]
+    records += records[:100]  # repeated records, as a hostile answer may have
+    _CountedName.compared = 0
+    order = order_mx(records, random.Random(1))
+    assert sorted(order) == sorted({h for _, h in records})
+    assert [int(h[1:].split(".")[0]) % 3 for h in order] == \
+        [0] * 1000 + [1] * 1000 + [2] * 1000  # by preference
+    assert _CountedName.compared < 5 * len(records), _CountedName.compared
+
+
 @pytest.mark.parametrize("literal,ip", [
     ("[192.0.2.1]", "192.0.2.1"),
     ("[IPv6:2001:db8::1]", "2001:db8::1"),

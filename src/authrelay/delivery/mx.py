@@ -71,18 +71,18 @@ def parse_literal(domain: str) -> str | None:
 
 
 def order_mx(records: list[tuple[int, str]], rng: random.Random | None = None) -> list[str]:
-    """Hosts by ascending preference, shuffled among equals (RFC 5321 5.1)."""
+    """Hosts by ascending preference, shuffled among equals (RFC 5321 5.1), each once (at
+    its best preference). Linear: a hostile answer's MX RRset has thousands of records."""
     shuffle = rng.shuffle if rng is not None else random.shuffle
-    by_pref: dict[int, list[str]] = defaultdict(list)
+    by_pref: dict[int, dict[str, None]] = defaultdict(dict)
     for pref, host in records:
-        if host not in by_pref[pref]:
-            by_pref[pref].append(host)
-    out: list[str] = []
+        by_pref[pref][host] = None
+    out: dict[str, None] = {}
     for pref in sorted(by_pref):
-        hosts = by_pref[pref]
+        hosts = list(by_pref[pref])
         shuffle(hosts)
-        out.extend(h for h in hosts if h not in out)
-    return out
+        out.update((h, None) for h in hosts if h not in out)
+    return list(out)
 
 
 # Wildcard hosts as smtpd/server.bind() binds them: "", "*" and "0.0.0.0" are IPv4 only,
@@ -245,9 +245,11 @@ async def resolve_route(resolver: Resolver, domain: str,
     secure_hosts: set[str] = set()
     expanded: dict[str, str] = {}
     temp: DnsTemporary | None = None
+    asked: list[str] = []  # the hosts looked up (a reason names these, not every MX)
     for looked_up, host in enumerate(hosts):
         if limit and (len(out) >= limit or looked_up >= limit):
             break
+        asked.append(host)
         try:
             addrs, secure, canonical = await resolver.addresses_cname(host)
         except DnsTemporary as e:
@@ -274,5 +276,5 @@ async def resolve_route(resolver: Resolver, domain: str,
         raise RouteError(DeliveryResult.temp(
             f"DNS lookup failed for the mail hosts of {domain}: {temp}", "4.4.3", 451))
     what = f"{domain} has no MX and no address" if implicit else \
-        f"no address found for the MX hosts of {domain} ({', '.join(hosts)})"
+        f"no address found for the MX hosts of {domain} ({', '.join(asked)})"
     raise RouteError(DeliveryResult.perm(what, "5.4.4", 550))
