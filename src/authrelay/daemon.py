@@ -420,6 +420,8 @@ async def _serve_loop(run: _Run) -> int:
         checks = srv.checks if srv is not None else None
         if srv is not None and _checks_keys(new) != _checks_keys(old):
             checks = wiring.host_checks(new)
+        report_resolver = wiring.tls_report_resolver(new) if reporter is not None and (
+            _dns_keys(new) != _dns_keys(old)) else None
         # Nothing below refuses a config that loaded.
         if certs is not None and tls_ctx is not None:
             certs.use(*tls_ctx)  # a new context: any key type, the new min_version
@@ -433,6 +435,8 @@ async def _serve_loop(run: _Run) -> int:
             scheduler.reload(new)
             if courier is not None:
                 scheduler.use_courier(courier)
+        if reporter is not None:  # RFC 8460 reports: the new hostname and nameservers
+            reporter.reload(new, report_resolver)
         if local is not None:
             local.reload(new)
         run.cfg, run.pem = new, pem
@@ -559,6 +563,11 @@ def _checks_keys(cfg: Config) -> tuple[object, ...]:
     """What the host checks are built from: [checks], and the resolver they ask
     ([delivery] nameservers, dns_timeout)."""
     return cfg.checks, cfg.delivery.nameservers, cfg.delivery.dns_timeout
+
+
+def _dns_keys(cfg: Config) -> tuple[object, ...]:
+    """What the TLS-RPT reporter's resolver is built from (wiring.tls_report_resolver)."""
+    return cfg.delivery.nameservers, cfg.delivery.dns_timeout
 
 
 def _new_courier(cfg: Config, ml: maillog_mod.MailLog, run: _Run) -> Courier:

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Listener", "authenticator", "containment", "courier", "dependency_probe",
            "host_checks", "known_addresses", "local_submission", "metrics", "oauth_tokens",
            "preload", "scheduler", "server", "shared_counters", "signer", "spool", "submitter",
-           "throttle", "tls_reporter"]
+           "throttle", "tls_report_resolver", "tls_reporter"]
 
 
 # Modules the standard library imports on first use (the IDNA codec, multiprocessing's
@@ -260,9 +260,14 @@ def tls_reporter(cfg: Config, sched: Scheduler,
     submitter; None when off."""
     if not cfg.delivery.tls_reports:
         return None
+    return TlsReporter(cfg, tls_report_resolver(cfg), sched.submitter, maillog)
+
+
+def tls_report_resolver(cfg: Config) -> Resolver:
+    """What the TLS-RPT reporter asks for `_smtp._tls` records: [delivery] nameservers
+    and dns_timeout (a reload that changes them gives the reporter a new one)."""
     d = cfg.delivery
-    return TlsReporter(cfg, Resolver(list(d.nameservers), d.dns_timeout), sched.submitter,
-                       maillog)
+    return Resolver(list(d.nameservers), d.dns_timeout)
 
 
 def local_submission(cfg: Config, maillog: MailLog) -> LocalSubmission:

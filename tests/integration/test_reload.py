@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -379,3 +380,44 @@ def test_the_smart_host_password_is_the_running_configs(reachable_dir: Path, fak
         assert sh.auth_attempts == [("relayuser", True)] * 4
     finally:
         r.stop()
+
+
+def test_the_tls_reporter_takes_the_new_hostname_and_nameservers(relay_factory, fake_mx
+                                                                  ) -> None:  # noqa: ANN001
+    """README's reload table applies `hostname` and `[delivery] nameservers` / dns_timeout,
+    but the TLS-RPT reporter (RFC 8460) kept the ones it was built with at start: after a
+    move to new nameservers it asked the retired ones for `_smtp._tls` records (reports
+    held back while they failed), and its reports named the old host as organization and
+    submitter. Now a reload gives it both, and a run starts at once."""
+    from fakes.dnsserver import FakeDNSServer
+
+    old = FakeDNSServer({"_smtp._tls.sts.test": "SERVFAIL"}).start()
+    new = FakeDNSServer({
+        "_smtp._tls.sts.test": {"TXT": ["v=TLSRPTv1; rua=mailto:tlsrpt@reports.test"]}
+    }).start()
+    try:
+        mx = fake_mx("127.0.0.2")  # the smart host: where the queued report goes
+        r = relay_factory(start=False, overrides={
+            "relay": {"smart_host": [mx.address]},
+            "delivery": {"tls_reports": True, "nameservers": [old.nameserver],
+                         "dns_timeout": "2s", "retry": ["1s"]}})
+        # Yesterday's tally (a finished day): reported at the reporter's next run.
+        day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+        (r.state / "tls-rpt").mkdir(parents=True, exist_ok=True)
+        (r.state / "tls-rpt" / f"{day}.json").write_text(
+            '{"sts.test": {"[\\"no-policy-found\\", [], []]": [3, {}]}}')
+        r.start()
+        r.wait_for(lambda: ("_smtp._tls.sts.test", "TXT") in old.queries,
+                   what="the start-up run asking the old nameserver")
+        data = dict(r.config_data)
+        data["hostname"] = "renamed.test"
+        data["delivery"] = {**data["delivery"], "nameservers": [new.nameserver]}
+        _reload(r, data, 1)
+        r.wait_for(lambda: mx.messages, what="the report, after the reload", timeout=30)
+        [report] = mx.messages
+        assert report.rcpt_tos == ["tlsrpt@reports.test"]
+        assert b"TLS-Report-Submitter: renamed.test" in report.content
+        assert b"Submitter: relay.test" not in report.content
+    finally:
+        old.stop()
+        new.stop()

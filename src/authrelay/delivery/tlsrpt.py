@@ -287,6 +287,20 @@ class Reporter:
         self.maillog = maillog
         self.clock = clock
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def reload(self, cfg: Config, resolver: Resolver | None) -> None:
+        """SIGHUP: reports from now on name `cfg.hostname` (organization, From:, Subject,
+        file name) and, given a `resolver` (new [delivery] nameservers / dns_timeout),
+        look `_smtp._tls` up through it. When either changed, a run starts now: a day held
+        back by lookups that failed on the old servers goes out without waiting an hour.
+        The tally directory (state_dir) and `tls_reports` itself need a restart."""
+        renamed = cfg.hostname != self.cfg.hostname
+        self.cfg = cfg
+        if resolver is not None:
+            self.resolver = resolver
+        if renamed or resolver is not None:
+            self._wake.set()
 
     async def send_due(self) -> int:
         """Reports for every finished UTC day; returns how many were queued."""
@@ -354,13 +368,15 @@ class Reporter:
 
     async def run(self) -> None:
         while True:
+            self._wake.clear()
             try:
                 await self.send_due()
             except Exception:
                 log.exception("TLS-RPT: sending reports failed")
             now = self.clock()
             nxt = (int(now) // 86400 + 1) * 86400 + 300  # 00:05 UTC
-            await asyncio.sleep(min(3600.0, max(60.0, nxt - now)))
+            with contextlib.suppress(TimeoutError):  # the hour passed, or reload() woke us
+                await asyncio.wait_for(self._wake.wait(), min(3600.0, max(60.0, nxt - now)))
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="tls-rpt")
