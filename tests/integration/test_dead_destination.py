@@ -5,8 +5,9 @@ Mail for `dead.test`, whose only MX refuses connections, is queued while mail fo
 marks it: every other message for it is deferred at once with `delivery temporarily
 suspended: <the connect failure>` instead of paying its own connection attempt (a
 blackhole's connect timeout each, `concurrency_per_domain` at a time, while the
-messages fill the active set). `queue flush` forgets the mark (postqueue -f), and once
-an MX listens there every message is delivered.
+messages fill the active set). `queue flush` forgets the mark (postqueue -f): the
+destination is tried again, found dead again by the first deliveries (not by each
+message), and once an MX listens there every message is delivered.
 """
 
 from __future__ import annotations
@@ -49,6 +50,22 @@ def test_dead_destination_is_marked_and_its_mail_deferred_without_connecting(
         "stat=Deferred (451 4.4.1 delivery temporarily suspended: connect to" in ln
         for ln in log_lines(relay, q))]
     assert len(suspended) >= len(dead) - 2, log
+
+    # A flush of everything while it is still dead: the mark is forgotten, the first
+    # deliveries find it dead again and the rest are suspended, not each tried.
+    relay.cli("queue", "flush")
+    for q in dead:
+        relay.wait_for(lambda q=q: sum("stat=Deferred" in ln for ln in log_lines(relay, q))
+                       >= 2, what=f"{q} deferred again after the flush")
+    again = [ln for ln in relay.maillog().splitlines()
+             if "status=host failed" in ln and f"{DEAD_MX}]" in ln]
+    assert 1 <= len(again) - len(tried) <= 2, again[len(tried):]
+
+    # A message flushed by id is tried at once, dead mark or not.
+    relay.cli("queue", "flush", dead[0])
+    relay.wait_for(lambda: sum("status=host failed" in ln for ln in log_lines(relay, dead[0]))
+                   > sum("status=host failed" in ln for ln in again if f" {dead[0]}: " in ln),
+                   what="the named message tried")
 
     # The destination comes back; a flush of everything tries it again at once.
     back = fake_mx(DEAD_MX)

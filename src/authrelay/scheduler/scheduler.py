@@ -33,8 +33,9 @@ state, bounces and removal from the spool. Contract:
   then that destination's jobs are not tried: each is deferred at once with
   `delivery temporarily suspended: REASON` (its normal back-off, so no thundering herd when
   the destination returns); after it, one job at a time probes until one gets an answer.
-  A forced message (`queue flush ID`, release) is tried anyway; `queue flush` of all
-  forgets every mark.
+  A message the operator named (`queue flush ID`, `queue release ID`) is tried anyway;
+  `queue flush` of all forgets every mark (and its messages re-mark a destination still
+  dead: they are not each tried).
 - Queue control (`control.sock`): flush/hold/release/delete are done here, after any
   in-flight delivery of the message ends, so the CLI never races a delivery.
 Failure policy: a courier that raises is a transient failure for its recipients; an
@@ -102,6 +103,7 @@ class _Active:
 
     qid: str
     forced: bool = False
+    named: bool = False  # flushed or released by id: tried even at a dead destination
     env: Envelope | None = None
     path: bytes | Path | None = None  # small messages are kept as bytes (one read)
     offset: int = 0
@@ -138,6 +140,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._token: dict[str, int] = {}  # qid -> seq of its one valid heap/fresh entry
         self._forced: set[str] = set()
+        self._named: set[str] = set()
         self._active: dict[str, _Active] = {}
         self._busy: set[str] = set()
         self._ignored: set[str] = set()
@@ -412,7 +415,8 @@ class Scheduler:
                 continue
             forced = qid in self._forced
             self._forced.discard(qid)
-            act = _Active(qid, forced)
+            act = _Active(qid, forced, qid in self._named)
+            self._named.discard(qid)
             self._active[qid] = act
             self._spawn(self._start_message(act))
             started += 1
@@ -553,7 +557,7 @@ class Scheduler:
                 else:
                     self._rr.move_to_end(key)
                 suspended = None
-                if dead is not None and not probing and not job.act.forced:
+                if dead is not None and not probing and not job.act.named:
                     suspended = dead[1]
                 self._running += 1
                 self._dest_running[key] = self._dest_running.get(key, 0) + 1
@@ -864,6 +868,8 @@ class Scheduler:
                         continue
                     self._ignored.discard(qid)
                     self._forced.add(qid)
+                    if named:
+                        self._named.add(qid)
                     self._schedule(qid, 0.0, fresh=True)
                 elif op == "hold":
                     if not await self._io(self.spool.hold, qid):
@@ -875,6 +881,8 @@ class Scheduler:
                         raise FileNotFoundError(qid)  # not held: nothing done, not flushed
                     self._ignored.discard(qid)
                     self._forced.add(qid)  # released mail is tried now, not after back-off
+                    if named:
+                        self._named.add(qid)
                     self._schedule(qid, 0.0, fresh=True)
                     self.maillog.released(qid)
                 else:
