@@ -8,6 +8,7 @@ aiosmtpd cannot do) on 127.0.0.x; the maillog is captured in memory."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -294,6 +295,7 @@ class RawMX:
     def __init__(self, host: str, port: int, script: Any) -> None:
         self.host, self.port, self.script = host, port, script
         self.received: list[bytes] = []
+        self.sockets: list[Any] = []  # server-side sockets a script recorded
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
@@ -750,3 +752,53 @@ async def test_no_address_reason_names_only_the_hosts_looked_up(
     assert (res.permanent, res.enhanced) == (True, "5.4.4"), res
     assert res.text == f"no address found for the MX hosts of nohost.test " \
         f"({', '.join(hosts[:5])})"
+
+
+_ESTABLISHED = 1  # tcp_info.tcpi_state (include/net/tcp_states.h)
+
+
+def _tcp_state(sock: Any) -> int:
+    return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0])
+
+
+async def _stops_reading_at_data(mx: RawMX, r: asyncio.StreamReader,
+                                 w: asyncio.StreamWriter) -> None:
+    """Takes the envelope, says 354, then never reads again (a zero TCP window)."""
+    w.write(b"220 raw.test ESMTP\r\n")
+    while line := await r.readline():
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            w.write(b"250-raw.test\r\n250 PIPELINING\r\n")
+        elif verb == b"DATA":
+            w.write(b"354 go ahead\r\n")
+            await w.drain()
+            mx.sockets.append(w.get_extra_info("socket"))
+            await asyncio.Event().wait()  # until the test ends
+        else:
+            w.write(b"250 ok\r\n")
+        await w.drain()
+
+
+async def test_a_peer_that_stops_reading_does_not_keep_the_connection(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    """A tarpit that takes the envelope and then stops reading the message: after
+    data_timeout the delivery is deferred and the connection given up with QUIT, but
+    asyncio's close() waits until the buffered rest of the message is sent, which a peer
+    that never reads never lets happen: the socket and megabytes of buffered message
+    stayed for ever, on every attempt to that destination (file descriptors and memory
+    without bound). What cannot be sent is now dropped (the connection reset)."""
+    one_mx(dns)
+    message = MSG + (b"y" * 78 + b"\r\n") * 200_000  # 16 MB: more than the kernel buffers
+    with RawMX("127.0.0.2", raw_port, _stops_reading_at_data) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port, data_timeout="1s"),
+                          maillog=ListLog())
+        try:
+            r = (await deliver(courier, envelope("bob@example.test"), message))[
+                "bob@example.test"]
+        finally:
+            await courier.close()
+        assert (r.permanent, r.enhanced) == (False, "4.4.2"), r
+        assert "timeout after DATA" in r.text, r
+        [sock] = mx.sockets
+        await until(lambda: _tcp_state(sock) != _ESTABLISHED,
+                    "the relay's side of the connection closed")

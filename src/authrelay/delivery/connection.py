@@ -29,7 +29,10 @@ cache too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
+import struct
 from collections import deque
 from typing import Any
 
@@ -210,13 +213,31 @@ class Connection(asyncio.Protocol):
         self.tls = True
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        """Close after what is buffered is sent; if anything is still unsent (a peer that
+        stopped reading: a tarpit, a zero window), reset the connection instead: asyncio's
+        close() would keep the socket and its buffer until the peer reads, that is for
+        ever, and a plain abort() would leave the kernel's send buffer (MBs) waiting
+        behind the FIN for minutes."""
+        t = self.transport
+        if t is not None and not t.is_closing():
+            if t.get_write_buffer_size():
+                self.abort()
+                return
+            t.close()
         self._closed = True
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        """Drop the connection now; with data still unsent, as a reset (SO_LINGER 0), so
+        the kernel frees the send buffer at once instead of probing a zero window."""
+        t = self.transport
+        if t is not None:
+            if not t.is_closing() and t.get_write_buffer_size():
+                sock = t.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):  # gone already: abort() does it
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+            t.abort()
         self._closed = True
 
 
