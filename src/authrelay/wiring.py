@@ -95,14 +95,19 @@ def spool(cfg: Config) -> Spool:
     return s
 
 
-def signer(cfg: Config, maillog: MailLog) -> Signer:
-    """The DKIM signer: the keys under `cfg.dkim_dir`, `[dkim]` (signs nothing without)."""
-    return Signer.from_config(cfg, maillog=maillog)
+def signer(cfg: Config, maillog: MailLog, *, report: bool = True) -> Signer:
+    """The DKIM signer: the keys under `cfg.dkim_dir`, `[dkim]` (signs nothing without).
+    `report`: it writes the keys' problems to the maillog at load and reload; in `serve`
+    only the scheduler's does (the master, or the single process): one line a problem."""
+    return Signer.from_config(cfg, maillog=maillog, report=report)
 
 
-def submitter(cfg: Config, queue: Spool, maillog: MailLog) -> Submitter:
-    """The one way into the spool (SMTP sessions, sendmail, bounces), DKIM signing on."""
-    return Submitter(queue, cfg, maillog=maillog, signer=signer(cfg, maillog))
+def submitter(cfg: Config, queue: Spool, maillog: MailLog, *,
+              report_dkim: bool = True) -> Submitter:
+    """The one way into the spool (SMTP sessions, sendmail, bounces), DKIM signing on;
+    `report_dkim`: see signer()."""
+    return Submitter(queue, cfg, maillog=maillog,
+                     signer=signer(cfg, maillog, report=report_dkim))
 
 
 # --------------------------------------------------------------------------- receiving
@@ -186,7 +191,7 @@ def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
     `maillog` the one the caller's process writes."""
     share = share or Share()
     known = known_addresses(cfg)
-    sub = submitter(cfg, queue, maillog)
+    sub = submitter(cfg, queue, maillog, report_dkim=False)  # the scheduler's reports
     redis = redis_counters(cfg)
     return SMTPServer(
         cfg, submitter=sub,
@@ -207,7 +212,7 @@ def courier(cfg: Config, maillog: MailLog, read_password: Callable[[], str] | No
     entry: its OAuth client secret / key) read the smart host's credentials with
     privileges (the key helper) when they were dropped. A message converted for a host
     without 8BITMIME is re-signed by the DKIM signer (delivery/downgrade.py)."""
-    c = Courier(cfg, maillog=maillog, signer=signer(cfg, maillog),
+    c = Courier(cfg, maillog=maillog, signer=signer(cfg, maillog, report=False),
                 tokens=oauth_tokens(cfg, read_oauth_secret))
     if read_password is not None:
         c.read_password = read_password
@@ -273,7 +278,8 @@ def tls_report_resolver(cfg: Config) -> Resolver:
 def local_submission(cfg: Config, maillog: MailLog) -> LocalSubmission:
     """`state_dir/public/submit.sock` (the master, or the single process): local users'
     `authrelay sendmail`, with its own spool handle and submitter (localsubmit.py)."""
-    return LocalSubmission(cfg, submitter(cfg, spool(cfg), maillog), maillog)
+    return LocalSubmission(cfg, submitter(cfg, spool(cfg), maillog, report_dkim=False),
+                           maillog)
 
 
 def dependency_probe(cfg: Config) -> DependencyProbe:

@@ -421,3 +421,21 @@ def test_the_tls_reporter_takes_the_new_hostname_and_nameservers(relay_factory, 
     finally:
         old.stop()
         new.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_dkim_problem_is_one_line_per_start_and_per_reload(relay_factory,
+                                                             workers: int) -> None:  # noqa: ANN001
+    """Every part of every process has its own DKIM signer (the receiving submitter, the
+    scheduler's, local submission's, the courier's; one set per worker), and each wrote
+    the keys' problems: one missing key was 4-5 identical lines at start and 3-4 at each
+    SIGHUP. Now the scheduler's signer alone reports: one line per problem, each time."""
+    r = relay_factory(workers=workers, overrides={"dkim": {"domains": ["nokey.test"]}})
+    processes = workers + 1 if workers > 1 else 1
+    r.wait_for(lambda: r.maillog().count("daemon=started") >= processes, what="started")
+    problem = "dkim=warning, problem=dkim.domains: nokey.test has no key"
+    assert r.maillog().count(problem) == 1
+    _reload(r, dict(r.config_data), processes)
+    _reload(r, dict(r.config_data), processes)
+    # Every process logged "reloaded" after it re-read the keys: nothing more to come.
+    assert r.maillog().count(problem) == 3

@@ -246,17 +246,23 @@ class Signer:
 
     def __init__(self, store: KeyStore, *, domains: tuple[str, ...] = (),
                  headers: tuple[str, ...] = (), oversign: tuple[str, ...] = (),
-                 maillog: DkimLog) -> None:
+                 maillog: DkimLog, report: bool = True) -> None:
+        """`report`: write each problem of the keys and `[dkim]` (`dkim=warning,
+        problem=...`) at load and reload. A server has one signer per part and process
+        that all read the same files: only one of them reports (wiring.signer), so a
+        problem is one line per start and per reload, not one per part."""
         self.store = store
         self._maillog = maillog
+        self._report = report
         self._lock = threading.Lock()
         self._state = self._make_state(domains, headers, oversign)
 
     @classmethod
-    def from_config(cls, cfg: Config, maillog: DkimLog) -> Signer:
+    def from_config(cls, cfg: Config, maillog: DkimLog, *, report: bool = True) -> Signer:
         """Load the keys of `cfg.dkim_dir` and the `[dkim]` settings (start, SIGHUP)."""
         return cls(KeyStore(cfg.dkim_dir), domains=cfg.dkim.domains,
-                   headers=cfg.dkim.headers, oversign=cfg.dkim.oversign, maillog=maillog)
+                   headers=cfg.dkim.headers, oversign=cfg.dkim.oversign, maillog=maillog,
+                   report=report)
 
     def reload(self, cfg: Config | None = None) -> None:
         """Re-read the keys (and `[dkim]` from `cfg` when given): SIGHUP."""
@@ -295,7 +301,7 @@ class Signer:
             for d in sorted(dset):
                 if d not in self.store.keys:
                     problems.append(f"dkim.domains: {d} has no key (authrelay dkim keygen {d})")
-        for p in problems:
+        for p in problems if self._report else ():
             self._log(None, dkim="warning", problem=p)
         privkeys = {(k.domain, k.selector): _signing_key(k) for k in self.store.all()}
         return _State(dict(self.store.keys), privkeys, dset, tuple(hdrs), over,
