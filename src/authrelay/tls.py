@@ -170,6 +170,14 @@ def server_context(cfg: Config, pem: PEM | None = None) -> ssl.SSLContext:
     return ctx
 
 
+def handshake_failure(e: BaseException) -> str:
+    """The maillog reason of an inbound handshake that failed (465 and STARTTLS alike):
+    OpenSSL's reason (`handshake failed: UNSUPPORTED_PROTOCOL`) or the error's type."""
+    if isinstance(e, ssl.SSLError):
+        return f"handshake failed: {e.reason or type(e).__name__}"
+    return f"handshake failed: {type(e).__name__}"
+
+
 class CertStore:
     """Holds the live server context; `reload()` on SIGHUP replaces it.
 

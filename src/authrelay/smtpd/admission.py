@@ -74,6 +74,7 @@ from authrelay.config import Config, Listen
 from authrelay.policy.throttle import Admission, Exemptions, Pool, Share, Throttle
 from authrelay.smtpd import proxy
 from authrelay.smtpd.eviction import Candidate, Candidates
+from authrelay.tls import handshake_failure
 from authrelay.types import Reply
 
 log = logging.getLogger(__name__)
@@ -669,7 +670,8 @@ class Acceptor:
                                    time.monotonic() - started)
                     ticket.release()
                 except (ssl.SSLError, OSError, ConnectionError, RuntimeError) as e:
-                    srv.tls_failed(self.ln, ip, _reason(e), time.monotonic() - started)
+                    srv.tls_failed(self.ln, ip, handshake_failure(e),
+                                   time.monotonic() - started)
                     ticket.release()
             else:
                 handed = ticket.handed = True
@@ -728,9 +730,3 @@ class Acceptor:
         self._check_stress()
         if self.stressed and self._stress_poll is None:
             self._stress_poll = asyncio.get_running_loop().call_later(1.0, self._stress_tick)
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, ssl.SSLError):
-        return f"handshake failed: {e.reason or type(e).__name__}"
-    return f"handshake failed: {type(e).__name__}"

@@ -15,7 +15,8 @@ Memory per connection is bounded whatever the client does:
 - closing: `close(grace)` flushes for at most `grace` seconds, then aborts the transport,
   so a client that never reads cannot hold the socket, its buffers or its descriptor.
 Failure policy: a wait that passes its deadline raises `Timeout`; a lost connection raises
-`Closed` (so does `abort()` during a STARTTLS handshake: an eviction). STARTTLS discards
+`Closed` (so does `abort()` during a STARTTLS handshake: an eviction; a handshake that
+fails raises its subclass `HandshakeFailed`, which says why). STARTTLS discards
 everything the client pipelined after the command (CVE-2011-0411, CVE-2024-34083): only
 bytes that arrive through the TLS layer count.
 """
@@ -28,6 +29,8 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+
+from authrelay.tls import handshake_failure
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,15 @@ class Closed(Exception):
 
 class Timeout(Exception):
     """A phase deadline passed."""
+
+
+class HandshakeFailed(Closed):
+    """A STARTTLS handshake failed: `reason` says why, as a 465 handshake's maillog line
+    (tls.handshake_failure)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Connection(asyncio.Protocol):
@@ -234,7 +246,7 @@ class Connection(asyncio.Protocol):
             raise Timeout from None
         except (ssl.SSLError, OSError, ConnectionError, RuntimeError) as e:
             self._eof = True
-            raise Closed from e
+            raise HandshakeFailed(handshake_failure(e)) from e
         except asyncio.CancelledError:
             # abort() during the handshake (an eviction, a close that could not flush):
             # the connection is gone. Anyone else's cancel (shutdown) goes on as it came.

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,7 +47,14 @@ from authrelay.policy.relay import RelayPolicy
 from authrelay.policy.suspender import Suspender
 from authrelay.smtpd import protocol as p
 from authrelay.smtpd.dataturns import DataTurns
-from authrelay.smtpd.listener import CLOSE_GRACE, QUIT_GRACE, Closed, Connection, Timeout
+from authrelay.smtpd.listener import (
+    CLOSE_GRACE,
+    QUIT_GRACE,
+    Closed,
+    Connection,
+    HandshakeFailed,
+    Timeout,
+)
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.submit import Refused
 from authrelay.types import Reply
@@ -413,11 +421,18 @@ class Session:
         # Postfix's smtpd_starttls_timeout: stalled handshakes free their slots fast.
         hs = min(lim.tls_handshake_timeout, lim.stress_command_timeout) \
             if self.ticket.stressed else lim.tls_handshake_timeout
+        started = time.monotonic()
         try:
             await self.conn.starttls(ctx, hs)
         except Timeout:
             self.conn.write(replies.TIMEOUT.lines())
             self._log_reject(replies.TIMEOUT, stage="timeout")
+            raise Closed from None
+        except HandshakeFailed as e:
+            # One line, as for a 465 handshake (Postfix: "SSL_accept error"): a client
+            # refused for its protocol version or ciphers (min_version) must show up.
+            self.maillog.tls_failed(self.relay_desc(), e.reason, self.deps.listener,
+                                    time.monotonic() - started)
             raise Closed from None
         finally:
             self.ticket.busy()
