@@ -24,6 +24,7 @@ recipient domain "example" never turns into "example.corp.local".
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -133,6 +134,8 @@ class Resolver:
             r.use_edns(0, 0, 1232)  # TLSA with full certificates outgrow 512 bytes
         self.dnssec = dnssec
         self._r = r
+        # Lookups under way, by (name, type): see _query.
+        self._inflight: dict[tuple[str, str], asyncio.Task[dns.resolver.Answer]] = {}
         self.timeout = timeout
         # Whom `tlsa_answer` asks itself (it reads the raw reply).
         # dnspython keeps /etc/resolv.conf's entries as address strings (port `r.port`).
@@ -141,6 +144,27 @@ class Resolver:
                          if isinstance(ns, str | dns.nameserver.Do53Nameserver)]
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
+        """One lookup; callers asking the same question while it is under way share it
+        (its answer or its error): twenty deliveries to one domain started together cost
+        one MX query and one parse, not twenty (a hostile 64 KiB answer takes dnspython
+        ~0.5 s of the event loop to read). Nothing is kept once it is answered."""
+        loop = asyncio.get_running_loop()
+        key = (name, rdtype)
+        task = self._inflight.get(key)
+        if task is None or task.get_loop() is not loop:
+            task = loop.create_task(self._ask(name, rdtype))
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._landed, key))
+        # shield: a caller cancelled (its delivery given up) leaves it to the others
+        return await asyncio.shield(task)
+
+    def _landed(self, key: tuple[str, str], task: asyncio.Task[dns.resolver.Answer]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved (asyncio warns of an error no caller awaited)
+
+    async def _ask(self, name: str, rdtype: str) -> dns.resolver.Answer:
         try:
             return await self._r.resolve(_absolute(name), rdtype, search=False)
         except dns.resolver.NXDOMAIN:
