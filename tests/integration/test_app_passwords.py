@@ -142,6 +142,70 @@ def test_an_open_session_ends_when_its_credentials_are_revoked(tmp_path: Path) -
         r.stop()
 
 
+def test_a_rehash_by_another_worker_ends_no_session(tmp_path: Path) -> None:
+    """alice's hash made with older argon2 parameters; she logs in on both workers at
+    once (a phone and a laptop). Each worker re-hashes it after her login, one write wins
+    (the other finds the hash changed: best effort). The loser's session got a needless
+    `421 4.7.0 Authentication no longer valid` at its next MAIL: it knew only its own
+    re-hash, and the stored one, the winner's, looked like a new password. Now a re-hash
+    is recognised by any process (its salt comes from the old hash): both sessions go
+    on; a real password change still ends them."""
+    import sqlite3
+
+    from argon2 import PasswordHasher
+
+    r = RelayProcess(tmp_path, workers=2).start()
+    clients: list[RawClient] = []
+    lock = None
+    try:
+        r.wait_for(lambda: r.maillog().count("daemon=started") >= 3, what="started")
+        db = UserDB(r.state / "users.db")
+        weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash(PASSWORD)
+        assert db.update_hash("alice", db.get_hash("alice") or "", weak)
+        port = r.ports["submissions"]
+
+        def on_another_worker(taken: set[str]) -> RawClient:
+            """A session served by a worker not in `taken` (its pid added), greeted."""
+            for _ in range(200):  # SO_REUSEPORT spreads connections by their source port
+                before = r.maillog().count("connect=from")
+                c = RawClient(port, tls=client_ctx()).__enter__()
+                c.reply()
+                line = r.wait_for(lambda n=before: [
+                    ln for ln in r.maillog().splitlines() if "connect=from" in ln][n:],
+                    what="its connect line")[0]
+                pid = line.split("authrelay[", 1)[1].split("]", 1)[0]
+                if pid not in taken:
+                    taken.add(pid)
+                    return c
+                c.__exit__(None, None, None)
+            raise AssertionError("every connection landed on one worker")
+
+        taken: set[str] = set()
+        phone, laptop = on_another_worker(taken), on_another_worker(taken)
+        clients += [phone, laptop]
+        # Both logins verify the old hash before either re-hash is written: the test holds
+        # the user DB's write lock meanwhile (the workers' writes wait for it).
+        lock = sqlite3.connect(r.state / "users.db", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        for c in (phone, laptop):
+            c.cmd("EHLO client.test")
+            assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+        lock.execute("COMMIT")
+        lock.close()
+        lock = None
+        r.wait_for(lambda: db.get_hash("alice") != weak, what="the re-hash written")
+        assert [_send(c)[:3] for c in clients] == ["250", "250"]
+        assert "Authentication no longer valid" not in r.maillog()
+        r.cli("user", "passwd", "alice", "--password-stdin", input="new pw\n")
+        assert [_send(c)[:9] for c in clients] == ["421 4.7.0"] * 2
+    finally:
+        if lock is not None:
+            lock.close()
+        for x in clients:
+            x.__exit__(None, None, None)
+        r.stop()
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 def _ro_dsn(pg: PostgresServer) -> str:

@@ -611,3 +611,16 @@ def test_make_authenticator_by_backend(tmp_path: Path) -> None:
     assert a.addresses("bob") == set()
     a = make_authenticator(from_dict({"auth": {"backend": "dovecot:/run/dovecot/auth"}}))
     assert isinstance(a, BackendAuthenticator) and isinstance(a.backend, DovecotBackend)
+
+
+def test_a_rehash_is_recognised_without_the_password() -> None:
+    """passwords.rehash_password salts from the old hash: is_rehash_of tells a re-hash
+    (any process's) from a new password, which has a random salt."""
+    weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash("pw")
+    new = passwords.rehash_password("pw", weak)
+    assert passwords.verify_password(new, "pw") and not passwords.needs_rehash(new)
+    assert passwords.is_rehash_of(new, weak)
+    assert not passwords.is_rehash_of(passwords.hash_password("pw"), weak)
+    assert not passwords.is_rehash_of(passwords.rehash_password("other", weak + "x"), weak)
+    assert not passwords.is_rehash_of("$argon2id$v=19$m=1,t=1,p=1$!!$x", weak)
+    assert not passwords.is_rehash_of("plain", weak)

@@ -111,9 +111,6 @@ class Proof:
     selector: str | None
 
 
-REHASHED_MAX = 10000  # remembered re-hashes (old hash -> new) per process
-
-
 class StoreAuthenticator(Authenticator):
     """The login flow over a LoginStore (see the module comment)."""
 
@@ -130,9 +127,6 @@ class StoreAuthenticator(Authenticator):
         self._tasks: set[asyncio.Task[Any]] = set()
         # still_exists: user -> (the store's generation, monotonic time) of the last "yes"
         self._exists: OrderedDict[str, tuple[int | None, float]] = OrderedDict()
-        # Account-password hashes this process re-hashed (_upgrade), old -> new: a session
-        # logged in with the old one still holds (still_valid).
-        self._rehashed: dict[str, str] = {}
         # still_valid: (user, proof) -> (the store's generation, monotonic time) of the
         # last "yes" after a lookup
         self._valid: OrderedDict[tuple[str, Proof], tuple[int | None, float]] = \
@@ -249,8 +243,8 @@ class StoreAuthenticator(Authenticator):
         login or the last "yes" (SQLite); otherwise one lookup, whose "yes" stands until
         the next change (SQLite) or EXISTS_TTL seconds (PostgreSQL, as still_exists):
         the hash `login` verified against must still be the user's account hash (or its
-        re-hash here), or its app password's with that selector. A user deleted since is
-        `still_exists`'s to refuse (True here)."""
+        re-hash, by any process: passwords.is_rehash_of), or its app password's with that
+        selector. A user deleted since is `still_exists`'s to refuse (True here)."""
         proof = login.proof
         if not isinstance(proof, Proof):
             return True
@@ -276,7 +270,8 @@ class StoreAuthenticator(Authenticator):
         if proof.selector is not None:
             ok = found.app is not None and found.app.hash == proof.hash
         else:
-            ok = found.hash in (proof.hash, self._rehashed.get(proof.hash))
+            # A quiet re-hash (here or in another worker or node) is no credential change.
+            ok = found.hash == proof.hash or passwords.is_rehash_of(found.hash, proof.hash)
         if ok:
             self._valid[(username, proof)] = (gen, now)
             self._valid.move_to_end((username, proof))
@@ -297,11 +292,9 @@ class StoreAuthenticator(Authenticator):
     async def _upgrade(self, username: str, stored: str, password: str | bytes) -> None:
         """Re-hash with our current parameters (best effort; a read-only store is fine)."""
         try:
-            new = await self.hashing.run(passwords.hash_password, password)
+            # Salted from `stored`: sessions logged in by it, in any process, still hold.
+            new = await self.hashing.run(passwords.rehash_password, password, stored)
             if new is not None:
-                if len(self._rehashed) >= REHASHED_MAX:
-                    self._rehashed.clear()
-                self._rehashed[stored] = new  # before the write: a MAIL may follow it
                 await self.users.set_hash(username, new, stored)
         except Exception:
             log.debug("rehash of a user's password failed", exc_info=True)

@@ -22,6 +22,9 @@ verify, and `needs_rehash()` tells when to upgrade them.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import secrets
 from functools import lru_cache
 
@@ -49,6 +52,33 @@ def raw(password: str | bytes) -> bytes:
 def hash_password(password: str | bytes) -> str:
     """A fresh argon2id hash (random salt) of the password's raw bytes."""
     return _hasher.hash(raw(password))
+
+
+def rehash_password(password: str | bytes, old_hash: str) -> str:
+    """`password`, just verified against `old_hash` (made with other parameters), hashed
+    with ours and a salt derived from `old_hash` (_rehash_salt): any process, on any
+    node, that saw a login by `old_hash` can then tell the stored hash is its re-hash
+    (is_rehash_of) without the password, so an open session survives another process's
+    upgrade of the hash. As unique as `old_hash`'s own random salt; a password set by
+    `user passwd` has a random one, so it is never taken for a re-hash."""
+    return _hasher.hash(raw(password), salt=_rehash_salt(old_hash))
+
+
+def _rehash_salt(old_hash: str) -> bytes:
+    return hashlib.sha256(b"authrelay re-hash\0" + old_hash.encode("utf-8")).digest()[:16]
+
+
+def is_rehash_of(new_hash: str, old_hash: str) -> bool:
+    """True when `new_hash` is rehash_password's hash made from `old_hash` (its PHC salt
+    is the one derived from `old_hash`). False for anything else, a malformed hash too."""
+    fields = new_hash.split("$")  # "", "argon2id", "v=19", "m=..,t=..,p=..", salt, hash
+    if len(fields) != 6 or not is_argon2_hash(new_hash):
+        return False
+    try:
+        salt = base64.b64decode(fields[4] + "=" * (-len(fields[4]) % 4), validate=True)
+    except ValueError:
+        return False
+    return hmac.compare_digest(salt, _rehash_salt(old_hash))
 
 
 def is_argon2_hash(value: str) -> bool:
