@@ -825,3 +825,40 @@ async def test_deliveries_to_one_domain_started_together_share_its_lookups(
     asked = [q for q in dns.queries if q[0] in ("example.test", "mx1.example.test")]
     assert sorted(asked) == [("example.test", "MX"), ("mx1.example.test", "A"),
                              ("mx1.example.test", "AAAA")], asked
+
+
+async def _stalls_the_handshake(mx: RawMX, r: asyncio.StreamReader,
+                                w: asyncio.StreamWriter) -> None:
+    """Says 220 to STARTTLS, then never answers the ClientHello."""
+    w.write(b"220 raw.test ESMTP\r\n")
+    while line := await r.readline():
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            w.write(b"250-raw.test\r\n250 STARTTLS\r\n")
+        elif verb == b"STAR":
+            w.write(b"220 2.0.0 go ahead\r\n")
+            await w.drain()
+            await r.read()
+            return
+        await w.drain()
+
+
+async def test_a_stalled_tls_handshake_is_a_timeout(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    """A next hop that never answers our ClientHello: the handshake ends at
+    connect_timeout (RFC 5321 4.5.3.2), and the maillog and the deferral say it timed out.
+    They said "connection lost" (asyncio aborts a slow handshake as a lost connection),
+    sending the admin after a peer that never closed anything."""
+    one_mx(dns)
+    ml = ListLog()
+    with RawMX("127.0.0.2", raw_port, _stalls_the_handshake):
+        courier = Courier(make_cfg(tmp_path, dns, raw_port, connect_timeout="1s",
+                                   tls_fallback_time="0s"), maillog=ml)
+        env = envelope("bob@example.test")
+        try:
+            r = (await deliver(courier, env))["bob@example.test"]
+        finally:
+            await courier.close()
+    assert (r.permanent, r.enhanced) == (False, "4.7.5"), r
+    assert r.text.endswith("failed: timed out"), r
+    assert ml.grep(env.queue_id, "status=host failed", "failed: timed out"), ml.lines

@@ -198,9 +198,13 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         try:
-            new = await loop.start_tls(self.transport, self, ctx, server_side=False,
-                                       server_hostname=server_hostname,
-                                       ssl_handshake_timeout=timeout)
+            # Our own deadline, so a stalled handshake raises TimeoutError (asyncio's
+            # ssl_handshake_timeout, kept as a backstop, aborts with ConnectionAbortedError:
+            # "connection lost" in the reason, though the peer never said a word).
+            async with asyncio.timeout(timeout):
+                new = await loop.start_tls(self.transport, self, ctx, server_side=False,
+                                           server_hostname=server_hostname,
+                                           ssl_handshake_timeout=timeout + 1)
         except BaseException:
             self._closed = True
             if self.transport is not None:
