@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,6 +196,35 @@ async def test_recover_removes_dead_tmp_but_not_live(spool: Spool) -> None:
     assert (spool.queue_dir / live.queue_id).exists()  # flock held by a live session
     await live.commit()
     assert spool.scan() == [live.queue_id]
+
+
+async def test_recover_beside_receiving_never_takes_a_message_being_committed() -> None:
+    # recover() runs while messages are received (workers, or the scheduler's recovery
+    # in the background at start). Between the writer's open and its lock, recover()
+    # took the new file for a dead receive's: unlinked (the commit went to a nameless
+    # file, the message lost after its 250) or locked (the commit failed). Here recover()
+    # loops in a thread while 1,500 messages are committed: every one is in the queue.
+    stop = threading.Event()
+    lost: list[str] = []
+    with temp_spool(fsync=False) as spool:
+
+        def recover_again() -> None:
+            while not stop.is_set():
+                spool.recover()
+
+        t = threading.Thread(target=recover_again)
+        t.start()
+        try:
+            for _ in range(1500):
+                qid = await _put(spool, _env(), b"Subject: x\r\n\r\nhi\r\n")
+                if spool.exists(qid):
+                    spool.remove(qid)  # a small directory: recover() goes round fast
+                else:
+                    lost.append(qid)
+        finally:
+            stop.set()
+            t.join()
+    assert lost == []
 
 
 async def test_recover_moves_corrupt_files(spool: Spool) -> None:

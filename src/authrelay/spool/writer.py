@@ -36,6 +36,7 @@ import fcntl
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -259,16 +260,32 @@ class Incoming:
         self._job: asyncio.Future[Any] | None = None  # the commit thread's, while it runs
 
     def _create(self) -> int:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     NOT_READY_MODE)
-        try:
-            # The lock tells recover() in another process that this file is alive.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException:
+        """Create the file and lock it. The lock tells recover() (another process, or the
+        scheduler's start-up recovery beside receiving) that this file is alive; between
+        the open and the lock recover() may take it for a dead receive's and unlink it
+        (the commit then went to a nameless file: a message lost after its 250), or hold
+        its lock for a moment to do so. Either way the file is made again."""
+        for attempt in range(1000):
+            try:
+                fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             NOT_READY_MODE)
+            except FileExistsError:
+                if attempt == 0:
+                    raise
+                time.sleep(0.001)  # ours, being unlinked by recover() right now
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.stat(self._path).st_ino == os.fstat(fd).st_ino:
+                    self._fd = fd
+                    return fd
+            except (BlockingIOError, FileNotFoundError):
+                pass  # recover() has it (BlockingIOError) or unlinked it
+            except BaseException:
+                os.close(fd)
+                raise
             os.close(fd)
-            raise
-        self._fd = fd
-        return fd
+        raise fmt.SpoolError(f"{self.queue_id}: cannot create the queue file")
 
     def _spill(self) -> None:
         """Create the file and stream from here on: a placeholder header (filled in at
