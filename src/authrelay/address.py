@@ -44,7 +44,7 @@ _PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    local: str  # as written (quoted form kept)
+    local: str  # as written; a quoted one whose content needs no quotes unquoted
     domain: str  # as written, without a trailing dot; "[1.2.3.4]" for literals
 
     @property
@@ -97,7 +97,7 @@ def parse_mailbox(text: str) -> Address:
         m = _QUOTED.match(text)
         if not m:
             raise _err(501, "5.1.3", "Bad local part syntax")
-        local = m.group(0)
+        local = _plain_local(m.group(0))
         rest = text[m.end():]
     else:
         at = text.find("@")
@@ -114,6 +114,16 @@ def parse_mailbox(text: str) -> Address:
     if len(local.encode()) > 64:
         raise _err(501, "5.1.3", "Local part too long")
     return Address(local, _parse_domain(domain_text))
+
+
+def _plain_local(quoted: str) -> str:
+    """A quoted local part as it is compared everywhere: its content when that is a
+    plain dot-string (`"root"`, `"r\\oot"` -> `root`: RFC 5321 4.1.2, the same mailbox
+    as the unquoted form, which a sender SHOULD use), else as written. The one place
+    this is decided: [aliases], the postmaster rules, ownership and the maillog all see
+    `root@host` for `<"root"@host>`."""
+    content = re.sub(r"\\(.)", r"\1", quoted[1:-1])
+    return content if _DOT_STRING.fullmatch(content) else quoted
 
 
 def _strip_source_route(path: str) -> str:

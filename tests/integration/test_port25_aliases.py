@@ -75,3 +75,37 @@ def test_postmaster_at_our_hostname_is_accepted_and_delivered(
                    what="the postmaster's mail delivered")
     assert admin_mx.messages[0].rcpt_tos == ["admin@c.test"]
     assert sender_mx.messages == []
+
+
+def test_a_quoted_local_part_is_the_plain_mailbox(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """RFC 5321 4.1.2: `"root"@host` (a quoted string whose content is a plain dot-atom)
+    is the mailbox root@host. It was compared as written: alice's cron mail to
+    <"root"@relay.test> missed [aliases] and went by MX to our own name, and a stranger's
+    <"postmaster"@relay.test> got 550 5.7.1 Relaying denied. Now the local part is
+    unquoted when parsed, once, for every rule that compares it."""
+    from relayproc import PASSWORD
+    from smtpclient import client_ctx, plain
+
+    dns.set_zones(ZONES)
+    admin_mx = fake_mx("127.0.0.7")
+    ov = mx_overrides(dns, fake_mx.port)
+    ov["relay"]["local_domains"] = ["example.test"]
+    ov["aliases"] = {"postmaster": "noc@c.test", "root": "admin@c.test"}
+    relay = relay_factory(ov)
+    _send(relay, "x@sender.test", ['"postmaster"@relay.test'])
+    with RawClient(relay.ports["submissions"], tls=client_ctx()) as c:
+        assert c.reply().code == 220
+        assert c.cmd("EHLO laptop.test").code == 250
+        assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+        assert c.cmd("MAIL FROM:<alice@relay.test>").code == 250
+        assert c.cmd('RCPT TO:<"r\\oot"@relay.test>').code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: cron\r\n\r\nhi\r\n.\r\n")
+        assert c.reply().code == 250
+    relay.wait_for(lambda: len(admin_mx.messages) == 2 and relay.queued() == [],
+                   what="both delivered through [aliases]")
+    assert sorted(r for m in admin_mx.messages for r in m.rcpt_tos) == \
+        ["admin@c.test", "noc@c.test"]
+    assert sender_mx.messages == []  # nothing bounced
