@@ -2,9 +2,11 @@
 
 Owns how authrelay speaks TLS. Contract: `server_context(cfg, pem)` returns a context with
 TLS 1.2 minimum (RFC 8314 4.1 / RFC 8996), server cipher preference, session tickets for
-resumption, and the configured certificate. `CertStore.reload()` swaps in a renewed
-certificate: the next handshake uses it, established sessions are untouched. A key file
-readable by group or others is refused (like OpenSSH), so a mis-set key never goes live.
+resumption (per process: the workers' ticket keys are their own), ALPN "smtp", and the
+configured certificate; `hello_refusal` says whether a ClientHello is refused (ALPACA).
+`CertStore.reload()` swaps in a renewed certificate: the next handshake uses it,
+established sessions are untouched. A key file readable by group or others is refused
+(like OpenSSH), so a mis-set key never goes live.
 `make_self_signed()` writes an ECDSA P-256 certificate and a 0600 key (ECDSA: smaller,
 and the handshake is cheaper than RSA, which matters at thousands of sessions/s).
 
@@ -25,6 +27,7 @@ import ssl
 import stat
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from authrelay.config import Config, load
@@ -158,7 +161,110 @@ def _new_context(cfg: Config) -> ssl.SSLContext:
         pass
     # Session tickets (on by default in OpenSSL) give resumption across reconnects.
     ctx.num_tickets = 2
+    # A client that asks for "smtp" gets it (RFC 7301); one that asks only for others
+    # never reaches this context: see hello_refusal.
+    ctx.set_alpn_protocols([ALPN])
     return ctx
+
+
+# --------------------------------------------------------------- ALPN (ALPACA)
+# A TLS client that names an application protocol (ALPN, RFC 7301) we do not speak, such
+# as a browser sent to 465 or relayed to 587 by a man in the middle, is refused before
+# the handshake with RFC 7301 3.2's fatal no_application_protocol alert: the cross-protocol
+# attacks of ALPACA (2021) need the server to take such a client's bytes as SMTP. Python's
+# ssl cannot refuse it (its ALPN callback only declines to choose), so the listeners read
+# the ClientHello without consuming it (listener.peek_client_hello) and ask hello_refusal.
+# Clients that offer no ALPN (smtplib, swaks, msmtp, curl, Thunderbird) are unaffected.
+# The SNI name is not checked (ALPACA's optional "strict SNI"): a client that reaches us by
+# another name of ours is not refused.
+ALPN = "smtp"
+# The alert record (plaintext: no keys yet): fatal (2), no_application_protocol (120).
+NO_APPLICATION_PROTOCOL_ALERT = bytes((21, 3, 3, 0, 2, 2, 120))
+# A ClientHello is read from at most this many bytes and records (clients send one or two);
+# past that OpenSSL judges it alone, so a client trickling tiny records costs a bounded
+# number of wakeups and parses.
+HELLO_PEEK_MAX = 64 * 1024
+HELLO_RECORDS_MAX = 32
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What `read_hello` made of a client's first bytes. `need`: the bytes the records
+    must amount to before the ClientHello is whole (0: it is); `alpn`: the protocol names
+    it offers, None without an ALPN extension or when the bytes are no ClientHello we can
+    read (OpenSSL then judges them as usual)."""
+
+    need: int = 0
+    alpn: tuple[bytes, ...] | None = None
+
+
+def read_hello(data: bytes) -> Hello:
+    """Reassemble the ClientHello from the handshake records at the start of `data`."""
+    msg = bytearray()
+    pos = 0
+    for _ in range(HELLO_RECORDS_MAX):
+        if len(data) < pos + 5:
+            return Hello(need=pos + 5)
+        length = int.from_bytes(data[pos + 3:pos + 5], "big")
+        if data[pos] != 22 or not 0 < length <= 16384:  # a handshake record, RFC 8446 5.1
+            return Hello()
+        end = pos + 5 + length
+        if len(data) < end:
+            return Hello(need=end)
+        msg += data[pos + 5:end]
+        pos = end
+        if len(msg) >= 4:
+            if msg[0] != 1:  # client_hello
+                return Hello()
+            size = int.from_bytes(msg[1:4], "big")
+            if len(msg) >= 4 + size:
+                return Hello(alpn=_alpn(bytes(msg[4:4 + size])))
+    return Hello()
+
+
+def _alpn(body: bytes) -> tuple[bytes, ...] | None:
+    """The ALPN names of a ClientHello body (RFC 8446 4.1.2, RFC 7301 3.1); None when it
+    has none or is malformed."""
+    try:
+        i = 2 + 32  # legacy_version, random
+        i += 1 + body[i]  # legacy_session_id
+        i += 2 + int.from_bytes(body[i:i + 2], "big")  # cipher_suites
+        i += 1 + body[i]  # legacy_compression_methods
+        end = i + 2 + int.from_bytes(body[i:i + 2], "big")
+        i += 2
+        if end > len(body):
+            return None
+        while i + 4 <= end:
+            kind = int.from_bytes(body[i:i + 2], "big")
+            n = int.from_bytes(body[i + 2:i + 4], "big")
+            i += 4
+            if kind == 16:  # application_layer_protocol_negotiation
+                ext = body[i:i + n]
+                if len(ext) != n or int.from_bytes(ext[:2], "big") != n - 2:
+                    return None
+                names, j = [], 2
+                while j < n:
+                    k = ext[j]
+                    name = ext[j + 1:j + 1 + k]
+                    if not k or len(name) != k:
+                        return None
+                    names.append(name)
+                    j += 1 + k
+                return tuple(names) or None
+            i += n
+    except IndexError:
+        return None
+    return None
+
+
+def hello_refusal(hello: Hello) -> str | None:
+    """The maillog reason to refuse a ClientHello for, or None: it names protocols and
+    "smtp" is not among them."""
+    if hello.alpn is None or ALPN.encode() in hello.alpn:
+        return None
+    names = ", ".join(p[:32].decode("ascii", "backslashreplace") for p in hello.alpn[:4])
+    more = ", ..." if len(hello.alpn) > 4 else ""
+    return f"handshake failed: NO_APPLICATION_PROTOCOL (client offered ALPN {names}{more})"
 
 
 def server_context(cfg: Config, pem: PEM | None = None) -> ssl.SSLContext:

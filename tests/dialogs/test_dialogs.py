@@ -12,6 +12,9 @@ real `authrelay serve`, `test_dialog_engine` against the sans-I/O engine
   S!~ regex          the next reply does not match regex
   +~ regex / +!~ regex   the same checks on the reply already read (no new read)
   TLS                client side of STARTTLS (the server already said 220)
+  TLS alpn=A,B       the same, offering those ALPN protocols (RFC 7301)
+  TLS alpn=A refused the handshake fails with the server's no_application_protocol alert;
+                     the script ends there (the engine has no TLS layer: its run ends)
   CLOSED             the server closes the connection
   # ...              comment
 Every protocol bug fixed adds a dialog here.
@@ -20,6 +23,7 @@ Every protocol bug fixed adds a dialog here.
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -152,9 +156,20 @@ def _run(script: Path, lines: list[str], c: Any) -> None:
                 assert re.search(ln[3:], got), ctx
             else:
                 assert not re.search(ln[4:], got), ctx
-        elif ln.strip() == "TLS":
-            c.starttls(client_ctx())
-            transcript.append("-- TLS")
+        elif ln.strip() == "TLS" or ln.startswith("TLS "):
+            words = ln.split()[1:]
+            tls = client_ctx()
+            for w in words:
+                if w.startswith("alpn="):
+                    tls.set_alpn_protocols(w[5:].split(","))
+            transcript.append(f"-- {ln}")
+            if "refused" in words:
+                if isinstance(c, EngineClient):
+                    return
+                with pytest.raises(ssl.SSLError, match="alert no application protocol"):
+                    c.starttls(tls)
+                return
+            c.starttls(tls)
         elif ln.strip() == "CLOSED":
             assert c.closed(), f"{where}: server did not close"
         else:

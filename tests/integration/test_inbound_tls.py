@@ -11,6 +11,8 @@ import pytest
 from relayproc import RelayProcess
 from smtpclient import RawClient, client_ctx
 
+pytestmark = pytest.mark.slow
+
 
 def tls12_only() -> ssl.SSLContext:
     ctx = client_ctx()
@@ -42,3 +44,119 @@ def test_a_failed_starttls_handshake_is_logged_with_its_reason(relay_factory,  #
     line = r.wait_log(r"tls_failed=from unknown \[127\.0\.0\.6\]")
     assert "reason=handshake failed: UNSUPPORTED_PROTOCOL" in line
     assert "Traceback" not in r.maillog()
+
+
+ALERT_NO_APPLICATION_PROTOCOL = bytes((21, 3, 3, 0, 2, 2, 120))  # fatal, 120 (RFC 7301)
+
+
+def client_hello(alpn: list[str] | None) -> bytes:
+    """A real ClientHello (Python's ssl, as a client sends it), in its first records."""
+    ctx = client_ctx()
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="relay.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return out.read()
+
+
+def fragmented(records: bytes, size: int) -> bytes:
+    """The same handshake bytes in records of `size` octets (a man in the middle may
+    re-frame them: the record layer is not authenticated before the keys)."""
+    assert records[0] == 22
+    body = records[5:]
+    return b"".join(b"\x16\x03\x01" + len(body[i:i + size]).to_bytes(2, "big")
+                    + body[i:i + size] for i in range(0, len(body), size))
+
+
+def answer(port: int, hello: bytes, source: str, starttls: bool) -> bytes:
+    """The server's first bytes (or b'' at its close) after `hello`."""
+    with RawClient(port, source=source) as c:
+        if starttls:
+            assert c.reply().code == 220
+            assert c.cmd("EHLO client.example").code == 250
+            assert c.cmd("STARTTLS").code == 220
+        c.send(hello)
+        c.sock.settimeout(30)
+        return c.sock.recv(7)
+
+
+@pytest.mark.parametrize("mode", ["submissions", "submission", "smtp"])
+def test_alpaca_a_client_naming_only_other_protocols_is_refused(relay_factory,  # noqa: ANN001
+                                                               mode: str) -> None:
+    """ALPACA: a browser (ALPN http/1.1, h2) reaching 465 directly, or 587/25 through a man
+    in the middle who did the STARTTLS part, gets RFC 7301 3.2's fatal
+    no_application_protocol alert and nothing else: no byte of its request is read as
+    SMTP. Before, the handshake went on without ALPN. Clients offering "smtp" get it;
+    those offering none are served as always."""
+    r: RelayProcess = relay_factory()
+    port, starttls = r.ports[mode], mode != "submissions"
+    # A real client's refusal, and the maillog line.
+    ctx = client_ctx()
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with RawClient(port, source="127.0.0.7") as c:
+        if starttls:
+            c.reply()
+            c.cmd("EHLO client.example")
+            c.cmd("STARTTLS")
+        with pytest.raises(ssl.SSLError, match="alert no application protocol"):
+            c.starttls(ctx)
+    line = r.wait_log(r"tls_failed=from unknown \[127\.0\.0\.7\]")
+    assert ("reason=handshake failed: NO_APPLICATION_PROTOCOL (client offered ALPN h2, "
+            f"http/1.1), listener={mode}:") in line
+    # The same ClientHello in one record, in 2 and in 32 records of its own framing.
+    hello = client_hello(["http/1.1"])
+    for size in (16384, len(hello) // 2 + 1, len(hello) // 31):
+        assert answer(port, fragmented(hello, size), "127.0.0.8", starttls) \
+            == ALERT_NO_APPLICATION_PROTOCOL, size
+    # "smtp" among others is chosen; no ALPN is fine.
+    for alpn, chosen in ((["h2", "smtp"], "smtp"), (None, None)):
+        ctx = client_ctx()
+        if alpn:
+            ctx.set_alpn_protocols(alpn)
+        with RawClient(port, source="127.0.0.9") as c:
+            if starttls:
+                c.reply()
+                c.cmd("EHLO client.example")
+                c.cmd("STARTTLS")
+            c.starttls(ctx)
+            assert isinstance(c.sock, ssl.SSLSocket)
+            assert c.sock.selected_alpn_protocol() == chosen
+            if not starttls:
+                assert c.reply().code == 220
+            assert c.cmd("EHLO client.example").code == 250
+    assert "Traceback" not in r.maillog()
+
+
+def big_hello(extensions: int, alpn: bytes | None) -> bytes:
+    """A TLS 1.2 ClientHello with `extensions` empty extensions of unassigned types
+    (0x3000...: 20 KB in two records for 5,000), and ALPN `alpn` (one name) if given."""
+    def ext(kind: int, data: bytes) -> bytes:
+        return kind.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data
+
+    exts = ext(10, bytes.fromhex("00040017001d"))  # groups: secp256r1, x25519
+    exts += ext(11, b"\x01\x00") + ext(13, bytes.fromhex("0006040308040401"))
+    if alpn:
+        exts += ext(16, (len(alpn) + 1).to_bytes(2, "big") + bytes([len(alpn)]) + alpn)
+    exts += b"".join(ext(0x3000 + i, b"") for i in range(extensions))
+    suites = bytes.fromhex("c02bc02cc02fc030")
+    body = (b"\x03\x03" + bytes(32) + b"\x00" + len(suites).to_bytes(2, "big") + suites
+            + b"\x01\x00" + len(exts).to_bytes(2, "big") + exts)
+    msg = b"\x01" + len(body).to_bytes(3, "big") + body
+    return fragmented(b"\x16\x03\x01\x00\x00" + msg, 16384)
+
+
+@pytest.mark.parametrize("mode", ["submissions", "submission"])
+def test_a_16k_client_hello_with_thousands_of_extensions(relay_factory,  # noqa: ANN001
+                                                        mode: str) -> None:
+    """A ClientHello of 16 KiB+ (5,000 extensions, two records) is read whole: answered
+    with a ServerHello, or the ALPN alert when its ALPN names another protocol."""
+    r: RelayProcess = relay_factory()
+    port, starttls = r.ports[mode], mode != "submissions"
+    hello = big_hello(5000, None)
+    assert len(hello) > 16384 + 5
+    first = answer(port, hello, "127.0.0.10", starttls)
+    assert first[:1] == b"\x16" and first[5:6] == b"\x02", first  # ServerHello
+    assert answer(port, big_hello(5000, b"http/1.1"), "127.0.0.10", starttls) \
+        == ALERT_NO_APPLICATION_PROTOCOL

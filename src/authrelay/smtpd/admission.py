@@ -33,7 +33,9 @@ and before any TLS:
   closes without sending a byte (a TCP health check) is not logged.
 - Implicit TLS (RFC 8314): the handshake starts only after admission, on the accepted
   socket (`loop.connect_accepted_socket(ssl=...)`, so no byte can be read in clear first),
-  under `tls_handshake_timeout`; a failed or timed-out handshake is one maillog line.
+  under `tls_handshake_timeout`; a failed or timed-out handshake is one maillog line. The
+  ClientHello is read first without consuming it: one naming only ALPN protocols we do
+  not speak is refused with the no_application_protocol alert (ALPACA, tls.py).
 - Eviction (issue 17, smtpd/eviction.py): a full pool makes room for a new connection by
   evicting a pre-authentication one of this listener: still in its TLS handshake or
   greeting delay (closed quietly: aborted, no 421), or a session idle before AUTH and
@@ -69,11 +71,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from authrelay import maillog, replies
+from authrelay import maillog, replies, tls
 from authrelay.config import Config, Listen
 from authrelay.policy.throttle import Admission, Exemptions, Pool, Share, Throttle
 from authrelay.smtpd import proxy
 from authrelay.smtpd.eviction import Candidate, Candidates
+from authrelay.smtpd.listener import peek_client_hello
 from authrelay.tls import handshake_failure
 from authrelay.types import Reply
 
@@ -657,19 +660,38 @@ class Acceptor:
                 hs = min(lim.tls_handshake_timeout, lim.stress_command_timeout) \
                     if self.stressed else lim.tls_handshake_timeout
                 started = time.monotonic()
-                handed = ticket.handed = True
+                # From here an eviction shuts the socket down (ending the wait for the
+                # ClientHello too) and leaves closing it to us or the transport.
+                ticket.handed = True
+                refusal = None
                 try:
                     # asyncio.timeout rather than only ssl_handshake_timeout: on expiry that
                     # aborts with an error indistinguishable from a reset; we log a timeout.
                     async with asyncio.timeout(hs):
-                        await loop.connect_accepted_socket(
-                            factory, sock, ssl=srv.tls_context(),
-                            ssl_handshake_timeout=hs + 5)
+                        # ALPACA (tls.py): a client naming only protocols we do not speak
+                        # is refused before the TLS layer sees a byte.
+                        refusal = tls.hello_refusal(await peek_client_hello(sock))
+                        if refusal is None:
+                            handed = True
+                            await loop.connect_accepted_socket(
+                                factory, sock, ssl=srv.tls_context(),
+                                ssl_handshake_timeout=hs + 5)
+                    if refusal is not None:
+                        with contextlib.suppress(OSError):
+                            sock.send(tls.NO_APPLICATION_PROTOCOL_ALERT)  # never blocks
+                        sock.close()
+                        srv.tls_failed(self.ln, ip, refusal, time.monotonic() - started)
+                        ticket.release()
                 except TimeoutError:
+                    if not handed:
+                        sock.close()
                     srv.tls_failed(self.ln, ip, "handshake timed out",
                                    time.monotonic() - started)
                     ticket.release()
                 except (ssl.SSLError, OSError, ConnectionError, RuntimeError) as e:
+                    if not handed:
+                        with contextlib.suppress(OSError):
+                            sock.close()
                     srv.tls_failed(self.ln, ip, handshake_failure(e),
                                    time.monotonic() - started)
                     ticket.release()

@@ -26,10 +26,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
 
+from authrelay import tls
 from authrelay.tls import handshake_failure
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,49 @@ class HandshakeFailed(Closed):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def _set_ready(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def peek_client_hello(sock: socket.socket) -> tls.Hello:
+    """Wait for the client's ClientHello on `sock` and read it without consuming a byte
+    (MSG_PEEK: the TLS layer reads it all afterwards). SO_RCVLOWAT keeps the socket
+    unreadable until the records announced so far are whole, so a slow or fragmenting
+    client costs one wakeup per step, not a busy loop. Gives up with `Hello()` (OpenSSL
+    judges the bytes as usual) at EOF, past `tls.HELLO_PEEK_MAX`, or on a socket error.
+    The caller bounds the wait (the handshake deadline)."""
+    loop = asyncio.get_running_loop()
+    fd = sock.fileno()
+    need = 5
+    try:
+        while True:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, need)
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _set_ready, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+            try:
+                data = sock.recv(tls.HELLO_PEEK_MAX, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            if len(data) < need:  # EOF before the records are whole (or the kernel woke
+                return tls.Hello()  # us early under memory pressure): OpenSSL judges
+            hello = tls.read_hello(data)
+            if not hello.need:
+                return hello
+            if hello.need > tls.HELLO_PEEK_MAX:
+                return tls.Hello()
+            need = hello.need
+    except OSError:
+        return tls.Hello()
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
 class Connection(asyncio.Protocol):
@@ -239,6 +284,7 @@ class Connection(asyncio.Protocol):
             # not wait_for: a separate task would start a loop turn late, and a ClientHello
             # arriving in between would land in this plaintext protocol and be lost.
             async with asyncio.timeout(timeout):
+                await self._screen_hello()
                 new = await loop.start_tls(self.transport, self, ctx, server_side=True,
                                            ssl_handshake_timeout=timeout + 5)
         except TimeoutError:
@@ -263,6 +309,21 @@ class Connection(asyncio.Protocol):
         obj = new.get_extra_info("ssl_object")
         if obj is not None:
             self._set_tls_info(obj)
+
+    async def _screen_hello(self) -> None:
+        """ALPACA (tls.py): read the ClientHello before the TLS layer does, on a duplicate
+        of the socket while the transport does not read; a client naming only protocols
+        we do not speak gets the no_application_protocol alert and `HandshakeFailed`."""
+        t = self.transport
+        raw = t.get_extra_info("socket") if t is not None else None
+        if t is None or raw is None:
+            raise Closed
+        t.pause_reading()  # start_tls resumes it
+        with socket.socket(fileno=os.dup(raw.fileno())) as sock:
+            refusal = tls.hello_refusal(await peek_client_hello(sock))
+        if refusal is not None:
+            self.write(tls.NO_APPLICATION_PROTOCOL_ALERT)
+            raise HandshakeFailed(refusal)
 
     def _set_tls_info(self, obj: ssl.SSLObject) -> None:
         cipher = obj.cipher()
