@@ -68,7 +68,14 @@ from authrelay.policy.throttle import Share
 from authrelay.process import Channel, InstanceBusy, KeyHelper, StartError
 from authrelay.smtpd.server import Listener, SMTPServer, bind
 from authrelay.spool.store import Spool
-from authrelay.tls import PEM, CertStore, TLSConfigError, ensure_certificate, read_pem
+from authrelay.tls import (
+    PEM,
+    CertStore,
+    TLSConfigError,
+    ensure_certificate,
+    read_pem,
+    warn_certificate,
+)
 
 uvloop: types.ModuleType | None
 try:  # a dependency everywhere but Windows (pyproject.toml); asyncio's loop without it
@@ -501,6 +508,7 @@ async def _serve_loop(run: _Run) -> int:
                 try:
                     pem = await loop.run_in_executor(None, run.read_keys, new)
                     apply(new, pem, courier)
+                    warn_certificate(new, pem)
                 except Exception:
                     if courier is not None:
                         await courier.close()
@@ -747,6 +755,7 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
     _setup_logging(cfg)
     ensure_certificate(cfg)
     pem = read_pem(cfg)  # as root: fail fast on a bad key, before binding anything
+    warn_certificate(cfg, pem)
     if cfg.metrics.address:
         metrics_mod.prepare(cfg)  # before forking: all processes share one fresh directory
     nworkers = max(1, cfg.workers or (os.cpu_count() or 1))

@@ -30,6 +30,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from authrelay import maillog
 from authrelay.config import Config, load
 from authrelay.newfile import replace_with_new
 
@@ -119,6 +120,34 @@ def read_pem(cfg: Config) -> PEM:
         raise TLSConfigError(f"{e.filename}: cannot read: {e.strerror}") from None
     _load_pem(_new_context(cfg), pem, f"{cert}/{key}")
     return pem
+
+
+def certificate_problem(pem: PEM) -> str | None:
+    """Why clients that check certificates refuse `pem`'s certificate now (expired, or not
+    yet valid), or None. serve warns and serves it anyway (as Postfix does): refusing to
+    start would stop the mail, and on 25 it still encrypts."""
+    from cryptography import x509
+
+    try:
+        leaf = x509.load_pem_x509_certificate(pem[0])
+    except ValueError:  # read_pem has loaded it: not reached for a served certificate
+        return None
+    now = datetime.datetime.now(datetime.UTC)
+    if leaf.not_valid_after_utc <= now:
+        return f"expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    if leaf.not_valid_before_utc > now:
+        return f"not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+    return None
+
+
+def warn_certificate(cfg: Config, pem: PEM) -> None:
+    """One maillog warning when the certificate about to be served is expired or not yet
+    valid (call once per start and per reload, in the master or single process)."""
+    problem = certificate_problem(pem)
+    if problem is not None:
+        maillog.warning(f"TLS certificate {problem}: clients that check certificates "
+                        "refuse it; serving it anyway (renew it, then reload)",
+                        cert=str(cfg.cert_path))
 
 
 def _load_pem(ctx: ssl.SSLContext, pem: PEM, what: str = "certificate") -> None:

@@ -4,8 +4,13 @@
 
 from __future__ import annotations
 
+import datetime
+import os
+import re
+import signal
 import socket
 import ssl
+from pathlib import Path
 
 import pytest
 from relayproc import RelayProcess
@@ -160,3 +165,46 @@ def test_a_16k_client_hello_with_thousands_of_extensions(relay_factory,  # noqa:
     assert first[:1] == b"\x16" and first[5:6] == b"\x02", first  # ServerHello
     assert answer(port, big_hello(5000, b"http/1.1"), "127.0.0.10", starttls) \
         == ALERT_NO_APPLICATION_PROTOCOL
+
+
+def write_pair(d: Path, name: str, **validity: datetime.datetime) -> tuple[str, str]:
+    import trustme
+
+    leaf = trustme.CA().issue_cert("relay.test", "127.0.0.1", **validity)
+    cert, key = d / f"{name}.pem", d / f"{name}.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    key.chmod(0o600)
+    return str(cert), str(key)
+
+
+def test_an_expired_certificate_is_one_warning_per_start_and_reload(  # noqa: ANN201
+        relay_factory, tmp_path: Path):  # noqa: ANN001
+    """serve started (and reloaded) with an expired certificate without a word: every
+    client that checks certificates failed and the maillog never said why (check-config
+    alone knew). Now one warning at start and at each reload that keeps serving one (the
+    master only, whatever the workers), none for a valid certificate; it is still served."""
+    utc = datetime.UTC
+    cert, key = write_pair(tmp_path, "old", not_before=datetime.datetime(2019, 1, 1, tzinfo=utc),
+                           not_after=datetime.datetime(2020, 1, 1, tzinfo=utc))
+    r: RelayProcess = relay_factory({"tls": {"cert": cert, "key": key}}, workers=2)
+    warning = "warning=TLS certificate expired on 2020-01-01 00:00 UTC: clients that check"
+    r.wait_log(r"daemon=started \(master\)")
+    assert r.maillog().count(warning) == 1
+    assert f"cert={cert}" in r.wait_log(re.escape(warning))
+    with RawClient(r.ports["submission"]) as c:  # served all the same
+        c.reply()
+        c.cmd("EHLO client.example")
+        assert c.cmd("STARTTLS").code == 220
+        c.starttls(client_ctx())
+        assert c.cmd("EHLO client.example").code == 250
+    assert r.proc is not None
+    before = r.maillog().count("daemon=reloaded")
+    os.kill(r.proc.pid, signal.SIGHUP)
+    r.wait_for(lambda: r.maillog().count("daemon=reloaded") >= before + 3)
+    assert r.maillog().count(warning) == 2
+    new_cert, new_key = write_pair(tmp_path, "new")
+    r.config.write_text(r.config.read_text().replace(cert, new_cert).replace(key, new_key))
+    os.kill(r.proc.pid, signal.SIGHUP)
+    r.wait_for(lambda: r.maillog().count("daemon=reloaded") >= before + 6)
+    assert r.maillog().count("warning=TLS certificate") == 2
