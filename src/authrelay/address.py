@@ -182,7 +182,8 @@ def parse_path_arg(arg: str, *, allow_null: bool) -> PathArg:
         if not allow_null:
             raise _err(501, "5.1.3", "Null recipient not allowed")
         return PathArg(None, params)
-    if not allow_null and inner.lower() == "postmaster":
+    bare = _plain_local(inner) if _QUOTED.fullmatch(inner) else inner  # <"Postmaster">
+    if not allow_null and bare.lower() == "postmaster":
         # RFC 5321 4.5.1: "RCPT TO:<Postmaster>" (no domain) must be accepted. The domain
         # is left empty; the session decides where the site's postmaster is.
         return PathArg(Address("postmaster", ""), params)
