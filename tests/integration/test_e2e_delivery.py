@@ -686,6 +686,24 @@ def test_8bitmime_and_smtputf8_pass_through(
     assert split_received(utf8.content)[1] == UTF8_BODY
 
 
+def test_one_idn_domain_in_any_spelling_is_one_destination(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """The route key was the domain lower-cased as written, so bücher.test and its A-label
+    xn--bcher-kva.test were two destinations: two deliveries (two transactions, the
+    message sent twice) and twice concurrency_per_domain's slots and two dead marks for
+    one domain. Now one key (the A-label): one transaction, each address sent as written."""
+    dns.update({"xn--bcher-kva.test": {"MX": [(10, "mx1.example.test")]}})
+    mx1 = fake_mx("127.0.0.2")
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    rcpts = ["bob@bücher.test", "carol@xn--bcher-kva.test", "dave@BÜCHER.test",
+             "erin@XN--BCHER-KVA.test"]
+    qid = submit_raw(relay, rcpts, UTF8_BODY, ["BODY=8BITMIME", "SMTPUTF8"])
+    relay.wait_for(lambda: gone(relay, qid), what=f"{qid} delivered")
+    assert [sorted(m.rcpt_tos) for m in mx1.messages] == [sorted(rcpts)]
+    assert mx1.connections == 1
+
+
 def test_utf8_address_to_peer_without_smtputf8_bounces(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:

@@ -32,7 +32,10 @@ SMART_CFG = from_dict({"relay": {"smart_host": ["smtp.example.org:587"]}})
     ('"a@b"@Example.net', "example.net"),  # quoted local part containing "@"
     ("bob@[192.0.2.1]", "[192.0.2.1]"),
     ("bob@[IPv6:2001:DB8::1]", "[IPv6:2001:DB8::1]"),  # literal kept as is
-    ("bob@bücher.example", "bücher.example"),
+    # One key per domain however it is spelt (IDNA 2008 A-label, lower case).
+    ("bob@bücher.example", "xn--bcher-kva.example"),
+    ("bob@BÜCHER.example.", "xn--bcher-kva.example"),
+    ("bob@XN--BCHER-KVA.Example", "xn--bcher-kva.example"),
 ])
 def test_route_key_by_domain(address: str, key: str) -> None:
     assert route_key(MX_CFG, address) == key
