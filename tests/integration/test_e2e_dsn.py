@@ -92,6 +92,18 @@ def test_a_raw_utf8_original_recipient_reaches_the_next_hop_and_the_bounce(
         ("utf-8;élise@old.example", "rfc822; nobody@example.test")]
 
 
+def test_a_raw_utf8_original_recipient_goes_escaped_to_a_7bit_next_hop(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """RFC 6533 3: a next hop with DSN but without SMTPUTF8 gets a raw UTF-8 ORCPT in its
+    utf-8-addr-xtext form (each non-ASCII character as \\x{HEX}); it was left out."""
+    mx = fake_mx("127.0.0.2", dsn=True, smtputf8=False)
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    _submit(relay, [("bob@example.test", ["ORCPT=utf-8;bjørn@old.example"])], ["SMTPUTF8"])
+    relay.wait_for(lambda: mx.messages, what="the delivery")
+    assert "RCPT ORCPT=utf-8;bj\\x{F8}rn@old.example" in mx.dsn_params, mx.dsn_params
+
+
 def test_a_next_hops_undecodable_reply_keeps_the_report_ascii(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
