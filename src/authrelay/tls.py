@@ -27,8 +27,11 @@ import ssl
 import stat
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from authrelay import maillog
 from authrelay.config import Config, load
@@ -313,6 +316,22 @@ def handshake_failure(e: BaseException) -> str:
     return f"handshake failed: {type(e).__name__}"
 
 
+# How long one context (and so one session-ticket key) serves new handshakes. OpenSSL
+# makes a random ticket key per context and never changes it; a TLS 1.2 ticket holds the
+# session's master secret under that key, so whoever read the key from a worker's memory
+# could decrypt every recorded session that got a ticket since the worker started
+# (RFC 5077 5.5 wants keys changed regularly; Postfix rotates hourly).
+TICKET_KEY_LIFETIME = 3600.0
+
+
+class Prepared(NamedTuple):
+    """What `CertStore.prepare` built and `CertStore.use` installs."""
+
+    cfg: Config
+    context: ssl.SSLContext
+    pem: PEM
+
+
 class CertStore:
     """Holds the live server context; `reload()` on SIGHUP replaces it.
 
@@ -323,28 +342,42 @@ class CertStore:
     serving the old ECDSA certificate to every client that offers ECDSA) and the new
     `[tls] min_version`; established sessions keep theirs. On any error the old context
     stays. `pem` is the bytes read by a privileged process (see read_pem); without it the
-    files are read here.
+    files are read here. The context is also rebuilt from the same bytes every
+    TICKET_KEY_LIFETIME (a fresh ticket key; tickets of the old one no longer resume).
     """
 
-    def __init__(self, cfg: Config, pem: PEM | None = None) -> None:
-        self.cfg = cfg
-        self.context = server_context(cfg, pem)
+    def __init__(self, cfg: Config, pem: PEM | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        ready = self.prepare(cfg, pem)
+        self.cfg, self._context, self._pem = ready
+        self._built: float = clock()
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        if self._clock() - self._built >= TICKET_KEY_LIFETIME:
+            self._built = self._clock()
+            try:
+                self._context = server_context(self.cfg, self._pem)
+            except TLSConfigError as e:  # the bytes loaded before: a bug, not the admin's
+                maillog.error(f"TLS context not renewed, the old one kept: {e}")
+        return self._context
 
     def reload(self, cfg: Config | None = None, pem: PEM | None = None) -> None:
         self.use(*self.prepare(cfg, pem))
 
-    def prepare(self, cfg: Config | None = None, pem: PEM | None = None
-                ) -> tuple[Config, ssl.SSLContext]:
+    def prepare(self, cfg: Config | None = None, pem: PEM | None = None) -> Prepared:
         """The config and context a reload would install (nothing changes yet); raises
         on a bad/missing/world-readable file, a key that does not match."""
         new_cfg = cfg if cfg is not None else self.cfg
         if pem is None:
             pem = read_pem(new_cfg)
-        return new_cfg, server_context(new_cfg, pem)
+        return Prepared(new_cfg, server_context(new_cfg, pem), pem)
 
-    def use(self, cfg: Config, context: ssl.SSLContext) -> None:
+    def use(self, cfg: Config, context: ssl.SSLContext, pem: PEM) -> None:
         """Install what `prepare` built: the next handshake gets it."""
-        self.cfg, self.context = cfg, context
+        self.cfg, self._context, self._pem = cfg, context, pem
+        self._built = self._clock()
 
 
 def _cmd_cert_make(args: argparse.Namespace) -> int:
