@@ -15,6 +15,7 @@ import email.policy
 import email.utils
 import shutil
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
@@ -529,3 +530,28 @@ async def test_a_big_queue_at_start_is_loaded_a_batch_per_turn_of_the_loop(
     await until(lambda: not rig.queued(), "600 delivered")
     assert sum(loads.values()) == 600
     assert max(loads.values()) <= 64, sorted(loads.values())[-5:]
+
+
+async def test_new_mail_is_delivered_while_the_queue_is_recovered_at_start(
+        rig: Rig) -> None:
+    # The start's recovery of a big queue (here: any) reads every queued file (seconds
+    # per 20,000, minutes from a cold disk): held here until the test lets it go.
+    # Meanwhile start() has returned (the daemon opens its listeners after it) and new
+    # mail is delivered.
+    old = await put(rig.spool, ["old@b.example"])
+    gate = threading.Event()
+    real = rig.spool.recover
+
+    def slow_recover() -> dict[str, int]:
+        gate.wait(60)
+        return real()
+
+    rig.spool.recover = slow_recover  # type: ignore[method-assign]
+    try:
+        await asyncio.wait_for(rig.start(recover_inline=0), 20)
+        new = await put(rig.spool, ["new@b.example"])
+        await until(lambda: new not in rig.queued(), "new mail delivered")
+        assert [c[0].queue_id for c in rig.courier.calls] == [new]
+    finally:
+        gate.set()
+    await until(lambda: old not in rig.queued(), "the queue found at start delivered")

@@ -4,7 +4,11 @@ Owns: which queued message is tried next, the active set, concurrency, per-recip
 state, bounces and removal from the spool. Contract:
 - New mail is picked up at once: `notify(qid)` (the spool's in-process `on_commit` hook)
   and datagrams on `spool_dir/notify.sock` from receiving processes; plus a full scan at
-  start (a restart finds everything) and a periodic rescan as a safety net.
+  start (a restart finds everything) and a periodic rescan as a safety net. The start's
+  scan, and its recovery (spool.recover: every file's header and envelope checked) when
+  queue/ holds over `recover_inline` entries, run in the background: `start()` returns
+  at once (the daemon opens its listeners after it) and new mail flows while a big queue
+  is read.
 - Fresh mail goes first: it waits in its own FIFO ahead of the retry heap, and per
   destination ahead of retries; retries fill at most three quarters of `max_active`
   (the rest is fresh mail's); a slow or dead destination only ever holds its own
@@ -75,6 +79,7 @@ from authrelay.types import DeliveryResult
 log = logging.getLogger(__name__)
 
 RESCAN_INTERVAL = 60.0
+RECOVER_INLINE = 2000  # queue/ entries (files and states) recovered before start() returns
 BUSY_RETRY = 0.2  # a message under a control operation is looked at again this soon
 NEXT_ATTEMPT_SLACK = 0.5  # recipients due within this are tried with the rest
 DISPATCH_BATCH = 64  # messages loaded per turn of the event loop
@@ -126,13 +131,15 @@ class _Job:
 class Scheduler:
     def __init__(self, cfg: Config, spool: Spool, courier: CourierLike,
                  maillog: maillog_mod.MailLog, *, submitter: Submitter,
-                 rescan_interval: float = RESCAN_INTERVAL, max_active: int = 20000) -> None:
+                 rescan_interval: float = RESCAN_INTERVAL, max_active: int = 20000,
+                 recover_inline: int = RECOVER_INLINE) -> None:
         self.cfg = cfg
         self.spool = spool
         self.courier = courier
         self.maillog = maillog
         self.rescan_interval = rescan_interval
         self.max_active = max_active  # messages loaded at once (memory bound)
+        self.recover_inline = recover_inline  # a bigger queue is recovered in the background
         self.concurrency = max(1, cfg.delivery.concurrency)
         self.per_destination = max(1, cfg.delivery.concurrency_per_domain)
         self._heap: list[tuple[float, int, str]] = []
@@ -176,8 +183,9 @@ class Scheduler:
         self._wake = asyncio.Event()
         self.spool.ensure_dirs()
         self._lock_fd = await self._take_lock()
-        await self._io(self.spool.recover)
-        self._log_quarantined()
+        big = await self._io(self._queue_bigger_than, self.recover_inline)
+        if not big:
+            await self._recover()
         await self._warn_in_flight(await self._io(self.inflight.leftovers))
         if self.spool.on_commit is None:
             self.spool.on_commit = self.notify
@@ -188,11 +196,19 @@ class Scheduler:
             self._control = await control.serve(cpath, self._handle_control)
         except OSError as e:  # e.g. a path longer than sun_path: the CLI then reports it
             log.error("cannot listen on %s: %s", cpath, e)
-        now = time.time()
-        for qid in await self._io(self.spool.scan):
-            self._schedule(qid, now)
         self._main = asyncio.create_task(self._run(), name="scheduler")
-        self._rescan = asyncio.create_task(self._rescan_loop(), name="scheduler-rescan")
+        self._rescan = asyncio.create_task(self._rescan_loop(big), name="scheduler-rescan")
+
+    def _queue_bigger_than(self, n: int) -> bool:
+        with os.scandir(self.spool.queue_dir) as it:
+            return any(i >= n for i, _ in enumerate(it))
+
+    async def _recover(self) -> None:
+        try:
+            await self._io(self.spool.recover)
+        except OSError as e:
+            log.error("spool recovery failed (retried at the next start): %s", e)
+        self._log_quarantined()
 
     async def _warn_in_flight(self, leftovers: list[tuple[str, list[str]]]) -> None:
         """After a crash: the recipients a delivery attempt had under way, still pending,
@@ -422,9 +438,17 @@ class Scheduler:
             started += 1
         return False
 
-    async def _rescan_loop(self) -> None:
+    async def _rescan_loop(self, recover: bool) -> None:
+        """The start-up full scan (after the recovery of a big queue: reading every file
+        takes seconds per 20,000, minutes from a cold disk, and meanwhile new mail is
+        taken in and delivered), then a rescan every `rescan_interval`."""
+        if recover:
+            await self._recover()
+        first = True
         while True:
-            await asyncio.sleep(self.rescan_interval)
+            if not first:
+                await asyncio.sleep(self.rescan_interval)
+            first = False
             try:
                 ids = await self._io(self.spool.scan)
             except OSError as e:

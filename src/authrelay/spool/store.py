@@ -20,7 +20,9 @@ corrupt/ and `recover()` does so at start. A file of an unknown newer format ver
 left where it is and refused (`UnsupportedVersion`).
 Failure policy: blocking calls; the scheduler runs the slow ones in `commit_pool()`
 threads. `recover()` never raises for a bad file and skips files a live receiving process
-still holds (flock), so it is safe with workers.
+still holds (flock), so it is safe with workers and beside a running scheduler (an orphan
+state is looked at again before it goes; `save_state` writes again when its tmp file was
+taken).
 """
 
 from __future__ import annotations
@@ -444,22 +446,31 @@ class Spool:
 
     # ------------------------------------------------------------------ scheduler state
     def save_state(self, env: Envelope) -> None:
-        """Atomically replace ID.state (tmp + fsync + rename + dir fsync). Blocking."""
-        path = self._locate(env.queue_id)
-        state = path.with_name(env.queue_id + ".state")
-        tmp = path.with_name(env.queue_id + ".state.tmp")
+        """Atomically replace ID.state (tmp + fsync + rename + dir fsync). Blocking.
+        FileNotFoundError: the message is gone (removed, quarantined)."""
         data = json.dumps(
             {"v": STATE_VERSION, "recipients": [asdict(r) for r in env.recipients]},
             separators=(",", ":"), ensure_ascii=False,
         ).encode("utf-8")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            write_all(fd, data)
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, state)
+        for attempt in (1, 2):
+            path = self._locate(env.queue_id)
+            state = path.with_name(env.queue_id + ".state")
+            tmp = path.with_name(env.queue_id + ".state.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                write_all(fd, data)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.rename(tmp, state)
+                break
+            except FileNotFoundError:
+                # The tmp file taken by recover() (running beside the scheduler at start)
+                # or the message moved (hold) meanwhile: written again where it is now.
+                if attempt == 2:
+                    raise
         if self.fsync:
             fsync_dir(state.parent)
 
@@ -532,8 +543,8 @@ class Spool:
                         os.unlink(d / name)
                 elif name.endswith(".state"):
                     qid = name[: -len(".state")]
-                    if qid in present:
-                        continue
+                    if qid in present or (d / qid).exists():
+                        continue  # (committed since the listing: runs beside the scheduler)
                     other = self.hold_dir if d == self.queue_dir else self.queue_dir
                     if (other / qid).exists():  # a hold/release interrupted mid-move
                         with contextlib.suppress(FileNotFoundError):
