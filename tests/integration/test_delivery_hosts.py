@@ -24,7 +24,7 @@ from support.wait import until
 from test_delivery import MSG, ZONES, envelope, make_cfg, smart_cfg
 
 from authrelay.config import Config
-from authrelay.delivery import connection, mx, wire
+from authrelay.delivery import client, connection, mx, wire
 from authrelay.delivery.client import Courier
 from authrelay.dns import Resolver
 from authrelay.spool.envelope import Envelope
@@ -285,6 +285,46 @@ async def test_recipient_limit_452_next_transaction_same_connection(
     assert all(res[r].ok for r in rcpts), res
     assert [m.rcpt_tos for m in mx.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
     assert mx.connections == 1  # RFC 5321 4.5.3.1.10: the rest in new transactions
+
+
+async def test_a_next_hop_taking_one_recipient_at_a_time_gets_a_bounded_number_of_uploads(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    """A next hop (hostile, or with a tiny limit) that takes one recipient per transaction
+    and says 452 4.5.3 to the rest had the message sent again for each recipient, up to
+    1,000 times in one attempt. Now at most MAX_TRANSACTIONS per attempt, all hosts
+    together: the rest are deferred 4.5.3 for the next attempt, not handed to the backup
+    MX (which would take as many again); every recipient has one result."""
+    mx1 = fake_mx("127.0.0.2", max_rcpts=1)
+    mx2 = fake_mx("127.0.0.3", max_rcpts=1)
+    ml = ListLog()
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ml)
+    limit = 20  # client.MAX_TRANSACTIONS, checked last
+    n = limit + 10
+    rcpts = [f"r{i}@example.test" for i in range(n)]
+    env = envelope(*rcpts)
+    try:
+        res = await deliver(courier, env)
+    finally:
+        await courier.close()
+    assert sorted(res) == sorted(rcpts)
+    sent = [m.rcpt_tos for m in mx1.messages]
+    assert sent == [[r] for r in rcpts[:limit]]
+    assert mx2.messages == [] and mx1.connections == 1
+    assert all(res[r].ok for r in rcpts[:limit])
+    for r in rcpts[limit:]:
+        d = res[r]
+        assert (d.ok, d.permanent, d.code, d.enhanced) == (False, False, 452, "4.5.3"), d
+        assert "not sent in this attempt" in d.text and "next attempt" in d.text, d
+    # The next attempt (the scheduler passes the deferred ones) goes on from there.
+    rest = [x for x in env.recipients if not res[x.address].ok]
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ml)
+    try:
+        again = await courier.deliver(env, rest, MSG)
+    finally:
+        await courier.close()
+    assert all(r.ok for r in again.values()) and len(again) == 10
+    assert len(mx1.messages) == n
+    assert limit == client.MAX_TRANSACTIONS
 
 
 # --------------------------------------------------------------------------- raw server

@@ -50,7 +50,11 @@ Failure policy (codes per RFC 3463):
   and never logged.
 - `452` for too many recipients (RFC 5321 4.5.3.1.10, 4.5.3): the rest go in another
   transaction on the same connection at once, while each one makes progress. At most
-  1000 recipients go in one transaction; more are sent the same way.
+  1000 recipients go in one transaction; more are sent the same way. At most
+  `MAX_TRANSACTIONS` transactions (each one an upload of the message) in one delivery
+  attempt, all hosts together: a next hop taking one recipient per transaction cannot
+  have the message sent once per recipient. The rest are deferred 452 4.5.3 for the next
+  attempt (not passed to another host), as Postfix's bounded delivery requests leave them.
 - Message larger than the peer's SIZE: permanent 552 5.3.4 (RFC 1870).
 - UTF-8 address but the peer lacks SMTPUTF8: an internationalised domain goes as its
   A-label (`bob@xn--bcher-kva.example`, the same mailbox, as Postfix converts it); a UTF-8
@@ -129,7 +133,9 @@ _NORMALIZE_OFFLOAD = 1 << 20  # bigger messages are streamed from the spool file
 _STREAM_CHUNK = 256 * 1024
 _FRESH = 2.0  # seconds a checked-in connection is trusted without an RSET probe
 _QUIT_TIMEOUT = 5.0
-_MAX_FOLLOW_UPS = 1000  # transactions for one message on one connection (452 too many)
+# Transactions (MAIL ... end of data: an upload of the message each) one delivery attempt
+# makes, all hosts together; more recipients wait for the next attempt (see the docstring).
+MAX_TRANSACTIONS = 20
 # Recipients per transaction: Postfix smtpd's default limit (RFC 5321 4.5.3.1.8 asks a
 # server for 100 at least). Also the largest pipelined group whose replies a server that
 # buffers them (as Postfix's smtpd does) sends at once: connection.MAX_QUEUED must hold it.
@@ -281,6 +287,12 @@ class _Payload:
         self.courier = courier
         self._8bit: bool | None = True if env.body_8bit else None
         self._seven: bytes | downgrade.Unconvertible | None = None
+        self.transactions = 0  # started in this attempt (MAX_TRANSACTIONS)
+
+    @property
+    def spent(self) -> bool:
+        """No transaction left for this attempt."""
+        return self.transactions >= MAX_TRANSACTIONS
 
     async def eightbit(self) -> bool:
         """8-bit octets in the message: as recorded at submission, else looked for (a
@@ -518,6 +530,8 @@ class Courier:
                 if i == 0:
                     last = loop
                 break
+            if payload.spent:  # the rest keep the reply they got, for the next attempt
+                break
             try:
                 out = await self._via(t, env, todo, payload)
             except _TryNext as e:
@@ -528,7 +542,7 @@ class Courier:
             todo = [r for r in todo if r.address in out.next_host]
             if not todo:
                 break
-            if i + 1 < len(targets):
+            if i + 1 < len(targets) and not payload.spent:
                 worst = out.results[todo[0].address]
                 self.maillog.next_host(env.queue_id, worst.remote or t.where,
                                        ",".join(f"<{r.address}>" for r in todo), str(worst))
@@ -672,12 +686,24 @@ class Courier:
                          data: _Payload, out: _Outcome) -> None:
         """RFC 5321 4.5.3.1.10: recipients refused with 452 for too many recipients go in
         another transaction on the same connection (as Postfix does), for as long as
-        each transaction gets some recipients through. Updates `out` in place."""
+        each transaction gets some recipients through, within the attempt's
+        MAX_TRANSACTIONS; past it they are deferred to the next attempt, not passed to
+        another host. Updates `out` in place."""
         batch = rcpts
-        for _ in range(_MAX_FOLLOW_UPS):
+        while True:
             more = [r for r in batch if _too_many(out.results.get(r.address))]
             if not more or len(more) == len(batch) or not out.reusable \
                     or not conn.wire.is_connected:
+                return
+            if data.spent:
+                later = DeliveryResult.temp(
+                    f"not sent in this attempt: the message went in {data.transactions} "
+                    f"transactions already, the most one attempt makes ({conn.remote} takes "
+                    "few recipients per transaction); for the next attempt",
+                    "4.5.3", 452, conn.remote)
+                for r in more:
+                    out.results[r.address] = later
+                out.next_host -= {r.address for r in more}
                 return
             try:
                 nxt = await self._transaction(conn, env, more, data)
@@ -1069,6 +1095,7 @@ class Courier:
                            payload: _Payload) -> _Outcome:
         """One MAIL/RCPT/DATA exchange, pipelined when the host offers PIPELINING."""
         remote, w, ext = conn.remote, conn.wire, conn.ext
+        payload.transactions += 1
         d = self.cfg.delivery
         ct = d.command_timeout
         results: dict[str, DeliveryResult] = {}
