@@ -12,12 +12,14 @@ message), and once an MX listens there every message is delivered.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 
 import pytest
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
-from relayproc import RelayProcess
+from relayproc import RelayProcess, to_toml
 from test_e2e_delivery import ZONES, delivered_to, gone, log_lines, mx_overrides, submit
 
 pytestmark = pytest.mark.slow
@@ -75,3 +77,39 @@ def test_dead_destination_is_marked_and_its_mail_deferred_without_connecting(
     assert sorted(r for m in back.messages for r in m.rcpt_tos) == \
         sorted(f"user{i}@dead.test" for i in range(12))
     assert sender_mx.messages == []  # deferred, never bounced
+
+
+def test_a_reload_with_new_routes_forgets_the_dead_marks(
+        relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory) -> None:
+    """The smart host was wrong (nothing listens there): the first delivery marks the
+    destination dead. The admin fixes [relay] smart_host and reloads: the next message
+    goes to the new smart host at once. The mark described the old routes; kept, it
+    deferred every message for up to 5 minutes more with 'delivery temporarily
+    suspended: connect to <the old host>', each for its first retry interval (1 h here),
+    after the fix (Postfix's reload restarts its queue manager, forgetting them too)."""
+    live = fake_mx("127.0.0.2")
+    r = relay_factory({"relay": {"smart_host": [f"{DEAD_MX}:{fake_mx.port}"],
+                                 "smart_host_tls": "none"},
+                       "delivery": {"retry": ["1h"]}})
+    first = submit(r, ["bob@remote.example"])
+    r.wait_for(lambda: any("stat=Deferred" in ln for ln in log_lines(r, first)),
+               what="the first message deferred")
+    marked = submit(r, ["carol@remote.example"])
+    r.wait_for(lambda: any("stat=Deferred" in ln for ln in log_lines(r, marked)),
+               what="the second message deferred")
+    assert any("delivery temporarily suspended" in ln for ln in log_lines(r, marked))
+
+    data = dict(r.config_data)
+    data["relay"] = {**data["relay"], "smart_host": [live.address]}
+    r.config.write_text(to_toml(data))
+    before = r.maillog().count("daemon=reloaded")
+    assert r.proc is not None
+    os.kill(r.proc.pid, signal.SIGHUP)
+    r.wait_for(lambda: r.maillog().count("daemon=reloaded") > before, what="reloaded")
+
+    after = submit(r, ["dave@remote.example"])
+    outcome = r.wait_for(lambda: [ln for ln in log_lines(r, after)
+                                  if "stat=Sent" in ln or "stat=Deferred" in ln],
+                         what="the message after the reload tried")
+    assert "stat=Sent" in outcome[0], outcome
+    assert delivered_to(live, "dave@remote.example")

@@ -39,7 +39,7 @@ state, bounces and removal from the spool. Contract:
   the destination returns); after it, one job at a time probes until one gets an answer.
   A message the operator named (`queue flush ID`, `queue release ID`) is tried anyway;
   `queue flush` of all forgets every mark (and its messages re-mark a destination still
-  dead: they are not each tried).
+  dead: they are not each tried); so does a reload bringing new routes (use_courier).
 - Queue control (`control.sock`): flush/hold/release/delete are done here, after any
   in-flight delivery of the message ends, so the CLI never races a delivery.
 Failure policy: a courier that raises is a transient failure for its recipients; an
@@ -333,8 +333,10 @@ class Scheduler:
     def use_courier(self, courier: CourierLike) -> None:
         """SIGHUP with new [relay] / [delivery] settings: deliveries started from now on
         go through `courier`; those in flight finish on the old one, whose idle
-        connections are closed."""
+        connections are closed. The dead marks are forgotten: they judged the old
+        routes (a smart host, port or nameservers the reload may have just fixed)."""
         old, self.courier = self.courier, courier
+        self._dead.clear()
         task = asyncio.get_running_loop().create_task(old.close())
         self._closing = task  # keep a reference until it is done
 
