@@ -181,16 +181,42 @@ def _load_pem(ctx: ssl.SSLContext, pem: PEM, what: str = "certificate") -> None:
         raise TLSConfigError(f"{what}: cannot load: {e}") from None
 
 
-def _new_context(cfg: Config) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+X25519, SECP256R1 = 0x001D, 0x0017  # TLS group ids (RFC 8446 4.2.7)
+
+
+class ServerContext(ssl.SSLContext):
+    """The server context, key exchange over P-256 (every client has it), and `x25519`:
+    the same certificate and settings with X25519. Python's ssl gives a context one group
+    (set_ecdh_curve) or OpenSSL's default list, which adds finite-field groups up to
+    ffdhe8192: a client asking for it would make every handshake cost an 8192-bit
+    exponentiation (D(HE)ater). P-256 alone cost every client whose key share is X25519
+    (OpenSSL's, BoringSSL's, NSS's, Go's, rustls's first) a HelloRetryRequest, an extra
+    round trip, and refused clients with X25519 only; so the listeners pick the context
+    by the ClientHello (`for_hello`)."""
+
+    x25519: ssl.SSLContext
+
+
+def for_hello(ctx: ssl.SSLContext, hello: Hello) -> ssl.SSLContext:
+    """The context to answer `hello` with: X25519 when the client offers it, unless its
+    one key share is P-256's (answering that in X25519 would cost it a retry)."""
+    if not isinstance(ctx, ServerContext) or X25519 not in hello.groups:
+        return ctx
+    if SECP256R1 in hello.shares and X25519 not in hello.shares:
+        return ctx
+    return ctx.x25519
+
+
+def _new_context(cfg: Config, group: str = "prime256v1",
+                 ctx: ssl.SSLContext | None = None) -> ssl.SSLContext:
+    """`ctx` (a new one by default) set up as every server context is."""
+    if ctx is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.set_ecdh_curve(group)  # ECDHE only, one group (ServerContext)
     ctx.minimum_version = (ssl.TLSVersion.TLSv1_3 if cfg.tls.min_version == "1.3"
                            else ssl.TLSVersion.TLSv1_2)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # client-initiated renegotiation is a DoS lever
-    try:
-        ctx.set_ecdh_curve("prime256v1")
-    except (ValueError, ssl.SSLError):
-        pass
     # Session tickets (on by default in OpenSSL) give resumption across reconnects.
     ctx.num_tickets = 2
     # A client that asks for "smtp" gets it (RFC 7301); one that asks only for others
@@ -224,10 +250,12 @@ class Hello:
     """What `read_hello` made of a client's first bytes. `need`: the bytes the records
     must amount to before the ClientHello is whole (0: it is); `alpn`: the protocol names
     it offers, None without an ALPN extension or when the bytes are no ClientHello we can
-    read (OpenSSL then judges them as usual)."""
+    read (OpenSSL then judges them as usual); `groups`, `shares`: for `for_hello`."""
 
     need: int = 0
     alpn: tuple[bytes, ...] | None = None
+    groups: tuple[int, ...] = ()  # supported_groups, in the client's order
+    shares: tuple[int, ...] = ()  # the groups of its key shares (TLS 1.3)
 
 
 def read_hello(data: bytes) -> Hello:
@@ -250,13 +278,13 @@ def read_hello(data: bytes) -> Hello:
                 return Hello()
             size = int.from_bytes(msg[1:4], "big")
             if len(msg) >= 4 + size:
-                return Hello(alpn=_alpn(bytes(msg[4:4 + size])))
+                return _parse_hello(bytes(msg[4:4 + size]))
     return Hello()
 
 
-def _alpn(body: bytes) -> tuple[bytes, ...] | None:
-    """The ALPN names of a ClientHello body (RFC 8446 4.1.2, RFC 7301 3.1); None when it
-    has none or is malformed."""
+def _parse_hello(body: bytes) -> Hello:
+    """The ALPN names (RFC 7301 3.1), supported groups and key-share groups (RFC 8446
+    4.2.7, 4.2.8) of a ClientHello body (RFC 8446 4.1.2); a malformed one reads as none."""
     try:
         i = 2 + 32  # legacy_version, random
         i += 1 + body[i]  # legacy_session_id
@@ -265,28 +293,47 @@ def _alpn(body: bytes) -> tuple[bytes, ...] | None:
         end = i + 2 + int.from_bytes(body[i:i + 2], "big")
         i += 2
         if end > len(body):
-            return None
+            return Hello()
+        exts: dict[int, bytes] = {}
         while i + 4 <= end:
             kind = int.from_bytes(body[i:i + 2], "big")
             n = int.from_bytes(body[i + 2:i + 4], "big")
-            i += 4
-            if kind == 16:  # application_layer_protocol_negotiation
-                ext = body[i:i + n]
-                if len(ext) != n or int.from_bytes(ext[:2], "big") != n - 2:
-                    return None
-                names, j = [], 2
-                while j < n:
-                    k = ext[j]
-                    name = ext[j + 1:j + 1 + k]
-                    if not k or len(name) != k:
-                        return None
-                    names.append(name)
-                    j += 1 + k
-                return tuple(names) or None
-            i += n
+            exts.setdefault(kind, body[i + 4:i + 4 + n])
+            i += 4 + n
     except IndexError:
+        return Hello()
+    return Hello(alpn=_alpn(exts.get(16)), groups=_u16s(exts.get(10)),
+                 shares=_shares(exts.get(51)))
+
+
+def _alpn(ext: bytes | None) -> tuple[bytes, ...] | None:
+    if ext is None or len(ext) < 2 or int.from_bytes(ext[:2], "big") != len(ext) - 2:
         return None
-    return None
+    names, j = [], 2
+    while j < len(ext):
+        k = ext[j]
+        name = ext[j + 1:j + 1 + k]
+        if not k or len(name) != k:
+            return None
+        names.append(name)
+        j += 1 + k
+    return tuple(names) or None
+
+
+def _u16s(ext: bytes | None) -> tuple[int, ...]:
+    if ext is None or len(ext) < 2 or int.from_bytes(ext[:2], "big") != len(ext) - 2:
+        return ()
+    return tuple(int.from_bytes(ext[j:j + 2], "big") for j in range(2, len(ext) - 1, 2))
+
+
+def _shares(ext: bytes | None) -> tuple[int, ...]:
+    if ext is None or len(ext) < 2:
+        return ()
+    out, j = [], 2
+    while j + 4 <= len(ext):
+        out.append(int.from_bytes(ext[j:j + 2], "big"))
+        j += 4 + int.from_bytes(ext[j + 2:j + 4], "big")
+    return tuple(out)
 
 
 def hello_refusal(hello: Hello) -> str | None:
@@ -299,12 +346,16 @@ def hello_refusal(hello: Hello) -> str | None:
     return f"handshake failed: NO_APPLICATION_PROTOCOL (client offered ALPN {names}{more})"
 
 
-def server_context(cfg: Config, pem: PEM | None = None) -> ssl.SSLContext:
+def server_context(cfg: Config, pem: PEM | None = None) -> ServerContext:
     """A server context with `pem` (bytes already read) or the configured files."""
     if pem is None:
         pem = read_pem(cfg)
-    ctx = _new_context(cfg)
-    _load_pem(ctx, pem, f"{cfg.cert_path}/{cfg.key_path}")
+    what = f"{cfg.cert_path}/{cfg.key_path}"
+    ctx = ServerContext(ssl.PROTOCOL_TLS_SERVER)
+    _new_context(cfg, ctx=ctx)
+    _load_pem(ctx, pem, what)
+    ctx.x25519 = _new_context(cfg, "X25519")
+    _load_pem(ctx.x25519, pem, what)
     return ctx
 
 

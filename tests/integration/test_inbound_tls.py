@@ -134,18 +134,24 @@ def test_alpaca_a_client_naming_only_other_protocols_is_refused(relay_factory,  
     assert "Traceback" not in r.maillog()
 
 
-def big_hello(extensions: int, alpn: bytes | None) -> bytes:
+def big_hello(extensions: int, alpn: bytes | None, groups: str = "0017001d",
+              tls13: bool = False) -> bytes:
     """A TLS 1.2 ClientHello with `extensions` empty extensions of unassigned types
     (0x3000...: 20 KB in two records for 5,000), and ALPN `alpn` (one name) if given."""
     def ext(kind: int, data: bytes) -> bytes:
         return kind.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data
 
-    exts = ext(10, bytes.fromhex("00040017001d"))  # groups: secp256r1, x25519
+    g = bytes.fromhex(groups)  # default: secp256r1, x25519
+    exts = ext(10, len(g).to_bytes(2, "big") + g)
     exts += ext(11, b"\x01\x00") + ext(13, bytes.fromhex("0006040308040401"))
     if alpn:
         exts += ext(16, (len(alpn) + 1).to_bytes(2, "big") + bytes([len(alpn)]) + alpn)
     exts += b"".join(ext(0x3000 + i, b"") for i in range(extensions))
     suites = bytes.fromhex("c02bc02cc02fc030")
+    if tls13:  # TLS 1.3 only, an X25519 key share (RFC 8446 4.2.1, 4.2.8)
+        suites = bytes.fromhex("13011302")
+        share = b"\x00\x1d\x00\x20" + os.urandom(32)
+        exts += ext(43, b"\x02\x03\x04") + ext(51, len(share).to_bytes(2, "big") + share)
     body = (b"\x03\x03" + bytes(32) + b"\x00" + len(suites).to_bytes(2, "big") + suites
             + b"\x01\x00" + len(exts).to_bytes(2, "big") + exts)
     msg = b"\x01" + len(body).to_bytes(3, "big") + body
@@ -208,3 +214,45 @@ def test_an_expired_certificate_is_one_warning_per_start_and_reload(  # noqa: AN
     os.kill(r.proc.pid, signal.SIGHUP)
     r.wait_for(lambda: r.maillog().count("daemon=reloaded") >= before + 6)
     assert r.maillog().count("warning=TLS certificate") == 2
+
+
+HRR_RANDOM = bytes.fromhex(  # RFC 8446 4.1.3: a ServerHello with it is a HelloRetryRequest
+    "cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+
+
+def server_hello(port: int, hello: bytes, starttls: bool) -> bytes:
+    """The server's answer's first record, from its header (b'' when it closed)."""
+    with RawClient(port, source="127.0.0.11") as c:
+        if starttls:
+            assert c.reply().code == 220
+            assert c.cmd("EHLO client.example").code == 250
+            assert c.cmd("STARTTLS").code == 220
+        c.send(hello)
+        c.sock.settimeout(30)
+        head = c.sock.recv(5, socket.MSG_WAITALL)
+        if len(head) < 5:
+            return head
+        return head + c.sock.recv(int.from_bytes(head[3:5], "big"), socket.MSG_WAITALL)
+
+
+@pytest.mark.parametrize("mode", ["submissions", "submission"])
+def test_key_exchange_groups(relay_factory, mode: str) -> None:  # noqa: ANN001
+    """The server context had P-256 as its one group, so every TLS 1.3 client whose key
+    share is X25519 (OpenSSL's, BoringSSL's, NSS's, Go's, rustls's first) was sent a
+    HelloRetryRequest and paid a round trip more, and a client with X25519 alone could
+    not connect. Now X25519 is answered in kind, P-256 still; finite-field groups stay
+    out (ffdhe8192 alone: refused, no 8192-bit exponentiation per handshake)."""
+    r: RelayProcess = relay_factory()
+    port, starttls = r.ports[mode], mode != "submissions"
+    # OpenSSL's own ClientHello (x25519 key share): a ServerHello, not a retry.
+    first = server_hello(port, client_hello(None), starttls)
+    assert first[:1] == b"\x16" and first[5:6] == b"\x02", first
+    assert first[11:43] != HRR_RANDOM  # header 5, type 1, length 3, version 2: random
+    # X25519 alone (TLS 1.3: in 1.2 an ECDSA P-256 certificate needs P-256 offered),
+    # P-256 alone.
+    for hello in (big_hello(0, None, "001d", tls13=True), big_hello(0, None, "0017")):
+        first = server_hello(port, hello, starttls)
+        assert first[:1] == b"\x16" and first[5:6] == b"\x02", first
+        assert first[11:43] != HRR_RANDOM
+    assert server_hello(port, big_hello(0, None, "0104"), starttls)[:1] != b"\x16"
+    assert "Traceback" not in r.maillog()

@@ -670,11 +670,13 @@ class Acceptor:
                     async with asyncio.timeout(hs):
                         # ALPACA (tls.py): a client naming only protocols we do not speak
                         # is refused before the TLS layer sees a byte.
-                        refusal = tls.hello_refusal(await peek_client_hello(sock))
+                        hello = await peek_client_hello(sock)
+                        refusal = tls.hello_refusal(hello)
                         if refusal is None:
+                            ctx = srv.tls_context()
                             handed = True
                             await loop.connect_accepted_socket(
-                                factory, sock, ssl=srv.tls_context(),
+                                factory, sock, ssl=ctx and tls.for_hello(ctx, hello),
                                 ssl_handshake_timeout=hs + 5)
                     if refusal is not None:
                         with contextlib.suppress(OSError):
