@@ -500,6 +500,29 @@ async def test_a_next_attempt_written_by_a_clock_ahead_does_not_freeze_the_messa
     assert rig.log.grep(qid, "clock was set back")
 
 
+async def test_a_retry_schedule_shortened_before_a_restart_is_no_clock_warning(
+        rig: Rig) -> None:
+    # Deferred an hour ago under retry = ["4h"] (next attempt in 3 h); the admin sets a
+    # shorter retry and restarts. That next attempt lies beyond what the new schedule
+    # sets, but the clock was never set back (the last attempt is in the past): the new
+    # schedule applies from the last attempt, with no "clock was set back?" warning (one
+    # line per deferred message: 20,000 of them blaming NTP). A state written by a clock
+    # ahead (its last attempt in the future) is still tried now, with the warning.
+    now = time.time()
+    shortened = await put(rig.spool, ["x@b.example"])
+    ahead = await put(rig.spool, ["y@c.example"])
+    for qid, last in ((shortened, now - 3600), (ahead, now + 86400)):
+        env = rig.spool.load(qid)
+        env.recipients[0].attempts = 1
+        env.recipients[0].last_attempt = last
+        env.recipients[0].next_attempt = last + 4 * 3600
+        rig.spool.save_state(env)
+    await rig.start()
+    await until(lambda: not rig.queued(), "both delivered")
+    assert not rig.log.grep(shortened, "clock was set back")
+    assert rig.log.grep(ahead, "clock was set back")
+
+
 async def test_a_big_queue_at_start_is_loaded_a_batch_per_turn_of_the_loop(
         rig: Rig) -> None:
     # 600 messages found at start: each is read on the event loop, so reading them all

@@ -527,13 +527,23 @@ class Scheduler:
             self._release(act)
             return
         now = time.time()
-        latest = backoff.latest(self.cfg.delivery.retry, now) + NEXT_ATTEMPT_SLACK
+        retry = self.cfg.delivery.retry
+        latest = backoff.latest(retry, now) + NEXT_ATTEMPT_SLACK
         if any(r.next_attempt > latest for r in pending):
-            self.maillog.warning("next attempt recorded further ahead than the retry "
-                                 "schedule allows (the clock was set back?): tried now",
-                                 queue_id=qid)
-            for r in pending:
-                r.next_attempt = min(r.next_attempt, now)
+            if all(0 < r.last_attempt <= now + NEXT_ATTEMPT_SLACK
+                   for r in pending if r.next_attempt > latest):
+                # Tried in the past by a longer schedule (a restart with a shorter
+                # [delivery] retry), not by a clock ahead: the new schedule applies from
+                # the last attempt, each message on its own time, and no warning.
+                for r in pending:
+                    r.next_attempt = min(r.next_attempt, backoff.latest(
+                        retry, r.last_attempt or now) + NEXT_ATTEMPT_SLACK)
+            else:
+                self.maillog.warning("next attempt recorded further ahead than the retry "
+                                     "schedule allows (the clock was set back?): tried now",
+                                     queue_id=qid)
+                for r in pending:
+                    r.next_attempt = min(r.next_attempt, now)
         by_key: dict[str, list[Recipient]] = {}
         for r in pending:
             try:
