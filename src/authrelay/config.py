@@ -353,6 +353,11 @@ class Delivery:
     connect_timeout: float = 30.0
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2: 5 min for MAIL/RCPT
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2: 10 min for the final dot
+    # The whole of one delivery attempt (all hosts, all transactions), each wait above
+    # cut short by it: a next hop answering each of 1,000 RCPTs just under command_timeout
+    # must not hold a delivery slot for days. The recipients not done by then are
+    # deferred 4.4.2. 0: no limit.
+    attempt_timeout: float = 3600.0
     dns_timeout: float = 10.0
     tls_verify: bool = False  # older spelling: true is tls_policy = "verify"
     max_idle_connections: int = 50  # outbound connection cache
@@ -599,6 +604,7 @@ _DURATIONS = {
     "shutdown_timeout", "auth.backend_timeout", "auth.cache_ttl", "auth.failure_window",
     "auth.failure_delay", "delivery.max_queue_lifetime", "delivery.delay_warning",
     "delivery.connect_timeout", "delivery.command_timeout", "delivery.data_timeout",
+    "delivery.attempt_timeout",
     "delivery.dns_timeout", "delivery.idle_timeout", "limits.command_timeout",
     "delivery.tls_fallback_time",
     "limits.data_block_timeout", "limits.data_final_timeout", "limits.tls_handshake_timeout",
@@ -819,6 +825,8 @@ def _validate(cfg: Config) -> None:
     if cfg.limits.containment.refused_per_message < 1:
         raise ConfigError("limits.containment.refused_per_message: at least 1 (the refused "
                           "recipients one message counts; refused = 0 turns the threshold off)")
+    if 0 < cfg.delivery.attempt_timeout < 1:
+        raise ConfigError("delivery.attempt_timeout: 0 (no limit) or at least 1s")
     if cfg.limits.max_line_length < 512:
         raise ConfigError("limits.max_line_length: RFC 5321 4.5.3.1.4 requires at least 512")
     if cfg.limits.max_text_line_length < 998:

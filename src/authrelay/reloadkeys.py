@@ -78,6 +78,7 @@ RELOADABLE = frozenset({
     "delivery.nameservers", "delivery.retry", "delivery.max_queue_lifetime",
     "delivery.delay_warning", "delivery.concurrency", "delivery.concurrency_per_domain",
     "delivery.connect_timeout", "delivery.command_timeout", "delivery.data_timeout",
+    "delivery.attempt_timeout",
     "delivery.dns_timeout", "delivery.tls_verify", "delivery.max_idle_connections",
     "delivery.mx_address_limit",
     "delivery.idle_timeout", "delivery.tls_fallback_time", "limits.max_message_size",

@@ -867,6 +867,68 @@ async def test_deliveries_to_one_domain_started_together_share_its_lookups(
                              ("mx1.example.test", "AAAA")], asked
 
 
+async def _slow_rcpts(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """No PIPELINING; each accepted RCPT answered after 0.4 s (well within
+    command_timeout), two per transaction, then 452 4.5.3 at once. A message it took is
+    recorded (its recipients) when its 250 goes out."""
+    w.write(b"220 raw.test ESMTP\r\n")
+    rcpts: list[bytes] = []
+    while line := await r.readline():
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            w.write(b"250 raw.test\r\n")
+        elif verb == b"RCPT":
+            if len(rcpts) >= 2:
+                w.write(b"452 4.5.3 Too many recipients\r\n")
+            else:
+                await asyncio.sleep(0.4)
+                rcpts.append(line[9:].strip().strip(b"<>"))
+                w.write(b"250 2.1.5 ok\r\n")
+        elif verb == b"DATA":
+            w.write(b"354 go ahead\r\n")
+            await w.drain()
+            while await r.readline() not in (b".\r\n", b""):
+                pass
+            mx.received.extend(rcpts)
+            w.write(b"250 2.0.0 taken\r\n")
+        elif verb == b"QUIT":
+            w.write(b"221 bye\r\n")
+            break
+        else:
+            rcpts = [] if verb in (b"MAIL", b"RSET") else rcpts
+            w.write(b"250 ok\r\n")
+        await w.drain()
+
+
+async def test_a_slow_next_hop_holds_a_delivery_slot_no_longer_than_attempt_timeout(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    """Every wait was bounded, not the attempt: a next hop answering each of 1,000 RCPTs
+    just within command_timeout (5 min) held the delivery slot ~66 hours (here: 0.4 s a
+    RCPT, 2 per transaction, 10 recipients: 2 s and more). Now [delivery]
+    attempt_timeout ends the attempt: the recipients a transaction completed keep their
+    250, the rest are deferred 4.4.2 saying why; none lost, none counted twice."""
+    one_mx(dns)
+    rcpts = [f"r{i}@example.test" for i in range(10)]
+    cfg = make_cfg(tmp_path, dns, raw_port, attempt_timeout="1500ms")
+    assert cfg.delivery.command_timeout > 1  # no single wait runs out
+    with RawMX("127.0.0.2", raw_port, _slow_rcpts) as mx:
+        courier = Courier(cfg, maillog=ListLog())
+        try:
+            res = await deliver(courier, envelope(*rcpts))
+        finally:
+            await courier.close()
+        taken = {a.decode() for a in mx.received}
+    assert sorted(res) == sorted(rcpts)
+    ok = {a for a, d in res.items() if d.ok}
+    late = {a: d for a, d in res.items() if not d.ok}
+    assert ok <= taken and len(mx.received) == len(taken)  # each upload once
+    assert late, "every recipient went: the attempt was not cut"
+    for a, d in late.items():
+        assert (d.permanent, d.code, d.enhanced) == (False, 451, "4.4.2"), d
+        assert "time limit ([delivery] attempt_timeout" in d.text, d
+        assert a not in taken or "may have been delivered" in d.text, d
+
+
 async def _stalls_the_handshake(mx: RawMX, r: asyncio.StreamReader,
                                 w: asyncio.StreamWriter) -> None:
     """Says 220 to STARTTLS, then never answers the ClientHello."""

@@ -30,6 +30,8 @@ def test_embedded_default() -> None:
     ({"auth": {"backend": "ldap"}}, "auth.backend"),
     ({"auth": {"mechanisms": ["CRAM-MD5"]}}, "auth.mechanisms[0]"),
     ({"delivery": {"tls": "always"}}, "delivery.tls"),
+    ({"delivery": {"attempt_timeout": "500ms"}}, "delivery.attempt_timeout"),
+    ({"delivery": {"attempt_timeout": "-1"}}, "delivery.attempt_timeout"),
 ])
 def test_errors_name_the_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -85,6 +85,12 @@ streamed from the spool file chunk by chunk, waiting whenever the socket buffer 
 RFC 5321 4.5.3.2 timeouts: `[delivery] connect_timeout` (connect, TLS handshake, greeting),
 `command_timeout` (each reply to EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, RSET),
 `data_timeout` (each socket-buffer wait while sending the message, and the final reply).
+`attempt_timeout` bounds the whole attempt from its start (each wait above is cut short
+by it; no host is connected to, no transaction started, past it): per-wait timeouts
+alone let 1,000 RCPTs each answered just in time hold a delivery slot for days. The
+recipients not done by then are deferred 4.4.2 ("the delivery attempt's time limit
+... was reached"), the connection given up; those already answered keep their result
+(a cut after the end-of-data dot is the usual "may be delivered twice" timeout).
 """
 
 from __future__ import annotations
@@ -114,7 +120,12 @@ from authrelay.delivery import (
     tlsrpt,
     wire,
 )
-from authrelay.delivery.connection import Connection, ConnectionLost, open_connection
+from authrelay.delivery.connection import (
+    Connection,
+    ConnectionLost,
+    DeadlineExceeded,
+    open_connection,
+)
 from authrelay.delivery.mtasts import HttpsStsSource, StsPolicy, StsSource
 from authrelay.delivery.router import SMARTHOST, route_key
 from authrelay.delivery.tlspolicy import HostPolicy
@@ -359,6 +370,7 @@ class _Target:
     tls: str = ""  # the TLS result of the last connection used ("" before any)
     domain: str = ""  # the destination domain (MX routes; TLS-RPT)
     entry: str = ""  # a smart host: its [relay] smart_host entry, as written (its AUTH)
+    deadline: float | None = None  # time.monotonic() end of the attempt (attempt_timeout)
 
     @property
     def where(self) -> str:
@@ -475,6 +487,8 @@ class Courier:
                                       "4.3.0", 451)
             return {r.address: res for r in rcpts}
 
+        at = self.cfg.delivery.attempt_timeout
+        deadline = time.monotonic() + at if at > 0 else None
         key = route_key(self.cfg, rcpts[0].address)
         last = DeliveryResult.temp("no host to deliver to", "4.4.0", 451)
         if key == SMARTHOST:
@@ -518,6 +532,10 @@ class Courier:
         todo = list(rcpts)
         payload = _Payload(data, env, self)
         for i, t in enumerate(targets):
+            t.deadline = deadline
+            if _past(deadline):  # the rest keep the reply they got, else this reason
+                last = self._deadline_result(t.where)
+                break
             if t.mode == "mx" and mx.is_own_listener(self._own, t.addr, t.port):
                 # RFC 5321 5.1 / RFC 3463 X.4.6: this MX is us. Hosts from here on are not
                 # tried (as Postfix truncates its MX list at itself: a backup MX hands
@@ -626,6 +644,13 @@ class Courier:
             return await asyncio.to_thread(normalize_crlf, raw)
         return normalize_crlf(raw)
 
+    def _deadline_result(self, where: str) -> DeliveryResult:
+        """What the recipients not done when the attempt's time is up get (4.4.2)."""
+        return DeliveryResult.temp(
+            f"not delivered in this attempt: the delivery attempt's time limit "
+            f"([delivery] attempt_timeout = {self.cfg.delivery.attempt_timeout:g}s) was "
+            f"reached (last host {where}); for the next attempt", "4.4.2", 451, where)
+
     def _host_failed(self, qid: str, t: _Target, res: DeliveryResult) -> None:
         """Postfix's `connect to host[ip]:25: Connection refused`: every failed host."""
         self.maillog.host_failed(qid, res.remote or t.where, str(res))
@@ -695,6 +720,13 @@ class Courier:
             if not more or len(more) == len(batch) or not out.reusable \
                     or not conn.wire.is_connected:
                 return
+            if _past(conn.wire.deadline):
+                late = self._deadline_result(conn.remote)
+                for r in more:
+                    out.results[r.address] = late
+                out.next_host -= {r.address for r in more}
+                out.reusable = False  # given up, as at a deadline in a transaction
+                return
             if data.spent:
                 later = DeliveryResult.temp(
                     f"not sent in this attempt: the message went in {data.transactions} "
@@ -732,6 +764,7 @@ class Courier:
                 conn.wire.abort()
                 continue
             conn.reused = True
+            conn.wire.deadline = t.deadline
             t.tls = conn.tls
             if time.monotonic() - conn.idle_since < _FRESH:
                 # Just finished a transaction (RFC 5321 4.1.4: the server is ready for the
@@ -750,6 +783,7 @@ class Courier:
         return await self._connect(t, qid)
 
     def _checkin(self, conn: _Conn) -> None:
+        conn.wire.deadline = None  # the attempt is over; the next one sets its own
         d = self.cfg.delivery
         total = sum(len(v) for v in self._idle.values())
         if (not conn.wire.is_connected or d.idle_timeout <= 0
@@ -775,6 +809,7 @@ class Courier:
         task.add_done_callback(self._tasks.discard)
 
     async def _quit(self, conn: _Conn) -> None:
+        conn.wire.deadline = None  # QUIT (in the background) has its own 5 s
         try:
             if conn.wire.is_connected:
                 await conn.wire.command(b"QUIT\r\n", _QUIT_TIMEOUT)
@@ -793,13 +828,21 @@ class Courier:
             # The token first (a cached valid one at once): a slow or failing token
             # endpoint (up to its 30 s deadline) holds no connection to the smart host.
             await self._oauth_token(t, where)
+        connect_timeout = d.connect_timeout
+        if t.deadline is not None:
+            left = t.deadline - time.monotonic()
+            if left <= 0:
+                raise _TryNext(self._deadline_result(where))
+            connect_timeout = min(connect_timeout, left)
         self.connections_opened += 1
         try:
             w = await open_connection(
-                t.addr, t.port, timeout=d.connect_timeout,
+                t.addr, t.port, timeout=connect_timeout,
                 ssl_context=self._smart_ctx if implicit else None,
                 server_hostname=t.host if implicit else None)
         except TimeoutError:
+            if _past(t.deadline):
+                raise _TryNext(self._deadline_result(where)) from None
             raise _TryNext(DeliveryResult.temp(
                 f"connect to {where}: timed out", "4.4.1", 451, where)) from None
         except (ssl.SSLError, ssl.CertificateError) as e:
@@ -810,6 +853,7 @@ class Courier:
             raise _TryNext(DeliveryResult.temp(
                 f"connect to {where}: {_os_reason(e)}", "4.4.1", 451, where)) from None
 
+        w.deadline = t.deadline
         peer = w.peername() or (t.addr, t.port)
         remote = f"{t.host} [{peer[0]}]:{peer[1]}"
         conn = _Conn(w, (t.host.lower(), t.port, t.policy.key()), remote)
@@ -831,10 +875,10 @@ class Courier:
         except _TryNext:
             self._spawn(self._quit(conn))
             raise
-        except TimeoutError:
+        except TimeoutError as e:
             w.abort()
             raise _TryNext(DeliveryResult.temp(
-                f"timeout talking to {remote}", "4.4.2", 451, remote)) from None
+                _timed_out(e, f"timeout talking to {remote}"), "4.4.2", 451, remote)) from None
         except ProtocolError as e:
             w.abort()
             raise _TryNext(DeliveryResult.temp(
@@ -900,8 +944,10 @@ class Courier:
             await conn.wire.start_tls(ctx, t.host if t.mode != "mx" else
                                       _sni(hp.sni or t.host),
                                       d.connect_timeout)
-        except ProtocolError:
-            raise  # bytes injected before the handshake (RFC 3207 5): not a TLS failure
+        except (ProtocolError, DeadlineExceeded):
+            # bytes injected before the handshake (RFC 3207 5), or the attempt's end: not
+            # a TLS failure (no plain-text fallback for it)
+            raise
         except (ssl.SSLError, ssl.CertificateError, TimeoutError, *_LOST) as e:
             why = _ssl_reason(e) if isinstance(e, ssl.SSLError | ssl.CertificateError) \
                 else "timed out" if isinstance(e, TimeoutError) else "connection lost"
@@ -1230,9 +1276,10 @@ class Courier:
                 data_rep = await w.reply(ct)
             elif accepted:
                 data_rep = await w.command(b"DATA\r\n", ct)
-        except TimeoutError:
+        except TimeoutError as e:
             raise _TryNext(DeliveryResult.temp(
-                f"timeout talking to {remote} (MAIL/RCPT)", "4.4.2", 451, remote)) from None
+                _timed_out(e, f"timeout talking to {remote} (MAIL/RCPT)"), "4.4.2", 451,
+                remote)) from None
         except _LOST:
             raise _TryNext(DeliveryResult.temp(
                 f"lost connection with {remote} (MAIL/RCPT)", "4.4.2", 451, remote)) from None
@@ -1273,8 +1320,8 @@ class Courier:
             res = reply_result(rep.code, rep.text, remote)  # the one reply that delivers
             reusable = rep.code != 421 and w.is_connected
             moved = not res.ok and not res.permanent  # refused for now: not taken
-        except TimeoutError:
-            res = DeliveryResult.temp(f"timeout after DATA to {remote}"
+        except TimeoutError as e:
+            res = DeliveryResult.temp(_timed_out(e, f"timeout after DATA to {remote}")
                                       + (_MAYBE_TWICE if ended else ""), "4.4.2", 451, remote)
             reusable = False
         except _LOST:
@@ -1329,6 +1376,18 @@ def _helo_name(hostname: str) -> bytes:
         return hostname.encode("idna")
     except UnicodeError:
         return hostname.encode("ascii", "replace")
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _timed_out(e: TimeoutError, reason: str) -> str:
+    """`reason` for a timeout, saying so when it was the attempt's (attempt_timeout)."""
+    if isinstance(e, DeadlineExceeded):
+        return f"{reason}: the delivery attempt's time limit ([delivery] attempt_timeout) " \
+               "was reached"
+    return reason
 
 
 def _too_many(res: DeliveryResult | None) -> bool:

@@ -15,9 +15,14 @@ Contract:
 - `await start_tls(ctx, server_hostname, timeout)` upgrades the transport. Bytes that
   arrived after the server's 220 and before the handshake are refused (RFC 3207 5,
   the STARTTLS response-injection attack): `ProtocolError`.
+- `deadline` (a `time.monotonic()` instant, or None): the end of the delivery attempt
+  the connection serves (`[delivery] attempt_timeout`). Every wait (`reply`, `drain`,
+  `start_tls`) ends by then whatever its own timeout: `DeadlineExceeded` (a
+  `TimeoutError`), at once when it has passed already.
 Failure policy: a lost connection makes every later `reply`/`drain` raise
-`ConnectionLost`; a deadline raises `TimeoutError`; garbage from the server raises
-`ProtocolError` and aborts the transport. The caller maps these to transient results.
+`ConnectionLost`; a deadline raises `TimeoutError` (`DeadlineExceeded` for the attempt's);
+garbage from the server raises `ProtocolError` and aborts the transport. The caller maps
+these to transient results.
 At most `MAX_QUEUED` unread replies are kept: a server that floods replies nobody asked
 for is cut off. Replies of up to `wire.MAX_LINES` lines of `wire.MAX_LINE` octets make
 that count alone worth a GiB, so reading also pauses (TCP pushes back on the server)
@@ -33,6 +38,7 @@ import contextlib
 import socket
 import ssl
 import struct
+import time
 from collections import deque
 from typing import Any
 
@@ -53,6 +59,10 @@ class ConnectionLost(ConnectionError):
     """The server closed the connection (or it broke) before the expected reply."""
 
 
+class DeadlineExceeded(TimeoutError):
+    """A wait reached `Connection.deadline`, the end of the delivery attempt."""
+
+
 class Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -66,6 +76,16 @@ class Connection(asyncio.Protocol):
         self._unread = 0  # _cost() of the replies in _replies
         self._reading_paused = False
         self.tls = False
+        self.deadline: float | None = None  # time.monotonic(): no wait goes past it
+
+    def _budget(self, timeout: float) -> tuple[float, bool]:
+        """(how long a wait of `timeout` may take, whether the deadline cut it)."""
+        if self.deadline is None:
+            return timeout, False
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the delivery attempt's time limit was reached")
+        return (left, True) if left < timeout else (timeout, False)
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -158,9 +178,15 @@ class Connection(asyncio.Protocol):
         if not self._paused:
             return
         loop = asyncio.get_running_loop()
+        timeout, cut = self._budget(timeout)
         self._drain = loop.create_future()
         try:
             await asyncio.wait_for(self._drain, timeout)
+        except TimeoutError:
+            if cut:
+                raise DeadlineExceeded("the delivery attempt's time limit was reached") \
+                    from None
+            raise
         finally:
             self._drain = None
         if self._lost is not None:
@@ -171,9 +197,15 @@ class Connection(asyncio.Protocol):
             if self._lost is not None:
                 raise self._lost
             loop = asyncio.get_running_loop()
+            wait, cut = self._budget(timeout)
             self._waiter = loop.create_future()
             try:
-                await asyncio.wait_for(self._waiter, timeout)
+                await asyncio.wait_for(self._waiter, wait)
+            except TimeoutError:
+                if cut:
+                    raise DeadlineExceeded("the delivery attempt's time limit was reached") \
+                        from None
+                raise
             finally:
                 self._waiter = None
         rep = self._replies.popleft()
@@ -197,6 +229,7 @@ class Connection(asyncio.Protocol):
             raise ProtocolError("data after the STARTTLS reply, before TLS")
         assert self.transport is not None
         loop = asyncio.get_running_loop()
+        timeout, cut = self._budget(timeout)
         try:
             # Our own deadline, so a stalled handshake raises TimeoutError (asyncio's
             # ssl_handshake_timeout, kept as a backstop, aborts with ConnectionAbortedError:
@@ -205,10 +238,13 @@ class Connection(asyncio.Protocol):
                 new = await loop.start_tls(self.transport, self, ctx, server_side=False,
                                            server_hostname=server_hostname,
                                            ssl_handshake_timeout=timeout + 1)
-        except BaseException:
+        except BaseException as e:
             self._closed = True
             if self.transport is not None:
                 self.transport.abort()
+            if cut and isinstance(e, TimeoutError):
+                raise DeadlineExceeded("the delivery attempt's time limit was reached") \
+                    from None
             raise
         if new is None:  # the transport was closed during the handshake
             self._closed = True
