@@ -236,8 +236,6 @@ def _new_context(cfg: Config, group: str = "prime256v1",
 # The SNI name is not checked (ALPACA's optional "strict SNI"): a client that reaches us by
 # another name of ours is not refused.
 ALPN = "smtp"
-# The alert record (plaintext: no keys yet): fatal (2), no_application_protocol (120).
-NO_APPLICATION_PROTOCOL_ALERT = bytes((21, 3, 3, 0, 2, 2, 120))
 # A ClientHello is read from at most this many bytes and records (clients send one or two);
 # past that OpenSSL judges it alone, so a client trickling tiny records costs a bounded
 # number of wakeups and parses.
@@ -255,6 +253,7 @@ class Hello:
     need: int = 0
     alpn: tuple[bytes, ...] | None = None
     groups: tuple[int, ...] = ()  # supported_groups, in the client's order
+    versions: tuple[int, ...] = ()  # supported_versions, else (legacy_version,)
     shares: tuple[int, ...] = ()  # the groups of its key shares (TLS 1.3)
 
 
@@ -302,8 +301,12 @@ def _parse_hello(body: bytes) -> Hello:
             i += 4 + n
     except IndexError:
         return Hello()
+    listed = exts.get(43)  # supported_versions: a one-octet length, then the versions
+    versions = tuple(int.from_bytes(listed[j:j + 2], "big")
+                     for j in range(1, len(listed) - 1, 2)) if listed else ()
     return Hello(alpn=_alpn(exts.get(16)), groups=_u16s(exts.get(10)),
-                 shares=_shares(exts.get(51)))
+                 shares=_shares(exts.get(51)),
+                 versions=versions or (int.from_bytes(body[:2], "big"),))
 
 
 def _alpn(ext: bytes | None) -> tuple[bytes, ...] | None:
@@ -336,14 +339,40 @@ def _shares(ext: bytes | None) -> tuple[int, ...]:
     return tuple(out)
 
 
-def hello_refusal(hello: Hello) -> str | None:
-    """The maillog reason to refuse a ClientHello for, or None: it names protocols and
-    "smtp" is not among them."""
-    if hello.alpn is None or ALPN.encode() in hello.alpn:
-        return None
-    names = ", ".join(p[:32].decode("ascii", "backslashreplace") for p in hello.alpn[:4])
-    more = ", ..." if len(hello.alpn) > 4 else ""
-    return f"handshake failed: NO_APPLICATION_PROTOCOL (client offered ALPN {names}{more})"
+class Refusal(NamedTuple):
+    """A ClientHello refused before the TLS layer: the maillog reason and the alert
+    record the client is sent (plaintext: no keys yet; RFC 8446 6)."""
+
+    reason: str
+    alert: bytes
+
+
+def _alert(description: int) -> bytes:
+    return bytes((21, 3, 3, 0, 2, 2, description))  # fatal (2)
+
+
+NO_APPLICATION_PROTOCOL_ALERT = _alert(120)
+PROTOCOL_VERSION_ALERT = _alert(70)
+
+
+def hello_refusal(hello: Hello, ctx: ssl.SSLContext | None = None) -> Refusal | None:
+    """Why a ClientHello is refused, or None:
+    - it names ALPN protocols and "smtp" is not among them (ALPACA, above);
+    - every TLS version it offers is older than `ctx`'s minimum: the protocol_version
+      alert RFC 8446 4.1.3 / RFC 5246 E.1 want (asyncio drops the one OpenSSL makes when
+      a handshake fails, so such a client saw a bare close: 'unexpected EOF')."""
+    if hello.alpn is not None and ALPN.encode() not in hello.alpn:
+        names = ", ".join(p[:32].decode("ascii", "backslashreplace")
+                          for p in hello.alpn[:4])
+        more = ", ..." if len(hello.alpn) > 4 else ""
+        return Refusal("handshake failed: NO_APPLICATION_PROTOCOL (client offered ALPN "
+                       f"{names}{more})", NO_APPLICATION_PROTOCOL_ALERT)
+    # RFC 8701 GREASE values (0x?A?A) mean nothing; SSLv2-style hellos never get here.
+    versions = [v for v in hello.versions if v & 0x0F0F != 0x0A0A]
+    if ctx is not None and versions and max(versions) < ctx.minimum_version.value:
+        # The reason OpenSSL gives (and the maillog said before) for the same client.
+        return Refusal("handshake failed: UNSUPPORTED_PROTOCOL", PROTOCOL_VERSION_ALERT)
+    return None
 
 
 def server_context(cfg: Config, pem: PEM | None = None) -> ServerContext:

@@ -135,7 +135,7 @@ def test_alpaca_a_client_naming_only_other_protocols_is_refused(relay_factory,  
 
 
 def big_hello(extensions: int, alpn: bytes | None, groups: str = "0017001d",
-              tls13: bool = False) -> bytes:
+              tls13: bool = False, version: bytes = b"\x03\x03") -> bytes:
     """A TLS 1.2 ClientHello with `extensions` empty extensions of unassigned types
     (0x3000...: 20 KB in two records for 5,000), and ALPN `alpn` (one name) if given."""
     def ext(kind: int, data: bytes) -> bytes:
@@ -152,7 +152,7 @@ def big_hello(extensions: int, alpn: bytes | None, groups: str = "0017001d",
         suites = bytes.fromhex("13011302")
         share = b"\x00\x1d\x00\x20" + os.urandom(32)
         exts += ext(43, b"\x02\x03\x04") + ext(51, len(share).to_bytes(2, "big") + share)
-    body = (b"\x03\x03" + bytes(32) + b"\x00" + len(suites).to_bytes(2, "big") + suites
+    body = (version + bytes(32) + b"\x00" + len(suites).to_bytes(2, "big") + suites
             + b"\x01\x00" + len(exts).to_bytes(2, "big") + exts)
     msg = b"\x01" + len(body).to_bytes(3, "big") + body
     return fragmented(b"\x16\x03\x01\x00\x00" + msg, 16384)
@@ -256,3 +256,32 @@ def test_key_exchange_groups(relay_factory, mode: str) -> None:  # noqa: ANN001
         assert first[11:43] != HRR_RANDOM
     assert server_hello(port, big_hello(0, None, "0104"), starttls)[:1] != b"\x16"
     assert "Traceback" not in r.maillog()
+
+
+PROTOCOL_VERSION_ALERT = bytes((21, 3, 3, 0, 2, 2, 70))  # fatal, protocol_version
+
+
+@pytest.mark.parametrize("mode", ["submissions", "submission"])
+def test_a_client_too_old_gets_the_protocol_version_alert(relay_factory,  # noqa: ANN001
+                                                          mode: str) -> None:
+    """RFC 8446 4.1.3 / RFC 5246 E.1: a client whose versions are all below the minimum
+    gets the protocol_version alert. asyncio drops the alert OpenSSL makes when a
+    handshake fails, so such a client saw a bare close ('unexpected EOF') and its user
+    no hint why. The maillog line is as before."""
+    r: RelayProcess = relay_factory({"tls": {"min_version": "1.3"}})
+    port, starttls = r.ports[mode], mode != "submissions"
+    for version in (b"\x03\x01", b"\x03\x02", b"\x03\x03"):  # TLS 1.0, 1.1, 1.2
+        assert answer(port, big_hello(0, None, version=version), "127.0.0.12", starttls) \
+            == PROTOCOL_VERSION_ALERT, version
+    with RawClient(port, source="127.0.0.13") as c:  # a real client says why
+        if starttls:
+            c.reply()
+            c.cmd("EHLO client.example")
+            c.cmd("STARTTLS")
+        with pytest.raises(ssl.SSLError, match="alert protocol version"):
+            c.starttls(tls12_only())
+    line = r.wait_log(r"tls_failed=from unknown \[127\.0\.0\.13\]")
+    assert f"reason=handshake failed: UNSUPPORTED_PROTOCOL, listener={mode}:" in line
+    # TLS 1.3 itself goes on (its ClientHello names 1.3 in supported_versions).
+    first = server_hello(port, client_hello(None), starttls)
+    assert first[:1] == b"\x16" and first[5:6] == b"\x02", first

@@ -668,21 +668,22 @@ class Acceptor:
                     # asyncio.timeout rather than only ssl_handshake_timeout: on expiry that
                     # aborts with an error indistinguishable from a reset; we log a timeout.
                     async with asyncio.timeout(hs):
-                        # ALPACA (tls.py): a client naming only protocols we do not speak
-                        # is refused before the TLS layer sees a byte.
+                        # ALPACA, versions (tls.hello_refusal): a client refused for its
+                        # ClientHello is refused before the TLS layer sees a byte.
                         hello = await peek_client_hello(sock)
-                        refusal = tls.hello_refusal(hello)
+                        ctx = srv.tls_context()
+                        refusal = tls.hello_refusal(hello, ctx)
                         if refusal is None:
-                            ctx = srv.tls_context()
                             handed = True
                             await loop.connect_accepted_socket(
                                 factory, sock, ssl=ctx and tls.for_hello(ctx, hello),
                                 ssl_handshake_timeout=hs + 5)
                     if refusal is not None:
                         with contextlib.suppress(OSError):
-                            sock.send(tls.NO_APPLICATION_PROTOCOL_ALERT)  # never blocks
+                            sock.send(refusal.alert)  # 7 bytes: never blocks
                         sock.close()
-                        srv.tls_failed(self.ln, ip, refusal, time.monotonic() - started)
+                        srv.tls_failed(self.ln, ip, refusal.reason,
+                                       time.monotonic() - started)
                         ticket.release()
                 except TimeoutError:
                     if not handed:

@@ -284,7 +284,7 @@ class Connection(asyncio.Protocol):
             # not wait_for: a separate task would start a loop turn late, and a ClientHello
             # arriving in between would land in this plaintext protocol and be lost.
             async with asyncio.timeout(timeout):
-                ctx = tls.for_hello(ctx, await self._screen_hello())
+                ctx = tls.for_hello(ctx, await self._screen_hello(ctx))
                 new = await loop.start_tls(self.transport, self, ctx, server_side=True,
                                            ssl_handshake_timeout=timeout + 5)
         except TimeoutError:
@@ -310,11 +310,11 @@ class Connection(asyncio.Protocol):
         if obj is not None:
             self._set_tls_info(obj)
 
-    async def _screen_hello(self) -> tls.Hello:
+    async def _screen_hello(self, ctx: ssl.SSLContext) -> tls.Hello:
         """Read the ClientHello before the TLS layer does, on a duplicate of the socket
-        while the transport does not read (tls.for_hello picks the context by it). ALPACA
-        (tls.py): a client naming only protocols we do not speak gets the
-        no_application_protocol alert and `HandshakeFailed`."""
+        while the transport does not read (tls.for_hello picks the context by it). One
+        that tls.hello_refusal refuses (ALPACA, versions) gets its alert and
+        `HandshakeFailed`."""
         t = self.transport
         raw = t.get_extra_info("socket") if t is not None else None
         if t is None or raw is None:
@@ -322,10 +322,10 @@ class Connection(asyncio.Protocol):
         t.pause_reading()  # start_tls resumes it
         with socket.socket(fileno=os.dup(raw.fileno())) as sock:
             hello = await peek_client_hello(sock)
-        refusal = tls.hello_refusal(hello)
+        refusal = tls.hello_refusal(hello, ctx)
         if refusal is not None:
-            self.write(tls.NO_APPLICATION_PROTOCOL_ALERT)
-            raise HandshakeFailed(refusal)
+            self.write(refusal.alert)
+            raise HandshakeFailed(refusal.reason)
         return hello
 
     def _set_tls_info(self, obj: ssl.SSLObject) -> None:
