@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 from collections.abc import Callable
 
 import pytest
@@ -25,6 +27,7 @@ from test_e2e_delivery import ZONES, delivered_to, gone, log_lines, mx_overrides
 pytestmark = pytest.mark.slow
 
 DEAD_MX = "127.0.0.12"  # nothing listens there: connection refused
+BLACKHOLE = "127.0.0.13"
 
 
 def test_dead_destination_is_marked_and_its_mail_deferred_without_connecting(
@@ -113,3 +116,59 @@ def test_a_reload_with_new_routes_forgets_the_dead_marks(
                          what="the message after the reload tried")
     assert "stat=Sent" in outcome[0], outcome
     assert delivered_to(live, "dave@remote.example")
+
+
+def _syn_sent_to(addr: str, port: int) -> int:
+    """Connections to addr:port still waiting for their handshake (ss(8))."""
+    out = subprocess.run(["ss", "-Htn", "state", "syn-sent", "dst", f"{addr}:{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    return len(out.splitlines())
+
+
+def test_a_delivery_on_the_old_routes_ending_after_the_reload_marks_nothing(
+        relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory) -> None:
+    """As above, but the old smart host is a blackhole (connections time out): a delivery
+    to it was under way when the admin reloaded. Its connect timeout, coming after the
+    reload, judged the old routes: it marked the destination dead again, so the next
+    message was 'delivery temporarily suspended' for an hour after the fix."""
+    live = fake_mx("127.0.0.2")
+    # A blackhole on loopback: a listener whose accept queue is full drops new SYNs.
+    hole = socket.socket()
+    hole.bind((BLACKHOLE, 0))
+    hole.listen(0)
+    port = hole.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex((BLACKHOLE, port))
+            fillers.append(f)
+        r = relay_factory({"relay": {"smart_host": [f"{BLACKHOLE}:{port}"],
+                                     "smart_host_tls": "none"},
+                           "delivery": {"retry": ["1h"], "connect_timeout": "8s"}})
+        waiting = _syn_sent_to(BLACKHOLE, port)
+        first = submit(r, ["bob@remote.example"])
+        r.wait_for(lambda: _syn_sent_to(BLACKHOLE, port) > waiting,
+                   what="the delivery connecting to the blackhole")
+
+        data = dict(r.config_data)
+        data["relay"] = {**data["relay"], "smart_host": [live.address]}
+        r.config.write_text(to_toml(data))
+        before = r.maillog().count("daemon=reloaded")
+        assert r.proc is not None
+        os.kill(r.proc.pid, signal.SIGHUP)
+        r.wait_for(lambda: r.maillog().count("daemon=reloaded") > before, what="reloaded")
+        r.wait_for(lambda: any("stat=Deferred" in ln and "timed out" in ln
+                               for ln in log_lines(r, first)),
+                   what="the old delivery timed out")
+
+        after = submit(r, ["dave@remote.example"])
+        outcome = r.wait_for(lambda: [ln for ln in log_lines(r, after)
+                                      if "stat=Sent" in ln or "stat=Deferred" in ln],
+                             what="the message after the reload tried")
+        assert "stat=Sent" in outcome[0], outcome
+    finally:
+        for f in fillers:
+            f.close()
+        hole.close()

@@ -633,9 +633,10 @@ class Scheduler:
                 completed = True
                 return
             token = self.inflight.begin(act.qid, [r.address for r in job.rcpts])
+            courier = self.courier  # a reload may bring another meanwhile
             try:
                 t0 = time.monotonic()
-                results = await self.courier.deliver(act.env, job.rcpts, act.path, act.offset)
+                results = await courier.deliver(act.env, job.rcpts, act.path, act.offset)
                 if self.metrics is not None:
                     self.metrics.delivery_attempt(
                         "smarthost" if job.key == "smarthost" else "mx", time.monotonic() - t0)
@@ -644,7 +645,8 @@ class Scheduler:
             except Exception:
                 log.exception("%s: courier failed", act.qid)
                 results = {}
-            self._judge_destination(job.key, results)
+            if courier is self.courier:  # an old courier's routes judge nothing now
+                self._judge_destination(job.key, results)
             async with act.lock:
                 await self._apply(act, job, results)
             self.inflight.end(token)  # the outcome is on disk
