@@ -259,6 +259,32 @@ async def test_ret_full_returns_the_message_up_to_a_limit(
         assert "Subject: t" in part.get_payload() and "hello" not in part.get_payload()
 
 
+async def test_dead_destination_marks_are_bounded(
+        state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each destination none of whose hosts answers is marked dead (a route key each);
+    a mark was forgotten only when the destination answered or on a flush, so mail to
+    many domains whose MX refuses connections (a wildcard zone's: any number of them)
+    grew the master's map without end. Now at most DEAD_MAX are kept (5 here)."""
+    from authrelay.scheduler import scheduler as sched_mod
+
+    monkeypatch.setattr(sched_mod, "DEAD_MAX", 5, raising=False)
+    rig = Rig(state_dir, retry=["1h"])
+    refused = DeliveryResult.temp("connect to mx [192.0.2.1]:25: connection refused")
+    rcpts = [f"u@d{i}.example" for i in range(20)]
+    for r in rcpts:
+        rig.courier.script[r] = [refused]
+    try:
+        sched = await rig.start()
+        for r in rcpts:
+            await put(rig.spool, [r])
+        await until(lambda: len(rig.courier.calls) == 20 and not sched.active,
+                    "every destination tried once")
+        assert len(sched._dead) <= 5
+    finally:
+        await rig.stop()
+        rig.spool.close()
+
+
 async def test_no_bounce_for_null_sender_nor_for_a_bounce(rig: Rig) -> None:
     rig.courier.script["bob@b.example"] = [PERM]
     rig.courier.script["gone@b.example"] = [PERM]

@@ -84,6 +84,7 @@ BUSY_RETRY = 0.2  # a message under a control operation is looked at again this 
 NEXT_ATTEMPT_SLACK = 0.5  # recipients due within this are tried with the rest
 DISPATCH_BATCH = 64  # messages loaded per turn of the event loop
 DEAD_FOR = 300.0  # longest a destination stays marked unreachable (Postfix: 300 s)
+DEAD_MAX = 10_000  # marks kept (memory): past it the expired go, then the oldest
 UNREACHABLE = "4.4.1"  # RFC 3463: no answer from host (the courier's connect failures)
 
 
@@ -613,9 +614,23 @@ class Scheduler:
             if key not in self._dead:
                 log.warning("destination %s unreachable, deliveries suspended for %.0fs: %s",
                             key, hold, first.text)
+                self._bound_dead()
             self._dead[key] = (time.monotonic() + hold, first)
         elif results:
             self._dead.pop(key, None)
+
+    def _bound_dead(self) -> None:
+        """Room for one more mark within DEAD_MAX: a mark is forgotten only on an answer
+        or a flush, and each domain is a key (a user's mail to thousands of domains
+        whose MX refuses, a wildcard zone's, would grow it without end). The expired
+        go first (their destination is probed like any other then), else the oldest."""
+        if len(self._dead) < DEAD_MAX:
+            return
+        now = time.monotonic()
+        for k in [k for k, (end, _r) in self._dead.items() if end <= now]:
+            del self._dead[k]
+        while len(self._dead) >= DEAD_MAX:
+            del self._dead[next(iter(self._dead))]
 
     async def _run_job(self, job: _Job, suspended: DeliveryResult | None = None) -> None:
         """One delivery; with `suspended` (its destination is marked unreachable) no
