@@ -174,6 +174,8 @@ def test_delete_of_a_message_being_delivered(
     out, err = p.communicate(timeout=120)
     assert f"{qid}: a delivery attempt is in progress; waiting for it to end" in waits, \
         waits + err
+    # attempt_timeout (1h by default) bounds the attempt, not data_timeout (5m here)
+    assert "(at most [delivery] attempt_timeout, 1h)" in waits, waits
     assert p.returncode == 1, out + err
     assert f"{qid}: delivered (or bounced) while being deleted" in err
     assert delivered_to(mx1, "bob@example.test")

@@ -238,19 +238,35 @@ def _err(text: str) -> None:
     print(f"authrelay: {text}", file=sys.stderr)
 
 
+def _attempt_bound(attempt_timeout: float) -> str:
+    """What bounds the wait for a delivery attempt in progress, for the operator."""
+    if attempt_timeout <= 0:
+        return "[delivery] attempt_timeout = 0: no limit on the attempt"
+    for unit, n in (("h", 3600), ("m", 60)):
+        if attempt_timeout >= n and attempt_timeout % n == 0:
+            return f"at most [delivery] attempt_timeout, {int(attempt_timeout // n)}{unit}"
+    return f"at most [delivery] attempt_timeout, {attempt_timeout:g}s"
+
+
 def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
-    spool = _spool(args)
+    cfg = load(args.config, embedded=False)
+    spool = Spool(cfg.spool_dir)
     op = req["op"]
     running = True
     active: set[str] = set()
+    # The scheduler answers a delete (a flush, a hold, a release) once the attempts in
+    # progress on its messages have ended: [delivery] attempt_timeout bounds that wait
+    # (a margin for the attempt's ending); 0 (no limit on the attempt): waits ~12 days.
+    attempt = cfg.delivery.attempt_timeout
+    timeout = 1e6 if attempt <= 0 else max(600.0, attempt + 60.0)
     try:
         if op in ("delete", "flush") and req.get("id"):
             active = _active_ids(spool)
             if op == "delete" and req["id"] in active:
                 _err(f"{req['id']}: a delivery attempt is in progress; waiting for it to end "
-                     "(at most delivery.data_timeout)")
+                     f"({_attempt_bound(attempt)})")
         try:
-            resp = control.request(control.control_path(spool), req)
+            resp = control.request(control.control_path(spool), req, timeout=timeout)
         except control.ServerNotRunning:
             running = False
             with control.offline(spool):
