@@ -549,6 +549,43 @@ async def test_a_retry_schedule_shortened_before_a_restart_is_no_clock_warning(
     assert rig.log.grep(ahead, "clock was set back")
 
 
+async def test_a_clock_set_back_while_running_does_not_freeze_the_retries(
+        state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The host booted with its clock ten years ahead; serve deferred a message (its next
+    # attempt an hour later by that clock, in the heap); then NTP set the clock right.
+    # The restart rule (a recorded next attempt the schedule cannot have set is tried
+    # now) never ran: the message waited in the heap for ten years, restart or nothing.
+    # Now a rescan that sees the wall clock set back looks at every scheduled message.
+    # (The scheduler's wall clock is the one thing faked: the machine's is shared.)
+    from authrelay.scheduler import scheduler as sched_mod
+
+    class Clock:
+        offset = 10 * 365 * 86400.0
+
+        def time(self) -> float:
+            return time.time() + self.offset
+
+        def monotonic(self) -> float:
+            return time.monotonic()
+
+    clock = Clock()
+    monkeypatch.setattr(sched_mod, "time", clock)
+    rig = Rig(state_dir, retry=["1h"])
+    rig.courier.script["bob@b.example"] = [TEMP]
+    try:
+        sched = await rig.start(rescan_interval=0.05)
+        qid = await put(rig.spool, ["bob@b.example"], received_at=clock.time())
+        await until(lambda: len(rig.courier.calls) == 1 and not sched.active,
+                    "the first attempt deferred")
+        clock.offset = 0.0  # set back
+        await until(lambda: not rig.queued(), "delivered after the clock was set back")
+        assert len(rig.courier.calls) == 2
+        assert rig.log.grep(qid, "clock was set back")
+    finally:
+        await rig.stop()
+        rig.spool.close()
+
+
 async def test_a_big_queue_at_start_is_loaded_a_batch_per_turn_of_the_loop(
         rig: Rig) -> None:
     # 600 messages found at start: each is read on the event loop, so reading them all

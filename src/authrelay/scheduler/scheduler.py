@@ -83,6 +83,7 @@ RECOVER_INLINE = 2000  # queue/ entries (files and states) recovered before star
 BUSY_RETRY = 0.2  # a message under a control operation is looked at again this soon
 NEXT_ATTEMPT_SLACK = 0.5  # recipients due within this are tried with the rest
 DISPATCH_BATCH = 64  # messages loaded per turn of the event loop
+CLOCK_STEP = 60.0  # a wall clock set back further re-times the retries (_check_clock)
 DEAD_FOR = 300.0  # longest a destination stays marked unreachable (Postfix: 300 s)
 DEAD_MAX = 10_000  # marks kept (memory): past it the expired go, then the oldest
 UNREACHABLE = "4.4.1"  # RFC 3463: no answer from host (the courier's connect failures)
@@ -144,6 +145,8 @@ class Scheduler:
         self.concurrency = max(1, cfg.delivery.concurrency)
         self.per_destination = max(1, cfg.delivery.concurrency_per_domain)
         self._heap: list[tuple[float, int, str]] = []
+        # Wall clock minus monotonic clock at the last rescan: a drop is the clock set back
+        self._wall_offset = time.time() - time.monotonic()
         self._fresh: deque[tuple[int, str]] = deque()
         self._seq = itertools.count()
         self._token: dict[str, int] = {}  # qid -> seq of its one valid heap/fresh entry
@@ -452,6 +455,7 @@ class Scheduler:
             if not first:
                 await asyncio.sleep(self.rescan_interval)
             first = False
+            self._check_clock()
             try:
                 ids = await self._io(self.spool.scan)
             except OSError as e:
@@ -462,6 +466,26 @@ class Scheduler:
                 if (qid not in self._token and qid not in self._active
                         and qid not in self._ignored and qid not in self._busy):
                     self._schedule(qid, now)
+
+    def _check_clock(self) -> None:
+        """The wall clock set back (past CLOCK_STEP) while retries wait in the heap:
+        their times were reckoned by the clock ahead, so each would wait the jump out
+        too (a year's jump, a year). Every scheduled message is looked at now, as at a
+        start: one whose recorded next attempt the retry schedule cannot have set is
+        tried now with the maillog warning (_start_message), the others keep their
+        times."""
+        offset = time.time() - time.monotonic()
+        back = self._wall_offset - offset
+        self._wall_offset = offset
+        if back <= CLOCK_STEP or not self._heap:
+            return
+        log.warning("the clock was set back %.0fs: every scheduled message looked at now",
+                    back)
+        now = time.time()
+        self._heap = [(min(due, now), seq, qid) for due, seq, qid in self._heap]
+        heapq.heapify(self._heap)
+        if self._wake is not None:
+            self._wake.set()
 
     def _release(self, act: _Active) -> None:
         """Leave the active set (synchronously with any rescheduling by the caller)."""
