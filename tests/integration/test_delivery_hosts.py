@@ -929,6 +929,68 @@ async def test_a_slow_next_hop_holds_a_delivery_slot_no_longer_than_attempt_time
         assert a not in taken or "may have been delivered" in d.text, d
 
 
+async def _stalls_the_second_data(mx: RawMX, r: asyncio.StreamReader,
+                                  w: asyncio.StreamWriter) -> None:
+    """Two recipients per transaction (452 4.5.3 for the rest); the first message taken,
+    the reply to the second one's end-of-data dot never sent."""
+    w.write(b"220 raw.test ESMTP\r\n")
+    rcpts: list[bytes] = []
+    while line := await r.readline():
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            w.write(b"250 raw.test\r\n")
+        elif verb == b"RCPT":
+            if len(rcpts) >= 2:
+                w.write(b"452 4.5.3 Too many recipients\r\n")
+            else:
+                rcpts.append(line[9:].strip().strip(b"<>"))
+                w.write(b"250 2.1.5 ok\r\n")
+        elif verb == b"DATA":
+            w.write(b"354 go ahead\r\n")
+            await w.drain()
+            while await r.readline() not in (b".\r\n", b""):
+                pass
+            if mx.received:
+                await r.read()  # the second message: no reply, ever
+                return
+            mx.received.extend(rcpts)
+            w.write(b"250 2.0.0 taken\r\n")
+        elif verb == b"QUIT":
+            w.write(b"221 bye\r\n")
+            break
+        else:
+            rcpts = [] if verb in (b"MAIL", b"RSET") else rcpts
+            w.write(b"250 ok\r\n")
+        await w.drain()
+
+
+async def test_recipients_a_follow_up_cut_by_attempt_timeout_left_say_why(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    """attempt_timeout reached while a follow-up transaction waits for the reply to its
+    end-of-data dot: the recipients that transaction's next hop refused with 452 (too
+    many recipients) were not sent because the attempt's time was up, and their reason
+    says so; it was the next hop's '452 4.5.3 Too many recipients'."""
+    one_mx(dns)
+    rcpts = [f"r{i}@example.test" for i in range(8)]
+    cfg = make_cfg(tmp_path, dns, raw_port, attempt_timeout="1s")
+    assert cfg.delivery.data_timeout > 1  # the attempt's limit cuts the wait
+    with RawMX("127.0.0.2", raw_port, _stalls_the_second_data) as mx:
+        courier = Courier(cfg, maillog=ListLog())
+        try:
+            res = await deliver(courier, envelope(*rcpts))
+        finally:
+            await courier.close()
+        first = {a.decode() for a in mx.received}
+    assert len(first) == 2 and all(res[a].ok for a in first), res
+    cut = {a: d for a, d in res.items() if "may have been delivered" in d.text}
+    assert len(cut) == 2, res  # the second transaction's, cut after the dot
+    rest = {a: d for a, d in res.items() if a not in first and a not in cut}
+    assert len(rest) == 4, res
+    for d in rest.values():
+        assert (d.permanent, d.code, d.enhanced) == (False, 451, "4.4.2"), d
+        assert "time limit ([delivery] attempt_timeout" in d.text, d
+
+
 async def _stalls_the_handshake(mx: RawMX, r: asyncio.StreamReader,
                                 w: asyncio.StreamWriter) -> None:
     """Says 220 to STARTTLS, then never answers the ClientHello."""

@@ -717,16 +717,17 @@ class Courier:
         batch = rcpts
         while True:
             more = [r for r in batch if _too_many(out.results.get(r.address))]
-            if not more or len(more) == len(batch) or not out.reusable \
-                    or not conn.wire.is_connected:
-                return
-            if _past(conn.wire.deadline):
+            if not more or len(more) == len(batch):
+                return  # none left, or the host takes none of them: its 452 stands
+            if _past(conn.wire.deadline):  # also when it cut the last transaction
                 late = self._deadline_result(conn.remote)
                 for r in more:
                     out.results[r.address] = late
                 out.next_host -= {r.address for r in more}
                 out.reusable = False  # given up, as at a deadline in a transaction
                 return
+            if not out.reusable or not conn.wire.is_connected:
+                return  # the next host, if any, takes them
             if data.spent:
                 later = DeliveryResult.temp(
                     f"not sent in this attempt: the message went in {data.transactions} "
