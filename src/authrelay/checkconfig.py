@@ -61,6 +61,8 @@ class Finding:
     level: str  # error | warning | note
     key: str  # config key path ("tls.key", "listen[0].address"), or "" for the file
     message: str
+    # an error serve itself would refuse to start with (False: it starts, and warns)
+    stops_serve: bool = True
 
     def __str__(self) -> str:
         return f"{self.level}: {self.key + ': ' if self.key else ''}{self.message}"
@@ -279,7 +281,9 @@ def _check_tls(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) ->
         now = datetime.datetime.now(datetime.UTC)
         end = c.not_valid_after_utc
         if end <= now:
-            out.append(Finding("error", ckey, f"{cert}: expired on {end:%Y-%m-%d}"))
+            out.append(Finding("error", ckey, f"{cert}: expired on {end:%Y-%m-%d} (serve "
+                               "starts with it and warns; clients that verify refuse it)",
+                               stops_serve=False))
         elif end - now < datetime.timedelta(days=14):
             out.append(Finding("warning", ckey, f"{cert}: expires on {end:%Y-%m-%d}"))
     except Exception:  # the load above is what matters; expiry is advice
@@ -691,8 +695,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"{src}: {f}", file=sys.stderr if f.level != "note" else sys.stdout)
     if errors:
         n = len(errors)
-        print(f"{src}: {n} error{'s' if n != 1 else ''}: serve would not start",
-              file=sys.stderr)
+        what = ("serve would not start" if any(f.stops_serve for f in errors)
+                else "serve would start, but fix before serving")
+        print(f"{src}: {n} error{'s' if n != 1 else ''}: {what}", file=sys.stderr)
         return 1
     print(f"{src}: ok")
     return 0

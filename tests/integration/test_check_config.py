@@ -164,6 +164,30 @@ def test_group_readable_key(site: Path) -> None:
     assert f"chmod 600 {key}" in r.stderr
 
 
+def test_expired_certificate_is_an_error_serve_starts_with(site: Path) -> None:
+    """serve starts with an expired certificate and warns (d01234b); check-config calls
+    it an error (clients that verify refuse it) but does not claim serve would not start."""
+    import datetime
+
+    import trustme
+
+    leaf = trustme.CA().issue_cert(
+        "relay.test", not_before=datetime.datetime(2019, 1, 1, tzinfo=datetime.UTC),
+        not_after=datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
+    cert, key = site / "old.pem", site / "old.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    key.chmod(0o600)
+    r = _cc(_write(site, {"tls": {"cert": str(cert), "key": str(key)}}))
+    assert r.returncode == 1
+    assert f"error: tls.cert: {cert}: expired on 2020-01-01 (serve starts" in r.stderr
+    assert "1 error: serve would start, but fix before serving" in r.stderr, r.stderr
+    assert "would not start" not in r.stderr
+    os.remove(key)  # with an error serve stops at, the summary says so
+    r = _cc(_write(site, {"tls": {"cert": str(cert), "key": str(key)}}))
+    assert "key not found" in r.stderr and "error: serve would not start" in r.stderr
+
+
 def test_key_of_another_certificate(site: Path) -> None:
     cert, _ = _cert(site, "a")
     _, key = _cert(site, "b")
