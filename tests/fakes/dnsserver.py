@@ -22,7 +22,8 @@ the target's records (chains followed). Names are case-insensitive, trailing dot
 `server.nameserver` ("127.0.0.1:PORT") for `[delivery] nameservers`. `server.queries`
 records every (name, type) asked, for tests that want to see what was looked up.
 `udp_limit=N` truncates UDP answers over N bytes (TC set), as a server does past the
-client's EDNS size: the client must ask again over TCP.
+client's EDNS size: the client must ask again over TCP. `server.hold[name] = Event()`:
+queries for `name` are answered once the event is set (at most 60 s later).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class _Resolver:
         q = request.q
         qname, qtype = _norm(str(q.qname)), QTYPE[q.qtype]
         self.owner.queries.append((qname, qtype))
+        gate = self.owner.hold.get(qname)
+        if gate is not None:
+            gate.wait(60)
         reply = request.reply()
         reply.header.ad = int(self.owner.ad)
         zone = self.owner.zones.get(qname)
@@ -117,6 +121,7 @@ class FakeDNSServer:
         self.host = host
         self.port = 0
         self.queries: list[tuple[str, str]] = []
+        self.hold: dict[str, threading.Event] = {}  # name -> answered once it is set
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
 

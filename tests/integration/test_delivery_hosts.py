@@ -991,6 +991,58 @@ async def test_recipients_a_follow_up_cut_by_attempt_timeout_left_say_why(
         assert "time limit ([delivery] attempt_timeout" in d.text, d
 
 
+async def test_the_lookups_of_a_hostile_mx_set_end_at_attempt_timeout(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    """attempt_timeout bounds the attempt's lookups too: with mx_address_limit = 0 the
+    address lookups of an MX set of many hosts, each answered late or never (up to
+    dns_timeout each), ran one after the other for as long as there were hosts (here 5 x
+    2 s). Now they are cut at the attempt's end: deferred 4.4.3 naming the limit, no
+    host looked up past it."""
+    hosts = [f"mx{i}.hostile.test" for i in range(5)]
+    dns.update({"hostile.test": {"MX": [(10, h) for h in hosts]},
+                **{h: "TIMEOUT" for h in hosts}})
+    cfg = make_cfg(tmp_path, dns, raw_port, dns_timeout="2s", attempt_timeout="1s",
+                   mx_address_limit=0)
+    courier = Courier(cfg, maillog=ListLog())
+    try:
+        r = (await deliver(courier, envelope("bob@hostile.test")))["bob@hostile.test"]
+    finally:
+        await courier.close()
+    assert (r.permanent, r.code, r.enhanced) == (False, 451, "4.4.3"), r
+    assert "time limit ([delivery] attempt_timeout = 1s) was reached" in r.text, r
+    asked = {name for name, _ in dns.queries if name in hosts}
+    assert len(asked) == 1, asked  # the first lookup (2 s) outlives the attempt (1 s)
+
+
+async def test_a_lookup_shared_with_an_attempt_cut_goes_on_for_the_other(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    """Two deliveries wait for one address lookup (dns.Resolver shares it); the first
+    one's attempt_timeout passes while it is under way: that delivery is deferred saying
+    so, and the lookup goes on for the other, which delivers once it is answered."""
+    mx1 = fake_mx("127.0.0.2")
+    one_mx(dns)
+    gate = threading.Event()
+    dns.hold["mx1.example.test"] = gate
+    resolver = Resolver([dns.nameserver], 10.0)
+    short = Courier(make_cfg(tmp_path, dns, fake_mx.port, attempt_timeout="1s"), resolver,
+                    maillog=ListLog())
+    long = Courier(make_cfg(tmp_path, dns, fake_mx.port, attempt_timeout="0"), resolver,
+                   maillog=ListLog())
+    try:
+        other = asyncio.ensure_future(deliver(long, envelope("carol@example.test")))
+        cut = (await deliver(short, envelope("bob@example.test")))["bob@example.test"]
+        gate.set()
+        sent = (await other)["carol@example.test"]
+    finally:
+        gate.set()
+        await short.close()
+        await long.close()
+    assert (cut.code, cut.enhanced) == (451, "4.4.3"), cut
+    assert "attempt_timeout" in cut.text, cut
+    assert sent.ok, sent
+    assert [m.rcpt_tos for m in mx1.messages] == [["carol@example.test"]]
+
+
 async def _stalls_the_handshake(mx: RawMX, r: asyncio.StreamReader,
                                 w: asyncio.StreamWriter) -> None:
     """Says 220 to STARTTLS, then never answers the ClientHello."""

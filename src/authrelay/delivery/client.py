@@ -86,7 +86,8 @@ RFC 5321 4.5.3.2 timeouts: `[delivery] connect_timeout` (connect, TLS handshake,
 `command_timeout` (each reply to EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, RSET),
 `data_timeout` (each socket-buffer wait while sending the message, and the final reply).
 `attempt_timeout` bounds the whole attempt from its start (each wait above is cut short
-by it; no host is connected to, no transaction started, past it): per-wait timeouts
+by it, and the DNS and MTA-STS lookups: 4.4.3 when it cuts them; no host is connected
+to, no transaction started, past it): per-wait timeouts
 alone let 1,000 RCPTs each answered just in time hold a delivery slot for days. The
 recipients not done by then are deferred 4.4.2 ("the delivery attempt's time limit
 ... was reached"), the connection given up; those already answered keep their result
@@ -491,41 +492,32 @@ class Courier:
         deadline = time.monotonic() + at if at > 0 else None
         key = route_key(self.cfg, rcpts[0].address)
         last = DeliveryResult.temp("no host to deliver to", "4.4.0", 451)
+        # The lookups (MX, addresses, TLSA, MTA-STS) count against the attempt's time and
+        # are cut at its end: a hostile MX RRset (thousands of hosts, each lookup up to
+        # dns_timeout; mx_address_limit = 0) must not hold the slot past it. A lookup other
+        # deliveries share goes on for them (dns.Resolver._query, mtasts: shielded).
+        cut = asyncio.timeout(None if deadline is None
+                              else max(0.0, deadline - time.monotonic()))
+        try:
+            async with cut:
+                found = await self._lookups(env, rcpts, key)
+        except TimeoutError:
+            if not cut.expired():
+                raise
+            res = DeliveryResult.temp(
+                f"lookups for {'the smart host' if key == SMARTHOST else key} (DNS, "
+                f"MTA-STS) not finished: the delivery attempt's time limit ([delivery] "
+                f"attempt_timeout = {at:g}s) was reached; for the next attempt",
+                "4.4.3", 451)
+            return {r.address: res for r in rcpts}
+        if isinstance(found, dict):
+            return found
+        targets, failed = found
+        last = failed or last
         if key == SMARTHOST:
-            targets, unresolved = await self._resolve_smart(self._smart_targets())
-            for t, res in unresolved:
-                self._host_failed(env.queue_id, t, res)
-                last = res
             if self._smart_level != "verify":  # judged by peercert after the handshake
                 await self._smart_cas.warm()
         else:
-            # Without DNSSEC no DANE can apply, so a default-level destination's MTA-STS
-            # policy is asked for at once, beside the MX lookup (one round trip saved).
-            prefetch: asyncio.Task[StsPolicy | None] | None = None
-            if self.sts is not None and not self.cfg.delivery.dnssec \
-                    and not key.startswith("[") \
-                    and tlspolicy.for_domain(self.cfg, key).level == "dane":
-                prefetch = asyncio.get_running_loop().create_task(self.sts.policy(key))
-            try:
-                route = await mx.resolve_route(self.resolver, key,
-                                               limit=self.cfg.delivery.mx_address_limit)
-            except mx.RouteError as e:
-                if prefetch is not None:
-                    await asyncio.gather(prefetch, return_exceptions=True)
-                return {r.address: e.result for r in rcpts}
-            planner = self.planner if prefetch is None else \
-                tlsplan.Planner(self.cfg, self.resolver, _Prefetched(prefetch))
-            plan = await planner.plan(key, route)
-            for host, res, rpt, kind in plan.failed:  # unusable by policy (DANE, MTA-STS)
-                self.maillog.host_failed(env.queue_id, host, str(res))
-                if self.tlsrpt is not None:
-                    self.tlsrpt.session(key, rpt, False, kind, host)
-            for note in plan.notes:
-                self.maillog.warning(note, queue_id=env.queue_id)
-            if plan.failed:
-                last = plan.failed[0][1]
-            targets = [_Target(h, ip, self.cfg.delivery.port, "mx", hp, domain=key)
-                       for h, ip, hp in plan.hosts]
             await self._cas.warm()  # once per courier, off the event loop
 
         results: dict[str, DeliveryResult] = {}
@@ -569,6 +561,51 @@ class Courier:
         if self.tlsrpt is not None and self.tlsrpt.due():
             self._spawn(asyncio.to_thread(self.tlsrpt.write, self.tlsrpt.take()))
         return results
+
+    async def _lookups(self, env: Envelope, rcpts: list[Recipient], key: str
+                       ) -> tuple[list[_Target], DeliveryResult | None] | \
+            dict[str, DeliveryResult]:
+        """The hosts to try for `key` and the last host-level failure met finding them
+        (None: none); or every recipient's result when there is no host to try."""
+        last: DeliveryResult | None = None
+        if key == SMARTHOST:
+            targets, unresolved = await self._resolve_smart(self._smart_targets())
+            for t, res in unresolved:
+                self._host_failed(env.queue_id, t, res)
+                last = res
+            return targets, last
+        # Without DNSSEC no DANE can apply, so a default-level destination's MTA-STS
+        # policy is asked for at once, beside the MX lookup (one round trip saved).
+        prefetch: asyncio.Task[StsPolicy | None] | None = None
+        if self.sts is not None and not self.cfg.delivery.dnssec \
+                and not key.startswith("[") \
+                and tlspolicy.for_domain(self.cfg, key).level == "dane":
+            prefetch = asyncio.get_running_loop().create_task(self.sts.policy(key))
+        try:
+            try:
+                route = await mx.resolve_route(self.resolver, key,
+                                               limit=self.cfg.delivery.mx_address_limit)
+            except mx.RouteError as e:
+                if prefetch is not None:
+                    await asyncio.gather(prefetch, return_exceptions=True)
+                return {r.address: e.result for r in rcpts}
+            planner = self.planner if prefetch is None else \
+                tlsplan.Planner(self.cfg, self.resolver, _Prefetched(prefetch))
+            plan = await planner.plan(key, route)
+        except asyncio.CancelledError:  # cut by attempt_timeout (or the delivery stopped)
+            if prefetch is not None:
+                prefetch.cancel()  # its fetch, shared, goes on for the others (mtasts)
+            raise
+        for host, res, rpt, kind in plan.failed:  # unusable by policy (DANE, MTA-STS)
+            self.maillog.host_failed(env.queue_id, host, str(res))
+            if self.tlsrpt is not None:
+                self.tlsrpt.session(key, rpt, False, kind, host)
+        for note in plan.notes:
+            self.maillog.warning(note, queue_id=env.queue_id)
+        if plan.failed:
+            last = plan.failed[0][1]
+        return [_Target(h, ip, self.cfg.delivery.port, "mx", hp, domain=key)
+                for h, ip, hp in plan.hosts], last
 
     async def close(self) -> None:
         """QUIT every idle connection; later deliveries still work (they reconnect)."""
