@@ -188,7 +188,7 @@ class Scheduler:
         self.spool.ensure_dirs()
         self._lock_fd = await self._take_lock()
         big = await self._io(self._queue_bigger_than, self.recover_inline)
-        if not big:
+        if not big:  # a small queue: recovered and scanned before start() returns
             await self._recover()
         await self._warn_in_flight(await self._io(self.inflight.leftovers))
         if self.spool.on_commit is None:
@@ -200,6 +200,8 @@ class Scheduler:
             self._control = await control.serve(cpath, self._handle_control)
         except OSError as e:  # e.g. a path longer than sun_path: the CLI then reports it
             log.error("cannot listen on %s: %s", cpath, e)
+        if not big:  # after notify.sock is bound: a message committed meanwhile is seen
+            await self._scan_all()
         self._main = asyncio.create_task(self._run(), name="scheduler")
         self._rescan = asyncio.create_task(self._rescan_loop(big), name="scheduler-rescan")
 
@@ -444,28 +446,29 @@ class Scheduler:
             started += 1
         return False
 
-    async def _rescan_loop(self, recover: bool) -> None:
-        """The start-up full scan (after the recovery of a big queue: reading every file
-        takes seconds per 20,000, minutes from a cold disk, and meanwhile new mail is
-        taken in and delivered), then a rescan every `rescan_interval`."""
-        if recover:
+    async def _rescan_loop(self, big: bool) -> None:
+        """For a big queue, the start's recovery and scan (reading every file takes
+        seconds per 20,000, minutes from a cold disk; meanwhile new mail is taken in and
+        delivered); then a rescan every `rescan_interval`."""
+        if big:
             await self._recover()
-        first = True
+            await self._scan_all()
         while True:
-            if not first:
-                await asyncio.sleep(self.rescan_interval)
-            first = False
+            await asyncio.sleep(self.rescan_interval)
             self._check_clock()
-            try:
-                ids = await self._io(self.spool.scan)
-            except OSError as e:
-                log.error("rescan failed: %s", e)
-                continue
-            now = time.time()
-            for qid in ids:
-                if (qid not in self._token and qid not in self._active
-                        and qid not in self._ignored and qid not in self._busy):
-                    self._schedule(qid, now)
+            await self._scan_all()
+
+    async def _scan_all(self) -> None:
+        try:
+            ids = await self._io(self.spool.scan)
+        except OSError as e:
+            log.error("rescan failed: %s", e)
+            return
+        now = time.time()
+        for qid in ids:
+            if (qid not in self._token and qid not in self._active
+                    and qid not in self._ignored and qid not in self._busy):
+                self._schedule(qid, now)
 
     def _check_clock(self) -> None:
         """The wall clock set back (past CLOCK_STEP) while retries wait in the heap:
