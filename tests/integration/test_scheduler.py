@@ -641,3 +641,33 @@ async def test_new_mail_is_delivered_while_the_queue_is_recovered_at_start(
     finally:
         gate.set()
     await until(lambda: old not in rig.queued(), "the queue found at start delivered")
+
+
+async def test_messages_waiting_for_a_busy_destination_are_not_kept_in_memory(
+        state_dir: Path) -> None:
+    # 60 messages of 200 KB due at once for a destination taking one at a time (and
+    # never answering): the 59 waiting for its slot were each held in memory as read at
+    # load time (max_active of them: up to 5 GB). Now they are read again when their
+    # turn comes. Measured with tracemalloc once all are in the active set.
+    import tracemalloc
+
+    rig = Rig(state_dir, concurrency=4, concurrency_per_domain=1)
+    gate = rig.courier.gates["slow.example"] = asyncio.Event()
+    body = BODY + b"x" * 200_000 + b"\r\n"
+    for i in range(60):
+        await put(rig.spool, [f"s{i}@slow.example"], body=body)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        sched = await rig.start()
+        await until(lambda: len(sched.active) == 60 and rig.courier.inflight["slow.example"],
+                    "all loaded, one in flight")
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert held < 20 * len(body), held  # old code: 60 bodies (12 MB); now 0.4 MB
+    gate.set()
+    await until(lambda: not rig.queued(), "all delivered")
+    assert all(c[2] == body for c in rig.courier.calls)
+    await rig.stop()
+    rig.spool.close()

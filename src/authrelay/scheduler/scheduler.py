@@ -128,6 +128,7 @@ class _Job:
     act: _Active
     key: str
     rcpts: list[Recipient]
+    started: bool = False
 
 
 class Scheduler:
@@ -591,12 +592,22 @@ class Scheduler:
             return
         act.env, act.path, act.offset = env, path, offset
         act.jobs = len(groups)
+        jobs = []
         for key, rcpts in groups.items():
             job = _Job(act, key, rcpts)
+            jobs.append(job)
             fresh_q, retry_q = self._waiting.setdefault(key, (deque(), deque()))
             (fresh_q if all(r.attempts == 0 for r in rcpts) else retry_q).append(job)
             self._rr[key] = None
         self._pump()
+        if isinstance(path, bytes) and not all(j.started for j in jobs):
+            # Waiting for a slot (a slow destination may keep thousands of messages
+            # waiting): the message is read from its file when its turn comes, not kept
+            # in memory meanwhile (up to INLINE_MAX each, max_active messages).
+            try:
+                act.path, act.offset = self.spool.body_path(qid)
+            except (OSError, SpoolError):
+                pass  # delivered from the copy in memory
 
     def _pump(self) -> None:
         """Start waiting deliveries, round robin over destinations, within the limits."""
@@ -625,6 +636,7 @@ class Scheduler:
                     suspended = dead[1]
                 self._running += 1
                 self._dest_running[key] = self._dest_running.get(key, 0) + 1
+                job.started = True
                 self._spawn(self._run_job(job, suspended))
                 started = True
             if not started:
