@@ -14,6 +14,7 @@ import json
 import os
 import random
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -520,3 +521,24 @@ def test_tls_policy_command_shows_sts_and_writes_nothing(
     assert "mx1.sts.test [127.0.0.2]  policy=mta-sts level=mta-sts  (testing, max_age: 86400)" \
         in r.stdout
     assert not (tmp_path / "s" / "mta-sts").exists()
+
+
+async def test_a_cached_policy_read_cut_short_is_read_by_the_next_delivery(
+        tmp_path: Path, dns: FakeDNSServer) -> None:
+    """A delivery cut (attempt_timeout, shutdown) while the policy's cache file was being
+    read marked the file looked for without the policy ever reaching memory: every later
+    delivery skipped the file and fetched inline, so a DNS attack (no TXT record) made
+    the cached enforce policy 'no policy' (RFC 8461 10.3). The next delivery reads it."""
+    from authrelay.config import from_dict
+
+    src = HttpsStsSource(from_dict({"state_dir": str(tmp_path)}),
+                         Resolver([dns.nameserver], 1.0))
+    src._save(parse_policy("sts.test", "id1", policy("enforce", MX1), time.time()))
+    dns.update({"_mta-sts.sts.test": {"TXT": []}})  # the attack: the TXT record is gone
+    cut = asyncio.ensure_future(src.policy("sts.test"))
+    await asyncio.sleep(0)  # it is reading the file (in a thread)
+    cut.cancel()
+    await asyncio.gather(cut, return_exceptions=True)
+    assert cut.cancelled()
+    got = await src.policy("sts.test")
+    assert got is not None and got.mode == "enforce" and got.mx == (MX1,), got

@@ -324,11 +324,13 @@ class HttpsStsSource(StsSource):
         cached = self._mem.get(domain)
         if cached is None and domain not in self._disk_seen:
             # Once per domain and process: after that, memory is the truth (this process
-            # writes the files), so a domain without a policy costs no thread hop.
+            # writes the files), so a domain without a policy costs no thread hop. Marked
+            # once read: a caller cut during the read (attempt_timeout) leaves it to the
+            # next one, never a cached policy unread (an inline fetch a DNS attack foils).
+            cached = await asyncio.to_thread(self._load, domain)
             if len(self._disk_seen) >= _MAX_DOMAINS:
                 self._disk_seen.clear()
             self._disk_seen.add(domain)
-            cached = await asyncio.to_thread(self._load, domain)
             if cached is not None:
                 self._remember(domain, cached)
         if cached is not None and not cached.expired(now):
