@@ -635,6 +635,27 @@ def _sets(path: str, key: str) -> bool:
         return True
 
 
+def _check_delivery_timeouts(cfg: Config, out: list[Finding]) -> None:
+    """[delivery] attempt_timeout (new since 5955ba1, 1h by default) cuts every wait of an
+    attempt: a data_timeout, command_timeout or connect_timeout longer than it (set for a
+    slow next hop, before the key existed) no longer has its effect, and a next hop
+    answering the end-of-data dot past it gets the message again at the next attempt."""
+    d = cfg.delivery
+    at = d.attempt_timeout
+    longer = [(k, v) for k, v in (("data_timeout", d.data_timeout),
+                                  ("command_timeout", d.command_timeout),
+                                  ("connect_timeout", d.connect_timeout)) if v > at]
+    if at <= 0 or not longer:
+        return
+    key, value = longer[0]
+    out.append(Finding("warning", "delivery.attempt_timeout",
+                       f"{at:g}s is shorter than delivery.{key} ({value:g}s): the "
+                       f"attempt's end cuts that wait at {at:g}s (a next hop answering "
+                       "the end of data later is given up and sent the message again at "
+                       "the next attempt: it may get it twice); raise attempt_timeout "
+                       f"above {value:g}s (0: no limit) or lower {key}"))
+
+
 def _check_metrics(cfg: Config, out: list[Finding]) -> None:
     """/metrics and /health answer anyone who reaches them (no authentication): an
     address that is not loopback publishes the relay's traffic and queue to the network
@@ -663,7 +684,7 @@ def check(cfg: Config) -> list[Finding]:
         lambda: _check_files(cfg, pw, out), lambda: _check_privileged_split(cfg, pw, out),
         lambda: _check_dkim(cfg, pw, out), lambda: _check_outbound_tls(cfg, out),
         lambda: _check_smart_hosts(cfg, out), lambda: _check_operation(cfg, out),
-        lambda: _check_metrics(cfg, out)]
+        lambda: _check_metrics(cfg, out), lambda: _check_delivery_timeouts(cfg, out)]
     for step in steps:
         try:
             step()

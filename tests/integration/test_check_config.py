@@ -136,6 +136,22 @@ def test_metrics_not_on_loopback_warns(site: Path) -> None:
         assert "metrics.address" not in _cc(cfg).stderr
 
 
+def test_a_wait_longer_than_attempt_timeout_warns(site: Path) -> None:
+    # A config of the release before [delivery] attempt_timeout (1h by default) that gave
+    # a slow next hop two hours for the end of data: that wait is now cut at the hour
+    # (the message sent again at the next attempt), and check-config said "ok" silently.
+    cfg = _write(site, {"delivery": {"data_timeout": "2h"}, "user": UNPRIV})
+    r = _cc(cfg)
+    assert r.returncode == 0, r.stderr
+    assert f"{cfg}: warning: delivery.attempt_timeout: 3600s is shorter than " \
+           "delivery.data_timeout (7200s): the attempt's end cuts that wait at 3600s" \
+           in r.stderr, r.stderr
+    for fine in ({"data_timeout": "2h", "attempt_timeout": "3h"},
+                 {"data_timeout": "2h", "attempt_timeout": 0}, {}):
+        cfg = _write(site, {"delivery": fine, "user": UNPRIV})
+        assert "attempt_timeout" not in _cc(cfg).stderr, fine
+
+
 def test_config_errors_in_the_findings_style(site: Path) -> None:
     cfg = _write(site, {"limits": {"max_recipients": "many"}})
     for cmd in (["check-config", str(cfg)], ["-c", str(cfg), "serve"],
