@@ -383,8 +383,14 @@ def server_context(cfg: Config, pem: PEM | None = None) -> ServerContext:
     ctx = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     _new_context(cfg, ctx=ctx)
     _load_pem(ctx, pem, what)
-    ctx.x25519 = _new_context(cfg, "X25519")
-    _load_pem(ctx.x25519, pem, what)
+    try:
+        ctx.x25519 = _new_context(cfg, "X25519")
+    except ssl.SSLError:
+        # A Python whose set_ecdh_curve takes EC curves only ("unknown group": 3.11.2,
+        # Debian 12's): P-256 alone, as before the twin, rather than no server at all.
+        ctx.x25519 = ctx
+    else:
+        _load_pem(ctx.x25519, pem, what)
     return ctx
 
 

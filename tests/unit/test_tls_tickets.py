@@ -3,7 +3,10 @@ context, with an injected clock."""
 
 from __future__ import annotations
 
+import os
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 from authrelay import tls
@@ -60,3 +63,49 @@ def test_the_ticket_key_is_renewed_every_lifetime(tmp_path: Path) -> None:
     assert not handshake(store.context, first.session).session_reused
     again = handshake(store.context, None)
     assert handshake(store.context, again.session).session_reused
+
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def test_the_server_context_builds_under_each_python_here(tmp_path: Path) -> None:
+    """The X25519 twin (94568f4) was made with set_ecdh_curve("X25519"), which some
+    Pythons refuse, 'unknown group' (their set_ecdh_curve takes EC curves only: 3.11.2,
+    Debian 12's python3): every worker of `serve` died at start. Each interpreter of our
+    minor version on this machine (the tests' own, the distribution's) builds the
+    context and completes a handshake; where X25519 cannot be set it is P-256 alone."""
+    cert, key = tls.make_self_signed("relay.test", tmp_path)
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    pythons = [sys.executable] + [p for p in (f"/usr/bin/python{ver}",
+                                              f"/usr/local/bin/python{ver}")
+                                  if os.path.exists(p)]
+    code = (
+        "import ssl, sys\n"
+        "from authrelay import tls\n"
+        "from authrelay.config import from_dict\n"
+        "cfg = from_dict({'tls': {'cert': sys.argv[1], 'key': sys.argv[2]}})\n"
+        "ctx = tls.server_context(cfg)\n"
+        "c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n"
+        "c.check_hostname = False\n"
+        "c.verify_mode = ssl.CERT_NONE\n"
+        "bios = [ssl.MemoryBIO() for _ in range(4)]\n"
+        "cl = c.wrap_bio(bios[0], bios[1], server_hostname='relay.test')\n"
+        "sv = ctx.x25519.wrap_bio(bios[2], bios[3], server_side=True)\n"
+        "done = set()\n"
+        "while len(done) < 2:\n"
+        "    for n, o in (('c', cl), ('s', sv)):\n"
+        "        if n not in done:\n"
+        "            try:\n"
+        "                o.do_handshake()\n"
+        "                done.add(n)\n"
+        "            except ssl.SSLWantReadError:\n"
+        "                pass\n"
+        "    bios[2].write(bios[1].read())\n"
+        "    bios[0].write(bios[3].read())\n"
+        "print('handshake', cl.version())\n")
+    for py in pythons:
+        r = subprocess.run([py, "-c", code, str(cert), str(key)], capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(SRC)})
+        assert r.returncode == 0 and "handshake TLSv1.3" in r.stdout, \
+            (py, r.stdout, r.stderr[-800:])
