@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from authrelay.scheduler import inflight
 from authrelay.scheduler.inflight import InflightJournal, _begin_line
 
 
@@ -34,3 +35,23 @@ def test_journal_round_trip(tmp_path: Path) -> None:
         {"b": t2, "q": "Q2", "r": ["b@x.test", "c\"@x.test"]},
         {"e": t1}]
     assert InflightJournal(tmp_path).leftovers() == [("Q2", ["b@x.test", "c\"@x.test"])]
+
+
+def test_journal_disabled_by_an_io_error_comes_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An I/O error (a full disk; here the journal's name taken by a directory) disabled
+    # the journal for the life of the process: after the disk had room again, a crash
+    # named no attempt. Now it is tried again RETRY_AFTER later (0 here) and holds every
+    # attempt still live, those begun while it was off too.
+    monkeypatch.setattr(inflight, "RETRY_AFTER", 0.0, raising=False)
+    (tmp_path / "inflight.log").mkdir()
+    j = InflightJournal(tmp_path)
+    assert j.leftovers() == []  # cannot read nor open it: disabled
+    t1 = j.begin("Q1", ["a@x.test"])
+    (tmp_path / "inflight.log").rmdir()  # room again
+    t2 = j.begin("Q2", ["b@x.test"])
+    j.end(t2)
+    j.begin("Q3", ["c@x.test"])
+    assert t1 != t2
+    assert sorted(InflightJournal(tmp_path).leftovers()) == [
+        ("Q1", ["a@x.test"]), ("Q3", ["c@x.test"])]

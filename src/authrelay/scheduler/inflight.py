@@ -18,8 +18,9 @@ warning (mail is never lost either way: the state file decides what is pending).
 two small writes per delivery attempt (docs/PERFORMANCE.md: 26 µs per attempt, nothing
 next to the attempt's own fsync of the state). When the file
 passes COMPACT_AT bytes it is rewritten with only the live entries and renamed over.
-Failure policy: the journal is advice; an I/O error disables it with one warning (never a
-failed delivery).
+Failure policy: the journal is advice; an I/O error (a full disk) disables it with one
+warning (never a failed delivery), and it is opened again RETRY_AFTER seconds later at the
+next attempt, rewritten with every attempt still live (one line when it comes back).
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "inflight.log"
 COMPACT_AT = 1024 * 1024
+RETRY_AFTER = 60.0  # seconds a journal disabled by an I/O error waits to be tried again
 
 
 def _begin_line(token: int, qid: str, rcpts: list[str]) -> bytes:
@@ -52,6 +55,7 @@ class InflightJournal:
         self._next = 1
         self._size = 0
         self._broken = False
+        self._disabled_at: float | None = None  # monotonic; None: working or closed
 
     # ------------------------------------------------------------------ start
     def leftovers(self) -> list[tuple[str, list[str]]]:
@@ -89,11 +93,25 @@ class InflightJournal:
     def _disable(self, e: OSError) -> None:
         if not self._broken:
             self._broken = True
-            log.warning("in-flight journal %s disabled: %s", self.path, e)
+            log.warning("in-flight journal %s disabled: %s (tried again in %.0f s)",
+                        self.path, e, RETRY_AFTER)
         self.close()
+        self._disabled_at = time.monotonic()
+
+    def _retry(self) -> None:
+        """Disabled long enough: the journal again, with every live attempt in it."""
+        if self._disabled_at is None or time.monotonic() - self._disabled_at < RETRY_AFTER:
+            return
+        self._disabled_at = None
+        self._compact()
+        if self._fd is not None:
+            self._broken = False
+            log.warning("in-flight journal %s enabled again", self.path)
 
     # ------------------------------------------------------------------ attempts
     def begin(self, qid: str, rcpts: list[str]) -> int:
+        if self._fd is None:
+            self._retry()
         token = self._next
         self._next += 1
         self._live[token] = (qid, rcpts)
@@ -131,6 +149,7 @@ class InflightJournal:
         self._open(truncate=False)
 
     def close(self) -> None:
+        self._disabled_at = None  # a clean stop: never opened again
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
