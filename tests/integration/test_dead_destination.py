@@ -172,3 +172,45 @@ def test_a_delivery_on_the_old_routes_ending_after_the_reload_marks_nothing(
         for f in fillers:
             f.close()
         hole.close()
+
+
+BUSY_MX = "127.0.0.14"
+
+
+@pytest.mark.parametrize("busy", [
+    {"greeting": "421 4.3.2 busy, try later"},
+    {"mail_reply": "451 4.3.0 try later"},
+    {"rcpt_replies": {f"user{i}@busy.test": "451 4.2.0 mailbox busy" for i in range(3)}},
+], ids=["421-greeting", "451-mail", "451-rcpt"])
+def test_a_destination_whose_primary_answered_is_not_marked_dead(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        fake_mx: MXFactory, busy: dict[str, object]) -> None:
+    """The primary MX answers (421 to the greeting, 4xx to MAIL or RCPT), the backup
+    refuses connections. A host answered: the destination is not dead (Postfix marks
+    it only when it could not talk to any of its hosts). The courier kept the backup's
+    'connect to ...: Connection refused' (4.4.1) as every recipient's reason, so the
+    scheduler marked it and held the other messages back unattempted."""
+    dns.set_zones({**ZONES, "busy.test": {"MX": [(10, "mx1.busy.test"),
+                                                  (20, "mx2.busy.test")]},
+                   "mx1.busy.test": {"A": [BUSY_MX]}, "mx2.busy.test": {"A": [DEAD_MX]}})
+    primary = fake_mx(BUSY_MX, **busy)
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"],
+                                       concurrency_per_domain=1))
+    queued = []
+    for i in range(3):
+        q = submit(relay, [f"user{i}@busy.test"])
+        relay.wait_for(lambda q=q: any("stat=Deferred" in ln for ln in log_lines(relay, q)),
+                       what=f"{q} deferred")
+        queued.append(q)
+    log = relay.maillog()
+    assert "delivery temporarily suspended" not in log, log
+    # each message tried at the primary: a connection each (421), or a transaction each
+    # (the connection is cached between messages)
+    tries = primary.connections if "greeting" in busy else \
+        sum(w.count(b"MAIL FROM:") for w in primary.wire)
+    assert tries >= 3, log
+    for q in queued:  # the answering host's reply is the reason, not the backup's
+        deferred = [ln for ln in log_lines(relay, q) if "stat=Deferred" in ln]
+        assert f"[{BUSY_MX}]" in deferred[0] and " 4.4.1 " not in deferred[0], deferred
+        assert any("status=host failed" in ln and f"{DEAD_MX}]" in ln
+                   for ln in log_lines(relay, q)), log_lines(relay, q)

@@ -30,7 +30,10 @@ Failure policy (codes per RFC 3463):
   at RCPT, or a 4xx reply to DATA or to the message, passes just those recipients to the
   next host in the same attempt (as Postfix does: only the last host's soft errors are
   final). A recipient keeps the most specific reply it got: a 450 from the primary stays
-  its result if the backup cannot be reached. Every failed host is written to the maillog
+  its result if the backup cannot be reached; so does a host-level failure of a host that
+  answered (a 421 greeting, a 4xx to MAIL, a TLS failure): only when no host answered is
+  the reason a connection failure (4.4.1), which is what the scheduler marks a
+  destination dead on. Every failed host is written to the maillog
   (`ID: relay=HOST [IP]:PORT, status=host failed, reason=...`), also when a later host
   takes the mail.
 - TLS per host by policy (tlspolicy.py, tlsplan.py: levels none/may/encrypt/verify/
@@ -354,11 +357,14 @@ def _file_is_8bit(body: _FileBody) -> bool:
 
 
 class _TryNext(Exception):
-    """This host failed before any recipient was settled: try the next one."""
+    """This host failed before any recipient was settled: try the next one.
+    `answered`: False when no connection was made (refused, unreachable, connect timeout,
+    the attempt's time up before connecting): the host did not answer."""
 
-    def __init__(self, result: DeliveryResult) -> None:
+    def __init__(self, result: DeliveryResult, answered: bool = True) -> None:
         super().__init__(str(result))
         self.result = result
+        self.answered = answered
 
 
 @dataclass
@@ -514,6 +520,12 @@ class Courier:
             return found
         targets, failed = found
         last = failed or last
+        # `last` is what the recipients no host settled get. A host that answered (a 421
+        # greeting, a 4xx to EHLO, TLS or MAIL) keeps its failure over a later host's
+        # connection failure (the backup refusing), as Postfix reports the most
+        # informative reason: the scheduler marks a destination dead (4.4.1) only when
+        # no host answered in this attempt.
+        answered = False
         if key == SMARTHOST:
             if self._smart_level != "verify":  # judged by peercert after the handshake
                 await self._smart_cas.warm()
@@ -545,7 +557,8 @@ class Courier:
             try:
                 out = await self._via(t, env, todo, payload)
             except _TryNext as e:
-                last = _stamp(e.result, t)
+                if e.answered or not answered:
+                    last, answered = _stamp(e.result, t), e.answered
                 self._host_failed(env.queue_id, t, e.result)
                 continue
             results.update({a: _stamp(r, t) for a, r in out.results.items()})
@@ -556,7 +569,8 @@ class Courier:
                 worst = out.results[todo[0].address]
                 self.maillog.next_host(env.queue_id, worst.remote or t.where,
                                        ",".join(f"<{r.address}>" for r in todo), str(worst))
-        for r in todo:  # never answered by any host: the last host-level reason
+        for r in todo:  # settled by no host: the last answering host's failure, else
+            # the last host-level reason
             results.setdefault(r.address, last)
         if self.tlsrpt is not None and self.tlsrpt.due():
             self._spawn(asyncio.to_thread(self.tlsrpt.write, self.tlsrpt.take()))
@@ -870,7 +884,7 @@ class Courier:
         if t.deadline is not None:
             left = t.deadline - time.monotonic()
             if left <= 0:
-                raise _TryNext(self._deadline_result(where))
+                raise _TryNext(self._deadline_result(where), answered=False)
             connect_timeout = min(connect_timeout, left)
         self.connections_opened += 1
         try:
@@ -880,16 +894,18 @@ class Courier:
                 server_hostname=t.host if implicit else None)
         except TimeoutError:
             if _past(t.deadline):
-                raise _TryNext(self._deadline_result(where)) from None
+                raise _TryNext(self._deadline_result(where), answered=False) from None
             raise _TryNext(DeliveryResult.temp(
-                f"connect to {where}: timed out", "4.4.1", 451, where)) from None
+                f"connect to {where}: timed out", "4.4.1", 451, where),
+                answered=False) from None
         except (ssl.SSLError, ssl.CertificateError) as e:
             raise _TryNext(DeliveryResult.temp(
                 f"TLS handshake with {where} failed: {_ssl_reason(e)}",
                 "4.7.5", 451, where)) from None
         except OSError as e:
             raise _TryNext(DeliveryResult.temp(
-                f"connect to {where}: {_os_reason(e)}", "4.4.1", 451, where)) from None
+                f"connect to {where}: {_os_reason(e)}", "4.4.1", 451, where),
+                answered=False) from None
 
         w.deadline = t.deadline
         peer = w.peername() or (t.addr, t.port)

@@ -644,7 +644,9 @@ class Scheduler:
 
     def _judge_destination(self, key: str, results: dict[str, DeliveryResult]) -> None:
         """Mark `key` unreachable when no host answered for any recipient; forget the
-        mark when one did."""
+        mark when one did. Relies on the courier's contract: a recipient's result is
+        4.4.1 only when no host of the attempt answered (a host that answered, even with
+        421, leaves its own reply as the reason, never a later host's connect failure)."""
         if results and all(not r.ok and not r.permanent and r.enhanced == UNREACHABLE
                            for r in results.values()):
             retry = self.cfg.delivery.retry
