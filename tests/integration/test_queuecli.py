@@ -547,3 +547,75 @@ async def test_hold_of_a_held_and_release_of_a_queued_message(
                     "released: tried at once")
     finally:
         await sched.stop()
+
+
+async def test_list_streams_a_big_queue_in_bounded_memory(
+        site: tuple[Path, Spool], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`queue list` prints each message as it reads it (postqueue -p streams): the memory
+    it takes is one envelope's plus the ids, not every record of the queue at once."""
+    import argparse
+    import contextlib
+    import io
+    import tracemalloc
+
+    from authrelay.scheduler import queuecli
+
+    cfgfile, spool = site
+    fast = Spool(spool.root, fsync=False)
+    rcpts = [f"recipient-{i:03d}@destination-{i % 7}.example" for i in range(40)]
+    ids = []
+    for _ in range(400):
+        env = Envelope(queue_id=new_queue_id(), sender="a@a.example",
+                       recipients=[Recipient(r) for r in rcpts])
+        inc = fast.begin(env)
+        inc.write(BODY)
+        await inc.commit()
+        ids.append(inc.queue_id)
+    env = fast.load(ids[-1])
+    for r in env.recipients:
+        r.attempts, r.last_code = 1, 451
+        r.last_reply = "451 4.4.1 " + "connection refused by the destination " * 3
+    fast.save_state(env)
+    fast.close()
+
+    class Sink(io.TextIOWrapper):
+        """stdout to a file (its text not held in traced memory); notes how much memory
+        was held when output began and at most while it went on."""
+        first: int | None = None
+        most = 0
+
+        def write(self, s: str) -> int:
+            held = tracemalloc.get_traced_memory()[0]
+            if self.first is None:
+                self.first = held
+            self.most = max(self.most, held)
+            return super().write(s)
+
+    for as_json in (False, True):
+        path = spool.root / f"out{as_json}"
+        with open(path, "wb") as raw, Sink(raw, encoding="utf-8") as out:
+            with contextlib.redirect_stdout(out):
+                tracemalloc.start()
+                try:
+                    base = tracemalloc.get_traced_memory()[0]
+                    rc = queuecli.cmd_list(argparse.Namespace(config=str(cfgfile),
+                                                              json=as_json))
+                finally:
+                    tracemalloc.stop()
+            first, most = out.first, out.most
+        text = path.read_text()
+        assert rc == 0
+        if as_json:  # the same document json.dump(list, indent=2) wrote
+            recs = json.loads(text)
+            assert [r["id"] for r in recs] == ids
+            assert text == json.dumps(recs, indent=2) + "\n"
+            assert recs[-1]["last_error"].startswith("451 4.4.1 connection refused")
+        else:
+            assert text.startswith("-Queue ID-")
+            assert text.count("recipient-039@destination-4.example") == 400
+            assert text.rstrip().endswith(f"{400 * len(BODY)} bytes in 400 requests.")
+        # Output begins once the first message is read, and goes on holding the ids and
+        # one message's record (all the records at once: 6 MB here). Not the peak:
+        # loading the config takes more, for a moment, before any message is read.
+        assert first is not None and first - base < 500_000, first - base
+        assert most - base < 1_000_000, most - base

@@ -8,9 +8,11 @@ Owns the operator's view of the queue. Contract:
     queue delete ID... | --all
     queue corrupt [--json]   files moved to corrupt/ (damaged, or of a newer spool format)
 Reads (list/show) come straight from the spool files, which the scheduler only ever
-replaces atomically. Changes go through the running scheduler's control socket, or, when
-no scheduler runs, straight to the files under the scheduler lock (control.py), so they
-never race a delivery. Bare `authrelay queue` lists (mailq).
+replaces atomically. list streams (as postqueue -p): each message is printed as it is
+read, in memory bounded by one message's record (plus the queue ids). Changes go
+through the running scheduler's control socket, or, when no scheduler runs, straight
+to the files under the scheduler lock (control.py), so they never race a delivery.
+Bare `authrelay queue` lists (mailq).
 Exit status: 0 ok (also for a hold of a held message or a release of one not held: the
 state asked for is there, said on stderr; and for a flush of a message whose delivery
 attempt under way ended it); 1 a queue id was not found, was held (flush), its
@@ -24,9 +26,12 @@ Output to a closed pipe (`| head`) ends quietly (cli.py).
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import sys
+import textwrap
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from authrelay.config import load
@@ -93,10 +98,21 @@ def _record(env: Envelope, active: set[str]) -> dict[str, Any]:
     }
 
 
-def _records(spool: Spool) -> list[dict[str, Any]]:
+def _ids(spool: Spool) -> Iterator[str]:
+    """Queued and held ids in arrival order, each once: the two directories' sorted
+    lists merged (a message moved between them while listed shows up once)."""
+    last = ""
+    for qid in heapq.merge(spool.scan(), spool.held(), key=lambda s: (len(s), s)):
+        if qid != last:
+            yield qid
+        last = qid
+
+
+def _records(spool: Spool) -> Iterator[dict[str, Any]]:
+    """One record per message, read as it is yielded (a queue of any size is listed in
+    the memory of one envelope: only the ids are held, as the scan returns them)."""
     active = _active_ids(spool)
-    out = []
-    for qid in sorted(set(spool.scan() + spool.held()), key=lambda s: (len(s), s)):
+    for qid in _ids(spool):
         try:
             env = spool.load(qid)
         except FileNotFoundError:
@@ -104,12 +120,11 @@ def _records(spool: Spool) -> list[dict[str, Any]]:
         except (SpoolError, OSError) as e:
             # Every key of _record (a script reading rec["auth_user"] must not fail on
             # the one damaged file); what could not be read is empty.
-            out.append({"id": qid, "arrival": "", "arrival_ts": 0, "size": 0, "sender": "",
-                        "state": "unreadable", "last_error": str(e), "recipients": [],
-                        "auth_user": "", "is_bounce": False})
+            yield {"id": qid, "arrival": "", "arrival_ts": 0, "size": 0, "sender": "",
+                   "state": "unreadable", "last_error": str(e), "recipients": [],
+                   "auth_user": "", "is_bounce": False}
             continue
-        out.append(_record(env, active))
-    return out
+        yield _record(env, active)
 
 
 def _corrupt_note(spool: Spool) -> str:
@@ -120,24 +135,34 @@ def _corrupt_note(spool: Spool) -> str:
             "(not delivered; authrelay queue corrupt)")
 
 
+def _json_array(items: Iterator[dict[str, Any]]) -> None:
+    """json.dump(list(items), sys.stdout, indent=2), written element by element."""
+    sep = "[\n"
+    for item in items:
+        sys.stdout.write(sep)
+        sys.stdout.write(textwrap.indent(json.dumps(item, indent=2), "  ", lambda _: True))
+        sep = ",\n"
+    sys.stdout.write("[]" if sep == "[\n" else "\n]")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    """Streams (as postqueue -p): each message is printed as it is read."""
     spool = _spool(args)
     recs = _records(spool)
-    note = _corrupt_note(spool)
     if args.json:
-        json.dump(recs, sys.stdout, indent=2)
+        _json_array(recs)
         sys.stdout.write("\n")
+        note = _corrupt_note(spool)
         if note:
             print(note, file=sys.stderr)
         return 0
-    if not recs:
-        print("Mail queue is empty")
-        if note:
-            print(note)
-        return 0
-    print(f"{'-Queue ID-':<18} {'-State-':<9} {'--Size--':>9} {'----Arrival Time----':<20}"
-          f" -Sender/Recipient-")
+    total = count = 0
     for rec in recs:
+        if not count:
+            print(f"{'-Queue ID-':<18} {'-State-':<9} {'--Size--':>9} "
+                  f"{'----Arrival Time----':<20} -Sender/Recipient-")
+        count += 1
+        total += rec["size"]
         sender = f"<{_t(rec['sender'])}>" if rec["sender"] else "<>"
         print(f"{rec['id']:<18} {rec['state']:<9} {rec['size']:>9} {rec['arrival']:<20}"
               f" {sender}")
@@ -150,8 +175,13 @@ def cmd_list(args: argparse.Namespace) -> int:
                 print(f"{'':<60}({_t(r['last_reply'])})")
             print(f"{'':<60}{_t(r['address'])}")
         print()
-    total = sum(r["size"] for r in recs)
-    print(f"-- {total} bytes in {len(recs)} request{'s' if len(recs) != 1 else ''}.")
+        if count == 1:
+            sys.stdout.flush()  # the first message at once, also through a pipe
+    note = _corrupt_note(spool)
+    if not count:
+        print("Mail queue is empty")
+    else:
+        print(f"-- {total} bytes in {count} request{'s' if count != 1 else ''}.")
     if note:
         print(note)
     return 0
