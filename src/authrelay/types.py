@@ -62,6 +62,11 @@ class DeliveryResult:
     # mailbox, address or domain, mailbox disabled: policy/containment.refuses_recipient):
     # what containment counts as `refused`; the DSN's reason is the reply as it came.
     recipient_refused: bool = False
+    # The courier's connection failure (refused, unreachable, connect timeout): this
+    # host did not answer. On a recipient's final result: no host of the attempt did
+    # (one that answered leaves its own reply), what marks a destination dead
+    # (scheduler._judge_destination); a next hop's own "4.4.1" reply never sets it.
+    unanswered: bool = False
 
     def __post_init__(self) -> None:
         # A next hop's reply text is kept to MAX_TEXT characters (a hostile one may send

@@ -214,3 +214,33 @@ def test_a_destination_whose_primary_answered_is_not_marked_dead(
         assert f"[{BUSY_MX}]" in deferred[0] and " 4.4.1 " not in deferred[0], deferred
         assert any("status=host failed" in ln and f"{DEAD_MX}]" in ln
                    for ln in log_lines(relay, q)), log_lines(relay, q)
+
+
+@pytest.mark.parametrize("busy", [
+    {"greeting": "421 4.4.1 no answer from the next hop, try later"},
+    {"rcpt_replies": {f"user{i}@busy.test": "451 4.4.1 no answer from the next hop"
+                      for i in range(3)}},
+], ids=["421-greeting", "451-rcpt"])
+def test_a_next_hop_replying_4_4_1_is_not_marked_dead(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        fake_mx: MXFactory, busy: dict[str, object]) -> None:
+    """The only MX answers with RFC 3463 4.4.1 itself (a relay whose own next hop does
+    not answer). It answered: not dead. The scheduler took any 4.4.1 for its courier's
+    connect failure, so it marked the destination (a smart host: all mail) and held its
+    other messages back unattempted."""
+    dns.set_zones({**ZONES, "busy.test": {"MX": [(10, "mx1.busy.test")]},
+                   "mx1.busy.test": {"A": [BUSY_MX]}})
+    primary = fake_mx(BUSY_MX, **busy)
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"],
+                                       concurrency_per_domain=1))
+    for i in range(3):
+        q = submit(relay, [f"user{i}@busy.test"])
+        relay.wait_for(lambda q=q: any("stat=Deferred" in ln for ln in log_lines(relay, q)),
+                       what=f"{q} deferred")
+        deferred = [ln for ln in log_lines(relay, q) if "stat=Deferred" in ln]
+        assert "no answer from the next hop" in deferred[0], deferred
+    log = relay.maillog()
+    assert "delivery temporarily suspended" not in log, log
+    tries = primary.connections if "greeting" in busy else \
+        sum(w.count(b"MAIL FROM:") for w in primary.wire)
+    assert tries >= 3, log

@@ -357,14 +357,12 @@ def _file_is_8bit(body: _FileBody) -> bool:
 
 
 class _TryNext(Exception):
-    """This host failed before any recipient was settled: try the next one.
-    `answered`: False when no connection was made (refused, unreachable, connect timeout,
-    the attempt's time up before connecting): the host did not answer."""
+    """This host failed before any recipient was settled: try the next one. The host
+    did not answer when `result.unanswered` (no connection was made)."""
 
-    def __init__(self, result: DeliveryResult, answered: bool = True) -> None:
+    def __init__(self, result: DeliveryResult) -> None:
         super().__init__(str(result))
         self.result = result
-        self.answered = answered
 
 
 @dataclass
@@ -523,8 +521,8 @@ class Courier:
         # `last` is what the recipients no host settled get. A host that answered (a 421
         # greeting, a 4xx to EHLO, TLS or MAIL) keeps its failure over a later host's
         # connection failure (the backup refusing), as Postfix reports the most
-        # informative reason: the scheduler marks a destination dead (4.4.1) only when
-        # no host answered in this attempt.
+        # informative reason: the scheduler marks a destination dead (4.4.1,
+        # `unanswered`) only when no host answered in this attempt.
         answered = False
         if key == SMARTHOST:
             if self._smart_level != "verify":  # judged by peercert after the handshake
@@ -557,8 +555,8 @@ class Courier:
             try:
                 out = await self._via(t, env, todo, payload)
             except _TryNext as e:
-                if e.answered or not answered:
-                    last, answered = _stamp(e.result, t), e.answered
+                if not e.result.unanswered or not answered:
+                    last, answered = _stamp(e.result, t), not e.result.unanswered
                 self._host_failed(env.queue_id, t, e.result)
                 continue
             results.update({a: _stamp(r, t) for a, r in out.results.items()})
@@ -884,7 +882,7 @@ class Courier:
         if t.deadline is not None:
             left = t.deadline - time.monotonic()
             if left <= 0:
-                raise _TryNext(self._deadline_result(where), answered=False)
+                raise _TryNext(_no_answer(self._deadline_result(where)))
             connect_timeout = min(connect_timeout, left)
         self.connections_opened += 1
         try:
@@ -894,18 +892,16 @@ class Courier:
                 server_hostname=t.host if implicit else None)
         except TimeoutError:
             if _past(t.deadline):
-                raise _TryNext(self._deadline_result(where), answered=False) from None
-            raise _TryNext(DeliveryResult.temp(
-                f"connect to {where}: timed out", "4.4.1", 451, where),
-                answered=False) from None
+                raise _TryNext(_no_answer(self._deadline_result(where))) from None
+            raise _TryNext(_no_answer(DeliveryResult.temp(
+                f"connect to {where}: timed out", "4.4.1", 451, where))) from None
         except (ssl.SSLError, ssl.CertificateError) as e:
             raise _TryNext(DeliveryResult.temp(
                 f"TLS handshake with {where} failed: {_ssl_reason(e)}",
                 "4.7.5", 451, where)) from None
         except OSError as e:
-            raise _TryNext(DeliveryResult.temp(
-                f"connect to {where}: {_os_reason(e)}", "4.4.1", 451, where),
-                answered=False) from None
+            raise _TryNext(_no_answer(DeliveryResult.temp(
+                f"connect to {where}: {_os_reason(e)}", "4.4.1", 451, where))) from None
 
         w.deadline = t.deadline
         peer = w.peername() or (t.addr, t.port)
@@ -1417,6 +1413,11 @@ class _Prefetched(StsSource):
 
     async def policy(self, domain: str) -> StsPolicy | None:
         return await self.task
+
+
+def _no_answer(res: DeliveryResult) -> DeliveryResult:
+    """`res` of a host that did not answer (no connection made): see `unanswered`."""
+    return dataclasses.replace(res, unanswered=True)
 
 
 def _stamp(res: DeliveryResult, t: _Target) -> DeliveryResult:

@@ -644,11 +644,11 @@ class Scheduler:
 
     def _judge_destination(self, key: str, results: dict[str, DeliveryResult]) -> None:
         """Mark `key` unreachable when no host answered for any recipient; forget the
-        mark when one did. Relies on the courier's contract: a recipient's result is
-        4.4.1 only when no host of the attempt answered (a host that answered, even with
-        421, leaves its own reply as the reason, never a later host's connect failure)."""
+        mark when one did. `unanswered` is the courier's own connect failure, never a
+        next hop's reply (a smart host answering '451 4.4.1' for its own next hop is
+        alive); on a recipient's result it means no host of the attempt answered."""
         if results and all(not r.ok and not r.permanent and r.enhanced == UNREACHABLE
-                           for r in results.values()):
+                           and r.unanswered for r in results.values()):
             retry = self.cfg.delivery.retry
             hold = min(retry[0] if retry else DEAD_FOR, DEAD_FOR)
             first = next(iter(results.values()))
