@@ -36,6 +36,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from typing import Any, TextIO
 
 NOQUEUE = "NOQUEUE"
@@ -52,6 +53,30 @@ def _reset_pid() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_pid)
+
+# Every MailLog, for the fork hooks below.
+_instances: weakref.WeakSet[MailLog] = weakref.WeakSet()
+_held: list[MailLog] = []  # the MailLogs whose write lock _before_fork took
+
+
+def _before_fork() -> None:
+    """No write in progress across a fork: a child forked while the writer thread held
+    `_lock` (a process that logged before forking its workers: a start-up warning)
+    inherited it locked, and its first line (daemon=started) then waited for ever, the
+    worker hung with its listening socket."""
+    _held[:] = list(_instances)
+    for ml in _held:
+        ml._lock.acquire()
+
+
+def _after_fork() -> None:
+    for ml in _held:
+        ml._lock.release()
+    _held.clear()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
+                    after_in_child=_after_fork)
 
 
 # ---------------------------------------------------------------------------- escaping
@@ -247,6 +272,7 @@ class MailLog:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self.fallback = ""  # why the configured target is not used (empty: it is)
+        _instances.add(self)
         self._open()
         if self.fallback:
             self.warning(self.fallback)

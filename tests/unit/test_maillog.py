@@ -4,10 +4,14 @@ syslog target falls back to stderr, with a warning, when /dev/log is missing."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import ssl
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -255,3 +259,43 @@ def test_a_next_hops_reply_is_kept_to_2048_characters_in_a_delivery_line(
            "stat=Deferred ("
     assert long == head + reply[:2048] + " [...] (reply truncated))"
     assert short.endswith("stat=Bounced (550 5.1.1 short)")
+
+
+def test_a_process_forked_during_a_write_can_log(ml: maillog.MailLog, tmp_path: Path
+                                                 ) -> None:
+    """serve logs a start-up warning (an expired certificate, a wait longer than
+    attempt_timeout) in the master and then forks its workers: a fork while the writer
+    thread held the write lock gave the worker that lock held for ever, and its first
+    line (daemon=started) hung it, listening socket and all. The fork now waits for the
+    write in progress (here another thread holding the lock, as a slow disk would)."""
+    ml.warning("before the fork")
+    ml.flush()
+    writing, done = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with ml._lock:
+            writing.set()
+            done.wait(0.3)  # the write in progress ends on its own a moment later
+
+    t = threading.Thread(target=write)
+    t.start()
+    writing.wait()
+    pid = os.fork()
+    if pid == 0:  # the child: log, and exit 0 only once the line is written
+        try:
+            ml.warning("from the forked child")
+            ml.flush()
+            os._exit(0)
+        finally:
+            os._exit(1)
+    done.set()
+    t.join()
+    end = time.monotonic() + 60  # a hang detector: the old code never returns
+    while (status := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < end:
+        time.sleep(0.05)
+    if status[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on its first maillog line")
+    assert os.waitstatus_to_exitcode(status[1]) == 0
+    assert "NOQUEUE: warning=from the forked child" in _lines(tmp_path / "mail.log")
