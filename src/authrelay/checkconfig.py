@@ -48,6 +48,7 @@ from authrelay.config import (
     Config,
     ConfigError,
     Listen,
+    attempt_cut,
     error_line,
     load,
     parse_hostport,
@@ -636,24 +637,11 @@ def _sets(path: str, key: str) -> bool:
 
 
 def _check_delivery_timeouts(cfg: Config, out: list[Finding]) -> None:
-    """[delivery] attempt_timeout (new since 5955ba1, 1h by default) cuts every wait of an
-    attempt: a data_timeout, command_timeout or connect_timeout longer than it (set for a
-    slow next hop, before the key existed) no longer has its effect, and a next hop
-    answering the end-of-data dot past it gets the message again at the next attempt."""
-    d = cfg.delivery
-    at = d.attempt_timeout
-    longer = [(k, v) for k, v in (("data_timeout", d.data_timeout),
-                                  ("command_timeout", d.command_timeout),
-                                  ("connect_timeout", d.connect_timeout)) if v > at]
-    if at <= 0 or not longer:
-        return
-    key, value = longer[0]
-    out.append(Finding("warning", "delivery.attempt_timeout",
-                       f"{at:g}s is shorter than delivery.{key} ({value:g}s): the "
-                       f"attempt's end cuts that wait at {at:g}s (a next hop answering "
-                       "the end of data later is given up and sent the message again at "
-                       "the next attempt: it may get it twice); raise attempt_timeout "
-                       f"above {value:g}s (0: no limit) or lower {key}"))
+    """A wait longer than [delivery] attempt_timeout (config.attempt_cut): serve says so
+    in the maillog too."""
+    problem = attempt_cut(cfg)
+    if problem is not None:
+        out.append(Finding("warning", "delivery.attempt_timeout", problem))
 
 
 def _check_metrics(cfg: Config, out: list[Finding]) -> None:

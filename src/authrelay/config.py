@@ -735,6 +735,25 @@ def validate(cfg: Config) -> None:
     _validate(cfg)
 
 
+def attempt_cut(cfg: Config) -> str | None:
+    """Why a configured wait works only up to [delivery] attempt_timeout (new in the
+    release after 5955ba1, 1h by default, cutting every wait of an attempt): the first of
+    data_timeout, command_timeout, connect_timeout longer than it, said in one sentence
+    for check-config and serve's start/reload warning; None when none is (or no limit)."""
+    d = cfg.delivery
+    at = d.attempt_timeout
+    for key, value in (("data_timeout", d.data_timeout),
+                       ("command_timeout", d.command_timeout),
+                       ("connect_timeout", d.connect_timeout)):
+        if 0 < at < value:
+            return (f"{at:g}s is shorter than delivery.{key} ({value:g}s): the attempt's "
+                    f"end cuts that wait at {at:g}s (a next hop answering the end of data "
+                    "later is given up and sent the message again at the next attempt: it "
+                    f"may get it twice); raise attempt_timeout above {value:g}s (0: no "
+                    f"limit) or lower {key}")
+    return None
+
+
 def _validate(cfg: Config) -> None:
     why = hostname_problem(cfg.hostname)
     if why:

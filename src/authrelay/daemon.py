@@ -53,6 +53,7 @@ from authrelay.config import (
     EMBEDDED,
     Config,
     ConfigError,
+    attempt_cut,
     embedded_notice,
     error_line,
     find_config_path,
@@ -509,6 +510,7 @@ async def _serve_loop(run: _Run) -> int:
                     pem = await loop.run_in_executor(None, run.read_keys, new)
                     apply(new, pem, courier)
                     warn_certificate(new, pem)
+                    _warn_attempt_cut(new)
                 except Exception:
                     if courier is not None:
                         await courier.close()
@@ -571,6 +573,15 @@ def _checks_keys(cfg: Config) -> tuple[object, ...]:
     """What the host checks are built from: [checks], and the resolver they ask
     ([delivery] nameservers, dns_timeout)."""
     return cfg.checks, cfg.delivery.nameservers, cfg.delivery.dns_timeout
+
+
+def _warn_attempt_cut(cfg: Config) -> None:
+    """One maillog warning per start and per reload (master or single process) when a
+    configured wait works only up to [delivery] attempt_timeout (config.attempt_cut): a
+    release-before config's long data_timeout would otherwise be cut silently."""
+    problem = attempt_cut(cfg)
+    if problem is not None:
+        maillog_mod.warning(f"delivery.attempt_timeout: {problem}")
 
 
 def _dns_keys(cfg: Config) -> tuple[object, ...]:
@@ -756,6 +767,7 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
     ensure_certificate(cfg)
     pem = read_pem(cfg)  # as root: fail fast on a bad key, before binding anything
     warn_certificate(cfg, pem)
+    _warn_attempt_cut(cfg)
     if cfg.metrics.address:
         metrics_mod.prepare(cfg)  # before forking: all processes share one fresh directory
     nworkers = max(1, cfg.workers or (os.cpu_count() or 1))

@@ -439,3 +439,24 @@ def test_a_dkim_problem_is_one_line_per_start_and_per_reload(relay_factory,
     _reload(r, dict(r.config_data), processes)
     # Every process logged "reloaded" after it re-read the keys: nothing more to come.
     assert r.maillog().count(problem) == 3
+
+
+def test_a_wait_longer_than_attempt_timeout_is_one_line_per_start_and_reload(
+        relay_factory) -> None:
+    """A config of the release before [delivery] attempt_timeout (1h by default) giving a
+    slow next hop two hours for the end of data: that wait is now cut at the hour (the
+    message sent again at each next attempt) and serve said nothing. One maillog warning
+    at start and at each reload while it holds (the master's, not the workers'); none
+    once attempt_timeout is raised."""
+    r = relay_factory(workers=2, overrides={"delivery": {"data_timeout": "2h"}})
+    r.wait_for(lambda: r.maillog().count("daemon=started") >= 3)
+    line = "warning=delivery.attempt_timeout: 3600s is shorter than delivery.data_timeout " \
+           "(7200s): the attempt's end cuts that wait at 3600s"
+    assert r.maillog().count(line) == 1, r.maillog()[-3000:]
+    data = dict(r.config_data)
+    _reload(r, data, 3)
+    assert r.maillog().count(line) == 2, r.maillog()[-3000:]
+    data["delivery"] = {**data["delivery"], "attempt_timeout": "3h"}
+    _reload(r, data, 3)
+    assert r.maillog().count(line) == 2
+    assert r.maillog().count("warning=delivery.attempt_timeout") == 2
