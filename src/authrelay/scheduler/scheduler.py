@@ -83,6 +83,9 @@ RECOVER_INLINE = 2000  # queue/ entries (files and states) recovered before star
 BUSY_RETRY = 0.2  # a message under a control operation is looked at again this soon
 NEXT_ATTEMPT_SLACK = 0.5  # recipients due within this are tried with the rest
 DISPATCH_BATCH = 64  # messages loaded per turn of the event loop
+# Bytes of messages kept in memory while their deliveries wait for a slot; past it a
+# waiting message is read again from its file when its turn comes.
+WAITING_INLINE_BUDGET = 2 * 1024 * 1024
 CLOCK_STEP = 60.0  # a wall clock set back further re-times the retries (_check_clock)
 DEAD_FOR = 300.0  # longest a destination stays marked unreachable (Postfix: 300 s)
 DEAD_MAX = 10_000  # marks kept (memory): past it the expired go, then the oldest
@@ -114,6 +117,7 @@ class _Active:
     env: Envelope | None = None
     path: bytes | Path | None = None  # small messages are kept as bytes (one read)
     offset: int = 0
+    waiting_bytes: int = 0  # its share of WAITING_INLINE_BUDGET, given back at release
     jobs: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -159,6 +163,7 @@ class Scheduler:
         self._waiting: dict[str, tuple[deque[_Job], deque[_Job]]] = {}  # fresh, retries
         self._rr: OrderedDict[str, None] = OrderedDict()
         self._dest_running: dict[str, int] = {}
+        self._waiting_bytes = 0  # held by active messages waiting inline (their waiting_bytes)
         # route key -> (monotonic time the mark ends, the failure that set it)
         self._dead: dict[str, tuple[float, DeliveryResult]] = {}
         self._running = 0
@@ -494,6 +499,8 @@ class Scheduler:
     def _release(self, act: _Active) -> None:
         """Leave the active set (synchronously with any rescheduling by the caller)."""
         self._active.pop(act.qid, None)
+        self._waiting_bytes -= act.waiting_bytes
+        act.waiting_bytes = 0
         act.done.set()
         if self._wake is not None:
             self._wake.set()
@@ -601,13 +608,18 @@ class Scheduler:
             self._rr[key] = None
         self._pump()
         if isinstance(path, bytes) and not all(j.started for j in jobs):
-            # Waiting for a slot (a slow destination may keep thousands of messages
-            # waiting): the message is read from its file when its turn comes, not kept
-            # in memory meanwhile (up to INLINE_MAX each, max_active messages).
-            try:
-                act.path, act.offset = self.spool.body_path(qid)
-            except (OSError, SpoolError):
-                pass  # delivered from the copy in memory
+            # Waiting for a slot. Within WAITING_INLINE_BUDGET the bytes stay (a busy
+            # destination's ordinary queue: no second read); past it (a slow destination
+            # may keep thousands waiting, up to INLINE_MAX each) the message is read from
+            # its file when its turn comes.
+            if self._waiting_bytes + len(path) <= WAITING_INLINE_BUDGET:
+                act.waiting_bytes = len(path)
+                self._waiting_bytes += len(path)
+            else:
+                try:
+                    act.path, act.offset = self.spool.body_path(qid)
+                except (OSError, SpoolError):
+                    pass  # delivered from the copy in memory
 
     def _pump(self) -> None:
         """Start waiting deliveries, round robin over destinations, within the limits."""
