@@ -82,6 +82,17 @@ def test_dead_destination_is_marked_and_its_mail_deferred_without_connecting(
     assert sender_mx.messages == []  # deferred, never bounced
 
 
+def _reload_with_smart_host(r: RelayProcess, address: str) -> None:
+    """The relay's config now names `address` as its smart host: SIGHUP, reloaded."""
+    data = dict(r.config_data)
+    data["relay"] = {**data["relay"], "smart_host": [address]}
+    r.config.write_text(to_toml(data))
+    before = r.maillog().count("daemon=reloaded")
+    assert r.proc is not None
+    os.kill(r.proc.pid, signal.SIGHUP)
+    r.wait_for(lambda: r.maillog().count("daemon=reloaded") > before, what="reloaded")
+
+
 def test_a_reload_with_new_routes_forgets_the_dead_marks(
         relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory) -> None:
     """The smart host was wrong (nothing listens there): the first delivery marks the
@@ -102,13 +113,7 @@ def test_a_reload_with_new_routes_forgets_the_dead_marks(
                what="the second message deferred")
     assert any("delivery temporarily suspended" in ln for ln in log_lines(r, marked))
 
-    data = dict(r.config_data)
-    data["relay"] = {**data["relay"], "smart_host": [live.address]}
-    r.config.write_text(to_toml(data))
-    before = r.maillog().count("daemon=reloaded")
-    assert r.proc is not None
-    os.kill(r.proc.pid, signal.SIGHUP)
-    r.wait_for(lambda: r.maillog().count("daemon=reloaded") > before, what="reloaded")
+    _reload_with_smart_host(r, live.address)
 
     after = submit(r, ["dave@remote.example"])
     outcome = r.wait_for(lambda: [ln for ln in log_lines(r, after)
@@ -152,13 +157,7 @@ def test_a_delivery_on_the_old_routes_ending_after_the_reload_marks_nothing(
         r.wait_for(lambda: _syn_sent_to(BLACKHOLE, port) > waiting,
                    what="the delivery connecting to the blackhole")
 
-        data = dict(r.config_data)
-        data["relay"] = {**data["relay"], "smart_host": [live.address]}
-        r.config.write_text(to_toml(data))
-        before = r.maillog().count("daemon=reloaded")
-        assert r.proc is not None
-        os.kill(r.proc.pid, signal.SIGHUP)
-        r.wait_for(lambda: r.maillog().count("daemon=reloaded") > before, what="reloaded")
+        _reload_with_smart_host(r, live.address)
         r.wait_for(lambda: any("stat=Deferred" in ln and "timed out" in ln
                                for ln in log_lines(r, first)),
                    what="the old delivery timed out")

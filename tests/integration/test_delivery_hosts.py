@@ -867,37 +867,48 @@ async def test_deliveries_to_one_domain_started_together_share_its_lookups(
                              ("mx1.example.test", "AAAA")], asked
 
 
-async def _slow_rcpts(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    """No PIPELINING; each accepted RCPT answered after 0.4 s (well within
-    command_timeout), two per transaction, then 452 4.5.3 at once. A message it took is
-    recorded (its recipients) when its 250 goes out."""
-    w.write(b"220 raw.test ESMTP\r\n")
-    rcpts: list[bytes] = []
-    while line := await r.readline():
-        verb = line[:4].upper()
-        if verb == b"EHLO":
-            w.write(b"250 raw.test\r\n")
-        elif verb == b"RCPT":
-            if len(rcpts) >= 2:
-                w.write(b"452 4.5.3 Too many recipients\r\n")
+def _two_per_transaction(rcpt_delay: float, stall_second: bool) -> Any:
+    """No PIPELINING; two recipients per transaction, 452 4.5.3 at once for the rest;
+    each accepted RCPT answered after `rcpt_delay`. A message taken is recorded (its
+    recipients) when its 250 goes out; with `stall_second` the reply to the second
+    message's end-of-data dot is never sent."""
+    async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 raw.test ESMTP\r\n")
+        rcpts: list[bytes] = []
+        while line := await r.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                w.write(b"250 raw.test\r\n")
+            elif verb == b"RCPT":
+                if len(rcpts) >= 2:
+                    w.write(b"452 4.5.3 Too many recipients\r\n")
+                else:
+                    if rcpt_delay:
+                        await asyncio.sleep(rcpt_delay)
+                    rcpts.append(line[9:].strip().strip(b"<>"))
+                    w.write(b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA":
+                w.write(b"354 go ahead\r\n")
+                await w.drain()
+                while await r.readline() not in (b".\r\n", b""):
+                    pass
+                if stall_second and mx.received:
+                    await r.read()  # the second message: no reply, ever
+                    return
+                mx.received.extend(rcpts)
+                w.write(b"250 2.0.0 taken\r\n")
+            elif verb == b"QUIT":
+                w.write(b"221 bye\r\n")
+                break
             else:
-                await asyncio.sleep(0.4)
-                rcpts.append(line[9:].strip().strip(b"<>"))
-                w.write(b"250 2.1.5 ok\r\n")
-        elif verb == b"DATA":
-            w.write(b"354 go ahead\r\n")
+                rcpts = [] if verb in (b"MAIL", b"RSET") else rcpts
+                w.write(b"250 ok\r\n")
             await w.drain()
-            while await r.readline() not in (b".\r\n", b""):
-                pass
-            mx.received.extend(rcpts)
-            w.write(b"250 2.0.0 taken\r\n")
-        elif verb == b"QUIT":
-            w.write(b"221 bye\r\n")
-            break
-        else:
-            rcpts = [] if verb in (b"MAIL", b"RSET") else rcpts
-            w.write(b"250 ok\r\n")
-        await w.drain()
+    return script
+
+
+_slow_rcpts = _two_per_transaction(0.4, stall_second=False)
+_stalls_the_second_data = _two_per_transaction(0.0, stall_second=True)
 
 
 async def test_a_slow_next_hop_holds_a_delivery_slot_no_longer_than_attempt_timeout(
@@ -927,41 +938,6 @@ async def test_a_slow_next_hop_holds_a_delivery_slot_no_longer_than_attempt_time
         assert (d.permanent, d.code, d.enhanced) == (False, 451, "4.4.2"), d
         assert "time limit ([delivery] attempt_timeout" in d.text, d
         assert a not in taken or "may have been delivered" in d.text, d
-
-
-async def _stalls_the_second_data(mx: RawMX, r: asyncio.StreamReader,
-                                  w: asyncio.StreamWriter) -> None:
-    """Two recipients per transaction (452 4.5.3 for the rest); the first message taken,
-    the reply to the second one's end-of-data dot never sent."""
-    w.write(b"220 raw.test ESMTP\r\n")
-    rcpts: list[bytes] = []
-    while line := await r.readline():
-        verb = line[:4].upper()
-        if verb == b"EHLO":
-            w.write(b"250 raw.test\r\n")
-        elif verb == b"RCPT":
-            if len(rcpts) >= 2:
-                w.write(b"452 4.5.3 Too many recipients\r\n")
-            else:
-                rcpts.append(line[9:].strip().strip(b"<>"))
-                w.write(b"250 2.1.5 ok\r\n")
-        elif verb == b"DATA":
-            w.write(b"354 go ahead\r\n")
-            await w.drain()
-            while await r.readline() not in (b".\r\n", b""):
-                pass
-            if mx.received:
-                await r.read()  # the second message: no reply, ever
-                return
-            mx.received.extend(rcpts)
-            w.write(b"250 2.0.0 taken\r\n")
-        elif verb == b"QUIT":
-            w.write(b"221 bye\r\n")
-            break
-        else:
-            rcpts = [] if verb in (b"MAIL", b"RSET") else rcpts
-            w.write(b"250 ok\r\n")
-        await w.drain()
 
 
 async def test_recipients_a_follow_up_cut_by_attempt_timeout_left_say_why(

@@ -75,15 +75,20 @@ def fragmented(records: bytes, size: int) -> bytes:
                     + body[i:i + size] for i in range(0, len(body), size))
 
 
+def send_hello(c: RawClient, hello: bytes, starttls: bool) -> None:
+    """`hello` as the client's first TLS bytes (after EHLO and STARTTLS on 587/25)."""
+    if starttls:
+        assert c.reply().code == 220
+        assert c.cmd("EHLO client.example").code == 250
+        assert c.cmd("STARTTLS").code == 220
+    c.send(hello)
+    c.sock.settimeout(30)
+
+
 def answer(port: int, hello: bytes, source: str, starttls: bool) -> bytes:
     """The server's first bytes (or b'' at its close) after `hello`."""
     with RawClient(port, source=source) as c:
-        if starttls:
-            assert c.reply().code == 220
-            assert c.cmd("EHLO client.example").code == 250
-            assert c.cmd("STARTTLS").code == 220
-        c.send(hello)
-        c.sock.settimeout(30)
+        send_hello(c, hello, starttls)
         return c.sock.recv(7)
 
 
@@ -223,12 +228,7 @@ HRR_RANDOM = bytes.fromhex(  # RFC 8446 4.1.3: a ServerHello with it is a HelloR
 def server_hello(port: int, hello: bytes, starttls: bool) -> bytes:
     """The server's answer's first record, from its header (b'' when it closed)."""
     with RawClient(port, source="127.0.0.11") as c:
-        if starttls:
-            assert c.reply().code == 220
-            assert c.cmd("EHLO client.example").code == 250
-            assert c.cmd("STARTTLS").code == 220
-        c.send(hello)
-        c.sock.settimeout(30)
+        send_hello(c, hello, starttls)
         head = c.sock.recv(5, socket.MSG_WAITALL)
         if len(head) < 5:
             return head
