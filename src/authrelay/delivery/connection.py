@@ -172,21 +172,26 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    async def drain(self, timeout: float) -> None:
-        if self._lost is not None:
-            raise self._lost
-        if not self._paused:
-            return
-        loop = asyncio.get_running_loop()
-        timeout, cut = self._budget(timeout)
-        self._drain = loop.create_future()
+    async def _within(self, fut: asyncio.Future[None], timeout: float) -> None:
+        """Await `fut` for `timeout` or up to the attempt's deadline, whichever is first;
+        past the deadline DeadlineExceeded, past `timeout` TimeoutError."""
+        wait, cut = self._budget(timeout)
         try:
-            await asyncio.wait_for(self._drain, timeout)
+            await asyncio.wait_for(fut, wait)
         except TimeoutError:
             if cut:
                 raise DeadlineExceeded("the delivery attempt's time limit was reached") \
                     from None
             raise
+
+    async def drain(self, timeout: float) -> None:
+        if self._lost is not None:
+            raise self._lost
+        if not self._paused:
+            return
+        self._drain = asyncio.get_running_loop().create_future()
+        try:
+            await self._within(self._drain, timeout)
         finally:
             self._drain = None
         if self._lost is not None:
@@ -196,16 +201,9 @@ class Connection(asyncio.Protocol):
         while not self._replies:
             if self._lost is not None:
                 raise self._lost
-            loop = asyncio.get_running_loop()
-            wait, cut = self._budget(timeout)
-            self._waiter = loop.create_future()
+            self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._waiter, wait)
-            except TimeoutError:
-                if cut:
-                    raise DeadlineExceeded("the delivery attempt's time limit was reached") \
-                        from None
-                raise
+                await self._within(self._waiter, timeout)
             finally:
                 self._waiter = None
         rep = self._replies.popleft()
