@@ -16,7 +16,8 @@ real authrelay process, can talk to it). Options:
   mid-transaction changes the next transaction, never half of this one
 - `data_delay`: seconds to wait before answering the final dot (timeout tests)
 - `data_gate`: a threading.Event; the final dot is answered only once it is set (a test
-  holds a delivery in flight for as long as it needs, not for a guessed time)
+  holds a delivery in flight for as long as it needs, not for a guessed time);
+  `gated`: how many final dots have waited at it (the message is out, its reply held)
 - `size_limit`: the SIZE announced (and enforced); `smtputf8`: announce SMTPUTF8
 - `pipelining`: announce PIPELINING (RFC 2920; aiosmtpd reads commands line by line, so
   it serves pipelined groups correctly; default on, as on most real MX)
@@ -192,6 +193,8 @@ class _Handler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.fake.data_delay:
             await asyncio.sleep(self.fake.data_delay)
+        if self.fake.data_gate is not None and not self.fake.data_gate.is_set():
+            self.fake.gated += 1
         while self.fake.data_gate is not None and not self.fake.data_gate.is_set():
             await asyncio.sleep(0.01)
         if self.fake.data_reply:
@@ -251,6 +254,7 @@ class FakeSMTPServer:
         self.rcpt_replies = {k.lower(): v for k, v in (rcpt_replies or {}).items()}
         self.data_delay = data_delay
         self.data_gate = data_gate
+        self.gated = 0  # final dots that waited at data_gate
         self.size_limit = size_limit
         self.smtputf8 = smtputf8
         self.pipelining = pipelining

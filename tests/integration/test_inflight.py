@@ -6,10 +6,12 @@ clean stop leaves no such warning."""
 from __future__ import annotations
 
 import json
+import re
+import socket
 import threading
 
 import pytest
-from relayproc import PASSWORD, RelayProcess
+from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx, plain
 
 pytestmark = pytest.mark.slow
@@ -63,3 +65,48 @@ def test_kill_during_delivery_names_the_recipients(relay_factory, fake_mx) -> No
     r.start()
     r.wait_for(lambda: r.maillog().count("daemon=started") >= 3)
     assert r.maillog().count(WARNING) == 2
+
+
+CUT = "delivery cut by authrelay's stop"
+MAYBE = "may have been delivered (the next attempt may deliver it twice)"
+
+
+@pytest.mark.parametrize("phase", ["after-the-dot", "before-the-greeting"])
+def test_a_clean_stop_says_what_it_cut_and_is_no_crash(relay_factory, fake_mx,
+                                                       phase: str) -> None:
+    """SIGTERM with a delivery still running when shutdown_timeout ends: one deferred
+    line per recipient naming the stop (and, once the message went out, that it may have
+    been delivered), the message stays queued, and the next start does not call it a
+    crash."""
+    reply = threading.Event()
+    silent = socket.socket()  # a next hop that takes the connection and never greets
+    silent.bind(("127.0.0.2", 0))
+    silent.listen(8)
+    smart = fake_mx("127.0.0.2", data_gate=reply)
+    hop = smart.address if phase == "after-the-dot" else f"127.0.0.2:{silent.getsockname()[1]}"
+    try:
+        r = relay_factory(overrides={"shutdown_timeout": "1s",
+                                     "relay": {"smart_host": [hop], "smart_host_tls": "none"},
+                                     "delivery": {"retry": ["1s"]}})
+        _submit(r, ["bob@remote.example", "carol@remote.example"])
+        r.wait_for(lambda: _journal_begun(r) != [], timeout=20)
+        if phase == "after-the-dot":
+            r.wait_for(lambda: smart.gated > 0, timeout=20)
+        [begun] = _journal_begun(r)
+        r.stop()  # SIGTERM: the delivery is cut when shutdown_timeout ends
+        cut = [ln for ln in r.maillog().splitlines() if CUT in ln]
+        assert len(cut) == 2, r.maillog()
+        assert {"bob@remote.example", "carol@remote.example"} == {
+            m for ln in cut for m in re.findall(r"to=<([^>]+)>", ln)}
+        assert all(f" {begun['q']}: " in ln and "stat=Deferred (451 4.3.2 " in ln
+                   for ln in cut), cut
+        assert all((MAYBE in ln) == (phase == "after-the-dot") for ln in cut), cut
+        assert len(r.queued()) == 1  # still queued: tried again at the next start
+        reply.set()
+        r.config_data["relay"]["smart_host"] = [smart.address]
+        r.config.write_text(to_toml(r.config_data))
+        r.start()
+        r.wait_for(lambda: r.queued() == [], timeout=30)  # delivered after the restart
+        assert WARNING not in r.maillog()  # a clean stop is not a crash
+    finally:
+        silent.close()

@@ -52,7 +52,8 @@ class FakeCourier:
         self.max_inflight: dict[str, int] = defaultdict(int)
 
     async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
-                      offset: int = 0) -> dict[str, DeliveryResult]:
+                      offset: int = 0, sent: dict[str, str] | None = None
+                      ) -> dict[str, DeliveryResult]:
         data = message[offset:] if isinstance(message, bytes) else \
             Path(message).read_bytes()[offset:]
         self.given_bytes.append(isinstance(message, bytes))

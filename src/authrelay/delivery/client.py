@@ -296,10 +296,13 @@ class _Payload:
     needed it (converted once per delivery, in a thread, `downgrade.MAX_CONCURRENT` at
     once per courier)."""
 
-    def __init__(self, data: bytes | _FileBody, env: Envelope, courier: Courier) -> None:
+    def __init__(self, data: bytes | _FileBody, env: Envelope, courier: Courier,
+                 sent: dict[str, str] | None = None) -> None:
         self.data = data
         self.env = env
         self.courier = courier
+        # The caller's record of who may have the message (Courier.deliver's `sent`).
+        self.sent: dict[str, str] = {} if sent is None else sent
         self._8bit: bool | None = True if env.body_8bit else None
         self._seven: bytes | downgrade.Unconvertible | None = None
         self.transactions = 0  # started in this attempt (MAX_TRANSACTIONS)
@@ -482,7 +485,12 @@ class Courier:
     # ----------------------------------------------------------------- public API
 
     async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
-                      offset: int = 0) -> dict[str, DeliveryResult]:
+                      offset: int = 0, sent: dict[str, str] | None = None
+                      ) -> dict[str, DeliveryResult]:
+        """One result per recipient. `sent` (the caller's) is filled as the attempt goes:
+        recipient -> next hop, once the end-of-data dot went out to a host that had
+        accepted it, and not refused after; a caller that cancels the attempt (a stop at
+        shutdown_timeout) knows from it whose message may have been delivered."""
         if not rcpts:
             return {}
         try:
@@ -532,7 +540,7 @@ class Courier:
 
         results: dict[str, DeliveryResult] = {}
         todo = list(rcpts)
-        payload = _Payload(data, env, self)
+        payload = _Payload(data, env, self, sent)
         for i, t in enumerate(targets):
             t.deadline = deadline
             if _past(deadline):  # the rest keep the reply they got, else this reason
@@ -1366,10 +1374,14 @@ class Courier:
             else:
                 w.write(dot_stuff(data))
             ended = True
+            payload.sent.update((r.address, remote) for r in accepted)
             rep = await w.reply(d.data_timeout)
             res = reply_result(rep.code, rep.text, remote)  # the one reply that delivers
             reusable = rep.code != 421 and w.is_connected
             moved = not res.ok and not res.permanent  # refused for now: not taken
+            if not res.ok:  # refused: this host does not have it
+                for r in accepted:
+                    payload.sent.pop(r.address, None)
         except TimeoutError as e:
             res = DeliveryResult.temp(_timed_out(e, f"timeout after DATA to {remote}")
                                       + (_MAYBE_TWICE if ended else ""), "4.4.2", 451, remote)

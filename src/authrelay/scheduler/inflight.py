@@ -4,8 +4,9 @@ Owns `spool_dir/inflight.log`. Delivery is at least once (as in every MTA): a pr
 killed after the next hop took a message but before the outcome was saved delivers it
 again after the restart. This journal makes that window visible: the scheduler calls
 `begin(qid, rcpts)` just before a delivery attempt and `end(token)` once the outcome is
-saved (the state file fsynced); a clean stop ends what it waited for and leaves the rest
-(a delivery cancelled at the shutdown timeout is in the same window). At the next start
+saved (the state file fsynced); a clean stop ends what it waited for, and a delivery it
+cut at the shutdown timeout once its maillog line says so (scheduler._cut_by_stop: no
+crash, and the line already said whether it may have been delivered). At the next start
 `leftovers()` returns every attempt begun and not ended, and the scheduler logs its
 recipients that are still pending: `warning=delivery to <rcpt> was in progress when
 authrelay stopped: it may have been delivered before the crash`.

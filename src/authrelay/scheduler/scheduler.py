@@ -30,7 +30,10 @@ state, bounces and removal from the spool. Contract:
   action, and a message leaves the spool only when no recipient is PENDING. A crash
   mid-delivery re-delivers after restart; a duplicate is possible, a loss is not. The
   in-flight journal (inflight.py) names, at the next start, the recipients whose attempt
-  was under way when the process died.
+  was under way when the process died. A clean stop (stop()) waits for deliveries up to
+  `shutdown_timeout`, then cuts them: each recipient gets a deferred line naming the stop
+  (and saying it may have been delivered when the message had gone out), stays PENDING,
+  and its journal entry is ended (no crash warning at the next start).
 - A dead destination (Postfix's qmgr marks it so): a job whose every recipient got
   RFC 3463 4.4.1 (no answer from any host: connection refused, unreachable, connect
   timeout) marks its route key unreachable for min(first retry interval, DEAD_FOR). Until
@@ -90,6 +93,7 @@ CLOCK_STEP = 60.0  # a wall clock set back further re-times the retries (_check_
 DEAD_FOR = 300.0  # longest a destination stays marked unreachable (Postfix: 300 s)
 DEAD_MAX = 10_000  # marks kept (memory): past it the expired go, then the oldest
 UNREACHABLE = "4.4.1"  # RFC 3463: no answer from host (the courier's connect failures)
+SHUTDOWN = "4.3.2"  # RFC 3463: system not accepting network messages (our own stop)
 
 
 _FULL_RETURN_MAX = 10_000_000  # RET=FULL returns bigger messages as headers only
@@ -102,7 +106,8 @@ _DSN_ACTIONS = (("failed", "cannot queue a bounce; retrying later"),
 
 class CourierLike(Protocol):
     async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
-                      offset: int = 0) -> dict[str, DeliveryResult]: ...
+                      offset: int = 0, sent: dict[str, str] | None = None
+                      ) -> dict[str, DeliveryResult]: ...
 
     async def close(self) -> None: ...
 
@@ -290,7 +295,9 @@ class Scheduler:
             _, pending = await asyncio.wait(set(self._tasks),
                                             timeout=self.cfg.shutdown_timeout)
             for t in pending:
-                t.cancel()  # state not saved: those recipients are re-delivered on restart
+                # State not saved: those recipients are tried again at the next start; a
+                # cut delivery logs them as deferred (_cut_by_stop).
+                t.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
         if self._hooked:
@@ -702,13 +709,18 @@ class Scheduler:
                 return
             token = self.inflight.begin(act.qid, [r.address for r in job.rcpts])
             courier = self.courier  # a reload may bring another meanwhile
+            sent: dict[str, str] = {}  # who may have the message (the courier fills it)
             try:
                 t0 = time.monotonic()
-                results = await courier.deliver(act.env, job.rcpts, act.path, act.offset)
+                results = await courier.deliver(act.env, job.rcpts, act.path, act.offset,
+                                                sent=sent)
                 if self.metrics is not None:
                     self.metrics.delivery_attempt(
                         "smarthost" if job.key == "smarthost" else "mx", time.monotonic() - t0)
             except asyncio.CancelledError:
+                if self._stopping:  # cut by a clean stop: said here, not taken for a crash
+                    self._cut_by_stop(act.env, job, sent)
+                    self.inflight.end(token)
                 raise
             except Exception:
                 log.exception("%s: courier failed", act.qid)
@@ -733,6 +745,22 @@ class Scheduler:
                 else:
                     self._release(act)
             self._pump()
+
+    def _cut_by_stop(self, env: Envelope, job: _Job, sent: dict[str, str]) -> None:
+        """A delivery still running when stop()'s shutdown_timeout ended: one deferred
+        line per recipient naming the stop (and, when the message had gone out, that it
+        may have been delivered). The state is not changed: the message stays queued
+        and is tried again at the next start, as after any deferral."""
+        now = time.time()
+        why = (f"delivery cut by authrelay's stop (still running when shutdown_timeout = "
+               f"{self.cfg.shutdown_timeout:g}s ended); tried again at the next start")
+        for r in job.rcpts:
+            relay = sent.get(r.address)
+            text = why if relay is None else (
+                f"{why}; the message had been sent to {relay} and no reply received: it "
+                "may have been delivered (the next attempt may deliver it twice)")
+            self.maillog.deferred(env.queue_id, r.address, relay, now - env.received_at,
+                                  r.attempts + 1, SHUTDOWN, f"451 {SHUTDOWN} {text}")
 
     async def _apply(self, act: _Active, job: _Job, results: dict[str, DeliveryResult]) -> None:
         """Record one job's results. A recipient that failed and wants a DSN stays PENDING
