@@ -72,6 +72,11 @@ class TokenEndpoint:
         self.oversize = 0
         self.gzip = False
         self.body: bytes | None = None  # the answer's body as is (malformed JSON, say), 200
+        # set: every request waits, unanswered, until it is set again (a stalled endpoint);
+        # `held` counts the requests that waited
+        self.hold = threading.Event()
+        self.hold.set()
+        self.held = 0
         # a refusal's error_description quotes what the client sent (secret, assertion)
         self.echo = False
         self.forms: list[dict[str, str]] = []
@@ -90,6 +95,10 @@ class TokenEndpoint:
             def do_POST(self) -> None:  # noqa: N802
                 n = int(self.headers.get("Content-Length", "0"))
                 form = {k: v[0] for k, v in parse_qs(self.rfile.read(n).decode()).items()}
+                if not fake.hold.is_set():
+                    fake.held += 1
+                    while not fake.hold.wait(0.05) and not fake._stopping.is_set():
+                        pass
                 if fake.redirect:
                     self.send_response(307)
                     self.send_header("Location", fake.redirect)

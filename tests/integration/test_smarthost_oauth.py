@@ -1235,3 +1235,35 @@ async def test_doctor_keeps_an_echoed_password_out_of_its_report(
     assert "AUTH refused: 535" in line and "[redacted]" in line, line
     blob = base64.b64encode(f"\0{USER}\0pa55word-echoed".encode()).decode()
     assert "pa55word" not in line and blob not in line
+
+
+async def test_a_stalled_token_endpoint_is_cut_at_attempt_timeout(
+        tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
+        trustme_ca_file: Path, mlog: Any) -> None:
+    """The token fetch is part of the delivery attempt: an endpoint that takes the request
+    and never answers holds the delivery no longer than [delivery] attempt_timeout (not
+    the fetch's own min(30 s, connect_timeout)); deferred 4.4.2 naming the limit, the
+    smart host never connected to. The fetch goes on: once the endpoint answers, the
+    next attempt uses its token (one request in all)."""
+    ep = endpoint(secret="s3cret-value")
+    sh = smart_host(ep)
+    ep.hold.clear()
+    courier = wiring.courier(secret_cfg(tmp_path, dns, sh, ep, trustme_ca_file,
+                                        delivery={"attempt_timeout": "1s"}), maillog=mlog)
+    try:
+        r = await deliver(courier)
+        assert ep.held == 1 and not ep.hold.is_set()  # still unanswered
+        assert (r.permanent, r.enhanced, r.code) == (False, "4.4.2", 451), r
+        assert r.text.startswith(f"no OAuth token for smart host 127.0.0.2:{sh.port}: the "
+                                 "token endpoint had not answered when the delivery "
+                                 "attempt's time limit ([delivery] attempt_timeout = 1s) "
+                                 "was reached"), r.text
+        assert sh.connections == 0
+        ep.hold.set()
+        await until(lambda: ep.issued != {}, "the fetch answered after its caller left")
+        r = await deliver(courier)
+    finally:
+        await courier.close()
+    assert r.ok, r
+    assert ep.requests == ["client_credentials"]
+    assert len(sh.messages) == 1

@@ -89,8 +89,9 @@ RFC 5321 4.5.3.2 timeouts: `[delivery] connect_timeout` (connect, TLS handshake,
 `command_timeout` (each reply to EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, RSET),
 `data_timeout` (each socket-buffer wait while sending the message, and the final reply).
 `attempt_timeout` bounds the whole attempt from its start (each wait above is cut short
-by it, and the DNS and MTA-STS lookups: 4.4.3 when it cuts them; no host is connected
-to, no transaction started, past it): per-wait timeouts
+by it, and the DNS and MTA-STS lookups: 4.4.3 when it cuts them; the wait for a smart
+host's OAuth token: 4.4.2; no host is connected to, no transaction started, past it):
+per-wait timeouts
 alone let 1,000 RCPTs each answered just in time hold a delivery slot for days. The
 recipients not done by then are deferred 4.4.2 ("the delivery attempt's time limit
 ... was reached"), the connection given up; those already answered keep their result
@@ -1090,9 +1091,23 @@ class Courier:
 
     async def _oauth_token(self, t: _Target, where: str) -> str:
         """The smart host's OAuth token (cached, or fetched now); none: 454 4.7.0 naming
-        the cause, and the next smart host is tried."""
+        the cause, and the next smart host is tried. The wait is cut at the attempt's
+        deadline (attempt_timeout; the fetch has its own min(30 s, connect_timeout), and
+        may be asked for twice per smart host): 4.4.2 naming the limit. The fetch goes on
+        for the other deliveries (oauth.TokenSource.get)."""
+        cut = asyncio.timeout(None if t.deadline is None
+                              else max(0.0, t.deadline - time.monotonic()))
         try:
-            return await self._oauth[t.entry][1].get()
+            async with cut:
+                return await self._oauth[t.entry][1].get()
+        except TimeoutError:
+            if not cut.expired():
+                raise
+            raise _TryNext(DeliveryResult.temp(
+                f"no OAuth token for smart host {where}: the token endpoint had not "
+                "answered when the delivery attempt's time limit ([delivery] "
+                f"attempt_timeout = {self.cfg.delivery.attempt_timeout:g}s) was reached; "
+                "for the next attempt", "4.4.2", 451, where)) from None
         except bearer.TokenError as e:
             raise _TryNext(DeliveryResult.temp(
                 f"no OAuth token for smart host {where}: {e}", "4.7.0", 454,

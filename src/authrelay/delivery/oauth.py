@@ -32,7 +32,10 @@ whose text names the cause (endpoint unreachable, TLS failure, the endpoint's `e
 except that a token fetched to replace a refused one and refused too within `fail_hold`
 seconds is kept (False): the cause is not the token (a missing permission, a blocked
 tenant), so a queue of mail asks the endpoint once per `fail_hold`, not once a message.
-- One fetch at a time: concurrent deliveries wait for the same fetch (an asyncio lock).
+- One fetch at a time: concurrent deliveries wait for the same fetch (a task each caller
+  awaits shielded: a caller cut short, its delivery attempt's time up, leaves it running
+  for the others and its token cached for the next attempt; the fetch's own `timeout`
+  ends it).
 - A token is used until 80% of its `expires_in` or until 5 minutes before it expires,
   whichever is earlier (never less than half of it; `expires_in` at most 1 day, none:
   1 hour, 0 or less: 1 minute), then replaced; if the refresh
@@ -292,7 +295,7 @@ class TokenSource:
         self._failed: tuple[float, str] | None = None  # (until, why)
         self._replacing = False  # the next fetch replaces a token the smart host refused
         self._refused_hold = 0.0  # until then, a refused replacement is kept (drop)
-        self._lock = asyncio.Lock()
+        self._getting: asyncio.Task[str] | None = None  # the fetch under way (get)
         self.fetches = 0  # tokens requested from the endpoint (tests, metrics)
 
     # ------------------------------------------------------------------ API
@@ -300,30 +303,47 @@ class TokenSource:
         tok = self._token
         if tok is not None and self.clock() < tok.refresh_at:
             return tok.value
-        async with self._lock:  # one fetch at a time; the others get its result
-            tok, now = self._token, self.clock()
-            if tok is not None and now < tok.refresh_at:
+        loop = asyncio.get_running_loop()
+        task = self._getting
+        if task is None or task.done() or task.get_loop() is not loop:
+            # One fetch at a time: every caller meanwhile gets its result.
+            task = loop.create_task(self._get())
+            self._getting = task
+            task.add_done_callback(self._landed)
+        # shield: a caller cut short (its delivery attempt's time up: attempt_timeout)
+        # leaves the fetch to the others, and its token to the next attempt.
+        return await asyncio.shield(task)
+
+    def _landed(self, task: asyncio.Task[str]) -> None:
+        if self._getting is task:
+            self._getting = None
+        if not task.cancelled():
+            task.exception()  # retrieved (asyncio warns of an error no caller awaited)
+
+    async def _get(self) -> str:
+        tok, now = self._token, self.clock()
+        if tok is not None and now < tok.refresh_at:
+            return tok.value
+        if self._failed is not None and now < self._failed[0]:
+            if tok is not None and now < tok.expires_at - 30:
                 return tok.value
-            if self._failed is not None and now < self._failed[0]:
-                if tok is not None and now < tok.expires_at - 30:
-                    return tok.value
-                raise TokenError(self._failed[1])
-            try:
-                value, expires_in = await self._fetch()
-            except TokenError as e:
-                self._failed = (self.clock() + self.fail_hold, str(e))
-                if tok is not None and self.clock() < tok.expires_at - 30:
-                    return tok.value  # the old one is still good for a while
-                self._token = None
-                raise
-            self._failed = None
-            now = self.clock()
-            if self._replacing:
-                self._replacing = False
-                self._refused_hold = now + self.fail_hold
-            use, life = _lifetime(expires_in)
-            self._token = _Token(value, now + use, now + life)
-            return value
+            raise TokenError(self._failed[1])
+        try:
+            value, expires_in = await self._fetch()
+        except TokenError as e:
+            self._failed = (self.clock() + self.fail_hold, str(e))
+            if tok is not None and self.clock() < tok.expires_at - 30:
+                return tok.value  # the old one is still good for a while
+            self._token = None
+            raise
+        self._failed = None
+        now = self.clock()
+        if self._replacing:
+            self._replacing = False
+            self._refused_hold = now + self.fail_hold
+        use, life = _lifetime(expires_in)
+        self._token = _Token(value, now + use, now + life)
+        return value
 
     def drop(self, token: str) -> bool:
         """The smart host refused `token`. True: the next get() gives another token (a
