@@ -220,8 +220,24 @@ def _setup_logging(cfg: Config) -> None:
             "uncaught exception in thread %s", name,
             exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
+    def unraisable_hook(u: Any) -> None:
+        # An exception Python cannot raise (in a __del__, a finalizer, a generator the
+        # collector closes): by default a multi-line traceback on stderr, beside the
+        # target. One line, as Python words it: `Exception ignored in: OBJECT: TYPE: TEXT`.
+        text = u.err_msg or "Exception ignored in"
+        if u.object is not None:
+            try:
+                text += f": {u.object!r}"
+            except Exception:  # its __repr__ fails too: the type will do
+                text += f": {type(u.object).__name__} object"
+        exc = u.exc_value
+        logging.getLogger("authrelay").error(
+            "%s", text, exc_info=(u.exc_type, exc, u.exc_traceback) if exc is not None
+            else None)
+
     sys.excepthook = excepthook
     threading.excepthook = thread_hook
+    sys.unraisablehook = unraisable_hook
 
 
 def _loop_exception_handler(loop: asyncio.AbstractEventLoop, ctx: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -543,6 +544,38 @@ maillog.get().flush()
     assert "warning=py.warnings: " in lines[2] and "old thing" in lines[2]
     assert "error=authrelay: uncaught exception in thread" in lines[3]
     assert "IndexError: list index out of range" in lines[3]
+
+
+def test_an_unraisable_exception_is_one_maillog_line(tmp_path: Path) -> None:
+    """An exception raised where Python cannot raise it (a __del__, a finalizer: here an
+    object collected with an error in its __del__) was Python's multi-line traceback on
+    stderr, beside the maillog file; it is one error line there, nothing on stderr."""
+    out = tmp_path / "log"
+    code = f"""
+import gc
+from authrelay import maillog, daemon
+from authrelay.config import from_dict
+cfg = from_dict({{"log": {{"target": "file:{out}"}}}})
+maillog.configure(cfg.log.target)
+daemon._setup_logging(cfg)
+class Leaky:
+    def __repr__(self):
+        return "<Leaky>"
+    def __del__(self):
+        raise OSError(9, "Bad file descriptor")
+Leaky()
+gc.collect()
+maillog.get().flush()
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r".* NOQUEUE: error=authrelay: Exception ignored in: <function "
+                        r"Leaky\.__del__ at 0x[0-9a-f]+>: OSError: \[Errno 9\] Bad file "
+                        r"descriptor", lines[0]), lines
 
 
 @pytest.mark.root
