@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -202,7 +203,7 @@ def _setup_logging(cfg: Config) -> None:
         h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         root.addHandler(h)
     root.setLevel(min(level, logging.WARNING))
-    logging.captureWarnings(True)  # warnings.warn() too
+    warnings.showwarning = _show_warning  # warnings.warn() too, one line each
 
     def excepthook(tp: Any, value: BaseException, tb: Any) -> None:
         logging.getLogger("authrelay").error("uncaught exception", exc_info=(tp, value, tb))
@@ -238,6 +239,16 @@ def _setup_logging(cfg: Config) -> None:
     sys.excepthook = excepthook
     threading.excepthook = thread_hook
     sys.unraisablehook = unraisable_hook
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """A Python warning (a library's DeprecationWarning, ResourceWarning) as one maillog
+    line, `warning=py.warnings: FILE:LINE: CATEGORY: MESSAGE`: logging.captureWarnings
+    logs warnings.formatwarning()'s text, which ends with a newline and the source line
+    (`\\x0a  warnings.warn(...)\\x0a` in the line)."""
+    logging.getLogger("py.warnings").warning("%s:%d: %s: %s", filename, lineno,
+                                             category.__name__, message)
 
 
 def _loop_exception_handler(loop: asyncio.AbstractEventLoop, ctx: dict[str, Any]) -> None:

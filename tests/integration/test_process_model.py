@@ -546,6 +546,39 @@ maillog.get().flush()
     assert "IndexError: list index out of range" in lines[3]
 
 
+def test_a_python_warning_is_one_maillog_line_without_its_source(tmp_path: Path) -> None:
+    """A library's warning (warnings.warn in a module whose source Python finds) was
+    logged as warnings.formatwarning() wrote it: a newline and the source line escaped
+    into the maillog line (`...: old thing\\x0a  warnings.warn(...)\\x0a`). One line,
+    `warning=py.warnings: FILE:LINE: CATEGORY: MESSAGE`."""
+    out = tmp_path / "log"
+    lib = tmp_path / "oldlib.py"
+    lib.write_text("import warnings\n\ndef call():\n"
+                   "    warnings.warn('old thing', DeprecationWarning, stacklevel=1)\n")
+    code = f"""
+import sys
+sys.path.insert(0, {str(tmp_path)!r})
+import warnings
+from authrelay import maillog, daemon
+from authrelay.config import from_dict
+cfg = from_dict({{"log": {{"target": "file:{out}"}}}})
+maillog.configure(cfg.log.target)
+daemon._setup_logging(cfg)
+warnings.simplefilter("default")
+import oldlib
+oldlib.call()
+maillog.get().flush()
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(f"NOQUEUE: warning=py.warnings: {lib}:4: DeprecationWarning: "
+                             "old thing"), lines
+
+
 def test_an_unraisable_exception_is_one_maillog_line(tmp_path: Path) -> None:
     """An exception raised where Python cannot raise it (a __del__, a finalizer: here an
     object collected with an error in its __del__) was Python's multi-line traceback on
