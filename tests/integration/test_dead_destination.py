@@ -243,3 +243,49 @@ def test_a_next_hop_replying_4_4_1_is_not_marked_dead(
     tries = primary.connections if "greeting" in busy else \
         sum(w.count(b"MAIL FROM:") for w in primary.wire)
     assert tries >= 3, log
+
+
+@pytest.mark.parametrize("other", ["refuses", "answers-421"])
+@pytest.mark.parametrize("unresolved", ["primary", "backup"])
+def test_an_mx_name_that_does_not_resolve_is_not_a_host_that_answered(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        fake_mx: MXFactory, unresolved: str, other: str) -> None:
+    """One MX name's address lookup fails (SERVFAIL, 4.4.3); the other MX host refuses
+    the connection, or answers 421. Postfix (smtp_addr.c smtp_addr_list: 'as long as we
+    are able to look up any host address, we ignore problems with DNS lookups'; then
+    smtp_connect.c's left-over recipients go through smtp_sess_fail, which sets the
+    request's hop_status, and qmgr_deliver.c throttles the queue: 'delivery temporarily
+    suspended') marks the destination dead when every host it could look up was tried
+    and none answered: so does authrelay, naming the refusal; a host that answered keeps
+    it alive, whatever the other name's lookup said. The name never tried is one
+    'host failed' line per attempt (4.4.3), as every host that failed is: it was not."""
+    names = {"primary": "mx1.half.test", "backup": "mx2.half.test"}
+    live = "mx2.half.test" if unresolved == "primary" else "mx1.half.test"
+    dns.set_zones({**ZONES, "half.test": {"MX": [(10, "mx1.half.test"),
+                                                  (20, "mx2.half.test")]},
+                   names[unresolved]: "SERVFAIL",
+                   live: {"A": [BUSY_MX if other == "answers-421" else DEAD_MX]}})
+    if other == "answers-421":
+        fake_mx(BUSY_MX, greeting="421 4.3.2 busy, try later")
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"],
+                                       concurrency_per_domain=1))
+    queued = []
+    for i in range(3):
+        q = submit(relay, [f"user{i}@half.test"])
+        relay.wait_for(lambda q=q: any("stat=Deferred" in ln for ln in log_lines(relay, q)),
+                       what=f"{q} deferred")
+        queued.append(q)
+    first = [ln for ln in log_lines(relay, queued[0]) if "stat=Deferred" in ln][0]
+    skipped = [ln for ln in log_lines(relay, queued[0]) if "status=host failed" in ln
+               and f"relay={names[unresolved]}," in ln]
+    assert len(skipped) == 1 and "451 4.4.3 DNS lookup failed for mail host " \
+        f"{names[unresolved]} of half.test" in skipped[0], log_lines(relay, queued[0])
+    later = [[ln for ln in log_lines(relay, q) if "stat=Deferred" in ln][0]
+             for q in queued[1:]]
+    if other == "refuses":
+        assert "451 4.4.1 connect to " in first and f"[{DEAD_MX}]" in first, first
+        assert all("delivery temporarily suspended: connect to" in ln for ln in later), later
+    else:
+        assert "421 4.3.2 busy" in first, first
+        assert not any("suspended" in ln for ln in later), later
+        assert all("421 4.3.2 busy" in ln for ln in later), later

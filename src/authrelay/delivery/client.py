@@ -610,6 +610,8 @@ class Courier:
                 if prefetch is not None:
                     await asyncio.gather(prefetch, return_exceptions=True)
                 return {r.address: e.result for r in rcpts}
+            for host, res in route.unresolved:  # not tried: said, as every failed host
+                self.maillog.host_failed(env.queue_id, host, str(res))
             planner = self.planner if prefetch is None else \
                 tlsplan.Planner(self.cfg, self.resolver, _Prefetched(prefetch))
             plan = await planner.plan(key, route)

@@ -21,7 +21,9 @@ Failure policy (raised as `RouteError` carrying a ready `DeliveryResult`):
   server failure);
 - the hosts exist but none has an address: permanent 550 5.4.4 (unable to route), unless
   one of the lookups failed temporarily, then 4.4.3 (it might have an address after all).
-An MX host whose lookup fails is skipped while others remain: partial answers are used.
+An MX host whose lookup fails is skipped while others remain: partial answers are used
+(as Postfix's smtp_addr_list), and named in `Route.unresolved` (the courier logs it as a
+failed host: it was not tried, so it never counts as a host that answered).
 
 `resolve_route()` also says which answers were DNSSEC-validated (RFC 7672 2.2: DANE applies
 to an MX host only when the MX RRset, or the implicit MX's address, and the host's address
@@ -184,6 +186,9 @@ class Route:
     # secure hosts whose address records came through a CNAME chain: host -> the expanded
     # name (RFC 7672 2.2.2: its TLSA records are asked first, and it is a reference name)
     expanded: dict[str, str] = field(default_factory=dict)
+    # MX hosts looked up and skipped, no address found (a failed lookup: 4.4.3; none:
+    # 5.4.4): never tried, so never an answer (the courier logs each as a failed host)
+    unresolved: list[tuple[str, DeliveryResult]] = field(default_factory=list)
 
 
 async def resolve(resolver: Resolver, domain: str,
@@ -246,6 +251,7 @@ async def resolve_route(resolver: Resolver, domain: str,
     expanded: dict[str, str] = {}
     temp: DnsTemporary | None = None
     asked: list[str] = []  # the hosts looked up (a reason names these, not every MX)
+    unresolved: list[tuple[str, DeliveryResult]] = []
     for looked_up, host in enumerate(hosts):
         if limit and (len(out) >= limit or looked_up >= limit):
             break
@@ -254,13 +260,19 @@ async def resolve_route(resolver: Resolver, domain: str,
             addrs, secure, canonical = await resolver.addresses_cname(host)
         except DnsTemporary as e:
             temp = e
+            unresolved.append((host, DeliveryResult.temp(
+                f"DNS lookup failed for mail host {host} of {domain}: {e}", "4.4.3", 451)))
             continue
         except DnsPermanent:
             if implicit:  # the domain had MX NODATA, so it exists; A/AAAA vanished
                 raise RouteError(DeliveryResult.perm(
                     f"Host or domain name not found: {domain}", "5.1.2", 550)) from None
+            unresolved.append((host, DeliveryResult.perm(
+                f"mail host {host} of {domain} not found (NXDOMAIN)", "5.4.4", 550)))
             continue
         except DnsNoData:
+            unresolved.append((host, DeliveryResult.perm(
+                f"mail host {host} of {domain} has no address", "5.4.4", 550)))
             continue
         out.extend((host, ip) for ip in v6_first(addrs))
         if secure:
@@ -271,7 +283,7 @@ async def resolve_route(resolver: Resolver, domain: str,
         if implicit:  # RFC 7672 2.2.2: the domain's own address records stand for the MX
             mx_secure = domain in secure_hosts
         return Route(out[:limit] if limit else out, mx_secure, secure_hosts, implicit,
-                     expanded)
+                     expanded, unresolved)
     if temp is not None:
         raise RouteError(DeliveryResult.temp(
             f"DNS lookup failed for the mail hosts of {domain}: {temp}", "4.4.3", 451))
