@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 from authrelay.config import (
     EMBEDDED,
     LOOKUP,
+    CertPair,
     Config,
     ConfigError,
     Listen,
@@ -202,24 +203,40 @@ def _check_privileged_split(cfg: Config, pw: pwd.struct_passwd | None,
 
 
 def _check_tls(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) -> None:
+    """Each served pair (Config.cert_pairs) as serve loads it; two of one key type."""
+    from authrelay import tls
+
+    if cfg.self_signed and not (cfg.cert_path.exists() or cfg.key_path.exists()):
+        out.append(Finding("note", "tls", f"no certificate configured: serve makes a "
+                           f"self-signed one in {cfg.cert_path.parent} on first start"))
+        return
+    kinds: dict[str, CertPair] = {}
+    for names in cfg.cert_pairs:
+        cert_pem = _check_pair(cfg, names, out)
+        if cert_pem is None:
+            continue
+        kind = tls.key_type(cert_pem)
+        other = kinds.setdefault(kind, names)
+        if other is not names:
+            out.append(Finding("error", names.cert_key,
+                               tls.same_key_type(names, other, kind)))
+
+
+def _check_pair(cfg: Config, names: CertPair, out: list[Finding]) -> bytes | None:
+    """One certificate and key: found, key mode, readable by serve, loads, key matches,
+    expiry. The certificate's bytes when it loads, else None."""
     import ssl
 
     from authrelay import tls
 
-    cert, key = cfg.cert_path, cfg.key_path
-    ckey = "tls.cert" if cfg.tls.cert else "tls"
-    kkey = "tls.key" if cfg.tls.key else "tls"
-    if cfg.self_signed and not (cert.exists() or key.exists()):
-        out.append(Finding("note", "tls", f"no certificate configured: serve makes a "
-                           f"self-signed one in {cert.parent} on first start"))
-        return
+    cert, key, ckey, kkey = names
     missing = False
     for k, p, what in ((ckey, cert, "certificate"), (kkey, key, "key")):
         if not p.exists():
             out.append(Finding("error", k, f"{p}: {what} not found"))
             missing = True
     if missing:
-        return
+        return None
     try:
         tls.check_key_mode(key)
     except tls.TLSConfigError as e:
@@ -241,7 +258,7 @@ def _check_tls(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) ->
             out.append(Finding("error", k, f"{p}: not readable by uid {os.geteuid()}, "
                                "which serve would run as (set user = \"...\" and start as "
                                "root, or make it readable by this user)"))
-            return
+            return None
     try:
         pem = (cert.read_bytes(), key.read_bytes())
     except PermissionError as e:
@@ -250,10 +267,10 @@ def _check_tls(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) ->
                            f"{e.filename}: cannot read as uid {os.geteuid()}"
                            + ("; run check-config as root to check it the way serve "
                               "reads it" if level == "warning" else "")))
-        return
+        return None
     except OSError as e:
         out.append(Finding("error", ckey, f"{e.filename}: cannot read: {e.strerror}"))
-        return
+        return None
     import tempfile
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -274,7 +291,7 @@ def _check_tls(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) ->
                                    f"and key ({e.reason or text})"))
             else:
                 out.append(Finding("error", ckey, f"{cert} / {key}: cannot load: {text}"))
-            return
+            return None
     try:
         from cryptography import x509
 
@@ -289,6 +306,7 @@ def _check_tls(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) ->
             out.append(Finding("warning", ckey, f"{cert}: expires on {end:%Y-%m-%d}"))
     except Exception:  # the load above is what matters; expiry is advice
         pass
+    return pem[0]
 
 
 def _check_scale(cfg: Config, out: list[Finding]) -> None:

@@ -29,7 +29,7 @@ import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit
 
 ENV_VAR = "AUTHRELAY_CONFIG"
@@ -186,10 +186,24 @@ class Listen:
         return parse_hostport(self.address, "listen.address")[1]
 
 
+class CertPair(NamedTuple):
+    """One served certificate (chain) and its key, with the config keys naming them (for
+    messages; "tls" for the embedded default's self-signed pair)."""
+
+    cert: Path
+    key: Path
+    cert_key: str
+    key_key: str
+
+
 @dataclass(frozen=True)
 class TLS:
     cert: str = ""  # empty: <state_dir>/tls/cert.pem, self-signed on first start
     key: str = ""
+    # A second pair of the other key type (ECDSA beside RSA, or RSA beside ECDSA): both
+    # are served, OpenSSL picks by what the client can verify (Config.cert_pairs).
+    second_cert: str = ""
+    second_key: str = ""
     min_version: str = "1.2"  # 1.2 | 1.3
 
 
@@ -567,6 +581,17 @@ class Config:
         return Path(self.tls.key) if self.tls.key else self.state_path / "tls" / "key.pem"
 
     @property
+    def cert_pairs(self) -> tuple[CertPair, ...]:
+        """Every certificate and key served: `[tls] cert`/`key`, then the second pair."""
+        first = CertPair(self.cert_path, self.key_path,
+                         "tls.cert" if self.tls.cert else "tls",
+                         "tls.key" if self.tls.key else "tls")
+        if not self.tls.second_cert:
+            return (first,)
+        return first, CertPair(Path(self.tls.second_cert), Path(self.tls.second_key),
+                               "tls.second_cert", "tls.second_key")
+
+    @property
     def dkim_dir(self) -> Path:
         """DKIM keys: dkim/DOMAIN/SELECTOR.key."""
         return self.state_path / "dkim"
@@ -764,6 +789,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("listen: at least one [[listen]] is required")
     for i, ln in enumerate(cfg.listen):
         parse_hostport(ln.address, f"listen[{i}].address")
+    tc = cfg.tls
+    if bool(tc.second_cert) != bool(tc.second_key):
+        have, need = (("second_cert", "second_key") if tc.second_cert
+                      else ("second_key", "second_cert"))
+        raise ConfigError(f"tls.{have}: needs tls.{need} too (the second certificate and "
+                          "its key)")
+    if tc.second_cert and not (tc.cert and tc.key):
+        raise ConfigError("tls.second_cert: needs tls.cert and tls.key (the first pair; "
+                          "the self-signed default is not served beside a second one)")
     for i, net in enumerate(cfg.relay.trusted_networks):
         try:
             ipaddress.ip_network(net, strict=False)
@@ -1035,7 +1069,7 @@ def config_dir(path: str | os.PathLike[str]) -> Path:
 # values of auth.backend and log.target): taken from the config file's directory when
 # relative (absolute_paths).
 _PATH_KEYS = {
-    "tls": ("cert", "key"),
+    "tls": ("cert", "key", "second_cert", "second_key"),
     "relay": ("smart_host_password_file", "smart_host_ca_file", "smart_host_oauth_secret_file",
               "smart_host_oauth_key_file", "smart_host_oauth_ca_file"),
     "delivery": ("tls_ca_file",),

@@ -20,13 +20,13 @@ Owns four mechanisms (docs/PRIVILEGES.md tells the whole split):
   process changes credentials, and it is bound to the forking *thread*: children are
   forked from the main thread only).
 - The key helper: when `serve` drops privileges (root + `user = ...`), it first forks a
-  small process that stays root and answers one request, "the certificate and key of the
-  config file", with the PEM bytes (validated: a pair that loads, so no other file's
+  small process that stays root and answers one request, "the certificates and keys of the
+  config file", with the PEM bytes (validated: pairs that load, so no other file's
   contents can be obtained through it) or an error line. The unprivileged master asks it
   on SIGHUP, so a renewed root-only key (mode 0600 root, as certbot makes) is loaded;
   likewise the config file itself (only the one it was started with, and only once it
   loads) when the master may not read it (0600 root: it holds a database password).
-  Workers get the master's config bytes and PEM pair in one reload message, a memory
+  Workers get the master's config bytes and PEM pairs in one reload message, a memory
   file passed over the socketpair (any size: a datagram is capped by the send buffer).
 
 Messages on a channel are single SOCK_SEQPACKET datagrams: `kind(1 byte) + payload`.
@@ -374,21 +374,32 @@ def send_fd(sock: socket.socket, kind: bytes, fd: int) -> None:
     socket.send_fds(sock, [kind], [fd])
 
 
-def pack_pem(pem: tuple[bytes, bytes]) -> bytes:
-    return struct.pack("!II", len(pem[0]), len(pem[1])) + pem[0] + pem[1]
+PEM = tuple[tuple[bytes, bytes], ...]  # tls.PEM: (certificate chain, key) per served pair
 
 
-def unpack_pem(data: bytes) -> tuple[bytes, bytes]:
-    a, b = struct.unpack("!II", data[:8])
-    if len(data) != 8 + a + b:
+def pack_pem(pem: PEM) -> bytes:
+    """Every pair: their count, then each one's two lengths and bytes."""
+    return struct.pack("!I", len(pem)) + b"".join(
+        struct.pack("!II", len(c), len(k)) + c + k for c, k in pem)
+
+
+def unpack_pem(data: bytes) -> PEM:
+    (count,) = struct.unpack("!I", data[:4])
+    out, pos = [], 4
+    for _ in range(count):
+        a, b = struct.unpack("!II", data[pos:pos + 8])
+        pos += 8
+        out.append((data[pos:pos + a], data[pos + a:pos + a + b]))
+        pos += a + b
+    if pos != len(data):
         raise ValueError("truncated certificate message")
-    return data[8:8 + a], data[8 + a:]
+    return tuple(out)
 
 
 _NO_FILE = 0xFFFFFFFF  # pack_reload: no config file (the embedded default)
 
 
-def pack_reload(config: bytes | None, pem: tuple[bytes, bytes]) -> bytes:
+def pack_reload(config: bytes | None, pem: PEM) -> bytes:
     """A worker's reload: the config bytes the master loaded (None: no file) and the PEM
     pair, so every process runs what the master read (workers may not read the file)."""
     head = struct.pack("!I", _NO_FILE if config is None else len(config))
@@ -425,7 +436,7 @@ def read_fd(fd: int) -> bytes:
     return b"".join(parts)
 
 
-def unpack_reload(data: bytes) -> tuple[bytes | None, tuple[bytes, bytes]]:
+def unpack_reload(data: bytes) -> tuple[bytes | None, PEM]:
     (n,) = struct.unpack("!I", data[:4])
     if n == _NO_FILE:
         return None, unpack_pem(data[4:])
@@ -492,8 +503,8 @@ class KeyHelper:
             send(self.sock, kind, payload)
             return recv(self.sock)
 
-    def read_pem(self) -> tuple[bytes, bytes]:
-        """Blocking request (a few ms): the PEM pair, or TLSConfigError."""
+    def read_pem(self) -> PEM:
+        """Blocking request (a few ms): the PEM pairs, or TLSConfigError."""
         from authrelay.tls import TLSConfigError
 
         try:

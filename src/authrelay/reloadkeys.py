@@ -51,7 +51,7 @@ RESTART_ONLY = frozenset({
 RELOADABLE = frozenset({
     "hostname", "shutdown_timeout", "aliases", "aliases_file", "trusted_users",
     "public_addresses",
-    "tls.cert", "tls.key", "tls.min_version",
+    "tls.cert", "tls.key", "tls.second_cert", "tls.second_key", "tls.min_version",
     "auth.mechanisms", "auth.sender_policy", "auth.failure_window",
     "auth.max_failures_per_ip", "auth.max_failures_per_user", "auth.failure_delay",
     "auth.known_address_days", "auth.app_passwords", "auth.realms",

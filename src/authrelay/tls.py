@@ -3,12 +3,15 @@
 Owns how authrelay speaks TLS. Contract: `server_context(cfg, pem)` returns a context with
 TLS 1.2 minimum (RFC 8314 4.1 / RFC 8996), server cipher preference, session tickets for
 resumption (per process: the workers' ticket keys are their own), ALPN "smtp", and the
-configured certificate; `hello_refusal` says whether a ClientHello is refused (ALPACA).
+configured certificates (one, or `[tls] second_cert`'s pair of the other key type beside
+it: OpenSSL picks per handshake by what the client can verify, ECDSA or RSA);
+`hello_refusal` says whether a ClientHello is refused (ALPACA).
 `CertStore.reload()` swaps in a renewed certificate: the next handshake uses it,
 established sessions are untouched. A key file readable by group or others is refused
 (like OpenSSH), so a mis-set key never goes live.
 `make_self_signed()` writes an ECDSA P-256 certificate and a 0600 key (ECDSA: smaller,
-and the handshake is cheaper than RSA, which matters at thousands of sessions/s).
+and the handshake is cheaper than RSA, which matters at thousands of sessions/s); an RSA
+one on request, for the second pair.
 
 Privileges (docs/PRIVILEGES.md): the files are read by `read_pem()` while still root (at
 start, and on SIGHUP by the privileged helper in process.py), so a key readable only by
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from authrelay import maillog
-from authrelay.config import Config, load
+from authrelay.config import CertPair, Config, load
 from authrelay.newfile import replace_with_new
 
 
@@ -51,15 +54,22 @@ def check_key_mode(key: Path) -> None:
         )
 
 
-def make_self_signed(hostname: str, out_dir: Path, *, days: int = 825) -> tuple[Path, Path]:
-    """Write cert.pem and key.pem (0600) for `hostname` into out_dir; return their paths."""
+def make_self_signed(hostname: str, out_dir: Path, *, days: int = 825,
+                     rsa_key: bool = False) -> tuple[Path, Path]:
+    """Write cert.pem and key.pem (0600) for `hostname` into out_dir (`rsa_key`: an RSA
+    2048 pair, rsa-cert.pem and rsa-key.pem, for clients without ECDSA, served beside the
+    ECDSA one as [tls] second_cert/second_key); return their paths."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if rsa_key:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
     now = datetime.datetime.now(datetime.UTC)
     sans: list[x509.GeneralName] = [x509.DNSName(hostname)]
@@ -80,7 +90,7 @@ def make_self_signed(hostname: str, out_dir: Path, *, days: int = 825) -> tuple[
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = out_dir / "cert.pem", out_dir / "key.pem"
+    cert_path, key_path = (out_dir / name for name in self_signed_names(rsa_key))
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
@@ -100,39 +110,83 @@ def ensure_certificate(cfg: Config) -> None:
         make_self_signed(cfg.hostname, d)
 
 
-PEM = tuple[bytes, bytes]  # (certificate chain, private key), as read from the files
+Pair = tuple[bytes, bytes]  # (certificate chain, private key), as read from the files
+PEM = tuple[Pair, ...]  # every served pair, in Config.cert_pairs order
 
 
 def read_pem(cfg: Config) -> PEM:
-    """Read and check the configured certificate and key (call while privileged).
+    """Read and check every configured certificate and key (call while privileged).
 
-    Raises TLSConfigError naming the file and the fix. The pair is proved to load (and the
-    key to match the certificate) before it is returned, so whoever asks the privileged
-    helper for it gets a working certificate or an error, never the bytes of some other
-    file the config might point at.
+    Raises TLSConfigError naming the file and the fix. Each pair is proved to load (and
+    its key to match its certificate) before it is returned, so whoever asks the
+    privileged helper for it gets working certificates or an error, never the bytes of
+    some other file the config might point at. Two pairs of one key type are refused:
+    OpenSSL keeps one certificate per key type, the second would silently replace the
+    first.
     """
-    cert, key = cfg.cert_path, cfg.key_path
+    out: list[Pair] = []
+    kinds: dict[str, CertPair] = {}
+    for names in cfg.cert_pairs:
+        pair = _read_pair(cfg, names)
+        kind = key_type(pair[0])
+        other = kinds.setdefault(kind, names)
+        if other is not names:
+            raise TLSConfigError(f"{names.cert_key}: {same_key_type(names, other, kind)}")
+        out.append(pair)
+    return tuple(out)
+
+
+def _read_pair(cfg: Config, names: CertPair) -> Pair:
+    cert, key = names.cert, names.key
     if not cert.exists():
         raise TLSConfigError(f"{cert}: certificate not found (authrelay cert make)")
     if not key.exists():
         raise TLSConfigError(f"{key}: key not found")
     check_key_mode(key)
     try:
-        pem = (cert.read_bytes(), key.read_bytes())
+        pair = (cert.read_bytes(), key.read_bytes())
     except OSError as e:
         raise TLSConfigError(f"{e.filename}: cannot read: {e.strerror}") from None
-    _load_pem(_new_context(cfg), pem, f"{cert}/{key}")
-    return pem
+    _load_pem(_new_context(cfg), pair, f"{cert}/{key}")
+    return pair
 
 
-def certificate_problem(pem: PEM) -> str | None:
-    """Why clients that check certificates refuse `pem`'s certificate now (expired, or not
-    yet valid), or None. serve warns and serves it anyway (as Postfix does): refusing to
-    start would stop the mail, and on 25 it still encrypts."""
+def key_type(cert_pem: bytes) -> str:
+    """The key type of the first certificate in `cert_pem` as OpenSSL files it (one
+    certificate per type in a context): "RSA", "ECDSA", "Ed25519", ... ("unknown" for
+    bytes that are no certificate: not reached for a pair that loaded)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+
+    try:
+        public = x509.load_pem_x509_certificate(cert_pem).public_key()
+    except ValueError:
+        return "unknown"
+    types = ((rsa.RSAPublicKey, "RSA"), (ec.EllipticCurvePublicKey, "ECDSA"),
+             (ed25519.Ed25519PublicKey, "Ed25519"), (ed448.Ed448PublicKey, "Ed448"),
+             (dsa.DSAPublicKey, "DSA"))
+    return next((name for cls, name in types if isinstance(public, cls)),
+                type(public).__name__)
+
+
+def same_key_type(pair: CertPair, other: CertPair, kind: str) -> str:
+    """Why `pair` is refused beside `other`, both of one key type (serve and
+    check-config say it after the config key, pair.cert_key)."""
+    want = "RSA" if kind != "RSA" else "ECDSA"
+    return (f"{pair.cert} is {kind}, as {other.cert_key} "
+            f"({other.cert}) is: only one certificate per key type can be served (the "
+            f"second would replace the first); make this pair {want} (authrelay cert "
+            f"make{' --rsa' if want == 'RSA' else ''}) or remove it")
+
+
+def certificate_problem(pair: Pair) -> str | None:
+    """Why clients that check certificates refuse `pair`'s certificate now (expired, or
+    not yet valid), or None. serve warns and serves it anyway (as Postfix does): refusing
+    to start would stop the mail, and on 25 it still encrypts."""
     from cryptography import x509
 
     try:
-        leaf = x509.load_pem_x509_certificate(pem[0])
+        leaf = x509.load_pem_x509_certificate(pair[0])
     except ValueError:  # read_pem has loaded it: not reached for a served certificate
         return None
     now = datetime.datetime.now(datetime.UTC)
@@ -144,17 +198,20 @@ def certificate_problem(pem: PEM) -> str | None:
 
 
 def warn_certificate(cfg: Config, pem: PEM) -> None:
-    """One maillog warning when the certificate about to be served is expired or not yet
-    valid (call once per start and per reload, in the master or single process)."""
-    problem = certificate_problem(pem)
-    if problem is not None:
-        maillog.warning(f"TLS certificate {problem}: clients that check certificates "
-                        "refuse it; serving it anyway (renew it, then reload)",
-                        cert=str(cfg.cert_path))
+    """One maillog warning per served certificate that is expired or not yet valid (call
+    once per start and per reload, in the master or single process)."""
+    for names, pair in zip(cfg.cert_pairs, pem, strict=True):
+        problem = certificate_problem(pair)
+        if problem is not None:
+            maillog.warning(f"TLS certificate {problem}: clients that check certificates "
+                            "refuse it; serving it anyway (renew it, then reload)",
+                            cert=str(names.cert))
 
 
-def _load_pem(ctx: ssl.SSLContext, pem: PEM, what: str = "certificate") -> None:
-    """Load a certificate chain and key from memory into ctx.
+def _load_pem(ctx: ssl.SSLContext, pem: Pair, what: str = "certificate") -> None:
+    """Load a certificate chain and key from memory into ctx. A second pair of another key
+    type is added beside the first, with its own chain (OpenSSL keeps the intermediates
+    per certificate), and OpenSSL picks per handshake by what the client can verify.
 
     OpenSSL (through the ssl module) loads only from paths: the bytes go into an anonymous
     memory file (memfd_create) that is opened through /proc/self/fd; that works in a
@@ -376,21 +433,27 @@ def hello_refusal(hello: Hello, ctx: ssl.SSLContext | None = None) -> Refusal | 
 
 
 def server_context(cfg: Config, pem: PEM | None = None) -> ServerContext:
-    """A server context with `pem` (bytes already read) or the configured files."""
+    """A server context with `pem` (bytes already read) or the configured files: every
+    pair, in both the context and its X25519 twin."""
     if pem is None:
         pem = read_pem(cfg)
-    what = f"{cfg.cert_path}/{cfg.key_path}"
+    if len(pem) != len(cfg.cert_pairs):  # the helper read another version of the file
+        raise TLSConfigError(f"{len(pem)} certificate(s) read for the "
+                             f"{len(cfg.cert_pairs)} configured (the config file changed "
+                             "while it was read?): reload again")
     ctx = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     _new_context(cfg, ctx=ctx)
-    _load_pem(ctx, pem, what)
     try:
         ctx.x25519 = _new_context(cfg, "X25519")
     except ssl.SSLError:
         # A Python whose set_ecdh_curve takes EC curves only ("unknown group": 3.11.2,
         # Debian 12's): P-256 alone, as before the twin, rather than no server at all.
         ctx.x25519 = ctx
-    else:
-        _load_pem(ctx.x25519, pem, what)
+    for names, pair in zip(cfg.cert_pairs, pem, strict=True):
+        what = f"{names.cert}/{names.key}"
+        _load_pem(ctx, pair, what)
+        if ctx.x25519 is not ctx:
+            _load_pem(ctx.x25519, pair, what)
     return ctx
 
 
@@ -466,25 +529,37 @@ class CertStore:
         self._built = self._clock()
 
 
+def self_signed_names(rsa_key: bool) -> tuple[str, str]:
+    """The file names `make_self_signed` writes (certificate, key)."""
+    return ("rsa-cert.pem", "rsa-key.pem") if rsa_key else ("cert.pem", "key.pem")
+
+
 def _cmd_cert_make(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     hostname = args.hostname or cfg.hostname
     out = Path(args.out) if args.out else cfg.cert_path.parent
-    if not args.force and ((out / "cert.pem").exists() or (out / "key.pem").exists()):
-        print(f"authrelay: {out}/cert.pem or key.pem exists; use --force to replace",
+    names = self_signed_names(args.rsa)
+    if not args.force and any((out / n).exists() for n in names):
+        print(f"authrelay: {out}/{names[0]} or {names[1]} exists; use --force to replace",
               file=sys.stderr)
         return 1
-    cert, key = make_self_signed(hostname, out, days=args.days)
+    cert, key = make_self_signed(hostname, out, days=args.days, rsa_key=args.rsa)
     print(f"wrote {cert}\nwrote {key} (mode 0600)")
+    if args.rsa and Path(cfg.tls.second_cert) != cert:
+        print(f"serve it beside the ECDSA certificate, in [tls]:\n"
+              f"second_cert = \"{cert.absolute()}\"\nsecond_key = \"{key.absolute()}\"")
     return 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("cert", help="TLS certificates")
     s = p.add_subparsers(dest="cert_command", metavar="ACTION", required=True)
-    m = s.add_parser("make", help="make a self-signed ECDSA P-256 certificate and key")
+    m = s.add_parser("make", help="make a self-signed ECDSA P-256 (or RSA) certificate and key")
     m.add_argument("--hostname", help="certificate name (default: the config's hostname)")
     m.add_argument("--out", help="directory (default: where the config expects them)")
     m.add_argument("--days", type=int, default=825)
     m.add_argument("--force", action="store_true", help="replace existing files")
+    m.add_argument("--rsa", action="store_true",
+                   help="RSA 2048 instead (rsa-cert.pem, rsa-key.pem): the second pair, "
+                        "for clients without ECDSA")
     m.set_defaults(func=_cmd_cert_make)

@@ -219,6 +219,76 @@ def test_not_pem(site: Path) -> None:
     assert r.returncode == 1 and "error: tls.cert:" in r.stderr, r.stderr
 
 
+def _rsa_cert(d: Path, name: str) -> tuple[Path, Path, str]:
+    """`authrelay cert make --rsa` into d/name: (cert, key, what it printed)."""
+    out = d / name
+    r = subprocess.run([sys.executable, "-m", "authrelay", "cert", "make", "--rsa",
+                        "--hostname", "relay.test", "--out", str(out)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return out / "rsa-cert.pem", out / "rsa-key.pem", r.stdout
+
+
+def test_the_second_pair_is_checked_as_the_first(site: Path) -> None:
+    """[tls] second_cert/second_key (an RSA pair beside the ECDSA one, made by `cert make
+    --rsa`): each pair is checked (found, key mode, key matches, expiry) under its own
+    keys, and two pairs of one key type are an error: OpenSSL would serve only one."""
+    import datetime
+
+    import trustme
+
+    ec, ec_key = _cert(site, "ec")
+    rsa, rsa_key, printed = _rsa_cert(site, "rsa")
+    assert f'second_cert = "{rsa}"\nsecond_key = "{rsa_key}"' in printed
+    assert oct(rsa_key.stat().st_mode & 0o777) == "0o600"
+
+    def cc(second: Path, second_key: Path) -> subprocess.CompletedProcess[str]:
+        return _cc(_write(site, {"tls": {"cert": str(ec), "key": str(ec_key),
+                                         "second_cert": str(second),
+                                         "second_key": str(second_key)}}))
+
+    r = cc(rsa, rsa_key)
+    assert r.returncode == 0 and r.stdout.strip().endswith(": ok"), r.stderr
+    _, other_key, _ = _rsa_cert(site, "rsa2")
+    r = cc(rsa, other_key)
+    assert r.returncode == 1
+    assert f"error: tls.second_key: {other_key} does not match the certificate {rsa}" \
+        in r.stderr
+    os.chmod(other_key, 0o640)
+    r = cc(rsa, other_key)
+    assert "error: tls.second_key:" in r.stderr and f"chmod 600 {other_key}" in r.stderr
+    r = cc(site / "none.pem", rsa_key)
+    assert f"error: tls.second_cert: {site}/none.pem: certificate not found" in r.stderr
+    leaf = trustme.CA(key_type=trustme.KeyType.RSA).issue_cert(
+        "relay.test", key_type=trustme.KeyType.RSA,
+        not_before=datetime.datetime(2019, 1, 1, tzinfo=datetime.UTC),
+        not_after=datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
+    old, old_key = site / "old.pem", site / "old.key"
+    leaf.cert_chain_pems[0].write_to_path(str(old))
+    leaf.private_key_pem.write_to_path(str(old_key))
+    old_key.chmod(0o600)
+    r = cc(old, old_key)
+    assert f"error: tls.second_cert: {old}: expired on 2020-01-01 (serve starts" in r.stderr
+    # Two ECDSA pairs: an error naming both, and serve does not start on them.
+    ec2, ec2_key = _cert(site, "ec2")
+    r = cc(ec2, ec2_key)
+    assert r.returncode == 1
+    same = (f"tls.second_cert: {ec2} is ECDSA, as tls.cert ({ec}) is: only one "
+            "certificate per key type can be served (the second would replace the "
+            "first); make this pair RSA (authrelay cert make --rsa) or remove it")
+    assert f"error: {same}" in r.stderr, r.stderr
+    served = subprocess.run([sys.executable, "-m", "authrelay", "-c",
+                             str(site / "authrelay.toml"), "serve"], capture_output=True,
+                            text=True, timeout=60)
+    assert served.returncode != 0 and same in served.stderr, served.stderr
+    # A second certificate without its key, or without the first pair: config errors.
+    r = _cc(_write(site, {"tls": {"cert": str(ec), "key": str(ec_key),
+                                  "second_cert": str(rsa)}}))
+    assert "error: tls.second_cert: needs tls.second_key too" in r.stderr, r.stderr
+    r = _cc(_write(site, {"tls": {"second_cert": str(rsa), "second_key": str(rsa_key)}}))
+    assert "error: tls.second_cert: needs tls.cert and tls.key" in r.stderr, r.stderr
+
+
 def test_port_in_use_names_the_address(site: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,11 +10,16 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+import trustme
 from relayproc import RelayProcess
 from smtpclient import RawClient, client_ctx
+from support import ci
+from support.certs import install_cert
 
 pytestmark = pytest.mark.slow
 
@@ -285,3 +290,157 @@ def test_a_client_too_old_gets_the_protocol_version_alert(relay_factory,  # noqa
     # TLS 1.3 itself goes on (its ClientHello names 1.3 in supported_versions).
     first = server_hello(port, client_hello(None), starttls)
     assert first[:1] == b"\x16" and first[5:6] == b"\x02", first
+
+
+class TwoPairs(NamedTuple):
+    """An ECDSA and an RSA leaf for relay.test / 127.0.0.1, each under its own
+    intermediate of one root (`root`: the only CA a client trusts, so a verified
+    handshake proves the server sent the right intermediate)."""
+
+    root: Path
+    ecdsa: tuple[str, str]
+    rsa: tuple[str, str]
+    chain: dict[str, list[bytes]]  # "ECDSA"/"RSA": the leaf and its intermediate (DER)
+    cas: dict[str, trustme.CA]  # "ECDSA"/"RSA": the intermediate
+
+
+def install_two_pairs(d: Path) -> TwoPairs:
+    root = trustme.CA()
+    d.mkdir(parents=True, exist_ok=True)
+    root.cert_pem.write_to_path(str(d / "root.pem"))
+    paths: dict[str, tuple[str, str]] = {}
+    chain: dict[str, list[bytes]] = {}
+    cas: dict[str, trustme.CA] = {}
+    for kind, key_type in (("ECDSA", trustme.KeyType.ECDSA), ("RSA", trustme.KeyType.RSA)):
+        ca = cas[kind] = root.create_child_ca(key_type=key_type)
+        cert, key, leaf = install_cert(ca, d / kind.lower(), key_type=key_type)
+        paths[kind] = (str(cert), str(key))
+        chain[kind] = [leaf, ssl.PEM_cert_to_DER_cert(ca.cert_pem.bytes().decode())]
+    return TwoPairs(d / "root.pem", paths["ECDSA"], paths["RSA"], chain, cas)
+
+
+def verifying_ctx(root: Path, ciphers: str | None = None) -> ssl.SSLContext:
+    """A client that trusts only `root`; `ciphers`: TLS 1.2 with these suites only."""
+    ctx = ssl.create_default_context(cafile=str(root))
+    ctx.check_hostname = False  # RawClient.starttls sends no name; the chain is checked
+    if ciphers is not None:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(ciphers)
+    return ctx
+
+
+def served_leaf(r: RelayProcess, mode: str, ctx: ssl.SSLContext) -> bytes:
+    """The leaf certificate (DER) a verified handshake gets on `mode`'s port."""
+    if mode == "submissions":
+        with RawClient(r.ports[mode], tls=ctx) as c:
+            assert c.reply().code == 220
+            der = c.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+    else:
+        with RawClient(r.ports[mode]) as c:
+            c.reply()
+            c.cmd("EHLO client.example")
+            assert c.cmd("STARTTLS").code == 220
+            c.starttls(ctx)
+            assert c.cmd("EHLO client.example").code == 250
+            der = c.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+    assert der
+    return bytes(der)
+
+
+RSA_ONLY_TLS12 = "ECDHE-RSA-AES128-GCM-SHA256"
+ECDSA_ONLY_TLS12 = "ECDHE-ECDSA-AES128-GCM-SHA256"
+
+
+def s_client_chain(r: RelayProcess, mode: str, root: Path, *args: str) -> list[bytes]:
+    """The chain (DER, leaf first) openssl s_client gets, verified against `root`;
+    `args`: its -sigalgs, -cipher, version options."""
+    ci.require_tool("openssl", "openssl")
+    cmd = ["openssl", "s_client", "-connect", f"127.0.0.1:{r.ports[mode]}", "-showcerts",
+           "-CAfile", str(root), "-verify_return_error", *args]
+    if mode != "submissions":
+        cmd += ["-starttls", "smtp"]
+    done = subprocess.run(cmd, input=b"QUIT\r\n", capture_output=True, timeout=30,
+                          check=False)
+    out = done.stdout.decode()
+    assert done.returncode == 0 and "Verify return code: 0 (ok)" in out, \
+        out + done.stderr.decode()
+    return [ssl.PEM_cert_to_DER_cert(pem) for pem in re.findall(
+        r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", out, re.S)]
+
+
+@pytest.mark.parametrize("mode", ["submissions", "submission"])
+def test_an_ecdsa_and_an_rsa_certificate_side_by_side(relay_factory,  # noqa: ANN001
+                                                      tmp_path: Path, mode: str) -> None:
+    """[tls] second_cert/second_key: a second pair of the other key type is served beside
+    the first, each with its own intermediate. A client that can verify only RSA (TLS
+    1.2 ECDHE-RSA suites, or RSA signature algorithms) gets the RSA certificate, one
+    that can verify only ECDSA gets the ECDSA one, on 465 and after STARTTLS. Before,
+    one certificate was served: an ECDSA one turned RSA-only clients away."""
+    p = install_two_pairs(tmp_path / "certs")
+    r: RelayProcess = relay_factory({"tls": {"cert": p.ecdsa[0], "key": p.ecdsa[1],
+                                             "second_cert": p.rsa[0],
+                                             "second_key": p.rsa[1]}})
+    # Python's ssl: TLS 1.2 suites of one signature kind; TLS 1.3 (ECDSA preferred).
+    rsa, ecdsa = p.chain["RSA"][0], p.chain["ECDSA"][0]
+    assert served_leaf(r, mode, verifying_ctx(p.root, RSA_ONLY_TLS12)) == rsa
+    assert served_leaf(r, mode, verifying_ctx(p.root, ECDSA_ONLY_TLS12)) == ecdsa
+    assert served_leaf(r, mode, verifying_ctx(p.root)) == ecdsa
+    # openssl s_client: TLS 1.3 restricted by signature algorithms, TLS 1.2 by suite;
+    # the chain sent is the leaf and its own intermediate. X25519 (the twin context) and
+    # P-256 alone (the context itself) alike.
+    rsa_sigalgs = "rsa_pss_rsae_sha256:rsa_pkcs1_sha256"
+    for args, kind in ((("-tls1_3", "-sigalgs", rsa_sigalgs), "RSA"),
+                       (("-tls1_3", "-sigalgs", "ecdsa_secp256r1_sha256"), "ECDSA"),
+                       (("-tls1_3", "-groups", "P-256", "-sigalgs", rsa_sigalgs), "RSA"),
+                       (("-tls1_3", "-groups", "P-256"), "ECDSA"),
+                       (("-tls1_2", "-cipher", RSA_ONLY_TLS12), "RSA"),
+                       (("-tls1_2", "-cipher", ECDSA_ONLY_TLS12), "ECDSA")):
+        assert s_client_chain(r, mode, p.root, *args) == p.chain[kind], args
+    assert "Traceback" not in r.maillog()
+
+
+def test_a_reload_swaps_one_pair_and_each_is_warned_about(relay_factory,  # noqa: ANN001
+                                                         tmp_path: Path) -> None:
+    """SIGHUP reloads both pairs: a renewed RSA pair (certbot's rename over the old files)
+    is served to RSA-only clients by every worker, the ECDSA one stays; an expired second
+    certificate is one warning naming it at start and at each reload that keeps it; a
+    reload onto two pairs of one key type fails and keeps both running."""
+    p = install_two_pairs(tmp_path / "certs")
+    rsa_dir = Path(p.rsa[0]).parent
+    utc = datetime.UTC
+    _, _, expired = install_cert(p.cas["RSA"], rsa_dir, key_type=trustme.KeyType.RSA,
+                                 not_before=datetime.datetime(2019, 1, 1, tzinfo=utc),
+                                 not_after=datetime.datetime(2020, 1, 1, tzinfo=utc))
+    r: RelayProcess = relay_factory({"tls": {"cert": p.ecdsa[0], "key": p.ecdsa[1],
+                                             "second_cert": p.rsa[0],
+                                             "second_key": p.rsa[1]}}, workers=2)
+    warning = "warning=TLS certificate expired on 2020-01-01 00:00 UTC: clients that check"
+    assert f"cert={p.rsa[0]}" in r.wait_log(re.escape(warning))
+    r.wait_log(r"daemon=started \(master\)")
+    assert r.maillog().count(warning) == 1
+    rsa_only, ecdsa_only = tls12_only(), tls12_only()
+    rsa_only.set_ciphers(RSA_ONLY_TLS12)
+    ecdsa_only.set_ciphers(ECDSA_ONLY_TLS12)
+    for mode in ("submissions", "submission"):  # served all the same, expired
+        assert served_leaf(r, mode, rsa_only) == expired
+    assert r.proc is not None
+    before = r.maillog().count("daemon=reloaded")
+    os.kill(r.proc.pid, signal.SIGHUP)
+    r.wait_for(lambda: r.maillog().count("daemon=reloaded") >= before + 3)
+    assert r.maillog().count(warning) == 2
+    _, _, renewed = install_cert(p.cas["RSA"], rsa_dir, key_type=trustme.KeyType.RSA)
+    os.kill(r.proc.pid, signal.SIGHUP)
+    r.wait_for(lambda: r.maillog().count("daemon=reloaded") >= before + 6)
+    assert r.maillog().count(warning) == 2
+    for _ in range(4):  # connections spread over both workers (SO_REUSEPORT)
+        for mode in ("submissions", "submission"):
+            assert served_leaf(r, mode, verifying_ctx(p.root, RSA_ONLY_TLS12)) == renewed
+            assert served_leaf(r, mode, ecdsa_only) == p.chain["ECDSA"][0]
+    # Two ECDSA pairs: the reload fails, both running pairs stay.
+    r.config.write_text(r.config.read_text().replace(p.rsa[0], p.ecdsa[0])
+                        .replace(p.rsa[1], p.ecdsa[1]))
+    os.kill(r.proc.pid, signal.SIGHUP)
+    line = r.wait_log("daemon=reload failed")
+    assert f"tls.second_cert: {p.ecdsa[0]} is ECDSA, as tls.cert ({p.ecdsa[0]}) is" in line
+    assert served_leaf(r, "submissions", rsa_only) == renewed
+    assert "Traceback" not in r.maillog()

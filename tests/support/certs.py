@@ -6,6 +6,7 @@ renewal (new files renamed over the old ones; the key 0600), for reload and priv
 
 from __future__ import annotations
 
+import datetime
 import os
 import ssl
 from pathlib import Path
@@ -21,15 +22,17 @@ def server_tls_context(ca: trustme.CA, *names: str) -> ssl.SSLContext:
 
 
 def install_cert(ca: trustme.CA, d: Path, *names: str, dir_mode: int | None = None,
-                 key_type: trustme.KeyType | None = None) -> tuple[Path, Path, bytes]:
+                 key_type: trustme.KeyType | None = None,
+                 **validity: datetime.datetime) -> tuple[Path, Path, bytes]:
     """Issue a leaf for `names` (default relay.test, 127.0.0.1) and install it in `d` as
     certbot does: fullchain.pem and privkey.pem (0600), each written beside and renamed
     over the old one. `dir_mode` (e.g. 0o700, root-only) for a directory made here;
-    `key_type` (trustme.KeyType.RSA, ECDSA) else trustme's default.
+    `key_type` (trustme.KeyType.RSA, ECDSA) else trustme's default; `validity`:
+    not_before / not_after, else trustme's (valid now).
     Returns (cert path, key path, DER of the leaf)."""
     names = names or ("relay.test", "127.0.0.1")
-    leaf = (ca.issue_cert(*names) if key_type is None
-            else ca.issue_cert(*names, key_type=key_type))
+    leaf = (ca.issue_cert(*names, **validity) if key_type is None
+            else ca.issue_cert(*names, key_type=key_type, **validity))
     if dir_mode is None:
         d.mkdir(parents=True, exist_ok=True)
     else:

@@ -160,7 +160,8 @@ def test_parent_death_signal_kills_the_child() -> None:
 
 def test_channel_messages_and_end_of_file() -> None:
     ch = Channel()
-    pem = (b"-----CERT-----\n" * 300, b"-----KEY-----\n")
+    pem = ((b"-----CERT-----\n" * 300, b"-----KEY-----\n"),
+           (b"-----RSA CERT-----\n" * 20, b"-----RSA KEY-----\n" * 3))
     process.send(ch.master, b"R", process.pack_pem(pem))
     kind, payload = process.recv(ch.child)
     assert kind == b"R" and process.unpack_pem(payload) == pem
