@@ -13,6 +13,7 @@ import asyncio
 import email
 import email.policy
 import email.utils
+import re
 import shutil
 import tempfile
 import threading
@@ -584,6 +585,71 @@ async def test_a_clock_set_back_while_running_does_not_freeze_the_retries(
         await until(lambda: not rig.queued(), "delivered after the clock was set back")
         assert len(rig.courier.calls) == 2
         assert rig.log.grep(qid, "clock was set back")
+    finally:
+        await rig.stop()
+        rig.spool.close()
+
+
+class _AheadClock:
+    """The scheduler's wall clock (the one thing faked: the machine's is shared), `offset`
+    seconds ahead of the machine's."""
+
+    offset = 10 * 365 * 86400.0
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+async def test_an_arrival_in_the_future_is_counted_from_now_and_saved(
+        rig: Rig) -> None:
+    """A message accepted while the clock was ten years ahead (then set right): its age
+    was negative for ten years, so it would expire (and be warned about) ten years late.
+    Its age counts from now, kept in its state (a restart does not start it again), with
+    one warning; now is never before the real arrival, so nothing expires early."""
+    rig.cfg = make_cfg(Path(rig.cfg.state_dir), retry=["1h"])
+    rig.courier.script["bob@b.example"] = [TEMP]
+    before = time.time()
+    qid = await put(rig.spool, ["bob@b.example"], received_at=before + 10 * 365 * 86400)
+    await rig.start()
+    await until(lambda: rig.log.grep(qid, "stat=Deferred"), "the first attempt deferred")
+    (line,) = rig.log.grep(qid, "stat=Deferred")
+    delay = float(re.search(r"delay=(-?[0-9.]+)", line).group(1))  # type: ignore[union-attr]
+    assert 0 <= delay < 3600, line
+    await rig.stop()
+    saved = rig.spool.load(qid).received_at  # header merged with ID.state
+    assert before <= saved <= time.time()
+    assert len(rig.log.grep(qid, "in the future (the clock was set back?)")) == 1
+    await rig.start()  # counted from the saved time: no second warning
+    await until(lambda: rig.sched is not None and qid not in rig.sched.active, "looked at")
+    await rig.stop()
+    assert rig.spool.load(qid).received_at == saved
+    assert len(rig.log.grep(qid, "in the future (the clock was set back?)")) == 1
+
+
+async def test_a_clock_set_back_after_acceptance_delays_neither_expiry_nor_warning(
+        state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accepted while the clock was ten years ahead, then the clock set back: the delay
+    warning (delay_warning) and the expiry bounce (max_queue_lifetime) come that long
+    after now, not ten years later."""
+    from authrelay.scheduler import scheduler as sched_mod
+
+    clock = _AheadClock()
+    monkeypatch.setattr(sched_mod, "time", clock)
+    rig = Rig(state_dir, max_queue_lifetime="1s", delay_warning="300ms", retry=["50ms"])
+    rig.courier.script["slow@b.example"] = [TEMP] * 1000
+    qid = await put(rig.spool, ["slow@b.example"], received_at=clock.time())
+    clock.offset = 0.0  # set back before the first attempt
+    try:
+        await rig.start()
+        await until(lambda: rig.log.grep(qid, "message expired"), "the expiry bounce")
+        assert len(rig.log.grep(qid, "sender_delay_notification")) == 1
+        (line,) = rig.log.grep(qid, "stat=Bounced")
+        delay = float(re.search(r"delay=([0-9.]+)", line).group(1))  # type: ignore[union-attr]
+        assert delay >= 1.0, line  # not early: the lifetime, counted from the clamp
+        await until(lambda: not rig.queued(), "queue empty")
     finally:
         await rig.stop()
         rig.spool.close()

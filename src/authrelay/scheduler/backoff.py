@@ -5,7 +5,8 @@ walks `[delivery] retry` (e.g. 5m, 10m, 20m, 40m, 1h) by the number of attempts 
 repeats the last interval; so the delay grows with time in the queue. Each delay gets
 +-10% jitter so a queue that filled during an outage does not retry in lock step, and is
 clamped to [MIN_DELAY, MAX_DELAY]. `expired()` says when a message has been queued longer
-than `max_queue_lifetime` (RFC 5321 4.5.4.1: give up after 4-5 days) and must bounce.
+than `max_queue_lifetime` (RFC 5321 4.5.4.1: give up after 4-5 days) and must bounce;
+`age()` is what both it and the delay warning count (an arrival in the future: 0).
 Pure functions: no I/O, no failure modes.
 """
 
@@ -38,7 +39,7 @@ def next_attempt(env: Envelope, now: float, retry: Sequence[float], attempts: in
     happens when the lifetime runs out and the bounce goes out then, not an interval later."""
     t = now + next_delay(retry, attempts, jitter=jitter, rand=rand)
     if max_queue_lifetime > 0:
-        t = min(t, max(env.received_at + max_queue_lifetime, now + MIN_DELAY))
+        t = min(t, max(min(env.received_at, now) + max_queue_lifetime, now + MIN_DELAY))
     return t
 
 
@@ -49,6 +50,12 @@ def latest(retry: Sequence[float], now: float) -> float:
     return now + min(max(retry or (300.0,)) * (1.0 + JITTER), MAX_DELAY)
 
 
+def age(env: Envelope, now: float) -> float:
+    """Seconds the message has been queued; an arrival time in the future (the clock set
+    back since it was accepted) counts as now: 0, never negative."""
+    return max(0.0, now - env.received_at)
+
+
 def expired(env: Envelope, now: float, max_queue_lifetime: float) -> bool:
     """True when the message has been queued for `max_queue_lifetime` or more (0 = never)."""
-    return max_queue_lifetime > 0 and now - env.received_at >= max_queue_lifetime
+    return max_queue_lifetime > 0 and age(env, now) >= max_queue_lifetime

@@ -570,6 +570,8 @@ class Scheduler:
             self._release(act)
             return
         now = time.time()
+        if env.received_at > now:
+            await self._clamp_arrival(env, now)
         retry = self.cfg.delivery.retry
         latest = backoff.latest(retry, now) + NEXT_ATTEMPT_SLACK
         if any(r.next_attempt > latest for r in pending):
@@ -627,6 +629,23 @@ class Scheduler:
                     act.path, act.offset = self.spool.body_path(qid)
                 except (OSError, SpoolError):
                     pass  # delivered from the copy in memory
+
+    async def _clamp_arrival(self, env: Envelope, now: float) -> None:
+        """An arrival time in the future: accepted while the clock was ahead, set back
+        since. Its age (max_queue_lifetime, delay_warning) would stay 0 until the clock
+        caught up, delaying both by the size of the jump: it is counted from now, saved
+        in the state at once (so a later load does not restart it) with one warning. Now
+        is never earlier than the real arrival, so nothing expires early."""
+        self.maillog.warning(
+            f"arrival time {env.received_at - now:.0f}s in the future (the clock was set "
+            "back?): its time in the queue is counted from now", queue_id=env.queue_id)
+        env.received_at = now
+        try:
+            await self._io(self.spool.save_state, env)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            log.exception("%s: cannot save state", env.queue_id)
 
     def _pump(self) -> None:
         """Start waiting deliveries, round robin over destinations, within the limits."""
@@ -759,7 +778,7 @@ class Scheduler:
             text = why if relay is None else (
                 f"{why}; the message had been sent to {relay} and no reply received: it "
                 "may have been delivered (the next attempt may deliver it twice)")
-            self.maillog.deferred(env.queue_id, r.address, relay, now - env.received_at,
+            self.maillog.deferred(env.queue_id, r.address, relay, backoff.age(env, now),
                                   r.attempts + 1, SHUTDOWN, f"451 {SHUTDOWN} {text}")
 
     async def _apply(self, act: _Active, job: _Job, results: dict[str, DeliveryResult]) -> None:
@@ -803,20 +822,20 @@ class Scheduler:
                         d.max_queue_lifetime)
                 r.next_attempt = retry_at
                 stat = "Deferred"
-                if (d.delay_warning > 0 and now - env.received_at >= d.delay_warning
+                if (d.delay_warning > 0 and backoff.age(env, now) >= d.delay_warning
                         and not r.delay_warned):
                     if should_notify(env, r, "delayed"):
                         act.owed.setdefault("delayed", []).append(r)
                     else:
                         r.delay_warned = True
             if self.metrics is not None:
-                self.metrics.delivery_result(stat.lower(), now - env.received_at)
+                self.metrics.delivery_result(stat.lower(), backoff.age(env, now))
                 if res.tls_policy:
                     self.metrics.delivery_tls(stat.lower(), res.tls or "none", res.tls_policy)
             record = (self.maillog.expired if expired else
                       {"Sent": self.maillog.sent, "Deferred": self.maillog.deferred}.get(
                           stat, self.maillog.bounced))
-            record(env.queue_id, r.address, res.remote or None, now - env.received_at,
+            record(env.queue_id, r.address, res.remote or None, backoff.age(env, now),
                    r.attempts, res.enhanced or None, r.last_reply, tls=res.tls or None,
                    policy=res.tls_policy or None)
         if refused and env.auth_user and self.containment is not None:

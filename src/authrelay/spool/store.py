@@ -5,7 +5,10 @@ Owns the directories under `cfg.spool_dir` (docs/INTERFACES.md):
     queue/ID        one immutable file per message (format: spool/format.py; written by
                     spool/writer.py): mode 0600 while being received, 0700 once committed
                     (the "ready" mark, as Postfix does). Readers ignore files without it.
-    queue/ID.state  per-recipient state written by the scheduler (atomic replace + fsync)
+    queue/ID.state  per-recipient state written by the scheduler (atomic replace + fsync),
+                    and the arrival time its age is counted from (`received_at`: the
+                    header's, or an earlier one the scheduler set when the header's lay
+                    in the future, the clock set back since; only an earlier one applies)
     hold/           held messages (the same two files, moved)
     corrupt/        damaged files (kept for the operator, never deleted)
     tmp/            only read by recovery (the layout of the first builds)
@@ -33,6 +36,7 @@ import fcntl
 import io
 import json
 import logging
+import math
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -375,6 +379,10 @@ class Spool:
             records = d.get("recipients", [])
             if not isinstance(records, list):
                 raise ValueError("recipients is not a list")
+            arrival = d.get("received_at", env.received_at)
+            if isinstance(arrival, bool) or not isinstance(arrival, int | float) \
+                    or not math.isfinite(arrival):
+                raise ValueError(f"bad received_at {arrival!r}")
             # Records are saved in the envelope's order, one per recipient: an address
             # given twice (RCPT TO twice, an alias expanded twice) has two records, the
             # first for the first (a map by address once updated only the last, so the
@@ -396,6 +404,9 @@ class Spool:
         for r, fields in updates:
             for k, v in fields.items():
                 setattr(r, k, v)
+        # The scheduler only ever moves it earlier (scheduler._clamp_arrival): a state
+        # cannot make a message younger than its header says.
+        env.received_at = min(env.received_at, float(arrival))
 
     def body_path(self, qid: str) -> tuple[Path, int]:
         """(file, offset) of the message as to be sent (prepended header lines first),
@@ -449,7 +460,8 @@ class Spool:
         """Atomically replace ID.state (tmp + fsync + rename + dir fsync). Blocking.
         FileNotFoundError: the message is gone (removed, quarantined)."""
         data = json.dumps(
-            {"v": STATE_VERSION, "recipients": [asdict(r) for r in env.recipients]},
+            {"v": STATE_VERSION, "recipients": [asdict(r) for r in env.recipients],
+             "received_at": env.received_at},
             separators=(",", ":"), ensure_ascii=False,
         ).encode("utf-8")
         for attempt in (1, 2):
