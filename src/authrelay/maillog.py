@@ -11,7 +11,8 @@ the fields below. Every value is escaped here, where the line is formatted (`esc
 one documented scheme: non-printables as \\xHH / \\uHHHH, a value holding a space, `,` or
 `=` in quotes), so nothing a client sends can end a line or add a field, and fail2ban's
 documented regex only ever reads the relay address we wrote.
-Targets: stdout, stderr, file:PATH (reopened on SIGHUP for logrotate), syslog (mail facility;
+Targets: stdout, stderr, file:PATH (reopened on SIGHUP for logrotate; lines a failed write
+lost, a full disk, are counted and said when writing works again), syslog (mail facility;
 when /dev/log is missing or nobody listens on it, stderr, with a warning on stderr and a
 `warning=` line, since
 syslog(3) would drop every line without a word).
@@ -29,6 +30,9 @@ in one system call, and `flush()` (called at exit and on stop) waits until all i
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
+import io
 import json
 import os
 import queue
@@ -266,7 +270,11 @@ class MailLog:
         self.fmt = fmt
         self.ident = ident
         self._lock = threading.Lock()
-        self._fh: TextIO | None = None
+        self._fh: TextIO | None = None  # stdout, stderr
+        self._file: io.FileIO | None = None  # a file: target, written unbuffered
+        self._lost = 0  # lines the file could not take since the last write that worked
+        self._lost_why = ""
+        self._lost_since = 0.0
         self._syslog: Any = None
         self._q: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -284,8 +292,7 @@ class MailLog:
         elif self.target == "stderr":
             self._fh = sys.stderr
         elif self.target.startswith("file:"):
-            path = self.target[5:]
-            self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115  (flushed per batch)
+            self._file = _open_file(self.target[5:])
         elif self.target == "syslog":
             why = _syslog_unreachable(SYSLOG_SOCKET)
             if why:
@@ -321,13 +328,11 @@ class MailLog:
             if fd is not None:
                 os.close(fd)
             return
-        if fd is not None:
-            new = os.fdopen(fd, "a", encoding="utf-8")
-        else:
-            new = open(self.target[5:], "a", encoding="utf-8")  # noqa: SIM115
+        new = os.fdopen(fd, "ab", buffering=0) if fd is not None else \
+            _open_file(self.target[5:])
         with self._lock:
-            old, self._fh = self._fh, new
-        if old is not None and old not in (sys.stdout, sys.stderr):
+            old, self._file = self._file, new
+        if old is not None:
             try:
                 old.close()
             except OSError:
@@ -335,20 +340,26 @@ class MailLog:
 
     def event(self, queue_id: str | None, **fields: Any) -> None:
         """One line: `QID: k=v, k=v`. Keys with value None are left out."""
-        qid = escape(queue_id, "token") if queue_id else NOQUEUE
-        items = [(k, v) for k, v in fields.items() if v is not None]
         try:
-            if self.fmt == "json":
-                rec: dict[str, Any] = {"ts": round(time.time(), 6), "queue_id": qid}
-                for k, v in items:
-                    rec[k] = _format(k, v, True)
-                line = json.dumps(rec, ensure_ascii=False)
-            else:
-                body = ", ".join(f"{k}={_format(k, v, False)}" for k, v in items)
-                line = f"{qid}: {body}"
-            self._emit(line)
+            self._emit(self._compose(queue_id, fields))
         except Exception:  # the audit log must never break mail flow
             pass
+
+    def _compose(self, queue_id: str | None, fields: dict[str, Any]) -> str:
+        qid = escape(queue_id, "token") if queue_id else NOQUEUE
+        items = [(k, v) for k, v in fields.items() if v is not None]
+        if self.fmt == "json":
+            rec: dict[str, Any] = {"ts": round(time.time(), 6), "queue_id": qid}
+            for k, v in items:
+                rec[k] = _format(k, v, True)
+            return json.dumps(rec, ensure_ascii=False)
+        body = ", ".join(f"{k}={_format(k, v, False)}" for k, v in items)
+        return f"{qid}: {body}"
+
+    def _stamped(self, line: str) -> str:
+        if self.fmt == "text":  # syslog adds its own stamp; files and stdout need one
+            return f"{self._stamp()} {self.ident}[{_pid}]: {line}"
+        return line
 
     # ------------------------------------------------------------------ events
     # One method per event (chasquid style). Each writes exactly the line the generic
@@ -552,8 +563,7 @@ class MailLog:
         if self._syslog is not None:
             self._syslog.syslog(self._syslog.LOG_INFO, line)
             return
-        if self.fmt == "text":  # syslog adds its own stamp; files and stdout need one
-            line = f"{self._stamp()} {self.ident}[{_pid}]: {line}"
+        line = self._stamped(line)
         if self._thread is None or self._pid != _pid:
             self._start_thread()
         self._q.put(line + "\n")  # the only cost on the event loop
@@ -592,14 +602,51 @@ class MailLog:
             try:
                 if lines:
                     with self._lock:
-                        assert self._fh is not None
-                        self._fh.write("".join(lines))
-                        self._fh.flush()
-            except Exception:  # a full disk must not kill the writer
+                        if self._file is not None:
+                            self._write_file(self._file, "".join(lines))
+                        else:
+                            assert self._fh is not None
+                            self._fh.write("".join(lines))
+                            self._fh.flush()
+            except Exception:  # never kills the writer (a file's failures: _write_file)
                 pass
             for b in batch:
                 if isinstance(b, threading.Event):
                     b.set()
+
+    def _write_file(self, f: io.FileIO, data: str) -> None:
+        """`data` (whole lines) appended to the file target, under `_lock`. A write that
+        fails (a full disk, an I/O error) loses its lines: counted, said once on stderr, and said in
+        the file by the first write that works again (`warning=maillog: N lines lost
+        ...`). A line cut by a failed write (this process's or another's: workers share
+        the file) is ended before that one."""
+        path = self.target[5:]
+        notes = []
+        if self._lost:
+            since = time.strftime("%H:%M:%S", time.localtime(self._lost_since))
+            notes.append(f"maillog: {self._lost} lines lost, {path} could not be written "
+                         f"from {since} to {time.strftime('%H:%M:%S')}: {self._lost_why}")
+        head = ("\n" if self._lost and _cut(f) else "") + "".join(
+            self._stamped(self._compose(None, {"warning": n})) + "\n" for n in notes)
+        body = data.encode("utf-8")
+        out = memoryview(head.encode("utf-8") + body)
+        start = len(out) - len(body)  # where `data` begins
+        done = 0
+        try:
+            while done < len(out):
+                n = f.write(out[done:])
+                if not n:  # (a regular file never does this; no busy loop if one does)
+                    raise OSError(errno.EIO, "the write wrote nothing")
+                done += n
+        except OSError as e:
+            if not self._lost:
+                self._lost_since = time.time()
+                _stderr(f"maillog: cannot write {path}: {e.strerror or e}; its lines are "
+                        "lost until it can be written again, then counted there")
+            self._lost += out[max(done, start):].tobytes().count(b"\n")
+            self._lost_why = e.strerror or str(e)
+            return
+        self._lost = 0
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every line queued so far is written (exit, stop)."""
@@ -611,6 +658,29 @@ class MailLog:
 
 
 _GATHER = 0.005
+
+
+def _open_file(path: str) -> io.FileIO:
+    """A file target, for appending unbuffered (each batch one write) and reading its
+    last byte (_cut)."""
+    return open(path, "a+b", buffering=0)  # noqa: SIM115
+
+
+def _cut(f: io.FileIO) -> bool:
+    """The file ends in the middle of a line (a write that failed part way)."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        return size > 0 and os.pread(f.fileno(), 1, size - 1) != b"\n"
+    except OSError:
+        return False
+
+
+def _stderr(text: str) -> None:
+    """A problem with the maillog itself, where an admin may still see it (a terminal,
+    the journal under systemd): `authrelay: warning: maillog: ...`."""
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"authrelay: warning: {text}\n")
+        sys.stderr.flush()
 
 
 _current: MailLog | None = None

@@ -349,13 +349,14 @@ def recv_with_fds(sock: socket.socket) -> tuple[bytes, bytes, list[int]]:
 
 
 def open_log_file(path: str, owner: tuple[int, int]) -> int:
-    """As root: the maillog file opened for appending (created 0640 if missing) and made
+    """As root: the maillog file opened for appending (created 0640 if missing; readable
+    too: the maillog reads its last byte after a failed write) and made
     `owner`'s, for the dropped processes. Never through a symbolic link (O_NOFOLLOW) and
     only a regular file with one link: the directory may be the dropped user's, and a
     link it put in the file's place (to /etc/shadow) must not be chowned to it by root."""
     import stat
 
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
                  | os.O_NOFOLLOW | os.O_NONBLOCK, 0o640)
     try:
         st = os.fstat(fd)

@@ -1,0 +1,118 @@
+"""The `file:` maillog target of a real `authrelay serve` (master and two workers) when its
+file misbehaves under it: the disk fills up. Nothing the admin needs is lost silently: a
+line that could not be written is counted and said once writing works again.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from relayproc import RelayProcess, children, to_toml
+from support import ci
+from support.wait import wait_until
+
+pytestmark = pytest.mark.slow
+
+CONNECT = re.compile(r".* authrelay\[\d+\]: NOQUEUE: connect=from unknown \[127\.0\.0\.1\], "
+                     r"listener=smtp:127\.0\.0\.1:\d+")
+DISCONNECT = re.compile(r".* authrelay\[\d+\]: NOQUEUE: disconnect=from unknown "
+                        r"\[127\.0\.0\.1\], commands=ehlo=1 quit=1")
+
+
+def _whole(text: str) -> int:
+    """The sessions' lines in `text` that are whole."""
+    return sum(1 for ln in text.splitlines() if CONNECT.fullmatch(ln) or DISCONNECT.fullmatch(ln))
+
+
+def _with_log_file(relay_factory, logfile: Path) -> RelayProcess:  # noqa: ANN001
+    """Two workers writing `logfile` (stdout and stderr stay in r.log)."""
+    r = relay_factory(workers=2, start=False)
+    data = dict(r.config_data)
+    data["log"] = {"target": f"file:{logfile}"}
+    r.config.write_text(to_toml(data))
+    r.start()
+    wait_until(lambda: logfile.exists() and logfile.read_text().count("daemon=started") == 3,
+               what="started")
+    return r
+
+
+def _session(r: RelayProcess) -> None:
+    """One session: a connect= and a disconnect= line in the worker that takes it."""
+    with smtplib.SMTP("127.0.0.1", r.ports["smtp"], timeout=20) as s:
+        s.ehlo("client.example")
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    ci.require_root("mounting a tmpfs needs root")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
+                   check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.root
+def test_lines_lost_on_a_full_disk_are_counted_when_it_has_room(relay_factory,  # noqa: ANN001
+                                                                 tmpfs: Path) -> None:
+    """A full disk under the log file: each process's writes fail; the lines were dropped
+    without a word (and a failed write's tail could come back later, in the middle of
+    another line). Now stderr (the journal under systemd) says it at once, and each
+    process's first line once there is room again counts what it lost; every line
+    written is whole."""
+    logfile = tmpfs / "mail.log"
+    r = _with_log_file(relay_factory, logfile)
+    before = _whole(logfile.read_text())  # the start's probes
+    filler = tmpfs / "filler"
+    with open(filler, "wb", buffering=0) as f:  # to the brim (the log file's last page
+        try:                                     # still has room)
+            while f.write(b"\1" * 4096):
+                pass
+        except OSError:
+            pass
+    sessions = 0
+
+    def failing() -> bool:
+        nonlocal sessions
+        _session(r)
+        sessions += 1
+        return "maillog: cannot write" in r.log.read_text()
+
+    wait_until(failing, what="a write of the full disk fails")
+    assert f"authrelay: warning: maillog: cannot write {logfile}: No space left on device; " \
+           "its lines are lost until it can be written again, then counted there" \
+        in r.log.read_text()
+    filler.unlink()
+    workers = children(r.proc.pid)  # type: ignore[union-attr]
+    lost: dict[int, int] = {}
+    said = re.compile(r".* authrelay\[(\d+)\]: NOQUEUE: warning=maillog: (\d+) lines lost, "
+                      + re.escape(str(logfile)) + r" could not be written from "
+                      r"\d\d:\d\d:\d\d to \d\d:\d\d:\d\d: No space left on device")
+
+    def counted() -> bool:  # every worker that lost lines has said how many
+        nonlocal sessions
+        _session(r)
+        sessions += 1
+        lost.clear()
+        for line in logfile.read_text().splitlines():
+            m = said.fullmatch(line)
+            if m:
+                lost[int(m[1])] = lost.get(int(m[1]), 0) + int(m[2])
+        after = logfile.read_text().split("lines lost")[-1]
+        return bool(lost) and all(f"[{w}]: NOQUEUE: connect=" in after for w in workers)
+
+    wait_until(counted, what="the lost lines counted")
+    r.stop()
+    # Each session's two lines were either written whole or counted as lost (a line cut
+    # by the full disk is counted, and ended before the next one).
+    whole = _whole(logfile.read_text()) - before
+    assert whole + sum(lost.values()) == 2 * sessions, (whole, lost, sessions)
+
