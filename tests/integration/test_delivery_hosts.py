@@ -20,7 +20,7 @@ from fakes.smtpserver import MXFactory
 from support.certs import server_tls_context
 from support.maillog import ListLog
 from support.ports import free_port
-from support.wait import until
+from support.wait import DEADLINE, until
 from test_delivery import MSG, ZONES, envelope, make_cfg, smart_cfg
 
 from authrelay.config import Config
@@ -1054,3 +1054,37 @@ async def test_a_stalled_tls_handshake_is_a_timeout(
     assert (r.permanent, r.enhanced) == (False, "4.7.5"), r
     assert r.text.endswith("failed: timed out"), r
     assert ml.grep(env.queue_id, "status=host failed", "failed: timed out"), ml.lines
+
+
+async def test_the_wait_for_a_conversion_slot_ends_at_attempt_timeout(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    """An 8-bit message to a host without 8BITMIME waits for one of the courier's
+    conversion slots (downgrade.MAX_CONCURRENT, a memory bound), connected to the host.
+    With every slot taken by conversions of other messages (held here by the test), that
+    wait was not cut by [delivery] attempt_timeout: the delivery held its slot and the
+    connection for as long as the others converted. Now it ends at the limit, deferred
+    4.4.2 saying so; with a slot free again the next attempt converts and delivers."""
+    one_mx(dns)
+    mx = fake_mx("127.0.0.2", eightbitmime=False, smtputf8=False)
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port, attempt_timeout="1s"),
+                      maillog=ListLog())
+    body = MSG.replace(b"Hello.", "H\u00e9llo.".encode())
+    for _ in range(client.downgrade.MAX_CONCURRENT):
+        await courier.conversions.acquire()  # other messages' conversions under way
+    try:
+        env = envelope("a@example.test", body_8bit=True)
+        # a bound against the hang (the old code waited for the slots for ever)
+        res = (await asyncio.wait_for(deliver(courier, env, body), DEADLINE))[
+            "a@example.test"]
+        assert (res.permanent, res.code, res.enhanced) == (False, 451, "4.4.2"), res
+        assert "waiting to convert the message to 7-bit" in res.text, res
+        assert "time limit ([delivery] attempt_timeout" in res.text, res
+        assert mx.messages == []
+        for _ in range(client.downgrade.MAX_CONCURRENT):
+            courier.conversions.release()
+        env = envelope("a@example.test", body_8bit=True)
+        res = (await deliver(courier, env, body))["a@example.test"]
+    finally:
+        await courier.close()
+    assert res.ok, res
+    assert len(mx.messages) == 1 and b"=C3=A9" in mx.messages[0].content

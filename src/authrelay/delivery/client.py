@@ -323,13 +323,25 @@ class _Payload:
                 await asyncio.to_thread(_file_is_8bit, data)
         return self._8bit
 
-    async def seven_bit(self, remote: str) -> bytes:
+    async def seven_bit(self, remote: str, deadline: float | None) -> bytes:
+        """The 7-bit form. The wait for a conversion slot ends at `deadline` (the
+        attempt's: DeadlineExceeded); a conversion begun runs to its end (a thread, bounded
+        by downgrade.MAX_PARTS), so the slots bound the memory it takes."""
         if self._seven is None:
-            async with self.courier.conversions:
-                try:
-                    self._seven = await asyncio.to_thread(self._convert)
-                except downgrade.Unconvertible as e:
-                    self._seven = e
+            slots = self.courier.conversions
+            try:
+                async with asyncio.timeout(None if deadline is None
+                                           else max(0.0, deadline - time.monotonic())):
+                    await slots.acquire()
+            except TimeoutError:
+                raise DeadlineExceeded("the delivery attempt's time limit was reached") \
+                    from None
+            try:
+                self._seven = await asyncio.to_thread(self._convert)
+            except downgrade.Unconvertible as e:
+                self._seven = e
+            finally:
+                slots.release()
             if isinstance(self._seven, bytes):
                 self.courier.maillog.warning(
                     f"8-bit message converted to 7-bit (quoted-printable) for {remote}, "
@@ -1227,7 +1239,12 @@ class Courier:
         data: bytes | _FileBody = payload.data
         if eightbit and "8bitmime" not in ext:
             try:
-                data = await payload.seven_bit(remote)
+                data = await payload.seven_bit(remote, w.deadline)
+            except DeadlineExceeded as e:  # no conversion slot within the attempt's time
+                raise _TryNext(DeliveryResult.temp(
+                    _timed_out(e, f"waiting to convert the message to 7-bit for {remote}, "
+                                  "which does not offer 8BITMIME"), "4.4.2", 451,
+                    remote)) from None
             except downgrade.Unconvertible as e:
                 res = DeliveryResult.perm(
                     f"{remote} does not support 8BITMIME and the message cannot be "
