@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from authrelay import maillog
+from authrelay import maillog, tlsmatch
 from authrelay.config import CertPair, Config, load
 from authrelay.newfile import replace_with_new
 
@@ -252,6 +252,7 @@ class ServerContext(ssl.SSLContext):
     by the ClientHello (`for_hello`)."""
 
     x25519: ssl.SSLContext
+    offer: tlsmatch.Offer  # what the two can agree on with a client (hello_refusal)
 
 
 def for_hello(ctx: ssl.SSLContext, hello: Hello) -> ssl.SSLContext:
@@ -305,13 +306,15 @@ class Hello:
     """What `read_hello` made of a client's first bytes. `need`: the bytes the records
     must amount to before the ClientHello is whole (0: it is); `alpn`: the protocol names
     it offers, None without an ALPN extension or when the bytes are no ClientHello we can
-    read (OpenSSL then judges them as usual); `groups`, `shares`: for `for_hello`."""
+    read (OpenSSL then judges them as usual); `groups`, `shares`: for `for_hello`;
+    `suites`, `groups`, `versions`: for `hello_refusal`."""
 
     need: int = 0
     alpn: tuple[bytes, ...] | None = None
     groups: tuple[int, ...] = ()  # supported_groups, in the client's order
     versions: tuple[int, ...] = ()  # supported_versions, else (legacy_version,)
     shares: tuple[int, ...] = ()  # the groups of its key shares (TLS 1.3)
+    suites: tuple[int, ...] = ()  # cipher_suites, in the client's order
 
 
 def read_hello(data: bytes) -> Hello:
@@ -344,7 +347,10 @@ def _parse_hello(body: bytes) -> Hello:
     try:
         i = 2 + 32  # legacy_version, random
         i += 1 + body[i]  # legacy_session_id
-        i += 2 + int.from_bytes(body[i:i + 2], "big")  # cipher_suites
+        n = int.from_bytes(body[i:i + 2], "big")
+        suites = tuple(int.from_bytes(body[j:j + 2], "big")  # cipher_suites
+                       for j in range(i + 2, min(i + 2 + n, len(body)) - 1, 2))
+        i += 2 + n
         i += 1 + body[i]  # legacy_compression_methods
         end = i + 2 + int.from_bytes(body[i:i + 2], "big")
         i += 2
@@ -362,7 +368,7 @@ def _parse_hello(body: bytes) -> Hello:
     versions = tuple(int.from_bytes(listed[j:j + 2], "big")
                      for j in range(1, len(listed) - 1, 2)) if listed else ()
     return Hello(alpn=_alpn(exts.get(16)), groups=_u16s(exts.get(10)),
-                 shares=_shares(exts.get(51)),
+                 shares=_shares(exts.get(51)), suites=suites,
                  versions=versions or (int.from_bytes(body[:2], "big"),))
 
 
@@ -410,6 +416,7 @@ def _alert(description: int) -> bytes:
 
 NO_APPLICATION_PROTOCOL_ALERT = _alert(120)
 PROTOCOL_VERSION_ALERT = _alert(70)
+HANDSHAKE_FAILURE_ALERT = _alert(40)
 
 
 def hello_refusal(hello: Hello, ctx: ssl.SSLContext | None = None) -> Refusal | None:
@@ -417,7 +424,11 @@ def hello_refusal(hello: Hello, ctx: ssl.SSLContext | None = None) -> Refusal | 
     - it names ALPN protocols and "smtp" is not among them (ALPACA, above);
     - every TLS version it offers is older than `ctx`'s minimum: the protocol_version
       alert RFC 8446 4.1.3 / RFC 5246 E.1 want (asyncio drops the one OpenSSL makes when
-      a handshake fails, so such a client saw a bare close: 'unexpected EOF')."""
+      a handshake fails, so such a client saw a bare close: 'unexpected EOF');
+    - it shares no cipher suite or group with `ctx` (a ServerContext) that OpenSSL could
+      use (tlsmatch.no_common): the handshake_failure alert OpenSSL sends, for the same
+      reason (an RSA-only client when only an ECDSA certificate is served, a client
+      with only P-384 or finite-field groups)."""
     if hello.alpn is not None and ALPN.encode() not in hello.alpn:
         names = ", ".join(p[:32].decode("ascii", "backslashreplace")
                           for p in hello.alpn[:4])
@@ -429,6 +440,10 @@ def hello_refusal(hello: Hello, ctx: ssl.SSLContext | None = None) -> Refusal | 
     if ctx is not None and versions and max(versions) < ctx.minimum_version.value:
         # The reason OpenSSL gives (and the maillog said before) for the same client.
         return Refusal("handshake failed: UNSUPPORTED_PROTOCOL", PROTOCOL_VERSION_ALERT)
+    if isinstance(ctx, ServerContext):
+        reason = tlsmatch.no_common(ctx.offer, hello.suites, hello.groups, tuple(versions))
+        if reason is not None:
+            return Refusal(f"handshake failed: {reason}", HANDSHAKE_FAILURE_ALERT)
     return None
 
 
@@ -454,6 +469,9 @@ def server_context(cfg: Config, pem: PEM | None = None) -> ServerContext:
         _load_pem(ctx, pair, what)
         if ctx.x25519 is not ctx:
             _load_pem(ctx.x25519, pair, what)
+    groups = {SECP256R1} if ctx.x25519 is ctx else {SECP256R1, X25519}
+    ctx.offer = tlsmatch.Offer.of(ctx, frozenset(groups),
+                                  frozenset(key_type(pair[0]) for pair in pem))
     return ctx
 
 

@@ -444,3 +444,44 @@ def test_a_reload_swaps_one_pair_and_each_is_warned_about(relay_factory,  # noqa
     assert f"tls.second_cert: {p.ecdsa[0]} is ECDSA, as tls.cert ({p.ecdsa[0]}) is" in line
     assert served_leaf(r, "submissions", rsa_only) == renewed
     assert "Traceback" not in r.maillog()
+
+
+HANDSHAKE_FAILURE_ALERT = bytes((21, 3, 3, 0, 2, 2, 40))  # fatal, handshake_failure
+
+
+@pytest.mark.parametrize("mode", ["submissions", "submission"])
+def test_a_client_with_nothing_in_common_gets_the_handshake_failure_alert(  # noqa: ANN201
+        relay_factory, mode: str):  # noqa: ANN001
+    """A client sharing no cipher suite or group with the server (an RSA-only client
+    when one ECDSA certificate is served; one with only P-384) saw a bare close
+    ('unexpected EOF': asyncio drops the alert OpenSSL makes), and the maillog said only
+    NO_SHARED_CIPHER. Now it gets OpenSSL's handshake_failure alert, and the maillog line
+    says what is missing."""
+    r: RelayProcess = relay_factory()  # the self-signed ECDSA certificate
+    port, starttls = r.ports[mode], mode != "submissions"
+    rsa_only = tls12_only()
+    rsa_only.set_ciphers(RSA_ONLY_TLS12)
+    with RawClient(port, source="127.0.0.14") as c:
+        if starttls:
+            c.reply()
+            c.cmd("EHLO client.example")
+            c.cmd("STARTTLS")
+        with pytest.raises(ssl.SSLError, match="alert handshake failure"):
+            c.starttls(rsa_only)
+    line = r.wait_log(r"tls_failed=from unknown \[127\.0\.0\.14\]")
+    assert ("reason=handshake failed: NO_SHARED_CIPHER (the client's TLS 1.2 suites need "
+            f"an RSA certificate; this server has ECDSA), listener={mode}:") in line
+    p384 = client_ctx()
+    p384.set_ecdh_curve("secp384r1")  # a client's groups: P-384 alone
+    out = ssl.MemoryBIO()
+    with pytest.raises(ssl.SSLWantReadError):
+        p384.wrap_bio(ssl.MemoryBIO(), out, server_hostname="relay.test").do_handshake()
+    assert answer(port, out.read(), "127.0.0.15", starttls) == HANDSHAKE_FAILURE_ALERT
+    line = r.wait_log(r"tls_failed=from unknown \[127\.0\.0\.15\]")
+    assert "reason=handshake failed: NO_SUITABLE_KEY_SHARE (client offered groups P-384; " \
+        "this server has P-256, X25519)" in line
+    # A client with something in common goes on (TLS 1.2, an ECDSA suite).
+    ecdsa_only = tls12_only()
+    ecdsa_only.set_ciphers(ECDSA_ONLY_TLS12)
+    assert served_leaf(r, mode, ecdsa_only)
+    assert "Traceback" not in r.maillog()

@@ -1,0 +1,103 @@
+"""What a server context can agree on with a client, and which ClientHellos it cannot.
+
+Owns the prediction behind the handshake_failure alert: asyncio drops the alert OpenSSL
+makes when a handshake fails (tls.hello_refusal), so a client that shares no cipher suite
+or key-exchange group with the server saw a bare close ('unexpected EOF') and its user no
+hint why. The listeners read the ClientHello before the TLS layer; `no_common` says from
+it, and from `Offer` (read off the server context with its public API), when OpenSSL
+would certainly refuse it, and why in OpenSSL's words, so the client is sent the alert
+OpenSSL would have sent (handshake_failure, RFC 8446 6.2 / RFC 5246 7.4.1.3).
+
+Contract: conservative. None (OpenSSL judges, as before) unless the handshake cannot
+succeed: every version both sides allow lacks a suite the server can use with a
+certificate it holds, or (TLS 1.3, which OpenSSL picks whenever both offer it) a group.
+Signature algorithms and certificate curves are not judged: those failures keep the
+bare close. Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+TLS12, TLS13 = 0x0303, 0x0304
+
+# ssl.SSLContext.get_ciphers()'s "auth" for suites that need a certificate of a key type.
+_AUTH = {"auth-ecdsa": "ECDSA", "auth-rsa": "RSA"}
+
+GROUP_NAMES = {0x17: "P-256", 0x18: "P-384", 0x19: "P-521", 0x1D: "X25519", 0x1E: "X448",
+               0x100: "ffdhe2048", 0x101: "ffdhe3072", 0x102: "ffdhe4096",
+               0x103: "ffdhe6144", 0x104: "ffdhe8192"}
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a server context can use: its TLS 1.3 suites; its TLS 1.2 suites, each with
+    the certificate key type it needs ("" for any) and whether it needs an EC group
+    (ECDHE); its key-exchange groups; the key types of its certificates; its minimum
+    version."""
+
+    suites13: frozenset[int]
+    suites12: tuple[tuple[int, str, bool], ...]
+    groups: frozenset[int]
+    key_types: frozenset[str]
+    min_version: int
+
+    @classmethod
+    def of(cls, ctx: ssl.SSLContext, groups: frozenset[int],
+           key_types: frozenset[str]) -> Offer:
+        """The offer of `ctx` (suites as it lists them), its `groups` and the `key_types`
+        of the certificates loaded into it. A TLS 1.2 suite with finite-field DHE is left
+        out: no DH parameters are ever loaded (tls._new_context), so OpenSSL cannot use
+        one (test_tls_match pins that)."""
+        s13, s12 = set(), []
+        for c in ctx.get_ciphers():
+            code = c["id"] & 0xFFFF
+            if c["protocol"] == "TLSv1.3":
+                s13.add(code)
+            elif c["kea"] != "kx-dhe":
+                s12.append((code, _AUTH.get(c["auth"], ""), c["kea"] == "kx-ecdhe"))
+        return cls(frozenset(s13), tuple(s12), groups, key_types,
+                   ctx.minimum_version.value)
+
+
+def _names(groups: tuple[int, ...] | frozenset[int]) -> str:
+    shown = [GROUP_NAMES.get(g, f"0x{g:04x}") for g in sorted(groups) if g & 0x0F0F != 0x0A0A]
+    return ", ".join(shown[:6]) + (", ..." if len(shown) > 6 else "")
+
+
+def no_common(offer: Offer, suites: tuple[int, ...], groups: tuple[int, ...],
+              versions: tuple[int, ...]) -> str | None:
+    """The maillog reason OpenSSL's refusal of this ClientHello would give (its reason
+    code, then what is missing), or None when the handshake may succeed. `suites`,
+    `groups`, `versions`: the ClientHello's cipher_suites, supported_groups (empty: no
+    extension) and supported_versions (else its legacy_version)."""
+    if not suites:  # no ClientHello we could read: OpenSSL judges
+        return None
+    offered = set(suites)
+    shared_group = bool(offer.groups & set(groups))
+    if TLS13 in versions:
+        # OpenSSL picks TLS 1.3 whenever both sides offer it, then needs a TLS 1.3 suite
+        # and a group in common: it does not fall back to 1.2.
+        if not offered & offer.suites13:
+            return "NO_SHARED_CIPHER (no TLS 1.3 cipher suite in common)"
+        if groups and not shared_group:
+            return (f"NO_SUITABLE_KEY_SHARE (client offered groups {_names(groups)}; "
+                    f"this server has {_names(offer.groups)})")
+        return None
+    if TLS12 not in versions or offer.min_version > TLS12:
+        return None  # versions: hello_refusal's protocol_version alert, or OpenSSL's
+    # TLS 1.2: a suite for a certificate the server has, and for ECDHE a shared group
+    # (a client without supported_groups takes any curve, RFC 8422 5.1).
+    common = [(needs, ecdhe) for code, needs, ecdhe in offer.suites12 if code in offered]
+    certified = [ecdhe for needs, ecdhe in common if not needs or needs in offer.key_types]
+    if any(not ecdhe or not groups or shared_group for ecdhe in certified):
+        return None
+    if certified:
+        return (f"NO_SHARED_CIPHER (client offered groups {_names(groups)}; this server "
+                f"has {_names(offer.groups)})")
+    if common:
+        needs = " or ".join(sorted({n for n, _ in common}))
+        return (f"NO_SHARED_CIPHER (the client's TLS 1.2 suites need an {needs} "
+                f"certificate; this server has {', '.join(sorted(offer.key_types))})")
+    return "NO_SHARED_CIPHER (no cipher suite in common)"

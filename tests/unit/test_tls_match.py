@@ -1,0 +1,183 @@
+"""tlsmatch / tls.hello_refusal against OpenSSL itself: real ClientHellos (Python's ssl
+and openssl s_client as clients) handed to the server context in memory. Where the
+prediction refuses, OpenSSL refuses too, for the same reason and with the same alert;
+where OpenSSL completes the handshake, nothing is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import ssl
+import subprocess
+import threading
+
+import pytest
+from support import ci
+from support.certs import install_cert
+
+from authrelay import tls
+from authrelay.config import Config
+
+T12, T13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tls.ServerContext]:
+    """Server contexts as serve builds them: ECDSA only, RSA only, both."""
+    import trustme
+
+    d = tmp_path_factory.mktemp("pairs")
+    ca = trustme.CA()
+    ec = install_cert(ca, d / "ec", key_type=trustme.KeyType.ECDSA)
+    rsa = install_cert(ca, d / "rsa", key_type=trustme.KeyType.RSA)
+    out = {}
+    for name, first, second in (("ECDSA", ec, None), ("RSA", rsa, None),
+                                ("ECDSA+RSA", ec, rsa)):
+        t = dataclasses.replace(Config().tls, cert=str(first[0]), key=str(first[1]),
+                                second_cert=str(second[0]) if second else "",
+                                second_key=str(second[1]) if second else "")
+        out[name] = tls.server_context(dataclasses.replace(Config(), tls=t))
+    return out
+
+
+def python_hello(*, maximum: ssl.TLSVersion | None = None,
+                 minimum: ssl.TLSVersion | None = None, ciphers: str | None = None,
+                 curve: str | None = None) -> bytes:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    if maximum is not None:
+        ctx.maximum_version = maximum
+    if minimum is not None:
+        ctx.minimum_version = minimum
+    if ciphers is not None:
+        ctx.set_ciphers(ciphers)
+    if curve is not None:
+        ctx.set_ecdh_curve(curve)
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="relay.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return out.read()
+
+
+def s_client_hello(*args: str) -> bytes:
+    """The ClientHello openssl s_client sends with `args` (to a loopback listener that
+    reads it whole and closes)."""
+    ci.require_tool("openssl", "openssl")
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+        got: list[bytes] = []
+
+        def read() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                data = b""
+                while not data or tls.read_hello(data).need > len(data):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                got.append(data)
+
+        t = threading.Thread(target=read)
+        t.start()
+        subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", *args],
+                       input=b"", capture_output=True, timeout=30, check=False)
+        t.join(30)
+    return got[0]
+
+
+def openssl_answer(ctx: tls.ServerContext, hello: bytes) -> tuple[str | None, bytes]:
+    """What OpenSSL makes of `hello` in the context serve would pick: (None, first
+    flight) when the handshake goes on, (reason, the bytes it sends) when it fails."""
+    server = tls.for_hello(ctx, tls.read_hello(hello))
+    inp, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = server.wrap_bio(inp, out, server_side=True)
+    inp.write(hello)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        return None, out.read()
+    except ssl.SSLError as e:
+        return str(e.reason), out.read()
+    return None, out.read()
+
+
+def check(ctx: tls.ServerContext, hello: bytes) -> str | None:
+    """The prediction's reason (None: not refused), after checking it against OpenSSL."""
+    refusal = tls.hello_refusal(tls.read_hello(hello), ctx)
+    reason, sent = openssl_answer(ctx, hello)
+    if refusal is None:
+        return None
+    assert reason is not None, f"refused, but OpenSSL goes on: {refusal.reason}"
+    assert refusal.reason.startswith(f"handshake failed: {reason} ("), (refusal, reason)
+    assert sent == refusal.alert == tls.HANDSHAKE_FAILURE_ALERT
+    return refusal.reason.removeprefix("handshake failed: ")
+
+
+OK = [  # (server, hello maker): handshakes that go on, never refused
+    ("ECDSA", lambda: python_hello()),
+    ("ECDSA", lambda: python_hello(maximum=T12)),
+    ("RSA", lambda: python_hello(maximum=T12)),
+    ("ECDSA+RSA", lambda: python_hello(maximum=T12, ciphers="ECDHE-RSA-AES128-GCM-SHA256")),
+    ("ECDSA+RSA", lambda: python_hello(maximum=T12, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")),
+    ("ECDSA", lambda: python_hello(curve="prime256v1")),
+    ("ECDSA", lambda: python_hello(curve="X25519")),
+    ("ECDSA", lambda: python_hello(maximum=T12, curve="prime256v1")),
+    ("ECDSA", lambda: s_client_hello("-tls1_3", "-groups", "P-384:P-256")),
+    ("ECDSA+RSA", lambda: s_client_hello("-tls1_2", "-groups", "X25519")),
+    ("RSA", lambda: s_client_hello("-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256")),
+]
+
+
+@pytest.mark.parametrize(("server", "hello"), OK, ids=range(len(OK)))
+def test_handshakes_openssl_completes_are_not_refused(servers, server, hello) -> None:  # noqa: ANN001
+    assert check(servers[server], hello()) is None
+    assert openssl_answer(servers[server], hello())[0] is None
+
+
+REFUSED = [  # (server, hello maker, the reason's start)
+    ("ECDSA", lambda: python_hello(maximum=T12, ciphers="ECDHE-RSA-AES128-GCM-SHA256"),
+     "NO_SHARED_CIPHER (the client's TLS 1.2 suites need an RSA certificate; this server "
+     "has ECDSA)"),
+    ("RSA", lambda: python_hello(maximum=T12, ciphers="ECDHE-ECDSA-AES256-GCM-SHA384"),
+     "NO_SHARED_CIPHER (the client's TLS 1.2 suites need an ECDSA certificate; this "
+     "server has RSA)"),
+    ("ECDSA+RSA", lambda: python_hello(maximum=T12, ciphers="AES128-SHA"),
+     "NO_SHARED_CIPHER (no cipher suite in common)"),
+    # Finite-field DHE is never usable: no DH parameters are loaded (tlsmatch.Offer.of).
+    ("RSA", lambda: python_hello(maximum=T12, ciphers="DHE-RSA-AES128-GCM-SHA256"),
+     "NO_SHARED_CIPHER (no cipher suite in common)"),
+    ("ECDSA", lambda: python_hello(curve="secp384r1"),
+     "NO_SUITABLE_KEY_SHARE (client offered groups P-384; this server has P-256, X25519)"),
+    ("ECDSA", lambda: python_hello(minimum=T13, curve="secp521r1"),
+     "NO_SUITABLE_KEY_SHARE (client offered groups P-521;"),
+    ("ECDSA", lambda: python_hello(maximum=T12, curve="secp384r1"),
+     "NO_SHARED_CIPHER (client offered groups P-384; this server has P-256, X25519)"),
+    ("ECDSA+RSA", lambda: s_client_hello("-groups", "ffdhe2048:ffdhe8192"),
+     "NO_SUITABLE_KEY_SHARE (client offered groups ffdhe2048, ffdhe8192;"),
+    ("ECDSA", lambda: s_client_hello("-tls1_3", "-ciphersuites", "TLS_AES_128_CCM_SHA256"),
+     "NO_SHARED_CIPHER (no TLS 1.3 cipher suite in common)"),
+    ("ECDSA", lambda: s_client_hello("-ciphersuites", "TLS_AES_128_CCM_SHA256", "-cipher",
+                                     "ECDHE-ECDSA-AES128-GCM-SHA256"),
+     "NO_SHARED_CIPHER (no TLS 1.3 cipher suite in common)"),
+]
+
+
+@pytest.mark.parametrize(("server", "hello", "reason"), REFUSED, ids=range(len(REFUSED)))
+def test_hellos_openssl_refuses_get_its_alert_and_reason(servers, server, hello,  # noqa: ANN001
+                                                         reason: str) -> None:
+    """Each of these was a bare close (asyncio drops OpenSSL's alert): now the
+    handshake_failure alert OpenSSL would send and its reason, saying what is missing."""
+    got = check(servers[server], hello())
+    assert got is not None and got.startswith(reason), got
+
+
+def test_not_judged_failures_keep_openssls_way(servers) -> None:  # noqa: ANN001
+    """Failures the prediction does not judge (the certificate's curve or signature
+    algorithms) are left to OpenSSL, as before: no refusal, OpenSSL fails."""
+    for server, hello in (
+            ("ECDSA", s_client_hello("-tls1_2", "-groups", "X25519")),  # P-256 cert
+            ("ECDSA", s_client_hello("-tls1_3", "-sigalgs", "rsa_pss_rsae_sha256"))):
+        assert check(servers[server], hello) is None
+        assert openssl_answer(servers[server], hello)[0] is not None
