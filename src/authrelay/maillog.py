@@ -11,8 +11,9 @@ the fields below. Every value is escaped here, where the line is formatted (`esc
 one documented scheme: non-printables as \\xHH / \\uHHHH, a value holding a space, `,` or
 `=` in quotes), so nothing a client sends can end a line or add a field, and fail2ban's
 documented regex only ever reads the relay address we wrote.
-Targets: stdout, stderr, file:PATH (reopened on SIGHUP for logrotate; lines a failed write
-lost, a full disk, are counted and said when writing works again), syslog (mail facility;
+Targets: stdout, stderr, file:PATH (reopened on SIGHUP for logrotate; created again when
+deleted while open; lines a failed write lost, a full disk, are counted and said when
+writing works again), syslog (mail facility;
 when /dev/log is missing or nobody listens on it, stderr, with a warning on stderr and a
 `warning=` line, since
 syslog(3) would drop every line without a word).
@@ -275,6 +276,7 @@ class MailLog:
         self._lost = 0  # lines the file could not take since the last write that worked
         self._lost_why = ""
         self._lost_since = 0.0
+        self._said_deleted = False  # the file was deleted, and that said on stderr
         self._syslog: Any = None
         self._q: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -331,7 +333,7 @@ class MailLog:
         new = os.fdopen(fd, "ab", buffering=0) if fd is not None else \
             _open_file(self.target[5:])
         with self._lock:
-            old, self._file = self._file, new
+            old, self._file, self._said_deleted = self._file, new, False
         if old is not None:
             try:
                 old.close()
@@ -615,13 +617,18 @@ class MailLog:
                     b.set()
 
     def _write_file(self, f: io.FileIO, data: str) -> None:
-        """`data` (whole lines) appended to the file target, under `_lock`. A write that
-        fails (a full disk, an I/O error) loses its lines: counted, said once on stderr, and said in
+        """`data` (whole lines) appended to the file target, under `_lock`. A file deleted
+        while open (`rm`, not logrotate's rename) is created again first: lines are not
+        written into a deleted file until the next SIGHUP. A write that fails (a full
+        disk, an I/O error) loses its lines: counted, said once on stderr, and said in
         the file by the first write that works again (`warning=maillog: N lines lost
         ...`). A line cut by a failed write (this process's or another's: workers share
         the file) is ended before that one."""
         path = self.target[5:]
         notes = []
+        if os.fstat(f.fileno()).st_nlink == 0:
+            f, note = self._recreate(f, path)
+            notes += [note] if note else []
         if self._lost:
             since = time.strftime("%H:%M:%S", time.localtime(self._lost_since))
             notes.append(f"maillog: {self._lost} lines lost, {path} could not be written "
@@ -647,6 +654,24 @@ class MailLog:
             self._lost_why = e.strerror or str(e)
             return
         self._lost = 0
+
+    def _recreate(self, f: io.FileIO, path: str) -> tuple[io.FileIO, str]:
+        """The file target deleted while open: `path` created again (the deleted one
+        closed) and the line to say so; `f` and no line when that fails (said once on
+        stderr: the deleted file is written until a reload opens the path)."""
+        try:
+            new = _open_file(path)
+        except OSError as e:
+            if not self._said_deleted:
+                self._said_deleted = True
+                _stderr(f"maillog: {path} was deleted and cannot be created again "
+                        f"({e.strerror or e}): lines go to the deleted file until a reload "
+                        "(SIGHUP) opens it")
+            return f, ""
+        self._file, self._said_deleted = new, False
+        with contextlib.suppress(OSError):
+            f.close()
+        return new, f"maillog: {path} was deleted while open; created again"
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every line queued so far is written (exit, stop)."""

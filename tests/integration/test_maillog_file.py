@@ -1,10 +1,12 @@
 """The `file:` maillog target of a real `authrelay serve` (master and two workers) when its
-file misbehaves under it: the disk fills up. Nothing the admin needs is lost silently: a
-line that could not be written is counted and said once writing works again.
+file misbehaves under it: the disk fills up, the file is deleted. Nothing the admin needs
+is lost silently: a line that could not be written is counted and said once writing works
+again, and a deleted file is created again before the next line.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import smtplib
 import subprocess
@@ -116,3 +118,32 @@ def test_lines_lost_on_a_full_disk_are_counted_when_it_has_room(relay_factory,  
     whole = _whole(logfile.read_text()) - before
     assert whole + sum(lost.values()) == 2 * sessions, (whole, lost, sessions)
 
+
+
+def test_a_log_file_deleted_while_open_is_created_again(relay_factory,  # noqa: ANN001
+                                                        tmp_path: Path) -> None:
+    """`rm` of the log file (not logrotate's rename): every process went on writing into
+    the deleted file, every line lost until a SIGHUP. Each process now sees it before
+    its next line, creates the file again and says so there; nothing is lost."""
+    logfile = tmp_path / "mail.log"
+    r = _with_log_file(relay_factory, logfile)
+    workers = children(r.proc.pid)  # type: ignore[union-attr]
+    logfile.unlink()
+    sessions = 0
+
+    def both_workers_logged() -> bool:  # (the kernel picks the worker: try again)
+        nonlocal sessions
+        _session(r)
+        sessions += 1
+        text = logfile.read_text() if logfile.exists() else ""
+        return all(f"[{w}]: NOQUEUE: disconnect=" in text for w in workers)
+
+    wait_until(both_workers_logged, what="both workers log into a new file")
+    # every session's lines (the last one's written a moment after its reply)
+    wait_until(lambda: _whole(logfile.read_text()) == 2 * sessions,
+               what=lambda: f"{2 * sessions} lines in {logfile.read_text()}")
+    text = logfile.read_text()
+    for w in workers:
+        assert text.count(f"[{w}]: NOQUEUE: warning=maillog: {logfile} was deleted while "
+                          "open; created again") == 1, text
+    assert os.stat(logfile).st_nlink == 1
