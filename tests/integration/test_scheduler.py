@@ -413,6 +413,27 @@ async def test_interrupted_delivery_is_redone_after_restart(state_dir: Path) -> 
     rig.spool.close()
 
 
+async def test_a_delivery_ending_during_the_stop_has_its_outcome_saved(rig: Rig) -> None:
+    """stop() waits (up to shutdown_timeout) for the deliveries in flight, and for what
+    ends each: the state saved, the message removed, its DSN queued (_finish, a task the
+    delivery starts as it ends). It waited for the deliveries alone and returned while
+    that was still to come: a sent message stayed queued (sent again at the next start)."""
+    rig.courier.gates["b.example"] = gate = asyncio.Event()
+    rig.courier.script["y@b.example"] = [TEMP]
+    await rig.start()
+    sent = await put(rig.spool, ["x@b.example"])
+    deferred = await put(rig.spool, ["y@b.example"])
+    await until(lambda: len(rig.courier.calls) == 2, "both deliveries started")
+    stopping = asyncio.create_task(rig.stop())
+    await until(lambda: rig.sched is not None and rig.sched._stopping, "stop() waiting")
+    gate.set()  # both deliveries end while stop() waits
+    await stopping
+    assert rig.spool.scan() == [deferred]
+    assert rig.log.grep(sent, "status=removed")
+    (y,) = rig.spool.load(deferred).recipients
+    assert (y.attempts, y.last_reply) == (1, "451 4.7.1 Greylisted, try later")
+
+
 async def test_held_messages_are_skipped(rig: Rig) -> None:
     q1 = await put(rig.spool, ["x@b.example"])
     q2 = await put(rig.spool, ["y@b.example"])

@@ -291,15 +291,19 @@ class Scheduler:
             with contextlib.suppress(OSError):
                 os.unlink(control.control_path(self.spool))
             self._control = None
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks),
-                                            timeout=self.cfg.shutdown_timeout)
+        # Every task, those the waited ones start as they end too (a delivery's _finish:
+        # its state saved, the message removed, its DSN queued), up to shutdown_timeout.
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.cfg.shutdown_timeout
+        while self._tasks and (left := until - loop.time()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=left)
+        pending = set(self._tasks)
+        if pending:
             for t in pending:
                 # State not saved: those recipients are tried again at the next start; a
                 # cut delivery logs them as deferred (_cut_by_stop).
                 t.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._hooked:
             self.spool.on_commit = None
             self._hooked = False
