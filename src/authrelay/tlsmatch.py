@@ -24,6 +24,9 @@ TLS12, TLS13 = 0x0303, 0x0304
 
 # ssl.SSLContext.get_ciphers()'s "auth" for suites that need a certificate of a key type.
 _AUTH = {"auth-ecdsa": "ECDSA", "auth-rsa": "RSA"}
+# The TLS 1.2 suites' "auth" a certificate of each key type (tls.key_type) serves: EdDSA
+# ones sign for the ECDSA suites (RFC 8422 5.1.1). Another type makes every suite count.
+_SERVES = {"RSA": ("RSA",), "ECDSA": ("ECDSA",), "Ed25519": ("ECDSA",), "Ed448": ("ECDSA",)}
 
 GROUP_NAMES = {0x17: "P-256", 0x18: "P-384", 0x19: "P-521", 0x1D: "X25519", 0x1E: "X448",
                0x100: "ffdhe2048", 0x101: "ffdhe3072", 0x102: "ffdhe4096",
@@ -42,6 +45,14 @@ class Offer:
     groups: frozenset[int]
     key_types: frozenset[str]
     min_version: int
+
+    @property
+    def auths(self) -> frozenset[str]:
+        """The TLS 1.2 suites' "auth" ("RSA", "ECDSA") the certificates serve."""
+        out: set[str] = set()
+        for t in self.key_types:
+            out.update(_SERVES.get(t, _AUTH.values()))
+        return frozenset(out)
 
     @classmethod
     def of(cls, ctx: ssl.SSLContext, groups: frozenset[int],
@@ -90,7 +101,8 @@ def no_common(offer: Offer, suites: tuple[int, ...], groups: tuple[int, ...],
     # TLS 1.2: a suite for a certificate the server has, and for ECDHE a shared group
     # (a client without supported_groups takes any curve, RFC 8422 5.1).
     common = [(needs, ecdhe) for code, needs, ecdhe in offer.suites12 if code in offered]
-    certified = [ecdhe for needs, ecdhe in common if not needs or needs in offer.key_types]
+    auths = offer.auths
+    certified = [ecdhe for needs, ecdhe in common if not needs or needs in auths]
     if any(not ecdhe or not groups or shared_group for ecdhe in certified):
         return None
     if certified:

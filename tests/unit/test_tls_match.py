@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 from support import ci
@@ -30,14 +31,40 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tls.ServerCon
     ca = trustme.CA()
     ec = install_cert(ca, d / "ec", key_type=trustme.KeyType.ECDSA)
     rsa = install_cert(ca, d / "rsa", key_type=trustme.KeyType.RSA)
+    ed = ed25519_pair(d / "ed")
     out = {}
     for name, first, second in (("ECDSA", ec, None), ("RSA", rsa, None),
-                                ("ECDSA+RSA", ec, rsa)):
+                                ("ECDSA+RSA", ec, rsa), ("Ed25519", ed, None)):
         t = dataclasses.replace(Config().tls, cert=str(first[0]), key=str(first[1]),
                                 second_cert=str(second[0]) if second else "",
                                 second_key=str(second[1]) if second else "")
         out[name] = tls.server_context(dataclasses.replace(Config(), tls=t))
     return out
+
+
+def ed25519_pair(d: Path) -> tuple[Path, Path]:
+    """A self-signed Ed25519 certificate and key (trustme makes none)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.x509.oid import NameOID
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, None))
+    d.mkdir()
+    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (d / "key.pem").chmod(0o600)
+    return d / "cert.pem", d / "key.pem"
 
 
 def python_hello(*, maximum: ssl.TLSVersion | None = None,
@@ -127,6 +154,8 @@ OK = [  # (server, hello maker): handshakes that go on, never refused
     ("ECDSA", lambda: s_client_hello("-tls1_3", "-groups", "P-384:P-256")),
     ("ECDSA+RSA", lambda: s_client_hello("-tls1_2", "-groups", "X25519")),
     ("RSA", lambda: s_client_hello("-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256")),
+    # An Ed25519 certificate signs for the TLS 1.2 ECDSA suites (RFC 8422 5.1.1).
+    ("Ed25519", lambda: python_hello(maximum=T12, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")),
 ]
 
 
@@ -143,6 +172,9 @@ REFUSED = [  # (server, hello maker, the reason's start)
     ("RSA", lambda: python_hello(maximum=T12, ciphers="ECDHE-ECDSA-AES256-GCM-SHA384"),
      "NO_SHARED_CIPHER (the client's TLS 1.2 suites need an ECDSA certificate; this "
      "server has RSA)"),
+    ("Ed25519", lambda: python_hello(maximum=T12, ciphers="ECDHE-RSA-AES256-GCM-SHA384"),
+     "NO_SHARED_CIPHER (the client's TLS 1.2 suites need an RSA certificate; this "
+     "server has Ed25519)"),
     ("ECDSA+RSA", lambda: python_hello(maximum=T12, ciphers="AES128-SHA"),
      "NO_SHARED_CIPHER (no cipher suite in common)"),
     # Finite-field DHE is never usable: no DH parameters are loaded (tlsmatch.Offer.of).
