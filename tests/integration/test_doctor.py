@@ -219,6 +219,24 @@ async def test_tls_problems(setup: dict, dns_server, kind: str, detail: str) -> 
     assert detail in res["tls"].detail and "from a CA" in res["tls"].fix
 
 
+async def test_the_second_certificate_is_checked_too(setup: dict, dns_server) -> None:  # noqa: ANN001
+    """[tls] second_cert (the RSA one beside the ECDSA one) gets its own check: before,
+    only [tls] cert was looked at, and an RSA certificate for another name went unsaid."""
+    import trustme
+
+    tmp, ca = setup["tmp"], setup["ca"]
+    leaf = ca.issue_cert("mail.other.test", key_type=trustme.KeyType.RSA)
+    leaf.cert_chain_pems[0].write_to_path(str(tmp / "rsa.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp / "rsa.key"))
+    tls = {"cert": str(tmp / "cert.pem"), "key": str(tmp / "key.pem"),
+           "second_cert": str(tmp / "rsa.pem"), "second_key": str(tmp / "rsa.key")}
+    res = await doctor(cfg_for(tmp, dns_server, tls=tls))
+    assert set(failing(res)) == {"tls second_cert"}
+    assert res["tls second_cert"].detail == (
+        f"{tmp / 'rsa.pem'}: does not cover {HOST} (names: mail.other.test)")
+    assert res["tls"].ok
+
+
 async def test_wildcard_certificate_covers_hostname(setup: dict, dns_server) -> None:  # noqa: ANN001
     setup["ca"].issue_cert("*.example.test").cert_chain_pems[0].write_to_path(
         str(setup["tmp"] / "cert.pem"))

@@ -41,6 +41,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import aiosmtplib
 import dns.nameserver
@@ -377,12 +378,17 @@ class Doctor:
     # ------------------------------------------------------------- TLS
 
     def check_tls(self) -> None:
-        path = self.cfg.cert_path
+        """Each served certificate ([tls] cert, and second_cert when set: "tls second_cert")."""
+        for i, names in enumerate(self.cfg.cert_pairs):
+            self._check_cert(names.cert, f"tls {names.cert_key.removeprefix('tls.')}"
+                             if i else "tls")
+
+    def _check_cert(self, path: Path, check: str) -> None:
         try:
             pem = path.read_bytes()
             cert = x509.load_pem_x509_certificates(pem)[0]
         except (OSError, ValueError, IndexError) as e:
-            self.add("tls", False, f"cannot read the certificate {path}: {e}",
+            self.add(check, False, f"cannot read the certificate {path}: {e}",
                      "set [tls] cert/key (or let serve make one)")
             return
         names = _cert_names(cert)
@@ -398,11 +404,11 @@ class Doctor:
         if cert.issuer == cert.subject:
             problems.append("is self-signed (mail clients will refuse or warn)")
         if problems:
-            self.add("tls", False, f"{path}: " + "; ".join(problems),
+            self.add(check, False, f"{path}: " + "; ".join(problems),
                      f"get a certificate for {self.host} from a CA (e.g. Let's Encrypt), "
                      "set [tls] cert/key, renew before expiry, reload (SIGHUP)")
         else:
-            self.add("tls", True, f"{path.name} covers {self.host}, valid until "
+            self.add(check, True, f"{path.name} covers {self.host}, valid until "
                      f"{cert.not_valid_after_utc:%Y-%m-%d} ({left.days} days)")
 
     # ------------------------------------------------------------- smart host
