@@ -434,6 +434,28 @@ async def test_a_delivery_ending_during_the_stop_has_its_outcome_saved(rig: Rig)
     assert (y.attempts, y.last_reply) == (1, "451 4.7.1 Greylisted, try later")
 
 
+async def test_an_outcome_not_saved_stays_in_the_in_flight_journal(rig: Rig) -> None:
+    """The journal entry of an attempt ended once its outcome was applied in memory,
+    though the state of a message's last job is saved later (_finish): an attempt whose
+    state could not be saved (here: an I/O error, its tmp file's name taken by a
+    directory) left nothing to say, and after a crash its recipients, sent and deferred
+    alike, were tried again unannounced. Now the entry ends once the state is on disk,
+    so the next start names them."""
+    rig.cfg = make_cfg(Path(rig.cfg.state_dir), retry=["1h"])
+    rig.courier.script["y@b.example"] = [TEMP]
+    qid = await put(rig.spool, ["x@b.example", "y@b.example"])
+    (rig.spool.queue_dir / f"{qid}.state.tmp").mkdir()  # save_state fails: EISDIR
+    await rig.start()
+    await until(lambda: rig.log.grep(qid, "stat=Deferred"), "the attempt's outcome")
+    await until(lambda: rig.sched is not None and not rig.sched.active, "finished")
+    await rig.stop()  # as a crash, here: the journal is read at the next start
+    (rig.spool.queue_dir / f"{qid}.state.tmp").rmdir()
+    await rig.start()
+    warned = rig.log.grep(qid, "may have been delivered before the crash")
+    assert {"x@b.example", "y@b.example"} == {
+        a for ln in warned for a in re.findall(r"delivery to <([^>]+)>", ln)}, warned
+
+
 async def test_held_messages_are_skipped(rig: Rig) -> None:
     q1 = await put(rig.spool, ["x@b.example"])
     q2 = await put(rig.spool, ["y@b.example"])

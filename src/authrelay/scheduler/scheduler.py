@@ -130,6 +130,9 @@ class _Active:
     # the recipients' destinations: action -> recipients; plus each one's remote MTA.
     owed: dict[str, list[Recipient]] = field(default_factory=dict)
     remote: dict[str, str] = field(default_factory=dict)
+    # In-flight journal tokens of attempts whose outcome is not on disk yet (the state is
+    # saved by _finish): ended once it is.
+    unsaved: list[int] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -751,8 +754,11 @@ class Scheduler:
             if courier is self.courier:  # an old courier's routes judge nothing now
                 self._judge_destination(job.key, results)
             async with act.lock:
-                await self._apply(act, job, results)
-            self.inflight.end(token)  # the outcome is on disk
+                saved = await self._apply(act, job, results)
+            if saved:
+                self.inflight.end(token)  # the outcome is on disk
+            else:
+                act.unsaved.append(token)  # ended by _finish, once it is
             completed = True
         finally:
             self._running -= 1
@@ -785,10 +791,13 @@ class Scheduler:
             self.maillog.deferred(env.queue_id, r.address, relay, backoff.age(env, now),
                                   r.attempts + 1, SHUTDOWN, f"451 {SHUTDOWN} {text}")
 
-    async def _apply(self, act: _Active, job: _Job, results: dict[str, DeliveryResult]) -> None:
-        """Record one job's results. A recipient that failed and wants a DSN stays PENDING
-        (in memory and on disk) until `_finish` has queued the pass's one DSN: a crash in
-        between re-tries it, so the bounce is late or doubled, never lost."""
+    async def _apply(self, act: _Active, job: _Job, results: dict[str, DeliveryResult]
+                     ) -> bool:
+        """Record one job's results; True when they are on disk (saved here: the message
+        has other jobs; else `_finish` saves them). A recipient that failed and wants a
+        DSN stays PENDING (in memory and on disk) until `_finish` has queued the pass's
+        one DSN: a crash in between re-tries it, so the bounce is late or doubled, never
+        lost."""
         env = act.env
         assert env is not None
         d = self.cfg.delivery
@@ -858,9 +867,12 @@ class Scheduler:
             try:
                 await self._io(self.spool.save_state, env)
             except FileNotFoundError:
-                pass
+                pass  # gone (an operator's delete): nothing left to deliver twice
             except OSError:
                 log.exception("%s: cannot save state", env.queue_id)
+                return False
+            return True
+        return False
 
     async def _send_owed(self, act: _Active) -> None:
         """One DSN per action for the whole pass (RFC 3464 allows many recipients per
@@ -946,6 +958,7 @@ class Scheduler:
         reschedule: float | None = None
         try:
             await self._send_owed(act)
+            saved = True
             if env.done:
                 await self._remove(act.qid)
             else:
@@ -955,7 +968,12 @@ class Scheduler:
                     pass
                 except OSError:
                     log.exception("%s: cannot save state", env.queue_id)
+                    saved = False  # its attempts stay in the journal: at a crash, named
                 reschedule = min(r.next_attempt for r in env.pending)
+            if saved:
+                for token in act.unsaved:
+                    self.inflight.end(token)  # the outcome is on disk
+                act.unsaved.clear()
         except Exception:
             log.exception("%s: cannot finish; looking again later", act.qid)
             reschedule = time.time() + 60.0
