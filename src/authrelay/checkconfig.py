@@ -6,9 +6,10 @@ config is reported, never a traceback. `main()` prints one line per finding and 
 when there is an error, 0 otherwise (warnings do not stop a start: e.g. a saslauthd that
 is started after us). What is checked, beyond the TOML itself (config.py names bad keys
 and values, every host:port included):
-- TLS: certificate and key present, readable, a pair that loads (the key matches the
-  certificate), the key not readable by group/others (tls.check_key_mode, as serve
-  refuses it), the certificate not expired; who reads the files: with `user` set, serve
+- TLS, each pair served (`[tls] cert`/`key`, `second_cert`/`second_key`): certificate
+  and key present, readable, a pair that loads (the key matches the certificate), the
+  key not readable by group/others (tls.check_key_mode, as serve refuses it), the
+  certificate not expired; no two pairs of one key type; who reads the files: with `user` set, serve
   started as root reads them before dropping privileges (the privileged loader), so a
   root-only key is fine; without `user`, the user running serve must read them.
 - listeners: every address bindable now (in use, privileged port as non-root, not an

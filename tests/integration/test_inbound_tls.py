@@ -18,7 +18,7 @@ import pytest
 import trustme
 from relayproc import RelayProcess
 from smtpclient import RawClient, client_ctx
-from support import ci
+from support import ci, hellos
 from support.certs import install_cert
 
 pytestmark = pytest.mark.slow
@@ -64,11 +64,20 @@ def client_hello(alpn: list[str] | None) -> bytes:
     ctx = client_ctx()
     if alpn:
         ctx.set_alpn_protocols(alpn)
-    out = ssl.MemoryBIO()
-    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="relay.test")
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return out.read()
+    return hellos.client_hello(ctx)
+
+
+def handshake_refused(port: int, ctx: ssl.SSLContext, source: str, starttls: bool,
+                      alert: str) -> None:
+    """A real client's handshake (after EHLO and STARTTLS on 587/25) ends with the
+    server's `alert` (ssl's words: 'alert handshake failure')."""
+    with RawClient(port, source=source) as c:
+        if starttls:
+            c.reply()
+            c.cmd("EHLO client.example")
+            c.cmd("STARTTLS")
+        with pytest.raises(ssl.SSLError, match=alert):
+            c.starttls(ctx)
 
 
 def fragmented(records: bytes, size: int) -> bytes:
@@ -110,13 +119,7 @@ def test_alpaca_a_client_naming_only_other_protocols_is_refused(relay_factory,  
     # A real client's refusal, and the maillog line.
     ctx = client_ctx()
     ctx.set_alpn_protocols(["h2", "http/1.1"])
-    with RawClient(port, source="127.0.0.7") as c:
-        if starttls:
-            c.reply()
-            c.cmd("EHLO client.example")
-            c.cmd("STARTTLS")
-        with pytest.raises(ssl.SSLError, match="alert no application protocol"):
-            c.starttls(ctx)
+    handshake_refused(port, ctx, "127.0.0.7", starttls, "alert no application protocol")
     line = r.wait_log(r"tls_failed=from unknown \[127\.0\.0\.7\]")
     assert ("reason=handshake failed: NO_APPLICATION_PROTOCOL (client offered ALPN h2, "
             f"http/1.1), listener={mode}:") in line
@@ -278,13 +281,8 @@ def test_a_client_too_old_gets_the_protocol_version_alert(relay_factory,  # noqa
     for version in (b"\x03\x01", b"\x03\x02", b"\x03\x03"):  # TLS 1.0, 1.1, 1.2
         assert answer(port, big_hello(0, None, version=version), "127.0.0.12", starttls) \
             == PROTOCOL_VERSION_ALERT, version
-    with RawClient(port, source="127.0.0.13") as c:  # a real client says why
-        if starttls:
-            c.reply()
-            c.cmd("EHLO client.example")
-            c.cmd("STARTTLS")
-        with pytest.raises(ssl.SSLError, match="alert protocol version"):
-            c.starttls(tls12_only())
+    # A real client says why.
+    handshake_refused(port, tls12_only(), "127.0.0.13", starttls, "alert protocol version")
     line = r.wait_log(r"tls_failed=from unknown \[127\.0\.0\.13\]")
     assert f"reason=handshake failed: UNSUPPORTED_PROTOCOL, listener={mode}:" in line
     # TLS 1.3 itself goes on (its ClientHello names 1.3 in supported_versions).
@@ -461,22 +459,14 @@ def test_a_client_with_nothing_in_common_gets_the_handshake_failure_alert(  # no
     port, starttls = r.ports[mode], mode != "submissions"
     rsa_only = tls12_only()
     rsa_only.set_ciphers(RSA_ONLY_TLS12)
-    with RawClient(port, source="127.0.0.14") as c:
-        if starttls:
-            c.reply()
-            c.cmd("EHLO client.example")
-            c.cmd("STARTTLS")
-        with pytest.raises(ssl.SSLError, match="alert handshake failure"):
-            c.starttls(rsa_only)
+    handshake_refused(port, rsa_only, "127.0.0.14", starttls, "alert handshake failure")
     line = r.wait_log(r"tls_failed=from unknown \[127\.0\.0\.14\]")
     assert ("reason=handshake failed: NO_SHARED_CIPHER (the client's TLS 1.2 suites need "
             f"an RSA certificate; this server has ECDSA), listener={mode}:") in line
     p384 = client_ctx()
     p384.set_ecdh_curve("secp384r1")  # a client's groups: P-384 alone
-    out = ssl.MemoryBIO()
-    with pytest.raises(ssl.SSLWantReadError):
-        p384.wrap_bio(ssl.MemoryBIO(), out, server_hostname="relay.test").do_handshake()
-    assert answer(port, out.read(), "127.0.0.15", starttls) == HANDSHAKE_FAILURE_ALERT
+    assert answer(port, hellos.client_hello(p384), "127.0.0.15", starttls) \
+        == HANDSHAKE_FAILURE_ALERT
     line = r.wait_log(r"tls_failed=from unknown \[127\.0\.0\.15\]")
     assert "reason=handshake failed: NO_SUITABLE_KEY_SHARE (client offered groups P-384; " \
         "this server has P-256, X25519)" in line

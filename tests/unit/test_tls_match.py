@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from support import ci
+from support import ci, hellos
 from support.certs import install_cert
 
 from authrelay import tls
@@ -80,11 +80,7 @@ def python_hello(*, maximum: ssl.TLSVersion | None = None,
         ctx.set_ciphers(ciphers)
     if curve is not None:
         ctx.set_ecdh_curve(curve)
-    out = ssl.MemoryBIO()
-    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="relay.test")
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return out.read()
+    return hellos.client_hello(ctx)
 
 
 def s_client_hello(*args: str) -> bytes:
