@@ -176,6 +176,17 @@ def test_a_delivery_on_the_old_routes_ending_after_the_reload_marks_nothing(
 BUSY_MX = "127.0.0.14"
 
 
+def _submit_deferred(relay: RelayProcess, domain: str, n: int = 3) -> list[str]:
+    """n messages to user0..user{n-1}@domain, one at a time, each once deferred."""
+    queued = []
+    for i in range(n):
+        q = submit(relay, [f"user{i}@{domain}"])
+        relay.wait_for(lambda q=q: any("stat=Deferred" in ln for ln in log_lines(relay, q)),
+                       what=f"{q} deferred")
+        queued.append(q)
+    return queued
+
+
 @pytest.mark.parametrize("busy", [
     {"greeting": "421 4.3.2 busy, try later"},
     {"mail_reply": "451 4.3.0 try later"},
@@ -195,12 +206,7 @@ def test_a_destination_whose_primary_answered_is_not_marked_dead(
     primary = fake_mx(BUSY_MX, **busy)
     relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"],
                                        concurrency_per_domain=1))
-    queued = []
-    for i in range(3):
-        q = submit(relay, [f"user{i}@busy.test"])
-        relay.wait_for(lambda q=q: any("stat=Deferred" in ln for ln in log_lines(relay, q)),
-                       what=f"{q} deferred")
-        queued.append(q)
+    queued = _submit_deferred(relay, "busy.test")
     log = relay.maillog()
     assert "delivery temporarily suspended" not in log, log
     # each message tried at the primary: a connection each (421), or a transaction each
@@ -232,10 +238,7 @@ def test_a_next_hop_replying_4_4_1_is_not_marked_dead(
     primary = fake_mx(BUSY_MX, **busy)
     relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"],
                                        concurrency_per_domain=1))
-    for i in range(3):
-        q = submit(relay, [f"user{i}@busy.test"])
-        relay.wait_for(lambda q=q: any("stat=Deferred" in ln for ln in log_lines(relay, q)),
-                       what=f"{q} deferred")
+    for q in _submit_deferred(relay, "busy.test"):
         deferred = [ln for ln in log_lines(relay, q) if "stat=Deferred" in ln]
         assert "no answer from the next hop" in deferred[0], deferred
     log = relay.maillog()
@@ -269,12 +272,7 @@ def test_an_mx_name_that_does_not_resolve_is_not_a_host_that_answered(
         fake_mx(BUSY_MX, greeting="421 4.3.2 busy, try later")
     relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"],
                                        concurrency_per_domain=1))
-    queued = []
-    for i in range(3):
-        q = submit(relay, [f"user{i}@half.test"])
-        relay.wait_for(lambda q=q: any("stat=Deferred" in ln for ln in log_lines(relay, q)),
-                       what=f"{q} deferred")
-        queued.append(q)
+    queued = _submit_deferred(relay, "half.test")
     first = [ln for ln in log_lines(relay, queued[0]) if "stat=Deferred" in ln][0]
     skipped = [ln for ln in log_lines(relay, queued[0]) if "status=host failed" in ln
                and f"relay={names[unresolved]}," in ln]

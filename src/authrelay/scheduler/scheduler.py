@@ -647,12 +647,19 @@ class Scheduler:
             f"arrival time {env.received_at - now:.0f}s in the future (the clock was set "
             "back?): its time in the queue is counted from now", queue_id=env.queue_id)
         env.received_at = now
+        await self._save_state(env)
+
+    async def _save_state(self, env: Envelope) -> bool:
+        """env's state on disk; False when it could not be written (logged). A message
+        gone meanwhile (an operator's delete) counts as saved: nothing left to deliver."""
         try:
             await self._io(self.spool.save_state, env)
         except FileNotFoundError:
             pass
         except OSError:
             log.exception("%s: cannot save state", env.queue_id)
+            return False
+        return True
 
     def _pump(self) -> None:
         """Start waiting deliveries, round robin over destinations, within the limits."""
@@ -863,16 +870,7 @@ class Scheduler:
             # very delivery to end.
             self._spawn(self.containment.refused(env.auth_user, refused, earlier=earlier))
         # The last job's state is saved by _finish, after the pass's DSNs.
-        if act.jobs > 1:
-            try:
-                await self._io(self.spool.save_state, env)
-            except FileNotFoundError:
-                pass  # gone (an operator's delete): nothing left to deliver twice
-            except OSError:
-                log.exception("%s: cannot save state", env.queue_id)
-                return False
-            return True
-        return False
+        return act.jobs > 1 and await self._save_state(env)
 
     async def _send_owed(self, act: _Active) -> None:
         """One DSN per action for the whole pass (RFC 3464 allows many recipients per
@@ -962,13 +960,8 @@ class Scheduler:
             if env.done:
                 await self._remove(act.qid)
             else:
-                try:
-                    await self._io(self.spool.save_state, env)
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    log.exception("%s: cannot save state", env.queue_id)
-                    saved = False  # its attempts stay in the journal: at a crash, named
+                # not saved: its attempts stay in the journal (at a crash, named)
+                saved = await self._save_state(env)
                 reschedule = min(r.next_attempt for r in env.pending)
             if saved:
                 for token in act.unsaved:
