@@ -677,6 +677,37 @@ def _check_metrics(cfg: Config, out: list[Finding]) -> None:
                        "reverse proxy with authentication in front)"))
 
 
+def _check_local_recipients(cfg: Config, pw: pwd.struct_passwd | None,
+                            out: list[Finding]) -> None:
+    """The local recipients list (policy/recipients.py): loadable, readable by `user`
+    (serve reads it after dropping privileges, and again at every reload), and where mail
+    from anyone reaches any local part of a local domain (backscatter)."""
+    from authrelay.policy import recipients
+
+    key = "relay.local_recipients_file"
+    try:
+        table = recipients.load(cfg)
+    except recipients.RecipientsError as e:
+        out.append(Finding("error", key, str(e)))
+        return
+    path = cfg.relay.local_recipients_file
+    if table is not None and pw is not None and pw.pw_uid != 0 \
+            and not _readable_by(Path(path), pw):
+        out.append(Finding("error", key, f"{path}: not readable by {cfg.user} (serve reads "
+                           "it after dropping privileges)"))
+    for problem in recipients.problems(cfg, table) if table is not None else ():
+        out.append(Finding("warning", key, problem))
+    open_domains = recipients.open_domains(cfg, table)
+    if open_domains:
+        out.append(Finding(
+            "note" if table is not None else "warning",
+            "relay.local_domains" if table is None else key,
+            f"{', '.join(open_domains)}: any local part is accepted from anyone and relayed "
+            "on; an unknown one is bounced later to the (maybe forged) sender "
+            "(backscatter)" + ("" if table is not None else
+                               ": list the valid recipients in local_recipients_file")))
+
+
 def check(cfg: Config) -> list[Finding]:
     """Every finding for `cfg`; never raises."""
     out: list[Finding] = []
@@ -691,7 +722,8 @@ def check(cfg: Config) -> list[Finding]:
         lambda: _check_files(cfg, pw, out), lambda: _check_privileged_split(cfg, pw, out),
         lambda: _check_dkim(cfg, pw, out), lambda: _check_outbound_tls(cfg, out),
         lambda: _check_smart_hosts(cfg, out), lambda: _check_operation(cfg, out),
-        lambda: _check_metrics(cfg, out), lambda: _check_delivery_timeouts(cfg, out)]
+        lambda: _check_metrics(cfg, out), lambda: _check_delivery_timeouts(cfg, out),
+        lambda: _check_local_recipients(cfg, pw, out)]
     for step in steps:
         try:
             step()

@@ -270,6 +270,9 @@ class SmartHostOAuth:
 @dataclass(frozen=True)
 class Relay:
     local_domains: tuple[str, ...] = ()
+    # The valid recipients of local_domains (policy/recipients.py; Postfix
+    # relay_recipient_maps): one address or `@domain` a line. "" = any local part.
+    local_recipients_file: str = ""
     trusted_networks: tuple[str, ...] = ()
     smart_host: tuple[str, ...] = ()
     smart_host_tls: str = "starttls"  # starttls | tls | none | may | encrypt | verify
@@ -1070,8 +1073,9 @@ def config_dir(path: str | os.PathLike[str]) -> Path:
 # relative (absolute_paths).
 _PATH_KEYS = {
     "tls": ("cert", "key", "second_cert", "second_key"),
-    "relay": ("smart_host_password_file", "smart_host_ca_file", "smart_host_oauth_secret_file",
-              "smart_host_oauth_key_file", "smart_host_oauth_ca_file"),
+    "relay": ("local_recipients_file", "smart_host_password_file", "smart_host_ca_file",
+              "smart_host_oauth_secret_file", "smart_host_oauth_key_file",
+              "smart_host_oauth_ca_file"),
     "delivery": ("tls_ca_file",),
 }
 _OAUTH_PATHS = ("secret_file", "key_file", "ca_file")

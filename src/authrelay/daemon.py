@@ -66,6 +66,7 @@ from authrelay.delivery.client import Courier
 from authrelay.localsubmit import LocalSubmission
 from authrelay.metrics import Metrics
 from authrelay.policy.counters import SharedCounters
+from authrelay.policy.recipients import LocalRecipients, RecipientsError, open_domains
 from authrelay.policy.throttle import Share
 from authrelay.process import Channel, InstanceBusy, KeyHelper, StartError
 from authrelay.smtpd.server import Listener, SMTPServer, bind
@@ -284,9 +285,9 @@ class _Receiver:
         self.server: SMTPServer | None = None
 
     async def start(self, spool: Spool, certs: CertStore, metrics: Metrics | None,
-                    ml: maillog_mod.MailLog) -> None:
+                    ml: maillog_mod.MailLog, recipients: LocalRecipients | None) -> None:
         self.server = wiring.server(self.cfg, spool, certs, share=self.share, metrics=metrics,
-                                    maillog=ml)
+                                    maillog=ml, recipients=recipients)
         await self.server.start(self.listeners)
 
     def close_listeners(self) -> None:
@@ -317,6 +318,9 @@ class _Run:
     pem: PEM
     role: str  # single | master | worker
     listeners: list[Listener] | None = None
+    # The local recipients list (policy/recipients.py), read at start after the drop
+    # (workers inherit it) and again at every reload.
+    recipients: LocalRecipients | None = None
     share: Share = field(default_factory=Share)
     # How the certificate and key are read on SIGHUP (privileged: the key helper).
     read_keys: Callable[[Config], PEM] = read_pem
@@ -428,7 +432,7 @@ async def _serve_loop(run: _Run) -> int:
             with contextlib.suppress(Exception):
                 metrics.start(scheduler=scheduler, spool=spool, health=probe)
     if receiver is not None and certs is not None:
-        await receiver.start(spool, certs, metrics, ml)
+        await receiver.start(spool, certs, metrics, ml, run.recipients)
 
     def new_courier(new: Config) -> Courier | None:
         """The courier deliveries use after a reload to `new`, None to keep the running
@@ -451,6 +455,9 @@ async def _serve_loop(run: _Run) -> int:
         process and, as the master then sends nothing, in the workers."""
         old = run.cfg
         tls_ctx = certs.prepare(new, pem) if certs is not None else None
+        # Re-read at every reload (the file's contents may have changed, its name not),
+        # in every process: one it cannot read refuses the reload (RecipientsError).
+        recipients = wiring.local_recipients(new)
         srv = receiver.server if receiver is not None else None
         checks = srv.checks if srv is not None else None
         if srv is not None and _checks_keys(new) != _checks_keys(old):
@@ -462,7 +469,7 @@ async def _serve_loop(run: _Run) -> int:
             certs.use(*tls_ctx)  # a new context: any key type, the new min_version
         if receiver is not None and srv is not None:
             receiver.cfg = new
-            srv.reload(new)
+            srv.reload(new, recipients)
             if srv.authenticator is not None:
                 srv.authenticator.reload(new)
             srv.checks = checks
@@ -474,7 +481,7 @@ async def _serve_loop(run: _Run) -> int:
             reporter.reload(new, report_resolver)
         if local is not None:
             local.reload(new)
-        run.cfg, run.pem = new, pem
+        run.cfg, run.pem, run.recipients = new, pem, recipients
 
     if run.role == "worker" and run.channel is not None:
         def on_message(kind: bytes, payload: bytes, fds: list[int]) -> None:
@@ -517,7 +524,10 @@ async def _serve_loop(run: _Run) -> int:
         process.watch(loop, run.channel, on_message, master_gone)
 
     ml.daemon(f"started ({run.role})", pid=os.getpid(),
-              listeners=",".join(ln.name for ln in run.listeners) if run.listeners else None)
+              listeners=",".join(ln.name for ln in run.listeners) if run.listeners else None,
+              # Local domains where mail from anyone reaches any local part (no
+              # local_recipients_file, or `@domain` in it): the backscatter risk, said.
+              any_local_part=",".join(open_domains(cfg, run.recipients)) or None)
     if run.role != "worker":  # systemd Type=notify
         sdnotify.ready(f"serving ({run.role})")
 
@@ -798,6 +808,7 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
     if cfg.metrics.address:
         metrics_mod.prepare(cfg)  # before forking: all processes share one fresh directory
     nworkers = max(1, cfg.workers or (os.cpu_count() or 1))
+    _local_recipients(cfg)  # a bad list stops the start before anything is bound
     per_worker = _bind_all(cfg, nworkers)
     helper = None
     read_keys: Callable[[Config], PEM] = read_pem
@@ -814,26 +825,38 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
             # before forking, and before the drop (it maps shared memory).
             shared = wiring.shared_counters(nworkers)
         _drop_privileges(cfg)
+        # Read again as the user that reads it at every reload; before any fork.
+        recipients = _local_recipients(cfg)
         if nworkers <= 1:
             _use_uvloop()
             run = _Run(cfg, config_path, pem, "single", listeners=per_worker[0],
-                       read_keys=read_keys,
+                       recipients=recipients, read_keys=read_keys,
                        read_password=helper.read_password if helper else None,
                        read_oauth_secret=helper.read_oauth_secret if helper else None,
                        open_log=helper.open_log if helper else None,
                        read_config=helper.read_config if helper else None)
             return asyncio.run(_serve_loop(run))
-        return _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared)
+        return _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared,
+                             recipients)
     finally:
         if helper is not None:
             helper.close()
 
 
+def _local_recipients(cfg: Config) -> LocalRecipients | None:
+    """The local recipients list at start; StartError (one line) when it cannot be used."""
+    try:
+        return wiring.local_recipients(cfg)
+    except RecipientsError as e:
+        raise StartError(f"relay.local_recipients_file: {e}") from None
+
+
 def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                   per_worker: list[list[Listener]], read_keys: Callable[[Config], PEM],
-                  helper: KeyHelper | None, shared: SharedCounters | None) -> int:
+                  helper: KeyHelper | None, shared: SharedCounters | None,
+                  recipients: LocalRecipients | None) -> int:
     nworkers = len(per_worker)
-    run = _Run(cfg, config_path, pem, "master", read_keys=read_keys,
+    run = _Run(cfg, config_path, pem, "master", recipients=recipients, read_keys=read_keys,
                read_password=helper.read_password if helper else None,
                read_oauth_secret=helper.read_oauth_secret if helper else None,
                open_log=helper.open_log if helper else None,
@@ -871,7 +894,8 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                         for s in socks:
                             s.sock.close()
                 wrun = _Run(run.cfg, config_path, run.pem, "worker", listeners=per_worker[i],
-                            share=Share(i, nworkers, shared), channel=sock)
+                            recipients=run.recipients, share=Share(i, nworkers, shared),
+                            channel=sock)
             except BaseException:
                 os._exit(1)
             _worker_main(wrun)

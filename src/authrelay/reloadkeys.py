@@ -15,7 +15,9 @@ Reloadable means the running processes apply the new value on SIGHUP: sessions s
 after it, deliveries started after it (a new courier for changed [relay]/[delivery]
 settings: a smart host added, changed or removed takes effect for the next delivery),
 DKIM keys and settings, the TLS certificate (a new context, any key type), the host
-checks, local submission. Restart-only: what was bound, forked, dropped or opened at start
+checks, local submission, the local recipients list (`local_recipients_file`, re-read at
+every SIGHUP whether or not its name changed: policy/recipients.py). Restart-only: what
+was bound, forked, dropped or opened at start
 (listeners, workers, user, state dir, log target and format, the metrics listener), the
 authentication backend with its pool and credential cache, and the shared-counter store.
 Failure policy: reloaded() raises ConfigError on such a mix (daemon.py: the reload
@@ -60,7 +62,8 @@ RELOADABLE = frozenset({
     "auth.from_header_policy", "limits.pool_eviction", "limits.max_pending_per_ip",
     # [relay] and [delivery]: a new courier (daemon.apply); [limits]: read per session,
     # by the throttle"s and the acceptors" reload.
-    "relay.local_domains", "relay.trusted_networks", "relay.smart_host",
+    "relay.local_domains", "relay.local_recipients_file", "relay.trusted_networks",
+    "relay.smart_host",
     "relay.smart_host_tls", "relay.smart_host_user", "relay.smart_host_password_file",
     "relay.smart_host_tls_verify", "relay.smart_host_ca_file", "relay.smart_host_auth",
     "relay.smart_host_oauth_grant", "relay.smart_host_oauth_token_url",

@@ -54,6 +54,8 @@ AUTH_REVOKED = R(421, "4.7.0", "Authentication no longer valid, closing connecti
 TLS_UNAVAILABLE = R(454, "4.7.0", "TLS not available")
 LOCAL_ERROR = R(451, "4.3.0", "Local error in processing, try again later")
 SPOOL_ERROR = R(451, "4.3.0", "Could not queue message, try again later")
+# The user store could not say whether a local recipient is a user's address.
+RECIPIENT_LOOKUP_TEMPFAIL = R(451, "4.3.0", "Recipient lookup failed, try again later")
 TOO_MANY_RCPTS = R(452, "4.5.3", "Too many recipients")
 USER_RATE = R(450, "4.7.1", "Sending rate limit exceeded, try again later")
 DNS_TEMP = R(450, "4.7.25", "Client host name lookup failed temporarily, try again later")
@@ -84,6 +86,13 @@ TLS_REQUIRED_FOR_AUTH = R(538, "5.7.11", "Encryption required for requested auth
                           "mechanism")
 AUTH_FAILED = R(535, "5.7.8", "Authentication credentials invalid")
 RELAY_DENIED = R(550, "5.7.1", "Relaying denied")
+
+
+def unknown_local_recipient(address: str) -> Reply:
+    """A local domain's recipient the local recipients list does not know (Postfix's
+    reply to an address missing from relay_recipient_maps)."""
+    return R(550, "5.1.1", f"<{address}>: Recipient address rejected: user unknown in "
+             "local recipient table")
 SENDER_NOT_OWNED = R(553, "5.7.1", "Sender address not owned by user")
 # [auth] from_header_policy = "own": the RFC 5322 From:/Sender: is not the user's (end of DATA)
 FROM_NOT_OWNED = R(550, "5.7.1", "From: header address not owned by user")

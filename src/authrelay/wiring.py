@@ -43,11 +43,13 @@ from authrelay.health import DependencyProbe
 from authrelay.localsubmit import LocalSubmission
 from authrelay.maillog import MailLog
 from authrelay.metrics import Metrics
+from authrelay.policy import recipients as recipients_mod
 from authrelay.policy import shared as shared_mod
 from authrelay.policy.anvil import SharedThrottle
 from authrelay.policy.checks import HostChecks
 from authrelay.policy.counters import SharedCounters
 from authrelay.policy.known import KnownAddresses
+from authrelay.policy.recipients import LocalRecipients
 from authrelay.policy.suspender import HoldUser, Suspender, make_suspender
 from authrelay.policy.throttle import KnownStore, LocalThrottle, Share, Throttle
 from authrelay.scheduler import control
@@ -158,6 +160,12 @@ def host_checks(cfg: Config) -> HostChecks | None:
     return HostChecks(cfg)
 
 
+def local_recipients(cfg: Config) -> LocalRecipients | None:
+    """The valid recipients of the local domains (`[relay] local_recipients_file`), None
+    when unset; RecipientsError (the file and why) when it cannot be used."""
+    return recipients_mod.load(cfg)
+
+
 def metrics(cfg: Config) -> Metrics | None:
     """The Prometheus counters, or None (no `[metrics] address`, or they cannot start:
     metrics never stop mail)."""
@@ -185,10 +193,12 @@ def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
            share: Share | None = None, metrics: Metrics | None = None,
            auth: Authenticator | None | Literal["config"] = "config",
            checks: HostChecks | None | Literal["config"] = "config",
+           recipients: LocalRecipients | None | Literal["config"] = "config",
            maillog: MailLog) -> SMTPServer:
     """The receiving side of one process: its submitter, throttle and known-address store
-    built here; `auth` and `checks` are what the config names unless given (None: none);
-    `maillog` the one the caller's process writes."""
+    built here; `auth`, `checks` and `recipients` (the local recipients list: raises
+    RecipientsError when it cannot be read) are what the config names unless given
+    (None: none); `maillog` the one the caller's process writes."""
     share = share or Share()
     known = known_addresses(cfg)
     sub = submitter(cfg, queue, maillog, report_dkim=False)  # the scheduler's reports
@@ -199,6 +209,7 @@ def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
         certs=certs, checks=host_checks(cfg) if checks == "config" else checks,
         metrics=metrics, known=known, throttle=throttle(cfg, share, known, redis),
         share=share, maillog=maillog,
+        recipients=local_recipients(cfg) if recipients == "config" else recipients,
         # A trip asks this node's scheduler to hold the user's mail (control socket).
         containment=containment(cfg, sub, maillog, metrics,
                                 lambda user: control.hold_user(queue, user), redis))

@@ -495,3 +495,45 @@ def test_oauth_smart_host_without_verified_tls(site: Path) -> None:
         "smtp.office365.com:587 goes to whoever answers" in r.stderr
     r = _cc(_write(site, {"tls": tls, "relay": relay}))
     assert "relay.smart_host_tls" not in r.stdout + r.stderr
+
+
+def test_local_recipients_findings(site: Path) -> None:
+    """A local domain that accepts any local part from anyone (backscatter) is a warning
+    without local_recipients_file; the file is loaded as serve loads it (its error, the
+    line named), must be readable by `user`, and a local domain it names nobody at is a
+    warning. README "Port 25: mail for the local domains"."""
+    cert, key = _cert(site)
+    tls = {"cert": str(cert), "key": str(key)}
+    cfg = _write(site, {"tls": tls, "relay": {"local_domains": ["a.test", "b.test"]}})
+    r = _cc(cfg)
+    assert r.returncode == 0, r.stderr
+    assert f"{cfg}: warning: relay.local_domains: a.test, b.test: any local part is " \
+        "accepted from anyone and relayed on" in r.stderr, r.stderr
+    assert "list the valid recipients in local_recipients_file" in r.stderr
+    rcpts = site / "recipients"
+    relay = {"local_domains": ["a.test", "b.test", "c.test"],
+             "local_recipients_file": str(rcpts)}
+    cfg = _write(site, {"tls": tls, "relay": relay, "user": UNPRIV})
+    r = _cc(cfg)
+    assert r.returncode == 1
+    assert f"{cfg}: error: relay.local_recipients_file: {rcpts}: cannot read: No such " \
+        "file or directory" in r.stderr, r.stderr
+    rcpts.write_text("bob@a.test\n@b.test\nx@elsewhere.test\nbad@@a.test\n")
+    r = _cc(cfg)
+    assert f"{rcpts}: line 4: 'bad@@a.test': bad address syntax" in r.stderr, r.stderr
+    rcpts.write_text("bob@a.test\n@b.test\nx@elsewhere.test\n")
+    os.chmod(rcpts, 0o600)  # root's: serve reads it as `user` after the drop
+    r = _cc(cfg)
+    if os.geteuid() == 0:
+        assert f"{cfg}: error: relay.local_recipients_file: {rcpts}: not readable by " \
+            f"{UNPRIV}" in r.stderr, r.stderr
+    os.chmod(rcpts, 0o644)
+    r = _cc(cfg)
+    assert r.returncode == 0, r.stderr
+    assert "relay.local_domains: " not in r.stderr
+    assert f"warning: relay.local_recipients_file: local domain c.test: no entry in " \
+        f"{rcpts}: every recipient there but postmaster is refused" in r.stderr, r.stderr
+    assert f"warning: relay.local_recipients_file: {rcpts}: entries at elsewhere.test, " \
+        "which is not in local_domains" in r.stderr, r.stderr
+    assert "note: relay.local_recipients_file: b.test: any local part is accepted" \
+        in r.stdout + r.stderr

@@ -99,6 +99,18 @@ class UserDBLoginStore:
             log.warning("user DB unreadable", exc_info=True)
             return set()
 
+    async def owns_address(self, spellings: tuple[str, ...]) -> bool:
+        try:
+            found = await self.hashing.run(self.db.owns_address, spellings)
+        except (sqlite3.Error, UserDBError, OSError) as e:
+            log.warning("user DB unreadable", exc_info=True)
+            raise StoreUnavailable(str(e)) from e
+        except RuntimeError as e:  # pool shut down: we are closing
+            raise StoreUnavailable("closing") from e
+        if found is None:
+            raise StoreUnavailable("hashing backlog full")
+        return found
+
     def close(self) -> None:
         self._writes.shutdown(wait=False, cancel_futures=True)
         self.db.close()
@@ -155,6 +167,11 @@ class BackendAuthenticator(Authenticator):
     def addresses(self, username: str) -> set[str]:
         # External backends know no addresses: a login that is an address owns it.
         return implicit_address(username)
+
+    async def owns_address(self, spellings: tuple[str, ...]) -> bool | None:
+        # saslauthd and Dovecot's auth socket check passwords; neither can be asked
+        # whether a name exists: their users go into local_recipients_file.
+        return False
 
 
 def backend_account(username: str) -> str:

@@ -119,6 +119,14 @@ class Authenticator(ABC):
     def addresses(self, username: str) -> set[str]:
         """The addresses `username` may send as (`sender_policy = "own"`)."""
 
+    @abstractmethod
+    async def owns_address(self, spellings: tuple[str, ...]) -> bool | None:
+        """Whether some user owns the address spelt `spellings`
+        (policy/recipients.candidates): one of them stored as a user's address, or a
+        user named exactly one of them. None: the store cannot be asked now. Never
+        raises. Asked at RCPT for a local domain's recipient the local recipients list
+        does not name."""
+
     async def still_exists(self, username: str) -> bool:
         """Whether `username`, a login accepted earlier in this session, is still a user
         (asked at every MAIL: a user deleted mid-session sends no more). Never raises; a

@@ -96,6 +96,10 @@ class LoginStore(Protocol):
         """The addresses `username` may send as (never raises: unknown is empty)."""
         ...
 
+    async def owns_address(self, spellings: tuple[str, ...]) -> bool:
+        """Whether one of `spellings` is a user's stored address or a user's name."""
+        ...
+
     def close(self) -> None:
         ...
 
@@ -306,6 +310,17 @@ class StoreAuthenticator(Authenticator):
 
     def addresses(self, username: str) -> set[str]:
         return self.users.addresses(username)
+
+    async def owns_address(self, spellings: tuple[str, ...]) -> bool | None:
+        if not spellings:
+            return False
+        try:
+            return await self.users.owns_address(spellings)
+        except StoreUnavailable:
+            return None
+        except Exception:  # a bug: logged; the recipient is deferred, never refused for it
+            log.exception("user store address lookup failed")
+            return None
 
     async def still_exists(self, username: str) -> bool:
         """A store with a generation answers from it while nothing changed since the last

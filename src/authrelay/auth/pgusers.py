@@ -284,6 +284,15 @@ class PgUserStore:
             return row[0], set(row[1]), app
         return await self._run(fn)
 
+    async def owns_address(self, spellings: tuple[str, ...]) -> bool:
+        """Whether one of `spellings` is a stored address (lower-cased) or a user's name."""
+        async def fn(conn: Any) -> bool:
+            return bool(await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM authrelay.addresses WHERE address = ANY($1))"
+                " OR EXISTS (SELECT 1 FROM authrelay.users WHERE name = ANY($2))",
+                [s.lower() for s in spellings], list(spellings), timeout=self.timeout))
+        return await self._run(fn)
+
     async def app_passwords(self, name: str) -> list[AppPassword]:
         async def fn(conn: Any) -> list[AppPassword]:
             return [AppPassword(*r) for r in await conn.fetch(
@@ -577,6 +586,15 @@ class PgLoginStore:
 
     async def set_hash(self, username: str, new: str, old: str) -> None:
         await self.store.set_hash(username, new, old)
+
+    async def owns_address(self, spellings: tuple[str, ...]) -> bool:
+        try:
+            found = await self.store.owns_address(spellings)
+        except UserStoreUnavailable as e:
+            self._state(False, str(e))
+            raise
+        self._state(True)
+        return found
 
     async def touch_app(self, username: str, app: str, when: int, ip: str) -> None:
         await self.store.touch_app(username, app, when, ip)

@@ -60,6 +60,11 @@ class RealmLogins(Authenticator):
     def addresses(self, username: str) -> set[str]:
         return self.inner.addresses(self.name(username))
 
+    async def owns_address(self, spellings: tuple[str, ...]) -> bool | None:
+        # A user stored by its bare name logs in, and so sends, as NAME@REALM.
+        bare = tuple(n for n in (self.name(s) for s in spellings) if n not in spellings)
+        return await self.inner.owns_address(spellings + bare)
+
     async def still_exists(self, username: str) -> bool:
         return await self.inner.still_exists(self.name(username))
 

@@ -201,6 +201,11 @@ class UserStore:
             return set()
         return self.stored_addresses(name) | implicit_address(name)
 
+    def owns_address(self, spellings: tuple[str, ...]) -> bool:
+        """Whether one of `spellings` is a user's stored address (stored lower-cased) or
+        a user's exact name: indexed lookups, at most a few per call."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------ app passwords
     def add_app_password(self, name: str, app: str) -> str:
         """A new app password `app` for user `name`: the password, to show once."""
@@ -352,6 +357,12 @@ class MemoryUserDB(UserStore):
         with self._lock:
             return [UserInfo(n, tuple(sorted(self._addrs.get(n, ()))), c, ch)
                     for n, (_, c, ch) in sorted(self._users.items())]
+
+    def owns_address(self, spellings: tuple[str, ...]) -> bool:
+        lower = {s.lower() for s in spellings}
+        with self._lock:
+            return any(n in self._users for n in spellings) or any(
+                not lower.isdisjoint(a) for a in self._addrs.values())
 
     def generation(self) -> int:
         return self._gen
@@ -522,6 +533,15 @@ class UserDB(UserStore):
     def get_hash(self, name: str) -> str | None:
         row = self._db().execute("SELECT hash FROM users WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
+
+    def owns_address(self, spellings: tuple[str, ...]) -> bool:
+        marks = ",".join("?" * len(spellings))
+        lower = tuple(s.lower() for s in spellings)
+        row = self._db().execute(
+            f"SELECT 1 FROM addresses WHERE address IN ({marks}) UNION ALL "
+            f"SELECT 1 FROM users WHERE name IN ({marks}) LIMIT 1",
+            lower + spellings).fetchone()
+        return row is not None
 
     def list(self) -> list[UserInfo]:
         db = self._db()

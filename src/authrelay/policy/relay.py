@@ -9,6 +9,9 @@ Contract: `may_relay(...)` says whether a recipient is acceptable for this clien
   decides, see address.py), but a next hop that honours the percent hack or bang paths
   would turn `victim%example.net@local.domain` into an open relay (sendmail's
   loose_relay_check off, Postfix's allow_untrusted_routing=no).
+- With a local recipients list (`local_recipients_file`, policy/recipients.py) such
+  clients reach only its known recipients there: `unlisted(rcpt)` says which recipient
+  must also be asked of the user store before policy/verdicts.py refuses it (550 5.1.1).
 An address literal is never local. Domains are compared as A-labels (`ownership.a_label`),
 so `bücher.example` in the config is the `xn--bcher-kva.example` of a 7-bit RCPT and the
 other way round; a name IDNA2003 maps onto another (`boß`) is never local. The verdicts
@@ -22,6 +25,7 @@ import ipaddress
 from authrelay.address import Address
 from authrelay.config import Config
 from authrelay.policy.ownership import a_label
+from authrelay.policy.recipients import LocalRecipients
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -36,7 +40,9 @@ def has_routing_chars(addr: Address) -> bool:
 
 
 class RelayPolicy:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, recipients: LocalRecipients | None = None) -> None:
+        # None: any local part of a local domain is accepted (no local_recipients_file).
+        self.recipients = recipients
         self.local_domains = frozenset(
             a for a in (a_label(d.lower().rstrip(".")) for d in cfg.relay.local_domains) if a)
         self.trusted: tuple[IPNetwork, ...] = tuple(
@@ -70,3 +76,10 @@ class RelayPolicy:
         if authenticated or trusted:
             return True
         return self.is_local(rcpt) and not has_routing_chars(rcpt)
+
+    def unlisted(self, rcpt: Address) -> bool:
+        """A recipient at a local domain that the local recipients list does not name
+        (False without a list): known only if a user owns it (the caller asks the user
+        store, then policy/verdicts.rcpt_verdict decides)."""
+        return (self.recipients is not None and self.is_local(rcpt)
+                and not self.recipients.known(rcpt))

@@ -39,13 +39,33 @@ def mail_verdict(sender_policy: str, sender: Address | None, user: str,
     return None if mine else replies.SENDER_NOT_OWNED
 
 
+def needs_owner(policy: RelayPolicy, rcpt: Address, *, postmaster: bool,
+                authenticated: bool, trusted: bool) -> bool:
+    """Whether rcpt_verdict needs `user_owned` for `rcpt`: a client neither authenticated
+    nor trusted, at a local domain, not named by the local recipients list. The caller
+    then asks the user store (an await) whether a user owns the address."""
+    return not (postmaster or authenticated or trusted) and policy.unlisted(rcpt)
+
+
 def rcpt_verdict(policy: RelayPolicy, rcpt: Address, *, postmaster: bool,
-                 authenticated: bool, trusted: bool) -> Reply | None:
+                 authenticated: bool, trusted: bool,
+                 user_owned: bool | None = False) -> Reply | None:
     """RCPT TO: postmaster is always accepted (RFC 5321 4.5.1), anything else only as the
-    relay policy allows it (policy/relay.py); otherwise 550 5.7.1 Relaying denied."""
-    if postmaster or policy.may_relay(rcpt, authenticated=authenticated, trusted=trusted):
+    relay policy allows it (policy/relay.py); otherwise 550 5.7.1 Relaying denied. At a
+    local domain with a local recipients list, a recipient it does not name is accepted
+    when `user_owned` (one of the users' addresses; asked when needs_owner() says so),
+    else 550 5.1.1 (Postfix's relay_recipient_maps: refused at RCPT, never bounced to a
+    forged sender later), or 451 4.3.0 when the user store could not be asked (None)."""
+    if postmaster:
         return None
-    return replies.RELAY_DENIED
+    if not policy.may_relay(rcpt, authenticated=authenticated, trusted=trusted):
+        return replies.RELAY_DENIED
+    if user_owned or not needs_owner(policy, rcpt, postmaster=postmaster,
+                                     authenticated=authenticated, trusted=trusted):
+        return None
+    if user_owned is None:
+        return replies.RECIPIENT_LOOKUP_TEMPFAIL
+    return replies.unknown_local_recipient(str(rcpt))
 
 
 # --------------------------------------------------------------------------- counters

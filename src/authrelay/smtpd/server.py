@@ -25,6 +25,7 @@ from authrelay.maillog import MailLog
 from authrelay.metrics import Metrics
 from authrelay.policy.checks import HostChecks
 from authrelay.policy.known import KnownAddresses
+from authrelay.policy.recipients import LocalRecipients
 from authrelay.policy.relay import RelayPolicy
 from authrelay.policy.suspender import Suspender
 from authrelay.policy.throttle import Exemptions, Share, Throttle
@@ -63,13 +64,14 @@ class SMTPServer:
                  known: KnownAddresses, throttle: Throttle, share: Share,
                  checks: HostChecks | None = None, metrics: Metrics | None = None,
                  maillog: MailLog,
-                 containment: Suspender | None = None) -> None:
+                 containment: Suspender | None = None,
+                 recipients: LocalRecipients | None = None) -> None:
         self.cfg = cfg
         self.authenticator = authenticator
         self.certs = certs
         self.checks = checks
         self.metrics = metrics
-        self.policy = RelayPolicy(cfg)
+        self.policy = RelayPolicy(cfg, recipients)
         self.share = share
         self.known = known
         self.throttle = throttle
@@ -87,10 +89,12 @@ class SMTPServer:
         self.fd_budget = fd_budget()
         self._fd_warned = False
 
-    def reload(self, cfg: Config) -> None:
-        """SIGHUP: new limits and policy for new sessions; live ones keep theirs."""
+    def reload(self, cfg: Config, recipients: LocalRecipients | None = None) -> None:
+        """SIGHUP: new limits and policy for new sessions; live ones keep theirs.
+        `recipients`: the local recipients list of `cfg` (loaded by the caller, which
+        refuses the reload when it cannot be read)."""
         self.cfg = cfg
-        self.policy = RelayPolicy(cfg)
+        self.policy = RelayPolicy(cfg, recipients)
         self.throttle.reload(cfg)
         self.exemptions = Exemptions(cfg)
         self.proxy_trusted = proxy.Networks(cfg.relay.proxy_trusted)

@@ -40,7 +40,7 @@ from authrelay.auth.base import Authenticator, AuthResult, Login, Standing
 from authrelay.config import Config
 from authrelay.maillog import MailLog
 from authrelay.metrics import Metrics
-from authrelay.policy import containment, verdicts
+from authrelay.policy import containment, recipients, verdicts
 from authrelay.policy.checks import HostChecks
 from authrelay.policy.ownership import Owner
 from authrelay.policy.relay import RelayPolicy
@@ -548,13 +548,26 @@ class Session:
             self._log_reject(replies.USER_RATE, "", sasl_username=eng.auth_user)
             eng.policy_result(replies.USER_RATE)
             return
-        refusal = verdicts.rcpt_verdict(self.deps.policy, ev.address,
-                                        postmaster=ev.postmaster, authenticated=bool(user),
-                                        trusted=self.trusted)
+        who = {"postmaster": ev.postmaster, "authenticated": bool(user),
+               "trusted": self.trusted}
+        owned: bool | None = False
+        if verdicts.needs_owner(self.deps.policy, ev.address, **who) \
+                and self.deps.authenticator is not None:
+            # Not in local_recipients_file: known if it is one of the users' addresses.
+            self._flush()
+            owned = await self.deps.authenticator.owns_address(
+                recipients.candidates(ev.address))
+        refusal = verdicts.rcpt_verdict(self.deps.policy, ev.address, **who,
+                                        user_owned=owned)
         if refusal is not None:
-            self._log_reject(refusal, f"<{path.text}>... ",
+            # The 550 5.1.1 names the address itself (Postfix's form).
+            self._log_reject(refusal, "" if refusal.enhanced == "5.1.1"
+                             else f"<{path.text}>... ",
                              **{"from": f"<{ev.transaction.sender.text}>"})
-            eng.policy_result(refusal, bad_recipient=True)
+            # A refused recipient counts towards bad_rcpt_throttle / bad_rcpt_limit
+            # (a dictionary attack on local parts is slowed, then cut); a store that
+            # could not be asked (451) is not the client's doing.
+            eng.policy_result(refusal, bad_recipient=refusal.permanent)
             return
         # Postmaster at a local domain is exempt too, as <Postmaster> is (RFC 5321 4.5.1:
         # blocks on it narrowly tailored): a listed or PTR-less sender can ask for help.
