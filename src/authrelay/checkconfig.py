@@ -516,12 +516,13 @@ def _check_files(cfg: Config, pw: pwd.struct_passwd | None, out: list[Finding]) 
         d = Path(t[5:]).parent
         if not d.is_dir():
             out.append(Finding("error", "log.target", f"{d}: no such directory"))
-    elif t == "syslog":
+    elif t.startswith("syslog"):
         from authrelay import maillog
 
-        why = maillog._syslog_unreachable(maillog.SYSLOG_SOCKET)
+        sock = maillog.syslog_path(t) or maillog.SYSLOG_SOCKET
+        why = maillog._syslog_unreachable(sock)
         if why:
-            out.append(Finding("warning", "log.target", f"{maillog.SYSLOG_SOCKET} {why} "
+            out.append(Finding("warning", "log.target", f"{sock} {why} "
                                "(no syslog daemon): the maillog goes to stderr"))
 
 

@@ -486,7 +486,7 @@ class Checks:
 
 @dataclass(frozen=True)
 class Log:
-    target: str = "stdout"  # stdout | stderr | file:PATH | syslog
+    target: str = "stdout"  # stdout | stderr | file:PATH | syslog | syslog:SOCKET
     format: str = "text"  # text | json
     level: str = "info"  # debug tracing level for the `logging` module
 
@@ -830,8 +830,10 @@ def _validate(cfg: Config) -> None:
     if cfg.metrics.address:
         parse_hostport(cfg.metrics.address, "metrics.address")
     t = cfg.log.target
-    if not (t in ("stdout", "stderr", "syslog") or t.startswith("file:")):
-        raise ConfigError(f"log.target: {t!r} is not stdout, stderr, syslog or file:PATH")
+    if not (t in ("stdout", "stderr", "syslog") or t.startswith("file:")
+            or t.startswith("syslog:") and len(t) > 7):
+        raise ConfigError(f"log.target: {t!r} is not stdout, stderr, syslog, syslog:SOCKET "
+                          "or file:PATH")
     for i, addr in enumerate(cfg.public_addresses):
         try:
             ipaddress.ip_address(addr)
@@ -1132,7 +1134,7 @@ def absolute_paths(cfg: Config, base: Path) -> Config:
                                dsn=_url_paths(cfg.auth.dsn, _DSN_PATH_PARAMS, fix))
     sections["limits"] = replace(cfg.limits, shared=_url_paths(
         cfg.limits.shared, _REDIS_PATH_PARAMS, fix))
-    sections["log"] = replace(cfg.log, target=prefixed(cfg.log.target, ("file:",)))
+    sections["log"] = replace(cfg.log, target=prefixed(cfg.log.target, ("file:", "syslog:")))
     return replace(cfg, state_dir=fix(cfg.state_dir), aliases_file=fix(cfg.aliases_file),
                    **sections)
 

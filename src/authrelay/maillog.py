@@ -44,8 +44,10 @@ import time
 import weakref
 from typing import Any, TextIO
 
+from authrelay.syslogsocket import SyslogSocket
+
 NOQUEUE = "NOQUEUE"
-SYSLOG_SOCKET = "/dev/log"  # where glibc's syslog(3) sends; tests point it elsewhere
+SYSLOG_SOCKET = "/dev/log"  # the `syslog` target's socket (syslog(3)'s)
 
 # getpid() is a system call on current glibc; a log line needs it twice. Cache it per
 # process (reset in every forked child).
@@ -241,6 +243,14 @@ def _format(key: str, value: Any, json_line: bool) -> Any:
     return escape(value, "text" if key in _TEXT_KEYS else "value")
 
 
+def syslog_path(target: str) -> str | None:
+    """The socket of a syslog target (`syslog`: SYSLOG_SOCKET, `syslog:PATH`), None for
+    any other target."""
+    if target == "syslog":
+        return SYSLOG_SOCKET
+    return target[7:] if target.startswith("syslog:") else None
+
+
 def _syslog_unreachable(path: str) -> str:
     """'' when a syslog daemon listens on `path` (as syslog(3) connects: datagram, then
     stream), else why not ("is missing", "has no listener")."""
@@ -277,7 +287,7 @@ class MailLog:
         self._lost_why = ""
         self._lost_since = 0.0
         self._said_deleted = False  # the file was deleted, and that said on stderr
-        self._syslog: Any = None
+        self._syslog: SyslogSocket | None = None  # the writer thread's only
         self._q: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -295,26 +305,22 @@ class MailLog:
             self._fh = sys.stderr
         elif self.target.startswith("file:"):
             self._file = _open_file(self.target[5:])
-        elif self.target == "syslog":
-            why = _syslog_unreachable(SYSLOG_SOCKET)
+        elif (path := syslog_path(self.target)) is not None:
+            why = _syslog_unreachable(path)
             if why:
-                # syslog(3) drops every line silently when nothing listens on /dev/log
-                # (a container, a host without rsyslog/journald): the audit trail would
-                # be gone without a word. Say so once and log to stderr instead.
+                # Nothing listens on /dev/log (a container, a host without
+                # rsyslog/journald): the audit trail would be gone without a word. Say so
+                # once and log to stderr instead.
                 self.target = "stderr"
                 self._fh = sys.stderr
-                self.fallback = (f"syslog socket {SYSLOG_SOCKET} {why}; "
-                                 "logging to stderr instead")
+                self.fallback = f"syslog socket {path} {why}; logging to stderr instead"
                 try:
                     sys.stderr.write(f"{self.ident}: warning: maillog: {self.fallback}\n")
                     sys.stderr.flush()
                 except Exception:
                     pass
                 return
-            import syslog
-
-            syslog.openlog(self.ident, syslog.LOG_PID, syslog.LOG_MAIL)
-            self._syslog = syslog
+            self._syslog = SyslogSocket(path, self.ident)
         else:
             self._fh = sys.stdout
 
@@ -562,10 +568,8 @@ class MailLog:
         self.event(None, daemon=state, **extra)
 
     def _emit(self, line: str) -> None:
-        if self._syslog is not None:
-            self._syslog.syslog(self._syslog.LOG_INFO, line)
-            return
-        line = self._stamped(line)
+        if self._syslog is None:  # syslog stamps the line itself
+            line = self._stamped(line)
         if self._thread is None or self._pid != _pid:
             self._start_thread()
         self._q.put(line + "\n")  # the only cost on the event loop
@@ -606,6 +610,8 @@ class MailLog:
                     with self._lock:
                         if self._file is not None:
                             self._write_file(self._file, "".join(lines))
+                        elif self._syslog is not None:
+                            self._write_syslog(self._syslog, [ln[:-1] for ln in lines])
                         else:
                             assert self._fh is not None
                             self._fh.write("".join(lines))
@@ -654,6 +660,34 @@ class MailLog:
             self._lost_why = e.strerror or str(e)
             return
         self._lost = 0
+
+    def _write_syslog(self, sl: SyslogSocket, lines: list[str]) -> None:
+        """`lines` to the syslog socket; those it does not take (the daemon gone, not
+        reading: syslogsocket.py) go to stderr, counted: said once on stderr when it
+        starts, and in the first lines syslog takes again (`warning=maillog: syslog
+        socket PATH took no lines from T to T (WHY): N lines went to stderr`)."""
+        notes = []
+        if self._lost:
+            since = time.strftime("%H:%M:%S", time.localtime(self._lost_since))
+            notes.append(self._compose(None, {"warning": (
+                f"maillog: syslog socket {sl.path} took no lines from {since} to "
+                f"{time.strftime('%H:%M:%S')} ({self._lost_why}): {self._lost} lines went "
+                "to stderr")}))
+        failed, why = sl.send(notes + lines)
+        if len(failed) < len(notes) + len(lines):
+            self._lost = 0  # syslog took the note (or had no need of one)
+        if not failed:
+            return
+        failed = failed[-len(lines):]  # (a note that failed is said again later)
+        if not self._lost:
+            self._lost_since = time.time()
+            _stderr(f"maillog: syslog socket {sl.path} {why}; lines go to stderr until it "
+                    "takes them again")
+        self._lost += len(failed)
+        self._lost_why = why
+        with contextlib.suppress(Exception):
+            sys.stderr.write("".join(self._stamped(ln) + "\n" for ln in failed))
+            sys.stderr.flush()
 
     def _recreate(self, f: io.FileIO, path: str) -> tuple[io.FileIO, str]:
         """The file target deleted while open: `path` created again (the deleted one

@@ -236,7 +236,7 @@ def _maillog(cfg: Config) -> maillog.MailLog:
     # lines are dropped (a MailLog on /dev/null, never None: the DKIM signer would then
     # write its dkim= notes to the process-wide maillog, this command's stdout).
     discard = f"file:{os.devnull}"
-    if not (cfg.log.target == "syslog" or cfg.log.target.startswith("file:")):
+    if not (maillog.syslog_path(cfg.log.target) or cfg.log.target.startswith("file:")):
         return maillog.MailLog(discard)
     try:
         return maillog.configure(cfg.log.target, cfg.log.format)
