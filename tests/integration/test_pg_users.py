@@ -494,3 +494,39 @@ def test_a_deleted_user_sends_no_more_in_an_open_session(tmp_path: Path, pg: Pos
         assert "sasl_username=erin" in line and "530 5.7.0" in line
     finally:
         r.stop()
+
+
+def test_local_recipients_are_asked_of_the_database(tmp_path: Path, pg: PostgresServer
+                                                    ) -> None:
+    """Port 25 with `local_recipients_file`: a recipient the file does not name counts
+    when a user in PostgreSQL owns it (an address, or a user named so; asked at RCPT, so
+    a user added meanwhile counts at once), else 550 5.1.1; the database down is 451
+    4.3.0 (try later), never a 550 that would make the sender give up."""
+    rcpts = tmp_path / "recipients"
+    rcpts.write_text("listed@local.test\n")
+    r = RelayProcess(tmp_path, {"auth": {"backend": "postgresql", "dsn": pg.dsn},
+                                "relay": {"local_recipients_file": str(rcpts)}}, {})
+    r.cli("user", "add", "frank", "--password-stdin", "--address", "Frank.B@local.test",
+          input="frank-pw\n")
+    r.start()
+    try:
+        r.cli("user", "add", "gina@local.test", "--password-stdin", input="gina-pw\n")
+
+        def answers() -> list[str]:
+            with RawClient(r.ports["smtp"], source="127.0.0.5") as c:
+                c.reply()
+                c.cmd("EHLO stranger.test")
+                c.cmd("MAIL FROM:<x@sender.test>")
+                return [f"{x.code} {x.text[:5]}" for x in (
+                    c.cmd(f"RCPT TO:<{a}>") for a in ("listed@local.test",
+                                                      "frank.b@LOCAL.test",
+                                                      "gina@local.test", "nobody@local.test"))]
+
+        assert answers() == ["250 2.1.5", "250 2.1.5", "250 2.1.5", "550 5.1.1"]
+        pg.stop()
+        assert answers() == ["250 2.1.5", "451 4.3.0", "451 4.3.0", "451 4.3.0"]
+        pg.start()
+        r.wait_for(lambda: answers() == ["250 2.1.5", "250 2.1.5", "250 2.1.5", "550 5.1.1"],
+                   timeout=15, what="the database asked again")
+    finally:
+        r.stop()

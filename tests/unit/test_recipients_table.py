@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 
 from authrelay import replies
 from authrelay.address import Address, parse_mailbox
+from authrelay.auth.authenticator import UserDBAuthenticator
+from authrelay.auth.realms import RealmLogins
 from authrelay.auth.userdb import MemoryUserDB
 from authrelay.config import from_dict
 from authrelay.policy import recipients as rc
@@ -185,3 +188,25 @@ def test_without_a_list_any_local_part_is_accepted() -> None:
     kw = {"postmaster": False, "authenticated": False, "trusted": False}
     assert not v.needs_owner(p, addr("nobody@local.test"), **kw)
     assert v.rcpt_verdict(p, addr("nobody@local.test"), **kw) is None
+
+
+def test_owns_address_through_the_authenticators() -> None:
+    """The user store is asked with candidates(): an address stored with the domain as the
+    admin typed it (U-label here) matches an A-label RCPT; with [auth] realms, a user
+    stored by its bare name owns NAME@REALM."""
+    db = MemoryUserDB()
+    db.add("alice", "pw", ["al@bücher.example"])
+    auth = UserDBAuthenticator(db, hash_threads=1)
+    realms = RealmLogins(auth, ("local.test",))
+
+    async def go() -> None:
+        assert await auth.owns_address(rc.candidates(addr("AL@xn--bcher-kva.example")))
+        assert not await auth.owns_address(rc.candidates(addr("alice@local.test")))
+        assert await realms.owns_address(rc.candidates(addr("Alice@Local.test")))
+        assert not await realms.owns_address(rc.candidates(addr("bob@local.test")))
+        assert not await realms.owns_address(rc.candidates(addr("alice@other.test")))
+
+    try:
+        asyncio.run(go())
+    finally:
+        auth.close()
