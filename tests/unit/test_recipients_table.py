@@ -137,6 +137,15 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     assert rc.load(from_dict({"relay": {"local_domains": ["a.test"]}})) is None
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_entry(tmp_path: Path) -> None:
+    f = tmp_path / "rcpts"
+    f.write_bytes("\ufeffknown@local.test\r\nother@local.test\r\n".encode())
+    t = rc.load(from_dict({"relay": {"local_domains": ["local.test"],
+                                     "local_recipients_file": str(f)}}))
+    assert t is not None
+    assert t.known(addr("known@local.test")) and t.known(addr("other@local.test"))
+
+
 def test_candidates_are_the_spellings_a_user_store_holds() -> None:
     assert rc.candidates(addr("Carol@Bücher.Example")) == (
         "Carol@bücher.example", "carol@xn--bcher-kva.example", "carol@bücher.example")

@@ -148,7 +148,9 @@ def load(cfg: Config) -> LocalRecipients | None:
     except OSError as e:  # strerror, or which refusal: not a regular file, too large
         raise RecipientsError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        text = raw.decode("utf-8")
+        # utf-8-sig: a byte order mark (an editor's, Notepad's) is not part of the first
+        # entry, which would otherwise silently never match.
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise RecipientsError(f"{path}: line {line}: not UTF-8") from None
