@@ -799,7 +799,10 @@ def serve(cfg: Config, config_path: str | None = None) -> int:
 def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
     _prepare_state(cfg)
     _prepare_log_file(cfg)
-    maillog_mod.configure(cfg.log.target, cfg.log.format)
+    try:
+        maillog_mod.configure(cfg.log.target, cfg.log.format)
+    except OSError as e:  # the file's directory missing or not ours: one line naming the key
+        raise StartError(f"log.target {_log_file(cfg)}: {e.strerror or e}") from None
     _setup_logging(cfg)
     ensure_certificate(cfg)
     pem = read_pem(cfg)  # as root: fail fast on a bad key, before binding anything

@@ -10,6 +10,7 @@ import os
 import re
 import smtplib
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,3 +148,20 @@ def test_a_log_file_deleted_while_open_is_created_again(relay_factory,  # noqa: 
         assert text.count(f"[{w}]: NOQUEUE: warning=maillog: {logfile} was deleted while "
                           "open; created again") == 1, text
     assert os.stat(logfile).st_nlink == 1
+
+
+def test_a_log_file_that_cannot_be_opened_is_one_line_naming_the_key(relay_factory,  # noqa: ANN001
+                                                                      tmp_path: Path) -> None:
+    """A file target in a directory that does not exist: serve exits 1 with one line on
+    stderr naming `log.target` and the file (it said `[Errno 2] No such file or
+    directory: '...'`, naming neither the key nor what to fix)."""
+    r = relay_factory(start=False)
+    logfile = tmp_path / "no-such-dir" / "mail.log"
+    data = dict(r.config_data)
+    data["log"] = {"target": f"file:{logfile}"}
+    r.config.write_text(to_toml(data))
+    res = subprocess.run([sys.executable, "-m", "authrelay", "-c", str(r.config), "serve"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert res.stderr == f"authrelay: log.target {logfile}: No such file or directory\n"
+    assert res.stdout == ""
