@@ -406,3 +406,31 @@ def test_enospc_during_data(tmp_path: Path, tmpfs: Path) -> None:
             assert s.data(body)[0] == 250
     finally:
         relay.stop()
+
+
+@pytest.mark.root
+def test_a_state_not_saved_on_a_full_disk_is_a_line_of_its_message(tmp_path: Path,
+                                                                    tmpfs: Path) -> None:
+    """A deferral whose state cannot be written (the spool's disk full) is an error line
+    that starts with the message's queue id, as every line about a message: it started
+    `NOQUEUE: error=...: QID: cannot save state`, missed by `grep QID` of the message's
+    lines."""
+    relay = RelayProcess(tmpfs, {"limits": {"queue_min_free": "0"}})  # the smart host
+    # does not answer: deferred
+    relay.log = tmp_path / "maillog.txt"  # the log must not fill the tmpfs itself
+    relay.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", relay.ports["smtp"], timeout=20) as s:
+            s.sendmail("someone@remote.example", ["bob@local.test"], b"Subject: x\r\n\r\nhi\r\n")
+        qid = wait_until(lambda: re.search(r"(\w+): to=<bob@local\.test>.*stat=Deferred",
+                                           relay.maillog()), what="deferred")[1]
+        filler = _fill(tmpfs, 0)
+        relay.cli("queue", "flush")
+        line = wait_until(lambda: re.search(r".*cannot save state.*", relay.maillog()),
+                          what="the state not saved")[0]
+        filler.unlink()
+    finally:
+        relay.stop()
+    assert re.fullmatch(rf".* authrelay\[\d+\]: {qid}: error=authrelay\.scheduler\.scheduler: "
+                        rf"{qid}: cannot save state: OSError: \[Errno 28\] No space left on "
+                        r"device.*", line), line

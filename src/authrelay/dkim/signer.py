@@ -442,7 +442,8 @@ class Signer:
                     signed, include, alg, domain.encode(), key.selector.encode(), stamp,
                     bodyhash, st.privkeys[key.domain, key.selector]))
             except Exception as e:  # never fail the message over a signature
-                log.exception("DKIM signing failed (%s, s=%s)", domain, key.selector)
+                log.exception("DKIM signing failed (%s, s=%s)", domain, key.selector,
+                              extra={"queue_id": queue_id})  # daemon.MaillogHandler
                 self._log(queue_id, dkim="error", d=domain, s=key.selector,
                           reason=type(e).__name__)
         if not out:

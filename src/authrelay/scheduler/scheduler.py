@@ -657,7 +657,8 @@ class Scheduler:
         except FileNotFoundError:
             pass
         except OSError:
-            log.exception("%s: cannot save state", env.queue_id)
+            log.exception("%s: cannot save state", env.queue_id,
+                          extra={"queue_id": env.queue_id})  # daemon.MaillogHandler
             return False
         return True
 
@@ -756,7 +757,7 @@ class Scheduler:
                     self.inflight.end(token)
                 raise
             except Exception:
-                log.exception("%s: courier failed", act.qid)
+                log.exception("%s: courier failed", act.qid, extra={"queue_id": act.qid})
                 results = {}
             if courier is self.courier:  # an old courier's routes judge nothing now
                 self._judge_destination(job.key, results)
@@ -898,7 +899,8 @@ class Scheduler:
             try:
                 await self._queue_dsn(env, rcpts, action, act.remote)
             except Exception:
-                log.exception("%s: %s", env.queue_id, trouble)
+                log.exception("%s: %s", env.queue_id, trouble,
+                              extra={"queue_id": env.queue_id})
                 if action == "failed":
                     # No bounce without a retry: keep them pending, so the failure (and
                     # its bounce) comes again later rather than silently vanishing. (A
@@ -968,7 +970,8 @@ class Scheduler:
                     self.inflight.end(token)  # the outcome is on disk
                 act.unsaved.clear()
         except Exception:
-            log.exception("%s: cannot finish; looking again later", act.qid)
+            log.exception("%s: cannot finish; looking again later", act.qid,
+                          extra={"queue_id": act.qid})
             reschedule = time.time() + 60.0
         self._release(act)
         if reschedule is not None and not self._stopping:

@@ -45,7 +45,8 @@ class Notifier:
             try:
                 self.on_commit(queue_id)
             except Exception:  # a scheduler bug must not fail an accepted message
-                log.exception("%s: on_commit hook failed", queue_id)
+                log.exception("%s: on_commit hook failed", queue_id,
+                              extra={"queue_id": queue_id})  # daemon.MaillogHandler
             return
         self.pending.append(queue_id)
         if self._scheduled:
