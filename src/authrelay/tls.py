@@ -307,7 +307,7 @@ class Hello:
     must amount to before the ClientHello is whole (0: it is); `alpn`: the protocol names
     it offers, None without an ALPN extension or when the bytes are no ClientHello we can
     read (OpenSSL then judges them as usual); `groups`, `shares`: for `for_hello`;
-    `suites`, `groups`, `versions`: for `hello_refusal`."""
+    `suites`, `groups`, `versions`, `sigalgs`: for `hello_refusal`."""
 
     need: int = 0
     alpn: tuple[bytes, ...] | None = None
@@ -315,6 +315,7 @@ class Hello:
     versions: tuple[int, ...] = ()  # supported_versions, else (legacy_version,)
     shares: tuple[int, ...] = ()  # the groups of its key shares (TLS 1.3)
     suites: tuple[int, ...] = ()  # cipher_suites, in the client's order
+    sigalgs: tuple[int, ...] = ()  # signature_algorithms
 
 
 def read_hello(data: bytes) -> Hello:
@@ -368,7 +369,7 @@ def _parse_hello(body: bytes) -> Hello:
     versions = tuple(int.from_bytes(listed[j:j + 2], "big")
                      for j in range(1, len(listed) - 1, 2)) if listed else ()
     return Hello(alpn=_alpn(exts.get(16)), groups=_u16s(exts.get(10)),
-                 shares=_shares(exts.get(51)), suites=suites,
+                 shares=_shares(exts.get(51)), suites=suites, sigalgs=_u16s(exts.get(13)),
                  versions=versions or (int.from_bytes(body[:2], "big"),))
 
 
@@ -441,7 +442,8 @@ def hello_refusal(hello: Hello, ctx: ssl.SSLContext | None = None) -> Refusal | 
         # The reason OpenSSL gives (and the maillog said before) for the same client.
         return Refusal("handshake failed: UNSUPPORTED_PROTOCOL", PROTOCOL_VERSION_ALERT)
     if isinstance(ctx, ServerContext):
-        reason = tlsmatch.no_common(ctx.offer, hello.suites, hello.groups, tuple(versions))
+        reason = tlsmatch.no_common(ctx.offer, hello.suites, hello.groups, tuple(versions),
+                                    hello.sigalgs)
         if reason is not None:
             return Refusal(f"handshake failed: {reason}", HANDSHAKE_FAILURE_ALERT)
     return None
@@ -471,7 +473,8 @@ def server_context(cfg: Config, pem: PEM | None = None) -> ServerContext:
             _load_pem(ctx.x25519, pair, what)
     groups = {SECP256R1} if ctx.x25519 is ctx else {SECP256R1, X25519}
     ctx.offer = tlsmatch.Offer.of(ctx, frozenset(groups),
-                                  frozenset(key_type(pair[0]) for pair in pem))
+                                  frozenset(key_type(pair[0]) for pair in pem),
+                                  tuple(pair[0] for pair in pem))
     return ctx
 
 

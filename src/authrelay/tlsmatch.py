@@ -10,14 +10,16 @@ OpenSSL would have sent (handshake_failure, RFC 8446 6.2 / RFC 5246 7.4.1.3).
 
 Contract: conservative. None (OpenSSL judges, as before) unless the handshake cannot
 succeed: every version both sides allow lacks a suite the server can use with a
-certificate it holds, or (TLS 1.3, which OpenSSL picks whenever both offer it) a group.
-Signature algorithms and certificate curves are not judged: those failures keep the
-bare close. Pure functions, no I/O.
+certificate it holds, or (TLS 1.3, which OpenSSL picks whenever both offer it) a group
+or a signature scheme one of its certificates can make. TLS 1.2 signature algorithms and
+certificate curves are not judged: those failures keep the bare close. Pure functions,
+no I/O.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 TLS12, TLS13 = 0x0303, 0x0304
@@ -45,6 +47,7 @@ class Offer:
     groups: frozenset[int]
     key_types: frozenset[str]
     min_version: int
+    schemes13: frozenset[int] | None = None  # cert_schemes of all; None: not judged
 
     @property
     def auths(self) -> frozenset[str]:
@@ -55,12 +58,12 @@ class Offer:
         return frozenset(out)
 
     @classmethod
-    def of(cls, ctx: ssl.SSLContext, groups: frozenset[int],
-           key_types: frozenset[str]) -> Offer:
-        """The offer of `ctx` (suites as it lists them), its `groups` and the `key_types`
-        of the certificates loaded into it. A TLS 1.2 suite with finite-field DHE is left
-        out: no DH parameters are ever loaded (tls._new_context), so OpenSSL cannot use
-        one (test_tls_match pins that)."""
+    def of(cls, ctx: ssl.SSLContext, groups: frozenset[int], key_types: frozenset[str],
+           certs: tuple[bytes, ...] = ()) -> Offer:
+        """The offer of `ctx` (suites as it lists them), its `groups`, the `key_types`
+        of the certificates loaded into it and `certs` themselves (PEM: cert_schemes).
+        A TLS 1.2 suite with finite-field DHE is left out: no DH parameters are ever
+        loaded (tls._new_context), so OpenSSL cannot use one (test_tls_match pins that)."""
         s13, s12 = set(), []
         for c in ctx.get_ciphers():
             code = c["id"] & 0xFFFF
@@ -68,8 +71,51 @@ class Offer:
                 s13.add(code)
             elif c["kea"] != "kx-dhe":
                 s12.append((code, _AUTH.get(c["auth"], ""), c["kea"] == "kx-ecdhe"))
+        schemes: set[int] | None = set()
+        for pem in certs:
+            one = cert_schemes(pem)
+            schemes = None if one is None or schemes is None else schemes | one
         return cls(frozenset(s13), tuple(s12), groups, key_types,
-                   ctx.minimum_version.value)
+                   ctx.minimum_version.value,
+                   frozenset(schemes) if schemes and certs else None)
+
+
+# TLS 1.3 SignatureSchemes (RFC 8446 4.2.3) by the key they sign with.
+SCHEME_NAMES = {
+    0x0403: "ecdsa_secp256r1_sha256", 0x0503: "ecdsa_secp384r1_sha384",
+    0x0603: "ecdsa_secp521r1_sha512", 0x0804: "rsa_pss_rsae_sha256",
+    0x0805: "rsa_pss_rsae_sha384", 0x0806: "rsa_pss_rsae_sha512", 0x0807: "ed25519",
+    0x0808: "ed448", 0x0809: "rsa_pss_pss_sha256", 0x080A: "rsa_pss_pss_sha384",
+    0x080B: "rsa_pss_pss_sha512", 0x0401: "rsa_pkcs1_sha256", 0x0501: "rsa_pkcs1_sha384",
+    0x0601: "rsa_pkcs1_sha512", 0x0201: "rsa_pkcs1_sha1", 0x0203: "ecdsa_sha1",
+}
+_EC_SCHEME = {"secp256r1": 0x0403, "secp384r1": 0x0503, "secp521r1": 0x0603}
+# An RSA key signs every RSA-PSS scheme here (rsae and pss: which one depends on the
+# key's encoding; both counted, so a client is never refused for the difference).
+_RSA_SCHEMES = frozenset({0x0804, 0x0805, 0x0806, 0x0809, 0x080A, 0x080B})
+
+
+def cert_schemes(cert_pem: bytes) -> frozenset[int] | None:
+    """The TLS 1.3 signature schemes the key of `cert_pem`'s first certificate can make
+    (RFC 8446 4.4.3: PKCS#1 v1.5 is not among them; ECDSA only on the key's curve), or
+    None for a key this does not know (then signatures are not judged)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+    try:
+        public = x509.load_pem_x509_certificate(cert_pem).public_key()
+    except ValueError:
+        return None
+    if isinstance(public, rsa.RSAPublicKey):
+        return _RSA_SCHEMES
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        scheme = _EC_SCHEME.get(public.curve.name)
+        return frozenset({scheme}) if scheme else None
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        return frozenset({0x0807})
+    if isinstance(public, ed448.Ed448PublicKey):
+        return frozenset({0x0808})
+    return None
 
 
 def _names(groups: tuple[int, ...] | frozenset[int]) -> str:
@@ -77,12 +123,18 @@ def _names(groups: tuple[int, ...] | frozenset[int]) -> str:
     return ", ".join(shown[:6]) + (", ..." if len(shown) > 6 else "")
 
 
+def _schemes(schemes: Iterable[int]) -> str:
+    shown = [SCHEME_NAMES.get(x, f"0x{x:04x}") for x in schemes if x & 0x0F0F != 0x0A0A]
+    return ", ".join(shown[:6]) + (", ..." if len(shown) > 6 else "")
+
+
 def no_common(offer: Offer, suites: tuple[int, ...], groups: tuple[int, ...],
-              versions: tuple[int, ...]) -> str | None:
+              versions: tuple[int, ...], sigalgs: tuple[int, ...] = ()) -> str | None:
     """The maillog reason OpenSSL's refusal of this ClientHello would give (its reason
     code, then what is missing), or None when the handshake may succeed. `suites`,
-    `groups`, `versions`: the ClientHello's cipher_suites, supported_groups (empty: no
-    extension) and supported_versions (else its legacy_version)."""
+    `groups`, `versions`, `sigalgs`: the ClientHello's cipher_suites, supported_groups
+    (empty: no extension), supported_versions (else its legacy_version) and
+    signature_algorithms (empty: none; judged for TLS 1.3 only)."""
     if not suites:  # no ClientHello we could read: OpenSSL judges
         return None
     offered = set(suites)
@@ -95,6 +147,10 @@ def no_common(offer: Offer, suites: tuple[int, ...], groups: tuple[int, ...],
         if groups and not shared_group:
             return (f"NO_SUITABLE_KEY_SHARE (client offered groups {_names(groups)}; "
                     f"this server has {_names(offer.groups)})")
+        if sigalgs and offer.schemes13 is not None and not offer.schemes13 & set(sigalgs):
+            return (f"NO_SUITABLE_SIGNATURE_ALGORITHM (client accepts signatures "
+                    f"{_schemes(sigalgs)}; this server's {'/'.join(sorted(offer.key_types))} "
+                    f"certificate signs {_schemes(sorted(offer.schemes13))})")
         return None
     if TLS12 not in versions or offer.min_version > TLS12:
         return None  # versions: hello_refusal's protocol_version alert, or OpenSSL's

@@ -452,9 +452,10 @@ def test_a_client_with_nothing_in_common_gets_the_handshake_failure_alert(  # no
         relay_factory, mode: str):  # noqa: ANN001
     """A client sharing no cipher suite or group with the server (an RSA-only client
     when one ECDSA certificate is served; one with only P-384) saw a bare close
-    ('unexpected EOF': asyncio drops the alert OpenSSL makes), and the maillog said only
-    NO_SHARED_CIPHER. Now it gets OpenSSL's handshake_failure alert, and the maillog line
-    says what is missing."""
+    ('unexpected EOF': asyncio drops the alert OpenSSL makes; so did a TLS 1.3 client
+    accepting only RSA signatures), and the maillog said only NO_SHARED_CIPHER (or
+    NO_SUITABLE_SIGNATURE_ALGORITHM). Now it gets OpenSSL's handshake_failure alert, and
+    the maillog line says what is missing."""
     r: RelayProcess = relay_factory()  # the self-signed ECDSA certificate
     port, starttls = r.ports[mode], mode != "submissions"
     rsa_only = tls12_only()
@@ -470,6 +471,16 @@ def test_a_client_with_nothing_in_common_gets_the_handshake_failure_alert(  # no
     line = r.wait_log(r"tls_failed=from unknown \[127\.0\.0\.15\]")
     assert "reason=handshake failed: NO_SUITABLE_KEY_SHARE (client offered groups P-384; " \
         "this server has P-256, X25519)" in line
+    # TLS 1.3, RSA signatures only (openssl s_client): the alert, and why.
+    cmd = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-sigalgs",
+           "rsa_pss_rsae_sha256"] + (["-starttls", "smtp"] if starttls else [])
+    done = subprocess.run(cmd, input=b"", capture_output=True, timeout=30, check=False)
+    assert done.returncode != 0
+    assert b"alert handshake failure" in done.stderr, done.stderr
+    line = r.wait_log(r"tls_failed=.*NO_SUITABLE_SIGNATURE")  # (s_client: 127.0.0.1)
+    assert ("reason=handshake failed: NO_SUITABLE_SIGNATURE_ALGORITHM (client accepts "
+            "signatures rsa_pss_rsae_sha256; this server's ECDSA certificate signs "
+            "ecdsa_secp256r1_sha256)") in line
     # A client with something in common goes on (TLS 1.2, an ECDSA suite).
     ecdsa_only = tls12_only()
     ecdsa_only.set_ciphers(ECDSA_ONLY_TLS12)

@@ -150,6 +150,10 @@ OK = [  # (server, hello maker): handshakes that go on, never refused
     ("ECDSA", lambda: s_client_hello("-tls1_3", "-groups", "P-384:P-256")),
     ("ECDSA+RSA", lambda: s_client_hello("-tls1_2", "-groups", "X25519")),
     ("RSA", lambda: s_client_hello("-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256")),
+    ("ECDSA+RSA", lambda: s_client_hello("-tls1_3", "-sigalgs", "rsa_pss_rsae_sha256")),
+    ("ECDSA+RSA", lambda: s_client_hello("-tls1_3", "-sigalgs", "ecdsa_secp256r1_sha256")),
+    ("RSA", lambda: s_client_hello("-tls1_3", "-sigalgs", "rsa_pss_rsae_sha512:ed25519")),
+    ("Ed25519", lambda: s_client_hello("-tls1_3", "-sigalgs", "ed25519")),
     # An Ed25519 certificate signs for the TLS 1.2 ECDSA suites (RFC 8422 5.1.1).
     ("Ed25519", lambda: python_hello(maximum=T12, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")),
 ]
@@ -168,6 +172,16 @@ REFUSED = [  # (server, hello maker, the reason's start)
     ("RSA", lambda: python_hello(maximum=T12, ciphers="ECDHE-ECDSA-AES256-GCM-SHA384"),
      "NO_SHARED_CIPHER (the client's TLS 1.2 suites need an ECDSA certificate; this "
      "server has RSA)"),
+    # TLS 1.3 clients that accept only signatures no certificate here can make.
+    ("ECDSA", lambda: s_client_hello("-tls1_3", "-sigalgs", "rsa_pss_rsae_sha256"),
+     "NO_SUITABLE_SIGNATURE_ALGORITHM (client accepts signatures rsa_pss_rsae_sha256; "
+     "this server's ECDSA certificate signs ecdsa_secp256r1_sha256)"),
+    ("RSA", lambda: s_client_hello("-sigalgs", "ECDSA+SHA256:ECDSA+SHA384:RSA+SHA256"),
+     "NO_SUITABLE_SIGNATURE_ALGORITHM (client accepts signatures ecdsa_secp256r1_sha256, "
+     "ecdsa_secp384r1_sha384, rsa_pkcs1_sha256; this server's RSA certificate signs "
+     "rsa_pss_rsae_sha256"),
+    ("ECDSA", lambda: s_client_hello("-tls1_3", "-sigalgs", "ecdsa_secp384r1_sha384"),
+     "NO_SUITABLE_SIGNATURE_ALGORITHM (client accepts signatures ecdsa_secp384r1_sha384;"),
     ("Ed25519", lambda: python_hello(maximum=T12, ciphers="ECDHE-RSA-AES256-GCM-SHA384"),
      "NO_SHARED_CIPHER (the client's TLS 1.2 suites need an RSA certificate; this "
      "server has Ed25519)"),
@@ -184,6 +198,9 @@ REFUSED = [  # (server, hello maker, the reason's start)
      "NO_SHARED_CIPHER (client offered groups P-384; this server has P-256, X25519)"),
     ("ECDSA+RSA", lambda: s_client_hello("-groups", "ffdhe2048:ffdhe8192"),
      "NO_SUITABLE_KEY_SHARE (client offered groups ffdhe2048, ffdhe8192;"),
+    # (s_client leaves out the suites its signature algorithms cannot verify.)
+    ("ECDSA", lambda: s_client_hello("-tls1_2", "-sigalgs", "RSA+SHA256"),
+     "NO_SHARED_CIPHER (the client's TLS 1.2 suites need an RSA certificate"),
     ("ECDSA", lambda: s_client_hello("-tls1_3", "-ciphersuites", "TLS_AES_128_CCM_SHA256"),
      "NO_SHARED_CIPHER (no TLS 1.3 cipher suite in common)"),
     ("ECDSA", lambda: s_client_hello("-ciphersuites", "TLS_AES_128_CCM_SHA256", "-cipher",
@@ -202,10 +219,9 @@ def test_hellos_openssl_refuses_get_its_alert_and_reason(servers, server, hello,
 
 
 def test_not_judged_failures_keep_openssls_way(servers) -> None:  # noqa: ANN001
-    """Failures the prediction does not judge (the certificate's curve or signature
-    algorithms) are left to OpenSSL, as before: no refusal, OpenSSL fails."""
+    """Failures the prediction does not judge (TLS 1.2: the certificate's curve) are
+    left to OpenSSL, as before: no refusal, OpenSSL fails."""
     for server, hello in (
-            ("ECDSA", s_client_hello("-tls1_2", "-groups", "X25519")),  # P-256 cert
-            ("ECDSA", s_client_hello("-tls1_3", "-sigalgs", "rsa_pss_rsae_sha256"))):
+            ("ECDSA", s_client_hello("-tls1_2", "-groups", "X25519")),):  # P-256 cert
         assert check(servers[server], hello) is None
         assert openssl_answer(servers[server], hello)[0] is not None
