@@ -32,6 +32,9 @@ def test_embedded_default() -> None:
     ({"delivery": {"tls": "always"}}, "delivery.tls"),
     ({"delivery": {"attempt_timeout": "500ms"}}, "delivery.attempt_timeout"),
     ({"delivery": {"attempt_timeout": "-1"}}, "delivery.attempt_timeout"),
+    ({"tls": {"cert": "/c", "key": "/k", "second_cert": "/c2"}}, "tls.second_cert"),
+    ({"tls": {"cert": "/c", "key": "/k", "second_key": "/k2"}}, "tls.second_key"),
+    ({"tls": {"second_cert": "/c2", "second_key": "/k2"}}, "tls.second_cert"),
 ])
 def test_errors_name_the_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -145,6 +148,7 @@ def test_relative_paths_are_from_the_config_file(tmp_path, monkeypatch) -> None:
     (etc / "a.toml").write_text(
         'aliases_file = "aliases"\n'
         '[tls]\ncert = "tls/cert.pem"\nkey = "/abs/key.pem"\n'
+        'second_cert = "tls/rsa.pem"\nsecond_key = "tls/rsa.key"\n'
         '[auth]\nbackend = "saslauthd:run/mux"\n'
         '[log]\ntarget = "file:../log/mail.log"\n'
         '[delivery]\ntls_ca_file = "ca.pem"\n'
@@ -157,6 +161,9 @@ def test_relative_paths_are_from_the_config_file(tmp_path, monkeypatch) -> None:
     cfg = load_file("etc/a.toml")
     assert cfg.state_dir == str(etc / "var")
     assert (cfg.tls.cert, cfg.tls.key) == (str(etc / "tls/cert.pem"), "/abs/key.pem")
+    assert [(p.cert, p.key, p.cert_key) for p in cfg.cert_pairs] == [
+        (etc / "tls/cert.pem", Path("/abs/key.pem"), "tls.cert"),
+        (etc / "tls/rsa.pem", etc / "tls/rsa.key", "tls.second_cert")]
     assert cfg.auth.backend == f"saslauthd:{etc}/run/mux"
     assert cfg.log.target == f"file:{tmp_path}/log/mail.log"
     assert cfg.aliases_file == str(etc / "aliases")
