@@ -579,17 +579,19 @@ async def _serve_loop(run: _Run) -> int:
     ml.daemon("stopping", pid=os.getpid())
     sdnotify.stopping()
     hup_task.cancel()
-    if local is not None:
-        await local.stop()
-    if receiver is not None:
-        await receiver.stop()
-    if reporter is not None:
-        await reporter.stop()
-    if scheduler is not None:
-        await scheduler.stop()
-        if isinstance(scheduler.courier, Courier):
-            # QUIT idle connections; the TLS-RPT tally since its last save goes to disk.
-            await scheduler.courier.close()
+
+    async def stop_delivering() -> None:
+        if scheduler is not None:
+            await scheduler.stop()
+            if isinstance(scheduler.courier, Courier):
+                # QUIT idle connections; the TLS-RPT tally since its last save goes to disk.
+                await scheduler.courier.close()
+
+    # Sessions, local submissions and deliveries drain together, each up to
+    # shutdown_timeout: one after the other they took up to three times it (past
+    # contrib's TimeoutStopSec), and the scheduler took new work while sessions drained.
+    await asyncio.gather(*(part.stop() for part in (local, receiver, reporter)
+                           if part is not None), stop_delivering())
     if run.workers:
         # `stopped` means stopped: the workers finish their sessions first (each up to
         # shutdown_timeout; the master kills what is left after 10 s more).

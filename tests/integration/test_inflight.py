@@ -6,7 +6,9 @@ clean stop leaves no such warning."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import threading
 
@@ -110,3 +112,35 @@ def test_a_clean_stop_says_what_it_cut_and_is_no_crash(relay_factory, fake_mx,
         assert WARNING not in r.maillog()  # a clean stop is not a crash
     finally:
         silent.close()
+
+
+def test_a_stop_drains_sessions_and_deliveries_at_once(relay_factory, fake_mx) -> None:
+    """SIGTERM (one process, workers = 1): the sessions, the local submissions and the
+    deliveries drain together, each up to shutdown_timeout. They drained one after the
+    other (up to three times shutdown_timeout: past contrib's TimeoutStopSec = 60 with
+    the default 30 s, so systemd's SIGKILL), and the scheduler took new work while the
+    sessions drained: a message a draining session handed over was delivered during the
+    stop. Now it stays queued for the next start, as every message after a SIGTERM."""
+    smart = fake_mx("127.0.0.2")
+    r = relay_factory(overrides={"shutdown_timeout": "2s",
+                                 "relay": {"smart_host": [smart.address],
+                                           "smart_host_tls": "none"}})
+    assert r.proc is not None
+    with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
+        assert c.reply().code == 220
+        c.cmd("EHLO t")
+        assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+        assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
+        assert c.cmd("RCPT TO:<bob@remote.example>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: during the stop\r\n\r\nx\r\n")
+        os.kill(r.proc.pid, signal.SIGTERM)
+        r.wait_log("daemon=stopping")
+        c.send(b".\r\n")
+        assert c.reply().code == 250  # the session finishes its message...
+        r.proc.wait(timeout=30)  # ...and stays open until shutdown_timeout cuts it
+    assert "stat=Sent" not in r.maillog()
+    assert smart.messages == [] and len(r.queued()) == 1
+    r.start()
+    r.wait_for(lambda: r.queued() == [], timeout=30)
+    assert len(smart.messages) == 1
