@@ -28,6 +28,7 @@ import logging
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from authrelay.auth.backends import BackendUnavailable, DovecotBackend, SaslauthdBackend
 from authrelay.auth.base import Authenticator, AuthResult, HashPool, Login
@@ -41,6 +42,7 @@ __all__ = ["AuthResult", "Authenticator", "BackendAuthenticator", "Login",
            "StoreAuthenticator", "UserDBAuthenticator", "make_authenticator"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class UserDBLoginStore:
@@ -71,9 +73,11 @@ class UserDBLoginStore:
             app = self.db.app_password(username, selector)
         return Found(stored, app)
 
-    async def lookup(self, username: str, selector: str | None) -> Found:
+    async def _read(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)`, a read of the DB, in the hashing pool (sqlite3 blocks);
+        StoreUnavailable when the DB cannot be read, the pool is closing or full."""
         try:
-            found = await self.hashing.run(self._lookup, username, selector)
+            found = await self.hashing.run(fn, *args)
         except (sqlite3.Error, UserDBError, OSError) as e:
             log.warning("user DB unreadable", exc_info=True)
             raise StoreUnavailable(str(e)) from e
@@ -82,6 +86,9 @@ class UserDBLoginStore:
         if found is None:
             raise StoreUnavailable("hashing backlog full")
         return found
+
+    async def lookup(self, username: str, selector: str | None) -> Found:
+        return await self._read(self._lookup, username, selector)
 
     async def _write(self, fn: Callable[..., object], *args: object) -> None:
         await asyncio.get_running_loop().run_in_executor(self._writes, fn, *args)
@@ -100,16 +107,7 @@ class UserDBLoginStore:
             return set()
 
     async def owns_address(self, spellings: tuple[str, ...]) -> bool:
-        try:
-            found = await self.hashing.run(self.db.owns_address, spellings)
-        except (sqlite3.Error, UserDBError, OSError) as e:
-            log.warning("user DB unreadable", exc_info=True)
-            raise StoreUnavailable(str(e)) from e
-        except RuntimeError as e:  # pool shut down: we are closing
-            raise StoreUnavailable("closing") from e
-        if found is None:
-            raise StoreUnavailable("hashing backlog full")
-        return found
+        return await self._read(self.db.owns_address, spellings)
 
     def close(self) -> None:
         self._writes.shutdown(wait=False, cancel_futures=True)
