@@ -1088,3 +1088,45 @@ async def test_the_wait_for_a_conversion_slot_ends_at_attempt_timeout(
         await courier.close()
     assert res.ok, res
     assert len(mx.messages) == 1 and b"=C3=A9" in mx.messages[0].content
+
+
+async def _busy_then_silent(mx: RawMX, r: asyncio.StreamReader,
+                            w: asyncio.StreamWriter) -> None:
+    """PIPELINING; every RCPT 451; the RSET after the empty transaction never answered."""
+    w.write(b"220 raw.test ESMTP\r\n")
+    while line := await r.readline():
+        mx.received.append(line)
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            w.write(b"250-raw.test\r\n250 PIPELINING\r\n")
+        elif verb == b"RCPT":
+            w.write(b"451 4.2.0 mailbox busy\r\n")
+        elif verb == b"DATA":
+            w.write(b"554 5.5.1 no valid recipients\r\n")
+        elif verb == b"RSET":
+            await r.read()  # no reply, ever
+            return
+        else:
+            w.write(b"250 ok\r\n")
+        await w.drain()
+
+
+async def test_recipients_the_deadline_keeps_from_the_next_host_are_not_said_passed(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    """The primary MX answers 451 to the RCPT, so the recipient would go to the backup;
+    the attempt's time runs out meanwhile (here: waiting for the reply to the RSET that
+    follows). The maillog said 'status=recipients passed to the next host', though no
+    next host was tried: the attempt ended there. Now it says nothing of the kind, the
+    recipient keeps the primary's 451, and the backup is not connected to."""
+    ml = ListLog()
+    with RawMX("127.0.0.2", raw_port, _busy_then_silent):
+        courier = Courier(make_cfg(tmp_path, dns, raw_port, attempt_timeout="1s"),
+                          maillog=ml)
+        env = envelope("a@example.test")
+        try:
+            res = (await deliver(courier, env))["a@example.test"]
+        finally:
+            await courier.close()
+    assert (res.code, res.enhanced) == (451, "4.2.0") and "mailbox busy" in res.text, res
+    assert not ml.grep(env.queue_id, "passed to the next host"), ml.lines
+    assert not ml.grep(env.queue_id, "127.0.0.3"), ml.lines  # the backup: not tried

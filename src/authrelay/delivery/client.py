@@ -584,7 +584,8 @@ class Courier:
             todo = [r for r in todo if r.address in out.next_host]
             if not todo:
                 break
-            if i + 1 < len(targets) and not payload.spent:
+            if i + 1 < len(targets) and not payload.spent and not _past(deadline):
+                # (past the deadline no next host is tried: they keep this host's reply)
                 worst = out.results[todo[0].address]
                 self.maillog.next_host(env.queue_id, worst.remote or t.where,
                                        ",".join(f"<{r.address}>" for r in todo), str(worst))
