@@ -335,6 +335,8 @@ class _Run:
     # may not read itself.
     read_config: Callable[[], bytes] | None = None
     channel: socket.socket | None = None  # worker: its end of the master's socketpair
+    helper_pid: int = 0  # the key helper (privileges dropped), watched by master or single
+    exited: dict[int, int] = field(default_factory=dict)  # master: other children's status
     workers: dict[int, _Worker] = field(default_factory=dict)  # master: pid -> worker
     master_sockets: list[socket.socket] = field(default_factory=list)  # closed on stop
     stopping: bool = False  # SIGTERM seen: a worker that exits now is not replaced
@@ -523,6 +525,8 @@ async def _serve_loop(run: _Run) -> int:
 
         process.watch(loop, run.channel, on_message, master_gone)
 
+    if run.helper_pid:
+        _watch_helper(loop, run, ml)
     ml.daemon(f"started ({run.role})", pid=os.getpid(),
               listeners=",".join(ln.name for ln in run.listeners) if run.listeners else None,
               # Local domains where mail from anyone reaches any local part (no
@@ -606,6 +610,31 @@ async def _serve_loop(run: _Run) -> int:
     ml.daemon("stopped", pid=os.getpid())
     ml.flush()
     return 0
+
+
+def _watch_helper(loop: asyncio.AbstractEventLoop, run: _Run, ml: maillog_mod.MailLog
+                  ) -> None:
+    """One error line when the key helper dies (kill -9, the OOM killer), said when it
+    happens: the dropped processes cannot start another, so until a restart every reload
+    fails (the certificate, the config, the log file after logrotate) and a root-only smart
+    host secret cannot be read (process.HelperGone names it then)."""
+    pid = run.helper_pid
+    fd = os.pidfd_open(pid)
+
+    def died() -> None:
+        loop.remove_reader(fd)
+        os.close(fd)
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # the master's reap() was first
+            done, status = pid, run.exited.pop(pid, 0)
+        how = f" ({_status(status)})" if done else ""
+        if not run.stopping:
+            ml.error(f"key helper {pid} died{how}: until authrelay is restarted, reloads "
+                     "fail and root-only files (certificate key, config, smart host "
+                     "secrets, the log file after logrotate) cannot be read")
+
+    loop.add_reader(fd, died)
 
 
 def _checks_keys(cfg: Config) -> tuple[object, ...]:
@@ -839,7 +868,8 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
                        read_password=helper.read_password if helper else None,
                        read_oauth_secret=helper.read_oauth_secret if helper else None,
                        open_log=helper.open_log if helper else None,
-                       read_config=helper.read_config if helper else None)
+                       read_config=helper.read_config if helper else None,
+                       helper_pid=helper.pid if helper else 0)
             return asyncio.run(_serve_loop(run))
         return _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared,
                              recipients)
@@ -866,6 +896,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                read_oauth_secret=helper.read_oauth_secret if helper else None,
                open_log=helper.open_log if helper else None,
                read_config=helper.read_config if helper else None,
+               helper_pid=helper.pid if helper else 0,
                master_sockets=[x.sock for row in per_worker for x in row])
     workers: dict[int, _Worker] = run.workers
     master_pid = os.getpid()
@@ -924,6 +955,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 return
             w = workers.pop(pid, None)
             if w is None:
+                run.exited[pid] = status  # the key helper: _watch_helper says it
                 continue
             w.channel.close()
             if shared is not None:

@@ -471,6 +471,11 @@ def watch(loop: Any, sock: socket.socket,
 
 # --------------------------------------------------------------------------- key helper
 
+class HelperGone(OSError):
+    """The key helper died (kill -9, the OOM killer): nothing it reads can be read again
+    until a restart (the master runs without the privileges to start another)."""
+
+
 class KeyHelper:
     """The root process that reads the certificate and key (see the module docstring)."""
 
@@ -497,12 +502,22 @@ class KeyHelper:
         self.channel.in_master()
         self.sock = self.channel.master
 
+    def gone(self) -> HelperGone:
+        return HelperGone(f"key helper {self.pid} is gone (it died; see the maillog): "
+                          "restart authrelay to read root-only files again")
+
     def _ask(self, kind: bytes, payload: bytes = b"") -> tuple[bytes, bytes]:
         # One request at a time: the SIGHUP reload and delivery threads share the socket.
         with self._lock:
             self.sock.settimeout(30)
-            send(self.sock, kind, payload)
-            return recv(self.sock)
+            try:
+                send(self.sock, kind, payload)
+                answer = recv(self.sock)
+            except ConnectionError:  # it died: 'Broken pipe' named nothing
+                raise self.gone() from None
+        if not answer[0]:
+            raise self.gone()
+        return answer
 
     def read_pem(self) -> PEM:
         """Blocking request (a few ms): the PEM pairs, or TLSConfigError."""
@@ -510,28 +525,33 @@ class KeyHelper:
 
         try:
             kind, payload = self._ask(b"K")
+        except HelperGone as e:
+            raise TLSConfigError(str(e)) from None
         except OSError as e:
             raise TLSConfigError(f"key helper: {e}") from None
         if kind == b"K":
             return unpack_pem(payload)
         if kind == b"E":
             raise TLSConfigError(payload.decode("utf-8", "replace"))
-        raise TLSConfigError("key helper is gone; restart authrelay to reload certificates")
+        raise TLSConfigError(f"key helper: unexpected answer {kind!r}")
 
     def open_log(self) -> int:
         """The maillog file opened (created if logrotate renamed it) by root for the
         dropped user, as a descriptor the caller owns; OSError on failure."""
         with self._lock:
             self.sock.settimeout(30)
-            send(self.sock, b"L")
-            kind, payload, fds = recv_with_fds(self.sock)
+            try:
+                send(self.sock, b"L")
+                kind, payload, fds = recv_with_fds(self.sock)
+            except ConnectionError:
+                raise self.gone() from None
         if kind == b"L" and len(fds) == 1:
             return fds[0]
         for fd in fds:
             os.close(fd)
         if kind == b"E":
             raise OSError(payload.decode("utf-8", "replace"))
-        raise OSError("key helper is gone; restart authrelay")
+        raise self.gone()
 
     def read_config(self) -> bytes:
         """The config file's bytes read as root (blocking), for a reload by processes
@@ -542,7 +562,7 @@ class KeyHelper:
             return payload
         if kind == b"E":
             raise OSError(payload.decode("utf-8", "replace"))
-        raise OSError("key helper is gone; restart authrelay")
+        raise self.gone()
 
     def read_password(self) -> str:
         """relay.smart_host_password_file read as root (blocking); OSError on failure."""
@@ -551,7 +571,7 @@ class KeyHelper:
             return payload.decode("utf-8", "replace")
         if kind == b"E":
             raise OSError(payload.decode("utf-8", "replace"))
-        raise OSError("key helper is gone; restart authrelay")
+        raise self.gone()
 
     def read_oauth_secret(self, host: str = "") -> bytes:
         """The OAuth secret_file (or key_file) of the [[relay.smart_host_oauth]] table for
@@ -563,7 +583,7 @@ class KeyHelper:
             return payload
         if kind == b"E":
             raise OSError(payload.decode("utf-8", "replace"))
-        raise OSError("key helper is gone; restart authrelay")
+        raise self.gone()
 
     def close(self) -> None:
         self.channel.close()

@@ -339,6 +339,31 @@ def test_kill9_dropped_master_takes_the_root_helper_too(dropped) -> None:
 
 
 @pytest.mark.root
+def test_a_dead_key_helper_is_said_when_it_dies_and_at_each_reload(dropped) -> None:
+    """The key helper killed (kill -9, the OOM killer): nothing was said; every reload
+    then failed with 'key helper: [Errno 32] Broken pipe' and the log file after
+    logrotate 'cannot reopen ... BrokenPipeError', naming neither what died nor what to
+    do. Its death is one error line at once, and each failure names it."""
+    r = dropped[0]
+    helper = _helper(r)
+    assert r.proc is not None and helper is not None
+    os.kill(helper, signal.SIGKILL)
+    wait_until(lambda: f"error=key helper {helper} died (killed by SIGKILL): until authrelay "
+               "is restarted, reloads fail and root-only files (certificate key, config, "
+               "smart host secrets, the log file after logrotate) cannot be read"
+               in r.maillog(), what="the helper's death")
+    os.kill(r.proc.pid, signal.SIGHUP)
+    gone = f"key helper {helper} is gone (it died; see the maillog): restart authrelay to " \
+           "read root-only files again"
+    wait_until(lambda: f"daemon=reload failed, keeping the running config, error={gone}"
+               in r.maillog(), what="the reload's failure")
+    assert f"error=cannot reopen the maillog, still writing the old file: HelperGone: {gone}" \
+        in r.maillog()
+    assert r.maillog().count(f"key helper {helper} died") == 1
+    assert "Broken pipe" not in r.maillog()
+
+
+@pytest.mark.root
 def test_root_only_key_reloaded_on_sighup_after_renewal(dropped) -> None:
     r, le, der_old, logfile = dropped
     assert r.proc is not None
