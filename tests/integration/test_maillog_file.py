@@ -165,3 +165,29 @@ def test_a_log_file_that_cannot_be_opened_is_one_line_naming_the_key(relay_facto
     assert res.returncode == 1
     assert res.stderr == f"authrelay: log.target {logfile}: No such file or directory\n"
     assert res.stdout == ""
+
+
+def test_logrotate_copytruncate_goes_on_at_the_start_of_the_emptied_file(
+        relay_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    """README "Operating it": `copytruncate` works without a reload. Every process
+    appends, so after the copy and the truncation the next lines start the emptied file
+    (a process writing at its own offset would leave a hole of NUL bytes before them)."""
+    logfile = tmp_path / "mail.log"
+    r = _with_log_file(relay_factory, logfile)
+    workers = children(r.proc.pid)  # type: ignore[union-attr]
+    (tmp_path / "mail.log.1").write_bytes(logfile.read_bytes())  # logrotate's copy ...
+    os.truncate(logfile, 0)  # ... and truncation
+    sessions = 0
+
+    def both_workers_logged() -> bool:
+        nonlocal sessions
+        _session(r)
+        sessions += 1
+        return all(f"[{w}]: NOQUEUE: disconnect=" in logfile.read_text() for w in workers)
+
+    wait_until(both_workers_logged, what="both workers log into the emptied file")
+    wait_until(lambda: _whole(logfile.read_text()) == 2 * sessions, what="every line")
+    data = logfile.read_bytes()
+    assert b"\0" not in data
+    assert all(CONNECT.fullmatch(ln) or DISCONNECT.fullmatch(ln)
+               for ln in data.decode().splitlines())
