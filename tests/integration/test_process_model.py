@@ -581,8 +581,6 @@ def test_a_python_warning_is_one_maillog_line_without_its_source(tmp_path: Path)
     lib.write_text("import warnings\n\ndef call():\n"
                    "    warnings.warn('old thing', DeprecationWarning, stacklevel=1)\n")
     code = f"""
-import sys
-sys.path.insert(0, {str(tmp_path)!r})
 import warnings
 from authrelay import maillog, daemon
 from authrelay.config import from_dict
@@ -595,7 +593,7 @@ oldlib.call()
 maillog.get().flush()
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert res.returncode == 0, res.stderr
     assert res.stderr == ""
     lines = out.read_text().splitlines()
