@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from relayproc import PASSWORD, RelayProcess
+from relayproc import PASSWORD, RelayProcess, children
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +34,12 @@ UNKNOWN = ("550", "5.1.1 <{}>: Recipient address rejected: user unknown in local
 
 
 def _relay(make: Callable[..., RelayProcess], rcpts: Path, start: bool = True,
-           **limits: int) -> RelayProcess:
+           workers: int = 1, **limits: int) -> RelayProcess:
     return make({"relay": {"local_domains": DOMAINS, "local_recipients_file": str(rcpts),
                            "trusted_networks": ["127.0.0.9/32"]},
                  "aliases": {"root": "admin@c.test"},
                  "limits": {"bad_rcpt_throttle": 3, "bad_rcpt_limit": 6, **limits}},
-                start=start)
+                start=start, workers=workers)
 
 
 @contextmanager
@@ -151,12 +151,51 @@ def test_a_dictionary_attack_is_throttled_then_cut(
     assert kinds == ["unknown", "unknown", "flood", "unknown", "unknown", "limit"]
 
 
-def _reload(relay: RelayProcess, outcome: str) -> str:
+def _reload(relay: RelayProcess, outcome: str, processes: int = 1) -> str:
+    """SIGHUP, then the `outcome` line of each of `processes` (the last one returned)."""
     before = relay.maillog().count(outcome)
     assert relay.proc is not None
     os.kill(relay.proc.pid, signal.SIGHUP)
-    relay.wait_for(lambda: relay.maillog().count(outcome) > before, what=outcome)
+    relay.wait_for(lambda: relay.maillog().count(outcome) >= before + processes,
+                   what=outcome)
     return [ln for ln in relay.maillog().splitlines() if outcome in ln][-1]
+
+
+def _workers(relay: RelayProcess) -> list[int]:
+    assert relay.proc is not None
+    return [p for p in children(relay.proc.pid)
+            if Path(f"/proc/{p}/comm").read_text().startswith("authrelay-w")]
+
+
+def test_every_worker_uses_the_reloaded_list(
+        relay_factory: Callable[..., RelayProcess], tmp_path: Path) -> None:
+    """With workers, the master re-reads the list too: a list it cannot read fails the
+    reload before any worker is told (each keeps the running list); a good one reaches
+    every worker, and a worker started after the reload (one that died) has it."""
+    f = tmp_path / "recipients"
+    f.write_text(LIST)
+    relay = _relay(relay_factory, f, workers=2)
+    relay.wait_for(lambda: relay.maillog().count("daemon=started (worker)") == 2
+                   and len(_workers(relay)) == 2, what="both workers serving")
+    f.unlink()
+    assert f"{f}: cannot read: No such file or directory" in _reload(relay, "reload failed")
+    f.write_text(LIST + "new@local.test\n")
+    _reload(relay, "daemon=reloaded", processes=3)  # the master and both workers
+    # Sessions land on either worker (SO_REUSEPORT): each one knows the new recipient.
+    for i in range(8):
+        with stranger(relay, f"127.0.0.{10 + i}") as s:
+            assert rcpt(s, "new@local.test")[0] == 250
+            assert rcpt(s, "old@local.test") == unknown("old@local.test")
+    victim = _workers(relay)[0]
+    started = relay.maillog().count("daemon=started (worker)")
+    os.kill(victim, signal.SIGKILL)
+    relay.wait_for(lambda: relay.maillog().count("daemon=started (worker)") > started
+                   and victim not in _workers(relay) and len(_workers(relay)) == 2,
+                   what="the worker replaced")
+    for i in range(8):
+        with stranger(relay, f"127.0.0.{20 + i}") as s:
+            assert rcpt(s, "new@local.test")[0] == 250
+            assert rcpt(s, "old@local.test") == unknown("old@local.test")
 
 
 def test_sighup_rereads_the_list_and_keeps_it_when_unreadable(
