@@ -367,22 +367,42 @@ class RawMX:
         self._loop.close()
 
 
-async def _injecting(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    w.write(b"220 raw.test ESMTP\r\n")
-    while line := await r.readline():
-        mx.received.append(line)
-        verb = line[:4].upper()
-        if verb == b"EHLO":
-            w.write(b"250-raw.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
-        elif verb == b"STAR":
-            # RFC 3207 5 attack: a reply smuggled in before the TLS handshake
-            w.write(b"220 2.0.0 go ahead\r\n250 2.0.0 injected\r\n")
-        elif verb == b"QUIT":
-            w.write(b"221 bye\r\n")
-            break
-        else:
-            w.write(b"250 ok\r\n")
-        await w.drain()
+def _verbs(replies: dict[bytes, bytes | None]) -> Any:
+    """A RawMX script answering each command by its verb (its first four octets, upper
+    case) from `replies`, else 250: `None` never answers (the connection is read to its
+    end); a 354 to DATA reads the message to its dot (recording b"message") and answers
+    `replies[b"."]` (250 by default; None: the connection closes unanswered); QUIT is 221
+    and the end."""
+    async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 raw.test ESMTP\r\n")
+        while line := await r.readline():
+            mx.received.append(line)
+            verb = line[:4].upper()
+            if verb == b"QUIT":
+                w.write(b"221 bye\r\n")
+                break
+            reply = replies.get(verb, b"250 ok\r\n")
+            if reply is None:
+                await r.read()  # no reply, ever
+                return
+            w.write(reply)
+            if verb == b"DATA" and reply.startswith(b"354"):
+                await w.drain()
+                while await r.readline() not in (b".\r\n", b""):
+                    pass
+                mx.received.append(b"message")
+                end = replies.get(b".", b"250 2.0.0 taken\r\n")
+                if end is None:
+                    return  # no reply: the connection closes
+                w.write(end)
+            await w.drain()
+    return script
+
+
+_STARTTLS_EHLO = b"250-raw.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+# RFC 3207 5 attack: a reply smuggled in before the TLS handshake
+_injecting = _verbs({b"EHLO": _STARTTLS_EHLO,
+                     b"STAR": b"220 2.0.0 go ahead\r\n250 2.0.0 injected\r\n"})
 
 
 @pytest.fixture
@@ -507,29 +527,11 @@ async def test_cached_connection_with_unsolicited_421_not_reused(
     assert mx.connections == 2
 
 
-async def _refuses_starttls(mx: RawMX, r: asyncio.StreamReader,
-                            w: asyncio.StreamWriter) -> None:
-    """Offers STARTTLS but answers it with 454 (RFC 3207 4: TLS not available now)."""
-    w.write(b"220 raw.test ESMTP\r\n")
-    while line := await r.readline():
-        mx.received.append(line)
-        verb = line[:4].upper()
-        if verb == b"EHLO":
-            w.write(b"250-raw.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
-        elif verb == b"STAR":
-            w.write(b"454 4.7.0 TLS not available due to temporary reason\r\n")
-        elif verb == b"DATA":
-            w.write(b"354 go ahead\r\n")
-            await w.drain()
-            while await r.readline() not in (b".\r\n", b""):
-                pass
-            w.write(b"250 2.0.0 taken\r\n")
-        elif verb == b"QUIT":
-            w.write(b"221 bye\r\n")
-            break
-        else:
-            w.write(b"250 ok\r\n")
-        await w.drain()
+# Offers STARTTLS but answers it with 454 (RFC 3207 4: TLS not available now).
+_refuses_starttls = _verbs({
+    b"EHLO": _STARTTLS_EHLO,
+    b"STAR": b"454 4.7.0 TLS not available due to temporary reason\r\n",
+    b"DATA": b"354 go ahead\r\n"})
 
 
 @pytest.mark.parametrize("tls", ["may", "encrypt"])
@@ -553,25 +555,9 @@ async def test_starttls_refused(tmp_path: Path, dns: FakeDNSServer, raw_port: in
         assert mails == []
 
 
-async def _drops_after_the_dot(mx: RawMX, r: asyncio.StreamReader,
-                               w: asyncio.StreamWriter) -> None:
-    """Takes the whole message, then closes without answering the end of data."""
-    w.write(b"220 raw.test ESMTP\r\n")
-    while line := await r.readline():
-        mx.received.append(line)
-        verb = line[:4].upper()
-        if verb == b"EHLO":
-            w.write(b"250-raw.test\r\n250 PIPELINING\r\n")
-        elif verb == b"DATA":
-            w.write(b"354 go ahead\r\n")
-            await w.drain()
-            while await r.readline() not in (b".\r\n", b""):
-                pass
-            mx.received.append(b"message")
-            return  # no 250: the connection closes
-        else:
-            w.write(b"250 ok\r\n")
-        await w.drain()
+# Takes the whole message, then closes without answering the end of data.
+_drops_after_the_dot = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+                               b"DATA": b"354 go ahead\r\n", b".": None})
 
 
 async def test_connection_lost_after_the_dot_may_be_a_duplicate(
@@ -1090,25 +1076,10 @@ async def test_the_wait_for_a_conversion_slot_ends_at_attempt_timeout(
     assert len(mx.messages) == 1 and b"=C3=A9" in mx.messages[0].content
 
 
-async def _busy_then_silent(mx: RawMX, r: asyncio.StreamReader,
-                            w: asyncio.StreamWriter) -> None:
-    """PIPELINING; every RCPT 451; the RSET after the empty transaction never answered."""
-    w.write(b"220 raw.test ESMTP\r\n")
-    while line := await r.readline():
-        mx.received.append(line)
-        verb = line[:4].upper()
-        if verb == b"EHLO":
-            w.write(b"250-raw.test\r\n250 PIPELINING\r\n")
-        elif verb == b"RCPT":
-            w.write(b"451 4.2.0 mailbox busy\r\n")
-        elif verb == b"DATA":
-            w.write(b"554 5.5.1 no valid recipients\r\n")
-        elif verb == b"RSET":
-            await r.read()  # no reply, ever
-            return
-        else:
-            w.write(b"250 ok\r\n")
-        await w.drain()
+# PIPELINING; every RCPT 451; the RSET after the empty transaction never answered.
+_busy_then_silent = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+                            b"RCPT": b"451 4.2.0 mailbox busy\r\n",
+                            b"DATA": b"554 5.5.1 no valid recipients\r\n", b"RSET": None})
 
 
 async def test_recipients_the_deadline_keeps_from_the_next_host_are_not_said_passed(

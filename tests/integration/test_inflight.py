@@ -15,6 +15,7 @@ import threading
 import pytest
 from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx, plain
+from support.sessions import session_in_progress
 
 pytestmark = pytest.mark.slow
 
@@ -126,12 +127,7 @@ def test_a_stop_drains_sessions_and_deliveries_at_once(relay_factory, fake_mx) -
                                  "relay": {"smart_host": [smart.address],
                                            "smart_host_tls": "none"}})
     assert r.proc is not None
-    with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
-        assert c.reply().code == 220
-        c.cmd("EHLO t")
-        assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
-        assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
-        assert c.cmd("RCPT TO:<bob@remote.example>").code == 250
+    with session_in_progress(r) as c:
         assert c.cmd("DATA").code == 354
         c.send(b"Subject: during the stop\r\n\r\nx\r\n")
         os.kill(r.proc.pid, signal.SIGTERM)
