@@ -21,7 +21,7 @@ from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
 from relayproc import PASSWORD, RelayProcess
 from smtpclient import RawClient
-from support import ci
+from support.tmpfs import mounted
 from support.wait import wait_until
 from test_e2e_delivery import (
     SENDER,
@@ -298,15 +298,8 @@ def test_damaged_spool_files_go_to_corrupt_never_deleted(
 
 @pytest.fixture
 def tmpfs(tmp_path: Path):  # noqa: ANN201
-    ci.require_root("mounting a tmpfs needs root")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mnt)],
-                   check=True)
-    try:
+    with mounted(tmp_path / "tmpfs", "6m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(mnt: Path, leave: int) -> Path:

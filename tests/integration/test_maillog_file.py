@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from relayproc import RelayProcess, children, to_toml
-from support import ci
+from support.tmpfs import mounted
 from support.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -52,15 +52,8 @@ def _session(r: RelayProcess) -> None:
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    ci.require_root("mounting a tmpfs needs root")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
-                   check=True)
-    try:
+    with mounted(tmp_path / "tmpfs", "256k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.root

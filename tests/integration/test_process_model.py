@@ -536,17 +536,33 @@ def test_connections_of_a_killed_worker_leave_the_pools(relay_factory) -> None:
             c.close()
 
 
-def test_logging_records_become_maillog_lines(tmp_path: Path) -> None:
-    """In a child process (the handlers are process-wide): a warning, an error with an
-    exception, warnings.warn, and an uncaught thread exception, each one line."""
+def _maillog_of(tmp_path: Path, body: str) -> list[str]:
+    """The maillog lines of a child process (the handlers are process-wide) that logs to
+    a file as serve sets it up (daemon._setup_logging), runs `body` (tmp_path's modules
+    importable), and says nothing on stderr."""
     out = tmp_path / "log"
     code = f"""
-import logging, threading, warnings
 from authrelay import maillog, daemon
 from authrelay.config import from_dict
 cfg = from_dict({{"log": {{"target": "file:{out}"}}}})
 maillog.configure(cfg.log.target)
 daemon._setup_logging(cfg)
+{body}
+maillog.get().flush()
+"""
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": path})  # tmp_path's modules
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""  # nothing beside the maillog at info level
+    return out.read_text().splitlines()
+
+
+def test_logging_records_become_maillog_lines(tmp_path: Path) -> None:
+    """A warning, an error with an exception, warnings.warn, and an uncaught thread
+    exception, each one line."""
+    lines = _maillog_of(tmp_path, """
+import logging, threading, warnings
 logging.getLogger("authrelay.x").info("not shown")
 logging.getLogger("authrelay.x").warning("disk %s", "slow")
 try:
@@ -555,13 +571,7 @@ except ZeroDivisionError:
     logging.getLogger("authrelay.y").exception("boom")
 warnings.warn("old thing", DeprecationWarning)
 t = threading.Thread(target=lambda: [][1]); t.start(); t.join()
-maillog.get().flush()
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert res.stderr == ""  # nothing beside the maillog at info level
-    lines = out.read_text().splitlines()
+""")
     assert len(lines) == 4, lines
     assert lines[0].endswith("NOQUEUE: warning=authrelay.x: disk slow")
     assert lines[1].endswith("NOQUEUE: error=authrelay.y: boom: ZeroDivisionError: "
@@ -576,27 +586,15 @@ def test_a_python_warning_is_one_maillog_line_without_its_source(tmp_path: Path)
     logged as warnings.formatwarning() wrote it: a newline and the source line escaped
     into the maillog line (`...: old thing\\x0a  warnings.warn(...)\\x0a`). One line,
     `warning=py.warnings: FILE:LINE: CATEGORY: MESSAGE`."""
-    out = tmp_path / "log"
     lib = tmp_path / "oldlib.py"
     lib.write_text("import warnings\n\ndef call():\n"
                    "    warnings.warn('old thing', DeprecationWarning, stacklevel=1)\n")
-    code = f"""
+    lines = _maillog_of(tmp_path, """
 import warnings
-from authrelay import maillog, daemon
-from authrelay.config import from_dict
-cfg = from_dict({{"log": {{"target": "file:{out}"}}}})
-maillog.configure(cfg.log.target)
-daemon._setup_logging(cfg)
 warnings.simplefilter("default")
 import oldlib
 oldlib.call()
-maillog.get().flush()
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    assert res.returncode == 0, res.stderr
-    assert res.stderr == ""
-    lines = out.read_text().splitlines()
+""")
     assert len(lines) == 1, lines
     assert lines[0].endswith(f"NOQUEUE: warning=py.warnings: {lib}:4: DeprecationWarning: "
                              "old thing"), lines
@@ -606,14 +604,8 @@ def test_an_unraisable_exception_is_one_maillog_line(tmp_path: Path) -> None:
     """An exception raised where Python cannot raise it (a __del__, a finalizer: here an
     object collected with an error in its __del__) was Python's multi-line traceback on
     stderr, beside the maillog file; it is one error line there, nothing on stderr."""
-    out = tmp_path / "log"
-    code = f"""
+    lines = _maillog_of(tmp_path, """
 import gc
-from authrelay import maillog, daemon
-from authrelay.config import from_dict
-cfg = from_dict({{"log": {{"target": "file:{out}"}}}})
-maillog.configure(cfg.log.target)
-daemon._setup_logging(cfg)
 class Leaky:
     def __repr__(self):
         return "<Leaky>"
@@ -621,13 +613,7 @@ class Leaky:
         raise OSError(9, "Bad file descriptor")
 Leaky()
 gc.collect()
-maillog.get().flush()
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert res.stderr == ""
-    lines = out.read_text().splitlines()
+""")
     assert len(lines) == 1, lines
     assert re.fullmatch(r".* NOQUEUE: error=authrelay: Exception ignored in: <function "
                         r"Leaky\.__del__ at 0x[0-9a-f]+>: OSError: \[Errno 9\] Bad file "
