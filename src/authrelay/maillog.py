@@ -24,8 +24,10 @@ error, daemon), each also a module-level function on the process-wide log
 (`maillog.queued(...)`); `event(qid, **kv)` stays for anything else. See docs/INTERFACES.md.
 Lines are handed to a writer thread (one per process, started lazily so forked workers get
 their own): a write to a log file on a busy filesystem can wait behind a journal commit,
-and that wait must never stall the event loop. The thread writes whatever has queued up
-in one system call, and `flush()` (called at exit and on stop) waits until all is written.
+and that wait must never stall the event loop. At most MAX_WAITING lines wait for it; past
+that they are dropped and the next line written says how many. The thread writes whatever
+has queued up in one system call, and `flush()` (called at exit and on stop) waits until
+all is written.
 """
 
 from __future__ import annotations
@@ -287,6 +289,9 @@ class MailLog:
         self._lost_why = ""
         self._lost_since = 0.0
         self._said_deleted = False  # the file was deleted, and that said on stderr
+        self._waiting = 0  # lines queued for the writer thread, not yet written
+        self._dropped = 0  # lines not queued: MAX_WAITING were waiting (said when written)
+        self._dropped_since = 0.0
         self._syslog: SyslogSocket | None = None  # the writer thread's only
         self._q: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -572,6 +577,12 @@ class MailLog:
             line = self._stamped(line)
         if self._thread is None or self._pid != _pid:
             self._start_thread()
+        if self._waiting >= MAX_WAITING:  # the target takes nothing: memory stays bounded
+            if not self._dropped:
+                self._dropped_since = time.time()
+            self._dropped += 1
+            return
+        self._waiting += 1  # (approximate across threads: a bound, not an account)
         self._q.put(line + "\n")  # the only cost on the event loop
 
     _stamp_cache: tuple[int, str] = (0, "")
@@ -588,6 +599,7 @@ class MailLog:
                 return
             # After fork the parent's thread does not exist here: start our own.
             self._q = queue.SimpleQueue()
+            self._waiting = self._dropped = 0
             self._pid = os.getpid()
             self._thread = threading.Thread(target=self._writer, name="maillog", daemon=True)
             self._thread.start()
@@ -605,6 +617,9 @@ class MailLog:
                 except queue.Empty:
                     break
             lines = [b for b in batch if isinstance(b, str)]
+            taken = len(lines)
+            if self._dropped:
+                lines.insert(0, self._dropped_line())
             try:
                 if lines:
                     with self._lock:
@@ -618,9 +633,21 @@ class MailLog:
                             self._fh.flush()
             except Exception:  # never kills the writer (a file's failures: _write_file)
                 pass
+            self._waiting -= taken
             for b in batch:
                 if isinstance(b, threading.Event):
                     b.set()
+
+    def _dropped_line(self) -> str:
+        """The line that says how many lines _emit dropped (and counts them as said)."""
+        n = self._dropped
+        self._dropped -= n
+        since = time.strftime("%H:%M:%S", time.localtime(self._dropped_since))
+        line = self._compose(None, {"warning": (
+            f"maillog: {n} lines dropped from {since} to {time.strftime('%H:%M:%S')}: the "
+            f"log target took none while {MAX_WAITING} waited for it (a stalled journal, "
+            "pipe, disk or syslog daemon)")})
+        return (line if self._syslog is not None else self._stamped(line)) + "\n"
 
     def _write_file(self, f: io.FileIO, data: str) -> None:
         """`data` (whole lines) appended to the file target, under `_lock`. A file deleted
@@ -717,6 +744,11 @@ class MailLog:
 
 
 _GATHER = 0.005
+# Lines that may wait for a target that takes none (journald stalled, `serve | less`
+# paused, a hung NFS mount): past this, lines are dropped and counted, never queued
+# without bound (a connection flood would otherwise grow the process until the OOM
+# killer). About 100 bytes each: tens of MB.
+MAX_WAITING = 100_000
 
 
 def _open_file(path: str) -> io.FileIO:

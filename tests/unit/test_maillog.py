@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -299,3 +300,38 @@ def test_a_process_forked_during_a_write_can_log(ml: maillog.MailLog, tmp_path: 
         pytest.fail("the forked child hung on its first maillog line")
     assert os.waitstatus_to_exitcode(status[1]) == 0
     assert "NOQUEUE: warning=from the forked child" in _lines(tmp_path / "mail.log")
+
+
+def test_lines_for_a_target_that_takes_none_wait_in_bounded_memory(tmp_path: Path) -> None:
+    """A real process whose stdout target is a pipe nobody reads (journald stalled, `serve
+    | less` paused): every line was queued for the blocked writer thread, without bound
+    (a connection flood grew the process until the OOM killer). At most MAX_WAITING wait;
+    the rest are dropped and counted, and the first line written once the reader reads
+    again says how many."""
+    total = maillog.MAX_WAITING + 50_000
+    code = textwrap.dedent(f"""
+        import sys
+        from authrelay import maillog
+        m = maillog.configure("stdout")
+        for i in range({total}):
+            m.event(None, n=i)
+        print("queued", m._q.qsize(), flush=True, file=sys.stderr)
+        m.flush(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stderr is not None
+    queued = p.stderr.readline()  # every line emitted while nobody reads the pipe
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert int(queued.split()[1]) <= maillog.MAX_WAITING + 1, queued
+    lines = out.splitlines()
+    said = [ln for ln in lines if "warning=maillog:" in ln]
+    assert len(said) == 1, said
+    m = re.search(r"NOQUEUE: warning=maillog: (\d+) lines dropped from \d\d:\d\d:\d\d to "
+                  r"\d\d:\d\d:\d\d: the log target took none while 100000 waited for it "
+                  r"\(a stalled journal, pipe, disk or syslog daemon\)$", said[0])
+    assert m, said[0]
+    written = [int(ln.rsplit("n=", 1)[1]) for ln in lines if ": NOQUEUE: n=" in ln]
+    assert len(written) + int(m[1]) == total
+    assert written == sorted(written) and written[0] == 0
