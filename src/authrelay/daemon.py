@@ -962,6 +962,8 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 # The connections it held (kill -9, OOM, a crash) leave every gauge:
                 # else they stayed counted, and a few deaths under load filled the pools.
                 shared.forget(w.index)
+            if run.cfg.metrics.address:  # so do the messages it was receiving
+                Metrics.forget(pid)
             if stopping or run.stopping:
                 continue
             # As Postfix's master throttles a service whose children keep dying at once:

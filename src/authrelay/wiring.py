@@ -202,6 +202,8 @@ def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
     share = share or Share()
     known = known_addresses(cfg)
     sub = submitter(cfg, queue, maillog, report_dkim=False)  # the scheduler's reports
+    if metrics is not None:  # the queue's "incoming" gauge
+        sub.receiving = metrics.receiving
     redis = redis_counters(cfg)
     return SMTPServer(
         cfg, submitter=sub,

@@ -6,14 +6,18 @@ counters of every process must be summed. No label may carry a user or an addres
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import smtplib
 import urllib.request
 from email.message import EmailMessage
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from relayproc import PASSWORD, RelayProcess
+from relayproc import PASSWORD, RelayProcess, children
 from support.ports import free_port
+from support.procfs import sockets_of
 
 pytestmark = pytest.mark.slow
 
@@ -168,3 +172,85 @@ def test_serve_says_when_metrics_listen_beyond_loopback(relay_factory) -> None:
                "the network"
         assert (line in r.maillog()) is warned, (address, r.maillog()[-2000:])
         r.stop()
+
+
+def _incoming(port: int) -> float:
+    return val(scrape(port), "authrelay_queue_messages", state="incoming")
+
+
+def _in_data(r: RelayProcess) -> smtplib.SMTP:
+    """A session in the middle of DATA: part of the message sent, no final dot."""
+    s = smtplib.SMTP("127.0.0.1", r.ports["submission"], timeout=10)
+    s.starttls(context=r.client_context())
+    s.login("alice", PASSWORD)
+    s.mail("alice@local.test")
+    s.rcpt("bob@remote.example")
+    s.putcmd("data")
+    assert s.getreply()[0] == 354
+    s.send(b"Subject: half\r\n\r\nthe first line of a message\r\n")
+    return s
+
+
+def test_incoming_counts_messages_being_received_in_every_worker(relay_factory,
+                                                                 fake_mx) -> None:
+    """state="incoming": the messages whose DATA is under way, counted by the receiving
+    workers as they go (no file to find: a small message is in memory until its
+    commit), and no longer once the client leaves or its worker dies."""
+    r, port, smart = _relay(relay_factory, fake_mx, 2)
+    assert _incoming(port) == 0
+    workers = children(r.proc.pid)
+    before = {pid: sockets_of(pid) for pid in workers}
+    first = _in_data(r)
+    second = _in_data(r)
+    r.wait_for(lambda: _incoming(port) == 2, what="two messages being received")
+    first.close()
+    r.wait_for(lambda: _incoming(port) == 1, what="the one whose client left gone")
+    # The worker holding the other dies (kill -9): its count goes with it.
+    holder = next(pid for pid in workers if sockets_of(pid) > before[pid])
+    os.kill(holder, signal.SIGKILL)
+    r.wait_for(lambda: _incoming(port) == 0, what="the dead worker's message gone")
+    second.close()
+    _send(r, 1)  # the replacement worker receives, and counts back down
+    r.wait_for(lambda: len(smart.messages) == 1)
+    assert _incoming(port) == 0
+
+
+def test_queue_gauges_equal_queue_list(relay_factory, fake_mx) -> None:
+    """The gauges (counts the master keeps, not a scan) show what `authrelay queue list`
+    shows: after deliveries, deferrals, bounces, a hold and a restart."""
+    r, port, smart = _relay(relay_factory, fake_mx, 2, rcpt_replies={
+        "later@remote.example": "451 4.3.0 try later",
+        "nobody@remote.example": "550 5.1.1 no such user"})
+
+    def listed() -> dict[str, int]:
+        recs = json.loads(r.cli("queue", "list", "--json").stdout)
+        held = sum(1 for x in recs if x["state"] == "held")
+        return {"queued": len(recs) - held, "held": held}
+
+    def gauges() -> dict[str, int]:
+        m = scrape(port)
+        g = {s: int(val(m, "authrelay_queue_messages", state=s))
+             for s in ("incoming", "active", "deferred", "held")}
+        return {"queued": g["active"] + g["deferred"], "held": g["held"],
+                "incoming": g["incoming"]}
+
+    _send(r, 2)
+    _send(r, 2, to="later@remote.example")
+    _send(r, 1, to="nobody@remote.example")
+    # Two delivered, and the bounce of the third (to alice, through the smart host).
+    r.wait_for(lambda: len(smart.messages) == 3, what="deliveries and the bounce")
+    r.wait_for(lambda: listed()["queued"] == 2, what="the deferred two left")
+    assert gauges() == {**listed(), "incoming": 0}
+    r.cli("queue", "hold", listed_id(r))
+    assert gauges() == {**listed(), "incoming": 0} == {"queued": 1, "held": 1,
+                                                       "incoming": 0}
+    r.stop()
+    r.start()
+    up(r, port)
+    r.wait_for(lambda: gauges() == {**listed(), "incoming": 0},
+               what="the counts after a restart")
+    assert listed() == {"queued": 1, "held": 1}
+
+
+def listed_id(r: RelayProcess) -> str:
+    return json.loads(r.cli("queue", "list", "--json").stdout)[0]["id"]

@@ -174,6 +174,12 @@ class Scheduler:
         self._waiting_bytes = 0  # held by active messages waiting inline (their waiting_bytes)
         # route key -> (monotonic time the mark ends, the failure that set it)
         self._dead: dict[str, tuple[float, DeliveryResult]] = {}
+        # The queue as this scheduler knows it, kept at every change it makes or is told
+        # of (commit notices, scans, hold/release/delete, removal, quarantine), so the
+        # queue gauges cost a len() (stats(), metrics.py), never a directory's stat.
+        self._queued: set[str] = set()  # committed in queue/: loaded, waiting, unreadable
+        self._held: set[str] = set()  # in hold/ (listed at the start's scan)
+        self._corrupt = 0  # files in corrupt/ (counted at each scan, plus each quarantine)
         self._running = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -186,6 +192,7 @@ class Scheduler:
         self._lock_fd: int | None = None
         self._hooked = False
         self._stopping = False
+        self._scanned = False  # the start's scan is done (the counts above are whole)
         self.metrics: Any = None  # authrelay.metrics.Metrics, set by Metrics.start()
         self.submitter = submitter  # bounces go in here (wiring.scheduler)
         self.inflight = InflightJournal(spool.root)  # what a crash may have delivered twice
@@ -342,9 +349,13 @@ class Scheduler:
         return sorted(self._active)
 
     def stats(self) -> dict[str, int]:
-        """For metrics: messages in the active set, deliveries in flight, scheduled."""
+        """For metrics, O(1): messages in the active set, deliveries in flight, scheduled;
+        the queue's committed messages (queue/), held and corrupt files as this scheduler
+        knows them (complete once the start's scan is done: `scanned` is 1)."""
         return {"active": len(self._active), "deliveries": self._running,
-                "scheduled": len(self._token), "destinations": len(self._dest_running)}
+                "scheduled": len(self._token), "destinations": len(self._dest_running),
+                "queued": len(self._queued), "held": len(self._held),
+                "corrupt": self._corrupt, "scanned": int(self._scanned)}
 
     def reload(self, cfg: Config) -> None:
         """SIGHUP: new limits and retry settings apply to the next decisions."""
@@ -370,6 +381,7 @@ class Scheduler:
     def _notify(self, qid: str) -> None:
         if not is_queue_id(qid) or qid in self._active or qid in self._ignored:
             return
+        self._queued.add(qid)  # committed: a notice comes after the fsync
         if qid in self._token:
             return  # already known; fresh mail is never deferred
         self._schedule(qid, time.time(), fresh=True)
@@ -481,6 +493,8 @@ class Scheduler:
     async def _scan_all(self) -> None:
         try:
             ids = await self._io(self.spool.scan)
+            held = [] if self._scanned else await self._io(self.spool.held)
+            self._corrupt = await self._io(self.spool.corrupt_count)
         except OSError as e:
             log.error("rescan failed: %s", e)
             return
@@ -488,7 +502,11 @@ class Scheduler:
         for qid in ids:
             if (qid not in self._token and qid not in self._active
                     and qid not in self._ignored and qid not in self._busy):
+                self._queued.add(qid)  # one removed meanwhile goes again at its load
                 self._schedule(qid, now)
+        # hold/ changes only through this scheduler once it runs: listed once.
+        self._held.update(held)
+        self._scanned = True
 
     def _check_clock(self) -> None:
         """The wall clock set back (past CLOCK_STEP) while retries wait in the heap:
@@ -519,11 +537,23 @@ class Scheduler:
         if self._wake is not None:
             self._wake.set()
 
+    # ------------------------------------------------------------------ the counts
+    def _gone(self, qid: str) -> None:
+        """`qid` left the queue (removed, quarantined, or found missing)."""
+        self._queued.discard(qid)
+        self._held.discard(qid)
+
+    def _moved_to_hold(self, qid: str) -> None:
+        self._queued.discard(qid)
+        self._held.add(qid)
+
     # ------------------------------------------------------------------ one message
     def _log_quarantined(self) -> None:
         q = self.spool.quarantined  # appended to by commit-pool threads: pop one by one
         while q:
             qid, reason = q.pop(0)
+            self._gone(qid)
+            self._corrupt += 1
             self.maillog.warning(f"damaged queue file moved to corrupt/: {reason}",
                                  queue_id=qid)
 
@@ -541,6 +571,7 @@ class Scheduler:
             if isinstance(path, Path):
                 await self._io(self.spool.verify, qid)
         except FileNotFoundError:
+            self._gone(qid)
             self._release(act)
             return
         except CorruptError as e:
@@ -557,6 +588,7 @@ class Scheduler:
             self._release(act)
             return
         if env.held:
+            self._moved_to_hold(qid)
             self._release(act)
             return
         if env.auth_user and self.containment is not None \
@@ -566,6 +598,7 @@ class Scheduler:
             try:
                 await self._io(self.spool.hold, qid)
                 self._token.pop(qid, None)
+                self._moved_to_hold(qid)
                 self.maillog.held(qid)
             except FileNotFoundError:
                 pass
@@ -949,7 +982,9 @@ class Scheduler:
             # Off the loop: unlink waits on the directory lock behind concurrent commits.
             await self._io(self.spool.remove, qid)
         except FileNotFoundError:
+            self._gone(qid)
             return
+        self._gone(qid)
         self.maillog.removed(qid)
 
     async def _finish(self, act: _Active) -> None:
@@ -1046,10 +1081,13 @@ class Scheduler:
                     if not await self._io(self.spool.hold, qid):
                         raise FileNotFoundError(qid)  # held already: nothing done
                     self._token.pop(qid, None)
+                    self._moved_to_hold(qid)
                     self.maillog.held(qid)
                 elif op == "release":
                     if not await self._io(self.spool.release, qid):
                         raise FileNotFoundError(qid)  # not held: nothing done, not flushed
+                    self._held.discard(qid)
+                    self._queued.add(qid)
                     self._ignored.discard(qid)
                     self._forced.add(qid)  # released mail is tried now, not after back-off
                     if named:
@@ -1059,9 +1097,12 @@ class Scheduler:
                 else:
                     await self._io(self.spool.remove, qid)
                     self._token.pop(qid, None)
+                    self._gone(qid)
                     self.maillog.removed(qid, by="operator")
                 done.append(qid)
             except FileNotFoundError:
+                if not self.spool.exists(qid):
+                    self._gone(qid)
                 missing.append(qid)
             finally:
                 self._busy.discard(qid)

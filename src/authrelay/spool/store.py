@@ -233,6 +233,14 @@ class Spool:
         ids.sort(key=lambda s: (len(s), s))
         return ids
 
+    def corrupt_count(self) -> int:
+        """Files in corrupt/ (their .state files aside), as `queue corrupt` lists them."""
+        try:
+            with os.scandir(self.corrupt_dir) as it:
+                return sum(1 for e in it if not e.name.endswith(".state"))
+        except FileNotFoundError:
+            return 0
+
     def exists(self, qid: str) -> bool:
         try:
             self._locate(qid)

@@ -46,6 +46,7 @@ import asyncio
 import errno
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -122,6 +123,9 @@ class Submitter:
         self.maillog = maillog
         self.signer = signer
         self._space: tuple[float, int] = (-1e9, 0)  # (monotonic time, bytes free)
+        # Told +1 when a message begins and -1 when it is committed or aborted (the
+        # queue's "incoming" gauge: metrics.Metrics.receiving, set by wiring).
+        self.receiving: Callable[[int], None] | None = None
 
     def reload(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -245,6 +249,8 @@ class Draft:
             received_for(env, sub.cfg.hostname, tls=tls, local_uid=local_uid),
             sub.cfg.hostname, add_missing=add_missing)
         self._incoming: Incoming = sub.spool.begin(env)
+        if sub.receiving is not None:
+            sub.receiving(1)
         self._scan_nul = scan_nul
         self._check_hops = check_hops
         self._problem: Refused | None = None
@@ -404,7 +410,7 @@ class Draft:
     def _committed(self, log: dict[str, Any]) -> None:
         """The maillog `from=` line, then the scheduler told (Incoming.announce): a
         delivery line never comes before it, whichever thread or process delivers."""
-        self._done = True
+        self._end()
         try:
             self._log_queued(log)
         finally:
@@ -429,5 +435,11 @@ class Draft:
     def abort(self) -> None:
         """Drop the message (idempotent); never raises."""
         if not self._done:
-            self._done = True
+            self._end()
             self._incoming.abort()
+
+    def _end(self) -> None:
+        """Committed or aborted: no longer being received."""
+        self._done = True
+        if self.submitter.receiving is not None:
+            self.submitter.receiving(-1)
