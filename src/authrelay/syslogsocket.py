@@ -7,9 +7,11 @@ writer thread only, never the event loop: syslog(3) called there blocked every s
 the process while the daemon did not read (a datagram queue full), and dropped every line
 without a word while it was gone.
 Contract: `send(lines)` returns the lines it could not hand over (the socket missing, no
-listener, the daemon not reading within SEND_TIMEOUT, a line too long for it); the caller
-writes those elsewhere. A socket that failed is connected again at the next send, so a
-restarted daemon gets the next lines.
+listener, a line too long for it, or not taken within SEND_TIMEOUT of the call: a daemon
+that stopped reading, or one reading more slowly than lines come, whose lines would
+otherwise pile up in the writer's queue); the caller writes those elsewhere. A socket
+that failed is connected again at the next send, so a restarted daemon gets the next
+lines.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 
 FACILITY_MAIL = 2
 SEVERITY_INFO = 6
-SEND_TIMEOUT = 2.0  # seconds the daemon may leave a line unread before it goes elsewhere
+SEND_TIMEOUT = 2.0  # seconds one send() may take; the lines not taken by then go elsewhere
 
 
 class SyslogSocket:
@@ -57,11 +59,14 @@ class SyslogSocket:
         """Each line (without its newline) as one message; returns the lines not sent
         (from the first the daemon did not take on) and why ('' when all went)."""
         prefix = f"<{FACILITY_MAIL * 8 + SEVERITY_INFO}>{_stamp()} {self.ident}[{os.getpid()}]: "
+        # One deadline for the whole call, not one per line: a daemon that takes each line
+        # just within the limit would make the writer's queue grow without bound.
+        deadline = time.monotonic() + SEND_TIMEOUT
         for i, line in enumerate(lines):
             data = (prefix + line).encode("utf-8", "replace")
             for again in (True, False):  # a daemon restarted: connect again, once
                 try:
-                    self._send(data)
+                    self._send(data, deadline)
                     break
                 except OSError as e:
                     self.close()
@@ -69,9 +74,13 @@ class SyslogSocket:
                         return lines[i:], _why(e)
         return [], ""
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
         if self._sock is None:
             self._sock = self._connect()
+        self._sock.settimeout(left)
         if self._stream:
             self._sock.sendall(data + b"\0")
         else:

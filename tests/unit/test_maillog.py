@@ -335,3 +335,59 @@ def test_lines_for_a_target_that_takes_none_wait_in_bounded_memory(tmp_path: Pat
     written = [int(ln.rsplit("n=", 1)[1]) for ln in lines if ": NOQUEUE: n=" in ln]
     assert len(written) + int(m[1]) == total
     assert written == sorted(written) and written[0] == 0
+
+
+def test_a_syslog_daemon_reading_slower_than_lines_come_does_not_pile_them_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon that takes every line within SEND_TIMEOUT, but slowly (one every 0.3 s
+    here; rsyslog behind a slow disk): the limit was per line and never ran out, so lines
+    waited in the writer's queue (seen: 120,000 after 6 s, growing; since MAX_WAITING,
+    dropped past it), none said on stderr. Now what one send() has not handed over
+    within SEND_TIMEOUT goes to stderr, counted, as for a daemon that stopped reading."""
+    import io
+    import socket
+
+    from authrelay import syslogsocket
+
+    monkeypatch.setattr(syslogsocket, "SEND_TIMEOUT", 0.5)
+    path = tmp_path / "log"
+    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    daemon.bind(str(path))
+    daemon.settimeout(0.1)
+    got: list[str] = []
+    slow = threading.Event()
+    slow.set()
+
+    def read() -> None:
+        while slow.is_set():
+            try:
+                got.append(daemon.recv(65536).decode())
+            except TimeoutError:
+                continue
+            time.sleep(0.3)  # < SEND_TIMEOUT: each single line is taken in time
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    m = maillog.MailLog(f"syslog:{path}")
+    assert not m.fallback
+    n = 30
+    for i in range(n):
+        m.warning(f"line {i}")
+    m.flush(timeout=60)
+    slow.clear()
+    reader.join()
+    while True:  # what the daemon has been handed but not read yet
+        try:
+            got.append(daemon.recv(65536).decode())
+        except TimeoutError:
+            break
+    daemon.close()
+    sent = [ln for ln in got if "NOQUEUE: warning=line " in ln]
+    diverted = [ln for ln in err.getvalue().splitlines() if "NOQUEUE: warning=line " in ln]
+    assert diverted, got  # old code: all 30 waited their turn in the queue
+    assert len(sent) + len(diverted) == n
+    assert (f"authrelay: warning: maillog: syslog socket {path} the syslog daemon did not "
+            "read within 0.5 s; lines go to stderr until it takes them again"
+            ) in err.getvalue()
