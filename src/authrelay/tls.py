@@ -573,8 +573,21 @@ def _cmd_cert_make(args: argparse.Namespace) -> int:
     print(f"wrote {cert}\nwrote {key} (mode 0600)")
     if args.rsa and Path(cfg.tls.second_cert) != cert:
         print(f"serve it beside the ECDSA certificate, in [tls]:\n"
+              f"{_first_pair_lines(cfg)}"
               f"second_cert = \"{cert.absolute()}\"\nsecond_key = \"{key.absolute()}\"")
     return 0
+
+
+def _first_pair_lines(cfg: Config) -> str:
+    """The `cert`/`key` lines a config without them needs beside a second pair: the
+    self-signed default is not served beside one (config.validate), so name its files,
+    and how to make them when serve has not yet."""
+    if cfg.tls.cert:
+        return ""
+    cert, key = cfg.cert_path.absolute(), cfg.key_path.absolute()
+    made = "" if cert.exists() else (
+        f"# not made yet: authrelay cert make --out {cert.parent}\n")
+    return f"{made}cert = \"{cert}\"\nkey = \"{key}\"\n"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -583,7 +596,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m = s.add_parser("make", help="make a self-signed ECDSA P-256 (or RSA) certificate and key")
     m.add_argument("--hostname", help="certificate name (default: the config's hostname)")
     m.add_argument("--out", help="directory (default: where the config expects them)")
-    m.add_argument("--days", type=int, default=825)
+    m.add_argument("--days", type=int, default=825, help="valid this many days (default: 825)")
     m.add_argument("--force", action="store_true", help="replace existing files")
     m.add_argument("--rsa", action="store_true",
                    help="RSA 2048 instead (rsa-cert.pem, rsa-key.pem): the second pair, "

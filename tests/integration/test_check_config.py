@@ -289,6 +289,30 @@ def test_the_second_pair_is_checked_as_the_first(site: Path) -> None:
     assert "error: tls.second_cert: needs tls.cert and tls.key" in r.stderr, r.stderr
 
 
+def test_the_second_pair_printed_by_cert_make_rsa_passes_as_printed(site: Path) -> None:
+    """A config without [tls] (serve's self-signed default): what `cert make --rsa`
+    prints to paste into [tls] is a config check-config passes, first pair included (the
+    self-signed default is not served beside a second pair; old: only second_cert and
+    second_key were printed, and check-config then said 'needs tls.cert and tls.key')."""
+    cfg = _write(site, {})
+
+    def make(*extra: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "authrelay", "-c", str(cfg), "cert",
+                            "make", *extra], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    printed = make("--rsa").split("in [tls]:\n", 1)[1]
+    tls = site / "state" / "tls"
+    assert f"# not made yet: authrelay cert make --out {tls}\n" in printed
+    make("--out", str(tls))
+    printed = make("--rsa", "--force").split("in [tls]:\n", 1)[1]
+    assert "not made yet" not in printed
+    cfg.write_text(cfg.read_text() + "\n[tls]\n" + printed)
+    r = _cc(cfg)
+    assert r.returncode == 0 and r.stdout.strip().endswith(": ok"), r.stderr
+
+
 def test_port_in_use_names_the_address(site: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
