@@ -234,7 +234,13 @@ async def test_the_second_certificate_is_checked_too(setup: dict, dns_server) ->
     assert set(failing(res)) == {"tls second_cert"}
     assert res["tls second_cert"].detail == (
         f"{tmp / 'rsa.pem'}: does not cover {HOST} (names: mail.other.test)")
+    # The fix names the second pair's keys, not the first's (old: "set [tls] cert/key").
+    assert "set [tls] second_cert/second_key, renew" in res["tls second_cert"].fix
     assert res["tls"].ok
+    (tmp / "rsa.pem").unlink()
+    res = await doctor(cfg_for(tmp, dns_server, tls=tls))
+    assert res["tls second_cert"].fix == (
+        "set [tls] second_cert/second_key (authrelay cert make --rsa)")
 
 
 async def test_wildcard_certificate_covers_hostname(setup: dict, dns_server) -> None:  # noqa: ANN001

@@ -380,16 +380,21 @@ class Doctor:
     def check_tls(self) -> None:
         """Each served certificate ([tls] cert, and second_cert when set: "tls second_cert")."""
         for i, names in enumerate(self.cfg.cert_pairs):
-            self._check_cert(names.cert, f"tls {names.cert_key.removeprefix('tls.')}"
-                             if i else "tls")
+            if i:
+                self._check_cert(names.cert, f"tls {names.cert_key.removeprefix('tls.')}",
+                                 "[tls] second_cert/second_key", "authrelay cert make --rsa")
+            else:
+                self._check_cert(names.cert, "tls", "[tls] cert/key", "or let serve make one")
 
-    def _check_cert(self, path: Path, check: str) -> None:
+    def _check_cert(self, path: Path, check: str, keys: str, make: str) -> None:
+        """`keys`: the config keys naming this pair, as the fix says them; `make`: how
+        to get one at all."""
         try:
             pem = path.read_bytes()
             cert = x509.load_pem_x509_certificates(pem)[0]
         except (OSError, ValueError, IndexError) as e:
             self.add(check, False, f"cannot read the certificate {path}: {e}",
-                     "set [tls] cert/key (or let serve make one)")
+                     f"set {keys} ({make})")
             return
         names = _cert_names(cert)
         now = dt.datetime.now(dt.UTC)
@@ -406,7 +411,7 @@ class Doctor:
         if problems:
             self.add(check, False, f"{path}: " + "; ".join(problems),
                      f"get a certificate for {self.host} from a CA (e.g. Let's Encrypt), "
-                     "set [tls] cert/key, renew before expiry, reload (SIGHUP)")
+                     f"set {keys}, renew before expiry, reload (SIGHUP)")
         else:
             self.add(check, True, f"{path.name} covers {self.host}, valid until "
                      f"{cert.not_valid_after_utc:%Y-%m-%d} ({left.days} days)")
