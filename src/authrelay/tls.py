@@ -148,7 +148,7 @@ def _read_pair(cfg: Config, names: CertPair) -> Pair:
         pair = (cert.read_bytes(), key.read_bytes())
     except OSError as e:
         raise TLSConfigError(f"{e.filename}: cannot read: {e.strerror}") from None
-    _load_pem(_new_context(cfg), pair, f"{cert}/{key}")
+    _load_pem(_new_context(cfg), pair, _pair_name(names))
     return pair
 
 
@@ -236,7 +236,15 @@ def _load_pem(ctx: ssl.SSLContext, pem: Pair, what: str = "certificate") -> None
                 fh.write(data)
             ctx.load_cert_chain(path)
     except (ssl.SSLError, OSError) as e:
-        raise TLSConfigError(f"{what}: cannot load: {e}") from None
+        why = str(e)
+        if isinstance(e, ssl.SSLError) and "PEM lib" in str(e):  # says nothing on its own
+            why = f"no certificate and key in PEM form found in them ({e})"
+        raise TLSConfigError(f"{what}: cannot load: {why}") from None
+
+
+def _pair_name(names: CertPair) -> str:
+    """`tls.cert PATH and tls.key PATH` for messages (it read `PATH//PATH`)."""
+    return f"{names.cert_key} {names.cert} and {names.key_key} {names.key}"
 
 
 X25519, SECP256R1 = 0x001D, 0x0017  # TLS group ids (RFC 8446 4.2.7)
@@ -472,7 +480,7 @@ def server_context(cfg: Config, pem: PEM | None = None) -> ServerContext:
         # Debian 12's): P-256 alone, as before the twin, rather than no server at all.
         ctx.x25519 = ctx
     for names, pair in zip(cfg.cert_pairs, pem, strict=True):
-        what = f"{names.cert}/{names.key}"
+        what = _pair_name(names)
         _load_pem(ctx, pair, what)
         if ctx.x25519 is not ctx:
             _load_pem(ctx.x25519, pair, what)

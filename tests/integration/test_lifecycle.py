@@ -9,6 +9,7 @@ as root with `user = ...` it runs as that user; the state dir is 0700, keys 0600
 from __future__ import annotations
 
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -162,6 +163,25 @@ def test_sighup_bad_key_keeps_old_cert(tls_relay) -> None:
     assert "private key is accessible to group/others" in r.maillog()
     assert _peer_der(r.ports["submissions"], implicit=True) == der_old
     assert r.proc.poll() is None
+
+
+def test_sighup_with_a_broken_certificate_names_both_keys_and_why(tls_relay) -> None:
+    """A renewal that left no PEM in the certificate (an empty or truncated download): the
+    reload failed with 'CERT//KEY: cannot load: [SSL] PEM lib (_ssl.c:NNNN)', a path
+    glued to a path and OpenSSL's name for a function. It names each config key with its
+    file and says what is wrong; the old certificate stays."""
+    r, ca, d, der_old = tls_relay
+    cert, key = d / "fullchain.pem", d / "privkey.pem"
+    cert.write_text("<html>503 Service Unavailable</html>\n")
+    before = _count(r, "daemon=reload failed")
+    assert r.proc is not None
+    os.kill(r.proc.pid, signal.SIGHUP)
+    r.wait_for(lambda: _count(r, "daemon=reload failed") > before)
+    assert re.search(
+        rf"daemon=reload failed, keeping the running config, error=tls\.cert {cert} and "
+        rf"tls\.key {key}: cannot load: no certificate and key in PEM form found in them "
+        r"\(\[SSL\] PEM lib \(_ssl\.c:\d+\)\), pid=\d+$", r.maillog(), re.M), r.maillog()
+    assert _peer_der(r.ports["submissions"], implicit=True) == der_old
 
 
 def test_sigterm_lets_session_finish_and_exits_0(relay_factory) -> None:
