@@ -362,7 +362,8 @@ class MailLog:
         qid = escape(queue_id, "token") if queue_id else NOQUEUE
         items = [(k, v) for k, v in fields.items() if v is not None]
         if self.fmt == "json":
-            rec: dict[str, Any] = {"ts": round(time.time(), 6), "queue_id": qid}
+            # (the process as a text line's `authrelay[PID]:` names it)
+            rec: dict[str, Any] = {"ts": round(time.time(), 6), "pid": _pid, "queue_id": qid}
             for k, v in items:
                 rec[k] = _format(k, v, True)
             return json.dumps(rec, ensure_ascii=False)

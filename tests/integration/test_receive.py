@@ -139,6 +139,27 @@ def test_json_maillog(relay_factory) -> None:  # noqa: ANN001
     assert all("queue_id" in rec for rec in records)
 
 
+def test_json_maillog_names_the_process_of_each_line(relay_factory) -> None:  # noqa: ANN001
+    """A text line names its process (`authrelay[PID]:`); a JSON line did not, so with
+    several workers nothing told which one wrote it (a session's lines, a worker's last
+    words before it died). Each record has "pid", the process that wrote it."""
+    r: RelayProcess = relay_factory(workers=2, start=False)
+    r.start(extra_args=("--log-format", "json"))
+    assert r.proc is not None
+    workers = {int(p) for p in subprocess.run(["pgrep", "-P", str(r.proc.pid)],
+                                              capture_output=True, text=True).stdout.split()}
+    assert len(workers) == 2
+    r.stop()
+    records = [json.loads(line) for line in r.maillog().splitlines() if line.startswith("{")]
+    assert all(isinstance(rec.get("pid"), int) for rec in records), records
+    started = {rec["pid"] for rec in records if rec.get("daemon") == "started (worker)"}
+    assert started == workers
+    connects = {rec["pid"] for rec in records if "connect" in rec}  # the start's probes
+    assert connects and connects <= workers
+    assert {rec["pid"] for rec in records if rec.get("daemon") == "started (master)"} == \
+        {r.proc.pid}
+
+
 def test_cert_make(tmp_path: Path) -> None:
     out = tmp_path / "tls"
     r = subprocess.run([sys.executable, "-m", "authrelay", "cert", "make", "--hostname",
