@@ -200,10 +200,46 @@ def check_address_free(family: int, host: str, port: int, label: str) -> None:
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise InstanceBusy(f"cannot listen on {label}: address already in use "
-                                   "by another process") from None
+                                   f"by {address_holder(family, host, port)}") from None
             raise InstanceBusy(f"cannot listen on {label}: {e.strerror}") from None
     finally:
         s.close()
+
+
+def address_holder(family: int, host: str, port: int) -> str:
+    """Who holds a TCP address, for the admin: `pid N (NAME)` when /proc tells (the
+    socket bound to it, or to the wildcard, in /proc/net/tcp[6], then the process with
+    that socket open: any user's as root, our own user's otherwise), else
+    `another process`."""
+    import ipaddress
+
+    want = ipaddress.ip_address(host).packed
+    table = "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
+    inodes = []
+    try:
+        with open(table, encoding="ascii") as f:
+            next(f)
+            for row in f:
+                local, inode = row.split()[1], row.split()[9]
+                addr, _, hexport = local.partition(":")
+                if int(hexport, 16) != port or inode == "0":
+                    continue
+                # /proc writes the address as 32-bit words in host (little-endian) order
+                raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1]
+                               for i in range(0, len(addr), 8))
+                if raw == want or not any(raw):
+                    inodes.append(f"socket:[{inode}]")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return "another process"
+    for pid in sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
+                with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                    return f"pid {pid} ({f.read().strip()})"
+        except OSError:  # gone, or another user's: not ours to read
+            continue
+    return "another process"
 
 
 # --------------------------------------------------------------------------- owner's rights

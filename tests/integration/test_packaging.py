@@ -151,7 +151,7 @@ def _wait_serving(p: subprocess.Popen[bytes], log: Path, notify: NotifySocket) -
         if p.poll() is None:
             return
         out = log.read_text(errors="replace")
-        taken = [ln for ln in out.splitlines() if "already in use by another process" in ln]
+        taken = [ln for ln in out.splitlines() if "address already in use by " in ln]
         # Another process took a port after dev_ports() found them free (something that
         # does not take the lock): not this checkout's fault; fails under CI all the same.
         ci.require(not taken, f"run.sh's server could not listen: {taken[-1] if taken else ''}"

@@ -127,15 +127,21 @@ def test_second_serve_on_used_address_exits_1_with_one_line(relay_factory) -> No
     other.config.write_text(to_toml(data))
     res = _serve(other.config)
     assert res.returncode == 1
+    assert r.proc is not None  # the holder named: the first instance's master
     assert res.stderr.splitlines() == [
         f"authrelay: cannot listen on 127.0.0.1:{r.ports['submission']}: address already "
-        "in use by another process"]
+        f"in use by pid {r.proc.pid} (authrelay)"]
     assert processes_running(other.config) == []
     assert refuses(other.ports["smtp"])  # nothing was left bound either
     # Its state dir lock was released: a serve on it now starts.
     other.config.write_text(to_toml(other.config_data))
     other.start()
     _started(other, 3)
+
+
+def _this_process() -> str:
+    """How a refused serve names the test process holding its port."""
+    return f"pid {os.getpid()} ({Path('/proc/self/comm').read_text().strip()})"
 
 
 def test_foreign_reuseport_socket_blocks_start(relay_factory) -> None:
@@ -149,7 +155,7 @@ def test_foreign_reuseport_socket_blocks_start(relay_factory) -> None:
         res = _serve(r.config)
         assert res.returncode == 1
         assert res.stderr.strip().endswith(f"127.0.0.1:{r.ports['smtp']}: address already in "
-                                           "use by another process")
+                                           f"use by {_this_process()}")
         assert processes_running(r.config) == []
     finally:
         foreign.close()
@@ -194,7 +200,7 @@ def test_serve_started_while_another_binds_the_same_port_exits_1(relay_factory) 
             pytest.fail("the serve bound a port another instance had just taken, and ran")
         assert proc.returncode == 1
         assert err.splitlines() == [f"authrelay: cannot listen on 127.0.0.1:{r.ports['smtp']}: "
-                                    "address already in use by another process"]
+                                    f"address already in use by {_this_process()}"]
         assert processes_running(r.config) == []
     finally:
         other.close()
