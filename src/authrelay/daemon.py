@@ -831,9 +831,27 @@ def _serve_locked(cfg: Config, config_path: str | None, dropping: bool) -> int:
     _prepare_state(cfg)
     _prepare_log_file(cfg)
     try:
-        maillog_mod.configure(cfg.log.target, cfg.log.format)
+        ml = maillog_mod.configure(cfg.log.target, cfg.log.format)
     except OSError as e:  # the file's directory missing or not ours: one line naming the key
         raise StartError(f"log.target {_log_file(cfg)}: {e.strerror or e}") from None
+    try:
+        return _serve_logging(cfg, config_path, dropping)
+    except (StartError, TLSConfigError, OSError) as e:
+        # Said on stderr by _cmd_serve; a file or syslog target gets it too, else the admin
+        # reading the maillog after a restart sees the last 'stopped' and nothing since.
+        if ml.target not in ("stdout", "stderr"):
+            ml.daemon("start failed", error=start_error_line(e), pid=os.getpid())
+            ml.flush()
+        raise
+
+
+def start_error_line(e: BaseException) -> str:
+    """The one line a refused start prints after `authrelay: `."""
+    return f"TLS: {e}" if isinstance(e, TLSConfigError) else str(e)
+
+
+def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
+    """serve once the maillog is open."""
     _setup_logging(cfg)
     ensure_certificate(cfg)
     pem = read_pem(cfg)  # as root: fail fast on a bad key, before binding anything
@@ -1040,14 +1058,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _cli_overrides |= {"workers"}
     try:
         return serve(cfg, args.config)
-    except StartError as e:
-        print(f"authrelay: {e}", file=sys.stderr)
-        return 1
-    except TLSConfigError as e:
-        print(f"authrelay: TLS: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"authrelay: {e}", file=sys.stderr)
+    except (StartError, TLSConfigError, OSError) as e:
+        print(f"authrelay: {start_error_line(e)}", file=sys.stderr)
         return 1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import smtplib
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -184,3 +185,33 @@ def test_logrotate_copytruncate_goes_on_at_the_start_of_the_emptied_file(
     assert b"\0" not in data
     assert all(CONNECT.fullmatch(ln) or DISCONNECT.fullmatch(ln)
                for ln in data.decode().splitlines())
+
+
+def test_a_start_refused_after_the_log_opened_is_in_the_log_too(relay_factory,  # noqa: ANN001
+                                                                tmp_path: Path) -> None:
+    """A start refused once the log file is open (a port held by another process, a key
+    that does not load): the reason went to stderr only, and an admin reading the log
+    file after `systemctl restart` saw the last 'daemon=stopped' and nothing since. The
+    same line is in the log file (a file or syslog target)."""
+    r = relay_factory(start=False)
+    logfile = tmp_path / "mail.log"
+    data = dict(r.config_data)
+    data["log"] = {"target": f"file:{logfile}"}
+    r.config.write_text(to_toml(data))
+    held = socket.socket()
+    held.bind(("127.0.0.1", r.ports["smtp"]))
+    held.listen(1)
+    try:
+        res = subprocess.run([sys.executable, "-m", "authrelay", "-c", str(r.config), "serve"],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        held.close()
+    assert res.returncode == 1
+    (line,) = res.stderr.splitlines()
+    assert line.startswith(f"authrelay: cannot listen on 127.0.0.1:{r.ports['smtp']}: address "
+                           "already in use by pid "), line
+    (logged,) = logfile.read_text().splitlines()
+    why = line.removeprefix("authrelay: ")
+    pid = re.search(r" authrelay\[(\d+)\]: ", logged)
+    assert pid, logged
+    assert logged.endswith(f"]: NOQUEUE: daemon=start failed, error={why}, pid={pid[1]}"), logged
