@@ -766,7 +766,8 @@ def main(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cc = sub.add_parser("check-config", help="check a config file and everything serve "
-                        "would trip on (certificate, ports, user, sockets)")
+                        "would trip on (certificates, ports, user, sockets, "
+                        "files it reads, log target)")
     cc.add_argument("file", nargs="?", help="config file (default: the usual lookup)")
     cc.add_argument("--syntax", action="store_true",
                     help="only the file itself (keys, values), not this machine")

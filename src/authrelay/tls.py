@@ -603,7 +603,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = p.add_subparsers(dest="cert_command", metavar="ACTION", required=True)
     m = s.add_parser("make", help="make a self-signed ECDSA P-256 (or RSA) certificate and key")
     m.add_argument("--hostname", help="certificate name (default: the config's hostname)")
-    m.add_argument("--out", help="directory (default: where the config expects them)")
+    m.add_argument("--out", help="directory (default: that of [tls] cert, else "
+                                  "state_dir/tls, where serve makes its own); the file "
+                                  "names are always cert.pem/key.pem (rsa-* with --rsa)")
     m.add_argument("--days", type=int, default=825, help="valid this many days (default: 825)")
     m.add_argument("--force", action="store_true", help="replace existing files")
     m.add_argument("--rsa", action="store_true",
