@@ -598,9 +598,19 @@ async def _serve_loop(run: _Run) -> int:
                            if part is not None), stop_delivering())
     if run.workers:
         # `stopped` means stopped: the workers finish their sessions first (each up to
-        # shutdown_timeout; the master kills what is left after 10 s more).
-        deadline = time.monotonic() + run.cfg.shutdown_timeout + 10
+        # shutdown_timeout); one still there 10 s later (stopped, hung in the kernel) is
+        # killed, with a line, and reaped (_serve_master's watch_children) before it.
+        grace = run.cfg.shutdown_timeout + 10
+        deadline = time.monotonic() + grace
         while run.workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for pid in list(run.workers):
+            ml.error(f"worker {pid} had not stopped {grace:g} s after SIGTERM "
+                     f"(shutdown_timeout = {run.cfg.shutdown_timeout:g} s + 10 s); "
+                     "killed (SIGKILL)")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        while run.workers and time.monotonic() < deadline + 10:  # (SIGKILL: at once)
             await asyncio.sleep(0.1)
     if probe is not None:
         await probe.stop()

@@ -513,6 +513,28 @@ def test_worker_death_is_one_maillog_line_and_replaced(relay_factory) -> None:
             assert c.reply().code == 220
 
 
+def test_a_worker_that_does_not_stop_is_killed_with_a_line(relay_factory) -> None:
+    """SIGTERM while a worker cannot stop (here: SIGSTOP, as one hung in the kernel): the
+    master said `daemon=stopped` with the worker still there, waited as long again, and
+    killed it without a word. It is killed shutdown_timeout + 10 s after SIGTERM, with a
+    line, before the master's `stopped`; nothing of the instance is left."""
+    r = relay_factory({"shutdown_timeout": "1s"}, workers=2)
+    _started(r, 3)
+    assert r.proc is not None
+    master = r.proc.pid
+    hung = children(master)[0]
+    os.kill(hung, signal.SIGSTOP)
+    os.kill(master, signal.SIGTERM)
+    assert r.proc.wait(timeout=60) == 0
+    assert not alive(hung)
+    text = r.maillog()
+    killed = (f"NOQUEUE: error=worker {hung} had not stopped 11 s after SIGTERM "
+              "(shutdown_timeout = 1 s + 10 s); killed (SIGKILL)")
+    assert text.count(killed) == 1, text
+    assert text.index(killed) < text.index(f"NOQUEUE: daemon=stopped, pid={master}")
+    assert processes_running(r.config) == []
+
+
 def test_connections_of_a_killed_worker_leave_the_pools(relay_factory) -> None:
     """The connections a worker held when it died are given back by the master: they
     stayed counted in the shared pools until a restart, so workers killed under load
