@@ -10,7 +10,7 @@ OpenSSL would have sent (handshake_failure, RFC 8446 6.2 / RFC 5246 7.4.1.3).
 
 Contract: conservative. None (OpenSSL judges, as before) unless the handshake cannot
 succeed: every version both sides allow lacks a suite the server can use with a
-certificate it holds, or (TLS 1.3, which OpenSSL picks whenever both offer it) a group
+certificate it holds, or (TLS 1.3, which OpenSSL picks whenever both allow it) a group
 or a signature scheme one of its certificates can make. TLS 1.2 signature algorithms and
 certificate curves are not judged: those failures keep the bare close. Pure functions,
 no I/O.
@@ -40,7 +40,8 @@ class Offer:
     """What a server context can use: its TLS 1.3 suites; its TLS 1.2 suites, each with
     the certificate key type it needs ("" for any) and whether it needs an EC group
     (ECDHE); its key-exchange groups; the key types of its certificates; its minimum
-    version."""
+    version; its maximum (TLS 1.3 unless the system's OpenSSL config caps it:
+    MaxProtocol)."""
 
     suites13: frozenset[int]
     suites12: tuple[tuple[int, str, bool], ...]
@@ -48,6 +49,7 @@ class Offer:
     key_types: frozenset[str]
     min_version: int
     schemes13: frozenset[int] | None = None  # cert_schemes of all; None: not judged
+    max_version: int = TLS13
 
     @property
     def auths(self) -> frozenset[str]:
@@ -75,9 +77,11 @@ class Offer:
         for pem in certs:
             one = cert_schemes(pem)
             schemes = None if one is None or schemes is None else schemes | one
+        top = ctx.maximum_version  # MAXIMUM_SUPPORTED (-1) unless capped
         return cls(frozenset(s13), tuple(s12), groups, key_types,
                    ctx.minimum_version.value,
-                   frozenset(schemes) if schemes and certs else None)
+                   frozenset(schemes) if schemes and certs else None,
+                   TLS13 if top == ssl.TLSVersion.MAXIMUM_SUPPORTED else top.value)
 
 
 # TLS 1.3 SignatureSchemes (RFC 8446 4.2.3) by the key they sign with.
@@ -139,9 +143,10 @@ def no_common(offer: Offer, suites: tuple[int, ...], groups: tuple[int, ...],
         return None
     offered = set(suites)
     shared_group = bool(offer.groups & set(groups))
-    if TLS13 in versions:
-        # OpenSSL picks TLS 1.3 whenever both sides offer it, then needs a TLS 1.3 suite
-        # and a group in common: it does not fall back to 1.2.
+    if TLS13 in versions and offer.max_version >= TLS13:
+        # OpenSSL picks TLS 1.3 whenever both sides allow it (the server's maximum: the
+        # system's openssl.cnf may cap it at 1.2), then needs a TLS 1.3 suite and a group
+        # in common: it does not fall back to 1.2.
         if not offered & offer.suites13:
             return "NO_SHARED_CIPHER (no TLS 1.3 cipher suite in common)"
         if groups and not shared_group:

@@ -225,3 +225,49 @@ def test_not_judged_failures_keep_openssls_way(servers) -> None:  # noqa: ANN001
             ("ECDSA", s_client_hello("-tls1_2", "-groups", "X25519")),):  # P-256 cert
         assert check(servers[server], hello) is None
         assert openssl_answer(servers[server], hello)[0] is not None
+
+
+def test_a_system_config_capping_tls_at_1_2_is_respected(tmp_path: Path) -> None:
+    """A system OpenSSL config with `MaxProtocol = TLSv1.2` (openssl.cnf; here through
+    OPENSSL_CONF in a child process, as serve would read it) makes OpenSSL answer a client
+    offering TLS 1.3 and 1.2 in TLS 1.2. The prediction assumed TLS 1.3 whenever the client
+    offered it: a client whose TLS 1.3 suites the server lacks (TLS_AES_128_CCM_SHA256
+    only), but with TLS 1.2 suites it has, was refused with handshake_failure ('no TLS 1.3
+    cipher suite in common') where OpenSSL completes the handshake."""
+    import sys
+    import textwrap
+
+    import trustme
+
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text("openssl_conf = default_conf\n[default_conf]\nssl_conf = ssl_sect\n"
+                    "[ssl_sect]\nsystem_default = system_default_sect\n"
+                    "[system_default_sect]\nMaxProtocol = TLSv1.2\n")
+    cert, key, _ = install_cert(trustme.CA(), tmp_path / "ec", key_type=trustme.KeyType.ECDSA)
+    hello = s_client_hello("-ciphersuites", "TLS_AES_128_CCM_SHA256", "-cipher",
+                           "ECDHE-ECDSA-AES128-GCM-SHA256")
+    code = textwrap.dedent(f"""
+        import dataclasses, ssl, sys
+        from authrelay import tls
+        from authrelay.config import Config
+        t = dataclasses.replace(Config().tls, cert={str(cert)!r}, key={str(key)!r})
+        ctx = tls.server_context(dataclasses.replace(Config(), tls=t))
+        hello = sys.stdin.buffer.read()
+        refusal = tls.hello_refusal(tls.read_hello(hello), ctx)
+        inp, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = tls.for_hello(ctx, tls.read_hello(hello)).wrap_bio(inp, out, server_side=True)
+        inp.write(hello)
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        print(ctx.maximum_version.name, out.read()[:6].hex(), refusal and refusal.reason)
+    """)
+    env = {"OPENSSL_CONF": str(conf), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], input=hello, capture_output=True,
+                       timeout=60, env=env, check=False)
+    assert r.returncode == 0, r.stderr.decode()
+    capped, first, refused = r.stdout.decode().split(" ", 2)
+    assert capped == "TLSv1_2"
+    assert first.startswith("160303") and first[10:12] == "02"  # OpenSSL: a ServerHello
+    assert refused.strip() == "None"
