@@ -10,8 +10,9 @@ mail client would see.
 
 TLS: the certificate is verified, against the system CAs (then the connection goes to
 `hostname`, the name the certificate must carry, as a mail client's would), or against
-the relay's own self-signed certificate (state_dir/tls/cert.pem) when the config uses
-that one (then to the listener's address). `--insecure` skips the check.
+the relay's own self-signed certificates when it serves them (state_dir/tls/cert.pem,
+or `authrelay cert make`'s named in [tls] cert/second_cert, as a second pair requires: then
+to the listener's address). `--insecure` skips the check.
 Failure policy: exit 0 when the message was accepted; 1 when the server refused it (AUTH,
 MAIL, RCPT or DATA: its reply is printed); 75 (EX_TEMPFAIL) when it could not be reached
 or TLS failed, one line on stderr.
@@ -28,6 +29,7 @@ import ssl
 import sys
 from collections.abc import Callable
 from email.message import EmailMessage
+from pathlib import Path
 
 from authrelay.config import Config, load, parse_hostport
 
@@ -59,11 +61,29 @@ def _context(cfg: Config, insecure: bool) -> tuple[ssl.SSLContext, str | None]:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         return ctx, None
-    if cfg.self_signed:
-        ctx = ssl.create_default_context(cafile=str(cfg.cert_path))
-        ctx.check_hostname = False  # made for hostname, localhost and loopback addresses
+    own = ([cfg.cert_path] if cfg.self_signed
+           else [pair.cert for pair in cfg.cert_pairs if _self_signed(pair.cert)])
+    if own:
+        # Those certificates alone are trusted (no system CA): pinned, so the name is not
+        # checked (`cert make` writes hostname, localhost and loopback addresses).
+        ctx = ssl.create_default_context(cafile=str(own[0]))
+        for cert in own[1:]:
+            ctx.load_verify_locations(cafile=str(cert))
+        ctx.check_hostname = False
         return ctx, None
     return ssl.create_default_context(), cfg.hostname
+
+
+def _self_signed(cert: Path) -> bool:
+    """Whether the first certificate of `cert` is self-signed (`authrelay cert make`'s,
+    named in [tls] cert or second_cert); False when it cannot be read."""
+    from cryptography import x509
+
+    try:
+        leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return leaf.issuer == leaf.subject
 
 
 def _cmd(args: argparse.Namespace) -> int:

@@ -4,6 +4,10 @@ printed; 1 when refused, 75 when nothing listens."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from relayproc import PASSWORD, RelayProcess
 from support.ports import free_port
@@ -38,3 +42,24 @@ def test_send_test_refused_and_unreachable(relay_factory) -> None:
     assert out.returncode == 75 and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert r.queued() == []
+
+
+def test_send_test_trusts_the_self_signed_pairs_named_in_tls(relay_factory,  # noqa: ANN001
+                                                             tmp_path: Path) -> None:
+    """An RSA pair beside the ECDSA one needs [tls] cert/key set (the self-signed default
+    is not served beside a second pair): send-test trusts `cert make`'s self-signed
+    certificates named there as it trusts the default's (old: it connected to `hostname`
+    and verified against the system CAs: exit 75, 'CERTIFICATE_VERIFY_FAILED ...
+    self-signed certificate' where the name resolves)."""
+    d = tmp_path / "certs"
+    for extra in ((), ("--rsa",)):
+        subprocess.run([sys.executable, "-m", "authrelay", "cert", "make", "--hostname",
+                        "relay.test", "--out", str(d), *extra], check=True,
+                       capture_output=True, timeout=60)
+    r = relay_factory({"tls": {"cert": str(d / "cert.pem"), "key": str(d / "key.pem"),
+                               "second_cert": str(d / "rsa-cert.pem"),
+                               "second_key": str(d / "rsa-key.pem")}})
+    for server in ((), ("--server", f"127.0.0.1:{r.ports['submissions']}")):
+        out = _send(r, PASSWORD, *server)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "250 2.0.0 Ok: queued as" in out.stdout
