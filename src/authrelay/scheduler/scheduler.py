@@ -41,8 +41,12 @@ state, bounces and removal from the spool. Contract:
   `delivery temporarily suspended: REASON` (its normal back-off, so no thundering herd when
   the destination returns); after it, one job at a time probes until one gets an answer.
   A message the operator named (`queue flush ID`, `queue release ID`) is tried anyway;
-  `queue flush` of all forgets every mark (and its messages re-mark a destination still
-  dead: they are not each tried); so does a reload bringing new routes (use_courier).
+  `queue flush` of all ends every mark at once: each such destination is probed by one
+  job, then gets all its slots (it answered) or is marked again (its other messages
+  deferred without a connection: one connect timeout, not concurrency_per_domain of
+  them); a reload bringing new routes forgets the marks (use_courier). Deferring at a
+  suspended destination writes nothing to the spool (no attempt was made): its next
+  time is the scheduler's, in memory; after a crash the file's last attempt applies.
 - Queue control (`control.sock`): flush/hold/release/delete are done here, after any
   in-flight delivery of the message ends, so the CLI never races a delivery.
 Failure policy: a courier that raises is a transient failure for its recipients; an
@@ -133,6 +137,10 @@ class _Active:
     # In-flight journal tokens of attempts whose outcome is not on disk yet (the state is
     # saved by _finish): ended once it is.
     unsaved: list[int] = field(default_factory=list)
+    # This pass changed what must reach the disk: an attempt was made, or a recipient
+    # bounced, expired or is owed a delay warning. A pass of only deferrals at a
+    # suspended destination saves nothing (its file keeps the last attempt's state).
+    to_save: bool = False
 
 
 @dataclass(eq=False)
@@ -337,7 +345,7 @@ class Scheduler:
     def flush(self, qid: str | None = None) -> None:
         """Try now, ignoring back-off: one message or everything known."""
         if not qid:
-            self._dead.clear()  # as postqueue -f: dead destinations are tried again
+            self._probe_dead_now()  # as postqueue -f: dead destinations are tried again
         ids = [qid] if qid else list(self._token)
         for q in ids:
             self._forced.add(q)
@@ -746,6 +754,14 @@ class Scheduler:
         elif results:
             self._dead.pop(key, None)
 
+    def _probe_dead_now(self) -> None:
+        """`queue flush` of all: every mark ends now, so each dead destination is probed
+        by one job (and marked again if still dead) rather than tried by
+        `concurrency_per_domain` at once, each waiting out its connect timeout."""
+        now = time.monotonic()
+        for key, (end, why) in self._dead.items():
+            self._dead[key] = (min(end, now), why)
+
     def _bound_dead(self) -> None:
         """Room for one more mark within DEAD_MAX: a mark is forgotten only on an answer
         or a flush, and each domain is a key (a user's mail to thousands of domains
@@ -771,7 +787,8 @@ class Scheduler:
                     f"delivery temporarily suspended: {suspended.text}", suspended.enhanced,
                     suspended.code, suspended.remote)
                 async with act.lock:
-                    await self._apply(act, job, {r.address: res for r in job.rcpts})
+                    await self._apply(act, job, {r.address: res for r in job.rcpts},
+                                      suspended=True)
                 completed = True
                 return
             token = self.inflight.begin(act.qid, [r.address for r in job.rcpts])
@@ -832,13 +849,16 @@ class Scheduler:
             self.maillog.deferred(env.queue_id, r.address, relay, backoff.age(env, now),
                                   r.attempts + 1, SHUTDOWN, f"451 {SHUTDOWN} {text}")
 
-    async def _apply(self, act: _Active, job: _Job, results: dict[str, DeliveryResult]
-                     ) -> bool:
+    async def _apply(self, act: _Active, job: _Job, results: dict[str, DeliveryResult],
+                     *, suspended: bool = False) -> bool:
         """Record one job's results; True when they are on disk (saved here: the message
         has other jobs; else `_finish` saves them). A recipient that failed and wants a
         DSN stays PENDING (in memory and on disk) until `_finish` has queued the pass's
         one DSN: a crash in between re-tries it, so the bounce is late or doubled, never
-        lost."""
+        lost. `suspended`: no attempt was made (a dead destination); a mere deferral then
+        writes nothing (one fsync per message made a dead destination's 20,000 cost over
+        a minute): its next time is kept in memory, and after a crash the file's, its
+        last attempt's, applies (due: tried, or deferred again once the mark is back)."""
         env = act.env
         assert env is not None
         d = self.cfg.delivery
@@ -855,6 +875,8 @@ class Scheduler:
             r.last_reply = f"{res.code} {res.enhanced} {res.text}".replace("  ", " ").strip()
             act.remote[r.address] = res.remote
             expired = False
+            if not suspended:
+                act.to_save = True
             if res.ok:
                 r.state, stat = SENT, "Sent"
                 if not res.dsn_passed and should_notify(env, r, "relayed"):
@@ -865,6 +887,7 @@ class Scheduler:
                 if res.recipient_refused:  # a next hop's RCPT reply: no such recipient
                     refused.append(r.address)
                 stat = "Bounced"
+                act.to_save = True
                 if should_notify(env, r, "failed"):
                     act.owed.setdefault("failed", []).append(r)  # FAILED once it is queued
                 else:
@@ -878,6 +901,7 @@ class Scheduler:
                 stat = "Deferred"
                 if (d.delay_warning > 0 and backoff.age(env, now) >= d.delay_warning
                         and not r.delay_warned):
+                    act.to_save = True
                     if should_notify(env, r, "delayed"):
                         act.owed.setdefault("delayed", []).append(r)
                     else:
@@ -904,7 +928,7 @@ class Scheduler:
             # very delivery to end.
             self._spawn(self.containment.refused(env.auth_user, refused, earlier=earlier))
         # The last job's state is saved by _finish, after the pass's DSNs.
-        return act.jobs > 1 and await self._save_state(env)
+        return act.jobs > 1 and act.to_save and await self._save_state(env)
 
     async def _send_owed(self, act: _Active) -> None:
         """One DSN per action for the whole pass (RFC 3464 allows many recipients per
@@ -998,7 +1022,8 @@ class Scheduler:
                 await self._remove(act.qid)
             else:
                 # not saved: its attempts stay in the journal (at a crash, named)
-                saved = await self._save_state(env)
+                if act.to_save:
+                    saved = await self._save_state(env)
                 reschedule = min(r.next_attempt for r in env.pending)
             if saved:
                 for token in act.unsaved:
@@ -1039,7 +1064,7 @@ class Scheduler:
                                  op != "hold")
         elif req.get("all") or (op == "flush" and not req.get("id")):
             if op == "flush":
-                self._dead.clear()  # as postqueue -f: dead destinations are tried again
+                self._probe_dead_now()  # as postqueue -f: dead destinations tried again
             ids = await self._io(self.spool.scan)
             if op == "delete":
                 ids += await self._io(self.spool.held)
