@@ -58,7 +58,10 @@ def test_known(rcpt: str) -> None:
 
 @pytest.mark.parametrize("rcpt", [
     "unknown@local.test", "known2@local.test", "anna@local.test", "bob@bücher.example",
-    "known@nolist.test", "otto@[127.0.0.1]"])
+    "known@nolist.test", "otto@[127.0.0.1]",
+    # KELVIN SIGN lower-cases to 'k': another mailbox to the next hop (SMTPUTF8), which
+    # was taken for known@ and relayed on (a stranger's way past the list: backscatter)
+    "\u212anown@local.test"])
 def test_unknown(rcpt: str) -> None:
     assert not table().known(addr(rcpt))
 

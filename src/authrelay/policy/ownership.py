@@ -142,19 +142,29 @@ _PLAIN_MAILBOX = re.compile(
     re.ASCII)
 
 
+# KELVIN SIGN, the one character str.lower() turns into ASCII ('k'): kept as it is, so
+# `\u212aelly@x` (another mailbox to the next hop) is not taken for kelly@x.
+_KELVIN = "\u212a"
+
+
+def _lower(s: str) -> str:
+    return _KELVIN.join(part.lower() for part in s.split(_KELVIN))
+
+
 def normalize(address: str) -> str:
-    """The comparison form of an address: lower case, quoted local part unquoted, domain
-    without trailing dot, an internationalised domain as its A-label. "" if not local@domain."""
+    """The comparison form of an address: lower case (a KELVIN SIGN stays one), quoted
+    local part unquoted, domain without trailing dot, an internationalised domain as its
+    A-label. "" if not local@domain."""
     a = address.strip(" \t")  # only ASCII blanks: `bob@x\x0b` is not bob@x
     local, at, domain = a.rpartition("@")
     if not at or not local or not domain:
         return ""
     if len(local) >= 2 and local[0] == local[-1] == '"':
         local = re.sub(r"\\(.)", r"\1", local[1:-1])
-    domain = a_label(domain.rstrip(".").lower())
+    domain = a_label(_lower(domain.rstrip(".")))
     if not domain:
         return ""
-    return f"{local.lower()}@{domain}"
+    return f"{_lower(local)}@{domain}"
 
 
 def a_label(domain: str) -> str:
