@@ -579,11 +579,25 @@ def _cmd_cert_make(args: argparse.Namespace) -> int:
         return 1
     cert, key = make_self_signed(hostname, out, days=args.days, rsa_key=args.rsa)
     print(f"wrote {cert}\nwrote {key} (mode 0600)")
-    if args.rsa and Path(cfg.tls.second_cert) != cert:
-        print(f"serve it beside the ECDSA certificate, in [tls]:\n"
+    made, first = ("RSA", "ECDSA") if args.rsa else ("ECDSA", "RSA")
+    served = _key_type_of(cfg.cert_path) if cfg.tls.cert else "ECDSA"
+    if served == made and args.rsa and Path(cfg.tls.second_cert) != cert:
+        print(f"tls.cert ({cfg.cert_path}) is {made} already, and only one certificate "
+              f"per key type is served: beside it, serve an ECDSA pair (authrelay cert "
+              f"make) as second_cert/second_key, or make this one tls.cert/tls.key")
+    elif served == first and not cfg.tls.second_cert and cert != cfg.cert_path:
+        print(f"serve it beside the {first} certificate, in [tls]:\n"
               f"{_first_pair_lines(cfg)}"
               f"second_cert = \"{cert.absolute()}\"\nsecond_key = \"{key.absolute()}\"")
     return 0
+
+
+def _key_type_of(cert: Path) -> str:
+    """key_type of the certificate file `cert`; "" when it cannot be read."""
+    try:
+        return key_type(cert.read_bytes())
+    except OSError:
+        return ""
 
 
 def _first_pair_lines(cfg: Config) -> str:

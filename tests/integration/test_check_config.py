@@ -313,6 +313,30 @@ def test_the_second_pair_printed_by_cert_make_rsa_passes_as_printed(site: Path) 
     assert r.returncode == 0 and r.stdout.strip().endswith(": ok"), r.stderr
 
 
+def test_cert_make_says_which_pair_goes_beside_an_rsa_certificate(site: Path) -> None:
+    """[tls] cert an RSA certificate (certbot before 2.0 made RSA): `cert make --rsa` does
+    not tell to serve its pair as second_cert (check-config and serve refuse two RSA pairs;
+    old: 'serve it beside the ECDSA certificate' and the second_cert lines), and `cert
+    make` prints the ECDSA pair to serve beside it, which check-config passes."""
+    rsa, rsa_key, _ = _rsa_cert(site, "first")
+    cfg = _write(site, {"tls": {"cert": str(rsa), "key": str(rsa_key)}})
+
+    def make(*extra: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "authrelay", "-c", str(cfg), "cert",
+                            "make", "--out", str(site / "new"), *extra],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    printed = make("--rsa")
+    assert "second_cert" not in printed.replace("second_cert/", ""), printed
+    assert f"tls.cert ({rsa}) is RSA already" in printed
+    printed = make().split("serve it beside the RSA certificate, in [tls]:\n", 1)[1]
+    cfg.write_text(cfg.read_text() + printed)
+    r = _cc(cfg)
+    assert r.returncode == 0 and r.stdout.strip().endswith(": ok"), r.stderr
+
+
 def test_port_in_use_names_the_address(site: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
