@@ -19,6 +19,11 @@ as it arrives, never checked here. A bogus answer is SERVFAIL from such a resolv
 
 Names are always looked up absolute (a trailing dot is added; no search list), so a
 recipient domain "example" never turns into "example.corp.local".
+
+An answer to an MX, A, AAAA or TLSA query larger than MAX_ANSWER is refused before it is
+parsed (that server's answer is unusable: the next one is asked, else `DnsTemporary`
+saying so): dnspython parses on the event loop, and a hostile zone's 64 KiB answer took
+it ~0.5 s, stalling every other delivery once per lookup wave.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
@@ -42,6 +48,45 @@ import dns.resolver
 import dns.reversename
 
 log = logging.getLogger(__name__)
+
+# Bytes of one answer read for the delivery lookups (RFC 1035 allows 65,535 over TCP). A
+# real MX or address answer is a few hundred bytes, a TLSA one with whole certificates a
+# few KiB; 8 KiB of records parse in ~60 ms where 64 KiB took ~0.5 s of the loop.
+MAX_ANSWER = 8 * 1024
+_BOUNDED = frozenset({dns.rdatatype.MX, dns.rdatatype.A, dns.rdatatype.AAAA,
+                      dns.rdatatype.TLSA})
+
+
+class AnswerTooBig(dns.exception.FormError):
+    """An answer over MAX_ANSWER, refused unparsed (dnspython drops that server)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(  # type: ignore[no-untyped-call]
+            f"a DNS answer of {size} bytes (at most {MAX_ANSWER})")
+
+
+class _BoundedNameserver(dns.nameserver.Do53Nameserver):
+    """A Do53 server whose answers to MX, A, AAAA and TLSA queries are read here (UDP,
+    then TCP when truncated) and refused over MAX_ANSWER before dnspython parses them;
+    other queries (PTR, TXT for DNSBLs and MTA-STS) as dnspython sends them."""
+
+    async def async_query(self, request: dns.message.QueryMessage, timeout: float,
+                          source: str | None, source_port: int, max_size: bool,
+                          backend: Any,  # dns.asyncbackend.Backend (no re-export for mypy)
+                          one_rr_per_rrset: bool = False,
+                          ignore_trailing: bool = False) -> dns.message.Message:
+        if not request.question or request.question[0].rdtype not in _BOUNDED:
+            return await super().async_query(request, timeout, source, source_port,
+                                             max_size, backend, one_rr_per_rrset,
+                                             ignore_trailing)
+        try:
+            async with asyncio.timeout(timeout):
+                wire = await _exchange(request, self.address, self.port)
+        except TimeoutError:
+            raise dns.exception.Timeout(  # type: ignore[no-untyped-call]
+                timeout=timeout) from None
+        return dns.message.from_wire(wire, one_rr_per_rrset=one_rr_per_rrset,
+                                     ignore_trailing=ignore_trailing)
 
 
 class DnsError(Exception):
@@ -114,7 +159,7 @@ class Resolver:
         if nameservers:
             r = dns.asyncresolver.Resolver(configure=False)
             r.nameservers = [
-                dns.nameserver.Do53Nameserver(h, p)
+                _BoundedNameserver(h, p)
                 for h, p in (_parse_nameserver(ns) for ns in nameservers)
             ]
         else:
@@ -126,6 +171,9 @@ class Resolver:
                 log.warning("no system resolver configuration; using 127.0.0.1:53")
                 r = dns.asyncresolver.Resolver(configure=False)
                 r.nameservers = ["127.0.0.1"]
+            # resolv.conf's addresses, on its port: answers bounded as above
+            r.nameservers = [_BoundedNameserver(ns, int(r.port)) if isinstance(ns, str)
+                             else ns for ns in r.nameservers]
         r.lifetime = timeout
         # Per-try timeout: leave room for a retry (and TCP fallback on truncation).
         r.timeout = max(0.5, timeout / 3)
@@ -171,8 +219,11 @@ class Resolver:
             raise DnsPermanent(f"{name}: no such domain (NXDOMAIN)") from None
         except dns.resolver.NoAnswer:
             raise DnsNoData(f"{name}: no {rdtype} record") from None
-        except dns.resolver.NoNameservers:
+        except dns.resolver.NoNameservers as e:
             # Every server answered SERVFAIL/REFUSED or was unusable.
+            if any(isinstance(err[3], AnswerTooBig) for err in e.kwargs.get("errors", [])):
+                raise DnsTemporary(f"{name}/{rdtype}: DNS answer refused: larger than "
+                                   f"{MAX_ANSWER} bytes") from None
             raise DnsTemporary(f"{name}/{rdtype}: DNS server failure (SERVFAIL)") from None
         except dns.exception.Timeout:
             raise DnsTemporary(f"{name}/{rdtype}: DNS lookup timed out") from None
@@ -348,7 +399,8 @@ class Resolver:
 
 
 async def _exchange(q: dns.message.Message, host: str, port: int) -> bytes:
-    """One query to one server, UDP then TCP when truncated (RFC 7766); the raw reply."""
+    """One query to one server, UDP then TCP when truncated (RFC 7766); the raw reply.
+    Raises AnswerTooBig for one over MAX_ANSWER (over TCP, before it is read)."""
     wire = q.to_wire()
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -360,6 +412,8 @@ async def _exchange(q: dns.message.Message, host: str, port: int) -> bytes:
             reply = await loop.sock_recv(s, 65535)
             if len(reply) >= 12 and reply[:2] == wire[:2]:  # the query's id
                 break
+    if len(reply) > MAX_ANSWER:
+        raise AnswerTooBig(len(reply))
     if not int.from_bytes(reply[2:4], "big") & dns.flags.TC:
         return reply
     reader, writer = await asyncio.open_connection(host, port)
@@ -367,6 +421,8 @@ async def _exchange(q: dns.message.Message, host: str, port: int) -> bytes:
         writer.write(len(wire).to_bytes(2, "big") + wire)
         await writer.drain()
         size = int.from_bytes(await reader.readexactly(2), "big")
+        if size > MAX_ANSWER:
+            raise AnswerTooBig(size)
         return await reader.readexactly(size)
     finally:
         writer.close()
