@@ -754,8 +754,11 @@ MAX_WAITING = 100_000
 
 def _open_file(path: str) -> io.FileIO:
     """A file target, for appending unbuffered (each batch one write) and reading its
-    last byte (_cut)."""
-    return open(path, "a+b", buffering=0)  # noqa: SIM115
+    last byte (_cut); created 0640, as process.open_log_file does as root: the lines
+    name senders, recipients and users, not for every local account (a file created
+    again after an `rm`, or by a serve that does not start as root, was 0644 by umask)."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    return open(fd, "a+b", buffering=0)  # noqa: SIM115
 
 
 def _cut(f: io.FileIO) -> bool:

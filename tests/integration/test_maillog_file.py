@@ -10,6 +10,7 @@ import os
 import re
 import smtplib
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -119,10 +120,13 @@ def test_a_log_file_deleted_while_open_is_created_again(relay_factory,  # noqa: 
                                                         tmp_path: Path) -> None:
     """`rm` of the log file (not logrotate's rename): every process went on writing into
     the deleted file, every line lost until a SIGHUP. Each process now sees it before
-    its next line, creates the file again and says so there; nothing is lost."""
+    its next line, creates the file again and says so there; nothing is lost. The new
+    file is 0640 as serve made the first (it was 0644 by umask: every local account could
+    read who mails whom)."""
     logfile = tmp_path / "mail.log"
     r = _with_log_file(relay_factory, logfile)
     workers = children(r.proc.pid)  # type: ignore[union-attr]
+    assert stat.S_IMODE(os.stat(logfile).st_mode) == 0o640
     logfile.unlink()
     sessions = 0
 
@@ -142,6 +146,7 @@ def test_a_log_file_deleted_while_open_is_created_again(relay_factory,  # noqa: 
         assert text.count(f"[{w}]: NOQUEUE: warning=maillog: {logfile} was deleted while "
                           "open; created again") == 1, text
     assert os.stat(logfile).st_nlink == 1
+    assert stat.S_IMODE(os.stat(logfile).st_mode) == 0o640
 
 
 def test_a_log_file_that_cannot_be_opened_is_one_line_naming_the_key(relay_factory,  # noqa: ANN001
