@@ -874,3 +874,26 @@ async def test_a_flush_of_all_probes_a_dead_destination_with_one_delivery(
         rig.courier.gates.clear()
         await rig.stop()
         rig.spool.close()
+
+
+async def test_deferrals_at_a_suspended_destination_still_count_as_tries(
+        state_dir: Path) -> None:
+    """A suspended pass writes nothing, but its tries are kept in memory: the next pass of
+    a message whose destination is still dead counts on from them (its back-off grows as
+    before, rather than restarting from the last write at every reload)."""
+    rig = Rig(state_dir, retry=["1h"], concurrency_per_domain=2)
+    try:
+        sched, ids = await _a_dead_destination(rig, 8)
+        first = [q for q in ids if rig.log.grep(q, "temporarily suspended", "tries=1")]
+        assert len(first) >= 6
+        sched.flush()  # one probe finds it dead again; the others are suspended again
+        await until(lambda: all(len(rig.log.grep(q, "stat=Deferred")) >= 2 for q in ids)
+                    and not sched.active, "every message deferred again")
+        again = [q for q in first if rig.log.grep(q, "temporarily suspended", "tries=2")]
+        assert len(again) >= len(first) - 1  # all but the probe, if it was one of them
+        probe = [q for q in first if q not in again]
+        for q in probe:  # its real attempt saved the tries the suspensions counted
+            assert rig.spool.load(q).recipients[0].attempts == 2
+    finally:
+        await rig.stop()
+        rig.spool.close()

@@ -46,7 +46,8 @@ state, bounces and removal from the spool. Contract:
   deferred without a connection: one connect timeout, not concurrency_per_domain of
   them); a reload bringing new routes forgets the marks (use_courier). Deferring at a
   suspended destination writes nothing to the spool (no attempt was made): its next
-  time is the scheduler's, in memory; after a crash the file's last attempt applies.
+  time and tries are the scheduler's, in memory (the back-off grows as before); after a
+  crash the file's last attempt applies.
 - Queue control (`control.sock`): flush/hold/release/delete are done here, after any
   in-flight delivery of the message ends, so the CLI never races a delivery.
 Failure policy: a courier that raises is a transient failure for its recipients; an
@@ -188,6 +189,11 @@ class Scheduler:
         self._queued: set[str] = set()  # committed in queue/: loaded, waiting, unreadable
         self._held: set[str] = set()  # in hold/ (listed at the start's scan)
         self._corrupt = 0  # files in corrupt/ (counted at each scan, plus each quarantine)
+        # Messages whose last passes were only deferrals at a suspended destination (not
+        # written: _apply): each recipient's attempts then, given back at the next load so
+        # the back-off keeps growing while the destination stays dead (tens of bytes a
+        # message; gone at the next save, removal or restart).
+        self._unsaved_attempts: dict[str, tuple[int, ...]] = {}
         self._running = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -550,6 +556,7 @@ class Scheduler:
         """`qid` left the queue (removed, quarantined, or found missing)."""
         self._queued.discard(qid)
         self._held.discard(qid)
+        self._unsaved_attempts.pop(qid, None)
 
     def _moved_to_hold(self, qid: str) -> None:
         self._queued.discard(qid)
@@ -599,6 +606,10 @@ class Scheduler:
             self._moved_to_hold(qid)
             self._release(act)
             return
+        unsaved = self._unsaved_attempts.get(qid)
+        if unsaved is not None and len(unsaved) == len(env.recipients):
+            for r, attempts in zip(env.recipients, unsaved, strict=True):
+                r.attempts = max(r.attempts, attempts)
         if env.auth_user and self.containment is not None \
                 and await self.containment.suspended(env.auth_user):
             # Accepted just before the suspension, or queued on another node of a farm:
@@ -1024,6 +1035,9 @@ class Scheduler:
                 # not saved: its attempts stay in the journal (at a crash, named)
                 if act.to_save:
                     saved = await self._save_state(env)
+                    self._unsaved_attempts.pop(act.qid, None)
+                else:
+                    self._unsaved_attempts[act.qid] = tuple(r.attempts for r in env.recipients)
                 reschedule = min(r.next_attempt for r in env.pending)
             if saved:
                 for token in act.unsaved:
