@@ -135,9 +135,9 @@ async def test_a_scrape_reads_no_queue_directory(served: Served) -> None:
     for _ in range(30):
         await put(rig.spool, ["later@b.example"])
     rig.courier.script.update({"later@b.example": [TEMP] * 30})
-    await served.start(rescan_interval=3600)
-    await until(lambda: len(rig.courier.calls) == 30, "every message tried once")
-    await until(lambda: not served.rig.sched.active, "the scheduler idle")  # type: ignore[union-attr]
+    sched = await served.start(rescan_interval=3600)
+    await until(lambda: len(rig.courier.calls) == 30 and not sched.active,
+                "every message tried once")
     _reads.clear()
     g = await served.gauges()
     assert g["deferred"] == 30
