@@ -675,6 +675,27 @@ async def test_an_arrival_in_the_future_is_counted_from_now_and_saved(
     assert len(rig.log.grep(qid, "in the future (the clock was set back?)")) == 1
 
 
+async def test_an_arrival_saved_while_the_clock_was_behind_gives_way_once_it_is_right(
+        rig: Rig) -> None:
+    """The other way round: a message accepted at the right time, first seen by the
+    scheduler while the clock was behind (a boot at 1970 before NTP, a dead RTC). Its
+    header's arrival looked in the future, so the clock's wrong time was saved as its
+    arrival, and kept for good: with the clock right again it counted decades old and
+    expired (bounced) at its next attempt. Once the clock has reached the header's
+    arrival, the header is believed again (here the clock is 'behind' by 1.5 s)."""
+    rig.cfg = make_cfg(Path(rig.cfg.state_dir), retry=["1h"])
+    rig.courier.script["bob@b.example"] = [TEMP]
+    header = time.time() + 1.5
+    qid = await put(rig.spool, ["bob@b.example"], received_at=header)
+    await rig.start()
+    await until(lambda: rig.log.grep(qid, "stat=Deferred"), "the first attempt deferred")
+    await rig.stop()
+    assert len(rig.log.grep(qid, "in the future (the clock was set back?)")) == 1
+    assert rig.spool.load(qid).received_at < header  # the clock's time, while behind
+    await until(lambda: time.time() > header, "the clock reaching the header's arrival")
+    assert rig.spool.load(qid).received_at == header
+
+
 async def test_a_clock_set_back_after_acceptance_delays_neither_expiry_nor_warning(
         state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Accepted while the clock was ten years ahead, then the clock set back: the delay

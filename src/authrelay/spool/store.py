@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import stat
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -413,8 +414,13 @@ class Spool:
             for k, v in fields.items():
                 setattr(r, k, v)
         # The scheduler only ever moves it earlier (scheduler._clamp_arrival): a state
-        # cannot make a message younger than its header says.
-        env.received_at = min(env.received_at, float(arrival))
+        # cannot make a message younger than its header says. That earlier time stands
+        # while the header's is still in the future; once the clock has reached it, the
+        # header is believed again: the clock that made the saved one may have been the
+        # wrong one (set back to 1970 by a boot before NTP), and from it every message
+        # queued then would count decades old and expire at its next attempt.
+        if env.received_at > time.time():
+            env.received_at = min(env.received_at, float(arrival))
 
     def body_path(self, qid: str) -> tuple[Path, int]:
         """(file, offset) of the message as to be sent (prepended header lines first),
