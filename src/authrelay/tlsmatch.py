@@ -144,6 +144,11 @@ def no_common(offer: Offer, suites: tuple[int, ...], groups: tuple[int, ...],
     offered = set(suites)
     shared_group = bool(offer.groups & set(groups))
     if TLS13 in versions and offer.max_version >= TLS13:
+        if not groups or not sigalgs:
+            # RFC 8446 9.2: a TLS 1.3 ClientHello must have both; OpenSSL refuses one
+            # without them with its own reason (MISSING_SIGALGS_EXTENSION, ...) and alert
+            # (missing_extension), before looking at what the others would agree on.
+            return None
         # OpenSSL picks TLS 1.3 whenever both sides allow it (the server's maximum: the
         # system's openssl.cnf may cap it at 1.2), then needs a TLS 1.3 suite and a group
         # in common: it does not fall back to 1.2.

@@ -271,3 +271,40 @@ def test_a_system_config_capping_tls_at_1_2_is_respected(tmp_path: Path) -> None
     assert capped == "TLSv1_2"
     assert first.startswith("160303") and first[10:12] == "02"  # OpenSSL: a ServerHello
     assert refused.strip() == "None"
+
+
+def _without(hello: bytes, *kinds: int) -> bytes:
+    """`hello` (one record, as Python's ssl and s_client send it) without the extensions
+    of `kinds`."""
+    body = hello[9:]  # record header (5), handshake type and length (4)
+    i = 2 + 32
+    i += 1 + body[i]  # legacy_session_id
+    i += 2 + int.from_bytes(body[i:i + 2], "big")  # cipher_suites
+    i += 1 + body[i]  # legacy_compression_methods
+    head, exts, j = body[:i], b"", i + 2
+    while j < len(body):
+        kind, n = int.from_bytes(body[j:j + 2], "big"), int.from_bytes(body[j + 2:j + 4], "big")
+        if kind not in kinds:
+            exts += body[j:j + 4 + n]
+        j += 4 + n
+    msg = head + len(exts).to_bytes(2, "big") + exts
+    msg = b"\x01" + len(msg).to_bytes(3, "big") + msg
+    return hello[:3] + len(msg).to_bytes(2, "big") + msg
+
+
+@pytest.mark.parametrize(("kinds", "reason"), [
+    ((10,), "MISSING_SUPPORTED_GROUPS_EXTENSION"),  # supported_groups
+    ((13,), "MISSING_SIGALGS_EXTENSION")])  # signature_algorithms
+def test_a_tls13_hello_without_a_mandatory_extension_is_openssls_to_refuse(
+        servers, kinds: tuple[int, ...], reason: str) -> None:  # noqa: ANN001
+    """A TLS 1.3 ClientHello without supported_groups or signature_algorithms (RFC 8446
+    9.2: mandatory) was refused with handshake_failure for what it would have agreed on
+    ('NO_SUITABLE_SIGNATURE_ALGORITHM', 'NO_SUITABLE_KEY_SHARE'), where OpenSSL refuses
+    it for the missing extension, with missing_extension: the maillog named another
+    reason than OpenSSL's. Now OpenSSL judges it."""
+    for hello in (s_client_hello("-tls1_3", "-sigalgs", "rsa_pss_rsae_sha256"),
+                  s_client_hello("-tls1_3", "-groups", "P-384")):
+        stripped = _without(hello, *kinds)
+        assert tls.read_hello(stripped).suites == tls.read_hello(hello).suites
+        assert check(servers["ECDSA"], stripped) is None
+        assert openssl_answer(servers["ECDSA"], stripped)[0] == reason
