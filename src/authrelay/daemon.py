@@ -449,17 +449,23 @@ async def _serve_loop(run: _Run) -> int:
         # delivery uses a courier built from the new config.
         return _new_courier(new, ml, run)
 
-    def apply(new: Config, pem: PEM, courier: Courier | None) -> None:
+    async def read_recipients(new: Config) -> LocalRecipients | None:
+        """The local recipients list of `new`, re-read at every reload (the file's
+        contents may have changed, its name not), in every process; RecipientsError
+        refuses the reload. Read and parsed in a thread: 200,000 entries take seconds,
+        and on the event loop every session of the process waited for them."""
+        return await loop.run_in_executor(None, wiring.local_recipients, new)
+
+    def apply(new: Config, pem: PEM, courier: Courier | None,
+              recipients: LocalRecipients | None) -> None:
         """Every reloadable key (reloadkeys.py) reaches the part that reads it; `courier`:
-        new_courier(new). All or nothing: what can refuse the new config (the TLS
-        context, the courier, the host checks) is built before anything is replaced, so a
-        refusal (raised: one maillog line) leaves the running config whole, in this
-        process and, as the master then sends nothing, in the workers."""
+        new_courier(new); `recipients`: read_recipients(new). All or nothing: what can
+        refuse the new config (the TLS context, the courier, the host checks, the
+        recipients list) is built before anything is replaced, so a refusal (raised: one
+        maillog line) leaves the running config whole, in this process and, as the master
+        then sends nothing, in the workers."""
         old = run.cfg
         tls_ctx = certs.prepare(new, pem) if certs is not None else None
-        # Re-read at every reload (the file's contents may have changed, its name not),
-        # in every process: one it cannot read refuses the reload (RecipientsError).
-        recipients = wiring.local_recipients(new)
         srv = receiver.server if receiver is not None else None
         checks = srv.checks if srv is not None else None
         if srv is not None and _checks_keys(new) != _checks_keys(old):
@@ -507,13 +513,23 @@ async def _serve_loop(run: _Run) -> int:
                 _reopen_maillog(ml)
             if kind != b"R":
                 return
-            try:
-                raw, pem = process.unpack_reload(payload)
-                apply(_reload_config(run, raw), pem, None)  # a worker: no courier
-                ml.daemon("reloaded", pid=os.getpid())
-            except Exception as e:
-                ml.daemon("reload failed, keeping the running config",
-                          error=_one_line(e), pid=os.getpid())
+            reload_task = loop.create_task(worker_reload(payload))
+            reload_tasks.add(reload_task)
+            reload_task.add_done_callback(reload_tasks.discard)
+
+        reload_tasks: set[asyncio.Task[None]] = set()
+        reloads = asyncio.Lock()  # FIFO: reloads apply in the order the master sent them
+
+        async def worker_reload(payload: bytes) -> None:
+            async with reloads:
+                try:
+                    raw, pem = process.unpack_reload(payload)
+                    new = _reload_config(run, raw)
+                    apply(new, pem, None, await read_recipients(new))  # a worker: no courier
+                    ml.daemon("reloaded", pid=os.getpid())
+                except Exception as e:
+                    ml.daemon("reload failed, keeping the running config",
+                              error=_one_line(e), pid=os.getpid())
 
         def master_gone() -> None:
             # The parent-death signal normally got here first; this is the second path.
@@ -549,7 +565,7 @@ async def _serve_loop(run: _Run) -> int:
                 courier = new_courier(new)
                 try:
                     pem = await loop.run_in_executor(None, run.read_keys, new)
-                    apply(new, pem, courier)
+                    apply(new, pem, courier, await read_recipients(new))
                     warn_certificate(new, pem)
                     _warn_attempt_cut(new)
                 except Exception:

@@ -198,6 +198,53 @@ def test_every_worker_uses_the_reloaded_list(
             assert rcpt(s, "old@local.test") == unknown("old@local.test")
 
 
+_LOAD_HOOK = """\
+import os, threading
+import authrelay.policy.recipients as recipients
+
+_load = recipients.load
+
+
+def load(cfg):
+    with open(os.environ["LOAD_RECORD"], "a") as out:
+        on_main = threading.current_thread() is threading.main_thread()
+        out.write(f"{os.getpid()} {'loop' if on_main else 'thread'}\\n")
+    return _load(cfg)
+
+
+recipients.load = load
+"""
+
+
+def test_a_reload_reads_the_list_off_the_event_loop(
+        relay_factory: Callable[..., RelayProcess], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGHUP re-reads the list in every process; 200,000 entries took seconds, and
+    read on the event loop (the main thread) they held every session of the process
+    for as long. Each process reads it in a thread (a sitecustomize hook in the served
+    interpreter records where each read ran: the start's reads are before the loop)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_LOAD_HOOK)
+    record = tmp_path / "loads"
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("LOAD_RECORD", str(record))
+    f = tmp_path / "recipients"
+    f.write_text(LIST)
+    relay = _relay(relay_factory, f, workers=2)
+    relay.wait_for(lambda: relay.maillog().count("daemon=started (worker)") == 2
+                   and len(_workers(relay)) == 2, what="both workers serving")
+    record.write_text("")
+    f.write_text(LIST + "new@local.test\n")
+    _reload(relay, "daemon=reloaded", processes=3)  # the master and both workers
+    reads = record.read_text().split()
+    assert len(reads) == 6, reads  # (pid, where) for each of the three processes
+    assert set(reads[1::2]) == {"thread"}, reads
+    assert len(set(reads[0::2])) == 3, reads
+    with stranger(relay) as s:
+        assert rcpt(s, "new@local.test")[0] == 250
+
+
 def test_sighup_rereads_the_list_and_keeps_it_when_unreadable(
         relay_factory: Callable[..., RelayProcess], tmp_path: Path) -> None:
     from authrelay.policy.recipients import MAX_FILE_BYTES
