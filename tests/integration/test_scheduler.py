@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from support.maillog import ListLog
-from support.wait import until
+from support.wait import DEADLINE, until
 
 from authrelay import wiring
 from authrelay.config import Config, from_dict
@@ -916,5 +916,35 @@ async def test_deferrals_at_a_suspended_destination_still_count_as_tries(
         for q in probe:  # its real attempt saved the tries the suspensions counted
             assert rig.spool.load(q).recipients[0].attempts == 2
     finally:
+        await rig.stop()
+        rig.spool.close()
+
+
+async def test_a_stop_whose_cancel_meets_a_wake_up_still_stops(state_dir: Path) -> None:
+    """stop() cancels the scheduler's loop, which waits for a wake-up or its next due
+    time. Python 3.11's wait_for returned normally when the wake-up (a commit, a flush, a
+    delivery ending) and the cancel landed in the same loop turn: the cancel was lost and
+    stop() waited for the next due time (here an hour; seen under load: 300 s, a dead
+    destination's mark). The wake-up is set just before the stop, as a busy master does."""
+    rig = Rig(state_dir, retry=["1h"])
+    rig.courier.script["bob@b.example"] = [TEMP]
+    sched = await rig.start(rescan_interval=3600)
+    main = sched._main
+    assert main is not None and sched._wake is not None
+    stopping: asyncio.Future[None] | None = None
+    try:
+        q = await put(rig.spool, ["bob@b.example"])
+        await until(lambda: rig.log.grep(q, "stat=Deferred") and not sched.active,
+                    "deferred: next attempt in an hour")
+        sched._wake.set()
+        stopping = asyncio.ensure_future(rig.stop())
+        await asyncio.wait({stopping}, timeout=DEADLINE)  # a bound: it hung for an hour
+        assert stopping.done(), "stop() hung: its cancel of the scheduler's loop was lost"
+        assert main.done()
+    finally:
+        if not main.done():
+            main.cancel()  # a second cancel, without the wake-up: it ends
+        if stopping is not None:
+            await stopping
         await rig.stop()
         rig.spool.close()

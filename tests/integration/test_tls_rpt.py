@@ -268,3 +268,32 @@ async def test_testing_policy_unlisted_mx_is_a_reported_failure(
     [(ok, fails)] = [v for k, v in tally["sts.test"].items() if json.loads(k)[0] == "sts"]
     assert ok == 0 and list(fails) and all(k.startswith("validation-failure|" + MX1)
                                            for k in fails), fails
+
+
+async def test_a_stop_whose_cancel_meets_a_wake_up_still_stops(tmp_path: Path) -> None:
+    """The reporter waits up to an hour for a wake-up (a reload). Python 3.11's wait_for
+    returned normally when that wake-up and stop()'s cancel landed in the same loop turn:
+    the cancel was lost and the daemon's stop waited for the reporter's next hour."""
+    import asyncio
+
+    from support.wait import DEADLINE
+
+    from authrelay.config import from_dict
+
+    cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp_path),
+                     "delivery": {"tls_reports": True, "nameservers": ["127.0.0.1:9"]}})
+    reporter = Reporter(cfg, Resolver(["127.0.0.1:9"], 1.0),
+                        wiring.submitter(cfg, wiring.spool(cfg), ListLog()), ListLog())
+    reporter.start()
+    task = reporter._task
+    assert task is not None
+    await asyncio.sleep(0.05)  # nothing due: it waits for the hour or a wake-up
+    reporter._wake.set()  # the wake-up (a reload that changed the hostname or resolver)
+    stopping = asyncio.ensure_future(reporter.stop())
+    try:
+        await asyncio.wait({stopping}, timeout=DEADLINE)  # a bound: it hung for an hour
+        assert stopping.done(), "stop() hung: its cancel of the reporter was lost"
+        assert task.done()
+    finally:
+        task.cancel()
+        await stopping

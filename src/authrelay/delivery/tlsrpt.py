@@ -375,8 +375,11 @@ class Reporter:
                 log.exception("TLS-RPT: sending reports failed")
             now = self.clock()
             nxt = (int(now) // 86400 + 1) * 86400 + 300  # 00:05 UTC
-            with contextlib.suppress(TimeoutError):  # the hour passed, or reload() woke us
-                await asyncio.wait_for(self._wake.wait(), min(3600.0, max(60.0, nxt - now)))
+            # The hour passed, or reload() woke us. asyncio.timeout, not wait_for: 3.11's
+            # wait_for can lose stop()'s cancel to a wake-up in the same loop turn.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(3600.0, max(60.0, nxt - now))):
+                    await self._wake.wait()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="tls-rpt")

@@ -449,8 +449,12 @@ class Scheduler:
             if timeout == 0.0:
                 await asyncio.sleep(0)
                 continue
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns normally when
+            # the wake-up and stop()'s cancel land in the same loop turn (a busy master:
+            # the cancel was lost and stop() waited for the next due time, minutes).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     @property
     def _retry_room(self) -> int:
