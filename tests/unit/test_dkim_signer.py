@@ -733,3 +733,49 @@ def keyed_store(tmp_path_factory: pytest.TempPathFactory) -> KeyStore:
     for dom in ("example.org", "xn--bcher-kva.example"):
         ks.generate(dom, "s1", "ed25519")
     return ks.load()
+
+
+def test_fields_of_one_second_are_dkimpys_and_fold_as_a_whole_tag_list(
+        tmp_path: Path) -> None:
+    """The tag list is folded once per h= list, key and second (`_tag_list`) and each
+    body's bh= put into it: every field must still carry dkimpy's tags (b= included) and
+    be byte for byte the whole tag list folded with its own bh=, for selectors of every
+    length (the folds move) and different bodies signed within the same second."""
+    import time as time_mod
+    from unittest import mock
+
+    from authrelay.dkim.signer import _C_VALUE, _fold
+
+    ks = KeyStore(tmp_path / "dkim")
+    for n in range(0, 62, 3):
+        ks.generate("example.org", "s" + "x" * n, "ed25519")
+    s = Signer(ks.load(), headers=("From", "To", "Subject", "Date", "Message-ID"),
+               oversign=("From", "Subject", "Reply-To"), maillog=Log())
+    keys = {k.selector.encode(): k for k in s._state.keys["example.org"]}
+    head = MSG.split(b"\r\n\r\n")[0] + b"\r\n"
+    seen: set[bytes] = set()
+    with mock.patch.object(time_mod, "time", return_value=1_800_000_000.0):
+        for body in (b"Hello Bob.\r\n", b"two  words \t\r\n\r\n\r\n", b"", b"x" * 900):
+            msg = head + b"\r\n" + body
+            out = s(msg, queue_id="Q")
+            assert out is not None
+            fields = [b"DKIM-Signature:" + f for f in out.split(b"DKIM-Signature:")[1:]]
+            assert len(fields) == len(keys)
+            for f in fields:
+                tags = _tags(f)
+                k = keys[tags[b"s"]]
+                want = dkim.sign(msg, k.selector.encode(), b"example.org", k.signing_key,
+                                 signature_algorithm=k.dkim_algorithm,
+                                 canonicalize=(b"relaxed", b"relaxed"),
+                                 include_headers=tags[b"h"].split(b":"), linesep=b"\r\n")
+                assert tags == _tags(want)
+                names = b" : ".join(tags[b"h"].split(b":")).split(b" ")
+                names[-1] += b";"
+                whole = _fold([b"v=1;", b"a=" + k.dkim_algorithm + b";",
+                               b"c=" + _C_VALUE + b";", b"d=example.org;",
+                               b"i=@example.org;", b"q=dns/txt;", b"s=" + tags[b"s"] + b";",
+                               b"t=1800000000;", b"h=" + names[0], *names[1:],
+                               b"bh=" + tags[b"bh"] + b";", b"b="], len(b"DKIM-Signature: "))
+                assert f.startswith(b"DKIM-Signature: " + whole)
+                seen.add(tags[b"bh"])
+    assert len(seen) == 4

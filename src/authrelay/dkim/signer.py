@@ -56,12 +56,12 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import functools
 import hashlib
 import logging
 import re
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -201,6 +201,10 @@ class _State:
     oversign: frozenset[str]
     problems: tuple[str, ...]
     configured: tuple[str, ...]  # `[dkim] domains` as written (what reload() re-reads)
+    # `headers` and `oversign` as the h= list names them (made once, not per message)
+    sign_names: tuple[bytes, ...] = ()  # headers, encoded
+    oversign_names: frozenset[bytes] = frozenset()  # oversign, encoded
+    oversign_only: tuple[bytes, ...] = ()  # oversign not in headers, sorted, encoded
 
 
 def from_domain(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
@@ -305,7 +309,9 @@ class Signer:
             self._log(None, dkim="warning", problem=p)
         privkeys = {(k.domain, k.selector): _signing_key(k) for k in self.store.all()}
         return _State(dict(self.store.keys), privkeys, dset, tuple(hdrs), over,
-                      tuple(problems), tuple(domains))
+                      tuple(problems), tuple(domains),
+                      tuple(h.encode() for h in hdrs), frozenset(h.encode() for h in over),
+                      tuple(h.encode() for h in sorted(over - set(hdrs))))
 
     @property
     def problems(self) -> tuple[str, ...]:
@@ -320,14 +326,16 @@ class Signer:
         """`QID: dkim=RESULT, ...` through the maillog this signer was given."""
         self._maillog.dkim(qid, dkim, **fields)
 
-    def _include(self, st: _State, headers: list[tuple[bytes, bytes]]) -> list[bytes]:
-        present = Counter(n.lower().decode("ascii", "replace") for n, _ in headers)
+    def _include(self, st: _State, headers: list[tuple[bytes, bytes]],
+                 at: dict[bytes, list[int]] | None = None) -> list[bytes]:
+        """The h= list: each configured name once per field of that name, an over-signed
+        name once more. `at`: `_positions(headers)` when the caller has it."""
+        at = _positions(headers) if at is None else at
         out: list[bytes] = []
-        for h in st.headers:
-            n = present.get(h, 0) + (1 if h in st.oversign else 0)
-            out.extend([h.encode()] * n)
-        for h in sorted(st.oversign - set(st.headers)):
-            out.extend([h.encode()] * (present.get(h, 0) + 1))
+        for h in st.sign_names:
+            out.extend([h] * (len(at.get(h, ())) + (h in st.oversign_names)))
+        for h in st.oversign_only:
+            out.extend([h] * (len(at.get(h, ())) + 1))
         return out
 
     def bind(self, queue_id: str, owner: Owner | None = None, *,
@@ -364,12 +372,12 @@ class Signer:
         """(the signed header fields, canonicalized, from dkimpy's split of the header
         section; domain; keys; names of the fields to sign, the h= list), or None
         (unsigned; the maillog says why)."""
-        try:
-            d = dkim.DKIM(head, linesep=b"\r\n")
+        try:  # dkimpy's split, the one its verifier uses (what `dkim.DKIM()` calls)
+            headers: list[tuple[bytes, bytes]] = dkim.rfc822_parse(head)[0]
         except Exception as e:  # unparsable header section: go unsigned
             self._log(queue_id, dkim="none", reason=f"message not parsable ({type(e).__name__})")
             return None
-        domain, why = from_domain(d.headers)
+        domain, why = from_domain(headers)
         if domain is None:
             self._log(queue_id, dkim="none", reason=why)
             return None
@@ -382,11 +390,12 @@ class Signer:
         # From:/Sender: with both stdlib parsers, ~0.15-0.25 ms): deciding it first cost
         # every unsigned message that much in the commit thread, before its fsync and 250.
         if owner is not None and owner.verdict(
-                b"".join(n + b":" + v for n, v in d.headers)):
+                b"".join(n + b":" + v for n, v in headers)):
             self.skip(queue_id, FROM_NOT_OWNED)
             return None
-        include = self._include(st, d.headers)
-        signed = _signed_headers(d.headers, include)
+        at = _positions(headers)
+        include = self._include(st, headers, at)
+        signed = _signed_headers(headers, include, at)
         if _VERIFIERS_DIFFER.search(signed):
             self._log(queue_id, dkim="none", reason=VERIFIERS_DIFFER)
             return None
@@ -483,20 +492,29 @@ def _relaxed_header(name: bytes, value: bytes) -> bytes:
     return name.lower().rstrip() + b":" + value.strip()
 
 
-def _signed_headers(headers: list[tuple[bytes, bytes]], include: list[bytes]) -> bytes:
+def _positions(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[int]]:
+    """Where each field name (lower case) occurs in `headers`, top to bottom."""
+    at: dict[bytes, list[int]] = {}
+    for i, (n, _v) in enumerate(headers):
+        at.setdefault(n.lower(), []).append(i)
+    return at
+
+
+def _signed_headers(headers: list[tuple[bytes, bytes]], include: list[bytes],
+                    at: dict[bytes, list[int]] | None = None) -> bytes:
     """The header fields a signature covers, canonicalized, each with its CRLF: for each
     name of `include` in turn, the last field of that name not yet taken, counting from
-    the bottom (RFC 6376 5.4.2); a name with no field left adds nothing (over-signing)."""
+    the bottom (RFC 6376 5.4.2); a name with no field left adds nothing (over-signing).
+    `at`: `_positions(headers)` when the caller has it (it is not changed)."""
+    at = _positions(headers) if at is None else at
     out: list[bytes] = []
-    below: dict[bytes, int] = {}
+    taken: dict[bytes, int] = {}
     for h in include:
-        i = below.get(h, len(headers))
-        while i > 0:
-            i -= 1
-            if headers[i][0].lower() == h:
-                out.append(_relaxed_header(*headers[i]) + b"\r\n")
-                break
-        below[h] = i
+        pos = at.get(h)
+        k = taken.get(h, 0) + 1
+        if pos is not None and k <= len(pos):
+            out.append(_relaxed_header(*headers[pos[-k]]) + b"\r\n")
+        taken[h] = k
     return b"".join(out)
 
 
@@ -517,19 +535,38 @@ def _fold(tokens: list[bytes], column: int) -> bytes:
     return b"".join(out)
 
 
+_BH_SLOT = b"\x00" * len(base64.b64encode(bytes(hashlib.sha256().digest_size)))
+
+
+@functools.lru_cache(maxsize=256)
+def _tag_list(include: tuple[bytes, ...], algorithm: bytes, domain: bytes, selector: bytes,
+              stamp: bytes) -> tuple[bytes, bytes]:
+    """The folded tag list of a DKIM-Signature value, cut around bh='s value: (up to
+    "bh=", from its ";" to the final "b="). Folding depends on the tokens' lengths only,
+    and every SHA-256 bh= is as long as `_BH_SLOT`, so one folding serves every body of
+    the same h= list, key and second (`t=`)."""
+    names = b" : ".join(include).split(b" ")
+    names[-1] += b";"
+    tokens = [b"v=1;", b"a=" + algorithm + b";", b"c=" + _C_VALUE + b";",
+              b"d=" + domain + b";", b"i=@" + domain + b";", b"q=dns/txt;",
+              b"s=" + selector + b";", b"t=" + stamp + b";", b"h=" + names[0],
+              *names[1:], b"bh=" + _BH_SLOT + b";", b"b="]
+    value = _fold(tokens, len(b"DKIM-Signature: "))
+    cut = value.rindex(_BH_SLOT)
+    return value[:cut], value[cut + len(_BH_SLOT):]
+
+
 def _signature_field(signed: bytes, include: list[bytes], algorithm: bytes, domain: bytes,
                      selector: bytes, stamp: bytes, bodyhash: bytes, pk: PrivateKey) -> bytes:
     """One DKIM-Signature field, CRLF-terminated (RFC 6376 3.5, 3.7): tags v a c d i q s
     t h bh b, relaxed/relaxed, no l=. The signed data is the canonical header fields then
     this field with an empty b= and no CRLF; RSASSA-PKCS1-v1_5 signs it with SHA-256
     (RFC 6376 3.3.1), Ed25519 signs its SHA-256 hash (RFC 8463 3)."""
-    names = b" : ".join(include).split(b" ")
-    names[-1] += b";"
-    tokens = [b"v=1;", b"a=" + algorithm + b";", b"c=" + _C_VALUE + b";",
-              b"d=" + domain + b";", b"i=@" + domain + b";", b"q=dns/txt;",
-              b"s=" + selector + b";", b"t=" + stamp + b";", b"h=" + names[0],
-              *names[1:], b"bh=" + base64.b64encode(bodyhash) + b";", b"b="]
-    value = _fold(tokens, len(b"DKIM-Signature: "))
+    before, after = _tag_list(tuple(include), algorithm, domain, selector, stamp)
+    bh = base64.b64encode(bodyhash)
+    if len(bh) != len(_BH_SLOT):
+        raise ValueError(f"bh= of {len(bh)} characters, not {len(_BH_SLOT)}")
+    value = before + bh + after
     data = signed + _relaxed_header(b"DKIM-Signature", value)
     if isinstance(pk, rsa.RSAPrivateKey):
         sig = pk.sign(data, padding.PKCS1v15(), hashes.SHA256())
