@@ -136,6 +136,7 @@ from authrelay.delivery.router import SMARTHOST, route_key
 from authrelay.delivery.tlspolicy import HostPolicy
 from authrelay.delivery.wire import ProtocolError, SMTPReply
 from authrelay.dns import DnsError, Resolver
+from authrelay.dotlines import MARK, find_mark
 from authrelay.policy import containment
 from authrelay.policy.ownership import a_label
 from authrelay.spool.envelope import Envelope, Recipient
@@ -183,7 +184,9 @@ def normalize_crlf(data: bytes) -> bytes:
 def dot_stuff(data: bytes) -> bytes:
     """RFC 5321 4.5.2 transparency plus the end marker, for CRLF-only text
     (`bytes.replace` runs in C: no per-line Python work)."""
-    out = data.replace(b"\r\n.", b"\r\n..")
+    # A body without a line-starting dot (dotlines.find_mark: by memchr) is not searched
+    # again by the replace, whose search stops at every line end (~85 µs per 100 KiB).
+    out = data.replace(MARK, b"\r\n..") if find_mark(data) >= 0 else data
     if out.startswith(b"."):
         out = b"." + out
     return out + b".\r\n"
@@ -218,7 +221,7 @@ async def _stream_file(wire_conn: Connection, body: _FileBody, timeout: float) -
             crlf = chunk.count(b"\r\n")
             if not (chunk.count(b"\r") == crlf == chunk.count(b"\n")):
                 chunk = _BAD_EOL.sub(b"\r\n", chunk)
-            out = chunk.replace(b"\r\n.", b"\r\n..")
+            out = chunk.replace(MARK, b"\r\n..") if find_mark(chunk) >= 0 else chunk
             if at_line_start and out.startswith(b"."):
                 out = b"." + out
             if out:

@@ -25,14 +25,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from authrelay.dotlines import MARK as _MARK
+from authrelay.dotlines import find_mark
+
 OK = ""
 BARE = "bare"  # bare CR or LF: refuse and close
 TOO_BIG = "size"
 LONG_LINE = "line"
 NUL = "nul"
 
-_MARK = b"\r\n."  # a line starting with a dot: stuffed (RFC 5321 4.5.2) ...
-_END = b"\r\n.\r\n"  # ... unless the line is that dot alone: the end of data
+# _MARK (CRLF "."): a line starting with a dot, stuffed (RFC 5321 4.5.2), unless the line
+_END = b"\r\n.\r\n"  # is that dot alone: the end of data
 
 
 @dataclass(slots=True)
@@ -138,7 +141,7 @@ class BodyReader:
         # of dot-stuffed short lines was thousands of steps). The first CRLF "." is looked
         # for first: most chunks have none (one scan, nothing to un-stuff), and in most
         # last chunks it is the end marker itself.
-        first = data.find(_MARK)
+        first = find_mark(data)
         e = -1 if first < 0 else data.find(_END, first)
         if e >= 0:
             end = e + 5
