@@ -948,3 +948,20 @@ async def test_a_stop_whose_cancel_meets_a_wake_up_still_stops(state_dir: Path) 
             await stopping
         await rig.stop()
         rig.spool.close()
+
+
+async def test_a_burst_of_deliveries_is_removed_in_batches_leaving_nothing(rig: Rig) -> None:
+    """Removals go to the commit thread in batches (issue 22): every message of a burst
+    is removed with its one `removed` line, and none leaves a state file behind: not one
+    deferred first, nor one to two destinations (the first job's outcome saved in ID.state
+    after a load that found none, the message removed after the second's)."""
+    rig.courier.script["r0@b.example"] = [TEMP]
+    await rig.start(rescan_interval=3600)
+    ids = await asyncio.gather(*(put(rig.spool, [f"r{i}@b.example"]) for i in range(40)),
+                               put(rig.spool, ["two@b.example", "two@c.example"]))
+    await until(lambda: rig.log.grep(ids[0], "Deferred"), "the deferral")
+    await until(lambda: not rig.queued() and rig.sched is not None and not rig.sched.active,
+                "all delivered and removed")
+    removed = [ln.split(":")[0] for ln in rig.log.grep("status=removed")]
+    assert sorted(removed) == sorted(ids)  # each once
+    assert list(rig.spool.queue_dir.iterdir()) == []  # no ID.state left either

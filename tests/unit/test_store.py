@@ -330,3 +330,38 @@ def test_sigkill_never_leaves_partial_message_in_queue(spool: Spool) -> None:
     assert counts["corrupt"] == 0
     assert sorted(p.name for p in spool.queue_dir.iterdir() if "." not in p.name) == ids
     assert spool.scan() == ids
+
+
+async def test_remove_delivered_skips_only_state_files_that_cannot_exist(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The delivering scheduler's removal (issue 22: a system call less is a GIL hand-off
+    less) leaves nothing behind: ID.state and ID.state.tmp are unlinked whenever they may
+    exist (one at the load, a save since, one that failed after its tmp file), the body
+    of a message held meanwhile is found in hold/, a message gone is that id's
+    FileNotFoundError alone."""
+    plain = spool.load(await _put(spool, _env()))
+    assert not plain.state_file  # no ID.state at the load
+    stated = spool.load(await _put(spool, _env()))
+    spool.save_state(stated)
+    assert stated.state_file and spool.load(stated.queue_id).state_file
+    left = spool.load(await _put(spool, _env()))  # a save that failed after its tmp file
+    assert not left.state_file
+    tmp = spool.queue_dir / (left.queue_id + ".state.tmp")
+
+    def failing_rename(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError):
+        spool.save_state(left)
+    monkeypatch.undo()
+    assert tmp.exists() and left.state_file
+    held = spool.load(await _put(spool, _env()))
+    spool.save_state(held)
+    spool.hold(held.queue_id)
+    gone = spool.load(await _put(spool, _env()))
+    spool.remove(gone.queue_id)
+    errors = spool.remove_delivered([plain, stated, left, held, gone])
+    assert errors[:4] == [None, None, None, None]
+    assert isinstance(errors[4], FileNotFoundError)
+    assert list(spool.queue_dir.iterdir()) == [] and list(spool.hold_dir.iterdir()) == []

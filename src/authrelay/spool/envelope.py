@@ -62,6 +62,9 @@ class Envelope:
     # Not stored: the length of the queue file's prepend (our DKIM-Signature fields)
     # at the start of the message as loaded for delivery (spool/store.py fills it in).
     prepend_len: int = 0
+    # Not stored: ID.state or ID.state.tmp may exist (False: none at the load, none
+    # written since; Spool fills it in): a removal unlinks them only then.
+    state_file: bool = True
 
     def to_json(self, version: int = FORMAT_VERSION) -> bytes:
         # Hand-built dict: dataclasses.asdict deep-copies recursively and showed up in
@@ -86,7 +89,7 @@ class Envelope:
         return not self.pending
 
 
-_UNSTORED = ("recipients", "prepend_len")
+_UNSTORED = ("recipients", "prepend_len", "state_file")
 _ENV_FIELDS = tuple(f for f in Envelope.__dataclass_fields__ if f not in _UNSTORED)
 # The queue file's recipients: without `last_attempt` (state file only), so a queue
 # file stays readable by a version without it (its strict v2 decoder).

@@ -90,6 +90,11 @@ def _open_regular(path: Path | str) -> int:
     symbolic link (O_NOFOLLOW) nor blocked on by a FIFO (O_NONBLOCK): anything else under a
     queue id's name is damage (CorruptError), quarantined like any other. Raises
     FileNotFoundError when nothing is there."""
+    return _open_regular_stat(path)[0]
+
+
+def _open_regular_stat(path: Path | str) -> tuple[int, os.stat_result]:
+    """`_open_regular`, with the fstat it made (its mode and size: one fstat per load)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
@@ -98,10 +103,11 @@ def _open_regular(path: Path | str) -> int:
         if e.errno in (errno.ENXIO, errno.EISDIR):
             raise CorruptError("not a regular file") from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise CorruptError("not a regular file")
-    return fd
+    return fd, st
 
 
 def _regular_or_absent(entry: os.DirEntry[str]) -> bool:
@@ -323,12 +329,11 @@ class Spool:
         path = self._queue_prefix + qid
         held = False
         try:
-            fd = _open_regular(path)
+            fd, st = _open_regular_stat(path)
         except FileNotFoundError:
             path, held = self._hold_prefix + qid, True
-            fd = _open_regular(path)
+            fd, st = _open_regular_stat(path)
         try:
-            st = os.fstat(fd)
             if not _ready(st.st_mode):
                 raise FileNotFoundError(f"{qid}: still being received")
             data = os.read(fd, min(st.st_size, inline_max) + fmt.HEADER_LEN + 1)
@@ -365,7 +370,9 @@ class Spool:
             with os.fdopen(_open_regular(f"{path}.state"), "rb") as sf:
                 self._merge_state(env, sf.read())
         except FileNotFoundError:
-            pass
+            # No ID.state; nor an ID.state.tmp but while a save runs, or after one that
+            # failed (save_state sets the mark first) or a crash (recover() removes it).
+            env.state_file = False
         except CorruptError as e:  # as any damaged state file: the header's state is kept
             log.warning("%s: state file ignored: %s", env.queue_id, e,
                         extra={"queue_id": env.queue_id})  # daemon.MaillogHandler
@@ -478,6 +485,7 @@ class Spool:
              "received_at": env.received_at},
             separators=(",", ":"), ensure_ascii=False,
         ).encode("utf-8")
+        env.state_file = True  # before the tmp file exists: a removal then unlinks both
         for attempt in (1, 2):
             path = self._locate(env.queue_id)
             state = path.with_name(env.queue_id + ".state")
@@ -504,9 +512,40 @@ class Spool:
         """Delete a message: the body first, so a crash leaves at worst an orphan state."""
         path = self._where(qid)
         os.unlink(path)
+        self._remove_state(path)
+
+    @staticmethod
+    def _remove_state(path: str) -> None:
+        """The state files of the message at `path` (its body unlinked already)."""
         for suffix in (".state", ".state.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path + suffix)
+
+    def remove_delivered(self, envs: list[Envelope]) -> list[OSError | None]:
+        """`remove` of each message, in order, in one call (one thread hand-off for many):
+        None for each removed, else the OSError its removal raised (FileNotFoundError:
+        gone already). For messages loaded ready (a delivering scheduler's): queue/ID is
+        unlinked without the ready check of `_where` (an ID is never received twice), and
+        ID.state and ID.state.tmp only when `env.state_file` says they may exist; each
+        system call here is a GIL hand-off with the event loop (issue 22)."""
+        out: list[OSError | None] = []
+        for env in envs:
+            qid = env.queue_id
+            try:
+                if not is_queue_id(qid):
+                    raise FileNotFoundError(f"bad queue id {qid!r}")
+                try:
+                    os.unlink(self._queue_prefix + qid)
+                except FileNotFoundError:  # held meanwhile, or gone: as remove() finds it
+                    self.remove(qid)
+                else:
+                    if env.state_file:
+                        self._remove_state(self._queue_prefix + qid)
+            except OSError as e:
+                out.append(e)
+            else:
+                out.append(None)
+        return out
 
     def hold(self, qid: str) -> bool:
         """queue/ -> hold/; False when it was held already."""
