@@ -82,6 +82,7 @@ from authrelay.scheduler.inflight import InflightJournal
 from authrelay.spool.envelope import FAILED, SENT, Envelope, Recipient
 from authrelay.spool.store import CorruptError, Spool, SpoolError, commit_pool, is_queue_id
 from authrelay.spool.submit import Submitter
+from authrelay.spool.writer import settle
 from authrelay.types import DeliveryResult
 
 log = logging.getLogger(__name__)
@@ -1057,12 +1058,7 @@ class Scheduler:
                 batch, self._unlinks = self._unlinks, []
                 errors = await self._io(self.spool.remove_delivered, [e for e, _ in batch])
                 for (_, fut), err in zip(batch, errors, strict=True):
-                    if fut.done():
-                        continue
-                    if err is None:
-                        fut.set_result(None)
-                    else:
-                        fut.set_exception(err)
+                    settle(fut, None, err)
                 batch = []
         finally:
             self._unlinking = False

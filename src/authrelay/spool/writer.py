@@ -152,14 +152,15 @@ class CommitPool:
             except BaseException as e:  # handed to the awaiting coroutine
                 exc = e
             try:
-                loop.call_soon_threadsafe(_settle, fut, value, exc)
+                loop.call_soon_threadsafe(settle, fut, value, exc)
             except RuntimeError:  # the loop is gone (shutdown)
                 pass
             with self._lock:
                 self._idle += 1
 
 
-def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+def settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    """`fut` done with `value`, or with `exc` when it is not None (unless done already)."""
     if fut.done():
         return
     if exc is None:
