@@ -64,7 +64,7 @@ class Envelope:
     prepend_len: int = 0
     # Not stored: ID.state or ID.state.tmp may exist (False: none at the load, none
     # written since; Spool fills it in): a removal unlinks them only then.
-    state_file: bool = True
+    state_file: bool = field(default=True, compare=False, repr=False)
 
     def to_json(self, version: int = FORMAT_VERSION) -> bytes:
         # Hand-built dict: dataclasses.asdict deep-copies recursively and showed up in
