@@ -16,6 +16,7 @@ from support.maillog import ListLog
 from support.spools import temp_spool
 
 from authrelay.config import from_dict
+from authrelay.spool import envelope as envelope_mod
 from authrelay.spool import format as fmt
 from authrelay.spool import writer as writer_mod
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
@@ -410,3 +411,26 @@ async def test_nul_drops_a_streamed_file_at_once(spool: Spool, tmp_path: Path) -
         await d.commit()
     assert e.value.reply.enhanced == "5.6.0"
     assert list(spool.queue_dir.iterdir()) == []
+
+
+def _base31_one_digit_at_a_time(n: int) -> str:
+    """The encoding queue ids had before base31's two-digit table: the reference."""
+    out = []
+    while n:
+        n, r = divmod(n, 31)
+        out.append(envelope_mod._B32[r])
+    return "".join(reversed(out))
+
+
+def test_queue_id_digits_equal_the_one_digit_encoding_at_every_edge() -> None:
+    # every power of 31 and its neighbours (where the digit count changes and where a
+    # leading pair starts with a zero digit), small numbers, and today's id sizes
+    edges = [1, 2, 30, 31, 32, 960, 961, 962]
+    for k in range(1, 25):
+        edges += [31 ** k - 1, 31 ** k, 31 ** k + 1, 2 * 31 ** k, 30 * 31 ** k]
+    edges += [(1_800_000_000_000_000 + i) << 30 | (i * 7919) % (1 << 30)
+              for i in range(0, 10**6, 997)]
+    for n in edges:
+        assert envelope_mod.base31(n) == _base31_one_digit_at_a_time(n), n
+    qid = new_queue_id()
+    assert qid[0] != "0" and set(qid) <= set(envelope_mod._B32) and len(qid) == 17

@@ -96,6 +96,7 @@ _ENV_FIELDS = tuple(f for f in Envelope.__dataclass_fields__ if f not in _UNSTOR
 _RCPT_FIELDS = tuple(f for f in Recipient.__dataclass_fields__ if f != "last_attempt")
 
 _B32 = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
+_PAIRS = tuple(a + b for a in _B32 for b in _B32)  # two digits per divmod: half the turns
 
 
 _rng: tuple[int, random.Random] | None = None
@@ -119,9 +120,15 @@ def new_queue_id() -> str:
     if _rng is None:  # first use, or first in a forked worker (_reseed)
         pid = os.getpid()
         _rng = (pid, random.Random(int.from_bytes(os.urandom(16), "big") ^ pid))
-    n = (time.time_ns() // 1000) << 30 | _rng[1].getrandbits(30)
+    return base31((time.time_ns() // 1000) << 30 | _rng[1].getrandbits(30))
+
+
+def base31(n: int) -> str:
+    """`n` > 0 in the digits of `_B32`, most significant first, no leading zero."""
     out = []
     while n:
-        n, r = divmod(n, len(_B32))
-        out.append(_B32[r])
-    return "".join(reversed(out))
+        n, r = divmod(n, 961)
+        out.append(_PAIRS[r])
+    out.reverse()
+    s = "".join(out)
+    return s[1:] if s[0] == "0" else s
