@@ -1,4 +1,5 @@
-"""The final 250 of an authenticated message does not wait for the per-user counters.
+"""The final 250 of an authenticated message waits neither for the per-user counters
+nor for the maillog's `from=` line.
 
 After the commit (the message is durable) the session still updates the user's message
 and recipient counters (`Throttle.user_sent`: a Redis round trip in a farm, up to its
@@ -6,7 +7,8 @@ timeout when Redis is slow) and, with containment on, its work. The 250 must alr
 on the wire then. A real in-process SMTPServer (wiring.server) on its own loop in a
 thread, the user DB, TLS from a test CA, a real client (smtplib: STARTTLS, AUTH PLAIN);
 the one stand-in is a throttle whose `user_sent` waits until the test lets it go, so the
-order is observed without timing anything.
+order is observed without timing anything. The `from=` line: a MailLog whose `queued`
+(made on the event loop) holds the loop until the test lets it go.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -51,6 +54,23 @@ class _HeldCounters(LocalThrottle):
         self.finished = True
 
 
+class _HeldLog(MailLog):
+    """The file maillog, its `from=` line (`queued`) held until `go` is set: the
+    session's event loop waits in it (at most 10 s)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.go = threading.Event()
+        self.hold = False
+        self.made = False  # a held `from=` line was made
+
+    def queued(self, *args: Any, **kw: Any) -> None:
+        if self.hold:
+            self.go.wait(10)
+        super().queued(*args, **kw)
+        self.made = self.hold
+
+
 class _Server:
     def __init__(self, tmp: Path, ca: trustme.CA) -> None:
         self.port = free_port()
@@ -67,11 +87,12 @@ class _Server:
         self.spool = Spool(tmp / "spool", fsync=False)
         self.spool.ensure_dirs()
         self.held: _HeldCounters  # made with the server, on its loop
+        self.log = _HeldLog(f"file:{self.cfg.state_dir}/maillog")
         self.thread = ServerThread(self.cfg, self._build)
 
     def _build(self) -> SMTPServer:
         server = wiring.server(self.cfg, self.spool, CertStore(self.cfg),
-                               maillog=MailLog(f"file:{self.cfg.state_dir}/maillog"))
+                               maillog=self.log)
         self.held = _HeldCounters(self.cfg, server.share)
         server.throttle = self.held
         return server
@@ -109,3 +130,32 @@ def test_250_is_sent_before_the_user_counters_are_updated(
         assert len(list(server.spool.queue_dir.iterdir())) == 1
         server.release()
         assert c.noop()[0] == 250  # the session goes on once the counters are done
+
+
+def test_250_is_sent_before_the_from_line_is_made(
+        server: _Server, trustme_ca: trustme.CA) -> None:
+    """The `from=` line and the scheduler's notice follow the 250 (Draft.commit's
+    on_durable): the maillog is not the client's to wait for."""
+    ctx = ssl.create_default_context()
+    trustme_ca.configure_trust(ctx)
+    with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test",
+                      timeout=20) as c:
+        c.starttls(context=ctx)
+        c.login("alice", "correct horse")
+        c.mail("alice@example.org")
+        assert c.rcpt("bob@remote.test")[0] == 250
+        server.log.hold = True
+        # With the loop held in `queued`, the 250 reaches the client before the line
+        # is made only if it was written first (else: after the log's 10 s).
+        code, text = c.data(b"From: alice@example.org\r\nSubject: t\r\n\r\nhello\r\n")
+        assert code == 250 and b"queued as" in text
+        assert not server.log.made
+        server.log.go.set()
+        assert server.held.entered.wait(10)
+        server.release()
+        assert c.noop()[0] == 250
+    server.log.flush()
+    lines = (Path(server.cfg.state_dir) / "maillog").read_text().splitlines()
+    qid = text.decode().rsplit(" ", 1)[-1]
+    assert [ln for ln in lines if f"{qid}: from=<alice@example.org>" in ln]
+

@@ -68,7 +68,8 @@ class Draft(Protocol):
     """A message on its way into the spool (spool/submit.py's Draft)."""
 
     def write(self, data: bytes) -> None: ...  # never raises; problems come from commit()
-    def commit(self) -> Awaitable[None]: ...  # raises spool.submit.Refused
+    # raises spool.submit.Refused; on_durable runs once the message is on disk
+    def commit(self, on_durable: Callable[[], None] | None = None) -> Awaitable[None]: ...
     def abort(self) -> None: ...  # idempotent
 
 
@@ -642,21 +643,26 @@ class Session:
         assert draft is not None
         nrcpts = len(ev.transaction.rcpts)
         self._flush()
+
+        def durable() -> None:
+            # The 250 goes out as soon as the message is on disk, before the `from=`
+            # line is made and the scheduler told (Draft.commit: they follow it).
+            self._draft = None
+            eng.message_result(replies.queued(qid))
+            self._flush()
+
         try:
-            await draft.commit()  # fsync file + directory: durable before 250
+            await draft.commit(durable)  # fsync file + directory: durable before 250
         except Refused as e:
             self._abort_draft()
             self._log_reject(e.reply, qid=qid, **({"reason": e.reason}
                                                   if e.reason != e.reply.text else {}))
             eng.message_result(e.reply)
             return
-        self._draft = None
-        eng.message_result(replies.queued(qid))
         if eng.auth_user:
-            # The message is durable: the 250 goes out now, not after the per-user
-            # counters (a Redis round trip in a farm, up to its timeout when Redis is
-            # slow) or the containment work that follow it.
-            self._flush()
+            # The 250 is out (durable() above), not held for the per-user counters (a
+            # Redis round trip in a farm, up to its timeout when Redis is slow) or the
+            # containment work that follow it.
             await self.ticket.user_sent(self.account, nrcpts)
             if self.deps.containment is not None:
                 await self.deps.containment.message_accepted(

@@ -372,11 +372,16 @@ class Draft:
             return None
         return bound
 
-    async def commit(self, **log: Any) -> None:
+    async def commit(self, on_durable: Callable[[], None] | None = None,
+                     **log: Any) -> None:
         """Durable when this returns (fsync); then the maillog `from=` line. Raises
         Refused (nothing stored). Cancelled, it raises CancelledError once the commit
         thread is done: the message may have been stored, and then its `from=` line was
-        logged and it will be delivered (spool/writer.py Incoming.commit)."""
+        logged and it will be delivered (spool/writer.py Incoming.commit).
+        `on_durable` (the session's 250) runs once the message is durable, before the
+        `from=` line is made and the scheduler told: neither is owed to the client, and
+        a crash in between leaves what it did before (a committed file, delivered after
+        a rescan; the line was only queued for the maillog's writer thread then)."""
         try:
             self._prepare()
             await self._incoming.commit(announce=False)
@@ -392,7 +397,7 @@ class Draft:
             else:
                 self.abort()
             raise
-        self._committed(log)
+        self._committed(log, on_durable)
 
     def commit_blocking(self, **log: Any) -> None:
         """commit() without an event loop (the sendmail command)."""
@@ -407,14 +412,20 @@ class Draft:
             raise _io_refusal(e) from None
         self._committed(log)
 
-    def _committed(self, log: dict[str, Any]) -> None:
-        """The maillog `from=` line, then the scheduler told (Incoming.announce): a
-        delivery line never comes before it, whichever thread or process delivers."""
+    def _committed(self, log: dict[str, Any],
+                   on_durable: Callable[[], None] | None = None) -> None:
+        """`on_durable`, then the maillog `from=` line, then the scheduler told
+        (Incoming.announce): a delivery line never comes before it, whichever thread or
+        process delivers."""
         self._end()
         try:
-            self._log_queued(log)
+            if on_durable is not None:
+                on_durable()
         finally:
-            self._incoming.announce()
+            try:
+                self._log_queued(log)
+            finally:
+                self._incoming.announce()
 
     def _log_queued(self, log: dict[str, Any]) -> None:
         ml = self.submitter.maillog
