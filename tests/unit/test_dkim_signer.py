@@ -779,3 +779,9 @@ def test_fields_of_one_second_are_dkimpys_and_fold_as_a_whole_tag_list(
                 assert f.startswith(b"DKIM-Signature: " + whole)
                 seen.add(tags[b"bh"])
     assert len(seen) == 4
+    # The next second: the same h= list and keys, a new t= in every field.
+    with mock.patch.object(time_mod, "time", return_value=1_800_000_001.0):
+        out = s(head + b"\r\n" + b"Hello Bob.\r\n", queue_id="Q")
+    assert out is not None
+    assert {_tags(b"DKIM-Signature:" + f)[b"t"] for f in
+            out.split(b"DKIM-Signature:")[1:]} == {b"1800000001"}

@@ -45,7 +45,7 @@ def test_dot_stuff_equals_the_plain_replace() -> None:
     """The courier skips the replace only where it would change nothing."""
     body = (b"Y" * 78 + b"\r\n") * 300
     for data in (body, b"." + body, body + b".x\r\n", body[:5000] + b".\r\n" + body,
-                 b"Subject: a.b\r\n\r\n" + body, b"a\r\n.b\r\n" * 3000):
+                 b"Subject: a.b\r\n\r\n" + body, b"a\r\n.b\r\n" * 3000, b"\r\n.x" + body):
         want = data.replace(b"\r\n.", b"\r\n..")
         want = (b"." + want if want.startswith(b".") else want) + b".\r\n"
         assert dot_stuff(data) == want
