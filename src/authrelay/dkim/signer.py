@@ -372,8 +372,10 @@ class Signer:
         """(the signed header fields, canonicalized, from dkimpy's split of the header
         section; domain; keys; names of the fields to sign, the h= list), or None
         (unsigned; the maillog says why)."""
-        try:  # dkimpy's split, the one its verifier uses (what `dkim.DKIM()` calls)
-            headers: list[tuple[bytes, bytes]] = dkim.rfc822_parse(head)[0]
+        # dkimpy's split, the one its verifier uses, through its documented class (its
+        # module-level `rfc822_parse` is not in dkimpy's `__all__`; ~15 µs more per message)
+        try:
+            headers: list[tuple[bytes, bytes]] = dkim.DKIM(head, linesep=b"\r\n").headers
         except Exception as e:  # unparsable header section: go unsigned
             self._log(queue_id, dkim="none", reason=f"message not parsable ({type(e).__name__})")
             return None
