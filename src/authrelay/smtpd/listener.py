@@ -106,8 +106,12 @@ async def peek_client_hello(sock: socket.socket) -> tls.Hello:
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, on_connect: Callable[[Connection], None]) -> None:
+    def __init__(self, on_connect: Callable[[Connection], None],
+                 loop: asyncio.AbstractEventLoop) -> None:
         self._on_connect = on_connect
+        # The loop this connection runs on, held: asyncio.get_running_loop() costs a
+        # getpid(2) per call on Python 3.11, and wait_input runs once per command.
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._waiter: asyncio.Future[None] | None = None
@@ -232,7 +236,7 @@ class Connection(asyncio.Protocol):
             return
         if timeout <= 0:
             raise Timeout
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         w = self._waiter = loop.create_future()
         h = loop.call_later(timeout, self._expire, w)
         try:
@@ -249,7 +253,7 @@ class Connection(asyncio.Protocol):
             raise Closed
         if timeout <= 0:
             raise Timeout
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         w = self._drain_waiter = loop.create_future()
         h = loop.call_later(timeout, self._expire, w)
         try:
@@ -274,7 +278,7 @@ class Connection(asyncio.Protocol):
         """Upgrade to TLS. Anything buffered before the handshake is discarded by the caller."""
         if self.transport is None or self._lost or self._eof:
             raise Closed
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self._paused = False
         task = self._tls_task = asyncio.current_task()
         try:

@@ -114,7 +114,8 @@ class SMTPServer:
             self.listeners.append(ln)
 
     def protocol_factory(self, ln: Listener, ticket: Ticket) -> Callable[[], Connection]:
-        return lambda: Connection(lambda c: self._connected(ln, c, ticket))
+        loop = asyncio.get_running_loop()
+        return lambda: Connection(lambda c: self._connected(ln, c, ticket), loop)
 
     def _connected(self, ln: Listener, conn: Connection, ticket: Ticket) -> None:
         ticket.settle()  # handshake and greeting delay done: no longer evictable as such
@@ -130,11 +131,10 @@ class SMTPServer:
             conn.peer = ticket.peer
         sess = Session(self.session_deps(ln), conn, ticket)
         self.sessions.add(sess)
-        task = asyncio.get_running_loop().create_task(sess.run())
+        task = conn.loop.create_task(sess.run())
         conn.task = task
         # Whole-session cap (slowloris defence): the session is ended at the deadline.
-        h = asyncio.get_running_loop().call_later(self.cfg.limits.session_timeout,
-                                                  sess.expire)
+        h = conn.loop.call_later(self.cfg.limits.session_timeout, sess.expire)
 
         def done(_t: object) -> None:
             h.cancel()

@@ -256,7 +256,7 @@ class Session:
 
     async def _loop(self) -> None:
         conn, eng = self.conn, self.eng
-        loop = asyncio.get_running_loop()
+        loop = self.conn.loop
         turns = DataTurns.of(loop)
         n = 0  # commands executed since the last yield
         progressed = True
@@ -627,7 +627,7 @@ class Session:
             eng.policy_result(replies.SPOOL_ERROR)
             return
         self._draft, self._qid = draft, qid
-        self._data_deadline = asyncio.get_running_loop().time() + \
+        self._data_deadline = self.conn.loop.time() + \
             self.cfg.limits.data_final_timeout
         self._over_mark = None  # (time, bytes) when this message went past the limit
         eng.policy_result(None)
