@@ -115,6 +115,13 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._waiter: asyncio.Future[None] | None = None
+        # The input wait's deadline (loop time) and one timer per connection, re-armed
+        # lazily: a wait whose deadline is at or after the armed timer's leaves it; when
+        # it fires, it expires the wait in progress if that wait's deadline is the
+        # timer's, and otherwise re-arms at that deadline (no timer per command).
+        self._due = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._drain_waiter: asyncio.Future[None] | None = None
         self._eof = False  # the peer sent FIN (or the connection is gone)
         self._lost = False  # connection_lost was called
@@ -168,6 +175,9 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = self._lost = True
         self.write_blocked = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._abort_handle is not None:
             self._abort_handle.cancel()
             self._abort_handle = None
@@ -237,13 +247,30 @@ class Connection(asyncio.Protocol):
         if timeout <= 0:
             raise Timeout
         loop = self.loop
+        due = self._due = loop.time() + timeout
+        if self._timer is None or self._timer_at > due:
+            self._arm(due)
         w = self._waiter = loop.create_future()
-        h = loop.call_later(timeout, self._expire, w)
         try:
             await w
         finally:
-            h.cancel()
             self._waiter = None
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.loop.call_at(at, self._input_timer)
+
+    def _input_timer(self) -> None:
+        self._timer = None
+        w = self._waiter
+        if w is None or w.done():  # no wait in progress: the next one arms the timer
+            return
+        if self._due <= self._timer_at:  # this wait's own deadline
+            w.set_exception(Timeout())
+        else:  # armed for an earlier wait: this one's deadline is later
+            self._arm(self._due)
 
     async def drain(self, timeout: float) -> None:
         """Wait until the client has read our output down to the low-water mark."""
