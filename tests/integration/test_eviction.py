@@ -407,3 +407,37 @@ def test_flood_from_one_ipv6_48_rotating_its_64s_is_one_address(relay_factory
     for s in flood:
         s.close()
     assert "Traceback" not in r.maillog()
+
+
+def test_a_session_idle_again_counts_its_age_from_its_last_command(relay_factory
+                                                                   ) -> None:  # noqa: ANN001
+    """A session that went idle long ago, then sent a command, is as young as its last
+    command (admission.py reuses its candidate): with it the only candidate, a fresh
+    client may not take its slot before TIE_AGE, and may after."""
+    r = _relay(relay_factory, modes=("smtp",))
+    port = r.ports["smtp"]
+    idle = RawClient(port, source="127.0.7.1", timeout=30)
+    assert idle.reply().code == 220
+    busy = []
+    for i in range(5):  # the rest of the pool: inside a transaction, never candidates
+        c = RawClient(port, source=f"127.0.8.{i + 10}", timeout=30)
+        assert c.reply().code == 220
+        assert c.cmd("EHLO mx.test").code == 250
+        assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
+        busy.append(c)
+    try:
+        time.sleep(TIE_AGE + 0.5)  # idle's first wait is old enough to be taken now
+        assert idle.cmd("EHLO again.test").code == 250  # ... but it waits anew since
+        with _connect(port, "127.0.8.30") as fresh:
+            fresh.settimeout(10)
+            assert fresh.recv(200).startswith(b"421 "), "evicted a session idle < TIE_AGE"
+        assert _closed_by_server(idle.sock) is None
+        time.sleep(TIE_AGE + 0.5)
+        with _connect(port, "127.0.8.31") as fresh:
+            fresh.settimeout(10)
+            assert fresh.recv(200).startswith(b"220 ")
+        wait_until(lambda: _closed_by_server(idle.sock) is not None, timeout=10)
+    finally:
+        idle.close()
+        for c in busy:
+            c.close()

@@ -170,7 +170,8 @@ class Ticket:
         self.handed = False
         self.task: asyncio.Task[None] | None = None
         self.handshake: Candidate | None = None
-        self.idling: Candidate | None = None
+        self.idling: Candidate | None = None  # `idle_candidate` while a candidate
+        self.idle_candidate: Candidate | None = None  # made at the first idle(), reused after
 
     @property
     def command_timeout(self) -> float:
@@ -555,9 +556,14 @@ class Acceptor:
         if ticket.released or ticket.idling is not None or \
                 not self.server.cfg.limits.pool_eviction:
             return
-        ticket.idling = Candidate(ticket.ekey, time.monotonic(),
-                                  lambda: self._evict_session(ticket, evict), "session")
-        self.candidates.add(ticket.idling)
+        c = ticket.idle_candidate
+        if c is None:  # (one session per ticket: `evict` is always its own)
+            c = ticket.idle_candidate = Candidate(ticket.ekey, time.monotonic(),
+                                         lambda: self._evict_session(ticket, evict), "session")
+        else:
+            c.since = time.monotonic()
+        ticket.idling = c
+        self.candidates.add(c)  # the youngest again, as a new candidate would be
         if self.paused == "full":  # room can be made now: accept again
             self.full_since = 0.0
             self._resume()
