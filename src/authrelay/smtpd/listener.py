@@ -129,7 +129,6 @@ class Connection(asyncio.Protocol):
         self.write_blocked = False  # writing paused (output back-pressure)
         self._abort_handle: asyncio.TimerHandle | None = None
         self.peer: tuple[str, int] = ("", 0)
-        self.local: tuple[str, int] = ("", 0)
         self.tls_info = ""  # "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"
         self.task: asyncio.Task[None] | None = None
         # The task awaiting starttls() while it does; abort() ends that wait (below).
@@ -148,9 +147,7 @@ class Connection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         peer = transport.get_extra_info("peername") or ("", 0)
-        local = transport.get_extra_info("sockname") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
-        self.local = (str(local[0]), int(local[1])) if isinstance(local, tuple) else ("", 0)
         obj = transport.get_extra_info("ssl_object")
         if obj is not None:  # implicit TLS (RFC 8314): the handshake is already done
             self._set_tls_info(obj)
