@@ -26,6 +26,7 @@ import trustme
 from support.certs import install_cert
 from support.inproc import ServerThread
 from support.ports import free_port
+from support.wait import wait_until
 
 from authrelay import wiring
 from authrelay.auth.userdb import UserDB
@@ -111,16 +112,21 @@ def server(tmp_path: Path, trustme_ca: trustme.CA) -> Iterator[_Server]:
     srv.thread.stop()
 
 
+def _to_bob(server: _Server, ca: trustme.CA) -> smtplib.SMTP:
+    """A session of alice's (STARTTLS, AUTH PLAIN) with MAIL and RCPT accepted."""
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    c = smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test", timeout=20)
+    c.starttls(context=ctx)
+    c.login("alice", "correct horse")
+    c.mail("alice@example.org")
+    assert c.rcpt("bob@remote.test")[0] == 250
+    return c
+
+
 def test_250_is_sent_before_the_user_counters_are_updated(
         server: _Server, trustme_ca: trustme.CA) -> None:
-    ctx = ssl.create_default_context()
-    trustme_ca.configure_trust(ctx)
-    with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test",
-                      timeout=20) as c:
-        c.starttls(context=ctx)
-        c.login("alice", "correct horse")
-        c.mail("alice@example.org")
-        assert c.rcpt("bob@remote.test")[0] == 250
+    with _to_bob(server, trustme_ca) as c:
         # smtplib reads the final reply before returning: with the counters held, it
         # only returns because the 250 went out first (else: its 20 s timeout).
         code, text = c.data(b"From: alice@example.org\r\nSubject: t\r\n\r\nhello\r\n")
@@ -136,14 +142,7 @@ def test_250_is_sent_before_the_from_line_is_made(
         server: _Server, trustme_ca: trustme.CA) -> None:
     """The `from=` line and the scheduler's notice follow the 250 (Draft.commit's
     on_durable): the maillog is not the client's to wait for."""
-    ctx = ssl.create_default_context()
-    trustme_ca.configure_trust(ctx)
-    with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test",
-                      timeout=20) as c:
-        c.starttls(context=ctx)
-        c.login("alice", "correct horse")
-        c.mail("alice@example.org")
-        assert c.rcpt("bob@remote.test")[0] == 250
+    with _to_bob(server, trustme_ca) as c:
         server.log.hold = True
         # With the loop held in `queued`, the 250 reaches the client before the line
         # is made only if it was written first (else: after the log's 10 s).
@@ -159,3 +158,41 @@ def test_250_is_sent_before_the_from_line_is_made(
     qid = text.decode().rsplit(" ", 1)[-1]
     assert [ln for ln in lines if f"{qid}: from=<alice@example.org>" in ln]
 
+
+def _queue_files(server: _Server) -> list[Path]:
+    return sorted(server.spool.queue_dir.iterdir())
+
+
+def test_the_queue_file_is_made_while_the_message_arrives(
+        server: _Server, trustme_ca: trustme.CA) -> None:
+    """The file is created (not ready, 0600) by a commit thread once DATA is accepted,
+    not after the final dot; the dot only writes, marks and fsyncs it. A message whose
+    client goes away before the dot leaves no file; one committed reads back whole."""
+    head = b"From: alice@example.org\r\nSubject: early\r\n\r\n"
+    committed: list[str] = []
+    for finish in (True, False):
+        c = _to_bob(server, trustme_ca)
+        c.putcmd("data")
+        assert c.getreply()[0] == 354
+        c.send(head)  # part of the message; no dot yet
+        files = wait_until(lambda: [p for p in _queue_files(server)
+                                    if "." not in p.name and p.name not in committed],
+                           "the queue file of a message still arriving")
+        assert len(files) == 1 and files[0].stat().st_mode & 0o777 == 0o600
+        if not finish:
+            c.close()  # lost connection after DATA: nothing of it stays
+            wait_until(lambda gone=files[0]: not gone.exists(),
+                       "the dropped message's file gone")
+            continue
+        c.send(b"hello\r\n.\r\n")
+        code, text = c.getreply()
+        assert code == 250 and files[0].name in text.decode()
+        assert files[0].stat().st_mode & 0o777 == 0o700  # ready: committed
+        committed.append(files[0].name)
+        path, offset = server.spool.body_path(files[0].name)
+        data = path.read_bytes()[offset:]  # (our Received:, Date:, Message-ID: added)
+        assert head[:-2] in data and data.endswith(b"\r\n\r\nhello\r\n")
+        assert server.held.entered.wait(10)
+        server.release()
+        c.quit()
+    assert [p.name for p in _queue_files(server) if "." not in p.name] == committed

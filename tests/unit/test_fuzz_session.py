@@ -16,6 +16,7 @@ import asyncio
 import logging
 import re
 import socket
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,11 +162,18 @@ class ServerThread:
         logging.getLogger("authrelay").removeHandler(self.errors)
 
     def stored(self) -> dict[str, bytes]:
+        """The committed messages (a file still being received, or being removed after
+        its client went away, is not one: the spool's readers skip it too)."""
         out = {}
         for p in self.spool.queue_dir.iterdir():
             if "." in p.name:
                 continue
-            raw = p.read_bytes()
+            try:
+                if not p.stat().st_mode & stat.S_IXUSR:  # store.READY_MODE not set
+                    continue
+                raw = p.read_bytes()
+            except FileNotFoundError:
+                continue
             out[p.name] = split(raw)[1]
         return out
 

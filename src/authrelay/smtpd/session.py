@@ -79,7 +79,7 @@ class Submitter(Protocol):
     def space_ok(self, size: int = 0) -> bool: ...
     def begin(self, env: Envelope, *, tls: str = "", add_missing: bool = True,
               nul_checked: bool = False, lines_checked: bool = False, sign: bool = True,
-              owner: Owner | None = None) -> Draft: ...
+              owner: Owner | None = None, create_early: bool = False) -> Draft: ...
 
 
 class Ticket(Protocol):
@@ -620,7 +620,9 @@ class Session:
                 sign=bool(eng.auth_user) or self.trusted,  # DKIM: only mail we originate
                 # An authenticated user's From:/Sender: must be its own to be signed
                 # (and, with from_header_policy "own", to be accepted at all).
-                owner=self._owner(eng.auth_user) if eng.auth_user else None)
+                owner=self._owner(eng.auth_user) if eng.auth_user else None,
+                # The file is made while the body arrives, off the dot-to-250 path.
+                create_early=True)
         except OSError:
             log.exception("spool begin failed")
             self._log_reject(replies.SPOOL_ERROR, qid=qid)

@@ -160,7 +160,8 @@ class Submitter:
               local_uid: int | None = None, nul_checked: bool = False,
               lines_checked: bool = False,
               check_content: bool = True, sign: bool | None = None,
-              owner: Owner | None = None, refuse_unowned: bool = True) -> Draft:
+              owner: Owner | None = None, refuse_unowned: bool = True,
+              create_early: bool = False) -> Draft:
         """A new message for `env` (queue id assigned if empty). `nul_checked`: the producer
         already refuses NUL (smtpd/bodyreader.py); `lines_checked`: it refuses every bare CR
         and LF (the same reader), so the signer need not look at line ends again.
@@ -174,7 +175,9 @@ class Submitter:
         from_header_policy`, `[dkim] sign_unowned`). None (trusted networks, trusted local
         users, bounces): no check, as before. `refuse_unowned=False`: an unowned From: only
         goes unsigned, whatever from_header_policy says (an untrusted local user's mail,
-        as sendmail takes it)."""
+        as sendmail takes it). `create_early`: the queue file is created by a commit
+        thread now, while the message arrives (spool/writer.py Incoming.create_early;
+        on an event loop)."""
         if not env.queue_id:
             env.queue_id = new_queue_id()
         if env.is_bounce:
@@ -183,10 +186,13 @@ class Submitter:
             _to_local_recipients(self.cfg, env)
         if sign is None:
             sign = bool(env.auth_user) or env.is_bounce or env.listener == "sendmail"
-        return Draft(self, env, tls=tls, add_missing=add_missing, local_uid=local_uid,
-                     scan_nul=check_content and not nul_checked, check_hops=check_content,
-                     sign=sign, owner=owner, refuse_unowned=refuse_unowned,
-                     crlf_only=lines_checked)
+        draft = Draft(self, env, tls=tls, add_missing=add_missing, local_uid=local_uid,
+                      scan_nul=check_content and not nul_checked, check_hops=check_content,
+                      sign=sign, owner=owner, refuse_unowned=refuse_unowned,
+                      crlf_only=lines_checked)
+        if create_early:
+            draft._incoming.create_early()
+        return draft
 
 
 def _to_local_sender(cfg: Config, env: Envelope) -> None:

@@ -12,9 +12,11 @@ written last, in the same fsync as the data, so a ready file always has a true h
 
 The bytes stream to queue/ID (mode 0600 = "not ready"; commit sets the owner-execute
 bit, Postfix's trick, so there is no cross-directory rename). The first `SPILL` bytes
-are kept in memory and the file is created by the commit thread (creating a file on ext4
-can wait behind a journal commit, which must not stall the event loop); a larger message
-creates its file then and streams, so memory per session stays bounded by SPILL.
+are kept in memory and the file is created by a commit thread (creating a file on ext4
+can wait behind a journal commit, which must not stall the event loop): at commit, or
+while the message arrives after `create_early()` (an SMTP session's, so the create is off
+the dot-to-250 path); a larger message creates its file (or takes the early one) then
+and streams, so memory per session stays bounded by SPILL.
 The checksum is computed incrementally as bytes arrive (format.checksum).
 
 `signer.sign_stream(chunks) -> header lines | None` (`MessageSigner`: DKIM) runs in the
@@ -259,8 +261,46 @@ class Incoming:
         self._done = False
         self.committed = False  # durable and announced (also when the commit was cancelled)
         self._job: asyncio.Future[Any] | None = None  # the commit thread's, while it runs
+        # create_early(): the file made by a commit thread while the message arrives.
+        self._early: asyncio.Future[Any] | None = None
+        self._early_done = threading.Event()  # set by that thread when it is done
+        self._early_fd: int | None = None  # its file, until write() or commit takes it
+
+    def create_early(self) -> None:
+        """Have a commit thread create and lock the file now, while the message arrives
+        (on the event loop; the create, which can wait behind a journal commit, is then
+        off the path from the final dot to the 250). The file is not ready (0600) until
+        commit() marks it, as a streamed one: a crash leaves garbage that recover()
+        removes, never a message. One that fails is made again by commit() (its error,
+        ENOSPC say, is then commit()'s)."""
+        if self._early is not None or self._fd is not None or self._done:
+            return
+        self._early = commit_pool().run(self._create_early)
+
+    def _create_early(self) -> None:
+        try:
+            self._early_fd = self._open_locked()
+        except (OSError, fmt.SpoolError):
+            pass  # commit() creates it again, and its error is then the commit's
+        finally:
+            self._early_done.set()
+
+    def _take_early(self) -> int | None:
+        """The early-created file, waiting for its thread if need be (write() at SPILL
+        bytes: a create on the loop, as without it); None when it failed or none began."""
+        if self._early is None:
+            return None
+        self._early_done.wait()
+        fd, self._early_fd = self._early_fd, None
+        return fd
 
     def _create(self) -> int:
+        """The message's file, created and locked (or the one create_early() made)."""
+        fd = self._take_early()
+        self._fd = self._open_locked() if fd is None else fd
+        return self._fd
+
+    def _open_locked(self) -> int:
         """Create the file and lock it. The lock tells recover() (another process, or the
         scheduler's start-up recovery beside receiving) that this file is alive; between
         the open and the lock recover() may take it for a dead receive's and unlink it
@@ -278,7 +318,6 @@ class Incoming:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if os.stat(self._path).st_ino == os.fstat(fd).st_ino:
-                    self._fd = fd
                     return fd
             except (BlockingIOError, FileNotFoundError):
                 pass  # recover() has it (BlockingIOError) or unlinked it
@@ -401,6 +440,10 @@ class Incoming:
         file is delivered after a rescan, an unready one removed by recover()."""
         if self._done:
             raise fmt.SpoolError("commit after commit/abort")
+        early = self._early
+        if early is not None and not early.done():
+            # (a create slower than the message: the commit thread must not wait for it)
+            await asyncio.wait([early])
         self._done = True
         try:
             job = self._job = commit_pool().run(self._commit_sync)
@@ -451,6 +494,10 @@ class Incoming:
         removes a failed commit itself once the thread is done)."""
         if self._job is not None and not self._job.done():
             return
+        if self._fd is None and not self._done:
+            # create_early()'s file, waited for if its thread is still making it (a
+            # message refused or lost within a create's time): none is left on return.
+            self._fd = self._take_early()
         fd, self._fd = self._fd, None
         self._buf = bytearray()
         if not self._done:
