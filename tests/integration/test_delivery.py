@@ -467,6 +467,37 @@ async def test_smart_host_failover(tmp_path: Path, dns: FakeDNSServer, fake_mx: 
     assert len(second.messages) == 1
 
 
+async def test_smart_host_failover_without_nameservers(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: Any,
+        trustme_ca_file: Path) -> None:
+    """Without [delivery] nameservers the smart hosts are taken as configured, with no
+    lookup step (nor its timer: issue 22): each entry is still tried in order, with its
+    own TLS level and credentials, and every failure is named in the maillog."""
+    ctx = server_tls_context(trustme_ca, "127.0.0.2", "127.0.0.3")
+    first = fake_mx("127.0.0.2", starttls_context=ctx, users={"relayuser": "other"})
+    second = fake_mx("127.0.0.3", starttls_context=ctx, users={"relayuser": "s3cret pass"})
+    down = f"127.0.0.4:{free_port('127.0.0.4')}"
+    pw = tmp_path / "smarthost.pw"
+    pw.write_text("s3cret pass\n")
+    cfg = make_cfg(tmp_path, dns, 25, nameservers=[], relay={
+        "smart_host": [down, first.address, second.address], "smart_host_tls": "starttls",
+        "smart_host_user": "relayuser", "smart_host_password_file": str(pw),
+        "smart_host_ca_file": str(trustme_ca_file)})
+    log = ListLog()
+    courier = Courier(cfg, maillog=log)
+    env = envelope("x@far.test")
+    try:
+        res = await courier.deliver(env, env.recipients, MSG)
+    finally:
+        await courier.close()
+    assert res["x@far.test"].ok and res["x@far.test"].remote.startswith("127.0.0.3")
+    assert res["x@far.test"].tls == "verified"
+    assert first.auth_attempts == [("relayuser", False)] and first.messages == []
+    assert len(second.messages) == 1 and second.messages[0].tls
+    assert log.grep(env.queue_id, down) and log.grep(env.queue_id, "127.0.0.2")
+    assert dns.queries == []
+
+
 async def test_smart_host_auth_failure_is_temporary(
         tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, trustme_ca: Any,
         trustme_ca_file: Path) -> None:
