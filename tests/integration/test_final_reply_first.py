@@ -17,6 +17,7 @@ import asyncio
 import smtplib
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,49 @@ def test_the_queue_file_is_made_while_the_message_arrives(
         server.release()
         c.quit()
     assert [p.name for p in _queue_files(server) if "." not in p.name] == committed
+
+
+def test_a_strangers_message_on_25_gets_its_file_at_the_dot(
+        tmp_path: Path, trustme_ca: trustme.CA) -> None:
+    """The early create is for clients allowed to relay (an authenticated user, a trusted
+    network): a stranger on 25 (here to a local domain) gets no file while its message
+    arrives, so DATA alone on many connections cannot make the relay hold a file (and a
+    descriptor) per connection; its file is made at the dot, as before."""
+    port = free_port()
+    cert, key, _ = install_cert(trustme_ca, tmp_path / "tls", "relay.test", "127.0.0.1")
+    cfg = from_dict({
+        "hostname": "relay.test", "state_dir": str(tmp_path),
+        "listen": [{"address": f"127.0.0.1:{port}", "mode": "smtp"}],
+        "tls": {"cert": str(cert), "key": str(key)},
+        "relay": {"local_domains": ["example.net"], "smart_host": ["127.0.0.1:9"]},
+        "limits": {"connection_rate_per_ip": 0},
+    })
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.ensure_dirs()
+    log = MailLog(f"file:{tmp_path}/maillog")
+    thread = ServerThread(cfg, lambda: wiring.server(cfg, spool, CertStore(cfg),
+                                                     maillog=log))
+    thread.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test",
+                          timeout=20) as c:
+            c.ehlo()
+            c.mail("someone@far.test")
+            assert c.rcpt("bob@example.net")[0] == 250
+            c.putcmd("data")
+            assert c.getreply()[0] == 354
+            c.send(b"From: someone@far.test\r\nSubject: s\r\n\r\n")
+            # An early create takes a commit thread a few ms: sampled for a second,
+            # none may appear before the dot.
+            seen: list[Path] = []
+            for _ in range(50):
+                time.sleep(0.02)
+                seen += spool.queue_dir.iterdir()
+            assert not seen
+            c.send(b"hello\r\n.\r\n")
+            code, text = c.getreply()
+            assert code == 250
+            assert [p.name for p in spool.queue_dir.iterdir()] == [
+                text.decode().rsplit(" ", 1)[-1]]
+    finally:
+        thread.stop()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from support.maillog import ListLog
 from support.spools import temp_spool
+from support.wait import wait_until
 
 from authrelay.config import from_dict
 from authrelay.spool import format as fmt
@@ -367,3 +368,31 @@ async def test_the_scheduler_is_told_only_after_the_from_line(spool: Spool) -> N
             await d.commit()
         assert len(seen[-1]) == 1, (blocking, log.lines)
     assert len(seen) == 2
+
+
+def test_an_abort_does_not_wait_for_an_early_create_still_queued(spool: Spool) -> None:
+    """abort() runs on the event loop: with every commit thread busy (fsyncs on a slow
+    disk, say) and the early create still queued behind them, it returns at once
+    instead of holding the loop; the create's thread removes the file it makes."""
+    gate = threading.Event()
+    release = threading.Timer(5, gate.set)  # the old abort waited for this
+
+    async def main() -> bool:
+        pool = writer_mod.commit_pool()
+        blockers = [pool.run(lambda: gate.wait(30)) for _ in range(pool.size)]
+        inc = spool.begin(_env())
+        inc.create_early()
+        release.start()
+        inc.abort()
+        returned_first = not gate.is_set()
+        gate.set()
+        await asyncio.gather(*blockers)
+        return returned_first
+
+    try:
+        assert asyncio.run(main()), "abort() waited for the commit threads"
+    finally:
+        release.cancel()
+        gate.set()
+    wait_until(lambda: not list(spool.queue_dir.iterdir()),
+               "the aborted message's early file removed by its thread")

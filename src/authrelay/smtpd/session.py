@@ -621,8 +621,12 @@ class Session:
                 # An authenticated user's From:/Sender: must be its own to be signed
                 # (and, with from_header_policy "own", to be accepted at all).
                 owner=self._owner(eng.auth_user) if eng.auth_user else None,
-                # The file is made while the body arrives, off the dot-to-250 path.
-                create_early=True)
+                # The file is made while the body arrives, off the dot-to-250 path: for
+                # clients allowed to relay only (an authenticated user or a trusted
+                # network), so a stranger on 25 cannot make the relay hold a file per
+                # connection by sending DATA alone (a file descriptor each, beside the
+                # socket's the descriptor budget counts); a stranger's is made at the dot.
+                create_early=bool(eng.auth_user) or self.trusted)
         except OSError:
             log.exception("spool begin failed")
             self._log_reject(replies.SPOOL_ERROR, qid=qid)

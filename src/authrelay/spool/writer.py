@@ -265,6 +265,10 @@ class Incoming:
         self._early: asyncio.Future[Any] | None = None
         self._early_done = threading.Event()  # set by that thread when it is done
         self._early_fd: int | None = None  # its file, until write() or commit takes it
+        # abort() before that thread is done: the thread removes the file it made (an
+        # abort never waits for a commit thread, which may be queued behind fsyncs).
+        self._early_lock = threading.Lock()
+        self._early_dropped = False
 
     def create_early(self) -> None:
         """Have a commit thread create and lock the file now, while the message arrives
@@ -278,12 +282,25 @@ class Incoming:
         self._early = commit_pool().run(self._create_early)
 
     def _create_early(self) -> None:
+        fd: int | None = None
         try:
-            self._early_fd = self._open_locked()
+            fd = self._open_locked()
         except (OSError, fmt.SpoolError):
             pass  # commit() creates it again, and its error is then the commit's
         finally:
+            with self._early_lock:
+                if self._early_dropped and fd is not None:
+                    self._remove_unready(fd)  # aborted meanwhile: nobody takes it
+                    fd = None
+                self._early_fd = fd
             self._early_done.set()
+
+    def _remove_unready(self, fd: int) -> None:
+        """Unlink and close the (not ready, locked) file of this message."""
+        with contextlib.suppress(OSError):
+            os.unlink(self._path)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     def _take_early(self) -> int | None:
         """The early-created file, waiting for its thread if need be (write() at SPILL
@@ -494,10 +511,12 @@ class Incoming:
         removes a failed commit itself once the thread is done)."""
         if self._job is not None and not self._job.done():
             return
-        if self._fd is None and not self._done:
-            # create_early()'s file, waited for if its thread is still making it (a
-            # message refused or lost within a create's time): none is left on return.
-            self._fd = self._take_early()
+        if self._fd is None and not self._done and self._early is not None:
+            # create_early()'s file: taken if made; if its thread is still at it (queued
+            # behind other commits' fsyncs, say), that thread removes it when done.
+            with self._early_lock:
+                self._early_dropped = True
+                self._fd, self._early_fd = self._early_fd, None
         fd, self._fd = self._fd, None
         self._buf = bytearray()
         if not self._done:
