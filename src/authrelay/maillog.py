@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from authrelay.syslogsocket import SyslogSocket
@@ -293,7 +294,8 @@ class MailLog:
         self._dropped = 0  # lines not queued: MAX_WAITING were waiting (said when written)
         self._dropped_since = 0.0
         self._syslog: SyslogSocket | None = None  # the writer thread's only
-        self._q: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[str | threading.Event | Callable[[], None]] = \
+            queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pid = 0
         self.fallback = ""  # why the configured target is not used (empty: it is)
@@ -638,6 +640,12 @@ class MailLog:
             for b in batch:
                 if isinstance(b, threading.Event):
                     b.set()
+                elif not isinstance(b, str):
+                    try:
+                        b()  # then(): its lines are written now
+                    except Exception as e:  # never kills the writer; said where it can be
+                        print(f"authrelay: maillog: after-write call failed: {e!r}",
+                              file=sys.stderr)
 
     def _dropped_line(self) -> str:
         """The line that says how many lines _emit dropped (and counts them as said)."""
@@ -734,6 +742,17 @@ class MailLog:
         with contextlib.suppress(OSError):
             f.close()
         return new, f"maillog: {path} was deleted while open; created again"
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once every line emitted so far is written to the target, in the writer
+        thread (at once when no writer thread takes this process's lines). The spool's
+        notice to the scheduler goes this way: another process's delivery line can never
+        be written before the `from=` line of its message (both processes' writer threads
+        gather lines for `_GATHER` before writing them)."""
+        if self._thread is None or self._pid != _pid:
+            fn()
+            return
+        self._q.put(fn)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every line queued so far is written (exit, stop)."""

@@ -78,7 +78,8 @@ EVENTS: list[Callable[[maillog.MailLog, str], None]] = [
     lambda m, v: m.daemon(v, listeners=v),
 ]
 # Event methods without a value that can come from outside (queue ids are ours).
-NO_CLIENT_VALUE = {"held", "released", "delayed", "flush", "reopen", "tls_from"}
+NO_CLIENT_VALUE = {"held", "released", "delayed", "flush", "reopen", "tls_from",
+                   "then"}  # then: no line, a call after the lines before it
 
 _KEY = re.compile(r"([A-Za-z_][\w-]*)=")
 _NEXT = re.compile(r", (?=[A-Za-z_][\w-]*=)")

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -102,6 +103,19 @@ class Refused(Exception):
     @property
     def permanent(self) -> bool:
         return self.reply.code >= 500
+
+
+def _announce_on(loop: asyncio.AbstractEventLoop, announce: Callable[[], None]) -> None:
+    """`announce` on `loop`: now when called on it (a maillog without a writer thread),
+    else (the writer thread) handed to it, unless it has closed."""
+    try:
+        here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    if here is loop:
+        announce()
+    elif not loop.is_closed():
+        loop.call_soon_threadsafe(announce)
 
 
 def _io_refusal(e: BaseException) -> Refused:
@@ -421,8 +435,10 @@ class Draft:
     def _committed(self, log: dict[str, Any],
                    on_durable: Callable[[], None] | None = None) -> None:
         """`on_durable`, then the maillog `from=` line, then the scheduler told
-        (Incoming.announce): a delivery line never comes before it, whichever thread or
-        process delivers."""
+        (Incoming.announce) once that line is written (MailLog.then): a delivery line
+        never comes before it, whichever thread or process delivers. On an event loop the
+        notice is handed back to it (the Notifier is the loop's); its loop closed
+        meanwhile (a stopping worker), the scheduler's rescan finds the message."""
         self._end()
         try:
             if on_durable is not None:
@@ -431,7 +447,16 @@ class Draft:
             try:
                 self._log_queued(log)
             finally:
-                self._incoming.announce()
+                announce = self._incoming.announce
+                try:
+                    loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+                except RuntimeError:
+                    loop = None
+                if loop is None:
+                    self.submitter.maillog.then(announce)
+                else:
+                    self.submitter.maillog.then(
+                        functools.partial(_announce_on, loop, announce))
 
     def _log_queued(self, log: dict[str, Any]) -> None:
         ml = self.submitter.maillog

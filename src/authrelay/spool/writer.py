@@ -438,8 +438,9 @@ class Incoming:
 
     def announce(self) -> None:
         """Tell the scheduler the committed message is there (the notify hook or datagram).
-        spool/submit.py calls it after the maillog `from=` line, so no delivery line of
-        a message is ever logged before the line that says it was queued."""
+        spool/submit.py calls it once the maillog `from=` line is written (MailLog.then),
+        so no delivery line of a message is ever logged before the line that says it was
+        queued, whichever process delivers."""
         self._notify(self.queue_id)
 
     async def commit(self, announce: bool = True) -> None:
