@@ -21,7 +21,11 @@ def _queue_one(r: RelayProcess) -> str:
     with smtplib.SMTP("127.0.0.1", r.ports["smtp"], timeout=30) as c:
         c.sendmail("a@remote.example", ["u@local.test"], b"Subject: t\r\n\r\nhi\r\n")
     r.wait_for(lambda: len(r.queued()) == 1)
-    return r.queued()[0].name
+    qid = r.queued()[0].name
+    # ... and tried once (the scheduler is told of it once its `from=` line is written):
+    # its deferral saved, the `.state` file the callers tamper with
+    r.wait_for(lambda: (r.queue_dir / (qid + ".state")).exists())
+    return qid
 
 
 def _stopped_with_one_queued(tmp_path: Path) -> tuple[RelayProcess, str]:
