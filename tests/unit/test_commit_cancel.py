@@ -396,3 +396,36 @@ def test_an_abort_does_not_wait_for_an_early_create_still_queued(spool: Spool) -
         gate.set()
     wait_until(lambda: not list(spool.queue_dir.iterdir()),
                "the aborted message's early file removed by its thread")
+
+
+def test_an_abort_while_commit_waits_for_the_early_create_stores_nothing(
+        spool: Spool) -> None:
+    """commit() waits (off the thread) for an early create still queued; an abort() in
+    that wait drops the message: the commit must not go on and store it anyway."""
+    gate = threading.Event()
+
+    async def main() -> BaseException | None:
+        pool = writer_mod.commit_pool()
+        blockers = [pool.run(lambda: gate.wait(30)) for _ in range(pool.size)]
+        inc = spool.begin(_env())
+        inc.create_early()
+        inc.write(SMALL)
+        task = asyncio.get_running_loop().create_task(inc.commit())
+        for _ in range(5):
+            await asyncio.sleep(0)  # the commit is in its wait for the create
+        inc.abort()
+        gate.set()
+        await asyncio.gather(*blockers)
+        try:
+            await task
+        except BaseException as e:  # the outcome is the assertion
+            return e
+        return None
+
+    try:
+        outcome = asyncio.run(main())
+    finally:
+        gate.set()
+    assert isinstance(outcome, fmt.SpoolError), outcome
+    wait_until(lambda: not list(spool.queue_dir.iterdir()),
+               "nothing stored for the aborted message")

@@ -462,6 +462,8 @@ class Incoming:
         if early is not None and not early.done():
             # (a create slower than the message: the commit thread must not wait for it)
             await asyncio.wait([early])
+            if self._done:  # aborted meanwhile: its file is gone, nothing to commit
+                raise fmt.SpoolError("commit after commit/abort")
         self._done = True
         try:
             job = self._job = commit_pool().run(self._commit_sync)
