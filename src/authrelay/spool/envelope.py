@@ -69,7 +69,7 @@ class Envelope:
     def to_json(self, version: int = FORMAT_VERSION) -> bytes:
         # Hand-built dict: dataclasses.asdict deep-copies recursively and showed up in
         # profiles of the receive path at ~10% of CPU per message.
-        d = {f: getattr(self, f) for f in _ENV_FIELDS}
+        d = {f: getattr(self, f) for f in STORED_FIELDS}
         d["recipients"] = [{f: getattr(r, f) for f in _RCPT_FIELDS} for r in self.recipients]
         d["v"] = version
         return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -90,7 +90,10 @@ class Envelope:
 
 
 _UNSTORED = ("recipients", "prepend_len", "state_file")
-_ENV_FIELDS = tuple(f for f in Envelope.__dataclass_fields__ if f not in _UNSTORED)
+# The Envelope fields a queue file's envelope stores as plain values (spool/format.py
+# types each); `recipients` are stored as their own list, the rest are never stored.
+STORED_FIELDS: tuple[str, ...] = tuple(f for f in Envelope.__dataclass_fields__
+                                       if f not in _UNSTORED)
 # The queue file's recipients: without `last_attempt` (state file only), so a queue
 # file stays readable by a version without it (its strict v2 decoder).
 _RCPT_FIELDS = tuple(f for f in Recipient.__dataclass_fields__ if f != "last_attempt")

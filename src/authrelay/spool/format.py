@@ -40,7 +40,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from authrelay.spool.envelope import _UNSTORED, FAILED, PENDING, SENT, Envelope, Recipient
+from authrelay.spool.envelope import (
+    FAILED,
+    PENDING,
+    SENT,
+    STORED_FIELDS,
+    Envelope,
+    Recipient,
+)
 
 MAGIC = b"AUTHRELAY-SPOOL"
 SPOOL_VERSION = 2  # written
@@ -220,7 +227,7 @@ def _typed(where: str, key: str, value: Any, types: tuple[type, ...]) -> Any:
 def _known_fields_only() -> None:
     # The codec must cover every dataclass field: a new field added to Envelope without a
     # type here would make every new file "corrupt". Checked once at import.
-    env_fields = set(Envelope.__dataclass_fields__) - set(_UNSTORED)
+    env_fields = set(STORED_FIELDS)
     assert env_fields == set(_ENV_TYPES), env_fields ^ set(_ENV_TYPES)
     assert set(Recipient.__dataclass_fields__) == set(_RCPT_TYPES)
 

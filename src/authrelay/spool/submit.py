@@ -205,7 +205,7 @@ class Submitter:
                       sign=sign, owner=owner, refuse_unowned=refuse_unowned,
                       crlf_only=lines_checked)
         if create_early:
-            draft._incoming.create_early()
+            draft.create_early()
         return draft
 
 
@@ -277,6 +277,11 @@ class Draft:
         self.nul = False
         self.received = 0  # bytes given to write()
         self._done = False
+
+    def create_early(self) -> None:
+        """Have a commit thread create the queue file now, while the message arrives
+        (Incoming.create_early; on an event loop)."""
+        self._incoming.create_early()
 
     @property
     def size(self) -> int:
