@@ -35,7 +35,10 @@ from authrelay.config import Config, from_dict
 from authrelay.maillog import MailLog
 from authrelay.policy.throttle import LocalThrottle, Share
 from authrelay.smtpd.server import SMTPServer
+from authrelay.spool import writer
+from authrelay.spool.envelope import Envelope
 from authrelay.spool.store import Spool
+from authrelay.spool.writer import SPILL, Incoming
 from authrelay.tls import CertStore
 
 
@@ -73,6 +76,19 @@ class _HeldLog(MailLog):
         self.made = self.hold
 
 
+class _Spool(Spool):
+    """The spool, keeping each Incoming it begins (a test reads how much it took)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, fsync=False)
+        self.begun: list[Incoming] = []
+
+    def begin(self, envelope: Envelope) -> Incoming:
+        inc = super().begin(envelope)
+        self.begun.append(inc)
+        return inc
+
+
 class _Server:
     def __init__(self, tmp: Path, ca: trustme.CA) -> None:
         self.port = free_port()
@@ -86,7 +102,7 @@ class _Server:
         })
         UserDB(self.cfg.userdb_path).add("alice", "correct horse",
                                          ["alice@example.org"])
-        self.spool = Spool(tmp / "spool", fsync=False)
+        self.spool = _Spool(tmp / "spool")
         self.spool.ensure_dirs()
         self.held: _HeldCounters  # made with the server, on its loop
         self.log = _HeldLog(f"file:{self.cfg.state_dir}/maillog")
@@ -197,6 +213,50 @@ def test_the_queue_file_is_made_while_the_message_arrives(
         server.release()
         c.quit()
     assert [p.name for p in _queue_files(server) if "." not in p.name] == committed
+
+
+def test_a_large_message_waiting_for_its_early_create_does_not_hold_the_loop(
+        server: _Server, trustme_ca: trustme.CA) -> None:
+    """Every commit thread busy (fsyncs on a slow disk, say) and the early create of a
+    message still queued behind them when its first 128 KiB are in: that session waits
+    for its file, the event loop does not (it used to wait in write(), and every other
+    session of the process with it). Another session is answered meanwhile; once the
+    threads are free the message is stored whole."""
+    body = b"".join(b"%06d " % i + b"x" * 70 + b"\r\n" for i in range(SPILL // 78 + 800))
+    head = b"From: alice@example.org\r\nSubject: big\r\n\r\n"
+    a = _to_bob(server, trustme_ca)
+    b = _to_bob(server, trustme_ca)
+    gate = threading.Event()
+    release = threading.Timer(10, gate.set)  # the old write() held the loop until this
+    pool = writer.commit_pool()  # the in-process server's
+    blockers: list[object] = []
+    server.thread.call_soon(lambda: blockers.extend(
+        pool.run(lambda: gate.wait(30)) for _ in range(pool.size)))
+    try:
+        wait_until(lambda: len(blockers) == pool.size, "every commit thread held")
+        a.putcmd("data")
+        assert a.getreply()[0] == 354
+        a.send(head + body)  # past SPILL; no dot yet
+        (inc,) = wait_until(lambda: [i for i in server.spool.begun if i.size >= SPILL],
+                            "the first 128 KiB of the message taken in")
+        release.start()
+        assert b.noop()[0] == 250
+        assert not gate.is_set(), "a session's reply waited for the commit threads"
+        assert not list(server.spool.queue_dir.iterdir())  # the create is still queued
+        gate.set()
+        a.send(b".\r\n")
+        code, text = a.getreply()
+        assert code == 250 and inc.queue_id in text.decode()
+        path, offset = server.spool.body_path(inc.queue_id)
+        data = path.read_bytes()[offset:]
+        assert head[:-2] in data and data.endswith(b"\r\n\r\n" + body)
+        assert server.held.entered.wait(10)
+        server.release()
+        a.quit()
+        b.quit()
+    finally:
+        release.cancel()
+        gate.set()
 
 
 def test_a_strangers_message_on_25_gets_its_file_at_the_dot(

@@ -429,3 +429,36 @@ def test_an_abort_while_commit_waits_for_the_early_create_stores_nothing(
     assert isinstance(outcome, fmt.SpoolError), outcome
     wait_until(lambda: not list(spool.queue_dir.iterdir()),
                "nothing stored for the aborted message")
+
+
+def test_a_message_that_ends_while_its_early_create_is_queued_is_stored_whole(
+        spool: Spool) -> None:
+    """Past SPILL with the early create still queued, write() keeps the bytes (the caller
+    is handed the create to await, spill_wait); a commit in that state waits for the
+    create and writes the whole message from memory; a write after the create takes the
+    file and streams as before."""
+    gate = threading.Event()
+
+    async def main(more: bool) -> tuple[str, bool]:
+        pool = writer_mod.commit_pool()
+        blockers = [pool.run(lambda: gate.wait(30)) for _ in range(pool.size)]
+        inc = spool.begin(_env())
+        inc.create_early()
+        inc.write(BIG)
+        wait = inc.spill_wait()
+        assert wait is not None and not (spool.queue_dir / inc.queue_id).exists()
+        gate.set()
+        await asyncio.wait((wait,))
+        assert inc.spill_wait() is None
+        if more:
+            inc.write(b"one more line\r\n")  # takes the file made meanwhile
+        await inc.commit()
+        await asyncio.gather(*blockers)
+        gate.clear()
+        return inc.queue_id, more
+
+    for more in (False, True):
+        qid, _ = asyncio.run(main(more))
+        path, offset = spool.body_path(qid)
+        assert path.read_bytes()[offset:] == BIG + (b"one more line\r\n" if more else b"")
+        spool.verify(qid)  # lengths and checksum

@@ -68,6 +68,9 @@ class Draft(Protocol):
     """A message on its way into the spool (spool/submit.py's Draft)."""
 
     def write(self, data: bytes) -> None: ...  # never raises; problems come from commit()
+    # None, or what to await (asyncio.wait) before the next write: the early create
+    # still being made past 128 KiB (spool/writer.py Incoming.spill_wait)
+    def spill_wait(self) -> asyncio.Future[Any] | None: ...
     # raises spool.submit.Refused; on_durable runs once the message is on disk
     def commit(self, on_durable: Callable[[], None] | None = None) -> Awaitable[None]: ...
     def abort(self) -> None: ...  # idempotent
@@ -371,6 +374,10 @@ class Session:
         eng = self.eng
         if isinstance(ev, p.BodyData):
             self._store(ev.segments)
+            draft = self._draft
+            wait = draft.spill_wait() if draft is not None else None
+            if wait is not None:  # the file still being made: this session waits, not
+                await asyncio.wait((wait,))  # the loop (a cancel leaves the create be)
         elif isinstance(ev, p.RcptRequest):
             await self._rcpt(ev)
         elif isinstance(ev, p.MailRequest):

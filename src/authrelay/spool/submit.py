@@ -283,6 +283,11 @@ class Draft:
         (Incoming.create_early; on an event loop)."""
         self._incoming.create_early()
 
+    def spill_wait(self) -> asyncio.Future[Any] | None:
+        """What to await (asyncio.wait) before the next write(), or None: the early
+        create still being made past 128 KiB (Incoming.spill_wait)."""
+        return self._incoming.spill_wait()
+
     @property
     def size(self) -> int:
         """Bytes stored so far (our header lines included)."""

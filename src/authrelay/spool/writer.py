@@ -16,7 +16,10 @@ are kept in memory and the file is created by a commit thread (creating a file o
 can wait behind a journal commit, which must not stall the event loop): at commit, or
 while the message arrives after `create_early()` (an SMTP session's, so the create is off
 the dot-to-250 path); a larger message creates its file (or takes the early one) then
-and streams, so memory per session stays bounded by SPILL.
+and streams, so memory per session stays bounded by SPILL. The event loop never waits for
+a commit thread: an early create still queued at SPILL leaves the bytes in memory and
+`spill_wait()` hands the caller the create to await before its next write (SPILL plus
+one write held); the order of the bytes and the durability contract are unchanged.
 The checksum is computed incrementally as bytes arrive (format.checksum).
 
 `signer.sign_stream(chunks) -> header lines | None` (`MessageSigner`: DKIM) runs in the
@@ -303,8 +306,9 @@ class Incoming:
             os.close(fd)
 
     def _take_early(self) -> int | None:
-        """The early-created file, waiting for its thread if need be (write() at SPILL
-        bytes: a create on the loop, as without it); None when it failed or none began."""
+        """The early-created file, waiting for its thread if need be (only in a commit
+        thread: write() spills once that thread is done, commit() awaits it first); None
+        when it failed or none began."""
         if self._early is None:
             return None
         self._early_done.wait()
@@ -368,10 +372,25 @@ class Incoming:
         self._crc = fmt.checksum(data, self._crc)
         if self._fd is None:
             self._buf += data
-            if len(self._buf) >= SPILL:
+            # An early create still queued (every commit thread busy): the bytes stay in
+            # memory rather than the loop waiting for it; the caller awaits spill_wait().
+            if len(self._buf) >= SPILL and (self._early is None
+                                            or self._early_done.is_set()):
                 self._spill()
             return
         write_all(self._fd, data)
+
+    def spill_wait(self) -> asyncio.Future[Any] | None:
+        """The early create to await before the next write(), or None (almost always).
+        Past SPILL bytes while create_early()'s thread has not made the file yet, write()
+        keeps the bytes in memory instead of waiting for it on the event loop (one large
+        message stalled every session of the process as long as the commit threads were
+        busy); a caller that awaits this (asyncio.wait: never cancel it) between writes
+        holds at most SPILL plus one write, and the next write() takes the file."""
+        if (self._fd is None and self._early is not None and len(self._buf) >= SPILL
+                and not self._early_done.is_set()):
+            return self._early
+        return None
 
     def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
         """The message bytes written so far, in pieces of at most `size` bytes."""
