@@ -1,8 +1,9 @@
 """The delivering process alone (scheduler + courier): CPU per message, 1 KiB, smart host.
 
-    PYTHONPATH=src python bench/master.py [N] [CONCURRENCY] [RATE] [LABEL]
+    PYTHONPATH=src python bench/master.py [N] [CONCURRENCY] [RATE] [LABEL] [SIZE]
 
-A forked producer commits N 1 KiB messages (plain SMTP from a trusted network: no AUTH
+A forked producer commits N messages of SIZE bytes (default 1 KiB; 80-column lines of
+text, as smtp-source's) (plain SMTP from a trusted network: no AUTH
 user) into a fresh spool, CONCURRENCY at a time and RATE a second at most (default 400,
 about the bench's (a)), each announced on `notify.sock` as a receiving worker does;
 this process runs the scheduler and courier as the daemon builds them (`wiring` when
@@ -35,7 +36,16 @@ from authrelay.spool.store import Spool
 MSG = (b"From: a@b.test\r\nTo: c@d.test\r\nSubject: x\r\n\r\n" + b"x" * 70 + b"\r\n") * 14
 
 
-def produce(spool_dir: Path, n: int, conc: int, rate: float, go: int) -> None:
+def message(size: int) -> bytes:
+    """The 1 KiB message above, or one of about `size` bytes: a header, then 80-column
+    lines (78 characters + CRLF)."""
+    if size <= len(MSG):
+        return MSG
+    head = b"From: a@b.test\r\nTo: c@d.test\r\nSubject: x\r\n\r\n"
+    return head + (b"X" * 78 + b"\r\n") * ((size - len(head)) // 80)
+
+
+def produce(spool_dir: Path, n: int, conc: int, rate: float, go: int, msg: bytes) -> None:
     """Child: wait for the go byte, then commit n messages, conc at a time, `rate` a second
     at most (faster than the scheduler drains, notify datagrams would be dropped and the
     periodic rescan would set the pace)."""
@@ -45,7 +55,7 @@ def produce(spool_dir: Path, n: int, conc: int, rate: float, go: int) -> None:
     async def one() -> None:
         env = Envelope(new_queue_id(), "a@b.test", [Recipient("c@d.test")])
         inc = spool.begin(env)
-        inc.write(MSG)
+        inc.write(msg)
         await inc.commit()
 
     async def run() -> None:  # paced as the bench's workers accept: `rate` per second
@@ -66,7 +76,8 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def deliver(state: str, port: int, n: int, conc: int, rate: float) -> tuple[float, float]:
+async def deliver(state: str, port: int, n: int, conc: int, rate: float, size: int
+                  ) -> tuple[float, float]:
     cfg = from_dict({"hostname": "bench.test", "state_dir": state,
                      "relay": {"smart_host": [f"127.0.0.1:{port}"],
                                "smart_host_tls": "none"}})
@@ -92,9 +103,16 @@ async def deliver(state: str, port: int, n: int, conc: int, rate: float) -> tupl
     pid = os.fork()
     if pid == 0:
         os.close(w)
-        produce(cfg.spool_dir, n, conc, rate, r)
+        produce(cfg.spool_dir, n, conc, rate, r, message(size))
     os.close(r)
+    prof = None
+    if os.environ.get("MASTER_PROFILE"):  # cProfile of the window, the loop thread's CPU
+        import cProfile
+
+        prof = cProfile.Profile(time.thread_time)
     c0, t0 = cpu(), time.monotonic()
+    if prof is not None:
+        prof.enable()
     os.write(w, b"g")
     produced = False
     while True:  # cheap polls: this process's CPU is the figure
@@ -103,6 +121,9 @@ async def deliver(state: str, port: int, n: int, conc: int, rate: float) -> tupl
         if produced and not any(True for _ in os.scandir(cfg.spool_dir / "queue")):
             break
     c1, t1 = cpu(), time.monotonic()
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(os.environ["MASTER_PROFILE"])
     await sched.stop()
     return c1 - c0, t1 - t0
 
@@ -112,6 +133,7 @@ def main() -> None:
     conc = int(sys.argv[2]) if len(sys.argv) > 2 else 10
     rate = float(sys.argv[3]) if len(sys.argv) > 3 else 400.0
     label = sys.argv[4] if len(sys.argv) > 4 else ""
+    size = int(sys.argv[5]) if len(sys.argv) > 5 else 1024
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -127,11 +149,12 @@ def main() -> None:
             pass
         with tempfile.TemporaryDirectory() as state:  # noqa: SIM117
             os.environ.get("MASTER_KEEP") and print(state, file=sys.stderr)
-            used, wall = asyncio.run(deliver(state, port, n, conc, rate))
+            used, wall = asyncio.run(deliver(state, port, n, conc, rate, size))
     finally:
         sink.terminate()
         sink.wait()
-    print(json.dumps({"label": label, "messages": n, "concurrency": conc, "rate": rate,
+    print(json.dumps({"label": label, "messages": n, "size": size, "concurrency": conc,
+                      "rate": rate,
                       "cpu_ms_per_msg": round(1000 * used / n, 3),
                       "msg_per_s": round(n / wall, 1)}))
 
