@@ -364,6 +364,19 @@ async def test_message_from_spool_file_with_offset(tmp_path: Path, dns: FakeDNSS
     assert json.loads(ej)["queue_id"] == env.queue_id
 
 
+async def test_message_bytes_with_offset_and_without(tmp_path: Path, dns: FakeDNSServer,
+                                                     fake_mx: MXFactory) -> None:
+    """Bytes at offset 0 are sent as they are (no copy, issue 22), from an offset only
+    what follows it."""
+    mx = fake_mx("127.0.0.2")
+    cfg = make_cfg(tmp_path, dns, fake_mx.port)
+    lead = b"NOT-SENT: x\r\n"
+    for message, offset in ((MSG, 0), (lead + MSG, len(lead))):
+        res = await send(cfg, envelope("bob@example.test"), message, offset)
+        assert res["bob@example.test"].ok
+    assert [m.content for m in mx.messages] == [MSG, MSG]
+
+
 async def test_unreadable_message_is_temporary(tmp_path: Path, dns: FakeDNSServer) -> None:
     res = await send(make_cfg(tmp_path, dns, 25), envelope("bob@example.test"),
                      tmp_path / "missing")

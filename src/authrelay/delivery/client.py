@@ -714,7 +714,9 @@ class Courier:
         return out, failed
 
     async def _load(self, message: bytes | Path, offset: int) -> bytes | _FileBody:
-        if isinstance(message, bytes | bytearray | memoryview):
+        if type(message) is bytes and not offset:  # the spool's load: no copy of it
+            raw = message
+        elif isinstance(message, bytes | bytearray | memoryview):
             raw = bytes(memoryview(message)[offset:])
         else:
             path = Path(message)
