@@ -280,9 +280,12 @@ _BODY_ERRORS: dict[str, Reply] = {
     LONG_LINE: replies.TEXT_LINE_TOO_LONG,
 }
 
-# Wire bytes of every constant reply, computed once (the hot path answers mostly these).
-_WIRE: dict[Reply, bytes] = {r: r.lines() for r in vars(replies).values()
-                             if isinstance(r, Reply)}
+# Wire bytes of every constant reply, computed once (the hot path answers mostly these),
+# keyed by identity: hashing a Reply runs the dataclass's Python __hash__ over its three
+# fields, which cost more than the lookup saved. Each value holds its reply, so no other
+# object can take its id; any other Reply (equal or not) is rendered by Reply.lines().
+_WIRE: dict[int, tuple[Reply, bytes]] = {id(r): (r, r.lines()) for r in vars(replies).values()
+                                         if isinstance(r, Reply)}
 
 _NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "BDAT", "SEND", "SOML", "SAML"})
 _JUNK = frozenset({"NOOP", "RSET", "HELP", "VRFY"})
@@ -638,8 +641,8 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
     def _reply(self, r: Reply) -> None:
-        w = _WIRE.get(r)
-        self._out.append(w if w is not None else r.lines())
+        w = _WIRE.get(id(r))
+        self._out.append(w[1] if w is not None else r.lines())
 
     def _expect(self, kind: str) -> object:
         if self.phase is not (Phase.TLS if kind == "tls" else Phase.WAIT) or \
