@@ -8,9 +8,12 @@ constants, edge cases and Hypothesis examples, so a fast path that differs fails
 
 from __future__ import annotations
 
-from engineharness import Harness
+from engineharness import Harness, make_config
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from authrelay import replies
+from authrelay.smtpd import protocol as p
 from authrelay.types import Reply
 
 
@@ -31,3 +34,51 @@ def test_every_constant_reply_and_an_equal_copy_go_out_as_reply_lines() -> None:
     # a reply the table does not hold: rendered as it is, never a constant's bytes
     odd = Reply(250, "2.0.0", "Ok\nsecond line")
     assert _wire(h, odd) == b"250-2.0.0 Ok\r\n250 2.0.0 second line\r\n"
+
+
+def _ehlo_reference(eng: p.Engine) -> bytes:
+    """The EHLO reply as the engine built it before its keyword lines were cached."""
+    lines = [f"{eng.hostname} greets {eng.helo}", "PIPELINING",
+             f"SIZE {eng.max_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
+    if not eng.tls and eng.tls_available:
+        lines.append("STARTTLS")
+    elif not eng.auth_user and eng.auth_available:
+        lines.append("AUTH " + " ".join(eng.mechanisms))
+    lines.append("HELP")
+    return Reply(250, "", "\n".join(lines)).lines()
+
+
+_STATES = st.tuples(st.sampled_from(["smtp", "submission", "submissions"]), st.booleans(),
+                    st.booleans(), st.booleans(), st.booleans())
+_CONFIGS = [make_config(), make_config({"hostname": "mx.other.example",
+                                        "limits": {"max_message_size": 12345},
+                                        "auth": {"mechanisms": ["login"]}})]
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.text(min_size=1, max_size=300).filter(lambda s: "\r" not in s and "\n" not in s),
+       state=_STATES, which=st.integers(0, len(_CONFIGS) - 1))
+@example(name="client.example", state=("smtp", False, True, True, False), which=0)
+@example(name="x\x00y\u00e9\u2028", state=("submission", True, True, True, True), which=1)
+def test_the_ehlo_greeting_and_quit_replies_are_the_bytes_reply_lines_gives(
+        name: str, state: tuple[str, bool, bool, bool, bool], which: int) -> None:
+    mode, tls_available, auth_available, tls_active, logged_in = state
+    cfg = _CONFIGS[which]
+    eng = p.Engine(cfg, mode=mode, tls_available=tls_available,
+                   auth_available=auth_available, tls_active=tls_active)
+    eng.greet()
+    assert eng.data_to_send() == Reply(220, "", f"{cfg.hostname} ESMTP authrelay").lines()
+    if logged_in:
+        eng.auth_user = "alice"
+    eng.receive_data(b"EHLO " + name.encode("utf-8", "surrogatepass") + b"\r\n")
+    while eng.next_event() is p.CONTINUE:
+        pass
+    out = eng.data_to_send()
+    if eng.helo is not None:
+        assert out == _ehlo_reference(eng)
+    else:  # refused: a constant reply
+        assert out in (replies.EHLO_SYNTAX.lines(), p._BAD_UTF8.lines())
+    eng.receive_data(b"QUIT\r\n")
+    while eng.next_event() not in (p.CLOSED, p.NEED_DATA):
+        pass
+    assert eng.data_to_send() == replies.bye(cfg.hostname).lines()

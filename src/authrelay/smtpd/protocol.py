@@ -317,6 +317,33 @@ def _upper(mechanisms: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(m.upper() for m in mechanisms)
 
 
+@functools.lru_cache(maxsize=8)
+def _greeting(hostname: str) -> bytes:
+    """The 220 banner's wire form (one per host name, not one per connection)."""
+    return Reply(220, "", f"{hostname} ESMTP authrelay").lines()
+
+
+@functools.lru_cache(maxsize=8)
+def _bye(hostname: str) -> bytes:
+    """QUIT's 221 in wire form."""
+    return replies.bye(hostname).lines()
+
+
+@functools.lru_cache(maxsize=32)
+def _ehlo_keywords(max_size: int, starttls: bool, auth: bool,
+                   mechanisms: tuple[str, ...]) -> bytes:
+    """The EHLO reply after its first line, in wire form: the same for every session of a
+    listener in the same state (STARTTLS offered, else the AUTH mechanisms if any)."""
+    lines = ["PIPELINING", f"SIZE {max_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
+             "DSN"]
+    if starttls:  # RFC 3207: only when it can be done
+        lines.append("STARTTLS")
+    elif auth:  # RFC 4954 4: mechanisms only where they may be used (after TLS)
+        lines.append("AUTH " + " ".join(mechanisms))
+    lines.append("HELP")
+    return Reply(250, "", "\n".join(lines)).lines()
+
+
 def notify_ok(value: str) -> bool:
     """RFC 3461 4.1: NEVER, or a comma list of SUCCESS, FAILURE, DELAY (any case)."""
     words = {w.upper() for w in value.split(",")}
@@ -437,7 +464,7 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
     def greet(self) -> None:
-        self._reply(Reply(220, "", f"{self.hostname} ESMTP authrelay"))
+        self._out.append(_greeting(self.hostname))
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the peer; b"" means end of input."""
@@ -833,15 +860,13 @@ class Engine:
         if not esmtp:
             self._reply(Reply(250, "", self.hostname))
             return
-        lines = [f"{self.hostname} greets {self.helo}", "PIPELINING",
-                 f"SIZE {self.max_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
-        if not self.tls and self.tls_available:  # RFC 3207: only when it can be done
-            lines.append("STARTTLS")
-        elif not self.auth_user and self.auth_available:
-            # RFC 4954 4: mechanisms only where they may be used (after TLS).
-            lines.append("AUTH " + " ".join(self.mechanisms))
-        lines.append("HELP")
-        self._reply(Reply(250, "", "\n".join(lines)))
+        starttls = not self.tls and self.tls_available
+        auth = not starttls and not self.auth_user and self.auth_available
+        # The first line as Reply.lines() renders it (the host name is a validated name
+        # and the client's one was made printable ASCII above: neither holds a line end),
+        # the keyword lines built once (test_engine_fastpaths pins the bytes).
+        self._out.append(f"250-{self.hostname} greets {self.helo}\r\n".encode("utf-8", "replace")
+                         + _ehlo_keywords(self.max_size, starttls, auth, self.mechanisms))
 
     def _noop(self, arg: str) -> None:
         self._reply(replies.NOOP)
@@ -854,7 +879,7 @@ class Engine:
         self._reply(replies.RESET)
 
     def _quit(self, arg: str) -> None:
-        self._reply(replies.bye(self.hostname))
+        self._out.append(_bye(self.hostname))
         self._close("quit", abort=False)
 
     def _vrfy(self, arg: str) -> None:
