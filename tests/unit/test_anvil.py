@@ -179,3 +179,25 @@ def test_a_worker_killed_holding_the_lock_wedges_nobody() -> None:
     t.join(30)  # a liveness guard, not a measure: blocked for good on the old lock
     assert got and got[0] == ADMIT
     assert s.gauge("192.0.2.1") == 1
+
+
+def test_each_pools_tuple_counts_in_its_own_pools_whatever_came_before() -> None:
+    """The counter indices are remembered per pools tuple (an Acceptor's, the same for
+    every connection): a new tuple (a reload), even one made where the last one was freed
+    (the same id), and a list changed in place count in the pools they name now."""
+    s = SharedCounters(workers=1)
+    s.adopt(0)
+    for n in range(50):
+        pools = (Pool("*", 0), Pool(f"listener:n{n}", 1))
+        assert s.try_acquire("192.0.2.1", pools, 0).admitted
+        assert s.try_acquire("192.0.2.1", pools, 0).reason == f"pool:listener:n{n}"
+        s.release("192.0.2.1", pools)
+        assert s.pool_level(f"listener:n{n}") == 0 and s.pool_level("*") == 0
+        del pools
+    changing = [Pool("*", 0), Pool("listener:x", 0)]
+    s.try_acquire("192.0.2.2", changing, 0)
+    changing[1] = Pool("listener:y", 0)
+    s.try_acquire("192.0.2.2", changing, 0)
+    assert (s.pool_level("listener:x"), s.pool_level("listener:y"), s.pool_level("*")) \
+        == (1, 1, 2)
+    assert s.forget(0) == 2 + 2 + 2  # the ledger holds what the gauges hold

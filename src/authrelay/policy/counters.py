@@ -190,6 +190,8 @@ class SharedCounters:
         # when full (a flood of addresses costs the hash again, never memory)
         self._slots: dict[str, int] = {}
         self._pools: dict[str, int] = {}  # pool key -> its counter's index (never moves)
+        # id(pools) -> (pools, their indices): the object is kept, so its id is not reused
+        self._pool_sets: dict[int, tuple[Sequence[Pool], tuple[tuple[int, Pool], ...]]] = {}
 
     def _pool(self, key: str) -> int:
         """The index of pool `key`'s own counter (see the module's contract)."""
@@ -281,9 +283,9 @@ class SharedCounters:
         """Check every pool, the IP gauge and the connection rate; count the connection in
         all of them, atomically across workers (`max_ip` 0: no per-IP limit; `rate` 0:
         no rate)."""
-        a, base = self._a, self._base["conns"]
-        idx = [(self._pool(p.key), p) for p in pools]
-        ip_i = base + self._slot(ip)
+        a, row = self._a, self._row
+        idx = self._pool_indices(pools)
+        ip_i = self._base["conns"] + self._slot(ip)
         with self._lock:
             for i, p in idx:
                 if p.cap and a[i] >= p.cap:
@@ -299,18 +301,39 @@ class SharedCounters:
                 a[0] = int(tat * 1e9)
             for i, _p in idx:
                 a[i] += 1
-                self._held(i, 1)
             a[ip_i] += 1
-            self._held(ip_i, 1)
+            if row is not None:  # the ledger's side (see _held)
+                for i, _p in idx:
+                    a[row + i] += 1
+                a[row + ip_i] += 1
         return Admission(None, delay) if delay else ADMIT
 
     def release(self, ip: str, pools: Sequence[Pool]) -> None:
-        a, base = self._a, self._base["conns"]
-        idx = [self._pool(p.key) for p in pools] + [base + self._slot(ip)]  # before the lock
+        a, row = self._a, self._row
+        idx = self._pool_indices(pools)
+        ip_i = self._base["conns"] + self._slot(ip)  # (before the lock)
         with self._lock:
-            for i in idx:
+            for i, _p in idx:
                 a[i] = max(0, a[i] - 1)
-                self._held(i, -1)
+            a[ip_i] = max(0, a[ip_i] - 1)
+            if row is not None:  # the ledger's side (see _held)
+                for i, _p in idx:
+                    a[row + i] -= 1
+                a[row + ip_i] -= 1
+
+    def _pool_indices(self, pools: Sequence[Pool]) -> tuple[tuple[int, Pool], ...]:
+        """(counter index, pool) of each pool, remembered per `pools` tuple: an Acceptor
+        passes the same one for every connection (a new one after a reload)."""
+        hit = self._pool_sets.get(id(pools))
+        if hit is not None and hit[0] is pools:
+            return hit[1]
+        idx = tuple((self._pool(p.key), p) for p in pools)
+        if type(pools) is not tuple:  # a list may change: not remembered
+            return idx
+        if len(self._pool_sets) >= POOL_SLOTS:  # reloads: start over rather than grow
+            self._pool_sets.clear()
+        self._pool_sets[id(pools)] = (pools, idx)
+        return idx
 
     # windows -------------------------------------------------------------------
     def _window(self, table: str, key: str, period: float, now: float, add: int) -> float:
