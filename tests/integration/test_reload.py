@@ -136,6 +136,24 @@ def test_a_large_config_reaches_every_worker(relay_factory) -> None:  # noqa: AN
             assert "renamed.test" in c.reply().text
 
 
+def test_a_session_after_a_reload_gets_the_new_config_on_a_listener_already_used(
+        relay_factory) -> None:  # noqa: ANN001
+    """A listener's session dependencies (the config among them) are made once and kept
+    until a reload: sessions before it greet with the old hostname, every session after
+    it with the new one, on both workers."""
+    r = relay_factory(workers=2)
+    r.wait_for(lambda: r.maillog().count("daemon=started") >= 3, what="started")
+    for _ in range(6):  # connections land on either worker
+        with RawClient(r.ports["submission"]) as c:
+            assert "renamed.test" not in c.reply().text
+    data = dict(r.config_data)
+    data["hostname"] = "renamed.test"
+    _reload(r, data, 3)
+    for _ in range(6):
+        with RawClient(r.ports["submission"]) as c:
+            assert "renamed.test" in c.reply().text
+
+
 def test_a_fifo_named_as_the_config_is_refused_at_once(relay_factory) -> None:  # noqa: ANN001
     """The master read the config on SIGHUP with a blocking open() and no bound: a FIFO
     (or a device) in the file's place held the reading thread until something wrote to

@@ -69,7 +69,10 @@ class SMTPServer:
         self.cfg = cfg
         self.authenticator = authenticator
         self.certs = certs
-        self.checks = checks
+        # Each listener's SessionDeps, made at its first session: every field is fixed
+        # until a reload or a new `checks` (both empty this).
+        self._deps: dict[str, SessionDeps] = {}
+        self._checks = checks
         self.metrics = metrics
         self.policy = RelayPolicy(cfg, recipients)
         self.share = share
@@ -89,10 +92,20 @@ class SMTPServer:
         self.fd_budget = fd_budget()
         self._fd_warned = False
 
+    @property
+    def checks(self) -> HostChecks | None:
+        return self._checks
+
+    @checks.setter
+    def checks(self, checks: HostChecks | None) -> None:  # (a reload's new DNS checks)
+        self._checks = checks
+        self._deps.clear()
+
     def reload(self, cfg: Config, recipients: LocalRecipients | None = None) -> None:
         """SIGHUP: new limits and policy for new sessions; live ones keep theirs.
         `recipients`: the local recipients list of `cfg` (loaded by the caller, which
         refuses the reload when it cannot be read)."""
+        self._deps.clear()
         self.cfg = cfg
         self.policy = RelayPolicy(cfg, recipients)
         self.throttle.reload(cfg)
@@ -148,13 +161,17 @@ class SMTPServer:
         return self.certs.context if self.certs is not None else None
 
     def session_deps(self, ln: Listener) -> SessionDeps:
-        """The narrow interfaces a session gets (never the server itself)."""
-        return SessionDeps(
-            cfg=self.cfg, listener=ln.name, mode=ln.mode, policy=self.policy,
-            authenticator=self.authenticator, submitter=self.submitter,
-            tls_context=self.tls_context,
-            checks=self.checks, maillog=self.maillog, metrics=self.metrics,
-            containment=self.containment)
+        """The narrow interfaces a session gets (never the server itself): one per
+        listener until a reload."""
+        deps = self._deps.get(ln.name)
+        if deps is None:
+            deps = self._deps[ln.name] = SessionDeps(
+                cfg=self.cfg, listener=ln.name, mode=ln.mode, policy=self.policy,
+                authenticator=self.authenticator, submitter=self.submitter,
+                tls_context=self.tls_context,
+                checks=self.checks, maillog=self.maillog, metrics=self.metrics,
+                containment=self.containment)
+        return deps
 
     # admission hooks (admission.py) ------------------------------------------
     def refused(self, ln: Listener, ip: str, r: Reply, reason: str, tls: bool) -> None:
