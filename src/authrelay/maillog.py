@@ -748,7 +748,9 @@ class MailLog:
         thread (at once when no writer thread takes this process's lines). The spool's
         notice to the scheduler goes this way: another process's delivery line can never
         be written before the `from=` line of its message (both processes' writer threads
-        gather lines for `_GATHER` before writing them)."""
+        gather lines for `_GATHER` before writing them). A target that takes nothing holds
+        `fn` as long as it holds the lines: a caller that must not wait for ever bounds
+        its own wait (spool/submit.NOTICE_WAIT)."""
         if self._thread is None or self._pid != _pid:
             fn()
             return

@@ -87,7 +87,7 @@ from authrelay.types import DeliveryResult
 
 log = logging.getLogger(__name__)
 
-RESCAN_INTERVAL = 60.0
+RESCAN_INTERVAL = 60.0  # read when a Scheduler is made
 RECOVER_INLINE = 2000  # queue/ entries (files and states) recovered before start() returns
 BUSY_RETRY = 0.2  # a message under a control operation is looked at again this soon
 NEXT_ATTEMPT_SLACK = 0.5  # recipients due within this are tried with the rest
@@ -163,13 +163,13 @@ UNLINK_GATHER = 0.005
 class Scheduler:
     def __init__(self, cfg: Config, spool: Spool, courier: CourierLike,
                  maillog: maillog_mod.MailLog, *, submitter: Submitter,
-                 rescan_interval: float = RESCAN_INTERVAL, max_active: int = 20000,
+                 rescan_interval: float | None = None, max_active: int = 20000,
                  recover_inline: int = RECOVER_INLINE) -> None:
         self.cfg = cfg
         self.spool = spool
         self.courier = courier
         self.maillog = maillog
-        self.rescan_interval = rescan_interval
+        self.rescan_interval = RESCAN_INTERVAL if rescan_interval is None else rescan_interval
         self.max_active = max_active  # messages loaded at once (memory bound)
         self.recover_inline = recover_inline  # a bigger queue is recovered in the background
         self.concurrency = max(1, cfg.delivery.concurrency)

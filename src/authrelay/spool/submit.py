@@ -47,6 +47,7 @@ import errno
 import functools
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
@@ -89,6 +90,13 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # The maillog's reason on an authenticated user's message left unsigned for its From:.
 FROM_NOT_OWNED_NOTE = "From: not owned by user"  # = dkim.signer.FROM_NOT_OWNED
 SPACE_CACHE = 1.0  # seconds a statvfs answer is reused
+# Seconds the scheduler's notice of a committed message waits for the message's `from=`
+# line to be written (MailLog.then) before it goes anyway: a log target that takes
+# nothing (a pipe nobody reads, a hung NFS mount) must not hold deliveries until the
+# scheduler's rescan. A target that writes normally takes the writer's 5 ms gather and one
+# write; 2 s is the syslog target's own limit for a batch (syslogsocket.SEND_TIMEOUT),
+# past which the maillog already treats a target as stalled.
+NOTICE_WAIT = 2.0
 
 
 class Refused(Exception):
@@ -118,6 +126,49 @@ def _announce_on(loop: asyncio.AbstractEventLoop, announce: Callable[[], None]) 
         loop.call_soon_threadsafe(announce)
 
 
+class _Notice:
+    """The scheduler's notice of one committed message: sent once, by the first caller."""
+
+    __slots__ = ("announce", "due")
+
+    def __init__(self, announce: Callable[[], None], due: float) -> None:
+        self.announce: Callable[[], None] | None = announce
+        self.due = due
+
+    def send(self) -> None:
+        announce, self.announce = self.announce, None
+        if announce is not None:
+            announce()
+
+
+class _Notices:
+    """The notices of one event loop not sent yet, oldest first. Each goes once its
+    message's `from=` line is written (MailLog.then, handed back to the loop) or
+    NOTICE_WAIT after the commit, whichever is first: one timer for all of them, armed
+    only while some wait, so a log that writes normally costs a deque entry per message."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._waiting: deque[_Notice] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, announce: Callable[[], None]) -> Callable[[], None]:
+        """The call that sends `announce`'s notice (at most once); it goes by itself
+        NOTICE_WAIT from now."""
+        n = _Notice(announce, self.loop.time() + NOTICE_WAIT)
+        self._waiting.append(n)
+        if self._timer is None:
+            self._timer = self.loop.call_at(n.due, self._expire)
+        return n.send
+
+    def _expire(self) -> None:
+        now = self.loop.time()
+        waiting = self._waiting
+        while waiting and (waiting[0].announce is None or waiting[0].due <= now):
+            waiting.popleft().send()  # (a no-op for one sent already)
+        self._timer = self.loop.call_at(waiting[0].due, self._expire) if waiting else None
+
+
 def _io_refusal(e: BaseException) -> Refused:
     if isinstance(e, OSError) and e.errno in _NO_SPACE:
         return Refused(replies.NO_STORAGE, os.strerror(e.errno), e.errno)
@@ -137,6 +188,7 @@ class Submitter:
         self.maillog = maillog
         self.signer = signer
         self._space: tuple[float, int] = (-1e9, 0)  # (monotonic time, bytes free)
+        self._notices: _Notices | None = None  # of the event loop that commits
         # Told +1 when a message begins and -1 when it is committed or aborted (the
         # queue's "incoming" gauge: metrics.Metrics.receiving, set by wiring).
         self.receiving: Callable[[int], None] | None = None
@@ -145,6 +197,12 @@ class Submitter:
         self.cfg = cfg
         if self.signer is not None:  # the DKIM signer re-reads its keys and [dkim]
             self.signer.reload(cfg)
+
+    def notices(self, loop: asyncio.AbstractEventLoop) -> _Notices:
+        """The pending scheduler notices of `loop` (one loop per process in serve)."""
+        if self._notices is None or self._notices.loop is not loop:
+            self._notices = _Notices(loop)
+        return self._notices
 
     # ------------------------------------------------------------------ free space
     def free_bytes(self) -> int:
@@ -446,9 +504,11 @@ class Draft:
                    on_durable: Callable[[], None] | None = None) -> None:
         """`on_durable`, then the maillog `from=` line, then the scheduler told
         (Incoming.announce) once that line is written (MailLog.then): a delivery line
-        never comes before it, whichever thread or process delivers. On an event loop the
-        notice is handed back to it (the Notifier is the loop's); its loop closed
-        meanwhile (a stopping worker), the scheduler's rescan finds the message."""
+        never comes before it, whichever thread or process delivers, while the log target
+        takes lines: on an event loop the notice goes NOTICE_WAIT after the commit if
+        the line is not written by then (a stalled target), and when it is written it is
+        handed back to the loop (the Notifier is the loop's); its loop closed meanwhile
+        (a stopping worker), the scheduler's rescan finds the message."""
         self._end()
         try:
             if on_durable is not None:
@@ -465,8 +525,8 @@ class Draft:
                 if loop is None:
                     self.submitter.maillog.then(announce)
                 else:
-                    self.submitter.maillog.then(
-                        functools.partial(_announce_on, loop, announce))
+                    self.submitter.maillog.then(functools.partial(
+                        _announce_on, loop, self.submitter.notices(loop).add(announce)))
 
     def _log_queued(self, log: dict[str, Any]) -> None:
         ml = self.submitter.maillog

@@ -1,0 +1,149 @@
+"""A log target that takes nothing does not hold up deliveries.
+
+Since 25cf3be the scheduler is told of a new message once the receiving worker's maillog
+writer has written its `from=` line (MailLog.then). A real `authrelay serve` (master and
+two workers) logs into a FIFO (`[log] target = "file:FIFO"`) whose reader the test pauses
+with the pipe full, as a log pipe nobody reads or a hung NFS mount: every write of every
+process's writer thread blocks. A message accepted then still reaches the next hop
+(aiosmtpd) within spool/submit.NOTICE_WAIT, not at the scheduler's rescan (made an hour
+here by a sitecustomize hook, so the test cannot pass through it), and once the reader
+reads again every line of the message is there, each process's in its order.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import smtplib
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fakes.smtpserver import MXFactory
+from relayproc import RelayProcess
+from support.wait import wait_until
+
+pytestmark = pytest.mark.slow
+
+_HOOK = ("import authrelay.scheduler.scheduler\n"
+         "authrelay.scheduler.scheduler.RESCAN_INTERVAL = 3600.0\n")
+
+
+class FifoReader:
+    """The reading end of a FIFO, read by a thread that can be paused: paused, it reads
+    nothing, and `fill()` leaves the pipe with no room, so every writer blocks."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self._data = bytearray()
+        self._go = threading.Event()
+        self._go.set()
+        self._idle = threading.Event()  # paused, and not inside a read
+        self._stop = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        import select
+
+        while not self._stop:
+            if not self._go.is_set():
+                self._idle.set()
+                self._go.wait(0.2)
+                continue
+            self._idle.clear()
+            if select.select([self._fd], [], [], 0.2)[0]:
+                try:
+                    self._data += os.read(self._fd, 65536)
+                except BlockingIOError:
+                    continue
+
+    def pause(self) -> None:
+        self._go.clear()
+        assert self._idle.wait(5)
+
+    def fill(self) -> int:
+        """Bytes written until the pipe took no more (empty lines: no log line)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+        n = 0
+        try:
+            while True:
+                try:
+                    n += os.write(fd, b"\n" * 4096)
+                except BlockingIOError:
+                    try:  # the last page's room, a byte at a time
+                        while True:
+                            n += os.write(fd, b"\n")
+                    except BlockingIOError:
+                        return n
+        finally:
+            os.close(fd)
+
+    def resume(self) -> None:
+        self._go.set()
+
+    def lines(self) -> list[str]:
+        return [ln for ln in bytes(self._data).decode(errors="replace").splitlines() if ln]
+
+    def close(self) -> None:
+        self._stop = True
+        self._go.set()
+        self._thread.join()
+        os.close(self._fd)
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Iterator[FifoReader]:
+    reader = FifoReader(tmp_path / "maillog.fifo")
+    yield reader
+    reader.close()
+
+
+def _submit(r: RelayProcess) -> str:
+    with smtplib.SMTP("127.0.0.1", r.ports["smtp"], timeout=20) as s:
+        s.ehlo("client.example")
+        assert s.mail("someone@remote.example")[0] == 250
+        assert s.rcpt("bob@local.test")[0] == 250
+        code, msg = s.data(b"Subject: stalled log\r\n\r\nbody\r\n")
+        assert code == 250, msg
+        return msg.decode().rsplit(" ", 1)[1]
+
+
+def test_a_message_accepted_while_the_log_takes_nothing_is_delivered(
+        relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory, fifo: FifoReader,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOOK)
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    smart = fake_mx("127.0.0.2")
+    r = relay_factory({"log": {"target": f"file:{fifo.path}"},
+                       "relay": {"smart_host": [smart.address], "smart_host_tls": "none"}},
+                      workers=2, start=False)
+    r.start()
+    wait_until(lambda: sum("daemon=started" in ln for ln in fifo.lines()) == 3,
+               what=lambda: f"three processes started: {fifo.lines()[-20:]}")
+
+    fifo.pause()
+    assert fifo.fill() > 0  # from now on every write to the log blocks
+    qid = _submit(r)
+    # Delivered although no process can write a line: the notice did not wait for the
+    # from= line (the rescan is an hour away).
+    r.wait_for(lambda: len(smart.messages) == 1, timeout=30,
+               what="the message delivered while the log is stalled")
+    assert qid not in "\n".join(fifo.lines())
+
+    fifo.resume()  # the log drains: every line of the message, each process's in order
+    wait_until(lambda: any(f" {qid}: status=removed" in ln for ln in fifo.lines()),
+               what=lambda: f"the message's lines: {fifo.lines()[-20:]}")
+    mine = [ln for ln in fifo.lines() if f" {qid}: " in ln]
+    pids = {m[1] for ln in mine if (m := re.search(r" authrelay\[(\d+)\]: ", ln))}
+    assert len(pids) == 2, mine  # the worker's from=, the master's delivery lines
+    kinds = [re.search(r": (from|to|status)=", ln)[1] for ln in mine]  # type: ignore[index]
+    assert sorted(kinds) == ["from", "status", "to"], mine
+    assert kinds.index("to") < kinds.index("status"), mine  # the master's, in its order
+    assert "stat=Sent" in next(ln for ln in mine if f" {qid}: to=" in ln), mine
+    r.stop()
