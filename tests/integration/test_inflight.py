@@ -9,12 +9,15 @@ import json
 import os
 import re
 import signal
+import smtplib
 import socket
 import threading
+import time
 
 import pytest
 from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx, plain
+from support.procfs import unread_from
 from support.sessions import session_in_progress
 
 pytestmark = pytest.mark.slow
@@ -140,3 +143,49 @@ def test_a_stop_drains_sessions_and_deliveries_at_once(relay_factory, fake_mx) -
     r.start()
     r.wait_for(lambda: r.queued() == [], timeout=30)
     assert len(smart.messages) == 1
+
+
+def _submit_plain(r: RelayProcess, n: int) -> str:
+    with smtplib.SMTP("127.0.0.1", r.ports["smtp"], timeout=20) as s:
+        s.ehlo("client.example")
+        assert s.mail("someone@remote.example")[0] == 250
+        assert s.rcpt("bob@local.test")[0] == 250
+        code, msg = s.data(b"Subject: removal window %d\r\n\r\nbody\r\n" % n)
+        assert code == 250, msg
+        return msg.decode().rsplit(" ", 1)[1]
+
+
+def test_a_kill_between_the_next_hops_250_and_the_removal_is_announced(relay_factory,
+                                                                       fake_mx) -> None:
+    """A delivered message's file is removed up to UNLINK_GATHER (5 ms, and a thread
+    hand-off) after its delivery (e81e003): a kill -9 of the master in that window delivers
+    it again. The master is stopped (SIGSTOP) a little later after each delivery, until it
+    is caught there: the next hop's 250 read (nothing unread on its connection), the file
+    still queued. Killed then, the restart names the recipient as possibly delivered and
+    delivers it again: a duplicate, announced."""
+    smart = fake_mx("127.0.0.2")
+    r = relay_factory(overrides={"relay": {"smart_host": [smart.address],
+                                           "smart_host_tls": "none"}})
+    assert r.proc is not None
+    master = r.proc.pid
+    caught = None
+    for n in range(200):
+        qid = _submit_plain(r, n)
+        while len(smart.messages) <= n:  # the next hop has it; its 250 is on its way
+            time.sleep(0.0002)
+        time.sleep(n * 0.0005)  # each round stops the master a little later
+        os.kill(master, signal.SIGSTOP)
+        if (r.queue_dir / qid).exists() and unread_from(master, smart.host, smart.port) == [0]:
+            caught = qid
+            break
+        os.kill(master, signal.SIGCONT)
+        r.wait_for(lambda q=qid: not (r.queue_dir / q).exists(), what=f"{qid} removed")
+    assert caught is not None, "the master was never stopped between the 250 and the removal"
+    delivered = len(smart.messages)
+    r.kill()  # SIGKILL, stopped where it was
+    r.start()
+    r.wait_for(lambda: len(smart.messages) == delivered + 1, what="delivered again")
+    assert smart.messages[-1].content == smart.messages[-2].content
+    line = r.wait_log(rf"{caught}: warning=delivery to <bob@local\.test> was in progress")
+    assert WARNING in line, line
+    r.wait_for(lambda: r.queued() == [], what="removed after the second delivery")

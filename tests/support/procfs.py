@@ -18,3 +18,29 @@ def sockets_of(pid: int) -> int:
             if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
                 n += 1
     return n
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                out.add(link[8:-1])
+    return out
+
+
+def unread_from(pid: int, host: str, port: int) -> list[int]:
+    """Bytes waiting unread in each of `pid`'s TCP sockets connected to host:port (IPv4):
+    /proc/net/tcp's rx_queue. 0: the process has read all the peer sent."""
+    a, b, c, d = (int(x) for x in host.split("."))
+    peer = f"{d:02X}{c:02X}{b:02X}{a:02X}:{port:04X}"
+    mine = _socket_inodes(pid)
+    out = []
+    with open(f"/proc/{pid}/net/tcp") as f:
+        next(f)
+        for line in f:
+            cols = line.split()
+            if cols[2] == peer and cols[3] == "01" and cols[9] in mine:  # ESTABLISHED
+                out.append(int(cols[4].split(":")[1], 16))
+    return out
