@@ -340,6 +340,8 @@ class _Run:
     workers: dict[int, _Worker] = field(default_factory=dict)  # master: pid -> worker
     master_sockets: list[socket.socket] = field(default_factory=list)  # closed on stop
     stopping: bool = False  # SIGTERM seen: a worker that exits now is not replaced
+    # master: told when a worker died (the scheduler sweeps the files it was receiving)
+    receiver_died: Callable[[], None] | None = None
 
 
 # Keys given on the serve command line (--workers, --log-format): the file's value is not
@@ -424,6 +426,8 @@ async def _serve_loop(run: _Run) -> int:
         if receiver is not None:
             spool.on_commit = scheduler.notify
         await scheduler.start()
+        if run.role == "master":
+            run.receiver_died = scheduler.receiver_died
         reporter = wiring.tls_reporter(cfg, scheduler, ml)  # RFC 8460 (tls_reports)
         if reporter is not None:
             reporter.start()
@@ -1010,6 +1014,8 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 Metrics.forget(pid)
             if stopping or run.stopping:
                 continue
+            if run.receiver_died is not None:  # its unfinished queue files: swept
+                run.receiver_died()
             # As Postfix's master throttles a service whose children keep dying at once:
             # a worker that dies within 10 s of its start makes the next start wait, 1 s,
             # 2 s, 4 s ... up to 60 s, so a crash loop is not a flood of forks and lines.

@@ -5,18 +5,25 @@
 - right after the 250 to the submitting client, before any delivery could happen: the
   spool file is intact (envelope and message) and is delivered after the restart;
 - after one recipient of a message was delivered and while another is in DATA: only the
-  unfinished one is tried again (per-recipient state survives the crash).
+  unfinished one is tried again (per-recipient state survives the crash);
+- a worker (not the master) killed while authenticated sessions are in DATA: their
+  unfinished queue files go without a restart, the other worker's live ones stay.
 Fake DNS and MX run in this test process (threads); the relay is a separate process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import smtplib
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
-from relayproc import RelayProcess
+from relayproc import PASSWORD, RelayProcess, children
 from test_e2e_delivery import (
     BODY,
     SENDER,
@@ -123,3 +130,76 @@ def test_sigkill_keeps_per_recipient_state(
     assert [m.rcpt_tos for m in c.messages][-1:] == [["cat@c.test"]]
     # a.test already had it: the restart did not send it again.
     assert (len(a.messages), a.connections) == (1, 1)
+
+
+def _in_data(relay: RelayProcess, head: bytes) -> tuple[smtplib.SMTP, Path]:
+    """alice's session (STARTTLS, AUTH) in DATA with `head` sent, and the queue file made
+    for it while the message arrives (not ready; its worker holds the lock)."""
+    before = set(relay.unready())
+    s = smtplib.SMTP("127.0.0.1", relay.ports["submission"], timeout=20)
+    s.ehlo("laptop.test")
+    s.starttls(context=relay.client_context())
+    s.ehlo("laptop.test")
+    s.login("alice", PASSWORD)
+    assert s.mail(SENDER)[0] == 250 and s.rcpt("bob@example.test")[0] == 250
+    s.putcmd("data")
+    assert s.getreply()[0] == 354
+    s.send(head)
+    (path,) = relay.wait_for(lambda: [p for p in relay.unready() if p not in before],
+                             what="the early queue file of the message in DATA")
+    return s, path
+
+
+def _holder(relay: RelayProcess, path: Path) -> int:
+    """The worker with `path` open (the receiving one)."""
+    def find() -> int | None:
+        for pid in children(relay.proc.pid):
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd) == str(path):
+                            return pid
+        return None
+    return relay.wait_for(find, what=f"the worker holding {path.name}")
+
+
+def test_a_killed_workers_unfinished_files_go_without_a_restart(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """kill -9 of a worker while authenticated sessions are in DATA: their unready
+    queue files (made at DATA) are removed by the master once past UNFINISHED_AGE, one
+    maillog line each, without a restart (they stayed until the next start, so a client
+    that got workers killed, or the OOM killer, filled the spool). A live slow DATA on
+    the other worker keeps its file and its message is accepted; a message committed
+    before, still queued, is delivered."""
+    mx1 = fake_mx("127.0.0.2")
+    dns.update({"example.test": "TIMEOUT"})  # nothing delivered until the end
+    relay = relay_factory(mx_overrides(dns, fake_mx.port), workers=2)
+    committed = submit(relay, ["bob@example.test"])
+    head = b"From: Alice <alice@sender.test>\r\nSubject: slow\r\n\r\n"
+    sessions: dict[int, list[tuple[smtplib.SMTP, Path]]] = {}
+    for _ in range(40):  # the kernel spreads connections over the workers
+        s, path = _in_data(relay, head)
+        sessions.setdefault(_holder(relay, path), []).append((s, path))
+        if len(sessions) == 2:
+            break
+    assert len(sessions) == 2, "every session landed on one worker"
+    victim, survivor = sessions
+    os.kill(victim, signal.SIGKILL)
+    for s, path in sessions[victim]:
+        s.close()
+        relay.wait_log(rf"{path.name}: warning=unfinished queue file removed")
+        assert not path.exists()
+    assert all(p.exists() for _, p in sessions[survivor])
+    assert (relay.queue_dir / committed).exists()  # committed: never swept
+    qids = [committed]
+    for s, _ in sessions[survivor]:  # the live ones finish after the sweep
+        s.send(b"Hello.\r\n.\r\n")
+        code, text = s.getreply()
+        assert code == 250, (code, text)
+        qids.append(text.decode().rsplit(" ", 1)[-1])
+        s.quit()
+    dns.update({"example.test": ZONES["example.test"]})
+    relay.wait_for(lambda: all(gone(relay, q) for q in qids), what="every message delivered")
+    assert len(mx1.messages) == len(qids)
+    assert relay.unready() == []

@@ -14,6 +14,7 @@ import dataclasses
 import email
 import email.policy
 import email.utils
+import os
 import re
 import shutil
 import tempfile
@@ -32,7 +33,7 @@ from authrelay import wiring
 from authrelay.config import Config, from_dict
 from authrelay.scheduler.scheduler import Scheduler
 from authrelay.spool.envelope import SENT, Envelope, Recipient, new_queue_id
-from authrelay.spool.store import Spool
+from authrelay.spool.store import UNFINISHED_AGE, Spool
 from authrelay.types import DeliveryResult
 
 OK = DeliveryResult.sent(250, "2.0.0", "Ok: queued as X", "mx.test [127.0.0.1]:25")
@@ -965,3 +966,41 @@ async def test_a_burst_of_deliveries_is_removed_in_batches_leaving_nothing(rig: 
     removed = [ln.split(":")[0] for ln in rig.log.grep("status=removed")]
     assert sorted(removed) == sorted(ids)  # each once
     assert list(rig.spool.queue_dir.iterdir()) == []  # no ID.state left either
+
+
+async def test_rescans_sweep_dead_receives_files_and_never_a_live_or_committed_one(
+        rig: Rig) -> None:
+    """A receive that died in DATA (a worker killed) leaves an unready file that nobody
+    holds: each rescan removes such files, one maillog line each, without a restart.
+    Across many sweeps a live receive idle past UNFINISHED_AGE (a slow DATA: its file
+    unchanged, its lock held) and a committed message waiting for its delivery stay;
+    both are delivered after."""
+    sched = await rig.start(rescan_interval=0.05)
+    gate = rig.courier.gates["b.example"] = asyncio.Event()
+    waiting = await put(rig.spool, ["bob@b.example"])
+    await until(lambda: rig.courier.calls, "the committed message in its delivery")
+    live = rig.spool.begin(Envelope(queue_id=new_queue_id(), sender="a@a.example",
+                                    recipients=[Recipient("carol@c.example")]))
+    live.create_early()
+    live.write(BODY[:20])
+    live_path = rig.spool.queue_dir / live.queue_id
+    await until(live_path.exists, "the live receive's file")
+    old = time.time() - 2 * UNFINISHED_AGE
+    for path in (live_path, rig.spool.queue_dir / waiting):
+        os.utime(path, (old, old))  # idle past the age: only the lock / ready bit count
+    for _ in range(5):  # each dead file's removal proves one more sweep
+        dead = rig.spool.queue_dir / new_queue_id()
+        dead.write_bytes(b"AUTHRELAY-SPOOL 2 receiving\n{")
+        dead.chmod(0o600)
+        os.utime(dead, (old, old))
+        await until(lambda d=dead: not d.exists(), "a rescan's sweep")
+        await until(lambda d=dead: rig.log.grep(d.name, "unfinished queue file removed"),
+                    "its maillog line")
+        assert live_path.exists() and (rig.spool.queue_dir / waiting).exists()
+    live.write(BODY[20:])
+    await live.commit()
+    gate.set()
+    await until(lambda: not rig.queued(), "both delivered")
+    assert sorted(c[1][0] for c in rig.courier.calls) == ["bob@b.example",
+                                                           "carol@c.example"]
+    assert not sched.active

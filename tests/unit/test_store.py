@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from support.wait import until
 from authrelay.spool import format as fmt
 from authrelay.spool import writer as writer_mod
 from authrelay.spool.envelope import FAILED, SENT, Envelope, Recipient, new_queue_id
-from authrelay.spool.store import CorruptError, Spool, UnsupportedVersion
+from authrelay.spool.store import UNFINISHED_AGE, CorruptError, Spool, UnsupportedVersion
 
 MSG = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nbody line\r\n.dot\r\n"
 
@@ -196,6 +197,43 @@ async def test_recover_removes_dead_tmp_but_not_live(spool: Spool) -> None:
     assert (spool.queue_dir / live.queue_id).exists()  # flock held by a live session
     await live.commit()
     assert spool.scan() == [live.queue_id]
+
+
+def _unready(spool: Spool, name: str, age: float) -> Path:
+    """An unready queue file nobody holds (what a receive killed in DATA leaves), last
+    changed `age` seconds ago."""
+    path = spool.queue_dir / name
+    path.write_bytes(b"AUTHRELAY-SPOOL 2 receiving\n{")
+    path.chmod(0o600)
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+async def test_sweep_removes_only_dead_receives_files(spool: Spool) -> None:
+    """Without a restart: an unready file nobody holds, unchanged for UNFINISHED_AGE, is
+    removed and its id given for the maillog; a younger one (a writer may be between its
+    create and its lock), one a live receive holds (however long it has been idle), and
+    a committed one stay."""
+    dead = _unready(spool, "2N5DEAD1", 2 * UNFINISHED_AGE)
+    young = _unready(spool, "2N5YOUNG1", 0)
+    live = spool.begin(_env())
+    live.write(b"x" * writer_mod.SPILL)  # streamed to its file, locked
+    live_path = spool.queue_dir / live.queue_id
+    old = time.time() - 2 * UNFINISHED_AGE
+    os.utime(live_path, (old, old))  # a slow DATA: idle past the age, its lock held
+    ready = await _put(spool, _env())
+    os.utime(spool.queue_dir / ready, (old, old))
+    assert spool.sweep_unfinished() == 1
+    assert spool.swept == ["2N5DEAD1"]
+    assert not dead.exists() and young.exists() and live_path.exists()
+    assert spool.scan() == [ready]
+    await live.commit()
+    assert spool.scan() == sorted([ready, live.queue_id], key=lambda s: (len(s), s))
+    # recover() at start takes every unready file nobody holds, whatever its age, and
+    # names each one too
+    spool.swept.clear()
+    assert spool.recover()["tmp_removed"] == 1 and spool.swept == ["2N5YOUNG1"]
 
 
 async def test_recover_beside_receiving_never_takes_a_message_being_committed() -> None:

@@ -80,7 +80,14 @@ from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, should_notify
 from authrelay.scheduler.inflight import InflightJournal
 from authrelay.spool.envelope import FAILED, SENT, Envelope, Recipient
-from authrelay.spool.store import CorruptError, Spool, SpoolError, commit_pool, is_queue_id
+from authrelay.spool.store import (
+    UNFINISHED_AGE,
+    CorruptError,
+    Spool,
+    SpoolError,
+    commit_pool,
+    is_queue_id,
+)
 from authrelay.spool.submit import Submitter
 from authrelay.spool.writer import settle
 from authrelay.types import DeliveryResult
@@ -158,6 +165,9 @@ class _Job:
 # (until then a crash re-delivers it, named "may have been delivered" by the in-flight
 # journal, as for a crash during the removal itself).
 UNLINK_GATHER = 0.005
+# The maillog's line for each unfinished queue file removed (recover, sweep_unfinished).
+UNFINISHED_REMOVED = ("unfinished queue file removed: its receive ended without a commit "
+                      "(the receiving process died; no 250 was sent for it)")
 
 
 class Scheduler:
@@ -212,6 +222,10 @@ class Scheduler:
         self._wake: asyncio.Event | None = None
         self._main: asyncio.Task[None] | None = None
         self._rescan: asyncio.Task[None] | None = None
+        # Recovery and the sweeps of dead receives' files, one at a time (each unlinks
+        # only under the file's lock; two at once could unlink a name re-created).
+        self._sweeping = asyncio.Lock()
+        self._sweep_timer: asyncio.TimerHandle | None = None  # after a receiver died
         self._nsock: socket.socket | None = None
         self._control: asyncio.AbstractServer | None = None
         self._lock_fd: int | None = None
@@ -256,11 +270,45 @@ class Scheduler:
             return any(i >= n for i, _ in enumerate(it))
 
     async def _recover(self) -> None:
-        try:
-            await self._io(self.spool.recover)
-        except OSError as e:
-            log.error("spool recovery failed (retried at the next start): %s", e)
+        async with self._sweeping:
+            try:
+                await self._io(self.spool.recover)
+            except OSError as e:
+                log.error("spool recovery failed (retried at the next start): %s", e)
         self._log_quarantined()
+        self._log_swept()
+
+    async def _sweep_unfinished(self) -> None:
+        """The files of receives that died (a worker killed in DATA, the OOM killer, a
+        killed sendmail command): removed without a restart (Spool.sweep_unfinished, in
+        a commit thread), one maillog line each. At every rescan, and UNFINISHED_AGE
+        after a receiving process died (`receiver_died`)."""
+        async with self._sweeping:
+            try:
+                await self._io(self.spool.sweep_unfinished)
+            except OSError as e:
+                log.error("sweep of unfinished queue files failed: %s", e)
+        self._log_swept()
+
+    def _log_swept(self) -> None:
+        q = self.spool.swept  # appended to by commit-pool threads: pop one by one
+        while q:
+            self.maillog.warning(UNFINISHED_REMOVED, queue_id=q.pop(0))
+
+    def receiver_died(self) -> None:
+        """A receiving process died (the master reaped a worker): the files it was
+        receiving into are swept once every one of them is past UNFINISHED_AGE (a later
+        death moves the sweep later; the rescan's sweeps go on meanwhile)."""
+        if self._loop is None or self._stopping:
+            return
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+        self._sweep_timer = self._loop.call_later(UNFINISHED_AGE + 0.5, self._swept_late)
+
+    def _swept_late(self) -> None:
+        self._sweep_timer = None
+        if not self._stopping:
+            self._spawn(self._sweep_unfinished())
 
     async def _warn_in_flight(self, leftovers: list[tuple[str, list[str]]]) -> None:
         """After a crash: the recipients a delivery attempt had under way, still pending,
@@ -309,6 +357,9 @@ class Scheduler:
     async def stop(self) -> None:
         """Stop taking work; let in-flight deliveries finish (up to shutdown_timeout)."""
         self._stopping = True
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         for t in (self._main, self._rescan):
             if t is not None:
                 t.cancel()
@@ -518,6 +569,7 @@ class Scheduler:
             await asyncio.sleep(self.rescan_interval)
             self._check_clock()
             await self._scan_all()
+            await self._sweep_unfinished()
 
     async def _scan_all(self) -> None:
         try:

@@ -25,7 +25,8 @@ Failure policy: blocking calls; the scheduler runs the slow ones in `commit_pool
 threads. `recover()` never raises for a bad file and skips files a live receiving process
 still holds (flock), so it is safe with workers and beside a running scheduler (an orphan
 state is looked at again before it goes; `save_state` writes again when its tmp file was
-taken).
+taken). `sweep_unfinished()` removes a dead receive's file while everything runs (a worker
+killed in DATA): unready, unchanged for `UNFINISHED_AGE`, nobody's lock.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 INLINE_MAX = 256 * 1024  # load_for_delivery returns messages up to this size as bytes
 
+
+# An unready queue file left unchanged this long, and locked by nobody, is a dead receive's
+# (a worker killed in DATA): `sweep_unfinished` removes it. Far past the microseconds
+# between a live writer's create and its lock; a live receive holds its lock throughout.
+UNFINISHED_AGE = 10.0
 
 QUEUE_ID_MAX = 64  # ours have 14 characters; a longer name is no queue id of ours
 
@@ -119,16 +125,32 @@ def _regular_or_absent(entry: os.DirEntry[str]) -> bool:
         return True
 
 
-def _remove_if_dead(path: str) -> bool:
-    """Unlink an unfinished spool file nobody holds (flock free, still not ready)."""
+def _remove_if_dead(path: str, min_age: float = 0.0) -> bool:
+    """Unlink an unfinished spool file nobody holds (flock free, still not ready), left
+    unchanged for at least `min_age` seconds.
+
+    A writer creates its file (O_EXCL) and then locks it (writer.Incoming._open_locked);
+    in between the file is free. The age is judged before the lock is tried, so a sweep
+    never holds the lock of a young file only to leave it: its writer, finding the lock
+    taken, waits for the name to be freed and would wait in vain. A file taken (with
+    `min_age` 0 at start, or a writer stalled past it) is unlinked under our lock, so its
+    writer sees it gone and creates it again; the ready bit is read under the lock (a
+    committed file is never removed), and only the file we hold is unlinked."""
     try:
         fd = _open_regular(path)
     except (FileNotFoundError, CorruptError):
         return False
     try:
+        if min_age > 0:
+            st = os.fstat(fd)
+            if _ready(st.st_mode) or time.time() - st.st_mtime < min_age:
+                return False
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if _ready(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if _ready(st.st_mode):
             return False  # committed meanwhile
+        if os.stat(path).st_ino != st.st_ino:
+            return False  # ours was unlinked already; this name is another's now
         os.unlink(path)
         return True
     except (BlockingIOError, FileNotFoundError):
@@ -167,6 +189,8 @@ class Spool:
         # (queue id, reason) of files moved to corrupt/, for the caller's audit log
         # (the scheduler writes maillog warnings for them and clears the list).
         self.quarantined: list[tuple[str, str]] = []
+        # Queue ids of unfinished files removed (recover, sweep_unfinished), likewise.
+        self.swept: list[str] = []
 
     @property
     def on_commit(self) -> Callable[[str], None] | None:
@@ -580,15 +604,8 @@ class Spool:
         # 250 is garbage, unless a live receiving process still holds its lock.
         with os.scandir(self.tmp_dir) as it:
             dead = [e.path for e in it]
-        with os.scandir(self.queue_dir) as it:
-            for e in it:
-                try:
-                    if (is_queue_id(e.name) and _regular_or_absent(e)
-                            and not _ready(e.stat(follow_symlinks=False).st_mode)):
-                        dead.append(e.path)
-                except FileNotFoundError:
-                    continue
-        counts["tmp_removed"] = sum(_remove_if_dead(path) for path in dead)
+        counts["tmp_removed"] = (sum(_remove_if_dead(path) for path in dead)
+                                 + self.sweep_unfinished(0.0))
         for d in (self.queue_dir, self.hold_dir):
             names = []
             with os.scandir(d) as it:
@@ -621,6 +638,31 @@ class Spool:
         if counts["tmp_removed"] or counts["corrupt"] or counts["orphans"]:
             log.warning("spool recovery: %s", counts)
         return counts
+
+    def sweep_unfinished(self, min_age: float = UNFINISHED_AGE) -> int:
+        """Remove the queue/ files of receives that died (not ready, nobody's lock,
+        unchanged for `min_age` seconds: a worker killed in DATA, a killed sendmail
+        command), without a restart; their ids are added to `swept` (the scheduler logs
+        each). Never a committed file, never one a live writer holds or is about to
+        lock (`_remove_if_dead`). Returns how many went."""
+        now = time.time()
+        dead = []
+        with os.scandir(self.queue_dir) as it:
+            for e in it:
+                try:
+                    if not is_queue_id(e.name) or not _regular_or_absent(e):
+                        continue
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not _ready(st.st_mode) and (min_age <= 0 or now - st.st_mtime >= min_age):
+                    dead.append(e.name)
+        n = 0
+        for name in dead:
+            if _remove_if_dead(self._queue_prefix + name, min_age):
+                self.swept.append(name)
+                n += 1
+        return n
 
     def _check_file(self, d: Path, qid: str, counts: dict[str, int]) -> None:
         """Start-up check: header, lengths, envelope (the checksum is checked before each

@@ -6,8 +6,9 @@ storage (fchmod ready, fsync file; then fsync queue/ as a group commit shared by
 concurrent commits, except on filesystems whose journal already commits the create with
 the file -- ext4, xfs, btrfs -- see `journal_orders_create`). RFC 5321 6.1: once we
 answer 250 to the final dot we are responsible for the message. A kill at any point
-leaves either a file without the ready mark (garbage, no 250 was sent; `recover()`
-removes it) or a complete, ready one. The version 2 header (lengths, checksum) is
+leaves either a file without the ready mark (garbage, no 250 was sent; `recover()` at
+start or, while the master runs, `Spool.sweep_unfinished()` removes it once nobody holds
+its lock) or a complete, ready one. The version 2 header (lengths, checksum) is
 written last, in the same fsync as the data, so a ready file always has a true header.
 
 The bytes stream to queue/ID (mode 0600 = "not ready"; commit sets the owner-execute
