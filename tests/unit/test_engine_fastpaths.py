@@ -12,7 +12,7 @@ from engineharness import Harness, make_config
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from authrelay import replies
+from authrelay import address, replies
 from authrelay.smtpd import protocol as p
 from authrelay.types import Reply
 
@@ -82,3 +82,19 @@ def test_the_ehlo_greeting_and_quit_replies_are_the_bytes_reply_lines_gives(
     while eng.next_event() not in (p.CLOSED, p.NEED_DATA):
         pass
     assert eng.data_to_send() == replies.bye(cfg.hostname).lines()
+
+
+_PATHISH = st.text(alphabet='<>"\\a@. =', max_size=14)
+
+
+@settings(max_examples=3000)
+@given(arg=_PATHISH)
+@example(arg='<"a>b"@c>')
+@example(arg='<"a\\">"@c> X=1')
+@example(arg='<a\\>b>')
+@example(arg='<"unclosed>')
+def test_the_end_of_a_path_found_by_find_is_the_one_the_scan_finds(arg: str) -> None:
+    assert address._path_end(arg) == address._scan_path_end(arg)
+    inner = arg[1:]
+    assert bool(inner and inner[0] == '"' and address._QUOTED.fullmatch(inner)) == bool(
+        address._QUOTED.fullmatch(inner))
