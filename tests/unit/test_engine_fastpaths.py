@@ -98,3 +98,48 @@ def test_the_end_of_a_path_found_by_find_is_the_one_the_scan_finds(arg: str) -> 
     inner = arg[1:]
     assert bool(inner and inner[0] == '"' and address._QUOTED.fullmatch(inner)) == bool(
         address._QUOTED.fullmatch(inner))
+
+
+_LIMIT_CONFIGS = [None, {"limits": {"max_auth_line_length": 300}},
+                  {"limits": {"max_line_length": 1000, "max_auth_line_length": 700}}]
+
+
+def _too_long(h: Harness, prefix: bytes, n: int, split: bool) -> bool:
+    """Send a line of `n` octets (CRLF included) starting with `prefix`: refused as too
+    long? Before it, the engine's own `_line_limit` (the slow form) says where the limit is."""
+    line = prefix + b"x" * (n - 2 - len(prefix)) + b"\r\n"
+    h.replies()
+    if split:
+        for k in range(len(line)):
+            h.feed(line[k:k + 1])
+    else:
+        h.feed(line)
+    return any(r[-1].startswith("500 5.5.6") for r in h.replies())
+
+
+def _limit(h: Harness, prefix: bytes) -> int:
+    h.eng._buf[:] = prefix
+    limit = h.eng._line_limit(h.eng.phase)
+    h.eng._buf.clear()
+    return limit
+
+
+def test_lines_are_refused_as_too_long_exactly_past_the_limit_line_limit_gives() -> None:
+    for overrides in _LIMIT_CONFIGS:
+        for prefix in (b"NOOP ", b"noop ", b"MAIL FROM:<a@b> X=", b"RCPT TO:<a@b> X=",
+                       b"AUTH PLAIN ", b"Auth plain ", b"HELP ", b"SASL"):
+            for split in (False, True):
+                h = Harness(mode="submissions", overrides=overrides)
+                h.send("EHLO client.example")
+                if prefix == b"SASL":  # a SASL response line (Phase.AUTH_LINE)
+                    h.send("AUTH LOGIN")
+                    assert h.eng.phase is p.Phase.AUTH_LINE
+                limit = _limit(h, prefix)
+                for n in (limit - 1, limit, limit + 1, limit + 2):
+                    if h.closed:
+                        break
+                    assert _too_long(h, prefix, n, split) == (n > limit), (overrides, prefix, n)
+                    if prefix == b"SASL" and h.eng.phase is not p.Phase.AUTH_LINE:
+                        h.send("AUTH LOGIN")
+                    elif h.eng.phase is p.Phase.AUTH_LINE:
+                        h.send("*")  # cancel an AUTH PLAIN that asked for more

@@ -518,7 +518,7 @@ class Engine:
                 if not self._data_step():
                     return NEED_DATA
             else:
-                line = self._take_line(self._line_limit(phase))
+                line = self._take_line(phase) if self._buf else None
                 if line is None:
                     if not self._eof:
                         return NEED_DATA
@@ -709,11 +709,13 @@ class Engine:
             self._events.append(aborted)  # (its queue id) is still open, as 552 / 554 are
         self._close("bare")
 
-    def _take_line(self, limit: int) -> bytes | _Sentinel | None:
+    def _take_line(self, phase: Phase) -> bytes | _Sentinel | None:
         """The next complete command line without CRLF; None: more input is needed;
         `_AGAIN`: a line was refused here (its reply queued), call again.
 
-        `limit` counts the CRLF (RFC 5321 4.5.3.1.4). An over-long line is dropped as it
+        The limit of `_line_limit(phase)` counts the CRLF (RFC 5321 4.5.3.1.4); it is
+        looked up only for a line longer than `max_line_length` (the least of the limits
+        but a SASL response line's). An over-long line is dropped as it
         arrives (memory stays bounded) and refused when its end comes; a bare CR or LF
         anywhere ends the session. The result does not depend on how the input was split.
         """
@@ -746,7 +748,8 @@ class Engine:
             if cr != -1 and cr != len(buf) - 1:
                 self._bare()
                 return _AGAIN
-            if len(buf) > limit:  # no line end yet: it is too long whatever follows
+            n = len(buf)  # no line end yet: too long whatever follows?
+            if (n > self.max_line or phase is Phase.AUTH_LINE) and n > self._line_limit(phase):
                 self._long_auth = self._auth_sized()
                 self._skipping = True
                 self._skip_cr = buf.endswith(b"\r")
@@ -755,7 +758,7 @@ class Engine:
         if i == 0 or buf[i - 1] != 13 or buf.find(b"\r", 0, i - 1) != -1:
             self._bare()
             return _AGAIN
-        if i + 1 > limit:
+        if (i >= self.max_line or phase is Phase.AUTH_LINE) and i + 1 > self._line_limit(phase):
             self._long_auth = self._auth_sized()
             del buf[:i + 1]
             self._line_too_long()
