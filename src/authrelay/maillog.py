@@ -750,8 +750,10 @@ class MailLog:
         be written before the `from=` line of its message (both processes' writer threads
         gather lines for `_GATHER` before writing them). A target that takes nothing holds
         `fn` as long as it holds the lines: a caller that must not wait for ever bounds
-        its own wait (spool/submit.NOTICE_WAIT)."""
-        if self._thread is None or self._pid != _pid:
+        its own wait (spool/submit.NOTICE_WAIT). While lines are being dropped
+        (MAX_WAITING wait) `fn` runs at once too: the line it waits for was dropped, and a
+        call queued for each would grow the process without bound."""
+        if self._thread is None or self._pid != _pid or self._waiting >= MAX_WAITING:
             fn()
             return
         self._q.put(fn)

@@ -337,6 +337,36 @@ def test_lines_for_a_target_that_takes_none_wait_in_bounded_memory(tmp_path: Pat
     assert written == sorted(written) and written[0] == 0
 
 
+def test_calls_after_lines_a_target_takes_none_of_wait_in_bounded_memory() -> None:
+    """MailLog.then (25cf3be: the spool's notice to the scheduler, one per message) queued
+    its call for the blocked writer thread however many lines were dropped meanwhile: a
+    stalled target grew the process by a call per message, without bound. Past
+    MAX_WAITING the line a call waits for was dropped: it runs at once; the queue stays
+    bounded, and every call runs once."""
+    total = maillog.MAX_WAITING + 50_000
+    code = textwrap.dedent(f"""
+        import sys
+        from authrelay import maillog
+        m = maillog.configure("stdout")
+        ran = []
+        for i in range({total}):
+            m.event(None, n=i)
+            m.then(lambda i=i: ran.append(i))
+        print("queued", m._q.qsize(), len(ran), flush=True, file=sys.stderr)
+        m.flush(60)
+        print("ran", len(ran), len(set(ran)), flush=True, file=sys.stderr)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stderr is not None
+    queued = p.stderr.readline().split()  # while nobody reads the pipe
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert int(queued[1]) <= 2 * maillog.MAX_WAITING + 2, queued
+    assert int(queued[2]) >= total - maillog.MAX_WAITING, queued  # ran at once
+    assert err.split() == ["ran", str(total), str(total)]
+
+
 def test_a_syslog_daemon_reading_slower_than_lines_come_does_not_pile_them_up(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A daemon that takes every line within SEND_TIMEOUT, but slowly (one every 0.3 s
