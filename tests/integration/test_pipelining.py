@@ -148,3 +148,26 @@ def test_final_250_then_the_next_pipelined_transaction(server: _Server) -> None:
         assert len(server.spool.scan()) == 2
     finally:
         c.close()
+
+
+def test_a_connection_has_the_small_send_buffer_and_its_clients_address(
+        server: _Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admission fixes an accepted socket's send buffer at listener.SNDBUF (the kernel
+    doubles it) before the loop takes it, and the session's peer is the client's (address,
+    port) as accept() gave it."""
+    seen: list[tuple[int, tuple[str, int]]] = []
+    real = listener.Connection.write
+
+    def recording(conn: listener.Connection, data: bytes) -> None:
+        assert conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        seen.append((sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), conn.peer))
+        real(conn, data)
+
+    monkeypatch.setattr(listener.Connection, "write", recording)
+    c = _Client(server.port)
+    try:
+        assert c.reply()[0] == 220
+        assert seen == [(2 * listener.SNDBUF, ("127.0.0.1", c.port))]
+    finally:
+        c.close()

@@ -76,7 +76,7 @@ from authrelay.config import Config, Listen
 from authrelay.policy.throttle import Admission, Exemptions, Pool, Share, Throttle
 from authrelay.smtpd import proxy
 from authrelay.smtpd.eviction import Candidate, Candidates
-from authrelay.smtpd.listener import peek_client_hello
+from authrelay.smtpd.listener import limit_send_buffer, peek_client_hello
 from authrelay.tls import handshake_failure
 from authrelay.types import Reply
 
@@ -149,9 +149,10 @@ class Ticket:
 
     def __init__(self, admission: Acceptor, ip: str, pools: Sequence[Pool],
                  exempt: bool, peer: tuple[str, int] | None = None,
-                 key: str | None = None) -> None:
+                 key: str | None = None, addr: object = None) -> None:
         self._adm = admission
         self.ip = ip
+        self.addr = addr  # the socket's peer as accept() gave it (None: not known)
         self.key = key or ip  # what the per-address limits counted this client under
         self.ekey = eviction_key(self.key)  # ... and eviction (an IPv6 client by its /48)
         self.pools = pools
@@ -486,8 +487,9 @@ class Acceptor:
                 self.candidates.pressed(ekey, time.monotonic())  # eviction.py: no tie slot
             self._refuse(sock, ip, adm)
             return
-        ticket = Ticket(self, ip, self.pools, exempt, peer, key)
+        ticket = Ticket(self, ip, self.pools, exempt, peer, key, addr)
         ticket.sock = sock
+        limit_send_buffer(sock)
         # Pending (max_pending_per_ip) only what will really wait: a 465 handshake or a
         # greeting delay. A plaintext connection without delay starts its session as soon
         # as its task runs; counted, a burst of simultaneous connects from one address

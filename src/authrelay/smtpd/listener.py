@@ -105,9 +105,22 @@ async def peek_client_hello(sock: socket.socket) -> tls.Hello:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
+def limit_send_buffer(sock: socket.socket) -> None:
+    """Fix an accepted socket's kernel send buffer at SNDBUF. We only ever send replies, so
+    a small fixed send buffer costs no speed and keeps the kernel from autotuning up to
+    megabytes of unread replies for a client that never reads (tcp_wmem max: 4 MB per
+    connection)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+    except OSError:
+        pass
+
+
 class Connection(asyncio.Protocol):
     def __init__(self, on_connect: Callable[[Connection], None],
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, peer: object = None) -> None:
+        """`peer`: the client's address as accept() gave it (the transport is not asked
+        again: a getpeername(2)); None: asked of the transport."""
         self._on_connect = on_connect
         # The loop this connection runs on, held: asyncio.get_running_loop() costs a
         # getpid(2) per call on Python 3.11, and wait_input runs once per command.
@@ -129,6 +142,7 @@ class Connection(asyncio.Protocol):
         self.write_blocked = False  # writing paused (output back-pressure)
         self._abort_handle: asyncio.TimerHandle | None = None
         self.peer: tuple[str, int] = ("", 0)
+        self._accepted_peer = peer
         self.tls_info = ""  # "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"
         self.task: asyncio.Task[None] | None = None
         # The task awaiting starttls() while it does; abort() ends that wait (below).
@@ -139,14 +153,11 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self._limit_writes(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # We only ever send replies, so a small fixed send buffer costs no speed and
-            # keeps the kernel from autotuning up to megabytes of unread replies for a
-            # client that never reads (tcp_wmem max: 4 MB per connection).
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-        peer = transport.get_extra_info("peername") or ("", 0)
+        # (The socket's send buffer was fixed at SNDBUF by admission before it was handed
+        # to the loop: limit_send_buffer.)
+        peer = self._accepted_peer
+        if peer is None:
+            peer = transport.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
         obj = transport.get_extra_info("ssl_object")
         if obj is not None:  # implicit TLS (RFC 8314): the handshake is already done

@@ -128,7 +128,8 @@ class SMTPServer:
 
     def protocol_factory(self, ln: Listener, ticket: Ticket) -> Callable[[], Connection]:
         loop = asyncio.get_running_loop()
-        return lambda: Connection(lambda c: self._connected(ln, c, ticket), loop)
+        return lambda: Connection(lambda c: self._connected(ln, c, ticket), loop,
+                                  ticket.addr)
 
     def _connected(self, ln: Listener, conn: Connection, ticket: Ticket) -> None:
         ticket.settle()  # handshake and greeting delay done: no longer evictable as such
