@@ -386,7 +386,18 @@ class MailLog:
 
     def connect(self, relay: str, listener: str | None = None) -> None:
         """A client connected: `NOQUEUE: connect=from HOST [IP], listener=NAME`."""
-        self.event(None, connect=_Field(f"from {relay_field(relay)}"), listener=listener)
+        if self.fmt != "text":
+            self.event(None, connect=_Field(f"from {relay_field(relay)}"), listener=listener)
+            return
+        # Once per connection: the line event() makes, composed directly (its fields are
+        # known; each value escaped by _format as there).
+        try:
+            line = f"{NOQUEUE}: connect=from {relay_field(relay)}"
+            if listener is not None:
+                line += f", listener={_format('listener', listener, False)}"
+            self._emit(line)
+        except Exception:  # the audit log must never break mail flow (as event())
+            pass
 
     def tls(self, relay: str, protocol: str, cipher: str | None = None,
             bits: int | None = None) -> None:
@@ -517,8 +528,19 @@ class MailLog:
     def disconnect(self, relay: str, auth: str | None = None,
                    commands: str | None = None) -> None:
         """`NOQUEUE: disconnect=from HOST [IP], auth=U, commands=ehlo=1 mail=1 ...`."""
-        self.event(None, disconnect=_Field(f"from {relay_field(relay)}"), auth=auth or None,
-                   commands=commands or None)
+        if self.fmt != "text":
+            self.event(None, disconnect=_Field(f"from {relay_field(relay)}"),
+                       auth=auth or None, commands=commands or None)
+            return
+        try:  # composed directly, as connect()
+            line = f"{NOQUEUE}: disconnect=from {relay_field(relay)}"
+            if auth:
+                line += f", auth={_format('auth', auth, False)}"
+            if commands:
+                line += f", commands={_format('commands', commands, False)}"
+            self._emit(line)
+        except Exception:
+            pass
 
     def tls_failed(self, relay: str, reason: str, listener: str | None = None,
                    delay: float | None = None) -> None:

@@ -421,3 +421,42 @@ def test_a_syslog_daemon_reading_slower_than_lines_come_does_not_pile_them_up(
     assert (f"authrelay: warning: maillog: syslog socket {path} the syslog daemon did not "
             "read within 0.5 s; lines go to stderr until it takes them again"
             ) in err.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_connect_and_disconnect_lines_are_the_generic_events(fmt: str) -> None:
+    """connect() and disconnect() compose their text lines directly (once per connection):
+    byte for byte the line event() makes of the same fields, whatever the values hold."""
+    relays = ["unknown [127.0.0.1]", "mail.example.test [2001:db8::1]",
+              'h"x [192.0.2.1]', "bad host [192.0.2.2]", "héllo [192.0.2.3]",
+              "no brackets", "", "x [1.2.3.4]:25"]
+    values = [None, "", "smtp:127.0.0.1:25", "a b", 'q"uote', "a=b", "back\\slash",
+              "ünï", "tab\there", "new\nline", "comma, x", "ehlo=1 mail=1 quit=1"]
+    fast, slow = _Lines(fmt), _Lines(fmt)
+    for relay in relays:
+        for v in values:
+            fast.connect(relay, v)
+            slow.event(None, connect=maillog._Field(f"from {maillog.relay_field(relay)}"),
+                       listener=v)
+            for w in values:
+                fast.disconnect(relay, auth=v, commands=w)
+                slow.event(None, disconnect=maillog._Field(
+                    f"from {maillog.relay_field(relay)}"), auth=v or None,
+                    commands=w or None)
+    assert len(fast.lines) == len(relays) * len(values) * (1 + len(values))
+    if fmt == "json":  # a stamp of its own in every line: compare without it
+        for a, b in zip(fast.lines, slow.lines, strict=True):
+            ja, jb = json.loads(a), json.loads(b)
+            ja.pop("ts"), jb.pop("ts")
+            assert ja == jb
+    else:
+        assert fast.lines == slow.lines
+
+
+class _Lines(maillog.MailLog):
+    def __init__(self, fmt: str) -> None:
+        super().__init__("stdout", fmt=fmt)
+        self.lines: list[str] = []
+
+    def _emit(self, line: str) -> None:
+        self.lines.append(line)
