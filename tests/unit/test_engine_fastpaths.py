@@ -143,3 +143,23 @@ def test_lines_are_refused_as_too_long_exactly_past_the_limit_line_limit_gives()
                         h.send("AUTH LOGIN")
                     elif h.eng.phase is p.Phase.AUTH_LINE:
                         h.send("*")  # cancel an AUTH PLAIN that asked for more
+
+
+@settings(max_examples=1500)
+@given(name=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+       .filter(lambda s: "\r" not in s and "\n" not in s))
+@example(name="a\tb")
+@example(name="a\x1cb")
+@example(name="a\x85b")
+@example(name="a\u3000b")
+@example(name="a\x00b")
+def test_a_hello_name_is_refused_exactly_when_it_holds_whitespace(name: str) -> None:
+    for verb in ("EHLO", "HELO"):
+        h = Harness()
+        h.send(f"{verb} {name}")
+        stripped = name.strip()
+        refused = not stripped or any(c.isspace() for c in stripped)
+        assert (h.eng.helo is None) == refused, (verb, name)
+        if not refused:
+            shown = "".join(c if c.isascii() and c.isprintable() else "?" for c in stripped)
+            assert h.eng.helo == shown[:255]
