@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import smtplib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fakes.smtpserver import MXFactory
-from relayproc import RelayProcess
+from fakes.smtpserver import FakeSMTPServer, MXFactory
+from relayproc import RelayProcess, children
 from support.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -112,9 +114,10 @@ def _submit(r: RelayProcess) -> str:
         return msg.decode().rsplit(" ", 1)[1]
 
 
-def test_a_message_accepted_while_the_log_takes_nothing_is_delivered(
-        relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory, fifo: FifoReader,
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _stalled(relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory,
+             fifo: FifoReader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+             ) -> tuple[RelayProcess, FakeSMTPServer]:
+    """A serve (two workers) delivering to a next hop, its log stalled once it started."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_HOOK)
@@ -126,9 +129,15 @@ def test_a_message_accepted_while_the_log_takes_nothing_is_delivered(
     r.start()
     wait_until(lambda: sum("daemon=started" in ln for ln in fifo.lines()) == 3,
                what=lambda: f"three processes started: {fifo.lines()[-20:]}")
-
     fifo.pause()
     assert fifo.fill() > 0  # from now on every write to the log blocks
+    return r, smart
+
+
+def test_a_message_accepted_while_the_log_takes_nothing_is_delivered(
+        relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory, fifo: FifoReader,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r, smart = _stalled(relay_factory, fake_mx, fifo, tmp_path, monkeypatch)
     qid = _submit(r)
     # Delivered although no process can write a line: the notice did not wait for the
     # from= line (the rescan is an hour away).
@@ -146,4 +155,38 @@ def test_a_message_accepted_while_the_log_takes_nothing_is_delivered(
     assert sorted(kinds) == ["from", "status", "to"], mine
     assert kinds.index("to") < kinds.index("status"), mine  # the master's, in its order
     assert "stat=Sent" in next(ln for ln in mine if f" {qid}: to=" in ln), mine
+    r.stop()
+
+
+def test_a_worker_killed_before_its_notice_went_leaves_no_message_for_the_rescan(
+        relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory, fifo: FifoReader,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The notice of a committed message goes from its worker once the from= line is
+    written, or NOTICE_WAIT later (the log stalled here, so the window is seconds, not
+    the writer's 5 ms gather): a worker killed (kill -9) inside it took the notice with
+    it, and the message waited for the master's next rescan. The master scans the queue
+    when it reaps a dead worker."""
+    r, smart = _stalled(relay_factory, fake_mx, fifo, tmp_path, monkeypatch)
+    assert r.proc is not None
+    workers = [p for p in children(r.proc.pid)
+               if Path(f"/proc/{p}/comm").read_text().startswith("authrelay-w")]
+    assert len(workers) == 2
+    for _ in range(5):  # a round counts when the workers stopped before the notice went
+        t0 = time.monotonic()
+        qid = _submit(r)
+        for p in workers:
+            os.kill(p, signal.SIGSTOP)
+        if time.monotonic() - t0 < 1.0 and not smart.messages:  # < NOTICE_WAIT: not sent
+            break
+        for p in workers:
+            os.kill(p, signal.SIGCONT)
+        r.wait_for(lambda q=qid: not (r.queue_dir / q).exists(), what=f"{qid} delivered")
+    else:
+        pytest.fail("the workers were never stopped within a second of a 250")
+    assert (r.queue_dir / qid).exists()
+    for p in workers:
+        os.kill(p, signal.SIGKILL)
+    r.wait_for(lambda: any(qid.encode() in m.content for m in smart.messages), timeout=30,
+               what="the message delivered after its worker died (the rescan is an hour away)")
+    fifo.resume()
     r.stop()

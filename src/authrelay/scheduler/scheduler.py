@@ -298,9 +298,13 @@ class Scheduler:
     def receiver_died(self) -> None:
         """A receiving process died (the master reaped a worker): the files it was
         receiving into are swept once every one of them is past UNFINISHED_AGE (a later
-        death moves the sweep later; the rescan's sweeps go on meanwhile)."""
+        death moves the sweep later; the rescan's sweeps go on meanwhile). The queue is
+        scanned now: a message it committed may have died with its notice (sent once the
+        maillog's writer wrote its `from=` line, a few ms later, or NOTICE_WAIT with a
+        stalled log), which would otherwise wait for the next rescan."""
         if self._loop is None or self._stopping:
             return
+        self._spawn(self._scan_all())
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
         self._sweep_timer = self._loop.call_later(UNFINISHED_AGE + 0.5, self._swept_late)
