@@ -120,7 +120,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, on_connect: Callable[[Connection], None],
                  loop: asyncio.AbstractEventLoop, peer: object = None) -> None:
         """`peer`: the client's address as accept() gave it (the transport is not asked
-        again: a getpeername(2)); None: asked of the transport."""
+        for it again); None: asked of the transport."""
         self._on_connect = on_connect
         # The loop this connection runs on, held: asyncio.get_running_loop() costs a
         # getpid(2) per call on Python 3.11, and wait_input runs once per command.
