@@ -163,3 +163,29 @@ def test_a_hello_name_is_refused_exactly_when_it_holds_whitespace(name: str) -> 
         if not refused:
             shown = "".join(c if c.isascii() and c.isprintable() else "?" for c in stripped)
             assert h.eng.helo == shown[:255]
+
+
+def _labels_ok(d: str) -> bool:
+    try:
+        address._check_labels(d)
+    except address.AddressError:
+        return False
+    return True
+
+
+@settings(max_examples=3000)
+@given(d=st.text(alphabet="aZ9-.\u00e9_", max_size=20)
+       | st.lists(st.text(alphabet="ab-", min_size=60, max_size=66), min_size=1, max_size=3)
+       .map(".".join))
+@example(d="a" * 63 + ".b")
+@example(d="a" * 64 + ".b")
+@example(d="-a.b")
+@example(d="a-.b")
+@example(d="a..b")
+@example(d="x.\u00e9.y")
+def test_the_one_match_domain_check_accepts_only_what_the_label_check_accepts(d: str) -> None:
+    if address._ASCII_DOMAIN.fullmatch(d):
+        assert _labels_ok(d), d
+    elif d.isascii() and "_" not in d:
+        # an ASCII domain it does not match is one the label check refuses too
+        assert not _labels_ok(d), d
