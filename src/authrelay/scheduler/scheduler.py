@@ -67,6 +67,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -270,24 +271,26 @@ class Scheduler:
             return any(i >= n for i, _ in enumerate(it))
 
     async def _recover(self) -> None:
-        async with self._sweeping:
-            try:
-                await self._io(self.spool.recover)
-            except OSError as e:
-                log.error("spool recovery failed (retried at the next start): %s", e)
-        self._log_quarantined()
-        self._log_swept()
+        await self._tidy(self.spool.recover,
+                         "spool recovery failed (retried at the next start)")
 
     async def _sweep_unfinished(self) -> None:
         """The files of receives that died (a worker killed in DATA, the OOM killer, a
         killed sendmail command): removed without a restart (Spool.sweep_unfinished, in
         a commit thread), one maillog line each. At every rescan, and UNFINISHED_AGE
         after a receiving process died (`receiver_died`)."""
+        await self._tidy(self.spool.sweep_unfinished,
+                         "sweep of unfinished queue files failed")
+
+    async def _tidy(self, fn: Callable[[], object], failed: str) -> None:
+        """`fn` (recover, a sweep) in a commit thread, one at a time; then the maillog
+        lines of the files it set aside or removed."""
         async with self._sweeping:
             try:
-                await self._io(self.spool.sweep_unfinished)
+                await self._io(fn)
             except OSError as e:
-                log.error("sweep of unfinished queue files failed: %s", e)
+                log.error("%s: %s", failed, e)
+        self._log_quarantined()
         self._log_swept()
 
     def _log_swept(self) -> None:
