@@ -20,6 +20,14 @@ class Reply:
 
     def lines(self) -> bytes:
         """Wire form; a multi-line text gives 'code-' continuation lines (RFC 5321 4.2.1)."""
+        if "\n" not in self.text:  # one line (most replies): _all_lines' bytes, one format
+            if self.enhanced:
+                return f"{self.code} {self.enhanced} {self.text}\r\n".encode("utf-8", "replace")
+            return f"{self.code} {self.text}\r\n".encode("utf-8", "replace")
+        return self._all_lines()
+
+    def _all_lines(self) -> bytes:
+        """`lines()` for any text, line by line."""
         parts = self.text.split("\n")
         out = []
         for i, part in enumerate(parts):

@@ -189,3 +189,16 @@ def test_the_one_match_domain_check_accepts_only_what_the_label_check_accepts(d:
     elif d.isascii() and "_" not in d:
         # an ASCII domain it does not match is one the label check refuses too
         assert not _labels_ok(d), d
+
+
+@settings(max_examples=2000)
+@given(code=st.integers(0, 999), enhanced=st.sampled_from(["", "2.0.0", "5.1.3"]) | st.text(),
+       text=st.text())
+@example(code=250, enhanced="2.0.0", text="Ok: queued as 2N6HBCPW1TGGJTFFH")
+@example(code=250, enhanced="", text="relay.test")
+@example(code=550, enhanced="5.1.1", text="\ud800 bad \u00e9")
+@example(code=250, enhanced="", text="a\nb\n")
+def test_a_one_line_reply_renders_as_the_line_by_line_form(
+        code: int, enhanced: str, text: str) -> None:
+    r = Reply(code, enhanced, text)
+    assert r.lines() == r._all_lines()
