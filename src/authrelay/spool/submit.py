@@ -162,11 +162,13 @@ class _Notices:
         return n.send
 
     def _expire(self) -> None:
+        self._timer = None  # (a notice that raised leaves the rest to the next add's timer)
         now = self.loop.time()
         waiting = self._waiting
         while waiting and (waiting[0].announce is None or waiting[0].due <= now):
             waiting.popleft().send()  # (a no-op for one sent already)
-        self._timer = self.loop.call_at(waiting[0].due, self._expire) if waiting else None
+        if waiting:
+            self._timer = self.loop.call_at(waiting[0].due, self._expire)
 
 
 def _io_refusal(e: BaseException) -> Refused:
