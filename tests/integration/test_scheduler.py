@@ -17,6 +17,7 @@ import email.utils
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -95,12 +96,12 @@ def make_cfg(state_dir: Path, **delivery: Any) -> Config:
 
 
 async def put(spool: Spool, rcpts: list[str], sender: str = "a@a.example",
-              body: bytes = BODY, **kw: Any) -> str:
+              body: bytes = BODY, notify: bool = True, **kw: Any) -> str:
     env = Envelope(queue_id=new_queue_id(), sender=sender,
                    recipients=[Recipient(r) for r in rcpts], **kw)
     inc = spool.begin(env)
     inc.write(body)
-    await inc.commit()
+    await inc.commit(announce=notify)
     return inc.queue_id
 
 
@@ -157,6 +158,41 @@ async def test_notify_socket_from_another_process_spool(rig: Rig) -> None:
     assert other.on_commit is None
     await put(other, ["x@b.example"])
     await until(lambda: rig.courier.calls and not rig.queued(), "delivery via notify.sock")
+    other.close()
+
+
+async def test_a_workers_vouching_notice_marks_its_own_file_only(rig: Rig) -> None:
+    """issue 22: a receiving worker's notice vouches for the line ends of the file it
+    committed (its inode, over notify.sock); the courier is told `lines_checked` for
+    that file only: not for an unvouched one, nor for a file put in its place after the
+    notice, nor for a notice naming an inode that is not the file's."""
+    await rig.start(rescan_interval=3600)
+    other = Spool(rig.cfg.spool_dir)  # a receiving worker's: no hook, datagrams
+
+    async def put_vouched(vouched: bool, replace: bool = False) -> str:
+        env = Envelope(queue_id=new_queue_id(), sender="a@a.example",
+                       recipients=[Recipient("x@b.example")])
+        inc = other.begin(env)
+        inc.lines_checked = vouched
+        inc.write(BODY)
+        await inc.commit(announce=False)
+        if replace:  # the same bytes, another file (inode) under the name
+            path = other.queue_dir / env.queue_id
+            tmp = other.tmp_dir / env.queue_id
+            shutil.copy2(path, tmp)
+            tmp.rename(path)
+        inc.announce()
+        return env.queue_id
+
+    vouched = await put_vouched(True)
+    plain = await put_vouched(False)
+    replaced = await put_vouched(True, replace=True)
+    forged = await put(rig.spool, ["x@b.example"], notify=False)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(f"{forged} 12345".encode(), str(rig.spool.notify_path))
+    await until(lambda: len(rig.courier.calls) == 4 and not rig.queued(), "4 deliveries")
+    marks = {env.queue_id: env.lines_checked for env, _, _ in rig.courier.calls}
+    assert marks == {vouched: True, plain: False, replaced: False, forged: False}
     other.close()
 
 
@@ -744,9 +780,9 @@ async def test_a_big_queue_at_start_is_loaded_a_batch_per_turn_of_the_loop(
 
     real = rig.spool.load_for_delivery
 
-    def counted(qid: str, *a: Any) -> Any:
+    def counted(qid: str, *a: Any, **kw: Any) -> Any:
         loads[turn] += 1
-        return real(qid, *a)
+        return real(qid, *a, **kw)
 
     rig.spool.load_for_delivery = counted  # type: ignore[method-assign]
     loop.call_soon(tick)

@@ -89,7 +89,7 @@ async def test_cancelled_commit_is_finished_kept_and_announced(spool: Spool, dat
                                                                tmp_path: Path) -> None:
     announced: list[str] = []
     inc = Incoming(spool.queue_dir, _env(), fsync=False, dir_sync=None,
-                   notify=announced.append)
+                   notify=lambda qid, vouched: announced.append(qid))
     inc.write(data)
     signer = HeldSigner()
     task = await _held_commit(inc, signer)
@@ -116,7 +116,7 @@ async def test_cancelled_commit_is_finished_kept_and_announced(spool: Spool, dat
 async def test_cancelled_commit_that_fails_leaves_nothing(spool: Spool) -> None:
     announced: list[str] = []
     inc = Incoming(spool.queue_dir, _env(), fsync=False, dir_sync=None,
-                   notify=announced.append)
+                   notify=lambda qid, vouched: announced.append(qid))
     inc.write(BIG)
     real = os.fchmod
 
@@ -175,7 +175,7 @@ def _incoming(spool: Spool, data: bytes, announced: list[str]) -> Incoming:
     env = Envelope(queue_id=new_queue_id(), sender="a@example.org",
                    recipients=[Recipient(address="b@example.net")])
     inc = Incoming(spool.queue_dir, env, fsync=False, dir_sync=None,
-                   notify=announced.append)
+                   notify=lambda qid, vouched: announced.append(qid))
     inc.write(data)
     return inc
 
@@ -344,7 +344,8 @@ async def test_pool_without_a_new_thread_queues_to_the_running_ones(
 def _queued_line_seen_at_notify(spool: Spool) -> tuple[ListLog, list[list[str]], Submitter]:
     log = ListLog()
     seen: list[list[str]] = []
-    spool.on_commit = lambda qid: seen.append([ln for ln in log.lines if f"{qid}: from=" in ln])
+    spool.on_commit = lambda qid, vouched: seen.append(
+        [ln for ln in log.lines if f"{qid}: from=" in ln])
     cfg = from_dict({"hostname": "relay.test", "state_dir": "/nonexistent"})  # unused
     return log, seen, Submitter(spool, cfg, maillog=log)
 

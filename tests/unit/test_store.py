@@ -48,7 +48,7 @@ async def _put(spool: Spool, env: Envelope, data: bytes = MSG) -> str:
 async def test_commit_and_load_roundtrip(spool: Spool) -> None:
     env = _env("b@example.net", "c@example.com")
     seen: list[str] = []
-    spool.on_commit = seen.append
+    spool.on_commit = lambda qid, vouched: seen.append(qid)
     inc = spool.begin(env)
     # Being received: invisible to readers.
     assert spool.scan() == [] and not spool.exists(inc.queue_id)

@@ -168,14 +168,17 @@ _MAYBE_TWICE = (": no reply to the end of data; the message may have been delive
 
 # --------------------------------------------------------------------------- helpers
 
-def normalize_crlf(data: bytes) -> bytes:
+def normalize_crlf(data: bytes, lines_checked: bool = False) -> bytes:
     """Every line end CRLF; a bare CR or LF becomes CRLF; ends with CRLF.
 
     The spool already stores CRLF text, so the common case is a fast count-only check
-    (C speed, no copy); only a message with stray CR/LF is rewritten."""
-    crlf = data.count(b"\r\n")
-    if not (data.count(b"\r") == crlf == data.count(b"\n")):
-        data = _BAD_EOL.sub(b"\r\n", data)
+    (C speed, no copy); only a message with stray CR/LF is rewritten. `lines_checked`:
+    the receiving worker vouched that `data` holds no bare CR or LF
+    (`Envelope.lines_checked`): the counts (~230 us per 100 KiB) are skipped."""
+    if not lines_checked:
+        crlf = data.count(b"\r\n")
+        if not (data.count(b"\r") == crlf == data.count(b"\n")):
+            data = _BAD_EOL.sub(b"\r\n", data)
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data
@@ -199,6 +202,7 @@ class _FileBody:
     path: Path
     offset: int
     size: int
+    lines_checked: bool = False  # Envelope.lines_checked: no bare CR or LF to look for
 
     def __len__(self) -> int:  # what SIZE= and the peer's size limit are checked against
         return self.size
@@ -218,9 +222,10 @@ async def _stream_file(wire_conn: Connection, body: _FileBody, timeout: float) -
                 chunk, carry_cr = b"\r" + chunk, False
             if chunk.endswith(b"\r"):  # maybe half of a CRLF: decide with the next chunk
                 chunk, carry_cr = chunk[:-1], True
-            crlf = chunk.count(b"\r\n")
-            if not (chunk.count(b"\r") == crlf == chunk.count(b"\n")):
-                chunk = _BAD_EOL.sub(b"\r\n", chunk)
+            if not body.lines_checked:
+                crlf = chunk.count(b"\r\n")
+                if not (chunk.count(b"\r") == crlf == chunk.count(b"\n")):
+                    chunk = _BAD_EOL.sub(b"\r\n", chunk)
             out = chunk.replace(MARK, b"\r\n..") if find_mark(chunk) >= 0 else chunk
             if at_line_start and out.startswith(b"."):
                 out = b"." + out
@@ -510,7 +515,7 @@ class Courier:
         if not rcpts:
             return {}
         try:
-            data = await self._load(message, offset)
+            data = await self._load(message, offset, env.lines_checked)
         except OSError as e:
             res = DeliveryResult.temp(f"cannot read queued message: {e.strerror or e}",
                                       "4.3.0", 451)
@@ -713,7 +718,8 @@ class Courier:
             out.extend(dataclasses.replace(t, addr=ip) for ip in mx.v6_first(addrs))
         return out, failed
 
-    async def _load(self, message: bytes | Path, offset: int) -> bytes | _FileBody:
+    async def _load(self, message: bytes | Path, offset: int, lines_checked: bool = False
+                    ) -> bytes | _FileBody:
         if type(message) is bytes and not offset:  # the spool's load: no copy of it
             raw = message
         elif isinstance(message, bytes | bytearray | memoryview):
@@ -722,11 +728,11 @@ class Courier:
             path = Path(message)
             size = path.stat().st_size - offset
             if size > _NORMALIZE_OFFLOAD:
-                return _FileBody(path, offset, size)  # streamed at DATA time
+                return _FileBody(path, offset, size, lines_checked)  # streamed at DATA time
             raw = _read_message(path, offset)  # small: the page cache answers at once
-        if len(raw) > _NORMALIZE_OFFLOAD:
+        if len(raw) > _NORMALIZE_OFFLOAD and not lines_checked:
             return await asyncio.to_thread(normalize_crlf, raw)
-        return normalize_crlf(raw)
+        return normalize_crlf(raw, lines_checked)
 
     def _deadline_result(self, where: str) -> DeliveryResult:
         """What the recipients not done when the attempt's time is up get (4.4.2)."""

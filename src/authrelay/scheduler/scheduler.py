@@ -106,6 +106,9 @@ WAITING_INLINE_BUDGET = 2 * 1024 * 1024
 CLOCK_STEP = 60.0  # a wall clock set back further re-times the retries (_check_clock)
 DEAD_FOR = 300.0  # longest a destination stays marked unreachable (Postfix: 300 s)
 DEAD_MAX = 10_000  # marks kept (memory): past it the expired go, then the oldest
+# Queued messages whose notice vouched for their line ends (memory: ~100 bytes each); past
+# it a notice's mark is not kept and the courier checks that file, as ever.
+VOUCHED_MAX = 100_000
 UNREACHABLE = "4.4.1"  # RFC 3463: no answer from host (the courier's connect failures)
 SHUTDOWN = "4.3.2"  # RFC 3463: system not accepting network messages (our own stop)
 
@@ -213,6 +216,10 @@ class Scheduler:
         # the back-off keeps growing while the destination stays dead (tens of bytes a
         # message; gone at the next save, removal or restart).
         self._unsaved_attempts: dict[str, tuple[int, ...]] = {}
+        # Queue id -> inode of its file, from a receiving worker's notice that vouched for
+        # the file's line ends (spool/notify.py): the load marks the envelope
+        # `lines_checked` only for that file; gone when the message leaves the queue.
+        self._vouched: dict[str, int] = {}
         self._running = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         # Removals waiting for their batch (one thread hand-off for all; _unlink).
@@ -408,14 +415,15 @@ class Scheduler:
             await self.containment.close()
 
     # ------------------------------------------------------------------ public
-    def notify(self, qid: str) -> None:
-        """A new message was committed. Thread-safe; cheap."""
+    def notify(self, qid: str, vouched: int = 0) -> None:
+        """A new message was committed (`vouched`: its file's inode when the producer
+        vouches for its line ends, spool/notify.py). Thread-safe; cheap."""
         if self._loop is None or self._stopping:
             return
         if threading.get_ident() != self._thread:
-            self._loop.call_soon_threadsafe(self._notify, qid)
+            self._loop.call_soon_threadsafe(self._notify, qid, vouched)
         else:
-            self._notify(qid)
+            self._notify(qid, vouched)
 
     def flush(self, qid: str | None = None) -> None:
         """Try now, ignoring back-off: one message or everything known."""
@@ -461,9 +469,11 @@ class Scheduler:
         self._closing = task  # keep a reference until it is done
 
     # ------------------------------------------------------------------ queueing
-    def _notify(self, qid: str) -> None:
+    def _notify(self, qid: str, vouched: int = 0) -> None:
         if not is_queue_id(qid) or qid in self._active or qid in self._ignored:
             return
+        if vouched and len(self._vouched) < VOUCHED_MAX:
+            self._vouched[qid] = vouched  # until it leaves the queue (_gone)
         self._queued.add(qid)  # committed: a notice comes after the fsync
         if qid in self._token:
             return  # already known; fresh mail is never deferred
@@ -478,8 +488,9 @@ class Scheduler:
                 return
             except OSError:
                 return
-            for qid in data.decode("ascii", "replace").split("\n"):  # batched by senders
-                self._notify(qid.strip())
+            for line in data.decode("ascii", "replace").split("\n"):  # batched by senders
+                qid, _, ino = line.strip().partition(" ")
+                self._notify(qid, int(ino) if ino.isdigit() and ino.isascii() else 0)
 
     def _schedule(self, qid: str, due: float, *, fresh: bool = False) -> None:
         seq = next(self._seq)
@@ -631,6 +642,7 @@ class Scheduler:
         self._queued.discard(qid)
         self._held.discard(qid)
         self._unsaved_attempts.pop(qid, None)
+        self._vouched.pop(qid, None)
 
     def _moved_to_hold(self, qid: str) -> None:
         self._queued.discard(qid)
@@ -648,7 +660,7 @@ class Scheduler:
 
     def _load(self, qid: str) -> tuple[Envelope, bytes | Path, int]:
         # One read for a small message: header, envelope and body (the courier gets bytes).
-        return self.spool.load_for_delivery(qid)
+        return self.spool.load_for_delivery(qid, vouched=self._vouched.get(qid, 0))
 
     async def _start_message(self, act: _Active) -> None:
         qid = act.qid

@@ -65,6 +65,11 @@ class Envelope:
     # Not stored: ID.state or ID.state.tmp may exist (False: none at the load, none
     # written since; Spool fills it in): a removal unlinks them only then.
     state_file: bool = field(default=True, compare=False, repr=False)
+    # Not stored: every line of the file ends in CRLF, vouched for by the receiving
+    # worker that wrote it (its body reader refused bare CR and LF) in its notice to the
+    # scheduler, for this very file (its inode); Spool.load_for_delivery fills it in.
+    # The courier then skips its line-end check (issue 22). False: checked, as ever.
+    lines_checked: bool = field(default=False, compare=False, repr=False)
 
     def to_json(self, version: int = FORMAT_VERSION) -> bytes:
         # Hand-built dict: dataclasses.asdict deep-copies recursively and showed up in
@@ -89,7 +94,7 @@ class Envelope:
         return not self.pending
 
 
-_UNSTORED = ("recipients", "prepend_len", "state_file")
+_UNSTORED = ("recipients", "prepend_len", "state_file", "lines_checked")
 # The Envelope fields a queue file's envelope stores as plain values (spool/format.py
 # types each); `recipients` are stored as their own list, the rest are never stored.
 STORED_FIELDS: tuple[str, ...] = tuple(f for f in Envelope.__dataclass_fields__

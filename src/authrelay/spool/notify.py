@@ -1,12 +1,16 @@
 """Telling the scheduler about new mail: the notify IPC client.
 
 Owns the sending side of `spool_dir/notify.sock` (the scheduler binds it). Contract:
-after a commit, `Notifier.notify(qid)` calls the in-process `on_commit` hook if one is
-set (the scheduler runs in this process: no datagram), else sends the queue id as a
-datagram to the unix socket. Ids committed in the same loop iteration share one datagram
-("ID\\nID\\n..."); a datagram the kernel refuses because the scheduler's queue is full
-(unix datagram queues are short) is sent again a moment later instead of waiting for the
-periodic rescan.
+after a commit, `Notifier.notify(qid, vouched)` calls the in-process `on_commit` hook if
+one is set (the scheduler runs in this process: no datagram), else sends the queue id as
+a datagram to the unix socket. Ids committed in the same loop iteration share one datagram
+("ID\\nID INODE\\n..."); an id is followed by its file's inode when the producer vouches
+for the file's line ends (`vouched`: the SMTP body reader refused every bare CR and LF;
+the scheduler's courier then skips its own check of that file, issue 22). The socket is
+0600 in the spool's 0700 directory: only the relay's user and root can send a notice,
+as only they can write the spool. A datagram the kernel refuses because the
+scheduler's queue is full (unix datagram queues are short) is sent again a moment later
+instead of waiting for the periodic rescan.
 Failure policy: best effort, never raises. With no scheduler listening the ids are
 dropped: its start-up scan and periodic rescans find the messages.
 """
@@ -30,7 +34,7 @@ _NOTIFY_RETRY_DELAY = 0.01
 class Notifier:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.on_commit: Callable[[str], None] | None = None
+        self.on_commit: Callable[[str, int], None] | None = None
         self._sock: socket.socket | None = None
         self.pending: list[str] = []
         self._scheduled = False
@@ -40,15 +44,15 @@ class Notifier:
             self._sock.close()
             self._sock = None
 
-    def notify(self, queue_id: str) -> None:
+    def notify(self, queue_id: str, vouched: int = 0) -> None:
         if self.on_commit is not None:
             try:
-                self.on_commit(queue_id)
+                self.on_commit(queue_id, vouched)
             except Exception:  # a scheduler bug must not fail an accepted message
                 log.exception("%s: on_commit hook failed", queue_id,
                               extra={"queue_id": queue_id})  # daemon.MaillogHandler
             return
-        self.pending.append(queue_id)
+        self.pending.append(f"{queue_id} {vouched}" if vouched else queue_id)
         if self._scheduled:
             return
         try:

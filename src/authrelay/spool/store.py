@@ -193,12 +193,13 @@ class Spool:
         self.swept: list[str] = []
 
     @property
-    def on_commit(self) -> Callable[[str], None] | None:
-        """In-process notify hook (the scheduler's notify) instead of a datagram."""
+    def on_commit(self) -> Callable[[str, int], None] | None:
+        """In-process notify hook (the scheduler's notify) instead of a datagram:
+        `hook(queue_id, vouched)` (spool/notify.py)."""
         return self.notifier.on_commit
 
     @on_commit.setter
-    def on_commit(self, hook: Callable[[str], None] | None) -> None:
+    def on_commit(self, hook: Callable[[str, int], None] | None) -> None:
         self.notifier.on_commit = hook
 
     # ------------------------------------------------------------------ setup
@@ -338,7 +339,7 @@ class Spool:
         with f:
             fmt.verify(lay, _file_reader(f))
 
-    def load_for_delivery(self, qid: str, inline_max: int = INLINE_MAX
+    def load_for_delivery(self, qid: str, inline_max: int = INLINE_MAX, vouched: int = 0
                           ) -> tuple[Envelope, bytes | Path, int]:
         """(envelope with state, the message, offset) in as few system calls as we can.
 
@@ -346,7 +347,9 @@ class Spool:
         checksum) and its message (prepend included) comes back as bytes, offset 0. A
         larger one comes back as (path, offset of the prepend) to be streamed: its lengths
         and envelope are checked here, its checksum by `verify()` (the caller runs that
-        off the event loop). Raises FileNotFoundError, CorruptError, UnsupportedVersion.
+        off the event loop). `vouched`: the inode a receiving worker's notice named for
+        this queue id (spool/notify.py); `env.lines_checked` is set only when the file
+        opened is that one. Raises FileNotFoundError, CorruptError, UnsupportedVersion.
         """
         if not is_queue_id(qid):
             raise FileNotFoundError(f"bad queue id {qid!r}")
@@ -383,6 +386,7 @@ class Spool:
         env.size = st.st_size - lay.prepend_off
         env.held = held
         env.prepend_len = lay.prepend_len
+        env.lines_checked = vouched != 0 and st.st_ino == vouched
         self._load_state(path, env)
         if whole:
             return env, data[lay.prepend_off:], 0

@@ -329,6 +329,8 @@ class Draft:
             received_for(env, sub.cfg.hostname, tls=tls, local_uid=local_uid),
             sub.cfg.hostname, add_missing=add_missing)
         self._incoming: Incoming = sub.spool.begin(env)
+        # Our own lines are CRLF (cleanup, the signer): the file is, when the producer's were.
+        self._incoming.lines_checked = crlf_only
         if sub.receiving is not None:
             sub.receiving(1)
         self._scan_nul = scan_nul

@@ -242,14 +242,18 @@ class Incoming:
 
     `queue_dir`: where the file goes; `fsync`: make it durable (tests may turn it off);
     `dir_sync`: the group commit of the directory entry, or None where the filesystem's
-    journal already orders the create (`journal_orders_create`); `notify(queue_id)`:
-    tells the scheduler once the message is committed (spool/notify.py)."""
+    journal already orders the create (`journal_orders_create`); `notify(queue_id,
+    vouched)`: tells the scheduler once the message is committed (spool/notify.py);
+    `vouched` is the file's inode when `lines_checked` (the producer refused every bare
+    CR and LF: the SMTP session's body reader), else 0."""
 
     def __init__(self, queue_dir: Path, envelope: Envelope, *, fsync: bool,
-                 dir_sync: DirSync | None, notify: Callable[[str], None]) -> None:
+                 dir_sync: DirSync | None, notify: Callable[[str, int], None]) -> None:
         self._fsync = fsync
         self._dir_sync = dir_sync
         self._notify = notify
+        self.lines_checked = False  # set by the producer (spool/submit.py's Draft)
+        self._ino = 0  # the inode of the file made for it (its notice names it)
         self.envelope = envelope
         self.queue_id = envelope.queue_id
         self.size = 0  # message bytes written so far
@@ -339,7 +343,9 @@ class Incoming:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if os.stat(self._path).st_ino == os.fstat(fd).st_ino:
+                ino = os.fstat(fd).st_ino
+                if os.stat(self._path).st_ino == ino:
+                    self._ino = ino
                     return fd
             except (BlockingIOError, FileNotFoundError):
                 pass  # recover() has it (BlockingIOError) or unlinked it
@@ -460,8 +466,9 @@ class Incoming:
         """Tell the scheduler the committed message is there (the notify hook or datagram).
         spool/submit.py calls it once the maillog `from=` line is written (MailLog.then),
         so no delivery line of a message is ever logged before the line that says it was
-        queued, whichever process delivers."""
-        self._notify(self.queue_id)
+        queued, whichever process delivers. The notice vouches for the file's line ends
+        (its inode) when the producer checked them."""
+        self._notify(self.queue_id, self._ino if self.lines_checked else 0)
 
     async def commit(self, announce: bool = True) -> None:
         """Durable when this returns: data + ready mark fsynced, queue/ fsynced; notify
