@@ -193,6 +193,10 @@ async def test_a_workers_vouching_notice_marks_its_own_file_only(rig: Rig) -> No
     await until(lambda: len(rig.courier.calls) == 4 and not rig.queued(), "4 deliveries")
     marks = {env.queue_id: env.lines_checked for env, _, _ in rig.courier.calls}
     assert marks == {vouched: True, plain: False, replaced: False, forged: False}
+    # A mark lives while its message is queued: kept, they would fill VOUCHED_MAX and
+    # every later message would be checked again.
+    assert rig.sched is not None
+    await until(lambda: not rig.sched._vouched, "the marks gone with their messages")
     other.close()
 
 
