@@ -32,6 +32,7 @@ from support.wait import DEADLINE, until
 
 from authrelay import wiring
 from authrelay.config import Config, from_dict
+from authrelay.scheduler import scheduler as scheduler_mod
 from authrelay.scheduler.scheduler import Scheduler
 from authrelay.spool.envelope import SENT, Envelope, Recipient, new_queue_id
 from authrelay.spool.store import UNFINISHED_AGE, Spool
@@ -197,6 +198,36 @@ async def test_a_workers_vouching_notice_marks_its_own_file_only(rig: Rig) -> No
     # every later message would be checked again.
     assert rig.sched is not None
     await until(lambda: not rig.sched._vouched, "the marks gone with their messages")
+    other.close()
+
+
+async def test_past_vouched_max_a_notice_s_mark_is_dropped_and_its_file_checked(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """VOUCHED_MAX bounds the marks kept for queued messages: past it a vouching
+    notice's mark is not kept (memory), so the courier checks that file's line ends as
+    for any unvouched file, and the message is delivered all the same."""
+    monkeypatch.setattr(scheduler_mod, "VOUCHED_MAX", 1)
+    rig.courier.script["held@b.example"] = [TEMP]  # stays queued: its mark stays
+    await rig.start(rescan_interval=3600)
+    other = Spool(rig.cfg.spool_dir)  # a receiving worker's: no hook, datagrams
+
+    async def put_vouched(rcpt: str) -> str:
+        env = Envelope(queue_id=new_queue_id(), sender="a@a.example",
+                       recipients=[Recipient(rcpt)])
+        inc = other.begin(env)
+        inc.lines_checked = True
+        inc.write(BODY)
+        await inc.commit()
+        return env.queue_id
+
+    held = await put_vouched("held@b.example")
+    await until(lambda: len(rig.courier.calls) == 1, "the first attempt (deferred)")
+    past = await put_vouched("x@b.example")
+    await until(lambda: len(rig.courier.calls) == 2 and rig.queued() == [held],
+                "the second delivered")
+    marks = {env.queue_id: env.lines_checked for env, _, _ in rig.courier.calls}
+    assert marks == {held: True, past: False}
+    assert rig.sched is not None and list(rig.sched._vouched) == [held]
     other.close()
 
 
