@@ -255,3 +255,41 @@ async def test_ipv6_client_counted_by_its_prefix(clock: Clock, kind: str) -> Non
     t.reload(from_dict({"limits": {"ipv6_prefix_length": 128, "max_connections_per_ip": 2,
                                    "connection_rate_per_ip": 0}}))
     assert t.connect("2001:db8:0:1::77", pools).admitted  # whole addresses again
+
+
+@pytest.mark.parametrize("build", ["local", "shared", "redis+local", "redis+shared"])
+def test_pending_is_the_address_s_own_gauge_whatever_the_build(build: str) -> None:
+    """`pending` answers what `pending_add` counted for that address, in every build the
+    wiring makes (a farm node: the Redis throttle over either). Before the fix the Redis
+    one over the workers' shared memory asked the pool table for "pending:<address>":
+    the count was never seen, each address asked took a slot of the 256-entry table for
+    good, and once it was full an address could read a real pool's counter and be refused
+    `421 4.7.0 ... in handshake` on 587 while none of its connections was pending (CI,
+    test_scale: 1 login in 2,700)."""
+    from authrelay import wiring
+
+    limits: dict[str, Any] = {"connection_rate_per_ip": 0}
+    if build.startswith("redis"):
+        limits["shared"] = "redis://127.0.0.1:1/0"  # never asked: gauges are the node's
+    cfg = from_dict({"limits": limits})
+    shm = counters.SharedCounters(slots=4096) if build.endswith("shared") else None
+    t = wiring.throttle(cfg, counters.Share(shared=shm), None)
+    # A busy pool: the counter a misdirected read would have found.
+    pools = (Pool("*", 0),)
+    for i in range(8):
+        assert t.connect(f"198.51.100.{i}", pools).admitted
+    t.pending_add("192.0.2.1", 1)
+    t.pending_add("192.0.2.1", 1)
+    assert t.pending("192.0.2.1") == 2
+    # Far more addresses than the pool table has entries: none reads the busy pool's 8.
+    # (Shared memory hashes gauges into slots, stricter on a collision, so another
+    # address's 1 or 2 may be read there; in process the answer is exact.)
+    for i in range(2 * counters.POOL_SLOTS):
+        n = t.pending(f"10.{i // 250}.{i % 250}.1")
+        assert n <= 2 if shm is not None else n == 0
+    t.pending_add("192.0.2.1", -1)
+    assert t.pending("192.0.2.1") == 1 and t.level("*") == 8
+    if shm is not None:  # the pool table still has room for pools
+        assert t.connect("198.51.100.99", (Pool("later", 1),)).admitted
+        assert t.level("later") == 1 and t.connect("198.51.100.98", (Pool("later", 1),)) \
+            .reason == "pool:later"

@@ -439,6 +439,9 @@ class RedisThrottle(Throttle):
     def level(self, key: str) -> int:
         return self.local.level(key)
 
+    def pending(self, key: str) -> int:
+        return self.local.pending(key)
+
     def pending_add(self, key: str, delta: int) -> None:
         self.local.pending_add(key, delta)  # a handshake in progress is per node
 

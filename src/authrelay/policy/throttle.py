@@ -211,10 +211,12 @@ class Throttle(ABC):
         """Whether `connect` would refuse for a pool (checked before accepting at all)."""
         return any(p.cap and self.level(p.key) >= p.cap for p in pools)
 
+    @abstractmethod
     def pending(self, key: str) -> int:
         """Connections from address `key` (as `key()` gives it) admitted but not yet past
-        their TLS handshake or greeting delay (`[limits] max_pending_per_ip`)."""
-        return self.level(PENDING + key)
+        their TLS handshake or greeting delay (`[limits] max_pending_per_ip`): the gauge
+        `pending_add` keeps, never a pool's counter. Asked for every connection, so it
+        must not take room in any bounded table for an address it has not seen."""
 
     @abstractmethod
     def pending_add(self, key: str, delta: int) -> None:
@@ -339,6 +341,9 @@ class LocalThrottle(Throttle):
 
     def level(self, key: str) -> int:
         return self.gauges.get(key, 0)
+
+    def pending(self, key: str) -> int:
+        return self.gauges.get(PENDING + key, 0)
 
     def pending_add(self, key: str, delta: int) -> None:
         k = PENDING + key
