@@ -354,3 +354,37 @@ async def test_a_process_counts_through_one_redis_client(rs: RedisServer, mlog: 
         await server.containment.close()  # closes the Redis client (the throttle's too)
     maillog.get().flush()
     assert mlog.read_text().count("shared counters unreachable") == 1
+
+
+@pytest.mark.parametrize("under", ["local", "shared"])
+async def test_throttle_rate_counts_only_attempts_that_reach_it(rs: RedisServer,
+                                                                under: str) -> None:
+    """A farm node (the Redis throttle over the node's own, in process or the workers'
+    shared memory) counts in the farm's per-address rate only the attempts its own
+    throttle let reach the rate check (Throttle.connect's order: pools, the address's
+    connections, then its rate): before the fix every attempt refused for a full pool or
+    the per-address limit was sent to Redis too, and an eviction's retries counted one
+    connection up to four times."""
+    from authrelay import wiring
+    from authrelay.policy import counters
+    from authrelay.policy.throttle import Pool
+
+    cfg = _cfg(rs, connection_rate_per_ip=2, max_connections_per_ip=1)
+    shm = counters.SharedCounters(slots=4096) if under == "shared" else None
+    node = wiring.throttle(cfg, counters.Share(shared=shm), None,
+                           SharedCounters(rs.url))
+    answers = _answers(node)
+    free, full = (Pool("*", 0),), (Pool("*", 0), Pool("listener:x", 1))
+    try:
+        assert node.connect("192.0.2.50", full).admitted
+        for _ in range(3):
+            assert node.connect("192.0.2.50", full).reason == "pool:listener:x"
+            assert node.connect("192.0.2.50", free).reason == "ip"
+        node.disconnect("192.0.2.50", full)
+        assert node.connect("192.0.2.50", free).admitted  # the farm's second attempt
+        await until(lambda: len(answers) == 2, "both counted attempts answered")
+        assert round(await node.counters.count("rate_ip", "192.0.2.50", 60.0)) == 2
+        node.disconnect("192.0.2.50", free)
+        assert node.connect("192.0.2.50", free).reason == "rate_ip"  # the third: past it
+    finally:
+        await node.counters.close()

@@ -293,3 +293,23 @@ def test_pending_is_the_address_s_own_gauge_whatever_the_build(build: str) -> No
         assert t.connect("198.51.100.99", (Pool("later", 1),)).admitted
         assert t.level("later") == 1 and t.connect("198.51.100.98", (Pool("later", 1),)) \
             .reason == "pool:later"
+
+
+def test_an_attempt_refused_before_the_rate_check_is_not_counted_in_it(clock: Clock,
+                                                                       kind: str) -> None:
+    """`connect` checks the pools, then the address's connections, then its rate (the
+    contract, docs/INTERFACES.md): an attempt refused for a full pool or the per-address
+    limit never reached the rate, in every build. Before the fix the workers' throttle
+    counted the rate first: an address at its connection limit, or a client retried by
+    an eviction (up to four connects for one connection), used up its
+    connection_rate_per_ip and was refused `rate_ip` once its connections closed."""
+    t = make(kind, {"connection_rate_per_ip": 2, "max_connections_per_ip": 1})
+    free, full = (Pool("*", 0),), (Pool("*", 0), Pool("listener:x", 1))
+    assert t.connect("192.0.2.1", full).admitted  # the rate's first attempt
+    for _ in range(3):
+        assert t.connect("192.0.2.1", full).reason == "pool:listener:x"
+        assert t.connect("192.0.2.1", free).reason == "ip"
+    t.disconnect("192.0.2.1", full)
+    assert t.connect("192.0.2.1", free).admitted  # the second: within the rate
+    t.disconnect("192.0.2.1", free)
+    assert t.connect("192.0.2.1", free).reason == "rate_ip"  # the third: past it

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from authrelay import replies
 from authrelay.config import Config
 from authrelay.policy.counters import PENDING, Admission, Pool, SharedCounters
 from authrelay.policy.throttle import KnownStore, LocalThrottle, source_net
@@ -30,13 +29,12 @@ class SharedThrottle(LocalThrottle):
         super().__init__(cfg, known=known)  # Share() whole: the limits are shared, not divided
 
     def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False) -> Admission:
-        s, now, ip = self.shared, time.monotonic(), self.key(ip)
-        if not exempt and self.rate_ip_limit and \
-                s.window_add("rate_ip", ip, 60.0, now) > self.rate_ip_limit:
-            return Admission(replies.RATE_LIMITED, 0.0, "rate_ip")
-        return s.try_acquire(ip, pools, 0 if exempt else self.max_per_ip,
-                             0.0 if exempt else self.rate_global_limit,
-                             self.rate_max_delay, now)
+        # One call, under one lock, in LocalThrottle's order: pools, the address's
+        # connections, its rate, the global rate.
+        return self.shared.try_acquire(self.key(ip), pools, 0 if exempt else self.max_per_ip,
+                                       0.0 if exempt else self.rate_global_limit,
+                                       self.rate_max_delay, time.monotonic(),
+                                       0 if exempt else self.rate_ip_limit)
 
     def disconnect(self, ip: str, pools: Sequence[Pool]) -> None:
         self.shared.release(self.key(ip), pools)

@@ -51,6 +51,7 @@ SLOT_CACHE = 4096  # remembered key -> slot mappings per process
 # Pool keys the shared table tells apart exactly: a few per listener; one past it shares
 # a counter with another pool (stricter, never looser), as addresses do.
 POOL_SLOTS = 256
+RATE_IP_PERIOD = 60.0  # connection_rate_per_ip is per minute
 _WINDOW_TABLES = ("rate_ip", "auth_ip", "auth_user", "auth_usernet", "user_msgs",
                   "user_rcpts")
 
@@ -279,22 +280,28 @@ class SharedCounters:
 
     def try_acquire(self, ip: str, pools: Sequence[Pool], max_ip: int,
                     rate: float = 0.0, max_delay: float = 0.0,
-                    now: float | None = None) -> Admission:
-        """Check every pool, the IP gauge and the connection rate; count the connection in
-        all of them, atomically across workers (`max_ip` 0: no per-IP limit; `rate` 0:
-        no rate)."""
+                    now: float | None = None, rate_ip: int = 0) -> Admission:
+        """Check every pool, the IP gauge, the address's rate (`rate_ip` a minute, in the
+        "rate_ip" window: an attempt that reaches this check counts, refused or not) and
+        the connection rate, in the order of Throttle.connect's contract; count the
+        connection in all of them, atomically across workers (`max_ip` 0: no per-IP
+        limit; `rate`, `rate_ip` 0: no rate). An attempt refused for a pool or the IP
+        gauge is not counted in the address's rate (as in process)."""
         a, row = self._a, self._row
         idx = self._pool_indices(pools)
         ip_i = self._base["conns"] + self._slot(ip)
+        t = time.monotonic() if now is None else now
+        win_i = self._base["rate_ip"] + 3 * self._slot(ip)
         with self._lock:
             for i, p in idx:
                 if p.cap and a[i] >= p.cap:
                     return pool_refusal(p.key)
             if max_ip and a[ip_i] >= max_ip:
                 return Admission(replies.TOO_MANY_FROM_IP, 0.0, "ip")
+            if rate_ip and self._roll(win_i, RATE_IP_PERIOD, t, 1) > rate_ip:
+                return Admission(replies.RATE_LIMITED, 0.0, "rate_ip")
             delay = 0.0
             if rate:
-                t = time.monotonic() if now is None else now
                 delay, tat = gcra(a[0] / 1e9, t, rate, max_delay)
                 if delay < 0:
                     return Admission(replies.RATE_LIMITED, 0.0, "rate")
@@ -337,19 +344,23 @@ class SharedCounters:
 
     # windows -------------------------------------------------------------------
     def _window(self, table: str, key: str, period: float, now: float, add: int) -> float:
-        a = self._a
         i = self._base[table] + 3 * self._slot(key)
-        win = int(now // period)
         with self._lock:
-            if a[i] != win:
-                # Roll forward: the window before is kept only if it is the adjacent one.
-                a[i + 2] = a[i + 1] if a[i] == win - 1 else 0
-                a[i + 1] = 0
-                a[i] = win
-            a[i + 1] += add
-            cur, prev = a[i + 1], a[i + 2]
+            return self._roll(i, period, now, add)
+
+    def _roll(self, i: int, period: float, now: float, add: int) -> float:
+        """Under the lock: add `add` to the window entry at `i` and return its sliding
+        count (the window before weighted by how much of it still overlaps)."""
+        a = self._a
+        win = int(now // period)
+        if a[i] != win:
+            # Roll forward: the window before is kept only if it is the adjacent one.
+            a[i + 2] = a[i + 1] if a[i] == win - 1 else 0
+            a[i + 1] = 0
+            a[i] = win
+        a[i + 1] += add
         overlap = 1.0 - (now - win * period) / period
-        return cur + prev * overlap
+        return a[i + 1] + a[i + 2] * overlap
 
     def window_add(self, table: str, key: str, period: float, now: float, n: int = 1
                    ) -> float:

@@ -403,7 +403,12 @@ class RedisThrottle(Throttle):
     # ---------------------------------------------------------------- connections (sync)
     def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False) -> Admission:
         adm = self.local.connect(ip, pools, exempt=exempt)
-        if exempt or not self.rate_ip_limit or not self.counters.up:
+        if exempt or not self.rate_ip_limit or not self.counters.up or \
+                adm.reason.startswith("pool:") or adm.reason == "ip":
+            # Refused before the rate check (Throttle.connect's order: pools, the
+            # address's connections, then its rate): not an attempt the rate counts, as
+            # on the node (an eviction's retries would count one connection up to four
+            # times).
             return adm
         # Decided now, without waiting for Redis: the farm's count for this address as of
         # the last answer, plus the updates still in flight, plus this attempt. Attempts
