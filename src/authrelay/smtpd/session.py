@@ -433,8 +433,11 @@ class Session:
         try:
             await self.conn.starttls(ctx, hs)
         except Timeout:
-            self.conn.write(replies.TIMEOUT.lines())
-            self._log_reject(replies.TIMEOUT, stage="timeout")
+            # RFC 3207 4: after our 220 only TLS may cross; the client may be half-way
+            # through its ClientHello, so a 421 in clear would be read as a broken TLS
+            # record. Closed without a reply, logged as a 465 handshake's expiry is.
+            self.maillog.tls_failed(self.relay_desc(), "handshake timed out",
+                                    self.deps.listener, time.monotonic() - started)
             raise Closed from None
         except HandshakeFailed as e:
             # One line, as for a 465 handshake (Postfix: "SSL_accept error"): a client
