@@ -253,6 +253,37 @@ async def test_throttle_connection_rate_across_nodes(rs: RedisServer) -> None:
         await b.counters.close()
 
 
+async def test_throttle_farm_rate_counts_an_ipv6_client_by_its_prefix(rs: RedisServer
+                                                                       ) -> None:
+    """connection_rate_per_ip counts an IPv6 client by its /64 (ipv6_prefix_length,
+    docs/LIMITS.md) in the farm too: node A's connections from one address of a /64 and
+    node B's from another are one client's. Before the fix the farm's count was kept per
+    whole address, so a client rotating through its /64 across the nodes was never
+    refused by the farm (each node's own count stopping it only at the node's rate)."""
+    from authrelay.policy.throttle import Pool
+
+    cfg = _cfg(rs, connection_rate_per_ip=2, max_connections_per_ip=100)
+    a, b = _node(cfg), _node(cfg)
+    pools = [Pool("*", 0)]
+    a_answers, b_answers = _answers(a), _answers(b)
+    try:
+        for host in ("2001:db8:5:6::1", "2001:db8:5:6::2"):
+            assert a.connect(host, pools).admitted
+            a.disconnect(host, pools)
+        await until(lambda: len(a_answers) == 2, "A's two updates answered by Redis")
+        # B has seen nothing from this /64: its first connection, from a third address
+        # in it, learns the farm's count (three attempts: past the rate of 2).
+        b.connect("2001:db8:5:6::3", pools)
+        await until(lambda: b_answers, "B's update answered with the farm's count")
+        assert b_answers == [3]
+        adm = b.connect("2001:db8:5:6::4", pools)
+        assert not adm.admitted and adm.reason == "rate_ip"
+        assert b.connect("2001:db8:5:7::1", pools).admitted  # another /64: unaffected
+    finally:
+        await a.counters.close()
+        await b.counters.close()
+
+
 async def test_throttle_falls_back_to_local_counters(rs: RedisServer, mlog: Path) -> None:
     cfg = _cfg(rs)
     a = _node(cfg, probe=0.1)

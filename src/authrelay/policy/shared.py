@@ -413,16 +413,19 @@ class RedisThrottle(Throttle):
         # Decided now, without waiting for Redis: the farm's count for this address as of
         # the last answer, plus the updates still in flight, plus this attempt. Attempts
         # refused count too (anvil), so a client hammering past the limit stays out.
+        # Counted by `key()`: an IPv6 client by its prefix, as on the node (a client
+        # rotating through its /64 across the nodes is one client).
+        key = self.key(ip)
         now = time.time()
-        seen = self._rate_seen.get(ip)
+        seen = self._rate_seen.get(key)
         if seen is None or now - seen[2] > 60.0:
             seen = [0.0, 0.0, now]
-        self._rate_seen[ip] = seen
-        self._rate_seen.move_to_end(ip)
+        self._rate_seen[key] = seen
+        self._rate_seen.move_to_end(key)
         while len(self._rate_seen) > MAX_RATE_KEYS:
             self._rate_seen.popitem(last=False)
         farm = seen[0] + seen[1] + 1
-        if self.counters.add_soon("rate_ip", ip, 60.0, 1, lambda c: self._rate_answer(ip, c)):
+        if self.counters.add_soon("rate_ip", key, 60.0, 1, lambda c: self._rate_answer(key, c)):
             seen[1] += 1
         if adm.admitted and farm > self.rate_ip_limit:
             self.local.disconnect(ip, pools)
