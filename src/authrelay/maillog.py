@@ -449,9 +449,28 @@ class MailLog:
                helo: str | None = None, **extra: Any) -> None:
         """A message is in the queue (after fsync): `QID: from=<S>, size=N, nrcpts=N,
         relay=..., proto=ESMTPSA, auth=U, helo=H`, extra keys after (uid, user, origin)."""
-        self.event(queue_id, **{"from": _Field(f"<{_text(sender)}>")}, size=size,
-                   nrcpts=nrcpts,
-                   relay=relay, proto=proto, auth=auth, helo=helo, **extra)
+        if self.fmt != "text" or extra:
+            self.event(queue_id, **{"from": _Field(f"<{_text(sender)}>")}, size=size,
+                       nrcpts=nrcpts,
+                       relay=relay, proto=proto, auth=auth, helo=helo, **extra)
+            return
+        # Once per message received: the line event() makes, composed directly (its
+        # fields are known; each value escaped as _format escapes it there).
+        try:
+            qid = escape(queue_id, "token") if queue_id else NOQUEUE
+            line = f"{qid}: from=<{_text(sender)}>, size={_format('size', size, False)}" \
+                   f", nrcpts={_format('nrcpts', nrcpts, False)}"
+            if relay is not None:
+                line += f", relay={relay_field(relay)}"
+            if proto is not None:
+                line += f", proto={_format('proto', proto, False)}"
+            if auth is not None:
+                line += f", auth={_format('auth', auth, False)}"
+            if helo is not None:
+                line += f", helo={_format('helo', helo, False)}"
+            self._emit(line)
+        except Exception:  # the audit log must never break mail flow (as event())
+            pass
 
     def _delivery(self, queue_id: str, stat: str, rcpt: str, relay: str | None, delay: float,
                   tries: int, dsn: str | None, reply: str, tls: str | None,

@@ -453,6 +453,44 @@ def test_connect_and_disconnect_lines_are_the_generic_events(fmt: str) -> None:
         assert fast.lines == slow.lines
 
 
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_queued_line_is_the_generic_event(fmt: str) -> None:
+    """queued() composes its text line directly (once per message received): byte for
+    byte the line event() makes of the same fields, whatever the values hold, with and
+    without the optional fields (None: left out) and with extra keys."""
+    senders = ["alice@example.test", "", "a b@x", 'q"@x', "a=b@x, tls=verified",
+               "ünï@x", "new\nline@x", "back\\slash@x", "x, relay=evil [1.2.3.4]@y"]
+    relays = [None, "unknown [127.0.0.1]", "h\"x [192.0.2.1]", "bad host [192.0.2.2]",
+              "no brackets", "x [1.2.3.4]:25"]
+    values = [None, "", "ESMTPSA", "a b", 'q"uote', "a=b", "tls=verified", "ünï",
+              "tab\there", "comma, x"]
+    qids = ["8ZQK2M3P4V", "", "bad id"]
+    sizes = [(0, 1), (1234, 2), (True, 3)]
+    fast, slow = _Lines(fmt), _Lines(fmt)
+    n = 0
+    for qid in qids:
+        for sender in senders:
+            for relay in relays:
+                for i, v in enumerate(values):
+                    size, nrcpts = sizes[i % len(sizes)]
+                    proto, auth, helo = v, values[-1 - i], values[(i + 3) % len(values)]
+                    extra = {"uid": 1000, "origin": v} if i % 4 == 0 else {}
+                    fast.queued(qid, sender, size, nrcpts, relay=relay, proto=proto,
+                                auth=auth, helo=helo, **extra)
+                    slow.event(qid, **{"from": maillog._Field(
+                        f"<{maillog.escape(sender, 'text')}>")}, size=size, nrcpts=nrcpts,
+                        relay=relay, proto=proto, auth=auth, helo=helo, **extra)
+                    n += 1
+    assert len(fast.lines) == len(slow.lines) == n
+    if fmt == "json":  # a stamp of its own in every line: compare without it
+        for a, b in zip(fast.lines, slow.lines, strict=True):
+            ja, jb = json.loads(a), json.loads(b)
+            ja.pop("ts"), jb.pop("ts")
+            assert ja == jb
+    else:
+        assert fast.lines == slow.lines
+
+
 class _Lines(maillog.MailLog):
     def __init__(self, fmt: str) -> None:
         super().__init__("stdout", fmt=fmt)
