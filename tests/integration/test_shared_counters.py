@@ -298,7 +298,9 @@ async def test_throttle_falls_back_to_local_counters(rs: RedisServer, mlog: Path
         assert not await a.auth_locked("192.0.2.41", "x")
         rs.start()
         await until(lambda: a.counters.up, "the probe finding Redis back")
-        assert not await a.auth_locked("192.0.2.40", "x")  # shared again (Redis restarted empty)
+        # Shared again (Redis restarted empty), but this node's own failures still count.
+        assert await a.auth_locked("192.0.2.40", "x")
+        assert not await a.auth_locked("192.0.2.41", "x")
     finally:
         await a.counters.close()
     maillog.get().flush()
@@ -417,5 +419,43 @@ async def test_throttle_rate_counts_only_attempts_that_reach_it(rs: RedisServer,
         assert round(await node.counters.count("rate_ip", "192.0.2.50", 60.0)) == 2
         node.disconnect("192.0.2.50", free)
         assert node.connect("192.0.2.50", free).reason == "rate_ip"  # the third: past it
+    finally:
+        await node.counters.close()
+
+
+@pytest.mark.parametrize("under", ["local", "shared"])
+async def test_what_a_node_counted_while_redis_was_away_still_counts(
+        rs: RedisServer, mlog: Path, under: str) -> None:
+    """Redis comes back (here restarted empty; a node cut off from it is the same): the
+    AUTH failures and the messages this node counted meanwhile still count on it, in
+    both builds of a farm node. Before the fix the farm's answer replaced the node's
+    own: an address locked out during the outage was let guess again, and a user past
+    user_messages_per_hour could send as soon as Redis answered."""
+    from authrelay import wiring
+    from authrelay.policy import counters
+    from authrelay.policy.shared import RedisThrottle
+
+    cfg = _cfg(rs, user_messages_per_hour=2, user_recipients_per_hour=5)
+    shm = counters.SharedCounters(slots=4096) if under == "shared" else None
+    node = wiring.throttle(cfg, counters.Share(shared=shm), None,
+                           SharedCounters(rs.url, probe_interval=0.1))
+    assert isinstance(node, RedisThrottle)
+    try:
+        rs.stop()
+        for _ in range(3):
+            await node.auth_failed("192.0.2.60", "x")
+        await node.user_sent("alice", 3)
+        await node.user_sent("alice", 2)
+        assert not node.counters.up
+        assert await node.auth_locked("192.0.2.60", "y")
+        assert not await node.user_may_send("alice")
+        rs.start()
+        await until(lambda: node.counters.up, "the probe finding Redis back")
+        assert await node.auth_locked("192.0.2.60", "y")  # 3 failures: max_failures_per_ip
+        assert not await node.auth_locked("192.0.2.61", "y")
+        assert not await node.user_may_send("alice")  # 2 messages: the hour's limit
+        assert not await node.user_may_add_rcpt("alice", 0)  # 5 recipients: the limit
+        assert await node.user_may_send("bob")
+        assert await node.sent_counts("alice") == (2, 5)
     finally:
         await node.counters.close()

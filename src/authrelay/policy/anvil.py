@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from authrelay.config import Config
 from authrelay.policy.counters import PENDING, Admission, Pool, SharedCounters
 from authrelay.policy.throttle import KnownStore, LocalThrottle, source_net
-from authrelay.policy.verdicts import messages_allowed, recipients_allowed
 
 
 class SharedThrottle(LocalThrottle):
@@ -48,13 +47,13 @@ class SharedThrottle(LocalThrottle):
     def pending_add(self, key: str, delta: int) -> None:
         self.shared.gauge_add(PENDING + key, delta)
 
-    async def auth_locked(self, ip: str, user: str) -> bool:
+    async def auth_counts(self, ip: str, user: str) -> tuple[float, float, float]:
         s, now, w = self.shared, time.monotonic(), self.auth_ip.window
         u = user.lower()
-        return await self.locked_given(
-            ip, user, s.window_count("auth_ip", self.key(ip), w, now),
-            s.window_count("auth_user", u, w, now) if user else 0.0,
-            s.window_count("auth_usernet", f"{u}\0{source_net(ip)}", w, now) if user else 0.0)
+        return (s.window_count("auth_ip", self.key(ip), w, now),
+                s.window_count("auth_user", u, w, now) if user else 0.0,
+                s.window_count("auth_usernet", f"{u}\0{source_net(ip)}", w, now)
+                if user else 0.0)
 
     async def auth_failed(self, ip: str, user: str) -> None:
         s, now, w = self.shared, time.monotonic(), self.auth_ip.window
@@ -64,17 +63,10 @@ class SharedThrottle(LocalThrottle):
             s.window_add("auth_user", u, w, now)
             s.window_add("auth_usernet", f"{u}\0{source_net(ip)}", w, now)
 
-    async def user_may_send(self, user: str) -> bool:
-        if not self.user_msgs_limit:
-            return True
-        return messages_allowed(self.shared.window_count(
-            "user_msgs", user, 3600.0, time.monotonic()), self.user_msgs_limit)
-
-    async def user_may_add_rcpt(self, user: str, pending: int) -> bool:
-        if not self.user_rcpts_limit:
-            return True
-        return recipients_allowed(self.shared.window_count(
-            "user_rcpts", user, 3600.0, time.monotonic()), pending, self.user_rcpts_limit)
+    async def sent_counts(self, user: str) -> tuple[float, float]:
+        s, now = self.shared, time.monotonic()
+        return (s.window_count("user_msgs", user, 3600.0, now),
+                s.window_count("user_rcpts", user, 3600.0, now))
 
     async def user_sent(self, user: str, nrcpts: int) -> None:
         now = time.monotonic()

@@ -22,8 +22,9 @@ Failure policy: Redis down, slow or refusing is never an error for a client. On 
 failure this node says so in the maillog ("shared counters unreachable ... counting
 locally") and stops asking; a probe PINGs every `PROBE_INTERVAL` seconds, and when Redis
 answers again the maillog says so and counting is shared again. Counts made locally while
-Redis was away are not copied into it (the windows are short; a restarted Redis without
-persistence likewise starts empty).
+Redis was away are not copied into it (a restarted Redis without persistence likewise
+starts empty), but they still count on the node that made them: RedisThrottle answers
+AUTH and per-user counts with the larger of the farm's and the node's own.
 """
 
 from __future__ import annotations
@@ -373,7 +374,9 @@ class RedisThrottle(Throttle):
     underneath. Connection gauges and pools are always the node's own; AUTH windows,
     known addresses, per-user rates and the per-address connection rate are the farm's
     while Redis answers, the node's own while it does not (every event is counted locally
-    too, so a fall-back starts from this node's recent history, not from zero)."""
+    too, so a fall-back starts from this node's recent history, not from zero; and while
+    Redis answers, a count is the larger of the farm's and the node's, so what the node
+    counted while Redis was away, or before a restarted Redis, is never forgiven)."""
 
     def __init__(self, cfg: Config, counters: SharedCounters, local: Throttle) -> None:
         self.counters = counters
@@ -465,12 +468,16 @@ class RedisThrottle(Throttle):
                       ("auth_usernet", f"{u}\0{source_net(ip)}", self.window, add)]
         return items
 
-    async def auth_locked(self, ip: str, user: str) -> bool:
+    async def auth_counts(self, ip: str, user: str) -> tuple[float, float, float]:
+        # The larger of the farm's count and this node's (which counts every event too):
+        # failures this node saw while Redis was away (or before a restarted Redis) are
+        # not in the farm's windows, and must not be forgiven when it answers again.
+        mine = await self.local.auth_counts(ip, user)
         got = await self.counters.windows(self._auth_items(ip, user, 0))
         if got is None:
-            return await self.local.auth_locked(ip, user)
-        by_ip, by_user, by_usernet = (got + [0.0, 0.0])[:3]
-        return await self.locked_given(ip, user, by_ip, by_user, by_usernet)
+            return mine
+        farm = (got + [0.0, 0.0])[:3]
+        return max(farm[0], mine[0]), max(farm[1], mine[1]), max(farm[2], mine[2])
 
     async def auth_failed(self, ip: str, user: str) -> None:
         await self.local.auth_failed(ip, user)
@@ -480,9 +487,18 @@ class RedisThrottle(Throttle):
         await self.local.auth_succeeded(ip, user)  # remembers through SharedKnown
 
     # ---------------------------------------------------------------- per-user rates
+    async def sent_counts(self, user: str) -> tuple[float, float]:
+        msgs, rcpts = await self.local.sent_counts(user)
+        got = await self.counters.windows([("user_msgs", user, 3600.0, 0),
+                                           ("user_rcpts", user, 3600.0, 0)])
+        if got is None:
+            return msgs, rcpts
+        return max(got[0], msgs), max(got[1], rcpts)  # as auth_counts: never forgiven
+
     async def user_may_send(self, user: str) -> bool:
         # One round trip reads both counts; the recipient count is kept for this
-        # transaction's RCPTs (read at MAIL, plus the transaction's own `pending`).
+        # transaction's RCPTs (read at MAIL, plus the transaction's own `pending`). Each
+        # is the larger of the farm's and this node's (auth_counts says why).
         items = []
         if self.user_msgs_limit:
             items.append(("user_msgs", user, 3600.0, 0))
@@ -493,12 +509,15 @@ class RedisThrottle(Throttle):
         got = await self.counters.windows(items)
         if got is None:
             return await self.local.user_may_send(user)
+        msgs, rcpts = await self.local.sent_counts(user)
         if self.user_rcpts_limit:
-            self._rcpts_seen[user] = (got[-1], time.monotonic())
+            rcpts = max(rcpts, got[-1])
+            self._rcpts_seen[user] = (rcpts, time.monotonic())
             self._rcpts_seen.move_to_end(user)
             while len(self._rcpts_seen) > MAX_RATE_KEYS:
                 self._rcpts_seen.popitem(last=False)
-        return not self.user_msgs_limit or messages_allowed(got[0], self.user_msgs_limit)
+        return not self.user_msgs_limit or messages_allowed(max(msgs, got[0]),
+                                                            self.user_msgs_limit)
 
     async def user_may_add_rcpt(self, user: str, pending: int) -> bool:
         if not self.user_rcpts_limit:
@@ -510,6 +529,7 @@ class RedisThrottle(Throttle):
             n = await self.counters.count("user_rcpts", user, 3600.0)
         if n is None:
             return await self.local.user_may_add_rcpt(user, pending)
+        n = max(n, (await self.local.sent_counts(user))[1])
         return recipients_allowed(n, pending, self.user_rcpts_limit)
 
     async def user_sent(self, user: str, nrcpts: int) -> None:

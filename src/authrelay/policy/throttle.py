@@ -224,8 +224,14 @@ class Throttle(ABC):
 
     # ------------------------------------------------------------ AUTH (async)
     @abstractmethod
+    async def auth_counts(self, ip: str, user: str) -> tuple[float, float, float]:
+        """AUTH failures within `[auth] failure_window` from `ip` (its `key()`), for
+        `user` (0 for ""), and for `user` from `ip`'s `source_net`, as this throttle's
+        store counts them."""
+
     async def auth_locked(self, ip: str, user: str) -> bool:
         """True: refuse this AUTH without checking the password (454 4.7.0)."""
+        return await self.locked_given(ip, user, *await self.auth_counts(ip, user))
 
     @abstractmethod
     async def auth_failed(self, ip: str, user: str) -> None:
@@ -247,6 +253,11 @@ class Throttle(ABC):
         return verdict is Lockout.LOCKED
 
     # ------------------------------------------------------------ per-user rates (async)
+    @abstractmethod
+    async def sent_counts(self, user: str) -> tuple[float, float]:
+        """Messages and recipients `user` sent in the last hour, as this throttle's store
+        counts them (what `user_sent` added)."""
+
     @abstractmethod
     async def user_may_send(self, user: str) -> bool: ...
 
@@ -354,14 +365,10 @@ class LocalThrottle(Throttle):
             self.gauges.pop(k, None)
 
     # ---------------------------------------------------------------- AUTH
-    def _counts(self, ip: str, user: str, now: float) -> tuple[float, float, float]:
-        u = user.lower()
+    async def auth_counts(self, ip: str, user: str) -> tuple[float, float, float]:
+        u, now = user.lower(), time.monotonic()
         return (self.auth_ip.count(self.key(ip), now), self.auth_user.count(u, now),
                 self.auth_usernet.count(f"{u}\0{source_net(ip)}", now))
-
-    async def auth_locked(self, ip: str, user: str) -> bool:
-        by_ip, by_user, by_usernet = self._counts(ip, user, time.monotonic())
-        return await self.locked_given(ip, user, by_ip, by_user, by_usernet)
 
     async def auth_failed(self, ip: str, user: str) -> None:
         now = time.monotonic()
@@ -376,16 +383,19 @@ class LocalThrottle(Throttle):
             await self.known.remember(user.lower(), source_net(ip))
 
     # ---------------------------------------------------------------- per-user rates
+    async def sent_counts(self, user: str) -> tuple[float, float]:
+        now = time.monotonic()
+        return self.user_msgs.count(user, now), self.user_rcpts.count(user, now)
+
     async def user_may_send(self, user: str) -> bool:
         if not self.user_msgs_limit:
             return True
-        return messages_allowed(self.user_msgs.count(user, time.monotonic()),
-                                self.user_msgs_limit)
+        return messages_allowed((await self.sent_counts(user))[0], self.user_msgs_limit)
 
     async def user_may_add_rcpt(self, user: str, pending: int) -> bool:
         if not self.user_rcpts_limit:
             return True
-        return recipients_allowed(self.user_rcpts.count(user, time.monotonic()), pending,
+        return recipients_allowed((await self.sent_counts(user))[1], pending,
                                   self.user_rcpts_limit)
 
     async def user_sent(self, user: str, nrcpts: int) -> None:
