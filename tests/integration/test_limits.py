@@ -507,6 +507,29 @@ def test_starttls_handshake_timeout(slow_relay: RelayProcess) -> None:
     served(slow_relay, "127.0.1.8")
 
 
+def test_session_timeout_in_a_starttls_handshake(relay_factory) -> None:  # noqa: ANN001
+    """The session time limit passing while a STARTTLS handshake waits (a ClientHello
+    half sent): the connection is cut at once, nothing written in clear (RFC 3207 4),
+    one line for the limit. Before, `421 4.4.2 Session time limit exceeded` went out in
+    clear into the handshake and the session lived on, holding its slot, until
+    tls_handshake_timeout (here 10 min) ended the handshake's wait."""
+    r = relay_factory({"limits": {"session_timeout": "2s", "tls_handshake_timeout": "10m",
+                                  "connection_rate_per_ip": 0}})
+    c = Client(r.ports["submission"], "127.0.1.13")
+    c.reply()
+    c.cmd("EHLO x.test")
+    assert c.cmd("STARTTLS").code == 220
+    c.send(b"\x16\x03\x01\x02\x00\x01\x00")  # a record header announcing more
+    assert c.closed(timeout=10)
+    assert c.buf == b""
+    r.wait_log(r"disconnect=from unknown \[127\.0\.1\.13\]")
+    log = r.maillog()
+    assert len(re.findall(r"421 4\.4\.2 session time limit, relay=unknown "
+                          r"\[127\.0\.1\.13\]", log)) == 1
+    assert "tls_failed=from unknown [127.0.1.13]" not in log
+    no_traceback(r)
+
+
 def test_implicit_tls_handshake_timeout(slow_relay: RelayProcess) -> None:
     c = Client(slow_relay.ports["submissions"], "127.0.1.9")
     assert c.closed(timeout=10)  # never said hello: closed, not held open

@@ -183,11 +183,17 @@ class Session:
             return
         self._expired = True
         qid, size = self._receiving()
+        self.maillog.reject("421 4.4.2 session time limit", relay=self.relay_desc(),
+                            queue_id=qid, size=size)
+        if self.eng.phase is p.Phase.TLS:
+            # In a STARTTLS handshake: no reply in clear (RFC 3207 4), and the abort ends
+            # the handshake's wait (a close did not: the session, and its slot, lived on
+            # to tls_handshake_timeout).
+            self.conn.abort()
+            return
         r = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
         self.eng.close_with(r, "session_limit")
         self._flush()
-        self.maillog.reject("421 4.4.2 session time limit", relay=self.relay_desc(),
-                            queue_id=qid, size=size)
         # Not a task cancel: a commit in progress finishes (its 250 just cannot be sent);
         # the loop sees the closed connection at its next wait and ends.
         self.conn.close(CLOSE_GRACE)
