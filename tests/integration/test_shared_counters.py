@@ -106,11 +106,12 @@ async def test_keys_expire_and_are_bounded(rs: RedisServer) -> None:
 async def test_known_addresses_are_shared(rs: RedisServer) -> None:
     a, b = SharedCounters(rs.url), SharedCounters(rs.url)
     try:
-        assert await b.is_known("alice", "198.51.100.0/24") is False
-        assert await a.remember("alice", "198.51.100.0/24", 86400 * 30)
-        assert await b.is_known("alice", "198.51.100.0/24") is True
-        assert await b.is_known("alice", "203.0.113.0/24") is False
-        assert await b.is_known("mallory", "198.51.100.0/24") is False
+        month = 86400 * 30
+        assert await b.is_known("alice", "198.51.100.0/24", month) is False
+        assert await a.remember("alice", "198.51.100.0/24", month)
+        assert await b.is_known("alice", "198.51.100.0/24", month) is True
+        assert await b.is_known("alice", "203.0.113.0/24", month) is False
+        assert await b.is_known("mallory", "198.51.100.0/24", month) is False
     finally:
         await a.close()
         await b.close()
@@ -137,7 +138,7 @@ async def test_redis_down_then_back(rs: RedisServer, mlog: Path) -> None:
         assert not a.up
         # Down: answered at once, without asking Redis again.
         assert await a.count("auth_ip", "192.0.2.11", 900.0) is None
-        assert await a.is_known("alice", "198.51.100.0/24") is None
+        assert await a.is_known("alice", "198.51.100.0/24", 86400) is None
         assert not a.add_soon("rate_ip", "192.0.2.11", 60.0, 1, lambda _c: None)
         rs.start()
         await until(lambda: a.up, "the probe finding Redis back")
@@ -459,3 +460,38 @@ async def test_what_a_node_counted_while_redis_was_away_still_counts(
         assert await node.sent_counts("alice") == (2, 5)
     finally:
         await node.counters.close()
+
+
+async def test_known_address_days_applies_to_what_redis_holds(rs: RedisServer) -> None:
+    """`[auth] known_address_days` means the same on a farm node as on a single one
+    (known.py), SIGHUP included: 0 is "no address is known", and a shorter period
+    applies to the logins recorded before it. Before the fix Redis kept a network known
+    for the period it was written with (30 days), so after a reload to 0 every network
+    a user had used stayed known to the whole farm, and with 0 from the start a login's
+    network was known for a second."""
+    from authrelay.config import from_dict
+
+    def cfg(days: float):  # noqa: ANN202
+        return from_dict({"limits": {"shared": rs.url},
+                          "auth": {"max_failures_per_ip": 0, "max_failures_per_user": 2,
+                                   "known_address_days": days}})
+
+    a = _node(cfg(30))
+    try:
+        for _ in range(2):
+            await a.auth_failed("203.0.113.9", "alice")
+        await a.auth_succeeded("198.51.100.7", "alice")
+        assert not await a.auth_locked("198.51.100.8", "alice")  # known: spared
+        assert await a.auth_locked("192.0.2.8", "alice")  # elsewhere: locked
+        a.reload(cfg(0))
+        assert await a.auth_locked("198.51.100.8", "alice")  # no address is known now
+        a.reload(cfg(30))
+        assert not await a.auth_locked("198.51.100.8", "alice")  # the login still counts
+        b = _node(cfg(0))
+        try:
+            await b.auth_succeeded("192.0.2.77", "alice")
+            assert await b.auth_locked("192.0.2.78", "alice")
+        finally:
+            await b.counters.close()
+    finally:
+        await a.counters.close()

@@ -56,6 +56,7 @@ MAX_INFLIGHT = 1000  # background updates from the accept path before they are s
 MAX_RATE_KEYS = 100_000
 KNOWN_REWRITE = 3600.0  # refresh a known address in Redis at most this often per process
 RCPT_COUNT_AGE = 5.0  # a transaction's RCPTs use the recipient count read at its MAIL
+LEGACY_KNOWN = 1e9  # a known address's value below this (b"1") was written before its time
 
 # KEYS: pairs (this window's key, the previous window's key).
 # ARGV: per pair (amount to add, ttl in seconds), so pair i (odd) has ARGV[i], ARGV[i + 1].
@@ -323,13 +324,34 @@ class SharedCounters:
     def _known_key(self, user: str, net: str) -> str:
         return f"{self.prefix}:known:{_key_part(user)}\0{net}"
 
-    async def is_known(self, user: str, net: str) -> bool | None:
-        got = await self._call(lambda r: r.exists(self._known_key(user, net)))
-        return None if got is None else bool(got)
+    async def is_known(self, user: str, net: str, ttl: float) -> bool | None:
+        """Whether `user` logged in from `net` within the last `ttl` seconds (`[auth]
+        known_address_days` now: a reload that shortens it, or sets 0, applies to what
+        was written before, as in known.py). None: Redis unavailable."""
+        key = self._known_key(user, net)
+
+        async def learnt(r: Any) -> tuple[Any]:  # (GET's answer,): None is a missing key
+            return (await r.get(key),)
+
+        got = await self._call(learnt)
+        if got is None:
+            return None
+        if got[0] is None or ttl <= 0:
+            return False
+        try:
+            when = float(got[0])
+        except ValueError:
+            return False
+        # Before this release the value was b"1": known for as long as Redis keeps it.
+        return when < LEGACY_KNOWN or time.time() - when < ttl
 
     async def remember(self, user: str, net: str, ttl: float) -> bool:
-        secs = max(1, int(ttl))
-        got = await self._call(lambda r: r.set(self._known_key(user, net), b"1", ex=secs))
+        """Record a login of `user` from `net` now (its wall time is the value), kept
+        `ttl` seconds; nothing is written for a `ttl` of 0 (no address is known)."""
+        if ttl <= 0:
+            return True
+        key, now = self._known_key(user, net), f"{time.time():.3f}"
+        got = await self._call(lambda r: r.set(key, now, ex=math.ceil(ttl)))
         return got is not None
 
 
@@ -350,7 +372,7 @@ class SharedKnown:
         self._written: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     async def is_known(self, user: str, net: str) -> bool:
-        if await self.counters.is_known(user, net):
+        if await self.counters.is_known(user, net, self.ttl):
             return True
         return bool(self.local is not None and await self.local.is_known(user, net))
 
