@@ -475,9 +475,29 @@ class MailLog:
     def _delivery(self, queue_id: str, stat: str, rcpt: str, relay: str | None, delay: float,
                   tries: int, dsn: str | None, reply: str, tls: str | None,
                   policy: str | None) -> None:
-        self.event(queue_id, to=_Field(f"<{_text(rcpt)}>"), relay=relay or "none",
-                   delay=f"{delay:.2f}", tries=tries, dsn=dsn or None, tls=tls or None,
-                   policy=policy or None, stat=_Field(f"{stat} ({_text(_reply(reply))})"))
+        if self.fmt != "text":
+            self.event(queue_id, to=_Field(f"<{_text(rcpt)}>"), relay=relay or "none",
+                       delay=f"{delay:.2f}", tries=tries, dsn=dsn or None, tls=tls or None,
+                       policy=policy or None,
+                       stat=_Field(f"{stat} ({_text(_reply(reply))})"))
+            return
+        # Once per recipient per attempt, on the master's path: the line event() makes,
+        # composed directly (no field dict, no generic walk; each value escaped by
+        # _format as there: test_delivery_and_removed_lines_are_the_generic_events).
+        try:
+            qid = escape(queue_id, "token") if queue_id else NOQUEUE
+            line = (f"{qid}: to=<{_text(rcpt)}>, relay={relay_field(relay or 'none')}, "
+                    f"delay={_format('delay', f'{delay:.2f}', False)}, "
+                    f"tries={_format('tries', tries, False)}")
+            if dsn:
+                line += f", dsn={_format('dsn', dsn, False)}"
+            if tls:
+                line += f", tls={_format('tls', tls, False)}"
+            if policy:
+                line += f", policy={_format('policy', policy, False)}"
+            self._emit(f"{line}, stat={stat} ({_text(_reply(reply))})")
+        except Exception:  # the audit log must never break mail flow (as event())
+            pass
 
     def sent(self, queue_id: str, rcpt: str, relay: str | None, delay: float, tries: int,
              dsn: str | None, reply: str, tls: str | None = None,
@@ -542,7 +562,13 @@ class MailLog:
     def removed(self, queue_id: str, by: str | None = None) -> None:
         """`QID: status=removed` (delivered or bounced everywhere), `, by=operator` when
         `queue delete` removed it."""
-        self.event(queue_id, status="removed", by=by)
+        if by is not None or self.fmt != "text":
+            self.event(queue_id, status="removed", by=by)
+            return
+        try:  # once per delivered message: event()'s line, composed directly
+            self._emit(f"{escape(queue_id, 'token') if queue_id else NOQUEUE}: status=removed")
+        except Exception:  # the audit log must never break mail flow (as event())
+            pass
 
     def disconnect(self, relay: str, auth: str | None = None,
                    commands: str | None = None) -> None:
