@@ -82,3 +82,43 @@ def test_commands() -> None:
         wire.rcpt_to(b"c@d>\r\nRSET", [])  # no second command smuggled into one
     token = wire.auth_plain("user", "pä ss").split()[2]
     assert base64.b64decode(token) == b"\0user\0p\xc3\xa4 ss"
+
+
+def _fed(chunks: list[bytes]) -> tuple[list[SMTPReply], bool] | str:
+    """The replies of feeding `chunks` in turn, or the ProtocolError's text (replies
+    before it are the chunking's, not the parse's: the connection drops them all), and
+    whether a reply is left unfinished."""
+    p, out = ReplyParser(), []
+    try:
+        for c in chunks:
+            out += p.feed(c)
+    except ProtocolError as e:
+        return str(e)
+    return out, p.pending
+
+
+WHOLE_EDGES = [
+    b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n",
+    b"250 2.0.0 Ok: queued as 4XyZ\r\n", b"250 \r\n", b"250\r\n", b"354\r\n",
+    b"250 x\r\r\n", b"250 a\rb\r\n", b"250 ok\n354 go\r\n", b"250 ok\r\n\n",
+    b"250-a\r\n250 b\r\n", b"250-a\r\n251 b\r\n", b"250 a\r\n250-b\r\n250 c\r\n",
+    b"250-a\r\n250-b\r\n", b"\r\n", b"250 ok\r\n\r\n", b"hello\r\n", b"25 short\r\n",
+    b"999 out of range\r\n", b"199 low\r\n", b"600 high\r\n", b"2a0 x\r\n",
+    b"\xd9\xa0\xd9\xa1\xd9\xa2 arabic digits\r\n", b"+25 sign\r\n", b" 250 lead\r\n",
+    b"250xno separator\r\n", b"250\tx\r\n", b"550 bad \xff byte\r\n",
+    "550 5.1.1 <bjørn@example.test> unknown\r\n".encode(),
+    b"250 " + b"x" * (MAX_LINE - 4) + b"\r\n", b"250 " + b"x" * (MAX_LINE - 3) + b"\r\n",
+    b"250 ok\r\n" + b"250 " + b"x" * MAX_LINE + b"\r\n",
+    b"250-x\r\n" * wire.MAX_LINES + b"250 y\r\n", b"250-x\r\n" * (wire.MAX_LINES - 1)
+    + b"250 y\r\n", b"250 ok\r\n550 no\r\n452 4.5.3 too many\r\n421 bye\r\n",
+]
+
+
+@pytest.mark.parametrize("data", WHOLE_EDGES)
+def test_whole_lines_read_at_once_equal_the_line_by_line_parse(data: bytes) -> None:
+    """feed() takes a read of whole CRLF lines in one step (issue 22): the same replies,
+    the same ProtocolError and the same unfinished reply as the line-by-line parse of
+    the same bytes (which a read that starts with a buffered byte takes), alone, after
+    a whole reply and inside a multi-line one."""
+    for before in ([], [b"250 a\r\n"], [b"250-first\r\n"]):
+        assert _fed([*before, data]) == _fed([*before, data[:1], data[1:]])
