@@ -515,18 +515,18 @@ def test_session_timeout_in_a_starttls_handshake(relay_factory) -> None:  # noqa
     tls_handshake_timeout (here 10 min) ended the handshake's wait."""
     r = relay_factory({"limits": {"session_timeout": "2s", "tls_handshake_timeout": "10m",
                                   "connection_rate_per_ip": 0}})
-    c = Client(r.ports["submission"], "127.0.1.13")
+    c = Client(r.ports["submission"], "127.0.1.15")
     c.reply()
     c.cmd("EHLO x.test")
     assert c.cmd("STARTTLS").code == 220
     c.send(b"\x16\x03\x01\x02\x00\x01\x00")  # a record header announcing more
     assert c.closed(timeout=10)
     assert c.buf == b""
-    r.wait_log(r"disconnect=from unknown \[127\.0\.1\.13\]")
+    r.wait_log(r"disconnect=from unknown \[127\.0\.1\.15\]")
     log = r.maillog()
     assert len(re.findall(r"421 4\.4\.2 session time limit, relay=unknown "
-                          r"\[127\.0\.1\.13\]", log)) == 1
-    assert "tls_failed=from unknown [127.0.1.13]" not in log
+                          r"\[127\.0\.1\.15\]", log)) == 1
+    assert "tls_failed=from unknown [127.0.1.15]" not in log
     no_traceback(r)
 
 
@@ -597,6 +597,28 @@ def test_cut_in_data_names_the_lost_message(tmp_path: Path) -> None:
                       r"\[127\.0\.1\.14\], size=(\d+)", log)
         assert m and m[1] != "NOQUEUE" and int(m[2]) > 0, log
         assert not r.queued()
+    finally:
+        r.stop()
+    no_traceback(r)
+
+
+def test_shutdown_in_a_starttls_handshake_writes_nothing_in_clear(tmp_path: Path
+                                                                  ) -> None:
+    """A stop (SIGTERM, past shutdown_timeout) that ends a session waiting in a STARTTLS
+    handshake: aborted without a reply (RFC 3207 4: after our 220 only TLS may cross).
+    Before, `421 4.3.2 Service shutting down` went out in clear into the handshake."""
+    r = RelayProcess(tmp_path, overrides={
+        "shutdown_timeout": "1s",
+        "limits": {"tls_handshake_timeout": "10m", "connection_rate_per_ip": 0}}).start()
+    try:
+        c = Client(r.ports["submission"], "127.0.1.16")
+        c.reply()
+        c.cmd("EHLO x.test")
+        assert c.cmd("STARTTLS").code == 220
+        c.send(b"\x16\x03\x01\x02\x00\x01\x00")  # a record header announcing more
+        r.stop()
+        assert c.closed(timeout=10)
+        assert c.buf == b""
     finally:
         r.stop()
     no_traceback(r)

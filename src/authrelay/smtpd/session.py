@@ -242,7 +242,11 @@ class Session:
             eng.greet()
             await self._loop()
         except asyncio.CancelledError:
-            if not self._expired:  # shutdown: say so politely if the socket is still there
+            if self._expired:
+                pass
+            elif eng.phase is p.Phase.TLS:  # in a STARTTLS handshake: nothing in clear
+                conn.abort()  # (RFC 3207 4)
+            else:  # shutdown: say so politely if the socket is still there
                 qid, size = self._receiving()
                 if qid is not None:  # the message being received is lost: name it
                     self._log_reject(replies.SHUTTING_DOWN, qid=qid, size=size)
