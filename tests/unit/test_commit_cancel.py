@@ -463,3 +463,27 @@ def test_a_message_that_ends_while_its_early_create_is_queued_is_stored_whole(
         path, offset = spool.body_path(qid)
         assert path.read_bytes()[offset:] == BIG + (b"one more line\r\n" if more else b"")
         spool.verify(qid)  # lengths and checksum
+
+
+def test_a_forked_child_runs_commits_in_a_pool_of_its_own() -> None:
+    """commit_pool() answers without a lock or getpid once the pool exists; a forked
+    worker must still get a pool of its own: the parent's threads do not exist in the
+    child, and the parent's pool, with an idle thread counted, would queue the child's
+    commit to nobody (its 250 never sent)."""
+    async def run_one() -> int:
+        return int(await writer_mod.commit_pool().run(lambda: 42))
+
+    assert asyncio.run(run_one()) == 42  # the parent's pool, its thread now idle
+    parent = writer_mod.commit_pool()
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its commit ran in a pool of its own
+        code = 1
+        try:
+            child = writer_mod.commit_pool()
+            if child is not parent:
+                code = 0 if asyncio.run(asyncio.wait_for(run_one(), 10)) == 42 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert writer_mod.commit_pool() is parent

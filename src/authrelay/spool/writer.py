@@ -177,16 +177,30 @@ def settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> N
 
 _pool_lock = threading.Lock()
 _commit_pool: CommitPool | None = None
-_commit_pool_pid = 0
 
 
 def commit_pool() -> CommitPool:
-    global _commit_pool, _commit_pool_pid
+    """This process's pool (made on first use). Twice per message received: no lock and
+    no getpid(2) once it exists; a fork drops the parent's (_forget_pool)."""
+    global _commit_pool
+    pool = _commit_pool
+    if pool is not None:
+        return pool
     with _pool_lock:
-        if _commit_pool is None or _commit_pool_pid != os.getpid():
-            # threads don't survive fork(): a forked worker gets its own pool
-            _commit_pool, _commit_pool_pid = CommitPool(), os.getpid()
+        if _commit_pool is None:
+            _commit_pool = CommitPool()
         return _commit_pool
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's threads do not exist here (nor may its lock be
+    free), so the child makes a pool of its own on first use."""
+    global _commit_pool, _pool_lock
+    _commit_pool = None
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 class DirSync:
