@@ -495,3 +495,32 @@ async def test_known_address_days_applies_to_what_redis_holds(rs: RedisServer) -
             await b.counters.close()
     finally:
         await a.counters.close()
+
+
+async def test_containment_counted_while_redis_was_away_still_counts(
+        rs: RedisServer, mlog: Path, tmp_path: Path) -> None:
+    """Containment's counters (policy/suspensions.State) fall back to the node's file
+    while Redis is away; once Redis answers again the recipients counted meanwhile still
+    count. Before the fix Redis's count alone decided: an account sending through one
+    node during an outage was counted from what Redis held, and its outage spree was
+    forgiven (here 6 distinct recipients read as 2)."""
+    from authrelay.policy.suspensions import LocalStore, State
+
+    state = State(LocalStore(tmp_path / "containment.db"),
+                  redis=SharedCounters(rs.url, probe_interval=0.1), window=3600.0)
+    limits = {"recipients": 100}
+    try:
+        got = await state.record("mallory", [("recipients", "a@example.net")], limits)
+        assert got.recipients == 1
+        rs.stop()
+        got = await state.record("mallory", [("recipients", f"r{i}@example.net")
+                                             for i in range(6)], limits)
+        assert got.recipients == 6  # the node's file: the outage's recipients
+        rs.start()
+        await until(lambda: state.redis.up, "the probe finding Redis back")
+        got = await state.record("mallory", [("recipients", "b@example.net")], limits)
+        assert got.recipients >= 6
+        assert (await state.record("bob", [("recipients", "c@example.net")], limits)
+                ).recipients == 1
+    finally:
+        await state.close()

@@ -20,8 +20,10 @@ or nodes race to it. Memory and rows are bounded: only watched kinds are recorde
 suspended user is no longer counted (its MAILs are refused).
 
 Failure policy: Redis unreachable: this node counts in SQLite (policy/shared.py says so
-in the maillog). PostgreSQL unreachable or refusing (a read-only role): the suspension
-is recorded in this node's SQLite file instead and the maillog says so; `suspended()`
+in the maillog); once Redis answers again, within a window of that a user's counts are the
+larger of Redis's and the file's, so what was counted meanwhile is not forgiven.
+PostgreSQL unreachable or refusing (a read-only role): the suspension is recorded in this
+node's SQLite file instead and the maillog says so; `suspended()`
 then answers from the local file only (fail open for the farm, never refusing a user
 because a database is down). A local SQLite error propagates to the suspender, which logs
 it and lets the mail through (containment is a safety net, not a gate for every message).
@@ -138,6 +140,19 @@ class LocalStore:
             self.prune(window, now)
         return Counts(**{k: int(got.get(k, 0)) for k in KINDS})
 
+    def counts(self, user: str, window: float, limits: dict[str, int] | None = None,
+               now: float | None = None) -> Counts:
+        """The user's counts within `window` as `record` gives them, adding nothing."""
+        now = time.time() if now is None else now
+        db = self._db()
+        got = {}
+        for kind in set(KINDS) if limits is None else set(limits):
+            cap = (limits or {}).get(kind) or -1  # -1: no LIMIT
+            got[kind] = db.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM events WHERE user = ? AND kind = ?"
+                " AND at > ? LIMIT ?)", (user, kind, now - window, cap)).fetchone()[0]
+        return Counts(**{k: int(got.get(k, 0)) for k in KINDS})
+
     def prune(self, window: float, now: float | None = None) -> int:
         """Drop every event older than the window (users who stopped sending)."""
         now = time.time() if now is None else now
@@ -184,6 +199,9 @@ class State:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="authrelay-contain")
         self._cache: dict[str, tuple[float, bool]] = {}
         self.pg_problem = ""  # why the last PostgreSQL call failed ("" when fine)
+        # Until when (wall clock) events this process counted in the node's file while
+        # Redis was away are within the window: Redis's counts do not hold them.
+        self._local_until = 0.0
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -193,7 +211,14 @@ class State:
         if self.redis is not None:
             got = await self.redis.distinct(user, items, self.window)
             if got is not None:
-                return Counts(**{k: int(got.get(k, 0)) for k in KINDS})
+                farm = Counts(**{k: int(got.get(k, 0)) for k in KINDS})
+                if time.time() >= self._local_until:
+                    return farm
+                # Redis is back within a window of counting here: what this node counted
+                # meanwhile is not in Redis and must not be forgiven (the larger count).
+                mine = await self._io(self.local.counts, user, self.window, limits)
+                return Counts(**{k: max(getattr(farm, k), getattr(mine, k)) for k in KINDS})
+            self._local_until = time.time() + self.window
         return await self._io(self.local.record, user, items, self.window, None, limits)
 
     async def suspended(self, user: str) -> bool:
