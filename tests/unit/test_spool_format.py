@@ -434,3 +434,28 @@ def test_queue_id_digits_equal_the_one_digit_encoding_at_every_edge() -> None:
         assert envelope_mod.base31(n) == _base31_one_digit_at_a_time(n), n
     qid = new_queue_id()
     assert qid[0] != "0" and set(qid) <= set(envelope_mod._B32) and len(qid) == 17
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_envelope_json_is_the_bytes_json_dumps_makes(version: int) -> None:
+    """Envelope.to_json encodes with one JSONEncoder kept for the process: byte for byte
+    what json.dumps with the same options makes, over values that differ between
+    encoder options (non-ASCII, escapes, floats, large integers, empty strings)."""
+    texts = ["", "alice@example.test", "ünïcødé@bücher.example", 'q"uote\\back',
+             "ctl\x00\x01\x1f\x7f", "tab\tnew\nline\r", "\u2028\u2029", "emoji \U0001f600",
+             "</script>&<>'"]
+    floats = [0.0, 1.5, 1e-7, 1733500000.123456, 1e22, 2.0 ** 60]
+    for i, t in enumerate(texts):
+        env = Envelope(queue_id=new_queue_id(), sender=t, helo=t, auth_user=t,
+                       client_ip="2001:db8::1", client_port=2 ** 31 + i, envid=t,
+                       received_at=floats[i % len(floats)], body_8bit=bool(i % 2),
+                       recipients=[Recipient(address=t, attempts=i,
+                                             next_attempt=floats[-1 - i % len(floats)],
+                                             last_reply=t, orcpt=f"rfc822;{t}"),
+                                   Recipient(address="b@x.example")])
+        d = {f: getattr(env, f) for f in envelope_mod.STORED_FIELDS}
+        d["recipients"] = [{f: getattr(r, f) for f in envelope_mod._RCPT_FIELDS}
+                           for r in env.recipients]
+        d["v"] = version
+        want = json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        assert env.to_json(version=version) == want

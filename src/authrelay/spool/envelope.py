@@ -77,7 +77,7 @@ class Envelope:
         d = {f: getattr(self, f) for f in STORED_FIELDS}
         d["recipients"] = [{f: getattr(r, f) for f in _RCPT_FIELDS} for r in self.recipients]
         d["v"] = version
-        return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return _ENCODER.encode(d).encode("utf-8")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Envelope:
@@ -102,6 +102,11 @@ STORED_FIELDS: tuple[str, ...] = tuple(f for f in Envelope.__dataclass_fields__
 # The queue file's recipients: without `last_attempt` (state file only), so a queue
 # file stays readable by a version without it (its strict v2 decoder).
 _RCPT_FIELDS = tuple(f for f in Recipient.__dataclass_fields__ if f != "last_attempt")
+
+# json.dumps(d, separators=(",", ":"), ensure_ascii=False), its encoder made once: dumps
+# builds a JSONEncoder per call when given options (~2-3 us per message committed).
+# Stateless, so shared by every thread.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 _B32 = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
 _PAIRS = tuple(a + b for a in _B32 for b in _B32)  # two digits per divmod: half the turns
