@@ -15,6 +15,10 @@ real authrelay process, can talk to it). Options:
   once per transaction (at MAIL): a test that changes them while the relay may be
   mid-transaction changes the next transaction, never half of this one
 - `data_delay`: seconds to wait before answering the final dot (timeout tests)
+- `data_fault`: recipient addresses (lower case) whose message makes the DATA hook fail:
+  aiosmtpd then answers the final dot `500 Error: (RuntimeError) ...` and, unlike
+  after a reply the hook gives, keeps the transaction (its MAIL stands until RSET):
+  a server that refuses a message without clearing its transaction
 - `data_gate`: a threading.Event; the final dot is answered only once it is set (a test
   holds a delivery in flight for as long as it needs, not for a guessed time);
   `gated`: how many final dots have waited at it (the message is out, its reply held)
@@ -199,6 +203,8 @@ class _Handler:
             await asyncio.sleep(0.01)
         if self.fake.data_reply:
             return self.fake.data_reply
+        if any(r.lower() in self.fake.data_fault for r in envelope.rcpt_tos):
+            raise RuntimeError("data_fault")
         assert isinstance(server, _RecordingSMTP)
         login = session.auth_data
         self.fake.messages.append(Received(
@@ -231,6 +237,7 @@ class FakeSMTPServer:
                  data_reply: str | None = None,
                  rcpt_replies: dict[str, str | bytes] | None = None,
                  data_delay: float = 0.0,
+                 data_fault: set[str] | None = None,
                  data_gate: threading.Event | None = None,
                  size_limit: int = 33554432,
                  smtputf8: bool = True,
@@ -253,6 +260,7 @@ class FakeSMTPServer:
         self.data_reply = data_reply
         self.rcpt_replies = {k.lower(): v for k, v in (rcpt_replies or {}).items()}
         self.data_delay = data_delay
+        self.data_fault = data_fault or set()
         self.data_gate = data_gate
         self.gated = 0  # final dots that waited at data_gate
         self.size_limit = size_limit

@@ -402,6 +402,29 @@ async def test_connection_reused(tmp_path: Path, dns: FakeDNSServer,
     assert mx.wire[0].endswith(b"QUIT\r\n")
 
 
+async def test_connection_reused_after_a_refused_message_is_reset(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    """A message refused at its final dot leaves a connection that is reused only after
+    an RSET (as Postfix): a server may refuse it without clearing its transaction (an
+    aiosmtpd whose DATA hook fails answers 500 and keeps the MAIL). Before, the next
+    message's MAIL on that connection got `503 nested MAIL command` and that message,
+    refused for nothing of its own, bounced."""
+    mx = fake_mx("127.0.0.2", data_fault={"bad@example.test"})
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
+    try:
+        env = envelope("bad@example.test")
+        res = await courier.deliver(env, env.recipients, MSG)
+        assert res["bad@example.test"].code == 500
+        env = envelope("good@example.test")
+        res = await courier.deliver(env, env.recipients, MSG)
+        assert res["good@example.test"].ok, res["good@example.test"]
+        assert [m.rcpt_tos for m in mx.messages] == [["good@example.test"]]
+        assert mx.connections == 1  # reused, once reset
+        assert mx.wire[0].count(b"RSET\r\n") == 1
+    finally:
+        await courier.close()
+
+
 async def test_idle_connection_probed_with_rset(tmp_path: Path, dns: FakeDNSServer,
                                                 fake_mx: MXFactory,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:

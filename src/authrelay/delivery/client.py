@@ -3,7 +3,8 @@
 Owns: picking the hosts (MX via `mx.resolve`, or `[relay] smart_host` in order), the
 session with each (EHLO, STARTTLS policy, smart-host AUTH, SIZE / 8BITMIME / SMTPUTF8 /
 DSN parameters), per-recipient results, and an idle-connection cache so several messages
-to one host share a connection (RSET between messages only after an idle spell).
+to one host share a connection (RSET between messages only after an idle spell or after a
+refused one: a transaction that ended without a message, or a message refused at its dot).
 The protocol is our own: `wire.py` (sans-I/O reply parser, command bytes) under
 `connection.py` (an asyncio Protocol with flow control); no third-party SMTP client.
 
@@ -1442,6 +1443,12 @@ class Courier:
             res = DeliveryResult.temp(f"lost connection with {remote} during DATA"
                                       + (_MAYBE_TWICE if ended else ""), "4.4.2", 451, remote)
             reusable = False
+        if reusable and not res.ok:
+            # RFC 5321 3.3 has the server clear its transaction whatever it answers the
+            # dot, but one that refused the message may not have (an aiosmtpd whose DATA
+            # hook failed keeps the MAIL): as Postfix, RSET before the connection serves
+            # another message, whose MAIL would otherwise get 503 and bounce it.
+            reusable = await self._reset(w, ct)
         if res.ok and dsn:
             res = dataclasses.replace(res, dsn_passed=True)  # RFC 3461 5.2.2: they notify
         for r in accepted:
