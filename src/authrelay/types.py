@@ -101,5 +101,13 @@ class DeliveryResult:
              remote: str = "") -> DeliveryResult:
         return cls(code, enhanced, text, True, remote)
 
+    def stamped(self, tls: str, tls_policy: str, dsn_passed: bool) -> DeliveryResult:
+        """`dataclasses.replace(self, tls=, tls_policy=, dsn_passed=)` in one direct
+        construction (every result of a delivery is stamped: replace() cost 6.6 us a
+        call, issue 22). Every field is passed: test_delivery_result_stamped_keeps_every_field."""
+        return DeliveryResult(self.code, self.enhanced, self.text, self.permanent, self.remote,
+                              dsn_passed, tls, tls_policy, self.recipient_refused,
+                              self.unanswered)
+
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}"

@@ -469,7 +469,8 @@ class Courier:
             self._smart_ctx.check_hostname = False
             self._smart_ctx.verify_mode = ssl.CERT_NONE
         self._smart_cas = peercert.CaStore(r.smart_host_ca_file)
-        self._smart_hostports: list[tuple[str, int]] | None = None
+        # (entry, host, port, policy) of each [relay] smart_host, made at the first use
+        self._smart_hosts: list[tuple[str, str, int, HostPolicy]] | None = None
         # MTA-STS policies (None: [delivery] mta_sts is off).
         self.sts: StsSource | None = HttpsStsSource(cfg, self.resolver) \
             if d.mta_sts else None
@@ -676,23 +677,22 @@ class Courier:
     # ----------------------------------------------------------------- targets
 
     def _smart_targets(self) -> list[_Target]:
-        level = self._smart_level
-        if self._smart_hostports is None:  # parsed once (a regex per host per message)
+        if self._smart_hosts is None:  # parsed once (a regex per host per message)
             default = 465 if self._smart_implicit else 25
-            self._smart_hostports = [
-                parse_hostport(hp, f"relay.smart_host[{i}]", default_port=default)
-                for i, hp in enumerate(self.cfg.relay.smart_host)]
+            self._smart_hosts = []
+            for i, entry in enumerate(self.cfg.relay.smart_host):
+                host, port = parse_hostport(entry, f"relay.smart_host[{i}]",
+                                            default_port=default)
+                level = self._smart_level
+                if level == "may" and (self.cfg.relay.smart_host_user or entry in self._oauth):
+                    level = "encrypt"  # credentials never go in plain text unless level none
+                # (a HostPolicy is immutable: one per smart host serves every attempt)
+                self._smart_hosts.append((entry, host, port,
+                                          HostPolicy(level, level, (host,))))
         mode = "tls" if self._smart_implicit else "smart"
-        out = []
         # new targets each time: an attempt writes its TLS result on its own target
-        for entry, (host, port) in zip(self.cfg.relay.smart_host, self._smart_hostports,
-                                       strict=True):
-            level = self._smart_level
-            if level == "may" and (self.cfg.relay.smart_host_user or entry in self._oauth):
-                level = "encrypt"  # credentials never go in plain text unless level is none
-            out.append(_Target(host, host, port, mode, HostPolicy(level, level, (host,)),
-                               entry=entry))
-        return out
+        return [_Target(host, host, port, mode, policy, entry=entry)
+                for entry, host, port, policy in self._smart_hosts]
 
     async def _resolve_smart(self, targets: list[_Target]
                              ) -> tuple[list[_Target], list[tuple[_Target, DeliveryResult]]]:
@@ -1450,7 +1450,7 @@ class Courier:
             # another message, whose MAIL would otherwise get 503 and bounce it.
             reusable = await self._reset(w, ct)
         if res.ok and dsn:
-            res = dataclasses.replace(res, dsn_passed=True)  # RFC 3461 5.2.2: they notify
+            res = res.stamped(res.tls, res.tls_policy, True)  # RFC 3461 5.2.2: they notify
         for r in accepted:
             results[r.address] = res
             if moved:
@@ -1493,7 +1493,7 @@ def _no_answer(res: DeliveryResult) -> DeliveryResult:
 
 def _stamp(res: DeliveryResult, t: _Target) -> DeliveryResult:
     """The TLS result and policy of the attempt, on the recipient's result."""
-    return dataclasses.replace(res, tls=t.tls or "none", tls_policy=t.policy.policy)
+    return res.stamped(t.tls or "none", t.policy.policy, res.dsn_passed)
 
 
 def _helo_name(hostname: str) -> bytes:
