@@ -459,3 +459,57 @@ def test_the_envelope_json_is_the_bytes_json_dumps_makes(version: int) -> None:
         d["v"] = version
         want = json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         assert env.to_json(version=version) == want
+
+
+def _general(line: bytes) -> fmt.Layout | str:
+    try:
+        return fmt.layout_of(*fmt.parse_header_line(line), len(line))
+    except fmt.SpoolError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _fast(line: bytes) -> fmt.Layout | str:
+    try:
+        return fmt.header_layout(line)
+    except fmt.SpoolError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _header_edges() -> list[bytes]:
+    written = fmt.encode_header(env_len=321, pad=7, pre=55, msg=1024, crc=0xDEADBEEF)
+    lines = [written, fmt.encode_header(env_len=1, pad=0, pre=0, msg=0, crc=0),
+             fmt.encode_header(env_len=fmt.MAX_ENVELOPE, pad=1 << 30, pre=1 << 30,
+                               msg=1 << 50, crc=0xFFFFFFFF),
+             fmt.RECEIVING_HEADER, b"", b"\n", written[:-1], written[:-2] + b"\n",
+             written[:-1] + b" \n", written.replace(b" pad", b"  pad")[:-2] + b"\n",
+             written.replace(b" pad", b"\tpad"), written.upper(),
+             written.replace(b"sum=crc32:deadbeef", b"sum=crc32:DEADBEEF"),
+             written.replace(b"sum=crc32:deadbeef", b"sum=crc32:0xdeadbe"),
+             written.replace(b"sum=crc32:deadbeef", b"sum=crc32:dead_bee"),
+             written.replace(b"sum=crc32:deadbeef", b"sum=crc32:deadbee "),
+             written.replace(b"sum=crc32:deadbeef", b"sum=adler:deadbeef"),
+             written.replace(b" 2 env", b" 3 env"), written.replace(b" 2 env", b" 02 env"),
+             written.replace(b"env=321", b"env=000"), written.replace(b"env=321", b"env=0321"),
+             written.replace(b"env=321", b"env=-21"), written.replace(b"env=321", b"env=3_1"),
+             written.replace(b"env=321", b"env=\xd9\xa3\xd9\xa2"),
+             written.replace(b"env=321 pad=7", b"pad=7 env=321"),
+             written.replace(b"pad=7", b"pad=7 pad=7")[:fmt.HEADER_LEN - 1] + b"\n",
+             written.replace(b"pad=7", b"xyz=7"), written.replace(b" pad=7", b"      "),
+             fmt.MAGIC + b" 1 321\n", fmt.MAGIC + b" 1 0\n", b"NOT-A-SPOOL 2 env=1\n"]
+    for key, limit in ((b"env", fmt.MAX_ENVELOPE), (b"pad", 1 << 30), (b"pre", 1 << 30),
+                       (b"msg", 1 << 50)):
+        for v in (limit, limit + 1):
+            kw = {"env_len": 321, "pad": 7, "pre": 55, "msg": 1024, "crc": 1}
+            kw[{b"env": "env_len"}.get(key, key.decode())] = v
+            lines.append(fmt.encode_header(**kw))
+    # each also padded (or cut) to the header's length, as a written one is
+    return lines + [ln.rstrip(b"\n").rstrip(b" ")[:fmt.HEADER_LEN - 1]
+                    .ljust(fmt.HEADER_LEN - 1) + b"\n" for ln in lines]
+
+
+@pytest.mark.parametrize("line", _header_edges())
+def test_header_layout_equals_the_general_parse(line: bytes) -> None:
+    """header_layout() takes the header line as encode_header() writes it in one match
+    (every delivery attempt reads one, issue 22): the same Layout, or the same error, as
+    parse_header_line() and layout_of() over edge cases of every field."""
+    assert _fast(line) == _general(line)

@@ -367,8 +367,8 @@ class Spool:
         finally:
             os.close(fd)
         nl = data.find(b"\n")
-        version, fields = fmt.parse_header_line(data[:nl + 1] if nl >= 0 else data)
-        lay = fmt.layout_of(version, fields, nl + 1)
+        lay = fmt.header_layout(data[:nl + 1] if nl >= 0 else data)
+        version = lay.version
         fmt.check_size(lay, st.st_size)
         whole = st.st_size <= len(data)
         if whole or len(data) > lay.prepend_off:
