@@ -67,26 +67,48 @@ os.register_at_fork(after_in_child=_reset_pid)
 # Every MailLog, for the fork hooks below.
 _instances: weakref.WeakSet[MailLog] = weakref.WeakSet()
 _held: list[MailLog] = []  # the MailLogs whose write lock _before_fork took
+_busy: list[MailLog] = []  # those whose writer held it past FORK_LOCK_WAIT (a stalled write)
+# Seconds a fork waits for a write in progress. A write that takes longer is one the
+# target does not take (a pipe nobody reads, a hung NFS mount, a full FIFO): a fork that
+# waited for it (a worker replaced by the master) held the master's event loop for as long
+# as the target stalled, every delivery with it.
+FORK_LOCK_WAIT = 0.2
 
 
 def _before_fork() -> None:
     """No write in progress across a fork: a child forked while the writer thread held
     `_lock` (a process that logged before forking its workers: a start-up warning)
     inherited it locked, and its first line (daemon=started) then waited for ever, the
-    worker hung with its listening socket."""
-    _held[:] = list(_instances)
-    for ml in _held:
-        ml._lock.acquire()
+    worker hung with its listening socket. A write that holds the lock past
+    FORK_LOCK_WAIT is not waited for: the child gets a lock of its own instead
+    (`_after_fork_in_child`)."""
+    _held.clear()
+    _busy.clear()
+    for ml in list(_instances):
+        (_held if ml._lock.acquire(timeout=FORK_LOCK_WAIT) else _busy).append(ml)
 
 
 def _after_fork() -> None:
     for ml in _held:
         ml._lock.release()
     _held.clear()
+    _busy.clear()
+
+
+def _after_fork_in_child() -> None:
+    """A MailLog whose write the fork did not wait for: a new lock (the one inherited is
+    held by a thread this process does not have) and, for stdout or stderr, a stream of
+    its own on the same descriptor (the inherited one's buffer may be mid-write)."""
+    for ml in _busy:
+        ml._lock = threading.Lock()
+        if ml._fh is not None:
+            ml._fh = open(ml._fh.fileno(), "w", encoding=ml._fh.encoding,  # noqa: SIM115
+                          errors=ml._fh.errors, closefd=False)
+    _after_fork()
 
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
-                    after_in_child=_after_fork)
+                    after_in_child=_after_fork_in_child)
 
 
 # ---------------------------------------------------------------------------- escaping

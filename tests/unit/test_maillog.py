@@ -539,3 +539,48 @@ class _Lines(maillog.MailLog):
 
     def _emit(self, line: str) -> None:
         self.lines.append(line)
+
+
+def test_a_fork_does_not_wait_for_a_write_the_target_never_takes(
+        ml: maillog.MailLog, tmp_path: Path) -> None:
+    """A writer stalled in its write (a log pipe nobody reads, a full FIFO) holds the
+    write lock for as long as the target stalls; a fork that waited for it (the master
+    replacing a dead worker) froze the master's event loop, deliveries and all, until the
+    log drained. The fork now returns with the write still in progress, and the child
+    logs with a lock of its own."""
+    ml.warning("before the fork")
+    ml.flush()
+    writing, done = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with ml._lock:
+            writing.set()
+            done.wait(30)  # a write the target does not take (old code: the fork waits)
+
+    t = threading.Thread(target=write)
+    t.start()
+    writing.wait()
+    pid = os.fork()
+    if pid == 0:  # the child: log, and exit 0 only once the line is written
+        try:
+            ml.warning("from the forked child")
+            ml.flush()
+            os._exit(0)
+        finally:
+            os._exit(1)
+    stalled = not done.is_set() and t.is_alive()  # the fork returned during the write
+    done.set()
+    t.join()
+    end = time.monotonic() + 60  # a hang detector
+    while (status := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < end:
+        time.sleep(0.05)
+    if status[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on its first maillog line")
+    assert stalled, "the fork waited for the stalled write to end"
+    assert os.waitstatus_to_exitcode(status[1]) == 0
+    assert "NOQUEUE: warning=from the forked child" in _lines(tmp_path / "mail.log")
+    ml.warning("the parent logs on")
+    ml.flush()
+    assert "NOQUEUE: warning=the parent logs on" in _lines(tmp_path / "mail.log")
