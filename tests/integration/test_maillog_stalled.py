@@ -165,15 +165,20 @@ def test_a_worker_killed_before_its_notice_went_leaves_no_message_for_the_rescan
     written, or NOTICE_WAIT later (the log stalled here, so the window is seconds, not
     the writer's 5 ms gather): a worker killed (kill -9) inside it took the notice with
     it, and the message waited for the master's next rescan. The master scans the queue
-    when it reaps a dead worker."""
+    when it reaps a dead worker. The worker's from= line died with it too (queued for its
+    stalled writer): the master writes it from the queue file (`logged_by=scheduler`),
+    once, before the message's delivery lines; a message whose worker wrote its own line
+    gets no second one."""
     r, smart = _stalled(relay_factory, fake_mx, fifo, tmp_path, monkeypatch)
     assert r.proc is not None
     workers = [p for p in children(r.proc.pid)
                if Path(f"/proc/{p}/comm").read_text().startswith("authrelay-w")]
     assert len(workers) == 2
+    earlier: list[str] = []  # delivered by the notice of a worker that lived on
     for _ in range(5):  # a round counts when the workers stopped before the notice went
         t0 = time.monotonic()
         qid = _submit(r)
+        earlier.append(qid)
         for p in workers:
             os.kill(p, signal.SIGSTOP)
         if time.monotonic() - t0 < 1.0 and not smart.messages:  # < NOTICE_WAIT: not sent
@@ -186,7 +191,21 @@ def test_a_worker_killed_before_its_notice_went_leaves_no_message_for_the_rescan
     assert (r.queue_dir / qid).exists()
     for p in workers:
         os.kill(p, signal.SIGKILL)
+    earlier.remove(qid)
     r.wait_for(lambda: any(qid.encode() in m.content for m in smart.messages), timeout=30,
                what="the message delivered after its worker died (the rescan is an hour away)")
     fifo.resume()
+    wait_until(lambda: any(f" {qid}: status=removed" in ln for ln in fifo.lines()),
+               what=lambda: f"the message's lines: {fifo.lines()[-20:]}")
+    mine = [ln for ln in fifo.lines() if f" {qid}: " in ln]
+    froms = [ln for ln in mine if f" {qid}: from=<someone@remote.example>" in ln]
+    assert len(froms) == 1, mine  # written once, by the master
+    assert froms[0].endswith(", logged_by=scheduler"), froms
+    assert f"authrelay[{r.proc.pid}]: " in froms[0], froms
+    assert "nrcpts=1, relay=" in froms[0] and "proto=ESMTP" in froms[0], froms
+    first_to = next(i for i, ln in enumerate(mine) if f" {qid}: to=" in ln)
+    assert mine.index(froms[0]) < first_to, mine
+    for q in earlier:  # their workers' own lines, and no second one
+        theirs = [ln for ln in fifo.lines() if f" {q}: from=" in ln]
+        assert len(theirs) == 1 and "logged_by" not in theirs[0], theirs
     r.stop()

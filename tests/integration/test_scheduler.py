@@ -1075,3 +1075,48 @@ async def test_rescans_sweep_dead_receives_files_and_never_a_live_or_committed_o
     await until(lambda: not rig.queued(), "both delivered")
     assert sorted(c[1][0] for c in rig.courier.calls) == ["bob@b.example",
                                                            "carol@c.example"]
+
+
+async def _put_owed(spool: Spool, rcpts: list[str], notify: bool = False,
+                    age: float = 0.0) -> str:
+    """A message committed as a session's is (its from= line still owed: the group-execute
+    mark), `age` seconds old, its producer's line never written."""
+    env = Envelope(queue_id=new_queue_id(), sender="a@a.example",
+                   recipients=[Recipient(r) for r in rcpts], protocol="ESMTPSA",
+                   client_ip="192.0.2.7", auth_user="alice", helo="laptop")
+    inc = spool.begin(env)
+    inc.log_owed = True
+    inc.write(BODY)
+    await inc.commit(announce=notify)
+    path = spool.queue_dir / env.queue_id
+    assert path.stat().st_mode & 0o777 == 0o710
+    if age:
+        os.utime(path, (time.time() - age, time.time() - age))
+    return env.queue_id
+
+
+async def test_a_message_whose_producer_died_before_its_from_line_gets_it_once(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queue file still marked as its from= line owed, found by a scan (no notice: its
+    worker was killed between the 250 and its maillog writer's write) gets the line from
+    the scheduler, marked `logged_by=scheduler`, before its delivery line, once; one whose
+    producer's notice came (its writer lives on: a stalled log) gets none from here; a
+    young one waits LOG_OWED_WAIT (its producer may still write it) and then gets it."""
+    monkeypatch.setattr(scheduler_mod, "LOG_OWED_WAIT", 1.0)
+    dead = await _put_owed(rig.spool, ["x@b.example"], age=60)
+    rig.courier.script["y@b.example"] = [TEMP]  # deferred: loaded again, no second line
+    deferred = await _put_owed(rig.spool, ["y@b.example"], age=60)
+    sched = await rig.start(rescan_interval=3600)
+    noticed = await _put_owed(rig.spool, ["z@b.example"], notify=True, age=60)
+    young = await _put_owed(rig.spool, ["w@b.example"])
+    sched.receiver_died()  # (its scan: the young one found without a notice)
+    await until(lambda: not rig.queued(), "every message delivered")
+    assert len(rig.courier.calls_for("y@b.example")) == 2  # deferred, then sent
+    for qid in (dead, deferred, young):
+        (line,) = rig.log.grep(qid, "from=<a@a.example>")
+        assert line == (f"{qid}: from=<a@a.example>, size={len(BODY)}, nrcpts=1, "
+                        "relay=unknown [192.0.2.7], proto=ESMTPSA, auth=alice, helo=laptop, "
+                        "logged_by=scheduler"), line
+        mine = [ln for ln in rig.log.lines if ln.startswith(f"{qid}: ")]
+        assert mine[0] == line, mine  # before its delivery lines
+    assert rig.courier.calls_for("z@b.example") and not rig.log.grep(noticed, "from=")

@@ -4,12 +4,17 @@ its maillog line is written or NOTICE_WAIT after the commit; one loop timer for 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 from support.wait import until
 
-from authrelay.spool import submit
+from authrelay import maillog, wiring
+from authrelay.config import from_dict
+from authrelay.spool import submit, writer
+from authrelay.spool.envelope import Envelope, Recipient
+from authrelay.spool.store import Spool
 
 
 async def test_a_notice_that_raises_leaves_the_timer_for_the_others(
@@ -42,3 +47,36 @@ async def test_a_notice_goes_once_whichever_comes_first() -> None:
     send()
     notices._expire()  # (the timer: nothing left to send)
     assert sent == ["a"]
+
+
+async def test_a_file_is_marked_as_its_from_line_owed_until_that_line_is_written(
+        tmp_path: Path) -> None:
+    """A session's message is committed marked as its from= line not written yet (mode
+    0710, LOG_OWED_MODE), so a scheduler that finds it without a notice (its worker killed
+    between the 250 and the line) writes the line itself; the mark goes once the line is
+    in the log, before the notice, so a message whose line was written gets no second."""
+    cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp_path / "state")})
+    spool = Spool(cfg.spool_dir)
+    spool.ensure_dirs()
+    noticed: list[str] = []
+    spool.on_commit = lambda qid, _ino: noticed.append(qid)
+    ml = maillog.MailLog(f"file:{tmp_path / 'mail.log'}")
+    ml.warning("the writer thread runs")
+    ml.flush()
+    sub = wiring.submitter(cfg, spool, ml)
+    env = Envelope(queue_id="", sender="a@a.example", recipients=[Recipient("b@b.example")],
+                   protocol="ESMTPSA", client_ip="192.0.2.7", auth_user="alice")
+    draft = sub.begin(env)
+    draft.write(b"Subject: t\r\n\r\nhello\r\n")
+    path = spool.queue_dir / env.queue_id
+    with ml._lock:  # the writer held in its write (a stalled target)
+        await draft.commit()
+        await asyncio.sleep(0.05)  # (the writer thread has the line by now, and waits)
+        assert path.stat().st_mode & 0o777 == writer.LOG_OWED_MODE
+        assert not noticed
+    await until(lambda: noticed, what="the notice, once the line is written")
+    assert f"{env.queue_id}: from=<a@a.example>" in (tmp_path / "mail.log").read_text()
+    assert path.stat().st_mode & 0o777 == writer.READY_MODE
+    env2, _, _ = spool.load_for_delivery(env.queue_id)
+    assert env2.log_owed == 0.0
+    spool.close()

@@ -89,7 +89,7 @@ from authrelay.spool.store import (
     commit_pool,
     is_queue_id,
 )
-from authrelay.spool.submit import Submitter
+from authrelay.spool.submit import NOTICE_WAIT, Submitter, log_queued
 from authrelay.spool.writer import settle
 from authrelay.types import DeliveryResult
 
@@ -109,6 +109,11 @@ DEAD_MAX = 10_000  # marks kept (memory): past it the expired go, then the oldes
 # Queued messages whose notice vouched for their line ends (memory: ~100 bytes each); past
 # it a notice's mark is not kept and the courier checks that file, as ever.
 VOUCHED_MAX = 100_000
+# Seconds after its commit a message marked as its `from=` line not written yet (the
+# receiving worker's writer had not written it) may still get it from its producer: its
+# notice goes once the line is written or NOTICE_WAIT after the commit. Found by a scan
+# without a notice, it waits this long; then the scheduler writes the line (_log_owed).
+LOG_OWED_WAIT = NOTICE_WAIT + 1.0
 UNREACHABLE = "4.4.1"  # RFC 3463: no answer from host (the courier's connect failures)
 SHUTDOWN = "4.3.2"  # RFC 3463: system not accepting network messages (our own stop)
 
@@ -220,6 +225,9 @@ class Scheduler:
         # the file's line ends (spool/notify.py): the load marks the envelope
         # `lines_checked` only for that file; gone when the message leaves the queue.
         self._vouched: dict[str, int] = {}
+        # Queue ids whose producer's notice came since their last load: that producer
+        # writes (or wrote) the `from=` line, never this scheduler (_log_owed).
+        self._noticed: set[str] = set()
         self._running = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         # Removals waiting for their batch (one thread hand-off for all; _unlink).
@@ -470,7 +478,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------ queueing
     def _notify(self, qid: str, vouched: int = 0) -> None:
-        if not is_queue_id(qid) or qid in self._active or qid in self._ignored:
+        if not is_queue_id(qid) or qid in self._ignored:
+            return
+        self._noticed.add(qid)  # (until its load or its removal)
+        if qid in self._active:
             return
         if vouched and len(self._vouched) < VOUCHED_MAX:
             self._vouched[qid] = vouched  # until it leaves the queue (_gone)
@@ -643,6 +654,7 @@ class Scheduler:
         self._held.discard(qid)
         self._unsaved_attempts.pop(qid, None)
         self._vouched.pop(qid, None)
+        self._noticed.discard(qid)
 
     def _moved_to_hold(self, qid: str) -> None:
         self._queued.discard(qid)
@@ -691,6 +703,13 @@ class Scheduler:
         if env.held:
             self._moved_to_hold(qid)
             self._release(act)
+            return
+        noticed = qid in self._noticed
+        if noticed:
+            self._noticed.discard(qid)
+        if env.log_owed and not noticed and not self._log_owed(env):
+            self._release(act)  # its producer may still write the line: looked at later
+            self._schedule(qid, env.log_owed + LOG_OWED_WAIT)
             return
         unsaved = self._unsaved_attempts.get(qid)
         if unsaved is not None and len(unsaved) == len(env.recipients):
@@ -774,6 +793,26 @@ class Scheduler:
                     act.path, act.offset = self.spool.body_path(qid)
                 except (OSError, SpoolError):
                     pass  # delivered from the copy in memory
+
+    def _log_owed(self, env: Envelope) -> bool:
+        """A message found by a scan, not by its producer's notice, whose file says its
+        `from=` line was never written (Envelope.log_owed: a worker killed between the
+        250 and its maillog writer's write, Postfix's qmgr writes that line itself): the
+        line, from the envelope, marked `logged_by=scheduler`, before any delivery line,
+        and the mark cleared so it is written once. False, and nothing written, while the
+        commit is under LOG_OWED_WAIT old: the producer may still write it and notify."""
+        age = time.time() - env.log_owed
+        if 0 <= age < LOG_OWED_WAIT:
+            return False
+        log_queued(self.maillog, env, env.size, logged_by="scheduler")
+        try:
+            self.spool.logged(env)
+        except FileNotFoundError:
+            pass  # removed meanwhile: nothing more of it is logged
+        except OSError as e:  # the line may be written again at its next load
+            self.maillog.warning(f"cannot mark the from= line written: {e}",
+                                 queue_id=env.queue_id)
+        return True
 
     async def _clamp_arrival(self, env: Envelope, now: float) -> None:
         """An arrival time in the future: accepted while the clock was ahead, set back

@@ -70,6 +70,11 @@ class Envelope:
     # scheduler, for this very file (its inode); Spool.load_for_delivery fills it in.
     # The courier then skips its line-end check (issue 22). False: checked, as ever.
     lines_checked: bool = field(default=False, compare=False, repr=False)
+    # Not stored: the queue file is marked as its maillog `from=` line not written yet
+    # (spool/writer.py LOG_OWED_MODE): its mtime, the commit's time; 0.0 when not
+    # marked. Spool.load_for_delivery fills it in; the scheduler writes the line when
+    # the producer died before it did (Scheduler._log_owed).
+    log_owed: float = field(default=0.0, compare=False, repr=False)
 
     def to_json(self, version: int = FORMAT_VERSION) -> bytes:
         # Hand-built dict: dataclasses.asdict deep-copies recursively and showed up in
@@ -94,7 +99,7 @@ class Envelope:
         return not self.pending
 
 
-_UNSTORED = ("recipients", "prepend_len", "state_file", "lines_checked")
+_UNSTORED = ("recipients", "prepend_len", "state_file", "lines_checked", "log_owed")
 # The Envelope fields a queue file's envelope stores as plain values (spool/format.py
 # types each); `recipients` are stored as their own list, the rest are never stored.
 STORED_FIELDS: tuple[str, ...] = tuple(f for f in Envelope.__dataclass_fields__

@@ -387,10 +387,19 @@ class Spool:
         env.held = held
         env.prepend_len = lay.prepend_len
         env.lines_checked = vouched != 0 and st.st_ino == vouched
+        env.log_owed = st.st_mtime if st.st_mode & stat.S_IXGRP else 0.0
         self._load_state(path, env)
         if whole:
             return env, data[lay.prepend_off:], 0
         return env, Path(path), lay.prepend_off
+
+    def logged(self, env: Envelope) -> None:
+        """`env`'s `from=` line written by the scheduler (`env.log_owed`): its file's
+        mark cleared (writer.Incoming.logged). Raises OSError (a file gone meanwhile:
+        FileNotFoundError)."""
+        path = (self._hold_prefix if env.held else self._queue_prefix) + env.queue_id
+        os.chmod(path, READY_MODE)
+        env.log_owed = 0.0
 
     def _load_state(self, path: Path | str, env: Envelope) -> None:
         """Merge ID.state, beside `path` (the message's file, named by its queue id)."""

@@ -126,6 +126,13 @@ def _announce_on(loop: asyncio.AbstractEventLoop, announce: Callable[[], None]) 
         loop.call_soon_threadsafe(announce)
 
 
+def _logged(mark: Callable[[], None], then: Callable[[], None]) -> None:
+    """In the maillog's writer thread, once a message's `from=` line is written: its
+    file's mark cleared (Incoming.logged), then `then` (the notice)."""
+    mark()
+    then()
+
+
 class _Notice:
     """The scheduler's notice of one committed message: sent once, by the first caller."""
 
@@ -169,6 +176,22 @@ class _Notices:
             waiting.popleft().send()  # (a no-op for one sent already)
         if waiting:
             self._timer = self.loop.call_at(waiting[0].due, self._expire)
+
+
+def log_queued(ml: MailLog, env: Envelope, size: int, **log: Any) -> None:
+    """The `from=` line of a message queued with `env` (`size` bytes; `log`: fields
+    after the usual ones): the submitter's, and the scheduler's for a message whose
+    producer died before it wrote it (with `logged_by=scheduler`)."""
+    if env.is_bounce:
+        ml.queued(env.queue_id, env.sender, size, len(env.recipients), **log)
+    elif env.listener == "sendmail" or env.protocol == "local":
+        ml.queued(env.queue_id, env.sender, size, len(env.recipients),
+                  relay="local", proto="local", **log)
+    else:
+        ml.queued(env.queue_id, env.sender, size, len(env.recipients),
+                  relay=f"{env.client_rdns or 'unknown'} [{env.client_ip}]",
+                  proto=env.protocol, auth=env.auth_user or None,
+                  helo=env.helo or None, **log)
 
 
 def _io_refusal(e: BaseException) -> Refused:
@@ -331,6 +354,7 @@ class Draft:
         self._incoming: Incoming = sub.spool.begin(env)
         # Our own lines are CRLF (cleanup, the signer): the file is, when the producer's were.
         self._incoming.lines_checked = crlf_only
+        self._incoming.log_owed = True  # the `from=` line is ours, after the commit
         if sub.receiving is not None:
             sub.receiving(1)
         self._scan_nul = scan_nul
@@ -521,32 +545,26 @@ class Draft:
             try:
                 self._log_queued(log)
             finally:
-                announce = self._incoming.announce
+                inc = self._incoming
                 try:
                     loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
                 except RuntimeError:
                     loop = None
                 if loop is None:
-                    self.submitter.maillog.then(announce)
+                    self.submitter.maillog.then(functools.partial(
+                        _logged, inc.logged, inc.announce))
                 else:
                     self.submitter.maillog.then(functools.partial(
-                        _announce_on, loop, self.submitter.notices(loop).add(announce)))
+                        _logged, inc.logged, functools.partial(
+                            _announce_on, loop,
+                            self.submitter.notices(loop).add(inc.announce))))
 
     def _log_queued(self, log: dict[str, Any]) -> None:
         ml = self.submitter.maillog
         env, inc = self.envelope, self._incoming
         if inc.sign_error:
             ml.warning(f"not signed: {inc.sign_error}", queue_id=env.queue_id)
-        if env.is_bounce:
-            ml.queued(env.queue_id, env.sender, inc.size, len(env.recipients), **log)
-        elif env.listener == "sendmail" or env.protocol == "local":
-            ml.queued(env.queue_id, env.sender, inc.size, len(env.recipients),
-                      relay="local", proto="local", **log)
-        else:
-            ml.queued(env.queue_id, env.sender, inc.size, len(env.recipients),
-                      relay=f"{env.client_rdns or 'unknown'} [{env.client_ip}]",
-                      proto=env.protocol, auth=env.auth_user or None,
-                      helo=env.helo or None, **log)
+        log_queued(ml, env, inc.size, **log)
 
     def abort(self) -> None:
         """Drop the message (idempotent); never raises."""

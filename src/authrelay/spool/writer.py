@@ -12,16 +12,18 @@ its lock) or a complete, ready one. The version 2 header (lengths, checksum) is
 written last, in the same fsync as the data, so a ready file always has a true header.
 
 The bytes stream to queue/ID (mode 0600 = "not ready"; commit sets the owner-execute
-bit, Postfix's trick, so there is no cross-directory rename). The first `SPILL` bytes
-are kept in memory and the file is created by a commit thread (creating a file on ext4
-can wait behind a journal commit, which must not stall the event loop): at commit, or
-while the message arrives after `create_early()` (an SMTP session's, so the create is off
-the dot-to-250 path); a larger message creates its file (or takes the early one) then
-and streams, so memory per session stays bounded by SPILL. The event loop never waits for
-a commit thread: an early create still queued at SPILL leaves the bytes in memory and
-`spill_wait()` hands the caller the create to await before its next write (SPILL plus
-one write held); the order of the bytes and the durability contract are unchanged.
-The checksum is computed incrementally as bytes arrive (format.checksum).
+bit, Postfix's trick, so there is no cross-directory rename; with `log_owed`, also the
+group-execute bit until the producer's maillog `from=` line is written: `logged()`). The
+first `SPILL` bytes are kept in memory and the file is created by a commit thread
+(creating a file on ext4 can wait behind a journal commit, which must not stall the
+event loop): at commit, or while the message arrives after `create_early()` (an SMTP
+session's, so the create is off the dot-to-250 path); a larger message creates its file
+(or takes the early one) then and streams, so memory per session stays bounded by SPILL.
+The event loop never waits for a commit thread: an early create still queued at SPILL
+leaves the bytes in memory and `spill_wait()` hands the caller the create to await
+before its next write (SPILL plus one write held); the order of the bytes and the
+durability contract are unchanged. The checksum is computed incrementally as bytes
+arrive (format.checksum).
 
 `signer.sign_stream(chunks) -> header lines | None` (`MessageSigner`: DKIM) runs in the
 commit thread on the message: held in memory, one piece; a streamed file, read back in
@@ -41,6 +43,7 @@ import contextlib
 import fcntl
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -52,6 +55,10 @@ from authrelay.spool.envelope import Envelope
 
 NOT_READY_MODE = 0o600  # queue/ID still being received
 READY_MODE = 0o700  # owner-execute bit: committed (fsync'd before the 250)
+# Committed, its maillog `from=` line not written yet (group-execute bit: `log_owed`):
+# the producer's `logged()` clears it once the line is written; a file the scheduler
+# finds with it and no notice (the producer died in between) gets its line from there.
+LOG_OWED_MODE = READY_MODE | stat.S_IXGRP
 SPILL = 128 * 1024  # message bytes kept in memory before the file is created
 CHUNK = 256 * 1024  # read-back piece of a streamed message for the signer
 
@@ -267,6 +274,9 @@ class Incoming:
         self._dir_sync = dir_sync
         self._notify = notify
         self.lines_checked = False  # set by the producer (spool/submit.py's Draft)
+        # Committed as LOG_OWED_MODE: the producer logs the `from=` line after the
+        # commit and calls logged() (spool/submit.py's Draft sets it).
+        self.log_owed = False
         self._ino = 0  # the inode of the file made for it (its notice names it)
         self.envelope = envelope
         self.queue_id = envelope.queue_id
@@ -477,13 +487,22 @@ class Incoming:
                 pwrite_all(fd, pre, self._msg_off - len(pre))
             pwrite_all(fd, fmt.encode_header(env_len=len(self._env_json), pad=pad,
                                              pre=len(pre), msg=self.size, crc=crc), 0)
-        os.fchmod(fd, READY_MODE)  # the ready mark travels in the same fsync as the data
+        # The ready mark travels in the same fsync as the data.
+        os.fchmod(fd, LOG_OWED_MODE if self.log_owed else READY_MODE)
         if self._fsync:
             os.fsync(fd)
             if self._dir_sync is not None:
                 self._dir_sync.sync()  # the directory entry too (group commit)
         self._fd = None
         os.close(fd)  # releases the flock only now: recover() never sees a half commit
+
+    def logged(self) -> None:
+        """The committed file's `from=` line is written: its LOG_OWED_MODE mark cleared
+        (one chmod, in the maillog's writer thread; not fsynced: a crash of the machine
+        may at worst log the line twice). Never raises: a file gone (delivered, held)
+        meanwhile keeps nothing to mark."""
+        with contextlib.suppress(OSError):
+            os.chmod(self._path, READY_MODE)
 
     def announce(self) -> None:
         """Tell the scheduler the committed message is there (the notify hook or datagram).
