@@ -313,3 +313,28 @@ def test_an_attempt_refused_before_the_rate_check_is_not_counted_in_it(clock: Cl
     assert t.connect("192.0.2.1", free).admitted  # the second: within the rate
     t.disconnect("192.0.2.1", free)
     assert t.connect("192.0.2.1", free).reason == "rate_ip"  # the third: past it
+
+
+def test_source_net_answers_each_address_with_its_own_network() -> None:
+    """source_net keeps its answers per address (a cache): each address, asked again
+    after others, gets the /24 or /64 ipaddress makes of it, whatever was asked before;
+    an IPv4-mapped address is its IPv4 network, a string that is no address is itself."""
+    import ipaddress
+
+    def network(ip: str) -> str:
+        try:
+            a = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip
+        if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+            a = a.ipv4_mapped
+        return str(ipaddress.ip_network((a, 24 if a.version == 4 else 64), strict=False))
+
+    ips = ["127.0.0.1", "127.0.0.2", "127.0.1.1", "10.0.0.255", "192.0.2.1",
+           "2001:db8::1", "2001:db8::2", "2001:db8:0:1::1", "::ffff:192.0.2.7",
+           "::ffff:192.0.3.7", "::1", "fe80::1%eth0", "not an address", "", "1.2.3",
+           "2001:db8::1 "]
+    for _ in range(3):  # the first round fills the cache, the others read it
+        for ip in ips + ips[::-1]:
+            assert th.source_net(ip) == network(ip), ip
+    assert len({th.source_net(ip) for ip in ips}) == len({network(ip) for ip in ips})
