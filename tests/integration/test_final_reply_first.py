@@ -14,6 +14,7 @@ order is observed without timing anything. The `from=` line: a MailLog whose `qu
 from __future__ import annotations
 
 import asyncio
+import re
 import smtplib
 import ssl
 import threading
@@ -90,7 +91,8 @@ class _Spool(Spool):
 
 
 class _Server:
-    def __init__(self, tmp: Path, ca: trustme.CA) -> None:
+    def __init__(self, tmp: Path, ca: trustme.CA, limits: dict[str, Any] | None = None
+                 ) -> None:
         self.port = free_port()
         cert, key, _ = install_cert(ca, tmp / "tls", "relay.test", "127.0.0.1")
         self.cfg = from_dict({
@@ -98,7 +100,7 @@ class _Server:
             "listen": [{"address": f"127.0.0.1:{self.port}", "mode": "submission"}],
             "tls": {"cert": str(cert), "key": str(key)},
             "relay": {"smart_host": ["127.0.0.1:9"]},
-            "limits": {"connection_rate_per_ip": 0},
+            "limits": {"connection_rate_per_ip": 0, **(limits or {})},
         })
         UserDB(self.cfg.userdb_path).add("alice", "correct horse",
                                          ["alice@example.org"])
@@ -258,6 +260,49 @@ def test_a_large_message_waiting_for_its_early_create_does_not_hold_the_loop(
     finally:
         release.cancel()
         gate.set()
+
+
+def test_a_session_waiting_for_its_early_create_is_under_the_data_timeouts(
+        tmp_path: Path, trustme_ca: trustme.CA) -> None:
+    """A session waiting for its early create (past 128 KiB, every commit thread held: a
+    hung disk) waited for it without limit, its connection and memory held for good. It
+    now waits as for the client's next block of data: past data_block_timeout it ends as
+    the other DATA timeouts do, 421 4.4.2 and the message's own `stage=timeout` line; the
+    file the create makes later is removed."""
+    server = _Server(tmp_path, trustme_ca, limits={"data_block_timeout": "1s"})
+    server.thread.start()
+    body = b"".join(b"%06d " % i + b"x" * 70 + b"\r\n" for i in range(SPILL // 78 + 800))
+    gate = threading.Event()
+    release = threading.Timer(60, gate.set)  # a hang detector: the old session waited
+    pool = writer.commit_pool()  # the in-process server's
+    blockers: list[object] = []
+    try:
+        a = _to_bob(server, trustme_ca)
+        server.thread.call_soon(lambda: blockers.extend(
+            pool.run(lambda: gate.wait(90)) for _ in range(pool.size)))
+        wait_until(lambda: len(blockers) == pool.size, "every commit thread held")
+        a.putcmd("data")
+        assert a.getreply()[0] == 354
+        release.start()
+        a.send(b"From: alice@example.org\r\nSubject: big\r\n\r\n" + body)  # no dot
+        code, text = a.getreply()
+        assert (code, text[:5]) == (421, b"4.4.2"), (code, text)
+        assert not gate.is_set(), "the session waited for its create past the timeout"
+        (inc,) = server.spool.begun
+        line = wait_until(lambda: [ln for ln in (tmp_path / "maillog").read_text(
+            ).splitlines() if f" {inc.queue_id}: reject=" in ln], "the message's line")
+        assert re.search(r": [0-9A-Z]{17}: reject=421 4\.4\.2 Timeout exceeded, closing "
+                         r"connection, relay=unknown \[127\.0\.0\.1\], stage=timeout, "
+                         r"size=\d+$", line[0]), line
+        assert not list(server.spool.queue_dir.iterdir())  # the create still queued
+        gate.set()
+        wait_until(lambda: inc._early is not None and inc._early.done(), "the create ran")
+        wait_until(lambda: not list(server.spool.queue_dir.iterdir()),
+                   "the file the late create made removed")
+    finally:
+        release.cancel()
+        gate.set()
+        server.thread.stop()
 
 
 def test_a_strangers_message_on_25_gets_its_file_at_the_dot(

@@ -387,7 +387,7 @@ class Session:
             draft = self._draft
             wait = draft.spill_wait() if draft is not None else None
             if wait is not None:  # the file still being made: this session waits, not
-                await asyncio.wait((wait,))  # the loop (a cancel leaves the create be)
+                await self._create_wait(wait)  # the loop
         elif isinstance(ev, p.RcptRequest):
             await self._rcpt(ev)
         elif isinstance(ev, p.MailRequest):
@@ -419,6 +419,19 @@ class Session:
         elif isinstance(ev, p.AuthMalformed):
             self.maillog.auth_failed(self.relay_desc(), ev.reply, ev.mechanism, None, ev.reason)
             self._metric_auth("malformed")
+
+    async def _create_wait(self, create: asyncio.Future[Any]) -> None:
+        """Wait for the message's early create (Draft.spill_wait) as for the client's next
+        block of data: under data_block_timeout and what is left of data_final_timeout. A
+        create that does not come (the commit threads held by a hung disk) ends the
+        session as those timeouts do: 421 4.4.2 and the message's own `stage=timeout`
+        line; the thread removes the file if it ever makes it. A cancel (shutdown) leaves
+        the create be (asyncio.wait)."""
+        timeout = min(self.cfg.limits.data_block_timeout,
+                      self._data_deadline - self.conn.loop.time())
+        done, _ = await asyncio.wait((create,), timeout=max(0.0, timeout))
+        if not done:
+            self.eng.timeout()
 
     async def _starttls(self, ev: p.StartTLS) -> None:
         self._flush()
