@@ -425,9 +425,13 @@ async def _serve_loop(run: _Run) -> int:
                                      ml, metrics=metrics)
         if receiver is not None:
             spool.on_commit = scheduler.notify
-        await scheduler.start()
         if run.role == "master":
+            # Before start(): a worker reaped while the scheduler starts (its recovery
+            # done, the queue being scanned) is told too, or its unfinished files waited
+            # for the rescan's sweep (Scheduler.receiver_died works from start()'s first
+            # step; the watcher reaps only while start() awaits).
             run.receiver_died = scheduler.receiver_died
+        await scheduler.start()
         reporter = wiring.tls_reporter(cfg, scheduler, ml)  # RFC 8460 (tls_reports)
         if reporter is not None:
             reporter.start()

@@ -203,3 +203,43 @@ def test_a_killed_workers_unfinished_files_go_without_a_restart(
     relay.wait_for(lambda: all(gone(relay, q) for q in qids), what="every message delivered")
     assert len(mx1.messages) == len(qids)
     assert relay.unready() == []
+
+
+def test_a_worker_killed_during_the_masters_start_is_swept_after_it(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The master told its scheduler of a dead worker (`receiver_died`: a scan, and the
+    sweep of the worker's unfinished files UNFINISHED_AGE later) only once the scheduler
+    had started: a worker killed while the master was still starting (its recovery done,
+    the queue still being scanned) left its unready file to the next rescan's sweep (60 s;
+    an hour here). Here the master's start is held after its recovery (a sitecustomize
+    hook makes it wait for a file, as a slow disk would) while a worker in DATA is killed
+    and reaped; the file is swept once the start ends, without a rescan."""
+    gate, held = tmp_path / "start-may-end", tmp_path / "start-held"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import asyncio, os\n"
+        "import authrelay.scheduler.scheduler as s\n"
+        "s.RESCAN_INTERVAL = 3600.0\n"
+        "_warn = s.Scheduler._warn_in_flight\n"
+        "async def _held(self, leftovers):\n"
+        f"    open({str(held)!r}, 'w').close()\n"
+        f"    while not os.path.exists({str(gate)!r}):\n"
+        "        await asyncio.sleep(0.05)\n"
+        "    await _warn(self, leftovers)\n"
+        "s.Scheduler._warn_in_flight = _held\n")
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    relay = relay_factory(mx_overrides(dns, fake_mx.port), workers=2)
+    relay.wait_for(held.exists, what="the master's start held after its recovery")
+    s, path = _in_data(relay, b"From: Alice <alice@sender.test>\r\nSubject: s\r\n\r\n")
+    victim = _holder(relay, path)
+    os.kill(victim, signal.SIGKILL)
+    s.close()
+    relay.wait_log(rf"error=worker {victim} died \(killed by SIGKILL\)")
+    assert "daemon=started (master)" not in relay.maillog()  # reaped during the start
+    gate.touch()
+    relay.wait_log(r"daemon=started \(master\)")
+    relay.wait_log(rf"{path.name}: warning=unfinished queue file removed")
+    assert not path.exists()
