@@ -524,3 +524,27 @@ async def test_containment_counted_while_redis_was_away_still_counts(
                 ).recipients == 1
     finally:
         await state.close()
+
+
+async def test_a_known_address_is_written_again_after_redis_was_away(
+        rs: RedisServer, mlog: Path) -> None:
+    """A node writes a user's known network to Redis at most once an hour; once Redis
+    has been away and back (here restarted empty) the next login writes it again, so the
+    other nodes know it. Before the fix the write was skipped for the rest of the hour:
+    a user attacked past max_failures_per_user was locked out on the other nodes from
+    the network they had just logged in from."""
+    cfg = _cfg(rs)
+    a, b = _node(cfg, probe=0.1), _node(cfg)
+    try:
+        await a.auth_succeeded("198.51.100.7", "alice")
+        assert await b.known.is_known("alice", "198.51.100.0/24")
+        rs.stop()
+        await a.auth_failed("203.0.113.1", "alice")  # A finds Redis away
+        rs.start()
+        await until(lambda: a.counters.up, "the probe finding Redis back")
+        assert not await b.known.is_known("alice", "198.51.100.0/24")  # restarted empty
+        await a.auth_succeeded("198.51.100.7", "alice")
+        assert await b.known.is_known("alice", "198.51.100.0/24")
+    finally:
+        await a.counters.close()
+        await b.counters.close()

@@ -179,6 +179,9 @@ class SharedCounters:
         self.timeout = timeout
         self.probe_interval = probe_interval
         self.up = True
+        # How many times Redis answered again after being found away: what a process
+        # wrote there before may be gone (a restart without persistence).
+        self.returns = 0
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._script: Any = None
@@ -213,6 +216,7 @@ class SharedCounters:
             except Exception:  # still down: keep probing
                 continue
             self.up = True
+            self.returns += 1
             maillog.warning("shared counters reachable again: counting in Redis",
                             shared=redact_url(self.url))
 
@@ -367,9 +371,10 @@ class SharedKnown:
         self.counters = counters
         self.local = local
         self.ttl = days * 86400.0
-        # (user, net) -> when this process last wrote it to Redis: a user logging in all
-        # day costs one write per hour, not one per AUTH.
-        self._written: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # (user, net) -> (when this process last wrote it to Redis, counters.returns
+        # then): a user logging in all day costs one write per hour, not one per AUTH;
+        # once Redis has been away and back the next login writes it again.
+        self._written: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
 
     async def is_known(self, user: str, net: str) -> bool:
         if await self.counters.is_known(user, net, self.ttl):
@@ -379,12 +384,13 @@ class SharedKnown:
     async def remember(self, user: str, net: str) -> None:
         if self.local is not None:
             await self.local.remember(user, net)
-        now = time.monotonic()
+        now, returns = time.monotonic(), self.counters.returns
         last = self._written.get((user, net))
-        if last is not None and now - last < KNOWN_REWRITE and self.counters.up:
+        if last is not None and now - last[0] < KNOWN_REWRITE and last[1] == returns \
+                and self.counters.up:
             return
         if await self.counters.remember(user, net, self.ttl):
-            self._written[(user, net)] = now
+            self._written[(user, net)] = (now, returns)
             self._written.move_to_end((user, net))
             while len(self._written) > MAX_RATE_KEYS:
                 self._written.popitem(last=False)
