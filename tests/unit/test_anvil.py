@@ -151,6 +151,43 @@ def test_what_a_dead_worker_held_is_given_back() -> None:
     assert s.forget(0) == 0 and s.forget(1) == 0 and s.forget(7) == 0
 
 
+def test_a_worker_killed_in_the_middle_of_a_count_leaves_no_count_held() -> None:
+    """kill -9 between a connection's counter writes (under the lock: its pools counted,
+    its address not yet): forget() must not leave a count that nobody holds. Before the
+    fix the counters were written before the ledger, so the pools' counts taken by the
+    dead worker were never given back: each such death held a pool slot until the next
+    start. The kill lands at that very line (a trace hook in the worker)."""
+    import linecache
+    import signal
+    import sys
+    from types import FrameType
+    from typing import Any
+
+    s = SharedCounters(workers=1)
+    pools = (Pool("*", 0), Pool("listener:a", 0))
+    pid = os.fork()
+    if pid == 0:
+        try:
+            s.adopt(0)
+
+            def line(frame: FrameType, event: str, _arg: Any) -> Any:
+                if event == "line" and linecache.getline(
+                        frame.f_code.co_filename, frame.f_lineno).strip() == "a[ip_i] += 1":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return line
+
+            sys.settrace(lambda f, _e, _a: line if f.f_code.co_name == "try_acquire"
+                         else None)
+            s.try_acquire("192.0.2.1", pools, 0)
+        finally:
+            os._exit(3)  # not reached: killed in try_acquire
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    s.forget(0)
+    assert (s.pool_level("*"), s.pool_level("listener:a"), s.gauge("192.0.2.1")) == (0, 0, 0)
+    assert s.try_acquire("192.0.2.1", (Pool("*", 1),), 1).admitted  # the lock is free too
+
+
 def test_a_worker_killed_holding_the_lock_wedges_nobody() -> None:
     """kill -9 (or the OOM killer) may land while a worker holds the table's lock (a few
     microseconds per count): the next taker gets it (a robust mutex), where a semaphore

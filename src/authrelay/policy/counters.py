@@ -26,7 +26,9 @@ the master, reaping it, subtracts that row from the gauges (`forget`); else ever
 connection it held stayed counted until the next start, and a few crashes under load
 left the pools full (every client refused `421 4.7.0 Too many connections`). The lock is
 a robust process-shared mutex (`RobustLock`): a worker killed while holding it (a few
-microseconds per count) leaves it to the next taker instead of wedging every worker.
+microseconds per count) leaves it to the next taker instead of wedging every worker, and
+the count it was making at most under-counted (the ledger is written before a count is
+taken, after one is given back; a gauge never goes below 0, so its next zero heals it).
 Failure policy: none; a slot overflow cannot happen (64-bit counters).
 """
 
@@ -248,7 +250,11 @@ class SharedCounters:
         return given
 
     def _held(self, i: int, delta: int) -> None:
-        """Under the lock: the ledger's side of a gauge change at index `i`."""
+        """Under the lock: the ledger's side of a gauge change at index `i`. Written
+        before a count is taken and after one is given back: a worker killed between
+        the two writes (the lock is robust, the update is not atomic) must leave the
+        gauge at most under-counted, which its next zero heals (counts never go
+        below 0), never over-counted, which nothing would heal."""
         if self._row is not None:
             self._a[self._row + i] += delta
 
@@ -274,9 +280,12 @@ class SharedCounters:
 
     def gauge_add(self, key: str, delta: int) -> None:
         i = self._base["conns"] + self._slot(key)
-        with self._lock:
+        with self._lock:  # a count is taken ledger first, given back ledger last
+            if delta > 0:
+                self._held(i, delta)
             self._a[i] = max(0, self._a[i] + delta)
-            self._held(i, delta)
+            if delta <= 0:
+                self._held(i, delta)
 
     def try_acquire(self, ip: str, pools: Sequence[Pool], max_ip: int,
                     rate: float = 0.0, max_delay: float = 0.0,
@@ -306,13 +315,16 @@ class SharedCounters:
                 if delay < 0:
                     return Admission(replies.RATE_LIMITED, 0.0, "rate")
                 a[0] = int(tat * 1e9)
-            for i, _p in idx:
-                a[i] += 1
-            a[ip_i] += 1
-            if row is not None:  # the ledger's side (see _held)
+            # The ledger first (see _held): a worker killed between the two leaves a
+            # count given back that was never taken (healed at the gauge's next zero),
+            # never one taken that forget() cannot give back (held for good).
+            if row is not None:
                 for i, _p in idx:
                     a[row + i] += 1
                 a[row + ip_i] += 1
+            for i, _p in idx:
+                a[i] += 1
+            a[ip_i] += 1
         return Admission(None, delay) if delay else ADMIT
 
     def release(self, ip: str, pools: Sequence[Pool]) -> None:
