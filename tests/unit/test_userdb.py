@@ -108,6 +108,37 @@ def test_user_named_like_an_address_owns_it(db) -> None:
     assert db.addresses("nobody") == set()
 
 
+def test_sqlite_addresses_in_one_read_equal_the_generic_three(tmp_path: Path) -> None:
+    """UserDB.addresses answers from one join (once per authenticated session): the same
+    set as UserStore.addresses' reads (the user, then its stored addresses, then the
+    address its name is), for users with and without addresses, named like an address or
+    not, other spellings, and after edits and a delete."""
+    from authrelay.auth.userdb import UserStore
+
+    db = UserDB(tmp_path / "users.db")
+    try:
+        db.add("alice", "pw", ["a@example.org", "A2@example.org"])
+        db.add("carol@example.org", "pw")
+        db.add("Bob@Example.ORG", "pw", ["bob.smith@example.org"])
+        db.add("dave", "pw")
+        names = ["alice", "Alice", "carol@example.org", "CAROL@example.org",
+                 "Bob@Example.ORG", "bob@example.org", "dave", "nobody", ""]
+
+        def check() -> None:
+            for n in names:
+                assert db.addresses(n) == UserStore.addresses(db, n), n
+
+        check()
+        db.set_addresses("dave", ["d@example.org"])
+        db.remove_address("alice", "a@example.org")
+        check()
+        db.delete("alice")
+        check()
+        assert db.addresses("carol@example.org") == {"carol@example.org"}
+    finally:
+        db.close()
+
+
 def test_delete(db) -> None:
     db.add("alice", "pw", ["alice@example.org"])
     db.delete("alice")

@@ -530,6 +530,17 @@ class UserDB(UserStore):
         return {r[0] for r in db.execute("SELECT address FROM addresses WHERE user = ?",
                                          (name,))}
 
+    def addresses(self, name: str) -> set[str]:
+        """(UserStore.addresses) In one read, not three (the hash, the user again, the
+        addresses: 36 us on the event loop once per authenticated session): the user's
+        row joined with its addresses; no row, no user."""
+        rows = self._db().execute(
+            "SELECT a.address FROM users u LEFT JOIN addresses a ON a.user = u.name "
+            "WHERE u.name = ?", (name,)).fetchall()
+        if not rows:
+            return set()
+        return {r[0] for r in rows if r[0] is not None} | implicit_address(name)
+
     def get_hash(self, name: str) -> str | None:
         row = self._db().execute("SELECT hash FROM users WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
