@@ -63,9 +63,13 @@ MAX_HEADER_BYTES = 1024 * 1024
 
 
 class Fail(Exception):
-    def __init__(self, code: int, message: str) -> None:
+    """A refusal: `code` the sendmail exit code; `logged`: its maillog line (the queue
+    id's `reject=`) is written already, so the caller writes none of its own."""
+
+    def __init__(self, code: int, message: str, *, logged: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.logged = logged
 
 
 @dataclass
@@ -347,14 +351,14 @@ def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], who: Iden
                            reason=e.reason if e.reason != e.reply.text else None,
                            uid=who.uid, user=who.login)
         if e.reply is replies.MSG_NUL:
-            raise Fail(EX_DATAERR, "message contains NUL characters") from None
+            raise Fail(EX_DATAERR, "message contains NUL characters", logged=True) from None
         if e.reply.code == 452:
-            raise Fail(EX_TEMPFAIL, f"spool: {e.reason}") from None
+            raise Fail(EX_TEMPFAIL, f"spool: {e.reason}", logged=True) from None
         if e.errno in (errno.EACCES, errno.EPERM):
             raise Fail(EX_CANTCREAT, f"cannot write to the spool {spool.queue_dir}: "
                                      "Permission denied (run as root or as the authrelay "
-                                     "user)") from None
-        raise Fail(EX_TEMPFAIL, f"spool write failed: {e.reason}") from None
+                                     "user)", logged=True) from None
+        raise Fail(EX_TEMPFAIL, f"spool write failed: {e.reason}", logged=True) from None
     except BaseException:
         draft.abort()
         raise

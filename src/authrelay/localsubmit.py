@@ -258,7 +258,8 @@ class LocalSubmission:
                 resp: dict[str, Any] = {"code": 0, "queue_id": qid}
             except localmail.Fail as e:
                 resp = {"code": e.code, "error": str(e)}
-                if e.code != EX_TEMPFAIL or "per hour" in str(e):
+                # (one line per refusal: the spool's was written with its queue id)
+                if not e.logged and (e.code != EX_TEMPFAIL or "per hour" in str(e)):
                     self.maillog.warning(f"local submission refused: {e}", uid=uid,
                                          user=who.login)
             except (Truncated, TimeoutError, OSError, ValueError) as e:

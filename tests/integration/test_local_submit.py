@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -138,6 +139,23 @@ def test_client_gone_mid_message_queues_nothing(relay: RelayProcess) -> None:
         s.sendall(struct.pack(">I", len(part)) + part)
     relay.wait_for(lambda: "local submission aborted" in relay.maillog())
     assert relay.queued() == [] and relay.unready() == []
+
+
+def test_a_refused_message_is_one_maillog_line(relay: RelayProcess) -> None:
+    """A message the spool refuses (here a NUL) is one maillog line, its queue id's
+    `reject=`, as over SMTP. Before, a second line followed it for the same refusal:
+    `NOQUEUE: warning=local submission refused: message contains NUL characters`."""
+    res = sendmail(relay, "bob@remote.example", stdin=b"Subject: nul\n\na\x00b\n",
+                   user="nobody")
+    assert res.returncode == 65, res.stderr
+    line = relay.wait_log(r": reject=554 5\.6\.0 Message contains NUL characters, "
+                          r"relay=local, uid=\d+, user=nobody")
+    # a later event's line proves nothing more about the refusal is on its way
+    sendmail(relay, "bob@remote.example", stdin=MSG, user="nobody")
+    relay.wait_log(r"from=<nobody@")
+    log = relay.maillog()
+    assert log.count("NUL characters") == 1, log
+    assert re.search(r"\]: [0-9A-Z]{17}: reject=", line), line  # the queue id first
 
 
 def test_bad_request_is_refused(relay: RelayProcess) -> None:
