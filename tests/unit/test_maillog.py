@@ -262,13 +262,10 @@ def test_a_next_hops_reply_is_kept_to_2048_characters_in_a_delivery_line(
     assert short.endswith("stat=Bounced (550 5.1.1 short)")
 
 
-def test_a_process_forked_during_a_write_can_log(ml: maillog.MailLog, tmp_path: Path
-                                                 ) -> None:
-    """serve logs a start-up warning (an expired certificate, a wait longer than
-    attempt_timeout) in the master and then forks its workers: a fork while the writer
-    thread held the write lock gave the worker that lock held for ever, and its first
-    line (daemon=started) hung it, listening socket and all. The fork now waits for the
-    write in progress (here another thread holding the lock, as a slow disk would)."""
+def _fork_during_a_write(ml: maillog.MailLog, holds: float) -> tuple[int, bool]:
+    """Fork while another thread holds `ml`'s write lock (a write in progress) for up to
+    `holds` seconds; the child logs a line and exits 0 once it is written. (the child's
+    pid, whether the fork returned while that write still went on)"""
     ml.warning("before the fork")
     ml.flush()
     writing, done = threading.Event(), threading.Event()
@@ -276,7 +273,7 @@ def test_a_process_forked_during_a_write_can_log(ml: maillog.MailLog, tmp_path: 
     def write() -> None:
         with ml._lock:
             writing.set()
-            done.wait(0.3)  # the write in progress ends on its own a moment later
+            done.wait(holds)
 
     t = threading.Thread(target=write)
     t.start()
@@ -289,9 +286,16 @@ def test_a_process_forked_during_a_write_can_log(ml: maillog.MailLog, tmp_path: 
             os._exit(0)
         finally:
             os._exit(1)
+    during = not done.is_set() and t.is_alive()
     done.set()
     t.join()
-    end = time.monotonic() + 60  # a hang detector: the old code never returns
+    return pid, during
+
+
+def _wait_for_child_line(pid: int, tmp_path: Path) -> None:
+    """The forked child exited 0 with its line in the log (a hang detector: fails after
+    60 s)."""
+    end = time.monotonic() + 60
     while (status := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < end:
         time.sleep(0.05)
     if status[0] == 0:
@@ -300,6 +304,17 @@ def test_a_process_forked_during_a_write_can_log(ml: maillog.MailLog, tmp_path: 
         pytest.fail("the forked child hung on its first maillog line")
     assert os.waitstatus_to_exitcode(status[1]) == 0
     assert "NOQUEUE: warning=from the forked child" in _lines(tmp_path / "mail.log")
+
+
+def test_a_process_forked_during_a_write_can_log(ml: maillog.MailLog, tmp_path: Path
+                                                 ) -> None:
+    """serve logs a start-up warning (an expired certificate, a wait longer than
+    attempt_timeout) in the master and then forks its workers: a fork while the writer
+    thread held the write lock gave the worker that lock held for ever, and its first
+    line (daemon=started) hung it, listening socket and all. The fork now waits for the
+    write in progress (here another thread holding the lock, as a slow disk would)."""
+    child, _ = _fork_during_a_write(ml, 0.3)  # the write ends on its own a moment later
+    _wait_for_child_line(child, tmp_path)
 
 
 def test_lines_for_a_target_that_takes_none_wait_in_bounded_memory(tmp_path: Path) -> None:
@@ -548,39 +563,9 @@ def test_a_fork_does_not_wait_for_a_write_the_target_never_takes(
     replacing a dead worker) froze the master's event loop, deliveries and all, until the
     log drained. The fork now returns with the write still in progress, and the child
     logs with a lock of its own."""
-    ml.warning("before the fork")
-    ml.flush()
-    writing, done = threading.Event(), threading.Event()
-
-    def write() -> None:
-        with ml._lock:
-            writing.set()
-            done.wait(30)  # a write the target does not take (old code: the fork waits)
-
-    t = threading.Thread(target=write)
-    t.start()
-    writing.wait()
-    pid = os.fork()
-    if pid == 0:  # the child: log, and exit 0 only once the line is written
-        try:
-            ml.warning("from the forked child")
-            ml.flush()
-            os._exit(0)
-        finally:
-            os._exit(1)
-    stalled = not done.is_set() and t.is_alive()  # the fork returned during the write
-    done.set()
-    t.join()
-    end = time.monotonic() + 60  # a hang detector
-    while (status := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < end:
-        time.sleep(0.05)
-    if status[0] == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child hung on its first maillog line")
+    child, stalled = _fork_during_a_write(ml, 30)  # a write the target does not take
+    _wait_for_child_line(child, tmp_path)
     assert stalled, "the fork waited for the stalled write to end"
-    assert os.waitstatus_to_exitcode(status[1]) == 0
-    assert "NOQUEUE: warning=from the forked child" in _lines(tmp_path / "mail.log")
     ml.warning("the parent logs on")
     ml.flush()
     assert "NOQUEUE: warning=the parent logs on" in _lines(tmp_path / "mail.log")
