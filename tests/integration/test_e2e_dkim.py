@@ -109,6 +109,28 @@ def test_both_algorithms_verify_after_the_relay(setup: dict[str, Any]) -> None:
         raise AssertionError(f"no dkim line for {qid}:\n{relay.maillog()[-3000:]}")
 
 
+def test_a_field_name_with_blanks_before_its_colon_is_signed_as_opendkim_reads_it(
+        setup: dict[str, Any]) -> None:
+    """`Subject : x` (RFC 5322 4.5.3 obs-optional: a reader must take it) made dkimpy's
+    split refuse the header section, "message not parsable", and the message went out
+    unsigned. RFC 6376 3.4.2 (relaxed) reads it as the field and deletes the blanks, and so
+    does OpenDKIM: signed so, the message kept as sent, OpenDKIM's verifier passes both
+    signatures, and a Subject changed after signing fails them (the field is covered)."""
+    relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
+    body = BODY.replace(b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n",
+                        b"Subject : obsolete syntax\r\nTo  :\r\n bob@example.test\r\n")
+    assert b"Subject : obsolete" in body
+    qid = submit(relay, ["bob@example.test"], body)
+    m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery")
+    assert b"\r\nSubject : obsolete syntax\r\nTo  :\r\n bob@example.test\r\n" in m.content
+    assert opendkim_results(m.content, dns.nameserver) == [
+        (b"sender.test", b"t-ed25519", b"ed25519-sha256", True),
+        (b"sender.test", b"t-rsa", b"rsa-sha256", True)]
+    changed = m.content.replace(b"Subject : obsolete syntax", b"Subject : changed  syntax")
+    assert [ok for *_, ok in opendkim_results(changed, dns.nameserver)] == [False, False]
+    relay.wait_log(rf"{qid}: dkim=signed, d=sender\.test, s=t-ed25519,t-rsa")
+
+
 def test_large_streamed_message_signed(setup: dict[str, Any]) -> None:
     """Past the spool's in-memory part (128 KiB) the message streams to disk and the
     signer reads it back; the signature still covers every byte."""

@@ -21,7 +21,7 @@ from test_ownership import _NEAR_SIMPLE
 
 from authrelay.config import from_dict
 from authrelay.dkim.keys import DkimKeyError, KeyStore, split_txt
-from authrelay.dkim.signer import Signer, from_domain
+from authrelay.dkim.signer import TAB_GAP, Signer, from_domain, split_fields
 from authrelay.policy.ownership import Owner
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.submit import Submitter
@@ -541,19 +541,33 @@ def test_ownership_is_checked_only_when_there_is_a_key(signer: tuple[Signer, Log
     assert mine.asked == 1
 
 
-def test_header_dkimpy_cannot_split_goes_unsigned(signer: tuple[Signer, Log]) -> None:
-    """Our field reader takes `From :` (RFC 5322 4.5.3 obs-optional) and its folded value
-    as alice's address; dkimpy does not see a field there and fails on the continuation
-    line. An owner-checked message like that is never signed, and nothing raises."""
+def test_an_obs_optional_from_is_signed_as_opendkim_reads_it(
+        signer: tuple[Signer, Log]) -> None:
+    """`From :` (RFC 5322 4.5.3 obs-optional) with a folded value is alice's address to
+    the ownership check and to the signer's split (as RFC 6376 3.4.2 and OpenDKIM read
+    it; dkimpy refused the section, so it went unsigned, "message not parsable"): signed,
+    the field covered. A line that is no field, fold or mbox line still leaves the message
+    unsigned, and nothing raises."""
     from authrelay.policy.ownership import Owner
     s, log = signer
-    msg = b"From : \r\n alice@example.org\r\n\r\nbody\r\n"
+    msg = b"From : \r\n alice@example.org\r\nSubject : hi\r\n\r\nbody\r\n"
     owner = Owner.of("alice", ("alice@example.org",))
     assert owner.verdict(msg) == ""
-    assert s(msg, "Q1", owner) is None
+    assert split_fields(msg) == [(b"From", b" \r\n alice@example.org\r\n"),
+                                 (b"Subject", b" hi\r\n")]
+    out = s(msg, "Q1", owner)
+    assert out is not None and b"d=example.org" in out
+    tags = out.replace(b"\r\n", b"").replace(b" ", b"")
+    assert b"h=from:" in tags and b":subject:" in tags, out
+    junk = b"From: alice@example.org\r\njunk line\r\n\r\nbody\r\n"
+    assert s(junk, "Q2", owner) is None
     qid, ev = log.events[-1]
-    assert qid == "Q1" and ev["dkim"] == "none"
-    assert str(ev["reason"]).startswith("message not parsable"), ev
+    assert qid == "Q2" and ev["dkim"] == "none"
+    assert ev["reason"] == "message not parsable (a line that is not a header field)", ev
+    assert s(b"From: alice@example.org\r\nSubject \t: hi\r\n\r\nbody\r\n", "Q3",
+             owner) is None  # OpenDKIM verifies no signature of it
+    assert log.events[-1] == ("Q3", {"dkim": "none",
+                                     "reason": f"message not parsable ({TAB_GAP})"})
 
 
 class CountingSigner(Signer):
@@ -652,22 +666,21 @@ ALICE = ("alice@example.org", "alice@nokey.example", "alice@b\u00fccher.example"
 
 
 @pytest.mark.parametrize(("head", "reason"), [
-    # obs-optional (RFC 5322 4.5.3): a From: field to the ownership check, an mbox
-    # separator line to dkimpy, which then reads no From: at all
-    (b"From : alice@nokey.example\r\n", "no From: field"),
-    (b"From : alice@example.org\r\n", "no From: field"),
-    (b"From\t: alice@nokey.example\r\n", "message not parsable (MessageFormatError)"),
+    # obs-optional (RFC 5322 4.5.3): a From: field to the ownership check and to the
+    # signer's split (as OpenDKIM reads it), which the accept path leaves to the signer
+    (b"From : alice@nokey.example\r\n", "no key for nokey.example"),
+    (b"From\t: alice@nokey.example\r\n", f"message not parsable ({TAB_GAP})"),
     (b"Sender : alice@example.org\r\nFrom: alice@nokey.example\r\n",
-     "message not parsable (MessageFormatError)"),
+     "no key for nokey.example"),
     (b"From: alice@nokey.example\r\njunk line\r\n",
-     "message not parsable (MessageFormatError)"),
+     "message not parsable (a line that is not a header field)"),
     (b"From: alice@nokey.example\r\n", "no key for nokey.example"),
 ])
 def test_keyless_note_is_the_one_the_signers_own_parse_gives(
         store: KeyStore, head: bytes, reason: str) -> None:
     """The accept path's `dkim=none` note for an owned From: is the one the commit
-    thread's signer gives for the same message: a header dkimpy splits otherwise than the
-    ownership check (an obs-optional `From :` it drops as an mbox line, a line it refuses)
+    thread's signer gives for the same message: a header the ownership check does not vouch
+    the signer splits alike (an obs-optional `From :`, a line that is no field)
     names no domain to bind(), so the signer's own parse notes it, once, before from=."""
     owner = Owner.of("alice", ALICE)
     message = head + b"To: b@example.net\r\n\r\nbody\r\n"

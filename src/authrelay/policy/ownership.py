@@ -55,10 +55,10 @@ _CHECKED = (b"from", b"sender")
 # A line of a header section that is neither a field written `name:` (no blank before the
 # colon: obs-optional, RFC 5322 4.5.3, is a field here but not to every reader) nor a
 # folded continuation of one, nor the section's end (its empty line included). `assess`
-# names no From: domain for a section holding one: the DKIM signer's split (dkimpy's)
-# reads it otherwise (it drops `From : ...` as an mbox separator line and refuses any
-# other such line, "message not parsable"), so its note would not be the one the accept
-# path made from this parse. (Two patterns, the first line and then every other: one
+# names no From: domain for a section holding one: the DKIM signer's split
+# (signer.split_fields) decides such a section itself (it reads `name :` as the field,
+# refuses a tab before the colon and any other such line, "message not parsable"), so
+# its note is the one the signer makes. (Two patterns, the first line and then every other: one
 # pattern with an `\A` alternative tried at every position took about five times longer.)
 _FIRST_LINE = re.compile(rb"[!-9;-~]+:|\r?\n?\Z")
 _ODD_LINE = re.compile(rb"\n(?![ \t]|[!-9;-~]+:|\r?\n?\Z)")
