@@ -202,11 +202,14 @@ async def test_a_workers_vouching_notice_marks_its_own_file_only(rig: Rig) -> No
 
 
 async def test_past_vouched_max_a_notice_s_mark_is_dropped_and_its_file_checked(
-        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+        rig: Rig, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """VOUCHED_MAX bounds the marks kept for queued messages: past it a vouching
     notice's mark is not kept (memory), so the courier checks that file's line ends as
     for any unvouched file, and the message is delivered all the same."""
     monkeypatch.setattr(scheduler_mod, "VOUCHED_MAX", 1)
+    # The deferred message must stay queued while the second arrives: with the rig's
+    # 50 ms retry a loaded machine retried (and delivered) it first.
+    rig.cfg = make_cfg(state_dir, retry=["1h"])
     rig.courier.script["held@b.example"] = [TEMP]  # stays queued: its mark stays
     await rig.start(rescan_interval=3600)
     other = Spool(rig.cfg.spool_dir)  # a receiving worker's: no hook, datagrams
