@@ -80,3 +80,34 @@ async def test_a_file_is_marked_as_its_from_line_owed_until_that_line_is_written
     env2, _, _ = spool.load_for_delivery(env.queue_id)
     assert env2.log_owed == 0.0
     spool.close()
+
+
+async def test_a_message_held_before_its_from_line_is_written_loses_its_mark(
+        tmp_path: Path) -> None:
+    """`authrelay queue hold` while the from= line is not written yet (a slow log) moves
+    the file, marked, to hold/: the line written, the mark goes there too, so the file
+    released (after a restart, with no notice remembered) gets no second from= line."""
+    cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp_path / "state")})
+    spool = Spool(cfg.spool_dir)
+    spool.ensure_dirs()
+    noticed: list[str] = []
+    spool.on_commit = lambda qid, _ino: noticed.append(qid)
+    ml = maillog.MailLog(f"file:{tmp_path / 'mail.log'}")
+    ml.warning("the writer thread runs")
+    ml.flush()
+    sub = wiring.submitter(cfg, spool, ml)
+    env = Envelope(queue_id="", sender="a@a.example", recipients=[Recipient("b@b.example")],
+                   protocol="ESMTPSA", client_ip="192.0.2.7", auth_user="alice")
+    draft = sub.begin(env)
+    draft.write(b"Subject: t\r\n\r\nhello\r\n")
+    with ml._lock:  # the writer held in its write (a stalled target)
+        await draft.commit()
+        await asyncio.sleep(0.05)
+        assert spool.hold(env.queue_id)
+    await until(lambda: noticed, what="the notice, once the line is written")
+    held = spool.hold_dir / env.queue_id
+    assert held.stat().st_mode & 0o777 == writer.READY_MODE
+    assert spool.release(env.queue_id)
+    env2, _, _ = spool.load_for_delivery(env.queue_id)
+    assert env2.log_owed == 0.0
+    spool.close()

@@ -219,7 +219,7 @@ class Spool:
             envelope.queue_id = new_queue_id()
         return Incoming(self.queue_dir, envelope, fsync=self.fsync,
                         dir_sync=None if self.journal_orders_create else self.queue_dir_sync,
-                        notify=self.notifier.notify)
+                        notify=self.notifier.notify, hold_dir=self.hold_dir)
 
     # ------------------------------------------------------------------ lookup
     def _locate(self, qid: str) -> Path:

@@ -269,7 +269,8 @@ class Incoming:
     CR and LF: the SMTP session's body reader), else 0."""
 
     def __init__(self, queue_dir: Path, envelope: Envelope, *, fsync: bool,
-                 dir_sync: DirSync | None, notify: Callable[[str, int], None]) -> None:
+                 dir_sync: DirSync | None, notify: Callable[[str, int], None],
+                 hold_dir: Path | None = None) -> None:
         self._fsync = fsync
         self._dir_sync = dir_sync
         self._notify = notify
@@ -286,6 +287,8 @@ class Incoming:
         self.sign_error = ""
         # (a str: os calls take it as it is; a Path join per message cost ~4 us)
         self._path = f"{queue_dir}/{self.queue_id}"
+        # Where `authrelay queue hold` moves the committed file (logged() follows it).
+        self._hold_dir = hold_dir
         self._fd: int | None = None
         self._buf = bytearray()
         self._crc = 0
@@ -499,10 +502,25 @@ class Incoming:
     def logged(self) -> None:
         """The committed file's `from=` line is written: its LOG_OWED_MODE mark cleared
         (one chmod, in the maillog's writer thread; not fsynced: a crash of the machine
-        may at worst log the line twice). Never raises: a file gone (delivered, held)
-        meanwhile keeps nothing to mark."""
-        with contextlib.suppress(OSError):
+        may at worst log the line twice). Never raises: a file gone (delivered)
+        meanwhile keeps nothing to mark. A file held meanwhile (hold/, marked: a rename
+        keeps the mode) loses its mark there, else its release, with no notice remembered
+        (a restart), would have the scheduler write a second line."""
+        try:
             os.chmod(self._path, READY_MODE)
+            return
+        except FileNotFoundError:
+            if self._hold_dir is None:
+                return
+        except OSError:
+            return
+        held = f"{self._hold_dir}/{self.queue_id}"
+        for path in (held, self._path):  # (released again between the two: once more)
+            try:
+                os.chmod(path, READY_MODE)
+                return
+            except OSError:
+                continue
 
     def announce(self) -> None:
         """Tell the scheduler the committed message is there (the notify hook or datagram).
