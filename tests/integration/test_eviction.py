@@ -442,3 +442,42 @@ def test_a_session_idle_again_counts_its_age_from_its_last_command(relay_factory
         idle.close()
         for c in busy:
             c.close()
+
+
+def test_a_session_dripping_a_command_ages_as_an_idle_one(relay_factory
+                                                          ) -> None:  # noqa: ANN001
+    """Bytes of an unfinished command do not make a session younger (measured before: a
+    flood of 600 addresses on 587, each dripping one byte of a command every 0.4 s after
+    EHLO, kept every candidate younger than TIE_AGE: 0 of 16 fresh logins served). The
+    only candidate drips `NOOP` one byte per 0.2 s for longer than TIE_AGE after its last
+    complete command; a fresh client, connecting right after one of its bytes, takes its
+    slot."""
+    r = _relay(relay_factory, modes=("smtp",))
+    port = r.ports["smtp"]
+    drip = RawClient(port, source="127.0.7.1", timeout=30)
+    assert drip.reply().code == 220
+    assert drip.cmd("EHLO drip.test").code == 250
+    busy = []
+    for i in range(5):  # the rest of the pool: inside a transaction, never candidates
+        c = RawClient(port, source=f"127.0.8.{i + 10}", timeout=30)
+        assert c.reply().code == 220
+        assert c.cmd("EHLO mx.test").code == 250
+        assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
+        busy.append(c)
+    try:
+        end = time.monotonic() + TIE_AGE + 0.6
+        while time.monotonic() < end:
+            drip.sock.sendall(b" ")  # (leading blanks: never a complete line)
+            time.sleep(0.2)
+        drip.sock.sendall(b"N")
+        with _connect(port, "127.0.8.30") as fresh:
+            fresh.settimeout(10)
+            got = fresh.recv(200)
+            assert got.startswith(b"220 "), got
+        wait_until(lambda: _closed_by_server(drip.sock) is not None, timeout=10)
+        for c in busy:
+            assert c.cmd("NOOP").code == 250  # never evicted
+    finally:
+        drip.close()
+        for c in busy:
+            c.close()

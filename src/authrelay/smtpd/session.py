@@ -274,6 +274,10 @@ class Session:
         n = 0  # commands executed since the last yield
         progressed = True
         deadline = 0.0
+        # A candidate for eviction (issue 17) from the wait after its last command until
+        # its next one: bytes of an unfinished command (a client dripping one a byte at a
+        # time) neither end that nor make it younger, as they do not renew `deadline`.
+        idling = False
         while True:
             if (n >= BATCH or conn.write_blocked) and eng.phase is not p.Phase.CLOSED:
                 # Fairness: a client pipelining thousands of commands gets BATCH of them
@@ -292,6 +296,9 @@ class Session:
                 else:
                     await asyncio.sleep(0)
             ev = eng.next_event()
+            if idling and ev is not p.NEED_DATA:
+                idling = False
+                self.ticket.busy()
             if ev is p.CONTINUE:
                 progressed = True
                 # Fairness: a DATA step is up to protocol.CHUNK bytes scanned; one per
@@ -324,17 +331,14 @@ class Session:
                         timeout = deadline - now
                     progressed = False
                     n = 0
-                    evictable = eng.phase is not p.Phase.DATA and self._evictable()
-                    if evictable:
+                    if not idling and eng.phase is not p.Phase.DATA and self._evictable():
+                        idling = True
                         self.ticket.idle(self.evict)
                     try:
                         await conn.wait_input(timeout)
                     except Timeout:
                         eng.timeout()
                         continue
-                    finally:
-                        if evictable:
-                            self.ticket.busy()
                     data = conn.take()
                     if not data:
                         continue  # eof: handled above on the next turn
