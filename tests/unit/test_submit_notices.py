@@ -49,12 +49,10 @@ async def test_a_notice_goes_once_whichever_comes_first() -> None:
     assert sent == ["a"]
 
 
-async def test_a_file_is_marked_as_its_from_line_owed_until_that_line_is_written(
-        tmp_path: Path) -> None:
-    """A session's message is committed marked as its from= line not written yet (mode
-    0710, LOG_OWED_MODE), so a scheduler that finds it without a notice (its worker killed
-    between the 250 and the line) writes the line itself; the mark goes once the line is
-    in the log, before the notice, so a message whose line was written gets no second."""
+def _a_session_draft(tmp_path: Path
+                     ) -> tuple[Spool, maillog.MailLog, submit.Draft, list[str]]:
+    """A spool, a file maillog whose writer thread runs, a session's message written (not
+    committed), and the queue ids the spool's notices name (the in-process hook)."""
     cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp_path / "state")})
     spool = Spool(cfg.spool_dir)
     spool.ensure_dirs()
@@ -63,11 +61,21 @@ async def test_a_file_is_marked_as_its_from_line_owed_until_that_line_is_written
     ml = maillog.MailLog(f"file:{tmp_path / 'mail.log'}")
     ml.warning("the writer thread runs")
     ml.flush()
-    sub = wiring.submitter(cfg, spool, ml)
     env = Envelope(queue_id="", sender="a@a.example", recipients=[Recipient("b@b.example")],
                    protocol="ESMTPSA", client_ip="192.0.2.7", auth_user="alice")
-    draft = sub.begin(env)
+    draft = wiring.submitter(cfg, spool, ml).begin(env)
     draft.write(b"Subject: t\r\n\r\nhello\r\n")
+    return spool, ml, draft, noticed
+
+
+async def test_a_file_is_marked_as_its_from_line_owed_until_that_line_is_written(
+        tmp_path: Path) -> None:
+    """A session's message is committed marked as its from= line not written yet (mode
+    0710, LOG_OWED_MODE), so a scheduler that finds it without a notice (its worker killed
+    between the 250 and the line) writes the line itself; the mark goes once the line is
+    in the log, before the notice, so a message whose line was written gets no second."""
+    spool, ml, draft, noticed = _a_session_draft(tmp_path)
+    env = draft.envelope
     path = spool.queue_dir / env.queue_id
     with ml._lock:  # the writer held in its write (a stalled target)
         await draft.commit()
@@ -87,19 +95,8 @@ async def test_a_message_held_before_its_from_line_is_written_loses_its_mark(
     """`authrelay queue hold` while the from= line is not written yet (a slow log) moves
     the file, marked, to hold/: the line written, the mark goes there too, so the file
     released (after a restart, with no notice remembered) gets no second from= line."""
-    cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp_path / "state")})
-    spool = Spool(cfg.spool_dir)
-    spool.ensure_dirs()
-    noticed: list[str] = []
-    spool.on_commit = lambda qid, _ino: noticed.append(qid)
-    ml = maillog.MailLog(f"file:{tmp_path / 'mail.log'}")
-    ml.warning("the writer thread runs")
-    ml.flush()
-    sub = wiring.submitter(cfg, spool, ml)
-    env = Envelope(queue_id="", sender="a@a.example", recipients=[Recipient("b@b.example")],
-                   protocol="ESMTPSA", client_ip="192.0.2.7", auth_user="alice")
-    draft = sub.begin(env)
-    draft.write(b"Subject: t\r\n\r\nhello\r\n")
+    spool, ml, draft, noticed = _a_session_draft(tmp_path)
+    env = draft.envelope
     with ml._lock:  # the writer held in its write (a stalled target)
         await draft.commit()
         await asyncio.sleep(0.05)
