@@ -341,7 +341,7 @@ class _Run:
     master_sockets: list[socket.socket] = field(default_factory=list)  # closed on stop
     stopping: bool = False  # SIGTERM seen: a worker that exits now is not replaced
     # master: told when a worker died (the scheduler sweeps the files it was receiving)
-    receiver_died: Callable[[], None] | None = None
+    receiver_died: Callable[[int], None] | None = None
 
 
 # Keys given on the serve command line (--workers, --log-format): the file's value is not
@@ -1019,7 +1019,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
             if stopping or run.stopping:
                 continue
             if run.receiver_died is not None:  # its unfinished queue files: swept
-                run.receiver_died()
+                run.receiver_died(pid)
             # As Postfix's master throttles a service whose children keep dying at once:
             # a worker that dies within 10 s of its start makes the next start wait, 1 s,
             # 2 s, 4 s ... up to 60 s, so a crash loop is not a flood of forks and lines.

@@ -209,3 +209,43 @@ def test_a_worker_killed_before_its_notice_went_leaves_no_message_for_the_rescan
         theirs = [ln for ln in fifo.lines() if f" {q}: from=" in ln]
         assert len(theirs) == 1 and "logged_by" not in theirs[0], theirs
     r.stop()
+
+
+def test_a_worker_killed_after_its_notice_went_by_the_timer_leaves_one_from_line(
+        relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory, fifo: FifoReader,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log stalled past NOTICE_WAIT: the notice goes by its timer, the message is
+    delivered and removed, its from= line still queued in its worker's writer. The
+    worker killed then (kill -9) took that line with it (8ddf930: no from= line at all):
+    the master writes it (`logged_by=scheduler`) when it reaps the worker. A worker
+    whose line was written after its timer's notice, killed later, gets no second one."""
+    r, smart = _stalled(relay_factory, fake_mx, fifo, tmp_path, monkeypatch)
+    assert r.proc is not None
+    workers = [p for p in children(r.proc.pid)
+               if Path(f"/proc/{p}/comm").read_text().startswith("authrelay-w")]
+    lived = _submit(r)  # its line written after its notice: the worker said so
+    r.wait_for(lambda: not (r.queue_dir / lived).exists(), timeout=30,
+               what=f"{lived} delivered by its notice's timer")
+    fifo.resume()
+    wait_until(lambda: any(f" {lived}: from=" in ln for ln in fifo.lines()),
+               what=lambda: f"its worker's from= line: {fifo.lines()[-20:]}")
+    fifo.pause()
+    assert fifo.fill() > 0
+    qid = _submit(r)
+    r.wait_for(lambda: any(qid.encode() in m.content for m in smart.messages), timeout=30,
+               what="the message delivered by its notice's timer")
+    r.wait_for(lambda: not (r.queue_dir / qid).exists(), what=f"{qid} removed")
+    for p in workers:
+        os.kill(p, signal.SIGKILL)
+    fifo.resume()
+    wait_until(lambda: sum("daemon=started" in ln for ln in fifo.lines()) >= 5,
+               what=lambda: f"the workers replaced: {fifo.lines()[-20:]}")
+    wait_until(lambda: any(f" {qid}: from=" in ln for ln in fifo.lines()),
+               what=lambda: f"the message's from= line: {fifo.lines()[-20:]}")
+    froms = [ln for ln in fifo.lines() if f" {qid}: from=<someone@remote.example>" in ln]
+    assert len(froms) == 1, froms
+    assert froms[0].endswith(", logged_by=scheduler"), froms
+    assert f"authrelay[{r.proc.pid}]: " in froms[0], froms
+    theirs = [ln for ln in fifo.lines() if f" {lived}: from=" in ln]
+    assert len(theirs) == 1 and "logged_by" not in theirs[0], theirs
+    r.stop()

@@ -42,7 +42,7 @@ async def test_a_notice_goes_once_whichever_comes_first() -> None:
     loop = asyncio.get_running_loop()
     notices = submit._Notices(loop)
     sent: list[str] = []
-    send = notices.add(lambda: sent.append("a"))
+    send = notices.add(lambda: sent.append("a")).send
     send()  # its line written: sent now
     send()
     notices._expire()  # (the timer: nothing left to send)

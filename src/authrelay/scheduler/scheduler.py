@@ -81,6 +81,7 @@ from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, should_notify
 from authrelay.scheduler.inflight import InflightJournal
 from authrelay.spool.envelope import FAILED, SENT, Envelope, Recipient
+from authrelay.spool.notify import LOGGED_NOTICE
 from authrelay.spool.store import (
     UNFINISHED_AGE,
     CorruptError,
@@ -114,6 +115,10 @@ VOUCHED_MAX = 100_000
 # notice goes once the line is written or NOTICE_WAIT after the commit. Found by a scan
 # without a notice, it waits this long; then the scheduler writes the line (_log_owed).
 LOG_OWED_WAIT = NOTICE_WAIT + 1.0
+# Messages whose from= line a live producer still owes (a stalled log), kept with their
+# envelopes past delivery (memory: ~1 KB each); past it one is not kept, and its
+# producer's death before its line loses that line, as before 8ddf930.
+OWED_MAX = 10_000
 UNREACHABLE = "4.4.1"  # RFC 3463: no answer from host (the courier's connect failures)
 SHUTDOWN = "4.3.2"  # RFC 3463: system not accepting network messages (our own stop)
 
@@ -228,6 +233,12 @@ class Scheduler:
         # Queue ids whose producer's notice came since their last load: that producer
         # writes (or wrote) the `from=` line, never this scheduler (_log_owed).
         self._noticed: set[str] = set()
+        # Queue ids whose producer's notice went before its `from=` line was written (a
+        # stalled log: NOTICE_WAIT), by that producer's pid, until its "logged" notice;
+        # with the envelope once loaded. Kept past the message's removal: the producer's
+        # death (receiver_died) has this scheduler write the line it took with it.
+        self._owed_by: dict[str, int] = {}
+        self._owed_env: dict[str, Envelope] = {}
         self._running = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         # Removals waiting for their batch (one thread hand-off for all; _unlink).
@@ -313,15 +324,28 @@ class Scheduler:
         while q:
             self.maillog.warning(UNFINISHED_REMOVED, queue_id=q.pop(0))
 
-    def receiver_died(self) -> None:
+    def receiver_died(self, pid: int = 0) -> None:
         """A receiving process died (the master reaped a worker): the files it was
         receiving into are swept once every one of them is past UNFINISHED_AGE (a later
         death moves the sweep later; the rescan's sweeps go on meanwhile). The queue is
         scanned now: a message it committed may have died with its notice (sent once the
         maillog's writer wrote its `from=` line, a few ms later, or NOTICE_WAIT with a
-        stalled log), which would otherwise wait for the next rescan."""
+        stalled log), which would otherwise wait for the next rescan. The `from=` lines
+        `pid` still owed when it died (its notices went by NOTICE_WAIT, the lines stayed
+        in its stalled writer) are written here, delivered or not; those of messages not
+        loaded yet by their load (_log_owed)."""
         if self._loop is None or self._stopping:
             return
+        if pid:
+            if self._nsock is not None:
+                self._on_datagram()  # its last notices first: a line written after all
+            for qid in [q for q, p in self._owed_by.items() if p == pid]:
+                del self._owed_by[qid]
+                env = self._owed_env.pop(qid, None)
+                if env is None:
+                    self._noticed.discard(qid)
+                else:
+                    self._write_owed(env)
         self._spawn(self._scan_all())
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
@@ -477,10 +501,12 @@ class Scheduler:
         self._closing = task  # keep a reference until it is done
 
     # ------------------------------------------------------------------ queueing
-    def _notify(self, qid: str, vouched: int = 0) -> None:
+    def _notify(self, qid: str, vouched: int = 0, owed_by: int = 0) -> None:
         if not is_queue_id(qid) or qid in self._ignored:
             return
         self._noticed.add(qid)  # (until its load or its removal)
+        if owed_by and len(self._owed_by) < OWED_MAX:
+            self._owed_by[qid] = owed_by
         if qid in self._active:
             return
         if vouched and len(self._vouched) < VOUCHED_MAX:
@@ -500,8 +526,14 @@ class Scheduler:
             except OSError:
                 return
             for line in data.decode("ascii", "replace").split("\n"):  # batched by senders
-                qid, _, ino = line.strip().partition(" ")
-                self._notify(qid, int(ino) if ino.isdigit() and ino.isascii() else 0)
+                qid, _, rest = line.strip().partition(" ")
+                ino, _, by = rest.partition(" ")
+                if ino == LOGGED_NOTICE:  # the producer's from= line written after all
+                    self._owed_by.pop(qid, None)
+                    self._owed_env.pop(qid, None)
+                    continue
+                self._notify(qid, int(ino) if ino.isdigit() and ino.isascii() else 0,
+                             int(by) if by.isdigit() and by.isascii() else 0)
 
     def _schedule(self, qid: str, due: float, *, fresh: bool = False) -> None:
         seq = next(self._seq)
@@ -707,6 +739,13 @@ class Scheduler:
         noticed = qid in self._noticed
         if noticed:
             self._noticed.discard(qid)
+        if qid in self._owed_by:  # its producer lives on, its line not written yet
+            if env.log_owed:
+                noticed = True
+                self._owed_env[qid] = env
+            else:
+                del self._owed_by[qid]
+                self._owed_env.pop(qid, None)
         if env.log_owed and not noticed and not self._log_owed(env):
             self._release(act)  # its producer may still write the line: looked at later
             self._schedule(qid, env.log_owed + LOG_OWED_WAIT)
@@ -804,6 +843,12 @@ class Scheduler:
         age = time.time() - env.log_owed
         if 0 <= age < LOG_OWED_WAIT:
             return False
+        self._write_owed(env)
+        return True
+
+    def _write_owed(self, env: Envelope) -> None:
+        """`env`'s `from=` line, which its producer never wrote, `logged_by=scheduler`;
+        its file's mark cleared (a file gone meanwhile has none)."""
         log_queued(self.maillog, env, env.size, logged_by="scheduler")
         try:
             self.spool.logged(env)
@@ -812,7 +857,6 @@ class Scheduler:
         except OSError as e:  # the line may be written again at its next load
             self.maillog.warning(f"cannot mark the from= line written: {e}",
                                  queue_id=env.queue_id)
-        return True
 
     async def _clamp_arrival(self, env: Envelope, now: float) -> None:
         """An arrival time in the future: accepted while the clock was ahead, set back

@@ -6,7 +6,11 @@ one is set (the scheduler runs in this process: no datagram), else sends the que
 a datagram to the unix socket. Ids committed in the same loop iteration share one datagram
 ("ID\\nID INODE\\n..."); an id is followed by its file's inode when the producer vouches
 for the file's line ends (`vouched`: the SMTP body reader refused every bare CR and LF;
-the scheduler's courier then skips its own check of that file, issue 22). The socket is
+the scheduler's courier then skips its own check of that file, issue 22). A notice sent
+before the message's maillog `from=` line was written (a stalled log, spool/submit.py's
+NOTICE_WAIT) adds the producer's pid ("ID INODE PID", INODE 0 when not vouched), and the
+producer says "ID logged" once the line is written: a producer that dies in between
+leaves the line to the scheduler (Scheduler.receiver_died). The socket is
 0600 in the spool's 0700 directory: only the relay's user and root can send a notice,
 as only they can write the spool. A datagram the kernel refuses because the
 scheduler's queue is full (unix datagram queues are short) is sent again a moment later
@@ -26,6 +30,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 NOTIFY_SOCK = "notify.sock"  # in spool_dir; bound by the scheduler
+LOGGED_NOTICE = "logged"  # "ID logged": the from= line of an "ID INODE PID" notice written
 _NOTIFY_BATCH = 200  # queue ids per notify datagram (~18 bytes each)
 _NOTIFY_RETRIES = 200  # x _NOTIFY_RETRY_DELAY: give up after ~2 s (the rescan remains)
 _NOTIFY_RETRY_DELAY = 0.01
@@ -44,7 +49,10 @@ class Notifier:
             self._sock.close()
             self._sock = None
 
-    def notify(self, queue_id: str, vouched: int = 0) -> None:
+    def notify(self, queue_id: str, vouched: int = 0, owed_by: int = 0) -> None:
+        """`queue_id` committed; `owed_by`: the producer's pid while its from= line is not
+        written yet (the in-process hook has no use for it: the scheduler's process is the
+        producer's)."""
         if self.on_commit is not None:
             try:
                 self.on_commit(queue_id, vouched)
@@ -52,7 +60,32 @@ class Notifier:
                 log.exception("%s: on_commit hook failed", queue_id,
                               extra={"queue_id": queue_id})  # daemon.MaillogHandler
             return
-        self.pending.append(f"{queue_id} {vouched}" if vouched else queue_id)
+        if owed_by:  # sent now: before the "logged" notice logged() may send next
+            self.pending.append(f"{queue_id} {vouched} {owed_by}")
+            if not self._send():
+                self._queue_retry()
+        else:
+            self._queue(f"{queue_id} {vouched}" if vouched else queue_id)
+
+    def logged(self, queue_id: str) -> None:
+        """The from= line of a message notified with `owed_by` is written now: said at
+        once, from any thread (the maillog's writer; rare: a stalled log only), on a
+        socket of its own, so a loop closed meanwhile (a stopping worker) does not keep
+        it. Best effort, never raises."""
+        if self.on_commit is not None:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.settimeout(1.0)  # (the scheduler's queue full: a moment, not for ever)
+                s.sendto(f"{queue_id} {LOGGED_NOTICE}".encode("ascii"), str(self.path))
+        except OSError:
+            pass  # no scheduler: a restarted one knows nothing owed
+
+    def _queue(self, line: str) -> None:
+        self.pending.append(line)
+        self._queue_retry()
+
+    def _queue_retry(self) -> None:
         if self._scheduled:
             return
         try:

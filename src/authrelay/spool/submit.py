@@ -134,18 +134,51 @@ def _logged(mark: Callable[[], None], then: Callable[[], None]) -> None:
 
 
 class _Notice:
-    """The scheduler's notice of one committed message: sent once, by the first caller."""
+    """The scheduler's notice of one committed message: sent once, by the first caller.
+    Sent by the timer (`expire`, its `from=` line not written yet) it is `owed` instead,
+    and the line written later is `logged` (spool/notify.py): a producer that dies in
+    between leaves the line to the scheduler."""
 
-    __slots__ = ("announce", "due")
+    __slots__ = ("announce", "due", "owed", "logged", "expired")
 
-    def __init__(self, announce: Callable[[], None], due: float) -> None:
+    def __init__(self, announce: Callable[[], None], due: float,
+                 owed: Callable[[], None] | None = None,
+                 logged: Callable[[], None] | None = None) -> None:
         self.announce: Callable[[], None] | None = announce
         self.due = due
+        self.owed = owed
+        self.logged = logged
+        self.expired = False
 
     def send(self) -> None:
+        """The line is written (on the loop)."""
         announce, self.announce = self.announce, None
         if announce is not None:
             announce()
+        elif self.expired:
+            self.tell_logged()
+
+    def expire(self) -> None:
+        """NOTICE_WAIT passed (on the loop)."""
+        announce, self.announce = self.announce, None
+        if announce is not None:
+            (self.owed or announce)()
+            self.expired = True  # (after the owed notice went: `logged` follows it)
+
+    def tell_logged(self) -> None:
+        logged, self.logged = self.logged, None
+        if logged is not None:
+            logged()
+
+
+def _line_written(loop: asyncio.AbstractEventLoop, notice: _Notice) -> None:
+    """In the maillog's writer thread, the `from=` line written: a notice that went by
+    its timer is followed by "logged" from here (a loop closed meanwhile, a stopping
+    worker, must not keep it), else the notice goes on its loop."""
+    if notice.expired:
+        notice.tell_logged()
+    else:  # (expired meanwhile: the loop's send() tells it)
+        _announce_on(loop, notice.send)
 
 
 class _Notices:
@@ -159,21 +192,22 @@ class _Notices:
         self._waiting: deque[_Notice] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, announce: Callable[[], None]) -> Callable[[], None]:
-        """The call that sends `announce`'s notice (at most once); it goes by itself
-        NOTICE_WAIT from now."""
-        n = _Notice(announce, self.loop.time() + NOTICE_WAIT)
+    def add(self, announce: Callable[[], None], owed: Callable[[], None] | None = None,
+            logged: Callable[[], None] | None = None) -> _Notice:
+        """`announce`'s notice: `send()` sends it (at most once); it goes by itself
+        NOTICE_WAIT from now, as `owed` when given (see _Notice)."""
+        n = _Notice(announce, self.loop.time() + NOTICE_WAIT, owed, logged)
         self._waiting.append(n)
         if self._timer is None:
             self._timer = self.loop.call_at(n.due, self._expire)
-        return n.send
+        return n
 
     def _expire(self) -> None:
         self._timer = None  # (a notice that raised leaves the rest to the next add's timer)
         now = self.loop.time()
         waiting = self._waiting
         while waiting and (waiting[0].announce is None or waiting[0].due <= now):
-            waiting.popleft().send()  # (a no-op for one sent already)
+            waiting.popleft().expire()  # (a no-op for one sent already)
         if waiting:
             self._timer = self.loop.call_at(waiting[0].due, self._expire)
 
@@ -554,10 +588,14 @@ class Draft:
                     self.submitter.maillog.then(functools.partial(
                         _logged, inc.logged, inc.announce))
                 else:
+                    notifier = self.submitter.spool.notifier
+                    notice = self.submitter.notices(loop).add(
+                        inc.announce,
+                        functools.partial(notifier.notify, inc.queue_id, inc.vouched,
+                                          os.getpid()),
+                        functools.partial(notifier.logged, inc.queue_id))
                     self.submitter.maillog.then(functools.partial(
-                        _logged, inc.logged, functools.partial(
-                            _announce_on, loop,
-                            self.submitter.notices(loop).add(inc.announce))))
+                        _logged, inc.logged, functools.partial(_line_written, loop, notice)))
 
     def _log_queued(self, log: dict[str, Any]) -> None:
         ml = self.submitter.maillog

@@ -528,7 +528,12 @@ class Incoming:
         so no delivery line of a message is ever logged before the line that says it was
         queued, whichever process delivers. The notice vouches for the file's line ends
         (its inode) when the producer checked them."""
-        self._notify(self.queue_id, self._ino if self.lines_checked else 0)
+        self._notify(self.queue_id, self.vouched)
+
+    @property
+    def vouched(self) -> int:
+        """What its notice vouches for: the file's inode when `lines_checked`, else 0."""
+        return self._ino if self.lines_checked else 0
 
     async def commit(self, announce: bool = True) -> None:
         """Durable when this returns: data + ready mark fsynced, queue/ fsynced; notify
