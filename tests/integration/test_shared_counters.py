@@ -91,6 +91,7 @@ async def test_keys_expire_and_are_bounded(rs: RedisServer) -> None:
         await a.add("auth_user", long_user, 900.0)
         await a.add("auth_user", "evil\r\nname", 900.0)
         keys = [k.decode() for k in await r.keys("authrelay:*")]
+        keys.remove("authrelay:generation")  # one per Redis lifetime (SharedCounters.returns)
         assert len(keys) == 3
         assert all(len(k) < 120 for k in keys)
         assert not any("\r" in k or "xxxx" in k for k in keys)
@@ -323,6 +324,7 @@ async def test_round_trips_per_transaction(rs: RedisServer) -> None:
                    if k in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_set"))
 
     try:
+        await a.counters.count("warm", "up", 60.0)  # (its generation key: once per Redis)
         await r.config_resetstat()
         assert await a.user_may_send("carol")
         assert await a.user_may_add_rcpt("carol", 0)
@@ -548,3 +550,29 @@ async def test_a_known_address_is_written_again_after_redis_was_away(
     finally:
         await a.counters.close()
         await b.counters.close()
+
+
+async def test_a_known_address_is_written_again_after_a_redis_restart_between_calls(
+        rs: RedisServer, mlog: Path) -> None:
+    """Redis restarted empty while the node made no call (systemctl restart between two
+    logins): redis-py's pool reconnects on checkout, so no call fails and the node never
+    found Redis away (64122a8 keyed the re-write on that): the next login did not write
+    the network again for up to an hour, so the other nodes did not know it."""
+    cfg = _cfg(rs)
+    a, b = _node(cfg, probe=0.1), _node(cfg)
+    c = None
+    try:
+        await a.auth_succeeded("198.51.100.7", "alice")
+        assert await b.known.is_known("alice", "198.51.100.0/24")
+        rs.stop()
+        rs.start()
+        c = _node(cfg)  # (another node, its first call after the restart)
+        assert not await c.known.is_known("alice", "198.51.100.0/24")  # restarted empty
+        assert not await a.auth_locked("198.51.100.7", "alice")  # (a session's AUTH)
+        assert a.counters.up  # A's calls go on as ever: it never found Redis away
+        await a.auth_succeeded("198.51.100.7", "alice")
+        assert await c.known.is_known("alice", "198.51.100.0/24")
+    finally:
+        for n in (a, b, c):
+            if n is not None:
+                await n.counters.close()

@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -58,12 +59,19 @@ KNOWN_REWRITE = 3600.0  # refresh a known address in Redis at most this often pe
 RCPT_COUNT_AGE = 5.0  # a transaction's RCPTs use the recipient count read at its MAIL
 LEGACY_KNOWN = 1e9  # a known address's value below this (b"1") was written before its time
 
-# KEYS: pairs (this window's key, the previous window's key).
-# ARGV: per pair (amount to add, ttl in seconds), so pair i (odd) has ARGV[i], ARGV[i + 1].
-# Returns per pair (count in this window, count in the previous one).
+# KEYS: pairs (this window's key, the previous window's key), then the generation key.
+# ARGV: per pair (amount to add, ttl in seconds), so pair i (odd) has ARGV[i], ARGV[i + 1];
+# then a new generation, set if the key is missing (a Redis that lost its data: restarted
+# without persistence, flushed).
+# Returns per pair (count in this window, count in the previous one), then the generation.
 _WINDOWS_LUA = """
 local out = {}
-for i = 1, #KEYS, 2 do
+local gen = redis.call('GET', KEYS[#KEYS])
+if not gen then
+  gen = ARGV[#ARGV]
+  redis.call('SET', KEYS[#KEYS], gen)
+end
+for i = 1, #KEYS - 1, 2 do
   local n = tonumber(ARGV[i])
   local cur
   if n > 0 then
@@ -75,6 +83,7 @@ for i = 1, #KEYS, 2 do
   out[#out + 1] = cur
   out[#out + 1] = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
 end
+out[#out + 1] = gen
 return out
 """
 
@@ -179,9 +188,11 @@ class SharedCounters:
         self.timeout = timeout
         self.probe_interval = probe_interval
         self.up = True
-        # How many times Redis answered again after being found away: what a process
-        # wrote there before may be gone (a restart without persistence).
+        # How many times Redis answered again after being found away, or answered with
+        # its data lost (its generation key new: restarted between two calls, which the
+        # pool's reconnect on checkout hides): what a process wrote there may be gone.
         self.returns = 0
+        self._gen: bytes | None = None  # the generation key's value at the last answer
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._script: Any = None
@@ -263,16 +274,22 @@ class SharedCounters:
             return []
         now = time.time()  # wall clock: every node's windows start at the same instants
         keys: list[str] = []
-        args: list[int] = []
+        args: list[int | str] = []
         overlaps: list[float] = []
         for table, key, period, add in items:
             cur, prev, overlap = self._window_keys(table, key, period, now)
             keys += [cur, prev]
             args += [max(0, int(add)), math.ceil(2 * period) + 1]
             overlaps.append(overlap)
+        keys.append(f"{self.prefix}:generation")
+        args.append(f"{time.time():.6f}:{os.getpid()}")
         raw = await self._call(lambda r: self._script(keys=keys, args=args, client=r))
         if raw is None:
             return None
+        gen = raw[-1]
+        if gen != self._gen:  # (the first answer too: what was written before it, unseen)
+            self.returns += 1
+            self._gen = gen
         return [int(raw[2 * i]) + int(raw[2 * i + 1]) * overlaps[i] for i in range(len(items))]
 
     async def count(self, table: str, key: str, period: float) -> float | None:
