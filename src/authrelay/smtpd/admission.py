@@ -212,6 +212,7 @@ class Ticket:
         await self._throttle.auth_failed(self.ip, user)
 
     async def auth_succeeded(self, user: str) -> None:
+        self._adm.authenticated(self)
         await self._throttle.auth_succeeded(self.ip, user)
 
     async def user_may_send(self, user: str) -> bool:
@@ -569,6 +570,10 @@ class Acceptor:
         if self.paused == "full":  # room can be made now: accept again
             self.full_since = 0.0
             self._resume()
+
+    def authenticated(self, ticket: Ticket) -> None:
+        """Its address is a user's: no longer marked as pressing (eviction.py)."""
+        self.candidates.relieve(ticket.ekey)
 
     def busy(self, ticket: Ticket) -> None:
         if ticket.idling is not None:

@@ -31,7 +31,8 @@ slots most of them hold none at any moment, and without this they would take eve
 that ages into a tie before a fresh client could (they reconnect far more often); marked,
 they need an address holding three, and a fresh client (no history, nothing held) gets
 the oldest. The marks are kept for at most `MAX_MARKS` addresses, the least recently
-pressed dropped first.
+pressed dropped first. A session that authenticates clears its address's mark (`relieve`):
+a user's address takes a tie slot, logs in, and its next connection is fresh again.
 Failure policy: pure bookkeeping; never raises for unknown candidates.
 """
 
@@ -119,6 +120,12 @@ class Candidates:
         self._marks[key] = (n + times, now)
         if len(self._marks) > MAX_MARKS:
             del self._marks[next(iter(self._marks))]
+
+    def relieve(self, key: str) -> None:
+        """A session from `key` authenticated: its address is a user's, not a flood's
+        (an office behind one NAT, a mail program that connects again within
+        PRESSURE_TTL); its mark goes, so its next connection is a fresh client again."""
+        self._marks.pop(key, None)
 
     def under_pressure(self, key: str, now: float) -> bool:
         got = self._marks.get(key)
