@@ -576,3 +576,35 @@ async def test_a_known_address_is_written_again_after_a_redis_restart_between_ca
         for n in (a, b, c):
             if n is not None:
                 await n.counters.close()
+
+
+async def test_containment_counted_by_another_process_while_redis_was_away_still_counts(
+        rs: RedisServer, mlog: Path, tmp_path: Path) -> None:
+    """The node's file is every worker's: an account's outage spree counted there by one
+    worker still counts when Redis answers again in another worker (or one started
+    since), which never counted in the file itself. Before the fix only the process that
+    had counted there read the file back (bf2510d): the other read Redis alone (1)."""
+    from authrelay.policy.suspensions import LocalStore, State
+
+    path = tmp_path / "containment.db"
+    a = State(LocalStore(path), redis=SharedCounters(rs.url, probe_interval=0.1),
+              window=3600.0)
+    b = State(LocalStore(path), redis=SharedCounters(rs.url, probe_interval=0.1),
+              window=3600.0)
+    limits = {"recipients": 100}
+    try:
+        assert (await b.record("mallory", [("recipients", "a@example.net")], limits)
+                ).recipients == 1
+        rs.stop()
+        got = await a.record("mallory", [("recipients", f"r{i}@example.net")
+                                         for i in range(6)], limits)
+        assert got.recipients == 6  # the node's file: the outage's recipients
+        rs.start()
+        await until(lambda: a.redis.up, "the probe finding Redis back")
+        got = await b.record("mallory", [("recipients", "b@example.net")], limits)
+        assert got.recipients >= 6
+        assert (await b.record("bob", [("recipients", "c@example.net")], limits)
+                ).recipients == 1
+    finally:
+        await a.close()
+        await b.close()

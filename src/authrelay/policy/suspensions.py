@@ -21,7 +21,8 @@ suspended user is no longer counted (its MAILs are refused).
 
 Failure policy: Redis unreachable: this node counts in SQLite (policy/shared.py says so
 in the maillog); once Redis answers again, within a window of that a user's counts are the
-larger of Redis's and the file's, so what was counted meanwhile is not forgiven.
+larger of Redis's and the file's, so what was counted meanwhile is not forgiven (by any
+process of the node: each looks at the file's newest event when the file has changed).
 PostgreSQL unreachable or refusing (a read-only role): the suspension is recorded in this
 node's SQLite file instead and the maillog says so; `suspended()`
 then answers from the local file only (fail open for the farm, never refusing a user
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -153,6 +155,22 @@ class LocalStore:
                 " AND at > ? LIMIT ?)", (user, kind, now - window, cap)).fetchone()[0]
         return Counts(**{k: int(got.get(k, 0)) for k in KINDS})
 
+    def changed(self) -> int:
+        """A stamp that changes when any process writes the file (the largest mtime of
+        the file and its WAL, in ns; 0: neither exists): two stat calls, no SQLite."""
+        stamp = 0
+        for p in (str(self.path), f"{self.path}-wal"):
+            try:
+                stamp = max(stamp, os.stat(p).st_mtime_ns)
+            except FileNotFoundError:
+                continue
+        return stamp
+
+    def newest(self) -> float:
+        """The unix time of the latest event counted here (0.0: none): one indexed read."""
+        got = self._db().execute("SELECT max(at) FROM events").fetchone()[0]
+        return float(got) if got is not None else 0.0
+
     def prune(self, window: float, now: float | None = None) -> int:
         """Drop every event older than the window (users who stopped sending)."""
         now = time.time() if now is None else now
@@ -199,9 +217,11 @@ class State:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="authrelay-contain")
         self._cache: dict[str, tuple[float, bool]] = {}
         self.pg_problem = ""  # why the last PostgreSQL call failed ("" when fine)
-        # Until when (wall clock) events this process counted in the node's file while
-        # Redis was away are within the window: Redis's counts do not hold them.
+        # Until when (wall clock) events counted in the node's file while Redis was away
+        # (by this process or another: every worker's file) are within the window:
+        # Redis's counts do not hold them. Looked up in the file when it changed.
         self._local_until = 0.0
+        self._file_seen = -1  # LocalStore.changed() when the file was last looked at
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -212,6 +232,15 @@ class State:
             got = await self.redis.distinct(user, items, self.window)
             if got is not None:
                 farm = Counts(**{k: int(got.get(k, 0)) for k in KINDS})
+                if time.time() >= self._local_until:
+                    changed = self.local.changed()
+                    if changed != self._file_seen:
+                        # Written since this process last looked: another may have
+                        # counted there (a worker that found Redis away when this one
+                        # did not, or one since replaced).
+                        self._file_seen = changed
+                        newest = await self._io(self.local.newest)
+                        self._local_until = max(self._local_until, newest + self.window)
                 if time.time() >= self._local_until:
                     return farm
                 # Redis is back within a window of counting here: what this node counted
