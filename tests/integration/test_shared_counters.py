@@ -510,22 +510,28 @@ async def test_containment_counted_while_redis_was_away_still_counts(
 
     state = State(LocalStore(tmp_path / "containment.db"),
                   redis=SharedCounters(rs.url, probe_interval=0.1), window=3600.0)
-    limits = {"recipients": 100}
     try:
-        got = await state.record("mallory", [("recipients", "a@example.net")], limits)
-        assert got.recipients == 1
-        rs.stop()
-        got = await state.record("mallory", [("recipients", f"r{i}@example.net")
-                                             for i in range(6)], limits)
-        assert got.recipients == 6  # the node's file: the outage's recipients
-        rs.start()
-        await until(lambda: state.redis.up, "the probe finding Redis back")
-        got = await state.record("mallory", [("recipients", "b@example.net")], limits)
-        assert got.recipients >= 6
-        assert (await state.record("bob", [("recipients", "c@example.net")], limits)
-                ).recipients == 1
+        await _outage_spree(rs, state, state)
     finally:
         await state.close()
+
+
+async def _outage_spree(rs: RedisServer, counting: Any, asking: Any) -> None:
+    """Containment States on one node's file: a spree of 6 recipients counted by
+    `counting` while Redis is away still counts in `asking` once Redis is back."""
+    limits = {"recipients": 100}
+    assert (await asking.record("mallory", [("recipients", "a@example.net")], limits)
+            ).recipients == 1
+    rs.stop()
+    got = await counting.record("mallory", [("recipients", f"r{i}@example.net")
+                                            for i in range(6)], limits)
+    assert got.recipients == 6  # the node's file: the outage's recipients
+    rs.start()
+    await until(lambda: counting.redis.up, "the probe finding Redis back")
+    got = await asking.record("mallory", [("recipients", "b@example.net")], limits)
+    assert got.recipients >= 6
+    assert (await asking.record("bob", [("recipients", "c@example.net")], limits)
+            ).recipients == 1
 
 
 async def test_a_known_address_is_written_again_after_redis_was_away(
@@ -591,20 +597,8 @@ async def test_containment_counted_by_another_process_while_redis_was_away_still
               window=3600.0)
     b = State(LocalStore(path), redis=SharedCounters(rs.url, probe_interval=0.1),
               window=3600.0)
-    limits = {"recipients": 100}
     try:
-        assert (await b.record("mallory", [("recipients", "a@example.net")], limits)
-                ).recipients == 1
-        rs.stop()
-        got = await a.record("mallory", [("recipients", f"r{i}@example.net")
-                                         for i in range(6)], limits)
-        assert got.recipients == 6  # the node's file: the outage's recipients
-        rs.start()
-        await until(lambda: a.redis.up, "the probe finding Redis back")
-        got = await b.record("mallory", [("recipients", "b@example.net")], limits)
-        assert got.recipients >= 6
-        assert (await b.record("bob", [("recipients", "c@example.net")], limits)
-                ).recipients == 1
+        await _outage_spree(rs, a, b)
     finally:
         await a.close()
         await b.close()
