@@ -411,6 +411,18 @@ def test_flood_from_one_ipv6_48_rotating_its_64s_is_one_address(relay_factory
     assert "Traceback" not in r.maillog()
 
 
+def _in_transactions(port: int, n: int) -> list[RawClient]:
+    """`n` sessions on port 25 inside a transaction (after MAIL FROM): never evicted."""
+    busy = []
+    for i in range(n):
+        c = RawClient(port, source=f"127.0.8.{i + 10}", timeout=30)
+        assert c.reply().code == 220
+        assert c.cmd("EHLO mx.test").code == 250
+        assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
+        busy.append(c)
+    return busy
+
+
 def test_a_session_idle_again_counts_its_age_from_its_last_command(relay_factory
                                                                    ) -> None:  # noqa: ANN001
     """A session that went idle long ago, then sent a command, is as young as its last
@@ -420,13 +432,7 @@ def test_a_session_idle_again_counts_its_age_from_its_last_command(relay_factory
     port = r.ports["smtp"]
     idle = RawClient(port, source="127.0.7.1", timeout=30)
     assert idle.reply().code == 220
-    busy = []
-    for i in range(5):  # the rest of the pool: inside a transaction, never candidates
-        c = RawClient(port, source=f"127.0.8.{i + 10}", timeout=30)
-        assert c.reply().code == 220
-        assert c.cmd("EHLO mx.test").code == 250
-        assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
-        busy.append(c)
+    busy = _in_transactions(port, 5)  # the rest of the pool: never candidates
     try:
         time.sleep(TIE_AGE + 0.5)  # idle's first wait is old enough to be taken now
         assert idle.cmd("EHLO again.test").code == 250  # ... but it waits anew since
@@ -458,13 +464,7 @@ def test_a_session_dripping_a_command_ages_as_an_idle_one(relay_factory
     drip = RawClient(port, source="127.0.7.1", timeout=30)
     assert drip.reply().code == 220
     assert drip.cmd("EHLO drip.test").code == 250
-    busy = []
-    for i in range(5):  # the rest of the pool: inside a transaction, never candidates
-        c = RawClient(port, source=f"127.0.8.{i + 10}", timeout=30)
-        assert c.reply().code == 220
-        assert c.cmd("EHLO mx.test").code == 250
-        assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
-        busy.append(c)
+    busy = _in_transactions(port, 5)  # the rest of the pool: never candidates
     try:
         end = time.monotonic() + TIE_AGE + 0.6
         while time.monotonic() < end:
