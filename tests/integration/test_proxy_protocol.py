@@ -9,6 +9,8 @@ listeners without proxy_protocol never read a header.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import ssl
 import time
@@ -19,6 +21,7 @@ import pytest
 from relayproc import PASSWORD, RelayProcess
 from smtpclient import RawClient, client_ctx, plain
 
+from authrelay.smtpd.admission import REFUSAL_LINES
 from authrelay.smtpd.proxy import build_v1, build_v2
 
 pytestmark = pytest.mark.slow
@@ -274,3 +277,27 @@ def test_farm_lockout_counts_an_ipv6_client_by_its_prefix(redis_relay: RelayProc
     # a third address of the same /64: locked, even with the right password
     assert auth("2001:db8:1:2::3", PASSWORD).startswith("454 4.7.0")
     assert auth("2001:db8:1:3::1", PASSWORD).startswith("235")  # another /64: not
+
+
+def test_proxy_refusals_are_logged_within_the_refusal_budget(relay: RelayProcess
+                                                             ) -> None:
+    """PROXY refusals count in the listener's per-second budget of refusal lines, then
+    one summary line (measured before: a 3,000-address flood through the balancer wrote
+    one line per refused header, ~2,500 a second). Forty untrusted connections wait in
+    the backlog of a stopped relay, so one accept batch refuses them all."""
+    assert relay.proc is not None
+    port = relay.ports["submission"]
+    os.kill(relay.proc.pid, signal.SIGSTOP)
+    try:
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=10,
+                                          source_address=("127.0.0.2", 0))
+                 for _ in range(40)]
+    finally:
+        os.kill(relay.proc.pid, signal.SIGCONT)
+    try:
+        log = relay.wait_log(r"refused \d+ more connections without a line each.*"
+                             r"reasons=proxy_header:\d+")
+        assert log.count("not a trusted proxy") <= REFUSAL_LINES
+    finally:
+        for s in socks:
+            s.close()
