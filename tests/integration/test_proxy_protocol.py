@@ -21,7 +21,8 @@ import pytest
 from relayproc import PASSWORD, RelayProcess
 from smtpclient import RawClient, client_ctx, plain
 
-from authrelay.smtpd.admission import REFUSAL_LINES
+from authrelay.config import from_dict
+from authrelay.smtpd.admission import PROXY_READS_MIN, REFUSAL_LINES
 from authrelay.smtpd.proxy import build_v1, build_v2
 
 pytestmark = pytest.mark.slow
@@ -301,3 +302,54 @@ def test_proxy_refusals_are_logged_within_the_refusal_budget(relay: RelayProcess
     finally:
         for s in socks:
             s.close()
+
+
+def test_a_header_there_at_accept_is_served_past_a_flood_of_missing_ones(
+        tmp_path: Path) -> None:
+    """The reads of PROXY headers in flight are capped per listener (PROXY_READS_MIN);
+    past the cap a connection was reset at accept, "too many PROXY headers pending",
+    before its header was even looked at. Through one balancer a many-address flood
+    filled that cap and left 1-2 of 16 real logins served. A header already there whole
+    at accept (a balancer sends it at once) is now taken at once, outside the cap: here
+    the cap is full of connections that send nothing, and a client whose header waits in
+    the socket (the relay stopped while it connects) is greeted and logs in."""
+    r = RelayProcess(tmp_path, {"relay": {"proxy_trusted": ["127.0.0.1/32"]},
+                                "limits": {"proxy_timeout": "60s"}})
+    r.config_data["listen"] = [
+        {"address": f"127.0.0.1:{r.ports['smtp']}", "mode": "smtp"},
+        {"address": f"127.0.0.1:{r.ports['submission']}", "mode": "submission",
+         "proxy_protocol": True},
+        {"address": f"127.0.0.1:{r.ports['submissions']}", "mode": "submissions",
+         "proxy_protocol": True},
+    ]
+    from relayproc import to_toml
+
+    r.config.write_text(to_toml(r.config_data))
+    r.start()
+    silent: list[socket.socket] = []
+    try:
+        port = r.ports["submission"]
+        cap = max(PROXY_READS_MIN, from_dict({}).limits.max_connections)
+        for _ in range(cap + 1):  # the cap full of reads waiting, and one past it
+            silent.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        r.wait_log(r"too many PROXY headers pending")
+        assert r.proc is not None
+        os.kill(r.proc.pid, signal.SIGSTOP)
+        try:
+            c = proxied(port, build_v1(("192.0.2.44", 40001), dst(r, "submission")))
+        finally:
+            os.kill(r.proc.pid, signal.SIGCONT)
+        assert c.reply().code == 220
+        c.cmd("EHLO laptop.test")
+        assert c.cmd("STARTTLS").code == 220
+        c.starttls(client_ctx())
+        c.cmd("EHLO laptop.test")
+        assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
+        c.cmd("QUIT")
+        c.close()
+        r.wait_log(r"auth=ok, sasl_method=PLAIN, sasl_username=alice, "
+                   r"relay=unknown \[192\.0\.2\.44\]")
+    finally:
+        for s in silent:
+            s.close()
+        r.stop()

@@ -415,6 +415,24 @@ class Acceptor:
         if ip not in srv.proxy_trusted:
             self._proxy_refused(sock, ip, "not a trusted proxy (relay.proxy_trusted)")
             return
+        # A header already there whole (a balancer sends it at once) is taken now: the
+        # cap below bounds only the reads that must wait, so a flood of slow or missing
+        # headers cannot refuse the clients whose headers came (measured: a 3,000-address
+        # flood through the balancer left 1-2 of 16 real logins served, the rest reset
+        # here for "too many PROXY headers pending").
+        try:
+            sock.setblocking(False)
+            header = proxy.header_if_complete(sock)
+        except proxy.ProxyClosed:  # a plain TCP health check: connect, close
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        except proxy.ProxyError as e:
+            self._proxy_refused(sock, ip, str(e))
+            return
+        if header is not None:
+            self._admit_client(sock, header.source or addr, header.source)
+            return
         if len(self.proxy_reads) >= max(PROXY_READS_MIN, srv.cfg.limits.max_connections):
             self._proxy_refused(sock, ip, "too many PROXY headers pending")
             return

@@ -221,6 +221,30 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def header_if_complete(sock: socket.socket) -> ProxyHeader | None:
+    """The PROXY header on the non-blocking `sock` if all of it has arrived: taken off
+    the socket, nothing past it. None, and nothing taken, if it has not (read_header
+    waits for the rest). Raises ProxyError and ProxyClosed as read_header does. A
+    balancer sends its header at once, so at accept it is usually there whole: no task,
+    no wait, and no place among the reads in flight a flood could fill."""
+    try:
+        peek = sock.recv(16 + MAX_V2_BODY, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ECONNRESET:  # a health check's RST
+            raise ProxyClosed("reset before sending a PROXY header") from None
+        raise ProxyError(f"read error before the PROXY header: {e.strerror}") from None
+    if not peek:
+        raise ProxyClosed("closed before sending a PROXY header")
+    total = header_length(peek)
+    if total is None or len(peek) < total:
+        return None
+    header = ProxyParser().feed(sock.recv(total))  # peeked: all there, and no more
+    assert header is not None and not header.rest
+    return header
+
+
 async def read_header(sock: socket.socket, timeout: float) -> ProxyHeader:
     """Read one PROXY header off the non-blocking socket `sock` (nothing past it).
 
