@@ -84,7 +84,12 @@ def test_spool_damage_while_running_is_quarantined_and_delivery_goes_on(
             (q / qid).unlink()
         os.mkdir(q / ids[0])
         os.mkfifo(q / ids[1], 0o700)
-        os.symlink("/etc/passwd", q / ids[2])
+        # A link to a file of ours (never a system file: a chmod through such a link
+        # made /etc/passwd 0700 here once); it must come out with its mode unchanged.
+        planted = tmp_path / "planted-target"
+        planted.write_text("x")
+        planted.chmod(0o644)
+        os.symlink(planted, q / ids[2])
         r.cli("queue", "flush")
         corrupt = r.state / "spool" / "corrupt"
         r.wait_for(lambda: set(ids) <= set(os.listdir(corrupt)), timeout=30)
@@ -94,6 +99,7 @@ def test_spool_damage_while_running_is_quarantined_and_delivery_goes_on(
         for qid in ids:
             assert f"{qid}: warning=damaged queue file moved to corrupt/" in log, log[-3000:]
         assert "Traceback" not in log
+        assert planted.stat().st_mode & 0o777 == 0o644  # never followed
     finally:
         r.stop()
     assert r.proc is not None and r.proc.returncode == 0  # SIGTERM still stops it

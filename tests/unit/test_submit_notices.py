@@ -4,6 +4,8 @@ its maillog line is written or NOTICE_WAIT after the commit; one loop timer for 
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -107,4 +109,36 @@ async def test_a_message_held_before_its_from_line_is_written_loses_its_mark(
     assert spool.release(env.queue_id)
     env2, _, _ = spool.load_for_delivery(env.queue_id)
     assert env2.log_owed == 0.0
+    spool.close()
+
+
+async def test_the_mark_is_never_cleared_through_a_link_planted_in_its_place(
+        tmp_path: Path) -> None:
+    """The mark was cleared by chmod(path), which follows a symlink: a link planted in
+    the queue directory in place of the file between the 250 and the from= line (the
+    final suite's test_attacks planted one to /etc/passwd, which became 0700) had its
+    target's mode changed. The mark is cleared on the regular file itself (O_NOFOLLOW),
+    by the writer thread and by the scheduler (Spool.logged) alike."""
+    target = tmp_path / "not-a-queue-file"
+    target.write_text("x")
+    target.chmod(0o644)
+    spool, ml, draft, noticed = _a_session_draft(tmp_path)
+    env = draft.envelope
+    path = spool.queue_dir / env.queue_id
+    with ml._lock:  # the writer held before its write: the line not written yet
+        await draft.commit()
+        path.unlink()
+        path.symlink_to(target)
+    await until(lambda: noticed, what="the notice, once the line is written")
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert path.is_symlink()
+    env.held = False
+    with pytest.raises(OSError):
+        spool.logged(env)  # the scheduler's way: refused, the target untouched
+    assert target.stat().st_mode & 0o777 == 0o644
+    path.unlink()
+    os.mkfifo(path, 0o710)  # nor a FIFO (never waited on)
+    with pytest.raises(OSError):
+        spool.logged(env)
+    assert stat.S_ISFIFO(os.lstat(path).st_mode)
     spool.close()

@@ -58,6 +58,7 @@ from authrelay.spool.writer import (
     commit_pool,
     fsync_dir,
     journal_orders_create,
+    mark_ready,
     write_all,
 )
 
@@ -398,7 +399,7 @@ class Spool:
         mark cleared (writer.Incoming.logged). Raises OSError (a file gone meanwhile:
         FileNotFoundError)."""
         path = (self._hold_prefix if env.held else self._queue_prefix) + env.queue_id
-        os.chmod(path, READY_MODE)
+        mark_ready(path)  # (never through a symlink planted in its place)
         env.log_owed = 0.0
 
     def _load_state(self, path: Path | str, env: Envelope) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import queue
@@ -59,6 +60,22 @@ READY_MODE = 0o700  # owner-execute bit: committed (fsync'd before the 250)
 # the producer's `logged()` clears it once the line is written; a file the scheduler
 # finds with it and no notice (the producer died in between) gets its line from there.
 LOG_OWED_MODE = READY_MODE | stat.S_IXGRP
+
+
+def mark_ready(path: str) -> None:
+    """Clear the LOG_OWED_MODE mark of the committed queue file at `path`: READY_MODE,
+    set on that regular file itself, never through a symlink (O_NOFOLLOW) nor by waiting
+    on a FIFO (O_NONBLOCK). A chmod by path followed a symlink planted in the queue
+    directory in place of a file (a test's link to /etc/passwd made it 0700). Raises
+    OSError: FileNotFoundError when the file is gone, ELOOP for a symlink, EINVAL for
+    anything but a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file: {path}")
+        os.fchmod(fd, READY_MODE)
+    finally:
+        os.close(fd)
 SPILL = 128 * 1024  # message bytes kept in memory before the file is created
 CHUNK = 256 * 1024  # read-back piece of a streamed message for the signer
 
@@ -507,7 +524,7 @@ class Incoming:
         keeps the mode) loses its mark there, else its release, with no notice remembered
         (a restart), would have the scheduler write a second line."""
         try:
-            os.chmod(self._path, READY_MODE)
+            mark_ready(self._path)
             return
         except FileNotFoundError:
             if self._hold_dir is None:
@@ -517,7 +534,7 @@ class Incoming:
         held = f"{self._hold_dir}/{self.queue_id}"
         for path in (held, self._path):  # (released again between the two: once more)
             try:
-                os.chmod(path, READY_MODE)
+                mark_ready(path)
                 return
             except OSError:
                 continue
