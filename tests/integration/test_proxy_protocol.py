@@ -90,10 +90,17 @@ class _BioClient(RawClient):
 
 @pytest.fixture
 def relay(tmp_path: Path) -> Iterator[RelayProcess]:
-    r = RelayProcess(tmp_path, {"relay": {"proxy_trusted": ["127.0.0.1/32"]},
-                                "limits": {"proxy_timeout": "1s"},
-                                "auth": {"max_failures_per_ip": 2, "failure_delay": 0.05}})
-    # submission and submissions behind the balancer; smtp (port 25 style) without.
+    r = _behind_a_balancer(RelayProcess(
+        tmp_path, {"relay": {"proxy_trusted": ["127.0.0.1/32"]},
+                   "limits": {"proxy_timeout": "1s"},
+                   "auth": {"max_failures_per_ip": 2, "failure_delay": 0.05}}))
+    r.start()
+    yield r
+    r.stop()
+
+
+def _behind_a_balancer(r: RelayProcess) -> RelayProcess:
+    """submission and submissions behind the balancer; smtp (port 25 style) without."""
     r.config_data["listen"] = [
         {"address": f"127.0.0.1:{r.ports['smtp']}", "mode": "smtp"},
         {"address": f"127.0.0.1:{r.ports['submission']}", "mode": "submission",
@@ -104,9 +111,7 @@ def relay(tmp_path: Path) -> Iterator[RelayProcess]:
     from relayproc import to_toml
 
     r.config.write_text(to_toml(r.config_data))
-    r.start()
-    yield r
-    r.stop()
+    return r
 
 
 def dst(r: RelayProcess, mode: str) -> tuple[str, int]:
@@ -313,18 +318,8 @@ def test_a_header_there_at_accept_is_served_past_a_flood_of_missing_ones(
     at accept (a balancer sends it at once) is now taken at once, outside the cap: here
     the cap is full of connections that send nothing, and a client whose header waits in
     the socket (the relay stopped while it connects) is greeted and logs in."""
-    r = RelayProcess(tmp_path, {"relay": {"proxy_trusted": ["127.0.0.1/32"]},
-                                "limits": {"proxy_timeout": "60s"}})
-    r.config_data["listen"] = [
-        {"address": f"127.0.0.1:{r.ports['smtp']}", "mode": "smtp"},
-        {"address": f"127.0.0.1:{r.ports['submission']}", "mode": "submission",
-         "proxy_protocol": True},
-        {"address": f"127.0.0.1:{r.ports['submissions']}", "mode": "submissions",
-         "proxy_protocol": True},
-    ]
-    from relayproc import to_toml
-
-    r.config.write_text(to_toml(r.config_data))
+    r = _behind_a_balancer(RelayProcess(tmp_path, {
+        "relay": {"proxy_trusted": ["127.0.0.1/32"]}, "limits": {"proxy_timeout": "60s"}}))
     r.start()
     silent: list[socket.socket] = []
     try:

@@ -423,12 +423,8 @@ class Acceptor:
         try:
             sock.setblocking(False)
             header = proxy.header_if_complete(sock)
-        except proxy.ProxyClosed:  # a plain TCP health check: connect, close
-            with contextlib.suppress(OSError):
-                sock.close()
-            return
         except proxy.ProxyError as e:
-            self._proxy_refused(sock, ip, str(e))
+            self._proxy_failed(sock, ip, e)
             return
         if header is not None:
             self._admit_client(sock, header.source or addr, header.source)
@@ -444,12 +440,8 @@ class Acceptor:
         try:
             sock.setblocking(False)
             header = await proxy.read_header(sock, self.server.cfg.limits.proxy_timeout)
-        except proxy.ProxyClosed:  # a plain TCP health check: connect, close
-            with contextlib.suppress(OSError):
-                sock.close()
-            return
         except proxy.ProxyError as e:
-            self._proxy_refused(sock, ip, str(e))
+            self._proxy_failed(sock, ip, e)
             return
         except TimeoutError:
             self._proxy_refused(sock, ip, "no complete PROXY header in time")
@@ -464,6 +456,15 @@ class Acceptor:
             return
         # LOCAL / UNKNOWN (the proxy's own health check): the connection's own address.
         self._admit_client(sock, header.source or addr, header.source)
+
+    def _proxy_failed(self, sock: socket.socket, ip: str, e: proxy.ProxyError) -> None:
+        """A PROXY header that could not be read: a plain TCP health check (connect,
+        close: ProxyClosed) is closed quietly, anything else refused with a line."""
+        if isinstance(e, proxy.ProxyClosed):
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        self._proxy_refused(sock, ip, str(e))
 
     def _proxy_refused(self, sock: socket.socket, ip: str, why: str) -> None:
         with contextlib.suppress(OSError):
