@@ -1123,3 +1123,25 @@ async def test_a_message_whose_producer_died_before_its_from_line_gets_it_once(
         mine = [ln for ln in rig.log.lines if ln.startswith(f"{qid}: ")]
         assert mine[0] == line, mine  # before its delivery lines
     assert rig.courier.calls_for("z@b.example") and not rig.log.grep(noticed, "from=")
+
+
+async def test_past_owed_max_a_notice_s_producer_is_not_remembered(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OWED_MAX bounds the messages remembered as owing their from= line to a live
+    producer (a notice sent by the timer, `ID INODE PID`: memory). Past it the producer is
+    not remembered: when it dies its line is not written here (the documented loss past
+    the limit), while the one remembered gets it, once, marked logged_by=scheduler."""
+    monkeypatch.setattr(scheduler_mod, "OWED_MAX", 1)
+    sched = await rig.start(rescan_interval=3600)
+    pid = 4242  # a producer that is not this process (never signalled: only a number)
+    kept = await _put_owed(rig.spool, ["x@b.example"], age=60)
+    sched._notify(kept, 0, pid)
+    past = await _put_owed(rig.spool, ["y@b.example"], age=60)
+    sched._notify(past, 0, pid)
+    await until(lambda: not rig.queued(), "both delivered (their producer lives on)")
+    assert not rig.log.grep(kept, "from=") and not rig.log.grep(past, "from=")
+    sched.receiver_died(pid)
+    await until(lambda: rig.log.grep(kept, "from="), "the remembered one's line")
+    (line,) = rig.log.grep(kept, "from=")
+    assert line.endswith("logged_by=scheduler"), line
+    assert not rig.log.grep(past, "from=") and not sched._owed_by
