@@ -351,14 +351,20 @@ def notify_ok(value: str) -> bool:
 
 
 def xtext_ok(value: str, limit: int) -> bool:
-    """RFC 3461 4: xtext is printable ASCII without "+" or "=" except "+XX" hex escapes."""
+    """RFC 3461 4: xtext is printable ASCII without "+" or "=" except "+XX" hex escapes,
+    each of which must stand for a printable ASCII character (space included): what the
+    value decodes to is ASCII text (4.2's addresses, 4.4's "printable (graphic) US-ASCII"
+    ENVID), as Postfix's smtpd checks it. A "+C3" or "+0A" would reach a DSN decoded (a
+    Latin-1 character making an ASCII report message/global-delivery-status, a line
+    break), so it is refused here."""
     if not value or len(value) > limit or not value.isascii():
         return False
     i = 0
     while i < len(value):
         c = value[i]
         if c == "+":
-            if len(value) < i + 3 or not set(value[i + 1:i + 3]) <= _HEX:
+            if len(value) < i + 3 or not set(value[i + 1:i + 3]) <= _HEX \
+                    or not 0x20 <= int(value[i + 1:i + 3], 16) <= 0x7E:
                 return False
             i += 3
             continue
