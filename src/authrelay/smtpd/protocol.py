@@ -63,6 +63,7 @@ import binascii
 import enum
 import functools
 import logging
+import re
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -383,7 +384,10 @@ def orcpt_ok(value: str, smtputf8: bool) -> bool:
     atype, semi, addr = value.partition(";")
     if not semi or not atype or not atype.isascii():
         return False
-    if addr.isascii() or not smtputf8 or atype.strip().lower() != "utf-8":
+    utf8_type = atype.strip().lower() == "utf-8"
+    if utf8_type and not _escapes_ok(addr):
+        return False
+    if addr.isascii() or not smtputf8 or not utf8_type:
         return xtext_ok(addr, 500)
     if len(addr.encode("utf-8")) > 500:
         return False
@@ -393,8 +397,20 @@ def orcpt_ok(value: str, smtputf8: bool) -> bool:
         unicodedata.category(c) in _BAD_UNITEXT for c in addr if not c.isascii())
 
 
-# Cc (C1 controls), Cs (never in decoded UTF-8, but not text), Zl / Zp (U+2028 / U+2029).
+# Cc (C0 and C1 controls, DEL), Cs (surrogates: not text), Zl / Zp (U+2028 / U+2029).
 _BAD_UNITEXT = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_UNITEXT_ESCAPE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+def _escapes_ok(addr: str) -> bool:
+    """RFC 6533 3's `\\x{HEX}` escapes of a utf-8 address stand for Unicode characters,
+    and the DSN (scheduler/bounce.py) writes them as those characters: one that is no
+    character, or a control or line separator, is refused as the raw form is."""
+    for m in _UNITEXT_ESCAPE.finditer(addr):
+        cp = int(m.group(1), 16)
+        if cp > 0x10FFFF or unicodedata.category(chr(cp)) in _BAD_UNITEXT:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------ the engine
