@@ -54,6 +54,8 @@ AUTH_REVOKED = R(421, "4.7.0", "Authentication no longer valid, closing connecti
 TLS_UNAVAILABLE = R(454, "4.7.0", "TLS not available")
 LOCAL_ERROR = R(451, "4.3.0", "Local error in processing, try again later")
 SPOOL_ERROR = R(451, "4.3.0", "Could not queue message, try again later")
+# The queue file not durable within data_block_timeout (a hung disk): the commit given up.
+COMMIT_TIMEOUT = R(451, "4.3.0", "Queue file write timed out, try again later")
 # The user store could not say whether a local recipient is a user's address.
 RECIPIENT_LOOKUP_TEMPFAIL = R(451, "4.3.0", "Recipient lookup failed, try again later")
 TOO_MANY_RCPTS = R(452, "4.5.3", "Too many recipients")

@@ -349,3 +349,123 @@ def test_a_strangers_message_on_25_gets_its_file_at_the_dot(
                 text.decode().rsplit(" ", 1)[-1]]
     finally:
         thread.stop()
+
+
+class _HeldDirSync(writer.DirSync):
+    """queue/'s group fsync, held until `go` is set: a commit thread waits in it after its
+    file is written, marked ready and fsynced (a hung disk's directory fsync)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def sync(self) -> None:
+        self.entered.set()
+        self.go.wait(60)
+        super().sync()
+
+
+def _abandoned_line(server: _Server, qid: str) -> str:
+    """The message's one line: 451 4.3.0, why, its size; no `from=` line for it."""
+    server.log.flush()
+    lines = [ln for ln in (Path(server.cfg.state_dir) / "maillog").read_text().splitlines()
+             if f" {qid}: " in ln]
+    assert len(lines) == 1, lines
+    assert re.search(r": [0-9A-Z]{17}: reject=451 4\.3\.0 Queue file write timed out, try "
+                     r"again later, relay=unknown \[127\.0\.0\.1\], reason=queue file not "
+                     r"durable within data_block_timeout, commit abandoned, size=\d+$",
+                     lines[0]), lines
+    return lines[0]
+
+
+def _noticed(server: _Server) -> list[str]:
+    """The queue ids the spool told the scheduler of (its in-process hook)."""
+    told: list[str] = []
+    server.spool.on_commit = lambda qid, vouched: told.append(qid)
+    return told
+
+
+def test_a_commit_queued_behind_a_hung_disk_is_given_up_with_451(
+        tmp_path: Path, trustme_ca: trustme.CA) -> None:
+    """After the final dot the session waited for its commit without a bound: every commit
+    thread held (a hung disk), it held the connection and its pool slot for good. It now
+    waits data_block_timeout: the commit is abandoned (the file was never made ready),
+    the client gets 451 4.3.0 and the message its line; the commit, once a thread runs
+    it, removes the file: nothing delivered, nothing noticed, no `from=` line. The
+    session goes on: its next message, the threads free again, gets its 250."""
+    server = _Server(tmp_path, trustme_ca, limits={"data_block_timeout": "1s"})
+    told = _noticed(server)
+    server.thread.start()
+    gate = threading.Event()
+    release = threading.Timer(60, gate.set)  # a hang detector: the old session waited
+    pool = writer.commit_pool()  # the in-process server's
+    blockers: list[object] = []
+    try:
+        c = _to_bob(server, trustme_ca)
+        server.thread.call_soon(lambda: blockers.extend(
+            pool.run(lambda: gate.wait(90)) for _ in range(pool.size)))
+        wait_until(lambda: len(blockers) == pool.size, "every commit thread held")
+        release.start()
+        code, text = c.data(b"From: alice@example.org\r\nSubject: held\r\n\r\nhello\r\n")
+        assert (code, text[:5]) == (451, b"4.3.0"), (code, text)
+        assert not gate.is_set(), "the session waited for its commit past the timeout"
+        (inc,) = server.spool.begun
+        assert inc.abandoned
+        _abandoned_line(server, inc.queue_id)
+        gate.set()
+        wait_until(lambda: inc._early is not None and inc._early.done(), "the create ran")
+        wait_until(lambda: not list(server.spool.queue_dir.iterdir()),
+                   "the abandoned commit's file removed")
+        c.mail("alice@example.org")
+        assert c.rcpt("bob@remote.test")[0] == 250
+        code, text = c.data(b"From: alice@example.org\r\nSubject: again\r\n\r\nhello\r\n")
+        assert code == 250 and b"queued as" in text
+        assert server.held.entered.wait(10)
+        server.release()
+        second = text.decode().rsplit(" ", 1)[-1]
+        wait_until(lambda: told == [second], "the second message noticed, alone")
+        assert [p.name for p in _queue_files(server)] == [second]
+        c.quit()
+    finally:
+        release.cancel()
+        gate.set()
+        server.thread.stop()
+
+
+def test_a_commit_held_after_its_ready_mark_is_given_up_and_never_delivered(
+        tmp_path: Path, trustme_ca: trustme.CA) -> None:
+    """The commit thread past the ready mark and the file's fsync, held in queue/'s
+    fsync (a hung disk): the session gives up after data_block_timeout (451 4.3.0);
+    meanwhile the file, ready but still held by its writer, is refused to the scheduler
+    (load_for_delivery: not durable yet, and given up), and when the thread returns it
+    removes the file rather than handing it over: no 250, no delivery, no notice."""
+    server = _Server(tmp_path, trustme_ca, limits={"data_block_timeout": "1s"})
+    spool = server.spool
+    spool.fsync = True
+    spool.journal_orders_create = False  # queue/ fsynced after the file: held there
+    held = spool.queue_dir_sync = _HeldDirSync(spool.queue_dir)
+    told = _noticed(server)
+    release = threading.Timer(60, held.go.set)  # a hang detector: the old session waited
+    server.thread.start()
+    try:
+        c = _to_bob(server, trustme_ca)
+        release.start()
+        code, text = c.data(b"From: alice@example.org\r\nSubject: held\r\n\r\nhello\r\n")
+        assert (code, text[:5]) == (451, b"4.3.0"), (code, text)
+        assert held.entered.is_set() and not held.go.is_set()
+        (inc,) = spool.begun
+        (path,) = _queue_files(server)
+        assert path.name == inc.queue_id and path.stat().st_mode & 0o100  # marked ready
+        with pytest.raises(FileNotFoundError, match="still being committed"):
+            spool.load_for_delivery(inc.queue_id)
+        _abandoned_line(server, inc.queue_id)
+        held.go.set()
+        wait_until(lambda: not path.exists(), "the abandoned commit's file removed")
+        assert c.noop()[0] == 250
+        c.quit()
+        assert told == [] and spool.scan() == []
+    finally:
+        release.cancel()
+        held.go.set()
+        server.thread.stop()

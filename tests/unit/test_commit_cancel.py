@@ -487,3 +487,36 @@ def test_a_forked_child_runs_commits_in_a_pool_of_its_own() -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert writer_mod.commit_pool() is parent
+
+
+@pytest.mark.parametrize("data", [SMALL, BIG], ids=["in-memory", "streamed"])
+async def test_a_commit_abandoned_before_its_ready_mark_removes_its_file(
+        spool: Spool, data: bytes) -> None:
+    """Incoming.abandon (a session that gave up waiting, its client told 451) while the
+    commit thread is still at work before the ready mark (here: signing): the thread
+    marks nothing ready, removes the file, and commit() raises Abandoned; no notice."""
+    announced: list[str] = []
+    inc = Incoming(spool.queue_dir, _env(), fsync=False, dir_sync=None,
+                   notify=lambda qid, vouched: announced.append(qid))
+    inc.write(data)
+    signer = HeldSigner()
+    task = await _held_commit(inc, signer)
+    assert inc.abandon()
+    signer.release.set()
+    with pytest.raises(writer_mod.Abandoned):
+        await task
+    assert not inc.committed and announced == []
+    assert list(spool.queue_dir.iterdir()) == []
+
+
+async def test_a_commit_durable_first_is_not_abandoned(spool: Spool) -> None:
+    """The other order: the file durable before the caller gives up; abandon() says so
+    (False: the caller gives its 250) and the file stays, ready and announced."""
+    announced: list[str] = []
+    inc = Incoming(spool.queue_dir, _env(), fsync=False, dir_sync=None,
+                   notify=lambda qid, vouched: announced.append(qid))
+    inc.write(SMALL)
+    await inc.commit()
+    assert not inc.abandon() and not inc.abandoned
+    assert inc.committed and announced == [inc.queue_id]
+    assert spool.scan() == [inc.queue_id]

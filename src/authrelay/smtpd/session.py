@@ -74,6 +74,8 @@ class Draft(Protocol):
     # raises spool.submit.Refused; on_durable runs once the message is on disk
     def commit(self, on_durable: Callable[[], None] | None = None) -> Awaitable[None]: ...
     def abort(self) -> None: ...  # idempotent
+    # the caller gives up waiting for commit(): True unless durable already (then 250)
+    def abandon(self) -> bool: ...
 
 
 class Submitter(Protocol):
@@ -695,7 +697,9 @@ class Session:
             self._flush()
 
         try:
-            await draft.commit(durable)  # fsync file + directory: durable before 250
+            # fsync file + directory: durable before 250; a wait bounded (_durable)
+            if not await self._durable(draft.commit(durable), draft):
+                return
         except Refused as e:
             self._abort_draft()
             self._log_reject(e.reply, qid=qid, **({"reason": e.reason}
@@ -712,6 +716,31 @@ class Session:
                     self.account, qid, [r.text for r in ev.transaction.rcpts], self.ip)
         if self.deps.metrics is not None:
             self.deps.metrics.accepted(self.deps.mode)
+
+    async def _durable(self, commit: Awaitable[None], draft: Draft) -> bool:
+        """Await the commit up to data_block_timeout (as Postfix's smtpd waits for its
+        cleanup server only so long): False when it was given up. A hung disk no longer
+        holds the session and its pool slot for good; the contract holds whichever side
+        settles first (Incoming.abandon, under one lock with the commit thread): a file
+        durable first gets its 250; one given up first gets 451 4.3.0 and its own line,
+        and the thread, when it runs or returns, removes the file before anything can
+        deliver it. A cancel (shutdown) is passed on (the commit ends by itself)."""
+        task = asyncio.ensure_future(commit)
+        try:
+            done, _ = await asyncio.wait((task,), timeout=self.cfg.limits.data_block_timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if done or not draft.abandon():
+            await task  # (durable meanwhile: its 250 is on its way)
+            return True
+        task.add_done_callback(_retrieved)  # ends in Refused once its thread is done
+        self._draft = None  # the task's now: it removes the file
+        r = replies.COMMIT_TIMEOUT
+        self._log_reject(r, qid=self._qid, reason="queue file not durable within "
+                         "data_block_timeout, commit abandoned", size=self.eng.data_bytes)
+        self.eng.message_result(r)
+        return False
 
     def _aborted(self, ev: p.MessageAborted) -> None:
         qid = self._qid
@@ -736,6 +765,12 @@ class Session:
                 draft.abort()
             except Exception:
                 log.exception("spool abort failed")
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """An abandoned commit's end (Refused, or cancelled at shutdown), read and dropped."""
+    if not task.cancelled():
+        task.exception()
 
 
 def reject_reason(r: Reply) -> str:

@@ -364,6 +364,13 @@ class Spool:
         try:
             if not _ready(st.st_mode):
                 raise FileNotFoundError(f"{qid}: still being received")
+            # Ready but still held by its writer: in its fsync, not durable yet, and
+            # its commit may still be abandoned (writer.Incoming.abandon: the client told
+            # 4xx, the file removed). Its notice, or a later scan, brings it back.
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FileNotFoundError(f"{qid}: still being committed") from None
             data = os.read(fd, min(st.st_size, inline_max) + fmt.HEADER_LEN + 1)
         finally:
             os.close(fd)

@@ -408,6 +408,11 @@ class Draft:
         create still being made past 128 KiB (Incoming.spill_wait)."""
         return self._incoming.spill_wait()
 
+    def abandon(self) -> bool:
+        """The caller gives up waiting for commit() (Incoming.abandon): True unless the
+        message is durable already; then commit() ends in Refused, its file removed."""
+        return self._incoming.abandon()
+
     @property
     def size(self) -> int:
         """Bytes stored so far (our header lines included)."""

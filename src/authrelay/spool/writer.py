@@ -77,8 +77,16 @@ def mark_ready(path: str) -> None:
     finally:
         os.close(fd)
 SPILL = 128 * 1024  # message bytes kept in memory before the file is created
+# Incoming._fate: what became of a commit, settled once under Incoming._fate_lock by the
+# commit thread (COMMITTED, once durable) or by the waiting producer (ABANDONED: it gave
+# up waiting, its client told 4xx; the thread then removes the file).
+PENDING, COMMITTED, ABANDONED = 0, 1, 2
 CHUNK = 256 * 1024  # read-back piece of a streamed message for the signer
 
+
+
+class Abandoned(fmt.SpoolError):
+    """The producer gave up waiting for this commit (Incoming.abandon): its file removed."""
 
 
 class MessageSigner(Protocol):
@@ -324,6 +332,10 @@ class Incoming:
         # abort never waits for a commit thread, which may be queued behind fsyncs).
         self._early_lock = threading.Lock()
         self._early_dropped = False
+        # PENDING until the commit thread made the file durable (COMMITTED) or the
+        # producer gave up waiting (ABANDONED): see abandon().
+        self._fate = PENDING
+        self._fate_lock = threading.Lock()
 
     def create_early(self) -> None:
         """Have a commit thread create and lock the file now, while the message arrives
@@ -486,7 +498,45 @@ class Incoming:
             return b""
         return lines
 
+    def abandon(self) -> bool:
+        """The producer gives up waiting for commit() (a hung disk: its client gets 4xx,
+        never a 250): True unless the file is durable already (then the caller gives its
+        250, as if it had waited). Settled under one lock with the commit thread, which
+        removes an abandoned commit's file when it runs or returns, before anything can
+        deliver it: the ready mark it may have set is on a file it still holds locked, and
+        the scheduler loads no file its writer holds (store.load_for_delivery). commit()
+        raises Abandoned once the thread is done. Thread-safe; on the producer's loop."""
+        with self._fate_lock:
+            if self._fate == COMMITTED:
+                return False
+            self._fate = ABANDONED
+            return True
+
+    @property
+    def abandoned(self) -> bool:
+        return self._fate == ABANDONED
+
     def _commit_sync(self) -> None:
+        if self._fate == ABANDONED:  # (before a byte is written: nothing marked ready)
+            raise Abandoned(f"{self.queue_id}: commit abandoned")
+        self._write_ready()
+        fd = self._fd
+        assert fd is not None
+        with self._fate_lock:
+            abandoned = self._fate == ABANDONED
+            if not abandoned:
+                self._fate = COMMITTED
+        if abandoned:  # given up while this was in its fsync: removed, still locked
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)
+        self._fd = None
+        os.close(fd)  # releases the flock only now: recover() never sees a half commit
+        if abandoned:
+            raise Abandoned(f"{self.queue_id}: commit abandoned")
+
+    def _write_ready(self) -> None:
+        """Write what is left, the header and the ready mark, and fsync (the file stays
+        open, locked, in self._fd)."""
         if self._fd is None:
             pre = self._sign(None) + self.prepend
             env_json = fmt.encode_envelope(self.envelope)
@@ -513,8 +563,6 @@ class Incoming:
             os.fsync(fd)
             if self._dir_sync is not None:
                 self._dir_sync.sync()  # the directory entry too (group commit)
-        self._fd = None
-        os.close(fd)  # releases the flock only now: recover() never sees a half commit
 
     def logged(self) -> None:
         """The committed file's `from=` line is written: its LOG_OWED_MODE mark cleared
@@ -573,6 +621,9 @@ class Incoming:
             await asyncio.wait([early])
             if self._done:  # aborted meanwhile: its file is gone, nothing to commit
                 raise fmt.SpoolError("commit after commit/abort")
+        if self._fate == ABANDONED:  # given up meanwhile: the early file removed
+            self.abort()
+            raise Abandoned(f"{self.queue_id}: commit abandoned")
         self._done = True
         try:
             job = self._job = commit_pool().run(self._commit_sync)
