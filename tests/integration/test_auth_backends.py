@@ -155,6 +155,17 @@ service auth {{
 
 @pytest.fixture(scope="module")
 def dovecot() -> Iterator[Path]:
+    yield from _dovecot("")
+
+
+@pytest.fixture(scope="module")
+def dovecot_local_part() -> Iterator[Path]:
+    """A Dovecot that logs users in by the local part of the name given (a common
+    virtual-user setup): `alice@anything` is alice."""
+    yield from _dovecot("auth_username_format = %Ln\n")
+
+
+def _dovecot(settings: str) -> Iterator[Path]:
     binary = ci.require_tool("dovecot", "dovecot-core")  # fails under CI, skips elsewhere
     tmp = Path(tempfile.mkdtemp(prefix="ar-dc-"))
     (tmp / "run").mkdir()
@@ -172,7 +183,7 @@ def dovecot() -> Iterator[Path]:
         extra = f"default_internal_user = {me}\ndefault_login_user = {me}\n"
     conf = tmp / "dovecot.conf"
     conf.write_text(DOVECOT_CONF.format(tmp=tmp, pid=os.getpid(), auth_user=auth_user,
-                                        extra=extra))
+                                        extra=extra + settings))
     log = tmp / "stdout.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([binary, "-F", "-c", str(conf)], stdout=out,
@@ -438,6 +449,30 @@ def test_dovecot_spellings_are_one_account(dovecot: Path, tmp_path: Path) -> Non
         r.stop()
 
 
+def test_a_dovecot_login_owns_only_the_account_dovecot_named(dovecot_local_part: Path,
+                                                             tmp_path: Path) -> None:
+    """Dovecot with `auth_username_format = %Ln` lets `alice@bank.test` in as alice: the
+    login's domain is never checked. Under `sender_policy = "own"` that login owned
+    alice@bank.test (a user named like an address owns it), so alice sent as
+    alice@anything, envelope and From:. Ownership now goes by the account Dovecot named."""
+    from relayproc import RelayProcess
+
+    r = RelayProcess(tmp_path, {"auth": {"backend": f"dovecot:{dovecot_local_part}",
+                                         "sender_policy": "own"}}, users={}).start()
+    port = r.ports["submissions"]
+    try:
+        assert _send_one(port, "alice@bank.test", USERS["alice"], "alice@bank.test") == 553
+        assert _send_one(port, "ALICE@BANK.TEST", USERS["alice"], "alice@bank.test") == 553
+        line = r.wait_log(r"reject=553 5\.7\.1 <alice@bank\.test>")
+        assert "sasl_username=alice@bank.test" in line
+        # From: is judged by the same owner: the null sender gets past MAIL, not DATA.
+        assert _send_one(port, "alice@bank.test", USERS["alice"], "") == 550
+        assert "reason=From: <alice@bank.test> not owned by alice" in r.maillog()
+        assert "Traceback" not in r.log.read_text()
+    finally:
+        r.stop()
+
+
 def _send_one(port: int, login: str, password: str, sender: str) -> int:
     """One message over 465 as `login`: the reply to MAIL if refused, else to the dot."""
     from smtpclient import RawClient, client_ctx, plain
@@ -450,7 +485,8 @@ def _send_one(port: int, login: str, password: str, sender: str) -> int:
         if code == 250:
             assert c.cmd("RCPT TO:<carol@example.net>").code == 250
             assert c.cmd("DATA").code == 354
-            c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+            c.send(f"From: <{sender or login}>\r\nSubject: hi\r\n\r\nhello\r\n.\r\n"
+                   .encode())
             code = c.reply().code
         return code
 

@@ -558,11 +558,10 @@ class Session:
                 eng.close_with(replies.AUTH_REVOKED, "auth_revoked")
                 return
             path = ev.transaction.sender
-            # Addresses by the name as sent (a login `alice@REALM` owns that address).
-            owned = self._owner(login).addresses if self.cfg.auth.sender_policy == "own" \
-                else ()
-            refusal = verdicts.mail_verdict(self.cfg.auth.sender_policy, path.address, login,
-                                            owned)
+            owner = self._owner()
+            owned = owner.addresses if self.cfg.auth.sender_policy == "own" else ()
+            refusal = verdicts.mail_verdict(self.cfg.auth.sender_policy, path.address,
+                                            owner.user, owned)
             if refusal is not None:
                 self._log_reject(refusal, f"<{path.text}>... ", sasl_username=login)
                 eng.policy_result(refusal)
@@ -629,9 +628,14 @@ class Session:
                 return
         eng.policy_result(None)
 
-    def _owner(self, user: str) -> Owner:
-        """The user and the addresses it may send as (read once per session: a session
-        authenticates once)."""
+    def _owner(self) -> Owner:
+        """The authenticated user and the addresses it may send as (read once per
+        session: a session authenticates once). By the name as sent (a login
+        `alice@REALM` owns that address), unless the backend named the account it logged
+        in (Dovecot's `user=`, `Login.user`): then by that name, since the login's own
+        spelling was not what the backend checked (`auth_username_format = %Ln` lets
+        `alice@bank.test` in as alice: that login must not own alice@bank.test)."""
+        user = (self._login.user if self._login is not None else "") or self.eng.auth_user
         if self._owned is None or self._owned.user != user:
             self._owned = Owner.of(user, self._authenticator().addresses(user))
         return self._owned
@@ -659,7 +663,7 @@ class Session:
                 sign=bool(eng.auth_user) or self.trusted,  # DKIM: only mail we originate
                 # An authenticated user's From:/Sender: must be its own to be signed
                 # (and, with from_header_policy "own", to be accepted at all).
-                owner=self._owner(eng.auth_user) if eng.auth_user else None,
+                owner=self._owner() if eng.auth_user else None,
                 # The file is made while the body arrives, off the dot-to-250 path: for
                 # clients allowed to relay only (an authenticated user or a trusted
                 # network), so a stranger on 25 cannot make the relay hold a file per
