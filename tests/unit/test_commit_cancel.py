@@ -520,3 +520,30 @@ async def test_a_commit_durable_first_is_not_abandoned(spool: Spool) -> None:
     assert not inc.abandon() and not inc.abandoned
     assert inc.committed and announced == [inc.queue_id]
     assert spool.scan() == [inc.queue_id]
+
+
+async def test_a_child_forked_while_a_queue_file_is_open_does_not_hold_its_lock(
+        spool: Spool) -> None:
+    """The master forks a new receiving worker while one of its own commits (a bounce, a
+    local submission past SPILL) has its queue file open and locked: the child's copy of
+    the descriptor shared the flock, which outlived the parent's commit as long as the
+    child lived, and load_for_delivery (which loads no file its writer holds, 296af27)
+    refused the committed message for good. The child closes its copies at fork."""
+    inc = Incoming(spool.queue_dir, _env(), fsync=False, dir_sync=None,
+                   notify=lambda qid, vouched: None)
+    inc.write(BIG)  # past SPILL: the file is made and locked now
+    assert list(spool.queue_dir.iterdir())
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: lives until the parent is done
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        await inc.commit()
+        env, _, _ = spool.load_for_delivery(inc.queue_id)
+        assert env.queue_id == inc.queue_id
+    finally:
+        os.close(w)
+        os.waitpid(pid, 0)

@@ -234,6 +234,34 @@ def _forget_pool() -> None:
 
 os.register_at_fork(after_in_child=_forget_pool)
 
+# The queue directories this process creates files in: as given -> as the kernel names them
+# (realpath, what /proc/self/fd's links say). Filled before a file is opened there.
+_queue_dirs: dict[str, str] = {}
+
+
+def _close_inherited() -> None:
+    """In a forked child (a receiving worker the master starts again while it writes a
+    bounce or a local submission): close the child's copies of the queue files the parent
+    has open. A writer's flock belongs to the open file description, which a copy shares:
+    kept, it held the lock past the parent's commit for as long as the child lived, and
+    the scheduler loads no ready file its writer still holds (store.load_for_delivery), so
+    that message was accepted and never delivered. The child never writes them (the
+    parent's threads do not exist here)."""
+    if not _queue_dirs:
+        return
+    dirs = set(_queue_dirs.values())
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if os.path.dirname(target.removesuffix(" (deleted)")) in dirs:
+            with contextlib.suppress(OSError):
+                os.close(int(name))
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
 
 class DirSync:
     """Group commit of one directory's fsync: each caller needs an fsync that *started*
@@ -397,6 +425,9 @@ class Incoming:
         the open and the lock recover() may take it for a dead receive's and unlink it
         (the commit then went to a nameless file: a message lost after its 250), or hold
         its lock for a moment to do so. Either way the file is made again."""
+        qdir = os.path.dirname(self._path)
+        if qdir not in _queue_dirs:  # before the open: a fork from here on closes it
+            _queue_dirs[qdir] = os.path.realpath(qdir)
         for attempt in range(1000):
             try:
                 fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
