@@ -1101,3 +1101,121 @@ async def test_recipients_the_deadline_keeps_from_the_next_host_are_not_said_pas
     assert (res.code, res.enhanced) == (451, "4.2.0") and "mailbox busy" in res.text, res
     assert not ml.grep(env.queue_id, "passed to the next host"), ml.lines
     assert not ml.grep(env.queue_id, "127.0.0.3"), ml.lines  # the backup: not tried
+
+
+def _second_transaction_says(verb: bytes, reply: bytes) -> Any:
+    """A next hop whose first connection answers its second transaction's `verb` with
+    `reply` (a 503 to MAIL: it lost the connection's state; a 421: closing, and it
+    closes), the other commands of that group in kind; every other connection, and
+    every other transaction, is served normally. `mx.conns` lists, per connection, the
+    messages it took."""
+    async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        mx.conns = getattr(mx, "conns", [])
+        index = len(mx.conns)
+        taken: list[bytes] = []
+        mx.conns.append(taken)
+        w.write(b"220 raw.test ESMTP\r\n")
+        txn = 0
+        broken = False  # this transaction's state lost (after a 503 to MAIL)
+        while line := await r.readline():
+            mx.received.append(line)
+            v = line[:4].upper()
+            if v == b"MAIL":
+                txn += 1
+                broken = False
+            odd = index == 0 and txn == 2
+            if v == b"EHLO":
+                w.write(b"250-raw.test\r\n250 PIPELINING\r\n")
+            elif v == b"QUIT":
+                w.write(b"221 bye\r\n")
+                break
+            elif odd and v == verb:
+                w.write(reply)
+                if reply.startswith(b"421"):
+                    await w.drain()
+                    return  # (closed by RawMX)
+                broken = True
+            elif broken and v in (b"RCPT", b"DATA"):
+                w.write(b"503 5.5.1 Error: need MAIL command\r\n")
+            elif v == b"DATA":
+                w.write(b"354 go ahead\r\n")
+                await w.drain()
+                body = b""
+                while (ln := await r.readline()) not in (b".\r\n", b""):
+                    body += ln
+                taken.append(body)
+                w.write(b"250 2.0.0 taken\r\n")
+            else:
+                w.write(b"250 ok\r\n")
+            await w.drain()
+    return script
+
+
+@pytest.mark.parametrize(("verb", "reply"), [
+    (b"MAIL", b"503 5.5.1 Error: nested MAIL command\r\n"),
+    (b"MAIL", b"421 4.3.2 raw.test shutting down\r\n"),
+    (b"RCPT", b"421 4.3.2 raw.test shutting down\r\n"),
+    (b"DATA", b"421 4.3.2 raw.test shutting down\r\n"),
+], ids=["503-to-MAIL", "421-to-MAIL", "421-to-RCPT", "421-to-DATA"])
+async def test_a_reply_blaming_a_cached_connection_retries_on_a_new_one(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int, verb: bytes,
+        reply: bytes) -> None:
+    """A reply on a cached connection that means the connection, not the message (503 to
+    MAIL: the next hop lost its state, or we left it wrong; 421 before the message): the
+    connection is dropped and the message sent at once on a new one. A 503 to MAIL
+    bounced the message, a 421 to RCPT or DATA deferred it to the next attempt."""
+    one_mx(dns)
+    with RawMX("127.0.0.2", raw_port, _second_transaction_says(verb, reply)) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            for i in range(2):
+                env = envelope(f"r{i}@example.test")
+                r = (await courier.deliver(env, env.recipients, MSG + b"n=%d\r\n" % i)
+                     )[f"r{i}@example.test"]
+                assert r.ok and r.code == 250, r
+        finally:
+            await courier.close()
+    # the first message on the first connection, the second on a new one, once each
+    assert [[b"n=" in m and m.rsplit(b"n=", 1)[1] for m in c] for c in mx.conns] \
+        == [[b"0\r\n"], [b"1\r\n"]]
+
+
+async def test_a_503_to_mail_on_a_fresh_connection_still_counts(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    """Only a cached connection's first transaction is retried: the same 503 on a new
+    connection is the next hop's answer to the message (permanent), and one connection
+    was made."""
+    one_mx(dns)
+    with RawMX("127.0.0.2", raw_port, _verbs(
+            {b"MAIL": b"503 5.5.1 Error: nested MAIL command\r\n"})) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            env = envelope("r@example.test")
+            r = (await courier.deliver(env, env.recipients, MSG))["r@example.test"]
+        finally:
+            await courier.close()
+    assert (r.ok, r.permanent, r.code) == (False, True, 503), r
+    assert sum(1 for ln in mx.received if ln.upper().startswith(b"EHLO")) == 1
+
+
+async def test_a_refused_rset_probe_of_a_cached_connection_takes_a_new_one(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached connection idle past _FRESH is probed with RSET; a 5xx to it (the next
+    hop's state lost) drops the connection, and the message goes on a new one."""
+    monkeypatch.setattr(client, "_FRESH", 0.0)  # every cached connection is probed
+    one_mx(dns)
+    with RawMX("127.0.0.2", raw_port, _verbs({
+            b"RSET": b"502 5.5.2 Error: command not recognized\r\n",
+            b"DATA": b"354 go ahead\r\n"})) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            for i in range(2):
+                env = envelope(f"r{i}@example.test")
+                r = (await courier.deliver(env, env.recipients, MSG))[f"r{i}@example.test"]
+                assert r.ok, r
+        finally:
+            await courier.close()
+    verbs = [ln[:4].upper() for ln in mx.received if ln != b"message"]
+    assert verbs.count(b"EHLO") == 2 and verbs.count(b"RSET") == 1
+    assert mx.received.count(b"message") == 2

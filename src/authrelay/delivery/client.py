@@ -4,7 +4,9 @@ Owns: picking the hosts (MX via `mx.resolve`, or `[relay] smart_host` in order),
 session with each (EHLO, STARTTLS policy, smart-host AUTH, SIZE / 8BITMIME / SMTPUTF8 /
 DSN parameters), per-recipient results, and an idle-connection cache so several messages
 to one host share a connection (RSET between messages only after an idle spell or after a
-refused one: a transaction that ended without a message, or a message refused at its dot).
+refused one: a transaction that ended without a message, or a message refused at its dot;
+a cached connection whose first transaction gets a reply blaming the connection, a 503 to
+MAIL or a 421 before the message, is dropped and the message retried on a new one, once).
 The protocol is our own: `wire.py` (sans-I/O reply parser, command bytes) under
 `connection.py` (an asyncio Protocol with flow control); no third-party SMTP client.
 
@@ -390,6 +392,20 @@ class _TryNext(Exception):
         self.result = result
 
 
+class _Stale(_TryNext):
+    """The first transaction on a cached connection got a reply that blames the
+    connection, not the message (a 503 to MAIL: the next hop lost the connection's
+    state, or we left it in a wrong one; a 421 before the message): the connection is
+    dropped and the message tried at once on a new one (_via, once); only a refusal on
+    a fresh connection counts (as Postfix blames a cached session's first failure on it).
+    `result` (transient) stands if it lands elsewhere (a follow-up transaction)."""
+
+
+# Replies to MAIL that mean "this connection" on a cached one (RFC 5321 4.2.4: 503 bad
+# sequence of commands; 421: closing).
+_CONNECTION_FAULTS = (421, 503)
+
+
 @dataclass
 class _Target:
     host: str  # MX or smart host name: pool key, SNI, the "host" in remote
@@ -771,13 +787,16 @@ class Courier:
                    data: _Payload) -> _Outcome:
         conn = await self._checkout(t, env.queue_id)
         try:
-            out = await self._transaction(conn, env, rcpts, data)
-        except _TryNext:
+            out = await self._transaction(conn, env, rcpts, data, cached=conn.reused)
+        except _TryNext as e:
             conn.wire.abort()
             if not conn.reused:
                 raise
-            # A cached connection the server had meanwhile dropped (idle timeout, 421):
-            # one more try on a fresh connection before blaming the host.
+            # A cached connection the server had meanwhile dropped (idle timeout, 421)
+            # or that lost its state (_Stale): one more try on a fresh connection before
+            # blaming the host or the message.
+            log.debug("%s: cached connection to %s failed, a new one: %s",
+                      env.queue_id, conn.remote, e.result.text)
             conn = await self._connect(t, env.queue_id)
             try:
                 out = await self._transaction(conn, env, rcpts, data)
@@ -1244,8 +1263,10 @@ class Courier:
     # ----------------------------------------------------------------- transaction
 
     async def _transaction(self, conn: _Conn, env: Envelope, rcpts: list[Recipient],
-                           payload: _Payload) -> _Outcome:
-        """One MAIL/RCPT/DATA exchange, pipelined when the host offers PIPELINING."""
+                           payload: _Payload, cached: bool = False) -> _Outcome:
+        """One MAIL/RCPT/DATA exchange, pipelined when the host offers PIPELINING.
+        `cached`: the first on a connection taken from the cache, where a reply that
+        means the connection (a 503 to MAIL, a 421 before the message) raises _Stale."""
         remote, w, ext = conn.remote, conn.wire, conn.ext
         payload.transactions += 1
         d = self.cfg.delivery
@@ -1359,6 +1380,8 @@ class Courier:
             unread -= 1
             if not rep.ok:  # any 2yz is positive completion (RFC 5321 4.2.1), as Postfix
                 res = _result(rep, remote)
+                if cached and rep.code in _CONNECTION_FAULTS:
+                    raise _Stale(_stale(rep, remote))
                 if not res.permanent:
                     raise _TryNext(res)  # RFC 5321 5.1: another host may take it
                 results.update({r.address: res for r in send})
@@ -1379,6 +1402,8 @@ class Courier:
                 if not res.permanent:
                     next_host.add(r.address)
                 if rep.code == 421:  # service closing: nothing more on this connection
+                    if cached:
+                        raise _Stale(_stale(rep, remote))
                     for other in accepted + send[i + 1:]:
                         results[other.address] = res
                         next_host.add(other.address)
@@ -1410,6 +1435,8 @@ class Courier:
 
         assert data_rep is not None
         if data_rep.code != 354:
+            if cached and data_rep.code == 421:
+                raise _Stale(_stale(data_rep, remote))
             res = _result(data_rep, remote)
             for r in accepted:
                 results[r.address] = res
@@ -1484,6 +1511,13 @@ class _Prefetched(StsSource):
 
     async def policy(self, domain: str) -> StsPolicy | None:
         return await self.task
+
+
+def _stale(rep: SMTPReply, remote: str) -> DeliveryResult:
+    """A cached connection's reply that blames the connection (_Stale), transient."""
+    text = rep.text.replace("\n", " ")
+    return DeliveryResult.temp(f"cached connection to {remote} failed: {rep.code} {text}",
+                               "4.4.2", 451, remote)
 
 
 def _no_answer(res: DeliveryResult) -> DeliveryResult:
