@@ -315,6 +315,27 @@ def test_failed_auth_same_answer_known_and_unknown(relay: RelayProcess) -> None:
     assert strip.sub("", a) == strip.sub("", b)
 
 
+def test_a_foreign_authzid_is_logged_with_its_reason(relay: RelayProcess) -> None:
+    """AUTH PLAIN whose authorization identity is not the user it authenticates (proxy
+    authorization, which we do not grant: RFC 4616 2): 535 5.7.8 as for a wrong
+    password, and its line says why and whom, as the other AUTH failures do (it had
+    neither: `reject=535 5.7.8 authentication failed, relay=..., sasl_method=PLAIN`)."""
+    c = Client(relay.ports["submission"], "127.0.0.27")
+    c.reply()
+    c.cmd("EHLO x.test")
+    c.cmd("STARTTLS")
+    c.starttls(client_ctx())
+    c.cmd("EHLO x.test")
+    r = c.cmd(f"AUTH PLAIN {plain('dan', PASSWORD, 'alice')}")
+    assert r.lines == ["535 5.7.8 Authentication credentials invalid"]
+    c.close()
+    line = relay.wait_log(r"authentication failed, relay=\S+ \[127\.0\.0\.27\]")
+    assert line.endswith(
+        "reject=535 5.7.8 authentication failed, relay=unknown [127.0.0.27], "
+        "sasl_method=PLAIN, sasl_username=dan, "
+        "reason=authorization identity differs from the user"), line
+
+
 def test_command_line_too_long(relay: RelayProcess) -> None:
     c = Client(relay.ports["smtp"], "127.0.0.19")
     c.reply()

@@ -35,12 +35,14 @@ MECHANISMS = ("PLAIN", "LOGIN")
 class SaslError(Exception):
     """A failed exchange; `.code`, `.enhanced`, `.text` are the SMTP reply to send."""
 
-    def __init__(self, code: int, enhanced: str, text: str, reason: str = "") -> None:
+    def __init__(self, code: int, enhanced: str, text: str, reason: str = "",
+                 username: str = "") -> None:
         super().__init__(f"{code} {enhanced} {text}")
         self.code = code
         self.enhanced = enhanced
         self.text = text
         self.reason = reason or text.lower()  # for the maillog: no client data in it
+        self.username = username  # the user a refused login named (the maillog's), or ""
 
     @property
     def reply(self) -> Reply:
@@ -60,10 +62,10 @@ def _malformed(reason: str = "malformed response") -> SaslError:
     return SaslError(501, "5.5.2", "Malformed authentication response", reason)
 
 
-def _bad_credentials() -> SaslError:
+def _bad_credentials(username: str) -> SaslError:
     # RFC 4954 6: 535 5.7.8 is the reply for credentials that are not accepted.
     return SaslError(535, "5.7.8", "Authentication credentials invalid",
-                     "authorization identity differs from the user")
+                     "authorization identity differs from the user", username)
 
 
 def _decode_b64(line: str) -> bytes:
@@ -168,7 +170,7 @@ class SaslExchange:
         # We do not support proxy authorization (acting as another user): RFC 4616 2
         # lets the server refuse an authzid it will not grant.
         if authzid and authzid != username:
-            raise _bad_credentials()
+            raise _bad_credentials(username)
         self.authzid, self.username, self.password = authzid, username, password
         self.done = True
 

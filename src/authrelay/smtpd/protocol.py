@@ -163,12 +163,14 @@ class StartTLS:
 @dataclass(slots=True)
 class AuthRequest:
     """Answer: `auth_result()`. With `refusal` set the exchange already failed (e.g. an
-    authzid other than the user): record a failure, do not verify, answer BAD."""
+    authzid other than the user): record a failure, do not verify, answer BAD; `reason`
+    says why, for the maillog."""
 
     mechanism: str
     username: str
     password: str = field(repr=False)
     refusal: Reply | None = None
+    reason: str = ""
 
 
 @dataclass(slots=True)
@@ -1004,7 +1006,8 @@ class Engine:
     def _sasl_failed(self, mech: str, e: SaslError) -> None:
         r = Reply(e.code, e.enhanced, e.text)
         if e.code == 535:  # credentials refused inside the exchange: a failed login
-            self._wait("auth", AuthRequest(mech, "", "", refusal=r))
+            self._wait("auth", AuthRequest(mech, e.username, "", refusal=r,
+                                           reason=e.reason))
         else:
             # Every AUTH failure is logged (with why, never the payload) and counted.
             self._events.append(AuthMalformed(mech, r, getattr(e, "reason", "") or e.text))

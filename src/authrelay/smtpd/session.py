@@ -481,8 +481,8 @@ class Session:
 
     async def _auth(self, ev: p.AuthRequest) -> None:
         eng, mech, user = self.eng, ev.mechanism, ev.username
-        if ev.refusal is not None:
-            await self._auth_failure(ev.refusal, "", mech)
+        if ev.refusal is not None:  # (not counted against the user it names)
+            await self._auth_failure(ev.refusal, user, mech, ev.reason)
             eng.auth_result(p.AuthOutcome.BAD)
             return
         # Counted by account, logged as sent: `alice@REALM`, `alice@rElAy` and `alice`
