@@ -534,16 +534,21 @@ async def test_a_child_forked_while_a_queue_file_is_open_does_not_hold_its_lock(
     inc.write(BIG)  # past SPILL: the file is made and locked now
     assert list(spool.queue_dir.iterdir())
     r, w = os.pipe()
+    up_r, up_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child: lives until the parent is done
         os.close(w)
+        os.write(up_w, b"+")  # its fork handlers have run
         os.read(r, 1)
         os._exit(0)
     os.close(r)
+    os.close(up_w)
     try:
+        assert os.read(up_r, 1) == b"+"
         await inc.commit()
         env, _, _ = spool.load_for_delivery(inc.queue_id)
         assert env.queue_id == inc.queue_id
     finally:
         os.close(w)
+        os.close(up_r)
         os.waitpid(pid, 0)
