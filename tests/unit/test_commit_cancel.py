@@ -552,3 +552,47 @@ async def test_a_child_forked_while_a_queue_file_is_open_does_not_hold_its_lock(
         os.close(w)
         os.close(up_r)
         os.waitpid(pid, 0)
+
+
+class HeldDirSync(writer_mod.DirSync):
+    """queue/'s group fsync, held until `go`: the commit thread waits there with its file
+    written, marked ready and still locked (a hung disk's directory fsync)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def sync(self) -> None:
+        self.entered.set()
+        assert self.go.wait(10)
+        super().sync()
+
+
+async def test_containment_never_holds_a_file_still_in_its_commit(spool: Spool) -> None:
+    """A user suspended while one of its commits is past the ready mark, in its fsync:
+    the hold (scheduler/control, `hold` of the user's mail) took the ready file into
+    hold/, so when the session then gave up (451) the commit thread's unlink of queue/ID
+    missed it, and `user resume --release` delivered a message its client was told 451
+    (296af27). A file its writer still holds is not moved: it is the scheduler's to hold
+    before sending once committed; an abandoned one is removed."""
+    from authrelay.scheduler import control
+
+    env = _env()
+    env.auth_user = "alice"
+    held = HeldDirSync(spool.queue_dir)
+    inc = Incoming(spool.queue_dir, env, fsync=True, dir_sync=held,
+                   notify=lambda qid, vouched: None)
+    inc.write(SMALL)
+    task = asyncio.ensure_future(inc.commit())
+    try:
+        assert await asyncio.to_thread(held.entered.wait, 10)
+        assert spool.scan() == [inc.queue_id]  # ready, as a scan sees it
+        assert inc.abandon()
+        resp = control.run_offline(spool, {"op": "hold", "user": "alice"})
+        assert resp["done"] == [], resp
+    finally:
+        held.go.set()
+    with pytest.raises(writer_mod.Abandoned):
+        await task
+    assert spool.scan() == [] and spool.held() == []

@@ -100,6 +100,18 @@ def _open_regular(path: Path | str) -> int:
     return _open_regular_stat(path)[0]
 
 
+def _not_in_commit(fd: int, qid: str) -> None:
+    """FileNotFoundError when the file open at `fd` is still held by its writer: ready
+    but in its fsync, not durable yet, and its commit may still be abandoned
+    (writer.Incoming.abandon: the client told 4xx, the thread then unlinks queue/ID).
+    Such a file is neither delivered nor moved (a hold would carry it out of the
+    thread's reach). The shared lock taken stays until `fd` is closed."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FileNotFoundError(f"{qid}: still being committed") from None
+
+
 def _open_regular_stat(path: Path | str) -> tuple[int, os.stat_result]:
     """`_open_regular`, with the fstat it made (its mode and size: one fstat per load)."""
     try:
@@ -364,13 +376,8 @@ class Spool:
         try:
             if not _ready(st.st_mode):
                 raise FileNotFoundError(f"{qid}: still being received")
-            # Ready but still held by its writer: in its fsync, not durable yet, and
-            # its commit may still be abandoned (writer.Incoming.abandon: the client told
-            # 4xx, the file removed). Its notice, or a later scan, brings it back.
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise FileNotFoundError(f"{qid}: still being committed") from None
+            # Its notice, or a later scan, brings it back once committed.
+            _not_in_commit(fd, qid)
             data = os.read(fd, min(st.st_size, inline_max) + fmt.HEADER_LEN + 1)
         finally:
             os.close(fd)
@@ -607,9 +614,19 @@ class Spool:
             if (dst / qid).exists():
                 return False  # already there
             raise FileNotFoundError(f"{qid}: not in {src.name}/")
-        # Body first, then state: a crash in between leaves an orphan state file that
-        # recover() moves after its body.
-        os.rename(src / qid, dst / qid)
+        try:
+            fd: int | None = _open_regular(src / qid)
+        except CorruptError:  # damage, no writer's: moved as it is, judged where it goes
+            fd = None
+        try:
+            if fd is not None:
+                _not_in_commit(fd, qid)
+            # Body first, then state: a crash in between leaves an orphan state file
+            # that recover() moves after its body.
+            os.rename(src / qid, dst / qid)
+        finally:
+            if fd is not None:
+                os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.rename(src / (qid + ".state"), dst / (qid + ".state"))
         if self.fsync:
