@@ -510,3 +510,29 @@ def test_a_users_address_is_served_again_after_it_logged_in(relay_factory
             _login587(port, "127.0.8.30")
         assert fl.closed_by_server > 10, fl.closed_by_server
     assert "Traceback" not in r.maillog(settle=0.5)
+
+
+def test_a_floods_sessions_timed_out_together_leave_logins_served(relay_factory
+                                                                  ) -> None:  # noqa: ANN001
+    """More flooding addresses than slots, whose sessions are all younger than TIE_AGE
+    at once: ten addresses reconnecting at once hold a 587 pool of six, idle after the
+    greeting, and the stress-mode command timeout (here 1 s, TIE_AGE) ends the sessions
+    admitted together all together, so the pool is refilled at once. A fresh client met
+    only candidates too young to take and was refused `421 4.7.0` (measured before:
+    600 addresses on a pool of 48 with the 10 s default, 1-2 of 16 logins refused; 0
+    of 16 with a NOOP every 0.5 s). The flood's addresses are the ones refused at the
+    full pool meanwhile (knocking), and their sessions are taken however young: four
+    mail-program logins from four addresses are all served."""
+    r = _relay(relay_factory, modes=("submission",), stress_command_timeout="1s")
+    port = r.ports["submission"]
+    with _Reconnecting(port, [f"127.0.7.{i}" for i in range(1, 11)]) as fl:
+        # several rounds of timeouts: every address has been refused meanwhile
+        wait_until(lambda: r.maillog().count("reject=421 4.4.2") >= 30,
+                   "the flood's sessions to time out together, round after round", 90)
+        for i in range(4):
+            _login587(port, f"127.0.8.{30 + i}")
+        assert fl.closed_by_server > 30, fl.closed_by_server
+    log = r.maillog(settle=0.5)
+    assert "[127.0.8.3" not in "".join(ln for ln in log.splitlines()
+                                        if "reject=421 4.7.0" in ln), log[-2000:]
+    assert "Traceback" not in log

@@ -156,3 +156,20 @@ def test_pressure_marks_expire_and_are_bounded() -> None:
 def test_eviction_counts_an_ipv6_client_by_its_48(key: str, ekey: str) -> None:
     """A /48's /64s are one address to eviction (a host rotates through them at will)."""
     assert eviction_key(key) == ekey
+
+
+def test_a_knocking_addresss_young_candidate_is_taken_a_users_is_not() -> None:
+    """All candidates younger than TIE_AGE (a flood's sessions admitted together): one
+    whose address was refused at the full pool twice is taken at once; one whose address
+    only took a slot by the tie rule (a user's, or one that authenticated since) is not."""
+    cs, log = Candidates(), []
+    user, flood = _cand("u", 10.0, log), _cand("f", 10.1, log)
+    cs.add(user)
+    cs.add(flood)
+    cs.pressed("u", 10.0, PRESSED_AFTER)  # took its slot by the tie rule
+    cs.refused("f", 9.0)
+    assert cs.victim("fresh", 10.2) is None  # refused once: may be a client's retry
+    cs.refused("f", 9.5)
+    assert cs.victim("fresh", 10.2) is flood
+    cs.relieve("f")  # logged in since: a user's address
+    assert cs.victim("other", 10.3) is None

@@ -494,7 +494,7 @@ class Acceptor:
         if not exempt and lim.max_pending_per_ip and \
                 srv.throttle.pending(key) >= lim.max_pending_per_ip:
             srv.metrics_connection(self.ln.mode, "refused")
-            self.candidates.pressed(ekey, time.monotonic())
+            self.candidates.refused(ekey, time.monotonic())
             self._refuse(sock, ip, Admission(replies.TOO_MANY_PENDING, 0.0, "pending_ip"))
             return
         adm = srv.throttle.connect(key, self.pools, exempt=exempt)
@@ -512,7 +512,7 @@ class Acceptor:
         srv.metrics_connection(self.ln.mode, "accepted" if adm.admitted else "refused")
         if not adm.admitted:
             if adm.reason.startswith("pool:"):
-                self.candidates.pressed(ekey, time.monotonic())  # eviction.py: no tie slot
+                self.candidates.refused(ekey, time.monotonic())  # eviction.py: no tie slot
             self._refuse(sock, ip, adm)
             return
         ticket = Ticket(self, ip, self.pools, exempt, peer, key, addr)
