@@ -491,9 +491,26 @@ def server_context(cfg: Config, pem: PEM | None = None) -> ServerContext:
     return ctx
 
 
+def handshake_cut(e: BaseException, peer: str) -> str:
+    """What a TLS handshake cut by the other side (`peer`: "client", "server") means, in
+    words, or "" for another failure. asyncio and uvloop raise ConnectionResetError
+    without an errno when the peer closed the connection (an EOF) in the handshake, and
+    with ECONNRESET when it reset it; OpenSSL's SSLEOFError and a broken pipe are the
+    peer's close too. (Logged as `ConnectionResetError` before.)"""
+    if isinstance(e, ssl.SSLEOFError | BrokenPipeError) or (
+            isinstance(e, ConnectionResetError) and e.errno is None):
+        return f"the {peer} closed the connection (eof)"
+    if isinstance(e, ConnectionResetError):
+        return f"connection reset by the {peer}"
+    return ""
+
+
 def handshake_failure(e: BaseException) -> str:
     """The maillog reason of an inbound handshake that failed (465 and STARTTLS alike):
-    OpenSSL's reason (`handshake failed: UNSUPPORTED_PROTOCOL`) or the error's type."""
+    OpenSSL's reason (`handshake failed: UNSUPPORTED_PROTOCOL`), the client's close
+    (`handshake failed: the client closed the connection (eof)`) or the error's type."""
+    if cut := handshake_cut(e, "client"):
+        return f"handshake failed: {cut}"
     if isinstance(e, ssl.SSLError):
         return f"handshake failed: {e.reason or type(e).__name__}"
     return f"handshake failed: {type(e).__name__}"

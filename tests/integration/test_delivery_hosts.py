@@ -1219,3 +1219,50 @@ async def test_a_refused_rset_probe_of_a_cached_connection_takes_a_new_one(
     verbs = [ln[:4].upper() for ln in mx.received if ln != b"message"]
     assert verbs.count(b"EHLO") == 2 and verbs.count(b"RSET") == 1
     assert mx.received.count(b"message") == 2
+
+
+async def _leaves_in_the_handshake(mx: RawMX, r: asyncio.StreamReader,
+                                   w: asyncio.StreamWriter) -> None:
+    """A next hop that takes the client's TLS hello and closes the connection: after
+    its 220 to STARTTLS (a greeting first), or at once on an implicit-TLS port (when
+    `mx.implicit`)."""
+    if not getattr(mx, "implicit", False):
+        w.write(b"220 raw.test ESMTP\r\n")
+        while (line := await r.readline()) and not line.upper().startswith(b"STARTTLS"):
+            w.write(b"250-raw.test\r\n250 STARTTLS\r\n" if line[:4].upper() == b"EHLO"
+                    else b"250 ok\r\n")
+        w.write(b"220 2.0.0 go ahead\r\n")
+        await w.drain()
+    head = await r.readexactly(5)  # the hello's record, read whole (nothing left
+    mx.received.append(head + await r.readexactly(int.from_bytes(head[3:5], "big")))
+    w.write_eof()  # unread to make our close a reset), then a FIN
+    await r.read()  # until the client hangs up
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "implicit"])
+async def test_a_next_hop_leaving_in_the_handshake_is_said_to_have_closed(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int, trustme_ca_file: Path,
+        implicit: bool) -> None:
+    """A next hop that closes the connection in the TLS handshake: the reason said
+    `ConnectionResetError` (implicit TLS: `connect to ...: ConnectionResetError`, 4.4.1,
+    as if no host had answered) or `connection lost`; it now says the server closed it,
+    a TLS handshake failure (4.7.5) of a host that answered."""
+    with RawMX("127.0.0.2", raw_port, _leaves_in_the_handshake) as mx:
+        mx.implicit = implicit
+        if implicit:
+            cfg = smart_cfg(tmp_path, dns, [f"127.0.0.2:{raw_port}"], trustme_ca_file,
+                            tls="tls")
+        else:
+            one_mx(dns)
+            cfg = make_cfg(tmp_path, dns, raw_port, tls="encrypt")
+        ml = ListLog()
+        courier = Courier(cfg, maillog=ml)
+        env = envelope("bob@example.test")
+        try:
+            res = (await deliver(courier, env))["bob@example.test"]
+        finally:
+            await courier.close()
+    assert mx.received[-1][:1] == b"\x16"  # a TLS handshake record reached it
+    assert (res.ok, res.permanent, res.enhanced, res.unanswered) \
+        == (False, False, "4.7.5", False), res
+    assert res.text.endswith("failed: the server closed the connection (eof)"), res

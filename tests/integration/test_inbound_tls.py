@@ -486,3 +486,51 @@ def test_a_client_with_nothing_in_common_gets_the_handshake_failure_alert(  # no
     ecdsa_only.set_ciphers(ECDSA_ONLY_TLS12)
     assert served_leaf(r, mode, ecdsa_only)
     assert "Traceback" not in r.maillog()
+
+
+def _cut_handshake(port: int, source: str, *, starttls: bool, reset: bool
+                   ) -> socket.socket:
+    """Send a whole ClientHello, and once the server answers it, reset the connection or
+    close our side of it (a FIN only: the socket, whose unread handshake records would
+    make a close a reset, is returned open)."""
+    s = socket.create_connection(("127.0.0.1", port), source_address=(source, 0),
+                                 timeout=20)
+    if starttls:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220")
+        s.sendall(b"EHLO client.example\r\n")
+        while not (ln := f.readline()).startswith(b"250 "):
+            assert ln.startswith(b"250-"), ln
+        s.sendall(b"STARTTLS\r\n")
+        assert f.readline().startswith(b"220")
+    s.sendall(hellos.client_hello(client_ctx()))
+    assert s.recv(1) == b"\x16"  # the server's handshake record: it is at it
+    if reset:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        s.close()
+    else:
+        s.shutdown(socket.SHUT_WR)
+    return s
+
+
+def test_a_client_leaving_in_the_handshake_is_logged_as_such(relay_factory  # noqa: ANN001
+                                                             ) -> None:
+    """A client that closes the connection in the TLS handshake (465, or after STARTTLS)
+    was logged `reason=handshake failed: ConnectionResetError`, as if it had reset it:
+    now its close is `the client closed the connection (eof)` and a reset `connection
+    reset by the client`."""
+    r: RelayProcess = relay_factory()
+    cases = {"127.0.0.40": ("submissions", False), "127.0.0.41": ("submission", False),
+             "127.0.0.42": ("submissions", True), "127.0.0.43": ("submission", True)}
+    socks = [_cut_handshake(r.ports[mode], src, starttls=mode == "submission", reset=reset)
+             for src, (mode, reset) in cases.items()]
+    try:
+        for src, (mode, reset) in cases.items():
+            line = r.wait_log(rf"tls_failed=from unknown \[{re.escape(src)}\]")
+            why = "connection reset by the client" if reset \
+                else "the client closed the connection (eof)"
+            assert f"reason=handshake failed: {why}, listener={mode}:" in line, line
+    finally:
+        for s in socks:
+            s.close()
+    assert "Traceback" not in r.maillog()

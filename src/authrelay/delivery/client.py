@@ -143,6 +143,7 @@ from authrelay.dotlines import MARK, find_mark
 from authrelay.policy import containment
 from authrelay.policy.ownership import a_label
 from authrelay.spool.envelope import Envelope, Recipient
+from authrelay.tls import handshake_cut
 from authrelay.types import DeliveryResult
 
 log = logging.getLogger(__name__)
@@ -958,7 +959,16 @@ class Courier:
                 f"connect to {where}: timed out", "4.4.1", 451, where))) from None
         except (ssl.SSLError, ssl.CertificateError) as e:
             raise _TryNext(DeliveryResult.temp(
-                f"TLS handshake with {where} failed: {_ssl_reason(e)}",
+                f"TLS handshake with {where} failed: "
+                f"{handshake_cut(e, 'server') or _ssl_reason(e)}", "4.7.5", 451,
+                where)) from None
+        except (ConnectionResetError, BrokenPipeError) as e:
+            if not implicit:  # (no TCP connect is reset: the session's, if it ever is)
+                raise _TryNext(_no_answer(DeliveryResult.temp(
+                    f"connect to {where}: {_os_reason(e)}", "4.4.1", 451, where))) from None
+            # Connected, then cut in the implicit-TLS handshake: the host answered.
+            raise _TryNext(DeliveryResult.temp(
+                f"TLS handshake with {where} failed: {handshake_cut(e, 'server')}",
                 "4.7.5", 451, where)) from None
         except OSError as e:
             raise _TryNext(_no_answer(DeliveryResult.temp(
@@ -1060,8 +1070,9 @@ class Courier:
             # a TLS failure (no plain-text fallback for it)
             raise
         except (ssl.SSLError, ssl.CertificateError, TimeoutError, *_LOST) as e:
-            why = _ssl_reason(e) if isinstance(e, ssl.SSLError | ssl.CertificateError) \
-                else "timed out" if isinstance(e, TimeoutError) else "connection lost"
+            why = handshake_cut(e, "server") or (
+                _ssl_reason(e) if isinstance(e, ssl.SSLError | ssl.CertificateError)
+                else "timed out" if isinstance(e, TimeoutError) else "connection lost")
             res = DeliveryResult.temp(f"TLS handshake with {conn.remote} failed: {why}",
                                       "4.7.5", 451, conn.remote)
             self._report(t, conn, False, "validation-failure")
