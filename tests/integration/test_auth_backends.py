@@ -618,3 +618,41 @@ def test_saslauthd_caseless_spellings_are_one_account(sockdir: Path, tmp_path: P
     finally:
         fake.kill()
         fake.wait(10)
+
+
+def test_a_dovecot_account_s_lockout_holds_for_every_spelling_dovecot_maps_to_it(
+        dovecot_local_part: Path, tmp_path: Path) -> None:
+    """Dovecot with `auth_username_format = %Ln` takes `alice@x1`, `alice@x2`... for alice,
+    but the lockout counted each spelling apart (the account of a Dovecot login was its
+    lower-case name), so a guesser spreading over spellings never reached
+    `max_failures_per_user`. Failures count against the account Dovecot names (its
+    FAIL's `user=` too), and that account's lockout holds for a spelling of its own."""
+    from relayproc import RelayProcess
+    from smtpclient import RawClient, client_ctx, plain
+
+    r = RelayProcess(tmp_path, {"auth": {"backend": f"dovecot:{dovecot_local_part}",
+                                         "max_failures_per_user": 3,
+                                         "max_failures_per_ip": 100, "failure_delay": 0},
+                                "limits": {"max_auth_failures": 10,
+                                           "connection_rate_per_ip": 0}},
+                     users={}).start()
+
+    def auth(user: str, password: str, source: str) -> tuple[int, str]:
+        with RawClient(r.ports["submissions"], tls=client_ctx(), source=source) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            rep = c.cmd(f"AUTH PLAIN {plain(user, password)}")
+            return rep.code, rep.text[:5]
+
+    try:
+        assert auth("alice@home.test", USERS["alice"], "127.0.3.1")[0] == 235
+        for i in range(3):
+            assert auth(f"alice@x{i}.test", "wrong", "127.0.1.7")[0] == 535
+        assert auth("alice@x9.test", USERS["alice"], "127.0.2.8") == (454, "4.7.0")
+        assert auth("alice", USERS["alice"], "127.0.2.9") == (454, "4.7.0")
+        # Aimed at the guesser: from a network alice logged in from, any spelling works.
+        assert auth("alice@office.test", USERS["alice"], "127.0.3.2")[0] == 235
+        line = r.wait_log(r"reject=454 4\.7\.0 .*sasl_username=alice@x9\.test")
+        assert "relay=unknown [127.0.2.8]" in line
+    finally:
+        r.stop()

@@ -147,20 +147,18 @@ class BackendAuthenticator(Authenticator):
             return Login(AuthResult.BAD)
         try:
             if isinstance(self.backend, DovecotBackend):
-                account = await self.backend.authenticate(username, password)
+                ok, account = await self.backend.authenticate(username, password)
             else:  # saslauthd answers OK or NO, naming nobody
-                account = username if await self.backend.check(username, password) \
-                    else None
+                ok, account = await self.backend.check(username, password), username
         except BackendUnavailable as e:
             log.warning("auth backend unavailable: %s", e)
             return Login(AuthResult.TEMPFAIL)
         except Exception:  # a bug here must not crash the session or read as OK
             log.exception("auth backend %r failed", self.backend)
             return Login(AuthResult.TEMPFAIL)
-        if account is None:
-            return Login(AuthResult.BAD)
         named = backend_account(account)  # Dovecot's user= (its spelling), as account()
-        return Login(AuthResult.OK, user=named if named != self.account(username) else "")
+        return Login(AuthResult.OK if ok else AuthResult.BAD,
+                     user=named if named != self.account(username) else "")
 
     def addresses(self, username: str) -> set[str]:
         # External backends know no addresses: a login that is an address owns it.

@@ -116,12 +116,13 @@ class DovecotBackend:
         return f"<DovecotBackend {self.path}>"
 
     async def check(self, username: str, password: str | bytes) -> bool:
-        return await self.authenticate(username, password) is not None
+        return (await self.authenticate(username, password))[0]
 
-    async def authenticate(self, username: str, password: str | bytes) -> str | None:
-        """The user Dovecot logged in (its OK's `user=`: the name after its
-        auth_username_format, `%Lu` by default, so `ALICE` is `alice`), or None when
-        refused. Raises BackendUnavailable like check()."""
+    async def authenticate(self, username: str, password: str | bytes) -> tuple[bool, str]:
+        """(accepted, the user Dovecot took the login for): its OK's or FAIL's `user=`,
+        the name after its auth_username_format (`%Lu` by default, so `ALICE` is
+        `alice`; `%Ln`: `alice@x` is `alice`), else the name as sent. Raises
+        BackendUnavailable like check()."""
         self._next_id = self._next_id % 0xFFFFFFF + 1
         req_id = str(self._next_id)
         resp = base64.b64encode(b"\0" + username.encode("utf-8", "surrogateescape") + b"\0"
@@ -146,14 +147,15 @@ class DovecotBackend:
 
         fields = await _exchange("dovecot", self.path, self.timeout, talk, limit=_MAX_LINE)
         verb, params = fields[0], fields[2:]
+        named = next((p[5:] for p in params if p.startswith("user=")), "")
+        # A value with Dovecot's tab escapes (\t, \1...) or empty: the name as sent.
+        named = named if named and "\\" not in named else username
         if verb == "OK":
-            named = next((p[5:] for p in params if p.startswith("user=")), "")
-            # A value with Dovecot's tab escapes (\t, \1...) or empty: the name as sent.
-            return named if named and "\\" not in named else username
+            return True, named
         if verb == "FAIL":
             if "temp" in params or "code=temp_fail" in params:
                 raise BackendUnavailable(f"dovecot {self.path}: temporary failure")
-            return None
+            return False, named
         # CONT would mean Dovecot wants another round for PLAIN: not a valid answer.
         raise BackendUnavailable(f"dovecot {self.path}: unexpected answer")
 

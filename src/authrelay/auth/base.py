@@ -74,9 +74,10 @@ class Login:
     result: AuthResult
     app: str = ""
     hint: str = ""
-    # The account the backend says was logged in, when it names one other than the login
-    # name's `account()` (Dovecot's `user=`: `ALICE` -> `alice`); "" otherwise. After an
-    # OK the session counts and decides per user by it.
+    # The account the backend says the login was for, when it names one other than the
+    # login name's `account()` (Dovecot's `user=`: `ALICE` -> `alice`, under `%Ln`
+    # `alice@x` -> `alice`); "" otherwise. After an OK the session counts and decides per
+    # user by it; after a BAD the failure counts against it, and its lockout holds.
     user: str = ""
     # What an OK login verified against, for `Authenticator.still_valid` (the login flow's
     # own record, auth/login.py); None: nothing to check again.

@@ -491,11 +491,7 @@ class Session:
         if await self.ticket.auth_locked(account):
             # Past the window limit: answer without even checking the password, so a
             # brute-forcer learns nothing and costs us no hashing.
-            self._flush()
-            await asyncio.sleep(self.cfg.auth.failure_delay)
-            self._log_reject(replies.AUTH_LOCKED, "", sasl_method=mech, sasl_username=user)
-            self._metric_auth("locked")
-            eng.auth_result(p.AuthOutcome.LOCKED)
+            await self._auth_locked(mech, user)
             return
         try:
             login = await asyncio.wait_for(
@@ -505,10 +501,18 @@ class Session:
             log.exception("auth backend failure")
             login = Login(AuthResult.TEMPFAIL)
         result = login.result
+        named = login.user or account
+        if named != account and result is not AuthResult.TEMPFAIL \
+                and await self.ticket.auth_locked(named):
+            # The backend took this spelling for another account (Dovecot's user=; under
+            # `%Ln`, `alice@x` is alice): that account's lockout holds whatever the
+            # spelling, else each `alice@x` was a guesser's fresh budget.
+            await self._auth_locked(mech, user)
+            return
         if result is AuthResult.OK:
-            self.account = login.user or account
+            self.account = named
             self._login = login
-            await self.ticket.auth_succeeded(account)
+            await self.ticket.auth_succeeded(named)
             self.maillog.auth_ok(self.relay_desc(), mech, user, login.app)
             self._metric_auth("ok")
             eng.auth_result(p.AuthOutcome.OK)
@@ -517,8 +521,16 @@ class Session:
             self._metric_auth("tempfail")
             eng.auth_result(p.AuthOutcome.TEMPFAIL)
         else:
-            await self._auth_failure(replies.AUTH_FAILED, user, mech, login.hint, account)
+            await self._auth_failure(replies.AUTH_FAILED, user, mech, login.hint, named)
             eng.auth_result(p.AuthOutcome.BAD)
+
+    async def _auth_locked(self, mech: str, user: str) -> None:
+        """AUTH refused by the lockout (454 4.7.0), after the usual failure delay."""
+        self._flush()
+        await asyncio.sleep(self.cfg.auth.failure_delay)
+        self._log_reject(replies.AUTH_LOCKED, "", sasl_method=mech, sasl_username=user)
+        self._metric_auth("locked")
+        self.eng.auth_result(p.AuthOutcome.LOCKED)
 
     async def _auth_failure(self, r: Reply, user: str, mech: str, hint: str = "",
                             account: str = "") -> None:
