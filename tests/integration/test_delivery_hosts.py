@@ -763,6 +763,52 @@ async def test_a_flood_of_unasked_replies_costs_bounded_memory(raw_port: int) ->
     assert mx.received == [b"flood sent"]
 
 
+# Replies of different costs, sent in pieces that split lines and replies, several
+# replies per segment (a pipelined group's), a multi-line one across three segments.
+_PIECES = [b"250 2.1.0 Ok\r\n250 2.1.5 Recipient ok, a longer text\r\n354 End",
+           b" data with <CR><LF>.<CR><LF>\r\n250-first\r\n250-sec", b"ond line\r\n",
+           b"250 third\r\n451 4.3.0 later\r\n", b"250 2.0.0 Ok: queued as 1\r\n"]
+
+
+async def _sends_in_pieces(mx: RawMX, r: asyncio.StreamReader,
+                           w: asyncio.StreamWriter) -> None:
+    w.write(b"220 pieces.test ESMTP\r\n")
+    await r.readline()  # the client's go
+    for piece in _PIECES:
+        w.write(piece)
+        await w.drain()
+        await asyncio.sleep(0.02)  # separate segments
+    mx.received.append(b"all sent")
+    await r.read()
+
+
+async def test_unread_bytes_follow_each_reply_read(raw_port: int) -> None:
+    """What the unread replies cost (`unread_bytes`, what reading pauses on) is each
+    reply's cost, kept once per reply as it arrives (issue 22: it was computed twice, at
+    arrival and at read) and taken off as that very reply is read: pinned over replies of
+    different costs arriving split across segments and several per segment."""
+    expected = wire.ReplyParser().feed(b"".join(_PIECES))
+    costs = [connection._cost(rep) for rep in expected]
+    assert len(set(costs)) == len(costs)  # a misaligned cost would show
+    with RawMX("127.0.0.2", raw_port, _sends_in_pieces) as mx:
+        conn = await connection.open_connection("127.0.0.2", raw_port, timeout=10)
+        try:
+            assert (await conn.reply(10)).code == 220
+            assert conn.unread_bytes == 0
+            conn.write(b"NOOP\r\n")
+            first = await conn.reply(10)  # read as soon as it came: the rest arrives later
+            await until(lambda: mx.received == [b"all sent"]
+                        and conn.unread_bytes == sum(costs[1:]),
+                        lambda: f"{conn.unread_bytes} octets unread")
+            got = [first]
+            for i in range(1, len(expected)):
+                got.append(await conn.reply(10))
+                assert conn.unread_bytes == sum(costs[i + 1:])
+        finally:
+            conn.abort()
+    assert got == expected
+
+
 async def test_no_address_reason_names_only_the_hosts_looked_up(
         dns: FakeDNSServer) -> None:
     """A domain whose 40 MX hosts have no address: at most mx_address_limit (5) are

@@ -74,6 +74,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = ReplyParser()
         self._replies: deque[SMTPReply] = deque()
+        self._costs: deque[int] = deque()  # _cost() of each in _replies, computed once
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
@@ -104,11 +105,13 @@ class Connection(asyncio.Protocol):
             self._fail(e)
             return
         if replies:
+            costs = list(map(_cost, replies))
             self._replies.extend(replies)
+            self._costs.extend(costs)
             if len(self._replies) > MAX_QUEUED:
                 self._fail(ProtocolError("too many unsolicited replies"))
                 return
-            self._unread += sum(_cost(r) for r in replies)
+            self._unread += sum(costs)
             if self._unread > MAX_UNREAD_BYTES and not self._reading_paused \
                     and self.transport is not None:
                 self.transport.pause_reading()  # resumed by reply() as they are read
@@ -221,7 +224,7 @@ class Connection(asyncio.Protocol):
             finally:
                 self._waiter = None
         rep = self._replies.popleft()
-        self._unread -= _cost(rep)
+        self._unread -= self._costs.popleft()
         if self._reading_paused and self._unread <= MAX_UNREAD_BYTES // 2:
             self._reading_paused = False
             if self.transport is not None and not self.transport.is_closing():
