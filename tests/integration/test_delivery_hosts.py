@@ -809,6 +809,45 @@ async def test_unread_bytes_follow_each_reply_read(raw_port: int) -> None:
     assert got == expected
 
 
+async def _answers_as_told(mx: RawMX, r: asyncio.StreamReader,
+                           w: asyncio.StreamWriter) -> None:
+    w.write(b"220 told.test ESMTP\r\n")
+    while line := await r.readline():
+        if line.startswith(b"NOOP slow"):
+            await asyncio.sleep(0.4)
+        elif line.startswith(b"NOOP never"):
+            continue
+        w.write(b"250 2.0.0 " + line.split()[1] + b"\r\n")
+        await w.drain()
+
+
+async def test_each_reply_wait_keeps_its_own_time_limit(raw_port: int) -> None:
+    """The connection's one timer, left armed between waits (issue 22: a timer per
+    reply was armed and cancelled twice a message), ends each wait at that wait's own
+    time: a wait shorter than the one before fails at its time, not at the earlier
+    wait's; a longer one is not cut when the earlier wait's time comes."""
+    with RawMX("127.0.0.2", raw_port, _answers_as_told):
+        conn = await connection.open_connection("127.0.0.2", raw_port, timeout=10)
+        try:
+            assert (await conn.reply(60)).code == 220
+            conn.write(b"NOOP fast\r\n")
+            assert str(await conn.reply(0.1)) == "250 2.0.0 fast"
+            # The timer is armed for 0.1 s after the last wait began: this wait of 5 s
+            # sees it go off on the way and goes on.
+            conn.write(b"NOOP slow\r\n")
+            assert str(await conn.reply(5)) == "250 2.0.0 slow"
+            conn.write(b"NOOP fast\r\n")
+            assert str(await conn.reply(60)) == "250 2.0.0 fast"
+            # Armed for 60 s now: a wait of 0.3 s still ends at 0.3 s.
+            conn.write(b"NOOP never\r\n")
+            waiting = asyncio.ensure_future(conn.reply(0.3))
+            done, _ = await asyncio.wait({waiting}, timeout=DEADLINE)
+            assert waiting in done, "the short wait was not ended at its own time"
+            assert type(waiting.exception()) is TimeoutError
+        finally:
+            conn.abort()
+
+
 async def test_no_address_reason_names_only_the_hosts_looked_up(
         dns: FakeDNSServer) -> None:
     """A domain whose 40 MX hosts have no address: at most mx_address_limit (5) are
