@@ -637,6 +637,28 @@ async def test_idle_connection_closed_after_idle_timeout(
     await courier.close()
 
 
+async def test_a_connection_used_again_stays_until_idle_timeout_after_its_last_use(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+    """The idle timer is armed once and left armed while the connection is used again
+    (issue 22: it was armed and cancelled per message): when it goes off, a connection
+    checked in since is kept for `idle_timeout` after that last check-in, then QUIT."""
+    import asyncio
+
+    mx = fake_mx("127.0.0.2")
+    courier = Courier(make_cfg(tmp_path, dns, fake_mx.port, idle_timeout="1.5s"),
+                      maillog=ListLog())
+    env = envelope("bob@example.test")
+    try:
+        for _ in range(3):  # checked in at 0 (its timer: 1.5), about 1.0 and 2.0
+            assert (await courier.deliver(env, env.recipients, MSG))["bob@example.test"].ok
+            await asyncio.sleep(1.0)
+        assert mx.connections == 1 and not mx.wire[0].endswith(b"QUIT\r\n")
+        await until(lambda: mx.wire[0].endswith(b"QUIT\r\n"), "QUIT after the idle timeout")
+        assert mx.connections == 1 and len(mx.messages) == 3
+    finally:
+        await courier.close()
+
+
 async def test_smart_host_auth_login_only(tmp_path: Path, dns: FakeDNSServer,
                                           fake_mx: MXFactory, trustme_ca: Any,
                                           trustme_ca_file: Path) -> None:

@@ -868,8 +868,6 @@ class Courier:
             conn = lst.pop()
             if not lst:
                 self._idle.pop(key, None)
-            if conn.timer:
-                conn.timer.cancel()
             if not conn.wire.is_connected:
                 continue
             if conn.wire.has_unread:  # the server spoke while idle (a 421, say): drop it
@@ -902,18 +900,30 @@ class Courier:
                 or total >= d.max_idle_connections):
             self._spawn(self._quit(conn))
             return
-        loop = asyncio.get_running_loop()
         conn.idle_since = time.monotonic()
-        conn.timer = loop.call_later(d.idle_timeout, self._expire, conn)
+        if conn.timer is None:  # else the one armed at an earlier check-in looks first
+            conn.timer = asyncio.get_running_loop().call_later(
+                d.idle_timeout, self._expire, conn)
         self._idle.setdefault(conn.key, []).append(conn)
 
     def _expire(self, conn: _Conn) -> None:
+        """A connection's idle timer, armed at a check-in and left armed while the
+        connection is used again (not armed and cancelled per message, issue 22): QUIT
+        when it has been idle `idle_timeout` since its last check-in; idle for less, the
+        timer is armed again for the rest; in use (or dropped), its next check-in arms
+        one."""
+        conn.timer = None
         lst = self._idle.get(conn.key)
-        if lst and conn in lst:
-            lst.remove(conn)
-            if not lst:
-                del self._idle[conn.key]
-            self._spawn(self._quit(conn))
+        if not lst or conn not in lst:
+            return
+        left = conn.idle_since + self.cfg.delivery.idle_timeout - time.monotonic()
+        if left > 0:
+            conn.timer = asyncio.get_running_loop().call_later(left, self._expire, conn)
+            return
+        lst.remove(conn)
+        if not lst:
+            del self._idle[conn.key]
+        self._spawn(self._quit(conn))
 
     def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.get_running_loop().create_task(coro)
