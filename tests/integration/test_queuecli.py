@@ -619,3 +619,17 @@ async def test_list_streams_a_big_queue_in_bounded_memory(
         # loading the config takes more, for a moment, before any message is read.
         assert first is not None and first - base < 500_000, first - base
         assert most - base < 1_000_000, most - base
+
+
+@pytest.mark.parametrize("op", ["show", "hold", "release", "delete", "flush"])
+def test_a_hostile_queue_id_is_not_written_raw_to_the_terminal(
+        site: tuple[Path, Spool], op: str) -> None:
+    """An id that is no queue id (pasted from elsewhere, or a script's input) came back
+    raw in "ID: not in the queue": its terminal escape sequences ran on the admin's
+    terminal (ESC [2J cleared it), its line breaks forged further lines. Now escaped as
+    the rest of the command's output from outside (the maillog's escaping)."""
+    cfgfile, _ = site
+    r = cli(cfgfile, op, "\x1b[2J\nQ1: deleted")
+    assert r.returncode in (1, 69)
+    assert "\x1b" not in r.stderr and "\nQ1: deleted" not in r.stderr
+    assert "\\x1b[2J\\x0aQ1: deleted: not in the queue" in r.stderr

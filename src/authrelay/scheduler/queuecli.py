@@ -364,7 +364,7 @@ def _not_queued(spool: Spool, qid: str) -> str:
     if is_queue_id(qid) and qid in corrupt:
         return (f"{qid}: not in the queue: set aside in {spool.corrupt_dir} (not delivered; "
                 "authrelay queue corrupt says why)")
-    return f"{qid}: not in the queue"
+    return f"{_t(qid)}: not in the queue"  # (an id typed or piped in: anything at all)
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
