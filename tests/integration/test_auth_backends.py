@@ -656,3 +656,56 @@ def test_a_dovecot_account_s_lockout_holds_for_every_spelling_dovecot_maps_to_it
         assert "relay=unknown [127.0.2.8]" in line
     finally:
         r.stop()
+
+
+def test_the_notice_s_resume_commands_quote_the_account(sockdir: Path, tmp_path: Path) -> None:
+    """The containment notice tells the admin what to type: `authrelay user resume USER
+    --delete-held`. USER is the account the session counted, for saslauthd the login name
+    as the client sent it, shell characters and blanks included (PAM without `saslauthd
+    -r` ignores the realm: `alice@x; touch PWNED;` logs in as alice): pasted, that line
+    ran the client's command as the admin. The name is quoted for a POSIX shell now, so
+    the line pasted resumes exactly that account."""
+    import email
+    import email.policy
+    import shlex
+    import sys
+
+    from relayproc import RelayProcess
+
+    sock = sockdir / "mux"
+    fake = subprocess.Popen([sys.executable, "-c", CASELESS_SASLAUTHD, str(sock),
+                             USERS["alice"]], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    login = "alice@x; touch PWNED; $(id)`id`"
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == b"ready\n"
+        r = RelayProcess(tmp_path, {"auth": {"backend": f"saslauthd:{sock}"},
+                                    "limits": {"containment": {"notify": "admin@local.test",
+                                                               "messages": 1}}},
+                         users={}).start()
+        try:
+            assert _send_one(r.ports["submissions"], login, USERS["alice"],
+                             "alice@example.org") == 250
+            r.wait_log(r"warning=user suspended")
+
+            def notice() -> str | None:
+                for path in r.queued():
+                    msg = email.message_from_bytes(r.message_bytes(path),
+                                                   policy=email.policy.default)
+                    if "suspended" in str(msg["Subject"]):
+                        return str(msg.get_body().get_content())  # type: ignore[union-attr]
+                return None
+
+            body = r.wait_for(notice, what="the admin notice queued")
+            commands = [shlex.split(ln) for ln in body.splitlines()
+                        if ln.strip().startswith("authrelay user resume")]
+            assert commands == [["authrelay", "user", "resume", login.lower(), "--delete-held",
+                                 "#", "spam:", "drop", "the", "held", "mail"],
+                                ["authrelay", "user", "resume", login.lower(), "--release",
+                                 "#", "a", "false", "alarm:", "send", "it"]], body
+            assert "resumed" in r.cli(*commands[0][1:4]).stdout
+        finally:
+            r.stop()
+    finally:
+        fake.kill()
+        fake.wait(10)

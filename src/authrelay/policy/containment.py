@@ -46,6 +46,7 @@ a sender after suspicious volume and an admin lifts it; Postfix and sendmail hav
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 
 from authrelay.config import Containment
@@ -192,7 +193,10 @@ def window_text(seconds: float) -> str:
 
 
 def notice(user: str, trip: Trip, cfg: Containment, *, hostname: str, held: int) -> str:
-    """The body of the one message the admin gets when `user` is suspended."""
+    """The body of the one message the admin gets when `user` is suspended. The commands
+    in it name the user quoted for a POSIX shell: the admin pastes them, and the account
+    may be a login name as a client sent it (saslauthd's: blanks, `;`, `$(...)`)."""
+    arg = shlex.quote(user)
     return (
         f"authrelay on {hostname} suspended sending for the user {user}.\n\n"
         f"Threshold reached: {trip.kind}: {trip.count} within "
@@ -203,6 +207,6 @@ def notice(user: str, trip: Trip, cfg: Containment, *, hostname: str, held: int)
         "change its password (authrelay user passwd) and revoke its app passwords\n"
         "(authrelay user app-password list / revoke), look at the held mail\n"
         "(authrelay queue list), then:\n\n"
-        f"  authrelay user resume {user} --delete-held   # spam: drop the held mail\n"
-        f"  authrelay user resume {user} --release       # a false alarm: send it\n"
+        f"  authrelay user resume {arg} --delete-held   # spam: drop the held mail\n"
+        f"  authrelay user resume {arg} --release       # a false alarm: send it\n"
     )
