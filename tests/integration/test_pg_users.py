@@ -20,7 +20,7 @@ from scalerig import PostgresServer
 from smtpclient import RawClient, client_ctx, plain
 from support.wait import until, wait_until
 
-from authrelay.auth import passwords
+from authrelay.auth import passwords, pgusers
 from authrelay.auth.authenticator import AuthResult
 from authrelay.auth.pgusers import (
     PgAuthenticator,
@@ -284,6 +284,44 @@ async def test_a_login_ridden_through_an_outage_is_checked_once_it_is_over(
             return not await auth.still_valid("hal", ridden)
 
         await until(refused, "the ridden login refused once the password changed")
+    finally:
+        auth.close()
+
+
+async def test_failed_logins_do_not_push_a_users_addresses_out(
+        pg: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The address cache (ADDRESS_CACHE_MAX users, here 2) was refreshed by every
+    lookup, a failed login's too: a flood of wrong passwords over other users' names
+    pushed out the addresses of a user who had logged in, who then, logging in from the
+    verified-credential cache while PostgreSQL was down, had none (sender_policy "own":
+    its MAIL refused). Only a successful login makes an entry young now."""
+    monkeypatch.setattr(pgusers, "ADDRESS_CACHE_MAX", 2)
+    store = PgUserStore(pg.dsn, pool_size=1, timeout=2.0)
+    await store.ensure_schema()
+    for name in ("ivy", "u1", "u2", "u3", "jay"):
+        assert await store.insert(name, passwords.hash_password(f"{name}-pw"),
+                                  [f"{name}@example.org"])
+    auth = PgAuthenticator(store, hash_threads=1, cache_ttl=300)
+    try:
+        assert (await auth.login("ivy", "ivy-pw")).result is AuthResult.OK
+        for name in ("u1", "u2", "u3"):  # the flood: wrong passwords, real names
+            assert (await auth.login(name, "guess")).result is AuthResult.BAD
+        assert auth.addresses("ivy") == {"ivy@example.org"}
+        assert auth.addresses("u1") == set()  # a failed login keeps nothing
+        await asyncio.to_thread(pg.stop)
+        assert (await auth.login("ivy", "ivy-pw")).result is AuthResult.OK  # the cache
+        assert auth.addresses("ivy") == {"ivy@example.org"}
+        await asyncio.to_thread(pg.start)
+
+        async def jay_in() -> bool:  # (reconnects RETRY_AFTER_FAILURE after a failure)
+            return (await auth.login("jay", "jay-pw")).result is AuthResult.OK
+
+        # Successful logins do fill it, oldest out first: ivy's made it young again.
+        await until(jay_in, "a login once the database is back")
+        assert (await auth.login("u1", "u1-pw")).result is AuthResult.OK
+        assert auth.addresses("ivy") == set()
+        assert auth.addresses("jay") == {"jay@example.org"}
+        assert auth.addresses("u1") == {"u1@example.org"}
     finally:
         auth.close()
 

@@ -99,6 +99,9 @@ class UserDBLoginStore:
     async def touch_app(self, username: str, app: str, when: int, ip: str) -> None:
         await self._write(self.db.touch_app_password, username, app, when, ip)
 
+    def logged_in(self, username: str, found: Found | None) -> None:
+        pass  # (nothing kept in memory: addresses() reads the DB)
+
     def addresses(self, username: str) -> set[str]:
         try:
             return self.db.addresses(username)

@@ -67,6 +67,9 @@ class Found:
 
     hash: str | None
     app: AppPassword | None = None
+    # The user's addresses as this lookup read them (PostgreSQL: one round trip), for
+    # LoginStore.logged_in; None where the store reads them itself (SQLite).
+    addresses: frozenset[str] | None = None
 
 
 class LoginStore(Protocol):
@@ -94,6 +97,13 @@ class LoginStore(Protocol):
 
     def addresses(self, username: str) -> set[str]:
         """The addresses `username` may send as (never raises: unknown is empty)."""
+        ...
+
+    def logged_in(self, username: str, found: Found | None) -> None:
+        """A login of `username` succeeded (`found`: the lookup it verified against;
+        None: without one, from the verified-credential cache): what the store keeps of
+        the user in memory (its addresses) is kept the longest. Only this makes an entry
+        young, so failed logins cannot push a real user's out."""
         ...
 
     async def owns_address(self, spellings: tuple[str, ...]) -> bool:
@@ -154,12 +164,13 @@ class StoreAuthenticator(Authenticator):
             return Login(AuthResult.TEMPFAIL)
         return Login(AuthResult.TEMPFAIL if done is None else AuthResult.BAD)
 
-    def _outage(self, key: bytes, selector: str | None) -> Login:
+    def _outage(self, username: str, key: bytes, selector: str | None) -> Login:
         if self.users.rides_outages:
             cached = self.cache.get(key)
             if cached is not None and self._allowed(cached[1]):
                 # Verified a moment ago: ride it out; checked again (still_valid) once the
                 # store answers, like any session's login.
+                self.users.logged_in(username, None)
                 return Login(AuthResult.OK, cached[1], proof=Proof(
                     None, self.cache.verified(key), selector if cached[1] else None))
         return Login(AuthResult.TEMPFAIL)
@@ -183,15 +194,16 @@ class StoreAuthenticator(Authenticator):
                     self._cache_gen = gen
                 if self.cache.hit(key, gen) and self._allowed(self.cache.app(key)):
                     app = self.cache.app(key)
+                    self.users.logged_in(username, None)
                     self.last_used.record(username, app, client_ip)
                     return Login(AuthResult.OK, app, proof=Proof(
                         gen, self.cache.verified(key), selector if app else None))
             found = await self.users.lookup(username, selector)
         except StoreUnavailable:
-            return self._outage(key, selector)
+            return self._outage(username, key, selector)
         except Exception:  # a bug: logged; never read as OK, nor as BAD
             log.exception("user store lookup failed")
-            return self._outage(key, selector)
+            return self._outage(username, key, selector)
         if found.hash is None:
             self.cache.drop(key)
             return await self._dummy(password)
@@ -201,6 +213,7 @@ class StoreAuthenticator(Authenticator):
             # password or a revoked app password (no row) misses.
             if cached is not None and self._allowed(cached[1]) \
                     and cached[0] == self._verified_against(found, cached[1]):
+                self.users.logged_in(username, found)
                 self.last_used.record(username, cached[1], client_ip)
                 return Login(AuthResult.OK, cached[1], proof=Proof(
                     None, str(cached[0]), selector if cached[1] else None))
@@ -216,6 +229,7 @@ class StoreAuthenticator(Authenticator):
             return Login(AuthResult.BAD, hint=out.hint)
         # Under the generation read *before* the lookup: a change meanwhile misses next.
         self.cache.put(key, out.hash if gen is None else gen, out.app, out.hash)
+        self.users.logged_in(username, found)
         self.last_used.record(username, out.app, client_ip)
         if not out.app and self._rehash and passwords.needs_rehash(found.hash):
             t = asyncio.get_running_loop().create_task(

@@ -580,9 +580,9 @@ class PgLoginStore:
         self._state(True)
         if stored is None:
             self._addresses.pop(username, None)
-        else:
-            self._remember_addresses(username, addrs)
-        return Found(stored, app)
+        elif username in self._addresses:  # the fresh answer, where the entry stands:
+            self._addresses[username] = addrs  # no younger for a lookup (a failed login)
+        return Found(stored, app, frozenset(addrs))
 
     async def set_hash(self, username: str, new: str, old: str) -> None:
         await self.store.set_hash(username, new, old)
@@ -599,8 +599,17 @@ class PgLoginStore:
     async def touch_app(self, username: str, app: str, when: int, ip: str) -> None:
         await self.store.touch_app(username, app, when, ip)
 
-    def _remember_addresses(self, username: str, addrs: set[str]) -> None:
-        self._addresses[username] = addrs
+    def logged_in(self, username: str, found: Found | None) -> None:
+        """(LoginStore.logged_in) The user's addresses as its login's lookup read them
+        kept as the youngest of ADDRESS_CACHE_MAX; a login from the verified-credential
+        cache (an outage: no lookup) makes the kept ones young. Before, every lookup did,
+        a failed login's too: a flood of them over many names pushed real users'
+        addresses out, and a user logging in from the cache during an outage then had
+        none (sender_policy = "own" refused its MAIL)."""
+        if found is not None and found.addresses is not None:
+            self._addresses[username] = set(found.addresses)
+        elif username not in self._addresses:
+            return
         self._addresses.move_to_end(username)
         while len(self._addresses) > ADDRESS_CACHE_MAX:
             self._addresses.popitem(last=False)
