@@ -9,6 +9,7 @@ the legitimate ones from others (127.0.8.x).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -265,8 +266,10 @@ class _Reconnecting:
     """Flooders that never start TLS: one socket per address, reopened at once whenever
     the server closes or refuses it (as bench/poolflood.py does), in a thread."""
 
-    def __init__(self, port: int, addrs: list[str]) -> None:
+    def __init__(self, port: int, addrs: list[str], noop: float = 0.0) -> None:
         self.port, self.addrs = port, addrs
+        self.noop = noop  # > 0: after the greeting EHLO, then a NOOP every `noop` seconds
+        self.last: dict[socket.socket, float] = {}  # when each greeted one last sent
         self.sel = selectors.DefaultSelector()
         self.stop = threading.Event()
         self.closed_by_server = 0
@@ -284,17 +287,27 @@ class _Reconnecting:
         for a in self.addrs:
             self._open(a)
         while not self.stop.is_set():
-            for key, _ in self.sel.select(0.1):
+            for s, at in list(self.last.items()) if self.noop else ():
+                if time.monotonic() - at >= self.noop:
+                    self.last[s] = time.monotonic()
+                    with contextlib.suppress(OSError):
+                        s.send(b"NOOP\r\n")
+            for key, _ in self.sel.select(0.02 if self.noop else 0.1):
                 s = key.fileobj
                 assert isinstance(s, socket.socket)
                 try:
-                    if s.recv(4096):
+                    got = s.recv(4096)
+                    if got and self.noop and s not in self.last and got.startswith(b"220"):
+                        self.last[s] = time.monotonic()
+                        s.send(b"EHLO flood.test\r\n")
+                    if got:
                         continue
                 except BlockingIOError:
                     continue
                 except OSError:
                     pass
                 self.sel.unregister(s)
+                self.last.pop(s, None)
                 s.close()
                 self.closed_by_server += 1
                 self.first_close = self.first_close or time.monotonic()
@@ -536,3 +549,34 @@ def test_a_floods_sessions_timed_out_together_leave_logins_served(relay_factory
     assert "[127.0.8.3" not in "".join(ln for ln in log.splitlines()
                                         if "reject=421 4.7.0" in ln), log[-2000:]
     assert "Traceback" not in log
+
+
+def test_a_floods_noops_do_not_keep_its_sessions_young(relay_factory) -> None:  # noqa: ANN001
+    """A NOOP (or any junk command, or an error) does not make an idle session younger
+    for eviction: six addresses hold a 587 pool of six, each after EHLO sending a NOOP
+    every 0.3 s (reconnecting when closed). Each NOOP made its session the youngest
+    again, so no candidate ever waited TIE_AGE and a fresh client was refused `421
+    4.7.0` for as long as the NOOPs lasted (measured before: 48 or 600 addresses on a
+    pool of 48, a NOOP every 0.5 s: 0 of 16 logins served). Now each flooder is aged
+    from its EHLO: three mail-program logins, kept open, take three of their slots."""
+    r = _relay(relay_factory, modes=("submission",))
+    port = r.ports["submission"]
+    users: list[smtplib.SMTP] = []
+    with _Reconnecting(port, [f"127.0.7.{i}" for i in range(1, 7)], noop=0.3) as fl:
+        wait_until(lambda: len(fl.last) == 6, "six flooders greeted")
+        # load: their EHLO must be older than TIE_AGE, their NOOPs never are
+        time.sleep(TIE_AGE + 0.5)
+        try:
+            for i in range(3):
+                s = smtplib.SMTP("127.0.0.1", port, source_address=(f"127.0.8.{30 + i}", 0),
+                                 timeout=30)
+                users.append(s)
+                s.starttls(context=client_ctx())
+                s.login("alice", PASSWORD)
+            for s in users:
+                assert s.noop()[0] == 250
+        finally:
+            for s in users:
+                s.close()
+        assert fl.closed_by_server >= 3, fl.closed_by_server
+    assert "Traceback" not in r.maillog(settle=0.5)

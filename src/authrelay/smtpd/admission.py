@@ -196,11 +196,13 @@ class Ticket:
         self.task = None  # _serve is done with it: let its finished task go (~0.8 KB)
         self._adm.settle(self)
 
-    def idle(self, evict: Callable[[], None]) -> None:
+    def idle(self, evict: Callable[[], None], moved: bool = True) -> None:
         """The session waits for the client (a command, a STARTTLS handshake) without
         having authenticated and outside a transaction: until `busy()`, a full pool may
-        evict it by calling `evict` (which must close the connection)."""
-        self._adm.idle(self, evict)
+        evict it by calling `evict` (which must close the connection). `moved`: a command
+        moved it on since its last wait (not junk, not an error), so it is aged anew;
+        else it keeps its age (eviction.py: a NOOP does not make a session younger)."""
+        self._adm.idle(self, evict, moved)
 
     def busy(self) -> None:
         self._adm.busy(self)
@@ -582,7 +584,7 @@ class Acceptor:
             ticket.pending = False
             self.server.throttle.pending_add(ticket.key, -1)
 
-    def idle(self, ticket: Ticket, evict: Callable[[], None]) -> None:
+    def idle(self, ticket: Ticket, evict: Callable[[], None], moved: bool = True) -> None:
         if ticket.released or ticket.idling is not None or \
                 not self.server.cfg.limits.pool_eviction:
             return
@@ -590,10 +592,11 @@ class Acceptor:
         if c is None:  # (one session per ticket: `evict` is always its own)
             c = ticket.idle_candidate = Candidate(ticket.ekey, time.monotonic(),
                                          lambda: self._evict_session(ticket, evict), "session")
-        else:
+        elif moved:
             c.since = time.monotonic()
         ticket.idling = c
-        self.candidates.add(c)  # the youngest again, as a new candidate would be
+        # the youngest again in the order looked at (its age kept when it did not move)
+        self.candidates.add(c)
         if self.paused == "full":  # room can be made now: accept again
             self.full_since = 0.0
             self._resume()

@@ -5,7 +5,9 @@ A candidate is a connection that has done nothing worth keeping: its TLS handsha
 or its greeting delay is not finished, or its session is waiting for a command (or a
 STARTTLS handshake) without having authenticated and outside a mail transaction.
 Authenticated sessions and sessions inside a transaction are never candidates; neither is
-a session while a command of it is being executed (an AUTH being checked).
+a session while a command of it is being executed (an AUTH being checked). A candidate's
+age (`since`) runs from its session's wait after its last command that moved it on: junk
+(NOOP, RSET, ...) or an error does not make it younger (admission.py, `Ticket.idle`).
 
 Contract: `Candidates.add(c)` / `discard(c)` in O(1); `victim(key, now, weight)` in O(1)
 amortised names the candidate to evict so that a new connection from address `key` can
@@ -171,16 +173,17 @@ class Candidates:
             if i + 1 >= LOOK:
                 break
         if mine == 0:
-            # The oldest once it has waited TIE_AGE (or its address holds two or more:
-            # as rule one); else one of the next oldest whose address is knocking. A
-            # flood's sessions admitted together (a stress-mode timeout ending them at
-            # once, or a flood closing and reopening them all) are all younger than
-            # TIE_AGE, and a NOOP makes one younger again; their addresses are the ones
-            # refused meanwhile (measured: 600 addresses on a 587 pool of 48 sending a
-            # NOOP every 0.5 s, or reopening every 0.8 s: 0 and 1 of 16 logins served).
+            # The first of the LOOK longest in the order (a session idle again after
+            # a NOOP is last in it, however long it has waited) that has waited
+            # TIE_AGE, or whose address is knocking; the first also when its address
+            # holds two or more (as rule one). A flood's sessions admitted together (a
+            # stress-mode timeout ending them at once, or a flood closing and reopening
+            # them all) are all younger than TIE_AGE together; their addresses are the
+            # ones refused meanwhile (measured: 600 addresses on a 587 pool of 48
+            # reopening every 0.8 s: 1 of 16 logins served).
             for i, c in enumerate(self._all):
-                if self.knocking(c.key, now) or \
-                        i == 0 and (now - c.since >= TIE_AGE or w(c.key) >= 2):
+                if now - c.since >= TIE_AGE or self.knocking(c.key, now) or \
+                        i == 0 and w(c.key) >= 2:
                     self.pressed(key, now, PRESSED_AFTER)  # one such slot per PRESSURE_TTL
                     self.pressed(c.key, now, PRESSED_AFTER)
                     return c

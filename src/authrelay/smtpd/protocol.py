@@ -430,8 +430,8 @@ class Engine:
         "auth_user", "bad_rcpt_limit", "bad_rcpt_throttle", "bad_rcpts", "commands",
         "discarded", "errors", "esmtp", "helo", "hostname", "junk", "max_auth_failures",
         "max_auth_line", "max_errors", "max_junk", "max_line", "max_recipients",
-        "max_size", "max_text_line", "mechanisms", "mode", "phase", "postmaster_domain",
-        "rcpt_throttled", "tls", "tls_available", "transaction", "trusted",
+        "max_size", "max_text_line", "mechanisms", "mode", "moved", "phase",
+        "postmaster_domain", "rcpt_throttled", "tls", "tls_available", "transaction", "trusted",
     )
 
     def __init__(self, cfg: Config, *, mode: str, trusted: bool = False,
@@ -468,6 +468,9 @@ class Engine:
         # counters
         self.errors = 0
         self.junk = 0
+        # Commands that moved the session on: neither junk nor an error (eviction ages an
+        # idle session from the last of them: admission.py, smtpd/eviction.py).
+        self.moved = 0
         self.auth_failures = 0
         self.bad_rcpts = 0
         self.rcpt_throttled = False
@@ -850,8 +853,8 @@ class Engine:
             self._error(replies.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED
                         else replies.UNRECOGNIZED)
             return
-        if self.max_junk and (verb in _JUNK or (verb in ("EHLO", "HELO")
-                                                 and self.helo is not None)):
+        junk = verb in _JUNK or verb in ("EHLO", "HELO") and self.helo is not None
+        if junk and self.max_junk:
             # Postfix smtpd_junk_command_limit: commands that move no mail cost us work
             # without end (a pipelined NOOP flood); past the limit the session ends.
             self.junk += 1
@@ -860,7 +863,9 @@ class Engine:
                 self._events.append(Reject(replies.TOO_MANY_COMMANDS))
                 self._close("junk")
                 return
+        errors = self.errors
         handler(self, arg)
+        self.moved += not junk and self.errors == errors
 
     def _ehlo(self, arg: str) -> None:
         self._hello(arg, esmtp=True)
