@@ -105,6 +105,19 @@ async def test_latin1_password_passes_through_as_bytes(cls: str, request) -> Non
 
 
 @pytest.mark.root
+async def test_saslauthd_a_login_ending_in_an_at_sign_is_not_the_bare_user(
+        saslauthd: Path) -> None:
+    """`alice@` went to saslauthd as login alice with an empty realm, which sasldb reads
+    as its default realm: it logged in as alice, yet counted here as an account of its
+    own (`alice@`: its own AUTH lockout budget and containment counts), so a suspended
+    alice sent on as `alice@`. An empty realm is no realm: the name goes whole."""
+    be = SaslauthdBackend(str(saslauthd), timeout=10)
+    assert await be.check("alice", USERS["alice"]) is True
+    assert await be.check("alice@", USERS["alice"]) is False
+    assert await be.check("bob@example.org", USERS["bob@example.org"]) is True
+
+
+@pytest.mark.root
 async def test_saslauthd_concurrent_checks(saslauthd: Path) -> None:
     be = SaslauthdBackend(str(saslauthd), timeout=20)
     results = await asyncio.gather(*(be.check("alice", "s3cret" if i % 2 else "no")

@@ -80,8 +80,10 @@ class SaslauthdBackend:
     async def check(self, username: str, password: str | bytes) -> bool:
         # Like the Cyrus library, "user@realm" is sent as login "user", realm "realm"
         # (sasldb keys users by realm; saslauthd -r joins them again for pam/shadow).
+        # An empty realm is none: sasldb reads it as its default realm, so `alice@` was
+        # alice, an account of its own here (a suspended alice sent on as `alice@`).
         login, at, realm = username.rpartition("@")
-        if not at or not login:
+        if not at or not login or not realm:
             login, realm = username, ""
         try:
             request = (_counted(login) + _counted(password) + _counted(self.service)
