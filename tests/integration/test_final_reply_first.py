@@ -14,6 +14,7 @@ order is observed without timing anything. The `from=` line: a MailLog whose `qu
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import smtplib
 import ssl
@@ -28,6 +29,7 @@ import trustme
 from support.certs import install_cert
 from support.inproc import ServerThread
 from support.ports import free_port
+from support.tmpfs import mounted
 from support.wait import wait_until
 
 from authrelay import wiring
@@ -469,3 +471,78 @@ def test_a_commit_held_after_its_ready_mark_is_given_up_and_never_delivered(
         release.cancel()
         held.go.set()
         server.thread.stop()
+
+
+def _inodes_used_up(where: Path, name: str = "fill") -> list[Path]:
+    """Files made in `where` until its filesystem has no inode left (ENOSPC)."""
+    made: list[Path] = []
+    while True:
+        p = where / f"{name}{len(made)}"
+        try:
+            p.touch(exist_ok=False)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+            return made
+        made.append(p)
+
+
+@pytest.mark.root
+def test_a_failed_early_create_is_made_again_off_the_loop(
+        tmp_path: Path, trustme_ca: trustme.CA) -> None:
+    """An early create that failed (here the spool's filesystem out of inodes: ENOSPC)
+    left the file to be made past 128 KiB by write(), on the event loop (a create can
+    wait behind a journal commit: every session of the process with it). A commit
+    thread makes it now: with every one held, the message's bytes wait in memory and no
+    file is made, the loop answers another session; released, the message is stored
+    whole. Made again only once: out of inodes for good, the message gets 452 4.3.1."""
+    with mounted(tmp_path / "fs", "64m", inodes=64) as fs:
+        server = _Server(tmp_path, trustme_ca, limits={"queue_min_free": 0})
+        spool = server.spool = _Spool(fs / "spool")
+        spool.ensure_dirs()
+        fill = _inodes_used_up(fs)
+        server.thread.start()
+        body = b"".join(b"%06d " % i + b"x" * 70 + b"\r\n" for i in range(SPILL // 78 + 800))
+        head = b"From: alice@example.org\r\nSubject: big\r\n\r\n"
+        gate = threading.Event()
+        release = threading.Timer(30, gate.set)  # a hang detector
+        pool = writer.commit_pool()  # the in-process server's
+        blockers: list[object] = []
+        try:
+            a = _to_bob(server, trustme_ca)
+            b = _to_bob(server, trustme_ca)
+            a.putcmd("data")
+            assert a.getreply()[0] == 354
+            (inc,) = spool.begun
+            wait_until(lambda: inc._early is not None and inc._early.done(),
+                       "the early create ran (and failed)")
+            assert inc._early_fd is None and not list(spool.queue_dir.iterdir())
+            server.thread.call_soon(lambda: blockers.extend(
+                pool.run(lambda: gate.wait(60)) for _ in range(pool.size)))
+            wait_until(lambda: len(blockers) == pool.size, "every commit thread held")
+            fill.pop().unlink()  # an inode free again
+            release.start()
+            a.send(head + body)  # past SPILL; no dot yet
+            wait_until(lambda: inc.size >= SPILL, "the first 128 KiB taken in")
+            assert b.noop()[0] == 250
+            assert not gate.is_set(), "the loop waited for the commit threads"
+            assert not list(spool.queue_dir.iterdir()), "the file made on the loop"
+            gate.set()
+            a.send(b".\r\n")
+            code, text = a.getreply()
+            assert code == 250 and inc.queue_id in text.decode(), (code, text)
+            path, offset = spool.body_path(inc.queue_id)
+            assert path.read_bytes()[offset:].endswith(b"\r\n\r\n" + body)
+            assert server.held.entered.wait(10)
+            server.release()
+            # Out of inodes for good: the create made again fails too, and says so.
+            _inodes_used_up(fs, "more")
+            a.mail("alice@example.org")
+            assert a.rcpt("bob@remote.test")[0] == 250
+            code, text = a.data(head + body)
+            assert (code, text[:5]) == (452, b"4.3.1"), (code, text)
+            a.quit()
+            b.quit()
+        finally:
+            release.cancel()
+            gate.set()
+            server.thread.stop()

@@ -11,13 +11,14 @@ from support import ci
 
 
 @contextlib.contextmanager
-def mounted(where: Path, size: str) -> Iterator[Path]:
+def mounted(where: Path, size: str, *, inodes: int = 0) -> Iterator[Path]:
     """A tmpfs of `size` ("6m", "256k") at the new directory `where`, 0700, unmounted
-    (lazily) at the end."""
+    (lazily) at the end; `inodes`: at most that many files and directories (a create
+    past them fails with ENOSPC), else tmpfs's default."""
     ci.require_root("mounting a tmpfs needs root")
     where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                    str(where)], check=True)
+    opts = f"size={size},mode=0700" + (f",nr_inodes={inodes}" if inodes else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], check=True)
     try:
         yield where
     finally:

@@ -360,6 +360,10 @@ class Incoming:
         # abort never waits for a commit thread, which may be queued behind fsyncs).
         self._early_lock = threading.Lock()
         self._early_dropped = False
+        # Why the last create in a commit thread failed; write() past SPILL has one more
+        # made, then raises this (_spill_or_create).
+        self._early_error: BaseException | None = None
+        self._recreated = False
         # PENDING until the commit thread made the file durable (COMMITTED) or the
         # producer gave up waiting (ABANDONED): see abandon().
         self._fate = PENDING
@@ -370,8 +374,9 @@ class Incoming:
         (on the event loop; the create, which can wait behind a journal commit, is then
         off the path from the final dot to the 250). The file is not ready (0600) until
         commit() marks it, as a streamed one: a crash leaves garbage that recover()
-        removes, never a message. One that fails is made again by commit() (its error,
-        ENOSPC say, is then commit()'s)."""
+        removes, never a message. One that fails is made again by a commit thread, once:
+        past SPILL (write(), _spill_or_create) or by commit() (its error, ENOSPC say, is
+        then the message's)."""
         if self._early is not None or self._fd is not None or self._done:
             return
         self._early_done.acquire()
@@ -385,8 +390,9 @@ class Incoming:
         fd: int | None = None
         try:
             fd = self._open_locked()
-        except (OSError, fmt.SpoolError):
-            pass  # commit() creates it again, and its error is then the commit's
+        except (OSError, fmt.SpoolError) as e:
+            # made again (commit(), or write() past SPILL), whose error it is then
+            self._early_error = e
         finally:
             with self._early_lock:
                 if self._early_dropped and fd is not None:
@@ -477,11 +483,33 @@ class Incoming:
             self._buf += data
             # An early create still queued (every commit thread busy): the bytes stay in
             # memory rather than the loop waiting for it; the caller awaits spill_wait().
-            if len(self._buf) >= SPILL and (self._early is None
-                                            or not self._early_done.locked()):
-                self._spill()
+            if len(self._buf) >= SPILL and not self._early_done.locked():
+                self._spill_or_create()
             return
         write_all(self._fd, data)
+
+    def _spill_or_create(self) -> None:
+        """Past SPILL, no create in flight: stream into the file create_early() made.
+        When that create failed (ENOSPC, EMFILE), a commit thread makes it once more, as
+        create_early() does (on the producer's loop), the bytes kept in memory meanwhile
+        (spill_wait): the event loop never waits for a create (it used to make the file
+        itself here). A second failure is raised (OSError or SpoolError: the producer
+        refuses the message). Without an early create (a stranger's message, a bounce,
+        the sendmail command) the file is made here, as before."""
+        if self._early is not None and self._early_fd is None:
+            if not self._recreated:
+                self._recreated = True
+                self._early_error = None
+                self._early_done.acquire()
+                try:
+                    self._early = commit_pool().run(self._create_early)
+                except BaseException:
+                    self._early_done.release()
+                    raise
+                return
+            if self._early_error is not None:
+                raise self._early_error
+        self._spill()
 
     def spill_wait(self) -> asyncio.Future[Any] | None:
         """The early create to await before the next write(), or None (almost always).
