@@ -86,6 +86,39 @@ def test_require_refuses_the_account_password(tmp_path: Path) -> None:
         r.stop()
 
 
+def test_a_device_still_on_the_account_password_locks_no_app_password_out(
+        tmp_path: Path) -> None:
+    """Under "require" a right account password gets 535 (reason=app password required),
+    and it counted as a failed guess: a forgotten laptop retrying with it reached
+    max_failures_per_ip and max_failures_per_user within ten tries, and alice's phone,
+    behind the same address or in the same network, got 454 with its valid app password
+    for as long as the laptop kept retrying. Right credentials refused by policy are not
+    counted; wrong ones still are."""
+    r = RelayProcess(tmp_path, {"auth": {"app_passwords": "require", "failure_delay": 0},
+                                "limits": {"connection_rate_per_ip": 0}}).start()
+    port = r.ports["submissions"]
+
+    def login(password: str, source: str) -> str:
+        with RawClient(port, tls=client_ctx(), source=source) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            rep = c.cmd(f"AUTH PLAIN {plain('alice', password)}")
+            return f"{rep.code} {rep.text}"
+
+    try:
+        pw = add_app(r, "alice", "phone")
+        assert login(pw, "127.0.1.2").startswith("235")
+        assert [login(PASSWORD, "127.0.1.1")[:3] for _ in range(12)] == ["535"] * 12
+        assert login(pw, "127.0.1.1").startswith("235")  # behind the laptop's NAT address
+        assert login(pw, "127.0.1.3").startswith("235")  # in its network
+        # A guesser is still stopped: wrong passwords count as before.
+        assert {login("wrong", "127.0.2.1")[:3] for _ in range(10)} == {"535"}
+        assert login(pw, "127.0.2.1").startswith("454 4.7.0")
+        assert r.maillog().count("reason=app password required") == 12
+    finally:
+        r.stop()
+
+
 def _send(c: RawClient) -> str:
     """One message on an authenticated session: the MAIL reply if refused, else the
     reply to the end of data."""

@@ -526,7 +526,12 @@ class Session:
             self._metric_auth("tempfail")
             eng.auth_result(p.AuthOutcome.TEMPFAIL)
         else:
-            await self._auth_failure(replies.AUTH_FAILED, user, mech, login.hint, named)
+            # Right credentials refused by policy (`hint`: an account password under
+            # app_passwords = "require") are no guess: not counted, else a forgotten
+            # device still sending the account password locked its user out of the app
+            # passwords of every device at that address or network.
+            await self._auth_failure(replies.AUTH_FAILED, user, mech, login.hint, named,
+                                     guess=not login.hint)
             eng.auth_result(p.AuthOutcome.BAD)
 
     async def _auth_locked(self, mech: str, user: str) -> None:
@@ -538,9 +543,11 @@ class Session:
         self.eng.auth_result(p.AuthOutcome.LOCKED)
 
     async def _auth_failure(self, r: Reply, user: str, mech: str, hint: str = "",
-                            account: str = "") -> None:
-        """A failed AUTH: counted against `account` (and the address), logged as `user`."""
-        await self.ticket.auth_failed(account)
+                            account: str = "", guess: bool = True) -> None:
+        """A failed AUTH: counted against `account` (and the address) when a `guess`,
+        logged as `user`."""
+        if guess:
+            await self.ticket.auth_failed(account)
         self._metric_auth("fail")
         # Same delay for unknown users and wrong passwords (no user enumeration), and
         # it slows a brute-forcer down.
