@@ -304,7 +304,7 @@ async def test_commit_that_cannot_start_its_thread_leaves_nothing(
     assert list(spool.queue_dir.iterdir())  # streamed: the file exists already
 
     class NoThreads:
-        def run(self, fn: object) -> None:
+        def run(self, fn: object, then: object = None) -> None:
             raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(writer_mod, "commit_pool", NoThreads)

@@ -536,10 +536,23 @@ class Draft:
         `on_durable` (the session's 250) runs once the message is durable, before the
         `from=` line is made and the scheduler told: neither is owed to the client, and
         a crash in between leaves what it did before (a committed file, delivered after
-        a rescan; the line was only queued for the maillog's writer thread then)."""
+        a rescan; the line was only queued for the maillog's writer thread then). It
+        runs in the loop callback that brings the commit thread's result
+        (Incoming.commit), not loop turns later when this coroutine resumes."""
+        ran: list[bool] = []
+        failed: list[Exception] = []
+
+        def durable() -> None:  # (in a loop callback: what it raises is raised below)
+            ran.append(True)
+            self._end()
+            if on_durable is not None:
+                try:
+                    on_durable()
+                except Exception as e:
+                    failed.append(e)
         try:
             self._prepare()
-            await self._incoming.commit(announce=False)
+            await self._incoming.commit(announce=False, on_durable=durable)
         except Refused:
             self.abort()
             raise
@@ -552,7 +565,9 @@ class Draft:
             else:
                 self.abort()
             raise
-        self._committed(log, on_durable)
+        self._committed(log, None if ran else on_durable)
+        if failed:
+            raise failed[0]
 
     def commit_blocking(self, **log: Any) -> None:
         """commit() without an event loop (the sendmail command)."""
@@ -616,7 +631,9 @@ class Draft:
             self._incoming.abort()
 
     def _end(self) -> None:
-        """Committed or aborted: no longer being received."""
+        """Committed or aborted: no longer being received (once)."""
+        if self._done:
+            return
         self._done = True
         if self.submitter.receiving is not None:
             self.submitter.receiving(-1)

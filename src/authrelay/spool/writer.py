@@ -162,7 +162,14 @@ class CommitPool:
         self._idle = 0
         self._lock = threading.Lock()
 
-    def run(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+    def run(self, fn: Callable[[], Any],
+            then: Callable[[BaseException | None], None] | None = None
+            ) -> asyncio.Future[Any]:
+        """`fn` in a pool thread; the future settled with its outcome on the calling
+        loop. `then(exc)`, when given, runs on the loop in the same callback, just
+        before the future is settled: the loop turn the thread's result arrives in, not
+        the one or two after it in which the awaiting coroutine resumes (a session's
+        250 written there waits behind no other session's handshake or command)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         with self._lock:
@@ -177,12 +184,12 @@ class CommitPool:
                     self._idle -= 1  # the first running thread to finish takes it
             else:
                 self._idle -= 1  # that idle thread will take this job
-        self._q.put((fn, fut, loop))
+        self._q.put((fn, fut, loop, then))
         return fut
 
     def _work(self) -> None:
         while True:
-            fn, fut, loop = self._q.get()
+            fn, fut, loop, then = self._q.get()
             value: Any = None
             exc: BaseException | None = None
             try:
@@ -190,7 +197,10 @@ class CommitPool:
             except BaseException as e:  # handed to the awaiting coroutine
                 exc = e
             try:
-                loop.call_soon_threadsafe(settle, fut, value, exc)
+                if then is None:
+                    loop.call_soon_threadsafe(settle, fut, value, exc)
+                else:
+                    loop.call_soon_threadsafe(_settle_then, fut, value, exc, then)
             except RuntimeError:  # the loop is gone (shutdown)
                 pass
             with self._lock:
@@ -205,6 +215,15 @@ def settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> N
         fut.set_result(value)
     else:
         fut.set_exception(exc)
+
+
+def _settle_then(fut: asyncio.Future[Any], value: Any, exc: BaseException | None,
+                 then: Callable[[BaseException | None], None]) -> None:
+    """`then(exc)`, then settle(): `fut` is settled even when `then` raises."""
+    try:
+        then(exc)
+    finally:
+        settle(fut, value, exc)
 
 
 _pool_lock = threading.Lock()
@@ -659,9 +678,15 @@ class Incoming:
         """What its notice vouches for: the file's inode when `lines_checked`, else 0."""
         return self._ino if self.lines_checked else 0
 
-    async def commit(self, announce: bool = True) -> None:
+    async def commit(self, announce: bool = True,
+                     on_durable: Callable[[], None] | None = None) -> None:
         """Durable when this returns: data + ready mark fsynced, queue/ fsynced; notify
         (unless not `announce`: then the caller calls announce()).
+
+        `on_durable` (a session's 250) runs on the loop once the commit is durable, in
+        the callback that brings the commit thread's result (CommitPool.run's `then`),
+        not after the loop turns in which this coroutine resumes; not when the caller
+        is being cancelled (as before: no 250 then). It must not raise.
 
         A cancelled caller does not abandon the commit thread: it may be writing through
         this file's descriptor, which abort() would close under it and the process then
@@ -684,8 +709,16 @@ class Incoming:
             self.abort()
             raise Abandoned(f"{self.queue_id}: commit abandoned")
         self._done = True
+        then = None
+        if on_durable is not None:
+            task = asyncio.current_task()
+
+            def then(exc: BaseException | None) -> None:
+                if exc is None and not (task is not None and task.cancelling()):
+                    self.committed = True
+                    on_durable()
         try:
-            job = self._job = commit_pool().run(self._commit_sync)
+            job = self._job = commit_pool().run(self._commit_sync, then)
         except BaseException:  # no thread (RuntimeError: can't start new thread)
             self._done = False
             self.abort()

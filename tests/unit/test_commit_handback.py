@@ -1,0 +1,111 @@
+"""The commit thread's hand-back (issue 22 step 3): a session's 250 (Draft.commit's
+`on_durable`) runs in the loop callback that brings the commit thread's result, ahead of
+whatever the loop queued after that result arrived. It used to run only when the
+awaiting coroutine resumed, two loop turns later (the shield's callback, then the task's
+wake-up), behind every other session's handshake, AUTH and command work queued
+meanwhile. Also: no 250 for a cancelled commit (as before), and an error of the 250's
+own still comes after the `from=` line."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.maillog import ListLog
+from support.spools import temp_spool
+from test_commit_cancel import SMALL, HeldSigner
+
+from authrelay.config import from_dict
+from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+from authrelay.spool.store import Spool
+from authrelay.spool.submit import Draft, Submitter
+
+
+@pytest.fixture
+def spool() -> Iterator[Spool]:
+    with temp_spool(fsync=False) as s:
+        yield s
+
+
+def _held_draft(spool: Spool, tmp_path: Path) -> tuple[Draft, HeldSigner, ListLog]:
+    """A draft whose commit thread the returned signer holds until released."""
+    log = ListLog()
+    cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp_path)})
+    signer = HeldSigner()
+
+    class Bind:
+        def bind(self, queue_id: str, owner: object = None, *,
+                 crlf_only: bool = False, from_domain: str = "") -> HeldSigner:
+            return signer
+
+        def reload(self, cfg: object) -> None:
+            pass
+
+    sub = Submitter(spool, cfg, signer=Bind(), maillog=log)
+    draft = sub.begin(Envelope(queue_id=new_queue_id(), sender="a@example.org",
+                               recipients=[Recipient(address="b@example.net")]), sign=True)
+    draft.write(SMALL)
+    return draft, signer, log
+
+
+async def test_the_250_runs_in_the_callback_that_brings_the_commit(
+        spool: Spool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    posted = threading.Event()
+    real = loop.call_soon_threadsafe
+
+    def spy(*args: Any) -> asyncio.Handle:
+        handle = real(*args)
+        posted.set()  # the commit thread's result is in the loop's queue
+        return handle
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", spy)
+    draft, signer, log = _held_draft(spool, tmp_path)
+    order: list[str] = []
+    task = loop.create_task(draft.commit(lambda: order.append("250")))
+    assert await asyncio.to_thread(signer.entered.wait, 10)
+    posted.clear()  # (to_thread's own hand-back)
+    signer.release.set()
+    assert posted.wait(10)  # (the loop is held here: the result waits for it)
+    loop.call_soon(order.append, "queued after the result")
+    await task
+    assert order == ["250", "queued after the result"]
+    assert log.grep(f"{draft.queue_id}: from=<a@example.org>")
+    spool.verify(draft.queue_id)
+
+
+async def test_a_cancelled_commit_sends_no_250_and_is_logged(spool: Spool,
+                                                            tmp_path: Path) -> None:
+    draft, signer, log = _held_draft(spool, tmp_path)
+    sent: list[str] = []
+    task = asyncio.get_running_loop().create_task(draft.commit(lambda: sent.append("250")))
+    assert await asyncio.to_thread(signer.entered.wait, 10)
+    task.cancel()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    signer.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sent == []
+    assert log.grep(f"{draft.queue_id}: from=<a@example.org>")  # kept, so logged
+    spool.verify(draft.queue_id)
+
+
+async def test_an_error_of_the_250_is_raised_after_the_from_line(spool: Spool,
+                                                                 tmp_path: Path) -> None:
+    draft, signer, log = _held_draft(spool, tmp_path)
+
+    def broken() -> None:
+        raise ValueError("the 250's own")
+
+    task = asyncio.get_running_loop().create_task(draft.commit(broken))
+    assert await asyncio.to_thread(signer.entered.wait, 10)
+    signer.release.set()
+    with pytest.raises(ValueError, match="the 250's own"):
+        await task
+    assert log.grep(f"{draft.queue_id}: from=<a@example.org>")
+    spool.verify(draft.queue_id)
