@@ -133,6 +133,16 @@ def server(tmp_path: Path, trustme_ca: trustme.CA) -> Iterator[_Server]:
     srv.thread.stop()
 
 
+def _hold_commit_threads(server: _Server, gate: threading.Event, seconds: float) -> None:
+    """Every commit thread of the in-process server held until `gate` is set (at most
+    `seconds`): a hung disk's."""
+    pool = writer.commit_pool()  # the in-process server's
+    blockers: list[object] = []
+    server.thread.call_soon(lambda: blockers.extend(
+        pool.run(lambda: gate.wait(seconds)) for _ in range(pool.size)))
+    wait_until(lambda: len(blockers) == pool.size, "every commit thread held")
+
+
 def _to_bob(server: _Server, ca: trustme.CA) -> smtplib.SMTP:
     """A session of alice's (STARTTLS, AUTH PLAIN) with MAIL and RCPT accepted."""
     ctx = ssl.create_default_context()
@@ -233,12 +243,8 @@ def test_a_large_message_waiting_for_its_early_create_does_not_hold_the_loop(
     b = _to_bob(server, trustme_ca)
     gate = threading.Event()
     release = threading.Timer(10, gate.set)  # the old write() held the loop until this
-    pool = writer.commit_pool()  # the in-process server's
-    blockers: list[object] = []
-    server.thread.call_soon(lambda: blockers.extend(
-        pool.run(lambda: gate.wait(30)) for _ in range(pool.size)))
     try:
-        wait_until(lambda: len(blockers) == pool.size, "every commit thread held")
+        _hold_commit_threads(server, gate, 30)
         a.putcmd("data")
         assert a.getreply()[0] == 354
         a.send(head + body)  # past SPILL; no dot yet
@@ -276,13 +282,9 @@ def test_a_session_waiting_for_its_early_create_is_under_the_data_timeouts(
     body = b"".join(b"%06d " % i + b"x" * 70 + b"\r\n" for i in range(SPILL // 78 + 800))
     gate = threading.Event()
     release = threading.Timer(60, gate.set)  # a hang detector: the old session waited
-    pool = writer.commit_pool()  # the in-process server's
-    blockers: list[object] = []
     try:
         a = _to_bob(server, trustme_ca)
-        server.thread.call_soon(lambda: blockers.extend(
-            pool.run(lambda: gate.wait(90)) for _ in range(pool.size)))
-        wait_until(lambda: len(blockers) == pool.size, "every commit thread held")
+        _hold_commit_threads(server, gate, 90)
         a.putcmd("data")
         assert a.getreply()[0] == 354
         release.start()
@@ -401,13 +403,9 @@ def test_a_commit_queued_behind_a_hung_disk_is_given_up_with_451(
     server.thread.start()
     gate = threading.Event()
     release = threading.Timer(60, gate.set)  # a hang detector: the old session waited
-    pool = writer.commit_pool()  # the in-process server's
-    blockers: list[object] = []
     try:
         c = _to_bob(server, trustme_ca)
-        server.thread.call_soon(lambda: blockers.extend(
-            pool.run(lambda: gate.wait(90)) for _ in range(pool.size)))
-        wait_until(lambda: len(blockers) == pool.size, "every commit thread held")
+        _hold_commit_threads(server, gate, 90)
         release.start()
         code, text = c.data(b"From: alice@example.org\r\nSubject: held\r\n\r\nhello\r\n")
         assert (code, text[:5]) == (451, b"4.3.0"), (code, text)
@@ -505,8 +503,6 @@ def test_a_failed_early_create_is_made_again_off_the_loop(
         head = b"From: alice@example.org\r\nSubject: big\r\n\r\n"
         gate = threading.Event()
         release = threading.Timer(30, gate.set)  # a hang detector
-        pool = writer.commit_pool()  # the in-process server's
-        blockers: list[object] = []
         try:
             a = _to_bob(server, trustme_ca)
             b = _to_bob(server, trustme_ca)
@@ -516,9 +512,7 @@ def test_a_failed_early_create_is_made_again_off_the_loop(
             wait_until(lambda: inc._early is not None and inc._early.done(),
                        "the early create ran (and failed)")
             assert inc._early_fd is None and not list(spool.queue_dir.iterdir())
-            server.thread.call_soon(lambda: blockers.extend(
-                pool.run(lambda: gate.wait(60)) for _ in range(pool.size)))
-            wait_until(lambda: len(blockers) == pool.size, "every commit thread held")
+            _hold_commit_threads(server, gate, 60)
             fill.pop().unlink()  # an inode free again
             release.start()
             a.send(head + body)  # past SPILL; no dot yet

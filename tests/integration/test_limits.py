@@ -36,15 +36,21 @@ class Client(RawClient):
         self.buf = b""
 
 
-def submit_login(relay: RelayProcess, src: str, user: str = "alice",
-                 password: str = PASSWORD) -> Client:
-    """A submission session after STARTTLS and a successful AUTH."""
+def submit_tls(relay: RelayProcess, src: str) -> Client:
+    """A submission session from `src` after STARTTLS (and EHLO again)."""
     c = Client(relay.ports["submission"], src)
     assert c.reply().code == 220
     assert c.cmd("EHLO client.test").code == 250
     assert c.cmd("STARTTLS").code == 220
     c.starttls(client_ctx())
     assert c.cmd("EHLO client.test").code == 250
+    return c
+
+
+def submit_login(relay: RelayProcess, src: str, user: str = "alice",
+                 password: str = PASSWORD) -> Client:
+    """A submission session after STARTTLS and a successful AUTH."""
+    c = submit_tls(relay, src)
     r = c.cmd(f"AUTH PLAIN {plain(user, password)}")
     assert r.code == 235, r
     return c
@@ -276,20 +282,10 @@ def test_auth_locked_per_ip(relay: RelayProcess) -> None:
 def test_auth_locked_per_user(relay: RelayProcess) -> None:
     # One failure each from three addresses: the user "erin" is locked for everyone.
     for i, src in enumerate(("127.0.0.14", "127.0.0.15", "127.0.0.16")):
-        c = Client(relay.ports["submission"], src)
-        c.reply()
-        c.cmd("EHLO x.test")
-        c.cmd("STARTTLS")
-        c.starttls(client_ctx())
-        c.cmd("EHLO x.test")
+        c = submit_tls(relay, src)
         assert c.cmd(f"AUTH PLAIN {plain('erin', f'wrong{i}')}").code == 535
         c.close()
-    c = Client(relay.ports["submission"], "127.0.0.17")
-    c.reply()
-    c.cmd("EHLO x.test")
-    c.cmd("STARTTLS")
-    c.starttls(client_ctx())
-    c.cmd("EHLO x.test")
+    c = submit_tls(relay, "127.0.0.17")
     r = c.cmd(f"AUTH PLAIN {plain('erin', PASSWORD)}")
     assert (r.code, r.text[:5]) == (454, "4.7.0")
     # The same connection (same IP) may still log in as somebody else.
@@ -299,12 +295,7 @@ def test_auth_locked_per_user(relay: RelayProcess) -> None:
 
 
 def test_failed_auth_same_answer_known_and_unknown(relay: RelayProcess) -> None:
-    c = Client(relay.ports["submission"], "127.0.0.18")
-    c.reply()
-    c.cmd("EHLO x.test")
-    c.cmd("STARTTLS")
-    c.starttls(client_ctx())
-    c.cmd("EHLO x.test")
+    c = submit_tls(relay, "127.0.0.18")
     known = c.cmd(f"AUTH PLAIN {plain('dan', 'wrong')}")
     unknown = c.cmd(f"AUTH PLAIN {plain('nosuchuser', 'wrong')}")
     assert known.lines == unknown.lines == ["535 5.7.8 Authentication credentials invalid"]
@@ -320,12 +311,7 @@ def test_a_foreign_authzid_is_logged_with_its_reason(relay: RelayProcess) -> Non
     authorization, which we do not grant: RFC 4616 2): 535 5.7.8 as for a wrong
     password, and its line says why and whom, as the other AUTH failures do (it had
     neither: `reject=535 5.7.8 authentication failed, relay=..., sasl_method=PLAIN`)."""
-    c = Client(relay.ports["submission"], "127.0.0.27")
-    c.reply()
-    c.cmd("EHLO x.test")
-    c.cmd("STARTTLS")
-    c.starttls(client_ctx())
-    c.cmd("EHLO x.test")
+    c = submit_tls(relay, "127.0.0.27")
     r = c.cmd(f"AUTH PLAIN {plain('dan', PASSWORD, 'alice')}")
     assert r.lines == ["535 5.7.8 Authentication credentials invalid"]
     c.close()

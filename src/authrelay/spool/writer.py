@@ -398,6 +398,11 @@ class Incoming:
         then the message's)."""
         if self._early is not None or self._fd is not None or self._done:
             return
+        self._start_create()
+
+    def _start_create(self) -> None:
+        """The file made and locked by a commit thread (_create_early), the latch held
+        until that thread is done."""
         self._early_done.acquire()
         try:
             self._early = commit_pool().run(self._create_early)
@@ -519,12 +524,7 @@ class Incoming:
             if not self._recreated:
                 self._recreated = True
                 self._early_error = None
-                self._early_done.acquire()
-                try:
-                    self._early = commit_pool().run(self._create_early)
-                except BaseException:
-                    self._early_done.release()
-                    raise
+                self._start_create()
                 return
             if self._early_error is not None:
                 raise self._early_error
