@@ -29,6 +29,7 @@ import trustme
 from support.certs import install_cert
 from support.inproc import ServerThread
 from support.ports import free_port
+from support.spools import HeldDirSync
 from support.tmpfs import mounted
 from support.wait import wait_until
 
@@ -355,21 +356,6 @@ def test_a_strangers_message_on_25_gets_its_file_at_the_dot(
         thread.stop()
 
 
-class _HeldDirSync(writer.DirSync):
-    """queue/'s group fsync, held until `go` is set: a commit thread waits in it after its
-    file is written, marked ready and fsynced (a hung disk's directory fsync)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.entered = threading.Event()
-        self.go = threading.Event()
-
-    def sync(self) -> None:
-        self.entered.set()
-        self.go.wait(60)
-        super().sync()
-
-
 def _abandoned_line(server: _Server, qid: str) -> str:
     """The message's one line: 451 4.3.0, why, its size; no `from=` line for it."""
     server.log.flush()
@@ -444,7 +430,7 @@ def test_a_commit_held_after_its_ready_mark_is_given_up_and_never_delivered(
     spool = server.spool
     spool.fsync = True
     spool.journal_orders_create = False  # queue/ fsynced after the file: held there
-    held = spool.queue_dir_sync = _HeldDirSync(spool.queue_dir)
+    held = spool.queue_dir_sync = HeldDirSync(spool.queue_dir)
     told = _noticed(server)
     release = threading.Timer(60, held.go.set)  # a hang detector: the old session waited
     server.thread.start()

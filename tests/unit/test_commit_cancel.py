@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from support.maillog import ListLog
-from support.spools import temp_spool
+from support.spools import HeldDirSync, temp_spool
 from support.wait import wait_until
 
 from authrelay.config import from_dict
@@ -496,9 +496,7 @@ async def test_a_commit_abandoned_before_its_ready_mark_removes_its_file(
     commit thread is still at work before the ready mark (here: signing): the thread
     marks nothing ready, removes the file, and commit() raises Abandoned; no notice."""
     announced: list[str] = []
-    inc = Incoming(spool.queue_dir, _env(), fsync=False, dir_sync=None,
-                   notify=lambda qid, vouched: announced.append(qid))
-    inc.write(data)
+    inc = _incoming(spool, data, announced)
     signer = HeldSigner()
     task = await _held_commit(inc, signer)
     assert inc.abandon()
@@ -513,9 +511,7 @@ async def test_a_commit_durable_first_is_not_abandoned(spool: Spool) -> None:
     """The other order: the file durable before the caller gives up; abandon() says so
     (False: the caller gives its 250) and the file stays, ready and announced."""
     announced: list[str] = []
-    inc = Incoming(spool.queue_dir, _env(), fsync=False, dir_sync=None,
-                   notify=lambda qid, vouched: announced.append(qid))
-    inc.write(SMALL)
+    inc = _incoming(spool, SMALL, announced)
     await inc.commit()
     assert not inc.abandon() and not inc.abandoned
     assert inc.committed and announced == [inc.queue_id]
@@ -554,21 +550,6 @@ async def test_a_child_forked_while_a_queue_file_is_open_does_not_hold_its_lock(
         os.waitpid(pid, 0)
 
 
-class HeldDirSync(writer_mod.DirSync):
-    """queue/'s group fsync, held until `go`: the commit thread waits there with its file
-    written, marked ready and still locked (a hung disk's directory fsync)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.entered = threading.Event()
-        self.go = threading.Event()
-
-    def sync(self) -> None:
-        self.entered.set()
-        assert self.go.wait(10)
-        super().sync()
-
-
 async def test_containment_never_holds_a_file_still_in_its_commit(spool: Spool) -> None:
     """A user suspended while one of its commits is past the ready mark, in its fsync:
     the hold (scheduler/control, `hold` of the user's mail) took the ready file into
@@ -580,7 +561,7 @@ async def test_containment_never_holds_a_file_still_in_its_commit(spool: Spool) 
 
     env = _env()
     env.auth_user = "alice"
-    held = HeldDirSync(spool.queue_dir)
+    held = HeldDirSync(spool.queue_dir, limit=10)
     inc = Incoming(spool.queue_dir, env, fsync=True, dir_sync=held,
                    notify=lambda qid, vouched: None)
     inc.write(SMALL)
