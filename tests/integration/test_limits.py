@@ -845,3 +845,28 @@ def test_dnsbl_listed_refused_without_auth(checked_relay: RelayProcess) -> None:
     assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
     assert c.cmd("RCPT TO:<someone@far.test>").code == 250
     c.close()
+
+
+def test_auth_before_starttls_is_logged(relay: RelayProcess) -> None:
+    """AUTH on 587 before STARTTLS: 538 5.7.11 (RFC 4954 4) and one `reject=` line naming
+    the mechanism, and whether the client sent its credentials in clear with it (it had
+    no line: the admin never saw a client trying to log in without TLS)."""
+    c = Client(relay.ports["submission"], "127.0.0.28")
+    c.reply()
+    c.cmd("EHLO x.test")
+    r = c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")
+    assert r.lines == ["538 5.7.11 Encryption required for requested authentication mechanism"]
+    r = c.cmd("AUTH LOGIN")
+    assert r.lines == ["538 5.7.11 Encryption required for requested authentication mechanism"]
+    c.cmd("QUIT")
+    c.close()
+    relay.wait_log(r"disconnect=from \S+ \[127\.0\.0\.28\]")
+    lines = [ln for ln in relay.maillog().splitlines() if "reject=538 " in ln]
+    assert [ln.split(": ", 1)[1] for ln in lines] == [
+        "NOQUEUE: reject=538 5.7.11 Encryption required for requested authentication "
+        "mechanism, relay=unknown [127.0.0.28], sasl_method=PLAIN, "
+        "reason=credentials sent without TLS",
+        "NOQUEUE: reject=538 5.7.11 Encryption required for requested authentication "
+        "mechanism, relay=unknown [127.0.0.28], sasl_method=LOGIN",
+    ], lines
+    assert PASSWORD not in relay.maillog()

@@ -954,6 +954,15 @@ class Engine:
             self._error(replies.NEED_HELO)
             return
         if not self.tls:
+            # One line each (an admin sees which client tries to log in without TLS, and
+            # whether it sent its credentials in clear with it); max_errors bounds them.
+            parts = arg.split()
+            extra: dict[str, object] = {}
+            if parts:
+                extra["sasl_method"] = parts[0].upper() if parts[0].isascii() else "?"
+            if len(parts) > 1:
+                extra["reason"] = "credentials sent without TLS"
+            self._events.append(Reject(replies.TLS_REQUIRED_FOR_AUTH, extra=extra))
             self._error(replies.TLS_REQUIRED_FOR_AUTH)
             return
         if self.auth_user:
