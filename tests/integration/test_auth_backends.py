@@ -12,6 +12,7 @@ Also: a backend that is down, never answers, or answers garbage gives BackendUna
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from relayproc import RelayProcess
 from support import ci, daemons
 
 from authrelay.auth.authenticator import AuthResult, make_authenticator
@@ -430,7 +432,6 @@ def test_dovecot_spellings_are_one_account(dovecot: Path, tmp_path: Path) -> Non
     """Dovecot lower-cases login names (auth_username_format %Lu), so `alice`, `ALICE`
     and `Alice` log in to one account; the relay counts, suspends and queues by the user
     Dovecot names (`user=` in its OK), so a suspended alice cannot send on as `Alice`."""
-    from relayproc import RelayProcess
     from smtpclient import RawClient, client_ctx, plain
 
     r = RelayProcess(tmp_path, {"auth": {"backend": f"dovecot:{dovecot}"},
@@ -468,8 +469,6 @@ def test_a_dovecot_login_owns_only_the_account_dovecot_named(dovecot_local_part:
     login's domain is never checked. Under `sender_policy = "own"` that login owned
     alice@bank.test (a user named like an address owns it), so alice sent as
     alice@anything, envelope and From:. Ownership now goes by the account Dovecot named."""
-    from relayproc import RelayProcess
-
     r = RelayProcess(tmp_path, {"auth": {"backend": f"dovecot:{dovecot_local_part}",
                                          "sender_policy": "own"}}, users={}).start()
     port = r.ports["submissions"]
@@ -504,6 +503,27 @@ def _send_one(port: int, login: str, password: str, sender: str) -> int:
         return code
 
 
+def _lockout_relay(tmp_path: Path, backend: str) -> RelayProcess:
+    """A relay on `backend` whose per-user AUTH lockout comes at 3 failures, long before
+    the per-address one or the per-connection limit."""
+    return RelayProcess(tmp_path, {"auth": {"backend": backend, "max_failures_per_user": 3,
+                                            "max_failures_per_ip": 100, "failure_delay": 0},
+                                   "limits": {"max_auth_failures": 10,
+                                              "connection_rate_per_ip": 0}},
+                        users={}).start()
+
+
+def _login(r: RelayProcess, user: str, password: str, source: str) -> tuple[int, str]:
+    """AUTH PLAIN over 465 from the loopback address `source`: (code, enhanced code)."""
+    from smtpclient import RawClient, client_ctx, plain
+
+    with RawClient(r.ports["submissions"], tls=client_ctx(), source=source) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        rep = c.cmd(f"AUTH PLAIN {plain(user, password)}")
+        return rep.code, rep.text[:5]
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("cls", ["saslauthd", "dovecot"])
 def test_backend_spellings_share_one_lockout(cls: str, request, tmp_path: Path) -> None:
@@ -512,23 +532,10 @@ def test_backend_spellings_share_one_lockout(cls: str, request, tmp_path: Path) 
     budget per spelling: failures as `alice`, `ALICE` and `Alice` count for one account,
     and past `max_failures_per_user` AUTH for alice from an address she never logged in
     from is refused unchecked, whatever the spelling."""
-    from relayproc import RelayProcess
-    from smtpclient import RawClient, client_ctx, plain
-
-    sock = request.getfixturevalue(cls)
-    r = RelayProcess(tmp_path, {"auth": {"backend": f"{cls}:{sock}",
-                                         "max_failures_per_user": 3,
-                                         "max_failures_per_ip": 100, "failure_delay": 0},
-                                "limits": {"max_auth_failures": 10,
-                                           "connection_rate_per_ip": 0}},
-                     users={}).start()
+    r = _lockout_relay(tmp_path, f"{cls}:{request.getfixturevalue(cls)}")
 
     def auth(user: str, password: str, source: str) -> tuple[int, str]:
-        with RawClient(r.ports["submissions"], tls=client_ctx(), source=source) as c:
-            c.reply()
-            c.cmd("EHLO client.test")
-            rep = c.cmd(f"AUTH PLAIN {plain(user, password)}")
-            return rep.code, rep.text[:5]
+        return _login(r, user, password, source)
 
     try:
         for spelling in ("alice", "ALICE", "Alice"):
@@ -542,8 +549,6 @@ def test_backend_spellings_share_one_lockout(cls: str, request, tmp_path: Path) 
 def test_dovecot_exempt_and_resume_name_the_account(dovecot: Path, tmp_path: Path) -> None:
     """What an admin types for a Dovecot user (`[limits.containment] exempt`, `user
     resume`) names the account as the session counts it, in any spelling."""
-    from relayproc import RelayProcess
-
     def relay(exempt: list[str], where: Path) -> RelayProcess:
         return RelayProcess(where, {"auth": {"backend": f"dovecot:{dovecot}"},
                                     "limits": {"containment": {
@@ -600,16 +605,7 @@ def test_saslauthd_caseless_spellings_are_one_account(sockdir: Path, tmp_path: P
     """saslauthd names no account; behind a case-insensitive PAM `alice`, `ALICE` and
     `Alice` are one user, so they are one account here (the lower-case login): a
     suspended alice must not send on as `Alice`, and `user resume ALICE` lifts it."""
-    import sys
-
-    from relayproc import RelayProcess
-
-    sock = sockdir / "mux"
-    fake = subprocess.Popen([sys.executable, "-c", CASELESS_SASLAUTHD, str(sock),
-                             USERS["alice"]], stdout=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
-    try:
-        assert fake.stdout is not None and fake.stdout.readline() == b"ready\n"
+    with _caseless_saslauthd(sockdir) as sock:
         r = RelayProcess(tmp_path, {"auth": {"backend": f"saslauthd:{sock}"},
                                     "limits": {"containment": {"notify": "admin@local.test",
                                                                "messages": 2}}},
@@ -628,6 +624,20 @@ def test_saslauthd_caseless_spellings_are_one_account(sockdir: Path, tmp_path: P
             assert send("aLICE") == 250
         finally:
             r.stop()
+
+
+@contextlib.contextmanager
+def _caseless_saslauthd(sockdir: Path) -> Iterator[Path]:
+    """CASELESS_SASLAUTHD on sockdir/mux for alice's password: its socket."""
+    import sys
+
+    sock = sockdir / "mux"
+    fake = subprocess.Popen([sys.executable, "-c", CASELESS_SASLAUTHD, str(sock),
+                             USERS["alice"]], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == b"ready\n"
+        yield sock
     finally:
         fake.kill()
         fake.wait(10)
@@ -640,22 +650,10 @@ def test_a_dovecot_account_s_lockout_holds_for_every_spelling_dovecot_maps_to_it
     lower-case name), so a guesser spreading over spellings never reached
     `max_failures_per_user`. Failures count against the account Dovecot names (its
     FAIL's `user=` too), and that account's lockout holds for a spelling of its own."""
-    from relayproc import RelayProcess
-    from smtpclient import RawClient, client_ctx, plain
-
-    r = RelayProcess(tmp_path, {"auth": {"backend": f"dovecot:{dovecot_local_part}",
-                                         "max_failures_per_user": 3,
-                                         "max_failures_per_ip": 100, "failure_delay": 0},
-                                "limits": {"max_auth_failures": 10,
-                                           "connection_rate_per_ip": 0}},
-                     users={}).start()
+    r = _lockout_relay(tmp_path, f"dovecot:{dovecot_local_part}")
 
     def auth(user: str, password: str, source: str) -> tuple[int, str]:
-        with RawClient(r.ports["submissions"], tls=client_ctx(), source=source) as c:
-            c.reply()
-            c.cmd("EHLO client.test")
-            rep = c.cmd(f"AUTH PLAIN {plain(user, password)}")
-            return rep.code, rep.text[:5]
+        return _login(r, user, password, source)
 
     try:
         assert auth("alice@home.test", USERS["alice"], "127.0.3.1")[0] == 235
@@ -681,17 +679,9 @@ def test_the_notice_s_resume_commands_quote_the_account(sockdir: Path, tmp_path:
     import email
     import email.policy
     import shlex
-    import sys
 
-    from relayproc import RelayProcess
-
-    sock = sockdir / "mux"
-    fake = subprocess.Popen([sys.executable, "-c", CASELESS_SASLAUTHD, str(sock),
-                             USERS["alice"]], stdout=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
     login = "alice@x; touch PWNED; $(id)`id`"
-    try:
-        assert fake.stdout is not None and fake.stdout.readline() == b"ready\n"
+    with _caseless_saslauthd(sockdir) as sock:
         r = RelayProcess(tmp_path, {"auth": {"backend": f"saslauthd:{sock}"},
                                     "limits": {"containment": {"notify": "admin@local.test",
                                                                "messages": 1}}},
@@ -719,6 +709,3 @@ def test_the_notice_s_resume_commands_quote_the_account(sockdir: Path, tmp_path:
             assert "resumed" in r.cli(*commands[0][1:4]).stdout
         finally:
             r.stop()
-    finally:
-        fake.kill()
-        fake.wait(10)
