@@ -14,6 +14,7 @@ import re
 import select
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import pytest
 from fakes.dnsserver import FakeDNSServer
 from relayproc import PASSWORD, RelayProcess
 from smtpclient import RawClient, client_ctx, plain
+from support import ci
 
 pytestmark = pytest.mark.slow
 
@@ -861,7 +863,8 @@ def test_auth_before_starttls_is_logged(relay: RelayProcess) -> None:
     c.cmd("QUIT")
     c.close()
     relay.wait_log(r"disconnect=from \S+ \[127\.0\.0\.28\]")
-    lines = [ln for ln in relay.maillog().splitlines() if "reject=538 " in ln]
+    lines = [ln for ln in relay.maillog().splitlines()
+             if "reject=538 " in ln and "[127.0.0.28]" in ln]
     assert [ln.split(": ", 1)[1] for ln in lines] == [
         "NOQUEUE: reject=538 5.7.11 Encryption required for requested authentication "
         "mechanism, relay=unknown [127.0.0.28], sasl_method=PLAIN, "
@@ -870,3 +873,34 @@ def test_auth_before_starttls_is_logged(relay: RelayProcess) -> None:
         "mechanism, relay=unknown [127.0.0.28], sasl_method=LOGIN",
     ], lines
     assert PASSWORD not in relay.maillog()
+
+
+def test_a_non_ascii_address_without_smtputf8_is_logged(relay: RelayProcess) -> None:
+    """A client that does not say SMTPUTF8 (swaks, an older mail program) naming a
+    non-ASCII recipient or sender: 553 5.6.7 (RFC 6531 3.5) and one `reject=` line naming
+    the address (it had none: the admin could not see why a recipient was lost)."""
+    swaks = ci.require_tool("swaks", "swaks")
+    r = subprocess.run(
+        [swaks, "--server", "127.0.0.1", "--local-interface", "127.0.0.29",
+         "--port", str(relay.ports["submission"]), "--tls",
+         "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", PASSWORD,
+         "--from", "alice@example.org", "--to", "b\u00f8b@remote.example"],
+        capture_output=True, text=True, timeout=60)
+    assert r.returncode == 24, r.stdout + r.stderr  # swaks: RCPT refused
+    assert "553 5.6.7 Non-ASCII address requires SMTPUTF8" in r.stdout, r.stdout
+    c = Client(relay.ports["smtp"], "127.0.0.30")
+    c.reply()
+    c.cmd("EHLO x.test")
+    assert c.cmd("MAIL FROM:<j\u00f6rg@remote.example>").lines == [
+        "553 5.6.7 Non-ASCII address requires SMTPUTF8"]
+    c.cmd("QUIT")
+    c.close()
+    relay.wait_log(r"disconnect=from \S+ \[127\.0\.0\.30\]")
+    relay.wait_log(r"disconnect=from \S+ \[127\.0\.0\.29\]")
+    lines = [ln.split(": ", 1)[1] for ln in relay.maillog().splitlines()
+             if "5.6.7" in ln and ("[127.0.0.29]" in ln or "[127.0.0.30]" in ln)]
+    assert lines == [
+        "NOQUEUE: reject=553 5.6.7 <b\u00f8b@remote.example>... Non-ASCII address requires "
+        "SMTPUTF8, relay=unknown [127.0.0.29]",
+        "NOQUEUE: reject=553 5.6.7 <j\u00f6rg@remote.example>... Non-ASCII address requires "
+        "SMTPUTF8, relay=unknown [127.0.0.30]"], lines

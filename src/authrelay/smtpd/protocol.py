@@ -1089,6 +1089,7 @@ class Engine:
                 self._error(replies.UNKNOWN_PARAM)
                 return
         if path.address is not None and not path.address.ascii and not txn.smtputf8:
+            self._events.append(Reject(replies.NEED_SMTPUTF8, f"<{path.text}>... "))
             self._error(replies.NEED_SMTPUTF8)
             return
         self._wait("mail", MailRequest(txn))
@@ -1149,6 +1150,9 @@ class Engine:
             postmaster = True
         assert path.address is not None
         if not path.address.ascii and not txn.smtputf8:
+            # (logged: a client that cannot say SMTPUTF8 loses this recipient; the admin
+            # must see which and why)
+            self._events.append(Reject(replies.NEED_SMTPUTF8, f"<{path.text}>... "))
             self._error(replies.NEED_SMTPUTF8)
             return
         if len(txn.rcpts) + txn.repeats >= self.max_recipients:
