@@ -709,3 +709,26 @@ def test_the_notice_s_resume_commands_quote_the_account(sockdir: Path, tmp_path:
             assert "resumed" in r.cli(*commands[0][1:4]).stdout
         finally:
             r.stop()
+
+
+def test_a_login_name_with_a_c1_control_or_a_bidi_override_is_refused(
+        sockdir: Path, tmp_path: Path) -> None:
+    """The SASL names check refused C0 controls only: behind a saslauthd that ignores the
+    realm (PAM without -r), `alice@x<U+009B>2J<U+202E>` logged in as alice and became an
+    account of that name, printed raw by `authrelay user suspended` (U+009B is a
+    terminal's CSI: the admin's screen cleared) and in the containment notice. A name
+    with a control or invisible character (the categories `user add` refuses) is now
+    501 5.5.2 before any backend is asked, with its maillog line; alice still logs in."""
+    login = "alice@x\u009b2J\u202e"
+    with _caseless_saslauthd(sockdir) as sock:
+        r = RelayProcess(tmp_path, {"auth": {"backend": f"saslauthd:{sock}"}},
+                         users={}).start()
+        try:
+            assert _login(r, login, USERS["alice"], "127.0.1.1") == (501, "5.5.2")
+            assert _login(r, "alice@x\u2028y", USERS["alice"], "127.0.1.1") == (501, "5.5.2")
+            assert _login(r, "alice", USERS["alice"], "127.0.1.1")[0] == 235
+            line = r.wait_log(r"reject=501 5\.5\.2 .*reason=control character")
+            assert "\u009b" not in line and "\u202e" not in line
+            assert r.cli("user", "suspended").stdout == ""
+        finally:
+            r.stop()

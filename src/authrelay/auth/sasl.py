@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import unicodedata
 
 from authrelay.types import Reply
 
@@ -93,15 +94,33 @@ def _octets(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+# Unicode categories no user name holds: controls (C1 too: U+009B is a terminal's CSI),
+# format characters (U+202E right-to-left override, U+200B zero width space), surrogates,
+# private use, unassigned, line and paragraph separators (auth/userdb.py refuses them in
+# a new user's name for the same reasons).
+HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def hidden_character(name: str) -> bool:
+    """Whether `name` holds a character of a HIDDEN category (ASCII: C0 controls, DEL)."""
+    if name.isascii():
+        return any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+    return any(unicodedata.category(c) in HIDDEN for c in name)
+
+
 def _check_name(name: str) -> None:
-    """A username or authzid: 1..255 octets, no control characters.
+    """A username or authzid: 1..255 octets, no control or invisible characters.
 
     Control characters (NUL, CR, LF, TAB...) would let a client forge log lines or
     inject fields into backend protocols that are line- or tab-delimited (Dovecot's).
+    C1 controls and format characters no stored user holds, but a backend that ignores
+    part of the name (saslauthd behind PAM drops the realm: `alice@<CSI>2J` is alice)
+    let them in, and the account, named so, was printed raw to the admin's terminal
+    (`authrelay user suspended`, `queue list`) and into the containment notice.
     """
-    if not name or len(name.encode("utf-8")) > MAX_NAME_OCTETS:
+    if not name or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_OCTETS:
         raise _malformed("empty or over-long user name")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if hidden_character(name):
         raise _malformed("control character in the user name")
 
 

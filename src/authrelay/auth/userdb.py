@@ -28,6 +28,7 @@ from pathlib import Path
 from authrelay.auth import apppasswords
 from authrelay.auth.apppasswords import AppPassword, AppPasswordError
 from authrelay.auth.passwords import hash_password, is_argon2_hash
+from authrelay.auth.sasl import hidden_character
 from authrelay.sqlitefile import open_db
 
 # 1: users, addresses. 2: app_passwords (a version-1 file gains the table when first
@@ -87,12 +88,6 @@ class UserInfo:
     changed: int = 0
 
 
-# Characters a name must not hold: controls, format characters (U+202E right-to-left
-# override, U+200B zero width space: a name that shows as another in `user list` and the
-# maillog's readers), line and paragraph separators, surrogates, private use, unassigned.
-_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
-
-
 def check_name(name: str) -> str:
     """A user name: 1..255 octets of UTF-8, no whitespace, control or invisible
     (format) characters."""
@@ -100,7 +95,9 @@ def check_name(name: str) -> str:
         raise UserDBError("user name must not be empty")
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_OCTETS:
         raise UserDBError("user name longer than 255 octets")
-    if not name.isascii() and any(unicodedata.category(c) in _HIDDEN for c in name):
+    # Controls, format characters (U+202E right-to-left override, U+200B zero width
+    # space: a name that shows as another in `user list` and the maillog's readers)...
+    if not name.isascii() and hidden_character(name):
         raise UserDBError("user name must not contain control or invisible characters")
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         raise UserDBError("user name must not contain spaces or control characters")
