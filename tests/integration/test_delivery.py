@@ -385,7 +385,13 @@ async def test_unreadable_message_is_temporary(tmp_path: Path, dns: FakeDNSServe
 
 
 async def test_connection_reused(tmp_path: Path, dns: FakeDNSServer,
-                                 fake_mx: MXFactory) -> None:
+                                 fake_mx: MXFactory,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from authrelay.delivery import client as client_mod
+
+    # Reused "straight after": on a loaded machine the next check-out can come later than
+    # _FRESH (2 s) and rightly take an RSET probe; this test is about the fresh case.
+    monkeypatch.setattr(client_mod, "_FRESH", 3600.0)
     mx = fake_mx("127.0.0.2")
     courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     try:
@@ -403,12 +409,16 @@ async def test_connection_reused(tmp_path: Path, dns: FakeDNSServer,
 
 
 async def test_connection_reused_after_a_refused_message_is_reset(
-        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A message refused at its final dot leaves a connection that is reused only after
     an RSET (as Postfix): a server may refuse it without clearing its transaction (an
     aiosmtpd whose DATA hook fails answers 500 and keeps the MAIL). Before, the next
     message's MAIL on that connection got `503 nested MAIL command` and that message,
     refused for nothing of its own, bounced."""
+    from authrelay.delivery import client as client_mod
+
+    monkeypatch.setattr(client_mod, "_FRESH", 3600.0)  # the RSET for the refusal, no probe
     mx = fake_mx("127.0.0.2", data_fault={"bad@example.test"})
     courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     try:
