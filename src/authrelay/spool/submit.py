@@ -523,7 +523,7 @@ class Draft:
         bound = signer.bind(self.queue_id, owner=owner, crlf_only=self._crlf_only,
                             from_domain=dom)
         if bound is not None and self.from_verdict:
-            bound.skip(FROM_NOT_OWNED_NOTE)
+            bound.skip(NO_FROM if self.from_verdict == NO_FROM else FROM_NOT_OWNED_NOTE)
             return None
         return bound
 
