@@ -25,7 +25,7 @@ from authrelay.spool import format as fmt
 from authrelay.spool import writer as writer_mod
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.store import Spool
-from authrelay.spool.submit import Submitter
+from authrelay.spool.submit import Draft, Submitter
 from authrelay.spool.writer import READY_MODE, Incoming
 
 SMALL = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nbody line\r\n"
@@ -139,8 +139,8 @@ async def test_cancelled_commit_that_fails_leaves_nothing(spool: Spool) -> None:
     assert list(spool.queue_dir.iterdir()) == []
 
 
-async def test_cancelled_draft_that_committed_is_logged(spool: Spool,
-                                                        tmp_path: Path) -> None:
+def held_draft(spool: Spool, tmp_path: Path) -> tuple[Draft, HeldSigner, ListLog]:
+    """A draft of SMALL whose commit thread the returned signer holds until released."""
     log = ListLog()
     cfg = from_dict({"hostname": "relay.test", "state_dir": str(tmp_path)})
     signer = HeldSigner()
@@ -156,7 +156,14 @@ async def test_cancelled_draft_that_committed_is_logged(spool: Spool,
     sub = Submitter(spool, cfg, signer=Bind(), maillog=log)
     draft = sub.begin(_env(), sign=True)
     draft.write(SMALL)
-    task = asyncio.get_running_loop().create_task(draft.commit())
+    return draft, signer, log
+
+
+async def test_cancelled_draft_that_committed_is_logged(spool: Spool,
+                                                        tmp_path: Path) -> None:
+    draft, signer, log = held_draft(spool, tmp_path)
+    sent: list[str] = []  # the session's 250: never for a cancelled commit
+    task = asyncio.get_running_loop().create_task(draft.commit(lambda: sent.append("250")))
     assert await asyncio.to_thread(signer.entered.wait, 10)
     task.cancel()
     for _ in range(5):
@@ -164,6 +171,7 @@ async def test_cancelled_draft_that_committed_is_logged(spool: Spool,
     signer.release.set()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert sent == []
     qid = draft.queue_id
     assert log.grep(f"{qid}: from=<a@example.org>")  # kept, so logged like any other
     spool.verify(qid)
