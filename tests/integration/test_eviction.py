@@ -580,3 +580,46 @@ def test_a_floods_noops_do_not_keep_its_sessions_young(relay_factory) -> None:  
                 s.close()
         assert fl.closed_by_server >= 3, fl.closed_by_server
     assert "Traceback" not in r.maillog(settle=0.5)
+
+
+def test_an_address_evicted_by_one_worker_is_not_fresh_to_another(relay_factory
+                                                                  ) -> None:  # noqa: ANN001
+    """Each worker keeps its own eviction marks: a flooder evicted by one worker
+    reconnected into another as a fresh client and took a slot there by the tie rule,
+    whose victim did the same in turn (measured: each login during a 48-address flood of
+    a 587 pool of 48 evicted 6 to 8 flood sessions with 2 workers, 1 with one). Twelve
+    addresses hold a 587 pool of twelve over two workers, idle after EHLO but for a NOOP
+    every 0.3 s, reconnecting when closed; four logins, kept open, evict about four of
+    them, not a chain each (before: a chain, and a login could find the aged slots taken
+    by the chain's fresh-looking flooders: refused 421 4.7.0)."""
+    r: RelayProcess = relay_factory({"limits": LIMITS}, workers=2, start=False)
+    for item in r.config_data["listen"]:
+        if item["mode"] == "submission":
+            item["max_connections"] = 12
+    r.config.write_text(to_toml(r.config_data))
+    r.start()
+    port = r.ports["submission"]
+    users: list[smtplib.SMTP] = []
+    with _Reconnecting(port, [f"127.0.7.{i}" for i in range(1, 13)], noop=0.3) as fl:
+        wait_until(lambda: len(fl.last) == 12, "twelve flooders greeted")
+        time.sleep(TIE_AGE + 0.5)  # load: their EHLO older than TIE_AGE
+        try:
+            for i in range(4):
+                s = smtplib.SMTP("127.0.0.1", port, source_address=(f"127.0.8.{30 + i}", 0),
+                                 timeout=30)
+                users.append(s)
+                s.starttls(context=client_ctx())
+                s.login("alice", PASSWORD)
+            # The evicted reconnect at once, again and again while refused: a chain runs
+            # within their first tries; then the per-second summary lines are written.
+            n = fl.closed_by_server
+            wait_until(lambda: fl.closed_by_server >= n + 40, "the evicted to retry")
+            time.sleep(1.5)  # the summary's cadence (1 s) is what is waited for
+            log = r.maillog()
+        finally:
+            for s in users:
+                s.close()
+    evicted = sum(int(n) for n in re.findall(r"warning=pool full: evicted (\d+) ", log))
+    # one each, and one more where another worker took the slot an eviction freed before
+    # the evicting worker could (EVICT_TRIES)
+    assert 4 <= evicted <= 6, (evicted, log[-3000:])

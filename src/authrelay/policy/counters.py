@@ -55,7 +55,7 @@ SLOT_CACHE = 4096  # remembered key -> slot mappings per process
 POOL_SLOTS = 256
 RATE_IP_PERIOD = 60.0  # connection_rate_per_ip is per minute
 _WINDOW_TABLES = ("rate_ip", "auth_ip", "auth_user", "auth_usernet", "user_msgs",
-                  "user_rcpts")
+                  "user_rcpts", "evicted")
 
 
 @dataclass(frozen=True)

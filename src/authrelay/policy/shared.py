@@ -501,6 +501,12 @@ class RedisThrottle(Throttle):
     def pending_add(self, key: str, delta: int) -> None:
         self.local.pending_add(key, delta)  # a handshake in progress is per node
 
+    def evicted_add(self, key: str, period: float) -> None:
+        self.local.evicted_add(key, period)  # eviction is per node (its own pools)
+
+    def evicted_lately(self, key: str, period: float) -> bool:
+        return self.local.evicted_lately(key, period)
+
     def full(self, pools: Sequence[Pool]) -> bool:
         return self.local.full(pools)
 

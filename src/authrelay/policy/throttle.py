@@ -226,6 +226,17 @@ class Throttle(ABC):
     def pending_add(self, key: str, delta: int) -> None:
         """Count one such connection in (+1) or out (-1)."""
 
+    @abstractmethod
+    def evicted_add(self, key: str, period: float) -> None:
+        """A connection of eviction key `key` was evicted from a full pool
+        (smtpd/eviction.py) by this process: remembered for the node's other processes,
+        for about `period` seconds (one process: nothing to tell)."""
+
+    @abstractmethod
+    def evicted_lately(self, key: str, period: float) -> bool:
+        """Whether a process of the node (this one too) evicted a connection of `key` within
+        about `period` seconds (at least the rest of the window it fell in, at most two)."""
+
     # ------------------------------------------------------------ AUTH (async)
     @abstractmethod
     async def auth_counts(self, ip: str, user: str) -> tuple[float, float, float]:
@@ -367,6 +378,12 @@ class LocalThrottle(Throttle):
             self.gauges[k] = n
         else:
             self.gauges.pop(k, None)
+
+    def evicted_add(self, key: str, period: float) -> None:
+        """One process: its own eviction candidates remember it (smtpd/eviction.py)."""
+
+    def evicted_lately(self, key: str, period: float) -> bool:
+        return False
 
     # ---------------------------------------------------------------- AUTH
     async def auth_counts(self, ip: str, user: str) -> tuple[float, float, float]:

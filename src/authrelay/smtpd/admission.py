@@ -75,7 +75,7 @@ from authrelay import maillog, replies, tls
 from authrelay.config import Config, Listen
 from authrelay.policy.throttle import Admission, Exemptions, Pool, Share, Throttle
 from authrelay.smtpd import proxy
-from authrelay.smtpd.eviction import Candidate, Candidates
+from authrelay.smtpd.eviction import PRESSURE_TTL, Candidate, Candidates
 from authrelay.smtpd.listener import limit_send_buffer, peek_client_hello
 from authrelay.tls import handshake_failure
 from authrelay.types import Reply
@@ -502,7 +502,9 @@ class Acceptor:
         adm = srv.throttle.connect(key, self.pools, exempt=exempt)
         # Another worker may take the slot an eviction freed before we do (the pools are
         # shared): a few tries, each evicting one more.
-        pressed = self.candidates.under_pressure(ekey, time.monotonic())
+        # (an address another worker evicted lately is under pressure here too)
+        pressed = self.candidates.under_pressure(ekey, time.monotonic()) or \
+            srv.throttle.evicted_lately(ekey, PRESSURE_TTL)
         for _ in range(EVICT_TRIES):
             if adm.admitted or not adm.reason.startswith("pool:") or not lim.pool_eviction:
                 break
@@ -613,6 +615,7 @@ class Acceptor:
     def _evict(self, c: Candidate) -> None:
         self.candidates.discard(c)
         c.evict()  # releases its pool slot now
+        self.server.throttle.evicted_add(c.key, PRESSURE_TTL)  # the other workers' mark
         self._evicted[c.kind] += 1
         self._evicted_from[c.key] += 1
         self.server.metrics_connection(self.ln.mode, "evicted")
