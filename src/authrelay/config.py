@@ -782,7 +782,16 @@ def attempt_cut(cfg: Config) -> str | None:
     return None
 
 
+# Waits a session cannot pass at zero: 0 would end every session at its first read, or
+# (data_block_timeout) give up every commit at the final dot. They have no "0 = off".
+_NONZERO_TIMEOUTS = ("command_timeout", "data_block_timeout", "data_final_timeout",
+                     "tls_handshake_timeout", "session_timeout", "stress_command_timeout")
+
+
 def _validate(cfg: Config) -> None:
+    for name in _NONZERO_TIMEOUTS:
+        if getattr(cfg.limits, name) <= 0:  # (a field of Limits by name: the tuple above)
+            raise ConfigError(f"limits.{name}: must be more than 0 (it has no \"off\")")
     why = hostname_problem(cfg.hostname)
     if why:
         raise ConfigError(f"hostname: {cfg.hostname!r} {why}: write this relay's host name "

@@ -209,3 +209,16 @@ def test_file_parameters_of_the_dsn_and_redis_url_are_from_the_config_file(
         '[auth]\nbackend = "postgresql"\n'
         'dsn = "postgresql://ar@db.test/authrelay?sslmode=verify-full&sslrootcert=system"\n')
     assert load_file(etc / "b.toml").auth.dsn.endswith("sslrootcert=system")
+
+
+@pytest.mark.parametrize("key", ["command_timeout", "data_block_timeout",
+                                 "data_final_timeout", "tls_handshake_timeout",
+                                 "session_timeout", "stress_command_timeout"])
+@pytest.mark.parametrize("zero", ["0s", 0])
+def test_a_session_timeout_of_zero_is_refused(key: str, zero: object) -> None:
+    """0 would end every session at once or (data_block_timeout, since it bounds the
+    commit after the final dot) answer every message 451: refused, naming the key."""
+    with pytest.raises(ConfigError) as e:
+        from_dict({"limits": {key: zero}})
+    assert f"limits.{key}" in str(e.value) and "more than 0" in str(e.value)
+    assert getattr(from_dict({"limits": {key: "1s"}}).limits, key) == 1.0
