@@ -726,7 +726,7 @@ class Session:
 
         try:
             # fsync file + directory: durable before 250; a wait bounded (_durable)
-            if not await self._durable(draft.commit(durable), draft):
+            if not await self._durable(draft.commit(durable), draft, ev.size):
                 return
         except Refused as e:
             self._abort_draft()
@@ -745,14 +745,15 @@ class Session:
         if self.deps.metrics is not None:
             self.deps.metrics.accepted(self.deps.mode)
 
-    async def _durable(self, commit: Awaitable[None], draft: Draft) -> bool:
+    async def _durable(self, commit: Awaitable[None], draft: Draft, size: int) -> bool:
         """Await the commit up to data_block_timeout (as Postfix's smtpd waits for its
         cleanup server only so long): False when it was given up. A hung disk no longer
         holds the session and its pool slot for good; the contract holds whichever side
         settles first (Incoming.abandon, under one lock with the commit thread): a file
         durable first gets its 250; one given up first gets 451 4.3.0 and its own line,
         and the thread, when it runs or returns, removes the file before anything can
-        deliver it. A cancel (shutdown) is passed on (the commit ends by itself)."""
+        deliver it. A cancel (shutdown) is passed on (the commit ends by itself).
+        `size`: the message's, for its line (DATA is over: the engine counts none)."""
         task = asyncio.ensure_future(commit)
         try:
             done, _ = await asyncio.wait((task,), timeout=self.cfg.limits.data_block_timeout)
@@ -766,7 +767,7 @@ class Session:
         self._draft = None  # the task's now: it removes the file
         r = replies.COMMIT_TIMEOUT
         self._log_reject(r, qid=self._qid, reason="queue file not durable within "
-                         "data_block_timeout, commit abandoned", size=self.eng.data_bytes)
+                         "data_block_timeout, commit abandoned", size=size)
         self.eng.message_result(r)
         return False
 
