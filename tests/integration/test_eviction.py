@@ -36,12 +36,13 @@ LIMITS = {"connection_rate_per_ip": 0, "max_connections_per_ip": 50,
 
 
 def _relay(relay_factory, modes: tuple[str, ...] = ("submissions", "smtp"),  # noqa: ANN001
-           **limits: object) -> RelayProcess:
-    """A relay whose listeners in `modes` have pools of six."""
-    r: RelayProcess = relay_factory({"limits": {**LIMITS, **limits}}, start=False)
+           workers: int = 1, pool: int = 6, **limits: object) -> RelayProcess:
+    """A relay whose listeners in `modes` have pools of `pool` (six)."""
+    r: RelayProcess = relay_factory({"limits": {**LIMITS, **limits}}, workers=workers,
+                                    start=False)
     for item in r.config_data["listen"]:
         if item["mode"] in modes:
-            item["max_connections"] = 6
+            item["max_connections"] = pool
     r.config.write_text(to_toml(r.config_data))
     return r.start()
 
@@ -505,6 +506,16 @@ def _login587(port: int, src: str) -> None:
         s.sendmail("alice@local.test", ["bob@example.net"], "Subject: t\r\n\r\nhi\r\n")
 
 
+def _logged_in(port: int, srcs: list[str], users: list[smtplib.SMTP]) -> None:
+    """Mail-program logins (smtplib: greeting, STARTTLS, AUTH) from `srcs`, each kept
+    open in `users` (the caller closes them)."""
+    for src in srcs:
+        s = smtplib.SMTP("127.0.0.1", port, source_address=(src, 0), timeout=30)
+        users.append(s)
+        s.starttls(context=client_ctx())
+        s.login("alice", PASSWORD)
+
+
 def test_a_users_address_is_served_again_after_it_logged_in(relay_factory
                                                             ) -> None:  # noqa: ANN001
     """An address that took a slot by the tie rule and then authenticated is a user's,
@@ -567,12 +578,7 @@ def test_a_floods_noops_do_not_keep_its_sessions_young(relay_factory) -> None:  
         # load: their EHLO must be older than TIE_AGE, their NOOPs never are
         time.sleep(TIE_AGE + 0.5)
         try:
-            for i in range(3):
-                s = smtplib.SMTP("127.0.0.1", port, source_address=(f"127.0.8.{30 + i}", 0),
-                                 timeout=30)
-                users.append(s)
-                s.starttls(context=client_ctx())
-                s.login("alice", PASSWORD)
+            _logged_in(port, [f"127.0.8.{30 + i}" for i in range(3)], users)
             for s in users:
                 assert s.noop()[0] == 250
         finally:
@@ -592,24 +598,14 @@ def test_an_address_evicted_by_one_worker_is_not_fresh_to_another(relay_factory
     every 0.3 s, reconnecting when closed; four logins, kept open, evict about four of
     them, not a chain each (before: a chain, and a login could find the aged slots taken
     by the chain's fresh-looking flooders: refused 421 4.7.0)."""
-    r: RelayProcess = relay_factory({"limits": LIMITS}, workers=2, start=False)
-    for item in r.config_data["listen"]:
-        if item["mode"] == "submission":
-            item["max_connections"] = 12
-    r.config.write_text(to_toml(r.config_data))
-    r.start()
+    r = _relay(relay_factory, modes=("submission",), workers=2, pool=12)
     port = r.ports["submission"]
     users: list[smtplib.SMTP] = []
     with _Reconnecting(port, [f"127.0.7.{i}" for i in range(1, 13)], noop=0.3) as fl:
         wait_until(lambda: len(fl.last) == 12, "twelve flooders greeted")
         time.sleep(TIE_AGE + 0.5)  # load: their EHLO older than TIE_AGE
         try:
-            for i in range(4):
-                s = smtplib.SMTP("127.0.0.1", port, source_address=(f"127.0.8.{30 + i}", 0),
-                                 timeout=30)
-                users.append(s)
-                s.starttls(context=client_ctx())
-                s.login("alice", PASSWORD)
+            _logged_in(port, [f"127.0.8.{30 + i}" for i in range(4)], users)
             # The evicted reconnect at once, again and again while refused: a chain runs
             # within their first tries; then the per-second summary lines are written.
             n = fl.closed_by_server
