@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import MXFactory
 from support.certs import server_tls_context
@@ -821,12 +822,25 @@ async def _answers_as_told(mx: RawMX, r: asyncio.StreamReader,
         await w.drain()
 
 
-async def test_each_reply_wait_keeps_its_own_time_limit(raw_port: int) -> None:
+async def test_each_reply_wait_keeps_its_own_time_limit(
+        raw_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The connection's one timer, left armed between waits (issue 22: a timer per
     reply was armed and cancelled twice a message), ends each wait at that wait's own
     time: a wait shorter than the one before fails at its time, not at the earlier
-    wait's; a longer one is not cut when the earlier wait's time comes."""
-    with RawMX("127.0.0.2", raw_port, _answers_as_told):
+    wait's; a longer one is not cut when the earlier wait's time comes. Under uvloop, the
+    master's loop, a wait that runs out ends at the timer's first turn there or the next
+    (its timers keep whole ms: one re-armed for the rest of a ms went off again and
+    again, up to 200 turns a timeout)."""
+    turns: list[float] = []
+    alarm = connection.Connection._alarm
+
+    def counted(self: connection.Connection) -> None:
+        turns.append(self._due)
+        alarm(self)
+
+    monkeypatch.setattr(connection.Connection, "_alarm", counted)
+
+    async def waits() -> None:
         conn = await connection.open_connection("127.0.0.2", raw_port, timeout=10)
         try:
             assert (await conn.reply(60)).code == 220
@@ -838,14 +852,20 @@ async def test_each_reply_wait_keeps_its_own_time_limit(raw_port: int) -> None:
             assert str(await conn.reply(5)) == "250 2.0.0 slow"
             conn.write(b"NOOP fast\r\n")
             assert str(await conn.reply(60)) == "250 2.0.0 fast"
-            # Armed for 60 s now: a wait of 0.3 s still ends at 0.3 s.
+            # Armed for 60 s now: shorter waits still end at their own time.
             conn.write(b"NOOP never\r\n")
-            waiting = asyncio.ensure_future(conn.reply(0.3))
-            done, _ = await asyncio.wait({waiting}, timeout=DEADLINE)
-            assert waiting in done, "the short wait was not ended at its own time"
-            assert type(waiting.exception()) is TimeoutError
+            for short in (0.3005, 0.0371, 0.0437, 0.0371):  # (times off whole ms)
+                turns.clear()
+                waiting = asyncio.ensure_future(conn.reply(short))
+                done, _ = await asyncio.wait({waiting}, timeout=DEADLINE)
+                assert waiting in done, "the short wait was not ended at its own time"
+                assert type(waiting.exception()) is TimeoutError
+                assert len(turns) <= 2, f"{len(turns)} turns of the timer for one timeout"
         finally:
             conn.abort()
+
+    with RawMX("127.0.0.2", raw_port, _answers_as_told):
+        await asyncio.to_thread(uvloop.run, waits())
 
 
 async def test_no_address_reason_names_only_the_hosts_looked_up(

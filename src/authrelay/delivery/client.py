@@ -129,6 +129,7 @@ from authrelay.delivery import (
     wire,
 )
 from authrelay.delivery.connection import (
+    TIMER_SLACK,
     Connection,
     ConnectionLost,
     DeadlineExceeded,
@@ -917,7 +918,7 @@ class Courier:
         if not lst or conn not in lst:
             return
         left = conn.idle_since + self.cfg.delivery.idle_timeout - time.monotonic()
-        if left > 0:
+        if left > TIMER_SLACK:
             conn.timer = asyncio.get_running_loop().call_later(left, self._expire, conn)
             return
         lst.remove(conn)

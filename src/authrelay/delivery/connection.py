@@ -49,6 +49,10 @@ MAX_QUEUED = 1024  # replies received but not yet read (a pipelined group: 1 + r
 # at most client._MAX_RCPTS recipients in one)
 MAX_UNREAD_BYTES = 1 << 20  # what unread replies may cost before reading pauses
 _LINE_COST = 64  # a reply line's cost beyond its text: the str object, its tuple slot
+# uvloop's timers count whole milliseconds: one may go off up to this much before the
+# time it was armed for (loop.time()). A timer re-armed for less would go off at once,
+# again and again (seen: 179 turns for three waits) until the clock caught up.
+TIMER_SLACK = 0.001
 
 
 def _cost(rep: SMTPReply) -> int:
@@ -235,7 +239,7 @@ class Connection(asyncio.Protocol):
         if fut is None or fut.done():
             return
         loop = asyncio.get_running_loop()
-        if loop.time() >= self._due:
+        if loop.time() >= self._due - TIMER_SLACK:
             _expire(fut)
             return
         self._alarm_handle = loop.call_at(self._due, self._alarm)
