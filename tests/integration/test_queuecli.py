@@ -633,3 +633,45 @@ def test_a_hostile_queue_id_is_not_written_raw_to_the_terminal(
     assert r.returncode in (1, 69)
     assert "\x1b" not in r.stderr and "\nQ1: deleted" not in r.stderr
     assert "\\x1b[2J\\x0aQ1: deleted: not in the queue" in r.stderr
+
+
+@pytest.mark.parametrize("scheduler", [False, True], ids=["offline", "running"])
+async def test_a_named_hold_of_a_message_still_in_its_commit_says_so(
+        site: tuple[Path, Spool], scheduler: bool) -> None:
+    """`queue hold ID` of a message whose commit is under way (ready, in its fsync, its
+    writer's lock held: a hung disk) was refused since a061578, and the operator was told
+    "ID: not in the queue" (seen: torture run with the spool's filesystem frozen), though
+    the message was there and then delivered. It now says its commit is under way; the
+    file stays where it is, and once committed (offline) it is held as asked. Both ways:
+    the scheduler's control socket, and the files under its lock when none runs."""
+    from support.spools import HeldDirSync
+
+    from authrelay.config import load
+    from authrelay.spool.writer import Incoming
+
+    cfgfile, spool = site
+    sched = wiring.scheduler(load(str(cfgfile)), spool, FakeCourier(), ListLog())
+    if scheduler:
+        await sched.start()
+    env = Envelope(queue_id=new_queue_id(), sender="a@a.example",
+                   recipients=[Recipient("x@b.example")])
+    held = HeldDirSync(spool.queue_dir, limit=30)
+    inc = Incoming(spool.queue_dir, env, fsync=True, dir_sync=held,
+                   notify=lambda qid, vouched: None)
+    inc.write(BODY)
+    task = asyncio.ensure_future(inc.commit())
+    try:
+        assert await asyncio.to_thread(held.entered.wait, 10)
+        r = await asyncio.to_thread(cli, cfgfile, "hold", inc.queue_id)
+        assert r.returncode == 1, r
+        assert "not in the queue" not in r.stderr, r.stderr
+        assert f"{inc.queue_id}: cannot hold it: {control.IN_COMMIT}" in r.stderr, r.stderr
+        assert spool.held() == []
+    finally:
+        held.go.set()
+        await task
+        if scheduler:
+            await sched.stop()
+    if not scheduler:  # (a running one may have delivered it by now)
+        r = await asyncio.to_thread(cli, cfgfile, "hold", inc.queue_id)
+        assert r.returncode == 0 and spool.held() == [inc.queue_id], r

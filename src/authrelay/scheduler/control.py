@@ -34,11 +34,13 @@ from typing import Any
 
 from authrelay import process
 from authrelay.jsonline import read_line
-from authrelay.spool.store import Spool, SpoolError, is_queue_id
+from authrelay.spool.store import InCommit, Spool, SpoolError, is_queue_id
 
 MAX_REQUEST = 64 * 1024
 CONTROL_SOCK = "control.sock"  # in spool_dir: the scheduler's control socket (0600)
 SCHEDULER_LOCK = "scheduler.lock"  # in spool_dir: held (flock) by the one scheduler
+# A named hold/release of a file still in its commit (store.InCommit): the operator's "why"
+IN_COMMIT = "its commit is still under way (its client has no reply yet): try again"
 
 
 def control_path(spool: Spool) -> Path:
@@ -219,6 +221,11 @@ def run_offline(spool: Spool, req: dict[str, Any]) -> dict[str, Any]:
             else:
                 return {"ok": False, "error": f"unknown op {op!r}"}
             done.append(qid)
+        except InCommit:
+            if req.get("id"):
+                failed.append([qid, IN_COMMIT])
+            else:  # a user's (containment): the scheduler holds it before sending
+                missing.append(qid)
         except FileNotFoundError:
             missing.append(qid)
         except SpoolError as e:  # damaged or of a newer format: not ours to touch here

@@ -85,6 +85,7 @@ from authrelay.spool.notify import LOGGED_NOTICE
 from authrelay.spool.store import (
     UNFINISHED_AGE,
     CorruptError,
+    InCommit,
     Spool,
     SpoolError,
     commit_pool,
@@ -1337,6 +1338,11 @@ class Scheduler:
                     self._gone(qid)
                     self.maillog.removed(qid, by="operator")
                 done.append(qid)
+            except InCommit:
+                if named:
+                    failed.append([qid, control.IN_COMMIT])
+                else:  # a user's (containment): held here before sending, once committed
+                    missing.append(qid)
             except FileNotFoundError:
                 if not self.spool.exists(qid):
                     self._gone(qid)

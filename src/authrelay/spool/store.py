@@ -100,6 +100,12 @@ def _open_regular(path: Path | str) -> int:
     return _open_regular_stat(path)[0]
 
 
+class InCommit(FileNotFoundError):
+    """A ready file its writer still holds (_not_in_commit): in the queue, not movable or
+    deliverable yet. A FileNotFoundError to those that skip it; an operator's named
+    hold or release is told so (scheduler/control), not "not in the queue"."""
+
+
 def _not_in_commit(fd: int, qid: str) -> None:
     """FileNotFoundError when the file open at `fd` is still held by its writer: ready
     but in its fsync, not durable yet, and its commit may still be abandoned
@@ -109,7 +115,7 @@ def _not_in_commit(fd: int, qid: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise FileNotFoundError(f"{qid}: still being committed") from None
+        raise InCommit(f"{qid}: still being committed") from None
 
 
 def _open_regular_stat(path: Path | str) -> tuple[int, os.stat_result]:
