@@ -644,10 +644,9 @@ async def test_a_named_hold_of_a_message_still_in_its_commit_says_so(
     the message was there and then delivered. It now says its commit is under way; the
     file stays where it is, and once committed (offline) it is held as asked. Both ways:
     the scheduler's control socket, and the files under its lock when none runs."""
-    from support.spools import HeldDirSync
+    from support.spools import held_commit
 
     from authrelay.config import load
-    from authrelay.spool.writer import Incoming
 
     cfgfile, spool = site
     sched = wiring.scheduler(load(str(cfgfile)), spool, FakeCourier(), ListLog())
@@ -655,10 +654,7 @@ async def test_a_named_hold_of_a_message_still_in_its_commit_says_so(
         await sched.start()
     env = Envelope(queue_id=new_queue_id(), sender="a@a.example",
                    recipients=[Recipient("x@b.example")])
-    held = HeldDirSync(spool.queue_dir, limit=30)
-    inc = Incoming(spool.queue_dir, env, fsync=True, dir_sync=held,
-                   notify=lambda qid, vouched: None)
-    inc.write(BODY)
+    inc, held = held_commit(spool.queue_dir, env, BODY)
     task = asyncio.ensure_future(inc.commit())
     try:
         assert await asyncio.to_thread(held.entered.wait, 10)

@@ -1,6 +1,7 @@
 """`temp_spool()`: a real Spool in a fresh directory under /tmp, removed afterwards (a
 short path: the notify socket must fit in sun_path, 108 bytes). `HeldDirSync`: queue/'s
-group fsync held until a test lets it go."""
+group fsync held until a test lets it go; `held_commit()`: a message's commit waiting
+there (ready, fsynced, still locked by its writer: a hung disk's directory fsync)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from authrelay.spool.envelope import Envelope
 from authrelay.spool.store import Spool
-from authrelay.spool.writer import DirSync
+from authrelay.spool.writer import DirSync, Incoming
 
 
 class HeldDirSync(DirSync):
@@ -31,6 +33,17 @@ class HeldDirSync(DirSync):
         self.entered.set()
         assert self.go.wait(self.limit), "a held directory fsync never let go"
         super().sync()
+
+
+def held_commit(queue_dir: Path, env: Envelope, body: bytes,
+                limit: float = 30.0) -> tuple[Incoming, HeldDirSync]:
+    """An Incoming of `body` whose commit, once started (`inc.commit()`), waits in
+    queue/'s held fsync (`held.entered`) until `held.go` is set."""
+    held = HeldDirSync(queue_dir, limit=limit)
+    inc = Incoming(queue_dir, env, fsync=True, dir_sync=held,
+                   notify=lambda qid, vouched: None)
+    inc.write(body)
+    return inc, held
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from support.maillog import ListLog
-from support.spools import HeldDirSync, temp_spool
+from support.spools import held_commit, temp_spool
 from support.wait import wait_until
 
 from authrelay.config import from_dict
@@ -569,10 +569,7 @@ async def test_containment_never_holds_a_file_still_in_its_commit(spool: Spool) 
 
     env = _env()
     env.auth_user = "alice"
-    held = HeldDirSync(spool.queue_dir, limit=10)
-    inc = Incoming(spool.queue_dir, env, fsync=True, dir_sync=held,
-                   notify=lambda qid, vouched: None)
-    inc.write(SMALL)
+    inc, held = held_commit(spool.queue_dir, env, SMALL, limit=10)
     task = asyncio.ensure_future(inc.commit())
     try:
         assert await asyncio.to_thread(held.entered.wait, 10)
