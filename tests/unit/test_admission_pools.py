@@ -5,13 +5,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from authrelay.config import Listen, from_dict
-from authrelay.policy.throttle import Pool, Share
+from authrelay.policy.throttle import LocalThrottle, Pool, Share
 from authrelay.smtpd.admission import Acceptor
 
 
 def pools(data: dict) -> dict[str, tuple[tuple[Pool, ...], int]]:
     cfg = from_dict(data)
-    server = SimpleNamespace(cfg=cfg, share=Share())
+    server = SimpleNamespace(cfg=cfg, share=Share(), throttle=LocalThrottle(cfg))
     out = {}
     for ln_cfg in cfg.listen:
         ln = SimpleNamespace(cfg=ln_cfg, mode=ln_cfg.mode, sock=None,

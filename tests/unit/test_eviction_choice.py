@@ -171,5 +171,5 @@ def test_a_knocking_addresss_young_candidate_is_taken_a_users_is_not() -> None:
     assert cs.victim("fresh", 10.2) is None  # refused once: may be a client's retry
     cs.refused("f", 9.5)
     assert cs.victim("fresh", 10.2) is flood
-    cs.relieve("f")  # logged in since: a user's address
+    cs.relieve("f", 10.25)  # logged in since: a user's address
     assert cs.victim("other", 10.3) is None

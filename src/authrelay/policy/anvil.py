@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 
 from authrelay.config import Config
-from authrelay.policy.counters import PENDING, Admission, Pool, SharedCounters
+from authrelay.policy.counters import PENDING, Admission, MarkTable, Pool, SharedCounters
 from authrelay.policy.throttle import KnownStore, LocalThrottle, source_net
 
 
@@ -47,16 +47,13 @@ class SharedThrottle(LocalThrottle):
     def pending_add(self, key: str, delta: int) -> None:
         self.shared.gauge_add(PENDING + key, delta)
 
-    def evicted_add(self, key: str, period: float) -> None:
-        # Each worker keeps its own eviction marks; without this one an address evicted
-        # in one worker reconnected into another as a fresh client and evicted there, and
-        # so on (measured: one login evicted 6 to 8 flood sessions with 2 workers, 1 with
-        # one). Counted 2 so that the sliding count stays >= 1 for at least the rest of
-        # its window and about half of the next.
-        self.shared.window_add("evicted", key, period, time.monotonic(), 2)
-
-    def evicted_lately(self, key: str, period: float) -> bool:
-        return self.shared.window_count("evicted", key, period, time.monotonic()) >= 1
+    def eviction_marks(self) -> MarkTable:
+        # Kept per worker, an address evicted in one worker reconnected into another as
+        # a fresh client and evicted there, and so on (measured: one login evicted 6 to 8
+        # flood sessions with 2 workers, 1 with one); a flood's refusals, counted per
+        # worker, marked its addresses only once each was refused twice at the same one
+        # (3,000 addresses: 5 of 16 logins refused in the flood's first seconds).
+        return self.shared
 
     async def auth_counts(self, ip: str, user: str) -> tuple[float, float, float]:
         s, now, w = self.shared, time.monotonic(), self.auth_ip.window

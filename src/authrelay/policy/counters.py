@@ -44,6 +44,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Protocol
 
 from authrelay import replies
 from authrelay.types import Reply
@@ -55,7 +56,22 @@ SLOT_CACHE = 4096  # remembered key -> slot mappings per process
 POOL_SLOTS = 256
 RATE_IP_PERIOD = 60.0  # connection_rate_per_ip is per minute
 _WINDOW_TABLES = ("rate_ip", "auth_ip", "auth_user", "auth_usernet", "user_msgs",
-                  "user_rcpts", "evicted")
+                  "user_rcpts")
+MARK_WAYS = 4  # entries per bucket of the eviction marks (a set-associative table)
+# An entry: the key's keyed hash (0: free), then the Mark's fields, times in ns of
+# CLOCK_MONOTONIC (system-wide, as the GCRA schedule).
+_MARK_FIELDS = 5
+
+# An address's eviction marks (smtpd/eviction.py): (marks, last pressed, refusals,
+# authenticated at); times in time.monotonic() seconds, 0.0 for never.
+Mark = tuple[int, float, int, float]
+
+
+class MarkTable(Protocol):
+    """Where eviction marks are kept: one process's dict or the workers' shared table."""
+
+    def mark_get(self, key: str) -> Mark | None: ...
+    def mark_put(self, key: str, mark: Mark) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -180,6 +196,8 @@ class SharedCounters:
         for name in _WINDOW_TABLES:
             self._base[name] = size
             size += 3 * slots  # (window number, count in it, count in the one before)
+        self._base["marks"] = size
+        size += slots * _MARK_FIELDS
         self.workers = workers
         self._base["held"] = size
         size += workers * self._held_size
@@ -380,6 +398,42 @@ class SharedCounters:
 
     def window_count(self, table: str, key: str, period: float, now: float) -> float:
         return self._window(table, key, period, now, 0)
+
+    # eviction marks ------------------------------------------------------------
+    def _mark_bucket(self, key: str) -> tuple[int, int]:
+        """(index of `key`'s bucket, its keyed hash): a bucket holds MARK_WAYS entries
+        told apart by the hash, so two addresses never share a mark (a user's address
+        never inherits a flooder's)."""
+        h = int.from_bytes(hashlib.blake2b(b"mark\0" + key.encode("utf-8", "surrogateescape"),
+                                           digest_size=8, key=self._key).digest(),
+                           "little", signed=True) or 1  # 0 marks a free entry
+        bucket = (h % (self.slots // MARK_WAYS)) * MARK_WAYS
+        return self._base["marks"] + bucket * _MARK_FIELDS, h
+
+    def mark_get(self, key: str) -> Mark | None:
+        """`key`'s eviction marks as the last `mark_put` left them, or None."""
+        a, (b, h) = self._a, self._mark_bucket(key)
+        with self._lock:
+            for i in range(b, b + MARK_WAYS * _MARK_FIELDS, _MARK_FIELDS):
+                if a[i] == h:
+                    return (a[i + 1], a[i + 2] / 1e9, a[i + 3], a[i + 4] / 1e9)
+        return None
+
+    def mark_put(self, key: str, mark: Mark) -> None:
+        """Store `key`'s marks: in its entry, else a free one, else the bucket's least
+        recently used one of an address that never authenticated, else its least
+        recently used (bounded: MARK_WAYS addresses per bucket; a flood's addresses
+        push out one another's marks before a user's)."""
+        a, (b, h) = self._a, self._mark_bucket(key)
+        n, last, refusals, authed = mark
+        with self._lock:
+            ways = range(b, b + MARK_WAYS * _MARK_FIELDS, _MARK_FIELDS)
+            at = next((i for i in ways if a[i] == h), None)
+            if at is None:
+                at = min(ways, key=lambda i: (a[i] != 0, a[i + 4] != 0,
+                                              max(a[i + 2], a[i + 4])))
+            a[at], a[at + 1], a[at + 2] = h, n, int(last * 1e9)
+            a[at + 3], a[at + 4] = refusals, int(authed * 1e9)
 
 
 _NONZERO = re.compile(rb"[^\x00]")

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 from authrelay import maillog, replies
 from authrelay.config import SENTINEL_SCHEMES, Config, parse_sentinel
+from authrelay.policy.counters import MarkTable
 from authrelay.policy.throttle import Admission, KnownStore, Pool, Throttle, source_net
 from authrelay.policy.verdicts import messages_allowed, recipients_allowed
 
@@ -501,11 +502,8 @@ class RedisThrottle(Throttle):
     def pending_add(self, key: str, delta: int) -> None:
         self.local.pending_add(key, delta)  # a handshake in progress is per node
 
-    def evicted_add(self, key: str, period: float) -> None:
-        self.local.evicted_add(key, period)  # eviction is per node (its own pools)
-
-    def evicted_lately(self, key: str, period: float) -> bool:
-        return self.local.evicted_lately(key, period)
+    def eviction_marks(self) -> MarkTable | None:
+        return self.local.eviction_marks()  # eviction is per node (its own pools)
 
     def full(self, pools: Sequence[Pool]) -> bool:
         return self.local.full(pools)

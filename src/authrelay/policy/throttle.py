@@ -54,6 +54,7 @@ from authrelay.policy.counters import (
     ADMIT,
     PENDING,
     Admission,
+    MarkTable,
     Pool,
     Share,
     gcra,
@@ -227,15 +228,10 @@ class Throttle(ABC):
         """Count one such connection in (+1) or out (-1)."""
 
     @abstractmethod
-    def evicted_add(self, key: str, period: float) -> None:
-        """A connection of eviction key `key` was evicted from a full pool
-        (smtpd/eviction.py) by this process: remembered for the node's other processes,
-        for about `period` seconds (one process: nothing to tell)."""
-
-    @abstractmethod
-    def evicted_lately(self, key: str, period: float) -> bool:
-        """Whether a process of the node (this one too) evicted a connection of `key` within
-        about `period` seconds (at least the rest of the window it fell in, at most two)."""
+    def eviction_marks(self) -> MarkTable | None:
+        """Where the node's processes keep the eviction marks (smtpd/eviction.py: which
+        addresses pressed on a full pool, which authenticated), so that all of them see
+        each one; None: one process, which keeps its own."""
 
     # ------------------------------------------------------------ AUTH (async)
     @abstractmethod
@@ -379,11 +375,8 @@ class LocalThrottle(Throttle):
         else:
             self.gauges.pop(k, None)
 
-    def evicted_add(self, key: str, period: float) -> None:
-        """One process: its own eviction candidates remember it (smtpd/eviction.py)."""
-
-    def evicted_lately(self, key: str, period: float) -> bool:
-        return False
+    def eviction_marks(self) -> MarkTable | None:
+        return None  # one process: its eviction candidates keep their own
 
     # ---------------------------------------------------------------- AUTH
     async def auth_counts(self, ip: str, user: str) -> tuple[float, float, float]:

@@ -75,7 +75,7 @@ from authrelay import maillog, replies, tls
 from authrelay.config import Config, Listen
 from authrelay.policy.throttle import Admission, Exemptions, Pool, Share, Throttle
 from authrelay.smtpd import proxy
-from authrelay.smtpd.eviction import PRESSURE_TTL, Candidate, Candidates
+from authrelay.smtpd.eviction import Candidate, Candidates
 from authrelay.smtpd.listener import limit_send_buffer, peek_client_hello
 from authrelay.tls import handshake_failure
 from authrelay.types import Reply
@@ -268,7 +268,8 @@ class Acceptor:
         self._stress_poll: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.proxy_reads: set[asyncio.Task[None]] = set()  # PROXY headers being read
-        self.candidates = Candidates()  # eviction candidates (issue 17)
+        # eviction candidates (issue 17), their marks in the node's table
+        self.candidates = Candidates(server.throttle.eviction_marks())
         self._lines = 0  # refusal lines logged in this second
         self._refused: Counter[str] = Counter()  # refusals not logged one by one, by reason
         self._evicted: Counter[str] = Counter()  # evictions this second, by kind
@@ -502,9 +503,7 @@ class Acceptor:
         adm = srv.throttle.connect(key, self.pools, exempt=exempt)
         # Another worker may take the slot an eviction freed before we do (the pools are
         # shared): a few tries, each evicting one more.
-        # (an address another worker evicted lately is under pressure here too)
-        pressed = self.candidates.under_pressure(ekey, time.monotonic()) or \
-            srv.throttle.evicted_lately(ekey, PRESSURE_TTL)
+        pressed = self.candidates.under_pressure(ekey, time.monotonic())
         for _ in range(EVICT_TRIES):
             if adm.admitted or not adm.reason.startswith("pool:") or not lim.pool_eviction:
                 break
@@ -605,7 +604,7 @@ class Acceptor:
 
     def authenticated(self, ticket: Ticket) -> None:
         """Its address is a user's: no longer marked as pressing (eviction.py)."""
-        self.candidates.relieve(ticket.ekey)
+        self.candidates.relieve(ticket.ekey, time.monotonic())
 
     def busy(self, ticket: Ticket) -> None:
         if ticket.idling is not None:
@@ -615,7 +614,6 @@ class Acceptor:
     def _evict(self, c: Candidate) -> None:
         self.candidates.discard(c)
         c.evict()  # releases its pool slot now
-        self.server.throttle.evicted_add(c.key, PRESSURE_TTL)  # the other workers' mark
         self._evicted[c.kind] += 1
         self._evicted_from[c.key] += 1
         self.server.metrics_connection(self.ln.mode, "evicted")

@@ -36,9 +36,12 @@ evicted, within `PRESSURE_TTL` seconds (`pressed()`). With more flooding address
 slots most of them hold none at any moment, and without this they would take every slot
 that ages into a tie before a fresh client could (they reconnect far more often); marked,
 they need an address holding three, and a fresh client (no history, nothing held) gets
-the oldest. The marks are kept for at most `MAX_MARKS` addresses, the least recently
-pressed dropped first. A session that authenticates clears its address's mark (`relieve`):
-a user's address takes a tie slot, logs in, and its next connection is fresh again.
+the oldest. The marks live in a `MarkTable`: this process's own (`LocalMarks`, at most
+`MAX_MARKS` addresses, the least recently pressed dropped first), or, with several
+workers, the node's shared one (policy/counters.SharedCounters), so that an address
+refused or evicted by one worker is marked in all. A session that authenticates clears
+its address's mark (`relieve`): a user's address takes a tie slot, logs in, and its next
+connection is fresh again.
 Failure policy: pure bookkeeping; never raises for unknown candidates.
 """
 
@@ -46,11 +49,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from authrelay.policy.counters import Mark, MarkTable
+
 TIE_AGE = 1.0  # seconds a candidate is kept before a fresh address may take its slot
 LOOK = 8  # addresses of the top count looked at for one that weighs enough
 PRESSURE_TTL = 30.0  # seconds an address stays marked as pressing on a full pool
 PRESSED_AFTER = 2  # refusals at a full pool within PRESSURE_TTL that mark an address
-MAX_MARKS = 16384  # addresses remembered (per listener and worker)
+MAX_MARKS = 16384  # addresses remembered (per listener, in one process)
 
 
 class Candidate:
@@ -66,16 +71,33 @@ class Candidate:
         self.kind = kind  # "handshake" (not yet a session) | "session" (idle, pre-AUTH)
 
 
+class LocalMarks:
+    """One process's eviction marks: at most MAX_MARKS addresses, the least recently
+    marked dropped first (MarkTable)."""
+
+    def __init__(self) -> None:
+        self._d: dict[str, Mark] = {}
+
+    def mark_get(self, key: str) -> Mark | None:
+        return self._d.get(key)
+
+    def mark_put(self, key: str, mark: Mark) -> None:
+        self._d.pop(key, None)
+        self._d[key] = mark
+        if len(self._d) > MAX_MARKS:
+            del self._d[next(iter(self._d))]
+
+
 class Candidates:
     """The candidates of one listener: by address (oldest first), addresses by count."""
 
-    def __init__(self) -> None:
+    def __init__(self, marks: MarkTable | None = None) -> None:
         self._all: dict[Candidate, None] = {}  # insertion order: oldest first
         self._by_key: dict[str, dict[Candidate, None]] = {}
         self._buckets: dict[int, dict[str, None]] = {}  # count -> addresses
         self._top = 0
-        # address -> (marks, last, refusals) under pressure; least recently pressed first
-        self._marks: dict[str, tuple[int, float, int]] = {}
+        # address -> its Mark: this process's own, or the workers' shared table
+        self._marks: MarkTable = marks if marks is not None else LocalMarks()
 
     @property
     def total(self) -> int:
@@ -121,33 +143,38 @@ class Candidates:
     def pressed(self, key: str, now: float, times: int = 1, refused: bool = False) -> None:
         """`key` took a slot by the tie rule or had one evicted (`times=PRESSED_AFTER`),
         or, `refused`, was refused a slot of a full pool (or for max_pending_per_ip)."""
-        got = self._marks.pop(key, None)
-        live = got is not None and now - got[1] < PRESSURE_TTL
-        n, r = (got[0], got[2]) if got is not None and live else (0, 0)
-        self._marks[key] = (n + times, now, r + refused)
-        if len(self._marks) > MAX_MARKS:
-            del self._marks[next(iter(self._marks))]
+        got = self._marks.mark_get(key)
+        n, last, r, authed = got if got is not None else (0, 0.0, 0, 0.0)
+        if now - last >= PRESSURE_TTL:
+            n, r = 0, 0
+        self._marks.mark_put(key, (n + times, now, r + refused, authed))
 
     def refused(self, key: str, now: float) -> None:
         """`key` was refused at a full pool (or for max_pending_per_ip)."""
         self.pressed(key, now, refused=True)
 
+    def _live(self, key: str, now: float) -> tuple[int, int]:
+        """(marks, refusals) of `key` within PRESSURE_TTL."""
+        got = self._marks.mark_get(key)
+        if got is None or now - got[1] >= PRESSURE_TTL:
+            return 0, 0
+        return got[0], got[2]
+
     def knocking(self, key: str, now: float) -> bool:
         """Refused at a full pool `PRESSED_AFTER` times within `PRESSURE_TTL`, and
-        not authenticated since: a flood's address, whose connection a fresh client may
-        take however young (a tie slot it took or a slot it lost marks it, never this)."""
-        got = self._marks.get(key)
-        return got is not None and got[2] >= PRESSED_AFTER and now - got[1] < PRESSURE_TTL
+        not authenticated since: a flood's address, whose connection a fresh client may take
+        however young (a tie slot it took or a slot it lost marks it, never this)."""
+        return self._live(key, now)[1] >= PRESSED_AFTER
 
-    def relieve(self, key: str) -> None:
+    def relieve(self, key: str, now: float) -> None:
         """A session from `key` authenticated: its address is a user's, not a flood's
         (an office behind one NAT, a mail program that connects again within
-        PRESSURE_TTL); its mark goes, so its next connection is a fresh client again."""
-        self._marks.pop(key, None)
+        PRESSURE_TTL); its marks go, so its next connection is a fresh client again
+        (the time is kept: the shared table keeps a user's entry before a flood's)."""
+        self._marks.mark_put(key, (0, 0.0, 0, now))
 
     def under_pressure(self, key: str, now: float) -> bool:
-        got = self._marks.get(key)
-        return got is not None and got[0] >= PRESSED_AFTER and now - got[1] < PRESSURE_TTL
+        return self._live(key, now)[0] >= PRESSED_AFTER
 
     def victim(self, key: str, now: float, weight: Callable[[str], int] | None = None,
                pressed: bool | None = None) -> Candidate | None:
