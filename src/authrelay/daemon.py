@@ -954,10 +954,19 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
     master_pid = os.getpid()
     ml = maillog_mod.get()
 
+    # What the master holds before its event loop runs: what every worker gets at the
+    # start (its own listeners among them). What it opens from then on is its own.
+    inherited = process.descriptors()
+
     def spawn(i: int) -> None:
         # Called from the main thread only (the parent-death signal is tied to the thread
         # that forked: a pool thread exiting would kill the worker).
         ch = Channel()
+        # Listed on the thread that runs the event loop, so no socket of the loop's (a
+        # cached outbound connection, a control client, DNS, Redis, PostgreSQL) is made
+        # between the listing and the fork; the child lets go of them (process.shed).
+        owned = {fd: what for fd, what in process.descriptors().items()
+                 if inherited.get(fd) != what}
         # The worker's garbage collections must not write to the objects it inherits:
         # each collection of the oldest generation touches every tracked object's header,
         # copying the inherited heap page by page (scenario (f): +9 KiB PSS per idle
@@ -973,6 +982,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 if helper is not None:
                     others.append(helper.channel)
                 sock = ch.in_child(others)
+                process.shed(owned, keep={sock.fileno(), *maillog_mod.descriptors()})
                 process.arm_child(master_pid)
                 process.set_name(f"authrelay-w{i}")
                 if shared is not None:

@@ -893,6 +893,19 @@ def _stderr(text: str) -> None:
 _current: MailLog | None = None
 
 
+def descriptors() -> set[int]:
+    """The descriptors every MailLog of this process writes to (a forked child keeps
+    them: it writes its lines through the MailLog it inherited)."""
+    out: set[int] = set()
+    for ml in list(_instances):
+        for fd in (ml._fh.fileno() if ml._fh is not None else None,
+                   ml._file.fileno() if ml._file is not None else None,
+                   ml._syslog.fileno() if ml._syslog is not None else None):
+            if fd is not None:
+                out.add(fd)
+    return out
+
+
 def configure(target: str = "stdout", fmt: str = "text") -> MailLog:
     global _current
     _current = MailLog(target, fmt)

@@ -1,7 +1,7 @@
 """Process plumbing for `authrelay serve`: one instance per state dir, children that die
 with their master, and the privileged helper that reads root-only TLS keys.
 
-Owns four mechanisms (docs/PRIVILEGES.md tells the whole split):
+Owns five mechanisms (docs/PRIVILEGES.md tells the whole split):
 
 - The instance lock: `flock` on `state_dir/authrelay.lock`, taken by `serve` before it
   binds or forks anything; the file holds the master's pid so a second `serve` can name
@@ -28,6 +28,9 @@ Owns four mechanisms (docs/PRIVILEGES.md tells the whole split):
   loads) when the master may not read it (0600 root: it holds a database password).
   Workers get the master's config bytes and PEM pairs in one reload message, a memory
   file passed over the socketpair (any size: a datagram is capped by the send buffer).
+- A child's descriptors: a worker the master forks again lets go at once of what the
+  master opened since its start (`descriptors()` before the fork, `shed()` in the child),
+  or it held the master's connections open for its whole life.
 
 Messages on a channel are single SOCK_SEQPACKET datagrams: `kind(1 byte) + payload`.
 """
@@ -43,6 +46,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import threading
 import time
@@ -271,6 +275,63 @@ def as_owner_of(path: Path) -> Iterator[None]:
         os.setegid(gid)
 
 
+# --------------------------------------------------------------------------- descriptors
+
+# What an open descriptor is (st_dev, st_ino): a number alone may since name another file.
+Identity = tuple[int, int]
+
+
+def descriptors() -> dict[int, Identity]:
+    """This process's open descriptors (from /proc/self/fd) and what each is."""
+    out: dict[int, Identity] = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            st = os.fstat(fd)
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        out[fd] = (st.st_dev, st.st_ino)
+    return out
+
+
+def shed(owned: dict[int, Identity], keep: set[int]) -> None:
+    """In a child right after fork: let go of the parent's descriptors `owned` (listed by
+    descriptors() in the parent before the fork; a number that names something else now,
+    made in the child by a library's fork handler, is left alone), except `keep`.
+
+    A copy keeps its socket open: a worker the master forks again held the master's
+    cached outbound connections, its control and local submission sockets and their
+    clients, its DNS, Redis and PostgreSQL sockets, so a next hop or a client saw no close
+    until that worker exited. Nothing in the child uses them (they belong to the parent's
+    event loop and threads, which the child does not run): a socket is closed; anything
+    else (the scheduler's lock and journal, SQLite and metrics files) is replaced by
+    /dev/null, its number kept, because a library of the parent's may still close its
+    object's descriptor by number in the child (prometheus_client does at a pid change):
+    with the number free, that close would hit the child's own file."""
+    with contextlib.suppress(ValueError):  # the parent loop's wakeup socket, shed below
+        signal.set_wakeup_fd(-1)
+    devnull = -1
+    try:
+        for fd, what in owned.items():
+            if fd in keep:
+                continue
+            try:
+                st = os.fstat(fd)
+            except OSError:  # closed in the child already
+                continue
+            if (st.st_dev, st.st_ino) != what:
+                continue
+            if stat.S_ISSOCK(st.st_mode):
+                os.close(fd)
+                continue
+            if devnull < 0:
+                devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            os.dup2(devnull, fd, inheritable=False)
+    finally:
+        if devnull >= 0:
+            os.close(devnull)
+
+
 # --------------------------------------------------------------------------- parent death
 
 _libc: Any = None
@@ -390,8 +451,6 @@ def open_log_file(path: str, owner: tuple[int, int]) -> int:
     `owner`'s, for the dropped processes. Never through a symbolic link (O_NOFOLLOW) and
     only a regular file with one link: the directory may be the dropped user's, and a
     link it put in the file's place (to /etc/shadow) must not be chowned to it by root."""
-    import stat
-
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
                  | os.O_NOFOLLOW | os.O_NONBLOCK, 0o640)
     try:

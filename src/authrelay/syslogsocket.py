@@ -50,6 +50,10 @@ class SyslogSocket:
             return s
         raise last
 
+    def fileno(self) -> int | None:
+        """The connected socket's descriptor (None before the first send)."""
+        return self._sock.fileno() if self._sock is not None else None
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()

@@ -18,14 +18,17 @@ items 1, 2, 7, 8).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +36,7 @@ from pathlib import Path
 import pytest
 import trustme
 from relayproc import (
+    PASSWORD,
     RelayProcess,
     alive,
     children,
@@ -43,6 +47,7 @@ from relayproc import (
 from smtpclient import RawClient, client_ctx
 from support.certs import install_cert
 from support.privileges import TEST_USER, unprivileged_user
+from support.procfs import connected_to, socket_inodes
 from support.sessions import session_in_progress
 from support.wait import wait_until
 
@@ -562,6 +567,98 @@ def test_connections_of_a_killed_worker_leave_the_pools(relay_factory) -> None:
     finally:
         for c in again:
             c.close()
+
+
+class _NextHop:
+    """A scripted next hop on loopback: 250 to every command of one connection at a time,
+    221 to QUIT without closing, so it sees the relay's own close (`closed`): the
+    end-of-file a copy of the relay's socket in another process holds back."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.delivered = threading.Event()
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.listener.accept()
+            with conn, conn.makefile("rb") as f:
+                conn.sendall(b"220 hop.test ESMTP\r\n")
+                while line := f.readline():
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        conn.sendall(b"250-hop.test\r\n250 PIPELINING\r\n")
+                    elif verb == b"DATA":
+                        conn.sendall(b"354 go on\r\n")
+                        while f.readline() not in (b".\r\n", b""):
+                            pass
+                        conn.sendall(b"250 2.0.0 queued\r\n")
+                        self.delivered.set()
+                    elif verb == b"QUIT":
+                        conn.sendall(b"221 2.0.0 bye\r\n")
+                    else:
+                        conn.sendall(b"250 2.0.0 ok\r\n")
+            self.closed.set()  # the relay closed its end: end of file
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def test_a_worker_forked_again_holds_none_of_the_masters_sockets(relay_factory) -> None:
+    """A worker the master forks again (the first died) inherited every descriptor the
+    master had opened since its start: its cached outbound connection, its control socket
+    and that socket's clients, its DNS and database sockets, the scheduler's lock. So the
+    next hop saw no close when the master closed its connection, nor a control client
+    when the master closed it, for as long as that worker lived. Now the new worker holds
+    of the master's sockets only those the worker it replaces held (its listeners)."""
+    hop = _NextHop()
+    try:
+        r = relay_factory({"relay": {"smart_host": [f"127.0.0.1:{hop.port}"],
+                                     "smart_host_tls": "none"},
+                           "delivery": {"idle_timeout": 600}}, workers=2)
+        _started(r, 3)
+        assert r.proc is not None
+        master = r.proc.pid
+        with smtplib.SMTP("127.0.0.1", r.ports["submission"], timeout=30) as c:
+            c.starttls(context=r.client_context())
+            c.login("alice", PASSWORD)
+            c.sendmail("alice@local.test", ["bob@example.org"], b"Subject: x\r\n\r\nhi\r\n")
+        assert hop.delivered.wait(60), "the message reached the next hop"
+        wait_until(lambda: connected_to(master, "127.0.0.1", hop.port),
+                   what="the master's connection to the next hop, cached")
+        (outbound,) = connected_to(master, "127.0.0.1", hop.port)
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        control.settimeout(60)  # a bound against a hang, not a measure
+        with control:
+            control.connect(str(r.state / "spool" / "control.sock"))
+            control.sendall(b'{"op": "status"}\n')
+            assert b'"ok": true' in control.recv(65536)
+            kids = children(master)
+            dead = socket_inodes(kids[0])
+            os.kill(kids[0], signal.SIGKILL)
+            _started(r, 4)
+            (new,) = [p for p in children(master) if p not in kids]
+            masters = socket_inodes(master)
+            assert outbound in masters
+            held = socket_inodes(new) & masters
+            assert outbound not in held
+            assert held <= dead, "only the listeners of the worker it replaces"
+            # The master closes the control client (a request over its limit): the client
+            # sees the end of the connection although the new worker lives.
+            control.sendall(b"x" * (70 * 1024))
+            while control.recv(65536):
+                pass
+        # A reload with new [delivery] settings closes the old courier's idle connection.
+        r.config.write_text(r.config.read_text().replace("idle_timeout = 600",
+                                                         "idle_timeout = 500"))
+        os.kill(master, signal.SIGHUP)
+        assert hop.closed.wait(60), "the next hop sees the relay's close"
+        assert alive(new)
+    finally:
+        hop.stop()
 
 
 def _maillog_of(tmp_path: Path, body: str) -> list[str]:

@@ -1,7 +1,9 @@
 """What a process holds, read from /proc (the tests run as the relay's user or root).
 
 Owns: counting a process's TCP socket descriptors (`sockets_of`), what tests of floods
-and evictions compare with a baseline to find a connection the server never closed.
+and evictions compare with a baseline to find a connection the server never closed; the
+sockets a process holds (`socket_inodes`) and which of them are connected to a peer
+(`connected_to`), what the process-model tests compare between a master and its workers.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ def sockets_of(pid: int) -> int:
         with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/net/{table}") as f:
             next(f)
             tcp.update(line.split()[9] for line in f)
-    return len(_socket_inodes(pid) & tcp)
+    return len(socket_inodes(pid) & tcp)
 
 
-def _socket_inodes(pid: int) -> set[str]:
+def socket_inodes(pid: int) -> set[str]:
     out = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
@@ -37,17 +39,24 @@ def _socket_inodes(pid: int) -> set[str]:
     return out
 
 
+def _established(pid: int, host: str, port: int) -> list[list[str]]:
+    """/proc/net/tcp's rows of `pid`'s sockets connected to host:port (IPv4)."""
+    a, b, c, d = (int(x) for x in host.split("."))
+    peer = f"{d:02X}{c:02X}{b:02X}{a:02X}:{port:04X}"
+    mine = socket_inodes(pid)
+    with open(f"/proc/{pid}/net/tcp") as f:
+        next(f)
+        rows = [line.split() for line in f]
+    return [cols for cols in rows
+            if cols[2] == peer and cols[3] == "01" and cols[9] in mine]  # ESTABLISHED
+
+
 def unread_from(pid: int, host: str, port: int) -> list[int]:
     """Bytes waiting unread in each of `pid`'s TCP sockets connected to host:port (IPv4):
     /proc/net/tcp's rx_queue. 0: the process has read all the peer sent."""
-    a, b, c, d = (int(x) for x in host.split("."))
-    peer = f"{d:02X}{c:02X}{b:02X}{a:02X}:{port:04X}"
-    mine = _socket_inodes(pid)
-    out = []
-    with open(f"/proc/{pid}/net/tcp") as f:
-        next(f)
-        for line in f:
-            cols = line.split()
-            if cols[2] == peer and cols[3] == "01" and cols[9] in mine:  # ESTABLISHED
-                out.append(int(cols[4].split(":")[1], 16))
-    return out
+    return [int(cols[4].split(":")[1], 16) for cols in _established(pid, host, port)]
+
+
+def connected_to(pid: int, host: str, port: int) -> set[str]:
+    """The socket inodes of `pid`'s TCP connections to host:port (IPv4)."""
+    return {cols[9] for cols in _established(pid, host, port)}
