@@ -56,7 +56,7 @@ from typing import Any, BinaryIO
 from authrelay import localmail
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config
-from authrelay.jsonline import read_line
+from authrelay.jsonline import read_line, request_object
 from authrelay.spool.envelope import Envelope
 from authrelay.spool.submit import Submitter
 
@@ -322,8 +322,8 @@ def _options(line: bytes) -> localmail.Options:
     """The client's Options (only known fields of the right types; the rest refused)."""
     if not line.endswith(b"\n"):
         raise ValueError("bad request")
-    req = json.loads(line)
-    if not isinstance(req, dict) or req.get("v") != 1 or not isinstance(req.get("opts"), dict):
+    req = request_object(line)
+    if req.get("v") != 1 or not isinstance(req.get("opts"), dict):
         raise ValueError("bad request")
     kinds = {f.name: f.type for f in fields(localmail.Options)}
     out = localmail.Options()

@@ -169,6 +169,25 @@ def test_bad_request_is_refused(relay: RelayProcess) -> None:
     assert relay.queued() == []
 
 
+def test_a_request_nested_too_deep_is_a_bad_request(relay: RelayProcess) -> None:
+    """A request of 30,000 nested arrays (json raises RecursionError, no ValueError) was
+    taken for a bug: `error=local submission: RecursionError: ...` in the maillog, for
+    any local user, at will. It is a bad request as any other: a warning that nothing was
+    queued, the client told 75, the server serving on."""
+    sock = relay.state / "public" / "submit.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(sock))
+        s.sendall(b"[" * 30000 + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        answer = s.makefile("rb").readline()
+    assert json.loads(answer)["code"] == 75
+    relay.wait_log(r"warning=local submission aborted: nested too deep")
+    assert "error=" not in relay.maillog() and "RecursionError" not in relay.maillog()
+    res = sendmail(relay, "bob@remote.example", stdin=MSG, user="nobody")
+    assert res.returncode == 0, res.stderr
+    assert relay.queued() != []
+
+
 def test_server_down(site: Path) -> None:
     """nobody: one line, 75, nothing queued. root: queued directly, still as root."""
     r = RelayProcess(site, {"user": "nobody"})

@@ -671,3 +671,41 @@ async def test_a_named_hold_of_a_message_still_in_its_commit_says_so(
     if not scheduler:  # (a running one may have delivered it by now)
         r = await asyncio.to_thread(cli, cfgfile, "hold", inc.queue_id)
         assert r.returncode == 0 and spool.held() == [inc.queue_id], r
+
+
+def _raw_request(path: Path, data: bytes) -> bytes:
+    """One request's bytes to the control socket as they are; the answer line (b"" when
+    the scheduler closed without one)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(str(path))
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        buf = b""
+        while chunk := s.recv(65536):
+            buf += chunk
+        return buf
+
+
+async def test_a_request_nested_too_deep_is_answered_bad_request(
+        site: tuple[Path, Spool]) -> None:
+    """A control request of 30,000 nested arrays (json.loads raises RecursionError, no
+    ValueError) got no answer: the connection closed and the maillog said 'error=
+    authrelay.loop: Unhandled exception in client_connected_cb: RecursionError'. It is a
+    bad request like any other, and the scheduler goes on answering."""
+    from authrelay.config import load
+
+    cfgfile, spool = site
+    sched = wiring.scheduler(load(str(cfgfile)), spool, FakeCourier(), ListLog())
+    await sched.start()
+    try:
+        path = control.control_path(spool)
+        got = await asyncio.to_thread(_raw_request, path, b"[" * 30000 + b"\n")
+        resp = json.loads(got)
+        assert resp["ok"] is False and resp["error"].startswith("bad request: "), resp
+        got = await asyncio.to_thread(_raw_request, path, b'{"op": "status"}\n')
+        assert json.loads(got) == {"ok": True, "active": []}
+    finally:
+        await sched.stop()

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from authrelay import process
-from authrelay.jsonline import read_line
+from authrelay.jsonline import read_line, request_object
 from authrelay.spool.store import InCommit, Spool, SpoolError, is_queue_id
 
 MAX_REQUEST = 64 * 1024
@@ -75,9 +75,7 @@ async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
                 if not line:
                     break
                 try:
-                    req = json.loads(line)
-                    if not isinstance(req, dict):
-                        raise ValueError("request must be an object")
+                    req = request_object(line)
                 except ValueError as e:
                     resp: dict[str, Any] = {"ok": False, "error": f"bad request: {e}"}
                 else:
