@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PKGS=(swaks msmtp curl openssl sasl2-bin dovecot-core
+          mutt s-nail git-email libmailtools-perl  # the MUAs of test_mua_clients.py; git send-email
+                                                   # needs Mail::Address, which git-email only recommends
           libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl python3-venv python3-pip
           haproxy postgresql redis-server
           opendkim-tools   # opendkim-testkey: an independent check of our DKIM keys + records

@@ -160,6 +160,17 @@ class RelayProcess:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
+    def reload(self, changes: dict[str, Any], processes: int = 1) -> None:
+        """Rewrite the config with `changes` (top-level keys replaced whole), SIGHUP the
+        server and wait for `processes` more `daemon=reloaded` lines (1 per process)."""
+        self.config_data = {**self.config_data, **changes}
+        self.config.write_text(to_toml(self.config_data))
+        before = self.maillog().count("daemon=reloaded")
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGHUP)
+        self.wait_for(lambda: self.maillog().count("daemon=reloaded") >= before + processes,
+                      what="the reload")
+
     def maillog(self, settle: float = 0.05) -> str:
         """The maillog so far. The server writes it from a background thread, so a line
         may land a moment after the reply a test just saw: read until it stops growing."""
