@@ -5,10 +5,20 @@ shared throttle two workers use, real sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
+from types import SimpleNamespace
 
+from authrelay.config import Config, from_dict
+from authrelay.policy.anvil import SharedThrottle
 from authrelay.policy.counters import MARK_WAYS, SharedCounters
-from authrelay.smtpd.eviction import PRESSED_AFTER, Candidates
+from authrelay.policy.throttle import Exemptions, Share
+from authrelay.smtpd.admission import Acceptor
+from authrelay.smtpd.eviction import PRESSED_AFTER, Candidate, Candidates
+
+CFG = {"listen": [{"address": "127.0.0.1:2587", "mode": "submission", "max_connections": 4}],
+       "limits": {"connection_rate_per_ip": 0, "max_connections_per_ip": 50}}
 
 
 def _in_child(fn: object) -> None:
@@ -56,3 +66,58 @@ def test_the_shared_marks_keep_a_users_entry_and_tell_addresses_apart() -> None:
     assert cs.knocking("flood49", 52.0)
     assert table.mark_get("flood0") is None  # pushed out by the later ones
     assert not cs.knocking("someone", 52.0)
+
+
+def _acceptor(cfg: Config, throttle: SharedThrottle) -> tuple[Acceptor, list[str]]:
+    said: list[str] = []
+    server = SimpleNamespace(
+        cfg=cfg, share=Share(), throttle=throttle, exemptions=Exemptions(cfg),
+        proxy_trusted=None, stopping=False, open_sockets=0,
+        protocol_factory=lambda ln, ticket: asyncio.Protocol,
+        metrics_connection=lambda mode, result: said.append(result),
+        refused=lambda ln, ip, r, reason, tls: said.append(f"421 {reason}"),
+        fd_released=lambda: None, fd_tight=lambda a: False)
+    ln_cfg = cfg.listen[0]
+    ln = SimpleNamespace(cfg=ln_cfg, mode=ln_cfg.mode, sock=None,
+                         name=f"{ln_cfg.mode}:{ln_cfg.address}")
+    return Acceptor(server, ln), said  # type: ignore[arg-type]
+
+
+async def _one_newcomer_evicts_one() -> None:
+    cfg = from_dict(CFG)
+    table = SharedCounters(slots=4096, workers=2)
+    mine, other = SharedThrottle(cfg, table), SharedThrottle(cfg, table)  # two workers
+    acc, said = _acceptor(cfg, mine)
+    evicted: list[Candidate] = []
+
+    def evict(c: Candidate) -> None:
+        evicted.append(c)
+        mine.disconnect("192.0.2.1", acc.pools)  # its slot freed ...
+        # ... and a client of the other worker tries for it at once
+        other.connect(f"192.0.2.{100 + len(evicted)}", acc.pools)
+
+    # a flooder holds the whole pool: four idle sessions, here
+    for _ in range(4):
+        assert mine.connect("192.0.2.1", acc.pools).admitted
+        c = Candidate("192.0.2.1", 0.0, lambda: None, "session")
+        c.evict = lambda c=c: evict(c)  # type: ignore[misc]
+        acc.candidates.add(c)
+    a, b = socket.socketpair()
+    try:
+        acc._admit_client(a, ("127.0.0.9", 40000), None)  # a fresh client, a user
+        await asyncio.sleep(0.05)
+    finally:
+        acc.stop()
+        a.close()
+        b.close()
+    assert len(evicted) == 1, (evicted, said)
+    assert said.count("evicted") == 1 and "accepted" in said, said
+    assert table.pool_level(acc.pools[-1].key) == 4  # the pool's cap, never over it
+
+
+def test_one_newcomer_evicts_one_connection_however_the_workers_race() -> None:
+    """An eviction frees its slot, another worker took it before the evicting one could,
+    and the evicting one evicted again, up to three connections for one newcomer
+    (EVICT_TRIES; ev2's figure: 4 logins, up to 6 evictions). The newcomer is now
+    counted into the victim's slot before that is freed: one eviction, one admitted."""
+    asyncio.run(_one_newcomer_evicts_one())

@@ -89,7 +89,6 @@ STRESS_OFF_MARGIN = 10  # percentage points below the threshold where stress mod
 STRESS_CALM = 10.0  # ... once the load has stayed there this many seconds
 PROXY_READS_MIN = 256  # PROXY headers read at once per listener, at least (issue 14)
 REFUSAL_LINES = 10  # refusals logged one by one per listener and second; then a summary
-EVICT_TRIES = 3  # evictions at most to admit one connection (workers race for the slot)
 EVICT_V6_PREFIX = 48  # eviction counts an IPv6 client by this prefix (a site's allocation)
 
 
@@ -293,6 +292,9 @@ class Acceptor:
         self.pool_key = f"listener:{self.ln.name}"
         pools.append(Pool(self.pool_key, own))
         self.pools: tuple[Pool, ...] = tuple(pools)
+        # The same pools one over: a newcomer that evicts is counted into its victim's
+        # slot before the eviction frees it (_admit_client).
+        self.over_pools = tuple(Pool(p.key, p.cap + 1) if p.cap else p for p in pools)
         self.cap = min(c for c in (own, limit) if c) if (own or limit) else 0  # stress mode
 
     @property
@@ -501,17 +503,15 @@ class Acceptor:
             self._refuse(sock, ip, Admission(replies.TOO_MANY_PENDING, 0.0, "pending_ip"))
             return
         adm = srv.throttle.connect(key, self.pools, exempt=exempt)
-        # Another worker may take the slot an eviction freed before we do (the pools are
-        # shared): a few tries, each evicting one more.
-        pressed = self.candidates.under_pressure(ekey, time.monotonic())
-        for _ in range(EVICT_TRIES):
-            if adm.admitted or not adm.reason.startswith("pool:") or not lim.pool_eviction:
-                break
-            victim = self.candidates.victim(ekey, time.monotonic(), self._weight, pressed)
-            if victim is None:
-                break
-            self._evict(victim)
-            adm = srv.throttle.connect(key, self.pools, exempt=exempt)
+        if not adm.admitted and adm.reason.startswith("pool:") and lim.pool_eviction:
+            victim = self.candidates.victim(ekey, time.monotonic(), self._weight)
+            if victim is not None:
+                # Counted into the victim's slot before the eviction frees it (the pools
+                # one over for that moment): freed first, another worker could take it
+                # before this one, which evicted again (up to three for one newcomer).
+                adm = srv.throttle.connect(key, self.over_pools, exempt=exempt)
+                if adm.admitted:
+                    self._evict(victim)
         srv.metrics_connection(self.ln.mode, "accepted" if adm.admitted else "refused")
         if not adm.admitted:
             if adm.reason.startswith("pool:"):
