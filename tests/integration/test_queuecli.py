@@ -709,3 +709,29 @@ async def test_a_request_nested_too_deep_is_answered_bad_request(
         assert json.loads(got) == {"ok": True, "active": []}
     finally:
         await sched.stop()
+
+
+async def test_an_id_longer_than_a_control_request_is_not_in_the_queue(
+        site: tuple[Path, Spool]) -> None:
+    """An id of 70,000 characters (an argument may be 128 KiB) against a running
+    scheduler: its request was over the control socket's MAX_REQUEST, the scheduler
+    closed the connection unanswered and the operator read "the scheduler closed the
+    control connection", as for a scheduler in trouble. Now "not in the queue" (exit 1),
+    as offline and for any shorter id that is none, and the queue is untouched."""
+    from authrelay.config import load
+
+    cfgfile, spool = site
+    q = await put(spool, ["x@b.example"])
+    assert spool.hold(q)  # (not delivered meanwhile)
+    sched = wiring.scheduler(load(str(cfgfile)), spool, FakeCourier(), ListLog())
+    await sched.start()
+    try:
+        huge = "A" * (control.MAX_REQUEST + 4000)
+        for op in ("hold", "release", "delete", "flush"):
+            rc, _, err = await acli(cfgfile, op, huge)
+            assert rc == 1, (op, err[-300:])
+            assert err.endswith(f"{huge}: not in the queue\n"), (op, err[-300:])
+            assert "closed" not in err, (op, err[-300:])
+        assert spool.held() == [q] and spool.scan() == []
+    finally:
+        await sched.stop()

@@ -58,6 +58,21 @@ def _active_ids(spool: Spool) -> set[str]:
         return set()
 
 
+def _running(spool: Spool) -> bool:
+    """Whether a scheduler holds the spool (its lock taken: answering or not)."""
+    try:
+        control.request(control.control_path(spool), {"op": "status"}, timeout=10.0)
+    except control.ServerNotRunning:
+        try:
+            with control.offline(spool):
+                return False
+        except control.ServerBusy:
+            return True
+    except (control.ServerBusy, OSError, ValueError):
+        return True
+    return True
+
+
 def _state(env: Envelope, active: set[str]) -> str:
     if env.held:
         return "held"
@@ -295,12 +310,22 @@ def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
             if op == "delete" and req["id"] in active:
                 _err(f"{req['id']}: a delivery attempt is in progress; waiting for it to end "
                      f"({_attempt_bound(attempt)})")
-        try:
-            resp = control.request(control.control_path(spool), req, timeout=timeout)
-        except control.ServerNotRunning:
-            running = False
-            with control.offline(spool):
-                resp = control.run_offline(spool, req)
+        named = req.get("id")
+        if named is not None and not is_queue_id(named):
+            # No queue id (a paste gone wrong): not in the queue, asked of no one. Sent,
+            # one of over MAX_REQUEST (an argument may be 128 KiB) had the scheduler
+            # close the connection unanswered: "the scheduler closed the control
+            # connection". (Whether one runs still decides what flush says.)
+            resp: dict[str, Any] = {"ok": True, "done": [], "missing": [named],
+                                    "failed": []}
+            running = _running(spool)
+        else:
+            try:
+                resp = control.request(control.control_path(spool), req, timeout=timeout)
+            except control.ServerNotRunning:
+                running = False
+                with control.offline(spool):
+                    resp = control.run_offline(spool, req)
     except control.ServerBusy as e:
         _err(str(e))
         return 1
