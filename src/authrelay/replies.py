@@ -46,6 +46,8 @@ TOO_MANY_COMMANDS = R(421, "4.7.0", "Too many commands, closing connection")
 TOO_MANY_BAD_RCPTS = R(421, "4.7.0", "Too many invalid recipients, closing connection")
 TOO_MANY_AUTH_FAILURES = R(421, "4.7.0", "Too many authentication failures, closing connection")
 NON_SMTP = R(421, "4.7.0", "Non-SMTP command, closing connection")  # an HTTP request
+# A TLS ClientHello where plain text and STARTTLS are spoken (a client set for port 465)
+TLS_WITHOUT_STARTTLS = R(421, "4.7.0", "TLS handshake without STARTTLS, closing connection")
 AUTH_TEMPFAIL = R(454, "4.7.0", "Temporary authentication failure")
 AUTH_LOCKED = R(454, "4.7.0", "Too many authentication failures, try again later")
 # The credentials an authenticated session logged in with were revoked (user deleted,

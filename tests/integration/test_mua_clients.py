@@ -119,11 +119,11 @@ def _repository(repo: Path, home: Path) -> tuple[Path, Path]:
 
 
 def _mutt(rig: Rig, mode: str, mech: str, password: str, ca: Path, sender: str,
-          tag: str) -> subprocess.CompletedProcess[str]:
+          tag: str, port: int = 0) -> subprocess.CompletedProcess[str]:
     mutt = ci.require_tool("mutt", "mutt")
     scheme = "smtp" if mode == "submission" else "smtps"
     rc = rig.home / f"{tag}.muttrc"
-    rc.write_text(f'set smtp_url = "{scheme}://alice@localhost:{rig.relay.ports[mode]}/"\n'
+    rc.write_text(f'set smtp_url = "{scheme}://alice@localhost:{port or rig.relay.ports[mode]}/"\n'
                   f'set smtp_pass = "{password}"\n'
                   f'set smtp_authenticators = "{mech.lower()}"\n'
                   "set ssl_starttls = yes\nset ssl_force_tls = yes\n"
@@ -135,9 +135,9 @@ def _mutt(rig: Rig, mode: str, mech: str, password: str, ca: Path, sender: str,
 
 
 def _snail(rig: Rig, mode: str, mech: str, password: str, ca: Path, sender: str,
-           tag: str) -> subprocess.CompletedProcess[str]:
+           tag: str, port: int = 0) -> subprocess.CompletedProcess[str]:
     snail = ci.require_tool("s-nail", "s-nail")
-    port = rig.relay.ports[mode]
+    port = port or rig.relay.ports[mode]
     scheme = "smtp" if mode == "submission" else "smtps"
     rc = rig.home / f"{tag}.mailrc"
     rc.write_text("set v15-compat sendwait\n"
@@ -153,7 +153,7 @@ def _snail(rig: Rig, mode: str, mech: str, password: str, ca: Path, sender: str,
 
 
 def _git(rig: Rig, mode: str, mech: str, password: str, ca: Path, sender: str,
-         tag: str) -> subprocess.CompletedProcess[str]:
+         tag: str, port: int = 0) -> subprocess.CompletedProcess[str]:
     git = ci.require_tool("git", "git")
     exec_path = subprocess.run([git, "--exec-path"], capture_output=True, text=True).stdout
     ci.require(Path(exec_path.strip(), "git-send-email").exists(),
@@ -166,7 +166,7 @@ def _git(rig: Rig, mode: str, mech: str, password: str, ca: Path, sender: str,
     return subprocess.run(
         [git, "-C", str(rig.repo), "send-email", "--quiet", "--confirm=never",
          "--suppress-cc=all", "--smtp-server=127.0.0.1",
-         f"--smtp-server-port={rig.relay.ports[mode]}",
+         f"--smtp-server-port={port or rig.relay.ports[mode]}",
          f"--smtp-encryption={'tls' if mode == 'submission' else 'ssl'}",
          "--smtp-user=alice", f"--smtp-pass={password}", f"--smtp-auth={mech}",
          f"--smtp-ssl-cert-path={ca}", f"--from={sender}", f"--to={RCPT}", str(rig.patch)],
@@ -315,6 +315,20 @@ def test_an_untrusted_server_certificate(rig: Rig, client: str, mode: str) -> No
         failed = _only(lines, "NOQUEUE: tls_failed=from unknown [127.0.0.1], ")
         assert "reason=handshake failed: TLSV1_ALERT_UNKNOWN_CA, " in failed, failed
         assert f"listener={mode}:127.0.0.1:{rig.relay.ports[mode]}" in failed, failed
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_implicit_tls_set_for_the_starttls_port(rig: Rig, client: str) -> None:
+    """smtps:// (--smtp-encryption=ssl) with 587's port: the relay names the mistake."""
+    mark = _mark(rig)
+    r = RUN[client](rig, "submissions", "PLAIN", PASSWORD, rig.ca, FROM, f"{client}-tls",
+                    port=rig.relay.ports["submission"])
+    assert r.returncode != 0, r
+    _wait_line(rig, mark, r"NOQUEUE: disconnect=from unknown \[127\.0\.0\.1\]")
+    lines = _lines_since(rig, mark)
+    refused = _only(lines, "NOQUEUE: reject=421 4.7.0 TLS handshake without STARTTLS, ")
+    assert "reason=the client sent a TLS ClientHello: it is set for implicit TLS" in refused
+    assert len(lines) == 3, lines  # connect=, reject=, disconnect=
 
 
 @pytest.fixture

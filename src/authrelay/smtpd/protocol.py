@@ -43,6 +43,10 @@ Security decisions (each also cited where it is made):
 - CONNECT, GET or POST (an HTTP request at an SMTP port: cross-protocol, SSRF) end the
   session at once with 421, so no line of its body runs as a command (Postfix's
   smtpd_forbidden_commands).
+- A TLS handshake record (a ClientHello: 0x16 0x03) as the first bytes in plain text (a
+  client set for implicit TLS at a STARTTLS port) ends the session at once with 421
+  naming it, not as a command line (a "bare LF" in its random bytes, or a wait for a
+  line end that never comes).
 - A bare CR or LF in a command or in DATA ends the session with 521 (RFC 5321 2.3.8;
   SMTP smuggling). ESMTP parameter values must be ASCII (RFC 5321 4.1.2, RFC 1870):
   anything else is 501 5.5.4.
@@ -295,6 +299,9 @@ _JUNK = frozenset({"NOOP", "RSET", "HELP", "VRFY"})
 # Postfix's smtpd_forbidden_commands: an HTTP request sent to an SMTP port (a browser
 # form, a server-side request forgery) must never have its body run as SMTP commands.
 _NON_SMTP = frozenset({"CONNECT", "GET", "POST"})
+# A TLS record of type handshake (22), protocol major version 3 (RFC 8446 5.1): no SMTP
+# command starts with a control character.
+_TLS_HANDSHAKE = b"\x16\x03"
 
 _AGAIN = _Sentinel("AGAIN")
 
@@ -544,6 +551,9 @@ class Engine:
             if phase is Phase.DATA:
                 if not self._data_step():
                     return NEED_DATA
+            elif (self._buf[:2] == _TLS_HANDSHAKE and not self.tls and not self.commands
+                  and phase is Phase.COMMAND):
+                self._tls_without_starttls()
             else:
                 line = self._take_line(phase) if self._buf else None
                 if line is None:
@@ -727,6 +737,14 @@ class Engine:
             self._reply(replies.TOO_MANY_ERRORS)
             self._events.append(Reject(replies.TOO_MANY_ERRORS))
             self._close("errors")
+
+    def _tls_without_starttls(self) -> None:
+        # The client cannot read the reply (it waits for a ServerHello); the operator can.
+        self._reply(replies.TLS_WITHOUT_STARTTLS)
+        self._events.append(Reject(replies.TLS_WITHOUT_STARTTLS, extra={
+            "reason": "the client sent a TLS ClientHello: it is set for implicit TLS "
+                      "(port 465), not STARTTLS"}))
+        self._close("tls_without_starttls")
 
     def _bare(self, aborted: MessageAborted | None = None) -> None:
         # RFC 5321 2.3.8: CR and LF only together; anything else may be smuggling.

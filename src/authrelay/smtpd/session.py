@@ -819,6 +819,7 @@ _REASONS = {
     replies.TOO_MANY_CONNECTIONS: "connections", replies.TOO_MANY_FROM_IP: "connections_ip",
     replies.RATE_LIMITED: "connection_rate", replies.NO_RDNS: "no_rdns",
     replies.TOO_MANY_COMMANDS: "junk_commands", replies.NON_SMTP: "non_smtp",
+    replies.TLS_WITHOUT_STARTTLS: "tls_without_starttls",
     replies.MSG_NUL: "nul", replies.TOO_MANY_HOPS: "hops", replies.NO_STORAGE: "storage",
     containment.SUSPENDED: "user_suspended", replies.ACCOUNT_GONE: "account_gone",
 }
