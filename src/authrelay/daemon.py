@@ -49,7 +49,7 @@ from typing import Any
 
 from authrelay import maillog as maillog_mod
 from authrelay import metrics as metrics_mod
-from authrelay import process, reloadkeys, sdnotify, wiring
+from authrelay import owedlines, process, reloadkeys, sdnotify, wiring
 from authrelay.config import (
     EMBEDDED,
     Config,
@@ -65,6 +65,7 @@ from authrelay.config import (
 from authrelay.delivery.client import Courier
 from authrelay.localsubmit import LocalSubmission
 from authrelay.metrics import Metrics
+from authrelay.owedlines import OwedLines
 from authrelay.policy.counters import SharedCounters
 from authrelay.policy.recipients import LocalRecipients, RecipientsError, open_domains
 from authrelay.policy.throttle import Share
@@ -911,6 +912,11 @@ def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
             # before forking, and before the drop (it maps shared memory).
             shared = wiring.shared_counters(nworkers)
         _drop_privileges(cfg)
+        # Refusal lines a process dies owing are written by the master (owedlines.py);
+        # those the previous instance's processes owed, now. Mapped before any fork.
+        book = OwedLines(cfg.spool_dir / owedlines.NAME, nworkers + 1)
+        maillog_mod.get().write_owed(book.leftovers)
+        maillog_mod.get().keep_owed(book.slot(0))
         # Read again as the user that reads it at every reload; before any fork.
         recipients = _local_recipients(cfg)
         if nworkers <= 1:
@@ -924,7 +930,7 @@ def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
                        helper_pid=helper.pid if helper else 0)
             return asyncio.run(_serve_loop(run))
         return _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared,
-                             recipients)
+                             recipients, book)
     finally:
         if helper is not None:
             helper.close()
@@ -941,7 +947,7 @@ def _local_recipients(cfg: Config) -> LocalRecipients | None:
 def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                   per_worker: list[list[Listener]], read_keys: Callable[[Config], PEM],
                   helper: KeyHelper | None, shared: SharedCounters | None,
-                  recipients: LocalRecipients | None) -> int:
+                  recipients: LocalRecipients | None, book: OwedLines) -> int:
     nworkers = len(per_worker)
     run = _Run(cfg, config_path, pem, "master", recipients=recipients, read_keys=read_keys,
                read_password=helper.read_password if helper else None,
@@ -985,6 +991,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 process.shed(owned, keep={sock.fileno(), *maillog_mod.descriptors()})
                 process.arm_child(master_pid)
                 process.set_name(f"authrelay-w{i}")
+                ml.keep_owed(book.slot(i + 1))
                 if shared is not None:
                     shared.adopt(i)  # what it counts is recorded, for forget() below
                 for j, socks in enumerate(per_worker):
@@ -1020,6 +1027,9 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 run.exited[pid] = status  # the key helper: _watch_helper says it
                 continue
             w.channel.close()
+            # The refusal lines it died owing (replies sent, its writer had not written
+            # them), before another worker takes the slot.
+            ml.write_owed(book.take(w.index + 1))
             if shared is not None:
                 # The connections it held (kill -9, OOM, a crash) leave every gauge:
                 # else they stayed counted, and a few deaths under load filled the pools.
@@ -1079,6 +1089,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 w = workers.pop(pid, None)
                 if w is not None:
                     w.channel.close()
+                    ml.write_owed(book.take(w.index + 1))
             else:
                 time.sleep(0.05)
         for pid in workers:

@@ -47,6 +47,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from authrelay.owedlines import Slot, marked
 from authrelay.syslogsocket import SyslogSocket
 
 NOQUEUE = "NOQUEUE"
@@ -320,6 +321,8 @@ class MailLog:
             queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self._owed: Slot | None = None  # where refusal lines are kept until written
+        self._owed_pid = 0  # the process `_owed` is the slot of (a fork's child: not)
         self.fallback = ""  # why the configured target is not used (empty: it is)
         _instances.add(self)
         self._open()
@@ -379,6 +382,28 @@ class MailLog:
         """One line: `QID: k=v, k=v`. Keys with value None are left out."""
         try:
             self._emit(self._compose(queue_id, fields))
+        except Exception:  # the audit log must never break mail flow
+            pass
+
+    def keep_owed(self, slot: Slot) -> None:
+        """This process's refusal lines (reject(), auth_failed()) are kept in `slot` until
+        its writer wrote them: one it died before writing is written by the master
+        (owedlines.py)."""
+        self._owed, self._owed_pid = slot, os.getpid()
+
+    def write_owed(self, lines: list[str]) -> None:
+        """Lines another process kept and died owing (owedlines), as it would have written
+        them, `logged_by=master` added."""
+        for line in lines:
+            try:
+                self._emit(marked(line, self.fmt == "json"), stamped=True)
+            except Exception:  # the audit log must never break mail flow (as event())
+                pass
+
+    def _refusal(self, queue_id: str | None, fields: dict[str, Any]) -> None:
+        """event() for a refusal line: kept (keep_owed) until written."""
+        try:
+            self._emit(self._compose(queue_id, fields), owed=True)
         except Exception:  # the audit log must never break mail flow
             pass
 
@@ -452,9 +477,9 @@ class MailLog:
         or "CODE ENHANCED"; `reason` (no secrets: e.g. "bad password", "not UTF-8")
         is optional."""
         code = _text(_code(reply))
-        self.event(None, reject=_Field(f"{code} authentication failed"), relay=relay,
-                   sasl_method=mechanism or None, sasl_username=username or None,
-                   reason=reason)
+        self._refusal(None, {"reject": _Field(f"{code} authentication failed"),
+                             "relay": relay, "sasl_method": mechanism or None,
+                             "sasl_username": username or None, "reason": reason})
 
     def reject(self, reply: Any, relay: str | None = None, queue_id: str | None = None,
                what: str = "", **extra: Any) -> None:
@@ -464,7 +489,7 @@ class MailLog:
             text = _text(reply)
         else:  # `what` holds the client's address: escaped as text, like the reply
             text = f"{reply.code} {_text(reply.enhanced)} {_text(what)}{_text(reply.text)}"
-        self.event(queue_id, reject=_Field(text.strip()), relay=relay, **extra)
+        self._refusal(queue_id, {"reject": _Field(text.strip()), "relay": relay, **extra})
 
     def queued(self, queue_id: str, sender: str, size: int, nrcpts: int,
                relay: str | None = None, proto: str | None = None, auth: str | None = None,
@@ -664,8 +689,8 @@ class MailLog:
         reloaded, "reload failed, keeping the running config" with error=...)."""
         self.event(None, daemon=state, **extra)
 
-    def _emit(self, line: str) -> None:
-        if self._syslog is None:  # syslog stamps the line itself
+    def _emit(self, line: str, *, owed: bool = False, stamped: bool = False) -> None:
+        if self._syslog is None and not stamped:  # syslog stamps the line itself
             line = self._stamped(line)
         if self._thread is None or self._pid != _pid:
             self._start_thread()
@@ -675,6 +700,11 @@ class MailLog:
             self._dropped += 1
             return
         self._waiting += 1  # (approximate across threads: a bound, not an account)
+        if owed and self._owed is not None and self._owed_pid == _pid:
+            entry = self._owed.keep(line)
+            if entry >= 0:
+                self._q.put(_Owed(line + "\n", entry))
+                return
         self._q.put(line + "\n")  # the only cost on the event loop
 
     _stamp_cache: tuple[int, str] = (0, "")
@@ -727,7 +757,10 @@ class MailLog:
                 pass
             self._waiting -= taken
             for b in batch:
-                if isinstance(b, threading.Event):
+                if type(b) is _Owed:
+                    if self._owed is not None:
+                        self._owed.written(b.entry)
+                elif isinstance(b, threading.Event):
                     b.set()
                 elif not isinstance(b, str):
                     try:
@@ -854,6 +887,17 @@ class MailLog:
         done = threading.Event()
         self._q.put(done)
         done.wait(timeout)
+
+
+class _Owed(str):
+    """A line queued for the writer and kept in the process's owedlines slot `entry`."""
+
+    entry: int
+
+    def __new__(cls, line: str, entry: int) -> _Owed:
+        s = super().__new__(cls, line)
+        s.entry = entry
+        return s
 
 
 _GATHER = 0.005

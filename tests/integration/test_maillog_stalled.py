@@ -249,3 +249,75 @@ def test_a_worker_killed_after_its_notice_went_by_the_timer_leaves_one_from_line
     theirs = [ln for ln in fifo.lines() if f" {lived}: from=" in ln]
     assert len(theirs) == 1 and "logged_by" not in theirs[0], theirs
     r.stop()
+
+
+def _refused(r: RelayProcess, rcpt: str) -> str:
+    """A relay attempt refused at RCPT (550 5.7.1): the reply's text."""
+    with smtplib.SMTP("127.0.0.1", r.ports["smtp"], timeout=20) as s:
+        s.ehlo("client.example")
+        assert s.mail("someone@remote.example")[0] == 250
+        code, msg = s.rcpt(rcpt)
+        assert code == 550, msg
+        return msg.decode()
+
+
+def test_a_worker_killed_before_its_writer_wrote_a_refusal_leaves_the_line_to_the_master(
+        relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory, fifo: FifoReader,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal's reply goes out before its `reject=` line is written (up to the
+    writer's 5 ms gather; the log stalled here, for as long as the test holds it): a
+    worker killed (kill -9) in between took the line with it, the client refused with no
+    trace in the maillog. The line is kept in the worker's slot of owedlines until it is
+    written; the master, reaping the worker, writes it (`logged_by=master`), once."""
+    r, _smart = _stalled(relay_factory, fake_mx, fifo, tmp_path, monkeypatch)
+    assert r.proc is not None
+    workers = [p for p in children(r.proc.pid)
+               if Path(f"/proc/{p}/comm").read_text().startswith("authrelay-w")]
+    assert len(workers) == 2
+    refused = [f"victim{n}@elsewhere.example" for n in range(4)]
+    for rcpt in refused:  # the reply sent, the line waiting for the stalled writer
+        assert "Relaying denied" in _refused(r, rcpt)
+    for p in workers:
+        os.kill(p, signal.SIGKILL)
+    fifo.resume()
+    wait_until(lambda: sum("daemon=started" in ln for ln in fifo.lines()) >= 5,
+               what=lambda: f"the workers replaced: {fifo.lines()[-20:]}")
+    for rcpt in refused:
+        mine = [ln for ln in fifo.lines() if f"<{rcpt}>" in ln]
+        assert len(mine) == 1, (rcpt, fifo.lines()[-30:])
+        assert "NOQUEUE: reject=550 5.7.1" in mine[0] and "Relaying denied" in mine[0], mine
+        assert mine[0].endswith(", logged_by=master"), mine
+        stamp = re.search(r" authrelay\[(\d+)\]: ", mine[0])
+        assert stamp and int(stamp[1]) in workers, mine  # as the worker would have written it
+    lived = "survivor@elsewhere.example"  # a worker that writes its line: no second one
+    _refused(r, lived)
+    r.stop()
+    theirs = [ln for ln in fifo.lines() if f"<{lived}>" in ln]
+    assert len(theirs) == 1 and "logged_by" not in theirs[0], theirs
+
+
+def test_a_refusal_line_owed_by_a_killed_instance_is_written_by_its_next_start(
+        relay_factory: Callable[..., RelayProcess], fifo: FifoReader) -> None:
+    """`workers = 1`: the one process refuses, its log stalled, and is killed (kill -9)
+    before its writer wrote the line; nobody is left to reap it. The next start writes
+    it from the process's owedlines slot (`logged_by=master`), once."""
+    r = relay_factory({"log": {"target": f"file:{fifo.path}"}}, workers=1, start=False)
+    r.start()
+    wait_until(lambda: any("daemon=started" in ln for ln in fifo.lines()),
+               what=lambda: f"started: {fifo.lines()[-20:]}")
+    fifo.pause()
+    assert fifo.fill() > 0
+    assert "Relaying denied" in _refused(r, "victim@elsewhere.example")
+    assert r.proc is not None
+    killed = r.proc.pid
+    r.kill()
+    fifo.resume()
+    assert not any("<victim@elsewhere.example>" in ln for ln in fifo.lines())
+    r.start()
+    wait_until(lambda: any("<victim@elsewhere.example>" in ln for ln in fifo.lines()),
+               what=lambda: f"the killed process's refusal: {fifo.lines()[-20:]}")
+    r.stop()
+    mine = [ln for ln in fifo.lines() if "<victim@elsewhere.example>" in ln]
+    assert len(mine) == 1, mine
+    assert f" authrelay[{killed}]: NOQUEUE: reject=550 5.7.1 " in mine[0], mine
+    assert mine[0].endswith(", logged_by=master"), mine

@@ -79,7 +79,9 @@ EVENTS: list[Callable[[maillog.MailLog, str], None]] = [
 ]
 # Event methods without a value that can come from outside (queue ids are ours).
 NO_CLIENT_VALUE = {"held", "released", "delayed", "flush", "reopen", "tls_from",
-                   "then"}  # then: no line, a call after the lines before it
+                   "then",  # then: no line, a call after the lines before it
+                   # keep_owed: no line; write_owed: lines reject()/auth_failed() escaped
+                   "keep_owed", "write_owed"}
 
 _KEY = re.compile(r"([A-Za-z_][\w-]*)=")
 _NEXT = re.compile(r", (?=[A-Za-z_][\w-]*=)")
