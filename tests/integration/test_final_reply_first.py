@@ -356,6 +356,84 @@ def test_a_strangers_message_on_25_gets_its_file_at_the_dot(
         thread.stop()
 
 
+class _HeldCreateSpool(Spool):
+    """The spool, each queue file's create (Incoming._open_locked) held until `go` is
+    set (at most `limit` seconds, a hang detector): a create waiting behind a journal
+    commit. `creating`: the threads the creates ran in."""
+
+    def __init__(self, root: Path, limit: float) -> None:
+        super().__init__(root, fsync=False)
+        self.go = threading.Event()
+        self.limit = limit
+        self.creating: list[str] = []
+
+    def begin(self, envelope: Envelope) -> Incoming:
+        inc = super().begin(envelope)
+        create = inc._open_locked
+
+        def held() -> int:
+            self.creating.append(threading.current_thread().name)
+            self.go.wait(self.limit)
+            return create()
+
+        inc._open_locked = held  # type: ignore[method-assign]
+        return inc
+
+
+def test_a_strangers_large_message_is_not_created_on_the_loop(
+        tmp_path: Path, trustme_ca: trustme.CA) -> None:
+    """A stranger's message (no early create) past 128 KiB had its queue file made by
+    write() on the event loop: a create waiting behind a journal commit held every
+    session of the process. Now a commit thread makes it, as the early create of an
+    authenticated user's message; that session waits for it (under the DATA timeouts),
+    another is answered meanwhile, and the message is stored whole at the dot."""
+    port = free_port()
+    cert, key, _ = install_cert(trustme_ca, tmp_path / "tls", "relay.test", "127.0.0.1")
+    cfg = from_dict({
+        "hostname": "relay.test", "state_dir": str(tmp_path),
+        "listen": [{"address": f"127.0.0.1:{port}", "mode": "smtp"}],
+        "tls": {"cert": str(cert), "key": str(key)},
+        "relay": {"local_domains": ["example.net"], "smart_host": ["127.0.0.1:9"]},
+        "limits": {"connection_rate_per_ip": 0},
+    })
+    spool = _HeldCreateSpool(tmp_path / "spool", limit=30)
+    spool.ensure_dirs()
+    log = MailLog(f"file:{tmp_path}/maillog")
+    thread = ServerThread(cfg, lambda: wiring.server(cfg, spool, CertStore(cfg),
+                                                     maillog=log))
+    thread.start()
+    body = b"".join(b"%06d " % i + b"x" * 70 + b"\r\n" for i in range(SPILL // 78 + 800))
+    head = b"From: someone@far.test\r\nSubject: big\r\n\r\n"
+    release = threading.Timer(10, spool.go.set)  # the old write() held the loop until this
+    try:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="a.test", timeout=20) as a, \
+                smtplib.SMTP("127.0.0.1", port, local_hostname="b.test", timeout=20) as b:
+            for c in (a, b):
+                c.ehlo()
+                c.mail("someone@far.test")
+                assert c.rcpt("bob@example.net")[0] == 250
+            a.putcmd("data")
+            assert a.getreply()[0] == 354
+            a.send(head + body)  # past SPILL; no dot yet
+            wait_until(lambda: spool.creating, "the create begun")
+            release.start()
+            assert b.noop()[0] == 250
+            assert not spool.go.is_set(), "a session's reply waited for another's create"
+            assert spool.creating == ["spool-commit"]
+            spool.go.set()
+            a.send(b".\r\n")
+            code, text = a.getreply()
+            assert code == 250
+            qid = text.decode().rsplit(" ", 1)[-1]
+            path, offset = spool.body_path(qid)
+            data = path.read_bytes()[offset:]
+            assert head[:-2] in data and data.endswith(b"\r\n\r\n" + body)
+    finally:
+        release.cancel()
+        spool.go.set()
+        thread.stop()
+
+
 HELD = b"From: alice@example.org\r\nSubject: held\r\n\r\nhello\r\n"
 
 

@@ -36,6 +36,7 @@ from authrelay.scheduler import scheduler as scheduler_mod
 from authrelay.scheduler.scheduler import Scheduler
 from authrelay.spool.envelope import SENT, Envelope, Recipient, new_queue_id
 from authrelay.spool.store import UNFINISHED_AGE, Spool
+from authrelay.spool.writer import SPILL, Incoming
 from authrelay.types import DeliveryResult
 
 OK = DeliveryResult.sent(250, "2.0.0", "Ok: queued as X", "mx.test [127.0.0.1]:25")
@@ -338,6 +339,37 @@ async def test_ret_full_returns_the_message_up_to_a_limit(
     else:
         assert part.get_content_type() == "text/rfc822-headers"
         assert "Subject: t" in part.get_payload() and "hello" not in part.get_payload()
+
+
+async def test_a_big_bounce_gets_its_file_from_a_commit_thread(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bounce over 128 KiB (RET=FULL of a big message) had its queue file made by
+    write() on the scheduler's event loop: a create waiting behind a journal commit held
+    every delivery and the control socket with it. Now a commit thread makes it, as it
+    does a session's; the bounce is queued whole."""
+    creators: dict[str, str] = {}
+    begin = rig.spool.begin
+
+    def recording(env: Envelope) -> Incoming:
+        inc = begin(env)
+        create = inc._open_locked
+
+        def traced() -> int:
+            creators[inc.queue_id] = threading.current_thread().name
+            return create()
+
+        inc._open_locked = traced  # type: ignore[method-assign]
+        return inc
+
+    monkeypatch.setattr(rig.spool, "begin", recording)
+    rig.courier.script["bob@b.example"] = [PERM]
+    await rig.start()
+    big = BODY + b"".join(b"%06d " % i + b"x" * 70 + b"\r\n" for i in range(SPILL // 78))
+    await put(rig.spool, ["bob@b.example"], sender="alice@a.example", ret="FULL", body=big)
+    await until(lambda: rig.courier.calls_for("alice@a.example"), "bounce delivery")
+    (benv, _rcpts, data), = rig.courier.calls_for("alice@a.example")
+    assert len(data) > SPILL and big.split(b"\r\n\r\n", 1)[1] in data
+    assert creators[benv.queue_id] == "spool-commit"
 
 
 async def test_dead_destination_marks_are_bounded(

@@ -339,7 +339,7 @@ class Reporter:
                 env = Envelope("", "", [Recipient(a) for a in rua], listener="tls-rpt",
                                protocol="local")
                 draft = self.submitter.begin(env, add_missing=False, check_content=False,
-                                             sign=True)
+                                             sign=True, on_loop=True)
                 draft.write(data_bytes)
                 try:
                     await draft.commit(origin=f"tls-rpt {domain} {path.stem}")

@@ -1167,7 +1167,8 @@ class Scheduler:
             original_message=full,
         )
         # The one way into the spool (spool/submit.py): Received, fsync, the from= line.
-        draft = self.submitter.begin(benv, add_missing=False, check_content=False)
+        draft = self.submitter.begin(benv, add_missing=False, check_content=False,
+                                     on_loop=True)  # a big one's file: a commit thread's
         draft.write(data)
         try:
             await draft.commit(origin=env.queue_id)

@@ -84,7 +84,8 @@ class Submitter(Protocol):
     def space_ok(self, size: int = 0) -> bool: ...
     def begin(self, env: Envelope, *, tls: str = "", add_missing: bool = True,
               nul_checked: bool = False, lines_checked: bool = False, sign: bool = True,
-              owner: Owner | None = None, create_early: bool = False) -> Draft: ...
+              owner: Owner | None = None, create_early: bool = False,
+              on_loop: bool = False) -> Draft: ...
 
 
 class Ticket(Protocol):
@@ -692,8 +693,9 @@ class Session:
                 # clients allowed to relay only (an authenticated user or a trusted
                 # network), so a stranger on 25 cannot make the relay hold a file per
                 # connection by sending DATA alone (a file descriptor each, beside the
-                # socket's the descriptor budget counts); a stranger's is made at the dot.
-                create_early=bool(eng.auth_user) or self.trusted)
+                # socket's the descriptor budget counts); a stranger's is made at the dot,
+                # or past 128 KiB, by a commit thread too (on_loop).
+                create_early=bool(eng.auth_user) or self.trusted, on_loop=True)
         except OSError:
             log.exception("spool begin failed")
             self._log_reject(replies.SPOOL_ERROR, qid=qid)

@@ -292,7 +292,7 @@ class Submitter:
               lines_checked: bool = False,
               check_content: bool = True, sign: bool | None = None,
               owner: Owner | None = None, refuse_unowned: bool = True,
-              create_early: bool = False) -> Draft:
+              create_early: bool = False, on_loop: bool = False) -> Draft:
         """A new message for `env` (queue id assigned if empty). `nul_checked`: the producer
         already refuses NUL (smtpd/bodyreader.py); `lines_checked`: it refuses every bare CR
         and LF (the same reader), so the signer need not look at line ends again.
@@ -308,7 +308,9 @@ class Submitter:
         goes unsigned, whatever from_header_policy says (an untrusted local user's mail,
         as sendmail takes it). `create_early`: the queue file is created by a commit
         thread now, while the message arrives (spool/writer.py Incoming.create_early;
-        on an event loop)."""
+        on an event loop). `on_loop`: the producer writes on an event loop and awaits
+        `Draft.spill_wait()` between writes: past 128 KiB the file is made by a commit
+        thread, never on the loop (Incoming.on_loop; implied by `create_early`)."""
         if not env.queue_id:
             env.queue_id = new_queue_id()
         if env.is_bounce:
@@ -320,7 +322,7 @@ class Submitter:
         draft = Draft(self, env, tls=tls, add_missing=add_missing, local_uid=local_uid,
                       scan_nul=check_content and not nul_checked, check_hops=check_content,
                       sign=sign, owner=owner, refuse_unowned=refuse_unowned,
-                      crlf_only=lines_checked)
+                      crlf_only=lines_checked, on_loop=on_loop or create_early)
         if create_early:
             draft.create_early()
         return draft
@@ -370,7 +372,8 @@ class Draft:
     def __init__(self, sub: Submitter, env: Envelope, *, tls: str, add_missing: bool,
                  local_uid: int | None, scan_nul: bool, check_hops: bool,
                  sign: bool = False, owner: Owner | None = None,
-                 refuse_unowned: bool = True, crlf_only: bool = False) -> None:
+                 refuse_unowned: bool = True, crlf_only: bool = False,
+                 on_loop: bool = False) -> None:
         self.submitter = sub
         self._crlf_only = crlf_only
         self.sign = sign
@@ -388,6 +391,7 @@ class Draft:
         self._incoming: Incoming = sub.spool.begin(env)
         # Our own lines are CRLF (cleanup, the signer): the file is, when the producer's were.
         self._incoming.lines_checked = crlf_only
+        self._incoming.on_loop = on_loop
         self._incoming.log_owed = True  # the `from=` line is ours, after the commit
         if sub.receiving is not None:
             sub.receiving(1)

@@ -18,8 +18,10 @@ first `SPILL` bytes are kept in memory and the file is created by a commit threa
 (creating a file on ext4 can wait behind a journal commit, which must not stall the
 event loop): at commit, or while the message arrives after `create_early()` (an SMTP
 session's, so the create is off the dot-to-250 path); a larger message creates its file
-(or takes the early one) then and streams, so memory per session stays bounded by SPILL.
-The event loop never waits for a commit thread: an early create still queued at SPILL
+(or takes the early one) then and streams, so memory per session stays bounded by SPILL;
+a producer `on_loop` without an early create has a commit thread make it at SPILL (the
+sendmail command, without a loop, makes it in write()).
+The event loop never waits for a commit thread: a create still queued at SPILL
 leaves the bytes in memory and `spill_wait()` hands the caller the create to await
 before its next write (SPILL plus one write held); the order of the bytes and the
 durability contract are unchanged. The checksum is computed incrementally as bytes
@@ -347,6 +349,10 @@ class Incoming:
         self._dir_sync = dir_sync
         self._notify = notify
         self.lines_checked = False  # set by the producer (spool/submit.py's Draft)
+        # The producer writes on an event loop and awaits spill_wait() between writes (an
+        # SMTP session, the scheduler's bounces, TLS-RPT reports): past SPILL the file is
+        # made by a commit thread, never by write() on the loop (_spill_or_create).
+        self.on_loop = False
         # Committed as LOG_OWED_MODE: the producer logs the `from=` line after the
         # commit and calls logged() (spool/submit.py's Draft sets it).
         self.log_owed = False
@@ -518,8 +524,14 @@ class Incoming:
         create_early() does (on the producer's loop), the bytes kept in memory meanwhile
         (spill_wait): the event loop never waits for a create (it used to make the file
         itself here). A second failure is raised (OSError or SpoolError: the producer
-        refuses the message). Without an early create (a stranger's message, a bounce,
-        the sendmail command) the file is made here, as before."""
+        refuses the message). Without an early create, a producer `on_loop` (a stranger's
+        message, a bounce, a TLS-RPT report) has a commit thread make it now, as
+        create_early() does, and streams once it is made (a create made here waited on
+        the loop, behind a journal commit say, with every session of the process); only
+        the sendmail command, which has no loop, makes it here."""
+        if self._early is None and self.on_loop:
+            self._start_create()
+            return
         if self._early is not None and self._early_fd is None:
             if not self._recreated:
                 self._recreated = True
