@@ -521,10 +521,11 @@ class MailLog:
 
     def _delivery(self, queue_id: str, stat: str, rcpt: str, relay: str | None, delay: float,
                   tries: int, dsn: str | None, reply: str, tls: str | None,
-                  policy: str | None) -> None:
+                  policy: str | None, redelivery: str | None = None) -> None:
         if self.fmt != "text":
             self.event(queue_id, to=_Field(f"<{_text(rcpt)}>"), relay=relay or "none",
-                       delay=f"{delay:.2f}", tries=tries, dsn=dsn or None, tls=tls or None,
+                       delay=f"{delay:.2f}", tries=tries, redelivery=redelivery,
+                       dsn=dsn or None, tls=tls or None,
                        policy=policy or None,
                        stat=_Field(f"{stat} ({_text(_reply(reply))})"))
             return
@@ -536,6 +537,8 @@ class MailLog:
             line = (f"{qid}: to=<{_text(rcpt)}>, relay={relay_field(relay or 'none')}, "
                     f"delay={_format('delay', f'{delay:.2f}', False)}, "
                     f"tries={_format('tries', tries, False)}")
+            if redelivery:
+                line += f", redelivery={_format('redelivery', redelivery, False)}"
             if dsn:
                 line += f", dsn={_format('dsn', dsn, False)}"
             if tls:
@@ -548,31 +551,37 @@ class MailLog:
 
     def sent(self, queue_id: str, rcpt: str, relay: str | None, delay: float, tries: int,
              dsn: str | None, reply: str, tls: str | None = None,
-             policy: str | None = None) -> None:
+             policy: str | None = None, redelivery: str | None = None) -> None:
         """`QID: to=<R>, relay=HOST[IP]:PORT, delay=1.23, tries=1, dsn=2.0.0, tls=verified,
         policy=dane, stat=Sent (REPLY)` (tls=, policy=: the outbound TLS result and the
-        policy that applied, when a connection was made; delivery/tlspolicy.py)."""
-        self._delivery(queue_id, "Sent", rcpt, relay, delay, tries, dsn, reply, tls, policy)
+        policy that applied, when a connection was made; delivery/tlspolicy.py;
+        `redelivery=after_crash` after tries: the attempt before was cut by a crash, after
+        it may have delivered: this one may be a duplicate)."""
+        self._delivery(queue_id, "Sent", rcpt, relay, delay, tries, dsn, reply, tls, policy,
+                       redelivery)
 
     def deferred(self, queue_id: str, rcpt: str, relay: str | None, delay: float, tries: int,
                  dsn: str | None, reply: str, tls: str | None = None,
-                 policy: str | None = None) -> None:
+                 policy: str | None = None, redelivery: str | None = None) -> None:
         """As sent(), `stat=Deferred (REPLY)`: a transient failure, tried again later."""
-        self._delivery(queue_id, "Deferred", rcpt, relay, delay, tries, dsn, reply, tls, policy)
+        self._delivery(queue_id, "Deferred", rcpt, relay, delay, tries, dsn, reply, tls, policy,
+                       redelivery)
 
     def bounced(self, queue_id: str, rcpt: str, relay: str | None, delay: float, tries: int,
                 dsn: str | None, reply: str, tls: str | None = None,
-                policy: str | None = None) -> None:
+                policy: str | None = None, redelivery: str | None = None) -> None:
         """As sent(), `stat=Bounced (REPLY)`: a permanent failure."""
-        self._delivery(queue_id, "Bounced", rcpt, relay, delay, tries, dsn, reply, tls, policy)
+        self._delivery(queue_id, "Bounced", rcpt, relay, delay, tries, dsn, reply, tls, policy,
+                       redelivery)
 
     def expired(self, queue_id: str, rcpt: str, relay: str | None, delay: float, tries: int,
                 dsn: str | None, reply: str, tls: str | None = None,
-                policy: str | None = None) -> None:
+                policy: str | None = None, redelivery: str | None = None) -> None:
         """Given up after max_queue_lifetime:
         `stat=Bounced (LAST REPLY, message expired in the queue)`."""
         self._delivery(queue_id, "Bounced", rcpt, relay, delay, tries, dsn,
-                       reply + ", message expired in the queue", tls, policy)
+                       reply + ", message expired in the queue", tls, policy,
+                       redelivery)
 
     def tls_connection(self, queue_id: str, relay: str, result: str, protocol: str,
                        cipher: str | None, bits: int | None, policy: str,

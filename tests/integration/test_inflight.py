@@ -189,3 +189,35 @@ def test_a_kill_between_the_next_hops_250_and_the_removal_is_announced(relay_fac
     line = r.wait_log(rf"{caught}: warning=delivery to <bob@local\.test> was in progress")
     assert WARNING in line, line
     r.wait_for(lambda: r.queued() == [], what="removed after the second delivery")
+
+
+def test_a_message_delivered_and_not_yet_removed_at_a_kill_says_it_is_sent_again(
+        relay_factory, fake_mx, tmp_path, monkeypatch) -> None:
+    """A delivered message is removed a batch later (scheduler.UNLINK_GATHER, 5 ms; an
+    hour here, by a sitecustomize hook, so the kill lands inside): a kill -9 then
+    delivers it again after the restart. That line said `tries=1`, as a first attempt
+    would; the attempt the crash cut counts (`tries=2`) and the line says why it is sent
+    again (`redelivery=after_crash`). A later attempt's line says nothing of it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import authrelay.scheduler.scheduler\n"
+        "authrelay.scheduler.scheduler.UNLINK_GATHER = 3600.0\n")
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    smart = fake_mx("127.0.0.2")
+    r = relay_factory(overrides={"relay": {"smart_host": [smart.address],
+                                           "smart_host_tls": "none"}})
+    _submit(r, ["bob@remote.example"])
+    r.wait_for(lambda: "stat=Sent" in r.maillog(), timeout=20)
+    [sent] = [ln for ln in r.maillog().splitlines() if "stat=Sent" in ln]
+    assert ", tries=1, " in sent and "redelivery" not in sent, sent
+    qid = sent.split(": to=")[0].rsplit(" ", 1)[1]
+    assert (r.queue_dir / qid).exists()  # delivered, its removal not made yet
+    r.kill()
+    r.start()
+    r.wait_for(lambda: r.maillog().count(f" {qid}: to=<bob@remote.example>") == 2, timeout=30)
+    again = [ln for ln in r.maillog().splitlines()
+             if f" {qid}: to=<bob@remote.example>" in ln][1]
+    assert ", tries=2, redelivery=after_crash, " in again and "stat=Sent" in again, again
+    assert len(smart.messages) == 2  # at least once: the duplicate is the one named
+    assert r.maillog().count(WARNING) == 1

@@ -161,6 +161,9 @@ class _Active:
     # In-flight journal tokens of attempts whose outcome is not on disk yet (the state is
     # saved by _finish): ended once it is.
     unsaved: list[int] = field(default_factory=list)
+    # Recipients an attempt cut by a crash may have reached (the in-flight journal's
+    # leftovers): their next line says `redelivery=after_crash`.
+    crashed: set[str] = field(default_factory=set)
     # This pass changed what must reach the disk: an attempt was made, or a recipient
     # bounced, expired or is owed a delay warning. A pass of only deferrals at a
     # suspended destination saves nothing (its file keeps the last attempt's state).
@@ -227,6 +230,11 @@ class Scheduler:
         # the back-off keeps growing while the destination stays dead (tens of bytes a
         # message; gone at the next save, removal or restart).
         self._unsaved_attempts: dict[str, tuple[int, ...]] = {}
+        # Queue id -> the recipients a delivery attempt had under way when the last run
+        # died (in-flight journal), still pending, and the journal token naming them
+        # again until their next attempt's outcome is saved: that attempt counts in their
+        # tries and its lines say it is a redelivery (_start_message, _apply).
+        self._crashed: dict[str, tuple[set[str], int]] = {}
         # Queue id -> inode of its file, from a receiving worker's notice that vouched for
         # the file's line ends (spool/notify.py): the load marks the envelope
         # `lines_checked` only for that file; gone when the message leaves the queue.
@@ -366,6 +374,10 @@ class Scheduler:
             except (OSError, SpoolError):
                 continue  # gone (delivered and removed) or quarantined
             pending = {r.address for r in env.pending}
+            cut = [rcpt for rcpt in rcpts if rcpt in pending]
+            if cut:
+                known = self._crashed.pop(qid, (set(), 0))[0]
+                self._crashed[qid] = (known | set(cut), self.inflight.begin(qid, cut))
             for rcpt in rcpts:
                 if rcpt in pending:
                     self.maillog.warning(
@@ -773,6 +785,17 @@ class Scheduler:
             await self._remove(env)
             self._release(act)
             return
+        crashed = self._crashed.pop(qid, None)
+        if crashed is not None:  # the attempt the crash cut was made: it counts
+            for r in pending:
+                if r.address in crashed[0]:
+                    r.attempts += 1
+                    act.crashed.add(r.address)
+            if act.crashed:
+                act.unsaved.append(crashed[1])  # still named until the outcome is on disk
+                act.to_save = True
+            else:
+                self.inflight.end(crashed[1])
         now = time.time()
         if env.received_at > now:
             await self._clamp_arrival(env, now)
@@ -1094,9 +1117,13 @@ class Scheduler:
             record = (self.maillog.expired if expired else
                       {"Sent": self.maillog.sent, "Deferred": self.maillog.deferred}.get(
                           stat, self.maillog.bounced))
+            again = r.address in act.crashed
+            if again:
+                act.crashed.discard(r.address)
             record(env.queue_id, r.address, res.remote or None, backoff.age(env, now),
                    r.attempts, res.enhanced or None, r.last_reply, tls=res.tls or None,
-                   policy=res.tls_policy or None)
+                   policy=res.tls_policy or None,
+                   redelivery="after_crash" if again else None)
         if refused and env.auth_user and self.containment is not None:
             # At most [limits.containment] refused_per_message of one message count: its
             # recipients refused in earlier attempts (other destinations, passes) too.
