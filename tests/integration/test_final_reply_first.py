@@ -191,6 +191,31 @@ def test_250_is_sent_before_the_from_line_is_made(
     assert [ln for ln in lines if f"{qid}: from=<alice@example.org>" in ln]
 
 
+def test_the_bounded_commit_wait_starts_no_task_of_its_own(
+        server: _Server, trustme_ca: trustme.CA) -> None:
+    """296af27 bounded the wait after the final dot by a task of its own around the
+    commit, awaited with asyncio.wait (~20 us and a loop turn a message: PERFORMANCE.md
+    (20)); the session's own task waits now, a timer bounds it (the bound itself: the
+    hung-disk tests below). No task is made on the server's loop for a message."""
+    loop = server.thread.loop
+    made: list[str] = []
+
+    def factory(lp: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+        made.append(getattr(coro, "__qualname__", repr(coro)))
+        return asyncio.Task(coro, loop=lp, **kw)
+
+    set_ = threading.Event()
+    with _to_bob(server, trustme_ca) as c:
+        server.thread.call_soon(lambda: (loop.set_task_factory(factory), set_.set()))
+        assert set_.wait(10)
+        code, text = c.data(b"From: alice@example.org\r\nSubject: t\r\n\r\nhello\r\n")
+        assert code == 250 and b"queued as" in text
+        assert server.held.entered.wait(10)
+        server.release()
+        assert c.noop()[0] == 250
+        assert made == []  # (the old code: ['Draft.commit'])
+
+
 def _queue_files(server: _Server) -> list[Path]:
     return sorted(server.spool.queue_dir.iterdir())
 

@@ -708,7 +708,10 @@ class Incoming:
         otherwise it is removed; then CancelledError is raised. A coroutine closed while
         it waits (GeneratorExit: its task dropped with its loop) ends at once and leaves
         the file to the thread: abort() does nothing while the thread has it, a ready
-        file is delivered after a rescan, an unready one removed by recover()."""
+        file is delivered after a rescan, an unready one removed by recover().
+        A cancel after abandon() (the caller gave up waiting, by a timer of its own: no
+        task beside its own) ends the wait at once: the thread removes the file, and
+        what a failed write leaves is removed when it returns (_abandoned_done)."""
         if self._done:
             raise fmt.SpoolError("commit after commit/abort")
         early = self._early
@@ -741,6 +744,9 @@ class Incoming:
                 await asyncio.shield(job)  # a cancel ends this wait, never the job
             except asyncio.CancelledError:
                 cancelled = True
+                if self._fate == ABANDONED:  # given up: the client gets its 4xx now
+                    job.add_done_callback(self._abandoned_done)
+                    raise
             except BaseException:  # the job's own failure: read just below
                 if not job.done():
                     raise  # thrown in (GeneratorExit): never swallowed, never awaited on
@@ -756,6 +762,13 @@ class Incoming:
             self.announce()
         if cancelled:
             raise asyncio.CancelledError
+
+    def _abandoned_done(self, job: asyncio.Future[Any]) -> None:
+        """An abandoned commit's thread is done (it always fails then: Abandoned, or the
+        write's own error): the file removed as commit() removes a failed one's."""
+        if job.exception() is not None:
+            self._done = False
+            self.abort()
 
     def commit_blocking(self, announce: bool = True) -> None:
         """commit() for callers without an event loop (the sendmail command)."""
