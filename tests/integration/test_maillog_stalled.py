@@ -321,3 +321,55 @@ def test_a_refusal_line_owed_by_a_killed_instance_is_written_by_its_next_start(
     assert len(mine) == 1, mine
     assert f" authrelay[{killed}]: NOQUEUE: reject=550 5.7.1 " in mine[0], mine
     assert mine[0].endswith(", logged_by=master"), mine
+
+
+def test_a_single_process_killed_before_its_own_notice_went_delivers_after_its_restart(
+        relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory, fifo: FifoReader,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`workers = 1`: the master receives, and its own commit's notice waits for its
+    from= line (the writer's 5 ms gather; the log stalled here, NOTICE_WAIT). A kill -9
+    inside leaves a ready file (0710) nobody was told of, and no process to reap: the
+    restart's scan (every ready file of queue/, oldest first, before the start returns)
+    finds it; it is delivered once, its from= line written once, by the scheduler, before
+    its delivery line. The rescan is an hour away: only the start's scan can find it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOOK)
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    smart = fake_mx("127.0.0.2")
+    r = relay_factory({"log": {"target": f"file:{fifo.path}"},
+                       "relay": {"smart_host": [smart.address], "smart_host_tls": "none"}},
+                      workers=1, start=False)
+    r.start()
+    wait_until(lambda: any("daemon=started" in ln for ln in fifo.lines()),
+               what=lambda: f"started: {fifo.lines()[-20:]}")
+    fifo.pause()
+    assert fifo.fill() > 0
+    assert r.proc is not None
+    for _ in range(5):  # a round counts when the process stopped before its notice went
+        t0 = time.monotonic()
+        qid = _submit(r)
+        os.kill(r.proc.pid, signal.SIGSTOP)
+        if time.monotonic() - t0 < 1.0 and not smart.messages:  # < NOTICE_WAIT: not sent
+            break
+        os.kill(r.proc.pid, signal.SIGCONT)
+        r.wait_for(lambda q=qid: not (r.queue_dir / q).exists(), what=f"{qid} delivered")
+        smart.messages.clear()
+    else:
+        pytest.fail("the process was never stopped within a second of a 250")
+    assert (r.queue_dir / qid).stat().st_mode & 0o777 == 0o710  # ready, its line owed
+    os.kill(r.proc.pid, signal.SIGKILL)
+    r.proc.wait(timeout=30)
+    fifo.resume()
+    r.start()
+    r.wait_for(lambda: any(qid.encode() in m.content for m in smart.messages), timeout=30,
+               what="the message delivered after the restart (the rescan is an hour away)")
+    wait_until(lambda: any(f" {qid}: status=removed" in ln for ln in fifo.lines()),
+               what=lambda: f"the message's lines: {fifo.lines()[-20:]}")
+    r.stop()
+    assert sum(qid.encode() in m.content for m in smart.messages) == 1
+    mine = [ln for ln in fifo.lines() if f" {qid}: " in ln]
+    froms = [ln for ln in mine if f" {qid}: from=<someone@remote.example>" in ln]
+    assert len(froms) == 1 and froms[0].endswith(", logged_by=scheduler"), mine
+    first_to = next(i for i, ln in enumerate(mine) if f" {qid}: to=" in ln)
+    assert mine.index(froms[0]) < first_to, mine
