@@ -86,6 +86,9 @@ AUTH_REQUIRED = R(530, "5.7.0", "Authentication required")
 # MAIL in a session whose login names a user deleted since (RFC 4954 6: authentication is
 # no longer in force)
 ACCOUNT_GONE = R(530, "5.7.0", "Authentication required: the account no longer exists")
+# The end of data of a user deleted while its message arrived (530 is no reply to the
+# final dot, RFC 5321 4.3.2; 550 is its policy refusal): refused, nothing queued.
+ACCOUNT_GONE_MESSAGE = R(550, "5.7.1", "Message refused: the account no longer exists")
 TLS_REQUIRED_FOR_AUTH = R(538, "5.7.11", "Encryption required for requested authentication "
                           "mechanism")
 AUTH_FAILED = R(535, "5.7.8", "Authentication credentials invalid")

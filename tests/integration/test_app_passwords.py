@@ -175,6 +175,61 @@ def test_an_open_session_ends_when_its_credentials_are_revoked(tmp_path: Path) -
         r.stop()
 
 
+def _suspend(r: RelayProcess, user: str) -> None:
+    """Containment's suspension of `user`, as the suspender stores it (containment.db)."""
+    from authrelay.config import load
+    from authrelay.policy.suspensions import make_state
+
+    async def run() -> None:
+        state = make_state(load(str(r.config)))
+        try:
+            await state.suspend(user, "test", "node")
+        finally:
+            await state.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("change,reply", [
+    ("del", "550 5.7.1 Message refused: the account no longer exists"),
+    ("suspend", "450 4.7.1 Sending suspended for this account"),
+    ("passwd", "421 4.7.0 Authentication no longer valid, closing connection"),
+])
+def test_a_change_to_the_user_while_its_message_arrives_refuses_it(
+        tmp_path: Path, change: str, reply: str) -> None:
+    """A user deleted (`authrelay user del`), suspended, or whose password changed while
+    its message arrived was checked only at MAIL: that message was queued. Now the end of
+    data checks again before the commit: a precise refusal, one maillog line with the
+    queue id, nothing queued; a new password ends the connection, as at MAIL."""
+    r = RelayProcess(tmp_path).start()
+    try:
+        with _session(r.ports["submissions"], "alice", PASSWORD) as c:
+            assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
+            assert c.cmd("RCPT TO:<bob@example.net>").code == 250
+            assert c.cmd("DATA").code == 354
+            c.send(b"Subject: hi\r\n\r\n" + b"hello\r\n" * 1000)
+            if change == "suspend":
+                _suspend(r, "alice")
+            else:
+                r.cli("user", change, "alice", *(("--password-stdin",) if change == "passwd"
+                                                 else ()), input="new pw\n")
+            c.send(b"bye\r\n.\r\n")
+            got = c.reply()
+            assert f"{got.code} {got.text}".startswith(reply)
+            if change == "passwd":
+                with pytest.raises(ConnectionError):
+                    c.cmd("NOOP")
+        lines = [ln for ln in r.maillog().splitlines() if f"reject={reply[:9]}" in ln]
+        assert len(lines) == 1, lines
+        qid = re.search(r" ([0-9A-Z]{17}): reject=", lines[0])
+        assert qid and "sasl_username=alice" in lines[0], lines
+        assert f"{qid.group(1)}: from=" not in r.maillog()
+        r.wait_for(lambda: not r.queued() and not r.unready(), what="nothing queued")
+        assert "Traceback" not in r.log.read_text()
+    finally:
+        r.stop()
+
+
 def test_a_rehash_by_another_worker_ends_no_session(tmp_path: Path) -> None:
     """alice's hash made with older argon2 parameters; she logs in on both workers at
     once (a phone and a laptop). Each worker re-hashes it after her login, one write wins

@@ -570,17 +570,14 @@ class Session:
         if login:
             # A user deleted since this session's AUTH sends no more ("changes to users
             # apply at once"), not for the rest of session_timeout.
-            standing = await self._authenticator().standing(login, self._login)
-            if standing is Standing.GONE:
-                self._log_reject(replies.ACCOUNT_GONE, "", sasl_username=login)
-                eng.policy_result(replies.ACCOUNT_GONE)
+            refusal = await self._login_refusal(replies.ACCOUNT_GONE)
+            if refusal is replies.AUTH_REVOKED:
+                self._log_reject(refusal, "", sasl_username=login)
+                eng.close_with(refusal, "auth_revoked")
                 return
-            if standing is Standing.REVOKED:
-                # The password or app password this session logged in with changed or
-                # was revoked since its AUTH: no further mail on it (the client
-                # reconnects and its AUTH gets 535); one maillog line.
-                self._log_reject(replies.AUTH_REVOKED, "", sasl_username=login)
-                eng.close_with(replies.AUTH_REVOKED, "auth_revoked")
+            if refusal is not None:
+                self._log_reject(refusal, "", sasl_username=login)
+                eng.policy_result(refusal)
                 return
             path = ev.transaction.sender
             owner = self._owner()
@@ -594,8 +591,7 @@ class Session:
             if self.deps.containment is not None:
                 # A suspended account (policy/containment.py): 450 4.7.1, the client
                 # keeps the message and retries; nothing is bounced.
-                refusal = containment.mail_refusal(
-                    await self.deps.containment.suspended(user))
+                refusal = await self._suspension_refusal()
                 if refusal is not None:
                     self._log_reject(refusal, "", sasl_username=login)
                     eng.policy_result(refusal)
@@ -605,6 +601,46 @@ class Session:
                 eng.policy_result(replies.USER_RATE)
                 return
         eng.policy_result(None)
+
+    async def _login_refusal(self, gone: Reply) -> Reply | None:
+        """This session's login as it stands now, asked at each MAIL and at the end of
+        each message: `gone` for a user deleted since its AUTH; AUTH_REVOKED (the caller
+        closes the connection: the client reconnects and its AUTH decides) when the
+        password or app password it logged in with changed or was revoked; else None.
+        While the user DB has not changed since the login, one generation read
+        (auth/login.py StoreAuthenticator.standing)."""
+        standing = await self._authenticator().standing(self.eng.auth_user, self._login)
+        if standing is Standing.GONE:
+            return gone
+        if standing is Standing.REVOKED:
+            return replies.AUTH_REVOKED
+        return None
+
+    async def _suspension_refusal(self) -> Reply | None:
+        """450 4.7.1 while containment has this session's user suspended, else None."""
+        if self.deps.containment is None:
+            return None
+        return containment.mail_refusal(await self.deps.containment.suspended(self.account))
+
+    async def _refused_at_dot(self, qid: str) -> bool:
+        """The login checked again at the end of data, before the commit: a user deleted,
+        suspended or whose credentials were revoked while its message arrived (checked
+        only at MAIL, that message was queued) gets a refusal for it, one maillog line,
+        nothing queued. Deleted: 550 5.7.1 (the session goes on: its next MAIL gets 530
+        5.7.0); suspended: 450 4.7.1, as at MAIL; revoked: 421 4.7.0 and the connection
+        closed, as at MAIL. True when refused."""
+        refusal = await self._login_refusal(replies.ACCOUNT_GONE_MESSAGE)
+        if refusal is None:
+            refusal = await self._suspension_refusal()
+        if refusal is None:
+            return False
+        self._abort_draft()
+        self._log_reject(refusal, qid=qid, sasl_username=self.eng.auth_user)
+        if refusal is replies.AUTH_REVOKED:
+            self.eng.close_with(refusal, "auth_revoked")
+        else:
+            self.eng.message_result(refusal)
+        return True
 
     async def _rcpt(self, ev: p.RcptRequest) -> None:
         eng, user, path = self.eng, self.account, ev.recipient
@@ -718,6 +754,8 @@ class Session:
         assert draft is not None
         nrcpts = len(ev.transaction.rcpts)
         self._flush()
+        if eng.auth_user and await self._refused_at_dot(qid):
+            return
 
         def durable() -> None:
             # The 250 goes out as soon as the message is on disk, before the `from=`
@@ -830,4 +868,5 @@ _REASONS = {
     replies.TLS_WITHOUT_STARTTLS: "tls_without_starttls",
     replies.MSG_NUL: "nul", replies.TOO_MANY_HOPS: "hops", replies.NO_STORAGE: "storage",
     containment.SUSPENDED: "user_suspended", replies.ACCOUNT_GONE: "account_gone",
+    replies.ACCOUNT_GONE_MESSAGE: "account_gone",
 }
