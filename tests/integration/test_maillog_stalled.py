@@ -373,3 +373,42 @@ def test_a_single_process_killed_before_its_own_notice_went_delivers_after_its_r
     assert len(froms) == 1 and froms[0].endswith(", logged_by=scheduler"), mine
     first_to = next(i for i, ln in enumerate(mine) if f" {qid}: to=" in ln)
     assert mine.index(froms[0]) < first_to, mine
+
+
+def _attempts(r: RelayProcess, qid: str) -> int:
+    """The delivery attempts `qid`'s state file records (0: none saved yet)."""
+    import json
+
+    try:
+        state = json.loads((r.queue_dir / f"{qid}.state").read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+    return max(int(rc.get("attempts", 0)) for rc in state["recipients"])
+
+
+def test_a_message_of_the_master_s_own_deferred_while_its_line_waits_gets_one_from_line(
+        relay_factory: Callable[..., RelayProcess], fifo: FifoReader) -> None:
+    """`workers = 1`, the log stalled: the master's own commit's notice goes by its timer
+    (NOTICE_WAIT) with the from= line still queued in its own writer. In-process that
+    notice did not say the line was owed (a worker's datagram does), so the message,
+    deferred (the next hop is down) and loaded again later, looked like one whose
+    producer died: the scheduler wrote the line (`logged_by=scheduler`), and the
+    writer, once the log took lines again, its own: two from= lines."""
+    r = relay_factory({"log": {"target": f"file:{fifo.path}"},
+                       "delivery": {"retry": ["1s"]}}, workers=1, start=False)
+    r.start()
+    wait_until(lambda: any("daemon=started" in ln for ln in fifo.lines()),
+               what=lambda: f"started: {fifo.lines()[-20:]}")
+    fifo.pause()
+    assert fifo.fill() > 0
+    qid = _submit(r)
+    # Loaded again past LOG_OWED_WAIT (3 s) after its commit, its line still unwritten.
+    r.wait_for(lambda: _attempts(r, qid) >= 4, timeout=60,
+               what="the message deferred four times while the log is stalled")
+    fifo.resume()
+    wait_until(lambda: sum(f" {qid}: to=" in ln for ln in fifo.lines()) >= 4,
+               what=lambda: f"the message's lines: {fifo.lines()[-20:]}")
+    r.stop()
+    froms = [ln for ln in fifo.lines() if f" {qid}: from=" in ln]
+    assert len(froms) == 1, froms
+    assert "logged_by" not in froms[0], froms  # the producer's own: it never died

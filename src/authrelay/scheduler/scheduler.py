@@ -290,6 +290,8 @@ class Scheduler:
         if self.spool.on_commit is None:
             self.spool.on_commit = self.notify
             self._hooked = True
+        if self.spool.on_commit == self.notify:  # this process's own producers
+            self.spool.notifier.on_owed = self.owed
         self._bind_notify()
         try:
             cpath = control.control_path(self.spool)
@@ -449,6 +451,8 @@ class Scheduler:
                 # cut delivery logs them as deferred (_cut_by_stop).
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self.spool.notifier.on_owed == self.owed:
+            self.spool.notifier.on_owed = None
         if self._hooked:
             self.spool.on_commit = None
             self._hooked = False
@@ -469,6 +473,25 @@ class Scheduler:
             self._loop.call_soon_threadsafe(self._notify, qid, vouched)
         else:
             self._notify(qid, vouched)
+
+    def owed(self, qid: str, producer: int) -> None:
+        """The in-process notice's `owed_by` (spool/notify.py `on_owed`): this process's
+        producer still owes `qid`'s from= line (its pid), or wrote it (0), as the
+        datagrams `ID INODE PID` and `ID logged` say of another's. Thread-safe."""
+        if self._loop is None or self._stopping:
+            return
+        if threading.get_ident() != self._thread:
+            self._loop.call_soon_threadsafe(self._owed_notice, qid, producer)
+        else:
+            self._owed_notice(qid, producer)
+
+    def _owed_notice(self, qid: str, producer: int) -> None:
+        if producer:
+            if len(self._owed_by) < OWED_MAX:
+                self._owed_by[qid] = producer
+        else:
+            self._owed_by.pop(qid, None)
+            self._owed_env.pop(qid, None)
 
     def flush(self, qid: str | None = None) -> None:
         """Try now, ignoring back-off: one message or everything known."""

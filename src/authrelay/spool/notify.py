@@ -22,6 +22,7 @@ dropped: its start-up scan and periodic rescans find the messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Callable
@@ -40,6 +41,9 @@ class Notifier:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.on_commit: Callable[[str, int], None] | None = None
+        # In-process too: (queue id, producer pid) when a notice goes with its from= line
+        # not written yet, (queue id, 0) once it is (thread-safe: the writer thread calls).
+        self.on_owed: Callable[[str, int], None] | None = None
         self._sock: socket.socket | None = None
         self.pending: list[str] = []
         self._scheduled = False
@@ -51,10 +55,12 @@ class Notifier:
 
     def notify(self, queue_id: str, vouched: int = 0, owed_by: int = 0) -> None:
         """`queue_id` committed; `owed_by`: the producer's pid while its from= line is not
-        written yet (the in-process hook has no use for it: the scheduler's process is the
-        producer's)."""
+        written yet (in-process: `on_owed`, so the scheduler does not write a line its own
+        process's writer still holds)."""
         if self.on_commit is not None:
             try:
+                if owed_by and self.on_owed is not None:
+                    self.on_owed(queue_id, owed_by)
                 self.on_commit(queue_id, vouched)
             except Exception:  # a scheduler bug must not fail an accepted message
                 log.exception("%s: on_commit hook failed", queue_id,
@@ -73,6 +79,9 @@ class Notifier:
         socket of its own, so a loop closed meanwhile (a stopping worker) does not keep
         it. Best effort, never raises."""
         if self.on_commit is not None:
+            if self.on_owed is not None:
+                with contextlib.suppress(Exception):  # (never raises, as the datagram)
+                    self.on_owed(queue_id, 0)
             return
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
