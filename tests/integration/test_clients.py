@@ -43,8 +43,8 @@ def test_smtplib_starttls_login(relay: RelayProcess) -> None:
     log = relay.maillog()
     assert "auth=alice" in log and "nrcpts=1" in log
     # One TLS line per session, as Postfix logs it: protocol and cipher.
-    # (The harness's readiness probe connects to 465 and hangs up: its handshake-failure
-    # tls= line carries error=, not protocol=.)
+    # (The harness's readiness probe connects to 465 and hangs up: its handshake failure
+    # is a tls_failed= line.)
     tls = [ln for ln in log.splitlines() if "NOQUEUE: tls=from " in ln and "protocol=" in ln]
     assert len(tls) == 1, log
     assert "[127.0.0.1], protocol=TLSv1." in tls[0] and ", cipher=" in tls[0]
