@@ -1157,6 +1157,23 @@ async def test_a_message_whose_producer_died_before_its_from_line_gets_it_once(
     assert rig.courier.calls_for("z@b.example") and not rig.log.grep(noticed, "from=")
 
 
+async def test_an_owed_line_committed_before_the_clock_went_back_waits_for_its_producer(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file marked as its from= line owed whose commit time is ahead of the clock (set
+    back since the commit) had a negative age, taken as past LOG_OWED_WAIT: the
+    scheduler wrote the line at once, though its producer, alive, may still write its
+    own (two lines). It waits LOG_OWED_WAIT from its first load now (an hour here: it is
+    not written or delivered meanwhile), while one as old as the wait gets its line."""
+    monkeypatch.setattr(scheduler_mod, "LOG_OWED_WAIT", 3600.0)
+    ahead = await _put_owed(rig.spool, ["x@b.example"], age=-3 * 3600)
+    old = await _put_owed(rig.spool, ["y@b.example"], age=2 * 3600)
+    await rig.start(rescan_interval=3600)
+    await until(lambda: rig.log.grep(old, "stat=Sent"), "the old one delivered")
+    assert rig.log.grep(old, "logged_by=scheduler")
+    assert not rig.log.grep(ahead, "from=") and not rig.courier.calls_for("x@b.example")
+    assert (rig.spool.queue_dir / ahead).stat().st_mode & 0o777 == 0o710
+
+
 async def test_past_owed_max_a_notice_s_producer_is_not_remembered(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """OWED_MAX bounds the messages remembered as owing their from= line to a live

@@ -235,6 +235,9 @@ class Scheduler:
         # again until their next attempt's outcome is saved: that attempt counts in their
         # tries and its lines say it is a redelivery (_start_message, _apply).
         self._crashed: dict[str, tuple[set[str], int]] = {}
+        # Queue id -> monotonic time a load first saw its owed from= line with a commit
+        # time in the future (_log_owed: the clock set back); at most OWED_MAX.
+        self._owed_seen: dict[str, float] = {}
         # Queue id -> inode of its file, from a receiving worker's notice that vouched for
         # the file's line ends (spool/notify.py): the load marks the envelope
         # `lines_checked` only for that file; gone when the message leaves the queue.
@@ -723,6 +726,7 @@ class Scheduler:
         self._unsaved_attempts.pop(qid, None)
         self._vouched.pop(qid, None)
         self._noticed.discard(qid)
+        self._owed_seen.pop(qid, None)
 
     def _moved_to_hold(self, qid: str) -> None:
         self._queued.discard(qid)
@@ -782,10 +786,12 @@ class Scheduler:
             else:
                 del self._owed_by[qid]
                 self._owed_env.pop(qid, None)
-        if env.log_owed and not noticed and not self._log_owed(env):
-            self._release(act)  # its producer may still write the line: looked at later
-            self._schedule(qid, env.log_owed + LOG_OWED_WAIT)
-            return
+        if env.log_owed and not noticed:
+            wait = self._log_owed(env)
+            if wait > 0:
+                self._release(act)  # its producer may still write the line: looked at later
+                self._schedule(qid, time.time() + wait)
+                return
         unsaved = self._unsaved_attempts.get(qid)
         if unsaved is not None and len(unsaved) == len(env.recipients):
             for r, attempts in zip(env.recipients, unsaved, strict=True):
@@ -880,18 +886,25 @@ class Scheduler:
                 except (OSError, SpoolError):
                     pass  # delivered from the copy in memory
 
-    def _log_owed(self, env: Envelope) -> bool:
+    def _log_owed(self, env: Envelope) -> float:
         """A message found by a scan, not by its producer's notice, whose file says its
         `from=` line was never written (Envelope.log_owed: a worker killed between the
         250 and its maillog writer's write, Postfix's qmgr writes that line itself): the
         line, from the envelope, marked `logged_by=scheduler`, before any delivery line,
-        and the mark cleared so it is written once. False, and nothing written, while the
-        commit is under LOG_OWED_WAIT old: the producer may still write it and notify."""
+        and the mark cleared so it is written once: 0.0. While the commit is under
+        LOG_OWED_WAIT old (the producer may still write it and notify), nothing written:
+        the seconds left. A commit time in the future (the clock set back since) says no
+        age: LOG_OWED_WAIT from the first load that saw it (else the line of a live
+        producer was written here too: two lines)."""
         age = time.time() - env.log_owed
+        if age < 0 and len(self._owed_seen) < OWED_MAX:
+            now = time.monotonic()
+            age = now - self._owed_seen.setdefault(env.queue_id, now)
         if 0 <= age < LOG_OWED_WAIT:
-            return False
+            return LOG_OWED_WAIT - age
+        self._owed_seen.pop(env.queue_id, None)
         self._write_owed(env)
-        return True
+        return 0.0
 
     def _write_owed(self, env: Envelope) -> None:
         """`env`'s `from=` line, which its producer never wrote, `logged_by=scheduler`;
