@@ -536,6 +536,41 @@ def test_a_users_address_is_served_again_after_it_logged_in(relay_factory
     assert "Traceback" not in r.maillog(settle=0.5)
 
 
+def test_a_users_retries_refused_twice_are_not_a_flooders(relay_factory
+                                                         ) -> None:  # noqa: ANN001
+    """A mail program whose tries meet a flood is refused like a flooder, and refused
+    twice within 30 s it was one to every try until one got in: under pressure, it could
+    take no slot a fresh client could (measured before: 10 of 10 such retries refused
+    during a 3,000-address flood). Its address logged in before: a user's, whose
+    refusals do not mark it (a flooder cannot log in). Here its tries are refused for
+    max_pending_per_ip (two stalled connections, two more refused), then ten flooding
+    addresses hold a 465 pool of six: its next login is served."""
+    r = _relay(relay_factory, modes=("submissions",))
+    port = r.ports["submissions"]
+    user = "127.0.8.30"
+    c = _login465(r, user)
+    _send(c)
+    c.cmd("QUIT")
+    c.close()
+    stalled = [_connect(port, user) for _ in range(4)]
+    try:
+        wait_until(lambda: len(re.findall(r"relay=unknown \[127\.0\.8\.30\].*"
+                                          r"reason=pending_ip", r.maillog())) >= 2,
+                   "two of its tries refused")
+    finally:
+        for s in stalled:
+            s.close()
+    with _Reconnecting(port, [f"127.0.7.{i}" for i in range(1, 11)]) as fl:
+        wait_until(lambda: fl.first_close and time.monotonic() - fl.first_close > TIE_AGE,
+                   "the flood to fill the pool and be refused")
+        c = _login465(r, user)
+        _send(c)
+        c.cmd("QUIT")
+        c.close()
+        assert fl.closed_by_server > 10, fl.closed_by_server
+    assert "Traceback" not in r.maillog(settle=0.5)
+
+
 def test_a_floods_sessions_timed_out_together_leave_logins_served(relay_factory
                                                                   ) -> None:  # noqa: ANN001
     """More flooding addresses than slots, whose sessions are all younger than TIE_AGE

@@ -173,3 +173,43 @@ def test_a_knocking_addresss_young_candidate_is_taken_a_users_is_not() -> None:
     assert cs.victim("fresh", 10.2) is flood
     cs.relieve("f", 10.25)  # logged in since: a user's address
     assert cs.victim("other", 10.3) is None
+
+
+def test_a_users_address_refused_twice_is_still_a_fresh_client() -> None:
+    """A mail program whose tries meet a flood is refused like a flooder; marked by two
+    refusals it was one to every try until one got in (measured before: 10 of 10 such
+    retries refused during a flood). An address that logged in lately is a user's: its
+    refusals do not mark it (a flooder cannot log in); a tie slot it takes still does."""
+    cs, log = Candidates(), []
+    flood = [_cand(f"f{i}", 0.0, log) for i in range(3)]  # one each, aged
+    for c in flood:
+        cs.add(c)
+    cs.relieve("u", 1.0)  # logged in
+    for t in (5.0, 5.5):
+        cs.refused("u", t)
+        cs.refused("x", t)
+    assert not cs.under_pressure("u", 6.0) and not cs.knocking("u", 6.0)
+    assert cs.under_pressure("x", 6.0) and cs.knocking("x", 6.0)
+    assert cs.victim("x", 6.0) is None  # never logged in: a flood's address, or one like it
+    assert cs.victim("u", 6.0) is flood[0]  # the user's retry takes the aged slot
+    cs.discard(flood[0])
+    assert cs.victim("u", 6.1) is None  # one tie slot per PRESSURE_TTL, as any address
+    assert cs.under_pressure("u", 6.1 + PRESSURE_TTL / 2)
+
+
+def test_a_users_aged_session_is_not_taken_by_the_tie_rule() -> None:
+    """A user's next login, slow in its STARTTLS handshake, aged past TIE_AGE while the
+    flood's sessions were young, and a fresh flooder took its slot (then its address was
+    marked as having lost one). An address that logged in lately loses a slot only to
+    rule one (it holds two more than the newcomer); a flood's aged one is taken."""
+    cs, log = Candidates(), []
+    cs.relieve("u", 1.0)
+    mine = _cand("u", 2.0, log)  # the oldest, aged
+    flood = _cand("f", 2.5, log)
+    cs.add(mine)
+    cs.add(flood)
+    assert cs.victim("fresh", 5.0) is flood
+    cs.discard(flood)
+    assert cs.victim("fresh2", 5.0) is None
+    cs.add(_cand("u", 3.0, log))  # two: rule one takes its oldest still
+    assert cs.victim("fresh3", 5.0) is mine

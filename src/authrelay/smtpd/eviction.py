@@ -41,7 +41,8 @@ the oldest. The marks live in a `MarkTable`: this process's own (`LocalMarks`, a
 workers, the node's shared one (policy/counters.SharedCounters), so that an address
 refused or evicted by one worker is marked in all. A session that authenticates clears
 its address's mark (`relieve`): a user's address takes a tie slot, logs in, and its next
-connection is fresh again.
+connection is fresh again; for `USER_TTL` after, its refusals at a full pool do not mark
+it (a mail program whose retries meet a flood is not a flooder; a flooder cannot log in).
 Failure policy: pure bookkeeping; never raises for unknown candidates.
 """
 
@@ -56,6 +57,7 @@ LOOK = 8  # addresses of the top count looked at for one that weighs enough
 PRESSURE_TTL = 30.0  # seconds an address stays marked as pressing on a full pool
 PRESSED_AFTER = 2  # refusals at a full pool within PRESSURE_TTL that mark an address
 MAX_MARKS = 16384  # addresses remembered (per listener, in one process)
+USER_TTL = 86400.0  # seconds an address that logged in is a user's: refusals do not mark it
 
 
 class Candidate:
@@ -153,24 +155,36 @@ class Candidates:
         """`key` was refused at a full pool (or for max_pending_per_ip)."""
         self.pressed(key, now, refused=True)
 
-    def _live(self, key: str, now: float) -> tuple[int, int]:
-        """(marks, refusals) of `key` within PRESSURE_TTL."""
+    def _live(self, key: str, now: float) -> tuple[int, int, bool]:
+        """(marks, refusals) of `key` within PRESSURE_TTL, and whether it is a user's
+        address (one that authenticated within USER_TTL). A user's has no refusals: a
+        mail program whose first tries met the flood is refused like a flooder, and
+        marked by it stayed a flooder to every try until one got in; what a flooder
+        cannot do is log in. A tie slot it took still marks it (one such slot per
+        PRESSURE_TTL unless it logs in again)."""
         got = self._marks.mark_get(key)
+        user = got is not None and got[3] > 0 and now - got[3] < USER_TTL
         if got is None or now - got[1] >= PRESSURE_TTL:
-            return 0, 0
-        return got[0], got[2]
+            return 0, 0, user
+        if user:
+            return got[0] - got[2], 0, True
+        return got[0], got[2], False
 
     def knocking(self, key: str, now: float) -> bool:
         """Refused at a full pool `PRESSED_AFTER` times within `PRESSURE_TTL`, and
-        not authenticated since: a flood's address, whose connection a fresh client may take
+        not a user's: a flood's address, whose connection a fresh client may take
         however young (a tie slot it took or a slot it lost marks it, never this)."""
         return self._live(key, now)[1] >= PRESSED_AFTER
 
+    def user(self, key: str, now: float) -> bool:
+        """Whether `key` authenticated within USER_TTL (`relieve`)."""
+        return self._live(key, now)[2]
+
     def relieve(self, key: str, now: float) -> None:
         """A session from `key` authenticated: its address is a user's, not a flood's
-        (an office behind one NAT, a mail program that connects again within
-        PRESSURE_TTL); its marks go, so its next connection is a fresh client again
-        (the time is kept: the shared table keeps a user's entry before a flood's)."""
+        (an office behind one NAT, a mail program that connects again); its marks go,
+        so its next connection is a fresh client again, and for USER_TTL its refusals
+        do not mark it (the shared table keeps a user's entry before a flood's)."""
         self._marks.mark_put(key, (0, 0.0, 0, now))
 
     def under_pressure(self, key: str, now: float) -> bool:
@@ -208,9 +222,16 @@ class Candidates:
             # them all) are all younger than TIE_AGE together; their addresses are the
             # ones refused meanwhile (measured: 600 addresses on a 587 pool of 48
             # reopening every 0.8 s: 1 of 16 logins served).
+            # Never a user's address's (one that logged in lately): its next login, slow
+            # in its STARTTLS handshake on a loaded machine, aged past TIE_AGE while
+            # the flood's were young, was taken by a fresh flooder (seen: mail programs
+            # that had logged in, retrying in a 3,000-address flood's first second, were
+            # closed after EHLO or STARTTLS, and then, marked as having lost a slot, were
+            # refused 421 to every retry); only rule one evicts it.
             for i, c in enumerate(self._all):
-                if now - c.since >= TIE_AGE or self.knocking(c.key, now) or \
-                        i == 0 and w(c.key) >= 2:
+                _n, refusals, user = self._live(c.key, now)
+                if not user and (now - c.since >= TIE_AGE or refusals >= PRESSED_AFTER or
+                                 i == 0 and w(c.key) >= 2):
                     self.pressed(key, now, PRESSED_AFTER)  # one such slot per PRESSURE_TTL
                     self.pressed(c.key, now, PRESSED_AFTER)
                     return c
