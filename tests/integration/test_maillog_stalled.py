@@ -115,9 +115,10 @@ def _submit(r: RelayProcess) -> str:
 
 
 def _stalled(relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory,
-             fifo: FifoReader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-             ) -> tuple[RelayProcess, FakeSMTPServer]:
-    """A serve (two workers) delivering to a next hop, its log stalled once it started."""
+             fifo: FifoReader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+             workers: int = 2) -> tuple[RelayProcess, FakeSMTPServer]:
+    """A serve (two workers, or one process) delivering to a next hop, its log stalled
+    once it started."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_HOOK)
@@ -125,10 +126,11 @@ def _stalled(relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory,
     smart = fake_mx("127.0.0.2")
     r = relay_factory({"log": {"target": f"file:{fifo.path}"},
                        "relay": {"smart_host": [smart.address], "smart_host_tls": "none"}},
-                      workers=2, start=False)
+                      workers=workers, start=False)
     r.start()
-    wait_until(lambda: sum("daemon=started" in ln for ln in fifo.lines()) == 3,
-               what=lambda: f"three processes started: {fifo.lines()[-20:]}")
+    n = workers + 1 if workers > 1 else 1
+    wait_until(lambda: sum("daemon=started" in ln for ln in fifo.lines()) == n,
+               what=lambda: f"{n} processes started: {fifo.lines()[-20:]}")
     fifo.pause()
     assert fifo.fill() > 0  # from now on every write to the log blocks
     return r, smart
@@ -332,19 +334,7 @@ def test_a_single_process_killed_before_its_own_notice_went_delivers_after_its_r
     restart's scan (every ready file of queue/, oldest first, before the start returns)
     finds it; it is delivered once, its from= line written once, by the scheduler, before
     its delivery line. The rescan is an hour away: only the start's scan can find it."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_HOOK)
-    monkeypatch.setenv("PYTHONPATH", str(hook))
-    smart = fake_mx("127.0.0.2")
-    r = relay_factory({"log": {"target": f"file:{fifo.path}"},
-                       "relay": {"smart_host": [smart.address], "smart_host_tls": "none"}},
-                      workers=1, start=False)
-    r.start()
-    wait_until(lambda: any("daemon=started" in ln for ln in fifo.lines()),
-               what=lambda: f"started: {fifo.lines()[-20:]}")
-    fifo.pause()
-    assert fifo.fill() > 0
+    r, smart = _stalled(relay_factory, fake_mx, fifo, tmp_path, monkeypatch, workers=1)
     assert r.proc is not None
     for _ in range(5):  # a round counts when the process stopped before its notice went
         t0 = time.monotonic()

@@ -470,23 +470,22 @@ class Scheduler:
     def notify(self, qid: str, vouched: int = 0) -> None:
         """A new message was committed (`vouched`: its file's inode when the producer
         vouches for its line ends, spool/notify.py). Thread-safe; cheap."""
+        self._on_loop(self._notify, qid, vouched)
+
+    def _on_loop(self, fn: Callable[[str, int], None], qid: str, n: int) -> None:
+        """`fn(qid, n)` on the scheduler's loop, from any thread; nothing once stopping."""
         if self._loop is None or self._stopping:
             return
         if threading.get_ident() != self._thread:
-            self._loop.call_soon_threadsafe(self._notify, qid, vouched)
+            self._loop.call_soon_threadsafe(fn, qid, n)
         else:
-            self._notify(qid, vouched)
+            fn(qid, n)
 
     def owed(self, qid: str, producer: int) -> None:
         """The in-process notice's `owed_by` (spool/notify.py `on_owed`): this process's
         producer still owes `qid`'s from= line (its pid), or wrote it (0), as the
         datagrams `ID INODE PID` and `ID logged` say of another's. Thread-safe."""
-        if self._loop is None or self._stopping:
-            return
-        if threading.get_ident() != self._thread:
-            self._loop.call_soon_threadsafe(self._owed_notice, qid, producer)
-        else:
-            self._owed_notice(qid, producer)
+        self._on_loop(self._owed_notice, qid, producer)
 
     def _owed_notice(self, qid: str, producer: int) -> None:
         if producer:
