@@ -335,14 +335,11 @@ def test_a_session_waiting_for_its_early_create_is_under_the_data_timeouts(
         server.thread.stop()
 
 
-def test_a_strangers_message_on_25_gets_its_file_at_the_dot(
-        tmp_path: Path, trustme_ca: trustme.CA) -> None:
-    """The early create is for clients allowed to relay (an authenticated user, a trusted
-    network): a stranger on 25 (here to a local domain) gets no file while its message
-    arrives, so DATA alone on many connections cannot make the relay hold a file (and a
-    descriptor) per connection; its file is made at the dot, as before."""
+def _port25_server(tmp_path: Path, ca: trustme.CA, spool: Spool) -> tuple[ServerThread, int]:
+    """An in-process server of `spool` on an smtp listener (strangers, to the local domain
+    example.net), started; and its port."""
     port = free_port()
-    cert, key, _ = install_cert(trustme_ca, tmp_path / "tls", "relay.test", "127.0.0.1")
+    cert, key, _ = install_cert(ca, tmp_path / "tls", "relay.test", "127.0.0.1")
     cfg = from_dict({
         "hostname": "relay.test", "state_dir": str(tmp_path),
         "listen": [{"address": f"127.0.0.1:{port}", "mode": "smtp"}],
@@ -350,12 +347,22 @@ def test_a_strangers_message_on_25_gets_its_file_at_the_dot(
         "relay": {"local_domains": ["example.net"], "smart_host": ["127.0.0.1:9"]},
         "limits": {"connection_rate_per_ip": 0},
     })
-    spool = Spool(tmp_path / "spool", fsync=False)
     spool.ensure_dirs()
     log = MailLog(f"file:{tmp_path}/maillog")
     thread = ServerThread(cfg, lambda: wiring.server(cfg, spool, CertStore(cfg),
                                                      maillog=log))
     thread.start()
+    return thread, port
+
+
+def test_a_strangers_message_on_25_gets_its_file_at_the_dot(
+        tmp_path: Path, trustme_ca: trustme.CA) -> None:
+    """The early create is for clients allowed to relay (an authenticated user, a trusted
+    network): a stranger on 25 (here to a local domain) gets no file while its message
+    arrives, so DATA alone on many connections cannot make the relay hold a file (and a
+    descriptor) per connection; its file is made at the dot, as before."""
+    spool = Spool(tmp_path / "spool", fsync=False)
+    thread, port = _port25_server(tmp_path, trustme_ca, spool)
     try:
         with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test",
                           timeout=20) as c:
@@ -412,21 +419,8 @@ def test_a_strangers_large_message_is_not_created_on_the_loop(
     session of the process. Now a commit thread makes it, as the early create of an
     authenticated user's message; that session waits for it (under the DATA timeouts),
     another is answered meanwhile, and the message is stored whole at the dot."""
-    port = free_port()
-    cert, key, _ = install_cert(trustme_ca, tmp_path / "tls", "relay.test", "127.0.0.1")
-    cfg = from_dict({
-        "hostname": "relay.test", "state_dir": str(tmp_path),
-        "listen": [{"address": f"127.0.0.1:{port}", "mode": "smtp"}],
-        "tls": {"cert": str(cert), "key": str(key)},
-        "relay": {"local_domains": ["example.net"], "smart_host": ["127.0.0.1:9"]},
-        "limits": {"connection_rate_per_ip": 0},
-    })
     spool = _HeldCreateSpool(tmp_path / "spool", limit=30)
-    spool.ensure_dirs()
-    log = MailLog(f"file:{tmp_path}/maillog")
-    thread = ServerThread(cfg, lambda: wiring.server(cfg, spool, CertStore(cfg),
-                                                     maillog=log))
-    thread.start()
+    thread, port = _port25_server(tmp_path, trustme_ca, spool)
     body = b"".join(b"%06d " % i + b"x" * 70 + b"\r\n" for i in range(SPILL // 78 + 800))
     head = b"From: someone@far.test\r\nSubject: big\r\n\r\n"
     release = threading.Timer(10, spool.go.set)  # the old write() held the loop until this
