@@ -914,7 +914,13 @@ def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
         _drop_privileges(cfg)
         # Refusal lines a process dies owing are written by the master (owedlines.py);
         # those the previous instance's processes owed, now. Mapped before any fork.
-        book = OwedLines(cfg.spool_dir / owedlines.NAME, nworkers + 1)
+        try:
+            book = OwedLines(owedlines.book_path(cfg.spool_dir), nworkers + 1)
+        except OSError as e:
+            book = OwedLines(None, nworkers + 1)
+            maillog_mod.get().warning(
+                "refusal lines a killed instance owes are not kept: a killed worker's "
+                f"still are (owedlines): {e.strerror or e}: {e.filename}")
         maillog_mod.get().write_owed(book.leftovers)
         maillog_mod.get().keep_owed(book.slot(0))
         # Read again as the user that reads it at every reload; before any fork.
@@ -928,9 +934,13 @@ def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
                        open_log=helper.open_log if helper else None,
                        read_config=helper.read_config if helper else None,
                        helper_pid=helper.pid if helper else 0)
-            return asyncio.run(_serve_loop(run))
-        return _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared,
-                             recipients, book)
+            rc = asyncio.run(_serve_loop(run))
+        else:
+            rc = _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared,
+                               recipients, book)
+        maillog_mod.get().flush()
+        book.close()  # a stop: the file goes unless a line is still owed
+        return rc
     finally:
         if helper is not None:
             helper.close()

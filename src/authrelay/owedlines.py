@@ -4,12 +4,21 @@ A `reject=` line (a refused command, a failed login, a commit given up with 451)
 by its process's maillog writer thread up to 5 ms (the writer's gather) after the reply
 went out, indefinitely later on a stalled target: a process killed then (kill -9, the OOM
 killer) took the line with it, though the client had its reply. maillog.py also puts such a
-line here, in `spool_dir/owed-lines`, a file every process maps shared (the page cache
-keeps what is written whatever kills a process; a machine crash loses it, as it loses the
-writer's queue), one slot per process; the writer thread clears the entry once the line is
-written. The master, reaping a dead worker, writes what its slot still holds before another
-worker takes the slot (`take`); a start writes what any slot still holds (the previous
-instance killed, a `workers = 1` process with it). Such a line ends `logged_by=master`.
+line here, in the instance's book (`book_path`: a file in /dev/shm), which every process
+maps shared (memory keeps what is written whatever kills a process; a machine crash
+loses it, as it loses the writer's queue), one slot per process; the writer thread
+clears the entry once the line is written. The master, reaping a dead worker, writes
+what its slot still holds before another worker takes the slot (`take`); a start writes
+what any slot still holds (the previous instance killed, a `workers = 1` process with
+it). Such a line ends `logged_by=master`.
+
+Not in the spool: a page of a shared file mapping on a frozen filesystem (fsfreeze, a
+VM snapshot's freeze) blocks the process that writes to it until the thaw, and that is
+the event loop (seen: with the spool frozen, a worker's first refusal stopped it, every
+client of it unanswered, until the thaw). A memory filesystem is never frozen so, and
+has no writeback. A book that cannot be opened there (no /dev/shm; the name another
+user's) is made in anonymous shared memory (`OwedLines(None, ...)`): a killed worker's
+lines still reach the master, a killed instance's are lost.
 
 Cost: no system call (a copy into the mapping, a page fault the first time a page is
 touched); only refusal lines are kept. Bounded: `ENTRIES` lines of at most `LINE_MAX`
@@ -21,13 +30,17 @@ master's with `logged_by=master`), never lost.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import mmap
 import os
+import stat
 import struct
 import threading
 from pathlib import Path
 
-NAME = "owed-lines"
+NAME = "authrelay-owed-lines"
+SHM = Path("/dev/shm")  # a memory filesystem (tmpfs): no freeze, no writeback
 ENTRY = 4096  # bytes per kept line: a header and the line's UTF-8
 ENTRIES = 64  # per slot (process)
 _HEAD = struct.Struct("<QI")  # sequence (0: free), the line's length
@@ -69,16 +82,35 @@ class Slot:
         _HEAD.pack_into(self._view, entry * ENTRY, 0, 0)
 
 
+def book_path(spool_dir: Path) -> Path:
+    """The book of the instance whose spool is `spool_dir` (the same at its next start:
+    named by the spool directory's device and inode)."""
+    st = os.stat(spool_dir)
+    return SHM / f"{NAME}-{st.st_dev:x}-{st.st_ino:x}"
+
+
 class OwedLines:
     """The book: `slots` slots of `ENTRIES` entries in one shared file mapping."""
 
-    def __init__(self, path: Path, slots: int) -> None:
-        """Open (create) the book for `slots` processes. `leftovers` are the lines a
-        previous instance's processes still owed, oldest first per slot, taken."""
+    def __init__(self, path: Path | None, slots: int) -> None:
+        """Open (create) the book for `slots` processes; `path` None: in anonymous
+        shared memory (no previous instance's). `leftovers` are the lines a previous
+        instance's processes still owed, oldest first per slot, taken. OSError when
+        `path` is not this user's own regular file (/dev/shm is everyone's)."""
         self.leftovers: list[str] = []
+        self._slots = slots
+        self._path = path
+        if path is None:
+            self._map = mmap.mmap(-1, ENTRY + slots * SLOT)
+            self._map[:ENTRY] = _MAGIC
+            return
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() \
+                    or st.st_mode & 0o077 or st.st_nlink != 1:
+                raise PermissionError(errno.EPERM, "not a file of this user's own", str(path))
+            size = st.st_size
             if size > ENTRY:
                 with mmap.mmap(fd, size) as old:
                     if old[:ENTRY] == _MAGIC:
@@ -91,7 +123,14 @@ class OwedLines:
         finally:
             os.close(fd)
         self._map[:ENTRY] = _MAGIC
-        self._slots = slots
+
+    def close(self) -> None:
+        """At the end of the instance: the book's file (/dev/shm is memory) is removed
+        unless a slot still owes a line, which the next start then writes."""
+        if self._path is not None and not any(_owed(self._view(i))
+                                              for i in range(self._slots)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
 
     def slot(self, i: int) -> Slot:
         """Process i's part (0: the master or the one process; worker n: n + 1)."""

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import smtplib
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -402,3 +403,37 @@ def test_a_message_of_the_master_s_own_deferred_while_its_line_waits_gets_one_fr
     froms = [ln for ln in fifo.lines() if f" {qid}: from=" in ln]
     assert len(froms) == 1, froms
     assert "logged_by" not in froms[0], froms  # the producer's own: it never died
+
+@pytest.mark.root
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_refusal_with_the_spool_frozen_leaves_every_client_answered(
+        tmp_path: Path, workers: int) -> None:
+    """Since d3d246f a refusal line is copied into a shared file mapping in the spool
+    (owed-lines) on the event loop. With the spool's filesystem frozen (fsfreeze: a
+    backup's, a VM snapshot's), that write faults and blocks until the thaw: the process's
+    event loop stopped at its first refusal, the refused client had no reply, nor did any
+    other client (seen: a real serve, the spool on a frozen ext4). The book lives in
+    /dev/shm now: the refusal is answered, a new client greeted, while the spool is
+    frozen; and the book's file is removed at the stop."""
+    from support import frozenfs
+
+    from authrelay import owedlines
+
+    with frozenfs.ext4(tmp_path / "fs") as fs:
+        r = RelayProcess(tmp_path, {"state_dir": str(fs.path / "state")}, workers=workers)
+        r.start()
+        try:
+            fs.freeze()
+            for _ in range(2):  # (each worker's first refusal)
+                with smtplib.SMTP("127.0.0.1", r.ports["submission"], timeout=20) as s:
+                    s.starttls(context=ssl._create_unverified_context())
+                    s.ehlo("client.example")
+                    code, msg = s.docmd("AUTH", "PLAIN !not-base64!")  # (no user DB read)
+                    assert code == 501, msg
+            with smtplib.SMTP("127.0.0.1", r.ports["submission"], timeout=20) as s:
+                assert s.noop()[0] == 250
+        finally:
+            fs.thaw()
+            r.stop()
+        assert not owedlines.book_path(fs.path / "state" / "spool").exists()
+        assert r.maillog().count("reject=501 5.5.2") == 2, r.maillog()[-2000:]
