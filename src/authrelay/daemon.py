@@ -181,8 +181,7 @@ class MaillogHandler(logging.Handler):
                 qid = None
             if record.exc_info and record.exc_info[1] is not None:
                 e = record.exc_info[1]
-                text = f"{text}: {type(e).__name__}: {e}" if str(e) else \
-                    f"{text}: {type(e).__name__}"
+                text = f"{text}: {maillog_mod.exc_text(e)}"
             text = f"{record.name}: {text}"
             ml = maillog_mod.get()
             if record.levelno >= logging.ERROR:

@@ -959,6 +959,12 @@ def descriptors() -> set[int]:
     return out
 
 
+def exc_text(e: BaseException) -> str:
+    """An exception as a line says why: "Type: message", or "Type" alone when it has no
+    message (a TimeoutError), not "Type: " with nothing after it."""
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
 def configure(target: str = "stdout", fmt: str = "text") -> MailLog:
     global _current
     _current = MailLog(target, fmt)

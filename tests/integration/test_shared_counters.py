@@ -154,6 +154,31 @@ async def test_redis_down_then_back(rs: RedisServer, mlog: Path) -> None:
     assert text.count("unreachable") == 1  # said once, not per call
 
 
+async def test_a_hung_redis_is_named_without_an_empty_reason(rs: RedisServer,
+                                                            mlog: Path) -> None:
+    """Redis hung (SIGSTOP: no answer, no close): the client's TimeoutError has no message,
+    and the line read `reason=TimeoutError: ` with nothing after it (att saw it on the
+    farm, as PostgreSQL's `user database unreachable` would). Now `reason=TimeoutError`."""
+    import os
+    import signal
+
+    a = SharedCounters(rs.url, timeout=0.5, probe_interval=0.1)
+    assert rs.proc is not None
+    try:
+        assert await a.add("auth_ip", "192.0.2.12", 900.0) == 1
+        os.kill(rs.proc.pid, signal.SIGSTOP)
+        try:
+            assert await a.add("auth_ip", "192.0.2.12", 900.0) is None
+        finally:
+            os.kill(rs.proc.pid, signal.SIGCONT)
+        await until(lambda: a.up, "the probe finding Redis back")
+    finally:
+        await a.close()
+    maillog.get().flush()
+    line = next(ln for ln in mlog.read_text().splitlines() if "unreachable" in ln)
+    assert line.endswith(", reason=TimeoutError"), line
+
+
 def test_redact_url() -> None:
     assert redact_url("redis://:pw@10.0.0.1:6379/0") == "redis://10.0.0.1:6379/0"
     assert redact_url("rediss://user:pw@h/2") == "rediss://h/2"

@@ -199,7 +199,7 @@ class PgUserStore:
                 # more try on a fresh connection before calling it down.
                 if attempt == 2:
                     self._down_until = time.monotonic() + RETRY_AFTER_FAILURE
-                    raise UserStoreUnavailable(f"{type(e).__name__}: {e}") from e
+                    raise UserStoreUnavailable(maillog_mod.exc_text(e)) from e
                 # A fresh one indeed: the pool's other connections went through the same
                 # event and may be in the same state, and the pool would hand one out
                 # again (the rig: both tries got InternalClientError while PostgreSQL
@@ -210,13 +210,13 @@ class PgUserStore:
                     await self._pool.expire_connections()
             except (OSError, TimeoutError) as e:
                 self._down_until = time.monotonic() + RETRY_AFTER_FAILURE
-                raise UserStoreUnavailable(f"{type(e).__name__}: {e}") from e
+                raise UserStoreUnavailable(maillog_mod.exc_text(e)) from e
             except apg.UndefinedTableError as e:
                 raise UserStoreUnavailable(
                     "no authrelay schema in the database (run `authrelay user list` once, "
                     "or create it as docs/SCALING.md shows)") from e
             except apg.PostgresError as e:
-                raise UserStoreUnavailable(f"{type(e).__name__}: {e}") from e
+                raise UserStoreUnavailable(maillog_mod.exc_text(e)) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def close(self) -> None:

@@ -215,7 +215,7 @@ class SharedCounters:
         if self.up:
             self.up = False
             maillog.warning("shared counters unreachable: counting locally on this node",
-                            shared=redact_url(self.url), reason=f"{type(e).__name__}: {e}")
+                            shared=redact_url(self.url), reason=maillog.exc_text(e))
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
 

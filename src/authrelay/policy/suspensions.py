@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from authrelay import maillog
 from authrelay.auth.pgusers import PgUserStore
 from authrelay.config import Config
 from authrelay.policy.containment import KINDS, Counts, Suspension
@@ -263,7 +264,7 @@ class State:
             got = await self.pg.suspension(user) is not None
             self.pg_problem = ""
         except Exception as e:  # UserStoreUnavailable: fail open (module docstring)
-            self.pg_problem = f"{type(e).__name__}: {e}"
+            self.pg_problem = maillog.exc_text(e)
             return False
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()
@@ -279,7 +280,7 @@ class State:
                 self.pg_problem = ""
                 return created
             except Exception as e:  # down or a read-only role: this node at least
-                self.pg_problem = f"{type(e).__name__}: {e}"
+                self.pg_problem = maillog.exc_text(e)
         return bool(await self._io(self.local.suspend, user, at, reason, node))
 
     async def resume(self, user: str) -> Suspension | None:
