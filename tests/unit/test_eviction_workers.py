@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from types import SimpleNamespace
 
 from authrelay.config import Config, from_dict
@@ -121,3 +122,26 @@ def test_one_newcomer_evicts_one_connection_however_the_workers_race() -> None:
     (EVICT_TRIES; ev2's figure: 4 logins, up to 6 evictions). The newcomer is now
     counted into the victim's slot before that is freed: one eviction, one admitted."""
     asyncio.run(_one_newcomer_evicts_one())
+
+
+async def _refused_once_at_each() -> tuple[bool, bool]:
+    cfg = from_dict(CFG)
+    table = SharedCounters(slots=4096, workers=2)
+    (a, said_a), (b, said_b) = (_acceptor(cfg, SharedThrottle(cfg, table)) for _ in "ab")
+    for _ in range(4):  # the pool is full, of connections no one may evict
+        assert a.server.throttle.connect("192.0.2.1", a.pools).admitted
+    for acc in (a, b):
+        s, peer = socket.socketpair()
+        acc._admit_client(s, ("198.51.100.7", 40000), None)
+        peer.close()
+    a.stop()
+    b.stop()
+    assert said_a == said_b == ["refused", "421 pool:listener:submission:127.0.0.1:2587"]
+    return (a.candidates.knocking("198.51.100.7", time.monotonic()),
+            b.candidates.under_pressure("198.51.100.7", time.monotonic()))
+
+
+def test_refused_once_by_each_of_two_workers_is_refused_twice() -> None:
+    """The same, through two workers' admissions: refused at a full pool once by each,
+    the address is knocking and under pressure (before: at neither)."""
+    assert asyncio.run(_refused_once_at_each()) == (True, True)
