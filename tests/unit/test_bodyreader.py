@@ -136,6 +136,36 @@ def test_random_bytes_split_invariance(data: bytes, cut: int) -> None:
         assert body.count(b"\n") == body.count(b"\r\n") == body.count(b"\r")
 
 
+def _bare_by_counts(region: bytes) -> bool:
+    """The reference: every CR and every LF is part of a CRLF (the three counts)."""
+    crlf = region.count(b"\r\n")
+    return region.count(b"\n") != crlf or region.count(b"\r") != crlf
+
+
+@settings(max_examples=2000, deadline=None)
+@given(data=st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"x", b".", b"\r\r\n",
+                                      b"\r\n\n"]), max_size=40).map(b"".join))
+def test_the_bare_line_end_check_equals_the_three_counts(data: bytes) -> None:
+    """BodyReader._bare (CR marks shifted against LF marks) decides as counting CRLF, CR
+    and LF did, for any mix of line ends, at either edge of a region included."""
+    assert BodyReader._bare(data) == _bare_by_counts(data)
+
+
+@pytest.mark.parametrize("width", [2, 4, 80, 998])
+def test_one_bare_end_anywhere_in_a_chunk_is_found(width: int) -> None:
+    """A chunk of CRLF lines with one CR or LF alone at each place near its edges and in
+    its middle, and one CRLF split by the chunk's edges: found as the counts find it."""
+    chunk = (b"x" * (width - 2) + b"\r\n") * (16384 // width)
+    assert not BodyReader._bare(chunk)
+    places = [*range(6), *range(len(chunk) // 2 - 3, len(chunk) // 2 + 3),
+              *range(len(chunk) - 6, len(chunk))]
+    for i in places:
+        for lone in (b"\r", b"\n"):
+            region = chunk[:i] + lone + chunk[i:]
+            assert BodyReader._bare(region) and _bare_by_counts(region), (i, lone)
+    assert BodyReader._bare(b"\n" + chunk) and BodyReader._bare(chunk + b"\r")
+
+
 _line_runs = st.lists(st.tuples(st.integers(min_value=0, max_value=40),
                                 st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r", b""])),
                       max_size=25)

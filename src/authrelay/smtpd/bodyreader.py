@@ -1,7 +1,7 @@
 """DATA reader: finds the end of data, un-stuffs dots, refuses bare CR/LF, caps size.
 
 Sans-I/O and chunk-scanning: each `feed(chunk)` does a handful of C-speed scans
-(`bytes.find`, `count`, one regex) over the whole chunk, never a Python loop per line, so a
+(`bytes.find`, `rfind`, `translate`) over the whole chunk, never a Python loop per line, so a
 20 MB message costs a few hundred calls, not a few hundred thousand.
 
 Rules (RFC 5321):
@@ -36,6 +36,9 @@ NUL = "nul"
 
 # _MARK (CRLF "."): a line starting with a dot, stuffed (RFC 5321 4.5.2), unless the line
 _END = b"\r\n.\r\n"  # is that dot alone: the end of data
+# bytes.translate tables: 1 where a CR (an LF) is, 0 elsewhere (_bare)
+_CR_MARKS = bytes(int(i == 0x0D) for i in range(256))
+_LF_MARKS = bytes(int(i == 0x0A) for i in range(256))
 
 
 @dataclass(slots=True)
@@ -90,8 +93,15 @@ class BodyReader:
 
     @staticmethod
     def _bare(region: bytes) -> bool:
-        crlf = region.count(b"\r\n")
-        return region.count(b"\n") != crlf or region.count(b"\r") != crlf
+        """A CR not followed by LF or an LF not after a CR in `region`: the CR marks
+        (one translate) shifted by a byte must equal the LF marks. Two table passes and a
+        memcmp, whatever the lines' length; the three counts it replaces (CRLF, CR, LF)
+        stopped at every line end (µs per 16 KiB: 80-column lines 38 -> 24, 4-byte lines
+        53 -> 24, prose 74 -> 25; PERFORMANCE.md (20)). Memory: two copies of `region`
+        (at most a DATA step, protocol.CHUNK, and what was held back)."""
+        cr = region.translate(_CR_MARKS)
+        lf = region.translate(_LF_MARKS)
+        return cr[:-1] != lf[1:] or lf[:1] == b"\x01" or cr[-1:] == b"\x01"
 
     def _check_lines(self, chunk: bytes) -> None:
         if self.error:
