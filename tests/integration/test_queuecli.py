@@ -735,3 +735,62 @@ async def test_an_id_longer_than_a_control_request_is_not_in_the_queue(
         assert spool.held() == [q] and spool.scan() == []
     finally:
         await sched.stop()
+
+
+async def test_a_hold_and_a_delete_parked_behind_one_delivery_take_turns(
+        site: tuple[Path, Spool]) -> None:
+    """Two changes of one message waiting for its delivery to end (two admins; or
+    containment's hold and an admin's delete) woke together and moved its files at once,
+    in two threads: the delete unlinked the body while the hold was moving it and its
+    state file (an orphan state in hold/, a "held" line after "removed", a gauge
+    counting a message that is gone). They now take turns: the delete starts once the
+    hold has ended, and deletes the held message."""
+    import threading
+
+    from authrelay.config import load
+
+    cfgfile, spool = site
+    courier = FakeCourier()
+    sched = wiring.scheduler(load(str(cfgfile)), spool, courier, ListLog())
+    await sched.start()
+    gate = courier.gates["slow.example"] = asyncio.Event()
+    courier.script["s@slow.example"] = [TEMP]  # deferred: the message stays
+    removing, overlap = threading.Event(), []
+    real_hold, real_remove = sched.spool.hold, sched.spool.remove
+
+    def hold(qid: str) -> bool:  # (a pool thread)
+        # the delete's remove, if it starts while this hold is under way
+        overlap.append(removing.wait(5))
+        return real_hold(qid)
+
+    def remove(qid: str) -> None:
+        removing.set()
+        real_remove(qid)
+
+    sched.spool.hold = hold  # type: ignore[method-assign]
+    sched.spool.remove = remove  # type: ignore[method-assign]
+    parked: list[str] = []
+    wait_idle = sched._wait_idle
+
+    async def spy(qid: str) -> None:
+        parked.append(qid)
+        await wait_idle(qid)
+
+    sched._wait_idle = spy  # type: ignore[method-assign]
+    try:
+        qs = await put(spool, ["s@slow.example"])
+        await until(lambda: qs in sched.active, "in flight")
+        held = asyncio.create_task(acli(cfgfile, "hold", qs))
+        await until(lambda: len(parked) == 1, "the hold parked behind the delivery")
+        deleted = asyncio.create_task(acli(cfgfile, "delete", qs))
+        await until(lambda: len(parked) == 2, "the delete parked behind it too")
+        gate.set()
+        (rc1, out1, err1), (rc2, out2, err2) = await held, await deleted
+    finally:
+        gate.set()
+        await sched.stop()
+    assert overlap == [False], "the delete ran while the hold moved the files"
+    assert rc1 == 0 and f"{qs}: held" in out1, (out1, err1)
+    assert rc2 == 0 and f"{qs}: deleted" in out2, (out2, err2)
+    assert spool.scan() == [] and spool.held() == []
+    assert sorted(p.name for p in spool.hold_dir.iterdir()) == []

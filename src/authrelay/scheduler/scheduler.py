@@ -211,7 +211,8 @@ class Scheduler:
         self._forced: set[str] = set()
         self._named: set[str] = set()
         self._active: dict[str, _Active] = {}
-        self._busy: set[str] = set()
+        # qid -> set when the control request changing it ends (one at a time per id)
+        self._busy: dict[str, asyncio.Event] = {}
         self._ignored: set[str] = set()
         self._waiting: dict[str, tuple[deque[_Job], deque[_Job]]] = {}  # fresh, retries
         self._rr: OrderedDict[str, None] = OrderedDict()
@@ -1321,8 +1322,17 @@ class Scheduler:
         return len(await self._io(control.ids_of_user, self.spool, user, True))
 
     async def _wait_idle(self, qid: str) -> None:
-        while (act := self._active.get(qid)) is not None:
-            await act.done.wait()
+        """Until no delivery of `qid` is in progress, nor another control request's
+        change of it: two (a hold and a delete, say: two admins, or containment's hold
+        and an admin's delete) ran their file moves at once in two threads, parked
+        behind one delivery and woken together."""
+        while True:
+            if (act := self._active.get(qid)) is not None:
+                await act.done.wait()
+            elif (busy := self._busy.get(qid)) is not None:
+                await busy.wait()
+            else:
+                return
 
     def _exists(self, qid: str) -> bool:
         return (self.spool.queue_dir / qid).exists() or (self.spool.hold_dir / qid).exists()
@@ -1358,13 +1368,14 @@ class Scheduler:
             if not is_queue_id(qid):
                 missing.append(qid)
                 continue
-            was_active = qid in self._active
+            was_active = qid in self._active or qid in self._busy
             await self._wait_idle(qid)
             # One of many (--all, a user's) delivered or bounced meanwhile: gone, not an id
             # the operator got wrong. (A stat, as flush's: no await before _busy.)
             if not named and was_active and not self._exists(qid):
                 continue
-            self._busy.add(qid)  # no await between the wait and this: no delivery starts
+            # no await between the wait and this: no delivery nor other change starts
+            self._busy[qid] = asyncio.Event()
             try:
                 if op == "flush":
                     if not (self.spool.queue_dir / qid).exists():
@@ -1411,7 +1422,7 @@ class Scheduler:
                     self._gone(qid)
                 missing.append(qid)
             finally:
-                self._busy.discard(qid)
+                self._busy.pop(qid).set()
         return {"ok": True, "done": done, "missing": missing, "failed": failed}
 
     async def _unflushable(self, qid: str) -> str:
