@@ -150,9 +150,20 @@ def test_json_maillog_names_the_process_of_each_line(relay_factory) -> None:  # 
     r: RelayProcess = relay_factory(workers=2, start=False)
     r.start(extra_args=("--log-format", "json"))
     assert r.proc is not None
-    workers = {int(p) for p in subprocess.run(["pgrep", "-P", str(r.proc.pid)],
-                                              capture_output=True, text=True).stdout.split()}
-    assert len(workers) == 2
+    pid = r.proc.pid
+
+    def children() -> set[int]:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+        return {int(p) for p in out.stdout.split()}
+
+    def started_workers() -> int:
+        return sum(json.loads(line).get("daemon") == "started (worker)"
+                   for line in r.maillog().splitlines() if line.startswith("{"))
+
+    # (ready means a port answers: on a loaded machine the second worker may come later)
+    workers = wait_until(lambda: w if len(w := children()) == 2 else None,
+                         lambda: f"two workers forked: {children()}")
+    wait_until(lambda: started_workers() == 2, "both workers' start lines")
     r.stop()
     records = [json.loads(line) for line in r.maillog().splitlines() if line.startswith("{")]
     assert all(isinstance(rec.get("pid"), int) for rec in records), records
