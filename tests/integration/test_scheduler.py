@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from support.maillog import ListLog
+from support.tmpfs import ext4, frozen
 from support.wait import DEADLINE, until
 
 from authrelay import wiring
@@ -370,6 +371,31 @@ async def test_a_big_bounce_gets_its_file_from_a_commit_thread(
     (benv, _rcpts, data), = rig.courier.calls_for("alice@a.example")
     assert len(data) > SPILL and big.split(b"\r\n\r\n", 1)[1] in data
     assert creators[benv.queue_id] == "spool-commit"
+
+
+@pytest.mark.slow  # mkfs and mount
+@pytest.mark.root
+async def test_a_frozen_spool_filesystem_does_not_stall_the_loop_at_a_delivery(
+        state_dir: Path) -> None:
+    """The in-flight journal's line (inflight.py), written on the event loop at the start
+    of each delivery, waited there while the spool's filesystem was frozen (fsfreeze; a
+    hung disk): the master's scheduler, control socket and timers stood still until the
+    thaw (seen: workers answering 451, `authrelay queue` timing out). Now the journal's
+    own thread waits: the delivery is made meanwhile, its outcome saved after the thaw."""
+    with ext4(state_dir / "fs") as fs:
+        rig = Rig(fs)
+        try:
+            await rig.start()
+            qid = await put(rig.spool, ["bob@b.example"], notify=False)
+            with frozen(fs, limit=10) as thawed:  # the old loop waited for this timer
+                assert rig.sched is not None
+                rig.sched.notify(qid)
+                await until(lambda: rig.courier.calls, "the delivery, the spool frozen")
+                assert not thawed.is_set(), "the loop waited for the frozen spool"
+            await until(lambda: not rig.queued(), "the message removed after the thaw")
+        finally:
+            await rig.stop()
+            rig.spool.close()
 
 
 async def test_dead_destination_marks_are_bounded(

@@ -1,9 +1,13 @@
-"""A small tmpfs for a test that needs a disk to fill up (root only: ci.require_root)."""
+"""Small filesystems for tests (root only: ci.require_root): a tmpfs for a test that
+needs a disk to fill up (`mounted`); an ext4 image on a loop device (`ext4`), which
+`frozen` freezes (fsfreeze, as a snapshot tool does: every write waits until the thaw)
+for a test that needs a stalled disk held deterministically."""
 
 from __future__ import annotations
 
 import contextlib
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,3 +27,46 @@ def mounted(where: Path, size: str, *, inodes: int = 0) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@contextlib.contextmanager
+def ext4(where: Path, size_mb: int = 32) -> Iterator[Path]:
+    """An ext4 filesystem of `size_mb` MiB (an image beside `where`, on a loop device)
+    mounted at the new directory `where`, 0700; unmounted and removed at the end."""
+    ci.require_root("mounting a filesystem needs root")
+    ci.require_tool("mkfs.ext4", "e2fsprogs")
+    img = where.with_name(where.name + ".img")
+    with open(img, "wb") as f:
+        f.truncate(size_mb << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    where.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(where)], check=True)
+    try:
+        where.chmod(0o700)
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+        img.unlink()
+
+
+@contextlib.contextmanager
+def frozen(where: Path, limit: float) -> Iterator[threading.Event]:
+    """The filesystem mounted at `where` (ext4()) frozen: every write to it waits. Thawed
+    at the end, or by a timer after `limit` seconds (a hang detector: a test whose own
+    thread waits on the filesystem gets it back); the event yielded is set once thawed."""
+    ci.require_tool("fsfreeze", "util-linux")
+    thawed = threading.Event()
+
+    def thaw() -> None:
+        if not thawed.is_set():
+            subprocess.run(["fsfreeze", "-u", str(where)], check=False)
+            thawed.set()
+
+    subprocess.run(["fsfreeze", "-f", str(where)], check=True)
+    timer = threading.Timer(limit, thaw)
+    timer.start()
+    try:
+        yield thawed
+    finally:
+        timer.cancel()
+        thaw()

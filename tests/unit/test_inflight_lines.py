@@ -28,6 +28,7 @@ def test_journal_round_trip(tmp_path: Path) -> None:
     t1 = j.begin("Q1", ["a@x.test"])
     t2 = j.begin("Q2", ["b@x.test", "c\"@x.test"])
     j.end(t1)
+    assert j.written(10)  # (by the journal's thread)
     j.close()
     lines = (tmp_path / "inflight.log").read_bytes().splitlines()
     assert [json.loads(x) for x in lines] == [
@@ -48,10 +49,12 @@ def test_journal_disabled_by_an_io_error_comes_back(
     j = InflightJournal(tmp_path)
     assert j.leftovers() == []  # cannot read nor open it: disabled
     t1 = j.begin("Q1", ["a@x.test"])
+    assert j.written(10)
     (tmp_path / "inflight.log").rmdir()  # room again
     t2 = j.begin("Q2", ["b@x.test"])
     j.end(t2)
     j.begin("Q3", ["c@x.test"])
+    assert j.written(10)
     assert t1 != t2
     assert sorted(InflightJournal(tmp_path).leftovers()) == [
         ("Q1", ["a@x.test"]), ("Q3", ["c@x.test"])]

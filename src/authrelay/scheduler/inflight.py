@@ -15,7 +15,13 @@ Contract: one JSON object per line, `{"b": N, "q": QID, "r": [rcpts]}` and `{"e"
 appended with one write(2) each on an O_APPEND descriptor, never fsynced: the lines
 survive the death of the process (kill -9, the OOM killer: they are in the page cache),
 which is the case at hand; a power loss may lose the last ones, and then there is no
-warning (mail is never lost either way: the state file decides what is pending). Cost:
+warning (mail is never lost either way: the state file decides what is pending).
+The writes (and compactions) are made by a thread of the journal's own, in order, never
+on the event loop: on a spool filesystem that stalls (frozen, a hung disk) a write waits
+there, and on the loop it held the whole master (the scheduler, the control socket) for
+as long. `begin` does not wait for its line: the attempt's own round trips give the
+thread its turn long before the next hop can have the message; a process killed before
+the line was written has no warning for that attempt (as a power loss). Cost:
 two small writes per delivery attempt (docs/PERFORMANCE.md: 26 µs per attempt, nothing
 next to the attempt's own fsync of the state). When the file
 passes COMPACT_AT bytes it is rewritten with only the live entries and renamed over.
@@ -30,6 +36,8 @@ import contextlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +65,13 @@ class InflightJournal:
         self._size = 0
         self._broken = False
         self._disabled_at: float | None = None  # monotonic; None: working or closed
+        # What the writer thread does, in order: a line to append, or (when the journal
+        # is past COMPACT_AT or disabled) the live attempts to rewrite it with; None: stop.
+        # (An Event: set when reached, written().)
+        self._q: queue.SimpleQueue[tuple[bytes, list[tuple[int, tuple[str, list[str]]]]
+                                         | None] | threading.Event | None] = \
+            queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
 
     # ------------------------------------------------------------------ start
     def leftovers(self) -> list[tuple[str, list[str]]]:
@@ -96,34 +111,57 @@ class InflightJournal:
             self._broken = True
             log.warning("in-flight journal %s disabled: %s (tried again in %.0f s)",
                         self.path, e, RETRY_AFTER)
-        self.close()
+        self._close_fd()
         self._disabled_at = time.monotonic()
 
-    def _retry(self) -> None:
+    def _retry(self, live: list[tuple[int, tuple[str, list[str]]]]) -> None:
         """Disabled long enough: the journal again, with every live attempt in it."""
         if self._disabled_at is None or time.monotonic() - self._disabled_at < RETRY_AFTER:
             return
         self._disabled_at = None
-        self._compact()
+        self._compact(live)
         if self._fd is not None:
             self._broken = False
             log.warning("in-flight journal %s enabled again", self.path)
 
     # ------------------------------------------------------------------ attempts
     def begin(self, qid: str, rcpts: list[str]) -> int:
-        if self._fd is None:
-            self._retry()
         token = self._next
         self._next += 1
         self._live[token] = (qid, rcpts)
-        self._write(_begin_line(token, qid, rcpts))
+        self._submit(_begin_line(token, qid, rcpts))
         return token
 
     def end(self, token: int) -> None:
         if self._live.pop(token, None) is not None:
-            self._write(b'{"e":%d}\n' % token)  # json.dumps({"e": token}), compact
-            if self._size > COMPACT_AT:
-                self._compact()
+            self._submit(b'{"e":%d}\n' % token)  # json.dumps({"e": token}), compact
+
+    def _submit(self, line: bytes) -> None:
+        """`line` to the writer thread (started at the first); with the live attempts
+        when the journal is to be rewritten (past COMPACT_AT, or disabled: _retry).
+        (_size and _fd are the thread's, read here as hints.)"""
+        live = list(self._live.items()) if self._size > COMPACT_AT or self._fd is None \
+            else None
+        self._q.put((line, live))
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_all, name="inflight-journal",
+                                            daemon=True)
+            self._writer.start()
+
+    def _write_all(self) -> None:
+        """The writer thread: each item in order; ends at None (close())."""
+        while (item := self._q.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            line, live = item
+            if live is None:
+                self._write(line)
+            elif self._fd is None:
+                self._retry(live)  # (its live attempts include this line's, or not)
+            else:
+                self._compact(live)
+        self._close_fd()
 
     def _write(self, data: bytes) -> None:
         if self._fd is None:
@@ -134,12 +172,12 @@ class InflightJournal:
         except OSError as e:
             self._disable(e)
 
-    def _compact(self) -> None:
-        """Only the live attempts, in a new file renamed over the old one."""
+    def _compact(self, live: list[tuple[int, tuple[str, list[str]]]]) -> None:
+        """Only the `live` attempts, in a new file renamed over the old one."""
         tmp = self.path.with_name(JOURNAL + ".new")
         try:
             with open(tmp, "wb") as f:
-                for token, (qid, rcpts) in self._live.items():
+                for token, (qid, rcpts) in live:
                     f.write(_begin_line(token, qid, rcpts))
             os.replace(tmp, self.path)
         except OSError as e:
@@ -149,7 +187,25 @@ class InflightJournal:
             os.close(self._fd)
         self._open(truncate=False)
 
+    def written(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds (off the event loop) until every line given so far
+        is written: True when it is."""
+        if self._writer is None:
+            return True
+        reached = threading.Event()
+        self._q.put(reached)
+        return reached.wait(timeout)
+
     def close(self) -> None:
+        """A clean stop: never opened again. The writer thread closes the file once its
+        lines are written (not waited for: a stalled spool must not hold the stop)."""
+        if self._writer is not None:
+            self._q.put(None)
+            self._writer = None
+            return
+        self._close_fd()
+
+    def _close_fd(self) -> None:
         self._disabled_at = None  # a clean stop: never opened again
         if self._fd is not None:
             with contextlib.suppress(OSError):
