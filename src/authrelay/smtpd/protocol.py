@@ -551,8 +551,8 @@ class Engine:
             if phase is Phase.DATA:
                 if not self._data_step():
                     return NEED_DATA
-            elif (self._buf[:2] == _TLS_HANDSHAKE and not self.tls and not self.commands
-                  and phase is Phase.COMMAND):
+            elif (not self.commands and phase is Phase.COMMAND and not self.tls
+                  and self._buf[:2] == _TLS_HANDSHAKE):  # (a slice only before a command)
                 self._tls_without_starttls()
             else:
                 line = self._take_line(phase) if self._buf else None
