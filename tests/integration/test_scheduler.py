@@ -1200,6 +1200,44 @@ async def test_an_owed_line_committed_before_the_clock_went_back_waits_for_its_p
     assert (rig.spool.queue_dir / ahead).stat().st_mode & 0o777 == 0o710
 
 
+async def test_a_message_a_scan_finds_in_its_commit_is_looked_at_again(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ready file its writer still holds (in its fsync: store.InCommit) was dropped
+    by the load that found it, the writer's notice counted on; a notice lost (sent
+    before a restarted scheduler bound notify.sock: a sendmail command committing
+    across the restart) left it for the next rescan (60 s; an hour here). It is
+    loaded again IN_COMMIT_AGAIN later and delivered."""
+    from support.spools import held_commit
+
+    from authrelay.spool.store import InCommit
+
+    found = threading.Event()
+    load = rig.spool.load_for_delivery
+
+    def watched(qid: str, vouched: int = 0) -> Any:
+        try:
+            return load(qid, vouched)
+        except InCommit:
+            found.set()
+            raise
+
+    monkeypatch.setattr(rig.spool, "load_for_delivery", watched)
+    sched = await rig.start(rescan_interval=3600)
+    env = Envelope(queue_id=new_queue_id(), sender="a@a.example",
+                   recipients=[Recipient("x@b.example")])
+    inc, held = held_commit(rig.spool.queue_dir, env, BODY)  # its notice: lost
+    task = asyncio.ensure_future(inc.commit())
+    try:
+        assert await asyncio.to_thread(held.entered.wait, 10)
+        sched.receiver_died()  # a scan: the file found in its commit
+        assert await asyncio.to_thread(found.wait, 10)
+    finally:
+        held.go.set()
+        await task
+    await until(lambda: rig.courier.calls_for("x@b.example"), "delivered without a rescan")
+    await until(lambda: not rig.queued(), "removed")
+
+
 async def test_past_owed_max_a_notice_s_producer_is_not_remembered(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """OWED_MAX bounds the messages remembered as owing their from= line to a live

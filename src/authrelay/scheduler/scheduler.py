@@ -116,6 +116,8 @@ VOUCHED_MAX = 100_000
 # notice goes once the line is written or NOTICE_WAIT after the commit. Found by a scan
 # without a notice, it waits this long; then the scheduler writes the line (_log_owed).
 LOG_OWED_WAIT = NOTICE_WAIT + 1.0
+# Seconds until a message found still in its commit (store.InCommit) is loaded again.
+IN_COMMIT_AGAIN = 1.0
 # Messages whose from= line a live producer still owes (a stalled log), kept with their
 # envelopes past delivery (memory: ~1 KB each); past it one is not kept, and its
 # producer's death before its line loses that line, as before 8ddf930.
@@ -755,6 +757,12 @@ class Scheduler:
             env, path, offset = self._load(qid)
             if isinstance(path, Path):
                 await self._io(self.spool.verify, qid)
+        except InCommit:
+            # Found by a scan in its writer's fsync: its notice follows, unless it was
+            # lost (sent before a restarted scheduler bound its socket): looked at again.
+            self._release(act)
+            self._schedule(qid, time.time() + IN_COMMIT_AGAIN)
+            return
         except FileNotFoundError:
             self._gone(qid)
             self._release(act)
