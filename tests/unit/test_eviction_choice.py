@@ -213,3 +213,25 @@ def test_a_users_aged_session_is_not_taken_by_the_tie_rule() -> None:
     assert cs.victim("fresh2", 5.0) is None
     cs.add(_cand("u", 3.0, log))  # two: rule one takes its oldest still
     assert cs.victim("fresh3", 5.0) is mine
+
+
+def test_a_login_makes_its_own_v6_net_a_users_not_its_whole_48() -> None:
+    """(9d35eec) An IPv6 client is counted by its /48 (eviction_key), and a login made
+    that whole /48 a user's for USER_TTL: a flooder in the same /48 as a user (a hosting
+    provider's, each customer a /64 of it) had its refusals unmarked and its aged
+    sessions safe from the tie rule. Now the login's own /64 is a user's: its retries
+    still are not marked, the flooder's /64s are, and lose their aged slots."""
+    user_net, flood_net = "2001:db8:7:1::/64", "2001:db8:7:2::/64"
+    ekey = eviction_key(flood_net)
+    assert ekey == eviction_key(user_net)  # one /48
+    cs, log = Candidates(), []
+    cs.relieve(ekey, 1.0, who=user_net)  # the user logged in
+    for t in (5.0, 5.5):
+        cs.refused(ekey, t)  # the flooder's tries, refused at the full pool
+    assert cs.user(ekey, 6.0, who=user_net) and not cs.knocking(ekey, 6.0, who=user_net)
+    assert not cs.user(ekey, 6.0, who=flood_net)
+    assert cs.knocking(ekey, 6.0, who=flood_net)
+    assert cs.under_pressure(ekey, 6.0, who=flood_net)
+    aged = Candidate(ekey, 2.0, lambda: log.append("flood"), "session", who=flood_net)
+    cs.add(aged)
+    assert cs.victim("198.51.100.7", 6.0) is aged  # a fresh client takes the flood's slot

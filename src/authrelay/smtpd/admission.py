@@ -504,7 +504,7 @@ class Acceptor:
             return
         adm = srv.throttle.connect(key, self.pools, exempt=exempt)
         if not adm.admitted and adm.reason.startswith("pool:") and lim.pool_eviction:
-            victim = self.candidates.victim(ekey, time.monotonic(), self._weight)
+            victim = self.candidates.victim(ekey, time.monotonic(), self._weight, who=key)
             if victim is not None:
                 # Counted into the victim's slot before the eviction frees it (the pools
                 # one over for that moment): freed first, another worker could take it
@@ -531,7 +531,8 @@ class Acceptor:
             srv.throttle.pending_add(key, 1)
         if lim.pool_eviction:
             ticket.handshake = Candidate(ekey, time.monotonic(),
-                                         lambda: self._evict_handshake(ticket), "handshake")
+                                         lambda: self._evict_handshake(ticket), "handshake",
+                                         who=key)
             self.candidates.add(ticket.handshake)
         self.open += 1
         srv.open_sockets += 1
@@ -592,7 +593,8 @@ class Acceptor:
         c = ticket.idle_candidate
         if c is None:  # (one session per ticket: `evict` is always its own)
             c = ticket.idle_candidate = Candidate(ticket.ekey, time.monotonic(),
-                                         lambda: self._evict_session(ticket, evict), "session")
+                                         lambda: self._evict_session(ticket, evict), "session",
+                                         who=ticket.key)
         elif moved:
             c.since = time.monotonic()
         ticket.idling = c
@@ -604,7 +606,7 @@ class Acceptor:
 
     def authenticated(self, ticket: Ticket) -> None:
         """Its address is a user's: no longer marked as pressing (eviction.py)."""
-        self.candidates.relieve(ticket.ekey, time.monotonic())
+        self.candidates.relieve(ticket.ekey, time.monotonic(), who=ticket.key)
 
     def busy(self, ticket: Ticket) -> None:
         if ticket.idling is not None:

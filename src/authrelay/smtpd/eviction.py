@@ -63,11 +63,12 @@ USER_TTL = 86400.0  # seconds an address that logged in is a user's: refusals do
 class Candidate:
     """One evictable connection: its address key, since when, and how to evict it."""
 
-    __slots__ = ("key", "since", "evict", "kind")
+    __slots__ = ("key", "since", "evict", "kind", "who")
 
     def __init__(self, key: str, since: float, evict: Callable[[], None],
-                 kind: str) -> None:
+                 kind: str, who: str | None = None) -> None:
         self.key = key
+        self.who = who if who is not None else key  # its own address key (`_live`)
         self.since = since
         self.evict = evict
         self.kind = kind  # "handshake" (not yet a session) | "session" (idle, pre-AUTH)
@@ -155,43 +156,54 @@ class Candidates:
         """`key` was refused at a full pool (or for max_pending_per_ip)."""
         self.pressed(key, now, refused=True)
 
-    def _live(self, key: str, now: float) -> tuple[int, int, bool]:
+    def _live(self, key: str, now: float, who: str | None = None
+              ) -> tuple[int, int, bool]:
         """(marks, refusals) of `key` within PRESSURE_TTL, and whether it is a user's
-        address (one that authenticated within USER_TTL). A user's has no refusals: a
+        address (`who`, the client's own address key, authenticated within USER_TTL;
+        `key` itself when None: an IPv6 client is counted by its /48 (`key`), but only
+        its own /64 (`who`) becomes a user's by a login). A user's has no refusals: a
         mail program whose first tries met the flood is refused like a flooder, and
         marked by it stayed a flooder to every try until one got in; what a flooder
         cannot do is log in. A tie slot it took still marks it (one such slot per
         PRESSURE_TTL unless it logs in again)."""
         got = self._marks.mark_get(key)
-        user = got is not None and got[3] > 0 and now - got[3] < USER_TTL
+        mine = got if who is None or who == key else self._marks.mark_get(who)
+        user = mine is not None and mine[3] > 0 and now - mine[3] < USER_TTL
         if got is None or now - got[1] >= PRESSURE_TTL:
             return 0, 0, user
         if user:
             return got[0] - got[2], 0, True
         return got[0], got[2], False
 
-    def knocking(self, key: str, now: float) -> bool:
+    def knocking(self, key: str, now: float, who: str | None = None) -> bool:
         """Refused at a full pool `PRESSED_AFTER` times within `PRESSURE_TTL`, and
         not a user's: a flood's address, whose connection a fresh client may take
         however young (a tie slot it took or a slot it lost marks it, never this)."""
-        return self._live(key, now)[1] >= PRESSED_AFTER
+        return self._live(key, now, who)[1] >= PRESSED_AFTER
 
-    def user(self, key: str, now: float) -> bool:
-        """Whether `key` authenticated within USER_TTL (`relieve`)."""
-        return self._live(key, now)[2]
+    def user(self, key: str, now: float, who: str | None = None) -> bool:
+        """Whether `who` (`key` when None) authenticated within USER_TTL (`relieve`)."""
+        return self._live(key, now, who)[2]
 
-    def relieve(self, key: str, now: float) -> None:
+    def relieve(self, key: str, now: float, who: str | None = None) -> None:
         """A session from `key` authenticated: its address is a user's, not a flood's
         (an office behind one NAT, a mail program that connects again); its marks go,
         so its next connection is a fresh client again, and for USER_TTL its refusals
-        do not mark it (the shared table keeps a user's entry before a flood's)."""
-        self._marks.mark_put(key, (0, 0.0, 0, now))
+        do not mark it (the shared table keeps a user's entry before a flood's). `who`:
+        the client's own address key when `key` is wider (an IPv6 /48): that one becomes
+        a user's, not every address of the /48 (a flooder in the same /48, a hosting
+        provider's, would be a user's too)."""
+        if who is None or who == key:
+            self._marks.mark_put(key, (0, 0.0, 0, now))
+            return
+        self._marks.mark_put(key, (0, 0.0, 0, 0.0))
+        self._marks.mark_put(who, (0, 0.0, 0, now))
 
-    def under_pressure(self, key: str, now: float) -> bool:
-        return self._live(key, now)[0] >= PRESSED_AFTER
+    def under_pressure(self, key: str, now: float, who: str | None = None) -> bool:
+        return self._live(key, now, who)[0] >= PRESSED_AFTER
 
     def victim(self, key: str, now: float, weight: Callable[[str], int] | None = None,
-               pressed: bool | None = None) -> Candidate | None:
+               pressed: bool | None = None, who: str | None = None) -> Candidate | None:
         """The candidate whose slot a new connection from `key` may take, or None.
 
         `weight(address)` is what the rule compares: by default this listener's own
@@ -204,7 +216,7 @@ class Candidates:
         if not self._all:
             return None
         w = weight or self.count
-        mine = w(key) + (self.under_pressure(key, now) if pressed is None else pressed)
+        mine = w(key) + (self.under_pressure(key, now, who) if pressed is None else pressed)
         # The heaviest here; with shared weights a few of this listener's heaviest are
         # looked at (they may weigh differently across the workers), never more.
         for i, heaviest in enumerate(self._buckets[self._top]):
@@ -229,7 +241,7 @@ class Candidates:
             # closed after EHLO or STARTTLS, and then, marked as having lost a slot, were
             # refused 421 to every retry); only rule one evicts it.
             for i, c in enumerate(self._all):
-                _n, refusals, user = self._live(c.key, now)
+                _n, refusals, user = self._live(c.key, now, c.who)
                 if not user and (now - c.since >= TIE_AGE or refusals >= PRESSED_AFTER or
                                  i == 0 and w(c.key) >= 2):
                     self.pressed(key, now, PRESSED_AFTER)  # one such slot per PRESSURE_TTL
