@@ -437,3 +437,35 @@ def test_a_refusal_with_the_spool_frozen_leaves_every_client_answered(
             r.stop()
         assert not owedlines.book_path(fs.path / "state" / "spool").exists()
         assert r.maillog().count("reject=501 5.5.2") == 2, r.maillog()[-2000:]
+
+
+def test_an_owed_from_line_the_scheduler_queued_survives_its_kill(
+        relay_factory: Callable[..., RelayProcess], fifo: FifoReader) -> None:
+    """A message whose producer died owing its from= line (`workers = 1`, the log
+    stalled, kill -9 after the 250) gets that line from the next start's scheduler. The
+    scheduler cleared the file's mark as it queued the line, not once the line was
+    written: killed again before its writer wrote it (seen: torture run, a worker killed
+    after a 250, the master killed 3 s later: the message delivered twice and no from=
+    line at all), the message had none ever. The mark now stays until the line is
+    written: the start after that writes it, once."""
+    r = relay_factory({"log": {"target": f"file:{fifo.path}"},
+                       "delivery": {"retry": ["1s"]}}, workers=1, start=False)
+    r.start()
+    wait_until(lambda: any("daemon=started" in ln for ln in fifo.lines()),
+               what=lambda: f"started: {fifo.lines()[-20:]}")
+    fifo.pause()
+    assert fifo.fill() > 0
+    qid = _submit(r)
+    r.kill()  # its own from= line still in its writer's queue: the file's mark stays
+    assert (r.queue_dir / qid).stat().st_mode & 0o777 == 0o710
+    r.start()  # the log still stalled: its scheduler's from= line queued, not written
+    wait_until(lambda: _attempts(r, qid) >= 1, what="a delivery attempt after the line")
+    r.kill()
+    assert (r.queue_dir / qid).stat().st_mode & 0o777 == 0o710, "marked as written"
+    fifo.resume()
+    r.start()
+    wait_until(lambda: any(f" {qid}: from=" in ln for ln in fifo.lines()),
+               what=lambda: f"{qid}'s from= line: {fifo.lines()[-20:]}")
+    r.stop()
+    froms = [ln for ln in fifo.lines() if f" {qid}: from=" in ln]
+    assert len(froms) == 1 and froms[0].endswith(", logged_by=scheduler"), froms

@@ -916,8 +916,15 @@ class Scheduler:
 
     def _write_owed(self, env: Envelope) -> None:
         """`env`'s `from=` line, which its producer never wrote, `logged_by=scheduler`;
-        its file's mark cleared (a file gone meanwhile has none)."""
+        its file's mark cleared once the line is written (MailLog.then, as a producer's
+        is: cleared at once, a kill -9 before the writer wrote the line left the message
+        with no `from=` line ever; a file gone meanwhile has none)."""
         log_queued(self.maillog, env, env.size, logged_by="scheduler")
+        env.log_owed = 0.0  # (this run writes it no more)
+        self.maillog.then(functools.partial(self._mark_logged, env))
+
+    def _mark_logged(self, env: Envelope) -> None:
+        """In the maillog's writer thread: `env`'s owed `from=` line written."""
         try:
             self.spool.logged(env)
         except FileNotFoundError:
