@@ -433,8 +433,10 @@ def test_a_refusal_with_the_spool_frozen_leaves_every_client_answered(
             with smtplib.SMTP("127.0.0.1", r.ports["submission"], timeout=20) as s:
                 assert s.noop()[0] == 250
         finally:
-            fs.thaw()
-            r.stop()
+            try:
+                fs.thaw()
+            finally:
+                r.stop()  # (whatever the thaw did: no server left behind)
         assert not owedlines.book_path(fs.path / "state" / "spool").exists()
         assert r.maillog().count("reject=501 5.5.2") == 2, r.maillog()[-2000:]
 
