@@ -69,6 +69,20 @@ async def acli(cfgfile: Path, *args: str) -> tuple[int, str, str]:
     return p.returncode, out.decode(), err.decode()
 
 
+def parked_requests(sched: Any) -> list[str]:
+    """The ids of the control requests `sched` parks in _wait_idle from now on (behind a
+    delivery, or another request's change), in order: seen there, the CLI reached it."""
+    parked: list[str] = []
+    wait_idle = sched._wait_idle
+
+    async def spy(qid: str) -> None:
+        parked.append(qid)
+        await wait_idle(qid)
+
+    sched._wait_idle = spy
+    return parked
+
+
 def listing(cfgfile: Path) -> dict[str, dict]:
     r = cli(cfgfile, "list", "--json")
     assert r.returncode == 0, r.stderr
@@ -177,14 +191,7 @@ async def test_cli_against_running_scheduler(site: tuple[Path, Spool]) -> None:
         assert {r["id"]: r["state"] for r in json.loads(out)}[qs] == "active"
         # The scheduler parks a control request in _wait_idle while that message is in
         # flight: seen there, the CLI has reached it, and the hold must not be done yet.
-        parked: list[str] = []
-        wait_idle = sched._wait_idle
-
-        async def spy_wait_idle(qid: str) -> None:
-            parked.append(qid)
-            await wait_idle(qid)
-
-        sched._wait_idle = spy_wait_idle  # type: ignore[method-assign]
+        parked = parked_requests(sched)
         hold = asyncio.create_task(acli(cfgfile, "hold", qs))
         await until(lambda: qs in parked, "the hold request parked behind the delivery")
         assert not hold.done() and spool.held() == []  # not while the delivery is in flight
@@ -769,14 +776,7 @@ async def test_a_hold_and_a_delete_parked_behind_one_delivery_take_turns(
 
     sched.spool.hold = hold  # type: ignore[method-assign]
     sched.spool.remove = remove  # type: ignore[method-assign]
-    parked: list[str] = []
-    wait_idle = sched._wait_idle
-
-    async def spy(qid: str) -> None:
-        parked.append(qid)
-        await wait_idle(qid)
-
-    sched._wait_idle = spy  # type: ignore[method-assign]
+    parked = parked_requests(sched)
     try:
         qs = await put(spool, ["s@slow.example"])
         await until(lambda: qs in sched.active, "in flight")
