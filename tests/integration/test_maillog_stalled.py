@@ -377,6 +377,20 @@ def _attempts(r: RelayProcess, qid: str) -> int:
     return max(int(rc.get("attempts", 0)) for rc in state["recipients"])
 
 
+def _accepted_while_stalled(relay_factory: Callable[..., RelayProcess],
+                            fifo: FifoReader) -> tuple[RelayProcess, str]:
+    """`workers = 1`, retries every second: started, the log then stalled (the FIFO full),
+    one message accepted (its from= line waiting in the writer): the relay, its queue id."""
+    r = relay_factory({"log": {"target": f"file:{fifo.path}"},
+                       "delivery": {"retry": ["1s"]}}, workers=1, start=False)
+    r.start()
+    wait_until(lambda: any("daemon=started" in ln for ln in fifo.lines()),
+               what=lambda: f"started: {fifo.lines()[-20:]}")
+    fifo.pause()
+    assert fifo.fill() > 0
+    return r, _submit(r)
+
+
 def test_a_message_of_the_master_s_own_deferred_while_its_line_waits_gets_one_from_line(
         relay_factory: Callable[..., RelayProcess], fifo: FifoReader) -> None:
     """`workers = 1`, the log stalled: the master's own commit's notice goes by its timer
@@ -385,14 +399,7 @@ def test_a_message_of_the_master_s_own_deferred_while_its_line_waits_gets_one_fr
     deferred (the next hop is down) and loaded again later, looked like one whose
     producer died: the scheduler wrote the line (`logged_by=scheduler`), and the
     writer, once the log took lines again, its own: two from= lines."""
-    r = relay_factory({"log": {"target": f"file:{fifo.path}"},
-                       "delivery": {"retry": ["1s"]}}, workers=1, start=False)
-    r.start()
-    wait_until(lambda: any("daemon=started" in ln for ln in fifo.lines()),
-               what=lambda: f"started: {fifo.lines()[-20:]}")
-    fifo.pause()
-    assert fifo.fill() > 0
-    qid = _submit(r)
+    r, qid = _accepted_while_stalled(relay_factory, fifo)
     # Loaded again past LOG_OWED_WAIT (3 s) after its commit, its line still unwritten.
     r.wait_for(lambda: _attempts(r, qid) >= 4, timeout=60,
                what="the message deferred four times while the log is stalled")
@@ -450,14 +457,7 @@ def test_an_owed_from_line_the_scheduler_queued_survives_its_kill(
     after a 250, the master killed 3 s later: the message delivered twice and no from=
     line at all), the message had none ever. The mark now stays until the line is
     written: the start after that writes it, once."""
-    r = relay_factory({"log": {"target": f"file:{fifo.path}"},
-                       "delivery": {"retry": ["1s"]}}, workers=1, start=False)
-    r.start()
-    wait_until(lambda: any("daemon=started" in ln for ln in fifo.lines()),
-               what=lambda: f"started: {fifo.lines()[-20:]}")
-    fifo.pause()
-    assert fifo.fill() > 0
-    qid = _submit(r)
+    r, qid = _accepted_while_stalled(relay_factory, fifo)
     r.kill()  # its own from= line still in its writer's queue: the file's mark stays
     assert (r.queue_dir / qid).stat().st_mode & 0o777 == 0o710
     r.start()  # the log still stalled: its scheduler's from= line queued, not written
