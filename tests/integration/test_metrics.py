@@ -254,3 +254,18 @@ def test_queue_gauges_equal_queue_list(relay_factory, fake_mx) -> None:
 
 def listed_id(r: RelayProcess) -> str:
     return json.loads(r.cli("queue", "list", "--json").stdout)[0]["id"]
+
+
+def test_a_process_creating_its_metrics_file_does_not_fail_the_scrape(relay_factory,
+                                                                     fake_mx) -> None:
+    """A process's multiprocess file is empty between its creation and its sizing (a
+    worker forked again, counting for the first time); a scrape reading it then failed
+    whole: 500 (struct.error in prometheus-client's reader; seen in test_queue_gauges).
+    Here such a file stands in the directory: the scrape answers, every other process's
+    values in it."""
+    r, port, _smart = _relay(relay_factory, fake_mx, 1)
+    r.wait_for(lambda: val(scrape(port), "authrelay_connections_total",
+                           listener="submission", result="accepted") == 1)
+    (r.state / "metrics" / "counter_4194000.db").touch()  # being created by pid 4194000
+    assert val(scrape(port), "authrelay_connections_total",
+               listener="submission", result="accepted") == 1
