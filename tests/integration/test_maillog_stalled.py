@@ -422,29 +422,26 @@ def test_a_refusal_with_the_spool_frozen_leaves_every_client_answered(
     other client (seen: a real serve, the spool on a frozen ext4). The book lives in
     /dev/shm now: the refusal is answered, a new client greeted, while the spool is
     frozen; and the book's file is removed at the stop."""
-    from support import frozenfs
+    from support.tmpfs import ext4, frozen
 
     from authrelay import owedlines
 
-    with frozenfs.ext4(tmp_path / "fs") as fs:
-        r = RelayProcess(tmp_path, {"state_dir": str(fs.path / "state")}, workers=workers)
+    with ext4(tmp_path / "fs") as fs:
+        r = RelayProcess(tmp_path, {"state_dir": str(fs / "state")}, workers=workers)
         r.start()
         try:
-            fs.freeze()
-            for _ in range(2):  # (each worker's first refusal)
+            with frozen(fs, limit=60):  # (thawed at the end, or by its timer)
+                for _ in range(2):  # (each worker's first refusal)
+                    with smtplib.SMTP("127.0.0.1", r.ports["submission"], timeout=20) as s:
+                        s.starttls(context=ssl._create_unverified_context())
+                        s.ehlo("client.example")
+                        code, msg = s.docmd("AUTH", "PLAIN !not-base64!")  # (no user DB read)
+                        assert code == 501, msg
                 with smtplib.SMTP("127.0.0.1", r.ports["submission"], timeout=20) as s:
-                    s.starttls(context=ssl._create_unverified_context())
-                    s.ehlo("client.example")
-                    code, msg = s.docmd("AUTH", "PLAIN !not-base64!")  # (no user DB read)
-                    assert code == 501, msg
-            with smtplib.SMTP("127.0.0.1", r.ports["submission"], timeout=20) as s:
-                assert s.noop()[0] == 250
+                    assert s.noop()[0] == 250
         finally:
-            try:
-                fs.thaw()
-            finally:
-                r.stop()  # (whatever the thaw did: no server left behind)
-        assert not owedlines.book_path(fs.path / "state" / "spool").exists()
+            r.stop()  # (whatever the thaw did: no server left behind)
+        assert not owedlines.book_path(fs / "state" / "spool").exists()
         assert r.maillog().count("reject=501 5.5.2") == 2, r.maillog()[-2000:]
 
 
