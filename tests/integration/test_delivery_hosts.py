@@ -1371,3 +1371,37 @@ async def test_a_next_hop_leaving_in_the_handshake_is_said_to_have_closed(
     assert (res.ok, res.permanent, res.enhanced, res.unanswered) \
         == (False, False, "4.7.5", False), res
     assert res.text.endswith("failed: the server closed the connection (eof)"), res
+
+
+@pytest.mark.parametrize(("step", "reply", "why"), [
+    (b"MAIL", b"250 " + b"x" * (1 << 20) + b"\r\n", "reply line longer than 4096 bytes"),
+    (b"RCPT", b"250-x\r\n" * 10_000 + b"250 ok\r\n", "reply of more than 256 lines"),
+    (b"DATA", b"354-go\r\n421 closing\r\n", "reply code changed within a reply"),
+    (b".", b"hello there\r\n", "not an SMTP reply"),
+])
+async def test_garbage_from_the_next_hop_in_a_transaction_is_said_to_be_garbage(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int, step: bytes, reply: bytes,
+        why: str) -> None:
+    """A reply that is no SMTP reply (a line of 1 MiB, 10,000 lines, a code changing
+    within a reply, text without a code) to a transaction's command is a protocol error
+    of the next hop, said so in the result and the maillog as it is in the greeting or
+    EHLO, not "lost connection" (the connection was cut by us, for what it sent); after
+    the end-of-data dot, the message may have been delivered."""
+    one_mx(dns)
+    ml = ListLog()
+    script = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+                     b"DATA": b"354 go ahead\r\n", step: reply})
+    with RawMX("127.0.0.2", raw_port, script) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ml)
+        try:
+            r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
+        finally:
+            await courier.close()
+    assert (r.ok, r.permanent, r.code, r.enhanced) == (False, False, 451, "4.5.0"), r
+    assert f"protocol error from mx1.example.test [127.0.0.2]:{raw_port}" in r.text, r
+    assert why in r.text and "lost connection" not in r.text, r
+    assert ("may have been delivered" in r.text) == (step == b"."), r
+    if step == b".":
+        assert b"message" in mx.received, mx.received
+    else:  # the host failed before the message: one line says why
+        assert len(ml.grep("status=host failed", "protocol error", why)) == 1, ml.lines

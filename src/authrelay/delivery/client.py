@@ -1438,6 +1438,10 @@ class Courier:
             raise _TryNext(DeliveryResult.temp(
                 _timed_out(e, f"timeout talking to {remote} (MAIL/RCPT)"), "4.4.2", 451,
                 remote)) from None
+        except ProtocolError as e:  # what it sent is no reply (we cut it): said so
+            raise _TryNext(DeliveryResult.temp(
+                f"protocol error from {remote} (MAIL/RCPT): {e}", "4.5.0", 451,
+                remote)) from None
         except _LOST:
             raise _TryNext(DeliveryResult.temp(
                 f"lost connection with {remote} (MAIL/RCPT)", "4.4.2", 451, remote)) from None
@@ -1487,6 +1491,10 @@ class Courier:
         except TimeoutError as e:
             res = DeliveryResult.temp(_timed_out(e, f"timeout after DATA to {remote}")
                                       + (_MAYBE_TWICE if ended else ""), "4.4.2", 451, remote)
+            reusable = False
+        except ProtocolError as e:
+            res = DeliveryResult.temp(f"protocol error from {remote} during DATA: {e}"
+                                      + (_MAYBE_TWICE if ended else ""), "4.5.0", 451, remote)
             reusable = False
         except _LOST:
             res = DeliveryResult.temp(f"lost connection with {remote} during DATA"
