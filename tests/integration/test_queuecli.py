@@ -794,3 +794,61 @@ async def test_a_hold_and_a_delete_parked_behind_one_delivery_take_turns(
     assert rc2 == 0 and f"{qs}: deleted" in out2, (out2, err2)
     assert spool.scan() == [] and spool.held() == []
     assert sorted(p.name for p in spool.hold_dir.iterdir()) == []
+
+
+def killed_receive(spool: Spool) -> str:
+    """A receive killed (SIGKILL) in DATA: a process spilled a message past SPILL into
+    its unready queue file, locked, and was killed before its commit; the file is then
+    made 60 s old (past store.UNFINISHED_AGE: a dead receive's, as found later). Its id."""
+    import signal
+
+    qid = new_queue_id()
+    code = (
+        "import os, sys, time\n"
+        "from authrelay.spool.envelope import Envelope, Recipient\n"
+        "from authrelay.spool.store import Spool\n"
+        "from authrelay.spool.writer import SPILL\n"
+        f"s = Spool({str(spool.root)!r})\n"
+        f"inc = s.begin(Envelope(queue_id={qid!r}, sender='a@a.example',\n"
+        "                        recipients=[Recipient('x@b.example')]))\n"
+        "inc.write(b'Subject: x\\r\\n\\r\\n' + b'x' * (SPILL + 10))\n"
+        f"while not os.path.exists(s.queue_dir / {qid!r}): time.sleep(0.01)\n"
+        "print('spilled', flush=True)\n"
+        "time.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "spilled\n"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    path = spool.queue_dir / qid
+    assert not path.stat().st_mode & 0o100  # unready: its client never had a reply
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    return qid
+
+
+@pytest.mark.parametrize("scheduler", [False, True], ids=["offline", "running"])
+async def test_a_named_hold_never_takes_a_killed_receives_file(
+        site: tuple[Path, Spool], scheduler: bool) -> None:
+    """`queue hold ID` of a receive killed in DATA (its id from the maillog's from= line
+    or the spool file's name) moved its unready file to hold/ ("ID: held", exit 0): a
+    message never acknowledged was kept there (out of the sweep's reach, out of `queue
+    list`), and a release put it back. Only ready files are held: it is "not in the
+    queue", stays in queue/, and the sweep of dead receives removes it."""
+    from authrelay.config import load
+
+    cfgfile, spool = site
+    sched = wiring.scheduler(load(str(cfgfile)), spool, FakeCourier(), ListLog())
+    if scheduler:
+        await sched.start()
+    try:
+        qid = await asyncio.to_thread(killed_receive, spool)
+        rc, out, err = await acli(cfgfile, "hold", qid)
+        assert (rc, out, err) == (1, "", f"authrelay: {qid}: not in the queue\n")
+        assert not (spool.hold_dir / qid).exists()
+        assert await asyncio.to_thread(spool.sweep_unfinished) <= 1
+        assert not (spool.queue_dir / qid).exists() and spool.held() == []
+    finally:
+        if scheduler:
+            await sched.stop()

@@ -118,6 +118,21 @@ def _not_in_commit(fd: int, qid: str) -> None:
         raise InCommit(f"{qid}: still being committed") from None
 
 
+def _live_receive(fd: int, st: os.stat_result) -> bool:
+    """Whether the unready file open at `fd` (fstat `st`) is a live receive's: young
+    (its writer may be between its create and its lock: never locked here, which would
+    make that writer fail) or locked by its writer. False: a dead receive's (a worker
+    killed in DATA), never acknowledged, `sweep_unfinished`'s to remove. The shared lock
+    taken stays until `fd` is closed."""
+    if time.time() - st.st_mtime < UNFINISHED_AGE:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    return False
+
+
 def _open_regular_stat(path: Path | str) -> tuple[int, os.stat_result]:
     """`_open_regular`, with the fstat it made (its mode and size: one fstat per load)."""
     try:
@@ -626,6 +641,11 @@ class Spool:
             fd = None
         try:
             if fd is not None:
+                st = os.fstat(fd)
+                if not _ready(st.st_mode):  # a receive's, never acknowledged: not moved
+                    if _live_receive(fd, st):
+                        raise InCommit(f"{qid}: still being received")
+                    raise FileNotFoundError(f"{qid}: a dead receive's file, not in the queue")
                 _not_in_commit(fd, qid)
             # Body first, then state: a crash in between leaves an orphan state file
             # that recover() moves after its body.
@@ -691,19 +711,24 @@ class Spool:
         lock (`_remove_if_dead`). Returns how many went."""
         now = time.time()
         dead = []
-        with os.scandir(self.queue_dir) as it:
-            for e in it:
-                try:
-                    if not is_queue_id(e.name) or not _regular_or_absent(e):
+        # hold/ too: an older release's named hold moved such files there (`_move` now
+        # takes only ready ones).
+        for prefix, d in ((self._queue_prefix, self.queue_dir),
+                          (self._hold_prefix, self.hold_dir)):
+            with os.scandir(d) as it:
+                for e in it:
+                    try:
+                        if not is_queue_id(e.name) or not _regular_or_absent(e):
+                            continue
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
                         continue
-                    st = e.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if not _ready(st.st_mode) and (min_age <= 0 or now - st.st_mtime >= min_age):
-                    dead.append(e.name)
+                    if not _ready(st.st_mode) and (min_age <= 0
+                                                   or now - st.st_mtime >= min_age):
+                        dead.append((prefix, e.name))
         n = 0
-        for name in dead:
-            if _remove_if_dead(self._queue_prefix + name, min_age):
+        for prefix, name in dead:
+            if _remove_if_dead(prefix + name, min_age):
                 self.swept.append(name)
                 n += 1
         return n
