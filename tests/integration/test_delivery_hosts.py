@@ -1405,3 +1405,31 @@ async def test_garbage_from_the_next_hop_in_a_transaction_is_said_to_be_garbage(
         assert b"message" in mx.received, mx.received
     else:  # the host failed before the message: one line says why
         assert len(ml.grep("status=host failed", "protocol error", why)) == 1, ml.lines
+
+
+@pytest.mark.parametrize("size", [1_000, 3 << 20])  # sent whole; streamed from the file
+async def test_a_reply_before_the_end_of_data_is_not_taken_for_its_reply(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int, size: int) -> None:
+    """A next hop answering DATA with "354" and at once "250" (out of step: answering
+    twice), then refusing the message at its dot: the early 250 is no reply to the dot
+    (it came before the dot went out), so the message is not counted sent (it was: the
+    next hop refused it, and the message left the queue). Transient, no dot sent."""
+    one_mx(dns)
+    body = b"Subject: early\r\n\r\n" + b"x" * 70 + b"\r\n"
+    body += b"y" * 70 + b"\r\n" * ((size - len(body)) // 72)
+    path = tmp_path / "queue-file"
+    path.write_bytes(body)
+    script = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+                     b"DATA": b"354 go ahead\r\n250 2.0.0 taken early\r\n",
+                     b".": b"554 5.7.1 refused after all\r\n"})
+    ml = ListLog()
+    with RawMX("127.0.0.2", raw_port, script):
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ml)
+        try:
+            env = envelope("bob@example.test")
+            r = (await courier.deliver(env, env.recipients, path))["bob@example.test"]
+        finally:
+            await courier.close()
+    assert (r.ok, r.permanent, r.code, r.enhanced) == (False, False, 451, "4.5.0"), r
+    assert "protocol error" in r.text and "before the end of data" in r.text, r
+    assert "may have been delivered" not in r.text, r

@@ -239,7 +239,17 @@ async def _stream_file(wire_conn: Connection, body: _FileBody, timeout: float) -
                 wire_conn.write(out)
                 await wire_conn.drain(timeout)
     tail = b"\r\n" if carry_cr or not at_line_start else b""
+    _in_step(wire_conn)
     wire_conn.write(tail + b".\r\n")
+
+
+def _in_step(w: Connection) -> None:
+    """Before the end-of-data dot goes out: a reply received by then is none to it (a
+    next hop answering DATA twice, "354" then "250", or out of order), and taking it for
+    the dot's would count a message delivered that the next hop may refuse: the next hop
+    is out of step, a protocol error (the message not ended, so not sent)."""
+    if w.has_unread:
+        raise ProtocolError("a reply came before the end of data was sent")
 
 
 def _read_message(path: Path, offset: int) -> bytes:
@@ -1478,6 +1488,7 @@ class Courier:
             if isinstance(data, _FileBody):
                 await _stream_file(w, data, d.data_timeout)
             else:
+                _in_step(w)
                 w.write(dot_stuff(data))
             ended = True
             payload.sent.update((r.address, remote) for r in accepted)
@@ -1493,6 +1504,7 @@ class Courier:
                                       + (_MAYBE_TWICE if ended else ""), "4.4.2", 451, remote)
             reusable = False
         except ProtocolError as e:
+            w.abort()  # out of step (or cut already): nothing more on it
             res = DeliveryResult.temp(f"protocol error from {remote} during DATA: {e}"
                                       + (_MAYBE_TWICE if ended else ""), "4.5.0", 451, remote)
             reusable = False
