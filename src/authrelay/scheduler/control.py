@@ -10,8 +10,9 @@ owner may talk to it); each request is one line of JSON, each answer one line of
     {"op": "hold", "user": "U"}      every queued message U sent (containment)
     {"op": "release" | "delete", "user": "U"}   every held message U sent
     {"op": "status"}                 -> {"ok": true, "active": [ids in flight]}
-    answer: {"ok": true, "done": [ids], "missing": [ids]} or {"ok": false, "error": "..."}
-            (offline, also "failed": [[id, why]]: a file flush could not read, left as is)
+    answer: {"ok": true, "done": [ids], "missing": [ids], "failed": [[id, why]]} or
+            {"ok": false, "error": "..."}; failed: a named id whose file could not be read
+            (left as is), or still being received (why == ARRIVING: not in the queue yet)
 
 The scheduler performs every change itself (after any in-flight delivery of that message
 ends), so the CLI never races it. When no scheduler runs (connect fails and the scheduler
@@ -39,8 +40,10 @@ from authrelay.spool.store import InCommit, Spool, SpoolError, is_queue_id
 MAX_REQUEST = 64 * 1024
 CONTROL_SOCK = "control.sock"  # in spool_dir: the scheduler's control socket (0600)
 SCHEDULER_LOCK = "scheduler.lock"  # in spool_dir: held (flock) by the one scheduler
-# A named hold/release of a file still in its commit (store.InCommit): the operator's "why"
-IN_COMMIT = "its commit is still under way (its client has no reply yet): try again"
+# A named request (show, flush, hold, release, delete) of a message still being received
+# (Spool.arriving, store.InCommit): what the operator is told, after "ID: " (as Postfix,
+# whose commands leave a message in incoming/ alone until it is complete)
+ARRIVING = "not in the queue yet: still being received (its client has no reply yet): try again"
 
 
 def control_path(spool: Spool) -> Path:
@@ -206,6 +209,8 @@ def run_offline(spool: Spool, req: dict[str, Any]) -> dict[str, Any]:
     failed: list[list[str]] = []
     for qid in ids:
         try:
+            if req.get("id") and spool.arriving(qid):
+                raise InCommit(qid)
             if op == "flush":
                 flush_files(spool, qid)
             elif op == "hold":
@@ -221,7 +226,7 @@ def run_offline(spool: Spool, req: dict[str, Any]) -> dict[str, Any]:
             done.append(qid)
         except InCommit:
             if req.get("id"):
-                failed.append([qid, IN_COMMIT])
+                failed.append([qid, ARRIVING])
             else:  # a user's (containment): the scheduler holds it before sending
                 missing.append(qid)
         except FileNotFoundError:

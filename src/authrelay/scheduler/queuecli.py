@@ -243,6 +243,9 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     spool = _spool(args)
+    if spool.arriving(args.id):
+        _err(f"{args.id}: {control.ARRIVING}")
+        return 1
     try:
         env = spool.load(args.id)
         headers = spool.read_headers(args.id)
@@ -346,10 +349,13 @@ def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
     rc = 0
     corrupt = set(_corrupt_files(spool)) if resp.get("failed") else set()
     for qid, why in resp.get("failed", []):  # a file that cannot be read or is damaged
+        rc = 1
+        if why == control.ARRIVING:
+            _err(f"{qid}: {why}")
+            continue
         where = (f"set aside in {spool.corrupt_dir} (not delivered; authrelay queue corrupt "
                  "says why)" if qid in corrupt else "(the file is left as it is)")
         _err(f"{qid}: cannot {op} it: {_t(str(why))} {where}")
-        rc = 1
     if op == "flush" and not running:
         for qid in resp.get("missing", []):
             _err(f"{qid}: is held, so it is not delivered (authrelay queue release {qid})"

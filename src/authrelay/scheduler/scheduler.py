@@ -1392,6 +1392,8 @@ class Scheduler:
             # no await between the wait and this: no delivery nor other change starts
             self._busy[qid] = asyncio.Event()
             try:
+                if named and await self._io(self.spool.arriving, qid):
+                    raise InCommit(qid)  # not in the queue yet: for any op, as for a hold
                 if op == "flush":
                     if not (self.spool.queue_dir / qid).exists():
                         raise FileNotFoundError(qid)
@@ -1429,7 +1431,7 @@ class Scheduler:
                 done.append(qid)
             except InCommit:
                 if named:
-                    failed.append([qid, control.IN_COMMIT])
+                    failed.append([qid, control.ARRIVING])
                 else:  # a user's (containment): held here before sending, once committed
                     missing.append(qid)
             except FileNotFoundError:

@@ -299,6 +299,28 @@ class Spool:
         ids.sort(key=lambda s: (len(s), s))
         return ids
 
+    def arriving(self, qid: str) -> bool:
+        """Whether queue/ID is a message still being received: its file unready and its
+        receive alive (`_live_receive`), or ready and still in its commit (its writer's
+        lock held). Not in the queue yet: nothing is shown, moved or removed (README
+        "Reading and managing the queue")."""
+        if not is_queue_id(qid):
+            return False
+        try:
+            fd, st = _open_regular_stat(self._queue_prefix + qid)
+        except (FileNotFoundError, CorruptError):
+            return False
+        try:
+            if not _ready(st.st_mode):
+                return _live_receive(fd, st)
+            try:
+                _not_in_commit(fd, qid)
+            except InCommit:
+                return True
+            return False
+        finally:
+            os.close(fd)
+
     def corrupt_count(self) -> int:
         """Files in corrupt/ (their .state files aside), as `queue corrupt` lists them."""
         try:
