@@ -200,7 +200,8 @@ def _text(value: Any) -> str:
     return escape(value, "text")
 
 
-# Characters of a next hop's reply in a delivery line (`stat=Deferred (REPLY)`), as the
+# Characters of a next hop's reply in a delivery line (`stat=Deferred (REPLY)`) or a
+# host's (`status=host failed` / `recipients passed to the next host`, reason=), as the
 # 2048 octets Postfix keeps of one: the bounce keeps more (types.MAX_TEXT), but a hostile
 # next hop must not write 16 KiB per recipient per retry into the maillog.
 LOG_REPLY = 2048
@@ -654,13 +655,13 @@ class MailLog:
     def host_failed(self, queue_id: str, relay: str, reason: str) -> None:
         """Outbound: one host of the route failed (Postfix's `connect to host[ip]:25:
         Connection refused`): `QID: relay=H, status=host failed, reason=R`."""
-        self.event(queue_id, relay=relay, status="host failed", reason=reason)
+        self.event(queue_id, relay=relay, status="host failed", reason=_reply(reason))
 
     def next_host(self, queue_id: str, relay: str, rcpts: str, reason: str) -> None:
         """Outbound: recipients a host answered 4xx go to the next MX:
         `QID: relay=H, status=recipients passed to the next host, rcpts=<a>,<b>, reason=R`."""
         self.event(queue_id, relay=relay, status="recipients passed to the next host",
-                   rcpts=rcpts, reason=reason)
+                   rcpts=rcpts, reason=_reply(reason))
 
     def tls_handshake_failed(self, queue_id: str, relay: str, reason: str,
                              next: str | None = None) -> None:  # noqa: A002 - the log key

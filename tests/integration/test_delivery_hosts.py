@@ -20,7 +20,7 @@ from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import MXFactory
 from support.certs import server_tls_context
 from support.maillog import ListLog
-from support.ports import free_port
+from support.ports import common_free_port, free_port
 from support.wait import DEADLINE, until
 from test_delivery import MSG, ZONES, envelope, make_cfg, smart_cfg
 
@@ -1433,3 +1433,44 @@ async def test_a_reply_before_the_end_of_data_is_not_taken_for_its_reply(
     assert (r.ok, r.permanent, r.code, r.enhanced) == (False, False, 451, "4.5.0"), r
     assert "protocol error" in r.text and "before the end of data" in r.text, r
     assert "may have been delivered" not in r.text, r
+
+
+# 255 continuation lines of 4,000 octets and a last one: a reply the parser takes whole
+# (under wire.MAX_LINES, MAX_LINE), about 1 MiB of text
+_HUGE_4XX = b"".join(b"%d-4.7.0 " + b"x" * 4000 + b"\r\n" for _ in range(255)) + \
+    b"%d 4.7.0 last\r\n"
+
+
+@pytest.mark.parametrize("where", ["greeting", "rcpt"])
+async def test_a_huge_refusal_writes_a_bounded_maillog_line(
+        tmp_path: Path, dns: FakeDNSServer, where: str) -> None:
+    """A next hop's 1 MiB refusal (a greeting 421, a RCPT 450: 256 lines, each within the
+    parser's limits) is clipped in the host's maillog line (`status=host failed` /
+    `recipients passed to the next host`, reason=) to LOG_REPLY as in the delivery line:
+    it was written as the result keeps it (types.MAX_TEXT, 16 KiB), a line per host, per
+    attempt and per message."""
+    from authrelay import maillog
+
+    port = common_free_port(("127.0.0.2", "127.0.0.3"))
+    if where == "greeting":
+        async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(_HUGE_4XX.replace(b"%d", b"421"))
+            await w.drain()
+            await r.read()
+    else:
+        script = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+                         b"RCPT": _HUGE_4XX.replace(b"%d", b"450")})
+    ml = ListLog()
+    backup = _verbs({b"DATA": b"354 go\r\n"})
+    with RawMX("127.0.0.2", port, script), RawMX("127.0.0.3", port, backup) as mx2:
+        courier = Courier(make_cfg(tmp_path, dns, port), maillog=ml)
+        try:
+            r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
+        finally:
+            await courier.close()
+    assert r.ok and b"message" in mx2.received, r  # the backup took it
+    what = "status=host failed" if where == "greeting" else "passed to the next host"
+    lines = ml.grep("mx1.example.test", what)
+    assert len(lines) == 1, ml.lines
+    assert maillog.LOG_TRUNCATED.strip() in lines[0], lines[0][-200:]
+    assert len(lines[0]) < maillog.LOG_REPLY + 500, len(lines[0])
