@@ -138,6 +138,11 @@ _RELAY = re.compile(r"(.*) \[([^\[\]]*)\](:\d+)?", re.S)
 _OUR_FIELD = re.compile(r"(?<![\w.-])((?i:tls|policy|stat|dsn))=")
 
 
+# sent_before_crash's status (README "Durability").
+SENT_BEFORE_CRASH = ("sent before the crash (the in-flight journal recorded the next hop's "
+                     "2xx before the process died): not delivered again")
+
+
 def _char(c: str) -> str:
     o = ord(c)
     if o < 0x100:
@@ -615,6 +620,14 @@ class MailLog:
     def released(self, queue_id: str) -> None:
         """`QID: status=released`."""
         self.event(queue_id, status="released")
+
+    def sent_before_crash(self, queue_id: str, rcpts: list[str], queue: str) -> None:
+        """Start-up recovery: recipients the next hop answered 2xx (the in-flight journal
+        says so) before the last run died, their outcome not saved yet: recorded as sent,
+        not delivered again. `QID: to=<a>,<b>, status=sent before the crash (...),
+        queue=removed` (held: left in hold/; queued: other recipients still pending)."""
+        self.event(queue_id, to=_Field(",".join(f"<{_text(r)}>" for r in rcpts)),
+                   status=SENT_BEFORE_CRASH, queue=queue)
 
     def removed(self, queue_id: str, by: str | None = None) -> None:
         """`QID: status=removed` (delivered or bounced everywhere), `, by=operator` when

@@ -63,9 +63,13 @@ def test_kill_during_delivery_names_the_recipients(relay_factory, fake_mx) -> No
     assert all(ln.startswith(begun["q"]) or f" {begun['q']}: " in ln for ln in lines), lines
     assert {"<bob@remote.example>", "<carol@remote.example>"} <= {
         w for ln in lines for w in ln.split() if w.startswith("<")}
-    # Delivered again after the restart (at least once), then gone from the queue.
+    # Delivered again after the restart (at least once), then gone from the queue; the
+    # cut attempt counts, and the line says why it may be a duplicate.
     r.wait_for(lambda: r.queued() == [], timeout=30)
     assert len(smart.messages) >= 1
+    again = [ln for ln in r.maillog().splitlines() if "stat=Sent" in ln]
+    assert len(again) == 2 and all(", tries=2, redelivery=after_crash, " in ln
+                                   for ln in again), again
     # A clean stop and start: nothing was in flight, nothing is said.
     r.stop()
     r.start()
@@ -155,14 +159,23 @@ def _submit_plain(r: RelayProcess, n: int) -> str:
         return msg.decode().rsplit(" ", 1)[1]
 
 
-def test_a_kill_between_the_next_hops_250_and_the_removal_is_announced(relay_factory,
-                                                                       fake_mx) -> None:
+def _journal_says_delivered(r: RelayProcess, qid: str) -> bool:
+    """The journal's end line naming `qid`'s attempt delivered (`{"e": N, "d": 1}`)."""
+    path = r.state / "spool" / "inflight.log"
+    lines = [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+    tokens = {ln["b"] for ln in lines if ln.get("q") == qid}
+    return any(ln.get("e") in tokens and ln.get("d") == 1 for ln in lines)
+
+
+def test_a_kill_between_the_next_hops_250_and_the_removal_is_no_duplicate(relay_factory,
+                                                                         fake_mx) -> None:
     """A delivered message's file is removed up to UNLINK_GATHER (5 ms, and a thread
-    hand-off) after its delivery (e81e003): a kill -9 of the master in that window delivers
-    it again. The master is stopped (SIGSTOP) a little later after each delivery, until it
-    is caught there: the next hop's 250 read (nothing unread on its connection), the file
-    still queued. Killed then, the restart names the recipient as possibly delivered and
-    delivers it again: a duplicate, announced."""
+    hand-off) after its delivery (e81e003): a kill -9 of the master in that window
+    delivered it again after the restart (b6329bb named it `redelivery=after_crash`).
+    The master is stopped (SIGSTOP) a little later after each delivery, until it is
+    caught there: the next hop's 250 read (nothing unread on its connection), the
+    journal's line saying so written, the file still queued. Killed then, the restart
+    records it sent and removes it (one line): the next hop has it once."""
     smart = fake_mx("127.0.0.2")
     r = relay_factory(overrides={"relay": {"smart_host": [smart.address],
                                            "smart_host_tls": "none"}})
@@ -175,7 +188,8 @@ def test_a_kill_between_the_next_hops_250_and_the_removal_is_announced(relay_fac
             time.sleep(0.0002)
         time.sleep(n * 0.0005)  # each round stops the master a little later
         os.kill(master, signal.SIGSTOP)
-        if (r.queue_dir / qid).exists() and unread_from(master, smart.host, smart.port) == [0]:
+        if (r.queue_dir / qid).exists() and unread_from(master, smart.host, smart.port) == [0] \
+                and _journal_says_delivered(r, qid):
             caught = qid
             break
         os.kill(master, signal.SIGCONT)
@@ -184,20 +198,21 @@ def test_a_kill_between_the_next_hops_250_and_the_removal_is_announced(relay_fac
     delivered = len(smart.messages)
     r.kill()  # SIGKILL, stopped where it was
     r.start()
-    r.wait_for(lambda: len(smart.messages) == delivered + 1, what="delivered again")
-    assert smart.messages[-1].content == smart.messages[-2].content
-    line = r.wait_log(rf"{caught}: warning=delivery to <bob@local\.test> was in progress")
-    assert WARNING in line, line
-    r.wait_for(lambda: r.queued() == [], what="removed after the second delivery")
+    line = r.wait_log(rf"{caught}: to=<bob@local\.test>, status=sent before the crash")
+    assert "queue=removed" in line, line
+    assert r.queued() == []
+    sentinel = _submit_plain(r, 1000)  # delivered after anything the restart would send
+    r.wait_for(lambda: len(smart.messages) == delivered + 1, what="the sentinel")
+    assert f"id {sentinel}" in smart.messages[-1].content.decode()
+    assert WARNING not in r.maillog()
 
 
-def test_a_message_delivered_and_not_yet_removed_at_a_kill_says_it_is_sent_again(
+def test_a_message_delivered_and_not_yet_removed_at_a_kill_is_not_sent_again(
         relay_factory, fake_mx, tmp_path, monkeypatch) -> None:
     """A delivered message is removed a batch later (scheduler.UNLINK_GATHER, 5 ms; an
     hour here, by a sitecustomize hook, so the kill lands inside): a kill -9 then
-    delivers it again after the restart. That line said `tries=1`, as a first attempt
-    would; the attempt the crash cut counts (`tries=2`) and the line says why it is sent
-    again (`redelivery=after_crash`). A later attempt's line says nothing of it."""
+    delivered it again after the restart (`tries=2, redelivery=after_crash`). Now the
+    restart records it sent from the in-flight journal and removes it."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
@@ -210,14 +225,12 @@ def test_a_message_delivered_and_not_yet_removed_at_a_kill_says_it_is_sent_again
     _submit(r, ["bob@remote.example"])
     r.wait_for(lambda: "stat=Sent" in r.maillog(), timeout=20)
     [sent] = [ln for ln in r.maillog().splitlines() if "stat=Sent" in ln]
-    assert ", tries=1, " in sent and "redelivery" not in sent, sent
     qid = sent.split(": to=")[0].rsplit(" ", 1)[1]
     assert (r.queue_dir / qid).exists()  # delivered, its removal not made yet
+    r.wait_for(lambda: _journal_says_delivered(r, qid), what="the journal's line")
     r.kill()
     r.start()
-    r.wait_for(lambda: r.maillog().count(f" {qid}: to=<bob@remote.example>") == 2, timeout=30)
-    again = [ln for ln in r.maillog().splitlines()
-             if f" {qid}: to=<bob@remote.example>" in ln][1]
-    assert ", tries=2, redelivery=after_crash, " in again and "stat=Sent" in again, again
-    assert len(smart.messages) == 2  # at least once: the duplicate is the one named
-    assert r.maillog().count(WARNING) == 1
+    line = r.wait_log(rf"{qid}: to=<bob@remote\.example>, status=sent before the crash")
+    assert "queue=removed" in line, line
+    assert r.queued() == [] and len(smart.messages) == 1
+    assert WARNING not in r.maillog() and "redelivery" not in r.maillog()

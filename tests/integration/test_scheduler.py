@@ -14,6 +14,7 @@ import dataclasses
 import email
 import email.policy
 import email.utils
+import json
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ from support.wait import DEADLINE, until
 
 from authrelay import wiring
 from authrelay.config import Config, from_dict
+from authrelay.maillog import SENT_BEFORE_CRASH
 from authrelay.scheduler import scheduler as scheduler_mod
 from authrelay.scheduler.scheduler import Scheduler
 from authrelay.spool.envelope import SENT, Envelope, Recipient, new_queue_id
@@ -577,7 +579,8 @@ async def test_an_outcome_not_saved_stays_in_the_in_flight_journal(rig: Rig) -> 
     state could not be saved (here: an I/O error, its tmp file's name taken by a
     directory) left nothing to say, and after a crash its recipients, sent and deferred
     alike, were tried again unannounced. Now the entry ends once the state is on disk,
-    so the next start names them."""
+    so the next start names them: the deferred one as possibly delivered; the sent one
+    the journal saw delivered (the next hop's 2xx) is recorded sent, not tried again."""
     rig.cfg = make_cfg(Path(rig.cfg.state_dir), retry=["1h"])
     rig.courier.script["y@b.example"] = [TEMP]
     qid = await put(rig.spool, ["x@b.example", "y@b.example"])
@@ -589,8 +592,141 @@ async def test_an_outcome_not_saved_stays_in_the_in_flight_journal(rig: Rig) -> 
     (rig.spool.queue_dir / f"{qid}.state.tmp").rmdir()
     await rig.start()
     warned = rig.log.grep(qid, "may have been delivered before the crash")
-    assert {"x@b.example", "y@b.example"} == {
+    assert {"y@b.example"} == {
         a for ln in warned for a in re.findall(r"delivery to <([^>]+)>", ln)}, warned
+    assert rig.log.grep(qid, "to=<x@b.example>", SENT_BEFORE_CRASH, "queue=queued")
+
+
+def _crashed_with(rig: Rig, *lines: dict[str, Any]) -> None:
+    """The in-flight journal a run killed (kill -9) left: `lines`, as its thread wrote them."""
+    (rig.spool.root / "inflight.log").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _stopping_at_once(rig: Rig) -> None:
+    rig.cfg = from_dict({"hostname": "relay.test", "state_dir": str(rig.cfg.state_dir),
+                         "shutdown_timeout": 0, "delivery": {"retry": ["50ms"]}})
+
+
+async def test_a_message_delivered_and_not_removed_at_a_crash_is_not_delivered_again(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delivered message is removed a batch later (UNLINK_GATHER, 5 ms; an hour here):
+    a run that died in between (here: stopped with shutdown_timeout = 0, its removal cut,
+    as a kill -9 there) delivered it again at the next start. Now the journal's end line
+    says it was delivered (written after the next hop's 250): the start removes it, one
+    line, and the next hop gets it once."""
+    monkeypatch.setattr(scheduler_mod, "UNLINK_GATHER", 3600.0)
+    _stopping_at_once(rig)
+    sched = await rig.start()
+    qid = await put(rig.spool, ["x@b.example"])
+    await until(lambda: rig.log.grep(qid, "stat=Sent"), "delivered")
+    assert await asyncio.to_thread(sched.inflight.written, 10)
+    await rig.stop()
+    assert rig.spool.scan() == [qid]  # its removal never came
+    await rig.start()
+    assert rig.log.grep(qid, "to=<x@b.example>", SENT_BEFORE_CRASH, "queue=removed")
+    assert not rig.queued() and len(rig.courier.calls) == 1
+    assert not rig.log.grep(qid, "may have been delivered")
+
+
+async def test_after_a_crash_only_the_recipients_delivered_are_not_sent_again(
+        rig: Rig) -> None:
+    """An attempt some of whose recipients the next hop took (250 for x, the run killed
+    before y's reply): x is recorded sent, y is tried again and named as possibly
+    delivered. On the old code both were delivered again."""
+    qid = await put(rig.spool, ["x@b.example", "y@b.example"], notify=False)
+    _crashed_with(rig, {"b": 1, "q": qid, "r": ["x@b.example", "y@b.example"]},
+                  {"d": 1, "r": ["x@b.example"]})
+    await rig.start()
+    await until(lambda: not rig.queued(), "y delivered")
+    assert [c[1] for c in rig.courier.calls] == [["y@b.example"]]
+    assert rig.log.grep(qid, "to=<x@b.example>", SENT_BEFORE_CRASH, "queue=queued")
+    assert rig.log.grep(qid, "delivery to <y@b.example> was in progress")
+    assert not rig.log.grep(qid, "delivery to <x@b.example>")
+    assert rig.log.grep(qid, "to=<y@b.example>", "tries=2, redelivery=after_crash")
+
+
+async def test_a_crash_before_the_delivered_line_still_delivers_again(rig: Rig) -> None:
+    """The journal's line not written yet (a kill within the thread's turn, a power
+    loss, the journal disabled): the message is delivered again, named, as it always
+    was; nothing is removed on a begin line alone. (A guard: the old code did so too.)"""
+    qid = await put(rig.spool, ["x@b.example"], notify=False)
+    _crashed_with(rig, {"b": 1, "q": qid, "r": ["x@b.example"]})
+    await rig.start()
+    await until(lambda: not rig.queued(), "delivered again")
+    assert len(rig.courier.calls) == 1
+    assert rig.log.grep(qid, "delivery to <x@b.example> was in progress")
+    assert not rig.log.grep(qid, SENT_BEFORE_CRASH)
+
+
+async def test_a_message_held_after_the_crash_keeps_its_delivered_recipients(
+        rig: Rig) -> None:
+    """Held while the server was down (`queue hold` offline) after a crash in the
+    removal window: the hold stands (not removed: the operator's), its recipient is
+    recorded sent, so a release removes it without a second delivery. The old code
+    delivered it at the release. A message deleted meanwhile is nothing to record."""
+    qid = await put(rig.spool, ["x@b.example"], notify=False)
+    gone = await put(rig.spool, ["y@b.example"], notify=False)
+    rig.spool.hold(qid)
+    rig.spool.remove(gone)
+    _crashed_with(rig, {"b": 1, "q": qid, "r": ["x@b.example"]}, {"e": 1, "d": 1},
+                  {"b": 2, "q": gone, "r": ["y@b.example"]}, {"e": 2, "d": 1})
+    sched = await rig.start()
+    assert rig.spool.held() == [qid]
+    assert [r.state for r in rig.spool.load(qid).recipients] == [SENT]
+    assert rig.log.grep(qid, SENT_BEFORE_CRASH, "queue=held")
+    assert not rig.log.grep(gone)
+    assert (await sched._handle_control({"op": "release", "id": qid}))["done"] == [qid]
+    await until(lambda: rig.log.grep(qid, "status=removed"), "removed at its release")
+    assert not rig.queued() and rig.courier.calls == []
+
+
+async def test_a_success_notice_owed_is_not_lost_to_the_recovery(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipient owed a success DSN (NOTIFY=SUCCESS, not passed on) is not recorded
+    delivered: a crash before its DSN was queued would lose the DSN. It is delivered
+    again after the crash, as before, and its notice comes then (a guard)."""
+    monkeypatch.setattr(scheduler_mod, "UNLINK_GATHER", 3600.0)
+    _stopping_at_once(rig)
+    sched = await rig.start()
+    env = Envelope(queue_id=new_queue_id(), sender="a@a.example",
+                   recipients=[Recipient("x@b.example", notify="SUCCESS"),
+                               Recipient("y@b.example")])
+    inc = rig.spool.begin(env)
+    inc.write(BODY)
+    await inc.commit(announce=True)
+    qid = inc.queue_id
+    await until(lambda: rig.log.grep(qid, "stat=Sent"), "delivered")
+    assert await asyncio.to_thread(sched.inflight.written, 10)
+    await rig.stop()
+    monkeypatch.undo()  # removals as usual again
+    await rig.start()
+    assert rig.log.grep(qid, "to=<y@b.example>", SENT_BEFORE_CRASH, "queue=queued")
+    await until(lambda: rig.log.grep(qid, "status=removed"), "x delivered again")
+    assert rig.log.grep(qid, "sender_success_notification=")
+    assert [c[1] for c in rig.courier.calls if c[0].queue_id == qid] == [
+        ["x@b.example", "y@b.example"], ["x@b.example"]]
+
+
+async def test_a_message_delivered_with_a_bounce_owed_keeps_the_bounce(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One recipient taken (250), one refused (550, a bounce owed): a crash before the
+    removal records the taken one as sent; the refused one was never 2xx, so it is
+    tried again and its bounce is not lost (late or second, as before)."""
+    monkeypatch.setattr(scheduler_mod, "UNLINK_GATHER", 3600.0)
+    _stopping_at_once(rig)
+    rig.courier.script["y@b.example"] = [PERM, PERM]
+    sched = await rig.start()
+    qid = await put(rig.spool, ["x@b.example", "y@b.example"])
+    await until(lambda: rig.log.grep(qid, "stat=Bounced"), "the attempt")
+    assert await asyncio.to_thread(sched.inflight.written, 10)
+    await rig.stop()
+    monkeypatch.undo()  # removals as usual again
+    await rig.start()
+    assert rig.log.grep(qid, "to=<x@b.example>", SENT_BEFORE_CRASH, "queue=queued")
+    await until(lambda: rig.log.grep(qid, "status=removed"), "y bounced again, removed")
+    assert [c[1] for c in rig.courier.calls if c[0].queue_id == qid] == [
+        ["x@b.example", "y@b.example"], ["y@b.example"]]
+    assert rig.log.grep(qid, "sender_non-delivery_notification=")
 
 
 async def test_held_messages_are_skipped(rig: Rig) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from authrelay.scheduler import inflight
-from authrelay.scheduler.inflight import InflightJournal, _begin_line
+from authrelay.scheduler.inflight import InflightJournal, Leftover, _begin_line
 
 
 @pytest.mark.parametrize("rcpts", [
@@ -25,6 +25,7 @@ def test_begin_line_is_compact_json(rcpts: list[str]) -> None:
 def test_journal_round_trip(tmp_path: Path) -> None:
     j = InflightJournal(tmp_path)
     assert j.leftovers() == []
+    j.start()
     t1 = j.begin("Q1", ["a@x.test"])
     t2 = j.begin("Q2", ["b@x.test", "c\"@x.test"])
     j.end(t1)
@@ -35,7 +36,8 @@ def test_journal_round_trip(tmp_path: Path) -> None:
         {"b": t1, "q": "Q1", "r": ["a@x.test"]},
         {"b": t2, "q": "Q2", "r": ["b@x.test", "c\"@x.test"]},
         {"e": t1}]
-    assert InflightJournal(tmp_path).leftovers() == [("Q2", ["b@x.test", "c\"@x.test"])]
+    assert InflightJournal(tmp_path).leftovers() == [
+        Leftover("Q2", ["b@x.test", "c\"@x.test"], [])]
 
 
 def test_journal_disabled_by_an_io_error_comes_back(
@@ -48,6 +50,7 @@ def test_journal_disabled_by_an_io_error_comes_back(
     (tmp_path / "inflight.log").mkdir()
     j = InflightJournal(tmp_path)
     assert j.leftovers() == []  # cannot read nor open it: disabled
+    j.start()
     t1 = j.begin("Q1", ["a@x.test"])
     assert j.written(10)
     (tmp_path / "inflight.log").rmdir()  # room again
@@ -57,4 +60,98 @@ def test_journal_disabled_by_an_io_error_comes_back(
     assert j.written(10)
     assert t1 != t2
     assert sorted(InflightJournal(tmp_path).leftovers()) == [
-        ("Q1", ["a@x.test"]), ("Q3", ["c@x.test"])]
+        ("Q1", ["a@x.test"], []), ("Q3", ["c@x.test"], [])]
+
+
+def test_delivered_recipients_are_left_over_until_their_end(tmp_path: Path) -> None:
+    """The next hop's 2xx recorded before the outcome is saved (the removal of a delivered
+    message is batched, 5 ms later): every recipient of an attempt is its end line
+    `{"e": N, "d": 1}` (no line more than before: end() then writes nothing), some of
+    them a `{"d": N, "r": [...]}` line; a crash before the save leaves them over, named
+    delivered. On the old journal there was no such record: a kill in that window
+    delivered the message again."""
+    j = InflightJournal(tmp_path)
+    j.start()
+    t1 = j.begin("Q1", ["a@x.test"])
+    t2 = j.begin("Q2", ["b@x.test", "c@x.test"])
+    t3 = j.begin("Q3", ["d@x.test"])
+    j.delivered(t1, ["a@x.test"], every=True)
+    j.delivered(t2, ["c@x.test"], every=False)
+    j.delivered(t3, ["d@x.test"], every=True)
+    j.end(t3)  # removed: nothing more to write
+    assert j.written(10)
+    j.close()
+    lines = [json.loads(x) for x in (tmp_path / "inflight.log").read_bytes().splitlines()]
+    assert lines[3:] == [{"e": t1, "d": 1}, {"d": t2, "r": ["c@x.test"]}, {"e": t3, "d": 1}]
+    assert InflightJournal(tmp_path).leftovers() == [
+        Leftover("Q1", ["a@x.test"], ["a@x.test"]),
+        Leftover("Q3", ["d@x.test"], ["d@x.test"]),
+        Leftover("Q2", ["b@x.test", "c@x.test"], ["c@x.test"])]
+
+
+def test_a_delivered_line_never_names_a_recipient_the_attempt_had_not(tmp_path: Path) -> None:
+    """The recovery removes on the journal's word: a `d` line counts only for recipients
+    its own attempt began, and not at all without a begin line (torn, compacted away)."""
+    (tmp_path / "inflight.log").write_bytes(
+        b'{"b":1,"q":"Q1","r":["a@x.test"]}\n'
+        b'{"d":1,"r":["a@x.test","z@x.test"]}\n'
+        b'{"e":7,"d":1}\n{"d":8,"r":["y@x.test"]}\n'
+        b'{"b":2,"q":"Q2","r":["b@x.te')  # torn: the process died writing it
+    assert InflightJournal(tmp_path).leftovers() == [
+        Leftover("Q1", ["a@x.test"], ["a@x.test"])]
+
+
+def test_a_compaction_keeps_what_was_delivered(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal past COMPACT_AT (0 here: at every line) is rewritten with its live
+    attempts: their delivered recipients too, else a crash after the compaction
+    delivered them again."""
+    monkeypatch.setattr(inflight, "COMPACT_AT", 0, raising=False)
+    j = InflightJournal(tmp_path)
+    j.start()
+    t1 = j.begin("Q1", ["a@x.test", "b@x.test"])
+    j.delivered(t1, ["a@x.test"], every=False)
+    t2 = j.begin("Q2", ["c@x.test"])
+    j.delivered(t2, ["c@x.test"], every=True)
+    j.begin("Q3", ["d@x.test"])  # compacts: the file is only the live attempts now
+    assert j.written(10)
+    j.close()
+    assert b'"e"' not in (tmp_path / "inflight.log").read_bytes()  # rewritten
+    assert InflightJournal(tmp_path).leftovers() == [
+        Leftover("Q1", ["a@x.test", "b@x.test"], ["a@x.test"]),
+        Leftover("Q2", ["c@x.test"], ["c@x.test"]),
+        Leftover("Q3", ["d@x.test"], [])]
+
+
+def test_a_journal_enabled_again_has_what_was_delivered_while_it_was_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disabled by an I/O error, the journal loses the lines given meanwhile (a crash
+    then delivers those messages again, as before); once it is enabled again it is
+    rewritten with every live attempt, what was delivered meanwhile with it."""
+    monkeypatch.setattr(inflight, "RETRY_AFTER", 0.0, raising=False)
+    (tmp_path / "inflight.log").mkdir()
+    j = InflightJournal(tmp_path)
+    j.start()  # disabled: its name is a directory
+    t1 = j.begin("Q1", ["a@x.test"])
+    j.delivered(t1, ["a@x.test"], every=True)
+    assert j.written(10)
+    (tmp_path / "inflight.log").rmdir()  # room again
+    j.begin("Q2", ["b@x.test"])
+    assert j.written(10)
+    j.close()
+    assert InflightJournal(tmp_path).leftovers() == [
+        Leftover("Q1", ["a@x.test"], ["a@x.test"]), Leftover("Q2", ["b@x.test"], [])]
+
+
+def test_leftovers_leave_the_file_until_start(tmp_path: Path) -> None:
+    """leftovers() truncated the journal as it read it, before the scheduler had applied
+    them: a crash during that start lost what they said. Now only start() truncates."""
+    j = InflightJournal(tmp_path)
+    j.start()
+    j.delivered(j.begin("Q1", ["a@x.test"]), ["a@x.test"], every=True)
+    assert j.written(10)
+    j.close()
+    again = InflightJournal(tmp_path)
+    assert again.leftovers() == InflightJournal(tmp_path).leftovers() != []
+    again.start()
+    assert InflightJournal(tmp_path).leftovers() == []

@@ -16,6 +16,18 @@ appended with one write(2) each on an O_APPEND descriptor, never fsynced: the li
 survive the death of the process (kill -9, the OOM killer: they are in the page cache),
 which is the case at hand; a power loss may lose the last ones, and then there is no
 warning (mail is never lost either way: the state file decides what is pending).
+Delivered, not yet saved: `delivered(token, rcpts, every)` once the next hop answered 2xx
+for `rcpts` (the scheduler calls it with the courier's results, never before them). When
+that is every recipient of the attempt the line is the attempt's end, `{"e": N, "d": 1}`
+(then `end()` writes nothing: the same two lines per attempt as before, the end written
+before the removal rather than after it); else `{"d": N, "r": [rcpts]}`. `leftovers()`
+returns them, and the scheduler's start records those recipients as sent (the message
+removed when none is left) instead of delivering them again: a message delivered and
+not yet removed (the removals are batched, UNLINK_GATHER) is no duplicate after a kill
+-9. Such a line is only ever written after the 2xx; one lost (a power loss, a kill
+before the thread wrote it, the journal disabled) leaves the old behaviour: a
+redelivery, named by the warning. A compaction or a re-enabled journal writes each live
+attempt's delivered recipients again after its begin line.
 The writes (and compactions) are made by a thread of the journal's own, in order, never
 on the event loop: on a spool filesystem that stalls (frozen, a hung disk) a write waits
 there, and on the loop it held the whole master (the scheduler, the control socket) for
@@ -25,6 +37,8 @@ the line was written has no warning for that attempt (as a power loss). Cost:
 two small writes per delivery attempt (docs/PERFORMANCE.md: 26 µs per attempt, nothing
 next to the attempt's own fsync of the state). When the file
 passes COMPACT_AT bytes it is rewritten with only the live entries and renamed over.
+`leftovers()` only reads; `start()` (after the scheduler applied them) truncates: a
+crash during that recovery finds the same lines again.
 Failure policy: the journal is advice; an I/O error (a full disk) disables it with one
 warning (never a failed delivery), and it is opened again RETRY_AFTER seconds later at the
 next attempt, rewritten with every attempt still live (one line when it comes back).
@@ -40,6 +54,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +67,39 @@ def _begin_line(token: int, qid: str, rcpts: list[str]) -> bytes:
     """The bytes of json.dumps({"b": token, "q": qid, "r": rcpts}, separators=(",", ":"))
     and a newline, without the dict and the encoder's generic walk (issue 22: two lines
     per delivery attempt on the master's path)."""
-    r = ",".join(map(json.dumps, rcpts))
-    return f'{{"b":{token},"q":{json.dumps(qid)},"r":[{r}]}}\n'.encode()
+    return f'{{"b":{token},"q":{json.dumps(qid)},"r":[{_rcpts_json(rcpts)}]}}\n'.encode()
+
+
+def _rcpts_json(rcpts: list[str] | tuple[str, ...]) -> str:
+    return ",".join(map(json.dumps, rcpts))
+
+
+def _delivered_line(token: int, rcpts: list[str] | tuple[str, ...]) -> bytes:
+    """json.dumps({"d": token, "r": rcpts}, separators=(",", ":")) and a newline."""
+    return f'{{"d":{token},"r":[{_rcpts_json(rcpts)}]}}\n'.encode()
+
+
+class Leftover(NamedTuple):
+    """An attempt of the previous run the journal did not see saved: its recipients, and
+    those of them the next hop answered 2xx (after the answer; maybe all, maybe none)."""
+
+    qid: str
+    rcpts: list[str]
+    delivered: list[str]
+
+
+class _Live(NamedTuple):
+    qid: str
+    rcpts: list[str]
+    delivered: tuple[str, ...] = ()
+    ended: bool = False  # its `{"e": N, "d": 1}` line given: end() writes nothing
 
 
 class InflightJournal:
     def __init__(self, spool_root: Path) -> None:
         self.path = spool_root / JOURNAL
         self._fd: int | None = None
-        self._live: dict[int, tuple[str, list[str]]] = {}
+        self._live: dict[int, _Live] = {}
         self._next = 1
         self._size = 0
         self._broken = False
@@ -68,33 +107,45 @@ class InflightJournal:
         # What the writer thread does, in order: a line to append, or (when the journal
         # is past COMPACT_AT or disabled) the live attempts to rewrite it with; None: stop.
         # (An Event: set when reached, written().)
-        self._q: queue.SimpleQueue[tuple[bytes, list[tuple[int, tuple[str, list[str]]]]
-                                         | None] | threading.Event | None] = \
-            queue.SimpleQueue()
+        self._q: queue.SimpleQueue[tuple[bytes, list[tuple[int, _Live]] | None]
+                                   | threading.Event | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
 
     # ------------------------------------------------------------------ start
-    def leftovers(self) -> list[tuple[str, list[str]]]:
-        """(queue id, recipients) of every attempt the previous run began and did not
-        end; then the journal starts empty for this run."""
-        begun: dict[int, tuple[str, list[str]]] = {}
+    def leftovers(self) -> list[Leftover]:
+        """Every attempt the previous run began and did not end, and every one it ended
+        as delivered (`{"e": N, "d": 1}`: its message may not be removed yet), in order.
+        Reads only: `start()` begins this run's journal once they are dealt with."""
+        begun: dict[int, Leftover] = {}
+        done: list[Leftover] = []
         try:
             with open(self.path, "rb") as f:
                 for line in f:
                     try:
                         rec = json.loads(line)
                         if "b" in rec:
-                            begun[int(rec["b"])] = (str(rec["q"]), [str(r) for r in rec["r"]])
+                            begun[int(rec["b"])] = Leftover(
+                                str(rec["q"]), [str(r) for r in rec["r"]], [])
                         elif "e" in rec:
-                            begun.pop(int(rec["e"]), None)
-                    except (ValueError, KeyError, TypeError):
+                            left = begun.pop(int(rec["e"]), None)
+                            if left is not None and rec.get("d") == 1:
+                                done.append(left._replace(delivered=left.rcpts))
+                        elif "d" in rec:
+                            left = begun.get(int(rec["d"]))
+                            if left is not None:  # (only a begun attempt's recipients)
+                                got = {str(r) for r in rec["r"]}
+                                left.delivered.extend(r for r in left.rcpts if r in got)
+                    except (ValueError, KeyError, TypeError, AttributeError):
                         continue  # a torn last line: the process died while writing it
         except FileNotFoundError:
             pass
         except OSError as e:
             log.warning("cannot read %s: %s", self.path, e)
+        return done + list(begun.values())
+
+    def start(self) -> None:
+        """This run's journal: the file truncated (blocking: a commit thread's)."""
         self._open(truncate=True)
-        return list(begun.values())
 
     def _open(self, truncate: bool) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
@@ -114,7 +165,7 @@ class InflightJournal:
         self._close_fd()
         self._disabled_at = time.monotonic()
 
-    def _retry(self, live: list[tuple[int, tuple[str, list[str]]]]) -> None:
+    def _retry(self, live: list[tuple[int, _Live]]) -> None:
         """Disabled long enough: the journal again, with every live attempt in it."""
         if self._disabled_at is None or time.monotonic() - self._disabled_at < RETRY_AFTER:
             return
@@ -128,12 +179,27 @@ class InflightJournal:
     def begin(self, qid: str, rcpts: list[str]) -> int:
         token = self._next
         self._next += 1
-        self._live[token] = (qid, rcpts)
+        self._live[token] = _Live(qid, rcpts)
         self._submit(_begin_line(token, qid, rcpts))
         return token
 
+    def delivered(self, token: int, rcpts: list[str], every: bool) -> None:
+        """The next hop answered 2xx for `rcpts` of attempt `token` (`every`: all its
+        recipients): recorded for a crash before the outcome is saved or the message
+        removed. Call only with a 2xx in hand (the recovery removes on its word)."""
+        live = self._live.get(token)
+        if live is None or not rcpts:
+            return
+        if every:
+            self._live[token] = live._replace(delivered=tuple(live.rcpts), ended=True)
+            self._submit(b'{"e":%d,"d":1}\n' % token)
+        else:
+            self._live[token] = live._replace(delivered=live.delivered + tuple(rcpts))
+            self._submit(_delivered_line(token, rcpts))
+
     def end(self, token: int) -> None:
-        if self._live.pop(token, None) is not None:
+        live = self._live.pop(token, None)
+        if live is not None and not live.ended:
             self._submit(b'{"e":%d}\n' % token)  # json.dumps({"e": token}), compact
 
     def _submit(self, line: bytes) -> None:
@@ -172,13 +238,16 @@ class InflightJournal:
         except OSError as e:
             self._disable(e)
 
-    def _compact(self, live: list[tuple[int, tuple[str, list[str]]]]) -> None:
-        """Only the `live` attempts, in a new file renamed over the old one."""
+    def _compact(self, live: list[tuple[int, _Live]]) -> None:
+        """Only the `live` attempts (with their delivered recipients), in a new file
+        renamed over the old one."""
         tmp = self.path.with_name(JOURNAL + ".new")
         try:
             with open(tmp, "wb") as f:
-                for token, (qid, rcpts) in live:
-                    f.write(_begin_line(token, qid, rcpts))
+                for token, entry in live:
+                    f.write(_begin_line(token, entry.qid, entry.rcpts))
+                    if entry.delivered:
+                        f.write(_delivered_line(token, entry.delivered))
             os.replace(tmp, self.path)
         except OSError as e:
             self._disable(e)

@@ -30,7 +30,10 @@ state, bounces and removal from the spool. Contract:
   action, and a message leaves the spool only when no recipient is PENDING. A crash
   mid-delivery re-delivers after restart; a duplicate is possible, a loss is not. The
   in-flight journal (inflight.py) names, at the next start, the recipients whose attempt
-  was under way when the process died. A clean stop (stop()) waits for deliveries up to
+  was under way when the process died, and records as sent those the next hop had
+  answered 2xx before it died, their outcome not saved yet (a delivered message's
+  removal is batched: no duplicate for a kill in that window). A clean stop (stop())
+  waits for deliveries up to
   `shutdown_timeout`, then cuts them: each recipient gets a deferred line naming the stop
   (and saying it may have been delivered when the message had gone out), stays PENDING,
   and its journal entry is ended (no crash warning at the next start).
@@ -79,8 +82,8 @@ from authrelay.policy.containment import refused_before
 from authrelay.policy.suspender import Suspender
 from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, should_notify
-from authrelay.scheduler.inflight import InflightJournal
-from authrelay.spool.envelope import FAILED, SENT, Envelope, Recipient
+from authrelay.scheduler.inflight import InflightJournal, Leftover
+from authrelay.spool.envelope import FAILED, PENDING, SENT, Envelope, Recipient
 from authrelay.spool.notify import LOGGED_NOTICE
 from authrelay.spool.store import (
     UNFINISHED_AGE,
@@ -181,9 +184,10 @@ class _Job:
 
 
 # How long the first removal of a batch waits for more (_unlink): a burst of deliveries
-# ends in one thread hand-off. A message is removed this much later after its delivery
-# (until then a crash re-delivers it, named "may have been delivered" by the in-flight
-# journal, as for a crash during the removal itself).
+# ends in one thread hand-off. A message is removed this much later after its delivery;
+# a crash until then finds the in-flight journal's delivered line (_journal_delivered,
+# written after the 2xx) and the next start removes it (_after_crash), not delivering it
+# again (without the line, a kill before its thread wrote it: delivered again, named).
 UNLINK_GATHER = 0.005
 # The maillog's line for each unfinished queue file removed (recover, sweep_unfinished).
 UNFINISHED_REMOVED = ("unfinished queue file removed: its receive ended without a commit "
@@ -292,7 +296,7 @@ class Scheduler:
         big = await self._io(self._queue_bigger_than, self.recover_inline)
         if not big:  # a small queue: recovered and scanned before start() returns
             await self._recover()
-        await self._warn_in_flight(await self._io(self.inflight.leftovers))
+        await self._after_crash(await self._io(self.inflight.leftovers))
         if self.spool.on_commit is None:
             self.spool.on_commit = self.notify
             self._hooked = True
@@ -373,10 +377,23 @@ class Scheduler:
         if not self._stopping:
             self._spawn(self._sweep_unfinished())
 
-    async def _warn_in_flight(self, leftovers: list[tuple[str, list[str]]]) -> None:
-        """After a crash: the recipients a delivery attempt had under way, still pending,
-        are tried again; the next hop may already have them (at least once)."""
-        for qid, rcpts in leftovers:
+    async def _after_crash(self, leftovers: list[Leftover]) -> None:
+        """The in-flight journal's leftovers (inflight.py): recipients the next hop
+        answered 2xx before the last run died and still pending are recorded as sent
+        (_sent_before_crash: the message removed when none is left), never delivered
+        again; then this run's journal is begun (truncated: a crash before it finds the
+        same lines) and the recipients an attempt had under way are tried again, named:
+        the next hop may already have them (at least once)."""
+        delivered: dict[str, set[str]] = {}
+        for left in leftovers:
+            if left.delivered:
+                delivered.setdefault(left.qid, set()).update(left.delivered)
+        for qid, done in delivered.items():
+            await self._sent_before_crash(qid, done)
+        await self._io(self.inflight.start)
+        for qid, rcpts, _ in leftovers:
+            if set(rcpts) <= delivered.get(qid, set()):
+                continue  # recorded above (most: removed since, their line not compacted)
             try:
                 env = await self._io(self.spool.load, qid)
             except (OSError, SpoolError):
@@ -386,12 +403,41 @@ class Scheduler:
             if cut:
                 known = self._crashed.pop(qid, (set(), 0))[0]
                 self._crashed[qid] = (known | set(cut), self.inflight.begin(qid, cut))
-            for rcpt in rcpts:
-                if rcpt in pending:
-                    self.maillog.warning(
-                        f"delivery to <{rcpt}> was in progress when authrelay stopped: it "
-                        "may have been delivered before the crash (it is tried again; the "
-                        "recipient may get it twice)", queue_id=qid)
+            for rcpt in cut:
+                self.maillog.warning(
+                    f"delivery to <{rcpt}> was in progress when authrelay stopped: it "
+                    "may have been delivered before the crash (it is tried again; the "
+                    "recipient may get it twice)", queue_id=qid)
+
+    async def _sent_before_crash(self, qid: str, rcpts: set[str]) -> None:
+        """`rcpts` of `qid` were delivered (the journal's line after the next hop's 2xx)
+        and the run died before saving it: those still PENDING become SENT, in its state
+        file, or the message is removed when that leaves none pending (held: left in
+        hold/ with its state, an operator's decision; a release then removes it). One
+        maillog line. Gone (delivered and removed, deleted) or unreadable: nothing.
+        An I/O error: logged, and they are delivered again (the old behaviour)."""
+        try:
+            env = await self._io(self.spool.load, qid)
+        except (OSError, SpoolError):
+            return
+        newly = [r for r in env.recipients if r.state == PENDING and r.address in rcpts]
+        if not newly:
+            return
+        for r in newly:
+            r.state = SENT
+            r.attempts += 1  # the attempt the crash cut was made
+        try:
+            if env.done and not env.held:
+                await self._io(self.spool.remove, qid)
+                where = "removed"
+            else:
+                await self._io(self.spool.save_state, env)
+                where = "held" if env.held else "queued"
+        except OSError as e:
+            log.error("%s: cannot record the recipients delivered before the crash (they "
+                      "are delivered again): %s", qid, e, extra={"queue_id": qid})
+            return
+        self.maillog.sent_before_crash(qid, [r.address for r in newly], where)
 
     async def _take_lock(self) -> int:
         # The CLI holds the lock for a moment during offline edits: wait a little for it.
@@ -1066,6 +1112,7 @@ class Scheduler:
                 results = {}
             if courier is self.courier:  # an old courier's routes judge nothing now
                 self._judge_destination(job.key, results)
+            self._journal_delivered(token, act.env, job.rcpts, results)
             async with act.lock:
                 saved = await self._apply(act, job, results)
             if saved:
@@ -1087,6 +1134,19 @@ class Scheduler:
                 else:
                     self._release(act)
             self._pump()
+
+    def _journal_delivered(self, token: int, env: Envelope, rcpts: list[Recipient],
+                           results: dict[str, DeliveryResult]) -> None:
+        """The recipients the next hop answered 2xx, to the in-flight journal before the
+        outcome is saved or the message removed (batched, UNLINK_GATHER later): a crash
+        in between records them sent at the next start (_after_crash), not delivered
+        again. Not those owed a success DSN (NOTIFY=SUCCESS, not passed on): theirs is
+        queued by _finish, and after a crash by their redelivery, as before."""
+        ok = [r.address for r in rcpts
+              if (res := results.get(r.address)) is not None and res.ok
+              and (res.dsn_passed or not should_notify(env, r, "relayed"))]
+        if ok:
+            self.inflight.delivered(token, ok, len(ok) == len(rcpts))
 
     def _cut_by_stop(self, env: Envelope, job: _Job, sent: dict[str, str]) -> None:
         """A delivery still running when stop()'s shutdown_timeout ended: one deferred
