@@ -682,6 +682,7 @@ class Acceptor:
         srv = self.server
         self.settle(ticket)
         self.busy(ticket)
+        ticket.idle_candidate = None  # its evict closure holds the ticket and the session
         srv.throttle.disconnect(ticket.key, ticket.pools)
         self.open = max(0, self.open - 1)
         srv.open_sockets = max(0, srv.open_sockets - 1)
