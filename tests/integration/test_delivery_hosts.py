@@ -1474,3 +1474,22 @@ async def test_a_huge_refusal_writes_a_bounded_maillog_line(
     assert len(lines) == 1, ml.lines
     assert maillog.LOG_TRUNCATED.strip() in lines[0], lines[0][-200:]
     assert len(lines[0]) < maillog.LOG_REPLY + 500, len(lines[0])
+
+
+@pytest.mark.parametrize("size", ["-1", "+40", "\u0663\u0660", "4_0"])
+async def test_a_malformed_size_limit_bounces_nothing(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int, size: str) -> None:
+    """RFC 1870: the EHLO SIZE parameter is digits. A next hop announcing anything else
+    ("-1", "+40", Arabic-Indic digits, "4_0": all numbers to Python's int()) has announced
+    no limit we can read: the message goes (as Postfix ignores a SIZE value that is not
+    all digits), never bounced 5.3.4 for a limit the next hop did not state."""
+    one_mx(dns)
+    ehlo = f"250-raw.test\r\n250-PIPELINING\r\n250 SIZE {size}\r\n".encode()
+    with RawMX("127.0.0.2", raw_port, _verbs({b"EHLO": ehlo, b"DATA": b"354 go\r\n"})) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
+        finally:
+            await courier.close()
+    assert r.ok, r
+    assert b"message" in mx.received

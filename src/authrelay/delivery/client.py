@@ -1622,10 +1622,11 @@ def _sni(host: str) -> str | None:
 
 
 def _int(value: str) -> int:
-    try:
-        return int(value.split()[0]) if value.strip() else 0
-    except ValueError:
-        return 0
+    """An EHLO parameter's number (RFC 1870 SIZE: 1*20DIGIT); 0 (none stated) for
+    anything else: int() would also read "-1", "+5", "1_0" and non-ASCII digits, and
+    a limit the next hop never stated must not bounce a message (Postfix ignores it)."""
+    word = value.split(maxsplit=1)[0] if value.strip() else ""
+    return int(word) if word.isascii() and word.isdigit() and len(word) <= 20 else 0
 
 
 def _os_reason(exc: BaseException) -> str:
