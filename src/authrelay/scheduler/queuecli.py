@@ -37,6 +37,7 @@ from typing import Any
 from authrelay.config import load
 from authrelay.maillog import escape
 from authrelay.scheduler import control
+from authrelay.spool import writable
 from authrelay.spool.envelope import PENDING, Envelope
 from authrelay.spool.store import Spool, SpoolError, is_queue_id
 
@@ -327,6 +328,9 @@ def _change(args: argparse.Namespace, req: dict[str, Any]) -> int:
                 resp = control.request(control.control_path(spool), req, timeout=timeout)
             except control.ServerNotRunning:
                 running = False
+                if not writable.writable_forked(spool.root):  # never hang on a frozen disk
+                    _err(writable.NOT_WRITABLE)
+                    return 1
                 with control.offline(spool):
                     resp = control.run_offline(spool, req)
     except control.ServerBusy as e:

@@ -95,6 +95,7 @@ from authrelay.spool.store import (
     is_queue_id,
 )
 from authrelay.spool.submit import NOTICE_WAIT, Submitter, log_queued
+from authrelay.spool.writable import NOT_WRITABLE, ThreadProbe
 from authrelay.spool.writer import settle
 from authrelay.types import DeliveryResult
 
@@ -201,6 +202,7 @@ class Scheduler:
                  recover_inline: int = RECOVER_INLINE) -> None:
         self.cfg = cfg
         self.spool = spool
+        self._write_probe = ThreadProbe(spool.root)  # an operator's change on a frozen disk
         self.courier = courier
         self.maillog = maillog
         self.rescan_interval = RESCAN_INTERVAL if rescan_interval is None else rescan_interval
@@ -1436,6 +1438,10 @@ class Scheduler:
         else:
             return {"ok": False, "error": f"{op}: a queue id is required"}
         named = bool(req.get("id")) and not req.get("user") and not req.get("all")
+        if op in ("hold", "release", "delete") and not req.get("user") \
+                and not await self._write_probe.writable():
+            # the operator's command answers at once (a user's, containment's: waits)
+            return {"ok": False, "error": NOT_WRITABLE}
         done: list[str] = []
         missing: list[str] = []
         failed: list[list[str]] = []  # [id, why]: a named flush of a file not deliverable
