@@ -148,6 +148,36 @@ def test_auth_failures_lock_that_address_on_both_nodes_and_nobody_else(farm: Far
     assert all(r.startswith("235") for _, r in got), got
 
 
+def test_a_user_known_behind_a_locked_address_logs_in_on_both_nodes(farm: Farm) -> None:
+    """The per-address lockout behind a NAT, farm-wide (counters and known networks in
+    Redis): nadia logged in from the NAT's network through node A once; somebody behind
+    the NAT's address reaches max_failures_per_ip over both nodes; nadia's right password
+    is still checked there on both (B knows her network only through Redis), while a
+    user new to that network gets 454 unchecked on both, with her right password too."""
+    add_user(farm, "nadia", "nadia-pw")
+    add_user(farm, "otto", "otto-pw")
+    nat = "127.0.0.70"
+    for _ in range(20):  # her one login, through node A (HAProxy alternates)
+        c = Conn(farm, nat)
+        try:
+            if c.node == "a":
+                assert c.auth("nadia", "nadia-pw").startswith("235")
+                break
+        finally:
+            c.close()
+    else:
+        raise AssertionError("HAProxy never routed to node A")
+    bad = through_both(farm, lambda c: c.auth("ghost", "wrong"), nat, n=MAX_FAIL_IP)
+    assert all(r.startswith("535") for _, r in bad), bad
+    # Before: 454 4.7.0 unchecked for nadia too, on both nodes.
+    got = through_both(farm, lambda c: c.auth("nadia", "nadia-pw"), nat)
+    assert all(r.startswith("235") for _, r in got), got
+    got = through_both(farm, lambda c: c.auth("otto", "otto-pw"), nat)
+    assert all(r.startswith("454 4.7.0 Too many") for _, r in got), got
+    got = through_both(farm, lambda c: c.auth("nadia", "wrong"), nat)
+    assert all(r.startswith("454 4.7.0 Too many") for _, r in got), got  # the same answer
+
+
 def test_per_user_rate_holds_across_nodes(farm: Farm) -> None:
     add_user(farm, "rosa", "rosa-pw")
 
@@ -257,6 +287,7 @@ def delivered(farm: Farm) -> set[str]:
 def test_redis_stopped_nodes_keep_serving_on_local_counters(farm: Farm) -> None:
     assert farm.redis is not None
     add_user(farm, "rena", "rena-pw")
+    add_user(farm, "rune", "rune-pw")
     farm.redis.stop()
     try:
         got = through_both(farm, lambda c: (c.auth("rena", "rena-pw"),
@@ -265,11 +296,13 @@ def test_redis_stopped_nodes_keep_serving_on_local_counters(farm: Farm) -> None:
         assert all(r.startswith("250") for _, r in got), got
         for r in farm.nodes.values():
             r.wait_for(lambda r=r: "counting locally on this node" in r.maillog(), 20)
-        # Locally counted: each node locks the address after its own MAX_FAIL_IP failures.
-        bad = through_both(farm, lambda c: c.auth("rena", "wrong"), "127.0.0.61",
+        # Locally counted: each node locks the address after its own MAX_FAIL_IP failures
+        # (for rune, who never logged in from its network: rena, known there, would still
+        # be checked, test_a_user_known_behind_a_locked_address_logs_in_on_both_nodes).
+        bad = through_both(farm, lambda c: c.auth("rune", "wrong"), "127.0.0.61",
                            n=2 * MAX_FAIL_IP)
         assert all(r.startswith("535") for _, r in bad), bad
-        got = through_both(farm, lambda c: c.auth("rena", "rena-pw"), "127.0.0.61")
+        got = through_both(farm, lambda c: c.auth("rune", "rune-pw"), "127.0.0.61")
         assert all(r.startswith("454") for _, r in got), got
     finally:
         farm.redis.start()

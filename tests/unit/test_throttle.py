@@ -15,7 +15,7 @@ from authrelay import replies
 from authrelay.config import from_dict
 from authrelay.policy import anvil, counters
 from authrelay.policy import throttle as th
-from authrelay.policy.throttle import Pool
+from authrelay.policy.throttle import Lockout, Pool
 
 
 class Clock:
@@ -162,6 +162,26 @@ async def test_auth_lock_per_user_spares_known_addresses(clock: Clock, kind: str
     assert await t.auth_locked("203.0.113.9", "alice")
     clock.now += 1801
     assert not await t.auth_locked("198.51.100.77", "alice")
+
+
+async def test_auth_lock_per_ip_spares_users_known_there(clock: Clock, kind: str) -> None:
+    """One address (a NAT) past max_failures_per_ip: a user who logged in from its
+    network before is SPARED (checked) there, until that user's own failures from it
+    reach the limit; everyone else is refused unchecked."""
+    known = MemoryKnown()
+    t = make(kind, auth={"max_failures_per_ip": 3, "max_failures_per_user": 2}, known=known)
+    await t.auth_succeeded("203.0.113.9", "alice")  # alice behind the NAT before
+    for i in range(3):  # someone else behind it guesses
+        await t.auth_failed("203.0.113.9", f"nobody{i}")
+    assert await t.auth_lockout("203.0.113.9", "ALICE") is Lockout.SPARED
+    assert await t.auth_lockout("203.0.113.9", "bob") is Lockout.LOCKED  # not known there
+    assert await t.auth_lockout("203.0.113.9", "") is Lockout.LOCKED
+    assert await t.auth_lockout("203.0.113.10", "bob") is Lockout.OPEN  # another address
+    await t.auth_failed("203.0.113.9", "alice")
+    assert await t.auth_lockout("203.0.113.9", "alice") is Lockout.SPARED
+    await t.auth_failed("203.0.113.9", "alice")  # her password guessed from there: stopped
+    assert await t.auth_lockout("203.0.113.9", "alice") is Lockout.LOCKED
+    assert await t.auth_locked("203.0.113.9", "alice")
 
 
 async def test_auth_lock_per_user_without_store_refuses_all(clock: Clock, kind: str) -> None:

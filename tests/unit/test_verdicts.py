@@ -108,3 +108,17 @@ def test_lockout() -> None:
     assert v.lockout(0, 3, 3, user="alice", **kw) is v.Lockout.LOCKED  # her network too
     assert v.lockout(0, 99, 99, user="", **kw) is v.Lockout.OPEN  # no name: per-IP only
     assert v.lockout(99, 99, 99, user="a", max_ip=0, max_user=0) is v.Lockout.OPEN
+
+
+def test_lockout_past_the_address_limit_spares_known_networks() -> None:
+    """Past the per-address limit (a NAT one of whose users guesses), a named user is
+    refused unchecked unless known there, and not once this user's own failures from that
+    network reached the per-(user, network) limit: max_failures_per_user, else
+    max_failures_per_ip."""
+    kw = {"max_ip": 5, "max_user": 3}
+    assert v.lockout(5, 0, 0, user="alice", **kw) is v.Lockout.UNLESS_KNOWN
+    assert v.lockout(5, 2, 2, user="alice", **kw) is v.Lockout.UNLESS_KNOWN
+    assert v.lockout(5, 3, 3, user="alice", **kw) is v.Lockout.LOCKED  # guessed from there
+    assert v.lockout(5, 0, 4, user="alice", max_ip=5, max_user=0) is v.Lockout.UNLESS_KNOWN
+    assert v.lockout(5, 0, 5, user="alice", max_ip=5, max_user=0) is v.Lockout.LOCKED
+    assert v.usernet_limit(5, 3) == 3 and v.usernet_limit(5, 0) == 5

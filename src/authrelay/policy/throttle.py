@@ -23,12 +23,13 @@ The interface (docs/INTERFACES.md) has two halves:
 
 AUTH lockout that an attacker cannot turn against a user (docs/LIMITS.md): failures are
 counted per source address, per user, and per (user, source network: /24 or /64). Past the
-per-address limit every AUTH from that address is refused unchecked. Past the per-user
-limit AUTH for that user is refused unchecked only from networks the user has not
-authenticated from within `[auth] known_address_days` (`known.KnownAddresses`), or from a
-known network that itself has reached the per-user limit for that user. So an attacker
-guessing alice's password from elsewhere locks out only other unknown addresses; alice at
-home or at the office still logs in.
+per-address limit or the per-user limit, AUTH for a user is refused unchecked except from
+a network the user has authenticated from within `[auth] known_address_days`
+(`known.KnownAddresses`), and there too once that network has reached its own limit for
+that user (`verdicts.usernet_limit`). So an attacker guessing alice's password from
+elsewhere locks out only other unknown addresses, and one guessing anybody's from behind
+alice's NAT locks out only that NAT's users new to it: alice at home, at the office or
+behind the hotel's one address she used before still logs in (`Lockout.SPARED`).
 
 Contract: every check is O(1) amortised and memory is bounded (old windows are pruned; at
 most `MAX_KEYS` tracked keys per table, the oldest evicted first). Failure policy: all
@@ -60,11 +61,17 @@ from authrelay.policy.counters import (
     gcra,
     pool_refusal,
 )
-from authrelay.policy.verdicts import Lockout, lockout, messages_allowed, recipients_allowed
+from authrelay.policy.verdicts import (
+    Lockout,
+    lockout,
+    messages_allowed,
+    recipients_allowed,
+    usernet_limit,
+)
 
 # The counting types are counters.py's; named here too for the throttle's users.
 __all__ = ["ADMIT", "ALWAYS_EXEMPT", "PENDING", "Admission", "Exemptions", "KnownStore",
-           "LocalThrottle", "Pool", "Share", "Throttle", "address_key", "gcra",
+           "LocalThrottle", "Lockout", "Pool", "Share", "Throttle", "address_key", "gcra",
            "pool_refusal", "source_net"]
 
 MAX_KEYS = 100_000
@@ -240,9 +247,15 @@ class Throttle(ABC):
         `user` (0 for ""), and for `user` from `ip`'s `source_net`, as this throttle's
         store counts them."""
 
+    async def auth_lockout(self, ip: str, user: str) -> Lockout:
+        """OPEN: check the password; LOCKED: refuse this AUTH without checking it (454
+        4.7.0); SPARED: past a limit but from a network `user` is known from: check it,
+        and answer anything but a right one as LOCKED (never UNLESS_KNOWN)."""
+        return await self.lockout_given(ip, user, *await self.auth_counts(ip, user))
+
     async def auth_locked(self, ip: str, user: str) -> bool:
-        """True: refuse this AUTH without checking the password (454 4.7.0)."""
-        return await self.locked_given(ip, user, *await self.auth_counts(ip, user))
+        """True: refuse this AUTH without checking the password (auth_lockout's LOCKED)."""
+        return await self.auth_lockout(ip, user) is Lockout.LOCKED
 
     @abstractmethod
     async def auth_failed(self, ip: str, user: str) -> None:
@@ -252,16 +265,18 @@ class Throttle(ABC):
     async def auth_succeeded(self, ip: str, user: str) -> None:
         """`user` authenticated from `ip`: its network becomes known for the user."""
 
-    async def locked_given(self, ip: str, user: str, by_ip: float, by_user: float,
-                           by_usernet: float) -> bool:
-        """The lockout verdict (policy/verdicts.lockout) for these failure counts; the
-        known-address store is asked only when the verdict depends on it."""
+    async def lockout_given(self, ip: str, user: str, by_ip: float, by_user: float,
+                            by_usernet: float) -> Lockout:
+        """The lockout verdict (policy/verdicts.lockout) for these failure counts, with
+        UNLESS_KNOWN settled: the known-address store is asked only then."""
         verdict = lockout(by_ip, by_user, by_usernet, user=user, max_ip=self.max_fail_ip,
                           max_user=self.max_fail_user)
-        if verdict is Lockout.UNLESS_KNOWN:
-            return self.known is None or not await self.known.is_known(user.lower(),
-                                                                       source_net(ip))
-        return verdict is Lockout.LOCKED
+        if verdict is not Lockout.UNLESS_KNOWN:
+            return verdict
+        if self.known is not None and await self.known.is_known(user.lower(),
+                                                                source_net(ip)):
+            return Lockout.SPARED
+        return Lockout.LOCKED
 
     # ------------------------------------------------------------ per-user rates (async)
     @abstractmethod
@@ -312,7 +327,8 @@ class LocalThrottle(Throttle):
         self.auth_ip = _Window(w, max(auth.max_failures_per_ip, 1) * 2).adopt(prev("auth_ip"))
         self.auth_user = _Window(w, max(auth.max_failures_per_user, 1) * 2
                                  ).adopt(prev("auth_user"))
-        self.auth_usernet = _Window(w, max(auth.max_failures_per_user, 1) * 2
+        self.auth_usernet = _Window(w, max(usernet_limit(auth.max_failures_per_ip,
+                                                         auth.max_failures_per_user), 1) * 2
                                     ).adopt(prev("auth_usernet"))
         self.max_fail_ip = auth.max_failures_per_ip
         self.max_fail_user = auth.max_failures_per_user

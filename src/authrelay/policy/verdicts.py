@@ -87,18 +87,35 @@ class Lockout(enum.Enum):
     OPEN = "open"  # check the password
     LOCKED = "locked"  # refuse unchecked
     UNLESS_KNOWN = "unless_known"  # refuse unchecked unless the user's network is known
+    # Past a limit, but from a network the user is known from (the throttle's answer for
+    # UNLESS_KNOWN then): check the password; only a right one changes the lockout's
+    # answer (smtpd/session.py answers anything else exactly as LOCKED: no oracle).
+    SPARED = "spared"
+
+
+def usernet_limit(max_ip: int, max_user: int) -> int:
+    """The limit of the per-(user, network) failures that ends a known network's
+    exemption: `max_failures_per_user`, or `max_failures_per_ip` when that is 0 (the
+    exemption from the per-address limit must not make a user's password guessable
+    without end from their own network). 0: no limit at all."""
+    return max_user or max_ip
 
 
 def lockout(by_ip: float, by_user: float, by_usernet: float, *, user: str,
             max_ip: int, max_user: int) -> Lockout:
     """Failures counted per source address, per user and per (user, source network)
     against `max_failures_per_ip` / `max_failures_per_user` (0: no limit)."""
-    if max_ip and by_ip >= max_ip:
-        return Lockout.LOCKED  # this address is guessing: refuse it whatever the user
-    if not (max_user and user) or by_user < max_user:
+    over_ip = bool(max_ip) and by_ip >= max_ip
+    over_user = bool(max_user and user) and by_user >= max_user
+    if not (over_ip or over_user):
         return Lockout.OPEN
-    # The user is under attack. Refuse unchecked, except from a network this user logged
-    # in from recently, unless that network itself failed too often for this user.
-    if by_usernet >= max_user:
+    if not user:
+        return Lockout.LOCKED  # this address is guessing and names nobody
+    # Past the per-address limit (someone behind this address, a NAT's other user, is
+    # guessing) or the per-user one (someone is guessing this user's password). Refuse
+    # unchecked, except from a network this user logged in from recently, unless that
+    # network itself failed too often for this user (an attacker guessing alice's
+    # password from alice's own NAT is stopped there as anywhere).
+    if by_usernet >= usernet_limit(max_ip, max_user):
         return Lockout.LOCKED
     return Lockout.UNLESS_KNOWN

@@ -73,7 +73,7 @@ from typing import Any, Protocol
 
 from authrelay import maillog, replies, tls
 from authrelay.config import Config, Listen
-from authrelay.policy.throttle import Admission, Exemptions, Pool, Share, Throttle
+from authrelay.policy.throttle import Admission, Exemptions, Lockout, Pool, Share, Throttle
 from authrelay.smtpd import proxy
 from authrelay.smtpd.eviction import Candidate, Candidates
 from authrelay.smtpd.listener import limit_send_buffer, peek_client_hello
@@ -206,8 +206,8 @@ class Ticket:
     def busy(self) -> None:
         self._adm.busy(self)
 
-    async def auth_locked(self, user: str) -> bool:
-        return await self._throttle.auth_locked(self.ip, user)
+    async def auth_lockout(self, user: str) -> Lockout:
+        return await self._throttle.auth_lockout(self.ip, user)
 
     async def auth_failed(self, user: str) -> None:
         await self._throttle.auth_failed(self.ip, user)

@@ -62,6 +62,10 @@ from authrelay.types import Reply
 log = logging.getLogger(__name__)
 
 BATCH = 32  # pipelined commands executed before yielding to the event loop (fairness)
+# The lockout's answers (454 4.7.0) leave at least this long after the AUTH arrived, or
+# `[auth] failure_delay` if longer; a SPARED check (a known network past a limit) must be
+# done by then, else it is answered as the lockout too (docs/LIMITS.md).
+LOCKOUT_ANSWER_MIN = 0.5
 
 
 class Draft(Protocol):
@@ -98,7 +102,7 @@ class Ticket(Protocol):
     def release(self) -> None: ...
     def idle(self, evict: Callable[[], None], moved: bool = True) -> None: ...  # evictable ...
     def busy(self) -> None: ...  # ... until this
-    async def auth_locked(self, user: str) -> bool: ...
+    async def auth_lockout(self, user: str) -> verdicts.Lockout: ...
     async def auth_failed(self, user: str) -> None: ...
     async def auth_succeeded(self, user: str) -> None: ...
     async def user_may_send(self, user: str) -> bool: ...
@@ -491,30 +495,44 @@ class Session:
             await self._auth_failure(ev.refusal, user, mech, ev.reason)
             eng.auth_result(p.AuthOutcome.BAD)
             return
+        # Every answer of the lockout leaves at this one moment, whether the password was
+        # checked (SPARED: a network the user is known from) or not: its timing must not
+        # tell which users are known from the client's network.
+        loop = self.conn.loop
+        due = loop.time() + max(self.cfg.auth.failure_delay, LOCKOUT_ANSWER_MIN)
         # Counted by account, logged as sent: `alice@REALM`, `alice@rElAy` and `alice`
         # are one account, so no spelling gets guesses, rates or a suspension of its own.
         account = self._authenticator().account(user)
-        if await self.ticket.auth_locked(account):
+        gate = await self.ticket.auth_lockout(account)
+        if gate is verdicts.Lockout.LOCKED:
             # Past the window limit: answer without even checking the password, so a
             # brute-forcer learns nothing and costs us no hashing.
-            await self._auth_locked(mech, user)
+            await self._auth_locked(mech, user, due)
             return
+        spared = gate is verdicts.Lockout.SPARED
+        timeout = self.cfg.auth.backend_timeout + 5
+        if spared:  # checked only if the check is done by `due` (docs/LIMITS.md)
+            timeout = min(timeout, due - loop.time())
+        late = False
         try:
             login = await asyncio.wait_for(
-                self._authenticator().login(user, ev.password, self.ip),
-                self.cfg.auth.backend_timeout + 5)
-        except Exception:
-            log.exception("auth backend failure")
+                self._authenticator().login(user, ev.password, self.ip), max(timeout, 0.0))
+        except Exception as e:
+            late = spared and isinstance(e, TimeoutError)
+            if not late:
+                log.exception("auth backend failure")
             login = Login(AuthResult.TEMPFAIL)
         result = login.result
         named = login.user or account
-        if named != account and result is not AuthResult.TEMPFAIL \
-                and await self.ticket.auth_locked(named):
+        if named != account and result is not AuthResult.TEMPFAIL:
             # The backend took this spelling for another account (Dovecot's user=; under
             # `%Ln`, `alice@x` is alice): that account's lockout holds whatever the
             # spelling, else each `alice@x` was a guesser's fresh budget.
-            await self._auth_locked(mech, user)
-            return
+            other = await self.ticket.auth_lockout(named)
+            if other is verdicts.Lockout.LOCKED:
+                await self._auth_locked(mech, user, due)
+                return
+            spared = spared or other is verdicts.Lockout.SPARED
         if result is AuthResult.OK:
             self.account = named
             self._login = login
@@ -522,6 +540,8 @@ class Session:
             self.maillog.auth_ok(self.relay_desc(), mech, user, login.app)
             self._metric_auth("ok")
             eng.auth_result(p.AuthOutcome.OK)
+        elif spared:
+            await self._auth_spared(mech, user, named, login, late, due)
         elif result is AuthResult.TEMPFAIL:
             self._log_reject(replies.AUTH_TEMPFAIL, "", sasl_method=mech, sasl_username=user)
             self._metric_auth("tempfail")
@@ -535,12 +555,40 @@ class Session:
                                      guess=not login.hint)
             eng.auth_result(p.AuthOutcome.BAD)
 
-    async def _auth_locked(self, mech: str, user: str) -> None:
-        """AUTH refused by the lockout (454 4.7.0), after the usual failure delay."""
+    async def _until(self, due: float) -> None:
+        """Flush what is owed, then wait for the loop time `due`."""
         self._flush()
-        await asyncio.sleep(self.cfg.auth.failure_delay)
+        await asyncio.sleep(max(0.0, due - self.conn.loop.time()))
+
+    async def _auth_locked(self, mech: str, user: str, due: float) -> None:
+        """AUTH refused by the lockout (454 4.7.0), unchecked, at `due`."""
+        await self._until(due)
         self._log_reject(replies.AUTH_LOCKED, "", sasl_method=mech, sasl_username=user)
         self._metric_auth("locked")
+        self.eng.auth_result(p.AuthOutcome.LOCKED)
+
+    async def _auth_spared(self, mech: str, user: str, account: str, login: Login,
+                           late: bool, due: float) -> None:
+        """A SPARED AUTH (past a limit, from a network `account` is known from) without
+        the right password: the client gets exactly what an unchecked one gets (the
+        lockout's 454 at `due`), so neither the reply nor its time says whether the
+        user is known from there; only a right password would. A wrong one counts as a
+        guess (so this network's own limit for the user ends the exemption) and has the
+        maillog's `authentication failed` line; a check not done by `due` (`late`) or a
+        backend failure has the lockout's line with the reason."""
+        if late or login.result is AuthResult.TEMPFAIL:
+            await self._until(due)
+            self._log_reject(replies.AUTH_LOCKED, "", sasl_method=mech, sasl_username=user,
+                             reason="known network, check not done in time" if late
+                             else "known network, temporary authentication failure")
+            self._metric_auth("tempfail")
+        else:
+            if not login.hint:  # right credentials refused by policy are no guess
+                await self.ticket.auth_failed(account)
+            await self._until(due)
+            self.maillog.auth_failed(self.relay_desc(), replies.AUTH_LOCKED, mech, user,
+                                     login.hint or "known network past the lockout")
+            self._metric_auth("fail")
         self.eng.auth_result(p.AuthOutcome.LOCKED)
 
     async def _auth_failure(self, r: Reply, user: str, mech: str, hint: str = "",
