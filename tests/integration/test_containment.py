@@ -176,6 +176,35 @@ def test_distinct_networks(tmp_path: Path) -> None:
         r.stop()
 
 
+def test_a_stranger_knowing_the_name_cannot_trip_a_users_containment(tmp_path: Path
+                                                                    ) -> None:
+    """Containment counts only what the user's own logins sent (and the next hops'
+    refusals of it): wrong passwords for alice from many networks, and mail from
+    <alice@...> by clients that did not log in as alice, count nothing towards her
+    thresholds, so nobody who merely knows her name can suspend her."""
+    r = relay(tmp_path, networks=2, messages=2, recipients=2).start()
+    try:
+        for i in range(1, 4):  # three networks: one past each threshold
+            src = f"127.0.{i}.7"
+            with RawClient(r.ports["submissions"], tls=client_ctx(), source=src) as c:
+                c.reply()
+                c.cmd("EHLO stranger.test")
+                assert c.cmd(f"AUTH PLAIN {plain('alice', f'guess{i}')}").code == 535
+            with RawClient(r.ports["smtp"], source=src) as c:
+                c.reply()
+                c.cmd("EHLO stranger.test")
+                assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
+                assert c.cmd(f"RCPT TO:<r{i}@local.test>").code == 250
+                assert c.cmd("DATA").code == 354
+                assert c.cmd("Subject: as alice\r\n\r\nhi\r\n.").code == 250
+        assert send(r.ports["submissions"], ["bob@example.net"],
+                    source="127.0.4.7") == [250, 250, 250]
+        assert mail_reply(r.ports["submissions"]).startswith("250")
+        assert not suspended_lines(r)
+    finally:
+        r.stop()
+
+
 def test_refused_by_the_next_hop(tmp_path: Path, fake_mx: MXFactory) -> None:
     mx = fake_mx("127.0.0.2", rcpt_replies={"nobody1@example.net": "550 5.1.1 no such user",
                                             "nobody2@example.net": "550 5.1.1 no such user"})
