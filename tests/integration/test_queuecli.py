@@ -899,3 +899,41 @@ async def test_every_command_says_a_message_still_arriving_is_not_in_the_queue_y
             await task
         if scheduler:
             await sched.stop()
+
+
+async def test_a_flush_during_a_shutdown_says_the_mail_system_is_stopping(
+        site: tuple[Path, Spool]) -> None:
+    """A flush reaching the scheduler while it stops (on a control connection opened
+    before; the stop waits for a delivery under way) was answered "flushed": but nothing
+    is tried again before the next start, and a flush lives in memory only, so the
+    deferred message then waited out its back-off. It is answered "mail system is
+    stopping" (not ok), and nothing is marked."""
+    import socket
+
+    from authrelay.config import load
+
+    cfgfile, spool = site
+    courier = FakeCourier()
+    sched = wiring.scheduler(load(str(cfgfile)), spool, courier, ListLog())
+    await sched.start()
+    courier.script["d@later.example"] = [TEMP]
+    qd = await put(spool, ["d@later.example"])
+    await until(lambda: qd not in sched.active and spool.load(qd).recipients[0].attempts,
+                "deferred")
+    gate = courier.gates["slow.example"] = asyncio.Event()
+    qs = await put(spool, ["s@slow.example"])
+    await until(lambda: qs in sched.active, "in flight")
+    conn = socket.socket(socket.AF_UNIX)
+    conn.settimeout(30)
+    conn.connect(str(control.control_path(spool)))
+    stopping = asyncio.create_task(sched.stop())
+    try:
+        await until(lambda: sched._stopping, "stopping")
+        await asyncio.to_thread(conn.sendall, json.dumps({"op": "flush"}).encode() + b"\n")
+        answer = json.loads(await asyncio.to_thread(conn.makefile("rb").readline))
+    finally:
+        conn.close()
+        gate.set()
+        await stopping
+    assert answer.get("ok") is False, answer  # (was: ok, "done": [qd, ...])
+    assert "mail system is stopping" in answer["error"], answer

@@ -45,6 +45,10 @@ SCHEDULER_LOCK = "scheduler.lock"  # in spool_dir: held (flock) by the one sched
 # whose commands leave a message in incoming/ alone until it is complete)
 ARRIVING = "not in the queue yet: still being received (its client has no reply yet): try again"
 
+# A flush asked of a scheduler that is stopping (its control connection opened before)
+STOPPING = ("cannot flush: mail system is stopping (authrelay serve is shutting down); "
+            "nothing flushed: flush again once it has started")
+
 
 def control_path(spool: Spool) -> Path:
     return spool.root / CONTROL_SOCK

@@ -1420,6 +1420,11 @@ class Scheduler:
             return {"ok": True, "active": self.active}
         if op not in ("flush", "hold", "release", "delete"):
             return {"ok": False, "error": f"unknown op {op!r}"}
+        if op == "flush" and self._stopping:
+            # nothing is tried again before the next start, and a flush is kept in memory
+            # only: never "flushed" for an attempt that will not come (hold, release and
+            # delete change the files: done as ever)
+            return {"ok": False, "error": control.STOPPING}
         if req.get("user") and op in ("hold", "release", "delete"):
             # Containment (policy/suspender.py, `authrelay user resume`): every message of
             # one user, queued (hold) or held (release, delete).
