@@ -527,13 +527,18 @@ def test_a_commit_held_after_its_ready_mark_is_given_up_and_never_delivered(
     fsync (a hung disk): the session gives up after data_block_timeout (451 4.3.0);
     meanwhile the file, ready but still held by its writer, is refused to the scheduler
     (load_for_delivery: not durable yet, and given up), and when the thread returns it
-    removes the file rather than handing it over: no 250, no delivery, no notice."""
+    removes the file rather than handing it over: no 250, no delivery, no notice. The
+    scheduler is told the commit was given up (Notifier.abandoned, `ID abandoned` from
+    a worker): were this process killed in that fsync, the ready file it left would be
+    dropped, not delivered (it was, a duplicate of the client's retry)."""
     server = _Server(tmp_path, trustme_ca, limits={"data_block_timeout": "1s"})
     spool = server.spool
     spool.fsync = True
     spool.journal_orders_create = False  # queue/ fsynced after the file: held there
     held = spool.queue_dir_sync = HeldDirSync(spool.queue_dir)
     told = _noticed(server)
+    gave_up: list[str] = []
+    spool.notifier.on_abandoned = gave_up.append
     release = threading.Timer(60, held.go.set)  # a hang detector: the old session waited
     server.thread.start()
     try:
@@ -548,6 +553,7 @@ def test_a_commit_held_after_its_ready_mark_is_given_up_and_never_delivered(
         with pytest.raises(FileNotFoundError, match="still being committed"):
             spool.load_for_delivery(inc.queue_id)
         _abandoned_line(server, inc.queue_id, len(HELD))
+        assert gave_up == [inc.queue_id]  # told while the thread still holds the file
         held.go.set()
         wait_until(lambda: not path.exists(), "the abandoned commit's file removed")
         assert c.noop()[0] == 250

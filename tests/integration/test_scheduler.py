@@ -729,6 +729,25 @@ async def test_a_message_delivered_with_a_bounce_owed_keeps_the_bounce(
     assert rig.log.grep(qid, "sender_non-delivery_notification=")
 
 
+async def test_an_abandoned_commits_file_left_by_a_dead_worker_is_dropped(rig: Rig) -> None:
+    """A worker gave up waiting for a commit (data_block_timeout: its client told 451
+    4.3.0, no 250 ever) while the commit thread was in its fsync past the ready mark,
+    then died (kill -9) before the thread removed the file: the file, ready and no
+    longer locked, was delivered (a duplicate of what the client sends again). The
+    worker now says so at once (`ID abandoned` on notify.sock): the scheduler removes
+    the file, one line, never delivered. An id it was not told of is delivered."""
+    await rig.start()
+    dropped = await put(rig.spool, ["x@b.example"], notify=False)
+    kept = await put(rig.spool, ["y@b.example"], notify=False)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(f"{dropped} abandoned\n{dropped}\n{kept}".encode(), str(rig.spool.notify_path))
+    await until(lambda: rig.log.grep(kept, "status=removed"), "the other one delivered")
+    await until(lambda: rig.log.grep(dropped, "abandoned commit removed, not delivered"), "dropped")
+    assert not rig.queued()
+    assert [c[0].queue_id for c in rig.courier.calls] == [kept]
+    assert "never 250" in rig.log.grep(dropped)[0]
+
+
 async def test_held_messages_are_skipped(rig: Rig) -> None:
     q1 = await put(rig.spool, ["x@b.example"])
     q2 = await put(rig.spool, ["y@b.example"])

@@ -84,7 +84,7 @@ from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, should_notify
 from authrelay.scheduler.inflight import InflightJournal, Leftover
 from authrelay.spool.envelope import FAILED, PENDING, SENT, Envelope, Recipient
-from authrelay.spool.notify import LOGGED_NOTICE
+from authrelay.spool.notify import ABANDONED_NOTICE, LOGGED_NOTICE
 from authrelay.spool.store import (
     UNFINISHED_AGE,
     CorruptError,
@@ -126,6 +126,15 @@ IN_COMMIT_AGAIN = 1.0
 # envelopes past delivery (memory: ~1 KB each); past it one is not kept, and its
 # producer's death before its line loses that line, as before 8ddf930.
 OWED_MAX = 10_000
+# Queue ids whose commit their producer gave up (Notifier.abandoned), kept until their file
+# is gone (memory: ~100 bytes each); past it the oldest is forgotten (its file, if a dead
+# producer left it, is delivered: a duplicate, as before).
+ABANDONED_MAX = 10_000
+# The maillog's line for such a file, dropped at its load (_drop_abandoned).
+ABANDONED_DROPPED = ("queue file of an abandoned commit removed, not delivered: its "
+                     "receiving process gave up waiting for the commit (the client was "
+                     "told 451 4.3.0, never 250) and died before the commit thread "
+                     "removed it")
 UNREACHABLE = "4.4.1"  # RFC 3463: no answer from host (the courier's connect failures)
 SHUTDOWN = "4.3.2"  # RFC 3463: system not accepting network messages (our own stop)
 
@@ -259,6 +268,9 @@ class Scheduler:
         # with the envelope once loaded. Kept past the message's removal: the producer's
         # death (receiver_died) has this scheduler write the line it took with it.
         self._owed_by: dict[str, int] = {}
+        # Queue ids whose producer gave up their commit (its client told 451, no 250
+        # ever): a file found under that id is removed, never delivered (_drop_abandoned).
+        self._abandoned: dict[str, None] = {}
         self._owed_env: dict[str, Envelope] = {}
         self._running = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -304,6 +316,7 @@ class Scheduler:
             self._hooked = True
         if self.spool.on_commit == self.notify:  # this process's own producers
             self.spool.notifier.on_owed = self.owed
+            self.spool.notifier.on_abandoned = self.abandoned
         self._bind_notify()
         try:
             cpath = control.control_path(self.spool)
@@ -507,6 +520,8 @@ class Scheduler:
             await asyncio.gather(*pending, return_exceptions=True)
         if self.spool.notifier.on_owed == self.owed:
             self.spool.notifier.on_owed = None
+        if self.spool.notifier.on_abandoned == self.abandoned:
+            self.spool.notifier.on_abandoned = None
         if self._hooked:
             self.spool.on_commit = None
             self._hooked = False
@@ -537,6 +552,18 @@ class Scheduler:
         producer still owes `qid`'s from= line (its pid), or wrote it (0), as the
         datagrams `ID INODE PID` and `ID logged` say of another's. Thread-safe."""
         self._on_loop(self._owed_notice, qid, producer)
+
+    def abandoned(self, qid: str) -> None:
+        """`qid`'s producer gave up its commit (Notifier.abandoned; the datagram
+        `ID abandoned` from another process). Thread-safe."""
+        self._on_loop(self._abandoned_notice, qid, 0)
+
+    def _abandoned_notice(self, qid: str, _: int = 0) -> None:
+        if not is_queue_id(qid):
+            return
+        if len(self._abandoned) >= ABANDONED_MAX:
+            del self._abandoned[next(iter(self._abandoned))]
+        self._abandoned[qid] = None
 
     def _owed_notice(self, qid: str, producer: int) -> None:
         if producer:
@@ -617,6 +644,9 @@ class Scheduler:
             for line in data.decode("ascii", "replace").split("\n"):  # batched by senders
                 qid, _, rest = line.strip().partition(" ")
                 ino, _, by = rest.partition(" ")
+                if ino == ABANDONED_NOTICE:
+                    self._abandoned_notice(qid)
+                    continue
                 if ino == LOGGED_NOTICE:  # the producer's from= line written after all
                     self._owed_by.pop(qid, None)
                     self._owed_env.pop(qid, None)
@@ -777,6 +807,7 @@ class Scheduler:
         self._vouched.pop(qid, None)
         self._noticed.discard(qid)
         self._owed_seen.pop(qid, None)
+        self._abandoned.pop(qid, None)
 
     def _moved_to_hold(self, qid: str) -> None:
         self._queued.discard(qid)
@@ -826,6 +857,10 @@ class Scheduler:
             log.error("%s: cannot read spool file, skipped until restart: %s", qid, e,
                       extra={"queue_id": qid})  # daemon.MaillogHandler
             self._ignored.add(qid)
+            self._release(act)
+            return
+        if qid in self._abandoned:
+            await self._drop_abandoned(qid)
             self._release(act)
             return
         if env.held:
@@ -941,6 +976,23 @@ class Scheduler:
                     act.path, act.offset = self.spool.body_path(qid)
                 except (OSError, SpoolError):
                     pass  # delivered from the copy in memory
+
+    async def _drop_abandoned(self, qid: str) -> None:
+        """A ready file whose producer gave up its commit (told 451 4.3.0: no 250 was or
+        will be sent for this id) and died in the commit thread's fsync, before the
+        thread removed it: removed here, one line, never delivered (the client sends
+        the message again). Loaded at all means its writer let go of it (the flock)."""
+        try:
+            await self._io(self.spool.remove, qid)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.error("%s: cannot remove the abandoned commit's file: %s", qid, e,
+                      extra={"queue_id": qid})
+            self._ignored.add(qid)  # never delivered; looked at again at the restart
+            return
+        self._gone(qid)
+        self.maillog.warning(ABANDONED_DROPPED, queue_id=qid)
 
     def _log_owed(self, env: Envelope) -> float:
         """A message found by a scan, not by its producer's notice, whose file says its

@@ -10,7 +10,11 @@ the scheduler's courier then skips its own check of that file, issue 22). A noti
 before the message's maillog `from=` line was written (a stalled log, spool/submit.py's
 NOTICE_WAIT) adds the producer's pid ("ID INODE PID", INODE 0 when not vouched), and the
 producer says "ID logged" once the line is written: a producer that dies in between
-leaves the line to the scheduler (Scheduler.receiver_died). The socket is
+leaves the line to the scheduler (Scheduler.receiver_died). "ID abandoned": the
+producer gave up waiting for ID's commit (Incoming.abandon returned True: its client was
+told 451 4.3.0 and no 250 can follow for ID); the commit thread removes the file when it
+returns, but a producer killed while that thread is in its fsync leaves a ready file:
+the scheduler drops it (in-process: `on_abandoned`). The socket is
 0600 in the spool's 0700 directory: only the relay's user and root can send a notice,
 as only they can write the spool. A datagram the kernel refuses because the
 scheduler's queue is full (unix datagram queues are short) is sent again a moment later
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 
 NOTIFY_SOCK = "notify.sock"  # in spool_dir; bound by the scheduler
 LOGGED_NOTICE = "logged"  # "ID logged": the from= line of an "ID INODE PID" notice written
+ABANDONED_NOTICE = "abandoned"  # "ID abandoned": its commit given up, its client told 451
 _NOTIFY_BATCH = 200  # queue ids per notify datagram (~18 bytes each)
 _NOTIFY_RETRIES = 200  # x _NOTIFY_RETRY_DELAY: give up after ~2 s (the rescan remains)
 _NOTIFY_RETRY_DELAY = 0.01
@@ -44,6 +49,8 @@ class Notifier:
         # In-process too: (queue id, producer pid) when a notice goes with its from= line
         # not written yet, (queue id, 0) once it is (thread-safe: the writer thread calls).
         self.on_owed: Callable[[str, int], None] | None = None
+        # In-process too: a queue id whose commit its producer gave up (abandoned()).
+        self.on_abandoned: Callable[[str], None] | None = None
         self._sock: socket.socket | None = None
         self.pending: list[str] = []
         self._scheduled = False
@@ -89,6 +96,21 @@ class Notifier:
                 s.sendto(f"{queue_id} {LOGGED_NOTICE}".encode("ascii"), str(self.path))
         except OSError:
             pass  # no scheduler: a restarted one knows nothing owed
+
+    def abandoned(self, queue_id: str) -> None:
+        """The producer gave up waiting for `queue_id`'s commit (only once
+        Incoming.abandon returned True: no 250 can ever be sent for it), said at once:
+        the scheduler drops the file should its producer die before its commit thread
+        removes it. On the producer's loop; best effort (a notice lost: the file, if
+        left, is delivered, a duplicate of what the client sends again), never raises."""
+        if self.on_commit is not None:
+            if self.on_abandoned is not None:
+                with contextlib.suppress(Exception):  # (never raises, as the datagram)
+                    self.on_abandoned(queue_id)
+            return
+        self.pending.append(f"{queue_id} {ABANDONED_NOTICE}")
+        if not self._send():
+            self._queue_retry()
 
     def _queue(self, line: str) -> None:
         self.pending.append(line)

@@ -389,6 +389,7 @@ class Draft:
             received_for(env, sub.cfg.hostname, tls=tls, local_uid=local_uid),
             sub.cfg.hostname, add_missing=add_missing)
         self._incoming: Incoming = sub.spool.begin(env)
+        self._notifier = sub.spool.notifier
         # Our own lines are CRLF (cleanup, the signer): the file is, when the producer's were.
         self._incoming.lines_checked = crlf_only
         self._incoming.on_loop = on_loop
@@ -414,8 +415,13 @@ class Draft:
 
     def abandon(self) -> bool:
         """The caller gives up waiting for commit() (Incoming.abandon): True unless the
-        message is durable already; then commit() ends in Refused, its file removed."""
-        return self._incoming.abandon()
+        message is durable already; then commit() ends in Refused, its file removed,
+        and the scheduler is told (Notifier.abandoned: it drops the file should this
+        process die before the commit thread removes it)."""
+        if not self._incoming.abandon():
+            return False
+        self._notifier.abandoned(self.queue_id)
+        return True
 
     @property
     def size(self) -> int:
