@@ -113,6 +113,7 @@ def test_a_compaction_keeps_what_was_delivered(tmp_path: Path,
     j.delivered(t1, ["a@x.test"], every=False)
     t2 = j.begin("Q2", ["c@x.test"])
     j.delivered(t2, ["c@x.test"], every=True)
+    assert j.written(10)  # (one rewrite asked at a time: the one asked before is done)
     j.begin("Q3", ["d@x.test"])  # compacts: the file is only the live attempts now
     assert j.written(10)
     j.close()
@@ -155,3 +156,63 @@ def test_leftovers_leave_the_file_until_start(tmp_path: Path) -> None:
     assert again.leftovers() == InflightJournal(tmp_path).leftovers() != []
     again.start()
     assert InflightJournal(tmp_path).leftovers() == []
+
+
+
+def test_a_disabled_journal_copies_its_live_attempts_once_per_retry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # While disabled (a full disk) every begin and end handed the writer thread a copy
+    # of all live attempts, though the thread only used one once the retry was due:
+    # O(live) per attempt for RETRY_AFTER (issue 22). Now one copy when the retry is
+    # due, and the journal it rewrites still holds every live attempt, those begun while
+    # it was off included; a line after it is appended as usual.
+    snapshots: list[int] = []
+    retry = InflightJournal._retry
+
+    def counted(self: InflightJournal, live: list[tuple[int, inflight._Live]]
+                ) -> None:
+        snapshots.append(len(live))
+        retry(self, live)
+
+    monkeypatch.setattr(InflightJournal, "_retry", counted)
+    monkeypatch.setattr(inflight, "RETRY_AFTER", 3600.0, raising=False)
+    (tmp_path / "inflight.log").mkdir()
+    j = InflightJournal(tmp_path)
+    j.start()  # disabled: its name is a directory
+    tokens = [j.begin(f"Q{i}", [f"r{i}@x.test"]) for i in range(200)]
+    for t in tokens[::2]:
+        j.end(t)
+    assert j.written(10)
+    assert snapshots == []  # not due: nothing copied, nothing rewritten
+    (tmp_path / "inflight.log").rmdir()  # room again
+    monkeypatch.setattr(inflight, "RETRY_AFTER", 0.0, raising=False)  # and due
+    j.end(tokens[1])
+    j.begin("QA", ["a@x.test"])
+    j.end(tokens[3])
+    assert j.written(10)
+    assert snapshots == [99]  # one copy: the live ones at the first line once due
+    j.close()
+    want = [Leftover(f"Q{i}", [f"r{i}@x.test"], []) for i in range(5, 200, 2)]
+    assert InflightJournal(tmp_path).leftovers() == want + [Leftover("QA", ["a@x.test"], [])]
+
+
+def test_a_journal_past_its_size_is_compacted_each_time_it_grows_past_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The rewrite with only the live attempts is asked for once per crossing of
+    # COMPACT_AT (not with every line while the writer has not yet done it), and again
+    # at the next crossing: the file stays small and names exactly the live attempts.
+    monkeypatch.setattr(inflight, "COMPACT_AT", 300, raising=False)
+    j = InflightJournal(tmp_path)
+    j.start()
+    keep = [j.begin("K1", ["k1@x.test"]), j.begin("K2", ["k2@x.test"])]
+    biggest = 0
+    for i in range(300):
+        j.end(j.begin(f"Q{i}", [f"r{i}@x.test"]))
+        if i % 10 == 0:
+            assert j.written(10)
+            biggest = max(biggest, (tmp_path / "inflight.log").stat().st_size)
+    j.end(keep[0])
+    assert j.written(10)
+    j.close()
+    assert biggest < 300 + 10 * 60  # compacted again and again (each pair ~60 bytes)
+    assert InflightJournal(tmp_path).leftovers() == [Leftover("K2", ["k2@x.test"], [])]

@@ -104,6 +104,12 @@ class InflightJournal:
         self._size = 0
         self._broken = False
         self._disabled_at: float | None = None  # monotonic; None: working or closed
+        # What _submit already handed the writer the live attempts for (one copy per
+        # retry and per compaction, not one per line while the journal is off: a full
+        # disk for RETRY_AFTER with thousands live was O(live) per attempt, issue 22):
+        # the _disabled_at whose retry was asked, and whether a compaction is due.
+        self._retry_asked: float | None = None
+        self._compact_asked = False
         # What the writer thread does, in order: a line to append, or (when the journal
         # is past COMPACT_AT or disabled) the live attempts to rewrite it with; None: stop.
         # (An Event: set when reached, written().)
@@ -204,10 +210,22 @@ class InflightJournal:
 
     def _submit(self, line: bytes) -> None:
         """`line` to the writer thread (started at the first); with the live attempts
-        when the journal is to be rewritten (past COMPACT_AT, or disabled: _retry).
-        (_size and _fd are the thread's, read here as hints.)"""
-        live = list(self._live.items()) if self._size > COMPACT_AT or self._fd is None \
-            else None
+        when the journal is to be rewritten: once past COMPACT_AT, and once per spell of
+        being disabled, when its retry is due (_retry). A line the thread meets while
+        the journal is off is dropped; the rewrite that brings it back is asked for
+        after it, so it holds every attempt still live. (_size, _fd and _disabled_at
+        are the thread's, read here as hints: the thread takes the items in order and
+        checks the time again.)"""
+        live = None
+        if self._fd is None:
+            since = self._disabled_at
+            if since is not None and since != self._retry_asked \
+                    and time.monotonic() - since >= RETRY_AFTER:
+                self._retry_asked = since
+                live = list(self._live.items())
+        elif self._size > COMPACT_AT and not self._compact_asked:
+            self._compact_asked = True  # until the thread has compacted
+            live = list(self._live.items())
         self._q.put((line, live))
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_all, name="inflight-journal",
@@ -227,6 +245,8 @@ class InflightJournal:
                 self._retry(live)  # (its live attempts include this line's, or not)
             else:
                 self._compact(live)
+            if live is not None:  # rewritten (or still off): the next crossing asks again
+                self._compact_asked = False  # (after _size)
         self._close_fd()
 
     def _write(self, data: bytes) -> None:
