@@ -6,7 +6,9 @@ Generates one RSA-2048 and one Ed25519 key for example.org in a temporary direct
 signs a message with the bench's header fields (a Received: of ours, From: Alice
 <alice@example.org>, To, Subject, Date, Message-ID) and a body of 28 or 2,900 short lines
 (1 KiB, 100 KiB; `100k_b64`: a short text part and a 100 KiB base64 attachment, as the
-server signs it) with the RSA key, the Ed25519 key and both, and times
+server signs it; `100k_html`: a text part with two spaces after each sentence and an
+indented HTML part, the blanks relaxed canonicalization changes; `100k_flowed`: format=flowed
+text, a space ending most lines) with the RSA key, the Ed25519 key and both, and times
 `Owner.verdict` on that header section (what the accept path asks before every
 authenticated commit). `_smtp` figures: the same signature as the server makes it for mail
 the SMTP body reader vouched for (no bare CR/LF: `crlf_only`). Prints one JSON line of
@@ -42,6 +44,17 @@ MIME = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\
         b"--b1\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
         b"\r\n" + b"JVBERi0xLjcKJcfsj6IKNSAwIG9iago8PC9MZW5ndGggNiAwIFIvRmlsdGVyIC9GbGF0ZU\r\n"
         * 1350 + b"--b1--\r\n")
+# Text that relaxed canonicalization changes (RFC 6376 3.4.4): runs of blanks, blanks
+# ending lines (RFC 3676 format=flowed), 100 KiB
+HTML = (b"MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=b1\r\n\r\n"
+        b"--b1\r\nContent-Type: text/plain\r\n\r\n"
+        + b"Hello Bob.  This is a line of text.  And some more of it.\r\n" * 600
+        + b"--b1\r\nContent-Type: text/html\r\n\r\n"
+        + b"    <div class=\"x\">\r\n      <p>Hello Bob, this is a line of text.</p>\r\n"
+        b"    </div>\r\n" * 800 + b"--b1--\r\n")
+FLOWED = (b"MIME-Version: 1.0\r\nContent-Type: text/plain; format=flowed\r\n\r\n"
+          + (b"Hello Bob, this is a line of text that goes on and on, \r\n" * 3
+             + b"and ends here.\r\n\r\n") * 540)
 SELECTORS = {"rsa": ("s-rsa",), "ed25519": ("s-ed",), "both": ("s-rsa", "s-ed")}
 
 
@@ -92,6 +105,11 @@ def main() -> None:
             b64 = functools.partial(signer.sign_stream, (msg,), "Q", crlf_only=True)
             assert b64() is not None
             out[f"sign_{name}_100k_b64_us"] = round(cpu_us(b64, 300), 1)
+            for kind, body in (("html", HTML), ("flowed", FLOWED)):
+                msg = HEAD.replace(b"\r\n\r\n", b"\r\n", 1) + body
+                text = functools.partial(signer.sign_stream, (msg,), "Q", crlf_only=True)
+                assert text() is not None
+                out[f"sign_{name}_100k_{kind}_us"] = round(cpu_us(text, 300), 1)
         print(json.dumps(out))
     finally:
         shutil.rmtree(tmp)

@@ -92,9 +92,41 @@ _C_VALUE = b"relaxed/relaxed"
 _WIDTH = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
 
 
-_WSP_EOL = re.compile(rb"[\t ]+\r\n")
 _WSP = re.compile(rb"[\t ]+")
 _EOL = re.compile(rb"\r?\n")
+
+
+def _relaxed_lines(c: bytes) -> bytes:
+    """RFC 6376 3.4.4's two changes to whole lines `c`: every WSP run one space, none
+    before a CRLF (what substituting `[\t ]+\r\n` then `[\t ]+` made, property-tested).
+    By replaces, not a regex substitution (a match per blank: ~2 ms per 16 KiB of text
+    with a double space, an indented HTML part, a tab). Each pass halves a run of
+    spaces: log2(k) passes for a run of k (at most a line: 998 bytes through SMTP)."""
+    if c.find(b"\t") >= 0:
+        c = c.replace(b"\t", b" ")
+    while True:
+        shorter = c.replace(b"  ", b" ")
+        if len(shorter) == len(c):
+            break
+        c = shorter
+    return c.replace(b" \r\n", b"\r\n")
+
+
+def _relaxed_change(c: bytes) -> bytes | None:
+    """`_relaxed_lines(c)`, or None when whole lines `c` need no change. They do when
+    they hold a tab (one memchr) or a space before a space or a CR: found as "  " once
+    every CR is a space (a single-byte replace and one search; "  " and " \r\n" were
+    two searches of every text block, and a needle of blanks is searched nearly byte by
+    byte through text). From the first such place on, a "  " means runs to compress,
+    else only single blanks before CRLFs go."""
+    if c.find(b"\t") >= 0:
+        return _relaxed_lines(c)
+    at = c.replace(b"\r", b" ").find(b"  ")
+    if at < 0:
+        return None
+    if c.find(b"  ", at) >= 0:
+        return _relaxed_lines(c)
+    return c.replace(b" \r\n", b"\r\n")
 
 
 class RelaxedBodyHash:
@@ -126,15 +158,13 @@ class RelaxedBodyHash:
             c = _EOL.sub(b"\r\n", c)
         # Only the block up to its last blank (and the CRLF that may follow it) can
         # change: found with two memrchr calls, so a blank-free stretch (a base64 part,
-        # the rest of a block after its text) skips the two substring searches below,
-        # ~150 µs per 100 KiB. Every whitespace run, and every run ending a line, lies
-        # wholly inside `head`.
+        # the rest of a block after its text) is not searched. Every whitespace run, and
+        # every run ending a line, lies wholly inside `head` (see _relaxed_change).
         head = max(c.rfind(b" "), c.rfind(b"\t")) + 3
         if head > 2:
-            if c.find(b"\t", 0, head) >= 0 or c.find(b"  ", 0, head) >= 0:
-                c = _WSP.sub(b" ", _WSP_EOL.sub(b"\r\n", c[:head])) + c[head:]
-            elif c.find(b" \r\n", 0, head) >= 0:
-                c = c[:head].replace(b" \r\n", b"\r\n") + c[head:]
+            changed = _relaxed_change(c[:head] if head < len(c) else c)
+            if changed is not None:
+                c = changed + c[head:] if head < len(c) else changed
         end = len(c)
         while c.endswith(b"\r\n", 0, end):
             end -= 2
