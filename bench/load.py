@@ -81,14 +81,30 @@ class Conn:
             raise SMTPError(stage, code, text)
 
 
-def make_body(size: int, sender: str, rcpt: str) -> bytes:
-    """A message of about `size` bytes, CRLF lines, none starting with a dot; ends CRLF."""
+# `--body text`: lines of words, two spaces after a sentence now and then, a blank ending
+# some lines (what relaxed DKIM canonicalization changes, RFC 6376 3.4.4; smtp-source's
+# body and `--body x` have no blank at all)
+TEXT_LINES = (b"Hello Bob, this is a line of text about the meeting on Tuesday.\r\n",
+              b"We will talk about the budget.  Please bring the numbers along \r\n",
+              b"and the notes from last time, if you still have them.\r\n",
+              b"\r\n")
+
+
+def make_body(size: int, sender: str, rcpt: str, kind: str = "x") -> bytes:
+    """A message of about `size` bytes, CRLF lines, none starting with a dot; ends CRLF.
+    `kind`: "x" (76 x's a line) or "text" (TEXT_LINES over and over)."""
     hdr = (
         f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: authrelay bench\r\n"
         f"Message-ID: <{time.time_ns()}.{os.getpid()}@load.bench.example.test>\r\n"
         "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
     ).encode()
-    nfull, rem = divmod(max(0, size - len(hdr)), 78)
+    room = max(0, size - len(hdr))
+    if kind == "text":
+        block = b"".join(TEXT_LINES)
+        body = block * (room // len(block) + 1)
+        cut = body.rfind(b"\r\n", 0, room)
+        return hdr + (body[:cut + 2] if cut >= 0 else b"")
+    nfull, rem = divmod(room, 78)
     tail = b"y" * (rem - 2) + b"\r\n" if rem >= 3 else b""
     return hdr + (b"x" * 76 + b"\r\n") * nfull + tail
 
@@ -195,7 +211,7 @@ def _client_context(a: argparse.Namespace) -> ssl.SSLContext | None:
 async def _smtp_worker_main(a: argparse.Namespace, sessions: int, concurrency: int,
                             start_at: float) -> dict[str, Any]:
     ctx = _client_context(a)
-    data = make_body(a.size, a.mail_from, a.rcpt_to) + b".\r\n"
+    data = make_body(a.size, a.mail_from, a.rcpt_to, a.body) + b".\r\n"
     st: dict[str, Any] = dict(sess_ok=0, sess_fail=0, msg_ok=0, msg_fail=0, bytes=0,
                               setup=[], final=[], errors=Counter())
     delay = start_at - time.monotonic()
@@ -555,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from", dest="mail_from", default="alice@bench.example.test")
     g.add_argument("--to", dest="rcpt_to", default="sink@remote.example.net")
     g.add_argument("--size", type=int, default=1024, help="message size in bytes")
+    g.add_argument("--body", choices=["x", "text"], default="x",
+                   help="x: lines of 76 x's (as smtp-source's); text: lines of words with "
+                        "double spaces and trailing blanks (TEXT_LINES)")
     g.add_argument("--concurrency", "-c", type=int, default=10, help="sessions in flight")
     g.add_argument("--sessions", "-n", type=int, default=100, help="sessions in all")
     g.add_argument("--duration", type=float, default=0.0,
