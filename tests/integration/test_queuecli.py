@@ -89,6 +89,17 @@ def listing(cfgfile: Path) -> dict[str, dict]:
     return {rec["id"]: rec for rec in json.loads(r.stdout)}
 
 
+async def site_scheduler(cfgfile: Path, spool: Spool, *, start: bool) -> Any:
+    """The site's scheduler (a FakeCourier's), started when `start`: else the CLI finds
+    none and edits the files under its lock."""
+    from authrelay.config import load
+
+    sched = wiring.scheduler(load(str(cfgfile)), spool, FakeCourier(), ListLog())
+    if start:
+        await sched.start()
+    return sched
+
+
 async def test_offline_list_show_hold_release_delete(site: tuple[Path, Spool]) -> None:
     cfgfile, spool = site
     q1 = await put(spool, ["x@b.example", "y@b.example"])
@@ -653,12 +664,9 @@ async def test_a_named_hold_of_a_message_still_in_its_commit_says_so(
     the scheduler's control socket, and the files under its lock when none runs."""
     from support.spools import held_commit
 
-    from authrelay.config import load
 
     cfgfile, spool = site
-    sched = wiring.scheduler(load(str(cfgfile)), spool, FakeCourier(), ListLog())
-    if scheduler:
-        await sched.start()
+    sched = await site_scheduler(cfgfile, spool, start=scheduler)
     env = Envelope(queue_id=new_queue_id(), sender="a@a.example",
                    recipients=[Recipient("x@b.example")])
     inc, held = held_commit(spool.queue_dir, env, BODY)
@@ -836,12 +844,9 @@ async def test_a_named_hold_never_takes_a_killed_receives_file(
     message never acknowledged was kept there (out of the sweep's reach, out of `queue
     list`), and a release put it back. Only ready files are held: it is "not in the
     queue", stays in queue/, and the sweep of dead receives removes it."""
-    from authrelay.config import load
 
     cfgfile, spool = site
-    sched = wiring.scheduler(load(str(cfgfile)), spool, FakeCourier(), ListLog())
-    if scheduler:
-        await sched.start()
+    sched = await site_scheduler(cfgfile, spool, start=scheduler)
     try:
         qid = await asyncio.to_thread(killed_receive, spool)
         rc, out, err = await acli(cfgfile, "hold", qid)
@@ -865,13 +870,10 @@ async def test_every_command_says_a_message_still_arriving_is_not_in_the_queue_y
     and leaves the file alone; once committed it is in the queue."""
     from support.spools import held_commit
 
-    from authrelay.config import load
     from authrelay.spool.writer import SPILL
 
     cfgfile, spool = site
-    sched = wiring.scheduler(load(str(cfgfile)), spool, FakeCourier(), ListLog())
-    if scheduler:
-        await sched.start()
+    sched = await site_scheduler(cfgfile, spool, start=scheduler)
     env = Envelope(queue_id=new_queue_id(), sender="a@a.example",
                    recipients=[Recipient("x@b.example")])
     qid = env.queue_id
