@@ -16,7 +16,8 @@
 - `support.sessions`: a real client half way through an authenticated transaction
 - `support.privileges`: the unprivileged TEST_USER privilege tests drop to
 - `support.daemons`: wait until a daemon a test started accepts; stop it by its PID
-- `support.inproc`: `ServerThread`, an SMTPServer on its own event loop in a thread
+- `support.inproc`: `ServerThread`, an SMTPServer on its own event loop in a thread;
+  `uvloop_relay`, one of `wiring.server` on uvloop as `serve` runs it
 
 Markers (registered in pyproject.toml, `--strict-markers`): `slow` (out of the fast loop,
 `pytest -m "not slow"`), `root` (needs root: fails under CI, skips elsewhere, checked in

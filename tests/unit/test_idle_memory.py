@@ -4,23 +4,17 @@ idle connections), measured with tracemalloc on a real in-process SMTPServer (uv
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 import time
 import tracemalloc
 from pathlib import Path
 
 import pytest
-import uvloop
+from support.inproc import uvloop_relay
 from support.ports import free_port
 
-from authrelay import wiring
 from authrelay.config import from_dict
-from authrelay.maillog import MailLog
 from authrelay.smtpd import protocol
-from authrelay.smtpd.server import Listener, bind
-from authrelay.spool.store import Spool
 
 N = 300
 # Python heap per idle connection (uvloop transport, Connection, Session, Engine, Ticket,
@@ -46,28 +40,8 @@ def test_idle_connection_memory_is_bounded(tmp_path: Path) -> None:
         "limits": {"connection_rate_per_ip": 0, "max_connections_per_ip": 2 * N,
                    "max_connections": 2 * N},
     })
-    spool = Spool(tmp_path / "spool", fsync=False)
-    spool.ensure_dirs()
-    loop = uvloop.new_event_loop()
-    ready = threading.Event()
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        srv = wiring.server(cfg, spool, None, auth=None,
-                            maillog=MailLog(f"file:{tmp_path / 'maillog'}"))
-        box["srv"] = srv
-        ln = Listener(cfg.listen[0], bind(cfg.listen[0]))
-        loop.run_until_complete(srv.start([ln]))
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(srv.stop(2))
-        loop.close()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(10)
-    srv = box["srv"]
+    t = uvloop_relay(cfg, tmp_path)
+    srv = t.start()
     socks: list[socket.socket] = []
     tracemalloc.start(8)
     try:
@@ -85,7 +59,7 @@ def test_idle_connection_memory_is_bounded(tmp_path: Path) -> None:
         for s in socks:
             assert s.recv(512).startswith(b"220")
         deadline = time.monotonic() + 10
-        while len(srv.sessions) < N + 1 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        while len(srv.sessions) < N + 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # every session is waiting for its first command
         after = tracemalloc.take_snapshot()
@@ -94,8 +68,7 @@ def test_idle_connection_memory_is_bounded(tmp_path: Path) -> None:
         for s in socks:
             s.close()
         warm.close()
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
+        t.stop()
     mine = [tracemalloc.Filter(False, tracemalloc.__file__)]
     diff = after.filter_traces(mine).compare_to(before.filter_traces(mine), "filename")
     per_conn = sum(d.size_diff for d in diff) / N

@@ -14,28 +14,23 @@ collections and ~25 ms of collector time per 1,000 messages).
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import smtplib
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvloop
+from support.inproc import uvloop_relay
 from support.ports import free_port
 
-from authrelay import wiring
 from authrelay.config import from_dict
-from authrelay.maillog import MailLog
 from authrelay.smtpd.admission import Ticket
 from authrelay.smtpd.eviction import Candidate
 from authrelay.smtpd.listener import Connection
 from authrelay.smtpd.protocol import Engine
-from authrelay.smtpd.server import Listener, SMTPServer, bind
+from authrelay.smtpd.server import SMTPServer
 from authrelay.smtpd.session import Session
-from authrelay.spool.store import Spool
 
 KINDS = (Session, Engine, Connection, Ticket, Candidate)
 
@@ -49,31 +44,12 @@ def served(tmp_path: Path) -> Iterator[tuple[int, SMTPServer]]:
         "relay": {"trusted_networks": ["127.0.0.0/8"], "smart_host": ["127.0.0.1:9"]},
         "limits": {"connection_rate_per_ip": 0},
     })
-    spool = Spool(tmp_path / "spool", fsync=False)
-    spool.ensure_dirs()
-    loop = uvloop.new_event_loop()
-    ready = threading.Event()
-    box: dict[str, SMTPServer] = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        srv = wiring.server(cfg, spool, None, auth=None,
-                            maillog=MailLog(f"file:{tmp_path / 'maillog'}"))
-        box["srv"] = srv
-        loop.run_until_complete(srv.start([Listener(cfg.listen[0], bind(cfg.listen[0]))]))
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(srv.stop(2))
-        loop.close()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(10)
+    t = uvloop_relay(cfg, tmp_path)
+    srv = t.start()
     try:
-        yield port, box["srv"]
+        yield port, srv
     finally:
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
+        t.stop()
 
 
 def _garbage_after_sessions(port: int, srv: SMTPServer, n: int,
