@@ -124,10 +124,32 @@ def test_guessing_alices_password_from_her_own_network_is_still_stopped(
     assert auth(r, NAT, "alice", PASSWORD)[0] == 235  # not yet at her network's limit
     assert auth(r, NAT, "alice", "wrong-last") == LOCKED
     # Now MAX_USER guesses of her password from there: even the right one is refused
-    # there unchecked, and from anywhere she was never seen ...
+    # there unchecked ...
     assert auth(r, NAT, "alice", PASSWORD) == LOCKED
-    assert auth(r, "127.0.2.9", "alice", PASSWORD) == LOCKED
     r.wait_log(r"reject=454 4\.7\.0 Too many authentication failures, try again later, "
                r"relay=unknown \[127\.0\.0\.50\], sasl_method=PLAIN, sasl_username=alice$")
-    # ... but not from the office.
+    # ... but not from the office, nor from elsewhere: those guesses counted toward her
+    # network's limit only (test_whether_a_user_is_known_behind_the_address_...).
     assert auth(r, office, "alice", PASSWORD)[0] == 235
+    assert auth(r, "127.0.2.9", "alice", PASSWORD)[0] == 235
+
+
+def test_whether_a_user_is_known_behind_the_address_does_not_show_from_elsewhere(
+        relay_factory: Factory) -> None:
+    """The checked guesses of a known user behind a locked address counted toward her
+    per-user limit (and the address's), the unchecked ones of anybody else toward
+    nothing: so from other networks a guesser saw the difference. Two wrong guesses
+    each for alice (known at the NAT) and bob (not) from elsewhere, one more for each
+    from behind the locked NAT (both 454 there), then one from a third network: alice's
+    was refused unchecked (her per-user limit reached), bob's checked (535): the reply
+    told that alice logs in from behind that NAT. Now both are checked (535)."""
+    r = make(relay_factory)
+    assert auth(r, NAT, "alice", PASSWORD)[0] == 235
+    for user, elsewhere in (("alice", "127.0.3.9"), ("bob", "127.0.4.9")):
+        for i in range(MAX_USER - 1):
+            assert auth(r, elsewhere, user, f"wrong{i}")[0] == 535
+    lock_the_nat(r)
+    assert auth(r, NAT, "alice", "wrong-at-the-nat") == LOCKED  # checked: known there
+    assert auth(r, NAT, "bob", "wrong-at-the-nat") == LOCKED  # unchecked
+    assert auth(r, "127.0.5.9", "alice", "wrong-again")[0] == 535
+    assert auth(r, "127.0.6.9", "bob", "wrong-again")[0] == 535

@@ -63,12 +63,14 @@ class SharedThrottle(LocalThrottle):
                 s.window_count("auth_usernet", f"{u}\0{source_net(ip)}", w, now)
                 if user else 0.0)
 
-    async def auth_failed(self, ip: str, user: str) -> None:
+    async def auth_failed(self, ip: str, user: str, known_net: bool = False) -> None:
         s, now, w = self.shared, time.monotonic(), self.auth_ip.window
-        s.window_add("auth_ip", self.key(ip), w, now)
+        if not known_net:  # (Throttle.auth_failed)
+            s.window_add("auth_ip", self.key(ip), w, now)
         if user:
             u = user.lower()
-            s.window_add("auth_user", u, w, now)
+            if not known_net:
+                s.window_add("auth_user", u, w, now)
             s.window_add("auth_usernet", f"{u}\0{source_net(ip)}", w, now)
 
     async def sent_counts(self, user: str) -> tuple[float, float]:

@@ -528,9 +528,10 @@ class RedisThrottle(Throttle):
         farm = (got + [0.0, 0.0])[:3]
         return max(farm[0], mine[0]), max(farm[1], mine[1]), max(farm[2], mine[2])
 
-    async def auth_failed(self, ip: str, user: str) -> None:
-        await self.local.auth_failed(ip, user)
-        await self.counters.windows(self._auth_items(ip, user, 1))
+    async def auth_failed(self, ip: str, user: str, known_net: bool = False) -> None:
+        await self.local.auth_failed(ip, user, known_net)
+        items = self._auth_items(ip, user, 1)
+        await self.counters.windows(items[2:] if known_net else items)  # (its usernet's)
 
     async def auth_succeeded(self, ip: str, user: str) -> None:
         await self.local.auth_succeeded(ip, user)  # remembers through SharedKnown

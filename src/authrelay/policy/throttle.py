@@ -258,8 +258,13 @@ class Throttle(ABC):
         return await self.auth_lockout(ip, user) is Lockout.LOCKED
 
     @abstractmethod
-    async def auth_failed(self, ip: str, user: str) -> None:
-        """A failed AUTH from `ip` for `user` ("" when the exchange failed before a name)."""
+    async def auth_failed(self, ip: str, user: str, known_net: bool = False) -> None:
+        """A failed AUTH from `ip` for `user` ("" when the exchange failed before a name).
+        `known_net`: a wrong password checked only because `ip`'s network is known for
+        `user` past a limit (Lockout.SPARED): counted toward that (user, network) window
+        alone. The unchecked (LOCKED) AUTHs of everybody else are counted nowhere, so a
+        count by address or by user that moved would tell, to one watching it from
+        another address, that `user` is known from `ip`'s network."""
 
     @abstractmethod
     async def auth_succeeded(self, ip: str, user: str) -> None:
@@ -400,12 +405,14 @@ class LocalThrottle(Throttle):
         return (self.auth_ip.count(self.key(ip), now), self.auth_user.count(u, now),
                 self.auth_usernet.count(f"{u}\0{source_net(ip)}", now))
 
-    async def auth_failed(self, ip: str, user: str) -> None:
+    async def auth_failed(self, ip: str, user: str, known_net: bool = False) -> None:
         now = time.monotonic()
-        self.auth_ip.add(self.key(ip), now)
+        if not known_net:
+            self.auth_ip.add(self.key(ip), now)
         if user:
             u = user.lower()
-            self.auth_user.add(u, now)
+            if not known_net:
+                self.auth_user.add(u, now)
             self.auth_usernet.add(f"{u}\0{source_net(ip)}", now)
 
     async def auth_succeeded(self, ip: str, user: str) -> None:

@@ -209,8 +209,8 @@ class Ticket:
     async def auth_lockout(self, user: str) -> Lockout:
         return await self._throttle.auth_lockout(self.ip, user)
 
-    async def auth_failed(self, user: str) -> None:
-        await self._throttle.auth_failed(self.ip, user)
+    async def auth_failed(self, user: str, known_net: bool = False) -> None:
+        await self._throttle.auth_failed(self.ip, user, known_net)
 
     async def auth_succeeded(self, user: str) -> None:
         self._adm.authenticated(self)

@@ -103,7 +103,7 @@ class Ticket(Protocol):
     def idle(self, evict: Callable[[], None], moved: bool = True) -> None: ...  # evictable ...
     def busy(self) -> None: ...  # ... until this
     async def auth_lockout(self, user: str) -> verdicts.Lockout: ...
-    async def auth_failed(self, user: str) -> None: ...
+    async def auth_failed(self, user: str, known_net: bool = False) -> None: ...
     async def auth_succeeded(self, user: str) -> None: ...
     async def user_may_send(self, user: str) -> bool: ...
     async def user_may_add_rcpt(self, user: str, have: int) -> bool: ...
@@ -573,9 +573,11 @@ class Session:
         the right password: the client gets exactly what an unchecked one gets (the
         lockout's 454 at `due`), so neither the reply nor its time says whether the
         user is known from there; only a right password would. A wrong one counts as a
-        guess (so this network's own limit for the user ends the exemption) and has the
-        maillog's `authentication failed` line; a check not done by `due` (`late`) or a
-        backend failure has the lockout's line with the reason."""
+        guess toward this network's own limit for the user (which ends the exemption),
+        and only there: the unchecked ones count nowhere, so a per-address or per-user
+        count that moved would tell it too (Throttle.auth_failed); it has the maillog's
+        `authentication failed` line; a check not done by `due` (`late`) or a backend
+        failure has the lockout's line with the reason."""
         if late or login.result is AuthResult.TEMPFAIL:
             await self._until(due)
             self._log_reject(replies.AUTH_LOCKED, "", sasl_method=mech, sasl_username=user,
@@ -584,7 +586,7 @@ class Session:
             self._metric_auth("tempfail")
         else:
             if not login.hint:  # right credentials refused by policy are no guess
-                await self.ticket.auth_failed(account)
+                await self.ticket.auth_failed(account, known_net=True)
             await self._until(due)
             self.maillog.auth_failed(self.relay_desc(), replies.AUTH_LOCKED, mech, user,
                                      login.hint or "known network past the lockout")
