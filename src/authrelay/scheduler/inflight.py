@@ -88,11 +88,10 @@ class Leftover(NamedTuple):
     delivered: list[str]
 
 
-class _Live(NamedTuple):
-    qid: str
-    rcpts: list[str]
-    delivered: tuple[str, ...] = ()
-    ended: bool = False  # its `{"e": N, "d": 1}` line given: end() writes nothing
+# A live attempt: queue id, recipients, those delivered, and whether its `{"e": N, "d": 1}`
+# line was given (end() then writes nothing). A plain tuple: made on the master's path
+# per attempt (a NamedTuple and its _replace cost microseconds there).
+_Live = tuple[str, list[str], tuple[str, ...], bool]
 
 
 class InflightJournal:
@@ -185,7 +184,7 @@ class InflightJournal:
     def begin(self, qid: str, rcpts: list[str]) -> int:
         token = self._next
         self._next += 1
-        self._live[token] = _Live(qid, rcpts)
+        self._live[token] = (qid, rcpts, (), False)
         self._submit(_begin_line(token, qid, rcpts))
         return token
 
@@ -196,16 +195,17 @@ class InflightJournal:
         live = self._live.get(token)
         if live is None or not rcpts:
             return
+        qid, begun, done, _ = live
         if every:
-            self._live[token] = live._replace(delivered=tuple(live.rcpts), ended=True)
+            self._live[token] = (qid, begun, tuple(begun), True)
             self._submit(b'{"e":%d,"d":1}\n' % token)
         else:
-            self._live[token] = live._replace(delivered=live.delivered + tuple(rcpts))
+            self._live[token] = (qid, begun, done + tuple(rcpts), False)
             self._submit(_delivered_line(token, rcpts))
 
     def end(self, token: int) -> None:
         live = self._live.pop(token, None)
-        if live is not None and not live.ended:
+        if live is not None and not live[3]:
             self._submit(b'{"e":%d}\n' % token)  # json.dumps({"e": token}), compact
 
     def _submit(self, line: bytes) -> None:
@@ -264,10 +264,10 @@ class InflightJournal:
         tmp = self.path.with_name(JOURNAL + ".new")
         try:
             with open(tmp, "wb") as f:
-                for token, entry in live:
-                    f.write(_begin_line(token, entry.qid, entry.rcpts))
-                    if entry.delivered:
-                        f.write(_delivered_line(token, entry.delivered))
+                for token, (qid, rcpts, delivered, _) in live:
+                    f.write(_begin_line(token, qid, rcpts))
+                    if delivered:
+                        f.write(_delivered_line(token, delivered))
             os.replace(tmp, self.path)
         except OSError as e:
             self._disable(e)
