@@ -602,9 +602,24 @@ def _crashed_with(rig: Rig, *lines: dict[str, Any]) -> None:
     (rig.spool.root / "inflight.log").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
-def _stopping_at_once(rig: Rig) -> None:
+def _removals_cut_at_stop(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delivered message's removal an hour later (UNLINK_GATHER) and a stop that waits
+    for nothing: stop() then ends a run as a kill -9 in the removal window would."""
+    monkeypatch.setattr(scheduler_mod, "UNLINK_GATHER", 3600.0)
     rig.cfg = from_dict({"hostname": "relay.test", "state_dir": str(rig.cfg.state_dir),
                          "shutdown_timeout": 0, "delivery": {"retry": ["50ms"]}})
+
+
+async def _crash_after(rig: Rig, monkeypatch: pytest.MonkeyPatch, qid: str,
+                       line: str) -> None:
+    """Once `qid`'s attempt logged `line` and the journal's lines are written: the run
+    ended in the removal window (_removals_cut_at_stop), the next started as usual."""
+    await until(lambda: rig.log.grep(qid, line), f"{qid}'s {line}")
+    assert rig.sched is not None
+    assert await asyncio.to_thread(rig.sched.inflight.written, 10)
+    await rig.stop()
+    monkeypatch.undo()  # removals as usual again
+    await rig.start()
 
 
 async def test_a_message_delivered_and_not_removed_at_a_crash_is_not_delivered_again(
@@ -614,15 +629,10 @@ async def test_a_message_delivered_and_not_removed_at_a_crash_is_not_delivered_a
     as a kill -9 there) delivered it again at the next start. Now the journal's end line
     says it was delivered (written after the next hop's 250): the start removes it, one
     line, and the next hop gets it once."""
-    monkeypatch.setattr(scheduler_mod, "UNLINK_GATHER", 3600.0)
-    _stopping_at_once(rig)
-    sched = await rig.start()
-    qid = await put(rig.spool, ["x@b.example"])
-    await until(lambda: rig.log.grep(qid, "stat=Sent"), "delivered")
-    assert await asyncio.to_thread(sched.inflight.written, 10)
-    await rig.stop()
-    assert rig.spool.scan() == [qid]  # its removal never came
+    _removals_cut_at_stop(rig, monkeypatch)
     await rig.start()
+    qid = await put(rig.spool, ["x@b.example"])
+    await _crash_after(rig, monkeypatch, qid, "stat=Sent")
     assert rig.log.grep(qid, "to=<x@b.example>", SENT_BEFORE_CRASH, "queue=removed")
     assert not rig.queued() and len(rig.courier.calls) == 1
     assert not rig.log.grep(qid, "may have been delivered")
@@ -685,9 +695,8 @@ async def test_a_success_notice_owed_is_not_lost_to_the_recovery(
     """A recipient owed a success DSN (NOTIFY=SUCCESS, not passed on) is not recorded
     delivered: a crash before its DSN was queued would lose the DSN. It is delivered
     again after the crash, as before, and its notice comes then (a guard)."""
-    monkeypatch.setattr(scheduler_mod, "UNLINK_GATHER", 3600.0)
-    _stopping_at_once(rig)
-    sched = await rig.start()
+    _removals_cut_at_stop(rig, monkeypatch)
+    await rig.start()
     env = Envelope(queue_id=new_queue_id(), sender="a@a.example",
                    recipients=[Recipient("x@b.example", notify="SUCCESS"),
                                Recipient("y@b.example")])
@@ -695,11 +704,7 @@ async def test_a_success_notice_owed_is_not_lost_to_the_recovery(
     inc.write(BODY)
     await inc.commit(announce=True)
     qid = inc.queue_id
-    await until(lambda: rig.log.grep(qid, "stat=Sent"), "delivered")
-    assert await asyncio.to_thread(sched.inflight.written, 10)
-    await rig.stop()
-    monkeypatch.undo()  # removals as usual again
-    await rig.start()
+    await _crash_after(rig, monkeypatch, qid, "stat=Sent")
     assert rig.log.grep(qid, "to=<y@b.example>", SENT_BEFORE_CRASH, "queue=queued")
     await until(lambda: rig.log.grep(qid, "status=removed"), "x delivered again")
     assert rig.log.grep(qid, "sender_success_notification=")
@@ -712,16 +717,11 @@ async def test_a_message_delivered_with_a_bounce_owed_keeps_the_bounce(
     """One recipient taken (250), one refused (550, a bounce owed): a crash before the
     removal records the taken one as sent; the refused one was never 2xx, so it is
     tried again and its bounce is not lost (late or second, as before)."""
-    monkeypatch.setattr(scheduler_mod, "UNLINK_GATHER", 3600.0)
-    _stopping_at_once(rig)
+    _removals_cut_at_stop(rig, monkeypatch)
     rig.courier.script["y@b.example"] = [PERM, PERM]
-    sched = await rig.start()
-    qid = await put(rig.spool, ["x@b.example", "y@b.example"])
-    await until(lambda: rig.log.grep(qid, "stat=Bounced"), "the attempt")
-    assert await asyncio.to_thread(sched.inflight.written, 10)
-    await rig.stop()
-    monkeypatch.undo()  # removals as usual again
     await rig.start()
+    qid = await put(rig.spool, ["x@b.example", "y@b.example"])
+    await _crash_after(rig, monkeypatch, qid, "stat=Bounced")
     assert rig.log.grep(qid, "to=<x@b.example>", SENT_BEFORE_CRASH, "queue=queued")
     await until(lambda: rig.log.grep(qid, "status=removed"), "y bounced again, removed")
     assert [c[1] for c in rig.courier.calls if c[0].queue_id == qid] == [
