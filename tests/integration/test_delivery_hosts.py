@@ -1435,6 +1435,30 @@ async def test_a_reply_before_the_end_of_data_is_not_taken_for_its_reply(
     assert "may have been delivered" not in r.text, r
 
 
+@pytest.mark.parametrize("size", [1_000, 3 << 20])  # sent whole; streamed from the file
+async def test_a_refusal_before_the_end_of_data_stands(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int, size: int) -> None:
+    """A next hop refusing the message before its end (a 552 while it comes: its size)
+    has refused it: that reply is the outcome (bounced), the dot not sent, the
+    connection dropped; not a protocol error retried for days (285768b's first cut)."""
+    one_mx(dns)
+    body = b"Subject: early\r\n\r\n" + b"y" * 70 + b"\r\n" * ((size - 20) // 72)
+    path = tmp_path / "queue-file"
+    path.write_bytes(body)
+    script = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+                     b"DATA": b"354 go ahead\r\n552 5.3.4 too big for us\r\n",
+                     b".": b"250 2.0.0 taken after all\r\n"})
+    with RawMX("127.0.0.2", raw_port, script):
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            env = envelope("bob@example.test")
+            r = (await courier.deliver(env, env.recipients, path))["bob@example.test"]
+        finally:
+            await courier.close()
+    assert (r.ok, r.permanent, r.code, r.enhanced) == (False, True, 552, "5.3.4"), r
+    assert r.text == "too big for us", r
+
+
 # 255 continuation lines of 4,000 octets and a last one: a reply the parser takes whole
 # (under wire.MAX_LINES, MAX_LINE), about 1 MiB of text
 _HUGE_4XX = b"".join(b"%d-4.7.0 " + b"x" * 4000 + b"\r\n" for _ in range(255)) + \

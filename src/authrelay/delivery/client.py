@@ -213,9 +213,12 @@ class _FileBody:
         return self.size
 
 
-async def _stream_file(wire_conn: Connection, body: _FileBody, timeout: float) -> None:
+async def _stream_file(wire_conn: Connection, body: _FileBody, timeout: float
+                       ) -> SMTPReply | None:
     """Normalise line ends and dot-stuff chunk by chunk, waiting for the socket buffer
-    to drain after each chunk, so a 20 MB message costs a few hundred KB of memory."""
+    to drain after each chunk, so a 20 MB message costs a few hundred KB of memory.
+    The end-of-data dot is sent unless the next hop refused the message before it
+    (`_in_step`): then that refusal is returned."""
     at_line_start, carry_cr = True, False
     with open(body.path, "rb") as f:
         f.seek(body.offset)
@@ -239,17 +242,26 @@ async def _stream_file(wire_conn: Connection, body: _FileBody, timeout: float) -
                 wire_conn.write(out)
                 await wire_conn.drain(timeout)
     tail = b"\r\n" if carry_cr or not at_line_start else b""
-    _in_step(wire_conn)
-    wire_conn.write(tail + b".\r\n")
+    early = _in_step(wire_conn)
+    if early is None:
+        wire_conn.write(tail + b".\r\n")
+    return early
 
 
-def _in_step(w: Connection) -> None:
-    """Before the end-of-data dot goes out: a reply received by then is none to it (a
-    next hop answering DATA twice, "354" then "250", or out of order), and taking it for
-    the dot's would count a message delivered that the next hop may refuse: the next hop
-    is out of step, a protocol error (the message not ended, so not sent)."""
+def _in_step(w: Connection) -> SMTPReply | None:
+    """Before the end-of-data dot goes out: a reply received by then is none to it.
+    A refusal (4xx, 5xx: a next hop that gave up on the message while it came, its size
+    say) is returned: it stands, and the dot is not sent. Anything else (a next hop
+    answering DATA twice, "354" then "250", or out of order) taken for the dot's reply
+    would count a message delivered that the next hop may refuse: the next hop is out of
+    step, a protocol error (the message not ended, so not sent)."""
+    early = w.peek()
+    if early is not None and early.code >= 400:
+        return early
     if w.has_unread:
-        raise ProtocolError("a reply came before the end of data was sent")
+        raise ProtocolError(f"a reply came before the end of data was sent"
+                            f"{f': {early}' if early is not None else ''}")
+    return None
 
 
 def _read_message(path: Path, offset: int) -> bytes:
@@ -1486,15 +1498,17 @@ class Courier:
         ended = False  # the end-of-data dot went out: the peer may have taken the message
         try:
             if isinstance(data, _FileBody):
-                await _stream_file(w, data, d.data_timeout)
-            else:
-                _in_step(w)
+                early = await _stream_file(w, data, d.data_timeout)
+            elif (early := _in_step(w)) is None:
                 w.write(dot_stuff(data))
-            ended = True
-            payload.sent.update((r.address, remote) for r in accepted)
-            rep = await w.reply(d.data_timeout)
+            ended = early is None
+            if ended:
+                payload.sent.update((r.address, remote) for r in accepted)
+            rep = await w.reply(d.data_timeout)  # (the early refusal: read at once)
             res = reply_result(rep.code, rep.text, remote)  # the one reply that delivers
-            reusable = rep.code != 421 and w.is_connected
+            reusable = rep.code != 421 and w.is_connected and ended
+            if not ended:  # an early refusal: the message unended, nothing more on it
+                w.abort()
             moved = not res.ok and not res.permanent  # refused for now: not taken
             if not res.ok:  # refused: this host does not have it
                 for r in accepted:

@@ -183,6 +183,10 @@ class Connection(asyncio.Protocol):
         connection that means it cannot be trusted to stay in step (e.g. a 421)."""
         return bool(self._replies) or self._parser.pending
 
+    def peek(self) -> SMTPReply | None:
+        """The next reply received and not read yet, left unread (None: none whole)."""
+        return self._replies[0] if self._replies else None
+
     def peername(self) -> Any:
         return self.transport.get_extra_info("peername") if self.transport else None
 
