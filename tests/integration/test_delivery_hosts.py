@@ -1407,6 +1407,26 @@ async def test_garbage_from_the_next_hop_in_a_transaction_is_said_to_be_garbage(
         assert len(ml.grep("status=host failed", "protocol error", why)) == 1, ml.lines
 
 
+async def _early_reply(tmp_path: Path, dns: FakeDNSServer, port: int, size: int,
+                       early: bytes, at_dot: bytes) -> Any:
+    """The result of a `size`-octet spool file (sent whole below 1 MiB, else streamed)
+    to a next hop answering DATA with "354" and at once `early`, the dot with `at_dot`."""
+    one_mx(dns)
+    body = b"Subject: early\r\n\r\n" + b"x" * 70 + b"\r\n"
+    body += b"y" * 70 + b"\r\n" * ((size - len(body)) // 72)
+    path = tmp_path / "queue-file"
+    path.write_bytes(body)
+    script = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+                     b"DATA": b"354 go ahead\r\n" + early, b".": at_dot})
+    with RawMX("127.0.0.2", port, script):
+        courier = Courier(make_cfg(tmp_path, dns, port), maillog=ListLog())
+        try:
+            env = envelope("bob@example.test")
+            return (await courier.deliver(env, env.recipients, path))["bob@example.test"]
+        finally:
+            await courier.close()
+
+
 @pytest.mark.parametrize("size", [1_000, 3 << 20])  # sent whole; streamed from the file
 async def test_a_reply_before_the_end_of_data_is_not_taken_for_its_reply(
         tmp_path: Path, dns: FakeDNSServer, raw_port: int, size: int) -> None:
@@ -1414,47 +1434,21 @@ async def test_a_reply_before_the_end_of_data_is_not_taken_for_its_reply(
     twice), then refusing the message at its dot: the early 250 is no reply to the dot
     (it came before the dot went out), so the message is not counted sent (it was: the
     next hop refused it, and the message left the queue). Transient, no dot sent."""
-    one_mx(dns)
-    body = b"Subject: early\r\n\r\n" + b"x" * 70 + b"\r\n"
-    body += b"y" * 70 + b"\r\n" * ((size - len(body)) // 72)
-    path = tmp_path / "queue-file"
-    path.write_bytes(body)
-    script = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
-                     b"DATA": b"354 go ahead\r\n250 2.0.0 taken early\r\n",
-                     b".": b"554 5.7.1 refused after all\r\n"})
-    ml = ListLog()
-    with RawMX("127.0.0.2", raw_port, script):
-        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ml)
-        try:
-            env = envelope("bob@example.test")
-            r = (await courier.deliver(env, env.recipients, path))["bob@example.test"]
-        finally:
-            await courier.close()
+    r = await _early_reply(tmp_path, dns, raw_port, size, b"250 2.0.0 taken early\r\n",
+                           b"554 5.7.1 refused after all\r\n")
     assert (r.ok, r.permanent, r.code, r.enhanced) == (False, False, 451, "4.5.0"), r
     assert "protocol error" in r.text and "before the end of data" in r.text, r
     assert "may have been delivered" not in r.text, r
 
 
-@pytest.mark.parametrize("size", [1_000, 3 << 20])  # sent whole; streamed from the file
+@pytest.mark.parametrize("size", [1_000, 3 << 20])
 async def test_a_refusal_before_the_end_of_data_stands(
         tmp_path: Path, dns: FakeDNSServer, raw_port: int, size: int) -> None:
     """A next hop refusing the message before its end (a 552 while it comes: its size)
     has refused it: that reply is the outcome (bounced), the dot not sent, the
     connection dropped; not a protocol error retried for days (285768b's first cut)."""
-    one_mx(dns)
-    body = b"Subject: early\r\n\r\n" + b"y" * 70 + b"\r\n" * ((size - 20) // 72)
-    path = tmp_path / "queue-file"
-    path.write_bytes(body)
-    script = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
-                     b"DATA": b"354 go ahead\r\n552 5.3.4 too big for us\r\n",
-                     b".": b"250 2.0.0 taken after all\r\n"})
-    with RawMX("127.0.0.2", raw_port, script):
-        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
-        try:
-            env = envelope("bob@example.test")
-            r = (await courier.deliver(env, env.recipients, path))["bob@example.test"]
-        finally:
-            await courier.close()
+    r = await _early_reply(tmp_path, dns, raw_port, size, b"552 5.3.4 too big for us\r\n",
+                           b"250 2.0.0 taken after all\r\n")
     assert (r.ok, r.permanent, r.code, r.enhanced) == (False, True, 552, "5.3.4"), r
     assert r.text == "too big for us", r
 
