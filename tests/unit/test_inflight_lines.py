@@ -75,9 +75,9 @@ def test_delivered_recipients_are_left_over_until_their_end(tmp_path: Path) -> N
     t1 = j.begin("Q1", ["a@x.test"])
     t2 = j.begin("Q2", ["b@x.test", "c@x.test"])
     t3 = j.begin("Q3", ["d@x.test"])
-    j.delivered(t1, ["a@x.test"], every=True)
-    j.delivered(t2, ["c@x.test"], every=False)
-    j.delivered(t3, ["d@x.test"], every=True)
+    j.delivered([(t1, ["a@x.test"], True)])
+    j.delivered([(t2, ["c@x.test"], False)])
+    j.delivered([(t3, ["d@x.test"], True)])
     j.end(t3)  # removed: nothing more to write
     assert j.written(10)
     j.close()
@@ -110,9 +110,9 @@ def test_a_compaction_keeps_what_was_delivered(tmp_path: Path,
     j = InflightJournal(tmp_path)
     j.start()
     t1 = j.begin("Q1", ["a@x.test", "b@x.test"])
-    j.delivered(t1, ["a@x.test"], every=False)
+    j.delivered([(t1, ["a@x.test"], False)])
     t2 = j.begin("Q2", ["c@x.test"])
-    j.delivered(t2, ["c@x.test"], every=True)
+    j.delivered([(t2, ["c@x.test"], True)])
     assert j.written(10)  # (one rewrite asked at a time: the one asked before is done)
     j.begin("Q3", ["d@x.test"])  # compacts: the file is only the live attempts now
     assert j.written(10)
@@ -134,7 +134,7 @@ def test_a_journal_enabled_again_has_what_was_delivered_while_it_was_off(
     j = InflightJournal(tmp_path)
     j.start()  # disabled: its name is a directory
     t1 = j.begin("Q1", ["a@x.test"])
-    j.delivered(t1, ["a@x.test"], every=True)
+    j.delivered([(t1, ["a@x.test"], True)])
     assert j.written(10)
     (tmp_path / "inflight.log").rmdir()  # room again
     j.begin("Q2", ["b@x.test"])
@@ -149,7 +149,7 @@ def test_leftovers_leave_the_file_until_start(tmp_path: Path) -> None:
     them: a crash during that start lost what they said. Now only start() truncates."""
     j = InflightJournal(tmp_path)
     j.start()
-    j.delivered(j.begin("Q1", ["a@x.test"]), ["a@x.test"], every=True)
+    j.delivered([(j.begin("Q1", ["a@x.test"]), ["a@x.test"], True)])
     assert j.written(10)
     j.close()
     again = InflightJournal(tmp_path)

@@ -16,8 +16,9 @@ appended with one write(2) each on an O_APPEND descriptor, never fsynced: the li
 survive the death of the process (kill -9, the OOM killer: they are in the page cache),
 which is the case at hand; a power loss may lose the last ones, and then there is no
 warning (mail is never lost either way: the state file decides what is pending).
-Delivered, not yet saved: `delivered(token, rcpts, every)` once the next hop answered 2xx
-for `rcpts` (the scheduler calls it with the courier's results, never before them). When
+Delivered, not yet saved: `delivered([(token, rcpts, every)])` once the next hop answered
+2xx for `rcpts` (the scheduler calls it with the courier's results, never before them,
+those of one loop turn together: one write for all). When
 that is every recipient of the attempt the line is the attempt's end, `{"e": N, "d": 1}`
 (then `end()` writes nothing: the same two lines per attempt as before, the end written
 before the removal rather than after it); else `{"d": N, "r": [rcpts]}`. `leftovers()`
@@ -188,20 +189,27 @@ class InflightJournal:
         self._submit(_begin_line(token, qid, rcpts))
         return token
 
-    def delivered(self, token: int, rcpts: list[str], every: bool) -> None:
-        """The next hop answered 2xx for `rcpts` of attempt `token` (`every`: all its
-        recipients): recorded for a crash before the outcome is saved or the message
-        removed. Call only with a 2xx in hand (the recovery removes on its word)."""
-        live = self._live.get(token)
-        if live is None or not rcpts:
-            return
-        qid, begun, done, _ = live
-        if every:
-            self._live[token] = (qid, begun, tuple(begun), True)
-            self._submit(b'{"e":%d,"d":1}\n' % token)
-        else:
-            self._live[token] = (qid, begun, done + tuple(rcpts), False)
-            self._submit(_delivered_line(token, rcpts))
+    def delivered(self, done: list[tuple[int, list[str], bool]]) -> None:
+        """For each (token, rcpts, every) of `done`: the next hop answered 2xx for `rcpts`
+        of attempt `token` (`every`: all its recipients), recorded for a crash before the
+        outcome is saved or the message removed; one hand-off to the thread for all (the
+        scheduler gathers a loop turn's: a wake of the thread per delivered message cost
+        the master ~0.05 ms). Call only with a 2xx in hand (the recovery removes on
+        its word)."""
+        lines = []
+        for token, rcpts, every in done:
+            live = self._live.get(token)
+            if live is None or not rcpts:
+                continue  # (ended meanwhile: its outcome saved)
+            qid, begun, got, _ = live
+            if every:
+                self._live[token] = (qid, begun, tuple(begun), True)
+                lines.append(b'{"e":%d,"d":1}\n' % token)
+            else:
+                self._live[token] = (qid, begun, got + tuple(rcpts), False)
+                lines.append(_delivered_line(token, rcpts))
+        if lines:
+            self._submit(b"".join(lines))
 
     def end(self, token: int) -> None:
         live = self._live.pop(token, None)

@@ -295,6 +295,8 @@ class Scheduler:
         self.metrics: Any = None  # authrelay.metrics.Metrics, set by Metrics.start()
         self.submitter = submitter  # bounces go in here (wiring.scheduler)
         self.inflight = InflightJournal(spool.root)  # what a crash may have delivered twice
+        # (token, recipients, every) the next hop took in this loop turn (_journal_delivered)
+        self._delivered: list[tuple[int, list[str], bool]] = []
         # policy/suspender.Suspender (containment), set by wiring: a suspended user's
         # mail is held instead of sent; 5xx from the next hops count against its sender.
         self.containment: Suspender | None = None
@@ -1200,7 +1202,16 @@ class Scheduler:
               if (res := results.get(r.address)) is not None and res.ok
               and (res.dsn_passed or not should_notify(env, r, "relayed"))]
         if ok:
-            self.inflight.delivered(token, ok, len(ok) == len(rcpts))
+            if not self._delivered:  # the turn's first: handed over once the turn ends
+                asyncio.get_running_loop().call_soon(self._hand_delivered)
+            self._delivered.append((token, ok, len(ok) == len(rcpts)))
+
+    def _hand_delivered(self) -> None:
+        """A loop turn's delivered recipients to the journal, one hand-off to its thread
+        (at most a loop turn later than their 2xx: the window they close is that much
+        longer; each end() or save comes later still)."""
+        done, self._delivered = self._delivered, []
+        self.inflight.delivered(done)
 
     def _cut_by_stop(self, env: Envelope, job: _Job, sent: dict[str, str]) -> None:
         """A delivery still running when stop()'s shutdown_timeout ended: one deferred
