@@ -134,7 +134,7 @@ class RelaxedBodyHash:
     the bytes dkimpy's `rfc822_parse` + `Relaxed.canonicalize_body` would hash for the
     whole body (bare LF read as CRLF as dkimpy does), holding at most one partial line
     and a count of pending empty lines. Each block is cut after its last LF, so every
-    regex works on whole lines (no whitespace run or CRLF spans two blocks).
+    search and replace works on whole lines (no blank run or CRLF spans two blocks).
     `crlf_only`: the producer refused every bare CR and LF (smtpd/bodyreader.py), so the
     body's line ends need no second look (~120 µs per 100 KiB)."""
 
