@@ -429,10 +429,10 @@ _BLANKY = st.one_of(
 _BLANKY_LINE = st.lists(_BLANKY, max_size=10).map(b"".join)
 
 
-@given(st.lists(_BLANKY_LINE, max_size=40), st.lists(st.tuples(st.integers(0, 40),
+@given(st.lists(_BLANKY_LINE, max_size=20), st.lists(st.tuples(st.integers(0, 20),
                                                                  st.integers(-3, 3))),
        st.booleans(), st.booleans())
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=400, deadline=None)
 def test_relaxed_body_bytes_equal_dkimpy_with_blanks_at_block_edges(
         lines: list[bytes], cuts: list[tuple[int, int]], crlf_only: bool,
         last_eol: bool) -> None:
@@ -452,8 +452,8 @@ def test_relaxed_body_bytes_equal_dkimpy_with_blanks_at_block_edges(
 
 
 @given(st.lists(st.one_of(_BLANKY, st.sampled_from([b"\r\n", b"\r", b"\n", b" \r\n"])),
-                max_size=60).map(b"".join))
-@settings(max_examples=1000, deadline=None)
+                max_size=40).map(b"".join))
+@settings(max_examples=400, deadline=None)
 def test_relaxed_lines_equals_the_regex_substitutions(text: bytes) -> None:
     """`_relaxed_lines` (replaces) makes what the two regex substitutions it replaced
     made, bare CRs and LFs included: trailing blanks before each CRLF gone, then every
