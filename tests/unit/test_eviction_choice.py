@@ -235,3 +235,24 @@ def test_a_login_makes_its_own_v6_net_a_users_not_its_whole_48() -> None:
     aged = Candidate(ekey, 2.0, lambda: log.append("flood"), "session", who=flood_net)
     cs.add(aged)
     assert cs.victim("198.51.100.7", 6.0) is aged  # a fresh client takes the flood's slot
+
+
+def test_own_takes_the_addresses_oldest_aged_candidate_only() -> None:
+    """max_connections_per_ip: a newcomer takes its own address's oldest candidate, and
+    only one that has waited TIE_AGE (two clients of one address cannot evict each
+    other for ever); never another address's, nor another /64 of the same /48."""
+    cs, log = Candidates(), []
+    mine_young = Candidate("a", 5.0, lambda: None, "session", who="a")
+    mine_old = Candidate("a", 1.0, lambda: None, "session", who="a")
+    other = Candidate("b", 0.0, lambda: None, "session", who="b")
+    for c in (mine_young, mine_old, other):
+        cs.add(c)
+    assert cs.own("a", "a", 1.0 + TIE_AGE - 0.01) is None  # none aged yet
+    assert cs.own("a", "a", 1.0 + TIE_AGE) is mine_old
+    assert cs.own("c", "c", 100.0) is None
+    v6 = Candidate("2001:db8::/48", 0.0, lambda: None, "session", who="2001:db8:0:1::/64")
+    cs.add(v6)
+    assert cs.own("2001:db8::/48", "2001:db8:0:2::/64", 100.0) is None
+    assert cs.own("2001:db8::/48", "2001:db8:0:1::/64", 100.0) is v6
+    assert not log
+    assert not cs.under_pressure("a", 100.0)  # own() sets no mark

@@ -27,10 +27,12 @@ class SharedThrottle(LocalThrottle):
         self.shared = shared
         super().__init__(cfg, known=known)  # Share() whole: the limits are shared, not divided
 
-    def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False) -> Admission:
+    def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False,
+                ip_over: bool = False) -> Admission:
         # One call, under one lock, in LocalThrottle's order: pools, the address's
         # connections, its rate, the global rate.
-        return self.shared.try_acquire(self.key(ip), pools, 0 if exempt else self.max_per_ip,
+        max_ip = self.max_per_ip + ip_over if self.max_per_ip and not exempt else 0
+        return self.shared.try_acquire(self.key(ip), pools, max_ip,
                                        0.0 if exempt else self.rate_global_limit,
                                        self.rate_max_delay, time.monotonic(),
                                        0 if exempt else self.rate_ip_limit)

@@ -450,8 +450,9 @@ class RedisThrottle(Throttle):
         self.shared_known.ttl = auth.known_address_days * 86400.0
 
     # ---------------------------------------------------------------- connections (sync)
-    def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False) -> Admission:
-        adm = self.local.connect(ip, pools, exempt=exempt)
+    def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False,
+                ip_over: bool = False) -> Admission:
+        adm = self.local.connect(ip, pools, exempt=exempt, ip_over=ip_over)
         if exempt or not self.rate_ip_limit or not self.counters.up or \
                 adm.reason.startswith("pool:") or adm.reason == "ip":
             # Refused before the rate check (Throttle.connect's order: pools, the

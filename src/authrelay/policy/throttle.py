@@ -207,9 +207,12 @@ class Throttle(ABC):
 
     # ------------------------------------------------------------ connections (sync)
     @abstractmethod
-    def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False) -> Admission:
+    def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False,
+                ip_over: bool = False) -> Admission:
         """Admit a new connection into every pool in `pools` and for `ip`, or say why not.
-        `exempt` (limit_exceptions, loopback) skips the per-IP limit and both rates."""
+        `exempt` (limit_exceptions, loopback) skips the per-IP limit and both rates.
+        `ip_over`: the per-IP limit one over, for a newcomer counted into the slot of
+        its own address's connection it evicts before that eviction frees it."""
 
     @abstractmethod
     def disconnect(self, ip: str, pools: Sequence[Pool]) -> None:
@@ -345,7 +348,8 @@ class LocalThrottle(Throttle):
         self.user_rcpts_limit = lim.user_recipients_per_hour
 
     # ---------------------------------------------------------------- connections
-    def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False) -> Admission:
+    def connect(self, ip: str, pools: Sequence[Pool], *, exempt: bool = False,
+                ip_over: bool = False) -> Admission:
         now = time.monotonic()
         ip = self.key(ip)
         for p in pools:
@@ -353,7 +357,7 @@ class LocalThrottle(Throttle):
                 return pool_refusal(p.key)
         delay = 0.0
         if not exempt:
-            if self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
+            if self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip + ip_over:
                 return Admission(replies.TOO_MANY_FROM_IP, 0.0, "ip")
             # Refused attempts count too (anvil): a client hammering past the rate stays out.
             if self.rate_ip_limit and self.rate_ip.add(ip, now) > self.rate_ip_limit:

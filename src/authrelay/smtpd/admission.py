@@ -115,6 +115,7 @@ class Host(Protocol):
     share: Share
     throttle: Throttle
     exemptions: Exemptions
+    acceptors: list[Acceptor]  # this process's, one per listener (per-address eviction)
     proxy_trusted: proxy.Networks
     stopping: bool
     open_sockets: int  # client sockets held by this process (accepted, not closed)
@@ -273,6 +274,7 @@ class Acceptor:
         self._refused: Counter[str] = Counter()  # refusals not logged one by one, by reason
         self._evicted: Counter[str] = Counter()  # evictions this second, by kind
         self._evicted_from: Counter[str] = Counter()  # ... by address
+        self._own_evicted = 0  # per-address evictions this second not logged one by one
         self._summary: asyncio.TimerHandle | None = None
         self.reload()
 
@@ -512,6 +514,8 @@ class Acceptor:
                 adm = srv.throttle.connect(key, self.over_pools, exempt=exempt)
                 if adm.admitted:
                     self._evict(victim)
+        if not adm.admitted and adm.reason == "ip" and lim.pool_eviction:
+            adm = self._take_own(ip, key, ekey, exempt) or adm
         srv.metrics_connection(self.ln.mode, "accepted" if adm.admitted else "refused")
         if not adm.admitted:
             if adm.reason.startswith("pool:"):
@@ -577,6 +581,28 @@ class Acceptor:
             return self.candidates.count(key)
         return max(throttle.pending(key), self.candidates.count(key))
 
+    def _take_own(self, ip: str, key: str, ekey: str, exempt: bool) -> Admission | None:
+        """The address is at `max_connections_per_ip`: take the slot of its own oldest
+        eviction candidate (eviction.py `own`: aged TIE_AGE, never an authenticated
+        session, one in a transaction or with a command running) in this process, on
+        any listener (the per-address count covers them all), this one's first; the
+        admission, or None when there is none. Other workers' connections of the
+        address are not looked at: their candidates are in their memory (a worker
+        holding none of the address's refuses as before). Counted into the victim's
+        slot before the eviction frees it, as the pool eviction is (`over_pools`)."""
+        now = time.monotonic()
+        for acc in sorted(self.server.acceptors, key=lambda a: a is not self):
+            victim = acc.candidates.own(ekey, key, now)
+            if victim is None:
+                continue
+            adm = self.server.throttle.connect(
+                key, self.over_pools if acc is self else self.pools, exempt=exempt,
+                ip_over=True)
+            if adm.admitted:
+                acc._evict(victim, ip=ip)
+            return adm
+        return None
+
     def settle(self, ticket: Ticket) -> None:
         ticket.sock = None  # the transport owns it now
         if ticket.handshake is not None:
@@ -613,12 +639,27 @@ class Acceptor:
             self.candidates.discard(ticket.idling)
             ticket.idling = None
 
-    def _evict(self, c: Candidate) -> None:
+    def _evict(self, c: Candidate, ip: str | None = None) -> None:
+        """Evict `c`: for a full pool (counted in the per-second summary line), or, with
+        `ip` (the newcomer's address), for `max_connections_per_ip` (a line each, within
+        the REFUSAL_LINES budget of this listener's second; past it counted in a summary
+        line of their own)."""
         self.candidates.discard(c)
         c.evict()  # releases its pool slot now
-        self._evicted[c.kind] += 1
-        self._evicted_from[c.key] += 1
         self.server.metrics_connection(self.ln.mode, "evicted")
+        if ip is not None and self._lines >= REFUSAL_LINES:
+            self._own_evicted += 1
+        elif ip is not None:
+            self._lines += 1
+            kind = "in handshake" if c.kind == "handshake" else "idle before AUTH"
+            limit = self.server.cfg.limits.max_connections_per_ip
+            maillog.warning(f"per-address limit: evicted 1 pre-authentication connection "
+                            f"({kind})", relay=f"unknown [{ip}]", listener=self.ln.name,
+                            reason="max_connections_per_ip",
+                            connections=f"{limit}/{limit}")
+        else:
+            self._evicted[c.kind] += 1
+            self._evicted_from[c.key] += 1
         self._summary_soon()
 
     def _evict_handshake(self, ticket: Ticket) -> None:
@@ -654,7 +695,7 @@ class Acceptor:
 
     def _tick(self) -> None:
         self._summary = None
-        busy = bool(self._evicted or self._refused or self._lines)
+        busy = bool(self._evicted or self._refused or self._lines or self._own_evicted)
         self._log_summary()
         if busy:  # keep counting by the second while refusals go on
             self._summary_soon()
@@ -665,6 +706,7 @@ class Acceptor:
         ev, self._evicted = self._evicted, Counter()
         src, self._evicted_from = self._evicted_from, Counter()
         ref, self._refused = self._refused, Counter()
+        own, self._own_evicted = self._own_evicted, 0
         if ev:
             top, n = src.most_common(1)[0]
             maillog.warning(
@@ -672,6 +714,10 @@ class Acceptor:
                 f"({ev['handshake']} in handshake, {ev['session']} idle before AUTH)",
                 listener=self.ln.name, busiest=top, busiest_evicted=n,
                 connections=f"{self.server.throttle.level(self.pool_key)}/{self.cap}")
+        if own:
+            maillog.warning(f"per-address limit: evicted {own} more pre-authentication "
+                            "connections without a line each", listener=self.ln.name,
+                            reason="max_connections_per_ip")
         if ref:
             maillog.warning(
                 f"refused {sum(ref.values())} more connections without a line each",

@@ -43,6 +43,9 @@ refused or evicted by one worker is marked in all. A session that authenticates 
 its address's mark (`relieve`): a user's address takes a tie slot, logs in, and its next
 connection is fresh again; for `USER_TTL` after, its refusals at a full pool do not mark
 it (a mail program whose retries meet a flood is not a flooder; a flooder cannot log in).
+`own(key, who, now)`: the victim when the newcomer's address is at its
+`max_connections_per_ip` instead (docs/LIMITS.md): that address's own oldest candidate,
+aged at least TIE_AGE.
 Failure policy: pure bookkeeping; never raises for unknown candidates.
 """
 
@@ -201,6 +204,21 @@ class Candidates:
 
     def under_pressure(self, key: str, now: float, who: str | None = None) -> bool:
         return self._live(key, now, who)[0] >= PRESSED_AFTER
+
+    def own(self, key: str, who: str, now: float) -> Candidate | None:
+        """The candidate whose slot a new connection from address `who` (eviction key
+        `key`) may take when `who` is at `max_connections_per_ip`: its own oldest, once
+        it has waited TIE_AGE (younger ones are kept, so two clients of one address
+        cannot evict each other for ever: each keeps its slot at least TIE_AGE), or
+        None. No mark is set: an address evicting its own connection is not pressing on
+        a pool, and a NAT's user must not be counted a flooder for it. Looks at the
+        address's candidates of this listener (at most the listener's pool)."""
+        best: Candidate | None = None
+        for c in self._by_key.get(key, ()):
+            if c.who == who and now - c.since >= TIE_AGE and \
+                    (best is None or c.since < best.since):
+                best = c
+        return best
 
     def victim(self, key: str, now: float, weight: Callable[[str], int] | None = None,
                pressed: bool | None = None, who: str | None = None) -> Candidate | None:

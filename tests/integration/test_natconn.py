@@ -1,0 +1,186 @@
+"""The per-address connection limit turned against a NAT's users (docs/LIMITS.md "Other
+limits against a stranger who shares a user's address"), against a real authrelay.
+
+A guesser behind a user's address holds `max_connections_per_ip` (20) connections idle
+after EHLO; a new connection from that address takes the slot of the address's own
+oldest idle unauthenticated session (aged at least eviction's TIE_AGE), never one that
+authenticated, is in an AUTH exchange or in a transaction. Every client here comes from
+127.0.9.1 (127.0.0.1 is exempt from the per-address limits).
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import time
+
+import pytest
+from relayproc import PASSWORD, RelayProcess
+from smtpclient import RawClient, client_ctx
+
+from authrelay.smtpd.eviction import TIE_AGE
+
+pytestmark = pytest.mark.slow
+
+NAT = "127.0.9.1"
+EVICTED = b"421 4.7.0 Too many connections, closing an idle unauthenticated one"
+LINE = (r"warning=per-address limit: evicted 1 pre-authentication connection "
+        r"\(idle before AUTH\), relay=unknown \[127\.0\.9\.1\], "
+        r"listener=submission:127\.0\.0\.1:\d+, reason=max_connections_per_ip, "
+        r"connections=20/20")
+
+
+def _idle(port: int, n: int) -> list[RawClient]:
+    """`n` sessions from NAT on `port`, greeted and after EHLO, then silent."""
+    out = []
+    for _ in range(n):
+        c = RawClient(port, source=NAT, timeout=30)
+        out.append(c)
+        assert c.reply().code == 220
+        assert c.cmd("EHLO guesser.test").code == 250
+    return out
+
+
+def _alice(port: int) -> smtplib.SMTP:
+    """alice's mail program from NAT: STARTTLS, AUTH, one message; left open."""
+    s = smtplib.SMTP("127.0.0.1", port, source_address=(NAT, 0), timeout=30)
+    s.starttls(context=client_ctx())
+    s.login("alice", PASSWORD)
+    s.sendmail("alice@local.test", ["bob@example.net"], "Subject: t\r\n\r\nhi\r\n")
+    return s
+
+
+def _ended(c: RawClient) -> bytes | None:
+    """What the server sent before closing `c`, or None if it is still open (a NOOP
+    answered proves that)."""
+    try:
+        c.send(b"NOOP\r\n")
+        got = c.sock.recv(4096)
+    except OSError:
+        return b""
+    return None if got.startswith(b"250") else got
+
+
+def _start(relay_factory, workers: int = 1) -> RelayProcess:  # noqa: ANN001
+    # connection_rate_per_ip off: the test's own 20-odd connections are not what it is about
+    return relay_factory({"limits": {"connection_rate_per_ip": 0}}, workers=workers)
+
+
+def _alice_past_idle(r: RelayProcess) -> None:
+    port = r.ports["submission"]
+    idle = _idle(port, 20)
+    try:
+        time.sleep(TIE_AGE + 0.5)  # time under test: candidates younger than this are kept
+        with _alice(port) as s:
+            assert s.noop()[0] == 250
+        ends = [_ended(c) for c in idle]
+        gone = [e for e in ends if e is not None]
+        assert len(gone) == 1 and EVICTED in gone[0], ends
+        log = r.maillog(settle=0.5)
+        assert len(re.findall(LINE, log)) == 1, log[-3000:]
+        assert "Traceback" not in log
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_a_user_gets_in_past_20_idle_connections_of_her_address(relay_factory
+                                                                ) -> None:  # noqa: ANN001
+    """Before: alice got `421 4.7.0 Too many connections from your address` until the
+    guesser stopped."""
+    _alice_past_idle(_start(relay_factory))
+
+
+def test_two_workers_a_user_gets_in_past_idle_connections(relay_factory
+                                                          ) -> None:  # noqa: ANN001
+    """With two workers the 20 are spread over both (the per-address count is shared);
+    the accepting worker takes one of its own."""
+    _alice_past_idle(_start(relay_factory, workers=2))
+
+
+def test_busy_sessions_of_the_address_are_never_taken(relay_factory
+                                                      ) -> None:  # noqa: ANN001
+    """19 sessions of the address are busy (10 authenticated on 587, 9 in a transaction
+    on 25) and one idle: alice takes the idle one's slot, every busy one goes on. Then
+    all 20 are busy: the next login from the address gets the 421. (A session waiting
+    for the client's next line of an AUTH exchange waits like an idle one: a candidate,
+    as for the pool eviction; a guesser parked there would be kept for ever otherwise.)"""
+    r = _start(relay_factory)
+    sub, mx = r.ports["submission"], r.ports["smtp"]
+    authed: list[smtplib.SMTP] = []
+    txn: list[RawClient] = []
+    idle: list[RawClient] = []
+    try:
+        for _ in range(10):
+            s = smtplib.SMTP("127.0.0.1", sub, source_address=(NAT, 0), timeout=30)
+            authed.append(s)
+            s.starttls(context=client_ctx())
+            s.login("alice", PASSWORD)
+        for _ in range(9):
+            c = RawClient(mx, source=NAT, timeout=30)
+            txn.append(c)
+            assert c.reply().code == 220
+            assert c.cmd("EHLO mx.test").code == 250
+            assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
+            assert c.cmd("RCPT TO:<alice@local.test>").code == 250
+        idle = _idle(sub, 1)
+        time.sleep(TIE_AGE + 0.5)  # time under test: every session older than TIE_AGE
+        with _alice(sub) as s:
+            assert s.noop()[0] == 250
+            assert EVICTED in (_ended(idle[0]) or b"")
+            # 20 busy now (alice's among them): nothing may be taken
+            with pytest.raises(smtplib.SMTPConnectError) as e:
+                smtplib.SMTP("127.0.0.1", sub, source_address=(NAT, 0), timeout=30)
+            assert e.value.smtp_code == 421
+            assert b"Too many connections from your address" in e.value.smtp_error
+            for s in authed:
+                s.sendmail("alice@local.test", ["bob@example.net"], "Subject: a\r\n\r\nx\r\n")
+            for c in txn:
+                assert c.cmd("DATA").code == 354
+                assert c.cmd("Subject: t\r\n\r\nhi\r\n.").code == 250
+        log = r.maillog(settle=0.5)
+        assert len(re.findall(LINE, log)) == 1, log[-3000:]
+    finally:
+        for s in authed:
+            s.close()
+        for c in txn + idle:
+            c.close()
+
+
+def test_all_20_in_a_transaction_alice_refused_until_one_ends_it(relay_factory
+                                                                 ) -> None:  # noqa: ANN001
+    """20 sessions of the address in a transaction on 25, however old, are never taken:
+    alice on 587 gets the 421. One ends its transaction (its message accepted) and
+    waits: once it has waited TIE_AGE, alice's next login takes its slot (another
+    listener's session: the per-address count covers every listener)."""
+    r = _start(relay_factory)
+    txn: list[RawClient] = []
+    try:
+        for _ in range(20):
+            c = RawClient(r.ports["smtp"], source=NAT, timeout=30)
+            txn.append(c)
+            assert c.reply().code == 220
+            assert c.cmd("EHLO mx.test").code == 250
+            assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
+            assert c.cmd("RCPT TO:<alice@local.test>").code == 250
+        time.sleep(TIE_AGE + 0.5)  # time under test: all older than TIE_AGE
+        with pytest.raises(smtplib.SMTPConnectError) as e:
+            _alice(r.ports["submission"])
+        assert e.value.smtp_code == 421
+        assert b"Too many connections from your address" in e.value.smtp_error
+        done = txn[7]
+        assert done.cmd("DATA").code == 354
+        assert done.cmd("Subject: t\r\n\r\nhi\r\n.").code == 250  # idle from here
+        time.sleep(TIE_AGE + 0.5)  # time under test: it has waited TIE_AGE
+        with _alice(r.ports["submission"]) as s:
+            assert s.noop()[0] == 250
+        assert EVICTED in (_ended(done) or b"")
+        for c in txn:
+            if c is not done:
+                assert c.cmd("DATA").code == 354  # none other was taken
+                assert c.cmd("Subject: t\r\n\r\nhi\r\n.").code == 250
+        log = r.maillog(settle=0.5)
+        assert len(re.findall(LINE.replace("submission:", "smtp:"), log)) == 1, log[-3000:]
+    finally:
+        for c in txn:
+            c.close()
