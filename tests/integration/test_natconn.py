@@ -98,6 +98,29 @@ def test_two_workers_a_user_gets_in_past_idle_connections(relay_factory
     _alice_past_idle(_start(relay_factory, workers=2))
 
 
+@pytest.mark.external
+def test_farm_node_with_shared_redis_counters_a_user_gets_in(relay_factory
+                                                             ) -> None:  # noqa: ANN001
+    """`[limits] shared` (Redis): the per-address count is the node's (the throttle over
+    Redis keeps the connection gauges local), and so is the rule; two workers, the
+    per-address connection rate (default, 60 a minute) counted in Redis."""
+    from scalerig import RedisServer
+
+    rs = RedisServer().start()
+    try:
+        r = relay_factory({"limits": {"shared": rs.url}}, workers=2)
+        try:
+            _alice_past_idle(r)
+            import redis
+
+            with redis.Redis.from_url(rs.url) as db:  # the node counted in the farm's
+                assert db.dbsize() > 0
+        finally:
+            r.stop()  # before Redis goes
+    finally:
+        rs.cleanup()
+
+
 def test_busy_sessions_of_the_address_are_never_taken(relay_factory
                                                       ) -> None:  # noqa: ANN001
     """19 sessions of the address are busy (10 authenticated on 587, 9 in a transaction
