@@ -254,5 +254,45 @@ def test_own_takes_the_addresses_oldest_aged_candidate_only() -> None:
     cs.add(v6)
     assert cs.own("2001:db8::/48", "2001:db8:0:2::/64", 100.0) is None
     assert cs.own("2001:db8::/48", "2001:db8:0:1::/64", 100.0) is v6
+    cs.discard(v6)
+    assert cs.own("2001:db8::/48", "2001:db8:0:1::/64", 100.0) is None
     assert not log
     assert not cs.under_pressure("a", 100.0)  # own() sets no mark
+
+
+class _Counted(Candidate):
+    """A candidate counting how often its address or age is read (what `own` looks at)."""
+
+    __slots__ = ()
+    reads = 0
+
+    @property  # type: ignore[override]
+    def who(self) -> str:
+        _Counted.reads += 1
+        return Candidate.who.__get__(self)  # type: ignore[attr-defined, no-any-return]
+
+    @who.setter
+    def who(self, v: str) -> None:
+        Candidate.who.__set__(self, v)  # type: ignore[attr-defined]
+
+    @property  # type: ignore[override]
+    def since(self) -> float:
+        _Counted.reads += 1
+        return Candidate.since.__get__(self)  # type: ignore[attr-defined, no-any-return]
+
+    @since.setter
+    def since(self, v: float) -> None:
+        Candidate.since.__set__(self, v)  # type: ignore[attr-defined]
+
+
+def test_own_looks_at_one_64s_candidates_not_its_48s() -> None:
+    """At its limit, an IPv6 /64's newcomer looks at that /64's candidates only: a /48
+    holding a pool's worth of candidates in other /64s costs it nothing (before: every
+    connection refused for the per-address limit went through the whole /48's)."""
+    cs = Candidates()
+    for i in range(2000):
+        cs.add(_Counted("2001:db8::/48", 0.0, lambda: None, "session",
+                        who=f"2001:db8:0:{i:x}::/64"))
+    _Counted.reads = 0
+    assert cs.own("2001:db8::/48", "2001:db8:0:7::/64", 10.0) is not None
+    assert _Counted.reads <= 4, _Counted.reads

@@ -100,6 +100,9 @@ class Candidates:
     def __init__(self, marks: MarkTable | None = None) -> None:
         self._all: dict[Candidate, None] = {}  # insertion order: oldest first
         self._by_key: dict[str, dict[Candidate, None]] = {}
+        # by `who` where it is not `key` (an IPv6 client's /64 inside its /48): `own()`
+        # looks at one address's candidates, never a whole /48's
+        self._by_who: dict[str, dict[Candidate, None]] = {}
         self._buckets: dict[int, dict[str, None]] = {}  # count -> addresses
         self._top = 0
         # address -> its Mark: this process's own, or the workers' shared table
@@ -133,11 +136,19 @@ class Candidates:
         mine = self._by_key.setdefault(c.key, {})
         mine[c] = None
         self._move(c.key, len(mine) - 1, len(mine))
+        if c.who != c.key:
+            self._by_who.setdefault(c.who, {})[c] = None
 
     def discard(self, c: Candidate) -> None:
         if c not in self._all:
             return
         del self._all[c]
+        if c.who != c.key:
+            who = self._by_who.get(c.who)
+            if who is not None:
+                who.pop(c, None)
+                if not who:
+                    del self._by_who[c.who]
         mine = self._by_key.get(c.key)
         if mine is None:
             return
@@ -211,12 +222,11 @@ class Candidates:
         it has waited TIE_AGE (younger ones are kept, so two clients of one address
         cannot evict each other for ever: each keeps its slot at least TIE_AGE), or
         None. No mark is set: an address evicting its own connection is not pressing on
-        a pool, and a NAT's user must not be counted a flooder for it. Looks at the
-        address's candidates of this listener (at most the listener's pool)."""
+        a pool, and a NAT's user must not be counted a flooder for it. Looks at that
+        address's candidates of this listener only (at most its limit, plus one)."""
         best: Candidate | None = None
-        for c in self._by_key.get(key, ()):
-            if c.who == who and now - c.since >= TIE_AGE and \
-                    (best is None or c.since < best.since):
+        for c in (self._by_key if who == key else self._by_who).get(who, ()):
+            if now - c.since >= TIE_AGE and (best is None or c.since < best.since):
                 best = c
         return best
 
