@@ -1,4 +1,4 @@
-"""Types that cross module boundaries: `Reply` and `DeliveryResult`.
+"""Types that cross module boundaries: `Reply`, `DeliveryResult` and `BeforeEnd`.
 
 Every layer speaks "transient vs permanent" (RFC 5321 4.2.1: 4yz vs 5yz) with an RFC 3463
 enhanced status code, so a result can travel from the outbound client to a bounce or a
@@ -7,7 +7,13 @@ maillog line without being re-interpreted.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+# Courier.deliver's `before_end` (from the scheduler): called just before each end-of-data
+# dot; None when the dot may go, else what to await first (the in-flight journal's begin
+# line of the attempt written, bounded by the journal: inflight.begun).
+BeforeEnd = Callable[[], Awaitable[None] | None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,8 @@ aiosmtpd cannot do) on 127.0.0.x; the maillog is captured in memory."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -28,6 +30,8 @@ from authrelay.config import Config
 from authrelay.delivery import client, connection, mx, wire
 from authrelay.delivery.client import Courier
 from authrelay.dns import Resolver
+from authrelay.scheduler import inflight
+from authrelay.scheduler.inflight import InflightJournal
 from authrelay.spool.envelope import Envelope
 
 pytestmark = pytest.mark.slow
@@ -1511,3 +1515,128 @@ async def test_a_malformed_size_limit_bounces_nothing(
             await courier.close()
     assert r.ok, r
     assert b"message" in mx.received
+
+
+def _journal_at_dot(path: Path) -> Any:
+    """A RawMX script serving every message (PIPELINING); at each end-of-data dot
+    `mx.dots` gets whether the in-flight journal at `path` had a begin line then (the
+    next hop has the whole message from that moment)."""
+    async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        mx.dots = getattr(mx, "dots", [])
+        w.write(b"220 raw.test ESMTP\r\n")
+        while line := await r.readline():
+            mx.received.append(line)
+            v = line[:4].upper()
+            if v == b"EHLO":
+                w.write(b"250-raw.test\r\n250 PIPELINING\r\n")
+            elif v == b"QUIT":
+                w.write(b"221 bye\r\n")
+                break
+            elif v == b"DATA":
+                w.write(b"354 go ahead\r\n")
+                await w.drain()
+                while (ln := await r.readline()) != b".\r\n":
+                    if not ln:
+                        return  # cut before the dot
+                mx.dots.append(b'{"b":' in path.read_bytes())
+                w.write(b"250 2.0.0 taken\r\n")
+            else:
+                w.write(b"250 ok\r\n")
+            await w.drain()
+    return script
+
+
+def _held(journal: InflightJournal, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """The journal's thread held before each write until the Event is set (a spool
+    filesystem that stalls)."""
+    hold = threading.Event()
+    write = journal._write
+
+    def held(data: bytes) -> None:
+        hold.wait()
+        write(data)
+    monkeypatch.setattr(journal, "_write", held)
+    return hold
+
+
+def _message(tmp_path: Path, big: bool) -> bytes | Path:
+    if not big:
+        return MSG
+    path = tmp_path / "big.eml"  # streamed from its file (past _NORMALIZE_OFFLOAD)
+    path.write_bytes(MSG + b"x" * 76 + b"\r\n" * (client._NORMALIZE_OFFLOAD // 78 + 1))
+    return path
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["in-memory", "streamed"])
+async def test_the_end_of_data_dot_waits_for_the_attempts_begin_line(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int,
+        monkeypatch: pytest.MonkeyPatch, big: bool) -> None:
+    """The in-flight journal's begin line is written by its own thread, after begin():
+    a master killed (kill -9) once the next hop had the message but before that thread
+    ran left no line, and the restart delivered the message again unannounced. Now the
+    courier asks the journal before the end-of-data dot and, the line not written yet
+    (here: the thread held), waits for it: the next hop has the whole message only once
+    the line is in the file."""
+    one_mx(dns)
+    monkeypatch.setattr(inflight, "BEGIN_WAIT", DEADLINE)  # waits as long as the test
+    journal = InflightJournal(tmp_path)
+    journal.start()
+    hold = _held(journal, monkeypatch)
+    message = _message(tmp_path, big)
+    with RawMX("127.0.0.2", raw_port, _journal_at_dot(journal.path)) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            env = envelope("r@example.test")
+            token = journal.begin(env.queue_id, ["r@example.test"])
+            task = asyncio.create_task(courier.deliver(
+                env, env.recipients, message,
+                before_end=functools.partial(journal.begun, token)))
+            await until(lambda: journal.waiting or getattr(mx, "dots", None),
+                        "the dot held, or sent")
+            assert not getattr(mx, "dots", None)  # not sent: the line is not written
+            assert b"DATA\r\n" in mx.received
+            hold.set()
+            r = (await task)["r@example.test"]
+        finally:
+            hold.set()
+            await courier.close()
+            journal.close()
+    assert r.ok, r
+    assert mx.dots == [True]  # the begin line was in the file when the next hop had it
+
+
+async def test_a_journal_stalled_past_the_bound_holds_no_delivery(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A journal whose thread is stuck (a frozen spool) makes the first dot wait
+    BEGIN_WAIT, then it goes on, as with a disabled journal, one warning; later attempts
+    do not wait while the thread is behind; once it has caught up they wait again."""
+    one_mx(dns)
+    monkeypatch.setattr(inflight, "BEGIN_WAIT", 0.2)
+    journal = InflightJournal(tmp_path)
+    journal.start()
+    hold = _held(journal, monkeypatch)
+    results = []
+    with caplog.at_level(logging.WARNING, logger=inflight.__name__), \
+            RawMX("127.0.0.2", raw_port, _journal_at_dot(journal.path)) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            for i in range(3):
+                if i == 2:  # the spool thaws: the thread writes what it was given
+                    hold.set()
+                    assert await asyncio.to_thread(journal.written, DEADLINE)
+                env = envelope(f"r{i}@example.test")
+                token = journal.begin(env.queue_id, [f"r{i}@example.test"])
+                res = await courier.deliver(env, env.recipients, MSG,
+                                            before_end=functools.partial(journal.begun, token))
+                results.append(res[f"r{i}@example.test"])
+        finally:
+            hold.set()
+            await courier.close()
+            journal.close()
+    assert all(r.ok for r in results), results
+    assert mx.dots == [False, False, True]  # went on without the line while stalled
+    said = [rec.getMessage() for rec in caplog.records if rec.name == inflight.__name__]
+    assert len([m for m in said if "not written within" in m]) == 1, said
+    assert len([m for m in said if "caught up" in m]) == 1, said
+

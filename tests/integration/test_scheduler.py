@@ -40,7 +40,7 @@ from authrelay.scheduler.scheduler import Scheduler
 from authrelay.spool.envelope import SENT, Envelope, Recipient, new_queue_id
 from authrelay.spool.store import UNFINISHED_AGE, Spool
 from authrelay.spool.writer import SPILL, Incoming
-from authrelay.types import DeliveryResult
+from authrelay.types import BeforeEnd, DeliveryResult
 
 OK = DeliveryResult.sent(250, "2.0.0", "Ok: queued as X", "mx.test [127.0.0.1]:25")
 TEMP = DeliveryResult.temp("Greylisted, try later", "4.7.1", 451, "mx.test [127.0.0.1]:25")
@@ -61,10 +61,12 @@ class FakeCourier:
         self.max_inflight: dict[str, int] = defaultdict(int)
 
     async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
-                      offset: int = 0, sent: dict[str, str] | None = None
-                      ) -> dict[str, DeliveryResult]:
+                      offset: int = 0, sent: dict[str, str] | None = None,
+                      before_end: BeforeEnd | None = None) -> dict[str, DeliveryResult]:
         data = message[offset:] if isinstance(message, bytes) else \
             Path(message).read_bytes()[offset:]
+        if before_end is not None and (wait := before_end()) is not None:
+            await wait  # as the courier's end-of-data dot
         self.given_bytes.append(isinstance(message, bytes))
         domain = rcpts[0].address.rsplit("@", 1)[-1]
         assert all(r.address.endswith("@" + domain) for r in rcpts)  # one route key

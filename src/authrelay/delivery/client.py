@@ -145,7 +145,7 @@ from authrelay.policy import containment
 from authrelay.policy.ownership import a_label
 from authrelay.spool.envelope import Envelope, Recipient
 from authrelay.tls import handshake_cut
-from authrelay.types import DeliveryResult
+from authrelay.types import BeforeEnd, DeliveryResult
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +213,12 @@ class _FileBody:
         return self.size
 
 
-async def _stream_file(wire_conn: Connection, body: _FileBody, timeout: float
-                       ) -> SMTPReply | None:
+async def _stream_file(wire_conn: Connection, body: _FileBody, timeout: float,
+                       before_end: BeforeEnd | None) -> SMTPReply | None:
     """Normalise line ends and dot-stuff chunk by chunk, waiting for the socket buffer
     to drain after each chunk, so a 20 MB message costs a few hundred KB of memory.
-    The end-of-data dot is sent unless the next hop refused the message before it
-    (`_in_step`): then that refusal is returned."""
+    The end-of-data dot is sent (once `before_end` allows) unless the next hop refused
+    the message before it (`_in_step`): then that refusal is returned."""
     at_line_start, carry_cr = True, False
     with open(body.path, "rb") as f:
         f.seek(body.offset)
@@ -242,6 +242,8 @@ async def _stream_file(wire_conn: Connection, body: _FileBody, timeout: float
                 wire_conn.write(out)
                 await wire_conn.drain(timeout)
     tail = b"\r\n" if carry_cr or not at_line_start else b""
+    if before_end is not None and (wait := before_end()) is not None:
+        await wait
     early = _in_step(wire_conn)
     if early is None:
         wire_conn.write(tail + b".\r\n")
@@ -333,12 +335,14 @@ class _Payload:
     once per courier)."""
 
     def __init__(self, data: bytes | _FileBody, env: Envelope, courier: Courier,
-                 sent: dict[str, str] | None = None) -> None:
+                 sent: dict[str, str] | None = None, before_end: BeforeEnd | None = None
+                 ) -> None:
         self.data = data
         self.env = env
         self.courier = courier
         # The caller's record of who may have the message (Courier.deliver's `sent`).
         self.sent: dict[str, str] = {} if sent is None else sent
+        self.before_end = before_end  # asked before each end-of-data dot (deliver)
         self._8bit: bool | None = True if env.body_8bit else None
         self._seven: bytes | downgrade.Unconvertible | None = None
         self.transactions = 0  # started in this attempt (MAX_TRANSACTIONS)
@@ -548,12 +552,15 @@ class Courier:
     # ----------------------------------------------------------------- public API
 
     async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
-                      offset: int = 0, sent: dict[str, str] | None = None
-                      ) -> dict[str, DeliveryResult]:
+                      offset: int = 0, sent: dict[str, str] | None = None,
+                      before_end: BeforeEnd | None = None) -> dict[str, DeliveryResult]:
         """One result per recipient. `sent` (the caller's) is filled as the attempt goes:
         recipient -> next hop, once the end-of-data dot went out to a host that had
         accepted it, and not refused after; a caller that cancels the attempt (a stop at
-        shutdown_timeout) knows from it whose message may have been delivered."""
+        shutdown_timeout) knows from it whose message may have been delivered.
+        `before_end()` is called just before each end-of-data dot (the next hop has the
+        whole message only after it): an awaitable it returns is awaited first (the
+        caller bounds it; the scheduler's: its in-flight journal's begin line)."""
         if not rcpts:
             return {}
         try:
@@ -609,7 +616,7 @@ class Courier:
 
         results: dict[str, DeliveryResult] = {}
         todo = list(rcpts)
-        payload = _Payload(data, env, self, sent)
+        payload = _Payload(data, env, self, sent, before_end)
         for i, t in enumerate(targets):
             t.deadline = deadline
             if _past(deadline):  # the rest keep the reply they got, else this reason
@@ -1498,9 +1505,13 @@ class Courier:
         ended = False  # the end-of-data dot went out: the peer may have taken the message
         try:
             if isinstance(data, _FileBody):
-                early = await _stream_file(w, data, d.data_timeout)
-            elif (early := _in_step(w)) is None:
-                w.write(dot_stuff(data))
+                early = await _stream_file(w, data, d.data_timeout, payload.before_end)
+            else:
+                if payload.before_end is not None and \
+                        (wait := payload.before_end()) is not None:
+                    await wait
+                if (early := _in_step(w)) is None:
+                    w.write(dot_stuff(data))
             ended = early is None
             if ended:
                 payload.sent.update((r.address, remote) for r in accepted)

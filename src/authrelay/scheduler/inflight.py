@@ -32,9 +32,14 @@ attempt's delivered recipients again after its begin line.
 The writes (and compactions) are made by a thread of the journal's own, in order, never
 on the event loop: on a spool filesystem that stalls (frozen, a hung disk) a write waits
 there, and on the loop it held the whole master (the scheduler, the control socket) for
-as long. `begin` does not wait for its line: the attempt's own round trips give the
-thread its turn long before the next hop can have the message; a process killed before
-the line was written has no warning for that attempt (as a power loss). Cost:
+as long. `begin` does not wait for its line, but the courier asks `begun(token)` just
+before the end-of-data dot (the scheduler hands it over): None once the thread has
+written the line (nearly always: the attempt's round trips gave it its turn), else an
+awaitable that waits for it, at most BEGIN_WAIT seconds; so the next hop never has the
+whole message before its begin line is written (a kill -9 in between warned of
+nothing: a duplicate unannounced). Past BEGIN_WAIT (a spool stalled) the delivery goes
+on as with a disabled journal, one warning, and later attempts do not wait until the
+thread has caught up (a kill then has no warning for them, as a power loss). Cost:
 two small writes per delivery attempt (docs/PERFORMANCE.md: 26 µs per attempt, nothing
 next to the attempt's own fsync of the state). When the file
 passes COMPACT_AT bytes it is rewritten with only the live entries and renamed over.
@@ -47,6 +52,7 @@ next attempt, rewritten with every attempt still live (one line when it comes ba
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -54,6 +60,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -62,6 +69,8 @@ log = logging.getLogger(__name__)
 JOURNAL = "inflight.log"
 COMPACT_AT = 1024 * 1024
 RETRY_AFTER = 60.0  # seconds a journal disabled by an I/O error waits to be tried again
+BEGIN_WAIT = 1.0  # seconds the end-of-data dot waits for its attempt's begin line (begun)
+BEGIN_POLL = 0.001  # seconds between looks at the thread's progress while it waits
 
 
 def _begin_line(token: int, qid: str, rcpts: list[str]) -> bytes:
@@ -111,11 +120,19 @@ class InflightJournal:
         self._retry_asked: float | None = None
         self._compact_asked = False
         # What the writer thread does, in order: a line to append, or (when the journal
-        # is past COMPACT_AT or disabled) the live attempts to rewrite it with; None: stop.
-        # (An Event: set when reached, written().)
-        self._q: queue.SimpleQueue[tuple[bytes, list[tuple[int, _Live]] | None]
+        # is past COMPACT_AT or disabled) the live attempts to rewrite it with, and the
+        # token whose begin line it is (0: none); None: stop. (An Event: set when
+        # reached, written().)
+        self._q: queue.SimpleQueue[tuple[bytes, list[tuple[int, _Live]] | None, int]
                                    | threading.Event | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        # begun(): the last token whose begin line the thread is done with (written, or
+        # dropped by a disabled journal), set by the thread; how many attempts wait for
+        # theirs; the token whose wait ran past BEGIN_WAIT (0: none): until the thread
+        # is past it nobody waits.
+        self._through = 0
+        self._waiting = 0
+        self._late = 0
 
     # ------------------------------------------------------------------ start
     def leftovers(self) -> list[Leftover]:
@@ -186,8 +203,50 @@ class InflightJournal:
         token = self._next
         self._next += 1
         self._live[token] = (qid, rcpts, (), False)
-        self._submit(_begin_line(token, qid, rcpts))
+        self._submit(_begin_line(token, qid, rcpts), token)
         return token
+
+    def begun(self, token: int) -> Awaitable[None] | None:
+        """Before the end-of-data dot of attempt `token` (the courier's call): None when
+        its begin line is written (or dropped by a disabled journal), or while the
+        thread is behind past BEGIN_WAIT; else an awaitable (on the event loop) that
+        returns once it is, or after BEGIN_WAIT (then one warning, and no wait until the
+        thread has caught up)."""
+        if self._late:
+            if self._through < self._late:
+                return None  # behind: go on, as with a disabled journal
+            self._late = 0
+            log.warning("in-flight journal %s caught up: deliveries wait for their "
+                        "begin lines again", self.path)
+        if token <= self._through:
+            return None
+        return self._wait_begun(token)
+
+    @property
+    def waiting(self) -> int:
+        """How many attempts wait for their begin line (begun)."""
+        return self._waiting
+
+    async def _wait_begun(self, token: int) -> None:
+        """Looks at the thread's progress every BEGIN_POLL (the thread needs only the
+        GIL, which the loop's wait frees; no wake-up from the thread: a pipe write and
+        read per wait cost the master more than the looks)."""
+        self._waiting += 1
+        try:
+            end = time.monotonic() + BEGIN_WAIT
+            while token > self._through:
+                if time.monotonic() >= end:
+                    if not self._late:
+                        log.warning(
+                            "in-flight journal %s: a begin line not written within %g s "
+                            "(the spool stalled?): deliveries go on without waiting for "
+                            "it; a crash meanwhile delivers them again unannounced",
+                            self.path, BEGIN_WAIT)
+                    self._late = max(self._late, token)
+                    return
+                await asyncio.sleep(BEGIN_POLL)
+        finally:
+            self._waiting -= 1
 
     def delivered(self, done: list[tuple[int, list[str], bool]]) -> None:
         """For each (token, rcpts, every) of `done`: the next hop answered 2xx for `rcpts`
@@ -216,7 +275,7 @@ class InflightJournal:
         if live is not None and not live[3]:
             self._submit(b'{"e":%d}\n' % token)  # json.dumps({"e": token}), compact
 
-    def _submit(self, line: bytes) -> None:
+    def _submit(self, line: bytes, token: int = 0) -> None:
         """`line` to the writer thread (started at the first); with the live attempts
         when the journal is to be rewritten: once past COMPACT_AT, and once per spell of
         being disabled, when its retry is due (_retry). A line the thread meets while
@@ -234,7 +293,7 @@ class InflightJournal:
         elif self._size > COMPACT_AT and not self._compact_asked:
             self._compact_asked = True  # until the thread has compacted
             live = list(self._live.items())
-        self._q.put((line, live))
+        self._q.put((line, live, token))
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_all, name="inflight-journal",
                                             daemon=True)
@@ -246,7 +305,7 @@ class InflightJournal:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            line, live = item
+            line, live, token = item
             if live is None:
                 self._write(line)
             elif self._fd is None:
@@ -255,6 +314,8 @@ class InflightJournal:
                 self._compact(live)
             if live is not None:  # rewritten (or still off): the next crossing asks again
                 self._compact_asked = False  # (after _size)
+            if token:
+                self._through = token  # (begun: the attempt's dot may go)
         self._close_fd()
 
     def _write(self, data: bytes) -> None:

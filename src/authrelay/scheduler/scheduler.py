@@ -97,7 +97,7 @@ from authrelay.spool.store import (
 from authrelay.spool.submit import NOTICE_WAIT, Submitter, log_queued
 from authrelay.spool.writable import NOT_WRITABLE, ThreadProbe
 from authrelay.spool.writer import settle
-from authrelay.types import DeliveryResult
+from authrelay.types import BeforeEnd, DeliveryResult
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ _DSN_ACTIONS = (("failed", "cannot queue a bounce; retrying later"),
 
 class CourierLike(Protocol):
     async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
-                      offset: int = 0, sent: dict[str, str] | None = None
-                      ) -> dict[str, DeliveryResult]: ...
+                      offset: int = 0, sent: dict[str, str] | None = None,
+                      before_end: BeforeEnd | None = None) -> dict[str, DeliveryResult]: ...
 
     async def close(self) -> None: ...
 
@@ -1153,8 +1153,10 @@ class Scheduler:
             sent: dict[str, str] = {}  # who may have the message (the courier fills it)
             try:
                 t0 = time.monotonic()
-                results = await courier.deliver(act.env, job.rcpts, act.path, act.offset,
-                                                sent=sent)
+                # (the next hop gets the end-of-data dot once the begin line is written)
+                results = await courier.deliver(
+                    act.env, job.rcpts, act.path, act.offset, sent=sent,
+                    before_end=functools.partial(self.inflight.begun, token))
                 if self.metrics is not None:
                     self.metrics.delivery_attempt(
                         "smarthost" if job.key == "smarthost" else "mx", time.monotonic() - t0)
