@@ -15,7 +15,7 @@ import smtplib
 import time
 
 import pytest
-from relayproc import PASSWORD, RelayProcess
+from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx
 
 from authrelay.smtpd.eviction import TIE_AGE
@@ -206,4 +206,36 @@ def test_all_20_in_a_transaction_alice_refused_until_one_ends_it(relay_factory
         assert len(re.findall(LINE.replace("submission:", "smtp:"), log)) == 1, log[-3000:]
     finally:
         for c in txn:
+            c.close()
+
+
+def test_a_full_pool_and_the_address_at_its_limit_takes_its_own(relay_factory
+                                                                ) -> None:  # noqa: ANN001
+    """The smtp listener's pool (20) is full of the address's own 20 idle sessions: the
+    pool is checked first, and the pool eviction finds no other address to take from
+    (before: `421 4.7.0 Too many connections`). The address is at its limit as well, so
+    the newcomer takes its own oldest, in that listener."""
+    r = relay_factory({"limits": {"connection_rate_per_ip": 0}}, start=False)
+    for item in r.config_data["listen"]:
+        if item["mode"] == "smtp":
+            item["max_connections"] = 20
+    r.config.write_text(to_toml(r.config_data))
+    r.start()
+    idle = _idle(r.ports["smtp"], 20)
+    try:
+        time.sleep(TIE_AGE + 0.5)  # time under test: candidates younger than this are kept
+        with RawClient(r.ports["smtp"], source=NAT, timeout=30) as c:
+            assert c.reply().code == 220
+            assert c.cmd("EHLO mx.test").code == 250
+            assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
+            assert c.cmd("RCPT TO:<alice@local.test>").code == 250
+            assert c.cmd("DATA").code == 354
+            assert c.cmd("Subject: t\r\n\r\nhi\r\n.").code == 250
+        ends = [_ended(c) for c in idle]
+        gone = [e for e in ends if e is not None]
+        assert len(gone) == 1 and EVICTED in gone[0], ends
+        log = r.maillog(settle=0.5)
+        assert len(re.findall(LINE.replace("submission:", "smtp:"), log)) == 1, log[-3000:]
+    finally:
+        for c in idle:
             c.close()

@@ -238,3 +238,23 @@ def test_each_pools_tuple_counts_in_its_own_pools_whatever_came_before() -> None
     assert (s.pool_level("listener:x"), s.pool_level("listener:y"), s.pool_level("*")) \
         == (1, 1, 2)
     assert s.forget(0) == 2 + 2 + 2  # the ledger holds what the gauges hold
+
+
+def test_connections_and_one_over_the_per_address_limit() -> None:
+    """`connections(key)` is the gauge max_connections_per_ip is checked against, in
+    process and across workers; `ip_over` admits one more (a newcomer counted into the
+    slot of its own address's connection it evicts), never two."""
+    from authrelay.policy.throttle import LocalThrottle
+
+    cfg = from_dict({"limits": {"max_connections_per_ip": 2, "connection_rate_per_ip": 0}})
+    for t in (LocalThrottle(cfg), SharedThrottle(cfg, SharedCounters(slots=1024))):
+        assert t.connect("192.0.2.7", ALL).admitted
+        assert t.connect("192.0.2.7", ALL).admitted
+        assert t.connections("192.0.2.7") == 2
+        assert t.connect("192.0.2.7", ALL).reason == "ip"
+        assert t.connect("192.0.2.7", ALL, ip_over=True).admitted
+        assert t.connections("192.0.2.7") == 3
+        assert t.connect("192.0.2.7", ALL, ip_over=True).reason == "ip"
+        t.disconnect("192.0.2.7", ALL)
+        assert t.connections("192.0.2.7") == 2
+        assert t.connections("192.0.2.8") == 0

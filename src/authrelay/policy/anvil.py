@@ -43,6 +43,9 @@ class SharedThrottle(LocalThrottle):
     def level(self, key: str) -> int:
         return self.shared.pool_level(key)
 
+    def connections(self, key: str) -> int:
+        return self.shared.gauge(key)  # the address's gauge try_acquire checks
+
     def pending(self, key: str) -> int:
         return self.shared.gauge(PENDING + key)
 

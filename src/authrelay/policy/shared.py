@@ -497,6 +497,9 @@ class RedisThrottle(Throttle):
     def level(self, key: str) -> int:
         return self.local.level(key)
 
+    def connections(self, key: str) -> int:
+        return self.local.connections(key)  # the node's own, as the gauge is
+
     def pending(self, key: str) -> int:
         return self.local.pending(key)
 

@@ -227,6 +227,11 @@ class Throttle(ABC):
         return any(p.cap and self.level(p.key) >= p.cap for p in pools)
 
     @abstractmethod
+    def connections(self, key: str) -> int:
+        """Connections from address `key` (as `key()` gives it) now: the gauge that
+        `max_connections_per_ip` is checked against (exempt ones counted too)."""
+
+    @abstractmethod
     def pending(self, key: str) -> int:
         """Connections from address `key` (as `key()` gives it) admitted but not yet past
         their TLS handshake or greeting delay (`[limits] max_pending_per_ip`): the gauge
@@ -388,6 +393,9 @@ class LocalThrottle(Throttle):
 
     def level(self, key: str) -> int:
         return self.gauges.get(key, 0)
+
+    def connections(self, key: str) -> int:
+        return self.per_ip.get(key, 0)
 
     def pending(self, key: str) -> int:
         return self.gauges.get(PENDING + key, 0)

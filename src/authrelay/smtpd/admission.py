@@ -514,8 +514,13 @@ class Acceptor:
                 adm = srv.throttle.connect(key, self.over_pools, exempt=exempt)
                 if adm.admitted:
                     self._evict(victim)
-        if not adm.admitted and adm.reason == "ip" and lim.pool_eviction:
-            adm = self._take_own(ip, key, ekey, exempt) or adm
+        if not adm.admitted and lim.pool_eviction and (
+                adm.reason == "ip" or adm.reason.startswith("pool:") and not exempt and
+                lim.max_connections_per_ip and
+                srv.throttle.connections(key) >= lim.max_connections_per_ip):
+            # At its max_connections_per_ip (a full pool may have said so first): its own
+            # oldest idle connection; for the full pool, one of this listener's only.
+            adm = self._take_own(ip, key, ekey, exempt, here=adm.reason != "ip") or adm
         srv.metrics_connection(self.ln.mode, "accepted" if adm.admitted else "refused")
         if not adm.admitted:
             if adm.reason.startswith("pool:"):
@@ -581,17 +586,21 @@ class Acceptor:
             return self.candidates.count(key)
         return max(throttle.pending(key), self.candidates.count(key))
 
-    def _take_own(self, ip: str, key: str, ekey: str, exempt: bool) -> Admission | None:
+    def _take_own(self, ip: str, key: str, ekey: str, exempt: bool,
+                  here: bool = False) -> Admission | None:
         """The address is at `max_connections_per_ip`: take the slot of its own oldest
         eviction candidate (eviction.py `own`: aged TIE_AGE, never an authenticated
         session, one in a transaction or with a command running) in this process, on
-        any listener (the per-address count covers them all), this one's first; the
-        admission, or None when there is none. Other workers' connections of the
+        any listener (the per-address count covers them all), this one's first (`here`:
+        this one's only, for a pool of it full too: only a victim in it frees a slot of
+        every pool the newcomer needs); the admission, or None when there is none.
+        Other workers' connections of the
         address are not looked at: their candidates are in their memory (a worker
         holding none of the address's refuses as before). Counted into the victim's
         slot before the eviction frees it, as the pool eviction is (`over_pools`)."""
         now = time.monotonic()
-        for acc in sorted(self.server.acceptors, key=lambda a: a is not self):
+        for acc in [self] if here else sorted(self.server.acceptors,
+                                              key=lambda a: a is not self):
             victim = acc.candidates.own(ekey, key, now)
             if victim is None:
                 continue
