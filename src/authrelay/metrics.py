@@ -110,7 +110,8 @@ class Metrics:
         self._connections = counter(
             "connections", "SMTP connections by listener mode and admission result "
             "(accepted, refused: over a connection limit or rate, evicted: pre-authentication "
-            "connections closed to make room in a full pool)", ("listener", "result"))
+            "connections closed to make room in a full pool, or for a newcomer of their "
+            "address at max_connections_per_ip)", ("listener", "result"))
         self._auth = counter("auth", "AUTH attempts by result (ok, fail, tempfail, "
                              "malformed: a response that cannot be decoded, locked: refused "
                              "by the failure lockout)",

@@ -13,10 +13,13 @@ from __future__ import annotations
 import re
 import smtplib
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx
+from support.ports import free_port
 
 from authrelay.smtpd.eviction import TIE_AGE
 
@@ -63,7 +66,19 @@ def _ended(c: RawClient) -> bytes | None:
 
 def _start(relay_factory, workers: int = 1) -> RelayProcess:  # noqa: ANN001
     # connection_rate_per_ip off: the test's own 20-odd connections are not what it is about
-    return relay_factory({"limits": {"connection_rate_per_ip": 0}}, workers=workers)
+    r: RelayProcess = relay_factory({"limits": {"connection_rate_per_ip": 0},
+                                     "metrics": {"address": f"127.0.0.1:{free_port()}"}},
+                                    workers=workers)
+    return r
+
+
+def _evicted_metric(r: RelayProcess) -> float:
+    """authrelay_connections_total{result="evicted"}, all listeners."""
+    addr = r.config_data["metrics"]["address"]
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as f:
+        text = f.read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == "authrelay_connections_total" and s.labels["result"] == "evicted")
 
 
 def _alice_past_idle(r: RelayProcess) -> None:
@@ -79,6 +94,8 @@ def _alice_past_idle(r: RelayProcess) -> None:
         log = r.maillog(settle=0.5)
         assert len(re.findall(LINE, log)) == 1, log[-3000:]
         assert "Traceback" not in log
+        if "metrics" in r.config_data:
+            assert _evicted_metric(r) == 1
     finally:
         for c in idle:
             c.close()
