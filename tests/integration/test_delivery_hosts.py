@@ -1640,3 +1640,84 @@ async def test_a_journal_stalled_past_the_bound_holds_no_delivery(
     assert len([m for m in said if "not written within" in m]) == 1, said
     assert len([m for m in said if "caught up" in m]) == 1, said
 
+
+def _dot_answered_twice(pipelining: bool, at: bytes) -> Any:
+    """A next hop whose first connection answers the first message's end-of-data dot
+    twice, the second reply late: it arrives with the next message's `at` command, MAIL
+    (written before the reply to MAIL: every reply of that transaction one step behind)
+    or DATA (after its 354: a reply before the message's dot). Every other connection
+    is served normally; RCPT TO:<nobody@...> is refused (550). `mx.conns` lists, per
+    connection, the messages it took."""
+    async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        mx.conns = getattr(mx, "conns", [])
+        index = len(mx.conns)
+        taken: list[bytes] = []
+        mx.conns.append(taken)
+        w.write(b"220 raw.test ESMTP\r\n")
+        late = False  # the second reply to the dot is due
+        while line := await r.readline():
+            mx.received.append(line)
+            v = line[:4].upper()
+            if v == b"EHLO":
+                w.write(b"250-raw.test\r\n250 PIPELINING\r\n" if pipelining
+                        else b"250 raw.test\r\n")
+            elif v == b"QUIT":
+                w.write(b"221 bye\r\n")
+                break
+            elif v == b"DATA":
+                w.write(b"354 go ahead\r\n")
+                if late and at == b"DATA":
+                    w.write(b"250 2.0.0 taken (said again)\r\n")
+                    late = False
+                await w.drain()
+                body = b""
+                while (ln := await r.readline()) != b".\r\n":
+                    if not ln:
+                        return  # cut before the dot: not taken
+                    body += ln
+                taken.append(body)
+                w.write(b"250 2.0.0 taken\r\n")
+                late = index == 0 and len(taken) == 1
+            elif v == b"MAIL" and late and at == b"MAIL":
+                w.write(b"250 2.0.0 taken (said again)\r\n250 ok\r\n")
+                late = False
+            elif v == b"RCPT" and b"<nobody@" in line:
+                w.write(b"550 5.1.1 no such user\r\n")
+            else:
+                w.write(b"250 ok\r\n")
+            await w.drain()
+    return script
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-by-one"])
+@pytest.mark.parametrize(("at", "refused"), [
+    (b"MAIL", False), (b"MAIL", True), (b"DATA", False),
+], ids=["with-MAIL", "with-MAIL-last-refused", "after-354"])
+async def test_a_late_second_reply_to_the_dot_on_a_cached_connection_retries_at_once(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int, pipelining: bool,
+        at: bytes, refused: bool) -> None:
+    """A next hop that answered the previous message's dot twice, the second reply
+    arriving during the next message's MAIL/RCPT on the cached connection: the replies
+    out of step, DATA got a 250 and the message was deferred `451 4.5.0 unexpected reply
+    250` until its next retry (minutes), though the fault was the connection's; with its
+    last recipient refused, that 550 came as DATA's reply and bounced every recipient;
+    arriving after the 354, it was a protocol error, 451 4.5.0, deferred alike. Now, as
+    the other replies blaming a cached connection (_Stale), the message goes at once on
+    a new connection: each recipient gets its own reply."""
+    one_mx(dns)
+    with RawMX("127.0.0.2", raw_port, _dot_answered_twice(pipelining, at)) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            for i in range(2):
+                env = envelope(f"r{i}@example.test",
+                               *(["nobody@example.test"] if refused else []))
+                res = await courier.deliver(env, env.recipients, MSG + b"n=%d\r\n" % i)
+                r = res[f"r{i}@example.test"]
+                assert r.ok and r.code == 250 and "taken" in r.text, r
+                if refused:
+                    r = res["nobody@example.test"]
+                    assert (r.code, r.enhanced, r.permanent) == (550, "5.1.1", True), r
+        finally:
+            await courier.close()
+    # the first message on the first connection, the second on a new one, once each
+    assert [[m.rsplit(b"n=", 1)[1] for m in c] for c in mx.conns] == [[b"0\r\n"], [b"1\r\n"]]

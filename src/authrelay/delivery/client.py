@@ -6,7 +6,8 @@ DSN parameters), per-recipient results, and an idle-connection cache so several 
 to one host share a connection (RSET between messages only after an idle spell or after a
 refused one: a transaction that ended without a message, or a message refused at its dot;
 a cached connection whose first transaction gets a reply blaming the connection, a 503 to
-MAIL or a 421 before the message, is dropped and the message retried on a new one, once).
+MAIL, a 421 before the message or replies out of step, is dropped and the message retried
+on a new one, once).
 The protocol is our own: `wire.py` (sans-I/O reply parser, command bytes) under
 `connection.py` (an asyncio Protocol with flow control); no third-party SMTP client.
 
@@ -423,10 +424,14 @@ class _TryNext(Exception):
 class _Stale(_TryNext):
     """The first transaction on a cached connection got a reply that blames the
     connection, not the message (a 503 to MAIL: the next hop lost the connection's
-    state, or we left it in a wrong one; a 421 before the message): the connection is
-    dropped and the message tried at once on a new one (_via, once); only a refusal on
-    a fresh connection counts (as Postfix blames a cached session's first failure on it).
-    `result` (transient) stands if it lands elsewhere (a follow-up transaction)."""
+    state, or we left it in a wrong one; a 421 before the message; replies out of step:
+    a positive one where another was due, a 250 to DATA, a 354 to the RSET after a
+    refused DATA, or a reply before the end-of-data dot, as when a late second reply to
+    the previous message's dot shifts them all by one or comes after the 354): the
+    connection is dropped and the message tried at once on a new one (_via, once); only
+    a refusal on a fresh connection counts (as Postfix blames a cached session's first
+    failure on it). `result` (transient) stands if it lands elsewhere (a follow-up
+    transaction)."""
 
 
 # Replies to MAIL that mean "this connection" on a cached one (RFC 5321 4.2.4: 503 bad
@@ -1431,8 +1436,8 @@ class Courier:
             unread -= 1
             if not rep.ok:  # any 2yz is positive completion (RFC 5321 4.2.1), as Postfix
                 res = _result(rep, remote)
-                if cached and rep.code in _CONNECTION_FAULTS:
-                    raise _Stale(_stale(rep, remote))
+                if cached and (rep.code in _CONNECTION_FAULTS or rep.code < 400):
+                    raise _Stale(_stale(rep, remote))  # (< 400: out of step)
                 if not res.permanent:
                     raise _TryNext(res)  # RFC 5321 5.1: another host may take it
                 results.update({r.address: res for r in send})
@@ -1447,6 +1452,8 @@ class Courier:
                 if rep.ok:  # 250, 251 (RFC 5321 4.3.2); any 2yz, as Postfix takes it
                     accepted.append(r)
                     continue
+                if cached and rep.code < 400:  # a 354 here: out of step
+                    raise _Stale(_stale(rep, remote))
                 res = _rcpt_result(rep, remote, sender,
                                    on_wire.get(r.address, r.address))
                 results[r.address] = res
@@ -1490,14 +1497,21 @@ class Courier:
 
         assert data_rep is not None
         if data_rep.code != 354:
-            if cached and data_rep.code == 421:
-                raise _Stale(_stale(data_rep, remote))
+            if cached and (data_rep.code == 421 or data_rep.code < 400):
+                raise _Stale(_stale(data_rep, remote))  # (< 400: a 250, out of step)
             res = _result(data_rep, remote)
             for r in accepted:
                 results[r.address] = res
                 if not res.permanent:
                     next_host.add(r.address)
-            reusable = data_rep.code != 421 and await self._reset(w, ct)
+            reusable = False
+            if data_rep.code != 421:
+                rset = await self._rset(w, ct)
+                if cached and rset is not None and rset.code == 354:
+                    # DATA's reply came to the RSET: the refusal was an earlier command's
+                    # (the last RCPT's), every reply one step behind: not the message's
+                    raise _Stale(_stale(data_rep, remote))
+                reusable = rset is not None and rset.code == 250 and w.is_connected
             return _Outcome(results, next_host, reusable)
 
         # The message: the final reply applies to every accepted recipient (RFC 5321 3.3).
@@ -1530,6 +1544,10 @@ class Courier:
             reusable = False
         except ProtocolError as e:
             w.abort()  # out of step (or cut already): nothing more on it
+            if cached and not ended:  # (a reply before the dot): the connection's fault
+                raise _Stale(DeliveryResult.temp(
+                    f"cached connection to {remote} failed: {e}", "4.4.2", 451,
+                    remote)) from None
             res = DeliveryResult.temp(f"protocol error from {remote} during DATA: {e}"
                                       + (_MAYBE_TWICE if ended else ""), "4.5.0", 451, remote)
             reusable = False
@@ -1564,10 +1582,16 @@ class Courier:
     @staticmethod
     async def _reset(w: Connection, timeout: float) -> bool:
         """RSET after a transaction that ended without a message: reusable if 250."""
+        rep = await Courier._rset(w, timeout)
+        return rep is not None and rep.code == 250 and w.is_connected
+
+    @staticmethod
+    async def _rset(w: Connection, timeout: float) -> SMTPReply | None:
+        """RSET's reply; None when there is none (a timeout, the connection lost)."""
         try:
-            return (await w.command(b"RSET\r\n", timeout)).code == 250 and w.is_connected
+            return await w.command(b"RSET\r\n", timeout)
         except (TimeoutError, *_LOST):
-            return False
+            return None
 
 
 class _Prefetched(StsSource):
