@@ -13,7 +13,8 @@ delivered more than once a DUPLICATE, split by where the kill caught it: after t
 relay had read the next hop's 250 (a `stat=Sent` line for each copy: the removal
 window, which the in-flight journal's delivered line closes) or before (the next hop
 took the message and its reply was still on the way: at least once, announced by
-`redelivery=after_crash`; Postfix has it too). PYTHONPATH=<an old tree's
+`redelivery=after_crash`; Postfix has it too); UNANNOUNCED: delivered again with no
+`may have been delivered` warning for its queue id (no begin line). PYTHONPATH=<an old tree's
 src> runs another version of the server (the client side is this tree's).
 """
 
@@ -95,12 +96,17 @@ def main() -> int:
     sent_lines = collections.Counter(re.findall(r" (\w+): to=<bob@local\.test>.*stat=Sent",
                                                 log))
     announced = len(re.findall(r"redelivery=after_crash", log))
+    warned = set(re.findall(r" (\w+): warning=delivery to <bob@local\.test> was in progress",
+                            log))
     recovered = log.count("status=sent before the crash")
     lost = [m for m in acked if got[m] == 0]
     dups = {m: n for m, n in got.items() if n > 1}
     window = [m for m in dups if sent_lines[qid_of.get(m, "")] > 1]
+    # delivered again with no warning at the restart (the journal had no begin line)
+    unannounced = [m for m in dups if qid_of.get(m) not in warned]
     print(f"runs={a.runs} tried={len(tried)} acked={len(acked)} delivered={sum(got.values())} "
           f"distinct={len(got)} lost={len(lost)} duplicates={len(dups)} "
+          f"unannounced={len(unannounced)} "
           f"after_the_250_read={len(window)} reply_in_flight={len(dups) - len(window)} "
           f"extra_copies={sum(n - 1 for n in dups.values())} "
           f"redelivery_after_crash_lines={announced} recovered_lines={recovered} "
