@@ -12,7 +12,7 @@ import functools
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -372,12 +372,13 @@ class RawMX:
         self._loop.close()
 
 
-def _verbs(replies: dict[bytes, bytes | None]) -> Any:
+def _verbs(replies: dict[bytes, bytes | None],
+           at_dot: Callable[[RawMX], None] | None = None) -> Any:
     """A RawMX script answering each command by its verb (its first four octets, upper
     case) from `replies`, else 250: `None` never answers (the connection is read to its
-    end); a 354 to DATA reads the message to its dot (recording b"message") and answers
-    `replies[b"."]` (250 by default; None: the connection closes unanswered); QUIT is 221
-    and the end."""
+    end); a 354 to DATA reads the message to its dot (recording b"message"; `at_dot(mx)`
+    once the dot is read) and answers `replies[b"."]` (250 by default; None: the
+    connection closes unanswered); QUIT is 221 and the end."""
     async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(b"220 raw.test ESMTP\r\n")
         while line := await r.readline():
@@ -393,9 +394,11 @@ def _verbs(replies: dict[bytes, bytes | None]) -> Any:
             w.write(reply)
             if verb == b"DATA" and reply.startswith(b"354"):
                 await w.drain()
-                while await r.readline() not in (b".\r\n", b""):
+                while (ln := await r.readline()) not in (b".\r\n", b""):
                     pass
                 mx.received.append(b"message")
+                if at_dot is not None and ln:
+                    at_dot(mx)
                 end = replies.get(b".", b"250 2.0.0 taken\r\n")
                 if end is None:
                     return  # no reply: the connection closes
@@ -1212,6 +1215,15 @@ async def test_recipients_the_deadline_keeps_from_the_next_host_are_not_said_pas
     assert not ml.grep(env.queue_id, "127.0.0.3"), ml.lines  # the backup: not tried
 
 
+def _connection(mx: RawMX) -> tuple[int, list[bytes]]:
+    """A new connection to `mx`: its index in `mx.conns` and the list of the messages
+    it takes (mx.conns[index])."""
+    mx.conns = getattr(mx, "conns", [])
+    taken: list[bytes] = []
+    mx.conns.append(taken)
+    return len(mx.conns) - 1, taken
+
+
 def _second_transaction_says(verb: bytes, reply: bytes) -> Any:
     """A next hop whose first connection answers its second transaction's `verb` with
     `reply` (a 503 to MAIL: it lost the connection's state; a 421: closing, and it
@@ -1219,10 +1231,7 @@ def _second_transaction_says(verb: bytes, reply: bytes) -> Any:
     every other transaction, is served normally. `mx.conns` lists, per connection, the
     messages it took."""
     async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        mx.conns = getattr(mx, "conns", [])
-        index = len(mx.conns)
-        taken: list[bytes] = []
-        mx.conns.append(taken)
+        index, taken = _connection(mx)
         w.write(b"220 raw.test ESMTP\r\n")
         txn = 0
         broken = False  # this transaction's state lost (after a 503 to MAIL)
@@ -1521,29 +1530,10 @@ def _journal_at_dot(path: Path) -> Any:
     """A RawMX script serving every message (PIPELINING); at each end-of-data dot
     `mx.dots` gets whether the in-flight journal at `path` had a begin line then (the
     next hop has the whole message from that moment)."""
-    async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        mx.dots = getattr(mx, "dots", [])
-        w.write(b"220 raw.test ESMTP\r\n")
-        while line := await r.readline():
-            mx.received.append(line)
-            v = line[:4].upper()
-            if v == b"EHLO":
-                w.write(b"250-raw.test\r\n250 PIPELINING\r\n")
-            elif v == b"QUIT":
-                w.write(b"221 bye\r\n")
-                break
-            elif v == b"DATA":
-                w.write(b"354 go ahead\r\n")
-                await w.drain()
-                while (ln := await r.readline()) != b".\r\n":
-                    if not ln:
-                        return  # cut before the dot
-                mx.dots.append(b'{"b":' in path.read_bytes())
-                w.write(b"250 2.0.0 taken\r\n")
-            else:
-                w.write(b"250 ok\r\n")
-            await w.drain()
-    return script
+    def seen(mx: RawMX) -> None:
+        mx.dots = [*getattr(mx, "dots", []), b'{"b":' in path.read_bytes()]
+    return _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+                   b"DATA": b"354 go ahead\r\n"}, at_dot=seen)
 
 
 def _held(journal: InflightJournal, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
@@ -1649,10 +1639,7 @@ def _dot_answered_twice(pipelining: bool, at: bytes) -> Any:
     is served normally; RCPT TO:<nobody@...> is refused (550). `mx.conns` lists, per
     connection, the messages it took."""
     async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        mx.conns = getattr(mx, "conns", [])
-        index = len(mx.conns)
-        taken: list[bytes] = []
-        mx.conns.append(taken)
+        index, taken = _connection(mx)
         w.write(b"220 raw.test ESMTP\r\n")
         late = False  # the second reply to the dot is due
         while line := await r.readline():
