@@ -44,6 +44,22 @@ def _idle(port: int, n: int) -> list[RawClient]:
     return out
 
 
+def _in_transaction(port: int) -> RawClient:
+    """A session from NAT on `port` (25) inside a transaction: MAIL and RCPT accepted."""
+    c = RawClient(port, source=NAT, timeout=30)
+    assert c.reply().code == 220
+    assert c.cmd("EHLO mx.test").code == 250
+    assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
+    assert c.cmd("RCPT TO:<alice@local.test>").code == 250
+    return c
+
+
+def _finish(c: RawClient) -> None:
+    """The transaction's message, accepted (the session is outside one again)."""
+    assert c.cmd("DATA").code == 354
+    assert c.cmd("Subject: t\r\n\r\nhi\r\n.").code == 250
+
+
 def _alice(port: int) -> smtplib.SMTP:
     """alice's mail program from NAT: STARTTLS, AUTH, one message; left open."""
     s = smtplib.SMTP("127.0.0.1", port, source_address=(NAT, 0), timeout=30)
@@ -157,12 +173,7 @@ def test_busy_sessions_of_the_address_are_never_taken(relay_factory
             s.starttls(context=client_ctx())
             s.login("alice", PASSWORD)
         for _ in range(9):
-            c = RawClient(mx, source=NAT, timeout=30)
-            txn.append(c)
-            assert c.reply().code == 220
-            assert c.cmd("EHLO mx.test").code == 250
-            assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
-            assert c.cmd("RCPT TO:<alice@local.test>").code == 250
+            txn.append(_in_transaction(mx))
         idle = _idle(sub, 1)
         time.sleep(TIE_AGE + 0.5)  # time under test: every session older than TIE_AGE
         with _alice(sub) as s:
@@ -176,8 +187,7 @@ def test_busy_sessions_of_the_address_are_never_taken(relay_factory
             for s in authed:
                 s.sendmail("alice@local.test", ["bob@example.net"], "Subject: a\r\n\r\nx\r\n")
             for c in txn:
-                assert c.cmd("DATA").code == 354
-                assert c.cmd("Subject: t\r\n\r\nhi\r\n.").code == 250
+                _finish(c)
         log = r.maillog(settle=0.5)
         assert len(re.findall(LINE, log)) == 1, log[-3000:]
     finally:
@@ -197,28 +207,21 @@ def test_all_20_in_a_transaction_alice_refused_until_one_ends_it(relay_factory
     txn: list[RawClient] = []
     try:
         for _ in range(20):
-            c = RawClient(r.ports["smtp"], source=NAT, timeout=30)
-            txn.append(c)
-            assert c.reply().code == 220
-            assert c.cmd("EHLO mx.test").code == 250
-            assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
-            assert c.cmd("RCPT TO:<alice@local.test>").code == 250
+            txn.append(_in_transaction(r.ports["smtp"]))
         time.sleep(TIE_AGE + 0.5)  # time under test: all older than TIE_AGE
         with pytest.raises(smtplib.SMTPConnectError) as e:
             _alice(r.ports["submission"])
         assert e.value.smtp_code == 421
         assert b"Too many connections from your address" in e.value.smtp_error
         done = txn[7]
-        assert done.cmd("DATA").code == 354
-        assert done.cmd("Subject: t\r\n\r\nhi\r\n.").code == 250  # idle from here
+        _finish(done)  # idle from here
         time.sleep(TIE_AGE + 0.5)  # time under test: it has waited TIE_AGE
         with _alice(r.ports["submission"]) as s:
             assert s.noop()[0] == 250
         assert EVICTED in (_ended(done) or b"")
         for c in txn:
             if c is not done:
-                assert c.cmd("DATA").code == 354  # none other was taken
-                assert c.cmd("Subject: t\r\n\r\nhi\r\n.").code == 250
+                _finish(c)  # none other was taken
         log = r.maillog(settle=0.5)
         assert len(re.findall(LINE.replace("submission:", "smtp:"), log)) == 1, log[-3000:]
     finally:
@@ -241,13 +244,8 @@ def test_a_full_pool_and_the_address_at_its_limit_takes_its_own(relay_factory
     idle = _idle(r.ports["smtp"], 20)
     try:
         time.sleep(TIE_AGE + 0.5)  # time under test: candidates younger than this are kept
-        with RawClient(r.ports["smtp"], source=NAT, timeout=30) as c:
-            assert c.reply().code == 220
-            assert c.cmd("EHLO mx.test").code == 250
-            assert c.cmd("MAIL FROM:<a@remote.test>").code == 250
-            assert c.cmd("RCPT TO:<alice@local.test>").code == 250
-            assert c.cmd("DATA").code == 354
-            assert c.cmd("Subject: t\r\n\r\nhi\r\n.").code == 250
+        with _in_transaction(r.ports["smtp"]) as c:  # a NAT's MTA
+            _finish(c)
         ends = [_ended(c) for c in idle]
         gone = [e for e in ends if e is not None]
         assert len(gone) == 1 and EVICTED in gone[0], ends
