@@ -223,13 +223,13 @@ def test_a_worker_killed_during_the_masters_start_is_swept_after_it(
         "import asyncio, os\n"
         "import authrelay.scheduler.scheduler as s\n"
         "s.RESCAN_INTERVAL = 3600.0\n"
-        "_warn = s.Scheduler._warn_in_flight\n"
+        "_warn = s.Scheduler._after_crash\n"
         "async def _held(self, leftovers):\n"
         f"    open({str(held)!r}, 'w').close()\n"
         f"    while not os.path.exists({str(gate)!r}):\n"
         "        await asyncio.sleep(0.05)\n"
         "    await _warn(self, leftovers)\n"
-        "s.Scheduler._warn_in_flight = _held\n")
+        "s.Scheduler._after_crash = _held\n")
     monkeypatch.setenv("PYTHONPATH", str(hook))
     relay = relay_factory(mx_overrides(dns, fake_mx.port), workers=2)
     relay.wait_for(held.exists, what="the master's start held after its recovery")
