@@ -1631,13 +1631,14 @@ async def test_a_journal_stalled_past_the_bound_holds_no_delivery(
     assert len([m for m in said if "caught up" in m]) == 1, said
 
 
-def _dot_answered_twice(pipelining: bool, at: bytes) -> Any:
+def _dot_answered_twice(pipelining: bool, at: bytes,
+                        again: bytes = b"250 2.0.0 taken (said again)\r\n") -> Any:
     """A next hop whose first connection answers the first message's end-of-data dot
     twice, the second reply late: it arrives with the next message's `at` command, MAIL
     (written before the reply to MAIL: every reply of that transaction one step behind)
     or DATA (after its 354: a reply before the message's dot). Every other connection
-    is served normally; RCPT TO:<nobody@...> is refused (550). `mx.conns` lists, per
-    connection, the messages it took."""
+    is served normally; RCPT TO:<nobody@...> is refused (550). `again`: the second
+    reply. `mx.conns` lists, per connection, the messages it took."""
     async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         index, taken = _connection(mx)
         w.write(b"220 raw.test ESMTP\r\n")
@@ -1654,7 +1655,7 @@ def _dot_answered_twice(pipelining: bool, at: bytes) -> Any:
             elif v == b"DATA":
                 w.write(b"354 go ahead\r\n")
                 if late and at == b"DATA":
-                    w.write(b"250 2.0.0 taken (said again)\r\n")
+                    w.write(again)
                     late = False
                 await w.drain()
                 body = b""
@@ -1666,7 +1667,7 @@ def _dot_answered_twice(pipelining: bool, at: bytes) -> Any:
                 w.write(b"250 2.0.0 taken\r\n")
                 late = index == 0 and len(taken) == 1
             elif v == b"MAIL" and late and at == b"MAIL":
-                w.write(b"250 2.0.0 taken (said again)\r\n250 ok\r\n")
+                w.write(again + b"250 ok\r\n")
                 late = False
             elif v == b"RCPT" and b"<nobody@" in line:
                 w.write(b"550 5.1.1 no such user\r\n")
@@ -1707,4 +1708,25 @@ async def test_a_late_second_reply_to_the_dot_on_a_cached_connection_retries_at_
         finally:
             await courier.close()
     # the first message on the first connection, the second on a new one, once each
+    assert [[m.rsplit(b"n=", 1)[1] for m in c] for c in mx.conns] == [[b"0\r\n"], [b"1\r\n"]]
+
+
+async def test_a_late_second_refusal_of_the_dot_on_a_cached_connection_retries_at_once(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    """The late second reply a refusal (554), pipelined: taken for the reply to the
+    next message's MAIL, it bounced that message (the RSET after it got the 354 due to
+    DATA, unseen). Now that 354 says the replies were one step behind: the message goes
+    at once on a new connection. (Without PIPELINING nothing shows it: see LIMITS.)"""
+    one_mx(dns)
+    with RawMX("127.0.0.2", raw_port, _dot_answered_twice(
+            True, b"MAIL", b"554 5.0.0 rejected after all\r\n")) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            for i in range(2):
+                env = envelope(f"r{i}@example.test")
+                r = (await courier.deliver(env, env.recipients, MSG + b"n=%d\r\n" % i)
+                     )[f"r{i}@example.test"]
+                assert r.ok and r.code == 250 and "taken" in r.text, r
+        finally:
+            await courier.close()
     assert [[m.rsplit(b"n=", 1)[1] for m in c] for c in mx.conns] == [[b"0\r\n"], [b"1\r\n"]]

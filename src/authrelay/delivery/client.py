@@ -426,11 +426,11 @@ class _Stale(_TryNext):
     connection, not the message (a 503 to MAIL: the next hop lost the connection's
     state, or we left it in a wrong one; a 421 before the message; replies out of step:
     a positive one where another was due, a 250 to DATA, a 354 to the RSET after a
-    refused DATA, or a reply before the end-of-data dot, as when a late second reply to
-    the previous message's dot shifts them all by one or comes after the 354): the
-    connection is dropped and the message tried at once on a new one (_via, once); only
-    a refusal on a fresh connection counts (as Postfix blames a cached session's first
-    failure on it). `result` (transient) stands if it lands elsewhere (a follow-up
+    refused MAIL or DATA, or a reply before the end-of-data dot, as when a late second
+    reply to the previous message's dot shifts them all by one or comes after the 354):
+    the connection is dropped and the message tried at once on a new one (_via, once);
+    only a refusal on a fresh connection counts (as Postfix blames a cached session's
+    first failure on it). `result` (transient) stands if it lands elsewhere (a follow-up
     transaction)."""
 
 
@@ -1441,7 +1441,8 @@ class Courier:
                 if not res.permanent:
                     raise _TryNext(res)  # RFC 5321 5.1: another host may take it
                 results.update({r.address: res for r in send})
-                reusable = await self._skip(w, unread, ct) and await self._reset(w, ct)
+                reusable = await self._skip(w, unread, ct) and \
+                    await self._reset_after(rep, w, ct, cached, remote)
                 return _Outcome(results, set(), reusable)
             for i, r in enumerate(send):
                 if not pipelining:
@@ -1504,14 +1505,8 @@ class Courier:
                 results[r.address] = res
                 if not res.permanent:
                     next_host.add(r.address)
-            reusable = False
-            if data_rep.code != 421:
-                rset = await self._rset(w, ct)
-                if cached and rset is not None and rset.code == 354:
-                    # DATA's reply came to the RSET: the refusal was an earlier command's
-                    # (the last RCPT's), every reply one step behind: not the message's
-                    raise _Stale(_stale(data_rep, remote))
-                reusable = rset is not None and rset.code == 250 and w.is_connected
+            reusable = data_rep.code != 421 and \
+                await self._reset_after(data_rep, w, ct, cached, remote)
             return _Outcome(results, next_host, reusable)
 
         # The message: the final reply applies to every accepted recipient (RFC 5321 3.3).
@@ -1592,6 +1587,18 @@ class Courier:
             return await w.command(b"RSET\r\n", timeout)
         except (TimeoutError, *_LOST):
             return None
+
+    @staticmethod
+    async def _reset_after(refusal: SMTPReply, w: Connection, timeout: float,
+                           cached: bool, remote: str) -> bool:
+        """RSET after a refused MAIL or DATA (`refusal`): reusable if 250. On a cached
+        connection's first transaction a 354 to it raises _Stale: DATA's reply came to
+        the RSET, every reply one step behind (a late second reply to the previous
+        message's dot), so the refusal was an earlier reply, not this message's."""
+        rep = await Courier._rset(w, timeout)
+        if cached and rep is not None and rep.code == 354:
+            raise _Stale(_stale(refusal, remote))
+        return rep is not None and rep.code == 250 and w.is_connected
 
 
 class _Prefetched(StsSource):
