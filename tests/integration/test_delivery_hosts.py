@@ -33,6 +33,7 @@ from authrelay.dns import Resolver
 from authrelay.scheduler import inflight
 from authrelay.scheduler.inflight import InflightJournal
 from authrelay.spool.envelope import Envelope
+from authrelay.types import DeliveryResult
 
 pytestmark = pytest.mark.slow
 
@@ -1282,20 +1283,30 @@ async def test_a_reply_blaming_a_cached_connection_retries_on_a_new_one(
     MAIL: the next hop lost its state, or we left it wrong; 421 before the message): the
     connection is dropped and the message sent at once on a new one. A 503 to MAIL
     bounced the message, a 421 to RCPT or DATA deferred it to the next attempt."""
+    await _two_messages(tmp_path, dns, raw_port, _second_transaction_says(verb, reply))
+
+
+async def _two_messages(tmp_path: Path, dns: FakeDNSServer, raw_port: int, script: Any,
+                        *others: str) -> list[dict[str, DeliveryResult]]:
+    """Two messages (to r0@example.test, then r1@, each also to `others`) through one
+    courier to a RawMX running `script` (which keeps `mx.conns`, _connection): each r{i}
+    delivered (250), the first message on the first connection, the second on a new
+    one, once each. Their results."""
     one_mx(dns)
-    with RawMX("127.0.0.2", raw_port, _second_transaction_says(verb, reply)) as mx:
+    out = []
+    with RawMX("127.0.0.2", raw_port, script) as mx:
         courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
         try:
             for i in range(2):
-                env = envelope(f"r{i}@example.test")
-                r = (await courier.deliver(env, env.recipients, MSG + b"n=%d\r\n" % i)
-                     )[f"r{i}@example.test"]
+                env = envelope(f"r{i}@example.test", *others)
+                res = await courier.deliver(env, env.recipients, MSG + b"n=%d\r\n" % i)
+                r = res[f"r{i}@example.test"]
                 assert r.ok and r.code == 250, r
+                out.append(res)
         finally:
             await courier.close()
-    # the first message on the first connection, the second on a new one, once each
-    assert [[b"n=" in m and m.rsplit(b"n=", 1)[1] for m in c] for c in mx.conns] \
-        == [[b"0\r\n"], [b"1\r\n"]]
+    assert [[m.rsplit(b"n=", 1)[1] for m in c] for c in mx.conns] == [[b"0\r\n"], [b"1\r\n"]]
+    return out
 
 
 async def test_a_503_to_mail_on_a_fresh_connection_still_counts(
@@ -1692,23 +1703,13 @@ async def test_a_late_second_reply_to_the_dot_on_a_cached_connection_retries_at_
     arriving after the 354, it was a protocol error, 451 4.5.0, deferred alike. Now, as
     the other replies blaming a cached connection (_Stale), the message goes at once on
     a new connection: each recipient gets its own reply."""
-    one_mx(dns)
-    with RawMX("127.0.0.2", raw_port, _dot_answered_twice(pipelining, at)) as mx:
-        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
-        try:
-            for i in range(2):
-                env = envelope(f"r{i}@example.test",
-                               *(["nobody@example.test"] if refused else []))
-                res = await courier.deliver(env, env.recipients, MSG + b"n=%d\r\n" % i)
-                r = res[f"r{i}@example.test"]
-                assert r.ok and r.code == 250 and "taken" in r.text, r
-                if refused:
-                    r = res["nobody@example.test"]
-                    assert (r.code, r.enhanced, r.permanent) == (550, "5.1.1", True), r
-        finally:
-            await courier.close()
-    # the first message on the first connection, the second on a new one, once each
-    assert [[m.rsplit(b"n=", 1)[1] for m in c] for c in mx.conns] == [[b"0\r\n"], [b"1\r\n"]]
+    for i, res in enumerate(await _two_messages(
+            tmp_path, dns, raw_port, _dot_answered_twice(pipelining, at),
+            *(["nobody@example.test"] if refused else []))):
+        assert "taken" in res[f"r{i}@example.test"].text, res
+        if refused:
+            r = res["nobody@example.test"]
+            assert (r.code, r.enhanced, r.permanent) == (550, "5.1.1", True), r
 
 
 async def test_a_late_second_refusal_of_the_dot_on_a_cached_connection_retries_at_once(
@@ -1717,16 +1718,6 @@ async def test_a_late_second_refusal_of_the_dot_on_a_cached_connection_retries_a
     next message's MAIL, it bounced that message (the RSET after it got the 354 due to
     DATA, unseen). Now that 354 says the replies were one step behind: the message goes
     at once on a new connection. (Without PIPELINING nothing shows it: see LIMITS.)"""
-    one_mx(dns)
-    with RawMX("127.0.0.2", raw_port, _dot_answered_twice(
-            True, b"MAIL", b"554 5.0.0 rejected after all\r\n")) as mx:
-        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
-        try:
-            for i in range(2):
-                env = envelope(f"r{i}@example.test")
-                r = (await courier.deliver(env, env.recipients, MSG + b"n=%d\r\n" % i)
-                     )[f"r{i}@example.test"]
-                assert r.ok and r.code == 250 and "taken" in r.text, r
-        finally:
-            await courier.close()
-    assert [[m.rsplit(b"n=", 1)[1] for m in c] for c in mx.conns] == [[b"0\r\n"], [b"1\r\n"]]
+    for i, res in enumerate(await _two_messages(tmp_path, dns, raw_port, _dot_answered_twice(
+            True, b"MAIL", b"554 5.0.0 rejected after all\r\n"))):
+        assert "taken" in res[f"r{i}@example.test"].text, res
