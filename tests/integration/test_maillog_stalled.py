@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from fakes.smtpserver import FakeSMTPServer, MXFactory
-from relayproc import RelayProcess, children
+from relayproc import RelayProcess, alive, children
 from support.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -115,6 +115,18 @@ def _submit(r: RelayProcess) -> str:
         return msg.decode().rsplit(" ", 1)[1]
 
 
+def _kill(workers: list[int]) -> None:
+    """kill -9 of `workers`, returning once each is dead (a zombie at most). A process
+    blocked writing to the full pipe and sent SIGKILL leaves its write only when it next
+    runs, and the kernel looks for room before it looks for the signal: the reader resumed
+    before then (a loaded machine: seen in CI) would let the dying worker write the line
+    the test means it to die owing."""
+    for p in workers:
+        os.kill(p, signal.SIGKILL)
+    for p in workers:
+        wait_until(lambda p=p: not alive(p), what=f"worker {p} dead")
+
+
 def _stalled(relay_factory: Callable[..., RelayProcess], fake_mx: MXFactory,
              fifo: FifoReader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
              workers: int = 2) -> tuple[RelayProcess, FakeSMTPServer]:
@@ -192,8 +204,7 @@ def test_a_worker_killed_before_its_notice_went_leaves_no_message_for_the_rescan
     else:
         pytest.fail("the workers were never stopped within a second of a 250")
     assert (r.queue_dir / qid).exists()
-    for p in workers:
-        os.kill(p, signal.SIGKILL)
+    _kill(workers)
     earlier.remove(qid)
     r.wait_for(lambda: any(qid.encode() in m.content for m in smart.messages), timeout=30,
                what="the message delivered after its worker died (the rescan is an hour away)")
@@ -238,8 +249,7 @@ def test_a_worker_killed_after_its_notice_went_by_the_timer_leaves_one_from_line
     r.wait_for(lambda: any(qid.encode() in m.content for m in smart.messages), timeout=30,
                what="the message delivered by its notice's timer")
     r.wait_for(lambda: not (r.queue_dir / qid).exists(), what=f"{qid} removed")
-    for p in workers:
-        os.kill(p, signal.SIGKILL)
+    _kill(workers)
     fifo.resume()
     wait_until(lambda: sum("daemon=started" in ln for ln in fifo.lines()) >= 5,
                what=lambda: f"the workers replaced: {fifo.lines()[-20:]}")
@@ -280,8 +290,7 @@ def test_a_worker_killed_before_its_writer_wrote_a_refusal_leaves_the_line_to_th
     refused = [f"victim{n}@elsewhere.example" for n in range(4)]
     for rcpt in refused:  # the reply sent, the line waiting for the stalled writer
         assert "Relaying denied" in _refused(r, rcpt)
-    for p in workers:
-        os.kill(p, signal.SIGKILL)
+    _kill(workers)
     fifo.resume()
     wait_until(lambda: sum("daemon=started" in ln for ln in fifo.lines()) >= 5,
                what=lambda: f"the workers replaced: {fifo.lines()[-20:]}")
