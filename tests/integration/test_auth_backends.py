@@ -180,6 +180,13 @@ def dovecot_local_part() -> Iterator[Path]:
     yield from _dovecot("auth_username_format = %Ln\n")
 
 
+@pytest.fixture(scope="module")
+def dovecot_failure_delay() -> Iterator[Path]:
+    """A Dovecot answering each failed login after its default auth_failure_delay (2 s;
+    a right password at once)."""
+    yield from _dovecot("auth_failure_delay = 2 secs\n")
+
+
 def _dovecot(settings: str) -> Iterator[Path]:
     binary = ci.require_tool("dovecot", "dovecot-core")  # fails under CI, skips elsewhere
     tmp = Path(tempfile.mkdtemp(prefix="ar-dc-"))
@@ -542,6 +549,40 @@ def test_backend_spellings_share_one_lockout(cls: str, request, tmp_path: Path) 
             assert auth(spelling, "wrong", "127.0.1.7")[0] == 535, spelling
         assert auth("alice", USERS["alice"], "127.0.2.8") == (454, "4.7.0")
         assert auth("aLiCe", USERS["alice"], "127.0.2.9") == (454, "4.7.0")
+    finally:
+        r.stop()
+
+
+def test_a_known_networks_checks_answered_late_still_count(dovecot_failure_delay: Path,
+                                                           tmp_path: Path) -> None:
+    """Past the NAT's lockout alice is still checked there (Lockout.SPARED), but a check
+    not done by the lockout's answer was counted nowhere; Dovecot answers every wrong
+    password 2 s late (its auth_failure_delay) and a right one at once, so each guess of
+    alice's password there was late, uncounted and answered 454, and the right one got
+    235: guessing without end. Now a late check counts as a guess of her network: past
+    max_failures_per_user of them even her right password is refused there (454)."""
+    nat = "127.0.0.50"
+    r = RelayProcess(tmp_path, {"auth": {"backend": f"dovecot:{dovecot_failure_delay}",
+                                         "max_failures_per_ip": 1,
+                                         "max_failures_per_user": 2,
+                                         "failure_delay": 0.05},
+                                "limits": {"max_auth_failures": 10,
+                                           "connection_rate_per_ip": 0}},
+                     users={}).start()
+    try:
+        assert _login(r, "alice", USERS["alice"], nat)[0] == 235  # known there
+        assert _login(r, "nosuchuser", "wrong", nat)[0] == 535  # the NAT is locked
+        assert _login(r, LATIN1_USER, "wrong", nat) == (454, "4.7.0")  # unchecked
+        for i in range(3):
+            assert _login(r, "alice", f"wrong{i}", nat) == (454, "4.7.0")
+        r.wait_log(r"reject=454 4\.7\.0 Too many authentication failures, try again "
+                   r"later, relay=unknown \[127\.0\.0\.50\], sasl_method=PLAIN, "
+                   r"sasl_username=alice, reason=known network, check not done in time$")
+        assert _login(r, "alice", USERS["alice"], nat) == (454, "4.7.0")
+        r.wait_log(r"reject=454 4\.7\.0 Too many authentication failures, try again "
+                   r"later, relay=unknown \[127\.0\.0\.50\], sasl_method=PLAIN, "
+                   r"sasl_username=alice$")
+        assert _login(r, "alice", USERS["alice"], "127.0.1.9")[0] == 235  # elsewhere
     finally:
         r.stop()
 

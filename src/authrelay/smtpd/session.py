@@ -576,8 +576,13 @@ class Session:
         guess toward this network's own limit for the user (which ends the exemption),
         and only there: the unchecked ones count nowhere, so a per-address or per-user
         count that moved would tell it too (Throttle.auth_failed); it has the maillog's
-        `authentication failed` line; a check not done by `due` (`late`) or a backend
-        failure has the lockout's line with the reason."""
+        `authentication failed` line. A check not done by `due` (`late`) counts as such a
+        guess too: its outcome never reaches the client, and a backend that answers a
+        wrong password late (Dovecot's auth_failure_delay, 2 s) and a right one at once
+        would otherwise give guesses of it there without end; it and a backend failure
+        (not counted) have the lockout's line with the reason."""
+        if late:
+            await self.ticket.auth_failed(account, known_net=True)
         if late or login.result is AuthResult.TEMPFAIL:
             await self._until(due)
             self._log_reject(replies.AUTH_LOCKED, "", sasl_method=mech, sasl_username=user,
