@@ -3,7 +3,8 @@ limits against a stranger who shares a user's address"), against a real authrela
 
 A guesser behind a user's address holds `max_connections_per_ip` (20) connections idle
 after EHLO; a new connection from that address takes the slot of the address's own
-oldest idle unauthenticated session (aged at least eviction's TIE_AGE), never one that
+oldest idle unauthenticated session (aged at least eviction's TIE_AGE since its last
+command, or connected OWN_AGE), never one that
 authenticated, is in an AUTH exchange or in a transaction. Every client here comes from
 127.0.9.1 (127.0.0.1 is exempt from the per-address limits).
 """
@@ -21,7 +22,7 @@ from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx
 from support.ports import free_port
 
-from authrelay.smtpd.eviction import TIE_AGE
+from authrelay.smtpd.eviction import OWN_AGE, TIE_AGE
 
 pytestmark = pytest.mark.slow
 
@@ -152,6 +153,40 @@ def test_farm_node_with_shared_redis_counters_a_user_gets_in(relay_factory
             r.stop()  # before Redis goes
     finally:
         rs.cleanup()
+
+
+def test_sessions_that_keep_moving_are_taken_once_connected_own_age(relay_factory
+                                                                    ) -> None:  # noqa: ANN001
+    """A guesser's 20 sessions (465) each send AUTH LOGIN and cancel it (`*`) over and
+    over, no password checked: each AUTH LOGIN moves its session on, so none was ever
+    TIE_AGE old since its last command and alice got `421 4.7.0 Too many connections
+    from your address` for as long as that went on (max_errors ends a session after 20
+    cancels; its replacement reconnects within the connection rate). Connected OWN_AGE
+    without authenticating, they are taken all the same, the one connected first."""
+    r = _start(relay_factory)
+    moving: list[RawClient] = []
+    try:
+        for _ in range(20):
+            c = RawClient(r.ports["submissions"], tls=client_ctx(), source=NAT, timeout=30)
+            moving.append(c)
+            assert c.reply().code == 220
+            assert c.cmd("EHLO guesser.test").code == 250
+        time.sleep(OWN_AGE + 0.5)  # time under test: every one connected OWN_AGE ago
+        for c in moving:  # each moved on just now, waiting for its AUTH exchange's line
+            c.send(b"AUTH LOGIN\r\n")
+        for c in moving:
+            assert c.reply().code == 334
+        with _alice(r.ports["submission"]) as s:
+            assert s.noop()[0] == 250
+        assert EVICTED in moving[0].sock.recv(4096)
+        for c in moving[1:]:
+            assert c.cmd("*").code == 501  # still there, each
+        log = r.maillog(settle=0.5)
+        assert len(re.findall(LINE.replace("submission:", "submissions:"), log)) == 1, \
+            log[-3000:]
+    finally:
+        for c in moving:
+            c.close()
 
 
 def test_busy_sessions_of_the_address_are_never_taken(relay_factory

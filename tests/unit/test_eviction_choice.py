@@ -9,6 +9,7 @@ import pytest
 from authrelay.smtpd.admission import eviction_key
 from authrelay.smtpd.eviction import (
     MAX_MARKS,
+    OWN_AGE,
     PRESSED_AFTER,
     PRESSURE_TTL,
     TIE_AGE,
@@ -258,6 +259,23 @@ def test_own_takes_the_addresses_oldest_aged_candidate_only() -> None:
     assert cs.own("2001:db8::/48", "2001:db8:0:1::/64", 100.0) is None
     assert not log
     assert not cs.under_pressure("a", 100.0)  # own() sets no mark
+
+
+def test_own_takes_a_candidate_connected_own_age_ago_however_recently_it_moved() -> None:
+    """A session that moves every 0.9 s (AUTH LOGIN, then `*`) was never TIE_AGE old
+    since its last move, so a guesser's sessions kept their address's slots for ever;
+    connected OWN_AGE ago without authenticating it is taken all the same, the one
+    connected longest ago first."""
+    cs = Candidates()
+    moved = OWN_AGE + 0.1  # both just moved on
+    second = Candidate("a", moved, lambda: None, "session", who="a", born=0.5)
+    first = Candidate("a", moved, lambda: None, "session", who="a", born=0.0)
+    for c in (second, first):
+        cs.add(c)
+    assert cs.own("a", "a", OWN_AGE + 0.2) is first
+    cs.discard(first)
+    assert cs.own("a", "a", OWN_AGE + 0.2) is None  # 0.5 s short of OWN_AGE
+    assert cs.own("a", "a", OWN_AGE + 0.5) is second
 
 
 class _Counted(Candidate):

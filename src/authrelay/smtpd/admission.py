@@ -158,6 +158,7 @@ class Ticket:
         self.pools = pools
         self.exempt = exempt
         self.released = False
+        self.born = time.monotonic()  # accepted (eviction.py `own`: OWN_AGE)
         # The client's (address, port) from a PROXY header (smtpd/proxy.py), which the
         # session uses instead of the socket's peer (the load balancer); None: no header.
         self.peer = peer
@@ -589,8 +590,9 @@ class Acceptor:
     def _take_own(self, ip: str, key: str, ekey: str, exempt: bool,
                   here: bool = False) -> Admission | None:
         """The address is at `max_connections_per_ip`: take the slot of its own oldest
-        eviction candidate (eviction.py `own`: aged TIE_AGE, never an authenticated
-        session, one in a transaction or with a command running) in this process, on
+        eviction candidate (eviction.py `own`: aged TIE_AGE or OWN_AGE, never an
+        authenticated session, one in a transaction or with a command running) in this
+        process, on
         any listener (the per-address count covers them all), this one's first (`here`:
         this one's only, for a pool of it full too: only a victim in it frees a slot of
         every pool the newcomer needs); the admission, or None when there is none.
@@ -629,7 +631,7 @@ class Acceptor:
         if c is None:  # (one session per ticket: `evict` is always its own)
             c = ticket.idle_candidate = Candidate(ticket.ekey, time.monotonic(),
                                          lambda: self._evict_session(ticket, evict), "session",
-                                         who=ticket.key)
+                                         who=ticket.key, born=ticket.born)
         elif moved:
             c.since = time.monotonic()
         ticket.idling = c

@@ -44,8 +44,8 @@ its address's mark (`relieve`): a user's address takes a tie slot, logs in, and 
 connection is fresh again; for `USER_TTL` after, its refusals at a full pool do not mark
 it (a mail program whose retries meet a flood is not a flooder; a flooder cannot log in).
 `own(key, who, now)`: the victim when the newcomer's address is at its
-`max_connections_per_ip` instead (docs/LIMITS.md): that address's own oldest candidate,
-aged at least TIE_AGE.
+`max_connections_per_ip` instead (docs/LIMITS.md): that address's own candidate connected
+longest ago, aged at least TIE_AGE or connected OWN_AGE.
 Failure policy: pure bookkeeping; never raises for unknown candidates.
 """
 
@@ -56,6 +56,9 @@ from collections.abc import Callable
 from authrelay.policy.counters import Mark, MarkTable
 
 TIE_AGE = 1.0  # seconds a candidate is kept before a fresh address may take its slot
+# seconds connected without authenticating after which a candidate's slot may go to a
+# newcomer of its own address at max_connections_per_ip however recently it moved (`own`)
+OWN_AGE = 10.0
 LOOK = 8  # addresses of the top count looked at for one that weighs enough
 PRESSURE_TTL = 30.0  # seconds an address stays marked as pressing on a full pool
 PRESSED_AFTER = 2  # refusals at a full pool within PRESSURE_TTL that mark an address
@@ -66,13 +69,14 @@ USER_TTL = 86400.0  # seconds an address that logged in is a user's: refusals do
 class Candidate:
     """One evictable connection: its address key, since when, and how to evict it."""
 
-    __slots__ = ("key", "since", "evict", "kind", "who")
+    __slots__ = ("key", "since", "evict", "kind", "who", "born")
 
     def __init__(self, key: str, since: float, evict: Callable[[], None],
-                 kind: str, who: str | None = None) -> None:
+                 kind: str, who: str | None = None, born: float | None = None) -> None:
         self.key = key
         self.who = who if who is not None else key  # its own address key (`_live`)
         self.since = since
+        self.born = born if born is not None else since  # its connection's accept
         self.evict = evict
         self.kind = kind  # "handshake" (not yet a session) | "session" (idle, pre-AUTH)
 
@@ -218,15 +222,20 @@ class Candidates:
 
     def own(self, key: str, who: str, now: float) -> Candidate | None:
         """The candidate whose slot a new connection from address `who` (eviction key
-        `key`) may take when `who` is at `max_connections_per_ip`: its own oldest, once
-        it has waited TIE_AGE (younger ones are kept, so two clients of one address
-        cannot evict each other for ever: each keeps its slot at least TIE_AGE), or
-        None. No mark is set: an address evicting its own connection is not pressing on
-        a pool, and a NAT's user must not be counted a flooder for it. Looks at that
-        address's candidates of this listener only (at most its limit, plus one)."""
+        `key`) may take when `who` is at `max_connections_per_ip`: its own connected
+        longest ago, once it has waited TIE_AGE since its last command that moved it on
+        (younger ones are kept, so two clients of one address cannot evict each other
+        for ever: each keeps its slot at least TIE_AGE), or once it has been connected
+        OWN_AGE without authenticating, however often it moved (a guesser's AUTH LOGIN
+        cancelled with `*` every 0.9 s kept each of its sessions younger than TIE_AGE
+        for ever); or None. No mark is set: an address evicting its own connection is
+        not pressing on a pool, and a NAT's user must not be counted a flooder for it.
+        Looks at that address's candidates of this listener only (at most its limit,
+        plus one)."""
         best: Candidate | None = None
         for c in (self._by_key if who == key else self._by_who).get(who, ()):
-            if now - c.since >= TIE_AGE and (best is None or c.since < best.since):
+            if (now - c.since >= TIE_AGE or now - c.born >= OWN_AGE) and \
+                    (best is None or c.born < best.born):
                 best = c
         return best
 
