@@ -3,9 +3,11 @@ notice; NOTIFY=NEVER suppresses the bounce; ENVID and ORCPT come back in the rep
 
 from __future__ import annotations
 
+import json
 import re
 import smtplib
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fakes.dnsserver import FakeDNSServer
@@ -67,6 +69,62 @@ def test_success_notice_when_next_hop_lacks_dsn(
     assert g["Original-Recipient"] == "rfc822;bob+x@example.test"  # xtext decoded
     assert "Original-Envelope-Id: track-42" in msg.get_payload()[1].as_string()
     assert any("sender_success_notification=" in ln for ln in log_lines(relay, qid))
+
+
+def _journal_owes(relay: RelayProcess, qid: str, rcpt: str) -> bool:
+    """The in-flight journal says `qid`'s attempt was delivered and `rcpt` is owed a
+    success DSN (`"n"` on its delivered line)."""
+    path = relay.state / "spool" / "inflight.log"
+    lines = [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+    tokens = {ln["b"] for ln in lines if ln.get("q") == qid}
+    return any((ln.get("e") in tokens or ln.get("d") in tokens) and rcpt in ln.get("n", [])
+               for ln in lines)
+
+
+def test_a_success_notice_owed_at_a_kill_comes_once_and_the_message_is_not_sent_again(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The master killed (kill -9) after the next hop's 250 and before it queued the
+    success notice owed (a sitecustomize hook holds the notice's queueing there): a
+    recipient owed a success DSN was left out of the journal's delivered line, so the
+    restart delivered the message to it again (and sent its notice then). Now the line
+    names it owed: the restart records both recipients sent, removes the message and
+    queues the one notice; the next hop has the message once."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import asyncio\n"
+        "import authrelay.scheduler.scheduler as s\n"
+        "_send = s.Scheduler._send_owed\n"
+        "async def _held(self, act):\n"
+        "    if act.owed.get('relayed'):\n"
+        "        await asyncio.Event().wait()  # killed here\n"
+        "    await _send(self, act)\n"
+        "s.Scheduler._send_owed = _held\n")
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    mx1 = fake_mx("127.0.0.2")  # aiosmtpd: no DSN extension, the notice is ours
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = _submit(relay, [("bob@example.test", ["NOTIFY=SUCCESS"]),
+                          ("carol@example.test", [])], [])
+    relay.wait_for(lambda: _journal_owes(relay, qid, "bob@example.test"),
+                   what="the journal's delivered line owing bob's notice")
+    assert not sender_mx.messages and relay.queued() != []
+    relay.kill()
+    relay.start()
+    relay.wait_for(lambda: sender_mx.messages, what="the success notice")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
+    assert [sorted(m.rcpt_tos) for m in mx1.messages] == [
+        ["bob@example.test", "carol@example.test"]]
+    [notice] = sender_mx.messages
+    msg, groups = parse_dsn(notice.content)
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    assert [(g["Action"], g["Status"]) for g in groups] == [("relayed", "2.0.0")]
+    assert "bob@example.test" in groups[0]["Final-Recipient"]
+    lines = log_lines(relay, qid)
+    assert [ln for ln in lines if "status=sent before the crash" in ln and "queue=removed" in ln]
+    assert len([ln for ln in lines if "sender_success_notification=" in ln]) == 1
+    assert not [ln for ln in lines if "may have been delivered" in ln]
 
 
 def test_a_raw_utf8_original_recipient_reaches_the_next_hop_and_the_bounce(

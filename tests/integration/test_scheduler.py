@@ -692,26 +692,83 @@ async def test_a_message_held_after_the_crash_keeps_its_delivered_recipients(
     assert not rig.queued() and rig.courier.calls == []
 
 
-async def test_a_success_notice_owed_is_not_lost_to_the_recovery(
+def _success_owed() -> Envelope:
+    """x@b.example owed a success DSN (NOTIFY=SUCCESS), y@b.example not."""
+    return Envelope(queue_id=new_queue_id(), sender="a@a.example",
+                    recipients=[Recipient("x@b.example", notify="SUCCESS"),
+                                Recipient("y@b.example")])
+
+
+async def test_a_success_notice_queued_before_the_crash_is_not_queued_again(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A recipient owed a success DSN (NOTIFY=SUCCESS, not passed on) is not recorded
-    delivered: a crash before its DSN was queued would lose the DSN. It is delivered
-    again after the crash, as before, and its notice comes then (a guard)."""
+    """A recipient owed a success DSN (NOTIFY=SUCCESS, not passed on) was left out of the
+    journal's delivered line (a crash before its DSN was queued would have lost it), so
+    a crash in the removal window delivered it again, and its notice came twice. Now
+    the line names it owed and `{"s": N}` says its notice was queued: the start records
+    both sent, removes the message, and queues no second notice."""
     _removals_cut_at_stop(rig, monkeypatch)
+    await rig.start()
+    inc = rig.spool.begin(_success_owed())
+    inc.write(BODY)
+    await inc.commit(announce=True)
+    qid = inc.queue_id
+    await _crash_after(rig, monkeypatch, qid, "sender_success_notification=")
+    assert rig.log.grep(qid, "to=<x@b.example>,<y@b.example>", SENT_BEFORE_CRASH,
+                        "queue=removed")
+    assert len(rig.log.grep(qid, "sender_success_notification=")) == 1
+    assert qid not in rig.queued()
+    assert [c[1] for c in rig.courier.calls if c[0].queue_id == qid] == [
+        ["x@b.example", "y@b.example"]]
+    assert not rig.log.grep(qid, "may have been delivered")
+
+
+async def test_a_success_notice_owed_at_the_crash_is_queued_by_the_start(rig: Rig) -> None:
+    """The journal says the next hop took both and x is owed a success DSN not queued
+    yet (the run died first): the start records both sent, queues x's notice once and
+    removes the message; the next hop does not get it again. The old code read no
+    "n" (and wrote none: x was delivered again)."""
+    env = _success_owed()
+    inc = rig.spool.begin(env)
+    inc.write(BODY)
+    await inc.commit()
+    qid = inc.queue_id
+    _crashed_with(rig, {"b": 1, "q": qid, "r": ["x@b.example", "y@b.example"]},
+                  {"e": 1, "d": 1, "n": ["x@b.example"]})
+    await rig.start()
+    assert rig.log.grep(qid, "to=<x@b.example>,<y@b.example>", SENT_BEFORE_CRASH,
+                        "queue=removed")
+    (notice,) = rig.log.grep(qid, "sender_success_notification=")
+    dsn = notice.rsplit("=", 1)[1].strip()
+    await until(lambda: rig.log.grep(dsn, "status=removed"), "the notice delivered")
+    assert [(c[0].queue_id, c[1]) for c in rig.courier.calls] == [(dsn, ["a@a.example"])]
+    assert b"Action: relayed" in rig.courier.calls[0][2]
+
+
+async def test_a_success_notice_owed_by_a_job_saved_before_a_cut_is_not_lost(
+        rig: Rig) -> None:
+    """x (NOTIFY=SUCCESS) at b.example taken, its state saved SENT (the message's other
+    job, y at c.example, still at its next hop), then the stop cut y's job: the pass's
+    notices are queued when its last job ends (_finish), which a cut job never reaches,
+    and x's journal entry had ended at the save: x's notice was lost. Now its entry
+    stays until the notice is queued: the next start queues it, once."""
+    rig.cfg = from_dict({"hostname": "relay.test", "state_dir": str(rig.cfg.state_dir),
+                         "shutdown_timeout": 0, "delivery": {"retry": ["50ms"]}})
+    rig.courier.gates["c.example"] = gate = asyncio.Event()
     await rig.start()
     env = Envelope(queue_id=new_queue_id(), sender="a@a.example",
                    recipients=[Recipient("x@b.example", notify="SUCCESS"),
-                               Recipient("y@b.example")])
+                               Recipient("y@c.example")])
     inc = rig.spool.begin(env)
     inc.write(BODY)
     await inc.commit(announce=True)
     qid = inc.queue_id
-    await _crash_after(rig, monkeypatch, qid, "stat=Sent")
-    assert rig.log.grep(qid, "to=<y@b.example>", SENT_BEFORE_CRASH, "queue=queued")
-    await until(lambda: rig.log.grep(qid, "status=removed"), "x delivered again")
-    assert rig.log.grep(qid, "sender_success_notification=")
-    assert [c[1] for c in rig.courier.calls if c[0].queue_id == qid] == [
-        ["x@b.example", "y@b.example"], ["x@b.example"]]
+    await until(lambda: rig.spool.load(qid).recipients[0].state == SENT, "x saved sent")
+    await rig.stop()  # y's delivery cut
+    gate.set()
+    await rig.start()
+    await until(lambda: not rig.queued(), "y delivered, the notice too")
+    assert len(rig.log.grep(qid, "sender_success_notification=")) == 1
+    assert [c[1] for c in rig.courier.calls_for("x@b.example")] == [["x@b.example"]]
 
 
 async def test_a_message_delivered_with_a_bounce_owed_keeps_the_bounce(

@@ -37,7 +37,7 @@ def test_journal_round_trip(tmp_path: Path) -> None:
         {"b": t2, "q": "Q2", "r": ["b@x.test", "c\"@x.test"]},
         {"e": t1}]
     assert InflightJournal(tmp_path).leftovers() == [
-        Leftover("Q2", ["b@x.test", "c\"@x.test"], [])]
+        Leftover("Q2", ["b@x.test", "c\"@x.test"], [], [])]
 
 
 def test_journal_disabled_by_an_io_error_comes_back(
@@ -60,7 +60,7 @@ def test_journal_disabled_by_an_io_error_comes_back(
     assert j.written(10)
     assert t1 != t2
     assert sorted(InflightJournal(tmp_path).leftovers()) == [
-        ("Q1", ["a@x.test"], []), ("Q3", ["c@x.test"], [])]
+        ("Q1", ["a@x.test"], [], []), ("Q3", ["c@x.test"], [], [])]
 
 
 def test_delivered_recipients_are_left_over_until_their_end(tmp_path: Path) -> None:
@@ -75,18 +75,19 @@ def test_delivered_recipients_are_left_over_until_their_end(tmp_path: Path) -> N
     t1 = j.begin("Q1", ["a@x.test"])
     t2 = j.begin("Q2", ["b@x.test", "c@x.test"])
     t3 = j.begin("Q3", ["d@x.test"])
-    j.delivered([(t1, ["a@x.test"], True)])
-    j.delivered([(t2, ["c@x.test"], False)])
-    j.delivered([(t3, ["d@x.test"], True)])
+    j.delivered([(t1, ["a@x.test"], True, [])])
+    j.delivered([(t2, ["c@x.test"], False, ["c@x.test"])])
+    j.delivered([(t3, ["d@x.test"], True, ["d@x.test"])])
     j.end(t3)  # removed: nothing more to write
     assert j.written(10)
     j.close()
     lines = [json.loads(x) for x in (tmp_path / "inflight.log").read_bytes().splitlines()]
-    assert lines[3:] == [{"e": t1, "d": 1}, {"d": t2, "r": ["c@x.test"]}, {"e": t3, "d": 1}]
+    assert lines[3:] == [{"e": t1, "d": 1}, {"d": t2, "r": ["c@x.test"], "n": ["c@x.test"]},
+                         {"e": t3, "d": 1, "n": ["d@x.test"]}]
     assert InflightJournal(tmp_path).leftovers() == [
-        Leftover("Q1", ["a@x.test"], ["a@x.test"]),
-        Leftover("Q3", ["d@x.test"], ["d@x.test"]),
-        Leftover("Q2", ["b@x.test", "c@x.test"], ["c@x.test"])]
+        Leftover("Q1", ["a@x.test"], ["a@x.test"], []),
+        Leftover("Q3", ["d@x.test"], ["d@x.test"], ["d@x.test"]),
+        Leftover("Q2", ["b@x.test", "c@x.test"], ["c@x.test"], ["c@x.test"])]
 
 
 def test_a_delivered_line_never_names_a_recipient_the_attempt_had_not(tmp_path: Path) -> None:
@@ -98,30 +99,30 @@ def test_a_delivered_line_never_names_a_recipient_the_attempt_had_not(tmp_path: 
         b'{"e":7,"d":1}\n{"d":8,"r":["y@x.test"]}\n'
         b'{"b":2,"q":"Q2","r":["b@x.te')  # torn: the process died writing it
     assert InflightJournal(tmp_path).leftovers() == [
-        Leftover("Q1", ["a@x.test"], ["a@x.test"])]
+        Leftover("Q1", ["a@x.test"], ["a@x.test"], [])]
 
 
 def test_a_compaction_keeps_what_was_delivered(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A journal past COMPACT_AT (0 here: at every line) is rewritten with its live
     attempts: their delivered recipients too, else a crash after the compaction
-    delivered them again."""
+    delivered them again, and those owed a success DSN, else it was lost."""
     monkeypatch.setattr(inflight, "COMPACT_AT", 0, raising=False)
     j = InflightJournal(tmp_path)
     j.start()
     t1 = j.begin("Q1", ["a@x.test", "b@x.test"])
-    j.delivered([(t1, ["a@x.test"], False)])
-    t2 = j.begin("Q2", ["c@x.test"])
-    j.delivered([(t2, ["c@x.test"], True)])
+    j.delivered([(t1, ["a@x.test"], False, [])])
+    t2 = j.begin("Q2", ["c@x.test", "e@x.test"])
+    j.delivered([(t2, ["c@x.test", "e@x.test"], True, ["e@x.test"])])
     assert j.written(10)  # (one rewrite asked at a time: the one asked before is done)
     j.begin("Q3", ["d@x.test"])  # compacts: the file is only the live attempts now
     assert j.written(10)
     j.close()
     assert b'"e"' not in (tmp_path / "inflight.log").read_bytes()  # rewritten
     assert InflightJournal(tmp_path).leftovers() == [
-        Leftover("Q1", ["a@x.test", "b@x.test"], ["a@x.test"]),
-        Leftover("Q2", ["c@x.test"], ["c@x.test"]),
-        Leftover("Q3", ["d@x.test"], [])]
+        Leftover("Q1", ["a@x.test", "b@x.test"], ["a@x.test"], []),
+        Leftover("Q2", ["c@x.test", "e@x.test"], ["c@x.test", "e@x.test"], ["e@x.test"]),
+        Leftover("Q3", ["d@x.test"], [], [])]
 
 
 def test_a_journal_enabled_again_has_what_was_delivered_while_it_was_off(
@@ -134,14 +135,14 @@ def test_a_journal_enabled_again_has_what_was_delivered_while_it_was_off(
     j = InflightJournal(tmp_path)
     j.start()  # disabled: its name is a directory
     t1 = j.begin("Q1", ["a@x.test"])
-    j.delivered([(t1, ["a@x.test"], True)])
+    j.delivered([(t1, ["a@x.test"], True, [])])
     assert j.written(10)
     (tmp_path / "inflight.log").rmdir()  # room again
     j.begin("Q2", ["b@x.test"])
     assert j.written(10)
     j.close()
     assert InflightJournal(tmp_path).leftovers() == [
-        Leftover("Q1", ["a@x.test"], ["a@x.test"]), Leftover("Q2", ["b@x.test"], [])]
+        Leftover("Q1", ["a@x.test"], ["a@x.test"], []), Leftover("Q2", ["b@x.test"], [], [])]
 
 
 def test_leftovers_leave_the_file_until_start(tmp_path: Path) -> None:
@@ -149,7 +150,7 @@ def test_leftovers_leave_the_file_until_start(tmp_path: Path) -> None:
     them: a crash during that start lost what they said. Now only start() truncates."""
     j = InflightJournal(tmp_path)
     j.start()
-    j.delivered([(j.begin("Q1", ["a@x.test"]), ["a@x.test"], True)])
+    j.delivered([(j.begin("Q1", ["a@x.test"]), ["a@x.test"], True, [])])
     assert j.written(10)
     j.close()
     again = InflightJournal(tmp_path)
@@ -192,8 +193,8 @@ def test_a_disabled_journal_copies_its_live_attempts_once_per_retry(
     assert j.written(10)
     assert snapshots == [99]  # one copy: the live ones at the first line once due
     j.close()
-    want = [Leftover(f"Q{i}", [f"r{i}@x.test"], []) for i in range(5, 200, 2)]
-    assert InflightJournal(tmp_path).leftovers() == want + [Leftover("QA", ["a@x.test"], [])]
+    want = [Leftover(f"Q{i}", [f"r{i}@x.test"], [], []) for i in range(5, 200, 2)]
+    assert InflightJournal(tmp_path).leftovers() == want + [Leftover("QA", ["a@x.test"], [], [])]
 
 
 def test_a_journal_past_its_size_is_compacted_each_time_it_grows_past_it(
@@ -215,4 +216,4 @@ def test_a_journal_past_its_size_is_compacted_each_time_it_grows_past_it(
     assert j.written(10)
     j.close()
     assert biggest < 300 + 10 * 60  # compacted again and again (each pair ~60 bytes)
-    assert InflightJournal(tmp_path).leftovers() == [Leftover("K2", ["k2@x.test"], [])]
+    assert InflightJournal(tmp_path).leftovers() == [Leftover("K2", ["k2@x.test"], [], [])]

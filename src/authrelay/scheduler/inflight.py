@@ -21,9 +21,13 @@ Delivered, not yet saved: `delivered([(token, rcpts, every)])` once the next hop
 those of one loop turn together: one write for all). When
 that is every recipient of the attempt the line is the attempt's end, `{"e": N, "d": 1}`
 (then `end()` writes nothing: the same two lines per attempt as before, the end written
-before the removal rather than after it); else `{"d": N, "r": [rcpts]}`. `leftovers()`
+before the removal rather than after it); else `{"d": N, "r": [rcpts]}`; either with
+`"n": [rcpts]`, those of them owed a success DSN (NOTIFY=SUCCESS, not passed on), and
+then `{"s": N}` once that DSN is queued (`notified`; such an attempt is ended only after
+it, even when its state was saved before). `leftovers()`
 returns them, and the scheduler's start records those recipients as sent (the message
-removed when none is left) instead of delivering them again: a message delivered and
+removed when none is left; the success DSN owed queued first) instead of delivering
+them again: a message delivered and
 not yet removed (the removals are batched, UNLINK_GATHER) is no duplicate after a kill
 -9. Such a line is only ever written after the 2xx; one lost (a power loss, a kill
 before the thread wrote it, the journal disabled) leaves the old behaviour: a
@@ -84,24 +88,42 @@ def _rcpts_json(rcpts: list[str] | tuple[str, ...]) -> str:
     return ",".join(map(json.dumps, rcpts))
 
 
-def _delivered_line(token: int, rcpts: list[str] | tuple[str, ...]) -> bytes:
-    """json.dumps({"d": token, "r": rcpts}, separators=(",", ":")) and a newline."""
-    return f'{{"d":{token},"r":[{_rcpts_json(rcpts)}]}}\n'.encode()
+def _delivered_line(token: int, rcpts: list[str] | tuple[str, ...],
+                    owed: list[str] | tuple[str, ...] = ()) -> bytes:
+    """json.dumps({"d": token, "r": rcpts}, separators=(",", ":")) and a newline; with
+    `"n": owed` when some of them are owed a success DSN."""
+    return f'{{"d":{token},"r":[{_rcpts_json(rcpts)}]{_owed_json(owed)}}}\n'.encode()
+
+
+def _owed_json(owed: list[str] | tuple[str, ...]) -> str:
+    """`,"n":[..]`: the recipients owed a success DSN (NOTIFY=SUCCESS); none: nothing."""
+    return f',"n":[{_rcpts_json(owed)}]' if owed else ""
 
 
 class Leftover(NamedTuple):
-    """An attempt of the previous run the journal did not see saved: its recipients, and
-    those of them the next hop answered 2xx (after the answer; maybe all, maybe none)."""
+    """An attempt of the previous run the journal did not see saved: its recipients,
+    those of them the next hop answered 2xx (after the answer; maybe all, maybe none),
+    and those of the delivered owed a success DSN (NOTIFY=SUCCESS, not passed on)."""
 
     qid: str
     rcpts: list[str]
     delivered: list[str]
+    owed: list[str]
 
 
-# A live attempt: queue id, recipients, those delivered, and whether its `{"e": N, "d": 1}`
-# line was given (end() then writes nothing). A plain tuple: made on the master's path
-# per attempt (a NamedTuple and its _replace cost microseconds there).
-_Live = tuple[str, list[str], tuple[str, ...], bool]
+# A live attempt: queue id, recipients, those delivered, whether its `{"e": N, "d": 1}`
+# line was given (end() then writes nothing), and the delivered owed a success DSN. A
+# plain tuple: made on the master's path per attempt (a NamedTuple and its _replace cost
+# microseconds there).
+_Live = tuple[str, list[str], tuple[str, ...], bool, tuple[str, ...]]
+
+
+def _owed(left: Leftover, rec: dict[str, object]) -> None:
+    """A delivered line's `"n"`: its recipients owed a success DSN, to `left.owed`."""
+    owed = rec.get("n")
+    if isinstance(owed, list):
+        got = {str(r) for r in owed}
+        left.owed.extend(r for r in left.rcpts if r in got and r not in left.owed)
 
 
 class InflightJournal:
@@ -141,23 +163,30 @@ class InflightJournal:
         Reads only: `start()` begins this run's journal once they are dealt with."""
         begun: dict[int, Leftover] = {}
         done: list[Leftover] = []
+        seen: dict[int, Leftover] = {}  # every attempt by token, ended or not ("s")
         try:
             with open(self.path, "rb") as f:
                 for line in f:
                     try:
                         rec = json.loads(line)
                         if "b" in rec:
-                            begun[int(rec["b"])] = Leftover(
-                                str(rec["q"]), [str(r) for r in rec["r"]], [])
+                            begun[int(rec["b"])] = seen[int(rec["b"])] = Leftover(
+                                str(rec["q"]), [str(r) for r in rec["r"]], [], [])
+                        elif "s" in rec:
+                            left = seen.get(int(rec["s"]))
+                            if left is not None:  # its success DSN is queued
+                                left.owed.clear()
                         elif "e" in rec:
                             left = begun.pop(int(rec["e"]), None)
                             if left is not None and rec.get("d") == 1:
+                                _owed(left, rec)
                                 done.append(left._replace(delivered=left.rcpts))
                         elif "d" in rec:
                             left = begun.get(int(rec["d"]))
                             if left is not None:  # (only a begun attempt's recipients)
                                 got = {str(r) for r in rec["r"]}
                                 left.delivered.extend(r for r in left.rcpts if r in got)
+                                _owed(left, rec)
                     except (ValueError, KeyError, TypeError, AttributeError):
                         continue  # a torn last line: the process died while writing it
         except FileNotFoundError:
@@ -202,7 +231,7 @@ class InflightJournal:
     def begin(self, qid: str, rcpts: list[str]) -> int:
         token = self._next
         self._next += 1
-        self._live[token] = (qid, rcpts, (), False)
+        self._live[token] = (qid, rcpts, (), False, ())
         self._submit(_begin_line(token, qid, rcpts), token)
         return token
 
@@ -248,25 +277,40 @@ class InflightJournal:
         finally:
             self._waiting -= 1
 
-    def delivered(self, done: list[tuple[int, list[str], bool]]) -> None:
-        """For each (token, rcpts, every) of `done`: the next hop answered 2xx for `rcpts`
-        of attempt `token` (`every`: all its recipients), recorded for a crash before the
+    def delivered(self, done: list[tuple[int, list[str], bool, list[str]]]) -> None:
+        """For each (token, rcpts, every, owed) of `done`: the next hop answered 2xx for
+        `rcpts` of attempt `token` (`every`: all its recipients; `owed`: those of them
+        owed a success DSN, the recovery queues it), recorded for a crash before the
         outcome is saved or the message removed; one hand-off to the thread for all (the
         scheduler gathers a loop turn's: a wake of the thread per delivered message cost
         the master ~0.05 ms). Call only with a 2xx in hand (the recovery removes on
         its word)."""
         lines = []
-        for token, rcpts, every in done:
+        for token, rcpts, every, owed in done:
             live = self._live.get(token)
             if live is None or not rcpts:
                 continue  # (ended meanwhile: its outcome saved)
-            qid, begun, got, _ = live
+            qid, begun, got, _, was_owed = live
             if every:
-                self._live[token] = (qid, begun, tuple(begun), True)
-                lines.append(b'{"e":%d,"d":1}\n' % token)
+                self._live[token] = (qid, begun, tuple(begun), True, was_owed + tuple(owed))
+                lines.append(b'{"e":%d,"d":1%s}\n' % (token, _owed_json(owed).encode()))
             else:
-                self._live[token] = (qid, begun, got + tuple(rcpts), False)
-                lines.append(_delivered_line(token, rcpts))
+                self._live[token] = (qid, begun, got + tuple(rcpts), False,
+                                     was_owed + tuple(owed))
+                lines.append(_delivered_line(token, rcpts, owed))
+        if lines:
+            self._submit(b"".join(lines))
+
+    def notified(self, tokens: list[int]) -> None:
+        """The success DSN owed for the delivered recipients of `tokens` is queued (or
+        given up): `{"s": N}` for each that named some, so a crash before its end does
+        not have the start queue it again."""
+        lines = []
+        for token in tokens:
+            live = self._live.get(token)
+            if live is not None and live[4]:
+                self._live[token] = live[:4] + ((),)
+                lines.append(b'{"s":%d}\n' % token)
         if lines:
             self._submit(b"".join(lines))
 
@@ -333,10 +377,10 @@ class InflightJournal:
         tmp = self.path.with_name(JOURNAL + ".new")
         try:
             with open(tmp, "wb") as f:
-                for token, (qid, rcpts, delivered, _) in live:
+                for token, (qid, rcpts, delivered, _, owed) in live:
                     f.write(_begin_line(token, qid, rcpts))
                     if delivered:
-                        f.write(_delivered_line(token, delivered))
+                        f.write(_delivered_line(token, delivered, owed))
             os.replace(tmp, self.path)
         except OSError as e:
             self._disable(e)

@@ -295,8 +295,9 @@ class Scheduler:
         self.metrics: Any = None  # authrelay.metrics.Metrics, set by Metrics.start()
         self.submitter = submitter  # bounces go in here (wiring.scheduler)
         self.inflight = InflightJournal(spool.root)  # what a crash may have delivered twice
-        # (token, recipients, every) the next hop took in this loop turn (_journal_delivered)
-        self._delivered: list[tuple[int, list[str], bool]] = []
+        # (token, recipients, every, those owed a success DSN) the next hop took in this
+        # loop turn (_journal_delivered)
+        self._delivered: list[tuple[int, list[str], bool, list[str]]] = []
         # policy/suspender.Suspender (containment), set by wiring: a suspended user's
         # mail is held instead of sent; 5xx from the next hops count against its sender.
         self.containment: Suspender | None = None
@@ -402,13 +403,15 @@ class Scheduler:
         same lines) and the recipients an attempt had under way are tried again, named:
         the next hop may already have them (at least once)."""
         delivered: dict[str, set[str]] = {}
+        owed: dict[str, set[str]] = {}
         for left in leftovers:
             if left.delivered:
                 delivered.setdefault(left.qid, set()).update(left.delivered)
+                owed.setdefault(left.qid, set()).update(left.owed)
         for qid, done in delivered.items():
-            await self._sent_before_crash(qid, done)
+            await self._sent_before_crash(qid, done, owed[qid])
         await self._io(self.inflight.start)
-        for qid, rcpts, _ in leftovers:
+        for qid, rcpts, _, _ in leftovers:
             if set(rcpts) <= delivered.get(qid, set()):
                 continue  # recorded above (most: removed since, their line not compacted)
             try:
@@ -426,23 +429,38 @@ class Scheduler:
                     "may have been delivered before the crash (it is tried again; the "
                     "recipient may get it twice)", queue_id=qid)
 
-    async def _sent_before_crash(self, qid: str, rcpts: set[str]) -> None:
+    async def _sent_before_crash(self, qid: str, rcpts: set[str], owed: set[str]) -> None:
         """`rcpts` of `qid` were delivered (the journal's line after the next hop's 2xx)
         and the run died before saving it: those still PENDING become SENT, in its state
         file, or the message is removed when that leaves none pending (held: left in
         hold/ with its state, an operator's decision; a release then removes it). One
-        maillog line. Gone (delivered and removed, deleted) or unreadable: nothing.
-        An I/O error: logged, and they are delivered again (the old behaviour)."""
+        maillog line. Those of them in `owed` (NOTIFY=SUCCESS, not passed on) get their
+        success DSN, queued before the state is saved: a crash in between sends it
+        twice, never loses it. Gone (delivered and removed, deleted) or unreadable:
+        nothing. An I/O error: logged, and they are delivered again (the old behaviour)."""
         try:
             env = await self._io(self.spool.load, qid)
         except (OSError, SpoolError):
             return
         newly = [r for r in env.recipients if r.state == PENDING and r.address in rcpts]
-        if not newly:
-            return
+        now = time.time()
         for r in newly:
             r.state = SENT
             r.attempts += 1  # the attempt the crash cut was made
+            # Its last reply (an earlier attempt's, if any) is not this 2xx, unknown here.
+            r.last_attempt, r.last_code, r.last_reply = now, 250, ""
+        # (also one whose state was saved SENT: its message's other job was still running)
+        notify = [r for r in env.recipients if r.state == SENT and r.address in owed]
+        if notify:
+            try:
+                await self._queue_dsn(env, notify, "relayed", {})
+            except Exception:
+                log.exception("%s: cannot queue the success notification of the recipients "
+                              "delivered before the crash (they are delivered again)", qid,
+                              extra={"queue_id": qid})
+                return
+        if not newly:
+            return
         try:
             if env.done and not env.held:
                 await self._io(self.spool.remove, qid)
@@ -1170,10 +1188,10 @@ class Scheduler:
                 results = {}
             if courier is self.courier:  # an old courier's routes judge nothing now
                 self._judge_destination(job.key, results)
-            self._journal_delivered(token, act.env, job.rcpts, results)
+            owed = self._journal_delivered(token, act.env, job.rcpts, results)
             async with act.lock:
                 saved = await self._apply(act, job, results)
-            if saved:
+            if saved and not owed:  # (owed a success DSN: ended once _finish queued it)
                 self.inflight.end(token)  # the outcome is on disk
             else:
                 act.unsaved.append(token)  # ended by _finish, once it is
@@ -1194,19 +1212,22 @@ class Scheduler:
             self._pump()
 
     def _journal_delivered(self, token: int, env: Envelope, rcpts: list[Recipient],
-                           results: dict[str, DeliveryResult]) -> None:
+                           results: dict[str, DeliveryResult]) -> bool:
         """The recipients the next hop answered 2xx, to the in-flight journal before the
         outcome is saved or the message removed (batched, UNLINK_GATHER later): a crash
         in between records them sent at the next start (_after_crash), not delivered
-        again. Not those owed a success DSN (NOTIFY=SUCCESS, not passed on): theirs is
-        queued by _finish, and after a crash by their redelivery, as before."""
-        ok = [r.address for r in rcpts
-              if (res := results.get(r.address)) is not None and res.ok
-              and (res.dsn_passed or not should_notify(env, r, "relayed"))]
-        if ok:
-            if not self._delivered:  # the turn's first: handed over once the turn ends
-                asyncio.get_running_loop().call_soon(self._hand_delivered)
-            self._delivered.append((token, ok, len(ok) == len(rcpts)))
+        again. Those owed a success DSN (NOTIFY=SUCCESS, not passed on) are named so:
+        _finish queues it (then InflightJournal.notified), and after a crash before that
+        the start (_sent_before_crash). True when some are."""
+        ok = [r for r in rcpts if (res := results.get(r.address)) is not None and res.ok]
+        if not ok:
+            return False
+        if not self._delivered:  # the turn's first: handed over once the turn ends
+            asyncio.get_running_loop().call_soon(self._hand_delivered)
+        owed = [r.address for r in ok if not results[r.address].dsn_passed
+                and should_notify(env, r, "relayed")]
+        self._delivered.append((token, [r.address for r in ok], len(ok) == len(rcpts), owed))
+        return bool(owed)
 
     def _hand_delivered(self) -> None:
         """A loop turn's delivered recipients to the journal, one hand-off to its thread
@@ -1432,7 +1453,10 @@ class Scheduler:
         assert env is not None
         reschedule: float | None = None
         try:
+            relayed = bool(act.owed.get("relayed"))
             await self._send_owed(act)
+            if relayed:  # queued (or given up, never retried): not again after a crash
+                self.inflight.notified(act.unsaved)
             saved = True
             if env.done:
                 await self._remove(env)
