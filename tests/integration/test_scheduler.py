@@ -37,7 +37,7 @@ from authrelay.config import Config, from_dict
 from authrelay.maillog import SENT_BEFORE_CRASH
 from authrelay.scheduler import scheduler as scheduler_mod
 from authrelay.scheduler.scheduler import Scheduler
-from authrelay.spool.envelope import SENT, Envelope, Recipient, new_queue_id
+from authrelay.spool.envelope import PENDING, SENT, Envelope, Recipient, new_queue_id
 from authrelay.spool.store import UNFINISHED_AGE, Spool
 from authrelay.spool.writer import SPILL, Incoming
 from authrelay.types import BeforeEnd, DeliveryResult
@@ -575,6 +575,39 @@ async def test_a_delivery_ending_during_the_stop_has_its_outcome_saved(rig: Rig)
     assert (y.attempts, y.last_reply) == (1, "451 4.7.1 Greylisted, try later")
 
 
+async def test_a_stop_lets_a_delivery_whose_results_are_in_save_them(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delivery whose results were in when stop()'s shutdown_timeout ended (its state
+    being saved: held here until the stop has cut what it cuts) was cut like one still
+    at the next hop: the state not saved, and the next start took the stop for a crash
+    (x, taken by the next hop, `sent before the crash`; y, deferred by it, `may have
+    been delivered before the crash`). Now the stop lets it save (up to STOP_SAVE_WAIT):
+    x sent and y deferred on disk, nothing for the next start to recover."""
+    rig.cfg = from_dict({"hostname": "relay.test", "state_dir": str(rig.cfg.state_dir),
+                         "shutdown_timeout": 0, "delivery": {"retry": ["1h"]}})
+    rig.courier.script["y@b.example"] = [TEMP]
+    sched = await rig.start()
+    assert sched._control is not None  # (closed by stop() just before it cuts)
+    save = sched._save_state
+    entered = asyncio.Event()
+
+    async def held(env: Envelope) -> bool:
+        entered.set()
+        while sched._control is not None:
+            await asyncio.sleep(0.001)
+        return await save(env)
+
+    monkeypatch.setattr(sched, "_save_state", held)
+    qid = await put(rig.spool, ["x@b.example", "y@b.example"])
+    await until(entered.is_set, "the outcome being saved")
+    await rig.stop()
+    x, y = rig.spool.load(qid).recipients
+    assert (x.state, y.state, y.attempts) == (SENT, PENDING, 1)
+    await rig.start()
+    assert not rig.log.grep(qid, "before the crash")
+    assert len(rig.courier.calls) == 1
+
+
 async def test_an_outcome_not_saved_stays_in_the_in_flight_journal(rig: Rig) -> None:
     """The journal entry of an attempt ended once its outcome was applied in memory,
     though the state of a message's last job is saved later (_finish): an attempt whose
@@ -606,8 +639,10 @@ def _crashed_with(rig: Rig, *lines: dict[str, Any]) -> None:
 
 def _removals_cut_at_stop(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """A delivered message's removal an hour later (UNLINK_GATHER) and a stop that waits
-    for nothing: stop() then ends a run as a kill -9 in the removal window would."""
+    for nothing (not even for results in hand, STOP_SAVE_WAIT): stop() then ends a run as
+    a kill -9 in the removal window would."""
     monkeypatch.setattr(scheduler_mod, "UNLINK_GATHER", 3600.0)
+    monkeypatch.setattr(scheduler_mod, "STOP_SAVE_WAIT", 0.0)
     rig.cfg = from_dict({"hostname": "relay.test", "state_dir": str(rig.cfg.state_dir),
                          "shutdown_timeout": 0, "delivery": {"retry": ["50ms"]}})
 

@@ -36,7 +36,10 @@ state, bounces and removal from the spool. Contract:
   waits for deliveries up to
   `shutdown_timeout`, then cuts them: each recipient gets a deferred line naming the stop
   (and saying it may have been delivered when the message had gone out), stays PENDING,
-  and its journal entry is ended (no crash warning at the next start).
+  and its journal entry is ended (no crash warning at the next start). A delivery whose
+  results are in (the next hop answered) is not cut: its state is saved, its message
+  removed and its DSNs queued, up to STOP_SAVE_WAIT more (past it, a hung disk: cut, and
+  the next start recovers it as after a crash).
 - A dead destination (Postfix's qmgr marks it so): a job whose every recipient got
   RFC 3463 4.4.1 (no answer from any host: connection refused, unreachable, connect
   timeout) marks its route key unreachable for min(first retry interval, DEAD_FOR). Until
@@ -199,6 +202,10 @@ class _Job:
 # written after the 2xx) and the next start removes it (_after_crash), not delivering it
 # again (without the line, a kill before its thread wrote it: delivered again, named).
 UNLINK_GATHER = 0.005
+# Seconds a stop waits, past shutdown_timeout, for deliveries whose results are in (the
+# next hop answered) to save them, remove their message and queue their DSNs, before it
+# cuts them too (a hung disk): cut, the next start's crash recovery has them.
+STOP_SAVE_WAIT = 5.0
 # The maillog's line for each unfinished queue file removed (recover, sweep_unfinished).
 UNFINISHED_REMOVED = ("unfinished queue file removed: its receive ended without a commit "
                       "(the receiving process died; no 250 was sent for it)")
@@ -274,6 +281,9 @@ class Scheduler:
         self._owed_env: dict[str, Envelope] = {}
         self._running = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Those of them recording results already in hand: a job past its courier, a
+        # _finish, a removal batch (stop() cuts them only past STOP_SAVE_WAIT).
+        self._saving: set[asyncio.Task[Any]] = set()
         # Removals waiting for their batch (one thread hand-off for all; _unlink).
         self._unlinks: list[tuple[Envelope, asyncio.Future[None]]] = []
         self._unlinking = False
@@ -531,13 +541,24 @@ class Scheduler:
         until = loop.time() + self.cfg.shutdown_timeout
         while self._tasks and (left := until - loop.time()) > 0:
             await asyncio.wait(set(self._tasks), timeout=left)
-        pending = set(self._tasks)
-        if pending:
-            for t in pending:
-                # State not saved: those recipients are tried again at the next start; a
-                # cut delivery logs them as deferred (_cut_by_stop).
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        # Then deliveries still waiting for the next hop (and loads, scans) are cut: their
+        # recipients are tried again at the next start, logged as deferred (_cut_by_stop).
+        # Those whose results are in (`_saving`: their state save, removal, DSNs) go on,
+        # up to STOP_SAVE_WAIT more, and are cut only past it (a hung disk): a stop never
+        # leaves what the next hop answered to the next start's crash recovery.
+        deadline = loop.time() + STOP_SAVE_WAIT
+        cut: set[asyncio.Task[Any]] = set()
+        while self._tasks:
+            past = loop.time() >= deadline
+            for t in self._tasks - cut:
+                if past or t not in self._saving:
+                    t.cancel()
+                    cut.add(t)
+            if self._tasks <= cut:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            else:
+                await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - loop.time()),
+                                   return_when=asyncio.FIRST_COMPLETED)
         if self.spool.notifier.on_owed == self.owed:
             self.spool.notifier.on_owed = None
         if self.spool.notifier.on_abandoned == self.abandoned:
@@ -684,13 +705,18 @@ class Scheduler:
         if self._wake is not None:
             self._wake.set()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any, *, saving: bool = False) -> None:
+        """`coro` as a task stop() waits for; `saving`: it records results already in
+        hand (a stop lets it finish, up to STOP_SAVE_WAIT past shutdown_timeout)."""
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
+        if saving:
+            self._saving.add(t)
         t.add_done_callback(self._task_done)
 
     def _task_done(self, t: asyncio.Task[Any]) -> None:
         self._tasks.discard(t)
+        self._saving.discard(t)
         if not t.cancelled() and t.exception() is not None:
             log.error("scheduler task failed", exc_info=t.exception())
 
@@ -1175,6 +1201,10 @@ class Scheduler:
                 results = await courier.deliver(
                     act.env, job.rcpts, act.path, act.offset, sent=sent,
                     before_end=functools.partial(self.inflight.begun, token))
+                task = asyncio.current_task()
+                if task is not None and task in self._tasks:  # results in hand: a stop
+                    # lets it save them
+                    self._saving.add(task)
                 if self.metrics is not None:
                     self.metrics.delivery_attempt(
                         "smarthost" if job.key == "smarthost" else "mx", time.monotonic() - t0)
@@ -1206,7 +1236,7 @@ class Scheduler:
             act.jobs -= 1
             if act.jobs == 0:
                 if completed:
-                    self._spawn(self._finish(act))
+                    self._spawn(self._finish(act), saving=True)
                 else:
                     self._release(act)
             self._pump()
@@ -1429,7 +1459,7 @@ class Scheduler:
         self._unlinks.append((env, fut))
         if not self._unlinking:
             self._unlinking = True
-            self._spawn(self._unlink_batches())
+            self._spawn(self._unlink_batches(), saving=True)
         return fut
 
     async def _unlink_batches(self) -> None:
