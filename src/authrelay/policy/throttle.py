@@ -269,7 +269,7 @@ class Throttle(ABC):
     async def auth_failed(self, ip: str, user: str, known_net: bool = False) -> None:
         """A failed AUTH from `ip` for `user` ("" when the exchange failed before a name).
         `known_net`: a wrong password checked only because `ip`'s network is known for
-        `user` past a limit (Lockout.SPARED), or such a check not done in time: counted
+        `user` past a limit (Lockout.SPARED), a late check's once its answer is in: counted
         toward that (user, network) window alone. The unchecked (LOCKED) AUTHs of
         everybody else are counted nowhere, so a count by address or by user that moved
         would tell, to one watching it from another address, that `user` is known from

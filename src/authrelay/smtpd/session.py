@@ -66,6 +66,9 @@ BATCH = 32  # pipelined commands executed before yielding to the event loop (fai
 # `[auth] failure_delay` if longer; a SPARED check (a known network past a limit) must be
 # done by then, else it is answered as the lockout too (docs/LIMITS.md).
 LOCKOUT_ANSWER_MIN = 0.5
+# Known networks' checks answered before they were done, awaited for their outcome
+# (Session._late_check; a reference each, so none is collected while pending).
+_LATE_CHECKS: set[asyncio.Task[None]] = set()
 
 
 class Draft(Protocol):
@@ -514,12 +517,21 @@ class Session:
         if spared:  # checked only if the check is done by `due` (docs/LIMITS.md)
             timeout = min(timeout, due - loop.time())
         late = False
+        check = loop.create_task(self._authenticator().login(user, ev.password, self.ip))
         try:
-            login = await asyncio.wait_for(
-                self._authenticator().login(user, ev.password, self.ip), max(timeout, 0.0))
+            # A SPARED check not done by `due` goes on (shielded): its outcome is what
+            # counts (_late_check), not its lateness.
+            login = await asyncio.wait_for(asyncio.shield(check) if spared else check,
+                                           max(timeout, 0.0))
+        except asyncio.CancelledError:
+            check.cancel()
+            raise
         except Exception as e:
             late = spared and isinstance(e, TimeoutError)
-            if not late:
+            if late:
+                self._late_check(check, mech, user, account,
+                                 loop.time() + self.cfg.auth.backend_timeout + 5)
+            else:
                 log.exception("auth backend failure")
             login = Login(AuthResult.TEMPFAIL)
         result = login.result
@@ -576,18 +588,15 @@ class Session:
         guess toward this network's own limit for the user (which ends the exemption),
         and only there: the unchecked ones count nowhere, so a per-address or per-user
         count that moved would tell it too (Throttle.auth_failed); it has the maillog's
-        `authentication failed` line. A check not done by `due` (`late`) counts as such a
-        guess too: its outcome never reaches the client, and a backend that answers a
-        wrong password late (Dovecot's auth_failure_delay, 2 s) and a right one at once
-        would otherwise give guesses of it there without end; it and a backend failure
-        (not counted) have the lockout's line with the reason."""
+        `authentication failed` line. A check not done by `due` (`late`) is answered so
+        and goes on: its outcome, when it comes, is counted and logged (_late_check). A
+        backend failure (not counted) has the lockout's line with the reason."""
         if late:
-            await self.ticket.auth_failed(account, known_net=True)
-        if late or login.result is AuthResult.TEMPFAIL:
+            await self._until(due)
+        elif login.result is AuthResult.TEMPFAIL:
             await self._until(due)
             self._log_reject(replies.AUTH_LOCKED, "", sasl_method=mech, sasl_username=user,
-                             reason="known network, check not done in time" if late
-                             else "known network, temporary authentication failure")
+                             reason="known network, temporary authentication failure")
             self._metric_auth("tempfail")
         else:
             if not login.hint:  # right credentials refused by policy are no guess
@@ -597,6 +606,39 @@ class Session:
                                      login.hint or "known network past the lockout")
             self._metric_auth("fail")
         self.eng.auth_result(p.AuthOutcome.LOCKED)
+
+    def _late_check(self, check: asyncio.Task[Login], mech: str, user: str, account: str,
+                    until: float) -> None:
+        """A SPARED check not done by the lockout's answer (the client has its 454): its
+        outcome, once in (up to the loop time `until`), is a timely one's: a wrong password
+        counts as a guess of this network (its `authentication failed` line); the right
+        one, a backend failure or no answer by then count nowhere and have the lockout's
+        line `known network, check not done in time`. Counting the lateness instead (a
+        backend that answers a wrong password late, Dovecot's auth_failure_delay, and a
+        right one at once needs the count) had a client elsewhere that fills the hashing
+        pool turn a known user's right passwords into guesses of her own network, past
+        its limit locking her out there too."""
+        async def outcome() -> None:
+            try:
+                login = await asyncio.wait_for(check, max(until - self.conn.loop.time(), 0.0))
+            except Exception:
+                login = Login(AuthResult.TEMPFAIL)
+            if login.result is AuthResult.BAD:
+                named = login.user or account
+                if not login.hint:  # right credentials refused by policy are no guess
+                    await self.ticket.auth_failed(named, known_net=True)
+                self.maillog.auth_failed(self.relay_desc(), replies.AUTH_LOCKED, mech, user,
+                                         login.hint or "known network past the lockout")
+                self._metric_auth("fail")
+            else:
+                self._log_reject(replies.AUTH_LOCKED, "", sasl_method=mech,
+                                 sasl_username=user,
+                                 reason="known network, check not done in time")
+                self._metric_auth("tempfail")
+
+        task = self.conn.loop.create_task(outcome())
+        _LATE_CHECKS.add(task)
+        task.add_done_callback(_LATE_CHECKS.discard)
 
     async def _auth_failure(self, r: Reply, user: str, mech: str, hint: str = "",
                             account: str = "", guess: bool = True) -> None:
