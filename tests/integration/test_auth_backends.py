@@ -553,6 +553,18 @@ def test_backend_spellings_share_one_lockout(cls: str, request, tmp_path: Path) 
         r.stop()
 
 
+def _nat_lockout_relay(tmp_path: Path, backend: str) -> RelayProcess:
+    """serve on `backend` whose lockout locks an address at its first wrong guess and
+    a user's network at its second."""
+    return RelayProcess(tmp_path, {"auth": {"backend": backend,
+                                            "max_failures_per_ip": 1,
+                                            "max_failures_per_user": 2,
+                                            "failure_delay": 0.05},
+                                   "limits": {"max_auth_failures": 10,
+                                              "connection_rate_per_ip": 0}},
+                        users={}).start()
+
+
 def test_a_known_networks_checks_answered_late_still_count(dovecot_failure_delay: Path,
                                                            tmp_path: Path) -> None:
     """Past the NAT's lockout alice is still checked there (Lockout.SPARED), but a check
@@ -563,13 +575,7 @@ def test_a_known_networks_checks_answered_late_still_count(dovecot_failure_delay
     of her network: past max_failures_per_user of them even her right password is
     refused there (454)."""
     nat = "127.0.0.50"
-    r = RelayProcess(tmp_path, {"auth": {"backend": f"dovecot:{dovecot_failure_delay}",
-                                         "max_failures_per_ip": 1,
-                                         "max_failures_per_user": 2,
-                                         "failure_delay": 0.05},
-                                "limits": {"max_auth_failures": 10,
-                                           "connection_rate_per_ip": 0}},
-                     users={}).start()
+    r = _nat_lockout_relay(tmp_path, f"dovecot:{dovecot_failure_delay}")
     try:
         assert _login(r, "alice", USERS["alice"], nat)[0] == 235  # known there
         assert _login(r, "nosuchuser", "wrong", nat)[0] == 535  # the NAT is locked
@@ -687,13 +693,7 @@ def test_a_known_users_checks_made_late_by_a_backlog_do_not_lock_her_out(
     nat = "127.0.0.51"
     hold = sockdir / "hold"
     with _caseless_saslauthd(sockdir, hold) as sock:
-        r = RelayProcess(tmp_path, {"auth": {"backend": f"saslauthd:{sock}",
-                                             "max_failures_per_ip": 1,
-                                             "max_failures_per_user": 2,
-                                             "failure_delay": 0.05},
-                                    "limits": {"max_auth_failures": 10,
-                                               "connection_rate_per_ip": 0}},
-                         users={}).start()
+        r = _nat_lockout_relay(tmp_path, f"saslauthd:{sock}")
         try:
             assert _login(r, "alice", USERS["alice"], nat)[0] == 235  # known there
             assert _login(r, "nosuchuser", "wrong", nat)[0] == 535  # the NAT is locked
