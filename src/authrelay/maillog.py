@@ -141,6 +141,9 @@ _OUR_FIELD = re.compile(r"(?<![\w.-])((?i:tls|policy|stat|dsn))=")
 # sent_before_crash's status (README "Durability").
 SENT_BEFORE_CRASH = ("sent before the crash (the in-flight journal recorded the next hop's "
                      "2xx before the process died): not delivered again")
+# ... of recipients a delivery cut by a stop had delivered in an earlier transaction.
+SENT_BEFORE_STOP = ("sent before the stop (the in-flight journal recorded the next hop's 2xx "
+                    "in a transaction of a delivery the stop cut): not delivered again")
 
 
 def _char(c: str) -> str:
@@ -621,13 +624,16 @@ class MailLog:
         """`QID: status=released`."""
         self.event(queue_id, status="released")
 
-    def sent_before_crash(self, queue_id: str, rcpts: list[str], queue: str) -> None:
+    def sent_before_crash(self, queue_id: str, rcpts: list[str], queue: str,
+                          stop: bool = False) -> None:
         """Start-up recovery: recipients the next hop answered 2xx (the in-flight journal
         says so) before the last run died, their outcome not saved yet: recorded as sent,
         not delivered again. `QID: to=<a>,<b>, status=sent before the crash (...),
-        queue=removed` (held: left in hold/; queued: other recipients still pending)."""
+        queue=removed` (held: left in hold/; queued: other recipients still pending).
+        `stop`: the delivery was cut by a stop, not a crash (`status=sent before the
+        stop (...)`)."""
         self.event(queue_id, to=_Field(",".join(f"<{_text(r)}>" for r in rcpts)),
-                   status=SENT_BEFORE_CRASH, queue=queue)
+                   status=SENT_BEFORE_STOP if stop else SENT_BEFORE_CRASH, queue=queue)
 
     def removed(self, queue_id: str, by: str | None = None) -> None:
         """`QID: status=removed` (delivered or bounced everywhere), `, by=operator` when

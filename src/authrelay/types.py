@@ -1,4 +1,4 @@
-"""Types that cross module boundaries: `Reply`, `DeliveryResult` and `BeforeEnd`.
+"""Types that cross module boundaries: `Reply`, `DeliveryResult`, `BeforeEnd`, `Taken`.
 
 Every layer speaks "transient vs permanent" (RFC 5321 4.2.1: 4yz vs 5yz) with an RFC 3463
 enhanced status code, so a result can travel from the outbound client to a bounce or a
@@ -117,3 +117,10 @@ class DeliveryResult:
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}"
+
+
+# Courier.deliver's `taken` (from the scheduler): called once per transaction whose
+# end-of-data dot the next hop answered 2xx, with its recipients' results, before the
+# delivery goes on (another transaction, another host) and before deliver() returns: a
+# delivery cut later (a stop, a crash) still knows who has the message (inflight.py).
+Taken = Callable[[dict[str, DeliveryResult]], None]

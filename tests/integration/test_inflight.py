@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from fakes.smtpserver import FakeSMTPServer
 from relayproc import PASSWORD, RelayProcess, to_toml
 from smtpclient import RawClient, client_ctx, plain
 from support.procfs import unread_from
@@ -234,3 +235,68 @@ def test_a_message_delivered_and_not_yet_removed_at_a_kill_is_not_sent_again(
     assert "queue=removed" in line, line
     assert r.queued() == [] and len(smart.messages) == 1
     assert WARNING not in r.maillog() and "redelivery" not in r.maillog()
+
+
+class _AfterTheFirst(threading.Event):
+    """A fake next hop's data_gate that lets its first message through and holds the
+    dots after it until set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fake: FakeSMTPServer | None = None
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self.fake is not None and not self.fake.messages)
+
+
+def _journal_delivered(r: RelayProcess) -> set[str]:
+    """The recipients the journal's `d` lines (and `{"e": N, "d": 1}` ends) name."""
+    path = r.state / "spool" / "inflight.log"
+    lines = [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+    begun = {ln["b"]: ln["r"] for ln in lines if "b" in ln}
+    return {a for ln in lines for a in (ln.get("r", []) if "d" in ln and "b" not in ln
+                                        else begun.get(ln.get("e"), []) if ln.get("d") == 1
+                                        else [])}
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_recipient_an_earlier_transaction_delivered_is_not_sent_again(
+        relay_factory, fake_mx, how: str) -> None:
+    """A delivery in two transactions (the next hop takes one recipient per transaction,
+    452 past it): the first one's 250 in, the second's dot held, the master killed (kill
+    -9) or stopped (SIGTERM, shutdown_timeout cutting it). The journal recorded only an
+    attempt's end, so the restart delivered the first recipient again (a kill: named
+    `may have been delivered before the crash`; a stop: `stat=Deferred (... cut by
+    authrelay's stop ...)`). Now each transaction's 2xx is journaled as it comes
+    (Courier.deliver's taken): the restart records it sent, the next hop has it once."""
+    gate = _AfterTheFirst()
+    smart = fake_mx("127.0.0.2", data_gate=gate, max_rcpts=1)
+    gate.fake = smart
+    r = relay_factory(overrides={"shutdown_timeout": "1s",
+                                 "relay": {"smart_host": [smart.address],
+                                           "smart_host_tls": "none"},
+                                 "delivery": {"retry": ["1s"]}})
+    _submit(r, ["bob@remote.example", "carol@remote.example"])
+    r.wait_for(lambda: smart.gated > 0, timeout=20, what="the second transaction's dot held")
+    [first] = smart.messages[0].rcpt_tos
+    [begun] = _journal_begun(r)
+    qid = begun["q"]
+    if how == "kill":  # (a stop writes the journal's lines before it ends)
+        r.wait_for(lambda: _journal_delivered(r) == {first}, timeout=20,
+                   what=f"the journal's line for the first transaction's {first}")
+        r.kill()
+    else:
+        r.stop()
+        sent = [ln for ln in r.maillog().splitlines() if f"to=<{first}>" in ln]
+        assert len(sent) == 1 and "stat=Sent (250 " in sent[0], sent
+        assert len([ln for ln in r.maillog().splitlines() if CUT in ln]) == 1
+    gate.set()
+    r.start()
+    r.wait_for(lambda: r.queued() == [], timeout=30, what="the other one delivered")
+    line = r.wait_log(rf"{qid}: to=<{re.escape(first)}>, status=sent before the "
+                      + ("crash" if how == "kill" else "stop"))
+    assert "queue=queued" in line, line
+    assert [m.rcpt_tos for m in smart.messages].count([first]) == 1
+    assert f"delivery to <{first}>" not in r.maillog()
+    if how == "stop":
+        assert WARNING not in r.maillog()

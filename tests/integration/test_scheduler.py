@@ -40,7 +40,7 @@ from authrelay.scheduler.scheduler import Scheduler
 from authrelay.spool.envelope import PENDING, SENT, Envelope, Recipient, new_queue_id
 from authrelay.spool.store import UNFINISHED_AGE, Spool
 from authrelay.spool.writer import SPILL, Incoming
-from authrelay.types import BeforeEnd, DeliveryResult
+from authrelay.types import BeforeEnd, DeliveryResult, Taken
 
 OK = DeliveryResult.sent(250, "2.0.0", "Ok: queued as X", "mx.test [127.0.0.1]:25")
 TEMP = DeliveryResult.temp("Greylisted, try later", "4.7.1", 451, "mx.test [127.0.0.1]:25")
@@ -62,7 +62,8 @@ class FakeCourier:
 
     async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
                       offset: int = 0, sent: dict[str, str] | None = None,
-                      before_end: BeforeEnd | None = None) -> dict[str, DeliveryResult]:
+                      before_end: BeforeEnd | None = None, taken: Taken | None = None
+                      ) -> dict[str, DeliveryResult]:
         data = message[offset:] if isinstance(message, bytes) else \
             Path(message).read_bytes()[offset:]
         if before_end is not None and (wait := before_end()) is not None:
@@ -82,6 +83,8 @@ class FakeCourier:
         for r in rcpts:
             seq = self.script.get(r.address)
             out[r.address] = seq.pop(0) if seq else OK
+        if taken is not None and (ok := {a: res for a, res in out.items() if res.ok}):
+            taken(ok)  # (one transaction, as the courier's)
         return out
 
     def calls_for(self, address: str) -> list[tuple[Envelope, list[str], bytes]]:

@@ -60,7 +60,7 @@ def test_journal_disabled_by_an_io_error_comes_back(
     assert j.written(10)
     assert t1 != t2
     assert sorted(InflightJournal(tmp_path).leftovers()) == [
-        ("Q1", ["a@x.test"], [], []), ("Q3", ["c@x.test"], [], [])]
+        ("Q1", ["a@x.test"], [], [], False), ("Q3", ["c@x.test"], [], [], False)]
 
 
 def test_delivered_recipients_are_left_over_until_their_end(tmp_path: Path) -> None:
@@ -217,3 +217,25 @@ def test_a_journal_past_its_size_is_compacted_each_time_it_grows_past_it(
     j.close()
     assert biggest < 300 + 10 * 60  # compacted again and again (each pair ~60 bytes)
     assert InflightJournal(tmp_path).leftovers() == [Leftover("K2", ["k2@x.test"], [], [])]
+
+
+def test_a_cut_attempt_leaves_only_what_its_transactions_delivered(tmp_path: Path) -> None:
+    """Each transaction's 2xx is journaled as it comes (the courier's taken), once: the
+    attempt's own results later add no line for them. A stop's cut (`{"e": N, "c": 1}`)
+    leaves the delivered ones (its other recipients are not in doubt: the stop's lines
+    said so); a cut with none delivered leaves nothing."""
+    j = InflightJournal(tmp_path)
+    j.start()
+    t1 = j.begin("Q1", ["a@x.test", "b@x.test", "c@x.test"])
+    t2 = j.begin("Q2", ["d@x.test"])
+    j.delivered([(t1, ["a@x.test"], False, ["a@x.test"])])  # the first transaction
+    j.delivered([(t1, ["a@x.test"], False, ["a@x.test"])])  # (said again: no line)
+    j.cut(t1)
+    j.cut(t2)
+    assert j.written(10)
+    j.close()
+    lines = [json.loads(x) for x in (tmp_path / "inflight.log").read_bytes().splitlines()]
+    assert lines[2:] == [{"d": t1, "r": ["a@x.test"], "n": ["a@x.test"]},
+                         {"e": t1, "c": 1}, {"e": t2}]
+    assert InflightJournal(tmp_path).leftovers() == [
+        Leftover("Q1", ["a@x.test"], ["a@x.test"], ["a@x.test"], True)]

@@ -146,7 +146,7 @@ from authrelay.policy import containment
 from authrelay.policy.ownership import a_label
 from authrelay.spool.envelope import Envelope, Recipient
 from authrelay.tls import handshake_cut
-from authrelay.types import BeforeEnd, DeliveryResult
+from authrelay.types import BeforeEnd, DeliveryResult, Taken
 
 log = logging.getLogger(__name__)
 
@@ -336,14 +336,15 @@ class _Payload:
     once per courier)."""
 
     def __init__(self, data: bytes | _FileBody, env: Envelope, courier: Courier,
-                 sent: dict[str, str] | None = None, before_end: BeforeEnd | None = None
-                 ) -> None:
+                 sent: dict[str, str] | None = None, before_end: BeforeEnd | None = None,
+                 taken: Taken | None = None) -> None:
         self.data = data
         self.env = env
         self.courier = courier
         # The caller's record of who may have the message (Courier.deliver's `sent`).
         self.sent: dict[str, str] = {} if sent is None else sent
         self.before_end = before_end  # asked before each end-of-data dot (deliver)
+        self.taken = taken  # told each transaction's 2xx results (deliver)
         self._8bit: bool | None = True if env.body_8bit else None
         self._seven: bytes | downgrade.Unconvertible | None = None
         self.transactions = 0  # started in this attempt (MAX_TRANSACTIONS)
@@ -558,14 +559,18 @@ class Courier:
 
     async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
                       offset: int = 0, sent: dict[str, str] | None = None,
-                      before_end: BeforeEnd | None = None) -> dict[str, DeliveryResult]:
+                      before_end: BeforeEnd | None = None, taken: Taken | None = None
+                      ) -> dict[str, DeliveryResult]:
         """One result per recipient. `sent` (the caller's) is filled as the attempt goes:
         recipient -> next hop, once the end-of-data dot went out to a host that had
         accepted it, and not refused after; a caller that cancels the attempt (a stop at
         shutdown_timeout) knows from it whose message may have been delivered.
         `before_end()` is called just before each end-of-data dot (the next hop has the
         whole message only after it): an awaitable it returns is awaited first (the
-        caller bounds it; the scheduler's: its in-flight journal's begin line)."""
+        caller bounds it; the scheduler's: its in-flight journal's begin line).
+        `taken(results)` is called once per transaction the next hop answered 2xx, with
+        its recipients' results (those in an earlier transaction of an attempt cut later
+        are known delivered)."""
         if not rcpts:
             return {}
         try:
@@ -621,7 +626,7 @@ class Courier:
 
         results: dict[str, DeliveryResult] = {}
         todo = list(rcpts)
-        payload = _Payload(data, env, self, sent, before_end)
+        payload = _Payload(data, env, self, sent, before_end, taken)
         for i, t in enumerate(targets):
             t.deadline = deadline
             if _past(deadline):  # the rest keep the reply they got, else this reason
@@ -1562,6 +1567,8 @@ class Courier:
             results[r.address] = res
             if moved:
                 next_host.add(r.address)
+        if res.ok and payload.taken is not None:
+            payload.taken({r.address: res for r in accepted})
         return _Outcome(results, next_host, reusable)
 
     @staticmethod

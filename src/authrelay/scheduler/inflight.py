@@ -16,9 +16,11 @@ appended with one write(2) each on an O_APPEND descriptor, never fsynced: the li
 survive the death of the process (kill -9, the OOM killer: they are in the page cache),
 which is the case at hand; a power loss may lose the last ones, and then there is no
 warning (mail is never lost either way: the state file decides what is pending).
-Delivered, not yet saved: `delivered([(token, rcpts, every)])` once the next hop answered
-2xx for `rcpts` (the scheduler calls it with the courier's results, never before them,
-those of one loop turn together: one write for all). When
+Delivered, not yet saved: `delivered([(token, rcpts, every, owed)])` once the next hop
+answered 2xx for `rcpts` (the scheduler calls it with each transaction's results as the
+courier reports them, Courier.deliver's `taken`, and with the attempt's results, never
+before them, those of one loop turn together: one write for all; a recipient already
+said is not said again). When
 that is every recipient of the attempt the line is the attempt's end, `{"e": N, "d": 1}`
 (then `end()` writes nothing: the same two lines per attempt as before, the end written
 before the removal rather than after it); else `{"d": N, "r": [rcpts]}`; either with
@@ -29,7 +31,10 @@ returns them, and the scheduler's start records those recipients as sent (the me
 removed when none is left; the success DSN owed queued first) instead of delivering
 them again: a message delivered and
 not yet removed (the removals are batched, UNLINK_GATHER) is no duplicate after a kill
--9. Such a line is only ever written after the 2xx; one lost (a power loss, a kill
+-9, nor one an earlier transaction of an attempt cut later delivered. A stop cutting an
+attempt ends it with `cut(token)`: `{"e": N, "c": 1}` when some were delivered (they
+stand: the next start records them sent, and names nothing else), else `{"e": N}`.
+Such a line is only ever written after the 2xx; one lost (a power loss, a kill
 before the thread wrote it, the journal disabled) leaves the old behaviour: a
 redelivery, named by the warning. A compaction or a re-enabled journal writes each live
 attempt's delivered recipients again after its begin line.
@@ -109,6 +114,8 @@ class Leftover(NamedTuple):
     rcpts: list[str]
     delivered: list[str]
     owed: list[str]
+    cut: bool = False  # ended by a stop that cut it (`{"e": N, "c": 1}`): rcpts are those
+    # the next hop took (2xx) in its transactions before the cut, the rest not in doubt
 
 
 # A live attempt: queue id, recipients, those delivered, whether its `{"e": N, "d": 1}`
@@ -181,6 +188,9 @@ class InflightJournal:
                             if left is not None and rec.get("d") == 1:
                                 _owed(left, rec)
                                 done.append(left._replace(delivered=left.rcpts))
+                            elif left is not None and rec.get("c") == 1 and left.delivered:
+                                done.append(left._replace(rcpts=list(left.delivered),
+                                                          cut=True))
                         elif "d" in rec:
                             left = begun.get(int(rec["d"]))
                             if left is not None:  # (only a begun attempt's recipients)
@@ -288,9 +298,14 @@ class InflightJournal:
         lines = []
         for token, rcpts, every, owed in done:
             live = self._live.get(token)
-            if live is None or not rcpts:
-                continue  # (ended meanwhile: its outcome saved)
+            if live is None or not rcpts or live[3]:
+                continue  # (ended meanwhile: its outcome saved; or said already)
             qid, begun, got, _, was_owed = live
+            if got:  # told per transaction before (Courier's taken): each one line
+                rcpts = [r for r in rcpts if r not in got]
+                owed = [r for r in owed if r not in was_owed]
+                if not rcpts and not every:
+                    continue
             if every:
                 self._live[token] = (qid, begun, tuple(begun), True, was_owed + tuple(owed))
                 lines.append(b'{"e":%d,"d":1%s}\n' % (token, _owed_json(owed).encode()))
@@ -313,6 +328,21 @@ class InflightJournal:
                 lines.append(b'{"s":%d}\n' % token)
         if lines:
             self._submit(b"".join(lines))
+
+    def cut(self, token: int) -> None:
+        """Attempt `token` cut by a stop, whose lines said what it cut (the next start
+        warns of nothing): ended, but its delivered recipients (an earlier transaction's
+        2xx) stand, `{"e": N, "c": 1}`, so the next start records them sent. (Such an
+        attempt stays live: a compaction in the rest of the stop keeps its delivered
+        recipients, then as a crash's.)"""
+        live = self._live.get(token)
+        if live is None or live[3]:
+            return
+        if live[2]:
+            self._submit(b'{"e":%d,"c":1}\n' % token)
+        else:
+            del self._live[token]
+            self._submit(b'{"e":%d}\n' % token)
 
     def end(self, token: int) -> None:
         live = self._live.pop(token, None)

@@ -100,7 +100,7 @@ from authrelay.spool.store import (
 from authrelay.spool.submit import NOTICE_WAIT, Submitter, log_queued
 from authrelay.spool.writable import NOT_WRITABLE, ThreadProbe
 from authrelay.spool.writer import settle
-from authrelay.types import BeforeEnd, DeliveryResult
+from authrelay.types import BeforeEnd, DeliveryResult, Taken
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,8 @@ _DSN_ACTIONS = (("failed", "cannot queue a bounce; retrying later"),
 class CourierLike(Protocol):
     async def deliver(self, env: Envelope, rcpts: list[Recipient], message: bytes | Path,
                       offset: int = 0, sent: dict[str, str] | None = None,
-                      before_end: BeforeEnd | None = None) -> dict[str, DeliveryResult]: ...
+                      before_end: BeforeEnd | None = None, taken: Taken | None = None
+                      ) -> dict[str, DeliveryResult]: ...
 
     async def close(self) -> None: ...
 
@@ -414,14 +415,17 @@ class Scheduler:
         the next hop may already have them (at least once)."""
         delivered: dict[str, set[str]] = {}
         owed: dict[str, set[str]] = {}
+        crashed: set[str] = set()  # (else: every attempt of it that left some was cut)
         for left in leftovers:
             if left.delivered:
                 delivered.setdefault(left.qid, set()).update(left.delivered)
                 owed.setdefault(left.qid, set()).update(left.owed)
+                if not left.cut:
+                    crashed.add(left.qid)
         for qid, done in delivered.items():
-            await self._sent_before_crash(qid, done, owed[qid])
+            await self._sent_before_crash(qid, done, owed[qid], stop=qid not in crashed)
         await self._io(self.inflight.start)
-        for qid, rcpts, _, _ in leftovers:
+        for qid, rcpts, _, _, _ in leftovers:
             if set(rcpts) <= delivered.get(qid, set()):
                 continue  # recorded above (most: removed since, their line not compacted)
             try:
@@ -439,7 +443,8 @@ class Scheduler:
                     "may have been delivered before the crash (it is tried again; the "
                     "recipient may get it twice)", queue_id=qid)
 
-    async def _sent_before_crash(self, qid: str, rcpts: set[str], owed: set[str]) -> None:
+    async def _sent_before_crash(self, qid: str, rcpts: set[str], owed: set[str],
+                                 stop: bool = False) -> None:
         """`rcpts` of `qid` were delivered (the journal's line after the next hop's 2xx)
         and the run died before saving it: those still PENDING become SENT, in its state
         file, or the message is removed when that leaves none pending (held: left in
@@ -447,7 +452,8 @@ class Scheduler:
         maillog line. Those of them in `owed` (NOTIFY=SUCCESS, not passed on) get their
         success DSN, queued before the state is saved: a crash in between sends it
         twice, never loses it. Gone (delivered and removed, deleted) or unreadable:
-        nothing. An I/O error: logged, and they are delivered again (the old behaviour)."""
+        nothing. An I/O error: logged, and they are delivered again (the old behaviour).
+        `stop`: they were delivered in an earlier transaction of a delivery a stop cut."""
         try:
             env = await self._io(self.spool.load, qid)
         except (OSError, SpoolError):
@@ -482,7 +488,7 @@ class Scheduler:
             log.error("%s: cannot record the recipients delivered before the crash (they "
                       "are delivered again): %s", qid, e, extra={"queue_id": qid})
             return
-        self.maillog.sent_before_crash(qid, [r.address for r in newly], where)
+        self.maillog.sent_before_crash(qid, [r.address for r in newly], where, stop)
 
     async def _take_lock(self) -> int:
         # The CLI holds the lock for a moment during offline edits: wait a little for it.
@@ -1195,12 +1201,14 @@ class Scheduler:
             token = self.inflight.begin(act.qid, [r.address for r in job.rcpts])
             courier = self.courier  # a reload may bring another meanwhile
             sent: dict[str, str] = {}  # who may have the message (the courier fills it)
+            got: dict[str, DeliveryResult] = {}  # who has it: a transaction's 2xx (_taken)
             try:
                 t0 = time.monotonic()
                 # (the next hop gets the end-of-data dot once the begin line is written)
                 results = await courier.deliver(
                     act.env, job.rcpts, act.path, act.offset, sent=sent,
-                    before_end=functools.partial(self.inflight.begun, token))
+                    before_end=functools.partial(self.inflight.begun, token),
+                    taken=functools.partial(self._taken, token, act.env, job.rcpts, got))
                 task = asyncio.current_task()
                 if task is not None and task in self._tasks:  # results in hand: a stop
                     # lets it save them
@@ -1210,8 +1218,10 @@ class Scheduler:
                         "smarthost" if job.key == "smarthost" else "mx", time.monotonic() - t0)
             except asyncio.CancelledError:
                 if self._stopping:  # cut by a clean stop: said here, not taken for a crash
-                    self._cut_by_stop(act.env, job, sent)
-                    self.inflight.end(token)
+                    self._cut_by_stop(act.env, job, sent, got)
+                    if self._delivered:
+                        self._hand_delivered()  # (got's lines before the cut's end)
+                    self.inflight.cut(token)  # (got: recorded sent by the next start)
                 raise
             except Exception:
                 log.exception("%s: courier failed", act.qid, extra={"queue_id": act.qid})
@@ -1259,6 +1269,15 @@ class Scheduler:
         self._delivered.append((token, [r.address for r in ok], len(ok) == len(rcpts), owed))
         return bool(owed)
 
+    def _taken(self, token: int, env: Envelope, rcpts: list[Recipient],
+               got: dict[str, DeliveryResult], results: dict[str, DeliveryResult]) -> None:
+        """The courier's `taken`: a transaction of attempt `token` delivered (2xx) to
+        `results`' recipients, journaled at once, not when the attempt ends: a crash or a
+        stop cutting a later transaction (another host, past a RCPT limit) does not
+        deliver them again. `got` collects them (_cut_by_stop)."""
+        got.update(results)
+        self._journal_delivered(token, env, rcpts, results)
+
     def _hand_delivered(self) -> None:
         """A loop turn's delivered recipients to the journal, one hand-off to its thread
         (at most a loop turn later than their 2xx: the window they close is that much
@@ -1266,15 +1285,24 @@ class Scheduler:
         done, self._delivered = self._delivered, []
         self.inflight.delivered(done)
 
-    def _cut_by_stop(self, env: Envelope, job: _Job, sent: dict[str, str]) -> None:
+    def _cut_by_stop(self, env: Envelope, job: _Job, sent: dict[str, str],
+                     got: dict[str, DeliveryResult]) -> None:
         """A delivery still running when stop()'s shutdown_timeout ended: one deferred
         line per recipient naming the stop (and, when the message had gone out, that it
         may have been delivered). The state is not changed: the message stays queued
-        and is tried again at the next start, as after any deferral."""
+        and is tried again at the next start, as after any deferral; but a recipient an
+        earlier transaction delivered (`got`: its 2xx) gets its Sent line, and the next
+        start records it sent from the journal (InflightJournal.cut), not sent again."""
         now = time.time()
         why = (f"delivery cut by authrelay's stop (still running when shutdown_timeout = "
                f"{self.cfg.shutdown_timeout:g}s ended); tried again at the next start")
         for r in job.rcpts:
+            if (res := got.get(r.address)) is not None:
+                reply = f"{res.code} {res.enhanced} {res.text}".replace("  ", " ").strip()
+                self.maillog.sent(env.queue_id, r.address, res.remote or None,
+                                  backoff.age(env, now), r.attempts + 1, res.enhanced or None,
+                                  reply, tls=res.tls or None, policy=res.tls_policy or None)
+                continue
             relay = sent.get(r.address)
             text = why if relay is None else (
                 f"{why}; the message had been sent to {relay} and no reply received: it "
