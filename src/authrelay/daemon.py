@@ -70,6 +70,7 @@ from authrelay.policy.counters import SharedCounters
 from authrelay.policy.recipients import LocalRecipients, RecipientsError, open_domains
 from authrelay.policy.throttle import Share
 from authrelay.process import Channel, InstanceBusy, KeyHelper, StartError
+from authrelay.smtpd.handoff import Handoff
 from authrelay.smtpd.server import Listener, SMTPServer, bind
 from authrelay.spool.store import Spool
 from authrelay.tls import (
@@ -278,16 +279,19 @@ async def _start_local_submission(cfg: Config, ml: maillog_mod.MailLog
 class _Receiver:
     """The receiving half (one per worker process, or inside the single process)."""
 
-    def __init__(self, cfg: Config, listeners: list[Listener], share: Share) -> None:
+    def __init__(self, cfg: Config, listeners: list[Listener], share: Share,
+                 handoff: Handoff | None = None) -> None:
         self.cfg = cfg
         self.listeners = listeners
         self.share = share
+        self.handoff = handoff
         self.server: SMTPServer | None = None
 
     async def start(self, spool: Spool, certs: CertStore, metrics: Metrics | None,
                     ml: maillog_mod.MailLog, recipients: LocalRecipients | None) -> None:
         self.server = wiring.server(self.cfg, spool, certs, share=self.share, metrics=metrics,
-                                    maillog=ml, recipients=recipients)
+                                    maillog=ml, recipients=recipients,
+                                    handoff=self.handoff)
         await self.server.start(self.listeners)
 
     def close_listeners(self) -> None:
@@ -322,6 +326,7 @@ class _Run:
     # (workers inherit it) and again at every reload.
     recipients: LocalRecipients | None = None
     share: Share = field(default_factory=Share)
+    handoff: Handoff | None = None  # worker: newcomers passed between workers
     # How the certificate and key are read on SIGHUP (privileged: the key helper).
     read_keys: Callable[[Config], PEM] = read_pem
     # The smart host password as root (the key helper) when privileges were dropped.
@@ -413,7 +418,7 @@ async def _serve_loop(run: _Run) -> int:
     receiver = certs = None
     if run.listeners is not None:
         certs = CertStore(cfg, run.pem)
-        receiver = _Receiver(cfg, run.listeners, run.share)
+        receiver = _Receiver(cfg, run.listeners, run.share, run.handoff)
     scheduler = None
     reporter = None
     local = None
@@ -905,11 +910,14 @@ def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
                            log_file=_log_file(cfg), owner=(pw.pw_uid, pw.pw_gid))
         read_keys = lambda _cfg: helper.read_pem()  # noqa: E731
     try:
-        shared = None
+        shared = handoff = None
         if nworkers > 1:
             # Throttle counters shared by all workers (per-IP limits stay exact): made
             # before forking, and before the drop (it maps shared memory).
             shared = wiring.shared_counters(nworkers)
+            # ... and the newcomers passed between them (smtpd/handoff.py): its
+            # socketpairs are the master's from its start, so every worker gets them.
+            handoff = Handoff(nworkers)
         _drop_privileges(cfg)
         # Refusal lines a process dies owing are written by the master (owedlines.py);
         # those the previous instance's processes owed, now. Mapped before any fork.
@@ -936,7 +944,7 @@ def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
             rc = asyncio.run(_serve_loop(run))
         else:
             rc = _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared,
-                               recipients, book)
+                               recipients, book, handoff)
         maillog_mod.get().flush()
         book.close()  # a stop: the file goes unless a line is still owed
         return rc
@@ -956,7 +964,8 @@ def _local_recipients(cfg: Config) -> LocalRecipients | None:
 def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                   per_worker: list[list[Listener]], read_keys: Callable[[Config], PEM],
                   helper: KeyHelper | None, shared: SharedCounters | None,
-                  recipients: LocalRecipients | None, book: OwedLines) -> int:
+                  recipients: LocalRecipients | None, book: OwedLines,
+                  handoff: Handoff | None = None) -> int:
     nworkers = len(per_worker)
     run = _Run(cfg, config_path, pem, "master", recipients=recipients, read_keys=read_keys,
                read_password=helper.read_password if helper else None,
@@ -1003,13 +1012,15 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 ml.keep_owed(book.slot(i + 1))
                 if shared is not None:
                     shared.adopt(i)  # what it counts is recorded, for forget() below
+                if handoff is not None:
+                    handoff.adopt(i)  # its row, cleared; its inbox
                 for j, socks in enumerate(per_worker):
                     if j != i:
                         for s in socks:
                             s.sock.close()
                 wrun = _Run(run.cfg, config_path, run.pem, "worker", listeners=per_worker[i],
                             recipients=run.recipients, share=Share(i, nworkers, shared),
-                            channel=sock)
+                            channel=sock, handoff=handoff)
             except BaseException:
                 os._exit(1)
             _worker_main(wrun)
@@ -1043,6 +1054,8 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 # The connections it held (kill -9, OOM, a crash) leave every gauge:
                 # else they stayed counted, and a few deaths under load filled the pools.
                 shared.forget(w.index)
+            if handoff is not None:  # its candidates went with it: none passed to it
+                handoff.forget(w.index)
             if run.cfg.metrics.address:  # so do the messages it was receiving
                 Metrics.forget(pid)
             if stopping or run.stopping:

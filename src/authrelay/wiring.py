@@ -54,6 +54,7 @@ from authrelay.policy.suspender import HoldUser, Suspender, make_suspender
 from authrelay.policy.throttle import KnownStore, LocalThrottle, Share, Throttle
 from authrelay.scheduler import control
 from authrelay.scheduler.scheduler import CourierLike, Scheduler
+from authrelay.smtpd.handoff import Handoff
 from authrelay.smtpd.server import Listener, SMTPServer
 from authrelay.spool.store import Spool
 from authrelay.spool.submit import Submitter
@@ -194,11 +195,12 @@ def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
            auth: Authenticator | None | Literal["config"] = "config",
            checks: HostChecks | None | Literal["config"] = "config",
            recipients: LocalRecipients | None | Literal["config"] = "config",
-           maillog: MailLog) -> SMTPServer:
+           maillog: MailLog, handoff: Handoff | None = None) -> SMTPServer:
     """The receiving side of one process: its submitter, throttle and known-address store
     built here; `auth`, `checks` and `recipients` (the local recipients list: raises
     RecipientsError when it cannot be read) are what the config names unless given
-    (None: none); `maillog` the one the caller's process writes."""
+    (None: none); `maillog` the one the caller's process writes; `handoff` the workers'
+    (smtpd/handoff.py), adopted by this one, with several."""
     share = share or Share()
     known = known_addresses(cfg)
     sub = submitter(cfg, queue, maillog, report_dkim=False)  # the scheduler's reports
@@ -212,6 +214,7 @@ def server(cfg: Config, queue: Spool, certs: CertStore | None, *,
         metrics=metrics, known=known, throttle=throttle(cfg, share, known, redis),
         share=share, maillog=maillog,
         recipients=local_recipients(cfg) if recipients == "config" else recipients,
+        handoff=handoff,
         # A trip asks this node's scheduler to hold the user's mail (control socket).
         containment=containment(cfg, sub, maillog, metrics,
                                 lambda user: control.hold_user(queue, user), redis))

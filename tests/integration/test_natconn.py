@@ -15,12 +15,15 @@ import re
 import smtplib
 import time
 import urllib.request
+from collections.abc import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from relayproc import PASSWORD, RelayProcess, to_toml
+from relayproc import PASSWORD, RelayProcess, children, to_toml
 from smtpclient import RawClient, client_ctx
 from support.ports import free_port
+from support.procfs import holder
+from support.wait import wait_until
 
 from authrelay.smtpd.eviction import OWN_AGE, TIE_AGE
 
@@ -286,6 +289,107 @@ def test_a_full_pool_and_the_address_at_its_limit_takes_its_own(relay_factory
         assert len(gone) == 1 and EVICTED in gone[0], ends
         log = r.maillog(settle=0.5)
         assert len(re.findall(LINE.replace("submission:", "smtp:"), log)) == 1, log[-3000:]
+    finally:
+        for c in idle:
+            c.close()
+
+
+def _where(r: RelayProcess, port: int) -> int:
+    """The worker holding the server's end of the connection from NAT:`port`."""
+    pids = children(r.proc.pid) if r.proc is not None else []
+    pid = holder(pids, NAT, port)
+    assert pid is not None, (pids, port)
+    return pid
+
+
+def _released(r: RelayProcess, port: int) -> None:
+    """Wait until no worker holds the server's end of the connection from NAT:`port`
+    (closed by the client): its slot given back (the release comes before the socket's
+    close). Else the next connection from NAT met the limit and took the oldest's slot."""
+    workers = children(r.proc.pid) if r.proc is not None else []
+    wait_until(lambda: holder(workers, NAT, port, established=False) is None,
+               f"the server's end of NAT:{port} closed")
+
+
+def _logins_past_idle_elsewhere(r: RelayProcess, idle: list[RawClient],
+                                done: Callable[[set[int]], bool]) -> set[int]:
+    """alice logs in and sends past the guesser's `idle` connections (20, aged TIE_AGE),
+    one login after another, until `done(the workers that accepted a login and passed it
+    on)`: every login gets in, and each time the guesser's oldest connection is the one
+    closed (with the eviction's 421), by the worker holding it, whichever accepted the
+    login (its line names that one, `accepted_by=PID`, when it is another); the guesser
+    then opens one more (young: never taken). Returns those accepting workers."""
+    port = r.ports["submission"]
+    workers = children(r.proc.pid) if r.proc is not None else []
+    crossed: set[int] = set()
+    for n in range(1, 61):
+        oldest = _where(r, idle[0].sock.getsockname()[1])
+        with _alice(port) as s:
+            assert s.noop()[0] == 250
+            ends = [_ended(c) for c in idle]
+            assert ends[0] is not None and EVICTED in ends[0], (n, ends)
+            assert all(e is None for e in ends[1:]), (n, ends)
+            aport = s.sock.getsockname()[1]
+        _released(r, aport)  # before the guesser opens another
+        lines = r.wait_for(lambda k=n: (got := re.findall(
+            r"authrelay\[(\d+)\]: NOQUEUE: " + LINE + r"(?:, accepted_by=(\d+))?\n",
+            r.maillog(0))) and len(got) >= k and got, what=f"eviction line {n}")
+        assert len(lines) == n, lines
+        evictor, by = int(lines[-1][0]), lines[-1][1]
+        assert evictor == oldest, (n, lines[-1], oldest)
+        if by:
+            assert int(by) != evictor and int(by) in workers, lines[-1]
+            crossed.add(int(by))
+        idle[0].close()
+        del idle[0]
+        idle.extend(_idle(port, 1))
+        if done(crossed):
+            break
+    assert "Traceback" not in r.maillog(0)
+    return crossed
+
+
+def test_two_workers_the_oldest_idle_connection_is_taken_in_whichever_worker(
+        relay_factory) -> None:  # noqa: ANN001
+    """The guesser's 20 spread over both workers: alice's logins land in either (SO_
+    REUSEPORT), and each takes the guesser's oldest, also when the other worker holds
+    it (before: the accepting worker's own oldest, or, holding none, 421)."""
+    r = _start(relay_factory, workers=2)
+    workers = set(children(r.proc.pid) if r.proc is not None else [])
+    idle = _idle(r.ports["submission"], 20)
+    try:
+        assert {_where(r, c.sock.getsockname()[1]) for c in idle} == workers  # 1 - 2**-19
+        time.sleep(TIE_AGE + 0.5)  # time under test: candidates younger than this are kept
+        crossed = _logins_past_idle_elsewhere(r, idle, lambda got: got == workers)
+        assert crossed == workers
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_two_workers_a_login_in_the_worker_holding_none_gets_in(relay_factory
+                                                                 ) -> None:  # noqa: ANN001
+    """All 20 of the guesser's connections in one worker: alice's login accepted by the
+    other (which holds none of them) gets in too (before: 421 4.7.0 Too many
+    connections from your address, with probability 1/2 per login)."""
+    r = _start(relay_factory, workers=2)
+    port = r.ports["submission"]
+    idle: list[RawClient] = []
+    try:
+        first: int | None = None
+        while len(idle) < 20:  # the kernel's choice: keep those of the first worker
+            c = _idle(port, 1)[0]
+            w = _where(r, c.sock.getsockname()[1])
+            first = first or w
+            if w == first:
+                idle.append(c)
+            else:
+                cport = c.sock.getsockname()[1]
+                c.close()
+                _released(r, cport)
+        time.sleep(TIE_AGE + 0.5)  # time under test: candidates younger than this are kept
+        crossed = _logins_past_idle_elsewhere(r, idle, lambda got: bool(got))
+        assert first not in crossed
     finally:
         for c in idle:
             c.close()

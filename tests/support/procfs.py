@@ -39,8 +39,10 @@ def socket_inodes(pid: int) -> set[str]:
     return out
 
 
-def _established(pid: int, host: str, port: int) -> list[list[str]]:
-    """/proc/net/tcp's rows of `pid`'s sockets connected to host:port (IPv4)."""
+def _established(pid: int, host: str, port: int, state: str | None = "01"
+                 ) -> list[list[str]]:
+    """/proc/net/tcp's rows of `pid`'s sockets connected to host:port (IPv4), in `state`
+    (01: ESTABLISHED; None: any)."""
     a, b, c, d = (int(x) for x in host.split("."))
     peer = f"{d:02X}{c:02X}{b:02X}{a:02X}:{port:04X}"
     mine = socket_inodes(pid)
@@ -48,7 +50,7 @@ def _established(pid: int, host: str, port: int) -> list[list[str]]:
         next(f)
         rows = [line.split() for line in f]
     return [cols for cols in rows
-            if cols[2] == peer and cols[3] == "01" and cols[9] in mine]  # ESTABLISHED
+            if cols[2] == peer and state in (None, cols[3]) and cols[9] in mine]
 
 
 def unread_from(pid: int, host: str, port: int) -> list[int]:
@@ -60,3 +62,14 @@ def unread_from(pid: int, host: str, port: int) -> list[int]:
 def connected_to(pid: int, host: str, port: int) -> set[str]:
     """The socket inodes of `pid`'s TCP connections to host:port (IPv4)."""
     return {cols[9] for cols in _established(pid, host, port)}
+
+
+def holder(pids: list[int], host: str, port: int, established: bool = True) -> int | None:
+    """Which of `pids` holds the server's end of the TCP connection from host:port (IPv4):
+    the worker the kernel's SO_REUSEPORT gave it to (or another worker passed it to);
+    `established` False: in any state (closed by the peer, not yet by the server)."""
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):
+            if _established(pid, host, port, "01" if established else None):
+                return pid
+    return None

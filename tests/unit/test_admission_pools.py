@@ -11,7 +11,8 @@ from authrelay.smtpd.admission import Acceptor
 
 def pools(data: dict) -> dict[str, tuple[tuple[Pool, ...], int]]:
     cfg = from_dict(data)
-    server = SimpleNamespace(cfg=cfg, share=Share(), throttle=LocalThrottle(cfg))
+    server = SimpleNamespace(cfg=cfg, share=Share(), throttle=LocalThrottle(cfg),
+                             oldest=None)
     out = {}
     for ln_cfg in cfg.listen:
         ln = SimpleNamespace(cfg=ln_cfg, mode=ln_cfg.mode, sock=None,

@@ -73,7 +73,7 @@ def _acceptor(cfg: Config, throttle: SharedThrottle) -> tuple[Acceptor, list[str
     said: list[str] = []
     server = SimpleNamespace(
         cfg=cfg, share=Share(), throttle=throttle, exemptions=Exemptions(cfg),
-        proxy_trusted=None, stopping=False, open_sockets=0,
+        proxy_trusted=None, stopping=False, open_sockets=0, handoff=None, oldest=None,
         protocol_factory=lambda ln, ticket: asyncio.Protocol,
         metrics_connection=lambda mode, result: said.append(result),
         refused=lambda ln, ip, r, reason, tls: said.append(f"421 {reason}"),

@@ -75,7 +75,8 @@ from authrelay import maillog, replies, tls
 from authrelay.config import Config, Listen
 from authrelay.policy.throttle import Admission, Exemptions, Lockout, Pool, Share, Throttle
 from authrelay.smtpd import proxy
-from authrelay.smtpd.eviction import Candidate, Candidates
+from authrelay.smtpd.eviction import Candidate, Candidates, Oldest, takeable
+from authrelay.smtpd.handoff import Handoff, Passed
 from authrelay.smtpd.listener import limit_send_buffer, peek_client_hello
 from authrelay.tls import handshake_failure
 from authrelay.types import Reply
@@ -116,6 +117,8 @@ class Host(Protocol):
     throttle: Throttle
     exemptions: Exemptions
     acceptors: list[Acceptor]  # this process's, one per listener (per-address eviction)
+    handoff: Handoff | None  # with several workers: newcomers passed between them
+    oldest: Oldest | None  # ... and this process's oldest candidates, published there
     proxy_trusted: proxy.Networks
     stopping: bool
     open_sockets: int  # client sockets held by this process (accepted, not closed)
@@ -270,7 +273,7 @@ class Acceptor:
         self.tasks: set[asyncio.Task[None]] = set()
         self.proxy_reads: set[asyncio.Task[None]] = set()  # PROXY headers being read
         # eviction candidates (issue 17), their marks in the node's table
-        self.candidates = Candidates(server.throttle.eviction_marks())
+        self.candidates = Candidates(server.throttle.eviction_marks(), server.oldest)
         self._lines = 0  # refusal lines logged in this second
         self._refused: Counter[str] = Counter()  # refusals not logged one by one, by reason
         self._evicted: Counter[str] = Counter()  # evictions this second, by kind
@@ -489,8 +492,13 @@ class Acceptor:
             self._refused["proxy_header"] += 1
         self._summary_soon()
 
+    def admit_passed(self, p: Passed) -> None:
+        """A newcomer another worker passed on (handoff.py): admitted here with this
+        worker's candidates only (never passed on again)."""
+        self._admit_client(p.sock, p.addr, p.peer, passed_by=p.by)
+
     def _admit_client(self, sock: socket.socket, addr: Any,
-                      peer: tuple[str, int] | None) -> None:
+                      peer: tuple[str, int] | None, passed_by: int = 0) -> None:
         srv = self.server
         ip = client_ip(addr)
         exempt = ip in srv.exemptions
@@ -521,7 +529,11 @@ class Acceptor:
                 srv.throttle.connections(key) >= lim.max_connections_per_ip):
             # At its max_connections_per_ip (a full pool may have said so first): its own
             # oldest idle connection; for the full pool, one of this listener's only.
-            adm = self._take_own(ip, key, ekey, exempt, here=adm.reason != "ip") or adm
+            here = adm.reason != "ip"
+            found = self._own_victim(key, ekey, here)
+            if not passed_by and self._pass_own(sock, addr, peer, key, found, here):
+                return  # the worker holding the address's oldest admits it
+            adm = self._take_own(ip, key, exempt, found, passed_by) or adm
         srv.metrics_connection(self.ln.mode, "accepted" if adm.admitted else "refused")
         if not adm.admitted:
             if adm.reason.startswith("pool:"):
@@ -542,7 +554,7 @@ class Acceptor:
         if lim.pool_eviction:
             ticket.handshake = Candidate(ekey, time.monotonic(),
                                          lambda: self._evict_handshake(ticket), "handshake",
-                                         who=key)
+                                         who=key, shared=ticket.pending)
             self.candidates.add(ticket.handshake)
         self.open += 1
         srv.open_sockets += 1
@@ -587,32 +599,64 @@ class Acceptor:
             return self.candidates.count(key)
         return max(throttle.pending(key), self.candidates.count(key))
 
-    def _take_own(self, ip: str, key: str, ekey: str, exempt: bool,
-                  here: bool = False) -> Admission | None:
-        """The address is at `max_connections_per_ip`: take the slot of its own oldest
-        eviction candidate (eviction.py `own`: aged TIE_AGE or OWN_AGE, never an
-        authenticated session, one in a transaction or with a command running) in this
-        process, on
-        any listener (the per-address count covers them all), this one's first (`here`:
-        this one's only, for a pool of it full too: only a victim in it frees a slot of
-        every pool the newcomer needs); the admission, or None when there is none.
-        Other workers' connections of the
-        address are not looked at: their candidates are in their memory (a worker
-        holding none of the address's refuses as before). Counted into the victim's
-        slot before the eviction frees it, as the pool eviction is (`over_pools`)."""
-        now = time.monotonic()
-        for acc in [self] if here else sorted(self.server.acceptors,
-                                              key=lambda a: a is not self):
+    def _own_victim(self, key: str, ekey: str, here: bool
+                    ) -> tuple[Acceptor, Candidate] | None:
+        """The address `key` is at `max_connections_per_ip`: its own eviction candidate
+        connected longest ago in this process (eviction.py `own`: aged TIE_AGE or
+        OWN_AGE, never an authenticated session, one in a transaction or with a command
+        running), on any listener (the per-address count covers them all; `here`: this
+        one's only, for a pool of it full too: only a victim in it frees a slot of every
+        pool the newcomer needs), and the acceptor holding it; None when there is none."""
+        now, best = time.monotonic(), None
+        for acc in [self] if here else self.server.acceptors:
             victim = acc.candidates.own(ekey, key, now)
-            if victim is None:
-                continue
-            adm = self.server.throttle.connect(
-                key, self.over_pools if acc is self else self.pools, exempt=exempt,
-                ip_over=True)
-            if adm.admitted:
-                acc._evict(victim, ip=ip)
-            return adm
-        return None
+            if victim is not None and (best is None or victim.born < best[1].born):
+                best = (acc, victim)
+        return best
+
+    def _pass_own(self, sock: socket.socket, addr: Any, peer: tuple[str, int] | None,
+                  key: str, found: tuple[Acceptor, Candidate] | None, here: bool) -> bool:
+        """With several workers: whether the newcomer went to another worker (handoff.py,
+        which admits it there), the one whose candidate of the address connected longest
+        ago is takeable and connected before this one's own victim (`found`); or, this
+        one holding none, the one whose candidate connected longest ago is not takeable
+        yet (it may hold another that is). Only for a newcomer already refused for its
+        address's limit: a shared-memory read per worker. For a full pool of this
+        listener (`here`) only when this process holds none of the address's in it: the
+        other worker's may be in another listener, whose slot the newcomer cannot use
+        (that worker then takes one of this listener's, or refuses)."""
+        handoff = self.server.handoff
+        if handoff is None or found is not None and here:
+            return False
+        entries, now = handoff.entries(key), time.monotonic()
+        ready = [e for e in entries if takeable(e[2], e[1], now)]
+        to = min(ready or (entries if found is None else []), key=lambda e: e[1],
+                 default=None)
+        if to is None or found is not None and found[1].born <= to[1]:
+            return False
+        if not handoff.pass_on(to[0], sock, self.ln.name, addr, peer):
+            return False  # its inbox full (stalled, or dead): handled here
+        with contextlib.suppress(OSError):
+            sock.close()  # the descriptor in flight keeps the connection
+        return True
+
+    def _take_own(self, ip: str, key: str, exempt: bool,
+                  found: tuple[Acceptor, Candidate] | None, passed_by: int = 0
+                  ) -> Admission | None:
+        """Take the slot of `found` (`_own_victim`) for a newcomer from `key`: counted
+        into the victim's slot before the eviction frees it, as the pool eviction is
+        (`over_pools`); the admission, or None when there is no victim (the address's
+        connections are all busy or young: refused as before). `passed_by`: the pid of
+        the worker that accepted the newcomer and passed it here (0: this one)."""
+        if found is None:
+            return None
+        acc, victim = found
+        adm = self.server.throttle.connect(
+            key, self.over_pools if acc is self else self.pools, exempt=exempt,
+            ip_over=True)
+        if adm.admitted:
+            acc._evict(victim, ip=ip, passed_by=passed_by)
+        return adm
 
     def settle(self, ticket: Ticket) -> None:
         ticket.sock = None  # the transport owns it now
@@ -650,11 +694,12 @@ class Acceptor:
             self.candidates.discard(ticket.idling)
             ticket.idling = None
 
-    def _evict(self, c: Candidate, ip: str | None = None) -> None:
+    def _evict(self, c: Candidate, ip: str | None = None, passed_by: int = 0) -> None:
         """Evict `c`: for a full pool (counted in the per-second summary line), or, with
         `ip` (the newcomer's address), for `max_connections_per_ip` (a line each, within
         the REFUSAL_LINES budget of this listener's second; past it counted in a summary
-        line of their own)."""
+        line of their own; `passed_by`: the newcomer's accepting worker's pid, named in
+        the line, when another worker passed it here)."""
         self.candidates.discard(c)
         c.evict()  # releases its pool slot now
         self.server.metrics_connection(self.ln.mode, "evicted")
@@ -667,7 +712,8 @@ class Acceptor:
             maillog.warning(f"per-address limit: evicted 1 pre-authentication connection "
                             f"({kind})", relay=f"unknown [{ip}]", listener=self.ln.name,
                             reason="max_connections_per_ip",
-                            connections=f"{limit}/{limit}")
+                            connections=f"{limit}/{limit}",
+                            accepted_by=passed_by or None)
         else:
             self._evicted[c.kind] += 1
             self._evicted_from[c.key] += 1

@@ -45,13 +45,17 @@ connection is fresh again; for `USER_TTL` after, its refusals at a full pool do 
 it (a mail program whose retries meet a flood is not a flooder; a flooder cannot log in).
 `own(key, who, now)`: the victim when the newcomer's address is at its
 `max_connections_per_ip` instead (docs/LIMITS.md): that address's own candidate connected
-longest ago, aged at least TIE_AGE or connected OWN_AGE.
+longest ago, aged at least TIE_AGE or connected OWN_AGE (`takeable`). With several
+workers, `Oldest` keeps this process's candidate of each address connected longest ago
+(all its listeners) published for the others (smtpd/handoff.py), so a newcomer is passed
+to the worker holding the node's.
 Failure policy: pure bookkeeping; never raises for unknown candidates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from authrelay.policy.counters import Mark, MarkTable
 
@@ -69,16 +73,21 @@ USER_TTL = 86400.0  # seconds an address that logged in is a user's: refusals do
 class Candidate:
     """One evictable connection: its address key, since when, and how to evict it."""
 
-    __slots__ = ("key", "since", "evict", "kind", "who", "born")
+    __slots__ = ("key", "since", "evict", "kind", "who", "born", "shared")
 
     def __init__(self, key: str, since: float, evict: Callable[[], None],
-                 kind: str, who: str | None = None, born: float | None = None) -> None:
+                 kind: str, who: str | None = None, born: float | None = None,
+                 shared: bool = True) -> None:
         self.key = key
         self.who = who if who is not None else key  # its own address key (`_live`)
         self.since = since
         self.born = born if born is not None else since  # its connection's accept
         self.evict = evict
         self.kind = kind  # "handshake" (not yet a session) | "session" (idle, pre-AUTH)
+        # Published to the other workers (`Oldest`): not a handshake candidate that
+        # settles at the next turn of the loop (no TLS handshake, no greeting delay),
+        # which cannot age to TIE_AGE: the accept path then writes nothing shared.
+        self.shared = shared
 
 
 class LocalMarks:
@@ -98,10 +107,59 @@ class LocalMarks:
             del self._d[next(iter(self._d))]
 
 
+def takeable(since: float, born: float, now: float) -> bool:
+    """Whether a candidate idle since `since`, connected at `born`, may be taken by a
+    newcomer of its own address at max_connections_per_ip (`Candidates.own`)."""
+    return now - since >= TIE_AGE or now - born >= OWN_AGE
+
+
+class OldestTable(Protocol):
+    """Where a worker publishes its candidate of each address connected longest ago
+    (smtpd/handoff.Handoff)."""
+
+    def publish(self, key: str, born: float | None, since: float = 0.0) -> None: ...
+
+
+class Oldest:
+    """This process's candidates by their own address (`who`), every listener's, and the
+    `born` and `since` of each address's candidate connected longest ago (the one `own`
+    takes first once takeable), published in `table` whenever that candidate or its
+    `since` changes: O(1) for a candidate that is not it, a look at the address's
+    candidates in this process (at most its max_connections_per_ip, plus one) when it
+    goes (a session's command: busy, then idle again)."""
+
+    def __init__(self, table: OldestTable) -> None:
+        self._table = table
+        self._by_who: dict[str, dict[Candidate, None]] = {}
+        self._first: dict[str, Candidate] = {}
+
+    def add(self, c: Candidate) -> None:
+        mine = self._by_who.setdefault(c.who, {})
+        mine[c] = None
+        first = self._first.get(c.who)
+        if first is None or c.born < first.born:
+            self._first[c.who] = c
+            self._table.publish(c.who, c.born, c.since)
+
+    def discard(self, c: Candidate) -> None:
+        mine = self._by_who.get(c.who)
+        if mine is None or c not in mine:
+            return
+        del mine[c]
+        if not mine:
+            del self._by_who[c.who]
+            del self._first[c.who]
+            self._table.publish(c.who, None)
+        elif self._first[c.who] is c:
+            first = self._first[c.who] = min(mine, key=lambda x: x.born)
+            self._table.publish(c.who, first.born, first.since)
+
+
 class Candidates:
     """The candidates of one listener: by address (oldest first), addresses by count."""
 
-    def __init__(self, marks: MarkTable | None = None) -> None:
+    def __init__(self, marks: MarkTable | None = None, oldest: Oldest | None = None
+                 ) -> None:
         self._all: dict[Candidate, None] = {}  # insertion order: oldest first
         self._by_key: dict[str, dict[Candidate, None]] = {}
         # by `who` where it is not `key` (an IPv6 client's /64 inside its /48): `own()`
@@ -111,6 +169,7 @@ class Candidates:
         self._top = 0
         # address -> its Mark: this process's own, or the workers' shared table
         self._marks: MarkTable = marks if marks is not None else LocalMarks()
+        self._oldest = oldest  # the process's, with several workers (handoff.py)
 
     @property
     def total(self) -> int:
@@ -142,11 +201,15 @@ class Candidates:
         self._move(c.key, len(mine) - 1, len(mine))
         if c.who != c.key:
             self._by_who.setdefault(c.who, {})[c] = None
+        if self._oldest is not None and c.shared:
+            self._oldest.add(c)
 
     def discard(self, c: Candidate) -> None:
         if c not in self._all:
             return
         del self._all[c]
+        if self._oldest is not None and c.shared:
+            self._oldest.discard(c)
         if c.who != c.key:
             who = self._by_who.get(c.who)
             if who is not None:
@@ -234,8 +297,7 @@ class Candidates:
         plus one)."""
         best: Candidate | None = None
         for c in (self._by_key if who == key else self._by_who).get(who, ()):
-            if (now - c.since >= TIE_AGE or now - c.born >= OWN_AGE) and \
-                    (best is None or c.born < best.born):
+            if takeable(c.since, c.born, now) and (best is None or c.born < best.born):
                 best = c
         return best
 

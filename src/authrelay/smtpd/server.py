@@ -31,6 +31,8 @@ from authrelay.policy.suspender import Suspender
 from authrelay.policy.throttle import Exemptions, Share, Throttle
 from authrelay.smtpd import proxy
 from authrelay.smtpd.admission import Acceptor, Listener, Ticket, fd_budget
+from authrelay.smtpd.eviction import Oldest
+from authrelay.smtpd.handoff import Handoff
 from authrelay.smtpd.listener import Connection
 from authrelay.smtpd.session import Session, SessionDeps
 from authrelay.spool.submit import Submitter
@@ -65,7 +67,8 @@ class SMTPServer:
                  checks: HostChecks | None = None, metrics: Metrics | None = None,
                  maillog: MailLog,
                  containment: Suspender | None = None,
-                 recipients: LocalRecipients | None = None) -> None:
+                 recipients: LocalRecipients | None = None,
+                 handoff: Handoff | None = None) -> None:
         self.cfg = cfg
         self.authenticator = authenticator
         self.certs = certs
@@ -86,6 +89,10 @@ class SMTPServer:
         self.containment = containment
         self.sessions: set[Session] = set()
         self.acceptors: list[Acceptor] = []
+        # With several workers (adopted by this one): newcomers at their address's
+        # max_connections_per_ip passed to the worker holding its oldest idle connection.
+        self.handoff = handoff
+        self.oldest = Oldest(handoff) if handoff is not None else None
         self.listeners: list[Listener] = []
         self.stopping = False
         self.open_sockets = 0  # client sockets held by this process (accepted, not closed)
@@ -125,6 +132,22 @@ class SMTPServer:
             a.start()
             self.acceptors.append(a)
             self.listeners.append(ln)
+        if self.handoff is not None:
+            asyncio.get_running_loop().add_reader(self.handoff.inbox().fileno(),
+                                                  self._passed_in)
+
+    def _passed_in(self) -> None:
+        """Newcomers another worker passed on (smtpd/handoff.py): admitted by this
+        worker's acceptor of their listener; after a stop, closed."""
+        assert self.handoff is not None
+        by_name = {a.ln.name: a for a in self.acceptors}
+        for p in self.handoff.receive():
+            acc = by_name.get(p.listener)
+            if acc is None or self.stopping:
+                with contextlib.suppress(OSError):
+                    p.sock.close()
+                continue
+            acc.admit_passed(p)
 
     def protocol_factory(self, ln: Listener, ticket: Ticket) -> Callable[[], Connection]:
         loop = asyncio.get_running_loop()
@@ -215,6 +238,13 @@ class SMTPServer:
         """Stop accepting and close the listening sockets now (synchronous: SIGTERM, the
         master's death): the kernel refuses new connections from here on."""
         self.stopping = True
+        if self.handoff is not None:
+            with contextlib.suppress(Exception):  # (no loop: never started)
+                asyncio.get_running_loop().remove_reader(self.handoff.inbox().fileno())
+            while waiting := self.handoff.receive():  # closed now, not at the master's end
+                for p in waiting:
+                    with contextlib.suppress(OSError):
+                        p.sock.close()
         for a in self.acceptors:
             a.stop()
             with contextlib.suppress(OSError):
