@@ -477,6 +477,22 @@ def _tags(field: bytes) -> dict[bytes, bytes]:
 
 # Header fields as clients write them: folded, tabs, runs of blanks, blanks at the ends,
 # names in any case, repeated fields (dkimpy splits no field with blanks before its colon).
+def test_one_header_layout_signs_each_messages_own_fields(
+        signer: tuple[Signer, Log], store: KeyStore, dns_server) -> None:  # noqa: ANN001
+    """The h= selection is kept per layout of field names (signer._selection), never the
+    fields: messages of one layout, and one past the cached bound, each verify."""
+    s, _ = signer
+    dns_server.set_zones(dkim_zones(store.all()))
+    many = b"".join(b"To: r%d@dest.test\r\n" % i for i in range(40))
+    for msg in (MSG, MSG.replace(b"hello", b"other"), MSG.replace(b"bob@", b"eve@"),
+                many + MSG, many.replace(b"r1", b"x1") + MSG):
+        sigs = s(msg)
+        assert sigs is not None
+        assert [ok for *_, ok in verify_all(sigs + msg, dns_server.nameserver)] == [True] * 2
+        assert not any(ok for *_, ok in verify_all(
+            sigs + msg.replace(b"dest.test", b"dest.tesT"), dns_server.nameserver))
+
+
 _WS = st.sampled_from([b" ", b"\t", b"  ", b" \t ", b"\r\n ", b"\r\n\t", b""])
 _WORD = st.sampled_from([b"hello", b"a", b"<1@example.org>", b"\xc3\xa4", b"x:y", b"=?"])
 _VALUE = st.lists(st.tuples(_WS, _WORD), min_size=1, max_size=6).map(
