@@ -201,7 +201,7 @@ async def test_tlsa_asks_the_system_resolver(tmp_path: Path) -> None:
     good = _tlsa(3, 1, 1, b"\x01" * 32)
     with FakeDNSServer({"_25._tcp.mx.test": {"TLSA": [good, SHORT]}}, host, ad=True,
                        port=53):
-        r = Resolver((), 3, dnssec=True, resolv_conf=str(conf))
+        r = Resolver((), 10, dnssec=True, resolv_conf=str(conf))  # (a loaded machine)
         a = await r.tlsa_answer("_25._tcp.mx.test")
     assert (a.records, a.secure, a.malformed) == ([(3, 1, 1, b"\x01" * 32)], True, 1)
 
