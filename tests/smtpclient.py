@@ -97,3 +97,68 @@ def client_ctx() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def proxied(port: int, header: bytes, *, tls: ssl.SSLContext | None = None,
+            source: str = "127.0.0.1", tls_same_segment: bool = False) -> RawClient:
+    """A RawClient whose connection starts with `header` (a PROXY protocol header, as a
+    load balancer sends it; then TLS if `tls`)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15,
+                                    source_address=(source, 0))
+    if tls is not None and tls_same_segment:
+        # Header and ClientHello in one segment, as a balancer may send them.
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = tls.wrap_bio(inc, out)
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass  # (the ClientHello is written: the server's answer is wanted)
+        else:
+            raise AssertionError("a handshake done without the server")
+        sock.sendall(header + out.read())
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if out.pending:
+                    sock.sendall(out.read())
+                data = sock.recv(65536)
+                assert data, "closed during the handshake"
+                inc.write(data)
+        if out.pending:
+            sock.sendall(out.read())
+        return _BioClient(sock, obj, inc, out)
+    if header:
+        sock.sendall(header)
+    c = RawClient.__new__(RawClient)
+    c.buf = b""
+    c.sock = tls.wrap_socket(sock) if tls is not None else sock
+    return c
+
+
+class _BioClient(RawClient):
+    """RawClient over an SSLObject driven by hand (for the one-segment case)."""
+
+    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, inc: ssl.MemoryBIO,
+                 out: ssl.MemoryBIO) -> None:
+        self.raw, self.obj, self.inc, self.out = sock, obj, inc, out
+        self.buf = b""
+        self.sock = self  # type: ignore[assignment]
+
+    def sendall(self, data: bytes) -> None:
+        self.obj.write(data)
+        self.raw.sendall(self.out.read())
+
+    def recv(self, n: int) -> bytes:
+        while True:
+            try:
+                return self.obj.read(n)
+            except ssl.SSLWantReadError:
+                data = self.raw.recv(65536)
+                if not data:
+                    return b""
+                self.inc.write(data)
+
+    def close(self) -> None:
+        self.raw.close()

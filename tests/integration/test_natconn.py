@@ -20,12 +20,13 @@ from collections.abc import Callable
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from relayproc import PASSWORD, RelayProcess, children, to_toml
-from smtpclient import RawClient, client_ctx
+from smtpclient import RawClient, client_ctx, plain, proxied
 from support.ports import free_port
 from support.procfs import holder
 from support.wait import wait_until
 
 from authrelay.smtpd.eviction import OWN_AGE, TIE_AGE
+from authrelay.smtpd.proxy import build_v1
 
 pytestmark = pytest.mark.slow
 
@@ -302,13 +303,35 @@ def _where(r: RelayProcess, port: int) -> int:
     return pid
 
 
-def _released(r: RelayProcess, port: int) -> None:
-    """Wait until no worker holds the server's end of the connection from NAT:`port`
+def _released(r: RelayProcess, port: int, host: str = NAT) -> None:
+    """Wait until no worker holds the server's end of the connection from host:`port`
     (closed by the client): its slot given back (the release comes before the socket's
     close). Else the next connection from NAT met the limit and took the oldest's slot."""
     workers = children(r.proc.pid) if r.proc is not None else []
-    wait_until(lambda: holder(workers, NAT, port, established=False) is None,
-               f"the server's end of NAT:{port} closed")
+    wait_until(lambda: holder(workers, host, port, established=False) is None,
+               f"the server's end of {host}:{port} closed")
+
+
+def _in_one_worker(r: RelayProcess, open_one: Callable[[], RawClient],
+                   host: str = NAT) -> tuple[list[RawClient], int]:
+    """20 of the guesser's connections (`open_one()`, from host), all in the worker that
+    got the first (the kernel's choice: one landing in another is closed, and its
+    release waited for), and that worker."""
+    workers = children(r.proc.pid) if r.proc is not None else []
+    idle: list[RawClient] = []
+    first = 0
+    while len(idle) < 20:
+        c = open_one()
+        cport = c.sock.getsockname()[1]
+        w = holder(workers, host, cport)
+        assert w is not None, (workers, cport)
+        first = first or w
+        if w == first:
+            idle.append(c)
+        else:
+            c.close()
+            _released(r, cport, host)
+    return idle, first
 
 
 def _logins_past_idle_elsewhere(r: RelayProcess, idle: list[RawClient],
@@ -374,22 +397,76 @@ def test_two_workers_a_login_in_the_worker_holding_none_gets_in(relay_factory
     connections from your address, with probability 1/2 per login)."""
     r = _start(relay_factory, workers=2)
     port = r.ports["submission"]
-    idle: list[RawClient] = []
+    idle, first = _in_one_worker(r, lambda: _idle(port, 1)[0])
     try:
-        first: int | None = None
-        while len(idle) < 20:  # the kernel's choice: keep those of the first worker
-            c = _idle(port, 1)[0]
-            w = _where(r, c.sock.getsockname()[1])
-            first = first or w
-            if w == first:
-                idle.append(c)
-            else:
-                cport = c.sock.getsockname()[1]
-                c.close()
-                _released(r, cport)
         time.sleep(TIE_AGE + 0.5)  # time under test: candidates younger than this are kept
         crossed = _logins_past_idle_elsewhere(r, idle, lambda got: bool(got))
         assert first not in crossed
+    finally:
+        for c in idle:
+            c.close()
+
+
+def _via_balancer(port: int, n: int) -> list[RawClient]:
+    """`n` sessions on the implicit-TLS `port` behind the balancer (PROXY v1 from
+    127.0.0.1 naming NAT), greeted and after EHLO, then silent."""
+    out = []
+    for i in range(n):
+        c = proxied(port, build_v1((NAT, 40000 + i), ("127.0.0.1", port)), tls=client_ctx())
+        out.append(c)
+        assert c.reply().code == 220
+        assert c.cmd("EHLO guesser.test").code == 250
+    return out
+
+
+def test_two_workers_behind_a_balancer_the_passed_login_keeps_its_proxy_source(
+        relay_factory) -> None:  # noqa: ANN001
+    """465 behind a load balancer (PROXY headers from 127.0.0.1, every client NAT): the
+    guesser's 20 in one worker; alice's logins go on until one accepted by the other
+    worker was passed on, after its header was read and before its TLS handshake: it
+    gets in there, as NAT (her login's line), and the guesser's first is the one
+    closed (before: 421, the connection closed before TLS)."""
+    r = relay_factory({"relay": {"proxy_trusted": ["127.0.0.1/32"]},
+                       "limits": {"connection_rate_per_ip": 0}}, workers=2, start=False)
+    port = r.ports["submissions"]
+    for item in r.config_data["listen"]:
+        item["proxy_protocol"] = item["mode"] == "submissions"
+    r.config.write_text(to_toml(r.config_data))
+    r.start()
+    idle, first = _in_one_worker(r, lambda: _via_balancer(port, 1)[0], "127.0.0.1")
+    try:
+        time.sleep(TIE_AGE + 0.5)  # time under test: candidates younger than this are kept
+        line = (r"authrelay\[(\d+)\]: NOQUEUE: " +
+                LINE.replace("submission:", "submissions:") + r"(?:, accepted_by=(\d+))?\n")
+        for n in range(1, 41):
+            with proxied(port, build_v1((NAT, 50000 + n), ("127.0.0.1", port)),
+                         tls=client_ctx()) as a:
+                assert a.reply().code == 220
+                assert a.cmd("EHLO alice.test").code == 250
+                assert a.cmd("AUTH PLAIN " + plain("alice", PASSWORD)).code == 235
+                assert a.cmd("MAIL FROM:<alice@local.test>").code == 250
+                assert a.cmd("RCPT TO:<bob@example.net>").code == 250
+                assert a.cmd("DATA").code == 354
+                assert a.cmd("Subject: t\r\n\r\nhi\r\n.").code == 250
+                ends = [_ended(c) for c in idle]
+                assert ends[0] is not None and EVICTED in ends[0], (n, ends)
+                assert all(e is None for e in ends[1:]), (n, ends)
+                aport = a.sock.getsockname()[1]
+                assert a.cmd("QUIT").code == 221
+            _released(r, aport, "127.0.0.1")
+            lines = r.wait_for(lambda k=n: (got := re.findall(line, r.maillog(0))) and
+                               len(got) >= k and got, what=f"eviction line {n}")
+            assert len(lines) == n and int(lines[-1][0]) == first, lines
+            idle[0].close()
+            del idle[0]
+            idle.extend(_via_balancer(port, 1))
+            if lines[-1][1]:
+                break
+        assert lines[-1][1] and int(lines[-1][1]) != first, lines
+        log = r.maillog(0)
+        assert re.search(rf"authrelay\[{first}\]: NOQUEUE: auth=ok, sasl_method=PLAIN, "
+                         r"sasl_username=alice, relay=unknown \[127\.0\.9\.1\]", log), log
+        assert "Traceback" not in log
     finally:
         for c in idle:
             c.close()

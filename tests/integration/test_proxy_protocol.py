@@ -12,80 +12,19 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from relayproc import PASSWORD, RelayProcess
-from smtpclient import RawClient, client_ctx, plain
+from smtpclient import client_ctx, plain, proxied
 
 from authrelay.config import from_dict
 from authrelay.smtpd.admission import PROXY_READS_MIN, REFUSAL_LINES
 from authrelay.smtpd.proxy import build_v1, build_v2
 
 pytestmark = pytest.mark.slow
-
-
-def proxied(port: int, header: bytes, *, tls: ssl.SSLContext | None = None,
-            source: str = "127.0.0.1", tls_same_segment: bool = False) -> RawClient:
-    """A RawClient whose connection starts with `header` (then TLS if `tls`)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=15,
-                                    source_address=(source, 0))
-    if tls is not None and tls_same_segment:
-        # Header and ClientHello in one segment, as a balancer may send them.
-        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        obj = tls.wrap_bio(inc, out)
-        with pytest.raises(ssl.SSLWantReadError):
-            obj.do_handshake()
-        sock.sendall(header + out.read())
-        while True:
-            try:
-                obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                if out.pending:
-                    sock.sendall(out.read())
-                data = sock.recv(65536)
-                assert data, "closed during the handshake"
-                inc.write(data)
-        if out.pending:
-            sock.sendall(out.read())
-        return _BioClient(sock, obj, inc, out)
-    if header:
-        sock.sendall(header)
-    c = RawClient.__new__(RawClient)
-    c.buf = b""
-    c.sock = tls.wrap_socket(sock) if tls is not None else sock
-    return c
-
-
-class _BioClient(RawClient):
-    """RawClient over an SSLObject driven by hand (for the one-segment case)."""
-
-    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, inc: ssl.MemoryBIO,
-                 out: ssl.MemoryBIO) -> None:
-        self.raw, self.obj, self.inc, self.out = sock, obj, inc, out
-        self.buf = b""
-        self.sock = self  # type: ignore[assignment]
-
-    def sendall(self, data: bytes) -> None:
-        self.obj.write(data)
-        self.raw.sendall(self.out.read())
-
-    def recv(self, n: int) -> bytes:
-        while True:
-            try:
-                return self.obj.read(n)
-            except ssl.SSLWantReadError:
-                data = self.raw.recv(65536)
-                if not data:
-                    return b""
-                self.inc.write(data)
-
-    def close(self) -> None:
-        self.raw.close()
 
 
 @pytest.fixture
