@@ -16,7 +16,8 @@ from authrelay.policy.anvil import SharedThrottle
 from authrelay.policy.counters import MARK_WAYS, SharedCounters
 from authrelay.policy.throttle import Exemptions, Share
 from authrelay.smtpd.admission import Acceptor
-from authrelay.smtpd.eviction import PRESSED_AFTER, Candidate, Candidates
+from authrelay.smtpd.eviction import OWN_AGE, PRESSED_AFTER, Candidate, Candidates
+from authrelay.smtpd.handoff import Handoff
 
 CFG = {"listen": [{"address": "127.0.0.1:2587", "mode": "submission", "max_connections": 4}],
        "limits": {"connection_rate_per_ip": 0, "max_connections_per_ip": 50}}
@@ -145,3 +146,48 @@ def test_refused_once_by_each_of_two_workers_is_refused_twice() -> None:
     """The same, through two workers' admissions: refused at a full pool once by each,
     the address is knocking and under pressure (before: at neither)."""
     assert asyncio.run(_refused_once_at_each()) == (True, True)
+
+
+def test_a_newcomer_goes_to_the_worker_whose_first_connected_is_takeable_and_earlier(
+        ) -> None:
+    """admission._pass_own's choice (smtpd/handoff.py), a real socket passed: to the
+    other worker when its first-connected candidate of the address is takeable (idle
+    TIE_AGE, or connected OWN_AGE) and connected before this worker's own victim, or
+    when this worker holds none (the other may hold a takeable one after its first);
+    never when this worker's victim was connected first, nor for a full pool of this
+    listener while this worker holds one in it, nor to a worker holding none."""
+    cfg = from_dict(CFG)
+    acc, _said = _acceptor(cfg, SharedThrottle(cfg, SharedCounters(slots=4096, workers=2)))
+    h = Handoff(2)
+    acc.server.handoff = h
+    now = time.monotonic()
+
+    def passed(born: float | None, since: float, mine: float | None = None,
+               here: bool = False) -> bool:
+        h.index = 1  # worker 1's entry of the address ...
+        h.publish("192.0.2.1", None if born is None else now - born, now - since)
+        h.index = 0  # ... read by worker 0, which holds a victim connected `mine` ago
+        found = None if mine is None else (acc, Candidate(
+            "192.0.2.1", now - 5, lambda: None, "session", born=now - mine))
+        a, b = socket.socketpair()
+        try:
+            went = acc._pass_own(a, ("192.0.2.1", 4000), None, "192.0.2.1", found, here)
+            h.index = 1
+            got = h.receive()
+            h.index = 0
+            assert len(got) == went and all(p.by == os.getpid() for p in got)
+            for p in got:
+                p.sock.close()
+            return went
+        finally:
+            a.close()
+            b.close()
+
+    assert passed(3, 2)  # takeable (idle 2 s); this worker holds none
+    assert passed(3, 2, mine=2)  # connected before this worker's victim
+    assert not passed(3, 2, mine=4)  # this worker's was connected first
+    assert not passed(3, 2, mine=2, here=True)  # a full pool of this listener
+    assert passed(3, 0.1)  # not takeable yet, this worker holds none
+    assert not passed(3, 0.1, mine=2)
+    assert passed(OWN_AGE + 1, 0.1, mine=2)  # connected OWN_AGE: takeable
+    assert not passed(None, 0.0)  # the other holds none either
