@@ -11,7 +11,9 @@ authenticated, is in an AUTH exchange or in a transaction. Every client here com
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import smtplib
 import time
 import urllib.request
@@ -402,6 +404,31 @@ def test_two_workers_a_login_in_the_worker_holding_none_gets_in(relay_factory
         time.sleep(TIE_AGE + 0.5)  # time under test: candidates younger than this are kept
         crossed = _logins_past_idle_elsewhere(r, idle, lambda got: bool(got))
         assert first not in crossed
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_a_replaced_worker_takes_part_in_the_hand_off(relay_factory
+                                                      ) -> None:  # noqa: ANN001
+    """A worker killed (-9) while it held the guesser's 20 connections; once it is
+    replaced, the guesser's 20 in one worker again, a login accepted by the other gets
+    in, passed on (the replacement is one of the two: it publishes its own entries in
+    the dead one's row and reads the dead one's inbox)."""
+    r = _start(relay_factory, workers=2)
+    port = r.ports["submission"]
+    idle, first = _in_one_worker(r, lambda: _idle(port, 1)[0])
+    time.sleep(TIE_AGE + 0.5)  # time under test: its entry names takeable candidates
+    os.kill(first, signal.SIGKILL)
+    for c in idle:
+        c.close()
+    after = r.wait_for(lambda: (w := children(r.proc.pid) if r.proc is not None else [])
+                       and len(w) == 2 and first not in w and w, what="the replacement")
+    idle, again = _in_one_worker(r, lambda: _idle(port, 1)[0])
+    try:
+        time.sleep(TIE_AGE + 0.5)  # time under test: candidates younger than this are kept
+        crossed = _logins_past_idle_elsewhere(r, idle, lambda got: bool(got))
+        assert crossed == set(after) - {again}
     finally:
         for c in idle:
             c.close()
