@@ -32,8 +32,9 @@ def _submit(r: RelayProcess, rcpts: list[str]) -> None:
         c.cmd("EHLO t")
         assert c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}").code == 235
         assert c.cmd("MAIL FROM:<alice@local.test>").code == 250
-        for rc in rcpts:
-            assert c.cmd(f"RCPT TO:<{rc}>").code == 250
+        for rc in rcpts:  # ("addr PARAM=..": with RCPT parameters)
+            addr, _, params = rc.partition(" ")
+            assert c.cmd(f"RCPT TO:<{addr}> {params}".rstrip()).code == 250
         assert c.cmd("DATA").code == 354
         c.send(b"Subject: in flight\r\n\r\nx\r\n.\r\n")
         assert c.reply().code == 250
@@ -119,6 +120,57 @@ def test_a_clean_stop_says_what_it_cut_and_is_no_crash(relay_factory, fake_mx,
         r.start()
         r.wait_for(lambda: r.queued() == [], timeout=30)  # delivered after the restart
         assert WARNING not in r.maillog()  # a clean stop is not a crash
+    finally:
+        silent.close()
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_the_first_hosts_recipients_are_not_sent_again_after_a_stop_or_kill_at_the_next(
+        relay_factory, fake_mx, how: str) -> None:
+    """The first next hop took bob (250 after the dot, NOTIFY=SUCCESS) and deferred carol
+    at RCPT (450), so carol went on to the second host, which takes the connection and
+    never greets. A SIGTERM (shutdown_timeout 1 s) or a kill -9 meanwhile: bob's 250 was
+    in the courier's hands only (journaled once the whole attempt returned), so the stop
+    logged him "no reply received: may have been delivered", the next start delivered
+    the message to him again (and his notice came with it). Now (ccd8eb7, whose own test
+    has one host and its 452) his 250 is journaled before the next host is tried: the
+    next start records him sent and queues his one notice; only carol is tried again."""
+    silent = socket.socket()  # the second host: takes the connection, never greets
+    silent.bind(("127.0.0.2", 0))
+    silent.listen(8)
+    first = fake_mx("127.0.0.2", rcpt_replies={"carol@remote.example": "450 4.2.1 later"})
+    try:
+        r = relay_factory(overrides={
+            "shutdown_timeout": "1s",
+            "relay": {"smart_host": [first.address,
+                                     f"127.0.0.2:{silent.getsockname()[1]}"],
+                      "smart_host_tls": "none"},
+            "delivery": {"retry": ["1s"], "connect_timeout": "60s"}})
+        _submit(r, ["bob@remote.example NOTIFY=SUCCESS", "carol@remote.example"])
+        r.wait_for(lambda: "passed to the next host" in r.maillog(), timeout=20)
+        assert [m.rcpt_tos for m in first.messages] == [["bob@remote.example"]]
+        if how == "stop":
+            r.stop()  # SIGTERM: cut when shutdown_timeout ends, carol's host still silent
+        else:
+            r.kill()
+        assert "to=<bob@remote.example>" not in "".join(
+            ln for ln in r.maillog().splitlines() if CUT in ln)
+        r.config_data["relay"]["smart_host"] = [first.address]
+        r.config.write_text(to_toml(r.config_data))
+        r.start()
+        # carol tried again (450 again, nowhere else to go), bob not
+        r.wait_for(lambda: any("to=<carol@remote.example>" in ln and
+                               "stat=Deferred (450 4.2.1 later" in ln
+                               for ln in r.maillog().splitlines()), timeout=30)
+        r.wait_for(lambda: "sender_success_notification=" in r.maillog(), timeout=30)
+        sent = [m.rcpt_tos for m in first.messages if m.mail_from]
+        assert sent.count(["bob@remote.example"]) == 1, sent
+        assert all("bob@remote.example" not in rc for rc in sent[1:]), sent
+        assert r.maillog().count("sender_success_notification=") == 1  # bob's, once
+        said = "sent before the stop" if how == "stop" else "sent before the crash"
+        assert re.search(rf"to=<bob@remote\.example>, status={said} .*queue=queued",
+                         r.maillog())
+        assert (WARNING in r.maillog()) == (how == "kill")  # (carol's: a crash)
     finally:
         silent.close()
 
