@@ -17,7 +17,7 @@ from authrelay.policy.counters import MARK_WAYS, SharedCounters
 from authrelay.policy.throttle import Exemptions, Share
 from authrelay.smtpd.admission import Acceptor
 from authrelay.smtpd.eviction import OWN_AGE, PRESSED_AFTER, Candidate, Candidates
-from authrelay.smtpd.handoff import Handoff
+from authrelay.smtpd.handoff import Handoff, Passed
 
 CFG = {"listen": [{"address": "127.0.0.1:2587", "mode": "submission", "max_connections": 4}],
        "limits": {"connection_rate_per_ip": 0, "max_connections_per_ip": 50}}
@@ -191,3 +191,25 @@ def test_a_newcomer_goes_to_the_worker_whose_first_connected_is_takeable_and_ear
     assert not passed(3, 0.1, mine=2)
     assert passed(OWN_AGE + 1, 0.1, mine=2)  # connected OWN_AGE: takeable
     assert not passed(None, 0.0)  # the other holds none either
+
+
+def test_a_newcomer_passed_to_a_stopping_worker_is_refused_with_its_line() -> None:
+    """A newcomer that reaches a worker's inbox once it stops (in flight when it
+    withdrew): 421 4.3.2 and its reject line (reason=stopping), not closed unanswered."""
+    async def refused() -> tuple[bytes, bytes, list[str]]:
+        cfg = from_dict(CFG)
+        acc, said = _acceptor(cfg, SharedThrottle(cfg, SharedCounters(slots=4096,
+                                                                      workers=2)))
+        a, b = socket.socketpair()
+        acc.stop()  # (server.close_listeners: its acceptors stopped first)
+        try:
+            acc.refuse_passed(Passed(a, acc.ln.name, ("192.0.2.1", 4000), None, 1))
+            return b.recv(200), b.recv(200), said
+        finally:
+            a.close()
+            b.close()
+
+    reply, after, said = asyncio.run(refused())
+    assert reply == b"421 4.3.2 Service shutting down, try again later\r\n"
+    assert after == b""  # closed
+    assert said == ["refused", "421 stopping"]

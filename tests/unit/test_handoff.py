@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
 from authrelay.smtpd.eviction import Candidate, Candidates, Oldest
 from authrelay.smtpd.handoff import Handoff
@@ -57,23 +58,33 @@ def test_a_not_shared_candidate_is_never_published() -> None:
     assert said == []
 
 
+def _in_worker_1(h: Handoff, body: Callable[[], None]) -> None:
+    """`body` run by worker 1 (a forked process that adopts its row); then this process
+    is worker 0."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            h.adopt(1)
+            body()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    h.adopt(0)
+
+
 def test_a_worker_reads_the_others_entries_and_passes_a_socket_to_one() -> None:
     """Worker 1 (a forked process) publishes its first-connected candidate of an
     address; worker 0 reads it (never its own), passes an accepted socket to worker 1's
     inbox, which receives it with its listener, address and the sender's pid; a
     cleared row (a dead worker's) reads as none."""
     h = Handoff(2)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            h.adopt(1)
-            h.publish("192.0.2.1", 7.5, 8.25)
-            h.publish("192.0.2.9", 2.0, 2.0)
-            h.publish("192.0.2.9", None)
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
-    h.adopt(0)
+
+    def worker_1() -> None:
+        h.publish("192.0.2.1", 7.5, 8.25)
+        h.publish("192.0.2.9", 2.0, 2.0)
+        h.publish("192.0.2.9", None)
+
+    _in_worker_1(h, worker_1)
     h.publish("192.0.2.1", 9.0, 9.0)  # its own: not among the others'
     assert h.entries("192.0.2.1") == [(1, 7.5, 8.25)]
     assert h.entries("192.0.2.9") == []
@@ -95,3 +106,20 @@ def test_a_worker_reads_the_others_entries_and_passes_a_socket_to_one() -> None:
     h.forget(1)
     h.index = 0
     assert h.entries("192.0.2.1") == []
+
+
+def test_a_stopping_worker_withdraws_its_row() -> None:
+    """Worker 1 stops (its listeners closed) while holding candidates: its row reads as
+    none at once, and what it would publish as its sessions end is not written (before:
+    its entries stayed, and newcomers were passed to an inbox it no longer read)."""
+    h = Handoff(2)
+
+    def worker_1() -> None:
+        h.publish("192.0.2.1", 7.5, 8.25)
+        h.publish("192.0.2.2", 7.0, 7.0)
+        h.withdraw()
+        h.publish("192.0.2.1", 7.75, 9.0)  # its first one closed at the stop
+
+    _in_worker_1(h, worker_1)
+    assert h.entries("192.0.2.1") == []
+    assert h.entries("192.0.2.2") == []

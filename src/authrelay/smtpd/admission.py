@@ -497,6 +497,13 @@ class Acceptor:
         worker's candidates only (never passed on again)."""
         self._admit_client(p.sock, p.addr, p.peer, passed_by=p.by)
 
+    def refuse_passed(self, p: Passed) -> None:
+        """A newcomer passed on to this worker once it stops: 421 4.3.2, a reject line
+        (reason=stopping)."""
+        self.server.metrics_connection(self.ln.mode, "refused")
+        self._refuse(p.sock, client_ip(p.addr),
+                     Admission(replies.SHUTTING_DOWN, 0.0, "stopping"))
+
     def _admit_client(self, sock: socket.socket, addr: Any,
                       peer: tuple[str, int] | None, passed_by: int = 0) -> None:
         srv = self.server

@@ -29,7 +29,9 @@ Bounds: a send never waits (MSG_DONTWAIT): a full inbox (a worker stalled or dea
 failed pass, and the newcomer is handled where it was accepted, as before. A worker reads
 at most `RECEIVE_BATCH` newcomers per readable event. A dead worker's row is cleared by
 the master (`forget`) before its replacement is forked (which admits, as its own, what
-was left in the dead one's inbox). Memory: a row is 1.5 MiB of the
+was left in the dead one's inbox). A stopping worker withdraws its row (`withdraw`) and
+answers what still reaches its inbox 421 4.3.2 (else a newcomer waited there unanswered
+until the worker was gone). Memory: a row is 1.5 MiB of the
 shared mapping, of which only the pages where addresses hashed are ever touched.
 Failure policy: a socket error on a pass is a failed pass (the caller goes on without
 it); a malformed datagram (not ours: only this instance's processes hold the pair) is
@@ -80,6 +82,7 @@ class Handoff:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.index = -1  # this process's worker index (adopt); -1: publishes nothing
+        self._withdrawn = False  # this worker stops: publishes nothing more (withdraw)
         self._row_size = SLOTS * _FIELDS
         self._mm = mmap.mmap(-1, workers * self._row_size * 8)
         self._a = memoryview(self._mm).cast("q")
@@ -101,6 +104,13 @@ class Handoff:
             size = self._row_size * 8  # 1.5 MiB: whole pages
             self._mm.madvise(mmap.MADV_REMOVE, worker * size, size)
 
+    def withdraw(self) -> None:
+        """This worker stops (its listeners closed): its row cleared and nothing
+        published from here on, so the other workers pass it no more newcomers (one
+        already in flight is still received: the caller refuses it)."""
+        self._withdrawn = True
+        self.forget(self.index)
+
     def inbox(self) -> socket.socket:
         """What this worker reads (after adopt)."""
         if self.index < 0:
@@ -112,7 +122,7 @@ class Handoff:
         at `born` and has waited since `since` (born None: it holds none). An entry
         another address holds already is taken over: that one's newcomers are then not
         passed to this worker (handled where they are accepted, as before)."""
-        if self.index < 0:
+        if self.index < 0 or self._withdrawn:
             return
         tag = _tag(key)
         i = (self.index * SLOTS + tag % SLOTS) * _FIELDS

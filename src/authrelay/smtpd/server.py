@@ -138,16 +138,18 @@ class SMTPServer:
 
     def _passed_in(self) -> None:
         """Newcomers another worker passed on (smtpd/handoff.py): admitted by this
-        worker's acceptor of their listener; after a stop, closed."""
+        worker's acceptor of their listener; once it stops, refused there (421 4.3.2)."""
         assert self.handoff is not None
         by_name = {a.ln.name: a for a in self.acceptors}
         for p in self.handoff.receive():
             acc = by_name.get(p.listener)
-            if acc is None or self.stopping:
+            if acc is None:  # (every worker has every listener)
                 with contextlib.suppress(OSError):
                     p.sock.close()
-                continue
-            acc.admit_passed(p)
+            elif self.stopping:
+                acc.refuse_passed(p)
+            else:
+                acc.admit_passed(p)
 
     def protocol_factory(self, ln: Listener, ticket: Ticket) -> Callable[[], Connection]:
         loop = asyncio.get_running_loop()
@@ -239,12 +241,9 @@ class SMTPServer:
         master's death): the kernel refuses new connections from here on."""
         self.stopping = True
         if self.handoff is not None:
-            with contextlib.suppress(Exception):  # (no loop: never started)
-                asyncio.get_running_loop().remove_reader(self.handoff.inbox().fileno())
-            while waiting := self.handoff.receive():  # closed now, not at the master's end
-                for p in waiting:
-                    with contextlib.suppress(OSError):
-                        p.sock.close()
+            # No newcomer passed here from now on; one already in flight is still read
+            # (the inbox's reader stays until the process ends) and refused 421 4.3.2.
+            self.handoff.withdraw()
         for a in self.acceptors:
             a.stop()
             with contextlib.suppress(OSError):
