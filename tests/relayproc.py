@@ -194,6 +194,17 @@ class RelayProcess:
             return []
         return sorted(p for p in d.iterdir() if "." not in p.name)
 
+    def nothing_stored(self, timeout: float = 10.0) -> bool:
+        """True once queue/ holds no file: after a message refused at its end-of-data
+        dot. Its file is made by a commit thread while the body arrives (spool/writer.py
+        Incoming.create_early); a refusal before that thread has made it leaves the
+        removal to the thread, so the file may exist for the moment between its create
+        and its removal, just after the reply (seen: 1 run in a suite). Waits for that;
+        fails when a file stays."""
+        self.wait_for(lambda: self.queued() == [], timeout,
+                      what="queue/ empty: the refused message's file removed")
+        return True
+
     def unready(self) -> list[Path]:
         """Files in queue/ or hold/ without the ready mark (owner-execute, set at commit):
         a message being received, or one whose receive failed and was not cleaned up.

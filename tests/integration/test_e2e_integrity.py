@@ -95,7 +95,7 @@ def test_nul_refused_nothing_stored(relay_factory: Callable[..., RelayProcess],
     for name, payload in NUL_VARIANTS.items():
         code, text = _raw_data(relay, "bob@example.test", payload)
         assert (code, text) == (554, "5.6.0 Message contains NUL characters"), name
-    assert relay.queued() == []
+    assert relay.nothing_stored()
     log = relay.maillog()
     assert log.count("reject=554 5.6.0 Message contains NUL characters") == len(NUL_VARIANTS)
     # The same message without the NUL is queued and delivered.
@@ -162,7 +162,7 @@ def test_hop_limit(relay_factory: Callable[..., RelayProcess], dns: FakeDNSServe
         s.rcpt("bob@example.test")
         code, msg = s.data(_received(51) + HEAD + b"\r\nlooping\r\n")
         assert (code, msg) == (554, b"5.4.6 Too many hops")
-    assert relay.queued() == []
+    assert relay.nothing_stored()
     assert "reject=554 5.4.6 Too many hops" in relay.maillog()
     qid = submit(relay, ["bob@example.test"], _received(50) + HEAD + b"\r\nfifty\r\n")
     relay.wait_for(lambda: gone(relay, qid), what="50 hops delivered")
@@ -384,7 +384,7 @@ def test_enospc_during_data(tmp_path: Path, tmpfs: Path) -> None:
             code, msg = s.data(body)
             assert (code, msg) == (452, b"4.3.1 Insufficient system storage")
             assert s.noop()[0] == 250  # the session goes on
-        assert relay.queued() == []  # nothing half-written left
+        assert relay.nothing_stored()  # nothing half-written left
         assert [p for p in (relay.queue_dir).iterdir()] == []
         log = relay.maillog()
         lines = [ln for ln in log.splitlines() if "4.3.1" in ln]
