@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import FakeSMTPServer, MXFactory
-from relayproc import PASSWORD, RelayProcess
+from relayproc import PASSWORD, RelayProcess, _stat
 from test_e2e_delivery import (
     BODY,
     SENDER,
@@ -125,6 +125,51 @@ def test_a_success_notice_owed_at_a_kill_comes_once_and_the_message_is_not_sent_
     assert [ln for ln in lines if "status=sent before the crash" in ln and "queue=removed" in ln]
     assert len([ln for ln in lines if "sender_success_notification=" in ln]) == 1
     assert not [ln for ln in lines if "may have been delivered" in ln]
+
+
+def test_a_success_notice_committed_just_before_a_kill_is_not_queued_again(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The master stopped (a sitecustomize hook: SIGSTOP to itself) just after it
+    committed the success notice owed and before the journal's `{"s": N}` line, then
+    killed -9: the restart found the journal's "n" without "s" and queued the notice
+    again, so the sender got two. Now the notice's queue id is derived from the message
+    and its recipients (bounce.notice_id): the restart finds it queued and sends one."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "import authrelay.scheduler.scheduler as s\n"
+        "_queue = s.Scheduler._queue_dsn\n"
+        "async def _stopped(self, env, rcpts, action, remote):\n"
+        "    await _queue(self, env, rcpts, action, remote)\n"
+        f"    if action == 'relayed' and not os.path.exists({str(tmp_path / 'once')!r}):\n"
+        f"        open({str(tmp_path / 'once')!r}, 'w').close()  # (the first run only)\n"
+        "        os.kill(os.getpid(), signal.SIGSTOP)  # committed; no 's' line yet\n"
+        "s.Scheduler._queue_dsn = _stopped\n")
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    mx1 = fake_mx("127.0.0.2")  # aiosmtpd: no DSN extension, the notice is ours
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    assert relay.proc is not None
+    master = relay.proc.pid
+    qid = _submit(relay, [("bob@example.test", ["NOTIFY=SUCCESS"]),
+                          ("carol@example.test", [])], [])
+    relay.wait_for(lambda: (_stat(master) or ("",))[0] == "T", what="the master stopped")
+    [notice_file] = [p for p in relay.queued() if p.name != qid]  # committed
+    assert _journal_owes(relay, qid, "bob@example.test")
+    assert '{"s":' not in (relay.state / "spool" / "inflight.log").read_text()
+    relay.kill()
+    relay.start()
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
+    assert [sorted(m.rcpt_tos) for m in mx1.messages] == [
+        ["bob@example.test", "carol@example.test"]]
+    [notice] = sender_mx.messages  # the one committed before the kill
+    assert f"X-Authrelay-Queue-ID: {qid}" in notice.content.decode()
+    msg, groups = parse_dsn(notice.content)
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    assert [(g["Action"], g["Status"]) for g in groups] == [("relayed", "2.0.0")]
+    assert any("stat=Sent" in ln for ln in log_lines(relay, notice_file.name))
 
 
 def test_a_raw_utf8_original_recipient_reaches_the_next_hop_and_the_bounce(

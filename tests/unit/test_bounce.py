@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from authrelay.scheduler.bounce import make_bounce, should_notify, status_of
-from authrelay.spool.envelope import FAILED, Envelope, Recipient
+from authrelay.scheduler.bounce import make_bounce, notice_id, should_notify, status_of
+from authrelay.spool.envelope import FAILED, Envelope, Recipient, new_queue_id
 
 HEADERS = (b"From: Alice <alice@example.org>\r\nTo: bob@example.net\r\n"
            b"Subject: quarterly numbers\r\nMessage-ID: <m1@example.org>\r\n\r\n")
@@ -310,3 +310,21 @@ def test_a_next_hops_non_ascii_reply_keeps_an_ascii_report_ascii(reply: str) -> 
     uenv.recipients[1].last_reply = "550 5.1.1 Grüße \ufffd"
     _, udata = make_bounce(uenv, uenv.recipients, UTF8_HEADERS, "relay.example.org")
     assert "Diagnostic-Code: smtp; 550 5.1.1 Grüße ?".encode() in udata
+
+
+def test_a_success_notices_id_is_derived_from_its_message_and_recipients() -> None:
+    """The same message and recipients give the same id (a crash recovery finds the
+    notice the dead run committed: scheduler._sent_before_crash), in any order; other
+    recipients or another message another one; an id sorted with the message's arrival."""
+    env = _env()
+    bob, carol = env.recipients
+    qid = notice_id(env, [bob, carol])
+    assert qid == notice_id(_env(), [carol, bob]) and qid.isalnum()
+    assert len({qid, notice_id(env, [bob]), notice_id(env, [carol])}) == 3
+    other = _env()
+    other.queue_id = "QID124"
+    assert notice_id(other, [bob, carol]) != qid
+    benv, _ = make_bounce(env, [bob], HEADERS, "relay.example.org", "relayed",
+                          queue_id=notice_id(env, [bob]))
+    assert benv.queue_id == notice_id(env, [bob])
+    assert len(qid) == len(new_queue_id()) and qid < new_queue_id()  # (its arrival: 2023)

@@ -30,6 +30,7 @@ and RFC 3461 4.1 NOTIFY (NEVER, or a list without FAILURE / DELAY) is honoured.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import time
@@ -37,7 +38,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
-from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+from authrelay.spool.envelope import Envelope, Recipient, new_queue_id, queue_id_at
 
 _ENHANCED = re.compile(r"^\s*(\d{3})[ -]([245]\.\d{1,3}\.\d{1,3})\b")
 _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -154,6 +155,17 @@ def should_notify(env: Envelope, r: Recipient | None, action: str) -> bool:
     return ("FAILURE" if action == "failed" else "DELAY") in notify
 
 
+def notice_id(env: Envelope, rcpts: list[Recipient]) -> str:
+    """The queue id of the success notice (action relayed) about `rcpts` of `env`: made
+    from the message's arrival and a hash of its queue id and those addresses, the same
+    each time, so a start recovering a crash (scheduler._sent_before_crash) finds the
+    notice the dead run had committed before its journal said so, and does not queue it
+    again. A recipient is relayed once: no other notice is about the same ones."""
+    key = "\0".join([env.queue_id, "relayed", *sorted(r.address for r in rcpts)])
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    return queue_id_at(env.received_at, int.from_bytes(digest[:4], "big"))
+
+
 def _needs_8bit(b: bytes) -> bool:
     # In C: a returned message (RET=FULL) is up to 10 MB, and this runs on the event loop
     # (byte by byte in Python it held the loop, every session of the process, ~0.6 s).
@@ -164,8 +176,10 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
                 hostname: str, action: str = "failed", *,
                 remote: Mapping[str, str] | None = None, now: float | None = None,
                 will_retry_until: float | None = None,
-                original_message: bytes | None = None) -> tuple[Envelope, bytes]:
-    """Build a DSN about `failed` recipients of `env`; see module docstring."""
+                original_message: bytes | None = None,
+                queue_id: str | None = None) -> tuple[Envelope, bytes]:
+    """Build a DSN about `failed` recipients of `env`; see module docstring. `queue_id`:
+    the DSN's (notice_id), else a new one."""
     if action not in ("failed", "delayed", "relayed"):
         raise ValueError(f"unknown DSN action {action!r}")
     if env.sender == "" or env.is_bounce:
@@ -174,7 +188,7 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
         raise ValueError("no recipients to report")
     remote = remote or {}
     now = time.time() if now is None else now
-    qid = new_queue_id()
+    qid = queue_id or new_queue_id()
     boundary = f"{qid}.{secrets.token_hex(8)}/{hostname}"
     crlf = "\r\n"
 

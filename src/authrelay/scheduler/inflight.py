@@ -26,7 +26,8 @@ that is every recipient of the attempt the line is the attempt's end, `{"e": N, 
 before the removal rather than after it); else `{"d": N, "r": [rcpts]}`; either with
 `"n": [rcpts]`, those of them owed a success DSN (NOTIFY=SUCCESS, not passed on), and
 then `{"s": N}` once that DSN is queued (`notified`; such an attempt is ended only after
-it, even when its state was saved before). `leftovers()`
+it, even when its state was saved before; a kill between the DSN's commit and this
+line: the start finds the DSN in the queue by its derived id, bounce.notice_id). `leftovers()`
 returns them, and the scheduler's start records those recipients as sent (the message
 removed when none is left; the success DSN owed queued first) instead of delivering
 them again: a message delivered and

@@ -84,7 +84,7 @@ from authrelay.delivery.router import route_key
 from authrelay.policy.containment import refused_before
 from authrelay.policy.suspender import Suspender
 from authrelay.scheduler import backoff, control
-from authrelay.scheduler.bounce import make_bounce, should_notify
+from authrelay.scheduler.bounce import make_bounce, notice_id, should_notify
 from authrelay.scheduler.inflight import InflightJournal, Leftover
 from authrelay.spool.envelope import FAILED, PENDING, SENT, Envelope, Recipient
 from authrelay.spool.notify import ABANDONED_NOTICE, LOGGED_NOTICE
@@ -450,10 +450,12 @@ class Scheduler:
         file, or the message is removed when that leaves none pending (held: left in
         hold/ with its state, an operator's decision; a release then removes it). One
         maillog line. Those of them in `owed` (NOTIFY=SUCCESS, not passed on) get their
-        success DSN, queued before the state is saved: a crash in between sends it
-        twice, never loses it. Gone (delivered and removed, deleted) or unreadable:
-        nothing. An I/O error: logged, and they are delivered again (the old behaviour).
-        `stop`: they were delivered in an earlier transaction of a delivery a stop cut."""
+        success DSN, queued before the state is saved, unless it is in the queue already
+        (its id is derived from them, bounce.notice_id: the dead run committed it and
+        died before the journal's `{"s": N}`): a crash in between finds it so. Gone
+        (delivered and removed, deleted) or unreadable: nothing. An I/O error: logged,
+        and they are delivered again (the old behaviour). `stop`: they were delivered in
+        an earlier transaction of a delivery a stop cut."""
         try:
             env = await self._io(self.spool.load, qid)
         except (OSError, SpoolError):
@@ -467,6 +469,8 @@ class Scheduler:
             r.last_attempt, r.last_code, r.last_reply = now, 250, ""
         # (also one whose state was saved SENT: its message's other job was still running)
         notify = [r for r in env.recipients if r.state == SENT and r.address in owed]
+        if notify and await self._io(self.spool.exists, notice_id(env, notify)):
+            notify = []  # committed by the run, which died before its journal said so
         if notify:
             try:
                 await self._queue_dsn(env, notify, "relayed", {})
@@ -1449,6 +1453,8 @@ class Scheduler:
             env, rcpts, headers, self.cfg.hostname, action, remote=remote,
             will_retry_until=env.received_at + lifetime if lifetime else None,
             original_message=full,
+            # A success notice's id is derived (notice_id): a crash recovery finds it.
+            queue_id=notice_id(env, rcpts) if action == "relayed" else None,
         )
         # The one way into the spool (spool/submit.py): Received, fsync, the from= line.
         draft = self.submitter.begin(benv, add_missing=False, check_content=False,

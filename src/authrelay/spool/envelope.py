@@ -141,6 +141,13 @@ def new_queue_id() -> str:
     return base31((time.time_ns() // 1000) << 30 | _rng[1].getrandbits(30))
 
 
+def queue_id_at(ts: float, tail: int) -> str:
+    """A queue id made from its parts: `ts` (seconds) where new_queue_id() has the clock,
+    the low 30 bits of `tail` where it has its random tail (a derived id, the same each
+    time it is made from the same parts: bounce.notice_id)."""
+    return base31(max(int(ts * 1_000_000), 1) << 30 | tail & 0x3FFFFFFF)
+
+
 def base31(n: int) -> str:
     """`n` > 0 in the digits of `_B32`, most significant first, no leading zero."""
     out = []
