@@ -12,13 +12,14 @@ import functools
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
 from fakes.dnsserver import FakeDNSServer
+from fakes.rawmx import RawMX, new_connection, verbs
 from fakes.smtpserver import MXFactory
 from support.certs import server_tls_context
 from support.maillog import ListLog
@@ -335,82 +336,9 @@ async def test_a_next_hop_taking_one_recipient_at_a_time_gets_a_bounded_number_o
 
 # --------------------------------------------------------------------------- raw server
 
-class RawMX:
-    """A scripted SMTP server on its own loop: `script(reader, writer)` per connection."""
-
-    def __init__(self, host: str, port: int, script: Any) -> None:
-        self.host, self.port, self.script = host, port, script
-        self.received: list[bytes] = []
-        self.sockets: list[Any] = []  # server-side sockets a script recorded
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    def __enter__(self) -> RawMX:
-        self._thread.start()
-
-        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            try:
-                await self.script(self, r, w)
-            finally:
-                w.close()
-
-        fut = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(handle, self.host, self.port), self._loop)
-        self._server = fut.result(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        async def stop() -> None:
-            self._server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-
-def _verbs(replies: dict[bytes, bytes | None],
-           at_dot: Callable[[RawMX], None] | None = None) -> Any:
-    """A RawMX script answering each command by its verb (its first four octets, upper
-    case) from `replies`, else 250: `None` never answers (the connection is read to its
-    end); a 354 to DATA reads the message to its dot (recording b"message"; `at_dot(mx)`
-    once the dot is read) and answers `replies[b"."]` (250 by default; None: the
-    connection closes unanswered); QUIT is 221 and the end."""
-    async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.write(b"220 raw.test ESMTP\r\n")
-        while line := await r.readline():
-            mx.received.append(line)
-            verb = line[:4].upper()
-            if verb == b"QUIT":
-                w.write(b"221 bye\r\n")
-                break
-            reply = replies.get(verb, b"250 ok\r\n")
-            if reply is None:
-                await r.read()  # no reply, ever
-                return
-            w.write(reply)
-            if verb == b"DATA" and reply.startswith(b"354"):
-                await w.drain()
-                while (ln := await r.readline()) not in (b".\r\n", b""):
-                    pass
-                mx.received.append(b"message")
-                if at_dot is not None and ln:
-                    at_dot(mx)
-                end = replies.get(b".", b"250 2.0.0 taken\r\n")
-                if end is None:
-                    return  # no reply: the connection closes
-                w.write(end)
-            await w.drain()
-    return script
-
-
 _STARTTLS_EHLO = b"250-raw.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
 # RFC 3207 5 attack: a reply smuggled in before the TLS handshake
-_injecting = _verbs({b"EHLO": _STARTTLS_EHLO,
+_injecting = verbs({b"EHLO": _STARTTLS_EHLO,
                      b"STAR": b"220 2.0.0 go ahead\r\n250 2.0.0 injected\r\n"})
 
 
@@ -537,7 +465,7 @@ async def test_cached_connection_with_unsolicited_421_not_reused(
 
 
 # Offers STARTTLS but answers it with 454 (RFC 3207 4: TLS not available now).
-_refuses_starttls = _verbs({
+_refuses_starttls = verbs({
     b"EHLO": _STARTTLS_EHLO,
     b"STAR": b"454 4.7.0 TLS not available due to temporary reason\r\n",
     b"DATA": b"354 go ahead\r\n"})
@@ -565,7 +493,7 @@ async def test_starttls_refused(tmp_path: Path, dns: FakeDNSServer, raw_port: in
 
 
 # Takes the whole message, then closes without answering the end of data.
-_drops_after_the_dot = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+_drops_after_the_dot = verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
                                b"DATA": b"354 go ahead\r\n", b".": None})
 
 
@@ -1190,7 +1118,7 @@ async def test_the_wait_for_a_conversion_slot_ends_at_attempt_timeout(
 
 
 # PIPELINING; every RCPT 451; the RSET after the empty transaction never answered.
-_busy_then_silent = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+_busy_then_silent = verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
                             b"RCPT": b"451 4.2.0 mailbox busy\r\n",
                             b"DATA": b"554 5.5.1 no valid recipients\r\n", b"RSET": None})
 
@@ -1216,15 +1144,6 @@ async def test_recipients_the_deadline_keeps_from_the_next_host_are_not_said_pas
     assert not ml.grep(env.queue_id, "127.0.0.3"), ml.lines  # the backup: not tried
 
 
-def _connection(mx: RawMX) -> tuple[int, list[bytes]]:
-    """A new connection to `mx`: its index in `mx.conns` and the list of the messages
-    it takes (mx.conns[index])."""
-    mx.conns = getattr(mx, "conns", [])
-    taken: list[bytes] = []
-    mx.conns.append(taken)
-    return len(mx.conns) - 1, taken
-
-
 def _second_transaction_says(verb: bytes, reply: bytes) -> Any:
     """A next hop whose first connection answers its second transaction's `verb` with
     `reply` (a 503 to MAIL: it lost the connection's state; a 421: closing, and it
@@ -1232,7 +1151,7 @@ def _second_transaction_says(verb: bytes, reply: bytes) -> Any:
     every other transaction, is served normally. `mx.conns` lists, per connection, the
     messages it took."""
     async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        index, taken = _connection(mx)
+        index, taken = new_connection(mx)
         w.write(b"220 raw.test ESMTP\r\n")
         txn = 0
         broken = False  # this transaction's state lost (after a 503 to MAIL)
@@ -1315,7 +1234,7 @@ async def test_a_503_to_mail_on_a_fresh_connection_still_counts(
     connection is the next hop's answer to the message (permanent), and one connection
     was made."""
     one_mx(dns)
-    with RawMX("127.0.0.2", raw_port, _verbs(
+    with RawMX("127.0.0.2", raw_port, verbs(
             {b"MAIL": b"503 5.5.1 Error: nested MAIL command\r\n"})) as mx:
         courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
         try:
@@ -1334,7 +1253,7 @@ async def test_a_refused_rset_probe_of_a_cached_connection_takes_a_new_one(
     hop's state lost) drops the connection, and the message goes on a new one."""
     monkeypatch.setattr(client, "_FRESH", 0.0)  # every cached connection is probed
     one_mx(dns)
-    with RawMX("127.0.0.2", raw_port, _verbs({
+    with RawMX("127.0.0.2", raw_port, verbs({
             b"RSET": b"502 5.5.2 Error: command not recognized\r\n",
             b"DATA": b"354 go ahead\r\n"})) as mx:
         courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
@@ -1345,8 +1264,8 @@ async def test_a_refused_rset_probe_of_a_cached_connection_takes_a_new_one(
                 assert r.ok, r
         finally:
             await courier.close()
-    verbs = [ln[:4].upper() for ln in mx.received if ln != b"message"]
-    assert verbs.count(b"EHLO") == 2 and verbs.count(b"RSET") == 1
+    said = [ln[:4].upper() for ln in mx.received if ln != b"message"]
+    assert said.count(b"EHLO") == 2 and said.count(b"RSET") == 1
     assert mx.received.count(b"message") == 2
 
 
@@ -1413,7 +1332,7 @@ async def test_garbage_from_the_next_hop_in_a_transaction_is_said_to_be_garbage(
     the end-of-data dot, the message may have been delivered."""
     one_mx(dns)
     ml = ListLog()
-    script = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+    script = verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
                      b"DATA": b"354 go ahead\r\n", step: reply})
     with RawMX("127.0.0.2", raw_port, script) as mx:
         courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ml)
@@ -1440,7 +1359,7 @@ async def _early_reply(tmp_path: Path, dns: FakeDNSServer, port: int, size: int,
     body += b"y" * 70 + b"\r\n" * ((size - len(body)) // 72)
     path = tmp_path / "queue-file"
     path.write_bytes(body)
-    script = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+    script = verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
                      b"DATA": b"354 go ahead\r\n" + early, b".": at_dot})
     with RawMX("127.0.0.2", port, script):
         courier = Courier(make_cfg(tmp_path, dns, port), maillog=ListLog())
@@ -1500,10 +1419,10 @@ async def test_a_huge_refusal_writes_a_bounded_maillog_line(
             await w.drain()
             await r.read()
     else:
-        script = _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+        script = verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
                          b"RCPT": _HUGE_4XX.replace(b"%d", b"450")})
     ml = ListLog()
-    backup = _verbs({b"DATA": b"354 go\r\n"})
+    backup = verbs({b"DATA": b"354 go\r\n"})
     with RawMX("127.0.0.2", port, script), RawMX("127.0.0.3", port, backup) as mx2:
         courier = Courier(make_cfg(tmp_path, dns, port), maillog=ml)
         try:
@@ -1527,7 +1446,7 @@ async def test_a_malformed_size_limit_bounces_nothing(
     all digits), never bounced 5.3.4 for a limit the next hop did not state."""
     one_mx(dns)
     ehlo = f"250-raw.test\r\n250-PIPELINING\r\n250 SIZE {size}\r\n".encode()
-    with RawMX("127.0.0.2", raw_port, _verbs({b"EHLO": ehlo, b"DATA": b"354 go\r\n"})) as mx:
+    with RawMX("127.0.0.2", raw_port, verbs({b"EHLO": ehlo, b"DATA": b"354 go\r\n"})) as mx:
         courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
         try:
             r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
@@ -1543,7 +1462,7 @@ def _journal_at_dot(path: Path) -> Any:
     next hop has the whole message from that moment)."""
     def seen(mx: RawMX) -> None:
         mx.dots = [*getattr(mx, "dots", []), b'{"b":' in path.read_bytes()]
-    return _verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
+    return verbs({b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n",
                    b"DATA": b"354 go ahead\r\n"}, at_dot=seen)
 
 
@@ -1643,17 +1562,20 @@ async def test_a_journal_stalled_past_the_bound_holds_no_delivery(
 
 
 def _dot_answered_twice(pipelining: bool, at: bytes,
-                        again: bytes = b"250 2.0.0 taken (said again)\r\n") -> Any:
+                        again: bytes = b"250 2.0.0 taken (said again)\r\n",
+                        max_rcpts: int = 0) -> Any:
     """A next hop whose first connection answers the first message's end-of-data dot
     twice, the second reply late: it arrives with the next message's `at` command, MAIL
     (written before the reply to MAIL: every reply of that transaction one step behind)
     or DATA (after its 354: a reply before the message's dot). Every other connection
     is served normally; RCPT TO:<nobody@...> is refused (550). `again`: the second
-    reply. `mx.conns` lists, per connection, the messages it took."""
+    reply; `max_rcpts`: recipients per transaction, then 452 4.5.3 (0: no limit). `mx.conns`
+    lists, per connection, the messages it took."""
     async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        index, taken = _connection(mx)
+        index, taken = new_connection(mx)
         w.write(b"220 raw.test ESMTP\r\n")
         late = False  # the second reply to the dot is due
+        rcpts = 0  # in this transaction
         while line := await r.readline():
             mx.received.append(line)
             v = line[:4].upper()
@@ -1681,9 +1603,14 @@ def _dot_answered_twice(pipelining: bool, at: bytes,
                 late = index == 0 and len(taken) == 1
             elif v == b"MAIL" and late and at == b"MAIL":
                 w.write(again + b"250 ok\r\n")
-                late = False
+                late, rcpts = False, 0
             elif v == b"RCPT" and b"<nobody@" in line:
                 w.write(b"550 5.1.1 no such user\r\n")
+            elif v == b"RCPT" and max_rcpts and rcpts >= max_rcpts:
+                w.write(b"452 4.5.3 Too many recipients\r\n")
+            elif v in (b"RCPT", b"MAIL"):
+                rcpts = rcpts + 1 if v == b"RCPT" else 0
+                w.write(b"250 ok\r\n")
             else:
                 w.write(b"250 ok\r\n")
             await w.drain()
@@ -1714,12 +1641,99 @@ async def test_a_late_second_reply_to_the_dot_on_a_cached_connection_retries_at_
             assert (r.code, r.enhanced, r.permanent) == (550, "5.1.1", True), r
 
 
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-by-one"])
 async def test_a_late_second_refusal_of_the_dot_on_a_cached_connection_retries_at_once(
-        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
-    """The late second reply a refusal (554), pipelined: taken for the reply to the
-    next message's MAIL, it bounced that message (the RSET after it got the 354 due to
-    DATA, unseen). Now that 354 says the replies were one step behind: the message goes
-    at once on a new connection. (Without PIPELINING nothing shows it: see LIMITS.)"""
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int, pipelining: bool) -> None:
+    """The late second reply a refusal (554): taken for the reply to the next message's
+    MAIL, it bounced that message (pipelined, the RSET after it got the 354 due to DATA,
+    unseen; one by one, MAIL's own 250, and nothing showed it). Now a refusal of MAIL on
+    a reused connection is no verdict (as a 503): the message goes at once on a new
+    connection, and only that one's replies count."""
     for i, res in enumerate(await _two_messages(tmp_path, dns, raw_port, _dot_answered_twice(
-            True, b"MAIL", b"554 5.0.0 rejected after all\r\n"))):
+            pipelining, b"MAIL", b"554 5.0.0 rejected after all\r\n"))):
         assert "taken" in res[f"r{i}@example.test"].text, res
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-by-one"])
+async def test_a_late_second_refusal_of_the_dot_bounces_no_follow_up_transaction(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int, pipelining: bool) -> None:
+    """A next hop taking one recipient per transaction (452 4.5.3 for the next) that
+    answers the first transaction's dot twice, the second reply a refusal arriving with
+    the follow-up's MAIL on the same connection: that 554 bounced the second recipient
+    (its RSET's 354, out of step, was seen only on a cached connection's first
+    transaction). Now a refusal of MAIL on a reused connection is no verdict: the
+    recipient is deferred, the first one delivered once."""
+    one_mx(dns)
+    script = _dot_answered_twice(pipelining, b"MAIL", b"554 5.0.0 rejected after all\r\n",
+                                 max_rcpts=1)
+    ml = ListLog()
+    with RawMX("127.0.0.2", raw_port, script) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ml)
+        try:
+            env = envelope("r0@example.test", "r1@example.test")
+            res = await deliver(courier, env)
+        finally:
+            await courier.close()
+    assert res["r0@example.test"].ok, res
+    r = res["r1@example.test"]
+    assert (r.ok, r.permanent, r.code) == (False, False, 451), r
+    assert "554 5.0.0 rejected after all" in r.text, r
+    assert [len(c) for c in mx.conns] == [1]  # r0's message, once; nothing for r1
+
+
+async def test_a_second_reply_to_mail_is_no_verdict_for_the_rcpt_after_it(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    """A next hop without PIPELINING answering MAIL twice ("250", then "550 5.1.1"): the
+    550 was read as the reply to the RCPT sent after it and bounced the recipient (the
+    RSET then got RCPT's own 250). Now a reply already waiting when a command goes out
+    is out of step (wire.OutOfStep): the connection dropped, the recipient deferred
+    451 4.5.0 with the host's maillog line, no message sent."""
+    one_mx(dns)
+    ml = ListLog()
+    with RawMX("127.0.0.2", raw_port, verbs({
+            b"EHLO": b"250 raw.test\r\n",
+            b"MAIL": b"250 2.1.0 ok\r\n550 5.1.1 no such user\r\n",
+            b"DATA": b"354 go ahead\r\n"})) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ml)
+        try:
+            env = envelope("bob@example.test")
+            r = (await deliver(courier, env))["bob@example.test"]
+        finally:
+            await courier.close()
+    assert (r.ok, r.permanent, r.code, r.enhanced) == (False, False, 451, "4.5.0"), r
+    assert "before the next command was sent: 550 5.1.1 no such user" in r.text, r
+    assert b"message" not in mx.received
+    assert len(ml.grep(env.queue_id, "status=host failed", "4.5.0")) == 1, ml.lines
+
+
+@pytest.mark.parametrize(("second", "ok"), [
+    (b"554 5.7.1 refused after all\r\n", False),
+    (b"250 2.0.0 taken again\r\n", False),
+    (b"421 4.3.2 closing\r\n", True),  # the next hop closing: the 250 stands
+], ids=["250-then-554", "250-then-250", "250-then-421"])
+async def test_two_replies_to_the_end_of_data_are_no_verdict(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int, second: bytes,
+        ok: bool) -> None:
+    """A next hop answering the end-of-data dot with two replies at once (one answered
+    DATA twice, the second after the courier's check at the dot, `_in_step`, or the dot
+    twice): which is the dot's is unknown, and the first was taken, counting sent a
+    message the next hop may have refused. Now the message is deferred 451 4.5.0,
+    saying it may have been delivered (the retry may send it twice: at least once, never
+    lost); a 421 after the dot's reply is the next hop closing, and the reply stands."""
+    one_mx(dns)
+    with RawMX("127.0.0.2", raw_port, verbs({
+            b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n", b"DATA": b"354 go ahead\r\n",
+            b".": b"250 2.0.0 taken\r\n" + second})) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            env = envelope("bob@example.test")
+            r = (await deliver(courier, env))["bob@example.test"]
+        finally:
+            await courier.close()
+    assert b"message" in mx.received
+    if ok:
+        assert r.ok and r.text == "taken", r
+        return
+    assert (r.ok, r.permanent, r.code, r.enhanced) == (False, False, 451, "4.5.0"), r
+    assert "out of step" in r.text and second.decode().strip() in r.text, r
+    assert "may have been delivered" in r.text, r

@@ -5,9 +5,10 @@ session with each (EHLO, STARTTLS policy, smart-host AUTH, SIZE / 8BITMIME / SMT
 DSN parameters), per-recipient results, and an idle-connection cache so several messages
 to one host share a connection (RSET between messages only after an idle spell or after a
 refused one: a transaction that ended without a message, or a message refused at its dot;
-a cached connection whose first transaction gets a reply blaming the connection, a 503 to
-MAIL, a 421 before the message or replies out of step, is dropped and the message retried
-on a new one, once).
+a cached connection whose first transaction gets a reply blaming the connection, a 503 or
+any other refusal to MAIL, a 421 before the message or replies out of step, is dropped and
+the message retried on a new one, once; in a follow-up transaction on one connection the
+same replies defer its recipients).
 The protocol is our own: `wire.py` (sans-I/O reply parser, command bytes) under
 `connection.py` (an asyncio Protocol with flow control); no third-party SMTP client.
 
@@ -20,6 +21,13 @@ write and the replies are read afterwards (one round trip instead of 2 + recipie
 the message follows the 354. Without it, one command per round trip.
 
 Failure policy (codes per RFC 3463):
+- Replies out of step are never a verdict (RFC 5321 4.1.1: one reply per command, in
+  order): a reply already waiting when a command goes out (`wire.OutOfStep`, as Postfix's
+  smtp_tls_block_early_mail_reply), a second reply with the end of data's (which is the
+  dot's is unknown: deferred 4.5.0, "may have been delivered"), a 354 to an RSET, a
+  refusal of MAIL on a reused connection (without PIPELINING, a late second reply to the
+  last dot reads the same): the connection is dropped, the message retried on a new one
+  or deferred 4.5.0, never bounced nor counted sent on another command's reply.
 - 2xx to the end of data: sent (the only reply that delivers; any 2yz to MAIL or RCPT
   goes on, RFC 5321 4.2.1, as Postfix; a 2xx or 3xx that is not the reply a step wants,
   such as 250 to DATA or a greeting other than 220, is transient 4.5.0, never "sent").
@@ -168,8 +176,8 @@ _FALLBACK_MAX = 10000  # hosts remembered for the plain-text fallback (memory bo
 _LOST = (ConnectionLost, ConnectionError, OSError, ProtocolError)
 # No reply to the end of data (RFC 5321 6.1, 4.5.3.2.6): the next hop may have the message
 # (as Postfix's "while sending end of data -- message may be sent more than once").
-_MAYBE_TWICE = (": no reply to the end of data; the message may have been delivered "
-                "(the retry may deliver it twice)")
+_MAYBE_SENT = "; the message may have been delivered (the retry may deliver it twice)"
+_MAYBE_TWICE = ": no reply to the end of data" + _MAYBE_SENT
 
 
 # --------------------------------------------------------------------------- helpers
@@ -423,16 +431,19 @@ class _TryNext(Exception):
 
 
 class _Stale(_TryNext):
-    """The first transaction on a cached connection got a reply that blames the
-    connection, not the message (a 503 to MAIL: the next hop lost the connection's
-    state, or we left it in a wrong one; a 421 before the message; replies out of step:
-    a positive one where another was due, a 250 to DATA, a 354 to the RSET after a
-    refused MAIL or DATA, or a reply before the end-of-data dot, as when a late second
-    reply to the previous message's dot shifts them all by one or comes after the 354):
-    the connection is dropped and the message tried at once on a new one (_via, once);
-    only a refusal on a fresh connection counts (as Postfix blames a cached session's
-    first failure on it). `result` (transient) stands if it lands elsewhere (a follow-up
-    transaction)."""
+    """A transaction on a reused connection (a cached one's first, or a follow-up on the
+    same connection) got a reply that blames the connection, not the message (a 503 to
+    MAIL: the next hop lost the connection's state, or we left it in a wrong one; a 421
+    before the message; any other refusal of MAIL, which without PIPELINING may be a
+    late second reply to the previous message's dot, read before MAIL's own; replies
+    out of step: a positive one where another was due, a 250 to DATA, a 354 to the RSET
+    after a refused MAIL or DATA, or a reply waiting before a command went out,
+    `wire.OutOfStep`, as when a late second reply to the previous message's dot shifts
+    them all by one or comes after the 354): the connection is dropped and, on a cached
+    connection, the message tried at once on a new one (_via, once); only a refusal on
+    a fresh connection counts (as Postfix blames a cached session's first failure on
+    it). `result` (transient, 4.5.0 when out of step) stands if it lands elsewhere (a
+    follow-up transaction: deferred, never bounced on a reply that may be another's)."""
 
 
 # Replies to MAIL that mean "this connection" on a cached one (RFC 5321 4.2.4: 503 bad
@@ -828,7 +839,7 @@ class Courier:
                    data: _Payload) -> _Outcome:
         conn = await self._checkout(t, env.queue_id)
         try:
-            out = await self._transaction(conn, env, rcpts, data, cached=conn.reused)
+            out = await self._transaction(conn, env, rcpts, data, reused=conn.reused)
         except _TryNext as e:
             conn.wire.abort()
             if not conn.reused:
@@ -890,7 +901,7 @@ class Courier:
                 out.next_host -= {r.address for r in more}
                 return
             try:
-                nxt = await self._transaction(conn, env, more, data)
+                nxt = await self._transaction(conn, env, more, data, reused=True)
             except _TryNext as e:  # the earlier transactions stand; these go on
                 for r in more:
                     out.results[r.address] = e.result
@@ -1324,10 +1335,14 @@ class Courier:
     # ----------------------------------------------------------------- transaction
 
     async def _transaction(self, conn: _Conn, env: Envelope, rcpts: list[Recipient],
-                           payload: _Payload, cached: bool = False) -> _Outcome:
+                           payload: _Payload, reused: bool = False) -> _Outcome:
         """One MAIL/RCPT/DATA exchange, pipelined when the host offers PIPELINING.
-        `cached`: the first on a connection taken from the cache, where a reply that
-        means the connection (a 503 to MAIL, a 421 before the message) raises _Stale."""
+        `reused`: a transaction went on this connection before (a cached one's first, or
+        a follow-up), so a reply that means the connection (a 503 or any refusal to
+        MAIL, a 421 before the message, replies out of step) raises _Stale. Out of step
+        anywhere (wire.OutOfStep: a reply waiting when a command goes out, or right
+        after the end-of-data dot's) is never a verdict: delivered and bounced are taken
+        only from replies read in step."""
         remote, w, ext = conn.remote, conn.wire, conn.ext
         payload.transactions += 1
         d = self.cfg.delivery
@@ -1432,33 +1447,35 @@ class Courier:
         data_rep: SMTPReply | None = None
         try:
             if pipelining:
-                w.write(b"".join(lines))  # RFC 2920 3.1: DATA ends the group
+                w.send(b"".join(lines))  # RFC 2920 3.1: DATA ends the group
                 unread = len(lines)
             else:
-                w.write(lines[0])
+                w.send(lines[0])
                 unread = 1
             rep = await w.reply(ct)
             unread -= 1
             if not rep.ok:  # any 2yz is positive completion (RFC 5321 4.2.1), as Postfix
                 res = _result(rep, remote)
-                if cached and (rep.code in _CONNECTION_FAULTS or rep.code < 400):
-                    raise _Stale(_stale(rep, remote))  # (< 400: out of step)
+                if reused and (rep.code in _CONNECTION_FAULTS or rep.code < 400
+                               or res.permanent):
+                    # (< 400: out of step; a 5xx: maybe a late reply to the last dot)
+                    raise _Stale(_stale(rep, remote))
                 if not res.permanent:
                     raise _TryNext(res)  # RFC 5321 5.1: another host may take it
                 results.update({r.address: res for r in send})
                 reusable = await self._skip(w, unread, ct) and \
-                    await self._reset_after(rep, w, ct, cached, remote)
+                    await self._reset_after(rep, w, ct, reused, remote)
                 return _Outcome(results, set(), reusable)
             for i, r in enumerate(send):
                 if not pipelining:
-                    w.write(lines[1 + i])
+                    w.send(lines[1 + i])
                     unread += 1
                 rep = await w.reply(ct)
                 unread -= 1
                 if rep.ok:  # 250, 251 (RFC 5321 4.3.2); any 2yz, as Postfix takes it
                     accepted.append(r)
                     continue
-                if cached and rep.code < 400:  # a 354 here: out of step
+                if reused and rep.code < 400:  # a 354 here: out of step
                     raise _Stale(_stale(rep, remote))
                 res = _rcpt_result(rep, remote, sender,
                                    on_wire.get(r.address, r.address))
@@ -1466,7 +1483,7 @@ class Courier:
                 if not res.permanent:
                     next_host.add(r.address)
                 if rep.code == 421:  # service closing: nothing more on this connection
-                    if cached:
+                    if reused:
                         raise _Stale(_stale(rep, remote))
                     for other in accepted + send[i + 1:]:
                         results[other.address] = res
@@ -1498,20 +1515,26 @@ class Courier:
                     await w.reply(d.data_timeout)
                 except (TimeoutError, *_LOST):
                     reusable = False
-            reusable = reusable and await self._reset(w, ct)
+            try:
+                reusable = reusable and await self._reset(w, ct)
+            except wire.OutOfStep as e:  # the refusals may be other commands' replies
+                raise _Stale(_out_of_step(e, remote)) from None
             return _Outcome(results, next_host, reusable)
 
         assert data_rep is not None
         if data_rep.code != 354:
-            if cached and (data_rep.code == 421 or data_rep.code < 400):
+            if reused and (data_rep.code == 421 or data_rep.code < 400):
                 raise _Stale(_stale(data_rep, remote))  # (< 400: a 250, out of step)
             res = _result(data_rep, remote)
             for r in accepted:
                 results[r.address] = res
                 if not res.permanent:
                     next_host.add(r.address)
-            reusable = data_rep.code != 421 and \
-                await self._reset_after(data_rep, w, ct, cached, remote)
+            try:
+                reusable = data_rep.code != 421 and \
+                    await self._reset_after(data_rep, w, ct, reused, remote)
+            except wire.OutOfStep as e:  # DATA's refusal may be another command's reply
+                raise _Stale(_out_of_step(e, remote)) from None
             return _Outcome(results, next_host, reusable)
 
         # The message: the final reply applies to every accepted recipient (RFC 5321 3.3).
@@ -1530,6 +1553,8 @@ class Courier:
             if ended:
                 payload.sent.update((r.address, remote) for r in accepted)
             rep = await w.reply(d.data_timeout)  # (the early refusal: read at once)
+            if ended:
+                _after_dot(w, rep)
             res = reply_result(rep.code, rep.text, remote)  # the one reply that delivers
             reusable = rep.code != 421 and w.is_connected and ended
             if not ended:  # an early refusal: the message unended, nothing more on it
@@ -1544,12 +1569,12 @@ class Courier:
             reusable = False
         except ProtocolError as e:
             w.abort()  # out of step (or cut already): nothing more on it
-            if cached and not ended:  # (a reply before the dot): the connection's fault
-                raise _Stale(DeliveryResult.temp(
-                    f"cached connection to {remote} failed: {e}", "4.4.2", 451,
-                    remote)) from None
-            res = DeliveryResult.temp(f"protocol error from {remote} during DATA: {e}"
-                                      + (_MAYBE_TWICE if ended else ""), "4.5.0", 451, remote)
+            if reused and not ended:  # (a reply before the dot): the connection's fault
+                raise _Stale(_out_of_step(e, remote)) from None
+            res = DeliveryResult.temp(
+                f"protocol error from {remote} during DATA: {e}" + (
+                    "" if not ended else _MAYBE_SENT if isinstance(e, wire.OutOfStep)
+                    else _MAYBE_TWICE), "4.5.0", 451, remote)
             reusable = False
         except _LOST:
             res = DeliveryResult.temp(f"lost connection with {remote} during DATA"
@@ -1560,7 +1585,13 @@ class Courier:
             # dot, but one that refused the message may not have (an aiosmtpd whose DATA
             # hook failed keeps the MAIL): as Postfix, RSET before the connection serves
             # another message, whose MAIL would otherwise get 503 and bounce it.
-            reusable = await self._reset(w, ct)
+            try:
+                reusable = await self._reset(w, ct)
+            except wire.OutOfStep as e:  # the refusal may have been another's reply
+                res = DeliveryResult.temp(f"protocol error from {remote} during DATA: {e}"
+                                          + _MAYBE_SENT, "4.5.0", 451, remote)
+                moved, reusable = False, False
+                payload.sent.update((r.address, remote) for r in accepted)
         if res.ok and dsn:
             res = res.stamped(res.tls, res.tls_policy, True)  # RFC 3461 5.2.2: they notify
         for r in accepted:
@@ -1589,22 +1620,27 @@ class Courier:
 
     @staticmethod
     async def _rset(w: Connection, timeout: float) -> SMTPReply | None:
-        """RSET's reply; None when there is none (a timeout, the connection lost)."""
+        """RSET's reply; None when there is none (a timeout, the connection lost).
+        A reply waiting before it goes out raises wire.OutOfStep: the verdict just read
+        may be that reply's command's, not the step's it was read for."""
         try:
             return await w.command(b"RSET\r\n", timeout)
+        except wire.OutOfStep:
+            raise
         except (TimeoutError, *_LOST):
             return None
 
     @staticmethod
     async def _reset_after(refusal: SMTPReply, w: Connection, timeout: float,
-                           cached: bool, remote: str) -> bool:
-        """RSET after a refused MAIL or DATA (`refusal`): reusable if 250. On a cached
-        connection's first transaction a 354 to it raises _Stale: DATA's reply came to
-        the RSET, every reply one step behind (a late second reply to the previous
+                           reused: bool, remote: str) -> bool:
+        """RSET after a refused MAIL or DATA (`refusal`): reusable if 250. A 354 to it
+        raises _Stale (on any connection: the refusal is no verdict): DATA's reply came
+        to the RSET, every reply one step behind (a late second reply to the previous
         message's dot), so the refusal was an earlier reply, not this message's."""
         rep = await Courier._rset(w, timeout)
-        if cached and rep is not None and rep.code == 354:
-            raise _Stale(_stale(refusal, remote))
+        if rep is not None and rep.code == 354:
+            raise _Stale(_stale(refusal, remote) if reused else _out_of_step(
+                wire.OutOfStep(f"replies out of step: 354 to RSET after {refusal}"), remote))
         return rep is not None and rep.code == 250 and w.is_connected
 
 
@@ -1619,10 +1655,29 @@ class _Prefetched(StsSource):
 
 
 def _stale(rep: SMTPReply, remote: str) -> DeliveryResult:
-    """A cached connection's reply that blames the connection (_Stale), transient."""
+    """A reused connection's reply that blames the connection (_Stale), transient."""
     text = rep.text.replace("\n", " ")
-    return DeliveryResult.temp(f"cached connection to {remote} failed: {rep.code} {text}",
+    return DeliveryResult.temp(f"reused connection to {remote} failed: {rep.code} {text}",
                                "4.4.2", 451, remote)
+
+
+def _out_of_step(e: ProtocolError, remote: str) -> DeliveryResult:
+    """Replies out of step (`e`): no verdict, transient 4.5.0 (RFC 3463: protocol)."""
+    return DeliveryResult.temp(f"protocol error from {remote}: {e}",
+                               "4.5.0", 451, remote)
+
+
+def _after_dot(w: Connection, rep: SMTPReply) -> None:
+    """Just after the end-of-data dot's reply was read: another reply already waiting
+    (other than a 421, the next hop closing) makes that one no verdict: two replies
+    where one was due, which is the dot's is unknown (the next hop answered DATA twice,
+    the second after the check at the dot, `_in_step`; or the dot twice): OutOfStep,
+    the message deferred (it may have been delivered). One arriving later is seen only
+    when the connection is next used (see docs/LIMITS.md)."""
+    nxt = w.peek()
+    if (nxt is not None and nxt.code != 421) or (nxt is None and w.has_unread):
+        raise wire.OutOfStep(f"replies out of step: two to the end of data, "
+                             f"{str(rep)[:200]}, then {str(nxt)[:200] if nxt else '...'}")
 
 
 def _no_answer(res: DeliveryResult) -> DeliveryResult:

@@ -12,6 +12,10 @@ Contract:
   message streamed from the spool never sits in memory whole.
 - `await reply(timeout)` returns the next reply in arrival order; replies to a pipelined
   group (RFC 2920) queue up and are returned one by one.
+- `send(line)` (and `command`) writes a command whose reply is the next one due: a reply
+  (or part of one) already waiting then answers no command of ours, and whatever came
+  next would be read as the wrong command's: `OutOfStep` (a `ProtocolError`), the
+  connection dropped.
 - `await start_tls(ctx, server_hostname, timeout)` upgrades the transport. Bytes that
   arrived after the server's 220 and before the handshake are refused (RFC 3207 5,
   the STARTTLS response-injection attack): `ProtocolError`.
@@ -43,7 +47,7 @@ import time
 from collections import deque
 from typing import Any
 
-from authrelay.delivery.wire import ProtocolError, ReplyParser, SMTPReply
+from authrelay.delivery.wire import OutOfStep, ProtocolError, ReplyParser, SMTPReply
 
 MAX_QUEUED = 1024  # replies received but not yet read (a pipelined group: 1 + rcpts + 1, with
 # at most client._MAX_RCPTS recipients in one)
@@ -285,8 +289,24 @@ class Connection(asyncio.Protocol):
                 self.transport.resume_reading()
         return rep
 
-    async def command(self, line: bytes, timeout: float) -> SMTPReply:
+    def send(self, line: bytes) -> None:
+        """Write a command (or a pipelined group, RFC 2920) that starts a new exchange: every
+        reply due so far has been read, so anything received now answers no command of
+        ours (a next hop out of step: a late second reply to an earlier command). Read
+        next, it would be taken for this command's reply (a refusal bouncing a message
+        it belongs to no step of): OutOfStep, the connection dropped (as Postfix's
+        smtp_tls_block_early_mail_reply drops a session whose MAIL reply came first).
+        The message names the reply, never `line` (it may hold credentials)."""
+        if self._replies or self._parser.pending:
+            early = self.peek()
+            err = OutOfStep("replies out of step: a reply came before the next command was sent"
+                            + (f": {str(early)[:200]}" if early is not None else ""))
+            self._fail(err)
+            raise err
         self.write(line)
+
+    async def command(self, line: bytes, timeout: float) -> SMTPReply:
+        self.send(line)
         return await self.reply(timeout)
 
     async def start_tls(self, ctx: ssl.SSLContext, server_hostname: str | None,

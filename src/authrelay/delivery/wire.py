@@ -30,6 +30,11 @@ class ProtocolError(Exception):
     """The server sent something that is not an SMTP reply."""
 
 
+class OutOfStep(ProtocolError):
+    """A reply came that no command asked for yet (RFC 5321 4.1.1: one reply per command,
+    in order): read next, it would be taken for another command's reply."""
+
+
 @dataclass(frozen=True, slots=True)
 class SMTPReply:
     code: int
