@@ -12,6 +12,7 @@ APT_PKGS=(swaks msmtp curl openssl sasl2-bin dovecot-core
           opendkim-tools   # opendkim-testkey: an independent check of our DKIM keys + records
           opendkim         # opendkim -t: OpenDKIM's verifier checks our signatures (tests/dkimcheck.py)
           bind9 bind9-utils bind9-dnsutils unbound  # DANE rig: signed zone + validating resolver
+          gcc libc6-dev  # the hung-fsync shim of support/hungfsync.py (LD_PRELOAD)
           e2fsprogs  # mkfs.ext4: the frozen-spool tests' loop-mounted ext4 (support/tmpfs.py)
           fail2ban)  # fail2ban-regex: the documented filter against forged maillog values
 missing=()

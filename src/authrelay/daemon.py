@@ -72,7 +72,9 @@ from authrelay.policy.throttle import Share
 from authrelay.process import Channel, InstanceBusy, KeyHelper, StartError
 from authrelay.smtpd.handoff import Handoff
 from authrelay.smtpd.server import Listener, SMTPServer, bind
-from authrelay.spool.store import Spool
+from authrelay.spool import abandoned
+from authrelay.spool.abandoned import AbandonedBook
+from authrelay.spool.store import Spool, is_queue_id
 from authrelay.tls import (
     PEM,
     CertStore,
@@ -347,6 +349,13 @@ class _Run:
     stopping: bool = False  # SIGTERM seen: a worker that exits now is not replaced
     # master: told when a worker died (the scheduler sweeps the files it was receiving)
     receiver_died: Callable[[int], None] | None = None
+    # This process's ring of the abandoned-commits book (spool/abandoned.py): the id of
+    # each commit its sessions give up, kept past a kill of the whole server.
+    keep_abandoned: Callable[[str], None] | None = None
+    # master or single: the ids a killed instance gave up whose files are still there
+    # (its scheduler drops them, never delivered); master: told those of a dead worker.
+    abandoned: list[str] = field(default_factory=list)
+    abandoned_by_dead: Callable[[str], None] | None = None
 
 
 # Keys given on the serve command line (--workers, --log-format): the file's value is not
@@ -414,6 +423,7 @@ async def _serve_loop(run: _Run) -> int:
     cfg = run.cfg
 
     spool = wiring.spool(cfg)
+    spool.notifier.keep_abandoned = run.keep_abandoned
     metrics = wiring.metrics(cfg)  # every process counts; the delivering one serves /metrics
     receiver = certs = None
     if run.listeners is not None:
@@ -436,6 +446,8 @@ async def _serve_loop(run: _Run) -> int:
             # for the rescan's sweep (Scheduler.receiver_died works from start()'s first
             # step; the watcher reaps only while start() awaits).
             run.receiver_died = scheduler.receiver_died
+            run.abandoned_by_dead = scheduler.abandoned
+        scheduler.abandoned_at_start(run.abandoned)
         await scheduler.start()
         reporter = wiring.tls_reporter(cfg, scheduler, ml)  # RFC 8460 (tls_reports)
         if reporter is not None:
@@ -930,12 +942,25 @@ def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
                 f"still are (owedlines): {e.strerror or e}: {e.filename}")
         maillog_mod.get().write_owed(book.leftovers)
         maillog_mod.get().keep_owed(book.slot(0))
+        # The commits its sessions give up, kept past a kill of the whole server
+        # (spool/abandoned.py); those a killed instance left, dropped by the scheduler.
+        in_queue = _in_queue(cfg)
+        try:
+            abook = AbandonedBook(abandoned.book_path(cfg.spool_dir), nworkers + 1, in_queue)
+        except OSError as e:
+            abook = AbandonedBook(None, nworkers + 1)
+            maillog_mod.get().warning(
+                "commits given up are not kept past a kill of the whole server: a "
+                f"killed worker's still are (spool/abandoned.py): {e.strerror or e}: "
+                f"{e.filename}")
+        keep0 = abook.slot(0).keep
         # Read again as the user that reads it at every reload; before any fork.
         recipients = _local_recipients(cfg)
         if nworkers <= 1:
             _use_uvloop()
             run = _Run(cfg, config_path, pem, "single", listeners=per_worker[0],
                        recipients=recipients, read_keys=read_keys,
+                       keep_abandoned=keep0, abandoned=abook.leftovers,
                        read_password=helper.read_password if helper else None,
                        read_oauth_secret=helper.read_oauth_secret if helper else None,
                        open_log=helper.open_log if helper else None,
@@ -944,13 +969,20 @@ def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
             rc = asyncio.run(_serve_loop(run))
         else:
             rc = _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared,
-                               recipients, book, handoff)
+                               recipients, book, handoff, abook, keep0)
         maillog_mod.get().flush()
         book.close()  # a stop: the file goes unless a line is still owed
+        abook.close(in_queue)  # ... or an abandoned commit's file is still there
         return rc
     finally:
         if helper is not None:
             helper.close()
+
+
+def _in_queue(cfg: Config) -> Callable[[str], bool]:
+    """Whether a queue id's file is in the queue (queue/ID, ready or not)."""
+    prefix = f"{Spool(cfg.spool_dir).queue_dir}/"
+    return lambda qid: is_queue_id(qid) and os.path.lexists(prefix + qid)
 
 
 def _local_recipients(cfg: Config) -> LocalRecipients | None:
@@ -965,9 +997,12 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                   per_worker: list[list[Listener]], read_keys: Callable[[Config], PEM],
                   helper: KeyHelper | None, shared: SharedCounters | None,
                   recipients: LocalRecipients | None, book: OwedLines,
-                  handoff: Handoff | None = None) -> int:
+                  handoff: Handoff | None, abook: AbandonedBook,
+                  keep0: Callable[[str], None]) -> int:
     nworkers = len(per_worker)
+    in_queue = _in_queue(cfg)
     run = _Run(cfg, config_path, pem, "master", recipients=recipients, read_keys=read_keys,
+               keep_abandoned=keep0, abandoned=abook.leftovers,
                read_password=helper.read_password if helper else None,
                read_oauth_secret=helper.read_oauth_secret if helper else None,
                open_log=helper.open_log if helper else None,
@@ -1020,7 +1055,8 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                             s.sock.close()
                 wrun = _Run(run.cfg, config_path, run.pem, "worker", listeners=per_worker[i],
                             recipients=run.recipients, share=Share(i, nworkers, shared),
-                            channel=sock, handoff=handoff)
+                            channel=sock, handoff=handoff,
+                            keep_abandoned=abook.slot(i + 1).keep)
             except BaseException:
                 os._exit(1)
             _worker_main(wrun)
@@ -1033,6 +1069,16 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
     stopping = False
 
     fast_deaths: dict[int, int] = {}
+
+    def dead_abandoned(i: int) -> None:
+        """The commits worker i gave up whose files are still there (it died in their
+        fsync): kept in the master's ring, for a kill of the whole server before its
+        scheduler drops them, and told to that scheduler (had the notice been lost)."""
+        for qid in abook.take(i + 1):
+            if in_queue(qid):
+                keep0(qid)
+                if run.abandoned_by_dead is not None:
+                    run.abandoned_by_dead(qid)
 
     def reap() -> None:
         while True:
@@ -1050,6 +1096,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
             # The refusal lines it died owing (replies sent, its writer had not written
             # them), before another worker takes the slot.
             ml.write_owed(book.take(w.index + 1))
+            dead_abandoned(w.index)
             if shared is not None:
                 # The connections it held (kill -9, OOM, a crash) leave every gauge:
                 # else they stayed counted, and a few deaths under load filled the pools.
@@ -1112,6 +1159,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 if w is not None:
                     w.channel.close()
                     ml.write_owed(book.take(w.index + 1))
+                    dead_abandoned(w.index)
             else:
                 time.sleep(0.05)
         for pid in workers:

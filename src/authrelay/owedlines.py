@@ -31,16 +31,15 @@ master's with `logged_by=master`), never lost.
 from __future__ import annotations
 
 import contextlib
-import errno
 import mmap
 import os
-import stat
 import struct
 import threading
 from pathlib import Path
 
+from authrelay import shmbook
+
 NAME = "authrelay-owed-lines"
-SHM = Path("/dev/shm")  # a memory filesystem (tmpfs): no freeze, no writeback
 ENTRY = 4096  # bytes per kept line: a header and the line's UTF-8
 ENTRIES = 64  # per slot (process)
 _HEAD = struct.Struct("<QI")  # sequence (0: free), the line's length
@@ -85,8 +84,7 @@ class Slot:
 def book_path(spool_dir: Path) -> Path:
     """The book of the instance whose spool is `spool_dir` (the same at its next start:
     named by the spool directory's device and inode)."""
-    st = os.stat(spool_dir)
-    return SHM / f"{NAME}-{st.st_dev:x}-{st.st_ino:x}"
+    return shmbook.book_path(NAME, spool_dir)
 
 
 class OwedLines:
@@ -104,13 +102,8 @@ class OwedLines:
             self._map = mmap.mmap(-1, ENTRY + slots * SLOT)
             self._map[:ENTRY] = _MAGIC
             return
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd, size = shmbook.open_own(path)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() \
-                    or st.st_mode & 0o077 or st.st_nlink != 1:
-                raise PermissionError(errno.EPERM, "not a file of this user's own", str(path))
-            size = st.st_size
             if size > ENTRY:
                 with mmap.mmap(fd, size) as old:
                     if old[:ENTRY] == _MAGIC:

@@ -609,6 +609,13 @@ class Scheduler:
         `ID abandoned` from another process). Thread-safe."""
         self._on_loop(self._abandoned_notice, qid, 0)
 
+    def abandoned_at_start(self, qids: list[str]) -> None:
+        """Before start(): ids a killed instance's producers gave up whose files are
+        still there (spool/abandoned.py, the book's leftovers): dropped at their load,
+        as those told by a notice. Not thread-safe (nothing else runs yet)."""
+        for qid in qids:
+            self._abandoned_notice(qid)
+
     def _abandoned_notice(self, qid: str, _: int = 0) -> None:
         if not is_queue_id(qid):
             return

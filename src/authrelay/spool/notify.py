@@ -14,7 +14,9 @@ leaves the line to the scheduler (Scheduler.receiver_died). "ID abandoned": the
 producer gave up waiting for ID's commit (Incoming.abandon returned True: its client was
 told 451 4.3.0 and no 250 can follow for ID); the commit thread removes the file when it
 returns, but a producer killed while that thread is in its fsync leaves a ready file:
-the scheduler drops it (in-process: `on_abandoned`). The socket is
+the scheduler drops it (in-process: `on_abandoned`). The id is also kept in the
+instance's book in /dev/shm first (`keep_abandoned`, spool/abandoned.py), for a kill of
+the whole server, which takes the scheduler's memory of it. The socket is
 0600 in the spool's 0700 directory: only the relay's user and root can send a notice,
 as only they can write the spool. A datagram the kernel refuses because the
 scheduler's queue is full (unix datagram queues are short) is sent again a moment later
@@ -51,6 +53,9 @@ class Notifier:
         self.on_owed: Callable[[str, int], None] | None = None
         # In-process too: a queue id whose commit its producer gave up (abandoned()).
         self.on_abandoned: Callable[[str], None] | None = None
+        # This process's ring of the abandoned-commits book (spool/abandoned.py Slot.keep),
+        # set by the daemon: None outside `serve` (sendmail, the CLI give up no commit).
+        self.keep_abandoned: Callable[[str], None] | None = None
         self._sock: socket.socket | None = None
         self.pending: list[str] = []
         self._scheduled = False
@@ -102,7 +107,11 @@ class Notifier:
         Incoming.abandon returned True: no 250 can ever be sent for it), said at once:
         the scheduler drops the file should its producer die before its commit thread
         removes it. On the producer's loop; best effort (a notice lost: the file, if
-        left, is delivered, a duplicate of what the client sends again), never raises."""
+        left, is delivered, a duplicate of what the client sends again), never raises.
+        Kept in the book first: a kill of the whole server before the file is removed
+        leaves it to the start's scheduler, which drops it."""
+        if self.keep_abandoned is not None:  # a copy into memory: never raises
+            self.keep_abandoned(queue_id)
         if self.on_commit is not None:
             if self.on_abandoned is not None:
                 with contextlib.suppress(Exception):  # (never raises, as the datagram)

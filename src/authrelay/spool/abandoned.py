@@ -1,0 +1,168 @@
+"""abandoned: the queue ids of commits given up, kept past a kill of the whole server.
+
+A producer that gave up waiting for a commit (Incoming.abandon returned True: its client
+told 451 4.3.0, no 250 can follow for that id) says so to the scheduler (`ID abandoned`,
+spool/notify.py), which drops a file then found under that id instead of delivering it:
+the producer died while the commit thread was in its fsync, past the ready mark. That
+memory is the master's: killed too (`workers = 1`, a kill of the whole server, the OOM
+killer taking both), the start delivered the file, a duplicate of the client's retry.
+So the producer also writes the id here first, in the instance's book (`book_path`: a
+file in /dev/shm, named by the spool directory as owedlines.py's book), which every
+process maps shared: memory keeps what is written whatever kills the processes. The
+next start reads it (`leftovers`: the ids whose queue file is still there) and its
+scheduler drops those files, one line each, never delivered. A machine crash (power
+loss) loses the book with the rest of memory: a file the crash left ready and durable
+(its fsync done before the power went) is delivered then.
+
+Cost: no system call (a copy into the mapping); the book's memory, `ENTRY` x `ENTRIES`
+(80 KiB) per process, is taken at the start. Bounded: one ring of `ENTRIES` ids per
+process slot (0: the master or the one process, worker n: n + 1); the oldest entry is
+written over (an id is needed only while its commit thread is held in an fsync, and ids
+are unique: a stale entry names a file long gone). An id written over while its file is
+still held (`ENTRIES` more abandons in that process first) is not kept past a kill of the
+whole server. A book that cannot be opened in /dev/shm (none, full, the name another
+user's: a `warning=` line at the start) is made in anonymous shared memory
+(`AbandonedBook(None, ...)`): a reaped worker's ids still reach the master, a killed
+instance's are lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from authrelay import shmbook
+
+NAME = "authrelay-abandoned"
+ID_MAX = 64  # bytes of a queue id (store.QUEUE_ID_MAX); ours have 14 to 17
+_HEAD = struct.Struct("<QB")  # sequence (0: free), the id's length
+ENTRY = 80  # bytes per entry: the header and the id
+ENTRIES = 1024  # per slot (process): a ring, the oldest written over
+SLOT = ENTRY * ENTRIES
+_MAGIC = b"authrelay abandoned 1\n".ljust(ENTRY, b"\0")  # the first entry: the layout
+
+
+class Slot:
+    """One process's ring: `keep` the id of each commit it gives up (thread-safe)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._next = 0
+        self._seq = max((seq for seq, _ in _entries(view)), default=0)
+        if self._seq:  # carry on after what the slot holds (the master's: leftovers)
+            self._next = max(range(ENTRIES), key=lambda i: _HEAD.unpack_from(
+                view, i * ENTRY)[0]) + 1
+            self._next %= ENTRIES
+        self._lock = threading.Lock()
+
+    def keep(self, queue_id: str) -> None:
+        """`queue_id` given up: kept until written over (ENTRIES ids later). An id that
+        is no queue id of ours (longer than ID_MAX) is not kept."""
+        data = queue_id.encode("ascii", "replace")
+        if not 0 < len(data) <= ID_MAX:
+            return
+        with self._lock:
+            at = self._next * ENTRY
+            self._next = (self._next + 1) % ENTRIES
+            self._seq += 1
+            _HEAD.pack_into(self._view, at, 0, 0)  # free while the id is rewritten
+            self._view[at + _HEAD.size:at + _HEAD.size + len(data)] = data
+            _HEAD.pack_into(self._view, at, self._seq, len(data))  # whole: kept
+
+    def ids(self) -> list[str]:
+        """The ids the slot holds, oldest first."""
+        return [qid for _, qid in sorted(_entries(self._view))]
+
+
+def book_path(spool_dir: Path) -> Path:
+    """The book of the instance whose spool is `spool_dir` (the same at its next start)."""
+    return shmbook.book_path(NAME, spool_dir)
+
+
+class AbandonedBook:
+    """The book: `slots` rings in one shared file mapping, after a header entry."""
+
+    def __init__(self, path: Path | None, slots: int,
+                 exists: Callable[[str], bool] = lambda _: True) -> None:
+        """Open (create) the book for `slots` processes; `path` None: in anonymous
+        shared memory (no previous instance's). `leftovers`: the ids the previous
+        instance's processes gave up whose file is still there (`exists`, given a
+        queue id), slot by slot, oldest first; kept in slot 0 again (a kill before
+        this instance's scheduler dropped their files leaves them to the next start).
+        OSError when `path` is not this user's own regular file (/dev/shm is
+        everyone's), or /dev/shm has no room for it."""
+        self.leftovers: list[str] = []
+        self._slots = slots
+        self._path = path
+        size = ENTRY + SLOT * slots
+        if path is None:
+            self._map = mmap.mmap(-1, size)
+            self._map[:ENTRY] = _MAGIC
+            return
+        fd, old_size = shmbook.open_own(path)
+        try:
+            found: list[tuple[int, int, str]] = []
+            if old_size > ENTRY:
+                with mmap.mmap(fd, old_size) as old:
+                    if old[:ENTRY] == _MAGIC:
+                        for s in range((old_size - ENTRY) // SLOT):
+                            view = memoryview(old)[ENTRY + SLOT * s:ENTRY + SLOT * (s + 1)]
+                            found += [(s, seq, qid) for seq, qid in _entries(view)]
+                            view.release()
+            seen: set[str] = set()
+            for _, _, qid in sorted(found):
+                if qid not in seen and exists(qid):
+                    seen.add(qid)
+                    self.leftovers.append(qid)
+            os.ftruncate(fd, 0)  # every entry free
+            # Its pages taken now: a full /dev/shm is this OSError at the start, never a
+            # SIGBUS at a write into the mapping.
+            os.posix_fallocate(fd, 0, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._map[:ENTRY] = _MAGIC
+        keep = self.slot(0).keep
+        for qid in self.leftovers[-ENTRIES:]:
+            keep(qid)
+
+    def close(self, exists: Callable[[str], bool]) -> None:
+        """At the end of the instance (a stop): the book's file is removed unless an id
+        it holds still has its file (`exists`), which the next start then drops."""
+        if self._path is None:
+            return
+        if not any(exists(qid) for i in range(self._slots) for qid in self.slot(i).ids()):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+
+    def slot(self, i: int) -> Slot:
+        """Process i's ring (0: the master or the one process; worker n: n + 1)."""
+        return Slot(self._view(i))
+
+    def take(self, i: int) -> list[str]:
+        """The ids slot i's dead process gave up, oldest first; the slot cleared (its
+        next process starts empty)."""
+        view = self._view(i)
+        ids = [qid for _, qid in sorted(_entries(view))]
+        view[:] = bytes(SLOT)
+        return ids
+
+    def _view(self, i: int) -> memoryview:
+        if not 0 <= i < self._slots:
+            raise IndexError(f"abandoned-commits slot {i} of {self._slots}")
+        return memoryview(self._map)[ENTRY + SLOT * i:ENTRY + SLOT * (i + 1)]
+
+
+def _entries(view: memoryview) -> list[tuple[int, str]]:
+    found = []
+    for i in range(ENTRIES):
+        seq, n = _HEAD.unpack_from(view, i * ENTRY)
+        if seq and 0 < n <= ID_MAX:
+            at = i * ENTRY + _HEAD.size
+            found.append((seq, bytes(view[at:at + n]).decode("ascii", "replace")))
+    return found
