@@ -54,12 +54,15 @@ class RawMX:
 
 
 def verbs(replies: dict[bytes, bytes | None],
-           at_dot: Callable[[RawMX], None] | None = None) -> Any:
+          at_dot: Callable[[RawMX], None] | None = None,
+          stall: Callable[[RawMX], None] | None = None) -> Any:
     """A RawMX script answering each command by its verb (its first four octets, upper
     case) from `replies`, else 250: `None` never answers (the connection is read to its
     end); a 354 to DATA reads the message to its dot (recording b"message"; `at_dot(mx)`
     once the dot is read) and answers `replies[b"."]` (250 by default; None: the
-    connection closes unanswered); QUIT is 221 and the end."""
+    connection closes unanswered); QUIT is 221 and the end. `stall`: after the 354,
+    `stall(mx)` is called and nothing more is read (a next hop whose receive window
+    stays full), until the server stops."""
     async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(b"220 raw.test ESMTP\r\n")
         while line := await r.readline():
@@ -75,6 +78,9 @@ def verbs(replies: dict[bytes, bytes | None],
             w.write(reply)
             if verb == b"DATA" and reply.startswith(b"354"):
                 await w.drain()
+                if stall is not None:
+                    stall(mx)
+                    await asyncio.Future()  # cancelled by RawMX.__exit__
                 while (ln := await r.readline()) not in (b".\r\n", b""):
                     pass
                 mx.received.append(b"message")
