@@ -93,6 +93,11 @@ class DeliveryResult:
     def ok(self) -> bool:
         return 200 <= self.code < 300
 
+    @property
+    def reply(self) -> str:
+        """The reply as a recipient's `last_reply` keeps it (the maillog's, the DSN's)."""
+        return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ").strip()
+
     @classmethod
     def sent(cls, code: int, enhanced: str, text: str, remote: str = "") -> DeliveryResult:
         return cls(code, enhanced, text, False, remote)

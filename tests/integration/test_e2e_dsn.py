@@ -86,45 +86,68 @@ def test_a_success_notice_owed_at_a_kill_comes_once_and_the_message_is_not_sent_
         sender_mx: FakeSMTPServer, fake_mx: MXFactory, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The master killed (kill -9) after the next hop's 250 and before it queued the
-    success notice owed (a sitecustomize hook holds the notice's queueing there): a
-    recipient owed a success DSN was left out of the journal's delivered line, so the
-    restart delivered the message to it again (and sent its notice then). Now the line
-    names it owed: the restart records both recipients sent, removes the message and
-    queues the one notice; the next hop has the message once."""
+    success notice owed (a sitecustomize hook holds the notice's queueing there, once a
+    file says so): a recipient owed a success DSN was left out of the journal's
+    delivered line, so the restart delivered the message to it again (and sent its
+    notice then). Now the line names it owed: the restart records both recipients sent,
+    removes the message and queues the one notice; the next hop has the message once.
+    And that notice says what one sent without a crash says (a first message's, before
+    the hook holds): it had no Remote-MTA nor Diagnostic-Code (the reply was not
+    journaled), and its text no reply."""
     hook = tmp_path / "hook"
     hook.mkdir()
+    hold = tmp_path / "hold"
     (hook / "sitecustomize.py").write_text(
-        "import asyncio\n"
+        "import asyncio, os\n"
         "import authrelay.scheduler.scheduler as s\n"
         "_send = s.Scheduler._send_owed\n"
         "async def _held(self, act):\n"
-        "    if act.owed.get('relayed'):\n"
+        f"    if act.owed.get('relayed') and os.path.exists({str(hold)!r}):\n"
         "        await asyncio.Event().wait()  # killed here\n"
         "    await _send(self, act)\n"
         "s.Scheduler._send_owed = _held\n")
     monkeypatch.setenv("PYTHONPATH", str(hook))
     mx1 = fake_mx("127.0.0.2")  # aiosmtpd: no DSN extension, the notice is ours
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    _submit(relay, [("bob@example.test", ["NOTIFY=SUCCESS"])], [])
+    relay.wait_for(lambda: sender_mx.messages, what="the success notice without a crash")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
+    hold.touch()
     qid = _submit(relay, [("bob@example.test", ["NOTIFY=SUCCESS"]),
                           ("carol@example.test", [])], [])
     relay.wait_for(lambda: _journal_owes(relay, qid, "bob@example.test"),
                    what="the journal's delivered line owing bob's notice")
-    assert not sender_mx.messages and relay.queued() != []
+    assert len(sender_mx.messages) == 1 and relay.queued() != []
     relay.kill()
+    hold.unlink()
     relay.start()
-    relay.wait_for(lambda: sender_mx.messages, what="the success notice")
+    relay.wait_for(lambda: len(sender_mx.messages) == 2, what="the success notice")
     relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
     assert [sorted(m.rcpt_tos) for m in mx1.messages] == [
-        ["bob@example.test", "carol@example.test"]]
-    [notice] = sender_mx.messages
-    msg, groups = parse_dsn(notice.content)
-    assert msg["Subject"] == "Successful Mail Delivery Report"
-    assert [(g["Action"], g["Status"]) for g in groups] == [("relayed", "2.0.0")]
-    assert "bob@example.test" in groups[0]["Final-Recipient"]
+        ["bob@example.test"], ["bob@example.test", "carol@example.test"]]
+    said = [_said(m.content) for m in sender_mx.messages]
+    assert said[1] == said[0], said  # (the next hop's reply names its FAKEn: as FAKE)
+    assert said[1][1] == [
+        ("Final-Recipient", "rfc822; bob@example.test"), ("Action", "relayed"),
+        ("Status", "2.0.0"), ("Remote-MTA", "dns; mx1.example.test"),
+        ("Diagnostic-Code", "smtp; 250 2.0.0 Ok: queued as FAKE")]
     lines = log_lines(relay, qid)
     assert [ln for ln in lines if "status=sent before the crash" in ln and "queue=removed" in ln]
     assert len([ln for ln in lines if "sender_success_notification=" in ln]) == 1
     assert not [ln for ln in lines if "may have been delivered" in ln]
+
+
+def _said(notice: bytes) -> tuple[list[str], list[tuple[str, str]]]:
+    """What a success notice says of its recipient: its text's lines naming one, and its
+    report's fields but the date (each notice's own), the next hop's FAKEn as FAKE."""
+    msg, groups = parse_dsn(notice)
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    [group] = groups
+    assert group["Last-Attempt-Date"]
+    text = msg.get_payload()[0].get_payload(decode=True).decode()
+    return ([re.sub(r"FAKE\d+", "FAKE", ln) for ln in text.splitlines() if ln.startswith("<")],
+            [(k, re.sub(r"FAKE\d+", "FAKE", v)) for k, v in group.items()
+             if k != "Last-Attempt-Date"])
 
 
 def test_a_success_notice_committed_just_before_a_kill_is_not_queued_again(

@@ -10,7 +10,21 @@ from pathlib import Path
 import pytest
 
 from authrelay.scheduler import inflight
-from authrelay.scheduler.inflight import InflightJournal, Leftover, _begin_line
+from authrelay.scheduler.inflight import InflightJournal, Leftover, Owed, _begin_line
+
+
+def _o(rcpt: str) -> Owed:
+    """`rcpt` owed a success DSN, with what the next hop said (inflight.Owed)."""
+    return Owed(rcpt, "mx.x.test [192.0.2.1]:25", "250 2.0.0 Ok: \"queued\"\r\n", 1_700_000_000)
+
+
+def _said(*rcpts: str) -> dict[str, Owed]:
+    return {r: _o(r) for r in rcpts}
+
+
+def _w(*rcpts: str) -> dict[str, list[object]]:
+    """The `"w"` of a line owing them a success DSN, as JSON reads it."""
+    return {r: list(_o(r)[1:]) for r in rcpts}
 
 
 @pytest.mark.parametrize("rcpts", [
@@ -37,7 +51,7 @@ def test_journal_round_trip(tmp_path: Path) -> None:
         {"b": t2, "q": "Q2", "r": ["b@x.test", "c\"@x.test"]},
         {"e": t1}]
     assert InflightJournal(tmp_path).leftovers() == [
-        Leftover("Q2", ["b@x.test", "c\"@x.test"], [], [])]
+        Leftover("Q2", ["b@x.test", "c\"@x.test"], [], [], {})]
 
 
 def test_journal_disabled_by_an_io_error_comes_back(
@@ -60,7 +74,7 @@ def test_journal_disabled_by_an_io_error_comes_back(
     assert j.written(10)
     assert t1 != t2
     assert sorted(InflightJournal(tmp_path).leftovers()) == [
-        ("Q1", ["a@x.test"], [], [], False), ("Q3", ["c@x.test"], [], [], False)]
+        ("Q1", ["a@x.test"], [], [], {}, False), ("Q3", ["c@x.test"], [], [], {}, False)]
 
 
 def test_delivered_recipients_are_left_over_until_their_end(tmp_path: Path) -> None:
@@ -76,18 +90,19 @@ def test_delivered_recipients_are_left_over_until_their_end(tmp_path: Path) -> N
     t2 = j.begin("Q2", ["b@x.test", "c@x.test"])
     t3 = j.begin("Q3", ["d@x.test"])
     j.delivered([(t1, ["a@x.test"], True, [])])
-    j.delivered([(t2, ["c@x.test"], False, ["c@x.test"])])
-    j.delivered([(t3, ["d@x.test"], True, ["d@x.test"])])
+    j.delivered([(t2, ["c@x.test"], False, [_o("c@x.test")])])
+    j.delivered([(t3, ["d@x.test"], True, [_o("d@x.test")])])
     j.end(t3)  # removed: nothing more to write
     assert j.written(10)
     j.close()
     lines = [json.loads(x) for x in (tmp_path / "inflight.log").read_bytes().splitlines()]
-    assert lines[3:] == [{"e": t1, "d": 1}, {"d": t2, "r": ["c@x.test"], "n": ["c@x.test"]},
-                         {"e": t3, "d": 1, "n": ["d@x.test"]}]
+    assert lines[3:] == [{"e": t1, "d": 1}, {"d": t2, "r": ["c@x.test"], "n": ["c@x.test"],
+                          "w": _w("c@x.test")},
+                         {"e": t3, "d": 1, "n": ["d@x.test"], "w": _w("d@x.test")}]
     assert InflightJournal(tmp_path).leftovers() == [
-        Leftover("Q1", ["a@x.test"], ["a@x.test"], []),
-        Leftover("Q3", ["d@x.test"], ["d@x.test"], ["d@x.test"]),
-        Leftover("Q2", ["b@x.test", "c@x.test"], ["c@x.test"], ["c@x.test"])]
+        Leftover("Q1", ["a@x.test"], ["a@x.test"], [], {}),
+        Leftover("Q3", ["d@x.test"], ["d@x.test"], ["d@x.test"], _said("d@x.test")),
+        Leftover("Q2", ["b@x.test", "c@x.test"], ["c@x.test"], ["c@x.test"], _said("c@x.test"))]
 
 
 def test_a_delivered_line_never_names_a_recipient_the_attempt_had_not(tmp_path: Path) -> None:
@@ -99,7 +114,7 @@ def test_a_delivered_line_never_names_a_recipient_the_attempt_had_not(tmp_path: 
         b'{"e":7,"d":1}\n{"d":8,"r":["y@x.test"]}\n'
         b'{"b":2,"q":"Q2","r":["b@x.te')  # torn: the process died writing it
     assert InflightJournal(tmp_path).leftovers() == [
-        Leftover("Q1", ["a@x.test"], ["a@x.test"], [])]
+        Leftover("Q1", ["a@x.test"], ["a@x.test"], [], {})]
 
 
 def test_a_compaction_keeps_what_was_delivered(tmp_path: Path,
@@ -113,16 +128,17 @@ def test_a_compaction_keeps_what_was_delivered(tmp_path: Path,
     t1 = j.begin("Q1", ["a@x.test", "b@x.test"])
     j.delivered([(t1, ["a@x.test"], False, [])])
     t2 = j.begin("Q2", ["c@x.test", "e@x.test"])
-    j.delivered([(t2, ["c@x.test", "e@x.test"], True, ["e@x.test"])])
+    j.delivered([(t2, ["c@x.test", "e@x.test"], True, [_o("e@x.test")])])
     assert j.written(10)  # (one rewrite asked at a time: the one asked before is done)
     j.begin("Q3", ["d@x.test"])  # compacts: the file is only the live attempts now
     assert j.written(10)
     j.close()
     assert b'"e"' not in (tmp_path / "inflight.log").read_bytes()  # rewritten
     assert InflightJournal(tmp_path).leftovers() == [
-        Leftover("Q1", ["a@x.test", "b@x.test"], ["a@x.test"], []),
-        Leftover("Q2", ["c@x.test", "e@x.test"], ["c@x.test", "e@x.test"], ["e@x.test"]),
-        Leftover("Q3", ["d@x.test"], [], [])]
+        Leftover("Q1", ["a@x.test", "b@x.test"], ["a@x.test"], [], {}),
+        Leftover("Q2", ["c@x.test", "e@x.test"], ["c@x.test", "e@x.test"], ["e@x.test"],
+                 _said("e@x.test")),
+        Leftover("Q3", ["d@x.test"], [], [], {})]
 
 
 def test_a_journal_enabled_again_has_what_was_delivered_while_it_was_off(
@@ -142,7 +158,8 @@ def test_a_journal_enabled_again_has_what_was_delivered_while_it_was_off(
     assert j.written(10)
     j.close()
     assert InflightJournal(tmp_path).leftovers() == [
-        Leftover("Q1", ["a@x.test"], ["a@x.test"], []), Leftover("Q2", ["b@x.test"], [], [])]
+        Leftover("Q1", ["a@x.test"], ["a@x.test"], [], {}),
+        Leftover("Q2", ["b@x.test"], [], [], {})]
 
 
 def test_leftovers_leave_the_file_until_start(tmp_path: Path) -> None:
@@ -193,8 +210,9 @@ def test_a_disabled_journal_copies_its_live_attempts_once_per_retry(
     assert j.written(10)
     assert snapshots == [99]  # one copy: the live ones at the first line once due
     j.close()
-    want = [Leftover(f"Q{i}", [f"r{i}@x.test"], [], []) for i in range(5, 200, 2)]
-    assert InflightJournal(tmp_path).leftovers() == want + [Leftover("QA", ["a@x.test"], [], [])]
+    want = [Leftover(f"Q{i}", [f"r{i}@x.test"], [], [], {}) for i in range(5, 200, 2)]
+    assert InflightJournal(tmp_path).leftovers() == want + [
+        Leftover("QA", ["a@x.test"], [], [], {})]
 
 
 def test_a_journal_past_its_size_is_compacted_each_time_it_grows_past_it(
@@ -216,7 +234,7 @@ def test_a_journal_past_its_size_is_compacted_each_time_it_grows_past_it(
     assert j.written(10)
     j.close()
     assert biggest < 300 + 10 * 60  # compacted again and again (each pair ~60 bytes)
-    assert InflightJournal(tmp_path).leftovers() == [Leftover("K2", ["k2@x.test"], [], [])]
+    assert InflightJournal(tmp_path).leftovers() == [Leftover("K2", ["k2@x.test"], [], [], {})]
 
 
 def test_a_cut_attempt_leaves_only_what_its_transactions_delivered(tmp_path: Path) -> None:
@@ -228,14 +246,38 @@ def test_a_cut_attempt_leaves_only_what_its_transactions_delivered(tmp_path: Pat
     j.start()
     t1 = j.begin("Q1", ["a@x.test", "b@x.test", "c@x.test"])
     t2 = j.begin("Q2", ["d@x.test"])
-    j.delivered([(t1, ["a@x.test"], False, ["a@x.test"])])  # the first transaction
-    j.delivered([(t1, ["a@x.test"], False, ["a@x.test"])])  # (said again: no line)
+    j.delivered([(t1, ["a@x.test"], False, [_o("a@x.test")])])  # the first transaction
+    j.delivered([(t1, ["a@x.test"], False, [_o("a@x.test")])])  # (said again: no line)
     j.cut(t1)
     j.cut(t2)
     assert j.written(10)
     j.close()
     lines = [json.loads(x) for x in (tmp_path / "inflight.log").read_bytes().splitlines()]
-    assert lines[2:] == [{"d": t1, "r": ["a@x.test"], "n": ["a@x.test"]},
+    assert lines[2:] == [{"d": t1, "r": ["a@x.test"], "n": ["a@x.test"], "w": _w("a@x.test")},
                          {"e": t1, "c": 1}, {"e": t2}]
     assert InflightJournal(tmp_path).leftovers() == [
-        Leftover("Q1", ["a@x.test"], ["a@x.test"], ["a@x.test"], True)]
+        Leftover("Q1", ["a@x.test"], ["a@x.test"], ["a@x.test"], _said("a@x.test"), True)]
+
+
+def test_what_a_success_dsn_says_is_journaled_with_its_recipients(tmp_path: Path) -> None:
+    """The start's success DSN after a crash had no Remote-MTA nor Diagnostic-Code (the
+    reply was not journaled). Now the line owing it says both and when, each recipient's
+    (JSON: a reply's CR LF, quotes, separators cannot end the line); a journal of the
+    older version ("n" alone) still reads, saying nothing of them."""
+    hostile = Owed("b@x.test", "mx.x.test [192.0.2.1]:25",
+                   "250 2.0.0 Ok\r\n{\"e\":1}\u2028\\x" + "y" * 16_000, 1_700_000_123)
+    j = InflightJournal(tmp_path)
+    j.start()
+    t1 = j.begin("Q1", ["a@x.test", "b@x.test"])
+    j.delivered([(t1, ["a@x.test", "b@x.test"], True, [hostile])])
+    assert j.written(10)
+    j.close()
+    raw = (tmp_path / "inflight.log").read_bytes()
+    assert raw.count(b"\n") == 2 and raw.isascii()
+    assert InflightJournal(tmp_path).leftovers() == [
+        Leftover("Q1", ["a@x.test", "b@x.test"], ["a@x.test", "b@x.test"], ["b@x.test"],
+                 {"b@x.test": hostile})]
+    (tmp_path / "inflight.log").write_bytes(
+        b'{"b":1,"q":"Q1","r":["a@x.test"]}\n{"e":1,"d":1,"n":["a@x.test"]}\n')
+    assert InflightJournal(tmp_path).leftovers() == [
+        Leftover("Q1", ["a@x.test"], ["a@x.test"], ["a@x.test"], {})]

@@ -25,10 +25,14 @@ that is every recipient of the attempt the line is the attempt's end, `{"e": N, 
 (then `end()` writes nothing: the same two lines per attempt as before, the end written
 before the removal rather than after it); else `{"d": N, "r": [rcpts]}`; either with
 `"n": [rcpts]`, those of them owed a success DSN (NOTIFY=SUCCESS, not passed on), and
+`"w": {rcpt: [remote, reply, at]}`, what that DSN says of each (Owed: the next hop, its
+2xx, at most types.MAX_TEXT of its text as the state file keeps it, JSON-escaped, and
+when), so the DSN the start queues after a crash is the one the run would have; a line
+owing nobody one is as before (nothing more on the path of every delivery); and
 then `{"s": N}` once that DSN is queued (`notified`; such an attempt is ended only after
 it, even when its state was saved before; a kill between the DSN's commit and this
-line: the start finds the DSN in the queue by its derived id, bounce.notice_id). `leftovers()`
-returns them, and the scheduler's start records those recipients as sent (the message
+line: the start finds the DSN in the queue by its derived id, bounce.notice_id).
+`leftovers()` returns them, and the scheduler's start records those recipients as sent (the message
 removed when none is left; the success DSN owed queued first) instead of delivering
 them again: a message delivered and
 not yet removed (the removals are batched, UNLINK_GATHER) is no duplicate after a kill
@@ -94,27 +98,47 @@ def _rcpts_json(rcpts: list[str] | tuple[str, ...]) -> str:
     return ",".join(map(json.dumps, rcpts))
 
 
+class Owed(NamedTuple):
+    """A delivered recipient owed a success DSN, with what the DSN says of its delivery
+    (RFC 3464 2.3: Remote-MTA, Diagnostic-Code, Last-Attempt-Date), so the one a start
+    queues after a crash is the one the run would have queued."""
+
+    rcpt: str
+    remote: str  # the next hop, "mx.example.org [192.0.2.1]:25" (DeliveryResult.remote)
+    reply: str  # its 2xx (DeliveryResult.reply: at most types.MAX_TEXT of its text)
+    at: int  # when (Unix seconds)
+
+
 def _delivered_line(token: int, rcpts: list[str] | tuple[str, ...],
-                    owed: list[str] | tuple[str, ...] = ()) -> bytes:
+                    owed: list[Owed] | tuple[Owed, ...] = ()) -> bytes:
     """json.dumps({"d": token, "r": rcpts}, separators=(",", ":")) and a newline; with
-    `"n": owed` when some of them are owed a success DSN."""
+    `"n"` and `"w"` (_owed_json) when some of them are owed a success DSN."""
     return f'{{"d":{token},"r":[{_rcpts_json(rcpts)}]{_owed_json(owed)}}}\n'.encode()
 
 
-def _owed_json(owed: list[str] | tuple[str, ...]) -> str:
-    """`,"n":[..]`: the recipients owed a success DSN (NOTIFY=SUCCESS); none: nothing."""
-    return f',"n":[{_rcpts_json(owed)}]' if owed else ""
+def _owed_json(owed: list[Owed] | tuple[Owed, ...]) -> str:
+    """`,"n":[rcpts],"w":{rcpt:[remote,reply,at]}`: the recipients owed a success DSN
+    (NOTIFY=SUCCESS) and what it says of each (JSON-escaped: no reply ends the line);
+    none: nothing (the line of a delivery nobody is owed one for is as before)."""
+    if not owed:
+        return ""
+    said = ",".join(f"{json.dumps(o.rcpt)}:[{json.dumps(o.remote)},{json.dumps(o.reply)},"
+                    f"{int(o.at)}]" for o in owed)
+    return f',"n":[{_rcpts_json([o.rcpt for o in owed])}],"w":{{{said}}}'
 
 
 class Leftover(NamedTuple):
     """An attempt of the previous run the journal did not see saved: its recipients,
     those of them the next hop answered 2xx (after the answer; maybe all, maybe none),
-    and those of the delivered owed a success DSN (NOTIFY=SUCCESS, not passed on)."""
+    and those of the delivered owed a success DSN (NOTIFY=SUCCESS, not passed on), with
+    what the journal says of their delivery (`said`: by recipient; a journal of an older
+    version says nothing)."""
 
     qid: str
     rcpts: list[str]
     delivered: list[str]
     owed: list[str]
+    said: dict[str, Owed]
     cut: bool = False  # ended by a stop that cut it (`{"e": N, "c": 1}`): rcpts are those
     # the next hop took (2xx) in its transactions before the cut, the rest not in doubt
 
@@ -123,15 +147,21 @@ class Leftover(NamedTuple):
 # line was given (end() then writes nothing), and the delivered owed a success DSN. A
 # plain tuple: made on the master's path per attempt (a NamedTuple and its _replace cost
 # microseconds there).
-_Live = tuple[str, list[str], tuple[str, ...], bool, tuple[str, ...]]
+_Live = tuple[str, list[str], tuple[str, ...], bool, tuple[Owed, ...]]
 
 
 def _owed(left: Leftover, rec: dict[str, object]) -> None:
-    """A delivered line's `"n"`: its recipients owed a success DSN, to `left.owed`."""
+    """A delivered line's `"n"`: its recipients owed a success DSN, to `left.owed`; its
+    `"w"`: what the DSN says of them, to `left.said`."""
     owed = rec.get("n")
     if isinstance(owed, list):
         got = {str(r) for r in owed}
         left.owed.extend(r for r in left.rcpts if r in got and r not in left.owed)
+        said = rec.get("w")
+        if isinstance(said, dict):
+            for rcpt, (remote, reply, at) in said.items():
+                if rcpt in got:
+                    left.said[rcpt] = Owed(rcpt, str(remote), str(reply), int(at))
 
 
 class InflightJournal:
@@ -179,7 +209,7 @@ class InflightJournal:
                         rec = json.loads(line)
                         if "b" in rec:
                             begun[int(rec["b"])] = seen[int(rec["b"])] = Leftover(
-                                str(rec["q"]), [str(r) for r in rec["r"]], [], [])
+                                str(rec["q"]), [str(r) for r in rec["r"]], [], [], {})
                         elif "s" in rec:
                             left = seen.get(int(rec["s"]))
                             if left is not None:  # its success DSN is queued
@@ -288,14 +318,14 @@ class InflightJournal:
         finally:
             self._waiting -= 1
 
-    def delivered(self, done: list[tuple[int, list[str], bool, list[str]]]) -> None:
+    def delivered(self, done: list[tuple[int, list[str], bool, list[Owed]]]) -> None:
         """For each (token, rcpts, every, owed) of `done`: the next hop answered 2xx for
         `rcpts` of attempt `token` (`every`: all its recipients; `owed`: those of them
-        owed a success DSN, the recovery queues it), recorded for a crash before the
-        outcome is saved or the message removed; one hand-off to the thread for all (the
-        scheduler gathers a loop turn's: a wake of the thread per delivered message cost
-        the master ~0.05 ms). Call only with a 2xx in hand (the recovery removes on
-        its word)."""
+        owed a success DSN, the recovery queues it, with what it says of them), recorded
+        for a crash before the outcome is saved or the message removed; one hand-off to
+        the thread for all (the scheduler gathers a loop turn's: a wake of the thread per
+        delivered message cost the master ~0.05 ms). Call only with a 2xx in hand (the
+        recovery removes on its word)."""
         lines = []
         for token, rcpts, every, owed in done:
             live = self._live.get(token)
@@ -304,7 +334,8 @@ class InflightJournal:
             qid, begun, got, _, was_owed = live
             if got:  # told per transaction before (Courier's taken): each one line
                 rcpts = [r for r in rcpts if r not in got]
-                owed = [r for r in owed if r not in was_owed]
+                known = {o.rcpt for o in was_owed}
+                owed = [o for o in owed if o.rcpt not in known]
                 if not rcpts and not every:
                     continue
             if every:

@@ -85,7 +85,7 @@ from authrelay.policy.containment import refused_before
 from authrelay.policy.suspender import Suspender
 from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, notice_id, should_notify
-from authrelay.scheduler.inflight import InflightJournal, Leftover
+from authrelay.scheduler.inflight import InflightJournal, Leftover, Owed
 from authrelay.spool.envelope import FAILED, PENDING, SENT, Envelope, Recipient
 from authrelay.spool.notify import ABANDONED_NOTICE, LOGGED_NOTICE
 from authrelay.spool.store import (
@@ -308,7 +308,7 @@ class Scheduler:
         self.inflight = InflightJournal(spool.root)  # what a crash may have delivered twice
         # (token, recipients, every, those owed a success DSN) the next hop took in this
         # loop turn (_journal_delivered)
-        self._delivered: list[tuple[int, list[str], bool, list[str]]] = []
+        self._delivered: list[tuple[int, list[str], bool, list[Owed]]] = []
         # policy/suspender.Suspender (containment), set by wiring: a suspended user's
         # mail is held instead of sent; 5xx from the next hops count against its sender.
         self.containment: Suspender | None = None
@@ -414,18 +414,20 @@ class Scheduler:
         same lines) and the recipients an attempt had under way are tried again, named:
         the next hop may already have them (at least once)."""
         delivered: dict[str, set[str]] = {}
-        owed: dict[str, set[str]] = {}
+        owed: dict[str, dict[str, Owed | None]] = {}  # (None: an older journal's "n")
         crashed: set[str] = set()  # (else: every attempt of it that left some was cut)
         for left in leftovers:
             if left.delivered:
                 delivered.setdefault(left.qid, set()).update(left.delivered)
-                owed.setdefault(left.qid, set()).update(left.owed)
+                owed.setdefault(left.qid, {}).update(
+                    (r, left.said.get(r)) for r in left.owed)
                 if not left.cut:
                     crashed.add(left.qid)
         for qid, done in delivered.items():
             await self._sent_before_crash(qid, done, owed[qid], stop=qid not in crashed)
         await self._io(self.inflight.start)
-        for qid, rcpts, _, _, _ in leftovers:
+        for left in leftovers:
+            qid, rcpts = left.qid, left.rcpts
             if set(rcpts) <= delivered.get(qid, set()):
                 continue  # recorded above (most: removed since, their line not compacted)
             try:
@@ -443,16 +445,18 @@ class Scheduler:
                     "may have been delivered before the crash (it is tried again; the "
                     "recipient may get it twice)", queue_id=qid)
 
-    async def _sent_before_crash(self, qid: str, rcpts: set[str], owed: set[str],
-                                 stop: bool = False) -> None:
+    async def _sent_before_crash(self, qid: str, rcpts: set[str],
+                                 owed: dict[str, Owed | None], stop: bool = False) -> None:
         """`rcpts` of `qid` were delivered (the journal's line after the next hop's 2xx)
         and the run died before saving it: those still PENDING become SENT, in its state
         file, or the message is removed when that leaves none pending (held: left in
         hold/ with its state, an operator's decision; a release then removes it). One
         maillog line. Those of them in `owed` (NOTIFY=SUCCESS, not passed on) get their
-        success DSN, queued before the state is saved, unless it is in the queue already
-        (its id is derived from them, bounce.notice_id: the dead run committed it and
-        died before the journal's `{"s": N}`): a crash in between finds it so. Gone
+        success DSN, as the run would have built it from the journal's Owed (the next hop
+        and its reply; an older journal's: none), queued before the state is saved,
+        unless it is in the queue already (its id is derived from them,
+        bounce.notice_id: the dead run committed it and died before the journal's
+        `{"s": N}`): a crash in between finds it so. Gone
         (delivered and removed, deleted) or unreadable: nothing. An I/O error: logged,
         and they are delivered again (the old behaviour). `stop`: they were delivered in
         an earlier transaction of a delivery a stop cut."""
@@ -465,15 +469,20 @@ class Scheduler:
         for r in newly:
             r.state = SENT
             r.attempts += 1  # the attempt the crash cut was made
-            # Its last reply (an earlier attempt's, if any) is not this 2xx, unknown here.
-            r.last_attempt, r.last_code, r.last_reply = now, 250, ""
+            said = owed.get(r.address)
+            if said is not None:  # (journaled for those owed a notice)
+                r.last_attempt, r.last_reply = said.at, said.reply
+                r.last_code = int(said.reply[:3]) if said.reply[:3].isdigit() else 250
+            else:  # its last reply (an earlier attempt's, if any) is not this 2xx
+                r.last_attempt, r.last_code, r.last_reply = now, 250, ""
         # (also one whose state was saved SENT: its message's other job was still running)
         notify = [r for r in env.recipients if r.state == SENT and r.address in owed]
         if notify and await self._io(self.spool.exists, notice_id(env, notify)):
             notify = []  # committed by the run, which died before its journal said so
         if notify:
+            remote = {r: said.remote for r, said in owed.items() if said is not None}
             try:
-                await self._queue_dsn(env, notify, "relayed", {})
+                await self._queue_dsn(env, notify, "relayed", remote)
             except Exception:
                 log.exception("%s: cannot queue the success notification of the recipients "
                               "delivered before the crash (they are delivered again)", qid,
@@ -1275,7 +1284,8 @@ class Scheduler:
             return False
         if not self._delivered:  # the turn's first: handed over once the turn ends
             asyncio.get_running_loop().call_soon(self._hand_delivered)
-        owed = [r.address for r in ok if not results[r.address].dsn_passed
+        owed = [Owed(r.address, res.remote, res.reply, int(time.time())) for r in ok
+                if not (res := results[r.address]).dsn_passed
                 and should_notify(env, r, "relayed")]
         self._delivered.append((token, [r.address for r in ok], len(ok) == len(rcpts), owed))
         return bool(owed)
@@ -1309,10 +1319,9 @@ class Scheduler:
                f"{self.cfg.shutdown_timeout:g}s ended); tried again at the next start")
         for r in job.rcpts:
             if (res := got.get(r.address)) is not None:
-                reply = f"{res.code} {res.enhanced} {res.text}".replace("  ", " ").strip()
                 self.maillog.sent(env.queue_id, r.address, res.remote or None,
                                   backoff.age(env, now), r.attempts + 1, res.enhanced or None,
-                                  reply, tls=res.tls or None, policy=res.tls_policy or None)
+                                  res.reply, tls=res.tls or None, policy=res.tls_policy or None)
                 continue
             relay = sent.get(r.address)
             text = why if relay is None else (
@@ -1344,7 +1353,7 @@ class Scheduler:
             r.attempts += 1
             r.last_attempt = now  # RFC 3464 2.3.7 Last-Attempt-Date of a later DSN
             r.last_code = res.code
-            r.last_reply = f"{res.code} {res.enhanced} {res.text}".replace("  ", " ").strip()
+            r.last_reply = res.reply
             act.remote[r.address] = res.remote
             expired = False
             if not suspended:
