@@ -60,6 +60,9 @@ EX_NOPERM = 77
 EX_CONFIG = 78
 
 MAX_HEADER_BYTES = 1024 * 1024
+# The message goes to the spool's draft in pieces of about this size: a line each cost
+# the draft's cleanup and write (~2 us: seconds per MiB of one-byte lines, in the master).
+WRITE_BATCH = 64 * 1024
 
 
 class Fail(Exception):
@@ -336,11 +339,20 @@ def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], who: Iden
     limit = cfg.limits.max_message_size
     try:
         total = 0
+        batch: list[bytes] = []
+        held = 0
         for piece in pieces:
             total += len(piece)
             if limit and total > limit:
                 raise Fail(EX_DATAERR, f"message too big (limit {limit} bytes)")
-            draft.write(piece)
+            batch.append(piece)
+            held += len(piece)
+            if held >= WRITE_BATCH:
+                draft.write(b"".join(batch))
+                batch.clear()
+                held = 0
+        if batch:
+            draft.write(b"".join(batch))
         draft.commit_blocking(uid=who.uid, user=who.login)
     except Refused as e:
         draft.abort()
