@@ -162,8 +162,13 @@ def _check_address(addr: str, where: str) -> str:
 
 
 def _addresses(values: list[str], cfg: Config, where: str) -> list[str]:
+    try:
+        parsed = email.utils.getaddresses(values)
+    except RecursionError:  # comments nested ~1,000 deep: "(((..." recurses per level
+        raise Fail(EX_DATAERR, f"{where}: not an address list (comments nested too "
+                               "deep)") from None
     out = []
-    for _name, addr in email.utils.getaddresses(values):
+    for _name, addr in parsed:
         addr = addr.strip()
         if not addr:
             continue  # e.g. "undisclosed-recipients:;"

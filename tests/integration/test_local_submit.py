@@ -169,6 +169,23 @@ def test_bad_request_is_refused(relay: RelayProcess) -> None:
     assert relay.queued() == []
 
 
+@pytest.mark.parametrize("args", [["-t"], ["bob@remote.example, " + "(" * 3000]],
+                         ids=["to-header", "argument"])
+def test_an_address_list_nested_too_deep_is_a_data_error(relay: RelayProcess,
+                                                          args: list[str]) -> None:
+    """A local user's To: (-t) or address list argument of 3,000 nested comments: the
+    address parser recursed past Python's limit, the server answered 75 `local error in
+    processing` (try again: a cron job's mail retried for ever) with an `error=` line for
+    a bug. It is a bad address list: 65, one refusal line, nothing queued."""
+    msg = b"To: bob@remote.example " + b"(" * 3000 + b"\nSubject: deep\n\nhi\n"
+    res = sendmail(relay, *args, stdin=msg, user="nobody")
+    assert res.returncode == 65, res.stderr
+    assert b"not an address list (comments nested too deep)" in res.stderr
+    relay.wait_for(lambda: "comments nested too deep" in relay.maillog())
+    assert "error=" not in relay.maillog()
+    assert relay.queued() == []
+
+
 def test_a_request_nested_too_deep_is_a_bad_request(relay: RelayProcess) -> None:
     """A request of 30,000 nested arrays (json raises RecursionError, no ValueError) was
     taken for a bug: `error=local submission: RecursionError: ...` in the maillog, for

@@ -871,3 +871,12 @@ def test_fields_of_one_second_are_dkimpys_and_fold_as_a_whole_tag_list(
     assert out is not None
     assert {_tags(b"DKIM-Signature:" + f)[b"t"] for f in
             out.split(b"DKIM-Signature:")[1:]} == {b"1800000001"}
+
+
+def test_from_domain_of_comments_nested_too_deep_is_unsigned_with_its_reason() -> None:
+    """A From: of 2,000 nested comments (folded lines, each short): the address parser
+    recursed past Python's limit and the signer's generic failure line said
+    `signer failed: RecursionError` (a trusted network's or root's message)."""
+    value = b" alice@example.org " + b"\r\n ".join(b"(" * 500 for _ in range(4))
+    assert from_domain([(b"From", value)]) == (
+        None, "From: not parsable (comments nested too deep)")

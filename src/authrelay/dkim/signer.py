@@ -291,7 +291,11 @@ def from_domain(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
     text = values[0].decode("utf-8", "replace").replace("\r\n", "")
     # The common `Name <a@b.c>` read without the parser (~20 µs): the same address.
     plain = plain_mailbox(text)
-    addrs = [plain] if plain is not None else [a for _n, a in email.utils.getaddresses([text])]
+    try:
+        addrs = [plain] if plain is not None else [
+            a for _n, a in email.utils.getaddresses([text])]
+    except RecursionError:  # comments nested ~1,000 deep: the parser recurses per level
+        return None, "From: not parsable (comments nested too deep)"
     domains = set()
     for addr in addrs:
         if "@" not in addr:
