@@ -60,6 +60,10 @@ EX_NOPERM = 77
 EX_CONFIG = 78
 
 MAX_HEADER_BYTES = 1024 * 1024
+# How much of a refused address the refusal (the client's error, the maillog line) quotes:
+# a path is at most 256 octets (RFC 5321 4.5.3.1.3), while one read from a header under
+# -t may be as long as the header section, and was quoted whole.
+SHOWN = 256
 # The message goes to the spool's draft in pieces of about this size: a line each cost
 # the draft's cleanup and write (~2 us: seconds per MiB of one-byte lines, in the master).
 WRITE_BATCH = 64 * 1024
@@ -154,11 +158,17 @@ def _qualify(addr: str, cfg: Config) -> str:
     return addr if "@" in addr else f"{addr}@{cfg.hostname}"
 
 
+def shown(addr: str) -> str:
+    """`addr` as a refusal quotes it: at most SHOWN characters of it."""
+    return addr if len(addr) <= SHOWN else f"{addr[:SHOWN]}... ({len(addr)} characters)"
+
+
 def _check_address(addr: str, where: str) -> str:
     try:
         return str(parse_mailbox(addr))
     except AddressError as e:
-        raise Fail(EX_DATAERR, f"{where}: bad address <{addr}>: {e.reply.text}") from None
+        raise Fail(EX_DATAERR, f"{where}: bad address <{shown(addr)}>: {e.reply.text}"
+                   ) from None
 
 
 def _addresses(values: list[str], cfg: Config, where: str) -> list[str]:
@@ -212,7 +222,7 @@ def _envelope_sender(opts_sender: str | None, who: Identity, cfg: Config) -> str
     else:
         sender = _check_address(_qualify(opts_sender.strip("<>"), cfg), "-f")
     if not who.trusted and sender.lower() != own.lower():
-        raise Fail(EX_NOPERM, f"-f <{sender}>: only trusted users may set the envelope "
+        raise Fail(EX_NOPERM, f"-f <{shown(sender)}>: only trusted users may set the envelope "
                               f"sender ({who.login} is not in trusted_users)")
     return sender
 

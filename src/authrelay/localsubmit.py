@@ -335,14 +335,14 @@ def _options(line: bytes) -> localmail.Options:
     out = localmail.Options()
     for k, v in req["opts"].items():
         if k not in kinds or k in ("config", "mode", "queue_arg"):
-            raise ValueError(f"bad request field {k!r}")
+            raise ValueError(f"bad request field {localmail.shown(k)!r}")
         want = getattr(out, k)
         ok = (isinstance(v, list) and all(isinstance(x, str) for x in v)
               if isinstance(want, list)
               else v is None or isinstance(v, str) if k in ("sender", "fullname")
               else isinstance(v, type(want)))
         if not ok:
-            raise ValueError(f"bad request field {k!r}")
+            raise ValueError(f"bad request field {localmail.shown(k)!r}")
         setattr(out, k, v)
     return out
 

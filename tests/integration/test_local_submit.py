@@ -186,6 +186,23 @@ def test_an_address_list_nested_too_deep_is_a_data_error(relay: RelayProcess,
     assert relay.queued() == []
 
 
+def test_a_refusal_quotes_a_long_address_in_part(relay: RelayProcess) -> None:
+    """A local user's To: (-t) of one address of 90,000 characters (folded lines): the
+    refusal quoted it whole, in the client's error and in the maillog line (a line per
+    submission as long as the header section, up to 1 MiB: the log's disk filled at the
+    rate `nobody` cared to submit). Now its first 256 characters and its length."""
+    addr = b"\n ".join([b"a" * 900] * 100) + b"@remote.example"
+    res = sendmail(relay, "-t", stdin=b"To: " + addr + b"\nSubject: long\n\nhi\n",
+                   user="nobody")
+    assert res.returncode == 65, res.stderr[:300]
+    length = f"({100 * 900 + 99 + len('@remote.example')} characters)"  # unfolded: blanks
+    assert len(res.stderr) < 1000 and length.encode() in res.stderr, res.stderr[:300]
+    line = relay.wait_for(lambda: next((ln for ln in relay.maillog().splitlines()
+                                        if "bad address" in ln), None))
+    assert len(line) < 1000 and length in line, line[:300]
+    assert relay.queued() == []
+
+
 def test_a_request_nested_too_deep_is_a_bad_request(relay: RelayProcess) -> None:
     """A request of 30,000 nested arrays (json raises RecursionError, no ValueError) was
     taken for a bug: `error=local submission: RecursionError: ...` in the maillog, for
