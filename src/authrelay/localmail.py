@@ -132,11 +132,13 @@ def _unfold(headers: list[bytes]) -> list[tuple[str, str, int, int]]:
     i = 0
     while i < len(headers):
         start = i
-        name, _, value = headers[i].partition(b":")
+        name, _, first = headers[i].partition(b":")
         i += 1
+        parts = [first]  # joined once: a value grown a fold at a time was copied per fold
         while i < len(headers) and headers[i][:1] in (b" ", b"\t"):
-            value += b" " + headers[i].strip()
+            parts.append(headers[i].strip())
             i += 1
+        value = b" ".join(parts)
         out.append((name.strip().decode("ascii", "replace").lower(),
                     value.decode("utf-8", "surrogateescape").strip(), start, i))
     return out
