@@ -141,9 +141,11 @@ _OUR_FIELD = re.compile(r"(?<![\w.-])((?i:tls|policy|stat|dsn))=")
 # sent_before_crash's status (README "Durability").
 SENT_BEFORE_CRASH = ("sent before the crash (the in-flight journal recorded the next hop's "
                      "2xx before the process died): not delivered again")
-# ... of recipients a delivery cut by a stop had delivered in an earlier transaction.
-SENT_BEFORE_STOP = ("sent before the stop (the in-flight journal recorded the next hop's 2xx "
-                    "in a transaction of a delivery the stop cut): not delivered again")
+# ... of recipients a delivery cut by a stop had delivered in an earlier transaction: no
+# `to=` nor "sent" (the stop logged their delivery, `stat=Sent`: one line per delivery).
+RECORDED_AFTER_STOP = ("recorded as delivered (the next hop took it in a transaction of a "
+                       "delivery the stop cut, logged then; the in-flight journal kept its "
+                       "2xx): not delivered again")
 
 
 def _char(c: str) -> str:
@@ -630,10 +632,15 @@ class MailLog:
         says so) before the last run died, their outcome not saved yet: recorded as sent,
         not delivered again. `QID: to=<a>,<b>, status=sent before the crash (...),
         queue=removed` (held: left in hold/; queued: other recipients still pending).
-        `stop`: the delivery was cut by a stop, not a crash (`status=sent before the
-        stop (...)`)."""
-        self.event(queue_id, to=_Field(",".join(f"<{_text(r)}>" for r in rcpts)),
-                   status=SENT_BEFORE_STOP if stop else SENT_BEFORE_CRASH, queue=queue)
+        `stop`: the delivery was cut by a stop, not a crash, which logged their delivery
+        (`stat=Sent`): the line is no second one, `QID: recorded=<a>, status=recorded as
+        delivered (...)`."""
+        rcpts_field = _Field(",".join(f"<{_text(r)}>" for r in rcpts))
+        if stop:
+            self.event(queue_id, recorded=rcpts_field, status=RECORDED_AFTER_STOP,
+                       queue=queue)
+        else:
+            self.event(queue_id, to=rcpts_field, status=SENT_BEFORE_CRASH, queue=queue)
 
     def removed(self, queue_id: str, by: str | None = None) -> None:
         """`QID: status=removed` (delivered or bounced everywhere), `, by=operator` when

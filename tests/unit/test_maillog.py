@@ -96,6 +96,11 @@ CASES = [
      "Q1: sender_non-delivery_notification=Q9"),
     (lambda m: m.delayed("Q1", "Q9"), "Q1: sender_delay_notification=Q9"),
     (lambda m: m.notification("Q1", "relayed", "Q9"), "Q1: sender_success_notification=Q9"),
+    (lambda m: m.sent_before_crash("Q1", ["a@x", "b@x"], "removed"),
+     f"Q1: to=<a@x>,<b@x>, status={maillog.SENT_BEFORE_CRASH}, queue=removed"),
+    # (a stop logged their delivery: no second `to=` line, nothing "sent")
+    (lambda m: m.sent_before_crash("Q1", ["a@x"], "queued", stop=True),
+     f"Q1: recorded=<a@x>, status={maillog.RECORDED_AFTER_STOP}, queue=queued"),
     (lambda m: m.held("Q1"), "Q1: status=held"),
     (lambda m: m.released("Q1"), "Q1: status=released"),
     (lambda m: m.removed("Q1"), "Q1: status=removed"),

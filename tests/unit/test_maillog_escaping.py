@@ -74,6 +74,7 @@ EVENTS: list[Callable[[maillog.MailLog, str], None]] = [
     lambda m, v: m.tls_policy_failed("Q1", v, v, v, v),
     lambda m, v: m.removed("Q1", by=v),
     lambda m, v: m.sent_before_crash("Q1", [v, "b@x.test"], v),
+    lambda m, v: m.sent_before_crash("Q1", [v, "b@x.test"], v, stop=True),
     lambda m, v: m.notification("Q1", v, "Q2"),
     lambda m, v: m.error(v, "Q1", problem=v),
     lambda m, v: m.daemon(v, listeners=v),
