@@ -1,18 +1,26 @@
 """Commits given up after data_block_timeout (451 4.3.0: the client sends again) through a
 real `authrelay serve`: the file of one held in its fsync (support/hungfsync.py) when the
-whole server is killed is never delivered by the start after it."""
+whole server is killed is never delivered by the start after it; past ABANDONED_MAX ids
+the oldest is forgotten, and no acknowledged message is ever dropped."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import smtplib
+import socket
 from pathlib import Path
 
 import pytest
 from relayproc import PASSWORD, RelayProcess, alive, children
 from support import hungfsync
 from support.wait import wait_until
+
+from authrelay.scheduler.scheduler import ABANDONED_MAX
+from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
+from authrelay.spool.notify import NOTIFY_SOCK
+from authrelay.spool.store import Spool
 
 pytestmark = pytest.mark.slow
 
@@ -89,3 +97,44 @@ def test_an_abandoned_commit_left_by_a_whole_server_kill_is_dropped_at_the_start
         s.sendmail("alice@local.test", ["carol@remote.example"], b"Subject: next\r\n\r\nx\r\n")
     r.wait_for(lambda: len(smart.messages) == 1, what="the next message delivered")
 
+
+def _left_ready(r: RelayProcess, rcpt: str) -> str:
+    """A ready queue file no process holds (what a worker killed in the commit thread's
+    fsync leaves), its scheduler not told: its queue id."""
+    spool = Spool(r.state / "spool")
+    inc = spool.begin(Envelope(queue_id=new_queue_id(), sender="alice@local.test",
+                               recipients=[Recipient(rcpt)]))
+    inc.write(b"Subject: left\r\n\r\nleft ready\r\n")
+    asyncio.run(inc.commit(announce=False))
+    return inc.queue_id
+
+
+def test_past_abandoned_max_the_oldest_is_forgotten_and_nothing_acknowledged_dropped(
+        relay_factory, fake_mx) -> None:
+    """ABANDONED_MAX + 1 (10,001) commits given up said to a running master (`ID
+    abandoned` on notify.sock, as its workers say them): it keeps the last 10,000. A
+    file a dead worker left under the 10,001st is dropped, never delivered; one under
+    the first, forgotten, is delivered (the client was told 451: a duplicate, never a
+    loss); a message acknowledged meanwhile (250) is delivered as ever."""
+    smart = fake_mx("127.0.0.2")
+    r = relay_factory(overrides={"relay": {"smart_host": [smart.address],
+                                           "smart_host_tls": "none"}}, workers=2)
+    r.wait_log(r"daemon=started \(master\)")  # its start's scan done: finds neither file
+    first = _left_ready(r, "first@remote.example")
+    last = _left_ready(r, "last@remote.example")
+    ids = [first, *(new_queue_id() for _ in range(ABANDONED_MAX - 1)), last]
+    assert len(set(ids)) == ABANDONED_MAX + 1
+    notify = str(r.state / "spool" / NOTIFY_SOCK)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        for at in range(0, len(ids), 200):  # (spool/notify.py's batch)
+            s.sendto("\n".join(f"{q} abandoned" for q in ids[at:at + 200]).encode(), notify)
+        s.sendto(f"{first}\n{last}".encode(), notify)  # their files: looked at now
+    with _client(r) as c:
+        c.login("alice", PASSWORD)
+        c.sendmail("alice@local.test", ["acked@remote.example"], b"Subject: a\r\n\r\nx\r\n")
+    r.wait_for(lambda: f"{last}: warning={DROPPED}" in r.maillog(), what="the last dropped")
+    r.wait_for(lambda: len(smart.messages) == 2, what="the first and the acknowledged sent")
+    assert sorted(m.rcpt_tos[0] for m in smart.messages) == [
+        "acked@remote.example", "first@remote.example"]
+    assert r.maillog().count(DROPPED) == 1
+    r.wait_for(lambda: r.queued() == [], what="the queue empty")
