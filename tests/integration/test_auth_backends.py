@@ -553,13 +553,13 @@ def test_backend_spellings_share_one_lockout(cls: str, request, tmp_path: Path) 
         r.stop()
 
 
-def _nat_lockout_relay(tmp_path: Path, backend: str) -> RelayProcess:
+def _nat_lockout_relay(tmp_path: Path, backend: str, **auth: object) -> RelayProcess:
     """serve on `backend` whose lockout locks an address at its first wrong guess and
-    a user's network at its second."""
+    a user's network at its second (`auth`: more [auth] keys)."""
     return RelayProcess(tmp_path, {"auth": {"backend": backend,
                                             "max_failures_per_ip": 1,
                                             "max_failures_per_user": 2,
-                                            "failure_delay": 0.05},
+                                            "failure_delay": 0.05, **auth},
                                    "limits": {"max_auth_failures": 10,
                                               "connection_rate_per_ip": 0}},
                         users={}).start()
@@ -705,6 +705,43 @@ def test_a_known_users_checks_made_late_by_a_backlog_do_not_lock_her_out(
                                                  "network, check not done in time") == 2,
                        what="the two late checks' lines")
             assert _login(r, "alice", USERS["alice"], nat)[0] == 235
+        finally:
+            r.stop()
+
+
+def test_a_known_networks_check_the_backend_never_answers_counts_nowhere_and_leaks_nothing(
+        sockdir: Path, tmp_path: Path) -> None:
+    """Past the NAT's lockout alice is checked there (Lockout.SPARED); her checks go to a
+    saslauthd that takes the connection and never answers (held until the end). Each is
+    answered as the lockout at its due time (454 4.7.0), then given up at the backend's
+    own bound (backend_timeout: the request's whole exchange; the session's wait for the
+    late outcome, backend_timeout + 5 s, is never the one that ends it here), one line
+    each `known network, check not done in time`, and counted nowhere: with the network's
+    limit at 2 failures, the right password gets in afterwards. The worker's connections
+    to the backend are closed while the backend still holds its end: the process's
+    descriptors back to their count before the checks."""
+    nat = "127.0.0.53"
+    hold = sockdir / "hold"
+    with _caseless_saslauthd(sockdir, hold) as sock:
+        r = _nat_lockout_relay(tmp_path, f"saslauthd:{sock}", backend_timeout="1s")
+        try:
+            assert r.proc is not None
+            assert _login(r, "alice", USERS["alice"], nat)[0] == 235  # known there
+            assert _login(r, "nosuchuser", "wrong", nat)[0] == 535  # the NAT is locked
+            fd_dir = f"/proc/{r.proc.pid}/fd"
+            fds = len(os.listdir(fd_dir))
+            hold.touch()  # the backend answers nothing from here on
+            for _ in range(3):
+                assert _login(r, "alice", USERS["alice"], nat) == (454, "4.7.0")
+            r.wait_for(lambda: r.maillog().count("sasl_username=alice, reason=known "
+                                                 "network, check not done in time") == 3,
+                       what="the three unanswered checks' lines")
+            r.wait_for(lambda: len(os.listdir(fd_dir)) <= fds,
+                       what="the backend connections closed")
+            assert "authentication failed" not in r.maillog().split(
+                "check not done in time", 1)[1]
+            hold.unlink()
+            assert _login(r, "alice", USERS["alice"], nat)[0] == 235  # nothing counted
         finally:
             r.stop()
 

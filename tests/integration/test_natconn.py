@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import smtplib
+import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relayproc import PASSWORD, RelayProcess, children, to_toml
 from smtpclient import RawClient, client_ctx, plain, proxied
 from support.ports import free_port
-from support.procfs import holder
+from support.procfs import holder, sockets_of
 from support.wait import wait_until
 
 from authrelay.smtpd.eviction import OWN_AGE, TIE_AGE
@@ -432,6 +434,68 @@ def test_a_replaced_worker_takes_part_in_the_hand_off(relay_factory
     finally:
         for c in idle:
             c.close()
+
+
+def _answers(socks: list[socket.socket], wait: float) -> dict[socket.socket, bytes]:
+    """What each of `socks` that has something to read got (b"": closed), waiting at
+    most `wait` seconds for the first."""
+    ready, _, _ = select.select(socks, [], [], wait)
+    out = {}
+    for s in ready:
+        try:
+            out[s] = s.recv(4096)
+        except OSError:
+            out[s] = b""
+    return out
+
+
+def test_a_full_hand_off_inbox_fails_the_pass_and_the_accepting_worker_decides(
+        relay_factory) -> None:  # noqa: ANN001
+    """The guesser's 20 in one worker, takeable, and that worker stopped (SIGSTOP: it
+    reads neither its listener nor its inbox). Newcomers from the address accepted by
+    the other worker are passed to it until its inbox is full (~270: the socketpair's
+    send buffer); from then on each pass fails at once (MSG_DONTWAIT) and the accepting
+    worker decides as if it were alone: 421 (at the address's limit, no victim of its
+    own), never a 220, never a wait. Its TCP sockets are back to its baseline once those
+    are answered (a failed pass leaks no descriptor; those in flight are the inbox's).
+    Once the worker is continued, every newcomer is answered (passed or in its
+    backlog: admitted in a victim's slot, or 421), and with every client gone both
+    workers are back to their baselines."""
+    r = _start(relay_factory, workers=2)
+    port = r.ports["submission"]
+    assert r.proc is not None
+    workers = children(r.proc.pid)
+    base = {w: sockets_of(w) for w in workers}
+    idle, first = _in_one_worker(r, lambda: _idle(port, 1)[0])
+    [other] = [w for w in workers if w != first]
+    time.sleep(TIE_AGE + 0.5)  # time under test: the other passes only to a takeable one
+    newcomers: list[socket.socket] = []
+    answered: dict[socket.socket, bytes] = {}
+    os.kill(first, signal.SIGSTOP)
+    try:
+        while sum(a.startswith(b"421") for a in answered.values()) < 20:
+            assert len(newcomers) < 3000, "no pass failed: the inbox never filled"
+            for _ in range(50):
+                newcomers.append(socket.create_connection(
+                    ("127.0.0.1", port), timeout=10, source_address=(NAT, 0)))
+            answered.update(_answers([c for c in newcomers if c not in answered], 0.5))
+        assert {a[:3] for a in answered.values()} == {b"421"}, answered
+        wait_until(lambda: sockets_of(other) == base[other],
+                   "the accepting worker's sockets back to its baseline")
+    finally:
+        os.kill(first, signal.SIGCONT)
+    try:
+        # Every newcomer answered now: a 220 in a victim's slot, or 421.
+        wait_until(lambda: answered.update(_answers(
+            [c for c in newcomers if c not in answered], 0.5)) or len(answered) == len(
+            newcomers), "every newcomer answered", timeout=60)
+        assert {a[:3] for a in answered.values()} <= {b"220", b"421"}, answered
+    finally:
+        for c in [*newcomers, *(i.sock for i in idle)]:
+            c.close()
+    for w in workers:
+        wait_until(lambda w=w: sockets_of(w) == base[w], f"worker {w}'s sockets released")
+    assert "Traceback" not in r.maillog()
 
 
 def _via_balancer(port: int, n: int) -> list[RawClient]:
