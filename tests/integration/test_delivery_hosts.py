@@ -1563,14 +1563,15 @@ async def test_a_journal_stalled_past_the_bound_holds_no_delivery(
 
 def _dot_answered_twice(pipelining: bool, at: bytes,
                         again: bytes = b"250 2.0.0 taken (said again)\r\n",
-                        max_rcpts: int = 0) -> Any:
+                        max_rcpts: int = 0, every: bool = False) -> Any:
     """A next hop whose first connection answers the first message's end-of-data dot
     twice, the second reply late: it arrives with the next message's `at` command, MAIL
     (written before the reply to MAIL: every reply of that transaction one step behind)
     or DATA (after its 354: a reply before the message's dot). Every other connection
     is served normally; RCPT TO:<nobody@...> is refused (550). `again`: the second
-    reply; `max_rcpts`: recipients per transaction, then 452 4.5.3 (0: no limit). `mx.conns`
-    lists, per connection, the messages it took."""
+    reply; `max_rcpts`: recipients per transaction, then 452 4.5.3 (0: no limit); `every`:
+    every connection's first dot is answered twice, not only the first connection's.
+    `mx.conns` lists, per connection, the messages it took."""
     async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         index, taken = new_connection(mx)
         w.write(b"220 raw.test ESMTP\r\n")
@@ -1600,7 +1601,7 @@ def _dot_answered_twice(pipelining: bool, at: bytes,
                     body += ln
                 taken.append(body)
                 w.write(b"250 2.0.0 taken\r\n")
-                late = index == 0 and len(taken) == 1
+                late = (every or index == 0) and len(taken) == 1
             elif v == b"MAIL" and late and at == b"MAIL":
                 w.write(again + b"250 ok\r\n")
                 late, rcpts = False, 0
@@ -1661,8 +1662,9 @@ async def test_a_late_second_refusal_of_the_dot_bounces_no_follow_up_transaction
     answers the first transaction's dot twice, the second reply a refusal arriving with
     the follow-up's MAIL on the same connection: that 554 bounced the second recipient
     (its RSET's 354, out of step, was seen only on a cached connection's first
-    transaction). Now a refusal of MAIL on a reused connection is no verdict: the
-    recipient is deferred, the first one delivered once."""
+    transaction); then (a9e8309) it was deferred to the next attempt. Now a refusal of
+    MAIL on a reused connection is no verdict, and the follow-up goes at once on a new
+    connection: each recipient delivered once, each on its own connection."""
     one_mx(dns)
     script = _dot_answered_twice(pipelining, b"MAIL", b"554 5.0.0 rejected after all\r\n",
                                  max_rcpts=1)
@@ -1674,11 +1676,8 @@ async def test_a_late_second_refusal_of_the_dot_bounces_no_follow_up_transaction
             res = await deliver(courier, env)
         finally:
             await courier.close()
-    assert res["r0@example.test"].ok, res
-    r = res["r1@example.test"]
-    assert (r.ok, r.permanent, r.code) == (False, False, 451), r
-    assert "554 5.0.0 rejected after all" in r.text, r
-    assert [len(c) for c in mx.conns] == [1]  # r0's message, once; nothing for r1
+    assert res["r0@example.test"].ok and res["r1@example.test"].ok, res
+    assert [len(c) for c in mx.conns] == [1, 1]  # r0's transaction, then r1's, once each
 
 
 async def test_a_second_reply_to_mail_is_no_verdict_for_the_rcpt_after_it(
@@ -1737,3 +1736,28 @@ async def test_two_replies_to_the_end_of_data_are_no_verdict(
     assert (r.ok, r.permanent, r.code, r.enhanced) == (False, False, 451, "4.5.0"), r
     assert "out of step" in r.text and second.decode().strip() in r.text, r
     assert "may have been delivered" in r.text, r
+
+
+async def test_a_follow_up_out_of_step_on_its_new_connection_too_is_deferred(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    """The same next hop answering every connection's first dot twice, three recipients
+    one per transaction: r1's follow-up goes on a new connection (the first one's late
+    554 is no verdict), whose own late 554 meets r2's follow-up: one new connection per
+    attempt, so r2 is deferred (transient, naming the reply), not tried on a third
+    connection, nor bounced; r0 and r1 delivered once each."""
+    one_mx(dns)
+    script = _dot_answered_twice(True, b"MAIL", b"554 5.0.0 rejected after all\r\n",
+                                 max_rcpts=1, every=True)
+    with RawMX("127.0.0.2", raw_port, script) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            env = envelope("r0@example.test", "r1@example.test", "r2@example.test")
+            res = await deliver(courier, env)
+        finally:
+            await courier.close()
+    assert res["r0@example.test"].ok and res["r1@example.test"].ok, res
+    r = res["r2@example.test"]
+    assert (r.ok, r.permanent, r.code) == (False, False, 451), r
+    assert "554 5.0.0 rejected after all" in r.text, r
+    assert [len(c) for c in mx.conns] == [1, 1]
+

@@ -7,8 +7,8 @@ to one host share a connection (RSET between messages only after an idle spell o
 refused one: a transaction that ended without a message, or a message refused at its dot;
 a cached connection whose first transaction gets a reply blaming the connection, a 503 or
 any other refusal to MAIL, a 421 before the message or replies out of step, is dropped and
-the message retried on a new one, once; in a follow-up transaction on one connection the
-same replies defer its recipients).
+the message retried on a new one, once; a follow-up transaction on one connection, after
+a 452, likewise goes on a new one, once per attempt, then its recipients are deferred).
 The protocol is our own: `wire.py` (sans-I/O reply parser, command bytes) under
 `connection.py` (an asyncio Protocol with flow control); no third-party SMTP client.
 
@@ -26,8 +26,9 @@ Failure policy (codes per RFC 3463):
   smtp_tls_block_early_mail_reply), a second reply with the end of data's (which is the
   dot's is unknown: deferred 4.5.0, "may have been delivered"), a 354 to an RSET, a
   refusal of MAIL on a reused connection (without PIPELINING, a late second reply to the
-  last dot reads the same): the connection is dropped, the message retried on a new one
-  or deferred 4.5.0, never bounced nor counted sent on another command's reply.
+  last dot reads the same): the connection is dropped, the message retried at once on
+  a new one (once) or deferred, never bounced nor counted sent on another command's
+  reply.
 - 2xx to the end of data: sent (the only reply that delivers; any 2yz to MAIL or RCPT
   goes on, RFC 5321 4.2.1, as Postfix; a 2xx or 3xx that is not the reply a step wants,
   such as 250 to DATA or a greeting other than 220, is transient 4.5.0, never "sent").
@@ -439,11 +440,11 @@ class _Stale(_TryNext):
     out of step: a positive one where another was due, a 250 to DATA, a 354 to the RSET
     after a refused MAIL or DATA, or a reply waiting before a command went out,
     `wire.OutOfStep`, as when a late second reply to the previous message's dot shifts
-    them all by one or comes after the 354): the connection is dropped and, on a cached
-    connection, the message tried at once on a new one (_via, once); only a refusal on
-    a fresh connection counts (as Postfix blames a cached session's first failure on
-    it). `result` (transient, 4.5.0 when out of step) stands if it lands elsewhere (a
-    follow-up transaction: deferred, never bounced on a reply that may be another's)."""
+    them all by one or comes after the 354): the connection is dropped and the message
+    tried at once on a new one (_via, once; a follow-up, _follow_up: once per attempt);
+    only a refusal on a fresh connection counts (as Postfix blames a cached session's
+    first failure on it). `result` (transient) stands when no new connection is tried:
+    deferred, never bounced on a reply that may be another command's."""
 
 
 # Replies to MAIL that mean "this connection" on a cached one (RFC 5321 4.2.4: 503 bad
@@ -847,19 +848,12 @@ class Courier:
             # A cached connection the server had meanwhile dropped (idle timeout, 421)
             # or that lost its state (_Stale): one more try on a fresh connection before
             # blaming the host or the message.
-            log.debug("%s: cached connection to %s failed, a new one: %s",
-                      env.queue_id, conn.remote, e.result.text)
-            conn = await self._connect(t, env.queue_id)
-            try:
-                out = await self._transaction(conn, env, rcpts, data)
-            except BaseException:
-                conn.wire.abort()
-                raise
+            conn, out = await self._renewed(conn, t, env, rcpts, data, e)
         except BaseException:
             conn.wire.abort()
             raise
         try:
-            await self._follow_up(conn, env, rcpts, data, out)
+            conn = await self._follow_up(conn, t, env, rcpts, data, out)
         except BaseException:
             conn.wire.abort()
             raise
@@ -869,27 +863,31 @@ class Courier:
             self._spawn(self._quit(conn))
         return out
 
-    async def _follow_up(self, conn: _Conn, env: Envelope, rcpts: list[Recipient],
-                         data: _Payload, out: _Outcome) -> None:
+    async def _follow_up(self, conn: _Conn, t: _Target, env: Envelope,
+                         rcpts: list[Recipient], data: _Payload, out: _Outcome) -> _Conn:
         """RFC 5321 4.5.3.1.10: recipients refused with 452 for too many recipients go in
         another transaction on the same connection (as Postfix does), for as long as
         each transaction gets some recipients through, within the attempt's
         MAX_TRANSACTIONS; past it they are deferred to the next attempt, not passed to
-        another host. Updates `out` in place."""
+        another host. A follow-up whose replies blame the connection (_Stale: out of
+        step, a refused MAIL) goes at once on a new connection to `t`, once per call
+        (as a cached connection's first transaction, _via); the earlier transactions
+        stand. Updates `out` in place; returns the connection it ended on."""
         batch = rcpts
+        renewed = False  # a new connection was taken after a _Stale
         while True:
             more = [r for r in batch if _too_many(out.results.get(r.address))]
             if not more or len(more) == len(batch):
-                return  # none left, or the host takes none of them: its 452 stands
+                return conn  # none left, or the host takes none: its 452 stands
             if _past(conn.wire.deadline):  # also when it cut the last transaction
                 late = self._deadline_result(conn.remote)
                 for r in more:
                     out.results[r.address] = late
                 out.next_host -= {r.address for r in more}
                 out.reusable = False  # given up, as at a deadline in a transaction
-                return
+                return conn
             if not out.reusable or not conn.wire.is_connected:
-                return  # the next host, if any, takes them
+                return conn  # the next host, if any, takes them
             if data.spent:
                 later = DeliveryResult.temp(
                     f"not sent in this attempt: the message went in {data.transactions} "
@@ -899,18 +897,38 @@ class Courier:
                 for r in more:
                     out.results[r.address] = later
                 out.next_host -= {r.address for r in more}
-                return
+                return conn
             try:
-                nxt = await self._transaction(conn, env, more, data, reused=True)
+                try:
+                    nxt = await self._transaction(conn, env, more, data, reused=True)
+                except _Stale as e:
+                    if renewed or data.spent:
+                        raise
+                    renewed = True
+                    conn, nxt = await self._renewed(conn, t, env, more, data, e)
             except _TryNext as e:  # the earlier transactions stand; these go on
                 for r in more:
                     out.results[r.address] = e.result
                 out.reusable = False
-                return
+                return conn
             out.results.update(nxt.results)
             out.next_host = (out.next_host - {r.address for r in more}) | nxt.next_host
             out.reusable = nxt.reusable
             batch = more
+
+    async def _renewed(self, old: _Conn, t: _Target, env: Envelope, rcpts: list[Recipient],
+                       data: _Payload, why: _TryNext) -> tuple[_Conn, _Outcome]:
+        """`rcpts`' transaction on a new connection to `t`, `old` dropped for `why`: the
+        connection and the outcome (its failure raises _TryNext, as _transaction)."""
+        old.wire.abort()
+        log.debug("%s: connection to %s failed, a new one: %s", env.queue_id, old.remote,
+                  why.result.text)
+        conn = await self._connect(t, env.queue_id)
+        try:
+            return conn, await self._transaction(conn, env, rcpts, data)
+        except BaseException:
+            conn.wire.abort()
+            raise
 
     async def _checkout(self, t: _Target, qid: str) -> _Conn:
         key = (t.host.lower(), t.port, t.policy.key())
