@@ -880,3 +880,14 @@ def test_from_domain_of_comments_nested_too_deep_is_unsigned_with_its_reason() -
     value = b" alice@example.org " + b"\r\n ".join(b"(" * 500 for _ in range(4))
     assert from_domain([(b"From", value)]) == (
         None, "From: not parsable (comments nested too deep)")
+
+
+def test_split_fields_joins_a_fields_folds_in_order() -> None:
+    """split_fields: a field's folds follow its first line, CRLFs kept, in one value; a
+    field of 60,000 folds too (its value was grown a fold at a time: 0.15 s of the commit
+    thread's CPU per such 256 KiB header section of an authenticated user's, now 0.03 s)."""
+    head = b"From: a@b.example\r\nTo: y,\r\n\tz\r\n  w\r\nSubject: s\r\n\r\nbody"
+    assert split_fields(head) == [(b"From", b" a@b.example\r\n"),
+                                  (b"To", b" y,\r\n\tz\r\n  w\r\n"), (b"Subject", b" s\r\n")]
+    [_, (name, value)] = split_fields(b"From: a@b.example\r\nX-A: a\r\n" + b" x\r\n" * 60_000)
+    assert name == b"X-A" and value == b" a\r\n" + b" x\r\n" * 60_000

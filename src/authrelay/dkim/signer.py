@@ -262,6 +262,8 @@ def split_fields(head: bytes) -> list[tuple[bytes, bytes]]:
     the spaces (dkimpy's verifier cannot read the section, whoever signed it). A tab
     among those blanks raises HeaderSyntaxError (TAB_GAP); an mbox `From ` line (no colon
     after its first word) is skipped, as dkimpy does; any other line raises too."""
+    # [name, first line's value, folds...]: a value grown a fold at a time was copied per
+    # fold (a 256 KiB field of 60,000 folds: 0.15 s of the commit thread's CPU)
     fields: list[list[bytes]] = []
     for line in re.split(b"\r?\n", head):
         if not line:
@@ -269,7 +271,7 @@ def split_fields(head: bytes) -> list[tuple[bytes, bytes]]:
         if line[0] in (0x09, 0x20):
             if not fields:
                 raise HeaderSyntaxError("a folded line before any field")
-            fields[-1][1] += line + b"\r\n"
+            fields[-1].append(line + b"\r\n")
             continue
         m = _FIELD_START.match(line)
         if m is not None:
@@ -278,7 +280,7 @@ def split_fields(head: bytes) -> list[tuple[bytes, bytes]]:
             raise HeaderSyntaxError(TAB_GAP)
         elif not line.startswith(b"From "):
             raise HeaderSyntaxError("a line that is not a header field")
-    return [(n, v) for n, v in fields]
+    return [(f[0], f[1]) if len(f) == 2 else (f[0], b"".join(f[1:])) for f in fields]
 
 
 def from_domain(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
