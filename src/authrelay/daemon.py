@@ -73,7 +73,7 @@ from authrelay.process import Channel, InstanceBusy, KeyHelper, StartError
 from authrelay.smtpd.handoff import Handoff
 from authrelay.smtpd.server import Listener, SMTPServer, bind
 from authrelay.spool import abandoned
-from authrelay.spool.abandoned import AbandonedBook
+from authrelay.spool.abandoned import AbandonedBook, Slot
 from authrelay.spool.store import Spool, is_queue_id
 from authrelay.tls import (
     PEM,
@@ -349,9 +349,9 @@ class _Run:
     stopping: bool = False  # SIGTERM seen: a worker that exits now is not replaced
     # master: told when a worker died (the scheduler sweeps the files it was receiving)
     receiver_died: Callable[[int], None] | None = None
-    # This process's ring of the abandoned-commits book (spool/abandoned.py): the id of
+    # This process's slot of the abandoned-commits book (spool/abandoned.py): the id of
     # each commit its sessions give up, kept past a kill of the whole server.
-    keep_abandoned: Callable[[str], None] | None = None
+    abandoned_slot: Slot | None = None
     # master or single: the ids a killed instance gave up whose files are still there
     # (its scheduler drops them, never delivered); master: told those of a dead worker.
     abandoned: list[str] = field(default_factory=list)
@@ -423,7 +423,7 @@ async def _serve_loop(run: _Run) -> int:
     cfg = run.cfg
 
     spool = wiring.spool(cfg)
-    spool.notifier.keep_abandoned = run.keep_abandoned
+    spool.notifier.book = run.abandoned_slot
     metrics = wiring.metrics(cfg)  # every process counts; the delivering one serves /metrics
     receiver = certs = None
     if run.listeners is not None:
@@ -953,14 +953,14 @@ def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
                 "commits given up are not kept past a kill of the whole server: a "
                 f"killed worker's still are (spool/abandoned.py): {e.strerror or e}: "
                 f"{e.filename}")
-        keep0 = abook.slot(0).keep
+        slot0 = abook.slot(0)
         # Read again as the user that reads it at every reload; before any fork.
         recipients = _local_recipients(cfg)
         if nworkers <= 1:
             _use_uvloop()
             run = _Run(cfg, config_path, pem, "single", listeners=per_worker[0],
                        recipients=recipients, read_keys=read_keys,
-                       keep_abandoned=keep0, abandoned=abook.leftovers,
+                       abandoned_slot=slot0, abandoned=abook.leftovers,
                        read_password=helper.read_password if helper else None,
                        read_oauth_secret=helper.read_oauth_secret if helper else None,
                        open_log=helper.open_log if helper else None,
@@ -969,7 +969,7 @@ def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
             rc = asyncio.run(_serve_loop(run))
         else:
             rc = _serve_master(cfg, config_path, pem, per_worker, read_keys, helper, shared,
-                               recipients, book, handoff, abook, keep0)
+                               recipients, book, handoff, abook, slot0)
         maillog_mod.get().flush()
         book.close()  # a stop: the file goes unless a line is still owed
         abook.close(in_queue)  # ... or an abandoned commit's file is still there
@@ -998,11 +998,11 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                   helper: KeyHelper | None, shared: SharedCounters | None,
                   recipients: LocalRecipients | None, book: OwedLines,
                   handoff: Handoff | None, abook: AbandonedBook,
-                  keep0: Callable[[str], None]) -> int:
+                  slot0: Slot) -> int:
     nworkers = len(per_worker)
     in_queue = _in_queue(cfg)
     run = _Run(cfg, config_path, pem, "master", recipients=recipients, read_keys=read_keys,
-               keep_abandoned=keep0, abandoned=abook.leftovers,
+               abandoned_slot=slot0, abandoned=abook.leftovers,
                read_password=helper.read_password if helper else None,
                read_oauth_secret=helper.read_oauth_secret if helper else None,
                open_log=helper.open_log if helper else None,
@@ -1056,7 +1056,7 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 wrun = _Run(run.cfg, config_path, run.pem, "worker", listeners=per_worker[i],
                             recipients=run.recipients, share=Share(i, nworkers, shared),
                             channel=sock, handoff=handoff,
-                            keep_abandoned=abook.slot(i + 1).keep)
+                            abandoned_slot=abook.slot(i + 1))
             except BaseException:
                 os._exit(1)
             _worker_main(wrun)
@@ -1072,11 +1072,11 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
 
     def dead_abandoned(i: int) -> None:
         """The commits worker i gave up whose files are still there (it died in their
-        fsync): kept in the master's ring, for a kill of the whole server before its
+        fsync): kept in the master's slot, for a kill of the whole server before its
         scheduler drops them, and told to that scheduler (had the notice been lost)."""
         for qid in abook.take(i + 1):
             if in_queue(qid):
-                keep0(qid)
+                slot0.keep(qid)
                 if run.abandoned_by_dead is not None:
                     run.abandoned_by_dead(qid)
 

@@ -40,6 +40,7 @@ from authrelay.maillog import MailLog
 from authrelay.policy.throttle import LocalThrottle, Share
 from authrelay.smtpd.server import SMTPServer
 from authrelay.spool import writer
+from authrelay.spool.abandoned import AbandonedBook
 from authrelay.spool.envelope import Envelope
 from authrelay.spool.store import Spool
 from authrelay.spool.writer import SPILL, Incoming
@@ -530,7 +531,10 @@ def test_a_commit_held_after_its_ready_mark_is_given_up_and_never_delivered(
     removes the file rather than handing it over: no 250, no delivery, no notice. The
     scheduler is told the commit was given up (Notifier.abandoned, `ID abandoned` from
     a worker): were this process killed in that fsync, the ready file it left would be
-    dropped, not delivered (it was, a duplicate of the client's retry)."""
+    dropped, not delivered (it was, a duplicate of the client's retry). The id is kept
+    in the process's slot of the /dev/shm book (a kill of the whole server: the start
+    drops the file) until the commit thread has returned, then freed (a slot kept every
+    id until written over: in a long hang the oldest, the one held, went first)."""
     server = _Server(tmp_path, trustme_ca, limits={"data_block_timeout": "1s"})
     spool = server.spool
     spool.fsync = True
@@ -539,6 +543,7 @@ def test_a_commit_held_after_its_ready_mark_is_given_up_and_never_delivered(
     told = _noticed(server)
     gave_up: list[str] = []
     spool.notifier.on_abandoned = gave_up.append
+    book = spool.notifier.book = AbandonedBook(None, 1).slot(0)
     release = threading.Timer(60, held.go.set)  # a hang detector: the old session waited
     server.thread.start()
     try:
@@ -554,8 +559,10 @@ def test_a_commit_held_after_its_ready_mark_is_given_up_and_never_delivered(
             spool.load_for_delivery(inc.queue_id)
         _abandoned_line(server, inc.queue_id, len(HELD))
         assert gave_up == [inc.queue_id]  # told while the thread still holds the file
+        assert book.ids() == [inc.queue_id]
         held.go.set()
         wait_until(lambda: not path.exists(), "the abandoned commit's file removed")
+        wait_until(lambda: book.ids() == [], "its entry in the book freed")
         assert c.noop()[0] == 250
         c.quit()
         assert told == [] and spool.scan() == []

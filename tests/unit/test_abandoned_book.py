@@ -36,19 +36,22 @@ def test_a_stop_keeps_the_book_while_a_file_remains(tmp_path: Path) -> None:
     assert AbandonedBook(path, 2).leftovers == ["AAA1"]
 
 
-def test_a_ring_writes_over_its_oldest_and_a_reaped_slot_is_taken(tmp_path: Path) -> None:
+def test_a_full_slot_keeps_its_oldest_and_a_released_entry_is_free_again() -> None:
+    """A slot keeps ids until they are released (their commit threads returned); full,
+    a newer id is not kept: the oldest are the ones likely held in their fsyncs."""
     book = AbandonedBook(None, 2)
     slot = book.slot(1)
-    for n in range(ENTRIES + 2):
-        slot.keep(f"Q{n}")
-    assert slot.ids() == [f"Q{n}" for n in range(2, ENTRIES + 2)]
-    assert book.take(1)[-1] == f"Q{ENTRIES + 1}"
+    entries = [slot.keep(f"Q{n}") for n in range(ENTRIES)]
+    assert slot.keep("NEWER") == -1
+    assert slot.ids() == [f"Q{n}" for n in range(ENTRIES)]
+    slot.release(entries[5])
+    assert slot.keep("NEWER") == entries[5]
+    assert "Q5" not in slot.ids() and slot.ids()[-1] == "NEWER"
+    assert book.take(1)[0] == "Q0"
     assert book.slot(1).ids() == [] and book.take(1) == []
     slot = book.slot(1)  # a replacement worker's: starts empty
-    slot.keep("NEXT")
-    assert slot.ids() == ["NEXT"]
-    slot.keep("x" * 65)  # no queue id of ours: not kept
-    assert slot.ids() == ["NEXT"]
+    assert slot.keep("x" * 65) == -1  # no queue id of ours: not kept
+    assert slot.ids() == []
 
 
 def test_a_book_not_of_this_users_own_is_refused(tmp_path: Path) -> None:

@@ -15,13 +15,15 @@ loss) loses the book with the rest of memory: a file the crash left ready and du
 (its fsync done before the power went) is delivered then.
 
 Cost: no system call (a copy into the mapping); the book's memory, `ENTRY` x `ENTRIES`
-(80 KiB) per process, is taken at the start. Bounded: one ring of `ENTRIES` ids per
-process slot (0: the master or the one process, worker n: n + 1); the oldest entry is
-written over (an id is needed only while its commit thread is held in an fsync, and ids
-are unique: a stale entry names a file long gone). An id written over while its file is
-still held (`ENTRIES` more abandons in that process first) is not kept past a kill of the
-whole server. A book that cannot be opened in /dev/shm (none, full, the name another
-user's: a `warning=` line at the start) is made in anonymous shared memory
+(80 KiB) per process, is taken at the start. Bounded: `ENTRIES` ids per process slot
+(0: the master or the one process, worker n: n + 1); an entry is freed once its commit's
+thread has returned (the file removed: `release`), so the entries held are the commits
+given up whose threads are still out (held in an fsync, or queued behind one). Past
+`ENTRIES` of them a newer one is not kept (the oldest, the one most likely held in its
+fsync past the ready mark, stay); the master's slot also keeps the ids a reaped worker
+left with their files still there, and a start's leftovers, until the next start. A
+book that cannot be opened in /dev/shm (none, full, the name another user's: a
+`warning=` line at the start) is made in anonymous shared memory
 (`AbandonedBook(None, ...)`): a reaped worker's ids still reach the master, a killed
 instance's are lost.
 """
@@ -42,37 +44,44 @@ NAME = "authrelay-abandoned"
 ID_MAX = 64  # bytes of a queue id (store.QUEUE_ID_MAX); ours have 14 to 17
 _HEAD = struct.Struct("<QB")  # sequence (0: free), the id's length
 ENTRY = 80  # bytes per entry: the header and the id
-ENTRIES = 1024  # per slot (process): a ring, the oldest written over
+ENTRIES = 1024  # per slot (process): ids whose commit threads are still out
 SLOT = ENTRY * ENTRIES
 _MAGIC = b"authrelay abandoned 1\n".ljust(ENTRY, b"\0")  # the first entry: the layout
 
 
 class Slot:
-    """One process's ring: `keep` the id of each commit it gives up (thread-safe)."""
+    """One process's entries: `keep` the id of each commit it gives up, `release` it once
+    that commit's thread has returned (its file removed: nothing left to drop). Thread-safe."""
 
     def __init__(self, view: memoryview) -> None:
         self._view = view
-        self._next = 0
         self._seq = max((seq for seq, _ in _entries(view)), default=0)
-        if self._seq:  # carry on after what the slot holds (the master's: leftovers)
-            self._next = max(range(ENTRIES), key=lambda i: _HEAD.unpack_from(
-                view, i * ENTRY)[0]) + 1
-            self._next %= ENTRIES
+        self._next = 0  # the entry tried first (entries are mostly freed in order kept)
         self._lock = threading.Lock()
 
-    def keep(self, queue_id: str) -> None:
-        """`queue_id` given up: kept until written over (ENTRIES ids later). An id that
-        is no queue id of ours (longer than ID_MAX) is not kept."""
+    def keep(self, queue_id: str) -> int:
+        """`queue_id` given up: kept until released; its entry, or -1 when it is not
+        kept (every entry held by a commit thread still out; no queue id of ours)."""
         data = queue_id.encode("ascii", "replace")
         if not 0 < len(data) <= ID_MAX:
-            return
+            return -1
         with self._lock:
-            at = self._next * ENTRY
-            self._next = (self._next + 1) % ENTRIES
+            for n in range(ENTRIES):
+                i = (self._next + n) % ENTRIES
+                at = i * ENTRY
+                if not _HEAD.unpack_from(self._view, at)[0]:
+                    break
+            else:
+                return -1
+            self._next = (i + 1) % ENTRIES
             self._seq += 1
-            _HEAD.pack_into(self._view, at, 0, 0)  # free while the id is rewritten
             self._view[at + _HEAD.size:at + _HEAD.size + len(data)] = data
-            _HEAD.pack_into(self._view, at, self._seq, len(data))  # whole: kept
+            _HEAD.pack_into(self._view, at, self._seq, len(data))  # the length first: whole
+        return i
+
+    def release(self, entry: int) -> None:
+        """The commit of `entry` (keep's) has settled: its file removed, entry free."""
+        _HEAD.pack_into(self._view, entry * ENTRY, 0, 0)
 
     def ids(self) -> list[str]:
         """The ids the slot holds, oldest first."""
@@ -85,7 +94,7 @@ def book_path(spool_dir: Path) -> Path:
 
 
 class AbandonedBook:
-    """The book: `slots` rings in one shared file mapping, after a header entry."""
+    """The book: `slots` slots in one shared file mapping, after a header entry."""
 
     def __init__(self, path: Path | None, slots: int,
                  exists: Callable[[str], bool] = lambda _: True) -> None:
@@ -128,7 +137,7 @@ class AbandonedBook:
             os.close(fd)
         self._map[:ENTRY] = _MAGIC
         keep = self.slot(0).keep
-        for qid in self.leftovers[-ENTRIES:]:
+        for qid in self.leftovers[:ENTRIES]:
             keep(qid)
 
     def close(self, exists: Callable[[str], bool]) -> None:
@@ -141,7 +150,7 @@ class AbandonedBook:
                 os.unlink(self._path)
 
     def slot(self, i: int) -> Slot:
-        """Process i's ring (0: the master or the one process; worker n: n + 1)."""
+        """Process i's slot (0: the master or the one process; worker n: n + 1)."""
         return Slot(self._view(i))
 
     def take(self, i: int) -> list[str]:

@@ -15,8 +15,9 @@ producer gave up waiting for ID's commit (Incoming.abandon returned True: its cl
 told 451 4.3.0 and no 250 can follow for ID); the commit thread removes the file when it
 returns, but a producer killed while that thread is in its fsync leaves a ready file:
 the scheduler drops it (in-process: `on_abandoned`). The id is also kept in the
-instance's book in /dev/shm first (`keep_abandoned`, spool/abandoned.py), for a kill of
-the whole server, which takes the scheduler's memory of it. The socket is
+instance's book in /dev/shm first (`book`, spool/abandoned.py), for a kill of the whole
+server, which takes the scheduler's memory of it, until its commit thread has returned
+(`settled`). The socket is
 0600 in the spool's 0700 directory: only the relay's user and root can send a notice,
 as only they can write the spool. A datagram the kernel refuses because the
 scheduler's queue is full (unix datagram queues are short) is sent again a moment later
@@ -33,6 +34,8 @@ import logging
 import socket
 from collections.abc import Callable
 from pathlib import Path
+
+from authrelay.spool.abandoned import Slot
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +56,9 @@ class Notifier:
         self.on_owed: Callable[[str, int], None] | None = None
         # In-process too: a queue id whose commit its producer gave up (abandoned()).
         self.on_abandoned: Callable[[str], None] | None = None
-        # This process's ring of the abandoned-commits book (spool/abandoned.py Slot.keep),
-        # set by the daemon: None outside `serve` (sendmail, the CLI give up no commit).
-        self.keep_abandoned: Callable[[str], None] | None = None
+        # This process's slot of the abandoned-commits book (spool/abandoned.py), set by
+        # the daemon: None outside `serve` (sendmail, the CLI give up no commit).
+        self.book: Slot | None = None
         self._sock: socket.socket | None = None
         self.pending: list[str] = []
         self._scheduled = False
@@ -102,24 +105,31 @@ class Notifier:
         except OSError:
             pass  # no scheduler: a restarted one knows nothing owed
 
-    def abandoned(self, queue_id: str) -> None:
+    def abandoned(self, queue_id: str) -> int:
         """The producer gave up waiting for `queue_id`'s commit (only once
         Incoming.abandon returned True: no 250 can ever be sent for it), said at once:
         the scheduler drops the file should its producer die before its commit thread
         removes it. On the producer's loop; best effort (a notice lost: the file, if
         left, is delivered, a duplicate of what the client sends again), never raises.
-        Kept in the book first: a kill of the whole server before the file is removed
-        leaves it to the start's scheduler, which drops it."""
-        if self.keep_abandoned is not None:  # a copy into memory: never raises
-            self.keep_abandoned(queue_id)
+        Kept in the book first (a kill of the whole server before the file is removed
+        leaves it to the start's scheduler, which drops it): its entry, for `settled`
+        once the commit's thread has returned; -1 when not kept."""
+        entry = self.book.keep(queue_id) if self.book is not None else -1
         if self.on_commit is not None:
             if self.on_abandoned is not None:
                 with contextlib.suppress(Exception):  # (never raises, as the datagram)
                     self.on_abandoned(queue_id)
-            return
+            return entry
         self.pending.append(f"{queue_id} {ABANDONED_NOTICE}")
         if not self._send():
             self._queue_retry()
+        return entry
+
+    def settled(self, entry: int) -> None:
+        """An abandoned commit's thread has returned (its file removed): its entry of
+        the book (abandoned()'s, not -1) is free."""
+        if self.book is not None:
+            self.book.release(entry)
 
     def _queue(self, line: str) -> None:
         self.pending.append(line)

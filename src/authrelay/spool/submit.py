@@ -420,7 +420,9 @@ class Draft:
         process die before the commit thread removes it)."""
         if not self._incoming.abandon():
             return False
-        self._notifier.abandoned(self.queue_id)
+        entry = self._notifier.abandoned(self.queue_id)
+        if entry >= 0:  # kept in the book until the commit thread has returned
+            self._incoming.when_settled(functools.partial(self._notifier.settled, entry))
         return True
 
     @property

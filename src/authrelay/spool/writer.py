@@ -606,6 +606,17 @@ class Incoming:
     def abandoned(self) -> bool:
         return self._fate == ABANDONED
 
+    def when_settled(self, fn: Callable[[], None]) -> None:
+        """After abandon() returned True, on the producer's loop: `fn()` once no commit
+        thread of this message can still leave its file (at once when none was started:
+        none will be, commit() checks the fate before it starts one on this loop; else
+        when that thread has returned, the file then removed)."""
+        job = self._job
+        if job is None or job.done():
+            fn()
+        else:
+            job.add_done_callback(lambda _: fn())
+
     def _commit_sync(self) -> None:
         if self._fate == ABANDONED:  # (before a byte is written: nothing marked ready)
             raise Abandoned(f"{self.queue_id}: commit abandoned")
