@@ -97,6 +97,7 @@ class Options:
 
 # --------------------------------------------------------------------------- message
 
+LINE_PIECE = 65536  # a message line is read in pieces of at most this many octets
 _HEADER = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _DROPPED = ("bcc", "resent-bcc", "return-path", "content-length")
 
@@ -108,16 +109,25 @@ class LineReader(Protocol):
 
 
 def _lines(stream: LineReader, ignore_dots: bool) -> Iterator[bytes]:
-    """Message lines with CRLF line ends; stops at a lone '.' unless -i."""
+    """Message lines with CRLF line ends; stops at a lone '.' unless -i. A line longer
+    than LINE_PIECE comes in pieces, joined again in the spool."""
+    cr_ended = False  # the last piece ended in a CR: an LF right after is its CRLF's
     while True:
-        line = stream.readline(65536)
+        line = stream.readline(LINE_PIECE)
+        if cr_ended:
+            cr_ended = False
+            if line[:1] == b"\n":  # (its line end was passed on with the CR)
+                line = line[1:]
+                if not line:
+                    continue
         if not line:
             return
         if line.endswith(b"\n"):
             line = line[:-1]
             if line.endswith(b"\r"):
                 line = line[:-1]
-        elif len(line) == 65536:  # a very long line: pass it on in pieces, no line end
+        elif len(line) == LINE_PIECE:  # a very long line: pass it on in pieces, no line end
+            cr_ended = line.endswith(b"\r")
             yield line.replace(b"\r", b"\r\n")
             continue
         if not ignore_dots and line == b".":
@@ -242,20 +252,36 @@ def submit(opts: Options, stdin: LineReader, cfg: Config, who: Identity, *,
     headers: list[bytes] = []
     first_body: bytes | None = None
     size = 0
+    longer: list[bytes] = []  # the pieces so far of a header line longer than LINE_PIECE
     for n, line in enumerate(lines):
+        whole = line.endswith(b"\r\n")  # else the first pieces of a longer line
+        if longer:  # (a header line's: joined, as Postfix's cleanup joins it)
+            longer.append(line)
+            size += len(line)
+            if size > MAX_HEADER_BYTES:
+                raise Fail(EX_DATAERR, "header section too large")
+            if whole:
+                headers.append(b"".join(longer)[:-2])
+                longer = []
+            continue
         if n == 0 and line.startswith(b"From ") and not _HEADER.match(line):
             continue  # an mbox separator line, as Postfix drops it
         if line == b"\r\n":
             first_body = line
             break
         if _HEADER.match(line) or (headers and line[:1] in (b" ", b"\t")):
-            headers.append(line[:-2])
             size += len(line)
             if size > MAX_HEADER_BYTES:
                 raise Fail(EX_DATAERR, "header section too large")
+            if whole:
+                headers.append(line[:-2])
+            else:
+                longer.append(line)
             continue
         first_body = b"\r\n" + line  # no blank line before the body: supply one
         break
+    if longer:  # the message ended in it
+        headers.append(b"".join(longer))
     fields = _unfold(headers)
 
     rcpts: list[str] = []

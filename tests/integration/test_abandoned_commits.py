@@ -13,7 +13,6 @@ import socket
 from pathlib import Path
 
 import pytest
-from fakes.smtpserver import FakeSMTPServer
 from relayproc import PASSWORD, RelayProcess, alive, children
 from support import hungfsync
 from support.wait import wait_until
@@ -44,26 +43,6 @@ def _given_up(r: RelayProcess) -> None:
         assert b"4.3.0" in e.value.smtp_error
 
 
-def _held_relay(relay_factory, fake_mx, tmp_path: Path,  # noqa: ANN001
-                monkeypatch: pytest.MonkeyPatch, workers: int
-                ) -> tuple[RelayProcess, FakeSMTPServer, Path]:
-    """A serve (data_block_timeout 1s, delivering to a fake smart host) whose fsyncs of
-    queue files wait while the gate file exists (support/hungfsync.py): the relay, the
-    smart host and the gate."""
-    smart = fake_mx("127.0.0.2")
-    r = relay_factory(overrides={"relay": {"smart_host": [smart.address],
-                                           "smart_host_tls": "none"},
-                                 "limits": {"data_block_timeout": "1s"}},
-                      workers=workers, start=False)
-    gate = tmp_path / "fsync-gate"
-    lib = hungfsync.build(tmp_path)
-    for k, v in hungfsync.environ(lib, gate, r.queue_dir).items():
-        monkeypatch.setenv(k, v)
-    r.queue_dir.mkdir(parents=True)
-    r.start()
-    return r, smart, gate
-
-
 def _kill_all(r: RelayProcess) -> None:
     """kill -9 of the master and every worker at once (a whole-server kill)."""
     assert r.proc is not None
@@ -85,7 +64,17 @@ def test_an_abandoned_commit_left_by_a_whole_server_kill_is_dropped_at_the_start
     duplicate of the client's retry (the master's memory of the abandon died with it).
     The abandonment is now also in the instance's book in /dev/shm
     (spool/abandoned.py): the start drops the file, one line, never delivered."""
-    r, smart, gate = _held_relay(relay_factory, fake_mx, tmp_path, monkeypatch, workers)
+    smart = fake_mx("127.0.0.2")
+    r = relay_factory(overrides={"relay": {"smart_host": [smart.address],
+                                           "smart_host_tls": "none"},
+                                 "limits": {"data_block_timeout": "1s"}},
+                      workers=workers, start=False)
+    gate = tmp_path / "fsync-gate"
+    lib = hungfsync.build(tmp_path)
+    for k, v in hungfsync.environ(lib, gate, r.queue_dir).items():
+        monkeypatch.setenv(k, v)
+    r.queue_dir.mkdir(parents=True)
+    r.start()
     gate.touch()  # every fsync of a queue file waits from here on
     _given_up(r)
     [held] = r.queued()
@@ -149,44 +138,3 @@ def test_past_abandoned_max_the_oldest_is_forgotten_and_nothing_acknowledged_dro
         "acked@remote.example", "first@remote.example"]
     assert r.maillog().count(DROPPED) == 1
     r.wait_for(lambda: r.queued() == [], what="the queue empty")
-
-
-def test_a_worker_reaped_with_an_abandoned_commits_file_has_it_dropped_its_notice_lost(
-        relay_factory, fake_mx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The commit held in its fsync past the ready mark, given up (451 4.3.0), and the
-    worker's `ID abandoned` lost (notify.sock moved away meanwhile: a send that fails is
-    dropped, best effort); then the workers are killed (kill -9), the master lives. Its
-    scan at the reaping found the ready file, nobody having told it, and delivered it: a
-    duplicate of the client's retry. The master now reads the dead worker's slot of the
-    book when it reaps it (the ids whose files are still there): the file is dropped,
-    one line, never delivered."""
-    r, smart, gate = _held_relay(relay_factory, fake_mx, tmp_path, monkeypatch, 2)
-    r.wait_log(r"daemon=started \(master\)")  # notify.sock bound
-    sock = r.state / "spool" / NOTIFY_SOCK
-    away = sock.with_name("notify.sock.away")
-    gate.touch()
-    sock.rename(away)  # the worker's notice of the abandon goes nowhere
-    try:
-        _given_up(r)
-        [held] = r.queued()
-        qid = held.name
-        r.wait_log(f"{qid}: reject=")
-    finally:
-        away.rename(sock)
-    assert r.proc is not None
-    workers = children(r.proc.pid)
-    before = r.maillog().count("daemon=started (worker)")
-    for pid in workers:
-        os.kill(pid, signal.SIGKILL)
-    r.wait_for(lambda: DROPPED in r.maillog() or "stat=Sent" in r.maillog(),
-               what="the file dropped or delivered")
-    assert f"{qid}: warning={DROPPED}" in r.maillog()
-    assert "stat=Sent" not in r.maillog() and smart.messages == []
-    assert r.queued() == []
-    gate.unlink()
-    r.wait_for(lambda: r.maillog().count("daemon=started (worker)") >= before + 2,
-               what="both workers replaced")
-    with _client(r) as s:
-        s.login("alice", PASSWORD)
-        s.sendmail("alice@local.test", ["carol@remote.example"], b"Subject: next\r\n\r\nx\r\n")
-    r.wait_for(lambda: len(smart.messages) == 1, what="the next message delivered")

@@ -1144,26 +1144,20 @@ async def test_recipients_the_deadline_keeps_from_the_next_host_are_not_said_pas
     assert not ml.grep(env.queue_id, "127.0.0.3"), ml.lines  # the backup: not tried
 
 
-def _second_transaction_says(verb: bytes, reply: bytes, hold_data: bool = False) -> Any:
+def _second_transaction_says(verb: bytes, reply: bytes) -> Any:
     """A next hop whose first connection answers its second transaction's `verb` with
     `reply` (a 503 to MAIL: it lost the connection's state; a 421: closing, and it
     closes), the other commands of that group in kind; every other connection, and
-    every other transaction, is served normally. `hold_data`: that transaction goes on
-    after `reply` (a stray one in it, say), but DATA is answered only when the next
-    command comes, `503` before that command's reply. `mx.conns` lists, per connection,
-    the messages it took."""
+    every other transaction, is served normally. `mx.conns` lists, per connection, the
+    messages it took."""
     async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         index, taken = new_connection(mx)
         w.write(b"220 raw.test ESMTP\r\n")
         txn = 0
         broken = False  # this transaction's state lost (after a 503 to MAIL)
-        held = False  # DATA's reply (hold_data) is due
         while line := await r.readline():
             mx.received.append(line)
             v = line[:4].upper()
-            if held:
-                w.write(b"503 5.5.1 Error: no valid recipients\r\n")
-                held = False
             if v == b"MAIL":
                 txn += 1
                 broken = False
@@ -1178,9 +1172,7 @@ def _second_transaction_says(verb: bytes, reply: bytes, hold_data: bool = False)
                 if reply.startswith(b"421"):
                     await w.drain()
                     return  # (closed by RawMX)
-                broken = not hold_data
-            elif odd and hold_data and v == b"DATA":
-                held = True
+                broken = True
             elif broken and v in (b"RCPT", b"DATA"):
                 w.write(b"503 5.5.1 Error: need MAIL command\r\n")
             elif v == b"DATA":
@@ -1769,12 +1761,3 @@ async def test_a_follow_up_out_of_step_on_its_new_connection_too_is_deferred(
     assert "554 5.0.0 rejected after all" in r.text, r
     assert [len(c) for c in mx.conns] == [1, 1]
 
-
-async def test_a_250_to_data_with_every_recipient_refused_is_no_verdict(
-        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
-    """On a cached connection, a stray refusal right after MAIL's 250: read as RCPT's,
-    it bounced the recipient (DATA got RCPT's own 250, the RSET DATA's 503: nothing
-    waiting to show it). A 2xx to DATA with every recipient refused says the replies
-    are out of step: now the message goes at once on a new connection, delivered."""
-    await _two_messages(tmp_path, dns, raw_port, _second_transaction_says(
-        b"MAIL", b"250 ok\r\n550 5.1.1 stray\r\n", hold_data=True))

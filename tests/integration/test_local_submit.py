@@ -558,3 +558,33 @@ def test_a_message_of_short_lines_in_big_frames_is_stored_whole(relay: RelayProc
     assert answer["code"] == 0, answer
     [(_env, msg)] = spooled(relay)
     assert msg.split(b"\r\n\r\n", 1)[1] == body.replace(b"\n", b"\r\n")
+
+
+def test_a_header_line_longer_than_a_piece_stays_one_header_line(relay: RelayProcess) -> None:
+    """Lines are read in pieces of 64 KiB (localmail.LINE_PIECE). A header field on one
+    longer line (a mailing script's Bcc: under -t) had its first piece kept as a field,
+    less two octets, and the rest taken for the body: the recipients there not sent to,
+    and, a Bcc:, its addresses shown in the body to every recipient. A line of 65,535
+    octets and CRLF had its CR and LF in two pieces, read as two line ends: a blank line
+    ending the header section there (the next fields went into the body)."""
+    names = [f'"Member {i} {"z" * 770}" <m{i}@remote.example>' for i in range(90)]
+    bcc = b"Bcc: " + ", ".join(names).encode() + b"\n"
+    assert len(bcc) > 65536
+    res = sendmail(relay, "-t", "-i", stdin=b"To: bob@remote.example\n" + bcc
+                   + b"Subject: long bcc\n\nhello\n")
+    assert res.returncode == 0, res.stderr
+    pad = b"X-Long: " + b"y" * (65535 - len(b"X-Long: "))
+    res = sendmail(relay, "-i", "bob@remote.example",
+                   stdin=b"Subject: after\r\n" + pad + b"\r\nX-After: 1\r\n\r\nbody\r\n")
+    assert res.returncode == 0, res.stderr
+    [first, second] = sorted(spooled(relay), key=lambda m: b"long bcc" not in m[1])
+    env, msg = first
+    assert [r["address"] for r in env["recipients"]] == \
+        ["bob@remote.example", *(f"m{i}@remote.example" for i in range(90))]
+    head, body = msg.split(b"\r\n\r\n", 1)
+    assert b"\r\nSubject: long bcc\r\n" in head and b"Bcc" not in msg and b"z" * 10 not in msg
+    assert body == b"hello\r\n"
+    env, msg = second
+    head, body = msg.split(b"\r\n\r\n", 1)
+    assert b"\r\n" + pad + b"\r\nX-After: 1\r\n" in head + b"\r\n"
+    assert body == b"body\r\n"

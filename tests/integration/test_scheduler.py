@@ -38,7 +38,6 @@ from authrelay.maillog import SENT_BEFORE_CRASH
 from authrelay.scheduler import scheduler as scheduler_mod
 from authrelay.scheduler.scheduler import Scheduler
 from authrelay.spool.envelope import PENDING, SENT, Envelope, Recipient, new_queue_id
-from authrelay.spool.notify import Notifier
 from authrelay.spool.store import UNFINISHED_AGE, Spool
 from authrelay.spool.writer import SPILL, Incoming
 from authrelay.types import BeforeEnd, DeliveryResult, Taken
@@ -844,30 +843,6 @@ async def test_an_abandoned_commits_file_left_by_a_dead_worker_is_dropped(rig: R
     assert not rig.queued()
     assert [c[0].queue_id for c in rig.courier.calls] == [kept]
     assert "never 250" in rig.log.grep(dropped)[0]
-
-
-async def test_a_full_batch_of_long_notices_reaches_the_scheduler_whole(rig: Rig) -> None:
-    """A worker's notifier batches up to 200 lines per datagram, and the scheduler reads
-    8192 bytes of one: 200 lines `ID INODE PID` of a filesystem with 64-bit inode numbers
-    (overlayfs's xino) are ~9.4 KB, so the batch's last lines were cut off, unseen: here
-    the `ID abandoned` of a file a dead worker left, which was then delivered (a
-    duplicate of what its client sends again). A datagram is now cut at NOTIFY_MAX bytes
-    by its sender, the rest sent in the next."""
-    await rig.start()
-    dropped = await put(rig.spool, ["x@b.example"], notify=False)
-    notifier = Notifier(rig.spool.notify_path)  # a worker's
-    try:
-        notifier.pending += [f"{new_queue_id()} {2**64 - 1} 4194304" for _ in range(199)]
-        notifier.abandoned(dropped)  # the 200th line: sent with the 199 before it
-        assert notifier.pending == []
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(dropped.encode(), str(rig.spool.notify_path))
-        await until(lambda: rig.log.grep(dropped, "abandoned commit removed")
-                    or rig.courier.calls, "the file dropped or delivered")
-        assert rig.log.grep(dropped, "abandoned commit removed, not delivered")
-        assert rig.courier.calls == []
-    finally:
-        notifier.close()
 
 
 async def test_held_messages_are_skipped(rig: Rig) -> None:

@@ -68,3 +68,17 @@ def test_header_fields_unfold_as_one_value_each() -> None:
     [(name, value, start, end)] = _unfold([b"X-Long: v", *[b" w"] * 200_000])
     assert (name, start, end) == ("x-long", 0, 200_001)
     assert value == "v" + " w" * 200_000
+
+
+def test_a_crlf_cut_between_two_pieces_is_one_line_end() -> None:
+    """A line of LINE_PIECE - 1 octets and CR LF comes in two pieces, the CR ending the
+    first: one line end, not two (a blank line there ended the header section)."""
+    from authrelay.localmail import LINE_PIECE
+    from authrelay.localmail import _lines as message_lines
+    long = b"X-Long: " + b"y" * (LINE_PIECE - 1 - 8)
+    data = b"Subject: a\r\n" + long + b"\r\nX-After: 1\r\n\r\n" + b"z" * LINE_PIECE + b"\r\n"
+    for frames in ((data,), tuple(data[i:i + 7] for i in range(0, len(data), 7))):
+        got = b"".join(message_lines(_Frames(_framed(*frames)), True))
+        assert [len(ln) for ln in got.split(b"\r\n")] == [10, LINE_PIECE - 1, 10, 0,
+                                                         LINE_PIECE, 0]
+        assert got == data

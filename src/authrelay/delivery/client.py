@@ -24,11 +24,11 @@ Failure policy (codes per RFC 3463):
 - Replies out of step are never a verdict (RFC 5321 4.1.1: one reply per command, in
   order): a reply already waiting when a command goes out (`wire.OutOfStep`, as Postfix's
   smtp_tls_block_early_mail_reply), a second reply with the end of data's (which is the
-  dot's is unknown: deferred 4.5.0, "may have been delivered"), a 354 to an RSET; on a
-  reused connection a 2xx to DATA with every recipient refused, or a refusal of MAIL
-  (without PIPELINING, a late second reply to the last dot reads the same): the
-  connection is dropped, the message retried at once on a new one (once) or deferred,
-  never bounced nor counted sent on another command's reply.
+  dot's is unknown: deferred 4.5.0, "may have been delivered"), a 354 to an RSET, a
+  refusal of MAIL on a reused connection (without PIPELINING, a late second reply to the
+  last dot reads the same): the connection is dropped, the message retried at once on
+  a new one (once) or deferred, never bounced nor counted sent on another command's
+  reply.
 - 2xx to the end of data: sent (the only reply that delivers; any 2yz to MAIL or RCPT
   goes on, RFC 5321 4.2.1, as Postfix; a 2xx or 3xx that is not the reply a step wants,
   such as 250 to DATA or a greeting other than 220, is transient 4.5.0, never "sent").
@@ -1524,15 +1524,6 @@ class Courier:
                 f"lost connection with {remote} (MAIL/RCPT)", "4.4.2", 451, remote)) from None
 
         if not accepted:
-            if reused and data_rep is not None and data_rep.code < 400 \
-                    and data_rep.code != 354:
-                # DATA taken with every recipient refused: the replies are out of step (a
-                # stray one read for a RCPT, each RCPT's own one step late), so the
-                # refusals are no verdict. (On a new connection they stand: a next hop
-                # that answers DATA 250 with no recipient is broken, but not shifted.)
-                raise _Stale(_out_of_step(wire.OutOfStep(
-                    f"replies out of step: {str(data_rep)[:200]} to DATA with no "
-                    "recipient accepted"), remote))
             reusable = True
             if data_rep is not None and data_rep.code == 354:
                 # RFC 2920 3.1: a server that says 354 with no valid recipient gets an

@@ -87,7 +87,7 @@ from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, notice_id, should_notify
 from authrelay.scheduler.inflight import InflightJournal, Leftover, Owed
 from authrelay.spool.envelope import FAILED, PENDING, SENT, Envelope, Recipient
-from authrelay.spool.notify import ABANDONED_NOTICE, LOGGED_NOTICE, NOTIFY_MAX
+from authrelay.spool.notify import ABANDONED_NOTICE, LOGGED_NOTICE
 from authrelay.spool.store import (
     UNFINISHED_AGE,
     CorruptError,
@@ -703,7 +703,7 @@ class Scheduler:
         assert self._nsock is not None
         for _ in range(1000):  # bounded so a flood cannot starve the loop
             try:
-                data = self._nsock.recv(NOTIFY_MAX)
+                data = self._nsock.recv(8192)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:

@@ -42,11 +42,7 @@ log = logging.getLogger(__name__)
 NOTIFY_SOCK = "notify.sock"  # in spool_dir; bound by the scheduler
 LOGGED_NOTICE = "logged"  # "ID logged": the from= line of an "ID INODE PID" notice written
 ABANDONED_NOTICE = "abandoned"  # "ID abandoned": its commit given up, its client told 451
-_NOTIFY_BATCH = 200  # queue ids per notify datagram (~18 bytes each) ...
-# ... and at most this many bytes: what the scheduler reads of one (a longer one is cut
-# there, its last lines lost: 200 "ID INODE PID" lines of a filesystem with 64-bit
-# inode numbers, overlayfs's xino, are 9.4 KB)
-NOTIFY_MAX = 8192
+_NOTIFY_BATCH = 200  # queue ids per notify datagram (~18 bytes each)
 _NOTIFY_RETRIES = 200  # x _NOTIFY_RETRY_DELAY: give up after ~2 s (the rescan remains)
 _NOTIFY_RETRY_DELAY = 0.01
 
@@ -164,13 +160,7 @@ class Notifier:
                 s.setblocking(False)
                 self._sock = s
             while self.pending:
-                n, size = 0, -1
-                for line in self.pending[:_NOTIFY_BATCH]:  # (ASCII: a char is a byte)
-                    size += len(line) + 1
-                    if size > NOTIFY_MAX and n:
-                        break
-                    n += 1
-                batch = self.pending[:n]
+                batch = self.pending[:_NOTIFY_BATCH]
                 self._sock.sendto("\n".join(batch).encode("ascii"), str(self.path))
                 del self.pending[:len(batch)]
             return True
