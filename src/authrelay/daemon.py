@@ -49,7 +49,7 @@ from typing import Any
 
 from authrelay import maillog as maillog_mod
 from authrelay import metrics as metrics_mod
-from authrelay import owedlines, process, reloadkeys, sdnotify, wiring
+from authrelay import owedlines, process, reloadkeys, sdnotify, stopdeadline, wiring
 from authrelay.config import (
     EMBEDDED,
     Config,
@@ -310,9 +310,13 @@ class _Receiver:
         if self.server is not None:
             await self.server.stop(self.cfg.shutdown_timeout)
             auth = self.server.authenticator
-            if auth is not None:
-                with contextlib.suppress(Exception):
-                    auth.close()
+            if auth is not None:  # (its databases' close writes: off the loop, bounded)
+
+                def close() -> None:
+                    with contextlib.suppress(Exception):
+                        auth.close()
+
+                await stopdeadline.off_loop(close, "auth-close", stopdeadline.DISK_WAIT)
 
 
 @dataclass
@@ -609,6 +613,10 @@ async def _serve_loop(run: _Run) -> int:
 
     hup_task = loop.create_task(watch_hup())
     await stop.wait()
+    # Whatever it waits for from here (a frozen spool holds threads in the kernel), the
+    # process ends by this deadline, with a line naming what it could not finish.
+    stopdeadline.arm(stopdeadline.deadline(run.cfg.shutdown_timeout, run.role), ml.error,
+                     ml.flush)
     # Refuse new connections at once, in every process holding a listening socket.
     for s in run.master_sockets:
         with contextlib.suppress(OSError):
@@ -641,18 +649,22 @@ async def _serve_loop(run: _Run) -> int:
         # `stopped` means stopped: the workers finish their sessions first (each up to
         # shutdown_timeout); one still there 10 s later (stopped, hung in the kernel) is
         # killed, with a line, and reaped (_serve_master's watch_children) before it.
-        grace = run.cfg.shutdown_timeout + 10
+        grace = stopdeadline.deadline(run.cfg.shutdown_timeout, "worker")
         deadline = time.monotonic() + grace
         while run.workers and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         for pid in list(run.workers):
             ml.error(f"worker {pid} had not stopped {grace:g} s after SIGTERM "
-                     f"(shutdown_timeout = {run.cfg.shutdown_timeout:g} s + 10 s); "
-                     "killed (SIGKILL)")
+                     f"(shutdown_timeout = {run.cfg.shutdown_timeout:g} s + "
+                     f"{stopdeadline.STOP_OVERRUN:g} s); killed (SIGKILL)")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        while run.workers and time.monotonic() < deadline + 10:  # (SIGKILL: at once)
+        while run.workers and time.monotonic() < deadline + 2:  # (SIGKILL: at once)
             await asyncio.sleep(0.1)
+        for pid in list(run.workers):
+            ml.error(f"worker {pid} killed and not gone: a thread of it is held in the "
+                     "kernel (a write to a frozen filesystem?) and ends at the thaw; it "
+                     "runs nothing more")
     if probe is not None:
         await probe.stop()
     if metrics is not None:
@@ -1148,7 +1160,10 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
         for s in run.master_sockets:
             with contextlib.suppress(OSError):
                 s.close()
-        deadline = time.monotonic() + run.cfg.shutdown_timeout + 10
+        # A stop waited for them already (those left are held by the kernel: they end at
+        # a thaw); a master that failed gives them their stop's time.
+        wait = 2 if run.stopping else stopdeadline.deadline(run.cfg.shutdown_timeout, "worker")
+        deadline = time.monotonic() + wait
         while workers and time.monotonic() < deadline:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)

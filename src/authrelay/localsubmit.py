@@ -53,7 +53,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from authrelay import localmail
+from authrelay import localmail, stopdeadline
 from authrelay import maillog as maillog_mod
 from authrelay.config import Config
 from authrelay.jsonline import read_line, request_object
@@ -196,8 +196,9 @@ class LocalSubmission:
                 await self._task
         if self._sock is not None:
             self._sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+            # Not on the event loop: on a frozen filesystem the unlink waits for the
+            # thaw, and the stop does not (stopdeadline.py; the next start unlinks it).
+            await stopdeadline.unlink([self.path], "submit-socket-unlink")
         if self._pending:  # submissions being stored finish, up to shutdown_timeout
             _, late = await asyncio.wait(self._pending, timeout=self.cfg.shutdown_timeout)
             if late:  # still reading from their clients: cut them (nothing is queued)

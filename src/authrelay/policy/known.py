@@ -147,6 +147,8 @@ class KnownAddresses:
                     self._db.close()
                 self._db = None
 
-        with contextlib.suppress(RuntimeError):
+        # RuntimeError: closed already; TimeoutError: a hung disk (a frozen spool holds the
+        # database's close), which must not hold the stop: the thread ends at the thaw.
+        with contextlib.suppress(RuntimeError, TimeoutError):
             self._pool.submit(_close).result(timeout=5)
         self._pool.shutdown(wait=False)

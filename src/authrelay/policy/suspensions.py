@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from authrelay import maillog
+from authrelay import maillog, stopdeadline
 from authrelay.auth.pgusers import PgUserStore
 from authrelay.config import Config
 from authrelay.policy.containment import KINDS, Counts, Suspension
@@ -302,7 +302,9 @@ class State:
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.local.close()
+        # the database's close writes (its WAL): off the loop, bounded (a frozen spool)
+        await stopdeadline.off_loop(self.local.close, "containment-close",
+                                    stopdeadline.DISK_WAIT)
         if self.pg is not None:
             await self.pg.close()
         if self.redis is not None:

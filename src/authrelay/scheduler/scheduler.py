@@ -79,6 +79,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from authrelay import maillog as maillog_mod
+from authrelay import stopdeadline
 from authrelay.config import Config
 from authrelay.delivery.router import route_key
 from authrelay.policy.containment import refused_before
@@ -542,18 +543,19 @@ class Scheduler:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+        gone: list[Path] = []  # the sockets' paths
         if self._nsock is not None:
             assert self._loop is not None
             self._loop.remove_reader(self._nsock.fileno())
             self._nsock.close()
             self._nsock = None
-            with contextlib.suppress(OSError):
-                os.unlink(self.spool.notify_path)
+            gone.append(self.spool.notify_path)
         if self._control is not None:
             self._control.close()
-            with contextlib.suppress(OSError):
-                os.unlink(control.control_path(self.spool))
+            gone.append(control.control_path(self.spool))
             self._control = None
+        if gone:  # off the loop: a frozen spool holds an unlink until the thaw
+            await stopdeadline.unlink(gone, "scheduler-socket-unlink")
         # Every task, those the waited ones start as they end too (a delivery's _finish:
         # its state saved, the message removed, its DSN queued), up to shutdown_timeout.
         loop = asyncio.get_running_loop()

@@ -1,0 +1,93 @@
+"""A stop (SIGTERM) of `serve` whose spool's filesystem is frozen (fsfreeze: a backup's, a
+VM snapshot's; support.tmpfs.ext4 + frozen): every process ends within its bound
+(stopdeadline.py), never waiting for the thaw, and nothing acknowledged is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import ssl
+from pathlib import Path
+
+import pytest
+from relayproc import PASSWORD, RelayProcess, alive, children
+from support.tmpfs import ext4, frozen
+from support.wait import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+
+
+def _logged_in(r: RelayProcess) -> smtplib.SMTP:
+    s = smtplib.SMTP("127.0.0.1", r.ports["submission"], timeout=60)
+    s.starttls(context=ssl._create_unverified_context())
+    s.ehlo("client.example")
+    s.login("alice", PASSWORD)
+    return s
+
+
+def _ended(pid: int) -> bool:
+    """Exited (a zombie), or killed: SIGKILL pending on a process whose thread the kernel
+    holds in a write to the frozen filesystem (nobody can end it before the thaw; it runs
+    nothing more)."""
+    if not alive(pid):
+        return True
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    pending = {ln.split(":")[0]: int(ln.split()[1], 16) for ln in status.splitlines()
+               if ln.startswith(("SigPnd:", "ShdPnd:"))}
+    return any(v & (1 << (signal.SIGKILL - 1)) for v in pending.values())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stop_with_the_spool_frozen_ends_every_process_before_the_thaw(
+        tmp_path: Path, workers: int) -> None:
+    """With the spool frozen a SIGTERM did not finish until the thaw: the master unlinked
+    its local submission and scheduler sockets on its event loop's thread, held in the
+    kernel, and Python's exit joins threads waiting on the disk (seen: `systemctl stop`
+    ended by TimeoutStopSec). Now the master exits (its deadline: shutdown_timeout + 20 s
+    after the SIGTERM, naming what it could not finish), a worker held in the kernel is
+    killed at shutdown_timeout + 10 s; the message answered 250 before is on disk, the one
+    whose commit the freeze held (2 workers) got no 250."""
+    with ext4(tmp_path / "fs") as fs:
+        r = RelayProcess(tmp_path, {"state_dir": str(fs / "state"), "shutdown_timeout": "1s",
+                                    "limits": {"queue_min_free": 0}}, workers=workers)
+        r.state = fs / "state"  # (queued() reads its queue/)
+        r.start()
+        assert r.proc is not None
+        master = r.proc.pid
+        ours = [master, *children(master)]
+        try:
+            with _logged_in(r) as s:
+                assert s.sendmail("alice@relay.test", ["bob@example.org"],
+                                  b"Subject: kept\r\n\r\nacknowledged\r\n") == {}
+            acked = r.wait_for(r.queued, what="the acknowledged message queued")
+            cut = None
+            if workers > 1:  # (one process: its loop is held by the cut session, gaps)
+                cut = _logged_in(r)
+                cut.mail("alice@relay.test")
+                cut.rcpt("bob@example.org")
+                assert cut.docmd("DATA")[0] == 354
+                cut.send(b"Subject: cut\r\n\r\n" + b"x" * 1000 + b"\r\n")
+            with frozen(fs, limit=120) as thawed:
+                if cut is not None:
+                    cut.send(b".\r\n")  # its commit waits for the thaw: no 250 can go
+                os.kill(master, signal.SIGTERM)
+                wait_until(lambda: all(_ended(p) for p in ours), timeout=150,
+                           what="every process of the instance ended or killed")
+                assert not alive(master)  # the master itself exited
+                assert not thawed.is_set(), "the stop waited for the thaw"
+            if cut is not None:
+                try:
+                    answer = cut.getreply()
+                except smtplib.SMTPServerDisconnected:
+                    answer = (0, b"closed")
+                assert answer[0] != 250, answer
+            r.proc.wait(timeout=60)  # (reaped once the thaw let its held threads end)
+            log = r.maillog()
+            assert "daemon=stopped" in log, log[-3000:]
+            assert r.queued() == acked  # the acknowledged one, kept
+        finally:
+            r.kill()
