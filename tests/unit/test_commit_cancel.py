@@ -25,7 +25,7 @@ from authrelay.spool import format as fmt
 from authrelay.spool import writer as writer_mod
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.store import Spool
-from authrelay.spool.submit import Draft, Submitter
+from authrelay.spool.submit import Draft, Refused, Submitter
 from authrelay.spool.writer import READY_MODE, Incoming
 
 SMALL = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nbody line\r\n"
@@ -582,3 +582,40 @@ async def test_containment_never_holds_a_file_still_in_its_commit(spool: Spool) 
     with pytest.raises(writer_mod.Abandoned):
         await task
     assert spool.scan() == [] and spool.held() == []
+
+
+def test_a_refusal_at_the_dot_returns_once_its_early_file_cannot_exist(
+        spool: Spool) -> None:
+    """A message refused at its end of data (here: too many Received: fields) before the
+    commit thread had made its early file (Incoming.create_early, queued behind busy
+    commit threads) was answered at once, and the thread made the file and removed it
+    just after the reply (seen: test_hop_limit asserting queue/ empty, 1 of 3,281).
+    commit() now raises the refusal only once that thread is done: no file then, none
+    later."""
+    gate = threading.Event()
+    release = threading.Timer(0.5, gate.set)  # the commit threads busy until then
+    cfg = from_dict({"hostname": "relay.test", "state_dir": "/nonexistent",
+                     "limits": {"max_hops": 2}})
+    sub = Submitter(spool, cfg, maillog=ListLog())
+
+    async def main() -> tuple[bool, list[str]]:
+        pool = writer_mod.commit_pool()
+        blockers = [pool.run(lambda: gate.wait(30)) for _ in range(pool.size)]
+        d = sub.begin(_env())
+        d.create_early()
+        d.write(b"Received: from a\r\n" * 3 + SMALL)
+        release.start()
+        with pytest.raises(Refused):
+            await d.commit()
+        after_create, files = gate.is_set(), sorted(os.listdir(spool.queue_dir))
+        await asyncio.gather(*blockers)
+        return after_create, files
+
+    try:
+        after_create, files = asyncio.run(main())
+    finally:
+        release.cancel()
+        gate.set()
+    assert after_create, "refused before the early create had run"
+    assert files == []
+    assert os.listdir(spool.queue_dir) == []

@@ -28,6 +28,7 @@ raises out of here: every path ends in a reply, a maillog line, or a close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -81,6 +82,8 @@ class Draft(Protocol):
     # raises spool.submit.Refused; on_durable runs once the message is on disk
     def commit(self, on_durable: Callable[[], None] | None = None) -> Awaitable[None]: ...
     def abort(self) -> None: ...  # idempotent
+    # abort(), returning once no file of the message can exist (a refusal's reply waits)
+    def discard(self) -> Awaitable[None]: ...
     # the caller gives up waiting for commit(): True unless durable already (then 250)
     def abandon(self) -> bool: ...
 
@@ -731,7 +734,10 @@ class Session:
             refusal = await self._suspension_refusal()
         if refusal is None:
             return False
-        self._abort_draft()
+        draft, self._draft = self._draft, None
+        if draft is not None:  # the reply goes once no file of the message can exist
+            with contextlib.suppress(TimeoutError):  # (a hung disk: bounded as a commit)
+                await asyncio.wait_for(draft.discard(), self.cfg.limits.data_block_timeout)
         self._log_reject(refusal, qid=qid, sasl_username=self.eng.auth_user)
         if refusal is replies.AUTH_REVOKED:
             self.eng.close_with(refusal, "auth_revoked")

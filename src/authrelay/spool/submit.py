@@ -566,10 +566,10 @@ class Draft:
             self._prepare()
             await self._incoming.commit(announce=False, on_durable=durable)
         except Refused:
-            self.abort()
+            await self.discard()  # the refusal's reply goes once no file can be made
             raise
         except (OSError, SpoolError) as e:
-            self.abort()
+            await self.discard()
             raise _io_refusal(e) from None
         except asyncio.CancelledError:
             if self._incoming.committed:  # kept (spool/writer.py): it will go out, so logged
@@ -641,6 +641,13 @@ class Draft:
         if not self._done:
             self._end()
             self._incoming.abort()
+
+    async def discard(self) -> None:
+        """abort(), returning once no file of the message can exist (Incoming.gone: an
+        early create still under way has made and removed it). Only a refusal waits for
+        that (an accepted message never does)."""
+        self.abort()
+        await self._incoming.gone()
 
     def _end(self) -> None:
         """Committed or aborted: no longer being received (once)."""

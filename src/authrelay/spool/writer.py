@@ -431,6 +431,15 @@ class Incoming:
                 self._early_fd = fd
             self._early_done.release()
 
+    async def gone(self) -> None:
+        """After abort(): return once no file of this message can exist any more. A
+        create_early() thread still queued or at work makes the file and removes it when
+        done (abort() does not wait for it): a refusal's reply awaits this first, so the
+        refused client never finds its file made meanwhile."""
+        early = self._early
+        if early is not None and not early.done():
+            await asyncio.wait([early])
+
     def _remove_unready(self, fd: int) -> None:
         """Unlink and close the (not ready, locked) file of this message."""
         with contextlib.suppress(OSError):
