@@ -346,6 +346,26 @@ class Acceptor:
         for t in list(self.tasks) + list(self.proxy_reads):
             t.cancel()
 
+    def leave(self) -> None:
+        """Once stopped: the clients already in this listener's backlog answered 421 4.3.2
+        (reason=stopping), then the socket taken out of its SO_REUSEPORT group
+        (shutdown(), as HAProxy pauses a listener): the master keeps a copy of a worker's
+        listening sockets for the worker it forks in its place, and while it was in the
+        group the kernel went on queueing there a share of the new connections, unanswered
+        until that replacement ran (a worker stopped alone: up to its shutdown_timeout).
+        The other workers take them now; the replacement listens on it again. One that
+        comes in the instant between the last accept and the shutdown() is reset."""
+        for _ in range(ACCEPT_BATCH * 16):
+            try:
+                sock, addr = self.sock.accept()
+            except OSError:  # (BlockingIOError: none left)
+                break
+            self.server.metrics_connection(self.ln.mode, "refused")
+            self._refuse(sock, client_ip(addr),
+                         Admission(replies.SHUTTING_DOWN, 0.0, "stopping"))
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
     def _look_again(self) -> None:
         self._poll = None
         why = self.paused

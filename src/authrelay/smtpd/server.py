@@ -43,6 +43,8 @@ __all__ = ["Listener", "SMTPServer", "bind"]
 
 log = logging.getLogger(__name__)
 
+BACKLOG = 1024  # a listening socket's accept queue (capped by net.core.somaxconn)
+
 
 def bind(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
     host, port = listen.host, listen.port
@@ -55,7 +57,7 @@ def bind(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
         # "[::]" means IPv6 only here; list "0.0.0.0:587" too for IPv4 (predictable).
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     s.bind((host, port))
-    s.listen(1024)
+    s.listen(BACKLOG)
     s.setblocking(False)
     return s
 
@@ -128,6 +130,9 @@ class SMTPServer:
     async def start(self, listeners: list[Listener]) -> None:
         for ln in listeners:
             ln.sock.setblocking(False)
+            # Listening again: the worker this one replaces took the socket out of its
+            # SO_REUSEPORT group as it stopped (Acceptor.leave); else no change.
+            ln.sock.listen(BACKLOG)
             a = Acceptor(self, ln)
             a.start()
             self.acceptors.append(a)
@@ -246,6 +251,7 @@ class SMTPServer:
             self.handoff.withdraw()
         for a in self.acceptors:
             a.stop()
+            a.leave()
             with contextlib.suppress(OSError):
                 a.sock.close()
 
