@@ -129,6 +129,15 @@ class RelayProcess:
                     if time.monotonic() > deadline:
                         raise RuntimeError("authrelay did not start listening") from None
                     time.sleep(0.05)
+        # A probe above is answered by whichever worker is up (the kernel queues one for
+        # a worker not yet forked): wait until the master has forked them all, so a test
+        # listing them (children) sees every worker a connection may land in. Bounded, not
+        # required: a test of workers that die at start (a crash loop) goes on without.
+        nworkers = int(self.config_data.get("workers", 1))
+        forked = time.monotonic() + 5.0
+        while nworkers > 1 and len(children(self.proc.pid)) < nworkers \
+                and time.monotonic() < forked and self.proc.poll() is None:
+            time.sleep(0.05)
         # The probes above hold connection slots until the server has seen them close;
         # wait for their end lines so a test's own connections find every slot free. A
         # probe of a proxy_protocol listener ends before admission (no PROXY header: a
