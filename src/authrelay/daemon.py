@@ -947,11 +947,13 @@ def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
         # those the previous instance's processes owed, now. Mapped before any fork.
         try:
             book = OwedLines(owedlines.book_path(cfg.spool_dir), nworkers + 1)
+            unkept = book.unkept  # (no room in /dev/shm: its leftovers read all the same)
         except OSError as e:
-            book = OwedLines(None, nworkers + 1)
+            book, unkept = OwedLines(None, nworkers + 1), e
+        if unkept is not None:
             maillog_mod.get().warning(
                 "refusal lines a killed instance owes are not kept: a killed worker's "
-                f"still are (owedlines): {e.strerror or e}: {e.filename}")
+                f"still are (owedlines): {unkept.strerror or unkept}: {unkept.filename}")
         maillog_mod.get().write_owed(book.leftovers)
         maillog_mod.get().keep_owed(book.slot(0))
         # The commits its sessions give up, kept past a kill of the whole server
@@ -959,12 +961,14 @@ def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
         in_queue = _in_queue(cfg)
         try:
             abook = AbandonedBook(abandoned.book_path(cfg.spool_dir), nworkers + 1, in_queue)
+            unkept = abook.unkept  # (no room in /dev/shm: its leftovers read all the same)
         except OSError as e:
-            abook = AbandonedBook(None, nworkers + 1)
+            abook, unkept = AbandonedBook(None, nworkers + 1), e
+        if unkept is not None:
             maillog_mod.get().warning(
                 "commits given up are not kept past a kill of the whole server: a "
-                f"killed worker's still are (spool/abandoned.py): {e.strerror or e}: "
-                f"{e.filename}")
+                f"killed worker's still are (spool/abandoned.py): {unkept.strerror or unkept}"
+                f": {unkept.filename}")
         slot0 = abook.slot(0)
         # Read again as the user that reads it at every reload; before any fork.
         recipients = _local_recipients(cfg)

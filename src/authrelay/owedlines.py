@@ -17,15 +17,15 @@ VM snapshot's freeze) blocks the process that writes to it until the thaw, and t
 the event loop (seen: with the spool frozen, a worker's first refusal stopped it, every
 client of it unanswered, until the thaw). A memory filesystem is never frozen so, and
 has no writeback. A book that cannot be opened there (no /dev/shm; the name another
-user's) is made in anonymous shared memory (`OwedLines(None, ...)`): a killed worker's
+user's; no room: its memory, `ENTRY` x `ENTRIES` (256 KiB) per process, is taken at the
+start) is made in anonymous shared memory (`OwedLines(None, ...)`): a killed worker's
 lines still reach the master, a killed instance's are lost.
 
-Cost: no system call (a copy into the mapping, a page fault the first time a page is
-touched); only refusal lines are kept. Bounded: `ENTRIES` lines of at most `LINE_MAX`
-bytes per slot. A line longer, or one more while `ENTRIES` wait for a stalled target (a
-refusal flood), is not kept: it is queued for the writer as every other line. Left: a
-process killed between its writer's write and the clear gets the line written twice (the
-master's with `logged_by=master`), never lost.
+Cost: no system call (a copy into the mapping); only refusal lines are kept. Bounded:
+`ENTRIES` lines of at most `LINE_MAX` bytes per slot. A line longer, or one more while
+`ENTRIES` wait for a stalled target (a refusal flood), is not kept: it is queued for the
+writer as every other line. Left: a process killed between its writer's write and the
+clear gets the line written twice (the master's with `logged_by=master`), never lost.
 """
 
 from __future__ import annotations
@@ -94,8 +94,10 @@ class OwedLines:
         """Open (create) the book for `slots` processes; `path` None: in anonymous
         shared memory (no previous instance's). `leftovers` are the lines a previous
         instance's processes still owed, oldest first per slot, taken. OSError when
-        `path` is not this user's own regular file (/dev/shm is everyone's)."""
+        `path` is not this user's own regular file (/dev/shm is everyone's); no room for
+        it there: `unkept`, the leftovers read all the same."""
         self.leftovers: list[str] = []
+        self.unkept: OSError | None = None  # no room in /dev/shm: kept in anonymous memory
         self._slots = slots
         self._path = path
         if path is None:
@@ -110,9 +112,11 @@ class OwedLines:
                         for s in range((size - ENTRY) // SLOT):
                             self.leftovers += _owed(memoryview(old)[ENTRY + s * SLOT:
                                                                    ENTRY + (s + 1) * SLOT])
-            os.ftruncate(fd, 0)  # every entry free (a sparse file: pages as touched)
-            os.ftruncate(fd, ENTRY + slots * SLOT)
-            self._map = mmap.mmap(fd, ENTRY + slots * SLOT)
+            # Every entry free, its pages taken now: a page first touched by a refusal's
+            # line in a full /dev/shm was a SIGBUS, the process dead. No room: `unkept`.
+            self._map, self.unkept = shmbook.map_taken(fd, path, ENTRY + slots * SLOT)
+            if self.unkept is not None:
+                self._path = None  # (the book as it was, for the next start)
         finally:
             os.close(fd)
         self._map[:ENTRY] = _MAGIC

@@ -3,10 +3,12 @@ the whole server (the real server's path: tests/integration/test_abandoned_commi
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
+from support import tmpfs
 
 from authrelay.spool.abandoned import ENTRIES, AbandonedBook
 
@@ -60,3 +62,31 @@ def test_a_book_not_of_this_users_own_is_refused(tmp_path: Path) -> None:
     os.chmod(path, 0o644)
     with pytest.raises(PermissionError):
         AbandonedBook(path, 2)
+
+
+def test_a_full_dev_shm_at_the_start_still_hands_over_the_killed_instances_ids(
+        tmp_path: Path) -> None:
+    """A start with more slots than the killed instance's book (workers raised) on a full
+    /dev/shm: the book's old entries were cleared before its new pages were taken, and
+    that failure lost the ids read: the files the killed instance gave up delivered
+    (the duplicates the book is for). Now they are read all the same; this instance's
+    ids go in anonymous memory (`unkept`) and the book stays for the next start."""
+    with tmpfs.mounted(tmp_path / "shm", "256k") as shm:
+        path = shm / "book"
+        AbandonedBook(path, 2).slot(1).keep("AAA1")  # killed: no close()
+        with open(shm / "filler", "wb", buffering=0) as f:  # /dev/shm full
+            with pytest.raises(OSError) as full:
+                while True:
+                    f.write(b"\0" * 4096)
+            assert full.value.errno == errno.ENOSPC
+        book = AbandonedBook(path, 3, exists=lambda qid: True)
+        assert book.leftovers == ["AAA1"]
+        assert book.unkept is not None and book.unkept.errno == errno.ENOSPC
+        assert book.unkept.filename == str(path)
+        book.slot(2).keep("BBB2")  # (in anonymous memory: the file as it was)
+        assert book.slot(2).ids() == ["BBB2"]
+        book.close(lambda qid: False)
+        assert AbandonedBook(path, 2, exists=lambda qid: True).leftovers == ["AAA1"]
+        # The same slots again (the usual restart) take no new room: the book is used.
+        again = AbandonedBook(path, 2, exists=lambda qid: False)
+        assert again.unkept is None and again.leftovers == []

@@ -24,8 +24,9 @@ fsync past the ready mark, stay); the master's slot also keeps the ids a reaped 
 left with their files still there, and a start's leftovers, until the next start. A
 book that cannot be opened in /dev/shm (none, full, the name another user's: a
 `warning=` line at the start) is made in anonymous shared memory
-(`AbandonedBook(None, ...)`): a reaped worker's ids still reach the master, a killed
-instance's are lost.
+(`AbandonedBook(None, ...)`): a reaped worker's ids still reach the master, this
+instance's are lost to a kill of it; a previous instance's, read before the room for
+this one's is taken, are dropped all the same.
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ class AbandonedBook:
         queue id), slot by slot, oldest first; kept in slot 0 again (a kill before
         this instance's scheduler dropped their files leaves them to the next start).
         OSError when `path` is not this user's own regular file (/dev/shm is
-        everyone's), or /dev/shm has no room for it."""
+        everyone's); no room for it there: `unkept`, the leftovers read all the same."""
         self.leftovers: list[str] = []
+        self.unkept: OSError | None = None  # no room in /dev/shm: kept in anonymous memory
         self._slots = slots
         self._path = path
         size = ENTRY + SLOT * slots
@@ -128,11 +130,11 @@ class AbandonedBook:
                 if qid not in seen and exists(qid):
                     seen.add(qid)
                     self.leftovers.append(qid)
-            os.ftruncate(fd, 0)  # every entry free
-            # Its pages taken now: a full /dev/shm is this OSError at the start, never a
-            # SIGBUS at a write into the mapping.
-            os.posix_fallocate(fd, 0, size)
-            self._map = mmap.mmap(fd, size)
+            # Every entry free, its pages taken now (never a SIGBUS at a write); no room
+            # in /dev/shm for them: in anonymous memory (`unkept`), the leftovers read.
+            self._map, self.unkept = shmbook.map_taken(fd, path, size)
+            if self.unkept is not None:
+                self._path = None  # (the book as it was, for the next start)
         finally:
             os.close(fd)
         self._map[:ENTRY] = _MAGIC
