@@ -112,6 +112,7 @@ def _lines(stream: LineReader, ignore_dots: bool) -> Iterator[bytes]:
     """Message lines with CRLF line ends; stops at a lone '.' unless -i. A line longer
     than LINE_PIECE comes in pieces, joined again in the spool."""
     cr_ended = False  # the last piece ended in a CR: an LF right after is its CRLF's
+    mid = False  # the last piece ended inside its line: what follows is no line of its own
     while True:
         line = stream.readline(LINE_PIECE)
         if cr_ended:
@@ -128,10 +129,12 @@ def _lines(stream: LineReader, ignore_dots: bool) -> Iterator[bytes]:
                 line = line[:-1]
         elif len(line) == LINE_PIECE:  # a very long line: pass it on in pieces, no line end
             cr_ended = line.endswith(b"\r")
+            mid = not cr_ended
             yield line.replace(b"\r", b"\r\n")
             continue
-        if not ignore_dots and line == b".":
+        if not ignore_dots and line == b"." and not mid:
             return
+        mid = False
         # A bare CR inside a line is a line end too: the spool holds CRLF text only.
         yield line.replace(b"\r", b"\r\n") + b"\r\n"
 

@@ -82,3 +82,14 @@ def test_a_crlf_cut_between_two_pieces_is_one_line_end() -> None:
         assert [len(ln) for ln in got.split(b"\r\n")] == [10, LINE_PIECE - 1, 10, 0,
                                                          LINE_PIECE, 0]
         assert got == data
+
+
+def test_a_long_lines_last_piece_of_a_dot_does_not_end_the_message() -> None:
+    """Without -i a line of a lone '.' ends the message; the last piece of a longer line
+    that is a '.' is the end of that line, not a line of its own (it ended the message
+    there: the rest of the message dropped, a 0, queued)."""
+    from authrelay.localmail import LINE_PIECE
+    from authrelay.localmail import _lines as message_lines
+    data = b"Subject: a\r\n\r\n" + b"x" * LINE_PIECE + b".\r\nrest\r\n.\r\nafter the end\r\n"
+    got = b"".join(message_lines(_Frames(_framed(data)), False))
+    assert got == b"Subject: a\r\n\r\n" + b"x" * LINE_PIECE + b".\r\nrest\r\n"
