@@ -195,6 +195,36 @@ def test_a_success_notice_committed_just_before_a_kill_is_not_queued_again(
     assert any("stat=Sent" in ln for ln in log_lines(relay, notice_file.name))
 
 
+def test_a_success_notice_whose_derived_id_is_taken_gets_a_new_one(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A success notice's derived id (bounce.notice_id) shares its clock part with its
+    message's id, so its 30-bit tail may match a queued one's (the message itself, one in
+    2**30): the commit's exclusive create then failed and the notice was lost, with a
+    traceback. A hook makes the derived id the message's own: the notice goes under a new
+    id, and the sender gets it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import authrelay.scheduler.scheduler as s\n"
+        "s.notice_id = lambda env, rcpts: env.queue_id  # the worst collision\n")
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    mx1 = fake_mx("127.0.0.2")  # aiosmtpd: no DSN extension, the notice is ours
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = _submit(relay, [("bob@example.test", ["NOTIFY=SUCCESS"])], [])
+    relay.wait_for(lambda: sender_mx.messages, what="the success notice")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
+    assert [m.rcpt_tos for m in mx1.messages] == [["bob@example.test"]]
+    [notice] = sender_mx.messages
+    assert f"X-Authrelay-Queue-ID: {qid}" in notice.content.decode()
+    msg, groups = parse_dsn(notice.content)
+    assert [(g["Action"], g["Status"]) for g in groups] == [("relayed", "2.0.0")]
+    log = relay.maillog()
+    assert f"{qid}: sender_success_notification=" in log, log[-3000:]
+    assert "Traceback" not in log
+
+
 def test_a_raw_utf8_original_recipient_reaches_the_next_hop_and_the_bounce(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:

@@ -1467,12 +1467,18 @@ class Scheduler:
             # RFC 3461 4.3 RET=FULL: the sender asked for the whole message back.
             full = await self._io(self._read_message, env.queue_id)
         lifetime = self.cfg.delivery.max_queue_lifetime
+        # A success notice's id is derived (notice_id): a crash recovery finds it. Its
+        # clock part is the message's, so its 30-bit tail may match a queued message's
+        # (the message itself: 2**-30): then a new id, as any other notice's (else the
+        # commit's exclusive create failed and the notice was lost).
+        qid = notice_id(env, rcpts) if action == "relayed" else None
+        if qid is not None and (qid == env.queue_id
+                                or await self._io(self.spool.exists, qid)):
+            qid = None
         benv, data = make_bounce(
             env, rcpts, headers, self.cfg.hostname, action, remote=remote,
             will_retry_until=env.received_at + lifetime if lifetime else None,
-            original_message=full,
-            # A success notice's id is derived (notice_id): a crash recovery finds it.
-            queue_id=notice_id(env, rcpts) if action == "relayed" else None,
+            original_message=full, queue_id=qid,
         )
         # The one way into the spool (spool/submit.py): Received, fsync, the from= line.
         draft = self.submitter.begin(benv, add_missing=False, check_content=False,
