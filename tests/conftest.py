@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import relayproc
 import trustme
 from fakes.dnsserver import FakeDNSServer
 from fakes.smtpserver import MXFactory
@@ -32,6 +33,10 @@ from support import ci
 # a verdict on the scheduler, not on the code.
 settings.register_profile("authrelay", deadline=None)
 settings.load_profile("authrelay")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    relayproc.forget_books()  # the /dev/shm books killed servers left
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -5,6 +5,7 @@ Used by the integration and dialog tests; speaks to the server only over real so
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -25,6 +26,9 @@ from support.wait import DEADLINE, wait_until
 from authrelay.importer import toml_value
 
 PASSWORD = "correct horse battery"
+# The spools (device, inode) of the servers this test process started: their books in
+# /dev/shm are removed when the session ends (forget_books).
+_STARTED: set[tuple[int, int]] = set()
 T = TypeVar("T")
 
 
@@ -108,6 +112,9 @@ class RelayProcess:
         except BaseException:
             self.kill()  # never leave a server behind a failed start
             raise
+        with contextlib.suppress(OSError):
+            st = os.stat(self.state / "spool")
+            _STARTED.add((st.st_dev, st.st_ino))
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> None:
@@ -135,8 +142,9 @@ class RelayProcess:
         # required: a test of workers that die at start (a crash loop) goes on without.
         nworkers = int(self.config_data.get("workers", 1))
         forked = time.monotonic() + 5.0
-        while nworkers > 1 and len(children(self.proc.pid)) < nworkers \
-                and time.monotonic() < forked and self.proc.poll() is None:
+        proc = self.proc
+        while nworkers > 1 and len(children(proc.pid)) < nworkers \
+                and time.monotonic() < forked and proc.poll() is None:
             time.sleep(0.05)
         # The probes above hold connection slots until the server has seen them close;
         # wait for their end lines so a test's own connections find every slot free. A
@@ -313,3 +321,25 @@ def refuses(port: int, host: str = "127.0.0.1") -> bool:
         return True
     except OSError:
         return False
+
+
+def forget_books() -> list[Path]:
+    """Remove the books in /dev/shm (owedlines.py, spool/abandoned.py: named by the
+    spool's device and inode) of the servers this test process started, except one a live
+    process maps; returns those removed. A server killed -9 leaves its books for its next
+    start, and a suite's kill tests left hundreds (each (workers + 1) x ~340 KiB of
+    memory); called at the session's end (tests/conftest.py)."""
+    mapped: set[str] = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                mapped.update(ln.split(None, 5)[5] for ln in
+                              (d / "maps").read_text(errors="replace").splitlines()
+                              if "/dev/shm/authrelay-" in ln and len(ln.split(None, 5)) == 6)
+    gone = []
+    for dev, ino in _STARTED:
+        for book in Path("/dev/shm").glob(f"authrelay-*-{dev:x}-{ino:x}"):
+            if str(book) not in mapped:
+                book.unlink(missing_ok=True)
+                gone.append(book)
+    return gone
