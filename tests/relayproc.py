@@ -143,6 +143,7 @@ class RelayProcess:
         nworkers = int(self.config_data.get("workers", 1))
         forked = time.monotonic() + 5.0
         proc = self.proc
+        assert proc is not None
         while nworkers > 1 and len(children(proc.pid)) < nworkers \
                 and time.monotonic() < forked and proc.poll() is None:
             time.sleep(0.05)
