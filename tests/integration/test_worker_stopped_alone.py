@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from relayproc import RelayProcess, alive, children
+from support.procfs import holder
 from support.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -50,7 +51,11 @@ def test_a_worker_stopped_alone_leaves_no_connection_waiting(tmp_path: Path) -> 
         first = socket.create_connection(("127.0.0.1", port))
         assert _greeting(first).startswith(b"220")
         idle.append(first)
-        victim = r.wait_for(lambda: next(iter(took()), 0), what="the first connect line")
+        # The worker holding it (the connect lines would not say: wait_ready's probe of
+        # this port may have been the other's, and a set has no order).
+        victim = r.wait_for(lambda: holder(children(r.proc.pid) if r.proc else [],
+                                           "127.0.0.1", first.getsockname()[1]),
+                            what="the worker holding the first connection")
         os.kill(victim, signal.SIGTERM)  # its idle session holds it up to 120 s
         r.wait_log(rf"authrelay\[{victim}\]: NOQUEUE: daemon=stopping")
         news = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
