@@ -89,21 +89,28 @@ async def test_no_pipelining_one_command_per_round_trip(
         assert chunk.count(b"\r\n") == 1 or not chunk.startswith((b"MAIL", b"RCPT")), chunk
 
 
-async def test_pipelined_group_all_refused_then_reused(
-        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory) -> None:
-    """Every RCPT refused: DATA is refused too (503), the transaction is reset and the
-    connection serves the next message."""
-    mx = fake_mx("127.0.0.2", rcpt_replies={"x@example.test": "550 5.1.1 unknown"})
+@pytest.mark.parametrize("refusal", ["550 5.1.1 unknown", "450 4.2.1 try later"])
+async def test_pipelined_group_all_refused_reused_only_after_a_transient_refusal(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, refusal: str) -> None:
+    """Every RCPT refused: DATA is refused too (503). Refused for now, the transaction is
+    reset and the connection serves the next message; refused for good, the refusal
+    stands only once QUIT is answered 221 in step (Courier._settle: no 354 showed the
+    replies in step), and the next message takes a new connection."""
+    mx = fake_mx("127.0.0.2", rcpt_replies={"x@example.test": refusal})
     courier = Courier(make_cfg(tmp_path, dns, fake_mx.port), maillog=ListLog())
     try:
         bad = await deliver(courier, envelope("x@example.test"))
-        assert bad["x@example.test"].permanent
+        assert bad["x@example.test"].code == int(refusal[:3]), bad
         good = await deliver(courier, envelope("y@example.test"))
         assert good["y@example.test"].ok
     finally:
         await courier.close()
-    assert mx.connections == 1 and len(mx.messages) == 1
-    assert b"RSET\r\n" in mx.wire[0]
+    assert len(mx.messages) == 1
+    if refusal.startswith("5"):
+        assert mx.connections == 2
+        assert b"RSET\r\n" not in mx.wire[0] and mx.wire[0].endswith(b"QUIT\r\n")
+    else:
+        assert mx.connections == 1 and b"RSET\r\n" in mx.wire[0]
 
 
 async def test_pipelined_mail_refused_permanently(
@@ -1680,19 +1687,53 @@ async def test_a_late_second_refusal_of_the_dot_bounces_no_follow_up_transaction
     assert [len(c) for c in mx.conns] == [1, 1]  # r0's transaction, then r1's, once each
 
 
+def _rcpt_answered_late(stray: bytes) -> Any:
+    """A next hop without PIPELINING that sends `stray` once it has read RCPT, and RCPT's
+    own 250 only once it has read the command after it (then that command's reply): a
+    late second reply to MAIL still in flight when RCPT went out, read as RCPT's."""
+    async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 raw.test ESMTP\r\n")
+        late = False
+        while line := await r.readline():
+            mx.received.append(line)
+            verb = line[:4].upper()
+            if late:
+                w.write(b"250 2.1.5 ok\r\n")  # RCPT's own, one step behind
+                late = False
+            if verb == b"QUIT":
+                w.write(b"221 bye\r\n")
+                break
+            if verb == b"RCPT":
+                w.write(stray)
+                late = True
+            else:
+                w.write(b"250 raw.test\r\n" if verb == b"EHLO" else b"250 ok\r\n")
+            await w.drain()
+    return script
+
+
+@pytest.mark.parametrize(("script", "said"), [
+    (verbs({b"EHLO": b"250 raw.test\r\n",
+            b"MAIL": b"250 2.1.0 ok\r\n550 5.1.1 no such user\r\n",
+            b"DATA": b"354 go ahead\r\n"}),
+     "before the next command was sent: 550 5.1.1 no such user"),
+    (_rcpt_answered_late(b"550 5.1.1 no such user\r\n"),
+     "out of step: 250 2.1.5 ok to QUIT after 550 5.1.1 no such user"),
+], ids=["waiting", "in-flight"])
 async def test_a_second_reply_to_mail_is_no_verdict_for_the_rcpt_after_it(
-        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int, script: Any, said: str) -> None:
     """A next hop without PIPELINING answering MAIL twice ("250", then "550 5.1.1"): the
     550 was read as the reply to the RCPT sent after it and bounced the recipient (the
     RSET then got RCPT's own 250). Now a reply already waiting when a command goes out
-    is out of step (wire.OutOfStep): the connection dropped, the recipient deferred
-    451 4.5.0 with the host's maillog line, no message sent."""
+    is out of step (wire.OutOfStep, a9e8309: "waiting"). One still on its way when RCPT
+    went out ("in-flight": sent once RCPT is read, RCPT's own 250 only once the next
+    command is) bounced it still: now a permanent refusal no 354 followed stands only
+    once QUIT is answered 221 in its place (Courier._settle), and here QUIT gets the 250
+    due to RCPT, every reply a step behind. Either way the connection dropped, the
+    recipient deferred 451 4.5.0 with the host's maillog line, no message sent."""
     one_mx(dns)
     ml = ListLog()
-    with RawMX("127.0.0.2", raw_port, verbs({
-            b"EHLO": b"250 raw.test\r\n",
-            b"MAIL": b"250 2.1.0 ok\r\n550 5.1.1 no such user\r\n",
-            b"DATA": b"354 go ahead\r\n"})) as mx:
+    with RawMX("127.0.0.2", raw_port, script) as mx:
         courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ml)
         try:
             env = envelope("bob@example.test")
@@ -1700,9 +1741,28 @@ async def test_a_second_reply_to_mail_is_no_verdict_for_the_rcpt_after_it(
         finally:
             await courier.close()
     assert (r.ok, r.permanent, r.code, r.enhanced) == (False, False, 451, "4.5.0"), r
-    assert "before the next command was sent: 550 5.1.1 no such user" in r.text, r
-    assert b"message" not in mx.received
+    assert said in r.text, r
+    assert b"message" not in mx.received and b"RSET\r\n" not in mx.received
     assert len(ml.grep(env.queue_id, "status=host failed", "4.5.0")) == 1, ml.lines
+
+
+async def test_a_refusal_answered_in_step_still_bounces_and_ends_the_session(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int) -> None:
+    """The same refusal from a next hop in step: QUIT gets its 221, the 550 stands (the
+    recipient bounced), and the session has ended (QUIT, no RSET, nothing cached)."""
+    one_mx(dns)
+    with RawMX("127.0.0.2", raw_port, verbs({
+            b"EHLO": b"250 raw.test\r\n",
+            b"RCPT": b"550 5.1.1 no such user\r\n"})) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            env = envelope("bob@example.test")
+            r = (await deliver(courier, env))["bob@example.test"]
+            assert not courier._idle
+        finally:
+            await courier.close()
+    assert (r.ok, r.permanent, r.code, r.enhanced) == (False, True, 550, "5.1.1"), r
+    assert [ln[:4] for ln in mx.received] == [b"EHLO", b"MAIL", b"RCPT", b"QUIT"]
 
 
 @pytest.mark.parametrize(("second", "ok"), [

@@ -169,10 +169,16 @@ async def _run(pipelining: bool, n: int, sc: Script) -> None:
                 res2 = await courier.deliver(env2, env2.recipients, MSG)
                 assert res2["z@far.test"].ok, (res2, sc)
                 assert server.accepted[-1] == ["z@far.test"]
-                # ...on the same connection, unless the server closed it (421) or the
-                # host failed as a whole (4xx to MAIL: the connection is dropped).
+                # ...on the same connection, unless the server closed it (421), the
+                # host failed as a whole (4xx to MAIL: the connection is dropped), or a
+                # refusal for good that no 354 followed stood once QUIT was answered in
+                # step (Courier._settle).
                 codes = [sc.mail, *sc.rcpts[:n], sc.data, sc.final]
-                if 421 not in codes and not 400 <= sc.mail < 500:
+                taken = any(c < 300 for c in sc.rcpts[:n])
+                settled = sc.mail >= 500 or (
+                    any(c >= 500 for c in sc.rcpts[:n]) and not (taken and sc.data == 354)) \
+                    or (taken and sc.data >= 500)
+                if 421 not in codes and not 400 <= sc.mail < 500 and not settled:
                     assert server.connections == 1, sc
             finally:
                 await courier.close()

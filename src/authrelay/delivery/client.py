@@ -5,6 +5,7 @@ session with each (EHLO, STARTTLS policy, smart-host AUTH, SIZE / 8BITMIME / SMT
 DSN parameters), per-recipient results, and an idle-connection cache so several messages
 to one host share a connection (RSET between messages only after an idle spell or after a
 refused one: a transaction that ended without a message, or a message refused at its dot;
+a permanent refusal no 354 followed ends the session instead, its QUIT confirming it;
 a cached connection whose first transaction gets a reply blaming the connection, a 503 or
 any other refusal to MAIL, a 421 before the message or replies out of step, is dropped and
 the message retried on a new one, once; a follow-up transaction on one connection, after
@@ -26,9 +27,11 @@ Failure policy (codes per RFC 3463):
   smtp_tls_block_early_mail_reply), a second reply with the end of data's (which is the
   dot's is unknown: deferred 4.5.0, "may have been delivered"), a 354 to an RSET, a
   refusal of MAIL on a reused connection (without PIPELINING, a late second reply to the
-  last dot reads the same): the connection is dropped, the message retried at once on
-  a new one (once) or deferred, never bounced nor counted sent on another command's
-  reply.
+  last dot reads the same), anything but 221 to the QUIT that ends a session whose
+  permanent refusal no 354 followed (`Courier._settle`: a stray reply still on its way
+  when a command went out shifts every reply after it): the connection is dropped,
+  the message retried at once on a new one (once) or deferred, never bounced nor
+  counted sent on another command's reply.
 - 2xx to the end of data: sent (the only reply that delivers; any 2yz to MAIL or RCPT
   goes on, RFC 5321 4.2.1, as Postfix; a 2xx or 3xx that is not the reply a step wants,
   such as 250 to DATA or a greeting other than 220, is transient 4.5.0, never "sent").
@@ -1463,6 +1466,7 @@ class Courier:
 
         accepted: list[Recipient] = []
         data_rep: SMTPReply | None = None
+        refusal: SMTPReply | None = None  # the last permanent refusal read (RCPT's)
         try:
             if pipelining:
                 w.send(b"".join(lines))  # RFC 2920 3.1: DATA ends the group
@@ -1481,9 +1485,9 @@ class Courier:
                 if not res.permanent:
                     raise _TryNext(res)  # RFC 5321 5.1: another host may take it
                 results.update({r.address: res for r in send})
-                reusable = await self._skip(w, unread, ct) and \
-                    await self._reset_after(rep, w, ct, reused, remote)
-                return _Outcome(results, set(), reusable)
+                if await self._skip(w, unread, ct):
+                    await self._settle(rep, w, ct, remote)
+                return _Outcome(results, set(), False)
             for i, r in enumerate(send):
                 if not pipelining:
                     w.send(lines[1 + i])
@@ -1498,6 +1502,8 @@ class Courier:
                 res = _rcpt_result(rep, remote, sender,
                                    on_wire.get(r.address, r.address))
                 results[r.address] = res
+                if res.permanent:
+                    refusal = rep
                 if not res.permanent:
                     next_host.add(r.address)
                 if rep.code == 421:  # service closing: nothing more on this connection
@@ -1533,6 +1539,10 @@ class Courier:
                     await w.reply(d.data_timeout)
                 except (TimeoutError, *_LOST):
                     reusable = False
+            if refusal is not None:  # no 354 showed the replies in step: QUIT does
+                if reusable:
+                    await self._settle(refusal, w, ct, remote)
+                return _Outcome(results, next_host, False)
             try:
                 reusable = reusable and await self._reset(w, ct)
             except wire.OutOfStep as e:  # the refusals may be other commands' replies
@@ -1548,6 +1558,9 @@ class Courier:
                 results[r.address] = res
                 if not res.permanent:
                     next_host.add(r.address)
+            if res.permanent or refusal is not None:
+                await self._settle(data_rep, w, ct, remote)
+                return _Outcome(results, next_host, False)
             try:
                 reusable = data_rep.code != 421 and \
                     await self._reset_after(data_rep, w, ct, reused, remote)
@@ -1647,6 +1660,33 @@ class Courier:
             raise
         except (TimeoutError, *_LOST):
             return None
+
+    @staticmethod
+    async def _settle(refusal: SMTPReply, w: Connection, timeout: float,
+                      remote: str) -> None:
+        """Before a permanent refusal stands that no 354 followed (MAIL's, RCPT's, DATA's:
+        it may be a stray reply read in its command's place, a late second reply to an
+        earlier command still on its way when this one went out; one reply per command,
+        RFC 5321 4.1.1, is all that pairs them): QUIT, whose 221 (RFC 5321 4.1.1.10) no
+        other command gets. QUIT answered 221, or no reply at all (the connection
+        closed, the timeout; TCP keeps the order, so a reply due to an earlier command
+        comes before QUIT's): the replies were in step, the refusal stands. Anything
+        else read in QUIT's place (or already waiting when QUIT goes out) is an earlier
+        command's reply, every reply a step behind: _Stale, out of step, no verdict.
+        The connection is closed either way (as Postfix's RSET after a refused
+        transaction ignores its reply, this costs the cached connection)."""
+        try:
+            rep = await w.command(b"QUIT\r\n", timeout)
+        except ProtocolError as e:  # waiting before QUIT went out (OutOfStep), or garbage
+            raise _Stale(_out_of_step(e, remote)) from None
+        except (TimeoutError, *_LOST):
+            return
+        finally:
+            w.close()
+        if rep.code != 221:
+            raise _Stale(_out_of_step(wire.OutOfStep(
+                f"replies out of step: {str(rep)[:200]} to QUIT after {str(refusal)[:200]}"),
+                remote))
 
     @staticmethod
     async def _reset_after(refusal: SMTPReply, w: Connection, timeout: float,
