@@ -104,7 +104,7 @@ def test_a_success_notice_owed_at_a_kill_comes_once_and_the_message_is_not_sent_
         "async def _held(self, act):\n"
         f"    if act.owed.get('relayed') and os.path.exists({str(hold)!r}):\n"
         "        await asyncio.Event().wait()  # killed here\n"
-        "    await _send(self, act)\n"
+        "    return await _send(self, act)\n"
         "s.Scheduler._send_owed = _held\n")
     monkeypatch.setenv("PYTHONPATH", str(hook))
     mx1 = fake_mx("127.0.0.2")  # aiosmtpd: no DSN extension, the notice is ours
@@ -165,11 +165,12 @@ def test_a_success_notice_committed_just_before_a_kill_is_not_queued_again(
         "import os, signal\n"
         "import authrelay.scheduler.scheduler as s\n"
         "_queue = s.Scheduler._queue_dsn\n"
-        "async def _stopped(self, env, rcpts, action, remote):\n"
-        "    await _queue(self, env, rcpts, action, remote)\n"
+        "async def _stopped(self, env, rcpts, action, remote, **kw):\n"
+        "    qid = await _queue(self, env, rcpts, action, remote, **kw)\n"
         f"    if action == 'relayed' and not os.path.exists({str(tmp_path / 'once')!r}):\n"
         f"        open({str(tmp_path / 'once')!r}, 'w').close()  # (the first run only)\n"
         "        os.kill(os.getpid(), signal.SIGSTOP)  # committed; no 's' line yet\n"
+        "    return qid\n"
         "s.Scheduler._queue_dsn = _stopped\n")
     monkeypatch.setenv("PYTHONPATH", str(hook))
     mx1 = fake_mx("127.0.0.2")  # aiosmtpd: no DSN extension, the notice is ours
@@ -193,6 +194,57 @@ def test_a_success_notice_committed_just_before_a_kill_is_not_queued_again(
     assert msg["Subject"] == "Successful Mail Delivery Report"
     assert [(g["Action"], g["Status"]) for g in groups] == [("relayed", "2.0.0")]
     assert any("stat=Sent" in ln for ln in log_lines(relay, notice_file.name))
+
+
+def test_a_success_notice_is_not_delivered_before_the_journal_says_it_is_queued(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-flight journal's thread stalled at the `{"s": N}` line of a success notice
+    (a sitecustomize hook holds it there while a file says so): the notice's own
+    end-of-data dot waited BEGIN_WAIT for its begin line (behind the "s") and went on,
+    the notice was delivered and removed, and a kill -9 then had the start find the
+    journal's "n" without "s" and the notice gone: queued again, the sender got two. Now
+    a success notice is not delivered before its "s" line is written (one warning while
+    it waits): after the kill the start finds it queued and it comes once."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    stall = tmp_path / "stall"
+    stall.touch()
+    (hook / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "import authrelay.scheduler.inflight as j\n"
+        "_write = j.InflightJournal._write\n"
+        "def _stalled(self, data):\n"
+        "    while b'{\"s\":' in data and os.path.exists(" + repr(str(stall)) + "):\n"
+        "        time.sleep(0.01)  # the journal's thread held at the 's' line\n"
+        "    _write(self, data)\n"
+        "j.InflightJournal._write = _stalled\n")
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    # carol deferred: the message stays queued (the start's recovery looks only at a
+    # message still there)
+    later = {"carol@example.test": "451 4.3.0 try later"}
+    mx1 = fake_mx("127.0.0.2", rcpt_replies=later)  # aiosmtpd: no DSN extension
+    fake_mx("127.0.0.3", rcpt_replies=later)
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = _submit(relay, [("bob@example.test", ["NOTIFY=SUCCESS"]),
+                          ("carol@example.test", [])], [])
+
+    def only_the_message() -> bool:
+        return [p.name for p in relay.queued()] == [qid]
+    # The old code: the notice delivered and removed; now: it waits for the "s" line.
+    relay.wait_for(lambda: sender_mx.messages and only_the_message() or re.search(
+        r"success notice \S+ waits for the in-flight journal", relay.maillog()),
+        what="the notice delivered, or waiting for its 's' line")
+    relay.kill()
+    stall.unlink()
+    relay.start()
+    relay.wait_for(lambda: sender_mx.messages and only_the_message(),
+                   what="the notice delivered, the message alone in the queue")
+    assert [m.rcpt_tos for m in mx1.messages] == [["bob@example.test"]]
+    assert len(sender_mx.messages) == 1, [m.content[:300] for m in sender_mx.messages]
+    assert len([ln for ln in log_lines(relay, qid)
+                if "sender_success_notification=" in ln]) == 1
 
 
 def test_a_success_notice_whose_derived_id_is_taken_gets_a_new_one(

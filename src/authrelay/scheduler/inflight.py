@@ -31,7 +31,9 @@ when), so the DSN the start queues after a crash is the one the run would have; 
 owing nobody one is as before (nothing more on the path of every delivery); and
 then `{"s": N}` once that DSN is queued (`notified`; such an attempt is ended only after
 it, even when its state was saved before; a kill between the DSN's commit and this
-line: the start finds the DSN in the queue by its derived id, bounce.notice_id).
+line: the start finds the DSN in the queue by its derived id, bounce.notice_id; so
+that DSN is not delivered, and removed, before this line is written: `notified` returns
+the mark `said` waits for, without a bound).
 `leftovers()` returns them, and the scheduler's start records those recipients as sent (the message
 removed when none is left; the success DSN owed queued first) instead of delivering
 them again: a message delivered and
@@ -85,6 +87,7 @@ COMPACT_AT = 1024 * 1024
 RETRY_AFTER = 60.0  # seconds a journal disabled by an I/O error waits to be tried again
 BEGIN_WAIT = 1.0  # seconds the end-of-data dot waits for its attempt's begin line (begun)
 BEGIN_POLL = 0.001  # seconds between looks at the thread's progress while it waits
+SAID_POLL = 0.1  # at most this between looks while a success notice waits (said)
 
 
 def _begin_line(token: int, qid: str, rcpts: list[str]) -> bytes:
@@ -348,18 +351,41 @@ class InflightJournal:
         if lines:
             self._submit(b"".join(lines))
 
-    def notified(self, tokens: list[int]) -> None:
+    def notified(self, tokens: list[int]) -> int:
         """The success DSN owed for the delivered recipients of `tokens` is queued (or
         given up): `{"s": N}` for each that named some, so a crash before its end does
-        not have the start queue it again."""
+        not have the start queue it again. Returns the mark `said(mark)` waits for (0:
+        no line): the notice must not be delivered before its line is written (once
+        delivered and removed, a crash's start would not find it queued and would queue
+        it again)."""
         lines = []
         for token in tokens:
             live = self._live.get(token)
             if live is not None and live[4]:
                 self._live[token] = live[:4] + ((),)
                 lines.append(b'{"s":%d}\n' % token)
-        if lines:
-            self._submit(b"".join(lines))
+        if not lines:
+            return 0
+        mark = self._next  # (a token of no attempt: the thread passes it as a begin's)
+        self._next += 1
+        self._submit(b"".join(lines), mark)
+        return mark
+
+    def said(self, mark: int) -> Awaitable[None] | None:
+        """None once the lines `notified` returned `mark` for are written (or dropped by
+        a disabled journal); else an awaitable that returns when they are, without a
+        bound (unlike `begun`: a success notice delivered before its `{"s": N}` line
+        comes twice after a crash; it waits, queued, while the journal's thread is
+        stalled)."""
+        if mark <= self._through:
+            return None
+        return self._wait_said(mark)
+
+    async def _wait_said(self, mark: int) -> None:
+        pause = BEGIN_POLL
+        while mark > self._through:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, SAID_POLL)
 
     def cut(self, token: int) -> None:
         """Attempt `token` cut by a stop, whose lines said what it cut (the next start

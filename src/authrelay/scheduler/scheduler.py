@@ -86,7 +86,7 @@ from authrelay.policy.containment import refused_before
 from authrelay.policy.suspender import Suspender
 from authrelay.scheduler import backoff, control
 from authrelay.scheduler.bounce import make_bounce, notice_id, should_notify
-from authrelay.scheduler.inflight import InflightJournal, Leftover, Owed
+from authrelay.scheduler.inflight import BEGIN_WAIT, InflightJournal, Leftover, Owed
 from authrelay.spool.envelope import FAILED, PENDING, SENT, Envelope, Recipient
 from authrelay.spool.notify import ABANDONED_NOTICE, LOGGED_NOTICE
 from authrelay.spool.store import (
@@ -310,6 +310,11 @@ class Scheduler:
         # (token, recipients, every, those owed a success DSN) the next hop took in this
         # loop turn (_journal_delivered)
         self._delivered: list[tuple[int, list[str], bool, list[Owed]]] = []
+        # Success notices queued by this run whose message's `{"s": N}` journal line may
+        # not be written yet: the mark InflightJournal.said waits for (on the future,
+        # set once `notified` gave it: a notice's delivery may start first, at its
+        # commit's notice), not delivered before it is (_said).
+        self._unsaid: dict[str, asyncio.Future[int]] = {}
         # policy/suspender.Suspender (containment), set by wiring: a suspended user's
         # mail is held instead of sent; 5xx from the next hops count against its sender.
         self.containment: Suspender | None = None
@@ -882,6 +887,7 @@ class Scheduler:
         self._noticed.discard(qid)
         self._owed_seen.pop(qid, None)
         self._abandoned.pop(qid, None)
+        self._unsaid.pop(qid, None)
 
     def _moved_to_hold(self, qid: str) -> None:
         self._queued.discard(qid)
@@ -1220,6 +1226,8 @@ class Scheduler:
                                       suspended=True)
                 completed = True
                 return
+            if self._unsaid and act.qid in self._unsaid:
+                await self._said(act.qid)
             token = self.inflight.begin(act.qid, [r.address for r in job.rcpts])
             courier = self.courier  # a reload may bring another meanwhile
             sent: dict[str, str] = {}  # who may have the message (the courier fills it)
@@ -1272,6 +1280,24 @@ class Scheduler:
                 else:
                     self._release(act)
             self._pump()
+
+    async def _said(self, qid: str) -> None:
+        """Before the first attempt of success notice `qid`: until the journal's line
+        saying it is queued (`{"s": N}`) is written. Delivered and removed before that, a
+        crash's start finds the journal owing it and the queue without it: a second
+        notice (the end-of-data dot's wait for the attempt's begin line, written after
+        that line, is bounded: BEGIN_WAIT). One warning when it waits longer than that."""
+        mark = await self._unsaid[qid]
+        wait = self.inflight.said(mark) if mark else None
+        if wait is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(wait), BEGIN_WAIT)
+            except TimeoutError:
+                log.warning("success notice %s waits for the in-flight journal %s (its "
+                            "thread is behind: the spool stalled?) before it is delivered",
+                            qid, self.inflight.path, extra={"queue_id": qid})
+                await wait
+        self._unsaid.pop(qid, None)
 
     def _journal_delivered(self, token: int, env: Envelope, rcpts: list[Recipient],
                            results: dict[str, DeliveryResult]) -> bool:
@@ -1417,9 +1443,11 @@ class Scheduler:
         # The last job's state is saved by _finish, after the pass's DSNs.
         return act.jobs > 1 and act.to_save and await self._save_state(env)
 
-    async def _send_owed(self, act: _Active) -> None:
+    async def _send_owed(self, act: _Active) -> list[str]:
         """One DSN per action for the whole pass (RFC 3464 allows many recipients per
-        report; Postfix sends one bounce per message, whatever the destinations)."""
+        report; Postfix sends one bounce per message, whatever the destinations). The
+        success notice's queue id (in _unsaid until `notified`), if one was queued."""
+        notices = []
         env = act.env
         assert env is not None
         now = time.time()
@@ -1441,7 +1469,10 @@ class Scheduler:
             if not rcpts:
                 continue
             try:
-                await self._queue_dsn(env, rcpts, action, act.remote)
+                notice = await self._queue_dsn(env, rcpts, action, act.remote,
+                                               journaled=True)
+                if action == "relayed":
+                    notices.append(notice)
             except Exception:
                 log.exception("%s: %s", env.queue_id, trouble,
                               extra={"queue_id": env.queue_id})
@@ -1458,9 +1489,13 @@ class Scheduler:
                     r.state = FAILED
                 elif action == "delayed":
                     r.delay_warned = True
+        return notices
 
     async def _queue_dsn(self, env: Envelope, rcpts: list[Recipient], action: str,
-                         remote: dict[str, str]) -> None:
+                         remote: dict[str, str], journaled: bool = False) -> str:
+        """The DSN queued (the one way into the spool); its queue id. `journaled`: a
+        success notice the in-flight journal is to say is queued (_finish): in _unsaid
+        from before its commit, whose notice may start its delivery at once."""
         headers = await self._io(self.spool.read_headers, env.queue_id)
         full = None
         if action == "failed" and env.ret == "FULL" and env.size <= _FULL_RETURN_MAX:
@@ -1484,12 +1519,17 @@ class Scheduler:
         draft = self.submitter.begin(benv, add_missing=False, check_content=False,
                                      on_loop=True)  # a big one's file: a commit thread's
         draft.write(data)
+        if journaled and action == "relayed":
+            self._unsaid[benv.queue_id] = asyncio.get_running_loop().create_future()
         try:
             await draft.commit(origin=env.queue_id)
         except BaseException:
             draft.abort()
+            if (fut := self._unsaid.pop(benv.queue_id, None)) is not None:
+                settle(fut, 0, None)
             raise
         self.maillog.notification(env.queue_id, action, benv.queue_id)
+        return benv.queue_id
 
     def _read_message(self, qid: str) -> bytes:
         path, offset = self.spool.body_path(qid)
@@ -1542,9 +1582,12 @@ class Scheduler:
         reschedule: float | None = None
         try:
             relayed = bool(act.owed.get("relayed"))
-            await self._send_owed(act)
+            notices = await self._send_owed(act)
             if relayed:  # queued (or given up, never retried): not again after a crash
-                self.inflight.notified(act.unsaved)
+                mark = self.inflight.notified(act.unsaved)
+                for qid in notices:
+                    if (fut := self._unsaid.get(qid)) is not None:
+                        settle(fut, mark, None)
             saved = True
             if env.done:
                 await self._remove(env)
