@@ -23,7 +23,8 @@ recipient domain "example" never turns into "example.corp.local".
 An answer to an MX, A, AAAA or TLSA query larger than MAX_ANSWER is refused before it is
 parsed (that server's answer is unusable: the next one is asked, else `DnsTemporary`
 saying so): dnspython parses on the event loop, and a hostile zone's 64 KiB answer took
-it ~0.5 s, stalling every other delivery once per lookup wave.
+it ~0.5 s, stalling every other delivery once per lookup wave. Only a reply to the
+question asked is read (`_answers`: another name's or type's records are never ours).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
+import dns.query
 import dns.rcode
 import dns.rdatatype
 import dns.resolver
@@ -221,9 +223,13 @@ class Resolver:
             raise DnsNoData(f"{name}: no {rdtype} record") from None
         except dns.resolver.NoNameservers as e:
             # Every server answered SERVFAIL/REFUSED or was unusable.
-            if any(isinstance(err[3], AnswerTooBig) for err in e.kwargs.get("errors", [])):
+            errors = [err[3] for err in e.kwargs.get("errors", [])]
+            if any(isinstance(err, AnswerTooBig) for err in errors):
                 raise DnsTemporary(f"{name}/{rdtype}: DNS answer refused: larger than "
                                    f"{MAX_ANSWER} bytes") from None
+            if any(isinstance(err, dns.query.BadResponse) for err in errors):
+                raise DnsTemporary(f"{name}/{rdtype}: DNS answer refused: it answers "
+                                   "another question") from None
             raise DnsTemporary(f"{name}/{rdtype}: DNS server failure (SERVFAIL)") from None
         except dns.exception.Timeout:
             raise DnsTemporary(f"{name}/{rdtype}: DNS lookup timed out") from None
@@ -398,9 +404,31 @@ class Resolver:
         return len(ans) > 0
 
 
+def _answers(q: dns.message.Message, reply: bytes) -> bool:
+    """Whether `reply` is a response to `q` (its id, QR, opcode and question: dnspython's
+    `Message.is_response`), read up to its question section only (whatever its size)."""
+    try:
+        m = dns.message.from_wire(reply, question_only=True)
+    except dns.exception.DNSException:
+        return False
+    return q.is_response(m)
+
+
+def _truncated(query: bytes, reply: bytes) -> bool:
+    """Whether `reply` is a truncated response (QR, TC) with the id of `query`."""
+    flags = int.from_bytes(reply[2:4], "big")
+    return len(reply) >= 12 and reply[:2] == query[:2] and \
+        flags & (dns.flags.QR | dns.flags.TC) == dns.flags.QR | dns.flags.TC
+
+
 async def _exchange(q: dns.message.Message, host: str, port: int) -> bytes:
     """One query to one server, UDP then TCP when truncated (RFC 7766); the raw reply.
-    Raises AnswerTooBig for one over MAX_ANSWER (over TCP, before it is read)."""
+    A datagram that is no response to `q` (another id, or another question: a broken
+    server's, a spoofer's) is ignored, as dnspython's own exchange does: the lookup's
+    timeout bounds the wait. A truncated one with the query's id need not repeat the
+    question (dnslib's does not): nothing of it is used, the TCP reply is checked.
+    Raises AnswerTooBig for one over MAX_ANSWER (over TCP, before it is read);
+    dns.query.BadResponse for a TCP reply that is no response."""
     wire = q.to_wire()
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -410,8 +438,8 @@ async def _exchange(q: dns.message.Message, host: str, port: int) -> bytes:
         await loop.sock_sendall(s, wire)
         while True:
             reply = await loop.sock_recv(s, 65535)
-            if len(reply) >= 12 and reply[:2] == wire[:2]:  # the query's id
-                break
+            if reply[:2] == wire[:2] and (_answers(q, reply) or _truncated(wire, reply)):
+                break  # (the id first: another is dropped unparsed, as before)
     if len(reply) > MAX_ANSWER:
         raise AnswerTooBig(len(reply))
     if not int.from_bytes(reply[2:4], "big") & dns.flags.TC:
@@ -423,6 +451,9 @@ async def _exchange(q: dns.message.Message, host: str, port: int) -> bytes:
         size = int.from_bytes(await reader.readexactly(2), "big")
         if size > MAX_ANSWER:
             raise AnswerTooBig(size)
-        return await reader.readexactly(size)
+        reply = await reader.readexactly(size)
     finally:
         writer.close()
+    if not _answers(q, reply):
+        raise dns.query.BadResponse  # a FormError: dnspython drops that server
+    return reply

@@ -24,6 +24,8 @@ records every (name, type) asked, for tests that want to see what was looked up.
 `udp_limit=N` truncates UDP answers over N bytes (TC set), as a server does past the
 client's EDNS size: the client must ask again over TCP. `server.hold[name] = Event()`:
 queries for `name` are answered once the event is set (at most 60 s later).
+`server.misanswer[name] = ("other.test", "MX")`: a query for `name` is answered as if it
+had asked that question (the question section too), as a broken or spoofing server does.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ class _Resolver:
         q = request.q
         qname, qtype = _norm(str(q.qname)), QTYPE[q.qtype]
         self.owner.queries.append((qname, qtype))
+        other = self.owner.misanswer.get(qname)
+        if other is not None:  # answer another question, as asked (same id)
+            asked = request.header.id
+            request = DNSRecord.question(other[0], other[1])
+            request.header.id = asked
+            q = request.q
+            qname, qtype = _norm(str(q.qname)), QTYPE[q.qtype]
         gate = self.owner.hold.get(qname)
         if gate is not None:
             gate.wait(60)
@@ -122,6 +131,7 @@ class FakeDNSServer:
         self.port = 0
         self.queries: list[tuple[str, str]] = []
         self.hold: dict[str, threading.Event] = {}  # name -> answered once it is set
+        self.misanswer: dict[str, tuple[str, str]] = {}  # name -> the question answered
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
 
