@@ -6,7 +6,8 @@ deadline per lookup, and the mapping of DNS outcomes onto three exceptions every
 understands:
 
 - `DnsPermanent` -- NXDOMAIN (RFC 1035 RCODE 3): the name does not exist. Callers treat it
-  as permanent (RFC 5321 5.1: a domain without address is an error).
+  as permanent (RFC 5321 5.1: a domain without address is an error). Its `DnsBadName`:
+  the name cannot be asked at all (a label too long, a U-label IDNA refuses).
 - `DnsNoData`    -- the name exists but has no record of the asked type (RFC 2308 NODATA).
   Distinct from NXDOMAIN because "no MX" means implicit MX (RFC 5321 5.1), not failure.
 - `DnsTemporary` -- SERVFAIL, REFUSED, timeouts, unreachable servers: try again later.
@@ -97,6 +98,11 @@ class DnsError(Exception):
 
 class DnsPermanent(DnsError):
     """NXDOMAIN: the name does not exist."""
+
+
+class DnsBadName(DnsPermanent):
+    """Not a domain name any lookup can find (a label over 63 octets, an
+    internationalized label IDNA refuses): nothing was asked."""
 
 
 class DnsNoData(DnsError):
@@ -234,9 +240,10 @@ class Resolver:
         except dns.exception.Timeout:
             raise DnsTemporary(f"{name}/{rdtype}: DNS lookup timed out") from None
         except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong,
-                dns.name.BadEscape) as e:
-            # A syntactically impossible name can never resolve.
-            raise DnsPermanent(f"{name}: invalid domain name ({e})") from None
+                dns.name.BadEscape, dns.name.IDNAException) as e:
+            # A syntactically impossible name can never resolve (a U-label IDNA refuses,
+            # "☃.test", too: no DNS name stands for it).
+            raise DnsBadName(f"{name}: invalid domain name ({e})") from None
         except dns.exception.DNSException as e:
             raise DnsTemporary(f"{name}/{rdtype}: DNS error: {e}") from None
         except OSError as e:  # network unreachable etc.

@@ -704,6 +704,26 @@ def test_one_idn_domain_in_any_spelling_is_one_destination(
     assert mx1.connections == 1
 
 
+def test_a_domain_no_dns_name_stands_for_bounces_at_once(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """An SMTPUTF8 recipient's domain whose U-label IDNA refuses ("☃.test": a symbol) is
+    taken at RCPT, yet no DNS name stands for it: it was deferred `4.4.3 ... DNS error:
+    IDNA processing exception` at every retry until the queue's lifetime; now the first
+    attempt bounces it 5.1.2, saying why."""
+    relay = relay_factory(mx_overrides(dns, fake_mx.port, retry=["1h"]))
+    qid = submit_raw(relay, ["frank@\u2603.test"], UTF8_BODY, ["BODY=8BITMIME", "SMTPUTF8"])
+    line = relay.wait_for(lambda: next(
+        (ln for ln in log_lines(relay, qid) if "stat=" in ln), None),
+        what="the delivery line")
+    assert "dsn=5.1.2" in line and "stat=Bounced (550 5.1.2 Bad destination domain: " \
+        "\u2603.test: invalid domain name (IDNA" in line, line
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce at the sender's MX")
+    _, groups = parse_dsn(sender_mx.messages[0].content)
+    assert [g["Status"] for g in groups] == ["5.1.2"]
+    relay.wait_for(lambda: gone(relay, qid), what="the original leaves the queue")
+
+
 def test_utf8_address_to_peer_without_smtputf8_bounces(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:

@@ -16,7 +16,9 @@ And RFC 7505: a null MX (a single MX with exchange "." at preference 0) means th
 accepts no mail: permanent `556 5.1.10`.
 
 Failure policy (raised as `RouteError` carrying a ready `DeliveryResult`):
-- NXDOMAIN for the domain: permanent 550 5.1.2 (bad destination system address, RFC 3463);
+- NXDOMAIN for the domain, or a name no lookup can find (an internationalized label IDNA
+  refuses, accepted in an SMTPUTF8 address): permanent 550 5.1.2 (bad destination system
+  address, RFC 3463);
 - SERVFAIL / timeout anywhere that leaves nothing to try: temporary 451 4.4.3 (directory
   server failure);
 - the hosts exist but none has an address: permanent 550 5.4.4 (unable to route), unless
@@ -39,7 +41,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from authrelay.dns import DnsNoData, DnsPermanent, DnsTemporary, Resolver, ascii_name
+from authrelay.dns import DnsBadName, DnsNoData, DnsPermanent, DnsTemporary, Resolver, ascii_name
 from authrelay.types import DeliveryResult
 
 
@@ -216,6 +218,9 @@ async def resolve_route(resolver: Resolver, domain: str,
     mx_secure = False
     try:
         records, mx_secure = await resolver.mx_ad(domain)
+    except DnsBadName as e:  # "☃.test": no lookup can ever find it
+        raise RouteError(DeliveryResult.perm(f"Bad destination domain: {e}", "5.1.2",
+                                             550)) from None
     except DnsPermanent:
         raise RouteError(DeliveryResult.perm(
             f"Host or domain name not found: {domain} (NXDOMAIN)", "5.1.2", 550)) from None
