@@ -415,6 +415,24 @@ async def _serve_loop(run: _Run) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ml = maillog_mod.get()
+
+    def arm_deadline() -> None:
+        # Whatever it waits for from here (a frozen spool holds threads in the kernel),
+        # the process ends by this deadline, with a line naming what it could not finish.
+        stopdeadline.arm(stopdeadline.deadline(run.cfg.shutdown_timeout, run.role),
+                         ml.error, ml.flush)
+
+    def stop_held() -> None:
+        """The stop of a SIGTERM the loop did not take (held in the kernel): the deadline
+        from now, the workers told now (their own stops run), the loop's stop queued."""
+        arm_deadline()
+        for pid in list(run.workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(stop.set)
+
+    stopdeadline.watch(stop_held)
     deliver = run.role != "worker"
     if run.role == "worker":
         # A worker reloads when its master says so (with the certificate the master had
@@ -613,10 +631,7 @@ async def _serve_loop(run: _Run) -> int:
 
     hup_task = loop.create_task(watch_hup())
     await stop.wait()
-    # Whatever it waits for from here (a frozen spool holds threads in the kernel), the
-    # process ends by this deadline, with a line naming what it could not finish.
-    stopdeadline.arm(stopdeadline.deadline(run.cfg.shutdown_timeout, run.role), ml.error,
-                     ml.flush)
+    arm_deadline()
     # Refuse new connections at once, in every process holding a listening socket.
     for s in run.master_sockets:
         with contextlib.suppress(OSError):

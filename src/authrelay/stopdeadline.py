@@ -10,6 +10,12 @@ there (`asyncio.run`'s default executor, the pools'). Past its deadline the proc
 what it could not finish (one maillog error line naming the threads still running) and
 ends with `os._exit(1)`.
 
+The deadline starts at the SIGTERM even when the event loop cannot take it: a loop already
+held in the kernel (an unlink, a write on a frozen filesystem) never runs its signal
+handler, and the kernel leaves the signal pending on that held thread. A watcher thread
+(`watch`) takes such a signal off the process's pending set within SIGNAL_POLL and starts
+the stop from there.
+
 Contract: nothing acknowledged is lost by that exit (a 250 goes only after its file's
 fsync; a commit cut by it sent none, and its file, never made ready, is removed by the
 next start's sweep). A thread held inside the frozen filesystem cannot be ended by anyone
@@ -24,6 +30,7 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -36,6 +43,12 @@ STOP_OVERRUN = 10.0
 # Seconds a stop waits for one change of its on the disk (a socket's unlink, a database's
 # close): a frozen filesystem holds it until the thaw, and the stop goes on without it.
 DISK_WAIT = 1.0
+# Seconds between a stop watcher's looks for a SIGTERM/SIGINT still pending on the process
+# (its event loop's thread held in the kernel): the deadline starts at most this late.
+SIGNAL_POLL = 0.5
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+_armed: int | None = None  # the pid whose deadline runs (a fork starts unarmed)
 
 
 def deadline(shutdown_timeout: float, role: str) -> float:
@@ -57,7 +70,11 @@ def arm(seconds: float, say: Callable[[str], None], flush: Callable[[], None]) -
     """From now, `seconds` until the process ends: then `say` the line naming what it
     could not finish, `flush` the log (bounded by its caller) and exit 1. A daemon timer
     thread: a process that ends first ends it too; it runs while the main thread waits in
-    the kernel."""
+    the kernel. Once per process: a second call (the watcher's, then the loop's) is none."""
+    global _armed
+    if _armed == os.getpid():
+        return
+    _armed = os.getpid()
 
     def expire() -> None:
         try:
@@ -113,3 +130,23 @@ async def unlink(paths: Iterable[Path], name: str) -> None:
                 os.unlink(p)
 
     await off_loop(work, name, DISK_WAIT)
+
+
+def watch(on_stop: Callable[[], None]) -> None:
+    """From now, a SIGTERM or SIGINT that this process's event loop has not taken is taken
+    by a daemon thread, which calls `on_stop` (it must arm() the deadline first and be
+    safe off the loop: the loop may be held in the kernel for good) and ends.
+
+    The kernel marks a process's signal for its main thread when that thread blocks none:
+    held in an uninterruptible wait (a write to a frozen filesystem) it never returns to
+    run the handler, and the signal stays pending. The watcher dequeues a pending one
+    every SIGNAL_POLL (sigtimedwait); when the loop runs, its handler takes the signal
+    first, and the watcher only in the instant between the signal and the handler: either
+    way the stop starts once."""
+
+    def run() -> None:
+        while signal.sigtimedwait(STOP_SIGNALS, SIGNAL_POLL) is None:
+            pass
+        on_stop()
+
+    threading.Thread(target=run, name="stop-watch", daemon=True).start()

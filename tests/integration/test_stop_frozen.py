@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from relayproc import PASSWORD, RelayProcess, alive, children
+from support.procfs import holder
 from support.tmpfs import ext4, frozen
 from support.wait import wait_until
 
@@ -91,3 +92,60 @@ def test_a_stop_with_the_spool_frozen_ends_every_process_before_the_thaw(
             assert r.queued() == acked  # the acknowledged one, kept
         finally:
             r.kill()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_loop_held_on_the_frozen_disk_before_the_sigterm_still_stops_in_time(
+        tmp_path: Path, workers: int) -> None:
+    """A message refused at its dot (a line past 998 octets) with the spool frozen: the
+    receiving process's event loop removes its early file and the kernel holds it there,
+    before the SIGTERM. That loop never ran its signal handler, so the stop's deadline
+    never started: `workers = 1` ran until the thaw (systemd's TimeoutStopSec). Now a
+    watcher thread takes the pending SIGTERM: the process ends by its deadline with one
+    `stop not finished` line, the acknowledged message kept."""
+    with ext4(tmp_path / "fs") as fs:
+        r = RelayProcess(tmp_path, {"state_dir": str(fs / "state"), "shutdown_timeout": "1s",
+                                    "limits": {"queue_min_free": 0}}, workers=workers)
+        r.state = fs / "state"
+        r.start()
+        assert r.proc is not None
+        master = r.proc.pid
+        ours = [master, *children(master)]
+        try:
+            with _logged_in(r) as s:
+                assert s.sendmail("alice@relay.test", ["bob@example.org"],
+                                  b"Subject: kept\r\n\r\nacknowledged\r\n") == {}
+            acked = r.wait_for(r.queued, what="the acknowledged message queued")
+            held = _logged_in(r)
+            held.mail("alice@relay.test")
+            held.rcpt("bob@example.org")
+            assert held.docmd("DATA")[0] == 354
+            held.send(b"Subject: refused\r\n\r\n" + b"x" * 1000 + b"\r\n")
+            here = held.sock.getsockname()
+            receiver = master if workers == 1 else wait_until(
+                lambda: holder(children(master), here[0], here[1]),
+                what="the worker holding the session")
+            with frozen(fs, limit=150) as thawed:
+                held.send(b".\r\n")  # refused: its early file's unlink waits for the thaw
+                wait_until(lambda: _main_thread_in_disk_wait(receiver),
+                           what="the receiving loop held in the kernel")
+                os.kill(master, signal.SIGTERM)
+                wait_until(lambda: all(_ended(p) for p in ours), timeout=120,
+                           what="every process of the instance ended or killed")
+                assert not thawed.is_set(), "the stop waited for the thaw"
+            log = r.maillog()
+            if workers == 1:  # (a worker is killed by its master as its own deadline comes)
+                assert log.count("error=stop not finished") == 1, log[-3000:]
+            assert r.queued() == acked  # the acknowledged one, kept
+            r.proc.wait(timeout=60)
+        finally:
+            r.kill()
+
+
+def _main_thread_in_disk_wait(pid: int) -> bool:
+    """The process's main thread waits in the kernel, uninterruptible (state D)."""
+    try:
+        stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] == "D"
