@@ -641,3 +641,39 @@ def test_a_failed_early_create_is_made_again_off_the_loop(
             release.cancel()
             gate.set()
             server.thread.stop()
+
+
+@pytest.mark.parametrize("refused", ["bare LF", "long line", "too big"])
+def test_a_refusal_by_the_engine_goes_once_its_early_file_cannot_exist(
+        tmp_path: Path, trustme_ca: trustme.CA, refused: str) -> None:
+    """The refusals the SMTP engine makes itself (521 bare LF, 550 5.6.0 a line past 998
+    octets, 552 5.3.4 too big) were answered at once, while the early create of the
+    message (queued behind busy commit threads) had still to run: it made the file and
+    removed it after the client had its refusal (as 78dce45 fixed for the refusals at
+    the dot). The reply now goes once that create is done, and no file is left."""
+    server = _Server(tmp_path, trustme_ca, limits={"max_message_size": 2000})
+    server.thread.start()
+    gate = threading.Event()
+    release = threading.Timer(0.5, gate.set)  # the commit threads busy until then
+    try:
+        c = _to_bob(server, trustme_ca)
+        _hold_commit_threads(server, gate, 30)
+        c.putcmd("data")
+        assert c.getreply()[0] == 354
+        wait_until(lambda: server.spool.begun, "the message begun (its early create queued)")
+        body = {"bare LF": b"a bare\nLF\r\n", "long line": b"x" * 1000 + b"\r\n",
+                "too big": (b"y" * 70 + b"\r\n") * 40}[refused]
+        release.start()
+        c.send(b"From: alice@example.org\r\n\r\n" + body + b".\r\n")
+        code, _ = c.getreply()
+        after_create = gate.is_set()
+        files = _queue_files(server)
+        assert code == {"bare LF": 521, "long line": 550, "too big": 552}[refused]
+        assert after_create, "refused before the early create had run"
+        assert files == []
+        gate.wait(30)
+        assert _queue_files(server) == []
+    finally:
+        release.cancel()
+        gate.set()
+        server.thread.stop()

@@ -419,10 +419,12 @@ class Session:
         elif isinstance(ev, p.MessageComplete):
             await self._commit(ev)
         elif isinstance(ev, p.MessageAborted):
-            self._aborted(ev)
+            await self._aborted(ev)
         elif isinstance(ev, p.Reject):
-            # While a message is being received (a DATA timeout), the line is its own.
+            # While a message is being received (a DATA timeout, a bare LF), the line is
+            # its own, and its refusal (queued by the engine) goes once its file is gone.
             qid = self._qid if self._draft is not None else None
+            await self._discard_draft()
             self._log_reject(ev.reply, ev.what, qid, **ev.extra)
         elif isinstance(ev, p.CloseConnection):
             self._flush()
@@ -734,10 +736,7 @@ class Session:
             refusal = await self._suspension_refusal()
         if refusal is None:
             return False
-        draft, self._draft = self._draft, None
-        if draft is not None:  # the reply goes once no file of the message can exist
-            with contextlib.suppress(TimeoutError):  # (a hung disk: bounded as a commit)
-                await asyncio.wait_for(draft.discard(), self.cfg.limits.data_block_timeout)
+        await self._discard_draft()
         self._log_reject(refusal, qid=qid, sasl_username=self.eng.auth_user)
         if refusal is replies.AUTH_REVOKED:
             self.eng.close_with(refusal, "auth_revoked")
@@ -926,9 +925,11 @@ class Session:
         self.eng.message_result(r)
         return False
 
-    def _aborted(self, ev: p.MessageAborted) -> None:
+    async def _aborted(self, ev: p.MessageAborted) -> None:
+        """The engine refused the message (its reply queued, not yet sent: the session
+        sends nothing before this returns)."""
         qid = self._qid
-        self._abort_draft()
+        await self._discard_draft()
         if ev.lost:
             self._log_lost(ev.wire_bytes, qid)
             return
@@ -941,6 +942,16 @@ class Session:
         self.maillog.event(qid or self._qid or None,
                            lost=f"connection after DATA ({wire_bytes} bytes)",
                            relay=self.relay_desc())
+
+    async def _discard_draft(self) -> None:
+        """Drop the message being received, returning once no file of it can exist (an
+        early create still queued has made and removed it): a refusal's reply goes only
+        then, so the refused client never finds a file of its message made meanwhile.
+        Bounded as a commit (data_block_timeout: a hung disk). Refusals only."""
+        draft, self._draft = self._draft, None
+        if draft is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(draft.discard(), self.cfg.limits.data_block_timeout)
 
     def _abort_draft(self) -> None:
         draft, self._draft = self._draft, None
