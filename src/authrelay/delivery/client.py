@@ -24,8 +24,10 @@ the message follows the 354. Without it, one command per round trip.
 Failure policy (codes per RFC 3463):
 - Replies out of step are never a verdict (RFC 5321 4.1.1: one reply per command, in
   order): a reply already waiting when a command goes out (`wire.OutOfStep`, as Postfix's
-  smtp_tls_block_early_mail_reply), a second reply with the end of data's (which is the
-  dot's is unknown: deferred 4.5.0, "may have been delivered"), a 354 to an RSET, a
+  smtp_tls_block_early_mail_reply), a second reply with the end of data's after a
+  refusal (which is the dot's is unknown: deferred 4.5.0, "may have been delivered";
+  after a 2xx the 2xx stands, RFC 5321 4.1.1.4, the connection dropped with a maillog
+  warning: a duplicate is worse than a dropped connection), a 354 to an RSET, a
   refusal of MAIL on a reused connection (without PIPELINING, a late second reply to the
   last dot reads the same), anything but 221 to the QUIT that ends a session whose
   permanent refusal no 354 followed (`Courier._settle`: a stray reply still on its way
@@ -1584,10 +1586,16 @@ class Courier:
             if ended:
                 payload.sent.update((r.address, remote) for r in accepted)
             rep = await w.reply(d.data_timeout)  # (the early refusal: read at once)
-            if ended:
-                _after_dot(w, rep)
+            stray = _after_dot(w, rep) if ended else None
+            if stray is not None:  # the 2xx stands: the next hop has the message
+                self.maillog.warning(
+                    f"replies out of step: a second reply to the end of data, {stray}, "
+                    f"after its {str(rep)[:200]}; the first stands (delivered), the "
+                    "connection dropped", relay=remote, queue_id=env.queue_id)
+                w.abort()
             res = reply_result(rep.code, rep.text, remote)  # the one reply that delivers
-            reusable = rep.code != 421 and w.is_connected and ended
+            # (a 421 already waiting after it: the next hop closing, not cached)
+            reusable = rep.code != 421 and w.is_connected and ended and not w.has_unread
             if not ended:  # an early refusal: the message unended, nothing more on it
                 w.abort()
             moved = not res.ok and not res.permanent  # refused for now: not taken
@@ -1725,17 +1733,24 @@ def _out_of_step(e: ProtocolError, remote: str) -> DeliveryResult:
                                "4.5.0", 451, remote)
 
 
-def _after_dot(w: Connection, rep: SMTPReply) -> None:
-    """Just after the end-of-data dot's reply was read: another reply already waiting
-    (other than a 421, the next hop closing) makes that one no verdict: two replies
-    where one was due, which is the dot's is unknown (the next hop answered DATA twice,
-    the second after the check at the dot, `_in_step`; or the dot twice): OutOfStep,
-    the message deferred (it may have been delivered). One arriving later is seen only
-    when the connection is next used (see docs/LIMITS.md)."""
+def _after_dot(w: Connection, rep: SMTPReply) -> str | None:
+    """Just after the end-of-data dot's reply `rep` was read: another reply already
+    waiting (other than a 421, the next hop closing) is one too many (the next hop
+    answered DATA twice, the second after the check at the dot, `_in_step`; or the dot
+    twice). A 2xx read first stands, as one arriving later does (every SMTP client
+    takes the first reply after the dot, Postfix's smtp included): RFC 5321 4.1.1.4,
+    the next hop has said it took the message, and a retry would deliver it twice; the
+    second reply is returned (its text, for the log: the caller drops the connection).
+    A refusal read first is no verdict (which is the dot's is unknown): OutOfStep, the
+    message deferred. None: nothing more was waiting."""
     nxt = w.peek()
     if (nxt is not None and nxt.code != 421) or (nxt is None and w.has_unread):
+        then = str(nxt)[:200] if nxt else "..."
+        if rep.ok:
+            return then
         raise wire.OutOfStep(f"replies out of step: two to the end of data, "
-                             f"{str(rep)[:200]}, then {str(nxt)[:200] if nxt else '...'}")
+                             f"{str(rep)[:200]}, then {then}")
+    return None
 
 
 def _no_answer(res: DeliveryResult) -> DeliveryResult:
