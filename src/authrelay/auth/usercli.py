@@ -9,7 +9,10 @@ running: they see the change on the next AUTH (userdb generation). With
 `[auth] backend = "postgresql"` the same commands edit the shared database at `[auth] dsn`
 (auth/pgusers.py; every node sees the change on its next AUTH), and `migrate` copies a
 local users.db into it, hashes verbatim. Exit 0 on success,
-1 with a one-line message on stderr otherwise. Passwords come from `--password-stdin`
+1 with a one-line message on stderr otherwise. A local database (users.db, containment.db)
+on a filesystem that takes no writes (frozen: fsfreeze, a VM snapshot) is refused at once
+(`spool/writable.py`'s probe: SQLite writes even to read, its write-ahead log), nothing
+done, never waiting for the thaw. Passwords come from `--password-stdin`
 (one line, trailing newline removed) or are prompted for twice without echo; they are
 never printed or logged.
 """
@@ -37,6 +40,7 @@ from authrelay.config import load
 from authrelay.newfile import replace_with_new
 from authrelay.policy.containment import Suspension
 from authrelay.policy.suspensions import make_state
+from authrelay.spool import writable
 
 
 class _CliError(Exception):
@@ -46,6 +50,15 @@ class _CliError(Exception):
 _opened: list[UserStore] = []  # closed when the command ends (a pool, a loop)
 
 
+def _takes_writes(path: Path) -> None:
+    """Refuse (exit 1) when the filesystem holding `path` (or its nearest existing
+    parent: a database not made yet) takes no write within writable.PROBE_TIMEOUT: its
+    SQLite open, change and close would wait for the thaw."""
+    where = next((p for p in (path, *path.parents) if p.exists()), path)
+    if not writable.writable_forked(where):
+        raise _CliError(f"{where}: {writable.NOT_WRITABLE}")
+
+
 def _open(args: argparse.Namespace) -> UserDB | PgUserDB:
     # No config found: refuse (exit 75) rather than edit a users.db no server reads.
     cfg = load(args.config, embedded=False)
@@ -53,6 +66,7 @@ def _open(args: argparse.Namespace) -> UserDB | PgUserDB:
     if cfg.auth.backend == "postgresql":
         db = PgUserDB(cfg.auth.dsn, timeout=max(cfg.auth.backend_timeout, 10.0))
     else:
+        _takes_writes(cfg.userdb_path.parent)
         db = UserDB(cfg.userdb_path)
     _opened.append(db)
     if external_backend(cfg):
@@ -231,6 +245,7 @@ def _resume(args: argparse.Namespace) -> None:
 
     cfg = load(args.config, embedded=False)
     account = account_for(cfg, args.name)  # as the session counts it (ALICE@REALM: alice)
+    _takes_writes(cfg.state_path)  # (containment.db; the held mail's spool besides)
 
     async def run() -> object:
         state = make_state(cfg)
@@ -246,6 +261,7 @@ def _resume(args: argparse.Namespace) -> None:
     print(f"{args.name} resumed" if found else f"{args.name} was not suspended")
     if args.release or args.delete_held:
         op = "release" if args.release else "delete"
+        _takes_writes(cfg.spool_dir)  # (no scheduler running: the CLI moves the files)
         try:
             resp = control.perform(Spool(cfg.spool_dir), {"op": op, "user": account})
         except control.ServerBusy as e:
@@ -262,6 +278,7 @@ def _suspended(args: argparse.Namespace) -> None:
     import asyncio
 
     cfg = load(args.config, embedded=False)
+    _takes_writes(cfg.state_path)  # (containment.db)
 
     async def run() -> list[Suspension]:
         state = make_state(cfg)
@@ -294,6 +311,7 @@ def _migrate(args: argparse.Namespace) -> None:
     src = Path(args.source) if args.source else cfg.userdb_path
     if not src.is_file():
         raise _CliError(f"{src}: no such user database")
+    _takes_writes(src.parent)
     local = UserDB(src)
     dest = PgUserDB(cfg.auth.dsn, timeout=max(cfg.auth.backend_timeout, 10.0))
     copied = kept = apps = 0
