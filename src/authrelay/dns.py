@@ -229,14 +229,8 @@ class Resolver:
             raise DnsNoData(f"{name}: no {rdtype} record") from None
         except dns.resolver.NoNameservers as e:
             # Every server answered SERVFAIL/REFUSED or was unusable.
-            errors = [err[3] for err in e.kwargs.get("errors", [])]
-            if any(isinstance(err, AnswerTooBig) for err in errors):
-                raise DnsTemporary(f"{name}/{rdtype}: DNS answer refused: larger than "
-                                   f"{MAX_ANSWER} bytes") from None
-            if any(isinstance(err, dns.query.BadResponse) for err in errors):
-                raise DnsTemporary(f"{name}/{rdtype}: DNS answer refused: it answers "
-                                   "another question") from None
-            raise DnsTemporary(f"{name}/{rdtype}: DNS server failure (SERVFAIL)") from None
+            why = _unusable([err[3] for err in e.kwargs.get("errors", [])])
+            raise DnsTemporary(f"{name}/{rdtype}: {why}") from None
         except dns.exception.Timeout:
             raise DnsTemporary(f"{name}/{rdtype}: DNS lookup timed out") from None
         except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong,
@@ -409,6 +403,24 @@ class Resolver:
         except (DnsPermanent, DnsNoData):
             return False
         return len(ans) > 0
+
+
+def _unusable(errors: list[Any]) -> str:
+    """Why no server's answer could be used, from dnspython's NoNameservers errors (each an
+    rcode's text, or what reading that server's reply raised): the refusals of ours first,
+    then an rcode (SERVFAIL, REFUSED...), then the first error."""
+    for err in errors:
+        if isinstance(err, AnswerTooBig):
+            return f"DNS answer refused: larger than {MAX_ANSWER} bytes"
+        if isinstance(err, dns.query.BadResponse):
+            return "DNS answer refused: it answers another question"
+        if isinstance(err, dns.message.ChainTooLong):
+            return (f"DNS answer refused: a CNAME chain of more than {dns.message.MAX_CHAIN}"
+                    " names, or a loop")
+    codes = [err for err in errors if isinstance(err, str)]
+    if codes or not errors:
+        return f"DNS server failure ({codes[0] if codes else 'SERVFAIL'})"
+    return f"DNS error: {errors[0] or type(errors[0]).__name__}"
 
 
 def _answers(q: dns.message.Message, reply: bytes) -> bool:

@@ -93,6 +93,22 @@ async def test_resolver_maps_outcomes(dns: FakeDNSServer) -> None:
     assert await r.a_exists("3.0.0.127.dnsbl.test") is False
 
 
+async def test_a_cname_loop_is_named_not_taken_for_a_server_failure(
+        dns: FakeDNSServer) -> None:
+    """An answer whose CNAME chain loops (or runs past dnspython's 16 links) is unusable:
+    it was reported as 'DNS server failure (SERVFAIL)', which the server never said (it
+    answered NOERROR); now the lookup says what was wrong with the answer."""
+    dns.update({"loop1.test": {"CNAME": ["loop2.test"]},
+                "loop2.test": {"CNAME": ["loop1.test"]}})
+    r = Resolver([dns.nameserver], timeout=1)
+    with pytest.raises(DnsTemporary, match=r"^loop1.test/MX: DNS answer refused: a CNAME "
+                                           r"chain of more than 16 names, or a loop$"):
+        await r.mx("loop1.test")
+    with pytest.raises(DnsTemporary, match=r"^broken.test/MX: DNS server failure "
+                                           r"\(SERVFAIL\)$"):
+        await r.mx("broken.test")
+
+
 # --------------------------------------------------------------------------- MX routing
 
 async def test_delivery_by_preference(tmp_path: Path, dns: FakeDNSServer,
