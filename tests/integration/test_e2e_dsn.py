@@ -150,6 +150,38 @@ def _said(notice: bytes) -> tuple[list[str], list[tuple[str, str]]]:
              if k != "Last-Attempt-Date"])
 
 
+def _stopping_after_the_notice(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer, fake_mx: MXFactory,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[RelayProcess,
+                                                                  FakeSMTPServer]:
+    """A relay (and its next hop) whose master SIGSTOPs itself just after it committed a
+    success notice, before the journal's `{"s": N}` line (the first time only: a
+    sitecustomize hook)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    once = tmp_path / "once"
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "import authrelay.scheduler.scheduler as s\n"
+        "_queue = s.Scheduler._queue_dsn\n"
+        "async def _stopped(self, env, rcpts, action, remote, **kw):\n"
+        "    qid = await _queue(self, env, rcpts, action, remote, **kw)\n"
+        f"    if action == 'relayed' and not os.path.exists({str(once)!r}):\n"
+        f"        open({str(once)!r}, 'w').close()  # (the first run only)\n"
+        "        os.kill(os.getpid(), signal.SIGSTOP)  # committed; no 's' line yet\n"
+        "    return qid\n"
+        "s.Scheduler._queue_dsn = _stopped\n")
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    mx1 = fake_mx("127.0.0.2")  # aiosmtpd: no DSN extension, the notice is ours
+    return relay_factory(mx_overrides(dns, fake_mx.port)), mx1
+
+
+def _wait_stopped(relay: RelayProcess) -> None:
+    assert relay.proc is not None
+    master = relay.proc.pid
+    relay.wait_for(lambda: (_stat(master) or ("",))[0] == "T", what="the master stopped")
+
+
 def test_a_success_notice_committed_just_before_a_kill_is_not_queued_again(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory, tmp_path: Path,
@@ -159,27 +191,11 @@ def test_a_success_notice_committed_just_before_a_kill_is_not_queued_again(
     killed -9: the restart found the journal's "n" without "s" and queued the notice
     again, so the sender got two. Now the notice's queue id is derived from the message
     and its recipients (bounce.notice_id): the restart finds it queued and sends one."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os, signal\n"
-        "import authrelay.scheduler.scheduler as s\n"
-        "_queue = s.Scheduler._queue_dsn\n"
-        "async def _stopped(self, env, rcpts, action, remote, **kw):\n"
-        "    qid = await _queue(self, env, rcpts, action, remote, **kw)\n"
-        f"    if action == 'relayed' and not os.path.exists({str(tmp_path / 'once')!r}):\n"
-        f"        open({str(tmp_path / 'once')!r}, 'w').close()  # (the first run only)\n"
-        "        os.kill(os.getpid(), signal.SIGSTOP)  # committed; no 's' line yet\n"
-        "    return qid\n"
-        "s.Scheduler._queue_dsn = _stopped\n")
-    monkeypatch.setenv("PYTHONPATH", str(hook))
-    mx1 = fake_mx("127.0.0.2")  # aiosmtpd: no DSN extension, the notice is ours
-    relay = relay_factory(mx_overrides(dns, fake_mx.port))
-    assert relay.proc is not None
-    master = relay.proc.pid
+    relay, mx1 = _stopping_after_the_notice(relay_factory, dns, fake_mx, tmp_path,
+                                            monkeypatch)
     qid = _submit(relay, [("bob@example.test", ["NOTIFY=SUCCESS"]),
                           ("carol@example.test", [])], [])
-    relay.wait_for(lambda: (_stat(master) or ("",))[0] == "T", what="the master stopped")
+    _wait_stopped(relay)
     [notice_file] = [p for p in relay.queued() if p.name != qid]  # committed
     assert _journal_owes(relay, qid, "bob@example.test")
     assert '{"s":' not in (relay.state / "spool" / "inflight.log").read_text()
@@ -196,17 +212,9 @@ def test_a_success_notice_committed_just_before_a_kill_is_not_queued_again(
     assert any("stat=Sent" in ln for ln in log_lines(relay, notice_file.name))
 
 
-def test_a_success_notice_is_not_delivered_before_the_journal_says_it_is_queued(
-        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
-        sender_mx: FakeSMTPServer, fake_mx: MXFactory, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The in-flight journal's thread stalled at the `{"s": N}` line of a success notice
-    (a sitecustomize hook holds it there while a file says so): the notice's own
-    end-of-data dot waited BEGIN_WAIT for its begin line (behind the "s") and went on,
-    the notice was delivered and removed, and a kill -9 then had the start find the
-    journal's "n" without "s" and the notice gone: queued again, the sender got two. Now
-    a success notice is not delivered before its "s" line is written (one warning while
-    it waits): after the kill the start finds it queued and it comes once."""
+def _stall_at_the_s_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A sitecustomize hook for the relay: the in-flight journal's thread held before
+    writing a `{"s": N}` line while the file returned exists."""
     hook = tmp_path / "hook"
     hook.mkdir()
     stall = tmp_path / "stall"
@@ -221,6 +229,21 @@ def test_a_success_notice_is_not_delivered_before_the_journal_says_it_is_queued(
         "    _write(self, data)\n"
         "j.InflightJournal._write = _stalled\n")
     monkeypatch.setenv("PYTHONPATH", str(hook))
+    return stall
+
+
+def test_a_success_notice_is_not_delivered_before_the_journal_says_it_is_queued(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-flight journal's thread stalled at the `{"s": N}` line of a success notice
+    (a sitecustomize hook holds it there while a file says so): the notice's own
+    end-of-data dot waited BEGIN_WAIT for its begin line (behind the "s") and went on,
+    the notice was delivered and removed, and a kill -9 then had the start find the
+    journal's "n" without "s" and the notice gone: queued again, the sender got two. Now
+    a success notice is not delivered before its "s" line is written (one warning while
+    it waits): after the kill the start finds it queued and it comes once."""
+    stall = _stall_at_the_s_line(tmp_path, monkeypatch)
     # carol deferred: the message stays queued (the start's recovery looks only at a
     # message still there)
     later = {"carol@example.test": "451 4.3.0 try later"}
@@ -245,6 +268,67 @@ def test_a_success_notice_is_not_delivered_before_the_journal_says_it_is_queued(
     assert len(sender_mx.messages) == 1, [m.content[:300] for m in sender_mx.messages]
     assert len([ln for ln in log_lines(relay, qid)
                 if "sender_success_notification=" in ln]) == 1
+
+
+def test_a_notice_an_admin_deletes_while_the_server_is_down_is_not_queued_again(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The master killed just after committing a success notice, before the journal's
+    `{"s": N}` line; the admin deletes the notice (`queue delete`, no server running);
+    the start found the journal owing it and the queue without it, and queued it again:
+    the admin's delete undone. Now the offline delete is recorded in the journal
+    (`{"x": QID}`) and the start queues nothing."""
+    relay, mx1 = _stopping_after_the_notice(relay_factory, dns, fake_mx, tmp_path,
+                                            monkeypatch)
+    qid = _submit(relay, [("bob@example.test", ["NOTIFY=SUCCESS"])], [])
+    _wait_stopped(relay)
+    [notice] = [p.name for p in relay.queued() if p.name != qid]  # committed
+    relay.kill()
+    assert relay.cli("queue", "delete", notice).stdout.strip() == f"{notice}: deleted"
+    relay.start()
+    relay.wait_log(rf"{qid}: to=<bob@example.test>, status=sent before the crash")
+    assert relay.queued() == []  # (the notice would be queued before the line)
+    relay.stop()
+    assert [m.rcpt_tos for m in mx1.messages] == [["bob@example.test"]]
+    assert sender_mx.messages == []
+    assert not [ln for ln in log_lines(relay, qid) if "sender_success_notification=" in ln]
+
+
+def test_an_admins_delete_of_a_notice_waits_for_the_journals_line(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A success notice deleted by an admin (`queue delete`, the server running) while the
+    journal's thread had not yet written the `{"s": N}` line saying it was queued (a hook
+    holds the thread there): deleted, and a kill -9 then had the start queue it again.
+    Now that delete answers 'not deleted ... try again' (after inflight.BEGIN_WAIT); once
+    the line is written the delete goes through, and a kill then brings nothing back."""
+    stall = _stall_at_the_s_line(tmp_path, monkeypatch)
+    later = {"carol@example.test": "451 4.3.0 try later"}  # the message stays queued
+    fake_mx("127.0.0.2", rcpt_replies=later)  # aiosmtpd: no DSN extension
+    fake_mx("127.0.0.3", rcpt_replies=later)
+    sender_mx.rcpt_replies["alice@sender.test"] = "451 4.3.0 try later"  # the notice too
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = _submit(relay, [("bob@example.test", ["NOTIFY=SUCCESS"]),
+                          ("carol@example.test", [])], [])
+    relay.wait_log(rf"{qid}: sender_success_notification=")
+    [notice] = [p.name for p in relay.queued() if p.name != qid]
+    refused = relay.cli("queue", "delete", notice, check=False)
+    assert refused.returncode != 0
+    assert f"{notice}: cannot delete it: a success notice the in-flight journal does not " \
+        "yet say is queued" in refused.stderr, refused
+    stall.unlink()
+    relay.wait_for(lambda: '{"s":' in (relay.state / "spool" / "inflight.log").read_text(),
+                   what="the journal's 's' line")
+    assert relay.cli("queue", "delete", notice).stdout.strip() == f"{notice}: deleted"
+    tried = relay.maillog().count("to=<carol@example.test>")
+    relay.kill()
+    relay.start()
+    relay.wait_for(lambda: relay.maillog().count("to=<carol@example.test>") > tried,
+                   what="carol tried again after the start")
+    assert [p.name for p in relay.queued()] == [qid]
+    assert sender_mx.messages == []
 
 
 def test_a_success_notice_whose_derived_id_is_taken_gets_a_new_one(

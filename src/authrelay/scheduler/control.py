@@ -35,6 +35,7 @@ from typing import Any
 
 from authrelay import process
 from authrelay.jsonline import read_line, request_object
+from authrelay.scheduler.inflight import record_deleted
 from authrelay.spool.store import InCommit, Spool, SpoolError, is_queue_id
 
 MAX_REQUEST = 64 * 1024
@@ -44,6 +45,12 @@ SCHEDULER_LOCK = "scheduler.lock"  # in spool_dir: held (flock) by the one sched
 # (Spool.arriving, store.InCommit): what the operator is told, after "ID: " (as Postfix,
 # whose commands leave a message in incoming/ alone until it is complete)
 ARRIVING = "not in the queue yet: still being received (its client has no reply yet): try again"
+
+# A delete of a success notice whose message's in-flight journal line saying it is queued
+# (`{"s": N}`) is not written within inflight.BEGIN_WAIT (the journal's thread behind: the
+# spool stalled?): deleted then, a crash's start would queue it again (scheduler._said_within)
+UNSAID = ("a success notice the in-flight journal does not yet say is queued (its writer "
+          "is behind: the spool stalled?): try again")
 
 # A flush asked of a scheduler that is stopping (its control connection opened before)
 STOPPING = ("cannot flush: mail system is stopping (authrelay serve is shutting down); "
@@ -237,6 +244,15 @@ def run_offline(spool: Spool, req: dict[str, Any]) -> dict[str, Any]:
             missing.append(qid)
         except SpoolError as e:  # damaged or of a newer format: not ours to touch here
             failed.append([qid, str(e)])
+    if op == "delete" and done:
+        # The delete is final: a success notice a killed run committed before its journal
+        # said so is not queued again by the next start (inflight.record_deleted).
+        try:
+            record_deleted(spool.root, done)
+        except OSError as e:
+            return {"ok": False, "error": f"deleted {len(done)}, but cannot record it in "
+                    f"the in-flight journal (a success notice among them may be queued "
+                    f"again at the start): {e}"}
     return {"ok": True, "done": done, "missing": missing, "failed": failed}
 
 

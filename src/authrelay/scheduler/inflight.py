@@ -33,7 +33,9 @@ then `{"s": N}` once that DSN is queued (`notified`; such an attempt is ended on
 it, even when its state was saved before; a kill between the DSN's commit and this
 line: the start finds the DSN in the queue by its derived id, bounce.notice_id; so
 that DSN is not delivered, and removed, before this line is written: `notified` returns
-the mark `said` waits for, without a bound).
+the mark `said` waits for, without a bound; an admin's delete of it waits for the line
+too, and one made while no scheduler runs appends `{"x": QID}`, record_deleted: the
+start does not queue again a notice an admin deleted).
 `leftovers()` returns them, and the scheduler's start records those recipients as sent (the message
 removed when none is left; the success DSN owed queued first) instead of delivering
 them again: a message delivered and
@@ -167,6 +169,24 @@ def _owed(left: Leftover, rec: dict[str, object]) -> None:
                     left.said[rcpt] = Owed(rcpt, str(remote), str(reply), int(at))
 
 
+def record_deleted(spool_root: Path, qids: list[str]) -> None:
+    """`qids` deleted by an admin while no scheduler runs (control.run_offline, under the
+    scheduler's lock: nobody else writes the journal): `{"x": QID}` each, fsynced (once,
+    off any delivery path), so the next start's recovery does not queue again a success
+    notice among them that a killed run had committed before its `{"s": N}` line (the
+    derived id it looks for, bounce.notice_id, is gone from the queue either way). An I/O
+    error is raised: the delete is done, the command says this record is not."""
+    if not qids:
+        return
+    fd = os.open(spool_root / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.write(fd, "".join(f'{{"x":{json.dumps(q)}}}\n' for q in qids).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class InflightJournal:
     def __init__(self, spool_root: Path) -> None:
         self.path = spool_root / JOURNAL
@@ -196,6 +216,9 @@ class InflightJournal:
         self._through = 0
         self._waiting = 0
         self._late = 0
+        # leftovers(): the queue ids an admin deleted while no scheduler ran (`{"x": QID}`,
+        # record_deleted): a success notice among them is not queued again.
+        self.deleted: set[str] = set()
 
     # ------------------------------------------------------------------ start
     def leftovers(self) -> list[Leftover]:
@@ -231,6 +254,8 @@ class InflightJournal:
                                 got = {str(r) for r in rec["r"]}
                                 left.delivered.extend(r for r in left.rcpts if r in got)
                                 _owed(left, rec)
+                        elif "x" in rec:
+                            self.deleted.add(str(rec["x"]))
                     except (ValueError, KeyError, TypeError, AttributeError):
                         continue  # a torn last line: the process died while writing it
         except FileNotFoundError:
@@ -241,6 +266,7 @@ class InflightJournal:
 
     def start(self) -> None:
         """This run's journal: the file truncated (blocking: a commit thread's)."""
+        self.deleted = set()
         self._open(truncate=True)
 
     def _open(self, truncate: bool) -> None:

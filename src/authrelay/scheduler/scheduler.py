@@ -483,8 +483,11 @@ class Scheduler:
                 r.last_attempt, r.last_code, r.last_reply = now, 250, ""
         # (also one whose state was saved SENT: its message's other job was still running)
         notify = [r for r in env.recipients if r.state == SENT and r.address in owed]
-        if notify and await self._io(self.spool.exists, notice_id(env, notify)):
-            notify = []  # committed by the run, which died before its journal said so
+        if notify and ((nid := notice_id(env, notify)) in self.inflight.deleted
+                       or await self._io(self.spool.exists, nid)):
+            # committed by the run, which died before its journal said so (deleted since
+            # by an admin while no scheduler ran: final)
+            notify = []
         if notify:
             remote = {r: said.remote for r, said in owed.items() if said is not None}
             try:
@@ -1299,6 +1302,22 @@ class Scheduler:
                 await wait
         self._unsaid.pop(qid, None)
 
+    async def _said_within(self, qid: str, timeout: float) -> bool:
+        """Whether success notice `qid`'s `{"s": N}` line is written within `timeout`
+        seconds (an admin's delete waits for it: deleted before, a crash's start would
+        queue the notice again)."""
+        fut = self._unsaid.get(qid)
+        if fut is None:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                mark = await asyncio.shield(fut)
+                if mark and (wait := self.inflight.said(mark)) is not None:
+                    await wait
+        except TimeoutError:
+            return False
+        return True
+
     def _journal_delivered(self, token: int, env: Envelope, rcpts: list[Recipient],
                            results: dict[str, DeliveryResult]) -> bool:
         """The recipients the next hop answered 2xx, to the in-flight journal before the
@@ -1673,6 +1692,10 @@ class Scheduler:
         for qid in ids:
             if not is_queue_id(qid):
                 missing.append(qid)
+                continue
+            if op == "delete" and qid in self._unsaid \
+                    and not await self._said_within(qid, BEGIN_WAIT):
+                failed.append([qid, control.UNSAID])  # (deleted, a crash would queue it again)
                 continue
             was_active = qid in self._active or qid in self._busy
             await self._wait_idle(qid)
