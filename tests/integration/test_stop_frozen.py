@@ -4,10 +4,12 @@ VM snapshot's; support.tmpfs.ext4 + frozen): every process ends within its bound
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import smtplib
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,26 @@ def _logged_in(r: RelayProcess) -> smtplib.SMTP:
     s.ehlo("client.example")
     s.login("alice", PASSWORD)
     return s
+
+
+@contextlib.contextmanager
+def _serving_one_acknowledged(tmp_path: Path, workers: int
+                              ) -> Iterator[tuple[RelayProcess, Path, list[str]]]:
+    """`serve` with its state on an ext4 of its own (ext4(): frozen by the test), one
+    message acknowledged and queued: (the server, the mount, the queued ids). Killed at
+    the end."""
+    with ext4(tmp_path / "fs") as fs:
+        r = RelayProcess(tmp_path, {"state_dir": str(fs / "state"), "shutdown_timeout": "1s",
+                                    "limits": {"queue_min_free": 0}}, workers=workers)
+        r.state = fs / "state"  # (queued() reads its queue/)
+        r.start()
+        try:
+            with _logged_in(r) as s:
+                assert s.sendmail("alice@relay.test", ["bob@example.org"],
+                                  b"Subject: kept\r\n\r\nacknowledged\r\n") == {}
+            yield r, fs, r.wait_for(r.queued, what="the acknowledged message queued")
+        finally:
+            r.kill()
 
 
 def _ended(pid: int) -> bool:
@@ -52,46 +74,35 @@ def test_a_stop_with_the_spool_frozen_ends_every_process_before_the_thaw(
     after the SIGTERM, naming what it could not finish), a worker held in the kernel is
     killed at shutdown_timeout + 10 s; the message answered 250 before is on disk, the one
     whose commit the freeze held (2 workers) got no 250."""
-    with ext4(tmp_path / "fs") as fs:
-        r = RelayProcess(tmp_path, {"state_dir": str(fs / "state"), "shutdown_timeout": "1s",
-                                    "limits": {"queue_min_free": 0}}, workers=workers)
-        r.state = fs / "state"  # (queued() reads its queue/)
-        r.start()
+    with _serving_one_acknowledged(tmp_path, workers) as (r, fs, acked):
         assert r.proc is not None
         master = r.proc.pid
         ours = [master, *children(master)]
-        try:
-            with _logged_in(r) as s:
-                assert s.sendmail("alice@relay.test", ["bob@example.org"],
-                                  b"Subject: kept\r\n\r\nacknowledged\r\n") == {}
-            acked = r.wait_for(r.queued, what="the acknowledged message queued")
-            cut = None
-            if workers > 1:  # (one process: its loop is held by the cut session, gaps)
-                cut = _logged_in(r)
-                cut.mail("alice@relay.test")
-                cut.rcpt("bob@example.org")
-                assert cut.docmd("DATA")[0] == 354
-                cut.send(b"Subject: cut\r\n\r\n" + b"x" * 1000 + b"\r\n")
-            with frozen(fs, limit=120) as thawed:
-                if cut is not None:
-                    cut.send(b".\r\n")  # its commit waits for the thaw: no 250 can go
-                os.kill(master, signal.SIGTERM)
-                wait_until(lambda: all(_ended(p) for p in ours), timeout=150,
-                           what="every process of the instance ended or killed")
-                assert not alive(master)  # the master itself exited
-                assert not thawed.is_set(), "the stop waited for the thaw"
+        cut = None
+        if workers > 1:  # (one process: its loop is held by the cut session: the next test)
+            cut = _logged_in(r)
+            cut.mail("alice@relay.test")
+            cut.rcpt("bob@example.org")
+            assert cut.docmd("DATA")[0] == 354
+            cut.send(b"Subject: cut\r\n\r\n" + b"x" * 1000 + b"\r\n")
+        with frozen(fs, limit=120) as thawed:
             if cut is not None:
-                try:
-                    answer = cut.getreply()
-                except smtplib.SMTPServerDisconnected:
-                    answer = (0, b"closed")
-                assert answer[0] != 250, answer
-            r.proc.wait(timeout=60)  # (reaped once the thaw let its held threads end)
-            log = r.maillog()
-            assert "daemon=stopped" in log, log[-3000:]
-            assert r.queued() == acked  # the acknowledged one, kept
-        finally:
-            r.kill()
+                cut.send(b".\r\n")  # its commit waits for the thaw: no 250 can go
+            os.kill(master, signal.SIGTERM)
+            wait_until(lambda: all(_ended(p) for p in ours), timeout=150,
+                       what="every process of the instance ended or killed")
+            assert not alive(master)  # the master itself exited
+            assert not thawed.is_set(), "the stop waited for the thaw"
+        if cut is not None:
+            try:
+                answer = cut.getreply()
+            except smtplib.SMTPServerDisconnected:
+                answer = (0, b"closed")
+            assert answer[0] != 250, answer
+        r.proc.wait(timeout=60)  # (reaped once the thaw let its held threads end)
+        log = r.maillog()
+        assert "daemon=stopped" in log, log[-3000:]
+        assert r.queued() == acked  # the acknowledged one, kept
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -103,43 +114,33 @@ def test_a_loop_held_on_the_frozen_disk_before_the_sigterm_still_stops_in_time(
     never started: `workers = 1` ran until the thaw (systemd's TimeoutStopSec). Now a
     watcher thread takes the pending SIGTERM: the process ends by its deadline with one
     `stop not finished` line, the acknowledged message kept."""
-    with ext4(tmp_path / "fs") as fs:
-        r = RelayProcess(tmp_path, {"state_dir": str(fs / "state"), "shutdown_timeout": "1s",
-                                    "limits": {"queue_min_free": 0}}, workers=workers)
-        r.state = fs / "state"
-        r.start()
+    with _serving_one_acknowledged(tmp_path, workers) as (r, fs, acked):
         assert r.proc is not None
         master = r.proc.pid
         ours = [master, *children(master)]
-        try:
-            with _logged_in(r) as s:
-                assert s.sendmail("alice@relay.test", ["bob@example.org"],
-                                  b"Subject: kept\r\n\r\nacknowledged\r\n") == {}
-            acked = r.wait_for(r.queued, what="the acknowledged message queued")
-            held = _logged_in(r)
-            held.mail("alice@relay.test")
-            held.rcpt("bob@example.org")
-            assert held.docmd("DATA")[0] == 354
-            held.send(b"Subject: refused\r\n\r\n" + b"x" * 1000 + b"\r\n")
-            here = held.sock.getsockname()
-            receiver = master if workers == 1 else wait_until(
-                lambda: holder(children(master), here[0], here[1]),
-                what="the worker holding the session")
-            with frozen(fs, limit=150) as thawed:
-                held.send(b".\r\n")  # refused: its early file's unlink waits for the thaw
-                wait_until(lambda: _main_thread_in_disk_wait(receiver),
-                           what="the receiving loop held in the kernel")
-                os.kill(master, signal.SIGTERM)
-                wait_until(lambda: all(_ended(p) for p in ours), timeout=120,
-                           what="every process of the instance ended or killed")
-                assert not thawed.is_set(), "the stop waited for the thaw"
-            log = r.maillog()
-            if workers == 1:  # (a worker is killed by its master as its own deadline comes)
-                assert log.count("error=stop not finished") == 1, log[-3000:]
-            assert r.queued() == acked  # the acknowledged one, kept
-            r.proc.wait(timeout=60)
-        finally:
-            r.kill()
+        held = _logged_in(r)
+        held.mail("alice@relay.test")
+        held.rcpt("bob@example.org")
+        assert held.docmd("DATA")[0] == 354
+        held.send(b"Subject: refused\r\n\r\n" + b"x" * 1000 + b"\r\n")
+        assert held.sock is not None
+        here = held.sock.getsockname()
+        receiver = master if workers == 1 else wait_until(
+            lambda: holder(children(master), here[0], here[1]),
+            what="the worker holding the session")
+        with frozen(fs, limit=150) as thawed:
+            held.send(b".\r\n")  # refused: its early file's unlink waits for the thaw
+            wait_until(lambda: _main_thread_in_disk_wait(receiver),
+                       what="the receiving loop held in the kernel")
+            os.kill(master, signal.SIGTERM)
+            wait_until(lambda: all(_ended(p) for p in ours), timeout=120,
+                       what="every process of the instance ended or killed")
+            assert not thawed.is_set(), "the stop waited for the thaw"
+        log = r.maillog()
+        if workers == 1:  # (a worker is killed by its master as its own deadline comes)
+            assert log.count("error=stop not finished") == 1, log[-3000:]
+        assert r.queued() == acked  # the acknowledged one, kept
+        r.proc.wait(timeout=60)
 
 
 def _main_thread_in_disk_wait(pid: int) -> bool:
