@@ -237,7 +237,8 @@ class TokenEndpoint:
             return self._refuse(400, "unsupported_grant_type", grant)
         token = secrets.token_urlsafe(48)
         with self._lock:
-            self.issued[token] = (user, time.time() + self.expires_in)
+            # (an expires_in past any float, 10**400, is a token that never expires here)
+            self.issued[token] = (user, time.time() + min(self.expires_in, 10**12))
         return 200, {"access_token": token, "token_type": "Bearer",
                      "expires_in": self.expires_in}
 

@@ -412,8 +412,10 @@ def _courier_on_a_clock(tmp_path: Path, dns: FakeDNSServer, sh: Any, ep: Any, ca
     return courier, source, now
 
 
-@pytest.mark.parametrize(("expires_in", "life"), [(3600, 3600), (10**9, 86400)],
-                         ids=["an_hour", "decades_held_to_a_day"])
+@pytest.mark.parametrize(("expires_in", "life"), [(3600, 3600), (10**9, 86400),
+                                                  (10**400, 86400)],
+                         ids=["an_hour", "decades_held_to_a_day",
+                              "past_any_float_held_to_a_day"])
 async def test_token_refreshed_before_expiry_mid_queue(
         tmp_path: Path, dns: FakeDNSServer, endpoint: Any, smart_host: Any,
         trustme_ca_file: Path, mlog: Any, expires_in: int, life: int) -> None:
@@ -441,6 +443,9 @@ async def test_token_refreshed_before_expiry_mid_queue(
     (0, 30.0, 60.0), (-3600, 30.0, 60.0), (2, 1.0, 2.0),  # "expired": a minute
     (None, 2880.0, 3600.0), ("soon", 2880.0, 3600.0), (float("nan"), 2880.0, 3600.0),
     (3600, 2880.0, 3600.0), (1e300, 69120.0, 86400.0),  # at most a day
+    # an integer too big for a float (JSON's 1 and 400 zeros): past any bound, or short
+    pytest.param(10**400, 69120.0, 86400.0, id="1e400-int"),
+    pytest.param(-10**400, 30.0, 60.0, id="-1e400-int"),
 ])
 def test_the_lifetime_acted_on_is_held_to_a_minute_to_a_day(
         expires_in: Any, use: float, life: float) -> None:

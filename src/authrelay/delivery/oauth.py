@@ -176,6 +176,8 @@ def _lifetime(expires_in: Any) -> tuple[float, float]:
     most a day."""
     try:
         life = float(expires_in)
+    except OverflowError:  # an integer past any float (JSON's 1 and 400 zeros): a day,
+        life = _MAX_LIFETIME if expires_in > 0 else _NONPOSITIVE_LIFETIME  # or a minute
     except (TypeError, ValueError):
         life = _DEFAULT_LIFETIME
     if not math.isfinite(life):
