@@ -396,13 +396,14 @@ async def test_hanging_policy_hosts_never_hold_the_default_executor(
 @pytest.mark.parametrize("tamper", [
     {"max_age": "x"}, {"fetched": None}, {"mx": "abc"}, {"mode": "weird"},
     {"mx": ["a..test"]}, {"fetched": 9e9}, {"domain": "other.test"}, {"id": "a b"},
-    {"max_age": 99999999999},
+    {"max_age": 99999999999}, {"fetched": -10**400},
 ])
 def test_a_tampered_cache_file_is_no_policy(tmp_path: Path, tamper: dict[str, Any]) -> None:
     """Attack on state_dir/mta-sts: a damaged or hand-edited cache file. A string
     max_age or a null fetched raised TypeError inside the delivery (policy() "never
     raises"); a bad mode or MX pattern was used as is; a policy fetched "in the future"
-    never expired. Now the file goes through the same parser as a fetched policy."""
+    never expired. Now the file goes through the same parser as a fetched policy. A
+    fetched of -10**400 (no float holds it) raised OverflowError there too."""
     from authrelay.config import from_dict
     from authrelay.dns import Resolver
 

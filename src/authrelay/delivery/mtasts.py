@@ -477,8 +477,8 @@ class HttpsStsSource(StsSource):
             text = "\n".join(["version: STSv1", f"mode: {data['mode']}",
                               *(f"mx: {m}" for m in mxs), f"max_age: {data['max_age']}"])
             return parse_policy(domain, data["id"], text, float(fetched))
-        except (OSError, ValueError, TypeError, KeyError):
-            return None
+        except (OSError, ValueError, TypeError, KeyError, OverflowError):
+            return None  # (OverflowError: a fetched of -10**400, no float)
 
     def _save(self, pol: StsPolicy) -> None:
         """Atomically (write, fsync, rename): a crash leaves the old file or the new."""
