@@ -126,6 +126,18 @@ def test_status_fallbacks_and_injection() -> None:
     assert rcpt["Action"] == "failed"  # a remote reply cannot forge DSN fields
 
 
+def test_a_status_of_non_ascii_digits_is_no_status_and_keeps_the_report_ascii() -> None:
+    """A next hop's "550 5.\u0661.1" (an Arabic-Indic one): str's \\d took it for a digit,
+    so the DSN's Status: field was "5.\u0661.1" and, not ASCII, made the report
+    message/global-delivery-status (8bit), which a next hop's reply never does."""
+    r = Recipient("bob@example.net", attempts=1, last_code=550,
+                  last_reply="550 5.\u0661.1 no such user")
+    assert status_of(r, "failed") == "5.0.0"
+    _, data = make_bounce(_env(), [r], HEADERS, "relay.example.org")
+    assert b"Status: 5.0.0\r\n" in data and b"global-delivery-status" not in data
+    assert data.isascii()
+
+
 @pytest.mark.parametrize(("remote", "name"), [
     ("mx1.example.net [192.0.2.1]:25", "mx1.example.net"),
     ("smtp.provider.example:587", "smtp.provider.example"),  # a smart host not reached

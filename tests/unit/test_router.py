@@ -128,6 +128,8 @@ def test_normalize_crlf_never_leaves_bare_cr_or_lf(parts: list[bytes]) -> None:
     (550, "5.1.1 no such\nuser", "5.1.1", "no such user", True, False),
     (451, "4.3.0 try later", "4.3.0", "try later", False, False),
     (450, "5.1.1 mismatched class", "4.0.0", "5.1.1 mismatched class", False, False),
+    # an Arabic-Indic digit is no RFC 3463 digit (str's \d took it: dsn=5.\u0661.1)
+    (550, "5.\u0661.1 no such user", "5.0.0", "5.\u0661.1 no such user", True, False),
 ])
 def test_reply_result(code: int, msg: str, enhanced: str, text: str, permanent: bool,
                       ok: bool) -> None:

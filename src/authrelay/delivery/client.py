@@ -164,7 +164,9 @@ from authrelay.types import BeforeEnd, DeliveryResult, Taken
 
 log = logging.getLogger(__name__)
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+")
+# ASCII digits only (re.ASCII): str's \d takes "٣" too, and a next hop's "550 5.٣.1" made
+# a status of it (the maillog's dsn=, a DSN's Status: field, internationalizing the DSN).
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+", re.ASCII)
 _BAD_EOL = re.compile(rb"\r\n|\r|\n")
 _NORMALIZE_OFFLOAD = 1 << 20  # bigger messages are streamed from the spool file
 _STREAM_CHUNK = 256 * 1024

@@ -40,7 +40,7 @@ from email.utils import format_datetime, formatdate
 
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id, queue_id_at
 
-_ENHANCED = re.compile(r"^\s*(\d{3})[ -]([245]\.\d{1,3}\.\d{1,3})\b")
+_ENHANCED = re.compile(r"^\s*(\d{3})[ -]([245]\.\d{1,3}\.\d{1,3})\b", re.ASCII)  # "٣" no digit
 _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
