@@ -5,14 +5,16 @@ sendmail options (`Options`), the exit codes (sysexits.h) and `Fail`, who submit
 (`Identity`, from the kernel's uid, never from the message), and `submit()`: the message
 read from a line stream (LF or CRLF; a lone "." ends it unless -i), its recipients (the
 arguments, or -t: To/Cc/Bcc or the Resent- set), Bcc, Resent-Bcc, Return-Path and
-Content-Length removed (with or without -t, as Postfix does; RFC 5322 3.6.3), aliases
-expanded, `From:` added when missing (RFC 6409 8.1), the envelope sender (-f only for
-trusted users), the DSN options checked as SMTP takes them (RFC 3461 4.1, 4.3, 4.4), then
-`queue_message()` through spool/submit.py (Received:, Date:, Message-ID:, NUL and hop
-checks, DKIM, fsync). It sits below both sendmail.py (the command line, the client) and
-localsubmit.py (the server): neither imports the other's internals, and nothing here
-builds parts (the Submitter is handed in, made by the caller: the running server's, or
-sendmail.py's direct one through wiring.py).
+Content-Length removed (with or without -t, as Postfix does; RFC 5322 3.6.3), lines over
+max_text_line_length (998) octets broken with CRLF SPACE as Postfix's smtp client breaks
+them (longlines.py; RFC 5322 2.1.1), aliases expanded, `From:` added when missing (RFC
+6409 8.1), the envelope sender (-f only for trusted users), the DSN options checked as
+SMTP takes them (RFC 3461 4.1, 4.3, 4.4), then `queue_message()` through spool/submit.py
+(Received:, Date:, Message-ID:, NUL and hop checks, DKIM, fsync). It sits below both
+sendmail.py (the command line, the client) and localsubmit.py (the server): neither
+imports the other's internals, and nothing here builds parts (the Submitter is handed
+in, made by the caller: the running server's, or sendmail.py's direct one through
+wiring.py).
 
 Contract: `submit()` returns the queue id only once the message is durable; on any error
 nothing is queued (the draft is aborted). The Submitter is asked for (`submitter()`) only
@@ -40,6 +42,7 @@ from typing import Protocol
 from authrelay import aliases, replies
 from authrelay.address import AddressError, parse_mailbox
 from authrelay.config import Config
+from authrelay.longlines import LineBreaker
 from authrelay.policy.ownership import Owner
 from authrelay.scheduler.bounce import make_bounce, should_notify
 from authrelay.smtpd import protocol as smtp
@@ -383,11 +386,16 @@ def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], who: Iden
     draft = sub.begin(env, add_missing=True, local_uid=who.uid, owner=owner,
                       refuse_unowned=False)
     limit = cfg.limits.max_message_size
+    # RFC 5322 2.1.1: what leaves the relay has no line over max_text_line_length (998)
+    # octets; the SMTP listeners refuse such a line, a local program's (cron's, a
+    # script's) is broken as Postfix's smtp client breaks it, here before the DKIM
+    # signer, so the signature covers what is sent (longlines.py).
+    breaker = LineBreaker(cfg.limits.max_text_line_length)
     try:
         total = 0
         batch: list[bytes] = []
         held = 0
-        for piece in pieces:
+        for piece in map(breaker.feed, pieces):
             total += len(piece)
             if limit and total > limit:
                 raise Fail(EX_DATAERR, f"message too big (limit {limit} bytes)")
@@ -420,6 +428,10 @@ def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], who: Iden
     except BaseException:
         draft.abort()
         raise
+    if breaker.broken:
+        sub.maillog.warning(f"lines over {breaker.limit} octets broken with CRLF SPACE "
+                            "(RFC 5322 2.1.1)", queue_id=env.queue_id, uid=who.uid,
+                            user=who.login)
     return env.queue_id
 
 

@@ -586,5 +586,7 @@ def test_a_header_line_longer_than_a_piece_stays_one_header_line(relay: RelayPro
     assert body == b"hello\r\n"
     env, msg = second
     head, body = msg.split(b"\r\n\r\n", 1)
-    assert b"\r\n" + pad + b"\r\nX-After: 1\r\n" in head + b"\r\n"
+    # (broken at 998 octets with CRLF SPACE, longlines.py: folded, one field still)
+    assert max(map(len, head.split(b"\r\n"))) <= 998
+    assert b"\r\n" + pad + b"\r\nX-After: 1\r\n" in (head + b"\r\n").replace(b"\r\n ", b"")
     assert body == b"body\r\n"
