@@ -1011,9 +1011,13 @@ def _serve_logging(cfg: Config, config_path: str | None, dropping: bool) -> int:
 
 
 def _in_queue(cfg: Config) -> Callable[[str], bool]:
-    """Whether a queue id's file is in the queue (queue/ID, ready or not)."""
-    prefix = f"{Spool(cfg.spool_dir).queue_dir}/"
-    return lambda qid: is_queue_id(qid) and os.path.lexists(prefix + qid)
+    """Whether a queue id's file is in the queue (queue/ID, ready or not) or held
+    (hold/ID: an abandoned commit's file a hold moved there, containment's or an
+    admin's, is kept in the book too: a release must not deliver it either)."""
+    spool = Spool(cfg.spool_dir)
+    queued, held = f"{spool.queue_dir}/", f"{spool.hold_dir}/"
+    return lambda qid: is_queue_id(qid) and (os.path.lexists(queued + qid)
+                                             or os.path.lexists(held + qid))
 
 
 def _local_recipients(cfg: Config) -> LocalRecipients | None:

@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from fakes.smtpserver import FakeSMTPServer
 from relayproc import PASSWORD, RelayProcess, alive, children
 from support import hungfsync
 from support.wait import wait_until
@@ -53,17 +54,12 @@ def _kill_all(r: RelayProcess) -> None:
     wait_until(lambda: not any(alive(p) for p in pids), what="every process gone")
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_an_abandoned_commit_left_by_a_whole_server_kill_is_dropped_at_the_start(
-        relay_factory, fake_mx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        workers: int) -> None:
-    """The commit thread past the ready mark, held in the file's fsync (a hung disk);
-    the session gives up after data_block_timeout (451 4.3.0: the client sends the
-    message again); then the whole server is killed (master and workers: kill -9) before
-    the thread removed the file. The file was left ready and the start delivered it: a
-    duplicate of the client's retry (the master's memory of the abandon died with it).
-    The abandonment is now also in the instance's book in /dev/shm
-    (spool/abandoned.py): the start drops the file, one line, never delivered."""
+def _given_up_then_killed(relay_factory, fake_mx, tmp_path: Path,  # noqa: ANN001
+                          monkeypatch: pytest.MonkeyPatch, workers: int
+                          ) -> tuple[RelayProcess, FakeSMTPServer, Path]:
+    """A relay (`workers`, a smart host) whose commit thread is held in the file's fsync
+    past the ready mark (a hung disk): the session gives up (451 4.3.0), then the whole
+    server is killed -9 and the fsyncs let go. The relay, its smart host, the file."""
     smart = fake_mx("127.0.0.2")
     r = relay_factory(overrides={"relay": {"smart_host": [smart.address],
                                            "smart_host_tls": "none"},
@@ -79,23 +75,61 @@ def test_an_abandoned_commit_left_by_a_whole_server_kill_is_dropped_at_the_start
     _given_up(r)
     [held] = r.queued()
     assert held.stat().st_mode & 0o100, "ready: held past its ready mark"
-    qid = held.name
-    r.wait_log(f"{qid}: reject=")  # the 451's line
+    r.wait_log(f"{held.name}: reject=")  # the 451's line
     _kill_all(r)
     gate.unlink()
-    assert r.queued() == [held]  # left ready by the killed server
-    r.start()
+    return r, smart, held
+
+
+def _dropped_not_delivered(r: RelayProcess, smart: FakeSMTPServer, qid: str) -> None:
+    """`qid`'s file dropped (one line) or delivered, whichever comes: dropped, the queue
+    empty, nothing at the smart host."""
     r.wait_for(lambda: DROPPED in r.maillog() or "stat=Sent" in r.maillog(),
                what="the file dropped or delivered")
     assert f"{qid}: warning={DROPPED}" in r.maillog()
     assert "stat=Sent" not in r.maillog()
     assert smart.messages == []
     assert r.queued() == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_abandoned_commit_left_by_a_whole_server_kill_is_dropped_at_the_start(
+        relay_factory, fake_mx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        workers: int) -> None:
+    """The commit thread past the ready mark, held in the file's fsync (a hung disk);
+    the session gives up after data_block_timeout (451 4.3.0: the client sends the
+    message again); then the whole server is killed (master and workers: kill -9) before
+    the thread removed the file. The file was left ready and the start delivered it: a
+    duplicate of the client's retry (the master's memory of the abandon died with it).
+    The abandonment is now also in the instance's book in /dev/shm
+    (spool/abandoned.py): the start drops the file, one line, never delivered."""
+    r, smart, held = _given_up_then_killed(relay_factory, fake_mx, tmp_path, monkeypatch,
+                                           workers)
+    qid = held.name
+    assert r.queued() == [held]  # left ready by the killed server
+    r.start()
+    _dropped_not_delivered(r, smart, qid)
     # Another message after it goes through as ever.
     with _client(r) as s:
         s.login("alice", PASSWORD)
         s.sendmail("alice@local.test", ["carol@remote.example"], b"Subject: next\r\n\r\nx\r\n")
     r.wait_for(lambda: len(smart.messages) == 1, what="the next message delivered")
+
+
+def test_an_abandoned_commits_file_held_across_a_whole_server_kill_is_not_delivered(
+        relay_factory, fake_mx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, but the file is moved to hold/ (`queue hold`, the server down) before the
+    start: the start kept the book's ids of files in queue/ only, so it forgot this one,
+    and a release delivered it, a duplicate of the client's retry. Now the start keeps
+    the ids of files in hold/ too: the release drops it, one line, never delivered."""
+    r, smart, held = _given_up_then_killed(relay_factory, fake_mx, tmp_path, monkeypatch, 1)
+    qid = held.name
+    assert r.cli("queue", "hold", qid).stdout.strip() == f"{qid}: held"
+    assert r.queued() == []
+    r.start()
+    assert r.cli("queue", "release", qid).stdout.strip() == f"{qid}: released"
+    _dropped_not_delivered(r, smart, qid)
+    assert not (r.state / "spool" / "hold" / qid).exists()
 
 
 def _left_ready(r: RelayProcess, rcpt: str) -> str:

@@ -9,8 +9,10 @@ killer taking both), the start delivered the file, a duplicate of the client's r
 So the producer also writes the id here first, in the instance's book (`book_path`: a
 file in /dev/shm, named by the spool directory as owedlines.py's book), which every
 process maps shared: memory keeps what is written whatever kills the processes. The
-next start reads it (`leftovers`: the ids whose queue file is still there) and its
-scheduler drops those files, one line each, never delivered. A machine crash (power
+next start reads it (`leftovers`: the ids whose queue file is still there, in queue/ or
+in hold/, where a hold, containment's or an admin's, may have moved it) and its
+scheduler drops those files, one line each, never delivered (a held one at its
+release). A machine crash (power
 loss) loses the book with the rest of memory: a file the crash left ready and durable
 (its fsync done before the power went) is delivered then.
 
