@@ -281,3 +281,42 @@ def test_what_a_success_dsn_says_is_journaled_with_its_recipients(tmp_path: Path
         b'{"b":1,"q":"Q1","r":["a@x.test"]}\n{"e":1,"d":1,"n":["a@x.test"]}\n')
     assert InflightJournal(tmp_path).leftovers() == [
         Leftover("Q1", ["a@x.test"], ["a@x.test"], ["a@x.test"], {})]
+
+
+def test_a_notices_mark_is_reached_once_its_s_line_is_written(tmp_path: Path) -> None:
+    """notified() returns the mark said() waits for: its `{"s": N}` line written (the
+    scheduler begins no delivery of that success notice before); 0 when it wrote none."""
+    j = InflightJournal(tmp_path)
+    j.start()
+    t1 = j.begin("Q1", ["a@x.test"])
+    assert j.notified([t1]) == 0  # owed nothing: no line, nothing to wait for
+    j.delivered([(t1, ["a@x.test"], True, [_o("a@x.test")])])
+    mark = j.notified([t1])
+    assert mark > t1
+    assert j.written(10)
+    assert j.said(mark) is None
+    j.close()
+    lines = [json.loads(x) for x in (tmp_path / "inflight.log").read_bytes().splitlines()]
+    assert lines[-1] == {"s": t1}
+    assert InflightJournal(tmp_path).leftovers() == [
+        Leftover("Q1", ["a@x.test"], ["a@x.test"], [], {"a@x.test": _o("a@x.test")})]
+
+
+def test_ids_deleted_while_no_scheduler_runs_are_read_back_until_the_start(
+        tmp_path: Path) -> None:
+    """record_deleted (an admin's offline `queue delete`) appends `{"x": ID}` lines after
+    the dead run's; leftovers() reads them into .deleted (the recovery queues no success
+    notice among them again) and the run's own lines as before; start() forgets them."""
+    j = InflightJournal(tmp_path)
+    j.start()
+    j.begin("Q1", ["a@x.test"])
+    assert j.written(10)
+    j.close()
+    inflight.record_deleted(tmp_path, ["N1", "N\"2"])
+    inflight.record_deleted(tmp_path, [])
+    again = InflightJournal(tmp_path)
+    assert again.leftovers() == [Leftover("Q1", ["a@x.test"], [], [], {})]
+    assert again.deleted == {"N1", "N\"2"}
+    again.start()
+    assert again.deleted == set()
+    assert again.leftovers() == []
