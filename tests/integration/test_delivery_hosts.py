@@ -1765,6 +1765,60 @@ async def test_a_refusal_answered_in_step_still_bounces_and_ends_the_session(
     assert [ln[:4] for ln in mx.received] == [b"EHLO", b"MAIL", b"RCPT", b"QUIT"]
 
 
+def _closing_after(verb: bytes, refusal: bytes, pipelining: bool) -> Any:
+    """A next hop that refuses `verb` for good and closes with a 421: Postfix's smtpd past
+    smtpd_hard_error_limit (1 under stress, else 20) writes '421 4.7.0 ... Error: too many
+    errors' right after the refusal, before it reads another command, and hangs up
+    (verb QUIT: the refusal at RCPT, the 421 in QUIT's place, a server shutting down)."""
+    closing = b"421 4.7.0 raw.test Error: too many errors\r\n"
+    answers = {b"EHLO": b"250-raw.test\r\n250 PIPELINING\r\n" if pipelining
+               else b"250 raw.test\r\n", b"QUIT": b"221 bye\r\n", verb: refusal + closing}
+    if verb == b"QUIT":  # refused at RCPT, the 421 in QUIT's place
+        answers.update({b"RCPT": refusal, b"QUIT": closing})
+
+    async def script(mx: RawMX, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 raw.test ESMTP\r\n")
+        while line := await r.readline():
+            mx.received.append(line)
+            reply = answers.get(line[:4].upper(), b"250 ok\r\n")
+            w.write(reply)
+            await w.drain()
+            if reply.endswith((closing, b"221 bye\r\n")):
+                return  # (hung up)
+    return script
+
+
+# (the verb refused, with the 421 after it; its refusal; whether PIPELINING is offered)
+_CLOSING = {"rcpt": (b"RCPT", b"550 5.1.1 no such user\r\n", False),
+            "mail": (b"MAIL", b"553 5.7.1 sender refused\r\n", False),
+            "data-pipelined": (b"DATA", b"554 5.7.1 no thanks\r\n", True),
+            "421-to-quit": (b"QUIT", b"550 5.1.1 no such user\r\n", False)}
+
+
+@pytest.mark.parametrize("case", list(_CLOSING))
+async def test_a_refusal_then_the_next_hop_closing_with_421_still_bounces(
+        tmp_path: Path, dns: FakeDNSServer, raw_port: int, case: str) -> None:
+    """A permanent refusal no 354 followed, then a 421 from a next hop closing (Postfix
+    past its error limit: the 421 already waiting when QUIT goes out; or read in QUIT's
+    place). Taken for an earlier command's reply (4cefd87's _settle: anything but 221),
+    the refusal was no verdict: deferred 451 4.5.0 'replies out of step' at every
+    attempt, the sender's bounce only at max_queue_lifetime. A 421 is the next hop
+    closing (as after the dot, _after_dot), no reply of another step: the refusal
+    stands, the recipient bounced at once."""
+    verb, refusal, pipelining = _CLOSING[case]
+    one_mx(dns)
+    with RawMX("127.0.0.2", raw_port, _closing_after(verb, refusal, pipelining)) as mx:
+        courier = Courier(make_cfg(tmp_path, dns, raw_port), maillog=ListLog())
+        try:
+            r = (await deliver(courier, envelope("bob@example.test")))["bob@example.test"]
+            assert not courier._idle
+        finally:
+            await courier.close()
+    code = int(refusal[:3])
+    assert (r.ok, r.permanent, r.code) == (False, True, code), r.text
+    assert b"message" not in mx.received
+
+
 @pytest.mark.parametrize(("first", "second", "ok"), [
     (b"250 2.0.0 taken\r\n", b"554 5.7.1 refused after all\r\n", True),
     (b"250 2.0.0 taken\r\n", b"250 2.0.0 taken again\r\n", True),

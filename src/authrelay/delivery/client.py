@@ -31,7 +31,8 @@ Failure policy (codes per RFC 3463):
   refusal of MAIL on a reused connection (without PIPELINING, a late second reply to the
   last dot reads the same), anything but 221 to the QUIT that ends a session whose
   permanent refusal no 354 followed (`Courier._settle`: a stray reply still on its way
-  when a command went out shifts every reply after it): the connection is dropped,
+  when a command went out shifts every reply after it; a 421 alone is the next hop
+  closing, as a closed connection: the refusal stands): the connection is dropped,
   the message retried at once on a new one (once) or deferred, never bounced nor
   counted sent on another command's reply.
 - 2xx to the end of data: sent (the only reply that delivers; any 2yz to MAIL or RCPT
@@ -1683,9 +1684,16 @@ class Courier:
         comes before QUIT's): the replies were in step, the refusal stands. Anything
         else read in QUIT's place (or already waiting when QUIT goes out) is an earlier
         command's reply, every reply a step behind: _Stale, out of step, no verdict.
+        Except a 421, alone, waiting or in QUIT's place: the next hop closing (RFC 5321
+        3.8; Postfix past smtpd_hard_error_limit, 1 under stress, writes it right after
+        the refusal and hangs up), as a closed connection says the same: it stands.
         The connection is closed either way (as Postfix's RSET after a refused
         transaction ignores its reply, this costs the cached connection)."""
         try:
+            if (early := w.peek()) is not None and early.code == 421:
+                await w.reply(timeout)  # (read at once: waiting)
+                if not w.has_unread:
+                    return
             rep = await w.command(b"QUIT\r\n", timeout)
         except ProtocolError as e:  # waiting before QUIT went out (OutOfStep), or garbage
             raise _Stale(_out_of_step(e, remote)) from None
@@ -1693,7 +1701,7 @@ class Courier:
             return
         finally:
             w.close()
-        if rep.code != 221:
+        if rep.code not in (221, 421):
             raise _Stale(_out_of_step(wire.OutOfStep(
                 f"replies out of step: {str(rep)[:200]} to QUIT after {str(refusal)[:200]}"),
                 remote))
