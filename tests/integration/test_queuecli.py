@@ -22,6 +22,7 @@ from test_scheduler import TEMP, FakeCourier
 
 from authrelay import wiring
 from authrelay.scheduler import control
+from authrelay.scheduler.inflight import InflightJournal
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id
 from authrelay.spool.store import Spool
 
@@ -939,3 +940,28 @@ async def test_a_flush_during_a_shutdown_says_the_mail_system_is_stopping(
         await stopping
     assert answer.get("ok") is False, answer  # (was: ok, "done": [qd, ...])
     assert "mail system is stopping" in answer["error"], answer
+
+
+async def test_an_offline_delete_cut_by_an_error_still_records_what_it_removed(
+        site: tuple[Path, Spool]) -> None:
+    """An offline `queue delete` records the ids it removed in the in-flight journal
+    (`{"x": ID}`: a success notice a killed run committed before its `{"s": N}` line is
+    not queued again at the start, 83cc6f6), but only after its whole loop: an unlink
+    that failed with another error than "no such file" (here an immutable file: EPERM;
+    an EIO, a read-only remount, a Ctrl-C alike) ended the command with those already
+    removed unrecorded. Now each one removed is recorded whatever ends the loop."""
+    cfgfile, spool = site
+    first = await put(spool, ["x@b.example"])
+    stuck = await put(spool, ["y@b.example"])
+    assert spool.hold(stuck)  # (delete --all takes queue/ first, then hold/)
+    held = spool.hold_dir / stuck
+    subprocess.run(["chattr", "+i", str(held)], check=True)
+    try:
+        r = cli(cfgfile, "delete", "--all")
+    finally:
+        subprocess.run(["chattr", "-i", str(held)], check=True)
+    assert r.returncode == 77 and "permission denied" in r.stderr, r
+    assert spool.scan() == [] and spool.held() == [stuck]
+    journal = InflightJournal(spool.root)
+    journal.leftovers()
+    assert journal.deleted == {first}

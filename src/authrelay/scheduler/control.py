@@ -218,41 +218,47 @@ def run_offline(spool: Spool, req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "error": f"{op}: a queue id is required"}
     done, missing = [], []
     failed: list[list[str]] = []
-    for qid in ids:
-        try:
-            if req.get("id") and spool.arriving(qid):
-                raise InCommit(qid)
-            if op == "flush":
-                flush_files(spool, qid)
-            elif op == "hold":
-                if not spool.hold(qid):
-                    raise FileNotFoundError(qid)  # held already
-            elif op == "release":
-                if not spool.release(qid):
-                    raise FileNotFoundError(qid)  # not held
-            elif op == "delete":
-                spool.remove(qid)
-            else:
-                return {"ok": False, "error": f"unknown op {op!r}"}
-            done.append(qid)
-        except InCommit:
-            if req.get("id"):
-                failed.append([qid, ARRIVING])
-            else:  # a user's (containment): the scheduler holds it before sending
+    unrecorded = ""
+    try:
+        for qid in ids:
+            try:
+                if req.get("id") and spool.arriving(qid):
+                    raise InCommit(qid)
+                if op == "flush":
+                    flush_files(spool, qid)
+                elif op == "hold":
+                    if not spool.hold(qid):
+                        raise FileNotFoundError(qid)  # held already
+                elif op == "release":
+                    if not spool.release(qid):
+                        raise FileNotFoundError(qid)  # not held
+                elif op == "delete":
+                    spool.remove(qid)
+                else:
+                    return {"ok": False, "error": f"unknown op {op!r}"}
+                done.append(qid)
+            except InCommit:
+                if req.get("id"):
+                    failed.append([qid, ARRIVING])
+                else:  # a user's (containment): the scheduler holds it before sending
+                    missing.append(qid)
+            except FileNotFoundError:
                 missing.append(qid)
-        except FileNotFoundError:
-            missing.append(qid)
-        except SpoolError as e:  # damaged or of a newer format: not ours to touch here
-            failed.append([qid, str(e)])
-    if op == "delete" and done:
+            except SpoolError as e:  # damaged or of a newer format: not ours to touch here
+                failed.append([qid, str(e)])
+    finally:
         # The delete is final: a success notice a killed run committed before its journal
-        # said so is not queued again by the next start (inflight.record_deleted).
-        try:
-            record_deleted(spool.root, done)
-        except OSError as e:
-            return {"ok": False, "error": f"deleted {len(done)}, but cannot record it in "
-                    f"the in-flight journal (a success notice among them may be queued "
-                    f"again at the start): {e}"}
+        # said so is not queued again by the next start (inflight.record_deleted); each
+        # id removed is recorded also when the loop is cut (an unlink's error, a Ctrl-C).
+        if op == "delete" and done:
+            try:
+                record_deleted(spool.root, done)
+            except OSError as e:
+                unrecorded = (f"deleted {len(done)}, but cannot record it in the in-flight "
+                              f"journal (a success notice among them may be queued again "
+                              f"at the start): {e}")
+    if unrecorded:
+        return {"ok": False, "error": unrecorded}
     return {"ok": True, "done": done, "missing": missing, "failed": failed}
 
 
