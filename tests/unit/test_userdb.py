@@ -64,6 +64,51 @@ def test_old_parameters_need_rehash() -> None:
     assert passwords.needs_rehash(weak)
 
 
+def _with_params(params: str) -> str:
+    """A real hash of "pw" with its parameter field replaced (salt and tag kept)."""
+    f = passwords.hash_password("pw").split("$")
+    return "$".join([*f[:3], params, *f[4:]])
+
+
+@pytest.mark.parametrize("params", [
+    "m=19456,t=4294967295,p=1",  # days of one hashing thread
+    "m=4194304,t=1,p=1",  # 4 GiB
+    "m=8,t=1048576,p=1",  # passes x memory past MAX_WORK
+    "m=19456,t=2,p=255",  # 255 threads
+])
+def test_a_stored_hash_past_the_cost_bounds_is_refused_unrun(
+        params: str, caplog: pytest.LogCaptureFixture) -> None:
+    assert passwords.verify_password(_with_params(params), "pw") is False
+    assert f"stored password hash refused unchecked (a failed login): its cost is {params}, " \
+        f"more than m=2097152, t x m=4194304, p=16" in caplog.text
+    caplog.clear()
+    assert passwords.verify_password("$argon2id$" + "A" * 300, "pw") is False
+    assert "its cost is 310 characters, more than 256" in caplog.text
+
+
+def test_a_foreign_hash_within_the_bounds_verifies() -> None:
+    # RFC 9106's second option, Bitwarden's default: m=64 MiB, t=3, p=4.
+    h = PasswordHasher(time_cost=3, memory_cost=65536, parallelism=4).hash("pw")
+    assert passwords.verify_password(h, "pw")
+    assert not passwords.verify_password(h, "pW")
+
+
+async def test_a_user_whose_hash_never_ends_does_not_hold_the_hashing_pool(
+        tmp_path: Path) -> None:
+    # One mistyped or hostile row (t=2**32-1): anyone naming that user held a hashing
+    # thread for days with each AUTH; with hash_threads = 1 every other login waited.
+    db = UserDB(tmp_path / "users.db")
+    db.add("alice", "pw")
+    db.add_hashed("mallory", _with_params("m=19456,t=4294967295,p=1"))
+    auth = UserDBAuthenticator(db, hash_threads=1, cache_ttl=0)
+    try:
+        assert await auth.verify("mallory", "pw") is AuthResult.BAD
+        assert await auth.verify("alice", "pw") is AuthResult.OK
+    finally:
+        auth.close()
+        db.close()
+
+
 def test_dummy_hash_has_server_cost_and_never_matches() -> None:
     assert passwords.dummy_hash().startswith("$argon2id$v=19$m=19456,t=2,p=1$")
     assert passwords.verify_dummy("") is False

@@ -17,7 +17,11 @@ in a bounded thread pool (see authenticator.py), never inline.
 
 Parameters: OWASP's argon2id minimum (m=19 MiB, t=2, p=1), which RFC 9106 4 lists as a
 reasonable choice where memory is constrained; old hashes made with other parameters still
-verify, and `needs_rehash()` tells when to upgrade them.
+verify, and `needs_rehash()` tells when to upgrade them, as long as their cost is within
+the bounds below: a stored hash asking for more (a mistyped or hostile row: `t=4294967295`
+held a hashing thread for days, `m=` in the tens of GiB the process's memory, and one
+such user's name let anyone fill `hash_threads` with any password) is never run: a failed
+login with a warning naming its parameters (`verify_password`).
 """
 
 from __future__ import annotations
@@ -25,15 +29,26 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import secrets
 from functools import lru_cache
 
-from argon2 import PasswordHasher, Type
+from argon2 import Parameters, PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 TIME_COST = 2
 MEMORY_COST = 19456  # KiB
 PARALLELISM = 1
+
+# The most a stored hash may cost one verification (any other is refused unrun): memory as
+# RFC 9106 4's first option (2 GiB, t=1), passes x memory as libsodium's SENSITIVE preset
+# (1 GiB x 4), lanes (argon2-cffi runs a thread per lane) as both of them at most need.
+MAX_MEMORY_COST = 2 * 1024 * 1024  # KiB
+MAX_WORK = 4 * 1024 * 1024  # time_cost x memory_cost, KiB-passes (ours: 38,912)
+MAX_PARALLELISM = 16
+MAX_HASH_CHARS = 256  # a PHC string of a 64-octet salt and tag fits in 200
+
+log = logging.getLogger(__name__)
 
 _hasher = PasswordHasher(
     time_cost=TIME_COST, memory_cost=MEMORY_COST, parallelism=PARALLELISM,
@@ -86,9 +101,31 @@ def is_argon2_hash(value: str) -> bool:
     return isinstance(value, str) and value.startswith(("$argon2id$", "$argon2i$", "$argon2d$"))
 
 
+def too_costly(stored_hash: str) -> str:
+    """Why `stored_hash` costs more than the bounds above ("" when it does not, or is no
+    argon2 hash at all: argon2-cffi refuses those at once)."""
+    if len(stored_hash) > MAX_HASH_CHARS:
+        return f"{len(stored_hash)} characters, more than {MAX_HASH_CHARS}"
+    try:
+        p: Parameters = extract_parameters(stored_hash)
+    except (InvalidHashError, ValueError):
+        return ""
+    if (p.memory_cost > MAX_MEMORY_COST or p.time_cost * p.memory_cost > MAX_WORK
+            or p.parallelism > MAX_PARALLELISM):
+        return (f"m={p.memory_cost},t={p.time_cost},p={p.parallelism}, more than "
+                f"m={MAX_MEMORY_COST}, t x m={MAX_WORK}, p={MAX_PARALLELISM}")
+    return ""
+
+
 def verify_password(stored_hash: str, password: str | bytes) -> bool:
     """Constant-time check of `password` against `stored_hash` (the argon2 library
-    compares digests in constant time). False for a mismatch or an unusable hash."""
+    compares digests in constant time). False for a mismatch or an unusable hash; a hash
+    past the cost bounds is not run (False, and a warning)."""
+    costly = too_costly(stored_hash) if isinstance(stored_hash, str) else ""
+    if costly:
+        log.warning("stored password hash refused unchecked (a failed login): its cost "
+                    "is %s: set the password again (authrelay user passwd)", costly)
+        return False
     try:
         return _hasher.verify(stored_hash, raw(password))
     except (VerifyMismatchError, VerificationError, InvalidHashError):
