@@ -314,6 +314,36 @@ def test_helo_name_control_characters_never_reach_the_received_field(
     assert not any(b < 0x20 and b not in b"\t\r\n" or b == 0x7f for b in stored), stored
 
 
+def _greeted_and_stored(relay: RelayProcess, helo: str) -> tuple[str, bytes]:
+    """EHLO `helo` on port 25, a message to a local user: the reply's first line and the
+    message as stored."""
+    before = set(relay.queued())
+    with RawClient(relay.ports["smtp"]) as c:
+        assert c.reply().code == 220
+        r = c.cmd(f"EHLO {helo}")
+        assert r.code == 250
+        assert c.cmd("MAIL FROM:<someone@remote.example>").code == 250
+        assert c.cmd("RCPT TO:<bob@local.test>").code == 250
+        assert c.cmd("DATA").code == 354
+        assert c.cmd("Subject: helo\r\n\r\nbody\r\n.").code == 250
+    [path] = set(relay.queued()) - before
+    return r.lines[0], relay.message_bytes(path)
+
+
+def test_a_helo_name_cannot_change_the_structure_of_the_received_field(
+        relay: RelayProcess) -> None:
+    """The EHLO name went into our Received field with its "(", ")", ";" and "\\": an
+    unclosed "(" made the rest of the field (the by-clause, the client's [address], the
+    date) one comment to a parser, and a ";" put the date where the tokens are. Those
+    characters, and Postfix's other NEUTER_CHARACTERS, are stored as "?" (":" is kept)."""
+    first, stored = _greeted_and_stored(relay, 'mail.example(x)"<y>;z@w\\(')
+    assert first == "250-relay.test greets mail.example?x???y??z?w??"
+    assert stored.startswith(b"Received: from mail.example?x???y??z?w?? (unknown [127.0.0.1])")
+    first, stored = _greeted_and_stored(relay, "[IPv6:::1]")
+    assert first == "250-relay.test greets [IPv6:::1]"
+    assert stored.startswith(b"Received: from [IPv6:::1] (unknown [127.0.0.1])")
+
+
 def test_a_non_ascii_helo_name_never_makes_a_7bit_message_8bit(relay: RelayProcess) -> None:
     """A UTF-8 EHLO name (RFC 6531 3.7.1: the client MUST send LDH labels or A-labels)
     went raw into the EHLO reply (RFC 5321 4.2: reply text is ASCII) and into our
@@ -321,16 +351,7 @@ def test_a_non_ascii_helo_name_never_makes_a_7bit_message_8bit(relay: RelayProce
     fields of a message sent without SMTPUTF8 conform to RFC 5321), which a next hop
     without 8BITMIME cannot take (bounced 554 5.6.3: a header cannot be downgraded).
     Each non-ASCII character is stored as "?", as a control character is."""
-    before = set(relay.queued())
-    with RawClient(relay.ports["smtp"]) as c:
-        assert c.reply().code == 220
-        r = c.cmd("EHLO b\u00fccher.example")
-        assert r.code == 250 and r.lines[0] == "250-relay.test greets b?cher.example"
-        assert c.cmd("MAIL FROM:<someone@remote.example>").code == 250
-        assert c.cmd("RCPT TO:<bob@local.test>").code == 250
-        assert c.cmd("DATA").code == 354
-        assert c.cmd("Subject: idn helo\r\n\r\nbody\r\n.").code == 250
-    [path] = set(relay.queued()) - before
-    stored = relay.message_bytes(path)
+    first, stored = _greeted_and_stored(relay, "b\u00fccher.example")
+    assert first == "250-relay.test greets b?cher.example"
     assert stored.startswith(b"Received: from b?cher.example (")
     assert stored.isascii(), stored

@@ -354,6 +354,10 @@ def _ehlo_keywords(max_size: int, starttls: bool, auth: bool,
     return Reply(250, "", "\n".join(lines)).lines()
 
 
+# Kept out of the EHLO name written into our Received field (Engine._hello).
+_NEUTER = frozenset('()<>\\";@')
+
+
 def notify_ok(value: str) -> bool:
     """RFC 3461 4.1: NEVER, or a comma list of SUCCESS, FAILURE, DELAY (any case)."""
     words = {w.upper() for w in value.split(",")}
@@ -908,8 +912,13 @@ class Engine:
         # RFC 5321 4.1.1.1), reply text is ASCII (RFC 5321 4.2), and a trace field of a
         # message sent without SMTPUTF8 must be (RFC 6531 3.7.3) -- a UTF-8 name made
         # every 7-bit message 8-bit, refused (554 5.6.3) by a next hop without 8BITMIME.
-        if not plain:
-            name = "".join(c if c.isascii() and c.isprintable() else "?" for c in name)
+        # The characters that give the field's text a structure (RFC 5322 3.6.7, 3.2.2:
+        # "(" opens a comment that, left open, hides the by-clause, the client's address
+        # and the date from a parser; ";" ends the tokens, "\\" quotes) become "?" too,
+        # as Postfix's NEUTER_CHARACTERS (":" kept: an IPv6 literal holds it).
+        if not plain or not _NEUTER.isdisjoint(name):
+            name = "".join(c if c.isascii() and c.isprintable() and c not in _NEUTER
+                           else "?" for c in name)
         self.helo, self.esmtp = name[:255], esmtp
         if not esmtp:
             self._reply(Reply(250, "", self.hostname))
