@@ -395,10 +395,13 @@ def orcpt_ok(value: str, smtputf8: bool) -> bool:
     UTF-8 (utf-8-addr-unitext). Control characters (C0, DEL, C1) and line or paragraph
     separators are refused in either form: the value reaches DSNs and the next hop."""
     atype, semi, addr = value.partition(";")
-    if not semi or not atype or not atype.isascii():
+    # The addr-type is a name (rfc822, utf-8, x400, unknown: IANA's address types), never
+    # xtext: "utf+2D8" would be "utf-8" to the DSN, which decodes the whole value.
+    if not semi or not _ADDR_TYPE.fullmatch(atype):
         return False
-    utf8_type = atype.strip().lower() == "utf-8"
-    if utf8_type and not _escapes_ok(addr):
+    utf8_type = atype.lower() == "utf-8"
+    # The DSN decodes xtext's "+XX" first (scheduler/bounce.py): "+5Cx{85}" is an escape.
+    if utf8_type and not _escapes_ok(_XTEXT_ESCAPE.sub(_xtext_char, addr)):
         return False
     if addr.isascii() or not smtputf8 or not utf8_type:
         return xtext_ok(addr, 500)
@@ -413,6 +416,14 @@ def orcpt_ok(value: str, smtputf8: bool) -> bool:
 # Cc (C0 and C1 controls, DEL), Cs (surrogates: not text), Zl / Zp (U+2028 / U+2029).
 _BAD_UNITEXT = frozenset({"Cc", "Cs", "Zl", "Zp"})
 _UNITEXT_ESCAPE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+_XTEXT_ESCAPE = re.compile(r"\+([0-9A-Fa-f]{2})")
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+
+
+def _xtext_char(m: re.Match[str]) -> str:
+    return chr(int(m.group(1), 16))
 
 
 def _escapes_ok(addr: str) -> bool:
