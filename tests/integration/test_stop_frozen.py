@@ -1,6 +1,7 @@
 """A stop (SIGTERM) of `serve` whose spool's filesystem is frozen (fsfreeze: a backup's, a
 VM snapshot's; support.tmpfs.ext4 + frozen): every process ends within its bound
-(stopdeadline.py), never waiting for the thaw, and nothing acknowledged is lost."""
+(stopdeadline.py), never waiting for the thaw, and nothing acknowledged is lost. And a
+refusal on the frozen spool holds no other session of its process."""
 
 from __future__ import annotations
 
@@ -30,14 +31,15 @@ def _logged_in(r: RelayProcess) -> smtplib.SMTP:
 
 
 @contextlib.contextmanager
-def _serving_one_acknowledged(tmp_path: Path, workers: int
+def _serving_one_acknowledged(tmp_path: Path, workers: int, **limits: str
                               ) -> Iterator[tuple[RelayProcess, Path, list[str]]]:
     """`serve` with its state on an ext4 of its own (ext4(): frozen by the test), one
     message acknowledged and queued: (the server, the mount, the queued ids). Killed at
-    the end."""
+    the end. `limits`: more of [limits]."""
     with ext4(tmp_path / "fs") as fs:
         r = RelayProcess(tmp_path, {"state_dir": str(fs / "state"), "shutdown_timeout": "1s",
-                                    "limits": {"queue_min_free": 0}}, workers=workers)
+                                    "limits": {"queue_min_free": 0, **limits}},
+                         workers=workers)
         r.state = fs / "state"  # (queued() reads its queue/)
         r.start()
         try:
@@ -108,12 +110,13 @@ def test_a_stop_with_the_spool_frozen_ends_every_process_before_the_thaw(
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_loop_held_on_the_frozen_disk_before_the_sigterm_still_stops_in_time(
         tmp_path: Path, workers: int) -> None:
-    """A message refused at its dot (a line past 998 octets) with the spool frozen: the
-    receiving process's event loop removes its early file and the kernel holds it there,
-    before the SIGTERM. That loop never ran its signal handler, so the stop's deadline
-    never started: `workers = 1` ran until the thaw (systemd's TimeoutStopSec). Now a
-    watcher thread takes the pending SIGTERM: the process ends by its deadline with one
-    `stop not finished` line, the acknowledged message kept."""
+    """A message past 128 KiB streamed into its file on the event loop when the spool is
+    frozen: the kernel holds the receiving process's loop in its next write, before the
+    SIGTERM (a refusal's unlink did too, before it went to a commit thread). That loop
+    never ran its signal handler, so the stop's deadline never started: `workers = 1`
+    ran until the thaw (systemd's TimeoutStopSec). Now a watcher thread takes the pending
+    SIGTERM: the process ends by its deadline with one `stop not finished` line, the
+    acknowledged message kept."""
     with _serving_one_acknowledged(tmp_path, workers) as (r, fs, acked):
         assert r.proc is not None
         master = r.proc.pid
@@ -122,14 +125,16 @@ def test_a_loop_held_on_the_frozen_disk_before_the_sigterm_still_stops_in_time(
         held.mail("alice@relay.test")
         held.rcpt("bob@example.org")
         assert held.docmd("DATA")[0] == 354
-        held.send(b"Subject: refused\r\n\r\n" + b"x" * 1000 + b"\r\n")
+        held.send(b"Subject: streamed\r\n\r\n" + (b"x" * 998 + b"\r\n") * 200)
         assert held.sock is not None
         here = held.sock.getsockname()
         receiver = master if workers == 1 else wait_until(
             lambda: holder(children(master), here[0], here[1]),
             what="the worker holding the session")
+        wait_until(lambda: any(p.stat().st_size > 150_000 for p in r.queued()),
+                   what="the message streamed into its file")
         with frozen(fs, limit=150) as thawed:
-            held.send(b".\r\n")  # refused: its early file's unlink waits for the thaw
+            held.send((b"x" * 998 + b"\r\n") * 64)  # its write waits for the thaw
             wait_until(lambda: _main_thread_in_disk_wait(receiver),
                        what="the receiving loop held in the kernel")
             os.kill(master, signal.SIGTERM)
@@ -139,7 +144,8 @@ def test_a_loop_held_on_the_frozen_disk_before_the_sigterm_still_stops_in_time(
         log = r.maillog()
         if workers == 1:  # (a worker is killed by its master as its own deadline comes)
             assert log.count("error=stop not finished") == 1, log[-3000:]
-        assert r.queued() == acked  # the acknowledged one, kept
+        # the acknowledged one kept; the cut one never made ready (the next start removes it)
+        assert sorted(set(r.queued()) - set(r.unready())) == acked
         r.proc.wait(timeout=60)
 
 
@@ -150,3 +156,43 @@ def _main_thread_in_disk_wait(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] == "D"
+
+
+def test_a_refusal_on_the_frozen_spool_holds_no_other_session(tmp_path: Path) -> None:
+    """A message refused (a line past 998 octets) once its early file was made, the spool
+    then frozen: the event loop unlinked that file itself and the kernel held it there
+    until the thaw, so every other session of the process waited with it (its NOOP
+    answered only at the thaw). The unlink is a commit thread's now: the other session is
+    answered while it is held, and the refused client gets its refusal at
+    data_block_timeout (its file removed at the thaw)."""
+    with _serving_one_acknowledged(tmp_path, 1, data_block_timeout="8s") as (r, fs, acked):
+        assert r.proc is not None
+        pid = r.proc.pid
+        other = _logged_in(r)
+        refused = _logged_in(r)
+        refused.mail("alice@relay.test")
+        refused.rcpt("bob@example.org")
+        assert refused.docmd("DATA")[0] == 354
+        refused.send(b"Subject: refused\r\n\r\n" + b"x" * 1000 + b"\r\n")
+        wait_until(lambda: len(r.queued()) > len(acked), what="its early file made")
+        with frozen(fs, limit=50) as thawed:  # (below the client's 60 s timeout)
+            refused.send(b".\r\n")  # refused: its early file's unlink waits for the thaw
+            wait_until(lambda: _a_thread_in_disk_wait(pid), what="the unlink held")
+            assert other.noop()[0] == 250
+            assert not thawed.is_set(), "the other session answered only at the thaw"
+            code, text = refused.getreply()
+            assert (code, text[:5]) == (550, b"5.6.0"), (code, text)
+            assert not thawed.is_set(), "the refusal answered only at the thaw"
+        r.wait_for(lambda: r.queued() == acked, what="the refused message's file removed")
+        other.quit()
+        refused.close()
+
+
+def _a_thread_in_disk_wait(pid: int) -> bool:
+    """A thread of the process waits in the kernel, uninterruptible (state D)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            stat = (task / "stat").read_text()
+            if stat[stat.rindex(")") + 2] == "D":
+                return True
+    return False

@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import queue
 import stat
@@ -385,6 +386,8 @@ class Incoming:
         # abort never waits for a commit thread, which may be queued behind fsyncs).
         self._early_lock = threading.Lock()
         self._early_dropped = False
+        # abort() on an event loop: the file's removal, run by a commit thread (gone()).
+        self._removal: asyncio.Future[Any] | None = None
         # Why the last create in a commit thread failed; write() past SPILL has one more
         # made, then raises this (_spill_or_create).
         self._early_error: BaseException | None = None
@@ -434,11 +437,13 @@ class Incoming:
     async def gone(self) -> None:
         """After abort(): return once no file of this message can exist any more. A
         create_early() thread still queued or at work makes the file and removes it when
-        done (abort() does not wait for it): a refusal's reply awaits this first, so the
-        refused client never finds its file made meanwhile."""
-        early = self._early
-        if early is not None and not early.done():
-            await asyncio.wait([early])
+        done, and a file made already is removed by a commit thread (abort() waits for
+        neither): a refusal's reply awaits this first, so the refused client never finds
+        its file made meanwhile. On a frozen filesystem that is the thaw: the caller
+        bounds the wait."""
+        for job in (self._early, self._removal):
+            if job is not None and not job.done():
+                await asyncio.wait([job])
 
     def _remove_unready(self, fd: int) -> None:
         """Unlink and close the (not ready, locked) file of this message."""
@@ -774,6 +779,7 @@ class Incoming:
         if exc is not None:
             self._done = False
             self.abort()
+            await self.gone()  # (its removal, a commit thread's)
             if cancelled:
                 raise asyncio.CancelledError
             raise exc
@@ -819,11 +825,18 @@ class Incoming:
                 self._fd, self._early_fd = self._early_fd, None
         fd, self._fd = self._fd, None
         self._buf = bytearray()
-        if not self._done:
+        if fd is None:
             self._done = True
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(self._path)
-        if fd is not None:
+            return
+        if self._done:
             with contextlib.suppress(OSError):
                 os.close(fd)
+            return
+        self._done = True
+        # On an event loop the unlink goes to a commit thread: on a frozen filesystem it
+        # waits for the thaw, and the loop with it would stall every session of the
+        # process (gone() awaits it). Without a loop (the sendmail command), here.
+        try:
+            self._removal = commit_pool().run(functools.partial(self._remove_unready, fd))
+        except RuntimeError:  # no running loop (or no thread to be had: none queued)
+            self._remove_unready(fd)
