@@ -395,8 +395,11 @@ def test_repeated_recipient_is_accepted_once() -> None:
     assert h.messages[0].rcpts == ["x@local.test", "X@local.test", "postmaster@local.test"]
 
 
-@pytest.mark.parametrize("request_line", ["GET / HTTP/1.1", "post /form HTTP/1.0",
-                                          "CONNECT relay.test:25 HTTP/1.1"])
+@pytest.mark.parametrize("request_line", [
+    "GET / HTTP/1.1", "post /form HTTP/1.0", "CONNECT relay.test:25 HTTP/1.1",
+    # the other methods that may carry a body a forged request's caller chooses
+    "PUT /upload HTTP/1.1", "PATCH /x HTTP/1.1", "DELETE /x HTTP/1.1", "OPTIONS * HTTP/1.1",
+    "HEAD / HTTP/1.1", "TRACE / HTTP/1.1"])
 def test_http_request_ends_the_session_before_its_body_runs(request_line: str) -> None:
     h = Harness()
     h.feed(request_line.encode() + b"\r\nHost: x\r\n\r\nHELO x\r\nMAIL FROM:<a@b.example>\r\n"

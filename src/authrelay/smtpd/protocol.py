@@ -40,9 +40,10 @@ Security decisions (each also cited where it is made):
 - Submission listeners need AUTH (or a trusted network) before MAIL (RFC 6409 4.3).
 - STARTTLS discards everything pipelined behind it (CVE-2011-0411) and forgets all state
   learnt before it (RFC 3207 4.2).
-- CONNECT, GET or POST (an HTTP request at an SMTP port: cross-protocol, SSRF) end the
-  session at once with 421, so no line of its body runs as a command (Postfix's
-  smtpd_forbidden_commands).
+- An HTTP method as the command (CONNECT, GET, POST as Postfix's
+  smtpd_forbidden_commands, and PUT, PATCH, DELETE, OPTIONS, HEAD, TRACE: an HTTP
+  request at an SMTP port, cross-protocol, SSRF) ends the session at once with 421, so no
+  line of its body runs as a command.
 - A TLS handshake record (a ClientHello: 0x16 0x03) as the first bytes in plain text (a
   client set for implicit TLS at a STARTTLS port) ends the session at once with 421
   naming it, not as a command line (a "bare LF" in its random bytes, or a wait for a
@@ -298,7 +299,10 @@ _NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "BDAT", "SEND", "SOML", "S
 _JUNK = frozenset({"NOOP", "RSET", "HELP", "VRFY"})
 # Postfix's smtpd_forbidden_commands: an HTTP request sent to an SMTP port (a browser
 # form, a server-side request forgery) must never have its body run as SMTP commands.
-_NON_SMTP = frozenset({"CONNECT", "GET", "POST"})
+# Postfix names CONNECT, GET and POST; a forged PUT, PATCH, DELETE or OPTIONS carries a
+# body too, and no SMTP verb is an HTTP method.
+_NON_SMTP = frozenset({"CONNECT", "GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS",
+                       "HEAD", "TRACE"})
 # A TLS record of type handshake (22), protocol major version 3 (RFC 8446 5.1): no SMTP
 # command starts with a control character.
 _TLS_HANDSHAKE = b"\x16\x03"
