@@ -345,6 +345,42 @@ async def test_idn_domain_goes_as_its_a_label_to_a_peer_without_smtputf8(
     assert len(mx.messages) == 1
 
 
+@pytest.mark.parametrize("as_file", [False, True])
+async def test_utf8_header_to_peer_without_smtputf8_bounces(
+        tmp_path: Path, dns: FakeDNSServer, fake_mx: MXFactory, as_file: bool) -> None:
+    """RFC 6531 3.4: an SMTPUTF8 message with UTF-8 in its header section is not sent to a
+    host without SMTPUTF8 (it went as 8-bit mail): 553 5.6.7 for every recipient, before
+    MAIL (and before any 7-bit conversion, which would say 5.6.3). Its ASCII-header
+    sibling goes, and so does the UTF-8 header when SMTPUTF8 was not asked for (legacy
+    8-bit headers, as Postfix passes them)."""
+    mx = fake_mx("127.0.0.2", smtputf8=False)
+    # as_file: a message over 1 MiB, streamed from its queue file (read up to its header)
+    body = "blåbær\r\n".encode() * (200_000 if as_file else 1)
+    utf8 = "From: José <jose@sender.test>\r\nSubject: x\r\n\r\n".encode() + body
+    ascii_head = b"From: <jose@sender.test>\r\nSubject: x\r\n\r\n" + body
+
+    async def go(msg: bytes, **kw: Any) -> Any:
+        body: bytes | Path = msg
+        if as_file:
+            body = tmp_path / "queue-file"
+            body.write_bytes(msg)
+        env = envelope("bob@example.test", "carol@example.test", **kw)
+        return await send(make_cfg(tmp_path, dns, fake_mx.port), env, body)
+
+    for eightbitmime in (True, False):
+        mx.eightbitmime = eightbitmime
+        res = await go(utf8, smtputf8=True)
+        for r in res.values():
+            assert (r.code, r.enhanced, r.permanent) == (553, "5.6.7", True), r.text
+            assert "SMTPUTF8 is required, but was not offered by host" in r.text
+        assert mx.messages == []
+    mx.eightbitmime = True
+    assert all(r.ok for r in (await go(ascii_head, smtputf8=True)).values())
+    assert all(r.ok for r in (await go(utf8)).values())
+    assert [m.content for m in mx.messages] == [ascii_head, utf8]
+    assert all("SMTPUTF8" not in m.mail_options for m in mx.messages)
+
+
 def test_ascii_address_forms() -> None:
     assert ascii_address("bob@example.test") == "bob@example.test"
     assert ascii_address("") == ""  # the null sender

@@ -724,16 +724,21 @@ def test_a_domain_no_dns_name_stands_for_bounces_at_once(
     relay.wait_for(lambda: gone(relay, qid), what="the original leaves the queue")
 
 
+ASCII_HEADER_UTF8_BODY = UTF8_BODY.replace("José <jose@".encode(), b"<jose@").replace(
+    "Zoë <zoë@".encode(), b"<zoe@")
+
+
 def test_utf8_address_to_peer_without_smtputf8_bounces(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
     mx1 = fake_mx("127.0.0.2", smtputf8=False)
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
-    qid = submit_raw(relay, ["zoë@example.test", "bob@example.test"], UTF8_BODY,
-                     ["BODY=8BITMIME", "SMTPUTF8"])
+    qid = submit_raw(relay, ["zoë@example.test", "bob@example.test"],
+                     ASCII_HEADER_UTF8_BODY, ["BODY=8BITMIME", "SMTPUTF8"])
     relay.wait_for(lambda: sender_mx.messages, what="the bounce")
     relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
     assert [m.rcpt_tos for m in mx1.messages] == [["bob@example.test"]]
+    assert "SMTPUTF8" not in mx1.messages[0].mail_options
     _, groups = parse_dsn(sender_mx.messages[0].content)
     assert [(g["Action"], g["Status"]) for g in groups] == [("failed", "5.6.7")]
     bounce = sender_mx.messages[0]
@@ -744,6 +749,34 @@ def test_utf8_address_to_peer_without_smtputf8_bounces(
     assert b"Content-Type: message/global-headers\r\n" in bounce.content
     assert "BODY=8BITMIME" in bounce.mail_options  # UTF-8 text in the DSN: 8bit
     assert any("stat=Bounced" in ln for ln in log_lines(relay, qid))
+
+
+def test_utf8_header_to_peer_without_smtputf8_bounces(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """An SMTPUTF8 message whose addresses are ASCII but whose header section holds UTF-8
+    (a display name) went to a next hop without SMTPUTF8 as 8-bit mail, which RFC 6531
+    3.4 forbids (Postfix bounces it): now it bounces 553 5.6.7, one Bounced line per
+    recipient, nothing sent; an ASCII header with a UTF-8 body still goes there."""
+    mx1 = fake_mx("127.0.0.2", smtputf8=False)
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit_raw(relay, ["bob@example.test"], UTF8_BODY, ["BODY=8BITMIME", "SMTPUTF8"])
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce")
+    relay.wait_for(lambda: gone(relay, qid), what="the original leaves the queue")
+    assert mx1.messages == []
+    _, groups = parse_dsn(sender_mx.messages[0].content)
+    assert [(g["Action"], g["Status"]) for g in groups] == [("failed", "5.6.7")]
+    lines = [ln for ln in log_lines(relay, qid) if "stat=" in ln]
+    assert len(lines) == 1 and "dsn=5.6.7" in lines[0] and \
+        "stat=Bounced (553 5.6.7 SMTPUTF8 is required, but was not offered by host" \
+        in lines[0], lines
+    q2 = submit_raw(relay, ["bob@example.test"], ASCII_HEADER_UTF8_BODY,
+                    ["BODY=8BITMIME", "SMTPUTF8"])
+    relay.wait_for(lambda: gone(relay, q2), what=f"{q2} delivered")
+    assert [m.rcpt_tos for m in mx1.messages] == [["bob@example.test"]]
+    assert "SMTPUTF8" not in mx1.messages[0].mail_options
+    assert split_received(mx1.messages[0].content)[1] == ASCII_HEADER_UTF8_BODY
+    assert len(sender_mx.messages) == 1
 
 
 def test_broken_starttls_mx_gets_plain_text_on_the_retry(

@@ -11,7 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from authrelay.delivery.downgrade import MAX_DEPTH, MAX_PARTS, Unconvertible, downgrade
+from authrelay.delivery.downgrade import (
+    MAX_DEPTH,
+    MAX_PARTS,
+    Unconvertible,
+    downgrade,
+    header_8bit,
+)
 
 UTF8 = "Grüße aus Köln, naïve café — 100 €".encode()
 B64 = b"SGVsbG8gd29ybGQ=\r\n"
@@ -187,3 +193,22 @@ def test_any_8bit_text_round_trips(lines: list[bytes]) -> None:
                                                  for ln in encoded.split(b"\r\n"))
     got = email.message_from_bytes(out, policy=email.policy.compat32)
     assert got.get_payload(decode=True) == body
+
+
+@pytest.mark.parametrize("message, expected", [
+    (b"From: a@x\r\nSubject: s\r\n\r\nbl\xc3\xa5\r\n", False),  # UTF-8 in the body only
+    ("From: José <a@x>\r\n\r\nbody\r\n".encode(), True),
+    (b"From: a@x\r\nX: y\r\n \xc3\xa5 folded\r\n\r\n", True),
+    (b"\r\n\xc3\xa5 an empty header, the rest body\r\n", False),
+    (b"From: a@x\n\nbare LF \xc3\xa5\n", False),
+    (b"From: a@x\r\nSubject: no body \xc3\xa5", True),  # no empty line: all header
+    (b"", False),
+])
+def test_header_8bit_at_every_cut(message: bytes, expected: bool) -> None:
+    """The same answer whatever the chunks (a streamed queue file), the empty line split
+    between them included."""
+    assert header_8bit([message]) is expected
+    for cut in range(len(message) + 1):
+        for cut2 in range(cut, min(cut + 3, len(message)) + 1):
+            chunks = [message[:cut], message[cut:cut2], message[cut2:]]
+            assert header_8bit(chunks) is expected, (cut, cut2)

@@ -81,11 +81,11 @@ Failure policy (codes per RFC 3463):
 - UTF-8 address but the peer lacks SMTPUTF8: an internationalised domain goes as its
   A-label (`bob@xn--bcher-kva.example`, the same mailbox, as Postfix converts it); a UTF-8
   local part is a permanent 553 5.6.7 (RFC 6531 3.5), for that recipient only (or all, for
-  a UTF-8 sender). A message flagged SMTPUTF8 whose addresses are all ASCII (so
-  converted) goes to such a peer without the parameter, UTF-8 header text
-  as 8-bit data -- a deliberate departure from RFC 6531 3.4, under which Postfix bounces
-  it ("SMTPUTF8 is required, but was not offered", the bounce admins turn off with
-  `smtputf8_enable = no`); receivers take raw UTF-8 header text in practice.
+  a UTF-8 sender). A message flagged SMTPUTF8 with UTF-8 in its own header section
+  (RFC 6532: a display name, a raw Subject) is a permanent 553 5.6.7 for every
+  recipient at such a peer (RFC 6531 3.4; Postfix: "SMTPUTF8 is required, but was not
+  offered"); one whose header section is ASCII (UTF-8 in the body only) goes there
+  without the parameter, as 8-bit or 7-bit mail. A MIME part's header is not looked at.
   BODY=8BITMIME is passed when the message is 8bit (declared, or 8-bit octets received)
   and the peer offers it; to a peer without 8BITMIME an 8-bit message is converted to
   7-bit (downgrade.py: quoted-printable where the MIME structure allows, re-signed with
@@ -363,6 +363,7 @@ class _Payload:
         self.before_end = before_end  # asked before each end-of-data dot (deliver)
         self.taken = taken  # told each transaction's 2xx results (deliver)
         self._8bit: bool | None = True if env.body_8bit else None
+        self._utf8_header: bool | None = None
         self._seven: bytes | downgrade.Unconvertible | None = None
         self.transactions = 0  # started in this attempt (MAX_TRANSACTIONS)
 
@@ -380,6 +381,20 @@ class _Payload:
             self._8bit = downgrade.is_8bit(data) if isinstance(data, bytes) else \
                 await asyncio.to_thread(_file_is_8bit, data)
         return self._8bit
+
+    async def utf8_header(self) -> bool:
+        """8-bit octets in the message's header section (downgrade.header_8bit): asked
+        only of an 8-bit SMTPUTF8 message for a host without SMTPUTF8; read once."""
+        if self._utf8_header is None:
+            if not await self.eightbit():
+                self._utf8_header = False
+            else:
+                data = self.data
+                self._utf8_header = downgrade.header_8bit(
+                    data[i:i + _STREAM_CHUNK] for i in range(0, len(data), _STREAM_CHUNK)
+                ) if isinstance(data, bytes) else \
+                    await asyncio.to_thread(_file_header_8bit, data)
+        return self._utf8_header
 
     async def seven_bit(self, remote: str, deadline: float | None) -> bytes:
         """The 7-bit form. The wait for a conversion slot ends at `deadline` (the
@@ -419,6 +434,12 @@ class _Payload:
         signer = self.courier.signer
         sig = signer(seven, self.env.queue_id) if signer is not None else None
         return (sig or b"") + seven
+
+
+def _file_header_8bit(body: _FileBody) -> bool:
+    with open(body.path, "rb") as f:
+        f.seek(body.offset)
+        return downgrade.header_8bit(iter(lambda: f.read(_STREAM_CHUNK), b""))
 
 
 def _file_is_8bit(body: _FileBody) -> bool:
@@ -1375,6 +1396,16 @@ class Courier:
         ct = d.command_timeout
         results: dict[str, DeliveryResult] = {}
         eightbit = await payload.eightbit()
+
+        # RFC 6531 3.4: an SMTPUTF8 message with UTF-8 in its header section (RFC 6532)
+        # cannot go to a host without SMTPUTF8 (nothing downgrades a header; Postfix
+        # bounces it too). One whose header is ASCII goes there as 8-bit or 7-bit mail
+        # below, its internationalised domains as A-labels.
+        if env.smtputf8 and "smtputf8" not in ext and await payload.utf8_header():
+            res = DeliveryResult.perm(
+                f"SMTPUTF8 is required, but was not offered by host {remote}: the "
+                "message's header section holds UTF-8 (RFC 6531 3.4)", "5.6.7", 553, remote)
+            return _Outcome({r.address: res for r in rcpts}, set(), True)
 
         # RFC 6152: 8-bit content for a host without 8BITMIME is converted to 7-bit
         # (quoted-printable, re-signed), or bounced when it cannot be.

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import binascii
 import re
+from collections.abc import Iterable
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
@@ -57,6 +58,7 @@ _CTE_FIELD = re.compile(rb"(?im)^content-transfer-encoding[ \t]*:.*(?:\r\n[ \t].
 _MIME_VERSION = re.compile(rb"(?im)^mime-version[ \t]*:")
 _BLANK = re.compile(rb"\r\n\r\n")
 _IDENTITY = ("7bit", "8bit", "binary")
+_HEADER_END = re.compile(rb"\n\r?\n")  # the empty line (a bare LF tolerated)
 
 Buf = bytes | memoryview
 
@@ -68,6 +70,23 @@ class Unconvertible(Exception):
 def is_8bit(data: bytes) -> bool:
     """Any octet above 127 (C speed)."""
     return not data.isascii()
+
+
+def header_8bit(chunks: Iterable[bytes]) -> bool:
+    """Octets above 127 in the header section of the message `chunks` make up (read only
+    until the empty line that ends it): an internationalised header (RFC 6532), which
+    RFC 6531 3.4 lets go only to a host offering SMTPUTF8. Only the message's own header
+    section: a MIME part's or an attached message's is not looked at."""
+    tail = b"\n"  # the message starts a line: an empty first line is an empty header
+    for chunk in chunks:
+        buf = tail + chunk
+        m = _HEADER_END.search(buf)
+        if not (buf if m is None else buf[:m.start()]).isascii():
+            return True
+        if m is not None:
+            return False
+        tail = buf[-2:]
+    return False
 
 
 def _ascii(data: Buf) -> bool:
