@@ -34,6 +34,7 @@ from test_tls_mtasts import (  # noqa: F401
 )
 
 from authrelay import wiring
+from authrelay.delivery.client import Courier
 from authrelay.delivery.tlsrpt import PolicyDesc, Recorder, Reporter, parse_rua
 from authrelay.dns import Resolver
 
@@ -200,6 +201,60 @@ async def test_a_failing_domain_does_not_resend_the_others(
     assert await reporter.send_due() == 0
     assert log.grep("TLS-RPT: reports of", "for flaky.test not sent after 7 days")
     assert not list((tmp_path / "tls-rpt").glob("*.json"))
+
+
+async def test_a_utf8_rua_mailbox_gets_an_smtputf8_report_of_its_own(
+        env: Env, dns: FakeDNSServer, fake_mx: MXFactory, tmp_path: Path) -> None:  # noqa: F811
+    """A `rua` mailto: with a UTF-8 local part went into the report's To: as an encoded
+    word (`=?utf-8?b?...?=@reports.test`: RFC 2047 5 forbids one in an address), in a
+    message not queued as SMTPUTF8 and shared with the ASCII mailboxes. Now the UTF-8
+    mailboxes get their own copy, queued SMTPUTF8, its To: raw UTF-8 (RFC 6532): a next
+    hop without SMTPUTF8 bounces that copy 553 5.6.7 (a null sender: no DSN, the maillog
+    line), and the ASCII mailbox's report is delivered."""
+    utf8_box = "тлс@reports.test"
+    dns.update({"_smtp._tls.sts.test": {"TXT": [
+                    "v=TLSRPTv1; rua=mailto:%D1%82%D0%BB%D1%81@reports.test,"
+                    "mailto:tls@reports.test"]},
+                "reports.test": {"MX": [(10, MX1)]}})
+    mx = fake_mx("127.0.0.2", smtputf8=False)
+    cfg = make_cfg(tmp_path, dns, fake_mx.port, tls_reports=True)
+    now = time.time()
+    rec = Recorder(cfg, clock=lambda: now)
+    rec.session("sts.test", PolicyDesc(), True)
+    rec.flush()
+    log = ListLog()
+    queue = wiring.spool(cfg)
+    reporter = Reporter(cfg, Resolver([dns.nameserver], 1.0), wiring.submitter(cfg, queue, log),
+                        log, clock=lambda: now + 86400)
+    assert await reporter.send_due() == 2
+    queued = {}
+    for qid in queue.scan():
+        envlp = queue.load(qid)
+        path, offset = queue.body_path(qid)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            raw = f.read()
+        queued[tuple(r.address for r in envlp.recipients)] = (envlp, raw)
+    assert sorted(queued) == [("tls@reports.test",), (utf8_box,)]
+    uenv, uraw = queued[(utf8_box,)]
+    assert uenv.smtputf8 and not queued[("tls@reports.test",)][0].smtputf8
+    umsg = email.message_from_string(uraw.decode("utf-8"), policy=email.policy.default)
+    assert [a.addr_spec for a in umsg["To"].addresses] == [utf8_box]
+    assert f"\r\nTo: {utf8_box}\r\n".encode() in uraw and b"=?" not in uraw.split(b"\r\n\r\n")[0]
+
+    courier = Courier(cfg, maillog=ListLog())
+    try:
+        for envlp, raw in queued.values():
+            res = await courier.deliver(envlp, envlp.recipients, raw, 0)
+            [r] = res.values()
+            if envlp.smtputf8:
+                assert (r.code, r.enhanced, r.permanent) == (553, "5.6.7", True), r.text
+            else:
+                assert r.ok, r.text
+    finally:
+        await courier.close()
+    assert [m.rcpt_tos for m in mx.messages] == [["tls@reports.test"]]
+    assert b"=?" not in mx.messages[0].content.split(b"\r\n\r\n")[0]
 
 
 def test_a_hostile_domain_cannot_grow_the_tally_without_end(tmp_path: Path) -> None:

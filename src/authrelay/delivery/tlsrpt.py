@@ -253,10 +253,13 @@ def report_json(cfg: Config, domain: str, day: str, pols: dict[str, list[Any]],
 
 def report_message(cfg: Config, domain: str, day: str, rua: list[str],
                    report: dict[str, Any], now: float) -> bytes:
-    """RFC 8460 5.3: multipart/report; report-type="tlsrpt" with the gzipped JSON."""
+    """RFC 8460 5.3: multipart/report; report-type="tlsrpt" with the gzipped JSON. A
+    UTF-8 address in `rua` is written in To: as it is (RFC 6532 3.2: an SMTPUTF8
+    message's header), never as an encoded word, which RFC 2047 5 forbids in an address."""
     start = int(datetime.datetime.fromisoformat(f"{day}T00:00:00+00:00").timestamp())
     end = start + 86399
-    msg = EmailMessage(policy=email.policy.SMTP)
+    utf8 = not all(a.isascii() for a in rua)
+    msg = EmailMessage(policy=email.policy.SMTPUTF8 if utf8 else email.policy.SMTP)
     msg["From"] = f"TLS reporting <postmaster@{cfg.hostname}>"
     msg["To"] = ", ".join(rua)
     msg["Subject"] = (f"Report Domain: {domain} Submitter: {cfg.hostname} "
@@ -303,7 +306,8 @@ class Reporter:
             self._wake.set()
 
     async def send_due(self) -> int:
-        """Reports for every finished UTC day; returns how many were queued."""
+        """Reports for every finished UTC day; returns how many messages were queued (two
+        for a domain whose rua mixes ASCII and UTF-8 mailboxes)."""
         today = _day(self.clock())
         try:
             days = sorted(p for p in self.dir.glob("????-??-??.json") if p.stem < today)
@@ -334,25 +338,36 @@ class Reporter:
                     continue
                 rid = f"{path.stem}T00:00:00Z_{domain}_{secrets.token_hex(8)}"
                 report = report_json(self.cfg, domain, path.stem, pols, rid)
-                data_bytes = report_message(self.cfg, domain, path.stem, rua, report,
-                                            self.clock())
-                env = Envelope("", "", [Recipient(a) for a in rua], listener="tls-rpt",
-                               protocol="local")
-                draft = self.submitter.begin(env, add_missing=False, check_content=False,
-                                             sign=True, on_loop=True)
-                draft.write(data_bytes)
-                try:
-                    await draft.commit(origin=f"tls-rpt {domain} {path.stem}")
-                except Refused as e:
-                    self.maillog.warning(f"TLS-RPT: report for {domain} not queued: {e}")
-                    left[domain] = pols
-                    continue
-                sent += 1
+                # UTF-8 mailboxes get their own SMTPUTF8 copy (RFC 6531: its To: is
+                # UTF-8), so a next hop without SMTPUTF8 bounces (5.6.7) only that copy,
+                # never the report to the ASCII ones.
+                for group in ([a for a in rua if a.isascii()],
+                              [a for a in rua if not a.isascii()]):
+                    if not group:
+                        continue
+                    try:
+                        await self._queue(domain, path.stem, group, report)
+                    except Refused as e:
+                        self.maillog.warning(f"TLS-RPT: report for {domain} not queued: {e}")
+                        left[domain] = pols
+                        break
+                    sent += 1
             # Only what is left stays: a domain whose lookup keeps failing (its owner can
             # make it SERVFAIL at will) must not get every other domain of the day its
             # report again at each run.
             await asyncio.to_thread(self._finish_day, path, left)
         return sent
+
+    async def _queue(self, domain: str, day: str, rua: list[str],
+                     report: dict[str, Any]) -> None:
+        """One report message to `rua` through the queue (raises Refused)."""
+        data = report_message(self.cfg, domain, day, rua, report, self.clock())
+        env = Envelope("", "", [Recipient(a) for a in rua], listener="tls-rpt",
+                       protocol="local", smtputf8=not all(a.isascii() for a in rua))
+        draft = self.submitter.begin(env, add_missing=False, check_content=False,
+                                     sign=True, on_loop=True)
+        draft.write(data)
+        await draft.commit(origin=f"tls-rpt {domain} {day}")
 
     def _finish_day(self, path: Path, left: dict[str, Any]) -> None:
         """The day's file keeps only `left` (removed when empty), under the tally lock."""
