@@ -404,8 +404,9 @@ async def test_nul_drops_a_streamed_file_at_once(spool: Spool, tmp_path: Path) -
     d = sub.begin(_env())
     d.write(BIG)  # past SPILL: the file exists and grows
     assert list(spool.queue_dir.iterdir())
-    d.write(b"tail\x00\r\n")
-    assert list(spool.queue_dir.iterdir()) == []  # dropped before the end of data
+    d.write(b"tail\x00\r\n")  # dropped before the end of data, by a commit thread
+    await d._incoming.gone()
+    assert list(spool.queue_dir.iterdir()) == []
     d.write(b"more\r\n")
     with pytest.raises(Refused) as e:
         await d.commit()
