@@ -1144,6 +1144,12 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 continue
             if run.receiver_died is not None:  # its unfinished queue files: swept
                 run.receiver_died(pid)
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                # Stopped alone (an admin's SIGTERM to it: exit 0 only after its stop) is
+                # no crash: replaced at once, the crash-loop throttle left as it was.
+                ml.daemon(f"worker {pid} stopped; replaced at once", pid=os.getpid())
+                asyncio.get_running_loop().call_soon(respawn, w.index)
+                continue
             # As Postfix's master throttles a service whose children keep dying at once:
             # a worker that dies within 10 s of its start makes the next start wait, 1 s,
             # 2 s, 4 s ... up to 60 s, so a crash loop is not a flood of forks and lines.

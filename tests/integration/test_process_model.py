@@ -518,6 +518,33 @@ def test_worker_death_is_one_maillog_line_and_replaced(relay_factory) -> None:
             assert c.reply().code == 220
 
 
+def test_a_worker_stopped_alone_is_replaced_at_once_not_throttled(relay_factory) -> None:
+    """A worker ended by an admin's SIGTERM to it (exit 0) counted as a crash: `error=
+    worker PID died (exit status 0); restarting in 0.2 s`, then 1 s, 2 s ... when it was
+    stopped again within 10 s of its start, so repeated stops left fewer workers running.
+    It is replaced at once now, one `daemon=` line, and a crash after such stops still
+    starts the crash-loop throttle at its first step."""
+    r = relay_factory(workers=2)
+    _started(r, 3)
+    assert r.proc is not None
+    master = r.proc.pid
+    kids = children(master)
+    victim = kids[0]
+    for n in range(3):  # the same worker's place each time, each within 10 s of its start
+        os.kill(victim, signal.SIGTERM)
+        line = f"daemon=worker {victim} stopped; replaced at once"
+        wait_until(lambda line=line: line in r.maillog(), what=lambda: r.maillog()[-1500:])
+        _started(r, 4 + n)
+        (victim,) = [p for p in children(master) if p not in kids]
+        kids = children(master)
+    assert " died " not in r.maillog()
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: f"error=worker {victim} died (killed by SIGKILL); restarting in 0.2 s"
+               in r.maillog(), what=lambda: r.maillog()[-1500:])
+    _started(r, 7)
+    assert len(children(master)) == 2
+
+
 def test_a_worker_that_does_not_stop_is_killed_with_a_line(relay_factory) -> None:
     """SIGTERM while a worker cannot stop (here: SIGSTOP, as one hung in the kernel): the
     master said `daemon=stopped` with the worker still there, waited as long again, and
