@@ -98,7 +98,8 @@ def main() -> int:
     announced = len(re.findall(r"redelivery=after_crash", log))
     warned = set(re.findall(r" (\w+): warning=delivery to <bob@local\.test> was in progress",
                             log))
-    recovered = log.count("status=sent before the crash")
+    recovered = log.count("stat=Sent (sent before the crash") + log.count(
+        "status=recorded as delivered (its delivery line")
     lost = [m for m in acked if got[m] == 0]
     dups = {m: n for m, n in got.items() if n > 1}
     window = [m for m in dups if sent_lines[qid_of.get(m, "")] > 1]

@@ -138,9 +138,14 @@ _RELAY = re.compile(r"(.*) \[([^\[\]]*)\](:\d+)?", re.S)
 _OUR_FIELD = re.compile(r"(?<![\w.-])((?i:tls|policy|stat|dsn))=")
 
 
-# sent_before_crash's status (README "Durability").
+# sent_at_start's `stat=Sent (...)` text: a delivery whose stat=Sent line the run died
+# before writing (README "The maillog").
 SENT_BEFORE_CRASH = ("sent before the crash (the in-flight journal recorded the next hop's "
                      "2xx before the process died): not delivered again")
+# sent_before_crash's status of recipients whose stat=Sent line the crashed run wrote (the
+# journal's `{"l": [N]}`): no second delivery line.
+RECORDED_AFTER_CRASH = ("recorded as delivered (its delivery line written before the crash; "
+                        "the in-flight journal kept the next hop's 2xx): not delivered again")
 # ... of recipients a delivery cut by a stop had delivered in an earlier transaction: no
 # `to=` nor "sent" (the stop logged their delivery, `stat=Sent`: one line per delivery).
 RECORDED_AFTER_STOP = ("recorded as delivered (the next hop took it in a transaction of a "
@@ -629,18 +634,26 @@ class MailLog:
     def sent_before_crash(self, queue_id: str, rcpts: list[str], queue: str,
                           stop: bool = False) -> None:
         """Start-up recovery: recipients the next hop answered 2xx (the in-flight journal
-        says so) before the last run died, their outcome not saved yet: recorded as sent,
-        not delivered again. `QID: to=<a>,<b>, status=sent before the crash (...),
-        queue=removed` (held: left in hold/; queued: other recipients still pending).
-        `stop`: the delivery was cut by a stop, not a crash, which logged their delivery
-        (`stat=Sent`): the line is no second one, `QID: recorded=<a>, status=recorded as
-        delivered (...)`."""
+        says so) before the last run died, their outcome not saved yet, and their
+        stat=Sent line written by it: recorded as sent, not delivered again, in a line
+        that is no second delivery line: `QID: recorded=<a>,<b>, status=recorded as
+        delivered (...), queue=removed` (held: left in hold/; queued: other recipients
+        still pending). `stop`: the delivery was cut by a stop, not a crash."""
         rcpts_field = _Field(",".join(f"<{_text(r)}>" for r in rcpts))
-        if stop:
-            self.event(queue_id, recorded=rcpts_field, status=RECORDED_AFTER_STOP,
-                       queue=queue)
-        else:
-            self.event(queue_id, to=rcpts_field, status=SENT_BEFORE_CRASH, queue=queue)
+        self.event(queue_id, recorded=rcpts_field,
+                   status=RECORDED_AFTER_STOP if stop else RECORDED_AFTER_CRASH, queue=queue)
+
+    def sent_at_start(self, queue_id: str, rcpt: str, relay: str | None, delay: float,
+                      tries: int, queue: str) -> None:
+        """Start-up recovery of a recipient as sent_before_crash, whose stat=Sent line the
+        last run died before writing (no `{"l": [N]}` in the journal): its one delivery
+        line, written now and saying so: `QID: to=<R>, relay=HOST (the next hop when the
+        journal kept it, else none), delay=D, tries=N, stat=Sent (sent before the crash
+        (...): not delivered again), queue=removed, logged_by=start`."""
+        self.event(queue_id, to=_Field(f"<{_text(rcpt)}>"), relay=relay or "none",
+                   delay=f"{delay:.2f}", tries=tries,
+                   stat=_Field(f"Sent ({_text(SENT_BEFORE_CRASH)})"), queue=queue,
+                   logged_by="start")
 
     def removed(self, queue_id: str, by: str | None = None) -> None:
         """`QID: status=removed` (delivered or bounced everywhere), `, by=operator` when

@@ -132,7 +132,10 @@ def test_a_success_notice_owed_at_a_kill_comes_once_and_the_message_is_not_sent_
         ("Status", "2.0.0"), ("Remote-MTA", "dns; mx1.example.test"),
         ("Diagnostic-Code", "smtp; 250 2.0.0 Ok: queued as FAKE")]
     lines = log_lines(relay, qid)
-    assert [ln for ln in lines if "status=sent before the crash" in ln and "queue=removed" in ln]
+    # (recorded=: its stat=Sent line was written; else the start's, logged_by=start)
+    assert [ln for ln in lines if "queue=removed" in ln and (
+        "status=recorded as delivered" in ln or "logged_by=start" in ln)]
+    assert len([ln for ln in lines if "to=<bob@example.test>" in ln and "stat=Sent" in ln]) >= 1
     assert len([ln for ln in lines if "sender_success_notification=" in ln]) == 1
     assert not [ln for ln in lines if "may have been delivered" in ln]
 
@@ -287,7 +290,8 @@ def test_a_notice_an_admin_deletes_while_the_server_is_down_is_not_queued_again(
     relay.kill()
     assert relay.cli("queue", "delete", notice).stdout.strip() == f"{notice}: deleted"
     relay.start()
-    relay.wait_log(rf"{qid}: to=<bob@example.test>, status=sent before the crash")
+    relay.wait_log(rf"{qid}: (?:recorded=<bob@example.test>, status=recorded as delivered"
+                   r"|to=<bob@example.test>, .*stat=Sent \(sent before the crash)")
     assert relay.queued() == []  # (the notice would be queued before the line)
     relay.stop()
     assert [m.rcpt_tos for m in mx1.messages] == [["bob@example.test"]]

@@ -26,6 +26,18 @@ pytestmark = pytest.mark.slow
 WARNING = "may have been delivered before the crash"
 
 
+def _recovered(r: RelayProcess, qid: str, rcpt: str) -> str:
+    """The start's line for `rcpt` of `qid`, which a crash left delivered and not saved:
+    `recorded=` when the journal says the run wrote its stat=Sent line, else that line
+    written by the start (`logged_by=start`); either way a count of stat=Sent has it."""
+    rc = re.escape(rcpt)
+    line = r.wait_log(rf"{qid}: (?:to=<{rc}>, .*stat=Sent \(sent before the crash .*"
+                      rf"logged_by=start|recorded=<{rc}>, status=recorded as delivered "
+                      r"\(its delivery line)")
+    assert re.search(rf"{qid}: to=<{rc}>, .*stat=Sent", r.maillog()), r.maillog()
+    return line
+
+
 def _submit(r: RelayProcess, rcpts: list[str]) -> None:
     with RawClient(r.ports["submissions"], tls=client_ctx()) as c:
         assert c.reply().code == 220
@@ -170,8 +182,9 @@ def test_the_first_hosts_recipients_are_not_sent_again_after_a_stop_or_kill_at_t
         if how == "stop":  # one delivery line: the stop's; the start's is no second one
             _one_delivery_line(r, "bob@remote.example")
         else:
-            assert re.search(r"to=<bob@remote\.example>, status=sent before the crash .*"
-                             "queue=queued", r.maillog())
+            # (the attempt never ended: its stat=Sent line is the start's)
+            line = _recovered(r, r"\w+", "bob@remote.example")
+            assert "queue=queued" in line and "logged_by=start" in line, line
         assert (WARNING in r.maillog()) == (how == "kill")  # (carol's: a crash)
     finally:
         silent.close()
@@ -222,6 +235,15 @@ def _journal_says_delivered(r: RelayProcess, qid: str) -> bool:
     return any(ln.get("e") in tokens and ln.get("d") == 1 for ln in lines)
 
 
+def _journal_says_logged(r: RelayProcess, qid: str) -> bool:
+    """The journal's mark (`{"l": [N]}`) saying `qid`'s attempt's stat=Sent lines are
+    written."""
+    path = r.state / "spool" / "inflight.log"
+    lines = [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+    tokens = {ln["b"] for ln in lines if ln.get("q") == qid}
+    return any(tokens & set(ln.get("l", ())) for ln in lines)
+
+
 def test_a_kill_between_the_next_hops_250_and_the_removal_is_no_duplicate(relay_factory,
                                                                          fake_mx) -> None:
     """A delivered message's file is removed up to UNLINK_GATHER (5 ms, and a thread
@@ -253,7 +275,7 @@ def test_a_kill_between_the_next_hops_250_and_the_removal_is_no_duplicate(relay_
     delivered = len(smart.messages)
     r.kill()  # SIGKILL, stopped where it was
     r.start()
-    line = r.wait_log(rf"{caught}: to=<bob@local\.test>, status=sent before the crash")
+    line = _recovered(r, caught, "bob@local.test")
     assert "queue=removed" in line, line
     assert r.queued() == []
     sentinel = _submit_plain(r, 1000)  # delivered after anything the restart would send
@@ -262,33 +284,79 @@ def test_a_kill_between_the_next_hops_250_and_the_removal_is_no_duplicate(relay_
     assert WARNING not in r.maillog()
 
 
+def _removal_an_hour_later(relay_factory, fake_mx, tmp_path, monkeypatch,
+                           hook_more: str = "") -> tuple[RelayProcess, FakeSMTPServer]:
+    """A relay whose delivered message is removed an hour later (a sitecustomize hook:
+    scheduler.UNLINK_GATHER, then `hook_more`), its smart host, and bob's message
+    submitted."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import authrelay.scheduler.scheduler\n"
+        "authrelay.scheduler.scheduler.UNLINK_GATHER = 3600.0\n" + hook_more)
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    smart = fake_mx("127.0.0.2")
+    r = relay_factory(overrides={"relay": {"smart_host": [smart.address],
+                                           "smart_host_tls": "none"}})
+    _submit(r, ["bob@remote.example"])
+    return r, smart
+
+
 def test_a_message_delivered_and_not_yet_removed_at_a_kill_is_not_sent_again(
         relay_factory, fake_mx, tmp_path, monkeypatch) -> None:
     """A delivered message is removed a batch later (scheduler.UNLINK_GATHER, 5 ms; an
     hour here, by a sitecustomize hook, so the kill lands inside): a kill -9 then
     delivered it again after the restart (`tries=2, redelivery=after_crash`). Now the
     restart records it sent from the in-flight journal and removes it."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import authrelay.scheduler.scheduler\n"
-        "authrelay.scheduler.scheduler.UNLINK_GATHER = 3600.0\n")
-    monkeypatch.setenv("PYTHONPATH", str(hook))
-    smart = fake_mx("127.0.0.2")
-    r = relay_factory(overrides={"relay": {"smart_host": [smart.address],
-                                           "smart_host_tls": "none"}})
-    _submit(r, ["bob@remote.example"])
+    r, smart = _removal_an_hour_later(relay_factory, fake_mx, tmp_path, monkeypatch)
     r.wait_for(lambda: "stat=Sent" in r.maillog(), timeout=20)
     [sent] = [ln for ln in r.maillog().splitlines() if "stat=Sent" in ln]
     qid = sent.split(": to=")[0].rsplit(" ", 1)[1]
     assert (r.queue_dir / qid).exists()  # delivered, its removal not made yet
     r.wait_for(lambda: _journal_says_delivered(r, qid), what="the journal's line")
+    r.wait_for(lambda: _journal_says_logged(r, qid), what="the journal's mark")
     r.kill()
     r.start()
-    line = r.wait_log(rf"{qid}: to=<bob@remote\.example>, status=sent before the crash")
+    # (its stat=Sent line written, and marked so: no second one)
+    line = r.wait_log(rf"{qid}: recorded=<bob@remote\.example>, status=recorded as delivered")
     assert "queue=removed" in line, line
     assert r.queued() == [] and len(smart.messages) == 1
+    assert r.maillog().count("stat=Sent") == 1
     assert WARNING not in r.maillog() and "redelivery" not in r.maillog()
+
+
+def test_a_kill_before_the_maillog_wrote_stat_sent_leaves_one_stat_sent(
+        relay_factory, fake_mx, tmp_path, monkeypatch) -> None:
+    """The journal's delivered line written, the maillog's stat=Sent line not yet (its
+    writer held by a sitecustomize hook while the file `hold` exists; the removal an
+    hour later), then kill -9: the start wrote only `to=<bob>, status=sent before the
+    crash`, no stat=Sent, so a count of stat=Sent (README "The maillog") missed the
+    delivery. Now the start writes its one stat=Sent line, `logged_by=start`."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    r, smart = _removal_an_hour_later(
+        relay_factory, fake_mx, tmp_path, monkeypatch,
+        "import os, sys, time\n"
+        "class _Held:\n"  # the maillog's target (stdout): a stat=Sent line waits
+        "    def __init__(self, out): self._out = out\n"
+        "    def __getattr__(self, name): return getattr(self._out, name)\n"
+        "    def write(self, data):\n"
+        f"        while 'stat=Sent' in data and os.path.exists({str(hold)!r}):\n"
+        "            time.sleep(0.01)\n"
+        "        return self._out.write(data)\n"
+        "sys.stdout = _Held(sys.stdout)\n")
+    r.wait_for(lambda: len(r.queued()) == 1
+               and _journal_says_delivered(r, r.queued()[0].name),
+               timeout=20, what="the journal's delivered line")
+    [qid] = [p.name for p in r.queued()]
+    assert "stat=Sent" not in r.maillog() and len(smart.messages) == 1
+    r.kill()
+    hold.unlink()
+    r.start()
+    line = _recovered(r, qid, "bob@remote.example")
+    assert "logged_by=start" in line and "queue=removed" in line, line
+    assert r.maillog().count("stat=Sent") == 1
+    assert r.queued() == [] and len(smart.messages) == 1
 
 
 class _AfterTheFirst(threading.Event):
@@ -348,7 +416,7 @@ def test_a_recipient_an_earlier_transaction_delivered_is_not_sent_again(
     r.start()
     r.wait_for(lambda: r.queued() == [], timeout=30, what="the other one delivered")
     if how == "kill":
-        line = r.wait_log(rf"{qid}: to=<{re.escape(first)}>, status=sent before the crash")
+        line = _recovered(r, qid, first)
         assert "queue=queued" in line, line
     else:
         assert f"{qid}: " in _one_delivery_line(r, first)

@@ -74,7 +74,8 @@ def test_journal_disabled_by_an_io_error_comes_back(
     assert j.written(10)
     assert t1 != t2
     assert sorted(InflightJournal(tmp_path).leftovers()) == [
-        ("Q1", ["a@x.test"], [], [], {}, False), ("Q3", ["c@x.test"], [], [], {}, False)]
+        ("Q1", ["a@x.test"], [], [], {}, False, False),
+        ("Q3", ["c@x.test"], [], [], {}, False, False)]
 
 
 def test_delivered_recipients_are_left_over_until_their_end(tmp_path: Path) -> None:
@@ -320,3 +321,26 @@ def test_ids_deleted_while_no_scheduler_runs_are_read_back_until_the_start(
     again.start()
     assert again.deleted == set()
     assert again.leftovers() == []
+
+
+def test_a_logged_mark_is_read_back_and_kept_by_a_compaction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`logged(tokens)` (the maillog's writer wrote their stat=Sent lines): `{"l": [N]}`,
+    read back as Leftover.logged, so the start after a crash writes `recorded=` for them
+    and their stat=Sent line for the others; a compaction (COMPACT_AT 0: at every line)
+    keeps the marks of the live attempts, else the start wrote a second stat=Sent."""
+    monkeypatch.setattr(inflight, "COMPACT_AT", 0, raising=False)
+    j = InflightJournal(tmp_path)
+    j.start()
+    t1 = j.begin("Q1", ["a@x.test"])
+    t2 = j.begin("Q2", ["b@x.test"])
+    j.delivered([(t1, ["a@x.test"], True, []), (t2, ["b@x.test"], True, [])])
+    j.logged([t1])
+    assert j.written(10)
+    assert {"l": [t1]} in [json.loads(x) for x in
+                           (tmp_path / "inflight.log").read_bytes().splitlines()]
+    j.begin("Q3", ["c@x.test"])  # compacts
+    assert j.written(10)
+    j.close()
+    assert [(x.qid, x.logged) for x in InflightJournal(tmp_path).leftovers()] == [
+        ("Q1", True), ("Q2", False), ("Q3", False)]

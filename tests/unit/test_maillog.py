@@ -96,8 +96,13 @@ CASES = [
      "Q1: sender_non-delivery_notification=Q9"),
     (lambda m: m.delayed("Q1", "Q9"), "Q1: sender_delay_notification=Q9"),
     (lambda m: m.notification("Q1", "relayed", "Q9"), "Q1: sender_success_notification=Q9"),
+    # (the crashed run wrote their stat=Sent lines: no second `to=` line, nothing "sent")
     (lambda m: m.sent_before_crash("Q1", ["a@x", "b@x"], "removed"),
-     f"Q1: to=<a@x>,<b@x>, status={maillog.SENT_BEFORE_CRASH}, queue=removed"),
+     f"Q1: recorded=<a@x>,<b@x>, status={maillog.RECORDED_AFTER_CRASH}, queue=removed"),
+    # (it died before writing it: the one delivery line, greppable, saying so)
+    (lambda m: m.sent_at_start("Q1", "a@x", "mx [192.0.2.1]:25", 1.5, 1, "queued"),
+     f"Q1: to=<a@x>, relay=mx [192.0.2.1]:25, delay=1.50, tries=1, "
+     f"stat=Sent ({maillog.SENT_BEFORE_CRASH}), queue=queued, logged_by=start"),
     # (a stop logged their delivery: no second `to=` line, nothing "sent")
     (lambda m: m.sent_before_crash("Q1", ["a@x"], "queued", stop=True),
      f"Q1: recorded=<a@x>, status={maillog.RECORDED_AFTER_STOP}, queue=queued"),

@@ -75,6 +75,7 @@ EVENTS: list[Callable[[maillog.MailLog, str], None]] = [
     lambda m, v: m.removed("Q1", by=v),
     lambda m, v: m.sent_before_crash("Q1", [v, "b@x.test"], v),
     lambda m, v: m.sent_before_crash("Q1", [v, "b@x.test"], v, stop=True),
+    lambda m, v: m.sent_at_start("Q1", v, v, 1.0, 2, v),
     lambda m, v: m.notification("Q1", v, "Q2"),
     lambda m, v: m.error(v, "Q1", problem=v),
     lambda m, v: m.daemon(v, listeners=v),

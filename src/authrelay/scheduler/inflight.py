@@ -43,6 +43,10 @@ not yet removed (the removals are batched, UNLINK_GATHER) is no duplicate after 
 -9, nor one an earlier transaction of an attempt cut later delivered. A stop cutting an
 attempt ends it with `cut(token)`: `{"e": N, "c": 1}` when some were delivered (they
 stand: the next start records them sent, and names nothing else), else `{"e": N}`.
+Once the maillog's writer has written an attempt's stat=Sent lines, `{"l": [N, ..]}`
+(`logged`, from that thread through MailLog.then): the start writes `recorded=` for
+those recipients, and their stat=Sent line for the others (a kill between the two
+writes: that line twice, never none).
 Such a line is only ever written after the 2xx; one lost (a power loss, a kill
 before the thread wrote it, the journal disabled) leaves the old behaviour: a
 redelivery, named by the warning. A compaction or a re-enabled journal writes each live
@@ -146,6 +150,8 @@ class Leftover(NamedTuple):
     said: dict[str, Owed]
     cut: bool = False  # ended by a stop that cut it (`{"e": N, "c": 1}`): rcpts are those
     # the next hop took (2xx) in its transactions before the cut, the rest not in doubt
+    logged: bool = False  # `{"l": [N]}`: the maillog's stat=Sent lines of its delivered
+    # recipients were written (logged()); else the start writes them
 
 
 # A live attempt: queue id, recipients, those delivered, whether its `{"e": N, "d": 1}`
@@ -207,7 +213,8 @@ class InflightJournal:
         # token whose begin line it is (0: none); None: stop. (An Event: set when
         # reached, written().)
         self._q: queue.SimpleQueue[tuple[bytes, list[tuple[int, _Live]] | None, int]
-                                   | threading.Event | None] = queue.SimpleQueue()
+                                   | frozenset[int] | threading.Event | None] = \
+            queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         # begun(): the last token whose begin line the thread is done with (written, or
         # dropped by a disabled journal), set by the thread; how many attempts wait for
@@ -219,6 +226,10 @@ class InflightJournal:
         # leftovers(): the queue ids an admin deleted while no scheduler ran (`{"x": QID}`,
         # record_deleted): a success notice among them is not queued again.
         self.deleted: set[str] = set()
+        # The writer thread's own: the attempts whose `{"l": [N]}` it has met (logged()),
+        # so a compaction or a re-enabled journal keeps their marks; cut down to the live
+        # ones at each rewrite (at most the attempts of COMPACT_AT bytes of lines).
+        self._logged: set[int] = set()
 
     # ------------------------------------------------------------------ start
     def leftovers(self) -> list[Leftover]:
@@ -226,8 +237,9 @@ class InflightJournal:
         as delivered (`{"e": N, "d": 1}`: its message may not be removed yet), in order.
         Reads only: `start()` begins this run's journal once they are dealt with."""
         begun: dict[int, Leftover] = {}
-        done: list[Leftover] = []
+        done: list[tuple[int, Leftover]] = []
         seen: dict[int, Leftover] = {}  # every attempt by token, ended or not ("s")
+        marks: set[int] = set()  # attempts whose stat=Sent lines were written ("l")
         try:
             with open(self.path, "rb") as f:
                 for line in f:
@@ -244,16 +256,19 @@ class InflightJournal:
                             left = begun.pop(int(rec["e"]), None)
                             if left is not None and rec.get("d") == 1:
                                 _owed(left, rec)
-                                done.append(left._replace(delivered=left.rcpts))
+                                done.append((int(rec["e"]),
+                                             left._replace(delivered=left.rcpts)))
                             elif left is not None and rec.get("c") == 1 and left.delivered:
-                                done.append(left._replace(rcpts=list(left.delivered),
-                                                          cut=True))
+                                done.append((int(rec["e"]), left._replace(
+                                    rcpts=list(left.delivered), cut=True)))
                         elif "d" in rec:
                             left = begun.get(int(rec["d"]))
                             if left is not None:  # (only a begun attempt's recipients)
                                 got = {str(r) for r in rec["r"]}
                                 left.delivered.extend(r for r in left.rcpts if r in got)
                                 _owed(left, rec)
+                        elif "l" in rec:
+                            marks.update(int(t) for t in rec["l"])
                         elif "x" in rec:
                             self.deleted.add(str(rec["x"]))
                     except (ValueError, KeyError, TypeError, AttributeError):
@@ -262,11 +277,13 @@ class InflightJournal:
             pass
         except OSError as e:
             log.warning("cannot read %s: %s", self.path, e)
-        return done + list(begun.values())
+        return [left._replace(logged=token in marks)
+                for token, left in done + list(begun.items())]
 
     def start(self) -> None:
         """This run's journal: the file truncated (blocking: a commit thread's)."""
         self.deleted = set()
+        self._logged = set()
         self._open(truncate=True)
 
     def _open(self, truncate: bool) -> None:
@@ -413,6 +430,15 @@ class InflightJournal:
             await asyncio.sleep(pause)
             pause = min(pause * 2, SAID_POLL)
 
+    def logged(self, tokens: list[int]) -> None:
+        """The maillog's writer wrote the stat=Sent lines of the delivered recipients of
+        attempts `tokens` (the scheduler calls it through MailLog.then, in that thread;
+        any thread may): `{"l": [N, ..]}`, so the start after a crash writes no second
+        one (`recorded=`). Written after theirs: a kill in between has the start write
+        them again (doubled, never missed)."""
+        if tokens:
+            self._q.put(frozenset(tokens))
+
     def cut(self, token: int) -> None:
         """Attempt `token` cut by a stop, whose lines said what it cut (the next start
         warns of nothing): ended, but its delivered recipients (an earlier transaction's
@@ -463,6 +489,10 @@ class InflightJournal:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
+            if isinstance(item, frozenset):  # logged(): kept for a rewrite
+                self._logged |= item
+                self._write(b'{"l":[%s]}\n' % ",".join(map(str, sorted(item))).encode())
+                continue
             line, live, token = item
             if live is None:
                 self._write(line)
@@ -495,6 +525,9 @@ class InflightJournal:
                     f.write(_begin_line(token, qid, rcpts))
                     if delivered:
                         f.write(_delivered_line(token, delivered, owed))
+                self._logged &= {token for token, _ in live}
+                if self._logged:
+                    f.write(b'{"l":[%s]}\n' % ",".join(map(str, sorted(self._logged))).encode())
             os.replace(tmp, self.path)
         except OSError as e:
             self._disable(e)

@@ -310,6 +310,9 @@ class Scheduler:
         # (token, recipients, every, those owed a success DSN) the next hop took in this
         # loop turn (_journal_delivered)
         self._delivered: list[tuple[int, list[str], bool, list[Owed]]] = []
+        # attempts of this loop turn whose stat=Sent lines _apply gave the maillog: the
+        # journal's mark once its writer wrote them (_hand_logged)
+        self._logged: list[int] = []
         # Success notices queued by this run whose message's `{"s": N}` journal line may
         # not be written yet: the mark InflightJournal.said waits for (on the future,
         # set once `notified` gave it: a notice's delivery may start first, at its
@@ -420,17 +423,21 @@ class Scheduler:
         same lines) and the recipients an attempt had under way are tried again, named:
         the next hop may already have them (at least once)."""
         delivered: dict[str, set[str]] = {}
+        logged: dict[str, set[str]] = {}  # their stat=Sent lines written ("l")
         owed: dict[str, dict[str, Owed | None]] = {}  # (None: an older journal's "n")
         crashed: set[str] = set()  # (else: every attempt of it that left some was cut)
         for left in leftovers:
             if left.delivered:
                 delivered.setdefault(left.qid, set()).update(left.delivered)
+                if left.logged or left.cut:
+                    logged.setdefault(left.qid, set()).update(left.delivered)
                 owed.setdefault(left.qid, {}).update(
                     (r, left.said.get(r)) for r in left.owed)
                 if not left.cut:
                     crashed.add(left.qid)
         for qid, done in delivered.items():
-            await self._sent_before_crash(qid, done, owed[qid], stop=qid not in crashed)
+            await self._sent_before_crash(qid, done, owed[qid], logged.get(qid, set()),
+                                          stop=qid not in crashed)
         await self._io(self.inflight.start)
         for left in leftovers:
             qid, rcpts = left.qid, left.rcpts
@@ -452,12 +459,16 @@ class Scheduler:
                     "recipient may get it twice)", queue_id=qid)
 
     async def _sent_before_crash(self, qid: str, rcpts: set[str],
-                                 owed: dict[str, Owed | None], stop: bool = False) -> None:
+                                 owed: dict[str, Owed | None], logged: set[str],
+                                 stop: bool = False) -> None:
         """`rcpts` of `qid` were delivered (the journal's line after the next hop's 2xx)
         and the run died before saving it: those still PENDING become SENT, in its state
         file, or the message is removed when that leaves none pending (held: left in
         hold/ with its state, an operator's decision; a release then removes it). One
-        maillog line. Those of them in `owed` (NOTIFY=SUCCESS, not passed on) get their
+        maillog line for those in `logged` (their stat=Sent lines written: the journal's
+        `{"l": [N]}`, or a stop's cut), `recorded=`; one stat=Sent line each for the others
+        (the run died before its maillog wrote theirs; or between that write and the mark:
+        then a second one). Those of them in `owed` (NOTIFY=SUCCESS, not passed on) get their
         success DSN, as the run would have built it from the journal's Owed (the next hop
         and its reply; an older journal's: none), queued before the state is saved,
         unless it is in the queue already (its id is derived from them,
@@ -510,7 +521,14 @@ class Scheduler:
             log.error("%s: cannot record the recipients delivered before the crash (they "
                       "are delivered again): %s", qid, e, extra={"queue_id": qid})
             return
-        self.maillog.sent_before_crash(qid, [r.address for r in newly], where, stop)
+        recorded = [r.address for r in newly if r.address in logged]
+        if recorded:
+            self.maillog.sent_before_crash(qid, recorded, where, stop)
+        for r in newly:
+            if r.address not in logged:
+                said = owed.get(r.address)
+                self.maillog.sent_at_start(qid, r.address, said.remote if said else None,
+                                           backoff.age(env, now), r.attempts, where)
 
     async def _take_lock(self) -> int:
         # The CLI holds the lock for a moment during offline edits: wait a little for it.
@@ -1264,6 +1282,8 @@ class Scheduler:
             owed = self._journal_delivered(token, act.env, job.rcpts, results)
             async with act.lock:
                 saved = await self._apply(act, job, results)
+            if got or any(res.ok for res in results.values()):
+                self._log_written(token)
             if saved and not owed:  # (owed a success DSN: ended once _finish queued it)
                 self.inflight.end(token)  # the outcome is on disk
             else:
@@ -1345,6 +1365,18 @@ class Scheduler:
         deliver them again. `got` collects them (_cut_by_stop)."""
         got.update(results)
         self._journal_delivered(token, env, rcpts, results)
+
+    def _log_written(self, token: int) -> None:
+        """Attempt `token`'s stat=Sent lines are given to the maillog: the journal marks
+        it (InflightJournal.logged) once the maillog's writer wrote them, so a crash's
+        start writes no second one; one hand-off per loop turn."""
+        if not self._logged:
+            asyncio.get_running_loop().call_soon(self._hand_logged)
+        self._logged.append(token)
+
+    def _hand_logged(self) -> None:
+        tokens, self._logged = self._logged, []
+        self.maillog.then(functools.partial(self.inflight.logged, tokens))
 
     def _hand_delivered(self) -> None:
         """A loop turn's delivered recipients to the journal, one hand-off to its thread
