@@ -31,7 +31,7 @@ def _logged_in(r: RelayProcess) -> smtplib.SMTP:
 
 
 @contextlib.contextmanager
-def _serving_one_acknowledged(tmp_path: Path, workers: int, **limits: str
+def _serving_one_acknowledged(tmp_path: Path, workers: int, **limits: object
                               ) -> Iterator[tuple[RelayProcess, Path, list[str]]]:
     """`serve` with its state on an ext4 of its own (ext4(): frozen by the test), one
     message acknowledged and queued: (the server, the mount, the queued ids). Killed at
@@ -158,14 +158,20 @@ def _main_thread_in_disk_wait(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] == "D"
 
 
-def test_a_refusal_on_the_frozen_spool_holds_no_other_session(tmp_path: Path) -> None:
-    """A message refused (a line past 998 octets) once its early file was made, the spool
-    then frozen: the event loop unlinked that file itself and the kernel held it there
-    until the thaw, so every other session of the process waited with it (its NOOP
-    answered only at the thaw). The unlink is a commit thread's now: the other session is
-    answered while it is held, and the refused client gets its refusal at
-    data_block_timeout (its file removed at the thaw)."""
-    with _serving_one_acknowledged(tmp_path, 1, data_block_timeout="8s") as (r, fs, acked):
+@pytest.mark.parametrize(("head", "refusal"), [
+    (b"Subject: refused\r\n\r\n" + b"x" * 1000, b"550 5.6.0"),  # the engine's own
+    (b"Received: a\r\nReceived: b\r\nReceived: c\r\n\r\nhops", b"554 5.4.6"),  # the commit's
+], ids=["long line", "max_hops"])
+def test_a_refusal_on_the_frozen_spool_holds_no_other_session(
+        tmp_path: Path, head: bytes, refusal: bytes) -> None:
+    """A message refused once its early file was made, the spool then frozen: the event
+    loop unlinked that file itself and the kernel held it there until the thaw, so every
+    other session of the process waited with it (its NOOP answered only at the thaw). The
+    unlink is a commit thread's now: the other session is answered while it is held, and
+    the refused client gets its refusal at data_block_timeout (its file removed at the
+    thaw); a refusal of the commit's own (max_hops) too, not the commit's 451 4.3.0."""
+    with _serving_one_acknowledged(tmp_path, 1, data_block_timeout="8s",
+                                   max_hops=2) as (r, fs, acked):
         assert r.proc is not None
         pid = r.proc.pid
         other = _logged_in(r)
@@ -173,7 +179,7 @@ def test_a_refusal_on_the_frozen_spool_holds_no_other_session(tmp_path: Path) ->
         refused.mail("alice@relay.test")
         refused.rcpt("bob@example.org")
         assert refused.docmd("DATA")[0] == 354
-        refused.send(b"Subject: refused\r\n\r\n" + b"x" * 1000 + b"\r\n")
+        refused.send(head + b"\r\n")
         wait_until(lambda: len(r.queued()) > len(acked), what="its early file made")
         with frozen(fs, limit=50) as thawed:  # (below the client's 60 s timeout)
             refused.send(b".\r\n")  # refused: its early file's unlink waits for the thaw
@@ -181,7 +187,7 @@ def test_a_refusal_on_the_frozen_spool_holds_no_other_session(tmp_path: Path) ->
             assert other.noop()[0] == 250
             assert not thawed.is_set(), "the other session answered only at the thaw"
             code, text = refused.getreply()
-            assert (code, text[:5]) == (550, b"5.6.0"), (code, text)
+            assert b"%d %s" % (code, text[:5]) == refusal, (code, text)
             assert not thawed.is_set(), "the refusal answered only at the thaw"
         r.wait_for(lambda: r.queued() == acked, what="the refused message's file removed")
         other.quit()

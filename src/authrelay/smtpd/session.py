@@ -86,6 +86,8 @@ class Draft(Protocol):
     def discard(self) -> Awaitable[None]: ...
     # the caller gives up waiting for commit(): True unless durable already (then 250)
     def abandon(self) -> bool: ...
+    # commit()'s refusal, once made (it then waits for the file's removal)
+    refused: Refused | None
 
 
 class Submitter(Protocol):
@@ -872,9 +874,7 @@ class Session:
                 return
         except Refused as e:
             self._abort_draft()
-            self._log_reject(e.reply, qid=qid, **({"reason": e.reason}
-                                                  if e.reason != e.reply.text else {}))
-            eng.message_result(e.reply)
+            self._refused(e, qid)
             return
         if eng.auth_user:
             # The 250 is out (durable() above), not held for the per-user counters (a
@@ -919,11 +919,20 @@ class Session:
         finally:
             timer.cancel()
         self._abort_draft()  # (its file is the commit thread's to remove)
+        if draft.refused is not None:  # refused, its file's removal held (a frozen spool)
+            self._refused(draft.refused, self._qid)
+            return False
         r = replies.COMMIT_TIMEOUT
         self._log_reject(r, qid=self._qid, reason="queue file not durable within "
                          "data_block_timeout, commit abandoned", size=size)
         self.eng.message_result(r)
         return False
+
+    def _refused(self, e: Refused, qid: str | None) -> None:
+        """The commit refused the message: its line and its reply."""
+        self._log_reject(e.reply, qid=qid, **({"reason": e.reason}
+                                              if e.reason != e.reply.text else {}))
+        self.eng.message_result(e.reply)
 
     async def _aborted(self, ev: p.MessageAborted) -> None:
         """The engine refused the message (its reply queued, not yet sent: the session

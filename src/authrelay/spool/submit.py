@@ -402,6 +402,9 @@ class Draft:
         self.nul = False
         self.received = 0  # bytes given to write()
         self._done = False
+        # commit()'s refusal, set before it waits for the file's removal: a caller whose
+        # own bound ends that wait (a frozen spool) answers with it.
+        self.refused: Refused | None = None
 
     def create_early(self) -> None:
         """Have a commit thread create the queue file now, while the message arrives
@@ -565,7 +568,8 @@ class Draft:
         try:
             self._prepare()
             await self._incoming.commit(announce=False, on_durable=durable)
-        except Refused:
+        except Refused as e:
+            self.refused = e
             await self.discard()  # the refusal's reply goes once no file can be made
             raise
         except (OSError, SpoolError) as e:
