@@ -14,6 +14,7 @@ order is observed without timing anything. The `from=` line: a MailLog whose `qu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import re
 import smtplib
@@ -643,6 +644,44 @@ def test_a_failed_early_create_is_made_again_off_the_loop(
             server.thread.stop()
 
 
+@contextlib.contextmanager
+def _in_data_behind_busy_commit_threads(
+        tmp: Path, ca: trustme.CA, limits: dict[str, Any] | None = None
+) -> Iterator[tuple[_Server, smtplib.SMTP, threading.Event, threading.Timer]]:
+    """A session of alice's past DATA's 354, its message begun, its early create queued
+    behind every commit thread, held until `gate` is set (by `release`, 0.5 s after its
+    start): (server, client, gate, release). Everything let go of and stopped at the end."""
+    server = _Server(tmp, ca, limits=limits)
+    server.thread.start()
+    gate = threading.Event()
+    release = threading.Timer(0.5, gate.set)  # the commit threads busy until then
+    try:
+        c = _to_bob(server, ca)
+        _hold_commit_threads(server, gate, 30)
+        c.putcmd("data")
+        assert c.getreply()[0] == 354
+        wait_until(lambda: server.spool.begun, "the message begun (its early create queued)")
+        yield server, c, gate, release
+    finally:
+        release.cancel()
+        gate.set()
+        server.thread.stop()
+
+
+def _answered_after_the_create(server: _Server, c: smtplib.SMTP, gate: threading.Event
+                               ) -> tuple[int, bytes]:
+    """The client's next reply, asserted sent once the early create had run and no file
+    of the message is left (then, and once the commit threads are free)."""
+    code, text = c.getreply()
+    after_create = gate.is_set()
+    files = _queue_files(server)
+    assert after_create, f"{code} before the early create had run"
+    assert files == []
+    gate.wait(30)
+    assert _queue_files(server) == []
+    return code, text
+
+
 @pytest.mark.parametrize("refused", ["bare LF", "long line", "too big"])
 def test_a_refusal_by_the_engine_goes_once_its_early_file_cannot_exist(
         tmp_path: Path, trustme_ca: trustme.CA, refused: str) -> None:
@@ -651,29 +690,39 @@ def test_a_refusal_by_the_engine_goes_once_its_early_file_cannot_exist(
     message (queued behind busy commit threads) had still to run: it made the file and
     removed it after the client had its refusal (as 78dce45 fixed for the refusals at
     the dot). The reply now goes once that create is done, and no file is left."""
-    server = _Server(tmp_path, trustme_ca, limits={"max_message_size": 2000})
-    server.thread.start()
-    gate = threading.Event()
-    release = threading.Timer(0.5, gate.set)  # the commit threads busy until then
-    try:
-        c = _to_bob(server, trustme_ca)
-        _hold_commit_threads(server, gate, 30)
-        c.putcmd("data")
-        assert c.getreply()[0] == 354
-        wait_until(lambda: server.spool.begun, "the message begun (its early create queued)")
+    with _in_data_behind_busy_commit_threads(
+            tmp_path, trustme_ca, {"max_message_size": 2000}) as (server, c, gate, release):
         body = {"bare LF": b"a bare\nLF\r\n", "long line": b"x" * 1000 + b"\r\n",
                 "too big": (b"y" * 70 + b"\r\n") * 40}[refused]
         release.start()
         c.send(b"From: alice@example.org\r\n\r\n" + body + b".\r\n")
-        code, _ = c.getreply()
-        after_create = gate.is_set()
-        files = _queue_files(server)
+        code, _ = _answered_after_the_create(server, c, gate)
         assert code == {"bare LF": 521, "long line": 550, "too big": 552}[refused]
-        assert after_create, "refused before the early create had run"
-        assert files == []
-        gate.wait(30)
-        assert _queue_files(server) == []
-    finally:
-        release.cancel()
-        gate.set()
-        server.thread.stop()
+
+
+@pytest.mark.parametrize("ended_by", ["session limit", "shutdown"])
+def test_a_session_ended_in_data_says_421_once_its_early_file_cannot_exist(
+        tmp_path: Path, trustme_ca: trustme.CA, ended_by: str) -> None:
+    """A session ended in DATA by the session time limit (Session.expire) or a shutdown
+    (the cancel of its task, server.stop) wrote its 421 at once and dropped the message
+    afterwards, while its early create (queued behind busy commit threads) had still to
+    run: the file was made and removed after the client had its 421 (as 4affc62 fixed for
+    the engine's refusals). The 421 now goes once that create is done, no file left."""
+    with _in_data_behind_busy_commit_threads(tmp_path, trustme_ca) as (
+            server, c, gate, release):
+        c.send(b"From: alice@example.org\r\n\r\nhalf a message\r\n")
+        srv = server.thread.server
+        assert srv is not None
+
+        def end() -> None:
+            for s in srv.sessions:
+                if ended_by == "session limit":
+                    s.expire()
+                elif s.conn.task is not None:
+                    s.conn.task.cancel()
+
+        release.start()
+        server.thread.call_soon(end)
+        code, text = _answered_after_the_create(server, c, gate)
+        assert (code, text.split(b" ", 1)[0]) == (
+            421, b"4.4.2" if ended_by == "session limit" else b"4.3.2")

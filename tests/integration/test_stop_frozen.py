@@ -202,3 +202,29 @@ def _a_thread_in_disk_wait(pid: int) -> bool:
             if stat[stat.rindex(")") + 2] == "D":
                 return True
     return False
+
+
+def test_a_stop_cutting_a_session_in_data_on_the_frozen_spool_still_says_421(
+        tmp_path: Path) -> None:
+    """A stop cancelling a session in DATA sends its 421 once the message's early file
+    is removed (a commit thread's); with the spool frozen that removal waits for the
+    thaw, so the 421 waits at most session.STOP_DISCARD_WAIT (not data_block_timeout,
+    10 min here): the client still gets `421 4.3.2` and the process ends by its deadline,
+    before the thaw."""
+    with _serving_one_acknowledged(tmp_path, 1) as (r, fs, acked):
+        assert r.proc is not None
+        master = r.proc.pid
+        cut = _logged_in(r)
+        cut.mail("alice@relay.test")
+        cut.rcpt("bob@example.org")
+        assert cut.docmd("DATA")[0] == 354
+        cut.send(b"Subject: cut\r\n\r\nhalf a message\r\n")
+        wait_until(lambda: len(r.queued()) > len(acked), what="its early file made")
+        with frozen(fs, limit=120) as thawed:
+            os.kill(master, signal.SIGTERM)
+            code, text = cut.getreply()
+            assert b"%d %s" % (code, text[:5]) == b"421 4.3.2", (code, text)
+            wait_until(lambda: _ended(master), timeout=100, what="the process ended")
+            assert not thawed.is_set(), "the 421 or the stop waited for the thaw"
+        r.proc.wait(timeout=60)
+        assert sorted(set(r.queued()) - set(r.unready())) == acked

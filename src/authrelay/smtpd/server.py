@@ -34,7 +34,7 @@ from authrelay.smtpd.admission import Acceptor, Listener, Ticket, fd_budget
 from authrelay.smtpd.eviction import Oldest
 from authrelay.smtpd.handoff import Handoff
 from authrelay.smtpd.listener import Connection
-from authrelay.smtpd.session import Session, SessionDeps
+from authrelay.smtpd.session import CANCEL_GRACE, Session, SessionDeps
 from authrelay.spool.submit import Submitter
 from authrelay.tls import CertStore
 from authrelay.types import Reply
@@ -272,7 +272,7 @@ class SMTPServer:
             for t in pending:
                 t.cancel()
             if pending:
-                await asyncio.wait(pending, timeout=5)
+                await asyncio.wait(pending, timeout=CANCEL_GRACE)
         await asyncio.get_running_loop().run_in_executor(None, self.known.close)
         if self.containment is not None:
             await self.containment.close()

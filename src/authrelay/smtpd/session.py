@@ -32,7 +32,6 @@ import contextlib
 import logging
 import ssl
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -68,12 +67,11 @@ BATCH = 32  # pipelined commands executed before yielding to the event loop (fai
 # `[auth] failure_delay` if longer; a SPARED check (a known network past a limit) must be
 # done by then, else it is answered as the lockout too (docs/LIMITS.md).
 LOCKOUT_ANSWER_MIN = 0.5
-# A session's refusals of one kind (the same reply) without a queue id logged one by one;
-# past it counted, and one `warning=N more refusals of the same kind suppressed` line per
-# kind at the session's end: a client pipelining RCPTs past max_recipients (1,000 452s a
-# transaction before they count as errors, again after each RSET) cannot write a maillog
-# line per command. Metrics count every refusal.
-REPEATED_REFUSAL_LINES = 5
+# Seconds server.stop gives a session it cancelled to write its 421 and end.
+CANCEL_GRACE = 5.0
+# Seconds a session cut by a stop in DATA waits for its message's file to be gone before
+# its 421 (a frozen spool: it goes then anyway, within CANCEL_GRACE).
+STOP_DISCARD_WAIT = 2.0
 # Known networks' checks answered before they were done, awaited for their outcome
 # (Session._late_check; a reference each, so none is collected while pending).
 _LATE_CHECKS: set[asyncio.Task[None]] = set()
@@ -165,6 +163,7 @@ class Session:
         self._qid = ""
         self._data_deadline = 0.0
         self._expired = False
+        self._expiring: Reply | None = None  # expire()'s 421, sent by run() (in DATA)
         self._owned: Owner | None = None  # the authenticated user's addresses
         # The account the login named (Authenticator.account: `alice` for a login
         # `alice@REALM`): the one key of everything counted or decided per user (AUTH
@@ -172,8 +171,6 @@ class Session:
         self.account = ""
         self._login: Login | None = None  # the OK login, checked again at each MAIL
         self._over_mark: tuple[float, int] | None = None  # see _pace_oversize
-        self._refusals: Counter[Reply] = Counter()  # NOQUEUE refusals logged, by reply
-        self._suppressed: Counter[Reply] = Counter()  # and those past the first few
 
     # ------------------------------------------------------------------ helpers
     def relay_desc(self) -> str:
@@ -181,12 +178,7 @@ class Session:
 
     def _log_reject(self, r: Reply, what: str = "", qid: str | None = None,
                     **extra: object) -> None:
-        if qid is None and self._refusals[r] >= REPEATED_REFUSAL_LINES:
-            self._suppressed[r] += 1  # (a message's refusal, its qid's line, always goes)
-        else:
-            self._refusals[r] += qid is None
-            self.maillog.reject(r, relay=self.relay_desc(), queue_id=qid, what=what,
-                                **extra)
+        self.maillog.reject(r, relay=self.relay_desc(), queue_id=qid, what=what, **extra)
         # Metrics by reason: the reply's enhanced code (low cardinality, no addresses).
         if self.deps.metrics is not None:
             self.deps.metrics.rejected(reject_reason(r))
@@ -221,6 +213,12 @@ class Session:
             self.conn.abort()
             return
         r = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
+        if qid is not None and self.conn.task is not None:
+            # Receiving a message (a commit is never cut): its 421 goes once no file of
+            # it can exist, as a refusal's (run(), on this cancel).
+            self._expiring = r
+            self.conn.task.cancel()
+            return
         self.eng.close_with(r, "session_limit")
         self._flush()
         # Not a task cancel: a commit in progress finishes (its 250 just cannot be sent);
@@ -271,17 +269,25 @@ class Session:
             eng.greet()
             await self._loop()
         except asyncio.CancelledError:
-            if self._expired:
+            expiring, self._expiring = self._expiring, None
+            if expiring is not None:  # the session time limit, in DATA (expire)
+                await self._close_once_discarded(expiring, "session_limit",
+                                                 self.cfg.limits.data_block_timeout)
+                task = asyncio.current_task()
+                if task is None or task.uncancel() == 0:
+                    return  # (expire's own cancel: the session ended as it asked)
+            elif self._expired:
                 pass
             elif eng.phase is p.Phase.TLS:  # in a STARTTLS handshake: nothing in clear
                 conn.abort()  # (RFC 3207 4)
             else:  # shutdown: say so politely if the socket is still there
+                self._expired = True  # (an expire() meanwhile sends nothing of its own)
                 qid, size = self._receiving()
                 if qid is not None:  # the message being received is lost: name it
                     self._log_reject(replies.SHUTTING_DOWN, qid=qid, size=size)
-                eng.close_with(replies.SHUTTING_DOWN, "shutdown")
-                self._flush()
-                conn.close(CLOSE_GRACE)
+                await self._close_once_discarded(
+                    replies.SHUTTING_DOWN, "shutdown",
+                    min(self.cfg.limits.data_block_timeout, STOP_DISCARD_WAIT))
             raise
         except Closed:
             if self._draft is not None or eng.phase is p.Phase.DATA:  # peer gone mid-DATA
@@ -292,10 +298,6 @@ class Session:
         finally:
             self._abort_draft()
             conn.close(CLOSE_GRACE)
-            for r, n in self._suppressed.items():
-                said = " ".join(x for x in (str(r.code), r.enhanced, r.text) if x)
-                self.maillog.warning(f"{n} more refusals of the same kind suppressed ({said})",
-                                     relay=self.relay_desc())
             commands = " ".join(f"{k}={v}" for k, v in eng.commands.items())
             self.maillog.disconnect(self.relay_desc(), auth=eng.auth_user or None,
                                     commands=commands or None)
@@ -970,15 +972,30 @@ class Session:
                            lost=f"connection after DATA ({wire_bytes} bytes)",
                            relay=self.relay_desc())
 
-    async def _discard_draft(self) -> None:
+    async def _discard_draft(self, bound: float | None = None) -> None:
         """Drop the message being received, returning once no file of it can exist (an
         early create still queued has made and removed it): a refusal's reply goes only
         then, so the refused client never finds a file of its message made meanwhile.
-        Bounded as a commit (data_block_timeout: a hung disk). Refusals only."""
+        Bounded as a commit (data_block_timeout: a hung disk), or by `bound`. Refusals
+        only (a commit's message is never discarded)."""
         draft, self._draft = self._draft, None
         if draft is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(draft.discard(), self.cfg.limits.data_block_timeout)
+                await asyncio.wait_for(draft.discard(), self.cfg.limits.data_block_timeout
+                                       if bound is None else bound)
+
+    async def _close_once_discarded(self, r: Reply, why: str, bound: float) -> None:
+        """A session ended from outside (the time limit, a stop): its 421 and close once
+        no file of a message being received can exist (_discard_draft, at most `bound`
+        s). A message in its commit (the engine's WAIT) is left to it, as before; a
+        second cancel meanwhile ends the wait: the 421 goes then."""
+        try:
+            if self.eng.phase is p.Phase.DATA:
+                await self._discard_draft(bound)
+        finally:
+            self.eng.close_with(r, why)
+            self._flush()
+            self.conn.close(CLOSE_GRACE)
 
     def _abort_draft(self) -> None:
         draft, self._draft = self._draft, None
