@@ -21,6 +21,7 @@ from smtpclient import RawClient, client_ctx, plain
 from support.wait import until, wait_until
 
 from authrelay.auth import passwords, pgusers
+from authrelay.auth.apppasswords import AppPassword
 from authrelay.auth.authenticator import AuthResult
 from authrelay.auth.pgusers import (
     PgAuthenticator,
@@ -124,6 +125,33 @@ def test_migrate_copies_hashes_and_addresses(tmp_path: Path, pg: PostgresServer)
         db.close()
     bad = r.cli("user", "migrate", "--from", str(tmp_path / "missing.db"), check=False)
     assert bad.returncode == 1 and "no such user database" in bad.stderr
+
+
+def test_migrate_names_a_hash_past_the_cost_bounds(tmp_path: Path, pg: PostgresServer) -> None:
+    # The old code copied such a hash without a word: erin could then never log in
+    # (verify_password refuses to run it), and only her first failed AUTH said why.
+    costly = passwords.hash_password("pw").replace("m=19456,t=2,p=1", "m=19456,t=4294967295,p=1")
+    local = UserDB(tmp_path / "old" / "users.db")
+    local.add("carol", "carol-pw")
+    local._insert("erin", costly, [])  # as a provisioning script or an earlier release
+    local._insert_app("erin", AppPassword("phone", "abcd", costly, 0))
+    local.close()
+    r = pg_relay(tmp_path, pg, users={})
+    out = r.cli("user", "migrate", "--from", str(tmp_path / "old" / "users.db"))
+    assert "2 user(s) copied" in out.stdout
+    bound = "m=19456,t=4294967295,p=1, more than m=2097152, t x m=4194304, p=16 (docs/LIMITS.md)"
+    assert f"erin: copied, but its password hash costs {bound}: never run, so erin cannot " \
+        "log in until `authrelay user passwd erin`" in out.stderr, out.stderr
+    assert f"erin: app password phone copied, but its hash costs {bound}: never run; " \
+        "revoke it and add it anew" in out.stderr, out.stderr
+    assert "carol" not in out.stderr
+    r.cli("user", "passwd", "erin", "--password-stdin", input="new-pw\n")  # the remedy
+    db = PgUserDB(pg.dsn)
+    try:
+        erin = db.get_hash("erin")
+        assert erin is not None and passwords.verify_password(erin, "new-pw")
+    finally:
+        db.close()
 
 
 def test_import_sasldb_goes_into_postgresql(tmp_path: Path, pg: PostgresServer) -> None:

@@ -99,7 +99,7 @@ async def test_a_user_whose_hash_never_ends_does_not_hold_the_hashing_pool(
     # thread for days with each AUTH; with hash_threads = 1 every other login waited.
     db = UserDB(tmp_path / "users.db")
     db.add("alice", "pw")
-    db.add_hashed("mallory", _with_params("m=19456,t=4294967295,p=1"))
+    db._insert("mallory", _with_params("m=19456,t=4294967295,p=1"), [])  # add_hashed refuses
     auth = UserDBAuthenticator(db, hash_threads=1, cache_ttl=0)
     try:
         assert await auth.verify("mallory", "pw") is AuthResult.BAD
@@ -258,6 +258,17 @@ def test_add_hashed(db) -> None:
     assert db.get_hash("alice") == h
     with pytest.raises(UserDBError):
         db.add_hashed("bob", "{PLAIN}secret")
+
+
+def test_add_hashed_refuses_a_hash_past_the_cost_bounds(db) -> None:
+    # The old code stored it without a word: that user could never log in (verify_password
+    # refuses to run it), and nothing said why until the first failed AUTH's warning.
+    with pytest.raises(UserDBError, match=r"^the password hash given for user 'bob' costs "
+                       r"m=19456,t=4294967295,p=1, more than m=2097152, t x m=4194304, "
+                       r"p=16 \(docs/LIMITS.md\): never run, bob could never log in; give "
+                       r"a password instead \(authrelay user add\)$"):
+        db.add_hashed("bob", _with_params("m=19456,t=4294967295,p=1"))
+    assert db.get_hash("bob") is None
 
 
 def test_generation_changes_on_every_write_only(db) -> None:

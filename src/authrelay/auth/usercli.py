@@ -34,6 +34,7 @@ from authrelay.auth import apppasswords
 from authrelay.auth.apppasswords import AppPasswordError
 from authrelay.auth.authenticator import account_for, external_backend
 from authrelay.auth.login import StoreUnavailable
+from authrelay.auth.passwords import too_costly
 from authrelay.auth.pgusers import PgUserDB, redact_dsn
 from authrelay.auth.userdb import UserDB, UserDBError, UserStore
 from authrelay.config import load
@@ -323,6 +324,10 @@ def _migrate(args: argparse.Namespace) -> None:
             existed = dest.get_hash(u.name) is not None
             if dest.insert_hashed(u.name, h, u.addresses, replace=args.replace):
                 copied += 1
+                if costly := too_costly(h):  # copied: the user exists for `user passwd`
+                    print(f"{u.name}: copied, but its password hash costs {costly} "
+                          f"(docs/LIMITS.md): never run, so {u.name} cannot log in until "
+                          f"`authrelay user passwd {u.name}`", file=sys.stderr)
             else:
                 kept += 1
                 print(f"{u.name}: exists in the database, kept (--replace to overwrite)",
@@ -339,6 +344,10 @@ def _migrate(args: argparse.Namespace) -> None:
                 continue
             for a in local.app_passwords(u.name):  # hashes verbatim: devices keep working
                 apps += dest.insert_app_hashed(u.name, a)
+                if costly := too_costly(a.hash):
+                    print(f"{u.name}: app password {a.name} copied, but its hash costs "
+                          f"{costly} (docs/LIMITS.md): never run; revoke it and add it anew "
+                          "(`authrelay user app-password`)", file=sys.stderr)
     finally:
         local.close()
         dest.close()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from authrelay.auth import apppasswords
 from authrelay.auth.apppasswords import AppPassword, AppPasswordError
-from authrelay.auth.passwords import hash_password, is_argon2_hash
+from authrelay.auth.passwords import hash_password, is_argon2_hash, too_costly
 from authrelay.auth.sasl import hidden_character
 from authrelay.sqlitefile import open_db
 
@@ -152,6 +152,11 @@ class UserStore:
         self._no_lookalike(name)
         if not is_argon2_hash(argon2_hash):
             raise UserDBError("not an argon2 hash")
+        costly = too_costly(argon2_hash)
+        if costly:  # verify_password would never run it: a user who can never log in
+            raise UserDBError(f"the password hash given for user {name!r} costs {costly} "
+                              f"(docs/LIMITS.md): never run, {name} could never log in; "
+                              "give a password instead (authrelay user add)")
         self._insert(name, argon2_hash, [normalize_address(a) for a in addresses])
 
     def _no_lookalike(self, name: str) -> None:
