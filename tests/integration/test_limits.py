@@ -142,7 +142,8 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
     for name, addrs in {"alice": ["alice@example.org"],
                         "bob": ["bob@example.org", "sales@example.org"],
                         "carol": ["carol@example.org"], "dan": ["dan@example.org"],
-                        "erin": [], "frank": [], "gina": ["gina@example.org"]}.items():
+                        "erin": [], "frank": [], "gina": ["gina@example.org"],
+                        "hank": ["hank@example.org"]}.items():
         extra = [a for addr in addrs for a in ("--address", addr)]
         r.cli("user", "add", name, *extra, "--password-stdin", input=PASSWORD + "\n")
     r.start()
@@ -203,6 +204,29 @@ def test_max_recipients_accepted_ones_queued(relay: RelayProcess) -> None:
     assert [x["address"] for x in env["recipients"]] == [f"r{i}@remote.test" for i in range(3)]
     c.close()
     served(relay, "127.0.0.7")
+
+
+def test_recipients_past_the_limit_are_not_a_maillog_line_each(relay: RelayProcess) -> None:
+    """A client pipelining RCPTs past max_recipients (452s, 1,000 a transaction before they
+    count as errors) gets the first few logged one by one, then one summary line at the
+    session's end: it cannot multiply the relay's maillog lines."""
+    c = submit_login(relay, "127.0.0.61", "hank")  # (its own user: recipients per hour)
+    assert c.cmd("MAIL FROM:<hank@example.org>").code == 250
+    for i in range(3):
+        assert c.cmd(f"RCPT TO:<r{i}@remote.test>").code == 250
+    c.send("".join(f"RCPT TO:<x{i}@remote.test>\r\n" for i in range(300)))
+    for _ in range(300):
+        assert c.reply().code == 452
+    assert c.cmd("QUIT").code == 221
+    c.close()
+    relay.wait_log(r"disconnect=from unknown \[127\.0\.0\.61\]")
+    mine = [ln for ln in relay.maillog().splitlines() if "[127.0.0.61]" in ln]
+    assert [ln.split(": ", 1)[1] for ln in mine if "reject=" in ln] == [
+        f"NOQUEUE: reject=452 4.5.3 <x{i}@remote.test>... Too many recipients, "
+        "relay=unknown [127.0.0.61]" for i in range(5)]
+    assert [ln.split(": ", 1)[1] for ln in mine if "warning=" in ln] == [
+        "NOQUEUE: warning=295 more refusals of the same kind suppressed "
+        "(452 4.5.3 Too many recipients), relay=unknown [127.0.0.61]"]
 
 
 def test_bad_rcpt_throttle_then_limit(relay: RelayProcess) -> None:

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -67,6 +68,12 @@ BATCH = 32  # pipelined commands executed before yielding to the event loop (fai
 # `[auth] failure_delay` if longer; a SPARED check (a known network past a limit) must be
 # done by then, else it is answered as the lockout too (docs/LIMITS.md).
 LOCKOUT_ANSWER_MIN = 0.5
+# A session's refusals of one kind (the same reply) without a queue id logged one by one;
+# past it counted, and one `warning=N more refusals of the same kind suppressed` line per
+# kind at the session's end: a client pipelining RCPTs past max_recipients (1,000 452s a
+# transaction before they count as errors, again after each RSET) cannot write a maillog
+# line per command. Metrics count every refusal.
+REPEATED_REFUSAL_LINES = 5
 # Seconds server.stop gives a session it cancelled to write its 421 and end.
 CANCEL_GRACE = 5.0
 # Seconds a session cut by a stop in DATA waits for its message's file to be gone before
@@ -171,6 +178,8 @@ class Session:
         self.account = ""
         self._login: Login | None = None  # the OK login, checked again at each MAIL
         self._over_mark: tuple[float, int] | None = None  # see _pace_oversize
+        self._refusals: Counter[Reply] = Counter()  # NOQUEUE refusals logged, by reply
+        self._suppressed: Counter[Reply] = Counter()  # and those past the first few
 
     # ------------------------------------------------------------------ helpers
     def relay_desc(self) -> str:
@@ -178,7 +187,12 @@ class Session:
 
     def _log_reject(self, r: Reply, what: str = "", qid: str | None = None,
                     **extra: object) -> None:
-        self.maillog.reject(r, relay=self.relay_desc(), queue_id=qid, what=what, **extra)
+        if qid is None and self._refusals[r] >= REPEATED_REFUSAL_LINES:
+            self._suppressed[r] += 1  # (a message's refusal, its qid's line, always goes)
+        else:
+            self._refusals[r] += qid is None
+            self.maillog.reject(r, relay=self.relay_desc(), queue_id=qid, what=what,
+                                **extra)
         # Metrics by reason: the reply's enhanced code (low cardinality, no addresses).
         if self.deps.metrics is not None:
             self.deps.metrics.rejected(reject_reason(r))
@@ -298,6 +312,10 @@ class Session:
         finally:
             self._abort_draft()
             conn.close(CLOSE_GRACE)
+            for r, n in self._suppressed.items():
+                said = " ".join(x for x in (str(r.code), r.enhanced, r.text) if x)
+                self.maillog.warning(f"{n} more refusals of the same kind suppressed ({said})",
+                                     relay=self.relay_desc())
             commands = " ".join(f"{k}={v}" for k, v in eng.commands.items())
             self.maillog.disconnect(self.relay_desc(), auth=eng.auth_user or None,
                                     commands=commands or None)
