@@ -125,6 +125,45 @@ def test_a_new_name_never_twins_a_decomposed_user_of_an_earlier_release(conf: Pa
     assert h is not None and passwords.verify_password(h, "new")
 
 
+@pytest.mark.parametrize(("first", "second"), [
+    ("alice", "\uff41\uff4c\uff49\uff43\uff45"),  # fullwidth: not NFKC-stable
+    ("caf\u00e9", "xn--caf-dma"),  # its A-label
+    ("xn--caf-dma", "caf\u00e9"),
+    ("bob@b\u00fccher.example", "bob@xn--bcher-kva.example"),
+])
+def test_a_compatibility_or_a_label_spelling_is_never_a_second_user(
+        conf: Path, first: str, second: str) -> None:
+    # AUTH compares names as code points; the old code checked NFC only, so each of these
+    # pairs made two users that read as one, each with its own password.
+    assert run(conf, "add", first, "--password-stdin", stdin="pw1\n").returncode == 0
+    r = run(conf, "add", second, "--password-stdin", stdin="pw2\n")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert ("not in Unicode NFKC form" in r.stderr and repr(first) in r.stderr
+            or f"looks the same as the existing user {first!r}" in r.stderr), r.stderr
+    assert [u.name for u in db_of(conf).list()] == [first]
+
+
+def test_a_new_name_never_twins_a_fullwidth_user_of_an_earlier_release(conf: Path) -> None:
+    # A users.db from before the NFKC rule may hold "ａｌｉｃｅ"; adding "alice" beside it
+    # would make the pair. The stored user keeps working, and `user list` names the pair.
+    wide = "\uff41\uff4c\uff49\uff43\uff45"
+    assert run(conf, "add", "seed", "--password-stdin", stdin="pw0\n").returncode == 0
+    db = db_of(conf)
+    db._insert(wide, passwords.hash_password("old"), [])  # as an earlier release stored it
+    db.close()
+    r = run(conf, "add", "alice", "--password-stdin", stdin="pw1\n")
+    assert r.returncode == 1 and f"looks the same as the existing user {wide!r}" in r.stderr
+    assert run(conf, "passwd", wide, "--password-stdin", stdin="new\n").returncode == 0
+    h = db_of(conf).get_hash(wide)
+    assert h is not None and passwords.verify_password(h, "new")
+    db = db_of(conf)
+    db._insert("alice", passwords.hash_password("pw1"), [])  # both stored by that release
+    db.close()
+    r = run(conf, "list")
+    assert r.returncode == 0 and r.stdout.split() == ["alice", "seed", wide], r.stdout
+    assert f"warning: users 'alice' and {wide!r} look the same" in r.stderr, r.stderr
+
+
 def test_an_external_backend_is_named_when_the_user_db_is_edited(tmp_path: Path) -> None:
     # With saslauthd (or Dovecot) as backend, `user add` wrote a users.db no server reads
     # and said only "user zed added": every login of zed then got 535.

@@ -36,7 +36,7 @@ from authrelay.auth.authenticator import account_for, external_backend
 from authrelay.auth.login import StoreUnavailable
 from authrelay.auth.passwords import too_costly
 from authrelay.auth.pgusers import PgUserDB, redact_dsn
-from authrelay.auth.userdb import UserDB, UserDBError, UserStore
+from authrelay.auth.userdb import UserDB, UserDBError, UserStore, lookalike_key
 from authrelay.config import load
 from authrelay.newfile import replace_with_new
 from authrelay.policy.containment import Suspension
@@ -144,6 +144,20 @@ def _list(args: argparse.Namespace) -> None:
         return
     for u in users:
         print(f"{u.name}\t{','.join(u.addresses)}" if u.addresses else u.name)
+    _warn_lookalikes([u.name for u in users])
+
+
+def _warn_lookalikes(names: list[str]) -> None:
+    """Name on stderr each stored pair that reads as one name (stored before `user add`
+    refused it: userdb.lookalike_key); both keep working."""
+    seen: dict[str, str] = {}
+    for n in names:
+        key = lookalike_key(n)
+        if key in seen:
+            print(f"warning: users {seen[key]!r} and {n!r} look the same (one name once "
+                  "NFKC-normalised and with xn-- labels decoded): delete one", file=sys.stderr)
+        else:
+            seen[key] = n
 
 
 def _address(args: argparse.Namespace) -> None:

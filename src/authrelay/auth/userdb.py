@@ -17,6 +17,7 @@ Authenticator answers it as a temporary failure (454), never as "bad password".
 from __future__ import annotations
 
 import builtins
+import re
 import sqlite3
 import threading
 import time
@@ -105,16 +106,46 @@ def check_name(name: str) -> str:
 
 
 def check_new_name(name: str) -> str:
-    """A name a new user may get: check_name, and in Unicode NFC. The stores compare names
-    as code points, so `café` typed precomposed (NFC) and decomposed (NFD: e + U+0301)
-    would be two users that print the same; a name not in NFC is refused, naming the NFC
-    form, so one spelling is ever stored (AUTH with the other finds no user)."""
+    """A name a new user may get: check_name, and in Unicode NFKC. The stores compare names
+    as code points (AUTH does not normalise), so `café` typed precomposed (NFC) and
+    decomposed (NFD: e + U+0301), or `alice` and fullwidth `ａｌｉｃｅ`, would be two users
+    that print (nearly) the same; a name not in NFKC is refused, naming its NFKC form, so one
+    spelling is ever stored (AUTH with the other finds no user). As PRECIS's
+    IdentifierClass (RFC 8264 9.17, used by RFC 8265's UsernameCaseMapped) disallows
+    compatibility characters; case stays significant (module contract)."""
     check_name(name)
     nfc = unicodedata.normalize("NFC", name)
     if nfc != name:
         raise UserDBError(f"user name {name!r} is not in Unicode NFC form (composed "
                           f"characters): use {nfc!r}")
+    nfkc = unicodedata.normalize("NFKC", name)
+    if nfkc != name:
+        raise UserDBError(f"user name {name!r} is not in Unicode NFKC form (compatibility "
+                          f"characters: fullwidth, ligatures, superscripts): use {nfkc!r}")
     return name
+
+
+_LABEL_SEP = re.compile(r"([.@])")
+
+
+def lookalike_key(name: str) -> str:
+    """The spelling two names that read as one share: each `xn--` label (between dots and
+    `@`) as its U-label (`xn--caf-dma` -> `café`), then NFKC. A label that is no valid
+    punycode stays as it is."""
+    parts = _LABEL_SEP.split(name)
+    for i, label in enumerate(parts):
+        if label[:4].lower() == "xn--":
+            try:
+                parts[i] = label[4:].encode("ascii").decode("punycode")
+            except UnicodeError:
+                pass
+    return unicodedata.normalize("NFKC", "".join(parts))
+
+
+def lookalike_candidate(name: str) -> bool:
+    """Whether `name` can have a look-alike of another spelling (UserStore._no_lookalike):
+    a non-ASCII name or one with an `xn--` label."""
+    return not name.isascii() or "xn--" in name.lower()
 
 
 def normalize_address(address: str) -> str:
@@ -160,17 +191,22 @@ class UserStore:
         self._insert(name, argon2_hash, [normalize_address(a) for a in addresses])
 
     def _no_lookalike(self, name: str) -> None:
-        """A new (NFC) name must not be the NFC form of a user stored before names had to
-        be NFC (an earlier release, a migrated users.db): 'café' added beside a stored
-        decomposed 'café' would be the look-alike pair check_new_name exists to prevent.
-        Only a non-ASCII name can have such a twin (scanned: one list per add)."""
-        if name.isascii():
-            return
-        for u in self.list():
-            if u.name != name and unicodedata.normalize("NFC", u.name) == name:
-                raise UserDBError(f"user name {name!r} looks the same as the existing user "
-                                  f"{u.name!r} (stored decomposed, not in NFC): use that "
-                                  "user, or delete it first")
+        """A new (NFKC) name must not read as an existing user's: the same lookalike_key
+        ('café' beside 'xn--caf-dma', or beside a 'café' decomposed or an 'ａｌｉｃｅ' an
+        earlier release stored before names had to be NFC / NFKC). Stored pairs are kept
+        (`user list` warns). Reads: the key's own name, and the names that can twin."""
+        key = lookalike_key(name)
+        twins = [key] if key != name and self.get_hash(key) is not None else []
+        twins += [n for n in self._lookalike_candidates()
+                  if n != name and lookalike_key(n) == key]
+        if twins:
+            raise UserDBError(f"user name {name!r} looks the same as the existing user "
+                              f"{twins[0]!r} (one name once NFKC-normalised and with "
+                              "xn-- labels decoded): use that user, or delete it first")
+
+    def _lookalike_candidates(self) -> builtins.list[str]:
+        """The stored names for which lookalike_candidate holds."""
+        return [u.name for u in self.list() if lookalike_candidate(u.name)]
 
     def set_password(self, name: str, password: str | bytes) -> None:
         if not password:
@@ -546,6 +582,12 @@ class UserDB(UserStore):
     def get_hash(self, name: str) -> str | None:
         row = self._db().execute("SELECT hash FROM users WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
+
+    def _lookalike_candidates(self) -> list[str]:
+        # Non-ASCII (more octets than characters) or an xn-- label (LIKE: ASCII case-blind).
+        return [n for (n,) in self._db().execute(
+            "SELECT name FROM users WHERE length(CAST(name AS BLOB)) <> length(name) "
+            "OR name LIKE '%xn--%'")]
 
     def owns_address(self, spellings: tuple[str, ...]) -> bool:
         marks = ",".join("?" * len(spellings))
