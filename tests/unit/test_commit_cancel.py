@@ -52,10 +52,12 @@ class HeldSigner:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.result = result
+        self.thread: int | None = None  # the commit thread it holds (threading.get_ident)
 
     def sign_stream(self, chunks: Iterable[bytes]) -> bytes | None:
         for _ in chunks:  # a streamed message is read back through the descriptor
             pass
+        self.thread = threading.get_ident()
         self.entered.set()
         assert self.release.wait(10)
         if isinstance(self.result, BaseException):

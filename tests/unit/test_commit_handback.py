@@ -32,14 +32,17 @@ async def test_the_250_runs_in_the_callback_that_brings_the_commit(
     loop = asyncio.get_running_loop()
     posted = threading.Event()
     real = loop.call_soon_threadsafe
+    draft, signer, log = held_draft(spool, tmp_path)
 
     def spy(*args: Any) -> asyncio.Handle:
         handle = real(*args)
-        posted.set()  # the commit thread's result is in the loop's queue
+        # The commit thread's result is in the loop's queue (not the early create's,
+        # another commit thread's, which a loaded machine may post late).
+        if threading.get_ident() == signer.thread:
+            posted.set()
         return handle
 
     monkeypatch.setattr(loop, "call_soon_threadsafe", spy)
-    draft, signer, log = held_draft(spool, tmp_path)
     order: list[str] = []
     task = loop.create_task(draft.commit(lambda: order.append("250")))
     assert await asyncio.to_thread(signer.entered.wait, 10)
