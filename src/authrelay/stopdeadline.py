@@ -145,8 +145,14 @@ def watch(on_stop: Callable[[], None]) -> None:
     way the stop starts once."""
 
     def run() -> None:
-        while signal.sigtimedwait(STOP_SIGNALS, SIGNAL_POLL) is None:
-            pass
+        # CPython's sigtimedwait returns a siginfo it never filled (not None) when the
+        # wait is interrupted past its timeout: a SIGSTOP held longer than SIGNAL_POLL
+        # then SIGCONT (an admin's pause, a debugger), or another handler's signal run
+        # in this thread. Only a stop signal's own siginfo stops the process.
+        while True:
+            got = signal.sigtimedwait(STOP_SIGNALS, SIGNAL_POLL)
+            if got is not None and got.si_signo in STOP_SIGNALS:
+                break
         on_stop()
 
     threading.Thread(target=run, name="stop-watch", daemon=True).start()
