@@ -11,10 +11,13 @@ import os
 import signal
 import time
 
+import pytest
 from relayproc import RelayProcess, children
 from smtpclient import RawClient
 
 from authrelay.stopdeadline import SIGNAL_POLL
+
+pytestmark = pytest.mark.slow
 
 
 def test_a_worker_paused_and_continued_goes_on_serving(relay_factory) -> None:  # noqa: ANN001
