@@ -381,16 +381,13 @@ def _journal_delivered(r: RelayProcess) -> set[str]:
                                         else [])}
 
 
-@pytest.mark.parametrize("how", ["kill", "stop"])
-def test_a_recipient_an_earlier_transaction_delivered_is_not_sent_again(
-        relay_factory, fake_mx, how: str) -> None:
+def _second_transaction_held(relay_factory, fake_mx
+                              ) -> tuple[_AfterTheFirst, FakeSMTPServer, RelayProcess, str,
+                                         dict]:
     """A delivery in two transactions (the next hop takes one recipient per transaction,
-    452 past it): the first one's 250 in, the second's dot held, the master killed (kill
-    -9) or stopped (SIGTERM, shutdown_timeout cutting it). The journal recorded only an
-    attempt's end, so the restart delivered the first recipient again (a kill: named
-    `may have been delivered before the crash`; a stop: `stat=Deferred (... cut by
-    authrelay's stop ...)`). Now each transaction's 2xx is journaled as it comes
-    (Courier.deliver's taken): the restart records it sent, the next hop has it once."""
+    452 past it), the first one's 250 in and the second's dot held: the gate that lets it
+    through, the next hop, the relay, the first transaction's recipient and the attempt's
+    begin line."""
     gate = _AfterTheFirst()
     smart = fake_mx("127.0.0.2", data_gate=gate, max_rcpts=1)
     gate.fake = smart
@@ -402,6 +399,20 @@ def test_a_recipient_an_earlier_transaction_delivered_is_not_sent_again(
     r.wait_for(lambda: smart.gated > 0, timeout=20, what="the second transaction's dot held")
     [first] = smart.messages[0].rcpt_tos
     [begun] = _journal_begun(r)
+    return gate, smart, r, first, begun
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_recipient_an_earlier_transaction_delivered_is_not_sent_again(
+        relay_factory, fake_mx, how: str) -> None:
+    """A delivery in two transactions (the next hop takes one recipient per transaction,
+    452 past it): the first one's 250 in, the second's dot held, the master killed (kill
+    -9) or stopped (SIGTERM, shutdown_timeout cutting it). The journal recorded only an
+    attempt's end, so the restart delivered the first recipient again (a kill: named
+    `may have been delivered before the crash`; a stop: `stat=Deferred (... cut by
+    authrelay's stop ...)`). Now each transaction's 2xx is journaled as it comes
+    (Courier.deliver's taken): the restart records it sent, the next hop has it once."""
+    gate, smart, r, first, begun = _second_transaction_held(relay_factory, fake_mx)
     qid = begun["q"]
     if how == "kill":  # (a stop writes the journal's lines before it ends)
         r.wait_for(lambda: _journal_delivered(r) == {first}, timeout=20,
@@ -424,6 +435,43 @@ def test_a_recipient_an_earlier_transaction_delivered_is_not_sent_again(
     assert f"delivery to <{first}>" not in r.maillog()
     if how == "stop":
         assert WARNING not in r.maillog()
+
+
+def test_a_stop_ends_once_the_journal_holds_the_delivery_it_cut(
+        relay_factory, fake_mx, tmp_path, monkeypatch) -> None:
+    """As above ([stop]), with the in-flight journal's writer slow when the stop cuts the
+    second transaction (a sitecustomize hook: the cut's line `{"e": N, "c": 1}` written
+    2 s late, a spool disk under load): the writer is a daemon thread and the stop did
+    not wait for it, so the master exited without that line, and the next start took the
+    clean stop for a crash: the first recipient's second `stat=Sent` line
+    (`logged_by=start`) and the other named `may have been delivered before the crash`
+    (had the first transaction's `{"d": N}` line been behind too: delivered again). Now
+    the stop waits for the journal's lines (at most STOP_SAVE_WAIT)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time\n"
+        "import authrelay.scheduler.inflight as inflight\n"
+        "_write = inflight.InflightJournal._write\n"
+        "def _slow(self, data):\n"
+        "    if b'\"c\":1' in data:\n"
+        "        time.sleep(2.0)  # the disk under load: what the test is about\n"
+        "    _write(self, data)\n"
+        "inflight.InflightJournal._write = _slow\n")
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    gate, smart, r, first, begun = _second_transaction_held(relay_factory, fake_mx)
+    r.wait_for(lambda: _journal_delivered(r) == {first}, timeout=20,
+               what=f"the journal's line for the first transaction's {first}")
+    r.stop()
+    lines = [json.loads(ln) for ln in (r.state / "spool" / "inflight.log").read_text()
+             .splitlines()]
+    assert {"e": begun["b"], "c": 1} in lines, lines
+    gate.set()
+    r.start()
+    r.wait_for(lambda: r.queued() == [], timeout=30, what="the other one delivered")
+    assert f"{begun['q']}: " in _one_delivery_line(r, first)
+    assert [m.rcpt_tos for m in smart.messages].count([first]) == 1
+    assert WARNING not in r.maillog()
 
 
 def _one_delivery_line(r: RelayProcess, rcpt: str) -> str:

@@ -545,14 +545,19 @@ class InflightJournal:
         self._q.put(reached)
         return reached.wait(timeout)
 
-    def close(self) -> None:
+    def close(self) -> threading.Thread | None:
         """A clean stop: never opened again. The writer thread closes the file once its
-        lines are written (not waited for: a stalled spool must not hold the stop)."""
-        if self._writer is not None:
+        lines are written, and is returned (None: none ran) for the stop to wait for,
+        bounded (a stalled spool must not hold the stop; a daemon thread, it dies with
+        the process: an exit before it wrote the lines of the attempts the stop cut or
+        ended has the next start take them for a crash's)."""
+        writer = self._writer
+        if writer is not None:
             self._q.put(None)
             self._writer = None
-            return
+            return writer
         self._close_fd()
+        return None
 
     def _close_fd(self) -> None:
         self._disabled_at = None  # a clean stop: never opened again

@@ -613,7 +613,17 @@ class Scheduler:
         if self._hooked:
             self.spool.on_commit = None
             self._hooked = False
-        self.inflight.close()
+        # The journal's last lines (a cut's `{"e": N, "c": 1}` and its delivered
+        # recipients, the ends) are on disk before the process exits, as their saves:
+        # else the next start took this stop for a crash (a second stat=Sent, a
+        # recipient named "may have been delivered", or delivered again). Past
+        # STOP_SAVE_WAIT (a hung disk) the stop goes on, as for the saves.
+        writer = self.inflight.close()
+        if writer is not None and not await stopdeadline.off_loop(
+                writer.join, "inflight-close", STOP_SAVE_WAIT):
+            log.warning("in-flight journal %s: its last lines not written %g s into the "
+                        "stop (the spool stalled?): the next start may take what this "
+                        "stop cut for a crash's", self.inflight.path, STOP_SAVE_WAIT)
         if self._lock_fd is not None:
             control.release_scheduler_lock(self._lock_fd)
             self._lock_fd = None
