@@ -15,7 +15,8 @@ in its busy handler (it would deadlock if both waited), so two first opens would
 fail one of them.
 
 Contract: `open_db(path, schema, version, newer=..., busy_timeout=..., pragmas=())` -> a
-connection in autocommit mode (`isolation_level=None`; callers BEGIN what they need),
+connection in autocommit mode (`isolation_level=None`; callers BEGIN what they need, a
+write through `immediate(conn)`),
 usable from any thread (`check_same_thread=False`; callers keep one per thread or
 serialise). `schema`: `;`-separated statements, run one at a time (executescript() would
 COMMIT first), each idempotent (`CREATE ... IF NOT EXISTS`): a file of an older format runs
@@ -31,7 +32,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from authrelay import process
@@ -91,8 +92,7 @@ def _open(path: Path, schema: str, version: int, *,
         _to_wal(conn, busy_timeout)
         conn.execute("PRAGMA synchronous = NORMAL")
         if conn.execute("PRAGMA user_version").fetchone()[0] != version:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(conn):
                 found = conn.execute("PRAGMA user_version").fetchone()[0]  # now locked
                 if found > version:
                     raise newer(found)
@@ -101,14 +101,26 @@ def _open(path: Path, schema: str, version: int, *,
                         if stmt.strip():
                             conn.execute(stmt)
                     conn.execute(f"PRAGMA user_version = {int(version)}")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+@contextlib.contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One BEGIN IMMEDIATE transaction: committed at the end, rolled back on an error.
+    SQLite ends the transaction itself on some errors (SQLITE_FULL: the disk full,
+    SQLITE_IOERR, SQLITE_NOMEM): then no ROLLBACK, whose own error ('cannot rollback - no
+    transaction is active') would replace the cause in what the caller reports."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _to_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:

@@ -6,6 +6,8 @@ for a test that needs a stalled disk held deterministically."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -27,6 +29,18 @@ def mounted(where: Path, size: str, *, inodes: int = 0) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(d: Path) -> None:
+    """Take every free block of the filesystem at `d` (the file `d/filler`)."""
+    fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -13,18 +13,6 @@ from support import tmpfs
 from authrelay.owedlines import ENTRIES, OwedLines
 
 
-def _fill(d: Path) -> None:
-    """Take every free page of the filesystem at `d`."""
-    fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as e:
-        assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-
-
 def test_a_full_dev_shm_never_kills_a_process_at_its_refusal_line(tmp_path: Path) -> None:
     """The book was a sparse file, its pages taken as lines were first written: with
     /dev/shm full (any local user can fill it) a process's first refusal line into an
@@ -36,7 +24,7 @@ def test_a_full_dev_shm_never_kills_a_process_at_its_refusal_line(tmp_path: Path
         if pid == 0:  # (the child: a SIGBUS kills it, not the test)
             try:
                 book = OwedLines(path, 3)
-                _fill(shm)
+                tmpfs.fill(shm)
                 slot = book.slot(2)
                 kept = [slot.keep(f"reject=550 5.7.1 no {n}") for n in range(ENTRIES)]
                 os._exit(0 if book.unkept is None and min(kept) >= 0 else 1)

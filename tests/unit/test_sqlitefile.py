@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from support import tmpfs
 
 from authrelay.auth.userdb import UserDB, UserDBError
 from authrelay.policy.suspensions import LocalStore
@@ -146,3 +147,30 @@ def test_the_stores_refuse_a_newer_format(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.DatabaseError, match="format 99 is newer"):
         store.suspensions()
     store.close()
+
+
+@pytest.mark.root
+def test_a_write_on_a_full_disk_names_the_full_disk(tmp_path: Path) -> None:
+    """SQLite rolls a transaction back itself when the disk is full (SQLITE_FULL), and
+    the stores' ROLLBACK then failed with 'cannot rollback - no transaction is active',
+    the error the caller logged (seen: a real serve's spool disk full, the master's
+    'containment: cannot count: OperationalError: cannot rollback ...'). Now the cause
+    is what is raised, and the file takes writes again once there is room."""
+    with tmpfs.mounted(tmp_path / "fs", "1m") as fs:
+        store = LocalStore(fs / "containment.db")
+        users = UserDB(fs / "users.db")
+        store.record("alice", [("messages", "Q0")], 3600)
+        users.add("alice", "correct horse battery")
+        tmpfs.fill(fs)
+        long = "x" * 200
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            for i in range(2000):  # the WAL's free pages taken first
+                store.record("alice", [("recipients", f"r{i}{long}@example.org")], 3600)
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            for i in range(2000):
+                users.add(f"u{i}{long}", "correct horse battery")
+        (fs / "filler").unlink()
+        assert store.record("alice", [("messages", "Q1")], 3600).messages == 2
+        users.add("bob", "correct horse battery")
+        store.close()
+        users.close()

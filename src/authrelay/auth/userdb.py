@@ -30,7 +30,7 @@ from authrelay.auth import apppasswords
 from authrelay.auth.apppasswords import AppPassword, AppPasswordError
 from authrelay.auth.passwords import hash_password, is_argon2_hash, too_costly
 from authrelay.auth.sasl import hidden_character
-from authrelay.sqlitefile import open_db
+from authrelay.sqlitefile import immediate, open_db
 
 # 1: users, addresses. 2: app_passwords (a version-1 file gains the table when first
 # opened by this version; nothing else changes, so an older authrelay refuses it).
@@ -454,14 +454,9 @@ class UserDB(UserStore):
     def _write(self, fn: Callable[[sqlite3.Connection], object]) -> object:
         """Run fn(conn) in one write transaction that also bumps the generation."""
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(db):
             result = fn(db)
             db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return result
 
     @staticmethod

@@ -48,7 +48,7 @@ from authrelay.auth.pgusers import PgUserStore
 from authrelay.config import Config
 from authrelay.policy.containment import KINDS, Counts, Suspension
 from authrelay.policy.shared import SharedCounters
-from authrelay.sqlitefile import open_db
+from authrelay.sqlitefile import immediate, open_db
 
 __all__ = ["LocalStore", "State", "Suspension", "make_state"]
 
@@ -120,8 +120,7 @@ class LocalStore:
         now = time.time() if now is None else now
         items = list(items)
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(db):
             db.executemany("INSERT INTO events (user, kind, value, at) VALUES (?, ?, ?, ?) "
                            "ON CONFLICT (user, kind, value) DO UPDATE SET at = excluded.at",
                            [(user, k, v, now) for k, v in items])
@@ -134,10 +133,6 @@ class LocalStore:
                 got[kind] = db.execute(
                     "SELECT count(*) FROM (SELECT 1 FROM events WHERE user = ? AND kind = ?"
                     " AND at > ? LIMIT ?)", (user, kind, now - window, cap)).fetchone()[0]
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         self._records += 1
         if self._records % PRUNE_EVERY == 0:  # users who stopped sending: their old rows
             self.prune(window, now)
