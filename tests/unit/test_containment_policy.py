@@ -11,7 +11,7 @@ from support.maillog import ListLog
 from authrelay.config import ConfigError, Containment, from_dict
 from authrelay.policy import containment
 from authrelay.policy.containment import Counts, Trip
-from authrelay.policy.suspensions import LocalStore
+from authrelay.policy.suspensions import CLOCK_SLACK, LocalStore
 
 
 def test_decide_first_threshold_in_order() -> None:
@@ -104,6 +104,26 @@ def test_sliding_window_distinct(store: LocalStore) -> None:
     c = store.record("alice", [("networks", "192.0.2.0/24")], 60, now=1061)
     assert c == Counts(messages=1, recipients=1, networks=1)  # b@x (t=1000) fell out
     assert store.record("bob", [("messages", "Q2")], 60, now=1061) == Counts(messages=1)
+
+
+def test_a_clock_set_back_never_counts_the_events_ahead_of_it(store: LocalStore) -> None:
+    """Events are kept by the wall clock; set back (a day: a VM restored, a boot before
+    NTP), those counted before the jump lay ahead of it and counted for the jump's length
+    plus the window: a user at two thirds of a threshold each hour was suspended in the
+    first hour after the jump (600 + 600 of 1,000). Now an event more than CLOCK_SLACK
+    ahead no longer counts and is dropped, as a clock set forward forgets those it
+    leaps past; one a moment ahead (processes' clocks read apart) still counts."""
+    t, day = 1_000_000.0, 86400.0
+    before = [("recipients", f"r{i}@x") for i in range(600)]
+    assert store.record("alice", before, 3600, now=t).recipients == 600
+    after = [("recipients", f"s{i}@x") for i in range(600)]
+    assert store.record("alice", after, 3600, now=t - day).recipients == 600
+    assert store.counts("alice", 3600, now=t - day).recipients == 600
+    assert store.record("bob", [("messages", "Q1")], 3600, now=t) == Counts(messages=1)
+    assert store.prune(3600, now=t - day) == 1  # bob's, a day ahead
+    assert store.record("carol", [("messages", "Q2")], 3600, now=t + CLOCK_SLACK) \
+        == Counts(messages=1)
+    assert store.counts("carol", 3600, now=t) == Counts(messages=1)  # a moment ahead
 
 
 def test_counts_stop_at_the_threshold(store: LocalStore) -> None:

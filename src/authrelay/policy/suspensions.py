@@ -14,10 +14,13 @@ Owns:
 Contract: counts are of **distinct** values within a sliding window (a message counts
 by its queue id, a recipient and a refusal by the lower-cased address, a network by its
 /24 or /64); an event older than the window no longer counts
-and is pruned. `suspend()` is True only for the caller that created the suspension (an
-INSERT that did nothing otherwise), so one trip makes one notice however many processes
-or nodes race to it. Memory and rows are bounded: only watched kinds are recorded, and a
-suspended user is no longer counted (its MAILs are refused).
+and is pruned. Times are the wall clock's (they survive restarts); in this node's file an
+event more than CLOCK_SLACK ahead of the clock (counted before the clock was set back)
+is dropped too, never counted for the jump's length. `suspend()` is True only for the
+caller that created the suspension (an INSERT that did nothing otherwise), so one trip
+makes one notice however many processes or nodes race to it. Memory and rows are
+bounded: only watched kinds are recorded, and a suspended user is no longer counted (its
+MAILs are refused).
 
 Failure policy: Redis unreachable: this node counts in SQLite (policy/shared.py says so
 in the maillog); once Redis answers again, within a window of that a user's counts are the
@@ -58,6 +61,10 @@ SCHEMA_VERSION = 2  # 2: events_by_user_time (counting bounded by the thresholds
 PRUNE_EVERY = 1000  # records per process between prunes of everyone's expired events
 CACHE_TTL = 2.0  # seconds a PostgreSQL answer to "is this user suspended?" is reused
 CACHE_MAX = 10000
+# An event this far ahead of the clock was counted before the clock was set back: its
+# age is unknown, and it no longer counts (as the events a clock set forward leaps past).
+# Within it: processes' clocks read a moment apart (a record waits for the write lock).
+CLOCK_SLACK = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -127,8 +134,8 @@ class LocalStore:
             got = {}
             kinds = set(KINDS) if limits is None else set(limits) | {k for k, _ in items}
             for kind in kinds:
-                db.execute("DELETE FROM events WHERE user = ? AND kind = ? AND at <= ?",
-                           (user, kind, now - window))
+                db.execute("DELETE FROM events WHERE user = ? AND kind = ? AND (at <= ?"
+                           " OR at > ?)", (user, kind, now - window, now + CLOCK_SLACK))
                 cap = (limits or {}).get(kind) or -1  # -1: no LIMIT
                 got[kind] = db.execute(
                     "SELECT count(*) FROM (SELECT 1 FROM events WHERE user = ? AND kind = ?"
@@ -148,7 +155,8 @@ class LocalStore:
             cap = (limits or {}).get(kind) or -1  # -1: no LIMIT
             got[kind] = db.execute(
                 "SELECT count(*) FROM (SELECT 1 FROM events WHERE user = ? AND kind = ?"
-                " AND at > ? LIMIT ?)", (user, kind, now - window, cap)).fetchone()[0]
+                " AND at > ? AND at <= ? LIMIT ?)",
+                (user, kind, now - window, now + CLOCK_SLACK, cap)).fetchone()[0]
         return Counts(**{k: int(got.get(k, 0)) for k in KINDS})
 
     def changed(self) -> int:
@@ -168,10 +176,11 @@ class LocalStore:
         return float(got) if got is not None else 0.0
 
     def prune(self, window: float, now: float | None = None) -> int:
-        """Drop every event older than the window (users who stopped sending)."""
+        """Drop every event older than the window (users who stopped sending), and
+        those ahead of the clock (CLOCK_SLACK)."""
         now = time.time() if now is None else now
-        return self._db().execute("DELETE FROM events WHERE at <= ?",
-                                  (now - window,)).rowcount
+        return self._db().execute("DELETE FROM events WHERE at <= ? OR at > ?",
+                                  (now - window, now + CLOCK_SLACK)).rowcount
 
     def clear(self, user: str) -> None:
         """Forget the user's counts (on resume: the old spree must not trip it again)."""
