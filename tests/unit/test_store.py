@@ -236,6 +236,19 @@ async def test_sweep_removes_only_dead_receives_files(spool: Spool) -> None:
     assert spool.recover()["tmp_removed"] == 1 and spool.swept == ["2N5YOUNG1"]
 
 
+async def test_a_dead_receives_file_from_before_a_clock_set_back_is_swept(
+        spool: Spool) -> None:
+    """The sweep judged a file's age by the wall clock alone: a dead receive's file
+    changed before the clock was set back (a day: a VM restored, a boot before NTP) had a
+    negative age, and stayed (its disk taken, `queue hold` answering 'still being
+    received') until the clock caught up. Now a change time ahead of the clock by more
+    than UNFINISHED_AGE counts as old; one a moment ahead is still young."""
+    ahead = _unready(spool, "2N5AHEAD1", -86400)
+    moment = _unready(spool, "2N5MOMENT1", -UNFINISHED_AGE / 2)
+    assert spool.sweep_unfinished() == 1 and spool.swept == ["2N5AHEAD1"]
+    assert not ahead.exists() and moment.exists()
+
+
 async def test_recover_beside_receiving_never_takes_a_message_being_committed() -> None:
     # recover() runs while messages are received (workers, or the scheduler's recovery
     # in the background at start). Between the writer's open and its lock, recover()

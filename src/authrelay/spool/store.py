@@ -124,13 +124,21 @@ def _live_receive(fd: int, st: os.stat_result) -> bool:
     make that writer fail) or locked by its writer. False: a dead receive's (a worker
     killed in DATA), never acknowledged, `sweep_unfinished`'s to remove. The shared lock
     taken stays until `fd` is closed."""
-    if time.time() - st.st_mtime < UNFINISHED_AGE:
+    if not _unchanged_for(st, UNFINISHED_AGE):
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     return False
+
+
+def _unchanged_for(st: os.stat_result, age: float, now: float | None = None) -> bool:
+    """Whether the file (stat `st`) was last changed at least `age` seconds ago by the
+    wall clock; a change time ahead of the clock by more than `age` (the clock set back
+    since: its age is unknown) counts as that old too, else such a file waited out the
+    jump (a day's, a day)."""
+    return abs((time.time() if now is None else now) - st.st_mtime) >= age
 
 
 def _open_regular_stat(path: Path | str) -> tuple[int, os.stat_result]:
@@ -177,7 +185,7 @@ def _remove_if_dead(path: str, min_age: float = 0.0) -> bool:
     try:
         if min_age > 0:
             st = os.fstat(fd)
-            if _ready(st.st_mode) or time.time() - st.st_mtime < min_age:
+            if _ready(st.st_mode) or not _unchanged_for(st, min_age):
                 return False
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         st = os.fstat(fd)
@@ -746,7 +754,7 @@ class Spool:
                     except FileNotFoundError:
                         continue
                     if not _ready(st.st_mode) and (min_age <= 0
-                                                   or now - st.st_mtime >= min_age):
+                                                   or _unchanged_for(st, min_age, now)):
                         dead.append((prefix, e.name))
         n = 0
         for prefix, name in dead:
