@@ -8,8 +8,8 @@ ours added), mail not ours (unauthenticated, to a local domain) never signed, no
 unsigned with a maillog note, the sendmail command and bounces signed, signed once
 however many delivery attempts, new keys picked up on SIGHUP. RFC 6152 (issue 19 item 6):
 8-bit mail received without BODY=8BITMIME relayed with it; converted to 7-bit for a host
-without 8BITMIME and re-signed (dkimpy verifies), small and streamed; unconvertible
-(8-bit header) bounced 5.6.3.
+without 8BITMIME and re-signed (dkimpy verifies), small and streamed, a one-line part
+with CRLF soft line breaks; unconvertible (8-bit header) bounced 5.6.3.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import dkim
 import pytest
 from dkimcheck import dkim_zones, opendkim_results, verify_all
 from fakes.dnsserver import FakeDNSServer
-from fakes.smtpserver import FakeSMTPServer, MXFactory
+from fakes.smtpserver import FakeSMTPServer, MXFactory, bare_line_ends
 from relayproc import PASSWORD, RelayProcess
 from test_e2e_delivery import SENDER, SENDER_MX, ZONES, mx_overrides, parse_dsn, submit
 
@@ -355,3 +355,27 @@ def test_8bit_header_to_7bit_mx_bounces_5_6_3(setup: dict[str, Any]) -> None:
     assert "header" in groups[0]["Diagnostic-Code"]
     assert any(f" {qid}: " in ln and "stat=Bounced" in ln and "dsn=5.6.3" in ln
                for ln in relay.maillog().splitlines())
+
+
+def test_a_one_line_8bit_part_goes_to_a_7bit_mx_with_crlf_only(setup: dict[str, Any]) -> None:
+    """An HTML part of one long 8-bit line (its CRLF is the delimiter's) got LF soft line
+    breaks from binascii: bare LFs on the wire, which a strict next hop refuses and a
+    normalising one turns into CRLF under our signature. Only CRLF reaches the MX, both
+    verifiers pass, the part decodes to what was sent."""
+    relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
+    seven_bit(mx)
+    head = BODY.partition(b"\r\n\r\n")[0].replace(
+        b"Content-Type: text/plain; charset=utf-8", b'Content-Type: multipart/alternative;'
+        b' boundary="alt"').replace(b"Content-Transfer-Encoding: 8bit\r\n", b"")
+    html = "<p>Gr\u00fc\u00dfe aus K\u00f6ln, sch\u00f6nen Tag</p>".encode() * 12
+    body = (head + b"\r\n\r\n--alt\r\nContent-Type: text/html; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: 8bit\r\n\r\n" + html + b"\r\n--alt--\r\n")
+    submit(relay, ["bob@example.test"], body)
+    m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery")
+    assert m.content.isascii()
+    assert bare_line_ends(b"".join(mx.wire)) == []
+    res = our_results(m.content, dns)
+    assert len(res) == 2 and all(ok for *_, ok in res), res
+    part = email.message_from_bytes(m.content, policy=email.policy.default).get_payload()[0]
+    assert part.get_payload(decode=True) == html
+

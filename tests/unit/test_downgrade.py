@@ -212,3 +212,24 @@ def test_header_8bit_at_every_cut(message: bytes, expected: bool) -> None:
         for cut2 in range(cut, min(cut + 3, len(message)) + 1):
             chunks = [message[:cut], message[cut:cut2], message[cut2:]]
             assert header_8bit(chunks) is expected, (cut, cut2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.binary(min_size=1, max_size=400).map(
+    lambda b: b.replace(b"\r", b"").replace(b"\n", b"") + "ü".encode()))
+def test_a_one_line_part_gets_crlf_soft_line_breaks(text: bytes) -> None:
+    """A part of one line (its last CRLF is the delimiter's: an HTML part often is one
+    line) had LF soft line breaks, bare LFs that a strict next hop refuses and a
+    normalising one turns into CRLF under our DKIM signature: every line end is CRLF,
+    each line at most 76 characters, and the part decodes to what was sent."""
+    msg = (b'From: a@x.test\r\nContent-Type: multipart/alternative; boundary="b"\r\n\r\n'
+           b"--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + text +
+           b"\r\n--b--\r\n")
+    out = downgrade(msg)
+    assert out.isascii()
+    assert out.count(b"\n") == out.count(b"\r\n"), "a bare LF"
+    encoded = out.split(b"\r\n\r\n", 2)[2].split(b"\r\n--b--")[0]
+    assert all(len(ln) <= 76 for ln in encoded.split(b"\r\n"))
+    part = list(parse(out).iter_parts())[0]
+    assert part.get_payload(decode=True) == text
+

@@ -59,6 +59,7 @@ _MIME_VERSION = re.compile(rb"(?im)^mime-version[ \t]*:")
 _BLANK = re.compile(rb"\r\n\r\n")
 _IDENTITY = ("7bit", "8bit", "binary")
 _HEADER_END = re.compile(rb"\n\r?\n")  # the empty line (a bare LF tolerated)
+_LF = re.compile(rb"\n")
 
 Buf = bytes | memoryview
 
@@ -176,11 +177,22 @@ def _entity(w: _Walk, head: bytes, sep: bytes, body: memoryview, default: str, d
                             "(RFC 2046 5.2)")
     if cte not in _IDENTITY:
         raise Unconvertible(f"8-bit octets in a part encoded {cte}")
-    encoded = binascii.b2a_qp(body, quotetabs=False, istext=True, header=False)
+    encoded = _qp(body)
     head = _set_cte(head, b"quoted-printable")
     if top and not _MIME_VERSION.search(head):
         head += b"MIME-Version: 1.0\r\n"
     w.out += (head, sep or CRLF, encoded)
+
+
+def _qp(body: Buf) -> bytes:
+    """`body` quoted-printable, every line end CRLF, the soft ones too. binascii.b2a_qp
+    takes its line end from the data's first one: a body with none (a one-line MIME part,
+    whose last CRLF is its delimiter's) got LF soft breaks, bare LFs on the wire. Such a
+    body is encoded with a CRLF added, which the output's end then is, and taken off."""
+    if _LF.search(body) is not None:  # CRLF line ends: bare CR and LF were refused
+        return binascii.b2a_qp(body, quotetabs=False, istext=True, header=False)
+    return binascii.b2a_qp(bytes(body) + CRLF, quotetabs=False, istext=True,
+                           header=False)[:-2]
 
 
 def _multipart(w: _Walk, body: memoryview, boundary: bytes, child: str, depth: int) -> None:
