@@ -9,7 +9,8 @@ unsigned with a maillog note, the sendmail command and bounces signed, signed on
 however many delivery attempts, new keys picked up on SIGHUP. RFC 6152 (issue 19 item 6):
 8-bit mail received without BODY=8BITMIME relayed with it; converted to 7-bit for a host
 without 8BITMIME and re-signed (dkimpy verifies), small and streamed, a one-line part
-with CRLF soft line breaks; unconvertible (8-bit header) bounced 5.6.3.
+with CRLF soft line breaks; unconvertible (8-bit header) bounced 5.6.3, an 8-bit
+multipart/signed 5.6.2; a real S/MIME signature verifies where the message arrives.
 """
 
 from __future__ import annotations
@@ -342,19 +343,25 @@ def test_large_8bit_message_to_7bit_mx_streamed_converted(setup: dict[str, Any])
 def test_8bit_header_to_7bit_mx_bounces_5_6_3(setup: dict[str, Any]) -> None:
     """A raw UTF-8 header field (no SMTPUTF8) cannot be encoded for a 7-bit host: 554
     5.6.3, and the sender gets a bounce saying so."""
-    relay, mx, sender_mx = setup["relay"], setup["mx"], setup["sender_mx"]
-    seven_bit(mx)
     body = BODY.replace(b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=", "Subject: Gr\u00fc\u00dfe"
                         .encode())
+    diagnostic = _bounced_by_a_7bit_mx(setup, body, "5.6.3")
+    assert "does not support 8BITMIME" in diagnostic and "header" in diagnostic
+
+
+def _bounced_by_a_7bit_mx(setup: dict[str, Any], body: bytes, status: str) -> str:
+    """Submit `body` for a 7-bit MX: nothing reaches it, the sender's bounce says 554
+    `status` (so does the maillog); returns the bounce's Diagnostic-Code."""
+    relay, mx, sender_mx = setup["relay"], setup["mx"], setup["sender_mx"]
+    seven_bit(mx)
     qid = submit(relay, ["bob@example.test"], body)
     b = relay.wait_for(lambda: sender_mx.messages and sender_mx.messages[0], what="the bounce")
     assert mx.messages == []
     _, groups = parse_dsn(b.content)
-    assert [(g["Action"], g["Status"]) for g in groups] == [("failed", "5.6.3")]
-    assert "does not support 8BITMIME" in groups[0]["Diagnostic-Code"]
-    assert "header" in groups[0]["Diagnostic-Code"]
-    assert any(f" {qid}: " in ln and "stat=Bounced" in ln and "dsn=5.6.3" in ln
+    assert [(g["Action"], g["Status"]) for g in groups] == [("failed", status)]
+    assert any(f" {qid}: " in ln and "stat=Bounced" in ln and f"dsn={status}" in ln
                for ln in relay.maillog().splitlines())
+    return str(groups[0]["Diagnostic-Code"])
 
 
 def test_a_one_line_8bit_part_goes_to_a_7bit_mx_with_crlf_only(setup: dict[str, Any]) -> None:
@@ -379,3 +386,59 @@ def test_a_one_line_8bit_part_goes_to_a_7bit_mx_with_crlf_only(setup: dict[str, 
     part = email.message_from_bytes(m.content, policy=email.policy.default).get_payload()[0]
     assert part.get_payload(decode=True) == html
 
+
+def _multipart_signed(signed_part: bytes) -> bytes:
+    head = BODY.partition(b"\r\n\r\n")[0].replace(
+        b"Content-Type: text/plain; charset=utf-8", b'Content-Type: multipart/signed; '
+        b'protocol="application/pgp-signature"; micalg=pgp-sha256; boundary="sig"'
+    ).replace(b"Content-Transfer-Encoding: 8bit\r\n", b"")
+    return (head + b"\r\n\r\n--sig\r\n" + signed_part + b"\r\n--sig\r\n"
+            b"Content-Type: application/pgp-signature\r\n\r\n-----BEGIN PGP SIGNATURE-----"
+            b"\r\n\r\niQ==\r\n-----END PGP SIGNATURE-----\r\n--sig--\r\n")
+
+
+def test_8bit_multipart_signed_to_a_7bit_mx_bounces_5_6_2(setup: dict[str, Any]) -> None:
+    """RFC 1847 2.1 / RFC 3156 3: a multipart/signed's parts are opaque, its signature
+    covers their octets as sent. Converting its 8-bit part to quoted-printable (what it
+    did, as Postfix does) delivered a signature that fails; the sender gets 554 5.6.2
+    (conversion required and prohibited) instead, nothing reaches the MX."""
+    body = _multipart_signed(b"Content-Type: text/plain; charset=utf-8\r\n"
+                             b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+                             + "sign\u00e9\r\n".encode())
+    assert "multipart/signed" in _bounced_by_a_7bit_mx(setup, body, "5.6.2")
+
+
+@pytest.mark.parametrize("eightbit", [True, False], ids=["8BITMIME", "7bit MX"])
+def test_a_smime_signature_verifies_at_the_destination(setup: dict[str, Any], tmp_path: Path,
+                                                       eightbit: bool) -> None:
+    """A real S/MIME signature (openssl cms, detached, its content quoted-printable with a
+    lone dot line, a long line and trailing blanks) still verifies with openssl where the
+    message arrives, and so do our DKIM signatures: the signed part is not changed by one
+    byte, whichever the next hop."""
+    relay, mx, dns = setup["relay"], setup["mx"], setup["dns"]
+    if not eightbit:
+        seven_bit(mx)
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                    "-subj", "/CN=alice@sender.test", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    content = (b"Content-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+               b"Gr=C3=BC=C3=9Fe   =20\r\n.\r\n..two\r\n" + b"x" * 75 + b"=\r\ny\r\n")
+    (tmp_path / "in").write_bytes(content)
+    signed = subprocess.run(
+        ["openssl", "cms", "-sign", "-binary", "-signer", cert, "-inkey", key,
+         "-in", tmp_path / "in", "-md", "sha256"], check=True, capture_output=True).stdout
+    signed = signed.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    head = BODY[:BODY.index(b"MIME-Version: ")]  # openssl writes the MIME fields
+    submit(relay, ["bob@example.test"], head + signed)
+    m = relay.wait_for(lambda: mx.messages and mx.messages[0], what="delivery")
+    assert content in m.content
+    (tmp_path / "got").write_bytes(m.content)
+    v = subprocess.run(["openssl", "cms", "-verify", "-CAfile", cert,  # MIME canonical
+                        "-in", tmp_path / "got", "-out", os.devnull],
+                       capture_output=True, text=True)
+    assert v.returncode == 0 and "Verification successful" in v.stderr, v.stderr
+    res = our_results(m.content, dns)
+    assert len(res) == 2 and all(ok for *_, ok in res), res

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from authrelay.delivery.downgrade import (
     MAX_DEPTH,
     MAX_PARTS,
+    Prohibited,
     Unconvertible,
     downgrade,
     header_8bit,
@@ -233,3 +234,29 @@ def test_a_one_line_part_gets_crlf_soft_line_breaks(text: bytes) -> None:
     part = list(parse(out).iter_parts())[0]
     assert part.get_payload(decode=True) == text
 
+
+def _signed(part_body: bytes) -> bytes:
+    return (b'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; '
+            b'boundary="s"\r\n\r\n--s\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n'
+            + part_body + b"\r\n--s\r\nContent-Type: application/pkcs7-signature\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + B64 + b"--s--\r\n")
+
+
+def test_an_8bit_signed_part_is_prohibited_at_any_depth() -> None:
+    """RFC 1847 2.1, RFC 3156 3: quoted-printable would break the signature: 5.6.2, not
+    a conversion (it was converted, as Postfix converts it)."""
+    for msg in (b"From: a@x.test\r\n" + _signed(UTF8),
+                b'From: a@x.test\r\nContent-Type: multipart/mixed; boundary="m"\r\n\r\n'
+                b"--m\r\n" + _signed(UTF8) + b"\r\n--m--\r\n"):
+        with pytest.raises(Prohibited, match="multipart/signed") as e:
+            downgrade(msg)
+        assert e.value.status == "5.6.2"
+
+
+def test_a_7bit_signed_part_beside_an_8bit_one_is_kept_byte_for_byte() -> None:
+    signed = _signed(b"Gr=C3=BC=C3=9Fe")
+    msg = (b'From: a@x.test\r\nContent-Type: multipart/mixed; boundary="m"\r\n\r\n'
+           b"--m\r\n" + signed + b"\r\n--m\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+           + UTF8 + b"\r\n--m--\r\n")
+    out = downgrade(msg)
+    assert out.isascii() and b"--m\r\n" + signed + b"\r\n--m\r\n" in out

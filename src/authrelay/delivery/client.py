@@ -90,7 +90,8 @@ Failure policy (codes per RFC 3463):
   and the peer offers it; to a peer without 8BITMIME an 8-bit message is converted to
   7-bit (downgrade.py: quoted-printable where the MIME structure allows, re-signed with
   DKIM when we had signed it) or, when it cannot be, refused permanently 554 5.6.3
-  (RFC 6152 3, RFC 3463). RFC 3461 RET/ENVID/NOTIFY/ORCPT when the peer offers DSN.
+  (RFC 6152 3, RFC 3463; 5.6.2 for 8-bit in a multipart/signed, whose signature no
+  conversion may break). RFC 3461 RET/ENVID/NOTIFY/ORCPT when the peer offers DSN.
 - Smart host with `smart_host_tls = "none"` and a user: AUTH goes in plain text (the
   operator asked for it, e.g. over a tunnel); at any other level (may included) it is
   never sent before TLS. An OAuth token (XOAUTH2, OAUTHBEARER) goes where a password
@@ -1421,7 +1422,7 @@ class Courier:
             except downgrade.Unconvertible as e:
                 res = DeliveryResult.perm(
                     f"{remote} does not support 8BITMIME and the message cannot be "
-                    f"converted to 7-bit: {e}", "5.6.3", 554, remote)
+                    f"converted to 7-bit: {e}", e.status, 554, remote)
                 return _Outcome({r.address: res for r in rcpts}, set(), True)
             eightbit = False
 

@@ -3,11 +3,11 @@
 Owns turning a message with 8-bit octets into a 7-bit one (as Postfix's and sendmail's
 8-bit to 7-bit conversion does), or saying why it cannot be. Contract:
 `downgrade(message) -> bytes` (CRLF text in, CRLF text out) or raises `Unconvertible`
-(the reason; the courier bounces it with 554 5.6.3, RFC 3463 "conversion required but
-not supported"). Pure, no I/O; the courier runs it in a thread, at most
-`MAX_CONCURRENT` at once (a message is up to `[limits] max_message_size`: memory is
-bounded to about four times that per conversion: the parts are views into the message,
-`MAX_PARTS` at most).
+(the reason and its `status`; the courier bounces it with 554 and that status: 5.6.3,
+RFC 3463 "conversion required but not supported", or a `Prohibited`'s 5.6.2). Pure, no
+I/O; the courier runs it in a thread, at most `MAX_CONCURRENT` at once (a message is up
+to `[limits] max_message_size`: memory is bounded to about four times that per
+conversion: the parts are views into the message, `MAX_PARTS` at most).
 
 What is converted (RFC 2045, RFC 2046, RFC 6152 3):
 - a leaf part (any type but multipart/* and message/*; also message/global*, which RFC
@@ -22,9 +22,14 @@ What is converted (RFC 2045, RFC 2046, RFC 6152 3):
 Everything without 8-bit octets is passed through byte for byte, header fields included
 (only a converted part's Content-Transfer-Encoding field changes, and the 8bit/binary
 label of a multipart or message/rfc822 around converted parts becomes 7bit).
-What cannot be converted (Unconvertible): 8-bit octets in a header field (RFC 5322 allows
-none; RFC 6532 needs SMTPUTF8), in a multipart's preamble or epilogue, in a part that
-already claims quoted-printable or base64 (malformed), in message/partial,
+What must not be converted (Prohibited, 5.6.2): 8-bit octets in a multipart/signed (at
+any depth): its signature covers its parts' octets as sent (RFC 1847 2.1; RFC 3156 3 and
+RFC 8551 3.1 have agents treat it as opaque and signers send it 7-bit), so a conversion
+would deliver a signature that fails (Postfix's converter does, treating it as any
+multipart); the sender is told instead, and can send it again encoded.
+What cannot be converted (Unconvertible, 5.6.3): 8-bit octets in a header field (RFC
+5322 allows none; RFC 6532 needs SMTPUTF8), in a multipart's preamble or epilogue, in a
+part that already claims quoted-printable or base64 (malformed), in message/partial,
 message/external-body or another message/* type (RFC 2046 5.2: 7bit only), a multipart
 without a boundary that holds 8-bit octets, MIME nesting deeper than `MAX_DEPTH`, more
 than `MAX_PARTS` body parts.
@@ -66,6 +71,14 @@ Buf = bytes | memoryview
 
 class Unconvertible(Exception):
     """The message has 8-bit octets where no 7-bit encoding can hold them."""
+
+    status = "5.6.3"  # RFC 3463: conversion required but not supported
+
+
+class Prohibited(Unconvertible):
+    """The message has 8-bit octets where converting them is forbidden: a signed part."""
+
+    status = "5.6.2"  # RFC 3463: conversion required and prohibited
 
 
 def is_8bit(data: bytes) -> bool:
@@ -160,6 +173,10 @@ def _entity(w: _Walk, head: bytes, sep: bytes, body: memoryview, default: str, d
             raise Unconvertible(f"8-bit octets in a {ctype} without a boundary")
         if cte not in _IDENTITY:
             raise Unconvertible(f"{ctype} with Content-Transfer-Encoding {cte}")
+        if ctype == "multipart/signed":
+            raise Prohibited("8-bit octets in a multipart/signed, whose parts no agent may "
+                             "change (RFC 1847 2.1, RFC 3156 3, RFC 8551 3.1): quoted-"
+                             "printable would break its signature")
         child = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
         w.out += ((_set_cte(head, b"7bit") if cte != "7bit" else head), sep)
         _multipart(w, body, boundary.encode("ascii", "replace"), child, depth)
