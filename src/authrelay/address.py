@@ -240,6 +240,24 @@ def parse_params(text: str) -> dict[str, str | None]:
     return params
 
 
+def orcpt_of(address: str) -> str:
+    """The ORCPT value (RFC 3461 4.2) naming `address`, a recipient as it was received,
+    for the copies sent on to other addresses (an alias's targets): `rfc822;` and the
+    address as xtext (`+`, `=` and anything outside `!`..`~` as "+XX"), or for a non-ASCII
+    address `utf-8;` and the address raw (RFC 6533 3's utf-8-addr-unitext: an SMTPUTF8
+    message; made `\\x{HEX}` by orcpt_for_7bit for a 7-bit next hop), its ASCII
+    characters that are no QCHAR as `\\x{HEX}`. "" when that is longer than RFC 3461's
+    500 characters (the parameter is optional)."""
+    if address.isascii():
+        atype, escape = "rfc822", "+{:02X}"
+    else:
+        atype, escape = "utf-8", "\\x{{{:X}}}"
+    addr = "".join(c if not c.isascii() or ("!" <= c <= "~" and c not in "+=\\")
+                   or (c == "\\" and atype == "rfc822") else escape.format(ord(c))
+                   for c in address)
+    return f"{atype};{addr}" if len(addr) <= 500 else ""
+
+
 def orcpt_for_7bit(orcpt: str) -> str:
     """An ORCPT value (as accepted: RFC 3461 4.2 / RFC 6533 3) for a next hop without
     SMTPUTF8: a raw UTF-8 (utf-8-addr-unitext) address in its utf-8-addr-xtext form,

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from authrelay import aliases, replies
-from authrelay.address import AddressError, parse_mailbox
+from authrelay.address import AddressError, orcpt_of, parse_mailbox
 from authrelay.config import Config
 from authrelay.longlines import LineBreaker
 from authrelay.policy.ownership import Owner
@@ -319,7 +319,7 @@ def submit(opts: Options, stdin: LineReader, cfg: Config, who: Identity, *,
     rcpts = unique
     if not rcpts:
         raise Fail(EX_USAGE, "no recipients (give them as arguments, or use -t)")
-    rcpts = _expand(cfg, rcpts)
+    expanded = _expand(cfg, rcpts, opts.notify)
 
     sender = _envelope_sender(opts.sender, who, cfg)
     _check_dsn(opts)
@@ -333,10 +333,10 @@ def submit(opts: Options, stdin: LineReader, cfg: Config, who: Identity, *,
 
     env = Envelope(
         queue_id=new_queue_id(), sender=sender,
-        recipients=[Recipient(r, notify=opts.notify) for r in rcpts],
+        recipients=expanded,
         client_ip="127.0.0.1", helo="localhost", auth_user="", protocol="local",
         listener="sendmail", envid=opts.envid, ret=opts.ret, body_8bit=opts.body_8bit,
-        smtputf8=not all(a.isascii() for a in (sender, *rcpts)),
+        smtputf8=not all(a.isascii() for a in (sender, *(x.address for x in expanded))),
     )
 
     def pieces() -> Iterator[bytes]:
@@ -362,9 +362,21 @@ def _check_dsn(opts: Options) -> None:
                              "(xtext: no spaces, + and = as +XX)")
 
 
-def _expand(cfg: Config, rcpts: list[str]) -> list[str]:
-    """Local names through [aliases] / aliases_file; every result checked."""
-    return [_check_address(a, "alias") for a in aliases.expand(cfg, rcpts)]
+def _expand(cfg: Config, rcpts: list[str], notify: str) -> list[Recipient]:
+    """Local names through [aliases] / aliases_file; every result checked. An alias's
+    target carries ORCPT naming the recipient given (`@hostname` added to a bare name),
+    as one received over SMTP does (spool/submit.py): its DSN says which one it was."""
+    out: list[Recipient] = []
+    seen: set[str] = set()
+    for r in rcpts:
+        given = r if "@" in r else f"{r}@{cfg.hostname}"
+        for a in aliases.expand(cfg, [r]):
+            if a.lower() not in seen:
+                seen.add(a.lower())
+                orcpt = "" if a.lower() == given.lower() else orcpt_of(given)
+                out.append(Recipient(_check_address(a, "alias"), notify=notify,
+                                     orcpt=orcpt))
+    return out
 
 
 def queue_message(cfg: Config, env: Envelope, pieces: Iterator[bytes], who: Identity,

@@ -537,3 +537,54 @@ def test_a_looping_local_messages_bounce_goes_through_aliases(
     assert bounce.rcpt_tos == ["admin@sender.test"]
     _, groups = parse_dsn(bounce.content)
     assert [g["Status"] for g in groups] == ["5.4.6"]
+
+
+def test_an_aliased_recipients_bounce_names_the_address_the_sender_wrote(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """A user's mail to root@hostname, which [aliases] send to two addresses, one of
+    them refused: the bounce named only nobody@example.test, an address the sender never
+    wrote (no Original-Recipient), and the next hop (with DSN) got no ORCPT, so its own
+    reports could not name root either. Now each target carries ORCPT=rfc822;root@...
+    (RFC 3461 4.2: the address as received, as Postfix passes it on), and the bounce says
+    'Original-Recipient: rfc822;root@relay.test' and, as Postfix, '(expanded from
+    <root@relay.test>)'."""
+    mx = fake_mx("127.0.0.2", dsn=True,
+                 rcpt_replies={"nobody@example.test": "550 5.1.1 no such user"})
+    relay = relay_factory({**mx_overrides(dns, fake_mx.port),
+                           "aliases": {"root": "nobody@example.test, bob@example.test"}})
+    _submit(relay, [("root@relay.test", ["NOTIFY=FAILURE"])], [])
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce")
+    relay.wait_for(lambda: relay.queued() == [], what="an empty queue")
+    assert [m.rcpt_tos for m in mx.messages] == [["bob@example.test"]]
+    assert mx.dsn_params.count("RCPT ORCPT=rfc822;root@relay.test") == 2, mx.dsn_params
+    [bounce] = sender_mx.messages
+    msg, groups = parse_dsn(bounce.content)
+    assert [(g["Original-Recipient"], g["Final-Recipient"]) for g in groups] == [
+        ("rfc822;root@relay.test", "rfc822; nobody@example.test")]
+    human = msg.get_payload()[0].get_payload()
+    assert "<nobody@example.test> (expanded from <root@relay.test>): 550 5.1.1 no such user" \
+        in human, human
+
+
+def test_a_local_messages_aliased_recipient_is_named_in_its_bounce(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """The sendmail command's recipient `ops`, which [aliases] send to an address the
+    next hop refuses: the bounce (to root's alias) named only that address. Now it
+    carries 'Original-Recipient: rfc822;ops@relay.test' and '(expanded from ...)', as
+    mail received over SMTP does."""
+    fake_mx("127.0.0.2", rcpt_replies={"nobody@example.test": "550 5.1.1 no such user"})
+    relay = relay_factory({**mx_overrides(dns, fake_mx.port),
+                           "aliases": {"root": "admin@sender.test",
+                                       "ops": "nobody@example.test"}})
+    res = _sh(f"printf 'Subject: backup\\n\\nfailed\\n' | {AUTHRELAY} sendmail "
+              "-f root@relay.test ops", relay.config)
+    assert res.returncode == 0, res.stderr
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce at admin's MX")
+    [bounce] = sender_mx.messages
+    msg, groups = parse_dsn(bounce.content)
+    assert [(g["Original-Recipient"], g["Final-Recipient"]) for g in groups] == [
+        ("rfc822;ops@relay.test", "rfc822; nobody@example.test")]
+    assert "<nobody@example.test> (expanded from <ops@relay.test>): 550 5.1.1" \
+        in msg.get_payload()[0].get_payload()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from authrelay.address import AddressError, orcpt_for_7bit, parse_path_arg
+from authrelay.address import AddressError, orcpt_for_7bit, orcpt_of, parse_path_arg
+from authrelay.scheduler.bounce import original_recipient
+from authrelay.smtpd.protocol import orcpt_ok
 
 
 def parse(arg: str, null: bool = False):  # noqa: ANN201
@@ -111,3 +113,22 @@ def test_a_raw_utf8_orcpt_goes_to_a_7bit_hop_in_its_escaped_form() -> None:
         "utf-8;bj\\x{F8}rn@\\x{F6}ld.example"
     assert orcpt_for_7bit("utf-8;\U0001F600@x.example") == "utf-8;\\x{1F600}@x.example"
     assert orcpt_for_7bit("utf-8;" + "ø" * 240 + "@x") == ""
+
+
+@pytest.mark.parametrize("address", [
+    "root@relay.test", '"john doe"@x.test', "a+b=c@x.test", '"a\\\\b"@x.test',
+    "zoë+1=2@x.test", '"zo ë\\\\"@x.test', "Postmaster"])
+def test_orcpt_of_an_address_is_a_valid_orcpt_the_dsn_reads_back(address: str) -> None:
+    """What an alias's targets carry (spool/submit.py): an ORCPT the server itself would
+    accept, in an SMTPUTF8 transaction for a UTF-8 address (rfc822 xtext, or utf-8 with
+    \\x{HEX} for +, =, \\ and space), which the DSN decodes back to the address."""
+    value = orcpt_of(address)
+    assert orcpt_ok(value, smtputf8=True)
+    assert original_recipient(value) == \
+        ("rfc822;" if address.isascii() else "utf-8;") + address
+    assert orcpt_ok(orcpt_for_7bit(value), smtputf8=False)
+
+
+def test_orcpt_of_an_address_too_long_for_the_parameter_is_none() -> None:
+    assert orcpt_of("a" * 495 + "@x.test") == ""  # 502 characters: past RFC 3461's 500
+    assert orcpt_of('"' + " " * 150 + '"@x') != ""  # 3 x 150 + 4: within

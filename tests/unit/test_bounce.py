@@ -340,3 +340,32 @@ def test_a_success_notices_id_is_derived_from_its_message_and_recipients() -> No
                           queue_id=notice_id(env, [bob]))
     assert benv.queue_id == notice_id(env, [bob])
     assert len(qid) == len(new_queue_id()) and qid < new_queue_id()  # (its arrival: 2023)
+
+
+def test_a_recipient_whose_orcpt_names_another_address_says_what_it_was_expanded_from(
+        ) -> None:
+    """Part 1 names the address the sender wrote when it is not the failed one (an alias
+    expanded, its ORCPT kept: spool/submit.py), in Postfix's words; an ORCPT naming the
+    same address, another address type, or none adds nothing."""
+    env = Envelope(queue_id="QID9", sender="alice@example.org", recipients=[
+        Recipient("nobody@example.net", state=FAILED, last_reply="550 5.1.1 no such user",
+                  orcpt="rfc822;root@relay.example.org"),
+        Recipient("Bob@example.net", state=FAILED, last_reply="550 5.1.1 gone",
+                  orcpt="rfc822;bob@example.net"),
+        Recipient("zoë@example.net", state=FAILED, last_reply="550 5.1.1 gone",
+                  orcpt="utf-8;ro\\x{F6}t@relay.example.org"),
+        Recipient("x4@example.net", state=FAILED, last_reply="550 5.1.1 gone",
+                  orcpt="x400;c+3Dus"),
+        Recipient("carol@example.net", state=FAILED, last_reply="550 5.1.1 gone"),
+    ])
+    _, data = make_bounce(env, env.recipients, HEADERS, "relay.example.org")
+    human = _parse(data).get_payload()[0].get_payload(decode=True).decode()
+    lines = [ln for ln in human.splitlines() if ln.startswith("<")]
+    assert lines == [
+        "<nobody@example.net> (expanded from <root@relay.example.org>): "
+        "550 5.1.1 no such user",
+        "<Bob@example.net>: 550 5.1.1 gone",
+        "<zoë@example.net> (expanded from <roöt@relay.example.org>): 550 5.1.1 gone",
+        "<x4@example.net>: 550 5.1.1 gone",
+        "<carol@example.net>: 550 5.1.1 gone",
+    ]

@@ -4,7 +4,9 @@ Owns the DSN message format. Contract: `make_bounce(env, failed, original_header
 hostname, action)` returns a new Envelope (null sender, `is_bounce=True`, one recipient:
 the original envelope sender) and the message bytes (CRLF line ends, ready to spool):
 a multipart/report; report-type=delivery-status (RFC 6522) with
-  1. a text/plain human explanation,
+  1. a text/plain human explanation, a line per recipient: `<ADDR>: REPLY`, or
+     `<ADDR> (expanded from <ORCPT's address>): REPLY` when its ORCPT names another
+     address (an alias's target, spool/submit.py; Postfix's words),
   2. message/delivery-status (RFC 3464 2.2/2.3): Reporting-MTA, Arrival-Date, and per
      recipient Final-Recipient, Action, Status (RFC 3463 enhanced code), Diagnostic-Code,
      Remote-MTA when known, Last-Attempt-Date (and Will-Retry-Until for `delayed`),
@@ -127,6 +129,18 @@ def original_recipient(orcpt: str) -> str:
     return decoded
 
 
+def _expanded_from(r: Recipient) -> str:
+    """" (expanded from <ADDR>)" when the recipient's ORCPT names another address (an
+    alias the sender wrote, spool/submit.py): the words Postfix's bounces use, so the
+    reader sees which of their recipients it is; else ""."""
+    kind, _, addr = original_recipient(r.orcpt).partition(";")
+    addr = addr.strip()
+    if kind.strip().lower() not in ("rfc822", "utf-8") or not addr \
+            or addr.lower() == r.address.lower():
+        return ""
+    return f" (expanded from <{_clean(addr)}>)"
+
+
 def status_of(r: Recipient, action: str) -> str:
     """The RFC 3463 code for a recipient: from its last reply, else by class."""
     m = _ENHANCED.match(r.last_reply or "")
@@ -239,7 +253,7 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
         for r in failed)
     for r in failed:
         reply = _clean(_diagnostic(r.last_reply, utf8))
-        human.append(f"<{r.address}>: {reply or 'delivery failed'}")
+        human.append(f"<{r.address}>{_expanded_from(r)}: {reply or 'delivery failed'}")
 
     status = [
         f"Reporting-MTA: dns; {hostname}",

@@ -53,6 +53,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from authrelay import aliases, replies
+from authrelay.address import orcpt_of
 from authrelay.config import Config
 from authrelay.maillog import MailLog
 from authrelay.policy.ownership import NO_FROM, Owner
@@ -346,8 +347,11 @@ def _to_local_recipients(cfg: Config, env: Envelope) -> None:
     when no local_domains are set, `root@hostname`) go where [aliases] send them, as the
     sendmail command's do: delivered by MX they went to our own name (a loop, 5.4.6, or
     NXDOMAIN) and were bounced, so mail for the postmaster (RFC 5321 4.5.1) never reached
-    one. Each target keeps its recipient's NOTIFY and ORCPT; other recipients, and mail
-    already expanded (the sendmail command's), are unchanged."""
+    one. Each target keeps its recipient's NOTIFY and ORCPT, or without one gets ORCPT
+    naming the recipient as received (RFC 3461 4.2, as Postfix passes it on), so the
+    DSN's Original-Recipient says which of the sender's recipients it is about, and a
+    next hop's DSN too; other recipients, and mail already expanded (the sendmail
+    command's), are unchanged."""
     if not any(aliases.is_local(cfg, r.address) for r in env.recipients):
         return  # the usual case: no aliases_file read for mail to other domains
     out: list[Recipient] = []
@@ -360,7 +364,8 @@ def _to_local_recipients(cfg: Config, env: Envelope) -> None:
         for a in targets:
             if a.lower() not in seen:
                 seen.add(a.lower())
-                out.append(replace(r, address=a) if a != r.address else r)
+                out.append(r if a == r.address else
+                           replace(r, address=a, orcpt=r.orcpt or orcpt_of(r.address)))
     if changed:
         env.recipients = out
         env.smtputf8 = env.smtputf8 or not all(r.address.isascii() for r in out)
