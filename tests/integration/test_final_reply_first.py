@@ -39,6 +39,7 @@ from authrelay.auth.userdb import UserDB
 from authrelay.config import Config, from_dict
 from authrelay.maillog import MailLog
 from authrelay.policy.throttle import LocalThrottle, Share
+from authrelay.smtpd.listener import HIGH_WATER
 from authrelay.smtpd.server import SMTPServer
 from authrelay.spool import writer
 from authrelay.spool.abandoned import AbandonedBook
@@ -726,3 +727,60 @@ def test_a_session_ended_in_data_says_421_once_its_early_file_cannot_exist(
         code, text = _answered_after_the_create(server, c, gate)
         assert (code, text.split(b" ", 1)[0]) == (
             421, b"4.4.2" if ended_by == "session limit" else b"4.3.2")
+
+
+def _unread_by_server(server: _Server, client: smtplib.SMTP) -> int:
+    """Bytes the kernel holds for the server's end of `client`'s connection (its receive
+    queue, /proc/net/tcp's rx_queue): what the server has not read."""
+    cport = client.sock.getsockname()[1]
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = row.split()
+        if int(f[1].split(":")[1], 16) == server.port and \
+                int(f[2].split(":")[1], 16) == cport:
+            return int(f[4].split(":")[1], 16)
+    raise AssertionError("no such connection")
+
+
+def test_a_large_message_stops_being_read_while_its_writes_wait(
+        server: _Server, trustme_ca: trustme.CA) -> None:
+    """Past 128 KiB a message streams into its file; a commit thread writes it (the event
+    loop wrote it itself, held in the kernel by a frozen disk with every session of the
+    process). With the commit threads held (a hung disk), the session keeps at most about
+    SPILL unwritten and stops reading (back-pressure: the client's bytes wait in the
+    kernel, not in the server's memory) while another session is answered; once the
+    threads are free the message is received and stored whole."""
+    line = b"x" * 76 + b"\r\n"
+    head = b"From: alice@example.org\r\nSubject: big\r\n\r\n"
+    first = line * (2 * SPILL // len(line))
+    more = line * ((8 << 20) // len(line))  # 8 MiB while the writes wait
+    a = _to_bob(server, trustme_ca)
+    b = _to_bob(server, trustme_ca)
+    gate = threading.Event()
+    sender = threading.Thread(target=a.send, args=(more + b".\r\n",), daemon=True)
+    try:
+        a.putcmd("data")
+        assert a.getreply()[0] == 354
+        a.send(head + first)
+        (inc,) = wait_until(lambda: [i for i in server.spool.begun
+                                     if i.size >= len(head + first) - 2], "all taken in")
+        wait_until(lambda: inc._fd is not None and inc._write_job is None, "streaming")
+        _hold_commit_threads(server, gate, 60)
+        sender.start()
+        wait_until(lambda: _unread_by_server(server, a) > (1 << 20),
+                   "the server stopped reading")
+        assert len(inc._unwritten) < 2 * SPILL, len(inc._unwritten)
+        assert inc.size < len(head + first) + 2 * SPILL + HIGH_WATER, inc.size
+        assert b.noop()[0] == 250
+        gate.set()
+        sender.join(30)
+        code, text = a.getreply()
+        assert code == 250 and inc.queue_id in text.decode(), (code, text)
+        path, offset = server.spool.body_path(inc.queue_id)
+        data = path.read_bytes()[offset:]
+        assert data.endswith(b"\r\n\r\n" + first + more)
+        assert server.held.entered.wait(10)
+        server.release()
+        a.quit()
+        b.quit()
+    finally:
+        gate.set()

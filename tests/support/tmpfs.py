@@ -67,14 +67,15 @@ def ext4(where: Path, size_mb: int = 32) -> Iterator[Path]:
 def frozen(where: Path, limit: float) -> Iterator[threading.Event]:
     """The filesystem mounted at `where` (ext4()) frozen: every write to it waits. Thawed
     at the end, or by a timer after `limit` seconds (a hang detector: a test whose own
-    thread waits on the filesystem gets it back); the event yielded is set once thawed."""
+    thread waits on the filesystem gets it back); the event yielded is set as the thaw begins."""
     ci.require_tool("fsfreeze", "util-linux")
     thawed = threading.Event()
 
     def thaw() -> None:
         if not thawed.is_set():
-            subprocess.run(["fsfreeze", "-u", str(where)], check=False)
+            # (set first: what the thaw releases is never taken for done before it)
             thawed.set()
+            subprocess.run(["fsfreeze", "-u", str(where)], check=False)
 
     subprocess.run(["fsfreeze", "-f", str(where)], check=True)
     timer = threading.Timer(limit, thaw)

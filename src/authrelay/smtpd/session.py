@@ -485,9 +485,10 @@ class Session:
             self._metric_auth("malformed")
 
     async def _create_wait(self, create: asyncio.Future[Any]) -> None:
-        """Wait for the message's early create (Draft.spill_wait) as for the client's next
+        """Wait for the message's early create, or for the write of its bytes past 128
+        KiB (Draft.spill_wait; the client is not read meanwhile), as for the client's next
         block of data: under data_block_timeout and what is left of data_final_timeout. A
-        create that does not come (the commit threads held by a hung disk) ends the
+        create or write that does not come (the commit threads held by a hung disk) ends the
         session as those timeouts do: 421 4.4.2 and the message's own `stage=timeout`
         line; the thread removes the file if it ever makes it. A cancel (shutdown) leaves
         the create be (asyncio.wait)."""

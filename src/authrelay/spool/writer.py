@@ -18,7 +18,10 @@ first `SPILL` bytes are kept in memory and the file is created by a commit threa
 (creating a file on ext4 can wait behind a journal commit, which must not stall the
 event loop): at commit, or while the message arrives after `create_early()` (an SMTP
 session's, so the create is off the dot-to-250 path); a larger message creates its file
-(or takes the early one) then and streams, so memory per session stays bounded by SPILL;
+(or takes the early one) then and streams, so memory per session stays bounded by SPILL
+(a producer on a loop has a commit thread write the pieces, WRITE_BATCH or more at a
+time, one job at a time: `spill_wait()` hands it the job to await once SPILL more wait
+behind it, so a frozen filesystem holds that thread, never the event loop);
 a producer `on_loop` without an early create has a commit thread make it at SPILL (the
 sendmail command, without a loop, makes it in write()).
 The event loop never waits for a commit thread: a create still queued at SPILL
@@ -85,6 +88,10 @@ SPILL = 128 * 1024  # message bytes kept in memory before the file is created
 # up waiting, its client told 4xx; the thread then removes the file).
 PENDING, COMMITTED, ABANDONED = 0, 1, 2
 CHUNK = 256 * 1024  # read-back piece of a streamed message for the signer
+# Past SPILL, a producer on an event loop has a commit thread append the message bytes
+# once this many wait (and when the job before is done): 4 thread hand-offs per MiB (at
+# 64 KiB a 1 MiB message cost ~15% more server CPU; docs/PERFORMANCE.md, session 28).
+WRITE_BATCH = 256 * 1024
 
 
 
@@ -392,6 +399,16 @@ class Incoming:
         # made, then raises this (_spill_or_create).
         self._early_error: BaseException | None = None
         self._recreated = False
+        # A streamed file's bytes not yet written (on_loop: a commit thread writes them,
+        # never the event loop, which a frozen filesystem would hold in the kernel).
+        self._unwritten = bytearray()
+        self._write_job: asyncio.Future[Any] | None = None  # the thread's, while it runs
+        self._write_error: BaseException | None = None  # its failure, raised by write()
+        # True while that thread holds the descriptor; abort() meanwhile sets
+        # _write_dropped and the thread removes the file (both under _write_lock).
+        self._writing = False
+        self._write_dropped = False
+        self._write_lock = threading.Lock()
         # PENDING until the commit thread made the file durable (COMMITTED) or the
         # producer gave up waiting (ABANDONED): see abandon().
         self._fate = PENDING
@@ -509,6 +526,11 @@ class Incoming:
         head = (fmt.RECEIVING_HEADER + self._env_json + b"\n"
                 + b" " * fmt.PREPEND_SLOT)
         self._msg_off = len(head)
+        if self.on_loop:  # written by a commit thread (_start_write)
+            self._unwritten = bytearray(head) + self._buf
+            self._buf = bytearray()
+            self._start_write()
+            return
         try:
             write_all(fd, head)
             write_all(fd, self._buf)
@@ -518,9 +540,13 @@ class Incoming:
         self._buf = bytearray()
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append message bytes; runs on the event loop (memory, then page cache)."""
+        """Append message bytes; runs on the event loop (memory, then page cache: a
+        producer `on_loop` has a commit thread write them, _start_write). Raises the
+        failure of an earlier write (OSError: ENOSPC, EIO)."""
         if self._done:
             raise fmt.SpoolError("write after commit/abort")
+        if self._write_error is not None:
+            raise self._write_error
         self.size += len(data)
         self._crc = fmt.checksum(data, self._crc)
         if self._fd is None:
@@ -530,7 +556,49 @@ class Incoming:
             if len(self._buf) >= SPILL and not self._early_done.locked():
                 self._spill_or_create()
             return
-        write_all(self._fd, data)
+        if not self.on_loop:  # (the sendmail command: no loop to hold)
+            write_all(self._fd, data)
+            return
+        self._unwritten += data
+        if len(self._unwritten) >= WRITE_BATCH and self._write_job is None:
+            self._start_write()
+
+    def _start_write(self) -> None:
+        """A commit thread appends what is unwritten (one job at a time, so in order);
+        when it is done, the next job starts if WRITE_BATCH bytes wait meanwhile."""
+        fd = self._fd
+        assert fd is not None and self._write_job is None
+        data, self._unwritten = self._unwritten, bytearray()
+        self._writing = True
+        try:
+            self._write_job = job = commit_pool().run(
+                functools.partial(self._write_sync, fd, data))
+        except BaseException:
+            self._writing = False
+            raise
+        job.add_done_callback(self._written)
+
+    def _write_sync(self, fd: int, data: bytearray) -> None:
+        try:
+            write_all(fd, data)
+        finally:
+            with self._write_lock:
+                self._writing = False
+                if self._write_dropped:  # aborted meanwhile: nobody else has the file
+                    self._remove_unready(fd)
+
+    def _written(self, job: asyncio.Future[Any]) -> None:
+        """On the loop: a write job is done (its callback; commit() may run it first)."""
+        if self._write_job is not job:
+            return
+        self._write_job = None
+        if job.cancelled():
+            return
+        if (exc := job.exception()) is not None:
+            self._write_error = exc
+            return
+        if not self._done and len(self._unwritten) >= WRITE_BATCH:
+            self._start_write()
 
     def _spill_or_create(self) -> None:
         """Past SPILL, no create in flight: stream into the file create_early() made.
@@ -557,15 +625,22 @@ class Incoming:
         self._spill()
 
     def spill_wait(self) -> asyncio.Future[Any] | None:
-        """The early create to await before the next write(), or None (almost always).
-        Past SPILL bytes while create_early()'s thread has not made the file yet, write()
-        keeps the bytes in memory instead of waiting for it on the event loop (one large
-        message stalled every session of the process as long as the commit threads were
-        busy); a caller that awaits this (asyncio.wait: never cancel it) between writes
-        holds at most SPILL plus one write, and the next write() takes the file."""
-        if (self._fd is None and self._early is not None and len(self._buf) >= SPILL
-                and self._early_done.locked()):
-            return self._early
+        """What to await before the next write(), or None (almost always). Past SPILL
+        bytes while create_early()'s thread has not made the file yet, write() keeps the
+        bytes in memory instead of waiting for it on the event loop (one large message
+        stalled every session of the process as long as the commit threads were busy):
+        that create. Once the file is made, a commit thread writes the bytes: the write
+        job in flight when SPILL more wait behind it (a slow or frozen disk). A caller
+        that awaits this (asyncio.wait: never cancel it) between writes, and reads no
+        more of its input meanwhile, holds at most SPILL plus one write in memory (and
+        the job's own: SPILL plus one write), and the next write() takes the file."""
+        if self._fd is None:
+            if (self._early is not None and len(self._buf) >= SPILL
+                    and self._early_done.locked()):
+                return self._early
+            return None
+        if self._write_job is not None and len(self._unwritten) >= SPILL:
+            return self._write_job
         return None
 
     def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
@@ -663,6 +738,9 @@ class Incoming:
             self._buf = bytearray()
         else:
             fd = self._fd
+            if self._unwritten:  # (no write job runs: commit() waited for it)
+                write_all(fd, self._unwritten)
+                self._unwritten = bytearray()
             pre = self._sign(fmt.PREPEND_SLOT) + self.prepend
             if len(pre) > fmt.PREPEND_SLOT:
                 raise fmt.SpoolError("prepended header lines exceed the reserved slot")
@@ -739,12 +817,20 @@ class Incoming:
         what a failed write leaves is removed when it returns (_abandoned_done)."""
         if self._done:
             raise fmt.SpoolError("commit after commit/abort")
-        early = self._early
-        if early is not None and not early.done():
-            # (a create slower than the message: the commit thread must not wait for it)
-            await asyncio.wait([early])
+        # A create or a write slower than the message: the commit thread must not wait
+        # for it (a write job done may start the next one: _written).
+        while (pending := self._early if self._early is not None
+               and not self._early.done() else self._write_job) is not None:
+            if not pending.done():
+                await asyncio.wait([pending])
+            elif self._write_job is pending:
+                self._written(pending)  # (its callback, not run yet)
             if self._done:  # aborted meanwhile: its file is gone, nothing to commit
                 raise fmt.SpoolError("commit after commit/abort")
+        if self._write_error is not None:  # (the file removed as a failed commit's)
+            self.abort()
+            await self.gone()
+            raise self._write_error
         if self._fate == ABANDONED:  # given up meanwhile: the early file removed
             self.abort()
             raise Abandoned(f"{self.queue_id}: commit abandoned")
@@ -824,10 +910,17 @@ class Incoming:
                 self._early_dropped = True
                 self._fd, self._early_fd = self._early_fd, None
         fd, self._fd = self._fd, None
-        self._buf = bytearray()
+        self._buf = self._unwritten = bytearray()
         if fd is None:
             self._done = True
             return
+        if not self._done:
+            with self._write_lock:
+                if self._writing:  # a write job has the file: it removes it when done
+                    self._write_dropped = True
+                    self._done = True
+                    self._removal = self._write_job
+                    return
         if self._done:
             with contextlib.suppress(OSError):
                 os.close(fd)
