@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import trustme
+from dnslib import DNSLabel
 from fakes.dnsserver import FakeDNSServer
 from fakes.policyserver import PolicyServer
 from fakes.smtpserver import MXFactory
@@ -451,6 +452,30 @@ def test_mx_patterns() -> None:
     assert p.allows("MX.d.test.") and p.allows("a.mail.d.test")
     assert not p.allows("b.a.mail.d.test") and not p.allows("mail.d.test")
     assert not p.allows("xmx.d.test")
+    # An MX name is a hostname, matched label by label: `x\.victim.test` is the two
+    # labels `x.victim` and `test`, never one label in front of victim.test.
+    w = StsPolicy("d.test", "1", "enforce", ("*.victim.test", "mx.d.test"), 60)
+    assert w.allows("x.victim.test") and w.allows("X.Victim.test.")
+    assert not w.allows(r"x\.victim.test") and not w.allows(r"mx\.d.test")
+    assert not w.allows(r"a\032b.victim.test") and not w.allows(".victim.test")
+    assert not w.allows("victim.test") and not w.allows("a..victim.test")
+
+
+async def test_enforce_an_mx_name_with_an_escaped_dot_is_not_listed(
+        env: Env, https: PolicyServer, fake_mx: MXFactory, trustme_ca: trustme.CA,
+        dns: FakeDNSServer) -> None:
+    """sts.test's MX is `x\\.victim.test` (a label holding a dot: DNS allows it), its
+    policy lists `*.victim.test`. Compared as text the name matched (the certificate check
+    then refused it, after a connection); label by label it is no listed MX: deferred
+    without a connection, as an unlisted MX."""
+    dns.update({"sts.test": {"MX": [(10, DNSLabel((b"x.victim", b"test")))]},
+                "x.victim.test": {"A": ["127.0.0.2"]}})
+    https.policies["mta-sts.sts.test"] = policy("enforce", "*.victim.test")
+    mx = start_mx(fake_mx, env, ctx_for(trustme_ca, "x.victim.test"))
+    res, _ = await env.deliver()
+    assert not res.ok and res.enhanced == "4.7.5", res
+    assert "not an MX host of the MTA-STS policy of sts.test" in res.text, res.text
+    assert mx.connections == 0
 
 
 async def test_concurrent_first_deliveries_fetch_once(

@@ -47,6 +47,7 @@ from authrelay.dns import DnsError, Resolver, ascii_name
 log = logging.getLogger(__name__)
 
 MAX_AGE_CAP = 31557600  # RFC 8461 3.2: max_age at most one year
+_MX_LABEL = re.compile(r"[a-z0-9_-]+")  # a label of a hostname, as parse_policy's patterns
 
 
 class StsParseError(ValueError):
@@ -64,14 +65,20 @@ class StsPolicy:
 
     def allows(self, host: str) -> bool:
         """RFC 8461 4.1: an MX pattern matches the host exactly, or "*.example.com"
-        matches exactly one label in front of "example.com"."""
-        host = host.lower().rstrip(".")
+        matches exactly one label in front of "example.com"; compared label by label.
+        `host` is an MX name as DNS gives it (presentation form, A-labels): a name that is
+        no hostname (a label with an escaped dot or any character outside the patterns'
+        letters, digits, '-' and '_') matches nothing. As text, `x\\.victim.test` (the
+        two labels `x.victim` and `test`) matched `*.victim.test`."""
+        labels = host.lower().removesuffix(".").split(".")
+        if not all(_MX_LABEL.fullmatch(label) for label in labels):
+            return False
         for pat in self.mx:
-            if pat.startswith("*."):
-                head, _, tail = host.partition(".")
-                if head and tail == pat[2:]:
+            want = pat.split(".")
+            if want[0] == "*":
+                if len(labels) == len(want) and labels[1:] == want[1:]:
                     return True
-            elif host == pat:
+            elif labels == want:
                 return True
         return False
 
