@@ -991,8 +991,33 @@ def _aliases(v: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
+def _nul_key(value: Any, path: str) -> str | None:
+    """The key path of the first string (value or key) under `value` holding a NUL."""
+    if isinstance(value, str):
+        return path if "\0" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else k
+            if "\0" in k:
+                return sub
+            if (found := _nul_key(v, sub)) is not None:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := _nul_key(v, f"{path}[{i}]")) is not None:
+                return found
+    return None
+
+
 def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
-    """Build a Config from parsed TOML (also the test-override entry point)."""
+    """Build a Config from parsed TOML (also the test-override entry point). No string
+    may hold a NUL ("\\u0000" is valid TOML): no path, address, name or URL of ours can
+    (the system calls take C strings), and a path holding one stopped `serve` with a
+    traceback (the log file's open) or check-config with `ValueError` (state_dir)."""
+    if (bad := _nul_key(data, "")) is not None:
+        shown = bad.replace("\0", "\\u0000")  # a key holding one: named as written
+        raise ConfigError(f"{shown}: holds a NUL character (\\u0000): no value of the "
+                          "config may (a path, an address, a name)")
     kwargs: dict[str, Any] = {"source": source}
     top = {f.name: f for f in fields(Config)}
     defaults = Config()

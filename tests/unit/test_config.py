@@ -222,3 +222,36 @@ def test_a_session_timeout_of_zero_is_refused(key: str, zero: object) -> None:
         from_dict({"limits": {key: zero}})
     assert f"limits.{key}" in str(e.value) and "more than 0" in str(e.value)
     assert getattr(from_dict({"limits": {key: "1s"}}).limits, key) == 1.0
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"log": {"target": "file:/var/log/a\0b"}}, "log.target"),
+    ({"state_dir": "/var/lib/a\0b"}, "state_dir"),
+    ({"relay": {"smart_host": ["a.example", "b.example\0"]}}, "relay.smart_host[1]"),
+    ({"aliases": {"root": ["a@example.org", "b@\0example.org"]}}, "aliases.root[1]"),
+    ({"aliases": {"ro\0ot": "a@example.org"}}, "aliases.ro\\u0000ot"),
+    ({"listen": [{"address": "127.0.0.1:25", "mode": "smtp"},
+                 {"address": "127.0.0.1:587\0", "mode": "submission"}]}, "listen[1].address"),
+])
+def test_a_nul_in_any_string_is_refused_naming_its_key(data: dict, key: str) -> None:
+    # "\u0000" is valid TOML; the old code took it, and a path holding one stopped
+    # `serve` with a traceback (ValueError: embedded null byte, at the log file's open).
+    with pytest.raises(ConfigError) as e:
+        from_dict(data)
+    assert str(e.value) == (f"{key}: holds a NUL character (\\u0000): no value of the "
+                            "config may (a path, an address, a name)")
+
+
+@pytest.mark.slow
+def test_serve_and_check_config_name_a_nul_in_a_path_without_a_traceback(
+        tmp_path: Path) -> None:
+    conf = tmp_path / "a.toml"
+    conf.write_text(f'state_dir = "{tmp_path}/state"\n[log]\n'
+                    f'target = "file:{tmp_path}/a\\u0000b"\n')
+    want = f"authrelay: {conf}: error: log.target: holds a NUL character"
+    for args in (["serve"], ["check-config"], ["check-config", "--syntax"]):
+        r = subprocess.run([sys.executable, "-m", "authrelay", "-c", str(conf), *args],
+                           capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stderr.splitlines()[:1]) == (1, [r.stderr.strip()]), args
+        assert r.stderr.startswith(want), (args, r.stderr)
+    assert not (tmp_path / "state").exists()
