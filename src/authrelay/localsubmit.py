@@ -328,7 +328,8 @@ def _answer(conn: socket.socket, resp: dict[str, Any]) -> None:
 def _options(line: bytes) -> localmail.Options:
     """The client's Options (only known fields of the right types; the rest refused)."""
     if not line.endswith(b"\n"):
-        raise ValueError("bad request")
+        raise ValueError(f"request longer than {MAX_REQUEST} bytes" if len(line) >= MAX_REQUEST
+                         else "bad request")
     req = request_object(line)
     if req.get("v") != 1 or not isinstance(req.get("opts"), dict):
         raise ValueError("bad request")
@@ -375,10 +376,26 @@ def buffer_stdin(stdin: BinaryIO, limit: int = 0) -> BinaryIO:
     return tmp  # type: ignore[return-value]
 
 
+def request_too_long(opts: localmail.Options, size: int) -> str:
+    """Why a command line's request is refused before connecting: the server reads at
+    most MAX_REQUEST bytes of it (and answered 75 `bad request` past them: retried for
+    ever by cron, the cause unsaid)."""
+    return (f"the command line's {len(opts.recipients)} recipients and options take "
+            f"{size} bytes, more than the {MAX_REQUEST} a local submission takes: give the "
+            "recipients in the message's To:, Cc: or Bcc: with -t, or send it in parts; "
+            "message not queued")
+
+
 def send(path: str | os.PathLike[str], opts: localmail.Options, message: BinaryIO,
          timeout: float = 300.0) -> dict[str, Any]:
     """Submit through the server at `path`: its answer ({"code": ..., ...}).
-    NotRunning when nobody listens there."""
+    NotRunning when nobody listens there; Fail(EX_USAGE) for a request (the recipients
+    and options) longer than MAX_REQUEST, before anything is sent."""
+    data = {k: v for k, v in asdict(opts).items() if k not in ("config", "mode",
+                                                              "queue_arg")}
+    request = json.dumps({"v": 1, "opts": data}).encode() + b"\n"
+    if len(request) > MAX_REQUEST:
+        raise localmail.Fail(localmail.EX_USAGE, request_too_long(opts, len(request)))
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
@@ -386,10 +403,8 @@ def send(path: str | os.PathLike[str], opts: localmail.Options, message: BinaryI
             s.connect(os.fspath(path))
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
             raise NotRunning(f"{path}: {e.strerror}") from None
-        data = {k: v for k, v in asdict(opts).items() if k not in ("config", "mode",
-                                                                  "queue_arg")}
         try:
-            s.sendall(json.dumps({"v": 1, "opts": data}).encode() + b"\n")
+            s.sendall(request)
             while True:
                 chunk = message.read(FRAME)
                 if not chunk:

@@ -31,7 +31,8 @@ the queued file is readable by the daemon and nothing in the spool is ever root-
 anyone else gets EX_TEMPFAIL and nothing is queued.
 
 Failure policy: exit status as sendmail's (sysexits.h), one line on stderr:
-EX_USAGE 64 (bad option, no recipients), EX_DATAERR 65 (bad address, message too big or
+EX_USAGE 64 (bad option, no recipients, recipients and options past the 64 KiB of a
+local submission's request), EX_DATAERR 65 (bad address, message too big or
 malformed), EX_NOPERM 77 (-f by an untrusted user; mailq by a user who may not read the
 queue), EX_CANTCREAT 73 (root, no server: spool not writable), EX_TEMPFAIL 75 (no server
 running for a non-root user, a rate limit, spool I/O error, or no config file found: the

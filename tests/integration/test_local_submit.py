@@ -590,3 +590,30 @@ def test_a_header_line_longer_than_a_piece_stays_one_header_line(relay: RelayPro
     assert max(map(len, head.split(b"\r\n"))) <= 998
     assert b"\r\n" + pad + b"\r\nX-After: 1\r\n" in (head + b"\r\n").replace(b"\r\n ", b"")
     assert body == b"body\r\n"
+
+
+def test_a_command_line_past_the_request_limit_is_a_usage_error(
+        relay: RelayProcess) -> None:
+    """3,000 recipients on the command line (a mailing script's): their request is over
+    the 64 KiB the server reads, and the server answered 75 `message not queued: bad
+    request` (try again: a cron job's mail retried for ever, the cause unsaid). The
+    command refuses it before connecting, 64, naming the size and the way out (-t); the
+    server names a request cut at the limit (a client of its own) as such."""
+    rcpts = [f"user{i}@remote.example" for i in range(3000)]
+    res = sendmail(relay, "-i", *rcpts, stdin=MSG, user="nobody")
+    assert res.returncode == 64, res.stderr
+    err = res.stderr.decode()
+    assert err.startswith("authrelay sendmail: the command line's 3000 recipients and "
+                          "options take ") and len(err.splitlines()) == 1, err
+    assert "more than the 65536 a local submission takes" in err and "-t" in err, err
+    sock = relay.state / "public" / "submit.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(sock))
+        s.sendall(json.dumps({"v": 1, "opts": {"recipients": rcpts}}).encode() + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        answer = json.loads(s.makefile("rb").readline())
+    assert answer == {"code": 75,
+                      "error": "message not queued: request longer than 65536 bytes"}
+    relay.wait_log(r"warning=local submission aborted: request longer than 65536 bytes")
+    assert "bad request" not in relay.maillog()
+    assert relay.queued() == []
