@@ -645,7 +645,10 @@ async def _serve_loop(run: _Run) -> int:
     if probe is not None:
         probe.stopping = True  # /health: 503 "stopping", the load balancer drains us
     ml.daemon("stopping", pid=os.getpid())
-    sdnotify.stopping()
+    # systemd waits until this process's own forced end, and STOP_OVERRUN more, before
+    # its SIGKILL: whatever the unit's TimeoutStopSec, shutdown_timeout decides the stop.
+    sdnotify.stopping(stopdeadline.deadline(run.cfg.shutdown_timeout, run.role)
+                      + stopdeadline.STOP_OVERRUN)
     hup_task.cancel()
 
     async def stop_delivering() -> None:

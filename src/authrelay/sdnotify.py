@@ -4,7 +4,8 @@ Owns the datagram protocol: when systemd starts the service it sets $NOTIFY_SOCK
 path, or "@name" for an abstract socket); the main process sends newline-separated
 assignments to it: READY=1 once the listeners accept and the queue runs, RELOADING=1
 (with MONOTONIC_USEC, as systemd 253+ wants) when a SIGHUP reload starts and READY=1 when
-it is done (or failed: the old config keeps running), STOPPING=1 when shutdown starts.
+it is done (or failed: the old config keeps running), STOPPING=1 when shutdown starts
+(with EXTEND_TIMEOUT_USEC: how long the stop may take, shutdown_timeout's).
 STATUS= carries a line for `systemctl status`.
 
 Contract: every function returns whether a datagram was sent and never raises (a missing
@@ -48,5 +49,8 @@ def reloading() -> bool:
     return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
 
-def stopping() -> bool:
-    return notify("STOPPING=1")
+def stopping(lasts: float) -> bool:
+    """STOPPING=1, with EXTEND_TIMEOUT_USEC (systemd 236+): the stop may take `lasts`
+    seconds from now, so the unit's TimeoutStopSec (contrib's 60 s) never SIGKILLs a stop
+    a longer shutdown_timeout allows (systemd waits for the later of the two)."""
+    return notify(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={round(lasts * 1_000_000)}")

@@ -58,3 +58,20 @@ def test_no_notify_socket_is_fine(relay_factory, monkeypatch: pytest.MonkeyPatch
     r.wait_for(lambda: "daemon=reloaded" in r.maillog(), timeout=30)
     r.stop()
     assert r.proc.returncode == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stopping_extends_systemds_stop_timeout_to_shutdown_timeouts(
+        relay_factory, notify: NotifySocket, workers: int) -> None:
+    """shutdown_timeout = 5m under contrib's unit (TimeoutStopSec=60): systemd SIGKILLed
+    the whole service 60 s into the stop (KillMode=mixed), sessions and deliveries the
+    5 minutes allowed cut without a line. STOPPING=1 now says how long the stop may take,
+    the main process's own forced end (5 min + 20 s) and 10 s more, so systemd waits."""
+    r: RelayProcess = relay_factory({"shutdown_timeout": "5m"}, workers=workers)
+    assert r.proc is not None
+    main = r.proc.pid
+    assert notify.wait_for("READY=1") == main
+    r.stop()
+    assert notify.wait_for("STOPPING=1") == main
+    [stopping] = [m for _, m in notify.messages if "STOPPING=1" in m.split("\n")]
+    assert stopping.split("\n") == ["STOPPING=1", f"EXTEND_TIMEOUT_USEC={330 * 10**6}"]
