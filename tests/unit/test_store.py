@@ -416,3 +416,21 @@ async def test_remove_delivered_skips_only_state_files_that_cannot_exist(
     assert errors[:4] == [None, None, None, None]
     assert isinstance(errors[4], FileNotFoundError)
     assert list(spool.queue_dir.iterdir()) == [] and list(spool.hold_dir.iterdir()) == []
+
+
+async def test_a_header_section_past_the_limit_is_cut_after_a_whole_line(
+        spool: Spool) -> None:
+    """A header section longer than read_headers' 256 KiB (what a DSN returns), its limit
+    falling between a line's CR and LF: the CR was returned alone (make_bounce then added
+    CRLF: '\\r\\r\\n', a bare CR in the bounce) and the line cut short. Now it ends
+    after the last whole line within the limit."""
+    limit = 256 * 1024
+    line = b"X-Pad: " + b"a" * 990 + b"\r\n"  # 999 octets
+    whole = limit // len(line) * len(line)
+    last = b"X-End: " + b"b" * (limit - whole - 8) + b"\r\n"  # its CR the limit's last
+    head = line * (limit // len(line)) + last + b"Subject: after\r\n"
+    assert head[limit - 1:limit + 1] == b"\r\n"
+    qid = await _put(spool, _env(), head + b"\r\nbody\r\n")
+    got = spool.read_headers(qid, limit)
+    assert got == head[:whole]
+    assert not spool.read_headers(qid, 3)  # no whole line: nothing rather than a piece

@@ -542,7 +542,9 @@ class Spool:
 
     def read_headers(self, qid: str, limit: int = 256 * 1024) -> bytes:
         """The message's header section (up to and including the blank line), prepended
-        lines included."""
+        lines included. One longer than `limit` is cut after its last whole line within
+        it: never inside a line, so never between the CR and the LF (a DSN returning it
+        got "\\r\\r\\n", a bare CR, and a header line cut short)."""
         path, offset = self.body_path(qid)
         with open(path, "rb") as f:
             f.seek(offset)
@@ -552,7 +554,10 @@ class Spool:
             return data[: end + 4]
         if data.startswith(b"\r\n"):
             return b""
-        return data
+        if len(data) < limit:  # the whole message: a header section without a body
+            return data
+        cut = data.rfind(b"\r\n")
+        return data[: cut + 2] if cut >= 0 else b""
 
     def quarantine(self, qid: str, reason: str) -> bool:
         """Move a damaged message (and its state) to corrupt/; never deletes. True if moved."""
