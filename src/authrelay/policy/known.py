@@ -12,8 +12,10 @@ shared by all workers of an instance and survives restarts (WAL mode, a busy tim
 concurrent writers). SQLite calls run in one dedicated thread, never on the event loop; a
 successful AUTH writes at most once a day per (user, net) (an in-memory cache answers the
 rest). Failure policy: if the database cannot be opened or written (permissions, full
-disk), the store keeps working from memory for this process and says so once in the
-maillog; it never raises into a session. Format version in `PRAGMA user_version` (1).
+disk, a read-only remount), the store keeps working from memory and says so in the
+maillog, and tries the file again RETRY seconds later: what it learnt meanwhile (at most
+CACHE_KEYS rows) is written then, so a disk that has room again needs no restart. It
+never raises into a session. Format version in `PRAGMA user_version` (1).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from authrelay import maillog
-from authrelay.sqlitefile import open_db
+from authrelay.sqlitefile import immediate, open_db
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 CACHE_KEYS = 50_000
 REFRESH = 86400.0  # rewrite last_ok at most this often per (user, net)
+RETRY = 60.0  # seconds between tries of a file that could not be opened or written
 
 
 _SCHEMA = """
@@ -45,6 +48,10 @@ CREATE TABLE IF NOT EXISTS known (user TEXT NOT NULL, net TEXT NOT NULL,
 """
 
 
+_UPSERT = ("INSERT INTO known (user, net, last_ok) VALUES (?, ?, ?) "
+           "ON CONFLICT (user, net) DO UPDATE SET last_ok = excluded.last_ok")
+
+
 class KnownAddresses:
     def __init__(self, path: Path | None, days: float) -> None:
         self.path = path
@@ -52,14 +59,17 @@ class KnownAddresses:
         self._cache: OrderedDict[tuple[str, str], float] = OrderedDict()  # -> last_ok (wall)
         self._db: sqlite3.Connection | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="known-addresses")
-        self._failed = path is None
-        self._pruned = 0.0
+        self._retry_at = 0.0  # time.monotonic() before which the file is not tried
+        self._down = False  # the file failed and has not taken a write since
+        # (user, net) -> last_ok learnt while the file failed: written once it works
+        self._unwritten: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._pruned: float | None = None  # time.monotonic() of the last prune
 
     # ---------------------------------------------------------------- thread side
     def _open(self) -> sqlite3.Connection | None:
-        if self._db is None and not self._failed:
+        if self._db is None and self.path is not None \
+                and time.monotonic() >= self._retry_at:
             try:
-                assert self.path is not None
                 # User names and their networks inside: 0600 (the state dir is 0711;
                 # sqlitefile.py makes a new file so). A file an earlier release made 0644
                 # is narrowed, with its -wal and -shm.
@@ -73,18 +83,36 @@ class KnownAddresses:
                                        f"format {v} is newer than this authrelay knows"))
             except (sqlite3.Error, OSError) as e:
                 self._give_up(e)
-        if self._db is not None and time.time() - self._pruned > REFRESH:
-            self._pruned = time.time()
+        if self._db is not None and (self._pruned is None
+                                     or time.monotonic() - self._pruned > REFRESH):
+            self._pruned = time.monotonic()
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("DELETE FROM known WHERE last_ok < ?",
                                  (time.time() - self.ttl,))
+        if self._db is not None and self._unwritten:
+            try:
+                with immediate(self._db):  # one transaction: a few pages of the WAL
+                    self._db.executemany(_UPSERT, [(u, n, w) for (u, n), w
+                                                   in self._unwritten.items()])
+            except sqlite3.Error as e:
+                self._give_up(e)
+                return None
+            self._unwritten.clear()
+        if self._db is not None and self._down:
+            self._down = False
+            maillog.warning(f"known addresses written to {self.path} again")
         return self._db
 
     def _give_up(self, e: BaseException) -> None:
-        if not self._failed:
-            self._failed = True
-            maillog.warning(f"known addresses kept in memory only: {self.path}: {e}")
+        if not self._down:
+            self._down = True
+            maillog.warning(f"known addresses kept in memory only: {self.path}: {e} "
+                            f"(tried again every {RETRY:.0f} s)")
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
         self._db = None
+        self._retry_at = time.monotonic() + RETRY
 
     def _lookup(self, user: str, net: str) -> float:
         db = self._open()
@@ -100,14 +128,17 @@ class KnownAddresses:
 
     def _store(self, user: str, net: str, when: float) -> None:
         db = self._open()
-        if db is None:
-            return
         try:
-            db.execute("INSERT INTO known (user, net, last_ok) VALUES (?, ?, ?) "
-                       "ON CONFLICT (user, net) DO UPDATE SET last_ok = excluded.last_ok",
-                       (user, net, when))
+            if db is not None:
+                db.execute(_UPSERT, (user, net, when))
+                return
         except sqlite3.Error as e:
             self._give_up(e)
+        if self.path is not None:
+            self._unwritten[(user, net)] = when
+            self._unwritten.move_to_end((user, net))
+            if len(self._unwritten) > CACHE_KEYS:
+                self._unwritten.popitem(last=False)
 
     # ---------------------------------------------------------------- async API
     def _cached(self, key: tuple[str, str], when: float) -> None:
