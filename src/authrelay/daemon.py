@@ -1192,6 +1192,13 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
         for s in run.master_sockets:
             with contextlib.suppress(OSError):
                 s.close()
+        if not run.stopping:
+            # The master failed (its start or its loop raised): its workers stop now, as
+            # at a SIGTERM. Else they took mail for their stop's time below (none of
+            # this run delivers it), then were killed mid-session.
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
         # A stop waited for them already (those left are held by the kernel: they end at
         # a thaw); a master that failed gives them their stop's time.
         wait = 2 if run.stopping else stopdeadline.deadline(run.cfg.shutdown_timeout, "worker")

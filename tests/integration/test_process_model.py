@@ -19,6 +19,7 @@ items 1, 2, 7, 8).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import re
@@ -119,6 +120,27 @@ def test_second_serve_same_state_dir_exits_1_with_one_line(relay_factory) -> Non
     with RawClient(r.ports["submission"]) as c:
         assert c.reply().code == 220
     assert "daemon=started" not in r.maillog().split("daemon=started (master)")[-1]
+
+
+def test_a_master_whose_start_fails_stops_its_workers_at_once(relay_factory) -> None:
+    """The master's start failing once its workers were forked (here: another process
+    holds the spool's scheduler.lock, as a stale offline `queue` command or a second
+    instance on the same spool does) left the workers taking mail for their whole stop's
+    time (shutdown_timeout + 10 s: mail no scheduler of that run delivers; seen: 15
+    messages accepted in the 17 s after the master's fatal line), and then killed them
+    mid-session. Now they get a stop's SIGTERM at once: each says stopped; exit 1."""
+    r = relay_factory({"shutdown_timeout": "30s"}, workers=2, start=False)
+    spool = r.state / "spool"
+    spool.mkdir(parents=True, mode=0o700)
+    with open(spool / "scheduler.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        r.start()  # the workers listen; the master waits for the lock, then fails
+        assert r.proc is not None
+        assert r.proc.wait(timeout=60) == 1
+    log = r.maillog()
+    assert "uncaught exception: RuntimeError: another scheduler holds" in log
+    assert len(re.findall(r"authrelay\[\d+\]: NOQUEUE: daemon=stopped, pid=", log)) == 2, log
+    assert processes_running(r.config) == []
 
 
 def test_second_serve_on_used_address_exits_1_with_one_line(relay_factory) -> None:
