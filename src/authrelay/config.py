@@ -538,6 +538,9 @@ class Config:
     state_dir: str = "./var"
     user: str = ""  # run as this user after binding ports (when started as root)
     workers: int = 0  # receiving processes sharing the ports; 0 = one per core
+    # Each receiving worker kept on a CPU of its own (the i-th of those the server may
+    # use, round robin; the master is not pinned): process.pin_to_cpu.
+    worker_cpu_affinity: bool = False
     shutdown_timeout: float = 30.0
     listen: tuple[Listen, ...] = field(default_factory=_default_listeners)
     tls: TLS = field(default_factory=TLS)

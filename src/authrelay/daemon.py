@@ -1082,6 +1082,8 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
                 process.shed(owned, keep={sock.fileno(), *maillog_mod.descriptors()})
                 process.arm_child(master_pid)
                 process.set_name(f"authrelay-w{i}")
+                if run.cfg.worker_cpu_affinity:
+                    process.pin_to_cpu(i)  # (before its first thread: they inherit it)
                 ml.keep_owed(book.slot(i + 1))
                 if shared is not None:
                     shared.adopt(i)  # what it counts is recorded, for forget() below

@@ -360,6 +360,23 @@ def set_name(name: str) -> None:
         _prctl()(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
+def pin_to_cpu(index: int) -> int | None:
+    """Keep this process (its threads made from now on too) on one CPU: the `index`-th,
+    round robin, of those it may run on now; the CPU, or None when it may use only one
+    anyway or the kernel refuses (a cpuset changed meanwhile: it runs unpinned).
+    A worker whose threads stay on one core finds its code and data still in that
+    core's caches (docs/PERFORMANCE.md (28))."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            return None
+        cpu = cpus[index % len(cpus)]
+        os.sched_setaffinity(0, {cpu})
+    except OSError:
+        return None
+    return cpu
+
+
 M_MMAP_THRESHOLD = -3  # glibc mallopt(): allocations from this size up are mmap()ed
 BIG_ALLOCATION = 1 << 20
 

@@ -34,7 +34,7 @@ from typing import Any
 from authrelay.config import Config, ConfigError, validate
 
 RESTART_ONLY = frozenset({
-    "state_dir", "user", "workers",
+    "state_dir", "user", "workers", "worker_cpu_affinity",
     "listen[].address", "listen[].mode", "listen[].max_connections",
     "listen[].proxy_protocol",
     "log.target", "log.format", "log.level",
