@@ -751,6 +751,18 @@ def test_utf8_address_to_peer_without_smtputf8_bounces(
     assert any("stat=Bounced" in ln for ln in log_lines(relay, qid))
 
 
+def _bounced_for_smtputf8(relay: RelayProcess, sender_mx: FakeSMTPServer, qid: str) -> None:
+    """`qid` bounced 553 5.6.7 for want of SMTPUTF8: its DSN, its one Bounced line."""
+    relay.wait_for(lambda: sender_mx.messages, what="the bounce")
+    relay.wait_for(lambda: gone(relay, qid), what="the original leaves the queue")
+    _, groups = parse_dsn(sender_mx.messages[0].content)
+    assert [(g["Action"], g["Status"]) for g in groups] == [("failed", "5.6.7")]
+    lines = [ln for ln in log_lines(relay, qid) if "stat=" in ln]
+    assert len(lines) == 1 and "dsn=5.6.7" in lines[0] and \
+        "stat=Bounced (553 5.6.7 SMTPUTF8 is required, but was not offered by host" \
+        in lines[0], lines
+
+
 def test_utf8_header_to_peer_without_smtputf8_bounces(
         relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
         sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
@@ -761,21 +773,52 @@ def test_utf8_header_to_peer_without_smtputf8_bounces(
     mx1 = fake_mx("127.0.0.2", smtputf8=False)
     relay = relay_factory(mx_overrides(dns, fake_mx.port))
     qid = submit_raw(relay, ["bob@example.test"], UTF8_BODY, ["BODY=8BITMIME", "SMTPUTF8"])
-    relay.wait_for(lambda: sender_mx.messages, what="the bounce")
-    relay.wait_for(lambda: gone(relay, qid), what="the original leaves the queue")
+    _bounced_for_smtputf8(relay, sender_mx, qid)
     assert mx1.messages == []
-    _, groups = parse_dsn(sender_mx.messages[0].content)
-    assert [(g["Action"], g["Status"]) for g in groups] == [("failed", "5.6.7")]
-    lines = [ln for ln in log_lines(relay, qid) if "stat=" in ln]
-    assert len(lines) == 1 and "dsn=5.6.7" in lines[0] and \
-        "stat=Bounced (553 5.6.7 SMTPUTF8 is required, but was not offered by host" \
-        in lines[0], lines
     q2 = submit_raw(relay, ["bob@example.test"], ASCII_HEADER_UTF8_BODY,
                     ["BODY=8BITMIME", "SMTPUTF8"])
     relay.wait_for(lambda: gone(relay, q2), what=f"{q2} delivered")
     assert [m.rcpt_tos for m in mx1.messages] == [["bob@example.test"]]
     assert "SMTPUTF8" not in mx1.messages[0].mail_options
     assert split_received(mx1.messages[0].content)[1] == ASCII_HEADER_UTF8_BODY
+    assert len(sender_mx.messages) == 1
+
+
+_MIXED = (b"From: <jose@sender.test>\r\nTo: <zoe@example.test>\r\nSubject: files\r\n"
+          b"Date: Tue, 25 Nov 2025 10:00:00 +0000\r\nMessage-ID: <e2e.parts@sender.test>\r\n"
+          b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+          b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\n"
+          b"Content-Transfer-Encoding: 8bit\r\n\r\n" + "Ça va?\r\n".encode()
+          + b"--b1\r\n%s\r\n--b1--\r\n")
+# A UTF-8 file name in a part's own header field (RFC 6532), the top level all ASCII.
+UTF8_PART_HEADER = _MIXED % ("Content-Type: application/pdf\r\nContent-Disposition: "
+                             "attachment; filename=\"résumé.pdf\"\r\n\r\nJVBERi0=".encode())
+# The same UTF-8 inside an attached message/global: its content, not a header of ours.
+UTF8_IN_GLOBAL = _MIXED % ("Content-Type: message/global\r\n"
+                           "Content-Transfer-Encoding: 8bit\r\n\r\n"
+                           "From: Zoë <zoe@example.test>\r\nSubject: é\r\n\r\nhi".encode())
+
+
+def test_a_utf8_mime_part_header_to_a_peer_without_smtputf8_bounces(
+        relay_factory: Callable[..., RelayProcess], dns: FakeDNSServer,
+        sender_mx: FakeSMTPServer, fake_mx: MXFactory) -> None:
+    """An SMTPUTF8 message whose own header section is ASCII but one of whose MIME body
+    parts has a UTF-8 header field (a raw UTF-8 file name, RFC 6532) went to a next hop
+    without SMTPUTF8 as 8-bit mail: only the top level was looked at, and 8BITMIME allows
+    8-bit content, never a header (Postfix flags any such header line and bounces). Now
+    it bounces 553 5.6.7 as a UTF-8 top-level header does; UTF-8 inside an attached
+    message/global (content, RFC 6532 3.5) still goes as 8-bit mail."""
+    mx1 = fake_mx("127.0.0.2", smtputf8=False)
+    relay = relay_factory(mx_overrides(dns, fake_mx.port))
+    qid = submit_raw(relay, ["bob@example.test"], UTF8_PART_HEADER,
+                     ["BODY=8BITMIME", "SMTPUTF8"])
+    _bounced_for_smtputf8(relay, sender_mx, qid)
+    assert mx1.messages == []
+    q2 = submit_raw(relay, ["bob@example.test"], UTF8_IN_GLOBAL, ["BODY=8BITMIME", "SMTPUTF8"])
+    relay.wait_for(lambda: gone(relay, q2), what=f"{q2} delivered")
+    assert [m.rcpt_tos for m in mx1.messages] == [["bob@example.test"]]
+    assert "SMTPUTF8" not in mx1.messages[0].mail_options
+    assert split_received(mx1.messages[0].content)[1] == UTF8_IN_GLOBAL
     assert len(sender_mx.messages) == 1
 
 

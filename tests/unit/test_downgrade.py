@@ -18,6 +18,7 @@ from authrelay.delivery.downgrade import (
     Unconvertible,
     downgrade,
     header_8bit,
+    headers_8bit,
 )
 
 UTF8 = "Grüße aus Köln, naïve café — 100 €".encode()
@@ -260,3 +261,31 @@ def test_a_7bit_signed_part_beside_an_8bit_one_is_kept_byte_for_byte() -> None:
            + UTF8 + b"\r\n--m--\r\n")
     out = downgrade(msg)
     assert out.isascii() and b"--m\r\n" + signed + b"\r\n--m\r\n" in out
+
+
+def _mixed(part: bytes, preamble: bytes = b"") -> bytes:
+    return (b"From: a@x.test\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=b1\r\n\r\n" + preamble
+            + b"--b1\r\nContent-Type: text/plain\r\n\r\n" + UTF8 + b"\r\n--b1\r\n"
+            + part + b"\r\n--b1--\r\n")
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("From: José <a@x>\r\n\r\nbody\r\n".encode(), True),  # the message's own
+    (b"From: a@x\r\n\r\n" + UTF8, False),  # content only
+    (_mixed("Content-Disposition: attachment; filename=\"résumé.pdf\"\r\n\r\n"
+            "JVBERi0=".encode()), True),  # a body part's header (RFC 6532)
+    (_mixed(b"Content-Type: message/rfc822\r\n\r\n"
+            + "Subject: é\r\n\r\nhi".encode()), True),  # an attached message's
+    (_mixed(b"Content-Type: multipart/alternative; boundary=b2\r\n\r\n--b2\r\n"
+            + "X-Name: ü\r\n\r\nx\r\n--b2--".encode()), True),  # nested deeper
+    (_mixed(b"Content-Type: message/global\r\n\r\n"
+            + "Subject: é\r\n\r\nhi".encode()), False),  # RFC 6532 3.5: content
+    (_mixed(b"Content-Type: text/plain\r\n\r\n" + UTF8), False),
+    (_mixed(b"X: y\r\n\r\nz", preamble=UTF8 + b"\r\n"), False),  # a preamble: no header
+])
+def test_headers_8bit_looks_into_every_header_section(message: bytes,
+                                                      expected: bool) -> None:
+    """RFC 6531 3.4 / 6532: UTF-8 in any header section of the message needs SMTPUTF8
+    (Postfix's cleanup flags a MIME part's header line too), not UTF-8 content."""
+    assert headers_8bit(message) is expected

@@ -84,8 +84,10 @@ Failure policy (codes per RFC 3463):
   a UTF-8 sender). A message flagged SMTPUTF8 with UTF-8 in its own header section
   (RFC 6532: a display name, a raw Subject) is a permanent 553 5.6.7 for every
   recipient at such a peer (RFC 6531 3.4; Postfix: "SMTPUTF8 is required, but was not
-  offered"); one whose header section is ASCII (UTF-8 in the body only) goes there
-  without the parameter, as 8-bit or 7-bit mail. A MIME part's header is not looked at.
+  offered"), and so is one with UTF-8 in a MIME body part's or an attached message's
+  header (downgrade.headers_8bit, as Postfix's cleanup flags it); one whose header
+  sections are ASCII (UTF-8 in the content only, message/global's included) goes there
+  without the parameter, as 8-bit or 7-bit mail.
   BODY=8BITMIME is passed when the message is 8bit (declared, or 8-bit octets received)
   and the peer offers it; to a peer without 8BITMIME an 8-bit message is converted to
   7-bit (downgrade.py: quoted-printable where the MIME structure allows, re-signed with
@@ -121,13 +123,14 @@ recipients not done by then are deferred 4.4.2 ("the delivery attempt's time lim
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import logging
 import re
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -383,9 +386,12 @@ class _Payload:
                 await asyncio.to_thread(_file_is_8bit, data)
         return self._8bit
 
-    async def utf8_header(self) -> bool:
-        """8-bit octets in the message's header section (downgrade.header_8bit): asked
-        only of an 8-bit SMTPUTF8 message for a host without SMTPUTF8; read once."""
+    async def utf8_header(self, deadline: float | None) -> bool:
+        """8-bit octets in a header section of the message: its own (downgrade.
+        header_8bit, read until its empty line), else a MIME body part's or an attached
+        message's (downgrade.headers_8bit, on the message in memory: under a conversion
+        slot, as seven_bit, whose wait ends at `deadline`). Asked only of an 8-bit
+        SMTPUTF8 message for a host without SMTPUTF8; read once."""
         if self._utf8_header is None:
             if not await self.eightbit():
                 self._utf8_header = False
@@ -395,27 +401,45 @@ class _Payload:
                     data[i:i + _STREAM_CHUNK] for i in range(0, len(data), _STREAM_CHUNK)
                 ) if isinstance(data, bytes) else \
                     await asyncio.to_thread(_file_header_8bit, data)
+                if not self._utf8_header:
+                    async with self._conversion_slot(deadline):
+                        self._utf8_header = await asyncio.to_thread(
+                            lambda: downgrade.headers_8bit(self._raw()))
         return self._utf8_header
+
+    @contextlib.asynccontextmanager
+    async def _conversion_slot(self, deadline: float | None) -> AsyncIterator[None]:
+        """One of the courier's conversion slots (downgrade.MAX_CONCURRENT: the memory a
+        message in memory takes); the wait ends at `deadline` (DeadlineExceeded)."""
+        slots = self.courier.conversions
+        try:
+            async with asyncio.timeout(None if deadline is None
+                                       else max(0.0, deadline - time.monotonic())):
+                await slots.acquire()
+        except TimeoutError:
+            raise DeadlineExceeded("the delivery attempt's time limit was reached") \
+                from None
+        try:
+            yield
+        finally:
+            slots.release()
+
+    def _raw(self) -> bytes:
+        """The message as queued (our prepended header lines first), in memory."""
+        data = self.data
+        return data if isinstance(data, bytes) else \
+            normalize_crlf(_read_message(data.path, data.offset))
 
     async def seven_bit(self, remote: str, deadline: float | None) -> bytes:
         """The 7-bit form. The wait for a conversion slot ends at `deadline` (the
         attempt's: DeadlineExceeded); a conversion begun runs to its end (a thread, bounded
         by downgrade.MAX_PARTS), so the slots bound the memory it takes."""
         if self._seven is None:
-            slots = self.courier.conversions
-            try:
-                async with asyncio.timeout(None if deadline is None
-                                           else max(0.0, deadline - time.monotonic())):
-                    await slots.acquire()
-            except TimeoutError:
-                raise DeadlineExceeded("the delivery attempt's time limit was reached") \
-                    from None
-            try:
-                self._seven = await asyncio.to_thread(self._convert)
-            except downgrade.Unconvertible as e:
-                self._seven = e
-            finally:
-                slots.release()
+            async with self._conversion_slot(deadline):
+                try:
+                    self._seven = await asyncio.to_thread(self._convert)
+                except downgrade.Unconvertible as e:
+                    self._seven = e
             if isinstance(self._seven, bytes):
                 self.courier.maillog.warning(
                     f"8-bit message converted to 7-bit (quoted-printable) for {remote}, "
@@ -425,9 +449,7 @@ class _Payload:
         return self._seven
 
     def _convert(self) -> bytes:
-        data = self.data
-        raw = data if isinstance(data, bytes) else \
-            normalize_crlf(_read_message(data.path, data.offset))
+        raw = self._raw()
         n = self.env.prepend_len  # our DKIM-Signature fields, made on the 8-bit form
         seven = downgrade.downgrade(raw[n:])
         if not n:
@@ -1402,10 +1424,10 @@ class Courier:
         # cannot go to a host without SMTPUTF8 (nothing downgrades a header; Postfix
         # bounces it too). One whose header is ASCII goes there as 8-bit or 7-bit mail
         # below, its internationalised domains as A-labels.
-        if env.smtputf8 and "smtputf8" not in ext and await payload.utf8_header():
+        if env.smtputf8 and "smtputf8" not in ext and await payload.utf8_header(w.deadline):
             res = DeliveryResult.perm(
-                f"SMTPUTF8 is required, but was not offered by host {remote}: the "
-                "message's header section holds UTF-8 (RFC 6531 3.4)", "5.6.7", 553, remote)
+                f"SMTPUTF8 is required, but was not offered by host {remote}: a header "
+                "section of the message holds UTF-8 (RFC 6531 3.4)", "5.6.7", 553, remote)
             return _Outcome({r.address: res for r in rcpts}, set(), True)
 
         # RFC 6152: 8-bit content for a host without 8BITMIME is converted to 7-bit

@@ -8,6 +8,8 @@ RFC 3463 "conversion required but not supported", or a `Prohibited`'s 5.6.2). Pu
 I/O; the courier runs it in a thread, at most `MAX_CONCURRENT` at once (a message is up
 to `[limits] max_message_size`: memory is bounded to about four times that per
 conversion: the parts are views into the message, `MAX_PARTS` at most).
+`headers_8bit(message) -> bool`: 8-bit octets in any header section of the message (the
+courier's test for SMTPUTF8, RFC 6531 3.4).
 
 What is converted (RFC 2045, RFC 2046, RFC 6152 3):
 - a leaf part (any type but multipart/* and message/*; also message/global*, which RFC
@@ -47,7 +49,7 @@ from __future__ import annotations
 
 import binascii
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
@@ -90,7 +92,7 @@ def header_8bit(chunks: Iterable[bytes]) -> bool:
     """Octets above 127 in the header section of the message `chunks` make up (read only
     until the empty line that ends it): an internationalised header (RFC 6532), which
     RFC 6531 3.4 lets go only to a host offering SMTPUTF8. Only the message's own header
-    section: a MIME part's or an attached message's is not looked at."""
+    section, streamed (headers_8bit looks at the parts' too, on the message in memory)."""
     tail = b"\n"  # the message starts a line: an empty first line is an empty header
     for chunk in chunks:
         buf = tail + chunk
@@ -212,32 +214,84 @@ def _qp(body: Buf) -> bytes:
                            header=False)[:-2]
 
 
-def _multipart(w: _Walk, body: memoryview, boundary: bytes, child: str, depth: int) -> None:
-    """The body with each part converted; delimiters, preamble and epilogue kept."""
+_PREAMBLE, _DELIMITER, _PART, _EPILOGUE = range(4)
+
+
+def _pieces(body: memoryview, boundary: bytes) -> Iterator[tuple[int, memoryview]]:
+    """A multipart body cut at its delimiters, in order, every byte once: the preamble,
+    then each delimiter line (with the CRLF after it) and its body part, the close
+    delimiter and the epilogue. Nothing when the boundary never occurs. Lazily: the
+    caller's parts budget stops a flood of delimiters."""
     delim = re.compile(rb"(?:^|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|$)")
-    marks = delim.finditer(body)  # lazily: the parts budget stops a flood of delimiters
+    marks = delim.finditer(body)
     m = next(marks, None)
     if m is None:
-        raise Unconvertible("8-bit octets in a multipart whose boundary never occurs")
-    if not _ascii(body[:m.start()]):
-        raise Unconvertible("8-bit octets in a multipart preamble")
-    w.out.append(body[:m.start()])
+        return
+    yield _PREAMBLE, body[:m.start()]
     while m is not None:
-        w.out.append(body[m.start():m.end()])
         if m.group(1):  # the close delimiter: the rest is the epilogue
-            rest = body[m.end():]
-            if not _ascii(rest):
-                raise Unconvertible("8-bit octets in a multipart epilogue")
-            w.out.append(rest)
+            yield _DELIMITER, body[m.start():m.end()]
+            yield _EPILOGUE, body[m.end():]
             return
-        w.part()
-        start = m.end()
-        if body[start:start + 2] == CRLF:
-            w.out.append(CRLF)
-            start += 2
+        start = m.end() + (2 if body[m.end():m.end() + 2] == CRLF else 0)
+        yield _DELIMITER, body[m.start():start]
         nxt = next(marks, None)
-        end = nxt.start() if nxt is not None else len(body)
-        phead, psep, pbody = _split(body[start:end])
-        _ascii_header(phead, "a body part's header")
-        _entity(w, phead, psep, pbody, child, depth + 1)
+        yield _PART, body[start:nxt.start() if nxt is not None else len(body)]
         m = nxt
+
+
+def _multipart(w: _Walk, body: memoryview, boundary: bytes, child: str, depth: int) -> None:
+    """The body with each part converted; delimiters, preamble and epilogue kept."""
+    found = False
+    for kind, piece in _pieces(body, boundary):
+        found = True
+        if kind == _PART:
+            w.part()
+            phead, psep, pbody = _split(piece)
+            _ascii_header(phead, "a body part's header")
+            _entity(w, phead, psep, pbody, child, depth + 1)
+            continue
+        if kind != _DELIMITER and not _ascii(piece):
+            raise Unconvertible("8-bit octets in a multipart "
+                                + ("preamble" if kind == _PREAMBLE else "epilogue"))
+        w.out.append(piece)
+    if not found:
+        raise Unconvertible("8-bit octets in a multipart whose boundary never occurs")
+
+
+def headers_8bit(message: bytes) -> bool:
+    """Octets above 127 in any header section of the message: its own, a body part's of
+    a multipart (at any depth) or an attached message's (message/rfc822): what RFC 6532
+    lets hold UTF-8 and RFC 6531 3.4 then lets go only to a host offering SMTPUTF8 (RFC
+    2045 and 6152 allow no 8-bit header, 8BITMIME is for content). As Postfix, whose
+    cleanup flags any such header line, a MIME part's included (SMTPUTF8_FLAG_HEADER).
+    Not what message/global holds (RFC 6532 3.5: content, which may be encoded) nor a
+    part's content. Only parts with 8-bit octets are parsed; past MAX_DEPTH levels or
+    MAX_PARTS parts it looks no further (False for what is left)."""
+    head, _, body = _split(memoryview(message))
+    return _any_header_8bit(head, body, "text/plain", 0, [0])
+
+
+def _any_header_8bit(head: bytes, body: memoryview, default: str, depth: int,
+                     parts: list[int]) -> bool:
+    if not head.isascii():
+        return True
+    if _ascii(body) or depth > MAX_DEPTH:
+        return False
+    msg = _PARSER.parsebytes(head + CRLF)
+    ctype = msg.get_content_type() if msg.get("content-type") is not None else default
+    if ctype == "message/rfc822":
+        ihead, _, ibody = _split(body)
+        return _any_header_8bit(ihead, ibody, "text/plain", depth + 1, parts)
+    if not ctype.startswith("multipart/") or not (boundary := msg.get_boundary()):
+        return False
+    child = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
+    for kind, piece in _pieces(body, boundary.encode("ascii", "replace")):
+        if kind == _PART:
+            parts[0] += 1
+            if parts[0] > MAX_PARTS:
+                return False
+            phead, _, pbody = _split(piece)
+            if _any_header_8bit(phead, pbody, child, depth + 1, parts):
+                return True
+    return False
