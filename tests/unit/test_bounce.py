@@ -89,6 +89,27 @@ def test_delayed_dsn() -> None:
     assert "WARNING ONLY" in msg.get_payload()[0].get_payload()
 
 
+def test_a_delay_warning_never_says_a_recipient_not_tried_yet_failed() -> None:
+    """A delay warning names every pending recipient (scheduler._send_owed), also one
+    for another destination not tried yet, which has no reply: part 1 said 'delivery
+    failed' for it, under 'THIS IS A WARNING ONLY'. Now 'not delivered yet, still
+    queued'; its fields have no Diagnostic-Code or Last-Attempt-Date, as before."""
+    env = _env()
+    tried = Recipient("carol@example.com", attempts=2, last_code=451,
+                      last_reply="451 4.4.1 connection refused")
+    waiting = Recipient("dan@example.net")
+    _, data = make_bounce(env, [tried, waiting], HEADERS, "relay.example.org", "delayed",
+                          will_retry_until=env.received_at + 5 * 86400)
+    msg = _parse(data)
+    human = msg.get_payload()[0].get_payload()
+    assert "<carol@example.com>: 451 4.4.1 connection refused" in human
+    assert "<dan@example.net>: not delivered yet, still queued" in human
+    assert "failed" not in human
+    fields = msg.get_payload()[1].get_payload()[2]
+    assert (fields["Action"], fields["Status"]) == ("delayed", "4.0.0")
+    assert fields["Diagnostic-Code"] is None and fields["Last-Attempt-Date"] is None
+
+
 def test_never_for_null_sender_or_bounce() -> None:
     env = _env(sender="")
     with pytest.raises(ValueError):

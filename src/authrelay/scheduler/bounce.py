@@ -129,6 +129,12 @@ def original_recipient(orcpt: str) -> str:
     return decoded
 
 
+# Part 1's words for a recipient without a reply: a delay warning names the pending
+# recipients not tried yet (another destination, not due), which have none.
+_NO_REPLY = {"failed": "delivery failed", "delayed": "not delivered yet, still queued",
+             "relayed": "relayed"}
+
+
 def _expanded_from(r: Recipient) -> str:
     """" (expanded from <ADDR>)" when the recipient's ORCPT names another address (an
     alias the sender wrote, spool/submit.py): the words Postfix's bounces use, so the
@@ -253,7 +259,8 @@ def make_bounce(env: Envelope, failed: list[Recipient], original_headers: bytes,
         for r in failed)
     for r in failed:
         reply = _clean(_diagnostic(r.last_reply, utf8))
-        human.append(f"<{r.address}>{_expanded_from(r)}: {reply or 'delivery failed'}")
+        reply = reply or _NO_REPLY[action]  # a recipient not tried yet (delayed)
+        human.append(f"<{r.address}>{_expanded_from(r)}: {reply}")
 
     status = [
         f"Reporting-MTA: dns; {hostname}",
