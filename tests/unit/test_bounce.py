@@ -390,3 +390,28 @@ def test_a_recipient_whose_orcpt_names_another_address_says_what_it_was_expanded
         "<x4@example.net>: 550 5.1.1 gone",
         "<carol@example.net>: 550 5.1.1 gone",
     ]
+
+
+def test_a_clients_orcpt_holding_free_text_is_not_put_in_the_human_part() -> None:
+    """A client's ORCPT is any xtext: a quoted local part holding a sentence (a stranger
+    on port 25 forging the sender) must not come out of part 1 in our words; the
+    machine-readable Original-Recipient still carries it, as RFC 3464 2.3.1 asks."""
+    phish = ('"Your+20mailbox+20is+20full:+20log+20in+20at+20https://evil.example/'
+             'keep+20within+2024h"@example.net')
+    env = Envelope(queue_id="QID9", sender="alice@example.org", recipients=[
+        Recipient("bob@example.net", state=FAILED, last_reply="550 5.1.1 gone",
+                  orcpt=f"rfc822;{phish}"),
+        Recipient("carol@example.net", state=FAILED, last_reply="550 5.1.1 gone",
+                  orcpt="rfc822;" + "a" * 250 + "@example.net"),
+        Recipient("dave@example.net", state=FAILED, last_reply="550 5.1.1 gone",
+                  orcpt="utf-8;x\\x{202E}y@example.net"),
+    ])
+    _, data = make_bounce(env, env.recipients, HEADERS, "relay.example.org")
+    report = _parse(data)
+    human = report.get_payload()[0].get_payload(decode=True).decode()
+    lines = [ln for ln in human.splitlines() if ln.startswith("<")]
+    assert lines == ["<bob@example.net>: 550 5.1.1 gone",
+                     "<carol@example.net>: 550 5.1.1 gone",
+                     "<dave@example.net>: 550 5.1.1 gone"]
+    assert "evil.example" not in human
+    assert b"Original-Recipient: rfc822;\"Your mailbox is full" in data

@@ -36,10 +36,12 @@ import hashlib
 import re
 import secrets
 import time
+import unicodedata
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
+from authrelay.address import AddressError, parse_mailbox
 from authrelay.spool.envelope import Envelope, Recipient, new_queue_id, queue_id_at
 
 _ENHANCED = re.compile(r"^\s*(\d{3})[ -]([245]\.\d{1,3}\.\d{1,3})\b", re.ASCII)  # "٣" no digit
@@ -141,10 +143,25 @@ def _expanded_from(r: Recipient) -> str:
     reader sees which of their recipients it is; else ""."""
     kind, _, addr = original_recipient(r.orcpt).partition(";")
     addr = addr.strip()
-    if kind.strip().lower() not in ("rfc822", "utf-8") or not addr \
+    if kind.strip().lower() not in ("rfc822", "utf-8") or not _plain_mailbox(addr) \
             or addr.lower() == r.address.lower():
         return ""
-    return f" (expanded from <{_clean(addr)}>)"
+    return f" (expanded from <{addr}>)"
+
+
+def _plain_mailbox(addr: str) -> bool:
+    """An address the human part may name: a mailbox with a dot-string local part (a
+    client's ORCPT is any xtext: a quoted local part, `"Your mailbox is full: log in at
+    https://..."@x`, would put a stranger's sentence in our words), no control, format
+    (bidi) or blank character, at most 254 characters (RFC 5321 4.5.3.1.3)."""
+    if len(addr) > 254 or addr.startswith('"') or any(
+            unicodedata.category(c)[0] in "CZ" for c in addr):  # controls, bidi, blanks
+        return False
+    try:
+        parse_mailbox(addr)
+    except AddressError:
+        return False
+    return True
 
 
 def status_of(r: Recipient, action: str) -> str:
