@@ -38,7 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from authrelay.config import ConfigError, NoConfig, from_dict, hostname_problem, load
+from authrelay.config import (
+    ConfigError,
+    NoConfig,
+    from_dict,
+    hostname_problem,
+    load,
+    read_config_bytes,
+)
 from authrelay.newfile import replace_with_new
 
 # --------------------------------------------------------------------------- m4 parsing
@@ -251,13 +258,25 @@ SASL_CONF_PATHS = ("/etc/sasl2/Sendmail.conf", "/usr/lib/sasl2/Sendmail.conf",
 SASLAUTHD_MUX = "/var/run/saslauthd/mux"  # Debian's (and Cyrus's default) socket
 
 
+def _read_text(path: str | Path, errors: str = "replace") -> str:
+    """A file the import reads (the .mc, Sendmail.conf, authinfo, access): a regular file
+    of at most 16 MiB (config.read_config_bytes), so a device or FIFO named by mistake
+    (/dev/zero) is refused at once instead of read until memory runs out. OSError
+    otherwise (`_why` says it)."""
+    return read_config_bytes(path).decode("utf-8", errors)
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
 def read_sasl_conf(path: str | None) -> SaslSetup:
     """Cyrus SASL's Sendmail.conf (`pwcheck_method: saslauthd`, `saslauthd_path: ...`,
     `auxprop_plugin: sasldb`, `sasldb_path: ...`). Missing file: unknown method."""
     candidates = [path] if path else list(SASL_CONF_PATHS)
     for c in candidates:
         try:
-            text = Path(c).read_text(encoding="utf-8", errors="replace")
+            text = _read_text(c)
         except OSError:
             continue
         opts: dict[str, str] = {}
@@ -291,7 +310,7 @@ def read_authinfo(path: Path) -> list[AuthInfo]:
     import base64
 
     out = []
-    for ln in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+    for ln in _read_text(path, "surrogateescape").splitlines():
         ln = ln.strip()
         if not ln.startswith("AuthInfo:"):
             continue
@@ -519,7 +538,7 @@ def _authinfo(out: _Out, line: str, arg: str, smart: tuple[str, int | None, str]
     try:
         entries = read_authinfo(authinfo)
     except OSError as e:
-        out.unmapped.append(f"{line} ({authinfo}: {e.strerror}; give --authinfo FILE)")
+        out.unmapped.append(f"{line} ({authinfo}: {_why(e)}; give --authinfo FILE)")
         return
     host = smart[0]
     entry = next((e for e in entries if e.host.lower() == host.lower()), None)
@@ -667,9 +686,9 @@ def _access_db(out: _Out, line: str, spec: str, access_file: Path | None) -> Non
         db = next((w for w in reversed(words) if w.startswith("/")), "/etc/mail/access.db")
         access_file = Path(db[:-3] if db.endswith(".db") else db)
     try:
-        text = access_file.read_text(encoding="utf-8", errors="replace")
+        text = _read_text(access_file)
     except OSError as e:
-        out.unmapped.append(f"{line} ({access_file}: {e.strerror}; give --access FILE)")
+        out.unmapped.append(f"{line} ({access_file}: {_why(e)}; give --access FILE)")
         return
     nets, skipped = access_relay_networks(text)
     if nets:
@@ -996,9 +1015,9 @@ def _import_sasldb(args: argparse.Namespace) -> int:
 
 def _import_mc(args: argparse.Namespace) -> int:
     try:
-        text = Path(args.file).read_text(encoding="utf-8", errors="replace")
+        text = _read_text(args.file)
     except OSError as e:
-        print(f"authrelay: {args.file}: {e.strerror}", file=sys.stderr)
+        print(f"authrelay: {args.file}: {_why(e)}", file=sys.stderr)
         return 1
     if args.file.endswith(".cf") or looks_like_cf(text):
         print(f"authrelay: {args.file} is a generated sendmail.cf, not the m4 source: give "

@@ -73,6 +73,7 @@ from authrelay.localmail import (
     Fail,
     Options,
     identity,
+    shown,
     submit,
 )
 from authrelay.policy import verdicts
@@ -134,6 +135,8 @@ def parse_args(argv: list[str]) -> Options:
         if not a.startswith("-") or a == "-":
             o.recipients.append(a)
             continue
+        if a.startswith("--"):  # (read letter by letter it was "unknown option --")
+            raise Fail(EX_USAGE, f"unknown option {shown(a)}")
         j = 1
         while j < len(a):
             c = a[j]

@@ -651,3 +651,18 @@ def test_realm_logins_keep_working_after_sasldb_import(relay_factory, tmp_path: 
             assert c.cmd("EHLO t").code == 250
             assert c.cmd(f"AUTH PLAIN {plain(user, pw)}").code == code, user
     assert "sasl_username=erin@other.test" in r.maillog()
+
+
+def test_a_file_that_is_no_regular_file_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO (or /dev/zero) named as the .mc or as --access: the import opened it and
+    waited for a writer for ever (/dev/zero: read until memory ran out). Now refused at
+    once, as a config file is (config.read_config_bytes)."""
+    fifo = tmp_path / "sendmail.mc"
+    os.mkfifo(fifo)
+    r = _cli("import", "sendmail-mc", str(fifo))
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", f"authrelay: {fifo}: not a "
+                                                         "regular file\n")
+    r = _cli("import", "sendmail-mc", str(FIXTURE), "--access", str(fifo))
+    assert r.returncode == 0, r.stderr
+    assert (f"# not mapped: FEATURE(`access_db', , `skip') ({fifo}: not a regular file; "
+            "give --access FILE)") in r.stdout.splitlines()

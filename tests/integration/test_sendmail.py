@@ -108,7 +108,8 @@ def test_body_without_headers_and_ignored_options(offline: RelayProcess) -> None
     ("'bad address@remote.example'", "x\n", 65, "bad address"),
     ("-t", "To: a@@remote.example\n\nx\n", 65, "bad address"),
     ("-f 'x y@z' a@remote.example", "x\n", 65, "bad address"),
-    ("-Z a@remote.example", "x\n", 64, "unknown option"),
+    ("-Z a@remote.example", "x\n", 64, "unknown option -Z"),
+    ("--version", "", 64, "unknown option --version"),  # was "unknown option --"
     ("-bt", "", 64, "not supported"),
     ("-bd", "", 64, "authrelay serve"),
 ])

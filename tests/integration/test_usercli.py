@@ -313,3 +313,27 @@ def test_prompt_mismatch_is_an_error(conf: Path) -> None:
     assert rc == 1
     assert "do not match" in out
     assert db_of(conf).get_hash("alice") is None
+
+
+def test_without_a_terminal_the_prompt_names_password_stdin(conf: Path) -> None:
+    """`user add bob` from cron, ssh without -t or a script (no controlling terminal):
+    getpass fell back to standard input with a Python warning (its file, line and source:
+    `GetPassWarning: Can not control echo on the terminal.`), `Warning: Password input
+    may be echoed.`, and ended on `no password given`. Now one line naming the way that
+    works; and a name refused is said before any password is asked for."""
+    def user(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "authrelay", "-c", str(conf), "user",
+                               *args], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=60, start_new_session=True)  # no tty
+
+    for args in (["add", "bob"], ["passwd", "alice"]):
+        if args[0] == "passwd":
+            assert run(conf, "add", "alice", "--password-stdin", stdin="pw\n").returncode == 0
+        r = user(*args)
+        assert (r.returncode, r.stdout, r.stderr) == (
+            1, "", "authrelay user: no terminal to ask for the password on (cron, ssh "
+            "without -t, a script): give it on standard input with --password-stdin\n"), args
+    assert db_of(conf).get_hash("bob") is None
+    r = user("add", "a b")
+    assert (r.returncode, r.stderr) == (
+        1, "authrelay user: user name must not contain spaces or control characters\n")

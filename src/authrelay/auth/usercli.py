@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import re
 import sqlite3
 import sys
@@ -36,7 +37,13 @@ from authrelay.auth.authenticator import account_for, external_backend
 from authrelay.auth.login import StoreUnavailable
 from authrelay.auth.passwords import too_costly
 from authrelay.auth.pgusers import PgUserDB, redact_dsn
-from authrelay.auth.userdb import UserDB, UserDBError, UserStore, lookalike_key
+from authrelay.auth.userdb import (
+    UserDB,
+    UserDBError,
+    UserStore,
+    check_new_name,
+    lookalike_key,
+)
 from authrelay.config import load
 from authrelay.newfile import replace_with_new
 from authrelay.policy.containment import Suspension
@@ -79,6 +86,17 @@ def _open(args: argparse.Namespace) -> UserDB | PgUserDB:
     return db
 
 
+def _has_terminal() -> bool:
+    """Whether getpass can prompt without echo: this process has a controlling terminal
+    (the /dev/tty getpass opens)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
 def _read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         # Bytes, not the locale's text: a legacy (Latin-1) password is kept as its octets
@@ -91,6 +109,11 @@ def _read_password(args: argparse.Namespace) -> str:
         if not line:
             raise _CliError("no password on standard input")
         return line
+    if not _has_terminal():
+        # getpass would fall back to standard input with a Python warning (its source
+        # line, "Password input may be echoed") and 'no password given' at its end.
+        raise _CliError("no terminal to ask for the password on (cron, ssh without -t, "
+                        "a script): give it on standard input with --password-stdin")
     try:
         first = getpass.getpass("Password: ")
         second = getpass.getpass("Password (again): ")
@@ -105,6 +128,7 @@ def _read_password(args: argparse.Namespace) -> str:
 
 def _add(args: argparse.Namespace) -> None:
     db = _open(args)
+    check_new_name(args.name)  # a name refused is said before prompting for a password
     db.add(args.name, _read_password(args), args.address or ())
     print(f"user {args.name} added")
 
