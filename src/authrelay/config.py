@@ -785,6 +785,11 @@ def attempt_cut(cfg: Config) -> str | None:
     return None
 
 
+# The most `workers` a file may set: 10**22 was taken, and serve opened sockets for that
+# many until 'cannot listen on ...: Too many open files' (before that: shared memory of
+# (workers + 1) x 1.8 MiB, a fork each). Postfix's default_process_limit is 100.
+MAX_WORKERS = 256
+
 # Waits a session cannot pass at zero: 0 would end every session at its first read, or
 # (data_block_timeout) give up every commit at the final dot. They have no "0 = off".
 _NONZERO_TIMEOUTS = ("command_timeout", "data_block_timeout", "data_final_timeout",
@@ -800,6 +805,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"hostname: {cfg.hostname!r} {why}: write this relay's host name "
                           "(e.g. \"relay.example.org\"; it is the name in every greeting, "
                           "EHLO and Received: line)")
+    if cfg.workers > MAX_WORKERS:
+        raise ConfigError(f"workers: {cfg.workers} is more than {MAX_WORKERS} (a process "
+                          "each, with its sockets and shared memory; 0 = one per core)")
     if not cfg.listen:
         raise ConfigError("listen: at least one [[listen]] is required")
     for i, ln in enumerate(cfg.listen):

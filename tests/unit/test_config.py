@@ -255,3 +255,14 @@ def test_serve_and_check_config_name_a_nul_in_a_path_without_a_traceback(
         assert (r.returncode, r.stderr.splitlines()[:1]) == (1, [r.stderr.strip()]), args
         assert r.stderr.startswith(want), (args, r.stderr)
     assert not (tmp_path / "state").exists()
+
+
+def test_workers_past_the_bound_are_refused() -> None:
+    # workers = 10**22 passed check-config; serve then opened a socket per worker until
+    # 'cannot listen on ...: Too many open files', naming neither the key nor the cause.
+    assert from_dict({"workers": 256}).workers == 256
+    for n in (257, 10**22):
+        with pytest.raises(ConfigError) as e:
+            from_dict({"workers": n})
+        assert str(e.value) == (f"workers: {n} is more than 256 (a process each, with its "
+                                "sockets and shared memory; 0 = one per core)")
