@@ -44,12 +44,12 @@ reply); the file is removed on any failure before the ready mark.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
 import functools
 import os
-import queue
 import stat
 import threading
 import time
@@ -159,17 +159,32 @@ def fsync_dir(path: Path) -> None:
 
 # --------------------------------------------------------------------------- thread pool
 
+# A pool job: the function, the future settled with its outcome, that future's loop, and
+# the `then` callback run in the same loop callback (CommitPool.run).
+_Job = tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop,
+             Callable[[BaseException | None], None] | None]
+
+
 class CommitPool:
     """Threads that run commits (fsync and friends) for event loops, with less overhead
     than ThreadPoolExecutor + run_in_executor (no concurrent.futures.Future, no chaining):
-    one queue put to start, one call_soon_threadsafe to finish. Threads start on demand up
-    to `size`, so concurrent commits' fsyncs share journal commits."""
+    one hand-off to start, one call_soon_threadsafe to finish. Threads start on demand up
+    to `size`, so concurrent commits' fsyncs share journal commits.
+
+    A job wakes exactly one thread: the one that went idle last (LIFO: its stack and
+    cache are the warmest) is handed the job and its own lock released. Idle threads
+    blocked together in one `queue.SimpleQueue.get()` woke each other instead: the getter
+    that took a job released the queue's lock on its way out, which woke a second idle
+    thread, which took the GIL from the first (before its write and fsync) only to find
+    the queue empty and sleep again (seen in every commit and early create of a
+    one-session run; docs/PERFORMANCE.md (28)). A job no idle thread is there for waits in
+    `_jobs` for the first running thread to finish (FIFO)."""
 
     def __init__(self, size: int = 16) -> None:
         self.size = size
-        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads = 0
-        self._idle = 0
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._idle: list[_Idle] = []  # the thread that went idle last is last
         self._lock = threading.Lock()
 
     def run(self, fn: Callable[[], Any],
@@ -182,24 +197,38 @@ class CommitPool:
         250 written there waits behind no other session's handshake or command)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
+        job: _Job = (fn, fut, loop, then)
         with self._lock:
-            if self._idle == 0 and self._threads < self.size:
+            if self._idle:
+                idle = self._idle.pop()
+                idle.job = job
+                idle.wake.release()  # that thread alone, and it takes this job
+                return fut
+            self._jobs.append(job)
+            if self._threads < self.size:
                 try:
                     threading.Thread(target=self._work, name="spool-commit",
                                      daemon=True).start()
                     self._threads += 1
                 except RuntimeError:  # no thread to be had (a pids limit, memory)
                     if self._threads == 0:
+                        self._jobs.pop()
                         raise  # nobody could run it: the commit fails (4xx), not hangs
-                    self._idle -= 1  # the first running thread to finish takes it
-            else:
-                self._idle -= 1  # that idle thread will take this job
-        self._q.put((fn, fut, loop, then))
+                    # else the first running thread to finish takes it
         return fut
 
     def _work(self) -> None:
+        me = _Idle()
         while True:
-            fn, fut, loop, then = self._q.get()
+            with self._lock:
+                job = self._jobs.popleft() if self._jobs else None
+                if job is None:
+                    self._idle.append(me)
+            if job is None:
+                me.wake.acquire()  # released by run() once it gave `me` a job
+                job, me.job = me.job, None
+                assert job is not None
+            fn, fut, loop, then = job
             value: Any = None
             exc: BaseException | None = None
             try:
@@ -213,8 +242,17 @@ class CommitPool:
                     loop.call_soon_threadsafe(_settle_then, fut, value, exc, then)
             except RuntimeError:  # the loop is gone (shutdown)
                 pass
-            with self._lock:
-                self._idle += 1
+
+
+class _Idle:
+    """An idle pool thread: blocked on `wake` (held) until run() gives it `job`."""
+
+    __slots__ = ("wake", "job")
+
+    def __init__(self) -> None:
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.job: _Job | None = None
 
 
 def settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
