@@ -289,3 +289,20 @@ def test_headers_8bit_looks_into_every_header_section(message: bytes,
     """RFC 6531 3.4 / 6532: UTF-8 in any header section of the message needs SMTPUTF8
     (Postfix's cleanup flags a MIME part's header line too), not UTF-8 content."""
     assert headers_8bit(message) is expected
+
+
+@pytest.mark.parametrize("part", [
+    "Grüße aus Köln\r\nbis bald".encode(),  # no header, no empty line (a lax mailer's)
+    "Content-Type: text/plain; charset=utf-8\r\nGrüße: aus Köln\r\n".encode(),
+    "Content-Type: text/plain; charset=utf-8\r\nTschüß\r\n\r\nmehr".encode(),
+])
+def test_headers_8bit_ends_a_parts_header_at_its_first_line_that_is_no_field(
+        part: bytes) -> None:
+    """A part's header section ends at its first line that is neither a header field
+    (an ASCII name, a colon) nor a continuation, as Postfix's MIME parser ends it (the
+    line starts the body): 8-bit text there is content, not a UTF-8 header that would
+    bounce the message 5.6.7 at a host without SMTPUTF8. A field after a continuation
+    still counts."""
+    assert headers_8bit(_mixed(part)) is False
+    assert headers_8bit(_mixed(b"Content-Type: text/plain;\r\n charset=utf-8\r\n"
+                               + "X-Note: é\r\n".encode() + part)) is True

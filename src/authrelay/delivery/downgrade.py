@@ -272,9 +272,17 @@ def headers_8bit(message: bytes) -> bool:
     return _any_header_8bit(head, body, "text/plain", 0, [0])
 
 
+# A header section's leading lines that are header fields (an ASCII name, blanks allowed
+# before its colon, RFC 5322 4.5.3) or their continuations; a part's section ends at the
+# first other line, which begins its body (Postfix: is_header_buf, mime_state_update).
+_FIELD_LINES = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:.*(?:\r\n|$)"
+                          rb"(?:[ \t].*(?:\r\n|$))*)*")
+
+
 def _any_header_8bit(head: bytes, body: memoryview, default: str, depth: int,
                      parts: list[int]) -> bool:
-    if not head.isascii():
+    m = _FIELD_LINES.match(head)
+    if m is not None and not head[:m.end()].isascii():
         return True
     if _ascii(body) or depth > MAX_DEPTH:
         return False
