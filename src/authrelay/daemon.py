@@ -168,6 +168,7 @@ def _drop_privileges(cfg: Config) -> None:
 # --------------------------------------------------------------------------- logging
 
 QUEUE_ID_FIELD = "queue_id"  # logging `extra` key naming the message a record is about
+LOCAL_RETRY = 10.0  # seconds between tries of a local submission socket the start could not make
 
 class MaillogHandler(logging.Handler):
     """Python `logging` records at WARNING and above as one maillog line each:
@@ -265,15 +266,17 @@ def _loop_exception_handler(loop: asyncio.AbstractEventLoop, ctx: dict[str, Any]
 
 # --------------------------------------------------------------------------- components
 
-async def _start_local_submission(cfg: Config, ml: maillog_mod.MailLog
+async def _start_local_submission(cfg: Config, ml: maillog_mod.MailLog, say: bool = True
                                   ) -> LocalSubmission | None:
     """state_dir/public/submit.sock for every local user (localsubmit.py); a failure is
-    one error line (local users then get 75), never a refused start."""
+    one error line (`say`; local users then get 75), never a refused start."""
     try:
         local = wiring.local_submission(cfg, ml)
         await local.start()
     except Exception as e:
-        ml.error(f"local submission socket not available: {_one_line(e)}")
+        if say:
+            ml.error(f"local submission socket not available: {_one_line(e)} "
+                     f"(tried again every {LOCAL_RETRY:g} s)")
         return None
     return local
 
@@ -454,7 +457,17 @@ async def _serve_loop(run: _Run) -> int:
     scheduler = None
     reporter = None
     local = None
+    local_retry: asyncio.Task[None] | None = None
     probe = None
+
+    async def retry_local() -> None:
+        """A socket the start could not make (the state dir out of inodes, no file
+        descriptor left) is tried again, so local users' 75 ends without a restart."""
+        nonlocal local
+        while local is None:
+            await asyncio.sleep(LOCAL_RETRY)
+            local = await _start_local_submission(run.cfg, ml, say=False)
+        ml.warning("local submission socket available again")
     if deliver:
         # Scheduler.start() runs spool.recover() itself
         scheduler = wiring.scheduler(cfg, spool, wiring.courier(cfg, ml, run.read_password,
@@ -475,6 +488,8 @@ async def _serve_loop(run: _Run) -> int:
         if reporter is not None:
             reporter.start()
         local = await _start_local_submission(cfg, ml)
+        if local is None:
+            local_retry = loop.create_task(retry_local())
         probe = wiring.dependency_probe(cfg)
         await probe.start()
         if metrics is not None:
@@ -658,6 +673,8 @@ async def _serve_loop(run: _Run) -> int:
                 # QUIT idle connections; the TLS-RPT tally since its last save goes to disk.
                 await scheduler.courier.close()
 
+    if local_retry is not None:
+        local_retry.cancel()
     # Sessions, local submissions and deliveries drain together, each up to
     # shutdown_timeout: one after the other they took up to three times it (past
     # contrib's TimeoutStopSec), and the scheduler took new work while sessions drained.

@@ -121,6 +121,30 @@ def test_trusted_users_may_set_the_sender(site: Path) -> None:
         r.stop()
 
 
+def test_a_socket_the_start_could_not_make_is_made_once_it_can_be(site: Path) -> None:
+    """The master made public/submit.sock at its start only: a failure then (the state
+    dir out of inodes, no file descriptor left; here a directory in the socket's place)
+    left local users refused (75) for the life of the process, however soon the cause
+    went. Now the socket is tried again every LOCAL_RETRY seconds."""
+    r = RelayProcess(site, {})
+    os.chmod(r.config, 0o644)
+    blocker = r.state / "public" / "submit.sock"
+    blocker.mkdir(parents=True, mode=0o700)
+    (blocker / "x").write_text("")
+    os.chmod(r.state, 0o700)
+    r.start()
+    try:
+        r.wait_log(r"error=local submission socket not available: ")
+        assert sendmail(r, "bob@remote.example", stdin=MSG, user="nobody").returncode == 75
+        shutil.rmtree(blocker)
+        r.wait_log(r"warning=local submission socket available again")
+        res = sendmail(r, "bob@remote.example", stdin=MSG, user="nobody")
+        assert res.returncode == 0, res.stderr
+        assert len(spooled(r)) == 1
+    finally:
+        r.stop()
+
+
 def test_limits_apply_to_local_users(relay: RelayProcess) -> None:
     big = b"Subject: big\n\n" + (b"y" * 70 + b"\n") * 2000
     res = sendmail(relay, "bob@remote.example", stdin=big, user="nobody")
