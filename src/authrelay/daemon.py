@@ -52,6 +52,7 @@ from authrelay import metrics as metrics_mod
 from authrelay import owedlines, process, reloadkeys, sdnotify, stopdeadline, wiring
 from authrelay.config import (
     EMBEDDED,
+    MAX_WORKERS,
     Config,
     ConfigError,
     attempt_cut,
@@ -1241,6 +1242,18 @@ def _serve_master(cfg: Config, config_path: str | None, pem: PEM,
     return code
 
 
+def _workers_arg(text: str) -> int:
+    """--workers: the bounds of the file's `workers` (config.MAX_WORKERS), which the
+    command line replaces after the file's checks."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{n}: from 0 (one per core) to {MAX_WORKERS}")
+    return n
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.config)
@@ -1266,5 +1279,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the relay (listeners, queue, delivery)")
     p.add_argument("--log-format", choices=("text", "json"), help="maillog format")
-    p.add_argument("--workers", type=int, help="receiving processes (0: one per core)")
+    p.add_argument("--workers", type=_workers_arg,
+                   help=f"receiving processes (0: one per core; at most {MAX_WORKERS})")
     p.set_defaults(func=_cmd_serve)

@@ -266,3 +266,17 @@ def test_workers_past_the_bound_are_refused() -> None:
             from_dict({"workers": n})
         assert str(e.value) == (f"workers: {n} is more than 256 (a process each, with its "
                                 "sockets and shared memory; 0 = one per core)")
+
+
+@pytest.mark.slow
+def test_serve_workers_option_has_the_files_bounds(tmp_path: Path) -> None:
+    # `serve --workers N` replaced the file's value after its checks: 100000 bound a
+    # socket per worker until 'Too many open files' (nothing forked, exit 1, no key named).
+    conf = tmp_path / "a.toml"
+    conf.write_text(f'state_dir = "{tmp_path}/state"\n')
+    r = subprocess.run([sys.executable, "-m", "authrelay", "serve", "--workers", "100000",
+                        "-c", str(conf)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines()[-1] == ("authrelay serve: error: argument --workers: "
+                                         "100000: from 0 (one per core) to 256")
+    assert not (tmp_path / "state").exists()
