@@ -730,15 +730,21 @@ def test_a_session_ended_in_data_says_421_once_its_early_file_cannot_exist(
 
 
 def _unread_by_server(server: _Server, client: smtplib.SMTP) -> int:
-    """Bytes the kernel holds for the server's end of `client`'s connection (its receive
-    queue, /proc/net/tcp's rx_queue): what the server has not read."""
+    """Bytes the kernel holds between `client` and the server, unread by the server: the
+    server end's receive queue and the client end's send queue (/proc/net/tcp rx_queue,
+    tx_queue). Both count: a receiver that stopped reading has the kernel stop growing its
+    receive buffer (autotuning follows the reads), so the rest waits in the sender's."""
     cport = client.sock.getsockname()[1]
+    rx = tx = None
     for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         f = row.split()
-        if int(f[1].split(":")[1], 16) == server.port and \
-                int(f[2].split(":")[1], 16) == cport:
-            return int(f[4].split(":")[1], 16)
-    raise AssertionError("no such connection")
+        local, remote = int(f[1].split(":")[1], 16), int(f[2].split(":")[1], 16)
+        if (local, remote) == (server.port, cport):
+            rx = int(f[4].split(":")[1], 16)
+        elif (local, remote) == (cport, server.port):
+            tx = int(f[4].split(":")[0], 16)
+    assert rx is not None and tx is not None, "no such connection"
+    return rx + tx
 
 
 def test_a_large_message_stops_being_read_while_its_writes_wait(
