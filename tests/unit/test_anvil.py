@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from support.slots import ApartCounters
+
 from authrelay.config import from_dict
 from authrelay.policy.anvil import SharedThrottle
 from authrelay.policy.counters import ADMIT, POOL_SLOTS, SharedCounters
@@ -117,7 +119,7 @@ def test_window_slides() -> None:
 
 async def test_shared_throttle_auth_lock() -> None:
     cfg = from_dict({"auth": {"max_failures_per_ip": 2, "max_failures_per_user": 0}})
-    s = SharedCounters(slots=1024)
+    s = ApartCounters(slots=1024)  # .7 and .8 apart (the real table: once in 1024 runs)
     a, b = SharedThrottle(cfg, s), SharedThrottle(cfg, s)  # two workers
     await a.auth_failed("198.51.100.7", "alice")
     assert not await b.auth_locked("198.51.100.7", "alice")
