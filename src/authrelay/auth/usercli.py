@@ -97,28 +97,42 @@ def _has_terminal() -> bool:
     return True
 
 
+def _stdin_line() -> str | None:
+    """One line of standard input without its line end; None at its end. Bytes, not the
+    locale's text: a legacy (Latin-1) password is kept as its octets (surrogate escapes;
+    hashed as the raw bytes, see auth/passwords.py)."""
+    line = sys.stdin.buffer.readline().decode("utf-8", "surrogateescape")
+    if not line:
+        return None
+    if line.endswith("\n"):
+        line = line[:-1]
+        if line.endswith("\r"):  # a file written on Windows
+            line = line[:-1]
+    return line
+
+
 def _read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
-        # Bytes, not the locale's text: a legacy (Latin-1) password is kept as its octets
-        # (surrogate escapes; hashed as the raw bytes, see auth/passwords.py).
-        line = sys.stdin.buffer.readline().decode("utf-8", "surrogateescape")
-        if line.endswith("\n"):
-            line = line[:-1]
-            if line.endswith("\r"):  # a file written on Windows
-                line = line[:-1]
+        line = _stdin_line()
         if not line:
             raise _CliError("no password on standard input")
         return line
-    if not _has_terminal():
-        # getpass would fall back to standard input with a Python warning (its source
-        # line, "Password input may be echoed") and 'no password given' at its end.
-        raise _CliError("no terminal to ask for the password on (cron, ssh without -t, "
-                        "a script): give it on standard input with --password-stdin")
-    try:
-        first = getpass.getpass("Password: ")
-        second = getpass.getpass("Password (again): ")
-    except EOFError:
-        raise _CliError("no password given") from None
+    if _has_terminal():
+        try:
+            first = getpass.getpass("Password: ")
+            second = getpass.getpass("Password (again): ")
+        except EOFError:
+            raise _CliError("no password given") from None
+    else:
+        # No terminal (cron, ssh without -t, a script piping it): the password and its
+        # confirmation are read from standard input, a line each, as getpass's fallback
+        # read them (scripts rely on it), without that fallback's Python warning.
+        got, again = _stdin_line(), _stdin_line()
+        if got is None or again is None:
+            raise _CliError("no terminal to ask for the password on (cron, ssh without "
+                            "-t, a script): give it on standard input with "
+                            "--password-stdin (or twice, a line each)")
+        first, second = got, again
     if first != second:
         raise _CliError("passwords do not match")
     if not first:
